@@ -1,0 +1,8 @@
+"""saint: training-free similarity-aware token pruning for ViTs and VLMs."""
+
+from .adapters.common import TokenStats
+from .api import is_patched, patch, stats, unpatch
+from .methods import METHODS, get_method
+
+__all__ = ["METHODS", "TokenStats", "get_method", "is_patched", "patch", "stats", "unpatch"]
+__version__ = "0.1.0"

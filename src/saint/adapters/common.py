@@ -1,0 +1,116 @@
+"""What every adapter shares: the per-forward token state (validity, ToMe sizes,
+source tracing), applying a selection to it, per-block statistics, and reading
+head-averaged keys from a fused qkv projection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core import additive_key_mask, gather_tokens, keep_mask_to_indices, merge_weighted
+from ..methods import Selection
+
+SAINT_ATTR = "_saint_patch"
+
+
+@dataclass
+class TokenStats:
+    """Tokens entering each block in the last forward, one count per sample."""
+
+    blocks: list[str]
+    tokens: list[list[int]]
+
+    def mean(self) -> list[float]:
+        """Mean over the batch, per block."""
+        return [sum(t) / len(t) if t else 0.0 for t in self.tokens]
+
+    def per_sample_differs(self) -> bool:
+        return any(len(set(t)) > 1 for t in self.tokens)
+
+    def as_dict(self) -> dict[str, list[int]]:
+        return dict(zip(self.blocks, self.tokens, strict=True))
+
+    def __str__(self) -> str:
+        rows = []
+        for name, t in zip(self.blocks, self.tokens, strict=True):
+            shown = t[0] if len(set(t)) == 1 else t
+            rows.append(f"{name:>12}: {shown}")
+        return "\n".join(rows)
+
+
+@dataclass
+class TokenState:
+    """Per-forward state of a pruned sequence: which positions are real (``valid``),
+    how many original tokens each one stands for (``sizes``, ToMe), and where each
+    original token went (``origin [B, N0]``: current position or -1; only with trace)."""
+
+    valid: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+    origin: torch.Tensor | None = None
+    origins: list[torch.Tensor] = field(default_factory=list)
+    counts: list[torch.Tensor] = field(default_factory=list)
+
+    def reset(self, x: torch.Tensor, trace: bool) -> None:
+        self.valid = None
+        self.sizes = None
+        self.counts = []
+        self.origins = []
+        b, n = x.shape[:2]
+        self.origin = torch.arange(n, device=x.device).expand(b, n).clone() if trace else None
+
+    def record(self, x: torch.Tensor) -> None:
+        """Remember how many real tokens enter the next block, per sample."""
+        if self.valid is None:
+            self.counts.append(torch.full((x.shape[0],), x.shape[1], dtype=torch.long))
+        else:
+            self.counts.append(self.valid.sum(dim=1).cpu())
+
+    def attn_bias(self, dtype: torch.dtype, prop_attn: bool) -> torch.Tensor | None:
+        return additive_key_mask(self.valid, self.sizes if prop_attn else None, dtype)
+
+    def apply(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
+        """Merge (if planned) then keep the survivors, in their original order."""
+        if sel.merge is not None:
+            if self.sizes is None:
+                self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+            x, self.sizes = merge_weighted(x, self.sizes, sel.merge)
+        if bool(sel.keep.all()):
+            if self.origin is not None:
+                self.origins.append(self.origin.clone())
+            return x
+        idx, valid = keep_mask_to_indices(sel.keep)
+        if self.origin is not None:
+            self._trace(sel, idx, valid)
+        x = gather_tokens(x, idx)
+        if self.sizes is not None:
+            self.sizes = gather_tokens(self.sizes, idx)
+        self.valid = None if bool(valid.all()) else valid
+        return x
+
+    def _trace(self, sel: Selection, idx: torch.Tensor, valid: torch.Tensor) -> None:
+        b, n = sel.keep.shape
+        new_pos = torch.full((b, n), -1, dtype=torch.long, device=idx.device)
+        pos = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+        new_pos.scatter_(1, idx, torch.where(valid, pos, -1))
+        if sel.merge is not None:
+            new_pos.scatter_(1, sel.merge.src, torch.gather(new_pos, 1, sel.merge.dst))
+        origin = self.origin
+        mapped = torch.gather(new_pos, 1, origin.clamp(min=0))
+        self.origin = torch.where(origin >= 0, mapped, -1)
+        self.origins.append(self.origin.clone())
+
+
+def keys_from_qkv(qkv: torch.Tensor, num_heads: int, k_norm: Any = None) -> torch.Tensor:
+    """Head-averaged keys ``[B, N, head_dim]`` from a fused ``[B, N, 3*C]`` qkv output."""
+    b, n, c3 = qkv.shape
+    k = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads))[:, :, 1]
+    if k_norm is not None:
+        k = k_norm(k)
+    return k.mean(dim=2)
+
+
+def get_handle(model: torch.nn.Module) -> Any:
+    """The patch handle stored on a patched model, or None."""
+    return model.__dict__.get(SAINT_ATTR)

@@ -1,0 +1,199 @@
+"""timm ``VisionTransformer`` family (ViT, DeiT incl. distilled, DeiT-III, MAE-style
+average pooling, CLIP ViTs, DINOv2 with layer scale and registers).
+
+Each block's ``forward`` is wrapped per instance: the block's own modules run in
+the order timm runs them (attention through the model's SDPA/eager kernel), and
+the selection is applied between the attention residual and the MLP, as in ToMe.
+Keys are read by a forward hook on the block's ``attn.qkv``; nothing is
+re-implemented. All prefix tokens (class, distillation, registers) are protected.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..methods import LayerContext, MethodConfig, MethodSpec, make_config
+from .common import SAINT_ATTR, TokenState, TokenStats, keys_from_qkv
+
+POOLS_WITH_PADDING = ("token", "avg", "")
+
+
+def _timm_classes() -> tuple[type, type, type] | None:
+    try:
+        from timm.models.vision_transformer import Attention, Block, VisionTransformer
+    except ImportError:  # timm not installed
+        return None
+    return VisionTransformer, Block, Attention
+
+
+def matches(model: torch.nn.Module) -> bool:
+    classes = _timm_classes()
+    return classes is not None and isinstance(model, classes[0])
+
+
+@dataclass
+class TimmPatch:
+    """Everything a patched timm ViT carries: config, resolved per-layer settings,
+    the per-forward token state and the hooks to remove on unpatch."""
+
+    spec: MethodSpec
+    config: MethodConfig
+    settings: dict[int, dict[str, Any]]
+    num_protected: int
+    trace: bool = False
+    state: TokenState = field(default_factory=TokenState)
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list)
+    block_names: list[str] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def stats(self) -> TokenStats:
+        return TokenStats(self.block_names[: len(self.state.counts)], [c.tolist() for c in self.state.counts])
+
+
+def patch(model: torch.nn.Module, method: str = "saint", trace: bool = False, **kwargs: Any) -> TimmPatch:
+    """Patch a timm VisionTransformer in place (see :func:`saint.patch`)."""
+    _, block_cls, attn_cls = _timm_classes()  # type: ignore[misc]
+    spec, config = make_config(method, **kwargs)
+    blocks = list(model.blocks)
+    for i, blk in enumerate(blocks):
+        if type(blk) is not block_cls or not isinstance(blk.attn, attn_cls):
+            raise TypeError(
+                f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
+                "saint supports timm ViT blocks (timm.models.vision_transformer.Block with Attention)"
+            )
+    settings = config.resolve(len(blocks))
+    num_protected = int(model.num_prefix_tokens)
+    if spec.needs_cls_attention and getattr(model, "cls_token", None) is None:
+        raise ValueError(f"method {method!r} needs a class token; {type(model).__name__} has none")
+    rate = getattr(config, "rate", "batch")
+    pool = getattr(model, "global_pool", "token")
+    if rate == "sample" and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_PADDING):
+        raise ValueError(
+            f"rate='sample' pads ragged sequences, which global_pool={pool!r} cannot ignore; "
+            f"use rate='batch' or a model pooled by {POOLS_WITH_PADDING}"
+        )
+    _check_static_counts(model, spec, settings, num_protected)
+
+    handle = TimmPatch(spec, config, settings, num_protected, trace=trace)
+    handle.block_names = [f"blocks.{i}" for i in range(len(blocks))]
+    for i, blk in enumerate(blocks):
+        blk.forward = types.MethodType(_make_block_forward(handle, i), blk)
+        if i in settings:
+            handle.hooks.append(blk.attn.qkv.register_forward_hook(_capture(handle, i)))
+    if hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head:  # type: ignore[index]
+        model.pool = types.MethodType(_make_pool(handle), model)
+    model.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Remove every wrapper and hook: the model is the original object again."""
+    handle = model.__dict__.pop(SAINT_ATTR)
+    for h in handle.hooks:
+        h.remove()
+    for blk in model.blocks:
+        blk.__dict__.pop("forward", None)
+    model.__dict__.pop("pool", None)
+
+
+def _capture(handle: TimmPatch, i: int):
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        handle.captured[i] = output
+
+    return hook
+
+
+def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dict, protected: int) -> None:
+    """Reject a fixed-count schedule that cannot fit the model's default image size."""
+    n = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if n is None:
+        return
+    for i in sorted(settings):
+        s = settings[i]
+        if "r" in s:
+            limit = n // 2 if spec.merges else n - 1
+            if s["r"] > limit:
+                raise ValueError(
+                    f"r={s['r']} at block {i} is more than {spec.name} can remove there: "
+                    f"{n} prunable tokens enter it, at most {limit} can go"
+                )
+            n -= s["r"]
+        elif "keep" in s:
+            if s["keep"] > n:
+                raise ValueError(f"keep={s['keep']} at block {i} exceeds the {n} prunable tokens entering it")
+            n = s["keep"]
+
+
+def _cls_attention(blk: torch.nn.Module, qkv: torch.Tensor, bias: torch.Tensor | None):
+    """The class token's attention over all tokens, averaged over heads (lazy)."""
+
+    def compute() -> torch.Tensor:
+        attn = blk.attn
+        b, n, c3 = qkv.shape
+        h = attn.num_heads
+        q = attn.q_norm(qkv.reshape(b, n, 3, h, -1)[:, 0, 0])  # [B, H, D]
+        k = attn.k_norm(qkv.reshape(b, n, 3, h, -1)[:, :, 1])  # [B, N, H, D]
+        logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * attn.scale
+        if bias is not None:
+            logits = logits + bias[:, 0].float()
+        return logits.softmax(dim=-1).mean(dim=1)
+
+    return compute
+
+
+def _make_block_forward(handle: TimmPatch, index: int):
+    settings = handle.settings.get(index)
+    prop_attn = bool(getattr(handle.config, "prop_attn", False))
+
+    def forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        state = handle.state
+        if index == 0:
+            state.reset(x, handle.trace)
+            if handle.spec.name == "random":
+                handle.generator = torch.Generator(device=x.device).manual_seed(handle.config.seed)
+        if attn_mask is not None or is_causal:
+            raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
+        state.record(x)
+        bias = state.attn_bias(x.dtype, prop_attn)
+        if settings is None:
+            return type(self).forward(self, x, attn_mask=bias)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
+        qkv = handle.captured.pop(index)
+        ctx = LayerContext(
+            keys=keys_from_qkv(qkv, self.attn.num_heads, self.attn.k_norm),
+            num_protected=handle.num_protected,
+            valid=state.valid,
+            cls_attention=_cls_attention(self, qkv, bias) if handle.num_protected > 0 else None,
+            generator=handle.generator,
+        )
+        x = state.apply(x, handle.spec.select(ctx, settings, handle.config))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    return forward
+
+
+def _make_pool(handle: TimmPatch):
+    def pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        state = handle.state
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if (state.valid is None and state.sizes is None) or pool_type in ("token", ""):
+            return type(self).pool(self, x, pool_type)
+        if pool_type != "avg" or self.attn_pool is not None:
+            raise ValueError(f"global_pool={pool_type!r} cannot ignore padded/merged tokens; use 'avg' or 'token'")
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        w = torch.ones(x.shape[:2] + (1,), dtype=x.dtype, device=x.device)
+        if state.sizes is not None:
+            w = state.sizes.to(x.dtype)
+        if state.valid is not None:
+            w = w * state.valid[..., None].to(x.dtype)
+        w = w[:, start:]
+        return (x[:, start:] * w).sum(1) / w.sum(1)
+
+    return pool

@@ -1,0 +1,73 @@
+"""Index helpers shared by every method: turn a keep mask into padded indices and
+apply them to tokens, validity masks and attention biases."""
+
+from __future__ import annotations
+
+import torch
+
+
+def keep_mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the kept positions of each row first, in their original order.
+
+    Returns ``(idx [B, M], valid [B, M])`` with ``M`` the largest kept count in the
+    batch; rows that keep fewer tokens are padded with their dropped positions and
+    ``valid`` marks the real ones. A rectangular keep mask gives ``valid`` all True.
+    """
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor [B, N], got {keep.dtype} {tuple(keep.shape)}")
+    counts = keep.sum(dim=1)
+    m = int(counts.max()) if keep.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
+    valid = torch.arange(m, device=keep.device)[None, :] < counts[:, None]
+    return order, valid
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather ``x [B, N, ...]`` along dim 1 at ``idx [B, M]``."""
+    shape = idx.shape + x.shape[2:]
+    index = idx.reshape(idx.shape + (1,) * (x.dim() - 2)).expand(shape)
+    return torch.gather(x, 1, index)
+
+
+def additive_key_mask(
+    valid: torch.Tensor | None, sizes: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Additive attention bias ``[B, 1, 1, N]`` over keys, or None when not needed.
+
+    Padded keys get ``-inf``; with ToMe sizes each key gets ``log(size)``
+    (proportional attention). Returns None when every key is valid and unmerged so
+    the model's fused attention runs exactly as unpatched.
+    """
+    if valid is None and sizes is None:
+        return None
+    bias = None
+    if sizes is not None:
+        bias = sizes.squeeze(-1).to(dtype).log()
+    if valid is not None and not bool(valid.all()):
+        pad = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+        pad = pad.masked_fill(~valid, float("-inf"))
+        bias = pad if bias is None else bias + pad
+    if bias is None:
+        return None
+    return bias[:, None, None, :]
+
+
+def prunable_valid(valid: torch.Tensor | None, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Validity mask ``[B, N]``, all True when ``valid`` is None."""
+    if valid is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    return valid
+
+
+def drop_top_ranked(key: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row, mark the ``counts[b]`` eligible entries with the highest ``key`` as dropped.
+
+    Ties go to the lower index (stable sort), so the answer is deterministic.
+    Returns a bool mask of dropped entries with the shape of ``key``.
+    """
+    key = key.masked_fill(~eligible, float("-inf"))
+    order = torch.argsort(key, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order).contiguous())
+    counts = torch.minimum(counts, eligible.sum(dim=1))
+    return (ranks < counts[:, None]) & eligible

@@ -1,0 +1,100 @@
+"""SAINT graph-based drop with a dynamic rate (SAINT.md, "SAINT drop").
+
+Candidates are the even prunable positions, anchors the odd ones; a candidate is
+linked to every anchor whose cosine similarity reaches ``tau``; a candidate with at
+least ``k`` links is redundant. The batch drops ``floor(mean n_b)`` (``rate="batch"``,
+the paper) or each sample its own ``n_b`` (``rate="sample"``); the dropped ones are
+the highest scorers ``d * exp(gamma * (mean linked sim - tau))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .gather import drop_top_ranked, prunable_valid
+
+EPS = 1e-6
+RATES = ("batch", "sample")
+
+
+@dataclass
+class SaintGraph:
+    """Per-candidate quantities of one SAINT step (all ``[B, num_candidates]``)."""
+
+    sim: torch.Tensor  # [B, A, B'] cosine similarity candidates x anchors
+    edges: torch.Tensor  # bool, sim >= tau on valid pairs
+    degree: torch.Tensor  # long
+    score: torch.Tensor  # the paper's score
+    rank_key: torch.Tensor  # monotone in score, overflow-free (log space)
+    candidate_valid: torch.Tensor  # bool
+
+
+def saint_graph(
+    metric: torch.Tensor,
+    tau: float,
+    gamma: float,
+    valid: torch.Tensor | None = None,
+) -> SaintGraph:
+    """Build the candidate/anchor graph on ``metric [B, P, D]`` (prunable tokens only)."""
+    b, p, _ = metric.shape
+    valid = prunable_valid(valid, b, p, metric.device)
+    m = F.normalize(metric.float(), dim=-1, eps=EPS)
+    a, anc = m[:, 0::2], m[:, 1::2]
+    va, vb = valid[:, 0::2], valid[:, 1::2]
+    sim = a @ anc.transpose(1, 2)
+    pair_valid = va[:, :, None] & vb[:, None, :]
+    edges = (sim >= tau) & pair_valid
+    degree = edges.sum(dim=-1)
+    has_edge = degree > 0
+    linked_mean = (sim * edges).sum(-1) / degree.clamp(min=1)
+    n_anchor = vb.sum(-1, keepdim=True).clamp(min=1)
+    all_mean = (sim * vb[:, None, :]).sum(-1) / n_anchor
+    deg_f = degree.to(sim.dtype)
+    score = torch.where(has_edge, deg_f * torch.exp(gamma * (linked_mean - tau)), all_mean)
+    # log(d) + gamma*(mean - tau) >= 0 for linked candidates; unlinked ones sit in [-3, -1].
+    rank_key = torch.where(
+        has_edge, deg_f.clamp(min=1).log() + gamma * (linked_mean - tau), all_mean - 2.0
+    )
+    return SaintGraph(sim, edges, degree, score, rank_key, va)
+
+
+def redundant_counts(graph: SaintGraph, k: int) -> torch.Tensor:
+    """``n_b``: number of valid candidates with degree >= k, per sample."""
+    return ((graph.degree >= k) & graph.candidate_valid).sum(dim=1)
+
+
+def drop_counts(n: torch.Tensor, rate: str) -> torch.Tensor:
+    """Tokens to drop per sample: the batch vote ``floor(mean n_b)`` or ``n_b`` itself."""
+    if rate == "sample":
+        return n
+    if rate == "batch":
+        r = torch.div(n.sum(), n.numel(), rounding_mode="floor")
+        return r.expand_as(n).clone()
+    raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
+
+
+def saint_keep_mask(
+    metric: torch.Tensor,
+    tau: float,
+    k: int,
+    gamma: float,
+    rate: str = "sample",
+    num_protected: int = 0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool keep mask ``[B, N]`` over all tokens of ``metric [B, N, D]``.
+
+    The first ``num_protected`` tokens always survive; padded tokens (``valid`` False)
+    never do; anchors always survive this step.
+    """
+    b, n, _ = metric.shape
+    valid = prunable_valid(valid, b, n, metric.device)
+    graph = saint_graph(metric[:, num_protected:], tau, gamma, valid[:, num_protected:])
+    counts = drop_counts(redundant_counts(graph, k), rate)
+    dropped_a = drop_top_ranked(graph.rank_key, graph.candidate_valid, counts)
+    keep = valid.clone()
+    keep[:, num_protected::2] &= ~dropped_a
+    return keep

@@ -1,0 +1,297 @@
+"""The one registry of pruning methods: name -> (config dataclass, selection function).
+
+A selection function sees a :class:`LayerContext` (head-averaged keys, validity,
+protected prefix, lazily the class-token attention) and the settings of one layer,
+and answers which tokens survive (and, for merging, where the others go). Adapters
+apply that answer; methods know nothing about models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from . import core
+
+
+@dataclass
+class LayerContext:
+    """What a selection function may look at, for one pruning layer."""
+
+    keys: torch.Tensor  # [B, N, D] attention keys averaged over heads
+    num_protected: int
+    valid: torch.Tensor | None = None  # [B, N] bool, None = all valid
+    cls_attention: Callable[[], torch.Tensor] | None = None  # -> [B, N]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Selection:
+    """Survivors (``keep [B, N]`` bool) and, for merging methods, the merge plan."""
+
+    keep: torch.Tensor
+    merge: core.MergePlan | None = None
+
+
+@dataclass
+class MethodConfig:
+    """Base config. Fields named in ``PER_LAYER`` take a scalar, a list aligned with
+    ``layers`` (or blocks 0..len-1 when ``layers`` is None) or a ``{block: value}`` dict."""
+
+    layers: Sequence[int] | None = None
+    PER_LAYER: ClassVar[tuple[str, ...]] = ()
+    DEFAULT_LAYERS: ClassVar[str] = "first_half"  # or "all" or "required"
+
+    def default_layers(self, depth: int) -> list[int]:
+        if self.DEFAULT_LAYERS == "all":
+            return list(range(depth))
+        if self.DEFAULT_LAYERS == "first_half":
+            return list(range(max(1, depth // 2)))
+        raise ValueError(f"{type(self).__name__} needs explicit layers=[...] (block indices)")
+
+    def resolve(self, depth: int) -> dict[int, dict[str, Any]]:
+        """Expand to ``{block index: {field: value}}`` and validate every value."""
+        layers = None if self.layers is None else [int(i) for i in self.layers]
+        for name in self.PER_LAYER:
+            v = getattr(self, name)
+            if layers is None and isinstance(v, Mapping):
+                layers = sorted(int(i) for i in v)
+            elif layers is None and _is_list(v):
+                layers = list(range(len(v)))
+        if layers is None:
+            layers = self.default_layers(depth)
+        if not layers:
+            raise ValueError("layers is empty: give at least one block index")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers has repeated block indices: {layers}")
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"layer indices {bad} out of range: the model has {depth} blocks (0..{depth - 1})")
+        out: dict[int, dict[str, Any]] = {i: {} for i in sorted(layers)}
+        for name in self.PER_LAYER:
+            v = getattr(self, name)
+            if isinstance(v, Mapping):
+                keys = sorted(int(i) for i in v)
+                if keys != sorted(layers):
+                    raise ValueError(f"{name} is given for blocks {keys} but layers are {sorted(layers)}")
+                per = {int(i): x for i, x in v.items()}
+            elif _is_list(v):
+                if len(v) != len(layers):
+                    raise ValueError(f"{name} has {len(v)} values but there are {len(layers)} layers {layers}")
+                per = dict(zip(layers, v, strict=True))
+            else:
+                per = dict.fromkeys(layers, v)
+            for i in out:
+                out[i][name] = self.check_value(name, per[i])
+        self.check_global()
+        return out
+
+    def check_value(self, name: str, value: Any) -> Any:  # pragma: no cover - overridden
+        return value
+
+    def check_global(self) -> None:
+        """Validate settings that are not per layer."""
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() == 1)
+
+
+def _number(name: str, value: Any, kind: type = float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, torch.Tensor) and value.dim() == 0
+    ):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    if kind is int and float(value) != int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return kind(value)
+
+
+@dataclass
+class SaintConfig(MethodConfig):
+    """SAINT graph drop: ``tau`` similarity threshold, ``k`` degree vote, ``gamma``
+    score sharpness, ``rate`` = "sample" (each image its own count) or "batch"
+    (the paper's batch vote)."""
+
+    tau: float | Sequence[float] | Mapping[int, float] = 0.75
+    k: int | Sequence[int] | Mapping[int, int] = 5
+    gamma: float | Sequence[float] | Mapping[int, float] = 10.0
+    rate: str = "sample"
+    PER_LAYER: ClassVar[tuple[str, ...]] = ("tau", "k", "gamma")
+
+    def check_value(self, name: str, value: Any) -> Any:
+        if name == "tau":
+            v = _number("tau", value)
+            if not -1.0 <= v <= 1.0:
+                raise ValueError(f"tau={v} is outside [-1, 1] (a cosine similarity threshold)")
+            return v
+        if name == "k":
+            v = _number("k", value, int)
+            if v < 1:
+                raise ValueError(f"k={v} must be >= 1 (minimum number of similar anchors)")
+            return v
+        v = _number("gamma", value)
+        if v < 0:
+            raise ValueError(f"gamma={v} must be >= 0")
+        return v
+
+    def check_global(self) -> None:
+        if self.rate not in core.saint_drop.RATES:
+            raise ValueError(f"rate must be one of {core.saint_drop.RATES}, got {self.rate!r}")
+
+
+def _check_r(value: Any) -> int:
+    v = _number("r", value, int)
+    if v < 0:
+        raise ValueError(f"r={v} must be >= 0 (tokens removed at that layer)")
+    return v
+
+
+@dataclass
+class ToMeConfig(MethodConfig):
+    """ToMe bipartite merging of ``r`` tokens per layer, size-weighted, with
+    proportional attention (``prop_attn``)."""
+
+    r: int | Sequence[int] | Mapping[int, int] | None = None
+    prop_attn: bool = True
+    PER_LAYER: ClassVar[tuple[str, ...]] = ("r",)
+    DEFAULT_LAYERS: ClassVar[str] = "all"
+
+    def check_value(self, name: str, value: Any) -> Any:
+        if value is None:
+            raise ValueError("ToMe needs r (tokens merged per layer), e.g. method='tome', r=8")
+        return _check_r(value)
+
+
+@dataclass
+class RandomConfig(MethodConfig):
+    """Drop ``r`` random prunable tokens per layer (seeded, reproducible)."""
+
+    r: int | Sequence[int] | Mapping[int, int] | None = None
+    seed: int = 0
+    PER_LAYER: ClassVar[tuple[str, ...]] = ("r",)
+
+    def check_value(self, name: str, value: Any) -> Any:
+        if value is None:
+            raise ValueError("random drop needs r (tokens dropped per layer)")
+        return _check_r(value)
+
+
+@dataclass
+class AttnConfig(MethodConfig):
+    """Drop the ``r`` tokens the class token attends to least (EViT-style)."""
+
+    r: int | Sequence[int] | Mapping[int, int] | None = None
+    PER_LAYER: ClassVar[tuple[str, ...]] = ("r",)
+
+    def check_value(self, name: str, value: Any) -> Any:
+        if value is None:
+            raise ValueError("attn drop needs r (tokens dropped per layer)")
+        return _check_r(value)
+
+
+@dataclass
+class BudgetConfig(MethodConfig):
+    """Fixed-budget similarity drop to exactly ``keep`` prunable tokens at each layer."""
+
+    keep: int | Sequence[int] | Mapping[int, int] | None = None
+    step_div: int = 16
+    PER_LAYER: ClassVar[tuple[str, ...]] = ("keep",)
+    DEFAULT_LAYERS: ClassVar[str] = "required"
+
+    def check_value(self, name: str, value: Any) -> Any:
+        if value is None:
+            raise ValueError("budget drop needs keep (prunable tokens left after the layer)")
+        v = _number("keep", value, int)
+        if v < 1:
+            raise ValueError(f"keep={v} must be >= 1")
+        return v
+
+    def check_global(self) -> None:
+        if _number("step_div", self.step_div, int) < 1:
+            raise ValueError(f"step_div={self.step_div} must be >= 1")
+
+
+def _select_saint(ctx: LayerContext, s: dict[str, Any], cfg: SaintConfig) -> Selection:
+    keep = core.saint_keep_mask(
+        ctx.keys, s["tau"], s["k"], s["gamma"], cfg.rate, ctx.num_protected, ctx.valid
+    )
+    return Selection(keep)
+
+
+def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:
+    plan = core.tome_plan(ctx.keys, s["r"], ctx.num_protected, ctx.valid)
+    return Selection(plan.keep, plan)
+
+
+def _select_random(ctx: LayerContext, s: dict[str, Any], cfg: RandomConfig) -> Selection:
+    b, n, _ = ctx.keys.shape
+    keep = core.random_keep_mask(
+        b, n, s["r"], ctx.num_protected, ctx.valid, ctx.generator, ctx.keys.device
+    )
+    return Selection(keep)
+
+
+def _select_attn(ctx: LayerContext, s: dict[str, Any], cfg: AttnConfig) -> Selection:
+    if ctx.cls_attention is None:
+        raise ValueError("attn drop needs a class token; this model has none")
+    return Selection(core.attention_keep_mask(ctx.cls_attention(), s["r"], ctx.num_protected, ctx.valid))
+
+
+def _select_budget(ctx: LayerContext, s: dict[str, Any], cfg: BudgetConfig) -> Selection:
+    keep = core.fixed_budget_keep_mask(ctx.keys, s["keep"], cfg.step_div, ctx.num_protected, ctx.valid)
+    return Selection(keep)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its config type, selection function and a one-line summary."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    select: Callable[[LayerContext, dict[str, Any], Any], Selection]
+    summary: str
+    needs_cls_attention: bool = False
+    merges: bool = False
+    aliases: tuple[str, ...] = field(default=())
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry (names must be unique)."""
+    for name in (spec.name, *spec.aliases):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        METHODS[name] = spec
+    return spec
+
+
+register(MethodSpec("saint", SaintConfig, _select_saint, "similarity graph, dynamic rate (SAINT)"))
+register(MethodSpec("tome", ToMeConfig, _select_tome, "bipartite merging (ToMe)", merges=True))
+register(MethodSpec("random", RandomConfig, _select_random, "random drop"))
+register(MethodSpec("attn", AttnConfig, _select_attn, "class-token attention drop", needs_cls_attention=True))
+register(MethodSpec("budget", BudgetConfig, _select_budget, "fixed-budget similarity drop (SAINT ViT-only)"))
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name, with a clear error listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
+
+
+def make_config(method: str, **kwargs: Any) -> tuple[MethodSpec, MethodConfig]:
+    """Build a method's config from keyword arguments, rejecting unknown ones."""
+    spec = get_method(method)
+    names = {f.name for f in dataclasses.fields(spec.config_cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"method {method!r} does not take {unknown}; it takes {sorted(names)}")
+    return spec, spec.config_cls(**kwargs)
