@@ -356,7 +356,9 @@ def convert_imgfocus_onnx(data: bytes) -> dict[str, torch.Tensor]:
         m = _MATMUL_RE.match(name)
         if op == "MatMul" and m and len(inputs) == 2 and inputs[1] in init:
             mm[(int(m.group(1)), m.group(2).rsplit("/", 1)[-1])] = get(inputs[1]).t().contiguous()
-    expected = {(i, k) for i in range(_DEPTH) for k in ("query", "key", "value", "dense", "fc1", "fc2")}
+    expected = {
+        (i, k) for i in range(_DEPTH) for k in ("query", "key", "value", "dense", "fc1", "fc2")
+    }
     if set(mm) != expected:
         raise ValueError(f"unexpected MatMul layout: missing {sorted(expected - set(mm))[:6]}")
 
@@ -436,6 +438,7 @@ def default_model_state_dict(refresh: bool = False) -> dict[str, torch.Tensor]:
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(sd, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return sd
 
@@ -482,7 +485,9 @@ def default_model(
     sd = dict(default_model_state_dict())
     grid = img_size // _PATCH
     sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid, antialias=pos_embed_antialias)
-    model = timm.create_model(DEFAULT_MODEL_NAME, pretrained=False, num_classes=0, img_size=img_size)
+    model = timm.create_model(
+        DEFAULT_MODEL_NAME, pretrained=False, num_classes=0, img_size=img_size
+    )
     model.load_state_dict(sd, strict=True)
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     for k in ("url", "hf_hub_id", "tag"):
@@ -576,11 +581,15 @@ def foolbox_images() -> list[ImageRecord]:
 
 def skimage_images() -> list[ImageRecord]:
     """scikit-image's bundled sample photos (unlabelled); empty if scikit-image is missing."""
-    try:
-        import skimage.data
-    except Exception:
+    import importlib.util
+
+    try:  # locate the package without importing it (importing pulls in scipy etc.)
+        spec = importlib.util.find_spec("skimage")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         return []
-    data_dir = Path(skimage.data.__file__).parent
+    data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
     return [
         ImageRecord(path=data_dir / n, label=None, source="skimage")
         for n in _SKIMAGE_PHOTOS
@@ -619,7 +628,9 @@ def shared_sample_images() -> list[ImageRecord]:
             path = root / row["file"]
             if path.is_file():
                 records.append(
-                    ImageRecord(path=path, label=int(row["class_index"]), source="imagenet-sample-200")
+                    ImageRecord(
+                        path=path, label=int(row["class_index"]), source="imagenet-sample-200"
+                    )
                 )
     return records
 

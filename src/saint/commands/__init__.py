@@ -1,0 +1,1 @@
+"""Subcommands of the ``saint`` CLI, one module each (see ``saint.cli``)."""

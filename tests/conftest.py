@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random timm ViTs of every supported flavour."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2)
+
+# name -> extra kwargs; every supported flavour of timm's VisionTransformer family
+ARCHS = {
+    "vit": ("vit_small_patch16_224", {}),
+    "deit_distilled": ("deit_small_distilled_patch16_224", {}),
+    "deit3": ("deit3_small_patch16_224", {}),
+    "mae_avgpool": ("vit_small_patch16_224", {"global_pool": "avg", "fc_norm": True}),
+    "clip": ("vit_base_patch16_clip_224", {}),
+    "dinov2_reg": ("vit_small_patch14_reg4_dinov2", {"num_classes": 0}),
+}
+
+
+def make_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    name, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **extra, **overrides}
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    # random init leaves layer-scale near 0 (DINOv2, DeiT-III) which would hide bugs
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "gamma") and isinstance(mod.gamma, torch.nn.Parameter):
+                mod.gamma.fill_(1.0)
+    return model
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    # make images differ in redundancy so per-sample counts differ
+    x[0] = x[0].mean(dim=(1, 2), keepdim=True)
+    x[1, :, :16] = 0.5
+    return x

@@ -1,0 +1,56 @@
+"""Known answers for ToMe merging and the random / class-attention baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saint.core import attention_keep_mask, merge_weighted, random_keep_mask, tome_plan
+
+
+def test_tome_plan_known_answer():
+    # prefix, then a0 b0 a1 b1 a2 b2; a1 ~ b0 exactly, a0 ~ b1 closely, a2 unlike all
+    metric = torch.tensor(
+        [[[0.0, 0.0, 1.0], [1.0, 0.1, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0],
+          [-1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]]
+    )
+    plan = tome_plan(metric, r=2, num_protected=1)
+    assert plan.src.tolist() == [[3, 1]]  # a1 (sim 1.0) before a0 (sim 0.995)
+    assert plan.dst.tolist() == [[2, 2]]  # both into b0
+    assert plan.keep.tolist() == [[True, False, True, False, True, True, True]]
+
+
+def test_merge_weighted_is_size_weighted_average():
+    x = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
+    sizes = torch.tensor([[[1.0], [3.0], [1.0], [2.0]]])
+    from saint.core import MergePlan
+
+    plan = MergePlan(src=torch.tensor([[0, 2]]), dst=torch.tensor([[1, 1]]),
+                     keep=torch.tensor([[False, True, False, True]]))
+    out, new_sizes = merge_weighted(x, sizes, plan)
+    assert new_sizes[0, 1, 0].item() == 5.0
+    assert out[0, 1, 0].item() == pytest.approx((1 * 1 + 2 * 3 + 4 * 1) / 5)
+    assert out[0, 3, 0].item() == 8.0
+
+
+def test_tome_rejects_too_large_r():
+    with pytest.raises(ValueError, match="half the prunable"):
+        tome_plan(torch.randn(1, 9, 4), r=5, num_protected=1)
+
+
+def test_attention_drop_known_answer():
+    attn = torch.tensor([[0.5, 0.1, 0.05, 0.2, 0.01, 0.14]])
+    keep = attention_keep_mask(attn, r=2, num_protected=1)
+    assert keep.tolist() == [[True, True, False, True, False, True]]
+
+
+def test_random_drop_is_seeded_and_exact_count():
+    g1 = torch.Generator().manual_seed(3)
+    g2 = torch.Generator().manual_seed(3)
+    a = random_keep_mask(2, 10, 4, num_protected=1, generator=g1)
+    b = random_keep_mask(2, 10, 4, num_protected=1, generator=g2)
+    assert torch.equal(a, b)
+    assert a.sum(1).tolist() == [6, 6]
+    assert a[:, 0].all()
+    with pytest.raises(ValueError, match="must survive"):
+        random_keep_mask(1, 5, 4, num_protected=1)
