@@ -13,6 +13,7 @@ from .conftest import make_tiny
 
 METHOD_KW = {
     "saint": dict(tau=0.0, k=1),
+    "saint_fold": dict(tau=0.0, k=1),
     "tome": dict(r=2),
     "random": dict(r=3),
     "attn": dict(r=3),
@@ -68,10 +69,12 @@ def test_every_method_runs_and_stats_match_lengths(arch, method, images):
     assert min(st.tokens[-1]) < n0
 
 
+@pytest.mark.parametrize("variant", [{}, {"method": "saint_fold"}, {"metric": "hidden"}])
 @torch.no_grad()
-def test_sample_rate_is_batch_invariant(arch, images):
+def test_sample_rate_is_batch_invariant(arch, images, variant):
     model = make_tiny(arch)
-    saint.patch(model, "saint", tau=0.2, k=1, rate="sample")
+    kwargs = {"method": "saint", "tau": 0.2, "k": 1, "rate": "sample", **variant}
+    saint.patch(model, **kwargs)
     batched = model(images)
     counts = saint.stats(model).tokens
     assert any(len(set(c)) > 1 for c in counts), "test needs ragged per-sample counts"

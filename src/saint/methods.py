@@ -27,6 +27,8 @@ class LayerContext:
     valid: torch.Tensor | None = None  # [B, N] bool, None = all valid
     cls_attention: Callable[[], torch.Tensor] | None = None  # -> [B, N]
     generator: torch.Generator | None = None
+    tokens: torch.Tensor | None = None  # [B, N, C] hidden states being pruned
+    layer: int | None = None  # block index, for methods that keep per-layer records
 
 
 @dataclass
@@ -121,7 +123,9 @@ class SaintConfig(MethodConfig):
     k: int | Sequence[int] | Mapping[int, int] = 5
     gamma: float | Sequence[float] | Mapping[int, float] = 10.0
     rate: str = "sample"
+    metric: str = "keys"
     PER_LAYER: ClassVar[tuple[str, ...]] = ("tau", "k", "gamma")
+    METRICS: ClassVar[tuple[str, ...]] = ("keys", "hidden")
 
     def check_value(self, name: str, value: Any) -> Any:
         if name == "tau":
@@ -142,6 +146,16 @@ class SaintConfig(MethodConfig):
     def check_global(self) -> None:
         if self.rate not in core.saint_drop.RATES:
             raise ValueError(f"rate must be one of {core.saint_drop.RATES}, got {self.rate!r}")
+        if self.metric not in self.METRICS:
+            raise ValueError(f"metric must be one of {self.METRICS}, got {self.metric!r}")
+
+
+@dataclass
+class SaintFoldConfig(SaintConfig):
+    """SAINT's graph and rate, but each dropped token is folded (size-weighted) into its
+    most similar anchor instead of discarded; sizes then bias attention (``prop_attn``)."""
+
+    prop_attn: bool = True
 
 
 def _check_r(value: Any) -> int:
@@ -216,11 +230,26 @@ class BudgetConfig(MethodConfig):
             raise ValueError(f"step_div={self.step_div} must be >= 1")
 
 
+def saint_metric(ctx: LayerContext, cfg: SaintConfig) -> torch.Tensor:
+    """The similarity metric SAINT uses: head-averaged keys (paper) or hidden states."""
+    if cfg.metric == "hidden":
+        if ctx.tokens is None:
+            raise ValueError("metric='hidden' needs the hidden states; this adapter does not provide them")
+        return ctx.tokens
+    return ctx.keys
+
+
 def _select_saint(ctx: LayerContext, s: dict[str, Any], cfg: SaintConfig) -> Selection:
     keep = core.saint_keep_mask(
-        ctx.keys, s["tau"], s["k"], s["gamma"], cfg.rate, ctx.num_protected, ctx.valid
+        saint_metric(ctx, cfg), s["tau"], s["k"], s["gamma"], cfg.rate, ctx.num_protected, ctx.valid
     )
     return Selection(keep)
+
+
+def _select_saint_fold(ctx: LayerContext, s: dict[str, Any], cfg: SaintFoldConfig) -> Selection:
+    metric = saint_metric(ctx, cfg)
+    keep = core.saint_keep_mask(metric, s["tau"], s["k"], s["gamma"], cfg.rate, ctx.num_protected, ctx.valid)
+    return Selection(keep, core.saint_fold_plan(metric, keep, ctx.num_protected, ctx.valid))
 
 
 def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:
@@ -273,6 +302,12 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 register(MethodSpec("saint", SaintConfig, _select_saint, "similarity graph, dynamic rate (SAINT)"))
+register(
+    MethodSpec(
+        "saint_fold", SaintFoldConfig, _select_saint_fold,
+        "SAINT graph, dropped tokens folded into their nearest anchor", merges=True,
+    )
+)
 register(MethodSpec("tome", ToMeConfig, _select_tome, "bipartite merging (ToMe)", merges=True))
 register(MethodSpec("random", RandomConfig, _select_random, "random drop"))
 register(MethodSpec("attn", AttnConfig, _select_attn, "class-token attention drop", needs_cls_attention=True))
@@ -287,9 +322,12 @@ def get_method(name: str) -> MethodSpec:
         raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
 
 
-def make_config(method: str, **kwargs: Any) -> tuple[MethodSpec, MethodConfig]:
-    """Build a method's config from keyword arguments, rejecting unknown ones."""
-    spec = get_method(method)
+def make_config(method: str | MethodSpec, **kwargs: Any) -> tuple[MethodSpec, MethodConfig]:
+    """Build a method's config from keyword arguments, rejecting unknown ones.
+
+    ``method`` is a registered name or a :class:`MethodSpec` (e.g. a calibration probe).
+    """
+    spec = method if isinstance(method, MethodSpec) else get_method(method)
     names = {f.name for f in dataclasses.fields(spec.config_cls)}
     unknown = sorted(set(kwargs) - names)
     if unknown:

@@ -7,10 +7,13 @@ from types import ModuleType
 
 import torch
 
-from . import timm_vit
+from . import hf_vision, timm_vit
 
-ADAPTERS: list[ModuleType] = [timm_vit]
-SUPPORTED = "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2)"
+ADAPTERS: list[ModuleType] = [timm_vit, hf_vision]
+SUPPORTED = (
+    "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); Hugging Face "
+    "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel"
+)
 
 
 def find_adapter(model: torch.nn.Module) -> ModuleType:

@@ -95,7 +95,10 @@ class TokenState:
         pos = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
         new_pos.scatter_(1, idx, torch.where(valid, pos, -1))
         if sel.merge is not None:
-            new_pos.scatter_(1, sel.merge.src, torch.gather(new_pos, 1, sel.merge.dst))
+            moved = torch.gather(new_pos, 1, sel.merge.dst)
+            if sel.merge.active is not None:
+                moved = torch.where(sel.merge.active, moved, torch.gather(new_pos, 1, sel.merge.src))
+            new_pos.scatter_(1, sel.merge.src, moved)
         origin = self.origin
         mapped = torch.gather(new_pos, 1, origin.clamp(min=0))
         self.origin = torch.where(origin >= 0, mapped, -1)

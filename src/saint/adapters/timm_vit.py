@@ -55,7 +55,7 @@ class TimmPatch:
         return TokenStats(self.block_names[: len(self.state.counts)], [c.tolist() for c in self.state.counts])
 
 
-def patch(model: torch.nn.Module, method: str = "saint", trace: bool = False, **kwargs: Any) -> TimmPatch:
+def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, **kwargs: Any) -> TimmPatch:
     """Patch a timm VisionTransformer in place (see :func:`saint.patch`)."""
     _, block_cls, attn_cls = _timm_classes()  # type: ignore[misc]
     spec, config = make_config(method, **kwargs)
@@ -69,7 +69,7 @@ def patch(model: torch.nn.Module, method: str = "saint", trace: bool = False, **
     settings = config.resolve(len(blocks))
     num_protected = int(model.num_prefix_tokens)
     if spec.needs_cls_attention and getattr(model, "cls_token", None) is None:
-        raise ValueError(f"method {method!r} needs a class token; {type(model).__name__} has none")
+        raise ValueError(f"method {spec.name!r} needs a class token; {type(model).__name__} has none")
     rate = getattr(config, "rate", "batch")
     pool = getattr(model, "global_pool", "token")
     if rate == "sample" and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_PADDING):
@@ -171,6 +171,8 @@ def _make_block_forward(handle: TimmPatch, index: int):
             valid=state.valid,
             cls_attention=_cls_attention(self, qkv, bias) if handle.num_protected > 0 else None,
             generator=handle.generator,
+            tokens=x,
+            layer=index,
         )
         x = state.apply(x, handle.spec.select(ctx, settings, handle.config))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

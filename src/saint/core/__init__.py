@@ -3,7 +3,14 @@
 from .baselines import attention_keep_mask, random_keep_mask
 from .budget import fixed_budget_keep_mask
 from .gather import additive_key_mask, drop_top_ranked, gather_tokens, keep_mask_to_indices
-from .saint_drop import SaintGraph, drop_counts, redundant_counts, saint_graph, saint_keep_mask
+from .saint_drop import (
+    SaintGraph,
+    drop_counts,
+    redundant_counts,
+    saint_fold_plan,
+    saint_graph,
+    saint_keep_mask,
+)
 from .tome import MergePlan, max_tome_r, merge_weighted, tome_plan
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "merge_weighted",
     "random_keep_mask",
     "redundant_counts",
+    "saint_fold_plan",
     "saint_graph",
     "saint_keep_mask",
     "tome_plan",

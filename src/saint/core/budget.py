@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gather import drop_top_ranked, prunable_valid
-from .saint_drop import EPS
+from .gather import EPS, drop_top_ranked, prunable_valid
 
 
 def fixed_budget_keep_mask(

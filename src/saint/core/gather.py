@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+EPS = 1e-6  # keeps cosine normalisation finite for zero-norm keys
+
 
 def keep_mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the kept positions of each row first, in their original order.

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gather import drop_top_ranked, prunable_valid
+from .gather import EPS, drop_top_ranked, prunable_valid
+from .tome import MergePlan
 
-EPS = 1e-6
 RATES = ("batch", "sample")
 
 
@@ -74,6 +74,26 @@ def drop_counts(n: torch.Tensor, rate: str) -> torch.Tensor:
         r = torch.div(n.sum(), n.numel(), rounding_mode="floor")
         return r.expand_as(n).clone()
     raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
+
+
+def saint_fold_plan(
+    metric: torch.Tensor, keep: torch.Tensor, num_protected: int = 0, valid: torch.Tensor | None = None
+) -> MergePlan:
+    """Fold every candidate that ``keep`` drops into its most similar anchor.
+
+    Anchors always survive a SAINT step, so each dropped candidate has a surviving
+    destination; rows may fold different numbers of tokens (``active`` marks them).
+    """
+    b, n, _ = metric.shape
+    valid = prunable_valid(valid, b, n, metric.device)
+    m = F.normalize(metric[:, num_protected:].float(), dim=-1, eps=EPS)
+    vb = valid[:, num_protected:][:, 1::2]
+    sim = (m[:, 0::2] @ m[:, 1::2].transpose(1, 2)).masked_fill(~vb[:, None, :], float("-inf"))
+    a = sim.shape[1]
+    src = num_protected + 2 * torch.arange(a, device=metric.device).expand(b, a)
+    dst = num_protected + 2 * sim.argmax(dim=-1) + 1
+    active = valid[:, num_protected::2][:, :a] & ~keep[:, num_protected::2][:, :a]
+    return MergePlan(src, dst, keep, active)
 
 
 def saint_keep_mask(

@@ -9,20 +9,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gather import prunable_valid
-from .saint_drop import EPS
+from .gather import EPS, prunable_valid
 
 
 @dataclass
 class MergePlan:
     """Where merged tokens go, in full-sequence positions: ``src[b, i] -> dst[b, i]``.
 
-    ``keep`` is the bool mask of survivors (everything but the sources).
+    ``keep`` is the bool mask of survivors (everything but the sources). ``active``
+    (optional, ``[B, r]`` bool) marks which pairs really merge, so that rows may
+    merge different numbers of tokens (ragged per-sample plans).
     """
 
     src: torch.Tensor  # [B, r] long
     dst: torch.Tensor  # [B, r] long
     keep: torch.Tensor  # [B, N] bool
+    active: torch.Tensor | None = None
 
 
 def max_tome_r(num_prunable: int) -> int:
@@ -63,6 +65,9 @@ def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, plan: MergePlan) -> tup
     weighted = (x * sizes).float()
     src_w = torch.gather(weighted, 1, plan.src[..., None].expand(-1, -1, c))
     src_s = torch.gather(sizes.float(), 1, plan.src[..., None])
+    if plan.active is not None:
+        src_w = src_w * plan.active[..., None]
+        src_s = src_s * plan.active[..., None]
     weighted = weighted.scatter_add(1, plan.dst[..., None].expand(-1, -1, c), src_w)
     new_sizes = sizes.float().scatter_add(1, plan.dst[..., None], src_s)
     return (weighted / new_sizes).to(x.dtype), new_sizes.to(sizes.dtype)

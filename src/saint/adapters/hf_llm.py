@@ -1,0 +1,517 @@
+"""Dropping tokens between the decoder layers of a Hugging Face LLM (transformers 5:
+``LlamaModel``, ``Qwen2Model``) with per-instance PyTorch hooks only.
+
+The decoder loop hands every layer the same ``attention_mask`` (4-D, or None when
+sdpa can use ``is_causal``), rotary ``position_embeddings`` (cos, sin) and
+``position_ids``, all sized for the sequence that entered layer 0. A forward hook on
+a pruning layer shortens that layer's output; a pre-hook on every later layer
+gathers those three arguments for the surviving tokens. So kept tokens keep their
+original position ids, each layer's KV cache holds exactly the slots that entered
+that layer, and the model's own attention kernel (sdpa or eager) runs unchanged.
+
+Ragged per-sample results are right-aligned: the real tokens of a row sit at the end
+in their original order, preceded by pad slots that are masked as keys (prefill and
+every later decoding step). The last position of every row is never dropped.
+
+While decoding, new tokens get their positions from the caller (``generate``
+computes them from the 2-D attention mask; layer 0 is never pruned, so the model's
+fallback "layer-0 cache length" is the original prompt length as well). The causal
+mask is built for layer 0's cache; a pruned layer's columns are gathered through
+``[its prompt slots, then every position after the prompt]``, and for a static cache
+every slot beyond the layer's own filled length stays masked.
+
+The per-layer maps of a pruned prompt (:class:`PrunedPrompt`) are stored on the
+cache object itself, so several cached generations may interleave; the per-forward
+state lives on the :class:`DecoderPruner` (one forward at a time per model).
+
+Fragile points (tested): the hook kwarg names of transformers 5.24 (``cache``,
+``attention_mask``, ``position_embeddings``, ``position_ids``); flex/flash attention
+masks cannot be gathered (refused); sliding-window layers are refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..core import gather_tokens
+
+PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def _decoder_classes() -> tuple[type, ...]:
+    classes: list[type] = []
+    try:
+        from transformers.models.llama.modeling_llama import LlamaModel
+
+        classes.append(LlamaModel)
+    except ImportError:  # pragma: no cover - transformers missing
+        pass
+    try:
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+        classes.append(Qwen2Model)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(classes)
+
+
+SUPPORTED_DECODERS = "LlamaModel (Llama, Vicuna: LLaVA-1.5), Qwen2Model"
+
+
+def check_decoder(decoder: torch.nn.Module) -> None:
+    """Raise a clear error unless ``decoder`` is a decoder saint can prune in."""
+    classes = _decoder_classes()
+    if type(decoder) not in classes:
+        raise TypeError(
+            f"saint cannot prune inside a {type(decoder).__name__} language model; supported: {SUPPORTED_DECODERS}"
+        )
+    impl = decoder.config._attn_implementation
+    if impl not in MASKABLE_ATTENTION:
+        raise ValueError(
+            f"attn_implementation={impl!r}: saint gathers the 4-D attention mask between layers, which only "
+            f"{MASKABLE_ATTENTION} take; load the model with attn_implementation='sdpa' (or 'eager')"
+        )
+    types_ = getattr(decoder.config, "layer_types", None) or []
+    bad = sorted({t for t in types_ if t != "full_attention"})
+    if bad:
+        raise ValueError(f"layer types {bad} are not supported (only full attention); disable sliding windows")
+    for i, layer in enumerate(decoder.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")):
+            raise TypeError(f"decoder layer {i} has no standard self_attn (q_proj, k_proj, head_dim, scaling)")
+    _rope_fn(decoder.layers[0].self_attn)
+
+
+def _rope_fn(attn: torch.nn.Module) -> Callable:
+    """The modeling module's own ``apply_rotary_pos_emb`` (used to read post-RoPE keys)."""
+    fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise TypeError(f"{type(attn).__module__} has no apply_rotary_pos_emb; unsupported language model")
+    return fn
+
+
+def right_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the kept positions right-aligned in original order.
+
+    Returns ``(idx [B, M], valid [B, M])`` with ``M`` the largest kept count; rows
+    keeping fewer start with pad slots (``valid`` False) that point at dropped positions.
+    """
+    b, n = keep.shape
+    counts = keep.sum(dim=1)
+    m = int(counts.max()) if keep.numel() else 0
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, n - m:]
+    valid = torch.arange(m, device=keep.device)[None, :] >= (m - counts)[:, None]
+    return order, valid
+
+
+@dataclass
+class Stage:
+    """The token slots entering a layer: ``idx [B, M]`` their positions in the
+    sequence that entered layer 0, ``valid`` False for pad slots, ``image`` True for
+    valid prunable (image) tokens. ``identity``: the layer-0 sequence itself."""
+
+    idx: torch.Tensor
+    valid: torch.Tensor
+    image: torch.Tensor
+    identity: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.idx.shape[1]
+
+    def select_rows(self, rows: torch.Tensor) -> Stage:
+        return replace(self, idx=self.idx[rows], valid=self.valid[rows], image=self.image[rows])
+
+    def repeat_rows(self, repeats: int) -> Stage:
+        r = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
+        return replace(self, idx=r(self.idx), valid=r(self.valid), image=r(self.image))
+
+
+@dataclass
+class PrunedPrompt:
+    """What a cache filled by a pruned prefill needs for every later step: the
+    layer-0 prompt length and the stage entering each layer."""
+
+    owner: int
+    length: int
+    stages: list[Stage]
+    input_length: int = 0  # length of the caller's own prompt (before any reduction of its own)
+    extra: dict[str, torch.Tensor | None] = field(default_factory=dict)  # the caller's per-row maps
+
+    def map_rows(self, fn: Callable[[Any], Any]) -> PrunedPrompt:
+        stages = [fn(s) for s in self.stages]
+        extra = {k: (fn(v) if v is not None else None) for k, v in self.extra.items()}
+        return replace(self, stages=stages, extra=extra)
+
+
+@dataclass
+class PruneContext:
+    """What a selector sees at one pruning layer (prefill only)."""
+
+    layer: int
+    prunable: torch.Tensor  # [B, M] bool: image tokens that may go (never the last slot)
+    valid: torch.Tensor  # [B, M] bool
+    keys: Callable[[], torch.Tensor]  # -> [B, M, head_dim], averaged over KV heads
+    last_query_attention: Callable[[], torch.Tensor]  # -> [B, M], averaged over heads
+
+
+Selector = Callable[[PruneContext], torch.Tensor]  # -> keep [B, M] bool
+
+
+def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
+    return t.expand(b, *t.shape[1:]) if t.shape[0] != b else t
+
+
+def _masked(mask: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Mask out the entries where ``ok`` is False, in the mask's own convention."""
+    if mask.dtype == torch.bool:
+        return mask & ok
+    return mask.masked_fill(~ok, torch.finfo(mask.dtype).min)
+
+
+def _as_mask(allowed: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    if impl == "eager":
+        zero = torch.zeros((), dtype=dtype, device=allowed.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    return allowed
+
+
+def _column_map(stage: Stage, width: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-0 column of each of a layer's ``width`` key slots: its prompt slots, then
+    every position after the prompt; and whether the slot is a real token."""
+    b, m = stage.idx.shape
+    if width < m:
+        raise RuntimeError(f"attention width {width} is smaller than the {m} prompt slots of this layer")
+    tail = torch.arange(length, length + width - m, device=stage.idx.device).expand(b, -1)
+    cols = torch.cat([stage.idx, tail], dim=1)
+    ok = torch.cat([stage.valid, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+    return cols, ok
+
+
+def _gather_columns(mask: torch.Tensor, cols: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    w0 = mask.shape[-1]
+    ok = ok & (cols < w0)
+    cols = cols.clamp(max=w0 - 1)
+    b, h, q, _ = mask.shape
+    out = torch.gather(mask, 3, cols[:, None, None, :].expand(b, h, q, cols.shape[1]))
+    return _masked(out, ok[:, None, None, :])
+
+
+class DecoderPruner:
+    """Hooks on one decoder that drop tokens after the layers in ``schedule``.
+
+    Call :meth:`begin_prefill` (with the prunable-token flags of the layer-0
+    sequence) or :meth:`begin_continuation` before the decoder runs, and
+    :meth:`finish` after it; between calls the hooks do nothing.
+    """
+
+    def __init__(self, decoder: torch.nn.Module, schedule: dict[int, Selector], rope_keys: bool = True,
+                 query_layers: tuple[int, ...] = ()) -> None:
+        check_decoder(decoder)
+        self.decoder = decoder
+        self.layers = list(decoder.layers)
+        self.schedule = dict(schedule)
+        self.rope_keys = rope_keys
+        self.query_layers = set(query_layers)
+        self.impl = decoder.config._attn_implementation
+        self.hooks: list[Any] = []
+        self._reset()
+
+    # ------------------------------------------------------------------ lifecycle
+    def install(self) -> None:
+        for i, layer in enumerate(self.layers):
+            self.hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
+            if i in self.schedule:
+                attn = layer.self_attn
+                self.hooks.append(attn.k_proj.register_forward_hook(self._make_capture(i, "k")))
+                if i in self.query_layers:
+                    self.hooks.append(attn.q_proj.register_forward_hook(self._make_capture(i, "q")))
+                self.hooks.append(layer.register_forward_hook(self._make_post_hook(i)))
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.phase = "idle"
+        self.stage: Stage | None = None
+        self.stages: list[Stage] = []
+        self.counts: list[torch.Tensor] = []
+        self.captured: dict[tuple[int, str], torch.Tensor] = {}
+        self.prompt: PrunedPrompt | None = None
+        self.cache: Any = None
+        self.length = 0
+        self._kw_cache: dict[int, tuple[Any, ...]] = {}
+        self._layer_kwargs: dict[int, dict[str, Any]] = {}
+
+    def begin_prefill(self, image: torch.Tensor) -> None:
+        """A prompt enters layer 0 with ``image [B, L]`` flags (tokens that may be dropped)."""
+        self._reset()
+        b, n = image.shape
+        idx = torch.arange(n, device=image.device).expand(b, n)
+        self.stage = Stage(idx, torch.ones_like(image, dtype=torch.bool), image.clone(), identity=True)
+        self.length = n
+        self.phase = "prefill"
+
+    def begin_continuation(self, prompt: PrunedPrompt) -> None:
+        """New tokens follow a prompt that was pruned by this pruner."""
+        self._reset()
+        self.prompt = prompt
+        self.length = prompt.length
+        self.phase = "continue"
+
+    def finish(self) -> None:
+        """Forget the per-forward state (call after the decoder ran)."""
+        self.phase = "idle"
+        self.captured.clear()
+        self._kw_cache.clear()
+        self._layer_kwargs.clear()
+
+    def pruned_prompt(self) -> PrunedPrompt:
+        """The per-layer maps of the prefill that just ran."""
+        return PrunedPrompt(owner=id(self), length=self.length, stages=list(self.stages))
+
+    @property
+    def dropped_any(self) -> bool:
+        """Whether the prefill that just ran dropped a token in some layer."""
+        return self.stage is not None and not self.stage.identity
+
+    @property
+    def final_stage(self) -> Stage | None:
+        return self.stage
+
+    # ------------------------------------------------------------------ hooks
+    def _make_capture(self, i: int, kind: str):
+        def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            if self.phase == "prefill":
+                self.captured[(i, kind)] = output
+
+        return hook
+
+    def _make_pre_hook(self, i: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+            if self.phase == "prefill":
+                return self._prefill_pre(i, args, kwargs)
+            if self.phase == "continue":
+                return self._continue_pre(i, args, kwargs)
+            return None
+
+        return hook
+
+    def _make_post_hook(self, i: int):
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            if self.phase != "prefill":
+                return None
+            return self._prune(i, module, output)
+
+        return hook
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill_pre(self, i: int, args: tuple, kwargs: dict[str, Any]):
+        stage = self.stage
+        assert stage is not None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] != stage.length:
+            raise RuntimeError(
+                f"decoder layer {i} got {hidden.shape[1]} tokens, saint expected {stage.length}; "
+                "was the decoder called outside the patched model?"
+            )
+        if i == 0:
+            self.cache = kwargs.get("cache")
+        self.stages.append(stage)
+        self.counts.append(stage.image.sum(dim=1).cpu())
+        if stage.identity:
+            self._layer_kwargs[i] = kwargs
+            return None
+        key = id(stage)
+        if key not in self._kw_cache:
+            self._kw_cache.clear()
+            self._kw_cache[key] = self._gather_prefill(i, stage, kwargs, hidden.shape[0])
+        mask, pos_emb, pos_ids = self._kw_cache[key]
+        kwargs = dict(kwargs, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids)
+        self._layer_kwargs[i] = kwargs
+        return args, kwargs
+
+    def _width(self, i: int, q: int, fallback: int) -> int:
+        cache = self.cache
+        if cache is None:
+            return fallback
+        return int(cache.get_mask_sizes(q, i)[0])
+
+    def _gather_prefill(self, i: int, stage: Stage, kwargs: dict[str, Any], b: int):
+        idx, m = stage.idx, stage.length
+        cos, sin = kwargs["position_embeddings"]
+        pos_emb = (gather_tokens(_rows(cos, b), idx), gather_tokens(_rows(sin, b), idx))
+        pos_ids = kwargs.get("position_ids")
+        if pos_ids is not None:
+            pos_ids = torch.gather(_rows(pos_ids, b), 1, idx)
+        mask = kwargs.get("attention_mask")
+        width = self._width(i, m, m)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+                raise TypeError(f"saint needs a 4-D tensor attention mask, got {type(mask).__name__}")
+            mask = _rows(mask, b)
+            rows = torch.gather(mask, 2, idx[:, None, :, None].expand(b, mask.shape[1], m, mask.shape[3]))
+            cols, ok = _column_map(stage, width, self.length)
+            mask = _gather_columns(rows, cols, ok)
+        elif not bool(stage.valid.all()):
+            allowed = (idx[:, None, :] <= idx[:, :, None]) & stage.valid[:, None, :]  # [B, Mq, Mk]
+            if width > m:
+                allowed = torch.cat([allowed, allowed.new_zeros(b, m, width - m)], dim=2)
+            mask = _as_mask(allowed[:, None], self.impl, cos.dtype)
+        return mask, pos_emb, pos_ids
+
+    def _keys(self, i: int, module: torch.nn.Module) -> torch.Tensor:
+        """This layer's keys ``[B, KVH, M, head_dim]`` (k-norm, then RoPE unless disabled)."""
+        attn = module.self_attn
+        k = self.captured[(i, "k")]
+        b, m, _ = k.shape
+        k = k.view(b, m, -1, attn.head_dim)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        k = k.transpose(1, 2)
+        if self.rope_keys:
+            cos, sin = self._layer_kwargs[i]["position_embeddings"]
+            k = _rope_fn(attn)(k, k, cos, sin)[1]
+        return k
+
+    def _last_query_attention(self, i: int, module: torch.nn.Module) -> torch.Tensor:
+        """Attention of each row's last token over the layer's tokens ``[B, M]`` (heads averaged)."""
+        attn = module.self_attn
+        q = self.captured[(i, "q")]
+        b, m, _ = q.shape
+        q = q[:, -1:].view(b, 1, -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)  # [B, H, 1, D]
+        k = self._keys(i, module)
+        cos, sin = self._layer_kwargs[i]["position_embeddings"]
+        q = _rope_fn(attn)(q, q, cos[:, -1:], sin[:, -1:])[0]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        logits = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # [B, H, M]
+        mask = self._layer_kwargs[i].get("attention_mask")
+        if mask is not None:
+            row = _rows(mask, b)[:, :, -1, :m]  # [B, 1, M]
+            if row.dtype == torch.bool:
+                logits = logits.masked_fill(~row, float("-inf"))
+            else:
+                logits = logits + row.float()
+        return logits.softmax(dim=-1).mean(dim=1)
+
+    def _prune(self, i: int, module: torch.nn.Module, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        stage = self.stage
+        assert stage is not None
+        m = stage.length
+        prunable = stage.image.clone()
+        prunable[:, m - 1] = False
+        ctx = PruneContext(
+            layer=i,
+            prunable=prunable,
+            valid=stage.valid,
+            keys=lambda: self._keys(i, module).mean(dim=1),
+            last_query_attention=lambda: self._last_query_attention(i, module),
+        )
+        keep = self.schedule[i](ctx)
+        self.captured.pop((i, "k"), None)
+        self.captured.pop((i, "q"), None)
+        keep = stage.valid & (keep | ~prunable)
+        if torch.equal(keep, stage.valid):
+            return None
+        local, valid = right_pack(keep)
+        self.stage = Stage(
+            idx=torch.gather(stage.idx, 1, local),
+            valid=valid,
+            image=torch.gather(stage.image, 1, local) & valid,
+        )
+        hidden = gather_tokens(hidden, local)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    # ------------------------------------------------------------------ decoding
+    def _continue_pre(self, i: int, args: tuple, kwargs: dict[str, Any]):
+        prompt = self.prompt
+        assert prompt is not None
+        if i == 0:
+            self.cache = kwargs.get("cache")
+            if self.cache is None:
+                raise RuntimeError("continuing a pruned prompt needs its cache")
+        stage = prompt.stages[i]
+        if stage.identity:
+            return None
+        key = id(stage)
+        if key not in self._kw_cache:
+            self._kw_cache.clear()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._kw_cache[key] = (self._gather_continuation(i, stage, kwargs.get("attention_mask"), hidden),)
+        (mask,) = self._kw_cache[key]
+        return args, dict(kwargs, attention_mask=mask)
+
+    def _gather_continuation(self, i: int, stage: Stage, mask: Any, hidden: torch.Tensor):
+        b, q = hidden.shape[:2]
+        m = stage.length
+        width = self._width(i, q, m + q)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+                raise TypeError(f"saint needs a 4-D tensor attention mask, got {type(mask).__name__}")
+            cols, ok = _column_map(stage, width, self.length)
+            return _gather_columns(_rows(mask, b), cols, ok)
+        if bool(stage.valid.all()):
+            return None
+        t = int(self.cache.get_seq_length(i)) - m  # tokens appended after the prompt so far
+        u = torch.arange(width - m, device=hidden.device)
+        r = torch.arange(q, device=hidden.device)
+        tail = (u[None, :] <= t + r[:, None]).expand(b, q, -1)
+        allowed = torch.cat([stage.valid[:, None, :].expand(b, q, m), tail], dim=2)
+        return _as_mask(allowed[:, None], self.impl, hidden.dtype)
+
+
+def attach_prompt(cache: Any, prompt: PrunedPrompt | None) -> None:
+    """Store ``prompt`` on ``cache`` (or clear it) and make beam-search reordering,
+    batch selection and repetition of the cache carry the per-row maps along."""
+    if cache is None:
+        return
+    d = cache.__dict__
+    if prompt is None:
+        d.pop(PRUNED_PROMPT_ATTR, None)
+        return
+    d[PRUNED_PROMPT_ATTR] = prompt
+    if "_saint_wrapped" in d:
+        return
+    d["_saint_wrapped"] = True
+
+    def wrap(name: str, fn_rows: Callable[[Any], Callable[[Any], Any]]):
+        original = getattr(cache, name)
+
+        def method(arg: Any) -> Any:
+            out = original(arg)
+            p = cache.__dict__.get(PRUNED_PROMPT_ATTR)
+            if p is not None:
+                cache.__dict__[PRUNED_PROMPT_ATTR] = p.map_rows(fn_rows(arg))
+            return out
+
+        d[name] = method
+
+    def select(rows: torch.Tensor):
+        return lambda s: s.select_rows(rows) if isinstance(s, Stage) else s[rows.to(s.device)]
+
+    def repeat(n: int):
+        return lambda s: s.repeat_rows(n) if isinstance(s, Stage) else s.repeat_interleave(n, dim=0)
+
+    wrap("reorder_cache", select)
+    wrap("batch_select_indices", select)
+    wrap("batch_repeat_interleave", repeat)
+
+
+def pruned_prompt_of(cache: Any) -> PrunedPrompt | None:
+    """The pruned-prompt maps stored on ``cache`` (None for an ordinary cache)."""
+    if cache is None:
+        return None
+    return cache.__dict__.get(PRUNED_PROMPT_ATTR)

@@ -1,0 +1,361 @@
+"""Hugging Face vision towers (transformers 5): ``CLIPVisionModel``,
+``CLIPVisionModelWithProjection`` and ``SiglipVisionModel`` — also the vision tower
+inside ``LlavaForConditionalGeneration`` (``model.model.vision_tower``).
+
+Each encoder layer's ``forward`` is wrapped per instance: the layer's own modules
+run in the order transformers runs them (``layer_norm1 -> self_attn -> residual ->
+[selection] -> layer_norm2 -> mlp -> residual``), attention through the model's own
+kernel (sdpa or eager). Keys are read by a forward hook on ``self_attn.k_proj``.
+Padded (``rate="sample"``) and merged (ToMe) sequences reach attention as one
+additive key mask ``[B, 1, 1, N]``, which sdpa and eager consume alike; layers that
+need no mask are called exactly as unpatched.
+
+Protected tokens: CLIP's class token (position 0); SigLIP has none, so the
+class-attention method ``attn`` is refused for it. CLIP pools the class token
+(unaffected); SigLIP's attention-pooling head (MAP) is wrapped to ignore padded keys
+and to weight merged keys by ``log(size)``.
+
+``output_hidden_states``: ``hidden_states[0]`` is the embedding sequence and
+``hidden_states[i + 1]`` the output of layer ``i``; after a pruning layer these are
+shorter, and with ``rate="sample"`` padded to the longest sample in the batch. The
+handle says which positions are real: :meth:`HFVisionPatch.hidden_state_valid`
+(``handle.state.valid`` for the last layer's output; ``None`` when rectangular).
+Padded positions hold real (dropped) token values, so a caller must read validity.
+
+Limits: transformers 5 has no separate ``*VisionTransformer`` module (the vision
+model holds ``embeddings``/``encoder`` itself); per-forward state lives on the
+handle, so one forward at a time per patched tower; pruning layers run outside
+gradient checkpointing; flash/flex attention are refused when a mask is needed.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config
+from .common import SAINT_ATTR, TokenState, TokenStats, get_handle
+
+MASKABLE_ATTENTION = ("eager", "sdpa")
+
+
+def _hf_classes() -> dict[str, type] | None:
+    try:
+        from transformers.models.clip import modeling_clip as clip
+        from transformers.models.siglip import modeling_siglip as siglip
+    except ImportError:  # transformers not installed
+        return None
+    return {
+        "clip": clip.CLIPVisionModel,
+        "clip_proj": clip.CLIPVisionModelWithProjection,
+        "clip_layer": clip.CLIPEncoderLayer,
+        "clip_attn": clip.CLIPAttention,
+        "siglip": siglip.SiglipVisionModel,
+        "siglip_layer": siglip.SiglipEncoderLayer,
+        "siglip_attn": siglip.SiglipAttention,
+        "siglip_head": siglip.SiglipMultiheadAttentionPoolingHead,
+    }
+
+
+def matches(model: torch.nn.Module) -> bool:
+    """True for the supported Hugging Face vision models (never imports transformers itself)."""
+    if sys.modules.get("transformers") is None:  # a transformers model implies it is imported
+        return False
+    c = _hf_classes()
+    return c is not None and isinstance(model, (c["clip"], c["clip_proj"], c["siglip"]))
+
+
+@dataclass
+class HFVisionPatch:
+    """Everything a patched vision tower carries: config, resolved per-layer settings,
+    the per-forward token state, the validity of every layer's output in the last
+    forward, and the hooks/wrappers to remove on unpatch."""
+
+    spec: MethodSpec
+    config: MethodConfig
+    settings: dict[int, dict[str, Any]]
+    num_protected: int
+    tower: torch.nn.Module
+    trace: bool = False
+    state: TokenState = field(default_factory=TokenState)
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_valid: list[torch.Tensor | None] = field(default_factory=list)
+    hooks: list[Any] = field(default_factory=list)
+    block_names: list[str] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.block_names)
+
+    def stats(self) -> TokenStats:
+        """Real tokens entering each encoder layer in the last forward, per sample."""
+        return TokenStats(self.block_names[: len(self.state.counts)], [c.tolist() for c in self.state.counts])
+
+    def hidden_state_valid(self, index: int) -> torch.Tensor | None:
+        """Validity ``[B, M]`` of ``hidden_states[index]`` of the last forward (HF
+        indexing: 0 = embeddings, ``i + 1`` = output of layer ``i``, negatives from the
+        end); None when every position is real."""
+        n = self.depth + 1
+        if not -n <= index < n:
+            raise IndexError(f"hidden state index {index} out of range: the tower has {n} hidden states")
+        index %= n
+        if index == 0:
+            return None
+        if len(self.layer_valid) < index:
+            raise RuntimeError(
+                f"layer {index - 1} did not run in the last forward ({len(self.layer_valid)} layers ran); "
+                "call the model first"
+            )
+        return self.layer_valid[index - 1]
+
+
+def _tower_of(model: torch.nn.Module) -> torch.nn.Module:
+    c = _hf_classes()
+    if c is not None and isinstance(model, c["clip_proj"]):
+        return model.vision_model
+    return model
+
+
+def _is_clip(tower: torch.nn.Module) -> bool:
+    return isinstance(tower, _hf_classes()["clip"])  # type: ignore[index]
+
+
+def patch(
+    model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, **kwargs: Any
+) -> HFVisionPatch:
+    """Patch a CLIP/SigLIP vision model in place (see :func:`saint.patch`)."""
+    tower = _tower_of(model)
+    handle = patch_tower(tower, method, trace=trace, **kwargs)
+    if tower is not model:
+        model.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Remove every wrapper and hook: the model is the original object again."""
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    if handle.tower is not model:
+        model.__dict__.pop(SAINT_ATTR)
+    unpatch_tower(handle.tower)
+
+
+def patch_tower(
+    tower: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, **kwargs: Any
+) -> HFVisionPatch:
+    """Prune the tokens of a ``CLIPVisionModel`` / ``SiglipVisionModel`` in place.
+
+    Usable on a stand-alone tower or one inside a composite model (LLaVA's
+    ``model.model.vision_tower``). Keyword arguments are the method's settings, with
+    the same per-layer semantics as every adapter. The returned handle (also stored
+    on the tower) exposes ``stats()``, ``state.valid`` (validity of the last layer's
+    output in the last forward, None when rectangular) and ``hidden_state_valid(i)``.
+    """
+    c = _hf_classes()
+    if c is None or not isinstance(tower, (c["clip"], c["siglip"])):
+        raise TypeError(f"patch_tower expects a CLIPVisionModel or SiglipVisionModel, got {type(tower).__name__}")
+    if get_handle(tower) is not None:
+        raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
+    clip = _is_clip(tower)
+    layer_cls, attn_cls = (c["clip_layer"], c["clip_attn"]) if clip else (c["siglip_layer"], c["siglip_attn"])
+    layers = list(tower.encoder.layers)
+    for i, layer in enumerate(layers):
+        if type(layer) is not layer_cls or type(layer.self_attn) is not attn_cls:
+            raise TypeError(
+                f"encoder layer {i} is {type(layer).__name__} with {type(getattr(layer, 'self_attn', None)).__name__}; "
+                f"saint supports {layer_cls.__name__} with {attn_cls.__name__}"
+            )
+        if "forward" in layer.__dict__:
+            raise ValueError(f"encoder layer {i} already has a per-instance forward (patched by something else)")
+
+    spec, config = make_config(method, **kwargs)
+    settings = config.resolve(len(layers))
+    num_protected = 1 if clip else 0
+    if spec.needs_cls_attention and num_protected == 0:
+        raise ValueError(
+            f"method {spec.name!r} ranks tokens by class-token attention; {type(tower).__name__} has no class token "
+            "(use saint, tome, random or budget)"
+        )
+    if _needs_mask(spec, config):
+        impl = tower.config._attn_implementation
+        if impl not in MASKABLE_ATTENTION:
+            raise ValueError(
+                f"{spec.name} with these settings passes a key mask to attention, which "
+                f"attn_implementation={impl!r} cannot take; load the model with attn_implementation='sdpa' or 'eager'"
+            )
+    _check_static_counts(int(tower.embeddings.num_patches), spec, settings)
+
+    head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
+    if head is not None and type(head) is not c["siglip_head"]:
+        raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports SiglipMultiheadAttentionPoolingHead")
+
+    handle = HFVisionPatch(spec, config, settings, num_protected, tower, trace=trace)
+    handle.block_names = [f"encoder.layers.{i}" for i in range(len(layers))]
+    for i, layer in enumerate(layers):
+        layer.forward = types.MethodType(_make_layer_forward(handle, i), layer)
+        if i in settings:
+            handle.hooks.append(layer.self_attn.k_proj.register_forward_hook(_capture(handle, i)))
+    if head is not None:
+        head.forward = types.MethodType(_make_head_forward(handle), head)
+    tower.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def unpatch_tower(tower: torch.nn.Module) -> None:
+    """Undo :func:`patch_tower`: the tower computes exactly what it did before."""
+    handle = tower.__dict__.pop(SAINT_ATTR, None)
+    if handle is None:
+        raise ValueError(f"{type(tower).__name__} is not patched by saint")
+    for h in handle.hooks:
+        h.remove()
+    handle.hooks.clear()
+    for layer in tower.encoder.layers:
+        layer.__dict__.pop("forward", None)
+    head = getattr(tower, "head", None)
+    if head is not None:
+        head.__dict__.pop("forward", None)
+
+
+def _needs_mask(spec: MethodSpec, config: MethodConfig) -> bool:
+    """Whether the config can make sequences ragged (padding) or merged (size bias)."""
+    return getattr(config, "rate", "batch") == "sample" or (spec.merges and bool(getattr(config, "prop_attn", False)))
+
+
+def _merges_nothing(plan: Any) -> bool:
+    """True for a merge plan that moves no token (empty, or every pair inactive)."""
+    active = getattr(plan, "active", None)
+    return plan.src.numel() == 0 or (active is not None and not bool(active.any()))
+
+
+def _check_static_counts(n: int, spec: MethodSpec, settings: dict[int, dict[str, Any]]) -> None:
+    """Reject a fixed-count schedule that cannot fit the model's default image size."""
+    for i in sorted(settings):
+        s = settings[i]
+        if "r" in s:
+            limit = n // 2 if spec.merges else n - 1
+            if s["r"] > limit:
+                raise ValueError(
+                    f"r={s['r']} at layer {i} is more than {spec.name} can remove there: "
+                    f"{n} prunable tokens enter it, at most {limit} can go"
+                )
+            n -= s["r"]
+        elif "keep" in s:
+            if s["keep"] > n:
+                raise ValueError(f"keep={s['keep']} at layer {i} exceeds the {n} prunable tokens entering it")
+            n = s["keep"]
+
+
+def _capture(handle: HFVisionPatch, i: int):
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        handle.captured[i] = output
+
+    return hook
+
+
+def _mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, N, H*D]`` key projection -> keys averaged over heads ``[B, N, D]``."""
+    b, n, c = k.shape
+    return k.reshape(b, n, num_heads, c // num_heads).mean(dim=2)
+
+
+def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None):
+    """The class token's attention over all tokens, averaged over heads (lazy; only
+    the class token's query is projected)."""
+
+    def compute() -> torch.Tensor:
+        b, n, c = k.shape
+        h = attn.num_heads
+        q = attn.q_proj(normed[:, :1]).reshape(b, h, c // h)
+        logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.reshape(b, n, h, c // h).float()) * attn.scale
+        if bias is not None:
+            logits = logits + bias[:, 0].float()
+        return logits.softmax(dim=-1).mean(dim=1)
+
+    return compute
+
+
+def _make_layer_forward(handle: HFVisionPatch, index: int):
+    settings = handle.settings.get(index)
+    prop_attn = bool(getattr(handle.config, "prop_attn", False))
+
+    def forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        state = handle.state
+        if index == 0:
+            state.reset(hidden_states, handle.trace)
+            handle.layer_valid = []
+            handle.captured.clear()
+            if handle.spec.name == "random":
+                handle.generator = torch.Generator(device=hidden_states.device).manual_seed(handle.config.seed)
+        if attention_mask is not None:
+            raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
+        state.record(hidden_states)
+        bias = state.attn_bias(hidden_states.dtype, prop_attn)
+        if bias is not None:
+            impl = self.self_attn.config._attn_implementation
+            if impl not in MASKABLE_ATTENTION:
+                raise ValueError(
+                    f"attn_implementation={impl!r} cannot take saint's key mask (padding / ToMe sizes); "
+                    "use attn_implementation='sdpa' or 'eager'"
+                )
+        if settings is None:
+            out = type(self).forward(self, hidden_states, bias, **kwargs)
+            handle.layer_valid.append(state.valid)
+            return out
+        residual = hidden_states
+        normed = self.layer_norm1(hidden_states)
+        attn_out, _ = self.self_attn(hidden_states=normed, attention_mask=bias, **kwargs)
+        x = residual + attn_out
+        k = handle.captured.pop(index)
+        ctx = LayerContext(
+            keys=_mean_heads(k, self.self_attn.num_heads),
+            num_protected=handle.num_protected,
+            valid=state.valid,
+            cls_attention=_cls_attention(self.self_attn, normed, k, bias) if handle.num_protected > 0 else None,
+            generator=handle.generator,
+            tokens=x,
+            layer=index,
+        )
+        sel = handle.spec.select(ctx, settings, handle.config)
+        if sel.merge is not None and _merges_nothing(sel.merge):
+            sel = Selection(sel.keep)  # nothing merged: no sizes, so no mask in later layers
+        x = state.apply(x, sel)
+        residual = x
+        x = self.layer_norm2(x)
+        x = self.mlp(x)
+        x = residual + x
+        handle.layer_valid.append(state.valid)
+        return x
+
+    return forward
+
+
+def _make_head_forward(handle: HFVisionPatch):
+    """SigLIP's attention-pooling head, run with its own modules in HF order and a key
+    padding mask (padded keys -inf, merged keys log(size)) when the sequence needs one."""
+    prop_attn = bool(getattr(handle.config, "prop_attn", False))
+
+    def forward(self: torch.nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+        bias = handle.state.attn_bias(hidden_state.dtype, prop_attn)
+        if bias is None:
+            return type(self).forward(self, hidden_state)
+        bias = bias[:, 0, 0, :]
+        if bias.shape != hidden_state.shape[:2]:
+            raise ValueError(
+                f"the pooling head got {tuple(hidden_state.shape[:2])} tokens but the tower's last forward "
+                f"produced {tuple(bias.shape)}; call the head only through the patched model"
+            )
+        probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
+        x = self.attention(probe, hidden_state, hidden_state, key_padding_mask=bias)[0]
+        residual = x
+        x = self.layernorm(x)
+        x = residual + self.mlp(x)
+        return x[:, 0]
+
+    return forward

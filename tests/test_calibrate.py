@@ -1,0 +1,72 @@
+"""Calibration hits its target deterministically and stores reproducible taus."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saint
+from saint.calibrate import block_flops, flops_fraction
+
+from .conftest import make_tiny
+
+
+@pytest.fixture(scope="module")
+def calib_images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    x[:3] = x[:3] * 0.2 + torch.linspace(-1, 1, 32)  # smooth images: many redundant tokens
+    return x
+
+
+def test_flops_fraction_known_answer():
+    model = make_tiny("vit")  # dim 32, mlp 128
+    assert flops_fraction(model, [17, 17, 17, 17]) == 1.0
+    full = block_flops(17, 17, 32, 128)
+    half = block_flops(17, 9, 32, 128) + 3 * block_flops(9, 9, 32, 128)
+    assert flops_fraction(model, [17, 9, 9, 9]) == pytest.approx(half / (4 * full))
+
+
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
+@pytest.mark.parametrize("target", [dict(speedup=1.3), dict(keep=0.8), dict(flops=0.75)])
+def test_calibration_hits_target_and_reproduces(mode, target, calib_images):
+    model = make_tiny("vit", depth=6)
+    cal = saint.calibrate(model, calib_images, mode=mode, k=1, tol=0.02, **target)
+    (name, value), = target.items()
+    assert cal.target == name and cal.value == value
+    assert cal.achieved == pytest.approx(value, rel=0.08)
+    assert set(cal.tau) == {0, 1, 2}
+    assert all(-1.0 <= t <= 1.0 for t in cal.tau.values())
+    # the model is left patched with the explicit taus; re-patching from them reproduces it
+    with torch.no_grad():
+        out = model(calib_images)
+        tokens = saint.stats(model).tokens
+        saint.patch(model, "saint", **cal.patch_kwargs())
+        assert torch.equal(model(calib_images), out)
+        assert saint.stats(model).tokens == tokens
+    again = saint.calibrate(model, calib_images, mode=mode, k=1, tol=0.02, **target)
+    assert again.tau == cal.tau, "deterministic"
+
+
+def test_calibration_without_apply_leaves_model_unpatched(calib_images):
+    model = make_tiny("vit")
+    saint.calibrate(model, calib_images, keep=0.9, k=1, apply=False)
+    assert not saint.is_patched(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), "exactly one target"),
+        (dict(speedup=2.0, keep=0.5), "exactly one target"),
+        (dict(speedup=0.5), "speedup"),
+        (dict(keep=1.5), "keep"),
+        (dict(flops=0.0), "flops"),
+        (dict(keep=0.5, mode="nope"), "mode"),
+        (dict(keep=0.5, method="tome"), "has none"),
+        (dict(keep=0.5, tau=0.9), "do not pass tau"),
+    ],
+)
+def test_calibration_errors(kwargs, match, calib_images):
+    with pytest.raises(ValueError, match=match):
+        saint.calibrate(make_tiny("vit"), calib_images, **kwargs)
