@@ -200,8 +200,7 @@ def calibrate(
     # bisection on x; the quantity rises with x (global: x = tau; per layer: x = 1 - f)
     lo, hi = (-1.0, 1.0) if mode == "global" else (0.0, 1.0)
     best: tuple[float, float, dict[int, float]] | None = None
-    it = 0
-    for it in range(1, max_iter + 1):
+    for _ in range(max_iter):
         x = (lo + hi) / 2
         q, taus = run(x)
         history.append((x, q))
@@ -230,7 +229,7 @@ def calibrate(
         tau=taus,
         settings=dict(settings),
         num_images=int(images.shape[0]),
-        iterations=it,
+        iterations=len(history),
         history=history,
     )
     if apply:
