@@ -7,12 +7,13 @@ from types import ModuleType
 
 import torch
 
-from . import hf_vision, timm_vit
+from . import hf_vision, llava, timm_vit
 
-ADAPTERS: list[ModuleType] = [timm_vit, hf_vision]
+ADAPTERS: list[ModuleType] = [timm_vit, llava, hf_vision]
 SUPPORTED = (
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); Hugging Face "
-    "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel"
+    "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel; LLaVA "
+    "(LlavaForConditionalGeneration / LlavaModel with a Llama or Qwen2 language model)"
 )
 
 

@@ -1,0 +1,435 @@
+"""LLaVA: SAINT's vit / llm / hybrid modes and the FastV, random and pooling
+baselines on tiny random LLaVA models (CLIP tower + Llama or Qwen2 decoder)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import saint  # noqa: E402
+from saint.adapters import hf_vision  # noqa: E402
+from saint.adapters.common import get_handle  # noqa: E402
+from saint.core import saint_keep_mask  # noqa: E402
+
+IMG = 127  # image_token_id
+GRID = 8  # 32 px images, 4 px patches: 64 patches = 64 image tokens per image
+N_TOK = GRID * GRID
+DEPTH = 6  # decoder layers
+NEW = 5  # generated tokens
+GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMG])
+
+HYBRID = dict(mode="hybrid", vit_keep=30, vit_layer=1, llm_layers=(0, 3), llm_tau=0.3, llm_k=2)
+CONFIGS = {
+    "llm": dict(mode="llm", llm_layers=(1, 3), llm_tau=0.25, llm_k=3),
+    "vit": dict(mode="vit", vit_keep=20, vit_layer=1),
+    "hybrid": HYBRID,
+    "fastv": dict(method="fastv", fastv_layer=2, fastv_ratio=0.5),
+    "random": dict(method="random", visual_keep=10),
+    "pool": dict(method="pool", visual_keep=16),
+}
+NOTHING = {
+    "llm": dict(mode="llm", llm_layers=(0, 4), llm_tau=0.3, llm_k=1000),
+    "vit": dict(mode="vit", vit_keep=N_TOK, vit_layer=1),
+    "fastv": dict(method="fastv", fastv_layer=1, fastv_ratio=0.0),
+    "random": dict(method="random", visual_keep=N_TOK),
+    "pool": dict(method="pool", visual_keep=N_TOK),
+}
+
+
+def make(text: str = "llama", impl: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=4
+    )
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
+    text_cfg = transformers.LlamaConfig(**kw) if text == "llama" else transformers.Qwen2Config(**kw)
+    torch.manual_seed(seed)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMG,
+                                   vision_feature_layer=-2, attn_implementation=impl)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt(pre: int, post: int, n_images: int = 1, seed: int = 0, n_tok: int = N_TOK) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for _ in range(n_images):
+        parts += [torch.randint(1, 100, (pre,), generator=g), torch.full((n_tok,), IMG)]
+    return torch.cat([*parts, torch.randint(1, 100, (post,), generator=g)])
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = r
+        mask[i, n - len(r):] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: thread start-up dominates on a shared machine (~50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    x[0] = x[0].mean(dim=(1, 2), keepdim=True)  # flat image: very redundant
+    x[1, :, :16] = 0.5  # half flat
+    return x
+
+
+# three prompts of different lengths, the second with two images
+ROWS = [prompt(3, 4, seed=0), prompt(5, 2, n_images=2, seed=1), prompt(1, 6, seed=2)]
+N_IMAGES = [1, 2, 1]
+
+
+def alone(model, images, fn):
+    """``fn(input_ids, pixel_values)`` for every prompt on its own."""
+    out, k = [], 0
+    for row, n in zip(ROWS, N_IMAGES, strict=True):
+        out.append(fn(row[None], images[k:k + n]))
+        k += n
+    return out
+
+
+def gen(model, ids, px, mask=None, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **GREEDY, **kw)[:, -NEW:]
+
+
+def last_logits(model, ids, px, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+
+
+# ---------------------------------------------------------------------------- identity
+@pytest.mark.parametrize("name", sorted(NOTHING))
+def test_pruning_nothing_is_identical_to_unpatched(name, images):
+    model = make()
+    ids, mask = left_pad(ROWS)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    ref_ids = gen(model, ids, images, mask)
+    saint.patch(model, **NOTHING[name])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    assert torch.equal(out, ref)
+    assert torch.equal(gen(model, ids, images, mask), ref_ids)
+    tokens = saint.stats(model).tokens
+    assert all(t == tokens[0] for t in tokens)  # nothing left any layer
+
+
+@pytest.mark.parametrize("name", ["hybrid", "fastv", "pool"])
+def test_unpatch_restores_identical_outputs(name, images):
+    model = make()
+    ids, mask = left_pad(ROWS)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    ref_ids = gen(model, ids, images, mask)
+    saint.patch(model, **CONFIGS[name])
+    pruned_ids = gen(model, ids, images, mask)
+    with torch.no_grad():
+        pruned = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    assert not torch.allclose(pruned[:, -1], ref[:, -1])  # the patch did change something
+    saint.unpatch(model)
+    assert not saint.is_patched(model) and not saint.is_patched(model.model.vision_tower)
+    with torch.no_grad():
+        again = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    assert torch.equal(again, ref)
+    assert torch.equal(gen(model, ids, images, mask), ref_ids)
+    assert pruned_ids.shape == ref_ids.shape
+
+
+# ---------------------------------------------------------------------------- consistency
+@pytest.mark.parametrize("name, text", [(n, "llama") for n in sorted(CONFIGS)] + [("hybrid", "qwen2")])
+def test_batch_equals_alone_and_cached_equals_uncached(name, text, images):
+    """Left-padded prompts of different lengths, images and image counts: each row
+    of the batch matches the prompt alone (tokens, last logits, per-sample counts),
+    and cached greedy decoding equals the uncached loop over the pruned prompt."""
+    model = make(text)
+    saint.patch(model, **CONFIGS[name])
+    ids, mask = left_pad(ROWS)
+    batch_ids = gen(model, ids, images, mask)
+    batch_stats = saint.stats(model)
+    batch_logits = last_logits(model, ids, images, mask)
+    solo_ids = alone(model, images, lambda i, x: gen(model, i, x))
+    solo_logits, solo_stats = [], []
+    for out in alone(model, images, lambda i, x: (last_logits(model, i, x), saint.stats(model))):
+        solo_logits.append(out[0])
+        solo_stats.append(out[1])
+    assert torch.equal(batch_ids, torch.cat(solo_ids))
+    torch.testing.assert_close(batch_logits, torch.cat(solo_logits), rtol=1e-4, atol=1e-5)
+    for b, s in enumerate(solo_stats):
+        assert [t[b] for t in batch_stats.tokens] == [t[0] for t in s.tokens]
+    uncached = gen(model, ids, images, mask, use_cache=False)
+    assert torch.equal(batch_ids, uncached)
+
+
+def test_per_sample_budgets_differ_within_a_batch(images):
+    """SAINT's dynamic rate gives every sample its own count (rate='sample')."""
+    model = make()
+    saint.patch(model, **HYBRID)
+    ids, mask = left_pad(ROWS)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=images)
+    final = saint.stats(model).as_dict()["language_model.norm"]
+    assert len(set(final)) == 3, final
+
+
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_eager_static_cache_sampling_and_beams(text, images):
+    """Eager (Llama) and sdpa (Qwen2): cached == uncached under greedy, sampling (same seed),
+    beam search (the cache reorder carries the per-row maps) and a static cache."""
+    model = make(text, impl="eager" if text == "llama" else "sdpa")
+    saint.patch(model, **HYBRID)
+    ids, mask = left_pad(ROWS[:2])
+    px = images[:3]
+    assert torch.equal(gen(model, ids, px, mask), gen(model, ids, px, mask, use_cache=False))
+    sample = dict(do_sample=True, top_k=0, temperature=2.0)
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=NEW,
+                                       suppress_tokens=[IMG], use_cache=use_cache, **sample)[:, -NEW:])
+    assert torch.equal(*outs)
+    beams = [gen(model, ids, px, mask, num_beams=3, use_cache=c) for c in (True, False)]
+    assert torch.equal(*beams)
+    saint.patch(model, **CONFIGS["llm"])
+    dyn = gen(model, ids, px, mask)
+    assert torch.equal(gen(model, ids, px, mask, cache_implementation="static"), dyn)
+    assert torch.equal(gen(model, ids, px, mask, use_cache=False), dyn)
+
+
+# ---------------------------------------------------------------------------- positions & caches
+def test_positions_cache_lengths_and_decode_position(images):
+    """Kept tokens keep their original position ids; each layer's cache holds exactly
+    the tokens that entered it; decoding continues at the original prompt length."""
+    model = make()
+    saint.patch(model, mode="llm", llm_layers=(1, 2), llm_tau=0.25, llm_k=3)
+    row = ROWS[1]
+    seen: list[torch.Tensor] = []
+    hook = model.model.language_model.layers[4].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True
+    )
+    with torch.no_grad():
+        out = model.generate(input_ids=row[None], pixel_values=images[1:3], max_new_tokens=3, do_sample=False,
+                             suppress_tokens=[IMG], return_dict_in_generate=True)
+    hook.remove()
+    prefill_pos, decode_pos = seen[0][0], [p.item() for p in seen[1:]]
+    kept = get_handle(model).kept_input[0]
+    assert torch.equal(prefill_pos, kept.nonzero().squeeze(1))
+    text = (row != IMG).nonzero().squeeze(1)
+    assert bool(kept[text].all())  # text is never dropped
+    assert decode_pos == [len(row), len(row) + 1]
+    stats = saint.stats(model)
+    n_text = int((row != IMG).sum())
+    for i, layer in enumerate(out.cache.layers):
+        entered = n_text + stats.tokens[1 + i][0]
+        assert layer.keys.shape[2] == entered + 2, f"layer {i}"
+    assert stats.tokens[4][0] < stats.tokens[3][0] < stats.tokens[2][0]  # pruned after layers 1 and 2
+
+
+def test_stats_counts_follow_the_config(images):
+    ids, mask = left_pad(ROWS)
+    expect_tower = {"vit": 20, "random": 10, "pool": 16, "llm": N_TOK, "fastv": N_TOK}
+    for name, per_image in expect_tower.items():
+        model = make()
+        saint.patch(model, **CONFIGS[name])
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=images)
+        st = saint.stats(model)
+        assert st.blocks[0] == "vision_tower" and len(st.blocks) == DEPTH + 2
+        tower = [per_image * n for n in N_IMAGES]
+        assert st.tokens[0] == tower, name
+        changed = [i for i in range(DEPTH) if st.tokens[i + 2] != st.tokens[i + 1]]
+        if name == "llm":
+            assert set(changed) <= {1, 2, 3} and changed
+        elif name == "fastv":  # ranks with layer 1, dropped from layer 2 on: floor(n * 0.5) kept
+            assert changed == [1]
+            assert st.tokens[3] == [n // 2 for n in tower]
+        else:
+            assert not changed
+    model = make()
+    saint.patch(model, **CONFIGS["vit"])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values=images)
+    vs = get_handle(model).vision_stats()
+    assert vs.tokens[1] == [1 + N_TOK] * 4 and vs.tokens[2] == [1 + 20] * 4
+
+
+# ---------------------------------------------------------------------------- semantics
+def test_vit_mode_equals_a_prompt_built_for_the_kept_count(images):
+    """Shrinking each image's run of tokens gives exactly what the unpatched LLaVA
+    computes for a prompt that the processor built with vit_keep tokens per image."""
+    keep = 20
+    model = make()
+    ids, mask = left_pad(ROWS)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    saint.patch(model, mode="vit", vit_keep=keep, vit_layer=1)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=images).logits
+    saint.unpatch(model)
+    short = [prompt(3, 4, seed=0, n_tok=keep), prompt(5, 2, n_images=2, seed=1, n_tok=keep),
+             prompt(1, 6, seed=2, n_tok=keep)]
+    sids, smask = left_pad(short)
+    spos = (smask.cumsum(1) - 1).clamp(min=0)
+    hf_vision.patch_tower(model.model.vision_tower, "budget", layers=[1], keep=keep)
+    with torch.no_grad():
+        ref = model(input_ids=sids, attention_mask=smask, position_ids=spos, pixel_values=images).logits
+    for b in range(len(ROWS)):
+        real = ~out[b].isnan().any(-1) & mask[b].bool()
+        torch.testing.assert_close(out[b][real], ref[b][smask[b].bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(images):
+    """The first SAINT step drops exactly what saint_keep_mask picks on the unpatched
+    layer's post-RoPE keys of the image span (averaged over KV heads)."""
+    layer, tau, k = 2, 0.25, 3
+    model = make()
+    row = ROWS[0]
+    lm = model.model.language_model
+    grab = {}
+    h1 = lm.layers[layer].self_attn.k_proj.register_forward_hook(lambda m, a, o: grab.update(k=o))
+    h2 = lm.layers[layer].register_forward_pre_hook(
+        lambda m, a, kw: grab.update(pe=kw["position_embeddings"]), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=row[None], pixel_values=images[:1])
+    h1.remove()
+    h2.remove()
+    attn = lm.layers[layer].self_attn
+    key = grab["k"].view(1, len(row), -1, attn.head_dim).transpose(1, 2)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    key = apply_rotary_pos_emb(key, key, *grab["pe"])[1].mean(dim=1)
+    span = (row == IMG).nonzero().squeeze(1)
+    span = span[span != len(row) - 1]
+    expect = saint_keep_mask(key[:, span], tau, k, 10.0)
+    saint.patch(model, mode="llm", llm_layers=(layer, layer), llm_tau=tau, llm_k=k)
+    with torch.no_grad():
+        model(input_ids=row[None], pixel_values=images[:1])
+    kept = get_handle(model).kept_input[0]
+    assert 0 < int((~expect).sum()) < len(span)
+    assert torch.equal(kept[span], expect[0])
+
+
+def test_fastv_drops_the_least_attended_image_tokens(images):
+    """FastV's ranking equals the last token's attention read from an eager run."""
+    model = make(impl="eager")
+    row = ROWS[2]
+    with torch.no_grad():
+        att = model(input_ids=row[None], pixel_values=images[:1], output_attentions=True).attentions[1]
+    scores = att[0, :, -1].mean(dim=0)
+    span = (row == IMG).nonzero().squeeze(1)
+    order = span[torch.argsort(scores[span], stable=True)]
+    dropped = order[: len(span) - len(span) // 2]
+    saint.patch(model, method="fastv", fastv_layer=2, fastv_ratio=0.5)
+    with torch.no_grad():
+        logits = model(input_ids=row[None], pixel_values=images[:1]).logits
+    gone = logits[0].isnan().any(-1).nonzero().squeeze(1)
+    assert torch.equal(gone, dropped.sort().values)
+
+
+def test_labels_loss_counts_only_targets_with_a_prediction(images):
+    """Plain forward with labels prunes as generate does; logits keep the input's
+    length (NaN where a token was dropped) and the loss is the model's own loss over
+    the targets that still have a predicting position."""
+    model = make()
+    ids, mask = left_pad(ROWS)
+    labels = ids.masked_fill(mask == 0, -100)
+    saint.patch(model, **HYBRID)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=images, labels=labels)
+    assert out.logits.shape[:2] == ids.shape
+    dropped = out.logits.isnan().any(-1)
+    assert bool(dropped.any()) and not bool(dropped[:, -1].any())
+    assert bool((ids[dropped] == IMG).all())
+    target = labels[:, 1:].masked_fill(dropped[:, :-1], -100)
+    pred = out.logits[:, :-1].nan_to_num()
+    expect = torch.nn.functional.cross_entropy(pred.reshape(-1, 128), target.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expect)
+    assert torch.equal(labels, ids.masked_fill(mask == 0, -100))  # the caller's labels are untouched
+    # the last position's logits are what generate starts from
+    torch.testing.assert_close(out.logits[:, -1], last_logits(model, ids, images, mask))
+
+
+def test_llm_pre_rope_metric_option_runs(images):
+    model = make()
+    saint.patch(model, mode="llm", llm_layers=(1, 2), llm_tau=0.25, llm_k=3, llm_rope_keys=False)
+    ids, mask = left_pad(ROWS)
+    assert torch.equal(gen(model, ids, images, mask), gen(model, ids, images, mask, use_cache=False))
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(mode="vit", vit_keep=65, vit_layer=1), ValueError, "exceeds the 64 patches"),
+        (dict(mode="vit", vit_keep=0, vit_layer=1), ValueError, "vit_keep=0 must be >= 1"),
+        (dict(mode="vit", vit_keep=10, vit_layer=3), ValueError, "vision_feature_layer=-2"),
+        (dict(mode="vit", vit_keep=10, vit_layer=9), ValueError, "out of range"),
+        (dict(mode="llm", llm_layers=(3, 2)), ValueError, "empty or reversed"),
+        (dict(mode="llm", llm_layers=(1, DEPTH - 1)), ValueError, "end must be <= 4"),
+        (dict(mode="llm", llm_layers=(1, 2), llm_tau=1.5), ValueError, "tau=1.5 is outside"),
+        (dict(mode="llm", llm_layers=(1, 2), llm_tau=[0.5]), ValueError, "1 values but there are 2 layers"),
+        (dict(mode="llm", llm_layers=(1, 2), llm_k=0), ValueError, "k=0 must be >= 1"),
+        (dict(mode="llm", llm_layers=(1, 2), llm_rate="vote"), ValueError, "llm_rate"),
+        (dict(mode="llm", llm_layers=(1, 2), vit_keep=3), TypeError, "does not use"),
+        (dict(mode="warp"), ValueError, "mode must be one of"),
+        (dict(method="fastv", fastv_layer=DEPTH), ValueError, "fastv_layer=6"),
+        (dict(method="fastv", fastv_ratio=1.0), ValueError, "fastv_ratio"),
+        (dict(method="pool", visual_keep=10), ValueError, "square"),
+        (dict(method="random"), ValueError, "needs visual_keep"),
+        (dict(method="random", visual_keep=65), ValueError, "exceeds the 64 patches"),
+        (dict(method="random", visual_keep=5, mode="llm"), TypeError, "mode= is for"),
+        (dict(method="tome", r=2), ValueError, "unknown LLaVA method"),
+        (dict(mode="llm", llm_layers=(1, 2), tua=0.5), TypeError, "does not take"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(kw, err, match):
+    model = make()
+    with pytest.raises(err, match=match):
+        saint.patch(model, **kw)
+    assert not saint.is_patched(model) and not saint.is_patched(model.model.vision_tower)
+
+
+def test_unsupported_language_model_is_refused():
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+    text = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=128)
+    model = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMG)).eval()
+    with pytest.raises(TypeError, match="cannot prune inside a MistralModel"):
+        saint.patch(model, mode="llm", llm_layers=(0, 0))
+
+
+def test_bad_calls_raise_clear_errors(images):
+    model = make()
+    saint.patch(model, **CONFIGS["vit"])
+    row = ROWS[0]
+    bad = torch.cat([row[:3], row[4:]])[None]  # 63 image tokens for one 64-patch image
+    with pytest.raises(ValueError, match="63 image tokens"):
+        model(input_ids=bad, pixel_values=images[:1])
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        model(input_ids=row[None], pixel_values=images[:1], output_hidden_states=True)
+    embeds = model.get_input_embeddings()(row[None])
+    with pytest.raises(ValueError, match="pass input_ids"):
+        model(inputs_embeds=embeds, pixel_values=images[:1])
+    with torch.no_grad():
+        out = model(input_ids=row[None], pixel_values=images[:1], use_cache=True)
+        with pytest.raises(ValueError, match="non-empty cache"):
+            model(input_ids=row[None], pixel_values=images[:1], cache=out.cache)
+    with pytest.raises(ValueError, match="static cache"):
+        model.generate(input_ids=row[None], pixel_values=images[:1], cache_implementation="static", **GREEDY)
