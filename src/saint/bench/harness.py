@@ -1,0 +1,262 @@
+"""One model, many variants: the measurement engine behind ``saint bench``, ``eval``,
+``sweep`` and ``demo``.
+
+A :class:`Harness` holds one model and switches it between variants by patching it in
+place (``saint.patch`` / ``saint.unpatch`` are cheap and exact), so every variant runs
+the very same weights and no copies are made. Switching happens outside the timed
+region; the timed region is the model call only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import api
+from ..assets import ImageRecord
+from ..eval.data import iter_batches
+from .flops import count_flops
+from .memory import peak_memory_mb
+from .spec import Variant
+from .timing import Timing, time_round_robin
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``"fp32" | "bf16" | "fp16"`` -> the torch dtype."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None``/``"auto"`` -> cuda when available else cpu; otherwise checked to exist."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available in this torch build/machine")
+    return dev
+
+
+@dataclass
+class Outputs:
+    """What a variant produced on an image set: pooled embeddings ``[N, D]`` (float32,
+    CPU), logits ``[N, C]`` for classifiers, tokens entering each block per image, and
+    FLOPs per image (counted during those very forwards, at the collection batch size)."""
+
+    embeddings: torch.Tensor
+    logits: torch.Tensor | None
+    tokens: list[list[int]] = field(default_factory=list)  # [block][image]
+    flops_per_image: float | None = None
+
+    def mean_tokens(self) -> list[float]:
+        return [sum(t) / len(t) for t in self.tokens]
+
+
+@dataclass
+class Measurement:
+    """Cost of a variant on the timing batch: time, FLOPs and tokens per image, memory."""
+
+    variant: Variant
+    timing: Timing | None
+    flops_per_image: float
+    tokens: list[float]
+    peak_memory_mb: float | None
+
+
+class Harness:
+    """A model on a device in a dtype, switchable between :class:`Variant` s."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if api.is_patched(model):
+            raise ValueError("give the harness an unpatched model; it patches it per variant")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.active: Variant | None = None
+        self._check_variant_support()
+
+    def _check_variant_support(self) -> None:
+        if not hasattr(self.model, "blocks"):
+            raise TypeError(f"{type(self.model).__name__} has no .blocks; the harness measures timm ViTs")
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    def activate(self, variant: Variant) -> None:
+        """Patch the model for ``variant`` (unpatch for the baseline)."""
+        if self.active is variant and variant.is_baseline != api.is_patched(self.model):
+            return
+        if api.is_patched(self.model):
+            api.unpatch(self.model)
+        if not variant.is_baseline:
+            api.patch(self.model, variant.method, **variant.kwargs)
+        self.active = variant
+
+    def release(self) -> torch.nn.Module:
+        """Unpatch and return the model."""
+        if api.is_patched(self.model):
+            api.unpatch(self.model)
+        self.active = None
+        return self.model
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Move an input batch to the harness's device and dtype."""
+        return x.to(device=self.device, dtype=self.dtype)
+
+    # --- one forward -------------------------------------------------------------------
+    def _block_tokens_hooked(self, fn: Callable[[], Any]) -> tuple[Any, list[list[int]]]:
+        counts: list[list[int]] = []
+
+        def pre(_m: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            counts.append([int(x.shape[1])] * int(x.shape[0]))
+
+        hooks = [b.register_forward_pre_hook(pre) for b in self.model.blocks]
+        try:
+            out = fn()
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, counts
+
+    def run(self, fn: Callable[[], Any]) -> tuple[Any, list[list[int]]]:
+        """Run ``fn`` (a forward of the active variant); also return the real tokens
+        entering each block, per sample."""
+        if api.is_patched(self.model):
+            out = fn()
+            return out, [list(t) for t in api.stats(self.model).tokens]
+        return self._block_tokens_hooked(fn)
+
+    def embed(self, x: torch.Tensor, count: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[int]], int | None]:
+        """Pooled embedding (pre-logits), logits (classifiers only), tokens per block and,
+        with ``count``, the FLOPs of this forward (one pass either way)."""
+        m = self.model
+
+        def fwd() -> tuple[torch.Tensor, torch.Tensor | None]:
+            if hasattr(m, "forward_features") and hasattr(m, "forward_head"):
+                emb = m.forward_head(m.forward_features(x), pre_logits=True)
+                if self.num_classes <= 0:
+                    return emb, None
+                head = m.get_classifier() if hasattr(m, "get_classifier") else None
+                if not isinstance(head, torch.nn.Module):
+                    raise TypeError(f"{type(m).__name__} has classes but no get_classifier() module")
+                return emb, head(emb)
+            return m(x), None
+
+        flops = None
+        with torch.inference_mode():
+            if count:
+                seen: list[tuple[Any, list[list[int]]]] = []
+                flops, _ = count_flops(lambda: seen.append(self.run(fwd)))
+                (emb, logits), tokens = seen[0]
+            else:
+                (emb, logits), tokens = self.run(fwd)
+        return emb.float().cpu(), None if logits is None else logits.float().cpu(), tokens, flops
+
+    # --- over variants -----------------------------------------------------------------
+    def collect(
+        self,
+        variants: Sequence[Variant],
+        records: Sequence[ImageRecord],
+        transform: Callable[[Any], torch.Tensor],
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[list[Outputs], torch.Tensor]:
+        """Outputs of every variant on ``records`` (images loaded once, batch by batch,
+        every variant run on each batch). Returns the outputs and the labels ``[N]``.
+        Padded per-sample sequences cost what they cost: FLOPs depend on ``batch_size``."""
+        embs: list[list[torch.Tensor]] = [[] for _ in variants]
+        logits: list[list[torch.Tensor]] = [[] for _ in variants]
+        tokens: list[list[list[int]]] = [[] for _ in variants]
+        flops = [0] * len(variants)
+        labels = []
+        for xb, yb in iter_batches(records, transform, batch_size):
+            labels.append(yb)
+            xb = self.prepare(xb)
+            for i, v in enumerate(variants):
+                self.activate(v)
+                e, lg, tk, fl = self.embed(xb, count=True)
+                flops[i] += fl
+                embs[i].append(e)
+                if lg is not None:
+                    logits[i].append(lg)
+                if not tokens[i]:
+                    tokens[i] = [[] for _ in tk]
+                for acc, t in zip(tokens[i], tk, strict=True):
+                    acc.extend(t)
+            if progress is not None:
+                progress(xb.shape[0])
+        outs = [
+            Outputs(torch.cat(embs[i]), torch.cat(logits[i]) if logits[i] else None, tokens[i],
+                    flops[i] / len(records))
+            for i in range(len(variants))
+        ]
+        return outs, torch.cat(labels)
+
+    def _flops_and_tokens(self, x: torch.Tensor) -> tuple[int, list[list[int]]]:
+        """FLOPs of the active variant on ``x`` and its tokens per block, in one forward."""
+        seen: list[list[list[int]]] = []
+        flops, _ = count_flops(lambda: seen.append(self.run(lambda: self.model(x))[1]))
+        return flops, seen[0]
+
+    def measure(
+        self,
+        variants: Sequence[Variant],
+        x: torch.Tensor,
+        *,
+        warmup: int = 2,
+        repeats: int = 10,
+        memory: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Measurement]:
+        """FLOPs, tokens and peak memory of each variant on batch ``x``, then
+        round-robin timing of all variants (``repeats=0`` skips timing)."""
+        x = self.prepare(x)
+        b = x.shape[0]
+        model = self.model
+        results = []
+        for v in variants:
+            self.activate(v)
+            with torch.inference_mode():
+                flops, tokens = self._flops_and_tokens(x)
+                mem = peak_memory_mb(lambda: model(x), self.device) if memory else None
+            mean = [sum(t) / len(t) for t in tokens]
+            results.append(Measurement(v, None, flops / b, mean, mem))
+        if repeats > 0:
+            def setup(v: Variant) -> Callable[[], Callable[[], object]]:
+                def prepare() -> Callable[[], object]:
+                    self.activate(v)
+                    return lambda: model(x)
+
+                return prepare
+
+            with torch.inference_mode():
+                timings = time_round_robin(
+                    [setup(v) for v in variants], batch_size=b, device=self.device,
+                    warmup=warmup, repeats=repeats, progress=progress,
+                )
+            for r, t in zip(results, timings, strict=True):
+                r.timing = t
+        return results
+
+
+def timing_batch(
+    records: Sequence[ImageRecord], transform: Callable[[Any], torch.Tensor], batch_size: int
+) -> torch.Tensor:
+    """The first ``batch_size`` photos (repeated cyclically when there are fewer)."""
+    from .. import assets
+
+    if not records:
+        raise ValueError("no images to time on")
+    chosen = [records[i % len(records)] for i in range(batch_size)]
+    return assets.load_images(chosen, transform)[0]

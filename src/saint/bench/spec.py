@@ -1,0 +1,140 @@
+"""Method specs on the command line: ``NAME[:key=value,key=value,...]``.
+
+Examples: ``saint:tau=0.9,k=5``, ``tome:r=8``, ``random:r=16,layers=0/1/2``,
+``saint:tau=0.95/0.95/0.9/0.9/0.85/0.85`` (a per-layer list), ``saint:tau=0#0.9/3#0.8``
+(a ``{block: value}`` dict). Values are parsed as ``int``, then ``float``, then
+``true``/``false``/``none``, else kept as strings (``rate=batch``). ``/`` separates list
+items and ``#`` separates a block index from its value. ``none``/``unpruned`` alone is the
+unpatched model. The same syntax serves ``--model-args`` (``img_size=32,depth=4``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..methods import get_method, make_config
+
+BASELINE_NAMES = ("none", "unpruned", "baseline")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model variant to measure: the unpatched model (``method=None``) or a method
+    with its keyword settings. ``label`` names it in tables and JSON."""
+
+    label: str
+    method: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "method": self.method, "settings": dict(self.kwargs)}
+
+
+BASELINE = Variant("unpruned")
+
+
+def parse_scalar(text: str) -> Any:
+    """``"8"`` -> 8, ``"0.9"`` -> 0.9, ``"true"`` -> True, ``"none"`` -> None, else the string."""
+    t = text.strip()
+    if not t:
+        raise ValueError("empty value")
+    low = t.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def parse_value(text: str) -> Any:
+    """A scalar, a ``/``-separated list, or a ``/``-separated list of ``block#value`` pairs."""
+    items = [s for s in text.split("/")]
+    if any(not s.strip() for s in items):
+        raise ValueError(f"empty item in {text!r} (lists are written a/b/c)")
+    if any("#" in s for s in items):
+        out: dict[int, Any] = {}
+        for s in items:
+            block, sep, value = s.partition("#")
+            if not sep:
+                raise ValueError(f"{text!r} mixes block#value pairs with plain values")
+            try:
+                out[int(block)] = parse_scalar(value)
+            except ValueError:
+                raise ValueError(f"block index {block!r} in {text!r} is not an integer") from None
+        return out
+    if len(items) == 1:
+        return parse_scalar(items[0])
+    return [parse_scalar(s) for s in items]
+
+
+def parse_kwargs(text: str) -> dict[str, Any]:
+    """``"a=1,b=0.5/0.4"`` -> ``{"a": 1, "b": [0.5, 0.4]}``; an empty string gives ``{}``."""
+    out: dict[str, Any] = {}
+    if not text.strip():
+        return out
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            raise ValueError(f"expected key=value, got {part!r} in {text!r}")
+        if key in out:
+            raise ValueError(f"{key!r} is given twice in {text!r}")
+        try:
+            out[key] = parse_value(value)
+        except ValueError as e:
+            raise ValueError(f"bad value for {key!r} in {text!r}: {e}") from None
+    return out
+
+
+def parse_method_spec(text: str, validate: bool = True) -> Variant:
+    """Parse ``NAME[:key=value,...]`` into a :class:`Variant` (label = the text itself).
+
+    With ``validate`` the method name and argument names are checked against the registry
+    (per-layer values are checked later, against the model's depth).
+    """
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower()
+    if not name:
+        raise ValueError(f"empty method name in {text!r}; write e.g. saint:tau=0.9 or tome:r=8")
+    if name in BASELINE_NAMES:
+        if rest.strip():
+            raise ValueError(f"{name!r} (the unpruned model) takes no settings, got {rest!r}")
+        return BASELINE
+    kwargs = parse_kwargs(rest)
+    if validate:
+        get_method(name)
+        make_config(name, **kwargs)
+    return Variant(text.strip(), name, kwargs)
+
+
+def variant_label(method: str, kwargs: dict[str, Any]) -> str:
+    """A spec string that :func:`parse_method_spec` reads back into the same variant."""
+    parts = [f"{k}={format_value(v)}" for k, v in kwargs.items()]
+    return method + (":" + ",".join(parts) if parts else "")
+
+
+def format_value(v: Any) -> str:
+    """Inverse of :func:`parse_value` for the values it produces."""
+    if isinstance(v, dict):
+        return "/".join(f"{k}#{format_value(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return "/".join(format_value(x) for x in v)
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)

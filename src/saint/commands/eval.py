@@ -1,0 +1,60 @@
+"""``saint eval``: accuracy (classifiers with labelled images) and fidelity to the unpruned
+model (centered cosine of pooled embeddings, retrieval@1, top-1 agreement) of each
+``--method`` over an image set, with the model's own timm preprocessing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .bench import METHOD_HELP
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..bench.options import (
+        add_image_options,
+        add_model_options,
+        add_runtime_options,
+        user_errors,
+    )
+
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 and fidelity to the unpruned model over an image set",
+        description=__doc__.replace("``", ""),
+    )
+    p.add_argument("--method", action="append", default=[], metavar="SPEC", help=METHOD_HELP)
+    add_image_options(p)
+    add_model_options(p)
+    add_runtime_options(p, batch_size=16)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=user_errors("eval", run))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import assets
+    from ..bench.harness import Harness
+    from ..bench.options import build_model, progress_factory, setup_runtime
+    from ..bench.report import environment
+    from ..bench.spec import parse_method_spec
+    from ..eval.data import resolve_images
+    from ..eval.evaluate import evaluate, format_eval
+
+    variants = [parse_method_spec(s) for s in args.method]
+    device, dtype = setup_runtime(args)
+    model, desc = build_model(args)
+    images = resolve_images(args.images, args.limit)
+    harness = Harness(model, device, dtype)
+    print(f"model: {desc}")
+    bar = progress_factory(not args.no_progress)(f"{1 + len(variants)} variants over images", len(images))
+    report = evaluate(harness, variants, images, assets.eval_transform(model), args.batch_size, bar)
+    report = {"environment": environment(device), "model": desc, **report}
+    print(format_eval(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0

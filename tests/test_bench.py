@@ -1,0 +1,258 @@
+"""Measurement layer: spec parsing, exact FLOP counts (hand-computed), round-robin timing
+structure, the harness's switching between variants, matched schedules and Pareto
+marking, and a tiny end-to-end bench / sweep (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+import saint
+from saint.assets import ImageRecord
+from saint.bench import flops as flops_mod
+from saint.bench.bench import run_bench, with_baseline
+from saint.bench.harness import Harness
+from saint.bench.spec import (
+    BASELINE,
+    Variant,
+    parse_kwargs,
+    parse_method_spec,
+    parse_value,
+    variant_label,
+)
+from saint.bench.sweep import (
+    default_tome_rs,
+    matched_drop_schedule,
+    pareto_mask,
+    run_sweep,
+    write_sweep,
+)
+from saint.bench.timing import time_round_robin
+from saint.eval.data import ImageSet
+
+D, HIDDEN, DEPTH, CLASSES, PATCH, IMG = 32, 128, 4, 10, 8, 32
+N_PATCHES = (IMG // PATCH) ** 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vit(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    args = dict(img_size=IMG, patch_size=PATCH, depth=DEPTH, embed_dim=D, num_heads=2, num_classes=CLASSES)
+    args.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+def vit_flops(tokens_in: list[int], tokens_out: list[int], batch: int = 1) -> int:
+    """Hand count for the tiny ViT: patch conv, per block qkv + attention (QK^T and AV) +
+    proj on the tokens entering, MLP on the tokens left after pruning, then the head."""
+    total = 2 * N_PATCHES * (3 * PATCH * PATCH) * D + 2 * D * CLASSES
+    for n, m in zip(tokens_in, tokens_out, strict=True):
+        total += 2 * n * D * 3 * D + 2 * (2 * n * n * D) + 2 * n * D * D + 2 * m * D * HIDDEN * 2
+    return batch * total
+
+
+# ----------------------------------------------------------------------------- spec parsing
+
+
+def test_parse_values_lists_and_dicts() -> None:
+    assert parse_value("8") == 8 and parse_value("0.9") == 0.9 and parse_value("batch") == "batch"
+    assert parse_value("true") is True and parse_value("none") is None
+    assert parse_value("0.9/0.8/0.8") == [0.9, 0.8, 0.8]
+    assert parse_value("0#0.9/3#0.8") == {0: 0.9, 3: 0.8}
+    assert parse_kwargs("tau=0.9,k=5,layers=0/1") == {"tau": 0.9, "k": 5, "layers": [0, 1]}
+    assert parse_kwargs("") == {}
+    for bad in ("tau", "tau=", "tau=0.9,tau=0.8", "1x=2", "tau=0.9//0.8", "tau=0#0.9/0.8"):
+        with pytest.raises(ValueError):
+            parse_kwargs(bad)
+
+
+def test_parse_method_spec_and_round_trip() -> None:
+    v = parse_method_spec("saint:tau=0.95/0.9/0.9,k=4,rate=batch")
+    assert (v.method, v.kwargs) == ("saint", {"tau": [0.95, 0.9, 0.9], "k": 4, "rate": "batch"})
+    assert parse_method_spec(variant_label(v.method, v.kwargs)).kwargs == v.kwargs
+    assert parse_method_spec("none") is BASELINE and parse_method_spec("tome:r=8").kwargs == {"r": 8}
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method_spec("nosuch:r=1")
+    with pytest.raises(TypeError, match="does not take"):
+        parse_method_spec("tome:tau=0.9")
+    with pytest.raises(ValueError, match="takes no settings"):
+        parse_method_spec("none:r=1")
+    with pytest.raises(ValueError, match="more than once"):
+        with_baseline([parse_method_spec("tome:r=2"), parse_method_spec("tome:r=2")])
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def test_linear_flops_exact() -> None:
+    lin = torch.nn.Linear(5, 7)
+    assert flops_mod.model_flops(lin, torch.randn(3, 5)) == 2 * 3 * 5 * 7
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_tiny_vit_flops_match_hand_count(fused: bool) -> None:
+    """Fused SDPA (incl. the CPU flash kernel torch does not register) and eager attention
+    count the same, and both equal the hand computation."""
+    model = tiny_vit()
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    n = N_PATCHES + 1
+    expected = vit_flops([n] * DEPTH, [n] * DEPTH, batch=2)
+    assert flops_mod.model_flops(model, torch.randn(2, 3, IMG, IMG)) == expected
+
+
+def test_pruned_flops_match_hand_count_from_stats() -> None:
+    model = tiny_vit()
+    saint.patch(model, "random", r=3)  # blocks 0, 1 drop 3 each; no extra matmuls
+    x = torch.randn(1, 3, IMG, IMG)
+    counted = flops_mod.model_flops(model, x)
+    tokens = [t[0] for t in saint.stats(model).tokens]
+    assert tokens == [17, 14, 11, 11]
+    assert counted == vit_flops(tokens, [14, 11, 11, 11])
+    saint.unpatch(model)
+    assert counted < flops_mod.model_flops(model, x)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def test_round_robin_order_warmup_and_counts() -> None:
+    calls: list[str] = []
+
+    def setup(name: str):
+        def prepare():
+            calls.append("setup-" + name)
+            return lambda: calls.append(name)
+
+        return prepare
+
+    timings = time_round_robin([setup("a"), setup("b"), setup("c")], batch_size=4, device="cpu",
+                               warmup=1, repeats=2)
+    runs = [c for c in calls if not c.startswith("setup")]
+    assert runs == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # start rotates each round
+    assert all(c == "setup-" + r for c, r in zip(calls[::2], runs, strict=True))  # set up right before
+    assert [len(t.times) for t in timings] == [2, 2, 2]  # warm-up not kept
+    assert timings[0].images_per_s == 4 / timings[0].median
+    with pytest.raises(ValueError, match="repeats"):
+        time_round_robin([setup("a")], batch_size=1, device="cpu", repeats=0)
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def test_harness_switches_variants_exactly() -> None:
+    model = tiny_vit()
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        expected_logits = model(x)
+    h = Harness(model)
+    tome = Variant("tome:r=2", "tome", {"r": 2})
+    emb0, logits0, tok0, _ = h.embed(x)
+    h.activate(tome)
+    emb1, _, tok1, _ = h.embed(x)
+    assert saint.is_patched(model) and tok1 == [[17] * 3, [15] * 3, [13] * 3, [11] * 3]
+    h.activate(BASELINE)
+    emb2, logits2, tok2, flops2 = h.embed(x, count=True)
+    assert not saint.is_patched(model)
+    assert torch.equal(logits0, expected_logits) and torch.equal(logits2, expected_logits)
+    assert torch.equal(emb0, emb2) and not torch.equal(emb0, emb1)
+    assert tok0 == tok2 == [[17] * 3] * DEPTH
+    assert flops2 == vit_flops([17] * DEPTH, [17] * DEPTH, batch=3)
+    with pytest.raises(ValueError, match="unpatched"):
+        Harness(saint.patch(tiny_vit(), "tome", r=1))
+
+
+def test_bench_report_keys_and_ratios() -> None:
+    h = Harness(tiny_vit())
+    variants = [parse_method_spec("tome:r=2"), parse_method_spec("random:r=3")]
+    report = run_bench(h, variants, torch.randn(2, 3, IMG, IMG), warmup=0, repeats=2)
+    json.dumps(report)  # JSON-ready
+    rows = report["results"]
+    assert [r["label"] for r in rows] == ["unpruned", "tome:r=2", "random:r=3"]
+    for r in rows:
+        for key in ("gflops_per_image", "ideal_speedup", "tokens_per_block", "mean_tokens", "peak_memory_mb",
+                    "images_per_s", "ms_min", "ms_median", "speedup", "efficiency", "times_ms"):
+            assert key in r, key
+        assert len(r["times_ms"]) == 2
+    assert rows[0]["speedup"] == 1.0 and rows[0]["ideal_speedup"] == 1.0
+    assert rows[0]["gflops_per_image"] * 1e9 == pytest.approx(vit_flops([17] * 4, [17] * 4), rel=1e-12)
+    assert rows[2]["tokens_per_block"] == [17, 14, 11, 11]
+    assert rows[2]["gflops_per_image"] * 1e9 == pytest.approx(vit_flops([17, 14, 11, 11], [14, 11, 11, 11]), rel=1e-12)
+    assert all(r["ideal_speedup"] > 1 for r in rows[1:])
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def test_matched_schedule_reproduces_rounded_counts() -> None:
+    assert matched_drop_schedule([17, 14.4, 11.6, 11.6], [0, 1]) == [3, 2]
+    assert matched_drop_schedule([17, 14.4, 11.6, 11.6], [0, 1, 3]) == [3, 2, 0]  # last block unobservable
+    with pytest.raises(ValueError, match="outside"):
+        matched_drop_schedule([17, 14], [2])
+
+
+def test_pareto_and_default_tome_grid() -> None:
+    assert pareto_mask([1.0, 2.0, 1.5, 2.0], [1.0, 0.5, 0.4, 0.6]) == [True, False, False, True]
+    rs = default_tome_rs(256, 12)
+    assert rs == sorted(rs) and len(rs) == len(set(rs))
+    for r in rs:  # every r fits ToMe's per-block limit at every block
+        n = 256
+        for _ in range(12):
+            assert r <= n // 2
+            n -= r
+
+
+def test_tiny_sweep_end_to_end(tmp_path) -> None:
+    from PIL import Image
+
+    records = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray((torch.rand(36, 40, 3, generator=g) * 255).byte().numpy()).save(p)
+        records.append(ImageRecord(p, i % 3, "test"))
+    model = tiny_vit()
+    from saint import assets
+
+    transform = assets.eval_transform(model)
+    h = Harness(model)
+    x = assets.load_images(records[:2], transform)[0]
+    report = run_sweep(h, ImageSet(records, "folder", "6 test images"), transform, x, taus=[-1.0],
+                       saint_args={"k": 1}, tome_rs=[1], batch_size=4, warmup=0, repeats=1)
+    rows = report["results"]
+    assert [r["method"] for r in rows] == ["unpruned", "saint", "tome", "random", "attn"]
+    saint_row = rows[1]
+    # tau=-1, k=1: every candidate is linked, so SAINT halves the prunable tokens in blocks 0, 1
+    assert saint_row["tokens_per_block"] == [17, 9, 5, 5]
+    assert rows[3]["settings"] == {"r": [8, 4], "layers": [0, 1]}
+    assert rows[3]["tokens_per_block"] == rows[4]["tokens_per_block"] == [17, 9, 5, 5]
+    assert rows[0]["pareto"] and rows[0]["centered_cosine"] == 1.0
+    # FLOPs over the set: random drops the same count in every image, so no padding
+    assert rows[3]["gflops_per_image"] * 1e9 == pytest.approx(vit_flops([17, 9, 5, 5], [9, 5, 5, 5]), rel=1e-12)
+    assert rows[0]["gflops_per_image"] * 1e9 == pytest.approx(vit_flops([17] * 4, [17] * 4), rel=1e-12)
+    for r in rows:
+        assert {"flops_ratio", "speedup", "centered_cosine", "retrieval_at_1", "top1_agreement"} <= set(r)
+    paths = write_sweep(report, tmp_path / "out" / "s", "tiny")
+    assert [p.suffix for p in paths] == [".json", ".csv", ".md", ".png"]
+    assert (tmp_path / "out" / "s.csv").read_text().count("\n") == 1 + len(rows)
+    assert "| saint | tau=-1 |" in (tmp_path / "out" / "s.md").read_text()
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    from saint.bench.memory import peak_memory_mb, peak_memory_method
+
+    if peak_memory_method("cpu") is None:
+        pytest.skip("no /proc peak-RSS reset on this platform")
+    # 64 MiB, touched, freed again before the call returns
+    assert peak_memory_mb(lambda: float(torch.ones(16 * 2**20).sum()), "cpu") >= 60

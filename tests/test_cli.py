@@ -1,0 +1,141 @@
+"""``saint bench | eval | sweep | demo`` from the command line, on a tiny random timm ViT
+(``--model vit_tiny_patch16_224 --model-args ...``) and a few generated images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from saint.bench.options import add_model_options, build_model
+from saint.cli import main
+
+TINY = ["--model", "vit_tiny_patch16_224", "--model-args",
+        "img_size=32,patch_size=8,depth=4,embed_dim=32,num_heads=2,num_classes=10"]
+COMMON = ["--device", "cpu", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """An ImageFolder with two classes of three random photos."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    return str(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize("command", ["bench", "eval", "sweep", "demo"])
+def test_help(command, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: saint " + command in capsys.readouterr().out
+
+
+def test_bench_tiny_json(images, tmp_path, capsys) -> None:
+    out = tmp_path / "b.json"
+    rc = main(["bench", *TINY, *COMMON, "--images", images, "--method", "saint:tau=0.5,k=2",
+               "--method", "tome:r=2", "--batch-size", "2", "--warmup", "0", "--repeats", "2", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "RANDOM weights" in text and "tome:r=2" in text
+    report = json.loads(out.read_text())
+    assert {"environment", "model", "images", "settings", "results"} <= set(report)
+    assert {"date", "device", "versions", "command", "torch_threads"} <= set(report["environment"])
+    assert report["environment"]["torch_threads"] == 1
+    assert [r["label"] for r in report["results"]] == ["unpruned", "saint:tau=0.5,k=2", "tome:r=2"]
+    assert report["settings"]["batch_size"] == 2 and report["settings"]["dtype"] == "float32"
+    assert report["results"][2]["tokens_per_block"] == [17, 15, 13, 11]
+
+
+def test_bench_bf16(images, capsys) -> None:
+    rc = main(["bench", *TINY, *COMMON, "--images", images, "--method", "tome:r=2", "--dtype", "bf16",
+               "--batch-size", "2", "--warmup", "0", "--repeats", "1", "--no-memory"])
+    assert rc == 0
+    assert "bfloat16 on cpu" in capsys.readouterr().out
+
+
+def test_eval_tiny(images, tmp_path, capsys) -> None:
+    out = tmp_path / "e.json"
+    rc = main(["eval", *TINY, *COMMON, "--images", images, "--method", "tome:r=2", "--method", "random:r=2",
+               "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows[0]["method"] is None and "centered_cosine" not in rows[0]
+    assert rows[0]["top1"] is not None and rows[0]["labelled_images"] == 6
+    for r in rows[1:]:
+        assert 0 <= r["retrieval_at_1"] <= 1 and -1 <= r["centered_cosine"] <= 1 and "top1_agreement" in r
+    assert "sub-folder indices" in capsys.readouterr().out
+
+
+def test_sweep_tiny_writes_files(images, tmp_path) -> None:
+    prefix = tmp_path / "res" / "tiny"
+    rc = main(["sweep", *TINY, *COMMON, "--images", images, "--taus=-1,0.9", "--saint-args", "k=1",
+               "--tome-r", "1,2", "--timing-batch", "2", "--warmup", "0", "--repeats", "1", "--out", str(prefix)])
+    assert rc == 0
+    for ext in ("json", "csv", "md", "png"):
+        assert (prefix.parent / f"tiny.{ext}").stat().st_size > 0
+    rows = json.loads((prefix.parent / "tiny.json").read_text())["results"]
+    methods = [r["method"] for r in rows]
+    assert methods == ["unpruned", "saint", "saint", "tome", "tome", "random", "attn", "random", "attn"]
+
+
+def test_bad_input_is_a_clear_error(images, capsys) -> None:
+    assert main(["bench", *TINY, *COMMON, "--images", images, "--method", "tome:tau=1"]) == 2
+    assert "does not take ['tau']" in capsys.readouterr().err
+    assert main(["eval", *TINY, *COMMON, "--images", images + "/missing"]) == 2
+    assert "neither" in capsys.readouterr().err
+    assert main(["bench", *COMMON, "--pretrained", "--method", "tome:r=1"]) == 2
+    assert "need a timm --model name" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="at least one --method"):
+        main(["bench", *TINY, *COMMON, "--images", images])
+
+
+def test_checkpoint_option_loads_weights(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    args = p.parse_args(TINY)
+    model, _ = build_model(args)
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    loaded, desc = build_model(p.parse_args([*TINY, "--checkpoint", str(tmp_path / "w.safetensors")]))
+    assert "checkpoint" in desc
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+def test_demo_pieces_matched_tome_r_and_kept_patches(tmp_path) -> None:
+    from saint.commands.demo import kept_patches, matched_tome_r, plot_kept
+
+    # DINOv2-S at 224: 256 patches + 1 class token, 12 blocks; mean tokens = 257 - 5.5 r
+    assert matched_tome_r(257 - 5.5 * 8, 256, 1, 12) == 8
+    assert matched_tome_r(100.0, 256, 1, 12) == 19  # r=20 would ask for too many merges in block 11
+    torch.manual_seed(0)
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=32,
+                              num_heads=2, num_classes=0).eval()
+    layers, kept = kept_patches(model, torch.randn(1, 3, 32, 32), {"tau": -1.0, "k": 1})
+    # every candidate (even prunable position) is linked at tau=-1, so each step drops all of them
+    assert layers == [0, 1] and kept.shape == (2, 4, 4)
+    assert kept[0].flatten().tolist() == [False, True] * 8
+    assert kept[1].flatten().nonzero().flatten().tolist() == [3, 7, 11, 15]
+    from saint import is_patched
+
+    assert not is_patched(model)
+    plot_kept(torch.rand(32, 32, 3), layers, kept, tmp_path / "k.png", "test")
+    assert (tmp_path / "k.png").stat().st_size > 0
