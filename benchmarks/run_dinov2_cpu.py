@@ -24,7 +24,7 @@ from saint import assets
 from saint.bench.harness import Harness, resolve_device, resolve_dtype, timing_batch
 from saint.bench.options import progress_factory
 from saint.bench.report import environment
-from saint.bench.spec import parse_kwargs
+from saint.bench.spec import parse_calibrated_spec, parse_kwargs
 from saint.bench.sweep import default_tome_rs, format_sweep, run_sweep, write_sweep
 from saint.eval.data import ImageSet
 
@@ -41,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tome-r", default=None,
                    help="ToMe r grid, comma-separated (default: r leaving ~90/75/60/45/30%% of the patches)")
     p.add_argument("--matched", default="random,attn", help="baselines at SAINT's token counts, or 'none'")
+    p.add_argument("--calibrated", action="append", default=None, metavar="SPEC",
+                   help="calibrated variants (repeatable; default: saint:mode=per_layer and saint_plus)")
+    p.add_argument("--speedups", default="1.5,2,3", help="calibration targets, FLOPs-ideal (default 1.5,2,3)")
+    p.add_argument("--calib-every", type=int, default=8,
+                   help="hold out every N-th photo for calibration, evaluate on the rest (default 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -66,14 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.photos < 2:
         raise SystemExit("--photos must be >= 2 (fidelity is measured over the set)")
-    records = records[: args.photos]
+    if args.calib_every < 2:
+        raise SystemExit("--calib-every must be >= 2")
+    calib_records = records[args.calib_every - 1 :: args.calib_every]
+    records = [r for i, r in enumerate(records) if (i + 1) % args.calib_every][: args.photos]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     taus = [float(t) for t in args.taus.split(",") if t.strip()]
     matched = [] if args.matched == "none" else [m.strip() for m in args.matched.split(",") if m.strip()]
     saint_args = parse_kwargs(args.saint_args)
-    image_set = ImageSet(records, "imagenet-1k", f"first {len(records)} photos of imagenet-sample-200")
+    calibrated = [parse_calibrated_spec(t) for t in (args.calibrated or ["saint:mode=per_layer", "saint_plus"])]
+    speedups = [float(t) for t in args.speedups.split(",") if t.strip()]
+    image_set = ImageSet(records, "imagenet-1k",
+                         f"{len(records)} photos of imagenet-sample-200 (every {args.calib_every}th held out: "
+                         f"{len(calib_records)} calibration photos)")
     argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
     for size in (int(s) for s in args.sizes.split(",") if s.strip()):
         start = time.perf_counter()
@@ -85,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                    default_tome_rs(int(model.patch_embed.num_patches), len(model.blocks)))
         print(f"== {desc}: {image_set.description}, {args.dtype} on {device}")
         x = timing_batch(records, transform, args.batch_size)
+        calib_x = timing_batch(calib_records, transform, len(calib_records))
         report = run_sweep(harness, image_set, transform, x, taus=taus, saint_args=saint_args, tome_rs=tome_rs,
                            matched=matched, batch_size=args.eval_batch, warmup=args.warmup,
-                           repeats=args.repeats, progress=progress_factory(not args.no_progress))
+                           repeats=args.repeats, progress=progress_factory(not args.no_progress),
+                           calibrated=calibrated, speedups=speedups, calib_x=calib_x)
         report = {"environment": environment(device, argv_used), "model": desc,
                   "wall_seconds": round(time.perf_counter() - start, 1), **report}
         print(format_sweep(report))

@@ -70,3 +70,12 @@ def test_calibration_without_apply_leaves_model_unpatched(calib_images):
 def test_calibration_errors(kwargs, match, calib_images):
     with pytest.raises(ValueError, match=match):
         saint.calibrate(make_tiny("vit"), calib_images, **kwargs)
+
+
+def test_saint_plus_defaults_and_calibration(calib_images):
+    model = make_tiny("vit")
+    cal = saint.calibrate(model, calib_images, speedup=1.3, method="saint_plus", tol=0.02)
+    assert set(cal.tau) == {0, 1, 2, 3}, "saint_plus prunes in every block"
+    assert cal.achieved == pytest.approx(1.3, rel=0.08)
+    handle = saint.adapters.common.get_handle(model)
+    assert handle.spec.name == "saint_plus" and handle.config.k == 1 and handle.calibration is cal

@@ -37,7 +37,7 @@ def images(tmp_path):
     return str(tmp_path / "imgs")
 
 
-@pytest.mark.parametrize("command", ["bench", "eval", "sweep", "demo"])
+@pytest.mark.parametrize("command", ["bench", "eval", "sweep", "demo", "calibrate"])
 def test_help(command, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -91,6 +91,33 @@ def test_sweep_tiny_writes_files(images, tmp_path) -> None:
     rows = json.loads((prefix.parent / "tiny.json").read_text())["results"]
     methods = [r["method"] for r in rows]
     assert methods == ["unpruned", "saint", "saint", "tome", "tome", "random", "attn", "random", "attn"]
+
+
+def test_sweep_with_calibrated_variants(images, tmp_path) -> None:
+    prefix = tmp_path / "cal"
+    rc = main(["sweep", *TINY, *COMMON, "--images", images, "--taus", "0.9", "--tome-r", "1", "--matched", "none",
+               "--calibrated", "saint:k=1", "--calibrated", "saint_plus:mode=global", "--speedups", "1.2,1.4",
+               "--calib-images", images, "--timing-batch", "2", "--warmup", "0", "--repeats", "1",
+               "--out", str(prefix)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "cal.json").read_text())["results"]
+    cal = [r for r in rows if "target_speedup" in r["setting"]]
+    assert [(r["method"], r["setting"]["target_speedup"]) for r in cal] == [
+        ("saint:k=1", 1.2), ("saint:k=1", 1.4), ("saint_plus:mode=global", 1.2), ("saint_plus:mode=global", 1.4)]
+    for r in cal:
+        assert r["setting"]["calibrated_speedup"] == pytest.approx(r["setting"]["target_speedup"], rel=0.1)
+        assert isinstance(r["settings"]["tau"], dict) and "mode" not in r["settings"]
+
+
+def test_calibrate_command(images, tmp_path, capsys) -> None:
+    out = tmp_path / "cal.json"
+    rc = main(["calibrate", *TINY, *COMMON, "--images", images, "--keep", "0.8", "--args", "k=1",
+               "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["target"] == "keep" and result["achieved"] == pytest.approx(0.8, rel=0.1)
+    assert "saint.patch(model, 'saint'" in capsys.readouterr().out
+    assert main(["calibrate", *TINY, *COMMON, "--images", images, "--keep", "0.8", "--method", "tome"]) == 2
 
 
 def test_bad_input_is_a_clear_error(images, capsys) -> None:

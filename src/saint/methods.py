@@ -124,6 +124,7 @@ class SaintConfig(MethodConfig):
     gamma: float | Sequence[float] | Mapping[int, float] = 10.0
     rate: str = "sample"
     metric: str = "keys"
+    center: bool = False
     PER_LAYER: ClassVar[tuple[str, ...]] = ("tau", "k", "gamma")
     METRICS: ClassVar[tuple[str, ...]] = ("keys", "hidden")
 
@@ -156,6 +157,17 @@ class SaintFoldConfig(SaintConfig):
     most similar anchor instead of discarded; sizes then bias attention (``prop_attn``)."""
 
     prop_attn: bool = True
+
+
+@dataclass
+class SaintPlusConfig(SaintFoldConfig):
+    """Our improved variant: SAINT's thresholded graph in every block, a candidate is
+    redundant as soon as one anchor reaches tau (``k=1``), and redundant tokens are
+    folded into their nearest anchor. Pair it with :func:`saint.calibrate`, which
+    picks one tau per block."""
+
+    k: int | Sequence[int] | Mapping[int, int] = 1
+    DEFAULT_LAYERS: ClassVar[str] = "all"
 
 
 def _check_r(value: Any) -> int:
@@ -231,12 +243,25 @@ class BudgetConfig(MethodConfig):
 
 
 def saint_metric(ctx: LayerContext, cfg: SaintConfig) -> torch.Tensor:
-    """The similarity metric SAINT uses: head-averaged keys (paper) or hidden states."""
+    """The similarity metric SAINT uses: head-averaged keys (paper) or hidden states;
+    with ``center`` each sample's mean over its real prunable tokens is removed first,
+    so a component shared by every token (e.g. the key bias) cannot make all tokens
+    look alike."""
+    metric = ctx.keys
     if cfg.metric == "hidden":
         if ctx.tokens is None:
             raise ValueError("metric='hidden' needs the hidden states; this adapter does not provide them")
-        return ctx.tokens
-    return ctx.keys
+        metric = ctx.tokens
+    if cfg.center:
+        p = ctx.num_protected
+        tokens = metric[:, p:].float()
+        if ctx.valid is None:
+            mean = tokens.mean(dim=1, keepdim=True)
+        else:
+            w = ctx.valid[:, p:, None].to(tokens.dtype)
+            mean = (tokens * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)
+        metric = metric.float() - mean
+    return metric
 
 
 def _select_saint(ctx: LayerContext, s: dict[str, Any], cfg: SaintConfig) -> Selection:
@@ -306,6 +331,12 @@ register(
     MethodSpec(
         "saint_fold", SaintFoldConfig, _select_saint_fold,
         "SAINT graph, dropped tokens folded into their nearest anchor", merges=True,
+    )
+)
+register(
+    MethodSpec(
+        "saint_plus", SaintPlusConfig, _select_saint_fold,
+        "SAINT+: fold into nearest anchor, k=1, every block (calibrate tau)", merges=True,
     )
 )
 register(MethodSpec("tome", ToMeConfig, _select_tome, "bipartite merging (ToMe)", merges=True))

@@ -61,11 +61,12 @@ class TokenState:
         self.origin = torch.arange(n, device=x.device).expand(b, n).clone() if trace else None
 
     def record(self, x: torch.Tensor) -> None:
-        """Remember how many real tokens enter the next block, per sample."""
+        """Remember how many real tokens enter the next block, per sample (kept on the
+        model's device: no host sync in the forward)."""
         if self.valid is None:
-            self.counts.append(torch.full((x.shape[0],), x.shape[1], dtype=torch.long))
+            self.counts.append(torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device))
         else:
-            self.counts.append(self.valid.sum(dim=1).cpu())
+            self.counts.append(self.valid.sum(dim=1))
 
     def attn_bias(self, dtype: torch.dtype, prop_attn: bool) -> torch.Tensor | None:
         return additive_key_mask(self.valid, self.sizes if prop_attn else None, dtype)

@@ -119,6 +119,22 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
     return Variant(text.strip(), name, kwargs)
 
 
+def parse_calibrated_spec(text: str) -> Variant:
+    """Parse a SAINT-family spec for calibration: like :func:`parse_method_spec` but
+    without ``tau`` (calibration picks it) and with an optional ``mode=global|per_layer``."""
+    from ..calibrate import MODES
+
+    v = parse_method_spec(text, validate=False)
+    kwargs = dict(v.kwargs)
+    mode = kwargs.pop("mode", "per_layer")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r} in {text!r}")
+    if "tau" in kwargs:
+        raise ValueError(f"calibrated variants choose tau themselves; remove it from {text!r}")
+    make_config(v.method, **kwargs)
+    return Variant(v.label, v.method, {**kwargs, "mode": mode})
+
+
 def variant_label(method: str, kwargs: dict[str, Any]) -> str:
     """A spec string that :func:`parse_method_spec` reads back into the same variant."""
     parts = [f"{k}={format_value(v)}" for k, v in kwargs.items()]

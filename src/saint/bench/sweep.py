@@ -87,6 +87,25 @@ def _pruning_layers(harness: Harness, variant: Variant) -> list[int]:
     return sorted(cfg.resolve(len(harness.model.blocks)))
 
 
+def _calibrate_variants(
+    harness: Harness, calibrated: Sequence[Variant], speedups: Sequence[float], calib_x: torch.Tensor | None
+) -> list[tuple[Variant, float, dict[str, Any], float]]:
+    """Calibrate each variant to each speed-up on ``calib_x`` (model left unpatched)."""
+    from ..calibrate import calibrate
+
+    if not calibrated:
+        return []
+    if calib_x is None or not speedups:
+        raise ValueError("calibrated variants need calibration images and a speed-up grid")
+    out = []
+    for cv in calibrated:
+        for sp in speedups:
+            cal = calibrate(harness.model, calib_x.to(harness.device, harness.dtype), speedup=sp,
+                            method=cv.method, apply=False, **cv.kwargs)
+            out.append((cv, sp, cal.patch_kwargs(), cal.achieved))
+    return out
+
+
 def run_sweep(
     harness: Harness,
     image_set: ImageSet,
@@ -101,9 +120,16 @@ def run_sweep(
     warmup: int = 1,
     repeats: int = 5,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    calibrated: Sequence[Variant] = (),
+    speedups: Sequence[float] = (),
+    calib_x: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Run the sweep. ``progress(description, total)`` may return an ``update(n)`` callback
-    (e.g. a tqdm bar's ``update``) for each phase."""
+    (e.g. a tqdm bar's ``update``) for each phase.
+
+    ``calibrated`` variants (SAINT-family methods without tau) are calibrated with
+    :func:`saint.calibrate` on ``calib_x`` to each FLOPs-ideal speed-up in ``speedups``;
+    their rows record the target and the calibration's own estimate."""
     saint_args = dict(saint_args or {})
     if "tau" in saint_args:
         raise ValueError("give tau through the grid (taus), not in saint_args")
@@ -126,6 +152,10 @@ def run_sweep(
     outputs = dict(zip([v.label for v in [BASELINE, *saint_vs]], first, strict=True))
 
     second: list[Variant] = []
+    for cv, sp, cal_kwargs, achieved in _calibrate_variants(harness, calibrated, speedups, calib_x):
+        v = Variant(f"{cv.label}@{format_value(sp)}x", cv.method, cal_kwargs)
+        second.append(v)
+        points.append((cv.label, {"target_speedup": sp, "calibrated_speedup": achieved}, v))
     for r in tome_rs:
         v = Variant(variant_label("tome", {"r": r}), "tome", {"r": r})
         second.append(v)
@@ -178,6 +208,9 @@ def run_sweep(
             "taus": list(taus),
             "saint_args": saint_args,
             "tome_rs": list(tome_rs),
+            "calibrated": [cv.as_dict() for cv in calibrated],
+            "speedups": list(speedups),
+            "calibration_images": 0 if calib_x is None else int(calib_x.shape[0]),
             "matched": list(matched),
             "batch_size": batch_size,
             "timing_batch_size": int(timing_x.shape[0]),
@@ -198,6 +231,8 @@ def _setting_text(row: dict[str, Any]) -> str:
         return "-"
     if "matched_tau" in s:
         return f"= saint tau {format_value(s['matched_tau'])}"
+    if "target_speedup" in s:
+        return f"calibrated to {format_value(s['target_speedup'])}x (est. {s['calibrated_speedup']:.2f}x)"
     return ", ".join(f"{k}={format_value(v)}" for k, v in s.items())
 
 

@@ -45,6 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ToMe r grid (default: r leaving ~90/75/60/45/30%% of the patches at the last block)")
     p.add_argument("--matched", default="random,attn",
                    help="baselines run at SAINT's per-layer token counts: any of random,attn, or 'none'")
+    p.add_argument("--calibrated", action="append", default=[], metavar="SPEC",
+                   help="a SAINT-family variant whose tau saint.calibrate picks for each --speedups target "
+                        "(repeatable), e.g. saint:mode=per_layer or saint_fold:center=true,layers=0/1/2/3")
+    p.add_argument("--speedups", type=_floats, default=_floats("1.5,2,3"),
+                   help="FLOPs-ideal speed-up targets of the calibrated variants (default 1.5,2,3)")
+    p.add_argument("--calib-images", default="offline", metavar="SOURCE",
+                   help="calibration photos (same forms as --images; default offline); keep them apart "
+                        "from the evaluation photos")
+    p.add_argument("--calib-limit", type=int, default=20, help="number of calibration photos (default 20)")
     add_image_options(p, what="photos for fidelity (the timing batch is the first --timing-batch of them)")
     add_model_options(p)
     add_runtime_options(p, batch_size=16)
@@ -62,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.harness import Harness, timing_batch
     from ..bench.options import build_model, progress_factory, setup_runtime
     from ..bench.report import environment
-    from ..bench.spec import parse_kwargs
+    from ..bench.spec import parse_calibrated_spec, parse_kwargs
     from ..bench.sweep import default_tome_rs, format_sweep, run_sweep, write_sweep
     from ..eval.data import resolve_images
 
@@ -81,10 +90,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {desc}")
     print(f"images: {images.description}")
     x = timing_batch(images.records, transform, args.timing_batch)
+    calibrated = [parse_calibrated_spec(t) for t in args.calibrated]
+    calib_x = None
+    if calibrated:
+        calib = resolve_images(args.calib_images, args.calib_limit)
+        calib_x = timing_batch(calib.records, transform, len(calib.records))
+        print(f"calibration images: {calib.description}")
     report = run_sweep(
         harness, images, transform, x, taus=args.taus, saint_args=saint_args, tome_rs=tome_rs,
         matched=matched, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
-        progress=progress_factory(not args.no_progress),
+        progress=progress_factory(not args.no_progress), calibrated=calibrated, speedups=args.speedups,
+        calib_x=calib_x,
     )
     report = {"environment": environment(device), "model": desc, **report}
     print(format_sweep(report))

@@ -1,0 +1,67 @@
+"""``saint calibrate``: pick SAINT's tau (global or per block) from the model's own key
+similarities on a few photos so that the pruned model hits a target FLOPs-ideal
+speed-up, FLOPs fraction or kept-token fraction. Prints the taus and the ready-made
+``saint.patch`` call; ``--json`` saves the full result."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..bench.options import (
+        add_image_options,
+        add_model_options,
+        add_runtime_options,
+        user_errors,
+    )
+
+    p = sub.add_parser("calibrate", help="choose tau for a target speed-up / FLOPs / kept tokens",
+                       description=__doc__.replace("``", ""))
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--speedup", type=float, help="FLOPs-ideal speed-up to reach (1 / FLOPs fraction)")
+    target.add_argument("--flops", type=float, help="fraction of the unpruned block FLOPs to keep, in (0, 1]")
+    target.add_argument("--keep", type=float, help="mean fraction of tokens entering each block, in (0, 1]")
+    p.add_argument("--method", default="saint", help="saint (default), saint_fold or saint_plus")
+    p.add_argument("--mode", default="per_layer", choices=["per_layer", "global"],
+                   help="one tau per pruning block (default) or one tau for all")
+    p.add_argument("--args", default="", metavar="K=V,...",
+                   help="other method settings, e.g. k=5,gamma=10,layers=0/1/2/3,rate=batch")
+    add_image_options(p, what="calibration photos (default: the offline photos)")
+    add_model_options(p)
+    add_runtime_options(p, batch_size=32)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the calibration result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; calibration prints no bars")
+    p.set_defaults(func=user_errors("calibrate", run))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import assets
+    from ..bench.harness import timing_batch
+    from ..bench.options import build_model, setup_runtime
+    from ..bench.spec import format_value, parse_kwargs
+    from ..calibrate import calibrate
+    from ..eval.data import resolve_images
+
+    device, dtype = setup_runtime(args)
+    model, desc = build_model(args)
+    model = model.to(device=device, dtype=dtype)
+    images = resolve_images(args.images, args.limit)
+    x = timing_batch(images.records, assets.eval_transform(model), len(images.records)).to(device, dtype)
+    print(f"model: {desc}")
+    print(f"calibration images: {images.description}")
+    cal = calibrate(model, x, speedup=args.speedup, flops=args.flops, keep=args.keep, mode=args.mode,
+                    method=args.method, batch_size=args.batch_size, **parse_kwargs(args.args))
+    print(f"target {cal.target} {cal.value:g}: reached {cal.achieved:.3f} on these images "
+          f"({cal.iterations} bisection steps)")
+    for block, tau in sorted(cal.tau.items()):
+        print(f"  block {block:>2}: tau {tau:.4f}")
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in cal.patch_kwargs().items())
+    print(f"reproduce with: saint.patch(model, {args.method!r}, {kwargs})")
+    spec = ",".join(f"{k}={format_value(v)}" for k, v in cal.patch_kwargs().items())
+    print(f"or on the command line: --method {args.method}:{spec}")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(cal.to_json() + "\n")
+        print(f"wrote {args.json}")
+    return 0
