@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv/ first
 # (idempotent: the stamp file skips the install when pyproject/constraints are unchanged).
+# The lmms extra (lmms-eval) is installed too so its end-to-end test runs instead of skipping.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,lmms]"
 	touch $(STAMP)
 
 demo: setup

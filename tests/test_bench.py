@@ -5,6 +5,8 @@ marking, and a tiny end-to-end bench / sweep (no timing assertions)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -250,9 +252,14 @@ def test_tiny_sweep_end_to_end(tmp_path) -> None:
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:
-    from saint.bench.memory import peak_memory_mb, peak_memory_method
+    from saint.bench.memory import peak_memory_method
 
     if peak_memory_method("cpu") is None:
         pytest.skip("no /proc peak-RSS reset on this platform")
-    # 64 MiB, touched, freed again before the call returns
-    assert peak_memory_mb(lambda: float(torch.ones(16 * 2**20).sum()), "cpu") >= 60
+    # 64 MiB, touched, freed again before the call returns. Run in a fresh process: in a
+    # long-lived one the allocator may serve it from memory that is already resident,
+    # which RSS cannot see (the figure is documented as approximate for that reason).
+    code = ("import torch; from saint.bench.memory import peak_memory_mb; "
+            "print(peak_memory_mb(lambda: float(torch.ones(16 * 2**20).sum()), 'cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out.strip().splitlines()[-1]) >= 60

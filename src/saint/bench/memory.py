@@ -3,7 +3,9 @@
 CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak (tensor memory only,
 exact). CPU on Linux: the process's peak resident set size (``VmHWM``) after resetting it
 through ``/proc/self/clear_refs``, minus the resident size before the call; this counts
-the allocator's and the OS's behaviour too, so treat it as an approximate figure.
+the allocator's and the OS's behaviour too, so treat it as an approximate figure: in a
+long-lived process the allocator may reuse memory that is already resident and the
+figure then reads low.
 Elsewhere the result is ``None`` (reported as n/a), never a guess.
 """
 

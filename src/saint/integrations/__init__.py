@@ -1,0 +1,87 @@
+"""Evaluation-harness integrations (plugins that live in saint, not in a fork of the
+harness), plus the harness-agnostic parsing they share.
+
+- :mod:`saint.integrations.lmms_eval`: the ``saint_llava`` model of lmms-eval
+  (``pip install 'saint[lmms]'``), registered through the ``lmms_eval.models``
+  entry-point group by :func:`lmms_eval_models`.
+
+Settings arrive from a harness as ``key=value`` strings; :func:`parse_prune_settings`
+turns them into the keyword arguments of :func:`saint.patch` with the syntax of the
+``saint`` command line (``/`` separates per-layer values, ``layer#value`` pairs give a
+``{layer: value}`` dict), plus ``llm_layers=7-16`` and ``visual_keep=12x12``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["UNPRUNED", "lmms_eval_models", "parse_prune_settings"]
+
+UNPRUNED = ("none", "unpruned", "baseline")  # method names meaning "do not patch"
+_RANGE = re.compile(r"^\s*(-?\d+)\s*(?:-|:|\.\.)\s*(-?\d+)\s*$")
+_GRID = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def _layers(value: Any) -> Any:
+    """``"7-16"`` / ``"7:16"`` / ``"7..16"`` / ``"7/16"`` / ``(7, 16)`` -> ``(7, 16)``."""
+    from ..bench.spec import parse_value
+
+    if isinstance(value, str):
+        m = _RANGE.match(value)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+        value = parse_value(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return tuple(value)
+    raise ValueError(
+        f"llm_layers={value!r}: give the first and last decoder layer that prune, inclusive, e.g. llm_layers=7-16"
+    )
+
+
+def _visual_keep(value: Any) -> Any:
+    """``"144"`` -> 144, ``"12x12"`` / ``"12/12"`` -> ``(12, 12)`` (rows, cols)."""
+    from ..bench.spec import parse_value
+
+    if isinstance(value, str):
+        m = _GRID.match(value)
+        value = (int(m.group(1)), int(m.group(2))) if m else parse_value(value)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def parse_prune_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn harness settings (strings, or the ints/floats/bools a harness already
+    converted) into keyword arguments for ``saint.patch`` on a LLaVA model.
+
+    Strings are parsed with the ``saint`` CLI syntax (:func:`saint.bench.spec.parse_value`):
+    ``llm_tau=0.8/0.8/0.7`` is a per-layer list, ``llm_tau=7#0.8/8#0.75`` a
+    ``{layer: value}`` dict; ``llm_layers=7-16`` is ``(7, 16)`` and ``visual_keep=12x12``
+    is ``(12, 12)``. Names and values are validated later by the LLaVA adapter
+    (unknown names and settings the chosen method does not use are refused there).
+    """
+    from ..bench.spec import parse_value
+
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key == "llm_layers":
+            out[key] = _layers(value)
+        elif key == "visual_keep":
+            out[key] = _visual_keep(value)
+        elif isinstance(value, str):
+            try:
+                out[key] = parse_value(value)
+            except ValueError as e:
+                raise ValueError(f"bad value for {key}={value!r}: {e}") from None
+        else:
+            out[key] = value
+    return out
+
+
+def lmms_eval_models() -> list[Any]:
+    """Entry point of the ``lmms_eval.models`` group: lmms-eval (>= 0.7) calls it while
+    building its model registry and imports the class only when ``--model saint_llava``
+    is asked for."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava")]

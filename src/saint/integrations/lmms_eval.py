@@ -1,0 +1,504 @@
+"""lmms-eval model ``saint_llava``: a Hugging Face LLaVA (``LlavaForConditionalGeneration``)
+pruned by :func:`saint.patch`, for any lmms-eval image task::
+
+    python -m lmms_eval --model saint_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,mode=hybrid,vit_keep=375,llm_layers=7-16,llm_tau=0.83 \\
+        --tasks mme --batch_size 8
+
+Registered through the ``lmms_eval.models`` entry-point group (see
+:func:`saint.integrations.lmms_eval_models`), so lmms-eval is used as installed.
+Every setting of the LLaVA adapter is a model argument (``method``, ``mode``,
+``vit_keep``, ``vit_layer``, ``vit_step_div``, ``llm_layers``, ``llm_tau``, ``llm_k``,
+``llm_gamma``, ``llm_rate``, ``llm_rope_keys``, ``fastv_layer``, ``fastv_ratio``,
+``visual_keep``, ``seed``); what is not given keeps the adapter's reference default,
+and ``method=none`` evaluates the same checkpoint unpruned through the same code.
+The model is patched once, at load; generation and log-likelihood requests both run
+through the patched model, in batches of ``batch_size`` (left padding).
+
+Prompts follow lmms-eval's ``llava_hf`` model: ``<image>`` tokens are put in front of
+the question when the task's text has none, then the chat template is applied
+(``chat_template=`` argument, else the tokenizer's, else LLaVA-1.5's Vicuna format).
+Log-likelihood requests score exactly the continuation's tokens after the prompt and
+return, as lmms-eval's LLaVA models do (its multiple-choice scoring takes the
+smallest), the mean negative log-likelihood per continuation token and whether greedy
+decoding would produce the continuation. Unlike ``llava_hf`` this class batches,
+honours ``until`` stop strings, needs no video reader, and implements multi-round
+generation.
+
+``stats_path=FILE`` appends one JSON line per forward that carried images (image
+tokens per prompt from the processor, visual tokens handed to the language model and
+left after each decoder layer, per sample) and a summary line when lmms-eval
+finishes; :meth:`SaintLlava.pruning_summary` gives the same summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from lmms_eval.api.instance import GenerationResult, Instance
+    from lmms_eval.api.model import lmms
+    from loguru import logger
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "saint.integrations.lmms_eval needs lmms-eval: pip install 'saint[lmms]' (or pip install lmms-eval)"
+    ) from e
+
+from PIL import Image
+from tqdm import tqdm
+
+from .. import api
+from ..adapters import llava as llava_adapter
+from ..adapters.common import TokenStats, get_handle
+from . import UNPRUNED, parse_prune_settings
+
+__all__ = ["LoglikelihoodResult", "SaintLlava", "VICUNA_CHAT_TEMPLATE"]
+
+# LLaVA-1.5's conversation format (the fallback of lmms-eval's llava_hf model too).
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an artificial "
+    "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. "
+    "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% else %} ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# generation settings of lmms-eval tasks forwarded to ``generate`` (``until``,
+# ``temperature`` and ``do_sample`` are handled separately; others are ignored with a warning)
+_GEN_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "repetition_penalty", "length_penalty",
+             "no_repeat_ngram_size")
+_SAMPLE_KEYS = ("top_p", "top_k")
+_HANDLED = ("until", "temperature", "do_sample", *_GEN_KEYS, *_SAMPLE_KEYS)
+DEFAULT_MAX_NEW_TOKENS = 1024  # as lmms-eval's llava_hf when a task gives none
+
+
+class LoglikelihoodResult(tuple, GenerationResult):
+    """``(mean NLL, greedy)``: a plain 2-tuple that lmms-eval's evaluator passes through.
+
+    lmms-eval 0.7's evaluator sends every model output through
+    ``unwrap_generation_output``, which turns a ``(float, bool)`` tuple into its string
+    (so multiple-choice scoring then fails to unpack it) but hands back ``.text`` of a
+    ``GenerationResult`` unchanged; this tuple is also a ``GenerationResult`` whose
+    ``text`` is the plain tuple, so the task receives ``(nll, greedy)`` either way.
+    """
+
+    token_counts = None
+
+    def __new__(cls, nll: float, greedy: bool) -> LoglikelihoodResult:
+        return super().__new__(cls, (float(nll), bool(greedy)))
+
+    def __init__(self, nll: float, greedy: bool) -> None:  # the tuple holds the values
+        pass
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), tuple(self)
+
+    @property
+    def text(self) -> tuple[float, bool]:  # type: ignore[override]
+        return tuple(self)  # type: ignore[return-value]
+
+
+def _dtype(value: Any) -> Any:
+    if value in (None, "auto") or isinstance(value, torch.dtype):
+        return value
+    dt = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtype={value!r}: use auto, float32, float16 or bfloat16")
+    return dt
+
+
+def _default_device() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun: one model per process
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cuda"
+
+
+class SaintLlava(lmms):
+    """A LLaVA checkpoint patched once by :func:`saint.patch`, evaluated by lmms-eval.
+
+    ``pretrained``: a local directory or hub id of a ``model_type: llava`` checkpoint
+    (loaded with ``LlavaForConditionalGeneration`` and ``AutoProcessor``). ``method``:
+    ``saint`` (default), ``fastv``, ``random``, ``pool`` or ``none``; the remaining
+    keyword arguments are that method's settings (see
+    :class:`saint.adapters.llava.LlavaPruneConfig`), given as strings or values.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        method: str = "saint",
+        device: str | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        device_map: str | None = None,
+        attn_implementation: str | None = None,
+        chat_template: str | None = None,
+        use_cache: bool = True,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        stats_path: str | None = None,
+        **prune_settings: Any,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+        method = str(method).lower()
+        settings = parse_prune_settings(prune_settings)
+        if method in UNPRUNED:
+            if settings:
+                raise TypeError(f"method={method} evaluates the unpruned model and takes no settings, got {sorted(settings)}")
+            self.method: str | None = None
+        else:
+            llava_adapter.make_config(method, **settings)  # refuse bad settings before loading weights
+            self.method = method
+        self.prune_settings = settings
+        try:
+            bs = int(batch_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"batch_size={batch_size!r}: saint_llava needs a positive integer batch size") from None
+        if bs < 1 or bs != float(batch_size):
+            raise ValueError(f"batch_size={batch_size!r}: saint_llava needs a positive integer batch size")
+        self.batch_size_per_gpu = bs
+        del max_batch_size  # only meaningful with batch_size=auto, which is refused above
+
+        load_kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
+        if revision is not None:
+            load_kw["revision"] = revision
+        config = AutoConfig.from_pretrained(pretrained, **load_kw)
+        if getattr(config, "model_type", None) != "llava":
+            raise ValueError(
+                f"{pretrained}: saint_llava evaluates LLaVA checkpoints (model_type 'llava', e.g. "
+                f"llava-hf/llava-1.5-7b-hf); this one is {getattr(config, 'model_type', None)!r}"
+            )
+        model_kw = dict(load_kw, dtype=_dtype(dtype))
+        if attn_implementation is not None:
+            model_kw["attn_implementation"] = attn_implementation
+        if device_map:
+            model_kw["device_map"] = device_map
+        model = LlavaForConditionalGeneration.from_pretrained(pretrained, **model_kw).eval()
+        if not device_map:
+            model.to(device or _default_device())
+        self._device = model.device
+        self.processor = AutoProcessor.from_pretrained(pretrained, **load_kw)
+        self._tokenizer = self.processor.tokenizer
+        self._tokenizer.padding_side = "left"  # generation continues every row at its end
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self.image_token = getattr(self.processor, "image_token", "<image>")
+        template = chat_template
+        if template is not None and os.path.isfile(template):
+            template = Path(template).read_text()
+        self.chat_template = template or self._tokenizer.chat_template or VICUNA_CHAT_TEMPLATE
+        self.use_cache = bool(use_cache)
+        self.pretrained = pretrained
+        if self.method is not None:
+            api.patch(model, method=self.method, **settings)
+        self._model = model
+        self.stats_path = Path(stats_path) if stats_path else None
+        self.pruning_log: list[dict[str, Any]] = []
+        self._warned: set[str] = set()
+        logger.info(
+            f"saint_llava: {pretrained} "
+            + (f"pruned by saint.patch(method={self.method!r}, {settings})" if self.method else "unpruned (method=none)")
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._tokenizer.eos_token_id
+
+    def tok_encode(self, string: str) -> list[int]:
+        return self._tokenizer.encode(string, add_special_tokens=False)
+
+    # ------------------------------------------------------------------ prompts
+    def _doc(self, task: str, split: str, doc_id: int) -> Any:
+        return self.task_dict[task][split][doc_id]
+
+    def _visuals(self, doc_to_visual: Callable | None, doc: Any, where: str) -> list[Image.Image]:
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else None
+        return self._images(visuals, where)
+
+    @staticmethod
+    def _images(visuals: Any, where: str) -> list[Image.Image]:
+        out: list[Image.Image] = []
+        for v in visuals or []:
+            if isinstance(v, (list, tuple)):
+                out.extend(SaintLlava._images(v, where))
+            elif isinstance(v, Image.Image):
+                out.append(v.convert("RGB"))
+            elif v is not None:
+                raise ValueError(
+                    f"{where}: saint_llava takes images (PIL), this task gives {type(v).__name__} "
+                    f"({str(v)[:80]!r}); video and audio are not supported"
+                )
+        return out
+
+    def _prompt(self, context: str, n_images: int) -> str:
+        """Image tokens in front (unless the task placed them), then the chat template."""
+        if n_images and self.image_token not in context:
+            context = " ".join([self.image_token] * n_images) + "\n" + context
+        messages = [{"role": "user", "content": context}]
+        return self._tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def _encode(self, texts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        enc = self.processor(text=list(texts), images=list(images) or None, return_tensors="pt", padding=True)
+        out = {k: v.to(self.device) for k, v in enc.items()}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+        return out
+
+    # ------------------------------------------------------------------ pruning statistics
+    def _last_stats(self) -> TokenStats | None:
+        handle = get_handle(self.model)
+        return None if handle is None else handle.last_stats
+
+    def _record(self, kind: str, input_ids: torch.Tensor, before: TokenStats | None) -> None:
+        """Log the pruning of the forward that just ran (nothing when it had no image)."""
+        image_tokens = (input_ids == self.model.config.image_token_id).sum(dim=1).tolist()
+        if not any(image_tokens):
+            return
+        entry: dict[str, Any] = {"request": kind, "image_tokens": image_tokens}
+        stats = self._last_stats()
+        if stats is not None and stats is not before:
+            entry["llm_input"] = stats.tokens[0]
+            entry["llm_output"] = stats.tokens[-1]
+        self.pruning_log.append(entry)
+        if self.stats_path is not None:
+            line = dict(entry, rank=self.rank)
+            if "llm_input" in entry:
+                line.update(blocks=stats.blocks, tokens=stats.tokens)
+            self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.stats_path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def pruning_summary(self) -> dict[str, Any]:
+        """Mean image tokens per prompt (processor), visual tokens handed to the language
+        model and left after its last layer, over every forward so far, per request kind."""
+        out: dict[str, Any] = {"method": self.method or "none", "settings": _jsonable(self.prune_settings)}
+        for kind in sorted({e["request"] for e in self.pruning_log}):
+            entries = [e for e in self.pruning_log if e["request"] == kind]
+            row: dict[str, Any] = {"forwards": len(entries)}
+            for key in ("image_tokens", "llm_input", "llm_output"):
+                vals = [v for e in entries for v in e.get(key, [])]
+                if vals:
+                    row[key] = sum(vals) / len(vals)
+            row["samples"] = sum(len(e["image_tokens"]) for e in entries)
+            out[kind] = row
+        return out
+
+    def clean(self) -> None:
+        summary = self.pruning_summary()
+        logger.info(f"saint_llava pruning: {summary}")
+        if self.stats_path is not None and self.pruning_log:
+            with self.stats_path.open("a") as f:
+                f.write(json.dumps({"summary": summary, "rank": self.rank}) + "\n")
+        super().clean()
+
+    # ------------------------------------------------------------------ generation
+    def _gen_kwargs(self, gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.get("until")
+        if until is None:
+            until = []
+        elif isinstance(until, str):
+            until = [until]
+        elif not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+            raise ValueError(f"generation_kwargs until={until!r} must be a string or a list of strings")
+        eos = self._tokenizer.eos_token
+        until = [u for u in until if u and u != eos]
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        kw: dict[str, Any] = {k: gen_kwargs[k] for k in _GEN_KEYS if gen_kwargs.get(k) is not None}
+        kw.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        kw["do_sample"] = temperature > 0
+        if temperature > 0:
+            kw["temperature"] = temperature
+            kw.update({k: gen_kwargs[k] for k in _SAMPLE_KEYS if gen_kwargs.get(k) is not None})
+        ignored = sorted(set(gen_kwargs) - set(_HANDLED))
+        if ignored and str(ignored) not in self._warned:
+            self._warned.add(str(ignored))
+            logger.warning(f"saint_llava ignores generation_kwargs {ignored}")
+        if until:
+            kw["stop_strings"] = until
+            kw["tokenizer"] = self._tokenizer
+        kw.update(pad_token_id=self._tokenizer.pad_token_id, eos_token_id=self.eot_token_id, use_cache=self.use_cache)
+        return kw, until
+
+    def _generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]],
+                  gen_kwargs: dict[str, Any], kind: str) -> list[str]:
+        """Generate for a batch of prompts (each with its images), cut at ``until``."""
+        kw, until = self._gen_kwargs(gen_kwargs)
+        inputs = self._encode(prompts, [im for ims in images for im in ims])
+        before = self._last_stats()
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kw)
+        self._record(kind, inputs["input_ids"], before)
+        texts = self._tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for s in until:
+            texts = [t.split(s)[0] for t in texts]
+        return texts
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Batched generation: requests with the same generation settings share batches,
+        longest prompts first; results come back in request order."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(_key(req.args[1]), []).append(i)
+        results: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="saint_llava generate")
+        for idxs in groups.values():
+            idxs.sort(key=lambda i: -len(self.tok_encode(requests[i].args[0])))
+            for start in range(0, len(idxs), self.batch_size):
+                batch = idxs[start:start + self.batch_size]
+                prompts, images = [], []
+                for i in batch:
+                    context, _, doc_to_visual, doc_id, task, split = requests[i].args
+                    ims = self._visuals(doc_to_visual, self._doc(task, split, doc_id), f"{task}/{doc_id}")
+                    prompts.append(self._prompt(context, len(ims)))
+                    images.append(ims)
+                texts = self._generate(prompts, images, requests[batch[0]].args[1], "generate_until")
+                for i, text in zip(batch, texts, strict=True):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), text)
+                bar.update(len(batch))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """lmms-eval's multi-round protocol, one document at a time: round 0 answers the
+        task's context; each later round asks ``doc_to_text(doc, previous_output=...,
+        round_idx=..., previous_round_info=...)`` for ``(visuals, context, stop, outputs,
+        info)`` until it signals stop. Returns each document's list of round outputs."""
+        results = []
+        for req in tqdm(requests, disable=self.rank != 0, desc="saint_llava multi-round"):
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
+            doc = self._doc(task, split, doc_id)
+            where = f"{task}/{doc_id}"
+            visuals = self._visuals(doc_to_visual, doc, where)
+            outputs: list[str] = []
+            info = None
+            round_idx = 0
+            while True:
+                if round_idx > 0:
+                    visuals, context, stop, outputs, info = doc_to_text(
+                        doc, previous_output=list(outputs), round_idx=round_idx, previous_round_info=info
+                    )
+                    outputs = list(outputs)
+                    if stop:
+                        break
+                    visuals = self._images(visuals, where)
+                prompt = self._prompt(context, len(visuals))
+                outputs.append(self._generate([prompt], [visuals], gen_kwargs, "generate_until_multi_round")[0])
+                round_idx += 1
+            results.append(outputs)
+        return results
+
+    # ------------------------------------------------------------------ log-likelihood
+    def _continuation(self, req: Instance) -> tuple[str, str]:
+        context, target, _, doc_id, task, split = req.args
+        continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+        return context, str(continuation)
+
+    def _loglikelihood_row(self, req: Instance) -> tuple[list[int], int, torch.Tensor | None]:
+        """Token ids of prompt + continuation, how many trailing ids are the
+        continuation, and the pixel values of the request's images."""
+        context, continuation = self._continuation(req)
+        _, _, doc_to_visual, doc_id, task, split = req.args
+        where = f"{task}/{doc_id}"
+        images = self._visuals(doc_to_visual, self._doc(task, split, doc_id), where)
+        prompt = self._prompt(context, len(images))
+        n_space = len(prompt) - len(prompt.rstrip(" "))  # a word boundary belongs to the continuation
+        if n_space:
+            prompt, continuation = prompt[:-n_space], prompt[-n_space:] + continuation
+        enc = self.processor(text=[prompt + continuation, prompt], images=(images * 2) or None,
+                             return_tensors="pt", padding=True)
+        rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+        whole, ctx = rows
+        n = 0
+        while n < min(len(ctx), len(whole)) and ctx[n] == whole[n]:
+            n += 1
+        if n == len(whole):
+            raise ValueError(f"{where}: the continuation {continuation!r} adds no token to the prompt")
+        pixels = enc["pixel_values"][: len(images)] if images else None
+        return whole, len(whole) - n, pixels
+
+    def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
+        """Batched scoring of ``(context, continuation)`` pairs through the patched model.
+        Returns ``(mean NLL per continuation token, greedy)`` per request (lmms-eval's
+        LLaVA convention: its multiple-choice scoring picks the smallest value), as
+        :class:`LoglikelihoodResult` tuples."""
+        order = sorted(range(len(requests)), key=lambda i: -len(self.tok_encode("".join(self._continuation(requests[i])))))
+        results: list[LoglikelihoodResult | None] = [None] * len(requests)
+        pad = self._tokenizer.pad_token_id
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="saint_llava loglikelihood")
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            rows = [self._loglikelihood_row(requests[i]) for i in batch]
+            length = max(len(seq) for seq, _, _ in rows)
+            ids = torch.full((len(batch), length), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, (seq, _, _) in enumerate(rows):
+                ids[r, length - len(seq):] = torch.tensor(seq)
+                mask[r, length - len(seq):] = 1
+            inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+            pixels = [px for _, _, px in rows if px is not None]
+            if pixels:
+                inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
+            keep = max(n for _, n, _ in rows) + 1  # rows end together: only the tail is scored
+            before = self._last_stats()
+            with torch.inference_mode():
+                logits = self.model(**inputs, logits_to_keep=keep, use_cache=False).logits
+            self._record("loglikelihood", ids, before)
+            for r, (i, (_, n, _)) in enumerate(zip(batch, rows, strict=True)):
+                pred = logits[r, keep - n - 1:keep - 1].float()
+                if bool(torch.isnan(pred).any()):
+                    raise ValueError(
+                        f"request {i}: a position that predicts the continuation was pruned (the continuation "
+                        "directly follows image tokens); put text between the image and the continuation"
+                    )
+                target = ids[r, length - n:].to(pred.device)
+                logp = torch.log_softmax(pred, dim=-1).gather(1, target[:, None]).squeeze(1)
+                results[i] = LoglikelihoodResult(-logp.mean(), (pred.argmax(dim=-1) == target).all())
+                self.cache_hook.add_partial("loglikelihood", self._continuation(requests[i]), results[i])
+            bar.update(len(batch))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+
+def _key(gen_kwargs: Any) -> str:
+    return json.dumps(gen_kwargs or {}, sort_keys=True, default=str)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
