@@ -98,9 +98,10 @@ def _calibrate_variants(
     if calib_x is None or not speedups:
         raise ValueError("calibrated variants need calibration images and a speed-up grid")
     out = []
+    model = harness.release()
     for cv in calibrated:
         for sp in speedups:
-            cal = calibrate(harness.model, calib_x.to(harness.device, harness.dtype), speedup=sp,
+            cal = calibrate(model, calib_x.to(harness.device, harness.dtype), speedup=sp,
                             method=cv.method, apply=False, **cv.kwargs)
             out.append((cv, sp, cal.patch_kwargs(), cal.achieved))
     return out

@@ -36,7 +36,7 @@ Budgets (visual tokens per image after pruning, from the 576 the processor emits
   most square ``rows x cols`` grid with ``rows * cols = budget``; 192 = 16x12).
 * ``fastv``: ``fastv_ratio = (576 - budget) / 576`` at ``fastv_layer`` (FastV's K,
   default 2), so exactly ``budget`` image tokens enter layers K and later.
-* ``llm`` / ``hybrid``: SAINT's count is dynamic. ``tau`` is chosen by bisection on this
+* ``llm`` / ``hybrid``: SAINT's count is dynamic. ``tau`` is chosen by a bracketing search on this
   benchmark's own prompt and images (:func:`calibrate_tau`): the tau whose mean count
   after the last pruning layer is closest to the budget. The achieved mean is reported
   next to the budget; when the budget is below what the pruning layers can reach (each
@@ -403,16 +403,22 @@ def _image_features(model: torch.nn.Module, inputs: VlmInputs) -> Any:
     return model.get_image_features(pixel_values=inputs.pixel_values, return_dict=True)
 
 
-def calibrate_tau(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVariant, *, iters: int = 14,
+def calibrate_tau(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVariant, *, iters: int = 12,
                   history: list[tuple[float, float]] | None = None, tol: float = 0.5) -> dict[str, Any]:
     """Choose ``llm_tau`` for an ``llm``/``hybrid`` variant so that the mean visual-token
     count after the last pruning layer, on ``inputs``, is as close as possible to the budget.
 
-    Bisection on tau in [-1, 1] (higher tau, fewer edges, more tokens kept); the image
-    features are computed once (they do not depend on tau) and each step runs the
-    language model only. ``history`` (tau, count) pairs of earlier calls with the same
-    vision side narrow the bracket and are extended. Sets ``variant.kwargs['llm_tau']``
-    and ``variant.calibration``; returns the latter.
+    A bracketing search on tau in [-1, 1] (higher tau, fewer edges, more tokens kept):
+    steps alternate between linear interpolation of the count inside the bracket and
+    plain bisection, so the bracket at least halves every two steps; it stops once the
+    count is within ``tol`` of the budget or after ``iters`` steps, and keeps the tau
+    whose count was closest (ties: the smaller count). tau = -1 (every candidate
+    redundant) gives the smallest count SAINT's layers can reach; a budget below it is
+    flagged ``reachable: False``. The image features are computed once (they do not
+    depend on tau) and each step runs the language model only. ``history`` holds
+    ``(tau, count)`` pairs of earlier calls with the same vision side; they narrow the
+    bracket and are extended. Sets ``variant.kwargs['llm_tau']`` and
+    ``variant.calibration``; returns the latter.
     """
     if not variant.needs_tau or variant.kwargs is None or variant.budget is None:
         raise ValueError(f"{variant.name} has no tau to calibrate")
@@ -420,6 +426,7 @@ def calibrate_tau(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVariant
     history = [] if history is None else history
     kwargs = {k: v for k, v in variant.kwargs.items() if k != "llm_tau"}
     api.patch(model, **kwargs, llm_tau=REFERENCE_TAU)  # the tower patch (hybrid) does not depend on tau
+    upper = float(kwargs.get("vit_keep", inputs.image_tokens))  # tokens handed to the language model
     with torch.inference_mode():
         feats = _image_features(model, inputs)
 
@@ -437,11 +444,16 @@ def calibrate_tau(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVariant
             best = min(history, key=lambda h: (abs(h[1] - budget), h[1]))
             if abs(best[1] - budget) <= tol:
                 break
-            lo = max([t for t, a in history if a < budget], default=-1.0)
-            hi = min([t for t, a in history if a > budget], default=1.0)
+            below = [h for h in history if h[1] < budget]
+            above = [h for h in history if h[1] > budget]
+            lo, a_lo = max(below) if below else (-1.0, floor)
+            hi, a_hi = min(above) if above else (1.0, upper)  # tau = 1 keeps (almost) every token
             if hi - lo < 1e-6:
                 break
             tau = (lo + hi) / 2
+            if evals % 2 == 0 and a_hi > a_lo:
+                frac = (budget - a_lo) / (a_hi - a_lo)
+                tau = lo + min(max(frac, 0.05), 0.95) * (hi - lo)
             history.append((tau, count(tau)))
             evals += 1
     tau, achieved = min(history, key=lambda h: (abs(h[1] - budget), h[1]))
@@ -454,7 +466,8 @@ def calibrate_tau(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVariant
         "reachable": reachable,
         "floor": floor,
         "evaluations": evals,
-        "rule": "bisection on tau: mean visual tokens after the last pruning layer closest to the budget",
+        "rule": "bracketing search on tau (interpolation alternating with bisection): mean visual tokens "
+                "after the last pruning layer closest to the budget",
     }
     return variant.calibration
 
@@ -540,7 +553,7 @@ def profile_variant(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVaria
     handle = get_handle(model)
     pruner = getattr(handle, "pruner", None)
     saint_llm = variant.method in ("llm", "hybrid", "graph-only")
-    if saint_llm and pruner is not None:
+    if saint_llm and pruner is not None:  # time each selection call of the adapter's DecoderPruner
         pruner.schedule = {i: selection.wrap(fn) for i, fn in pruner.schedule.items()}
     lm_time: list[float] = []
 
@@ -590,13 +603,15 @@ def profile_variant(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVaria
 
 def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[VlmVariant], *,
                   device: torch.device | str, warmup: int = 1, repeats: int = 5, memory: bool = True,
-                  flops: bool = True, tau_iters: int = 14,
+                  flops: bool = True, tau_iters: int = 12,
                   progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> dict[str, Any]:
     """Calibrate tau for ``llm``/``hybrid``, time every variant round-robin, profile each
     once; returns the report's ``variants`` and ``graph_overhead`` sections."""
     if api.is_patched(model):
         raise ValueError("give run_vlm_bench an unpatched model; it patches it per variant")
     variants = list(variants)
+    if not variants or variants[0].method != "unpruned":
+        raise ValueError("the first variant must be the unpruned model (budget_variants puts it first)")
     t_start = time.perf_counter()
     histories: dict[tuple[str, Any], list[tuple[float, float]]] = {}
     to_cal = [v for v in variants if v.needs_tau]
@@ -621,8 +636,6 @@ def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[
     t_end = time.perf_counter()
     steps = len(inputs.decode_masks)
     base = results[0]
-    if base.variant.method != "unpruned":
-        raise ValueError("the first variant must be the unpruned model (budget_variants puts it first)")
     base_ttft = statistics.median(base.prefill_s)
     base_dec = statistics.median(base.decode_s)
     rows = []
@@ -679,7 +692,7 @@ def _jsonable(x: Any) -> Any:
 def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.dtype, batch_size: int = 1,
                prompt_len: int = 64, new_tokens: int = 16, budgets: Sequence[int] | None = None,
                methods: Sequence[str] = METHODS, warmup: int = 1, repeats: int = 5, memory: bool = True,
-               flops: bool = True, graph_only: bool = True, tau_iters: int = 14, seed: int = 0,
+               flops: bool = True, graph_only: bool = True, tau_iters: int = 12, seed: int = 0,
                llm_layers: tuple[int, int] | None = None, vit_layer: int | None = None,
                fastv_layer: int | None = None, hybrid_vit_keep: int | None = None,
                argv: Sequence[str] | None = None,
@@ -786,7 +799,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
         "forward (vision tower + projector + pruning + LLM + LM head on the last position)",
         "vis->LLM / vis after / vis/layer: mean visual tokens per image handed to the LLM, after its last layer, "
         "and averaged over its layers; budgets: vit/random/pool keep = budget, fastv ratio = (n - budget)/n at "
-        f"layer {s['fastv_layer']}, llm/hybrid tau by bisection on this prompt (hybrid keeps "
+        f"layer {s['fastv_layer']}, llm/hybrid tau searched on this prompt (hybrid keeps "
         f"{s['hybrid_vit_keep']} in the tower first); '(floor)': budget below what SAINT's layers can reach",
         f"KV MB: exact cache size after prefill; peak MB: {mem}; GFLOPs: prefill per prompt (matmul/attention)",
         "random weights: costs are those of the geometry, not of a trained model's outputs",

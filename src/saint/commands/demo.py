@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tome-r", type=int, default=None,
                    help="ToMe tokens merged per block (default: the r whose mean tokens per block is "
                         "closest to SAINT's)")
+    p.add_argument("--plus-speedup", type=float, default=2.0,
+                   help="also run SAINT+ (saint_plus) with tau calibrated on the photos to this FLOPs-ideal "
+                        "speed-up (default 2; 0 skips it)")
     p.add_argument("--img-size", type=int, default=224, help="input resolution, a multiple of 14 (default 224)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--batch-size", type=int, default=4, help="timing batch size (default 4)")
@@ -162,11 +165,21 @@ def run(args: argparse.Namespace) -> int:
     (tout,), _ = harness.collect([tome_v], images.records, transform, 8, bar("ToMe over the photos", len(images)))
 
     variants = [BASELINE, saint_v, tome_v]
+    outs = [ref, sout, tout]
+    if args.plus_speedup:
+        from ..calibrate import calibrate
+
+        calib_x = timing_batch(images.records, transform, len(images.records))
+        print(f"calibrating SAINT+ to {args.plus_speedup:g}x FLOPs-ideal on the photos ...")
+        cal = calibrate(harness.release(), calib_x, speedup=args.plus_speedup, method="saint_plus", apply=False)
+        plus_v = Variant(f"saint_plus (calibrated {args.plus_speedup:g}x)", "saint_plus", cal.patch_kwargs())
+        (pout,), _ = harness.collect([plus_v], images.records, transform, 8, bar("SAINT+ over the photos", len(images)))
+        variants.append(plus_v)
+        outs.append(pout)
     x = timing_batch(images.records, transform, args.batch_size)
     ms = harness.measure(variants, x, warmup=1, repeats=args.repeats, memory=False,
                          progress=bar("timing (round-robin)", 1 + args.repeats))
     costs = rows_from_measurements(ms)
-    outs = [ref, sout, tout]
     headers = ["variant", "tokens per block", "mean tok", "img/s", "speed", "GFLOPs/img", "centered cos",
                "retrieval@1"]
     rows = []

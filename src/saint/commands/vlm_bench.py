@@ -1,0 +1,132 @@
+"""``saint vlm-bench``: LLaVA time to first token, decode ms/token, KV cache and peak
+memory of the unpruned model, SAINT's vit / llm / hybrid modes and the FastV, random
+and pooling baselines at equal visual-token budgets (random weights, LLaVA-1.5's real
+vision geometry; see saint.bench.vlm for exactly what is measured)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not out:
+        raise ValueError(f"{what} is empty")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
+    """Every option of ``saint vlm-bench`` (shared with ``benchmarks/run_vlm_cpu.py``)."""
+    from ..bench.vlm import GEOMETRIES, METHODS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--geometry", default="cpu", choices=sorted(GEOMETRIES),
+                   help="cpu (default): CLIP ViT-L/14-336 + Llama 1024 hidden x 8 layers; full: LLaVA-1.5-7B "
+                        "(Llama 4096 x 32); tiny: a test-sized model. All random weights")
+    g.add_argument("--full", action="store_true", help="same as --geometry full (use a GPU, bf16/fp16)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device}: cuda if available)")
+    r.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weights and activations (default: fp32 on CPU, bf16 on GPU)")
+    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    r.add_argument("--batch-size", type=int, default=1, help="prompts per forward, one image each (default 1)")
+    r.add_argument("--prompt-len", type=int, default=64,
+                   help="text tokens per prompt, half before the image, half after (default 64)")
+    r.add_argument("--new-tokens", type=int, default=16, help="decode steps timed after the prefill (default 16)")
+    r.add_argument("--seed", type=int, default=0, help="weights, prompts and images (default 0)")
+    t = p.add_argument_group("timing")
+    t.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
+    t.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
+    t.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    t.add_argument("--no-flops", action="store_true", help="skip the FLOPs count (one extra prefill per variant)")
+    v = p.add_argument_group("variants")
+    v.add_argument("--budgets", default=None,
+                   help="visual tokens per image to keep, comma-separated (default 192,128,64 of 576, scaled "
+                        "to the geometry's patch count)")
+    v.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default all); the unpruned model "
+                        "always runs")
+    v.add_argument("--no-graph-only", action="store_true",
+                   help="skip the graph-only variant (SAINT's LLM selection run without dropping, for its overhead)")
+    v.add_argument("--llm-layers", default=None, metavar="S,E",
+                   help="SAINT's LLM pruning layers, inclusive (default: cpu 2,5; full 7,16 as the reference)")
+    v.add_argument("--vit-layer", type=int, default=None, help="tower layer of vit/hybrid pruning (default 19)")
+    v.add_argument("--fastv-layer", type=int, default=None, help="FastV's K (default 2)")
+    v.add_argument("--hybrid-vit-keep", type=int, default=None,
+                   help="patches hybrid keeps in the tower before the LLM step (default 375 of 576, scaled)")
+    v.add_argument("--tau-iters", type=int, default=12,
+                   help="tau search steps per llm/hybrid budget (default 12)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..bench.options import user_errors
+
+    p = sub.add_parser(
+        "vlm-bench",
+        help="LLaVA TTFT, decode ms/token and memory: SAINT vit/llm/hybrid vs FastV/random/pool at equal budgets",
+        description=__doc__.replace("``", ""),
+    )
+    add_arguments(p)
+    p.set_defaults(func=user_errors("vlm-bench", run))
+
+
+def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Validate the options, run the benchmark, return the report."""
+    import torch
+
+    from ..bench.harness import resolve_device, resolve_dtype
+    from ..bench.options import progress_factory
+    from ..bench.vlm import GEOMETRIES, vlm_report
+
+    geometry = GEOMETRIES["full" if args.full else args.geometry]
+    if args.full and args.geometry not in ("cpu", "full"):
+        raise ValueError(f"--full contradicts --geometry {args.geometry}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("fp32" if device.type == "cpu" else "bf16"))
+    for name in ("batch_size", "prompt_len", "new_tokens", "repeats", "tau_iters"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = None if args.budgets is None else _int_list(args.budgets, "--budgets")
+    layers = None
+    if args.llm_layers is not None:
+        vals = _int_list(args.llm_layers, "--llm-layers")
+        if len(vals) != 2:
+            raise ValueError(f"--llm-layers takes START,END (inclusive), got {args.llm_layers!r}")
+        layers = (vals[0], vals[1])
+    return vlm_report(
+        geometry, device=device, dtype=dtype, batch_size=args.batch_size, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, budgets=budgets, methods=methods, warmup=args.warmup, repeats=args.repeats,
+        memory=not args.no_memory, flops=not args.no_flops, graph_only=not args.no_graph_only,
+        tau_iters=args.tau_iters, seed=args.seed, llm_layers=layers, vit_layer=args.vit_layer,
+        fastv_layer=args.fastv_layer, hybrid_vit_keep=args.hybrid_vit_keep, argv=argv,
+        progress=progress_factory(not args.no_progress),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.vlm import format_vlm_bench
+
+    report = build_report(args)
+    print(format_vlm_bench(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
