@@ -72,15 +72,18 @@ class TokenState:
         return additive_key_mask(self.valid, self.sizes if prop_attn else None, dtype)
 
     def apply(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
-        """Merge (if planned) then keep the survivors, in their original order."""
-        if sel.merge is not None:
-            if self.sizes is None:
-                self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-            x, self.sizes = merge_weighted(x, self.sizes, sel.merge)
+        """Merge (if planned) then keep the survivors, in their original order.
+
+        A step that removes nothing merges nothing either (merge sources are exactly the
+        removed tokens), so it leaves the sequence, and the attention path, untouched."""
         if bool(sel.keep.all()):
             if self.origin is not None:
                 self.origins.append(self.origin.clone())
             return x
+        if sel.merge is not None:
+            if self.sizes is None:
+                self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+            x, self.sizes = merge_weighted(x, self.sizes, sel.merge)
         idx, valid = keep_mask_to_indices(sel.keep)
         if self.origin is not None:
             self._trace(sel, idx, valid)
