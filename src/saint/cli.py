@@ -16,13 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saint", description="Similarity-aware token pruning for ViTs and VLMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"saint.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"saint.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"saint.commands.{name}").register(sub)
     return parser
 
 
