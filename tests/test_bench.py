@@ -263,3 +263,11 @@ def test_peak_memory_sees_a_large_allocation() -> None:
             "print(peak_memory_mb(lambda: float(torch.ones(16 * 2**20).sum()), 'cpu'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert float(out.strip().splitlines()[-1]) >= 60
+
+
+def test_max_tome_r_everywhere_known_answer() -> None:
+    from saint.bench.sweep import max_tome_r_everywhere
+
+    # 256 patches, 12 blocks: r=19 leaves 47 tokens at block 11 (23 may merge); r=20 leaves 36 (18)
+    assert max_tome_r_everywhere(256, 12) == 19
+    assert max_tome_r_everywhere(16, 4) == 3

@@ -57,6 +57,14 @@ def default_tome_rs(num_patches: int, depth: int, keep_fractions: Sequence[float
     return rs
 
 
+def max_tome_r_everywhere(num_patches: int, depth: int) -> int:
+    """The largest constant r ToMe can merge in every block."""
+    r = 0
+    while _tome_feasible(num_patches, depth, r + 1):
+        r += 1
+    return r
+
+
 def _tome_feasible(num_patches: int, depth: int, r: int) -> bool:
     n = num_patches
     for _ in range(depth):
@@ -139,6 +147,12 @@ def run_sweep(
         raise ValueError(f"matched methods must be among {MATCHED_METHODS}, got {bad}")
     if not taus and not tome_rs:
         raise ValueError("nothing to sweep: give a tau grid and/or a ToMe r grid")
+    n_patches = int(harness.model.patch_embed.num_patches)
+    depth = len(harness.model.blocks)
+    bad_r = [r for r in tome_rs if not _tome_feasible(n_patches, depth, r)]
+    if bad_r:
+        raise ValueError(f"ToMe r={bad_r} cannot merge that many in every one of the {depth} blocks "
+                         f"({n_patches} patches); the feasible grid is at most r={max_tome_r_everywhere(n_patches, depth)}")
 
     def bar(desc: str, total: int) -> Callable[[int], None] | None:
         return progress(desc, total) if progress is not None else None
