@@ -121,3 +121,13 @@ def csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     w.writerow(headers)
     w.writerows(rows)
     return buf.getvalue()
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> Path:
+    """Write ``report`` as indented JSON (parent folders created); returns the path."""
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from ..bench.spec import __doc__ as SPEC_DOC
 
@@ -45,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.bench import format_bench, run_bench
     from ..bench.harness import Harness, timing_batch
     from ..bench.options import build_model, progress_factory, setup_runtime
-    from ..bench.report import environment
+    from ..bench.report import environment, write_json
     from ..bench.spec import parse_method_spec
     from ..eval.data import resolve_images
 
@@ -66,8 +64,5 @@ def run(args: argparse.Namespace) -> int:
     report = {"environment": environment(device), "model": desc, "images": images.description, **report}
     print(format_bench(report))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(report, args.json)}")
     return 0

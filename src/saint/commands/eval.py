@@ -5,8 +5,6 @@ model (centered cosine of pooled embeddings, retrieval@1, top-1 agreement) of ea
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from .bench import METHOD_HELP
 
@@ -37,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import assets
     from ..bench.harness import Harness
     from ..bench.options import build_model, progress_factory, setup_runtime
-    from ..bench.report import environment
+    from ..bench.report import environment, write_json
     from ..bench.spec import parse_method_spec
     from ..eval.data import resolve_images
     from ..eval.evaluate import evaluate, format_eval
@@ -53,8 +51,5 @@ def run(args: argparse.Namespace) -> int:
     report = {"environment": environment(device), "model": desc, **report}
     print(format_eval(report))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(report, args.json)}")
     return 0

@@ -6,9 +6,7 @@ vision geometry; see saint.bench.vlm for exactly what is measured)."""
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -120,13 +118,11 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bench.report import write_json
     from ..bench.vlm import format_vlm_bench
 
     report = build_report(args)
     print(format_vlm_bench(report))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(report, args.json)}")
     return 0
