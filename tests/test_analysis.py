@@ -351,3 +351,31 @@ def test_viz_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:
         assert f"{method}: b0=8, b1=4" in text
     with pytest.raises(SystemExit):
         cli.main(["viz", str(tmp_path / "missing.png")])
+
+
+def test_llava_language_model_statistics_over_image_tokens():
+    """The LLM part of a tiny random LLaVA: one value per decoder layer, computed on the
+    image tokens only (equal to the same statistics on those tokens taken by hand)."""
+    transformers = pytest.importorskip("transformers")
+    from saint.analysis import stats as S
+    from saint.analysis.collect import token_evolution
+
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=16, patch_size=4)
+    text = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=63)).eval()
+    ids = torch.cat([torch.randint(1, 60, (2, 3)), torch.full((2, 16), 63), torch.randint(1, 60, (2, 4))], dim=1)
+    batch = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}
+    evo = token_evolution(model, [batch], tau=0.5, k=2)
+    assert evo.blocks == ["language_model.layers.0", "language_model.layers.1", "language_model.layers.2"]
+    assert evo.values["key_cosine"].shape == (2, 3)
+    assert torch.isnan(evo.values["cls_entropy"]).all()
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    by_hand = S.mean_pairwise_cosine(hidden[2][:, 3:19])  # output of layer 1, image tokens
+    torch.testing.assert_close(evo.values["hidden_cosine"][:, 1], by_hand.cpu().double(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="processor outputs"):
+        token_evolution(model, torch.randn(2, 3, 16, 16))

@@ -6,8 +6,10 @@ block's output. Every statistic is computed inside the block's hook and only one
 value per image is kept, so memory does not grow with depth. The model is never
 modified; all hooks are removed on exit, even after an error.
 
-Supported: timm ``VisionTransformer`` (blocks with ``attn.qkv``) and Hugging Face
-CLIP / SigLIP vision towers (``encoder.layers[i].self_attn.{q,k}_proj``).
+Supported: timm ``VisionTransformer`` (blocks with ``attn.qkv``), Hugging Face
+CLIP / SigLIP vision towers (``encoder.layers[i].self_attn.{q,k}_proj``) and the
+language model of a Hugging Face LLaVA, over the image tokens only (images are then
+batches of processor outputs: dicts with ``input_ids``, ``pixel_values``, ...).
 """
 
 from __future__ import annotations
@@ -187,6 +189,53 @@ class _HFProbe(_Probe):
         self.tower(pixel_values=x)
 
 
+class _LlavaProbe(_Probe):
+    """The decoder layers of a LLaVA's language model, restricted to the image tokens
+    (found per sample from ``image_token_id``). Keys are read pre-RoPE at ``k_proj`` and
+    averaged over KV heads; the "class-token" entropy is undefined here (NaN)."""
+
+    kind = "llava-llm"
+
+    def __init__(self, model: nn.Module) -> None:
+        lm = model.model.language_model
+        self.image_token_id = int(model.config.image_token_id)
+        self.layers = []
+        for i, layer in enumerate(lm.layers):
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not hasattr(attn, "k_proj"):
+                raise TypeError(f"decoder layer {i} ({type(layer).__name__}) has no self_attn.k_proj")
+            cfg = attn.config
+            self.layers.append(_Layer(layer, attn, int(cfg.num_key_value_heads), float(attn.scaling)))
+        self.names = [f"language_model.layers.{i}" for i in range(len(self.layers))]
+        self.num_prefix = 0
+        self.has_cls = False
+        self.image_mask: torch.Tensor | None = None
+
+    def qk_hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        return [self.layers[i].attn.k_proj.register_forward_hook(_save(store, "k"))]
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """The image tokens of ``t [B, N, ...]`` as ``[B, M, ...]`` (M equal per sample)."""
+        mask = self.image_mask
+        counts = mask.sum(dim=1)
+        if int(counts.min()) != int(counts.max()) or int(counts.min()) < 2:
+            raise ValueError(f"every prompt of a batch needs the same number (>= 2) of image tokens, got {counts.tolist()}")
+        return t[mask].reshape(t.shape[0], int(counts[0]), *t.shape[2:])
+
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        k = store.pop("k")
+        b, n, c = k.shape
+        h = self.layers[i].num_heads
+        k = self.select(k).reshape(b, -1, h, c // h)
+        return k, k  # queries are not used: no class token here
+
+    def forward(self, model: nn.Module, x: Any) -> None:
+        if not isinstance(x, dict) or "input_ids" not in x:
+            raise ValueError("LLaVA analysis takes batches of processor outputs (dicts with input_ids, pixel_values)")
+        self.image_mask = x["input_ids"] == self.image_token_id
+        model(**x)
+
+
 def _probe(model: nn.Module) -> _Probe:
     try:
         from timm.models.vision_transformer import VisionTransformer
@@ -194,12 +243,15 @@ def _probe(model: nn.Module) -> _Probe:
         VisionTransformer = ()  # type: ignore[assignment,misc]
     if isinstance(model, VisionTransformer):
         return _TimmProbe(model)
+    if hasattr(getattr(model, "model", None), "language_model") and hasattr(model.config, "image_token_id"):
+        return _LlavaProbe(model)
     tower = getattr(model, "vision_model", model)
     if hasattr(getattr(tower, "encoder", None), "layers") and hasattr(tower, "embeddings"):
         return _HFProbe(model)
     raise TypeError(
         f"token analysis cannot read {type(model).__name__}; supported: timm VisionTransformer, "
-        "Hugging Face CLIP/SigLIP vision models (CLIPVisionModel, SiglipVisionModel, ...)"
+        "Hugging Face CLIP/SigLIP vision models (CLIPVisionModel, SiglipVisionModel, ...), "
+        "the language model of a Hugging Face LLaVA"
     )
 
 
@@ -214,6 +266,9 @@ def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> 
             yield images[start : start + batch_size]
     else:
         for batch in images:
+            if isinstance(batch, dict):
+                yield batch
+                continue
             if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
                 raise ValueError("each batch must be a [B, 3, H, W] tensor")
             yield batch
@@ -279,6 +334,8 @@ def token_evolution(
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             nonlocal num_tokens
             hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(probe, _LlavaProbe):
+                hidden = probe.select(hidden)
             q, kk = probe.qk(i, store)
             num_tokens = hidden.shape[1]
             values = block_statistics(
