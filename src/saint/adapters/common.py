@@ -109,6 +109,25 @@ class TokenState:
         self.origins.append(self.origin.clone())
 
 
+def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], unit: str = "block") -> None:
+    """Reject a fixed-count schedule (``r`` or ``keep`` per layer) that cannot fit ``n``
+    prunable tokens entering the first layer (the model's default image size)."""
+    for i in sorted(settings):
+        s = settings[i]
+        if "r" in s:
+            limit = n // 2 if spec.merges else n - 1
+            if s["r"] > limit:
+                raise ValueError(
+                    f"r={s['r']} at {unit} {i} is more than {spec.name} can remove there: "
+                    f"{n} prunable tokens enter it, at most {limit} can go"
+                )
+            n -= s["r"]
+        elif "keep" in s:
+            if s["keep"] > n:
+                raise ValueError(f"keep={s['keep']} at {unit} {i} exceeds the {n} prunable tokens entering it")
+            n = s["keep"]
+
+
 def keys_from_qkv(qkv: torch.Tensor, num_heads: int, k_norm: Any = None) -> torch.Tensor:
     """Head-averaged keys ``[B, N, head_dim]`` from a fused ``[B, N, 3*C]`` qkv output."""
     b, n, c3 = qkv.shape

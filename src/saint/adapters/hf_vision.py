@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config
-from .common import SAINT_ATTR, TokenState, TokenStats, get_handle
+from .common import SAINT_ATTR, TokenState, TokenStats, check_static_counts, get_handle
 
 MASKABLE_ATTENTION = ("eager", "sdpa")
 
@@ -189,7 +189,7 @@ def patch_tower(
                 f"{spec.name} with these settings passes a key mask to attention, which "
                 f"attn_implementation={impl!r} cannot take; load the model with attn_implementation='sdpa' or 'eager'"
             )
-    _check_static_counts(int(tower.embeddings.num_patches), spec, settings)
+    check_static_counts(int(tower.embeddings.num_patches), spec, settings, unit="layer")
 
     head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
     if head is not None and type(head) is not c["siglip_head"]:
@@ -231,24 +231,6 @@ def _merges_nothing(plan: Any) -> bool:
     """True for a merge plan that moves no token (empty, or every pair inactive)."""
     active = getattr(plan, "active", None)
     return plan.src.numel() == 0 or (active is not None and not bool(active.any()))
-
-
-def _check_static_counts(n: int, spec: MethodSpec, settings: dict[int, dict[str, Any]]) -> None:
-    """Reject a fixed-count schedule that cannot fit the model's default image size."""
-    for i in sorted(settings):
-        s = settings[i]
-        if "r" in s:
-            limit = n // 2 if spec.merges else n - 1
-            if s["r"] > limit:
-                raise ValueError(
-                    f"r={s['r']} at layer {i} is more than {spec.name} can remove there: "
-                    f"{n} prunable tokens enter it, at most {limit} can go"
-                )
-            n -= s["r"]
-        elif "keep" in s:
-            if s["keep"] > n:
-                raise ValueError(f"keep={s['keep']} at layer {i} exceeds the {n} prunable tokens entering it")
-            n = s["keep"]
 
 
 def _capture(handle: HFVisionPatch, i: int):

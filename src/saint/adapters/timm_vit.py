@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..methods import LayerContext, MethodConfig, MethodSpec, make_config
-from .common import SAINT_ATTR, TokenState, TokenStats, keys_from_qkv
+from .common import SAINT_ATTR, TokenState, TokenStats, check_static_counts, keys_from_qkv
 
 POOLS_WITH_PADDING = ("token", "avg", "")
 
@@ -111,22 +111,8 @@ def _capture(handle: TimmPatch, i: int):
 def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dict, protected: int) -> None:
     """Reject a fixed-count schedule that cannot fit the model's default image size."""
     n = getattr(getattr(model, "patch_embed", None), "num_patches", None)
-    if n is None:
-        return
-    for i in sorted(settings):
-        s = settings[i]
-        if "r" in s:
-            limit = n // 2 if spec.merges else n - 1
-            if s["r"] > limit:
-                raise ValueError(
-                    f"r={s['r']} at block {i} is more than {spec.name} can remove there: "
-                    f"{n} prunable tokens enter it, at most {limit} can go"
-                )
-            n -= s["r"]
-        elif "keep" in s:
-            if s["keep"] > n:
-                raise ValueError(f"keep={s['keep']} at block {i} exceeds the {n} prunable tokens entering it")
-            n = s["keep"]
+    if n is not None:
+        check_static_counts(int(n), spec, settings, unit="block")
 
 
 def _cls_attention(blk: torch.nn.Module, qkv: torch.Tensor, bias: torch.Tensor | None):
