@@ -57,13 +57,13 @@ def test_random_drop_is_seeded_and_exact_count():
 
 
 def test_saint_fold_plan_folds_dropped_into_nearest_anchor():
-    from saint.core import saint_fold_plan, saint_keep_mask
+    from saint.core import saint_fold_plan, saint_select
 
     # prefix, a0 b0 a1 b1: a0 ~ b1, a1 ~ b0; tau 0.9 k 1 drops both candidates
     metric = torch.tensor([[[0.0, -1.0], [1.0, 0.0], [0.0, 1.0], [0.05, 1.0], [1.0, 0.05]]])
-    keep = saint_keep_mask(metric, 0.9, 1, 10.0, num_protected=1)
+    keep, graph = saint_select(metric, 0.9, 1, 10.0, num_protected=1)
     assert keep.tolist() == [[True, False, True, False, True]]
-    plan = saint_fold_plan(metric, keep, num_protected=1)
+    plan = saint_fold_plan(graph, keep, num_protected=1)
     assert plan.src.tolist() == [[1, 3]]
     assert plan.dst.tolist() == [[4, 2]]
     assert plan.active.tolist() == [[True, True]]

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .adapters.common import get_handle
 from .api import patch, unpatch
-from .core.gather import EPS
+from .core import saint_graph
 from .methods import LayerContext, MethodSpec, SaintConfig, Selection, get_method, saint_metric
 
 TARGETS = ("speedup", "flops", "keep")
@@ -86,17 +85,12 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
     the candidates; the taus it chose are written into ``taus``."""
 
     def select(ctx: LayerContext, s: dict[str, Any], cfg: SaintConfig) -> Selection:
-        metric = saint_metric(ctx, cfg)[:, ctx.num_protected :]
         valid = ctx.valid[:, ctx.num_protected :] if ctx.valid is not None else None
-        m = F.normalize(metric.float(), dim=-1, eps=EPS)
-        sim = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)
-        if valid is not None:
-            sim = sim.masked_fill(~valid[:, None, 1::2], float("-inf"))
+        graph = saint_graph(saint_metric(ctx, cfg)[:, ctx.num_protected :], 1.0, 0.0, valid)
+        sim = graph.sim.masked_fill(~graph.anchor_valid[:, None, :], float("-inf"))
         k = min(s["k"], sim.shape[-1])
-        kth = sim.topk(k, dim=-1).values[..., -1]
-        if valid is not None:
-            kth = kth[valid[:, 0::2]]
-        kth = kth[torch.isfinite(kth)].flatten()
+        kth = sim.topk(k, dim=-1).values[..., -1][graph.candidate_valid]
+        kth = kth[torch.isfinite(kth)]
         if fraction <= 0 or kth.numel() == 0:
             tau = 1.0
         else:

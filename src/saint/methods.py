@@ -273,8 +273,8 @@ def _select_saint(ctx: LayerContext, s: dict[str, Any], cfg: SaintConfig) -> Sel
 
 def _select_saint_fold(ctx: LayerContext, s: dict[str, Any], cfg: SaintFoldConfig) -> Selection:
     metric = saint_metric(ctx, cfg)
-    keep = core.saint_keep_mask(metric, s["tau"], s["k"], s["gamma"], cfg.rate, ctx.num_protected, ctx.valid)
-    return Selection(keep, core.saint_fold_plan(metric, keep, ctx.num_protected, ctx.valid))
+    keep, graph = core.saint_select(metric, s["tau"], s["k"], s["gamma"], cfg.rate, ctx.num_protected, ctx.valid)
+    return Selection(keep, core.saint_fold_plan(graph, keep, ctx.num_protected))
 
 
 def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:

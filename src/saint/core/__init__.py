@@ -10,6 +10,7 @@ from .saint_drop import (
     saint_fold_plan,
     saint_graph,
     saint_keep_mask,
+    saint_select,
 )
 from .tome import MergePlan, max_tome_r, merge_weighted, tome_plan
 
@@ -30,5 +31,6 @@ __all__ = [
     "saint_fold_plan",
     "saint_graph",
     "saint_keep_mask",
+    "saint_select",
     "tome_plan",
 ]

@@ -30,6 +30,7 @@ class SaintGraph:
     score: torch.Tensor  # the paper's score
     rank_key: torch.Tensor  # monotone in score, overflow-free (log space)
     candidate_valid: torch.Tensor  # bool
+    anchor_valid: torch.Tensor  # bool [B, B']
 
 
 def saint_graph(
@@ -58,7 +59,7 @@ def saint_graph(
     rank_key = torch.where(
         has_edge, deg_f.clamp(min=1).log() + gamma * (linked_mean - tau), all_mean - 2.0
     )
-    return SaintGraph(sim, edges, degree, score, rank_key, va)
+    return SaintGraph(sim, edges, degree, score, rank_key, va, vb)
 
 
 def redundant_counts(graph: SaintGraph, k: int) -> torch.Tensor:
@@ -76,27 +77,22 @@ def drop_counts(n: torch.Tensor, rate: str) -> torch.Tensor:
     raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
 
 
-def saint_fold_plan(
-    metric: torch.Tensor, keep: torch.Tensor, num_protected: int = 0, valid: torch.Tensor | None = None
-) -> MergePlan:
-    """Fold every candidate that ``keep`` drops into its most similar anchor.
+def saint_fold_plan(graph: SaintGraph, keep: torch.Tensor, num_protected: int = 0) -> MergePlan:
+    """Fold every candidate that ``keep`` drops into its most similar anchor, reusing the
+    step's own similarity graph.
 
     Anchors always survive a SAINT step, so each dropped candidate has a surviving
     destination; rows may fold different numbers of tokens (``active`` marks them).
     """
-    b, n, _ = metric.shape
-    valid = prunable_valid(valid, b, n, metric.device)
-    m = F.normalize(metric[:, num_protected:].float(), dim=-1, eps=EPS)
-    vb = valid[:, num_protected:][:, 1::2]
-    sim = (m[:, 0::2] @ m[:, 1::2].transpose(1, 2)).masked_fill(~vb[:, None, :], float("-inf"))
-    a = sim.shape[1]
-    src = num_protected + 2 * torch.arange(a, device=metric.device).expand(b, a)
+    sim = graph.sim.masked_fill(~graph.anchor_valid[:, None, :], float("-inf"))
+    b, a = sim.shape[:2]
+    src = num_protected + 2 * torch.arange(a, device=sim.device).expand(b, a)
     dst = num_protected + 2 * sim.argmax(dim=-1) + 1
-    active = valid[:, num_protected::2][:, :a] & ~keep[:, num_protected::2][:, :a]
+    active = graph.candidate_valid & ~keep[:, num_protected::2][:, :a]
     return MergePlan(src, dst, keep, active)
 
 
-def saint_keep_mask(
+def saint_select(
     metric: torch.Tensor,
     tau: float,
     k: int,
@@ -104,8 +100,9 @@ def saint_keep_mask(
     rate: str = "sample",
     num_protected: int = 0,
     valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Bool keep mask ``[B, N]`` over all tokens of ``metric [B, N, D]``.
+) -> tuple[torch.Tensor, SaintGraph]:
+    """Bool keep mask ``[B, N]`` over all tokens of ``metric [B, N, D]``, and the graph
+    it was decided on (for callers that fold the dropped tokens).
 
     The first ``num_protected`` tokens always survive; padded tokens (``valid`` False)
     never do; anchors always survive this step.
@@ -117,4 +114,17 @@ def saint_keep_mask(
     dropped_a = drop_top_ranked(graph.rank_key, graph.candidate_valid, counts)
     keep = valid.clone()
     keep[:, num_protected::2] &= ~dropped_a
-    return keep
+    return keep, graph
+
+
+def saint_keep_mask(
+    metric: torch.Tensor,
+    tau: float,
+    k: int,
+    gamma: float,
+    rate: str = "sample",
+    num_protected: int = 0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool keep mask ``[B, N]`` of one SAINT step (see :func:`saint_select`)."""
+    return saint_select(metric, tau, k, gamma, rate, num_protected, valid)[0]
