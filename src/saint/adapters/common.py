@@ -128,6 +128,15 @@ def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], 
             n = s["keep"]
 
 
+def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """The class token's attention over all tokens, averaged over heads: ``q [B, H, D]``
+    (its query), ``k [B, N, H, D]``, ``bias`` the additive mask the layer attended with."""
+    logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * scale
+    if bias is not None:
+        logits = logits + bias[:, 0].float()
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
 def keys_from_qkv(qkv: torch.Tensor, num_heads: int, k_norm: Any = None) -> torch.Tensor:
     """Head-averaged keys ``[B, N, head_dim]`` from a fused ``[B, N, 3*C]`` qkv output."""
     b, n, c3 = qkv.shape

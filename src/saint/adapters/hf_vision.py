@@ -38,7 +38,14 @@ from typing import Any
 import torch
 
 from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config
-from .common import SAINT_ATTR, TokenState, TokenStats, check_static_counts, get_handle
+from .common import (
+    SAINT_ATTR,
+    TokenState,
+    TokenStats,
+    check_static_counts,
+    cls_attention,
+    get_handle,
+)
 
 MASKABLE_ATTENTION = ("eager", "sdpa")
 
@@ -254,10 +261,7 @@ def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k: torch.Tensor,
         b, n, c = k.shape
         h = attn.num_heads
         q = attn.q_proj(normed[:, :1]).reshape(b, h, c // h)
-        logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.reshape(b, n, h, c // h).float()) * attn.scale
-        if bias is not None:
-            logits = logits + bias[:, 0].float()
-        return logits.softmax(dim=-1).mean(dim=1)
+        return cls_attention(q, k.reshape(b, n, h, c // h), attn.scale, bias)
 
     return compute
 

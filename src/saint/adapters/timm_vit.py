@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from ..methods import LayerContext, MethodConfig, MethodSpec, make_config
-from .common import SAINT_ATTR, TokenState, TokenStats, check_static_counts, keys_from_qkv
+from .common import (
+    SAINT_ATTR,
+    TokenState,
+    TokenStats,
+    check_static_counts,
+    cls_attention,
+    keys_from_qkv,
+)
 
 POOLS_WITH_PADDING = ("token", "avg", "")
 
@@ -115,7 +122,7 @@ def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dic
         check_static_counts(int(n), spec, settings, unit="block")
 
 
-def _cls_attention(blk: torch.nn.Module, qkv: torch.Tensor, bias: torch.Tensor | None):
+def _cls_attention_of(blk: torch.nn.Module, qkv: torch.Tensor, bias: torch.Tensor | None):
     """The class token's attention over all tokens, averaged over heads (lazy)."""
 
     def compute() -> torch.Tensor:
@@ -124,10 +131,7 @@ def _cls_attention(blk: torch.nn.Module, qkv: torch.Tensor, bias: torch.Tensor |
         h = attn.num_heads
         q = attn.q_norm(qkv.reshape(b, n, 3, h, -1)[:, 0, 0])  # [B, H, D]
         k = attn.k_norm(qkv.reshape(b, n, 3, h, -1)[:, :, 1])  # [B, N, H, D]
-        logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * attn.scale
-        if bias is not None:
-            logits = logits + bias[:, 0].float()
-        return logits.softmax(dim=-1).mean(dim=1)
+        return cls_attention(q, k, attn.scale, bias)
 
     return compute
 
@@ -155,7 +159,7 @@ def _make_block_forward(handle: TimmPatch, index: int):
             keys=keys_from_qkv(qkv, self.attn.num_heads, self.attn.k_norm),
             num_protected=handle.num_protected,
             valid=state.valid,
-            cls_attention=_cls_attention(self, qkv, bias) if handle.num_protected > 0 else None,
+            cls_attention=_cls_attention_of(self, qkv, bias) if handle.num_protected > 0 else None,
             generator=handle.generator,
             tokens=x,
             layer=index,
