@@ -10,7 +10,7 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +131,22 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return out
+
+
+def write_outputs(report: dict[str, Any], prefix: str | Path, formats: Sequence[str],
+                  writers: Mapping[str, Callable[[Path], None]]) -> list[Path]:
+    """Write ``prefix.<ext>`` for each of ``formats``: ``json`` is the report itself, other
+    extensions come from ``writers[ext](path)``. Returns the paths written."""
+    prefix = Path(prefix)
+    written = []
+    for ext in formats:
+        path = prefix.with_name(prefix.name + "." + ext)
+        if ext == "json":
+            write_json(report, path)
+        elif ext in writers:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writers[ext](path)
+        else:
+            raise ValueError(f"unknown output format {ext!r}; known: json, {', '.join(writers)}")
+        written.append(path)
+    return written

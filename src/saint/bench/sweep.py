@@ -6,7 +6,6 @@ Pareto-optimal points are marked and the results written as JSON, CSV, markdown 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from ..eval.data import ImageSet
 from ..eval.evaluate import score_outputs
 from .bench import rows_from_measurements, tokens_summary
 from .harness import Harness
-from .report import csv_text, fmt, fmt_gflops, markdown_table, text_table
+from .report import csv_text, fmt, fmt_gflops, markdown_table, text_table, write_outputs
 from .spec import BASELINE, Variant, format_value, variant_label
 
 MATCHED_METHODS = ("random", "attn")
@@ -363,20 +362,8 @@ def plot_sweep(report: dict[str, Any], path: str | Path, title: str = "") -> Non
 def write_sweep(report: dict[str, Any], prefix: str | Path, title: str = "saint sweep",
                 formats: Sequence[str] = ("json", "csv", "md", "png")) -> list[Path]:
     """Write ``prefix.{json,csv,md,png}``; returns the paths written."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ext in formats:
-        path = prefix.with_name(prefix.name + "." + ext)
-        if ext == "json":
-            path.write_text(json.dumps(report, indent=2) + "\n")
-        elif ext == "csv":
-            path.write_text(sweep_csv(report))
-        elif ext == "md":
-            path.write_text(sweep_markdown(report, title))
-        elif ext == "png":
-            plot_sweep(report, path, title)
-        else:
-            raise ValueError(f"unknown output format {ext!r}")
-        written.append(path)
-    return written
+    return write_outputs(report, prefix, formats, {
+        "csv": lambda path: path.write_text(sweep_csv(report)),
+        "md": lambda path: path.write_text(sweep_markdown(report, title)),
+        "png": lambda path: plot_sweep(report, path, title),
+    })

@@ -51,7 +51,6 @@ prefill minus the unpruned prefill is the overhead of the selection.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -66,7 +65,7 @@ from .. import api
 from ..adapters.common import get_handle
 from .flops import count_flops
 from .memory import peak_memory_mb, peak_memory_method
-from .report import environment, fmt, markdown_table, text_table
+from .report import environment, fmt, markdown_table, text_table, write_outputs
 from .timing import synchronize
 
 METHODS = ("vit", "llm", "hybrid", "fastv", "random", "pool")
@@ -840,16 +839,5 @@ def markdown_vlm_bench(report: dict[str, Any], title: str = "LLaVA latency at eq
 def write_vlm_report(report: dict[str, Any], prefix: str | Path, formats: Sequence[str] = ("json", "md"),
                      title: str = "LLaVA latency at equal visual-token budgets") -> list[Path]:
     """Write ``prefix.json`` / ``prefix.md``; returns the paths written."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ext in formats:
-        path = prefix.with_name(prefix.name + "." + ext)
-        if ext == "json":
-            path.write_text(json.dumps(report, indent=2) + "\n")
-        elif ext == "md":
-            path.write_text(markdown_vlm_bench(report, title))
-        else:
-            raise ValueError(f"unknown output format {ext!r}")
-        written.append(path)
-    return written
+    return write_outputs(report, prefix, formats,
+                         {"md": lambda path: path.write_text(markdown_vlm_bench(report, title))})
