@@ -39,15 +39,6 @@ D, HIDDEN, DEPTH, CLASSES, PATCH, IMG = 32, 128, 4, 10, 8, 32
 N_PATCHES = (IMG // PATCH) ** 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_vit(**kw) -> torch.nn.Module:
     torch.manual_seed(0)
     args = dict(img_size=IMG, patch_size=PATCH, depth=DEPTH, embed_dim=D, num_heads=2, num_classes=CLASSES)

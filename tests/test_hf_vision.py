@@ -29,16 +29,6 @@ def make(kind: str, impl: str = "sdpa", seed: int = 0, projection: bool = False)
     return cls(cfg).eval()
 
 
-@pytest.fixture
-def images() -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 3, 32, 32, generator=g)
-    # images of different redundancy, so per-sample SAINT counts differ
-    x[0] = x[0].mean(dim=(1, 2), keepdim=True)
-    x[1, :, :16] = 0.5
-    return x
-
-
 # method settings that prune a known or data-dependent amount; attn needs a class token
 SETTINGS = {
     "saint": dict(tau=0.3, k=2),

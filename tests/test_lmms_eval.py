@@ -89,15 +89,6 @@ def _build_llava(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matrices: thread start-up dominates on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory, one_thread) -> Path:
     path = tmp_path_factory.mktemp("tiny_llava")
     _build_llava(path)

@@ -15,6 +15,18 @@ from .spec import parse_kwargs
 DEFAULT_MODEL = "dinov2-offline"
 
 
+def comma_list(kind: type, what: str = "numbers") -> Callable[[str], list[Any]]:
+    """An argparse ``type``: ``"a,b,c"`` -> ``[kind(a), kind(b), kind(c)]``."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
+
+
 def add_model_options(p: argparse.ArgumentParser, default_img_size: int | None = None) -> None:
     """``--model``, ``--pretrained``, ``--checkpoint``, ``--model-args``, ``--img-size``."""
     g = p.add_argument_group("model")

@@ -9,17 +9,15 @@ import argparse
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    from ..bench.options import comma_list
+
+    return comma_list(float, "numbers")(text)
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    from ..bench.options import comma_list
+
+    return comma_list(int, "integers")(text)
 
 
 DEFAULT_TAUS = "0.9,0.95,0.97,0.98,0.99"

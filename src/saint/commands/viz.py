@@ -12,10 +12,9 @@ from .analyze import add_model_args, load_model
 
 
 def _layers(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes block indices like 0,1,2; got {text!r}") from None
+    from ..bench.options import comma_list
+
+    return comma_list(int, "block indices (e.g. 0,1,2)")(text)
 
 
 def _methods(text: str) -> list[str]:

@@ -11,10 +11,12 @@ from typing import Any
 
 
 def _int_list(text: str, what: str) -> list[int]:
+    from ..bench.options import comma_list
+
     try:
-        out = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        out = comma_list(int, "integers")(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{what}: {e}") from None
     if not out:
         raise ValueError(f"{what} is empty")
     return out
