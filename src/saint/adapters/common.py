@@ -51,10 +51,12 @@ class TokenState:
     origin: torch.Tensor | None = None
     origins: list[torch.Tensor] = field(default_factory=list)
     counts: list[torch.Tensor] = field(default_factory=list)
+    _bias: dict[tuple[torch.dtype, bool], torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     def reset(self, x: torch.Tensor, trace: bool) -> None:
         self.valid = None
         self.sizes = None
+        self._bias = {}
         self.counts = []
         self.origins = []
         b, n = x.shape[:2]
@@ -69,7 +71,12 @@ class TokenState:
             self.counts.append(self.valid.sum(dim=1))
 
     def attn_bias(self, dtype: torch.dtype, prop_attn: bool) -> torch.Tensor | None:
-        return additive_key_mask(self.valid, self.sizes if prop_attn else None, dtype)
+        """The additive key mask for the current sequence, built once per pruning step
+        (blocks between two pruning steps reuse it)."""
+        key = (dtype, prop_attn)
+        if key not in self._bias:
+            self._bias[key] = additive_key_mask(self.valid, self.sizes if prop_attn else None, dtype)
+        return self._bias[key]
 
     def apply(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
         """Merge (if planned) then keep the survivors, in their original order.
@@ -80,6 +87,7 @@ class TokenState:
             if self.origin is not None:
                 self.origins.append(self.origin.clone())
             return x
+        self._bias = {}
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
