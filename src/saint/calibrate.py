@@ -2,8 +2,8 @@
 from the model's own key similarities on a few images so that the pruned model hits a
 target FLOPs fraction, FLOPs-ideal speed-up or kept-token fraction.
 
-Why: key similarity is model dependent (the paper's ``tau=0.75`` leaves 17 of 257
-tokens on DINOv2-S/14), so a fixed tau is a trap. Calibration is deterministic
+Why: key similarity is model dependent (the paper's ``tau=0.75`` halves DINOv2-S/14's
+patches in every early block regardless of content), so a fixed tau is a trap. Calibration is deterministic
 (bisection on a monotone quantity, no timing) and its result is stored in the patch
 config as explicit per-layer taus, so the pruned model is reproducible without it.
 
