@@ -1,27 +1,39 @@
-"""Model adapters: one module per model family, each with ``matches``, ``patch``
-and ``unpatch``. :func:`find_adapter` picks the one for a model."""
+"""Model adapters: one module per model family, each exporting an ``ADAPTER`` that
+implements :class:`saint.adapters.base.Adapter`. :func:`find_adapter` picks the one
+for a model; tools use only that protocol, never the model's own structure."""
 
 from __future__ import annotations
-
-from types import ModuleType
 
 import torch
 
 from . import hf_vision, llava, timm_vit
+from .base import Adapter, Grid, Handle, Probe, Site
 
-ADAPTERS: list[ModuleType] = [timm_vit, llava, hf_vision]
+ADAPTERS: list[Adapter] = [timm_vit.ADAPTER, llava.ADAPTER, hf_vision.ADAPTER]
 SUPPORTED = (
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama or Qwen2 language model)"
 )
 
+__all__ = ["ADAPTERS", "Adapter", "Grid", "Handle", "Probe", "Site", "find_adapter", "handle_of"]
 
-def find_adapter(model: torch.nn.Module) -> ModuleType:
-    """The adapter module for ``model``, or a TypeError naming what is supported."""
+
+def find_adapter(model: torch.nn.Module) -> Adapter:
+    """The adapter for ``model``, or a TypeError naming what is supported."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
-    raise TypeError(f"saint cannot patch {type(model).__name__}; supported models: {SUPPORTED}")
+    raise TypeError(f"saint cannot handle {type(model).__name__}; supported models: {SUPPORTED}")
+
+
+def handle_of(model: torch.nn.Module) -> Handle:
+    """The patch handle of a patched model, or a ValueError saying it is not patched."""
+    from .common import get_handle
+
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    return handle

@@ -38,10 +38,10 @@ from typing import Any
 import torch
 
 from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config
+from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
 from .common import (
     SAINT_ATTR,
     TokenState,
-    TokenStats,
     check_static_counts,
     cls_attention,
     get_handle,
@@ -77,7 +77,7 @@ def matches(model: torch.nn.Module) -> bool:
 
 
 @dataclass
-class HFVisionPatch:
+class HFVisionPatch(TokenStateHandle):
     """Everything a patched vision tower carries: config, resolved per-layer settings,
     the per-forward token state, the validity of every layer's output in the last
     forward, and the hooks/wrappers to remove on unpatch."""
@@ -98,10 +98,6 @@ class HFVisionPatch:
     @property
     def depth(self) -> int:
         return len(self.block_names)
-
-    def stats(self) -> TokenStats:
-        """Real tokens entering each encoder layer in the last forward, per sample."""
-        return TokenStats(self.block_names[: len(self.state.counts)], [c.tolist() for c in self.state.counts])
 
     def hidden_state_valid(self, index: int) -> torch.Tensor | None:
         """Validity ``[B, M]`` of ``hidden_states[index]`` of the last forward (HF
@@ -345,3 +341,79 @@ def _make_head_forward(handle: HFVisionPatch):
         return x[:, 0]
 
     return forward
+
+
+# ---------------------------------------------------------------------------- protocol
+class HFProbe(Probe):
+    """Queries/keys at each layer's ``self_attn.q_proj``/``k_proj``, hidden states at
+    each encoder layer's output."""
+
+    def __init__(self, tower: torch.nn.Module, sites: list[Site]) -> None:
+        self.sites = sites
+        self.has_cls = hasattr(getattr(tower, "embeddings", None), "class_embedding")
+        self.num_prefix = 1 if self.has_cls else 0
+
+    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        attn = self.sites[i].attn
+        return [
+            attn.q_proj.register_forward_hook(save_output(store, "q")),
+            attn.k_proj.register_forward_hook(save_output(store, "k")),
+        ]
+
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.sites[i].heads
+        q, k = store.pop("q"), store.pop("k")
+        b, n, c = q.shape
+        return q.reshape(b, n, h, c // h), k.reshape(b, n, h, c // h)
+
+
+class HFVision(Adapter):
+    """Hugging Face CLIP / SigLIP vision towers: sites are ``encoder.layers``."""
+
+    name = "hf_vision"
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return matches(model)
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        out = []
+        for i, layer in enumerate(_tower_of(model).encoder.layers):
+            attn = layer.self_attn
+            out.append(Site(i, f"encoder.layers.{i}", layer, attn, int(attn.num_heads), float(attn.scale)))
+        return out
+
+    def protected(self, model: torch.nn.Module) -> int:
+        return 1 if _is_clip(_tower_of(model)) else 0
+
+    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        cfg = _tower_of(model).config
+        p = int(cfg.patch_size)
+        g = int(cfg.image_size) // p
+        if inputs is not None and tuple(inputs.shape[-2:]) != (g * p, g * p):
+            raise ValueError(f"{type(model).__name__} takes {g * p}x{g * p} images, got {tuple(inputs.shape[-2:])}")
+        return Grid(g, g, (p, p))
+
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
+        layer = _tower_of(model).encoder.layers[0]
+        return vit_block_flops(n_in, n_out, int(layer.embed_dim), int(layer.mlp.fc1.out_features))
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        return HFProbe(_tower_of(model), self.sites(model))
+
+    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False,
+              **kwargs: Any) -> HFVisionPatch:
+        return patch(model, method, trace=trace, **kwargs)
+
+    def unpatch(self, model: torch.nn.Module) -> None:
+        unpatch(model)
+
+    def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        return model(pixel_values=inputs)
+
+    def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.forward(model, inputs)
+        emb = getattr(out, "image_embeds", None)
+        return (out.pooler_output if emb is None else emb), None
+
+
+ADAPTER = HFVision()

@@ -70,8 +70,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core import drop_top_ranked, gather_tokens, keep_mask_to_indices
-from ..methods import LayerContext, SaintConfig, get_method
+from ..methods import LayerContext, MethodSpec, SaintConfig, get_method
 from . import hf_llm, hf_vision
+from .base import Adapter, Grid, Handle, Probe, Site, batch_to, save_output
 from .common import SAINT_ATTR, TokenStats
 
 METHODS = ("saint", "fastv", "random", "pool")
@@ -238,9 +239,11 @@ class _Forward:
 
 
 @dataclass
-class LlavaPatch:
+class LlavaPatch(Handle):
     """A patched LLaVA: config, the decoder pruner, the vision-tower patch, the hooks,
-    and the statistics of the last forward that carried images."""
+    and the statistics of the last forward that carried images. Its sites are the
+    language model's decoder layers; ``site_tokens``/``origins`` describe the last
+    forward, when that was a prefill (a decoding step replaces them)."""
 
     config: LlavaPruneConfig
     model: torch.nn.Module
@@ -254,6 +257,49 @@ class LlavaPatch:
     last_stats: TokenStats | None = None
     kept_input: torch.Tensor | None = None  # [B, L] input positions with an output (last forward)
     expand: Any = None  # the per-instance wrapper of generate's multimodal expansion
+    trace: bool = False
+    num_protected = 0  # image tokens have no protected prefix (text is never pruned)
+
+    @property
+    def settings(self) -> dict[int, dict[str, Any]]:  # type: ignore[override]
+        """The decoder layers that prune (after which the image tokens shrink)."""
+        return {i: {} for i in sorted(self.pruner.schedule)}
+
+    @property
+    def block_names(self) -> list[str]:  # type: ignore[override]
+        return [f"language_model.layers.{i}" for i in range(len(self.pruner.layers))]
+
+    def site_tokens(self) -> list[torch.Tensor]:
+        return [s.valid.sum(dim=1) for s in self.pruner.stages]
+
+    def tokens_after(self, output: Any) -> torch.Tensor:
+        stage = self.pruner.final_stage
+        if stage is None:
+            raise RuntimeError("no prefill has run since patching; call the model first")
+        return stage.valid.sum(dim=1)
+
+    def origins(self) -> list[torch.Tensor]:
+        """Per pruning layer, the sequence slot of every image token of the last
+        prefill (``[B, image tokens]``, -1 = dropped), in prompt order."""
+        if not self.trace:
+            raise ValueError("token origins are recorded only with saint.patch(..., trace=True)")
+        stages = self.pruner.stages
+        if not stages:
+            raise RuntimeError("no prefill has run since patching; call the model first")
+        image = stages[0].image
+        counts = image.sum(dim=1)
+        if int(counts.min()) != int(counts.max()):
+            raise ValueError(f"tracing needs the same number of image tokens in every prompt, got {counts.tolist()}")
+        b, length = image.shape
+        positions = image.nonzero()[:, 1].reshape(b, int(counts[0]))
+        out = []
+        for i in self.pruning_sites:
+            stage = stages[i + 1] if i + 1 < len(stages) else self.pruner.final_stage
+            slots = torch.arange(stage.length, device=image.device).expand(b, -1)
+            where = torch.full((b, length + 1), -1, dtype=torch.long, device=image.device)
+            where.scatter_(1, torch.where(stage.valid, stage.idx, length), torch.where(stage.valid, slots, -1))
+            out.append(torch.gather(where, 1, positions))
+        return out
 
     def stats(self) -> TokenStats:
         """Visual tokens per sample in the last forward with images: handed to the
@@ -268,8 +314,17 @@ class LlavaPatch:
         return None if self.vision is None else self.vision.stats()
 
 
-def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> LlavaPatch:
-    """Patch a LLaVA model in place (see the module docstring and :func:`saint.patch`)."""
+def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+          **kwargs: Any) -> LlavaPatch:
+    """Patch a LLaVA model in place (see the module docstring and :func:`saint.patch`).
+
+    ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec` (e.g. a
+    calibration probe): it then selects the image tokens of ``mode="llm"/"hybrid"``."""
+    llm_spec = None
+    if isinstance(method, MethodSpec):
+        if not issubclass(method.config_cls, SaintConfig):
+            raise TypeError(f"LLaVA's language-model pruning takes a SAINT-family method, not {method.name!r}")
+        llm_spec, method = method, "saint"
     cfg = make_config(method, **kwargs)
     mm = model.model if isinstance(model, _llava_classes()[0]) else model
     lm = mm.language_model
@@ -290,7 +345,7 @@ def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> Llava
             settings = saint_cfg.resolve(n_layers)
         except (TypeError, ValueError) as e:
             raise type(e)(f"llm settings: {e} (llm_tau/llm_k/llm_gamma)") from None
-        schedule = {i: _saint_selector(s, saint_cfg) for i, s in settings.items()}
+        schedule = {i: _saint_selector(s, saint_cfg, llm_spec) for i, s in settings.items()}
     elif cfg.method == "fastv":
         if cfg.fastv_layer > n_layers - 1:
             raise ValueError(
@@ -307,7 +362,7 @@ def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> Llava
         _check_grid(mm, cfg)
 
     pruner = hf_llm.DecoderPruner(lm, schedule, rope_keys=cfg.llm_rope_keys, query_layers=query_layers)
-    handle = LlavaPatch(cfg, model, mm, int(mm.config.image_token_id), pruner)
+    handle = LlavaPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
     if cfg.prunes_vit:
         handle.vision = hf_vision.patch_tower(
             tower, "budget", layers=[cfg.vit_layer], keep=cfg.vit_keep, step_div=cfg.vit_step_div
@@ -391,15 +446,17 @@ def _check_grid(mm: torch.nn.Module, cfg: LlavaPruneConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- selectors
-def _saint_selector(settings: dict[str, Any], saint_cfg: SaintConfig) -> hf_llm.Selector:
-    spec = get_method("saint")
+def _saint_selector(settings: dict[str, Any], saint_cfg: SaintConfig, spec: MethodSpec | None = None
+                    ) -> hf_llm.Selector:
+    spec = spec or get_method("saint")
 
     def select(ctx: hf_llm.PruneContext) -> torch.Tensor:
         idx, valid = keep_mask_to_indices(ctx.prunable)
         if idx.shape[1] == 0:
             return ctx.valid
         metric = gather_tokens(ctx.keys(), idx)
-        keep = spec.select(LayerContext(keys=metric, num_protected=0, valid=valid), settings, saint_cfg).keep
+        layer_ctx = LayerContext(keys=metric, num_protected=0, valid=valid, layer=ctx.layer)
+        keep = spec.select(layer_ctx, settings, saint_cfg).keep
         dropped = torch.zeros_like(ctx.prunable).scatter(1, idx, valid & ~keep)
         return ~dropped
 
@@ -737,3 +794,123 @@ def _make_projector_hook(handle: LlavaPatch):
         return torch.cat([head, grid], dim=1)
 
     return hook
+
+
+# ---------------------------------------------------------------------------- protocol
+class LlavaProbe(Probe):
+    """The decoder layers of a LLaVA's language model, restricted to the image tokens
+    (found per sample from ``image_token_id``). Keys are read pre-RoPE at ``k_proj`` and
+    averaged over KV heads; there is no class token."""
+
+    num_prefix = 0
+    has_cls = False
+
+    def __init__(self, model: torch.nn.Module, sites: list[Site]) -> None:
+        self.sites = sites
+        self.image_token_id = int(model.config.image_token_id)
+        self.image_mask: torch.Tensor | None = None
+
+    def begin(self, inputs: Any) -> None:
+        self.image_mask = inputs["input_ids"] == self.image_token_id
+
+    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        return [self.sites[i].attn.k_proj.register_forward_hook(save_output(store, "k"))]
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """The image tokens of ``t [B, N, ...]`` as ``[B, M, ...]`` (M equal per sample)."""
+        mask = self.image_mask
+        counts = mask.sum(dim=1)
+        if int(counts.min()) != int(counts.max()) or int(counts.min()) < 2:
+            raise ValueError(f"every prompt of a batch needs the same number (>= 2) of image tokens, got {counts.tolist()}")
+        return t[mask].reshape(t.shape[0], int(counts[0]), *t.shape[2:])
+
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        k = store.pop("k")
+        b, n, c = k.shape
+        h = self.sites[i].heads
+        k = self.select(k).reshape(b, -1, h, c // h)
+        return k, k  # queries are not used: no class token here
+
+    def hidden(self, output: Any) -> torch.Tensor:
+        return self.select(super().hidden(output))
+
+
+def _mm(model: torch.nn.Module) -> torch.nn.Module:
+    return model.model if isinstance(model, _llava_classes()[0]) else model
+
+
+class Llava(Adapter):
+    """LLaVA: sites are the language model's decoder layers (the vision tower is an
+    :class:`~saint.adapters.hf_vision.HFVision` model of its own); inputs are
+    processor-output dicts (``input_ids``, ``pixel_values``, ``attention_mask``)."""
+
+    name = "llava"
+    tau_setting = "llm_tau"
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return matches(model)
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        lm = _mm(model).language_model
+        out = []
+        for i, layer in enumerate(lm.layers):
+            attn = layer.self_attn
+            heads = int(attn.config.num_key_value_heads)
+            out.append(Site(i, f"language_model.layers.{i}", layer, attn, heads, float(attn.scaling)))
+        return out
+
+    def protected(self, model: torch.nn.Module) -> int:
+        return 0
+
+    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        vc = _mm(model).config.vision_config
+        g, p = _grid(_mm(model)), int(vc.patch_size)
+        return Grid(g, g, (p, p))
+
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
+        """One decoder layer on ``n_in`` tokens (pruning follows the layer): q/o and the
+        grouped k/v projections, attention, and the gated MLP (3 matmuls)."""
+        cfg = _mm(model).language_model.config
+        d, inter = int(cfg.hidden_size), int(cfg.intermediate_size)
+        kv = int(cfg.num_key_value_heads) * int(getattr(cfg, "head_dim", None) or d // int(cfg.num_attention_heads))
+        return 2 * n_in * (2 * d * d + 2 * d * kv) + 4 * n_in * n_in * d + 2 * n_in * 3 * d * inter
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        return LlavaProbe(model, self.sites(model))
+
+    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> LlavaPatch:
+        return patch(model, method, trace=trace, **kwargs)
+
+    def unpatch(self, model: torch.nn.Module) -> None:
+        unpatch(model)
+
+    def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        return model(**inputs)
+
+    def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next-token logits of every prompt (its last position is never dropped)."""
+        out = self.forward(model, inputs)
+        logits = getattr(out, "logits", None)
+        return (out.last_hidden_state if logits is None else logits)[:, -1], None
+
+    def check_inputs(self, inputs: Any) -> None:
+        if not isinstance(inputs, dict) or "input_ids" not in inputs:
+            raise ValueError("LLaVA takes batches of processor outputs (dicts with input_ids, pixel_values)")
+
+    def batch_size(self, inputs: Any) -> int:
+        return int(inputs["input_ids"].shape[0])
+
+    def split(self, inputs: Any, size: int) -> Any:
+        b = self.batch_size(inputs)
+        px = inputs.get("pixel_values")
+        if px is not None and px.shape[0] != b and size < b:
+            raise ValueError(f"{px.shape[0]} images for {b} prompts: split batches need one image per prompt")
+        for start in range(0, b, size):
+            yield {k: (v[start : start + size] if isinstance(v, torch.Tensor) and v.shape[:1] == (b,) else v)
+                   for k, v in inputs.items()}
+
+    def to(self, inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        return batch_to(inputs, device, dtype)
+
+
+ADAPTER = Llava()

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ..methods import LayerContext, MethodConfig, MethodSpec, make_config
+from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
 from .common import (
     SAINT_ATTR,
     TokenState,
-    TokenStats,
     check_static_counts,
     cls_attention,
     keys_from_qkv,
@@ -43,7 +43,7 @@ def matches(model: torch.nn.Module) -> bool:
 
 
 @dataclass
-class TimmPatch:
+class TimmPatch(TokenStateHandle):
     """Everything a patched timm ViT carries: config, resolved per-layer settings,
     the per-forward token state and the hooks to remove on unpatch."""
 
@@ -57,9 +57,6 @@ class TimmPatch:
     hooks: list[Any] = field(default_factory=list)
     block_names: list[str] = field(default_factory=list)
     generator: torch.Generator | None = None
-
-    def stats(self) -> TokenStats:
-        return TokenStats(self.block_names[: len(self.state.counts)], [c.tolist() for c in self.state.counts])
 
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, **kwargs: Any) -> TimmPatch:
@@ -189,3 +186,80 @@ def _make_pool(handle: TimmPatch):
         return (x[:, start:] * w).sum(1) / w.sum(1)
 
     return pool
+
+
+# ---------------------------------------------------------------------------- protocol
+class TimmProbe(Probe):
+    """Queries/keys at each block's fused ``attn.qkv`` (after q/k norm), hidden states
+    at each block's output."""
+
+    def __init__(self, model: torch.nn.Module, sites: list[Site]) -> None:
+        self.sites = sites
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
+        self.has_cls = getattr(model, "cls_token", None) is not None
+
+    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        return [self.sites[i].attn.qkv.register_forward_hook(save_output(store, "qkv"))]
+
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.sites[i].attn
+        qkv = store.pop("qkv")
+        b, n, c3 = qkv.shape
+        h = self.sites[i].heads
+        q, k, _ = qkv.reshape(b, n, 3, h, c3 // (3 * h)).unbind(2)
+        return attn.q_norm(q), attn.k_norm(k)
+
+
+class TimmViT(Adapter):
+    """timm ``VisionTransformer``: sites are ``model.blocks``."""
+
+    name = "timm_vit"
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return matches(model)
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        out = []
+        for i, blk in enumerate(model.blocks):
+            attn = getattr(blk, "attn", None)
+            if not isinstance(getattr(attn, "qkv", None), torch.nn.Linear) or not hasattr(attn, "num_heads"):
+                raise TypeError(
+                    f"block {i} ({type(blk).__name__}) has no fused attn.qkv projection; "
+                    "saint supports timm ViT blocks with Attention(qkv)"
+                )
+            out.append(Site(i, f"blocks.{i}", blk, attn, int(attn.num_heads), float(attn.scale)))
+        return out
+
+    def protected(self, model: torch.nn.Module) -> int:
+        return int(getattr(model, "num_prefix_tokens", 0))
+
+    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        pe = model.patch_embed
+        ph, pw = (int(v) for v in pe.patch_size)
+        if inputs is None or not getattr(pe, "dynamic_img_size", False):
+            gh, gw = (int(v) for v in pe.grid_size)
+        else:
+            gh, gw = int(inputs.shape[-2]) // ph, int(inputs.shape[-1]) // pw
+        return Grid(gh, gw, (ph, pw))
+
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
+        blk = model.blocks[0]
+        return vit_block_flops(n_in, n_out, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features)
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        return TimmProbe(model, self.sites(model))
+
+    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> TimmPatch:
+        return patch(model, method, trace=trace, **kwargs)
+
+    def unpatch(self, model: torch.nn.Module) -> None:
+        unpatch(model)
+
+    def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        emb = model.forward_head(model.forward_features(inputs), pre_logits=True)
+        if int(getattr(model, "num_classes", 0) or 0) <= 0:
+            return emb, None
+        return emb, model.get_classifier()(emb)
+
+
+ADAPTER = TimmViT()

@@ -1,0 +1,234 @@
+"""The adapter protocol: the only place that knows a model family's structure.
+
+Tools (``calibrate``, the bench harness, FLOPs, ``analyze``, ``viz``, ``demo``) ask an
+:class:`Adapter` and a :class:`Handle` and never the model, so a new family is one
+adapter file that every tool then understands. An adapter describes a model without
+changing it (sites, protected prefix, patch grid, FLOPs, capture points) and patches /
+unpatches it; a handle is what a patched model carries, with public fields only.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .common import TokenStats
+
+Inputs = Any  # a [B, 3, H, W] image batch, or a dict of processor outputs (VLMs)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One block (ViT block, encoder layer, decoder layer) that tokens enter; pruning
+    happens inside or right after it. ``heads``: the heads its keys are averaged over
+    (KV heads for grouped-query attention); ``scale``: its attention scale."""
+
+    index: int
+    name: str
+    block: nn.Module
+    attn: nn.Module
+    heads: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The patch grid of one image: ``rows x cols`` patches of ``patch`` pixels."""
+
+    rows: int
+    cols: int
+    patch: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.rows * self.cols
+
+
+def vit_block_flops(n_attn: float, n_mlp: float, dim: int, mlp_hidden: int) -> float:
+    """FLOPs of one ViT block (multiply-add = 2 FLOPs): qkv + proj + attention on
+    ``n_attn`` tokens, the MLP on ``n_mlp`` tokens (pruning sits between the two)."""
+    return 2 * n_attn * 4 * dim * dim + 4 * n_attn * n_attn * dim + 2 * n_mlp * 2 * dim * mlp_hidden
+
+
+class Handle(abc.ABC):
+    """What a patched model carries. Public fields every handle has:
+
+    ``config`` the method's config, ``settings`` ``{site index: per-layer settings}`` of
+    the pruning sites, ``num_protected`` the prefix never pruned, ``trace`` whether
+    token origins are recorded, ``block_names`` one name per site."""
+
+    config: Any
+    settings: dict[int, dict[str, Any]]
+    num_protected: int
+    trace: bool
+    block_names: list[str]
+
+    @abc.abstractmethod
+    def stats(self) -> TokenStats:
+        """Tokens per block in the last forward, per sample (what ``saint.stats`` shows)."""
+
+    @property
+    def pruning_sites(self) -> list[int]:
+        """Indices of the sites that prune, in order."""
+        return sorted(self.settings)
+
+    @abc.abstractmethod
+    def site_tokens(self) -> list[torch.Tensor]:
+        """Real tokens ``[B]`` entering each site that ran in the last forward."""
+
+    @abc.abstractmethod
+    def tokens_after(self, output: Any) -> torch.Tensor:
+        """Real tokens ``[B]`` in ``output``, the output of the last site that ran."""
+
+    @abc.abstractmethod
+    def origins(self) -> list[torch.Tensor]:
+        """With ``trace``: per pruning site, the sequence position of every original
+        token after it (``[B, N0]``, -1 = dropped; equal positions = merged)."""
+
+
+class Probe(abc.ABC):
+    """Capture points of an unpatched model, for statistics: the queries/keys where
+    they are projected and each site's hidden state, over the prunable span."""
+
+    sites: list[Site]
+    num_prefix: int
+    has_cls: bool
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    @abc.abstractmethod
+    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        """Register the hooks that put site ``i``'s projections into ``store``."""
+
+    @abc.abstractmethod
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys ``[B, N, H, D]`` (after any q/k norm) of site ``i``."""
+
+    def hidden(self, output: Any) -> torch.Tensor:
+        """A site's output hidden states ``[B, N, C]`` over the analysed span."""
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def begin(self, inputs: Inputs) -> None:
+        """Called with every batch before the forward (e.g. to find image tokens)."""
+        return None
+
+
+def save_output(store: dict[str, torch.Tensor], key: str):
+    """A forward hook that stores its module's output under ``key``."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        store[key] = output
+
+    return hook
+
+
+class Adapter(abc.ABC):
+    """One model family. ``name`` identifies it; ``tau_setting`` is the keyword that
+    carries SAINT's per-site tau in :meth:`patch` (what calibration sets)."""
+
+    name: str = ""
+    tau_setting: str = "tau"
+
+    @abc.abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model``."""
+
+    @abc.abstractmethod
+    def sites(self, model: nn.Module) -> list[Site]:
+        """The blocks tokens flow through, in order (the ones that can prune)."""
+
+    @abc.abstractmethod
+    def protected(self, model: nn.Module) -> int:
+        """Prefix tokens that are never pruned (class, distillation, register tokens)."""
+
+    @abc.abstractmethod
+    def grid(self, model: nn.Module, inputs: Inputs | None = None) -> Grid:
+        """The patch grid of the images ``inputs`` (the model's default size when None)."""
+
+    @abc.abstractmethod
+    def block_flops(self, model: nn.Module, n_in: float, n_out: float) -> float:
+        """FLOPs of one site with ``n_in`` tokens entering and ``n_out`` leaving it."""
+
+    @abc.abstractmethod
+    def probe(self, model: nn.Module) -> Probe:
+        """Capture points of the (unpatched) model, for token statistics."""
+
+    @abc.abstractmethod
+    def patch(self, model: nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> Handle:
+        """Patch ``model`` in place (see :func:`saint.patch`)."""
+
+    @abc.abstractmethod
+    def unpatch(self, model: nn.Module) -> None:
+        """Undo :meth:`patch`: the model computes exactly what it did before."""
+
+    # --- running the model: image batches by default; VLM adapters take processor dicts
+    def forward(self, model: nn.Module, inputs: Inputs) -> Any:
+        """One forward of ``model`` on a batch."""
+        return model(inputs)
+
+    def embed(self, model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pooled embedding ``[B, D]`` of a batch, and logits ``[B, C]`` for classifiers."""
+        out = self.forward(model, inputs)
+        return out, None
+
+    def check_inputs(self, inputs: Inputs) -> None:
+        """Raise a clear error unless ``inputs`` is a batch this family takes."""
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or inputs.shape[0] < 1:
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"images must be a [N, 3, H, W] batch, got {shape}")
+
+    def batch_size(self, inputs: Inputs) -> int:
+        return int(inputs.shape[0])
+
+    def split(self, inputs: Inputs, size: int) -> Iterator[Inputs]:
+        """``inputs`` in batches of at most ``size``."""
+        n = self.batch_size(inputs)
+        for start in range(0, n, size):
+            yield inputs[start : start + size]
+
+    def to(self, inputs: Inputs, device: torch.device, dtype: torch.dtype) -> Inputs:
+        """A batch on ``device``, floating-point tensors in ``dtype``."""
+        return inputs.to(device=device, dtype=dtype)
+
+
+def batch_to(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """A processor-output dict on ``device``, with its floating tensors in ``dtype``."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device)
+        out[k] = v
+    return out
+
+
+class TokenStateHandle(Handle):
+    """A handle whose per-forward state is a :class:`~saint.adapters.common.TokenState`
+    (``self.state``): the ViT adapters."""
+
+    state: Any
+
+    def stats(self) -> TokenStats:
+        counts = self.state.counts
+        return TokenStats(self.block_names[: len(counts)], [c.tolist() for c in counts])
+
+    def site_tokens(self) -> list[torch.Tensor]:
+        return list(self.state.counts)
+
+    def tokens_after(self, output: Any) -> torch.Tensor:
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        valid = self.state.valid
+        if valid is not None:
+            return valid.sum(dim=1)
+        return torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.long, device=hidden.device)
+
+    def origins(self) -> list[torch.Tensor]:
+        if not self.trace:
+            raise ValueError("token origins are recorded only with saint.patch(..., trace=True)")
+        return list(self.state.origins)
