@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .adapters.common import get_handle
+from .adapters import Adapter, find_adapter, handle_of
+from .adapters.base import vit_block_flops
 from .api import patch, unpatch
 from .core import saint_graph
 from .methods import LayerContext, MethodSpec, SaintConfig, Selection, get_method, saint_metric
@@ -48,9 +49,10 @@ class Calibration:
     num_images: int
     iterations: int
     history: list[tuple[float, float]] = field(default_factory=list)
+    tau_setting: str = "tau"  # the patch keyword that carries tau (LLaVA: "llm_tau")
 
     def patch_kwargs(self) -> dict[str, Any]:
-        return {**self.settings, "tau": dict(self.tau)}
+        return {**self.settings, self.tau_setting: dict(self.tau)}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -60,24 +62,20 @@ class _StopForward(Exception):
     """Raised after the last pruning layer: later blocks cannot change token counts."""
 
 
-def block_flops(n_attn: float, n_mlp: float, dim: int, mlp_hidden: int) -> float:
-    """FLOPs of one ViT block (multiply-add = 2 FLOPs): qkv + proj + attention on
-    ``n_attn`` tokens, the MLP on ``n_mlp`` tokens (pruning sits between the two)."""
-    return 2 * n_attn * 4 * dim * dim + 4 * n_attn * n_attn * dim + 2 * n_mlp * 2 * dim * mlp_hidden
+block_flops = vit_block_flops  # FLOPs of one ViT block (kept under its old name)
 
 
 def flops_fraction(model: torch.nn.Module, tokens: Sequence[float]) -> float:
-    """Analytic FLOPs of the blocks with ``tokens[i]`` entering block i, relative to
-    no pruning (``tokens[0]`` everywhere). Patch embedding and head are ignored."""
-    blocks = list(model.blocks)
-    dim = blocks[0].norm1.normalized_shape[0]
-    hidden = blocks[0].mlp.fc1.out_features
+    """Analytic FLOPs of the sites with ``tokens[i]`` entering site i, relative to
+    no pruning (``tokens[0]`` everywhere), from the model's adapter. Patch embedding
+    and head are ignored."""
+    adapter = find_adapter(model)
     n0 = tokens[0]
     pruned = sum(
-        block_flops(tokens[i], tokens[i + 1] if i + 1 < len(tokens) else tokens[i], dim, hidden)
+        adapter.block_flops(model, tokens[i], tokens[i + 1] if i + 1 < len(tokens) else tokens[i])
         for i in range(len(tokens))
     )
-    return pruned / (len(tokens) * block_flops(n0, n0, dim, hidden))
+    return pruned / (len(tokens) * adapter.block_flops(model, n0, n0))
 
 
 def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -> MethodSpec:
@@ -102,34 +100,36 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
     return dataclasses.replace(base, name=f"{base.name}-calibration", select=select)
 
 
-def _measure(model: torch.nn.Module, images: torch.Tensor, batch_size: int, last_layer: int) -> list[float]:
-    """Mean tokens entering each block over ``images``; blocks after the last pruning
-    layer are not run (their counts equal the count entering ``last_layer + 1``)."""
-    depth = len(model.blocks)
-    stop_at = last_layer + 1
-    hook = None
-    if stop_at < depth:
-        def stop(module: torch.nn.Module, args: Any) -> None:
-            get_handle(model).state.record(args[0])
-            raise _StopForward
+def _measure(adapter: Adapter, model: torch.nn.Module, inputs: Any, batch_size: int, last_layer: int
+             ) -> list[float]:
+    """Mean tokens entering each site over ``inputs``; sites after the last pruning
+    one are not run (their counts equal the count leaving ``last_layer``)."""
+    sites = adapter.sites(model)
+    depth = len(sites)
+    after: list[torch.Tensor] = []
 
-        hook = model.blocks[stop_at].register_forward_pre_hook(stop)
+    def stop(module: torch.nn.Module, args: Any, output: Any) -> None:
+        after.append(handle_of(model).tokens_after(output))
+        raise _StopForward
+
+    hook = sites[last_layer].block.register_forward_hook(stop) if last_layer + 1 < depth else None
     totals = torch.zeros(depth, dtype=torch.float64)
     try:
         with torch.no_grad():
-            for start in range(0, images.shape[0], batch_size):
+            for batch in adapter.split(inputs, batch_size):
+                after.clear()
                 try:
-                    model(images[start : start + batch_size])
+                    adapter.forward(model, batch)
                 except _StopForward:
                     pass
-                counts = get_handle(model).state.counts
-                per_block = [float(c.sum()) for c in counts[: stop_at + 1]]
+                counts = handle_of(model).site_tokens()[: last_layer + 1] + after
+                per_block = [float(c.sum()) for c in counts]
                 per_block += [per_block[-1]] * (depth - len(per_block))
                 totals += torch.tensor(per_block, dtype=torch.float64)
     finally:
         if hook is not None:
             hook.remove()
-    return (totals / images.shape[0]).tolist()
+    return (totals / adapter.batch_size(inputs)).tolist()
 
 
 def calibrate(
@@ -145,14 +145,19 @@ def calibrate(
     max_iter: int = 30,
     batch_size: int = 32,
     apply: bool = True,
+    patch_settings: dict[str, Any] | None = None,
     **settings: Any,
 ) -> Calibration:
     """Choose tau for ``method`` ("saint" or "saint_fold") so the pruned model hits one
-    target on ``images``: ``speedup`` (FLOPs-ideal, = 1 / FLOPs fraction), ``flops``
+    target on ``images`` (a ``[N, 3, H, W]`` batch; for LLaVA a processor-output dict,
+    calibrating ``llm_tau`` of ``mode="llm"``/``"hybrid"``): ``speedup`` (FLOPs-ideal, = 1 / FLOPs fraction), ``flops``
     (fraction of the unpruned block FLOPs) or ``keep`` (mean fraction of tokens
     entering each block). Other settings (``k``, ``gamma``, ``layers``, ``rate`` ...)
-    are passed through. With ``apply`` the model is left patched with the result.
+    are passed through; ``patch_settings`` passes settings whose names are taken here
+    (LLaVA's ``mode``: ``patch_settings={"mode": "llm"}``). With ``apply`` the model is
+    left patched with the result.
     """
+    settings = {**(patch_settings or {}), **settings}
     given = {"speedup": speedup, "flops": flops, "keep": keep}
     chosen = [(k, v) for k, v in given.items() if v is not None]
     if len(chosen) != 1:
@@ -167,10 +172,12 @@ def calibrate(
     spec = get_method(method)
     if not issubclass(spec.config_cls, SaintConfig):
         raise ValueError(f"calibration picks tau; method {method!r} has none (use 'saint' or 'saint_fold')")
-    if "tau" in settings:
-        raise ValueError("calibration chooses tau itself; do not pass tau")
-    if images.dim() != 4 or images.shape[0] < 1:
-        raise ValueError(f"images must be a [N, 3, H, W] batch, got shape {tuple(images.shape)}")
+    adapter = find_adapter(model)
+    tau_name = adapter.tau_setting
+    if tau_name in settings:
+        raise ValueError(f"calibration chooses {tau_name} itself; do not pass {tau_name}")
+    adapter.check_inputs(images)
+    num_images = adapter.batch_size(images)
     goal = 1.0 / value if target == "speedup" else value
 
     def quantity(tokens: list[float]) -> float:
@@ -179,13 +186,13 @@ def calibrate(
     def run(x: float) -> tuple[float, dict[int, float]]:
         """Patch for bisection point ``x``; return the quantity and the taus used."""
         if mode == "global":
-            patch(model, method, **settings, tau=x)
-            taus = dict.fromkeys(get_handle(model).settings, x)
-            return quantity(_measure(model, images, batch_size, max(taus))), taus
+            patch(model, method, **settings, **{tau_name: x})
+            taus = dict.fromkeys(handle_of(model).pruning_sites, x)
+            return quantity(_measure(adapter, model, images, batch_size, max(taus))), taus
         taus = {}
         patch(model, _quantile_probe(spec, 1.0 - x, taus), **settings)
         # one batch: each layer's quantile is taken over the whole calibration set
-        q = quantity(_measure(model, images, images.shape[0], max(get_handle(model).settings)))
+        q = quantity(_measure(adapter, model, images, num_images, max(handle_of(model).pruning_sites)))
         return q, taus
 
     history: list[tuple[float, float]] = []
@@ -209,11 +216,11 @@ def calibrate(
     assert best is not None
     taus = {int(k): float(v) for k, v in best[2].items()}
     # measure the fixed taus (what the user will run), then patch or restore
-    patch(model, method, **settings, tau=taus)
-    tokens = _measure(model, images, batch_size, max(taus))
+    patch(model, method, **settings, **{tau_name: taus})
+    tokens = _measure(adapter, model, images, batch_size, max(taus))
     achieved_q = quantity(tokens)
     achieved = 1.0 / achieved_q if target == "speedup" else achieved_q
-    handle = get_handle(model)
+    handle = handle_of(model)
     result = Calibration(
         method=method,
         mode=mode,
@@ -222,9 +229,10 @@ def calibrate(
         achieved=float(achieved),
         tau=taus,
         settings=dict(settings),
-        num_images=int(images.shape[0]),
+        num_images=num_images,
         iterations=len(history),
         history=history,
+        tau_setting=tau_name,
     )
     if apply:
         handle.calibration = result

@@ -2,8 +2,8 @@
 draw a grid (rows: methods, columns: pruning blocks).
 
 Tracing uses ``saint.patch(model, method, trace=True)``: after a forward, the patch
-handle's ``state.origins`` holds, per pruning block, the current sequence position
-of every original token (-1 when dropped). Patches sharing a position were merged
+handle's ``origins()`` gives, per pruning block, the current sequence position of
+every original token (-1 when dropped); the model's adapter gives the patch grid. Patches sharing a position were merged
 (ToMe) and are painted with their group's mean colour, as in ToMe's own figures.
 Random and class-attention drop are run at SAINT's per-block counts on the same
 image, and ToMe merges the same number, so every row removes as many tokens.
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..adapters import find_adapter, handle_of
 from ..adapters.common import get_handle
 from ..api import patch, unpatch
 
@@ -46,16 +47,16 @@ class KeptMap:
         return [int(np.unique(g[g >= 0]).size) for g in self.groups]
 
 
-def _grid(model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    pe = getattr(model, "patch_embed", None)
-    if pe is None or getattr(pe, "grid_size", None) is None:
-        raise TypeError(f"{type(model).__name__} has no patch_embed.grid_size; viz supports timm ViTs")
-    gh, gw = (int(v) for v in pe.grid_size)
-    ph, pw = (int(v) for v in pe.patch_size)
-    return (gh, gw), (ph, pw)
+def _grid(model: nn.Module, x: Any = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    g = find_adapter(model).grid(model, x)
+    return (g.rows, g.cols), g.patch
 
 
-def _single(x: torch.Tensor) -> torch.Tensor:
+def _single(x: Any) -> Any:
+    if isinstance(x, dict):  # one processor output (VLMs)
+        if x["input_ids"].shape[0] != 1:
+            raise ValueError(f"expected one prompt, got a batch of {x['input_ids'].shape[0]}")
+        return x
     if x.dim() == 3:
         x = x[None]
     if x.dim() != 4 or x.shape[0] != 1:
@@ -64,19 +65,21 @@ def _single(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trace_kept(model: nn.Module, x: torch.Tensor, method: str, **settings: Any) -> KeptMap:
-    """Run ``model`` on one image patched with ``method`` (``settings`` as for
-    :func:`saint.patch`) and return where each patch went; the model is unpatched after."""
+def trace_kept(model: nn.Module, x: Any, method: str, **settings: Any) -> KeptMap:
+    """Run ``model`` on one image (for a VLM: one processor output) patched with
+    ``method`` (``settings`` as for :func:`saint.patch`) and return where each patch
+    went; the model is unpatched after."""
     if get_handle(model) is not None:
         raise ValueError("the model is already patched by saint; unpatch it before tracing")
+    adapter = find_adapter(model)
     x = _single(x)
-    (gh, gw), _ = _grid(model)
+    (gh, gw), _ = _grid(model, x if isinstance(x, torch.Tensor) else None)
     patch(model, method, trace=True, **settings)
     try:
-        handle = get_handle(model)
-        model(x)
-        layers = sorted(handle.settings)
-        origins = handle.state.origins
+        handle = handle_of(model)
+        adapter.forward(model, x)
+        layers = handle.pruning_sites
+        origins = handle.origins()
         prefix = int(handle.num_protected)
     finally:
         unpatch(model)
@@ -128,7 +131,7 @@ def compare_methods(
     if unknown:
         raise ValueError(f"viz compares {sorted(ROW_LABELS)}; got {unknown}")
     x = _single(x)
-    (gh, gw), _ = _grid(model)
+    (gh, gw), _ = _grid(model, x if isinstance(x, torch.Tensor) else None)
     ref = trace_kept(model, x, "saint", **dict(saint_settings or {}))
     drops = matched_drops(ref.kept, gh * gw)
     out = []

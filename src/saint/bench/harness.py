@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import api
+from ..adapters import find_adapter, handle_of
 from ..assets import ImageRecord
 from ..eval.data import iter_batches
 from .flops import count_flops
@@ -81,11 +82,7 @@ class Harness:
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.active: Variant | None = None
-        self._check_variant_support()
-
-    def _check_variant_support(self) -> None:
-        if not hasattr(self.model, "blocks"):
-            raise TypeError(f"{type(self.model).__name__} has no .blocks; the harness measures timm ViTs")
+        self.adapter = find_adapter(model)
 
     @property
     def num_classes(self) -> int:
@@ -108,9 +105,13 @@ class Harness:
         self.active = None
         return self.model
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: Any) -> Any:
         """Move an input batch to the harness's device and dtype."""
-        return x.to(device=self.device, dtype=self.dtype)
+        return self.adapter.to(x, self.device, self.dtype)
+
+    def forward(self, x: Any) -> Any:
+        """One forward of the active variant on a prepared batch."""
+        return self.adapter.forward(self.model, x)
 
     # --- one forward -------------------------------------------------------------------
     def _block_tokens_hooked(self, fn: Callable[[], Any]) -> tuple[Any, list[list[int]]]:
@@ -120,7 +121,7 @@ class Harness:
             x = args[0]
             counts.append([int(x.shape[1])] * int(x.shape[0]))
 
-        hooks = [b.register_forward_pre_hook(pre) for b in self.model.blocks]
+        hooks = [site.block.register_forward_pre_hook(pre) for site in self.adapter.sites(self.model)]
         try:
             out = fn()
         finally:
@@ -133,25 +134,15 @@ class Harness:
         entering each block, per sample."""
         if api.is_patched(self.model):
             out = fn()
-            return out, [list(t) for t in api.stats(self.model).tokens]
+            return out, [t.tolist() for t in handle_of(self.model).site_tokens()]
         return self._block_tokens_hooked(fn)
 
     def embed(self, x: torch.Tensor, count: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[int]], int | None]:
         """Pooled embedding (pre-logits), logits (classifiers only), tokens per block and,
         with ``count``, the FLOPs of this forward (one pass either way)."""
-        m = self.model
-
         def fwd() -> tuple[torch.Tensor, torch.Tensor | None]:
-            if hasattr(m, "forward_features") and hasattr(m, "forward_head"):
-                emb = m.forward_head(m.forward_features(x), pre_logits=True)
-                if self.num_classes <= 0:
-                    return emb, None
-                head = m.get_classifier() if hasattr(m, "get_classifier") else None
-                if not isinstance(head, torch.nn.Module):
-                    raise TypeError(f"{type(m).__name__} has classes but no get_classifier() module")
-                return emb, head(emb)
-            return m(x), None
+            return self.adapter.embed(self.model, x)
 
         flops = None
         with torch.inference_mode():
@@ -206,7 +197,7 @@ class Harness:
     def _flops_and_tokens(self, x: torch.Tensor) -> tuple[int, list[list[int]]]:
         """FLOPs of the active variant on ``x`` and its tokens per block, in one forward."""
         seen: list[list[list[int]]] = []
-        flops, _ = count_flops(lambda: seen.append(self.run(lambda: self.model(x))[1]))
+        flops, _ = count_flops(lambda: seen.append(self.run(lambda: self.forward(x))[1]))
         return flops, seen[0]
 
     def measure(
@@ -222,21 +213,20 @@ class Harness:
         """FLOPs, tokens and peak memory of each variant on batch ``x``, then
         round-robin timing of all variants (``repeats=0`` skips timing)."""
         x = self.prepare(x)
-        b = x.shape[0]
-        model = self.model
+        b = self.adapter.batch_size(x)
         results = []
         for v in variants:
             self.activate(v)
             with torch.inference_mode():
                 flops, tokens = self._flops_and_tokens(x)
-                mem = peak_memory_mb(lambda: model(x), self.device) if memory else None
+                mem = peak_memory_mb(lambda: self.forward(x), self.device) if memory else None
             mean = [sum(t) / len(t) for t in tokens]
             results.append(Measurement(v, None, flops / b, mean, mem))
         if repeats > 0:
             def setup(v: Variant) -> Callable[[], Callable[[], object]]:
                 def prepare() -> Callable[[], object]:
                     self.activate(v)
-                    return lambda: model(x)
+                    return lambda: self.forward(x)
 
                 return prepare
 

@@ -91,7 +91,7 @@ def _pruning_layers(harness: Harness, variant: Variant) -> list[int]:
     from ..methods import make_config
 
     _, cfg = make_config(variant.method, **variant.kwargs)
-    return sorted(cfg.resolve(len(harness.model.blocks)))
+    return sorted(cfg.resolve(len(harness.adapter.sites(harness.model))))
 
 
 def _calibrate_variants(
@@ -146,8 +146,8 @@ def run_sweep(
         raise ValueError(f"matched methods must be among {MATCHED_METHODS}, got {bad}")
     if not taus and not tome_rs:
         raise ValueError("nothing to sweep: give a tau grid and/or a ToMe r grid")
-    n_patches = int(harness.model.patch_embed.num_patches)
-    depth = len(harness.model.blocks)
+    n_patches = harness.adapter.grid(harness.model).num_patches
+    depth = len(harness.adapter.sites(harness.model))
     bad_r = [r for r in tome_rs if not _tome_feasible(n_patches, depth, r)]
     if bad_r:
         raise ValueError(f"ToMe r={bad_r} cannot merge that many in every one of the {depth} blocks "

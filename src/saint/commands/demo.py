@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..adapters import find_adapter
+
 DEMO_TAU = 0.97
 """Default SAINT threshold for the demo's DINOv2 ViT-S/14 (see ``TAU_NOTE``)."""
 
@@ -77,22 +79,13 @@ def kept_patches(model: torch.nn.Module, x: torch.Tensor, settings: dict[str, An
     """Patch a model with ``trace=True``, run one image ``x [1,3,H,W]`` and return the pruning
     blocks and ``kept [L, grid_h, grid_w]`` bool: which original patches are still present
     after each pruning block. The model is unpatched again afterwards."""
-    from .. import api
-    from ..adapters.common import get_handle
+    import numpy as np
 
-    api.patch(model, "saint", trace=True, **settings)
-    try:
-        with torch.inference_mode():
-            model(x)
-        handle = get_handle(model)
-        layers = sorted(handle.settings)
-        origins = handle.state.origins
-    finally:
-        api.unpatch(model)
-    prefix = int(model.num_prefix_tokens)
-    gh, gw = model.patch_embed.grid_size
-    kept = torch.stack([o[0, prefix:] >= 0 for o in origins]).reshape(len(origins), gh, gw)
-    return layers[: len(origins)], kept.cpu()
+    from ..analysis.viz import trace_kept
+
+    traced = trace_kept(model, x, "saint", **settings)
+    kept = torch.from_numpy(np.stack([g >= 0 for g in traced.groups]))
+    return traced.layers, kept
 
 
 def plot_kept(image: torch.Tensor, layers: Sequence[int], kept: torch.Tensor, path: str | Path, title: str) -> None:
@@ -157,10 +150,11 @@ def run(args: argparse.Namespace) -> int:
     (ref, sout), _ = harness.collect([BASELINE, saint_v], images.records, transform, 8,
                                      bar("unpruned + SAINT over the photos", len(images)))
     saint_mean = sum(sout.mean_tokens()) / len(sout.mean_tokens())
-    n_patches = int(model.patch_embed.num_patches)
+    adapter = find_adapter(model)
+    n_patches = adapter.grid(model).num_patches
     r = args.tome_r
     if r is None:
-        r = matched_tome_r(saint_mean, n_patches, int(model.num_prefix_tokens), len(model.blocks))
+        r = matched_tome_r(saint_mean, n_patches, adapter.protected(model), len(adapter.sites(model)))
     tome_v = Variant(f"tome:r={r}", "tome", {"r": r})
     (tout,), _ = harness.collect([tome_v], images.records, transform, 8, bar("ToMe over the photos", len(images)))
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     transform = assets.eval_transform(model)
     tome_rs = args.tome_r
     if tome_rs is None:
-        tome_rs = default_tome_rs(int(model.patch_embed.num_patches), len(model.blocks))
+        tome_rs = default_tome_rs(harness.adapter.grid(model).num_patches, len(harness.adapter.sites(model)))
     print(f"model: {desc}")
     print(f"images: {images.description}")
     x = timing_batch(images.records, transform, args.timing_batch)

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..adapters import find_adapter
 from .analyze import add_model_args, load_model
 
 
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     image = display_image(x, cfg["mean"], cfg["std"])
     out = Path(args.out) if args.out else Path(f"{path.stem}_kept.png")
     title = f"{path.name}  |  {model_name}, {args.img_size}px  |  SAINT tau={args.tau}, k={args.k}"
-    render_grid(image, maps, tuple(int(v) for v in model.patch_embed.patch_size), out, title)
+    render_grid(image, maps, find_adapter(model).grid(model).patch, out, title)
     for m in maps:
         print(f"{m.method:>7}: " + ", ".join(f"b{layer}={n}" for layer, n in zip(m.layers, m.kept, strict=True)))
     print(f"wrote {out}")

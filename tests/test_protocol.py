@@ -1,0 +1,133 @@
+"""Every tool works on every model family through the adapter protocol: calibrate,
+the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
+a tiny timm ViT, a tiny CLIP tower, a tiny SigLIP tower and a tiny LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saint
+from saint.adapters import find_adapter
+from saint.analysis.collect import token_evolution
+from saint.analysis.viz import trace_kept
+from saint.bench.harness import Harness
+from saint.bench.spec import BASELINE, Variant
+
+from .conftest import make_tiny
+
+transformers = pytest.importorskip("transformers")
+
+IMG = 127
+HF_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+               image_size=32, patch_size=8)  # fmt: skip
+
+
+def tiny_llava() -> torch.nn.Module:
+    vision = transformers.CLIPVisionConfig(**HF_TINY)
+    text = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                    max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMG,
+                                   vision_feature_layer=-2, attn_implementation="sdpa")  # fmt: skip
+    return transformers.LlavaForConditionalGeneration(cfg).eval()
+
+
+def llava_inputs(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.cat([torch.randint(1, 100, (3,), generator=g), torch.full((16,), IMG),
+                       torch.randint(1, 100, (4,), generator=g)]) for _ in range(n)]  # fmt: skip
+    px = torch.randn(n, 3, 32, 32, generator=g)
+    px[0] = px[0].mean(dim=(1, 2), keepdim=True)  # one redundant image
+    return {"input_ids": torch.stack(rows), "pixel_values": px}
+
+
+def vision_inputs(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    x[: n // 2] = x[: n // 2] * 0.2 + torch.linspace(-1, 1, 32)  # smooth images: redundant tokens
+    return x
+
+
+def one(inputs):
+    return {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
+
+
+# family -> (model, inputs, SAINT settings calibration passes through, a pruning variant)
+FAMILIES = {
+    "timm": lambda: (make_tiny("vit"), vision_inputs(6), dict(k=1),
+                     Variant("tome", "tome", {"r": 2})),
+    "clip": lambda: (transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**HF_TINY)).eval(),
+                     vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
+    "siglip": lambda: (transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**HF_TINY)).eval(),
+                       vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
+    "llava": lambda: (tiny_llava(), llava_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
+                      Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
+}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    return request.param, *FAMILIES[request.param]()
+
+
+def test_calibrate_hits_the_target_and_reproduces(family):
+    name, model, inputs, settings, _ = family
+    adapter = find_adapter(model)
+    with torch.no_grad():
+        before = adapter.forward(model, inputs)
+    cal = saint.calibrate(model, inputs, keep=0.8, tol=0.02, **settings)
+    assert cal.achieved == pytest.approx(0.8, rel=0.1)
+    assert cal.tau_setting == adapter.tau_setting
+    assert saint.is_patched(model)
+    with torch.no_grad():
+        adapter.forward(model, inputs)
+    counts = [t.tolist() for t in saint.adapters.handle_of(model).site_tokens()]
+    saint.patch(model, "saint", **cal.patch_kwargs())
+    with torch.no_grad():
+        adapter.forward(model, inputs)
+    assert [t.tolist() for t in saint.adapters.handle_of(model).site_tokens()] == counts
+    assert min(counts[-1]) < max(counts[0]), "the calibrated model prunes"
+    saint.unpatch(model)
+    with torch.no_grad():
+        after = adapter.forward(model, inputs)
+    key = "logits" if name == "llava" else ("last_hidden_state" if name != "timm" else None)
+    a, b = (before, after) if key is None else (getattr(before, key), getattr(after, key))
+    assert torch.equal(a, b)
+
+
+def test_harness_counts_flops_and_times_one_round(family):
+    name, model, inputs, _, variant = family
+    harness = Harness(model)
+    base, pruned = harness.measure([BASELINE, variant], inputs, warmup=0, repeats=1, memory=False)
+    depth = len(find_adapter(model).sites(model))
+    assert len(base.tokens) == len(pruned.tokens) == depth
+    assert base.tokens[0] == pruned.tokens[0]
+    assert pruned.tokens[-1] < base.tokens[-1]
+    assert 0 < pruned.flops_per_image < base.flops_per_image
+    assert base.timing is not None and pruned.timing is not None
+    assert not saint.is_patched(harness.release())
+
+
+def test_token_analysis_reads_every_site(family):
+    name, model, inputs, _, _ = family
+    adapter = find_adapter(model)
+    batches = [inputs] if name == "llava" else inputs
+    evo = token_evolution(model, batches, batch_size=3)
+    assert evo.blocks == [s.name for s in adapter.sites(model)]
+    assert evo.num_images == adapter.batch_size(inputs)
+    assert torch.isfinite(evo.values["key_cosine"]).all()
+    assert torch.isnan(evo.values["cls_entropy"]).all() == (adapter.protected(model) == 0)
+
+
+def test_trace_kept_maps_the_patch_grid(family):
+    name, model, inputs, _, _ = family
+    grid = find_adapter(model).grid(model)
+    settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if name == "llava" else dict(tau=0.0, k=1)
+    kept = trace_kept(model, one(inputs), "saint", **settings)
+    assert [g.shape for g in kept.groups] == [(grid.rows, grid.cols)] * len(kept.layers)
+    assert kept.kept[0] < grid.num_patches, "tau=0 drops candidates at the first pruning site"
+    assert all(a >= b for a, b in zip(kept.kept, kept.kept[1:], strict=False))
+    assert not saint.is_patched(model)
