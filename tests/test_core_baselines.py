@@ -45,11 +45,10 @@ def test_attention_drop_known_answer():
 
 
 def test_random_drop_is_seeded_and_exact_count():
-    g1 = torch.Generator().manual_seed(3)
-    g2 = torch.Generator().manual_seed(3)
-    a = random_keep_mask(2, 10, 4, num_protected=1, generator=g1)
-    b = random_keep_mask(2, 10, 4, num_protected=1, generator=g2)
+    a = random_keep_mask(2, 10, 4, num_protected=1, seed=3, layer=1)
+    b = random_keep_mask(2, 10, 4, num_protected=1, seed=3, layer=1)
     assert torch.equal(a, b)
+    assert not torch.equal(a, random_keep_mask(2, 10, 4, num_protected=1, seed=4, layer=1))
     assert a.sum(1).tolist() == [6, 6]
     assert a[:, 0].all()
     with pytest.raises(ValueError, match="must survive"):
@@ -71,3 +70,13 @@ def test_saint_fold_plan_folds_dropped_into_nearest_anchor():
     out, sizes = merge_weighted(x, torch.ones(1, 5, 1), plan)
     assert out[0, :, 0].tolist() == [0.0, 2.0, 5.0, 6.0, 5.0]
     assert sizes[0, :, 0].tolist() == [1.0, 1.0, 2.0, 1.0, 2.0]
+
+
+def test_random_drop_of_a_sample_is_independent_of_its_batch():
+    """A sample's draw depends on its own token count, not on its row or batch size."""
+    valid = torch.tensor([[True] * 10, [True] * 7 + [False] * 3, [True] * 10])
+    batch = random_keep_mask(3, 10, 3, num_protected=1, valid=valid, seed=5, layer=2)
+    for i in range(3):
+        alone = random_keep_mask(1, 10, 3, num_protected=1, valid=valid[i : i + 1], seed=5, layer=2)
+        assert torch.equal(batch[i], alone[0])
+    assert not (batch[:, 7:] & ~valid[:, 7:]).any()

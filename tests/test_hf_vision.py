@@ -273,11 +273,16 @@ def test_mask_needing_config_refuses_unmaskable_attention(images):
     # switching the kernel after patching is caught by a layer that needs the mask
     other = make("clip")
     saint.patch(other, method="saint", tau=0.3, k=2, rate="sample")
-    out = run(other, images)
+    run(other, images)
     assert get_handle(other).state.valid is not None
+    hidden = other.embeddings(images)
+    if hasattr(other, "pre_layrnorm"):
+        hidden = other.pre_layrnorm(hidden)
+    for layer in other.encoder.layers[:2]:  # the layers that prune (default: first half)
+        hidden = layer(hidden, None)
     other.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2.*cannot take saint"):
-        other.encoder.layers[3](out.last_hidden_state, None)
+        other.encoder.layers[2](hidden, None)
 
 
 def test_bad_calls_raise(images):

@@ -26,7 +26,6 @@ class LayerContext:
     num_protected: int
     valid: torch.Tensor | None = None  # [B, N] bool, None = all valid
     cls_attention: Callable[[], torch.Tensor] | None = None  # -> [B, N]
-    generator: torch.Generator | None = None
     tokens: torch.Tensor | None = None  # [B, N, C] hidden states being pruned
     layer: int | None = None  # block index, for methods that keep per-layer records
 
@@ -195,7 +194,9 @@ class ToMeConfig(MethodConfig):
 
 @dataclass
 class RandomConfig(MethodConfig):
-    """Drop ``r`` random prunable tokens per layer (seeded, reproducible)."""
+    """Drop ``r`` random prunable tokens per layer; the draw depends only on ``seed``,
+    the layer and each image's token count (the same alone or in any batch, and when
+    a block is recomputed)."""
 
     r: int | Sequence[int] | Mapping[int, int] | None = None
     seed: int = 0
@@ -285,7 +286,7 @@ def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selec
 def _select_random(ctx: LayerContext, s: dict[str, Any], cfg: RandomConfig) -> Selection:
     b, n, _ = ctx.keys.shape
     keep = core.random_keep_mask(
-        b, n, s["r"], ctx.num_protected, ctx.valid, ctx.generator, ctx.keys.device
+        b, n, s["r"], ctx.num_protected, ctx.valid, cfg.seed, ctx.layer or 0, ctx.keys.device
     )
     return Selection(keep)
 

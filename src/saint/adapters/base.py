@@ -10,6 +10,7 @@ unpatches it; a handle is what a patched model carries, with public fields only.
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import TokenStats
+from .common import PICKLE_HINT, Runs, TokenState, TokenStats
 
 Inputs = Any  # a [B, 3, H, W] image batch, or a dict of processor outputs (VLMs)
 
@@ -209,14 +210,35 @@ def batch_to(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -
 
 
 class TokenStateHandle(Handle):
-    """A handle whose per-forward state is a :class:`~saint.adapters.common.TokenState`
-    (``self.state``): the ViT adapters."""
+    """A handle whose per-call state is a :class:`~saint.adapters.common.TokenState`
+    kept per call in ``runs`` (the ViT adapters): ``state`` is this thread's current
+    or last call, ``stats()`` the last call that ran every block. A deep copy is an
+    independent patched model; pickling is refused with a hint."""
 
-    state: Any
+    runs: Runs
+
+    @property
+    def state(self) -> TokenState:
+        """Token state of this thread's current (or last) call, else of the last complete call."""
+        run = self.runs.current()
+        return TokenState() if run is None else run.state
 
     def stats(self) -> TokenStats:
-        counts = self.state.counts
+        run = self.runs.last
+        if run is None:
+            raise RuntimeError("no forward has run through the patched model since patching; call the model first")
+        counts = run.state.counts
         return TokenStats(self.block_names[: len(counts)], [c.tolist() for c in counts])
+
+    def __deepcopy__(self, memo: dict) -> TokenStateHandle:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            setattr(new, name, Runs(self.runs.depth) if name == "runs" else copy.deepcopy(value, memo))
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(PICKLE_HINT)
 
     def site_tokens(self) -> list[torch.Tensor]:
         return list(self.state.counts)

@@ -4,6 +4,8 @@ head-averaged keys from a fused qkv projection."""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +15,11 @@ from ..core import additive_key_mask, gather_tokens, keep_mask_to_indices, merge
 from ..methods import Selection
 
 SAINT_ATTR = "_saint_patch"
+SITE_ATTR = "_saint_site"  # on each wrapped module: (handle, block index)
+PICKLE_HINT = (
+    "a model patched by saint cannot be pickled (torch.save(model) / pickle); unpatch first: "
+    "saint.unpatch(model), save it (or save model.state_dict()), and patch again after loading"
+)
 
 
 @dataclass
@@ -61,6 +68,10 @@ class TokenState:
         self.origins = []
         b, n = x.shape[:2]
         self.origin = torch.arange(n, device=x.device).expand(b, n).clone() if trace else None
+
+    def snapshot(self) -> TokenState:
+        """A fresh state that continues from this one (recorded counts and steps left out)."""
+        return TokenState(self.valid, self.sizes, self.origin, _bias=dict(self._bias))
 
     def record(self, x: torch.Tensor) -> None:
         """Remember how many real tokens enter the next block, per sample (kept on the
@@ -115,6 +126,101 @@ class TokenState:
         mapped = torch.gather(new_pos, 1, origin.clamp(min=0))
         self.origin = torch.where(origin >= 0, mapped, -1)
         self.origins.append(self.origin.clone())
+
+
+@dataclass
+class Run:
+    """One forward call of a patched model: its token state, the keys captured for
+    its pruning blocks, and (with gradients on) the state each block started from, so
+    that recomputing a block (gradient checkpointing) selects the same tokens."""
+
+    state: TokenState
+    recompute: bool = False
+    next: int = 0
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_valid: list[torch.Tensor | None] = field(default_factory=list)
+    entries: dict[int, tuple[weakref.ref, TokenState]] = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return any(ref() is not None for ref, _ in self.entries.values())
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+class Runs:
+    """The forward calls of one patched model, kept apart per call: each thread's call
+    in progress has its own state (one instance may run in several threads at once),
+    a block recomputed during backward starts again from the state it first started
+    from, and :meth:`last` is the last call that ran every block."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self._lock = threading.Lock()
+        self._current: dict[int, Run] = {}  # per thread: its forward call
+        self._executing: dict[int, Run] = {}  # per thread: the call whose block runs now
+        self._saved: list[Run] = []
+        self.last: Run | None = None
+
+    def enter(self, index: int, x: torch.Tensor, trace: bool) -> Run:
+        """The call that block ``index`` belongs to, given its input ``x``."""
+        tid = threading.get_ident()
+        run = self._current.get(tid)
+        if run is None or run.next != index:
+            run = self._executing.get(tid)
+            if run is None or not run.recompute or run.next != index:
+                run = self._recomputation_of(index, x)
+                with self._lock:
+                    if run is None and index == 0:
+                        run = Run(TokenState())
+                        run.state.reset(x, trace)
+                        self._current[tid] = run
+                        self._saved = [r for r in self._saved if r.alive()]
+                    elif run is None:
+                        raise RuntimeError(
+                            f"block {index} of a patched model ran without blocks 0..{index - 1} before it "
+                            "in this call; run the model (or all its blocks in order) instead"
+                        )
+        run.next = index + 1
+        self._executing[tid] = run
+        if not run.recompute and torch.is_grad_enabled():
+            if not run.entries:
+                with self._lock:
+                    self._saved.append(run)
+            run.entries[index] = (weakref.ref(x), run.state.snapshot())
+        return run
+
+    def leave(self, index: int, run: Run) -> None:
+        """Block ``index`` of ``run`` finished; after the last block the call is complete."""
+        if index == self.depth - 1 and not run.recompute:
+            self.last = run
+
+    def current(self) -> Run | None:
+        """This thread's call in progress (or its last one), else the last complete call."""
+        return self._current.get(threading.get_ident()) or self.last
+
+    def executing(self) -> Run:
+        """The call whose block runs now in this thread (for hooks inside a block)."""
+        return self._executing[threading.get_ident()]
+
+    def _recomputation_of(self, index: int, x: torch.Tensor) -> Run | None:
+        """A fresh run starting from block ``index``'s first state when ``x`` is the very
+        input that block had in an earlier call (a checkpointed block recomputed)."""
+        with self._lock:
+            saved = list(self._saved)
+        for run in reversed(saved):
+            entry = run.entries.get(index)
+            if entry is None:
+                continue
+            first = entry[0]()
+            if first is not None and _same_storage(first, x):
+                return Run(entry[1].snapshot(), recompute=True)
+        return None
+
 
 
 def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], unit: str = "block") -> None:

@@ -23,9 +23,9 @@ handle says which positions are real: :meth:`HFVisionPatch.hidden_state_valid`
 Padded positions hold real (dropped) token values, so a caller must read validity.
 
 Limits: transformers 5 has no separate ``*VisionTransformer`` module (the vision
-model holds ``embeddings``/``encoder`` itself); per-forward state lives on the
-handle, so one forward at a time per patched tower; pruning layers run outside
-gradient checkpointing; flash/flex attention are refused when a mask is needed.
+model holds ``embeddings``/``encoder`` itself); per-call state is kept per call (see
+:class:`saint.adapters.common.Runs`: threads, copies and gradient checkpointing are
+safe); flash/flex attention are refused when a mask is needed.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_co
 from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
 from .common import (
     SAINT_ATTR,
-    TokenState,
+    SITE_ATTR,
+    Runs,
     check_static_counts,
     cls_attention,
     get_handle,
@@ -88,12 +89,9 @@ class HFVisionPatch(TokenStateHandle):
     num_protected: int
     tower: torch.nn.Module
     trace: bool = False
-    state: TokenState = field(default_factory=TokenState)
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)
-    layer_valid: list[torch.Tensor | None] = field(default_factory=list)
     hooks: list[Any] = field(default_factory=list)
     block_names: list[str] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    runs: Runs = field(default_factory=lambda: Runs(0))
 
     @property
     def depth(self) -> int:
@@ -109,12 +107,11 @@ class HFVisionPatch(TokenStateHandle):
         index %= n
         if index == 0:
             return None
-        if len(self.layer_valid) < index:
-            raise RuntimeError(
-                f"layer {index - 1} did not run in the last forward ({len(self.layer_valid)} layers ran); "
-                "call the model first"
-            )
-        return self.layer_valid[index - 1]
+        run = self.runs.current()
+        ran = 0 if run is None else len(run.layer_valid)
+        if ran < index:
+            raise RuntimeError(f"layer {index - 1} did not run in the last forward ({ran} layers ran); call the model first")
+        return run.layer_valid[index - 1]
 
 
 def _tower_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -200,12 +197,16 @@ def patch_tower(
 
     handle = HFVisionPatch(spec, config, settings, num_protected, tower, trace=trace)
     handle.block_names = [f"encoder.layers.{i}" for i in range(len(layers))]
+    handle.runs = Runs(len(layers))
     for i, layer in enumerate(layers):
-        layer.forward = types.MethodType(_make_layer_forward(handle, i), layer)
+        layer.__dict__[SITE_ATTR] = (handle, i)
+        layer.forward = types.MethodType(_layer_forward, layer)
         if i in settings:
-            handle.hooks.append(layer.self_attn.k_proj.register_forward_hook(_capture(handle, i)))
+            layer.self_attn.k_proj.__dict__[SITE_ATTR] = (handle, i)
+            handle.hooks.append(layer.self_attn.k_proj.register_forward_hook(_capture))
     if head is not None:
-        head.forward = types.MethodType(_make_head_forward(handle), head)
+        head.__dict__[SITE_ATTR] = (handle, None)
+        head.forward = types.MethodType(_head_forward, head)
     tower.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -220,9 +221,12 @@ def unpatch_tower(tower: torch.nn.Module) -> None:
     handle.hooks.clear()
     for layer in tower.encoder.layers:
         layer.__dict__.pop("forward", None)
+        layer.__dict__.pop(SITE_ATTR, None)
+        layer.self_attn.k_proj.__dict__.pop(SITE_ATTR, None)
     head = getattr(tower, "head", None)
     if head is not None:
         head.__dict__.pop("forward", None)
+        head.__dict__.pop(SITE_ATTR, None)
 
 
 def _needs_mask(spec: MethodSpec, config: MethodConfig) -> bool:
@@ -236,11 +240,10 @@ def _merges_nothing(plan: Any) -> bool:
     return plan.src.numel() == 0 or (active is not None and not bool(active.any()))
 
 
-def _capture(handle: HFVisionPatch, i: int):
-    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-        handle.captured[i] = output
-
-    return hook
+def _capture(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+    """Forward hook on a pruning layer's ``k_proj``: keep its output for the selection."""
+    handle, i = module.__dict__[SITE_ATTR]
+    handle.runs.executing().captured[i] = output
 
 
 def _mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -262,45 +265,39 @@ def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k: torch.Tensor,
     return compute
 
 
-def _make_layer_forward(handle: HFVisionPatch, index: int):
-    settings = handle.settings.get(index)
-    prop_attn = bool(getattr(handle.config, "prop_attn", False))
-
-    def forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs: Any) -> torch.Tensor:
-        state = handle.state
-        if index == 0:
-            state.reset(hidden_states, handle.trace)
-            handle.layer_valid = []
-            handle.captured.clear()
-            if handle.spec.name == "random":
-                handle.generator = torch.Generator(device=hidden_states.device).manual_seed(handle.config.seed)
-        if attention_mask is not None:
-            raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
+def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   **kwargs: Any) -> torch.Tensor:
+    """An encoder layer of a patched tower: its own modules in HF order, the selection
+    between the attention residual and the MLP (per-instance ``forward``)."""
+    handle, index = self.__dict__[SITE_ATTR]
+    if attention_mask is not None:
+        raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
+    run = handle.runs.enter(index, hidden_states, handle.trace)
+    state = run.state
+    if not run.recompute:
         state.record(hidden_states)
-        bias = state.attn_bias(hidden_states.dtype, prop_attn)
-        if bias is not None:
-            impl = self.self_attn.config._attn_implementation
-            if impl not in MASKABLE_ATTENTION:
-                raise ValueError(
-                    f"attn_implementation={impl!r} cannot take saint's key mask (padding / ToMe sizes); "
-                    "use attn_implementation='sdpa' or 'eager'"
-                )
-        if settings is None:
-            out = type(self).forward(self, hidden_states, bias, **kwargs)
-            handle.layer_valid.append(state.valid)
-            return out
+    bias = state.attn_bias(hidden_states.dtype, bool(getattr(handle.config, "prop_attn", False)))
+    if bias is not None:
+        impl = self.self_attn.config._attn_implementation
+        if impl not in MASKABLE_ATTENTION:
+            raise ValueError(
+                f"attn_implementation={impl!r} cannot take saint's key mask (padding / ToMe sizes); "
+                "use attn_implementation='sdpa' or 'eager'"
+            )
+    settings = handle.settings.get(index)
+    if settings is None:
+        x = type(self).forward(self, hidden_states, bias, **kwargs)
+    else:
         residual = hidden_states
         normed = self.layer_norm1(hidden_states)
         attn_out, _ = self.self_attn(hidden_states=normed, attention_mask=bias, **kwargs)
         x = residual + attn_out
-        k = handle.captured.pop(index)
+        k = run.captured.pop(index)
         ctx = LayerContext(
             keys=_mean_heads(k, self.self_attn.num_heads),
             num_protected=handle.num_protected,
             valid=state.valid,
             cls_attention=_cls_attention(self.self_attn, normed, k, bias) if handle.num_protected > 0 else None,
-            generator=handle.generator,
             tokens=x,
             layer=index,
         )
@@ -312,35 +309,31 @@ def _make_layer_forward(handle: HFVisionPatch, index: int):
         x = self.layer_norm2(x)
         x = self.mlp(x)
         x = residual + x
-        handle.layer_valid.append(state.valid)
-        return x
+    if not run.recompute:
+        run.layer_valid.append(state.valid)
+    handle.runs.leave(index, run)
+    return x
 
-    return forward
 
-
-def _make_head_forward(handle: HFVisionPatch):
+def _head_forward(self: torch.nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
     """SigLIP's attention-pooling head, run with its own modules in HF order and a key
     padding mask (padded keys -inf, merged keys log(size)) when the sequence needs one."""
-    prop_attn = bool(getattr(handle.config, "prop_attn", False))
-
-    def forward(self: torch.nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
-        bias = handle.state.attn_bias(hidden_state.dtype, prop_attn)
-        if bias is None:
-            return type(self).forward(self, hidden_state)
-        bias = bias[:, 0, 0, :]
-        if bias.shape != hidden_state.shape[:2]:
-            raise ValueError(
-                f"the pooling head got {tuple(hidden_state.shape[:2])} tokens but the tower's last forward "
-                f"produced {tuple(bias.shape)}; call the head only through the patched model"
-            )
-        probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
-        x = self.attention(probe, hidden_state, hidden_state, key_padding_mask=bias)[0]
-        residual = x
-        x = self.layernorm(x)
-        x = residual + self.mlp(x)
-        return x[:, 0]
-
-    return forward
+    handle = self.__dict__[SITE_ATTR][0]
+    bias = handle.state.attn_bias(hidden_state.dtype, bool(getattr(handle.config, "prop_attn", False)))
+    if bias is None:
+        return type(self).forward(self, hidden_state)
+    bias = bias[:, 0, 0, :]
+    if bias.shape != hidden_state.shape[:2]:
+        raise ValueError(
+            f"the pooling head got {tuple(hidden_state.shape[:2])} tokens but the tower's last forward "
+            f"produced {tuple(bias.shape)}; call the head only through the patched model"
+        )
+    probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
+    x = self.attention(probe, hidden_state, hidden_state, key_padding_mask=bias)[0]
+    residual = x
+    x = self.layernorm(x)
+    x = residual + self.mlp(x)
+    return x[:, 0]
 
 
 # ---------------------------------------------------------------------------- protocol

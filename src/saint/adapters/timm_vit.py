@@ -6,6 +6,10 @@ the order timm runs them (attention through the model's SDPA/eager kernel), and
 the selection is applied between the attention residual and the MLP, as in ToMe.
 Keys are read by a forward hook on the block's ``attn.qkv``; nothing is
 re-implemented. All prefix tokens (class, distillation, registers) are protected.
+The wrappers find the handle through the module they wrap, and each call keeps its
+own token state (:class:`saint.adapters.common.Runs`), so a deep copy is an
+independent patched model, threads do not share state, and a block recomputed by
+gradient checkpointing selects the same tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from ..methods import LayerContext, MethodConfig, MethodSpec, make_config
 from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
 from .common import (
     SAINT_ATTR,
-    TokenState,
+    SITE_ATTR,
+    Runs,
     check_static_counts,
     cls_attention,
     keys_from_qkv,
@@ -45,18 +50,16 @@ def matches(model: torch.nn.Module) -> bool:
 @dataclass
 class TimmPatch(TokenStateHandle):
     """Everything a patched timm ViT carries: config, resolved per-layer settings,
-    the per-forward token state and the hooks to remove on unpatch."""
+    the per-call token states (``runs``) and the hooks to remove on unpatch."""
 
     spec: MethodSpec
     config: MethodConfig
     settings: dict[int, dict[str, Any]]
     num_protected: int
     trace: bool = False
-    state: TokenState = field(default_factory=TokenState)
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)
     hooks: list[Any] = field(default_factory=list)
     block_names: list[str] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    runs: Runs = field(default_factory=lambda: Runs(0))
 
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, **kwargs: Any) -> TimmPatch:
@@ -85,12 +88,15 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
 
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace)
     handle.block_names = [f"blocks.{i}" for i in range(len(blocks))]
+    handle.runs = Runs(len(blocks))
     for i, blk in enumerate(blocks):
-        blk.forward = types.MethodType(_make_block_forward(handle, i), blk)
+        blk.__dict__[SITE_ATTR] = (handle, i)
+        blk.forward = types.MethodType(_block_forward, blk)
         if i in settings:
-            handle.hooks.append(blk.attn.qkv.register_forward_hook(_capture(handle, i)))
+            blk.attn.qkv.__dict__[SITE_ATTR] = (handle, i)
+            handle.hooks.append(blk.attn.qkv.register_forward_hook(_capture))
     if hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head:  # type: ignore[index]
-        model.pool = types.MethodType(_make_pool(handle), model)
+        model.pool = types.MethodType(_pool, model)
     model.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -102,14 +108,15 @@ def unpatch(model: torch.nn.Module) -> None:
         h.remove()
     for blk in model.blocks:
         blk.__dict__.pop("forward", None)
+        blk.__dict__.pop(SITE_ATTR, None)
+        blk.attn.qkv.__dict__.pop(SITE_ATTR, None)
     model.__dict__.pop("pool", None)
 
 
-def _capture(handle: TimmPatch, i: int):
-    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-        handle.captured[i] = output
-
-    return hook
+def _capture(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+    """Forward hook on a pruning block's ``attn.qkv``: keep its output for the selection."""
+    handle, i = module.__dict__[SITE_ATTR]
+    handle.runs.executing().captured[i] = output
 
 
 def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dict, protected: int) -> None:
@@ -133,59 +140,54 @@ def _cls_attention_of(blk: torch.nn.Module, qkv: torch.Tensor, bias: torch.Tenso
     return compute
 
 
-def _make_block_forward(handle: TimmPatch, index: int):
-    settings = handle.settings.get(index)
-    prop_attn = bool(getattr(handle.config, "prop_attn", False))
-
-    def forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
-        state = handle.state
-        if index == 0:
-            state.reset(x, handle.trace)
-            if handle.spec.name == "random":
-                handle.generator = torch.Generator(device=x.device).manual_seed(handle.config.seed)
-        if attn_mask is not None or is_causal:
-            raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
+def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   is_causal: bool = False) -> torch.Tensor:
+    """A block of a patched ViT: its own modules in timm's order, the selection between
+    the attention residual and the MLP (per-instance ``forward``)."""
+    handle, index = self.__dict__[SITE_ATTR]
+    if attn_mask is not None or is_causal:
+        raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
+    run = handle.runs.enter(index, x, handle.trace)
+    state = run.state
+    if not run.recompute:
         state.record(x)
-        bias = state.attn_bias(x.dtype, prop_attn)
-        if settings is None:
-            return type(self).forward(self, x, attn_mask=bias)
+    bias = state.attn_bias(x.dtype, bool(getattr(handle.config, "prop_attn", False)))
+    settings = handle.settings.get(index)
+    if settings is None:
+        x = type(self).forward(self, x, attn_mask=bias)
+    else:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
-        qkv = handle.captured.pop(index)
+        qkv = run.captured.pop(index)
         ctx = LayerContext(
             keys=keys_from_qkv(qkv, self.attn.num_heads, self.attn.k_norm),
             num_protected=handle.num_protected,
             valid=state.valid,
             cls_attention=_cls_attention_of(self, qkv, bias) if handle.num_protected > 0 else None,
-            generator=handle.generator,
             tokens=x,
             layer=index,
         )
         x = state.apply(x, handle.spec.select(ctx, settings, handle.config))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+    handle.runs.leave(index, run)
+    return x
 
-    return forward
 
-
-def _make_pool(handle: TimmPatch):
-    def pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        state = handle.state
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if (state.valid is None and state.sizes is None) or pool_type in ("token", ""):
-            return type(self).pool(self, x, pool_type)
-        if pool_type != "avg" or self.attn_pool is not None:
-            raise ValueError(f"global_pool={pool_type!r} cannot ignore padded/merged tokens; use 'avg' or 'token'")
-        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        w = torch.ones(x.shape[:2] + (1,), dtype=x.dtype, device=x.device)
-        if state.sizes is not None:
-            w = state.sizes.to(x.dtype)
-        if state.valid is not None:
-            w = w * state.valid[..., None].to(x.dtype)
-        w = w[:, start:]
-        return (x[:, start:] * w).sum(1) / w.sum(1)
-
-    return pool
+def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+    """timm's pooling, ignoring padded positions and weighting merged tokens by size."""
+    state = self.__dict__[SAINT_ATTR].state
+    pool_type = self.global_pool if pool_type is None else pool_type
+    if (state.valid is None and state.sizes is None) or pool_type in ("token", ""):
+        return type(self).pool(self, x, pool_type)
+    if pool_type != "avg" or self.attn_pool is not None:
+        raise ValueError(f"global_pool={pool_type!r} cannot ignore padded/merged tokens; use 'avg' or 'token'")
+    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    w = torch.ones(x.shape[:2] + (1,), dtype=x.dtype, device=x.device)
+    if state.sizes is not None:
+        w = state.sizes.to(x.dtype)
+    if state.valid is not None:
+        w = w * state.valid[..., None].to(x.dtype)
+    w = w[:, start:]
+    return (x[:, start:] * w).sum(1) / w.sum(1)
 
 
 # ---------------------------------------------------------------------------- protocol

@@ -1,0 +1,189 @@
+"""No silent wrong answers: gradient checkpointing recomputes the same selection, a
+deep copy is an independent patched model, one instance serves several threads, and
+``random`` gives each image the same draw alone or in any batch."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+
+import saint
+import saint.adapters.common
+
+from .conftest import make_tiny
+
+# every method that prunes the tiny ViT, ragged (rate="sample"), merging or rectangular
+CASES = {
+    "saint": dict(tau=0.3, k=2),
+    "saint_batch": dict(tau=0.3, k=2, rate="batch"),
+    "saint_fold": dict(tau=0.3, k=2),
+    "saint_plus": dict(tau=0.3),
+    "tome": dict(r=2),
+    "random": dict(r=3),
+    "attn": dict(r=3),
+    "budget": dict(keep=8, layers=[1]),
+}
+
+
+def patched(case: str, seed: int = 0, **extra) -> torch.nn.Module:
+    model = make_tiny("vit", seed=seed, **extra)
+    return saint.patch(model, case.split("_batch")[0], **CASES[case])
+
+
+def outputs_and_input_grad(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradient_checkpointing_recomputes_the_same_selection(case, images):
+    """timm's checkpointed blocks run again during backward; they must select the
+    same tokens, so outputs, gradients and stats equal the plain run exactly."""
+    plain = patched(case)
+    ref_out, ref_grad = outputs_and_input_grad(plain, images)
+    ckpt = patched(case)
+    ckpt.set_grad_checkpointing(True)
+    out, grad = outputs_and_input_grad(ckpt, images)
+    assert torch.equal(out, ref_out)
+    assert torch.equal(grad, ref_grad)
+    assert saint.stats(ckpt).tokens == saint.stats(plain).tokens
+
+
+def test_hf_gradient_checkpointing_recomputes_the_same_selection(images):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8
+    )
+
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        model = transformers.CLIPVisionModel(cfg)  # train mode: HF checkpoints only while training
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        saint.patch(model, "saint", tau=0.3, k=2)
+        x = images.clone().requires_grad_(True)
+        out = model(pixel_values=x).last_hidden_state
+        out.square().sum().backward()
+        return out.detach(), x.grad, saint.stats(model).tokens
+
+    ref, ckpt = run(False), run(True)
+    assert torch.equal(ckpt[0], ref[0]) and torch.equal(ckpt[1], ref[1]) and ckpt[2] == ref[2]
+
+
+def test_random_draw_of_an_image_is_independent_of_its_batch(images):
+    """Each image keeps the same tokens alone, in its batch, or at another row."""
+    model = saint.patch(make_tiny("vit"), "random", r=3, trace=True)
+    handle = saint.adapters.common.get_handle(model)
+    with torch.no_grad():
+        batch = model(images)
+        kept = [o.clone() for o in handle.state.origins]
+        for i in range(images.shape[0]):
+            torch.testing.assert_close(model(images[i : i + 1])[0], batch[i], atol=1e-5, rtol=1e-5)
+            assert all(torch.equal(o[0], k[i]) for o, k in zip(handle.state.origins, kept, strict=True))
+        model(images.flip(0))
+        assert all(torch.equal(o, k.flip(0)) for o, k in zip(handle.state.origins, kept, strict=True))
+
+
+def test_deepcopy_is_an_independent_patched_model(images):
+    model = patched("saint")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        ref2 = model(images[:2])
+        ref = model(images)
+        assert torch.equal(clone(images[:2]), ref2)
+        assert [len(t) for t in saint.stats(clone).tokens] == [2] * 4
+        assert [len(t) for t in saint.stats(model).tokens] == [4] * 4  # the copy's call is not the model's
+        saint.unpatch(clone)
+        assert saint.is_patched(model) and not saint.is_patched(clone)
+        assert torch.equal(model(images), ref)
+        assert torch.equal(clone(images), make_tiny("vit")(images))  # the copy is the original model again
+
+
+def test_deepcopy_of_a_patched_hf_tower_is_independent(images):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    torch.manual_seed(0)
+    model = saint.patch(transformers.SiglipVisionModel(cfg).eval(), "saint", tau=0.3, k=2)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        ref1 = model(pixel_values=images[:1]).pooler_output
+        ref = model(pixel_values=images).pooler_output
+        assert torch.equal(clone(pixel_values=images[:1]).pooler_output, ref1)
+        assert [len(t) for t in saint.stats(model).tokens] == [4] * 4
+        saint.unpatch(model)
+        assert saint.is_patched(clone)
+        assert torch.equal(clone(pixel_values=images).pooler_output, ref)
+
+
+def test_pickling_a_patched_model_says_unpatch_first():
+    model = patched("tome")
+    with pytest.raises(TypeError, match="unpatch first"):
+        torch.save(model, io.BytesIO())
+    with pytest.raises(TypeError, match="unpatch first"):
+        pickle.dumps(model)
+    saint.unpatch(model)
+    torch.save(model, io.BytesIO())
+
+
+@pytest.mark.parametrize("case", ["saint", "tome", "random"])
+def test_one_instance_in_two_threads_gives_every_call_its_own_answer(case, images):
+    model = patched(case)
+    inputs = [images[: 1 + i % 4] * (1 + i / 10) for i in range(12)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(part: int) -> None:
+        try:
+            start.wait()
+            with torch.no_grad():
+                for i in range(part, len(inputs), 2):
+                    results[i] = model(inputs[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, want in enumerate(expected):
+        assert torch.equal(results[i], want), f"call {i}"
+
+
+def test_stats_is_the_last_complete_forward(images):
+    model = patched("saint")
+    with pytest.raises(RuntimeError, match="call the model first"):
+        saint.stats(model)
+    with torch.no_grad():
+        model(images[:2])
+        good = saint.stats(model).tokens
+
+        def fail(module, args):
+            raise RuntimeError("boom")
+
+        hook = model.blocks[2].register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="boom"):
+            model(images)  # fails after two blocks ran
+        hook.remove()
+    assert saint.stats(model).tokens == good
+
+
+def test_calling_a_middle_block_alone_is_refused(images):
+    model = patched("saint")
+    with torch.no_grad():
+        tokens = model.forward_features(images)
+        with pytest.raises(RuntimeError, match="ran without blocks 0..2"):
+            model.blocks[3](tokens)
