@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from saint import assets
-from saint.bench.harness import Harness, resolve_device, resolve_dtype, timing_batch
-from saint.bench.options import progress_factory
-from saint.bench.report import environment
-from saint.bench.spec import parse_calibrated_spec, parse_kwargs
 from saint.bench.sweep import default_tome_rs, format_sweep, run_sweep, write_sweep
-from saint.eval.data import ImageSet
+from saint.commands.options import progress_factory
+from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
+from saint.measure.images import ImageSet
+from saint.measure.report import environment
+from saint.spec import parse_calibrated_spec, parse_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TAUS = "0.9,0.95,0.97,0.98,0.99"

@@ -14,17 +14,7 @@ import torch
 
 import saint
 from saint.assets import ImageRecord
-from saint.bench import flops as flops_mod
-from saint.bench.bench import run_bench, with_baseline
-from saint.bench.harness import Harness
-from saint.bench.spec import (
-    BASELINE,
-    Variant,
-    parse_kwargs,
-    parse_method_spec,
-    parse_value,
-    variant_label,
-)
+from saint.bench.bench import run_bench
 from saint.bench.sweep import (
     default_tome_rs,
     matched_drop_schedule,
@@ -32,8 +22,19 @@ from saint.bench.sweep import (
     run_sweep,
     write_sweep,
 )
-from saint.bench.timing import time_round_robin
-from saint.eval.data import ImageSet
+from saint.measure import flops as flops_mod
+from saint.measure.harness import Harness
+from saint.measure.images import ImageSet
+from saint.measure.timing import time_round_robin
+from saint.spec import (
+    BASELINE,
+    Variant,
+    parse_kwargs,
+    parse_method_spec,
+    parse_value,
+    variant_label,
+    with_baseline,
+)
 
 D, HIDDEN, DEPTH, CLASSES, PATCH, IMG = 32, 128, 4, 10, 8, 32
 N_PATCHES = (IMG // PATCH) ** 2
@@ -243,14 +244,14 @@ def test_tiny_sweep_end_to_end(tmp_path) -> None:
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:
-    from saint.bench.memory import peak_memory_method
+    from saint.measure.memory import peak_memory_method
 
     if peak_memory_method("cpu") is None:
         pytest.skip("no /proc peak-RSS reset on this platform")
     # 64 MiB, touched, freed again before the call returns. Run in a fresh process: in a
     # long-lived one the allocator may serve it from memory that is already resident,
     # which RSS cannot see (the figure is documented as approximate for that reason).
-    code = ("import torch; from saint.bench.memory import peak_memory_mb; "
+    code = ("import torch; from saint.measure.memory import peak_memory_mb; "
             "print(peak_memory_mb(lambda: float(torch.ones(16 * 2**20).sum()), 'cpu'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert float(out.strip().splitlines()[-1]) >= 60

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from saint.bench.options import add_model_options, build_model
 from saint.cli import main
+from saint.commands.options import add_model_options, build_model
 
 TINY = ["--model", "vit_tiny_patch16_224", "--model-args",
         "img_size=32,patch_size=8,depth=4,embed_dim=32,num_heads=2,num_classes=10"]

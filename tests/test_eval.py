@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from saint.eval import data as eval_data
 from saint.eval.fidelity import (
     center,
     centered_cosine,
@@ -21,6 +20,7 @@ from saint.eval.fidelity import (
     top1_agreement,
     topk_accuracy,
 )
+from saint.measure import images as eval_data
 
 # Four unit vectors at 90 degrees: the set's mean is zero, so centering changes nothing.
 CROSS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])

@@ -11,8 +11,8 @@ import saint
 from saint.adapters import find_adapter
 from saint.analysis.collect import token_evolution
 from saint.analysis.viz import trace_kept
-from saint.bench.harness import Harness
-from saint.bench.spec import BASELINE, Variant
+from saint.measure.harness import Harness
+from saint.spec import BASELINE, Variant
 
 from .conftest import make_tiny
 

@@ -8,20 +8,10 @@ from typing import Any
 
 import torch
 
-from .harness import Harness, Measurement
-from .memory import peak_memory_method
-from .report import fmt, fmt_gflops, text_table
-from .spec import BASELINE, Variant
-
-
-def with_baseline(variants: Sequence[Variant]) -> list[Variant]:
-    """``variants`` with the unpruned model first (exactly once)."""
-    rest = [v for v in variants if not v.is_baseline]
-    labels = [v.label for v in rest]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise ValueError(f"method spec(s) given more than once: {dup}")
-    return [BASELINE, *rest]
+from ..measure.harness import Harness, Measurement
+from ..measure.memory import peak_memory_method
+from ..measure.report import fmt, fmt_gflops, text_table
+from ..spec import Variant, with_baseline
 
 
 def rows_from_measurements(measurements: Sequence[Measurement]) -> list[dict[str, Any]]:

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from ..eval.data import ImageSet
 from ..eval.evaluate import score_outputs
+from ..measure.harness import Harness
+from ..measure.images import ImageSet
+from ..measure.report import csv_text, fmt, fmt_gflops, markdown_table, text_table, write_outputs
+from ..spec import BASELINE, Variant, format_value, variant_label
 from .bench import rows_from_measurements, tokens_summary
-from .harness import Harness
-from .report import csv_text, fmt, fmt_gflops, markdown_table, text_table, write_outputs
-from .spec import BASELINE, Variant, format_value, variant_label
 
 MATCHED_METHODS = ("random", "attn")
 DEFAULT_TOME_KEEP_FRACTIONS = (0.9, 0.75, 0.6, 0.45, 0.3)

@@ -21,12 +21,12 @@ What is measured, and how:
 * **Decode ms/token** = ``new_tokens`` single-token forwards on that prefill's cache,
   greedy (argmax, the image token suppressed), divided by ``new_tokens``.
 * **Timing**: every round runs every variant once, in an order that rotates per round
-  (interleaved round-robin, as :func:`saint.bench.timing.time_round_robin`; one prefill
+  (interleaved round-robin, as :func:`saint.measure.timing.time_round_robin`; one prefill
   per variant and round feeds both timed regions, so the loop is written out here);
   ``warmup`` untimed rounds first; device sync around each timed region; min and median.
 * **Profile pass** (once per variant, after timing, untimed): visual tokens per layer
   (``saint.stats``), exact KV-cache bytes after prefill, peak memory of prefill +
-  decode (:func:`saint.bench.memory.peak_memory_mb`: CUDA ``max_memory_allocated``;
+  decode (:func:`saint.measure.memory.peak_memory_mb`: CUDA ``max_memory_allocated``;
   approximate RSS on Linux CPUs), the wall time of the language model and of SAINT's
   graph selection inside that one prefill, and prefill FLOPs (matmul/attention only).
 
@@ -63,10 +63,10 @@ import torch
 
 from .. import api
 from ..adapters.common import get_handle
-from .flops import count_flops
-from .memory import peak_memory_mb, peak_memory_method
-from .report import environment, fmt, markdown_table, text_table, write_outputs
-from .timing import synchronize
+from ..measure.flops import count_flops
+from ..measure.memory import peak_memory_mb, peak_memory_method
+from ..measure.report import environment, fmt, markdown_table, text_table, write_outputs
+from ..measure.timing import synchronize
 
 METHODS = ("vit", "llm", "hybrid", "fastv", "random", "pool")
 REFERENCE_PATCHES = 576  # LLaVA-1.5: CLIP ViT-L/14 at 336 px

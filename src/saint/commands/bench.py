@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench.spec import __doc__ as SPEC_DOC
+from ..spec import __doc__ as SPEC_DOC
 
 METHOD_HELP = (
     "method spec NAME[:key=value,...], repeatable, e.g. saint:tau=0.9,k=5  tome:r=8  random:r=16  "
@@ -14,7 +14,7 @@ METHOD_HELP = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..bench.options import (
+    from .options import (
         add_image_options,
         add_model_options,
         add_runtime_options,
@@ -41,11 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import assets
     from ..bench.bench import format_bench, run_bench
-    from ..bench.harness import Harness, timing_batch
-    from ..bench.options import build_model, progress_factory, setup_runtime
-    from ..bench.report import environment, write_json
-    from ..bench.spec import parse_method_spec
-    from ..eval.data import resolve_images
+    from ..measure.harness import Harness, timing_batch
+    from ..measure.images import resolve_images
+    from ..measure.report import environment, write_json
+    from ..spec import parse_method_spec
+    from .options import build_model, progress_factory, setup_runtime
 
     if not args.method:
         raise SystemExit("saint bench: give at least one --method, e.g. --method saint:tau=0.97 --method tome:r=8")

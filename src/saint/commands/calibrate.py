@@ -9,7 +9,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..bench.options import (
+    from .options import (
         add_image_options,
         add_model_options,
         add_runtime_options,
@@ -37,11 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import assets
-    from ..bench.harness import timing_batch
-    from ..bench.options import build_model, setup_runtime
-    from ..bench.spec import format_value, parse_kwargs
     from ..calibrate import calibrate
-    from ..eval.data import resolve_images
+    from ..measure.harness import timing_batch
+    from ..measure.images import resolve_images
+    from ..spec import format_value, parse_kwargs
+    from .options import build_model, setup_runtime
 
     device, dtype = setup_runtime(args)
     model, desc = build_model(args)

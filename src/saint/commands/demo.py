@@ -26,7 +26,7 @@ TAU_NOTE = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..bench.options import user_errors
+    from .options import user_errors
 
     p = sub.add_parser("demo", help="offline tour: unpruned vs SAINT vs ToMe on real photos, plus a picture",
                        description=__doc__.replace("``", ""))
@@ -122,12 +122,12 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import assets
     from ..bench.bench import rows_from_measurements, tokens_summary
-    from ..bench.harness import Harness, timing_batch
-    from ..bench.options import progress_factory
-    from ..bench.report import device_description, fmt, fmt_gflops, text_table
-    from ..bench.spec import BASELINE, Variant, variant_label
-    from ..eval.data import offline_set
     from ..eval.fidelity import fidelity_summary
+    from ..measure.harness import Harness, timing_batch
+    from ..measure.images import offline_set
+    from ..measure.report import device_description, fmt, fmt_gflops, text_table
+    from ..spec import BASELINE, Variant, variant_label
+    from .options import progress_factory
 
     start = time.perf_counter()
     if args.threads is not None:

@@ -10,7 +10,7 @@ from .bench import METHOD_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..bench.options import (
+    from .options import (
         add_image_options,
         add_model_options,
         add_runtime_options,
@@ -33,12 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import assets
-    from ..bench.harness import Harness
-    from ..bench.options import build_model, progress_factory, setup_runtime
-    from ..bench.report import environment, write_json
-    from ..bench.spec import parse_method_spec
-    from ..eval.data import resolve_images
     from ..eval.evaluate import evaluate, format_eval
+    from ..measure.harness import Harness
+    from ..measure.images import resolve_images
+    from ..measure.report import environment, write_json
+    from ..spec import parse_method_spec
+    from .options import build_model, progress_factory, setup_runtime
 
     variants = [parse_method_spec(s) for s in args.method]
     device, dtype = setup_runtime(args)

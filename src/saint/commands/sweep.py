@@ -9,13 +9,13 @@ import argparse
 
 
 def _floats(text: str) -> list[float]:
-    from ..bench.options import comma_list
+    from .options import comma_list
 
     return comma_list(float, "numbers")(text)
 
 
 def _ints(text: str) -> list[int]:
-    from ..bench.options import comma_list
+    from .options import comma_list
 
     return comma_list(int, "integers")(text)
 
@@ -24,7 +24,7 @@ DEFAULT_TAUS = "0.9,0.95,0.97,0.98,0.99"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..bench.options import (
+    from .options import (
         add_image_options,
         add_model_options,
         add_runtime_options,
@@ -66,12 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import assets
-    from ..bench.harness import Harness, timing_batch
-    from ..bench.options import build_model, progress_factory, setup_runtime
-    from ..bench.report import environment
-    from ..bench.spec import parse_calibrated_spec, parse_kwargs
     from ..bench.sweep import default_tome_rs, format_sweep, run_sweep, write_sweep
-    from ..eval.data import resolve_images
+    from ..measure.harness import Harness, timing_batch
+    from ..measure.images import resolve_images
+    from ..measure.report import environment
+    from ..spec import parse_calibrated_spec, parse_kwargs
+    from .options import build_model, progress_factory, setup_runtime
 
     matched = [] if args.matched.strip().lower() == "none" else [m.strip() for m in args.matched.split(",") if m.strip()]
     saint_args = parse_kwargs(args.saint_args)

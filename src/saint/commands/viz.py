@@ -13,7 +13,7 @@ from .analyze import add_model_args, load_model
 
 
 def _layers(text: str) -> list[int]:
-    from ..bench.options import comma_list
+    from .options import comma_list
 
     return comma_list(int, "block indices (e.g. 0,1,2)")(text)
 

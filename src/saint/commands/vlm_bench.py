@@ -11,7 +11,7 @@ from typing import Any
 
 
 def _int_list(text: str, what: str) -> list[int]:
-    from ..bench.options import comma_list
+    from .options import comma_list
 
     try:
         out = comma_list(int, "integers")(text)
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..bench.options import user_errors
+    from .options import user_errors
 
     p = sub.add_parser(
         "vlm-bench",
@@ -83,9 +83,9 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     """Validate the options, run the benchmark, return the report."""
     import torch
 
-    from ..bench.harness import resolve_device, resolve_dtype
-    from ..bench.options import progress_factory
     from ..bench.vlm import GEOMETRIES, vlm_report
+    from ..measure.harness import resolve_device, resolve_dtype
+    from .options import progress_factory
 
     geometry = GEOMETRIES["full" if args.full else args.geometry]
     if args.full and args.geometry not in ("cpu", "full"):
@@ -120,8 +120,8 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.report import write_json
     from ..bench.vlm import format_vlm_bench
+    from ..measure.report import write_json
 
     report = build_report(args)
     print(format_vlm_bench(report))

@@ -1,7 +1,6 @@
 """Evaluation: top-1/top-5 on labelled image sets and fidelity of a pruned model to the
 unpruned one (centered cosine, retrieval@1, top-1 agreement)."""
 
-from .data import ImageSet, resolve_images
 from .fidelity import (
     centered_cosine,
     cosine,
@@ -13,11 +12,9 @@ from .fidelity import (
 )
 
 __all__ = [
-    "ImageSet",
     "centered_cosine",
     "cosine",
     "fidelity_summary",
-    "resolve_images",
     "retrieval_at_1",
     "retrieval_ranks",
     "top1_agreement",

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from ..bench.harness import Harness, Outputs
-from ..bench.report import fmt, text_table
-from ..bench.spec import BASELINE, Variant
-from .data import ImageSet
+from ..measure.harness import Harness, Outputs
+from ..measure.images import ImageSet
+from ..measure.report import fmt, text_table
+from ..spec import BASELINE, Variant, with_baseline
 from .fidelity import fidelity_summary, topk_accuracy
 
 
@@ -41,7 +41,6 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the unpruned model and ``variants`` over ``image_set``; one row per variant."""
-    from ..bench.bench import with_baseline
 
     variants = with_baseline(variants)
     if len(image_set) < 2:

@@ -19,14 +19,15 @@ from typing import Any
 
 __all__ = ["UNPRUNED", "lmms_eval_models", "parse_prune_settings"]
 
-UNPRUNED = ("none", "unpruned", "baseline")  # method names meaning "do not patch"
+from ..spec import BASELINE_NAMES as UNPRUNED  # method names meaning "do not patch"
+
 _RANGE = re.compile(r"^\s*(-?\d+)\s*(?:-|:|\.\.)\s*(-?\d+)\s*$")
 _GRID = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
 def _layers(value: Any) -> Any:
     """``"7-16"`` / ``"7:16"`` / ``"7..16"`` / ``"7/16"`` / ``(7, 16)`` -> ``(7, 16)``."""
-    from ..bench.spec import parse_value
+    from ..spec import parse_value
 
     if isinstance(value, str):
         m = _RANGE.match(value)
@@ -42,7 +43,7 @@ def _layers(value: Any) -> Any:
 
 def _visual_keep(value: Any) -> Any:
     """``"144"`` -> 144, ``"12x12"`` / ``"12/12"`` -> ``(12, 12)`` (rows, cols)."""
-    from ..bench.spec import parse_value
+    from ..spec import parse_value
 
     if isinstance(value, str):
         m = _GRID.match(value)
@@ -54,13 +55,13 @@ def parse_prune_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Turn harness settings (strings, or the ints/floats/bools a harness already
     converted) into keyword arguments for ``saint.patch`` on a LLaVA model.
 
-    Strings are parsed with the ``saint`` CLI syntax (:func:`saint.bench.spec.parse_value`):
+    Strings are parsed with the ``saint`` CLI syntax (:func:`saint.spec.parse_value`):
     ``llm_tau=0.8/0.8/0.7`` is a per-layer list, ``llm_tau=7#0.8/8#0.75`` a
     ``{layer: value}`` dict; ``llm_layers=7-16`` is ``(7, 16)`` and ``visual_keep=12x12``
     is ``(12, 12)``. Names and values are validated later by the LLaVA adapter
     (unknown names and settings the chosen method does not use are refused there).
     """
-    from ..bench.spec import parse_value
+    from ..spec import parse_value
 
     out: dict[str, Any] = {}
     for key, value in settings.items():

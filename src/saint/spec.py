@@ -11,10 +11,11 @@ unpatched model. The same syntax serves ``--model-args`` (``img_size=32,depth=4`
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..methods import get_method, make_config
+from .methods import get_method, make_config
 
 BASELINE_NAMES = ("none", "unpruned", "baseline")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -122,7 +123,7 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
 def parse_calibrated_spec(text: str) -> Variant:
     """Parse a SAINT-family spec for calibration: like :func:`parse_method_spec` but
     without ``tau`` (calibration picks it) and with an optional ``mode=global|per_layer``."""
-    from ..calibrate import MODES
+    from .calibrate import MODES
 
     v = parse_method_spec(text, validate=False)
     kwargs = dict(v.kwargs)
@@ -154,3 +155,13 @@ def format_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
+
+
+def with_baseline(variants: Sequence[Variant]) -> list[Variant]:
+    """``variants`` with the unpruned model first (exactly once)."""
+    rest = [v for v in variants if not v.is_baseline]
+    labels = [v.label for v in rest]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"method spec(s) given more than once: {dup}")
+    return [BASELINE, *rest]

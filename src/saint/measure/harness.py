@@ -18,10 +18,10 @@ import torch
 from .. import api
 from ..adapters import find_adapter, handle_of
 from ..assets import ImageRecord
-from ..eval.data import iter_batches
+from ..spec import Variant
 from .flops import count_flops
+from .images import iter_batches
 from .memory import peak_memory_mb
-from .spec import Variant
 from .timing import Timing, time_round_robin
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

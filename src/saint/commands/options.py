@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .harness import DTYPES, resolve_device, resolve_dtype
-from .spec import parse_kwargs
+from ..measure.harness import DTYPES, resolve_device, resolve_dtype
+from ..spec import parse_kwargs
 
 DEFAULT_MODEL = "dinov2-offline"
 
