@@ -424,3 +424,48 @@ def test_bad_calls_raise_clear_errors(images):
             model(input_ids=row[None], pixel_values=images[:1], cache=out.cache)
     with pytest.raises(ValueError, match="static cache"):
         model.generate(input_ids=row[None], pixel_values=images[:1], cache_implementation="static", **GREEDY)
+
+
+# ---------------------------------------------------------------------------- threads, copies
+def test_calls_from_two_threads_wait_for_each_other(images):
+    """One patched LLaVA shared by two threads: every call gets its own answer."""
+    import threading
+
+    model = saint.patch(make(), "saint", **HYBRID)
+    pixels = [images[0:1], images[1:3], images[3:4]]  # the second prompt holds two images
+    calls = [(ROWS[i % 3][None], pixels[i % 3]) for i in range(8)]
+    expected = [last_logits(model, ids, px) for ids, px in calls]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(part: int) -> None:
+        try:
+            start.wait()
+            for i in range(part, len(calls), 2):
+                results[i] = last_logits(model, *calls[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, want in enumerate(expected):
+        assert torch.equal(results[i], want), f"call {i}"
+
+
+def test_copying_or_pickling_a_patched_llava_says_unpatch_first():
+    import copy
+    import io
+
+    model = saint.patch(make(), "saint", **HYBRID)
+    with pytest.raises(TypeError, match="unpatch first"):
+        copy.deepcopy(model)
+    with pytest.raises(TypeError, match="unpatch first"):
+        torch.save(model, io.BytesIO())
+    saint.unpatch(model)
+    clone = copy.deepcopy(model)
+    assert not saint.is_patched(clone)

@@ -22,6 +22,20 @@ PICKLE_HINT = (
 )
 
 
+class RefusePickle:
+    """A hook function that refuses to be pickled with the "unpatch first" hint (pickle
+    meets a patched model's hooks before its handle)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(PICKLE_HINT)
+
+
 @dataclass
 class TokenStats:
     """Tokens entering each block in the last forward, one count per sample."""

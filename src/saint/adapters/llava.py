@@ -47,7 +47,8 @@ rows are padded and masked, so a prompt's output is the same alone or in a batch
 ``"batch"`` is the reference's batch vote (results depend on the batch).
 
 The per-forward state lives on the patch handle (one forward at a time per model
-instance); the maps a cached generation needs are stored on its cache object, so
+instance: calls from several threads wait for each other; a deep copy or pickle of a
+patched LLaVA is refused with "unpatch first"); the maps a cached generation needs are stored on its cache object, so
 cached generations may interleave. Not supported (clear errors): flash/flex
 attention, sliding-window layers, ``inputs_embeds``-only prompts with images, adding
 images to a non-empty cache, 4-D attention masks (incl. static caches) together
@@ -62,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +75,7 @@ from ..core import drop_top_ranked, gather_tokens, keep_mask_to_indices
 from ..methods import LayerContext, MethodSpec, SaintConfig, get_method
 from . import hf_llm, hf_vision
 from .base import Adapter, Grid, Handle, Probe, Site, batch_to, save_output
-from .common import SAINT_ATTR, TokenStats
+from .common import PICKLE_HINT, SAINT_ATTR, RefusePickle, TokenStats
 
 METHODS = ("saint", "fastv", "random", "pool")
 EXPAND = "_expand_multimodal_outputs"  # generate's (private) helper for num_beams / num_return_sequences > 1
@@ -258,7 +260,17 @@ class LlavaPatch(Handle):
     kept_input: torch.Tensor | None = None  # [B, L] input positions with an output (last forward)
     expand: Any = None  # the per-instance wrapper of generate's multimodal expansion
     trace: bool = False
+    lock: Any = field(default_factory=threading.RLock)  # one forward at a time (the state above is per forward)
     num_protected = 0  # image tokens have no protected prefix (text is never pruned)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(
+            "copy.deepcopy of a patched LLaVA is not supported (its hooks belong to this instance); "
+            "unpatch first: saint.unpatch(model), copy it, and patch the original and the copy"
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(PICKLE_HINT)
 
     @property
     def settings(self) -> dict[int, dict[str, Any]]:  # type: ignore[override]
@@ -368,17 +380,20 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
             tower, "budget", layers=[cfg.vit_layer], keep=cfg.vit_keep, step_div=cfg.vit_step_div
         )
     try:
+        # calls from several threads run one after another: the per-forward state is the handle's
+        handle.hooks.append(model.register_forward_pre_hook(RefusePickle(_make_guard(handle, enter=True)), prepend=True))
         pruner.install()
-        handle.hooks.append(mm.register_forward_pre_hook(_make_mm_pre(handle), with_kwargs=True))
+        handle.hooks.append(mm.register_forward_pre_hook(RefusePickle(_make_mm_pre(handle)), with_kwargs=True))
         handle.hooks.append(lm.register_forward_hook(_make_lm_post(handle)))
         if cfg.method in ("random", "pool"):
             handle.hooks.append(mm.multi_modal_projector.register_forward_hook(_make_projector_hook(handle)))
         if model is not mm:
-            handle.hooks.append(model.register_forward_pre_hook(_make_top_pre(handle), with_kwargs=True))
-            handle.hooks.append(model.register_forward_hook(_make_top_post(handle), with_kwargs=True))
+            handle.hooks.append(model.register_forward_pre_hook(RefusePickle(_make_top_pre(handle)), with_kwargs=True))
+            handle.hooks.append(model.register_forward_hook(RefusePickle(_make_top_post(handle)), with_kwargs=True))
             if hasattr(model, EXPAND) and EXPAND not in model.__dict__:
                 handle.expand = _make_expand(handle, getattr(model, EXPAND))
                 model.__dict__[EXPAND] = handle.expand
+        handle.hooks.append(model.register_forward_hook(RefusePickle(_make_guard(handle, enter=False)), always_call=True))
     except Exception:
         _remove(handle)
         raise
@@ -482,6 +497,18 @@ def _bind(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         return dict(kwargs)
     names = [p for p in inspect.signature(fn).parameters if p != "self"]
     return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+def _make_guard(handle: LlavaPatch, enter: bool):
+    """Hooks around the whole forward that hold the handle's lock (returning None, so
+    they leave the call's arguments and output alone)."""
+    def take(module: torch.nn.Module, args: tuple) -> None:
+        handle.lock.acquire()
+
+    def give(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        handle.lock.release()
+
+    return take if enter else give
 
 
 def _make_top_pre(handle: LlavaPatch):
