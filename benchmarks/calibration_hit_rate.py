@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from saint import assets
-from saint.calibrate import flops_fraction
+from saint.calibration import flops_fraction
 
 
 def rows(report: dict, model) -> list[list[str]]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import saint
-from saint.calibrate import block_flops, flops_fraction
+from saint.calibration import block_flops, flops_fraction
 
 from .conftest import make_tiny
 

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("eval",),
     ("measure",),  # harness, timing, FLOPs, memory, image sets, reports
     ("spec",),  # method specs / option parsing, no argparse
-    ("calibrate",),
+    ("calibration",),
     ("api",),
     ("adapters",),
     ("methods",),

@@ -2,7 +2,7 @@
 
 from .adapters.common import TokenStats
 from .api import is_patched, patch, stats, unpatch
-from .calibrate import Calibration, calibrate
+from .calibration import Calibration, calibrate
 from .methods import METHODS, get_method
 
 __all__ = ["METHODS", "Calibration", "TokenStats", "calibrate", "get_method", "is_patched", "patch", "stats", "unpatch"]

@@ -123,7 +123,7 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
 def parse_calibrated_spec(text: str) -> Variant:
     """Parse a SAINT-family spec for calibration: like :func:`parse_method_spec` but
     without ``tau`` (calibration picks it) and with an optional ``mode=global|per_layer``."""
-    from .calibrate import MODES
+    from .calibration import MODES
 
     v = parse_method_spec(text, validate=False)
     kwargs = dict(v.kwargs)

@@ -98,7 +98,7 @@ def _calibrate_variants(
     harness: Harness, calibrated: Sequence[Variant], speedups: Sequence[float], calib_x: torch.Tensor | None
 ) -> list[tuple[Variant, float, dict[str, Any], float]]:
     """Calibrate each variant to each speed-up on ``calib_x`` (model left unpatched)."""
-    from ..calibrate import calibrate
+    from ..calibration import calibrate
 
     if not calibrated:
         return []
@@ -195,7 +195,7 @@ def run_sweep(
     rows = []
     for (method, setting, v), cost in zip(points, cost_rows, strict=True):
         row: dict[str, Any] = {"method": method, "setting": setting, "label": v.label, "settings": dict(v.kwargs)}
-        scores = score_outputs(outputs[v.label], ref, labels, image_set.label_space, v is BASELINE)
+        scores = score_outputs(outputs[v.label], ref, labels, image_set.label_space, False)  # unpruned too: computed
         row.update({k: scores[k] for k in scores if k not in ("tokens_per_block", "mean_tokens")})
         row["tokens_per_block"] = scores["tokens_per_block"]  # over the image set
         row["mean_tokens"] = scores["mean_tokens"]
@@ -206,10 +206,6 @@ def run_sweep(
         row["timing_flops_ratio"] = cost["ideal_speedup"]
         for k in ("speedup", "speedup_best", "efficiency", "images_per_s", "ms_median", "ms_min"):
             row[k] = cost.get(k)
-        if v is BASELINE:
-            row.update(centered_cosine=1.0, retrieval_at_1=1.0, cosine=1.0, centered_cosine_min=1.0)
-            if ref.logits is not None:
-                row["top1_agreement"] = 1.0
         rows.append(row)
     x_key = "speedup" if repeats > 0 else "flops_ratio"
     mask = pareto_mask([r[x_key] for r in rows], [r["centered_cosine"] for r in rows])

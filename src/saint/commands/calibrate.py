@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import assets
-    from ..calibrate import calibrate
+    from ..calibration import calibrate
     from ..measure.harness import timing_batch
     from ..measure.images import resolve_images
     from ..spec import format_value, parse_kwargs

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     variants = [BASELINE, saint_v, tome_v]
     outs = [ref, sout, tout]
     if args.plus_speedup:
-        from ..calibrate import calibrate
+        from ..calibration import calibrate
 
         calib_x = timing_batch(images.records, transform, len(images.records))
         print(f"calibrating SAINT+ to {args.plus_speedup:g}x FLOPs-ideal on the photos ...")

@@ -1,4 +1,4 @@
-"""Fixed-budget similarity drop (SAINT.md, "ViT-only" mode): iteratively remove the
+"""Fixed-budget similarity drop (SAINT paper, arXiv:2503.11549, "ViT-only" mode): iteratively remove the
 tokens most similar to the rest until exactly ``keep`` prunable tokens remain."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SAINT graph-based drop with a dynamic rate (SAINT.md, "SAINT drop").
+"""SAINT graph-based drop with a dynamic rate (SAINT paper, arXiv:2503.11549, "SAINT drop").
 
 Candidates are the even prunable positions, anchors the odd ones; a candidate is
 linked to every anchor whose cosine similarity reaches ``tau``; a candidate with at

@@ -5,8 +5,9 @@ exact). CPU on Linux: the process's peak resident set size (``VmHWM``) after res
 through ``/proc/self/clear_refs``, minus the resident size before the call; this counts
 the allocator's and the OS's behaviour too, so treat it as an approximate figure: in a
 long-lived process the allocator may reuse memory that is already resident and the
-figure then reads low.
-Elsewhere the result is ``None`` (reported as n/a), never a guess.
+figure then reads low, and when the call needed no new resident memory at all the
+result is ``None``, not 0. Elsewhere the result is ``None`` (reported as n/a), never a
+guess.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float |
             return None
         fn()
         peak = _status_kib("VmHWM")
-        if peak is None:
+        if peak is None or peak <= before:  # served from memory already resident: not measurable
             return None
-        return max(peak - before, 0) / 1024
+        return (peak - before) / 1024
     fn()
     return None

@@ -61,9 +61,30 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def git_state(path: str | Path | None = None) -> dict[str, Any]:
+    """The git commit of the saint checkout (``path``: any file inside it) and whether
+    its tracked files differ from that commit; None values outside a git checkout."""
+    import subprocess
+
+    where = Path(path or __file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def environment(device: torch.device | str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Date (UTC), device, torch threads, versions, platform and command line."""
+    """Date (UTC), git commit and dirty flag, device, torch threads, versions, platform
+    and command line."""
     return {
+        "git": git_state(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_description(device),
         "device_type": torch.device(device).type,
