@@ -58,10 +58,22 @@ def _decoder_classes() -> tuple[type, ...]:
         classes.append(Qwen2Model)
     except ImportError:  # pragma: no cover
         pass
+    try:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+        classes.append(Qwen2_5_VLTextModel)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+        classes.append(Qwen3VLTextModel)
+    except ImportError:  # pragma: no cover
+        pass
     return tuple(classes)
 
 
-SUPPORTED_DECODERS = "LlamaModel (Llama, Vicuna: LLaVA-1.5), Qwen2Model"
+SUPPORTED_DECODERS = "LlamaModel (Llama, Vicuna: LLaVA-1.5), Qwen2Model, Qwen2_5_VLTextModel, Qwen3VLTextModel"
 
 
 def check_decoder(decoder: torch.nn.Module) -> None:

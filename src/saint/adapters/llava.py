@@ -341,31 +341,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     mm = model.model if isinstance(model, _llava_classes()[0]) else model
     lm = mm.language_model
     hf_llm.check_decoder(lm)
-    n_layers = len(lm.layers)
-    schedule: dict[int, hf_llm.Selector] = {}
-    query_layers: tuple[int, ...] = ()
-    if cfg.method == "saint" and cfg.mode in ("llm", "hybrid"):
-        start, end = cfg.llm_range()
-        if end > n_layers - 2:
-            raise ValueError(
-                f"llm_layers=({start}, {end}): the language model has {n_layers} layers (0..{n_layers - 1}) and "
-                f"pruning after the last one saves nothing; end must be <= {n_layers - 2}"
-            )
-        saint_cfg = SaintConfig(layers=list(range(start, end + 1)), tau=cfg.llm_tau, k=cfg.llm_k,
-                                gamma=cfg.llm_gamma, rate=cfg.llm_rate)
-        try:
-            settings = saint_cfg.resolve(n_layers)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"llm settings: {e} (llm_tau/llm_k/llm_gamma)") from None
-        schedule = {i: _saint_selector(s, saint_cfg, llm_spec) for i, s in settings.items()}
-    elif cfg.method == "fastv":
-        if cfg.fastv_layer > n_layers - 1:
-            raise ValueError(
-                f"fastv_layer={cfg.fastv_layer}: the language model has {n_layers} layers; the first layer that "
-                f"sees the pruned sequence must be in 1..{n_layers - 1}"
-            )
-        schedule = {cfg.fastv_layer - 1: _fastv_selector(cfg.fastv_ratio)}
-        query_layers = (cfg.fastv_layer - 1,)
+    schedule, query_layers = llm_schedule(cfg, len(lm.layers), llm_spec)
 
     tower = mm.vision_tower
     if cfg.prunes_vit:
@@ -399,6 +375,39 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
         raise
     model.__dict__[SAINT_ATTR] = handle
     return handle
+
+
+def llm_schedule(cfg: Any, n_layers: int, llm_spec: MethodSpec | None = None
+                 ) -> tuple[dict[int, hf_llm.Selector], tuple[int, ...]]:
+    """The decoder pruner's schedule for SAINT's llm/hybrid modes (``llm_spec``: a
+    SAINT-family method other than "saint", e.g. a calibration probe) or FastV, shared
+    by every adapter that prunes inside a language model: ``{layer: selector}`` and
+    the layers whose last-token query FastV reads."""
+    schedule: dict[int, hf_llm.Selector] = {}
+    query_layers: tuple[int, ...] = ()
+    if cfg.method == "saint" and cfg.mode in ("llm", "hybrid"):
+        start, end = cfg.llm_range()
+        if end > n_layers - 2:
+            raise ValueError(
+                f"llm_layers=({start}, {end}): the language model has {n_layers} layers (0..{n_layers - 1}) and "
+                f"pruning after the last one saves nothing; end must be <= {n_layers - 2}"
+            )
+        saint_cfg = SaintConfig(layers=list(range(start, end + 1)), tau=cfg.llm_tau, k=cfg.llm_k,
+                                gamma=cfg.llm_gamma, rate=cfg.llm_rate)
+        try:
+            settings = saint_cfg.resolve(n_layers)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"llm settings: {e} (llm_tau/llm_k/llm_gamma)") from None
+        schedule = {i: _saint_selector(s, saint_cfg, llm_spec) for i, s in settings.items()}
+    elif cfg.method == "fastv":
+        if cfg.fastv_layer > n_layers - 1:
+            raise ValueError(
+                f"fastv_layer={cfg.fastv_layer}: the language model has {n_layers} layers; the first layer that "
+                f"sees the pruned sequence must be in 1..{n_layers - 1}"
+            )
+        schedule = {cfg.fastv_layer - 1: _fastv_selector(cfg.fastv_ratio)}
+        query_layers = (cfg.fastv_layer - 1,)
+    return schedule, query_layers
 
 
 def unpatch(model: torch.nn.Module) -> None:

@@ -1,0 +1,94 @@
+"""Tiny random Qwen2.5-VL / Qwen3-VL models and processor-shaped prompts for the tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+IMG, VID, VS, VE = 120, 121, 122, 123
+PATCH = 4
+IN = 3 * 2 * PATCH * PATCH  # one flattened patch: channels x temporal patch x patch x patch
+DEPTH = 6  # decoder layers
+VDEPTH = 4  # vision blocks
+
+
+def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    vision = dict(depth=VDEPTH, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, in_channels=3)
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+    torch.manual_seed(seed)
+    if family == "qwen2_5_vl":
+        vision.update(window_size=16, fullatt_block_indexes=[1, 3])
+        text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+        cfg = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, attn_implementation=impl, **ids)
+        model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+    else:
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        text.update(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                      mrope_section=[2, 3, 3], mrope_interleaved=True))
+        cfg = transformers.Qwen3VLConfig(vision_config=vision, text_config=text, attn_implementation=impl, **ids)
+        model = transformers.Qwen3VLForConditionalGeneration(cfg)
+    model = model.eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # always NEW tokens: rows alone and batched stay aligned
+    return model
+
+
+def tokens(grid: tuple[int, int, int]) -> int:
+    t, h, w = grid
+    return t * h * w // 4
+
+
+def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
+    """A prompt: ints are text lengths, ('image'|'video', grid) an image or video span
+    (Qwen3-VL's processor wraps every video frame in its own timestamp + start/end tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in parts:
+        if isinstance(p, int):
+            out.append(torch.randint(3, 100, (p,), generator=g))
+        elif p[0] == "image" or family == "qwen2_5_vl":
+            tok = IMG if p[0] == "image" else VID
+            out += [torch.tensor([VS]), torch.full((tokens(p[1]),), tok), torch.tensor([VE])]
+        else:
+            t, h, w = p[1]
+            for i in range(t):
+                out += [torch.tensor([100 + i, VS]), torch.full((tokens((1, h, w)),), VID), torch.tensor([VE])]
+    return torch.cat(out)
+
+
+def pixels(grid: tuple[int, int, int], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + seed)
+    t, h, w = grid
+    x = torch.randn(t * h * w, IN, generator=g)
+    if seed % 2 == 0:  # a redundant image: half its patches identical
+        x[: len(x) // 2] = x[0]
+    return x
+
+
+def inputs(rows: list[list], seeds: list[int] | None = None, family: str = "qwen2_5_vl") -> dict[str, torch.Tensor]:
+    """Left-padded batch with everything the processor returns."""
+    seeds = seeds or list(range(len(rows)))
+    ids = [row(r, s, family) for r, s in zip(rows, seeds, strict=True)]
+    n = max(len(r) for r in ids)
+    input_ids = torch.zeros(len(ids), n, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(ids):
+        input_ids[i, n - len(r):] = r
+        mask[i, n - len(r):] = 1
+    out: dict[str, torch.Tensor] = dict(input_ids=input_ids, attention_mask=mask)
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    types[input_ids == IMG] = 1
+    types[input_ids == VID] = 2
+    out["mm_token_type_ids"] = types
+    for kind, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                ("video", "pixel_values_videos", "video_grid_thw")):
+        items = [(p[1], 10 * s + j) for r, s in zip(rows, seeds, strict=True)
+                 for j, p in enumerate(r) if not isinstance(p, int) and p[0] == kind]
+        if items:
+            out[key] = torch.cat([pixels(g, s) for g, s in items])
+            out[grid_key] = torch.tensor([list(g) for g, _ in items])
+    return out

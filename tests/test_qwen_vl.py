@@ -1,0 +1,297 @@
+"""Qwen2.5-VL and Qwen3-VL: SAINT's vit / llm / hybrid modes and the FastV and random
+baselines on tiny random models, images of different sizes, several images per
+prompt and video (see tests/qwen_tiny.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import saint  # noqa: E402
+from saint.adapters.common import get_handle  # noqa: E402
+
+from .qwen_tiny import DEPTH, IMG, VID, inputs, make, tokens  # noqa: E402
+
+NEW = 4
+GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMG, VID])
+FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+# three prompts: one image; two images of different sizes; a two-frame video
+ROWS = [[3, ("image", (1, 8, 8)), 4], [2, ("image", (1, 8, 12)), 3, ("image", (1, 4, 8)), 2],
+        [1, ("video", (2, 8, 8)), 5]]
+CONFIGS = {
+    "llm": dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2),
+    "vit": dict(mode="vit", vit_layer=1, vit_ratio=0.5),
+    "hybrid": dict(mode="hybrid", vit_layer=1, vit_ratio=0.5, llm_layers=(0, 3), llm_tau=0.3, llm_k=2),
+    "fastv": dict(method="fastv", fastv_layer=2, fastv_ratio=0.5),
+    "random": dict(method="random", keep_ratio=0.4),
+}
+NOTHING = {
+    "llm": dict(mode="llm", llm_layers=(0, DEPTH - 2), llm_tau=0.3, llm_k=1000),
+    "vit": dict(mode="vit", vit_layer=1, vit_ratio=1.0),
+    "fastv": dict(method="fastv", fastv_layer=1, fastv_ratio=0.0),
+    "random": dict(method="random", keep_ratio=1.0),
+}
+
+
+def batch(family: str, rows: list | None = None) -> dict[str, torch.Tensor]:
+    return inputs(rows or ROWS, family=family)
+
+
+def alone(family: str) -> list[dict[str, torch.Tensor]]:
+    return [inputs([r], seeds=[i], family=family) for i, r in enumerate(ROWS)]
+
+
+def gen(model, x, **kw):
+    with torch.no_grad():
+        return model.generate(**x, **{**GREEDY, **kw})[:, -kw.get("max_new_tokens", NEW):]
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(**x).logits
+
+
+# ---------------------------------------------------------------------------- identity
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", sorted(NOTHING))
+def test_pruning_nothing_is_identical_to_unpatched(family, name):
+    model = make(family)
+    x = batch(family)
+    ref, ref_ids = logits(model, x), gen(model, x)
+    saint.patch(model, **NOTHING[name])
+    assert torch.equal(logits(model, x), ref)
+    assert torch.equal(gen(model, x), ref_ids)
+    tokens_ = saint.stats(model).tokens
+    assert all(t == tokens_[0] for t in tokens_)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["hybrid", "fastv", "random"])
+def test_unpatch_restores_identical_outputs(family, name):
+    model = make(family)
+    x = batch(family)
+    ref, ref_ids = logits(model, x), gen(model, x)
+    saint.patch(model, **CONFIGS[name])
+    gen(model, x)
+    pruned = logits(model, x)
+    assert bool(pruned.isnan().any())  # the patch dropped something
+    saint.unpatch(model)
+    assert not saint.is_patched(model)
+    assert not model.model.__dict__.keys() & {"get_image_features", "get_video_features"}
+    assert torch.equal(logits(model, x), ref)
+    assert torch.equal(gen(model, x), ref_ids)
+
+
+# ---------------------------------------------------------------------------- consistency
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_batch_equals_alone_and_cached_equals_uncached(family, name):
+    """Left-padded prompts with images of different sizes, two images in one prompt
+    and a video: each row equals the prompt alone (generated ids, last logits, per-row
+    and per-image counts), and cached greedy decoding equals the uncached loop (not
+    for FastV, whose ranking query is the newest token of every uncached step)."""
+    model = make(family)
+    saint.patch(model, **CONFIGS[name])
+    x = batch(family)
+    ids = gen(model, x)
+    stats, images = saint.stats(model), get_handle(model).image_stats()
+    last = logits(model, x)[:, -1]
+    solo_ids, solo_last, solo_stats, solo_images = [], [], [], []
+    for xi in alone(family):
+        solo_ids.append(gen(model, xi))
+        solo_last.append(logits(model, xi)[:, -1])
+        solo_stats.append(saint.stats(model))
+        solo_images.append(get_handle(model).image_stats())
+    assert torch.equal(ids, torch.cat(solo_ids))
+    torch.testing.assert_close(last, torch.cat(solo_last), rtol=1e-4, atol=1e-5)
+    for b, s in enumerate(solo_stats):
+        assert [t[b] for t in stats.tokens] == [t[0] for t in s.tokens]
+    assert [sum((t.tokens[i] for t in solo_images), []) for i in range(3)] == images.tokens
+    if name != "fastv":
+        assert torch.equal(ids, gen(model, x, use_cache=False))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["hybrid", "random"])
+def test_sampling_and_beams_cached_equals_uncached(family, name):
+    """Seeded sampling and beam search (the cache reorder carries the per-row maps;
+    generate pre-encodes the pixels through the wrapped feature functions)."""
+    model = make(family)
+    saint.patch(model, **CONFIGS[name])
+    x = batch(family, ROWS[:2])
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        outs.append(gen(model, x, do_sample=True, top_k=0, temperature=2.0, use_cache=use_cache))
+    assert torch.equal(*outs)
+    assert torch.equal(gen(model, x, num_beams=3), gen(model, x, num_beams=3, use_cache=False))
+
+
+# ---------------------------------------------------------------------------- positions & caches
+def _positions(model, x, **kw):
+    """3-D position ids the language model receives in each call of a generate."""
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["position_ids"].clone()), with_kwargs=True)
+    gen(model, x, **kw)
+    hook.remove()
+    return [p[-3:] for p in seen]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["vit", "random"])
+def test_kept_tokens_keep_their_full_grid_positions(family, name):
+    """After a vision-side reduction the prompt holds the kept tokens at exactly the
+    M-RoPE positions get_rope_index gives them on the full grid, and every decoding
+    step gets the unpruned model's position."""
+    model = make(family)
+    x = batch(family)
+    full, deltas = model.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], x.get("image_grid_thw"),
+                                             x.get("video_grid_thw"), attention_mask=x["attention_mask"])
+    ref = _positions(model, x)
+    saint.patch(model, **CONFIGS[name])
+    got = _positions(model, x)
+    kept = get_handle(model).kept_input
+    for b in range(len(ROWS)):
+        real = x["attention_mask"][b].bool()
+        expect = full[:, b, kept[b] & real]
+        pos = got[0][:, b]
+        assert torch.equal(pos[:, -expect.shape[1]:], expect)
+        # by hand: the last prompt token sits at max position, decoding continues after it
+        assert int(expect[:, -1].max()) == int(full[:, b, real].max())
+        assert int(expect[:, -1].max()) + 1 == int(deltas[b]) + int(real.sum())
+    assert len(got) == len(ref) == NEW
+    for step in range(1, NEW):
+        assert torch.equal(got[step], ref[step])
+    dropped = ~kept & x["attention_mask"].bool()
+    assert bool(dropped.any()) and bool(torch.isin(x["input_ids"][dropped], torch.tensor([IMG, VID])).all())
+
+
+def test_llm_positions_and_cache_lengths():
+    """LLM-side drop: kept tokens keep their original 3-D positions (what layer 0 saw)
+    and each layer's cache holds exactly the tokens that entered it."""
+    model = make()
+    saint.patch(model, **CONFIGS["llm"])
+    x = batch("qwen2_5_vl", ROWS[1:2])
+    seen = []
+    hook = model.model.language_model.layers[4].register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["position_embeddings"][0].clone()), with_kwargs=True)
+    layer0 = []
+    hook0 = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: layer0.append(k["position_embeddings"][0].clone()), with_kwargs=True)
+    with torch.no_grad():
+        out = model.generate(**x, **GREEDY, return_dict_in_generate=True)
+    hook.remove()
+    hook0.remove()
+    kept = get_handle(model).kept_input[0]
+    assert torch.equal(seen[0][0], layer0[0][0][kept])
+    for step in range(1, NEW):
+        assert torch.equal(seen[step], layer0[step])
+    stats = saint.stats(model)
+    n_text = int((~torch.isin(x["input_ids"], torch.tensor([IMG, VID]))).sum())
+    for i, layer in enumerate(out.cache.layers):
+        assert layer.keys.shape[2] == n_text + stats.tokens[1 + i][0] + NEW - 1, f"layer {i}"
+    assert stats.tokens[4][0] < stats.tokens[1][0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vit_budget_per_image_and_video_frame(family):
+    """vit mode keeps round(vit_ratio * groups) merge groups of every image and of
+    every video frame group; nothing else changes the counts."""
+    model = make(family)
+    saint.patch(model, mode="vit", vit_layer=2, vit_ratio=0.3)
+    with torch.no_grad():
+        model(**batch(family))
+    st = get_handle(model).image_stats()
+    grids = [(1, 8, 8), (1, 8, 12), (1, 4, 8)]
+    frames = [(1, 8, 8)] * 2
+    expect_in = [tokens(g) for g in grids]
+    expect_kept = [round(0.3 * tokens(g)) for g in grids]
+    if family == "qwen2_5_vl":  # the video is one run of two frame groups
+        expect_in.append(2 * tokens(frames[0]))
+        expect_kept.append(2 * round(0.3 * tokens(frames[0])))
+    else:  # Qwen3-VL wraps every frame
+        expect_in += [tokens(f) for f in frames]
+        expect_kept += [round(0.3 * tokens(f)) for f in frames]
+    assert st.tokens[0] == expect_in
+    assert st.tokens[1] == st.tokens[2] == expect_kept
+
+
+def test_vit_selection_is_the_budget_drop_on_group_keys():
+    """The kept groups are exactly what fixed_budget_keep_mask picks on the mean key
+    of each merge group at vit_layer (window order), read from the unpatched tower."""
+    from saint.core import fixed_budget_keep_mask
+
+    model = make()
+    x = inputs([[2, ("image", (1, 8, 12)), 2]])
+    tower = model.model.visual
+    grab = {}
+    h = tower.blocks[1].attn.qkv.register_forward_hook(lambda m, a, o: grab.update(qkv=o))
+    with torch.no_grad():
+        model(**x)
+    h.remove()
+    n = grab["qkv"].shape[0]
+    keys = grab["qkv"].view(n, 3, 2, -1)[:, 1].float().mean(dim=1).view(n // 4, 4, -1).mean(dim=1)
+    expect_win = fixed_budget_keep_mask(keys[None], round(0.5 * (n // 4)), 16)[0]
+    from transformers.vision_utils import get_vision_window_index
+
+    order, _ = get_vision_window_index(x["image_grid_thw"], 2, tower.window_size, tower.patch_size)
+    expect = torch.empty_like(expect_win)
+    expect[order] = expect_win
+    saint.patch(model, mode="vit", vit_layer=1, vit_ratio=0.5)
+    with torch.no_grad():
+        model(**x)
+    kept = get_handle(model).kept_input[0][x["input_ids"][0] == IMG]
+    assert torch.equal(kept, expect)
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(mode="vit", vit_layer=3), ValueError, "vit_layer must be <= 2"),
+        (dict(mode="vit", vit_layer=1, vit_ratio=0.0), ValueError, "vit_ratio=0.0 must be a fraction"),
+        (dict(mode="vit", vit_layer=1, vit_ratio=1.5), ValueError, "vit_ratio=1.5"),
+        (dict(mode="llm", llm_layers=(3, 2)), ValueError, "empty or reversed"),
+        (dict(mode="llm", llm_layers=(1, DEPTH - 1)), ValueError, "end must be <= 4"),
+        (dict(mode="llm", llm_layers=(1, 2), llm_tau=1.5), ValueError, "tau=1.5 is outside"),
+        (dict(mode="llm", llm_layers=(1, 2), vit_ratio=0.5), TypeError, "does not use"),
+        (dict(mode="warp"), ValueError, "mode must be one of"),
+        (dict(method="fastv", fastv_layer=DEPTH), ValueError, "fastv_layer=6"),
+        (dict(method="fastv", fastv_ratio=1.0), ValueError, "fastv_ratio"),
+        (dict(method="random"), ValueError, "needs keep_ratio"),
+        (dict(method="random", keep_ratio=0.5, mode="llm"), TypeError, "mode= is for"),
+        (dict(method="pool", visual_keep=4), ValueError, "unknown Qwen-VL method"),
+        (dict(mode="llm", llm_layers=(1, 2), tua=0.5), TypeError, "does not take"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(kw, err, match):
+    model = make()
+    with pytest.raises(err, match=match):
+        saint.patch(model, **kw)
+    assert not saint.is_patched(model)
+
+
+def test_bad_calls_raise_clear_errors():
+    model = make("qwen2_5_vl")
+    saint.patch(model, **CONFIGS["vit"])
+    x = inputs([ROWS[0]])
+    bad = dict(x, input_ids=x["input_ids"][:, 1:], attention_mask=None, mm_token_type_ids=x["mm_token_type_ids"][:, 1:])
+    bad["input_ids"] = bad["input_ids"].clone()
+    bad["input_ids"][0, 5] = 7  # one image token too few
+    with pytest.raises(ValueError, match="15 image tokens"):
+        model(**bad)
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        model(**x, output_hidden_states=True)
+    with torch.no_grad():
+        out = model(**x, use_cache=True)
+        with pytest.raises(ValueError, match="non-empty cache"):
+            model(**x, cache=out.cache)
+    with pytest.raises(ValueError, match="static cache"):
+        model.generate(**x, cache_implementation="static", **GREEDY)
+    flash = make("qwen2_5_vl")
+    flash.model.language_model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
+        saint.patch(flash, **CONFIGS["llm"])
