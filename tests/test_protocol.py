@@ -1,6 +1,6 @@
 """Every tool works on every model family through the adapter protocol: calibrate,
 the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
-a tiny timm ViT, a tiny CLIP tower, a tiny SigLIP tower and a tiny LLaVA."""
+a tiny timm ViT, a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA and a tiny Qwen2.5-VL."""
 
 from __future__ import annotations
 
@@ -43,6 +43,18 @@ def llava_inputs(n: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.stack(rows), "pixel_values": px}
 
 
+def tiny_qwen() -> torch.nn.Module:
+    from .qwen_tiny import make
+
+    return make("qwen2_5_vl")
+
+
+def qwen_inputs(n: int) -> dict[str, torch.Tensor]:
+    from .qwen_tiny import inputs
+
+    return inputs([[3, ("image", (1, 8, 8)), 4]] * n, seeds=list(range(n)))
+
+
 def vision_inputs(n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 3, 32, 32, generator=g)
@@ -50,8 +62,9 @@ def vision_inputs(n: int) -> torch.Tensor:
     return x
 
 
-def one(inputs):
-    return {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
+def one(model, inputs):
+    """The first sample of a batch, split by the model's adapter."""
+    return next(iter(find_adapter(model).split(inputs, 1)))
 
 
 # family -> (model, inputs, SAINT settings calibration passes through, a pruning variant)
@@ -64,7 +77,10 @@ FAMILIES = {
                        vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
     "llava": lambda: (tiny_llava(), llava_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
                       Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
+    "qwen_vl": lambda: (tiny_qwen(), qwen_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
+                        Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
 }
+VLMS = ("llava", "qwen_vl")
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -93,7 +109,7 @@ def test_calibrate_hits_the_target_and_reproduces(family):
     saint.unpatch(model)
     with torch.no_grad():
         after = adapter.forward(model, inputs)
-    key = "logits" if name == "llava" else ("last_hidden_state" if name != "timm" else None)
+    key = "logits" if name in VLMS else ("last_hidden_state" if name != "timm" else None)
     a, b = (before, after) if key is None else (getattr(before, key), getattr(after, key))
     assert torch.equal(a, b)
 
@@ -114,7 +130,7 @@ def test_harness_counts_flops_and_times_one_round(family):
 def test_token_analysis_reads_every_site(family):
     name, model, inputs, _, _ = family
     adapter = find_adapter(model)
-    batches = [inputs] if name == "llava" else inputs
+    batches = [inputs] if name in VLMS else inputs
     evo = token_evolution(model, batches, batch_size=3)
     assert evo.blocks == [s.name for s in adapter.sites(model)]
     assert evo.num_images == adapter.batch_size(inputs)
@@ -124,9 +140,9 @@ def test_token_analysis_reads_every_site(family):
 
 def test_trace_kept_maps_the_patch_grid(family):
     name, model, inputs, _, _ = family
-    grid = find_adapter(model).grid(model)
-    settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if name == "llava" else dict(tau=0.0, k=1)
-    kept = trace_kept(model, one(inputs), "saint", **settings)
+    grid = find_adapter(model).grid(model, one(model, inputs) if name == "qwen_vl" else None)
+    settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if name in VLMS else dict(tau=0.0, k=1)
+    kept = trace_kept(model, one(model, inputs), "saint", **settings)
     assert [g.shape for g in kept.groups] == [(grid.rows, grid.cols)] * len(kept.layers)
     assert kept.kept[0] < grid.num_patches, "tau=0 drops candidates at the first pruning site"
     assert all(a >= b for a, b in zip(kept.kept, kept.kept[1:], strict=False))

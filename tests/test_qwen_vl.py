@@ -295,3 +295,22 @@ def test_bad_calls_raise_clear_errors():
     flash.model.language_model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
         saint.patch(flash, **CONFIGS["llm"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_splits_a_batch_into_its_prompts_with_their_images(family):
+    """The protocol's split hands every prompt its own patches and grids (images of
+    different sizes, two images in one prompt, a video)."""
+    adapter = saint.adapters.find_adapter(make(family))
+    assert adapter.name == "qwen_vl"
+    x = batch(family)
+    parts = list(adapter.split(x, 1))
+    for part, solo in zip(parts, alone(family), strict=True):
+        n = int(part["attention_mask"].sum())
+        assert torch.equal(part["input_ids"][:, -n:], solo["input_ids"])
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            assert (key in solo) == (part.get(key) is not None and len(part[key]) > 0), key
+            if key in solo:
+                assert torch.equal(part[key], solo[key]), key
+    grid = adapter.grid(make(family), parts[1])
+    assert (grid.rows, grid.cols, grid.patch) == (4, 6, (8, 8))

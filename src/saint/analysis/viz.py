@@ -73,7 +73,7 @@ def trace_kept(model: nn.Module, x: Any, method: str, **settings: Any) -> KeptMa
         raise ValueError("the model is already patched by saint; unpatch it before tracing")
     adapter = find_adapter(model)
     x = _single(x)
-    (gh, gw), _ = _grid(model, x if isinstance(x, torch.Tensor) else None)
+    (gh, gw), _ = _grid(model, x)
     patch(model, method, trace=True, **settings)
     try:
         handle = handle_of(model)
@@ -131,7 +131,7 @@ def compare_methods(
     if unknown:
         raise ValueError(f"viz compares {sorted(ROW_LABELS)}; got {unknown}")
     x = _single(x)
-    (gh, gw), _ = _grid(model, x if isinstance(x, torch.Tensor) else None)
+    (gh, gw), _ = _grid(model, x)
     ref = trace_kept(model, x, "saint", **dict(saint_settings or {}))
     drops = matched_drops(ref.kept, gh * gw)
     out = []
