@@ -44,7 +44,7 @@ def test_calibration_hits_target_and_reproduces(mode, target, calib_images):
         saint.patch(model, "saint", **cal.patch_kwargs())
         assert torch.equal(model(calib_images), out)
         assert saint.stats(model).tokens == tokens
-    again = saint.calibrate(model, calib_images, mode=mode, k=1, tol=0.02, **target)
+    again = saint.calibrate(saint.unpatch(model), calib_images, mode=mode, k=1, tol=0.02, **target)
     assert again.tau == cal.tau, "deterministic"
 
 
@@ -79,3 +79,52 @@ def test_saint_plus_defaults_and_calibration(calib_images):
     assert cal.achieved == pytest.approx(1.3, rel=0.08)
     handle = saint.adapters.common.get_handle(model)
     assert handle.spec.name == "saint_plus" and handle.config.k == 1 and handle.calibration is cal
+
+
+def state_of(model: torch.nn.Module) -> dict:
+    """Everything that patching changes: per-instance attributes of every module and hooks."""
+    return {name: (sorted(vars(m)), len(m._forward_hooks), len(m._forward_pre_hooks), m.training)
+            for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("failure", ["image size", "forward"])
+def test_failed_calibration_leaves_the_model_as_it_was(failure, calib_images):
+    model = make_tiny("vit").train()
+    before = state_of(model)
+    images = calib_images[:, :, :16] if failure == "image size" else calib_images
+    hook = None
+    if failure == "forward":
+        def fail(module, args):
+            raise RuntimeError("boom")
+
+        hook = model.blocks[1].register_forward_pre_hook(fail)
+        before = state_of(model)
+    with pytest.raises((RuntimeError, AssertionError, ValueError)):
+        saint.calibrate(model, images, keep=0.8, k=1)
+    assert not saint.is_patched(model)
+    assert state_of(model) == before
+    if hook is not None:
+        hook.remove()
+    torch.testing.assert_close(model.eval()(calib_images), make_tiny("vit")(calib_images), rtol=0, atol=0)
+
+
+def test_calibrating_a_patched_model_is_refused(calib_images):
+    model = saint.patch(make_tiny("vit"), "tome", r=2)
+    with pytest.raises(ValueError, match="unpatch it before calibrating"):
+        saint.calibrate(model, calib_images, keep=0.8)
+
+
+@pytest.mark.parametrize("target", [dict(speedup=100.0), dict(keep=1e-6)])
+def test_unreachable_target_warns_with_the_closest_value(target, calib_images):
+    model = make_tiny("vit")
+    with pytest.warns(saint.CalibrationWarning, match="cannot reach .* closest it gets is"):
+        cal = saint.calibrate(model, calib_images, k=1, **target)
+    assert not cal.reached
+    assert saint.is_patched(model)  # with the closest taus found
+    assert (cal.achieved < 100.0) if "speedup" in target else (cal.achieved > 1e-6)
+
+
+def test_reached_target_does_not_warn(calib_images, recwarn):
+    cal = saint.calibrate(make_tiny("vit"), calib_images, keep=0.8, k=1, tol=0.02)
+    assert cal.reached
+    assert not [w for w in recwarn if issubclass(w.category, saint.CalibrationWarning)]

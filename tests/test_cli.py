@@ -120,6 +120,14 @@ def test_calibrate_command(images, tmp_path, capsys) -> None:
     assert main(["calibrate", *TINY, *COMMON, "--images", images, "--keep", "0.8", "--method", "tome"]) == 2
 
 
+def test_calibrate_command_fails_on_an_unreachable_target(images, tmp_path, capsys) -> None:
+    out = tmp_path / "cal.json"
+    rc = main(["calibrate", *TINY, *COMMON, "--images", images, "--speedup", "100", "--json", str(out)])
+    assert rc == 1
+    assert "out of reach" in capsys.readouterr().err
+    assert json.loads(out.read_text())["reached"] is False
+
+
 def test_bad_input_is_a_clear_error(images, capsys) -> None:
     assert main(["bench", *TINY, *COMMON, "--images", images, "--method", "tome:tau=1"]) == 2
     assert "does not take ['tau']" in capsys.readouterr().err

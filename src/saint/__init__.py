@@ -2,8 +2,8 @@
 
 from .adapters.common import TokenStats
 from .api import is_patched, patch, stats, unpatch
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, CalibrationWarning, calibrate
 from .methods import METHODS, get_method
 
-__all__ = ["METHODS", "Calibration", "TokenStats", "calibrate", "get_method", "is_patched", "patch", "stats", "unpatch"]
+__all__ = ["METHODS", "Calibration", "CalibrationWarning", "TokenStats", "calibrate", "get_method", "is_patched", "patch", "stats", "unpatch"]
 __version__ = "0.1.0"

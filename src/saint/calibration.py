@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +28,15 @@ import torch
 
 from .adapters import Adapter, find_adapter, handle_of
 from .adapters.base import vit_block_flops
-from .api import patch, unpatch
+from .api import is_patched, patch, unpatch
 from .core import saint_graph
 from .methods import LayerContext, MethodSpec, SaintConfig, Selection, get_method, saint_metric
 
 TARGETS = ("speedup", "flops", "keep")
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration target could not be reached; the closest value was used."""
 MODES = ("global", "per_layer")
 
 
@@ -50,6 +55,7 @@ class Calibration:
     iterations: int
     history: list[tuple[float, float]] = field(default_factory=list)
     tau_setting: str = "tau"  # the patch keyword that carries tau (LLaVA: "llm_tau")
+    reached: bool = True  # False: the target is out of reach; ``achieved`` is the closest value found
 
     def patch_kwargs(self) -> dict[str, Any]:
         return {**self.settings, self.tau_setting: dict(self.tau)}
@@ -155,7 +161,9 @@ def calibrate(
     entering each block). Other settings (``k``, ``gamma``, ``layers``, ``rate`` ...)
     are passed through; ``patch_settings`` passes settings whose names are taken here
     (LLaVA's ``mode``: ``patch_settings={"mode": "llm"}``). With ``apply`` the model is
-    left patched with the result.
+    left patched with the result. A target out of reach on ``images`` gives a
+    :class:`CalibrationWarning` and ``reached=False`` with the closest value found; on an
+    error the model is left exactly as it was (unpatched, same train/eval mode).
     """
     settings = {**(patch_settings or {}), **settings}
     given = {"speedup": speedup, "flops": flops, "keep": keep}
@@ -169,10 +177,17 @@ def calibrate(
         raise ValueError(f"{target}={value} must be in (0, 1]")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, v in (("max_iter", max_iter), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    if not tol > 0:
+        raise ValueError(f"tol={tol!r} must be > 0 (relative distance to the target)")
     spec = get_method(method)
     if not issubclass(spec.config_cls, SaintConfig):
         raise ValueError(f"calibration picks tau; method {method!r} has none (use 'saint' or 'saint_fold')")
     adapter = find_adapter(model)
+    if is_patched(model):
+        raise ValueError("the model is already patched by saint; unpatch it before calibrating")
     tau_name = adapter.tau_setting
     if tau_name in settings:
         raise ValueError(f"calibration chooses {tau_name} itself; do not pass {tau_name}")
@@ -195,10 +210,54 @@ def calibrate(
         q = quantity(_measure(adapter, model, images, num_images, max(handle_of(model).pruning_sites)))
         return q, taus
 
-    history: list[tuple[float, float]] = []
     was_training = model.training
     model.eval()
-    # bisection on x; the quantity rises with x (global: x = tau; per layer: x = 1 - f)
+    try:
+        best, history = _bisect(run, goal, tol, max_iter, mode)
+        taus = {int(k): float(v) for k, v in best[2].items()}
+        # measure the fixed taus (what the user will run)
+        patch(model, method, **settings, **{tau_name: taus})
+        achieved_q = quantity(_measure(adapter, model, images, batch_size, max(taus)))
+    except BaseException:
+        if is_patched(model):  # a failed calibration leaves the model as it found it
+            unpatch(model)
+        raise
+    finally:
+        model.train(was_training)
+    result = Calibration(
+        method=method,
+        mode=mode,
+        target=target,
+        value=float(value),
+        achieved=float(1.0 / achieved_q if target == "speedup" else achieved_q),
+        tau=taus,
+        settings=dict(settings),
+        num_images=num_images,
+        iterations=len(history),
+        history=history,
+        tau_setting=tau_name,
+        reached=abs(best[1] - goal) <= tol * goal,
+    )
+    if not result.reached:
+        warnings.warn(
+            f"calibration cannot reach {target}={value:g} on these images: the closest it gets is "
+            f"{result.achieved:.4g} (tau {_fmt_taus(taus)}); "
+            + ("the model is patched with that" if apply else "the model is left unpatched"),
+            CalibrationWarning,
+            stacklevel=2,
+        )
+    if apply:
+        handle_of(model).calibration = result
+    else:
+        unpatch(model)
+    return result
+
+
+def _bisect(run: Any, goal: float, tol: float, max_iter: int, mode: str
+            ) -> tuple[tuple[float, float, dict[int, float]], list[tuple[float, float]]]:
+    """Bisection on x (the quantity rises with x; global: x = tau, per layer: x = 1 - f):
+    the best point ``(x, quantity, taus)`` and every point tried."""
+    history: list[tuple[float, float]] = []
     lo, hi = (-1.0, 1.0) if mode == "global" else (0.0, 1.0)
     best: tuple[float, float, dict[int, float]] | None = None
     for _ in range(max_iter):
@@ -213,30 +272,10 @@ def calibrate(
             lo = x
         else:
             hi = x
-    assert best is not None
-    taus = {int(k): float(v) for k, v in best[2].items()}
-    # measure the fixed taus (what the user will run), then patch or restore
-    patch(model, method, **settings, **{tau_name: taus})
-    tokens = _measure(adapter, model, images, batch_size, max(taus))
-    achieved_q = quantity(tokens)
-    achieved = 1.0 / achieved_q if target == "speedup" else achieved_q
-    handle = handle_of(model)
-    result = Calibration(
-        method=method,
-        mode=mode,
-        target=target,
-        value=float(value),
-        achieved=float(achieved),
-        tau=taus,
-        settings=dict(settings),
-        num_images=num_images,
-        iterations=len(history),
-        history=history,
-        tau_setting=tau_name,
-    )
-    if apply:
-        handle.calibration = result
-    else:
-        unpatch(model)
-    model.train(was_training)
-    return result
+    assert best is not None  # max_iter >= 1 is checked up front
+    return best, history
+
+
+def _fmt_taus(taus: dict[int, float]) -> str:
+    values = sorted({round(v, 4) for v in taus.values()})
+    return f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g}..{values[-1]:g}"

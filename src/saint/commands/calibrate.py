@@ -1,11 +1,14 @@
 """``saint calibrate``: pick SAINT's tau (global or per block) from the model's own key
 similarities on a few photos so that the pruned model hits a target FLOPs-ideal
 speed-up, FLOPs fraction or kept-token fraction. Prints the taus and the ready-made
-``saint.patch`` call; ``--json`` saves the full result."""
+``saint.patch`` call; ``--json`` saves the full result. Exits with 1 when the target is
+out of reach on these photos (the closest value is printed and saved)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import assets
-    from ..calibration import calibrate
+    from ..calibration import CalibrationWarning, calibrate
     from ..measure.harness import timing_batch
     from ..measure.images import resolve_images
     from ..spec import format_value, parse_kwargs
@@ -50,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
     x = timing_batch(images.records, assets.eval_transform(model), len(images.records)).to(device, dtype)
     print(f"model: {desc}")
     print(f"calibration images: {images.description}")
-    cal = calibrate(model, x, speedup=args.speedup, flops=args.flops, keep=args.keep, mode=args.mode,
-                    method=args.method, batch_size=args.batch_size, **parse_kwargs(args.args))
-    print(f"target {cal.target} {cal.value:g}: reached {cal.achieved:.3f} on these images "
-          f"({cal.iterations} bisection steps)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)  # reported below, with the exit code
+        cal = calibrate(model, x, speedup=args.speedup, flops=args.flops, keep=args.keep, mode=args.mode,
+                        method=args.method, batch_size=args.batch_size, **parse_kwargs(args.args))
+    print(f"target {cal.target} {cal.value:g}: {'reached' if cal.reached else 'NOT reached, closest'} "
+          f"{cal.achieved:.3f} on these images ({cal.iterations} bisection steps)")
     for block, tau in sorted(cal.tau.items()):
         print(f"  block {block:>2}: tau {tau:.4f}")
     kwargs = ", ".join(f"{k}={v!r}" for k, v in cal.patch_kwargs().items())
@@ -64,4 +69,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             f.write(cal.to_json() + "\n")
         print(f"wrote {args.json}")
+    if not cal.reached:
+        print(f"saint calibrate: error: {cal.target}={cal.value:g} is out of reach on these images "
+              f"(closest {cal.achieved:.3f}); choose a smaller target", file=sys.stderr)
+        return 1
     return 0
