@@ -70,11 +70,12 @@ def test_hf_gradient_checkpointing_recomputes_the_same_selection(images):
         saint.patch(model, "saint", tau=0.3, k=2)
         x = images.clone().requires_grad_(True)
         out = model(pixel_values=x).last_hidden_state
-        out.square().sum().backward()
+        out.nan_to_num().square().sum().backward()  # packed ragged output: NaN at padding
         return out.detach(), x.grad, saint.stats(model).tokens
 
     ref, ckpt = run(False), run(True)
-    assert torch.equal(ckpt[0], ref[0]) and torch.equal(ckpt[1], ref[1]) and ckpt[2] == ref[2]
+    torch.testing.assert_close(ckpt[0], ref[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ckpt[1], ref[1]) and ckpt[2] == ref[2]
 
 
 def test_random_draw_of_an_image_is_independent_of_its_batch(images):

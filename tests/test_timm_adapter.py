@@ -189,8 +189,8 @@ def test_attn_needs_class_token():
         saint.patch(model, "attn", r=2)
 
 
-def test_sample_rate_rejects_unmaskable_pooling():
+def test_merging_rejects_pooling_that_cannot_weigh_sizes():
     model = make_tiny("vit", global_pool="max", class_token=False)
     with pytest.raises(ValueError, match="global_pool"):
-        saint.patch(model, "saint", rate="sample")
-    saint.patch(model, "saint", rate="batch")
+        saint.patch(model, "tome", r=2)
+    saint.patch(model, "saint", rate="sample")  # dropping: max pooling runs per image

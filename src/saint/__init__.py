@@ -1,9 +1,22 @@
 """saint: training-free similarity-aware token pruning for ViTs and VLMs."""
 
 from .adapters.common import TokenStats
-from .api import is_patched, patch, stats, unpatch
+from .api import is_patched, patch, per_image, stats, token_mask, unpatch
 from .calibration import Calibration, CalibrationWarning, calibrate
 from .methods import METHODS, get_method
 
-__all__ = ["METHODS", "Calibration", "CalibrationWarning", "TokenStats", "calibrate", "get_method", "is_patched", "patch", "stats", "unpatch"]
+__all__ = [
+    "METHODS",
+    "Calibration",
+    "CalibrationWarning",
+    "TokenStats",
+    "calibrate",
+    "get_method",
+    "is_patched",
+    "patch",
+    "per_image",
+    "stats",
+    "token_mask",
+    "unpatch",
+]
 __version__ = "0.1.0"

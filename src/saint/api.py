@@ -17,6 +17,9 @@ def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> torch
     marked per-layer take a scalar, a list aligned with ``layers`` or a
     ``{block: value}`` dict. Patching a patched model replaces its config cleanly.
     ``trace=True`` records where every original token goes (for visualisation).
+    Vision models also take ``layout="packed"`` (default: once images keep different
+    counts, their tokens run as one stream without padding) or ``"padded"`` (pad and
+    mask, for comparison), and ``kernel`` (see :data:`saint.core.packing.KERNELS`).
     """
     adapter = find_adapter(model)
     if get_handle(model) is not None:
@@ -43,3 +46,31 @@ def stats(model: torch.nn.Module) -> TokenStats:
     if handle is None:
         raise ValueError(f"{type(model).__name__} is not patched by saint")
     return handle.stats()
+
+
+def token_mask(model: torch.nn.Module, block: int = -1) -> torch.Tensor | None:
+    """Which positions of block ``block``'s output in the last forward hold real tokens:
+    ``[B, M]`` bool, or None when every position does (negative ``block`` counts from
+    the end). Outputs that leave a packed model (``forward_features``,
+    ``forward_intermediates``, HF ``hidden_states``) are padded with NaN there."""
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    runs = getattr(handle, "runs", None)
+    if runs is None:
+        raise TypeError(f"{type(model).__name__}'s patch has no per-block token mask; its outputs are not padded")
+    run = runs.current()
+    valid = [] if run is None else run.layer_valid
+    if not -len(valid) <= block < len(valid):
+        raise IndexError(f"block {block} did not run in the last forward ({len(valid)} blocks ran)")
+    return valid[block]
+
+
+def per_image(tokens: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Split a padded ``[B, M, C]`` output by its :func:`token_mask` into one ``[n_i, C]``
+    tensor of real tokens per image."""
+    if mask is None:
+        return list(tokens.unbind(0))
+    if tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(tokens.shape[:2])}")
+    return [t[m] for t, m in zip(tokens, mask, strict=True)]

@@ -228,13 +228,13 @@ class TokenStateHandle(Handle):
         if run is None:
             raise RuntimeError("no forward has run through the patched model since patching; call the model first")
         counts = run.state.counts
-        return TokenStats(self.block_names[: len(counts)], [c.tolist() for c in counts])
+        return TokenStats(self.block_names[: len(counts)], [c.tolist() for c in counts], run.state.ran)
 
     def __deepcopy__(self, memo: dict) -> TokenStateHandle:
         new = object.__new__(type(self))
         memo[id(self)] = new
         for name, value in vars(self).items():
-            setattr(new, name, Runs(self.runs.depth) if name == "runs" else copy.deepcopy(value, memo))
+            setattr(new, name, Runs(self.runs.depth, self.runs.layout) if name == "runs" else copy.deepcopy(value, memo))
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:

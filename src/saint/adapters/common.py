@@ -4,14 +4,17 @@ head-averaged keys from a fused qkv projection."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..core import additive_key_mask, gather_tokens, keep_mask_to_indices, merge_weighted
+from ..core import MergePlan, additive_key_mask, gather_tokens, keep_mask_to_indices, merge_weighted
+from ..core.packing import KERNELS, lengths_to_valid, pack, packed_attention, padded_index, unpack
 from ..methods import Selection
 
 SAINT_ATTR = "_saint_patch"
@@ -36,12 +39,18 @@ class RefusePickle:
         raise TypeError(PICKLE_HINT)
 
 
+LAYOUTS = ("packed", "padded")
+
+
 @dataclass
 class TokenStats:
-    """Tokens entering each block in the last forward, one count per sample."""
+    """Tokens entering each block in the last forward, one count per sample, and the
+    layout the ragged part of the batch ran in: ``"packed"`` (no padding),
+    ``"padded"`` (padded + masked) or ``"rectangular"`` (the batch never became ragged)."""
 
     blocks: list[str]
     tokens: list[list[int]]
+    layout: str = "rectangular"
 
     def mean(self) -> list[float]:
         """Mean over the batch, per block."""
@@ -54,30 +63,56 @@ class TokenStats:
         return dict(zip(self.blocks, self.tokens, strict=True))
 
     def __str__(self) -> str:
-        rows = []
+        rows = [f"{'layout':>12}: {self.layout}"]
         for name, t in zip(self.blocks, self.tokens, strict=True):
             shown = t[0] if len(set(t)) == 1 else t
             rows.append(f"{name:>12}: {shown}")
         return "\n".join(rows)
 
 
+def check_layout(layout: str, kernel: str) -> None:
+    """Reject an unknown layout or attention kernel, or a kernel without packing."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
+    if layout == "padded" and kernel != "auto":
+        raise ValueError(f"kernel={kernel!r} picks the packed attention kernel; it does nothing with layout='padded'")
+
+
 @dataclass
 class TokenState:
-    """Per-forward state of a pruned sequence: which positions are real (``valid``),
-    how many original tokens each one stands for (``sizes``, ToMe), and where each
-    original token went (``origin [B, N0]``: current position or -1; only with trace)."""
+    """Per-forward state of a pruned sequence.
 
+    Between blocks the tokens are either a rectangular ``[B, N, C]`` tensor, a padded
+    one with ``valid [B, M]`` marking real positions (``layout="padded"``), or a packed
+    stream ``[1, T, C]`` of every image's real tokens back to back (``packed``;
+    ``lengths`` per image, ``valid`` then describes the padded view the selections
+    see). ``sizes`` counts the original tokens each one stands for (ToMe), in the
+    tokens' own layout; ``origin [B, N0]`` (only with trace) holds each original
+    token's position in the padded view, or -1.
+    """
+
+    layout: str = "packed"
     valid: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
+    packed: bool = False
+    lengths: list[int] = field(default_factory=list)
     origin: torch.Tensor | None = None
     origins: list[torch.Tensor] = field(default_factory=list)
     counts: list[torch.Tensor] = field(default_factory=list)
+    ran: str = "rectangular"
     _bias: dict[tuple[torch.dtype, bool], torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _index: torch.Tensor | None = field(default=None, repr=False)
 
     def reset(self, x: torch.Tensor, trace: bool) -> None:
         self.valid = None
         self.sizes = None
+        self.packed = False
+        self.lengths = []
+        self.ran = "rectangular"
         self._bias = {}
+        self._index = None
         self.counts = []
         self.origins = []
         b, n = x.shape[:2]
@@ -85,7 +120,10 @@ class TokenState:
 
     def snapshot(self) -> TokenState:
         """A fresh state that continues from this one (recorded counts and steps left out)."""
-        return TokenState(self.valid, self.sizes, self.origin, _bias=dict(self._bias))
+        return TokenState(
+            layout=self.layout, valid=self.valid, sizes=self.sizes, packed=self.packed, lengths=list(self.lengths),
+            origin=self.origin, ran=self.ran, _bias=dict(self._bias), _index=self._index,
+        )
 
     def record(self, x: torch.Tensor) -> None:
         """Remember how many real tokens enter the next block, per sample (kept on the
@@ -96,35 +134,118 @@ class TokenState:
             self.counts.append(self.valid.sum(dim=1))
 
     def attn_bias(self, dtype: torch.dtype, prop_attn: bool) -> torch.Tensor | None:
-        """The additive key mask for the current sequence, built once per pruning step
-        (blocks between two pruning steps reuse it)."""
+        """The additive key mask ``[B, 1, 1, N]`` for the current padded or rectangular
+        sequence, built once per pruning step (blocks in between reuse it); for a packed
+        stream the per-key bias ``[T]`` (``log(size)``, or None) that
+        :func:`~saint.core.packed_attention` takes."""
         key = (dtype, prop_attn)
         if key not in self._bias:
-            self._bias[key] = additive_key_mask(self.valid, self.sizes if prop_attn else None, dtype)
+            if self.packed:
+                sizes = self.sizes if prop_attn else None
+                self._bias[key] = None if sizes is None else sizes.reshape(-1).to(dtype).log()
+            else:
+                self._bias[key] = additive_key_mask(self.valid, self.sizes if prop_attn else None, dtype)
         return self._bias[key]
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """A block's input in the state's layout: tokens that left the packed stream at a
+        block boundary (see :meth:`leave`) are packed again."""
+        if self.layout == "packed" and not self.packed and self.valid is not None:
+            x = pack(x, self.valid)
+            if self.sizes is not None:
+                self.sizes = pack(self.sizes, self.valid)
+            self.packed, self._bias = True, {}
+        return x
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens that leave the patched blocks: a packed stream becomes the padded view
+        ``[B, M, C]`` with NaN at padding (``valid`` marks real tokens, ``sizes`` is 1
+        there), so no padding value can pass for a token."""
+        if not self.packed:
+            return x
+        if self.sizes is not None:
+            self.sizes = unpack(self.sizes, self.valid, fill=1.0)
+        self.packed, self._bias = False, {}
+        return unpack(x, self.valid)
+
+    def padded(self, t: torch.Tensor) -> torch.Tensor:
+        """The padded view ``[B, M, ...]`` of a packed ``[1, T, ...]`` tensor (padding
+        positions repeat a real token; ``valid`` marks them); other tensors as they are."""
+        if not self.packed:
+            return t
+        if self._index is None:
+            self._index = padded_index(self.valid)
+        return t[0][self._index]
+
+    def padded_key_mask(self, dtype: torch.dtype, prop_attn: bool) -> torch.Tensor | None:
+        """The additive key mask ``[B, 1, 1, M]`` of the padded view, in any layout."""
+        if not self.packed:
+            return self.attn_bias(dtype, prop_attn)
+        sizes = unpack(self.sizes, self.valid, fill=1.0) if prop_attn and self.sizes is not None else None
+        return additive_key_mask(self.valid, sizes, dtype)
 
     def apply(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
         """Merge (if planned) then keep the survivors, in their original order.
 
         A step that removes nothing merges nothing either (merge sources are exactly the
-        removed tokens), so it leaves the sequence, and the attention path, untouched."""
-        if bool(sel.keep.all()):
+        removed tokens), so it leaves the sequence, and the attention path, untouched.
+        With ``layout="packed"`` a step that leaves images with different counts turns
+        the tokens into a packed stream; one that evens them out turns it back."""
+        keep = sel.keep if self.valid is None else sel.keep & self.valid
+        if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
                 self.origins.append(self.origin.clone())
             return x
         self._bias = {}
+        if self.origin is not None:
+            self._trace(sel, *keep_mask_to_indices(keep))
+        if self.layout == "padded":
+            return self._apply_padded(x, sel, keep)
+        return self._apply_packed(x, sel, keep)
+
+    def _apply_padded(self, x: torch.Tensor, sel: Selection, keep: torch.Tensor) -> torch.Tensor:
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
             x, self.sizes = merge_weighted(x, self.sizes, sel.merge)
-        idx, valid = keep_mask_to_indices(sel.keep)
-        if self.origin is not None:
-            self._trace(sel, idx, valid)
+        idx, valid = keep_mask_to_indices(keep)
         x = gather_tokens(x, idx)
         if self.sizes is not None:
             self.sizes = gather_tokens(self.sizes, idx)
         self.valid = None if bool(valid.all()) else valid
+        if self.valid is not None:
+            self.ran = "padded"
         return x
+
+    def _apply_packed(self, x: torch.Tensor, sel: Selection, keep: torch.Tensor) -> torch.Tensor:
+        b, c = keep.shape[0], x.shape[-1]
+        stream = x if self.packed else x.reshape(1, -1, c)
+        valid = self.valid if self.valid is not None else torch.ones_like(keep)
+        flat = keep[valid]
+        if sel.merge is not None:
+            if self.sizes is None:
+                self.sizes = torch.ones(1, stream.shape[1], 1, dtype=torch.float32, device=x.device)
+            sizes = self.sizes.reshape(1, -1, 1)
+            index = padded_index(valid)
+            plan = sel.merge
+            src, dst = (torch.gather(index, 1, t).reshape(1, -1) for t in (plan.src, plan.dst))
+            active = None if plan.active is None else plan.active.reshape(1, -1)
+            stream, self.sizes = merge_weighted(stream, sizes, MergePlan(src, dst, flat[None], active))
+        stream = stream[:, flat]
+        if self.sizes is not None:
+            self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
+        counts = keep.sum(dim=1)
+        self.lengths = counts.tolist()
+        self._index = None
+        if b == 0 or len(set(self.lengths)) == 1:
+            self.packed, self.valid = False, None
+            n = self.lengths[0] if b else 0
+            if self.sizes is not None:
+                self.sizes = self.sizes.reshape(b, n, 1)
+            return stream.reshape(b, n, c)
+        self.packed, self.ran = True, "packed"
+        self.valid = lengths_to_valid(counts)
+        return stream
 
     def _trace(self, sel: Selection, idx: torch.Tensor, valid: torch.Tensor) -> None:
         b, n = sel.keep.shape
@@ -172,8 +293,10 @@ class Runs:
     a block recomputed during backward starts again from the state it first started
     from, and :meth:`last` is the last call that ran every block."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, layout: str = "packed") -> None:
         self.depth = depth
+        self.layout = layout
+        self._unpad: set[int] = set()  # threads whose call returns every block's output unpadded
         self._lock = threading.Lock()
         self._current: dict[int, Run] = {}  # per thread: its forward call
         self._executing: dict[int, Run] = {}  # per thread: the call whose block runs now
@@ -190,7 +313,7 @@ class Runs:
                 run = self._recomputation_of(index, x)
                 with self._lock:
                     if run is None and index == 0:
-                        run = Run(TokenState())
+                        run = Run(TokenState(layout=self.layout))
                         run.state.reset(x, trace)
                         self._current[tid] = run
                         self._saved = [r for r in self._saved if r.alive()]
@@ -212,6 +335,20 @@ class Runs:
         """Block ``index`` of ``run`` finished; after the last block the call is complete."""
         if index == self.depth - 1 and not run.recompute:
             self.last = run
+
+    @contextlib.contextmanager
+    def unpadding(self) -> Iterator[None]:
+        """Within this block, this thread's forward unpads every block's output (for
+        calls that return intermediate outputs: hidden states, intermediates)."""
+        tid = threading.get_ident()
+        self._unpad.add(tid)
+        try:
+            yield
+        finally:
+            self._unpad.discard(tid)
+
+    def unpads_every_block(self) -> bool:
+        return threading.get_ident() in self._unpad
 
     def current(self) -> Run | None:
         """This thread's call in progress (or its last one), else the last complete call."""
@@ -235,6 +372,17 @@ class Runs:
                 return Run(entry[1].snapshot(), recompute=True)
         return None
 
+
+
+def packed_attention_of(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: TokenState, prop_attn: bool,
+    scale: float, dropout_p: float, kernel: str,
+) -> torch.Tensor:
+    """Per-image attention over a packed stream, ``q, k, v [T, H, D]`` -> ``[1, T, H*D]``,
+    with the state's ToMe size bias when ``prop_attn``."""
+    bias = state.attn_bias(q.dtype, prop_attn)
+    out = packed_attention(q, k, v, state.lengths, bias, scale=scale, dropout_p=dropout_p, kernel=kernel)
+    return out.reshape(1, out.shape[0], -1)
 
 
 def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], unit: str = "block") -> None:

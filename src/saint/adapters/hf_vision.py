@@ -6,9 +6,13 @@ Each encoder layer's ``forward`` is wrapped per instance: the layer's own module
 run in the order transformers runs them (``layer_norm1 -> self_attn -> residual ->
 [selection] -> layer_norm2 -> mlp -> residual``), attention through the model's own
 kernel (sdpa or eager). Keys are read by a forward hook on ``self_attn.k_proj``.
-Padded (``rate="sample"``) and merged (ToMe) sequences reach attention as one
-additive key mask ``[B, 1, 1, N]``, which sdpa and eager consume alike; layers that
-need no mask are called exactly as unpatched.
+Merged (ToMe) sequences reach attention as one additive key mask ``[B, 1, 1, N]``,
+which sdpa and eager consume alike; layers that need no mask are called exactly as
+unpatched. Once images keep different counts (``rate="sample"``) the tokens travel
+as one packed stream (``layout="packed"``, default): layer norms, projections and
+MLP run on it as they are and attention runs per image through the layer's own
+q/k/v/out projections (:func:`saint.core.packed_attention`). ``layout="padded"``
+pads ragged sequences and masks them in the model's own attention instead.
 
 Protected tokens: CLIP's class token (position 0); SigLIP has none, so the
 class-attention method ``attn`` is refused for it. CLIP pools the class token
@@ -17,10 +21,13 @@ and to weight merged keys by ``log(size)``.
 
 ``output_hidden_states``: ``hidden_states[0]`` is the embedding sequence and
 ``hidden_states[i + 1]`` the output of layer ``i``; after a pruning layer these are
-shorter, and with ``rate="sample"`` padded to the longest sample in the batch. The
-handle says which positions are real: :meth:`HFVisionPatch.hidden_state_valid`
-(``handle.state.valid`` for the last layer's output; ``None`` when rectangular).
-Padded positions hold real (dropped) token values, so a caller must read validity.
+shorter, and with ``rate="sample"`` padded to the longest sample in the batch, as is
+``last_hidden_state``. The handle says which positions are real:
+:meth:`HFVisionPatch.hidden_state_valid` (``saint.token_mask(model, i)`` for layer
+``i``; ``None`` when rectangular). With ``layout="packed"`` padded positions hold NaN,
+so they can never pass for tokens; with ``"padded"`` they hold dropped token values.
+CLIP's pooled class token and SigLIP's pooling head are per image in both layouts.
+``output_attentions`` is refused with packed ragged batches.
 
 Limits: transformers 5 has no separate ``*VisionTransformer`` module (the vision
 model holds ``embeddings``/``encoder`` itself); per-call state is kept per call (see
@@ -43,9 +50,12 @@ from .common import (
     SAINT_ATTR,
     SITE_ATTR,
     Runs,
+    TokenState,
+    check_layout,
     check_static_counts,
     cls_attention,
     get_handle,
+    packed_attention_of,
 )
 
 MASKABLE_ATTENTION = ("eager", "sdpa")
@@ -92,6 +102,7 @@ class HFVisionPatch(TokenStateHandle):
     hooks: list[Any] = field(default_factory=list)
     block_names: list[str] = field(default_factory=list)
     runs: Runs = field(default_factory=lambda: Runs(0))
+    kernel: str = "auto"
 
     @property
     def depth(self) -> int:
@@ -126,11 +137,12 @@ def _is_clip(tower: torch.nn.Module) -> bool:
 
 
 def patch(
-    model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, **kwargs: Any
+    model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, layout: str = "packed",
+    kernel: str = "auto", **kwargs: Any,
 ) -> HFVisionPatch:
     """Patch a CLIP/SigLIP vision model in place (see :func:`saint.patch`)."""
     tower = _tower_of(model)
-    handle = patch_tower(tower, method, trace=trace, **kwargs)
+    handle = patch_tower(tower, method, trace=trace, layout=layout, kernel=kernel, **kwargs)
     if tower is not model:
         model.__dict__[SAINT_ATTR] = handle
     return handle
@@ -147,7 +159,8 @@ def unpatch(model: torch.nn.Module) -> None:
 
 
 def patch_tower(
-    tower: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, **kwargs: Any
+    tower: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, layout: str = "packed",
+    kernel: str = "auto", **kwargs: Any,
 ) -> HFVisionPatch:
     """Prune the tokens of a ``CLIPVisionModel`` / ``SiglipVisionModel`` in place.
 
@@ -156,7 +169,9 @@ def patch_tower(
     the same per-layer semantics as every adapter. The returned handle (also stored
     on the tower) exposes ``stats()``, ``state.valid`` (validity of the last layer's
     output in the last forward, None when rectangular) and ``hidden_state_valid(i)``.
+    ``layout`` / ``kernel``: see :func:`saint.patch`.
     """
+    check_layout(layout, kernel)
     c = _hf_classes()
     if c is None or not isinstance(tower, (c["clip"], c["siglip"])):
         raise TypeError(f"patch_tower expects a CLIPVisionModel or SiglipVisionModel, got {type(tower).__name__}")
@@ -182,7 +197,7 @@ def patch_tower(
             f"method {spec.name!r} ranks tokens by class-token attention; {type(tower).__name__} has no class token "
             "(use saint, tome, random or budget)"
         )
-    if _needs_mask(spec, config):
+    if _needs_mask(spec, config, layout):
         impl = tower.config._attn_implementation
         if impl not in MASKABLE_ATTENTION:
             raise ValueError(
@@ -195,9 +210,9 @@ def patch_tower(
     if head is not None and type(head) is not c["siglip_head"]:
         raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports SiglipMultiheadAttentionPoolingHead")
 
-    handle = HFVisionPatch(spec, config, settings, num_protected, tower, trace=trace)
+    handle = HFVisionPatch(spec, config, settings, num_protected, tower, trace=trace, kernel=kernel)
     handle.block_names = [f"encoder.layers.{i}" for i in range(len(layers))]
-    handle.runs = Runs(len(layers))
+    handle.runs = Runs(len(layers), layout)
     for i, layer in enumerate(layers):
         layer.__dict__[SITE_ATTR] = (handle, i)
         layer.forward = types.MethodType(_layer_forward, layer)
@@ -207,6 +222,7 @@ def patch_tower(
     if head is not None:
         head.__dict__[SITE_ATTR] = (handle, None)
         head.forward = types.MethodType(_head_forward, head)
+    tower.forward = types.MethodType(_tower_forward, tower)
     tower.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -223,15 +239,18 @@ def unpatch_tower(tower: torch.nn.Module) -> None:
         layer.__dict__.pop("forward", None)
         layer.__dict__.pop(SITE_ATTR, None)
         layer.self_attn.k_proj.__dict__.pop(SITE_ATTR, None)
+    tower.__dict__.pop("forward", None)
     head = getattr(tower, "head", None)
     if head is not None:
         head.__dict__.pop("forward", None)
         head.__dict__.pop(SITE_ATTR, None)
 
 
-def _needs_mask(spec: MethodSpec, config: MethodConfig) -> bool:
-    """Whether the config can make sequences ragged (padding) or merged (size bias)."""
-    return getattr(config, "rate", "batch") == "sample" or (spec.merges and bool(getattr(config, "prop_attn", False)))
+def _needs_mask(spec: MethodSpec, config: MethodConfig, layout: str) -> bool:
+    """Whether the model's own attention may get a key mask: padded ragged sequences,
+    or merged tokens' size bias."""
+    padded = layout == "padded" and getattr(config, "rate", "batch") == "sample"
+    return padded or (spec.merges and bool(getattr(config, "prop_attn", False)))
 
 
 def _merges_nothing(plan: Any) -> bool:
@@ -252,74 +271,119 @@ def _mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
     return k.reshape(b, n, num_heads, c // num_heads).mean(dim=2)
 
 
-def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None):
-    """The class token's attention over all tokens, averaged over heads (lazy; only
-    the class token's query is projected)."""
+def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k: torch.Tensor, state: TokenState, prop_attn: bool):
+    """The class token's attention over all tokens (padded view), averaged over heads
+    (lazy; only the class token's query is projected)."""
 
     def compute() -> torch.Tensor:
+        bias = state.padded_key_mask(k.dtype, prop_attn)
+        first = state.padded(normed)[:, :1]
         b, n, c = k.shape
         h = attn.num_heads
-        q = attn.q_proj(normed[:, :1]).reshape(b, h, c // h)
+        q = attn.q_proj(first).reshape(b, h, c // h)
         return cls_attention(q, k.reshape(b, n, h, c // h), attn.scale, bias)
 
     return compute
 
 
+def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool,
+                      kernel: str) -> torch.Tensor:
+    """CLIP/SigLIP attention on a packed stream ``[1, T, C]``: the module's own q/k/v/out
+    projections around per-image attention."""
+    t = x.shape[1]
+    q, k, v = (proj(x).reshape(t, attn.num_heads, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    dropout = attn.dropout if attn.training else 0.0
+    return attn.out_proj(packed_attention_of(q, k, v, state, prop_attn, attn.scale, dropout, kernel))
+
+
+def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool,
+                      kernel: str) -> torch.Tensor:
+    """CLIP/SigLIP attention on a packed stream ``[1, T, C]``: the module's own q/k/v/out
+    projections around per-image attention."""
+    t = x.shape[1]
+    q, k, v = (proj(x).reshape(t, attn.num_heads, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    dropout = attn.dropout if attn.training else 0.0
+    return attn.out_proj(packed_attention_of(q, k, v, state, prop_attn, attn.scale, dropout, kernel))
+
+
 def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    **kwargs: Any) -> torch.Tensor:
     """An encoder layer of a patched tower: its own modules in HF order, the selection
-    between the attention residual and the MLP (per-instance ``forward``)."""
+    between the attention residual and the MLP (per-instance ``forward``); packed
+    tokens take per-image attention."""
     handle, index = self.__dict__[SITE_ATTR]
     if attention_mask is not None:
         raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
     run = handle.runs.enter(index, hidden_states, handle.trace)
     state = run.state
+    hidden_states = state.enter(hidden_states)
     if not run.recompute:
         state.record(hidden_states)
-    bias = state.attn_bias(hidden_states.dtype, bool(getattr(handle.config, "prop_attn", False)))
-    if bias is not None:
-        impl = self.self_attn.config._attn_implementation
-        if impl not in MASKABLE_ATTENTION:
-            raise ValueError(
-                f"attn_implementation={impl!r} cannot take saint's key mask (padding / ToMe sizes); "
-                "use attn_implementation='sdpa' or 'eager'"
-            )
+    prop_attn = bool(getattr(handle.config, "prop_attn", False))
     settings = handle.settings.get(index)
-    if settings is None:
-        x = type(self).forward(self, hidden_states, bias, **kwargs)
-    else:
-        residual = hidden_states
+    if state.packed:
         normed = self.layer_norm1(hidden_states)
-        attn_out, _ = self.self_attn(hidden_states=normed, attention_mask=bias, **kwargs)
-        x = residual + attn_out
-        k = run.captured.pop(index)
+        x = hidden_states + _packed_attention(self.self_attn, normed, state, prop_attn, handle.kernel)
+    else:
+        bias = state.attn_bias(hidden_states.dtype, prop_attn)
+        if bias is not None:
+            impl = self.self_attn.config._attn_implementation
+            if impl not in MASKABLE_ATTENTION:
+                raise ValueError(
+                    f"attn_implementation={impl!r} cannot take saint's key mask (padding / ToMe sizes); "
+                    "use attn_implementation='sdpa' or 'eager'"
+                )
+        if settings is None:
+            x = type(self).forward(self, hidden_states, bias, **kwargs)
+        else:
+            normed = self.layer_norm1(hidden_states)
+            attn_out, _ = self.self_attn(hidden_states=normed, attention_mask=bias, **kwargs)
+            x = hidden_states + attn_out
+    if settings is not None:
+        k = state.padded(run.captured.pop(index))
         ctx = LayerContext(
             keys=_mean_heads(k, self.self_attn.num_heads),
             num_protected=handle.num_protected,
             valid=state.valid,
-            cls_attention=_cls_attention(self.self_attn, normed, k, bias) if handle.num_protected > 0 else None,
-            tokens=x,
+            cls_attention=_cls_attention(self.self_attn, normed, k, state, prop_attn)
+            if handle.num_protected > 0 else None,
+            tokens=state.padded(x),
             layer=index,
         )
         sel = handle.spec.select(ctx, settings, handle.config)
         if sel.merge is not None and _merges_nothing(sel.merge):
             sel = Selection(sel.keep)  # nothing merged: no sizes, so no mask in later layers
         x = state.apply(x, sel)
-        residual = x
-        x = self.layer_norm2(x)
-        x = self.mlp(x)
-        x = residual + x
+    if settings is not None or state.packed:
+        x = x + self.mlp(self.layer_norm2(x))
+    if index == handle.runs.depth - 1 or handle.runs.unpads_every_block():
+        x = state.leave(x)
     if not run.recompute:
         run.layer_valid.append(state.valid)
     handle.runs.leave(index, run)
     return x
 
 
+def _tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The tower's own forward; while it returns hidden states, every layer's output is
+    unpadded (NaN at padding, :meth:`HFVisionPatch.hidden_state_valid` marks tokens)."""
+    handle = self.__dict__[SAINT_ATTR]
+    packs = handle.runs.layout == "packed" and getattr(handle.config, "rate", "batch") == "sample"
+    if packs and kwargs.get("output_attentions", self.config.output_attentions):
+        raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
+                         "patch with layout='padded' to read attention weights")
+    if not kwargs.get("output_hidden_states", self.config.output_hidden_states):
+        return type(self).forward(self, *args, **kwargs)
+    with handle.runs.unpadding():
+        return type(self).forward(self, *args, **kwargs)
+
+
 def _head_forward(self: torch.nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
-    """SigLIP's attention-pooling head, run with its own modules in HF order and a key
-    padding mask (padded keys -inf, merged keys log(size)) when the sequence needs one."""
+    """SigLIP's attention-pooling head, run with its own modules in HF order: per image
+    over its real tokens, merged keys weighted by ``log(size)``."""
     handle = self.__dict__[SITE_ATTR][0]
-    bias = handle.state.attn_bias(hidden_state.dtype, bool(getattr(handle.config, "prop_attn", False)))
+    state = handle.state
+    bias = state.attn_bias(hidden_state.dtype, bool(getattr(handle.config, "prop_attn", False)))
     if bias is None:
         return type(self).forward(self, hidden_state)
     bias = bias[:, 0, 0, :]
@@ -328,11 +392,18 @@ def _head_forward(self: torch.nn.Module, hidden_state: torch.Tensor) -> torch.Te
             f"the pooling head got {tuple(hidden_state.shape[:2])} tokens but the tower's last forward "
             f"produced {tuple(bias.shape)}; call the head only through the patched model"
         )
-    probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
-    x = self.attention(probe, hidden_state, hidden_state, key_padding_mask=bias)[0]
+    if state.valid is None:
+        return _pool_head(self, hidden_state, bias)
+    counts = state.valid.sum(dim=1).tolist()
+    return torch.cat([_pool_head(self, hidden_state[i : i + 1, :n], bias[i : i + 1, :n]) for i, n in enumerate(counts)])
+
+
+def _pool_head(head: torch.nn.Module, hidden_state: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    probe = head.probe.repeat(hidden_state.shape[0], 1, 1)
+    x = head.attention(probe, hidden_state, hidden_state, key_padding_mask=bias)[0]
     residual = x
-    x = self.layernorm(x)
-    x = residual + self.mlp(x)
+    x = head.layernorm(x)
+    x = residual + head.mlp(x)
     return x[:, 0]
 
 

@@ -10,10 +10,25 @@ The wrappers find the handle through the module they wrap, and each call keeps i
 own token state (:class:`saint.adapters.common.Runs`), so a deep copy is an
 independent patched model, threads do not share state, and a block recomputed by
 gradient checkpointing selects the same tokens.
+
+Once a step leaves images with different token counts, the tokens travel as one
+packed stream (``layout="packed"``, the default): norms, qkv, proj, MLP and layer
+scale run on it as they are, and attention runs per image over its own tokens
+(:func:`saint.core.packed_attention`, through the block's own ``qkv``, ``q_norm``,
+``k_norm``, ``norm`` and ``proj``). ``layout="padded"`` pads and masks instead.
+
+No padding leaks out. The last block hands back the padded view ``[B, M, C]`` with
+NaN at padding, so ``forward_features`` returns that and :func:`saint.token_mask`
+says which positions are real; the model's pooling (``token``, ``avg``, ``max``,
+``avgmax``, attention pooling) and ``forward`` give per-image results.
+``forward_intermediates`` / ``get_intermediate_layers`` return NaN-padded tokens
+likewise (``output_fmt="NLC"`` / ``reshape=False``; spatial maps need every patch and
+are refused once a pruning block runs before the deepest one returned).
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +41,15 @@ from .common import (
     SAINT_ATTR,
     SITE_ATTR,
     Runs,
+    TokenState,
+    check_layout,
     check_static_counts,
     cls_attention,
     keys_from_qkv,
+    packed_attention_of,
 )
 
-POOLS_WITH_PADDING = ("token", "avg", "")
+POOLS_WITH_SIZES = ("token", "avg", "")
 
 
 def _timm_classes() -> tuple[type, type, type] | None:
@@ -60,11 +78,16 @@ class TimmPatch(TokenStateHandle):
     hooks: list[Any] = field(default_factory=list)
     block_names: list[str] = field(default_factory=list)
     runs: Runs = field(default_factory=lambda: Runs(0))
+    kernel: str = "auto"
 
 
-def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, **kwargs: Any) -> TimmPatch:
+def patch(
+    model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+    layout: str = "packed", kernel: str = "auto", **kwargs: Any,
+) -> TimmPatch:
     """Patch a timm VisionTransformer in place (see :func:`saint.patch`)."""
     _, block_cls, attn_cls = _timm_classes()  # type: ignore[misc]
+    check_layout(layout, kernel)
     spec, config = make_config(method, **kwargs)
     blocks = list(model.blocks)
     for i, blk in enumerate(blocks):
@@ -77,18 +100,17 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     num_protected = int(model.num_prefix_tokens)
     if spec.needs_cls_attention and getattr(model, "cls_token", None) is None:
         raise ValueError(f"method {spec.name!r} needs a class token; {type(model).__name__} has none")
-    rate = getattr(config, "rate", "batch")
     pool = getattr(model, "global_pool", "token")
-    if rate == "sample" and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_PADDING):
+    if spec.merges and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_SIZES):
         raise ValueError(
-            f"rate='sample' pads ragged sequences, which global_pool={pool!r} cannot ignore; "
-            f"use rate='batch' or a model pooled by {POOLS_WITH_PADDING}"
+            f"{spec.name} merges tokens, whose sizes global_pool={pool!r} cannot weigh; "
+            f"use a model pooled by {POOLS_WITH_SIZES} or a method that drops tokens"
         )
     _check_static_counts(model, spec, settings, num_protected)
 
-    handle = TimmPatch(spec, config, settings, num_protected, trace=trace)
+    handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
     handle.block_names = [f"blocks.{i}" for i in range(len(blocks))]
-    handle.runs = Runs(len(blocks))
+    handle.runs = Runs(len(blocks), layout)
     for i, blk in enumerate(blocks):
         blk.__dict__[SITE_ATTR] = (handle, i)
         blk.forward = types.MethodType(_block_forward, blk)
@@ -97,6 +119,8 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
             handle.hooks.append(blk.attn.qkv.register_forward_hook(_capture))
     if hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head:  # type: ignore[index]
         model.pool = types.MethodType(_pool, model)
+    if hasattr(model, "forward_intermediates"):
+        model.forward_intermediates = types.MethodType(_forward_intermediates, model)
     model.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -111,6 +135,7 @@ def unpatch(model: torch.nn.Module) -> None:
         blk.__dict__.pop(SITE_ATTR, None)
         blk.attn.qkv.__dict__.pop(SITE_ATTR, None)
     model.__dict__.pop("pool", None)
+    model.__dict__.pop("forward_intermediates", None)
 
 
 def _capture(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -126,10 +151,11 @@ def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dic
         check_static_counts(int(n), spec, settings, unit="block")
 
 
-def _cls_attention_of(blk: torch.nn.Module, qkv: torch.Tensor, bias: torch.Tensor | None):
-    """The class token's attention over all tokens, averaged over heads (lazy)."""
+def _cls_attention_of(blk: torch.nn.Module, qkv: torch.Tensor, state: TokenState, prop_attn: bool):
+    """The class token's attention over all tokens (padded view), averaged over heads (lazy)."""
 
     def compute() -> torch.Tensor:
+        bias = state.padded_key_mask(qkv.dtype, prop_attn)
         attn = blk.attn
         b, n, c3 = qkv.shape
         h = attn.num_heads
@@ -140,54 +166,133 @@ def _cls_attention_of(blk: torch.nn.Module, qkv: torch.Tensor, bias: torch.Tenso
     return compute
 
 
+def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool,
+                      kernel: str) -> torch.Tensor:
+    """timm ``Attention`` on a packed stream ``[1, T, C]``: the module's own qkv, q/k norms,
+    gate, norm, proj and dropouts around per-image attention."""
+    t = x.shape[1]
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(t, 3, attn.num_heads, attn.head_dim).unbind(1)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    x = attn.norm(packed_attention_of(q, k, v, state, prop_attn, attn.scale, dropout, kernel))
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x))
+
+
+def _check_packed_training(blk: torch.nn.Module) -> None:
+    """DropPath draws one decision per sample, which a packed stream cannot express."""
+    if blk.training and any(getattr(d, "drop_prob", 0.0) > 0 for d in (blk.drop_path1, blk.drop_path2)):
+        raise ValueError("drop_path in training needs one row per image; patch with layout='padded' to train")
+
+
 def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                    is_causal: bool = False) -> torch.Tensor:
     """A block of a patched ViT: its own modules in timm's order, the selection between
-    the attention residual and the MLP (per-instance ``forward``)."""
+    the attention residual and the MLP (per-instance ``forward``); packed tokens take
+    per-image attention."""
     handle, index = self.__dict__[SITE_ATTR]
     if attn_mask is not None or is_causal:
         raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
     run = handle.runs.enter(index, x, handle.trace)
     state = run.state
+    x = state.enter(x)
     if not run.recompute:
         state.record(x)
-    bias = state.attn_bias(x.dtype, bool(getattr(handle.config, "prop_attn", False)))
+    prop_attn = bool(getattr(handle.config, "prop_attn", False))
     settings = handle.settings.get(index)
-    if settings is None:
-        x = type(self).forward(self, x, attn_mask=bias)
+    if state.packed:
+        _check_packed_training(self)
+        x = x + self.drop_path1(self.ls1(_packed_attention(self.attn, self.norm1(x), state, prop_attn, handle.kernel)))
+    elif settings is None:
+        x = type(self).forward(self, x, attn_mask=state.attn_bias(x.dtype, prop_attn))
     else:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
-        qkv = run.captured.pop(index)
-        ctx = LayerContext(
-            keys=keys_from_qkv(qkv, self.attn.num_heads, self.attn.k_norm),
-            num_protected=handle.num_protected,
-            valid=state.valid,
-            cls_attention=_cls_attention_of(self, qkv, bias) if handle.num_protected > 0 else None,
-            tokens=x,
-            layer=index,
-        )
-        x = state.apply(x, handle.spec.select(ctx, settings, handle.config))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=state.attn_bias(x.dtype, prop_attn))))
+    if settings is not None:
+        x = state.apply(x, handle.spec.select(_context(handle, run, self, index, x), settings, handle.config))
+        if state.packed:
+            _check_packed_training(self)
+    if settings is not None or state.packed:
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    if index == handle.runs.depth - 1 or handle.runs.unpads_every_block():
+        x = state.leave(x)
+    if not run.recompute:
+        run.layer_valid.append(state.valid)
     handle.runs.leave(index, run)
     return x
 
 
+def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: torch.Tensor) -> LayerContext:
+    """What the selection sees, in the padded view when the tokens are packed."""
+    state = run.state
+    qkv = state.padded(run.captured.pop(index))
+    prop_attn = bool(getattr(handle.config, "prop_attn", False))
+    return LayerContext(
+        keys=keys_from_qkv(qkv, blk.attn.num_heads, blk.attn.k_norm),
+        num_protected=handle.num_protected,
+        valid=state.valid,
+        cls_attention=_cls_attention_of(blk, qkv, state, prop_attn) if handle.num_protected > 0 else None,
+        tokens=state.padded(x),
+        layer=index,
+    )
+
+
 def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-    """timm's pooling, ignoring padded positions and weighting merged tokens by size."""
+    """timm's pooling, per image: padding (NaN after packing) never enters it, and
+    merged tokens count with their sizes in an average."""
     state = self.__dict__[SAINT_ATTR].state
     pool_type = self.global_pool if pool_type is None else pool_type
-    if (state.valid is None and state.sizes is None) or pool_type in ("token", ""):
+    if state.valid is None and state.sizes is None:
         return type(self).pool(self, x, pool_type)
-    if pool_type != "avg" or self.attn_pool is not None:
-        raise ValueError(f"global_pool={pool_type!r} cannot ignore padded/merged tokens; use 'avg' or 'token'")
-    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    if state.valid is not None and tuple(x.shape[:2]) != tuple(state.valid.shape):
+        raise ValueError(
+            f"pool got {tuple(x.shape[:2])} tokens but the last forward produced {tuple(state.valid.shape)}; "
+            "pool the output of the patched model's own forward_features"
+        )
+    if self.attn_pool is None and pool_type in ("token", ""):
+        return type(self).pool(self, x, pool_type)
+    if state.sizes is not None:
+        if pool_type != "avg" or self.attn_pool is not None:
+            raise ValueError(f"global_pool={pool_type!r} cannot weigh merged tokens; use 'avg' or 'token'")
+        return _weighted_mean(self, x, state)
+    counts = state.valid.sum(dim=1).tolist()
+    return torch.cat([type(self).pool(self, x[i : i + 1, :n], pool_type) for i, n in enumerate(counts)])
+
+
+def _weighted_mean(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """Average of the real tokens, each weighted by its size (ToMe)."""
+    start = 0 if model.pool_include_prefix else model.num_prefix_tokens
     w = torch.ones(x.shape[:2] + (1,), dtype=x.dtype, device=x.device)
     if state.sizes is not None:
         w = state.sizes.to(x.dtype)
     if state.valid is not None:
         w = w * state.valid[..., None].to(x.dtype)
+        x = x.masked_fill(~state.valid[..., None], 0.0)
     w = w[:, start:]
     return (x[:, start:] * w).sum(1) / w.sum(1)
+
+
+def _forward_intermediates(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """timm's ``forward_intermediates`` with every block's output unpadded (NaN at
+    padding; :func:`saint.token_mask` gives the real positions); spatial maps are
+    refused once a pruning block runs before the deepest one returned."""
+    handle = self.__dict__[SAINT_ATTR]
+    bound = inspect.signature(type(self).forward_intermediates).bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    if bound.arguments.get("output_fmt") == "NCHW":
+        from timm.models._features import feature_take_indices
+
+        _, deepest = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
+        pruned = [i for i in handle.settings if i <= deepest]
+        if pruned:
+            raise ValueError(
+                f"spatial (NCHW) intermediates need every patch, but block {pruned[0]} prunes before block "
+                f"{deepest} returns; use output_fmt='NLC' (get_intermediate_layers: reshape=False) and "
+                "saint.token_mask(model, block) for the real tokens"
+            )
+    with handle.runs.unpadding():
+        return type(self).forward_intermediates(self, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------- protocol

@@ -1,0 +1,160 @@
+"""Packed token streams: every image's real tokens back to back (``[1, T, C]``) plus
+per-image lengths, so a ragged batch pays for no padding. Token-wise modules run on
+the stream as it is; attention runs per image through :func:`packed_attention`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("auto", "loop", "flex", "varlen")
+"""``loop``: one SDPA call per group of equally long images (CPU default);
+``flex``: ``flex_attention`` with a document mask (any device, supports the ToMe size
+bias); ``varlen``: ``torch.nn.attention.varlen`` flash kernel (CUDA, fp16/bf16, no
+bias); ``auto``: ``loop`` on CPU, ``varlen`` on CUDA when it applies, else ``flex``."""
+
+
+def pack(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``x [B, N, C]`` -> ``[1, T, C]``: the valid rows of each image, in order."""
+    if valid is None:
+        return x.reshape(1, -1, x.shape[-1])
+    return x[valid].unsqueeze(0)
+
+
+def unpack(x: torch.Tensor, valid: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+    """``[1, T, C]`` -> ``[B, M, C]`` laid out by ``valid [B, M]``; padding holds ``fill``
+    (NaN by default, so a padded position can never pass for a token)."""
+    out = x.new_full(valid.shape + x.shape[2:], fill)
+    out[valid] = x[0]
+    return out
+
+
+def lengths_to_valid(lengths: torch.Tensor) -> torch.Tensor:
+    """Per-image lengths ``[B]`` -> validity ``[B, max]`` (real positions first)."""
+    m = int(lengths.max()) if lengths.numel() else 0
+    return torch.arange(m, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def padded_index(valid: torch.Tensor) -> torch.Tensor:
+    """Position in the packed stream of every padded position ``[B, M]`` (0 where
+    ``valid`` is False), so ``stream[0, idx]`` is the padded view of a packed stream."""
+    flat = valid.reshape(-1).long()
+    pos = (torch.cumsum(flat, 0) - 1).clamp(min=0).reshape(valid.shape)
+    return torch.where(valid, pos, 0)
+
+
+def split(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    """``[1, T, ...]`` -> one ``[n_i, ...]`` tensor per image."""
+    return list(x[0].split(list(lengths), dim=0))
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: Sequence[int],
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Attention of each image over its own tokens only.
+
+    ``q, k, v [T, H, D]`` packed streams, ``lengths`` the per-image token counts (host
+    ints summing to ``T``), ``bias [T]`` an optional additive bias per key (ToMe's
+    ``log(size)``). Returns ``[T, H, D]``; each image's rows equal SDPA run on that
+    image alone.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
+    if sum(lengths) != q.shape[0]:
+        raise ValueError(f"lengths sum to {sum(lengths)} but the stream holds {q.shape[0]} tokens")
+    kernel = resolve_kernel(kernel, q, bias, dropout_p)
+    if kernel == "loop":
+        return _loop_attention(q, k, v, lengths, bias, scale, dropout_p)
+    if kernel == "flex":
+        return _flex_attention(q, k, v, lengths, bias, scale)
+    return _varlen_attention(q, k, v, lengths, scale)
+
+
+def resolve_kernel(kernel: str, q: torch.Tensor, bias: torch.Tensor | None, dropout_p: float) -> str:
+    """The kernel ``auto`` stands for on ``q``'s device, or a clear error when the named
+    one cannot run these inputs."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if kernel == "auto":
+        if q.device.type != "cuda" or dropout_p > 0:
+            return "loop"
+        return "varlen" if bias is None and half else "flex"
+    if kernel == "varlen":
+        if q.device.type != "cuda" or not half:
+            raise ValueError(f"kernel='varlen' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}; use 'loop'")
+        if bias is not None:
+            raise ValueError("kernel='varlen' cannot add ToMe's size bias (prop_attn); use 'flex' or 'loop'")
+    if kernel in ("varlen", "flex") and dropout_p > 0:
+        raise ValueError(f"kernel={kernel!r} has no attention dropout; use 'loop' in training")
+    return kernel
+
+
+def _loop_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
+    """SDPA per group of equally long images (one call per distinct length)."""
+    out = torch.empty_like(v)
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist() if lengths else []
+    groups: dict[int, list[int]] = {}
+    for s, n in zip(starts, lengths, strict=True):
+        if n:
+            groups.setdefault(n, []).append(s)
+    for n, ss in groups.items():
+        idx = (torch.tensor(ss, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+        qi, ki, vi = (t.index_select(0, idx).reshape(len(ss), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if bias is not None:
+            mask = bias.index_select(0, idx).reshape(len(ss), 1, 1, n).to(q.dtype)
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        out.index_copy_(0, idx, o.transpose(1, 2).reshape(-1, *v.shape[1:]))
+    return out
+
+
+def _document_ids(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(list(lengths), device=device))
+
+
+def _flex_attention(q, k, v, lengths, bias, scale) -> torch.Tensor:
+    """``flex_attention`` over the whole stream with a document (same-image) mask;
+    compiled on CUDA, eager elsewhere (exact but slow: for testing)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    t = q.shape[0]
+    doc = _document_ids(lengths, q.device)
+
+    def same_image(b, h, qi, ki):
+        return doc[qi] == doc[ki]
+
+    score_mod = None
+    if bias is not None:
+        key_bias = bias.to(q.dtype)
+
+        def score_mod(s, b, h, qi, ki):
+            return s + key_bias[ki]
+
+    block_mask = create_block_mask(same_image, 1, 1, t, t, device=q.device)
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    o = fn(*(x.transpose(0, 1)[None] for x in (q, k, v)), score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return o[0].transpose(0, 1)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _varlen_attention(q, k, v, lengths, scale) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = torch.tensor([0, *lengths], device=q.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    m = max(lengths)
+    return varlen_attn(q, k, v, cu, cu, m, m, scale=scale)

@@ -1,0 +1,220 @@
+"""Packed execution of ragged batches: the per-image attention kernels, and every
+vision adapter x method giving each image the same answer packed, padded and alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import saint
+from saint.core.packing import lengths_to_valid, pack, packed_attention, padded_index, split, unpack
+
+from .conftest import ARCHS, make_tiny
+
+TOL = dict(rtol=0, atol=1e-5)
+# per-image methods whose counts differ between images (ragged), incl. merging ones
+RAGGED = {
+    "saint": dict(tau=0.3, k=1),
+    "saint_fold": dict(tau=0.3, k=1),
+    "saint_plus": dict(tau=0.3),
+}
+RECTANGULAR = {"tome": dict(r=2), "random": dict(r=3), "attn": dict(r=3), "budget": dict(layers=[1], keep=5)}
+
+
+def _reference_attention(q, k, v, lengths, bias):
+    out, s = [], 0
+    for n in lengths:
+        mask = None if bias is None else bias[s : s + n][None, None, None, :]
+        qi, ki, vi = (t[s : s + n].transpose(0, 1)[None] for t in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)[0].transpose(0, 1))
+        s += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kernel", ["loop", "flex"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_attention_equals_each_image_alone(kernel, with_bias):
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 5, 1, 12]  # repeated lengths share one SDPA call in "loop"
+    t = sum(lengths)
+    q, k, v = (torch.randn(t, 2, 8, generator=g) for _ in range(3))
+    bias = torch.rand(t, generator=g).add(1).log() if with_bias else None
+    out = packed_attention(q, k, v, lengths, bias, kernel=kernel)
+    torch.testing.assert_close(out, _reference_attention(q, k, v, lengths, bias), **TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=5))
+def test_pack_unpack_round_trip(lengths):
+    counts = torch.tensor(lengths)
+    valid = lengths_to_valid(counts)
+    x = torch.randn(len(lengths), valid.shape[1], 3)
+    stream = pack(x, valid)
+    assert stream.shape == (1, sum(lengths), 3)
+    padded = unpack(stream, valid)
+    assert torch.equal(padded[valid], x[valid]) and bool(padded[~valid].isnan().all())
+    assert torch.equal(stream[0][padded_index(valid)][valid], x[valid])
+    assert [p.shape[0] for p in split(stream, lengths)] == lengths
+
+
+def test_kernel_errors_name_the_fix():
+    q = torch.randn(4, 1, 2)
+    with pytest.raises(ValueError, match="kernel='varlen' needs CUDA"):
+        packed_attention(q, q, q, [4], kernel="varlen")
+    with pytest.raises(ValueError, match="not one of"):
+        packed_attention(q, q, q, [4], kernel="nested")
+    with pytest.raises(ValueError, match="sum to 3"):
+        packed_attention(q, q, q, [1, 2], kernel="loop")
+    with pytest.raises(ValueError, match="no attention dropout"):
+        packed_attention(q, q, q, [4], dropout_p=0.1, kernel="flex")
+
+
+def _run(model, x, method, kw, layout):
+    saint.patch(model, method, layout=layout, **kw)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_features(x)
+    return out, feats, saint.token_mask(model), saint.stats(model)
+
+
+@pytest.mark.parametrize("method", sorted(RAGGED))
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_timm_packed_equals_padded_equals_alone(arch, method, images):
+    model = make_tiny(arch)
+    kw = RAGGED[method]
+    out, feats, mask, stats = _run(model, images, method, kw, "packed")
+    assert stats.layout == "packed" and stats.per_sample_differs()
+    p_out, p_feats, p_mask, p_stats = _run(model, images, method, kw, "padded")
+    assert p_stats.layout == "padded" and p_stats.tokens == stats.tokens
+    torch.testing.assert_close(out, p_out, **TOL)
+    assert torch.equal(mask, p_mask)
+    assert bool(feats[~mask].isnan().all()) and not bool(feats[mask].isnan().any())
+    for i, tokens in enumerate(saint.per_image(feats, mask)):
+        torch.testing.assert_close(tokens, p_feats[i][p_mask[i]], **TOL)
+        with torch.no_grad():
+            alone = model.forward_features(images[i : i + 1])[0]
+            torch.testing.assert_close(model(images[i : i + 1])[0], out[i], **TOL)
+        torch.testing.assert_close(tokens, alone, **TOL)
+
+
+@pytest.mark.parametrize("method", sorted(RECTANGULAR))
+def test_rectangular_methods_never_pack(method, images):
+    model = make_tiny("deit_distilled")
+    out, _, mask, stats = _run(model, images, method, RECTANGULAR[method], "packed")
+    assert stats.layout == "rectangular" and mask is None
+    torch.testing.assert_close(out, _run(model, images, method, RECTANGULAR[method], "padded")[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", "map"])
+def test_every_pooling_is_per_image(pool, images):
+    model = make_tiny("vit", global_pool=pool, class_token=False)
+    saint.patch(model, "saint", tau=0.3, k=1)
+    with torch.no_grad():
+        out = model(images)
+        assert saint.stats(model).layout == "packed"
+        alone = torch.cat([model(images[i : i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(out, alone, **TOL)
+
+
+def test_flex_kernel_matches_loop(images):
+    model = make_tiny("dinov2_reg")
+    outs = []
+    for kernel in ("loop", "flex"):
+        saint.patch(model, "saint_plus", tau=0.3, kernel=kernel)
+        with torch.no_grad():
+            outs.append(model(images))
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+
+
+@torch.no_grad()
+def test_cheapest_path_gives_unpatched_answer(images):
+    model = make_tiny("dinov2_reg")
+    ref = model(images)
+    saint.patch(model, "saint_plus", tau=1.0)  # nothing is ever similar enough
+    assert torch.equal(model(images), ref) and saint.stats(model).layout == "rectangular"
+    saint.patch(model, "saint_plus", tau=0.3)
+    assert torch.equal(model(images[:1]), model.__class__.forward(model, images[:1]))
+    assert saint.stats(model).layout == "rectangular"
+    empty = model(images[:0])
+    assert empty.shape == (0,) + ref.shape[1:]
+
+
+@torch.no_grad()
+def test_trace_is_the_same_in_both_layouts(images):
+    model = make_tiny("vit")
+    origins = []
+    for layout in ("packed", "padded"):
+        saint.patch(model, "saint_fold", tau=0.3, k=1, layout=layout, trace=True)
+        model(images)
+        origins.append(saint.api.get_handle(model).state.origins)
+    assert all(torch.equal(a, b) for a, b in zip(*origins, strict=True))
+
+
+@torch.no_grad()
+def test_intermediates_are_unpadded_per_block(images):
+    model = make_tiny("dinov2_reg")
+    saint.patch(model, "saint", tau=0.3, k=1)
+    inter = model.forward_intermediates(images, indices=[1, 3], output_fmt="NLC", intermediates_only=True)
+    masks = [saint.token_mask(model, i) for i in (1, 3)]
+    alone = [model.get_intermediate_layers(images[i : i + 1], n=[1, 3], reshape=False, return_prefix_tokens=False)
+             for i in range(len(images))]
+    p = model.num_prefix_tokens
+    for j, (tokens, mask) in enumerate(zip(inter, masks, strict=True)):
+        assert mask is not None and tokens.shape[1] + p == mask.shape[1]
+        for i, real in enumerate(saint.per_image(tokens, mask[:, p:])):
+            torch.testing.assert_close(real, alone[i][j][0], **TOL)
+    with pytest.raises(ValueError, match="output_fmt='NLC'"):
+        model.forward_intermediates(images)
+    with pytest.raises(ValueError, match="reshape=False"):
+        model.get_intermediate_layers(images, n=2, reshape=True)
+
+
+def test_bad_layout_options_raise():
+    model = make_tiny("vit")
+    with pytest.raises(ValueError, match="layout='ragged' is not one of"):
+        saint.patch(model, "saint", layout="ragged")
+    with pytest.raises(ValueError, match="does nothing with layout='padded'"):
+        saint.patch(model, "saint", layout="padded", kernel="flex")
+    with pytest.raises(ValueError, match="kernel='nested' is not one of"):
+        saint.patch(model, "saint", kernel="nested")
+
+
+def test_drop_path_training_needs_padded_layout(images):
+    model = make_tiny("vit", drop_path_rate=0.1).train()
+    saint.patch(model, "saint", tau=0.3, k=1)
+    with pytest.raises(ValueError, match="layout='padded'"):
+        model(images)
+    saint.patch(model, "saint", tau=0.3, k=1, layout="padded")
+    assert model(images).shape[0] == len(images)
+
+
+@pytest.mark.parametrize("method", sorted(RAGGED))
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_packed_equals_padded_equals_alone(kind, method, images):
+    from .test_hf_vision import make
+
+    model = make(kind)
+    outs, masks = {}, {}
+    for layout in ("padded", "packed"):
+        saint.patch(model, method, layout=layout, **RAGGED[method])
+        with torch.no_grad():
+            outs[layout] = model(pixel_values=images, output_hidden_states=True)
+        assert saint.stats(model).layout == layout
+        handle = saint.api.get_handle(model)
+        masks[layout] = [handle.hidden_state_valid(i) for i in range(len(outs[layout].hidden_states))]
+    a, b = outs["packed"], outs["padded"]
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, **TOL)
+    assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(masks["packed"], masks["padded"], strict=True))
+    for i in range(len(images)):
+        with torch.no_grad():
+            alone = model(pixel_values=images[i : i + 1], output_hidden_states=True)
+        torch.testing.assert_close(a.pooler_output[i], alone.pooler_output[0], **TOL)
+        for h, h_alone, mask in zip(a.hidden_states, alone.hidden_states, masks["packed"], strict=True):
+            real = h[i] if mask is None else h[i][mask[i]]
+            assert not bool(real.isnan().any())
+            torch.testing.assert_close(real, h_alone[0], **TOL)
+    with pytest.raises(ValueError, match="layout='padded'"):
+        model(pixel_values=images, output_attentions=True)
