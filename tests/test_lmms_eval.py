@@ -234,12 +234,12 @@ def test_loglikelihood_is_the_patched_models_loss(lm, docs):
     req = _ll_requests(docs[:1])[0]
     (result,) = lm.loglikelihood([req])
     assert unwrap_generation_output(result)[0] == tuple(result)  # survives lmms-eval's evaluator
-    ids, n, pixels = lm._loglikelihood_row(req)
+    ids, n, media = lm._loglikelihood_row(req)
     assert lm.tokenizer.decode(ids[-n:]) == " yes"
     labels = torch.full((1, len(ids)), -100)
     labels[0, -n:] = torch.tensor(ids[-n:])
     with torch.no_grad():
-        loss = lm.model(input_ids=torch.tensor([ids]), pixel_values=pixels, labels=labels).loss
+        loss = lm.model(input_ids=torch.tensor([ids]), labels=labels, **media).loss
     assert result[0] == pytest.approx(float(loss), abs=1e-5)
     assert lm.pruning_log[-1]["llm_input"] == [30]  # that forward was pruned too
 

@@ -85,4 +85,5 @@ def lmms_eval_models() -> list[Any]:
     is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava")]
+    return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava"),
+            ModelManifest(model_id="saint_qwen_vl", simple_class_path="saint.integrations.lmms_eval.SaintQwenVL")]

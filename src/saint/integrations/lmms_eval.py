@@ -55,10 +55,11 @@ from tqdm import tqdm
 
 from .. import api
 from ..adapters import llava as llava_adapter
+from ..adapters import qwen_vl as qwen_adapter
 from ..adapters.common import TokenStats, get_handle
 from . import UNPRUNED, parse_prune_settings
 
-__all__ = ["LoglikelihoodResult", "SaintLlava", "VICUNA_CHAT_TEMPLATE"]
+__all__ = ["CHATML_TEMPLATE", "LoglikelihoodResult", "SaintLlava", "SaintQwenVL", "VICUNA_CHAT_TEMPLATE"]
 
 # LLaVA-1.5's conversation format (the fallback of lmms-eval's llava_hf model too).
 VICUNA_CHAT_TEMPLATE = (
@@ -67,6 +68,11 @@ VICUNA_CHAT_TEMPLATE = (
     "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
     "{% else %} ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# Qwen's conversation format (ChatML), for tokenizers that carry no template of their own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # generation settings of lmms-eval tasks forwarded to ``generate`` (``until``,
 # ``temperature`` and ``do_sample`` are handled separately; others are ignored with a warning)
@@ -131,6 +137,9 @@ class SaintLlava(lmms):
     """
 
     is_simple = True
+    NAME = "saint_llava"
+    MODEL_TYPES: tuple[str, ...] = ("llava",)
+    ADAPTER: Any = llava_adapter
 
     def __init__(
         self,
@@ -150,7 +159,7 @@ class SaintLlava(lmms):
         **prune_settings: Any,
     ) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor
 
         method = str(method).lower()
         settings = parse_prune_settings(prune_settings)
@@ -159,15 +168,15 @@ class SaintLlava(lmms):
                 raise TypeError(f"method={method} evaluates the unpruned model and takes no settings, got {sorted(settings)}")
             self.method: str | None = None
         else:
-            llava_adapter.make_config(method, **settings)  # refuse bad settings before loading weights
+            self.ADAPTER.make_config(method, **settings)  # refuse bad settings before loading weights
             self.method = method
         self.prune_settings = settings
         try:
             bs = int(batch_size)
         except (TypeError, ValueError):
-            raise ValueError(f"batch_size={batch_size!r}: saint_llava needs a positive integer batch size") from None
+            raise ValueError(f"batch_size={batch_size!r}: {self.NAME} needs a positive integer batch size") from None
         if bs < 1 or bs != float(batch_size):
-            raise ValueError(f"batch_size={batch_size!r}: saint_llava needs a positive integer batch size")
+            raise ValueError(f"batch_size={batch_size!r}: {self.NAME} needs a positive integer batch size")
         self.batch_size_per_gpu = bs
         del max_batch_size  # only meaningful with batch_size=auto, which is refused above
 
@@ -175,17 +184,17 @@ class SaintLlava(lmms):
         if revision is not None:
             load_kw["revision"] = revision
         config = AutoConfig.from_pretrained(pretrained, **load_kw)
-        if getattr(config, "model_type", None) != "llava":
+        model_type = getattr(config, "model_type", None)
+        if model_type not in self.MODEL_TYPES:
             raise ValueError(
-                f"{pretrained}: saint_llava evaluates LLaVA checkpoints (model_type 'llava', e.g. "
-                f"llava-hf/llava-1.5-7b-hf); this one is {getattr(config, 'model_type', None)!r}"
+                f"{pretrained}: {self.NAME} evaluates {self._family_hint()}; this one is {model_type!r}"
             )
         model_kw = dict(load_kw, dtype=_dtype(dtype))
         if attn_implementation is not None:
             model_kw["attn_implementation"] = attn_implementation
         if device_map:
             model_kw["device_map"] = device_map
-        model = LlavaForConditionalGeneration.from_pretrained(pretrained, **model_kw).eval()
+        model = self._model_class(model_type).from_pretrained(pretrained, **model_kw).eval()
         if not device_map:
             model.to(device or _default_device())
         self._device = model.device
@@ -198,7 +207,7 @@ class SaintLlava(lmms):
         template = chat_template
         if template is not None and os.path.isfile(template):
             template = Path(template).read_text()
-        self.chat_template = template or self._tokenizer.chat_template or VICUNA_CHAT_TEMPLATE
+        self.chat_template = template or self._tokenizer.chat_template or self.DEFAULT_CHAT_TEMPLATE
         self.use_cache = bool(use_cache)
         self.pretrained = pretrained
         if self.method is not None:
@@ -208,9 +217,33 @@ class SaintLlava(lmms):
         self.pruning_log: list[dict[str, Any]] = []
         self._warned: set[str] = set()
         logger.info(
-            f"saint_llava: {pretrained} "
+            f"{self.NAME}: {pretrained} "
             + (f"pruned by saint.patch(method={self.method!r}, {settings})" if self.method else "unpruned (method=none)")
         )
+
+    DEFAULT_CHAT_TEMPLATE = VICUNA_CHAT_TEMPLATE
+
+    @staticmethod
+    def _family_hint() -> str:
+        return "LLaVA checkpoints (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)"
+
+    @staticmethod
+    def _model_class(model_type: str) -> Any:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    def _image_placeholder(self) -> str:
+        """What one image is in a prompt before the processor expands it."""
+        return self.image_token
+
+    def _media(self, enc: Any, n_images: int) -> dict[str, torch.Tensor]:
+        """The image inputs of the first ``n_images`` images of a processor output."""
+        return {"pixel_values": enc["pixel_values"][:n_images]} if n_images else {}
+
+    def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inputs aligned with the prompt rows besides ids and mask (none for LLaVA)."""
+        return {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -254,7 +287,7 @@ class SaintLlava(lmms):
                 out.append(v.convert("RGB"))
             elif v is not None:
                 raise ValueError(
-                    f"{where}: saint_llava takes images (PIL), this task gives {type(v).__name__} "
+                    f"{where}: saint's lmms-eval models take images (PIL), this task gives {type(v).__name__} "
                     f"({str(v)[:80]!r}); video and audio are not supported"
                 )
         return out
@@ -262,7 +295,7 @@ class SaintLlava(lmms):
     def _prompt(self, context: str, n_images: int) -> str:
         """Image tokens in front (unless the task placed them), then the chat template."""
         if n_images and self.image_token not in context:
-            context = " ".join([self.image_token] * n_images) + "\n" + context
+            context = " ".join([self._image_placeholder()] * n_images) + "\n" + context
         messages = [{"role": "user", "content": context}]
         return self._tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
@@ -316,7 +349,7 @@ class SaintLlava(lmms):
 
     def clean(self) -> None:
         summary = self.pruning_summary()
-        logger.info(f"saint_llava pruning: {summary}")
+        logger.info(f"{self.NAME} pruning: {summary}")
         if self.stats_path is not None and self.pruning_log:
             with self.stats_path.open("a") as f:
                 f.write(json.dumps({"summary": summary, "rank": self.rank}) + "\n")
@@ -344,7 +377,7 @@ class SaintLlava(lmms):
         ignored = sorted(set(gen_kwargs) - set(_HANDLED))
         if ignored and str(ignored) not in self._warned:
             self._warned.add(str(ignored))
-            logger.warning(f"saint_llava ignores generation_kwargs {ignored}")
+            logger.warning(f"{self.NAME} ignores generation_kwargs {ignored}")
         if until:
             kw["stop_strings"] = until
             kw["tokenizer"] = self._tokenizer
@@ -372,7 +405,7 @@ class SaintLlava(lmms):
         for i, req in enumerate(requests):
             groups.setdefault(_key(req.args[1]), []).append(i)
         results: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="saint_llava generate")
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.NAME} generate")
         for idxs in groups.values():
             idxs.sort(key=lambda i: -len(self.tok_encode(requests[i].args[0])))
             for start in range(0, len(idxs), self.batch_size):
@@ -397,7 +430,7 @@ class SaintLlava(lmms):
         round_idx=..., previous_round_info=...)`` for ``(visuals, context, stop, outputs,
         info)`` until it signals stop. Returns each document's list of round outputs."""
         results = []
-        for req in tqdm(requests, disable=self.rank != 0, desc="saint_llava multi-round"):
+        for req in tqdm(requests, disable=self.rank != 0, desc=f"{self.NAME} multi-round"):
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
             doc = self._doc(task, split, doc_id)
             where = f"{task}/{doc_id}"
@@ -426,9 +459,9 @@ class SaintLlava(lmms):
         continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
         return context, str(continuation)
 
-    def _loglikelihood_row(self, req: Instance) -> tuple[list[int], int, torch.Tensor | None]:
+    def _loglikelihood_row(self, req: Instance) -> tuple[list[int], int, dict[str, torch.Tensor]]:
         """Token ids of prompt + continuation, how many trailing ids are the
-        continuation, and the pixel values of the request's images."""
+        continuation, and the image inputs of the request's images."""
         context, continuation = self._continuation(req)
         _, _, doc_to_visual, doc_id, task, split = req.args
         where = f"{task}/{doc_id}"
@@ -446,8 +479,7 @@ class SaintLlava(lmms):
             n += 1
         if n == len(whole):
             raise ValueError(f"{where}: the continuation {continuation!r} adds no token to the prompt")
-        pixels = enc["pixel_values"][: len(images)] if images else None
-        return whole, len(whole) - n, pixels
+        return whole, len(whole) - n, self._media(enc, len(images))
 
     def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
         """Batched scoring of ``(context, continuation)`` pairs through the patched model.
@@ -457,7 +489,7 @@ class SaintLlava(lmms):
         order = sorted(range(len(requests)), key=lambda i: -len(self.tok_encode("".join(self._continuation(requests[i])))))
         results: list[LoglikelihoodResult | None] = [None] * len(requests)
         pad = self._tokenizer.pad_token_id
-        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="saint_llava loglikelihood")
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.NAME} loglikelihood")
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             rows = [self._loglikelihood_row(requests[i]) for i in batch]
@@ -468,9 +500,10 @@ class SaintLlava(lmms):
                 ids[r, length - len(seq):] = torch.tensor(seq)
                 mask[r, length - len(seq):] = 1
             inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-            pixels = [px for _, _, px in rows if px is not None]
-            if pixels:
-                inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
+            inputs.update({k: v.to(self.device) for k, v in self._row_inputs(ids).items()})
+            for key in {k for _, _, media in rows for k in media}:
+                value = torch.cat([media[key] for _, _, media in rows if key in media]).to(self.device)
+                inputs[key] = value.to(self.model.dtype) if value.is_floating_point() else value
             keep = max(n for _, n, _ in rows) + 1  # rows end together: only the tail is scored
             before = self._last_stats()
             with torch.inference_mode():
@@ -490,6 +523,44 @@ class SaintLlava(lmms):
             bar.update(len(batch))
         bar.close()
         return results  # type: ignore[return-value]
+
+
+class SaintQwenVL(SaintLlava):
+    """A Qwen2.5-VL or Qwen3-VL checkpoint patched once by :func:`saint.patch`, evaluated
+    by lmms-eval (``--model saint_qwen_vl``). ``method``: ``saint`` (default), ``fastv``,
+    ``random`` or ``none``; the remaining keyword arguments are that method's settings
+    (see :class:`saint.adapters.qwen_vl.QwenPruneConfig`). Each image enters the prompt
+    as ``<|vision_start|><|image_pad|><|vision_end|>``, expanded by the processor to its
+    own grid; the chat template is the tokenizer's (else ChatML). Images only."""
+
+    NAME = "saint_qwen_vl"
+    MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+    ADAPTER = qwen_adapter
+    DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+
+    @staticmethod
+    def _family_hint() -> str:
+        return "Qwen2.5-VL / Qwen3-VL checkpoints (model_type 'qwen2_5_vl' or 'qwen3_vl')"
+
+    @staticmethod
+    def _model_class(model_type: str) -> Any:
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration if model_type == "qwen2_5_vl" else Qwen3VLForConditionalGeneration
+
+    def _image_placeholder(self) -> str:
+        return f"<|vision_start|>{self.image_token}<|vision_end|>"
+
+    def _media(self, enc: Any, n_images: int) -> dict[str, torch.Tensor]:
+        if not n_images:
+            return {}
+        grid = enc["image_grid_thw"][:n_images]
+        return {"pixel_values": enc["pixel_values"][: int(grid.prod(dim=-1).sum())], "image_grid_thw": grid}
+
+    def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.model.config
+        types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
+        return {"mm_token_type_ids": types}
 
 
 def _key(gen_kwargs: Any) -> str:
