@@ -107,7 +107,7 @@ def test_every_method_runs_and_stats_match_sequences(kind, method, images):
         assert st.tokens[i] == real
         assert h.shape[1] == max(real)
     last = handle.hidden_state_valid(-1)
-    assert (last is None and handle.state.valid is None) or torch.equal(last, handle.state.valid)
+    real_last = [out.hidden_states[-1].shape[1]] * 4 if last is None else last.sum(dim=1).tolist()
     assert out.last_hidden_state.shape[1] == out.hidden_states[-1].shape[1]
     assert out.pooler_output.shape == (4, 32)
     assert torch.isfinite(out.pooler_output).all()
@@ -123,6 +123,8 @@ def test_every_method_runs_and_stats_match_sequences(kind, method, images):
     else:  # saint, saint_fold
         assert st.per_sample_differs()  # the images differ in redundancy
         assert handle.state.valid is not None
+    # the last hidden state's validity marks as many real tokens as each image has alone
+    assert real_last == [run(model, images[b : b + 1]).hidden_states[-1].shape[1] for b in range(4)]
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])

@@ -355,8 +355,34 @@ def test_labels_loss_counts_only_targets_with_a_prediction(images):
     torch.testing.assert_close(out.logits[:, -1], last_logits(model, ids, images, mask))
 
 
-def test_llm_pre_rope_metric_option_runs(images):
+def test_llm_pre_rope_metric_option_is_used(images):
+    """``llm_rope_keys=False`` selects on the keys before RoPE: the first step drops what
+    saint_keep_mask picks on them, which differs from the post-RoPE choice here (so an
+    ignored option would fail); cached and uncached generation still agree."""
+    layer, tau, k = 1, 0.7, 2
     model = make()
+    row = ROWS[0]
+    lm = model.model.language_model
+    grab = {}
+    h1 = lm.layers[layer].self_attn.k_proj.register_forward_hook(lambda m, a, o: grab.update(k=o))
+    h2 = lm.layers[layer].register_forward_pre_hook(
+        lambda m, a, kw: grab.update(pe=kw["position_embeddings"]), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=row[None], pixel_values=images[:1])
+    h1.remove()
+    h2.remove()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    key = grab["k"].view(1, len(row), -1, lm.layers[layer].self_attn.head_dim).transpose(1, 2)
+    span = (row == IMG).nonzero().squeeze(1)
+    span = span[span != len(row) - 1]
+    pre = saint_keep_mask(key.mean(dim=1)[:, span], tau, k, 10.0)
+    post = saint_keep_mask(apply_rotary_pos_emb(key, key, *grab["pe"])[1].mean(dim=1)[:, span], tau, k, 10.0)
+    assert not torch.equal(pre, post), "the test needs a case where the two metrics disagree"
+    saint.patch(model, mode="llm", llm_layers=(layer, layer), llm_tau=tau, llm_k=k, llm_rope_keys=False)
+    with torch.no_grad():
+        model(input_ids=row[None], pixel_values=images[:1])
+    assert torch.equal(get_handle(model).kept_input[0][span], pre[0])
     saint.patch(model, mode="llm", llm_layers=(1, 2), llm_tau=0.25, llm_k=3, llm_rope_keys=False)
     ids, mask = left_pad(ROWS)
     assert torch.equal(gen(model, ids, images, mask), gen(model, ids, images, mask, use_cache=False))

@@ -28,6 +28,7 @@ class LayerContext:
     cls_attention: Callable[[], torch.Tensor] | None = None  # -> [B, N]
     tokens: torch.Tensor | None = None  # [B, N, C] hidden states being pruned
     layer: int | None = None  # block index, for methods that keep per-layer records
+    query_attention: Callable[[], torch.Tensor] | None = None  # -> [B, N]: the last query's attention (LLM)
 
 
 @dataclass
@@ -91,6 +92,16 @@ class MethodConfig:
         self.check_global()
         return out
 
+    @property
+    def pads(self) -> bool:
+        """Whether samples may keep different counts (ragged: padded and masked)."""
+        return False
+
+    @property
+    def size_bias(self) -> bool:
+        """Whether merged tokens' sizes bias attention (proportional attention)."""
+        return False
+
     def check_value(self, name: str, value: Any) -> Any:  # pragma: no cover - overridden
         return value
 
@@ -143,6 +154,10 @@ class SaintConfig(MethodConfig):
             raise ValueError(f"gamma={v} must be >= 0")
         return v
 
+    @property
+    def pads(self) -> bool:
+        return self.rate == "sample"
+
     def check_global(self) -> None:
         if self.rate not in core.saint_drop.RATES:
             raise ValueError(f"rate must be one of {core.saint_drop.RATES}, got {self.rate!r}")
@@ -156,6 +171,10 @@ class SaintFoldConfig(SaintConfig):
     most similar anchor instead of discarded; sizes then bias attention (``prop_attn``)."""
 
     prop_attn: bool = True
+
+    @property
+    def size_bias(self) -> bool:
+        return bool(self.prop_attn)
 
 
 @dataclass
@@ -183,6 +202,10 @@ class ToMeConfig(MethodConfig):
 
     r: int | Sequence[int] | Mapping[int, int] | None = None
     prop_attn: bool = True
+
+    @property
+    def size_bias(self) -> bool:
+        return bool(self.prop_attn)
     PER_LAYER: ClassVar[tuple[str, ...]] = ("r",)
     DEFAULT_LAYERS: ClassVar[str] = "all"
 
@@ -302,9 +325,90 @@ def _select_budget(ctx: LayerContext, s: dict[str, Any], cfg: BudgetConfig) -> S
     return Selection(keep)
 
 
+@dataclass
+class FastVConfig(MethodConfig):
+    """FastV: after decoder layer ``layers[0]`` drop the ``ratio`` of the image tokens the
+    last token of each prompt attends to least (LLaVA: ``fastv_layer = layers[0] + 1``)."""
+
+    ratio: float | Sequence[float] | Mapping[int, float] = 0.5
+    PER_LAYER: ClassVar[tuple[str, ...]] = ("ratio",)
+    DEFAULT_LAYERS: ClassVar[str] = "required"
+
+    def check_value(self, name: str, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"fastv_ratio={value!r} must be a fraction in [0, 1) of the image tokens to drop")
+        return float(value)
+
+
+@dataclass
+class SubsetConfig(MethodConfig):
+    """A seeded random subset of ``keep`` patch positions after the projector, the same
+    positions for every image (so an image's result never depends on its batch)."""
+
+    keep: int | None = None
+    seed: int = 0
+
+    def check_global(self) -> None:
+        if self.keep is None:
+            raise ValueError("the projector subset needs visual_keep (visual tokens per image after the projector)")
+        if _number("visual_keep", self.keep, int) < 1:
+            raise ValueError(f"visual_keep={self.keep} must be >= 1")
+        _number("seed", self.seed, int)
+
+
+@dataclass
+class PoolConfig(MethodConfig):
+    """Adaptive average pooling of the projected patch grid to ``rows x cols`` tokens."""
+
+    rows: int = 0
+    cols: int = 0
+
+    def check_global(self) -> None:
+        for name in ("rows", "cols"):
+            if _number(f"visual_keep {name}", getattr(self, name), int) < 1:
+                raise ValueError(f"visual_keep {name}={getattr(self, name)} must be >= 1")
+
+
+def _select_fastv(ctx: LayerContext, s: dict[str, Any], cfg: FastVConfig) -> Selection:
+    b, n = ctx.keys.shape[:2]
+    eligible = core.gather.prunable_valid(ctx.valid, b, n, ctx.keys.device).clone()
+    eligible[:, : ctx.num_protected] = False
+    if bool((core.fastv_keep_counts(eligible, s["ratio"]) == eligible.sum(dim=1)).all()):
+        return Selection(torch.ones_like(eligible))  # nothing to drop: no attention computed
+    if ctx.query_attention is None:
+        raise ValueError("fastv ranks tokens by the last query's attention, which only a language model gives")
+    return Selection(core.fastv_keep_mask(ctx.query_attention(), eligible, s["ratio"]))
+
+
+def _not_per_token(ctx: LayerContext, s: dict[str, Any], cfg: MethodConfig) -> Selection:
+    raise TypeError("this method reduces the projector's patch grid (see MethodSpec.reduce), not a block's tokens")
+
+
+def _reduce_subset(grid: torch.Tensor, side: int, cfg: SubsetConfig) -> torch.Tensor:
+    return grid[:, core.grid_subset(side * side, int(cfg.keep), cfg.seed).to(grid.device)]
+
+
+def _reduce_pool(grid: torch.Tensor, side: int, cfg: PoolConfig) -> torch.Tensor:
+    return core.pool_grid(grid, side, cfg.rows, cfg.cols)
+
+
+SITES = ("vision", "llm", "projector")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its config type, selection function and a one-line summary."""
+    """A registered method: its config type, selection function, a one-line summary,
+    and flags that adapters read instead of the method's name:
+
+    - ``site``: where it acts: ``"vision"`` (a ViT / vision-tower block, any adapter),
+      ``"llm"`` (after a language-model decoder layer, over the image tokens) or
+      ``"projector"`` (the projected patch grid of a VLM, through ``reduce``);
+    - ``merges``: dropped tokens are folded into kept ones (sizes, merge plan);
+    - ``needs_cls_attention`` / ``needs_query_attention``: ranks tokens by the class
+      token's attention / by the last query's attention (language models);
+    - ``needs_keys``: reads the head-averaged keys (else the adapter may skip them).
+    Whether a config pads ragged counts or biases attention by sizes is the config's
+    own ``pads`` / ``size_bias``."""
 
     name: str
     config_cls: type[MethodConfig]
@@ -313,6 +417,10 @@ class MethodSpec:
     needs_cls_attention: bool = False
     merges: bool = False
     aliases: tuple[str, ...] = field(default=())
+    site: str = "vision"
+    needs_query_attention: bool = False
+    needs_keys: bool = True
+    reduce: Callable[[torch.Tensor, int, Any], torch.Tensor] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -344,6 +452,38 @@ register(MethodSpec("tome", ToMeConfig, _select_tome, "bipartite merging (ToMe)"
 register(MethodSpec("random", RandomConfig, _select_random, "random drop"))
 register(MethodSpec("attn", AttnConfig, _select_attn, "class-token attention drop", needs_cls_attention=True))
 register(MethodSpec("budget", BudgetConfig, _select_budget, "fixed-budget similarity drop (SAINT ViT-only)"))
+register(
+    MethodSpec(
+        "fastv", FastVConfig, _select_fastv, "drop the image tokens the last query attends to least (FastV)",
+        site="llm", needs_query_attention=True, needs_keys=False,
+    )
+)
+register(
+    MethodSpec(
+        "subset", SubsetConfig, _not_per_token, "seeded random subset of the projected patch grid",
+        site="projector", reduce=_reduce_subset,
+    )
+)
+register(
+    MethodSpec(
+        "pool", PoolConfig, _not_per_token, "adaptive average pooling of the projected patch grid",
+        site="projector", reduce=_reduce_pool,
+    )
+)
+
+
+def require_site(spec: MethodSpec, site: str, model: str) -> None:
+    """Refuse a method that acts elsewhere than ``site`` (e.g. FastV on a vision tower)."""
+    if spec.site != site:
+        raise ValueError(
+            f"method {spec.name!r} acts on a VLM's {spec.site} and cannot prune a {model}; "
+            f"methods for it: {[n for n, s in METHODS.items() if s.site == site]}"
+        )
+
+
+def vision_methods() -> list[str]:
+    """Names of the methods that act inside a vision transformer's blocks."""
+    return sorted(n for n, s in METHODS.items() if s.site == "vision")
 
 
 def get_method(name: str) -> MethodSpec:

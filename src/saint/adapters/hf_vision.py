@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config
+from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config, require_site
 from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
 from .common import (
     SAINT_ATTR,
@@ -190,6 +190,7 @@ def patch_tower(
             raise ValueError(f"encoder layer {i} already has a per-instance forward (patched by something else)")
 
     spec, config = make_config(method, **kwargs)
+    require_site(spec, "vision", type(tower).__name__)
     settings = config.resolve(len(layers))
     num_protected = 1 if clip else 0
     if spec.needs_cls_attention and num_protected == 0:
@@ -249,8 +250,8 @@ def unpatch_tower(tower: torch.nn.Module) -> None:
 def _needs_mask(spec: MethodSpec, config: MethodConfig, layout: str) -> bool:
     """Whether the model's own attention may get a key mask: padded ragged sequences,
     or merged tokens' size bias."""
-    padded = layout == "padded" and getattr(config, "rate", "batch") == "sample"
-    return padded or (spec.merges and bool(getattr(config, "prop_attn", False)))
+    padded = layout == "padded" and config.pads
+    return padded or (spec.merges and config.size_bias)
 
 
 def _merges_nothing(plan: Any) -> bool:
@@ -319,7 +320,7 @@ def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention
     hidden_states = state.enter(hidden_states)
     if not run.recompute:
         state.record(hidden_states)
-    prop_attn = bool(getattr(handle.config, "prop_attn", False))
+    prop_attn = handle.config.size_bias
     settings = handle.settings.get(index)
     if state.packed:
         normed = self.layer_norm1(hidden_states)
@@ -368,7 +369,7 @@ def _tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The tower's own forward; while it returns hidden states, every layer's output is
     unpadded (NaN at padding, :meth:`HFVisionPatch.hidden_state_valid` marks tokens)."""
     handle = self.__dict__[SAINT_ATTR]
-    packs = handle.runs.layout == "packed" and getattr(handle.config, "rate", "batch") == "sample"
+    packs = handle.runs.layout == "packed" and handle.config.pads
     if packs and kwargs.get("output_attentions", self.config.output_attentions):
         raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
                          "patch with layout='padded' to read attention weights")
@@ -383,7 +384,7 @@ def _head_forward(self: torch.nn.Module, hidden_state: torch.Tensor) -> torch.Te
     over its real tokens, merged keys weighted by ``log(size)``."""
     handle = self.__dict__[SITE_ATTR][0]
     state = handle.state
-    bias = state.attn_bias(hidden_state.dtype, bool(getattr(handle.config, "prop_attn", False)))
+    bias = state.attn_bias(hidden_state.dtype, handle.config.size_bias)
     if bias is None:
         return type(self).forward(self, hidden_state)
     bias = bias[:, 0, 0, :]

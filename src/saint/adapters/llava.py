@@ -69,10 +69,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..core import drop_top_ranked, gather_tokens, keep_mask_to_indices
+from ..core import gather_tokens, keep_mask_to_indices
 from ..methods import LayerContext, MethodSpec, SaintConfig, get_method
+from ..methods import make_config as registry_config
 from . import hf_llm, hf_vision
 from .base import Adapter, Grid, Handle, Probe, Site, batch_to, save_output
 from .common import PICKLE_HINT, SAINT_ATTR, RefusePickle, TokenStats
@@ -398,14 +398,16 @@ def llm_schedule(cfg: Any, n_layers: int, llm_spec: MethodSpec | None = None
             settings = saint_cfg.resolve(n_layers)
         except (TypeError, ValueError) as e:
             raise type(e)(f"llm settings: {e} (llm_tau/llm_k/llm_gamma)") from None
-        schedule = {i: _saint_selector(s, saint_cfg, llm_spec) for i, s in settings.items()}
+        saint_spec = llm_spec or get_method("saint")
+        schedule = {i: _selector(saint_spec, s, saint_cfg) for i, s in settings.items()}
     elif cfg.method == "fastv":
         if cfg.fastv_layer > n_layers - 1:
             raise ValueError(
                 f"fastv_layer={cfg.fastv_layer}: the language model has {n_layers} layers; the first layer that "
                 f"sees the pruned sequence must be in 1..{n_layers - 1}"
             )
-        schedule = {cfg.fastv_layer - 1: _fastv_selector(cfg.fastv_ratio)}
+        fastv_spec, fastv_cfg = registry_config("fastv", layers=[cfg.fastv_layer - 1], ratio=cfg.fastv_ratio)
+        schedule = {i: _selector(fastv_spec, s, fastv_cfg) for i, s in fastv_cfg.resolve(n_layers).items()}
         query_layers = (cfg.fastv_layer - 1,)
     return schedule, query_layers
 
@@ -470,31 +472,22 @@ def _check_grid(mm: torch.nn.Module, cfg: LlavaPruneConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- selectors
-def _saint_selector(settings: dict[str, Any], saint_cfg: SaintConfig, spec: MethodSpec | None = None
-                    ) -> hf_llm.Selector:
-    spec = spec or get_method("saint")
+def _selector(spec: MethodSpec, settings: dict[str, Any], config: Any) -> hf_llm.Selector:
+    """A registered method's selection over the image tokens of one decoder layer: the
+    prunable tokens are packed (keys, last-query attention gathered to them), selected
+    like any block's tokens, and the answer is scattered back to the layer's slots."""
 
     def select(ctx: hf_llm.PruneContext) -> torch.Tensor:
         idx, valid = keep_mask_to_indices(ctx.prunable)
         if idx.shape[1] == 0:
             return ctx.valid
-        metric = gather_tokens(ctx.keys(), idx)
-        layer_ctx = LayerContext(keys=metric, num_protected=0, valid=valid, layer=ctx.layer)
-        keep = spec.select(layer_ctx, settings, saint_cfg).keep
+        b, m = idx.shape
+        keys = gather_tokens(ctx.keys(), idx) if spec.needs_keys else torch.zeros(b, m, 0, device=idx.device)
+        query = (lambda: torch.gather(ctx.last_query_attention(), 1, idx)) if spec.needs_query_attention else None
+        layer_ctx = LayerContext(keys=keys, num_protected=0, valid=valid, layer=ctx.layer, query_attention=query)
+        keep = spec.select(layer_ctx, settings, config).keep
         dropped = torch.zeros_like(ctx.prunable).scatter(1, idx, valid & ~keep)
         return ~dropped
-
-    return select
-
-
-def _fastv_selector(ratio: float) -> hf_llm.Selector:
-    def select(ctx: hf_llm.PruneContext) -> torch.Tensor:
-        n = ctx.prunable.sum(dim=1)
-        keep_n = torch.floor(n.double() * (1.0 - ratio) + 1e-9).long()
-        if bool((keep_n == n).all()):
-            return ctx.valid
-        attn = ctx.last_query_attention()
-        return ~drop_top_ranked(-attn, ctx.prunable, n - keep_n)
 
     return select
 
@@ -810,6 +803,13 @@ def _make_projector_hook(handle: LlavaPatch):
     feature strategy keeps it, stays in front)."""
     cfg = handle.config
     g = _grid(handle.mm)
+    if cfg.method == "random":
+        spec, reduce_cfg = registry_config("subset", keep=cfg.grid_keep(), seed=cfg.seed)
+    else:
+        rows, cols = cfg.grid_keep()  # type: ignore[misc]
+        spec, reduce_cfg = registry_config("pool", rows=rows, cols=cols)
+    reduce = spec.reduce
+    assert reduce is not None
 
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         n, p, c = output.shape
@@ -819,15 +819,7 @@ def _make_projector_hook(handle: LlavaPatch):
             head, grid = output[:, :1], output[:, 1:]
         else:
             raise ValueError(f"the projector produced {p} tokens per image, not a {g}x{g} patch grid (+ CLS)")
-        if cfg.method == "random":
-            gen = torch.Generator().manual_seed(cfg.seed)
-            keep = torch.randperm(g * g, generator=gen)[: cfg.grid_keep()].sort().values.to(output.device)
-            grid = grid[:, keep]
-        else:
-            rows, cols = cfg.grid_keep()  # type: ignore[misc]
-            x = grid.transpose(1, 2).reshape(n, c, g, g)
-            grid = F.adaptive_avg_pool2d(x, (rows, cols)).flatten(2).transpose(1, 2)
-        return torch.cat([head, grid], dim=1)
+        return torch.cat([head, reduce(grid, g, reduce_cfg)], dim=1)
 
     return hook
 

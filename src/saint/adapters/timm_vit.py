@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..methods import LayerContext, MethodConfig, MethodSpec, make_config
+from ..methods import LayerContext, MethodConfig, MethodSpec, make_config, require_site
 from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
 from .common import (
     SAINT_ATTR,
@@ -89,6 +89,7 @@ def patch(
     _, block_cls, attn_cls = _timm_classes()  # type: ignore[misc]
     check_layout(layout, kernel)
     spec, config = make_config(method, **kwargs)
+    require_site(spec, "vision", type(model).__name__)
     blocks = list(model.blocks)
     for i, blk in enumerate(blocks):
         if type(blk) is not block_cls or not isinstance(blk.attn, attn_cls):
@@ -200,7 +201,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     x = state.enter(x)
     if not run.recompute:
         state.record(x)
-    prop_attn = bool(getattr(handle.config, "prop_attn", False))
+    prop_attn = handle.config.size_bias
     settings = handle.settings.get(index)
     if state.packed:
         _check_packed_training(self)
@@ -227,7 +228,7 @@ def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: t
     """What the selection sees, in the padded view when the tokens are packed."""
     state = run.state
     qkv = state.padded(run.captured.pop(index))
-    prop_attn = bool(getattr(handle.config, "prop_attn", False))
+    prop_attn = handle.config.size_bias
     return LayerContext(
         keys=keys_from_qkv(qkv, blk.attn.num_heads, blk.attn.k_norm),
         num_protected=handle.num_protected,

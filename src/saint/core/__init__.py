@@ -13,6 +13,7 @@ from .saint_drop import (
     saint_select,
 )
 from .tome import MergePlan, max_tome_r, merge_weighted, tome_plan
+from .vlm_baselines import fastv_keep_counts, fastv_keep_mask, grid_subset, pool_grid
 
 __all__ = [
     "MergePlan",
@@ -21,11 +22,15 @@ __all__ = [
     "attention_keep_mask",
     "drop_counts",
     "drop_top_ranked",
+    "fastv_keep_counts",
+    "fastv_keep_mask",
     "fixed_budget_keep_mask",
     "gather_tokens",
+    "grid_subset",
     "keep_mask_to_indices",
     "max_tome_r",
     "merge_weighted",
+    "pool_grid",
     "random_keep_mask",
     "redundant_counts",
     "saint_fold_plan",

@@ -1,0 +1,53 @@
+"""One registry for every method: sites and capability flags, and the VLM baselines'
+pure functions on hand-built inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saint
+from saint.core import fastv_keep_mask, grid_subset, pool_grid
+from saint.methods import METHODS, SITES, make_config
+
+from .conftest import make_tiny
+
+
+def test_fastv_drops_the_least_attended_eligible_tokens():
+    att = torch.tensor([[0.1, 0.5, 0.2, 0.05, 0.15], [0.9, 0.01, 0.02, 0.03, 0.04]])
+    eligible = torch.tensor([[False, True, True, True, True], [False, True, True, True, False]])
+    # row 0: 4 eligible, keep floor(4 * 0.5) = 2 -> drop 0.05 (3) and 0.15 (4)
+    # row 1: 3 eligible, keep floor(1.5) = 1 -> drop 0.01 (1) and 0.02 (2); token 0 is not eligible
+    keep = fastv_keep_mask(att, eligible, 0.5)
+    assert keep.tolist() == [[True, True, True, False, False], [True, False, False, True, True]]
+
+
+def test_pool_grid_known_answer():
+    tokens = torch.arange(16.0).reshape(1, 16, 1)  # a 4x4 grid, row-major
+    assert pool_grid(tokens, 4, 2, 2).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pool_grid(tokens, 4, 1, 1).flatten().tolist() == [7.5]
+
+
+def test_grid_subset_is_sorted_unique_and_seeded():
+    a = grid_subset(64, 10, seed=0)
+    assert a.tolist() == sorted(set(a.tolist())) and len(a) == 10
+    assert torch.equal(a, grid_subset(64, 10, seed=0))
+    assert not torch.equal(a, grid_subset(64, 10, seed=1))
+
+
+def test_every_method_declares_a_site_and_the_adapters_respect_it():
+    assert {s.site for s in METHODS.values()} <= set(SITES)
+    assert {n for n, s in METHODS.items() if s.site != "vision"} == {"fastv", "subset", "pool"}
+    assert all((s.reduce is not None) == (s.site == "projector") for s in METHODS.values())
+    with pytest.raises(ValueError, match="acts on a VLM's llm"):
+        saint.patch(make_tiny("vit"), "fastv", layers=[0], ratio=0.5)
+
+
+def test_config_flags_replace_setting_probes():
+    assert make_config("saint", rate="sample")[1].pads
+    assert not make_config("saint", rate="batch")[1].pads
+    assert not make_config("tome", r=2)[1].pads
+    assert make_config("tome", r=2)[1].size_bias and not make_config("tome", r=2, prop_attn=False)[1].size_bias
+    assert make_config("saint_fold")[1].size_bias and not make_config("saint")[1].size_bias
+    with pytest.raises(ValueError, match="fastv_ratio"):
+        make_config("fastv", layers=[1], ratio=1.0)[1].resolve(4)
