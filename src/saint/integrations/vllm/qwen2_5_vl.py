@@ -1,0 +1,155 @@
+"""Qwen2.5-VL for vLLM with SAINT image-token pruning after the vision tower.
+
+Registered over ``Qwen2_5_VLForConditionalGeneration`` by the ``saint`` plugin; without
+``saint_keep_ratio`` in the HF config it is vLLM's class unchanged. With it:
+
+- the processor gives every image ``kept_tokens(N)`` placeholders instead of ``N`` (the
+  count follows from the image grid, known before the tower runs);
+- after the tower and merger, SAINT's fixed-budget drop (``saint.core.fixed_budget_keep_mask``
+  on the merged embeddings) keeps exactly that many tokens, in their original order;
+- each kept embedding carries its M-RoPE (t, h, w) of the full grid, so vLLM's
+  ``recompute_mrope_positions`` (the EVS helper, which handles images) gives the kept
+  tokens their unpruned positions; the 4th channel (the text offset after the image) is
+  the largest offset + 1, so text after an image keeps its unpruned positions too (vLLM's
+  EVS puts the grid width there, which shifts the text after a portrait image).
+
+Videos are not pruned by SAINT (``--video-pruning-rate`` still applies EVS to them); an
+unpruned video carries its positions the same way, as vLLM's pruning path requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .compat import install_torchvision_shim
+
+install_torchvision_shim()  # vLLM's qwen2_vl module imports a torchvision-only one
+
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media  # noqa: E402
+
+from ...core import fixed_budget_keep_mask  # noqa: E402
+from .settings import SaintVllmSettings, settings_from_config  # noqa: E402
+
+
+def media_positions(grid_thw: Sequence[int], merge_size: int, **time: float) -> torch.Tensor:
+    """``[N, 4]`` per merged token: its (t, h, w) M-RoPE offsets in the full grid, and the
+    position step from the media's start to the text after it (largest offset + 1, as in
+    the unpruned prompt; vLLM's EVS helper puts the grid width there instead)."""
+    pos = compute_mrope_for_media(list(grid_thw), merge_size, **time)
+    pos[:, 3] = pos[:, :3].max() + 1
+    return pos
+
+
+def image_keep_mask(embeds: torch.Tensor, settings: SaintVllmSettings) -> torch.Tensor:
+    """``[N]`` bool: SAINT's fixed-budget choice among one image's merged embeddings."""
+    keep = settings.kept_tokens(embeds.shape[0])
+    return fixed_budget_keep_mask(embeds[None], keep, step_div=settings.step_div)[0]
+
+
+class SaintQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    """Reads (and so validates) the SAINT settings when vLLM builds its input processor, in
+    the front-end process before the engine starts: a bad setting fails ``LLM(...)`` /
+    ``vllm serve`` at once with the setting's name."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.saint = settings_from_config(self.get_hf_config())
+
+
+class SaintQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+    """Gives each image as many placeholder tokens as SAINT will keep."""
+
+    def _get_prompt_updates(
+        self,
+        mm_items: Any,
+        hf_processor_mm_kwargs: Mapping[str, Any],
+        out_mm_kwargs: Any,
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        settings = self.info.saint
+        if settings is None:
+            return updates
+        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
+
+        def image_replacement(item_idx: int, token: int) -> list[int]:
+            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
+            return [token] * settings.kept_tokens(int(grid.prod()) // merge**2)
+
+        out = []
+        for update in updates:
+            if update.modality == "image":
+                (token,) = update.target
+                update = PromptReplacement(
+                    modality="image",
+                    target=update.target,
+                    replacement=lambda i, t=token: image_replacement(i, t),
+                )
+            out.append(update)
+        return out
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SaintQwen2_5_VLMultiModalProcessor,
+    info=SaintQwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class SaintQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.saint = settings_from_config(self.config)
+        self.saint_prunes_images = self.saint is not None
+        self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
+        if self.saint is None:
+            return
+        if vllm_config.use_v2_model_runner:
+            raise ValueError(
+                "SAINT image pruning supports vLLM's V1 model runner only; set "
+                "VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        self.is_multimodal_pruning_enabled = True
+
+    def _postprocess_image_embeds_evs(
+        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
+    ) -> tuple[torch.Tensor, ...]:
+        if self.saint is None:
+            return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
+        merge = self.visual.spatial_merge_size
+        out, masks = [], []
+        for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True):
+            keep = image_keep_mask(emb, self.saint)
+            pos = media_positions(grid, merge).to(emb.device)
+            out.append(torch.cat([emb[keep], pos[keep].to(emb.dtype)], dim=1))
+            masks.append(keep)
+        self.saint_last_keep = masks
+        return tuple(out)
+
+    def _postprocess_video_embeds_evs(
+        self, video_embeds_split: tuple[torch.Tensor, ...], video_input: Any
+    ) -> tuple[torch.Tensor, ...]:
+        if self.video_pruning_rate:  # EVS, vLLM's own video pruning
+            return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
+        merge = self.visual.spatial_merge_size
+        seconds = video_input.get("second_per_grid_ts")
+        tps = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        out = []
+        grids = video_input["video_grid_thw"].tolist()
+        for i, (emb, grid) in enumerate(zip(video_embeds_split, grids, strict=True)):
+            spg = 1.0 if seconds is None else float(seconds[i])
+            pos = media_positions(grid, merge, tokens_per_second=tps, video_second_per_grid=spg)
+            out.append(torch.cat([emb, pos.to(emb.device, emb.dtype)], dim=1))
+        return tuple(out)
+

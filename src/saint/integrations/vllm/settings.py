@@ -1,0 +1,64 @@
+"""The plugin's settings, read from the model's HF config (set with vLLM's ``--hf-overrides``)
+and the per-image budget rule. No vLLM import: the main test environment checks these.
+
+vLLM sizes an image's placeholder run before the vision tower runs, so the number of kept
+tokens must follow from the image's grid alone: ``max(1, round(keep_ratio * N))`` of the
+``N`` merged tokens, chosen by SAINT's fixed-budget drop (``saint.core.fixed_budget_keep_mask``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "saint_"
+KEYS = ("saint_keep_ratio", "saint_step_div")
+
+
+class SaintSettingsError(RuntimeError):
+    """A bad ``saint_*`` setting. Not a ValueError on purpose: vLLM 0.32 reads a ValueError
+    from a model's processing info as "no multimodal processor" and silently serves the
+    model text-only (``ModelConfig._supports_multimodal_inputs``)."""
+
+
+@dataclass(frozen=True)
+class SaintVllmSettings:
+    """``keep_ratio``: share of each image's merged tokens kept, in (0, 1];
+    ``step_div``: the fixed-budget drop removes ``remaining // step_div`` tokens per round."""
+
+    keep_ratio: float
+    step_div: int = 16
+
+    def __post_init__(self) -> None:
+        r = self.keep_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+            raise SaintSettingsError(
+                f"saint_keep_ratio={r!r}: give the share of each image's tokens to keep, a number "
+                'in (0, 1], e.g. --hf-overrides \'{"saint_keep_ratio": 0.25}\''
+            )
+        s = self.step_div
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise SaintSettingsError(f"saint_step_div={s!r}: give an integer >= 1 (default 16)")
+
+    def kept_tokens(self, num_tokens: int) -> int:
+        """Tokens one image keeps out of its ``num_tokens`` merged tokens."""
+        if num_tokens < 1:
+            raise ValueError(f"an image has {num_tokens} tokens; expected at least 1")
+        return min(num_tokens, max(1, math.floor(self.keep_ratio * num_tokens + 0.5)))
+
+
+def settings_from_config(config: Any) -> SaintVllmSettings | None:
+    """The settings in an HF config's ``saint_*`` attributes, or None when pruning is off
+    (no ``saint_keep_ratio``). Unknown ``saint_*`` names are errors, not silently ignored."""
+    attrs = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    given = {k: v for k, v in attrs.items() if k.startswith(PREFIX)}
+    unknown = sorted(set(given) - set(KEYS))
+    if unknown:
+        raise SaintSettingsError(f"unknown SAINT setting(s) {unknown} in --hf-overrides; known: {list(KEYS)}")
+    if given.get("saint_keep_ratio") is None:
+        if given.get("saint_step_div") is not None:
+            raise SaintSettingsError("saint_step_div is set but saint_keep_ratio is not: set both or neither")
+        return None
+    step_div = given.get("saint_step_div")
+    return SaintVllmSettings(given["saint_keep_ratio"], 16 if step_div is None else step_div)

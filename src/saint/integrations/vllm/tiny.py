@@ -1,0 +1,127 @@
+"""A random Qwen2.5-VL checkpoint written to a folder that vLLM and transformers both load,
+without a hub download: a byte-level BPE tokenizer trained on the spot (with Qwen's
+special tokens and chat template), the PIL image processor and random weights.
+
+Used by the vLLM plugin's tests (tiny geometry) and its benchmark (tiny, or the 7B
+geometry on a GPU). vLLM's CPU attention needs a head size >= 32, and the vision tower's
+``out_hidden_size`` must equal the text hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY: dict[str, Any] = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vision_depth=2, vision_hidden_size=64, vision_heads=2,
+    vision_intermediate_size=128, fullatt_block_indexes=[1], vocab_size=512,
+)
+# Qwen2.5-VL-7B's geometry (random weights), for the GPU benchmark.
+QWEN2_5_VL_7B: dict[str, Any] = dict(
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, vision_depth=32, vision_hidden_size=1280, vision_heads=16,
+    vision_intermediate_size=3420, fullatt_block_indexes=[7, 15, 23, 31], vocab_size=152064,
+)
+
+
+def _tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Describe the picture in one sentence.", "What is in the image? A cat on a mat."]
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 512), special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus * 20, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE,
+    )
+
+
+def write_checkpoint(
+    path: str | Path,
+    geometry: dict[str, Any] | None = None,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 448 * 448,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """Write a random Qwen2.5-VL (``geometry``: :data:`TINY` by default) to ``path``."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    g = {**TINY, **(geometry or {})}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(g["vocab_size"])
+    tokenizer.save_pretrained(path)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = g["hidden_size"] // g["num_attention_heads"]
+    section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
+    section.append(head_dim // 2 - sum(section))  # 3-D M-RoPE halves: t, h, w
+    rope = {"rope_type": "default", "mrope_section": section, "rope_theta": 1000000.0}
+    text = dict(
+        hidden_size=g["hidden_size"], intermediate_size=g["intermediate_size"],
+        num_hidden_layers=g["num_hidden_layers"], num_attention_heads=g["num_attention_heads"],
+        num_key_value_heads=g["num_key_value_heads"], vocab_size=g["vocab_size"],
+        max_position_embeddings=4096, rope_parameters=rope, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=g["vision_depth"], hidden_size=g["vision_hidden_size"], num_heads=g["vision_heads"],
+        intermediate_size=g["vision_intermediate_size"], out_hidden_size=g["hidden_size"],
+        fullatt_block_indexes=g["fullatt_block_indexes"], patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=112, tokens_per_second=2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
+    with torch.no_grad():  # random init of 0.02 std gives near-uniform logits: sharpen them
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 2.0 / p.shape[-1] ** 0.5)
+    model.save_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    image_processor.save_pretrained(path)
+    # save_pretrained of the processor needs a video processor (torchvision); write it by hand.
+    (path / "processor_config.json").write_text(
+        json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2)
+    )
+    gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path

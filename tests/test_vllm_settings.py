@@ -1,0 +1,67 @@
+"""The vLLM plugin's pure parts (no vLLM needed): settings from an HF config and the
+per-image budget rule. The end-to-end tests live in tests_vllm/ (``make test-vllm``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from saint.integrations.vllm.settings import (
+    SaintSettingsError,
+    SaintVllmSettings,
+    settings_from_config,
+)
+
+
+def test_no_saint_settings_means_off():
+    assert settings_from_config(SimpleNamespace(model_type="qwen2_5_vl")) is None
+
+
+def test_settings_read_from_config_attributes():
+    s = settings_from_config(SimpleNamespace(saint_keep_ratio=0.25, saint_step_div=8))
+    assert s == SaintVllmSettings(keep_ratio=0.25, step_div=8)
+    assert settings_from_config(SimpleNamespace(saint_keep_ratio=0.5)).step_div == 16
+
+
+@pytest.mark.parametrize(
+    "attrs, message",
+    [
+        ({"saint_keep_ratio": 0.0}, "saint_keep_ratio=0.0"),
+        ({"saint_keep_ratio": 1.5}, "saint_keep_ratio=1.5"),
+        ({"saint_keep_ratio": "0.5"}, "saint_keep_ratio='0.5'"),
+        ({"saint_keep_ratio": 0.5, "saint_step_div": 0}, "saint_step_div=0"),
+        ({"saint_step_div": 4}, "saint_keep_ratio is not"),
+        ({"saint_keep": 0.5}, "unknown SAINT setting(s) ['saint_keep']"),
+    ],
+)
+def test_bad_settings_name_the_setting(attrs, message):
+    with pytest.raises(SaintSettingsError) as err:
+        settings_from_config(SimpleNamespace(**attrs))
+    assert message in str(err.value)
+
+
+def test_kept_tokens_known_answers():
+    assert [SaintVllmSettings(r).kept_tokens(48) for r in (0.25, 0.5, 1.0)] == [12, 24, 48]
+    assert SaintVllmSettings(0.01).kept_tokens(10) == 1  # never drops a whole image
+    assert SaintVllmSettings(0.5).kept_tokens(5) == 3  # rounds half up
+
+
+@given(st.floats(0.001, 1.0), st.integers(1, 20000))
+def test_kept_tokens_within_bounds(ratio, n):
+    k = SaintVllmSettings(ratio).kept_tokens(n)
+    assert 1 <= k <= n and abs(k - ratio * n) <= max(0.5, 1 - ratio * n) + 1e-9
+
+
+def test_nothing_in_saint_imports_the_plugin():
+    """The plugin stays optional: importing saint and its command line never loads it."""
+    code = (
+        "import sys, saint, saint.cli, saint.integrations; "
+        "print(sorted(m for m in sys.modules if m.startswith('saint.integrations.vllm')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

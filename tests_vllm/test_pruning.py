@@ -1,0 +1,36 @@
+"""SAINT pruning on (``saint_keep_ratio=0.25``): one engine for the module."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_engine
+from reference import transformers_greedy
+from run_engine import MAX_TOKENS
+
+from saint.integrations.vllm.settings import SaintVllmSettings
+
+RATIO = 0.25
+NUM_IMAGE_TOKENS = 48  # the portrait image: 16 x 12 patches, merged 2 x 2
+
+
+@pytest.fixture(scope="module")
+def pruned(model_dir, image_path) -> dict:
+    return run_engine(model_dir, image_path, {"saint_keep_ratio": RATIO})
+
+
+def test_image_tokens_entering_the_llm_equal_the_budget(pruned, model_dir):
+    import json
+
+    image_token = json.loads((model_dir / "config.json").read_text())["image_token_id"]
+    budget = SaintVllmSettings(RATIO).kept_tokens(NUM_IMAGE_TOKENS)
+    assert budget == 12
+    assert pruned["prompt_token_ids"].count(image_token) == budget  # placeholders fed to the LLM
+    (kept,) = pruned["kept"]  # embeddings the model produced for them
+    assert len(kept) == budget
+    assert kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < NUM_IMAGE_TOKENS
+
+
+def test_outputs_equal_transformers_on_the_same_kept_set(pruned, model_dir, image_path):
+    ref = transformers_greedy(model_dir, image_path, pruned["prompt_token_ids"], RATIO, MAX_TOKENS)
+    assert pruned["kept"] == [ref["kept"]]
+    assert pruned["token_ids"] == ref["token_ids"]
