@@ -132,8 +132,8 @@ def main() -> None:
     import torch
     import transformers
     import vllm
-
     from saint.bench.report import environment, write_json
+
     from saint.integrations.vllm.tiny import QWEN2_5_VL_7B, write_checkpoint
 
     geometry = CPU_GEOMETRY if args.geometry == "cpu" else QWEN2_5_VL_7B
