@@ -188,3 +188,15 @@ def test_calling_a_middle_block_alone_is_refused(images):
         tokens = model.forward_features(images)
         with pytest.raises(RuntimeError, match="ran without blocks 0..2"):
             model.blocks[3](tokens)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("arch", ["vit", "mae_avgpool"])
+def test_empty_batch_gives_an_empty_output_like_the_unpatched_model(case, arch):
+    empty = torch.zeros(0, 3, 32, 32)
+    with torch.no_grad():
+        want = make_tiny(arch)(empty)
+        model = saint.patch(make_tiny(arch), case.split("_batch")[0], **CASES[case])
+        got = model(empty)
+        assert got.shape == want.shape
+        assert saint.stats(model).tokens == [[]] * 4

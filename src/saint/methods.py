@@ -9,6 +9,8 @@ apply that answer; methods know nothing about models.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -57,11 +59,12 @@ class MethodConfig:
 
     def resolve(self, depth: int) -> dict[int, dict[str, Any]]:
         """Expand to ``{block index: {field: value}}`` and validate every value."""
-        layers = None if self.layers is None else [int(i) for i in self.layers]
+        self.check_flags()
+        layers = None if self.layers is None else _block_indices("layers", self.layers)
         for name in self.PER_LAYER:
             v = getattr(self, name)
             if layers is None and isinstance(v, Mapping):
-                layers = sorted(int(i) for i in v)
+                layers = sorted(_block_indices(f"the blocks of {name}", list(v)))
             elif layers is None and _is_list(v):
                 layers = list(range(len(v)))
         if layers is None:
@@ -77,10 +80,10 @@ class MethodConfig:
         for name in self.PER_LAYER:
             v = getattr(self, name)
             if isinstance(v, Mapping):
-                keys = sorted(int(i) for i in v)
+                keys = sorted(_block_indices(f"the blocks of {name}", list(v)))
                 if keys != sorted(layers):
                     raise ValueError(f"{name} is given for blocks {keys} but layers are {sorted(layers)}")
-                per = {int(i): x for i, x in v.items()}
+                per = {operator.index(i): x for i, x in v.items()}
             elif _is_list(v):
                 if len(v) != len(layers):
                     raise ValueError(f"{name} has {len(v)} values but there are {len(layers)} layers {layers}")
@@ -105,6 +108,12 @@ class MethodConfig:
     def check_value(self, name: str, value: Any) -> Any:  # pragma: no cover - overridden
         return value
 
+    def check_flags(self) -> None:
+        """Settings whose default is True/False take only True/False (``"no"`` is not False)."""
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
+
     def check_global(self) -> None:
         """Validate settings that are not per layer."""
 
@@ -113,11 +122,28 @@ def _is_list(v: Any) -> bool:
     return isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() == 1)
 
 
+def _block_indices(name: str, value: Any) -> list[int]:
+    """Block indices as ints: a list/tuple/range of integers (not bools, floats or a string)."""
+    if not (_is_list(value) or isinstance(value, range)):
+        raise TypeError(f"{name} must be a list of block indices, got {type(value).__name__}: {value!r}")
+    out = []
+    for i in value:
+        if isinstance(i, bool) or isinstance(i, float):
+            raise TypeError(f"{name} must hold integer block indices, got {i!r} in {value!r}")
+        try:
+            out.append(operator.index(i))
+        except TypeError:
+            raise TypeError(f"{name} must hold integer block indices, got {i!r} in {value!r}") from None
+    return out
+
+
 def _number(name: str, value: Any, kind: type = float) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
         isinstance(value, torch.Tensor) and value.dim() == 0
     ):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name}={value} must be a finite number")
     if kind is int and float(value) != int(value):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     return kind(value)
@@ -229,6 +255,9 @@ class RandomConfig(MethodConfig):
         if value is None:
             raise ValueError("random drop needs r (tokens dropped per layer)")
         return _check_r(value)
+
+    def check_global(self) -> None:
+        _number("seed", self.seed, int)
 
 
 @dataclass

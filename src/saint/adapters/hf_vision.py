@@ -322,6 +322,8 @@ def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention
         state.record(hidden_states)
     prop_attn = handle.config.size_bias
     settings = handle.settings.get(index)
+    if hidden_states.shape[0] == 0:  # an empty batch has nothing to select
+        settings = None
     if state.packed:
         normed = self.layer_norm1(hidden_states)
         x = hidden_states + _packed_attention(self.self_attn, normed, state, prop_attn, handle.kernel)

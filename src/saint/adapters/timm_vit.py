@@ -203,6 +203,8 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
         state.record(x)
     prop_attn = handle.config.size_bias
     settings = handle.settings.get(index)
+    if x.shape[0] == 0:  # an empty batch has nothing to select: (0, ...) out, as unpatched
+        settings = None
     if state.packed:
         _check_packed_training(self)
         x = x + self.drop_path1(self.ls1(_packed_attention(self.attn, self.norm1(x), state, prop_attn, handle.kernel)))

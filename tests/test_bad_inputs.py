@@ -1,0 +1,156 @@
+"""The specification of saint's errors: every bad input raises at the earliest point
+(patch time where possible) with the exception type and a message naming the value
+and the fix. One row per case: (id, call, exception type, phrase of the message)."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import saint
+
+from .conftest import make_tiny
+
+NAN, INF = float("nan"), float("inf")
+IMAGES = torch.zeros(2, 3, 32, 32)
+
+
+def patch(method: str = "saint", model: torch.nn.Module | None = None, **kw) -> Callable[[], object]:
+    return lambda: saint.patch(make_tiny("vit") if model is None else model, method, **kw)
+
+
+def tiny(**kw) -> torch.nn.Module:
+    return make_tiny("vit", **kw)
+
+
+def patched(method: str = "saint", **kw) -> torch.nn.Module:
+    return saint.patch(tiny(), method, **kw)
+
+
+def calibrate(model: torch.nn.Module | None = None, **kw) -> Callable[[], object]:
+    return lambda: saint.calibrate(tiny() if model is None else model, torch.randn(2, 3, 32, 32), **kw)
+
+
+def stats_before_forward():
+    return saint.stats(patched())
+
+
+def middle_block_alone():
+    model = patched()
+    with torch.no_grad():
+        model.blocks[2](torch.zeros(1, 17, 32))
+
+
+def block_with_mask():
+    model = patched()
+    model.blocks[0](torch.zeros(1, 17, 32), attn_mask=torch.zeros(1, 1, 17, 17))
+
+
+def siglip_attn():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    saint.patch(transformers.SiglipVisionModel(cfg), "attn", r=2)
+
+
+def llava(**kw):
+    transformers = pytest.importorskip("transformers")
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                    num_attention_heads=2, num_key_value_heads=2)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=63, vision_feature_layer=-1)
+    saint.patch(transformers.LlavaForConditionalGeneration(cfg), "saint", **kw)
+
+
+CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    # --- per-layer values
+    ("gamma nan", patch(gamma=NAN), ValueError, "gamma=nan must be a finite number"),
+    ("gamma inf", patch(gamma=INF), ValueError, "gamma=inf must be a finite number"),
+    ("gamma negative", patch(gamma=-1.0), ValueError, "gamma=-1.0 must be >= 0"),
+    ("tau outside [-1, 1]", patch(tau=1.5), ValueError, "tau=1.5 is outside [-1, 1]"),
+    ("tau nan", patch(tau=NAN), ValueError, "tau=nan must be a finite number"),
+    ("tau a string", patch(tau="0.5"), TypeError, "tau must be a number, got str"),
+    ("k zero", patch(k=0), ValueError, "k=0 must be >= 1"),
+    ("k fractional", patch(k=2.5), TypeError, "k must be an integer, got 2.5"),
+    ("k a bool", patch(k=True), TypeError, "k must be a number, got bool"),
+    ("r infinite", patch("tome", r=INF), ValueError, "r=inf must be a finite number"),
+    ("r negative", patch("random", r=-1), ValueError, "r=-1 must be >= 0"),
+    ("tome without r", patch("tome"), ValueError, "ToMe needs r"),
+    ("random without r", patch("random"), ValueError, "random drop needs r"),
+    ("attn without r", patch("attn"), ValueError, "attn drop needs r"),
+    ("budget without keep", patch("budget", layers=[1]), ValueError, "budget drop needs keep"),
+    ("budget keep zero", patch("budget", keep=0, layers=[1]), ValueError, "keep=0 must be >= 1"),
+    ("tau list too short", patch(tau=[0.5, 0.6], layers=[0, 1, 2]), ValueError, "tau has 2 values but there are 3"),
+    ("tau dict off layers", patch(tau={0: 0.5}, layers=[1]), ValueError, "tau is given for blocks [0]"),
+    ("tau dict float block", patch(tau={0.5: 0.3}), TypeError, "integer block indices, got 0.5"),
+    # --- layers
+    ("layers fractional", patch(layers=[0.7, 1.9]), TypeError, "layers must hold integer block indices, got 0.7"),
+    ("layers bool", patch(layers=[True]), TypeError, "layers must hold integer block indices, got True"),
+    ("layers a string", patch(layers="01"), TypeError, "layers must be a list of block indices, got str"),
+    ("layers an int", patch(layers=3), TypeError, "layers must be a list of block indices, got int"),
+    ("layers empty", patch(layers=[]), ValueError, "layers is empty"),
+    ("layers repeated", patch(layers=[1, 1]), ValueError, "repeated block indices"),
+    ("layers out of range", patch(layers=[9]), ValueError, "out of range: the model has 4 blocks"),
+    ("budget needs layers", patch("budget", keep=4), ValueError, "needs explicit layers"),
+    # --- other settings
+    ("prop_attn a string", patch("tome", r=2, prop_attn="no"), TypeError, "prop_attn must be True or False"),
+    ("center a number", patch(center=1), TypeError, "center must be True or False"),
+    ("seed fractional", patch("random", r=2, seed=0.5), TypeError, "seed must be an integer"),
+    ("rate unknown", patch(rate="image"), ValueError, "rate must be one of"),
+    ("metric unknown", patch(metric="values"), ValueError, "metric must be one of"),
+    ("step_div zero", patch("budget", keep=4, layers=[1], step_div=0), ValueError, "step_div=0 must be >= 1"),
+    ("unknown method", patch("magic"), ValueError, "unknown method 'magic'; known methods"),
+    ("unknown setting", patch("tome", r=2, tau=0.5), TypeError, "does not take ['tau']"),
+    # --- settings against the model
+    ("tome r too large", patch("tome", r=9), ValueError, "r=9 at block 0 is more than tome can remove"),
+    ("budget keep too large", patch("budget", keep=99, layers=[0]), ValueError, "keep=99 at block 0 exceeds"),
+    ("attn without class token", patch("attn", tiny(class_token=False, global_pool="avg"), r=2), ValueError,
+     "needs a class token"),
+    ("ragged with map pooling", patch(model=tiny(global_pool="map")), ValueError, "rate='sample' pads"),
+    ("tome with max pooling", patch("tome", tiny(global_pool="max"), r=2), ValueError, "merges tokens"),
+    ("saint_fold with map pooling", patch("saint_fold", tiny(global_pool="map"), rate="batch"), ValueError,
+     "merges tokens"),
+    ("attn on SigLIP", siglip_attn, ValueError, "has no class token"),
+    ("LLaVA llm_gamma nan", lambda: llava(llm_gamma=NAN, mode="llm", llm_layers=(0, 1)), ValueError,
+     "must be a finite number"),
+    # --- the API
+    ("patch a non-module", lambda: saint.patch("model"), TypeError, "expected a torch.nn.Module, got str"),
+    ("patch an unsupported module", lambda: saint.patch(torch.nn.Linear(2, 2)), TypeError,
+     "saint cannot handle Linear; supported models"),
+    ("unpatch an unpatched model", lambda: saint.unpatch(tiny()), ValueError, "is not patched by saint"),
+    ("stats of an unpatched model", lambda: saint.stats(tiny()), ValueError, "is not patched by saint"),
+    ("stats before a forward", stats_before_forward, RuntimeError, "call the model first"),
+    ("pickle a patched model", lambda: torch.save(patched(), io.BytesIO()), TypeError, "unpatch first"),
+    ("a middle block alone", middle_block_alone, RuntimeError, "block 2 of a patched model ran without blocks 0..1"),
+    ("a block with a mask", block_with_mask, ValueError, "cannot take attn_mask"),
+    # --- calibration
+    ("calibrate without target", calibrate(), ValueError, "give exactly one target"),
+    ("calibrate two targets", calibrate(keep=0.5, speedup=2.0), ValueError, "give exactly one target"),
+    ("calibrate speedup below 1", calibrate(speedup=0.5), ValueError, "speedup=0.5 must be >= 1"),
+    ("calibrate keep above 1", calibrate(keep=1.5), ValueError, "keep=1.5 must be in (0, 1]"),
+    ("calibrate a method without tau", calibrate(keep=0.5, method="tome"), ValueError, "has none"),
+    ("calibrate with tau", calibrate(keep=0.5, tau=0.9), ValueError, "do not pass tau"),
+    ("calibrate a patched model", calibrate(patched("tome", r=2), keep=0.5), ValueError,
+     "unpatch it before calibrating"),
+    ("calibrate max_iter zero", calibrate(keep=0.5, max_iter=0), ValueError, "max_iter=0 must be an integer >= 1"),
+    ("calibrate tol zero", calibrate(keep=0.5, tol=0.0), ValueError, "tol=0.0 must be > 0"),
+    ("calibrate mode unknown", calibrate(keep=0.5, mode="best"), ValueError, "mode must be one of"),
+]
+
+
+def test_the_matrix_is_large_enough():
+    assert len(CASES) >= 40
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("call", "exc", "phrase"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_a_clear_error(call, exc, phrase):
+    with pytest.raises(exc, match=re.escape(phrase)):
+        call()
