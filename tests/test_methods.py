@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import saint
-from saint.core import fastv_keep_mask, grid_subset, pool_grid
+from saint.core import fastv_keep_mask, grid_subset, keep_mask_to_indices, pool_grid
 from saint.methods import METHODS, SITES, make_config
 
 from .conftest import make_tiny
@@ -51,3 +51,13 @@ def test_config_flags_replace_setting_probes():
     assert make_config("saint_fold")[1].size_bias and not make_config("saint")[1].size_bias
     with pytest.raises(ValueError, match="fastv_ratio"):
         make_config("fastv", layers=[1], ratio=1.0)[1].resolve(4)
+
+
+def test_keep_mask_to_indices_left_and_right_aligned():
+    keep = torch.tensor([[True, False, True, False], [False, False, True, False]])
+    idx, valid = keep_mask_to_indices(keep)
+    assert idx[valid].tolist() == [0, 2, 2] and valid.tolist() == [[True, True], [True, False]]
+    idx, valid = keep_mask_to_indices(keep, align="right")
+    assert valid.tolist() == [[True, True], [False, True]]
+    assert idx.tolist()[0] == [0, 2] and idx[1, 1] == 2
+    assert not bool(keep[1, idx[1, 0]]), "a pad slot points at a dropped position"

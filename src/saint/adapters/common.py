@@ -23,6 +23,7 @@ PICKLE_HINT = (
     "a model patched by saint cannot be pickled (torch.save(model) / pickle); unpatch first: "
     "saint.unpatch(model), save it (or save model.state_dict()), and patch again after loading"
 )
+MASKABLE_ATTENTION = ("eager", "sdpa")  # attention implementations that take an additive/boolean key mask
 
 
 class RefusePickle:

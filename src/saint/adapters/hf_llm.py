@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from ..core import gather_tokens
+from ..core import gather_tokens, keep_mask_to_indices
+from .common import MASKABLE_ATTENTION
 
 PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
-MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
 def _decoder_classes() -> tuple[type, ...]:
@@ -106,20 +106,6 @@ def _rope_fn(attn: torch.nn.Module) -> Callable:
     if fn is None:
         raise TypeError(f"{type(attn).__module__} has no apply_rotary_pos_emb; unsupported language model")
     return fn
-
-
-def right_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the kept positions right-aligned in original order.
-
-    Returns ``(idx [B, M], valid [B, M])`` with ``M`` the largest kept count; rows
-    keeping fewer start with pad slots (``valid`` False) that point at dropped positions.
-    """
-    b, n = keep.shape
-    counts = keep.sum(dim=1)
-    m = int(counts.max()) if keep.numel() else 0
-    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, n - m:]
-    valid = torch.arange(m, device=keep.device)[None, :] >= (m - counts)[:, None]
-    return order, valid
 
 
 @dataclass
@@ -438,7 +424,7 @@ class DecoderPruner:
         keep = stage.valid & (keep | ~prunable)
         if torch.equal(keep, stage.valid):
             return None
-        local, valid = right_pack(keep)
+        local, valid = keep_mask_to_indices(keep, align="right")
         self.stage = Stage(
             idx=torch.gather(stage.idx, 1, local),
             valid=valid,

@@ -47,6 +47,7 @@ import torch
 from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config, require_site
 from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
 from .common import (
+    MASKABLE_ATTENTION,
     SAINT_ATTR,
     SITE_ATTR,
     Runs,
@@ -57,8 +58,6 @@ from .common import (
     get_handle,
     packed_attention_of,
 )
-
-MASKABLE_ATTENTION = ("eager", "sdpa")
 
 
 def _hf_classes() -> dict[str, type] | None:

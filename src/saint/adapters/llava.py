@@ -706,7 +706,7 @@ def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: _Forward, i
             "a 4-D attention mask cannot follow the vision-side token reduction; pass a 2-D attention_mask "
             "(and a dynamic cache)"
         )
-    src, valid = hf_llm.right_pack(keep0)
+    src, valid = keep_mask_to_indices(keep0, align="right")
     fill = 0 if image_id != 0 else 1
     new_ids = torch.gather(input_ids, 1, src).masked_fill(~valid, fill)
     removed_at = (~keep0).long()

@@ -65,7 +65,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core import fixed_budget_keep_mask
+from ..core import fixed_budget_keep_mask, keep_mask_to_indices
 from ..methods import MethodSpec, SaintConfig
 from . import hf_llm
 from .base import Grid, Probe, Site
@@ -651,7 +651,7 @@ def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Any) -> dic
             "a 4-D attention mask cannot follow the vision-side token reduction; pass a 2-D attention_mask "
             "(and a dynamic cache)"
         )
-    src, valid = hf_llm.right_pack(keep0)
+    src, valid = keep_mask_to_indices(keep0, align="right")
 
     def take(t: torch.Tensor, fill: int) -> torch.Tensor:
         lead = t.shape[:-2]

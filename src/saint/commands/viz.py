@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import find_adapter
-from .analyze import add_model_args, load_model
+from .options import add_model_options
+from .options import build_model as load_model
 
 
 def _layers(text: str) -> list[int]:
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("image", help="an image file")
-    add_model_args(p)
+    add_model_options(p, default_img_size=224)
     p.add_argument("--tau", type=float, default=0.75, help="SAINT similarity threshold")
     p.add_argument("--k", type=int, default=5, help="SAINT degree vote")
     p.add_argument("--gamma", type=float, default=10.0, help="SAINT score sharpness")

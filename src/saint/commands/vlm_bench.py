@@ -81,19 +81,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Validate the options, run the benchmark, return the report."""
-    import torch
 
     from ..bench.vlm import GEOMETRIES, vlm_report
     from ..measure.harness import resolve_device, resolve_dtype
-    from .options import progress_factory
+    from .options import apply_threads, progress_factory
 
     geometry = GEOMETRIES["full" if args.full else args.geometry]
     if args.full and args.geometry not in ("cpu", "full"):
         raise ValueError(f"--full contradicts --geometry {args.geometry}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp32" if device.type == "cpu" else "bf16"))
     for name in ("batch_size", "prompt_len", "new_tokens", "repeats", "tau_iters"):

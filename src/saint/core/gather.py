@@ -8,8 +8,10 @@ import torch
 EPS = 1e-6  # keeps cosine normalisation finite for zero-norm keys
 
 
-def keep_mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack the kept positions of each row first, in their original order.
+def keep_mask_to_indices(keep: torch.Tensor, align: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the kept positions of each row, in their original order: first
+    (``align="left"``, ViT blocks) or last (``"right"``, decoder prompts that are
+    left-padded).
 
     Returns ``(idx [B, M], valid [B, M])`` with ``M`` the largest kept count in the
     batch; rows that keep fewer tokens are padded with their dropped positions and
@@ -17,11 +19,17 @@ def keep_mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise TypeError(f"keep must be a bool tensor [B, N], got {keep.dtype} {tuple(keep.shape)}")
+    if align not in ("left", "right"):
+        raise ValueError(f"align must be 'left' or 'right', got {align!r}")
+    n = keep.shape[1]
     counts = keep.sum(dim=1)
     m = int(counts.max()) if keep.numel() else 0
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
-    valid = torch.arange(m, device=keep.device)[None, :] < counts[:, None]
-    return order, valid
+    slots = torch.arange(m, device=keep.device)[None, :]
+    if align == "left":
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
+        return order, slots < counts[:, None]
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, n - m :]
+    return order, slots >= (m - counts)[:, None]
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
