@@ -26,12 +26,14 @@ CONFIGS = {
     "hybrid": dict(mode="hybrid", vit_layer=1, vit_ratio=0.5, llm_layers=(0, 3), llm_tau=0.3, llm_k=2),
     "fastv": dict(method="fastv", fastv_layer=2, fastv_ratio=0.5),
     "random": dict(method="random", keep_ratio=0.4),
+    "pool": dict(method="pool", pool_size=2),
 }
 NOTHING = {
     "llm": dict(mode="llm", llm_layers=(0, DEPTH - 2), llm_tau=0.3, llm_k=1000),
     "vit": dict(mode="vit", vit_layer=1, vit_ratio=1.0),
     "fastv": dict(method="fastv", fastv_layer=1, fastv_ratio=0.0),
     "random": dict(method="random", keep_ratio=1.0),
+    "pool": dict(method="pool", pool_size=1),
 }
 
 
@@ -141,7 +143,7 @@ def _positions(model, x, **kw):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["vit", "random"])
+@pytest.mark.parametrize("name", ["vit", "random", "pool"])
 def test_kept_tokens_keep_their_full_grid_positions(family, name):
     """After a vision-side reduction the prompt holds the kept tokens at exactly the
     M-RoPE positions get_rope_index gives them on the full grid, and every decoding
@@ -263,7 +265,9 @@ def test_vit_selection_is_the_budget_drop_on_group_keys():
         (dict(method="fastv", fastv_ratio=1.0), ValueError, "fastv_ratio"),
         (dict(method="random"), ValueError, "needs keep_ratio"),
         (dict(method="random", keep_ratio=0.5, mode="llm"), TypeError, "mode= is for"),
-        (dict(method="pool", visual_keep=4), ValueError, "unknown Qwen-VL method"),
+        (dict(method="tome", r=4), ValueError, "unknown Qwen-VL method"),
+        (dict(method="pool"), ValueError, "needs pool_size"),
+        (dict(method="pool", pool_size=0), ValueError, "pool_size=0 must be >= 1"),
         (dict(mode="llm", llm_layers=(1, 2), tua=0.5), TypeError, "does not take"),
     ],
 )
@@ -295,6 +299,11 @@ def test_bad_calls_raise_clear_errors():
     flash.model.language_model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
         saint.patch(flash, **CONFIGS["llm"])
+    tower = make("qwen2_5_vl")
+    tower.model.visual.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="vision attn_implementation='flash_attention_2'"):
+        saint.patch(tower, **CONFIGS["vit"])
+    saint.patch(tower, **CONFIGS["llm"])  # the tower is untouched in llm mode
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -314,3 +323,24 @@ def test_adapter_splits_a_batch_into_its_prompts_with_their_images(family):
                 assert torch.equal(part[key], solo[key]), key
     grid = adapter.grid(make(family), parts[1])
     assert (grid.rows, grid.cols, grid.patch) == (4, 6, (8, 8))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pool_averages_windows_at_their_top_left_token(family):
+    """pool_size=3 on an 8x12 patch grid (4x6 merged tokens): 2x2 windows of up to 3x3
+    tokens (ragged at the bottom), each one the mean of its window's merged features."""
+    model = make(family)
+    x = inputs([[2, ("image", (1, 8, 12)), 2]], family=family)
+    with torch.no_grad():
+        feats = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output[0]
+    saint.patch(model, method="pool", pool_size=3)
+    with torch.no_grad():
+        pooled = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output[0]
+        model(**x)
+    grid = feats.view(4, 6, -1)
+    keep = pooled._saint_keep
+    assert keep.nonzero().squeeze(1).tolist() == [0, 3, 18, 21]
+    expect = torch.stack([grid[:3, :3].mean((0, 1)), grid[:3, 3:].mean((0, 1)), grid[3:, :3].mean((0, 1)),
+                          grid[3:, 3:].mean((0, 1))])
+    torch.testing.assert_close(pooled[keep], expect)
+    assert get_handle(model).image_stats().tokens[1] == [4]

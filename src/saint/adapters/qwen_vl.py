@@ -13,6 +13,9 @@ Methods (``saint.patch(model, method=..., **settings)``; see :class:`QwenPruneCo
 - ``"fastv"``: FastV (``fastv_layer`` K, ``fastv_ratio`` R), as for LLaVA.
 - ``"random"``: a seeded random ``keep_ratio`` of every sample's merged tokens, after
   the merger (no tower compute saved; the reference point for the vision side).
+- ``"pool"``: average pooling of every sample's merged-token grid in windows of
+  ``pool_size x pool_size`` (ragged at the right/bottom edge); each pooled token takes
+  the place, and so the M-RoPE position, of its window's top-left token.
 
 A *sample* of the vision side is one frame group of one image or video: the tower
 attends within exactly that span (its full-attention ``cu_seqlens`` segment), so an
@@ -82,7 +85,7 @@ from .llava import (
     llm_schedule,
 )
 
-METHODS = ("saint", "fastv", "random")
+METHODS = ("saint", "fastv", "random", "pool")
 MODES = ("vit", "llm", "hybrid")
 VIT_FIELDS = ("vit_ratio", "vit_layer", "vit_step_div")
 LLM_FIELDS = ("llm_layers", "llm_tau", "llm_k", "llm_gamma", "llm_rate", "llm_rope_keys")
@@ -92,6 +95,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "saint/hybrid": ("mode", *VIT_FIELDS, *LLM_FIELDS),
     "fastv": ("fastv_layer", "fastv_ratio"),
     "random": ("keep_ratio", "seed"),
+    "pool": ("pool_size",),
 }
 KEEP_ATTR = "_saint_keep"  # set on every per-image feature tensor: bool [groups] kept (raster order)
 FEATURE_FNS = {"image": "get_image_features", "video": "get_video_features"}
@@ -149,6 +153,7 @@ class QwenPruneConfig:
     fastv_ratio: float = 0.5
     keep_ratio: float | None = None
     seed: int = 0
+    pool_size: int | None = None
 
     @property
     def key(self) -> str:
@@ -161,7 +166,7 @@ class QwenPruneConfig:
     @property
     def reduces_vision(self) -> bool:
         """Whether fewer visual tokens than the processor's reach the language model."""
-        return self.prunes_vit or self.method == "random"
+        return self.prunes_vit or self.method in ("random", "pool")
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -181,6 +186,10 @@ class QwenPruneConfig:
         if self.method == "fastv":
             _int("fastv_layer", self.fastv_layer, 1)
             _fraction("fastv_ratio", self.fastv_ratio, low_open=False)
+        if self.method == "pool":
+            if self.pool_size is None:
+                raise ValueError("method 'pool' needs pool_size (merged tokens per side averaged into one)")
+            _int("pool_size", self.pool_size, 1)
         if self.method == "random":
             if self.keep_ratio is None:
                 raise ValueError("method 'random' needs keep_ratio (fraction of each image's merged tokens kept)")
@@ -459,10 +468,14 @@ def _make_features(handle: QwenPatch, modality: str, original: Any):
     tensor (and deepstack feature) with its kept groups (``KEEP_ATTR``, raster order)."""
     cfg = handle.config
 
+    unit = int(handle.mm.visual.spatial_merge_size)
+
     @functools.wraps(original)  # generate reads the signature to pre-encode the pixels
     def features(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         grid = kwargs.get(f"{modality}_grid_thw", args[1] if len(args) > 1 else None)
+        if cfg.method == "pool":
+            return _pooled(out, grid, unit, cfg.pool_size)
         feats = out.pooler_output
         if handle.tower is not None and handle.tower.keep_raster is not None:
             keep = handle.tower.keep_raster
@@ -483,6 +496,51 @@ def _make_features(handle: QwenPatch, modality: str, original: Any):
         return out
 
     return features
+
+
+def _pool_plan(grid: torch.Tensor, unit: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the merged tokens of ``grid`` (raster order per frame, frames in order): the
+    pooled cell of every token (cells numbered across all frames) and whether the token
+    is its cell's top-left one (the anchor that carries the pooled value)."""
+    cells, anchors, offset = [], [], 0
+    for t, h, w in grid.tolist():
+        rows, cols = h // unit, w // unit
+        r = torch.arange(rows, device=device)[:, None].expand(rows, cols)
+        c = torch.arange(cols, device=device)[None, :].expand(rows, cols)
+        ncols = -(-cols // size)
+        cell = ((r // size) * ncols + c // size).flatten()
+        anchor = ((r % size == 0) & (c % size == 0)).flatten()
+        per = int(cell.max()) + 1
+        for _ in range(t):
+            cells.append(cell + offset)
+            anchors.append(anchor)
+            offset += per
+    return torch.cat(cells), torch.cat(anchors)
+
+
+def _pooled(out: Any, grid: torch.Tensor, unit: int, size: int) -> Any:
+    """Average pooling of every frame's merged-token grid: each window's mean is written
+    at its top-left token (new feature tensors), which is the only one kept."""
+    sizes = [int(f.shape[0]) for f in out.pooler_output]
+    cell, anchor = _pool_plan(grid, unit, size, out.pooler_output[0].device)
+    counts = torch.bincount(cell)
+
+    def pool(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        x = torch.cat(list(feats))
+        means = torch.zeros(len(counts), x.shape[-1], dtype=torch.float32, device=x.device)
+        means.index_add_(0, cell, x.float())
+        means = (means / counts[:, None]).to(x.dtype)
+        x = x.clone()
+        x[anchor] = means[cell[anchor]]
+        parts = x.split(sizes)
+        for f, k in zip(parts, anchor.split(sizes), strict=True):
+            setattr(f, KEEP_ATTR, k)
+        return parts
+
+    out.pooler_output = pool(out.pooler_output)
+    if getattr(out, "deepstack_features", None) is not None:
+        out.deepstack_features = [pool(layer) for layer in out.deepstack_features]
+    return out
 
 
 def _make_deepstack(handle: QwenPatch, original: Any):

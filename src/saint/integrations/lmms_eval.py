@@ -528,7 +528,7 @@ class SaintLlava(lmms):
 class SaintQwenVL(SaintLlava):
     """A Qwen2.5-VL or Qwen3-VL checkpoint patched once by :func:`saint.patch`, evaluated
     by lmms-eval (``--model saint_qwen_vl``). ``method``: ``saint`` (default), ``fastv``,
-    ``random`` or ``none``; the remaining keyword arguments are that method's settings
+    ``random``, ``pool`` or ``none``; the remaining keyword arguments are that method's settings
     (see :class:`saint.adapters.qwen_vl.QwenPruneConfig`). Each image enters the prompt
     as ``<|vision_start|><|image_pad|><|vision_end|>``, expanded by the processor to its
     own grid; the chat template is the tokenizer's (else ChatML). Images only."""
