@@ -28,7 +28,7 @@ class LayerContext:
     num_protected: int
     valid: torch.Tensor | None = None  # [B, N] bool, None = all valid
     cls_attention: Callable[[], torch.Tensor] | None = None  # -> [B, N]
-    tokens: torch.Tensor | None = None  # [B, N, C] hidden states being pruned
+    tokens: torch.Tensor | Callable[[], torch.Tensor] | None = None  # [B, N, C] hidden states (or a thunk)
     layer: int | None = None  # block index, for methods that keep per-layer records
     query_attention: Callable[[], torch.Tensor] | None = None  # -> [B, N]: the last query's attention (LLM)
 
@@ -304,7 +304,7 @@ def saint_metric(ctx: LayerContext, cfg: SaintConfig) -> torch.Tensor:
     if cfg.metric == "hidden":
         if ctx.tokens is None:
             raise ValueError("metric='hidden' needs the hidden states; this adapter does not provide them")
-        metric = ctx.tokens
+        metric = ctx.tokens() if callable(ctx.tokens) else ctx.tokens
     if cfg.center:
         p = ctx.num_protected
         tokens = metric[:, p:].float()

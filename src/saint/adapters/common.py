@@ -13,8 +13,16 @@ from typing import Any
 
 import torch
 
-from ..core import MergePlan, additive_key_mask, gather_tokens, keep_mask_to_indices, merge_weighted
-from ..core.packing import KERNELS, lengths_to_valid, pack, packed_attention, padded_index, unpack
+from ..core import additive_key_mask, gather_tokens, keep_mask_to_indices, merge_weighted
+from ..core.packing import (
+    KERNELS,
+    lengths_to_valid,
+    merge_and_keep,
+    pack,
+    packed_attention,
+    padded_index,
+    unpack,
+)
 from ..methods import Selection
 
 SAINT_ATTR = "_saint_patch"
@@ -226,15 +234,17 @@ class TokenState:
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(1, stream.shape[1], 1, dtype=torch.float32, device=x.device)
-            sizes = self.sizes.reshape(1, -1, 1)
             index = padded_index(valid)
             plan = sel.merge
-            src, dst = (torch.gather(index, 1, t).reshape(1, -1) for t in (plan.src, plan.dst))
-            active = None if plan.active is None else plan.active.reshape(1, -1)
-            stream, self.sizes = merge_weighted(stream, sizes, MergePlan(src, dst, flat[None], active))
-        stream = stream[:, flat]
-        if self.sizes is not None:
-            self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
+            src, dst = (torch.gather(index, 1, t).reshape(-1) for t in (plan.src, plan.dst))
+            if plan.active is not None:
+                active = plan.active.reshape(-1)
+                src, dst = src[active], dst[active]
+            stream, self.sizes = merge_and_keep(stream, self.sizes, src, dst, flat)
+        else:
+            stream = stream[:, flat]
+            if self.sizes is not None:
+                self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
         counts = keep.sum(dim=1)
         self.lengths = counts.tolist()
         self._index = None

@@ -271,29 +271,21 @@ def _mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
     return k.reshape(b, n, num_heads, c // num_heads).mean(dim=2)
 
 
-def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k: torch.Tensor, state: TokenState, prop_attn: bool):
+def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k_packed: torch.Tensor, state: TokenState,
+                   prop_attn: bool):
     """The class token's attention over all tokens (padded view), averaged over heads
     (lazy; only the class token's query is projected)."""
 
     def compute() -> torch.Tensor:
-        bias = state.padded_key_mask(k.dtype, prop_attn)
+        bias = state.padded_key_mask(k_packed.dtype, prop_attn)
         first = state.padded(normed)[:, :1]
+        k = state.padded(k_packed)
         b, n, c = k.shape
         h = attn.num_heads
         q = attn.q_proj(first).reshape(b, h, c // h)
         return cls_attention(q, k.reshape(b, n, h, c // h), attn.scale, bias)
 
     return compute
-
-
-def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool,
-                      kernel: str) -> torch.Tensor:
-    """CLIP/SigLIP attention on a packed stream ``[1, T, C]``: the module's own q/k/v/out
-    projections around per-image attention."""
-    t = x.shape[1]
-    q, k, v = (proj(x).reshape(t, attn.num_heads, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    dropout = attn.dropout if attn.training else 0.0
-    return attn.out_proj(packed_attention_of(q, k, v, state, prop_attn, attn.scale, dropout, kernel))
 
 
 def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, state: TokenState, prop_attn: bool,
@@ -342,14 +334,14 @@ def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention
             attn_out, _ = self.self_attn(hidden_states=normed, attention_mask=bias, **kwargs)
             x = hidden_states + attn_out
     if settings is not None:
-        k = state.padded(run.captured.pop(index))
+        k = run.captured.pop(index)
         ctx = LayerContext(
-            keys=_mean_heads(k, self.self_attn.num_heads),
+            keys=state.padded(_mean_heads(k, self.self_attn.num_heads)),
             num_protected=handle.num_protected,
             valid=state.valid,
             cls_attention=_cls_attention(self.self_attn, normed, k, state, prop_attn)
             if handle.num_protected > 0 else None,
-            tokens=state.padded(x),
+            tokens=(lambda: state.padded(x)) if state.packed else x,
             layer=index,
         )
         sel = handle.spec.select(ctx, settings, handle.config)

@@ -152,11 +152,12 @@ def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dic
         check_static_counts(int(n), spec, settings, unit="block")
 
 
-def _cls_attention_of(blk: torch.nn.Module, qkv: torch.Tensor, state: TokenState, prop_attn: bool):
+def _cls_attention_of(blk: torch.nn.Module, qkv_packed: torch.Tensor, state: TokenState, prop_attn: bool):
     """The class token's attention over all tokens (padded view), averaged over heads (lazy)."""
 
     def compute() -> torch.Tensor:
-        bias = state.padded_key_mask(qkv.dtype, prop_attn)
+        bias = state.padded_key_mask(qkv_packed.dtype, prop_attn)
+        qkv = state.padded(qkv_packed)
         attn = blk.attn
         b, n, c3 = qkv.shape
         h = attn.num_heads
@@ -227,16 +228,17 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
 
 
 def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: torch.Tensor) -> LayerContext:
-    """What the selection sees, in the padded view when the tokens are packed."""
+    """What the selection sees, in the padded view when the tokens are packed (keys are
+    averaged over heads before padding; the rest is padded only when asked for)."""
     state = run.state
-    qkv = state.padded(run.captured.pop(index))
+    qkv = run.captured.pop(index)
     prop_attn = handle.config.size_bias
     return LayerContext(
-        keys=keys_from_qkv(qkv, blk.attn.num_heads, blk.attn.k_norm),
+        keys=state.padded(keys_from_qkv(qkv, blk.attn.num_heads, blk.attn.k_norm)),
         num_protected=handle.num_protected,
         valid=state.valid,
         cls_attention=_cls_attention_of(blk, qkv, state, prop_attn) if handle.num_protected > 0 else None,
-        tokens=state.padded(x),
+        tokens=(lambda: state.padded(x)) if state.packed else x,
         layer=index,
     )
 

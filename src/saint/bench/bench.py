@@ -27,6 +27,7 @@ def rows_from_measurements(measurements: Sequence[Measurement]) -> list[dict[str
         row["tokens_per_block"] = m.tokens
         row["mean_tokens"] = sum(m.tokens) / len(m.tokens) if m.tokens else None
         row["peak_memory_mb"] = m.peak_memory_mb
+        row["layout"] = m.layout
         if m.timing is not None and base.timing is not None:
             row.update(m.timing.as_dict())
             row["speedup"] = base.timing.median / m.timing.median
@@ -83,12 +84,13 @@ def tokens_summary(tokens: Sequence[float], limit: int = 14) -> str:
 
 def format_bench(report: dict[str, Any]) -> str:
     """The bench table as aligned text."""
-    headers = ["variant", "img/s", "speedup", "GFLOPs/img", "ideal", "effic.", "mean tok", "peak MiB",
+    headers = ["variant", "layout", "img/s", "speedup", "GFLOPs/img", "ideal", "effic.", "mean tok", "peak MiB",
                "tokens per block"]
     rows = []
     for r in report["results"]:
         rows.append([
             r["label"],
+            r.get("layout") or "-",
             fmt(r.get("images_per_s"), 1),
             fmt(r.get("speedup"), 2) + ("x" if r.get("speedup") is not None else ""),
             fmt_gflops(r["gflops_per_image"]),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = ("auto", "loop", "flex", "varlen")
-"""``loop``: one SDPA call per group of equally long images (CPU default);
+"""``loop``: one SDPA call per image, on views of the stream (CPU default);
 ``flex``: ``flex_attention`` with a document mask (any device, supports the ToMe size
 bias); ``varlen``: ``torch.nn.attention.varlen`` flash kernel (CUDA, fp16/bf16, no
 bias); ``auto``: ``loop`` on CPU, ``varlen`` on CUDA when it applies, else ``flex``."""
@@ -44,6 +44,24 @@ def padded_index(valid: torch.Tensor) -> torch.Tensor:
     flat = valid.reshape(-1).long()
     pos = (torch.cumsum(flat, 0) - 1).clamp(min=0).reshape(valid.shape)
     return torch.where(valid, pos, 0)
+
+
+def merge_and_keep(
+    x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of stream rows ``src -> dst`` (``[r]`` positions in ``x [1, T,
+    C]``, sources never destinations) and the kept rows ``keep [T]`` in one pass over the
+    stream: only the destination rows are recomputed (in fp32). Returns the kept
+    ``(x [1, T', C], sizes [1, T', 1])``."""
+    s = sizes.reshape(-1).float()
+    new_s = s.index_add(0, dst, s[src])
+    rows, slot = torch.unique(dst, return_inverse=True)
+    num = x[0, rows].float() * s[rows, None]
+    num.index_add_(0, slot, x[0, src].float() * s[src, None])
+    out = x[:, keep]
+    pos = torch.cumsum(keep, 0) - 1
+    out[0, pos[rows]] = (num / new_s[rows, None]).to(x.dtype)
+    return out, new_s[keep].to(sizes.dtype).reshape(1, -1, 1)
 
 
 def split(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
@@ -99,21 +117,18 @@ def resolve_kernel(kernel: str, q: torch.Tensor, bias: torch.Tensor | None, drop
 
 
 def _loop_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
-    """SDPA per group of equally long images (one call per distinct length)."""
+    """One SDPA call per image on views of the stream (images are contiguous in it)."""
     out = torch.empty_like(v)
-    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist() if lengths else []
-    groups: dict[int, list[int]] = {}
-    for s, n in zip(starts, lengths, strict=True):
+    qt, kt, vt = (t.transpose(0, 1) for t in (q, k, v))  # [H, T, D] views
+    s = 0
+    for n in lengths:
         if n:
-            groups.setdefault(n, []).append(s)
-    for n, ss in groups.items():
-        idx = (torch.tensor(ss, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
-        qi, ki, vi = (t.index_select(0, idx).reshape(len(ss), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        mask = None
-        if bias is not None:
-            mask = bias.index_select(0, idx).reshape(len(ss), 1, 1, n).to(q.dtype)
-        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(-1, *v.shape[1:]))
+            mask = None if bias is None else bias[s : s + n].to(q.dtype)[None, None, :]
+            o = F.scaled_dot_product_attention(
+                qt[:, s : s + n], kt[:, s : s + n], vt[:, s : s + n], attn_mask=mask, dropout_p=dropout_p, scale=scale
+            )
+            out[s : s + n] = o.transpose(0, 1)
+        s += n
     return out
 
 

@@ -69,6 +69,7 @@ class Measurement:
     flops_per_image: float
     tokens: list[float]
     peak_memory_mb: float | None
+    layout: str | None = None  # how a ragged batch ran: "packed", "padded" or "rectangular"
 
 
 class Harness:
@@ -219,9 +220,10 @@ class Harness:
             self.activate(v)
             with torch.inference_mode():
                 flops, tokens = self._flops_and_tokens(x)
+                layout = getattr(api.stats(self.model), "layout", None) if api.is_patched(self.model) else None
                 mem = peak_memory_mb(lambda: self.forward(x), self.device) if memory else None
             mean = [sum(t) / len(t) for t in tokens]
-            results.append(Measurement(v, None, flops / b, mean, mem))
+            results.append(Measurement(v, None, flops / b, mean, mem, layout))
         if repeats > 0:
             def setup(v: Variant) -> Callable[[], Callable[[], object]]:
                 def prepare() -> Callable[[], object]:

@@ -1,0 +1,188 @@
+"""Packed vs padded execution of ragged batches, against the FLOPs-ideal speed-up, and
+the selection overhead, on the offline DINOv2 ViT-S/14 (real weights).
+
+Per-sample SAINT and SAINT+ are calibrated (real-token FLOPs targets) on the held-out
+shared photos (every 8th), then timed on a batch of the other photos, once with
+``layout="packed"`` (default) and once with ``layout="padded"``. The FLOPs-ideal
+speed-up is the unpruned FLOPs over the real-token FLOPs (the packed run's FLOPs, as
+counted by torch.utils.flop_counter); efficiency = measured / ideal. ``saint:k=1000``
+builds SAINT's graph in blocks 0-5 but drops nothing: its time over the unpruned time
+is the selection overhead. Timing is round-robin across variants, model call only,
+and the minimum over rounds is the headline (the median is recorded too).
+
+Writes ``benchmarks/results/packed_speed_<device>_b<batch>.{json,md}`` with the date,
+device, versions, git commit and this exact command. Skips cleanly (exit 0) when the
+shared ``imagenet-sample-200`` folder is absent.
+
+    python benchmarks/packed_speed.py --threads 2            # the committed CPU results
+    python benchmarks/packed_speed.py --sizes 224 --batch-size 8 --repeats 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import saint
+from saint import assets
+from saint.bench.bench import run_bench, tokens_summary
+from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
+from saint.measure.report import environment, fmt, markdown_table, write_json
+from saint.spec import Variant
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = "saint@1.5,saint_plus@2,saint_plus@3"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="224,518", help="input resolutions, multiples of 14 (default 224,518)")
+    p.add_argument("--targets", default=TARGETS,
+                   help=f"method@real-token-FLOPs speed-up to calibrate, comma-separated (default {TARGETS})")
+    p.add_argument("--overhead-sizes", default="224", help="resolutions that also time saint:k=1000 (default 224)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int, default=32, help="timing batch (default 32)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed rounds (default 0: the FLOPs pass warms up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds (default 3)")
+    p.add_argument("--calib-every", type=int, default=8, help="every N-th shared photo calibrates (default 8)")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--note", default="", help="a line recorded in the output (e.g. that the machine was shared)")
+    return p.parse_args(argv)
+
+
+def calibrated_variants(model: torch.nn.Module, calib_x: torch.Tensor, targets: str) -> list[dict[str, Any]]:
+    """Each ``method@speedup`` target calibrated per layer on ``calib_x`` (per-sample rate)."""
+    out = []
+    for item in (t.strip() for t in targets.split(",") if t.strip()):
+        method, _, value = item.partition("@")
+        cal = saint.calibrate(model, calib_x, speedup=float(value), method=method, apply=False)
+        out.append({"method": method, "flops_speedup_target": float(value), "reached": cal.reached,
+                    "calibration_achieved": cal.achieved, "kwargs": cal.patch_kwargs()})
+    return out
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per calibrated method: real-token FLOPs-ideal speed-up and what packed and padded
+    reach of it (from the fastest round, and from the median)."""
+    base = results[0]
+    rows = []
+    by_label = {r["label"]: r for r in results}
+    for r in results:
+        if not r["label"].endswith(" packed"):
+            continue
+        name = r["label"][: -len(" packed")]
+        padded = by_label[f"{name} padded"]
+        ideal = base["gflops_per_image"] / r["gflops_per_image"]
+        row = {"variant": name, "ideal_speedup_real_tokens": ideal, "mean_tokens": r["mean_tokens"],
+               "tokens_per_block": r["tokens_per_block"], "layout_ran": [r["layout"], padded["layout"]]}
+        for tag, m in (("packed", r), ("padded", padded)):
+            row[f"{tag}_speedup_best"] = base["ms_min"] / m["ms_min"]
+            row[f"{tag}_speedup_median"] = base["ms_median"] / m["ms_median"]
+            row[f"{tag}_efficiency_best"] = row[f"{tag}_speedup_best"] / ideal
+        rows.append(row)
+    return rows
+
+
+def overhead(results: list[dict[str, Any]]) -> dict[str, float] | None:
+    base = results[0]
+    probe = next((r for r in results if r["label"] == "saint:k=1000"), None)
+    if probe is None:
+        return None
+    return {"best": probe["ms_min"] / base["ms_min"] - 1.0, "median": probe["ms_median"] / base["ms_median"] - 1.0}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        "# Packed vs padded execution of ragged batches (DINOv2 ViT-S/14, "
+        f"batch {report['batch_size']}, {report['dtype']}, {env.get('device', '')})",
+        "",
+        f"- date: {env.get('date')}; device: {env.get('device')}; versions: {env.get('versions')}",
+        f"- git: {env.get('git')}",
+        f"- command: `{env.get('command')}`",
+        f"- {report['method_note']}",
+    ]
+    if report.get("note"):
+        lines.append(f"- note: {report['note']}")
+    for size in report["sizes"]:
+        lines += ["", f"## {size['size']}px ({size['wall_seconds']} s)", ""]
+        headers = ["variant", "mean tok", "FLOPs-ideal", "packed (min)", "padded (min)", "packed effic.",
+                   "padded effic.", "packed (median)", "padded (median)"]
+        rows = [[r["variant"], fmt(r["mean_tokens"], 1), fmt(r["ideal_speedup_real_tokens"], 2) + "x",
+                 fmt(r["packed_speedup_best"], 2) + "x", fmt(r["padded_speedup_best"], 2) + "x",
+                 fmt(r["packed_efficiency_best"], 2), fmt(r["padded_efficiency_best"], 2),
+                 fmt(r["packed_speedup_median"], 2) + "x", fmt(r["padded_speedup_median"], 2) + "x"]
+                for r in size["summary"]]
+        lines.append(markdown_table(headers, rows))
+        if size["overhead"] is not None:
+            o = size["overhead"]
+            lines += ["", f"Selection overhead (saint:k=1000, nothing dropped, vs unpruned): "
+                          f"{100 * o['best']:+.1f}% (min), {100 * o['median']:+.1f}% (median)."]
+        lines += ["", "All variants (ms per batch call):", ""]
+        headers = ["variant", "layout", "ms min", "ms median", "GFLOPs/img", "tokens per block"]
+        rows = [[r["label"], r.get("layout") or "-", fmt(r["ms_min"], 0), fmt(r["ms_median"], 0),
+                 fmt(r["gflops_per_image"], 2), tokens_summary(r["tokens_per_block"])]
+                for r in size["bench"]["results"]]
+        lines.append(markdown_table(headers, rows))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    records = assets.shared_sample_images()
+    if not records:
+        print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
+        return 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    calib_records = records[args.calib_every - 1 :: args.calib_every]
+    timing_records = [r for i, r in enumerate(records) if (i + 1) % args.calib_every]
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
+    overhead_sizes = {int(s) for s in args.overhead_sizes.split(",") if s.strip()}
+    report: dict[str, Any] = {
+        "environment": environment(device, argv_used), "batch_size": args.batch_size, "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "note": args.note,
+        "method_note": (f"calibrated per layer on {len(calib_records)} held-out shared photos (real-token FLOPs "
+                        f"targets), timed on the first {args.batch_size} other photos; round-robin, "
+                        f"{args.warmup} warm-up + {args.repeats} timed rounds, torch threads {torch.get_num_threads()}"),
+        "sizes": [],
+    }
+    for size in (int(s) for s in args.sizes.split(",") if s.strip()):
+        start = time.perf_counter()
+        model = assets.default_model(img_size=size)
+        transform = assets.eval_transform(model)
+        x = timing_batch(timing_records, transform, args.batch_size)
+        calib_x = timing_batch(calib_records, transform, len(calib_records))
+        cals = calibrated_variants(model, calib_x, args.targets)
+        variants = [Variant("saint:k=1000", "saint", {"k": 1000})] if size in overhead_sizes else []
+        for c in cals:
+            name = f"{c['method']}@{c['flops_speedup_target']:g}x"
+            for layout in ("packed", "padded"):
+                variants.append(Variant(f"{name} {layout}", c["method"], {**c["kwargs"], "layout": layout}))
+        bench = run_bench(Harness(model, device, dtype), variants, x, warmup=args.warmup, repeats=args.repeats,
+                          memory=False)
+        results = bench["results"]
+        for r in results:  # calibrated per-layer taus are long; the label and calibration say enough
+            r.pop("settings", None)
+        entry = {"size": size, "calibration": [{k: v for k, v in c.items() if k != "kwargs"} for c in cals],
+                 "bench": bench, "summary": summarise(results), "overhead": overhead(results),
+                 "wall_seconds": round(time.perf_counter() - start, 1)}
+        report["sizes"].append(entry)
+        print(markdown({**report, "sizes": [entry]}))
+    prefix = Path(args.out_dir) / f"packed_speed_{device.type}_b{args.batch_size}"
+    write_json(report, prefix.with_suffix(".json"))
+    prefix.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {prefix}.json and {prefix}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
