@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, device="cpu")
-    p.set_defaults(repeats=3)
+    p.set_defaults(repeats=5)  # >= 5 rounds: the minimum is reported with the spread
     p.add_argument("--out-dir", default=str(RESULTS), help=f"where results go (default {RESULTS})")
     return p.parse_args(argv)
 

@@ -170,7 +170,7 @@ def test_cli_tiny_run_writes_json(tmp_path, capsys):
                "--json", str(path), "--no-progress"])
     assert rc == 0
     shown = capsys.readouterr().out
-    assert "TTFT ms med" in shown and "SAINT graph step" in shown and "saint-hybrid@16" in shown
+    assert "TTFT ms min" in shown and "TTFT spread" in shown and "SAINT graph step" in shown and "saint-hybrid@16" in shown
     report = json.loads(path.read_text())
     assert set(report) >= {"environment", "geometry", "model", "settings", "variants", "graph_overhead",
                            "seconds", "wall_seconds"}
@@ -187,6 +187,8 @@ def test_cli_tiny_run_writes_json(tmp_path, capsys):
                           "kv_cache_mb", "peak_memory_mb", "lm_prefill_ms", "selection_ms",
                           "prefill_gflops_per_prompt", "patch_kwargs", "calibration"}
         assert len(r["ttft"]["times_ms"]) == 2 and len(r["decode_per_token"]["times_ms"]) == 2
+        times = r["ttft"]["times_ms"]
+        assert r["ttft"]["ms_min"] == min(times) and r["ttft"]["ms_spread"] == max(times) - min(times)
         t = r["visual_tokens"]
         if r["method"] in ("vit", "random", "pool", "fastv"):
             assert t["after_per_sample"] == [r["budget"]] * 2, r["name"]

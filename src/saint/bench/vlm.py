@@ -66,7 +66,7 @@ from ..adapters.common import get_handle
 from ..measure.flops import count_flops
 from ..measure.memory import peak_memory_mb, peak_memory_method
 from ..measure.report import environment, fmt, markdown_table, text_table, write_outputs
-from ..measure.timing import synchronize
+from ..measure.timing import synchronize, time_stages_round_robin
 
 METHODS = ("vit", "llm", "hybrid", "fastv", "random", "pool")
 REFERENCE_PATCHES = 576  # LLaVA-1.5: CLIP ViT-L/14 at 336 px
@@ -483,43 +483,26 @@ class VlmResult:
 
 
 def _ms(times: Sequence[float], per: int = 1) -> dict[str, Any]:
+    """Minimum (the reported figure), median and spread (max - min) in ms."""
     if not times:
-        return {"ms_min": None, "ms_median": None, "times_ms": []}
+        return {"ms_min": None, "ms_median": None, "ms_spread": None, "times_ms": []}
     ms = [1e3 * t / per for t in times]
-    return {"ms_min": min(ms), "ms_median": statistics.median(ms), "times_ms": ms}
+    return {"ms_min": min(ms), "ms_median": statistics.median(ms), "ms_spread": max(ms) - min(ms), "times_ms": ms}
 
 
 def time_variants(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[VlmVariant], *,
                   device: torch.device | str, warmup: int = 1, repeats: int = 5,
                   progress: Callable[[int], None] | None = None) -> list[VlmResult]:
-    """Interleaved round-robin: each round runs every variant once (the start rotates per
-    round); per run, the prefill is timed, then the decode loop on its cache."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    results = [VlmResult(v) for v in variants]
-    n = len(variants)
+    """Interleaved round-robin (:func:`saint.measure.timing.time_stages_round_robin`):
+    each round runs every variant once (the start rotates per round); per run, the
+    prefill is timed, then the decode loop on its cache."""
     with torch.inference_mode():
-        for rnd in range(warmup + repeats):
-            for j in range(n):
-                i = (rnd + j) % n
-                _activate(model, variants[i])
-                synchronize(device)
-                t0 = time.perf_counter()
-                out = prefill(model, inputs)
-                synchronize(device)
-                t1 = time.perf_counter()
-                decode(model, inputs, out)
-                synchronize(device)
-                t2 = time.perf_counter()
-                del out
-                if rnd >= warmup:
-                    results[i].prefill_s.append(t1 - t0)
-                    results[i].decode_s.append(t2 - t1)
-            if progress is not None:
-                progress(1)
-    return results
+        times = time_stages_round_robin(
+            [lambda v=v: _activate(model, v) for v in variants],
+            [[lambda _: prefill(model, inputs), lambda out: decode(model, inputs, out)] for _ in variants],
+            device=device, warmup=warmup, repeats=repeats, progress=progress,
+        )
+    return [VlmResult(v, prefill_s=t[0], decode_s=t[1]) for v, t in zip(variants, times, strict=True)]
 
 
 class _Stopwatch:
@@ -635,13 +618,13 @@ def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[
     t_end = time.perf_counter()
     steps = len(inputs.decode_masks)
     base = results[0]
-    base_ttft = statistics.median(base.prefill_s)
-    base_dec = statistics.median(base.decode_s)
+    base_ttft = min(base.prefill_s)  # speed-ups from the minimum over rounds (spread reported)
+    base_dec = min(base.decode_s)
     rows = []
     for r in results:
         v = r.variant
-        ttft = statistics.median(r.prefill_s)
-        dec = statistics.median(r.decode_s)
+        ttft = min(r.prefill_s)
+        dec = min(r.decode_s)
         rows.append({
             "name": v.name,
             "method": v.method,
@@ -746,8 +729,8 @@ def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.d
 
 
 # ---------------------------------------------------------------------------- output
-HEADERS = ["variant", "budget", "vis->LLM", "vis after", "vis/layer", "tau", "TTFT ms min", "TTFT ms med",
-           "TTFT x", "decode ms/tok", "decode x", "KV MB", "peak MB", "GFLOPs"]
+HEADERS = ["variant", "budget", "vis->LLM", "vis after", "vis/layer", "tau", "TTFT ms min", "TTFT spread",
+           "TTFT x", "decode ms/tok min", "decode spread", "decode x", "KV MB", "peak MB", "GFLOPs"]
 
 
 def _rows(report: dict[str, Any]) -> list[list[str]]:
@@ -764,9 +747,10 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
             fmt(t["layer_mean"], 1),
             fmt(r["patch_kwargs"]["llm_tau"], 4) if r["method"] in ("llm", "hybrid") else "-",
             fmt(r["ttft"]["ms_min"], 1),
-            fmt(r["ttft"]["ms_median"], 1),
+            fmt(r["ttft"]["ms_spread"], 1),
             fmt(r["ttft_speedup"], 2),
-            fmt(r["decode_per_token"]["ms_median"], 2),
+            fmt(r["decode_per_token"]["ms_min"], 2),
+            fmt(r["decode_per_token"]["ms_spread"], 2),
             fmt(r["decode_speedup"], 2),
             fmt(r["kv_cache_mb"], 1),
             fmt(r["peak_memory_mb"], 0),
@@ -794,7 +778,9 @@ def _notes(report: dict[str, Any]) -> list[str]:
     return [
         f"prompt: {s['text_tokens']} text + {s['image_tokens']} image tokens per row, batch {s['batch_size']}, "
         f"{s['dtype']} on {s['device']}; decode: {s['new_tokens']} greedy single-token steps on the prefill's cache",
-        f"timing: {s['warmup']} warm-up + {s['repeats']} timed interleaved round-robin rounds; TTFT = one prefill "
+        f"timing: {s['warmup']} warm-up + {s['repeats']} timed interleaved round-robin rounds"
+        f"{'' if s['repeats'] >= 5 else ' (fewer than 5: indicative only)'}; minimum over rounds, spread = "
+        "max - min; speed-ups from the minima; TTFT = one prefill "
         "forward (vision tower + projector + pruning + LLM + LM head on the last position)",
         "vis->LLM / vis after / vis/layer: mean visual tokens per image handed to the LLM, after its last layer, "
         "and averaged over its layers; budgets: vit/random/pool keep = budget, fastv ratio = (n - budget)/n at "

@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -76,6 +77,32 @@ def time_round_robin(
     starting variant rotates per round so no variant always runs right after another.
     ``warmup`` untimed rounds come first. ``progress(n)`` is called after each round.
     """
+    calls: list[Callable[[], object]] = [lambda: None] * len(setups)
+
+    def prepare(i: int) -> None:
+        calls[i] = setups[i]()
+
+    times = time_stages_round_robin(
+        [lambda i=i: prepare(i) for i in range(len(setups))],
+        [[lambda _, i=i: calls[i]()] for i in range(len(setups))],
+        device=device, warmup=warmup, repeats=repeats, progress=progress,
+    )
+    return [Timing(t[0], batch_size) for t in times]
+
+
+def time_stages_round_robin(
+    setups: Sequence[Callable[[], object]],
+    stages: Sequence[Sequence[Callable[[Any], Any]]],
+    *,
+    device: torch.device | str,
+    warmup: int = 2,
+    repeats: int = 10,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[list[float]]]:
+    """The one round-robin timer: per round every variant runs once (the start rotates);
+    a run is ``setups[i]()`` (not timed), then its stages in order, each timed alone and
+    fed the previous stage's result (e.g. a prefill, then decoding on its cache).
+    Returns ``times[variant][stage]`` in seconds over the ``repeats`` timed rounds."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -83,18 +110,20 @@ def time_round_robin(
     if not setups:
         raise ValueError("nothing to time: no variants given")
     n = len(setups)
-    times: list[list[float]] = [[] for _ in range(n)]
+    times: list[list[list[float]]] = [[[] for _ in stages[i]] for i in range(n)]
     for rnd in range(warmup + repeats):
         for j in range(n):
             i = (rnd + j) % n
-            fn = setups[i]()
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            dt = time.perf_counter() - t0
-            if rnd >= warmup:
-                times[i].append(dt)
+            setups[i]()
+            value: Any = None
+            for k, stage in enumerate(stages[i]):
+                synchronize(device)
+                t0 = time.perf_counter()
+                value = stage(value)
+                synchronize(device)
+                if rnd >= warmup:
+                    times[i][k].append(time.perf_counter() - t0)
+            del value
         if progress is not None:
             progress(1)
-    return [Timing(t, batch_size) for t in times]
+    return times
