@@ -549,7 +549,9 @@ class SaintQwenVL(SaintLlava):
         return Qwen2_5_VLForConditionalGeneration if model_type == "qwen2_5_vl" else Qwen3VLForConditionalGeneration
 
     def _image_placeholder(self) -> str:
-        return f"<|vision_start|>{self.image_token}<|vision_end|>"
+        start = getattr(self.processor, "vision_start_token", "<|vision_start|>")
+        end = getattr(self.processor, "vision_end_token", "<|vision_end|>")
+        return f"{start}{self.image_token}{end}"
 
     def _media(self, enc: Any, n_images: int) -> dict[str, torch.Tensor]:
         if not n_images:
