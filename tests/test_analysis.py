@@ -349,8 +349,8 @@ def test_viz_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     text = capsys.readouterr().out
     for method in ("saint", "random", "attn", "tome"):
         assert f"{method}: b0=8, b1=4" in text
-    with pytest.raises(SystemExit):
-        cli.main(["viz", str(tmp_path / "missing.png")])
+    assert cli.main(["viz", str(tmp_path / "missing.png")]) == 2
+    assert "image not found" in capsys.readouterr().err
 
 
 def test_llava_language_model_statistics_over_image_tokens():

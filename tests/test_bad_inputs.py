@@ -125,6 +125,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("patch a non-module", lambda: saint.patch("model"), TypeError, "expected a torch.nn.Module, got str"),
     ("patch an unsupported module", lambda: saint.patch(torch.nn.Linear(2, 2)), TypeError,
      "saint cannot handle Linear; supported models"),
+    ("patch a compiled model", lambda: saint.patch(torch.compile(tiny())), TypeError,
+     "patch the original first, then compile"),
     ("unpatch an unpatched model", lambda: saint.unpatch(tiny()), ValueError, "is not patched by saint"),
     ("stats of an unpatched model", lambda: saint.stats(tiny()), ValueError, "is not patched by saint"),
     ("stats before a forward", stats_before_forward, RuntimeError, "call the model first"),

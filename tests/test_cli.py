@@ -174,3 +174,78 @@ def test_demo_pieces_matched_tome_r_and_kept_patches(tmp_path) -> None:
     assert not is_patched(model)
     plot_kept(torch.rand(32, 32, 3), layers, kept, tmp_path / "k.png", "test")
     assert (tmp_path / "k.png").stat().st_size > 0
+
+
+@pytest.fixture
+def bad_images(images):
+    """The ImageFolder above plus one file that is not an image."""
+    from pathlib import Path
+
+    bad = Path(images) / "a" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    return images, str(bad)
+
+
+@pytest.mark.parametrize("command", [
+    ["bench", "--method", "tome:r=2", "--repeats", "1", "--warmup", "0"],
+    ["eval", "--method", "tome:r=2"],
+    ["calibrate", "--keep", "0.8"],
+    ["sweep", "--taus", "0.9", "--matched", "none", "--repeats", "1", "--warmup", "0"],
+])
+def test_a_corrupt_image_is_named_with_exit_code_2(command, bad_images, tmp_path, capsys) -> None:
+    folder, bad = bad_images
+    extra = ["--out", str(tmp_path / "sweep")] if command[0] == "sweep" else []
+    assert main([*command, *TINY, *COMMON, "--images", folder, *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {bad}" in err and "--skip-bad-images" in err
+
+
+def test_skip_bad_images_leaves_the_file_out(bad_images, capsys) -> None:
+    folder, bad = bad_images
+    assert main(["eval", *TINY, *COMMON, "--images", folder, "--method", "tome:r=2", "--skip-bad-images"]) == 0
+    assert f"1 unreadable left out: {bad}" in capsys.readouterr().out
+
+
+def test_analyze_and_viz_name_a_corrupt_image(bad_images, tmp_path, capsys) -> None:
+    folder, bad = bad_images
+    model = [*TINY, "--img-size", "32"]
+    assert main(["viz", bad, *model, "--out", str(tmp_path / "v.png")]) == 2
+    assert f"cannot read image {bad}" in capsys.readouterr().err
+    assert main(["analyze", folder, *model, "--out-dir", str(tmp_path / "a")]) == 2
+    assert f"cannot read image {bad}" in capsys.readouterr().err
+    assert main(["viz", folder, *model]) == 2
+    assert "is a folder; saint viz draws one image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "phrase"), [
+    (["bench", *TINY, *COMMON, "--method", "tome:r=2", "--json", "{file}/x.json"], "is a file, not a folder"),
+    (["eval", *TINY, *COMMON, "--method", "tome:r=2", "--json", "{tmp}"], "is a folder"),
+    (["calibrate", *TINY, *COMMON, "--keep", "0.8", "--json", "{file}/c.json"], "is a file, not a folder"),
+    (["sweep", *TINY, *COMMON, "--out", "{file}/sweep"], "is a file, not a folder"),
+    (["demo", "--out", "{file}/d.png"], "is a file, not a folder"),
+    (["analyze", "{images}", *TINY, "--out-dir", "{file}/sub"], "cannot be created or written"),
+    (["analyze", "{images}", *TINY, "--out-dir", "{file}"], "is a file, not a folder"),
+    (["bench", "--model", "not_a_model", *COMMON, "--method", "tome:r=2"], "is not a timm model name"),
+    (["bench", *TINY, "--device", "tpu", "--method", "tome:r=2"], "unknown device 'tpu'"),
+    (["bench", *TINY, *COMMON, "--method", "tome:r=2", "--repeats", "-1"], "--repeats must be >= 1"),
+    (["sweep", *TINY, *COMMON, "--warmup", "-2"], "--warmup must be >= 0"),
+])
+def test_ordinary_mistakes_are_clear_errors_before_the_run(argv, phrase, images, tmp_path, capsys) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    argv = [a.format(file=file, tmp=tmp_path, images=images) for a in argv]
+    if argv[0] in ("bench", "eval", "calibrate", "sweep"):
+        argv += ["--images", images]
+    assert main(argv) == 2
+    assert phrase in capsys.readouterr().err
+    assert file.read_text() == "x"
+
+
+def test_rejecting_an_unsupported_model_does_not_import_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, saint\n"
+            "try:\n    saint.patch(torch.nn.Linear(2, 2))\nexcept TypeError:\n    pass\n"
+            "sys.exit(1 if 'transformers' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

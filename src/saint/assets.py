@@ -111,6 +111,28 @@ class AssetUnavailableError(RuntimeError):
     """An offline asset could not be obtained (no network / no pip / bad download)."""
 
 
+class BadImageError(ValueError):
+    """An image file that PIL cannot read (corrupt, truncated or not an image)."""
+
+    def __init__(self, path: Path | str, reason: Exception) -> None:
+        super().__init__(
+            f"cannot read image {path} ({type(reason).__name__}: {reason}); remove or replace it, "
+            "or pass --skip-bad-images to leave unreadable images out"
+        )
+        self.path = Path(path)
+
+
+def open_rgb(path: Path | str) -> Any:
+    """The image at ``path`` as a fully decoded RGB PIL image, or :class:`BadImageError`."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified / truncated / broken
+        raise BadImageError(path, e) from None
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One real photo on disk.
@@ -689,14 +711,9 @@ def load_images(
     Returns:
         ``(images [N, 3, H, W], labels [N] int64)``; unlabelled images get label ``-1``.
     """
-    from PIL import Image
-
     if not records:
         raise ValueError("no image records given")
-    tensors = []
-    for r in records:
-        with Image.open(r.path) as im:
-            tensors.append(transform(im.convert("RGB")))
+    tensors = [transform(open_rgb(r.path)) for r in records]
     labels = torch.tensor([-1 if r.label is None else r.label for r in records], dtype=torch.long)
     return torch.stack(tensors), labels
 

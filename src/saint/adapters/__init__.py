@@ -27,6 +27,12 @@ def find_adapter(model: torch.nn.Module) -> Adapter:
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
+    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
+        raise TypeError(
+            f"saint cannot patch a torch.compile'd model ({type(model).__name__} of "
+            f"{type(model._orig_mod).__name__}); patch the original first, then compile: "
+            "saint.patch(model, ...); model = torch.compile(model)"
+        )
     raise TypeError(f"saint cannot handle {type(model).__name__}; supported models: {SUPPORTED}")
 
 

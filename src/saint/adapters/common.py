@@ -5,6 +5,7 @@ head-averaged keys from a fused qkv projection."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -431,6 +432,12 @@ def keys_from_qkv(qkv: torch.Tensor, num_heads: int, k_norm: Any = None) -> torc
     if k_norm is not None:
         k = k_norm(k)
     return k.mean(dim=2)
+
+
+def transformers_loaded() -> bool:
+    """Whether transformers is imported: a transformers model implies it, so adapters
+    skip it (and its import cost) for any other model."""
+    return sys.modules.get("transformers") is not None
 
 
 def get_handle(model: torch.nn.Module) -> Any:

@@ -75,7 +75,7 @@ from ..methods import LayerContext, MethodSpec, SaintConfig, get_method
 from ..methods import make_config as registry_config
 from . import hf_llm, hf_vision
 from .base import Adapter, Grid, Handle, Probe, Site, batch_to, save_output
-from .common import PICKLE_HINT, SAINT_ATTR, RefusePickle, TokenStats
+from .common import PICKLE_HINT, SAINT_ATTR, RefusePickle, TokenStats, transformers_loaded
 
 METHODS = ("saint", "fastv", "random", "pool")
 EXPAND = "_expand_multimodal_outputs"  # generate's (private) helper for num_beams / num_return_sequences > 1
@@ -104,6 +104,8 @@ def _llava_classes() -> tuple[type, ...]:
 
 
 def matches(model: torch.nn.Module) -> bool:
+    if not transformers_loaded():
+        return False
     classes = _llava_classes()
     return bool(classes) and isinstance(model, classes)
 

@@ -72,7 +72,7 @@ from ..core import fixed_budget_keep_mask, keep_mask_to_indices
 from ..methods import MethodSpec, SaintConfig
 from . import hf_llm
 from .base import Grid, Probe, Site
-from .common import SAINT_ATTR, TokenStats
+from .common import SAINT_ATTR, TokenStats, transformers_loaded
 from .llava import (
     Llava,
     LlavaPatch,
@@ -119,7 +119,7 @@ def _families() -> dict[type, str]:
 
 
 def matches(model: torch.nn.Module) -> bool:
-    return type(model) in _families()
+    return transformers_loaded() and type(model) in _families()
 
 
 # ---------------------------------------------------------------------------- config

@@ -13,15 +13,16 @@ from typing import Any
 
 import torch
 
-from .options import DEFAULT_MODEL, add_model_options
+from .options import DEFAULT_MODEL, add_model_options, check_output_dir, user_errors
 from .options import build_model as load_model
 
 
-def image_records(paths: Sequence[str], limit: int | None = None) -> list[Any]:
+def image_records(paths: Sequence[str], limit: int | None = None, skip_bad: bool = False) -> list[Any]:
     """Records for the given files/folders (folders: every image inside, sorted), or the
-    shared 200-photo sample (else every offline photo) when no path is given."""
+    shared 200-photo sample (else every offline photo) when no path is given;
+    ``skip_bad`` leaves out files PIL cannot read."""
     from .. import assets
-    from ..measure.images import from_folder
+    from ..measure.images import from_folder, skip_unreadable
 
     if paths:
         records = []
@@ -31,12 +32,17 @@ def image_records(paths: Sequence[str], limit: int | None = None) -> list[Any]:
             elif p.is_file():
                 records.append(assets.ImageRecord(p, None, "cli"))
             else:
-                raise SystemExit(f"image path not found: {p}")
+                raise FileNotFoundError(f"image path not found: {p}")
     else:
         records = assets.shared_sample_images() or assets.offline_images()
     if limit is not None:
         if limit < 1:
-            raise SystemExit(f"--limit must be >= 1, got {limit}")
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+    if skip_bad:
+        records, bad = skip_unreadable(records)
+        for r in bad:
+            print(f"note: left out unreadable image {r.path}")
+    if limit is not None:
         records = records[:limit]
     return records
 
@@ -65,9 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--min-blocks", type=int, default=2, help="smallest stage length for the stage rule")
     p.add_argument("--splits", type=int, default=4, help="disjoint image subsets for the stability check")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out image files that cannot be read (default: stop with an error naming the file)")
     p.add_argument("--out-dir", default="saint-analysis", help="output folder (default ./saint-analysis)")
     p.add_argument("--name", default=None, help="file stem (default <model>_<img-size>)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=user_errors("analyze", run))
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -101,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
         write_csv,
     )
 
+    check_output_dir(args.out_dir, "--out-dir")
     model, model_name = load_model(args)
-    records = image_records(args.images, args.limit)
+    records = image_records(args.images, args.limit, args.skip_bad_images)
     transform = assets.eval_transform(model)
     t0 = time.perf_counter()
     evo = token_evolution(

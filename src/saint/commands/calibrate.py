@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,12 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.harness import timing_batch
     from ..measure.images import resolve_images
     from ..spec import format_value, parse_kwargs
-    from .options import build_model, setup_runtime
+    from .options import build_model, check_output_file, setup_runtime
 
+    check_output_file(args.json, "--json")
     device, dtype = setup_runtime(args)
     model, desc = build_model(args)
     model = model.to(device=device, dtype=dtype)
-    images = resolve_images(args.images, args.limit)
+    images = resolve_images(args.images, args.limit, args.skip_bad_images)
     x = timing_batch(images.records, assets.eval_transform(model), len(images.records)).to(device, dtype)
     print(f"model: {desc}")
     print(f"calibration images: {images.description}")
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ",".join(f"{k}={format_value(v)}" for k, v in cal.patch_kwargs().items())
     print(f"or on the command line: --method {args.method}:{spec}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             f.write(cal.to_json() + "\n")
         print(f"wrote {args.json}")

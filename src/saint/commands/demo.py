@@ -127,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.images import offline_set
     from ..measure.report import device_description, fmt, fmt_gflops, text_table
     from ..spec import BASELINE, Variant, variant_label
-    from .options import apply_threads, progress_factory
+    from .options import apply_threads, check_output_file, progress_factory
 
     start = time.perf_counter()
+    check_output_file(args.out, "--out")
     apply_threads(args.threads)
     if args.batch_size < 1 or args.repeats < 1:
         raise ValueError("--batch-size and --repeats must be >= 1")

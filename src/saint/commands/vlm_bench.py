@@ -118,7 +118,9 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
 def run(args: argparse.Namespace) -> int:
     from ..bench.vlm import format_vlm_bench
     from ..measure.report import write_json
+    from .options import check_output_file
 
+    check_output_file(args.json, "--json")
     report = build_report(args)
     print(format_vlm_bench(report))
     if args.json:

@@ -39,7 +39,10 @@ def resolve_device(name: str | None) -> torch.device:
     """``None``/``"auto"`` -> cuda when available else cpu; otherwise checked to exist."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N (or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available in this torch build/machine")
     return dev

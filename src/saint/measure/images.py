@@ -128,10 +128,24 @@ def shared_set() -> ImageSet:
     return ImageSet(records, "imagenet-1k", f"{len(records)} photos of imagenet-sample-200")
 
 
-def resolve_images(source: str | None = None, limit: int | None = None) -> ImageSet:
+def skip_unreadable(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """``(readable, unreadable)``: every record decoded once with PIL."""
+    good, bad = [], []
+    for r in records:
+        try:
+            assets.open_rgb(r.path)
+        except assets.BadImageError:
+            bad.append(r)
+        else:
+            good.append(r)
+    return good, bad
+
+
+def resolve_images(source: str | None = None, limit: int | None = None, skip_bad: bool = False) -> ImageSet:
     """``None``/``"offline"`` -> offline photos; ``"shared"`` -> imagenet-sample-200; a
     ``.csv`` file -> :func:`from_csv`; a folder -> :func:`from_folder`. ``limit`` keeps
-    the first ``limit`` images (in the set's sorted order)."""
+    the first ``limit`` images (in the set's sorted order); ``skip_bad`` first leaves out
+    files PIL cannot read (named in the description) instead of failing on them."""
     if source is None or source == OFFLINE:
         image_set = offline_set()
     elif source == SHARED:
@@ -146,9 +160,15 @@ def resolve_images(source: str | None = None, limit: int | None = None) -> Image
             image_set = from_folder(p)
         else:
             raise FileNotFoundError(f"images: {source!r} is neither '{OFFLINE}', '{SHARED}', a folder nor a CSV")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if skip_bad:
+        image_set.records, bad = skip_unreadable(image_set.records)
+        if bad:
+            image_set.description += f" ({len(bad)} unreadable left out: {', '.join(str(r.path) for r in bad)})"
+        if not image_set.records:
+            raise ValueError(f"no readable images in {source}")
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
         image_set.records = image_set.records[:limit]
         image_set.description += f" (first {len(image_set.records)})"
     return image_set
