@@ -224,7 +224,10 @@ def _check_r(value: Any) -> int:
 @dataclass
 class ToMeConfig(MethodConfig):
     """ToMe bipartite merging of ``r`` tokens per layer, size-weighted, with
-    proportional attention (``prop_attn``)."""
+    proportional attention (``prop_attn``). Matching and merge are the reference's
+    (facebookresearch/ToMe); unlike it, survivors keep their original order and the
+    even/odd split runs over the prunable tokens only, so from the second step on (and
+    with a class token, from the first) the pairs can differ (tests/test_reference.py)."""
 
     r: int | Sequence[int] | Mapping[int, int] | None = None
     prop_attn: bool = True
