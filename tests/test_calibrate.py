@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def test_flops_fraction_known_answer():
 
 
 @pytest.mark.parametrize("mode", ["global", "per_layer"])
-@pytest.mark.parametrize("target", [dict(speedup=1.3), dict(keep=0.8), dict(flops=0.75)])
+@pytest.mark.parametrize("target", [dict(flops_speedup=1.3), dict(keep=0.8), dict(flops=0.75)])
 def test_calibration_hits_target_and_reproduces(mode, target, calib_images):
     model = make_tiny("vit", depth=6)
     cal = saint.calibrate(model, calib_images, mode=mode, k=1, tol=0.02, **target)
@@ -59,7 +61,8 @@ def test_calibration_without_apply_leaves_model_unpatched(calib_images):
     [
         (dict(), "exactly one target"),
         (dict(speedup=2.0, keep=0.5), "exactly one target"),
-        (dict(speedup=0.5), "speedup"),
+        (dict(speedup=0.5), "flops_speedup"),
+        (dict(measured_speedup=0.9), "measured_speedup=0.9 must be >= 1"),
         (dict(keep=1.5), "keep"),
         (dict(flops=0.0), "flops"),
         (dict(keep=0.5, mode="nope"), "mode"),
@@ -128,3 +131,25 @@ def test_reached_target_does_not_warn(calib_images, recwarn):
     cal = saint.calibrate(make_tiny("vit"), calib_images, keep=0.8, k=1, tol=0.02)
     assert cal.reached
     assert not [w for w in recwarn if issubclass(w.category, saint.CalibrationWarning)]
+
+
+def test_speedup_is_the_old_name_of_flops_speedup(calib_images):
+    a = saint.calibrate(make_tiny("vit"), calib_images, speedup=1.3, k=1, tol=0.02)
+    b = saint.calibrate(make_tiny("vit"), calib_images, flops_speedup=1.3, k=1, tol=0.02)
+    assert a.target == b.target == "flops_speedup" and a.tau == b.tau
+
+
+def test_measured_speedup_times_the_model_it_calibrates(calib_images):
+    """The mechanism (timing itself belongs in benchmarks): each step calibrates a
+    real-token FLOPs target, times it at the batch size asked for, and the model ends
+    patched with the step whose measured speed-up came closest."""
+    model = make_tiny("vit", depth=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", saint.CalibrationWarning)  # a tiny model may not get there
+        cal = saint.calibrate(model, calib_images, measured_speedup=1.3, batch_size=4, k=1, tol=0.02)
+    assert cal.target == "measured_speedup" and cal.value == 1.3
+    m = cal.measured
+    assert m["batch_size"] == 4 and m["device"] == "cpu" and 1 <= len(m["steps"]) <= 5
+    assert cal.achieved in [step["measured_speedup"] for step in m["steps"]]
+    assert m["flops_speedup"] in [step["flops_speedup"] for step in m["steps"]]
+    assert saint.is_patched(model) and saint.adapters.handle_of(model).calibration is cal

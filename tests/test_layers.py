@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("api",),
     ("adapters",),
     ("methods",),
-    ("core", "assets"),
+    ("core", "assets", "timing"),
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 

@@ -1,6 +1,10 @@
 """Threshold calibration: pick SAINT's ``tau`` (one global value, or one per layer)
 from the model's own key similarities on a few images so that the pruned model hits a
-target FLOPs fraction, FLOPs-ideal speed-up or kept-token fraction.
+target: ``flops_speedup`` (the real-token FLOPs-ideal speed-up, = 1 / FLOPs fraction,
+what the tokens each image keeps cost; ``speedup`` is the old name of it), ``flops``
+(FLOPs fraction), ``keep`` (kept-token fraction), or ``measured_speedup`` (wall-clock
+speed-up of the patched model over the unpatched one, timed at ``batch_size`` on the
+model's device).
 
 Why: key similarity is model dependent (the paper's ``tau=0.75`` halves DINOv2-S/14's
 patches in every early block regardless of content), so a fixed tau is a trap. Calibration is deterministic
@@ -31,8 +35,9 @@ from .adapters.base import vit_block_flops
 from .api import is_patched, patch, unpatch
 from .core import saint_graph
 from .methods import LayerContext, MethodSpec, SaintConfig, Selection, get_method, saint_metric
+from .timing import time_round_robin
 
-TARGETS = ("speedup", "flops", "keep")
+TARGETS = ("flops_speedup", "measured_speedup", "flops", "keep")
 
 
 class CalibrationWarning(UserWarning):
@@ -56,6 +61,7 @@ class Calibration:
     history: list[tuple[float, float]] = field(default_factory=list)
     tau_setting: str = "tau"  # the patch keyword that carries tau (LLaVA: "llm_tau")
     reached: bool = True  # False: the target is out of reach; ``achieved`` is the closest value found
+    measured: dict[str, Any] | None = None  # measured_speedup: timing batch, device and each step's times
 
     def patch_kwargs(self) -> dict[str, Any]:
         return {**self.settings, self.tau_setting: dict(self.tau)}
@@ -142,9 +148,11 @@ def calibrate(
     model: torch.nn.Module,
     images: torch.Tensor,
     *,
-    speedup: float | None = None,
+    flops_speedup: float | None = None,
+    measured_speedup: float | None = None,
     flops: float | None = None,
     keep: float | None = None,
+    speedup: float | None = None,
     mode: str = "per_layer",
     method: str = "saint",
     tol: float = 0.01,
@@ -156,9 +164,12 @@ def calibrate(
 ) -> Calibration:
     """Choose tau for ``method`` ("saint" or "saint_fold") so the pruned model hits one
     target on ``images`` (a ``[N, 3, H, W]`` batch; for LLaVA a processor-output dict,
-    calibrating ``llm_tau`` of ``mode="llm"``/``"hybrid"``): ``speedup`` (FLOPs-ideal, = 1 / FLOPs fraction), ``flops``
-    (fraction of the unpruned block FLOPs) or ``keep`` (mean fraction of tokens
-    entering each block). Other settings (``k``, ``gamma``, ``layers``, ``rate`` ...)
+    calibrating ``llm_tau`` of ``mode="llm"``/``"hybrid"``): ``flops_speedup`` (real-token
+    FLOPs-ideal, = 1 / FLOPs fraction; ``speedup`` is its old name), ``flops`` (fraction of
+    the unpruned block FLOPs), ``keep`` (mean fraction of tokens entering each block) or
+    ``measured_speedup`` (wall-clock speed-up over the unpatched model, timed on a batch of
+    ``batch_size`` of ``images`` on the model's device; see :func:`_calibrate_measured`).
+    Other settings (``k``, ``gamma``, ``layers``, ``rate`` ...)
     are passed through; ``patch_settings`` passes settings whose names are taken here
     (LLaVA's ``mode``: ``patch_settings={"mode": "llm"}``). With ``apply`` the model is
     left patched with the result. A target out of reach on ``images`` gives a
@@ -166,13 +177,15 @@ def calibrate(
     error the model is left exactly as it was (unpatched, same train/eval mode).
     """
     settings = {**(patch_settings or {}), **settings}
-    given = {"speedup": speedup, "flops": flops, "keep": keep}
+    given = {"flops_speedup": flops_speedup, "measured_speedup": measured_speedup, "flops": flops, "keep": keep,
+             "speedup": speedup}
     chosen = [(k, v) for k, v in given.items() if v is not None]
     if len(chosen) != 1:
         raise ValueError(f"give exactly one target of {TARGETS}, got {[k for k, _ in chosen] or 'none'}")
     target, value = chosen[0]
-    if target == "speedup" and not value >= 1.0:
-        raise ValueError(f"speedup={value} must be >= 1")
+    target = "flops_speedup" if target == "speedup" else target
+    if target in ("flops_speedup", "measured_speedup") and not value >= 1.0:
+        raise ValueError(f"{target}={value} must be >= 1")
     if target in ("flops", "keep") and not 0.0 < value <= 1.0:
         raise ValueError(f"{target}={value} must be in (0, 1]")
     if mode not in MODES:
@@ -193,7 +206,12 @@ def calibrate(
         raise ValueError(f"calibration chooses {tau_name} itself; do not pass {tau_name}")
     adapter.check_inputs(images)
     num_images = adapter.batch_size(images)
-    goal = 1.0 / value if target == "speedup" else value
+    if target == "measured_speedup":
+        return _calibrate_measured(
+            model, images, value, dict(mode=mode, method=method, tol=tol, max_iter=max_iter, batch_size=batch_size,
+                                       **settings), batch_size, apply,
+        )
+    goal = 1.0 / value if target == "flops_speedup" else value
 
     def quantity(tokens: list[float]) -> float:
         return sum(tokens) / (len(tokens) * tokens[0]) if target == "keep" else flops_fraction(model, tokens)
@@ -229,7 +247,7 @@ def calibrate(
         mode=mode,
         target=target,
         value=float(value),
-        achieved=float(1.0 / achieved_q if target == "speedup" else achieved_q),
+        achieved=float(1.0 / achieved_q if target == "flops_speedup" else achieved_q),
         tau=taus,
         settings=dict(settings),
         num_images=num_images,
@@ -251,6 +269,84 @@ def calibrate(
     else:
         unpatch(model)
     return result
+
+
+MEASURED_TOL = 0.03  # relative distance to a measured speed-up target that ends the search
+MEASURED_STEPS = 5  # FLOPs targets tried at most
+
+
+def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops_kwargs: dict[str, Any],
+                        batch_size: int, apply: bool, repeats: int = 3) -> Calibration:
+    """Calibrate to a measured speed-up: calibrate real-token FLOPs targets, time each
+    result against the unpatched model on a ``batch_size`` batch of ``images`` (repeated
+    cyclically when there are fewer; round-robin, the fastest of ``repeats`` rounds), and
+    move the FLOPs target by the ratio still missing (``s <- s * value / measured``)
+    until the measured speed-up is within 3% of ``value`` (at most 5 FLOPs targets)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError("measured_speedup times a batch of images; give an [N, 3, H, W] tensor "
+                        "(for VLMs calibrate flops_speedup and time with saint bench)")
+    device = next(model.parameters()).device
+    batch = images[torch.arange(batch_size) % images.shape[0]].to(device)
+    steps: list[dict[str, Any]] = []
+    best: tuple[float, Calibration] | None = None
+    s = value
+    for _ in range(MEASURED_STEPS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            cal = calibrate(model, images, flops_speedup=s, apply=False, **flops_kwargs)
+        measured = _time_speedup(model, batch, cal, repeats)
+        steps.append({"flops_speedup": cal.achieved, "measured_speedup": measured, "reached": cal.reached})
+        if best is None or abs(measured - value) < abs(best[0] - value):
+            best = (measured, cal)
+        if abs(measured - value) <= MEASURED_TOL * value or (not cal.reached and measured < value):
+            break
+        s = max(1.0, s * value / measured)
+    assert best is not None
+    measured, cal = best
+    result = dataclasses.replace(
+        cal, target="measured_speedup", value=float(value), achieved=float(measured),
+        reached=abs(measured - value) <= MEASURED_TOL * value,
+        measured={"batch_size": batch_size, "device": str(device), "repeats": repeats, "tolerance": MEASURED_TOL,
+                  "flops_speedup": cal.achieved, "steps": steps},
+    )
+    if not result.reached:
+        warnings.warn(
+            f"calibration cannot reach measured_speedup={value:g} at batch {batch_size} on {device}: the closest "
+            f"it gets is {measured:.3g}; " + ("the model is patched with that" if apply else "the model is left unpatched"),
+            CalibrationWarning,
+            stacklevel=3,
+        )
+    if apply:
+        patch(model, result.method, **result.patch_kwargs())
+        handle_of(model).calibration = result
+    return result
+
+
+def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration, repeats: int) -> float:
+    """Unpatched time over patched time on ``batch`` (fastest round of each, interleaved)."""
+    adapter = find_adapter(model)
+
+    def variant(patched: bool) -> Any:
+        def prepare() -> Any:
+            if is_patched(model):
+                unpatch(model)
+            if patched:
+                patch(model, cal.method, **cal.patch_kwargs())
+            return lambda: adapter.forward(model, batch)
+
+        return prepare
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            plain, pruned = time_round_robin([variant(False), variant(True)], batch_size=batch.shape[0],
+                                             device=batch.device, warmup=1, repeats=repeats)
+    finally:
+        if is_patched(model):
+            unpatch(model)
+        model.train(was_training)
+    return plain.min / pruned.min
 
 
 def _bisect(run: Any, goal: float, tol: float, max_iter: int, mode: str

@@ -1,6 +1,7 @@
 """``saint calibrate``: pick SAINT's tau (global or per block) from the model's own key
-similarities on a few photos so that the pruned model hits a target FLOPs-ideal
-speed-up, FLOPs fraction or kept-token fraction. Prints the taus and the ready-made
+similarities on a few photos so that the pruned model hits a target: real-token
+FLOPs-ideal speed-up, measured speed-up (timed at --batch-size on --device), FLOPs
+fraction or kept-token fraction. Prints the taus and the ready-made
 ``saint.patch`` call; ``--json`` saves the full result. Exits with 1 when the target is
 out of reach on these photos (the closest value is printed and saved)."""
 
@@ -23,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="choose tau for a target speed-up / FLOPs / kept tokens",
                        description=__doc__.replace("``", ""))
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--speedup", type=float, help="FLOPs-ideal speed-up to reach (1 / FLOPs fraction)")
+    target.add_argument("--flops-speedup", "--speedup", type=float, dest="flops_speedup",
+                        help="real-token FLOPs-ideal speed-up to reach (1 / FLOPs fraction)")
+    target.add_argument("--measured-speedup", type=float,
+                        help="measured speed-up over the unpruned model, timed at --batch-size on --device")
     target.add_argument("--flops", type=float, help="fraction of the unpruned block FLOPs to keep, in (0, 1]")
     target.add_argument("--keep", type=float, help="mean fraction of tokens entering each block, in (0, 1]")
     p.add_argument("--method", default="saint", help="saint (default), saint_fold or saint_plus")
@@ -57,10 +61,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"calibration images: {images.description}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)  # reported below, with the exit code
-        cal = calibrate(model, x, speedup=args.speedup, flops=args.flops, keep=args.keep, mode=args.mode,
-                        method=args.method, batch_size=args.batch_size, **parse_kwargs(args.args))
+        cal = calibrate(model, x, flops_speedup=args.flops_speedup, measured_speedup=args.measured_speedup,
+                        flops=args.flops, keep=args.keep, mode=args.mode, method=args.method,
+                        batch_size=args.batch_size, **parse_kwargs(args.args))
     print(f"target {cal.target} {cal.value:g}: {'reached' if cal.reached else 'NOT reached, closest'} "
           f"{cal.achieved:.3f} on these images ({cal.iterations} bisection steps)")
+    if cal.measured is not None:
+        m = cal.measured
+        print(f"  timed at batch {m['batch_size']} on {m['device']}: real-token FLOPs speed-up {m['flops_speedup']:.3f}; "
+              + ", ".join(f"{s['flops_speedup']:.2f}x FLOPs -> {s['measured_speedup']:.2f}x" for s in m["steps"]))
     for block, tau in sorted(cal.tau.items()):
         print(f"  block {block:>2}: tau {tau:.4f}")
     kwargs = ", ".join(f"{k}={v!r}" for k, v in cal.patch_kwargs().items())

@@ -1,0 +1,129 @@
+"""Timing that measures only the model: inputs already on the device in the right dtype,
+warm-up, repeats interleaved round-robin across variants (so drifting clocks, thermal
+state and noisy neighbours hit every variant alike), a device sync around each call,
+and min/median reported."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued work on ``device`` (CUDA/XPU/MPS); a no-op on CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "xpu" and hasattr(torch, "xpu"):
+        torch.xpu.synchronize(dev)
+    elif dev.type == "mps":
+        torch.mps.synchronize()
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one variant, over the timed repeats."""
+
+    times: list[float]
+    batch_size: int
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput from the median time (robust to the odd slow repeat)."""
+        return self.batch_size / self.median
+
+    @property
+    def images_per_s_best(self) -> float:
+        """Throughput from the fastest repeat."""
+        return self.batch_size / self.min
+
+    def as_dict(self) -> dict[str, float | int | list[float]]:
+        return {
+            "ms_min": 1e3 * self.min,
+            "ms_median": 1e3 * self.median,
+            "images_per_s": self.images_per_s,
+            "images_per_s_best": self.images_per_s_best,
+            "repeats": len(self.times),
+            "times_ms": [1e3 * t for t in self.times],
+        }
+
+
+def time_round_robin(
+    setups: Sequence[Callable[[], Callable[[], object]]],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    warmup: int = 2,
+    repeats: int = 10,
+    progress: Callable[[int], None] | None = None,
+) -> list[Timing]:
+    """Time several variants, interleaved.
+
+    ``setups[i]()`` prepares variant ``i`` (e.g. patches the model; not timed) and returns
+    the callable to time (the model call only). Each round runs every variant once; the
+    starting variant rotates per round so no variant always runs right after another.
+    ``warmup`` untimed rounds come first. ``progress(n)`` is called after each round.
+    """
+    calls: list[Callable[[], object]] = [lambda: None] * len(setups)
+
+    def prepare(i: int) -> None:
+        calls[i] = setups[i]()
+
+    times = time_stages_round_robin(
+        [lambda i=i: prepare(i) for i in range(len(setups))],
+        [[lambda _, i=i: calls[i]()] for i in range(len(setups))],
+        device=device, warmup=warmup, repeats=repeats, progress=progress,
+    )
+    return [Timing(t[0], batch_size) for t in times]
+
+
+def time_stages_round_robin(
+    setups: Sequence[Callable[[], object]],
+    stages: Sequence[Sequence[Callable[[Any], Any]]],
+    *,
+    device: torch.device | str,
+    warmup: int = 2,
+    repeats: int = 10,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[list[float]]]:
+    """The one round-robin timer: per round every variant runs once (the start rotates);
+    a run is ``setups[i]()`` (not timed), then its stages in order, each timed alone and
+    fed the previous stage's result (e.g. a prefill, then decoding on its cache).
+    Returns ``times[variant][stage]`` in seconds over the ``repeats`` timed rounds."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not setups:
+        raise ValueError("nothing to time: no variants given")
+    n = len(setups)
+    times: list[list[list[float]]] = [[[] for _ in stages[i]] for i in range(n)]
+    for rnd in range(warmup + repeats):
+        for j in range(n):
+            i = (rnd + j) % n
+            setups[i]()
+            value: Any = None
+            for k, stage in enumerate(stages[i]):
+                synchronize(device)
+                t0 = time.perf_counter()
+                value = stage(value)
+                synchronize(device)
+                if rnd >= warmup:
+                    times[i][k].append(time.perf_counter() - t0)
+            del value
+        if progress is not None:
+            progress(1)
+    return times
