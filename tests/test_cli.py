@@ -249,3 +249,16 @@ def test_rejecting_an_unsupported_model_does_not_import_transformers() -> None:
             "try:\n    saint.patch(torch.nn.Linear(2, 2))\nexcept TypeError:\n    pass\n"
             "sys.exit(1 if 'transformers' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_viz_and_demo_share_one_documented_default_tau() -> None:
+    from saint.commands import demo, options
+
+    assert demo.DEMO_TAU == options.default_tau(options.DEFAULT_MODEL) == 0.97
+    assert options.default_tau("vit_tiny_patch16_224") == 0.75
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    from saint.commands import viz
+
+    viz.register(sub)
+    assert parser.parse_args(["viz", "x.png"]).tau is None  # resolved per model by default_tau

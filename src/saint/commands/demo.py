@@ -13,9 +13,7 @@ from typing import Any
 import torch
 
 from ..adapters import find_adapter
-
-DEMO_TAU = 0.97
-"""Default SAINT threshold for the demo's DINOv2 ViT-S/14 (see ``TAU_NOTE``)."""
+from .options import DEFAULT_MODEL_TAU as DEMO_TAU
 
 TAU_NOTE = (
     "tau={tau:g} is a fixed default for DINOv2 ViT-S/14, not tuned on these photos: this model's "

@@ -13,6 +13,16 @@ from ..measure.harness import DTYPES, resolve_device, resolve_dtype
 from ..spec import parse_kwargs
 
 DEFAULT_MODEL = "dinov2-offline"
+DEFAULT_MODEL_TAU = 0.97
+"""SAINT's fixed threshold for the default DINOv2 ViT-S/14 (demo and viz): its keys are far
+more alike than DeiT's, so the paper's 0.75 drops every candidate in every pruning block;
+0.97 is near the paper's ~2x-FLOPs operating point. ``saint calibrate`` picks it per block."""
+PAPER_TAU = 0.75  # the paper's default (DeiT), for any other model
+
+
+def default_tau(model: str) -> float:
+    """The one documented SAINT default for ``--model`` (used by demo and viz)."""
+    return DEFAULT_MODEL_TAU if model == DEFAULT_MODEL else PAPER_TAU
 
 
 def comma_list(kind: type, what: str = "numbers") -> Callable[[str], list[Any]]:

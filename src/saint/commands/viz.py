@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import find_adapter
-from .options import add_model_options, check_output_file, user_errors
+from .options import (
+    DEFAULT_MODEL_TAU,
+    PAPER_TAU,
+    add_model_options,
+    check_output_file,
+    default_tau,
+    user_errors,
+)
 from .options import build_model as load_model
 
 
@@ -41,7 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", help="an image file")
     add_model_options(p, default_img_size=224)
-    p.add_argument("--tau", type=float, default=0.75, help="SAINT similarity threshold")
+    p.add_argument("--tau", type=float, default=None,
+                   help=f"SAINT similarity threshold (default {DEFAULT_MODEL_TAU} for the default model, as in "
+                        f"saint demo; {PAPER_TAU}, the paper's, for a timm --model; saint calibrate picks one per block)")
     p.add_argument("--k", type=int, default=5, help="SAINT degree vote")
     p.add_argument("--gamma", type=float, default=10.0, help="SAINT score sharpness")
     p.add_argument("--layers", type=_layers, default=None, help="SAINT pruning blocks, e.g. 0,1,2 (default first half)")
@@ -72,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{model_name} has no class token, so the attn row cannot be drawn")
         methods.remove("attn")
         print(f"note: {model_name} has no class token; skipping the class-attention row")
+    if args.tau is None:
+        args.tau = default_tau(args.model)
     settings: dict[str, Any] = {"tau": args.tau, "k": args.k, "gamma": args.gamma}
     if args.layers is not None:
         settings["layers"] = args.layers
