@@ -88,7 +88,7 @@ def worker(model: str, setting: str, args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    from saint.bench.report import markdown_table
+    from saint.measure.report import markdown_table
 
     base = next(r for r in report["results"] if r["setting"] == "off")
     rows = [[
@@ -100,7 +100,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     head = [
         "# Qwen2.5-VL in vLLM (CPU) with the saint plugin: throughput and TTFT", "",
-        f"- date {env['date']}, commit {report['commit']}, {env['device']}",
+        f"- date {env['date']}, commit {env['git']['commit'][:7]}"
+        f"{' (dirty)' if env['git']['dirty'] else ''}, {env['device']}",
         f"- vLLM {report['vllm']}, torch {env['versions']['torch']}, "
         f"transformers {report['transformers']}",
         f"- command: `{env['command']}`",
@@ -132,9 +133,9 @@ def main() -> None:
     import torch
     import transformers
     import vllm
-    from saint.bench.report import environment, write_json
 
     from saint.integrations.vllm.tiny import QWEN2_5_VL_7B, write_checkpoint
+    from saint.measure.report import environment, write_json
 
     geometry = CPU_GEOMETRY if args.geometry == "cpu" else QWEN2_5_VL_7B
     model = Path.home() / ".cache" / "saint" / f"vllm-bench-qwen2_5_vl-{args.geometry}"
@@ -150,10 +151,9 @@ def main() -> None:
             sys.exit(f"setting {setting} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
         results.append(json.loads(line[0][len("RESULT "):]))
         print(setting, {k: results[-1][k] for k in ("visual_tokens", "requests_per_s", "ttft_s_median")})
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {
         "environment": environment("cpu" if args.geometry == "cpu" else "cuda"),
-        "commit": commit, "vllm": vllm.__version__, "transformers": transformers.__version__,
+        "vllm": vllm.__version__, "transformers": transformers.__version__,
         "model": f"Qwen2.5-VL, random weights, geometry {args.geometry}: {geometry}",
         "requests": args.requests, "max_tokens": args.max_tokens, "ttft_runs": args.ttft_runs,
         "torch_threads_engine": torch.get_num_threads(), "results": results,
