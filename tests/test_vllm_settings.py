@@ -8,6 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -55,6 +56,13 @@ def test_kept_tokens_known_answers():
 def test_kept_tokens_within_bounds(ratio, n):
     k = SaintVllmSettings(ratio).kept_tokens(n)
     assert 1 <= k <= n and abs(k - ratio * n) <= max(0.5, 1 - ratio * n) + 1e-9
+
+
+def test_keep_mask_drops_the_redundant_copies():
+    """Three copies of one direction and one orthogonal token: keeping two keeps the odd one."""
+    embeds = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    keep = SaintVllmSettings(0.5).keep_mask(embeds)
+    assert keep.tolist()[3] and int(keep.sum()) == 2
 
 
 def test_nothing_in_saint_imports_the_plugin():

@@ -66,3 +66,39 @@ def transformers_greedy(
         step = (positions.max() + 1).view(1, 1, 1).expand(3, 1, 1)  # text after: max + 1
         positions = torch.cat([positions, step], dim=2)
     return {"token_ids": out, "kept": keep.nonzero().flatten().tolist()}
+
+
+@torch.no_grad()
+def transformers_llava_greedy(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], keep_ratio: float, max_tokens: int
+) -> dict:
+    """The same for LLaVA: the fixed-budget drop on the projector's output, and the
+    shortened prompt numbered 0..L-1 (LLaVA's 1-D positions)."""
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = CLIPImageProcessorPil.from_pretrained(model_dir)
+    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    feats = model.model.get_image_features(pixel_values=pixels["pixel_values"])
+    feats = getattr(feats, "pooler_output", feats)
+    feats = (feats[0] if isinstance(feats, (list, tuple)) else feats).reshape(-1, feats[0].shape[-1])
+    settings = SaintVllmSettings(keep_ratio)
+    keep = fixed_budget_keep_mask(feats[None], settings.kept_tokens(len(feats)), settings.step_div)[0]
+
+    ids = torch.tensor(prompt_ids)
+    where = (ids == model.config.image_token_index).nonzero().flatten()
+    assert len(where) == int(keep.sum()), (len(where), int(keep.sum()))
+    embed = model.model.get_input_embeddings()
+    embeds = embed(ids[None])
+    embeds[0, where] = feats[keep]
+    out = []
+    for _ in range(max_tokens):
+        hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+        token = int(model.lm_head(hidden[:, -1]).argmax(-1))
+        out.append(token)
+        if token == model.config.text_config.eos_token_id:
+            break
+        embeds = torch.cat([embeds, embed(torch.tensor([[token]]))], dim=1)
+    return {"token_ids": out, "kept": keep.nonzero().flatten().tolist()}

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
-PROMPT = (
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the picture."
-    "<|im_end|>\n<|im_start|>assistant\n"
-)
+PROMPTS = {  # by the checkpoint's model_type
+    "qwen2_5_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the "
+    "picture.<|im_end|>\n<|im_start|>assistant\n",
+    "llava": "USER: <image>\nDescribe the picture. ASSISTANT:",
+}
 MAX_TOKENS = 6
 
 
@@ -25,13 +27,15 @@ def main(model: str, image_path: str, overrides: str) -> None:
 
     from saint.integrations.vllm import last_kept_indices
 
+    model_type = json.loads((Path(model) / "config.json").read_text())["model_type"]
+
     llm = LLM(
         model=model, hf_overrides=json.loads(overrides), max_model_len=1024, max_num_seqs=2,
         enforce_eager=True, kv_cache_memory_bytes=1 << 27, seed=0,
         limit_mm_per_prompt={"image": 1, "video": 0},
     )
     image = Image.open(image_path).convert("RGB")
-    request = {"prompt": PROMPT, "multi_modal_data": {"image": image}}
+    request = {"prompt": PROMPTS[model_type], "multi_modal_data": {"image": image}}
     out = llm.generate(request, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0]
     kept = llm.apply_model(last_kept_indices)[0]
     result = {

@@ -21,24 +21,43 @@ import importlib.util
 import sys
 import types
 
-_SHIMMED = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+# torchvision-only transformers modules that vLLM imports from -> their PIL twins.
+_PIL_TWINS = {
+    "transformers.models.qwen2_vl.image_processing_qwen2_vl": (
+        "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
+    ),
+    "transformers.models.pixtral.image_processing_pixtral": (
+        "transformers.models.pixtral.image_processing_pil_pixtral"
+    ),
+}
+
+
+def _twin(name: str, pil_name: str) -> types.ModuleType:
+    """A module named ``name`` with everything of ``pil_name``, the ``...Pil`` classes also
+    under their torchvision names."""
+    pil = importlib.import_module(pil_name)
+    module = types.ModuleType(name)
+    for key, value in vars(pil).items():
+        if not key.startswith("__"):
+            setattr(module, key, value)
+            if key.endswith("Pil"):
+                setattr(module, key[: -len("Pil")], value)
+    return module
 
 
 def install_torchvision_shim() -> None:
-    """Make the Qwen2-VL image/video processor modules importable without torchvision."""
-    if importlib.util.find_spec("torchvision") is not None or _SHIMMED in sys.modules:
+    """Make the Qwen2-VL / Pixtral processor modules vLLM imports importable without
+    torchvision, and give the Qwen processors a placeholder video processor."""
+    first = next(iter(_PIL_TWINS))
+    if importlib.util.find_spec("torchvision") is not None or first in sys.modules:
         return
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
     from transformers.models.auto.video_processing_auto import AutoVideoProcessor
-    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
     from transformers.processing_utils import transformers_module
     from transformers.video_processing_utils import VideoProcessorMixin
 
-    image = types.ModuleType(_SHIMMED)
-    image.smart_resize = pil.smart_resize
-    image.Qwen2VLImageProcessor = pil.Qwen2VLImageProcessorPil
-    image.Qwen2VLImageProcessorKwargs = pil.Qwen2VLImageProcessorKwargs
-    sys.modules[_SHIMMED] = image
+    for name, pil_name in _PIL_TWINS.items():
+        sys.modules[name] = _twin(name, pil_name)
 
     class Qwen2VLVideoProcessor(VideoProcessorMixin):
         """Placeholder: videos need torchvision, which this environment lacks."""

@@ -39,8 +39,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media  # noqa: E402
 
-from ...core import fixed_budget_keep_mask  # noqa: E402
-from .settings import SaintVllmSettings, settings_from_config  # noqa: E402
+from .settings import settings_from_config  # noqa: E402
 
 
 def media_positions(grid_thw: Sequence[int], merge_size: int, **time: float) -> torch.Tensor:
@@ -50,12 +49,6 @@ def media_positions(grid_thw: Sequence[int], merge_size: int, **time: float) -> 
     pos = compute_mrope_for_media(list(grid_thw), merge_size, **time)
     pos[:, 3] = pos[:, :3].max() + 1
     return pos
-
-
-def image_keep_mask(embeds: torch.Tensor, settings: SaintVllmSettings) -> torch.Tensor:
-    """``[N]`` bool: SAINT's fixed-budget choice among one image's merged embeddings."""
-    keep = settings.kept_tokens(embeds.shape[0])
-    return fixed_budget_keep_mask(embeds[None], keep, step_div=settings.step_div)[0]
 
 
 class SaintQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -130,7 +123,7 @@ class SaintQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         merge = self.visual.spatial_merge_size
         out, masks = [], []
         for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True):
-            keep = image_keep_mask(emb, self.saint)
+            keep = self.saint.keep_mask(emb)
             pos = media_positions(grid, merge).to(emb.device)
             out.append(torch.cat([emb[keep], pos[keep].to(emb.dtype)], dim=1))
             masks.append(keep)

@@ -12,6 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from ...core import fixed_budget_keep_mask
+
 PREFIX = "saint_"
 KEYS = ("saint_keep_ratio", "saint_step_div")
 
@@ -46,6 +50,11 @@ class SaintVllmSettings:
         if num_tokens < 1:
             raise ValueError(f"an image has {num_tokens} tokens; expected at least 1")
         return min(num_tokens, max(1, math.floor(self.keep_ratio * num_tokens + 0.5)))
+
+    def keep_mask(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: SAINT's fixed-budget choice among one image's ``[N, D]`` embeddings."""
+        keep = self.kept_tokens(embeds.shape[0])
+        return fixed_budget_keep_mask(embeds[None], keep, step_div=self.step_div)[0]
 
 
 def settings_from_config(config: Any) -> SaintVllmSettings | None:

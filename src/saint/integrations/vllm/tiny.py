@@ -1,6 +1,6 @@
-"""A random Qwen2.5-VL checkpoint written to a folder that vLLM and transformers both load,
-without a hub download: a byte-level BPE tokenizer trained on the spot (with Qwen's
-special tokens and chat template), the PIL image processor and random weights.
+"""Random Qwen2.5-VL and LLaVA-1.5 checkpoints written to a folder that vLLM and transformers
+both load, without a hub download: a byte-level BPE tokenizer trained on the spot (with the
+model's special tokens), the PIL image processor and random weights.
 
 Used by the vLLM plugin's tests (tiny geometry) and its benchmark (tiny, or the 7B
 geometry on a GPU). vLLM's CPU attention needs a head size >= 32, and the vision tower's
@@ -45,7 +45,7 @@ QWEN2_5_VL_7B: dict[str, Any] = dict(
 )
 
 
-def _tokenizer(vocab_size: int):
+def _tokenizer(vocab_size: int, special: list[str] = SPECIAL_TOKENS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,13 +54,13 @@ def _tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     corpus = ["Describe the picture in one sentence.", "What is in the image? A cat on a mat."]
     trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 512), special_tokens=SPECIAL_TOKENS,
+        vocab_size=min(vocab_size, 512), special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus * 20, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok, eos_token=special[2], pad_token=special[0],
+        additional_special_tokens=special[1:], chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -111,10 +111,7 @@ def write_checkpoint(
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
-    with torch.no_grad():  # random init of 0.02 std gives near-uniform logits: sharpen them
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 2.0 / p.shape[-1] ** 0.5)
+    _sharpen(model)
     model.save_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     image_processor.save_pretrained(path)
@@ -123,5 +120,70 @@ def write_checkpoint(
         json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2)
     )
     gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
+def _sharpen(model) -> None:
+    """Random init of 0.02 std gives near-uniform logits (greedy ids decided by rounding):
+    redraw every matrix with std 2 / sqrt(fan-in)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 2.0 / p.shape[-1] ** 0.5)
+
+
+LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
+
+
+def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 0) -> Path:
+    """Write a tiny random LLaVA-1.5 (CLIP tower, patch 14, Llama LM) to ``path``: an
+    ``image_size`` image gives ``(image_size // 14) ** 2`` image tokens."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512, LLAVA_SPECIAL_TOKENS)
+    tokenizer.save_pretrained(path)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+    text = dict(
+        model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+    )
+    vision = dict(
+        model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=64,
+    )
+    config = LlavaConfig(
+        text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        pad_token_id=ids["<pad>"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    _sharpen(model)
+    model.save_pretrained(path)
+    # transformers 5 writes the tower as ``vision_tower.*``; vLLM (and the hub's llava-hf
+    # checkpoints) name it ``vision_tower.vision_model.*``.
+    weights = load_file(path / "model.safetensors")
+    renamed = {
+        k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()
+    }
+    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(path)
+    processor = {
+        "processor_class": "LlavaProcessor", "patch_size": 14, "image_token": "<image>",
+        "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1,
+    }
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    gen = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path

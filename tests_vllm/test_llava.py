@@ -1,0 +1,33 @@
+"""LLaVA-1.5 (tiny, random, CLIP tower): pruning off equals transformers; SAINT keeping a
+quarter of the 64 image tokens feeds 16 to the LLM, chosen and decoded as transformers does
+on the same kept set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_engine
+from reference import transformers_llava_greedy
+from run_engine import MAX_TOKENS
+
+from saint.integrations.vllm.tiny import write_llava_checkpoint
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return write_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava"), image_size=112)
+
+
+@pytest.mark.parametrize("ratio, kept", [(None, 64), (0.25, 16)])
+def test_llava_image_tokens_and_outputs(llava_dir, image_path, ratio, kept):
+    overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
+    got = run_engine(llava_dir, image_path, overrides)
+    image_token = json.loads((llava_dir / "config.json").read_text())["image_token_index"]
+    assert got["prompt_token_ids"].count(image_token) == kept
+    ref = transformers_llava_greedy(
+        llava_dir, image_path, got["prompt_token_ids"], ratio or 1.0, MAX_TOKENS
+    )
+    if ratio is not None:
+        assert got["kept"] == [ref["kept"]]
+    assert got["token_ids"] == ref["token_ids"]
