@@ -11,13 +11,16 @@ Run in the plugin's venv (``make test-vllm`` builds ``.venv-vllm``):
   tokens unpruned), submitted together; ``--max-tokens`` greedy tokens each (EOS ignored).
 - TTFT: median wall time of ``generate`` with one new token for one request at a time
   (``--ttft-runs`` fresh images), i.e. processor + vision tower + prefill + first token.
-Each setting runs in its own process and engine (prefix caching off, eager mode).
+Each setting runs in its own process and engine (prefix caching off, eager mode); the
+settings are run ``--rounds`` times in turn and the table gives each one's median (the
+machine is shared: the 1-minute load average before each run is recorded).
 Writes ``benchmarks/results/vllm_qwen2_5_vl_cpu.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -26,10 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+# The LLM dominates the prefill, as in Qwen2.5-VL-7B (7B LM, 0.7B tower): ~0.1B LM, small tower.
 CPU_GEOMETRY = dict(
-    hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-    num_key_value_heads=4, vision_depth=8, vision_hidden_size=384, vision_heads=6,
-    vision_intermediate_size=1024, fullatt_block_indexes=[3, 7], vocab_size=512,
+    hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+    num_key_value_heads=4, vision_depth=4, vision_hidden_size=256, vision_heads=4,
+    vision_intermediate_size=640, fullatt_block_indexes=[1, 3], vocab_size=512,
 )
 SIDE = 448
 PROMPT = (
@@ -55,7 +59,7 @@ def worker(model: str, setting: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     llm = LLM(
         model=model, hf_overrides=SETTINGS[setting], max_model_len=2048, max_num_seqs=args.requests,
-        enforce_eager=True, enable_prefix_caching=False, kv_cache_memory_bytes=1 << 30, seed=0,
+        enforce_eager=True, enable_prefix_caching=False, kv_cache_memory_bytes=1 << 29, seed=0,
         limit_mm_per_prompt={"image": 1, "video": 0},
     )
     start_s = time.perf_counter() - t0
@@ -87,6 +91,18 @@ def worker(model: str, setting: str, args: argparse.Namespace) -> dict:
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One setting's runs folded into medians (the runs themselves stay in the report)."""
+    out = dict(runs[0])
+    for key in ("requests_per_s", "output_tokens_per_s", "ttft_s_median", "batch_s", "engine_start_s"):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["requests_per_s_runs"] = [r["requests_per_s"] for r in runs]
+    out["ttft_s_median_runs"] = [r["ttft_s_median"] for r in runs]
+    for key in ("ttft_s", "load_avg_1min_before"):
+        out.pop(key, None)
+    return out
+
+
 def markdown(report: dict) -> str:
     from saint.measure.report import markdown_table
 
@@ -107,7 +123,10 @@ def markdown(report: dict) -> str:
         f"- command: `{env['command']}`",
         f"- model: {report['model']}",
         f"- {report['requests']} requests of one {SIDE}x{SIDE} image each, "
-        f"{report['max_tokens']} new tokens; TTFT = median of {report['ttft_runs']} single requests",
+        f"{report['max_tokens']} new tokens; TTFT = median of {report['ttft_runs']} single requests;"
+        f" each setting run {report['rounds']} times in turn, medians shown (runs in the JSON)",
+        "- shared 2-core VM; 1-minute load average before the runs: "
+        + ", ".join(f"{r['load_avg_1min_before']:.1f}" for r in report["runs"]),
         "",
     ]
     table = markdown_table(
@@ -118,10 +137,11 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ttft-runs", type=int, default=5)
-    p.add_argument("--settings", default="off,1.0,0.5,0.25")
+    p.add_argument("--settings", default="off,0.25,0.5,1.0")
     p.add_argument("--geometry", choices=["cpu", "7b"], default="cpu")
     p.add_argument("--out", default="benchmarks/results/vllm_qwen2_5_vl_cpu")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
@@ -138,25 +158,30 @@ def main() -> None:
     from saint.measure.report import environment, write_json
 
     geometry = CPU_GEOMETRY if args.geometry == "cpu" else QWEN2_5_VL_7B
-    model = Path.home() / ".cache" / "saint" / f"vllm-bench-qwen2_5_vl-{args.geometry}"
+    tag = hashlib.sha1(json.dumps(geometry, sort_keys=True).encode()).hexdigest()[:8]
+    model = Path.home() / ".cache" / "saint" / f"vllm-bench-qwen2_5_vl-{args.geometry}-{tag}"
     if not (model / "config.json").exists():
         dtype = "float32" if args.geometry == "cpu" else "bfloat16"
         write_checkpoint(model, geometry, max_pixels=SIDE * SIDE, dtype=dtype)
-    results = []
-    for setting in args.settings.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", str(model), setting]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            sys.exit(f"setting {setting} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-        results.append(json.loads(line[0][len("RESULT "):]))
-        print(setting, {k: results[-1][k] for k in ("visual_tokens", "requests_per_s", "ttft_s_median")})
+    runs = []
+    for _ in range(args.rounds):
+        for setting in args.settings.split(","):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", str(model), setting]
+            load = os.getloadavg()[0]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"setting {setting} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+            runs.append({**json.loads(line[0][len("RESULT "):]), "load_avg_1min_before": load})
+            print(setting, {k: runs[-1][k] for k in ("requests_per_s", "ttft_s_median")}, flush=True)
+    results = [median_run([r for r in runs if r["setting"] == s]) for s in args.settings.split(",")]
     report = {
         "environment": environment("cpu" if args.geometry == "cpu" else "cuda"),
         "vllm": vllm.__version__, "transformers": transformers.__version__,
         "model": f"Qwen2.5-VL, random weights, geometry {args.geometry}: {geometry}",
         "requests": args.requests, "max_tokens": args.max_tokens, "ttft_runs": args.ttft_runs,
-        "torch_threads_engine": torch.get_num_threads(), "results": results,
+        "rounds": args.rounds, "torch_threads_engine": torch.get_num_threads(),
+        "results": results, "runs": runs,
     }
     out = Path(args.out)
     write_json(report, out.with_suffix(".json"))
