@@ -3,6 +3,8 @@ pure functions on hand-built inputs."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -61,3 +63,17 @@ def test_keep_mask_to_indices_left_and_right_aligned():
     assert valid.tolist() == [[True, True], [False, True]]
     assert idx.tolist()[0] == [0, 2] and idx[1, 1] == 2
     assert not bool(keep[1, idx[1, 0]]), "a pad slot points at a dropped position"
+
+
+def test_query_attention_known_answer():
+    from saint.core import query_attention
+
+    q = torch.tensor([[[1.0, 0.0]]])  # [B=1, H=1, D=2]
+    k = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]], [[-1.0, 0.0]]]])  # [1, N=3, 1, 2]
+    e = math.e
+    expect = torch.tensor([[e, 1.0, 1 / e]]) / (e + 1 + 1 / e)
+    torch.testing.assert_close(query_attention(q, k, 1.0), expect)
+    masked = query_attention(q, k, 1.0, torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(masked, torch.tensor([[e / (e + 1), 1 / (e + 1), 0.0]]))
+    additive = query_attention(q, k, 1.0, torch.tensor([[0.0, 1.0, 0.0]]))  # log-size bias on key 1
+    torch.testing.assert_close(additive, torch.tensor([[e, e, 1 / e]]) / (2 * e + 1 / e))

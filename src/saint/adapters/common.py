@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from ..core import additive_key_mask, gather_tokens, keep_mask_to_indices, merge_weighted
+from ..core import (
+    additive_key_mask,
+    gather_tokens,
+    keep_mask_to_indices,
+    merge_weighted,
+    query_attention,
+)
 from ..core.packing import (
     KERNELS,
     lengths_to_valid,
@@ -419,10 +425,7 @@ def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
     """The class token's attention over all tokens, averaged over heads: ``q [B, H, D]``
     (its query), ``k [B, N, H, D]``, ``bias`` the additive mask the layer attended with."""
-    logits = torch.einsum("bhd,bnhd->bhn", q.float(), k.float()) * scale
-    if bias is not None:
-        logits = logits + bias[:, 0].float()
-    return logits.softmax(dim=-1).mean(dim=1)
+    return query_attention(q, k, scale, None if bias is None else bias[:, 0, 0])
 
 
 def keys_from_qkv(qkv: torch.Tensor, num_heads: int, k_norm: Any = None) -> torch.Tensor:

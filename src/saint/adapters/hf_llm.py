@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..core import gather_tokens, keep_mask_to_indices
+from ..core import gather_tokens, keep_mask_to_indices, query_attention
 from .common import MASKABLE_ATTENTION
 
 PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
@@ -394,15 +394,9 @@ class DecoderPruner:
         cos, sin = self._layer_kwargs[i]["position_embeddings"]
         q = _rope_fn(attn)(q, q, cos[:, -1:], sin[:, -1:])[0]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        logits = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # [B, H, M]
         mask = self._layer_kwargs[i].get("attention_mask")
-        if mask is not None:
-            row = _rows(mask, b)[:, :, -1, :m]  # [B, 1, M]
-            if row.dtype == torch.bool:
-                logits = logits.masked_fill(~row, float("-inf"))
-            else:
-                logits = logits + row.float()
-        return logits.softmax(dim=-1).mean(dim=1)
+        row = None if mask is None else _rows(mask, b)[:, 0, -1, :m]  # [B, M]
+        return query_attention(q[:, :, 0], k.transpose(1, 2), attn.scaling, row)
 
     def _prune(self, i: int, module: torch.nn.Module, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core import redundant_counts, saint_graph
+from ..core import query_attention, redundant_counts, saint_graph
 
 EPS = 1e-12
 
@@ -63,10 +63,8 @@ def cls_attention_entropy(
         raise ValueError(
             f"q_cls must be [B, H, D] and keys [B, N, H, D], got {tuple(q_cls.shape)} and {tuple(keys.shape)}"
         )
-    logits = torch.einsum("bhd,bnhd->bhn", q_cls.double(), keys.double()) * scale
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    return attention_entropy(logits.softmax(dim=-1)).mean(dim=1)
+    probs = query_attention(q_cls, keys, scale, valid, mean_heads=False, dtype=torch.float64)
+    return attention_entropy(probs).mean(dim=1)
 
 
 def effective_rank(x: torch.Tensor) -> torch.Tensor:

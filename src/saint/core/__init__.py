@@ -1,5 +1,6 @@
 """Pure tensor functions: which tokens survive. No model imports here."""
 
+from .attention import query_attention
 from .baselines import attention_keep_mask, random_keep_mask
 from .budget import fixed_budget_keep_mask
 from .gather import additive_key_mask, drop_top_ranked, gather_tokens, keep_mask_to_indices
@@ -31,6 +32,7 @@ __all__ = [
     "max_tome_r",
     "merge_weighted",
     "pool_grid",
+    "query_attention",
     "random_keep_mask",
     "redundant_counts",
     "saint_fold_plan",

@@ -1,0 +1,32 @@
+"""One query's attention over a sequence of keys: the class token's (EViT-style
+``attn`` drop, token statistics) or a prompt's last token (FastV). Computed here
+once, for the few queries that need it; the model's own attention kernel never
+materialises its probabilities."""
+
+from __future__ import annotations
+
+import torch
+
+
+def query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    mean_heads: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Softmax attention of one query per sample over ``N`` keys.
+
+    ``q [B, H, D]``, ``k [B, N, H, D]`` (heads already matched: repeat grouped KV heads
+    first), ``mask [B, N]`` either bool (False = masked) or additive; computed in
+    ``dtype``. Returns ``[B, N]`` averaged over heads, or ``[B, H, N]``.
+    """
+    logits = torch.einsum("bhd,bnhd->bhn", q.to(dtype), k.to(dtype)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+        else:
+            logits = logits + mask[:, None, :].to(dtype)
+    probs = logits.softmax(dim=-1)
+    return probs.mean(dim=1) if mean_heads else probs
