@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,17 +72,14 @@ import torch.nn.functional as F
 from ..core import fixed_budget_keep_mask, keep_mask_to_indices
 from ..methods import MethodSpec, SaintConfig
 from . import hf_llm
-from .base import Grid, Probe, Site
+from .base import Grid
 from .common import SAINT_ATTR, TokenStats, transformers_loaded
+from .hf_vlm import HFVlm, install_forward_hooks, multimodal
 from .llava import (
-    Llava,
     LlavaPatch,
     _bind,
     _flag,
     _int,
-    _make_lm_post,
-    _make_top_post,
-    _make_top_pre,
     llm_schedule,
 )
 
@@ -371,11 +369,6 @@ class QwenPatch(LlavaPatch):
         return None
 
 
-def _mm(model: torch.nn.Module) -> torch.nn.Module:
-    """The multimodal model (``*Model``) of a ``*ForConditionalGeneration`` or itself."""
-    return model.model if hasattr(model, "lm_head") else model
-
-
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
           **kwargs: Any) -> QwenPatch:
     """Patch a Qwen2.5-VL / Qwen3-VL model in place (see the module docstring and :func:`saint.patch`).
@@ -389,7 +382,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
             raise TypeError(f"Qwen-VL's language-model pruning takes a SAINT-family method, not {method.name!r}")
         llm_spec, method = method, "saint"
     cfg = make_config(method, **kwargs)
-    mm = _mm(model)
+    mm = multimodal(model)
     lm = mm.language_model
     hf_llm.check_decoder(lm)
     schedule, query_layers = llm_schedule(cfg, len(lm.layers), llm_spec)
@@ -399,7 +392,6 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     pruner = hf_llm.DecoderPruner(lm, schedule, rope_keys=cfg.llm_rope_keys, query_layers=query_layers)
     handle = QwenPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace, family=family)
     try:
-        pruner.install()
         if cfg.prunes_vit:
             handle.tower = TowerPruner(mm.visual, cfg.vit_layer, cfg.vit_ratio, cfg.vit_step_div)
             handle.tower.install()
@@ -412,12 +404,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
             wrapper = _make_deepstack(handle, lm._deepstack_process)
             lm.__dict__["_deepstack_process"] = wrapper
             handle.wrapped["_deepstack_process"] = (lm, wrapper)
-        handle.hooks.append(mm.register_forward_pre_hook(_make_mm_pre(handle), with_kwargs=True))
-        handle.hooks.append(lm.register_forward_hook(_make_lm_post(handle)))
-        handle.hooks.append(lm.register_forward_hook(_make_image_stats(handle)))
-        if model is not mm:
-            handle.hooks.append(model.register_forward_pre_hook(_make_top_pre(handle), with_kwargs=True))
-            handle.hooks.append(model.register_forward_hook(_make_top_post(handle), with_kwargs=True))
+        install_forward_hooks(handle, model, mm, _make_mm_pre(handle), lm_post=(_make_image_stats(handle),))
     except Exception:
         _remove(handle)
         raise
@@ -789,24 +776,13 @@ def _make_image_stats(handle: QwenPatch):
 
 
 # ---------------------------------------------------------------------------- protocol
-class QwenVL(Llava):
+class QwenVL(HFVlm):
     """Qwen2.5-VL / Qwen3-VL: sites are the language model's decoder layers (as for
     LLaVA); inputs are processor-output dicts (``input_ids``, ``pixel_values``,
     ``image_grid_thw``, ``mm_token_type_ids``, ``attention_mask``)."""
 
     name = "qwen_vl"
-
-    def matches(self, model: torch.nn.Module) -> bool:
-        return matches(model)
-
-    def sites(self, model: torch.nn.Module) -> list[Site]:
-        return super().sites(_mm(model))
-
-    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
-        return super().block_flops(_mm(model), n_in, n_out)
-
-    def probe(self, model: torch.nn.Module) -> Probe:
-        return super().probe(_mm(model))
+    family = sys.modules[__name__]
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
         """The merged-token grid of the first image of ``inputs`` (Qwen-VL has no
@@ -814,15 +790,9 @@ class QwenVL(Llava):
         grid = None if inputs is None else inputs.get("image_grid_thw")
         if grid is None or len(grid) == 0:
             raise ValueError("Qwen-VL resizes every image to its own grid: pass inputs with image_grid_thw")
-        vc = _mm(model).config.vision_config
+        vc = multimodal(model).config.vision_config
         m, p = int(vc.spatial_merge_size), int(vc.patch_size)
         return Grid(int(grid[0][1]) // m, int(grid[0][2]) // m, (p * m, p * m))
-
-    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> QwenPatch:
-        return patch(model, method, trace=trace, **kwargs)
-
-    def unpatch(self, model: torch.nn.Module) -> None:
-        unpatch(model)
 
     def check_inputs(self, inputs: Any) -> None:
         if not isinstance(inputs, dict) or "input_ids" not in inputs:
