@@ -313,36 +313,73 @@ def _write_task(root: Path, docs_gen: list[dict], docs_mc: list[dict]) -> None:
         )
 
 
-def test_lmms_eval_cli_end_to_end(llava_dir, tmp_path):
+def _run_cli(llava_dir: Path, root: Path, processes: int = 1) -> tuple[dict, list[Path]]:
+    """Run lmms-eval's CLI on the two easy-VQA tasks (4 documents each) in ``processes``
+    CPU processes (``accelerate launch``); returns the results and the stats files."""
+    rows = _easy_vqa(60)
+    task_dir = root / "tasks"
+    task_dir.mkdir()
+    _write_task(task_dir, [r for r in rows if r["answer"] not in ("yes", "no")][:4],
+                [r for r in rows if r["answer"] in ("yes", "no")][:4])
+    stats, out = root / "stats.jsonl", root / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "hf"),
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
+    launch = [sys.executable, "-m", "lmms_eval"]
+    if processes > 1:  # accelerate's multi-process launcher; without GPUs each process runs on CPU (gloo)
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                  str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "lmms_eval"]
+    cmd = [*launch, "--model", "saint_llava",
+           "--model_args", f"pretrained={llava_dir},{PRUNE_ARGS},stats_path={stats}",
+           "--tasks", "saint_easyvqa_gen,saint_easyvqa_mc", "--include_path", str(task_dir),
+           "--limit", "4", "--batch_size", "2", "--device", "cpu", "--output_path", str(out)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result_file,) = out.rglob("*_results.json")
+    return json.loads(result_file.read_text())["results"], sorted(root.glob("stats*.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def single_process_run(llava_dir, tmp_path_factory):
+    _need("lmms_eval")
+    return _run_cli(llava_dir, tmp_path_factory.mktemp("lmms_single"))
+
+
+def test_lmms_eval_cli_end_to_end(single_process_run):
     """``python -m lmms_eval --model saint_llava ...`` with ``--include_path``: the run
     completes, reports exact_match and acc, and the stats file shows both kinds of
     request pruned (64 -> 30 patches in the tower, fewer again inside the LLM)."""
-    _need("lmms_eval")
-    rows = _easy_vqa(60)
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
-    _write_task(task_dir, [r for r in rows if r["answer"] not in ("yes", "no")][:3],
-                [r for r in rows if r["answer"] in ("yes", "no")][:3])
-    stats, out = tmp_path / "stats.jsonl", tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "saint_llava",
-           "--model_args", f"pretrained={llava_dir},{PRUNE_ARGS},stats_path={stats}",
-           "--tasks", "saint_easyvqa_gen,saint_easyvqa_mc", "--include_path", str(task_dir),
-           "--limit", "3", "--batch_size", "2", "--device", "cpu", "--output_path", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (result_file,) = out.rglob("*_results.json")
-    results = json.loads(result_file.read_text())["results"]
+    results, stats_files = single_process_run
+    assert [p.name for p in stats_files] == ["stats.jsonl"]
+    stats = stats_files[0]
     assert 0.0 <= results["saint_easyvqa_gen"]["exact_match,none"] <= 1.0
     assert 0.0 <= results["saint_easyvqa_mc"]["acc,none"] <= 1.0
     lines = [json.loads(line) for line in stats.read_text().splitlines()]
     summary = lines[-1]["summary"]
     assert summary["settings"]["llm_layers"] == [0, 3] and summary["settings"]["llm_tau"] == [0.3, 0.3, 0.3, 0.2]
-    assert summary["generate_until"]["samples"] == 3 and summary["loglikelihood"]["samples"] == 6
+    assert summary["generate_until"]["samples"] == 4 and summary["loglikelihood"]["samples"] == 8
     for kind in ("generate_until", "loglikelihood"):
         s = summary[kind]
         assert s["image_tokens"] == N_IMAGE_TOKENS and s["llm_input"] == 30 and s["llm_output"] < 30
     assert max(len(e["image_tokens"]) for e in lines[:-1]) == 2  # batches of two
     first = lines[0]
     assert first["rank"] == 0 and first["blocks"][0] == "vision_tower" and len(first["tokens"]) == len(first["blocks"])
+
+
+def test_lmms_eval_data_parallel_shards_the_documents(llava_dir, single_process_run, tmp_path):
+    """Two processes (``accelerate launch``): each rank writes its own stats file and
+    evaluates a disjoint share of the documents (together exactly the single run's), and
+    the aggregated metrics equal the single-process run."""
+    results, stats_files = _run_cli(llava_dir, tmp_path, processes=2)
+    single, _ = single_process_run
+    for task, metric in (("saint_easyvqa_gen", "exact_match,none"), ("saint_easyvqa_mc", "acc,none")):
+        assert results[task][metric] == single[task][metric]
+    assert [p.name for p in stats_files] == ["stats.rank0.jsonl", "stats.rank1.jsonl"]
+    summaries = []
+    for rank, path in enumerate(stats_files):
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert {line["rank"] for line in lines} == {rank}
+        summaries.append(lines[-1]["summary"])
+    for kind, total in (("generate_until", 4), ("loglikelihood", 8)):  # 4 + 4 documents, two choices each
+        per_rank = [s[kind]["samples"] for s in summaries]
+        assert per_rank == [total // 2, total // 2], per_rank  # an even split: lmms-eval pads no rank

@@ -29,6 +29,12 @@ generation.
 tokens per prompt from the processor, visual tokens handed to the language model and
 left after each decoder layer, per sample) and a summary line when lmms-eval
 finishes; :meth:`SaintLlava.pruning_summary` gives the same summary.
+
+Data parallel (``accelerate launch --num_processes N -m lmms_eval ...``): each process
+holds one model and takes its rank and the process count from accelerate, so
+lmms-eval gives it a disjoint share of the documents and gathers the results; with
+N > 1 each rank writes its own stats file, ``FILE`` with ``.rank<i>`` before the
+suffix (``stats.rank0.jsonl``, ``stats.rank1.jsonl``).
 """
 
 from __future__ import annotations
@@ -159,7 +165,12 @@ class SaintLlava(lmms):
         **prune_settings: Any,
     ) -> None:
         super().__init__()
+        from accelerate import Accelerator
         from transformers import AutoConfig, AutoProcessor
+
+        self.accelerator = Accelerator()  # data parallel: this process's share of the documents
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
 
         method = str(method).lower()
         settings = parse_prune_settings(prune_settings)
@@ -328,9 +339,17 @@ class SaintLlava(lmms):
             line = dict(entry, rank=self.rank)
             if "llm_input" in entry:
                 line.update(blocks=stats.blocks, tokens=stats.tokens)
-            self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.stats_path.open("a") as f:
+            path = self.rank_stats_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
+
+    def rank_stats_path(self) -> Path | None:
+        """This process's stats file: ``stats_path`` itself, or with several processes
+        ``<stem>.rank<i><suffix>`` (one file per rank, never interleaved)."""
+        if self.stats_path is None or self.world_size <= 1:
+            return self.stats_path
+        return self.stats_path.with_name(f"{self.stats_path.stem}.rank{self.rank}{self.stats_path.suffix}")
 
     def pruning_summary(self) -> dict[str, Any]:
         """Mean image tokens per prompt (processor), visual tokens handed to the language
@@ -351,7 +370,7 @@ class SaintLlava(lmms):
         summary = self.pruning_summary()
         logger.info(f"{self.NAME} pruning: {summary}")
         if self.stats_path is not None and self.pruning_log:
-            with self.stats_path.open("a") as f:
+            with self.rank_stats_path().open("a") as f:
                 f.write(json.dumps({"summary": summary, "rank": self.rank}) + "\n")
         super().clean()
 
