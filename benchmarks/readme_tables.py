@@ -1,0 +1,80 @@
+"""Generate the README's result tables from the committed JSON, so they cannot drift.
+
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in README.md and
+is rebuilt from the rows named below (README label -> the ``label`` of a row in the
+result file). Run it after re-running a benchmark:
+
+    python benchmarks/readme_tables.py          # rewrite README.md
+    python benchmarks/readme_tables.py --check  # exit 1 if README.md is out of date (tests run this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# name -> (result file, first header, [(README label, result label)])
+TABLES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
+    "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
+        ("ToMe r=13", "tome:r=13"),
+        ("ToMe r=19 (ToMe's maximum here)", "tome:r=19"),
+        ("SAINT (paper rule) tau=0.97, k=5", "saint:tau=0.97,k=5,gamma=10"),
+        ('SAINT+ calibrated to 2x, `rate="batch"`', "saint_plus:rate=batch@2x"),
+        ('SAINT+ calibrated to 2x, `rate="sample"`', "saint_plus@2x"),
+    ]),
+    "dinov2_518": ("dinov2_s14_518_cpu.json", "518px", [
+        ("ToMe r=80", "tome:r=80"),
+        ("ToMe r=100", "tome:r=100"),
+        ("SAINT (paper rule) tau=0.97", "saint:tau=0.97,k=5,gamma=10"),
+        ('SAINT+ calibrated to 2x, `rate="batch"`', "saint_plus:rate=batch@2x"),
+        ('SAINT+ calibrated to 3x, `rate="batch"`', "saint_plus:rate=batch@3x"),
+    ]),
+}
+
+
+def table(name: str) -> str:
+    """The markdown table ``name`` from its result file."""
+    file, first, rows = TABLES[name]
+    results = {r["label"]: r for r in json.loads((RESULTS / file).read_text())["results"]}
+    lines = [f"| {first} | speed | centered cos | retrieval@1 |", "|---|---|---|---|"]
+    for label, key in rows:
+        if key not in results:
+            raise KeyError(f"{file} has no row {key!r} (for the README's {label!r})")
+        r = results[key]
+        lines.append(f"| {label} | {r['speedup']:.2f}x | {r['centered_cosine']:.3f} | {r['retrieval_at_1']:.3f} |")
+    return "\n".join(lines)
+
+
+def render(text: str) -> str:
+    """``text`` with every marked table rebuilt."""
+
+    def fill(m: re.Match[str]) -> str:
+        return f"{m.group(1)}\n{table(m.group(2))}\n{m.group(3)}"
+
+    return re.sub(r"(<!-- table:(\w+) -->)\n.*?\n(<!-- /table -->)", fill, text, flags=re.S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the generated tables")
+    args = p.parse_args(argv)
+    text = README.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("README.md result tables are out of date: run python benchmarks/readme_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
