@@ -344,3 +344,26 @@ def test_pool_averages_windows_at_their_top_left_token(family):
                           grid[3:, 3:].mean((0, 1))])
     torch.testing.assert_close(pooled[keep], expect)
     assert get_handle(model).image_stats().tokens[1] == [4]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_loss_counts_only_targets_with_a_prediction(family):
+    """A plain forward with labels prunes as generate does: logits keep the input's
+    length (NaN where a token was dropped, on either side) and the loss is the model's
+    own loss over the targets whose predicting position survived."""
+    model = make(family)
+    x = batch(family)
+    labels = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
+    saint.patch(model, **CONFIGS["hybrid"])
+    with torch.no_grad():
+        out = model(**x, labels=labels)
+    assert out.logits.shape[:2] == x["input_ids"].shape
+    dropped = out.logits.isnan().any(-1)
+    assert bool(dropped.any()) and not bool(dropped[:, -1].any())
+    assert bool(torch.isin(x["input_ids"][dropped], torch.tensor([IMG, VID])).all())
+    target = labels[:, 1:].masked_fill(dropped[:, :-1], -100)
+    pred = out.logits[:, :-1].nan_to_num()
+    expect = torch.nn.functional.cross_entropy(pred.reshape(-1, 128), target.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expect)
+    assert torch.equal(labels, x["input_ids"].masked_fill(x["attention_mask"] == 0, -100))
+    torch.testing.assert_close(out.logits[:, -1], logits(model, x)[:, -1])
