@@ -266,3 +266,11 @@ def test_max_tome_r_everywhere_known_answer() -> None:
     # 256 patches, 12 blocks: r=19 leaves 47 tokens at block 11 (23 may merge); r=20 leaves 36 (18)
     assert max_tome_r_everywhere(256, 12) == 19
     assert max_tome_r_everywhere(16, 4) == 3
+
+
+def test_tome_feasibility_follows_the_inflection_schedule() -> None:
+    from saint.bench.sweep import _tome_feasible
+
+    # r=19 fits 256 patches x 12 blocks constant; a decreasing ramp merges more early
+    assert _tome_feasible(256, 12, 19) and _tome_feasible(256, 12, 19, -0.5)
+    assert not _tome_feasible(256, 12, 20) and not _tome_feasible(20, 3, 8, -1.0)  # 16 > 20 // 2

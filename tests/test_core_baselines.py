@@ -80,3 +80,19 @@ def test_random_drop_of_a_sample_is_independent_of_its_batch():
         alone = random_keep_mask(1, 10, 3, num_protected=1, valid=valid[i : i + 1], seed=5, layer=2)
         assert torch.equal(batch[i], alone[0])
     assert not (batch[:, 7:] & ~valid[:, 7:]).any()
+
+
+def test_tome_inflection_is_a_linear_ramp_around_r():
+    from saint.methods import ToMeConfig
+
+    flat = ToMeConfig(r=8).resolve(12)
+    assert [s["r"] for s in flat.values()] == [8] * 12
+    down = ToMeConfig(r=8, inflection=-0.5).resolve(12)  # decreasing: 12 first, 4 last
+    rs = [s["r"] for s in down.values()]
+    assert rs[0] == 12 and rs[-1] == 4 and rs == sorted(rs, reverse=True) and abs(sum(rs) / 12 - 8) < 0.5
+    up = ToMeConfig(r=8, inflection=0.5, layers=[0, 1, 2]).resolve(12)
+    assert {i: s["r"] for i, s in up.items()} == {0: 4, 1: 8, 2: 12}
+    with pytest.raises(ValueError, match="scalar r"):
+        ToMeConfig(r=[1, 2], inflection=0.5).resolve(12)
+    with pytest.raises(ValueError, match="inflection=2"):
+        ToMeConfig(r=8, inflection=2.0).resolve(12)

@@ -231,6 +231,7 @@ class ToMeConfig(MethodConfig):
 
     r: int | Sequence[int] | Mapping[int, int] | None = None
     prop_attn: bool = True
+    inflection: float = 0.0
 
     @property
     def size_bias(self) -> bool:
@@ -242,6 +243,24 @@ class ToMeConfig(MethodConfig):
         if value is None:
             raise ValueError("ToMe needs r (tokens merged per layer), e.g. method='tome', r=8")
         return _check_r(value)
+
+    def resolve(self, depth: int) -> dict[int, dict[str, Any]]:
+        """With ``inflection`` (ToMe's ``(r, inflection)`` schedule) a scalar ``r`` becomes a
+        linear ramp over the layers from ``int(r * (1 - inflection))`` to twice ``r`` minus
+        that (about ``r`` per layer on average); negative inflection merges more early."""
+        inflection = _number("inflection", self.inflection)
+        if inflection == 0.0:
+            return super().resolve(depth)
+        if not -1.0 <= inflection <= 1.0:
+            raise ValueError(f"inflection={inflection} must be in [-1, 1] (ToMe's schedule slope)")
+        if isinstance(self.r, (Mapping, list, tuple)) or self.r is None:
+            raise ValueError("inflection shapes a scalar r into a schedule; give r as one number")
+        r = _check_r(self.r)
+        layers = list(self.layers) if self.layers is not None else self.default_layers(depth)
+        first = int(r * (1.0 - inflection))
+        step = (2 * r - 2 * first) / max(1, len(layers) - 1)
+        ramp = [int(first + step * i) for i in range(len(layers))]
+        return dataclasses.replace(self, r=ramp, layers=layers, inflection=0.0).resolve(depth)
 
 
 @dataclass

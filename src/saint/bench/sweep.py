@@ -16,6 +16,7 @@ from ..eval.evaluate import score_outputs
 from ..measure.harness import Harness
 from ..measure.images import ImageSet
 from ..measure.report import csv_text, fmt, fmt_gflops, markdown_table, text_table, write_outputs
+from ..methods import ToMeConfig
 from ..spec import BASELINE, Variant, format_value, variant_label
 from .bench import rows_from_measurements, tokens_summary
 
@@ -64,12 +65,14 @@ def max_tome_r_everywhere(num_patches: int, depth: int) -> int:
     return r
 
 
-def _tome_feasible(num_patches: int, depth: int, r: int) -> bool:
+def _tome_feasible(num_patches: int, depth: int, r: int, inflection: float = 0.0) -> bool:
+    """Whether ToMe can merge ``r`` per block (shaped by ToMe's ``inflection`` schedule)
+    in every one of ``depth`` blocks of ``num_patches`` patches."""
     n = num_patches
-    for _ in range(depth):
-        if r > n // 2:
+    for s in ToMeConfig(r=r, inflection=inflection).resolve(depth).values():
+        if s["r"] > n // 2:
             return False
-        n -= r
+        n -= s["r"]
     return True
 
 
@@ -123,6 +126,7 @@ def run_sweep(
     taus: Sequence[float],
     saint_args: dict[str, Any] | None = None,
     tome_rs: Sequence[int] = (),
+    tome_inflections: Sequence[float] = (),
     matched: Sequence[str] = MATCHED_METHODS,
     batch_size: int = 16,
     warmup: int = 1,
@@ -137,7 +141,8 @@ def run_sweep(
 
     ``calibrated`` variants (SAINT-family methods without tau) are calibrated with
     :func:`saint.calibrate` on ``calib_x`` to each FLOPs-ideal speed-up in ``speedups``;
-    their rows record the target and the calibration's own estimate."""
+    their rows record the target and the calibration's own estimate. ``tome_inflections``
+    adds ToMe's ``(r, inflection)`` schedules (e.g. -0.5: decreasing) for every feasible r."""
     saint_args = dict(saint_args or {})
     if "tau" in saint_args:
         raise ValueError("give tau through the grid (taus), not in saint_args")
@@ -174,6 +179,12 @@ def run_sweep(
         v = Variant(variant_label("tome", {"r": r}), "tome", {"r": r})
         second.append(v)
         points.append(("tome", {"r": r}, v))
+        for infl in tome_inflections:
+            if infl != 0.0 and _tome_feasible(n_patches, depth, r, infl):
+                setting = {"r": r, "inflection": infl}
+                v = Variant(variant_label("tome", setting), "tome", setting)
+                second.append(v)
+                points.append(("tome", setting, v))
     for t, sv in zip(taus, saint_vs, strict=True):
         layers = _pruning_layers(harness, sv)
         sched = matched_drop_schedule(outputs[sv.label].mean_tokens(), layers)

@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="other SAINT settings for every point, e.g. k=5,gamma=10,rate=batch,layers=0/1/2")
     p.add_argument("--tome-r", type=_ints, default=None,
                    help="ToMe r grid (default: r leaving ~90/75/60/45/30%% of the patches at the last block)")
+    p.add_argument("--tome-inflection", type=_floats, default=[],
+                   help="also run ToMe's (r, inflection) schedules for each r, e.g. -0.5 (decreasing)")
     p.add_argument("--matched", default="random,attn",
                    help="baselines run at SAINT's per-layer token counts: any of random,attn, or 'none'")
     p.add_argument("--calibrated", action="append", default=[], metavar="SPEC",
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"calibration images: {calib.description}")
     report = run_sweep(
         harness, images, transform, x, taus=args.taus, saint_args=saint_args, tome_rs=tome_rs,
-        matched=matched, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
+        tome_inflections=args.tome_inflection, matched=matched, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
         progress=progress_factory(not args.no_progress), calibrated=calibrated, speedups=args.speedups,
         calib_x=calib_x,
     )
