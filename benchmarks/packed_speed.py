@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds (default 3)")
     p.add_argument("--calib-every", type=int, default=8, help="every N-th shared photo calibrates (default 8)")
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="wall time (default) or this process's CPU time (use with --threads 1 on a shared machine)")
     p.add_argument("--note", default="", help="a line recorded in the output (e.g. that the machine was shared)")
     return p.parse_args(argv)
 
@@ -149,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     overhead_sizes = {int(s) for s in args.overhead_sizes.split(",") if s.strip()}
     report: dict[str, Any] = {
         "environment": environment(device, argv_used), "batch_size": args.batch_size, "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "note": args.note,
+        "threads": torch.get_num_threads(), "note": args.note, "clock": args.clock,
         "method_note": (f"calibrated per layer on {len(calib_records)} held-out shared photos (real-token FLOPs "
                         f"targets), timed on the first {args.batch_size} other photos; round-robin, "
-                        f"{args.warmup} warm-up + {args.repeats} timed rounds, torch threads {torch.get_num_threads()}"),
+                        f"{args.warmup} warm-up + {args.repeats} timed rounds, torch threads {torch.get_num_threads()}, "
+                        f"clock: {'process CPU time' if args.clock == 'process' else 'wall time'}"),
         "sizes": [],
     }
     for size in (int(s) for s in args.sizes.split(",") if s.strip()):
@@ -167,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{c['method']}@{c['flops_speedup_target']:g}x"
             for layout in ("packed", "padded"):
                 variants.append(Variant(f"{name} {layout}", c["method"], {**c["kwargs"], "layout": layout}))
+        clock = time.process_time if args.clock == "process" else time.perf_counter
         bench = run_bench(Harness(model, device, dtype), variants, x, warmup=args.warmup, repeats=args.repeats,
-                          memory=False)
+                          memory=False, clock=clock)
         results = bench["results"]
         for r in results:  # calibrated per-layer taus are long; the label and calibration say enough
             r.pop("settings", None)

@@ -69,6 +69,7 @@ def time_round_robin(
     warmup: int = 2,
     repeats: int = 10,
     progress: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[Timing]:
     """Time several variants, interleaved.
 
@@ -76,6 +77,8 @@ def time_round_robin(
     the callable to time (the model call only). Each round runs every variant once; the
     starting variant rotates per round so no variant always runs right after another.
     ``warmup`` untimed rounds come first. ``progress(n)`` is called after each round.
+    ``clock`` is wall time by default; ``time.process_time`` (this process's CPU time, with
+    one thread) measures work on a machine shared with other jobs.
     """
     calls: list[Callable[[], object]] = [lambda: None] * len(setups)
 
@@ -85,7 +88,7 @@ def time_round_robin(
     times = time_stages_round_robin(
         [lambda i=i: prepare(i) for i in range(len(setups))],
         [[lambda _, i=i: calls[i]()] for i in range(len(setups))],
-        device=device, warmup=warmup, repeats=repeats, progress=progress,
+        device=device, warmup=warmup, repeats=repeats, progress=progress, clock=clock,
     )
     return [Timing(t[0], batch_size) for t in times]
 
@@ -98,6 +101,7 @@ def time_stages_round_robin(
     warmup: int = 2,
     repeats: int = 10,
     progress: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[list[list[float]]]:
     """The one round-robin timer: per round every variant runs once (the start rotates);
     a run is ``setups[i]()`` (not timed), then its stages in order, each timed alone and
@@ -118,11 +122,11 @@ def time_stages_round_robin(
             value: Any = None
             for k, stage in enumerate(stages[i]):
                 synchronize(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 value = stage(value)
                 synchronize(device)
                 if rnd >= warmup:
-                    times[i][k].append(time.perf_counter() - t0)
+                    times[i][k].append(clock() - t0)
             del value
         if progress is not None:
             progress(1)

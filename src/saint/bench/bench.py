@@ -47,11 +47,13 @@ def run_bench(
     repeats: int = 10,
     memory: bool = True,
     progress: Callable[[int], None] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Measure the unpruned model and ``variants`` on batch ``x``; returns
     ``{"settings": ..., "results": [row, ...]}`` (rows as :func:`rows_from_measurements`)."""
     variants = with_baseline(variants)
-    ms = harness.measure(variants, x, warmup=warmup, repeats=repeats, memory=memory, progress=progress)
+    timer = {} if clock is None else {"clock": clock}
+    ms = harness.measure(variants, x, warmup=warmup, repeats=repeats, memory=memory, progress=progress, **timer)
     return {
         "settings": {
             "batch_size": int(x.shape[0]),

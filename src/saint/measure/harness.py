@@ -9,6 +9,7 @@ region; the timed region is the model call only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,9 +214,11 @@ class Harness:
         repeats: int = 10,
         memory: bool = True,
         progress: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> list[Measurement]:
         """FLOPs, tokens and peak memory of each variant on batch ``x``, then
-        round-robin timing of all variants (``repeats=0`` skips timing)."""
+        round-robin timing of all variants (``repeats=0`` skips timing; ``clock``: see
+        :func:`saint.timing.time_round_robin`)."""
         x = self.prepare(x)
         b = self.adapter.batch_size(x)
         results = []
@@ -238,7 +241,7 @@ class Harness:
             with torch.inference_mode():
                 timings = time_round_robin(
                     [setup(v) for v in variants], batch_size=b, device=self.device,
-                    warmup=warmup, repeats=repeats, progress=progress,
+                    warmup=warmup, repeats=repeats, progress=progress, clock=clock,
                 )
             for r, t in zip(results, timings, strict=True):
                 r.timing = t
