@@ -70,16 +70,6 @@ def test_default_model_matches_onnx_backbone(ort_backbone, img_size: int) -> Non
     np.testing.assert_allclose(pooled.numpy(), final[:, 0], rtol=0, atol=1e-4)  # class token
 
 
-def test_builtin_onnx_reader_matches_onnx_package(onnx_bytes: bytes) -> None:
-    pytest.importorskip("onnx")
-    ref = assets._parse_onnx(onnx_bytes)
-    ours = assets._parse_onnx_builtin(onnx_bytes)
-    assert ours.nodes == ref.nodes
-    assert ours.initializers.keys() == ref.initializers.keys()
-    for k, v in ref.initializers.items():
-        assert ours.initializers[k].dtype == v.dtype and np.array_equal(ours.initializers[k], v), k
-
-
 def test_converted_state_dict_is_cached(onnx_bytes: bytes) -> None:
     sd = assets.default_model_state_dict()
     path = assets.cache_dir() / "dinov2_vits14_imgfocus.safetensors"

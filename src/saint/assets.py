@@ -36,12 +36,11 @@ import csv
 import hashlib
 import os
 import re
-import struct
 import subprocess
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,124 +230,17 @@ class _OnnxGraph:
 
 
 def _parse_onnx(data: bytes) -> _OnnxGraph:
-    """Parse an ONNX model: with the ``onnx`` package when importable, else a minimal reader."""
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        return _parse_onnx_builtin(data)
+    """Parse an ONNX model with the ``onnx`` package (a dependency: it replaced a
+    hand-written protobuf reader; parsing the 97 MB DINOv2 graph takes 0.3 s once, before
+    the converted weights are cached as safetensors)."""
+    import onnx
+    from onnx import numpy_helper
+
     model = onnx.load_model_from_string(data)
     inits = {t.name: np.array(numpy_helper.to_array(t)) for t in model.graph.initializer}
     nodes = [(n.name, n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
     return _OnnxGraph(inits, nodes)
 
-
-# Minimal protobuf reader for ModelProto -> GraphProto -> {NodeProto, TensorProto}; used only
-# when the `onnx` package is not installed. Field numbers follow onnx/onnx.proto3.
-_ONNX_DTYPES = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.float64}
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(field_number, wire_type, value)``; length-delimited values are memoryviews."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos : pos + 8], pos + 8
-        elif wire == 2:
-            n, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + n], pos + n
-        elif wire == 5:
-            value, pos = buf[pos : pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, wire, value
-
-
-def _parse_tensor(buf: memoryview) -> tuple[str, np.ndarray]:
-    dims: list[int] = []
-    dtype_code, name, raw, floats, external = 0, "", None, [], False
-    for field, wire, value in _fields(buf):
-        if field == 1:  # dims (packed or not)
-            if wire == 2:
-                p = 0
-                while p < len(value):
-                    d, p = _varint(value, p)
-                    dims.append(d)
-            else:
-                dims.append(value)
-        elif field == 2:
-            dtype_code = value
-        elif field == 4:  # float_data
-            if wire == 2:
-                floats.extend(struct.unpack(f"<{len(value) // 4}f", value))
-            else:
-                floats.append(struct.unpack("<f", value)[0])
-        elif field == 8:
-            name = bytes(value).decode()
-        elif field == 9:
-            raw = bytes(value)
-        elif field == 14:
-            external = value == 1
-    if external:
-        raise ValueError(f"initializer {name!r} uses external data, which is not supported")
-    if dtype_code not in _ONNX_DTYPES:
-        raise ValueError(f"initializer {name!r} has unsupported ONNX data type {dtype_code}")
-    dtype = np.dtype(_ONNX_DTYPES[dtype_code]).newbyteorder("<")
-    if raw is not None:
-        arr = np.frombuffer(raw, dtype=dtype).copy()
-    elif dtype_code == 1:
-        arr = np.asarray(floats, dtype=np.float32)
-    else:
-        raise ValueError(f"initializer {name!r}: only raw_data/float_data are supported")
-    return name, arr.astype(dtype.newbyteorder("="), copy=False).reshape(dims)
-
-
-def _parse_node(buf: memoryview) -> tuple[str, str, list[str], list[str]]:
-    name, op, inputs, outputs = "", "", [], []
-    for field, _, value in _fields(buf):
-        if field == 1:
-            inputs.append(bytes(value).decode())
-        elif field == 2:
-            outputs.append(bytes(value).decode())
-        elif field == 3:
-            name = bytes(value).decode()
-        elif field == 4:
-            op = bytes(value).decode()
-    return name, op, inputs, outputs
-
-
-def _parse_onnx_builtin(data: bytes) -> _OnnxGraph:
-    buf = memoryview(data)
-    graph = next((v for f, w, v in _fields(buf) if f == 7 and w == 2), None)
-    if graph is None:
-        raise ValueError("not an ONNX ModelProto (no graph)")
-    inits: dict[str, np.ndarray] = {}
-    nodes = []
-    for field, wire, value in _fields(graph):
-        if field == 1 and wire == 2:
-            nodes.append(_parse_node(value))
-        elif field == 5 and wire == 2:
-            name, arr = _parse_tensor(value)
-            inits[name] = arr
-    return _OnnxGraph(inits, nodes)
-
-
-# ----------------------------------------------------------------------------- conversion
 
 _MATMUL_RE = re.compile(
     r"^/backbone/encoder/layer\.(\d+)/"
