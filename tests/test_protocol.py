@@ -1,6 +1,6 @@
 """Every tool works on every model family through the adapter protocol: calibrate,
 the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
-a tiny timm ViT, a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA and a tiny Qwen2.5-VL."""
+a tiny timm ViT, a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL and a tiny LLaVA-OneVision."""
 
 from __future__ import annotations
 
@@ -55,6 +55,18 @@ def qwen_inputs(n: int) -> dict[str, torch.Tensor]:
     return inputs([[3, ("image", (1, 8, 8)), 4]] * n, seeds=list(range(n)))
 
 
+def tiny_onevision() -> torch.nn.Module:
+    from .test_llava_onevision import make
+
+    return make()
+
+
+def onevision_inputs(model: torch.nn.Module, n: int) -> dict[str, torch.Tensor]:
+    from .test_llava_onevision import inputs
+
+    return inputs(model, [[(3, 4), (30, 60)]] * n, seeds=list(range(n)))
+
+
 def vision_inputs(n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 3, 32, 32, generator=g)
@@ -79,8 +91,12 @@ FAMILIES = {
                       Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
     "qwen_vl": lambda: (tiny_qwen(), qwen_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
                         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
+    "llava_onevision": lambda: (
+        (m := tiny_onevision()), onevision_inputs(m, 4),
+        dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
+        Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
 }
-VLMS = ("llava", "qwen_vl")
+VLMS = ("llava", "qwen_vl", "llava_onevision")
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -140,6 +156,8 @@ def test_token_analysis_reads_every_site(family):
 
 def test_trace_kept_maps_the_patch_grid(family):
     name, model, inputs, _, _ = family
+    if name == "llava_onevision":
+        pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
     grid = find_adapter(model).grid(model, one(model, inputs) if name == "qwen_vl" else None)
     settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if name in VLMS else dict(tau=0.0, k=1)
     kept = trace_kept(model, one(model, inputs), "saint", **settings)
