@@ -200,3 +200,20 @@ def test_empty_batch_gives_an_empty_output_like_the_unpatched_model(case, arch):
         got = model(empty)
         assert got.shape == want.shape
         assert saint.stats(model).tokens == [[]] * 4
+
+
+def test_calls_from_many_short_lived_threads_do_not_accumulate(images):
+    model = patched("saint")
+    handle = saint.adapters.common.get_handle(model)
+
+    def call() -> None:
+        with torch.no_grad():
+            model(images[:1])
+
+    for _ in range(8):
+        t = threading.Thread(target=call)
+        t.start()
+        t.join()
+    call()  # a new call forgets the finished threads' calls
+    assert len(handle.runs._current) == 1 and len(handle.runs._executing) == 1
+    assert [len(t) for t in saint.stats(model).tokens] == [1] * 4

@@ -335,6 +335,7 @@ class Runs:
                         run.state.reset(x, trace)
                         self._current[tid] = run
                         self._saved = [r for r in self._saved if r.alive()]
+                        self._forget_finished_threads()
                     elif run is None:
                         raise RuntimeError(
                             f"block {index} of a patched model ran without blocks 0..{index - 1} before it "
@@ -367,6 +368,16 @@ class Runs:
 
     def unpads_every_block(self) -> bool:
         return threading.get_ident() in self._unpad
+
+    def _forget_finished_threads(self) -> None:
+        """Drop the complete calls of threads that have ended (bounded memory when many
+        short-lived threads call one model); a call in progress is never dropped."""
+        alive = {t.ident for t in threading.enumerate()}
+        for per_thread in (self._current, self._executing):
+            for tid in set(per_thread) - alive:
+                run = per_thread.get(tid)
+                if run is not None and run.next >= self.depth:
+                    per_thread.pop(tid, None)
 
     def current(self) -> Run | None:
         """This thread's call in progress (or its last one), else the last complete call."""
