@@ -430,8 +430,9 @@ class HFVision(Adapter):
 
     name = "hf_vision"
 
-    def matches(self, model: torch.nn.Module) -> bool:
-        return matches(model)
+    matches = staticmethod(matches)  # the module's functions: one implementation
+    patch = staticmethod(patch)
+    unpatch = staticmethod(unpatch)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         out = []
@@ -458,12 +459,7 @@ class HFVision(Adapter):
     def probe(self, model: torch.nn.Module) -> Probe:
         return HFProbe(_tower_of(model), self.sites(model))
 
-    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False,
-              **kwargs: Any) -> HFVisionPatch:
-        return patch(model, method, trace=trace, **kwargs)
 
-    def unpatch(self, model: torch.nn.Module) -> None:
-        unpatch(model)
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         return model(pixel_values=inputs)

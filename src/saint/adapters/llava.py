@@ -877,8 +877,9 @@ class Llava(Adapter):
     name = "llava"
     tau_setting = "llm_tau"
 
-    def matches(self, model: torch.nn.Module) -> bool:
-        return matches(model)
+    matches = staticmethod(matches)  # the module's functions: one implementation
+    patch = staticmethod(patch)
+    unpatch = staticmethod(unpatch)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         lm = _mm(model).language_model
@@ -908,11 +909,7 @@ class Llava(Adapter):
     def probe(self, model: torch.nn.Module) -> Probe:
         return LlavaProbe(model, self.sites(model))
 
-    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> LlavaPatch:
-        return patch(model, method, trace=trace, **kwargs)
 
-    def unpatch(self, model: torch.nn.Module) -> None:
-        unpatch(model)
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         return model(**inputs)

@@ -327,8 +327,9 @@ class TimmViT(Adapter):
 
     name = "timm_vit"
 
-    def matches(self, model: torch.nn.Module) -> bool:
-        return matches(model)
+    matches = staticmethod(matches)  # the module's functions: one implementation
+    patch = staticmethod(patch)
+    unpatch = staticmethod(unpatch)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         out = []
@@ -361,11 +362,7 @@ class TimmViT(Adapter):
     def probe(self, model: torch.nn.Module) -> Probe:
         return TimmProbe(model, self.sites(model))
 
-    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> TimmPatch:
-        return patch(model, method, trace=trace, **kwargs)
 
-    def unpatch(self, model: torch.nn.Module) -> None:
-        unpatch(model)
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         emb = model.forward_head(model.forward_features(inputs), pre_logits=True)
