@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import pytest
 import timm
 import torch
@@ -55,3 +59,29 @@ def images() -> torch.Tensor:
     x[0] = x[0].mean(dim=(1, 2), keepdim=True)
     x[1, :, :16] = 0.5
     return x
+
+
+def assert_two_threads_agree(fn: Callable[..., torch.Tensor], calls: Sequence[tuple[Any, ...]]) -> None:
+    """``fn(*call)`` for every call, alternately from two threads started together, gives
+    exactly what it gives called one after another."""
+    expected = [fn(*c) for c in calls]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(part: int) -> None:
+        try:
+            start.wait()
+            for i in range(part, len(calls), 2):
+                results[i] = fn(*calls[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, want in enumerate(expected):
+        assert torch.equal(results[i], want), f"call {i}"

@@ -13,6 +13,8 @@ from saint.adapters import hf_vision  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 from saint.core import saint_keep_mask  # noqa: E402
 
+from .conftest import assert_two_threads_agree  # noqa: E402
+
 IMG = 127  # image_token_id
 GRID = 8  # 32 px images, 4 px patches: 64 patches = 64 image tokens per image
 N_TOK = GRID * GRID
@@ -455,32 +457,10 @@ def test_bad_calls_raise_clear_errors(images):
 # ---------------------------------------------------------------------------- threads, copies
 def test_calls_from_two_threads_wait_for_each_other(images):
     """One patched LLaVA shared by two threads: every call gets its own answer."""
-    import threading
-
     model = saint.patch(make(), "saint", **HYBRID)
     pixels = [images[0:1], images[1:3], images[3:4]]  # the second prompt holds two images
     calls = [(ROWS[i % 3][None], pixels[i % 3]) for i in range(8)]
-    expected = [last_logits(model, ids, px) for ids, px in calls]
-    results: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
-
-    def work(part: int) -> None:
-        try:
-            start.wait()
-            for i in range(part, len(calls), 2):
-                results[i] = last_logits(model, *calls[i])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(p,)) for p in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    for i, want in enumerate(expected):
-        assert torch.equal(results[i], want), f"call {i}"
+    assert_two_threads_agree(lambda ids, px: last_logits(model, ids, px), calls)
 
 
 def test_copying_or_pickling_a_patched_llava_says_unpatch_first():

@@ -15,7 +15,7 @@ import torch
 import saint
 import saint.adapters.common
 
-from .conftest import make_tiny
+from .conftest import assert_two_threads_agree, make_tiny
 
 # every method that prunes the tiny ViT, ragged (rate="sample"), merging or rectangular
 CASES = {
@@ -139,29 +139,12 @@ def test_pickling_a_patched_model_says_unpatch_first():
 def test_one_instance_in_two_threads_gives_every_call_its_own_answer(case, images):
     model = patched(case)
     inputs = [images[: 1 + i % 4] * (1 + i / 10) for i in range(12)]
-    with torch.no_grad():
-        expected = [model(x) for x in inputs]
-    results: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
 
-    def work(part: int) -> None:
-        try:
-            start.wait()
-            with torch.no_grad():
-                for i in range(part, len(inputs), 2):
-                    results[i] = model(inputs[i])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
 
-    threads = [threading.Thread(target=work, args=(p,)) for p in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    for i, want in enumerate(expected):
-        assert torch.equal(results[i], want), f"call {i}"
+    assert_two_threads_agree(call, [(x,) for x in inputs])
 
 
 def test_stats_is_the_last_complete_forward(images):
