@@ -144,6 +144,31 @@ def _measure(adapter: Adapter, model: torch.nn.Module, inputs: Any, batch_size: 
     return (totals / adapter.batch_size(inputs)).tolist()
 
 
+def _target(**given: float | None) -> tuple[str, float]:
+    """The one target given (``speedup`` is ``flops_speedup``'s old name), checked."""
+    chosen = [(k, v) for k, v in given.items() if v is not None]
+    if len(chosen) != 1:
+        raise ValueError(f"give exactly one target of {TARGETS}, got {[k for k, _ in chosen] or 'none'}")
+    target, value = chosen[0]
+    target = "flops_speedup" if target == "speedup" else target
+    if target in ("flops_speedup", "measured_speedup") and not value >= 1.0:
+        raise ValueError(f"{target}={value} must be >= 1")
+    if target in ("flops", "keep") and not 0.0 < value <= 1.0:
+        raise ValueError(f"{target}={value} must be in (0, 1]")
+    return target, value
+
+
+def _check_search(mode: str, tol: float, max_iter: int, batch_size: int) -> None:
+    """Reject search settings that cannot work, naming the value."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, v in (("max_iter", max_iter), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    if not tol > 0:
+        raise ValueError(f"tol={tol!r} must be > 0 (relative distance to the target)")
+
+
 def calibrate(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -177,24 +202,9 @@ def calibrate(
     error the model is left exactly as it was (unpatched, same train/eval mode).
     """
     settings = {**(patch_settings or {}), **settings}
-    given = {"flops_speedup": flops_speedup, "measured_speedup": measured_speedup, "flops": flops, "keep": keep,
-             "speedup": speedup}
-    chosen = [(k, v) for k, v in given.items() if v is not None]
-    if len(chosen) != 1:
-        raise ValueError(f"give exactly one target of {TARGETS}, got {[k for k, _ in chosen] or 'none'}")
-    target, value = chosen[0]
-    target = "flops_speedup" if target == "speedup" else target
-    if target in ("flops_speedup", "measured_speedup") and not value >= 1.0:
-        raise ValueError(f"{target}={value} must be >= 1")
-    if target in ("flops", "keep") and not 0.0 < value <= 1.0:
-        raise ValueError(f"{target}={value} must be in (0, 1]")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    for name, v in (("max_iter", max_iter), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be an integer >= 1")
-    if not tol > 0:
-        raise ValueError(f"tol={tol!r} must be > 0 (relative distance to the target)")
+    target, value = _target(flops_speedup=flops_speedup, measured_speedup=measured_speedup, flops=flops, keep=keep,
+                            speedup=speedup)
+    _check_search(mode, tol, max_iter, batch_size)
     spec = get_method(method)
     if not issubclass(spec.config_cls, SaintConfig):
         raise ValueError(f"calibration picks tau; method {method!r} has none (use 'saint' or 'saint_fold')")
