@@ -34,7 +34,9 @@ Data parallel (``accelerate launch --num_processes N -m lmms_eval ...``): each p
 holds one model and takes its rank and the process count from accelerate, so
 lmms-eval gives it a disjoint share of the documents and gathers the results; with
 N > 1 each rank writes its own stats file, ``FILE`` with ``.rank<i>`` before the
-suffix (``stats.rank0.jsonl``, ``stats.rank1.jsonl``).
+suffix (``stats.rank0.jsonl``, ``stats.rank1.jsonl``). On CPU, launch with
+``accelerate launch --multi_gpu --num_processes N`` (gloo): accelerate's ``--cpu`` flag
+starts a single process whatever ``--num_processes`` says.
 """
 
 from __future__ import annotations
