@@ -52,6 +52,82 @@ def test_geometries_are_llava_15():
     assert 576 / 2 ** (end - start + 1) <= 64
 
 
+def test_scaled_geometry_keeps_the_tower_llm_flops_ratio():
+    """``scaled`` is LLaVA-1.5-7B at 1/4 width and depth, tower and LLM alike (head size
+    kept); its tower:LLM prefill FLOPs ratio is within 3% of the 7B's, which the
+    uniformly scaled 6-layer tower would miss by a third."""
+    full, scaled = vlm.GEOMETRIES["full"], vlm.GEOMETRIES["scaled"]
+    assert scaled.reference == "full" and scaled.n_patches == 576
+    assert (scaled.vision["hidden_size"], scaled.vision["intermediate_size"], scaled.vision["num_hidden_layers"],
+            scaled.vision["num_attention_heads"]) == (256, 1024, 4, 4)
+    assert (scaled.text["hidden_size"], scaled.text["intermediate_size"], scaled.text["num_hidden_layers"],
+            scaled.text["num_attention_heads"]) == (1024, 2752, 8, 8)
+    assert scaled.llm_layers == (2, 4) and scaled.vit_layer == 2 and scaled.fastv_layer == 1
+    ref = vlm.tower_llm_ratio(full, 64)
+    assert abs(vlm.tower_llm_ratio(scaled, 64) / ref - 1) < 0.03
+    uniform = vlm.scale_geometry(full, "u", width=0.25, depth=0.25)
+    assert uniform.vision["num_hidden_layers"] == 6 and vlm.tower_llm_ratio(uniform, 64) / ref > 1.3
+    with pytest.raises(ValueError, match="must be in \\(0, 1\\]"):
+        vlm.scale_geometry(full, "x", width=2, depth=0.5)
+
+
+def test_analytic_flops_by_hand():
+    """Each part of the analytic prefill equals its textbook count (FLOPs = 2 x MACs;
+    SDPA 4 n^2 d), and halving the visual tokens in every decoder layer gives the
+    speed-up computed from those formulas."""
+    v, t = TINY.vision, TINY.text
+    dv, iv, dt, it, vocab = v["hidden_size"], v["intermediate_size"], t["hidden_size"], t["intermediate_size"], 256
+    text = 10
+
+    def tower_layer(n):
+        return 8 * n * dv**2 + 4 * n * dv * iv + 4 * n * n * dv
+
+    def decoder_layer(n):
+        return 8 * n * dt**2 + 6 * n * dt * it + 4 * n * n * dt
+
+    def total(vis):
+        return (2 * N * 3 * v["patch_size"] ** 2 * dv + 4 * tower_layer(N + 1) + 2 * vis * (dv * dt + dt * dt)
+                + 6 * decoder_layer(text + vis) + 2 * dt * vocab)
+
+    f = vlm.prefill_flops(TINY, **vlm.unpruned_schedule(TINY, text))
+    assert f["llm"] == 6 * decoder_layer(text + N) and f["tower"] == 2 * N * 3 * 16 * dv + 4 * tower_layer(N + 1)
+    assert f["head"] == 2 * dt * vocab and f["total"] == total(N)
+    half = vlm.prefill_flops(TINY, [N + 1] * 4, [text + N // 2] * 6, N // 2)
+    assert half["total"] == total(N // 2)
+    assert 1.3 < f["total"] / half["total"] < 2  # a hand-checkable ratio, not 1 and not 2
+    mid = vlm.prefill_flops(TINY, [N + 1] * 4, [text + N / 2 + 0.5] * 6, N // 2)  # fractional means interpolate
+    assert half["llm"] < mid["llm"] < vlm.prefill_flops(TINY, [N + 1] * 4, [text + N // 2 + 1] * 6, N // 2)["llm"]
+    with pytest.raises(ValueError, match="tower has 4 layers"):
+        vlm.prefill_flops(TINY, [N + 1] * 3, [text + N] * 6, N)
+
+
+def test_analytic_flops_equal_the_counted_prefill(model):
+    """The per-module analytic count reproduces ``count_flops`` of the real prefill of the
+    unpruned model and of a random-drop variant (no selection matmuls)."""
+    from saint.measure.flops import count_flops
+
+    x = inputs(batch=1)
+    for kw in (None, dict(method="random", visual_keep=40, seed=0)):
+        if kw:
+            saint.patch(model, **kw)
+        with torch.inference_mode():
+            counted = count_flops(lambda: vlm.prefill(model, x))[0]
+        sched = vlm.measured_schedule(TINY, vlm.visual_tokens(model, x), x.text_tokens)
+        if kw:
+            saint.unpatch(model)
+            assert sched["llm_tokens"] == [x.text_tokens + 40] * 6 and sched["projected"] == N  # drops after it
+        assert vlm.prefill_flops(TINY, **sched)["total"] == counted
+
+
+def test_stretched_schedule_moves_the_tower_drop_to_the_reference_layer():
+    assert vlm.stretch([1, 2], 4) == [1, 1, 2, 2] and vlm.stretch([5, 6, 7, 8], 2) == [5, 7]
+    full = vlm.GEOMETRIES["full"]
+    sched = {"tower_tokens": [577, 577, 577, 129], "llm_tokens": [700] * 4 + [200] * 4, "projected": 128}
+    out = vlm.stretched_schedule(sched, full)
+    assert out["tower_tokens"] == [577] * 20 + [129] * 4  # drop after layer 19 of 24
+    assert out["llm_tokens"] == [700] * 16 + [200] * 16 and out["projected"] == 128
+
+
 def test_inputs_layout():
     x = inputs(batch=2, prompt_len=9, new=3)
     assert x.input_ids.shape == (2, 9 + N)
@@ -170,6 +246,7 @@ def test_cli_tiny_run_writes_json(tmp_path, capsys):
                "--json", str(path), "--no-progress"])
     assert rc == 0
     shown = capsys.readouterr().out
+    assert "FLOPs x 7B" in shown
     assert "TTFT ms min" in shown and "TTFT spread" in shown and "SAINT graph step" in shown and "saint-hybrid@16" in shown
     report = json.loads(path.read_text())
     assert set(report) >= {"environment", "geometry", "model", "settings", "variants", "graph_overhead",
@@ -197,6 +274,14 @@ def test_cli_tiny_run_writes_json(tmp_path, capsys):
             assert r["patch_kwargs"]["llm_tau"] == r["calibration"]["llm_tau"]
         else:
             assert t["per_layer"] == [float(N)] * 6
+    a = report["analytic"]
+    assert a["reference"] == "tiny" and a["tower_llm_flops_ratio"]["measured"] == a["tower_llm_flops_ratio"]["reference"]
+    for r in report["variants"]:
+        assert r["analytic_ref_gflops"] == pytest.approx(r["analytic_gflops"])  # tiny is its own reference
+        if r["method"] in ("unpruned", "graph-only"):
+            assert r["analytic_ref_speedup"] == 1.0
+        elif r["method"] in ("vit", "random", "pool"):
+            assert r["analytic_ref_speedup"] > 1.0
     base, graph = report["variants"][:2]
     assert base["selection_ms"] is None and graph["selection_ms"] > 0
     assert graph["kv_cache_mb"] == base["kv_cache_mb"]

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--geometry", default="cpu", choices=sorted(GEOMETRIES),
                    help="cpu (default): CLIP ViT-L/14-336 + Llama 1024 hidden x 8 layers; full: LLaVA-1.5-7B "
-                        "(Llama 4096 x 32); tiny: a test-sized model. All random weights")
+                        "(Llama 4096 x 32); scaled: LLaVA-1.5-7B with tower and LLM scaled alike (width 1/4, LLM depth 1/4, "
+                        "tower depth 4 to keep the tower:LLM FLOPs ratio); tiny: a test-sized model. All random weights")
     g.add_argument("--full", action="store_true", help="same as --geometry full (use a GPU, bf16/fp16)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device}: cuda if available)")

@@ -8,7 +8,9 @@ What is measured, and how:
   downloaded) and LLaVA-1.5's real vision side: CLIP ViT-L/14 at 336 px (576 patches),
   the 2-layer MLP projector, features from layer -2 without the class token. The
   language model is a Llama whose geometry is chosen by :data:`GEOMETRIES` (scaled down
-  for a CPU; ``full`` is LLaVA-1.5-7B's). Cost does not depend on the weights' values,
+  for a CPU; ``full`` is LLaVA-1.5-7B's; ``scaled`` shrinks the tower and the LLM of
+  ``full`` alike, keeping their prefill FLOPs ratio, so pruning on either side weighs as
+  it does at 7B). Cost does not depend on the weights' values,
   except that SAINT's dynamic token count does, hence the tau rule below.
 * **Prompt.** ``prompt_len`` random text tokens, the first half before the image (the
   system prompt) and the rest after it (the question), around the processor's 576 image
@@ -56,6 +58,14 @@ the full run), ``report`` (text, markdown, files).
 
 from __future__ import annotations
 
+from .analytic import (
+    measured_schedule,
+    prefill_flops,
+    stretch,
+    stretched_schedule,
+    tower_llm_ratio,
+    unpruned_schedule,
+)
 from .geometry import (
     CLIP_L_336,
     GEOMETRIES,
@@ -68,10 +78,11 @@ from .geometry import (
     REFERENCE_TAU,
     Geometry,
     build_llava,
+    scale_geometry,
 )
 from .inputs import VlmInputs, decode, kv_cache_bytes, make_inputs, prefill
 from .report import HEADERS, format_vlm_bench, markdown_vlm_bench, write_vlm_report
-from .run import VlmResult, profile_variant, run_vlm_bench, time_variants, vlm_report
+from .run import VlmResult, add_analytic, profile_variant, run_vlm_bench, time_variants, vlm_report
 from .tau import calibrate_tau
 from .variants import VlmVariant, budget_variants, fastv_ratio, pool_grid, visual_tokens
 
@@ -90,6 +101,7 @@ __all__ = [
     "VlmInputs",
     "VlmResult",
     "VlmVariant",
+    "add_analytic",
     "budget_variants",
     "build_llava",
     "calibrate_tau",
@@ -98,6 +110,13 @@ __all__ = [
     "format_vlm_bench",
     "kv_cache_bytes",
     "make_inputs",
+    "measured_schedule",
+    "prefill_flops",
+    "scale_geometry",
+    "stretch",
+    "stretched_schedule",
+    "tower_llm_ratio",
+    "unpruned_schedule",
     "markdown_vlm_bench",
     "pool_grid",
     "prefill",

@@ -30,6 +30,7 @@ class Geometry:
     llm_layers: tuple[int, int]  # SAINT's LLM pruning layers (inclusive)
     vit_layer: int  # tower layer of the fixed-budget drop (vit / hybrid)
     fastv_layer: int  # FastV's K
+    reference: str | None = None  # the geometry this one is scaled from (analytic speed-ups are given at it)
 
     @property
     def grid(self) -> int:
@@ -69,6 +70,7 @@ GEOMETRIES: dict[str, Geometry] = {
         llm_layers=(2, 5),
         vit_layer=19,
         fastv_layer=2,
+        reference="full",
     ),
     "full": Geometry(
         "full",
@@ -95,6 +97,56 @@ GEOMETRIES: dict[str, Geometry] = {
         fastv_layer=2,
     ),
 }
+
+
+def _scaled_layer(index: int, depth: int, ref_depth: int) -> int:
+    return round(index * depth / ref_depth)
+
+
+def scale_geometry(base: Geometry, name: str, *, width: float, depth: float,
+                   tower_layers: int | None = None) -> Geometry:
+    """``base`` with the tower and the language model scaled by the same factors: hidden
+    and MLP sizes by ``width`` (head size kept, so heads scale too), layers by ``depth``.
+    Both parts change alike, so their FLOPs ratio stays close to ``base``'s (only the
+    attention-score term, quadratic in tokens and linear in width, and the projector,
+    which has no depth, move it; ``tower_layers`` overrides the tower's depth to bring the
+    ratio back, see :func:`saint.bench.vlm.analytic.tower_llm_ratio`). Patches, vocabulary and the
+    prompt layout are kept; layer choices map to the same relative depth."""
+    if not (0 < width <= 1 and 0 < depth <= 1):
+        raise ValueError(f"width {width} and depth {depth} must be in (0, 1]; they shrink {base.name}")
+
+    def part(cfg: dict[str, int], heads_key: str, extra: tuple[str, ...]) -> dict[str, int]:
+        head_dim = cfg["hidden_size"] // cfg[heads_key]
+        heads = max(1, round(cfg[heads_key] * width))
+        out = dict(cfg, hidden_size=heads * head_dim, num_attention_heads=heads,
+                   intermediate_size=max(1, round(cfg["intermediate_size"] * width)),
+                   num_hidden_layers=max(2, round(cfg["num_hidden_layers"] * depth)))
+        for k in extra:
+            out[k] = max(1, round(cfg[k] * width))
+        return out
+
+    vision = part(base.vision, "num_attention_heads", ("projection_dim",))
+    if tower_layers is not None:
+        vision["num_hidden_layers"] = tower_layers
+    text = part(base.text, "num_attention_heads", ("num_key_value_heads",))
+    tl, vl = text["num_hidden_layers"], vision["num_hidden_layers"]
+    bl, bv = base.text["num_hidden_layers"], base.vision["num_hidden_layers"]
+    s, e = base.llm_layers
+    llm_layers = (_scaled_layer(s, tl, bl), min(tl - 1, _scaled_layer(e, tl, bl)))
+    desc = (f"{base.name} scaled by {width:g} in width and {depth:g} in depth, tower and LLM alike: "
+            f"CLIP {vision['hidden_size']} x {vl} layers (MLP {vision['intermediate_size']}), "
+            f"{base.n_patches} patches; Llama {text['hidden_size']} x {tl} layers (MLP {text['intermediate_size']}, "
+            f"{text['num_attention_heads']} heads); random weights")
+    return Geometry(name, desc, vision, text, base.image_token_id, llm_layers=llm_layers,
+                    # the tower's last layer feeds nothing (features from layer -2): stay before it
+                    vit_layer=min(vl - 2, _scaled_layer(base.vit_layer, vl, bv)),
+                    fastv_layer=max(1, _scaled_layer(base.fastv_layer, tl, bl)), reference=base.name)
+
+
+# LLaVA-1.5-7B at a quarter of its width and depth; 4 tower layers instead of 6 keep the
+# tower:LLM prefill FLOPs ratio within 3% of the 7B's (6 layers would be 34% above it:
+# the projector has no depth and attention scores shrink only linearly with width).
+GEOMETRIES["scaled"] = scale_geometry(GEOMETRIES["full"], "scaled", width=0.25, depth=0.25, tower_layers=4)
 
 
 def build_llava(geometry: Geometry, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

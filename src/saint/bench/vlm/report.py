@@ -9,7 +9,7 @@ from typing import Any
 from ...measure.report import fmt, markdown_table, text_table, write_outputs
 
 HEADERS = ["variant", "budget", "vis->LLM", "vis after", "vis/layer", "tau", "TTFT ms min", "TTFT spread",
-           "TTFT x", "decode ms/tok min", "decode spread", "decode x", "KV MB", "peak MB", "GFLOPs"]
+           "TTFT x", "FLOPs x 7B", "decode ms/tok min", "decode spread", "decode x", "KV MB", "peak MB", "GFLOPs"]
 
 
 def _rows(report: dict[str, Any]) -> list[list[str]]:
@@ -28,6 +28,7 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
             fmt(r["ttft"]["ms_min"], 1),
             fmt(r["ttft"]["ms_spread"], 1),
             fmt(r["ttft_speedup"], 2),
+            fmt(r.get("analytic_ref_speedup"), 2),
             fmt(r["decode_per_token"]["ms_min"], 2),
             fmt(r["decode_per_token"]["ms_spread"], 2),
             fmt(r["decode_speedup"], 2),
@@ -66,8 +67,19 @@ def _notes(report: dict[str, Any]) -> list[str]:
         f"layer {s['fastv_layer']}, llm/hybrid tau searched on this prompt (hybrid keeps "
         f"{s['hybrid_vit_keep']} in the tower first); '(floor)': budget below what SAINT's layers can reach",
         f"KV MB: exact cache size after prefill; peak MB: {mem}; GFLOPs: prefill per prompt (matmul/attention)",
+        *_analytic_notes(report),
         "random weights: costs are those of the geometry, not of a trained model's outputs",
     ]
+
+
+def _analytic_notes(report: dict[str, Any]) -> list[str]:
+    a = report.get("analytic")
+    if not a:
+        return []
+    r = a["tower_llm_flops_ratio"]
+    return [f"FLOPs x 7B: analytic prefill-FLOPs speed-up at the reference geometry ({a['reference']}: "
+            f"{a['reference_unpruned_gflops']:.0f} GFLOPs unpruned) for this run's per-layer token counts; "
+            f"tower:LLM prefill FLOPs {r['measured']:.3f} here vs {r['reference']:.3f} there. {a['note']}"]
 
 
 def format_vlm_bench(report: dict[str, Any]) -> str:

@@ -16,7 +16,14 @@ from ...measure.flops import count_flops
 from ...measure.memory import peak_memory_mb, peak_memory_method
 from ...measure.report import environment
 from ...measure.timing import synchronize, time_stages_round_robin
-from .geometry import LLM_GAMMA, LLM_K, METHODS, Geometry, build_llava
+from .analytic import (
+    measured_schedule,
+    prefill_flops,
+    stretched_schedule,
+    tower_llm_ratio,
+    unpruned_schedule,
+)
+from .geometry import GEOMETRIES, LLM_GAMMA, LLM_K, METHODS, Geometry, build_llava
 from .inputs import VlmInputs, decode, kv_cache_bytes, make_inputs, prefill
 from .tau import calibrate_tau
 from .variants import VlmVariant, _activate, budget_variants, visual_tokens
@@ -220,6 +227,33 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def add_analytic(body: dict[str, Any], geometry: Geometry, text_tokens: int) -> dict[str, Any]:
+    """Per variant: analytic prefill GFLOPs of its measured token schedule at this
+    geometry and at its reference (LLaVA-1.5-7B), and the speed-up there; returns the
+    report's ``analytic`` section (the reference and both tower:LLM FLOPs ratios)."""
+    target = GEOMETRIES[geometry.reference or geometry.name]
+    base_ref = None
+    for row in body["variants"]:
+        sched = measured_schedule(geometry, row["visual_tokens"], text_tokens)
+        row["analytic_gflops"] = prefill_flops(geometry, **sched)["total"] / 1e9
+        ref = prefill_flops(target, **stretched_schedule(sched, target))["total"] / 1e9
+        base_ref = ref if base_ref is None else base_ref
+        row["analytic_ref_gflops"] = ref
+        row["analytic_ref_speedup"] = base_ref / ref
+    full = prefill_flops(target, **unpruned_schedule(target, text_tokens))
+    return {
+        "reference": target.name,
+        "reference_model": target.description,
+        "reference_unpruned_gflops": full["total"] / 1e9,
+        "tower_llm_flops_ratio": {"reference": tower_llm_ratio(target, text_tokens),
+                                  "measured": tower_llm_ratio(geometry, text_tokens)},
+        "note": ("analytic FLOPs: matmul/attention FLOPs counted per module on meta tensors (torch.utils."
+                 "flop_counter) for the token counts each variant had per layer in this run; at the reference "
+                 "the decoder's per-layer counts are stretched over its depth and the tower's drop sits at its "
+                 "vit_layer; SAINT's graph step is not included (its cost is the graph-only row)"),
+    }
+
+
 # ---------------------------------------------------------------------------- full run
 def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.dtype, batch_size: int = 1,
                prompt_len: int = 64, new_tokens: int = 16, budgets: Sequence[int] | None = None,
@@ -242,6 +276,7 @@ def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.d
     built = time.perf_counter()
     body = run_vlm_bench(model, inputs, variants, device=device, warmup=warmup, repeats=repeats, memory=memory,
                          flops=flops, tau_iters=tau_iters, progress=progress)
+    analytic = add_analytic(body, geometry, prompt_len)
     env = environment(device, argv)
     env["versions"]["transformers"] = transformers.__version__
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
@@ -274,5 +309,6 @@ def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.d
         "model": geometry.description,
         "settings": settings,
         **body,
+        "analytic": analytic,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
