@@ -9,6 +9,8 @@ model), thread count, versions and this exact command. Takes every ``saint vlm-b
 option; the defaults below differ from the command's (CPU, 3 timed rounds).
 
     python benchmarks/run_vlm_cpu.py                         # the committed CPU results
+    python benchmarks/run_vlm_cpu.py --geometry scaled --threads 2 --budgets 288,144 \
+        --new-tokens 8 --no-progress     # tower and LLM scaled alike, 50% / 25% (vlm_scaled_cpu_fp32)
     python benchmarks/run_vlm_cpu.py --threads 2 --methods vit,llm --budgets 128 --repeats 1 \\
         --warmup 0 --new-tokens 4 --no-flops --out-dir /tmp/vlm   # a quick look (~3 min)
 """
