@@ -65,6 +65,7 @@ from .. import api
 from ..adapters import llava as llava_adapter
 from ..adapters import qwen_vl as qwen_adapter
 from ..adapters.common import TokenStats, get_handle
+from ..measure.report import jsonable
 from . import UNPRUNED, parse_prune_settings
 
 __all__ = ["CHATML_TEMPLATE", "LoglikelihoodResult", "SaintLlava", "SaintQwenVL", "VICUNA_CHAT_TEMPLATE"]
@@ -356,7 +357,7 @@ class SaintLlava(lmms):
     def pruning_summary(self) -> dict[str, Any]:
         """Mean image tokens per prompt (processor), visual tokens handed to the language
         model and left after its last layer, over every forward so far, per request kind."""
-        out: dict[str, Any] = {"method": self.method or "none", "settings": _jsonable(self.prune_settings)}
+        out: dict[str, Any] = {"method": self.method or "none", "settings": jsonable(self.prune_settings)}
         for kind in sorted({e["request"] for e in self.pruning_log}):
             entries = [e for e in self.pruning_log if e["request"] == kind]
             row: dict[str, Any] = {"forwards": len(entries)}
@@ -588,11 +589,3 @@ class SaintQwenVL(SaintLlava):
 
 def _key(gen_kwargs: Any) -> str:
     return json.dumps(gen_kwargs or {}, sort_keys=True, default=str)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

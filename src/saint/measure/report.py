@@ -144,6 +144,16 @@ def csv_text(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists and dict keys as strings, so that JSON writes it as
+    it reads back (settings and patch keyword arguments hold tuples and per-layer dicts)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def write_json(report: dict[str, Any], path: str | Path) -> Path:
     """Write ``report`` as indented JSON (parent folders created); returns the path."""
     import json

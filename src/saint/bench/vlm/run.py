@@ -14,7 +14,7 @@ from ... import api
 from ...adapters.common import get_handle
 from ...measure.flops import count_flops
 from ...measure.memory import peak_memory_mb, peak_memory_method
-from ...measure.report import environment
+from ...measure.report import environment, jsonable
 from ...measure.timing import synchronize, time_stages_round_robin
 from .analytic import (
     measured_schedule,
@@ -186,7 +186,7 @@ def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[
             "name": v.name,
             "method": v.method,
             "budget": v.budget,
-            "patch_kwargs": _jsonable(v.kwargs),
+            "patch_kwargs": jsonable(v.kwargs),
             "calibration": v.calibration,
             "ttft": _ms(r.prefill_s),
             "decode_per_token": _ms(r.decode_s, per=steps),
@@ -217,14 +217,6 @@ def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[
         "seconds": {"calibration": round(t_cal - t_start, 1), "timing": round(t_time - t_cal, 1),
                     "profile": round(t_end - t_time, 1)},
     }
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def add_analytic(body: dict[str, Any], geometry: Geometry, text_tokens: int) -> dict[str, Any]:
