@@ -105,6 +105,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("seed fractional", patch("random", r=2, seed=0.5), TypeError, "seed must be an integer"),
     ("rate unknown", patch(rate="image"), ValueError, "rate must be one of"),
     ("metric unknown", patch(metric="values"), ValueError, "metric must be one of"),
+    ("tome order unknown", patch("tome", r=2, order="sorted"), ValueError,
+     "ToMe order must be one of ('keep', 'reference'), got 'sorted'"),
     ("step_div zero", patch("budget", keep=4, layers=[1], step_div=0), ValueError, "step_div=0 must be >= 1"),
     ("unknown method", patch("magic"), ValueError, "unknown method 'magic'; known methods"),
     ("unknown setting", patch("tome", r=2, tau=0.5), TypeError, "does not take ['tau']"),

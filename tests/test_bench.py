@@ -76,6 +76,7 @@ def test_parse_method_spec_and_round_trip() -> None:
     assert (v.method, v.kwargs) == ("saint", {"tau": [0.95, 0.9, 0.9], "k": 4, "rate": "batch"})
     assert parse_method_spec(variant_label(v.method, v.kwargs)).kwargs == v.kwargs
     assert parse_method_spec("none") is BASELINE and parse_method_spec("tome:r=8").kwargs == {"r": 8}
+    assert parse_method_spec("tome:r=8,order=reference").kwargs == {"r": 8, "order": "reference"}
     with pytest.raises(ValueError, match="unknown method"):
         parse_method_spec("nosuch:r=1")
     with pytest.raises(TypeError, match="does not take"):

@@ -71,9 +71,10 @@ def test_bench_bf16(images, capsys) -> None:
 def test_eval_tiny(images, tmp_path, capsys) -> None:
     out = tmp_path / "e.json"
     rc = main(["eval", *TINY, *COMMON, "--images", images, "--method", "tome:r=2", "--method", "random:r=2",
-               "--json", str(out)])
+               "--method", "tome:r=2,order=reference", "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["results"]
+    assert rows[3]["settings"] == {"r": 2, "order": "reference"}
     assert rows[0]["method"] is None and "centered_cosine" not in rows[0]
     assert rows[0]["top1"] is not None and rows[0]["labelled_images"] == 6
     for r in rows[1:]:
@@ -131,6 +132,8 @@ def test_calibrate_command_fails_on_an_unreachable_target(images, tmp_path, caps
 def test_bad_input_is_a_clear_error(images, capsys) -> None:
     assert main(["bench", *TINY, *COMMON, "--images", images, "--method", "tome:tau=1"]) == 2
     assert "does not take ['tau']" in capsys.readouterr().err
+    assert main(["bench", *TINY, *COMMON, "--images", images, "--method", "tome:r=2,order=sorted"]) == 2
+    assert "ToMe order must be one of ('keep', 'reference'), got 'sorted'" in capsys.readouterr().err
     assert main(["eval", *TINY, *COMMON, "--images", images + "/missing"]) == 2
     assert "neither" in capsys.readouterr().err
     assert main(["bench", *COMMON, "--pretrained", "--method", "tome:r=1"]) == 2

@@ -145,7 +145,10 @@ def test_budget_leaves_exactly_keep_plus_protected(kind, images):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-@pytest.mark.parametrize("method,kw", [("saint", dict(tau=0.3, k=2, rate="sample")), ("tome", dict(r=3))])
+@pytest.mark.parametrize(
+    "method,kw",
+    [("saint", dict(tau=0.3, k=2, rate="sample")), ("tome", dict(r=3)), ("tome", dict(r=3, order="reference"))],
+)
 def test_each_image_alone_equals_in_batch(kind, method, kw, images):
     model = make(kind)
     saint.patch(model, method=method, **kw)

@@ -240,3 +240,37 @@ def test_merge_and_keep_equals_merge_then_gather(t, r, seed):
     got_x, got_s = merge_and_keep(x, sizes, src, dst, keep)
     torch.testing.assert_close(got_x, ref_x[:, keep], rtol=0, atol=1e-6)
     assert torch.equal(got_s, ref_s[:, keep])
+
+
+@pytest.mark.parametrize("protected", [0, 1])
+def test_tome_reference_order_packed_padded_and_alone_agree(protected):
+    # a ragged batch (7 and 5 tokens) through one ToMe step in the reference layout:
+    # the packed stream, the padded view and each image alone hold the same tokens in
+    # the same order, with the same sizes and traced origins
+    from saint.adapters.common import TokenState
+    from saint.core import gather_tokens, keep_mask_to_indices, merge_weighted, tome_plan
+    from saint.methods import Selection
+
+    g = torch.Generator().manual_seed(4)
+    x, keys = torch.randn(2, 7, 3, generator=g), torch.randn(2, 7, 4, generator=g)
+    valid = lengths_to_valid(torch.tensor([7, 5]))
+    plan = tome_plan(keys, 2, protected, valid, order="reference")
+    sel = Selection(plan.keep, plan, plan.order)
+    outs = {}
+    for layout in ("packed", "padded"):
+        state = TokenState(layout=layout)
+        state.reset(x, trace=True)
+        state.valid = valid
+        out = state.leave(state.apply(state.enter(x), sel))
+        outs[layout] = (out, state.valid, state.sizes, state.origin)
+    (xp, vp, sp, op), (xd, vd, sd, od) = outs["packed"], outs["padded"]
+    assert torch.equal(vp, vd) and torch.equal(op, od) and vp.sum(1).tolist() == [5, 3]
+    torch.testing.assert_close(xp[vp], xd[vd], **TOL)
+    torch.testing.assert_close(sp[vp], sd[vd], **TOL)
+    for i, n in enumerate((7, 5)):
+        alone = tome_plan(keys[i : i + 1, :n], 2, protected, order="reference")
+        merged, _ = merge_weighted(x[i : i + 1, :n], torch.ones(1, n, 1), alone)
+        idx, _ = keep_mask_to_indices(alone.keep, order=alone.order)
+        torch.testing.assert_close(xd[i][vd[i]], gather_tokens(merged, idx)[0], **TOL)
+    reordered, _ = keep_mask_to_indices(plan.keep, order=plan.order)
+    assert not torch.equal(reordered, keep_mask_to_indices(plan.keep)[0])  # the layout did change

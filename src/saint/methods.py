@@ -35,10 +35,13 @@ class LayerContext:
 
 @dataclass
 class Selection:
-    """Survivors (``keep [B, N]`` bool) and, for merging methods, the merge plan."""
+    """Survivors (``keep [B, N]`` bool), for merging methods the merge plan, and
+    optionally the survivors' layout: ``order [B, N]`` a sort key, survivors laid out
+    by increasing key (None: their original order)."""
 
     keep: torch.Tensor
     merge: core.MergePlan | None = None
+    order: torch.Tensor | None = None
 
 
 @dataclass
@@ -225,13 +228,24 @@ def _check_r(value: Any) -> int:
 class ToMeConfig(MethodConfig):
     """ToMe bipartite merging of ``r`` tokens per layer, size-weighted, with
     proportional attention (``prop_attn``). Matching and merge are the reference's
-    (facebookresearch/ToMe); unlike it, survivors keep their original order and the
-    even/odd split runs over the prunable tokens only, so from the second step on (and
-    with a class token, from the first) the pairs can differ (tests/test_reference.py)."""
+    (facebookresearch/ToMe). ``order`` picks the survivors' layout:
+
+    - ``"keep"`` (default, ours): survivors keep their original order and the even/odd
+      split runs over the prunable tokens only, so from the second step on (and with a
+      class token, from the first) the pairs can differ from the reference's;
+    - ``"reference"``: exactly the reference: the split runs over every token (the
+      protected prefix is never merged) and the survivors come out as the prefix, the
+      unmerged even-set tokens (by position with a prefix, else by decreasing
+      similarity; ties to the lower position), then the odd set, so the order changes
+      at every step. With more than the reference's class and distillation tokens
+      protected (registers), the extra prefix tokens are treated alike.
+      tests/test_reference.py pins both.
+    """
 
     r: int | Sequence[int] | Mapping[int, int] | None = None
     prop_attn: bool = True
     inflection: float = 0.0
+    order: str = "keep"
 
     @property
     def size_bias(self) -> bool:
@@ -243,6 +257,10 @@ class ToMeConfig(MethodConfig):
         if value is None:
             raise ValueError("ToMe needs r (tokens merged per layer), e.g. method='tome', r=8")
         return _check_r(value)
+
+    def check_global(self) -> None:
+        if self.order not in core.tome.ORDERS:
+            raise ValueError(f"ToMe order must be one of {core.tome.ORDERS}, got {self.order!r}")
 
     def resolve(self, depth: int) -> dict[int, dict[str, Any]]:
         """With ``inflection`` (ToMe's ``(r, inflection)`` schedule) a scalar ``r`` becomes a
@@ -353,8 +371,8 @@ def _select_saint_fold(ctx: LayerContext, s: dict[str, Any], cfg: SaintFoldConfi
 
 
 def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:
-    plan = core.tome_plan(ctx.keys, s["r"], ctx.num_protected, ctx.valid)
-    return Selection(plan.keep, plan)
+    plan = core.tome_plan(ctx.keys, s["r"], ctx.num_protected, ctx.valid, cfg.order)
+    return Selection(plan.keep, plan, plan.order)
 
 
 def _select_random(ctx: LayerContext, s: dict[str, Any], cfg: RandomConfig) -> Selection:

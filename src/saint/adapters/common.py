@@ -201,7 +201,8 @@ class TokenState:
         return additive_key_mask(self.valid, sizes, dtype)
 
     def apply(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
-        """Merge (if planned) then keep the survivors, in their original order.
+        """Merge (if planned) then keep the survivors, in their original order or laid
+        out by ``sel.order``.
 
         A step that removes nothing merges nothing either (merge sources are exactly the
         removed tokens), so it leaves the sequence, and the attention path, untouched.
@@ -214,7 +215,7 @@ class TokenState:
             return x
         self._bias = {}
         if self.origin is not None:
-            self._trace(sel, *keep_mask_to_indices(keep))
+            self._trace(sel, *keep_mask_to_indices(keep, order=sel.order))
         if self.layout == "padded":
             return self._apply_padded(x, sel, keep)
         return self._apply_packed(x, sel, keep)
@@ -224,7 +225,7 @@ class TokenState:
             if self.sizes is None:
                 self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
             x, self.sizes = merge_weighted(x, self.sizes, sel.merge)
-        idx, valid = keep_mask_to_indices(keep)
+        idx, valid = keep_mask_to_indices(keep, order=sel.order)
         x = gather_tokens(x, idx)
         if self.sizes is not None:
             self.sizes = gather_tokens(self.sizes, idx)
@@ -252,6 +253,13 @@ class TokenState:
             stream = stream[:, flat]
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
+        if sel.order is not None:  # each image's survivors laid out by the key
+            idx, real = keep_mask_to_indices(keep, order=sel.order)
+            slot = (torch.cumsum(keep.reshape(-1), 0) - 1).reshape(keep.shape)
+            perm = torch.gather(slot, 1, idx)[real]
+            stream = stream[:, perm]
+            if self.sizes is not None:
+                self.sizes = self.sizes[:, perm]
         counts = keep.sum(dim=1)
         self.lengths = counts.tolist()
         self._index = None

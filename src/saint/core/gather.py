@@ -8,10 +8,12 @@ import torch
 EPS = 1e-6  # keeps cosine normalisation finite for zero-norm keys
 
 
-def keep_mask_to_indices(keep: torch.Tensor, align: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack the kept positions of each row, in their original order: first
-    (``align="left"``, ViT blocks) or last (``"right"``, decoder prompts that are
-    left-padded).
+def keep_mask_to_indices(
+    keep: torch.Tensor, align: str = "left", order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the kept positions of each row, in their original order (or by increasing
+    sort key ``order [B, N]``, e.g. ToMe's reference layout): first (``align="left"``,
+    ViT blocks) or last (``"right"``, decoder prompts that are left-padded).
 
     Returns ``(idx [B, M], valid [B, M])`` with ``M`` the largest kept count in the
     batch; rows that keep fewer tokens are padded with their dropped positions and
@@ -21,6 +23,10 @@ def keep_mask_to_indices(keep: torch.Tensor, align: str = "left") -> tuple[torch
         raise TypeError(f"keep must be a bool tensor [B, N], got {keep.dtype} {tuple(keep.shape)}")
     if align not in ("left", "right"):
         raise ValueError(f"align must be 'left' or 'right', got {align!r}")
+    if order is not None:  # lay the row out by the key, then pack as usual
+        perm = torch.argsort(order, dim=1, stable=True)
+        idx, valid = keep_mask_to_indices(torch.gather(keep, 1, perm), align)
+        return torch.gather(perm, 1, idx), valid
     n = keep.shape[1]
     counts = keep.sum(dim=1)
     m = int(counts.max()) if keep.numel() else 0

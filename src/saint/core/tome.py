@@ -1,6 +1,13 @@
 """ToMe bipartite soft matching (Bolya et al., 2023), written from the paper:
 merge the ``r`` candidates most similar to some anchor into that anchor, averaging
-by token size; sizes then bias attention by ``log(size)`` (proportional attention)."""
+by token size; sizes then bias attention by ``log(size)`` (proportional attention).
+
+Two layouts of the survivors (``order``): ``"keep"`` alternates candidates and
+anchors over the prunable tokens and leaves the survivors in their original order;
+``"reference"`` is facebookresearch/ToMe's: the alternation runs over every token
+(protected ones are never candidates nor anchors) and the survivors come out as the
+protected prefix, the unmerged candidates, then the anchors, so the order changes at
+every step."""
 
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import torch.nn.functional as F
 
 from .gather import EPS, prunable_valid
 
+ORDERS = ("keep", "reference")
+
 
 @dataclass
 class MergePlan:
@@ -18,13 +27,16 @@ class MergePlan:
 
     ``keep`` is the bool mask of survivors (everything but the sources). ``active``
     (optional, ``[B, r]`` bool) marks which pairs really merge, so that rows may
-    merge different numbers of tokens (ragged per-sample plans).
+    merge different numbers of tokens (ragged per-sample plans). ``order`` (optional,
+    ``[B, N]`` long) is a sort key: survivors are laid out by increasing key (None:
+    their original order).
     """
 
     src: torch.Tensor  # [B, r] long
     dst: torch.Tensor  # [B, r] long
     keep: torch.Tensor  # [B, N] bool
     active: torch.Tensor | None = None
+    order: torch.Tensor | None = None
 
 
 def max_tome_r(num_prunable: int) -> int:
@@ -33,33 +45,65 @@ def max_tome_r(num_prunable: int) -> int:
 
 
 def tome_plan(
-    metric: torch.Tensor, r: int, num_protected: int = 0, valid: torch.Tensor | None = None
+    metric: torch.Tensor, r: int, num_protected: int = 0, valid: torch.Tensor | None = None,
+    order: str = "keep",
 ) -> MergePlan:
-    """Match the ``r`` most redundant candidates (even prunable positions) to anchors."""
+    """Match the ``r`` most redundant candidates (set A) to their nearest anchors (set B).
+
+    ``order="keep"``: A and B alternate over the prunable tokens (A first) and the plan
+    has no ``order``. ``order="reference"``: A = even, B = odd positions of the whole
+    sequence, protected tokens excluded from both, and ``plan.order`` lays the survivors
+    out as the reference does (protected prefix, unmerged A, then B; unmerged A by
+    position when a prefix is protected, else by decreasing similarity, as the
+    reference does with and without its class token)."""
+    if order not in ORDERS:
+        raise ValueError(f"ToMe order must be one of {ORDERS}, got {order!r}")
     b, n, _ = metric.shape
+    p = num_protected
     valid = prunable_valid(valid, b, n, metric.device)
-    pv = valid[:, num_protected:]
-    limit = max_tome_r(int(pv.sum(dim=1).min()) if b else 0)
+    limit = max_tome_r(int(valid[:, p:].sum(dim=1).min()) if b else 0)
     if r < 0 or r > limit:
         raise ValueError(f"ToMe r={r} must be in [0, {limit}] at this layer (half the prunable tokens)")
-    m = F.normalize(metric[:, num_protected:].float(), dim=-1, eps=EPS)
-    a, anc = m[:, 0::2], m[:, 1::2]
-    va, vb = pv[:, 0::2], pv[:, 1::2]
-    sim = (a @ anc.transpose(1, 2)).masked_fill(~(va[:, :, None] & vb[:, None, :]), float("-inf"))
+    if r == 0:  # nothing merges, nothing moves (the reference returns its input as is)
+        empty = torch.zeros(b, 0, dtype=torch.long, device=metric.device)
+        return MergePlan(empty, empty.clone(), valid.clone())
+    start = p if order == "keep" else 0
+    a_pos = torch.arange(start, n, 2, device=metric.device)
+    b_pos = torch.arange(start + 1, n, 2, device=metric.device)
+    m = F.normalize(metric.float(), dim=-1, eps=EPS)
+    va = valid[:, a_pos] & (a_pos >= p)
+    vb = valid[:, b_pos] & (b_pos >= p)
+    sim = (m[:, a_pos] @ m[:, b_pos].transpose(1, 2)).masked_fill(~(va[:, :, None] & vb[:, None, :]), float("-inf"))
     node_max, node_idx = sim.max(dim=-1)
-    order = torch.argsort(node_max, dim=-1, descending=True, stable=True)[:, :r]
-    src = num_protected + 2 * order
-    dst = num_protected + 2 * torch.gather(node_idx, 1, order) + 1
+    edges = torch.argsort(node_max, dim=-1, descending=True, stable=True)
+    src = a_pos[edges[:, :r]]
+    dst = b_pos[torch.gather(node_idx, 1, edges[:, :r])]
     keep = valid.clone()
     keep.scatter_(1, src, False)
-    return MergePlan(src, dst, keep)
+    plan = MergePlan(src, dst, keep)
+    if order == "reference":
+        plan.order = _reference_order(edges, a_pos, b_pos, p, n)
+    return plan
+
+
+def _reference_order(edges: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor, p: int, n: int) -> torch.Tensor:
+    """Sort key ``[B, N]`` of the reference layout: protected tokens by position, then
+    set A (by position when ``p > 0``, else in ``edges`` order: decreasing similarity),
+    then set B by position."""
+    key = torch.arange(n, device=edges.device).expand(edges.shape[0], n).clone()
+    if p == 0:
+        rank = torch.empty_like(edges)
+        rank.scatter_(1, edges, torch.arange(edges.shape[1], device=edges.device).expand_as(edges).contiguous())
+        key[:, a_pos] = rank
+    key[:, b_pos] = torch.where(b_pos >= p, n + b_pos, b_pos)
+    return key
 
 
 def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of each source into its destination (full length kept).
 
     ``x [B, N, C]``, ``sizes [B, N, 1]``; returns updated ``(x, sizes)``; callers then
-    gather the survivors with ``plan.keep``.
+    gather the survivors with ``plan.keep`` (laid out by ``plan.order`` when given).
     """
     c = x.shape[-1]
     weighted = (x * sizes).float()
