@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import saint  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
-from .qwen_tiny import DEPTH, IMG, VID, inputs, make, tokens  # noqa: E402
+from .qwen_tiny import DEPTH, IMG, VDEPTH, VID, inputs, make, tokens  # noqa: E402
 
 NEW = 4
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMG, VID])
@@ -219,6 +219,12 @@ def test_vit_budget_per_image_and_video_frame(family):
         expect_kept += [round(0.3 * tokens(f)) for f in frames]
     assert st.tokens[0] == expect_in
     assert st.tokens[1] == st.tokens[2] == expect_kept
+    # the tower: every patch of each sample (image, video frame group) up to block 2, the kept groups' after
+    samples = grids + frames
+    vs = get_handle(model).vision_stats()
+    assert len(vs.blocks) == VDEPTH
+    assert vs.tokens[:3] == [[g[1] * g[2] for g in samples]] * 3
+    assert vs.tokens[3:] == [[4 * round(0.3 * tokens(g)) for g in samples]] * (VDEPTH - 3)
 
 
 def test_vit_selection_is_the_budget_drop_on_group_keys():

@@ -241,6 +241,8 @@ class TowerPruner:
         self.full_blocks = set(getattr(tower, "fullatt_block_indexes", None) or range(len(tower.blocks)))
         self.hooks: list[Any] = []
         self.keep_raster: torch.Tensor | None = None  # [groups] of the last call, raster order
+        self.counts: tuple[list[int], list[int]] | None = None  # tokens per sample before / after the drop
+        # (every tower call of one forward: images, then videos; the handle resets it per forward)
         self._reset()
 
     def _reset(self) -> None:
@@ -304,6 +306,9 @@ class TowerPruner:
         self.keep_raster = raster
         keep_tok = keep.repeat_interleave(self.unit)
         self.keep_tok = keep_tok
+        before, after = self.counts or ([], [])
+        self.counts = (before + (seg[1:] - seg[:-1]).tolist(),
+                       after + [int(keep[a:b].sum()) * self.unit for a, b in zip(gseg[:-1], gseg[1:], strict=True)])
         kept_cum = F.pad(keep_tok.long().cumsum(0), (1, 0))
         cos, sin = kwargs["position_embeddings"]
         idx = keep_tok.nonzero().squeeze(1)
@@ -311,6 +316,15 @@ class TowerPruner:
         if self.windows is not None:
             self.new["window"] = self._bounds(kept_cum, self.windows)
         return output[idx]
+
+    def stats(self) -> TokenStats:
+        """Tokens entering each tower block in the last forward with images, per sample
+        (image or video frame group; images first)."""
+        if self.counts is None:
+            raise RuntimeError("no forward with images has run since patching; call the model first")
+        before, after = self.counts
+        return TokenStats([f"visual.blocks.{i}" for i in range(len(self.tower.blocks))],
+                          [before if i <= self.layer else after for i in range(len(self.tower.blocks))])
 
     @staticmethod
     def _bounds(kept_cum: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
@@ -366,7 +380,9 @@ class QwenPatch(LlavaPatch):
         return self.last_image_stats
 
     def vision_stats(self) -> TokenStats | None:
-        return None
+        """Tokens entering each vision-tower block in the last forward with images, per
+        image / video frame group, images first (``vit``/``hybrid`` only)."""
+        return None if self.tower is None else self.tower.stats()
 
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
@@ -580,6 +596,8 @@ def _make_mm_pre(handle: QwenPatch):
             return (), (kwargs if prompt is None else _continuation(handle, module, prompt, kwargs, past))
         if not has_visual:
             return (), kwargs
+        if handle.tower is not None:
+            handle.tower.counts = None
         if input_ids is None:
             raise ValueError("saint locates images by image_token_id/video_token_id: pass input_ids, not inputs_embeds")
         if _flag(kwargs, module, "output_hidden_states") or _flag(kwargs, module, "output_attentions"):
