@@ -1,18 +1,20 @@
-"""LLaVA latency at equal visual-token budgets on the CPU: the unpruned model, SAINT's
-vit / llm / hybrid modes, FastV, random and pooling at 576 -> 192, 128, 64 visual tokens.
+"""VLM latency at equal visual-token budgets on the CPU: the unpruned model, SAINT's
+vit / llm / hybrid modes, FastV, random and pooling at 50% and 25% of the visual tokens.
 
-Random weights with LLaVA-1.5's real vision side (CLIP ViT-L/14-336, 576 patches) and a
-Llama scaled for a CPU (hidden 1024, 8 layers); see ``saint.bench.vlm`` for exactly what
-is measured. Writes ``benchmarks/results/vlm_cpu.{md,json}`` (other geometries, devices
-or dtypes: ``vlm_<geometry>_<device>_<dtype>``), each recording the date, device (CPU
-model), thread count, versions and this exact command. Takes every ``saint vlm-bench``
-option; the defaults below differ from the command's (CPU, 3 timed rounds).
+Random weights with LLaVA-1.5-7B's or Qwen2.5-VL-7B's shapes, vision tower and LLM
+scaled by the same factor so their FLOPs ratio is the 7B's (``--geometry scaled`` /
+``qwen_scaled``), and the analytic prefill-FLOPs speed-up at the real 7B shapes beside
+the measured one; see ``saint.bench.vlm`` for exactly what is measured. Writes
+``benchmarks/results/vlm_<geometry>_<device>_<dtype>.{md,json}``, each recording the
+date, device (CPU model), thread count, versions, git commit and this exact command.
+Takes every ``saint vlm-bench`` option (defaults: CPU, 5 timed rounds).
 
-    python benchmarks/run_vlm_cpu.py                         # the committed CPU results
-    python benchmarks/run_vlm_cpu.py --geometry scaled --threads 2 --budgets 288,144 \
-        --new-tokens 8 --no-progress     # tower and LLM scaled alike, 50% / 25% (vlm_scaled_cpu_fp32)
-    python benchmarks/run_vlm_cpu.py --threads 2 --methods vit,llm --budgets 128 --repeats 1 \\
-        --warmup 0 --new-tokens 4 --no-flops --out-dir /tmp/vlm   # a quick look (~3 min)
+    python benchmarks/run_vlm_cpu.py --geometry scaled --threads 2 --new-tokens 8 \
+        --no-progress           # LLaVA-1.5-7B scaled alike (vlm_scaled_cpu_fp32, ~3 min)
+    python benchmarks/run_vlm_cpu.py --geometry qwen_scaled --threads 2 --new-tokens 8 \
+        --no-progress           # Qwen2.5-VL-7B scaled alike (vlm_qwen_scaled_cpu_fp32)
+    python benchmarks/run_vlm_cpu.py --threads 2 --methods vit,llm --budgets 144 --repeats 1 \
+        --warmup 0 --new-tokens 4 --no-flops --out-dir /tmp/vlm   # a quick look
 """
 
 from __future__ import annotations
@@ -37,26 +39,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def output_prefix(args: argparse.Namespace, report: dict) -> Path:
     s = report["settings"]
-    geometry = report["geometry"]["name"]
     device = s["device"].split(":")[0]
-    if (geometry, device, s["dtype"]) == ("cpu", "cpu", "fp32"):
-        name = "vlm_cpu"
-    else:
-        name = f"vlm_{geometry}_{device}_{s['dtype']}"
-    return Path(args.out_dir) / name
+    return Path(args.out_dir) / f"vlm_{report['geometry']['name']}_{device}_{s['dtype']}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.json:
-        raise SystemExit("--json: this script writes <out-dir>/vlm_cpu.{md,json} itself; use --out-dir")
+        raise SystemExit("--json: this script writes <out-dir>/vlm_<geometry>_<device>_<dtype>.{md,json} itself; "
+                         "use --out-dir")
     argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
     try:
         report = build_report(args, argv_used)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"run_vlm_cpu.py: error: {e}") from None
     print(format_vlm_bench(report))
-    title = f"LLaVA latency at equal visual-token budgets ({report['settings']['dtype']}, {report['settings']['device']})"
+    s = report["settings"]
+    title = f"{report['geometry']['label']} latency at equal visual-token budgets ({s['dtype']}, {s['device']})"
     for path in write_vlm_report(report, output_prefix(args, report), title=title):
         print(f"wrote {path}")
     return 0

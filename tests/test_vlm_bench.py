@@ -1,7 +1,8 @@
-"""``saint vlm-bench``: budgets reached exactly by the fixed-budget methods, tau
-calibration reproduced by the timed run, the decode loop equal to ``generate``, exact
-KV-cache sizes, the geometries, the CLI / JSON and the benchmark script (tiny random
-LLaVA, no timing assertions)."""
+"""``saint vlm-bench``: budgets reached exactly by the fixed-budget methods, the llm/hybrid
+taus from ``saint.calibrate`` reproduced by the timed run, the decode loop equal to
+``generate``, exact KV-cache sizes, the geometries (LLaVA-1.5 and Qwen2.5-VL, 7B and
+scaled) and their analytic FLOPs, the CLI / JSON and the benchmark script (tiny random
+LLaVA and Qwen2.5-VL, no timing assertions)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,24 @@ from saint.bench import vlm  # noqa: E402
 from saint.cli import main  # noqa: E402
 
 TINY = vlm.GEOMETRIES["tiny"]
-N = TINY.n_patches  # 144
+N = TINY.image_tokens  # 144
+QTINY = vlm.GEOMETRIES["qwen_tiny"]
+QN = QTINY.image_tokens  # 36 visual tokens (144 patches)
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return vlm.build_llava(TINY)
+    return TINY.build()
 
 
-def inputs(batch: int = 2, prompt_len: int = 10, new: int = 3) -> vlm.VlmInputs:
-    return vlm.make_inputs(TINY, batch, prompt_len, new, seed=3)
+@pytest.fixture(scope="module")
+def qwen():
+    return QTINY.build()
+
+
+def inputs(batch: int = 2, prompt_len: int = 10, new: int = 3, geometry: vlm.Geometry = TINY) -> vlm.VlmInputs:
+    return vlm.make_inputs(geometry, batch, prompt_len, new, seed=3)
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -38,10 +46,10 @@ def test_geometries_are_llava_15():
     """cpu and full share LLaVA-1.5's vision side; full is the 7B language model."""
     for name in ("cpu", "full"):
         g = vlm.GEOMETRIES[name]
-        assert g.n_patches == 576 and g.default_budgets() == [192, 128, 64] and g.hybrid_vit_keep == 375
+        assert g.image_tokens == 576 and g.default_budgets() == [192, 128, 64] and g.hybrid_vit_keep == 375
         assert g.vision == dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                 num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    full = vlm.build_llava(vlm.GEOMETRIES["full"], device="meta", dtype=torch.bfloat16)
+    full = vlm.GEOMETRIES["full"].build(device="meta", dtype=torch.bfloat16)
     assert full.config.vision_feature_layer == -2 and full.config.vision_feature_select_strategy == "default"
     lm = full.model.language_model
     assert len(lm.layers) == 32 and lm.config.hidden_size == 4096 and lm.config.intermediate_size == 11008
@@ -57,7 +65,7 @@ def test_scaled_geometry_keeps_the_tower_llm_flops_ratio():
     kept); its tower:LLM prefill FLOPs ratio is within 3% of the 7B's, which the
     uniformly scaled 6-layer tower would miss by a third."""
     full, scaled = vlm.GEOMETRIES["full"], vlm.GEOMETRIES["scaled"]
-    assert scaled.reference == "full" and scaled.n_patches == 576
+    assert scaled.reference is full and scaled.image_tokens == 576 and scaled.default_budgets() == [288, 144]
     assert (scaled.vision["hidden_size"], scaled.vision["intermediate_size"], scaled.vision["num_hidden_layers"],
             scaled.vision["num_attention_heads"]) == (256, 1024, 4, 4)
     assert (scaled.text["hidden_size"], scaled.text["intermediate_size"], scaled.text["num_hidden_layers"],
@@ -119,6 +127,120 @@ def test_analytic_flops_equal_the_counted_prefill(model):
         assert vlm.prefill_flops(TINY, **sched)["total"] == counted
 
 
+def test_qwen_geometry_is_qwen2_5_vl_7b():
+    """qwen_full has the released Qwen2.5-VL-7B's shapes (8.29B parameters, 0.68B in the
+    tower, untied LM head; transformers' config defaults are other models'), one 448x448
+    image = 1024 patches = 256 visual tokens, budgets 50% / 25%."""
+    g = vlm.GEOMETRIES["qwen_full"]
+    assert (g.tower_tokens, g.image_tokens, g.grid, g.default_budgets(), g.hybrid_vit_keep) == (1024, 256, 16,
+                                                                                              [128, 64], 167)
+    m = g.build(device="meta", dtype=torch.bfloat16)
+    assert round(sum(p.numel() for p in m.parameters()) / 1e9, 2) == 8.29
+    assert round(sum(p.numel() for p in m.model.visual.parameters()) / 1e9, 2) == 0.68
+    vis, lm = m.model.visual, m.model.language_model
+    assert len(vis.blocks) == 32 and vis.fullatt_block_indexes == [7, 15, 23, 31] and vis.window_size == 112
+    assert vis.blocks[0].attn.num_heads == 16 and vis.blocks[0].mlp.gate_proj.out_features == 3420
+    assert vis.merger.mlp[0].in_features == 4 * 1280 and vis.merger.mlp[2].out_features == 3584
+    c = lm.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
+            c.vocab_size) == (3584, 28, 28, 4, 18944, 152064)
+    assert c.rope_parameters["mrope_section"] == [16, 24, 24] and not m.config.tie_word_embeddings
+    assert vlm.mrope_section(16) == [2, 3, 3]
+
+
+def test_qwen_scaled_geometry_keeps_the_tower_llm_flops_ratio():
+    """qwen_scaled is Qwen2.5-VL-7B at 1/4 width, LLM depth 1/4 (7 of 28 layers), the tower
+    at 7 of 32 blocks with its one full-attention block last; its tower:LLM prefill FLOPs
+    ratio is within 1% of the 7B's (the uniformly scaled 8-block tower would be >10% above)."""
+    full, scaled = vlm.GEOMETRIES["qwen_full"], vlm.GEOMETRIES["qwen_scaled"]
+    assert scaled.reference is full and scaled.image_tokens == 256 and scaled.default_budgets() == [128, 64]
+    v, t = scaled.vision, scaled.text
+    assert (v["hidden_size"], v["intermediate_size"], v["depth"], v["num_heads"], v["fullatt_block_indexes"]) == (
+        320, 855, 7, 4, (6,))
+    assert (t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], t["num_attention_heads"],
+            t["num_key_value_heads"]) == (896, 4736, 7, 7, 1)
+    assert scaled.llm_layers == (2, 4) and scaled.vit_layer == 4 and scaled.fastv_layer == 1
+    ref = vlm.tower_llm_ratio(full, 66)
+    assert 0.3 < ref < 0.35  # at 7B the tower is a third of the LLM's prefill (LLaVA-1.5-7B: 5%)
+    assert abs(vlm.tower_llm_ratio(scaled, 66) / ref - 1) < 0.01
+    uniform = vlm.scale_geometry(full, "u", width=0.25, depth=0.25)
+    assert uniform.vision["fullatt_block_indexes"] == (7,) and vlm.tower_llm_ratio(uniform, 66) / ref > 1.1
+
+
+def test_qwen_analytic_flops_by_hand():
+    """The Qwen2.5-VL parts equal their textbook counts: patch embedding (a matmul over
+    the flattened patch), windowed and full-attention blocks (qkv + proj + SwiGLU MLP,
+    SDPA 4 s^2 d per window s), the 2x2 merger on the merged tokens, GQA decoder layers."""
+    v, t = QTINY.vision, QTINY.text
+    dv, iv, dt, it = v["hidden_size"], v["intermediate_size"], t["hidden_size"], t["intermediate_size"]
+    kv = t["num_key_value_heads"] * dt // t["num_attention_heads"]
+    p, text = 144, 12  # 12 x 12 patches; 10 text tokens + vision start/end
+
+    def block(n, windows):
+        return 8 * n * dv**2 + 6 * n * dv * iv + sum(4 * s * s * dv for s in windows)
+
+    def decoder(n):
+        return 4 * n * dt**2 + 4 * n * dt * kv + 6 * n * dt * it + 4 * n * n * dt
+
+    assert QTINY.windows(p) == [16] * 9  # 16 px windows: 3 x 3 windows of 2 x 2 merge groups
+    f = vlm.prefill_flops(QTINY, **vlm.unpruned_schedule(QTINY, text))
+    assert f["tower"] == 2 * p * 96 * dv + 2 * block(p, [p]) + 2 * block(p, [16] * 9)
+    assert f["projector"] == 2 * QN * (4 * dv * 4 * dv + 4 * dv * dt)
+    assert f["llm"] == 6 * decoder(text + QN) and f["head"] == 2 * dt * t["vocab_size"]
+    # after a drop to 72 patches the windowed blocks (0, 2) see 8 per window, spread evenly
+    assert QTINY.windows(72) == [8] * 9
+    cut = vlm.prefill_flops(QTINY, [p, p, 72, 72], [text + QN] * 6, QN // 2)
+    assert cut["tower"] == 2 * p * 96 * dv + block(p, [16] * 9) + block(p, [p]) + block(72, [8] * 9) + block(72, [72])
+
+
+def test_qwen_analytic_flops_equal_the_counted_prefill(qwen):
+    """The analytic count reproduces ``count_flops`` of the real Qwen2.5-VL prefill when
+    the tower is untouched (unpruned, random after the merger), and within 1% after a
+    tower drop (windowed attention assumes the kept groups spread evenly)."""
+    from saint.measure.flops import count_flops
+
+    x = inputs(batch=1, geometry=QTINY)
+    for kw, exact in ((None, True), (dict(method="random", keep_ratio=0.5, seed=0), True),
+                      (dict(mode="vit", vit_ratio=0.25, vit_layer=1), False)):
+        if kw:
+            saint.patch(qwen, **kw)
+        with torch.inference_mode():
+            counted = count_flops(lambda: vlm.prefill(qwen, x))[0]
+        sched = vlm.measured_schedule(QTINY, vlm.visual_tokens(qwen, x), x.text_tokens)
+        if kw:
+            saint.unpatch(qwen)
+        analytic = vlm.prefill_flops(QTINY, **sched)["total"]
+        assert analytic == counted if exact else abs(analytic / counted - 1) < 0.01
+    assert sched["tower_tokens"] == [144, 144, 36, 36] and sched["projected"] == 9
+
+
+def test_qwen_fixed_budget_methods_reach_the_budget_exactly(qwen):
+    """vit (inside the tower), fastv, random and pool keep exactly the budget; pool only
+    keeps what its p x p windows give, so by default it runs at 25% (9 of 36) only."""
+    x = inputs(geometry=QTINY)
+    variants = vlm.budget_variants(QTINY, [18, 9], graph_only=False)[1:]
+    assert [v.name for v in variants if v.method == "pool"] == ["pool@9"]
+    assert vlm.unreachable(QTINY, [18, 9], vlm.METHODS) == [
+        "pool@18: pool cannot keep exactly 18 of 36 tokens: Qwen-VL's pool averages p x p windows of the 6x6 grid, "
+        "which keeps [9, 4, 1] ..."]
+    with pytest.raises(ValueError, match="pool cannot keep exactly 18"):
+        vlm.budget_variants(QTINY, [18], ["pool"])
+    for v in variants:
+        if v.needs_tau:
+            continue
+        saint.patch(qwen, **v.kwargs)
+        with torch.inference_mode():
+            vlm.prefill(qwen, x)
+        t = vlm.visual_tokens(qwen, x)
+        assert t["after_per_sample"] == [v.budget] * 2, v.name
+        if v.method == "vit":  # 4 patches per merged token after block vit_layer
+            k = QTINY.vit_layer + 1
+            assert t["vision_tower_per_layer"] == [144.0] * k + [4.0 * v.budget] * (4 - k)
+        else:
+            assert t["vision_tower_per_layer"] is None
+    saint.unpatch(qwen)
+
+
 def test_stretched_schedule_moves_the_tower_drop_to_the_reference_layer():
     assert vlm.stretch([1, 2], 4) == [1, 1, 2, 2] and vlm.stretch([5, 6, 7, 8], 2) == [5, 7]
     full = vlm.GEOMETRIES["full"]
@@ -168,40 +290,58 @@ def test_fixed_budget_methods_reach_the_budget_exactly(model):
     saint.unpatch(model)
 
 
-def test_tau_calibration_is_reproduced_by_the_real_prefill(model):
-    """The calibration runs the LLM on precomputed image features; the prefill with
-    pixels gives exactly the calibrated count, and llm_tau is stored on the variant."""
+def test_keep_target_and_floor_by_hand():
+    """Halving 8 visual tokens after layers 1 and 2 of 4: 8, 8, 4, 2 enter the layers;
+    with 8 text tokens 16, 16, 12, 10 of 16."""
+    assert vlm.keep_target(8, 2, 4, (1, 2), text=0) == pytest.approx((8 + 8 + 4 + 2) / 32)
+    assert vlm.keep_target(8, 2, 4, (1, 2), text=8) == pytest.approx((16 + 16 + 12 + 10) / 64)
+    assert vlm.keep_target(8, 8, 4, (1, 2), text=3) == 1.0
+    assert vlm.floor_count(576, 3) == 72 and vlm.floor_count(375, 3) == 46
+
+
+def test_calibrated_taus_are_reproduced_by_the_real_prefill(model):
+    """saint.calibrate picks one tau per pruning layer for the keep target of the budget;
+    the prefill with those taus has exactly the calibrated token counts and ends near the
+    budget (the same share removed in every layer); a budget below what the layers can
+    reach is flagged."""
     x = inputs()
-    history: list[tuple[float, float]] = []
-    for v in vlm.budget_variants(TINY, [32, 16], ["llm"], graph_only=False)[1:]:
-        cal = vlm.calibrate_tau(model, x, v, history=history)
-        assert cal["reachable"] and abs(cal["achieved"] - v.budget) <= 1.5
-        assert v.kwargs["llm_tau"] == cal["llm_tau"]
+    for v in vlm.budget_variants(TINY, [32, 16], ["llm", "hybrid"], graph_only=False)[1:]:
+        cal = vlm.calibrate_variant(model, x, v)
+        assert cal["reachable"] and sorted(v.kwargs["llm_tau"]) == [1, 2, 3, 4]
+        assert {str(k): t for k, t in v.kwargs["llm_tau"].items()} == cal["llm_tau"]
         saint.patch(model, **v.kwargs)
         with torch.inference_mode():
             vlm.prefill(model, x)
-        assert vlm.visual_tokens(model, x)["after"] == cal["achieved"]
-    assert sum(t == -1.0 for t, _ in history) == 1  # the second budget reused the first's evaluations
-    unreachable = vlm.budget_variants(TINY, [2], ["llm"], graph_only=False)[1]
-    cal = vlm.calibrate_tau(model, x, unreachable)
-    assert not cal["reachable"] and cal["achieved"] == cal["floor"] > 2
-    saint.unpatch(model)
+        t = vlm.visual_tokens(model, x)
+        saint.unpatch(model)
+        kept = (x.text_tokens + t["layer_mean"]) / (x.text_tokens + t["to_llm"])
+        assert kept == pytest.approx(cal["keep_achieved"]) and abs(cal["keep_achieved"] / cal["keep_target"] - 1) < 0.01
+        assert abs(t["after"] - v.budget) <= 0.15 * v.budget, v.name
+    unreachable = vlm.budget_variants(TINY, [4], ["llm"], graph_only=False)[1]
+    cal = vlm.calibrate_variant(model, x, unreachable)
+    assert not cal["reachable"] and cal["floor"] == 9 and not cal["reached"]
 
 
 # ---------------------------------------------------------------------------- decode & cache
-@pytest.mark.parametrize("kw", [None, dict(mode="hybrid", vit_keep=90, vit_layer=1, llm_layers=(1, 3), llm_tau=0.5),
-                                dict(method="fastv", fastv_layer=2, fastv_ratio=0.75)])
-def test_decode_loop_equals_greedy_generate(model, kw):
-    x = inputs(new=4)
+@pytest.mark.parametrize("family, kw", [
+    ("llava", None), ("llava", dict(mode="hybrid", vit_keep=90, vit_layer=1, llm_layers=(1, 3), llm_tau=0.5)),
+    ("llava", dict(method="fastv", fastv_layer=2, fastv_ratio=0.75)),
+    ("qwen", None), ("qwen", dict(mode="hybrid", vit_ratio=0.5, vit_layer=1, llm_layers=(1, 3), llm_tau=0.5)),
+    ("qwen", dict(method="fastv", fastv_layer=2, fastv_ratio=0.75)),
+])
+def test_decode_loop_equals_greedy_generate(model, qwen, family, kw):
+    """The prepared decode positions (Qwen-VL: M-RoPE's, below the sequence index) are
+    those ``generate`` computes: the same greedy tokens, pruned or not."""
+    m, g = (model, TINY) if family == "llava" else (qwen, QTINY)
+    x = inputs(new=4, geometry=g)
     if kw is not None:
-        saint.patch(model, **kw)
+        saint.patch(m, **kw)
     with torch.inference_mode():
-        fed = vlm.decode(model, x, vlm.prefill(model, x))
-        ref = model.generate(input_ids=x.input_ids, attention_mask=x.attention_mask, pixel_values=x.pixel_values,
-                             max_new_tokens=4, do_sample=False, suppress_tokens=[TINY.image_token_id],
-                             pad_token_id=0)[:, x.length:]
+        fed = vlm.decode(m, x, vlm.prefill(m, x))
+        ref = m.generate(**x.batch, max_new_tokens=4, do_sample=False, suppress_tokens=g.suppressed_ids,
+                         pad_token_id=0)[:, x.length:]
     if kw is not None:
-        saint.unpatch(model)
+        saint.unpatch(m)
     assert torch.equal(fed, ref)
 
 
@@ -223,7 +363,7 @@ def test_kv_cache_bytes_follow_the_kept_tokens(model):
     (dict(budgets=[144]), "budget 144 must be an integer in 1..143"),
     (dict(budgets=[0]), "budget 0"),
     (dict(budgets=[16], methods=["tome"]), "unknown method"),
-    (dict(budgets=[100], methods=["hybrid"]), "hybrid keeps 94 patches"),
+    (dict(budgets=[100], methods=["hybrid"]), "hybrid keeps 94 of 144 visual tokens"),
     (dict(budgets=[37], methods=["pool"]), "pool cannot keep exactly 37"),
 ])
 def test_bad_variants_raise(args, match):
@@ -270,7 +410,9 @@ def test_cli_tiny_run_writes_json(tmp_path, capsys):
         if r["method"] in ("vit", "random", "pool", "fastv"):
             assert t["after_per_sample"] == [r["budget"]] * 2, r["name"]
         elif r["method"] in ("llm", "hybrid"):
-            assert r["calibration"]["achieved"] == t["after"]
+            text = s["text_tokens"]
+            kept = (text + t["layer_mean"]) / (text + t["to_llm"])
+            assert kept == pytest.approx(r["calibration"]["keep_achieved"])
             assert r["patch_kwargs"]["llm_tau"] == r["calibration"]["llm_tau"]
         else:
             assert t["per_layer"] == [float(N)] * 6
@@ -293,10 +435,15 @@ def test_cli_tiny_run_writes_json(tmp_path, capsys):
     assert fastv["kv_cache_mb"] < base["kv_cache_mb"]
 
 
-def test_benchmark_script_writes_md_and_json(tmp_path, capsys):
+def run_vlm_cpu():
     spec = importlib.util.spec_from_file_location("run_vlm_cpu", ROOT / "benchmarks" / "run_vlm_cpu.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_benchmark_script_writes_md_and_json(tmp_path, capsys):
+    script = run_vlm_cpu()
     argv = ["--geometry", "tiny", "--threads", "1", "--methods", "vit,pool", "--budgets", "16", "--warmup", "0",
             "--repeats", "1", "--new-tokens", "1", "--no-flops", "--no-graph-only", "--no-progress",
             "--out-dir", str(tmp_path)]
@@ -309,3 +456,26 @@ def test_benchmark_script_writes_md_and_json(tmp_path, capsys):
     for key in ("- date:", "- device:", "torch threads: 1", "- versions:", "transformers", "- command: `python"):
         assert key in md, key
     assert "| saint-vit@16 | 16 |" in md
+    assert md.startswith("# LLaVA-1.5 latency at equal visual-token budgets (fp32, cpu)")
+
+
+def test_benchmark_script_runs_qwen(tmp_path, capsys):
+    """The same script on Qwen2.5-VL: its own output name, title, markers in the prompt
+    note, and the 7B analytic column at qwen_tiny itself."""
+    script = run_vlm_cpu()
+    argv = ["--geometry", "qwen_tiny", "--threads", "1", "--methods", "vit,pool", "--budgets", "9", "--warmup", "0",
+            "--repeats", "1", "--new-tokens", "1", "--no-flops", "--no-graph-only", "--no-progress",
+            "--out-dir", str(tmp_path)]
+    assert script.main(argv) == 0
+    md = (tmp_path / "vlm_qwen_tiny_cpu_fp32.md").read_text()
+    report = json.loads((tmp_path / "vlm_qwen_tiny_cpu_fp32.json").read_text())
+    assert md.startswith("# Qwen2.5-VL latency at equal visual-token budgets (fp32, cpu)")
+    assert "(+ 2 image start/end markers)" in md and "| saint-vit@9 | 9 |" in md and "| pool@9 | 9 |" in md
+    g = report["geometry"]
+    assert (g["family"], g["image_tokens"], g["tower_tokens"], g["reference"]) == ("qwen2_5_vl", 36, 144, None)
+    s = report["settings"]
+    assert (s["prompt_len"], s["text_tokens"], s["image_tokens"], s["skipped"]) == (64, 66, 36, [])
+    vit = report["variants"][1]
+    assert vit["visual_tokens"]["vision_tower_per_layer"] == [144.0, 144.0, 36.0, 36.0]
+    assert vit["analytic_ref_speedup"] > 1.0
+

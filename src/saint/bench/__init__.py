@@ -1,5 +1,5 @@
 """Benchmarks built on :mod:`saint.measure`: side-by-side throughput (``saint bench``),
-speed/fidelity sweeps (``saint sweep``) and LLaVA latency (``saint vlm-bench``)."""
+speed/fidelity sweeps (``saint sweep``) and VLM latency (``saint vlm-bench``)."""
 
 from .bench import format_bench, run_bench
 from .sweep import run_sweep

@@ -1,7 +1,9 @@
-"""``saint vlm-bench``: LLaVA time to first token, decode ms/token, KV cache and peak
+"""``saint vlm-bench``: VLM time to first token, decode ms/token, KV cache and peak
 memory of the unpruned model, SAINT's vit / llm / hybrid modes and the FastV, random
-and pooling baselines at equal visual-token budgets (random weights, LLaVA-1.5's real
-vision geometry; see saint.bench.vlm for exactly what is measured)."""
+and pooling baselines at equal visual-token budgets (random weights; LLaVA-1.5-7B or
+Qwen2.5-VL-7B with tower and LLM scaled alike, the analytic prefill-FLOPs speed-up at
+the real 7B shapes beside the measured one; see saint.bench.vlm for exactly what is
+measured)."""
 
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
     from ..bench.vlm import GEOMETRIES, METHODS
 
     g = p.add_argument_group("model")
-    g.add_argument("--geometry", default="cpu", choices=sorted(GEOMETRIES),
-                   help="cpu (default): CLIP ViT-L/14-336 + Llama 1024 hidden x 8 layers; full: LLaVA-1.5-7B "
-                        "(Llama 4096 x 32); scaled: LLaVA-1.5-7B with tower and LLM scaled alike (width 1/4, LLM depth 1/4, "
-                        "tower depth 4 to keep the tower:LLM FLOPs ratio); tiny: a test-sized model. All random weights")
+    g.add_argument("--geometry", default=None, choices=sorted(GEOMETRIES),
+                   help="scaled (default): LLaVA-1.5-7B with tower and LLM scaled alike (width 1/4, LLM depth 1/4, "
+                        "tower depth 4 to keep the tower:LLM FLOPs ratio); qwen_scaled: the same for Qwen2.5-VL-7B "
+                        "(one 448x448 image = 256 visual tokens; tower depth 7); full / qwen_full: the 7B shapes "
+                        "(use a GPU); cpu: CLIP ViT-L/14-336 + Llama 1024 hidden x 8 layers; tiny / qwen_tiny: "
+                        "test-sized models. All random weights")
     g.add_argument("--full", action="store_true", help="same as --geometry full (use a GPU, bf16/fp16)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device}: cuda if available)")
@@ -49,21 +53,25 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
     t.add_argument("--no-flops", action="store_true", help="skip the FLOPs count (one extra prefill per variant)")
     v = p.add_argument_group("variants")
     v.add_argument("--budgets", default=None,
-                   help="visual tokens per image to keep, comma-separated (default 192,128,64 of 576, scaled "
-                        "to the geometry's patch count)")
-    v.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (default all); the unpruned model "
-                        "always runs")
+                   help="visual tokens per image to keep, comma-separated (default: 50%% and 25%% of the visual "
+                        "tokens for scaled / qwen_*, 192,128,64 of 576 scaled to the geometry otherwise)")
+    v.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)} (default all, pool only at the budgets its "
+                        "grid keeps exactly); the unpruned model always runs")
     v.add_argument("--no-graph-only", action="store_true",
                    help="skip the graph-only variant (SAINT's LLM selection run without dropping, for its overhead)")
     v.add_argument("--llm-layers", default=None, metavar="S,E",
-                   help="SAINT's LLM pruning layers, inclusive (default: cpu 2,5; full 7,16 as the reference)")
-    v.add_argument("--vit-layer", type=int, default=None, help="tower layer of vit/hybrid pruning (default 19)")
-    v.add_argument("--fastv-layer", type=int, default=None, help="FastV's K (default 2)")
+                   help="SAINT's LLM pruning layers, inclusive (default: full / qwen_full 7,16 as the reference, "
+                        "the same relative depth when scaled; cpu 2,5)")
+    v.add_argument("--vit-layer", type=int, default=None,
+                   help="tower layer of vit/hybrid pruning (default: LLaVA 19 of 24, Qwen2.5-VL 16 of 32, the same "
+                        "relative depth when scaled)")
+    v.add_argument("--fastv-layer", type=int, default=None, help="FastV's K (default 2, scaled alike)")
     v.add_argument("--hybrid-vit-keep", type=int, default=None,
-                   help="patches hybrid keeps in the tower before the LLM step (default 375 of 576, scaled)")
+                   help="visual tokens hybrid keeps in the tower before the LLM step (default 375 of 576, scaled "
+                        "to the geometry's visual tokens)")
     v.add_argument("--tau-iters", type=int, default=12,
-                   help="tau search steps per llm/hybrid budget (default 12)")
+                   help="saint.calibrate steps per llm/hybrid budget (default 12)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -73,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "vlm-bench",
-        help="LLaVA TTFT, decode ms/token and memory: SAINT vit/llm/hybrid vs FastV/random/pool at equal budgets",
+        help="VLM TTFT, decode ms/token and memory: SAINT vit/llm/hybrid vs FastV/random/pool at equal budgets",
         description=__doc__.replace("``", ""),
     )
     add_arguments(p)
@@ -87,9 +95,9 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     from ..measure.harness import resolve_device, resolve_dtype
     from .options import apply_threads, progress_factory
 
-    geometry = GEOMETRIES["full" if args.full else args.geometry]
-    if args.full and args.geometry not in ("cpu", "full"):
+    if args.full and args.geometry not in (None, "full"):
         raise ValueError(f"--full contradicts --geometry {args.geometry}")
+    geometry = GEOMETRIES["full" if args.full else args.geometry or "scaled"]
     apply_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp32" if device.type == "cpu" else "bf16"))
@@ -98,7 +106,7 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = None if args.budgets is None else _int_list(args.budgets, "--budgets")
     layers = None
     if args.llm_layers is not None:

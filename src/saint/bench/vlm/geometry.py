@@ -1,8 +1,16 @@
-"""LLaVA-1.5's vision side with a Llama scaled by :data:`GEOMETRIES`: the model ``saint vlm-bench`` measures."""
+"""The model ``saint vlm-bench`` measures: a :class:`Geometry` holds the shapes of a
+random-weight VLM and the layer choices that go with them. Each family is a subclass
+(LLaVA-1.5 in :mod:`.llava_geometry`, Qwen2.5-VL in :mod:`.qwen_geometry`) that knows
+how to build its model, lay out one image in the prompt, turn a visual-token budget into
+its adapter's settings and count its modules' FLOPs, so the harness has no per-family
+branch. :func:`scale_geometry` shrinks a 7B geometry's tower and LLM alike."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import abc
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,156 +19,181 @@ METHODS = ("vit", "llm", "hybrid", "fastv", "random", "pool")
 REFERENCE_PATCHES = 576  # LLaVA-1.5: CLIP ViT-L/14 at 336 px
 REFERENCE_HYBRID_VIT_KEEP = 375  # the reference hybrid setting (576 -> 375 in the tower)
 REFERENCE_BUDGETS = (192, 128, 64)
+LITERATURE_FRACTIONS = tuple(b / REFERENCE_PATCHES for b in REFERENCE_BUDGETS)  # 192, 128, 64 of 576
+HALF_QUARTER = (0.5, 0.25)  # the scaled geometries' budgets: 50% and 25% of the visual tokens
 LLM_K, LLM_GAMMA, REFERENCE_TAU = 5, 10.0, 0.83
-
-# CLIP ViT-L/14-336 as in LLaVA-1.5 (openai/clip-vit-large-patch14-336).
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14, projection_dim=768)
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """Shapes of a random-weight LLaVA and the layer choices that go with them."""
+class Geometry(abc.ABC):
+    """Shapes of a random-weight VLM and the layer choices that go with them.
+    ``vision`` / ``text`` are the family's tower and language-model config keywords;
+    ``reference`` is the geometry this one is scaled from (analytic speed-ups are given
+    at it; None: itself); ``budget_fractions`` give the default budgets."""
 
     name: str
     description: str
-    vision: dict[str, int]
-    text: dict[str, int]
+    vision: dict[str, Any]
+    text: dict[str, Any]
     image_token_id: int
     llm_layers: tuple[int, int]  # SAINT's LLM pruning layers (inclusive)
     vit_layer: int  # tower layer of the fixed-budget drop (vit / hybrid)
     fastv_layer: int  # FastV's K
-    reference: str | None = None  # the geometry this one is scaled from (analytic speed-ups are given at it)
+    reference: Geometry | None = None
+    budget_fractions: tuple[float, ...] = LITERATURE_FRACTIONS
+
+    family = ""  # the family's name and its label in titles (class attributes of each subclass)
+    label = ""
+    heads_key = ""  # the tower config's keys for heads and depth
+    depth_key = ""
+
+    # ------------------------------------------------------------ shapes
+    @property
+    @abc.abstractmethod
+    def image_tokens(self) -> int:
+        """Visual tokens per image in the prompt, as the processor emits them."""
 
     @property
+    @abc.abstractmethod
     def grid(self) -> int:
-        return self.vision["image_size"] // self.vision["patch_size"]
+        """Side of the (square) grid of visual tokens."""
 
     @property
-    def n_patches(self) -> int:
-        """Image tokens per image that the processor emits (``default`` strategy: no CLS)."""
-        return self.grid**2
+    @abc.abstractmethod
+    def tower_tokens(self) -> int:
+        """Tokens entering every tower layer of the unpruned model, per image."""
+
+    @property
+    def tower_depth(self) -> int:
+        return int(self.vision[self.depth_key])
+
+    @property
+    def text_depth(self) -> int:
+        return int(self.text["num_hidden_layers"])
 
     @property
     def hybrid_vit_keep(self) -> int:
-        """The reference's 375 of 576 patches, scaled to this tower."""
-        return round(REFERENCE_HYBRID_VIT_KEEP * self.n_patches / REFERENCE_PATCHES)
+        """The reference's 375 of 576 patches, scaled to this geometry's visual tokens."""
+        return round(REFERENCE_HYBRID_VIT_KEEP * self.image_tokens / REFERENCE_PATCHES)
 
     def default_budgets(self) -> list[int]:
-        """192, 128, 64 of 576, scaled to this tower."""
-        return [round(b * self.n_patches / REFERENCE_PATCHES) for b in REFERENCE_BUDGETS]
+        """``budget_fractions`` of the visual tokens."""
+        return [round(f * self.image_tokens) for f in self.budget_fractions]
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["n_patches"] = self.n_patches
-        return d
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["reference"] = None if self.reference is None else self.reference.name
+        return dict(d, family=self.family, label=self.label, image_tokens=self.image_tokens,
+                    tower_tokens=self.tower_tokens)
+
+    # ------------------------------------------------------------ model and prompt
+    @abc.abstractmethod
+    def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              seed: int = 0) -> torch.nn.Module:
+        """A random-weight model of this geometry (sdpa attention), created directly on
+        ``device`` in ``dtype`` (no fp32 copy of a 7B model on the host)."""
+
+    @abc.abstractmethod
+    def image_run(self) -> list[int]:
+        """Token ids of one image's span in the prompt (image tokens and any markers)."""
+
+    @property
+    @abc.abstractmethod
+    def text_id_limit(self) -> int:
+        """Random text tokens are drawn below this id (the special tokens are above)."""
+
+    @property
+    @abc.abstractmethod
+    def suppressed_ids(self) -> list[int]:
+        """Tokens greedy decoding must not pick (image/video tokens)."""
+
+    @abc.abstractmethod
+    def media(self, input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random pixels (one image per row) and whatever else the model's forward takes
+        with them, for the prompts ``input_ids``."""
+
+    @abc.abstractmethod
+    def decode_positions(self, length: int, step: int, batch: int) -> torch.Tensor:
+        """Position ids of decoding step ``step`` after a prompt of ``length`` tokens, as
+        ``generate`` passes them."""
+
+    # ------------------------------------------------------------ budgets -> adapter settings
+    @abc.abstractmethod
+    def tower_keep(self, keep: int, vit_layer: int) -> dict[str, Any]:
+        """Settings of the fixed-budget tower drop keeping ``keep`` visual tokens per image."""
+
+    @abc.abstractmethod
+    def random_keep(self, budget: int) -> dict[str, Any]:
+        """The random baseline keeping ``budget`` visual tokens per image."""
+
+    @abc.abstractmethod
+    def pool_keep(self, budget: int) -> dict[str, Any]:
+        """The pooling baseline keeping exactly ``budget`` tokens; ValueError if it cannot."""
+
+    # ------------------------------------------------------------ FLOPs (see analytic.py)
+    @abc.abstractmethod
+    def part_flops(self, part: str, n: int, layer: int = 0) -> int:
+        """FLOPs of one part of the prefill at ``n`` tokens: ``embed`` (n ignored),
+        ``tower_layer`` (tower layer ``layer``), ``projector`` (``n`` visual tokens out),
+        ``decoder_layer``, ``head`` (``n`` positions)."""
+
+    @abc.abstractmethod
+    def projected(self, tower_last: float) -> float:
+        """Visual tokens the projector emits when ``tower_last`` tokens leave the tower."""
+
+    # ------------------------------------------------------------ scaling
+    @abc.abstractmethod
+    def shapes(self) -> str:
+        """The tower's and the language model's sizes in a few words."""
+
+    @abc.abstractmethod
+    def scaled_parts(self, vision: dict[str, Any], text: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Family-specific keys of a scaled copy (``vision``/``text`` already have the
+        common ones scaled): e.g. the layers with full attention, the tower's output width."""
 
 
-GEOMETRIES: dict[str, Geometry] = {
-    "cpu": Geometry(
-        "cpu",
-        "LLaVA-1.5 vision side (CLIP ViT-L/14-336, 576 patches, 2-layer MLP projector, feature layer -2) + "
-        "Llama scaled for a CPU: hidden 1024, 8 layers, 16 heads, MLP 2816, vocab 32064; random weights",
-        CLIP_L_336,
-        dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-             num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096),
-        image_token_id=32000,
-        # the reference prunes after layers 7..16 of 32; here from ~1/4 of the depth, over 4
-        # layers so 576 -> 64 is reachable (each step removes at most half: 576 / 2**3 > 64)
-        llm_layers=(2, 5),
-        vit_layer=19,
-        fastv_layer=2,
-        reference="full",
-    ),
-    "full": Geometry(
-        "full",
-        "LLaVA-1.5-7B geometry (CLIP ViT-L/14-336 + Vicuna-7B: hidden 4096, 32 layers, 32 heads, MLP 11008, "
-        "vocab 32064); random weights",
-        CLIP_L_336,
-        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
-        image_token_id=32000,
-        llm_layers=(7, 16),  # the reference LLaVA-1.5-7B setting
-        vit_layer=19,
-        fastv_layer=2,
-    ),
-    "tiny": Geometry(
-        "tiny",
-        "tiny test LLaVA (CLIP 4 layers, 48 px / patch 4 = 144 patches; Llama hidden 64, 6 layers); random weights",
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=48,
-             patch_size=4, projection_dim=32),
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-             num_key_value_heads=4, vocab_size=256, max_position_embeddings=1024),
-        image_token_id=255,
-        llm_layers=(1, 4),
-        vit_layer=1,
-        fastv_layer=2,
-    ),
-}
-
-
-def _scaled_layer(index: int, depth: int, ref_depth: int) -> int:
+def scaled_layer(index: int, depth: int, ref_depth: int) -> int:
+    """Layer ``index`` of ``ref_depth`` at the same relative depth of ``depth`` layers."""
     return round(index * depth / ref_depth)
 
 
-def scale_geometry(base: Geometry, name: str, *, width: float, depth: float,
-                   tower_layers: int | None = None) -> Geometry:
+def _scale_part(cfg: dict[str, Any], width: float, depth: float, heads_key: str, depth_key: str,
+                extra: Sequence[str], layers: int | None) -> dict[str, Any]:
+    head_dim = cfg["hidden_size"] // cfg[heads_key]
+    heads = max(1, round(cfg[heads_key] * width))
+    out = dict(cfg, hidden_size=heads * head_dim, intermediate_size=max(1, round(cfg["intermediate_size"] * width)))
+    out[heads_key] = heads
+    out[depth_key] = max(2, round(cfg[depth_key] * depth)) if layers is None else layers
+    for k in extra:
+        out[k] = max(1, round(cfg[k] * width))
+    return out
+
+
+def scale_geometry(base: Geometry, name: str, *, width: float, depth: float, tower_layers: int | None = None,
+                   text_layers: int | None = None, budget_fractions: tuple[float, ...] = HALF_QUARTER) -> Geometry:
     """``base`` with the tower and the language model scaled by the same factors: hidden
-    and MLP sizes by ``width`` (head size kept, so heads scale too), layers by ``depth``.
-    Both parts change alike, so their FLOPs ratio stays close to ``base``'s (only the
-    attention-score term, quadratic in tokens and linear in width, and the projector,
-    which has no depth, move it; ``tower_layers`` overrides the tower's depth to bring the
-    ratio back, see :func:`saint.bench.vlm.analytic.tower_llm_ratio`). Patches, vocabulary and the
+    and MLP sizes by ``width`` (head size kept, so heads scale too; key/value heads too),
+    layers by ``depth``. Both parts change alike, so their FLOPs ratio stays close to
+    ``base``'s (only the attention-score term, quadratic in tokens and linear in width,
+    and the projector, which has no depth, move it; ``tower_layers`` / ``text_layers``
+    override a depth to bring the ratio back, see
+    :func:`saint.bench.vlm.analytic.tower_llm_ratio`). Image size, vocabulary and the
     prompt layout are kept; layer choices map to the same relative depth."""
     if not (0 < width <= 1 and 0 < depth <= 1):
         raise ValueError(f"width {width} and depth {depth} must be in (0, 1]; they shrink {base.name}")
-
-    def part(cfg: dict[str, int], heads_key: str, extra: tuple[str, ...]) -> dict[str, int]:
-        head_dim = cfg["hidden_size"] // cfg[heads_key]
-        heads = max(1, round(cfg[heads_key] * width))
-        out = dict(cfg, hidden_size=heads * head_dim, num_attention_heads=heads,
-                   intermediate_size=max(1, round(cfg["intermediate_size"] * width)),
-                   num_hidden_layers=max(2, round(cfg["num_hidden_layers"] * depth)))
-        for k in extra:
-            out[k] = max(1, round(cfg[k] * width))
-        return out
-
-    vision = part(base.vision, "num_attention_heads", ("projection_dim",))
-    if tower_layers is not None:
-        vision["num_hidden_layers"] = tower_layers
-    text = part(base.text, "num_attention_heads", ("num_key_value_heads",))
-    tl, vl = text["num_hidden_layers"], vision["num_hidden_layers"]
-    bl, bv = base.text["num_hidden_layers"], base.vision["num_hidden_layers"]
+    vision = _scale_part(base.vision, width, depth, base.heads_key, base.depth_key, (), tower_layers)
+    text = _scale_part(base.text, width, depth, "num_attention_heads", "num_hidden_layers",
+                       ("num_key_value_heads",), text_layers)
+    vision, text = base.scaled_parts(vision, text)
+    tl, vl = text["num_hidden_layers"], vision[base.depth_key]
+    bl, bv = base.text_depth, base.tower_depth
     s, e = base.llm_layers
-    llm_layers = (_scaled_layer(s, tl, bl), min(tl - 1, _scaled_layer(e, tl, bl)))
-    desc = (f"{base.name} scaled by {width:g} in width and {depth:g} in depth, tower and LLM alike: "
-            f"CLIP {vision['hidden_size']} x {vl} layers (MLP {vision['intermediate_size']}), "
-            f"{base.n_patches} patches; Llama {text['hidden_size']} x {tl} layers (MLP {text['intermediate_size']}, "
-            f"{text['num_attention_heads']} heads); random weights")
-    return Geometry(name, desc, vision, text, base.image_token_id, llm_layers=llm_layers,
-                    # the tower's last layer feeds nothing (features from layer -2): stay before it
-                    vit_layer=min(vl - 2, _scaled_layer(base.vit_layer, vl, bv)),
-                    fastv_layer=max(1, _scaled_layer(base.fastv_layer, tl, bl)), reference=base.name)
+    out = dataclasses.replace(
+        base, name=name, vision=vision, text=text, reference=base, budget_fractions=budget_fractions,
+        llm_layers=(scaled_layer(s, tl, bl), min(tl - 1, scaled_layer(e, tl, bl))),
+        # pruning after the tower's last layer saves nothing (LLaVA reads layer -2): stay before it
+        vit_layer=min(vl - 2, scaled_layer(base.vit_layer, vl, bv)),
+        fastv_layer=max(1, scaled_layer(base.fastv_layer, tl, bl)))
+    return dataclasses.replace(out, description=f"{base.name} scaled by {width:g} in width and {depth:g} in depth, "
+                                                f"tower and LLM alike: {out.shapes()}; random weights")
 
-
-# LLaVA-1.5-7B at a quarter of its width and depth; 4 tower layers instead of 6 keep the
-# tower:LLM prefill FLOPs ratio within 3% of the 7B's (6 layers would be 34% above it:
-# the projector has no depth and attention scores shrink only linearly with width).
-GEOMETRIES["scaled"] = scale_geometry(GEOMETRIES["full"], "scaled", width=0.25, depth=0.25, tower_layers=4)
-
-
-def build_llava(geometry: Geometry, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                seed: int = 0) -> torch.nn.Module:
-    """A random-weight ``LlavaForConditionalGeneration`` of ``geometry`` (sdpa attention),
-    created directly on ``device`` in ``dtype`` (no fp32 copy of a 7B model on the host)."""
-    import transformers
-
-    vision = transformers.CLIPVisionConfig(**geometry.vision)
-    text = transformers.LlamaConfig(**geometry.text, pad_token_id=0)
-    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=geometry.image_token_id,
-                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                   attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = transformers.LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
-    return model.eval()

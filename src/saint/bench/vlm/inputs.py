@@ -17,11 +17,11 @@ class VlmInputs:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor
+    media: dict[str, torch.Tensor]  # pixel values and what goes with them (Qwen-VL: grids, token types)
     decode_masks: list[torch.Tensor]
     decode_positions: list[torch.Tensor]
-    suppress: torch.Tensor  # [vocab] bool: tokens greedy decoding must not pick (the image token)
-    text_tokens: int
+    suppress: torch.Tensor  # [vocab] bool: tokens greedy decoding must not pick (image/video tokens)
+    text_tokens: int  # tokens per prompt that are not image tokens (text and image markers)
     image_tokens: int
 
     @property
@@ -32,53 +32,56 @@ class VlmInputs:
     def length(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def batch(self) -> dict[str, torch.Tensor]:
+        """The prompts as a processor would return them (what ``saint.calibrate`` takes)."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.media}
+
 
 def make_inputs(geometry: Geometry, batch_size: int, prompt_len: int, new_tokens: int,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> VlmInputs:
-    """Random prompts: ``prompt_len // 2`` text tokens, the image's tokens, the rest of the
-    text (the image tokens sit between a system prompt and a question, as in LLaVA-1.5)."""
+    """Random prompts: ``prompt_len // 2`` text tokens, the image's span (its tokens and
+    the family's markers), the rest of the text (the image sits between a system prompt
+    and a question, as in LLaVA-1.5's and Qwen-VL's chat templates)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if prompt_len < 1:
         raise ValueError(f"prompt length (text tokens) must be >= 1, got {prompt_len}")
     if new_tokens < 1:
         raise ValueError(f"new tokens must be >= 1, got {new_tokens}")
-    n_img = geometry.n_patches
-    total = prompt_len + n_img + new_tokens
+    run = torch.tensor(geometry.image_run())
+    n_img = geometry.image_tokens
+    total = prompt_len + len(run) + new_tokens
     max_pos = geometry.text["max_position_embeddings"]
     if total > max_pos:
-        raise ValueError(f"prompt ({prompt_len} text + {n_img} image tokens) + {new_tokens} new tokens = {total} "
+        raise ValueError(f"prompt ({prompt_len} text + {len(run)} image tokens) + {new_tokens} new tokens = {total} "
                          f"exceeds the language model's {max_pos} positions")
     g = torch.Generator().manual_seed(seed)
-    img_id = geometry.image_token_id
-    text = torch.randint(2, img_id, (batch_size, prompt_len), generator=g)
+    text = torch.randint(2, geometry.text_id_limit, (batch_size, prompt_len), generator=g)
     text[:, 0] = 1  # BOS
     pre = prompt_len // 2
-    ids = torch.cat([text[:, :pre], torch.full((batch_size, n_img), img_id), text[:, pre:]], dim=1)
-    size = geometry.vision["image_size"]
-    pixels = torch.randn(batch_size, 3, size, size, generator=g)
+    ids = torch.cat([text[:, :pre], run.expand(batch_size, -1), text[:, pre:]], dim=1)
+    media = geometry.media(ids, g)
     length = ids.shape[1]
     dev = torch.device(device)
     ones = torch.ones(batch_size, length + new_tokens, dtype=torch.long, device=dev)
     suppress = torch.zeros(geometry.text["vocab_size"], dtype=torch.bool)
-    suppress[img_id] = True
+    suppress[geometry.suppressed_ids] = True
     return VlmInputs(
         input_ids=ids.to(dev),
         attention_mask=ones[:, :length],
-        pixel_values=pixels.to(device=dev, dtype=dtype),
+        media={k: v.to(device=dev, dtype=dtype) if v.is_floating_point() else v.to(dev) for k, v in media.items()},
         decode_masks=[ones[:, : length + t + 1] for t in range(new_tokens)],
-        decode_positions=[torch.full((batch_size, 1), length + t, dtype=torch.long, device=dev)
-                          for t in range(new_tokens)],
+        decode_positions=[geometry.decode_positions(length, t, batch_size).to(dev) for t in range(new_tokens)],
         suppress=suppress.to(dev),
-        text_tokens=prompt_len,
+        text_tokens=length - n_img,
         image_tokens=n_img,
     )
 
 
 def prefill(model: torch.nn.Module, inputs: VlmInputs) -> Any:
     """The first forward of generation: prompt + image, cache on, logits of the last position."""
-    return model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                 pixel_values=inputs.pixel_values, use_cache=True, logits_to_keep=1)
+    return model(**inputs.batch, use_cache=True, logits_to_keep=1)
 
 
 def decode(model: torch.nn.Module, inputs: VlmInputs, out: Any, steps: int | None = None) -> torch.Tensor:

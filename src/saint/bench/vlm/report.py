@@ -12,6 +12,15 @@ HEADERS = ["variant", "budget", "vis->LLM", "vis after", "vis/layer", "tau", "TT
            "TTFT x", "FLOPs x 7B", "decode ms/tok min", "decode spread", "decode x", "KV MB", "peak MB", "GFLOPs"]
 
 
+def _taus(r: dict[str, Any]) -> str:
+    """The llm/hybrid taus: one value, or the range over the pruning layers."""
+    if r["method"] not in ("llm", "hybrid"):
+        return "-"
+    tau = r["patch_kwargs"]["llm_tau"]
+    values = sorted(tau.values()) if isinstance(tau, dict) else [tau]
+    return fmt(values[0], 2) if values[0] == values[-1] else f"{values[0]:.2f}..{values[-1]:.2f}"
+
+
 def _rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for r in report["variants"]:
@@ -24,7 +33,7 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
             fmt(t["to_llm"], 1),
             after,
             fmt(t["layer_mean"], 1),
-            fmt(r["patch_kwargs"]["llm_tau"], 4) if r["method"] in ("llm", "hybrid") else "-",
+            _taus(r),
             fmt(r["ttft"]["ms_min"], 1),
             fmt(r["ttft"]["ms_spread"], 1),
             fmt(r["ttft_speedup"], 2),
@@ -55,8 +64,10 @@ def _overhead_lines(report: dict[str, Any]) -> list[str]:
 def _notes(report: dict[str, Any]) -> list[str]:
     s = report["settings"]
     mem = s["memory_method"] or "not measured"
+    markers = s["text_tokens"] - s["prompt_len"]
     return [
-        f"prompt: {s['text_tokens']} text + {s['image_tokens']} image tokens per row, batch {s['batch_size']}, "
+        f"prompt: {s['prompt_len']} text + {s['image_tokens']} image tokens per row"
+        f"{f' (+ {markers} image start/end markers)' if markers else ''}, batch {s['batch_size']}, "
         f"{s['dtype']} on {s['device']}; decode: {s['new_tokens']} greedy single-token steps on the prefill's cache",
         f"timing: {s['warmup']} warm-up + {s['repeats']} timed interleaved round-robin rounds"
         f"{'' if s['repeats'] >= 5 else ' (fewer than 5: indicative only)'}; minimum over rounds, spread = "
@@ -64,8 +75,11 @@ def _notes(report: dict[str, Any]) -> list[str]:
         "forward (vision tower + projector + pruning + LLM + LM head on the last position)",
         "vis->LLM / vis after / vis/layer: mean visual tokens per image handed to the LLM, after its last layer, "
         "and averaged over its layers; budgets: vit/random/pool keep = budget, fastv ratio = (n - budget)/n at "
-        f"layer {s['fastv_layer']}, llm/hybrid tau searched on this prompt (hybrid keeps "
-        f"{s['hybrid_vit_keep']} in the tower first); '(floor)': budget below what SAINT's layers can reach",
+        f"layer {s['fastv_layer']}, llm/hybrid: per-layer taus from saint.calibrate on this prompt, keep target = "
+        "the mean kept fraction of the schedule that removes the same share in each pruning layer and ends at the "
+        f"budget (hybrid keeps {s['hybrid_vit_keep']} in the tower first; tau column: range over the pruning "
+        "layers); '(floor)': budget below what SAINT's layers can reach",
+        *([f"not run: {'; '.join(s['skipped'])}"] if s.get("skipped") else []),
         f"KV MB: exact cache size after prefill; peak MB: {mem}; GFLOPs: prefill per prompt (matmul/attention)",
         *_analytic_notes(report),
         "random weights: costs are those of the geometry, not of a trained model's outputs",
@@ -92,7 +106,7 @@ def format_vlm_bench(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown_vlm_bench(report: dict[str, Any], title: str = "LLaVA latency at equal visual-token budgets") -> str:
+def markdown_vlm_bench(report: dict[str, Any], title: str = "VLM latency at equal visual-token budgets") -> str:
     """The report as a markdown page: environment, table, graph overhead, notes."""
     env = report["environment"]
     v = env["versions"]
@@ -114,7 +128,7 @@ def markdown_vlm_bench(report: dict[str, Any], title: str = "LLaVA latency at eq
 
 
 def write_vlm_report(report: dict[str, Any], prefix: str | Path, formats: Sequence[str] = ("json", "md"),
-                     title: str = "LLaVA latency at equal visual-token budgets") -> list[Path]:
+                     title: str = "VLM latency at equal visual-token budgets") -> list[Path]:
     """Write ``prefix.json`` / ``prefix.md``; returns the paths written."""
     return write_outputs(report, prefix, formats,
                          {"md": lambda path: path.write_text(markdown_vlm_bench(report, title))})

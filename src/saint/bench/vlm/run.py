@@ -23,10 +23,10 @@ from .analytic import (
     tower_llm_ratio,
     unpruned_schedule,
 )
-from .geometry import GEOMETRIES, LLM_GAMMA, LLM_K, METHODS, Geometry, build_llava
+from .geometry import LLM_GAMMA, LLM_K, METHODS, Geometry
 from .inputs import VlmInputs, decode, kv_cache_bytes, make_inputs, prefill
-from .tau import calibrate_tau
-from .variants import VlmVariant, _activate, budget_variants, visual_tokens
+from .tau import calibrate_variant
+from .variants import VlmVariant, _activate, budget_variants, unreachable, visual_tokens
 
 
 @dataclass
@@ -144,21 +144,19 @@ def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[
                   device: torch.device | str, warmup: int = 1, repeats: int = 5, memory: bool = True,
                   flops: bool = True, tau_iters: int = 12,
                   progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> dict[str, Any]:
-    """Calibrate tau for ``llm``/``hybrid``, time every variant round-robin, profile each
-    once; returns the report's ``variants`` and ``graph_overhead`` sections."""
+    """Calibrate the taus of ``llm``/``hybrid`` (:func:`saint.calibrate`), time every
+    variant round-robin, profile each once; returns the report's ``variants`` and
+    ``graph_overhead`` sections."""
     if api.is_patched(model):
         raise ValueError("give run_vlm_bench an unpatched model; it patches it per variant")
     variants = list(variants)
     if not variants or variants[0].method != "unpruned":
         raise ValueError("the first variant must be the unpruned model (budget_variants puts it first)")
     t_start = time.perf_counter()
-    histories: dict[tuple[str, Any], list[tuple[float, float]]] = {}
     to_cal = [v for v in variants if v.needs_tau]
     bar = progress("calibrating tau", len(to_cal)) if progress and to_cal else None
     for v in to_cal:
-        assert v.kwargs is not None
-        key = (v.method, v.kwargs.get("vit_keep"))
-        calibrate_tau(model, inputs, v, iters=tau_iters, history=histories.setdefault(key, []))
+        calibrate_variant(model, inputs, v, max_iter=tau_iters)
         if bar:
             bar(1)
     t_cal = time.perf_counter()
@@ -221,9 +219,10 @@ def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[
 
 def add_analytic(body: dict[str, Any], geometry: Geometry, text_tokens: int) -> dict[str, Any]:
     """Per variant: analytic prefill GFLOPs of its measured token schedule at this
-    geometry and at its reference (LLaVA-1.5-7B), and the speed-up there; returns the
-    report's ``analytic`` section (the reference and both tower:LLM FLOPs ratios)."""
-    target = GEOMETRIES[geometry.reference or geometry.name]
+    geometry and at its reference (the 7B it is scaled from), and the speed-up there;
+    returns the report's ``analytic`` section (the reference and both tower:LLM FLOPs
+    ratios). ``text_tokens``: the prompt's tokens that are not image tokens."""
+    target = geometry.reference or geometry
     base_ref = None
     for row in body["variants"]:
         sched = measured_schedule(geometry, row["visual_tokens"], text_tokens)
@@ -249,26 +248,28 @@ def add_analytic(body: dict[str, Any], geometry: Geometry, text_tokens: int) -> 
 # ---------------------------------------------------------------------------- full run
 def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.dtype, batch_size: int = 1,
                prompt_len: int = 64, new_tokens: int = 16, budgets: Sequence[int] | None = None,
-               methods: Sequence[str] = METHODS, warmup: int = 1, repeats: int = 5, memory: bool = True,
+               methods: Sequence[str] | None = None, warmup: int = 1, repeats: int = 5, memory: bool = True,
                flops: bool = True, graph_only: bool = True, tau_iters: int = 12, seed: int = 0,
                llm_layers: tuple[int, int] | None = None, vit_layer: int | None = None,
                fastv_layer: int | None = None, hybrid_vit_keep: int | None = None,
                argv: Sequence[str] | None = None,
                progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> dict[str, Any]:
     """Build the model and inputs, run :func:`run_vlm_bench`, and return the whole report
-    (environment, geometry, settings, variants, graph overhead)."""
+    (environment, geometry, settings, variants, graph overhead). ``methods`` None: all of
+    them, pooling only where it keeps a budget exactly (the others are listed as skipped)."""
     import transformers
 
     start = time.perf_counter()
     budgets = list(geometry.default_budgets() if budgets is None else budgets)
     variants = budget_variants(geometry, budgets, methods, llm_layers=llm_layers, vit_layer=vit_layer,
                                fastv_layer=fastv_layer, hybrid_vit_keep=hybrid_vit_keep, graph_only=graph_only)
+    skipped = [] if methods is not None else unreachable(geometry, budgets, METHODS)
     inputs = make_inputs(geometry, batch_size, prompt_len, new_tokens, device, dtype, seed)
-    model = build_llava(geometry, device, dtype, seed)
+    model = geometry.build(device, dtype, seed)
     built = time.perf_counter()
     body = run_vlm_bench(model, inputs, variants, device=device, warmup=warmup, repeats=repeats, memory=memory,
                          flops=flops, tau_iters=tau_iters, progress=progress)
-    analytic = add_analytic(body, geometry, prompt_len)
+    analytic = add_analytic(body, geometry, inputs.text_tokens)
     env = environment(device, argv)
     env["versions"]["transformers"] = transformers.__version__
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
@@ -276,7 +277,8 @@ def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.d
         "device": str(device),
         "dtype": dt,
         "batch_size": batch_size,
-        "text_tokens": prompt_len,
+        "prompt_len": prompt_len,
+        "text_tokens": inputs.text_tokens,
         "image_tokens": inputs.image_tokens,
         "prompt_tokens": inputs.length,
         "new_tokens": new_tokens,
@@ -284,7 +286,8 @@ def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.d
         "repeats": repeats,
         "seed": seed,
         "budgets": sorted(budgets, reverse=True),
-        "methods": list(methods),
+        "methods": list(METHODS if methods is None else methods),
+        "skipped": skipped,
         "llm_layers": list(llm_layers or geometry.llm_layers),
         "vit_layer": geometry.vit_layer if vit_layer is None else vit_layer,
         "fastv_layer": geometry.fastv_layer if fastv_layer is None else fastv_layer,

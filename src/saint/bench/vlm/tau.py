@@ -1,86 +1,78 @@
-"""SAINT's llm/hybrid tau for a visual-token budget on the benchmark's own prompt."""
+"""SAINT's llm/hybrid taus for a visual-token budget, chosen by :func:`saint.calibrate`
+on the benchmark's own prompts.
+
+SAINT's count is dynamic, so a budget is turned into a target ``saint.calibrate`` takes:
+``keep``, the mean fraction of the prompt's tokens (text included, as the adapter counts
+them) entering each decoder layer, of the schedule that removes the same share of the
+visual tokens at every pruning layer and ends at the budget.
+That is the schedule ``saint.calibrate``'s per-layer mode produces (each layer's tau is
+the quantile that flags the same share of its candidates), so the calibrated model ends
+near the budget after its last pruning layer; the count reached is measured and reported.
+"""
 
 from __future__ import annotations
 
-import statistics
+import warnings
 from typing import Any
 
 import torch
 
-from ... import api
-from .geometry import REFERENCE_TAU
+from ...adapters import find_adapter
+from ...calibration import CalibrationWarning, calibrate
 from .inputs import VlmInputs
 from .variants import VlmVariant
 
 
-def _image_features(model: torch.nn.Module, inputs: VlmInputs) -> Any:
-    return model.get_image_features(pixel_values=inputs.pixel_values, return_dict=True)
+def keep_target(n0: int, budget: float, depth: int, layers: tuple[int, int], text: int) -> float:
+    """Mean fraction of a prompt's ``text + n0`` tokens entering each of ``depth`` decoder
+    layers when every layer ``start..end`` keeps the same share of the ``n0`` visual
+    tokens and ``budget`` remain after ``end`` (a layer's pruning shows in the layers
+    after it; text is never pruned)."""
+    start, end = layers
+    steps = end - start + 1
+    r = (budget / n0) ** (1.0 / steps)
+    visual = [n0 * r ** min(max(i - start, 0), steps) for i in range(depth)]
+    return sum(text + v for v in visual) / (depth * (text + n0))
 
 
-def calibrate_tau(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVariant, *, iters: int = 12,
-                  history: list[tuple[float, float]] | None = None, tol: float = 0.5) -> dict[str, Any]:
-    """Choose ``llm_tau`` for an ``llm``/``hybrid`` variant so that the mean visual-token
-    count after the last pruning layer, on ``inputs``, is as close as possible to the budget.
+def floor_count(n0: int, steps: int) -> int:
+    """The fewest visual tokens ``steps`` SAINT steps can leave of ``n0``: each drops at
+    most its candidates (every other token), so ``floor(n / 2)`` remain."""
+    for _ in range(steps):
+        n0 //= 2
+    return n0
 
-    A bracketing search on tau in [-1, 1] (higher tau, fewer edges, more tokens kept):
-    steps alternate between linear interpolation of the count inside the bracket and
-    plain bisection, so the bracket at least halves every two steps; it stops once the
-    count is within ``tol`` of the budget or after ``iters`` steps, and keeps the tau
-    whose count was closest (ties: the smaller count). tau = -1 (every candidate
-    redundant) gives the smallest count SAINT's layers can reach; a budget below it is
-    flagged ``reachable: False``. The image features are computed once (they do not
-    depend on tau) and each step runs the language model only. ``history`` holds
-    ``(tau, count)`` pairs of earlier calls with the same vision side; they narrow the
-    bracket and are extended. Sets ``variant.kwargs['llm_tau']`` and
-    ``variant.calibration``; returns the latter.
-    """
-    if not variant.needs_tau or variant.kwargs is None or variant.budget is None:
+
+def calibrate_variant(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVariant, *,
+                      max_iter: int = 12, tol: float = 0.002) -> dict[str, Any]:
+    """Choose per-layer ``llm_tau`` for an ``llm``/``hybrid`` variant with
+    :func:`saint.calibrate` (``mode="per_layer"``, target :func:`keep_target` of its
+    budget within ``tol``, relative) on ``inputs``. Each SAINT step removes at most half
+    of the image tokens, so a budget below :func:`floor_count` cannot be reached
+    (``reachable`` False; the calibration keeps the closest it found). Sets
+    ``variant.kwargs`` (with the taus) and ``variant.calibration``; returns the latter."""
+    if not variant.needs_tau or variant.kwargs is None or variant.budget is None or variant.llm_input is None:
         raise ValueError(f"{variant.name} has no tau to calibrate")
-    budget = float(variant.budget)
-    history = [] if history is None else history
-    kwargs = {k: v for k, v in variant.kwargs.items() if k != "llm_tau"}
-    api.patch(model, **kwargs, llm_tau=REFERENCE_TAU)  # the tower patch (hybrid) does not depend on tau
-    upper = float(kwargs.get("vit_keep", inputs.image_tokens))  # tokens handed to the language model
-    with torch.inference_mode():
-        feats = _image_features(model, inputs)
-
-        def count(tau: float) -> float:
-            api.patch(model, **kwargs, llm_tau=tau)
-            model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                  mm_encoder_outputs={"image": feats}, use_cache=False, logits_to_keep=1)
-            return float(statistics.fmean(api.stats(model).tokens[-1]))  # one image per prompt
-
-        if not any(t == -1.0 for t, _ in history):
-            history.append((-1.0, count(-1.0)))  # every candidate redundant: the most SAINT can drop
-        evals = 0
-        floor = min(a for _, a in history)
-        while floor < budget and evals < iters:
-            best = min(history, key=lambda h: (abs(h[1] - budget), h[1]))
-            if abs(best[1] - budget) <= tol:
-                break
-            below = [h for h in history if h[1] < budget]
-            above = [h for h in history if h[1] > budget]
-            lo, a_lo = max(below) if below else (-1.0, floor)
-            hi, a_hi = min(above) if above else (1.0, upper)  # tau = 1 keeps (almost) every token
-            if hi - lo < 1e-6:
-                break
-            tau = (lo + hi) / 2
-            if evals % 2 == 0 and a_hi > a_lo:
-                frac = (budget - a_lo) / (a_hi - a_lo)
-                tau = lo + min(max(frac, 0.05), 0.95) * (hi - lo)
-            history.append((tau, count(tau)))
-            evals += 1
-    tau, achieved = min(history, key=lambda h: (abs(h[1] - budget), h[1]))
-    reachable = floor <= budget + tol
-    variant.kwargs = dict(kwargs, llm_tau=tau)
+    settings = {k: v for k, v in variant.kwargs.items() if k not in ("mode", "llm_tau")}
+    depth = len(find_adapter(model).sites(model))
+    start, end = settings["llm_layers"]
+    goal = keep_target(variant.llm_input, variant.budget, depth, (start, end), inputs.text_tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)  # out of reach: reported as reached=False
+        cal = calibrate(model, inputs.batch, keep=goal, mode="per_layer", method="saint", tol=tol, max_iter=max_iter,
+                        batch_size=inputs.batch_size, apply=False, patch_settings={"mode": variant.kwargs["mode"]},
+                        **settings)
+    variant.kwargs = cal.patch_kwargs()
     variant.calibration = {
-        "llm_tau": tau,
-        "achieved": achieved,
-        "budget": variant.budget,
-        "reachable": reachable,
-        "floor": floor,
-        "evaluations": evals,
-        "rule": "bracketing search on tau (interpolation alternating with bisection): mean visual tokens "
-                "after the last pruning layer closest to the budget",
+        "llm_tau": {str(k): v for k, v in cal.tau.items()},
+        "keep_target": goal,
+        "keep_achieved": cal.achieved,
+        "reached": cal.reached,
+        "floor": floor_count(variant.llm_input, end - start + 1),
+        "reachable": variant.budget >= floor_count(variant.llm_input, end - start + 1),
+        "iterations": cal.iterations,
+        "rule": "saint.calibrate(mode='per_layer', keep=target): the mean kept fraction over the decoder layers of "
+                "the schedule that removes the same share at every pruning layer and ends at the budget",
     }
     return variant.calibration
+

@@ -17,30 +17,20 @@ from .inputs import VlmInputs
 
 @dataclass
 class VlmVariant:
-    """One row of the benchmark: how the model is patched (``kwargs`` None: unpruned)."""
+    """One row of the benchmark: how the model is patched (``kwargs`` None: unpruned).
+    ``llm_input``: visual tokens per image handed to the language model (``llm``/``hybrid``:
+    what SAINT's LLM step starts from)."""
 
     name: str
     method: str  # unpruned | graph-only | vit | llm | hybrid | fastv | random | pool
     budget: int | None
     kwargs: dict[str, Any] | None
     calibration: dict[str, Any] | None = None
+    llm_input: int | None = None
 
     @property
     def needs_tau(self) -> bool:
         return self.method in ("llm", "hybrid")
-
-
-def pool_grid(budget: int, grid: int) -> tuple[int, int]:
-    """The most square ``(rows, cols)``, ``rows >= cols``, with ``rows * cols == budget``
-    inside a ``grid x grid`` patch grid."""
-    best = None
-    for cols in range(1, math.isqrt(budget) + 1):
-        if budget % cols == 0 and budget // cols <= grid:
-            best = (budget // cols, cols)
-    if best is None:
-        raise ValueError(f"pool cannot keep exactly {budget} tokens of a {grid}x{grid} grid "
-                         f"(no rows x cols = {budget} with both <= {grid}); choose another budget or drop pool")
-    return best
 
 
 def fastv_ratio(n: int, budget: int) -> float:
@@ -55,13 +45,30 @@ def fastv_ratio(n: int, budget: int) -> float:
     return ratio
 
 
-def budget_variants(geometry: Geometry, budgets: Sequence[int], methods: Sequence[str] = METHODS, *,
+def unreachable(geometry: Geometry, budgets: Sequence[int], methods: Sequence[str]) -> list[str]:
+    """``method@budget: why`` for each pair whose method cannot keep exactly that budget
+    on this geometry (pooling keeps only the counts its window grid gives)."""
+    out = []
+    for b in budgets:
+        if "pool" in methods:
+            try:
+                geometry.pool_keep(b)
+            except ValueError as e:
+                out.append(f"pool@{b}: {e}")
+    return out
+
+
+def budget_variants(geometry: Geometry, budgets: Sequence[int], methods: Sequence[str] | None = None, *,
                     llm_layers: tuple[int, int] | None = None, vit_layer: int | None = None,
                     fastv_layer: int | None = None, hybrid_vit_keep: int | None = None,
                     llm_k: int = LLM_K, llm_gamma: float = LLM_GAMMA, graph_only: bool = True) -> list[VlmVariant]:
     """Unpruned, graph-only (when asked) and each method at each budget. ``llm``/``hybrid``
-    come without ``llm_tau``: :func:`calibrate_tau` fills it in."""
-    n = geometry.n_patches
+    come without ``llm_tau``: :func:`saint.bench.vlm.calibrate_variant` fills it in.
+    ``methods`` None: every method, pooling only at the budgets it can keep exactly (see
+    :func:`unreachable`); a method named explicitly must reach every budget."""
+    n = geometry.image_tokens
+    strict = methods is not None
+    methods = list(METHODS if methods is None else methods)
     bad = sorted(set(methods) - set(METHODS))
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
@@ -80,23 +87,29 @@ def budget_variants(geometry: Geometry, budgets: Sequence[int], methods: Sequenc
                                    llm_gamma=llm_gamma)))
     for b in sorted(budgets, reverse=True):
         for m in methods:
+            llm_input = None
             if m == "vit":
-                kw: dict[str, Any] = dict(mode="vit", vit_keep=b, vit_layer=vit_layer)
+                kw: dict[str, Any] = dict(mode="vit", **geometry.tower_keep(b, vit_layer))
             elif m == "llm":
-                kw = dict(mode="llm", **llm)
+                kw, llm_input = dict(mode="llm", **llm), n
             elif m == "hybrid":
                 if b >= keep_h:
-                    raise ValueError(f"hybrid keeps {keep_h} patches in the tower, so budget {b} leaves nothing "
+                    raise ValueError(f"hybrid keeps {keep_h} of {n} visual tokens in the tower, so budget {b} leaves nothing "
                                      f"for the LLM step; use a budget < {keep_h} or a larger --hybrid-vit-keep")
-                kw = dict(mode="hybrid", vit_keep=keep_h, vit_layer=vit_layer, **llm)
+                kw, llm_input = dict(mode="hybrid", **geometry.tower_keep(keep_h, vit_layer), **llm), keep_h
             elif m == "fastv":
                 kw = dict(method="fastv", fastv_layer=fastv_layer, fastv_ratio=fastv_ratio(n, b))
             elif m == "random":
-                kw = dict(method="random", visual_keep=b, seed=0)
+                kw = geometry.random_keep(b)
             else:
-                kw = dict(method="pool", visual_keep=pool_grid(b, geometry.grid))
+                try:
+                    kw = geometry.pool_keep(b)
+                except ValueError:
+                    if strict:
+                        raise
+                    continue
             name = f"saint-{m}@{b}" if m in ("vit", "llm", "hybrid") else f"{m}@{b}"
-            out.append(VlmVariant(name, m, b, kw))
+            out.append(VlmVariant(name, m, b, kw, llm_input=llm_input))
     return out
 
 
@@ -106,7 +119,7 @@ def _activate(model: torch.nn.Module, variant: VlmVariant) -> None:
             api.unpatch(model)
         return
     if variant.needs_tau and "llm_tau" not in variant.kwargs:
-        raise ValueError(f"{variant.name}: calibrate llm_tau first (calibrate_tau)")
+        raise ValueError(f"{variant.name}: calibrate llm_tau first (calibrate_variant)")
     api.patch(model, **variant.kwargs)
 
 
