@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--saint-args", default="k=5,gamma=10", help="other SAINT settings (default k=5,gamma=10)")
     p.add_argument("--tome-r", default=None,
                    help="ToMe r grid, comma-separated (default: r leaving ~90/75/60/45/30%% of the patches)")
+    p.add_argument("--tome-inflection", default="",
+                   help="also ToMe's (r, inflection) schedules for each r, comma-separated (e.g. -0.5,0.5)")
+    p.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="time with wall time (default) or this process's CPU time (robust to other load)")
     p.add_argument("--matched", default="random,attn", help="baselines at SAINT's token counts, or 'none'")
     p.add_argument("--calibrated", action="append", default=None, metavar="SPEC",
                    help="calibrated variants (repeatable; default: saint:mode=per_layer and saint_plus)")
@@ -101,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run_sweep(harness, image_set, transform, x, taus=taus, saint_args=saint_args, tome_rs=tome_rs,
                            matched=matched, batch_size=args.eval_batch, warmup=args.warmup,
                            repeats=args.repeats, progress=progress_factory(not args.no_progress),
-                           calibrated=calibrated, speedups=speedups, calib_x=calib_x)
+                           calibrated=calibrated, speedups=speedups, calib_x=calib_x,
+                           tome_inflections=[float(t) for t in args.tome_inflection.split(",") if t.strip()],
+                           clock=time.process_time if args.clock == "process" else time.perf_counter)
         report = {"environment": environment(device, argv_used), "model": desc,
                   "wall_seconds": round(time.perf_counter() - start, 1), **report}
         print(format_sweep(report))

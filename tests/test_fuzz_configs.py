@@ -35,7 +35,8 @@ unit = st.floats(-1.0, 1.0, allow_nan=False)
 
 @st.composite
 def valid_configs(draw) -> tuple[str, dict]:
-    method = draw(st.sampled_from(["saint", "saint_fold", "saint_plus", "tome", "random", "attn", "budget"]))
+    method = draw(st.sampled_from(["saint", "saint_fold", "saint_plus", "saint_match", "tome", "random", "attn",
+                                   "budget"]))
     if method in ("saint", "saint_fold", "saint_plus"):
         kw = dict(tau=draw(unit), k=draw(st.integers(1, 8)), gamma=draw(st.floats(0.0, 50.0)),
                   center=draw(st.booleans()), metric=draw(st.sampled_from(["keys", "hidden"])))
@@ -46,6 +47,10 @@ def valid_configs(draw) -> tuple[str, dict]:
         if draw(st.booleans()):  # per-layer taus
             kw["tau"] = {i: draw(unit) for i in chosen}
         return method, kw
+    if method == "saint_match":
+        chosen = draw(layers)
+        return method, dict(layers=chosen, tau={i: draw(unit) for i in chosen},
+                            fraction=draw(st.floats(0.0, 2.0)), prop_attn=draw(st.booleans()))
     if method == "budget":
         chosen = draw(layers)
         keeps = sorted(draw(st.lists(st.integers(1, PATCHES), min_size=len(chosen), max_size=len(chosen))),

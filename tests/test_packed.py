@@ -20,6 +20,7 @@ RAGGED = {
     "saint": dict(tau=0.3, k=1),
     "saint_fold": dict(tau=0.3, k=1),
     "saint_plus": dict(tau=0.3),
+    "saint_match": dict(tau=0.3, fraction=0.7),
 }
 RECTANGULAR = {"tome": dict(r=2), "random": dict(r=3), "attn": dict(r=3), "budget": dict(layers=[1], keep=5)}
 

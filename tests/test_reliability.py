@@ -23,6 +23,7 @@ CASES = {
     "saint_batch": dict(tau=0.3, k=2, rate="batch"),
     "saint_fold": dict(tau=0.3, k=2),
     "saint_plus": dict(tau=0.3),
+    "saint_match": dict(tau=0.3, fraction=0.7),
     "tome": dict(r=2),
     "random": dict(r=3),
     "attn": dict(r=3),

@@ -33,8 +33,16 @@ import torch
 from .adapters import Adapter, find_adapter, handle_of
 from .adapters.base import vit_block_flops
 from .api import is_patched, patch, unpatch
-from .core import saint_graph
-from .methods import LayerContext, MethodSpec, SaintConfig, Selection, get_method, saint_metric
+from .core import best_matches, saint_graph
+from .methods import (
+    LayerContext,
+    MatchConfig,
+    MethodSpec,
+    SaintConfig,
+    Selection,
+    get_method,
+    saint_metric,
+)
 from .timing import time_round_robin
 
 TARGETS = ("flops_speedup", "measured_speedup", "flops", "keep")
@@ -60,11 +68,12 @@ class Calibration:
     iterations: int
     history: list[tuple[float, float]] = field(default_factory=list)
     tau_setting: str = "tau"  # the patch keyword that carries tau (LLaVA: "llm_tau")
+    per_layer: dict[str, dict[int, float]] = field(default_factory=dict)  # other calibrated settings (saint_match)
     reached: bool = True  # False: the target is out of reach; ``achieved`` is the closest value found
     measured: dict[str, Any] | None = None  # measured_speedup: timing batch, device and each step's times
 
     def patch_kwargs(self) -> dict[str, Any]:
-        return {**self.settings, self.tau_setting: dict(self.tau)}
+        return {**self.settings, self.tau_setting: dict(self.tau), **{k: dict(v) for k, v in self.per_layer.items()}}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -108,6 +117,23 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
             tau = max(-1.0, min(1.0, tau))
         taus[ctx.layer] = tau
         return base.select(ctx, {**s, "tau": tau}, cfg)
+
+    return dataclasses.replace(base, name=f"{base.name}-calibration", select=select)
+
+
+def _median_probe(base: MethodSpec, r: float, taus: dict[int, float], fractions: dict[int, float]) -> MethodSpec:
+    """A saint_match spec whose tau at each layer is the median best-match cosine of the
+    candidates (over the whole calibration batch) and whose fraction makes the images
+    merge ``r`` tokens each on average; both are written into ``taus`` / ``fractions``."""
+
+    def select(ctx: LayerContext, s: dict[str, Any], cfg: MatchConfig) -> Selection:
+        best, _, valid = best_matches(ctx.keys, ctx.num_protected, ctx.valid)
+        values = best[valid]
+        tau = float(torch.quantile(values.double(), 0.5)) if values.numel() else 1.0
+        redundant = ((best >= tau) & valid).sum(dim=1).double().mean() if best.shape[0] else 0.0
+        fraction = float(r / redundant) if r > 0 and redundant > 0 else 0.0
+        taus[ctx.layer], fractions[ctx.layer] = tau, fraction
+        return base.select(ctx, {**s, "tau": tau, "fraction": fraction}, cfg)
 
     return dataclasses.replace(base, name=f"{base.name}-calibration", select=select)
 
@@ -206,14 +232,19 @@ def calibrate(
                             speedup=speedup)
     _check_search(mode, tol, max_iter, batch_size)
     spec = get_method(method)
-    if not issubclass(spec.config_cls, SaintConfig):
-        raise ValueError(f"calibration picks tau; method {method!r} has none (use 'saint' or 'saint_fold')")
+    matched = issubclass(spec.config_cls, MatchConfig)
+    if not (matched or issubclass(spec.config_cls, SaintConfig)):
+        raise ValueError(f"calibration picks tau; method {method!r} has none "
+                         "(use 'saint', 'saint_fold', 'saint_plus' or 'saint_match')")
     adapter = find_adapter(model)
     if is_patched(model):
         raise ValueError("the model is already patched by saint; unpatch it before calibrating")
     tau_name = adapter.tau_setting
     if tau_name in settings:
         raise ValueError(f"calibration chooses {tau_name} itself; do not pass {tau_name}")
+    if matched and (mode != "per_layer" or tau_name != "tau" or "fraction" in settings):
+        raise ValueError("saint_match calibrates tau and fraction per layer of a vision model "
+                         "(mode='per_layer', no tau/fraction given)")
     adapter.check_inputs(images)
     num_images = adapter.batch_size(images)
     if target == "measured_speedup":
@@ -226,25 +257,33 @@ def calibrate(
     def quantity(tokens: list[float]) -> float:
         return sum(tokens) / (len(tokens) * tokens[0]) if target == "keep" else flops_fraction(model, tokens)
 
-    def run(x: float) -> tuple[float, dict[int, float]]:
-        """Patch for bisection point ``x``; return the quantity and the taus used."""
+    def run(x: float) -> tuple[float, dict[str, dict[int, float]]]:
+        """Patch for bisection point ``x``; return the quantity and the per-layer settings
+        used (``{"tau": ..., "fraction": ...}``)."""
         if mode == "global":
             patch(model, method, **settings, **{tau_name: x})
             taus = dict.fromkeys(handle_of(model).pruning_sites, x)
-            return quantity(_measure(adapter, model, images, batch_size, max(taus))), taus
-        taus = {}
-        patch(model, _quantile_probe(spec, 1.0 - x, taus), **settings)
+            return quantity(_measure(adapter, model, images, batch_size, max(taus))), {"tau": taus}
+        taus: dict[int, float] = {}
+        fractions: dict[int, float] = {}
+        if matched:  # the probe chooses both per layer; the values given here are placeholders
+            patch(model, _median_probe(spec, (1.0 - x) * max_r, taus, fractions), **settings, tau=0.0, fraction=0.0)
+        else:
+            patch(model, _quantile_probe(spec, 1.0 - x, taus), **settings)
         # one batch: each layer's quantile is taken over the whole calibration set
         q = quantity(_measure(adapter, model, images, num_images, max(handle_of(model).pruning_sites)))
-        return q, taus
+        return q, {"tau": taus, "fraction": fractions} if matched else {"tau": taus}
 
+    max_r = adapter.grid(model, images).num_patches / 2 if matched else 0.0  # all candidates of the first layer
     was_training = model.training
     model.eval()
     try:
         best, history = _bisect(run, goal, tol, max_iter, mode)
-        taus = {int(k): float(v) for k, v in best[2].items()}
+        chosen = {name: {int(k): float(v) for k, v in values.items()} for name, values in best[2].items()}
+        taus = chosen.pop("tau")
+        per_layer = chosen
         # measure the fixed taus (what the user will run)
-        patch(model, method, **settings, **{tau_name: taus})
+        patch(model, method, **settings, **{tau_name: taus}, **per_layer)
         achieved_q = quantity(_measure(adapter, model, images, batch_size, max(taus)))
     except BaseException:
         if is_patched(model):  # a failed calibration leaves the model as it found it
@@ -264,6 +303,7 @@ def calibrate(
         iterations=len(history),
         history=history,
         tau_setting=tau_name,
+        per_layer=per_layer,
         reached=abs(best[1] - goal) <= tol * goal,
     )
     if not result.reached:
@@ -360,18 +400,19 @@ def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration,
 
 
 def _bisect(run: Any, goal: float, tol: float, max_iter: int, mode: str
-            ) -> tuple[tuple[float, float, dict[int, float]], list[tuple[float, float]]]:
-    """Bisection on x (the quantity rises with x; global: x = tau, per layer: x = 1 - f):
-    the best point ``(x, quantity, taus)`` and every point tried."""
+            ) -> tuple[tuple[float, float, Any], list[tuple[float, float]]]:
+    """Bisection on x (the quantity rises with x; global: x = tau, per layer: x = 1 - f,
+    saint_match: x = 1 - r / r_max): the best point ``(x, quantity, settings used)`` and
+    every point tried."""
     history: list[tuple[float, float]] = []
     lo, hi = (-1.0, 1.0) if mode == "global" else (0.0, 1.0)
-    best: tuple[float, float, dict[int, float]] | None = None
+    best: tuple[float, float, Any] | None = None
     for _ in range(max_iter):
         x = (lo + hi) / 2
-        q, taus = run(x)
+        q, used = run(x)
         history.append((x, q))
         if best is None or abs(q - goal) < abs(best[1] - goal):
-            best = (x, q, taus)
+            best = (x, q, used)
         if abs(q - goal) <= tol * goal:
             break
         if q < goal:

@@ -282,6 +282,43 @@ class ToMeConfig(MethodConfig):
 
 
 @dataclass
+class MatchConfig(MethodConfig):
+    """SAINT-matched merging: at each layer an image merges ``round(fraction * n)`` of its
+    candidates, ``n`` being how many have a best-match key cosine >= ``tau`` (SAINT's
+    graph, ``k=1``); ToMe's matching picks which (most similar first), merges are
+    size-weighted and sizes bias attention (``prop_attn``). Get ``tau`` and ``fraction``
+    from :func:`saint.calibrate` (``method="saint_match"``): tau is each layer's median
+    best-match cosine on the calibration photos, fraction spreads a ToMe-like mean ``r``."""
+
+    tau: float | Sequence[float] | Mapping[int, float] | None = None
+    fraction: float | Sequence[float] | Mapping[int, float] | None = None
+    prop_attn: bool = True
+    PER_LAYER: ClassVar[tuple[str, ...]] = ("tau", "fraction")
+    DEFAULT_LAYERS: ClassVar[str] = "all"
+
+    @property
+    def pads(self) -> bool:
+        return True
+
+    @property
+    def size_bias(self) -> bool:
+        return bool(self.prop_attn)
+
+    def check_value(self, name: str, value: Any) -> Any:
+        if value is None:
+            raise ValueError(
+                f"saint_match needs {name} per layer; calibrate it: "
+                "saint.calibrate(model, images, method='saint_match', flops_speedup=2)"
+            )
+        v = _number(name, value)
+        if name == "tau" and not -1.0 <= v <= 1.0:
+            raise ValueError(f"tau={v} is outside [-1, 1] (a cosine similarity threshold)")
+        if name == "fraction" and v < 0:
+            raise ValueError(f"fraction={v} must be >= 0 (share of the redundant candidates merged)")
+        return v
+
+
+@dataclass
 class RandomConfig(MethodConfig):
     """Drop ``r`` random prunable tokens per layer; the draw depends only on ``seed``,
     the layer and each image's token count (the same alone or in any batch, and when
@@ -373,6 +410,11 @@ def _select_saint_fold(ctx: LayerContext, s: dict[str, Any], cfg: SaintFoldConfi
 def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:
     plan = core.tome_plan(ctx.keys, s["r"], ctx.num_protected, ctx.valid, cfg.order)
     return Selection(plan.keep, plan, plan.order)
+
+
+def _select_match(ctx: LayerContext, s: dict[str, Any], cfg: MatchConfig) -> Selection:
+    plan = core.match_plan(ctx.keys, s["tau"], s["fraction"], ctx.num_protected, ctx.valid)
+    return Selection(plan.keep, plan)
 
 
 def _select_random(ctx: LayerContext, s: dict[str, Any], cfg: RandomConfig) -> Selection:
@@ -518,6 +560,12 @@ register(
     )
 )
 register(MethodSpec("tome", ToMeConfig, _select_tome, "bipartite merging (ToMe)", merges=True))
+register(
+    MethodSpec(
+        "saint_match", MatchConfig, _select_match,
+        "SAINT's graph sets each image's merge count, ToMe's matching picks the pairs (calibrate)", merges=True,
+    )
+)
 register(MethodSpec("random", RandomConfig, _select_random, "random drop"))
 register(MethodSpec("attn", AttnConfig, _select_attn, "class-token attention drop", needs_cls_attention=True))
 register(MethodSpec("budget", BudgetConfig, _select_budget, "fixed-budget similarity drop (SAINT ViT-only)"))

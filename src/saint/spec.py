@@ -122,7 +122,9 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
 
 def parse_calibrated_spec(text: str) -> Variant:
     """Parse a SAINT-family spec for calibration: like :func:`parse_method_spec` but
-    without ``tau`` (calibration picks it) and with an optional ``mode=global|per_layer``."""
+    without ``tau`` (calibration picks it), with an optional ``mode=global|per_layer`` and
+    ``target=flops|measured`` (calibrate to the real-token FLOPs speed-up, the default, or
+    to the speed-up measured at the timing batch)."""
     from .calibration import MODES
 
     v = parse_method_spec(text, validate=False)
@@ -130,10 +132,13 @@ def parse_calibrated_spec(text: str) -> Variant:
     mode = kwargs.pop("mode", "per_layer")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r} in {text!r}")
+    target = kwargs.pop("target", "flops")
+    if target not in ("flops", "measured"):
+        raise ValueError(f"target must be 'flops' or 'measured', got {target!r} in {text!r}")
     if "tau" in kwargs:
         raise ValueError(f"calibrated variants choose tau themselves; remove it from {text!r}")
     make_config(v.method, **kwargs)
-    return Variant(v.label, v.method, {**kwargs, "mode": mode})
+    return Variant(v.label, v.method, {**kwargs, "mode": mode, **({"target": target} if target != "flops" else {})})
 
 
 def variant_label(method: str, kwargs: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ Pareto-optimal points are marked and the results written as JSON, CSV, markdown 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,12 @@ def _pruning_layers(harness: Harness, variant: Variant) -> list[int]:
 
 
 def _calibrate_variants(
-    harness: Harness, calibrated: Sequence[Variant], speedups: Sequence[float], calib_x: torch.Tensor | None
-) -> list[tuple[Variant, float, dict[str, Any], float]]:
-    """Calibrate each variant to each speed-up on ``calib_x`` (model left unpatched)."""
+    harness: Harness, calibrated: Sequence[Variant], speedups: Sequence[float], calib_x: torch.Tensor | None,
+    timing_batch: int,
+) -> list[tuple[Variant, float, dict[str, Any], float, str]]:
+    """Calibrate each variant to each speed-up on ``calib_x`` (model left unpatched): the
+    real-token FLOPs speed-up, or with ``target=measured`` the speed-up measured on a
+    ``timing_batch`` batch of the calibration photos."""
     from ..calibration import calibrate
 
     if not calibrated:
@@ -109,11 +113,17 @@ def _calibrate_variants(
         raise ValueError("calibrated variants need calibration images and a speed-up grid")
     out = []
     model = harness.release()
+    x = calib_x.to(harness.device, harness.dtype)
     for cv in calibrated:
+        kwargs = dict(cv.kwargs)
+        target = kwargs.pop("target", "flops")
         for sp in speedups:
-            cal = calibrate(model, calib_x.to(harness.device, harness.dtype), speedup=sp,
-                            method=cv.method, apply=False, **cv.kwargs)
-            out.append((cv, sp, cal.patch_kwargs(), cal.achieved))
+            if target == "measured":
+                cal = calibrate(model, x, measured_speedup=sp, batch_size=timing_batch, method=cv.method,
+                                apply=False, **kwargs)
+            else:
+                cal = calibrate(model, x, flops_speedup=sp, method=cv.method, apply=False, **kwargs)
+            out.append((cv, sp, cal.patch_kwargs(), cal.achieved, target))
     return out
 
 
@@ -135,6 +145,7 @@ def run_sweep(
     calibrated: Sequence[Variant] = (),
     speedups: Sequence[float] = (),
     calib_x: torch.Tensor | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Run the sweep. ``progress(description, total)`` may return an ``update(n)`` callback
     (e.g. a tqdm bar's ``update``) for each phase.
@@ -142,7 +153,9 @@ def run_sweep(
     ``calibrated`` variants (SAINT-family methods without tau) are calibrated with
     :func:`saint.calibrate` on ``calib_x`` to each FLOPs-ideal speed-up in ``speedups``;
     their rows record the target and the calibration's own estimate. ``tome_inflections``
-    adds ToMe's ``(r, inflection)`` schedules (e.g. -0.5: decreasing) for every feasible r."""
+    adds ToMe's ``(r, inflection)`` schedules (e.g. -0.5: decreasing) for every feasible r.
+    ``clock`` times the round-robin (wall time by default; ``time.process_time`` counts
+    this process's CPU time, robust to other load on the machine)."""
     saint_args = dict(saint_args or {})
     if "tau" in saint_args:
         raise ValueError("give tau through the grid (taus), not in saint_args")
@@ -171,10 +184,12 @@ def run_sweep(
     outputs = dict(zip([v.label for v in [BASELINE, *saint_vs]], first, strict=True))
 
     second: list[Variant] = []
-    for cv, sp, cal_kwargs, achieved in _calibrate_variants(harness, calibrated, speedups, calib_x):
+    for cv, sp, cal_kwargs, achieved, target in _calibrate_variants(
+        harness, calibrated, speedups, calib_x, int(timing_x.shape[0])
+    ):
         v = Variant(f"{cv.label}@{format_value(sp)}x", cv.method, cal_kwargs)
         second.append(v)
-        points.append((cv.label, {"target_speedup": sp, "calibrated_speedup": achieved}, v))
+        points.append((cv.label, {"target_speedup": sp, "calibrated_speedup": achieved, "target": target}, v))
     for r in tome_rs:
         v = Variant(variant_label("tome", {"r": r}), "tome", {"r": r})
         second.append(v)
@@ -199,7 +214,7 @@ def run_sweep(
         outputs.update(zip([v.label for v in second], rest, strict=True))
 
     variants = [p[2] for p in points]
-    ms = harness.measure(variants, timing_x, warmup=warmup, repeats=repeats, memory=False,
+    ms = harness.measure(variants, timing_x, warmup=warmup, repeats=repeats, memory=False, clock=clock,
                          progress=bar("timing (round-robin)", warmup + repeats) if repeats > 0 else None)
     cost_rows = rows_from_measurements(ms)
     ref = outputs[BASELINE.label]
@@ -237,6 +252,8 @@ def run_sweep(
             "timing_batch_size": int(timing_x.shape[0]),
             "warmup": warmup,
             "repeats": repeats,
+            "clock": "process CPU time" if clock is time.process_time else "wall time",
+            "tome_inflections": list(tome_inflections),
             "dtype": str(harness.dtype).replace("torch.", ""),
             "device": str(harness.device),
             "pareto": f"not dominated in ({x_key}, centered_cosine) over all points",
@@ -253,7 +270,8 @@ def _setting_text(row: dict[str, Any]) -> str:
     if "matched_tau" in s:
         return f"= saint tau {format_value(s['matched_tau'])}"
     if "target_speedup" in s:
-        return f"calibrated to {format_value(s['target_speedup'])}x (est. {s['calibrated_speedup']:.2f}x)"
+        kind = "measured" if s.get("target") == "measured" else "est."
+        return f"calibrated to {format_value(s['target_speedup'])}x ({kind} {s['calibrated_speedup']:.2f}x)"
     return ", ".join(f"{k}={format_value(v)}" for k, v in s.items())
 
 

@@ -4,6 +4,7 @@ from .attention import query_attention
 from .baselines import attention_keep_mask, random_keep_mask
 from .budget import fixed_budget_keep_mask
 from .gather import additive_key_mask, drop_top_ranked, gather_tokens, keep_mask_to_indices
+from .match import best_matches, match_counts, match_plan
 from .saint_drop import (
     SaintGraph,
     drop_counts,
@@ -29,6 +30,9 @@ __all__ = [
     "gather_tokens",
     "grid_subset",
     "keep_mask_to_indices",
+    "match_counts",
+    "match_plan",
+    "best_matches",
     "max_tome_r",
     "merge_weighted",
     "pool_grid",

@@ -1,0 +1,68 @@
+"""SAINT-matched merging: SAINT's similarity graph decides how many tokens each image
+loses, ToMe's bipartite matching decides which ones merge and where.
+
+Per image, the candidates (even prunable positions) are matched to their most similar
+anchor (odd positions), as in ToMe. The image merges ``round(fraction * n_b)`` of them,
+most similar first, where ``n_b`` counts its candidates whose best-match cosine reaches
+``tau`` (the graph's redundancy count with ``k=1``). A redundant image therefore merges
+more than a detailed one, but softly: ``fraction`` spreads the layer's budget over the
+images in proportion to their redundancy instead of dropping every flagged token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .gather import EPS, prunable_valid
+from .tome import MergePlan
+
+
+def best_matches(
+    metric: torch.Tensor, num_protected: int = 0, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each candidate's best anchor: ``(similarity, anchor index, candidate valid)``, all
+    ``[B, A]`` over the even prunable positions of ``metric [B, N, D]``; invalid
+    candidates (padding, or no valid anchor) get similarity ``-inf``."""
+    b, n, _ = metric.shape
+    pv = prunable_valid(valid, b, n, metric.device)[:, num_protected:]
+    m = F.normalize(metric[:, num_protected:].float(), dim=-1, eps=EPS)
+    a, anc = m[:, 0::2], m[:, 1::2]
+    va, vb = pv[:, 0::2], pv[:, 1::2]
+    sim = (a @ anc.transpose(1, 2)).masked_fill(~(va[:, :, None] & vb[:, None, :]), float("-inf"))
+    best, idx = sim.max(dim=-1) if sim.shape[-1] else (sim.new_full(sim.shape[:2], float("-inf")), None)
+    if idx is None:
+        idx = torch.zeros(sim.shape[:2], dtype=torch.long, device=sim.device)
+    return best, idx, va & torch.isfinite(best)
+
+
+def match_counts(best: torch.Tensor, candidate_valid: torch.Tensor, tau: float, fraction: float) -> torch.Tensor:
+    """Tokens each image merges: ``round(fraction * n_b)`` (half up), ``n_b`` its valid
+    candidates whose best match reaches ``tau``; never more than its valid candidates."""
+    redundant = ((best >= tau) & candidate_valid).sum(dim=1)
+    r = torch.floor(fraction * redundant.double() + 0.5).long()
+    return torch.minimum(r, candidate_valid.sum(dim=1))
+
+
+def match_plan(
+    metric: torch.Tensor,
+    tau: float,
+    fraction: float,
+    num_protected: int = 0,
+    valid: torch.Tensor | None = None,
+) -> MergePlan:
+    """The ragged merge plan of one step: image ``b`` merges its :func:`match_counts`
+    most similar candidates into their best anchors (``active`` marks them)."""
+    b, n, _ = metric.shape
+    valid = prunable_valid(valid, b, n, metric.device)
+    best, idx, cand_valid = best_matches(metric, num_protected, valid)
+    counts = match_counts(best, cand_valid, tau, fraction)
+    a = best.shape[1]
+    order = torch.argsort(best, dim=-1, descending=True, stable=True)
+    rank = torch.arange(a, device=metric.device).expand(b, a)
+    active = rank < counts[:, None]
+    src = num_protected + 2 * order
+    dst = num_protected + 2 * torch.gather(idx, 1, order) + 1
+    keep = valid.clone()
+    keep.scatter_(1, src, ~active & torch.gather(valid, 1, src))
+    return MergePlan(src, dst, keep, active)

@@ -1,0 +1,114 @@
+"""saint_match: SAINT's graph sets each image's merge count, ToMe's matching picks the
+pairs. Known answers on hand-built keys, invariants, and calibration on a tiny ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import saint
+from saint.core import match_counts, match_plan, tome_plan
+from saint.core.match import best_matches
+
+from .conftest import make_tiny
+
+
+def _unit(*angles: float) -> torch.Tensor:
+    """2-D unit vectors at the given angles (degrees): cosines are known exactly."""
+    a = torch.tensor(angles, dtype=torch.float64) * torch.pi / 180
+    return torch.stack([a.cos(), a.sin()], dim=-1)
+
+
+def test_known_answer_two_images():
+    # positions: cand 0, anchor 1, cand 2, anchor 3, cand 4, anchor 5 (no protected prefix)
+    # image 0: candidates at 0, 10, 80 deg; anchors at 2, 12, 45 deg
+    #   best matches: c0->a0 cos 2deg, c1->a1 cos 2deg, c2->a2 cos 35deg
+    # image 1: candidates 0, 60, 120; anchors 30, 90, 150: every best match is 30 deg
+    keys = torch.stack([_unit(0, 2, 10, 12, 80, 45), _unit(0, 30, 60, 90, 120, 150)])
+    tau = float(torch.cos(torch.tensor(5.0 * torch.pi / 180, dtype=torch.float64)))
+    best, idx, valid = best_matches(keys)
+    assert idx[0].tolist() == [0, 1, 2] and bool(valid.all())
+    counts = match_counts(best, valid, tau, 1.0)
+    assert counts.tolist() == [2, 0]  # image 0 has two candidates above tau, image 1 none
+    assert match_counts(best, valid, tau, 0.5).tolist() == [1, 0]  # round(0.5 * 2) = 1
+    assert match_counts(best, valid, tau, 0.25).tolist() == [1, 0]  # 0.5 rounds half up
+    assert match_counts(best, valid, -1.0, 2.0).tolist() == [3, 3]  # capped at the candidates
+    plan = match_plan(keys, tau, 1.0)
+    assert plan.keep.tolist() == [[False, True, False, True, True, True], [True] * 6]
+    merged = plan.src[plan.active].tolist(), plan.dst[plan.active].tolist()
+    assert sorted(zip(*merged, strict=True)) == [(0, 1), (2, 3)]
+
+
+def test_protected_prefix_and_padding_are_never_merged():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 9, 4, generator=g)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    plan = match_plan(keys, -1.0, 2.0, num_protected=1, valid=valid)
+    assert bool(plan.keep[:, 0].all())  # the class token
+    assert not bool(plan.keep[1, 6:].any())  # padding stays out
+    assert bool(plan.keep[:, 2::2].eq(valid[:, 2::2]).all())  # valid anchors survive
+    assert plan.keep.sum(1).tolist() == [5, 3]  # every valid candidate merged
+
+
+def test_one_count_for_every_image_is_tomes_choice():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(3, 17, 8, generator=g)
+    # tau -1 flags every candidate; fraction 3/8 of 8 candidates -> r = 3 each, like ToMe r=3
+    plan, ref = match_plan(keys, -1.0, 3 / 8, num_protected=1), tome_plan(keys, 3, num_protected=1)
+    assert torch.equal(plan.keep, ref.keep)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 4), st.floats(-1, 1), st.floats(0, 2), st.integers(0, 2**16))
+def test_each_image_merges_the_same_alone_or_in_a_batch(extra_pad, tau, fraction, seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(3, 12, 5, generator=g)
+    valid = torch.ones(3, 12 + extra_pad, dtype=torch.bool)
+    valid[:, 12:] = False
+    padded = torch.cat([keys, torch.randn(3, extra_pad, 5, generator=g)], dim=1)
+    plan = match_plan(padded, tau, fraction, 1, valid)
+    for b in range(3):
+        alone = match_plan(keys[b : b + 1], tau, fraction, 1)
+        assert torch.equal(plan.keep[b, :12], alone.keep[0])
+        counts = plan.active[b].sum()
+        assert counts == alone.active[0].sum() <= 6
+        assert int((~plan.keep[b, :12]).sum()) == int(counts)
+
+
+def test_fraction_zero_is_the_unpatched_model():
+    model = make_tiny("vit")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+        saint.patch(model, "saint_match", tau=0.0, fraction=0.0)
+        out = model(x)
+    assert torch.equal(out, ref)
+
+
+def test_missing_settings_point_to_calibration():
+    with pytest.raises(ValueError, match="calibrate it"):
+        saint.patch(make_tiny("vit"), "saint_match", fraction=0.5)
+    with pytest.raises(ValueError, match="fraction=-0.1 must be >= 0"):
+        saint.patch(make_tiny("vit"), "saint_match", tau=0.5, fraction=-0.1)
+
+
+def test_calibration_hits_flops_target_with_median_taus():
+    model = make_tiny("vit")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    cal = saint.calibrate(model, x, method="saint_match", flops_speedup=1.3, tol=0.02)
+    assert cal.reached and abs(cal.achieved - 1.3) <= 0.02 * 1.3
+    assert sorted(cal.per_layer) == ["fraction"] and sorted(cal.per_layer["fraction"]) == sorted(cal.tau)
+    kwargs = cal.patch_kwargs()
+    assert set(kwargs) >= {"tau", "fraction"}
+    # the calibrated model is the same as one patched by hand with the result
+    with torch.no_grad():
+        out = model(x)
+        saint.unpatch(model)
+        saint.patch(model, "saint_match", **kwargs)
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+    saint.unpatch(model)
+    with pytest.raises(ValueError, match="per_layer"):
+        saint.calibrate(model, x, method="saint_match", flops_speedup=1.3, mode="global")
