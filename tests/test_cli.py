@@ -265,3 +265,20 @@ def test_viz_and_demo_share_one_documented_default_tau() -> None:
 
     viz.register(sub)
     assert parser.parse_args(["viz", "x.png"]).tau is None  # resolved per model by default_tau
+
+
+def test_sweep_calibrates_saint_match_and_measured_targets(images, tmp_path, capsys) -> None:
+    prefix = tmp_path / "m"
+    rc = main(["sweep", *TINY, *COMMON, "--images", images, "--taus", "0.9", "--matched", "none",
+               "--calibrated", "saint_match", "--calibrated", "saint_plus:target=measured", "--speedups", "1.2",
+               "--calib-images", images, "--timing-batch", "2", "--warmup", "0", "--repeats", "1",
+               "--out", str(prefix)])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "m.json").read_text())["results"]}
+    match, measured = rows["saint_match"], rows["saint_plus:target=measured"]
+    assert match["setting"]["target"] == "flops" and set(match["settings"]) >= {"tau", "fraction"}
+    assert match["setting"]["calibrated_speedup"] == pytest.approx(1.2, rel=0.1)
+    assert measured["setting"]["target"] == "measured" and "target" not in measured["settings"]
+    assert main(["sweep", *TINY, *COMMON, "--images", images, "--taus", "0.9", "--calibrated",
+                 "saint_plus:target=wall", "--speedups", "1.2", "--calib-images", images, "--out", str(prefix)]) == 2
+    assert "target must be 'flops' or 'measured'" in capsys.readouterr().err
