@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,7 @@ def calibrate(
     batch_size: int = 32,
     apply: bool = True,
     patch_settings: dict[str, Any] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
     **settings: Any,
 ) -> Calibration:
     """Choose tau for ``method`` ("saint" or "saint_fold") so the pruned model hits one
@@ -222,7 +224,9 @@ def calibrate(
     ``batch_size`` of ``images`` on the model's device; see :func:`_calibrate_measured`).
     Other settings (``k``, ``gamma``, ``layers``, ``rate`` ...)
     are passed through; ``patch_settings`` passes settings whose names are taken here
-    (LLaVA's ``mode``: ``patch_settings={"mode": "llm"}``). With ``apply`` the model is
+    (LLaVA's ``mode``: ``patch_settings={"mode": "llm"}``). ``clock`` times a
+    ``measured_speedup`` target (wall time by default; ``time.process_time`` counts this
+    process's CPU time, robust to other load on a shared machine). With ``apply`` the model is
     left patched with the result. A target out of reach on ``images`` gives a
     :class:`CalibrationWarning` and ``reached=False`` with the closest value found; on an
     error the model is left exactly as it was (unpatched, same train/eval mode).
@@ -250,7 +254,7 @@ def calibrate(
     if target == "measured_speedup":
         return _calibrate_measured(
             model, images, value, dict(mode=mode, method=method, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                                       **settings), batch_size, apply,
+                                       **settings), batch_size, apply, clock=clock,
         )
     goal = 1.0 / value if target == "flops_speedup" else value
 
@@ -326,7 +330,8 @@ MEASURED_STEPS = 5  # FLOPs targets tried at most
 
 
 def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops_kwargs: dict[str, Any],
-                        batch_size: int, apply: bool, repeats: int = 3) -> Calibration:
+                        batch_size: int, apply: bool, repeats: int = 3,
+                        clock: Callable[[], float] = time.perf_counter) -> Calibration:
     """Calibrate to a measured speed-up: calibrate real-token FLOPs targets, time each
     result against the unpatched model on a ``batch_size`` batch of ``images`` (repeated
     cyclically when there are fewer; round-robin, the fastest of ``repeats`` rounds), and
@@ -344,7 +349,7 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
             cal = calibrate(model, images, flops_speedup=s, apply=False, **flops_kwargs)
-        measured = _time_speedup(model, batch, cal, repeats)
+        measured = _time_speedup(model, batch, cal, repeats, clock)
         steps.append({"flops_speedup": cal.achieved, "measured_speedup": measured, "reached": cal.reached})
         if best is None or abs(measured - value) < abs(best[0] - value):
             best = (measured, cal)
@@ -357,6 +362,7 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
         cal, target="measured_speedup", value=float(value), achieved=float(measured),
         reached=abs(measured - value) <= MEASURED_TOL * value,
         measured={"batch_size": batch_size, "device": str(device), "repeats": repeats, "tolerance": MEASURED_TOL,
+                  "clock": "process CPU time" if clock is time.process_time else "wall time",
                   "flops_speedup": cal.achieved, "steps": steps},
     )
     if not result.reached:
@@ -372,7 +378,8 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
     return result
 
 
-def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration, repeats: int) -> float:
+def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration, repeats: int,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
     """Unpatched time over patched time on ``batch`` (fastest round of each, interleaved)."""
     adapter = find_adapter(model)
 
@@ -391,7 +398,7 @@ def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration,
     try:
         with torch.inference_mode():
             plain, pruned = time_round_robin([variant(False), variant(True)], batch_size=batch.shape[0],
-                                             device=batch.device, warmup=1, repeats=repeats)
+                                             device=batch.device, warmup=1, repeats=repeats, clock=clock)
     finally:
         if is_patched(model):
             unpatch(model)

@@ -100,7 +100,7 @@ def _pruning_layers(harness: Harness, variant: Variant) -> list[int]:
 
 def _calibrate_variants(
     harness: Harness, calibrated: Sequence[Variant], speedups: Sequence[float], calib_x: torch.Tensor | None,
-    timing_batch: int,
+    timing_batch: int, clock: Callable[[], float] = time.perf_counter,
 ) -> list[tuple[Variant, float, dict[str, Any], float, str]]:
     """Calibrate each variant to each speed-up on ``calib_x`` (model left unpatched): the
     real-token FLOPs speed-up, or with ``target=measured`` the speed-up measured on a
@@ -120,7 +120,7 @@ def _calibrate_variants(
         for sp in speedups:
             if target == "measured":
                 cal = calibrate(model, x, measured_speedup=sp, batch_size=timing_batch, method=cv.method,
-                                apply=False, **kwargs)
+                                apply=False, clock=clock, **kwargs)
             else:
                 cal = calibrate(model, x, flops_speedup=sp, method=cv.method, apply=False, **kwargs)
             out.append((cv, sp, cal.patch_kwargs(), cal.achieved, target))
@@ -185,7 +185,7 @@ def run_sweep(
 
     second: list[Variant] = []
     for cv, sp, cal_kwargs, achieved, target in _calibrate_variants(
-        harness, calibrated, speedups, calib_x, int(timing_x.shape[0])
+        harness, calibrated, speedups, calib_x, int(timing_x.shape[0]), clock
     ):
         v = Variant(f"{cv.label}@{format_value(sp)}x", cv.method, cal_kwargs)
         second.append(v)
