@@ -270,12 +270,13 @@ def test_viz_and_demo_share_one_documented_default_tau() -> None:
 def test_sweep_calibrates_saint_match_and_measured_targets(images, tmp_path, capsys) -> None:
     prefix = tmp_path / "m"
     rc = main(["sweep", *TINY, *COMMON, "--images", images, "--taus", "0.9", "--matched", "none",
-               "--calibrated", "saint_match", "--calibrated", "saint_plus:target=measured", "--speedups", "1.2",
+               "--calibrated", "saint_match", "--calibrated", "saint_plus:target=measured,at=1.3", "--speedups", "1.2",
                "--calib-images", images, "--timing-batch", "2", "--warmup", "0", "--repeats", "1",
                "--out", str(prefix)])
     assert rc == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "m.json").read_text())["results"]}
-    match, measured = rows["saint_match"], rows["saint_plus:target=measured"]
+    match, measured = rows["saint_match"], rows["saint_plus:target=measured,at=1.3"]
+    assert measured["setting"]["target_speedup"] == 1.3
     assert match["setting"]["target"] == "flops" and set(match["settings"]) >= {"tau", "fraction"}
     assert match["setting"]["calibrated_speedup"] == pytest.approx(1.2, rel=0.1)
     assert measured["setting"]["target"] == "measured" and "target" not in measured["settings"]

@@ -124,7 +124,8 @@ def parse_calibrated_spec(text: str) -> Variant:
     """Parse a SAINT-family spec for calibration: like :func:`parse_method_spec` but
     without ``tau`` (calibration picks it), with an optional ``mode=global|per_layer`` and
     ``target=flops|measured`` (calibrate to the real-token FLOPs speed-up, the default, or
-    to the speed-up measured at the timing batch)."""
+    to the speed-up measured at the timing batch) and ``at=S`` (calibrate to S only,
+    instead of every speed-up of the grid)."""
     from .calibration import MODES
 
     v = parse_method_spec(text, validate=False)
@@ -135,10 +136,14 @@ def parse_calibrated_spec(text: str) -> Variant:
     target = kwargs.pop("target", "flops")
     if target not in ("flops", "measured"):
         raise ValueError(f"target must be 'flops' or 'measured', got {target!r} in {text!r}")
+    at = kwargs.pop("at", None)
+    if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not at >= 1):
+        raise ValueError(f"at={at!r} must be one speed-up >= 1 (this variant's only target) in {text!r}")
     if "tau" in kwargs:
         raise ValueError(f"calibrated variants choose tau themselves; remove it from {text!r}")
     make_config(v.method, **kwargs)
-    return Variant(v.label, v.method, {**kwargs, "mode": mode, **({"target": target} if target != "flops" else {})})
+    extra = {**({"target": target} if target != "flops" else {}), **({"at": float(at)} if at is not None else {})}
+    return Variant(v.label, v.method, {**kwargs, "mode": mode, **extra})
 
 
 def variant_label(method: str, kwargs: dict[str, Any]) -> str:

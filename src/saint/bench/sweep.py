@@ -117,7 +117,8 @@ def _calibrate_variants(
     for cv in calibrated:
         kwargs = dict(cv.kwargs)
         target = kwargs.pop("target", "flops")
-        for sp in speedups:
+        at = kwargs.pop("at", None)
+        for sp in speedups if at is None else [at]:
             if target == "measured":
                 cal = calibrate(model, x, measured_speedup=sp, batch_size=timing_batch, method=cv.method,
                                 apply=False, clock=clock, **kwargs)
