@@ -1,17 +1,19 @@
-"""The adapter protocol for Hugging Face VLMs pruned inside their language model whose
-``*ForConditionalGeneration`` holds the multimodal model as ``model.model`` (Qwen-VL,
-LLaVA-OneVision): LLaVA's protocol (sites = decoder layers, processor-dict inputs)
-applied to that multimodal model, with the family module's ``matches``/``patch``/``unpatch``."""
+"""The adapter protocol for Hugging Face VLMs pruned inside their language model
+(LLaVA, LLaVA-OneVision, Qwen-VL): sites are the language model's decoder layers,
+inputs are processor-output dicts, and the multimodal model is the
+``*ForConditionalGeneration``'s ``model.model`` (or the ``*Model`` itself). Each family
+subclasses :class:`HFVlm`, naming its adapter module (``family``), whose
+``matches``/``patch``/``unpatch`` the class binds."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from .base import Handle, Probe, Site
-from .llava import Llava
+from .base import Adapter, Grid, Probe, Site, batch_to, save_output
 
 
 def multimodal(model: torch.nn.Module) -> torch.nn.Module:
@@ -19,48 +21,114 @@ def multimodal(model: torch.nn.Module) -> torch.nn.Module:
     return model.model if hasattr(model, "lm_head") else model
 
 
-class HFVlm(Llava):
-    """Subclasses set ``name`` and ``family`` (the adapter module)."""
+class ImageTokenProbe(Probe):
+    """The decoder layers of a VLM's language model, restricted to the image tokens
+    (found per sample from ``image_token_id``). Keys are read pre-RoPE at ``k_proj`` and
+    averaged over KV heads; there is no class token."""
+
+    num_prefix = 0
+    has_cls = False
+
+    def __init__(self, model: torch.nn.Module, sites: list[Site]) -> None:
+        self.sites = sites
+        self.image_token_id = int(model.config.image_token_id)
+        self.image_mask: torch.Tensor | None = None
+
+    def begin(self, inputs: Any) -> None:
+        self.image_mask = inputs["input_ids"] == self.image_token_id
+
+    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        return [self.sites[i].attn.k_proj.register_forward_hook(save_output(store, "k"))]
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """The image tokens of ``t [B, N, ...]`` as ``[B, M, ...]`` (M equal per sample)."""
+        mask = self.image_mask
+        counts = mask.sum(dim=1)
+        if int(counts.min()) != int(counts.max()) or int(counts.min()) < 2:
+            raise ValueError(f"every prompt of a batch needs the same number (>= 2) of image tokens, got {counts.tolist()}")
+        return t[mask].reshape(t.shape[0], int(counts[0]), *t.shape[2:])
+
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        k = store.pop("k")
+        b, n, c = k.shape
+        h = self.sites[i].heads
+        k = self.select(k).reshape(b, -1, h, c // h)
+        return k, k  # queries are not used: no class token here
+
+    def hidden(self, output: Any) -> torch.Tensor:
+        return self.select(super().hidden(output))
+
+
+class HFVlm(Adapter):
+    """Subclasses set ``name`` and ``family`` (the adapter module); ``grid`` is the
+    square patch grid of the vision config's ``image_size`` (LLaVA, the base image of
+    LLaVA-OneVision)."""
 
     family: ModuleType
+    tau_setting = "llm_tau"
 
     def matches(self, model: torch.nn.Module) -> bool:
         return self.family.matches(model)
 
-    def sites(self, model: torch.nn.Module) -> list[Site]:
-        return super().sites(multimodal(model))
-
-    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
-        return super().block_flops(multimodal(model), n_in, n_out)
-
-    def probe(self, model: torch.nn.Module) -> Probe:
-        return super().probe(multimodal(model))
-
-    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> Handle:
+    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> Any:
         return self.family.patch(model, method, trace=trace, **kwargs)
 
     def unpatch(self, model: torch.nn.Module) -> None:
         self.family.unpatch(model)
 
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        lm = multimodal(model).language_model
+        out = []
+        for i, layer in enumerate(lm.layers):
+            attn = layer.self_attn
+            heads = int(attn.config.num_key_value_heads)
+            out.append(Site(i, f"language_model.layers.{i}", layer, attn, heads, float(attn.scaling)))
+        return out
 
-def install_forward_hooks(handle: Any, model: torch.nn.Module, mm: torch.nn.Module, mm_pre: Any,
-                          lm_post: tuple[Any, ...] = ()) -> None:
-    """The hooks of one patched forward, as LLaVA's: the handle's lock around the whole
-    call, the decoder pruner, ``mm_pre`` on the multimodal model, the language model's
-    post-hook (outputs back in input coordinates, statistics) then ``lm_post``, and the
-    labels/logits hooks of a ``*ForConditionalGeneration``."""
-    from .common import RefusePickle
-    from .llava import _make_guard, _make_lm_post, _make_top_post, _make_top_pre
+    def protected(self, model: torch.nn.Module) -> int:
+        return 0
 
-    lm = mm.language_model
-    hooks = handle.hooks
-    # calls from several threads run one after another: the per-forward state is the handle's
-    hooks.append(model.register_forward_pre_hook(RefusePickle(_make_guard(handle, enter=True)), prepend=True))
-    handle.pruner.install()
-    hooks.append(mm.register_forward_pre_hook(RefusePickle(mm_pre), with_kwargs=True))
-    for hook in (_make_lm_post(handle), *lm_post):
-        hooks.append(lm.register_forward_hook(hook))
-    if model is not mm:
-        hooks.append(model.register_forward_pre_hook(RefusePickle(_make_top_pre(handle)), with_kwargs=True))
-        hooks.append(model.register_forward_hook(RefusePickle(_make_top_post(handle)), with_kwargs=True))
-    hooks.append(model.register_forward_hook(RefusePickle(_make_guard(handle, enter=False)), always_call=True))
+    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        vc = multimodal(model).config.vision_config
+        g, p = int(vc.image_size) // int(vc.patch_size), int(vc.patch_size)
+        return Grid(g, g, (p, p))
+
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
+        """One decoder layer on ``n_in`` tokens (pruning follows the layer): q/o and the
+        grouped k/v projections, attention, and the gated MLP (3 matmuls)."""
+        cfg = multimodal(model).language_model.config
+        d, inter = int(cfg.hidden_size), int(cfg.intermediate_size)
+        kv = int(cfg.num_key_value_heads) * int(getattr(cfg, "head_dim", None) or d // int(cfg.num_attention_heads))
+        return 2 * n_in * (2 * d * d + 2 * d * kv) + 4 * n_in * n_in * d + 2 * n_in * 3 * d * inter
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        mm = multimodal(model)
+        return ImageTokenProbe(mm, self.sites(mm))
+
+    def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        return model(**inputs)
+
+    def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next-token logits of every prompt (its last position is never dropped)."""
+        out = self.forward(model, inputs)
+        logits = getattr(out, "logits", None)
+        return (out.last_hidden_state if logits is None else logits)[:, -1], None
+
+    def check_inputs(self, inputs: Any) -> None:
+        if not isinstance(inputs, dict) or "input_ids" not in inputs:
+            raise ValueError("LLaVA takes batches of processor outputs (dicts with input_ids, pixel_values)")
+
+    def batch_size(self, inputs: Any) -> int:
+        return int(inputs["input_ids"].shape[0])
+
+    def split(self, inputs: Any, size: int) -> Iterator[Any]:
+        b = self.batch_size(inputs)
+        px = inputs.get("pixel_values")
+        if px is not None and px.shape[0] != b and size < b:
+            raise ValueError(f"{px.shape[0]} images for {b} prompts: split batches need one image per prompt")
+        for start in range(0, b, size):
+            yield {k: (v[start : start + size] if isinstance(v, torch.Tensor) and v.shape[:1] == (b,) else v)
+                   for k, v in inputs.items()}
+
+    def to(self, inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        return batch_to(inputs, device, dtype)

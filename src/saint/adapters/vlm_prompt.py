@@ -1,0 +1,103 @@
+"""The prompt a VLM's language model sees when a vision-side reduction leaves fewer
+visual tokens than the processor emitted (LLaVA, Qwen-VL): the surplus placeholder
+tokens are taken out of every row before layer 0 (rows right-aligned again, as the
+processor left-padded them), and each later decoding step's 2-D attention mask is
+mapped to that shorter prompt. The maps live on the pruned prompt stored on the cache
+(``extra``: ``src0``, ``valid0``, ``removed``), so cached generations may interleave."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core import keep_mask_to_indices
+from . import hf_llm
+from .vlm_handle import Forward, VlmPatch
+
+
+def refuse_static_cache(kwargs: dict[str, Any]) -> None:
+    """A static cache cannot take a prompt shorter than the processor's."""
+    if getattr(kwargs.get("cache"), "is_compileable", False):
+        raise ValueError(
+            "a static cache sizes its masks for the processor's prompt, which the vision-side token "
+            "reduction shortens; use a dynamic cache (the default) with this method"
+        )
+
+
+def shrink_rows(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Where every slot of the shortened rows comes from (``src [B, L']``, input
+    positions, right-aligned), which slots are real (``valid``) and the shortened 2-D
+    attention mask (None when the call had none and every row is full); records the
+    maps on ``fwd``. The caller gathers its own inputs (ids, positions) through ``src``."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        raise ValueError(
+            "a 4-D attention mask cannot follow the vision-side token reduction; pass a 2-D attention_mask "
+            "(and a dynamic cache)"
+        )
+    src, valid = keep_mask_to_indices(keep0, align="right")
+    if mask is not None:
+        new_mask = torch.gather(mask, 1, src).masked_fill(~valid, 0)
+    elif not bool(valid.all()):
+        new_mask = valid.long()
+    else:
+        new_mask = None
+    fwd.src0, fwd.valid0, fwd.removed = src, valid, (~keep0).sum(dim=1)
+    return src, valid, new_mask
+
+
+def begin_prefill(handle: VlmPatch, fwd: Forward, prunable: torch.Tensor) -> None:
+    """Start the decoder pruner on the layer-0 sequence: ``prunable [B, L]`` flags the
+    tokens it may drop (real slots only); their count per row is the tower's output."""
+    if fwd.valid0 is not None:
+        prunable = prunable & fwd.valid0
+    fwd.tower_counts = prunable.sum(dim=1).cpu()
+    handle.pruner.begin_prefill(prunable)
+
+
+def step_shape(kwargs: dict[str, Any]) -> tuple[int, int, torch.device]:
+    """Rows, new tokens and device of a decoding step (ids or embeddings)."""
+    x = kwargs.get("input_ids")
+    x = kwargs["inputs_embeds"] if x is None else x
+    return x.shape[0], x.shape[1], x.device
+
+
+def continued_mask(prompt: hf_llm.PrunedPrompt, kwargs: dict[str, Any], past: int) -> torch.Tensor | None:
+    """A decoding step's 2-D attention mask over the shortened prompt + every token
+    after it (None when the call had none and no row of the prompt was shortened)."""
+    src0, valid0 = prompt.extra["src0"], prompt.extra["valid0"]
+    b, q, _ = step_shape(kwargs)
+    length0, t = prompt.input_length, past - prompt.length
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != length0 + t + q:
+            raise ValueError(
+                f"attention_mask of shape {tuple(getattr(mask, 'shape', ()))} does not continue the pruned prompt "
+                f"of {length0} input tokens + {t} generated; pass the full 2-D mask of the sequence so far (no 4-D "
+                "masks or static caches with a vision-side reduction)"
+            )
+        head = torch.gather(mask[:, :length0], 1, src0).masked_fill(~valid0, 0)
+        return torch.cat([head, mask[:, length0:]], dim=1)
+    if not bool(valid0.all()):
+        return torch.cat([valid0.long(), valid0.new_ones(b, t + q, dtype=torch.long)], dim=1)
+    return None
+
+
+def continue_prompt(handle: VlmPatch, module: torch.nn.Module, prompt: hf_llm.PrunedPrompt,
+                    kwargs: dict[str, Any], past: int) -> dict[str, Any]:
+    """A decoding step after a pruned prompt, for 1-D positions: the decoder pruner
+    continues that prompt; the mask is mapped to the shortened prompt and positions
+    count only the tokens that stayed."""
+    handle.pruner.begin_continuation(prompt)
+    if prompt.extra.get("src0") is None:
+        return kwargs
+    b, q, device = step_shape(kwargs)
+    length0, t = prompt.input_length, past - prompt.length
+    mask = continued_mask(prompt, kwargs, past)
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        pos = torch.arange(length0 + t, length0 + t + q, device=device).expand(b, q)
+    pos = pos.expand(b, q) - prompt.extra["removed"][:, None].to(pos.device)
+    return dict(kwargs, attention_mask=mask, position_ids=pos)
