@@ -383,7 +383,7 @@ def test_cli_tiny_run_writes_json(tmp_path, capsys):
     path = tmp_path / "vlm.json"
     rc = main(["vlm-bench", "--geometry", "tiny", "--device", "cpu", "--threads", "1", "--batch-size", "2",
                "--prompt-len", "8", "--new-tokens", "2", "--warmup", "0", "--repeats", "2", "--budgets", "48,16",
-               "--json", str(path), "--no-progress"])
+               "--json", str(path), "--no-progress", "--clock", "process"])
     assert rc == 0
     shown = capsys.readouterr().out
     assert "FLOPs x 7B" in shown
@@ -395,7 +395,7 @@ def test_cli_tiny_run_writes_json(tmp_path, capsys):
     assert "transformers" in report["environment"]["versions"]
     s = report["settings"]
     assert (s["batch_size"], s["text_tokens"], s["image_tokens"], s["new_tokens"], s["repeats"]) == (2, 8, N, 2, 2)
-    assert s["budgets"] == [48, 16] and s["dtype"] == "fp32"
+    assert s["budgets"] == [48, 16] and s["dtype"] == "fp32" and s["clock"] == "process CPU time"
     names = [r["name"] for r in report["variants"]]
     assert names[:2] == ["unpruned", "graph-only (SAINT llm step, drops nothing)"]
     assert len(names) == 2 + 2 * 6
@@ -452,6 +452,7 @@ def test_benchmark_script_writes_md_and_json(tmp_path, capsys):
     report = json.loads((tmp_path / "vlm_tiny_cpu_fp32.json").read_text())
     assert report["environment"]["command"].startswith("python benchmarks/run_vlm_cpu.py --geometry tiny")
     assert report["settings"]["device"] == "cpu" and report["graph_overhead"] is None
+    assert report["settings"]["clock"] == "wall time" and "timing (wall time)" in md
     assert [r["name"] for r in report["variants"]] == ["unpruned", "saint-vit@16", "pool@16"]
     for key in ("- date:", "- device:", "torch threads: 1", "- versions:", "transformers", "- command: `python"):
         assert key in md, key

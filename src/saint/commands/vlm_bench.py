@@ -8,6 +8,7 @@ measured)."""
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
     t = p.add_argument_group("timing")
     t.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
     t.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
+    t.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="wall: wall time (default); process: this process's CPU time, a measure of work that other "
+                        "jobs on a shared machine do not distort (use with --threads 1: with more threads it sums "
+                        "them)")
     t.add_argument("--no-memory", action="store_true", help="skip peak memory")
     t.add_argument("--no-flops", action="store_true", help="skip the FLOPs count (one extra prefill per variant)")
     v = p.add_argument_group("variants")
@@ -120,6 +125,7 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         memory=not args.no_memory, flops=not args.no_flops, graph_only=not args.no_graph_only,
         tau_iters=args.tau_iters, seed=args.seed, llm_layers=layers, vit_layer=args.vit_layer,
         fastv_layer=args.fastv_layer, hybrid_vit_keep=args.hybrid_vit_keep, argv=argv,
+        clock=time.process_time if args.clock == "process" else time.perf_counter,
         progress=progress_factory(not args.no_progress),
     )
 

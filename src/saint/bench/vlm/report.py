@@ -69,7 +69,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
         f"prompt: {s['prompt_len']} text + {s['image_tokens']} image tokens per row"
         f"{f' (+ {markers} image start/end markers)' if markers else ''}, batch {s['batch_size']}, "
         f"{s['dtype']} on {s['device']}; decode: {s['new_tokens']} greedy single-token steps on the prefill's cache",
-        f"timing: {s['warmup']} warm-up + {s['repeats']} timed interleaved round-robin rounds"
+        f"timing ({s['clock']}): {s['warmup']} warm-up + {s['repeats']} timed interleaved round-robin rounds"
         f"{'' if s['repeats'] >= 5 else ' (fewer than 5: indicative only)'}; minimum over rounds, spread = "
         "max - min; speed-ups from the minima; TTFT = one prefill "
         "forward (vision tower + projector + pruning + LLM + LM head on the last position)",

@@ -49,46 +49,50 @@ def _ms(times: Sequence[float], per: int = 1) -> dict[str, Any]:
 
 def time_variants(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[VlmVariant], *,
                   device: torch.device | str, warmup: int = 1, repeats: int = 5,
-                  progress: Callable[[int], None] | None = None) -> list[VlmResult]:
+                  progress: Callable[[int], None] | None = None,
+                  clock: Callable[[], float] = time.perf_counter) -> list[VlmResult]:
     """Interleaved round-robin (:func:`saint.measure.timing.time_stages_round_robin`):
     each round runs every variant once (the start rotates per round); per run, the
-    prefill is timed, then the decode loop on its cache."""
+    prefill is timed, then the decode loop on its cache. ``clock``: wall time, or
+    ``time.process_time`` (this process's CPU time: work, on a shared machine)."""
     with torch.inference_mode():
         times = time_stages_round_robin(
             [lambda v=v: _activate(model, v) for v in variants],
             [[lambda _: prefill(model, inputs), lambda out: decode(model, inputs, out)] for _ in variants],
-            device=device, warmup=warmup, repeats=repeats, progress=progress,
+            device=device, warmup=warmup, repeats=repeats, progress=progress, clock=clock,
         )
     return [VlmResult(v, prefill_s=t[0], decode_s=t[1]) for v, t in zip(variants, times, strict=True)]
 
 
 class _Stopwatch:
-    """Wall time of wrapped calls (device-synchronised), summed per forward."""
+    """Time of wrapped calls on ``clock`` (device-synchronised), summed per forward."""
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, clock: Callable[[], float] = time.perf_counter) -> None:
         self.device = device
+        self.clock = clock
         self.total = 0.0
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             synchronize(self.device)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             out = fn(*args, **kwargs)
             synchronize(self.device)
-            self.total += time.perf_counter() - t0
+            self.total += self.clock() - t0
             return out
 
         return timed
 
 
 def profile_variant(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVariant, *,
-                    device: torch.device | str, memory: bool = True, flops: bool = True) -> dict[str, Any]:
+                    device: torch.device | str, memory: bool = True, flops: bool = True,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """One untimed prefill + decode of ``variant``: visual tokens, KV-cache size, peak
-    memory, the language model's and the SAINT selection's wall time in that prefill, and
-    (a separate prefill) its FLOPs."""
+    memory, the language model's and the SAINT selection's time (on ``clock``) in that
+    prefill, and (a separate prefill) its FLOPs."""
     _activate(model, variant)
     lm = model.model.language_model
-    selection = _Stopwatch(device)
+    selection = _Stopwatch(device, clock)
     handle = get_handle(model)
     pruner = getattr(handle, "pruner", None)
     saint_llm = variant.method in ("llm", "hybrid", "graph-only")
@@ -98,11 +102,11 @@ def profile_variant(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVaria
 
     def lm_pre(*_: Any) -> None:
         synchronize(device)
-        lm_time.append(-time.perf_counter())
+        lm_time.append(-clock())
 
     def lm_post(*_: Any) -> None:
         synchronize(device)
-        lm_time[-1] += time.perf_counter()
+        lm_time[-1] += clock()
 
     seen: dict[str, Any] = {}
 
@@ -142,7 +146,7 @@ def profile_variant(model: torch.nn.Module, inputs: VlmInputs, variant: VlmVaria
 
 def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[VlmVariant], *,
                   device: torch.device | str, warmup: int = 1, repeats: int = 5, memory: bool = True,
-                  flops: bool = True, tau_iters: int = 12,
+                  flops: bool = True, tau_iters: int = 12, clock: Callable[[], float] = time.perf_counter,
                   progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> dict[str, Any]:
     """Calibrate the taus of ``llm``/``hybrid`` (:func:`saint.calibrate`), time every
     variant round-robin, profile each once; returns the report's ``variants`` and
@@ -161,11 +165,12 @@ def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[
             bar(1)
     t_cal = time.perf_counter()
     bar = progress("timing (round-robin)", warmup + repeats) if progress else None
-    results = time_variants(model, inputs, variants, device=device, warmup=warmup, repeats=repeats, progress=bar)
+    results = time_variants(model, inputs, variants, device=device, warmup=warmup, repeats=repeats, progress=bar,
+                            clock=clock)
     t_time = time.perf_counter()
     bar = progress("profile pass", len(variants)) if progress else None
     for r in results:
-        r.profile = profile_variant(model, inputs, r.variant, device=device, memory=memory, flops=flops)
+        r.profile = profile_variant(model, inputs, r.variant, device=device, memory=memory, flops=flops, clock=clock)
         if bar:
             bar(1)
     if api.is_patched(model):
@@ -252,11 +257,12 @@ def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.d
                flops: bool = True, graph_only: bool = True, tau_iters: int = 12, seed: int = 0,
                llm_layers: tuple[int, int] | None = None, vit_layer: int | None = None,
                fastv_layer: int | None = None, hybrid_vit_keep: int | None = None,
-               argv: Sequence[str] | None = None,
+               argv: Sequence[str] | None = None, clock: Callable[[], float] = time.perf_counter,
                progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> dict[str, Any]:
     """Build the model and inputs, run :func:`run_vlm_bench`, and return the whole report
     (environment, geometry, settings, variants, graph overhead). ``methods`` None: all of
-    them, pooling only where it keeps a budget exactly (the others are listed as skipped)."""
+    them, pooling only where it keeps a budget exactly (the others are listed as skipped).
+    ``clock``: wall time, or ``time.process_time`` for this process's CPU time."""
     import transformers
 
     start = time.perf_counter()
@@ -268,7 +274,7 @@ def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.d
     model = geometry.build(device, dtype, seed)
     built = time.perf_counter()
     body = run_vlm_bench(model, inputs, variants, device=device, warmup=warmup, repeats=repeats, memory=memory,
-                         flops=flops, tau_iters=tau_iters, progress=progress)
+                         flops=flops, tau_iters=tau_iters, clock=clock, progress=progress)
     analytic = add_analytic(body, geometry, inputs.text_tokens)
     env = environment(device, argv)
     env["versions"]["transformers"] = transformers.__version__
@@ -284,6 +290,7 @@ def vlm_report(geometry: Geometry, *, device: torch.device | str, dtype: torch.d
         "new_tokens": new_tokens,
         "warmup": warmup,
         "repeats": repeats,
+        "clock": "process CPU time" if clock is time.process_time else "wall time",
         "seed": seed,
         "budgets": sorted(budgets, reverse=True),
         "methods": list(METHODS if methods is None else methods),
