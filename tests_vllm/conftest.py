@@ -1,10 +1,13 @@
-"""Fixtures of the vLLM plugin tests (run in their own venv: ``make test-vllm``): a tiny random
-Qwen2.5-VL written once per session, a portrait test image, and engines run one per process."""
+"""Fixtures of the vLLM plugin tests (run in their own venv by ``make test-vllm``, part of
+``make test``): a tiny random Qwen2.5-VL written once per session, a portrait test image,
+engines run one per process, and the comparison of vLLM's greedy decoding with a
+transformers reference."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +18,25 @@ import torch
 from PIL import Image
 
 RUNNER = Path(__file__).with_name("run_engine.py")
+# One engine start (three processes importing vLLM, model load, profiling, one request)
+# took 20-70 s on a shared 2-core VM; ten times that is a hang, not a slow machine.
+ENGINE_TIMEOUT_S = 600
+# vLLM and transformers, both in float32, gave log-probabilities within 1e-5 of each other
+# here; bfloat16 rounding alone moves them by about 1e-2.
+LOGPROB_TOL = 1e-3
 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """The references run on one thread (the machine is shared; the model is tiny)."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def vllm_cache(tmp_path_factory) -> Path:
+    """vLLM's cache folder (``VLLM_CACHE_ROOT``) for this session, so that no engine reads
+    what an earlier run left in ``~/.cache/vllm``."""
+    return tmp_path_factory.mktemp("vllm-cache")
 
 
 @pytest.fixture(scope="session")
@@ -40,22 +56,86 @@ def image_path(tmp_path_factory) -> Path:
     return path
 
 
-def run_engine(model_dir: Path, image: Path, overrides: dict, plugins: str | None = None) -> dict:
-    """Start one engine in a fresh process, generate greedily; return the runner's JSON.
-    ``plugins``: vLLM's ``VLLM_PLUGINS`` (``saint_compat`` = plain vLLM, no SAINT override)."""
-    env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("VLLM_PLUGINS", None)
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
-    cmd = [sys.executable, str(RUNNER), str(model_dir), str(image), json.dumps(overrides)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise EngineFailed(proc.returncode, proc.stdout + proc.stderr)
+@pytest.fixture(scope="session")
+def run_engine(vllm_cache):
+    """``run_engine(model_dir, image, overrides, plugins=None, engine=None)``: start one engine
+    in a fresh process, generate greedily; return the runner's JSON. ``plugins``: vLLM's
+    ``VLLM_PLUGINS`` (``saint_compat`` = plain vLLM, no SAINT override); ``engine``: extra
+    ``LLM(...)`` arguments."""
+
+    def run(
+        model_dir: Path,
+        image: Path,
+        overrides: dict,
+        plugins: str | None = None,
+        engine: dict | None = None,
+    ) -> dict:
+        env = {
+            **os.environ,
+            "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # for LLM.apply_model
+            "OMP_NUM_THREADS": "1",
+            "VLLM_CACHE_ROOT": str(vllm_cache),
+            "VLLM_NO_USAGE_STATS": "1",  # no network at run time
+            "HF_HUB_OFFLINE": "1",
+        }
+        env.pop("VLLM_PLUGINS", None)
+        if plugins is not None:
+            env["VLLM_PLUGINS"] = plugins
+        cmd = [
+            sys.executable, str(RUNNER), str(model_dir), str(image), json.dumps(overrides),
+            json.dumps(engine or {}),
+        ]
+        output = _run_group(cmd, env)
+        for line in output.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        raise EngineFailed(output)
+
+    return run
+
+
+def _run_group(cmd: list[str], env: dict) -> str:
+    """Run ``cmd`` in its own process group and return its output. The engine core and the
+    worker are vLLM's child processes: on a timeout the whole group is killed (killing the
+    runner alone would leave them holding the output pipe, and the test would hang)."""
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=ENGINE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        output, _ = proc.communicate()
+        raise EngineFailed(output, f"timed out after {ENGINE_TIMEOUT_S} s") from None
+    finally:
+        _kill_group(proc.pid)  # leftovers of a crashed engine, if any
+    return output
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class EngineFailed(RuntimeError):
-    def __init__(self, returncode: int, output: str) -> None:
-        super().__init__(f"engine process exited {returncode}:\n{output[-4000:]}")
+    def __init__(self, output: str, why: str = "exited without a result") -> None:
+        super().__init__(f"engine process {why}:\n{output[-4000:]}")
         self.output = output
+
+
+def assert_same_greedy_decoding(got: dict, ref_logprobs: torch.Tensor) -> None:
+    """vLLM's greedy tokens against a reference's log-probabilities ``[steps, vocab]`` for
+    the same tokens: at each step vLLM's token is the reference's argmax (up to a tie within
+    :data:`LOGPROB_TOL`) and the two log-probabilities of that token agree within it."""
+    assert len(got["token_ids"]) == len(ref_logprobs) > 0
+    for step, (token, logprob) in enumerate(zip(got["token_ids"], got["logprobs"], strict=True)):
+        ref = ref_logprobs[step]
+        best = int(ref.argmax())
+        assert float(ref[token]) >= float(ref[best]) - LOGPROB_TOL, (
+            f"step {step}: vLLM chose {token} ({float(ref[token]):.5f} in the reference), "
+            f"the reference {best} ({float(ref[best]):.5f})"
+        )
+        assert abs(logprob - float(ref[token])) <= LOGPROB_TOL, (step, logprob, float(ref[token]))

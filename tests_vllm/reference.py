@@ -1,10 +1,15 @@
-"""The transformers reference for the vLLM plugin: the same checkpoint run by transformers'
-Qwen2_5_VLForConditionalGeneration, with SAINT's fixed-budget drop applied to the merged
-image features (``saint.core.fixed_budget_keep_mask``, the plugin's budget rule) and the kept
-tokens given their full-grid M-RoPE positions from transformers' own ``get_rope_index``.
+"""The transformers references for the vLLM plugin: the same checkpoint run by transformers,
+with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
+the plugin's budget rule) and, for the Qwen models, the kept tokens given their full-grid
+M-RoPE positions from transformers' own ``get_rope_index``.
 
-saint's own transformers path for Qwen2.5-VL is not on main yet (and prunes inside the
-tower, not after it), so this reference is built here from transformers' public pieces.
+Each reference scores vLLM's prompt and greedy output in one forward pass (teacher forcing)
+and returns the log-probabilities ``[steps, vocab]`` of every output step, for
+``conftest.assert_same_greedy_decoding``, and the kept indices.
+
+saint's own transformers path for Qwen2.5-VL (``saint.adapters.qwen_vl``) prunes inside the
+tower (``vit`` mode) or picks a random set (``random``), not the fixed-budget drop on the
+merged embeddings, so this reference is built here from transformers' public pieces.
 """
 
 from __future__ import annotations
@@ -17,12 +22,48 @@ from saint.core import fixed_budget_keep_mask
 from saint.integrations.vllm.settings import SaintVllmSettings
 
 
+def _keep(feats: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """The plugin's choice among one image's ``[N, D]`` features."""
+    settings = SaintVllmSettings(keep_ratio)
+    return fixed_budget_keep_mask(feats[None], settings.kept_tokens(len(feats)), settings.step_div)[0]
+
+
+def _step_logprobs(logits: torch.Tensor, prompt_len: int, steps: int) -> torch.Tensor:
+    """``[steps, vocab]``: the log-probabilities that predicted each output token."""
+    return torch.log_softmax(logits[0, prompt_len - 1 : prompt_len - 1 + steps].float(), dim=-1)
+
+
+def _qwen_inputs(model, image_token: int, feats, keep, grid, prompt_ids, output_ids):
+    """Embeddings and M-RoPE positions ``[3, 1, L]`` of vLLM's prompt (the image's run already
+    shortened to the kept count) followed by its output: kept tokens keep their full-grid
+    positions (transformers' ``get_rope_index`` on the unpruned prompt), the text after the
+    image keeps its unpruned positions."""
+    ids = torch.tensor(prompt_ids)
+    where = (ids == image_token).nonzero().flatten()
+    start, k, n = int(where[0]), len(where), len(feats)
+    assert k == int(keep.sum()), (k, int(keep.sum()))
+    full = torch.cat([ids[:start], torch.full((n,), image_token), ids[start + k :]])[None]
+    positions, _ = model.model.get_rope_index(
+        full, mm_token_type_ids=(full == image_token).int(), image_grid_thw=grid
+    )
+    columns = torch.ones(full.shape[1], dtype=torch.bool)
+    columns[start : start + n] = keep
+    positions = positions[:, :, columns]
+    after = positions.max() + 1 + torch.arange(len(output_ids))  # decoding continues from there
+    positions = torch.cat([positions, after.view(1, 1, -1).expand(3, 1, -1)], dim=2)
+
+    embeds = model.model.get_input_embeddings()(torch.tensor(prompt_ids + output_ids)[None])
+    embeds[0, start : start + k] = feats[keep]
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
+    mask[0, start : start + k] = True
+    return embeds, positions, mask
+
+
 @torch.no_grad()
-def transformers_greedy(
-    model_dir: Path, image_path: Path, prompt_ids: list[int], keep_ratio: float, max_tokens: int
+def transformers_scores(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float
 ) -> dict:
-    """Greedy ids and kept indices for ``prompt_ids`` (vLLM's prompt: the image's run of
-    placeholders already shortened to the kept count)."""
+    """Qwen2.5-VL: the fixed-budget drop on the merged image features."""
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -35,45 +76,24 @@ def transformers_greedy(
     inputs = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
     grid = inputs["image_grid_thw"]
     feats = model.model.get_image_features(inputs["pixel_values"], grid).pooler_output[0]
-    n = feats.shape[0]
-    settings = SaintVllmSettings(keep_ratio)
-    keep = fixed_budget_keep_mask(feats[None], settings.kept_tokens(n), settings.step_div)[0]
-
-    image_token = model.config.image_token_id
-    ids = torch.tensor(prompt_ids)
-    where = (ids == image_token).nonzero().flatten()
-    start, k = int(where[0]), len(where)
-    assert k == int(keep.sum()), (k, int(keep.sum()))
-    full = torch.cat([ids[:start], torch.full((n,), image_token), ids[start + k:]])[None]
-    positions, _ = model.model.get_rope_index(
-        full, mm_token_type_ids=(full == image_token).int(), image_grid_thw=grid
+    keep = _keep(feats, keep_ratio)
+    embeds, positions, _ = _qwen_inputs(
+        model, model.config.image_token_id, feats, keep, grid, prompt_ids, output_ids
     )
-    columns = torch.ones(full.shape[1], dtype=torch.bool)
-    columns[start:start + n] = keep
-    positions = positions[:, :, columns]  # [3, 1, L]: the kept tokens' full-grid positions
-
-    embed = model.model.get_input_embeddings()
-    embeds = embed(ids[None])
-    embeds[0, start:start + k] = feats[keep]
-    out = []
-    for _ in range(max_tokens):
-        hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions)
-        token = int(model.lm_head(hidden.last_hidden_state[:, -1]).argmax(-1))
-        out.append(token)
-        if token == model.config.text_config.eos_token_id:
-            break
-        embeds = torch.cat([embeds, embed(torch.tensor([[token]]))], dim=1)
-        step = (positions.max() + 1).view(1, 1, 1).expand(3, 1, 1)  # text after: max + 1
-        positions = torch.cat([positions, step], dim=2)
-    return {"token_ids": out, "kept": keep.nonzero().flatten().tolist()}
+    hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions)
+    logits = model.lm_head(hidden.last_hidden_state)
+    return {
+        "logprobs": _step_logprobs(logits, len(prompt_ids), len(output_ids)),
+        "kept": keep.nonzero().flatten().tolist(),
+    }
 
 
 @torch.no_grad()
-def transformers_llava_greedy(
-    model_dir: Path, image_path: Path, prompt_ids: list[int], keep_ratio: float, max_tokens: int
+def transformers_llava_scores(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float
 ) -> dict:
-    """The same for LLaVA: the fixed-budget drop on the projector's output, and the
-    shortened prompt numbered 0..L-1 (LLaVA's 1-D positions)."""
+    """LLaVA: the fixed-budget drop on the projector's output, and the shortened prompt
+    numbered 0..L-1 (LLaVA's 1-D positions)."""
     from PIL import Image
     from transformers import LlavaForConditionalGeneration
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -84,21 +104,15 @@ def transformers_llava_greedy(
     feats = model.model.get_image_features(pixel_values=pixels["pixel_values"])
     feats = getattr(feats, "pooler_output", feats)
     feats = (feats[0] if isinstance(feats, (list, tuple)) else feats).reshape(-1, feats[0].shape[-1])
-    settings = SaintVllmSettings(keep_ratio)
-    keep = fixed_budget_keep_mask(feats[None], settings.kept_tokens(len(feats)), settings.step_div)[0]
+    keep = _keep(feats, keep_ratio)
 
     ids = torch.tensor(prompt_ids)
     where = (ids == model.config.image_token_index).nonzero().flatten()
     assert len(where) == int(keep.sum()), (len(where), int(keep.sum()))
-    embed = model.model.get_input_embeddings()
-    embeds = embed(ids[None])
+    embeds = model.model.get_input_embeddings()(torch.tensor(prompt_ids + output_ids)[None])
     embeds[0, where] = feats[keep]
-    out = []
-    for _ in range(max_tokens):
-        hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
-        token = int(model.lm_head(hidden[:, -1]).argmax(-1))
-        out.append(token)
-        if token == model.config.text_config.eos_token_id:
-            break
-        embeds = torch.cat([embeds, embed(torch.tensor([[token]]))], dim=1)
-    return {"token_ids": out, "kept": keep.nonzero().flatten().tolist()}
+    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    return {
+        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
+        "kept": keep.nonzero().flatten().tolist(),
+    }

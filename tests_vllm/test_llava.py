@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_engine
-from reference import transformers_llava_greedy
-from run_engine import MAX_TOKENS
+from conftest import assert_same_greedy_decoding
+from reference import transformers_llava_scores
 
 from saint.integrations.vllm.tiny import write_llava_checkpoint
 
@@ -20,14 +19,14 @@ def llava_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("ratio, kept", [(None, 64), (0.25, 16)])
-def test_llava_image_tokens_and_outputs(llava_dir, image_path, ratio, kept):
+def test_llava_image_tokens_and_outputs(run_engine, llava_dir, image_path, ratio, kept):
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
     got = run_engine(llava_dir, image_path, overrides)
     image_token = json.loads((llava_dir / "config.json").read_text())["image_token_index"]
     assert got["prompt_token_ids"].count(image_token) == kept
-    ref = transformers_llava_greedy(
-        llava_dir, image_path, got["prompt_token_ids"], ratio or 1.0, MAX_TOKENS
+    ref = transformers_llava_scores(
+        llava_dir, image_path, got["prompt_token_ids"], got["token_ids"], ratio or 1.0
     )
     if ratio is not None:
         assert got["kept"] == [ref["kept"]]
-    assert got["token_ids"] == ref["token_ids"]
+    assert_same_greedy_decoding(got, ref["logprobs"])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from conftest import run_engine
-from reference import transformers_greedy
-from run_engine import MAX_TOKENS
+from conftest import assert_same_greedy_decoding
+from reference import transformers_scores
 
 from saint.integrations.vllm.settings import SaintVllmSettings
 
@@ -14,13 +15,11 @@ NUM_IMAGE_TOKENS = 48  # the portrait image: 16 x 12 patches, merged 2 x 2
 
 
 @pytest.fixture(scope="module")
-def pruned(model_dir, image_path) -> dict:
+def pruned(run_engine, model_dir, image_path) -> dict:
     return run_engine(model_dir, image_path, {"saint_keep_ratio": RATIO})
 
 
 def test_image_tokens_entering_the_llm_equal_the_budget(pruned, model_dir):
-    import json
-
     image_token = json.loads((model_dir / "config.json").read_text())["image_token_id"]
     budget = SaintVllmSettings(RATIO).kept_tokens(NUM_IMAGE_TOKENS)
     assert budget == 12
@@ -31,6 +30,8 @@ def test_image_tokens_entering_the_llm_equal_the_budget(pruned, model_dir):
 
 
 def test_outputs_equal_transformers_on_the_same_kept_set(pruned, model_dir, image_path):
-    ref = transformers_greedy(model_dir, image_path, pruned["prompt_token_ids"], RATIO, MAX_TOKENS)
+    ref = transformers_scores(
+        model_dir, image_path, pruned["prompt_token_ids"], pruned["token_ids"], RATIO
+    )
     assert pruned["kept"] == [ref["kept"]]
-    assert pruned["token_ids"] == ref["token_ids"]
+    assert_same_greedy_decoding(pruned, ref["logprobs"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import EngineFailed, run_engine
+from conftest import EngineFailed
 
 
 @pytest.mark.parametrize(
@@ -13,7 +13,7 @@ from conftest import EngineFailed, run_engine
         ({"saint_keep": 0.5}, "unknown SAINT setting(s) ['saint_keep']"),
     ],
 )
-def test_bad_settings_fail_at_engine_start(model_dir, image_path, overrides, message):
+def test_bad_settings_fail_at_engine_start(run_engine, model_dir, image_path, overrides, message):
     with pytest.raises(EngineFailed) as err:
         run_engine(model_dir, image_path, overrides)
     assert message in err.value.output
