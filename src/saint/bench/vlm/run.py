@@ -210,7 +210,7 @@ def run_vlm_bench(model: torch.nn.Module, inputs: VlmInputs, variants: Sequence[
             "unpruned_ttft_ms_median": b_med,
             "ttft_difference_ms": g_med - b_med,
             "ttft_ratio": g_med / b_med,
-            "note": ("selection_ms: wall time of SAINT's selection (keys, RoPE, similarity graph, ranking) summed "
+            "note": ("selection_ms: time (the run's clock) of SAINT's selection (keys, RoPE, similarity graph, ranking) summed "
                      "over the pruning layers of one prefill with every image token present (profile pass, one "
                      "run); the TTFT columns compare medians of the timed rounds"),
         }
