@@ -9,12 +9,15 @@ the measured one; see ``saint.bench.vlm`` for exactly what is measured. Writes
 date, device (CPU model), thread count, versions, git commit and this exact command.
 Takes every ``saint vlm-bench`` option (defaults: CPU, 5 timed rounds).
 
-    python benchmarks/run_vlm_cpu.py --geometry scaled --threads 2 --new-tokens 8 \
-        --no-progress           # LLaVA-1.5-7B scaled alike (vlm_scaled_cpu_fp32, ~3 min)
-    python benchmarks/run_vlm_cpu.py --geometry qwen_scaled --threads 2 --new-tokens 8 \
-        --no-progress           # Qwen2.5-VL-7B scaled alike (vlm_qwen_scaled_cpu_fp32)
-    python benchmarks/run_vlm_cpu.py --threads 2 --methods vit,llm --budgets 144 --repeats 1 \
+    python benchmarks/run_vlm_cpu.py --geometry scaled --threads 1 --clock process \\
+        --new-tokens 8 --no-progress    # LLaVA-1.5-7B scaled alike (vlm_scaled_cpu_fp32, ~9 min)
+    python benchmarks/run_vlm_cpu.py --geometry qwen_scaled --threads 1 --clock process \\
+        --new-tokens 8 --no-progress    # Qwen2.5-VL-7B scaled alike (vlm_qwen_scaled_cpu_fp32, ~10 min)
+    python benchmarks/run_vlm_cpu.py --threads 2 --methods vit,llm --budgets 144 --repeats 1 \\
         --warmup 0 --new-tokens 4 --no-flops --out-dir /tmp/vlm   # a quick look
+
+The committed runs time CPU time on one thread (``--clock process``): on the shared
+2-core machine, 2-thread wall time had spreads larger than the minima.
 """
 
 from __future__ import annotations
