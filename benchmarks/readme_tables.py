@@ -1,8 +1,10 @@
 """Generate the README's result tables from the committed JSON, so they cannot drift.
 
 Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in README.md and
-is rebuilt from the rows named below (README label -> the ``label`` of a row in the
-result file). Run it after re-running a benchmark:
+is rebuilt from the result file named below: the speed/fidelity tables from the rows
+named there (README label -> the ``label`` of a row in the result file), the VLM tables
+from every method's rows of a ``saint vlm-bench`` report (one column per metric, each
+cell "50% / 25%" of the visual tokens; TTFT as minimum + spread over the rounds). Run it after re-running a benchmark:
 
     python benchmarks/readme_tables.py          # rewrite README.md
     python benchmarks/readme_tables.py --check  # exit 1 if README.md is out of date (tests run this)
@@ -21,7 +23,7 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
 
 # name -> (result file, first header, [(README label, result label)])
-TABLES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
+FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
         ("ToMe r=13", "tome:r=13"),
         ("ToMe r=19 (ToMe's maximum here)", "tome:r=19"),
@@ -39,9 +41,23 @@ TABLES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
 }
 
 
-def table(name: str) -> str:
-    """The markdown table ``name`` from its result file."""
-    file, first, rows = TABLES[name]
+# name -> (vlm-bench result file, first header)
+VLM: dict[str, tuple[str, str]] = {
+    "vlm_llava": ("vlm_scaled_cpu_fp32.json", "LLaVA-1.5-7B scaled, 576 visual tokens"),
+    "vlm_qwen": ("vlm_qwen_scaled_cpu_fp32.json", "Qwen2.5-VL-7B scaled, 256 visual tokens"),
+}
+VLM_ROWS = [("unpruned", "unpruned"), ("SAINT `vit`", "vit"), ("SAINT `hybrid`", "hybrid"), ("SAINT `llm`", "llm"),
+            ("FastV", "fastv"), ("random", "random"), ("pooling", "pool")]
+VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r['ttft']['ms_spread']:.0f})"),
+               ("TTFT speed-up", lambda r: f"{r['ttft_speedup']:.2f}x"),
+               ("prefill FLOPs speed-up at 7B", lambda r: f"{r['analytic_ref_speedup']:.2f}x"),
+               ("decode ms/token", lambda r: f"{r['decode_per_token']['ms_min']:.1f}"),
+               ("KV cache MB", lambda r: f"{r['kv_cache_mb']:.1f}")]
+
+
+def fidelity_table(name: str) -> str:
+    """A speed / fidelity table from the rows of a sweep result file."""
+    file, first, rows = FIDELITY[name]
     results = {r["label"]: r for r in json.loads((RESULTS / file).read_text())["results"]}
     lines = [f"| {first} | speed | centered cos | retrieval@1 |", "|---|---|---|---|"]
     for label, key in rows:
@@ -50,6 +66,34 @@ def table(name: str) -> str:
         r = results[key]
         lines.append(f"| {label} | {r['speedup']:.2f}x | {r['centered_cosine']:.3f} | {r['retrieval_at_1']:.3f} |")
     return "\n".join(lines)
+
+
+def vlm_table(name: str) -> str:
+    """Each method of a vlm-bench report at its budgets: one column per metric, cells
+    "first budget / second budget" (the unpruned row has one value)."""
+    file, first = VLM[name]
+    report = json.loads((RESULTS / file).read_text())
+    budgets = report["settings"]["budgets"]
+    n = report["settings"]["image_tokens"]
+    by = {(r["method"], r["budget"]): r for r in report["variants"]}
+    shares = " / ".join(f"{100 * b / n:.0f}%" for b in budgets)
+    lines = [f"| {first} ({shares}) | " + " | ".join(h for h, _ in VLM_COLUMNS) + " |",
+             "|---" * (len(VLM_COLUMNS) + 1) + "|"]
+    for label, method in VLM_ROWS:
+        keys = [(method, None)] if method == "unpruned" else [(method, b) for b in budgets]
+        if not any(k in by for k in keys):
+            raise KeyError(f"{file} has no {method} row (for the README's {label!r})")
+        cells = [" / ".join(get(by[k]) if k in by else "-" for k in keys) for _, get in VLM_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {**dict.fromkeys(FIDELITY, fidelity_table), **dict.fromkeys(VLM, vlm_table)}
+
+
+def table(name: str) -> str:
+    """The markdown table ``name`` from its result file."""
+    return TABLES[name](name)
 
 
 def render(text: str) -> str:
