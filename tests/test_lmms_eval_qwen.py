@@ -5,15 +5,22 @@ batching, pruning of both request kinds, and lmms-eval's own command line."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from .test_lmms_eval import _easy_vqa, _gen_requests, _ll_requests, _need, _write_task
+from .lmms_helpers import (
+    assert_alone_equals_batched,
+    build_llava,
+    continuation_loss,
+    easy_vqa_docs,
+    gen_requests,
+    ll_requests,
+    make_lm,
+    need,
+    run_cli,
+)
 
 PRUNE_ARGS = "mode=hybrid,vit_ratio=0.5,vit_layer=1,llm_layers=0-3,llm_tau=0.3,llm_k=2"
 N_IMAGE_TOKENS = 16  # easy-VQA's 64 px images resized to 32 px: 8x8 patches of 4 px, merged 2x2
@@ -22,7 +29,7 @@ SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_
 
 
 def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
-    easy_vqa = _need("easy_vqa")
+    easy_vqa = need("easy_vqa")
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -70,27 +77,32 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
         transformers.Qwen3VLForConditionalGeneration(config).save_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory, one_thread):
+    """``qwen_checkpoint(family)``: the folder of a tiny checkpoint of that family, built once."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = tmp_path_factory.mktemp(f"tiny_{family}")
+            _build_qwen(built[family], family)
+        return built[family]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def qwen_dir(request, tmp_path_factory, one_thread) -> Path:
-    path = tmp_path_factory.mktemp(f"tiny_{request.param}")
-    _build_qwen(path, request.param)
-    return path
+def qwen_dir(request, qwen_checkpoint) -> Path:
+    return qwen_checkpoint(request.param)
 
 
 @pytest.fixture(scope="module")
 def lm(qwen_dir):
-    _need("lmms_eval")
-    from saint.integrations.lmms_eval import SaintQwenVL
-
-    docs = _easy_vqa(5)
-    model = SaintQwenVL.create_from_arg_string(f"pretrained={qwen_dir},{PRUNE_ARGS}",
-                                               {"batch_size": 3, "device": "cpu", "max_batch_size": None})
-    model.task_dict = {"t": {"test": docs}}
-    return model
+    return make_lm("SaintQwenVL", qwen_dir, PRUNE_ARGS, easy_vqa_docs(5))
 
 
 def test_entry_point_resolves_saint_qwen_vl():
-    _need("lmms_eval")
+    need("lmms_eval")
     import lmms_eval.models
 
     from saint.integrations.lmms_eval import SaintQwenVL
@@ -104,70 +116,40 @@ def test_both_request_kinds_are_pruned_and_batches_equal_single_requests(lm):
     docs = lm.task_dict["t"]["test"]
     assert saint.is_patched(lm.model) and lm.model.config.model_type == lm.model.__dict__["_saint_patch"].family
     lm.pruning_log.clear()
-    gen, ll = _gen_requests(docs), _ll_requests(docs)
+    gen, ll = gen_requests(docs), ll_requests(docs)
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
     assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
     for e in lm.pruning_log:
         assert e["image_tokens"] == [N_IMAGE_TOKENS] * len(e["image_tokens"])
         assert e["llm_input"] == [N_IMAGE_TOKENS // 2] * len(e["image_tokens"])  # vit_ratio 0.5 in the tower
         assert all(o < N_IMAGE_TOKENS // 2 for o in e["llm_output"])  # and SAINT inside the language model
-    lm.batch_size_per_gpu = 1
-    try:
-        alone = (lm.generate_until(gen), lm.loglikelihood(ll))
-    finally:
-        lm.batch_size_per_gpu = 3
-    assert batched[0] == alone[0]
-    for (nll_b, greedy_b), (nll_a, greedy_a) in zip(batched[1], alone[1], strict=True):
-        assert nll_b == pytest.approx(nll_a, abs=1e-4) and greedy_b == greedy_a
+    assert_alone_equals_batched(lm, gen, ll, batched)
 
 
 def test_loglikelihood_is_the_patched_models_loss(lm):
     docs = lm.task_dict["t"]["test"]
-    req = _ll_requests(docs[:1])[0]
+    req = ll_requests(docs[:1])[0]
     (result,) = lm.loglikelihood([req])
     ids, n, media = lm._loglikelihood_row(req)
-    labels = torch.full((1, len(ids)), -100)
-    labels[0, -n:] = torch.tensor(ids[-n:])
-    input_ids = torch.tensor([ids])
-    with torch.no_grad():
-        loss = lm.model(input_ids=input_ids, labels=labels, **media, **lm._row_inputs(input_ids)).loss
-    assert result[0] == pytest.approx(float(loss), abs=1e-5)
+    assert result[0] == pytest.approx(continuation_loss(lm, ids, n, media), abs=1e-5)
 
 
-def test_bad_settings_and_checkpoints_refused(tmp_path, qwen_dir):
-    _need("lmms_eval")
+def test_bad_settings_and_checkpoints_refused(tmp_path):
+    need("lmms_eval")
     from saint.integrations.lmms_eval import SaintQwenVL
 
     with pytest.raises(TypeError, match="vit_keep"):
         SaintQwenVL(pretrained=str(tmp_path / "none"), mode="vit", vit_keep=10)
-    from .test_lmms_eval import _build_llava
-
-    _build_llava(tmp_path)
+    build_llava(tmp_path)
     with pytest.raises(ValueError, match="model_type 'qwen2_5_vl' or 'qwen3_vl'"):
         SaintQwenVL(pretrained=str(tmp_path))
 
 
-def test_lmms_eval_cli_end_to_end(qwen_dir, tmp_path):
-    """``python -m lmms_eval --model saint_qwen_vl ...`` completes and prunes both kinds of request."""
-    _need("lmms_eval")
-    if "qwen3_vl" in qwen_dir.name:
-        pytest.skip("the command line is exercised once, on Qwen2.5-VL (the class is the same)")
-    rows = _easy_vqa(60)
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
-    _write_task(task_dir, [r for r in rows if r["answer"] not in ("yes", "no")][:3],
-                [r for r in rows if r["answer"] in ("yes", "no")][:3])
-    stats, out = tmp_path / "stats.jsonl", tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "saint_qwen_vl",
-           "--model_args", f"pretrained={qwen_dir},{PRUNE_ARGS},stats_path={stats}",
-           "--tasks", "saint_easyvqa_gen,saint_easyvqa_mc", "--include_path", str(task_dir),
-           "--limit", "3", "--batch_size", "2", "--device", "cpu", "--output_path", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (result_file,) = out.rglob("*_results.json")
-    results = json.loads(result_file.read_text())["results"]
+def test_lmms_eval_cli_end_to_end(qwen_checkpoint, tmp_path):
+    """``python -m lmms_eval --model saint_qwen_vl ...`` completes and prunes both kinds of
+    request (run once, on Qwen2.5-VL: the class is the same for Qwen3-VL)."""
+    need("lmms_eval")
+    results, (stats,) = run_cli("saint_qwen_vl", qwen_checkpoint("qwen2_5_vl"), PRUNE_ARGS, tmp_path, 3, timeout=300)
     assert 0.0 <= results["saint_easyvqa_gen"]["exact_match,none"] <= 1.0
     assert 0.0 <= results["saint_easyvqa_mc"]["acc,none"] <= 1.0
     summary = json.loads(stats.read_text().splitlines()[-1])["summary"]

@@ -1,0 +1,180 @@
+"""What the lmms-eval tests of every model family share: optional packages, a tiny
+LLaVA checkpoint on disk, easy-VQA documents as lmms-eval requests, a task folder and
+lmms-eval's command line, and the batched == alone / score == loss checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def need(name: str):
+    """Skip when an optional package (the ``lmms`` extra, easy-vqa) cannot be imported,
+    whether it is absent or installed but broken."""
+    return pytest.importorskip(name, exc_type=ImportError)
+
+
+def build_llava(path: Path) -> None:
+    """A tiny random LLaVA (CLIP tower + Llama decoder) and an offline processor: a
+    byte-level BPE tokenizer trained on easy-VQA questions, a CLIP image processor,
+    and a LlavaProcessor, saved like a hub checkpoint."""
+    easy_vqa = need("easy_vqa")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    questions = easy_vqa.get_test_questions()[0][:1500]
+    corpus = questions + easy_vqa.get_answers() + ["USER: ASSISTANT: A chat between a curious user and an "
+                                                   "artificial intelligence assistant. Answer with one word."]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                                      crop_size={"height": 32, "width": 32})
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor.save_pretrained(path)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                           num_attention_heads=2, image_size=32, patch_size=4)
+    text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(path)
+
+
+def easy_vqa_docs(n: int) -> list[dict]:
+    """The first ``n`` easy-VQA test questions with their answers and image paths."""
+    easy_vqa = need("easy_vqa")
+    texts, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    return [{"question": t, "answer": a, "image": paths[i]}
+            for t, a, i in zip(texts[:n], answers[:n], image_ids[:n], strict=True)]
+
+
+def visual(doc: dict) -> list:
+    from PIL import Image
+
+    return [Image.open(doc["image"])]
+
+
+def requests(kind: str, items: list[tuple], task: str = "t"):
+    from lmms_eval.api.instance import Instance
+
+    return [Instance(kind, args, idx=0, metadata={"task": task, "doc_id": args[3 if kind != "generate_until_multi_round" else 4],
+                                                   "repeats": 1}) for args in items]
+
+
+def gen_requests(docs: list[dict], gen_kwargs: dict | None = None):
+    kw = gen_kwargs or {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"]}
+    return requests("generate_until", [(d["question"], dict(kw), visual, j, "t", "test") for j, d in enumerate(docs)])
+
+
+def ll_requests(docs: list[dict]):
+    items = [(d["question"], f" {c}", visual, j, "t", "test") for j, d in enumerate(docs) for c in ("yes", "red")]
+    return requests("loglikelihood", items)
+
+
+def write_task(root: Path, docs_gen: list[dict], docs_mc: list[dict]) -> None:
+    """Two lmms-eval tasks on local easy-VQA data: open answers (exact match) and
+    yes/no multiple choice (log-likelihood)."""
+    for name, rows in (("gen", docs_gen), ("mc", docs_mc)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for d in rows:
+                f.write(json.dumps(d) + "\n")
+    (root / "easyvqa_utils.py").write_text(
+        "from PIL import Image\n\n\n"
+        "def doc_to_visual(doc):\n    return [Image.open(doc['image']).convert('RGB')]\n\n\n"
+        "def doc_to_text(doc, lmms_eval_specific_kwargs=None):\n"
+        "    return doc['question'] + '\\nAnswer the question using a single word.'\n"
+    )
+    for name, body in (
+        ("gen", "output_type: generate_until\ngeneration_kwargs:\n  max_new_tokens: 4\n  temperature: 0\n"
+                "  until: [\"\\n\"]\nmetric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+                "    higher_is_better: true\n"),
+        ("mc", "output_type: multiple_choice\ndoc_to_choice: [\"yes\", \"no\"]\nmetric_list:\n  - metric: acc\n"
+               "    aggregation: mean\n    higher_is_better: true\n"),
+    ):
+        (root / f"saint_easyvqa_{name}.yaml").write_text(
+            f"task: saint_easyvqa_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {root / (name + '.jsonl')}\ntest_split: test\n"
+            "doc_to_visual: !function easyvqa_utils.doc_to_visual\ndoc_to_text: !function easyvqa_utils.doc_to_text\n"
+            "doc_to_target: answer\nmetadata:\n  - version: 0.0\n" + body
+        )
+
+
+def run_cli(model: str, model_dir: Path, prune_args: str, root: Path, n_docs: int, processes: int = 1,
+            timeout: int = 600) -> tuple[dict, list[Path]]:
+    """Run lmms-eval's CLI with ``--model model`` on the two easy-VQA tasks (``n_docs``
+    documents each) in ``processes`` CPU processes (``accelerate launch``); returns the
+    results and the stats files."""
+    rows = easy_vqa_docs(60)
+    task_dir = root / "tasks"
+    task_dir.mkdir()
+    write_task(task_dir, [r for r in rows if r["answer"] not in ("yes", "no")][:n_docs],
+               [r for r in rows if r["answer"] in ("yes", "no")][:n_docs])
+    stats, out = root / "stats.jsonl", root / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "hf"),
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
+    launch = [sys.executable, "-m", "lmms_eval"]
+    if processes > 1:  # accelerate's multi-process launcher; without GPUs each process runs on CPU (gloo)
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                  str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "lmms_eval"]
+    cmd = [*launch, "--model", model,
+           "--model_args", f"pretrained={model_dir},{prune_args},stats_path={stats}",
+           "--tasks", "saint_easyvqa_gen,saint_easyvqa_mc", "--include_path", str(task_dir),
+           "--limit", str(n_docs), "--batch_size", "2", "--device", "cpu", "--output_path", str(out)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result_file,) = out.rglob("*_results.json")
+    return json.loads(result_file.read_text())["results"], sorted(root.glob("stats*.jsonl"))
+
+
+def make_lm(cls_name: str, model_dir: Path, prune_args: str, docs: list[dict]):
+    """saint's lmms-eval model ``cls_name`` built from a model-argument string, as
+    lmms-eval builds it (batch size 3, CPU), serving ``docs`` as task ``t``."""
+    need("lmms_eval")
+    from saint.integrations import lmms_eval
+
+    model = getattr(lmms_eval, cls_name).create_from_arg_string(
+        f"pretrained={model_dir},{prune_args}", {"batch_size": 3, "device": "cpu", "max_batch_size": None})
+    model.task_dict = {"t": {"test": docs}}
+    return model
+
+
+def assert_alone_equals_batched(lm, gen: list, ll: list, batched: tuple) -> None:
+    """Every request run alone (batch size 1) gets what it got in its batch: the same
+    generated text, the same log-likelihood (to 1e-4) and greedy flag."""
+    size = lm.batch_size_per_gpu
+    lm.batch_size_per_gpu = 1
+    try:
+        alone = (lm.generate_until(gen), lm.loglikelihood(ll))
+    finally:
+        lm.batch_size_per_gpu = size
+    assert batched[0] == alone[0]
+    for (nll_b, greedy_b), (nll_a, greedy_a) in zip(batched[1], alone[1], strict=True):
+        assert nll_b == pytest.approx(nll_a, abs=1e-4) and greedy_b == greedy_a
+
+
+def continuation_loss(lm, ids: list[int], n: int, media: dict) -> float:
+    """The patched model's own loss over the last ``n`` tokens of prompt ``ids``."""
+    labels = torch.full((1, len(ids)), -100)
+    labels[0, -n:] = torch.tensor(ids[-n:])
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        return float(lm.model(input_ids=input_ids, labels=labels, **media, **lm._row_inputs(input_ids)).loss)
