@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random timm ViTs of every supported flavour."""
+"""Shared fixtures: tiny random timm ViTs of every supported flavour; helpers the VLM
+tests share (left-padded prompt batches, two-thread agreement)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,15 @@ def assert_two_threads_agree(fn: Callable[..., torch.Tensor], calls: Sequence[tu
     assert not errors, errors
     for i, want in enumerate(expected):
         assert torch.equal(results[i], want), f"call {i}"
+
+
+def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch, as a processor left-pads them:
+    ``(input_ids [B, L], attention_mask [B, L])``, pad id 0."""
+    n = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = r
+        mask[i, n - len(r):] = 1
+    return ids, mask

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from .conftest import left_pad
+
 IMG, VID, VS, VE = 120, 121, 122, 123
 PATCH = 4
 IN = 3 * 2 * PATCH * PATCH  # one flattened patch: channels x temporal patch x patch x patch
@@ -73,12 +75,7 @@ def inputs(rows: list[list], seeds: list[int] | None = None, family: str = "qwen
     """Left-padded batch with everything the processor returns."""
     seeds = seeds or list(range(len(rows)))
     ids = [row(r, s, family) for r, s in zip(rows, seeds, strict=True)]
-    n = max(len(r) for r in ids)
-    input_ids = torch.zeros(len(ids), n, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, r in enumerate(ids):
-        input_ids[i, n - len(r):] = r
-        mask[i, n - len(r):] = 1
+    input_ids, mask = left_pad(ids)
     out: dict[str, torch.Tensor] = dict(input_ids=input_ids, attention_mask=mask)
     types = torch.zeros_like(input_ids, dtype=torch.int32)
     types[input_ids == IMG] = 1

@@ -13,7 +13,7 @@ from saint.adapters import hf_vision  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 from saint.core import saint_keep_mask  # noqa: E402
 
-from .conftest import assert_two_threads_agree  # noqa: E402
+from .conftest import assert_two_threads_agree, left_pad  # noqa: E402
 
 IMG = 127  # image_token_id
 GRID = 8  # 32 px images, 4 px patches: 64 patches = 64 image tokens per image
@@ -63,16 +63,6 @@ def prompt(pre: int, post: int, n_images: int = 1, seed: int = 0, n_tok: int = N
     return torch.cat([*parts, torch.randint(1, 100, (post,), generator=g)])
 
 
-def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = r
-        mask[i, n - len(r):] = 1
-    return ids, mask
-
-
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
@@ -101,9 +91,13 @@ def gen(model, ids, px, mask=None, **kw):
         return model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **GREEDY, **kw)[:, -NEW:]
 
 
-def last_logits(model, ids, px, mask=None):
+def logits(model, ids, px, mask=None):
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, pixel_values=px).logits[:, -1]
+        return model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+
+
+def last_logits(model, ids, px, mask=None):
+    return logits(model, ids, px, mask)[:, -1]
 
 
 # ---------------------------------------------------------------------------- identity
@@ -111,12 +105,10 @@ def last_logits(model, ids, px, mask=None):
 def test_pruning_nothing_is_identical_to_unpatched(name, images):
     model = make()
     ids, mask = left_pad(ROWS)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    ref = logits(model, ids, images, mask)
     ref_ids = gen(model, ids, images, mask)
     saint.patch(model, **NOTHING[name])
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    out = logits(model, ids, images, mask)
     assert torch.equal(out, ref)
     assert torch.equal(gen(model, ids, images, mask), ref_ids)
     tokens = saint.stats(model).tokens
@@ -127,18 +119,15 @@ def test_pruning_nothing_is_identical_to_unpatched(name, images):
 def test_unpatch_restores_identical_outputs(name, images):
     model = make()
     ids, mask = left_pad(ROWS)
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    ref = logits(model, ids, images, mask)
     ref_ids = gen(model, ids, images, mask)
     saint.patch(model, **CONFIGS[name])
     pruned_ids = gen(model, ids, images, mask)
-    with torch.no_grad():
-        pruned = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    pruned = logits(model, ids, images, mask)
     assert not torch.allclose(pruned[:, -1], ref[:, -1])  # the patch did change something
     saint.unpatch(model)
     assert not saint.is_patched(model) and not saint.is_patched(model.model.vision_tower)
-    with torch.no_grad():
-        again = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+    again = logits(model, ids, images, mask)
     assert torch.equal(again, ref)
     assert torch.equal(gen(model, ids, images, mask), ref_ids)
     assert pruned_ids.shape == ref_ids.shape
@@ -286,12 +275,9 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(images):
         torch.testing.assert_close(out[b][real], ref[b][smask[b].bool()], rtol=1e-4, atol=1e-5)
 
 
-def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(images):
-    """The first SAINT step drops exactly what saint_keep_mask picks on the unpatched
-    layer's post-RoPE keys of the image span (averaged over KV heads)."""
-    layer, tau, k = 2, 0.25, 3
-    model = make()
-    row = ROWS[0]
+def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The keys ``[1, KV heads, L, D]`` decoder layer ``layer`` of the unpatched model
+    computes for prompt ``row`` (before RoPE), and that layer's rotary ``(cos, sin)``."""
     lm = model.model.language_model
     grab = {}
     h1 = lm.layers[layer].self_attn.k_proj.register_forward_hook(lambda m, a, o: grab.update(k=o))
@@ -301,11 +287,19 @@ def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(images):
         model(input_ids=row[None], pixel_values=images[:1])
     h1.remove()
     h2.remove()
-    attn = lm.layers[layer].self_attn
-    key = grab["k"].view(1, len(row), -1, attn.head_dim).transpose(1, 2)
+    return grab["k"].view(1, len(row), -1, lm.layers[layer].self_attn.head_dim).transpose(1, 2), grab["pe"]
+
+
+def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(images):
+    """The first SAINT step drops exactly what saint_keep_mask picks on the unpatched
+    layer's post-RoPE keys of the image span (averaged over KV heads)."""
+    layer, tau, k = 2, 0.25, 3
+    model = make()
+    row = ROWS[0]
+    key, pe = layer_keys(model, layer, row, images)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    key = apply_rotary_pos_emb(key, key, *grab["pe"])[1].mean(dim=1)
+    key = apply_rotary_pos_emb(key, key, *pe)[1].mean(dim=1)
     span = (row == IMG).nonzero().squeeze(1)
     span = span[span != len(row) - 1]
     expect = saint_keep_mask(key[:, span], tau, k, 10.0)
@@ -364,22 +358,13 @@ def test_llm_pre_rope_metric_option_is_used(images):
     layer, tau, k = 1, 0.7, 2
     model = make()
     row = ROWS[0]
-    lm = model.model.language_model
-    grab = {}
-    h1 = lm.layers[layer].self_attn.k_proj.register_forward_hook(lambda m, a, o: grab.update(k=o))
-    h2 = lm.layers[layer].register_forward_pre_hook(
-        lambda m, a, kw: grab.update(pe=kw["position_embeddings"]), with_kwargs=True)
-    with torch.no_grad():
-        model(input_ids=row[None], pixel_values=images[:1])
-    h1.remove()
-    h2.remove()
+    key, pe = layer_keys(model, layer, row, images)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    key = grab["k"].view(1, len(row), -1, lm.layers[layer].self_attn.head_dim).transpose(1, 2)
     span = (row == IMG).nonzero().squeeze(1)
     span = span[span != len(row) - 1]
     pre = saint_keep_mask(key.mean(dim=1)[:, span], tau, k, 10.0)
-    post = saint_keep_mask(apply_rotary_pos_emb(key, key, *grab["pe"])[1].mean(dim=1)[:, span], tau, k, 10.0)
+    post = saint_keep_mask(apply_rotary_pos_emb(key, key, *pe)[1].mean(dim=1)[:, span], tau, k, 10.0)
     assert not torch.equal(pre, post), "the test needs a case where the two metrics disagree"
     saint.patch(model, mode="llm", llm_layers=(layer, layer), llm_tau=tau, llm_k=k, llm_rope_keys=False)
     with torch.no_grad():

@@ -12,6 +12,8 @@ transformers = pytest.importorskip("transformers")
 import saint  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
+from .conftest import left_pad  # noqa: E402
+
 IMG = 120
 DEPTH = 6
 NEW = 4
@@ -69,12 +71,7 @@ def inputs(model, rows: list, seeds: list[int] | None = None) -> dict[str, torch
             parts += [torch.randint(1, 100, (pre,), generator=g), torch.full((len(feats[k]),), IMG)]
             k += 1
         ids.append(torch.cat([*parts, torch.randint(1, 100, (post,), generator=g)]))
-    n = max(len(r) for r in ids)
-    input_ids = torch.zeros(len(ids), n, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, r in enumerate(ids):
-        input_ids[i, n - len(r):] = r
-        mask[i, n - len(r):] = 1
+    input_ids, mask = left_pad(ids)
     return dict(input_ids=input_ids, attention_mask=mask, pixel_values=px, image_sizes=sizes,
                 batch_num_images=per_prompt)
 
