@@ -373,3 +373,27 @@ def test_labels_loss_counts_only_targets_with_a_prediction(family):
     torch.testing.assert_close(out.loss, expect)
     assert torch.equal(labels, x["input_ids"].masked_fill(x["attention_mask"] == 0, -100))
     torch.testing.assert_close(out.logits[:, -1], logits(model, x)[:, -1])
+
+
+# ---------------------------------------------------------------------------- threads, copies
+def test_calls_from_two_threads_wait_for_each_other():
+    """One patched Qwen2.5-VL shared by two threads: every call gets its own answer."""
+    from .conftest import assert_two_threads_agree
+
+    model = saint.patch(make("qwen2_5_vl"), "saint", **CONFIGS["hybrid"])
+    prompts = alone("qwen2_5_vl")
+    calls = [(prompts[i % 3],) for i in range(6)]
+    assert_two_threads_agree(lambda x: logits(model, x)[:, -1], calls)
+
+
+def test_copying_or_pickling_a_patched_qwen_vl_says_unpatch_first():
+    import copy
+    import io
+
+    model = saint.patch(make("qwen2_5_vl"), "saint", **CONFIGS["hybrid"])
+    with pytest.raises(TypeError, match="unpatch first"):
+        copy.deepcopy(model)
+    with pytest.raises(TypeError, match="unpatch first"):
+        torch.save(model, io.BytesIO())
+    saint.unpatch(model)
+    assert not saint.is_patched(copy.deepcopy(model))
