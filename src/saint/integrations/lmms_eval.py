@@ -169,34 +169,58 @@ class SaintLlava(lmms):
     ) -> None:
         super().__init__()
         from accelerate import Accelerator
-        from transformers import AutoConfig, AutoProcessor
 
         self.accelerator = Accelerator()  # data parallel: this process's share of the documents
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
+        self.method, settings = self._pruning(method, prune_settings)
+        self.prune_settings = settings
+        self.batch_size_per_gpu = self._batch_size(batch_size)
+        del max_batch_size  # only meaningful with batch_size=auto, which is refused above
+        model = self._load_model(pretrained, dtype, device, device_map, attn_implementation, revision,
+                                 trust_remote_code)
+        self._load_processor(pretrained, chat_template, revision, trust_remote_code)
+        self.use_cache = bool(use_cache)
+        self.pretrained = pretrained
+        if self.method is not None:
+            api.patch(model, method=self.method, **settings)
+        self._model = model
+        self.stats_path = Path(stats_path) if stats_path else None
+        self.pruning_log: list[dict[str, Any]] = []
+        self._warned: set[str] = set()
+        logger.info(
+            f"{self.NAME}: {pretrained} "
+            + (f"pruned by saint.patch(method={self.method!r}, {settings})" if self.method else "unpruned (method=none)")
+        )
 
+    def _pruning(self, method: str, prune_settings: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """The method (None: unpruned) and its parsed settings, refused before any weights load."""
         method = str(method).lower()
         settings = parse_prune_settings(prune_settings)
         if method in UNPRUNED:
             if settings:
                 raise TypeError(f"method={method} evaluates the unpruned model and takes no settings, got {sorted(settings)}")
-            self.method: str | None = None
-        else:
-            self.ADAPTER.make_config(method, **settings)  # refuse bad settings before loading weights
-            self.method = method
-        self.prune_settings = settings
+            return None, settings
+        self.ADAPTER.make_config(method, **settings)  # refuse bad settings before loading weights
+        return method, settings
+
+    def _batch_size(self, batch_size: int | str) -> int:
+        """A positive integer batch size (lmms-eval's ``auto`` is refused)."""
         try:
             bs = int(batch_size)
         except (TypeError, ValueError):
             raise ValueError(f"batch_size={batch_size!r}: {self.NAME} needs a positive integer batch size") from None
         if bs < 1 or bs != float(batch_size):
             raise ValueError(f"batch_size={batch_size!r}: {self.NAME} needs a positive integer batch size")
-        self.batch_size_per_gpu = bs
-        del max_batch_size  # only meaningful with batch_size=auto, which is refused above
+        return bs
 
-        load_kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
-        if revision is not None:
-            load_kw["revision"] = revision
+    def _load_model(self, pretrained: str, dtype: str | torch.dtype | None, device: str | None,
+                    device_map: str | None, attn_implementation: str | None, revision: str | None,
+                    trust_remote_code: bool) -> torch.nn.Module:
+        """The checkpoint's model in eval mode on its device, after checking its model type."""
+        from transformers import AutoConfig
+
+        load_kw = _load_kwargs(revision, trust_remote_code)
         config = AutoConfig.from_pretrained(pretrained, **load_kw)
         model_type = getattr(config, "model_type", None)
         if model_type not in self.MODEL_TYPES:
@@ -212,7 +236,14 @@ class SaintLlava(lmms):
         if not device_map:
             model.to(device or _default_device())
         self._device = model.device
-        self.processor = AutoProcessor.from_pretrained(pretrained, **load_kw)
+        return model
+
+    def _load_processor(self, pretrained: str, chat_template: str | None, revision: str | None,
+                        trust_remote_code: bool) -> None:
+        """The checkpoint's processor, its tokenizer padding on the left, and the chat template."""
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(pretrained, **_load_kwargs(revision, trust_remote_code))
         self._tokenizer = self.processor.tokenizer
         self._tokenizer.padding_side = "left"  # generation continues every row at its end
         if self._tokenizer.pad_token_id is None:
@@ -222,18 +253,6 @@ class SaintLlava(lmms):
         if template is not None and os.path.isfile(template):
             template = Path(template).read_text()
         self.chat_template = template or self._tokenizer.chat_template or self.DEFAULT_CHAT_TEMPLATE
-        self.use_cache = bool(use_cache)
-        self.pretrained = pretrained
-        if self.method is not None:
-            api.patch(model, method=self.method, **settings)
-        self._model = model
-        self.stats_path = Path(stats_path) if stats_path else None
-        self.pruning_log: list[dict[str, Any]] = []
-        self._warned: set[str] = set()
-        logger.info(
-            f"{self.NAME}: {pretrained} "
-            + (f"pruned by saint.patch(method={self.method!r}, {settings})" if self.method else "unpruned (method=none)")
-        )
 
     DEFAULT_CHAT_TEMPLATE = VICUNA_CHAT_TEMPLATE
 
@@ -585,6 +604,14 @@ class SaintQwenVL(SaintLlava):
         cfg = self.model.config
         types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
         return {"mm_token_type_ids": types}
+
+
+def _load_kwargs(revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    """``from_pretrained`` keywords shared by the config, model and processor."""
+    load_kw: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
+    if revision is not None:
+        load_kw["revision"] = revision
+    return load_kw
 
 
 def _key(gen_kwargs: Any) -> str:
