@@ -15,6 +15,7 @@ batches of processor outputs: dicts with ``input_ids``, ``pixel_values``, ...).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,36 @@ def block_statistics(
     return {name: v.cpu() for name, v in out.items()}
 
 
+def _check_analysis(model: nn.Module, tau: float, k: int, batch_size: int) -> None:
+    """An unpatched model and settings in range."""
+    if get_handle(model) is not None:
+        raise ValueError("the model is patched by saint; analyse the unpatched model (saint.unpatch(model))")
+    if not -1.0 <= float(tau) <= 1.0:
+        raise ValueError(f"tau={tau} is outside [-1, 1] (a cosine similarity threshold)")
+    if int(k) < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+
+
+@contextmanager
+def _hooked(model: nn.Module, probe: Any, store: dict[str, torch.Tensor], block_hook: Any) -> Iterator[None]:
+    """The probe's capture hooks and ``block_hook(i)`` on every site, with the model in
+    eval mode; both undone on leaving, whatever happens."""
+    was_training = model.training
+    hooks: list[Any] = []
+    try:
+        model.eval()
+        for i, site in enumerate(probe.sites):
+            hooks += probe.hooks(i, store)
+            hooks.append(site.block.register_forward_hook(block_hook(i)))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def token_evolution(
     model: nn.Module,
@@ -143,14 +174,7 @@ def token_evolution(
     SAINT's redundancy rule for ``redundant_fraction``. The model runs unpatched,
     in eval mode, with its own attention kernel.
     """
-    if get_handle(model) is not None:
-        raise ValueError("the model is patched by saint; analyse the unpatched model (saint.unpatch(model))")
-    if not -1.0 <= float(tau) <= 1.0:
-        raise ValueError(f"tau={tau} is outside [-1, 1] (a cosine similarity threshold)")
-    if int(k) < 1:
-        raise ValueError(f"k={k} must be >= 1")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    _check_analysis(model, tau, k, batch_size)
     try:
         adapter = find_adapter(model)
     except TypeError as e:
@@ -177,13 +201,7 @@ def token_evolution(
 
         return hook
 
-    was_training = model.training
-    hooks: list[Any] = []
-    try:
-        model.eval()
-        for i, site in enumerate(probe.sites):
-            hooks += probe.hooks(i, store)
-            hooks.append(site.block.register_forward_hook(block_hook(i)))
+    with _hooked(model, probe, store, block_hook):
         batches = _batches(images, batch_size)
         if progress:
             from tqdm import tqdm
@@ -193,10 +211,6 @@ def token_evolution(
             adapter.check_inputs(x)
             probe.begin(x)
             adapter.forward(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     if not per_block[0]["key_cosine"]:
         raise ValueError("no images given")
     values = {s: torch.stack([torch.cat(per_block[i][s]) for i in range(depth)], dim=1) for s in STATS}
