@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import abc
 import copy
-from collections.abc import Iterator
-from dataclasses import dataclass
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .common import PICKLE_HINT, Runs, TokenState, TokenStats
+from .common import PICKLE_HINT, SITE_ATTR, Runs, TokenState, TokenStats
 
 Inputs = Any  # a [B, 3, H, W] image batch, or a dict of processor outputs (VLMs)
 
@@ -199,6 +200,23 @@ class Adapter(abc.ABC):
         return inputs.to(device=device, dtype=dtype)
 
 
+class FamilyAdapter(Adapter):
+    """An adapter whose ``matches`` / ``patch`` / ``unpatch`` are the functions of its
+    family's module (``family``, usually ``sys.modules[__name__]``): each exists once,
+    there, and the adapter class only describes the model."""
+
+    family: types.ModuleType
+
+    def matches(self, model: nn.Module) -> bool:
+        return self.family.matches(model)
+
+    def patch(self, model: nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> Handle:
+        return self.family.patch(model, method, trace=trace, **kwargs)
+
+    def unpatch(self, model: nn.Module) -> None:
+        self.family.unpatch(model)
+
+
 def batch_to(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """A processor-output dict on ``device``, with its floating tensors in ``dtype``."""
     out = {}
@@ -209,13 +227,22 @@ def batch_to(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -
     return out
 
 
+@dataclass
 class TokenStateHandle(Handle):
     """A handle whose per-call state is a :class:`~saint.adapters.common.TokenState`
     kept per call in ``runs`` (the ViT adapters): ``state`` is this thread's current
     or last call, ``stats()`` the last call that ran every block. A deep copy is an
     independent patched model; pickling is refused with a hint."""
 
-    runs: Runs
+    spec: Any  # the registered method (MethodSpec)
+    config: Any
+    settings: dict[int, dict[str, Any]]
+    num_protected: int
+    trace: bool = False
+    hooks: list[Any] = field(default_factory=list)
+    block_names: list[str] = field(default_factory=list)
+    runs: Runs = field(default_factory=lambda: Runs(0))
+    kernel: str = "auto"
 
     @property
     def state(self) -> TokenState:
@@ -229,6 +256,31 @@ class TokenStateHandle(Handle):
             raise RuntimeError("no forward has run through the patched model since patching; call the model first")
         counts = run.state.counts
         return TokenStats(self.block_names[: len(counts)], [c.tolist() for c in counts], run.state.ran)
+
+    def enter_site(self, index: int, x: torch.Tensor) -> tuple[Any, torch.Tensor, dict[str, Any] | None]:
+        """Block ``index`` of a call begins: this call's run, the tokens in its current
+        layout (recorded for tracing unless recomputed), and the block's settings (None:
+        no selection here, or an empty batch, which gives ``(0, ...)`` as unpatched)."""
+        run = self.runs.enter(index, x, self.trace)
+        state = run.state
+        x = state.enter(x)
+        if not run.recompute:
+            state.record(x)
+        settings = self.settings.get(index)
+        if x.shape[0] == 0:  # an empty batch has nothing to select
+            settings = None
+        return run, x, settings
+
+    def leave_site(self, index: int, run: Any, x: torch.Tensor) -> torch.Tensor:
+        """Block ``index`` of a call ends: the padded view after the last block (or after
+        every block when the layout asks), its output's validity recorded, the run left."""
+        state = run.state
+        if index == self.runs.depth - 1 or self.runs.unpads_every_block():
+            x = state.leave(x)
+        if not run.recompute:
+            run.layer_valid.append(state.valid)
+        self.runs.leave(index, run)
+        return x
 
     def __deepcopy__(self, memo: dict) -> TokenStateHandle:
         new = object.__new__(type(self))
@@ -254,3 +306,37 @@ class TokenStateHandle(Handle):
         if not self.trace:
             raise ValueError("token origins are recorded only with saint.patch(..., trace=True)")
         return list(self.state.origins)
+
+
+def capture_for_selection(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    """Forward hook on a pruning block's key projection (timm ``attn.qkv``, HF ``k_proj``):
+    keep its output for the call's selection."""
+    handle, i = module.__dict__[SITE_ATTR]
+    handle.runs.executing().captured[i] = output
+
+
+def install_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], prefix: str, forward: Callable[..., Any],
+                  key_proj: Callable[[nn.Module], nn.Module], layout: str) -> None:
+    """Give every block its per-instance ``forward`` (finding ``handle`` and its index
+    through the block) and every pruning block's key projection a capture hook; name the
+    blocks ``prefix.<i>`` and start the per-call runs."""
+    handle.block_names = [f"{prefix}.{i}" for i in range(len(blocks))]
+    handle.runs = Runs(len(blocks), layout)
+    for i, blk in enumerate(blocks):
+        blk.__dict__[SITE_ATTR] = (handle, i)
+        blk.forward = types.MethodType(forward, blk)
+        if i in handle.settings:
+            proj = key_proj(blk)
+            proj.__dict__[SITE_ATTR] = (handle, i)
+            handle.hooks.append(proj.register_forward_hook(capture_for_selection))
+
+
+def remove_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], key_proj: Callable[[nn.Module], nn.Module]) -> None:
+    """Undo :func:`install_sites`: the blocks' own ``forward`` again, no hooks."""
+    for h in handle.hooks:
+        h.remove()
+    handle.hooks.clear()
+    for blk in blocks:
+        blk.__dict__.pop("forward", None)
+        blk.__dict__.pop(SITE_ATTR, None)
+        key_proj(blk).__dict__.pop(SITE_ATTR, None)

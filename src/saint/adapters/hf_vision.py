@@ -39,18 +39,27 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config, require_site
-from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
+from .base import (
+    FamilyAdapter,
+    Grid,
+    Probe,
+    Site,
+    TokenStateHandle,
+    install_sites,
+    remove_sites,
+    save_output,
+    vit_block_flops,
+)
 from .common import (
     MASKABLE_ATTENTION,
     SAINT_ATTR,
     SITE_ATTR,
-    Runs,
     TokenState,
     check_layout,
     check_static_counts,
@@ -88,20 +97,11 @@ def matches(model: torch.nn.Module) -> bool:
 
 @dataclass
 class HFVisionPatch(TokenStateHandle):
-    """Everything a patched vision tower carries: config, resolved per-layer settings,
-    the per-forward token state, the validity of every layer's output in the last
-    forward, and the hooks/wrappers to remove on unpatch."""
+    """Everything a patched vision tower carries: the ViT handle's fields (config,
+    resolved per-layer settings, per-call token states, hooks), the tower, and the
+    validity of every layer's output in the last forward."""
 
-    spec: MethodSpec
-    config: MethodConfig
-    settings: dict[int, dict[str, Any]]
-    num_protected: int
-    tower: torch.nn.Module
-    trace: bool = False
-    hooks: list[Any] = field(default_factory=list)
-    block_names: list[str] = field(default_factory=list)
-    runs: Runs = field(default_factory=lambda: Runs(0))
-    kernel: str = "auto"
+    tower: torch.nn.Module | None = None
 
     @property
     def depth(self) -> int:
@@ -177,6 +177,32 @@ def patch_tower(
     if get_handle(tower) is not None:
         raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
     clip = _is_clip(tower)
+    layers = _check_layers(tower, c, clip)
+    spec, config = make_config(method, **kwargs)
+    require_site(spec, "vision", type(tower).__name__)
+    settings = config.resolve(len(layers))
+    num_protected = 1 if clip else 0
+    _check_method(tower, spec, config, settings, num_protected, layout)
+    head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
+    if head is not None and type(head) is not c["siglip_head"]:
+        raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports SiglipMultiheadAttentionPoolingHead")
+
+    handle = HFVisionPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower)
+    install_sites(handle, layers, "encoder.layers", _layer_forward, _key_proj, layout)
+    if head is not None:
+        head.__dict__[SITE_ATTR] = (handle, None)
+        head.forward = types.MethodType(_head_forward, head)
+    tower.forward = types.MethodType(_tower_forward, tower)
+    tower.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def _key_proj(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.self_attn.k_proj
+
+
+def _check_layers(tower: torch.nn.Module, c: dict[str, type], clip: bool) -> list[torch.nn.Module]:
+    """The encoder layers, each of the class saint wraps and not wrapped by anyone else."""
     layer_cls, attn_cls = (c["clip_layer"], c["clip_attn"]) if clip else (c["siglip_layer"], c["siglip_attn"])
     layers = list(tower.encoder.layers)
     for i, layer in enumerate(layers):
@@ -187,11 +213,13 @@ def patch_tower(
             )
         if "forward" in layer.__dict__:
             raise ValueError(f"encoder layer {i} already has a per-instance forward (patched by something else)")
+    return layers
 
-    spec, config = make_config(method, **kwargs)
-    require_site(spec, "vision", type(tower).__name__)
-    settings = config.resolve(len(layers))
-    num_protected = 1 if clip else 0
+
+def _check_method(tower: torch.nn.Module, spec: MethodSpec, config: MethodConfig, settings: dict[int, dict[str, Any]],
+                  num_protected: int, layout: str) -> None:
+    """The method can run on this tower: a class token when it ranks by one, a maskable
+    attention when it pads, fixed counts that fit the patches."""
     if spec.needs_cls_attention and num_protected == 0:
         raise ValueError(
             f"method {spec.name!r} ranks tokens by class-token attention; {type(tower).__name__} has no class token "
@@ -206,39 +234,13 @@ def patch_tower(
             )
     check_static_counts(int(tower.embeddings.num_patches), spec, settings, unit="layer")
 
-    head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
-    if head is not None and type(head) is not c["siglip_head"]:
-        raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports SiglipMultiheadAttentionPoolingHead")
-
-    handle = HFVisionPatch(spec, config, settings, num_protected, tower, trace=trace, kernel=kernel)
-    handle.block_names = [f"encoder.layers.{i}" for i in range(len(layers))]
-    handle.runs = Runs(len(layers), layout)
-    for i, layer in enumerate(layers):
-        layer.__dict__[SITE_ATTR] = (handle, i)
-        layer.forward = types.MethodType(_layer_forward, layer)
-        if i in settings:
-            layer.self_attn.k_proj.__dict__[SITE_ATTR] = (handle, i)
-            handle.hooks.append(layer.self_attn.k_proj.register_forward_hook(_capture))
-    if head is not None:
-        head.__dict__[SITE_ATTR] = (handle, None)
-        head.forward = types.MethodType(_head_forward, head)
-    tower.forward = types.MethodType(_tower_forward, tower)
-    tower.__dict__[SAINT_ATTR] = handle
-    return handle
-
 
 def unpatch_tower(tower: torch.nn.Module) -> None:
     """Undo :func:`patch_tower`: the tower computes exactly what it did before."""
     handle = tower.__dict__.pop(SAINT_ATTR, None)
     if handle is None:
         raise ValueError(f"{type(tower).__name__} is not patched by saint")
-    for h in handle.hooks:
-        h.remove()
-    handle.hooks.clear()
-    for layer in tower.encoder.layers:
-        layer.__dict__.pop("forward", None)
-        layer.__dict__.pop(SITE_ATTR, None)
-        layer.self_attn.k_proj.__dict__.pop(SITE_ATTR, None)
+    remove_sites(handle, tower.encoder.layers, _key_proj)
     tower.__dict__.pop("forward", None)
     head = getattr(tower, "head", None)
     if head is not None:
@@ -257,12 +259,6 @@ def _merges_nothing(plan: Any) -> bool:
     """True for a merge plan that moves no token (empty, or every pair inactive)."""
     active = getattr(plan, "active", None)
     return plan.src.numel() == 0 or (active is not None and not bool(active.any()))
-
-
-def _capture(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-    """Forward hook on a pruning layer's ``k_proj``: keep its output for the selection."""
-    handle, i = module.__dict__[SITE_ATTR]
-    handle.runs.executing().captured[i] = output
 
 
 def _mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -306,15 +302,9 @@ def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention
     handle, index = self.__dict__[SITE_ATTR]
     if attention_mask is not None:
         raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
-    run = handle.runs.enter(index, hidden_states, handle.trace)
+    run, hidden_states, settings = handle.enter_site(index, hidden_states)
     state = run.state
-    hidden_states = state.enter(hidden_states)
-    if not run.recompute:
-        state.record(hidden_states)
     prop_attn = handle.config.size_bias
-    settings = handle.settings.get(index)
-    if hidden_states.shape[0] == 0:  # an empty batch has nothing to select
-        settings = None
     if state.packed:
         normed = self.layer_norm1(hidden_states)
         x = hidden_states + _packed_attention(self.self_attn, normed, state, prop_attn, handle.kernel)
@@ -350,12 +340,7 @@ def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention
         x = state.apply(x, sel)
     if settings is not None or state.packed:
         x = x + self.mlp(self.layer_norm2(x))
-    if index == handle.runs.depth - 1 or handle.runs.unpads_every_block():
-        x = state.leave(x)
-    if not run.recompute:
-        run.layer_valid.append(state.valid)
-    handle.runs.leave(index, run)
-    return x
+    return handle.leave_site(index, run, x)
 
 
 def _tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -425,14 +410,11 @@ class HFProbe(Probe):
         return q.reshape(b, n, h, c // h), k.reshape(b, n, h, c // h)
 
 
-class HFVision(Adapter):
+class HFVision(FamilyAdapter):
     """Hugging Face CLIP / SigLIP vision towers: sites are ``encoder.layers``."""
 
     name = "hf_vision"
-
-    matches = staticmethod(matches)  # the module's functions: one implementation
-    patch = staticmethod(patch)
-    unpatch = staticmethod(unpatch)
+    family = sys.modules[__name__]
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         out = []

@@ -8,12 +8,11 @@ subclasses :class:`HFVlm`, naming its adapter module (``family``), whose
 from __future__ import annotations
 
 from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from .base import Adapter, Grid, Probe, Site, batch_to, save_output
+from .base import FamilyAdapter, Grid, Probe, Site, batch_to, save_output
 
 
 def multimodal(model: torch.nn.Module) -> torch.nn.Module:
@@ -59,22 +58,12 @@ class ImageTokenProbe(Probe):
         return self.select(super().hidden(output))
 
 
-class HFVlm(Adapter):
+class HFVlm(FamilyAdapter):
     """Subclasses set ``name`` and ``family`` (the adapter module); ``grid`` is the
     square patch grid of the vision config's ``image_size`` (LLaVA, the base image of
     LLaVA-OneVision)."""
 
-    family: ModuleType
     tau_setting = "llm_tau"
-
-    def matches(self, model: torch.nn.Module) -> bool:
-        return self.family.matches(model)
-
-    def patch(self, model: torch.nn.Module, method: Any = "saint", trace: bool = False, **kwargs: Any) -> Any:
-        return self.family.patch(model, method, trace=trace, **kwargs)
-
-    def unpatch(self, model: torch.nn.Module) -> None:
-        self.family.unpatch(model)
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         lm = multimodal(model).language_model

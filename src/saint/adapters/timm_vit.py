@@ -29,18 +29,27 @@ are refused once a pruning block runs before the deepest one returned).
 from __future__ import annotations
 
 import inspect
+import sys
 import types
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..methods import LayerContext, MethodConfig, MethodSpec, make_config, require_site
-from .base import Adapter, Grid, Probe, Site, TokenStateHandle, save_output, vit_block_flops
+from ..methods import LayerContext, MethodSpec, make_config, require_site
+from .base import (
+    FamilyAdapter,
+    Grid,
+    Probe,
+    Site,
+    TokenStateHandle,
+    install_sites,
+    remove_sites,
+    save_output,
+    vit_block_flops,
+)
 from .common import (
     SAINT_ATTR,
     SITE_ATTR,
-    Runs,
     TokenState,
     check_layout,
     check_static_counts,
@@ -65,20 +74,10 @@ def matches(model: torch.nn.Module) -> bool:
     return classes is not None and isinstance(model, classes[0])
 
 
-@dataclass
 class TimmPatch(TokenStateHandle):
-    """Everything a patched timm ViT carries: config, resolved per-layer settings,
-    the per-call token states (``runs``) and the hooks to remove on unpatch."""
-
-    spec: MethodSpec
-    config: MethodConfig
-    settings: dict[int, dict[str, Any]]
-    num_protected: int
-    trace: bool = False
-    hooks: list[Any] = field(default_factory=list)
-    block_names: list[str] = field(default_factory=list)
-    runs: Runs = field(default_factory=lambda: Runs(0))
-    kernel: str = "auto"
+    """Everything a patched timm ViT carries: the ViT handle's fields (config, resolved
+    per-block settings, the per-call token states in ``runs``, the hooks to remove on
+    unpatch)."""
 
 
 def patch(
@@ -110,14 +109,7 @@ def patch(
     _check_static_counts(model, spec, settings, num_protected)
 
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    handle.block_names = [f"blocks.{i}" for i in range(len(blocks))]
-    handle.runs = Runs(len(blocks), layout)
-    for i, blk in enumerate(blocks):
-        blk.__dict__[SITE_ATTR] = (handle, i)
-        blk.forward = types.MethodType(_block_forward, blk)
-        if i in settings:
-            blk.attn.qkv.__dict__[SITE_ATTR] = (handle, i)
-            handle.hooks.append(blk.attn.qkv.register_forward_hook(_capture))
+    install_sites(handle, blocks, "blocks", _block_forward, _key_proj, layout)
     if hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head:  # type: ignore[index]
         model.pool = types.MethodType(_pool, model)
     if hasattr(model, "forward_intermediates"):
@@ -129,20 +121,13 @@ def patch(
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
-    for h in handle.hooks:
-        h.remove()
-    for blk in model.blocks:
-        blk.__dict__.pop("forward", None)
-        blk.__dict__.pop(SITE_ATTR, None)
-        blk.attn.qkv.__dict__.pop(SITE_ATTR, None)
+    remove_sites(handle, model.blocks, _key_proj)
     model.__dict__.pop("pool", None)
     model.__dict__.pop("forward_intermediates", None)
 
 
-def _capture(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-    """Forward hook on a pruning block's ``attn.qkv``: keep its output for the selection."""
-    handle, i = module.__dict__[SITE_ATTR]
-    handle.runs.executing().captured[i] = output
+def _key_proj(blk: torch.nn.Module) -> torch.nn.Module:
+    return blk.attn.qkv
 
 
 def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dict, protected: int) -> None:
@@ -197,15 +182,9 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     handle, index = self.__dict__[SITE_ATTR]
     if attn_mask is not None or is_causal:
         raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
-    run = handle.runs.enter(index, x, handle.trace)
+    run, x, settings = handle.enter_site(index, x)
     state = run.state
-    x = state.enter(x)
-    if not run.recompute:
-        state.record(x)
     prop_attn = handle.config.size_bias
-    settings = handle.settings.get(index)
-    if x.shape[0] == 0:  # an empty batch has nothing to select: (0, ...) out, as unpatched
-        settings = None
     if state.packed:
         _check_packed_training(self)
         x = x + self.drop_path1(self.ls1(_packed_attention(self.attn, self.norm1(x), state, prop_attn, handle.kernel)))
@@ -219,12 +198,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
             _check_packed_training(self)
     if settings is not None or state.packed:
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-    if index == handle.runs.depth - 1 or handle.runs.unpads_every_block():
-        x = state.leave(x)
-    if not run.recompute:
-        run.layer_valid.append(state.valid)
-    handle.runs.leave(index, run)
-    return x
+    return handle.leave_site(index, run, x)
 
 
 def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: torch.Tensor) -> LayerContext:
@@ -322,14 +296,11 @@ class TimmProbe(Probe):
         return attn.q_norm(q), attn.k_norm(k)
 
 
-class TimmViT(Adapter):
+class TimmViT(FamilyAdapter):
     """timm ``VisionTransformer``: sites are ``model.blocks``."""
 
     name = "timm_vit"
-
-    matches = staticmethod(matches)  # the module's functions: one implementation
-    patch = staticmethod(patch)
-    unpatch = staticmethod(unpatch)
+    family = sys.modules[__name__]
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         out = []
