@@ -41,20 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import assets
     from ..bench.bench import format_bench, run_bench
-    from ..measure.harness import Harness, timing_batch
-    from ..measure.images import resolve_images
+    from ..measure.harness import timing_batch
     from ..measure.report import environment, write_json
     from ..spec import parse_method_spec
-    from .options import build_model, check_output_file, progress_factory, setup_runtime
+    from .options import check_output_file, load_for_measurement, progress_factory
 
     if not args.method:
         raise SystemExit("saint bench: give at least one --method, e.g. --method saint:tau=0.97 --method tome:r=8")
     variants = [parse_method_spec(s) for s in args.method]
     check_output_file(args.json, "--json")
-    device, dtype = setup_runtime(args)
-    model, desc = build_model(args)
-    images = resolve_images(args.images, args.limit, args.skip_bad_images)
-    harness = Harness(model, device, dtype)
+    device, model, desc, images, harness = load_for_measurement(args)
     x = timing_batch(images.records, assets.eval_transform(model), args.batch_size)
     print(f"model: {desc}")
     print(f"timing batch: {images.description}")

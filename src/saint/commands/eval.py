@@ -34,18 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import assets
     from ..eval.evaluate import evaluate, format_eval
-    from ..measure.harness import Harness
-    from ..measure.images import resolve_images
     from ..measure.report import environment, write_json
     from ..spec import parse_method_spec
-    from .options import build_model, check_output_file, progress_factory, setup_runtime
+    from .options import check_output_file, load_for_measurement, progress_factory
 
     variants = [parse_method_spec(s) for s in args.method]
     check_output_file(args.json, "--json")
-    device, dtype = setup_runtime(args)
-    model, desc = build_model(args)
-    images = resolve_images(args.images, args.limit, args.skip_bad_images)
-    harness = Harness(model, device, dtype)
+    device, model, desc, images, harness = load_for_measurement(args)
     print(f"model: {desc}")
     bar = progress_factory(not args.no_progress)(f"{1 + len(variants)} variants over images", len(images))
     report = evaluate(harness, variants, images, assets.eval_transform(model), args.batch_size, bar)

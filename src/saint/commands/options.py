@@ -127,6 +127,19 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     return model, f"timm {args.model} ({weights}){f' at {size[0]}px' if size else ''}"
 
 
+def load_for_measurement(args: argparse.Namespace) -> tuple[torch.device, torch.nn.Module, str, Any, Any]:
+    """What bench, eval and sweep measure on, from their shared options: the device, the
+    model and its description, the photos (``--images``/``--limit``) and a harness that
+    runs the model on the device in the requested dtype."""
+    from ..measure.harness import Harness
+    from ..measure.images import resolve_images
+
+    device, dtype = setup_runtime(args)
+    model, desc = build_model(args)
+    images = resolve_images(args.images, args.limit, args.skip_bad_images)
+    return device, model, desc, images, Harness(model, device, dtype)
+
+
 def check_output_file(path: str | None, option: str) -> None:
     """Fail before the run, not after it, when ``path`` cannot be written (its folder is
     created by the writers when missing)."""

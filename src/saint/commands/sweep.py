@@ -69,21 +69,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import assets
     from ..bench.sweep import default_tome_rs, format_sweep, run_sweep, write_sweep
-    from ..measure.harness import Harness, timing_batch
+    from ..measure.harness import timing_batch
     from ..measure.images import resolve_images
     from ..measure.report import environment
     from ..spec import parse_calibrated_spec, parse_kwargs
-    from .options import build_model, check_output_file, progress_factory, setup_runtime
+    from .options import check_output_file, load_for_measurement, progress_factory
 
     matched = [] if args.matched.strip().lower() == "none" else [m.strip() for m in args.matched.split(",") if m.strip()]
     saint_args = parse_kwargs(args.saint_args)
     if args.timing_batch < 1:
         raise ValueError(f"--timing-batch must be >= 1, got {args.timing_batch}")
     check_output_file(args.out + ".json", "--out")
-    device, dtype = setup_runtime(args)
-    model, desc = build_model(args)
-    images = resolve_images(args.images, args.limit, args.skip_bad_images)
-    harness = Harness(model, device, dtype)
+    device, model, desc, images, harness = load_for_measurement(args)
     transform = assets.eval_transform(model)
     tome_rs = args.tome_r
     if tome_rs is None:
