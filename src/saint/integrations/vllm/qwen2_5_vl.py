@@ -36,19 +36,10 @@ from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
-from vllm.multimodal.video_prune.evs import compute_mrope_for_media  # noqa: E402
+from vllm.multimodal.processing import PromptUpdate  # noqa: E402
 
+from .qwen_common import budget_image_updates, media_positions  # noqa: E402
 from .settings import settings_from_config  # noqa: E402
-
-
-def media_positions(grid_thw: Sequence[int], merge_size: int, **time: float) -> torch.Tensor:
-    """``[N, 4]`` per merged token: its (t, h, w) M-RoPE offsets in the full grid, and the
-    position step from the media's start to the text after it (largest offset + 1, as in
-    the unpruned prompt; vLLM's EVS helper puts the grid width there instead)."""
-    pos = compute_mrope_for_media(list(grid_thw), merge_size, **time)
-    pos[:, 3] = pos[:, :3].max() + 1
-    return pos
 
 
 class SaintQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -71,26 +62,10 @@ class SaintQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         out_mm_kwargs: Any,
     ) -> Sequence[PromptUpdate]:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        settings = self.info.saint
-        if settings is None:
+        if self.info.saint is None:
             return updates
         merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
-
-        def image_replacement(item_idx: int, token: int) -> list[int]:
-            grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
-            return [token] * settings.kept_tokens(int(grid.prod()) // merge**2)
-
-        out = []
-        for update in updates:
-            if update.modality == "image":
-                (token,) = update.target
-                update = PromptReplacement(
-                    modality="image",
-                    target=update.target,
-                    replacement=lambda i, t=token: image_replacement(i, t),
-                )
-            out.append(update)
-        return out
+        return budget_image_updates(updates, self.info.saint, merge, out_mm_kwargs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
