@@ -1,5 +1,5 @@
-"""The transformers references for the vLLM plugin: the same checkpoint run by transformers,
-with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
+"""The transformers references for the vLLM plugin: the same checkpoint run by transformers
+(Qwen2.5-VL, Qwen3-VL, LLaVA-1.5), with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
 the plugin's budget rule) and, for the Qwen models, the kept tokens given their full-grid
 M-RoPE positions from transformers' own ``get_rope_index``.
 
@@ -63,24 +63,36 @@ def _qwen_inputs(model, image_token: int, feats, keep, grid, prompt_ids, output_
 def transformers_scores(
     model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float
 ) -> dict:
-    """Qwen2.5-VL: the fixed-budget drop on the merged image features."""
+    """Qwen2.5-VL or Qwen3-VL (by the checkpoint): the fixed-budget drop on the merged image
+    features (Qwen3-VL: the tower's main output; its deepstack features, added to the first
+    decoder layers at the image's positions, are taken for the same kept tokens)."""
     from PIL import Image
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    qwen3 = AutoConfig.from_pretrained(model_dir).model_type == "qwen3_vl"
+    cls = Qwen3VLForConditionalGeneration if qwen3 else Qwen2_5_VLForConditionalGeneration
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
     inputs = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
     grid = inputs["image_grid_thw"]
-    feats = model.model.get_image_features(inputs["pixel_values"], grid).pooler_output[0]
+    vision = model.model.get_image_features(inputs["pixel_values"], grid)
+    feats = vision.pooler_output[0]
     keep = _keep(feats, keep_ratio)
-    embeds, positions, _ = _qwen_inputs(
+    embeds, positions, mask = _qwen_inputs(
         model, model.config.image_token_id, feats, keep, grid, prompt_ids, output_ids
     )
-    hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions)
+    deepstack = {}
+    if qwen3:
+        levels = [level[0][keep] for level in vision.deepstack_features]
+        deepstack = {"visual_pos_masks": mask, "deepstack_visual_embeds": levels}
+    hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions, **deepstack)
     logits = model.lm_head(hidden.last_hidden_state)
     return {
         "logprobs": _step_logprobs(logits, len(prompt_ids), len(output_ids)),

@@ -7,8 +7,9 @@ on per model through vLLM's ``--hf-overrides`` (the model's HF config), e.g.::
 
 Settings: ``saint_keep_ratio`` (share of each image's merged tokens kept, in (0, 1]) and
 ``saint_step_div`` (the fixed-budget drop's step, default 16). Without them the model is
-vLLM's own. Qwen2.5-VL and LLaVA-1.5 are overridden (see docs/vllm.md for why Qwen3-VL is
-not, and why pruning inside the language model does not fit vLLM's paged KV cache).
+vLLM's own. Qwen2.5-VL, Qwen3-VL (images only while pruning) and LLaVA-1.5 are overridden
+(see docs/vllm.md, also for why pruning inside the language model does not fit vLLM's
+paged KV cache).
 
 Nothing else in saint imports this package, so saint never needs vLLM.
 """
@@ -20,6 +21,9 @@ from typing import Any
 ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": (
         "saint.integrations.vllm.qwen2_5_vl:SaintQwen2_5_VLForConditionalGeneration"
+    ),
+    "Qwen3VLForConditionalGeneration": (
+        "saint.integrations.vllm.qwen3_vl:SaintQwen3VLForConditionalGeneration"
     ),
     "LlavaForConditionalGeneration": (
         "saint.integrations.vllm.llava:SaintLlavaForConditionalGeneration"

@@ -51,7 +51,7 @@ def install_torchvision_shim() -> None:
     first = next(iter(_PIL_TWINS))
     if importlib.util.find_spec("torchvision") is not None or first in sys.modules:
         return
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
     from transformers.models.auto.video_processing_auto import AutoVideoProcessor
     from transformers.processing_utils import transformers_module
     from transformers.video_processing_utils import VideoProcessorMixin
@@ -68,7 +68,7 @@ def install_torchvision_shim() -> None:
     # ProcessorMixin checks its video argument against transformers' (dummy) base class.
     transformers_module.VideoProcessorMixin = VideoProcessorMixin
     # transformers resolves the processor's video part by class name, runtime registrations first.
-    for config in (Qwen2VLConfig, Qwen2_5_VLConfig):
+    for config in (Qwen2VLConfig, Qwen2_5_VLConfig, Qwen3VLConfig):
         AutoVideoProcessor.register(
             config, video_processor_classes={"torchvision": Qwen2VLVideoProcessor}, exist_ok=True
         )

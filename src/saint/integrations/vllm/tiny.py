@@ -1,6 +1,6 @@
-"""Random Qwen2.5-VL and LLaVA-1.5 checkpoints written to a folder that vLLM and transformers
-both load, without a hub download: a byte-level BPE tokenizer trained on the spot (with the
-model's special tokens), the PIL image processor and random weights.
+"""Random Qwen2.5-VL, Qwen3-VL and LLaVA-1.5 checkpoints written to a folder that vLLM and
+transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
+spot (with the model's special tokens), the PIL image processor and random weights.
 
 Used by the vLLM plugin's tests (tiny geometry) and its benchmark (tiny, or the 7B
 geometry on a GPU). vLLM's CPU attention needs a head size >= 32, and the vision tower's
@@ -118,6 +118,62 @@ def write_checkpoint(
     # save_pretrained of the processor needs a video processor (torchvision); write it by hand.
     (path / "processor_config.json").write_text(
         json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2)
+    )
+    gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
+def write_qwen3_vl_checkpoint(
+    path: str | Path, min_pixels: int = 64 * 64, max_pixels: int = 512 * 512, seed: int = 0
+) -> Path:
+    """Write a tiny random Qwen3-VL to ``path``: patch 16, merge 2 (an image of H x W pixels
+    gives (H / 32) x (W / 32) merged tokens after the processor's rounding), a 3-block tower
+    whose blocks 0 and 1 feed two deepstack levels into the first two decoder layers, and a
+    2-layer Qwen3 LM (head size 32, interleaved M-RoPE)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512)
+    tokenizer.save_pretrained(path)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    rope = {
+        "rope_type": "default", "rope_theta": 1000000.0,
+        "mrope_section": [6, 5, 5], "mrope_interleaved": True,  # head size 32: 16 frequencies
+    }
+    text = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=4096,
+        rope_parameters=rope, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=3, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
+        patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+        num_position_embeddings=256, deepstack_visual_indexes=[0, 1],
+    )
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _sharpen(model)
+    model.save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels,
+        max_pixels=max_pixels, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(path)
+    # save_pretrained of the processor needs a video processor (torchvision); write it by hand.
+    (path / "processor_config.json").write_text(
+        json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2)
     )
     gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))

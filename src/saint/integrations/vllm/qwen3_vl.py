@@ -1,0 +1,175 @@
+"""Qwen3-VL for vLLM with SAINT image-token pruning after the vision tower.
+
+Registered over ``Qwen3VLForConditionalGeneration`` by the ``saint`` plugin; without
+``saint_keep_ratio`` in the HF config it is vLLM's class unchanged. With it, as for
+Qwen2.5-VL (``qwen2_5_vl.py``):
+
+- the processor gives every image ``kept_tokens(N)`` placeholders instead of ``N``;
+- after the tower, SAINT's fixed-budget drop picks that many of the image's merged tokens
+  from the tower's main output (the features that replace the placeholders). vLLM's tower
+  returns each token's main features and its deepstack features (one slice per level,
+  added to the first decoder layers) side by side in one row, so keeping rows keeps every
+  level of the same tokens;
+- positions: each kept row carries 5 extra channels, the layout vLLM's Qwen3-VL strips in
+  ``recompute_mrope_positions``: (t, h, w) in the full grid, the step to the text after the
+  image (largest offset + 1) and 0 (not a video token). The override below hands the first
+  four to vLLM's ``recompute_mrope_positions`` as a 4-channel (Qwen2.5-style) image, so the
+  text after the image keeps its unpruned positions. (vLLM's 5-channel rule takes the step
+  from the largest kept offset instead: a kept set without the image's last row or column
+  would shift all later text.)
+
+Videos are refused while pruning is on (``--limit-mm-per-prompt '{"video": 0}'`` is
+required): once pruning is on, vLLM's Qwen3-VL sends every video through its EVS path,
+which needs ``--video-pruning-rate`` and its own prompt layout for videos (timestamps and
+frame markers embedded by the model); SAINT with EVS videos is untested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .compat import install_torchvision_shim
+
+install_torchvision_shim()  # vLLM's qwen3_vl module imports a torchvision-only one
+
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.model_executor.models.qwen3_vl import (  # noqa: E402
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.processing import PromptUpdate  # noqa: E402
+from vllm.multimodal.video_prune.evs import recompute_mrope_positions  # noqa: E402
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed  # noqa: E402
+
+from .qwen_common import budget_image_updates, media_positions  # noqa: E402
+from .settings import SaintSettingsError, settings_from_config  # noqa: E402
+
+POSITION_CHANNELS = 5  # what vLLM's Qwen3-VL appends to (and strips from) each media row
+
+
+class SaintQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
+    """Reads (and so validates) the SAINT settings in the front end, before the engine
+    starts; with pruning on, refuses a configuration that allows videos."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.saint = settings_from_config(self.get_hf_config())
+        if self.saint is not None and ctx.get_mm_config().get_limit_per_prompt("video") > 0:
+            raise SaintSettingsError(
+                "saint_keep_ratio: SAINT pruning of Qwen3-VL serves images only; set "
+                "--limit-mm-per-prompt '{\"video\": 0}' (LLM(limit_mm_per_prompt={\"video\": 0}))"
+            )
+
+
+class SaintQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
+    """Gives each image as many placeholder tokens as SAINT will keep."""
+
+    def _get_prompt_updates(
+        self,
+        mm_items: Any,
+        hf_processor_mm_kwargs: Mapping[str, Any],
+        out_mm_kwargs: Any,
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if self.info.saint is None:
+            return updates
+        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
+        return budget_image_updates(updates, self.info.saint, merge, out_mm_kwargs)
+
+
+def image_position_channels(grid_thw: Sequence[int], merge_size: int) -> torch.Tensor:
+    """``[N, 5]`` per merged token of an image: (t, h, w) in the full grid, the step to the
+    text after the image, and 0 (the video flag of vLLM's 5-channel layout)."""
+    pos = media_positions(grid_thw, merge_size)
+    return torch.cat([pos, torch.zeros_like(pos[:, :1])], dim=1)
+
+
+def recompute_positions(
+    input_ids: list[int] | torch.Tensor,
+    multimodal_embeddings: Sequence[torch.Tensor],
+    mrope_positions: torch.Tensor,
+    num_computed_tokens: int,
+    *,
+    vision_start_token_id: int,
+    image_token_id: int,
+    video_token_id: int,
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """vLLM's Qwen3-VL ``recompute_mrope_positions`` for SAINT's pruned images (videos are
+    refused while pruning is on): each image's channels go in as the 4-channel layout
+    (t, h, w, step to the text after), so the text after it keeps its unpruned positions."""
+    device = multimodal_embeddings[0].device if multimodal_embeddings else mrope_positions.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    embeds, positions = [], []
+    with gpu_sync_allowed():
+        for mm in multimodal_embeddings:
+            embeds.append(mm[:, :-POSITION_CHANNELS])
+            positions.append(mm[:, -POSITION_CHANNELS:-1].T.long())
+        new_positions, delta = recompute_mrope_positions(
+            ids, positions, mrope_positions, num_computed_tokens,
+            vision_start_token_id, image_token_id, video_token_id,
+        )
+    return embeds, new_positions, delta
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SaintQwen3VLMultiModalProcessor,
+    info=SaintQwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class SaintQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.saint = settings_from_config(self.config)
+        self.saint_prunes_images = self.saint is not None
+        self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
+        if self.saint is None:
+            return
+        if vllm_config.use_v2_model_runner:
+            raise ValueError(
+                "SAINT image pruning supports vLLM's V1 model runner only; set "
+                "VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        # Rows carry position channels; this also keeps the tower out of encoder CUDA graphs,
+        # which would skip the pruning step.
+        self.is_multimodal_pruning_enabled = True
+
+    def _postprocess_image_embeds_evs(
+        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
+    ) -> tuple[torch.Tensor, ...]:
+        if self.saint is None:
+            return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
+        merge = self.visual.spatial_merge_size
+        out, masks = [], []
+        for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True):
+            keep = self.saint.keep_mask(emb[:, : self.visual_dim])  # main features, not deepstack
+            pos = image_position_channels(grid, merge).to(emb.device)
+            out.append(torch.cat([emb[keep], pos[keep].to(emb.dtype)], dim=1))
+            masks.append(keep)
+        self.saint_last_keep = masks
+        return tuple(out)
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.LongTensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        if self.saint is None:
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )
+        return recompute_positions(
+            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens,
+            vision_start_token_id=self.config.vision_start_token_id,
+            image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id,
+        )
