@@ -1,7 +1,7 @@
 # The README's two commands: `make demo` and `make test` (which CI's .ci/run runs). Both set
 # up their venvs first (idempotent: a stamp file skips the install when pyproject/constraints
 # are unchanged). `make test` runs both suites: `test-main` (tests/ in .venv/) and then
-# `test-vllm` (tests_vllm/ in .venv-vllm/, installed while `test-main` runs). The lmms extra
+# `test-vllm` (tests_vllm/ in .venv-vllm/, installed alongside `test-main`). The lmms extra
 # (lmms-eval) is installed too so its end-to-end test runs instead of skipping.
 PYTHON ?= python3
 VENV := .venv
@@ -34,8 +34,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/saint demo
 
-# The vLLM venv installs while the main suite runs (each keeps about one of CI's two cores
-# busy: `make setup-vllm` took 213 s wall for 155 s of CPU), then the vLLM suite runs.
+# The vLLM venv installs alongside the main venv and suite (pip keeps about one of CI's two
+# cores busy: `make setup-vllm` took 213 s wall for 155 s of CPU), then the vLLM suite runs.
 # --output-sync prints each part's output in one piece when it ends.
 test:
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-main setup-vllm
