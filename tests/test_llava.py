@@ -138,7 +138,8 @@ def test_unpatch_restores_identical_outputs(name, images):
 def test_batch_equals_alone_and_cached_equals_uncached(name, text, images):
     """Left-padded prompts of different lengths, images and image counts: each row
     of the batch matches the prompt alone (tokens, last logits, per-sample counts),
-    and cached greedy decoding equals the uncached loop over the pruned prompt."""
+    and cached greedy decoding equals the uncached loop over the pruned prompt (FastV
+    excepted: its ranking query changes with every uncached step)."""
     model = make(text)
     saint.patch(model, **CONFIGS[name])
     ids, mask = left_pad(ROWS)
@@ -154,6 +155,11 @@ def test_batch_equals_alone_and_cached_equals_uncached(name, text, images):
     torch.testing.assert_close(batch_logits, torch.cat(solo_logits), rtol=1e-4, atol=1e-5)
     for b, s in enumerate(solo_stats):
         assert [t[b] for t in batch_stats.tokens] == [t[0] for t in s.tokens]
+    if name == "fastv":
+        # FastV ranks the image tokens by the last query's attention: without a cache every
+        # step re-runs the prompt with a new last token, so it may keep other tokens; equal
+        # ids there would be chance, not a property (docs/qwen-vl.md, FastV)
+        return
     uncached = gen(model, ids, images, mask, use_cache=False)
     assert torch.equal(batch_ids, uncached)
 
