@@ -325,7 +325,7 @@ def calibrate(
     return result
 
 
-MEASURED_TOL = 0.03  # relative distance to a measured speed-up target that ends the search
+MEASURED_TOL = 0.05  # relative distance to a measured speed-up target that ends the search
 MEASURED_STEPS = 5  # FLOPs targets tried at most
 
 
@@ -336,7 +336,7 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
     result against the unpatched model on a ``batch_size`` batch of ``images`` (repeated
     cyclically when there are fewer; round-robin, the fastest of ``repeats`` rounds), and
     move the FLOPs target by the ratio still missing (``s <- s * value / measured``)
-    until the measured speed-up is within 3% of ``value`` (at most 5 FLOPs targets)."""
+    until the measured speed-up is within 5% of ``value`` (at most 5 FLOPs targets)."""
     if not isinstance(images, torch.Tensor):
         raise TypeError("measured_speedup times a batch of images; give an [N, 3, H, W] tensor "
                         "(for VLMs calibrate flops_speedup and time with saint bench)")
