@@ -26,10 +26,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
         ("ToMe r=13", "tome:r=13"),
+        ("ToMe r=13, decreasing (inflection -0.5)", "tome:r=13,inflection=-0.5"),
+        ("ToMe r=16, decreasing", "tome:r=16,inflection=-0.5"),
         ("ToMe r=19 (ToMe's maximum here)", "tome:r=19"),
         ("SAINT (paper rule) tau=0.97, k=5", "saint:tau=0.97,k=5,gamma=10"),
-        ('SAINT+ calibrated to 2x, `rate="batch"`', "saint_plus:rate=batch@2x"),
-        ('SAINT+ calibrated to 2x, `rate="sample"`', "saint_plus@2x"),
+        ("SAINT+ calibrated to 2x (FLOPs)", "saint_plus:at=2@2x"),
+        ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
+        ("`saint_match` calibrated to 2x (FLOPs)", "saint_match@2x"),
+        ("`saint_match` calibrated to 2x (measured)", "saint_match:target=measured,at=2@2x"),
+        ("`saint_match` calibrated to 3x (FLOPs)", "saint_match@3x"),
     ]),
     "dinov2_518": ("dinov2_s14_518_cpu.json", "518px", [
         ("ToMe r=80", "tome:r=80"),
