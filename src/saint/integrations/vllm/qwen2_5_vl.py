@@ -19,7 +19,6 @@ unpruned video carries its positions the same way, as vLLM's pruning path requir
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,9 +35,8 @@ from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.processing import PromptUpdate  # noqa: E402
 
-from .qwen_common import budget_image_updates, media_positions  # noqa: E402
+from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin, media_positions  # noqa: E402
 from .settings import settings_from_config  # noqa: E402
 
 
@@ -52,20 +50,8 @@ class SaintQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         self.saint = settings_from_config(self.get_hf_config())
 
 
-class SaintQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+class SaintQwen2_5_VLMultiModalProcessor(SaintBudgetPromptMixin, Qwen2_5_VLMultiModalProcessor):
     """Gives each image as many placeholder tokens as SAINT will keep."""
-
-    def _get_prompt_updates(
-        self,
-        mm_items: Any,
-        hf_processor_mm_kwargs: Mapping[str, Any],
-        out_mm_kwargs: Any,
-    ) -> Sequence[PromptUpdate]:
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if self.info.saint is None:
-            return updates
-        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
-        return budget_image_updates(updates, self.info.saint, merge, out_mm_kwargs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -73,37 +59,12 @@ class SaintQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     info=SaintQwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
-class SaintQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class SaintQwen2_5_VLForConditionalGeneration(SaintImagePruningMixin, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint = settings_from_config(self.config)
-        self.saint_prunes_images = self.saint is not None
-        self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
-        if self.saint is None:
-            return
-        if vllm_config.use_v2_model_runner:
-            raise ValueError(
-                "SAINT image pruning supports vLLM's V1 model runner only; set "
-                "VLLM_USE_V2_MODEL_RUNNER=0"
-            )
-        self.is_multimodal_pruning_enabled = True
-
-    def _postprocess_image_embeds_evs(
-        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
-    ) -> tuple[torch.Tensor, ...]:
-        if self.saint is None:
-            return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
-        merge = self.visual.spatial_merge_size
-        out, masks = [], []
-        for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True):
-            keep = self.saint.keep_mask(emb)
-            pos = media_positions(grid, merge).to(emb.device)
-            out.append(torch.cat([emb[keep], pos[keep].to(emb.dtype)], dim=1))
-            masks.append(keep)
-        self.saint_last_keep = masks
-        return tuple(out)
+        self.saint_setup(vllm_config)
 
     def _postprocess_video_embeds_evs(
         self, video_embeds_split: tuple[torch.Tensor, ...], video_input: Any

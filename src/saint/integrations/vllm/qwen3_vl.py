@@ -26,7 +26,7 @@ frame markers embedded by the model); SAINT with EVS videos is untested.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,11 +43,10 @@ from vllm.model_executor.models.qwen3_vl import (  # noqa: E402
     Qwen3VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.processing import PromptUpdate  # noqa: E402
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions  # noqa: E402
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed  # noqa: E402
 
-from .qwen_common import budget_image_updates, media_positions  # noqa: E402
+from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin, media_positions  # noqa: E402
 from .settings import SaintSettingsError, settings_from_config  # noqa: E402
 
 POSITION_CHANNELS = 5  # what vLLM's Qwen3-VL appends to (and strips from) each media row
@@ -67,20 +66,8 @@ class SaintQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
             )
 
 
-class SaintQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
+class SaintQwen3VLMultiModalProcessor(SaintBudgetPromptMixin, Qwen3VLMultiModalProcessor):
     """Gives each image as many placeholder tokens as SAINT will keep."""
-
-    def _get_prompt_updates(
-        self,
-        mm_items: Any,
-        hf_processor_mm_kwargs: Mapping[str, Any],
-        out_mm_kwargs: Any,
-    ) -> Sequence[PromptUpdate]:
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if self.info.saint is None:
-            return updates
-        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
-        return budget_image_updates(updates, self.info.saint, merge, out_mm_kwargs)
 
 
 def image_position_channels(grid_thw: Sequence[int], merge_size: int) -> torch.Tensor:
@@ -122,39 +109,18 @@ def recompute_positions(
     info=SaintQwen3VLProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class SaintQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+class SaintQwen3VLForConditionalGeneration(SaintImagePruningMixin, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint = settings_from_config(self.config)
-        self.saint_prunes_images = self.saint is not None
-        self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
-        if self.saint is None:
-            return
-        if vllm_config.use_v2_model_runner:
-            raise ValueError(
-                "SAINT image pruning supports vLLM's V1 model runner only; set "
-                "VLLM_USE_V2_MODEL_RUNNER=0"
-            )
-        # Rows carry position channels; this also keeps the tower out of encoder CUDA graphs,
-        # which would skip the pruning step.
-        self.is_multimodal_pruning_enabled = True
+        self.saint_setup(vllm_config)
 
-    def _postprocess_image_embeds_evs(
-        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
-    ) -> tuple[torch.Tensor, ...]:
-        if self.saint is None:
-            return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
-        merge = self.visual.spatial_merge_size
-        out, masks = [], []
-        for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True):
-            keep = self.saint.keep_mask(emb[:, : self.visual_dim])  # main features, not deepstack
-            pos = image_position_channels(grid, merge).to(emb.device)
-            out.append(torch.cat([emb[keep], pos[keep].to(emb.dtype)], dim=1))
-            masks.append(keep)
-        self.saint_last_keep = masks
-        return tuple(out)
+    def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb[:, : self.visual_dim]  # main features, not the deepstack levels
+
+    def saint_positions(self, grid_thw: Sequence[int], merge_size: int) -> torch.Tensor:
+        return image_position_channels(grid_thw, merge_size)
 
     def recompute_mrope_positions(
         self,

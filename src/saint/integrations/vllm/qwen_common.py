@@ -11,7 +11,7 @@ import torch
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
-from .settings import SaintVllmSettings
+from .settings import SaintVllmSettings, settings_from_config
 
 
 def media_positions(grid_thw: Sequence[int], merge_size: int, **time: float) -> torch.Tensor:
@@ -47,3 +47,58 @@ def budget_image_updates(
             )
         out.append(update)
     return out
+
+
+class SaintBudgetPromptMixin:
+    """For a Qwen-VL multimodal processor: each image gets as many placeholder tokens as
+    SAINT will keep (``self.info.saint`` holds the settings, None when pruning is off)."""
+
+    def _get_prompt_updates(
+        self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs: Any
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)  # type: ignore[misc]
+        if self.info.saint is None:  # type: ignore[attr-defined]
+            return updates
+        merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size  # type: ignore[attr-defined]
+        return budget_image_updates(updates, self.info.saint, merge, out_mm_kwargs)  # type: ignore[attr-defined]
+
+
+class SaintImagePruningMixin:
+    """For vLLM's Qwen-VL model classes: read the SAINT settings, refuse the V2 runner, and
+    prune each image's merged tokens after the tower, appending their position channels.
+    Subclasses say which columns SAINT scores (``saint_features``) and which position
+    channels the kept rows carry (``saint_positions``)."""
+
+    def saint_setup(self, vllm_config: Any) -> None:
+        """Call at the end of ``__init__``."""
+        self.saint = settings_from_config(self.config)  # type: ignore[attr-defined]
+        self.saint_prunes_images = self.saint is not None
+        self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
+        if self.saint is None:
+            return
+        if vllm_config.use_v2_model_runner:
+            raise ValueError("SAINT image pruning supports vLLM's V1 model runner only; set VLLM_USE_V2_MODEL_RUNNER=0")
+        # Rows carry position channels; this also keeps the tower out of encoder CUDA graphs,
+        # which would skip the pruning step.
+        self.is_multimodal_pruning_enabled = True
+
+    def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb
+
+    def saint_positions(self, grid_thw: Sequence[int], merge_size: int) -> torch.Tensor:
+        return media_positions(grid_thw, merge_size)
+
+    def _postprocess_image_embeds_evs(
+        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
+    ) -> tuple[torch.Tensor, ...]:
+        if self.saint is None:
+            return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)  # type: ignore[misc]
+        merge = self.visual.spatial_merge_size  # type: ignore[attr-defined]
+        out, masks = [], []
+        for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True):
+            keep = self.saint.keep_mask(self.saint_features(emb))
+            pos = self.saint_positions(grid, merge).to(emb.device)
+            out.append(torch.cat([emb[keep], pos[keep].to(emb.dtype)], dim=1))
+            masks.append(keep)
+        self.saint_last_keep = masks
+        return tuple(out)
