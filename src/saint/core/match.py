@@ -30,9 +30,9 @@ def best_matches(
     a, anc = m[:, 0::2], m[:, 1::2]
     va, vb = pv[:, 0::2], pv[:, 1::2]
     sim = (a @ anc.transpose(1, 2)).masked_fill(~(va[:, :, None] & vb[:, None, :]), float("-inf"))
-    best, idx = sim.max(dim=-1) if sim.shape[-1] else (sim.new_full(sim.shape[:2], float("-inf")), None)
-    if idx is None:
-        idx = torch.zeros(sim.shape[:2], dtype=torch.long, device=sim.device)
+    if sim.shape[-1] == 0:  # a single prunable token: no anchor to match
+        sim = F.pad(sim, (0, 1), value=float("-inf"))
+    best, idx = sim.max(dim=-1)
     return best, idx, va & torch.isfinite(best)
 
 
