@@ -19,7 +19,7 @@ import torch
 from ..methods import make_config as registry_config
 from . import hf_vision
 from .vlm_handle import Forward, VlmPatch
-from .vlm_prompt import begin_prefill, refuse_static_cache, shrink_rows
+from .vlm_prompt import begin_prefill, keep_first, refuse_static_cache, shrink_rows
 
 
 # ---------------------------------------------------------------------------- checks
@@ -81,7 +81,7 @@ def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], f
         keep0 = _shrink_plan(input_ids, _feature_counts(feats), image_id, per)
     if keep0 is not None:
         refuse_static_cache(kwargs)
-        kwargs = _shrink_inputs(kwargs, keep0, fwd, image_id)
+        kwargs = shrink_inputs(kwargs, keep0, fwd, image_id)
         input_ids = kwargs["input_ids"]
     begin_prefill(handle, fwd, input_ids == image_id)
     return kwargs
@@ -133,21 +133,10 @@ def _shrink_plan(input_ids: torch.Tensor, counts: list[int], image_token_id: int
             f"pruned vision tower yields {counts} features per image and the processor emits {per} tokens per "
             f"image; give every image either {per} tokens (saint shrinks them) or exactly its feature count"
         )
-    b, length = input_ids.shape
-    flat = is_img.reshape(-1)
-    pos = flat.nonzero().squeeze(1)
-    rows = pos // length
-    if not torch.equal(rows[::per], rows[per - 1 :: per]):
-        raise ValueError("the image tokens of one image span two prompts of the batch; check input_ids")
-    k = torch.arange(total, device=input_ids.device)
-    image_of, offset = k // per, k % per
-    counts_t = torch.tensor(counts, device=input_ids.device)
-    keep = torch.ones_like(flat)
-    keep[pos] = offset < counts_t[image_of]
-    return keep.reshape(b, length)
+    return keep_first(input_ids, image_token_id, [per] * n, counts)
 
 
-def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, image_id: int) -> dict[str, Any]:
+def shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, image_id: int) -> dict[str, Any]:
     """Drop the surplus image tokens of every image (input_ids, attention mask,
     contiguous positions), right-aligning rows that lost different amounts."""
     input_ids = kwargs["input_ids"]
@@ -164,17 +153,22 @@ def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, im
 
 
 # ---------------------------------------------------------------------------- wrappers and hooks
-def make_expand(handle: VlmPatch, original: Any):
+def make_expand(handle: VlmPatch, original: Any, plan: Any = None):
     """``generate`` splits the image features per prompt by counting image tokens
     before it repeats them for beams / returned sequences; with a vision-side
-    reduction it must count the tokens that will remain, not the processor's."""
+    reduction it must count the tokens that will remain, not the processor's.
+    ``plan(input_ids, features)``: the keep mask of the prompt's image tokens (None: all
+    stay); LLaVA's by default."""
+    if plan is None:
+        def plan(input_ids: torch.Tensor, feats: Any) -> torch.Tensor | None:
+            per = _unpruned_count(handle.mm, None)
+            return _shrink_plan(input_ids, _feature_counts(feats), handle.image_token_id, per)
 
     def expand(input_ids: Any, mm_encoder_output: Any, expand_size: int = 1, inputs_embeds: Any = None) -> Any:
         img = mm_encoder_output.get("image") if mm_encoder_output else None
         feats = getattr(img, "pooler_output", None)
         if input_ids is not None and feats is not None and input_ids.numel():
-            per = _unpruned_count(handle.mm, None)
-            keep0 = _shrink_plan(input_ids, _feature_counts(feats), handle.image_token_id, per)
+            keep0 = plan(input_ids, feats)
             if keep0 is not None:
                 input_ids = input_ids.masked_fill(~keep0, 0 if handle.image_token_id != 0 else 1)
         return original(input_ids, mm_encoder_output, expand_size=expand_size, inputs_embeds=inputs_embeds)

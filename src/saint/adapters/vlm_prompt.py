@@ -7,6 +7,7 @@ mapped to that shorter prompt. The maps live on the pruned prompt stored on the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,6 +47,31 @@ def shrink_rows(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward
         new_mask = None
     fwd.src0, fwd.valid0, fwd.removed = src, valid, (~keep0).sum(dim=1)
     return src, valid, new_mask
+
+
+def keep_first(input_ids: torch.Tensor, token_id: int, before: Sequence[int], after: Sequence[int]) -> torch.Tensor:
+    """Keep mask ``[B, L]`` that shrinks every image's run of ``before[i]`` placeholder
+    tokens to its first ``after[i]`` (images in prompt order, row after row, as the
+    model assigns features to placeholders); other tokens are kept. The caller checks
+    that the placeholders number ``sum(before)``."""
+    flat = (input_ids == token_id).reshape(-1)
+    pos = flat.nonzero().squeeze(1)
+    if len(pos) != sum(before) or any(a > b for a, b in zip(after, before, strict=True)):
+        raise ValueError(f"{len(pos)} placeholder tokens (id {token_id}) cannot shrink from {list(before)} to "
+                         f"{list(after)} tokens per image")
+    device = input_ids.device
+    before_t = torch.tensor(list(before), dtype=torch.long, device=device)
+    ends = before_t.cumsum(0)
+    starts = ends - before_t
+    rows = pos // input_ids.shape[1]
+    nonempty = before_t > 0
+    if not torch.equal(rows[starts[nonempty]], rows[ends[nonempty] - 1]):
+        raise ValueError("the image tokens of one image span two prompts of the batch; check input_ids")
+    image_of = torch.repeat_interleave(torch.arange(len(before), device=device), before_t)
+    offset = torch.arange(len(pos), device=device) - starts[image_of]
+    keep = torch.ones_like(flat)
+    keep[pos] = offset < torch.tensor(list(after), dtype=torch.long, device=device)[image_of]
+    return keep.reshape(input_ids.shape)
 
 
 def begin_prefill(handle: VlmPatch, fwd: Forward, prunable: torch.Tensor) -> None:
