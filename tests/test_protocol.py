@@ -1,6 +1,7 @@
 """Every tool works on every model family through the adapter protocol: calibrate,
 the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
-a tiny timm ViT, a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL and a tiny LLaVA-OneVision."""
+a tiny timm ViT, a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
+LLaVA-NeXT and a tiny LLaVA-OneVision."""
 
 from __future__ import annotations
 
@@ -55,14 +56,14 @@ def qwen_inputs(n: int) -> dict[str, torch.Tensor]:
     return inputs([[3, ("image", (1, 8, 8)), 4]] * n, seeds=list(range(n)))
 
 
-def tiny_onevision() -> torch.nn.Module:
-    from .test_llava_onevision import make
+def tiny_anyres(family: str) -> torch.nn.Module:
+    from .anyres_tiny import make
 
-    return make()
+    return make(family)
 
 
-def onevision_inputs(model: torch.nn.Module, n: int) -> dict[str, torch.Tensor]:
-    from .test_llava_onevision import inputs
+def anyres_inputs(model: torch.nn.Module, n: int) -> dict[str, torch.Tensor]:
+    from .anyres_tiny import inputs
 
     return inputs(model, [[(3, 4), (30, 60)]] * n, seeds=list(range(n)))
 
@@ -91,12 +92,13 @@ FAMILIES = {
                       Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
     "qwen_vl": lambda: (tiny_qwen(), qwen_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
                         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
-    "llava_onevision": lambda: (
-        (m := tiny_onevision()), onevision_inputs(m, 4),
+    **{name: (lambda name=name: (
+        (m := tiny_anyres(name)), anyres_inputs(m, 4),
         dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
-        Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
+        Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})))
+       for name in ("llava_next", "llava_onevision")},
 }
-VLMS = ("llava", "qwen_vl", "llava_onevision")
+VLMS = ("llava", "qwen_vl", "llava_next", "llava_onevision")
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -156,7 +158,7 @@ def test_token_analysis_reads_every_site(family):
 
 def test_trace_kept_maps_the_patch_grid(family):
     name, model, inputs, _, _ = family
-    if name == "llava_onevision":
+    if name in ("llava_next", "llava_onevision"):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
     grid = find_adapter(model).grid(model, one(model, inputs) if name == "qwen_vl" else None)
     settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if name in VLMS else dict(tau=0.0, k=1)

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import torch
 
-from . import hf_vision, llava, llava_onevision, qwen_vl, timm_vit
+from . import hf_vision, llava, llava_anyres, qwen_vl, timm_vit
 from .base import Adapter, Grid, Handle, Probe, Site
 
-ADAPTERS: list[Adapter] = [timm_vit.ADAPTER, llava.ADAPTER, llava_onevision.ADAPTER, qwen_vl.ADAPTER, hf_vision.ADAPTER]
+ADAPTERS: list[Adapter] = [
+    timm_vit.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
+    hf_vision.ADAPTER,
+]
 SUPPORTED = (
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama or Qwen2 language model); "
-    "Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-OneVision (llm mode, FastV)"
+    "Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
+    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV)"
 )
 
 __all__ = ["ADAPTERS", "Adapter", "Grid", "Handle", "Probe", "Site", "find_adapter", "handle_of"]
