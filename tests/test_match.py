@@ -62,7 +62,7 @@ def test_one_count_for_every_image_is_tomes_choice():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 4), st.floats(-1, 1), st.floats(0, 2), st.integers(0, 2**16))
+@given(st.integers(0, 4), st.floats(-1, 1), st.floats(0, 1), st.integers(0, 2**16))
 def test_each_image_merges_the_same_alone_or_in_a_batch(extra_pad, tau, fraction, seed):
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(3, 12, 5, generator=g)
@@ -91,8 +91,9 @@ def test_fraction_zero_is_the_unpatched_model():
 def test_missing_settings_point_to_calibration():
     with pytest.raises(ValueError, match="calibrate it"):
         saint.patch(make_tiny("vit"), "saint_match", fraction=0.5)
-    with pytest.raises(ValueError, match="fraction=-0.1 must be >= 0"):
-        saint.patch(make_tiny("vit"), "saint_match", tau=0.5, fraction=-0.1)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=f"fraction={bad} must be in \\[0, 1\\]"):
+            saint.patch(make_tiny("vit"), "saint_match", tau=0.5, fraction=bad)
 
 
 def test_calibration_hits_flops_target_with_median_taus():
@@ -112,3 +113,15 @@ def test_calibration_hits_flops_target_with_median_taus():
     saint.unpatch(model)
     with pytest.raises(ValueError, match="per_layer"):
         saint.calibrate(model, x, method="saint_match", flops_speedup=1.3, mode="global")
+
+
+def test_calibrated_fractions_never_exceed_the_flagged_candidates():
+    """A high target caps late layers at fraction 1 (merge every flagged candidate,
+    never an unflagged one) instead of merging every candidate."""
+    model = make_tiny("vit")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    cal = saint.calibrate(model, x, method="saint_match", flops_speedup=1.6, tol=0.05)
+    fractions = list(cal.per_layer["fraction"].values())
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+    assert max(fractions) == 1.0
+    saint.unpatch(model)

@@ -288,7 +288,8 @@ class MatchConfig(MethodConfig):
     graph, ``k=1``); ToMe's matching picks which (most similar first), merges are
     size-weighted and sizes bias attention (``prop_attn``). Get ``tau`` and ``fraction``
     from :func:`saint.calibrate` (``method="saint_match"``): tau is each layer's median
-    best-match cosine on the calibration photos, fraction spreads a ToMe-like mean ``r``."""
+    best-match cosine on the calibration photos, fraction spreads a ToMe-like mean ``r``
+    (at most 1: an image never merges more than the candidates its graph flags)."""
 
     tau: float | Sequence[float] | Mapping[int, float] | None = None
     fraction: float | Sequence[float] | Mapping[int, float] | None = None
@@ -313,8 +314,8 @@ class MatchConfig(MethodConfig):
         v = _number(name, value)
         if name == "tau" and not -1.0 <= v <= 1.0:
             raise ValueError(f"tau={v} is outside [-1, 1] (a cosine similarity threshold)")
-        if name == "fraction" and v < 0:
-            raise ValueError(f"fraction={v} must be >= 0 (share of the redundant candidates merged)")
+        if name == "fraction" and not 0.0 <= v <= 1.0:
+            raise ValueError(f"fraction={v} must be in [0, 1] (share of the redundant candidates merged)")
         return v
 
 
