@@ -1,10 +1,10 @@
 """VLM latency at equal visual-token budgets on the CPU: the unpruned model, SAINT's
 vit / llm / hybrid modes, FastV, random and pooling at 50% and 25% of the visual tokens.
 
-Random weights with LLaVA-1.5-7B's or Qwen2.5-VL-7B's shapes, vision tower and LLM
-scaled by the same factor so their FLOPs ratio is the 7B's (``--geometry scaled`` /
-``qwen_scaled``), and the analytic prefill-FLOPs speed-up at the real 7B shapes beside
-the measured one; see ``saint.bench.vlm`` for exactly what is measured. Writes
+Random weights with LLaVA-1.5-7B's, Qwen2.5-VL-7B's or Qwen3-VL-8B's shapes, vision tower
+and LLM scaled by the same factor so their FLOPs ratio is the 7B's / 8B's (``--geometry
+scaled`` / ``qwen_scaled`` / ``qwen3_scaled``), and the analytic prefill-FLOPs speed-up at
+the real shapes beside the measured one; see ``saint.bench.vlm`` for exactly what is measured. Writes
 ``benchmarks/results/vlm_<geometry>_<device>_<dtype>.{md,json}``, each recording the
 date, device (CPU model), thread count, versions, git commit and this exact command.
 Takes every ``saint vlm-bench`` option (defaults: CPU, 5 timed rounds).
@@ -13,6 +13,8 @@ Takes every ``saint vlm-bench`` option (defaults: CPU, 5 timed rounds).
         --new-tokens 8 --no-progress    # LLaVA-1.5-7B scaled alike (vlm_scaled_cpu_fp32, ~9 min)
     python benchmarks/run_vlm_cpu.py --geometry qwen_scaled --threads 1 --clock process \\
         --new-tokens 8 --no-progress    # Qwen2.5-VL-7B scaled alike (vlm_qwen_scaled_cpu_fp32, ~10 min)
+    python benchmarks/run_vlm_cpu.py --geometry qwen3_scaled --threads 1 --clock process \\
+        --new-tokens 8 --no-progress    # Qwen3-VL-8B scaled alike (vlm_qwen3_scaled_cpu_fp32, ~15 min)
     python benchmarks/run_vlm_cpu.py --threads 2 --methods vit,llm --budgets 144 --repeats 1 \\
         --warmup 0 --new-tokens 4 --no-flops --out-dir /tmp/vlm   # a quick look
 

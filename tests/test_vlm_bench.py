@@ -1,11 +1,12 @@
 """``saint vlm-bench``: budgets reached exactly by the fixed-budget methods, the llm/hybrid
 taus from ``saint.calibrate`` reproduced by the timed run, the decode loop equal to
-``generate``, exact KV-cache sizes, the geometries (LLaVA-1.5 and Qwen2.5-VL, 7B and
-scaled) and their analytic FLOPs, the CLI / JSON and the benchmark script (tiny random
-LLaVA and Qwen2.5-VL, no timing assertions)."""
+``generate``, exact KV-cache sizes, the geometries (LLaVA-1.5, Qwen2.5-VL and Qwen3-VL,
+7B/8B and scaled) and their analytic FLOPs, the CLI / JSON and the benchmark script (tiny
+random LLaVA, Qwen2.5-VL and Qwen3-VL, no timing assertions)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -24,6 +25,7 @@ TINY = vlm.GEOMETRIES["tiny"]
 N = TINY.image_tokens  # 144
 QTINY = vlm.GEOMETRIES["qwen_tiny"]
 QN = QTINY.image_tokens  # 36 visual tokens (144 patches)
+Q3TINY = vlm.GEOMETRIES["qwen3_tiny"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,6 +37,11 @@ def model():
 @pytest.fixture(scope="module")
 def qwen():
     return QTINY.build()
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return Q3TINY.build()
 
 
 def inputs(batch: int = 2, prompt_len: int = 10, new: int = 3, geometry: vlm.Geometry = TINY) -> vlm.VlmInputs:
@@ -214,6 +221,99 @@ def test_qwen_analytic_flops_equal_the_counted_prefill(qwen):
     assert sched["tower_tokens"] == [144, 144, 36, 36] and sched["projected"] == 9
 
 
+def test_qwen3_geometry_is_qwen3_vl_8b():
+    """qwen3_full has the released Qwen3-VL-8B's shapes (8.77B parameters, 0.58B in the
+    tower with its three deepstack mergers, untied LM head, interleaved M-RoPE [24, 20,
+    20]), one 512x512 image = 1024 patches of 16 px = 256 visual tokens, budgets 50% / 25%."""
+    g = vlm.GEOMETRIES["qwen3_full"]
+    assert (g.tower_tokens, g.image_tokens, g.grid, g.default_budgets(), g.hybrid_vit_keep) == (1024, 256, 16,
+                                                                                              [128, 64], 167)
+    m = g.build(device="meta", dtype=torch.bfloat16)
+    assert type(m).__name__ == "Qwen3VLForConditionalGeneration"
+    assert round(sum(p.numel() for p in m.parameters()) / 1e9, 2) == 8.77
+    assert round(sum(p.numel() for p in m.model.visual.parameters()) / 1e9, 2) == 0.58
+    vis, lm = m.model.visual, m.model.language_model
+    assert len(vis.blocks) == 27 and vis.deepstack_visual_indexes == [8, 16, 24] and len(vis.deepstack_merger_list) == 3
+    assert vis.blocks[0].attn.num_heads == 16 and vis.blocks[0].mlp.linear_fc1.out_features == 4304
+    assert vis.patch_size == 16 and vis.pos_embed.num_embeddings == 2304
+    assert vis.merger.linear_fc1.in_features == 4 * 1152 and vis.merger.linear_fc2.out_features == 4096
+    c = lm.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.intermediate_size, c.vocab_size) == (4096, 36, 32, 8, 128, 12288, 151936)
+    assert c.rope_parameters["mrope_section"] == [24, 20, 20] and c.rope_parameters["mrope_interleaved"]
+    assert not m.config.tie_word_embeddings and g.vit_layer not in g.vision["deepstack_visual_indexes"]
+    with pytest.raises(ValueError, match="vit_layer 16 is a deepstack block"):
+        dataclasses.replace(g, vit_layer=16)
+
+
+def test_qwen3_scaled_geometry_keeps_the_tower_llm_flops_ratio():
+    """qwen3_scaled is Qwen3-VL-8B at 1/4 width, the tower at 6 of 27 blocks (deepstack
+    blocks at the same relative depth) and the LLM at 13 of 36 layers; its tower:LLM
+    prefill FLOPs ratio is within 1% of the 8B's (a quarter of both depths: > 50% above)."""
+    full, scaled = vlm.GEOMETRIES["qwen3_full"], vlm.GEOMETRIES["qwen3_scaled"]
+    assert scaled.reference is full and scaled.image_tokens == 256 and scaled.default_budgets() == [128, 64]
+    v, t = scaled.vision, scaled.text
+    assert (v["hidden_size"], v["intermediate_size"], v["depth"], v["num_heads"], v["deepstack_visual_indexes"]) == (
+        288, 1076, 6, 4, (2, 4, 5))
+    assert (t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], t["num_attention_heads"],
+            t["num_key_value_heads"], t["head_dim"]) == (1024, 3072, 13, 8, 2, 128)
+    assert scaled.llm_layers == (3, 6) and scaled.vit_layer == 3 and scaled.fastv_layer == 1
+    ref = vlm.tower_llm_ratio(full, 66)
+    assert 0.2 < ref < 0.25  # at 8B the tower (with its mergers) is under a quarter of the LLM's prefill
+    assert abs(vlm.tower_llm_ratio(scaled, 66) / ref - 1) < 0.01
+    uniform = vlm.scale_geometry(full, "u", width=0.25, depth=0.25)
+    assert (uniform.vision["depth"], uniform.text["num_hidden_layers"]) == (7, 9)
+    assert vlm.tower_llm_ratio(uniform, 66) / ref > 1.5
+    assert vlm.interleaved_mrope_section(16) == [4, 2, 2]
+
+
+def test_qwen3_analytic_flops_by_hand():
+    """The Qwen3-VL parts equal their textbook counts: patch embedding (a matmul over the
+    flattened patch), full-attention blocks (qkv + proj + 2-matmul MLP, SDPA 4 s^2 d),
+    each deepstack merger after its block and the 2x2 merger on the merged tokens, GQA
+    decoder layers (head size given explicitly)."""
+    v, t = Q3TINY.vision, Q3TINY.text
+    dv, iv, dt, it = v["hidden_size"], v["intermediate_size"], t["hidden_size"], t["intermediate_size"]
+    kv = t["num_key_value_heads"] * t["head_dim"]
+    p, text = 144, 12
+
+    def block(n):
+        return 8 * n * dv**2 + 4 * n * dv * iv + 4 * n * n * dv
+
+    def merger(n):  # n merged tokens
+        return 2 * n * (4 * dv * 4 * dv + 4 * dv * dt)
+
+    def decoder(n):
+        return 4 * n * dt**2 + 4 * n * dt * kv + 6 * n * dt * it + 4 * n * n * dt
+
+    f = vlm.prefill_flops(Q3TINY, **vlm.unpruned_schedule(Q3TINY, text))
+    assert f["tower"] == 2 * p * 96 * dv + 4 * block(p) + 2 * merger(p // 4)  # deepstack after blocks 0 and 2
+    assert f["projector"] == merger(p // 4) and f["head"] == 2 * dt * t["vocab_size"]
+    assert f["llm"] == 6 * decoder(text + 36)
+    cut = vlm.prefill_flops(Q3TINY, [p, p, 72, 72], [text + 36] * 6, 18)
+    assert cut["tower"] == 2 * p * 96 * dv + 2 * block(p) + 2 * block(72) + merger(p // 4) + merger(18)
+
+
+def test_qwen3_analytic_flops_equal_the_counted_prefill(qwen3):
+    """The analytic count reproduces ``count_flops`` of the real Qwen3-VL prefill when the
+    tower is untouched; after a tower drop it differs only by SAINT's group-similarity
+    matmul (36 x 36 groups of head size 16), which the analytic count leaves out."""
+    from saint.measure.flops import count_flops
+
+    x = inputs(batch=1, geometry=Q3TINY)
+    for kw, extra in ((None, 0), (dict(method="random", keep_ratio=0.5, seed=0), 0),
+                      (dict(mode="vit", vit_ratio=0.25, vit_layer=1), 2 * 36 * 36 * 16)):
+        if kw:
+            saint.patch(qwen3, **kw)
+        with torch.inference_mode():
+            counted = count_flops(lambda: vlm.prefill(qwen3, x))[0]
+        sched = vlm.measured_schedule(Q3TINY, vlm.visual_tokens(qwen3, x), x.text_tokens)
+        if kw:
+            saint.unpatch(qwen3)
+        assert vlm.prefill_flops(Q3TINY, **sched)["total"] + extra == counted, kw
+    assert sched["tower_tokens"] == [144, 144, 36, 36] and sched["projected"] == 9
+
+
 def test_qwen_fixed_budget_methods_reach_the_budget_exactly(qwen):
     """vit (inside the tower), fastv, random and pool keep exactly the budget; pool only
     keeps what its p x p windows give, so by default it runs at 25% (9 of 36) only."""
@@ -328,11 +428,12 @@ def test_calibrated_taus_are_reproduced_by_the_real_prefill(model):
     ("llava", dict(method="fastv", fastv_layer=2, fastv_ratio=0.75)),
     ("qwen", None), ("qwen", dict(mode="hybrid", vit_ratio=0.5, vit_layer=1, llm_layers=(1, 3), llm_tau=0.5)),
     ("qwen", dict(method="fastv", fastv_layer=2, fastv_ratio=0.75)),
+    ("qwen3", None), ("qwen3", dict(mode="hybrid", vit_ratio=0.5, vit_layer=1, llm_layers=(1, 3), llm_tau=0.5)),
 ])
-def test_decode_loop_equals_greedy_generate(model, qwen, family, kw):
+def test_decode_loop_equals_greedy_generate(model, qwen, qwen3, family, kw):
     """The prepared decode positions (Qwen-VL: M-RoPE's, below the sequence index) are
     those ``generate`` computes: the same greedy tokens, pruned or not."""
-    m, g = (model, TINY) if family == "llava" else (qwen, QTINY)
+    m, g = {"llava": (model, TINY), "qwen": (qwen, QTINY), "qwen3": (qwen3, Q3TINY)}[family]
     x = inputs(new=4, geometry=g)
     if kw is not None:
         saint.patch(m, **kw)
@@ -480,3 +581,22 @@ def test_benchmark_script_runs_qwen(tmp_path, capsys):
     assert vit["visual_tokens"]["vision_tower_per_layer"] == [144.0, 144.0, 36.0, 36.0]
     assert vit["analytic_ref_speedup"] > 1.0
 
+
+
+def test_benchmark_script_runs_qwen3(tmp_path, capsys):
+    """The same script on Qwen3-VL: its own output name and title, pool and the tower
+    drop at the budget, the tower's deepstack blocks in the geometry record."""
+    script = run_vlm_cpu()
+    argv = ["--geometry", "qwen3_tiny", "--threads", "1", "--methods", "vit,pool", "--budgets", "9", "--warmup", "0",
+            "--repeats", "1", "--new-tokens", "1", "--no-flops", "--no-graph-only", "--no-progress",
+            "--out-dir", str(tmp_path)]
+    assert script.main(argv) == 0
+    md = (tmp_path / "vlm_qwen3_tiny_cpu_fp32.md").read_text()
+    report = json.loads((tmp_path / "vlm_qwen3_tiny_cpu_fp32.json").read_text())
+    assert md.startswith("# Qwen3-VL latency at equal visual-token budgets (fp32, cpu)")
+    assert "(+ 2 image start/end markers)" in md and "| saint-vit@9 | 9 |" in md and "| pool@9 | 9 |" in md
+    g = report["geometry"]
+    assert (g["family"], g["image_tokens"], g["tower_tokens"], g["reference"]) == ("qwen3_vl", 36, 144, None)
+    assert g["vision"]["deepstack_visual_indexes"] == [0, 2]
+    vit = report["variants"][1]
+    assert vit["visual_tokens"]["vision_tower_per_layer"] == [144.0, 144.0, 36.0, 36.0]

@@ -33,8 +33,10 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
     g.add_argument("--geometry", default=None, choices=sorted(GEOMETRIES),
                    help="scaled (default): LLaVA-1.5-7B with tower and LLM scaled alike (width 1/4, LLM depth 1/4, "
                         "tower depth 4 to keep the tower:LLM FLOPs ratio); qwen_scaled: the same for Qwen2.5-VL-7B "
-                        "(one 448x448 image = 256 visual tokens; tower depth 7); full / qwen_full: the 7B shapes "
-                        "(use a GPU); cpu: CLIP ViT-L/14-336 + Llama 1024 hidden x 8 layers; tiny / qwen_tiny: "
+                        "(one 448x448 image = 256 visual tokens; tower depth 7); qwen3_scaled: Qwen3-VL-8B (one 512x512 "
+                        "image = 256 visual tokens; tower 6 of 27 blocks, LLM 13 of 36 layers); full / qwen_full / "
+                        "qwen3_full: the 7B/8B shapes (use a GPU); cpu: CLIP ViT-L/14-336 + Llama 1024 hidden x 8 "
+                        "layers; tiny / qwen_tiny / qwen3_tiny: "
                         "test-sized models. All random weights")
     g.add_argument("--full", action="store_true", help="same as --geometry full (use a GPU, bf16/fp16)")
     r = p.add_argument_group("runtime")
@@ -69,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
                    help="SAINT's LLM pruning layers, inclusive (default: full / qwen_full 7,16 as the reference, "
                         "the same relative depth when scaled; cpu 2,5)")
     v.add_argument("--vit-layer", type=int, default=None,
-                   help="tower layer of vit/hybrid pruning (default: LLaVA 19 of 24, Qwen2.5-VL 16 of 32, the same "
-                        "relative depth when scaled)")
+                   help="tower layer of vit/hybrid pruning (default: LLaVA 19 of 24, Qwen2.5-VL 16 of 32, Qwen3-VL 13 of "
+                        "27, the same relative depth when scaled)")
     v.add_argument("--fastv-layer", type=int, default=None, help="FastV's K (default 2, scaled alike)")
     v.add_argument("--hybrid-vit-keep", type=int, default=None,
                    help="visual tokens hybrid keeps in the tower before the LLM step (default 375 of 576, scaled "

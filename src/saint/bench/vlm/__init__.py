@@ -1,7 +1,7 @@
 """VLM latency at equal visual-token budgets (``saint vlm-bench``): time to first
 token, decode time per token, KV-cache size and peak memory of the unpruned model,
-SAINT's three VLM modes and the FastV / random / pooling baselines, for LLaVA-1.5 and
-Qwen2.5-VL.
+SAINT's three VLM modes and the FastV / random / pooling baselines, for LLaVA-1.5,
+Qwen2.5-VL and Qwen3-VL.
 
 What is measured, and how:
 
@@ -10,11 +10,13 @@ What is measured, and how:
   patches), the 2-layer MLP projector, features from layer -2 without the class token,
   and a Llama (``full``: LLaVA-1.5-7B's; ``cpu``: a CPU-sized one). Qwen2.5-VL
   (:mod:`.qwen_geometry`): the window-attention tower and 2x2 merger and a Qwen2 with
-  M-RoPE, one 448x448 image = 256 visual tokens (``qwen_full``: Qwen2.5-VL-7B's). The
-  ``scaled`` / ``qwen_scaled`` geometries shrink the 7B's tower and LLM alike, keeping
-  their prefill FLOPs ratio, so pruning on either side weighs as it does at 7B; the
-  analytic prefill-FLOPs speed-up at the 7B's real shapes is reported beside the
-  measured one (:mod:`.analytic`). Cost does not depend on the weights' values, except
+  M-RoPE, one 448x448 image = 256 visual tokens (``qwen_full``: Qwen2.5-VL-7B's). Qwen3-VL
+  (:mod:`.qwen3_geometry`): the full-attention tower with its deepstack mergers and a Qwen3
+  with interleaved M-RoPE, one 512x512 image = 256 visual tokens (``qwen3_full``:
+  Qwen3-VL-8B's). The ``scaled`` / ``qwen_scaled`` / ``qwen3_scaled`` geometries shrink the
+  7B's (8B's) tower and LLM alike, keeping their prefill FLOPs ratio, so pruning on either
+  side weighs as it does at full size; the analytic prefill-FLOPs speed-up at the real
+  shapes is reported beside the measured one (:mod:`.analytic`). Cost does not depend on the weights' values, except
   that SAINT's dynamic token count does, hence the tau rule below.
 * **Prompt.** ``prompt_len`` random text tokens, the first half before the image (the
   system prompt) and the rest after it (the question), around the image's tokens (and
@@ -60,7 +62,7 @@ the number of anchors, so the graph is built and ranked but nothing is dropped: 
 prefill minus the unpruned prefill is the overhead of the selection.
 
 Modules: ``geometry`` (the family interface and scaling), ``llava_geometry`` /
-``qwen_geometry`` (the families), ``analytic`` (prefill FLOPs at any geometry), ``inputs``
+``qwen_geometry`` / ``qwen3_geometry`` (the families), ``analytic`` (prefill FLOPs at any geometry), ``inputs``
 (prompts, prefill/decode), ``variants`` (budgets -> settings), ``tau`` (llm/hybrid taus for
 a budget), ``run`` (timing, profile, the full run), ``report`` (text, markdown, files).
 """
@@ -89,6 +91,8 @@ from .geometry import (
 from .inputs import VlmInputs, decode, kv_cache_bytes, make_inputs, prefill
 from .llava_geometry import CLIP_L_336, LlavaGeometry, pool_grid
 from .llava_geometry import GEOMETRIES as LLAVA_GEOMETRIES
+from .qwen3_geometry import GEOMETRIES as QWEN3_GEOMETRIES
+from .qwen3_geometry import Qwen3VLGeometry, interleaved_mrope_section
 from .qwen_geometry import GEOMETRIES as QWEN_GEOMETRIES
 from .qwen_geometry import QwenGeometry, mrope_section, pool_side
 from .report import HEADERS, format_vlm_bench, markdown_vlm_bench, write_vlm_report
@@ -96,7 +100,7 @@ from .run import VlmResult, add_analytic, profile_variant, run_vlm_bench, time_v
 from .tau import calibrate_variant, floor_count, keep_target
 from .variants import VlmVariant, budget_variants, fastv_ratio, unreachable, visual_tokens
 
-GEOMETRIES: dict[str, Geometry] = {**LLAVA_GEOMETRIES, **QWEN_GEOMETRIES}
+GEOMETRIES: dict[str, Geometry] = {**LLAVA_GEOMETRIES, **QWEN_GEOMETRIES, **QWEN3_GEOMETRIES}
 
 __all__ = [
     "CLIP_L_336",
@@ -111,6 +115,7 @@ __all__ = [
     "REFERENCE_TAU",
     "Geometry",
     "LlavaGeometry",
+    "Qwen3VLGeometry",
     "QwenGeometry",
     "VlmInputs",
     "VlmResult",
@@ -120,6 +125,7 @@ __all__ = [
     "calibrate_variant",
     "decode",
     "fastv_ratio",
+    "interleaved_mrope_section",
     "floor_count",
     "format_vlm_bench",
     "keep_target",

@@ -2,7 +2,9 @@
 :func:`saint.measure.flops.count_flops` on meta tensors (no weights, no compute), so the
 real 7B shapes cost nothing to evaluate. The modules are the family's own
 (:meth:`saint.bench.vlm.geometry.Geometry.part_flops`): CLIP + projector + Llama for
-LLaVA; the windowed vision blocks, the 2x2 merger and Qwen2 layers for Qwen2.5-VL.
+LLaVA; the windowed vision blocks, the 2x2 merger and Qwen2 layers for Qwen2.5-VL; the
+full-attention blocks (each deepstack merger counted with its block, so in the tower's
+sum), the merger and Qwen3 layers for Qwen3-VL.
 
 A schedule is the number of tokens entering each vision-tower layer (LLaVA: patches +
 class token; Qwen2.5-VL: patches) and each decoder layer (text + visual), and the visual
