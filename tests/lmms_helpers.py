@@ -127,6 +127,13 @@ def run_cli(model: str, model_dir: Path, prune_args: str, root: Path, n_docs: in
     task_dir.mkdir()
     write_task(task_dir, [r for r in rows if r["answer"] not in ("yes", "no")][:n_docs],
                [r for r in rows if r["answer"] in ("yes", "no")][:n_docs])
+    return run_tasks(model, model_dir, prune_args, root, task_dir, "saint_easyvqa_gen,saint_easyvqa_mc", n_docs,
+                     processes, timeout)
+
+
+def run_tasks(model: str, model_dir: Path, prune_args: str, root: Path, task_dir: Path, tasks: str, n_docs: int,
+              processes: int = 1, timeout: int = 600) -> tuple[dict, list[Path]]:
+    """lmms-eval's CLI on ``tasks`` from ``task_dir`` (offline, CPU); the results and stats files."""
     stats, out = root / "stats.jsonl", root / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "hf"),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
@@ -137,7 +144,7 @@ def run_cli(model: str, model_dir: Path, prune_args: str, root: Path, n_docs: in
                   "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "lmms_eval"]
     cmd = [*launch, "--model", model,
            "--model_args", f"pretrained={model_dir},{prune_args},stats_path={stats}",
-           "--tasks", "saint_easyvqa_gen,saint_easyvqa_mc", "--include_path", str(task_dir),
+           "--tasks", tasks, "--include_path", str(task_dir),
            "--limit", str(n_docs), "--batch_size", "2", "--device", "cpu", "--output_path", str(out)]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,6 +1,7 @@
 """lmms-eval's ``saint_qwen_vl`` model on tiny random Qwen2.5-VL and Qwen3-VL checkpoints
 saved to disk with an offline processor (ChatML tokenizer trained here, Qwen2-VL image processor): request
-batching, pruning of both request kinds, and lmms-eval's own command line."""
+batching, pruning of both request kinds, videos (a synthetic clip written with PyAV, and frame
+arrays), and lmms-eval's own command line."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from .lmms_helpers import (
     ll_requests,
     make_lm,
     need,
+    requests,
     run_cli,
+    run_tasks,
 )
 
 PRUNE_ARGS = "mode=hybrid,vit_ratio=0.5,vit_layer=1,llm_layers=0-3,llm_tau=0.3,llm_k=2"
@@ -51,8 +54,10 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
     video_cls, processor_cls = (
         (transformers.Qwen2VLVideoProcessor, transformers.Qwen2_5_VLProcessor) if family == "qwen2_5_vl"
         else (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor))
-    video_processor = video_cls(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32})
+    # Qwen3-VL's video processor bounds the pixels of all frames together: room for 4 frames of 32 x 32
+    frames = 1 if family == "qwen2_5_vl" else 4
+    video_processor = video_cls(patch_size=4, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=False,
+                                size={"shortest_edge": 32 * 32, "longest_edge": frames * 32 * 32})
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
     processor.save_pretrained(path)
     ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in (
@@ -157,3 +162,174 @@ def test_lmms_eval_cli_end_to_end(qwen_checkpoint, tmp_path):
         s = summary[kind]
         assert s["image_tokens"] == N_IMAGE_TOKENS and s["llm_input"] == N_IMAGE_TOKENS // 2
         assert s["llm_output"] < N_IMAGE_TOKENS // 2
+
+
+# ---------------------------------------------------------------------------- video
+FPS, N_FRAMES = 5, 10  # the synthetic clip: 2 s at 5 fps, 32 x 32 px
+VIDEO_ARGS = PRUNE_ARGS + ",max_num_frames=4"
+N_VIDEO_TOKENS = 2 * N_IMAGE_TOKENS  # 4 of its 10 frames: 2 frame groups of 8 x 8 patches merged 2 x 2
+
+
+def write_clip(path: Path, shift: int = 0) -> str:
+    """A 10-frame mp4 (mpeg4): frame i has red level 25 i and a white square moving right."""
+    av = need("av")
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(N_FRAMES):
+            frame = np.zeros((32, 32, 3), np.uint8)
+            frame[..., 0] = 25 * i
+            frame[4:16, shift + i:shift + i + 12] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def media_visual(doc: dict) -> list:
+    from PIL import Image
+
+    return [doc["video"]] if "video" in doc else [Image.open(doc["image"])]
+
+
+@pytest.fixture(scope="module")
+def video_docs(tmp_path_factory) -> list[dict]:
+    """Two video documents (file paths, lmms-eval's convention) between two image ones."""
+    root = tmp_path_factory.mktemp("clips")
+    images = easy_vqa_docs(2)
+    return [images[0], {"question": "What moves in the video?", "answer": "square",
+                        "video": write_clip(root / "a.mp4")},
+            {"question": "Which color?", "answer": "red", "video": write_clip(root / "b.mp4", shift=8)}, images[1]]
+
+
+@pytest.fixture(scope="module")
+def video_lm(qwen_dir, video_docs):
+    return make_lm("SaintQwenVL", qwen_dir, VIDEO_ARGS, video_docs)
+
+
+def video_requests(docs: list[dict]) -> tuple[list, list]:
+    kw = {"max_new_tokens": 4, "temperature": 0}
+    gen = requests("generate_until", [(d["question"], dict(kw), media_visual, j, "t", "test")
+                                      for j, d in enumerate(docs)])
+    ll = requests("loglikelihood", [(d["question"], f" {d['answer']}", media_visual, j, "t", "test")
+                                    for j, d in enumerate(docs)])
+    return gen, ll
+
+
+def test_video_frames_are_sampled_as_lmms_eval_does(tmp_path):
+    """File: max_num_frames spread evenly, first and last included (or fps per second of
+    video), decoded with their colours; arrays: taken as sampled at 2 fps, thinned alike."""
+    import numpy as np
+
+    from saint.integrations.lmms_video import array_video, frame_indices, read_video, to_video
+
+    assert frame_indices(10, 4) == [0, 3, 6, 9] and frame_indices(10, 32) == list(range(10))
+    assert frame_indices(10, 32, fps=1, source_fps=5) == [0, 9] and frame_indices(1, 32) == [0, 0]
+    v = read_video(write_clip(tmp_path / "c.mp4"), 4)
+    assert v.frames.shape == (4, 32, 32, 3) and v.frames.dtype == np.uint8
+    assert (v.fps, v.total_num_frames, v.frames_indices) == (5.0, 10, [0, 3, 6, 9])
+    red = v.frames[:, 20:, :, 0].mean(axis=(1, 2))  # below the square: red level 25 i, up to compression
+    assert np.abs(red - [0, 75, 150, 225]).max() < 12
+    a = array_video(np.zeros((6, 8, 8, 3), np.uint8), 4)
+    assert (a.frames.shape[0], a.fps, a.total_num_frames, a.frames_indices) == (4, 2.0, 6, [0, 2, 3, 5])
+    assert to_video("photo.png", 4) is None and to_video(np.zeros((2, 8, 8), np.uint8), 4) is None
+    with pytest.raises(ValueError, match="uint8"):
+        array_video(np.zeros((2, 8, 8, 3), np.float32), 4)
+
+
+def test_video_requests_are_pruned_per_frame_group_and_batches_equal_single_requests(video_lm, video_docs):
+    """Videos and images mixed in one batch: every video frame group keeps half its tokens
+    in the tower (vit_ratio 0.5 per sample), SAINT drops more in the language model, and
+    each request alone gets what it got in its batch."""
+    video_lm.pruning_log.clear()
+    gen, ll = video_requests(video_docs)
+    batched = (video_lm.generate_until(gen), video_lm.loglikelihood(ll))
+    assert {e["request"] for e in video_lm.pruning_log} == {"generate_until", "loglikelihood"}
+    rows = 0
+    for e in video_lm.pruning_log:
+        for image, video, into, out in zip(e["image_tokens"], e["video_tokens"], e["llm_input"], e["llm_output"],
+                                           strict=True):
+            assert (image, video) in ((N_IMAGE_TOKENS, 0), (0, N_VIDEO_TOKENS))
+            assert into == (image + video) // 2 and out < into
+            rows += video > 0
+    assert rows == 4  # both videos, in both request kinds
+    summary = video_lm.pruning_summary()["generate_until"]
+    assert summary["video_tokens"] == N_VIDEO_TOKENS / 2  # mean over the rows: two of the four are videos
+    assert_alone_equals_batched(video_lm, gen, ll, batched)
+
+
+def test_video_loglikelihood_is_the_patched_models_loss(video_lm, video_docs):
+    """The score of a video request is the patched model's loss on the same video inputs
+    (Qwen2.5-VL: with the clip's seconds per temporal patch, 2 frames at 2 sampled fps)."""
+    req = video_requests(video_docs)[1][1]  # the first video document
+    (result,) = video_lm.loglikelihood([req])
+    ids, n, media = video_lm._loglikelihood_row(req)
+    assert tuple(media["video_grid_thw"][0].tolist()) == (2, 8, 8) and "pixel_values" not in media
+    if video_lm.model.config.model_type == "qwen2_5_vl":
+        assert media["second_per_grid_ts"].tolist() == [1.0]
+    assert result[0] == pytest.approx(continuation_loss(video_lm, ids, n, media), abs=1e-5)
+
+
+def test_video_frame_arrays_are_served_like_files(video_lm, video_docs):
+    """A task may give decoded frames (T x H x W x 3 uint8): the processor receives the
+    same pixels as for the file they came from, and the request is pruned alike."""
+    from saint.integrations.lmms_video import read_video
+
+    path = video_docs[1]["video"]
+    frames = read_video(path, 4).frames
+    videos = [video_lm._visual(v, "t") for v in (path, frames)]
+    from_file, from_array = (video_lm._encode([video_lm._prompt("x", [v])], [v]) for v in videos)
+    assert torch.equal(from_file["pixel_values_videos"], from_array["pixel_values_videos"])
+    docs = [dict(video_docs[1], video=frames)]
+    video_lm.task_dict = {"t": {"test": docs}}
+    video_lm.pruning_log.clear()
+    try:
+        (text,) = video_lm.generate_until(video_requests(docs)[0])
+    finally:
+        video_lm.task_dict = {"t": {"test": video_docs}}
+    (e,) = video_lm.pruning_log
+    assert isinstance(text, str) and e["video_tokens"] == [N_VIDEO_TOKENS] and e["llm_input"] == [N_VIDEO_TOKENS // 2]
+
+
+def test_bad_video_settings_and_visuals_refused(video_lm):
+    need("lmms_eval")
+    from saint.integrations.lmms_eval import SaintQwenVL
+
+    with pytest.raises(ValueError, match="max_num_frames"):
+        SaintQwenVL(pretrained="none", max_num_frames=1)
+    with pytest.raises(ValueError, match="fps"):
+        SaintQwenVL(pretrained="none", fps=0)
+    with pytest.raises(ValueError, match="audio is not supported"):
+        video_lm._images([{"array": [0.0], "sampling_rate": 16000}], "t/0")
+    with pytest.raises(ValueError, match="videos are file paths ending in .mp4"):
+        video_lm._images(["photo.png"], "t/0")
+
+
+def test_lmms_eval_cli_serves_a_video_task(qwen_checkpoint, tmp_path):
+    """``python -m lmms_eval --model saint_qwen_vl`` on a video task whose ``doc_to_visual``
+    returns file paths (lmms-eval's convention): it completes and every video is pruned
+    (run on Qwen3-VL, whose processor adds per-frame timestamps)."""
+    need("lmms_eval")
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    docs = [{"question": q, "answer": a, "video": write_clip(tmp_path / f"{i}.mp4", shift=4 * i)}
+            for i, (q, a) in enumerate([("What moves?", "square"), ("Which color?", "red")])]
+    (task_dir / "clips.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (task_dir / "clip_utils.py").write_text(
+        "def doc_to_visual(doc):\n    return [doc['video']]\n\n\n"
+        "def doc_to_text(doc, lmms_eval_specific_kwargs=None):\n    return doc['question']\n")
+    (task_dir / "saint_clips.yaml").write_text(
+        f"task: saint_clips\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task_dir / 'clips.jsonl'}\n"
+        "test_split: test\ndoc_to_visual: !function clip_utils.doc_to_visual\n"
+        "doc_to_text: !function clip_utils.doc_to_text\ndoc_to_target: answer\noutput_type: generate_until\n"
+        "generation_kwargs:\n  max_new_tokens: 4\n  temperature: 0\nmetric_list:\n  - metric: exact_match\n"
+        "    aggregation: mean\n    higher_is_better: true\nmetadata:\n  - version: 0.0\n")
+    results, (stats,) = run_tasks("saint_qwen_vl", qwen_checkpoint("qwen3_vl"), VIDEO_ARGS, tmp_path, task_dir,
+                                  "saint_clips", 2, timeout=300)
+    assert 0.0 <= results["saint_clips"]["exact_match,none"] <= 1.0
+    s = json.loads(stats.read_text().splitlines()[-1])["summary"]["generate_until"]
+    assert (s["samples"], s["video_tokens"], s["image_tokens"]) == (2, N_VIDEO_TOKENS, 0)
+    assert s["llm_input"] == N_VIDEO_TOKENS // 2 and s["llm_output"] < N_VIDEO_TOKENS // 2

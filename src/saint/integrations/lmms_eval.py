@@ -67,6 +67,7 @@ from ..adapters import qwen_vl as qwen_adapter
 from ..adapters.common import TokenStats, get_handle
 from ..measure.report import jsonable
 from . import UNPRUNED, parse_prune_settings
+from .lmms_video import VIDEO_EXTENSIONS, Video, to_video
 
 __all__ = ["CHATML_TEMPLATE", "LoglikelihoodResult", "SaintLlava", "SaintQwenVL", "VICUNA_CHAT_TEMPLATE"]
 
@@ -270,9 +271,17 @@ class SaintLlava(lmms):
         """What one image is in a prompt before the processor expands it."""
         return self.image_token
 
-    def _media(self, enc: Any, n_images: int) -> dict[str, torch.Tensor]:
-        """The image inputs of the first ``n_images`` images of a processor output."""
-        return {"pixel_values": enc["pixel_values"][:n_images]} if n_images else {}
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The inputs of the first ``len(visuals)`` images of a processor output."""
+        return {"pixel_values": enc["pixel_values"][: len(visuals)]} if visuals else {}
+
+    def _processor_media(self, visuals: Sequence[Any]) -> dict[str, Any]:
+        """The processor's keyword arguments for these visuals (LLaVA: images)."""
+        return {"images": list(visuals) or None}
+
+    def _visual_token_ids(self) -> dict[str, int]:
+        """Placeholder token ids the processor expands, by the stats key that counts them."""
+        return {"image_tokens": self.model.config.image_token_id}
 
     def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inputs aligned with the prompt rows besides ids and mask (none for LLaVA)."""
@@ -306,39 +315,53 @@ class SaintLlava(lmms):
     def _doc(self, task: str, split: str, doc_id: int) -> Any:
         return self.task_dict[task][split][doc_id]
 
-    def _visuals(self, doc_to_visual: Callable | None, doc: Any, where: str) -> list[Image.Image]:
+    def _visuals(self, doc_to_visual: Callable | None, doc: Any, where: str) -> list[Any]:
         visuals = doc_to_visual(doc) if doc_to_visual is not None else None
         return self._images(visuals, where)
 
-    @staticmethod
-    def _images(visuals: Any, where: str) -> list[Image.Image]:
-        out: list[Image.Image] = []
+    def _images(self, visuals: Any, where: str) -> list[Any]:
+        """A task's visuals, nested lists flattened, each converted by :meth:`_visual`."""
+        out: list[Any] = []
         for v in visuals or []:
             if isinstance(v, (list, tuple)):
-                out.extend(SaintLlava._images(v, where))
-            elif isinstance(v, Image.Image):
-                out.append(v.convert("RGB"))
+                out.extend(self._images(v, where))
             elif v is not None:
-                raise ValueError(
-                    f"{where}: saint's lmms-eval models take images (PIL), this task gives {type(v).__name__} "
-                    f"({str(v)[:80]!r}); video and audio are not supported"
-                )
+                out.append(self._visual(v, where))
         return out
 
-    def _prompt(self, context: str, n_images: int) -> str:
+    def _visual(self, v: Any, where: str) -> Any:
+        """One visual of a task as the processor takes it (LLaVA: RGB images only)."""
+        if isinstance(v, Image.Image):
+            return v.convert("RGB")
+        raise ValueError(
+            f"{where}: {self.NAME} takes images (PIL), this task gives {type(v).__name__} "
+            f"({str(v)[:80]!r}); {self._other_visuals()}"
+        )
+
+    @staticmethod
+    def _other_visuals() -> str:
+        return "video and audio are not supported (saint_qwen_vl serves video)"
+
+    def _placeholders(self, context: str, visuals: Sequence[Any]) -> str:
+        """The visuals' tokens in front of ``context``, unless the task placed them."""
+        if not visuals or self.image_token in context:
+            return context
+        return " ".join(self._image_placeholder() for _ in visuals) + "\n" + context
+
+    def _prompt(self, context: str, visuals: Sequence[Any]) -> str:
         """Image tokens in front (unless the task placed them), then the chat template."""
-        if n_images and self.image_token not in context:
-            context = " ".join([self._image_placeholder()] * n_images) + "\n" + context
+        context = self._placeholders(context, visuals)
         messages = [{"role": "user", "content": context}]
         return self._tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
 
-    def _encode(self, texts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        enc = self.processor(text=list(texts), images=list(images) or None, return_tensors="pt", padding=True)
-        out = {k: v.to(self.device) for k, v in enc.items()}
-        if "pixel_values" in out:
-            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+    def _encode(self, texts: Sequence[str], visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        enc = self.processor(text=list(texts), **self._processor_media(visuals), return_tensors="pt", padding=True)
+        out = {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in out:
+                out[key] = out[key].to(self.model.dtype)
         return out
 
     # ------------------------------------------------------------------ pruning statistics
@@ -347,11 +370,11 @@ class SaintLlava(lmms):
         return None if handle is None else handle.last_stats
 
     def _record(self, kind: str, input_ids: torch.Tensor, before: TokenStats | None) -> None:
-        """Log the pruning of the forward that just ran (nothing when it had no image)."""
-        image_tokens = (input_ids == self.model.config.image_token_id).sum(dim=1).tolist()
-        if not any(image_tokens):
+        """Log the pruning of the forward that just ran (nothing when it had no image or video)."""
+        counts = {key: (input_ids == tid).sum(dim=1).tolist() for key, tid in self._visual_token_ids().items()}
+        if not any(any(c) for c in counts.values()):
             return
-        entry: dict[str, Any] = {"request": kind, "image_tokens": image_tokens}
+        entry: dict[str, Any] = {"request": kind, **counts}
         stats = self._last_stats()
         if stats is not None and stats is not before:
             entry["llm_input"] = stats.tokens[0]
@@ -380,7 +403,7 @@ class SaintLlava(lmms):
         for kind in sorted({e["request"] for e in self.pruning_log}):
             entries = [e for e in self.pruning_log if e["request"] == kind]
             row: dict[str, Any] = {"forwards": len(entries)}
-            for key in ("image_tokens", "llm_input", "llm_output"):
+            for key in ("image_tokens", "video_tokens", "llm_input", "llm_output"):
                 vals = [v for e in entries for v in e.get(key, [])]
                 if vals:
                     row[key] = sum(vals) / len(vals)
@@ -425,9 +448,9 @@ class SaintLlava(lmms):
         kw.update(pad_token_id=self._tokenizer.pad_token_id, eos_token_id=self.eot_token_id, use_cache=self.use_cache)
         return kw, until
 
-    def _generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]],
+    def _generate(self, prompts: Sequence[str], images: Sequence[Sequence[Any]],
                   gen_kwargs: dict[str, Any], kind: str) -> list[str]:
-        """Generate for a batch of prompts (each with its images), cut at ``until``."""
+        """Generate for a batch of prompts (each with its images / videos), cut at ``until``."""
         kw, until = self._gen_kwargs(gen_kwargs)
         inputs = self._encode(prompts, [im for ims in images for im in ims])
         before = self._last_stats()
@@ -455,7 +478,7 @@ class SaintLlava(lmms):
                 for i in batch:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
                     ims = self._visuals(doc_to_visual, self._doc(task, split, doc_id), f"{task}/{doc_id}")
-                    prompts.append(self._prompt(context, len(ims)))
+                    prompts.append(self._prompt(context, ims))
                     images.append(ims)
                 texts = self._generate(prompts, images, requests[batch[0]].args[1], "generate_until")
                 for i, text in zip(batch, texts, strict=True):
@@ -488,7 +511,7 @@ class SaintLlava(lmms):
                     if stop:
                         break
                     visuals = self._images(visuals, where)
-                prompt = self._prompt(context, len(visuals))
+                prompt = self._prompt(context, visuals)
                 outputs.append(self._generate([prompt], [visuals], gen_kwargs, "generate_until_multi_round")[0])
                 round_idx += 1
             results.append(outputs)
@@ -507,11 +530,11 @@ class SaintLlava(lmms):
         _, _, doc_to_visual, doc_id, task, split = req.args
         where = f"{task}/{doc_id}"
         images = self._visuals(doc_to_visual, self._doc(task, split, doc_id), where)
-        prompt = self._prompt(context, len(images))
+        prompt = self._prompt(context, images)
         n_space = len(prompt) - len(prompt.rstrip(" "))  # a word boundary belongs to the continuation
         if n_space:
             prompt, continuation = prompt[:-n_space], prompt[-n_space:] + continuation
-        enc = self.processor(text=[prompt + continuation, prompt], images=(images * 2) or None,
+        enc = self.processor(text=[prompt + continuation, prompt], **self._processor_media(images * 2),
                              return_tensors="pt", padding=True)
         rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
         whole, ctx = rows
@@ -520,7 +543,7 @@ class SaintLlava(lmms):
             n += 1
         if n == len(whole):
             raise ValueError(f"{where}: the continuation {continuation!r} adds no token to the prompt")
-        return whole, len(whole) - n, self._media(enc, len(images))
+        return whole, len(whole) - n, self._media(enc, images)
 
     def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
         """Batched scoring of ``(context, continuation)`` pairs through the patched model.
@@ -568,16 +591,70 @@ class SaintLlava(lmms):
 
 class SaintQwenVL(SaintLlava):
     """A Qwen2.5-VL or Qwen3-VL checkpoint patched once by :func:`saint.patch`, evaluated
-    by lmms-eval (``--model saint_qwen_vl``). ``method``: ``saint`` (default), ``fastv``,
-    ``random``, ``pool`` or ``none``; the remaining keyword arguments are that method's settings
-    (see :class:`saint.adapters.qwen_vl.QwenPruneConfig`). Each image enters the prompt
-    as ``<|vision_start|><|image_pad|><|vision_end|>``, expanded by the processor to its
-    own grid; the chat template is the tokenizer's (else ChatML). Images only."""
+    by lmms-eval (``--model saint_qwen_vl``), images and videos. ``method``: ``saint``
+    (default), ``fastv``, ``random``, ``pool`` or ``none``; the remaining keyword arguments
+    are that method's settings (see :class:`saint.adapters.qwen_vl.QwenPruneConfig`).
+
+    Each image enters the prompt as ``<|vision_start|><|image_pad|><|vision_end|>`` and
+    each video as ``<|vision_start|><|video_pad|><|vision_end|>`` (what Qwen's chat
+    templates emit), in the order the task lists them, expanded by the processor to
+    their grids (Qwen3-VL's processor gives every frame group its own timestamp and
+    start/end tokens); the chat template is the tokenizer's (else ChatML).
+
+    Videos follow lmms-eval's convention, a video file's path in ``doc_to_visual`` (a
+    4-D uint8 frame array is accepted too); ``max_num_frames`` (default 32) and ``fps``
+    (default: none, frames spread evenly over the video) are the frame-sampling model
+    arguments of lmms-eval's own Qwen models; see :mod:`saint.integrations.lmms_video`.
+    A video is pruned per frame group (two frames, one temporal patch): on the vision
+    side each of its ``t`` groups is one sample with its own budget, as an image is; in
+    the language model a prompt's image and video tokens are pruned as one set, as
+    several images are. ``stats_path`` lines count ``video_tokens`` beside
+    ``image_tokens``.
+    """
 
     NAME = "saint_qwen_vl"
     MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
     ADAPTER = qwen_adapter
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+
+    def __init__(self, pretrained: str, max_num_frames: int | str = 32, fps: float | str | None = None,
+                 **kwargs: Any) -> None:
+        frames = int(max_num_frames)
+        if frames < 2 or frames != float(max_num_frames):
+            raise ValueError(f"max_num_frames={max_num_frames!r} must be an integer >= 2 (one frame group)")
+        rate = None if fps in (None, "", "None", "none") else float(fps)  # type: ignore[arg-type]
+        if rate is not None and not rate > 0:
+            raise ValueError(f"fps={fps!r} must be > 0")
+        self.max_num_frames, self.fps = frames, rate
+        super().__init__(pretrained, **kwargs)
+
+    def _visual(self, v: Any, where: str) -> Any:
+        video = to_video(v, self.max_num_frames, self.fps)
+        return video if video is not None else super()._visual(v, where)
+
+    @staticmethod
+    def _other_visuals() -> str:
+        return f"videos are file paths ending in {', '.join(VIDEO_EXTENSIONS)} or 4-D uint8 frame arrays; audio is not supported"
+
+    def _video_placeholder(self) -> str:
+        start = getattr(self.processor, "vision_start_token", "<|vision_start|>")
+        end = getattr(self.processor, "vision_end_token", "<|vision_end|>")
+        return f"{start}{self.processor.video_token}{end}"
+
+    def _placeholders(self, context: str, visuals: Sequence[Any]) -> str:
+        if not visuals or self.image_token in context or self.processor.video_token in context:
+            return context
+        marks = [self._video_placeholder() if isinstance(v, Video) else self._image_placeholder() for v in visuals]
+        return " ".join(marks) + "\n" + context
+
+    def _processor_media(self, visuals: Sequence[Any]) -> dict[str, Any]:
+        images = [v for v in visuals if not isinstance(v, Video)]
+        videos = [v for v in visuals if isinstance(v, Video)]
+        out: dict[str, Any] = {"images": images or None}
+        if videos:  # frames already sampled here: the processor must not sample again
+            out.update(videos=[v.frames for v in videos], video_metadata=[v.metadata() for v in videos],
+                       do_sample_frames=False)
+        return out
 
     @staticmethod
     def _family_hint() -> str:
@@ -594,11 +671,21 @@ class SaintQwenVL(SaintLlava):
         end = getattr(self.processor, "vision_end_token", "<|vision_end|>")
         return f"{start}{self.image_token}{end}"
 
-    def _media(self, enc: Any, n_images: int) -> dict[str, torch.Tensor]:
-        if not n_images:
-            return {}
-        grid = enc["image_grid_thw"][:n_images]
-        return {"pixel_values": enc["pixel_values"][: int(grid.prod(dim=-1).sum())], "image_grid_thw": grid}
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        n_videos = sum(isinstance(v, Video) for v in visuals)
+        for n, pixels, grid_key in ((len(visuals) - n_videos, "pixel_values", "image_grid_thw"),
+                                    (n_videos, "pixel_values_videos", "video_grid_thw")):
+            if n:
+                grid = enc[grid_key][:n]
+                out.update({pixels: enc[pixels][: int(grid.prod(dim=-1).sum())], grid_key: grid})
+        if n_videos and "second_per_grid_ts" in enc:  # Qwen2.5-VL: seconds per temporal patch
+            out["second_per_grid_ts"] = torch.as_tensor(enc["second_per_grid_ts"])[:n_videos]
+        return out
+
+    def _visual_token_ids(self) -> dict[str, int]:
+        cfg = self.model.config
+        return {"image_tokens": cfg.image_token_id, "video_tokens": cfg.video_token_id}
 
     def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.model.config
