@@ -231,6 +231,8 @@ def test_tiny_sweep_end_to_end(tmp_path) -> None:
     # tau=-1, k=1: every candidate is linked, so SAINT halves the prunable tokens in blocks 0, 1
     assert saint_row["tokens_per_block"] == [17, 9, 5, 5]
     assert rows[3]["settings"] == {"r": [8, 4], "layers": [0, 1]}
+    # every image of the timing batch keeps the same count: no ragged batch to pack
+    assert rows[0]["layout"] is None and {r["layout"] for r in rows[1:]} == {"rectangular"}
     assert rows[3]["tokens_per_block"] == rows[4]["tokens_per_block"] == [17, 9, 5, 5]
     # the unpruned row's fidelity is computed (against itself), and no pruned row beats it
     assert rows[0]["pareto"] and rows[0]["centered_cosine"] == pytest.approx(1.0, abs=1e-6)
@@ -245,6 +247,7 @@ def test_tiny_sweep_end_to_end(tmp_path) -> None:
     assert [p.suffix for p in paths] == [".json", ".csv", ".md", ".png"]
     assert (tmp_path / "out" / "s.csv").read_text().count("\n") == 1 + len(rows)
     assert "| saint | tau=-1 |" in (tmp_path / "out" / "s.md").read_text()
+    assert "- how the timing batch ran: rectangular (saint, tome, random, attn)\n" in (tmp_path / "out" / "s.md").read_text()
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:

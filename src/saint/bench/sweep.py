@@ -231,7 +231,7 @@ def run_sweep(
         row["flops_ratio"] = ref.flops_per_image / fl
         row["timing_gflops_per_image"] = cost["gflops_per_image"]  # on the timing batch
         row["timing_flops_ratio"] = cost["ideal_speedup"]
-        for k in ("speedup", "speedup_best", "efficiency", "images_per_s", "ms_median", "ms_min"):
+        for k in ("speedup", "speedup_best", "efficiency", "images_per_s", "ms_median", "ms_min", "layout"):
             row[k] = cost.get(k)
         rows.append(row)
     x_key = "speedup" if repeats > 0 else "flops_ratio"
@@ -303,6 +303,16 @@ def format_sweep(report: dict[str, Any]) -> str:
     return text_table(h, rows)
 
 
+def _layouts(rows: list[dict[str, Any]]) -> str:
+    """``"packed: saint_plus, tome; rectangular: ..."``: which layout each method's timed
+    calls ran in (rows without a layout, e.g. the unpruned one or older results, left out)."""
+    by_layout: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("layout") and r["method"] not in by_layout.setdefault(r["layout"], []):
+            by_layout[r["layout"]].append(r["method"])
+    return "; ".join(f"{k} ({', '.join(v)})" for k, v in by_layout.items() if v)
+
+
 def sweep_markdown(report: dict[str, Any], title: str = "saint sweep") -> str:
     """A self-describing markdown page: environment, settings, table, definitions."""
     s = report["settings"]
@@ -324,6 +334,9 @@ def sweep_markdown(report: dict[str, Any], title: str = "saint sweep") -> str:
         f"timing batch {s['timing_batch_size']}, {s['warmup']} warm-up + {s['repeats']} timed round-robin rounds",
         "",
     ]
+    layouts = _layouts(report["results"])
+    if layouts:
+        lines[-1:-1] = [f"- how the timing batch ran: {layouts}"]
     h, rows = _table(report)
     lines += [markdown_table(h, rows), ""]
     lines += [
