@@ -14,7 +14,7 @@ Takes every ``saint vlm-bench`` option (defaults: CPU, 5 timed rounds).
     python benchmarks/run_vlm_cpu.py --geometry qwen_scaled --threads 1 --clock process \\
         --new-tokens 8 --no-progress    # Qwen2.5-VL-7B scaled alike (vlm_qwen_scaled_cpu_fp32, ~10 min)
     python benchmarks/run_vlm_cpu.py --geometry qwen3_scaled --threads 1 --clock process \\
-        --new-tokens 8 --no-progress    # Qwen3-VL-8B scaled alike (vlm_qwen3_scaled_cpu_fp32, ~15 min)
+        --new-tokens 8 --no-progress    # Qwen3-VL-8B scaled alike (vlm_qwen3_scaled_cpu_fp32, ~7 min)
     python benchmarks/run_vlm_cpu.py --threads 2 --methods vit,llm --budgets 144 --repeats 1 \\
         --warmup 0 --new-tokens 4 --no-flops --out-dir /tmp/vlm   # a quick look
 
