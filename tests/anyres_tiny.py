@@ -19,24 +19,26 @@ PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 FAMILIES = ("llava_next", "llava_onevision")
 
 
-def make(family: str = "llava_onevision", seed: int = 0, aspect: str | None = None) -> torch.nn.Module:
-    """A tiny random model of ``family`` (``aspect``: OneVision's ``vision_aspect_ratio``)."""
+def make(family: str = "llava_onevision", seed: int = 0, aspect: str | None = None, vocab_size: int = 128,
+         image_token_id: int = IMG, video_token_id: int = VID) -> torch.nn.Module:
+    """A tiny random model of ``family`` (``aspect``: OneVision's ``vision_aspect_ratio``;
+    vocabulary size and placeholder ids to match a tokenizer)."""
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=VDEPTH, num_attention_heads=2,
                  image_size=32, patch_size=8)
-    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH,
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH,
                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, max_position_embeddings=1024)
     torch.manual_seed(seed)
     if family == "llava_next":
         cfg = transformers.LlavaNextConfig(
             vision_config=transformers.CLIPVisionConfig(**tower), text_config=transformers.LlamaConfig(**text),
-            image_token_id=IMG, image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default",
+            image_token_id=image_token_id, image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default",
             vision_feature_layer=-1, attn_implementation="sdpa")
         model = transformers.LlavaNextForConditionalGeneration(cfg)
     else:
         extra = {} if aspect is None else dict(vision_aspect_ratio=aspect)
         cfg = transformers.LlavaOnevisionConfig(
             vision_config=transformers.SiglipVisionConfig(**tower), text_config=transformers.Qwen2Config(**text),
-            image_token_id=IMG, video_token_id=VID, image_grid_pinpoints=PINPOINTS,
+            image_token_id=image_token_id, video_token_id=video_token_id, image_grid_pinpoints=PINPOINTS,
             vision_feature_select_strategy="full", vision_feature_layer=-1, attn_implementation="sdpa", **extra)
         model = transformers.LlavaOnevisionForConditionalGeneration(cfg)
     model = model.eval()

@@ -20,23 +20,30 @@ def need(name: str):
     return pytest.importorskip(name, exc_type=ImportError)
 
 
+def train_tokenizer(special: list[str], extra: list[str]):
+    """A byte-level BPE tokenizer (400 ids) trained on easy-VQA questions and answers plus
+    ``extra`` texts; ``special`` come first (``<pad>`` is id 0)."""
+    easy_vqa = need("easy_vqa")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = easy_vqa.get_test_questions()[0][:1500] + easy_vqa.get_answers() + extra
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
 def build_llava(path: Path) -> None:
     """A tiny random LLaVA (CLIP tower + Llama decoder) and an offline processor: a
     byte-level BPE tokenizer trained on easy-VQA questions, a CLIP image processor,
     and a LlavaProcessor, saved like a hub checkpoint."""
-    easy_vqa = need("easy_vqa")
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    questions = easy_vqa.get_test_questions()[0][:1500]
-    corpus = questions + easy_vqa.get_answers() + ["USER: ASSISTANT: A chat between a curious user and an "
-                                                   "artificial intelligence assistant. Answer with one word."]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
+    tok = train_tokenizer(["<pad>", "<s>", "</s>", "<image>"], [
+        "USER: ASSISTANT: A chat between a curious user and an artificial intelligence assistant. "
+        "Answer with one word."])
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"},
@@ -153,12 +160,14 @@ def run_tasks(model: str, model_dir: Path, prune_args: str, root: Path, task_dir
 
 
 def make_lm(cls_name: str, model_dir: Path, prune_args: str, docs: list[dict]):
-    """saint's lmms-eval model ``cls_name`` built from a model-argument string, as
+    """saint's lmms-eval model ``cls_name`` (a class of :mod:`saint.integrations.lmms_eval`
+    or :mod:`saint.integrations.lmms_anyres`) built from a model-argument string, as
     lmms-eval builds it (batch size 3, CPU), serving ``docs`` as task ``t``."""
     need("lmms_eval")
-    from saint.integrations import lmms_eval
+    from saint.integrations import lmms_anyres, lmms_eval
 
-    model = getattr(lmms_eval, cls_name).create_from_arg_string(
+    cls = getattr(lmms_eval, cls_name, None) or getattr(lmms_anyres, cls_name)
+    model = cls.create_from_arg_string(
         f"pretrained={model_dir},{prune_args}", {"batch_size": 3, "device": "cpu", "max_batch_size": None})
     model.task_dict = {"t": {"test": docs}}
     return model

@@ -62,14 +62,16 @@ from ..methods import MethodSpec
 from . import hf_vision
 from .common import transformers_loaded
 from .hf_vlm import HFVlm, multimodal
-from .llava import EXPAND, MEDIA, LlavaPatch, make_config
+from .llava import EXPAND, MEDIA, LlavaPatch, LlavaPruneConfig
+from .llava import make_config as llava_config
 from .llava_vision import check_vit, grid_side, make_expand, shrink_inputs
 from .vlm_handle import Forward, installing, unpatch
 from .vlm_hooks import bind, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt, keep_first, refuse_static_cache
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["FULL_ATTR", "NEWLINE_ATTR", "NEXT", "NEXT_ADAPTER", "ONEVISION", "ONEVISION_ADAPTER", "AnyresVlm", "Family", "patch"]
+__all__ = ["FULL_ATTR", "NEWLINE_ATTR", "NEXT", "NEXT_ADAPTER", "ONEVISION", "ONEVISION_ADAPTER", "AnyresVlm", "Family",
+           "make_config", "patch"]
 
 NEWLINE_ATTR = "_saint_newline"  # on every per-image feature tensor: bool [tokens], newline rows
 FULL_ATTR = "_saint_full"  # on every per-image feature tensor: its token count before the vision-side drop
@@ -82,7 +84,7 @@ class Family:
     """What differs between the anyres families: the adapter's name, the name errors
     use, the model classes (``module`` and ``classes`` inside ``transformers.models``),
     the forward arguments ``get_image_features`` takes besides the pixels and image
-    sizes, and whether the model takes videos. Its ``matches``/``patch``/``unpatch``
+    sizes, and whether the model takes videos. Its ``make_config``/``matches``/``patch``/``unpatch``
     are the family functions of its adapter."""
 
     key: str
@@ -101,6 +103,9 @@ class Family:
 
     def matches(self, model: torch.nn.Module) -> bool:
         return transformers_loaded() and type(model) in self.model_classes()
+
+    def make_config(self, method: str = "saint", **kwargs: Any) -> LlavaPruneConfig:
+        return make_config(self, method, **kwargs)
 
     def patch(self, model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
               **kwargs: Any) -> LlavaPatch:
@@ -125,14 +130,7 @@ def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "sa
     ``mode="llm"`` (default), ``"vit"`` or ``"hybrid"``, or ``method="fastv"``; settings
     as for LLaVA (:class:`saint.adapters.llava.LlavaPruneConfig`; ``vit_keep`` is per crop)."""
     method, llm_spec = split_method(method, family.name)
-    if method == "saint" and "mode" not in kwargs:
-        kwargs = dict(kwargs, mode="llm")
-    cfg = make_config(method, **kwargs)
-    if cfg.method not in ("saint", "fastv"):
-        raise ValueError(
-            f"{family.name} supports method='saint' (mode='llm', 'vit' or 'hybrid') and method='fastv'; got "
-            f"{cfg.key!r}: the random/pool baselines take one square grid per image, not anyres crops"
-        )
+    cfg = make_config(family, method, **kwargs)
     mm = multimodal(model)
     pruner = decoder_pruner(cfg, mm.language_model, llm_spec)
     if cfg.prunes_vit:
@@ -151,6 +149,21 @@ def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "sa
         prefill = functools.partial(_prefill, family)
         install_forward_hooks(handle, model, mm, make_mm_pre(handle, MEDIA, prefill, continue_prompt))
     return handle
+
+
+def make_config(family: Family, method: str = "saint", **kwargs: Any) -> LlavaPruneConfig:
+    """The validated settings of ``method`` on ``family`` (LLaVA's, with ``mode="llm"`` the
+    default of SAINT); the random/pool baselines are refused. Needs no model, so a harness
+    can refuse bad settings before it loads any weights."""
+    if method == "saint" and "mode" not in kwargs:
+        kwargs = dict(kwargs, mode="llm")
+    cfg = llava_config(method, **kwargs)
+    if cfg.method not in ("saint", "fastv"):
+        raise ValueError(
+            f"{family.name} supports method='saint' (mode='llm', 'vit' or 'hybrid') and method='fastv'; got "
+            f"{cfg.key!r}: the random/pool baselines take one square grid per image, not anyres crops"
+        )
+    return cfg
 
 
 # ---------------------------------------------------------------------------- packing

@@ -1,8 +1,10 @@
 """Evaluation-harness integrations (plugins that live in saint, not in a fork of the
 harness), plus the harness-agnostic parsing they share.
 
-- :mod:`saint.integrations.lmms_eval`: the ``saint_llava`` model of lmms-eval
-  (``pip install 'saint[lmms]'``), registered through the ``lmms_eval.models``
+- :mod:`saint.integrations.lmms_eval`: the ``saint_llava`` and ``saint_qwen_vl``
+  models of lmms-eval (``pip install 'saint[lmms]'``), and
+  :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next`` and
+  ``saint_llava_onevision``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
 Settings arrive from a harness as ``key=value`` strings; :func:`parse_prune_settings`
@@ -81,9 +83,14 @@ def parse_prune_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def lmms_eval_models() -> list[Any]:
     """Entry point of the ``lmms_eval.models`` group: lmms-eval (>= 0.7) calls it while
-    building its model registry and imports the class only when ``--model saint_llava``
+    building its model registry and imports a class only when its name (``--model
+    saint_llava``, ``saint_qwen_vl``, ``saint_llava_next``, ``saint_llava_onevision``)
     is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava"),
-            ModelManifest(model_id="saint_qwen_vl", simple_class_path="saint.integrations.lmms_eval.SaintQwenVL")]
+            ModelManifest(model_id="saint_qwen_vl", simple_class_path="saint.integrations.lmms_eval.SaintQwenVL"),
+            ModelManifest(model_id="saint_llava_next",
+                          simple_class_path="saint.integrations.lmms_anyres.SaintLlavaNext"),
+            ModelManifest(model_id="saint_llava_onevision",
+                          simple_class_path="saint.integrations.lmms_anyres.SaintLlavaOneVision")]

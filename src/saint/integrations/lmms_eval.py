@@ -279,6 +279,10 @@ class SaintLlava(lmms):
         """The processor's keyword arguments for these visuals (LLaVA: images)."""
         return {"images": list(visuals) or None}
 
+    def _processor_inputs(self, texts: Sequence[str], visuals: Sequence[Any]) -> Any:
+        """The processor's output for prompts ``texts`` holding ``visuals`` in order (left padded)."""
+        return self.processor(text=list(texts), **self._processor_media(visuals), return_tensors="pt", padding=True)
+
     def _visual_token_ids(self) -> dict[str, int]:
         """Placeholder token ids the processor expands, by the stats key that counts them."""
         return {"image_tokens": self.model.config.image_token_id}
@@ -340,7 +344,7 @@ class SaintLlava(lmms):
 
     @staticmethod
     def _other_visuals() -> str:
-        return "video and audio are not supported (saint_qwen_vl serves video)"
+        return "video and audio are not supported (saint_qwen_vl and saint_llava_onevision serve video)"
 
     def _placeholders(self, context: str, visuals: Sequence[Any]) -> str:
         """The visuals' tokens in front of ``context``, unless the task placed them."""
@@ -357,7 +361,7 @@ class SaintLlava(lmms):
         )
 
     def _encode(self, texts: Sequence[str], visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        enc = self.processor(text=list(texts), **self._processor_media(visuals), return_tensors="pt", padding=True)
+        enc = self._processor_inputs(texts, visuals)
         out = {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
         for key in ("pixel_values", "pixel_values_videos"):
             if key in out:
@@ -534,8 +538,7 @@ class SaintLlava(lmms):
         n_space = len(prompt) - len(prompt.rstrip(" "))  # a word boundary belongs to the continuation
         if n_space:
             prompt, continuation = prompt[:-n_space], prompt[-n_space:] + continuation
-        enc = self.processor(text=[prompt + continuation, prompt], **self._processor_media(images * 2),
-                             return_tensors="pt", padding=True)
+        enc = self._processor_inputs([prompt + continuation, prompt], images * 2)
         rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
         whole, ctx = rows
         n = 0
@@ -566,7 +569,7 @@ class SaintLlava(lmms):
             inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
             inputs.update({k: v.to(self.device) for k, v in self._row_inputs(ids).items()})
             for key in {k for _, _, media in rows for k in media}:
-                value = torch.cat([media[key] for _, _, media in rows if key in media]).to(self.device)
+                value = _cat_padded([media[key] for _, _, media in rows if key in media]).to(self.device)
                 inputs[key] = value.to(self.model.dtype) if value.is_floating_point() else value
             keep = max(n for _, n, _ in rows) + 1  # rows end together: only the tail is scored
             before = self._last_stats()
@@ -699,6 +702,21 @@ def _load_kwargs(revision: str | None, trust_remote_code: bool) -> dict[str, Any
     if revision is not None:
         load_kw["revision"] = revision
     return load_kw
+
+
+def _cat_padded(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding the other dims to the largest (anyres
+    pixels: images with fewer crops, as the processor pads a batch; the model reads the
+    real count from ``image_sizes``)."""
+    shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+    padded = []
+    for v in values:
+        if list(v.shape[1:]) != shape:
+            pad = v.new_zeros(v.shape[0], *shape)
+            pad[(slice(None), *(slice(0, n) for n in v.shape[1:]))] = v
+            v = pad
+        padded.append(v)
+    return torch.cat(padded)
 
 
 def _key(gen_kwargs: Any) -> str:
