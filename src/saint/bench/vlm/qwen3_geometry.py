@@ -31,7 +31,7 @@ import torch
 
 from ...measure.flops import count_flops
 from .geometry import HALF_QUARTER, Geometry, scale_geometry, scaled_layer
-from .qwen_geometry import QwenGeometry
+from .qwen_geometry import QwenGeometry, _part_flops
 
 _META = torch.device("meta")
 
@@ -51,6 +51,8 @@ class Qwen3VLGeometry(QwenGeometry):
 
     family = "qwen3_vl"
     label = "Qwen3-VL"
+    config_class = "Qwen3VLConfig"
+    model_class = "Qwen3VLForConditionalGeneration"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,26 +83,22 @@ class Qwen3VLGeometry(QwenGeometry):
             c._attn_implementation = "sdpa"
         return vision, text
 
-    def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              seed: int = 0) -> torch.nn.Module:
-        import transformers
-
-        vision, text = self.configs()
-        cfg = transformers.Qwen3VLConfig(
-            vision_config=vision, text_config=text, image_token_id=self.image_token_id,
-            video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
-            vision_end_token_id=self.vision_end_token_id, tie_word_embeddings=False, attn_implementation="sdpa")
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = transformers.Qwen3VLForConditionalGeneration._from_config(cfg, dtype=dtype)
-        return model.eval()
-
     # ------------------------------------------------------------ FLOPs
     def part_flops(self, part: str, n: int, layer: int = 0) -> int:
         """As :meth:`Geometry.part_flops`; a ``tower_layer`` that is a deepstack block
         includes its deepstack merger on the block's ``n`` tokens."""
         deepstack = part == "tower_layer" and layer in self.vision["deepstack_visual_indexes"]
         return _part_flops(self, part, n, deepstack)
+
+    def meta_modules(self) -> dict[str, Any]:
+        return _modules(self)
+
+    def tower_layer_flops(self, m: dict[str, Any], x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
+                          deepstack: bool) -> int:
+        """One tower block (attention over the whole image), plus its deepstack merger."""
+        cu = torch.tensor([0, x.shape[0]], dtype=torch.int32)
+        block = count_flops(lambda: m["tower_layer"](x, cu_seqlens=cu, position_embeddings=pe))[0]
+        return block + (count_flops(lambda: m["deepstack"](x))[0] if deepstack else 0)
 
     def windows(self, n: int) -> list[int]:
         """Every block attends over the whole image: one window of ``n`` tokens."""
@@ -131,34 +129,6 @@ def _modules(geometry: Qwen3VLGeometry) -> dict[str, Any]:
             "rotary": q.Qwen3VLTextRotaryEmbedding(tcfg),
             "head": torch.nn.Linear(tcfg.hidden_size, tcfg.vocab_size, bias=False),
         }
-
-
-@cache
-def _part_flops(g: Qwen3VLGeometry, part: str, n: int, deepstack: bool) -> int:
-    m = _modules(g)
-    v, t = g.vision, g.text
-    if part == "embed":
-        flat = v.get("in_channels", 3) * v["temporal_patch_size"] * v["patch_size"] ** 2
-        x = torch.empty(g.tower_tokens, flat, device=_META)
-        return count_flops(lambda: m["embed"](x))[0]
-    if part == "tower_layer":
-        x = torch.empty(n, v["hidden_size"], device=_META)
-        head_dim = v["hidden_size"] // v["num_heads"]
-        pe = (torch.empty(n, head_dim, device=_META), torch.empty(n, head_dim, device=_META))
-        cu = torch.tensor([0, n], dtype=torch.int32)
-        block = count_flops(lambda: m["tower_layer"](x, cu_seqlens=cu, position_embeddings=pe))[0]
-        return block + (count_flops(lambda: m["deepstack"](x))[0] if deepstack else 0)
-    if part == "projector":
-        x = torch.empty(n * v["spatial_merge_size"] ** 2, v["hidden_size"], device=_META)
-        return count_flops(lambda: m["projector"](x))[0]
-    if part == "decoder_layer":
-        x = torch.empty(1, n, t["hidden_size"], device=_META)
-        pos = torch.arange(n, device=_META).expand(3, 1, n)
-        pe = m["rotary"](x, pos)
-        return count_flops(lambda: m["decoder_layer"](x, attention_mask=None, position_embeddings=pe))[0]
-    if part == "head":
-        return count_flops(lambda: m["head"](torch.empty(1, n, t["hidden_size"], device=_META)))[0]
-    raise ValueError(f"unknown part {part!r}")
 
 
 QWEN3_FULL = Qwen3VLGeometry(

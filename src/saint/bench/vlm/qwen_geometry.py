@@ -66,6 +66,8 @@ class QwenGeometry(Geometry):
 
     family = "qwen2_5_vl"
     label = "Qwen2.5-VL"
+    config_class = "Qwen2_5_VLConfig"  # transformers names: build() makes the model from them
+    model_class = "Qwen2_5_VLForConditionalGeneration"
     heads_key = "num_heads"
     depth_key = "depth"
 
@@ -118,13 +120,13 @@ class QwenGeometry(Geometry):
         import transformers
 
         vision, text = self.configs()
-        cfg = transformers.Qwen2_5_VLConfig(
+        cfg = getattr(transformers, self.config_class)(
             vision_config=vision, text_config=text, image_token_id=self.image_token_id,
             video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id, tie_word_embeddings=False, attn_implementation="sdpa")
         torch.manual_seed(seed)
         with torch.device(device):
-            model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype)
+            model = getattr(transformers, self.model_class)._from_config(cfg, dtype=dtype)
         return model.eval()
 
     def image_run(self) -> list[int]:
@@ -181,6 +183,19 @@ class QwenGeometry(Geometry):
         full = layer in self.vision["fullatt_block_indexes"]
         return _part_flops(self, part, n, full and part == "tower_layer")
 
+    def meta_modules(self) -> dict[str, Any]:
+        """The modules whose FLOPs are counted (see :func:`_modules`)."""
+        return _modules(self)
+
+    def tower_layer_flops(self, m: dict[str, Any], x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
+                          full: bool) -> int:
+        """One tower block on the tokens ``x``: attention within the windows, or over the
+        whole image in a full-attention block."""
+        n = x.shape[0]
+        sizes = [n] if full else self.windows(n)
+        cu = torch.tensor([0, *sizes]).cumsum(0).int()
+        return count_flops(lambda: m["tower_layer"](x, cu_seqlens=cu, position_embeddings=pe))[0]
+
     def windows(self, n: int) -> list[int]:
         """Token counts of the tower's attention windows when ``n`` patches of the image
         remain: the model's own windows for the whole image; after a drop, ``n`` spread
@@ -229,8 +244,11 @@ def _modules(geometry: QwenGeometry) -> dict[str, Any]:
 
 
 @cache
-def _part_flops(g: QwenGeometry, part: str, n: int, full: bool) -> int:
-    m = _modules(g)
+def _part_flops(g: QwenGeometry, part: str, n: int, flag: bool) -> int:
+    """FLOPs of one part on ``n`` tokens, from the geometry's own modules on the meta
+    device; ``flag`` is the geometry's per-block variant of a tower block
+    (:meth:`QwenGeometry.tower_layer_flops`)."""
+    m = g.meta_modules()
     v, t = g.vision, g.text
     if part == "embed":
         flat = v.get("in_channels", 3) * v["temporal_patch_size"] * v["patch_size"] ** 2
@@ -240,9 +258,7 @@ def _part_flops(g: QwenGeometry, part: str, n: int, full: bool) -> int:
         x = torch.empty(n, v["hidden_size"], device=_META)
         head_dim = v["hidden_size"] // v["num_heads"]
         pe = (torch.empty(n, head_dim, device=_META), torch.empty(n, head_dim, device=_META))
-        sizes = [n] if full else g.windows(n)
-        cu = torch.tensor([0, *sizes]).cumsum(0).int()
-        return count_flops(lambda: m["tower_layer"](x, cu_seqlens=cu, position_embeddings=pe))[0]
+        return g.tower_layer_flops(m, x, pe, flag)
     if part == "projector":
         x = torch.empty(n * v["spatial_merge_size"] ** 2, v["hidden_size"], device=_META)
         return count_flops(lambda: m["projector"](x))[0]
