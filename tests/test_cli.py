@@ -61,6 +61,22 @@ def test_bench_tiny_json(images, tmp_path, capsys) -> None:
     assert report["results"][2]["tokens_per_block"] == [17, 15, 13, 11]
 
 
+def test_bench_clock_process_times_with_the_process_clock(images, tmp_path, monkeypatch) -> None:
+    """``--clock process`` reads time.process_time: a fake one advancing 1 s per read
+    makes every timed call last exactly 1000 ms."""
+    import itertools
+
+    import saint.commands.options as options
+
+    ticks = itertools.count()
+    monkeypatch.setattr(options.time, "process_time", lambda: float(next(ticks)))
+    out = tmp_path / "b.json"
+    assert main(["bench", *TINY, *COMMON, "--images", images, "--method", "tome:r=2", "--batch-size", "2",
+                 "--warmup", "0", "--repeats", "2", "--no-memory", "--clock", "process", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["times_ms"] for r in rows] == [[1000.0, 1000.0]] * 2
+
+
 def test_bench_bf16(images, capsys) -> None:
     rc = main(["bench", *TINY, *COMMON, "--images", images, "--method", "tome:r=2", "--dtype", "bf16",
                "--batch-size", "2", "--warmup", "0", "--repeats", "1", "--no-memory"])

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.harness import timing_batch
     from ..measure.report import environment, write_json
     from ..spec import parse_method_spec
-    from .options import check_output_file, load_for_measurement, progress_factory
+    from .options import check_output_file, clock_of, load_for_measurement, progress_factory
 
     if not args.method:
         raise SystemExit("saint bench: give at least one --method, e.g. --method saint:tau=0.97 --method tome:r=8")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     bar = progress_factory(not args.no_progress and args.repeats > 0)("timing (round-robin)",
                                                                        args.warmup + args.repeats)
     report = run_bench(harness, variants, x, warmup=args.warmup, repeats=args.repeats,
-                       memory=not args.no_memory, progress=bar)
+                       memory=not args.no_memory, progress=bar, clock=clock_of(args))
     report = {"environment": environment(device), "model": desc, "images": images.description, **report}
     print(format_bench(report))
     if args.json:

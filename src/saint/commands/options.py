@@ -4,6 +4,7 @@ runtime set-up they imply."""
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +68,21 @@ def add_timing_options(p: argparse.ArgumentParser, warmup: int = 2, repeats: int
     g.add_argument("--warmup", type=int, default=warmup, help=f"untimed rounds first (default {warmup})")
     g.add_argument("--repeats", type=int, default=repeats,
                    help=f"timed rounds; each runs every variant once, round-robin (default {repeats})")
+    add_clock_option(g)
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+
+
+def add_clock_option(g: Any) -> None:
+    """``--clock wall|process``: what a timed round measures."""
+    g.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="wall: wall time (default); process: this process's CPU time, a measure of work that other "
+                        "jobs on a shared machine do not distort (use with --threads 1: with more threads it sums "
+                        "them)")
+
+
+def clock_of(args: argparse.Namespace) -> Callable[[], float]:
+    """The timer ``--clock`` names."""
+    return time.process_time if args.clock == "process" else time.perf_counter
 
 
 def add_image_options(p: argparse.ArgumentParser, what: str = "images") -> None:

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.images import resolve_images
     from ..measure.report import environment
     from ..spec import parse_calibrated_spec, parse_kwargs
-    from .options import check_output_file, load_for_measurement, progress_factory
+    from .options import check_output_file, clock_of, load_for_measurement, progress_factory
 
     matched = [] if args.matched.strip().lower() == "none" else [m.strip() for m in args.matched.split(",") if m.strip()]
     saint_args = parse_kwargs(args.saint_args)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         harness, images, transform, x, taus=args.taus, saint_args=saint_args, tome_rs=tome_rs,
         tome_inflections=args.tome_inflection, matched=matched, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
         progress=progress_factory(not args.no_progress), calibrated=calibrated, speedups=args.speedups,
-        calib_x=calib_x,
+        calib_x=calib_x, clock=clock_of(args),
     )
     report = {"environment": environment(device), "model": desc, **report}
     print(format_sweep(report))

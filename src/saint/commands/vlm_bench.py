@@ -8,7 +8,6 @@ measured)."""
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ def _int_list(text: str, what: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
     """Every option of ``saint vlm-bench`` (shared with ``benchmarks/run_vlm_cpu.py``)."""
     from ..bench.vlm import GEOMETRIES, METHODS
+    from .options import add_clock_option
 
     g = p.add_argument_group("model")
     g.add_argument("--geometry", default=None, choices=sorted(GEOMETRIES),
@@ -52,10 +52,7 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
     t = p.add_argument_group("timing")
     t.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
     t.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
-    t.add_argument("--clock", default="wall", choices=["wall", "process"],
-                   help="wall: wall time (default); process: this process's CPU time, a measure of work that other "
-                        "jobs on a shared machine do not distort (use with --threads 1: with more threads it sums "
-                        "them)")
+    add_clock_option(t)
     t.add_argument("--no-memory", action="store_true", help="skip peak memory")
     t.add_argument("--no-flops", action="store_true", help="skip the FLOPs count (one extra prefill per variant)")
     v = p.add_argument_group("variants")
@@ -100,7 +97,7 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
 
     from ..bench.vlm import GEOMETRIES, vlm_report
     from ..measure.harness import resolve_device, resolve_dtype
-    from .options import apply_threads, progress_factory
+    from .options import apply_threads, clock_of, progress_factory
 
     if args.full and args.geometry not in (None, "full"):
         raise ValueError(f"--full contradicts --geometry {args.geometry}")
@@ -127,7 +124,7 @@ def build_report(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         memory=not args.no_memory, flops=not args.no_flops, graph_only=not args.no_graph_only,
         tau_iters=args.tau_iters, seed=args.seed, llm_layers=layers, vit_layer=args.vit_layer,
         fastv_layer=args.fastv_layer, hybrid_vit_keep=args.hybrid_vit_keep, argv=argv,
-        clock=time.process_time if args.clock == "process" else time.perf_counter,
+        clock=clock_of(args),
         progress=progress_factory(not args.no_progress),
     )
 
