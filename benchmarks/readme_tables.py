@@ -37,11 +37,17 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` calibrated to 3x (FLOPs)", "saint_match@3x"),
     ]),
     "dinov2_518": ("dinov2_s14_518_cpu.json", "518px", [
+        ("ToMe r=60", "tome:r=60"),
         ("ToMe r=80", "tome:r=80"),
+        ("ToMe r=80, decreasing (inflection -0.5)", "tome:r=80,inflection=-0.5"),
         ("ToMe r=100", "tome:r=100"),
-        ("SAINT (paper rule) tau=0.97", "saint:tau=0.97,k=5,gamma=10"),
-        ('SAINT+ calibrated to 2x, `rate="batch"`', "saint_plus:rate=batch@2x"),
-        ('SAINT+ calibrated to 3x, `rate="batch"`', "saint_plus:rate=batch@3x"),
+        ("ToMe r=100, decreasing", "tome:r=100,inflection=-0.5"),
+        ("SAINT (paper rule) tau=0.98, k=5", "saint:tau=0.98,k=5,gamma=10"),
+        ("SAINT+ calibrated to 2x (FLOPs)", "saint_plus:at=2@2x"),
+        ("SAINT+ calibrated to 3x (FLOPs)", "saint_plus:at=3@3x"),
+        ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
+        ("`saint_match` calibrated to 2x (FLOPs)", "saint_match@2x"),
+        ("`saint_match` calibrated to 3x (FLOPs)", "saint_match@3x"),
     ]),
 }
 
