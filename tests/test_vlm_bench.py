@@ -561,42 +561,28 @@ def test_benchmark_script_writes_md_and_json(tmp_path, capsys):
     assert md.startswith("# LLaVA-1.5 latency at equal visual-token budgets (fp32, cpu)")
 
 
-def test_benchmark_script_runs_qwen(tmp_path, capsys):
-    """The same script on Qwen2.5-VL: its own output name, title, markers in the prompt
-    note, and the 7B analytic column at qwen_tiny itself."""
+@pytest.mark.parametrize("geometry,title,family", [("qwen_tiny", "Qwen2.5-VL", "qwen2_5_vl"),
+                                                    ("qwen3_tiny", "Qwen3-VL", "qwen3_vl")])
+def test_benchmark_script_runs_qwen(geometry, title, family, tmp_path, capsys):
+    """The same script on Qwen2.5-VL and Qwen3-VL: its own output name, title, markers in
+    the prompt note, the tower drop at the budget, the analytic reference column at the
+    tiny geometry itself, and (Qwen3-VL) the tower's deepstack blocks in the record."""
     script = run_vlm_cpu()
-    argv = ["--geometry", "qwen_tiny", "--threads", "1", "--methods", "vit,pool", "--budgets", "9", "--warmup", "0",
+    argv = ["--geometry", geometry, "--threads", "1", "--methods", "vit,pool", "--budgets", "9", "--warmup", "0",
             "--repeats", "1", "--new-tokens", "1", "--no-flops", "--no-graph-only", "--no-progress",
             "--out-dir", str(tmp_path)]
     assert script.main(argv) == 0
-    md = (tmp_path / "vlm_qwen_tiny_cpu_fp32.md").read_text()
-    report = json.loads((tmp_path / "vlm_qwen_tiny_cpu_fp32.json").read_text())
-    assert md.startswith("# Qwen2.5-VL latency at equal visual-token budgets (fp32, cpu)")
+    md = (tmp_path / f"vlm_{geometry}_cpu_fp32.md").read_text()
+    report = json.loads((tmp_path / f"vlm_{geometry}_cpu_fp32.json").read_text())
+    assert md.startswith(f"# {title} latency at equal visual-token budgets (fp32, cpu)")
     assert "(+ 2 image start/end markers)" in md and "| saint-vit@9 | 9 |" in md and "| pool@9 | 9 |" in md
     g = report["geometry"]
-    assert (g["family"], g["image_tokens"], g["tower_tokens"], g["reference"]) == ("qwen2_5_vl", 36, 144, None)
-    s = report["settings"]
-    assert (s["prompt_len"], s["text_tokens"], s["image_tokens"], s["skipped"]) == (64, 66, 36, [])
+    assert (g["family"], g["image_tokens"], g["tower_tokens"], g["reference"]) == (family, 36, 144, None)
+    if family == "qwen2_5_vl":
+        s = report["settings"]
+        assert (s["prompt_len"], s["text_tokens"], s["image_tokens"], s["skipped"]) == (64, 66, 36, [])
+    else:
+        assert g["vision"]["deepstack_visual_indexes"] == [0, 2]
     vit = report["variants"][1]
     assert vit["visual_tokens"]["vision_tower_per_layer"] == [144.0, 144.0, 36.0, 36.0]
     assert vit["analytic_ref_speedup"] > 1.0
-
-
-
-def test_benchmark_script_runs_qwen3(tmp_path, capsys):
-    """The same script on Qwen3-VL: its own output name and title, pool and the tower
-    drop at the budget, the tower's deepstack blocks in the geometry record."""
-    script = run_vlm_cpu()
-    argv = ["--geometry", "qwen3_tiny", "--threads", "1", "--methods", "vit,pool", "--budgets", "9", "--warmup", "0",
-            "--repeats", "1", "--new-tokens", "1", "--no-flops", "--no-graph-only", "--no-progress",
-            "--out-dir", str(tmp_path)]
-    assert script.main(argv) == 0
-    md = (tmp_path / "vlm_qwen3_tiny_cpu_fp32.md").read_text()
-    report = json.loads((tmp_path / "vlm_qwen3_tiny_cpu_fp32.json").read_text())
-    assert md.startswith("# Qwen3-VL latency at equal visual-token budgets (fp32, cpu)")
-    assert "(+ 2 image start/end markers)" in md and "| saint-vit@9 | 9 |" in md and "| pool@9 | 9 |" in md
-    g = report["geometry"]
-    assert (g["family"], g["image_tokens"], g["tower_tokens"], g["reference"]) == ("qwen3_vl", 36, 144, None)
-    assert g["vision"]["deepstack_visual_indexes"] == [0, 2]
-    vit = report["variants"][1]
-    assert vit["visual_tokens"]["vision_tower_per_layer"] == [144.0, 144.0, 36.0, 36.0]
