@@ -23,6 +23,7 @@ from .lmms_helpers import (
     requests,
     run_cli,
     run_tasks,
+    train_tokenizer,
 )
 
 PRUNE_ARGS = "mode=hybrid,vit_ratio=0.5,vit_layer=1,llm_layers=0-3,llm_tau=0.3,llm_k=2"
@@ -32,17 +33,8 @@ SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_
 
 
 def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
-    easy_vqa = need("easy_vqa")
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    corpus = easy_vqa.get_test_questions()[0][:1500] + easy_vqa.get_answers() + ["user assistant system"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
+    tok = train_tokenizer(SPECIAL, ["user assistant system"])
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
