@@ -8,7 +8,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -194,3 +196,18 @@ def continuation_loss(lm, ids: list[int], n: int, media: dict) -> float:
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         return float(lm.model(input_ids=input_ids, labels=labels, **media, **lm._row_inputs(input_ids)).loss)
+
+
+def built_once(tmp_path_factory: Any, build: Callable[[Path, str], None]) -> Callable[[str], Path]:
+    """``get(family)``: the folder of a tiny checkpoint of that family, made by ``build``
+    on first use and reused after (for module-scoped fixtures)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = tmp_path_factory.mktemp(f"tiny_{family}")
+            build(built[family], family)
+        return built[family]
+
+    return get
+

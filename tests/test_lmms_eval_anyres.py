@@ -17,6 +17,7 @@ import torch
 from .lmms_helpers import (
     assert_alone_equals_batched,
     build_llava,
+    built_once,
     continuation_loss,
     easy_vqa_docs,
     make_lm,
@@ -70,15 +71,7 @@ def _build(path: Path, family: str) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, one_thread):
     """``checkpoint(family)``: the folder of a tiny checkpoint of that family, built once."""
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = tmp_path_factory.mktemp(f"tiny_{family}")
-            _build(built[family], family)
-        return built[family]
-
-    return get
+    return built_once(tmp_path_factory, _build)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

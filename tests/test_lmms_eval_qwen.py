@@ -14,6 +14,7 @@ import torch
 from .lmms_helpers import (
     assert_alone_equals_batched,
     build_llava,
+    built_once,
     continuation_loss,
     easy_vqa_docs,
     gen_requests,
@@ -77,15 +78,7 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
 @pytest.fixture(scope="module")
 def qwen_checkpoint(tmp_path_factory, one_thread):
     """``qwen_checkpoint(family)``: the folder of a tiny checkpoint of that family, built once."""
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = tmp_path_factory.mktemp(f"tiny_{family}")
-            _build_qwen(built[family], family)
-        return built[family]
-
-    return get
+    return built_once(tmp_path_factory, _build_qwen)
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
