@@ -58,12 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
     p.add_argument("--out-dir", default=str(RESULTS), help=f"where results go (default {RESULTS})")
+    p.add_argument("--tag", default="", help="suffix of the output names, for a focused run beside the main sweep")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
-def output_prefix(out_dir: Path, size: int, device: torch.device, dtype: str) -> Path:
-    name = f"dinov2_s14_{size}_{device.type}" + ("" if dtype == "fp32" else f"_{dtype}")
+def output_prefix(out_dir: Path, size: int, device: torch.device, dtype: str, tag: str = "") -> Path:
+    name = f"dinov2_s14_{size}_{device.type}" + ("" if dtype == "fp32" else f"_{dtype}") + (f"_{tag}" if tag else "")
     return out_dir / name
 
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.photos < 2:
         raise SystemExit("--photos must be >= 2 (fidelity is measured over the set)")
+    if args.tag and not args.tag.replace("_", "").replace("-", "").isalnum():
+        raise SystemExit(f"--tag {args.tag!r}: use letters, digits, '-' and '_' only")
     if args.calib_every < 2:
         raise SystemExit("--calib-every must be >= 2")
     calib_records = records[args.calib_every - 1 :: args.calib_every]
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"environment": environment(device, argv_used), "model": desc,
                   "wall_seconds": round(time.perf_counter() - start, 1), **report}
         print(format_sweep(report))
-        prefix = output_prefix(Path(args.out_dir), size, device, args.dtype)
+        prefix = output_prefix(Path(args.out_dir), size, device, args.dtype, args.tag)
         title = f"SAINT vs ToMe vs random/attention drop: {desc}, {args.dtype} on {device.type}"
         for path in write_sweep(report, prefix, title, formats=("json", "md", "png")):
             print(f"wrote {path}")

@@ -286,7 +286,8 @@ def test_viz_and_demo_share_one_documented_default_tau() -> None:
 def test_sweep_calibrates_saint_match_and_measured_targets(images, tmp_path, capsys) -> None:
     prefix = tmp_path / "m"
     rc = main(["sweep", *TINY, *COMMON, "--images", images, "--taus", "0.9", "--matched", "none",
-               "--calibrated", "saint_match", "--calibrated", "saint_plus:target=measured,at=1.3", "--speedups", "1.2",
+               "--calibrated", "saint_match", "--calibrated", "saint_match:inflection=-0.5",
+               "--calibrated", "saint_plus:target=measured,at=1.3", "--speedups", "1.2",
                "--calib-images", images, "--timing-batch", "2", "--warmup", "0", "--repeats", "1",
                "--out", str(prefix)])
     assert rc == 0
@@ -296,6 +297,8 @@ def test_sweep_calibrates_saint_match_and_measured_targets(images, tmp_path, cap
     assert match["setting"]["target"] == "flops" and set(match["settings"]) >= {"tau", "fraction"}
     assert match["setting"]["calibrated_speedup"] == pytest.approx(1.2, rel=0.1)
     assert measured["setting"]["target"] == "measured" and "target" not in measured["settings"]
+    decreasing = rows["saint_match:inflection=-0.5"]  # the schedule shapes the fitted fractions, not a patch setting
+    assert "inflection" not in decreasing["settings"] and decreasing["settings"]["fraction"] != match["settings"]["fraction"]
     assert main(["sweep", *TINY, *COMMON, "--images", images, "--taus", "0.9", "--calibrated",
                  "saint_plus:target=wall", "--speedups", "1.2", "--calib-images", images, "--out", str(prefix)]) == 2
     assert "target must be 'flops' or 'measured'" in capsys.readouterr().err

@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import saint
+from saint.calibration import merge_ramp
 from saint.core import match_counts, match_plan, tome_plan
 from saint.core.match import best_matches
+from saint.spec import parse_calibrated_spec
 
 from .conftest import make_tiny
 
@@ -125,3 +127,48 @@ def test_calibrated_fractions_never_exceed_the_flagged_candidates():
     assert all(0.0 <= f <= 1.0 for f in fractions)
     assert max(fractions) == 1.0
     saint.unpatch(model)
+
+
+def test_merge_ramp_is_tomes_linear_schedule_with_mean_one():
+    ramp = merge_ramp([3, 1, 2, 0, 4], -0.5)
+    assert ramp == {0: 1.5, 1: 1.25, 2: 1.0, 3: 0.75, 4: 0.5}
+    assert merge_ramp([7], -0.5) == {7: 1.0}
+    assert merge_ramp([0, 1], 0.0) == {0: 1.0, 1: 1.0}
+    for bad in (-1.5, 2, True, "x"):
+        with pytest.raises(ValueError, match="inflection"):
+            merge_ramp([0, 1], bad)
+
+
+def test_decreasing_calibration_front_loads_the_merges():
+    """inflection=-0.5 asks early layers for more merges than late ones at the same
+    FLOPs target; inflection=0 is the constant schedule (the default, bit for bit)."""
+    model = make_tiny("vit")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    removed, fitted = {}, {}
+    for inflection in (0.0, -0.5):
+        cal = saint.calibrate(model, x, method="saint_match", flops_speedup=1.3, tol=0.02, inflection=inflection)
+        assert cal.reached and cal.inflection == inflection
+        fitted[inflection] = cal.per_layer
+        with torch.no_grad():
+            model(x)
+        mean = saint.stats(model).mean()
+        removed[inflection] = [a - b for a, b in zip(mean, mean[1:], strict=False)]
+        saint.unpatch(model)
+    default = saint.calibrate(model, x, method="saint_match", flops_speedup=1.3, tol=0.02)
+    saint.unpatch(model)
+    assert default.per_layer == fitted[0.0] and default.inflection == 0.0
+    assert removed[-0.5][0] > removed[0.0][0]
+    assert removed[-0.5][-1] < removed[0.0][-1]
+
+
+def test_inflection_is_refused_outside_saint_match():
+    model = make_tiny("vit")
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(ValueError, match="inflection shapes saint_match"):
+        saint.calibrate(model, x, method="saint_plus", flops_speedup=1.3, inflection=-0.5)
+    assert not saint.is_patched(model)
+    assert parse_calibrated_spec("saint_match:inflection=-0.5,at=2").kwargs["inflection"] == -0.5
+    with pytest.raises(ValueError, match="inflection shapes saint_match"):
+        parse_calibrated_spec("saint_plus:inflection=-0.5")
+    with pytest.raises(ValueError, match="inflection"):
+        parse_calibrated_spec("saint_match:inflection=3")

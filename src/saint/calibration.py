@@ -42,6 +42,7 @@ from .methods import (
     SaintConfig,
     Selection,
     get_method,
+    make_config,
     saint_metric,
 )
 from .timing import time_round_robin
@@ -72,6 +73,7 @@ class Calibration:
     per_layer: dict[str, dict[int, float]] = field(default_factory=dict)  # other calibrated settings (saint_match)
     reached: bool = True  # False: the target is out of reach; ``achieved`` is the closest value found
     measured: dict[str, Any] | None = None  # measured_speedup: timing batch, device and each step's times
+    inflection: float = 0.0  # saint_match: the merge schedule's slope the per-layer fractions were fitted to
 
     def patch_kwargs(self) -> dict[str, Any]:
         return {**self.settings, self.tau_setting: dict(self.tau), **{k: dict(v) for k, v in self.per_layer.items()}}
@@ -122,10 +124,24 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
     return dataclasses.replace(base, name=f"{base.name}-calibration", select=select)
 
 
-def _median_probe(base: MethodSpec, r: float, taus: dict[int, float], fractions: dict[int, float]) -> MethodSpec:
+def merge_ramp(layers: Sequence[int], inflection: float) -> dict[int, float]:
+    """ToMe's ``(r, inflection)`` schedule as weights on a mean ``r``: a straight line over
+    ``layers`` from ``1 - inflection`` to ``1 + inflection`` (mean 1; negative inflection
+    merges more in early layers, where attention over the full sequence costs most)."""
+    if isinstance(inflection, bool) or not isinstance(inflection, (int, float)) or not -1.0 <= inflection <= 1.0:
+        raise ValueError(f"inflection={inflection!r} must be a number in [-1, 1] (ToMe's schedule slope)")
+    layers = sorted(layers)
+    n = len(layers)
+    return {layer: 1.0 - inflection + (2.0 * inflection * i / (n - 1) if n > 1 else inflection)
+            for i, layer in enumerate(layers)}
+
+
+def _median_probe(base: MethodSpec, r: float, taus: dict[int, float], fractions: dict[int, float],
+                  ramp: dict[int, float] | None = None) -> MethodSpec:
     """A saint_match spec whose tau at each layer is the median best-match cosine of the
     candidates (over the whole calibration batch) and whose fraction makes the images
-    merge ``r`` tokens each on average, capped at 1 (a layer whose flagged candidates
+    merge ``r`` tokens each on average (times the layer's ``ramp`` weight, see
+    :func:`merge_ramp`), capped at 1 (a layer whose flagged candidates
     fall short of ``r`` merges them all, never unflagged ones: uncapped, the late layers
     of a 3x target merged every candidate and the images collapsed, DINOv2-S 224px
     centered cos 0.48 vs 0.73 capped); both are written into ``taus`` / ``fractions``."""
@@ -135,7 +151,8 @@ def _median_probe(base: MethodSpec, r: float, taus: dict[int, float], fractions:
         values = best[valid]
         tau = float(torch.quantile(values.double(), 0.5)) if values.numel() else 1.0
         redundant = ((best >= tau) & valid).sum(dim=1).double().mean() if best.shape[0] else 0.0
-        fraction = min(1.0, float(r / redundant)) if r > 0 and redundant > 0 else 0.0
+        r_layer = r * (ramp or {}).get(ctx.layer, 1.0)
+        fraction = min(1.0, float(r_layer / redundant)) if r_layer > 0 and redundant > 0 else 0.0
         taus[ctx.layer], fractions[ctx.layer] = tau, fraction
         return base.select(ctx, {**s, "tau": tau, "fraction": fraction}, cfg)
 
@@ -216,6 +233,7 @@ def calibrate(
     apply: bool = True,
     patch_settings: dict[str, Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    inflection: float = 0.0,
     **settings: Any,
 ) -> Calibration:
     """Choose tau for ``method`` ("saint" or "saint_fold") so the pruned model hits one
@@ -229,7 +247,10 @@ def calibrate(
     are passed through; ``patch_settings`` passes settings whose names are taken here
     (LLaVA's ``mode``: ``patch_settings={"mode": "llm"}``). ``clock`` times a
     ``measured_speedup`` target (wall time by default; ``time.process_time`` counts this
-    process's CPU time, robust to other load on a shared machine). With ``apply`` the model is
+    process's CPU time, robust to other load on a shared machine). ``inflection`` (saint_match
+    only) shapes the mean merges per layer like ToMe's ``(r, inflection)`` schedule (see
+    :func:`merge_ramp`; -0.5 merges 1.5x the mean in the first layer and 0.5x in the last);
+    0 asks every layer for the same mean. With ``apply`` the model is
     left patched with the result. A target out of reach on ``images`` gives a
     :class:`CalibrationWarning` and ``reached=False`` with the closest value found; on an
     error the model is left exactly as it was (unpatched, same train/eval mode).
@@ -252,12 +273,14 @@ def calibrate(
     if matched and (mode != "per_layer" or tau_name != "tau" or "fraction" in settings):
         raise ValueError("saint_match calibrates tau and fraction per layer of a vision model "
                          "(mode='per_layer', no tau/fraction given)")
+    if inflection != 0.0 and not matched:
+        raise ValueError(f"inflection shapes saint_match's merge schedule; method {method!r} has none")
     adapter.check_inputs(images)
     num_images = adapter.batch_size(images)
     if target == "measured_speedup":
         return _calibrate_measured(
             model, images, value, dict(mode=mode, method=method, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                                       **settings), batch_size, apply, clock=clock,
+                                       inflection=inflection, **settings), batch_size, apply, clock=clock,
         )
     goal = 1.0 / value if target == "flops_speedup" else value
 
@@ -274,7 +297,8 @@ def calibrate(
         taus: dict[int, float] = {}
         fractions: dict[int, float] = {}
         if matched:  # the probe chooses both per layer; the values given here are placeholders
-            patch(model, _median_probe(spec, (1.0 - x) * max_r, taus, fractions), **settings, tau=0.0, fraction=0.0)
+            patch(model, _median_probe(spec, (1.0 - x) * max_r, taus, fractions, ramp), **settings, tau=0.0,
+                  fraction=0.0)
         else:
             patch(model, _quantile_probe(spec, 1.0 - x, taus), **settings)
         # one batch: each layer's quantile is taken over the whole calibration set
@@ -282,6 +306,10 @@ def calibrate(
         return q, {"tau": taus, "fraction": fractions} if matched else {"tau": taus}
 
     max_r = adapter.grid(model, images).num_patches / 2 if matched else 0.0  # all candidates of the first layer
+    ramp = None
+    if matched:
+        layers = make_config(spec, **settings, tau=0.0, fraction=0.0)[1].resolve(len(adapter.sites(model)))
+        ramp = merge_ramp(list(layers), inflection)
     was_training = model.training
     model.eval()
     try:
@@ -312,6 +340,7 @@ def calibrate(
         tau_setting=tau_name,
         per_layer=per_layer,
         reached=abs(best[1] - goal) <= tol * goal,
+        inflection=float(inflection),
     )
     if not result.reached:
         warnings.warn(

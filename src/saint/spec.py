@@ -125,8 +125,9 @@ def parse_calibrated_spec(text: str) -> Variant:
     without ``tau`` (calibration picks it), with an optional ``mode=global|per_layer`` and
     ``target=flops|measured`` (calibrate to the real-token FLOPs speed-up, the default, or
     to the speed-up measured at the timing batch) and ``at=S`` (calibrate to S only,
-    instead of every speed-up of the grid)."""
-    from .calibration import MODES
+    instead of every speed-up of the grid); ``saint_match`` also takes ``inflection=F``
+    (the merge schedule's slope, see :func:`saint.calibration.merge_ramp`)."""
+    from .calibration import MODES, merge_ramp
 
     v = parse_method_spec(text, validate=False)
     kwargs = dict(v.kwargs)
@@ -141,8 +142,14 @@ def parse_calibrated_spec(text: str) -> Variant:
         raise ValueError(f"at={at!r} must be one speed-up >= 1 (this variant's only target) in {text!r}")
     if "tau" in kwargs:
         raise ValueError(f"calibrated variants choose tau themselves; remove it from {text!r}")
+    inflection = kwargs.pop("inflection", None)
+    if inflection is not None:
+        if v.method != "saint_match":
+            raise ValueError(f"inflection shapes saint_match's calibrated merge schedule; not {v.method!r} in {text!r}")
+        merge_ramp([0], inflection)
     make_config(v.method, **kwargs)
-    extra = {**({"target": target} if target != "flops" else {}), **({"at": float(at)} if at is not None else {})}
+    extra = {**({"target": target} if target != "flops" else {}), **({"at": float(at)} if at is not None else {}),
+             **({"inflection": float(inflection)} if inflection is not None else {})}
     return Variant(v.label, v.method, {**kwargs, "mode": mode, **extra})
 
 
