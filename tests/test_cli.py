@@ -135,6 +135,11 @@ def test_calibrate_command(images, tmp_path, capsys) -> None:
     assert result["target"] == "keep" and result["achieved"] == pytest.approx(0.8, rel=0.1)
     assert "saint.patch(model, 'saint'" in capsys.readouterr().out
     assert main(["calibrate", *TINY, *COMMON, "--images", images, "--keep", "0.8", "--method", "tome"]) == 2
+    capsys.readouterr()
+    rc = main(["calibrate", *TINY, *COMMON, "--images", images, "--flops-speedup", "1.2", "--method", "saint_match",
+               "--args", "inflection=-0.5", "--json", str(out)])
+    assert rc == 0 and json.loads(out.read_text())["inflection"] == -0.5
+    assert "saint.patch(model, 'saint_match'" in capsys.readouterr().out
 
 
 def test_calibrate_command_fails_on_an_unreachable_target(images, tmp_path, capsys) -> None:

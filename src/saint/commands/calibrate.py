@@ -30,11 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="measured speed-up over the unpruned model, timed at --batch-size on --device")
     target.add_argument("--flops", type=float, help="fraction of the unpruned block FLOPs to keep, in (0, 1]")
     target.add_argument("--keep", type=float, help="mean fraction of tokens entering each block, in (0, 1]")
-    p.add_argument("--method", default="saint", help="saint (default), saint_fold or saint_plus")
+    p.add_argument("--method", default="saint", help="saint (default), saint_fold, saint_plus or saint_match")
     p.add_argument("--mode", default="per_layer", choices=["per_layer", "global"],
                    help="one tau per pruning block (default) or one tau for all")
     p.add_argument("--args", default="", metavar="K=V,...",
-                   help="other method settings, e.g. k=5,gamma=10,layers=0/1/2/3,rate=batch")
+                   help="other method settings, e.g. k=5,gamma=10,layers=0/1/2/3,rate=batch; saint_match also "
+                        "takes inflection=-0.5 (fit to ToMe's decreasing merge schedule)")
     add_image_options(p, what="calibration photos (default: the offline photos)")
     add_model_options(p)
     add_runtime_options(p, batch_size=32)
