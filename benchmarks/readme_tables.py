@@ -49,6 +49,26 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` calibrated to 2x (FLOPs)", "saint_match@2x"),
         ("`saint_match` calibrated to 3x (FLOPs)", "saint_match@3x"),
     ]),
+    "dinov2_224_schedule": ("dinov2_s14_224_cpu_schedule.json", "224px, schedule run", [
+        ("ToMe r=13", "tome:r=13"),
+        ("ToMe r=13, decreasing", "tome:r=13,inflection=-0.5"),
+        ("ToMe r=19", "tome:r=19"),
+        ("ToMe r=19, decreasing", "tome:r=19,inflection=-0.5"),
+        ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
+        ("`saint_match` calibrated to 2x (FLOPs)", "saint_match@2x"),
+        ("`saint_match` decreasing, 1.5x (FLOPs)", "saint_match:inflection=-0.5@1.5x"),
+        ("`saint_match` decreasing, 2x (FLOPs)", "saint_match:inflection=-0.5@2x"),
+        ("`saint_match` decreasing, 2x (measured)", "saint_match:inflection=-0.5,target=measured,at=2@2x"),
+    ]),
+    "dinov2_518_schedule": ("dinov2_s14_518_cpu_schedule.json", "518px, schedule run", [
+        ("ToMe r=80", "tome:r=80"),
+        ("ToMe r=80, decreasing", "tome:r=80,inflection=-0.5"),
+        ("ToMe r=100", "tome:r=100"),
+        ("ToMe r=100, decreasing", "tome:r=100,inflection=-0.5"),
+        ("`saint_match` decreasing, 2x (FLOPs)", "saint_match:inflection=-0.5@2x"),
+        ("`saint_match` decreasing, 2.5x (FLOPs)", "saint_match:inflection=-0.5@2.5x"),
+        ("`saint_match` decreasing, 3x (FLOPs)", "saint_match:inflection=-0.5@3x"),
+    ]),
 }
 
 
