@@ -127,13 +127,14 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
 def merge_ramp(layers: Sequence[int], inflection: float) -> dict[int, float]:
     """ToMe's ``(r, inflection)`` schedule as weights on a mean ``r``: a straight line over
     ``layers`` from ``1 - inflection`` to ``1 + inflection`` (mean 1; negative inflection
-    merges more in early layers, where attention over the full sequence costs most)."""
+    merges more in early layers; one layer gets weight 1)."""
     if isinstance(inflection, bool) or not isinstance(inflection, (int, float)) or not -1.0 <= inflection <= 1.0:
         raise ValueError(f"inflection={inflection!r} must be a number in [-1, 1] (ToMe's schedule slope)")
     layers = sorted(layers)
     n = len(layers)
-    return {layer: 1.0 - inflection + (2.0 * inflection * i / (n - 1) if n > 1 else inflection)
-            for i, layer in enumerate(layers)}
+    if n == 1:
+        return {layers[0]: 1.0}
+    return {layer: 1.0 - inflection + 2.0 * inflection * i / (n - 1) for i, layer in enumerate(layers)}
 
 
 def _median_probe(base: MethodSpec, r: float, taus: dict[int, float], fractions: dict[int, float],
