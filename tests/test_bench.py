@@ -25,7 +25,7 @@ from saint.bench.sweep import (
 from saint.measure import flops as flops_mod
 from saint.measure.harness import Harness
 from saint.measure.images import ImageSet
-from saint.measure.timing import time_round_robin
+from saint.measure.timing import paired_speedup, time_round_robin
 from saint.spec import (
     BASELINE,
     Variant,
@@ -141,6 +141,19 @@ def test_round_robin_order_warmup_and_counts() -> None:
     assert timings[0].images_per_s == 4 / timings[0].median
     with pytest.raises(ValueError, match="repeats"):
         time_round_robin([setup("a")], batch_size=1, device="cpu", repeats=0)
+
+
+def test_paired_speedup_is_the_median_of_per_round_ratios() -> None:
+    # per-round ratios 2, 4, 2: the disturbed round (base 8 s) does not move the median
+    # (their mean would read 2.67, the ratio of the sums 16 / 6 = 2.67)
+    assert paired_speedup([2.0, 8.0, 6.0], [1.0, 2.0, 3.0]) == 2.0
+    assert paired_speedup([3.0, 5.0], [1.0, 1.0]) == 4.0  # even count: mean of the middle two
+    with pytest.raises(ValueError, match="same number"):
+        paired_speedup([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="same number"):
+        paired_speedup([], [])
+    with pytest.raises(ValueError, match="positive"):
+        paired_speedup([1.0], [0.0])
 
 
 # ----------------------------------------------------------------------------- harness

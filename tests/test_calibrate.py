@@ -150,6 +150,7 @@ def test_measured_speedup_times_the_model_it_calibrates(calib_images):
     assert cal.target == "measured_speedup" and cal.value == 1.3
     m = cal.measured
     assert m["batch_size"] == 4 and m["device"] == "cpu" and 1 <= len(m["steps"]) <= 5
+    assert m["repeats"] == 5 and m["statistic"].startswith("median of per-round")
     assert cal.achieved in [step["measured_speedup"] for step in m["steps"]]
     assert m["flops_speedup"] in [step["flops_speedup"] for step in m["steps"]]
     assert saint.is_patched(model) and saint.adapters.handle_of(model).calibration is cal

@@ -45,7 +45,7 @@ from .methods import (
     make_config,
     saint_metric,
 )
-from .timing import time_round_robin
+from .timing import paired_speedup, time_round_robin
 
 TARGETS = ("flops_speedup", "measured_speedup", "flops", "keep")
 
@@ -360,14 +360,16 @@ def calibrate(
 
 MEASURED_TOL = 0.05  # relative distance to a measured speed-up target that ends the search
 MEASURED_STEPS = 5  # FLOPs targets tried at most
+MEASURED_REPEATS = 5  # timed rounds per FLOPs target (after one warm-up round)
 
 
 def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops_kwargs: dict[str, Any],
-                        batch_size: int, apply: bool, repeats: int = 3,
+                        batch_size: int, apply: bool, repeats: int = MEASURED_REPEATS,
                         clock: Callable[[], float] = time.perf_counter) -> Calibration:
     """Calibrate to a measured speed-up: calibrate real-token FLOPs targets, time each
     result against the unpatched model on a ``batch_size`` batch of ``images`` (repeated
-    cyclically when there are fewer; round-robin, the fastest of ``repeats`` rounds), and
+    cyclically when there are fewer; ``repeats`` round-robin rounds, the median of each
+    round's unpatched / patched time, see :func:`saint.timing.paired_speedup`), and
     move the FLOPs target by the ratio still missing (``s <- s * value / measured``)
     until the measured speed-up is within 5% of ``value`` (at most 5 FLOPs targets)."""
     if not isinstance(images, torch.Tensor):
@@ -395,6 +397,7 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
         cal, target="measured_speedup", value=float(value), achieved=float(measured),
         reached=abs(measured - value) <= MEASURED_TOL * value,
         measured={"batch_size": batch_size, "device": str(device), "repeats": repeats, "tolerance": MEASURED_TOL,
+                  "statistic": "median of per-round unpatched / patched time",
                   "clock": "process CPU time" if clock is time.process_time else "wall time",
                   "flops_speedup": cal.achieved, "steps": steps},
     )
@@ -413,7 +416,8 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
 
 def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration, repeats: int,
                   clock: Callable[[], float] = time.perf_counter) -> float:
-    """Unpatched time over patched time on ``batch`` (fastest round of each, interleaved)."""
+    """Unpatched time over patched time on ``batch``: the median of the per-round ratios
+    (the two run back to back in each round)."""
     adapter = find_adapter(model)
 
     def variant(patched: bool) -> Any:
@@ -436,7 +440,7 @@ def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration,
         if is_patched(model):
             unpatch(model)
         model.train(was_training)
-    return plain.min / pruned.min
+    return paired_speedup(plain.times, pruned.times)
 
 
 def _bisect(run: Any, goal: float, tol: float, max_iter: int, mode: str

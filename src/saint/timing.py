@@ -61,6 +61,17 @@ class Timing:
         }
 
 
+def paired_speedup(base: Sequence[float], variant: Sequence[float]) -> float:
+    """Median over rounds of ``base[i] / variant[i]``: the two ran back to back in round
+    ``i``, so a slow spell of the machine moves both and cancels in the ratio, and the
+    median ignores the odd disturbed round (a ratio of minima does neither)."""
+    if len(base) != len(variant) or not base:
+        raise ValueError(f"paired_speedup needs the same number (>= 1) of rounds, got {len(base)} and {len(variant)}")
+    if min(variant) <= 0:
+        raise ValueError("paired_speedup: a variant's time must be positive")
+    return statistics.median(b / v for b, v in zip(base, variant, strict=True))
+
+
 def time_round_robin(
     setups: Sequence[Callable[[], Callable[[], object]]],
     *,

@@ -1,6 +1,6 @@
 """Timing of model calls (see :mod:`saint.timing`, which lives below calibration so that
 a measured-speed calibration target can use it)."""
 
-from ..timing import Timing, synchronize, time_round_robin, time_stages_round_robin
+from ..timing import Timing, paired_speedup, synchronize, time_round_robin, time_stages_round_robin
 
-__all__ = ["Timing", "synchronize", "time_round_robin", "time_stages_round_robin"]
+__all__ = ["Timing", "paired_speedup", "synchronize", "time_round_robin", "time_stages_round_robin"]
