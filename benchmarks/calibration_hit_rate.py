@@ -13,6 +13,7 @@ Writes ``<json stem>_calibration.md`` next to each input.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -40,8 +41,13 @@ def rows(report: dict, model) -> list[list[str]]:
     return out
 
 
-def main(paths: list[str]) -> int:
-    for path in map(Path, paths):
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep JSON files written by run_dinov2_cpu.py")
+    args = parser.parse_args(argv)
+    for path in args.sweeps:
+        if not path.is_file():
+            parser.error(f"{path}: no such file")
         report = json.loads(path.read_text())
         size = int(report["model"].split(" at ")[1].split("px")[0])
         model = assets.default_model(size)
