@@ -69,6 +69,16 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` calibrated to 2x (measured; same settings as above)", "saint_match:target=measured,at=2@2x"),
         ("`saint_match` calibrated to 2.2x (FLOPs)", "saint_match@2.2x"),
     ]),
+    "dinov2_518_2threads": ("dinov2_s14_518_cpu_2threads.json", "518px, 2 threads, wall clock", [
+        ("ToMe r=80", "tome:r=80"),
+        ("ToMe r=80, decreasing", "tome:r=80,inflection=-0.5"),
+        ("ToMe r=100", "tome:r=100"),
+        ("ToMe r=100, decreasing", "tome:r=100,inflection=-0.5"),
+        ("SAINT+ calibrated to 2x (FLOPs)", "saint_plus:at=2@2x"),
+        ("`saint_match` decreasing, 2.2x (FLOPs)", "saint_match:inflection=-0.5@2.2x"),
+        ("`saint_match` decreasing, 2.5x (FLOPs)", "saint_match:inflection=-0.5@2.5x"),
+        ("`saint_match` decreasing, 3x (FLOPs)", "saint_match:inflection=-0.5@3x"),
+    ]),
     "dinov2_224_schedule": ("dinov2_s14_224_cpu_schedule.json", "224px, schedule run", [
         ("ToMe r=13", "tome:r=13"),
         ("ToMe r=13, decreasing", "tome:r=13,inflection=-0.5"),
