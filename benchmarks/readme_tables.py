@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
 
+def tome_rows(*rs: int) -> list[tuple[str, str]]:
+    """ToMe at each ``r``, constant then decreasing (inflection -0.5), as table rows."""
+    return [row for r in rs for row in ((f"ToMe r={r}", f"tome:r={r}"),
+                                        (f"ToMe r={r}, decreasing", f"tome:r={r},inflection=-0.5"))]
+
+
 # name -> (result file, first header, [(README label, result label)])
 FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
@@ -50,14 +56,7 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` calibrated to 3x (FLOPs)", "saint_match@3x"),
     ]),
     "dinov2_224_2threads": ("dinov2_s14_224_cpu_2threads.json", "224px, 2 threads, wall clock", [
-        ("ToMe r=13", "tome:r=13"),
-        ("ToMe r=13, decreasing", "tome:r=13,inflection=-0.5"),
-        ("ToMe r=16", "tome:r=16"),
-        ("ToMe r=16, decreasing", "tome:r=16,inflection=-0.5"),
-        ("ToMe r=18", "tome:r=18"),
-        ("ToMe r=18, decreasing", "tome:r=18,inflection=-0.5"),
-        ("ToMe r=19", "tome:r=19"),
-        ("ToMe r=19, decreasing", "tome:r=19,inflection=-0.5"),
+        *tome_rows(13, 16, 18, 19),
         ("SAINT (paper rule) tau=0.97, k=5", "saint:tau=0.97,k=5,gamma=10"),
         ("SAINT+ calibrated to 1.5x (FLOPs)", "saint_plus@1.5x"),
         ("SAINT+ calibrated to 1.9x (FLOPs)", "saint_plus@1.9x"),
@@ -70,20 +69,14 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` calibrated to 2.2x (FLOPs)", "saint_match@2.2x"),
     ]),
     "dinov2_518_2threads": ("dinov2_s14_518_cpu_2threads.json", "518px, 2 threads, wall clock", [
-        ("ToMe r=80", "tome:r=80"),
-        ("ToMe r=80, decreasing", "tome:r=80,inflection=-0.5"),
-        ("ToMe r=100", "tome:r=100"),
-        ("ToMe r=100, decreasing", "tome:r=100,inflection=-0.5"),
+        *tome_rows(80, 100),
         ("SAINT+ calibrated to 2x (FLOPs)", "saint_plus:at=2@2x"),
         ("`saint_match` decreasing, 2.2x (FLOPs)", "saint_match:inflection=-0.5@2.2x"),
         ("`saint_match` decreasing, 2.5x (FLOPs)", "saint_match:inflection=-0.5@2.5x"),
         ("`saint_match` decreasing, 3x (FLOPs)", "saint_match:inflection=-0.5@3x"),
     ]),
     "dinov2_224_schedule": ("dinov2_s14_224_cpu_schedule.json", "224px, schedule run", [
-        ("ToMe r=13", "tome:r=13"),
-        ("ToMe r=13, decreasing", "tome:r=13,inflection=-0.5"),
-        ("ToMe r=19", "tome:r=19"),
-        ("ToMe r=19, decreasing", "tome:r=19,inflection=-0.5"),
+        *tome_rows(13, 19),
         ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
         ("`saint_match` calibrated to 2x (FLOPs)", "saint_match@2x"),
         ("`saint_match` decreasing, 1.5x (FLOPs)", "saint_match:inflection=-0.5@1.5x"),
@@ -91,10 +84,7 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` decreasing, 2x (measured)", "saint_match:inflection=-0.5,target=measured,at=2@2x"),
     ]),
     "dinov2_518_schedule": ("dinov2_s14_518_cpu_schedule.json", "518px, schedule run", [
-        ("ToMe r=80", "tome:r=80"),
-        ("ToMe r=80, decreasing", "tome:r=80,inflection=-0.5"),
-        ("ToMe r=100", "tome:r=100"),
-        ("ToMe r=100, decreasing", "tome:r=100,inflection=-0.5"),
+        *tome_rows(80, 100),
         ("`saint_match` decreasing, 2x (FLOPs)", "saint_match:inflection=-0.5@2x"),
         ("`saint_match` decreasing, 2.5x (FLOPs)", "saint_match:inflection=-0.5@2.5x"),
         ("`saint_match` decreasing, 3x (FLOPs)", "saint_match:inflection=-0.5@3x"),
