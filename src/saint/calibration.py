@@ -34,7 +34,7 @@ import torch
 from .adapters import Adapter, find_adapter, handle_of
 from .adapters.base import vit_block_flops
 from .api import is_patched, patch, unpatch
-from .core import best_matches, saint_graph
+from .core import anchor_similarity, best_matches, prunable_valid, split_candidates
 from .methods import (
     LayerContext,
     MatchConfig,
@@ -107,11 +107,12 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
     the candidates; the taus it chose are written into ``taus``."""
 
     def select(ctx: LayerContext, s: dict[str, Any], cfg: SaintConfig) -> Selection:
+        metric = saint_metric(ctx, cfg)[:, ctx.num_protected :]
         valid = ctx.valid[:, ctx.num_protected :] if ctx.valid is not None else None
-        graph = saint_graph(saint_metric(ctx, cfg)[:, ctx.num_protected :], 1.0, 0.0, valid)
-        sim = graph.sim.masked_fill(~graph.anchor_valid[:, None, :], float("-inf"))
+        a, anc, va, vb = split_candidates(metric, prunable_valid(valid, *metric.shape[:2], metric.device))
+        sim = anchor_similarity(a, anc, vb)
         k = min(s["k"], sim.shape[-1])
-        kth = sim.topk(k, dim=-1).values[..., -1][graph.candidate_valid]
+        kth = sim.topk(k, dim=-1).values[..., -1][va]
         kth = kth[torch.isfinite(kth)]
         if fraction <= 0 or kth.numel() == 0:
             tau = 1.0

@@ -2,8 +2,15 @@
 
 from .attention import query_attention
 from .baselines import attention_keep_mask, random_keep_mask
+from .bipartite import anchor_similarity, count_at_least, split_candidates, sum_at_least_
 from .budget import fixed_budget_keep_mask
-from .gather import additive_key_mask, drop_top_ranked, gather_tokens, keep_mask_to_indices
+from .gather import (
+    additive_key_mask,
+    drop_top_ranked,
+    gather_tokens,
+    keep_mask_to_indices,
+    prunable_valid,
+)
 from .match import best_matches, match_counts, match_plan
 from .saint_drop import (
     SaintGraph,
@@ -21,6 +28,7 @@ __all__ = [
     "MergePlan",
     "SaintGraph",
     "additive_key_mask",
+    "anchor_similarity",
     "attention_keep_mask",
     "drop_counts",
     "drop_top_ranked",
@@ -33,9 +41,11 @@ __all__ = [
     "match_counts",
     "match_plan",
     "best_matches",
+    "count_at_least",
     "max_tome_r",
     "merge_weighted",
     "pool_grid",
+    "prunable_valid",
     "query_attention",
     "random_keep_mask",
     "redundant_counts",
@@ -43,5 +53,7 @@ __all__ = [
     "saint_graph",
     "saint_keep_mask",
     "saint_select",
+    "split_candidates",
+    "sum_at_least_",
     "tome_plan",
 ]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gather import EPS, prunable_valid
+from .bipartite import anchor_similarity, split_candidates
+from .gather import prunable_valid
 from .tome import MergePlan
 
 
@@ -26,14 +27,13 @@ def best_matches(
     candidates (padding, or no valid anchor) get similarity ``-inf``."""
     b, n, _ = metric.shape
     pv = prunable_valid(valid, b, n, metric.device)[:, num_protected:]
-    m = F.normalize(metric[:, num_protected:].float(), dim=-1, eps=EPS)
-    a, anc = m[:, 0::2], m[:, 1::2]
-    va, vb = pv[:, 0::2], pv[:, 1::2]
-    sim = (a @ anc.transpose(1, 2)).masked_fill(~(va[:, :, None] & vb[:, None, :]), float("-inf"))
+    a, anc, va, vb = split_candidates(metric[:, num_protected:], pv)
+    sim = anchor_similarity(a, anc, None if valid is None else vb)
     if sim.shape[-1] == 0:  # a single prunable token: no anchor to match
         sim = F.pad(sim, (0, 1), value=float("-inf"))
     best, idx = sim.max(dim=-1)
-    return best, idx, va & torch.isfinite(best)
+    best = best.masked_fill(~va, float("-inf"))
+    return best, idx.masked_fill(~va, 0), va & torch.isfinite(best)
 
 
 def match_counts(best: torch.Tensor, candidate_valid: torch.Tensor, tau: float, fraction: float) -> torch.Tensor:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .gather import EPS, drop_top_ranked, prunable_valid
+from .bipartite import anchor_similarity, count_at_least, split_candidates, sum_at_least_
+from .gather import drop_top_ranked, prunable_valid
 from .tome import MergePlan
 
 RATES = ("batch", "sample")
@@ -24,11 +24,10 @@ RATES = ("batch", "sample")
 class SaintGraph:
     """Per-candidate quantities of one SAINT step (all ``[B, num_candidates]``)."""
 
-    sim: torch.Tensor  # [B, A, B'] cosine similarity candidates x anchors
-    edges: torch.Tensor  # bool, sim >= tau on valid pairs
-    degree: torch.Tensor  # long
+    degree: torch.Tensor  # long: valid anchors with cosine >= tau (0 for invalid candidates)
     score: torch.Tensor  # the paper's score
     rank_key: torch.Tensor  # monotone in score, overflow-free (log space)
+    best_anchor: torch.Tensor  # long: index of the most similar valid anchor
     candidate_valid: torch.Tensor  # bool
     anchor_valid: torch.Tensor  # bool [B, B']
 
@@ -39,27 +38,29 @@ def saint_graph(
     gamma: float,
     valid: torch.Tensor | None = None,
 ) -> SaintGraph:
-    """Build the candidate/anchor graph on ``metric [B, P, D]`` (prunable tokens only)."""
+    """Build the candidate/anchor graph on ``metric [B, P, D]`` (prunable tokens only).
+
+    The ``[B, A, A']`` similarity is made once and read in four passes (nearest anchor,
+    degree, linked sum; the mean over all anchors comes from the anchors' sum instead).
+    """
     b, p, _ = metric.shape
-    valid = prunable_valid(valid, b, p, metric.device)
-    m = F.normalize(metric.float(), dim=-1, eps=EPS)
-    a, anc = m[:, 0::2], m[:, 1::2]
-    va, vb = valid[:, 0::2], valid[:, 1::2]
-    sim = a @ anc.transpose(1, 2)
-    pair_valid = va[:, :, None] & vb[:, None, :]
-    edges = (sim >= tau) & pair_valid
-    degree = edges.sum(dim=-1)
-    has_edge = degree > 0
-    linked_mean = (sim * edges).sum(-1) / degree.clamp(min=1)
+    a, anc, va, vb = split_candidates(metric, prunable_valid(valid, b, p, metric.device))
+    sim = anchor_similarity(a, anc, None if valid is None else vb)
+    best_anchor = sim.argmax(dim=-1) if sim.shape[-1] else torch.zeros(sim.shape[:2], dtype=torch.long, device=sim.device)
+    degree = count_at_least(sim, tau) * va
+    linked_sum = sum_at_least_(sim, tau)  # sim is spent from here on
     n_anchor = vb.sum(-1, keepdim=True).clamp(min=1)
-    all_mean = (sim * vb[:, None, :]).sum(-1) / n_anchor
-    deg_f = degree.to(sim.dtype)
+    anchor_sum = (anc * vb[..., None]).sum(dim=1)
+    all_mean = (a @ anchor_sum[..., None]).squeeze(-1) / n_anchor
+    has_edge = degree > 0
+    deg_f = degree.to(torch.float32)
+    linked_mean = linked_sum / deg_f.clamp(min=1)
     score = torch.where(has_edge, deg_f * torch.exp(gamma * (linked_mean - tau)), all_mean)
     # log(d) + gamma*(mean - tau) >= 0 for linked candidates; unlinked ones sit in [-3, -1].
     rank_key = torch.where(
         has_edge, deg_f.clamp(min=1).log() + gamma * (linked_mean - tau), all_mean - 2.0
     )
-    return SaintGraph(sim, edges, degree, score, rank_key, va, vb)
+    return SaintGraph(degree, score, rank_key, best_anchor, va, vb)
 
 
 def redundant_counts(graph: SaintGraph, k: int) -> torch.Tensor:
@@ -84,10 +85,9 @@ def saint_fold_plan(graph: SaintGraph, keep: torch.Tensor, num_protected: int = 
     Anchors always survive a SAINT step, so each dropped candidate has a surviving
     destination; rows may fold different numbers of tokens (``active`` marks them).
     """
-    sim = graph.sim.masked_fill(~graph.anchor_valid[:, None, :], float("-inf"))
-    b, a = sim.shape[:2]
-    src = num_protected + 2 * torch.arange(a, device=sim.device).expand(b, a)
-    dst = num_protected + 2 * sim.argmax(dim=-1) + 1
+    b, a = graph.best_anchor.shape
+    src = num_protected + 2 * torch.arange(a, device=graph.best_anchor.device).expand(b, a)
+    dst = num_protected + 2 * graph.best_anchor + 1
     active = graph.candidate_valid & ~keep[:, num_protected::2][:, :a]
     return MergePlan(src, dst, keep, active)
 

@@ -1,0 +1,61 @@
+"""The shared candidate/anchor similarity passes: exact agreement with the plain
+formulas, ties at tau included, and padded anchors masked."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from saint.core import anchor_similarity, count_at_least, split_candidates, sum_at_least_
+
+
+def test_split_alternates_candidates_and_anchors():
+    metric = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]])
+    valid = torch.tensor([[True, True, False]])
+    a, anc, va, vb = split_candidates(metric, valid)
+    torch.testing.assert_close(a[0], torch.tensor([[1.0, 0.0], [2**-0.5, 2**-0.5]]))
+    torch.testing.assert_close(anc[0], torch.tensor([[0.0, 1.0]]))
+    assert va.tolist() == [[True, False]] and vb.tolist() == [[True]]
+
+
+def test_padded_anchor_columns_are_minus_inf_and_the_rest_untouched():
+    a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    anc = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]])
+    sim = anchor_similarity(a, anc, torch.tensor([[True, False, True]]))
+    assert sim.tolist() == [[[1.0, float("-inf"), 0.0], [0.0, float("-inf"), 1.0]]]
+    assert torch.equal(anchor_similarity(a, anc, None), a @ anc.transpose(1, 2))
+
+
+def test_ties_at_tau_count_and_sum():
+    # exact float32 values, three of them equal to tau
+    sim = torch.tensor([[[0.5, 0.25, 0.5, -1.0, float("-inf")], [0.5, 0.75, 1.0, 0.0, 0.5]]])
+    assert count_at_least(sim, 0.5).tolist() == [[2, 4]]
+    assert sum_at_least_(sim.clone(), 0.5).tolist() == [[1.0, 2.75]]
+    assert count_at_least(sim, -1.0).tolist() == [[4, 5]]
+    assert sum_at_least_(sim.clone(), -1.0).tolist() == [[0.25, 2.75]]
+
+
+def test_sum_at_least_rejects_other_dtypes():
+    try:
+        sum_at_least_(torch.zeros(1, 1, 1, dtype=torch.float64), 0.5)
+    except TypeError as e:
+        assert "float32" in str(e)
+    else:
+        raise AssertionError("float64 was accepted")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([-1.0, -0.3, 0.0, 0.1, 0.5, 0.9, 1.0]),
+    st.integers(1, 9),
+)
+def test_count_and_sum_equal_the_plain_formulas(seed, tau, n):
+    g = torch.Generator().manual_seed(seed)
+    # quantised values so that many entries tie with tau exactly
+    sim = (torch.randint(-8, 9, (2, 3, n), generator=g) / 8).float()
+    sim[0, 0, 0] = float("-inf")
+    edges = sim >= tau
+    assert torch.equal(count_at_least(sim, tau), edges.sum(-1))
+    assert torch.equal(sum_at_least_(sim.clone(), tau), torch.where(edges, sim, 0.0).sum(-1))
