@@ -3,11 +3,18 @@ formulas, ties at tau included, and padded anchors masked."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saint.core import anchor_similarity, count_at_least, split_candidates, sum_at_least_
+from saint.core import (
+    anchor_similarity,
+    count_at_least,
+    nearest_anchor,
+    split_candidates,
+    sum_at_least_,
+)
 
 
 def test_split_alternates_candidates_and_anchors():
@@ -37,12 +44,15 @@ def test_ties_at_tau_count_and_sum():
 
 
 def test_sum_at_least_rejects_other_dtypes():
-    try:
+    with pytest.raises(TypeError, match="float32"):
         sum_at_least_(torch.zeros(1, 1, 1, dtype=torch.float64), 0.5)
-    except TypeError as e:
-        assert "float32" in str(e)
-    else:
-        raise AssertionError("float64 was accepted")
+
+
+def test_nearest_anchor_skips_padded_anchors_and_handles_none():
+    sim = anchor_similarity(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[1.0, 0.0], [0.6, 0.8]]]),
+                            torch.tensor([[False, True]]))
+    assert nearest_anchor(sim).tolist() == [[1]]
+    assert nearest_anchor(torch.zeros(2, 3, 0)).tolist() == [[0, 0, 0], [0, 0, 0]]
 
 
 @settings(max_examples=60, deadline=None)

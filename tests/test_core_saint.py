@@ -132,3 +132,17 @@ def test_invariants(shape, tau, k, rate):
         assert torch.all(kept[1:] > kept[:-1]), "order preserved"
     higher = saint_keep_mask(m, min(1.0, tau + 0.1), k, 10.0, rate=rate, num_protected=prot)
     assert ((~higher).sum(1) <= (~keep).sum(1)).all(), "a higher tau drops no more"
+
+
+def test_fold_plan_needs_the_nearest_anchors():
+    import pytest
+
+    from saint.core import saint_fold_plan
+
+    g = saint_graph(hand_metric(), tau=0.9, gamma=10.0)
+    keep = saint_keep_mask(hand_metric(), 0.9, 1, 10.0)
+    with pytest.raises(ValueError, match="nearest=True"):
+        saint_fold_plan(g, keep)
+    # a0 -> b0 (cos 1), a1 -> b2 (cos 1), a2 -> b1 (cos 1.1 / sqrt(2.02) beats b0's 1 / sqrt(2))
+    g = saint_graph(hand_metric(), tau=0.9, gamma=10.0, nearest=True)
+    assert saint_fold_plan(g, keep).dst.tolist() == [[1, 5, 3]]

@@ -2,7 +2,13 @@
 
 from .attention import query_attention
 from .baselines import attention_keep_mask, random_keep_mask
-from .bipartite import anchor_similarity, count_at_least, split_candidates, sum_at_least_
+from .bipartite import (
+    anchor_similarity,
+    count_at_least,
+    nearest_anchor,
+    split_candidates,
+    sum_at_least_,
+)
 from .budget import fixed_budget_keep_mask
 from .gather import (
     additive_key_mask,
@@ -44,6 +50,7 @@ __all__ = [
     "count_at_least",
     "max_tome_r",
     "merge_weighted",
+    "nearest_anchor",
     "pool_grid",
     "prunable_valid",
     "query_attention",

@@ -35,6 +35,13 @@ def anchor_similarity(a: torch.Tensor, anc: torch.Tensor, anchor_valid: torch.Te
     return sim
 
 
+def nearest_anchor(sim: torch.Tensor) -> torch.Tensor:
+    """Index of each row's most similar anchor, long ``[B, A]`` (0 when there is none)."""
+    if sim.shape[-1] == 0:
+        return torch.zeros(sim.shape[:2], dtype=torch.long, device=sim.device)
+    return sim.argmax(dim=-1)
+
+
 def count_at_least(sim: torch.Tensor, tau: float) -> torch.Tensor:
     """Entries ``>= tau`` per row of ``sim [B, A, A']``, as long ``[B, A]`` (accumulated
     in int16 when a row is short enough: the default int64 sum of a bool tensor is

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .bipartite import anchor_similarity, count_at_least, split_candidates, sum_at_least_
+from .bipartite import (
+    anchor_similarity,
+    count_at_least,
+    nearest_anchor,
+    split_candidates,
+    sum_at_least_,
+)
 from .gather import drop_top_ranked, prunable_valid
 from .tome import MergePlan
 
@@ -27,9 +33,9 @@ class SaintGraph:
     degree: torch.Tensor  # long: valid anchors with cosine >= tau (0 for invalid candidates)
     score: torch.Tensor  # the paper's score
     rank_key: torch.Tensor  # monotone in score, overflow-free (log space)
-    best_anchor: torch.Tensor  # long: index of the most similar valid anchor
     candidate_valid: torch.Tensor  # bool
     anchor_valid: torch.Tensor  # bool [B, B']
+    best_anchor: torch.Tensor | None = None  # long: most similar valid anchor (when asked for)
 
 
 def saint_graph(
@@ -37,16 +43,19 @@ def saint_graph(
     tau: float,
     gamma: float,
     valid: torch.Tensor | None = None,
+    nearest: bool = False,
 ) -> SaintGraph:
-    """Build the candidate/anchor graph on ``metric [B, P, D]`` (prunable tokens only).
+    """Build the candidate/anchor graph on ``metric [B, P, D]`` (prunable tokens only);
+    with ``nearest`` also each candidate's most similar anchor (what SAINT+ folds into).
 
-    The ``[B, A, A']`` similarity is made once and read in four passes (nearest anchor,
-    degree, linked sum; the mean over all anchors comes from the anchors' sum instead).
+    The ``[B, A, A']`` similarity is made once, masked in place and read two or three
+    times (nearest anchor, degree, linked sum); the mean over all anchors comes from the
+    anchors' sum instead.
     """
     b, p, _ = metric.shape
     a, anc, va, vb = split_candidates(metric, prunable_valid(valid, b, p, metric.device))
     sim = anchor_similarity(a, anc, None if valid is None else vb)
-    best_anchor = sim.argmax(dim=-1) if sim.shape[-1] else torch.zeros(sim.shape[:2], dtype=torch.long, device=sim.device)
+    best_anchor = nearest_anchor(sim) if nearest else None
     degree = count_at_least(sim, tau) * va
     linked_sum = sum_at_least_(sim, tau)  # sim is spent from here on
     n_anchor = vb.sum(-1, keepdim=True).clamp(min=1)
@@ -60,7 +69,7 @@ def saint_graph(
     rank_key = torch.where(
         has_edge, deg_f.clamp(min=1).log() + gamma * (linked_mean - tau), all_mean - 2.0
     )
-    return SaintGraph(degree, score, rank_key, best_anchor, va, vb)
+    return SaintGraph(degree, score, rank_key, va, vb, best_anchor)
 
 
 def redundant_counts(graph: SaintGraph, k: int) -> torch.Tensor:
@@ -85,6 +94,8 @@ def saint_fold_plan(graph: SaintGraph, keep: torch.Tensor, num_protected: int = 
     Anchors always survive a SAINT step, so each dropped candidate has a surviving
     destination; rows may fold different numbers of tokens (``active`` marks them).
     """
+    if graph.best_anchor is None:
+        raise ValueError("saint_fold_plan needs the graph's nearest anchors: build it with saint_graph(..., nearest=True)")
     b, a = graph.best_anchor.shape
     src = num_protected + 2 * torch.arange(a, device=graph.best_anchor.device).expand(b, a)
     dst = num_protected + 2 * graph.best_anchor + 1
@@ -100,19 +111,20 @@ def saint_select(
     rate: str = "sample",
     num_protected: int = 0,
     valid: torch.Tensor | None = None,
+    nearest: bool = True,
 ) -> tuple[torch.Tensor, SaintGraph]:
     """Bool keep mask ``[B, N]`` over all tokens of ``metric [B, N, D]``, and the graph
-    it was decided on (for callers that fold the dropped tokens).
+    it was decided on (with ``nearest``, ready for :func:`saint_fold_plan`).
 
     The first ``num_protected`` tokens always survive; padded tokens (``valid`` False)
     never do; anchors always survive this step.
     """
     b, n, _ = metric.shape
-    valid = prunable_valid(valid, b, n, metric.device)
-    graph = saint_graph(metric[:, num_protected:], tau, gamma, valid[:, num_protected:])
+    prunable = None if valid is None else valid[:, num_protected:]
+    graph = saint_graph(metric[:, num_protected:], tau, gamma, prunable, nearest)
     counts = drop_counts(redundant_counts(graph, k), rate)
     dropped_a = drop_top_ranked(graph.rank_key, graph.candidate_valid, counts)
-    keep = valid.clone()
+    keep = prunable_valid(valid, b, n, metric.device).clone()
     keep[:, num_protected::2] &= ~dropped_a
     return keep, graph
 
@@ -127,4 +139,4 @@ def saint_keep_mask(
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool keep mask ``[B, N]`` of one SAINT step (see :func:`saint_select`)."""
-    return saint_select(metric, tau, k, gamma, rate, num_protected, valid)[0]
+    return saint_select(metric, tau, k, gamma, rate, num_protected, valid, nearest=False)[0]
