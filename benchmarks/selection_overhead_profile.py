@@ -10,8 +10,9 @@ shapes): the ops and calls only the patched model runs are the selection's own w
 the unpatched model's total op time is the overhead. Python-side hook time is not in it
 (a few hooks per block: microseconds against a batch's seconds).
 
-Writes ``benchmarks/results/selection_overhead_profile_<device>_b<batch>.{json,md}`` with
-the date, device, versions, git commit and this exact command.
+Writes ``benchmarks/results/selection_overhead_profile_cpu[_<size>]_b<batch>.{json,md}``
+(the size only when it is not 224) with the date, device, versions, git commit and this
+exact command.
 
     python benchmarks/selection_overhead_profile.py --threads 1
 """
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         "unpatched_op_ms": total, "patched_op_ms": sum(ms for _, ms in patched_ops.values()),
         "added_op_ms": extra_ms, "overhead": extra_ms / total, "added_ops": extra,
     }
-    stem = Path(args.out_dir) / f"selection_overhead_profile_cpu_b{args.batch_size}"
+    size = "" if args.size == 224 else f"_{args.size}"  # the 224px file keeps its name
+    stem = Path(args.out_dir) / f"selection_overhead_profile_cpu{size}_b{args.batch_size}"
     write_json(report, stem.with_suffix(".json"))
     rows = [[r["op"], r["shapes"][:70], str(r["extra_calls"]), f"{r['ms']:.2f}"] for r in extra[:15]]
     env = report["environment"]
