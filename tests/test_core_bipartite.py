@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from saint.core import (
     anchor_similarity,
+    best_anchors,
     count_at_least,
     nearest_anchor,
     split_candidates,
@@ -69,3 +70,12 @@ def test_count_and_sum_equal_the_plain_formulas(seed, tau, n):
     edges = sim >= tau
     assert torch.equal(count_at_least(sim, tau), edges.sum(-1))
     assert torch.equal(sum_at_least_(sim.clone(), tau), torch.where(edges, sim, 0.0).sum(-1))
+
+
+def test_best_anchors_mask_invalid_candidates_and_missing_anchors():
+    sim = torch.tensor([[[0.2, 0.9], [0.7, 0.1], [0.5, 0.5]]])
+    best, idx = best_anchors(sim, torch.tensor([[True, True, False]]))
+    assert best.tolist() == [[0.8999999761581421, 0.699999988079071, float("-inf")]]
+    assert idx.tolist() == [[1, 0, 0]]
+    best, idx = best_anchors(torch.zeros(1, 2, 0), torch.tensor([[True, True]]))
+    assert best.tolist() == [[float("-inf"), float("-inf")]] and idx.tolist() == [[0, 0]]

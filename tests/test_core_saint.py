@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +14,7 @@ from saint.core import (
     fixed_budget_keep_mask,
     keep_mask_to_indices,
     redundant_counts,
+    saint_fold_plan,
     saint_graph,
     saint_keep_mask,
 )
@@ -135,10 +137,6 @@ def test_invariants(shape, tau, k, rate):
 
 
 def test_fold_plan_needs_the_nearest_anchors():
-    import pytest
-
-    from saint.core import saint_fold_plan
-
     g = saint_graph(hand_metric(), tau=0.9, gamma=10.0)
     keep = saint_keep_mask(hand_metric(), 0.9, 1, 10.0)
     with pytest.raises(ValueError, match="nearest=True"):

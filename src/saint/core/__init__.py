@@ -4,6 +4,7 @@ from .attention import query_attention
 from .baselines import attention_keep_mask, random_keep_mask
 from .bipartite import (
     anchor_similarity,
+    best_anchors,
     count_at_least,
     nearest_anchor,
     split_candidates,
@@ -46,6 +47,7 @@ __all__ = [
     "keep_mask_to_indices",
     "match_counts",
     "match_plan",
+    "best_anchors",
     "best_matches",
     "count_at_least",
     "max_tome_r",

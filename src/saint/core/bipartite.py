@@ -42,6 +42,15 @@ def nearest_anchor(sim: torch.Tensor) -> torch.Tensor:
     return sim.argmax(dim=-1)
 
 
+def best_anchors(sim: torch.Tensor, candidate_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate's best anchor, ``(cosine, index)`` ``[B, A]``: ``(-inf, 0)`` for
+    invalid candidates and when there is no valid anchor (ToMe's and ``saint_match``'s edges)."""
+    if sim.shape[-1] == 0:
+        return sim.new_full(sim.shape[:2], float("-inf")), nearest_anchor(sim)
+    best, idx = sim.max(dim=-1)
+    return best.masked_fill(~candidate_valid, float("-inf")), idx.masked_fill(~candidate_valid, 0)
+
+
 def count_at_least(sim: torch.Tensor, tau: float) -> torch.Tensor:
     """Entries ``>= tau`` per row of ``sim [B, A, A']``, as long ``[B, A]`` (accumulated
     in int16 when a row is short enough: the default int64 sum of a bool tensor is

@@ -12,9 +12,8 @@ images in proportion to their redundancy instead of dropping every flagged token
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .bipartite import anchor_similarity, split_candidates
+from .bipartite import anchor_similarity, best_anchors, split_candidates
 from .gather import prunable_valid
 from .tome import MergePlan
 
@@ -28,12 +27,8 @@ def best_matches(
     b, n, _ = metric.shape
     pv = prunable_valid(valid, b, n, metric.device)[:, num_protected:]
     a, anc, va, vb = split_candidates(metric[:, num_protected:], pv)
-    sim = anchor_similarity(a, anc, None if valid is None else vb)
-    if sim.shape[-1] == 0:  # a single prunable token: no anchor to match
-        sim = F.pad(sim, (0, 1), value=float("-inf"))
-    best, idx = sim.max(dim=-1)
-    best = best.masked_fill(~va, float("-inf"))
-    return best, idx.masked_fill(~va, 0), va & torch.isfinite(best)
+    best, idx = best_anchors(anchor_similarity(a, anc, None if valid is None else vb), va)
+    return best, idx, va & torch.isfinite(best)
 
 
 def match_counts(best: torch.Tensor, candidate_valid: torch.Tensor, tau: float, fraction: float) -> torch.Tensor:
