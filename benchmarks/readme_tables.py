@@ -76,6 +76,12 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` decreasing, 2.5x (FLOPs)", "saint_match:inflection=-0.5,at=2.5@2.5x"),
         ("`saint_match` decreasing, 3x (FLOPs)", "saint_match:inflection=-0.5,at=3@3x"),
     ]),
+    "dinov2_518_measured": ("dinov2_s14_518_cpu_measured.json", "518px, 2 threads, measured calibration", [
+        *tome_rows(80, 100),
+        ("SAINT+ calibrated to 2x (measured)", "saint_plus:target=measured,at=2@2x"),
+        ("`saint_match` decreasing, 2x (measured)", "saint_match:inflection=-0.5,target=measured,at=2@2x"),
+        ("`saint_match` decreasing, 3x (measured)", "saint_match:inflection=-0.5,target=measured,at=3@3x"),
+    ]),
     "dinov2_224_schedule": ("dinov2_s14_224_cpu_schedule.json", "224px, schedule run", [
         *tome_rows(13, 19),
         ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
@@ -155,7 +161,8 @@ def render(text: str) -> str:
     def fill(m: re.Match[str]) -> str:
         return f"{m.group(1)}\n{table(m.group(2))}\n{m.group(3)}"
 
-    return re.sub(r"(<!-- table:(\w+) -->)\n.*?\n(<!-- /table -->)", fill, text, flags=re.S)
+    # the body is optional: a new, still empty table must not swallow the text up to the next one's end
+    return re.sub(r"(<!-- table:(\w+) -->)\n(?:.*?\n)??(<!-- /table -->)", fill, text, flags=re.S)
 
 
 def main(argv: list[str] | None = None) -> int:

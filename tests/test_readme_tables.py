@@ -27,3 +27,12 @@ def test_an_edited_number_is_put_back():
     text = mod.README.read_text()
     edited = text.replace("| ToMe r=13 | 1.40x |", "| ToMe r=13 | 9.99x |")
     assert edited != text and mod.render(edited) == text
+
+
+def test_a_new_empty_table_is_filled_and_swallows_nothing():
+    mod = load()
+    text = mod.README.read_text()
+    start = text.index("<!-- table:dinov2_224 -->")
+    end = text.index("<!-- /table -->", start)
+    emptied = text[:start] + "<!-- table:dinov2_224 -->\n" + text[end:]
+    assert emptied != text and mod.render(emptied) == text
