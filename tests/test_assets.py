@@ -204,3 +204,48 @@ def test_download_failure_is_explained(tmp_path, monkeypatch) -> None:
             assets.offline_images(skimage=False, shared=False)
     with pytest.raises(assets.AssetUnavailableError, match="foolbox==3.3.4"):
         assets.offline_images(strict=True)
+
+
+def _gpu_prepare():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_prepare.py"
+    spec = importlib.util.spec_from_file_location("gpu_prepare", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_carry_gives_the_same_bf16_model(onnx_bytes, tmp_path, monkeypatch) -> None:
+    """benchmarks/gpu_prepare.py carries the weights in bf16 (position table fp32); restored
+    on the other machine they make exactly the bf16 model the original weights make."""
+    prep = _gpu_prepare()
+    source = assets.default_model_state_dict()
+    original = assets.default_model(224).to(torch.bfloat16).state_dict()
+    prep.pack_weights(tmp_path / "carry")
+    monkeypatch.setenv("SAINT_CACHE", str(tmp_path / "other-machine"))
+    assert prep.restore(tmp_path / "carry") == 0
+    carried = assets.default_model_state_dict()
+    assert torch.equal(carried["pos_embed"], source["pos_embed"])
+    w = "blocks.0.attn.qkv.weight"  # fp32 values rounded to bf16: only bf16 runs are exact
+    assert carried[w].dtype == torch.float32 and torch.equal(carried[w], source[w].bfloat16().float())
+    restored = assets.default_model(224).to(torch.bfloat16).state_dict()
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+
+def test_gpu_carry_packs_the_first_photos_with_their_labels(tmp_path, monkeypatch) -> None:
+    prep = _gpu_prepare()
+    root = tmp_path / "imagenet-sample-200"
+    root.mkdir()
+    for name in ("a.JPEG", "b.JPEG", "c.JPEG"):
+        Image.new("RGB", (20, 30), (10, 200, 30)).save(root / name)
+    (root / "labels.csv").write_text(
+        "class_index,synset,class_name,file\n0,n0,x,a.JPEG\n5,n5,y,b.JPEG\n10,n10,z,c.JPEG\n"
+    )
+    monkeypatch.setenv("SAINT_SHARED_DATA", str(root))
+    out = prep.pack_photos(assets.shared_sample_images()[:2], tmp_path / "carry")
+    monkeypatch.setenv("SAINT_SHARED_DATA", str(out))
+    assert [(r.path.name, r.label) for r in assets.shared_sample_images()] == [("a.JPEG", 0), ("b.JPEG", 5)]
+    assert sorted(p.name for p in out.iterdir()) == ["a.JPEG", "b.JPEG", "labels.csv"]

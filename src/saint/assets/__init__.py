@@ -44,6 +44,7 @@ from .imgfocus import (
     convert_imgfocus_onnx,
     default_model_state_dict,
     imgfocus_onnx_bytes,
+    store_converted_state_dict,
 )
 from .loading import BadImageError, eval_transform, load_images, load_images_for_model, open_rgb
 from .models import default_model, load_timm_model, resample_pos_embed
@@ -71,6 +72,7 @@ __all__ = [
     "eval_transform",
     "foolbox_images",
     "imgfocus_onnx_bytes",
+    "store_converted_state_dict",
     "load_images",
     "load_images_for_model",
     "load_timm_model",

