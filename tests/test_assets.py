@@ -249,3 +249,10 @@ def test_gpu_carry_packs_the_first_photos_with_their_labels(tmp_path, monkeypatc
     monkeypatch.setenv("SAINT_SHARED_DATA", str(out))
     assert [(r.path.name, r.label) for r in assets.shared_sample_images()] == [("a.JPEG", 0), ("b.JPEG", 5)]
     assert sorted(p.name for p in out.iterdir()) == ["a.JPEG", "b.JPEG", "labels.csv"]
+
+
+def test_store_converted_state_dict_refuses_other_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SAINT_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="no pos_embed"):
+        assets.store_converted_state_dict({"head.weight": torch.zeros(2, 2)})
+    assert not any(tmp_path.iterdir())  # nothing written
