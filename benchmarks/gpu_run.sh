@@ -40,10 +40,13 @@ EOF
 
 if [ -n "$QUICK" ]; then
   BATCH=4; ROUNDS="--warmup 0 --repeats 1"; SIZES=224; PHOTOS=12; MODELS=vit_base_patch14_dinov2
-  KERNEL_CASES=(--lengths 20-60,60-250 --rounds 1); TARGETS=saint_plus@2; SPEEDUPS=2; SCALE=5
+  KERNEL_CASES=(--lengths 20-60,60-250 --rounds 1); TARGETS=saint_plus@2; SCALE=5
+  SWEEP=(--tome-r 13 --calibrated saint_match --calibrated saint_match:target=measured,at=1.5 --speedups 2)
 else
   BATCH=64; ROUNDS="--warmup 2 --repeats 10"; SIZES=224,518; PHOTOS=105; KERNEL_CASES=()
-  TARGETS=saint_plus@2,saint_plus@3; SPEEDUPS=1.5,2,2.5,3; SCALE=1
+  TARGETS=saint_plus@2,saint_plus@3; SCALE=1
+  SWEEP=(--calibrated saint_plus --calibrated saint_match --calibrated saint_match:inflection=-0.5
+         --calibrated saint_match:target=measured,at=2 --speedups 1.5,2,2.5,3)
   MODELS="vit_base_patch14_dinov2 vit_large_patch14_dinov2"
 fi
 COMMON=(--device "$DEVICE" --dtype bf16 --out-dir "$RESULTS")
@@ -57,9 +60,8 @@ for model in $MODELS; do
     --model "$model"
 done
 step sweep 200 "$PY" benchmarks/run_dinov2_cpu.py "${COMMON[@]}" --batch-size "$BATCH" --eval-batch "$BATCH" \
-  --sizes "$SIZES" --photos "$PHOTOS" --taus "" --matched none --tome-inflection=-0.5 \
-  --calibrated saint_plus --calibrated saint_match --calibrated saint_match:inflection=-0.5 \
-  --calibrated saint_match:target=measured,at=2 --speedups "$SPEEDUPS" $ROUNDS --tag gpu --no-progress
+  --sizes "$SIZES" --photos "$PHOTOS" --taus "" --matched none --tome-inflection=-0.5 "${SWEEP[@]}" \
+  $ROUNDS --tag gpu --no-progress
 
 tar czf "$OUT/gpu_results.tar.gz" -C "$RESULTS" .
 echo "== done ($(date -u +%H:%M:%S)): $OUT/gpu_results.tar.gz"
