@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import saint
 from saint.calibration import merge_ramp
 from saint.core import match_counts, match_plan, tome_plan
-from saint.core.match import best_matches
+from saint.core.match import attention_excess, best_matches
 from saint.spec import parse_calibrated_spec
 
 from .conftest import make_tiny
@@ -63,6 +63,61 @@ def test_one_count_for_every_image_is_tomes_choice():
     assert torch.equal(plan.keep, ref.keep)
 
 
+def test_attention_excess_known_answers():
+    # class token + 4 prunable tokens; image 1 has one padding position
+    attn = torch.tensor([[0.2, 0.2, 0.2, 0.2, 0.2], [0.1, 0.6, 0.15, 0.15, 0.0]])
+    valid = torch.tensor([[True] * 5, [True, True, True, True, False]])
+    ex = attention_excess(attn, valid, num_protected=1)
+    # image 0: 4 * 0.2 = 0.8 < 1 -> 0 everywhere; image 1: 3 * 0.6 = 1.8 -> log 1.8, 0.45 -> 0, pad -> 0
+    torch.testing.assert_close(ex, torch.tensor([[0.0, 0.0, 0.0, 0.0], [float(torch.log(torch.tensor(1.8))), 0, 0, 0]]))
+
+
+def test_guard_spares_the_token_the_class_token_reads():
+    # class token, then cand 10deg / anchor 12deg / cand 50deg / anchor 53deg: both pairs are
+    # redundant at tau cos(5deg); fraction 0.5 merges one, the more similar (2deg) without a guard
+    keys = torch.cat([_unit(90), _unit(10, 12, 50, 53)])[None]
+    tau = float(torch.cos(torch.tensor(5.0 * torch.pi / 180, dtype=torch.float64)))
+    plain = match_plan(keys, tau, 0.5, num_protected=1)
+    assert plain.keep[0].tolist() == [True, False, True, True, True]
+    attn = torch.tensor([[0.2, 0.5, 0.1, 0.1, 0.1]])  # the class token reads token 1 most
+    guarded = match_plan(keys, tau, 0.5, 1, cls_attention=attn, guard=0.1)
+    assert guarded.keep[0].tolist() == [True, True, True, False, True]  # same count, the other pair
+    tiny = match_plan(keys, tau, 0.5, 1, cls_attention=attn, guard=1e-4)  # too weak to beat 1 degree
+    assert torch.equal(tiny.keep, plain.keep)
+    assert torch.equal(match_plan(keys, tau, 0.5, 1, cls_attention=attn, guard=0.0).keep, plain.keep)
+    with pytest.raises(ValueError, match="pass cls_attention"):
+        match_plan(keys, tau, 0.5, 1, guard=0.1)
+    with pytest.raises(ValueError, match=r"must be \[B, N\]"):
+        match_plan(keys, tau, 0.5, 1, cls_attention=attn[:, :3], guard=0.1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(-1, 1), st.floats(0, 1), st.floats(0, 5), st.integers(0, 2**16))
+def test_guard_changes_which_tokens_merge_never_how_many(tau, fraction, guard, seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(3, 13, 5, generator=g)
+    attn = torch.rand(3, 13, generator=g).softmax(dim=-1)
+    valid = torch.ones(3, 13, dtype=torch.bool)
+    valid[2, 9:] = False
+    plain = match_plan(keys, tau, fraction, 1, valid)
+    guarded = match_plan(keys, tau, fraction, 1, valid, cls_attention=attn, guard=guard)
+    assert torch.equal(plain.keep.sum(1), guarded.keep.sum(1))
+    assert bool(guarded.keep[:, 0].all()) and not bool(guarded.keep[2, 9:].any())
+
+
+def test_guard_on_a_model_keeps_the_first_counts_and_changes_the_merges(images):
+    """Block 0 merges as many tokens either way; later counts follow the merged states."""
+    model = make_tiny("vit")
+    outs, tokens = [], []
+    for guard in (0.0, 0.5):
+        saint.patch(model, "saint_match", tau=0.3, fraction=0.7, guard=guard)
+        with torch.no_grad():
+            outs.append(model(images))
+        tokens.append(saint.stats(model).tokens)
+    assert tokens[0][:2] == tokens[1][:2] and len(set(tokens[1][1])) > 1  # ragged after block 0
+    assert not torch.allclose(outs[0], outs[1])
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 4), st.floats(-1, 1), st.floats(0, 1), st.integers(0, 2**16))
 def test_each_image_merges_the_same_alone_or_in_a_batch(extra_pad, tau, fraction, seed):
@@ -98,11 +153,13 @@ def test_missing_settings_point_to_calibration():
             saint.patch(make_tiny("vit"), "saint_match", tau=0.5, fraction=bad)
 
 
-def test_calibration_hits_flops_target_with_median_taus():
+@pytest.mark.parametrize("guard", [0.0, 0.5])
+def test_calibration_hits_flops_target_with_median_taus(guard):
     model = make_tiny("vit")
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    cal = saint.calibrate(model, x, method="saint_match", flops_speedup=1.3, tol=0.02)
+    cal = saint.calibrate(model, x, method="saint_match", flops_speedup=1.3, tol=0.02, guard=guard)
     assert cal.reached and abs(cal.achieved - 1.3) <= 0.02 * 1.3
+    assert cal.settings == {"guard": guard}
     assert sorted(cal.per_layer) == ["fraction"] and sorted(cal.per_layer["fraction"]) == sorted(cal.tau)
     kwargs = cal.patch_kwargs()
     assert set(kwargs) >= {"tau", "fraction"}

@@ -17,11 +17,14 @@ from .conftest import ARCHS, make_tiny
 TOL = dict(rtol=0, atol=1e-5)
 # per-image methods whose counts differ between images (ragged), incl. merging ones
 RAGGED = {
-    "saint": dict(tau=0.3, k=1),
-    "saint_fold": dict(tau=0.3, k=1),
-    "saint_plus": dict(tau=0.3),
-    "saint_match": dict(tau=0.3, fraction=0.7),
+    "saint": ("saint", dict(tau=0.3, k=1)),
+    "saint_fold": ("saint_fold", dict(tau=0.3, k=1)),
+    "saint_plus": ("saint_plus", dict(tau=0.3)),
+    "saint_match": ("saint_match", dict(tau=0.3, fraction=0.7)),
+    # the guard ranks by class-token attention, read from the packed stream
+    "saint_match+guard": ("saint_match", dict(tau=0.3, fraction=0.7, guard=0.5)),
 }
+NEEDS_CLASS_TOKEN = {"saint_match+guard"}
 RECTANGULAR = {"tome": dict(r=2), "random": dict(r=3), "attn": dict(r=3), "budget": dict(layers=[1], keep=5)}
 
 
@@ -81,11 +84,11 @@ def _run(model, x, method, kw, layout):
     return out, feats, saint.token_mask(model), saint.stats(model)
 
 
-@pytest.mark.parametrize("method", sorted(RAGGED))
+@pytest.mark.parametrize("label", sorted(RAGGED))
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_timm_packed_equals_padded_equals_alone(arch, method, images):
+def test_timm_packed_equals_padded_equals_alone(arch, label, images):
     model = make_tiny(arch)
-    kw = RAGGED[method]
+    method, kw = RAGGED[label]
     out, feats, mask, stats = _run(model, images, method, kw, "packed")
     assert stats.layout == "packed" and stats.per_sample_differs()
     p_out, p_feats, p_mask, p_stats = _run(model, images, method, kw, "padded")
@@ -192,15 +195,18 @@ def test_drop_path_training_needs_padded_layout(images):
     assert model(images).shape[0] == len(images)
 
 
-@pytest.mark.parametrize("method", sorted(RAGGED))
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_hf_packed_equals_padded_equals_alone(kind, method, images):
+@pytest.mark.parametrize(("kind", "label"), [
+    (kind, label) for kind in ("clip", "siglip") for label in sorted(RAGGED)
+    if kind == "clip" or label not in NEEDS_CLASS_TOKEN  # SigLIP has no class token
+])
+def test_hf_packed_equals_padded_equals_alone(kind, label, images):
     from .test_hf_vision import make
 
     model = make(kind)
+    method, kw = RAGGED[label]
     outs, masks = {}, {}
     for layout in ("padded", "packed"):
-        saint.patch(model, method, layout=layout, **RAGGED[method])
+        saint.patch(model, method, layout=layout, **kw)
         with torch.no_grad():
             outs[layout] = model(pixel_values=images, output_hidden_states=True)
         assert saint.stats(model).layout == layout

@@ -108,6 +108,12 @@ class MethodConfig:
         """Whether merged tokens' sizes bias attention (proportional attention)."""
         return False
 
+    @property
+    def reads_cls_attention(self) -> bool:
+        """Whether these settings rank tokens by the class token's attention (beyond
+        what the method's spec always does, ``MethodSpec.needs_cls_attention``)."""
+        return False
+
     def check_value(self, name: str, value: Any) -> Any:  # pragma: no cover - overridden
         return value
 
@@ -289,11 +295,15 @@ class MatchConfig(MethodConfig):
     size-weighted and sizes bias attention (``prop_attn``). Get ``tau`` and ``fraction``
     from :func:`saint.calibrate` (``method="saint_match"``): tau is each layer's median
     best-match cosine on the calibration photos, fraction spreads a ToMe-like mean ``r``
-    (at most 1: an image never merges more than the candidates its graph flags)."""
+    (at most 1: an image never merges more than the candidates its graph flags).
+    ``guard`` (>= 0, needs a class token) orders the merges by cosine minus ``guard`` times
+    how far above an even share the class token attends to the pair's two tokens (see
+    :func:`saint.core.match.attention_excess`): same counts, fewer salient tokens merged."""
 
     tau: float | Sequence[float] | Mapping[int, float] | None = None
     fraction: float | Sequence[float] | Mapping[int, float] | None = None
     prop_attn: bool = True
+    guard: float = 0.0
     PER_LAYER: ClassVar[tuple[str, ...]] = ("tau", "fraction")
     DEFAULT_LAYERS: ClassVar[str] = "all"
 
@@ -317,6 +327,15 @@ class MatchConfig(MethodConfig):
         if name == "fraction" and not 0.0 <= v <= 1.0:
             raise ValueError(f"fraction={v} must be in [0, 1] (share of the redundant candidates merged)")
         return v
+
+    def check_global(self) -> None:
+        guard = _number("guard", self.guard)
+        if not 0.0 <= guard < float("inf"):
+            raise ValueError(f"guard={guard} must be a finite number >= 0 (weight of the class-attention guard)")
+
+    @property
+    def reads_cls_attention(self) -> bool:
+        return bool(self.guard)
 
 
 @dataclass
@@ -414,7 +433,12 @@ def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selec
 
 
 def _select_match(ctx: LayerContext, s: dict[str, Any], cfg: MatchConfig) -> Selection:
-    plan = core.match_plan(ctx.keys, s["tau"], s["fraction"], ctx.num_protected, ctx.valid)
+    cls_attention = None
+    if cfg.guard:
+        if ctx.cls_attention is None:
+            raise ValueError("saint_match with guard > 0 ranks by class-token attention; this model has no class token")
+        cls_attention = ctx.cls_attention()
+    plan = core.match_plan(ctx.keys, s["tau"], s["fraction"], ctx.num_protected, ctx.valid, cls_attention, cfg.guard)
     return Selection(plan.keep, plan)
 
 
@@ -588,6 +612,12 @@ register(
         site="projector", reduce=_reduce_pool,
     )
 )
+
+
+def needs_cls_attention(spec: MethodSpec, config: MethodConfig) -> bool:
+    """Whether this method with these settings reads the class token's attention (the
+    model then needs a class token)."""
+    return spec.needs_cls_attention or config.reads_cls_attention
 
 
 def require_site(spec: MethodSpec, site: str, model: str) -> None:

@@ -189,9 +189,19 @@ class TokenState:
         positions repeat a real token; ``valid`` marks them); other tensors as they are."""
         if not self.packed:
             return t
+        return t[0][self._padded_index()]
+
+    def first(self, t: torch.Tensor) -> torch.Tensor:
+        """Each image's first token ``[B, ...]`` (its class token where it has one) of a
+        packed ``[1, T, ...]`` or padded ``[B, M, ...]`` tensor, without padding the rest."""
+        if not self.packed:
+            return t[:, 0]
+        return t[0][self._padded_index()[:, 0]]
+
+    def _padded_index(self) -> torch.Tensor:
         if self._index is None:
             self._index = padded_index(self.valid)
-        return t[0][self._index]
+        return self._index
 
     def padded_key_mask(self, dtype: torch.dtype, prop_attn: bool) -> torch.Tensor | None:
         """The additive key mask ``[B, 1, 1, M]`` of the padded view, in any layout."""

@@ -44,7 +44,15 @@ from typing import Any
 
 import torch
 
-from ..methods import LayerContext, MethodConfig, MethodSpec, Selection, make_config, require_site
+from ..methods import (
+    LayerContext,
+    MethodConfig,
+    MethodSpec,
+    Selection,
+    make_config,
+    needs_cls_attention,
+    require_site,
+)
 from .base import (
     FamilyAdapter,
     Grid,
@@ -220,10 +228,10 @@ def _check_method(tower: torch.nn.Module, spec: MethodSpec, config: MethodConfig
                   num_protected: int, layout: str) -> None:
     """The method can run on this tower: a class token when it ranks by one, a maskable
     attention when it pads, fixed counts that fit the patches."""
-    if spec.needs_cls_attention and num_protected == 0:
+    if needs_cls_attention(spec, config) and num_protected == 0:
         raise ValueError(
-            f"method {spec.name!r} ranks tokens by class-token attention; {type(tower).__name__} has no class token "
-            "(use saint, tome, random or budget)"
+            f"method {spec.name!r} ranks tokens by class-token attention here; {type(tower).__name__} has no class "
+            "token " + ("(use guard=0)" if config.reads_cls_attention else "(use saint, tome, random or budget)")
         )
     if _needs_mask(spec, config, layout):
         impl = tower.config._attn_implementation
@@ -274,7 +282,7 @@ def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k_packed: torch.
 
     def compute() -> torch.Tensor:
         bias = state.padded_key_mask(k_packed.dtype, prop_attn)
-        first = state.padded(normed)[:, :1]
+        first = state.first(normed)[:, None]
         k = state.padded(k_packed)
         b, n, c = k.shape
         h = attn.num_heads

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..methods import LayerContext, MethodSpec, make_config, require_site
+from ..methods import LayerContext, MethodSpec, make_config, needs_cls_attention, require_site
 from .base import (
     FamilyAdapter,
     Grid,
@@ -98,8 +98,9 @@ def patch(
             )
     settings = config.resolve(len(blocks))
     num_protected = int(model.num_prefix_tokens)
-    if spec.needs_cls_attention and getattr(model, "cls_token", None) is None:
-        raise ValueError(f"method {spec.name!r} needs a class token; {type(model).__name__} has none")
+    if needs_cls_attention(spec, config) and getattr(model, "cls_token", None) is None:
+        raise ValueError(f"method {spec.name!r} needs a class token (it ranks by class-token attention"
+                         + (", guard > 0" if config.reads_cls_attention else "") + f"); {type(model).__name__} has none")
     pool = getattr(model, "global_pool", "token")
     if spec.merges and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_SIZES):
         raise ValueError(
@@ -142,13 +143,13 @@ def _cls_attention_of(blk: torch.nn.Module, qkv_packed: torch.Tensor, state: Tok
 
     def compute() -> torch.Tensor:
         bias = state.padded_key_mask(qkv_packed.dtype, prop_attn)
-        qkv = state.padded(qkv_packed)
         attn = blk.attn
-        b, n, c3 = qkv.shape
+        c = qkv_packed.shape[-1] // 3
         h = attn.num_heads
-        q = attn.q_norm(qkv.reshape(b, n, 3, h, -1)[:, 0, 0])  # [B, H, D]
-        k = attn.k_norm(qkv.reshape(b, n, 3, h, -1)[:, :, 1])  # [B, N, H, D]
-        return cls_attention(q, k, attn.scale, bias)
+        k = state.padded(qkv_packed[..., c : 2 * c])  # only the keys are padded
+        b, n = k.shape[:2]
+        q = attn.q_norm(state.first(qkv_packed[..., :c]).reshape(b, h, c // h))  # [B, H, D]
+        return cls_attention(q, attn.k_norm(k.reshape(b, n, h, c // h)), attn.scale, bias)
 
     return compute
 

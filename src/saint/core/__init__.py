@@ -18,7 +18,7 @@ from .gather import (
     keep_mask_to_indices,
     prunable_valid,
 )
-from .match import best_matches, match_counts, match_plan
+from .match import attention_excess, best_matches, match_counts, match_plan
 from .saint_drop import (
     SaintGraph,
     drop_counts,
@@ -36,6 +36,7 @@ __all__ = [
     "SaintGraph",
     "additive_key_mask",
     "anchor_similarity",
+    "attention_excess",
     "attention_keep_mask",
     "drop_counts",
     "drop_top_ranked",

@@ -7,6 +7,11 @@ most similar first, where ``n_b`` counts its candidates whose best-match cosine 
 ``tau`` (the graph's redundancy count with ``k=1``). A redundant image therefore merges
 more than a detailed one, but softly: ``fraction`` spreads the layer's budget over the
 images in proportion to their redundancy instead of dropping every flagged token.
+
+With a ``guard`` the merge order also spares what the class token reads: a pair's score is
+its cosine minus ``guard`` times the :func:`attention_excess` of both its tokens, so among
+the flagged candidates the ones the class token attends to more than average merge last.
+The counts stay the graph's, so the guard changes which tokens merge, never how many.
 """
 
 from __future__ import annotations
@@ -39,21 +44,43 @@ def match_counts(best: torch.Tensor, candidate_valid: torch.Tensor, tau: float, 
     return torch.minimum(r, candidate_valid.sum(dim=1))
 
 
+def attention_excess(cls_attention: torch.Tensor, valid: torch.Tensor, num_protected: int = 0) -> torch.Tensor:
+    """How much more than an even share the class token reads each prunable token:
+    ``max(0, log(n_b * attention))`` ``[B, P]``, ``n_b`` being image ``b``'s real prunable
+    tokens (0 for a token at or below ``1 / n_b``, and for padding)."""
+    pv = valid[:, num_protected:]
+    share = cls_attention[:, num_protected:].float() * pv.sum(dim=1, keepdim=True)
+    return torch.log(share.clamp(min=1e-30)).clamp(min=0.0).masked_fill(~pv, 0.0)
+
+
 def match_plan(
     metric: torch.Tensor,
     tau: float,
     fraction: float,
     num_protected: int = 0,
     valid: torch.Tensor | None = None,
+    cls_attention: torch.Tensor | None = None,
+    guard: float = 0.0,
 ) -> MergePlan:
     """The ragged merge plan of one step: image ``b`` merges its :func:`match_counts`
-    most similar candidates into their best anchors (``active`` marks them)."""
+    candidates into their best anchors (``active`` marks them), most similar first; with
+    ``guard > 0`` and ``cls_attention [B, N]`` (the class token's attention, averaged over
+    heads), by cosine minus ``guard`` times both tokens' :func:`attention_excess`."""
     b, n, _ = metric.shape
     valid = prunable_valid(valid, b, n, metric.device)
     best, idx, cand_valid = best_matches(metric, num_protected, valid)
     counts = match_counts(best, cand_valid, tau, fraction)
     a = best.shape[1]
-    order = torch.argsort(best, dim=-1, descending=True, stable=True)
+    score = best
+    if guard:
+        if cls_attention is None:
+            raise ValueError("a merge guard ranks by the class token's attention; pass cls_attention")
+        if cls_attention.shape != (b, n):
+            raise ValueError(f"cls_attention must be [B, N] = {(b, n)}, got {tuple(cls_attention.shape)}")
+        excess = attention_excess(cls_attention, valid, num_protected)
+        anchor_excess = torch.gather(excess[:, 1::2], 1, idx) if excess.shape[1] > 1 else torch.zeros_like(best)
+        score = best - guard * (excess[:, 0::2] + anchor_excess)
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
     rank = torch.arange(a, device=metric.device).expand(b, a)
     active = rank < counts[:, None]
     src = num_protected + 2 * order
