@@ -82,6 +82,21 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` decreasing, 2x (measured)", "saint_match:inflection=-0.5,target=measured,at=2@2x"),
         ("`saint_match` decreasing, 3x (measured)", "saint_match:inflection=-0.5,target=measured,at=3@3x"),
     ]),
+    "dinov2_518_guard": ("dinov2_s14_518_cpu_guard.json", "518px, 2 threads, class-attention guard", [
+        *tome_rows(80, 100),
+        ("`saint_match` decreasing, 3x (FLOPs), no guard", "saint_match:inflection=-0.5,at=3@3x"),
+        ("`saint_match` decreasing, guard 0.1, 2x (FLOPs)", "saint_match:inflection=-0.5,guard=0.1@2x"),
+        ("`saint_match` decreasing, guard 0.1, 3x (FLOPs)", "saint_match:inflection=-0.5,guard=0.1@3x"),
+        ("`saint_match` decreasing, guard 0.1, 3x (measured)",
+         "saint_match:inflection=-0.5,guard=0.1,target=measured,at=3@3x"),
+    ]),
+    "dinov2_224_guard": ("dinov2_s14_224_cpu_guard.json", "224px, 2 threads, class-attention guard", [
+        *tome_rows(13, 16, 19),
+        ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
+        ("`saint_match` calibrated to 2x (FLOPs)", "saint_match@2x"),
+        ("`saint_match` guard 0.1, 1.5x (FLOPs)", "saint_match:guard=0.1@1.5x"),
+        ("`saint_match` guard 0.1, 2x (FLOPs)", "saint_match:guard=0.1@2x"),
+    ]),
     "dinov2_224_schedule": ("dinov2_s14_224_cpu_schedule.json", "224px, schedule run", [
         *tome_rows(13, 19),
         ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
