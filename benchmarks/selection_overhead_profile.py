@@ -11,7 +11,7 @@ the unpatched model's total op time is the overhead. Python-side hook time is no
 (a few hooks per block: microseconds against a batch's seconds).
 
 Writes ``benchmarks/results/selection_overhead_profile_cpu[_<size>]_b<batch>.{json,md}``
-(the size only when it is not 224) with the date, device, versions, git commit and this
+(the size only when it is not 224; ``--tag`` adds a suffix) with the date, device, versions, git commit and this
 exact command.
 
     python benchmarks/selection_overhead_profile.py --threads 1
@@ -45,7 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--method", default="saint:k=1000", help="the patched variant (default saint:k=1000)")
     p.add_argument("--out-dir", default=str(RESULTS))
-    return p.parse_args(argv)
+    p.add_argument("--tag", default="", help="suffix of the output names, for another --method beside the default")
+    args = p.parse_args(argv)
+    if args.tag and not args.tag.replace("_", "").replace("-", "").isalnum():
+        p.error(f"--tag {args.tag!r}: use letters, digits, '-' and '_' only")
+    return args
 
 
 def op_times(model: torch.nn.Module, x: torch.Tensor) -> dict[tuple[str, str], tuple[int, float]]:
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         "added_op_ms": extra_ms, "overhead": extra_ms / total, "added_ops": extra,
     }
     size = "" if args.size == 224 else f"_{args.size}"  # the 224px file keeps its name
-    stem = Path(args.out_dir) / f"selection_overhead_profile_cpu{size}_b{args.batch_size}"
+    tag = f"_{args.tag}" if args.tag else ""
+    stem = Path(args.out_dir) / f"selection_overhead_profile_cpu{size}_b{args.batch_size}{tag}"
     write_json(report, stem.with_suffix(".json"))
     rows = [[r["op"], r["shapes"][:70], str(r["extra_calls"]), f"{r['ms']:.2f}"] for r in extra[:15]]
     env = report["environment"]
