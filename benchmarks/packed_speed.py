@@ -108,6 +108,13 @@ def tome_rs(spec: str, model: torch.nn.Module) -> list[int]:
     return [int(r) for r in spec.split(",") if r.strip()]
 
 
+def speedups(base: dict[str, Any], r: dict[str, Any]) -> tuple[float, float, float]:
+    """``r`` against the unpruned ``base``: (real-token FLOPs-ideal, fastest-round and
+    median-round measured speed-up)."""
+    return (base["gflops_per_image"] / r["gflops_per_image"], base["ms_min"] / r["ms_min"],
+            base["ms_median"] / r["ms_median"])
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per calibrated method: real-token FLOPs-ideal speed-up and what packed and padded
     reach of it (from the fastest round, and from the median)."""
@@ -119,12 +126,11 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         name = r["label"][: -len(" packed")]
         padded = by_label[f"{name} padded"]
-        ideal = base["gflops_per_image"] / r["gflops_per_image"]
+        ideal = speedups(base, r)[0]
         row = {"variant": name, "ideal_speedup_real_tokens": ideal, "mean_tokens": r["mean_tokens"],
                "tokens_per_block": r["tokens_per_block"], "layout_ran": [r["layout"], padded["layout"]]}
         for tag, m in (("packed", r), ("padded", padded)):
-            row[f"{tag}_speedup_best"] = base["ms_min"] / m["ms_min"]
-            row[f"{tag}_speedup_median"] = base["ms_median"] / m["ms_median"]
+            _, row[f"{tag}_speedup_best"], row[f"{tag}_speedup_median"] = speedups(base, m)
             row[f"{tag}_efficiency_best"] = row[f"{tag}_speedup_best"] / ideal
         rows.append(row)
     return rows
@@ -138,10 +144,9 @@ def summarise_tome(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         if not r["label"].startswith("tome "):
             continue
-        ideal = base["gflops_per_image"] / r["gflops_per_image"]
-        best = base["ms_min"] / r["ms_min"]
+        ideal, best, median = speedups(base, r)
         rows.append({"variant": r["label"], "ideal_speedup_real_tokens": ideal, "mean_tokens": r["mean_tokens"],
-                     "speedup_best": best, "speedup_median": base["ms_median"] / r["ms_median"],
+                     "speedup_best": best, "speedup_median": median,
                      "efficiency_best": best / ideal, "layout_ran": r["layout"]})
     return rows
 

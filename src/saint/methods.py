@@ -614,10 +614,15 @@ register(
 )
 
 
-def needs_cls_attention(spec: MethodSpec, config: MethodConfig) -> bool:
-    """Whether this method with these settings reads the class token's attention (the
-    model then needs a class token)."""
-    return spec.needs_cls_attention or config.reads_cls_attention
+def require_class_token(spec: MethodSpec, config: MethodConfig, has_class_token: bool, model: str) -> None:
+    """Refuse a method whose settings rank tokens by the class token's attention
+    (``attn``, or ``saint_match`` with ``guard > 0``) on a model without a class token."""
+    if has_class_token or not (spec.needs_cls_attention or config.reads_cls_attention):
+        return
+    why, fix = ((", guard > 0", "use guard=0") if config.reads_cls_attention
+                else ("", "use saint, tome, random or budget"))
+    raise ValueError(f"method {spec.name!r} needs a class token (it ranks by class-token attention{why}); "
+                     f"{model} has no class token ({fix})")
 
 
 def require_site(spec: MethodSpec, site: str, model: str) -> None:

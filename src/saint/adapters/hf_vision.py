@@ -50,7 +50,7 @@ from ..methods import (
     MethodSpec,
     Selection,
     make_config,
-    needs_cls_attention,
+    require_class_token,
     require_site,
 )
 from .base import (
@@ -228,11 +228,7 @@ def _check_method(tower: torch.nn.Module, spec: MethodSpec, config: MethodConfig
                   num_protected: int, layout: str) -> None:
     """The method can run on this tower: a class token when it ranks by one, a maskable
     attention when it pads, fixed counts that fit the patches."""
-    if needs_cls_attention(spec, config) and num_protected == 0:
-        raise ValueError(
-            f"method {spec.name!r} ranks tokens by class-token attention here; {type(tower).__name__} has no class "
-            "token " + ("(use guard=0)" if config.reads_cls_attention else "(use saint, tome, random or budget)")
-        )
+    require_class_token(spec, config, num_protected > 0, type(tower).__name__)
     if _needs_mask(spec, config, layout):
         impl = tower.config._attn_implementation
         if impl not in MASKABLE_ATTENTION:

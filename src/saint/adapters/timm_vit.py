@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..methods import LayerContext, MethodSpec, make_config, needs_cls_attention, require_site
+from ..methods import LayerContext, MethodSpec, make_config, require_class_token, require_site
 from .base import (
     FamilyAdapter,
     Grid,
@@ -98,9 +98,7 @@ def patch(
             )
     settings = config.resolve(len(blocks))
     num_protected = int(model.num_prefix_tokens)
-    if needs_cls_attention(spec, config) and getattr(model, "cls_token", None) is None:
-        raise ValueError(f"method {spec.name!r} needs a class token (it ranks by class-token attention"
-                         + (", guard > 0" if config.reads_cls_attention else "") + f"); {type(model).__name__} has none")
+    require_class_token(spec, config, getattr(model, "cls_token", None) is not None, type(model).__name__)
     pool = getattr(model, "global_pool", "token")
     if spec.merges and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_SIZES):
         raise ValueError(
