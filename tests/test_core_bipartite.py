@@ -11,10 +11,16 @@ from hypothesis import strategies as st
 from saint.core import (
     anchor_similarity,
     best_anchors,
+    bipartite,
     count_at_least,
+    match_anchors,
+    match_plan,
     nearest_anchor,
+    reduce_similarity,
+    saint_graph,
     split_candidates,
     sum_at_least_,
+    tome_plan,
 )
 
 
@@ -79,3 +85,46 @@ def test_best_anchors_mask_invalid_candidates_and_missing_anchors():
     assert idx.tolist() == [[1, 0, 0]]
     best, idx = best_anchors(torch.zeros(1, 2, 0), torch.tensor([[True, True]]))
     assert best.tolist() == [[float("-inf"), float("-inf")]] and idx.tolist() == [[0, 0]]
+
+
+def test_reduce_similarity_chunks_on_cpu_and_calls_reduce_per_chunk(monkeypatch):
+    a, anc = torch.randn(5, 4, 3), torch.randn(5, 6, 3)
+    seen = []
+
+    def rows(sim):
+        seen.append(sim.shape[0])
+        return sim.sum(-1), sim.argmax(-1)
+
+    whole = rows(anchor_similarity(a, anc, None))
+    seen.clear()
+    monkeypatch.setattr(bipartite, "CPU_CHUNK_BYTES", 2 * 4 * 6 * 4)  # two images' [4, 6] float32
+    total, idx = reduce_similarity(a, anc, None, rows)
+    assert seen == [2, 2, 1]
+    assert torch.equal(total, whole[0]) and torch.equal(idx, whole[1])
+    assert reduce_similarity(a[:0], anc[:0], None, rows)[0].shape == (0, 4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(2, 11), st.integers(1, 3))
+def test_chunked_selection_equals_the_whole_matrix(seed, b, n, chunk_images):
+    """SAINT's graph, saint_match's and ToMe's matches, made one chunk of images at a
+    time, are exactly those of the whole batch (padding included)."""
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(b, n, 4, generator=g)
+    valid = torch.rand(b, n, generator=g) > 0.2
+    valid[:, :2] = True
+
+    def everything():
+        graph = saint_graph(metric, 0.1, 1.0, valid, nearest=True)
+        a, anc, va, vb = split_candidates(metric, valid)
+        plan = match_plan(metric, 0.1, 0.5, 0, valid)
+        tome = tome_plan(metric, 1, 0, valid)
+        return (graph.degree, graph.score, graph.best_anchor, *match_anchors(a, anc, vb, va),
+                plan.src, plan.dst, plan.keep, plan.active, tome.src, tome.dst)
+
+    whole = everything()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bipartite, "CPU_CHUNK_BYTES", chunk_images * (n // 2 + n % 2) * (n // 2) * 4)
+        chunked = everything()
+    for x, y in zip(whole, chunked, strict=True):
+        assert torch.equal(x, y)

@@ -34,7 +34,7 @@ import torch
 from .adapters import Adapter, find_adapter, handle_of
 from .adapters.base import vit_block_flops
 from .api import is_patched, patch, unpatch
-from .core import anchor_similarity, best_matches, prunable_valid, split_candidates
+from .core import best_matches, prunable_valid, reduce_similarity, split_candidates
 from .methods import (
     LayerContext,
     MatchConfig,
@@ -110,9 +110,9 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
         metric = saint_metric(ctx, cfg)[:, ctx.num_protected :]
         valid = ctx.valid[:, ctx.num_protected :] if ctx.valid is not None else None
         a, anc, va, vb = split_candidates(metric, prunable_valid(valid, *metric.shape[:2], metric.device))
-        sim = anchor_similarity(a, anc, vb)
-        k = min(s["k"], sim.shape[-1])
-        kth = sim.topk(k, dim=-1).values[..., -1][va]
+        k = min(s["k"], anc.shape[1])
+        (kth,) = reduce_similarity(a, anc, vb, lambda sim: (sim.topk(k, dim=-1).values[..., -1],))
+        kth = kth[va]
         kth = kth[torch.isfinite(kth)]
         if fraction <= 0 or kth.numel() == 0:
             tau = 1.0

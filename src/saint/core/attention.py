@@ -23,12 +23,13 @@ def query_attention(
     ``dtype``. Returns ``[B, N]`` averaged over heads, or ``[B, H, N]``.
     """
     b, n, h, d = k.shape
-    # one bmm of the keys as they lie, [B, N, H*D], against a block-diagonal query
-    # [B, H*D, H]: a "bhd,bnhd->bhn" einsum would first copy the keys head-major
-    # (at 518px, batch 32, that copy cost ten times the product)
-    q_blocks = torch.zeros(b, h, d, h, dtype=dtype, device=q.device)
-    q_blocks.diagonal(dim1=1, dim2=3).copy_(q.to(dtype).transpose(1, 2))
-    logits = (k.to(dtype).reshape(b, n, h * d) @ q_blocks.reshape(b, h * d, h)).transpose(1, 2) * scale
+    # one bmm of a block-diagonal query [B, H, H*D] (row h holds q_h in head h's columns)
+    # against the keys as they lie, [B, N, H*D] read transposed: an einsum would first copy
+    # the keys head-major, and keys @ query (N rows, H columns) runs 2.6x slower than this
+    # H-row product (518px, batch 32, CPU)
+    q_rows = torch.zeros(b, h, h, d, dtype=dtype, device=q.device)
+    q_rows.diagonal(dim1=1, dim2=2).copy_(q.to(dtype).transpose(1, 2))
+    logits = torch.bmm(q_rows.reshape(b, h, h * d), k.to(dtype).reshape(b, n, h * d).transpose(1, 2)) * scale
     if mask is not None:
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask[:, None, :], float("-inf"))

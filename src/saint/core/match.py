@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .bipartite import anchor_similarity, best_anchors, split_candidates
+from .bipartite import match_anchors, split_candidates
 from .gather import prunable_valid
 from .tome import MergePlan
 
@@ -32,7 +32,7 @@ def best_matches(
     b, n, _ = metric.shape
     pv = prunable_valid(valid, b, n, metric.device)[:, num_protected:]
     a, anc, va, vb = split_candidates(metric[:, num_protected:], pv)
-    best, idx = best_anchors(anchor_similarity(a, anc, None if valid is None else vb), va)
+    best, idx = match_anchors(a, anc, None if valid is None else vb, va)
     return best, idx, va & torch.isfinite(best)
 
 

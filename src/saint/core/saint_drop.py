@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from .bipartite import (
-    anchor_similarity,
     count_at_least,
     nearest_anchor,
+    reduce_similarity,
     split_candidates,
     sum_at_least_,
 )
@@ -48,16 +48,21 @@ def saint_graph(
     """Build the candidate/anchor graph on ``metric [B, P, D]`` (prunable tokens only);
     with ``nearest`` also each candidate's most similar anchor (what SAINT+ folds into).
 
-    The ``[B, A, A']`` similarity is made once, masked in place and read two or three
-    times (nearest anchor, degree, linked sum); the mean over all anchors comes from the
-    anchors' sum instead.
+    The ``[B, A, A']`` similarity is made once (a chunk of images at a time on a CPU),
+    masked in place and read two or three times (nearest anchor, degree, linked sum); the
+    mean over all anchors comes from the anchors' sum instead.
     """
     b, p, _ = metric.shape
     a, anc, va, vb = split_candidates(metric, prunable_valid(valid, b, p, metric.device))
-    sim = anchor_similarity(a, anc, None if valid is None else vb)
-    best_anchor = nearest_anchor(sim) if nearest else None
-    degree = count_at_least(sim, tau) * va
-    linked_sum = sum_at_least_(sim, tau)  # sim is spent from here on
+
+    def passes(sim: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nearest_ones = (nearest_anchor(sim),) if nearest else ()
+        degree = count_at_least(sim, tau)
+        return (*nearest_ones, degree, sum_at_least_(sim, tau))  # sim is spent by the last pass
+
+    *nearest_ones, degree, linked_sum = reduce_similarity(a, anc, None if valid is None else vb, passes)
+    best_anchor = nearest_ones[0] if nearest else None
+    degree = degree * va
     n_anchor = vb.sum(-1, keepdim=True).clamp(min=1)
     anchor_sum = (anc * vb[..., None]).sum(dim=1)
     all_mean = (a @ anchor_sum[..., None]).squeeze(-1) / n_anchor

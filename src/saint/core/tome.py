@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .bipartite import anchor_similarity, best_anchors
+from .bipartite import match_anchors
 from .gather import EPS, prunable_valid
 
 ORDERS = ("keep", "reference")
@@ -74,7 +74,7 @@ def tome_plan(
     m = F.normalize(metric.float(), dim=-1, eps=EPS)
     va = valid[:, a_pos] & (a_pos >= p)
     vb = valid[:, b_pos] & (b_pos >= p)
-    node_max, node_idx = best_anchors(anchor_similarity(m[:, a_pos], m[:, b_pos], vb), va)
+    node_max, node_idx = match_anchors(m[:, a_pos], m[:, b_pos], vb, va)
     edges = torch.argsort(node_max, dim=-1, descending=True, stable=True)
     src = a_pos[edges[:, :r]]
     dst = b_pos[torch.gather(node_idx, 1, edges[:, :r])]
