@@ -51,18 +51,25 @@ def reduce_similarity(
 ) -> tuple[torch.Tensor, ...]:
     """``reduce`` applied to :func:`anchor_similarity` ``[B, A, A']``, each of its outputs
     ``[B, ...]``. On a CPU the matrix is made and reduced a chunk of images at a time
-    (at most :data:`CPU_CHUNK_BYTES` each, but at least one image); the outputs are the
-    same as from the whole matrix, since every image's rows are its own."""
+    (at most :data:`CPU_CHUNK_BYTES` each, but at least one image; without the anchor mask
+    when every anchor is valid); the outputs are the same as from the whole matrix, since
+    every image's rows are its own."""
     b = a.shape[0]
     per_image = max(1, a.shape[1] * anc.shape[1] * torch.finfo(a.dtype).bits // 8)
     step = b if a.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // per_image)
     if step >= b:
         return reduce(anchor_similarity(a, anc, anchor_valid))
-    parts = [
-        reduce(anchor_similarity(a[i : i + step], anc[i : i + step], None if anchor_valid is None else anchor_valid[i : i + step]))
-        for i in range(0, b, step)
-    ]
-    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+    if anchor_valid is not None and bool(anchor_valid.all()):
+        anchor_valid = None
+    outputs: list[torch.Tensor] = []
+    for i in range(0, b, step):
+        chunk_valid = None if anchor_valid is None else anchor_valid[i : i + step]
+        parts = reduce(anchor_similarity(a[i : i + step], anc[i : i + step], chunk_valid))
+        if not outputs:  # written in place: a cat of the chunks would be one more copy
+            outputs = [part.new_empty((b, *part.shape[1:])) for part in parts]
+        for out, part in zip(outputs, parts, strict=True):
+            out[i : i + step].copy_(part)
+    return tuple(outputs)
 
 
 def nearest_anchor(sim: torch.Tensor) -> torch.Tensor:
