@@ -77,3 +77,17 @@ def test_query_attention_known_answer():
     torch.testing.assert_close(masked, torch.tensor([[e / (e + 1), 1 / (e + 1), 0.0]]))
     additive = query_attention(q, k, 1.0, torch.tensor([[0.0, 1.0, 0.0]]))  # log-size bias on key 1
     torch.testing.assert_close(additive, torch.tensor([[e, e, 1 / e]]) / (2 * e + 1 / e))
+
+
+def test_query_attention_per_head_on_keys_sliced_from_a_fused_qkv():
+    """Several heads, keys as a strided view of a fused qkv output: each head's softmax
+    of its own query against its own keys (the block-diagonal product mixes no heads)."""
+    from saint.core import query_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, n, h, d = 2, 5, 3, 4
+    qkv = torch.randn(b, n, 3, h, d, generator=g)
+    q, k = torch.randn(b, h, d, generator=g), qkv[:, :, 1]
+    expect = (torch.einsum("bhd,bnhd->bhn", q, k) * 0.5).softmax(-1)
+    torch.testing.assert_close(query_attention(q, k, 0.5, mean_heads=False), expect)
+    torch.testing.assert_close(query_attention(q, k, 0.5), expect.mean(1))
