@@ -91,3 +91,15 @@ def test_query_attention_per_head_on_keys_sliced_from_a_fused_qkv():
     expect = (torch.einsum("bhd,bnhd->bhn", q, k) * 0.5).softmax(-1)
     torch.testing.assert_close(query_attention(q, k, 0.5, mean_heads=False), expect)
     torch.testing.assert_close(query_attention(q, k, 0.5), expect.mean(1))
+
+
+def test_head_mean_equals_the_mean_over_heads_on_a_strided_key_slice():
+    from saint.core import head_mean
+
+    g = torch.Generator().manual_seed(1)
+    for heads in (1, 2, 6):
+        qkv = torch.randn(2, 7, 3, heads, 5, generator=g)
+        before = qkv.clone()
+        k = qkv[:, :, 1]
+        torch.testing.assert_close(head_mean(k), k.mean(dim=2))
+        assert torch.equal(qkv, before)  # accumulated into its own output, never into the keys

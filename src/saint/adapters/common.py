@@ -17,6 +17,7 @@ import torch
 from ..core import (
     additive_key_mask,
     gather_tokens,
+    head_mean,
     keep_mask_to_indices,
     merge_weighted,
     query_attention,
@@ -463,7 +464,7 @@ def keys_from_qkv(qkv: torch.Tensor, num_heads: int, k_norm: Any = None) -> torc
     k = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads))[:, :, 1]
     if k_norm is not None:
         k = k_norm(k)
-    return k.mean(dim=2)
+    return head_mean(k)
 
 
 def transformers_loaded() -> bool:

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ..core import head_mean
 from ..methods import (
     LayerContext,
     MethodConfig,
@@ -268,7 +269,7 @@ def _merges_nothing(plan: Any) -> bool:
 def _mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``[B, N, H*D]`` key projection -> keys averaged over heads ``[B, N, D]``."""
     b, n, c = k.shape
-    return k.reshape(b, n, num_heads, c // num_heads).mean(dim=2)
+    return head_mean(k.reshape(b, n, num_heads, c // num_heads))
 
 
 def _cls_attention(attn: torch.nn.Module, normed: torch.Tensor, k_packed: torch.Tensor, state: TokenState,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core import fixed_budget_keep_mask
+from ..core import fixed_budget_keep_mask, head_mean
 from . import hf_llm
 from .common import TokenStats
 from .vlm_hooks import bind
@@ -85,7 +85,7 @@ class TowerPruner:
         assert seg is not None and self.k is not None
         n, c = output.shape
         heads = module.attn.num_heads
-        keys = self.k.view(n, 3, heads, -1)[:, 1].float().mean(dim=1)  # [N, head_dim], before the vision RoPE
+        keys = head_mean(self.k.view(n, 3, heads, -1)[:, 1].float())  # [N, head_dim], before the vision RoPE
         self.k = None
         groups = keys.view(n // self.unit, self.unit, -1).mean(dim=1)
         keep = torch.zeros(n // self.unit, dtype=torch.bool, device=output.device)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..adapters import find_adapter
 from ..adapters.common import get_handle
+from ..core import head_mean
 from . import stats as S
 
 STATS: tuple[str, ...] = (
@@ -112,7 +113,7 @@ def block_statistics(
     q/k norm), ``hidden [B, N, C]`` the block output. Prefix tokens are excluded from
     everything but the class token's attention (which spans all keys). Returns ``[B]``
     float64 per statistic."""
-    keys = k.mean(dim=2)[:, num_prefix:]
+    keys = head_mean(k)[:, num_prefix:]
     patches = hidden[:, num_prefix:]
     out = {
         "key_cosine": S.mean_pairwise_cosine(keys),

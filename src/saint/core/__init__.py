@@ -1,6 +1,6 @@
 """Pure tensor functions: which tokens survive. No model imports here."""
 
-from .attention import query_attention
+from .attention import head_mean, query_attention
 from .baselines import attention_keep_mask, random_keep_mask
 from .bipartite import (
     anchor_similarity,
@@ -47,6 +47,7 @@ __all__ = [
     "fixed_budget_keep_mask",
     "gather_tokens",
     "grid_subset",
+    "head_mean",
     "keep_mask_to_indices",
     "match_anchors",
     "match_counts",
