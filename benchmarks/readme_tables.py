@@ -90,6 +90,12 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` decreasing, guard 0.1, 3x (measured)",
          "saint_match:inflection=-0.5,guard=0.1,target=measured,at=3@3x"),
     ]),
+    "dinov2_518_guard2": ("dinov2_s14_518_cpu_guard2.json", "518px, 2 threads, guard, cheaper selection", [
+        *tome_rows(100),
+        ("`saint_match` decreasing, guard 0.1, 3x (FLOPs)", "saint_match:inflection=-0.5,guard=0.1@3x"),
+        ("`saint_match` decreasing, guard 0.1, 3x (measured)",
+         "saint_match:inflection=-0.5,guard=0.1,target=measured,at=3@3x"),
+    ]),
     "dinov2_224_guard": ("dinov2_s14_224_cpu_guard.json", "224px, 2 threads, class-attention guard", [
         *tome_rows(13, 16, 19),
         ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
