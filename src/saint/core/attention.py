@@ -25,8 +25,8 @@ def query_attention(
     b, n, h, d = k.shape
     # one bmm of a block-diagonal query [B, H, H*D] (row h holds q_h in head h's columns)
     # against the keys as they lie, [B, N, H*D] read transposed: an einsum would first copy
-    # the keys head-major, and keys @ query (N rows, H columns) runs 2.6x slower than this
-    # H-row product (518px, batch 32, CPU)
+    # the keys head-major, and keys @ query (N rows, H columns) is a skinny product that ran
+    # 0.73 s against this one's 0.18 s (518px, batch 32, 12 blocks, CPU: the guard profiles)
     q_rows = torch.zeros(b, h, h, d, dtype=dtype, device=q.device)
     q_rows.diagonal(dim1=1, dim2=2).copy_(q.to(dtype).transpose(1, 2))
     logits = torch.bmm(q_rows.reshape(b, h, h * d), k.to(dtype).reshape(b, n, h * d).transpose(1, 2)) * scale

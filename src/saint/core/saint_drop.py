@@ -58,10 +58,10 @@ def saint_graph(
     def passes(sim: torch.Tensor) -> tuple[torch.Tensor, ...]:
         nearest_ones = (nearest_anchor(sim),) if nearest else ()
         degree = count_at_least(sim, tau)
-        return (*nearest_ones, degree, sum_at_least_(sim, tau))  # sim is spent by the last pass
+        return (degree, sum_at_least_(sim, tau), *nearest_ones)  # sum_at_least_ spends sim: read it last
 
-    *nearest_ones, degree, linked_sum = reduce_similarity(a, anc, None if valid is None else vb, passes)
-    best_anchor = nearest_ones[0] if nearest else None
+    degree, linked_sum, *nearest_ones = reduce_similarity(a, anc, None if valid is None else vb, passes)
+    best_anchor = nearest_ones[0] if nearest_ones else None
     degree = degree * va
     n_anchor = vb.sum(-1, keepdim=True).clamp(min=1)
     anchor_sum = (anc * vb[..., None]).sum(dim=1)
