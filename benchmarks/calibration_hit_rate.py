@@ -28,7 +28,7 @@ def rows(report: dict, model) -> list[list[str]]:
         s = r["setting"]
         if "target_speedup" not in s:
             continue
-        ideal = 1 / flops_fraction(model, r["tokens_per_block"])
+        ideal = 1 / flops_fraction(model, r["tokens_per_block"], r.get("settings", {}).get("select_at", "mlp"))
         target = s["target_speedup"]
         kind = s.get("target", "flops")
         got = r["speedup"] if kind == "measured" else ideal

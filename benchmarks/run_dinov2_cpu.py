@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ToMe r grid, comma-separated (default: r leaving ~90/75/60/45/30%% of the patches)")
     p.add_argument("--tome-inflection", default="",
                    help="also ToMe's (r, inflection) schedules for each r, comma-separated (e.g. -0.5,0.5)")
+    p.add_argument("--tome-select-at", default="mlp",
+                   help="where ToMe merges: mlp (default, as published), attention, or both comma-separated")
     p.add_argument("--clock", default="wall", choices=["wall", "process"],
                    help="time with wall time (default) or this process's CPU time (robust to other load)")
     p.add_argument("--matched", default="random,attn", help="baselines at SAINT's token counts, or 'none'")
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                            repeats=args.repeats, progress=progress_factory(not args.no_progress),
                            calibrated=calibrated, speedups=speedups, calib_x=calib_x,
                            tome_inflections=[float(t) for t in args.tome_inflection.split(",") if t.strip()],
+                           tome_select_at=[t.strip() for t in args.tome_select_at.split(",") if t.strip()],
                            clock=time.process_time if args.clock == "process" else time.perf_counter)
         report = {"environment": environment(device, argv_used), "model": desc,
                   "wall_seconds": round(time.perf_counter() - start, 1), **report}

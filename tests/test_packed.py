@@ -76,22 +76,23 @@ def test_kernel_errors_name_the_fix():
         packed_attention(q, q, q, [4], dropout_p=0.1, kernel="flex")
 
 
-def _run(model, x, method, kw, layout):
-    saint.patch(model, method, layout=layout, **kw)
+def _run(model, x, method, kw, layout, select_at="mlp"):
+    saint.patch(model, method, layout=layout, select_at=select_at, **kw)
     with torch.no_grad():
         out = model(x)
         feats = model.forward_features(x)
     return out, feats, saint.token_mask(model), saint.stats(model)
 
 
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize("label", sorted(RAGGED))
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_timm_packed_equals_padded_equals_alone(arch, label, images):
+def test_timm_packed_equals_padded_equals_alone(arch, label, select_at, images):
     model = make_tiny(arch)
     method, kw = RAGGED[label]
-    out, feats, mask, stats = _run(model, images, method, kw, "packed")
+    out, feats, mask, stats = _run(model, images, method, kw, "packed", select_at)
     assert stats.layout == "packed" and stats.per_sample_differs()
-    p_out, p_feats, p_mask, p_stats = _run(model, images, method, kw, "padded")
+    p_out, p_feats, p_mask, p_stats = _run(model, images, method, kw, "padded", select_at)
     assert p_stats.layout == "padded" and p_stats.tokens == stats.tokens
     torch.testing.assert_close(out, p_out, **TOL)
     assert torch.equal(mask, p_mask)
@@ -104,12 +105,16 @@ def test_timm_packed_equals_padded_equals_alone(arch, label, images):
         torch.testing.assert_close(tokens, alone, **TOL)
 
 
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize("method", sorted(RECTANGULAR))
-def test_rectangular_methods_never_pack(method, images):
+def test_rectangular_methods_never_pack(method, select_at, images):
     model = make_tiny("deit_distilled")
-    out, _, mask, stats = _run(model, images, method, RECTANGULAR[method], "packed")
+    out, _, mask, stats = _run(model, images, method, RECTANGULAR[method], "packed", select_at)
     assert stats.layout == "rectangular" and mask is None
-    torch.testing.assert_close(out, _run(model, images, method, RECTANGULAR[method], "padded")[0], **TOL)
+    torch.testing.assert_close(out, _run(model, images, method, RECTANGULAR[method], "padded", select_at)[0], **TOL)
+    for i in range(len(images)):
+        with torch.no_grad():
+            torch.testing.assert_close(model(images[i : i + 1])[0], out[i], **TOL)
 
 
 @pytest.mark.parametrize("pool", ["max", "avgmax", "map"])
@@ -195,18 +200,19 @@ def test_drop_path_training_needs_padded_layout(images):
     assert model(images).shape[0] == len(images)
 
 
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize(("kind", "label"), [
     (kind, label) for kind in ("clip", "siglip") for label in sorted(RAGGED)
     if kind == "clip" or label not in NEEDS_CLASS_TOKEN  # SigLIP has no class token
 ])
-def test_hf_packed_equals_padded_equals_alone(kind, label, images):
+def test_hf_packed_equals_padded_equals_alone(kind, label, select_at, images):
     from .test_hf_vision import make
 
     model = make(kind)
     method, kw = RAGGED[label]
     outs, masks = {}, {}
     for layout in ("padded", "packed"):
-        saint.patch(model, method, layout=layout, **kw)
+        saint.patch(model, method, layout=layout, select_at=select_at, **kw)
         with torch.no_grad():
             outs[layout] = model(pixel_values=images, output_hidden_states=True)
         assert saint.stats(model).layout == layout

@@ -89,17 +89,18 @@ class _StopForward(Exception):
 block_flops = vit_block_flops  # FLOPs of one ViT block (kept under its old name)
 
 
-def flops_fraction(model: torch.nn.Module, tokens: Sequence[float]) -> float:
+def flops_fraction(model: torch.nn.Module, tokens: Sequence[float], select_at: str | None = None) -> float:
     """Analytic FLOPs of the sites with ``tokens[i]`` entering site i, relative to
-    no pruning (``tokens[0]`` everywhere), from the model's adapter. Patch embedding
-    and head are ignored."""
+    no pruning (``tokens[0]`` everywhere), from the model's adapter, the selection acting
+    at ``select_at`` (None: the patched model's setting, ``"mlp"`` unpatched). Patch
+    embedding and head are ignored."""
     adapter = find_adapter(model)
     n0 = tokens[0]
     pruned = sum(
-        adapter.block_flops(model, tokens[i], tokens[i + 1] if i + 1 < len(tokens) else tokens[i])
+        adapter.block_flops(model, tokens[i], tokens[i + 1] if i + 1 < len(tokens) else tokens[i], select_at)
         for i in range(len(tokens))
     )
-    return pruned / (len(tokens) * adapter.block_flops(model, n0, n0))
+    return pruned / (len(tokens) * adapter.block_flops(model, n0, n0, select_at))
 
 
 def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -> MethodSpec:

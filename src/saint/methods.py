@@ -44,12 +44,22 @@ class Selection:
     order: torch.Tensor | None = None
 
 
+SELECT_AT = ("mlp", "attention")
+
+
 @dataclass
 class MethodConfig:
     """Base config. Fields named in ``PER_LAYER`` take a scalar, a list aligned with
-    ``layers`` (or blocks 0..len-1 when ``layers`` is None) or a ``{block: value}`` dict."""
+    ``layers`` (or blocks 0..len-1 when ``layers`` is None) or a ``{block: value}`` dict.
+
+    ``select_at`` says where in a pruning block the selection acts: ``"mlp"`` (default,
+    as published by SAINT and ToMe) between the attention residual and the MLP, or
+    ``"attention"`` (vision blocks of timm ViTs and CLIP/SigLIP towers) before the
+    attention, on the block's own keys: the merged or dropped tokens' query/key/value
+    rows go with them, so that block's attention already runs on the survivors."""
 
     layers: Sequence[int] | None = None
+    select_at: str = "mlp"
     PER_LAYER: ClassVar[tuple[str, ...]] = ()
     DEFAULT_LAYERS: ClassVar[str] = "first_half"  # or "all" or "required"
 
@@ -63,6 +73,8 @@ class MethodConfig:
     def resolve(self, depth: int) -> dict[int, dict[str, Any]]:
         """Expand to ``{block index: {field: value}}`` and validate every value."""
         self.check_flags()
+        if self.select_at not in SELECT_AT:
+            raise ValueError(f"select_at={self.select_at!r} is not one of {SELECT_AT}")
         layers = None if self.layers is None else _block_indices("layers", self.layers)
         for name in self.PER_LAYER:
             v = getattr(self, name)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import PICKLE_HINT, SITE_ATTR, Runs, TokenState, TokenStats
+from .common import PICKLE_HINT, SITE_ATTR, Runs, TokenState, TokenStats, get_handle
 
 Inputs = Any  # a [B, 3, H, W] image batch, or a dict of processor outputs (VLMs)
 
@@ -51,10 +51,22 @@ class Grid:
         return self.rows * self.cols
 
 
-def vit_block_flops(n_attn: float, n_mlp: float, dim: int, mlp_hidden: int) -> float:
-    """FLOPs of one ViT block (multiply-add = 2 FLOPs): qkv + proj + attention on
-    ``n_attn`` tokens, the MLP on ``n_mlp`` tokens (pruning sits between the two)."""
-    return 2 * n_attn * 4 * dim * dim + 4 * n_attn * n_attn * dim + 2 * n_mlp * 2 * dim * mlp_hidden
+def vit_block_flops(n_in: float, n_out: float, dim: int, mlp_hidden: int, select_at: str = "mlp") -> float:
+    """FLOPs of one ViT block (multiply-add = 2 FLOPs) with ``n_in`` tokens entering and
+    ``n_out`` leaving: with ``select_at="mlp"`` qkv, attention and proj run on ``n_in``
+    and the MLP on ``n_out`` (pruning sits between the two); with ``"attention"`` only
+    the qkv projection runs on ``n_in`` and everything after it on ``n_out``."""
+    n_attn = n_in if select_at == "mlp" else n_out
+    return (2 * n_in * 3 * dim * dim + 2 * n_attn * dim * dim + 4 * n_attn * n_attn * dim
+            + 2 * n_out * 2 * dim * mlp_hidden)
+
+
+def select_at_of(model: nn.Module, select_at: str | None) -> str:
+    """``select_at`` if given, else the patched model's own setting (``"mlp"`` unpatched)."""
+    if select_at is not None:
+        return select_at
+    handle = get_handle(model)
+    return "mlp" if handle is None else getattr(handle.config, "select_at", "mlp")
 
 
 class Handle(abc.ABC):
@@ -155,8 +167,10 @@ class Adapter(abc.ABC):
         """The patch grid of the images ``inputs`` (the model's default size when None)."""
 
     @abc.abstractmethod
-    def block_flops(self, model: nn.Module, n_in: float, n_out: float) -> float:
-        """FLOPs of one site with ``n_in`` tokens entering and ``n_out`` leaving it."""
+    def block_flops(self, model: nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
+        """FLOPs of one site with ``n_in`` tokens entering and ``n_out`` leaving it, the
+        selection acting at ``select_at`` (None: the patched model's own setting, ``"mlp"``
+        when unpatched)."""
 
     @abc.abstractmethod
     def probe(self, model: nn.Module) -> Probe:

@@ -8,7 +8,7 @@ import contextlib
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from ..core import (
 )
 from ..core.packing import (
     KERNELS,
+    keep_rows,
     lengths_to_valid,
     merge_and_keep,
     pack,
@@ -219,56 +220,74 @@ class TokenState:
         removed tokens), so it leaves the sequence, and the attention path, untouched.
         With ``layout="packed"`` a step that leaves images with different counts turns
         the tokens into a packed stream; one that evens them out turns it back."""
+        return self.apply_many([x], sel)[0]
+
+    def apply_many(self, tensors: Sequence[torch.Tensor], sel: Selection,
+                   out: Sequence[torch.Tensor | None] = ()) -> list[torch.Tensor]:
+        """:meth:`apply` to several per-token tensors of the same layout at once (the
+        tokens and, e.g., their qkv projection): each is merged with the same sizes and
+        kept alike; the state advances once. ``out`` may give, per tensor, a flat buffer
+        with room for it that the packed survivors are gathered into (see
+        :meth:`Run.buffer`)."""
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
                 self.origins.append(self.origin.clone())
-            return x
+            return list(tensors)
         self._bias = {}
         if self.origin is not None:
             self._trace(sel, *keep_mask_to_indices(keep, order=sel.order))
         if self.layout == "padded":
-            return self._apply_padded(x, sel, keep)
-        return self._apply_packed(x, sel, keep)
+            return self._apply_padded(tensors, sel, keep)
+        return self._apply_packed(tensors, sel, keep, out)
 
-    def _apply_padded(self, x: torch.Tensor, sel: Selection, keep: torch.Tensor) -> torch.Tensor:
+    def _apply_padded(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor
+                      ) -> list[torch.Tensor]:
+        x = tensors[0]
+        out = list(tensors)
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-            x, self.sizes = merge_weighted(x, self.sizes, sel.merge)
+            sizes = self.sizes
+            out = [merge_weighted(t, sizes, sel.merge)[0] for t in tensors[1:]]
+            x, self.sizes = merge_weighted(x, sizes, sel.merge)
+            out = [x, *out]
         idx, valid = keep_mask_to_indices(keep, order=sel.order)
-        x = gather_tokens(x, idx)
+        out = [gather_tokens(t, idx) for t in out]
         if self.sizes is not None:
             self.sizes = gather_tokens(self.sizes, idx)
         self.valid = None if bool(valid.all()) else valid
         if self.valid is not None:
             self.ran = "padded"
-        return x
+        return out
 
-    def _apply_packed(self, x: torch.Tensor, sel: Selection, keep: torch.Tensor) -> torch.Tensor:
-        b, c = keep.shape[0], x.shape[-1]
-        stream = x if self.packed else x.reshape(1, -1, c)
+    def _apply_packed(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor,
+                      out: Sequence[torch.Tensor | None] = ()) -> list[torch.Tensor]:
+        b = keep.shape[0]
+        streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
         valid = self.valid if self.valid is not None else torch.ones_like(keep)
         flat = keep[valid]
+        out = list(out) + [None] * (len(streams) - len(out))
         if sel.merge is not None:
             if self.sizes is None:
-                self.sizes = torch.ones(1, stream.shape[1], 1, dtype=torch.float32, device=x.device)
+                self.sizes = torch.ones(1, streams[0].shape[1], 1, dtype=torch.float32, device=keep.device)
             index = padded_index(valid)
             plan = sel.merge
             src, dst = (torch.gather(index, 1, t).reshape(-1) for t in (plan.src, plan.dst))
             if plan.active is not None:
                 active = plan.active.reshape(-1)
                 src, dst = src[active], dst[active]
-            stream, self.sizes = merge_and_keep(stream, self.sizes, src, dst, flat)
+            merged = [merge_and_keep(t, self.sizes, src, dst, flat, o) for t, o in zip(streams, out, strict=True)]
+            streams, self.sizes = [m[0] for m in merged], merged[0][1]
         else:
-            stream = stream[:, flat]
+            streams = [keep_rows(t, flat, o) for t, o in zip(streams, out, strict=True)]
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
         if sel.order is not None:  # each image's survivors laid out by the key
             idx, real = keep_mask_to_indices(keep, order=sel.order)
             slot = (torch.cumsum(keep.reshape(-1), 0) - 1).reshape(keep.shape)
             perm = torch.gather(slot, 1, idx)[real]
-            stream = stream[:, perm]
+            streams = [t[:, perm] for t in streams]
             if self.sizes is not None:
                 self.sizes = self.sizes[:, perm]
         counts = keep.sum(dim=1)
@@ -279,10 +298,10 @@ class TokenState:
             n = self.lengths[0] if b else 0
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(b, n, 1)
-            return stream.reshape(b, n, c)
+            return [t.reshape(b, n, t.shape[-1]) for t in streams]
         self.packed, self.ran = True, "packed"
         self.valid = lengths_to_valid(counts)
-        return stream
+        return streams
 
     def _trace(self, sel: Selection, idx: torch.Tensor, valid: torch.Tensor) -> None:
         b, n = sel.keep.shape
@@ -312,9 +331,22 @@ class Run:
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_valid: list[torch.Tensor | None] = field(default_factory=list)
     entries: dict[int, tuple[weakref.ref, TokenState]] = field(default_factory=dict)
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def alive(self) -> bool:
         return any(ref() is not None for ref, _ in self.entries.values())
+
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """A flat scratch buffer with room for ``like``'s elements, reused by every block of
+        this call (the survivors' projections, gathered once per block: a fresh tensor per
+        block cost more than the gather on a CPU, see docs/packed.md). None while
+        gradients are on: autograd may keep the previous block's rows."""
+        if torch.is_grad_enabled():
+            return None
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.scratch[name] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return buf
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -370,9 +402,12 @@ class Runs:
         return run
 
     def leave(self, index: int, run: Run) -> None:
-        """Block ``index`` of ``run`` finished; after the last block the call is complete."""
-        if index == self.depth - 1 and not run.recompute:
-            self.last = run
+        """Block ``index`` of ``run`` finished; after the last block the call is complete
+        (and its scratch buffers are let go)."""
+        if index == self.depth - 1:
+            run.scratch.clear()
+            if not run.recompute:
+                self.last = run
 
     @contextlib.contextmanager
     def unpadding(self) -> Iterator[None]:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..core import head_mean
 from ..methods import (
@@ -63,6 +64,7 @@ from .base import (
     install_sites,
     remove_sites,
     save_output,
+    select_at_of,
     vit_block_flops,
 )
 from .common import (
@@ -310,6 +312,9 @@ def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention
     run, hidden_states, settings = handle.enter_site(index, hidden_states)
     state = run.state
     prop_attn = handle.config.size_bias
+    if settings is not None and handle.config.select_at == "attention":
+        return handle.leave_site(index, run, _select_before_attention(self, handle, run, index, hidden_states,
+                                                                      settings))
     if state.packed:
         normed = self.layer_norm1(hidden_states)
         x = hidden_states + _packed_attention(self.self_attn, normed, state, prop_attn, handle.kernel)
@@ -329,23 +334,59 @@ def _layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention
             attn_out, _ = self.self_attn(hidden_states=normed, attention_mask=bias, **kwargs)
             x = hidden_states + attn_out
     if settings is not None:
-        k = run.captured.pop(index)
-        ctx = LayerContext(
-            keys=state.padded(_mean_heads(k, self.self_attn.num_heads)),
-            num_protected=handle.num_protected,
-            valid=state.valid,
-            cls_attention=_cls_attention(self.self_attn, normed, k, state, prop_attn)
-            if handle.num_protected > 0 else None,
-            tokens=(lambda: state.padded(x)) if state.packed else x,
-            layer=index,
-        )
-        sel = handle.spec.select(ctx, settings, handle.config)
-        if sel.merge is not None and _merges_nothing(sel.merge):
-            sel = Selection(sel.keep)  # nothing merged: no sizes, so no mask in later layers
-        x = state.apply(x, sel)
+        x = state.apply(x, _select(handle, run, self, index, normed, x, settings))
     if settings is not None or state.packed:
         x = x + self.mlp(self.layer_norm2(x))
     return handle.leave_site(index, run, x)
+
+
+def _select(handle: HFVisionPatch, run: Any, layer: torch.nn.Module, index: int, normed: torch.Tensor,
+            x: torch.Tensor, settings: dict[str, Any]) -> Selection:
+    """The layer's selection from its captured key projection (``normed``: the attention's
+    input, for the class token's query; ``x``: the tokens the selection may read)."""
+    state = run.state
+    k = run.captured.pop(index)
+    ctx = LayerContext(
+        keys=state.padded(_mean_heads(k, layer.self_attn.num_heads)),
+        num_protected=handle.num_protected,
+        valid=state.valid,
+        cls_attention=_cls_attention(layer.self_attn, normed, k, state, handle.config.size_bias)
+        if handle.num_protected > 0 else None,
+        tokens=(lambda: state.padded(x)) if state.packed else x,
+        layer=index,
+    )
+    sel = handle.spec.select(ctx, settings, handle.config)
+    if sel.merge is not None and _merges_nothing(sel.merge):
+        sel = Selection(sel.keep)  # nothing merged: no sizes, so no mask in later layers
+    return sel
+
+
+def _select_before_attention(layer: torch.nn.Module, handle: HFVisionPatch, run: Any, index: int,
+                             x: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+    """A pruning layer with ``select_at="attention"``: the selection reads the layer's own
+    keys, the tokens and their q/k/v projections are merged (size-weighted means of rows)
+    or dropped together, and attention, out_proj and MLP run on the survivors."""
+    state, attn = run.state, layer.self_attn
+    normed = layer.layer_norm1(x)
+    q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)  # the hook captures k
+    sel = _select(handle, run, layer, index, normed, x, settings)
+    buffers = [None, run.buffer("q", q), run.buffer("k", k), run.buffer("v", v)]
+    x, q, k, v = state.apply_many([x, q, k, v], sel, out=buffers)
+    h, d = attn.num_heads, attn.head_dim
+    prop_attn = handle.config.size_bias
+    dropout = attn.dropout if attn.training else 0.0
+    if state.packed:
+        t = q.shape[1]
+        q, k, v = (p.reshape(t, h, d) for p in (q, k, v))
+        out = packed_attention_of(q, k, v, state, prop_attn, attn.scale, dropout, handle.kernel)
+    else:
+        b, n = q.shape[:2]
+        q, k, v = (p.reshape(b, n, h, d).transpose(1, 2) for p in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=state.attn_bias(q.dtype, prop_attn),
+                                             dropout_p=dropout, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(b, n, h * d)
+    x = x + attn.out_proj(out)
+    return x + layer.mlp(layer.layer_norm2(x))
 
 
 def _tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -439,9 +480,10 @@ class HFVision(FamilyAdapter):
             raise ValueError(f"{type(model).__name__} takes {g * p}x{g * p} images, got {tuple(inputs.shape[-2:])}")
         return Grid(g, g, (p, p))
 
-    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
         layer = _tower_of(model).encoder.layers[0]
-        return vit_block_flops(n_in, n_out, int(layer.embed_dim), int(layer.mlp.fc1.out_features))
+        return vit_block_flops(n_in, n_out, int(layer.embed_dim), int(layer.mlp.fc1.out_features),
+                               select_at_of(model, select_at))
 
     def probe(self, model: torch.nn.Module) -> Probe:
         return HFProbe(_tower_of(model), self.sites(model))

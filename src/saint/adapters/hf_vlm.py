@@ -82,9 +82,12 @@ class HFVlm(FamilyAdapter):
         g, p = int(vc.image_size) // int(vc.patch_size), int(vc.patch_size)
         return Grid(g, g, (p, p))
 
-    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
         """One decoder layer on ``n_in`` tokens (pruning follows the layer): q/o and the
-        grouped k/v projections, attention, and the gated MLP (3 matmuls)."""
+        grouped k/v projections, attention, and the gated MLP (3 matmuls). ``select_at``
+        can only be ``"mlp"`` (or None) here."""
+        if select_at not in (None, "mlp"):
+            raise ValueError(f"select_at={select_at!r}: a VLM's decoder layers are pruned after the layer only")
         cfg = multimodal(model).language_model.config
         d, inter = int(cfg.hidden_size), int(cfg.intermediate_size)
         kv = int(cfg.num_key_value_heads) * int(getattr(cfg, "head_dim", None) or d // int(cfg.num_attention_heads))

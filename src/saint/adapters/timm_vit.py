@@ -34,6 +34,7 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..methods import LayerContext, MethodSpec, make_config, require_class_token, require_site
 from .base import (
@@ -45,6 +46,7 @@ from .base import (
     install_sites,
     remove_sites,
     save_output,
+    select_at_of,
     vit_block_flops,
 )
 from .common import (
@@ -156,14 +158,29 @@ def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, state: TokenState,
                       kernel: str) -> torch.Tensor:
     """timm ``Attention`` on a packed stream ``[1, T, C]``: the module's own qkv, q/k norms,
     gate, norm, proj and dropouts around per-image attention."""
-    t = x.shape[1]
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(t, 3, attn.num_heads, attn.head_dim).unbind(1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    gate = attn.gate(x) if getattr(attn, "gate", None) is not None else None
+    return _attention_of_qkv(attn, attn.qkv(x), gate, state, prop_attn, kernel)
+
+
+def _attention_of_qkv(attn: torch.nn.Module, qkv: torch.Tensor, gate: torch.Tensor | None, state: TokenState,
+                      prop_attn: bool, kernel: str) -> torch.Tensor:
+    """The rest of timm's ``Attention`` from its qkv projection ``[B, N, 3C]`` (or a packed
+    ``[1, T, 3C]``) and gate logits: q/k norms, attention over each image's real tokens
+    (the state's key mask or per-image packed attention), norm, gate, proj, dropouts."""
+    h, d = attn.num_heads, attn.head_dim
     dropout = attn.attn_drop.p if attn.training else 0.0
-    x = attn.norm(packed_attention_of(q, k, v, state, prop_attn, attn.scale, dropout, kernel))
+    if state.packed:
+        q, k, v = qkv.reshape(qkv.shape[1], 3, h, d).unbind(1)
+        x = packed_attention_of(attn.q_norm(q), attn.k_norm(k), v, state, prop_attn, attn.scale, dropout, kernel)
+    else:
+        b, n = qkv.shape[:2]
+        q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale, dropout_p=dropout,
+                                           attn_mask=state.attn_bias(qkv.dtype, prop_attn))
+        x = x.transpose(1, 2).reshape(b, n, h * d)
+    x = attn.norm(x)
     if gate is not None:
-        x = x * gate
+        x = x * gate.sigmoid()
     return attn.proj_drop(attn.proj(x))
 
 
@@ -184,6 +201,8 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     run, x, settings = handle.enter_site(index, x)
     state = run.state
     prop_attn = handle.config.size_bias
+    if settings is not None and handle.config.select_at == "attention":
+        return handle.leave_site(index, run, _select_before_attention(self, handle, run, index, x, settings))
     if state.packed:
         _check_packed_training(self)
         x = x + self.drop_path1(self.ls1(_packed_attention(self.attn, self.norm1(x), state, prop_attn, handle.kernel)))
@@ -198,6 +217,24 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     if settings is not None or state.packed:
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     return handle.leave_site(index, run, x)
+
+
+def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: int, x: torch.Tensor,
+                             settings: dict[str, Any]) -> torch.Tensor:
+    """A pruning block with ``select_at="attention"``: the selection reads the block's own
+    keys, then the tokens and their qkv rows (and gate logits) are merged (size-weighted
+    means of rows) or dropped alike, and attention, proj and MLP run on the survivors."""
+    state, attn = run.state, blk.attn
+    normed = blk.norm1(x)
+    qkv = attn.qkv(normed)  # the key hook captures it for the selection
+    parts = [x, qkv] + ([attn.gate(normed)] if getattr(attn, "gate", None) is not None else [])
+    sel = handle.spec.select(_context(handle, run, blk, index, x), settings, handle.config)
+    x, qkv, *gate = state.apply_many(parts, sel, out=[None, run.buffer("qkv", qkv)])
+    if state.packed:
+        _check_packed_training(blk)
+    x = x + blk.drop_path1(blk.ls1(_attention_of_qkv(attn, qkv, gate[0] if gate else None, state,
+                                                     handle.config.size_bias, handle.kernel)))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: torch.Tensor) -> LayerContext:
@@ -325,9 +362,10 @@ class TimmViT(FamilyAdapter):
             gh, gw = int(inputs.shape[-2]) // ph, int(inputs.shape[-1]) // pw
         return Grid(gh, gw, (ph, pw))
 
-    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float) -> float:
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
         blk = model.blocks[0]
-        return vit_block_flops(n_in, n_out, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features)
+        return vit_block_flops(n_in, n_out, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
+                               select_at_of(model, select_at))
 
     def probe(self, model: torch.nn.Module) -> Probe:
         return TimmProbe(model, self.sites(model))

@@ -138,6 +138,7 @@ def run_sweep(
     saint_args: dict[str, Any] | None = None,
     tome_rs: Sequence[int] = (),
     tome_inflections: Sequence[float] = (),
+    tome_select_at: Sequence[str] = ("mlp",),
     matched: Sequence[str] = MATCHED_METHODS,
     batch_size: int = 16,
     warmup: int = 1,
@@ -154,7 +155,9 @@ def run_sweep(
     ``calibrated`` variants (SAINT-family methods without tau) are calibrated with
     :func:`saint.calibrate` on ``calib_x`` to each FLOPs-ideal speed-up in ``speedups``;
     their rows record the target and the calibration's own estimate. ``tome_inflections``
-    adds ToMe's ``(r, inflection)`` schedules (e.g. -0.5: decreasing) for every feasible r.
+    adds ToMe's ``(r, inflection)`` schedules (e.g. -0.5: decreasing) for every feasible r;
+    ``tome_select_at`` runs each ToMe setting at every listed placement of the merge
+    (``"mlp"``, ``"attention"``: see :class:`saint.methods.MethodConfig`).
     ``clock`` times the round-robin (wall time by default; ``time.process_time`` counts
     this process's CPU time, robust to other load on the machine)."""
     saint_args = dict(saint_args or {})
@@ -192,12 +195,11 @@ def run_sweep(
         second.append(v)
         points.append((cv.label, {"target_speedup": sp, "calibrated_speedup": achieved, "target": target}, v))
     for r in tome_rs:
-        v = Variant(variant_label("tome", {"r": r}), "tome", {"r": r})
-        second.append(v)
-        points.append(("tome", {"r": r}, v))
-        for infl in tome_inflections:
-            if infl != 0.0 and _tome_feasible(n_patches, depth, r, infl):
-                setting = {"r": r, "inflection": infl}
+        schedules = [{"r": r}] + [{"r": r, "inflection": infl} for infl in tome_inflections
+                                  if infl != 0.0 and _tome_feasible(n_patches, depth, r, infl)]
+        for schedule in schedules:
+            for at in tome_select_at:
+                setting = {**schedule, **({"select_at": at} if at != "mlp" else {})}
                 v = Variant(variant_label("tome", setting), "tome", setting)
                 second.append(v)
                 points.append(("tome", setting, v))

@@ -1,0 +1,109 @@
+"""``select_at="attention"``: the selection acts before a block's attention, on the block's
+own keys, and the chosen tokens' q/k/v rows go with them. Known answers on the block
+itself; packed = padded = alone is in test_packed.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saint
+from saint.adapters.base import vit_block_flops
+from saint.calibration import flops_fraction
+
+from .conftest import make_tiny
+
+TOL = dict(rtol=0, atol=1e-5)
+
+
+def _block_io(model, index):
+    """Record block ``index``'s input and output in the next forward."""
+    seen = {}
+    blk = model.blocks[index]
+    hooks = [blk.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+             blk.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))]
+    return seen, hooks
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["vit", "dinov2_reg"])
+def test_dropping_before_attention_equals_the_block_on_the_survivors(arch, images):
+    """A drop at block 1 before its attention: the block's output is exactly the unpatched
+    block run on the tokens that survive (qkv is per token, so selecting qkv rows equals
+    projecting the survivors)."""
+    model = make_tiny(arch)
+    saint.patch(model, "random", r=3, layers=[1], select_at="attention", trace=True)
+    seen, hooks = _block_io(model, 1)
+    model(images)
+    for h in hooks:
+        h.remove()
+    origin = saint.api.get_handle(model).state.origins[0]  # each original token's new position, or -1
+    x, y = seen["x"], seen["y"]
+    assert y.shape[1] == x.shape[1] - 3
+    blk = model.blocks[1]
+    for b in range(len(images)):
+        kept = (origin[b] >= 0).nonzero().squeeze(1)
+        kept = kept[origin[b][kept].argsort()]  # in their new order
+        expected = type(blk).forward(blk, x[b : b + 1, kept])
+        torch.testing.assert_close(y[b : b + 1], expected, **TOL)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+def test_nothing_to_merge_gives_the_unpatched_answer_at_either_placement(select_at, images):
+    model = make_tiny("dinov2_reg")
+    ref = model(images)
+    saint.patch(model, "saint_match", tau=1.0, fraction=1.0, select_at=select_at)
+    assert torch.equal(model(images), ref)
+
+
+@torch.no_grad()
+def test_placements_merge_the_same_counts_with_different_results(images):
+    model = make_tiny("vit")
+    outs, tokens = {}, {}
+    for select_at in ("mlp", "attention"):
+        saint.patch(model, "tome", r=3, select_at=select_at)
+        outs[select_at] = model(images)
+        tokens[select_at] = saint.stats(model).tokens
+    assert tokens["mlp"] == tokens["attention"]
+    assert not torch.allclose(outs["mlp"], outs["attention"], atol=1e-4)
+
+
+def test_flops_model_counts_qkv_on_the_input_and_the_rest_on_the_survivors():
+    full_qkv = 2 * 17 * 3 * 32 * 32
+    survivors_qkv = 2 * 9 * 3 * 32 * 32
+    after = vit_block_flops(17, 9, 32, 128, "attention")
+    assert after == vit_block_flops(9, 9, 32, 128) + full_qkv - survivors_qkv
+    assert vit_block_flops(17, 9, 32, 128, "attention") < vit_block_flops(17, 9, 32, 128, "mlp")
+    assert vit_block_flops(17, 17, 32, 128, "attention") == vit_block_flops(17, 17, 32, 128)
+
+
+def test_flops_fraction_follows_the_patched_setting(images):
+    model = make_tiny("vit")
+    tokens = [17, 13, 9, 9]
+    mlp = flops_fraction(model, tokens)
+    assert flops_fraction(model, tokens, "attention") < mlp
+    saint.patch(model, "tome", r=1, select_at="attention")
+    assert flops_fraction(model, tokens) == flops_fraction(model, tokens, "attention")
+    assert flops_fraction(model, tokens, "mlp") == mlp
+
+
+def test_calibration_keeps_select_at_and_counts_its_flops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 32, 32, generator=g) * 0.2 + torch.linspace(-1, 1, 32)
+    model = make_tiny("vit", depth=6)
+    cal = saint.calibrate(model, x, flops_speedup=1.3, method="saint_match", select_at="attention", tol=0.02)
+    assert cal.patch_kwargs()["select_at"] == "attention"
+    assert saint.api.get_handle(model).config.select_at == "attention"
+    with torch.no_grad():
+        model(x)
+    reached = 1 / flops_fraction(model, saint.stats(model).mean())
+    assert cal.achieved == pytest.approx(1.3, rel=0.08)
+    assert reached == pytest.approx(cal.achieved, rel=0.08)
+
+
+def test_bad_select_at_is_refused(images):
+    model = make_tiny("vit")
+    with pytest.raises(ValueError, match="select_at='before' is not one of"):
+        saint.patch(model, "tome", r=2, select_at="before")
+    assert not saint.is_patched(model)
