@@ -107,3 +107,27 @@ def test_bad_select_at_is_refused(images):
     with pytest.raises(ValueError, match="select_at='before' is not one of"):
         saint.patch(model, "tome", r=2, select_at="before")
     assert not saint.is_patched(model)
+
+
+@torch.no_grad()
+def test_scratch_buffers_are_let_go_after_the_call(images):
+    """The survivors' qkv rows are gathered into one buffer reused block after block; it
+    lives only as long as the call."""
+    model = make_tiny("vit")
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7, select_at="attention")
+    model(images)
+    run = saint.api.get_handle(model).runs.last
+    assert saint.stats(model).layout == "packed" and run.scratch == {}
+
+
+def test_gradients_flow_through_the_merged_projections(images):
+    """With gradients on no buffer is reused (autograd keeps each block's rows), and the
+    packed output is the padded one, gradients included."""
+    grads = {}
+    for layout in ("packed", "padded"):
+        model = make_tiny("vit")
+        saint.patch(model, "saint_match", tau=0.3, fraction=0.7, select_at="attention", layout=layout)
+        model(images).square().sum().backward()
+        grads[layout] = model.blocks[0].attn.qkv.weight.grad
+        assert saint.api.get_handle(model).runs.last.scratch == {}
+    torch.testing.assert_close(grads["packed"], grads["padded"], rtol=1e-4, atol=1e-5)
