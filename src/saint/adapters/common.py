@@ -223,12 +223,12 @@ class TokenState:
         return self.apply_many([x], sel)[0]
 
     def apply_many(self, tensors: Sequence[torch.Tensor], sel: Selection,
-                   out: Sequence[torch.Tensor | None] = ()) -> list[torch.Tensor]:
+                   in_place: Sequence[bool] = ()) -> list[torch.Tensor]:
         """:meth:`apply` to several per-token tensors of the same layout at once (the
         tokens and, e.g., their qkv projection): each is merged with the same sizes and
-        kept alike; the state advances once. ``out`` may give, per tensor, a flat buffer
-        with room for it that the packed survivors are gathered into (see
-        :meth:`Run.buffer`)."""
+        kept alike; the state advances once. ``in_place[i]`` lets the survivors of a
+        contiguous ``tensors[i]`` that nothing else reads be compacted inside it
+        (packed layout; see :func:`saint.core.packing.keep_rows`)."""
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
@@ -239,7 +239,7 @@ class TokenState:
             self._trace(sel, *keep_mask_to_indices(keep, order=sel.order))
         if self.layout == "padded":
             return self._apply_padded(tensors, sel, keep)
-        return self._apply_packed(tensors, sel, keep, out)
+        return self._apply_packed(tensors, sel, keep, in_place)
 
     def _apply_padded(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor
                       ) -> list[torch.Tensor]:
@@ -262,12 +262,12 @@ class TokenState:
         return out
 
     def _apply_packed(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor,
-                      out: Sequence[torch.Tensor | None] = ()) -> list[torch.Tensor]:
+                      in_place: Sequence[bool] = ()) -> list[torch.Tensor]:
         b = keep.shape[0]
         streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
         valid = self.valid if self.valid is not None else torch.ones_like(keep)
         flat = keep[valid]
-        out = list(out) + [None] * (len(streams) - len(out))
+        in_place = [bool(f) for f in in_place] + [False] * (len(streams) - len(in_place))
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(1, streams[0].shape[1], 1, dtype=torch.float32, device=keep.device)
@@ -277,10 +277,10 @@ class TokenState:
             if plan.active is not None:
                 active = plan.active.reshape(-1)
                 src, dst = src[active], dst[active]
-            merged = [merge_and_keep(t, self.sizes, src, dst, flat, o) for t, o in zip(streams, out, strict=True)]
+            merged = [merge_and_keep(t, self.sizes, src, dst, flat, f) for t, f in zip(streams, in_place, strict=True)]
             streams, self.sizes = [m[0] for m in merged], merged[0][1]
         else:
-            streams = [keep_rows(t, flat, o) for t, o in zip(streams, out, strict=True)]
+            streams = [keep_rows(t, flat, f) for t, f in zip(streams, in_place, strict=True)]
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
         if sel.order is not None:  # each image's survivors laid out by the key
@@ -331,22 +331,9 @@ class Run:
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_valid: list[torch.Tensor | None] = field(default_factory=list)
     entries: dict[int, tuple[weakref.ref, TokenState]] = field(default_factory=dict)
-    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def alive(self) -> bool:
         return any(ref() is not None for ref, _ in self.entries.values())
-
-    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """A flat scratch buffer with room for ``like``'s elements, reused by every block of
-        this call (the survivors' projections, gathered once per block: a fresh tensor per
-        block cost more than the gather on a CPU, see docs/packed.md). None while
-        gradients are on: autograd may keep the previous block's rows."""
-        if torch.is_grad_enabled():
-            return None
-        buf = self.scratch.get(name)
-        if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.scratch[name] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-        return buf
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -402,12 +389,9 @@ class Runs:
         return run
 
     def leave(self, index: int, run: Run) -> None:
-        """Block ``index`` of ``run`` finished; after the last block the call is complete
-        (and its scratch buffers are let go)."""
-        if index == self.depth - 1:
-            run.scratch.clear()
-            if not run.recompute:
-                self.last = run
+        """Block ``index`` of ``run`` finished; after the last block the call is complete."""
+        if index == self.depth - 1 and not run.recompute:
+            self.last = run
 
     @contextlib.contextmanager
     def unpadding(self) -> Iterator[None]:
@@ -466,6 +450,14 @@ def packed_attention_of(
     bias = state.attn_bias(q.dtype, prop_attn)
     out = packed_attention(q, k, v, state.lengths, bias, scale=scale, dropout_p=dropout_p, kernel=kernel)
     return out.reshape(1, out.shape[0], -1)
+
+
+def output_unshared(module: torch.nn.Module, saint_hooks: int = 0) -> bool:
+    """Whether the output ``module`` has just returned is read by saint alone, so its rows
+    may be compacted in place: gradients off (autograd would keep it), and no forward hook
+    on the module but saint's own ``saint_hooks`` (the key capture), none global."""
+    return (not torch.is_grad_enabled() and len(module._forward_hooks) <= saint_hooks
+            and not torch.nn.modules.module._global_forward_hooks)
 
 
 def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], unit: str = "block") -> None:

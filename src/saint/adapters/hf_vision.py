@@ -76,6 +76,7 @@ from .common import (
     check_static_counts,
     cls_attention,
     get_handle,
+    output_unshared,
     packed_attention_of,
 )
 
@@ -370,8 +371,8 @@ def _select_before_attention(layer: torch.nn.Module, handle: HFVisionPatch, run:
     normed = layer.layer_norm1(x)
     q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)  # the hook captures k
     sel = _select(handle, run, layer, index, normed, x, settings)
-    buffers = [None, run.buffer("q", q), run.buffer("k", k), run.buffer("v", v)]
-    x, q, k, v = state.apply_many([x, q, k, v], sel, out=buffers)
+    unshared = [output_unshared(p, saint_hooks=int(p is attn.k_proj)) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    x, q, k, v = state.apply_many([x, q, k, v], sel, in_place=[False, *unshared])
     h, d = attn.num_heads, attn.head_dim
     prop_attn = handle.config.size_bias
     dropout = attn.dropout if attn.training else 0.0

@@ -57,6 +57,7 @@ from .common import (
     check_static_counts,
     cls_attention,
     keys_from_qkv,
+    output_unshared,
     packed_attention_of,
 )
 
@@ -229,7 +230,10 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     qkv = attn.qkv(normed)  # the key hook captures it for the selection
     parts = [x, qkv] + ([attn.gate(normed)] if getattr(attn, "gate", None) is not None else [])
     sel = handle.spec.select(_context(handle, run, blk, index, x), settings, handle.config)
-    x, qkv, *gate = state.apply_many(parts, sel, out=[None, run.buffer("qkv", qkv)])
+    # the survivors' qkv rows are compacted inside the projection's own output when
+    # nothing else reads it: a new tensor the size of the stream per block cost more than
+    # the gather itself on a CPU (docs/packed.md)
+    x, qkv, *gate = state.apply_many(parts, sel, in_place=[False, output_unshared(attn.qkv, saint_hooks=1)])
     if state.packed:
         _check_packed_training(blk)
     x = x + blk.drop_path1(blk.ls1(_attention_of_qkv(attn, qkv, gate[0] if gate else None, state,

@@ -46,30 +46,39 @@ def padded_index(valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, pos, 0)
 
 
-def keep_rows(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The rows ``keep [T]`` (bool) of a stream ``x [1, T, C]`` -> ``[1, T', C]``, gathered
-    into the front of the flat buffer ``out`` when one is given (no new allocation)."""
-    if out is None:
+COMPACT_ROWS = 4096  # rows moved per step of an in-place compaction (a small temporary)
+
+
+def keep_rows(x: torch.Tensor, keep: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """The rows ``keep [T]`` (bool) of a contiguous stream ``x [1, T, C]`` -> ``[1, T', C]``.
+    ``in_place`` moves them to the front of ``x`` itself (in order, a few thousand rows at
+    a time: row ``i`` goes to a position ``<= i``, so no row is overwritten before it is
+    read) and returns that view: no new tensor the size of the stream."""
+    if not in_place:
         return x[:, keep]
     idx = keep.nonzero().squeeze(1)
-    c = x.shape[-1]
-    return torch.index_select(x[0], 0, idx, out=out[: idx.numel() * c].view(idx.numel(), c))[None]
+    flat = x[0]
+    for start in range(0, idx.numel(), COMPACT_ROWS):
+        part = idx[start : start + COMPACT_ROWS]
+        flat[start : start + part.numel()] = flat[part]
+    return flat[: idx.numel()][None]
 
 
 def merge_and_keep(
     x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor,
-    out: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge of stream rows ``src -> dst`` (``[r]`` positions in ``x [1, T,
     C]``, sources never destinations) and the kept rows ``keep [T]`` in one pass over the
     stream: only the destination rows are recomputed (in fp32). Returns the kept
-    ``(x [1, T', C], sizes [1, T', 1])``, the rows in the flat buffer ``out`` if given."""
+    ``(x [1, T', C], sizes [1, T', 1])``; ``in_place`` overwrites ``x`` (see
+    :func:`keep_rows`)."""
     s = sizes.reshape(-1).float()
     new_s = s.index_add(0, dst, s[src])
     rows, slot = torch.unique(dst, return_inverse=True)
     num = x[0, rows].float() * s[rows, None]
     num.index_add_(0, slot, x[0, src].float() * s[src, None])
-    out = keep_rows(x, keep, out)
+    out = keep_rows(x, keep, in_place)
     pos = torch.cumsum(keep, 0) - 1
     out[0, pos[rows]] = (num / new_s[rows, None]).to(x.dtype)
     return out, new_s[keep].to(sizes.dtype).reshape(1, -1, 1)
