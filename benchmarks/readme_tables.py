@@ -96,6 +96,18 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` decreasing, guard 0.1, 3x (measured)",
          "saint_match:inflection=-0.5,guard=0.1,target=measured,at=3@3x"),
     ]),
+    "dinov2_518_select_at": ("dinov2_s14_518_cpu_attn2.json", "518px, 2 threads, where the selection acts", [
+        ("ToMe r=100", "tome:r=100"),
+        ("ToMe r=100, before attention", "tome:r=100,select_at=attention"),
+        ("ToMe r=100, decreasing", "tome:r=100,inflection=-0.5"),
+        ("ToMe r=100, decreasing, before attention", "tome:r=100,inflection=-0.5,select_at=attention"),
+        ("`saint_match` guard 0.1, 3x (FLOPs)", "saint_match:inflection=-0.5,guard=0.1@3x"),
+        ("`saint_match` guard 0.1, 3.3x (FLOPs)", "saint_match:inflection=-0.5,guard=0.1@3.3x"),
+        ("`saint_match` guard 0.1, before attention, 3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,select_at=attention@3x"),
+        ("`saint_match` guard 0.1, before attention, 3.3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,select_at=attention@3.3x"),
+    ]),
     "dinov2_224_guard": ("dinov2_s14_224_cpu_guard.json", "224px, 2 threads, class-attention guard", [
         *tome_rows(13, 16, 19),
         ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
@@ -135,16 +147,23 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
                ("KV cache MB", lambda r: f"{r['kv_cache_mb']:.1f}")]
 
 
+WITH_FLOPS = {"dinov2_518_select_at"}  # tables that compare at the same FLOPs, so show them
+
+
 def fidelity_table(name: str) -> str:
-    """A speed / fidelity table from the rows of a sweep result file."""
+    """A speed / fidelity table from the rows of a sweep result file (with the FLOPs ratio
+    for the tables in ``WITH_FLOPS``)."""
     file, first, rows = FIDELITY[name]
+    flops = name in WITH_FLOPS
     results = {r["label"]: r for r in json.loads((RESULTS / file).read_text())["results"]}
-    lines = [f"| {first} | speed | centered cos | retrieval@1 |", "|---|---|---|---|"]
+    lines = [f"| {first} |{' FLOPs ratio |' if flops else ''} speed | centered cos | retrieval@1 |",
+             "|---|---|---|---|" + ("---|" if flops else "")]
     for label, key in rows:
         if key not in results:
             raise KeyError(f"{file} has no row {key!r} (for the README's {label!r})")
         r = results[key]
-        lines.append(f"| {label} | {r['speedup']:.2f}x | {r['centered_cosine']:.3f} | {r['retrieval_at_1']:.3f} |")
+        ratio = f" {r['flops_ratio']:.2f}x |" if flops else ""
+        lines.append(f"| {label} |{ratio} {r['speedup']:.2f}x | {r['centered_cosine']:.3f} | {r['retrieval_at_1']:.3f} |")
     return "\n".join(lines)
 
 
