@@ -108,6 +108,16 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` guard 0.1, before attention, 3.3x (FLOPs)",
          "saint_match:inflection=-0.5,guard=0.1,select_at=attention@3.3x"),
     ]),
+    "dinov2_224_select_at": ("dinov2_s14_224_cpu_attn.json", "224px, 2 threads, where the selection acts", [
+        ("ToMe r=13", "tome:r=13"),
+        ("ToMe r=13, before attention", "tome:r=13,select_at=attention"),
+        ("ToMe r=19", "tome:r=19"),
+        ("ToMe r=19, before attention", "tome:r=19,select_at=attention"),
+        ("`saint_match` guard 0.1, 1.5x (FLOPs)", "saint_match:guard=0.1@1.5x"),
+        ("`saint_match` guard 0.1, 2x (FLOPs)", "saint_match:guard=0.1@2x"),
+        ("`saint_match` guard 0.1, before attention, 1.5x (FLOPs)", "saint_match:guard=0.1,select_at=attention@1.5x"),
+        ("`saint_match` guard 0.1, before attention, 2x (FLOPs)", "saint_match:guard=0.1,select_at=attention@2x"),
+    ]),
     "dinov2_224_guard": ("dinov2_s14_224_cpu_guard.json", "224px, 2 threads, class-attention guard", [
         *tome_rows(13, 16, 19),
         ("`saint_match` calibrated to 1.5x (FLOPs)", "saint_match@1.5x"),
@@ -147,7 +157,7 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
                ("KV cache MB", lambda r: f"{r['kv_cache_mb']:.1f}")]
 
 
-WITH_FLOPS = {"dinov2_518_select_at"}  # tables that compare at the same FLOPs, so show them
+WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at"}  # tables that compare at the same FLOPs, so show them
 
 
 def fidelity_table(name: str) -> str:
