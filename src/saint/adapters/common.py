@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..core import (
     additive_key_mask,
@@ -26,7 +27,7 @@ from ..core.packing import (
     KERNELS,
     keep_rows,
     lengths_to_valid,
-    merge_and_keep,
+    merge_and_keep_many,
     pack,
     packed_attention,
     padded_index,
@@ -248,10 +249,8 @@ class TokenState:
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-            sizes = self.sizes
-            out = [merge_weighted(t, sizes, sel.merge)[0] for t in tensors[1:]]
-            x, self.sizes = merge_weighted(x, sizes, sel.merge)
-            out = [x, *out]
+            merged = [merge_weighted(t, self.sizes, sel.merge) for t in tensors]
+            out, self.sizes = [m[0] for m in merged], merged[0][1]
         idx, valid = keep_mask_to_indices(keep, order=sel.order)
         out = [gather_tokens(t, idx) for t in out]
         if self.sizes is not None:
@@ -267,7 +266,6 @@ class TokenState:
         streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
         valid = self.valid if self.valid is not None else torch.ones_like(keep)
         flat = keep[valid]
-        in_place = [bool(f) for f in in_place] + [False] * (len(streams) - len(in_place))
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(1, streams[0].shape[1], 1, dtype=torch.float32, device=keep.device)
@@ -277,10 +275,10 @@ class TokenState:
             if plan.active is not None:
                 active = plan.active.reshape(-1)
                 src, dst = src[active], dst[active]
-            merged = [merge_and_keep(t, self.sizes, src, dst, flat, f) for t, f in zip(streams, in_place, strict=True)]
-            streams, self.sizes = [m[0] for m in merged], merged[0][1]
+            streams, self.sizes = merge_and_keep_many(streams, self.sizes, src, dst, flat, in_place)
         else:
-            streams = [keep_rows(t, flat, f) for t, f in zip(streams, in_place, strict=True)]
+            flags = [bool(f) for f in in_place] + [False] * (len(streams) - len(in_place))
+            streams = [keep_rows(t, flat, f) for t, f in zip(streams, flags, strict=True)]
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
         if sel.order is not None:  # each image's survivors laid out by the key
@@ -450,6 +448,21 @@ def packed_attention_of(
     bias = state.attn_bias(q.dtype, prop_attn)
     out = packed_attention(q, k, v, state.lengths, bias, scale=scale, dropout_p=dropout_p, kernel=kernel)
     return out.reshape(1, out.shape[0], -1)
+
+
+def attention_of(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: TokenState, prop_attn: bool,
+    scale: float, dropout_p: float, kernel: str,
+) -> torch.Tensor:
+    """Attention of each image over its own real tokens, ``q, k, v [B, N, H, D]`` (a packed
+    stream: ``B = 1``) -> ``[B, N, H*D]``: the per-image packed kernel, or SDPA with the
+    state's key mask (padding, ToMe sizes) on a rectangular or padded batch."""
+    if state.packed:
+        return packed_attention_of(q[0], k[0], v[0], state, prop_attn, scale, dropout_p, kernel)
+    b, n, h, d = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=state.attn_bias(q.dtype, prop_attn), dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).reshape(b, n, h * d)
 
 
 def output_unshared(module: torch.nn.Module, saint_hooks: int = 0) -> bool:

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..core import head_mean
 from ..methods import (
@@ -72,6 +71,7 @@ from .common import (
     SAINT_ATTR,
     SITE_ATTR,
     TokenState,
+    attention_of,
     check_layout,
     check_static_counts,
     cls_attention,
@@ -373,20 +373,10 @@ def _select_before_attention(layer: torch.nn.Module, handle: HFVisionPatch, run:
     sel = _select(handle, run, layer, index, normed, x, settings)
     unshared = [output_unshared(p, saint_hooks=int(p is attn.k_proj)) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
     x, q, k, v = state.apply_many([x, q, k, v], sel, in_place=[False, *unshared])
-    h, d = attn.num_heads, attn.head_dim
-    prop_attn = handle.config.size_bias
+    b, n = q.shape[:2]
+    q, k, v = (p.reshape(b, n, attn.num_heads, attn.head_dim) for p in (q, k, v))
     dropout = attn.dropout if attn.training else 0.0
-    if state.packed:
-        t = q.shape[1]
-        q, k, v = (p.reshape(t, h, d) for p in (q, k, v))
-        out = packed_attention_of(q, k, v, state, prop_attn, attn.scale, dropout, handle.kernel)
-    else:
-        b, n = q.shape[:2]
-        q, k, v = (p.reshape(b, n, h, d).transpose(1, 2) for p in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=state.attn_bias(q.dtype, prop_attn),
-                                             dropout_p=dropout, scale=attn.scale)
-        out = out.transpose(1, 2).reshape(b, n, h * d)
-    x = x + attn.out_proj(out)
+    x = x + attn.out_proj(attention_of(q, k, v, state, handle.config.size_bias, attn.scale, dropout, handle.kernel))
     return x + layer.mlp(layer.layer_norm2(x))
 
 

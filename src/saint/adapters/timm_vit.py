@@ -34,7 +34,6 @@ import types
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..methods import LayerContext, MethodSpec, make_config, require_class_token, require_site
 from .base import (
@@ -53,12 +52,12 @@ from .common import (
     SAINT_ATTR,
     SITE_ATTR,
     TokenState,
+    attention_of,
     check_layout,
     check_static_counts,
     cls_attention,
     keys_from_qkv,
     output_unshared,
-    packed_attention_of,
 )
 
 POOLS_WITH_SIZES = ("token", "avg", "")
@@ -168,18 +167,10 @@ def _attention_of_qkv(attn: torch.nn.Module, qkv: torch.Tensor, gate: torch.Tens
     """The rest of timm's ``Attention`` from its qkv projection ``[B, N, 3C]`` (or a packed
     ``[1, T, 3C]``) and gate logits: q/k norms, attention over each image's real tokens
     (the state's key mask or per-image packed attention), norm, gate, proj, dropouts."""
-    h, d = attn.num_heads, attn.head_dim
+    b, n = qkv.shape[:2]
+    q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    if state.packed:
-        q, k, v = qkv.reshape(qkv.shape[1], 3, h, d).unbind(1)
-        x = packed_attention_of(attn.q_norm(q), attn.k_norm(k), v, state, prop_attn, attn.scale, dropout, kernel)
-    else:
-        b, n = qkv.shape[:2]
-        q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v, scale=attn.scale, dropout_p=dropout,
-                                           attn_mask=state.attn_bias(qkv.dtype, prop_attn))
-        x = x.transpose(1, 2).reshape(b, n, h * d)
-    x = attn.norm(x)
+    x = attn.norm(attention_of(attn.q_norm(q), attn.k_norm(k), v, state, prop_attn, attn.scale, dropout, kernel))
     if gate is not None:
         x = x * gate.sigmoid()
     return attn.proj_drop(attn.proj(x))

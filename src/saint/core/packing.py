@@ -65,23 +65,36 @@ def keep_rows(x: torch.Tensor, keep: torch.Tensor, in_place: bool = False) -> to
 
 
 def merge_and_keep(
-    x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor,
-    in_place: bool = False,
+    x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge of stream rows ``src -> dst`` (``[r]`` positions in ``x [1, T,
     C]``, sources never destinations) and the kept rows ``keep [T]`` in one pass over the
     stream: only the destination rows are recomputed (in fp32). Returns the kept
-    ``(x [1, T', C], sizes [1, T', 1])``; ``in_place`` overwrites ``x`` (see
-    :func:`keep_rows`)."""
+    ``(x [1, T', C], sizes [1, T', 1])``."""
+    (out,), new_sizes = merge_and_keep_many([x], sizes, src, dst, keep)
+    return out, new_sizes
+
+
+def merge_and_keep_many(
+    xs: Sequence[torch.Tensor], sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor,
+    in_place: Sequence[bool] = (),
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`merge_and_keep` of several streams with the same rows (the tokens and their
+    projections), the plan's sizes and positions worked out once; ``in_place[i]`` lets
+    ``xs[i]`` be overwritten (see :func:`keep_rows`)."""
     s = sizes.reshape(-1).float()
     new_s = s.index_add(0, dst, s[src])
     rows, slot = torch.unique(dst, return_inverse=True)
-    num = x[0, rows].float() * s[rows, None]
-    num.index_add_(0, slot, x[0, src].float() * s[src, None])
-    out = keep_rows(x, keep, in_place)
-    pos = torch.cumsum(keep, 0) - 1
-    out[0, pos[rows]] = (num / new_s[rows, None]).to(x.dtype)
-    return out, new_s[keep].to(sizes.dtype).reshape(1, -1, 1)
+    at = (torch.cumsum(keep, 0) - 1)[rows]
+    flags = [bool(f) for f in in_place] + [False] * (len(xs) - len(in_place))
+    outs = []
+    for x, flag in zip(xs, flags, strict=True):
+        num = x[0, rows].float() * s[rows, None]
+        num.index_add_(0, slot, x[0, src].float() * s[src, None])
+        out = keep_rows(x, keep, flag)
+        out[0, at] = (num / new_s[rows, None]).to(x.dtype)
+        outs.append(out)
+    return outs, new_s[keep].to(sizes.dtype).reshape(1, -1, 1)
 
 
 def split(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
