@@ -2,13 +2,14 @@
 # The GPU benchmarks of docs/packed.md in one call (bf16, batch 64, 224 and 518px):
 # the packed-attention kernels, packed vs padded vs ToMe on DINOv2-S/14 (real weights) and
 # on the ViT-B/14 and ViT-L/14 geometries (random weights), and the DINOv2-S sweep
-# (SAINT+, saint_match, ToMe constant and decreasing; fidelity on the carried photos).
+# (SAINT+, saint_match, ToMe constant and decreasing, each selecting between attention and
+# MLP and before attention; fidelity on the carried photos).
 #
 # Prepare here first:  python benchmarks/gpu_prepare.py        (packs .gpu/, git-ignored)
 # Run there:           bash benchmarks/gpu_run.sh              (carry .gpu)
 # Results: $OUT/gpu_results.tar.gz (every JSON/Markdown/PNG, each with its exact command)
 # and $OUT/gpu_run.log. Each step has its own time limit, so one failure or overrun
-# still leaves the others' results; the whole script stays under ~8 minutes.
+# still leaves the others' results; the whole script stays under ~8.5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/saint-gpu-out}
@@ -41,25 +42,29 @@ EOF
 if [ -n "$QUICK" ]; then
   BATCH=4; ROUNDS="--warmup 0 --repeats 1"; SIZES=224; PHOTOS=12; MODELS=vit_base_patch14_dinov2
   KERNEL_CASES=(--lengths 20-60,60-250 --rounds 1); TARGETS=saint_plus@2; SCALE=5
-  SWEEP=(--tome-r 13 --calibrated saint_match --calibrated saint_match:target=measured,at=1.5 --speedups 2)
+  SWEEP=(--tome-r 13 --tome-select-at mlp,attention --calibrated saint_match
+         --calibrated saint_match:guard=0.1,select_at=attention --calibrated saint_match:target=measured,at=1.5
+         --speedups 2)
 else
   BATCH=64; ROUNDS="--warmup 2 --repeats 10"; SIZES=224,518; PHOTOS=105; KERNEL_CASES=()
   TARGETS=saint_plus@2,saint_plus@3; SCALE=1
   SWEEP=(--calibrated saint_plus --calibrated saint_match --calibrated saint_match:inflection=-0.5
-         --calibrated saint_match:target=measured,at=2 --speedups 1.5,2,2.5,3)
+         --calibrated saint_match:inflection=-0.5,guard=0.1
+         --calibrated saint_match:inflection=-0.5,guard=0.1,select_at=attention
+         --calibrated saint_match:target=measured,at=2 --tome-select-at mlp,attention --speedups 1.5,2,2.5,3)
   MODELS="vit_base_patch14_dinov2 vit_large_patch14_dinov2"
 fi
 COMMON=(--device "$DEVICE" --dtype bf16 --out-dir "$RESULTS")
 
-step kernels 60 "$PY" benchmarks/packed_attention_kernels.py "${COMMON[@]}" --batch "$BATCH" "${KERNEL_CASES[@]}"
-step packed-dinov2-s14 90 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --batch-size "$BATCH" \
+step kernels 50 "$PY" benchmarks/packed_attention_kernels.py "${COMMON[@]}" --batch "$BATCH" "${KERNEL_CASES[@]}"
+step packed-dinov2-s14 80 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --batch-size "$BATCH" \
   --sizes "$SIZES" --overhead-sizes "$SIZES" --targets "saint@1.5,$TARGETS" --tome-r auto $ROUNDS
 for model in $MODELS; do
-  step "packed-$model" 90 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --batch-size "$BATCH" \
+  step "packed-$model" 70 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --batch-size "$BATCH" \
     --sizes "$SIZES" --overhead-sizes "" --targets "$TARGETS" --tome-r auto $ROUNDS \
     --model "$model"
 done
-step sweep 200 "$PY" benchmarks/run_dinov2_cpu.py "${COMMON[@]}" --batch-size "$BATCH" --eval-batch "$BATCH" \
+step sweep 240 "$PY" benchmarks/run_dinov2_cpu.py "${COMMON[@]}" --batch-size "$BATCH" --eval-batch "$BATCH" \
   --sizes "$SIZES" --photos "$PHOTOS" --taus "" --matched none --tome-inflection=-0.5 "${SWEEP[@]}" \
   $ROUNDS --tag gpu --no-progress
 
