@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .gather import EPS
+from .gather import EPS, without_autocast
 
 
 def split_candidates(
@@ -34,7 +34,8 @@ def anchor_similarity(a: torch.Tensor, anc: torch.Tensor, anchor_valid: torch.Te
     """``a @ anc^T`` ``[B, A, A']`` with ``-inf`` in the columns of invalid anchors
     (masked in place; rows of invalid candidates are left to the caller, who masks the
     ``[B, A]`` results instead of the matrix)."""
-    sim = a @ anc.transpose(1, 2)
+    with without_autocast(a.device):
+        sim = a @ anc.transpose(1, 2)
     if anchor_valid is not None:
         bias = torch.zeros(anchor_valid.shape, dtype=sim.dtype, device=sim.device)
         sim.add_(bias.masked_fill_(~anchor_valid, float("-inf"))[:, None, :])

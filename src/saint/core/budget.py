@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gather import EPS, drop_top_ranked, prunable_valid
+from .gather import EPS, drop_top_ranked, prunable_valid, without_autocast
 
 
 def fixed_budget_keep_mask(
@@ -33,7 +33,8 @@ def fixed_budget_keep_mask(
             f"keep={keep} must be in [1, {available}] (the prunable tokens available at this layer)"
         )
     m = F.normalize(metric[:, num_protected:].float(), dim=-1, eps=EPS)
-    sim = m @ m.transpose(1, 2)
+    with without_autocast(m.device):
+        sim = m @ m.transpose(1, 2)
     remaining = pv.clone()
     while True:
         rem = remaining.sum(dim=1)

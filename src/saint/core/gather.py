@@ -3,9 +3,22 @@ apply them to tokens, validity masks and attention biases."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 EPS = 1e-6  # keeps cosine normalisation finite for zero-norm keys
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A block whose products keep their inputs' dtype under autocast: the selections'
+    similarities are float32 by design, and autocast would make them bf16/fp16 (a
+    count of ``>= tau`` entries then changes with the rounding); a no-op on a device
+    without autocast (``meta``)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def keep_mask_to_indices(

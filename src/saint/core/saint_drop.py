@@ -20,7 +20,7 @@ from .bipartite import (
     split_candidates,
     sum_at_least_,
 )
-from .gather import drop_top_ranked, prunable_valid
+from .gather import drop_top_ranked, prunable_valid, without_autocast
 from .tome import MergePlan
 
 RATES = ("batch", "sample")
@@ -65,7 +65,8 @@ def saint_graph(
     degree = degree * va
     n_anchor = vb.sum(-1, keepdim=True).clamp(min=1)
     anchor_sum = (anc * vb[..., None]).sum(dim=1)
-    all_mean = (a @ anchor_sum[..., None]).squeeze(-1) / n_anchor
+    with without_autocast(a.device):
+        all_mean = (a @ anchor_sum[..., None]).squeeze(-1) / n_anchor
     has_edge = degree > 0
     deg_f = degree.to(torch.float32)
     linked_mean = linked_sum / deg_f.clamp(min=1)

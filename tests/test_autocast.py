@@ -1,0 +1,130 @@
+"""Selections under ``torch.autocast``: their similarities stay float32, so a model run
+in bf16 autocast prunes exactly as its keys say, and every vision method runs there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saint
+from saint.core import (
+    anchor_similarity,
+    fixed_budget_keep_mask,
+    match_plan,
+    query_attention,
+    saint_keep_mask,
+    saint_select,
+    tome_plan,
+)
+from saint.core.gather import without_autocast
+
+from .conftest import make_tiny
+
+
+def _keys(b: int = 3, n: int = 41, d: int = 16, seed: int = 0) -> torch.Tensor:
+    """Keys whose cosines sit close to thresholds (a bf16 product would round them)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(b, 1, d, generator=g)
+    return base + 0.35 * torch.randn(b, n, d, generator=g)
+
+
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_similarity_is_float32_and_equal_under_autocast():
+    m = torch.nn.functional.normalize(_keys(), dim=-1)
+    a, anc = m[:, 0::2], m[:, 1::2]
+    plain = anchor_similarity(a, anc, None)
+    with _bf16_autocast():
+        assert (a @ anc.transpose(1, 2)).dtype == torch.bfloat16  # what autocast would do
+        inside = anchor_similarity(a, anc, None)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, plain)
+
+
+@pytest.mark.parametrize("rate", ["sample", "batch"])
+def test_saint_selections_equal_under_autocast(rate):
+    keys = _keys()
+    tau = float(torch.nn.functional.cosine_similarity(keys[:, :1], keys, dim=-1).median())
+    plain_keep, plain_graph = saint_select(keys, tau, 2, 10.0, rate, 1)
+    plain_mask = saint_keep_mask(keys, tau, 1, 10.0, rate, 1)
+    with _bf16_autocast():
+        keep, graph = saint_select(keys, tau, 2, 10.0, rate, 1)
+        mask = saint_keep_mask(keys, tau, 1, 10.0, rate, 1)
+    assert not bool(plain_mask.all())  # something is pruned, so the check has teeth
+    assert torch.equal(keep, plain_keep) and torch.equal(mask, plain_mask)
+    assert torch.equal(graph.degree, plain_graph.degree)
+    assert torch.equal(graph.score, plain_graph.score) and torch.equal(graph.best_anchor, plain_graph.best_anchor)
+
+
+def test_budget_match_tome_and_query_attention_equal_under_autocast():
+    keys = _keys()
+    q = torch.randn(3, 2, 8)
+    k = torch.randn(3, 41, 2, 8)
+    plain = (fixed_budget_keep_mask(keys, 12, 4, 1), match_plan(keys, 0.5, 0.5, 1).keep, tome_plan(keys, 6, 1).keep,
+             query_attention(q, k, 0.3))
+    with _bf16_autocast():
+        inside = (fixed_budget_keep_mask(keys, 12, 4, 1), match_plan(keys, 0.5, 0.5, 1).keep,
+                  tome_plan(keys, 6, 1).keep, query_attention(q, k, 0.3))
+    assert inside[3].dtype == torch.float32
+    for got, want in zip(inside, plain, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_without_autocast_is_a_no_op_where_there_is_none():
+    with without_autocast(torch.device("meta")):
+        out = torch.ones(2, 3, device="meta") @ torch.ones(3, 4, device="meta")
+    assert out.shape == (2, 4)
+
+
+METHODS = {
+    "saint": dict(tau=0.5, k=1, layers=[0, 1]),
+    "saint_fold": dict(tau=0.5, k=1, layers=[0, 1]),
+    "saint_match": dict(tau=0.5, fraction=0.5, layers=[0, 1], guard=0.1),
+    "tome": dict(r=3),
+    "random": dict(r=3),
+    "attn": dict(r=3),
+    "budget": dict(keep=8, layers=[1]),
+}
+
+
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_vision_method_runs_in_bf16_autocast(method, select_at, images):
+    model = make_tiny("vit")
+    saint.patch(model, method, select_at=select_at, **METHODS[method])
+    with torch.no_grad(), _bf16_autocast():
+        out = model(images)
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+    tokens = saint.stats(model).mean()
+    assert tokens[-1] < tokens[0]  # it pruned under autocast
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_vision_tower_graph_methods_run_in_bf16_autocast(kind, images):
+    from .test_hf_vision import make, run
+
+    model = make(kind)
+    saint.patch(model, "saint", tau=0.5, k=1, layers=[0, 1])
+    with torch.no_grad(), _bf16_autocast():
+        out = run(model, images)
+    assert bool(torch.isfinite(out.pooler_output).all())
+    tokens = saint.stats(model).mean()
+    assert tokens[-1] < tokens[0]
+
+
+@pytest.mark.parametrize("name", ["llm", "hybrid"])
+def test_llava_graph_pruning_generates_in_bf16_autocast(name, images):
+    from .conftest import left_pad
+    from .test_llava import CONFIGS, ROWS, gen
+    from .test_llava import make as make_llava
+
+    model = make_llava()
+    saint.patch(model, **CONFIGS[name])
+    ids, mask = left_pad(ROWS)
+    with _bf16_autocast():
+        out = gen(model, ids, images, mask)
+    assert out.shape[0] == len(ROWS)
+    tokens = saint.stats(model).tokens
+    assert sum(tokens[-1]) < sum(tokens[0])  # the language model pruned image tokens
