@@ -1,5 +1,6 @@
-"""Selections under ``torch.autocast``: their similarities stay float32, so a model run
-in bf16 autocast prunes exactly as its keys say, and every vision method runs there."""
+"""Patched models under ``torch.autocast`` and ``torch.compile``: selections keep their
+similarities float32, so a model run in bf16 autocast prunes exactly as its keys say and
+every vision method runs there; a compiled patched ViT gives the patched answer."""
 
 from __future__ import annotations
 
@@ -128,3 +129,20 @@ def test_llava_graph_pruning_generates_in_bf16_autocast(name, images):
     assert out.shape[0] == len(ROWS)
     tokens = saint.stats(model).tokens
     assert sum(tokens[-1]) < sum(tokens[0])  # the language model pruned image tokens
+
+
+@pytest.mark.parametrize("method,kw", [("tome", dict(r=2)), ("saint_match", dict(tau=0.5, fraction=0.5, layers=[0, 1]))])
+def test_compiled_patched_vit_equals_the_patched_one(method, kw, images):
+    """Dynamo traces the patched blocks (breaking the graph where a selection reads its
+    counts) and gives the eager patched answer, also on a packed ragged batch; the
+    ``eager`` backend keeps this a test of tracing, not of a compiler's rounding."""
+    model = make_tiny("vit")
+    saint.patch(model, method, **kw)
+    with torch.no_grad():
+        want = model(images)
+        layout = saint.stats(model).layout
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="eager")(images)
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
+    assert saint.stats(model).layout == layout == ("rectangular" if method == "tome" else "packed")
