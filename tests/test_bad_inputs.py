@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 
 import pytest
+import timm
 import torch
 
 import saint
@@ -132,6 +133,9 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("patch a non-module", lambda: saint.patch("model"), TypeError, "expected a torch.nn.Module, got str"),
     ("patch an unsupported module", lambda: saint.patch(torch.nn.Linear(2, 2)), TypeError,
      "saint cannot handle Linear; supported models"),
+    ("patch a ViT with parallel blocks", lambda: saint.patch(timm.create_model(
+        "vit_small_patch16_18x2_224", pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)),
+     TypeError, "block 0 is ParallelThingsBlock (no .attn); saint supports timm ViT blocks"),
     ("patch a compiled model", lambda: saint.patch(torch.compile(tiny())), TypeError,
      "patch the original first, then compile"),
     ("unpatch an unpatched model", lambda: saint.unpatch(tiny()), ValueError, "is not patched by saint"),

@@ -94,8 +94,10 @@ def patch(
     blocks = list(model.blocks)
     for i, blk in enumerate(blocks):
         if type(blk) is not block_cls or not isinstance(blk.attn, attn_cls):
+            attn = getattr(blk, "attn", None)
+            has = f"attn={type(attn).__name__}" if attn is not None else "no .attn"
             raise TypeError(
-                f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
+                f"block {i} is {type(blk).__name__} ({has}); "
                 "saint supports timm ViT blocks (timm.models.vision_transformer.Block with Attention)"
             )
     settings = config.resolve(len(blocks))
