@@ -1,6 +1,7 @@
 """No silent wrong answers: gradient checkpointing recomputes the same selection, a
-deep copy is an independent patched model, one instance serves several threads, and
-``random`` gives each image the same draw alone or in any batch."""
+deep copy is an independent patched model, one instance serves several threads,
+``random`` gives each image the same draw alone or in any batch, and packed training
+gives every parameter the padded layout's finite gradient."""
 
 from __future__ import annotations
 
@@ -201,3 +202,52 @@ def test_calls_from_many_short_lived_threads_do_not_accumulate(images):
     call()  # a new call forgets the finished threads' calls
     assert len(handle.runs._current) == 1 and len(handle.runs._executing) == 1
     assert [len(t) for t in saint.stats(model).tokens] == [1] * 4
+
+
+def _parameter_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+RAGGED = ["saint", "saint_fold", "saint_plus", "saint_match"]
+
+
+@pytest.mark.parametrize("method", RAGGED)
+def test_packed_training_gives_finite_gradients_equal_to_padded(method, images):
+    """A packed ragged batch leaves the blocks padded; when autograd records it the
+    padding is 0, not NaN, so the final norm's weight (which multiplies every row) gets
+    a finite gradient, and every parameter's gradient equals the padded layout's."""
+    grads = {}
+    for layout in ("packed", "padded"):
+        model = saint.patch(make_tiny("vit").train(), method, layout=layout, **CASES[method])
+        grads[layout] = _parameter_grads(model, model(images).square().sum())
+        assert saint.stats(model).layout == layout
+    assert grads["packed"].keys() == grads["padded"].keys() and "norm.weight" in grads["packed"]
+    for name, g in grads["packed"].items():
+        assert bool(torch.isfinite(g).all()), name
+        torch.testing.assert_close(g, grads["padded"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packed_siglip_training_gives_finite_gradients(images):
+    """SigLIP norms the whole padded sequence (``post_layernorm``) before its pooling head."""
+    from .test_hf_vision import make
+
+    grads = {}
+    for layout in ("packed", "padded"):
+        model = saint.patch(make("siglip").train(), "saint", layout=layout, tau=0.3, k=2)
+        out = model(pixel_values=images).pooler_output
+        grads[layout] = _parameter_grads(model, out.square().sum())
+        assert saint.stats(model).layout == layout
+    assert "post_layernorm.weight" in grads["packed"]
+    for name, g in grads["packed"].items():
+        assert bool(torch.isfinite(g).all()), name
+        torch.testing.assert_close(g, grads["padded"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packed_output_keeps_nan_padding_without_autograd(images):
+    model = saint.patch(make_tiny("vit"), "saint", **CASES["saint"])
+    with torch.no_grad():
+        feats = model.forward_features(images)
+    mask = saint.token_mask(model)
+    assert mask is not None and not bool(mask.all())
+    assert bool(feats[~mask].isnan().all()) and bool(torch.isfinite(feats[mask]).all())

@@ -179,13 +179,16 @@ class TokenState:
     def leave(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens that leave the patched blocks: a packed stream becomes the padded view
         ``[B, M, C]`` with NaN at padding (``valid`` marks real tokens, ``sizes`` is 1
-        there), so no padding value can pass for a token."""
+        there), so no padding value can pass for a token. When autograd records ``x``
+        the padding is 0 instead: a norm after the blocks multiplies every row by its
+        weight, and a NaN row would make that weight's gradient NaN although the row's
+        own gradient is 0."""
         if not self.packed:
             return x
         if self.sizes is not None:
             self.sizes = unpack(self.sizes, self.valid, fill=1.0)
         self.packed, self._bias = False, {}
-        return unpack(x, self.valid)
+        return unpack(x, self.valid, fill=0.0 if x.requires_grad else float("nan"))
 
     def padded(self, t: torch.Tensor) -> torch.Tensor:
         """The padded view ``[B, M, ...]`` of a packed ``[1, T, ...]`` tensor (padding
