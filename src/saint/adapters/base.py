@@ -199,6 +199,10 @@ class Adapter(abc.ABC):
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or inputs.shape[0] < 1:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
             raise ValueError(f"images must be a [N, 3, H, W] batch, got {shape}")
+        if not inputs.is_floating_point():
+            raise TypeError(f"images must be float pixels as the model takes them (normalised), got {inputs.dtype}")
+        if not bool(torch.isfinite(inputs).all()):
+            raise ValueError("images contain NaN or inf: every statistic taken on them would be too")
 
     def batch_size(self, inputs: Inputs) -> int:
         return int(inputs.shape[0])
