@@ -1,6 +1,7 @@
 """Patched models under ``torch.autocast`` and ``torch.compile``: selections keep their
 similarities float32, so a model run in bf16 autocast prunes exactly as its keys say and
-every vision method runs there; a compiled patched ViT gives the patched answer."""
+every vision method runs there; a compiled patched ViT gives the patched answer; VLMs
+in bf16/fp16 weights prune and generate."""
 
 from __future__ import annotations
 
@@ -146,3 +147,28 @@ def test_compiled_patched_vit_equals_the_patched_one(method, kw, images):
     torch._dynamo.reset()
     assert torch.equal(got, want)
     assert saint.stats(model).layout == layout == ("rectangular" if method == "tome" else "packed")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_half_precision_vlms_prune_and_generate(family, dtype, images):
+    """VLMs usually run in bf16/fp16 weights: SAINT's hybrid mode (tower drop, then graph
+    pruning in the language model) generates with finite logits and prunes there too."""
+    if family == "llava":
+        from .conftest import left_pad
+        from .test_llava import CONFIGS, ROWS, gen, logits
+        from .test_llava import make as make_vlm
+
+        model = saint.patch(make_vlm().to(dtype), **CONFIGS["hybrid"])
+        ids, mask = left_pad(ROWS)
+        out, last = gen(model, ids, images.to(dtype), mask), logits(model, ids, images.to(dtype), mask)[:, -1]
+    else:
+        from .test_qwen_vl import CONFIGS, batch, gen, logits
+        from .test_qwen_vl import make as make_vlm
+
+        model = saint.patch(make_vlm(family).to(dtype), **CONFIGS["hybrid"])
+        x = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch(family).items()}
+        out, last = gen(model, x), logits(model, x)[:, -1]
+    assert out.shape[0] == 3 and bool(torch.isfinite(last).all())
+    tokens = saint.stats(model).tokens
+    assert sum(tokens[-1]) < sum(tokens[0])
