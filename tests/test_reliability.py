@@ -209,6 +209,13 @@ def _parameter_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, to
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_finite_and_equal(packed: dict[str, torch.Tensor], padded: dict[str, torch.Tensor]) -> None:
+    assert packed.keys() == padded.keys()
+    for name, g in packed.items():
+        assert bool(torch.isfinite(g).all()), name
+        torch.testing.assert_close(g, padded[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 RAGGED = ["saint", "saint_fold", "saint_plus", "saint_match"]
 
 
@@ -222,10 +229,8 @@ def test_packed_training_gives_finite_gradients_equal_to_padded(method, images):
         model = saint.patch(make_tiny("vit").train(), method, layout=layout, **CASES[method])
         grads[layout] = _parameter_grads(model, model(images).square().sum())
         assert saint.stats(model).layout == layout
-    assert grads["packed"].keys() == grads["padded"].keys() and "norm.weight" in grads["packed"]
-    for name, g in grads["packed"].items():
-        assert bool(torch.isfinite(g).all()), name
-        torch.testing.assert_close(g, grads["padded"][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert "norm.weight" in grads["packed"]
+    _assert_finite_and_equal(grads["packed"], grads["padded"])
 
 
 def test_packed_siglip_training_gives_finite_gradients(images):
@@ -239,9 +244,7 @@ def test_packed_siglip_training_gives_finite_gradients(images):
         grads[layout] = _parameter_grads(model, out.square().sum())
         assert saint.stats(model).layout == layout
     assert "post_layernorm.weight" in grads["packed"]
-    for name, g in grads["packed"].items():
-        assert bool(torch.isfinite(g).all()), name
-        torch.testing.assert_close(g, grads["padded"][name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_finite_and_equal(grads["packed"], grads["padded"])
 
 
 def test_packed_output_keeps_nan_padding_without_autograd(images):

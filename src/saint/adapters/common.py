@@ -269,6 +269,7 @@ class TokenState:
         streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
         valid = self.valid if self.valid is not None else torch.ones_like(keep)
         flat = keep[valid]
+        flags = [bool(f) for f in in_place] + [False] * (len(streams) - len(in_place))
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(1, streams[0].shape[1], 1, dtype=torch.float32, device=keep.device)
@@ -278,9 +279,8 @@ class TokenState:
             if plan.active is not None:
                 active = plan.active.reshape(-1)
                 src, dst = src[active], dst[active]
-            streams, self.sizes = merge_and_keep_many(streams, self.sizes, src, dst, flat, in_place)
+            streams, self.sizes = merge_and_keep_many(streams, self.sizes, src, dst, flat, flags)
         else:
-            flags = [bool(f) for f in in_place] + [False] * (len(streams) - len(in_place))
             streams = [keep_rows(t, flat, f) for t, f in zip(streams, flags, strict=True)]
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
