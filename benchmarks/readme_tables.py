@@ -1,13 +1,14 @@
-"""Generate the README's result tables from the committed JSON, so they cannot drift.
+"""Generate the result tables of the README and docs/results.md from the committed JSON,
+so they cannot drift.
 
-Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in README.md and
-is rebuilt from the result file named below: the speed/fidelity tables from the rows
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in README.md or
+docs/results.md (a table may appear in both) and is rebuilt from the result file named below: the speed/fidelity tables from the rows
 named there (README label -> the ``label`` of a row in the result file), the VLM tables
 from every method's rows of a ``saint vlm-bench`` report (one column per metric, each
 cell "50% / 25%" of the visual tokens; TTFT as minimum + spread over the rounds). Run it after re-running a benchmark:
 
-    python benchmarks/readme_tables.py          # rewrite README.md
-    python benchmarks/readme_tables.py --check  # exit 1 if README.md is out of date (tests run this)
+    python benchmarks/readme_tables.py          # rewrite README.md and docs/results.md
+    python benchmarks/readme_tables.py --check  # exit 1 if one is out of date (tests run this)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = (README, ROOT / "docs" / "results.md")  # the files whose marked tables are generated
 RESULTS = ROOT / "benchmarks" / "results"
 
 def tome_rows(*rs: int) -> list[tuple[str, str]]:
@@ -217,16 +219,21 @@ def render(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the generated tables")
+    p.add_argument("--check", action="store_true", help="exit 1 if a file differs from the generated tables")
     args = p.parse_args(argv)
-    text = README.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print("README.md result tables are out of date: run python benchmarks/readme_tables.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
+    stale = []
+    for path in DOCS:
+        text = path.read_text()
+        new = render(text)
+        if new == text:
+            continue
+        stale.append(path.relative_to(ROOT))
+        if not args.check:
+            path.write_text(new)
+    if args.check and stale:
+        print(f"result tables out of date in {', '.join(map(str, stale))}: run python benchmarks/readme_tables.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 
