@@ -239,7 +239,8 @@ def calibrate(
     inflection: float = 0.0,
     **settings: Any,
 ) -> Calibration:
-    """Choose tau for ``method`` ("saint" or "saint_fold") so the pruned model hits one
+    """Choose tau for ``method`` ("saint", "saint_fold", "saint_plus"; for "saint_match" tau
+    and fraction per layer, the README's recommendation) so the pruned model hits one
     target on ``images`` (a ``[N, 3, H, W]`` batch; for LLaVA a processor-output dict,
     calibrating ``llm_tau`` of ``mode="llm"``/``"hybrid"``): ``flops_speedup`` (real-token
     FLOPs-ideal, = 1 / FLOPs fraction; ``speedup`` is its old name), ``flops`` (fraction of
