@@ -1,0 +1,269 @@
+"""What the Hugging Face vision encoders share (CLIP/SigLIP towers, DINOv2): a pre-norm
+encoder layer run with its own modules and a selection between the attention residual
+and the MLP (or before attention), packed per-image attention through the layer's own
+q/k/v/out projections, and the tower forward that unpads ``hidden_states``.
+
+A family describes its layers with :class:`LayerParts` (which module is the first norm,
+the attention, each projection, the layer scales ...); everything here reads only that,
+so a new HF encoder family is a small module that says where its parts are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core import head_mean
+from ..methods import LayerContext, MethodConfig, MethodSpec, Selection
+from .base import Probe, Site, TokenStateHandle, save_output
+from .common import (
+    MASKABLE_ATTENTION,
+    SAINT_ATTR,
+    SITE_ATTR,
+    TokenState,
+    attention_of,
+    cls_attention,
+    output_unshared,
+    packed_attention_of,
+)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """Where a pre-norm encoder layer keeps its parts: ``x + drop_path(ls1(attn(norm1(x))))``
+    then ``x + drop_path(ls2(mlp(norm2(x))))``. ``attn`` is called as HF calls it
+    (``attn(hidden_states=..., attention_mask=...)`` returning ``(out, weights)``); ``q``,
+    ``k``, ``v``, ``out`` are its projections. CLIP/SigLIP have no layer scale or drop path."""
+
+    norm1: torch.nn.Module
+    attn: torch.nn.Module
+    q: torch.nn.Module
+    k: torch.nn.Module
+    v: torch.nn.Module
+    out: torch.nn.Module
+    heads: int
+    head_dim: int
+    scale: float
+    dropout: float
+    norm2: torch.nn.Module
+    mlp: torch.nn.Module
+    ls1: Callable[[torch.Tensor], torch.Tensor] = _identity
+    ls2: Callable[[torch.Tensor], torch.Tensor] = _identity
+    drop_path: Callable[[torch.Tensor], torch.Tensor] = _identity
+
+
+@dataclass
+class HFEncoderPatch(TokenStateHandle):
+    """Everything a patched HF vision encoder carries: the ViT handle's fields (config,
+    resolved per-layer settings, per-call token states, hooks), the tower, how to find a
+    layer's parts, and the validity of every layer's output in the last forward."""
+
+    tower: torch.nn.Module | None = None
+    parts: Callable[[torch.nn.Module], LayerParts] | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.block_names)
+
+    def hidden_state_valid(self, index: int) -> torch.Tensor | None:
+        """Validity ``[B, M]`` of ``hidden_states[index]`` of the last forward (HF
+        indexing: 0 = embeddings, ``i + 1`` = output of layer ``i``, negatives from the
+        end); None when every position is real."""
+        n = self.depth + 1
+        if not -n <= index < n:
+            raise IndexError(f"hidden state index {index} out of range: the tower has {n} hidden states")
+        index %= n
+        if index == 0:
+            return None
+        run = self.runs.current()
+        ran = 0 if run is None else len(run.layer_valid)
+        if ran < index:
+            raise RuntimeError(f"layer {index - 1} did not run in the last forward ({ran} layers ran); call the model first")
+        return run.layer_valid[index - 1]
+
+
+def needs_mask(spec: MethodSpec, config: MethodConfig, layout: str) -> bool:
+    """Whether the model's own attention may get a key mask: padded ragged sequences,
+    or merged tokens' size bias."""
+    padded = layout == "padded" and config.pads
+    return padded or (spec.merges and config.size_bias)
+
+
+def check_maskable(tower: torch.nn.Module, spec: MethodSpec, config: MethodConfig, layout: str) -> None:
+    """Refuse a method that passes a key mask to an attention implementation that cannot take one."""
+    if needs_mask(spec, config, layout):
+        impl = tower.config._attn_implementation
+        if impl not in MASKABLE_ATTENTION:
+            raise ValueError(
+                f"{spec.name} with these settings passes a key mask to attention, which "
+                f"attn_implementation={impl!r} cannot take; load the model with attn_implementation='sdpa' or 'eager'"
+            )
+
+
+def _merges_nothing(plan: Any) -> bool:
+    """True for a merge plan that moves no token (empty, or every pair inactive)."""
+    active = getattr(plan, "active", None)
+    return plan.src.numel() == 0 or (active is not None and not bool(active.any()))
+
+
+def mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, N, H*D]`` key projection -> keys averaged over heads ``[B, N, D]``."""
+    b, n, c = k.shape
+    return head_mean(k.reshape(b, n, num_heads, c // num_heads))
+
+
+def _cls_attention(p: LayerParts, normed: torch.Tensor, k_packed: torch.Tensor, state: TokenState, prop_attn: bool):
+    """The class token's attention over all tokens (padded view), averaged over heads
+    (lazy; only the class token's query is projected)."""
+
+    def compute() -> torch.Tensor:
+        bias = state.padded_key_mask(k_packed.dtype, prop_attn)
+        first = state.first(normed)[:, None]
+        k = state.padded(k_packed)
+        b, n, c = k.shape
+        q = p.q(first).reshape(b, p.heads, c // p.heads)
+        return cls_attention(q, k.reshape(b, n, p.heads, c // p.heads), p.scale, bias)
+
+    return compute
+
+
+def _dropout(p: LayerParts) -> float:
+    return p.dropout if p.attn.training else 0.0
+
+
+def _packed_attention(p: LayerParts, x: torch.Tensor, state: TokenState, prop_attn: bool, kernel: str) -> torch.Tensor:
+    """The layer's attention on a packed stream ``[1, T, C]``: its own q/k/v/out
+    projections around per-image attention."""
+    t = x.shape[1]
+    q, k, v = (proj(x).reshape(t, p.heads, p.head_dim) for proj in (p.q, p.k, p.v))
+    return p.out(packed_attention_of(q, k, v, state, prop_attn, p.scale, _dropout(p), kernel))
+
+
+def _check_packed_training(p: LayerParts) -> None:
+    """Drop path draws one decision per sample, which a packed stream cannot express."""
+    if p.attn.training and getattr(p.drop_path, "drop_prob", 0.0) > 0:
+        raise ValueError("drop_path in training needs one row per image; patch with layout='padded' to train")
+
+
+def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  **kwargs: Any) -> torch.Tensor:
+    """An encoder layer of a patched tower (per-instance ``forward``): its own modules in
+    HF order, the selection between the attention residual and the MLP (or before the
+    attention with ``select_at="attention"``); packed tokens take per-image attention."""
+    handle, index = self.__dict__[SITE_ATTR]
+    if attention_mask is not None:
+        raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
+    run, hidden_states, settings = handle.enter_site(index, hidden_states)
+    state = run.state
+    p = handle.parts(self)
+    prop_attn = handle.config.size_bias
+    if settings is not None and handle.config.select_at == "attention":
+        return handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings))
+    if state.packed:
+        _check_packed_training(p)
+        normed = p.norm1(hidden_states)
+        x = hidden_states + p.drop_path(p.ls1(_packed_attention(p, normed, state, prop_attn, handle.kernel)))
+    else:
+        bias = state.attn_bias(hidden_states.dtype, prop_attn)
+        if bias is not None:
+            impl = p.attn.config._attn_implementation
+            if impl not in MASKABLE_ATTENTION:
+                raise ValueError(
+                    f"attn_implementation={impl!r} cannot take saint's key mask (padding / ToMe sizes); "
+                    "use attn_implementation='sdpa' or 'eager'"
+                )
+        if settings is None:
+            x = type(self).forward(self, hidden_states, bias, **kwargs)
+        else:
+            normed = p.norm1(hidden_states)
+            attn_out, _ = p.attn(hidden_states=normed, attention_mask=bias, **kwargs)
+            x = hidden_states + p.drop_path(p.ls1(attn_out))
+    if settings is not None:
+        x = state.apply(x, _select(p, handle, run, index, normed, x, settings))
+        if state.packed:
+            _check_packed_training(p)
+    if settings is not None or state.packed:
+        x = x + p.drop_path(p.ls2(p.mlp(p.norm2(x))))
+    return handle.leave_site(index, run, x)
+
+
+def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed: torch.Tensor, x: torch.Tensor,
+            settings: dict[str, Any]) -> Selection:
+    """The layer's selection from its captured key projection (``normed``: the attention's
+    input, for the class token's query; ``x``: the tokens the selection may read)."""
+    state = run.state
+    k = run.captured.pop(index)
+    ctx = LayerContext(
+        keys=state.padded(mean_heads(k, p.heads)),
+        num_protected=handle.num_protected,
+        valid=state.valid,
+        cls_attention=_cls_attention(p, normed, k, state, handle.config.size_bias) if handle.num_protected > 0 else None,
+        tokens=(lambda: state.padded(x)) if state.packed else x,
+        layer=index,
+    )
+    sel = handle.spec.select(ctx, settings, handle.config)
+    if sel.merge is not None and _merges_nothing(sel.merge):
+        sel = Selection(sel.keep)  # nothing merged: no sizes, so no mask in later layers
+    return sel
+
+
+def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, x: torch.Tensor,
+                             settings: dict[str, Any]) -> torch.Tensor:
+    """A pruning layer with ``select_at="attention"``: the selection reads the layer's own
+    keys, the tokens and their q/k/v projections are merged (size-weighted means of rows)
+    or dropped together, and attention, the output projection and the MLP run on the survivors."""
+    state = run.state
+    normed = p.norm1(x)
+    q, k, v = p.q(normed), p.k(normed), p.v(normed)  # the hook captures k
+    sel = _select(p, handle, run, index, normed, x, settings)
+    unshared = [output_unshared(proj, saint_hooks=int(proj is p.k)) for proj in (p.q, p.k, p.v)]
+    x, q, k, v = state.apply_many([x, q, k, v], sel, in_place=[False, *unshared])
+    if state.packed:
+        _check_packed_training(p)
+    b, n = q.shape[:2]
+    q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
+    attn = attention_of(q, k, v, state, handle.config.size_bias, p.scale, _dropout(p), handle.kernel)
+    x = x + p.drop_path(p.ls1(p.out(attn)))
+    return x + p.drop_path(p.ls2(p.mlp(p.norm2(x))))
+
+
+def tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The tower's own forward; while it returns hidden states, every layer's output is
+    unpadded (NaN at padding, :meth:`HFEncoderPatch.hidden_state_valid` marks tokens)."""
+    handle = self.__dict__[SAINT_ATTR]
+    packs = handle.runs.layout == "packed" and handle.config.pads
+    if packs and kwargs.get("output_attentions", self.config.output_attentions):
+        raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
+                         "patch with layout='padded' to read attention weights")
+    if not kwargs.get("output_hidden_states", self.config.output_hidden_states):
+        return type(self).forward(self, *args, **kwargs)
+    with handle.runs.unpadding():
+        return type(self).forward(self, *args, **kwargs)
+
+
+class ProjectionProbe(Probe):
+    """Queries/keys at each layer's attention ``q_proj``/``k_proj`` (both families name
+    them so), hidden states at each encoder layer's output."""
+
+    def __init__(self, sites: list[Site], num_prefix: int, has_cls: bool) -> None:
+        self.sites = sites
+        self.num_prefix = num_prefix
+        self.has_cls = has_cls
+
+    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        attn = self.sites[i].attn
+        return [attn.q_proj.register_forward_hook(save_output(store, "q")),
+                attn.k_proj.register_forward_hook(save_output(store, "k"))]
+
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.sites[i].heads
+        q, k = store.pop("q"), store.pop("k")
+        b, n, c = q.shape
+        return q.reshape(b, n, h, c // h), k.reshape(b, n, h, c // h)
