@@ -14,7 +14,7 @@ is the selection overhead. ``--tome-r`` adds ToMe at those ``r`` (equal counts, 
 rectangular: no packing) for comparison. Timing is round-robin across variants, model
 call only, and the minimum over rounds is the headline (the median is recorded too).
 
-Writes ``benchmarks/results/packed_speed_<device>_b<batch>[_<model>].{json,md}`` with the date,
+Writes ``benchmarks/results/packed_speed_<device>_b<batch>[_<model>].{json,md}`` (or ``--name``) with the date,
 device, versions, git commit and this exact command. Skips cleanly (exit 0) when the
 shared ``imagenet-sample-200`` folder is absent.
 
@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds (default 3)")
     p.add_argument("--calib-every", type=int, default=8, help="every N-th shared photo calibrates (default 8)")
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--name", default="", help="output file name without suffix "
+                   "(default packed_speed_<device>_b<batch>[_<model>])")
     p.add_argument("--clock", default="wall", choices=["wall", "process"],
                    help="wall time (default) or this process's CPU time (use with --threads 1 on a shared machine)")
     p.add_argument("--note", default="", help="a line recorded in the output (e.g. that the machine was shared)")
@@ -258,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                  "overhead": overhead(results), "wall_seconds": round(time.perf_counter() - start, 1)}
         report["sizes"].append(entry)
         print(markdown({**report, "sizes": [entry]}))
-    name = f"packed_speed_{device.type}_b{args.batch_size}"
-    if args.model != DEFAULT_MODEL:
+    name = args.name or f"packed_speed_{device.type}_b{args.batch_size}"
+    if not args.name and args.model != DEFAULT_MODEL:
         name += "_" + args.model
     prefix = Path(args.out_dir) / name
     write_json(report, prefix.with_suffix(".json"))
