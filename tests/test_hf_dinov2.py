@@ -223,7 +223,7 @@ def test_block_flops_match_the_flop_counter(impl):
     for swiglu in (False, True):
         model = make(impl=impl, use_swiglu_ffn=swiglu)
         x = torch.randn(2, 1 + PATCHES, 32)
-        total, _ = count_flops(lambda: model.encoder.layer[0](x))
+        total, _ = count_flops(lambda layer=model.encoder.layer[0], x=x: layer(x))
         n = 1 + PATCHES
         assert find_adapter(model).block_flops(model, n, n) == total / 2
 
@@ -272,3 +272,23 @@ def test_refusals_say_what_to_do(images):
     training.train()
     with pytest.raises(ValueError, match="layout='padded'"):
         training(pixel_values=images)
+
+
+def test_cli_evaluates_the_hf_model_as_the_timm_one(capsys):
+    """``--model dinov2-offline-hf``: the commands run on the Hugging Face model and, on
+    the same weights and photos, print the same fidelity table as the timm default."""
+    from saint.cli import main
+
+    try:
+        assets.foolbox_images()
+        assets.default_model_state_dict()
+    except assets.AssetUnavailableError as exc:
+        pytest.skip(f"offline weights or photos unavailable: {exc}")
+    tables = {}
+    for model in ("dinov2-offline", "dinov2-offline-hf"):
+        assert main(["eval", "--model", model, "--limit", "4", "--method", "tome:r=8",
+                     "--method", "saint:tau=0.97,k=5"]) == 0
+        out = capsys.readouterr().out
+        tables[model] = [line for line in out.splitlines() if line.startswith(("unpruned", "tome", "saint"))]
+        assert len(tables[model]) == 3
+    assert tables["dinov2-offline"] == tables["dinov2-offline-hf"]

