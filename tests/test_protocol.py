@@ -96,6 +96,10 @@ FAMILIES = {
     "dinov2_reg": lambda: (transformers.Dinov2WithRegistersModel(
         transformers.Dinov2WithRegistersConfig(**DINO_TINY, num_register_tokens=2)).eval(),
         vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
+    "vit_classifier": lambda: (transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY)).eval(),
+                               vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
+    "deit": lambda: (transformers.DeiTModel(transformers.DeiTConfig(**HF_TINY)).eval(),
+                     vision_inputs(6), dict(k=1), Variant("attn", "attn", {"r": 2, "layers": [1]})),
     "llava": lambda: (tiny_llava(), llava_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
                       Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
     "qwen_vl": lambda: (tiny_qwen(), qwen_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
@@ -135,7 +139,7 @@ def test_calibrate_hits_the_target_and_reproduces(family):
     saint.unpatch(model)
     with torch.no_grad():
         after = adapter.forward(model, inputs)
-    key = "logits" if name in VLMS else ("last_hidden_state" if name != "timm" else None)
+    key = "logits" if name in VLMS or name == "vit_classifier" else ("last_hidden_state" if name != "timm" else None)
     a, b = (before, after) if key is None else (getattr(before, key), getattr(after, key))
     assert torch.equal(a, b)
 

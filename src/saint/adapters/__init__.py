@@ -6,23 +6,24 @@ from __future__ import annotations
 
 import torch
 
-from . import hf_dinov2, hf_vision, llava, llava_anyres, qwen_vl, timm_vit
+from . import hf_vision, hf_vit, llava, llava_anyres, qwen_vl, timm_vit
 from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
     timm_vit.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
-    hf_vision.ADAPTER, hf_dinov2.ADAPTER,
+    hf_vision.ADAPTER, hf_vit.ADAPTER,
 ]
 SUPPORTED = (
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); Hugging Face "
-    "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel, Dinov2Model, "
+    "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel, ViTModel, "
+    "ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
     "Dinov2WithRegistersModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama or Qwen2 language model); "
     "Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
     "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV)"
 )
 
-REFUSED: dict[str, str] = {**hf_dinov2.REFUSED}  # class name -> why saint does not patch it, and what to do
+REFUSED: dict[str, str] = {**hf_vit.REFUSED}  # class name -> why saint does not patch it, and what to do
 
 __all__ = ["ADAPTERS", "Adapter", "Grid", "Handle", "Probe", "Site", "find_adapter", "handle_of"]
 

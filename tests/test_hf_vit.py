@@ -1,6 +1,7 @@
-"""Hugging Face DINOv2 (``Dinov2Model``, ``Dinov2WithRegistersModel``): the same pruning as
-timm's ViT on the same weights, per-image answers in every layout, unpadded hidden
-states, protected registers, exact unpatch, clear refusals."""
+"""Hugging Face ViT-style encoders (ViT, DeiT, DINOv2 with and without registers, and the
+ViT/DeiT classifiers): the same pruning as timm's ViT on the same weights, per-image
+answers in every layout, unpadded hidden states, protected class / distillation /
+register tokens, exact unpatch, clear refusals."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 import saint
 from saint import assets
 from saint.adapters import find_adapter
-from saint.adapters.common import get_handle
+from saint.adapters.common import SAINT_ATTR, get_handle
 
 from .test_packed import RAGGED as RAGGED_METHODS
 from .test_packed import RECTANGULAR
@@ -21,9 +22,12 @@ from .test_packed import RECTANGULAR
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=4, image_size=32, patch_size=8)
+VIT_TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8, layer_norm_eps=1e-6)
 PATCHES = (32 // 8) ** 2
 REGISTERS = 2
-PROTECTED = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS}
+PROTECTED = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS, "vit": 1, "vit_classifier": 1, "deit": 2, "deit_teacher": 2}
+CLASSIFIERS = {"vit_classifier", "deit_teacher"}
 TOL = dict(rtol=0, atol=1e-5)
 # every method, pruning a data-dependent (ragged) or a fixed amount (as the packed tests)
 METHODS = {**RAGGED_METHODS, **{name: (name, kw) for name, kw in RECTANGULAR.items()}}
@@ -31,21 +35,40 @@ RAGGED = set(RAGGED_METHODS)
 
 
 def make(kind: str = "dinov2", impl: str = "sdpa", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random DINOv2 with layer scales away from 1 (a swapped scale would show)."""
+    """A tiny random model of ``kind``, with layer scales and norms away from 1 and prefix
+    tokens away from 0 (a swapped scale or norm, or an unprotected token would show)."""
     torch.manual_seed(seed)
+    t = transformers
     if kind == "dinov2":
-        model = transformers.Dinov2Model(transformers.Dinov2Config(**TINY, attn_implementation=impl, **overrides))
+        model = t.Dinov2Model(t.Dinov2Config(**TINY, attn_implementation=impl, **overrides))
+    elif kind == "dinov2_reg":
+        model = t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(
+            **TINY, num_register_tokens=REGISTERS, attn_implementation=impl, **overrides))
     else:
-        cfg = transformers.Dinov2WithRegistersConfig(**TINY, num_register_tokens=REGISTERS, attn_implementation=impl,
-                                                     **overrides)
-        model = transformers.Dinov2WithRegistersModel(cfg)
+        family, cls = {"vit": ("ViT", t.ViTModel), "vit_classifier": ("ViT", t.ViTForImageClassification),
+                       "deit": ("DeiT", t.DeiTModel), "deit_teacher": ("DeiT", t.DeiTForImageClassificationWithTeacher)}[kind]
+        config = getattr(t, f"{family}Config")(**VIT_TINY, num_labels=5, attn_implementation=impl, **overrides)
+        model = cls(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lambda1"):
                 p.uniform_(0.5, 1.5)
-            if name.endswith(("cls_token", "register_tokens", "position_embeddings")):
+            if name.endswith(("cls_token", "register_tokens", "distillation_token", "position_embeddings")):
                 p.normal_()
+        for module in model.modules():  # distinct norms (HF initialises every one to 1 / 0)
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(std=0.1)
     return model.eval()
+
+
+def features(kind: str, out) -> torch.Tensor:
+    """What a caller reads per image: a classifier's logits, an encoder's class token."""
+    return out.logits if kind in CLASSIFIERS else out.last_hidden_state[:, 0]
+
+
+def layers_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [site.block for site in find_adapter(model).sites(model)]
 
 
 def tiny_vit(seed: int = 0) -> VisionTransformer:
@@ -143,17 +166,17 @@ def test_packed_equals_padded_equals_alone(kind, label, select_at, images):
         saint.unpatch(model)
     saint.patch(model, method, select_at=select_at, **kw)
     a, b = outs["packed"], outs["padded"]
-    torch.testing.assert_close(a.pooler_output, b.pooler_output, **TOL)
+    torch.testing.assert_close(features(kind, a), features(kind, b), **TOL)
     assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(masks["packed"], masks["padded"], strict=True))
     assert len(a.hidden_states) == 5
     for i in range(len(images)):
         alone = run(model, images[i : i + 1], output_hidden_states=True)
-        torch.testing.assert_close(a.pooler_output[i], alone.pooler_output[0], **TOL)
+        torch.testing.assert_close(features(kind, a)[i], features(kind, alone)[0], **TOL)
         for h, h_alone, mask in zip(a.hidden_states, alone.hidden_states, masks["packed"], strict=True):
             real = h[i] if mask is None else h[i][mask[i]]
             assert not bool(real.isnan().any())
             torch.testing.assert_close(real, h_alone[0], **TOL)
-        if masks["packed"][-1] is not None:  # padding is NaN, never a token
+        if masks["packed"][-1] is not None and kind not in CLASSIFIERS:  # padding is NaN, never a token
             assert bool(a.last_hidden_state[i][~masks["packed"][-1][i]].isnan().all())
     with pytest.raises(ValueError, match="layout='padded'"):
         model(pixel_values=images, output_attentions=True)
@@ -180,25 +203,27 @@ def test_unpatch_is_bit_identical_and_nothing_to_prune_is_the_unpatched_answer(k
         saint.patch(model, method, **kw)
         out = run(model, images, output_hidden_states=True)
         assert saint.stats(model).tokens == [[PATCHES + PROTECTED[kind]] * 4] * 4
-        assert torch.equal(out.pooler_output, ref.pooler_output)
+        assert torch.equal(features(kind, out), features(kind, ref))
         assert all(torch.equal(x, y) for x, y in zip(out.hidden_states, ref.hidden_states, strict=True))
         saint.unpatch(model)
     saint.patch(model, "saint", tau=0.3, k=1)
-    assert run(model, images).last_hidden_state.shape[1] < ref.last_hidden_state.shape[1]
+    assert run(model, images, output_hidden_states=True).hidden_states[-1].shape[1] < ref.hidden_states[-1].shape[1]
     saint.unpatch(model)
-    assert "forward" not in model.__dict__ and all("forward" not in layer.__dict__ for layer in model.encoder.layer)
+    assert not saint.is_patched(model)
+    assert not any("forward" in m.__dict__ or SAINT_ATTR in m.__dict__ for m in model.modules())
     out = run(model, images, output_hidden_states=True)
-    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+    assert torch.equal(features(kind, out), features(kind, ref))
+    assert all(torch.equal(x, y) for x, y in zip(out.hidden_states, ref.hidden_states, strict=True))
 
 
+@pytest.mark.parametrize("kind", ["dinov2", "deit"])
 @pytest.mark.parametrize("method,kw", [("saint", dict(tau=0.3, k=1)), ("tome", dict(r=3))])
-def test_sdpa_and_eager_agree(method, kw, images):
-    sdpa, eager = make(impl="sdpa"), make(impl="eager")
+def test_sdpa_and_eager_agree(kind, method, kw, images):
+    sdpa, eager = make(kind, impl="sdpa"), make(kind, impl="eager")
     for m in (sdpa, eager):
         saint.patch(m, method, **kw)
     a, b = run(sdpa, images), run(eager, images)
     assert saint.stats(sdpa).tokens == saint.stats(eager).tokens
-    torch.testing.assert_close(a.pooler_output, b.pooler_output, **TOL)
     torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, equal_nan=True, **TOL)
 
 
@@ -214,16 +239,48 @@ def test_other_image_sizes_use_their_own_grid():
     assert (grid.rows, grid.cols) == (6, 6)
 
 
+def test_vit_interpolating_positions_follows_the_input_grid():
+    model = make("vit_classifier")
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad():
+        out = model(pixel_values=x, interpolate_pos_encoding=True)
+        alone = model(pixel_values=x[1:], interpolate_pos_encoding=True)
+    assert saint.stats(model).tokens[0] == [37] and out.logits.shape == (2, 5)
+    torch.testing.assert_close(out.logits[1:], alone.logits, **TOL)
+    assert (find_adapter(model).grid(model, x).rows, find_adapter(model).grid(model).rows) == (6, 4)
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_classifier", "deit_teacher", "dinov2"])
+def test_embed_reads_the_class_token_and_the_logits_in_one_forward(kind, images):
+    model = make(kind)
+    saint.patch(model, "saint_plus", tau=0.3)
+    calls = []
+    hook = layers_of(model)[0].register_forward_hook(lambda *a: calls.append(1))
+    emb, logits = find_adapter(model).embed(model, images)
+    hook.remove()
+    assert len(calls) == 1
+    out = run(model, images, output_hidden_states=True)
+    encoder = getattr(model, "vit", getattr(model, "deit", model))
+    normed_cls = encoder.layernorm(out.hidden_states[-1][:, 0])
+    torch.testing.assert_close(emb, normed_cls, **TOL)
+    if kind in CLASSIFIERS:
+        torch.testing.assert_close(logits, out.logits, **TOL)
+    else:
+        assert logits is None
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_block_flops_match_the_flop_counter(impl):
     """The FLOPs model the calibration reads equals the harness's count of one encoder
     layer (torch's counter, CPU SDPA included), for the GELU MLP and the SwiGLU one."""
     from saint.measure.flops import count_flops
 
-    for swiglu in (False, True):
-        model = make(impl=impl, use_swiglu_ffn=swiglu)
+    for kind, extra in [("dinov2", {}), ("dinov2", dict(use_swiglu_ffn=True)), ("vit", {}), ("deit", {})]:
+        model = make(kind, impl=impl, **extra)
         x = torch.randn(2, 1 + PATCHES, 32)
-        total, _ = count_flops(lambda layer=model.encoder.layer[0], x=x: layer(x))
+        first = layers_of(model)[0]
+        total, _ = count_flops(lambda layer=first, x=x: layer(x))
         n = 1 + PATCHES
         assert find_adapter(model).block_flops(model, n, n) == total / 2
 
@@ -255,6 +312,8 @@ def test_refusals_say_what_to_do(images):
     classifier = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**TINY, num_labels=3))
     with pytest.raises(TypeError, match=r"averages every position.*patch its \.dinov2"):
         saint.patch(classifier, "tome", r=2)
+    with pytest.raises(TypeError, match="reconstructs every patch"):
+        saint.patch(transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**VIT_TINY)), "tome", r=2)
     with pytest.raises(TypeError, match="feature maps need every patch"):
         saint.patch(transformers.Dinov2Backbone(transformers.Dinov2Config(**TINY, out_indices=[4])), "tome", r=2)
     model = make()

@@ -1,0 +1,260 @@
+"""Hugging Face ViT-style encoders (transformers 5): ``ViTModel``, ``DeiTModel``,
+``Dinov2Model`` and ``Dinov2WithRegistersModel``, and the classifiers that read only their
+prefix tokens (``ViTForImageClassification``, ``DeiTForImageClassification``,
+``DeiTForImageClassificationWithTeacher``).
+
+Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
+in the order transformers runs them (pre-norm attention, residual, [selection], pre-norm
+MLP, residual; DINOv2's layer scales and drop path, ViT's hidden dropout), through
+:mod:`saint.adapters.hf_encoder`, shared with CLIP/SigLIP: attention through the model's
+own kernel (sdpa or eager), keys read by a forward hook on ``k_proj``, ragged batches
+packed with attention per image through the layer's own q/k/v/o projections
+(``layout="padded"`` masks instead). A family here only says where its layers and their
+parts are (:class:`Family`).
+
+Protected tokens: the class token, DeiT's distillation token, DINOv2's registers. The
+classifiers read those positions only, so their logits are per image; the encoder's
+``last_hidden_state`` / ``hidden_states`` are NaN-padded after a ragged step
+(:func:`saint.token_mask`, :func:`saint.per_image`).
+
+Refused (``REFUSED``, with what to do instead): DINOv2's classifier (it averages every
+position of ``last_hidden_state``), the backbones and masked-image-modeling heads (they need
+every patch). A ``Dinov2Model`` patched inside ``Dinov2ForImageClassification`` is not
+detected: its classifier would average the padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..methods import MethodSpec, make_config, require_site
+from .base import (
+    FamilyAdapter,
+    Grid,
+    Probe,
+    Site,
+    install_sites,
+    remove_sites,
+    select_at_of,
+    vit_block_flops,
+)
+from .common import SAINT_ATTR, check_layout, check_static_counts, get_handle
+from .hf_encoder import (
+    HFEncoderPatch,
+    LayerParts,
+    ProjectionProbe,
+    check_maskable,
+    layer_forward,
+    tower_forward,
+)
+
+# models that wrap a supported one but read its tokens in a way a pruned output cannot serve
+REFUSED = {
+    name: reason for names, reason in [
+        (("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"),
+         "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
+         "patch its .dinov2 (a Dinov2Model) and pool the real tokens with saint.per_image(out, saint.token_mask(m))"),
+        (("Dinov2Backbone", "Dinov2WithRegistersBackbone"),
+         "its feature maps need every patch; prune a Dinov2Model instead"),
+        (("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"),
+         "masked image modeling reconstructs every patch; prune a ViTModel / DeiTModel instead"),
+    ] for name in names
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF ViT-style family: its encoder model and the classifiers that hold it
+    (class -> attribute), its layer and attention classes, where the layers are, where a
+    layer keeps its parts, how many prefix tokens are protected and the MLP's width."""
+
+    name: str
+    model: type
+    wrappers: dict[type, str]
+    layer: type
+    attention: type
+    layers: str
+    parts: Callable[[torch.nn.Module], LayerParts]
+    protected: Callable[[Any], int]
+    mlp_hidden: Callable[[Any], float]
+
+
+def _vit_parts(layer: torch.nn.Module) -> LayerParts:
+    """ViT / DeiT: ``layernorm_before``, ``attention``, ``layernorm_after``, ``mlp``, and
+    one hidden dropout on both residual branches."""
+    a = layer.attention
+    return LayerParts(layer.layernorm_before, a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, int(a.num_attention_heads),
+                      int(a.head_dim), float(a.scaling), float(a.attention_dropout), layer.layernorm_after, layer.mlp,
+                      drop_path=layer.dropout)
+
+
+def _dinov2_parts(layer: torch.nn.Module) -> LayerParts:
+    """DINOv2: ``norm1``, ``attention``, ``norm2``, ``mlp``, layer scales and drop path."""
+    a = layer.attention
+    return LayerParts(layer.norm1, a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, int(a.num_attention_heads),
+                      int(a.head_dim), float(a.scaling), float(a.attention_dropout), layer.norm2, layer.mlp,
+                      ls1=layer.layer_scale1, ls2=layer.layer_scale2, drop_path=layer.drop_path)
+
+
+def _dinov2_mlp_hidden(cfg: Any) -> float:
+    hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+    if cfg.use_swiglu_ffn:  # three matmuls of 2/3 the width (rounded up to 8): 1.5x that width's two
+        return 1.5 * ((int(hidden * 2 / 3) + 7) // 8 * 8)
+    return hidden
+
+
+@functools.cache
+def _families() -> list[Family]:
+    """The supported families (transformers imported here, on first use)."""
+    from transformers.models.deit import modeling_deit as deit
+    from transformers.models.dinov2 import modeling_dinov2 as d
+    from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
+    from transformers.models.vit import modeling_vit as vit
+
+    return [
+        Family("vit", vit.ViTModel, {vit.ViTForImageClassification: "vit"}, vit.ViTLayer, vit.ViTAttention,
+               "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
+        Family("deit", deit.DeiTModel, {deit.DeiTForImageClassification: "deit",
+                                         deit.DeiTForImageClassificationWithTeacher: "deit"},
+               deit.DeiTLayer, deit.DeiTAttention, "layers", _vit_parts, lambda cfg: 2,
+               lambda cfg: cfg.intermediate_size),
+        Family("dinov2", d.Dinov2Model, {}, d.Dinov2Layer, d.Dinov2Attention, "encoder.layer", _dinov2_parts,
+               lambda cfg: 1, _dinov2_mlp_hidden),
+        Family("dinov2_registers", r.Dinov2WithRegistersModel, {}, r.Dinov2WithRegistersLayer,
+               r.Dinov2WithRegistersAttention, "encoder.layer", _dinov2_parts,
+               lambda cfg: 1 + int(cfg.num_register_tokens), _dinov2_mlp_hidden),
+    ]
+
+
+def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
+    """The family of ``model`` and its encoder (itself, or the one a classifier holds)."""
+    for family in _families():
+        if isinstance(model, family.model):
+            return family, model
+        for wrapper, attr in family.wrappers.items():
+            if isinstance(model, wrapper):
+                return family, getattr(model, attr)
+    return None
+
+
+def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
+    found = _find(model)
+    if found is None:
+        raise TypeError(f"expected a Hugging Face ViT, DeiT or DINOv2 model, got {type(model).__name__}")
+    return found
+
+
+def matches(model: torch.nn.Module) -> bool:
+    """True for the supported models (never imports transformers itself)."""
+    return sys.modules.get("transformers") is not None and _find(model) is not None
+
+
+def _layers(family: Family, tower: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(tower.get_submodule(family.layers))
+
+
+def _key_proj(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.attention.k_proj
+
+
+def patch(
+    model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, layout: str = "packed",
+    kernel: str = "auto", **kwargs: Any,
+) -> HFEncoderPatch:
+    """Patch a supported model in place (see :func:`saint.patch`); a classifier's encoder
+    is patched and the handle stored on both."""
+    check_layout(layout, kernel)
+    family, tower = _found(model)
+    if get_handle(tower) is not None:
+        raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
+    layers = _layers(family, tower)
+    for i, layer in enumerate(layers):
+        if type(layer) is not family.layer or type(layer.attention) is not family.attention:
+            raise TypeError(f"encoder layer {i} is {type(layer).__name__}; saint supports {family.layer.__name__} "
+                            f"with {family.attention.__name__}")
+        if "forward" in layer.__dict__:
+            raise ValueError(f"encoder layer {i} already has a per-instance forward (patched by something else)")
+    spec, config = make_config(method, **kwargs)
+    require_site(spec, "vision", type(model).__name__)
+    settings = config.resolve(len(layers))
+    check_maskable(tower, spec, config, layout)
+    check_static_counts(_grid(tower).num_patches, spec, settings, unit="layer")
+    handle = HFEncoderPatch(spec, config, settings, family.protected(tower.config), trace=trace, kernel=kernel,
+                            tower=tower, parts=family.parts)
+    install_sites(handle, layers, family.layers, layer_forward, _key_proj, layout)
+    tower.forward = types.MethodType(tower_forward, tower)
+    tower.__dict__[SAINT_ATTR] = handle
+    model.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Remove every wrapper and hook: the model is the original object again."""
+    family, tower = _found(model)
+    handle = model.__dict__.pop(SAINT_ATTR, None)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    tower.__dict__.pop(SAINT_ATTR, None)
+    remove_sites(handle, _layers(family, tower), _key_proj)
+    tower.__dict__.pop("forward", None)
+
+
+def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
+    """The patch grid of ``inputs`` (DINOv2 interpolates its positions, ViT/DeiT with
+    ``interpolate_pos_encoding=True``), else of the configured image size."""
+    p = int(tower.config.patch_size)
+    if inputs is None:
+        g = int(tower.config.image_size) // p
+        return Grid(g, g, (p, p))
+    return Grid(int(inputs.shape[-2]) // p, int(inputs.shape[-1]) // p, (p, p))
+
+
+class HFViT(FamilyAdapter):
+    """Hugging Face ViT, DeiT and DINOv2 encoders (and the classifiers that hold ViT/DeiT)."""
+
+    name = "hf_vit"
+    family = sys.modules[__name__]
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        family, tower = _found(model)
+        return [Site(i, f"{family.layers}.{i}", layer, layer.attention, int(layer.attention.num_attention_heads),
+                     float(layer.attention.scaling)) for i, layer in enumerate(_layers(family, tower))]
+
+    def protected(self, model: torch.nn.Module) -> int:
+        family, tower = _found(model)
+        return family.protected(tower.config)
+
+    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        return _grid(_found(model)[1], inputs)
+
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
+        family, tower = _found(model)
+        cfg = tower.config
+        return vit_block_flops(n_in, n_out, int(cfg.hidden_size), family.mlp_hidden(cfg), select_at_of(model, select_at))
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        return ProjectionProbe(self.sites(model), num_prefix=self.protected(model), has_cls=True)
+
+    def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        return model(pixel_values=inputs)
+
+    def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder's final normed class token, and a classifier's logits (one forward)."""
+        tower = _found(model)[1]
+        seen: dict[str, Any] = {}
+        hook = tower.register_forward_hook(lambda module, args, out: seen.setdefault("out", out))
+        try:
+            out = self.forward(model, inputs)
+        finally:
+            hook.remove()
+        return seen["out"].last_hidden_state[:, 0], getattr(out, "logits", None) if tower is not model else None
+
+
+ADAPTER = HFViT()
