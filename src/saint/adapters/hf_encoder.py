@@ -10,6 +10,7 @@ so a new HF encoder family is a small module that says where its parts are.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,15 +18,26 @@ from typing import Any
 import torch
 
 from ..core import head_mean
-from ..methods import LayerContext, MethodConfig, MethodSpec, Selection
-from .base import Probe, Site, TokenStateHandle, save_output
+from ..methods import (
+    LayerContext,
+    MethodConfig,
+    MethodSpec,
+    Selection,
+    make_config,
+    require_class_token,
+    require_site,
+)
+from .base import Probe, Site, TokenStateHandle, install_sites, remove_sites, save_output
 from .common import (
     MASKABLE_ATTENTION,
     SAINT_ATTR,
     SITE_ATTR,
     TokenState,
     attention_of,
+    check_layout,
+    check_static_counts,
     cls_attention,
+    get_handle,
     output_unshared,
     packed_attention_of,
 )
@@ -87,6 +99,55 @@ class HFEncoderPatch(TokenStateHandle):
         if ran < index:
             raise RuntimeError(f"layer {index - 1} did not run in the last forward ({ran} layers ran); call the model first")
         return run.layer_valid[index - 1]
+
+
+def patch_encoder(
+    tower: torch.nn.Module, layers: list[torch.nn.Module], prefix: str, layer_cls: type, attn_cls: type,
+    parts: Callable[[torch.nn.Module], LayerParts], num_protected: int, num_patches: int,
+    method: str | MethodSpec, method_settings: dict[str, Any], trace: bool, layout: str, kernel: str,
+) -> HFEncoderPatch:
+    """Patch an HF encoder in place: check that every layer is ``layer_cls`` with an
+    ``attn_cls`` attention and wrapped by no one else, resolve ``method`` with its
+    ``method_settings`` against the tower (class token, maskable attention, fixed counts
+    that fit ``num_patches``), wrap each layer's forward and the tower's, and store the
+    handle on the tower."""
+    check_layout(layout, kernel)
+    if get_handle(tower) is not None:
+        raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
+    for i, layer in enumerate(layers):
+        attn = parts(layer).attn if type(layer) is layer_cls else None
+        if type(attn) is not attn_cls:
+            raise TypeError(f"encoder layer {i} is {type(layer).__name__} with {type(attn).__name__}; "
+                            f"saint supports {layer_cls.__name__} with {attn_cls.__name__}")
+        if "forward" in layer.__dict__:
+            raise ValueError(f"encoder layer {i} already has a per-instance forward (patched by something else)")
+    spec, config = make_config(method, **method_settings)
+    require_site(spec, "vision", type(tower).__name__)
+    settings = config.resolve(len(layers))
+    require_class_token(spec, config, num_protected > 0, type(tower).__name__)
+    check_maskable(tower, spec, config, layout)
+    check_static_counts(num_patches, spec, settings, unit="layer")
+    handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
+                            parts=parts)
+    install_sites(handle, layers, prefix, layer_forward, _key_proj(parts), layout)
+    tower.forward = types.MethodType(tower_forward, tower)
+    tower.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def unpatch_encoder(tower: torch.nn.Module, layers: list[torch.nn.Module]) -> HFEncoderPatch:
+    """Undo :func:`patch_encoder`: the layers' and the tower's own forward, no hooks."""
+    handle = tower.__dict__.pop(SAINT_ATTR, None)
+    if handle is None:
+        raise ValueError(f"{type(tower).__name__} is not patched by saint")
+    remove_sites(handle, layers, _key_proj(handle.parts))
+    tower.__dict__.pop("forward", None)
+    return handle
+
+
+def _key_proj(parts: Callable[[torch.nn.Module], LayerParts]) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """The layer's key projection, where the selection's keys are captured."""
+    return lambda layer: parts(layer).k
 
 
 def needs_mask(spec: MethodSpec, config: MethodConfig, layout: str) -> bool:

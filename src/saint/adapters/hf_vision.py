@@ -43,38 +43,10 @@ from typing import Any
 
 import torch
 
-from ..methods import (
-    MethodConfig,
-    MethodSpec,
-    make_config,
-    require_class_token,
-    require_site,
-)
-from .base import (
-    FamilyAdapter,
-    Grid,
-    Probe,
-    Site,
-    install_sites,
-    remove_sites,
-    select_at_of,
-    vit_block_flops,
-)
-from .common import (
-    SAINT_ATTR,
-    SITE_ATTR,
-    check_layout,
-    check_static_counts,
-    get_handle,
-)
-from .hf_encoder import (
-    HFEncoderPatch,
-    LayerParts,
-    ProjectionProbe,
-    check_maskable,
-    layer_forward,
-    tower_forward,
-)
+from ..methods import MethodSpec
+from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
+from .common import SAINT_ATTR, SITE_ATTR, get_handle
+from .hf_encoder import HFEncoderPatch, LayerParts, ProjectionProbe, patch_encoder, unpatch_encoder
 
 
 def _hf_classes() -> dict[str, type] | None:
@@ -149,36 +121,20 @@ def patch_tower(
     output in the last forward, None when rectangular) and ``hidden_state_valid(i)``.
     ``layout`` / ``kernel``: see :func:`saint.patch`.
     """
-    check_layout(layout, kernel)
     c = _hf_classes()
     if c is None or not isinstance(tower, (c["clip"], c["siglip"])):
         raise TypeError(f"patch_tower expects a CLIPVisionModel or SiglipVisionModel, got {type(tower).__name__}")
-    if get_handle(tower) is not None:
-        raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
     clip = _is_clip(tower)
-    layers = _check_layers(tower, c, clip)
-    spec, config = make_config(method, **kwargs)
-    require_site(spec, "vision", type(tower).__name__)
-    settings = config.resolve(len(layers))
-    num_protected = 1 if clip else 0
-    _check_method(tower, spec, config, settings, num_protected, layout)
     head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
     if head is not None and type(head) is not c["siglip_head"]:
         raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports SiglipMultiheadAttentionPoolingHead")
-
-    handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
-                            parts=_parts)
-    install_sites(handle, layers, "encoder.layers", layer_forward, _key_proj, layout)
+    layer_cls, attn_cls = (c["clip_layer"], c["clip_attn"]) if clip else (c["siglip_layer"], c["siglip_attn"])
+    handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", layer_cls, attn_cls, _parts,
+                           1 if clip else 0, int(tower.embeddings.num_patches), method, kwargs, trace, layout, kernel)
     if head is not None:
         head.__dict__[SITE_ATTR] = (handle, None)
         head.forward = types.MethodType(_head_forward, head)
-    tower.forward = types.MethodType(tower_forward, tower)
-    tower.__dict__[SAINT_ATTR] = handle
     return handle
-
-
-def _key_proj(layer: torch.nn.Module) -> torch.nn.Module:
-    return layer.self_attn.k_proj
 
 
 def _parts(layer: torch.nn.Module) -> LayerParts:
@@ -188,37 +144,9 @@ def _parts(layer: torch.nn.Module) -> LayerParts:
                       int(a.head_dim), float(a.scale), float(a.dropout), layer.layer_norm2, layer.mlp)
 
 
-def _check_layers(tower: torch.nn.Module, c: dict[str, type], clip: bool) -> list[torch.nn.Module]:
-    """The encoder layers, each of the class saint wraps and not wrapped by anyone else."""
-    layer_cls, attn_cls = (c["clip_layer"], c["clip_attn"]) if clip else (c["siglip_layer"], c["siglip_attn"])
-    layers = list(tower.encoder.layers)
-    for i, layer in enumerate(layers):
-        if type(layer) is not layer_cls or type(layer.self_attn) is not attn_cls:
-            raise TypeError(
-                f"encoder layer {i} is {type(layer).__name__} with {type(getattr(layer, 'self_attn', None)).__name__}; "
-                f"saint supports {layer_cls.__name__} with {attn_cls.__name__}"
-            )
-        if "forward" in layer.__dict__:
-            raise ValueError(f"encoder layer {i} already has a per-instance forward (patched by something else)")
-    return layers
-
-
-def _check_method(tower: torch.nn.Module, spec: MethodSpec, config: MethodConfig, settings: dict[int, dict[str, Any]],
-                  num_protected: int, layout: str) -> None:
-    """The method can run on this tower: a class token when it ranks by one, a maskable
-    attention when it pads, fixed counts that fit the patches."""
-    require_class_token(spec, config, num_protected > 0, type(tower).__name__)
-    check_maskable(tower, spec, config, layout)
-    check_static_counts(int(tower.embeddings.num_patches), spec, settings, unit="layer")
-
-
 def unpatch_tower(tower: torch.nn.Module) -> None:
     """Undo :func:`patch_tower`: the tower computes exactly what it did before."""
-    handle = tower.__dict__.pop(SAINT_ATTR, None)
-    if handle is None:
-        raise ValueError(f"{type(tower).__name__} is not patched by saint")
-    remove_sites(handle, tower.encoder.layers, _key_proj)
-    tower.__dict__.pop("forward", None)
+    unpatch_encoder(tower, list(tower.encoder.layers))
     head = getattr(tower, "head", None)
     if head is not None:
         head.__dict__.pop("forward", None)

@@ -27,33 +27,16 @@ from __future__ import annotations
 
 import functools
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..methods import MethodSpec, make_config, require_site
-from .base import (
-    FamilyAdapter,
-    Grid,
-    Probe,
-    Site,
-    install_sites,
-    remove_sites,
-    select_at_of,
-    vit_block_flops,
-)
-from .common import SAINT_ATTR, check_layout, check_static_counts, get_handle
-from .hf_encoder import (
-    HFEncoderPatch,
-    LayerParts,
-    ProjectionProbe,
-    check_maskable,
-    layer_forward,
-    tower_forward,
-)
+from ..methods import MethodSpec
+from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
+from .common import SAINT_ATTR
+from .hf_encoder import HFEncoderPatch, LayerParts, ProjectionProbe, patch_encoder, unpatch_encoder
 
 # models that wrap a supported one but read its tokens in a way a pruned output cannot serve
 REFUSED = {
@@ -160,37 +143,16 @@ def _layers(family: Family, tower: torch.nn.Module) -> list[torch.nn.Module]:
     return list(tower.get_submodule(family.layers))
 
 
-def _key_proj(layer: torch.nn.Module) -> torch.nn.Module:
-    return layer.attention.k_proj
-
-
 def patch(
     model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, layout: str = "packed",
     kernel: str = "auto", **kwargs: Any,
 ) -> HFEncoderPatch:
     """Patch a supported model in place (see :func:`saint.patch`); a classifier's encoder
     is patched and the handle stored on both."""
-    check_layout(layout, kernel)
     family, tower = _found(model)
-    if get_handle(tower) is not None:
-        raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
-    layers = _layers(family, tower)
-    for i, layer in enumerate(layers):
-        if type(layer) is not family.layer or type(layer.attention) is not family.attention:
-            raise TypeError(f"encoder layer {i} is {type(layer).__name__}; saint supports {family.layer.__name__} "
-                            f"with {family.attention.__name__}")
-        if "forward" in layer.__dict__:
-            raise ValueError(f"encoder layer {i} already has a per-instance forward (patched by something else)")
-    spec, config = make_config(method, **kwargs)
-    require_site(spec, "vision", type(model).__name__)
-    settings = config.resolve(len(layers))
-    check_maskable(tower, spec, config, layout)
-    check_static_counts(_grid(tower).num_patches, spec, settings, unit="layer")
-    handle = HFEncoderPatch(spec, config, settings, family.protected(tower.config), trace=trace, kernel=kernel,
-                            tower=tower, parts=family.parts)
-    install_sites(handle, layers, family.layers, layer_forward, _key_proj, layout)
-    tower.forward = types.MethodType(tower_forward, tower)
-    tower.__dict__[SAINT_ATTR] = handle
+    handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
+                           family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
+                           kernel)
     model.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -198,12 +160,10 @@ def patch(
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
     family, tower = _found(model)
-    handle = model.__dict__.pop(SAINT_ATTR, None)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    tower.__dict__.pop(SAINT_ATTR, None)
-    remove_sites(handle, _layers(family, tower), _key_proj)
-    tower.__dict__.pop("forward", None)
+    if model is not tower:
+        if model.__dict__.pop(SAINT_ATTR, None) is None:
+            raise ValueError(f"{type(model).__name__} is not patched by saint")
+    unpatch_encoder(tower, _layers(family, tower))
 
 
 def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
