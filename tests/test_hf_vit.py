@@ -151,35 +151,7 @@ def test_real_dinov2_prunes_as_timm_does():
     assert saint.stats(hf).tokens[-1][0] < 257
 
 
-@pytest.mark.parametrize("select_at", ["mlp", "attention"])
-@pytest.mark.parametrize("kind", sorted(PROTECTED))
-@pytest.mark.parametrize("label", sorted(RAGGED))
-def test_packed_equals_padded_equals_alone(kind, label, select_at, images):
-    model = make(kind)
-    method, kw = METHODS[label]
-    outs, masks = {}, {}
-    for layout in ("padded", "packed"):
-        saint.patch(model, method, layout=layout, select_at=select_at, **kw)
-        outs[layout] = run(model, images, output_hidden_states=True)
-        assert saint.stats(model).layout == layout
-        masks[layout] = [get_handle(model).hidden_state_valid(i) for i in range(len(outs[layout].hidden_states))]
-        saint.unpatch(model)
-    saint.patch(model, method, select_at=select_at, **kw)
-    a, b = outs["packed"], outs["padded"]
-    torch.testing.assert_close(features(kind, a), features(kind, b), **TOL)
-    assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(masks["packed"], masks["padded"], strict=True))
-    assert len(a.hidden_states) == 5
-    for i in range(len(images)):
-        alone = run(model, images[i : i + 1], output_hidden_states=True)
-        torch.testing.assert_close(features(kind, a)[i], features(kind, alone)[0], **TOL)
-        for h, h_alone, mask in zip(a.hidden_states, alone.hidden_states, masks["packed"], strict=True):
-            real = h[i] if mask is None else h[i][mask[i]]
-            assert not bool(real.isnan().any())
-            torch.testing.assert_close(real, h_alone[0], **TOL)
-        if masks["packed"][-1] is not None and kind not in CLASSIFIERS:  # padding is NaN, never a token
-            assert bool(a.last_hidden_state[i][~masks["packed"][-1][i]].isnan().all())
-    with pytest.raises(ValueError, match="layout='padded'"):
-        model(pixel_values=images, output_attentions=True)
+# packed == padded == each image alone for every kind: tests/test_packed.py (HF_KINDS)
 
 
 @pytest.mark.parametrize("kind", sorted(PROTECTED))

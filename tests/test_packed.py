@@ -200,15 +200,31 @@ def test_drop_path_training_needs_padded_layout(images):
     assert model(images).shape[0] == len(images)
 
 
+HF_KINDS = ("clip", "siglip", "vit", "vit_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg")
+
+
+def _hf_model(kind: str) -> torch.nn.Module:
+    """A tiny random HF vision model of ``kind`` (CLIP/SigLIP towers, ViT/DeiT/DINOv2)."""
+    if kind in ("clip", "siglip"):
+        from .test_hf_vision import make
+    else:
+        from .test_hf_vit import make
+    return make(kind)
+
+
+def _hf_features(out) -> torch.Tensor:
+    """What a caller reads per image: a classifier's logits, else the pooled output."""
+    logits = getattr(out, "logits", None)
+    return out.pooler_output if logits is None else logits
+
+
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize(("kind", "label"), [
-    (kind, label) for kind in ("clip", "siglip") for label in sorted(RAGGED)
-    if kind == "clip" or label not in NEEDS_CLASS_TOKEN  # SigLIP has no class token
+    (kind, label) for kind in HF_KINDS for label in sorted(RAGGED)
+    if kind != "siglip" or label not in NEEDS_CLASS_TOKEN  # SigLIP has no class token
 ])
 def test_hf_packed_equals_padded_equals_alone(kind, label, select_at, images):
-    from .test_hf_vision import make
-
-    model = make(kind)
+    model = _hf_model(kind)
     method, kw = RAGGED[label]
     outs, masks = {}, {}
     for layout in ("padded", "packed"):
@@ -219,16 +235,19 @@ def test_hf_packed_equals_padded_equals_alone(kind, label, select_at, images):
         handle = saint.api.get_handle(model)
         masks[layout] = [handle.hidden_state_valid(i) for i in range(len(outs[layout].hidden_states))]
     a, b = outs["packed"], outs["padded"]
-    torch.testing.assert_close(a.pooler_output, b.pooler_output, **TOL)
+    torch.testing.assert_close(_hf_features(a), _hf_features(b), **TOL)
     assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(masks["packed"], masks["padded"], strict=True))
     for i in range(len(images)):
         with torch.no_grad():
             alone = model(pixel_values=images[i : i + 1], output_hidden_states=True)
-        torch.testing.assert_close(a.pooler_output[i], alone.pooler_output[0], **TOL)
+        torch.testing.assert_close(_hf_features(a)[i], _hf_features(alone)[0], **TOL)
         for h, h_alone, mask in zip(a.hidden_states, alone.hidden_states, masks["packed"], strict=True):
             real = h[i] if mask is None else h[i][mask[i]]
             assert not bool(real.isnan().any())
             torch.testing.assert_close(real, h_alone[0], **TOL)
+        last = getattr(a, "last_hidden_state", None)
+        if masks["packed"][-1] is not None and last is not None:  # padding is NaN, never a token
+            assert bool(last[i][~masks["packed"][-1][i]].isnan().all())
     with pytest.raises(ValueError, match="layout='padded'"):
         model(pixel_values=images, output_attentions=True)
 
