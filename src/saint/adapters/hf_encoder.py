@@ -145,6 +145,12 @@ def unpatch_encoder(tower: torch.nn.Module, layers: list[torch.nn.Module]) -> HF
     return handle
 
 
+def encoder_sites(layers: list[torch.nn.Module], prefix: str, parts: Callable[[torch.nn.Module], LayerParts]
+                  ) -> list[Site]:
+    """The protocol's sites of an encoder's layers, read through the family's parts."""
+    return [Site(i, f"{prefix}.{i}", layer, (p := parts(layer)).attn, p.heads, p.scale) for i, layer in enumerate(layers)]
+
+
 def _key_proj(parts: Callable[[torch.nn.Module], LayerParts]) -> Callable[[torch.nn.Module], torch.nn.Module]:
     """The layer's key projection, where the selection's keys are captured."""
     return lambda layer: parts(layer).k

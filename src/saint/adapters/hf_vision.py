@@ -46,7 +46,14 @@ import torch
 from ..methods import MethodSpec
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
 from .common import SAINT_ATTR, SITE_ATTR, get_handle
-from .hf_encoder import HFEncoderPatch, LayerParts, ProjectionProbe, patch_encoder, unpatch_encoder
+from .hf_encoder import (
+    HFEncoderPatch,
+    LayerParts,
+    ProjectionProbe,
+    encoder_sites,
+    patch_encoder,
+    unpatch_encoder,
+)
 
 
 def _hf_classes() -> dict[str, type] | None:
@@ -190,11 +197,7 @@ class HFVision(FamilyAdapter):
     family = sys.modules[__name__]
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        out = []
-        for i, layer in enumerate(_tower_of(model).encoder.layers):
-            attn = layer.self_attn
-            out.append(Site(i, f"encoder.layers.{i}", layer, attn, int(attn.num_heads), float(attn.scale)))
-        return out
+        return encoder_sites(list(_tower_of(model).encoder.layers), "encoder.layers", _parts)
 
     def protected(self, model: torch.nn.Module) -> int:
         return 1 if _is_clip(_tower_of(model)) else 0

@@ -36,7 +36,14 @@ import torch
 from ..methods import MethodSpec
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
 from .common import SAINT_ATTR
-from .hf_encoder import HFEncoderPatch, LayerParts, ProjectionProbe, patch_encoder, unpatch_encoder
+from .hf_encoder import (
+    HFEncoderPatch,
+    LayerParts,
+    ProjectionProbe,
+    encoder_sites,
+    patch_encoder,
+    unpatch_encoder,
+)
 
 # models that wrap a supported one but read its tokens in a way a pruned output cannot serve
 REFUSED = {
@@ -184,8 +191,7 @@ class HFViT(FamilyAdapter):
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
         family, tower = _found(model)
-        return [Site(i, f"{family.layers}.{i}", layer, layer.attention, int(layer.attention.num_attention_heads),
-                     float(layer.attention.scaling)) for i, layer in enumerate(_layers(family, tower))]
+        return encoder_sites(_layers(family, tower), family.layers, family.parts)
 
     def protected(self, model: torch.nn.Module) -> int:
         family, tower = _found(model)
