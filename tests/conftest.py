@@ -21,6 +21,10 @@ ARCHS = {
     "mae_avgpool": ("vit_small_patch16_224", {"global_pool": "avg", "fc_norm": True}),
     "clip": ("vit_base_patch16_clip_224", {}),
     "dinov2_reg": ("vit_small_patch14_reg4_dinov2", {"num_classes": 0}),
+    # timm Eva: rotary position embedding (saint.adapters.timm_eva)
+    "eva02": ("eva02_small_patch14_224", {"ref_feat_shape": (4, 4)}),  # q/v bias, SwiGLU, abs + rope
+    "dinov3": ("vit_small_patch16_dinov3", {"global_pool": "token"}),  # 4 registers, layer scale, half rotation
+    "rope_gqa": ("vit_small_patch16_rope_224", {"qkv_fused": False, "num_kv_heads": 1}),  # AttentionRope
 }
 
 
@@ -34,6 +38,9 @@ def make_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
         for mod in model.modules():
             if hasattr(mod, "gamma") and isinstance(mod.gamma, torch.nn.Parameter):
                 mod.gamma.fill_(1.0)
+            for name in ("gamma_1", "gamma_2"):  # Eva's layer scale
+                if isinstance(getattr(mod, name, None), torch.nn.Parameter):
+                    getattr(mod, name).fill_(1.0)
     return model
 
 
@@ -56,9 +63,12 @@ def arch(request) -> str:
 def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 32, 32, generator=g)
-    # make images differ in redundancy so per-sample counts differ
+    # make images differ in redundancy so per-sample counts differ; a little noise keeps
+    # patches apart, so no selection rests on a tie between identical tokens (models
+    # without absolute position embedding, e.g. DINOv3, would break it by rounding)
     x[0] = x[0].mean(dim=(1, 2), keepdim=True)
     x[1, :, :16] = 0.5
+    x[:2] += 0.02 * torch.randn(2, 3, 32, 32, generator=g)
     return x
 
 

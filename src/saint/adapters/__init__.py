@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from . import hf_vision, hf_vit, llava, llava_anyres, qwen_vl, timm_vit
+from . import hf_vision, hf_vit, llava, llava_anyres, qwen_vl, timm_eva, timm_vit
 from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
-    timm_vit.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
+    timm_vit.ADAPTER, timm_eva.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     hf_vision.ADAPTER, hf_vit.ADAPTER,
 ]
 SUPPORTED = (
-    "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); Hugging Face "
+    "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
+    "Encoder, RoPE ViTs); Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel, ViTModel, "
     "ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
     "Dinov2WithRegistersModel; LLaVA "

@@ -304,7 +304,9 @@ class TokenStateHandle(Handle):
         new = object.__new__(type(self))
         memo[id(self)] = new
         for name, value in vars(self).items():
-            setattr(new, name, Runs(self.runs.depth, self.runs.layout) if name == "runs" else copy.deepcopy(value, memo))
+            runs = self.runs
+            setattr(new, name, Runs(runs.depth, runs.layout, runs.track_positions) if name == "runs"
+                    else copy.deepcopy(value, memo))
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -334,22 +336,25 @@ def capture_for_selection(module: nn.Module, args: Any, output: torch.Tensor) ->
 
 
 def install_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], prefix: str, forward: Callable[..., Any],
-                  key_proj: Callable[[nn.Module], nn.Module], layout: str) -> None:
+                  key_proj: Callable[[nn.Module], nn.Module] | None, layout: str, track_positions: bool = False) -> None:
     """Give every block its per-instance ``forward`` (finding ``handle`` and its index
-    through the block) and every pruning block's key projection a capture hook; name the
-    blocks ``prefix.<i>`` and start the per-call runs."""
+    through the block) and every pruning block's key projection a capture hook (none when
+    ``key_proj`` is None: the block forward reads its keys itself); name the blocks
+    ``prefix.<i>`` and start the per-call runs (tracking each token's original index for
+    rotary models)."""
     handle.block_names = [f"{prefix}.{i}" for i in range(len(blocks))]
-    handle.runs = Runs(len(blocks), layout)
+    handle.runs = Runs(len(blocks), layout, track_positions)
     for i, blk in enumerate(blocks):
         blk.__dict__[SITE_ATTR] = (handle, i)
         blk.forward = types.MethodType(forward, blk)
-        if i in handle.settings:
+        if i in handle.settings and key_proj is not None:
             proj = key_proj(blk)
             proj.__dict__[SITE_ATTR] = (handle, i)
             handle.hooks.append(proj.register_forward_hook(capture_for_selection))
 
 
-def remove_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], key_proj: Callable[[nn.Module], nn.Module]) -> None:
+def remove_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module],
+                 key_proj: Callable[[nn.Module], nn.Module] | None) -> None:
     """Undo :func:`install_sites`: the blocks' own ``forward`` again, no hooks."""
     for h in handle.hooks:
         h.remove()
@@ -357,4 +362,5 @@ def remove_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], key_proj
     for blk in blocks:
         blk.__dict__.pop("forward", None)
         blk.__dict__.pop(SITE_ATTR, None)
-        key_proj(blk).__dict__.pop(SITE_ATTR, None)
+        if key_proj is not None:
+            key_proj(blk).__dict__.pop(SITE_ATTR, None)

@@ -109,7 +109,10 @@ class TokenState:
     ``lengths`` per image, ``valid`` then describes the padded view the selections
     see). ``sizes`` counts the original tokens each one stands for (ToMe), in the
     tokens' own layout; ``origin [B, N0]`` (only with trace) holds each original
-    token's position in the padded view, or -1.
+    token's position in the padded view, or -1. With ``track_positions`` (rotary
+    models) ``positions`` holds the original sequence index of every current token
+    (``[B, N, 1]``, or ``[1, T, 1]`` packed; None until a step removes a token): a
+    merged token keeps its destination's index.
     """
 
     layout: str = "packed"
@@ -121,6 +124,8 @@ class TokenState:
     origins: list[torch.Tensor] = field(default_factory=list)
     counts: list[torch.Tensor] = field(default_factory=list)
     ran: str = "rectangular"
+    track_positions: bool = False
+    positions: torch.Tensor | None = None
     _bias: dict[tuple[torch.dtype, bool], torch.Tensor | None] = field(default_factory=dict, repr=False)
     _index: torch.Tensor | None = field(default=None, repr=False)
 
@@ -134,6 +139,7 @@ class TokenState:
         self._index = None
         self.counts = []
         self.origins = []
+        self.positions = None
         b, n = x.shape[:2]
         self.origin = torch.arange(n, device=x.device).expand(b, n).clone() if trace else None
 
@@ -141,7 +147,8 @@ class TokenState:
         """A fresh state that continues from this one (recorded counts and steps left out)."""
         return TokenState(
             layout=self.layout, valid=self.valid, sizes=self.sizes, packed=self.packed, lengths=list(self.lengths),
-            origin=self.origin, ran=self.ran, _bias=dict(self._bias), _index=self._index,
+            origin=self.origin, ran=self.ran, track_positions=self.track_positions, positions=self.positions,
+            _bias=dict(self._bias), _index=self._index,
         )
 
     def record(self, x: torch.Tensor) -> None:
@@ -173,6 +180,8 @@ class TokenState:
             x = pack(x, self.valid)
             if self.sizes is not None:
                 self.sizes = pack(self.sizes, self.valid)
+            if self.positions is not None:
+                self.positions = pack(self.positions, self.valid)
             self.packed, self._bias = True, {}
         return x
 
@@ -187,6 +196,8 @@ class TokenState:
             return x
         if self.sizes is not None:
             self.sizes = unpack(self.sizes, self.valid, fill=1.0)
+        if self.positions is not None:
+            self.positions = unpack(self.positions, self.valid, fill=0)
         self.packed, self._bias = False, {}
         return unpack(x, self.valid, fill=0.0 if x.requires_grad else float("nan"))
 
@@ -239,6 +250,9 @@ class TokenState:
                 self.origins.append(self.origin.clone())
             return list(tensors)
         self._bias = {}
+        if self.track_positions and self.positions is None:
+            b, n = keep.shape
+            self.positions = torch.arange(n, device=keep.device).expand(b, n).reshape(b, n, 1)
         if self.origin is not None:
             self._trace(sel, *keep_mask_to_indices(keep, order=sel.order))
         if self.layout == "padded":
@@ -258,6 +272,8 @@ class TokenState:
         out = [gather_tokens(t, idx) for t in out]
         if self.sizes is not None:
             self.sizes = gather_tokens(self.sizes, idx)
+        if self.positions is not None:  # merged tokens keep their destination's index
+            self.positions = gather_tokens(self.positions, idx)
         self.valid = None if bool(valid.all()) else valid
         if self.valid is not None:
             self.ran = "padded"
@@ -269,6 +285,8 @@ class TokenState:
         streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
         valid = self.valid if self.valid is not None else torch.ones_like(keep)
         flat = keep[valid]
+        if self.positions is not None:  # kept like the tokens, never merged: a destination keeps its index
+            self.positions = self.positions.reshape(1, -1, 1)[:, flat]
         flags = [bool(f) for f in in_place] + [False] * (len(streams) - len(in_place))
         if sel.merge is not None:
             if self.sizes is None:
@@ -291,6 +309,8 @@ class TokenState:
             streams = [t[:, perm] for t in streams]
             if self.sizes is not None:
                 self.sizes = self.sizes[:, perm]
+            if self.positions is not None:
+                self.positions = self.positions[:, perm]
         counts = keep.sum(dim=1)
         self.lengths = counts.tolist()
         self._index = None
@@ -299,6 +319,8 @@ class TokenState:
             n = self.lengths[0] if b else 0
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(b, n, 1)
+            if self.positions is not None:
+                self.positions = self.positions.reshape(b, n, 1)
             return [t.reshape(b, n, t.shape[-1]) for t in streams]
         self.packed, self.ran = True, "packed"
         self.valid = lengths_to_valid(counts)
@@ -350,9 +372,10 @@ class Runs:
     a block recomputed during backward starts again from the state it first started
     from, and :meth:`last` is the last call that ran every block."""
 
-    def __init__(self, depth: int, layout: str = "packed") -> None:
+    def __init__(self, depth: int, layout: str = "packed", track_positions: bool = False) -> None:
         self.depth = depth
         self.layout = layout
+        self.track_positions = track_positions
         self._unpad: set[int] = set()  # threads whose call returns every block's output unpadded
         self._lock = threading.Lock()
         self._current: dict[int, Run] = {}  # per thread: its forward call
@@ -370,7 +393,7 @@ class Runs:
                 run = self._recomputation_of(index, x)
                 with self._lock:
                     if run is None and index == 0:
-                        run = Run(TokenState(layout=self.layout))
+                        run = Run(TokenState(layout=self.layout, track_positions=self.track_positions))
                         run.state.reset(x, trace)
                         self._current[tid] = run
                         self._saved = [r for r in self._saved if r.alive()]

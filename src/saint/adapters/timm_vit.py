@@ -275,7 +275,7 @@ def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) 
 
 def _weighted_mean(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
     """Average of the real tokens, each weighted by its size (ToMe)."""
-    start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
     w = torch.ones(x.shape[:2] + (1,), dtype=x.dtype, device=x.device)
     if state.sizes is not None:
         w = state.sizes.to(x.dtype)

@@ -1,0 +1,333 @@
+"""timm ``Eva`` family: EVA-02, DINOv3, Perception Encoder, the RoPE ViTs (``vit_*_rope_*``)
+and any ``Eva`` built of ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``.
+
+As for timm's ``VisionTransformer`` (:mod:`saint.adapters.timm_vit`), each block's
+``forward`` is wrapped per instance and runs the block's own modules in timm's order;
+what is new here is rotary position embedding. timm hands every block one table of
+rotary rows, one row per patch of the full grid. Once a step removes tokens, the state
+tracks each surviving token's original index (a merged token keeps its destination's),
+and every block takes the rows of its own tokens: a per-image table ``[B, 1, N, D]``
+for the module's own attention on a rectangular or padded batch, one row per token
+for per-image attention on a packed stream.
+
+Until a step removes a token the block runs exactly as timm runs it. A pruning block
+and a packed stream compute q/k/v through the attention's own projections (fused qkv
+with EVA's separate q/v bias, or separate q/k/v projections, grouped key/value heads),
+q/k norms, the rotation, per-image attention, scale norm, gate and proj: the attention
+call is the only thing written here, and it is tested against the module's. The
+selection reads the keys after the k norm and before the rotation (what a token is,
+not where it is); class-token attention is read after it (what the class token reads).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core import head_mean
+from ..methods import LayerContext, MethodSpec, make_config, require_class_token, require_site
+from .base import FamilyAdapter, Grid, Probe, Site, install_sites, remove_sites, save_output, select_at_of
+from .common import SAINT_ATTR, SITE_ATTR, TokenState, attention_of, check_layout, cls_attention
+from .timm_vit import (
+    POOLS_WITH_SIZES,
+    TimmPatch,
+    TimmViT,
+    _check_packed_training,
+    _check_static_counts,
+    _forward_intermediates,
+    _pool,
+)
+
+
+def _eva_classes() -> tuple[type, type, tuple[type, ...]] | None:
+    try:
+        from timm.layers.attention import AttentionRope
+        from timm.models.eva import Eva, EvaAttention, EvaBlock
+    except ImportError:  # timm not installed, or too old to have them
+        return None
+    return Eva, EvaBlock, (EvaAttention, AttentionRope)
+
+
+def matches(model: torch.nn.Module) -> bool:
+    classes = _eva_classes()
+    return classes is not None and isinstance(model, classes[0])
+
+
+def patch(
+    model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+    layout: str = "packed", kernel: str = "auto", **kwargs: Any,
+) -> TimmPatch:
+    """Patch a timm ``Eva`` in place (see :func:`saint.patch`)."""
+    _, block_cls, attn_classes = _eva_classes()  # type: ignore[misc]
+    check_layout(layout, kernel)
+    spec, config = make_config(method, **kwargs)
+    require_site(spec, "vision", type(model).__name__)
+    blocks = list(model.blocks)
+    for i, blk in enumerate(blocks):
+        attn = getattr(blk, "attn", None)
+        if type(blk) is not block_cls or type(attn) not in attn_classes:
+            raise TypeError(
+                f"block {i} is {type(blk).__name__} (attn={type(attn).__name__}); saint supports timm Eva blocks "
+                "(timm.models.eva.EvaBlock with EvaAttention or AttentionRope), not post-norm blocks"
+            )
+    settings = config.resolve(len(blocks))
+    num_protected = int(model.num_prefix_tokens)
+    require_class_token(spec, config, getattr(model, "cls_token", None) is not None, type(model).__name__)
+    pool = getattr(model, "global_pool", "token")
+    if spec.merges and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_SIZES):
+        raise ValueError(
+            f"{spec.name} merges tokens, whose sizes global_pool={pool!r} cannot weigh; "
+            f"use a model pooled by {POOLS_WITH_SIZES} or a method that drops tokens"
+        )
+    _check_static_counts(model, spec, settings, num_protected)
+
+    handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
+    install_sites(handle, blocks, "blocks", _block_forward, None, layout, track_positions=True)
+    model.pool = types.MethodType(_pool, model)
+    model.forward_intermediates = types.MethodType(_forward_intermediates, model)
+    model.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Remove every wrapper: the model is the original object again."""
+    handle = model.__dict__.pop(SAINT_ATTR)
+    remove_sites(handle, model.blocks, None)
+    model.__dict__.pop("pool", None)
+    model.__dict__.pop("forward_intermediates", None)
+
+
+# ---------------------------------------------------------------------------- the block
+def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+                   attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """An ``EvaBlock`` of a patched model: timm's own forward until a step removes a token;
+    after that, each token's rotary rows, and the selection between the attention residual
+    and the MLP (or before attention, ``select_at="attention"``)."""
+    handle, index = self.__dict__[SITE_ATTR]
+    if attn_mask is not None or is_causal:
+        raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
+    run, x, settings = handle.enter_site(index, x)
+    state = run.state
+    if settings is None and state.positions is None:  # nothing removed so far: the block as timm runs it
+        return handle.leave_site(index, run, type(self).forward(self, x, rope=rope))
+    _check_rope(rope)
+    attn, npt, prop = self.attn, handle.num_protected, handle.config.size_bias
+    normed = self.norm1(x)
+    sel = None
+    if settings is None and not state.packed:  # the module's own attention, each image's rows
+        x_attn = attn(normed, rope=_module_rope(rope, state, npt), attn_mask=state.attn_bias(x.dtype, prop))
+    else:
+        if state.packed:
+            _check_packed_training(self)
+        gate = attn.gate(normed) if attn.gate is not None else None
+        q, k, v = _project(attn, normed)
+        if settings is not None:
+            ctx = _context(handle, run, attn, index, x, q, k, rope)
+            sel = handle.spec.select(ctx, settings, handle.config)
+            if handle.config.select_at == "attention":
+                x, q, k, v, gate = _apply_to_projections(state, sel, x, q, k, v, gate)
+                sel = None
+                if state.packed:
+                    _check_packed_training(self)
+        x_attn = _attend(attn, q, k, v, gate, _token_rope(rope, _positions(state, x), npt), state, prop,
+                         handle.kernel)
+    x = x + self.drop_path1(_scaled(self.gamma_1, x_attn))
+    if sel is not None:
+        x = state.apply(x, sel)
+        if state.packed:
+            _check_packed_training(self)
+    x = x + self.drop_path2(_scaled(self.gamma_2, self.mlp(self.norm2(x))))
+    return handle.leave_site(index, run, x)
+
+
+def _scaled(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """EVA's layer scale (a bare parameter, or none)."""
+    return x if gamma is None else gamma * x
+
+
+def _apply_to_projections(state: TokenState, sel: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, gate: torch.Tensor | None) -> tuple[Any, ...]:
+    """One selection applied to the tokens and their q/k/v rows (and gate logits) alike."""
+    shapes = [t.shape[2:] for t in (q, k, v)]
+    parts = [x] + [t.flatten(2) for t in (q, k, v)] + ([gate] if gate is not None else [])
+    out = state.apply_many(parts, sel)
+    x, q, k, v = out[0], *(t.unflatten(2, s) for t, s in zip(out[1:4], shapes, strict=True))
+    return x, q, k, v, (out[4] if gate is not None else None)
+
+
+def _project(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``[B, N, H, D]``, k and v ``[B, N, H_kv, D]`` through the attention's own
+    projections and q/k norms, as ``EvaAttention`` / ``AttentionRope`` compute them."""
+    b, n = x.shape[:2]
+    if attn.qkv is not None:
+        bias = None
+        if getattr(attn, "q_bias", None) is not None:  # EVA: q and v bias, no k bias
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        if bias is None or attn.qkv_bias_separate:
+            qkv = attn.qkv(x)
+            if bias is not None:
+                qkv += bias
+        else:
+            qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
+        q, k, v = qkv.reshape(b, n, 3, attn.num_heads, -1).unbind(2)
+    else:
+        heads_kv = getattr(attn, "num_kv_heads", attn.num_heads)
+        q = attn.q_proj(x).reshape(b, n, attn.num_heads, -1)
+        k = attn.k_proj(x).reshape(b, n, heads_kv, -1)
+        v = attn.v_proj(x).reshape(b, n, heads_kv, -1)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _rotate(attn: torch.nn.Module, t: torch.Tensor, rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    from timm.layers import apply_rot_embed_cat
+
+    if rows is None:
+        return t
+    return apply_rot_embed_cat(t, rows, half=getattr(attn, "rotate_half", False)).type_as(like)
+
+
+def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+            rows: torch.Tensor | None, state: TokenState, prop_attn: bool, kernel: str) -> torch.Tensor:
+    """The rest of the attention from its projections: rotation, each image's attention
+    over its own real tokens (key mask or packed per image), scale norm, gate, proj."""
+    q, k = _rotate(attn, q, rows, v), _rotate(attn, k, rows, v)
+    groups = attn.num_heads // k.shape[2]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    x = attn.norm(attention_of(q, k, v, state, prop_attn, attn.scale, dropout, kernel))
+    if gate is not None:
+        x = x * gate.sigmoid()
+    return attn.proj_drop(attn.proj(x))
+
+
+# ---------------------------------------------------------------------------- rotary rows
+def _check_rope(rope: torch.Tensor | None) -> None:
+    """One table for the whole grid (``[N, D]``, or ``[H, N, D]`` per head for mixed RoPE)."""
+    if rope is not None and rope.dim() not in (2, 3):
+        raise ValueError(
+            f"saint got rotary embeddings of shape {tuple(rope.shape)} (per image: timm's patch dropout in "
+            "training); a pruned Eva takes one table for the whole grid: set patch_drop_rate=0 or call model.eval()"
+        )
+
+
+def _rows(rope: torch.Tensor, positions: torch.Tensor, npt: int) -> torch.Tensor:
+    """The table's rows at each token's patch index: ``positions [..., N, 1]`` ->
+    ``[..., N, 1, D]`` (``[..., N, H, D]`` for a per-head table)."""
+    idx = (positions[..., 0] - npt).clamp(min=0)
+    if rope.dim() == 2:
+        return rope[idx].unsqueeze(-2)
+    return rope[:, idx].movedim(0, -2)
+
+
+def _module_rope(rope: torch.Tensor | None, state: TokenState, npt: int) -> torch.Tensor | None:
+    """Per-image rows ``[B, 1 or H, N - npt, D]`` of the patch tokens of a rectangular or
+    padded batch, as the module's attention takes them (it skips the prefix)."""
+    if rope is None:
+        return None
+    return _rows(rope, state.positions[:, npt:], npt).transpose(1, 2)
+
+
+def _positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
+    """Each token's original index, ``[B, N, 1]`` (packed ``[1, T, 1]``); before any step
+    removed a token, ``x``'s own order."""
+    if state.positions is not None:
+        return state.positions
+    return torch.arange(x.shape[1], device=x.device).reshape(1, -1, 1)
+
+
+def _token_rope(rope: torch.Tensor | None, positions: torch.Tensor, npt: int) -> torch.Tensor | None:
+    """One row per token in the tokens' own layout ``[B, N, 1 or H, D]`` (packed: ``B =
+    1``); prefix tokens get the identity rotation (sin 0, cos 1), which leaves them exactly
+    as the module leaves them."""
+    if rope is None:
+        return None
+    rows = _rows(rope, positions, npt)
+    half = rows.shape[-1] // 2
+    identity = torch.cat([rows.new_zeros(half), rows.new_ones(half)])
+    return torch.where((positions < npt)[..., None], identity, rows)
+
+
+# ---------------------------------------------------------------------------- selection
+def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: torch.Tensor, q: torch.Tensor,
+             k: torch.Tensor, rope: torch.Tensor | None) -> LayerContext:
+    """What the selection sees, in the padded view: keys after the k norm and before the
+    rotation, averaged over heads; class-token attention after the rotation (lazy)."""
+    state = run.state
+    prop = handle.config.size_bias
+
+    def cls_attn() -> torch.Tensor:
+        kr = _rotate(attn, k, _token_rope(rope, _positions(state, x), handle.num_protected), k)
+        groups = attn.num_heads // kr.shape[2]
+        if groups > 1:
+            kr = kr.repeat_interleave(groups, dim=2)
+        b = state.valid.shape[0] if state.valid is not None else x.shape[0]
+        keys = state.padded(kr.flatten(2)).unflatten(2, kr.shape[2:])
+        return cls_attention(state.first(q.flatten(2)).reshape(b, attn.num_heads, -1), keys, attn.scale,
+                             state.padded_key_mask(q.dtype, prop))
+
+    return LayerContext(
+        keys=state.padded(head_mean(k)),
+        num_protected=handle.num_protected,
+        valid=state.valid,
+        cls_attention=cls_attn if handle.num_protected > 0 else None,
+        tokens=(lambda: state.padded(x)) if state.packed else x,
+        layer=index,
+    )
+
+
+# ---------------------------------------------------------------------------- protocol
+class EvaProbe(Probe):
+    """Queries/keys of each block from its normed input (through the attention's own
+    projections and q/k norms, before the rotation), hidden states at each block's output."""
+
+    def __init__(self, model: torch.nn.Module, sites: list[Site]) -> None:
+        self.sites = sites
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))
+        self.has_cls = getattr(model, "cls_token", None) is not None
+
+    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        return [self.sites[i].block.norm1.register_forward_hook(save_output(store, "normed"))]
+
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, _ = _project(self.sites[i].attn, store.pop("normed"))
+        return q, k
+
+
+class TimmEva(TimmViT):
+    """timm ``Eva``: sites are ``model.blocks``; grid, protected prefix and embedding as
+    for timm's ViT."""
+
+    name = "timm_eva"
+    family = sys.modules[__name__]
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        out = []
+        for i, blk in enumerate(model.blocks):
+            attn = blk.attn
+            heads = int(getattr(attn, "num_kv_heads", attn.num_heads))
+            out.append(Site(i, f"blocks.{i}", blk, attn, heads, float(attn.scale)))
+        return out
+
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
+        """Every linear layer of the block at its own width (fused or separate q/k/v, grouped
+        key/value heads, gate, GELU or SwiGLU MLP) and the attention's two matmuls."""
+        blk = model.blocks[0]
+        attn = blk.attn
+        n_attn = n_in if select_at_of(model, select_at) == "mlp" else n_out
+        projections = sum(m.in_features * m.out_features for name, m in attn.named_children()
+                          if isinstance(m, torch.nn.Linear) and name != "proj")
+        mlp = sum(m.in_features * m.out_features for m in blk.mlp.modules() if isinstance(m, torch.nn.Linear))
+        width = attn.num_heads * attn.head_dim
+        return (2 * n_in * projections + 2 * n_attn * attn.proj.in_features * attn.proj.out_features
+                + 4 * n_attn * n_attn * width + 2 * n_out * mlp)
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        return EvaProbe(model, self.sites(model))
+
+
+ADAPTER = TimmEva()
