@@ -1,6 +1,6 @@
 """Every tool works on every model family through the adapter protocol: calibrate,
 the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
-a tiny timm ViT, a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
+a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
 LLaVA-NeXT and a tiny LLaVA-OneVision."""
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ def one(model, inputs):
 FAMILIES = {
     "timm": lambda: (make_tiny("vit"), vision_inputs(6), dict(k=1),
                      Variant("tome", "tome", {"r": 2})),
+    "timm_eva02": lambda: (make_tiny("eva02"), vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
+    "timm_dinov3": lambda: (make_tiny("dinov3"), vision_inputs(6), dict(k=1),
+                            Variant("saint_match", "saint_match", {"tau": 0.2, "fraction": 0.5, "guard": 0.1})),
     "clip": lambda: (transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**HF_TINY)).eval(),
                      vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
     "siglip": lambda: (transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**HF_TINY)).eval(),
@@ -139,7 +142,8 @@ def test_calibrate_hits_the_target_and_reproduces(family):
     saint.unpatch(model)
     with torch.no_grad():
         after = adapter.forward(model, inputs)
-    key = "logits" if name in VLMS or name == "vit_classifier" else ("last_hidden_state" if name != "timm" else None)
+    key = "logits" if name in VLMS or name == "vit_classifier" else (
+        "last_hidden_state" if not name.startswith("timm") else None)
     a, b = (before, after) if key is None else (getattr(before, key), getattr(after, key))
     assert torch.equal(a, b)
 
