@@ -30,7 +30,14 @@ import torch.nn.functional as F
 
 from ..core import head_mean
 from ..methods import LayerContext, MethodSpec, make_config, require_class_token, require_site
-from .base import FamilyAdapter, Grid, Probe, Site, install_sites, remove_sites, save_output, select_at_of
+from .base import (
+    Probe,
+    Site,
+    install_sites,
+    remove_sites,
+    save_output,
+    select_at_of,
+)
 from .common import SAINT_ATTR, SITE_ATTR, TokenState, attention_of, check_layout, cls_attention
 from .timm_vit import (
     POOLS_WITH_SIZES,
