@@ -22,14 +22,13 @@ not where it is); class-token attention is read after it (what the class token r
 from __future__ import annotations
 
 import sys
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..core import head_mean
-from ..methods import LayerContext, MethodSpec, make_config, require_class_token, require_site
+from ..methods import LayerContext, MethodSpec, make_config, require_site
 from .base import (
     Probe,
     Site,
@@ -40,13 +39,12 @@ from .base import (
 )
 from .common import SAINT_ATTR, SITE_ATTR, TokenState, attention_of, check_layout, cls_attention
 from .timm_vit import (
-    POOLS_WITH_SIZES,
     TimmPatch,
     TimmViT,
-    _check_packed_training,
-    _check_static_counts,
-    _forward_intermediates,
-    _pool,
+    check_packed_training,
+    resolve_settings,
+    unwrap_outputs,
+    wrap_outputs,
 )
 
 
@@ -81,21 +79,10 @@ def patch(
                 f"block {i} is {type(blk).__name__} (attn={type(attn).__name__}); saint supports timm Eva blocks "
                 "(timm.models.eva.EvaBlock with EvaAttention or AttentionRope), not post-norm blocks"
             )
-    settings = config.resolve(len(blocks))
-    num_protected = int(model.num_prefix_tokens)
-    require_class_token(spec, config, getattr(model, "cls_token", None) is not None, type(model).__name__)
-    pool = getattr(model, "global_pool", "token")
-    if spec.merges and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_SIZES):
-        raise ValueError(
-            f"{spec.name} merges tokens, whose sizes global_pool={pool!r} cannot weigh; "
-            f"use a model pooled by {POOLS_WITH_SIZES} or a method that drops tokens"
-        )
-    _check_static_counts(model, spec, settings, num_protected)
-
+    settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
     install_sites(handle, blocks, "blocks", _block_forward, None, layout, track_positions=True)
-    model.pool = types.MethodType(_pool, model)
-    model.forward_intermediates = types.MethodType(_forward_intermediates, model)
+    wrap_outputs(model, pool=True)  # Eva's forward_head pools through self.pool
     model.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -104,8 +91,7 @@ def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
     remove_sites(handle, model.blocks, None)
-    model.__dict__.pop("pool", None)
-    model.__dict__.pop("forward_intermediates", None)
+    unwrap_outputs(model)
 
 
 # ---------------------------------------------------------------------------- the block
@@ -129,7 +115,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
         x_attn = attn(normed, rope=_module_rope(rope, state, npt), attn_mask=state.attn_bias(x.dtype, prop))
     else:
         if state.packed:
-            _check_packed_training(self)
+            check_packed_training(self)
         gate = attn.gate(normed) if attn.gate is not None else None
         q, k, v = _project(attn, normed)
         if settings is not None:
@@ -139,14 +125,14 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
                 x, q, k, v, gate = _apply_to_projections(state, sel, x, q, k, v, gate)
                 sel = None
                 if state.packed:
-                    _check_packed_training(self)
+                    check_packed_training(self)
         x_attn = _attend(attn, q, k, v, gate, _token_rope(rope, _positions(state, x), npt), state, prop,
                          handle.kernel)
     x = x + self.drop_path1(_scaled(self.gamma_1, x_attn))
     if sel is not None:
         x = state.apply(x, sel)
         if state.packed:
-            _check_packed_training(self)
+            check_packed_training(self)
     x = x + self.drop_path2(_scaled(self.gamma_2, self.mlp(self.norm2(x))))
     return handle.leave_site(index, run, x)
 

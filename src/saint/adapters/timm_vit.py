@@ -101,7 +101,26 @@ def patch(
                 f"block {i} is {type(blk).__name__} ({has}); "
                 "saint supports timm ViT blocks (timm.models.vision_transformer.Block with Attention)"
             )
-    settings = config.resolve(len(blocks))
+    settings, num_protected = resolve_settings(model, spec, config)
+    handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
+    install_sites(handle, blocks, "blocks", _block_forward, _key_proj, layout)
+    wrap_outputs(model, pool=hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head)  # type: ignore[index]
+    model.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Remove every wrapper and hook: the model is the original object again."""
+    handle = model.__dict__.pop(SAINT_ATTR)
+    remove_sites(handle, model.blocks, _key_proj)
+    unwrap_outputs(model)
+
+
+def resolve_settings(model: torch.nn.Module, spec: MethodSpec, config: Any) -> tuple[dict[int, dict[str, Any]], int]:
+    """The per-block settings and the protected prefix of a timm model (ViT or Eva), after
+    the checks they share: a class token where the method reads one, a pooling that can
+    weigh merged tokens, fixed counts that fit the default image size."""
+    settings = config.resolve(len(model.blocks))
     num_protected = int(model.num_prefix_tokens)
     require_class_token(spec, config, getattr(model, "cls_token", None) is not None, type(model).__name__)
     pool = getattr(model, "global_pool", "token")
@@ -111,21 +130,20 @@ def patch(
             f"use a model pooled by {POOLS_WITH_SIZES} or a method that drops tokens"
         )
     _check_static_counts(model, spec, settings, num_protected)
+    return settings, num_protected
 
-    handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    install_sites(handle, blocks, "blocks", _block_forward, _key_proj, layout)
-    if hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head:  # type: ignore[index]
+
+def wrap_outputs(model: torch.nn.Module, pool: bool) -> None:
+    """Per-image pooling (when ``pool``: the model's ``forward_head`` pools through
+    ``self.pool``) and unpadded ``forward_intermediates``, per instance."""
+    if pool:
         model.pool = types.MethodType(_pool, model)
     if hasattr(model, "forward_intermediates"):
         model.forward_intermediates = types.MethodType(_forward_intermediates, model)
-    model.__dict__[SAINT_ATTR] = handle
-    return handle
 
 
-def unpatch(model: torch.nn.Module) -> None:
-    """Remove every wrapper and hook: the model is the original object again."""
-    handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle, model.blocks, _key_proj)
+def unwrap_outputs(model: torch.nn.Module) -> None:
+    """Undo :func:`wrap_outputs`."""
     model.__dict__.pop("pool", None)
     model.__dict__.pop("forward_intermediates", None)
 
@@ -179,7 +197,7 @@ def _attention_of_qkv(attn: torch.nn.Module, qkv: torch.Tensor, gate: torch.Tens
     return attn.proj_drop(attn.proj(x))
 
 
-def _check_packed_training(blk: torch.nn.Module) -> None:
+def check_packed_training(blk: torch.nn.Module) -> None:
     """DropPath draws one decision per sample, which a packed stream cannot express."""
     if blk.training and any(getattr(d, "drop_prob", 0.0) > 0 for d in (blk.drop_path1, blk.drop_path2)):
         raise ValueError("drop_path in training needs one row per image; patch with layout='padded' to train")
@@ -199,7 +217,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     if settings is not None and handle.config.select_at == "attention":
         return handle.leave_site(index, run, _select_before_attention(self, handle, run, index, x, settings))
     if state.packed:
-        _check_packed_training(self)
+        check_packed_training(self)
         x = x + self.drop_path1(self.ls1(_packed_attention(self.attn, self.norm1(x), state, prop_attn, handle.kernel)))
     elif settings is None:
         x = type(self).forward(self, x, attn_mask=state.attn_bias(x.dtype, prop_attn))
@@ -208,7 +226,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     if settings is not None:
         x = state.apply(x, handle.spec.select(_context(handle, run, self, index, x), settings, handle.config))
         if state.packed:
-            _check_packed_training(self)
+            check_packed_training(self)
     if settings is not None or state.packed:
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     return handle.leave_site(index, run, x)
@@ -229,7 +247,7 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     # the gather itself on a CPU (docs/packed.md)
     x, qkv, *gate = state.apply_many(parts, sel, in_place=[False, output_unshared(attn.qkv, saint_hooks=1)])
     if state.packed:
-        _check_packed_training(blk)
+        check_packed_training(blk)
     x = x + blk.drop_path1(blk.ls1(_attention_of_qkv(attn, qkv, gate[0] if gate else None, state,
                                                      handle.config.size_bias, handle.kernel)))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
