@@ -323,3 +323,26 @@ def test_cli_evaluates_the_hf_model_as_the_timm_one(capsys):
         tables[model] = [line for line in out.splitlines() if line.startswith(("unpruned", "tome", "saint"))]
         assert len(tables[model]) == 3
     assert tables["dinov2-offline"] == tables["dinov2-offline-hf"]
+
+
+def test_a_wrapped_encoder_is_unpatched_through_its_wrapper(images):
+    """Unpatching (or patching again) the encoder of a patched classifier on its own would
+    leave the classifier marked patched with an encoder that no longer prunes: refused
+    with the call to make; through the classifier both come back bit for bit."""
+    from .test_hf_vision import make as make_tower
+
+    for model, inner in [(clf := make("vit_classifier"), clf.vit),
+                         (proj := make_tower("clip", projection=True), proj.vision_model)]:
+        with torch.no_grad():
+            want = model(pixel_values=images)[0]
+        saint.patch(model, "tome", r=2)
+        for call in (lambda m=inner: saint.unpatch(m), lambda m=inner: saint.patch(m, "tome", r=1)):
+            with pytest.raises(ValueError, match=f"patched through its {type(model).__name__}"):
+                call()
+        assert saint.is_patched(model) and saint.is_patched(inner)
+        saint.unpatch(model)
+        assert not saint.is_patched(model) and not saint.is_patched(inner)
+        with torch.no_grad():
+            assert torch.equal(model(pixel_values=images)[0], want)
+        saint.patch(inner, "tome", r=2)  # the encoder on its own is patched and unpatched as itself
+        saint.unpatch(inner)

@@ -102,6 +102,7 @@ def patch(
     handle = patch_tower(tower, method, trace=trace, layout=layout, kernel=kernel, **kwargs)
     if tower is not model:
         model.__dict__[SAINT_ATTR] = handle
+        handle.patched_through(tower, model)
     return handle
 
 
@@ -110,6 +111,7 @@ def unpatch(model: torch.nn.Module) -> None:
     handle = get_handle(model)
     if handle is None:
         raise ValueError(f"{type(model).__name__} is not patched by saint")
+    handle.check_unpatch(model)
     if handle.tower is not model:
         model.__dict__.pop(SAINT_ATTR)
     unpatch_tower(handle.tower)

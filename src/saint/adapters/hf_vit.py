@@ -35,7 +35,7 @@ import torch
 
 from ..methods import MethodSpec
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
-from .common import SAINT_ATTR
+from .common import SAINT_ATTR, get_handle
 from .hf_encoder import (
     HFEncoderPatch,
     LayerParts,
@@ -161,15 +161,19 @@ def patch(
                            family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
                            kernel)
     model.__dict__[SAINT_ATTR] = handle
+    handle.patched_through(tower, model)
     return handle
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
     family, tower = _found(model)
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    handle.check_unpatch(model)
     if model is not tower:
-        if model.__dict__.pop(SAINT_ATTR, None) is None:
-            raise ValueError(f"{type(model).__name__} is not patched by saint")
+        model.__dict__.pop(SAINT_ATTR)
     unpatch_encoder(tower, _layers(family, tower))
 
 
