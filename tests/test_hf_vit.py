@@ -1,4 +1,4 @@
-"""Hugging Face ViT-style encoders (ViT, DeiT, DINOv2 with and without registers, and the
+"""Hugging Face ViT-style encoders (ViT, DeiT, DINOv2 with and without registers, DINOv3, and the
 ViT/DeiT classifiers): the same pruning as timm's ViT on the same weights, per-image
 answers in every layout, unpadded hidden states, protected class / distillation /
 register tokens, exact unpatch, clear refusals."""
@@ -26,7 +26,8 @@ VIT_TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, inte
                 patch_size=8, layer_norm_eps=1e-6)
 PATCHES = (32 // 8) ** 2
 REGISTERS = 2
-PROTECTED = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS, "vit": 1, "vit_classifier": 1, "deit": 2, "deit_teacher": 2}
+PROTECTED = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS, "dinov3": 1 + REGISTERS, "vit": 1, "vit_classifier": 1,
+             "deit": 2, "deit_teacher": 2}
 CLASSIFIERS = {"vit_classifier", "deit_teacher"}
 TOL = dict(rtol=0, atol=1e-5)
 # every method, pruning a data-dependent (ragged) or a fixed amount (as the packed tests)
@@ -44,6 +45,9 @@ def make(kind: str = "dinov2", impl: str = "sdpa", seed: int = 0, **overrides) -
     elif kind == "dinov2_reg":
         model = t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(
             **TINY, num_register_tokens=REGISTERS, attn_implementation=impl, **overrides))
+    elif kind == "dinov3":  # rotary position embedding, registers, layer scale
+        model = t.DINOv3ViTModel(t.DINOv3ViTConfig(**VIT_TINY, num_register_tokens=REGISTERS,
+                                                    attn_implementation=impl, **overrides))
     else:
         family, cls = {"vit": ("ViT", t.ViTModel), "vit_classifier": ("ViT", t.ViTForImageClassification),
                        "deit": ("DeiT", t.DeiTModel), "deit_teacher": ("DeiT", t.DeiTForImageClassificationWithTeacher)}[kind]
@@ -248,12 +252,14 @@ def test_block_flops_match_the_flop_counter(impl):
     layer (torch's counter, CPU SDPA included), for the GELU MLP and the SwiGLU one."""
     from saint.measure.flops import count_flops
 
-    for kind, extra in [("dinov2", {}), ("dinov2", dict(use_swiglu_ffn=True)), ("vit", {}), ("deit", {})]:
+    for kind, extra in [("dinov2", {}), ("dinov2", dict(use_swiglu_ffn=True)), ("vit", {}), ("deit", {}),
+                        ("dinov3", {}), ("dinov3", dict(use_gated_mlp=True))]:
         model = make(kind, impl=impl, **extra)
-        x = torch.randn(2, 1 + PATCHES, 32)
+        n = PROTECTED[kind] + PATCHES
+        x = torch.randn(2, n, 32)
         first = layers_of(model)[0]
-        total, _ = count_flops(lambda layer=first, x=x: layer(x))
-        n = 1 + PATCHES
+        kw = {"position_embeddings": model.rope_embeddings(torch.randn(1, 3, 32, 32))} if kind == "dinov3" else {}
+        total, _ = count_flops(lambda layer=first, x=x, kw=kw: layer(x, **kw))
         assert find_adapter(model).block_flops(model, n, n) == total / 2
 
 
@@ -288,6 +294,9 @@ def test_refusals_say_what_to_do(images):
         saint.patch(transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**VIT_TINY)), "tome", r=2)
     with pytest.raises(TypeError, match="feature maps need every patch"):
         saint.patch(transformers.Dinov2Backbone(transformers.Dinov2Config(**TINY, out_indices=[4])), "tome", r=2)
+    with pytest.raises(TypeError, match="feature maps need every patch"):
+        saint.patch(transformers.DINOv3ViTBackbone(transformers.DINOv3ViTConfig(**VIT_TINY, out_indices=[4])),
+                    "tome", r=2)
     model = make()
     saint.patch(model, "tome", r=2)
     mask = torch.ones(4, PATCHES + 1, dtype=torch.long)
@@ -346,3 +355,38 @@ def test_a_wrapped_encoder_is_unpatched_through_its_wrapper(images):
             assert torch.equal(model(pixel_values=images)[0], want)
         saint.patch(inner, "tome", r=2)  # the encoder on its own is patched and unpatched as itself
         saint.unpatch(inner)
+
+
+def dinov3_reference_after_drop(model: torch.nn.Module, x: torch.Tensor, layer: int, kept: torch.Tensor) -> torch.Tensor:
+    """transformers' own DINOv3 forward of one image with the patches ``kept [N']`` (grid
+    indices) removed before ``layer``: the tokens and the rows of its rotary cos/sin
+    table taken at those indices, every layer unpatched; the final normed class token."""
+    h = model.embeddings(x)
+    cos, sin = model.rope_embeddings(x)
+    npt = PROTECTED["dinov3"]
+    for i, lyr in enumerate(model.model.layer):
+        if i == layer:
+            h = torch.cat([h[:, :npt], h[:, npt:][:, kept]], dim=1)
+            cos, sin = cos[kept], sin[kept]
+        h = lyr(h, position_embeddings=(cos, sin))
+    return model.norm(h)[:, 0]
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_dinov3_rotary_rows_follow_each_kept_token(layout, images):
+    """Dropping before layer 1's attention (``select_at="attention"``) is dropping the
+    patches before the layer: each image of a ragged batch equals transformers' own
+    forward with its kept patches (and their cos/sin rows) removed there (known answer)."""
+    model = make("dinov3")
+    twin = copy.deepcopy(model)
+    saint.patch(model, "saint", tau=0.2, k=2, layers=[1], select_at="attention", trace=True, layout=layout)
+    out = run(model, images).pooler_output
+    assert saint.stats(model).layout == layout and saint.stats(model).per_sample_differs()
+    origin = get_handle(model).origins()[0]
+    npt = PROTECTED["dinov3"]
+    for i in range(len(images)):
+        assert bool((origin[i, :npt] == torch.arange(npt)).all())
+        kept = torch.nonzero(origin[i, npt:] >= 0).flatten()
+        with torch.no_grad():
+            want = dinov3_reference_after_drop(twin, images[i : i + 1], 1, kept)
+        torch.testing.assert_close(out[i : i + 1], want, **TOL)

@@ -202,7 +202,7 @@ def test_drop_path_training_needs_padded_layout(images):
     assert model(images).shape[0] == len(images)
 
 
-HF_KINDS = ("clip", "siglip", "vit", "vit_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg")
+HF_KINDS = ("clip", "siglip", "vit", "vit_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg", "dinov3")
 
 
 def _hf_model(kind: str) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """Every tool works on every model family through the adapter protocol: calibrate,
 the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
-a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
+a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny Hugging Face DINOv3, a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
 LLaVA-NeXT and a tiny LLaVA-OneVision."""
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ FAMILIES = {
     "dinov2_reg": lambda: (transformers.Dinov2WithRegistersModel(
         transformers.Dinov2WithRegistersConfig(**DINO_TINY, num_register_tokens=2)).eval(),
         vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
+    "dinov3": lambda: (transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+        **HF_TINY, num_register_tokens=2)).eval(),
+        vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
     "vit_classifier": lambda: (transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY)).eval(),
                                vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
     "deit": lambda: (transformers.DeiTModel(transformers.DeiTConfig(**HF_TINY)).eval(),

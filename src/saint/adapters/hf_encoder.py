@@ -69,6 +69,45 @@ class LayerParts:
     ls1: Callable[[torch.Tensor], torch.Tensor] = _identity
     ls2: Callable[[torch.Tensor], torch.Tensor] = _identity
     drop_path: Callable[[torch.Tensor], torch.Tensor] = _identity
+    rotate_half: Callable[[torch.Tensor], torch.Tensor] | None = None  # rotary families (DINOv3): the model's own
+
+
+Rows = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) per token, [..., N, 1, D]
+
+
+def _positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
+    """Each token's original index ``[B, N, 1]`` (packed ``[1, T, 1]``); before any step
+    removed a token, ``x``'s own order."""
+    if state.positions is not None:
+        return state.positions
+    return torch.arange(x.shape[1], device=x.device).reshape(1, -1, 1)
+
+
+def _token_rows(pe: Rows | None, positions: torch.Tensor, npt: int) -> Rows | None:
+    """The rotary ``(cos, sin)`` rows of every token, ``[..., N, 1, D]``; prefix tokens get
+    the identity (cos 1, sin 0), which leaves them exactly as the model leaves them."""
+    if pe is None:
+        return None
+    idx = (positions[..., 0] - npt).clamp(min=0)
+    prefix = positions < npt
+    cos, sin = pe
+    return torch.where(prefix, 1.0, cos[idx]).unsqueeze(-2), torch.where(prefix, 0.0, sin[idx]).unsqueeze(-2)
+
+
+def _module_rows(pe: Rows | None, state: TokenState, npt: int) -> Rows | None:
+    """What the model's own attention takes for a rectangular or padded batch: the grid's
+    table before any step removed a token, else each image's patch rows ``[B, 1, N - npt, D]``."""
+    if pe is None or state.positions is None:
+        return pe
+    idx = (state.positions[:, npt:, 0] - npt).clamp(min=0)
+    return pe[0][idx].unsqueeze(1), pe[1][idx].unsqueeze(1)
+
+
+def _rotate(p: LayerParts, t: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    """``t [..., N, H, D]`` rotated by per-token rows, as the model rotates its patches."""
+    if rows is None:
+        return t
+    return t * rows[0] + p.rotate_half(t) * rows[1]  # type: ignore[misc]
 
 
 @dataclass
@@ -144,7 +183,8 @@ def patch_encoder(
     check_static_counts(num_patches, spec, settings, unit="layer")
     handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
                             parts=parts)
-    install_sites(handle, layers, prefix, layer_forward, _key_proj(parts), layout)
+    rotary = bool(layers) and parts(layers[0]).rotate_half is not None
+    install_sites(handle, layers, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
     tower.forward = types.MethodType(tower_forward, tower)
     tower.__dict__[SAINT_ATTR] = handle
     return handle
@@ -201,15 +241,18 @@ def mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
     return head_mean(k.reshape(b, n, num_heads, c // num_heads))
 
 
-def _cls_attention(p: LayerParts, normed: torch.Tensor, k_packed: torch.Tensor, state: TokenState, prop_attn: bool):
+def _cls_attention(p: LayerParts, normed: torch.Tensor, k_packed: torch.Tensor, state: TokenState, prop_attn: bool,
+                   rows: Rows | None = None):
     """The class token's attention over all tokens (padded view), averaged over heads
-    (lazy; only the class token's query is projected)."""
+    (lazy; only the class token's query is projected; keys rotated by ``rows``)."""
 
     def compute() -> torch.Tensor:
         bias = state.padded_key_mask(k_packed.dtype, prop_attn)
         first = state.first(normed)[:, None]
-        k = state.padded(k_packed)
-        b, n, c = k.shape
+        c = k_packed.shape[-1]
+        k = _rotate(p, k_packed.unflatten(-1, (p.heads, c // p.heads)), rows).flatten(-2)
+        k = state.padded(k)
+        b, n = k.shape[:2]
         q = p.q(first).reshape(b, p.heads, c // p.heads)
         return cls_attention(q, k.reshape(b, n, p.heads, c // p.heads), p.scale, bias)
 
@@ -220,11 +263,15 @@ def _dropout(p: LayerParts) -> float:
     return p.dropout if p.attn.training else 0.0
 
 
-def _packed_attention(p: LayerParts, x: torch.Tensor, state: TokenState, prop_attn: bool, kernel: str) -> torch.Tensor:
+def _packed_attention(p: LayerParts, x: torch.Tensor, state: TokenState, prop_attn: bool, kernel: str,
+                      rows: Rows | None = None) -> torch.Tensor:
     """The layer's attention on a packed stream ``[1, T, C]``: its own q/k/v/out
-    projections around per-image attention."""
+    projections (q and k rotated by ``rows``) around per-image attention."""
     t = x.shape[1]
     q, k, v = (proj(x).reshape(t, p.heads, p.head_dim) for proj in (p.q, p.k, p.v))
+    if rows is not None:
+        rows = (rows[0][0], rows[1][0])
+        q, k = _rotate(p, q, rows), _rotate(p, k, rows)
     return p.out(packed_attention_of(q, k, v, state, prop_attn, p.scale, _dropout(p), kernel))
 
 
@@ -246,12 +293,17 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     state = run.state
     p = handle.parts(self)
     prop_attn = handle.config.size_bias
+    pe = kwargs.pop("position_embeddings", None)  # rotary families: the grid's (cos, sin)
+    if pe is not None:
+        kwargs["position_embeddings"] = _module_rows(pe, state, handle.num_protected)
     if settings is not None and handle.config.select_at == "attention":
-        return handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings))
+        return handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings,
+                                                                      pe))
+    rows = None if pe is None else _token_rows(pe, _positions(state, hidden_states), handle.num_protected)
     if state.packed:
         _check_packed_training(p)
         normed = p.norm1(hidden_states)
-        x = hidden_states + p.drop_path(p.ls1(_packed_attention(p, normed, state, prop_attn, handle.kernel)))
+        x = hidden_states + p.drop_path(p.ls1(_packed_attention(p, normed, state, prop_attn, handle.kernel, rows)))
     else:
         bias = state.attn_bias(hidden_states.dtype, prop_attn)
         if bias is not None:
@@ -268,7 +320,7 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
             attn_out, _ = p.attn(hidden_states=normed, attention_mask=bias, **kwargs)
             x = hidden_states + p.drop_path(p.ls1(attn_out))
     if settings is not None:
-        x = state.apply(x, _select(p, handle, run, index, normed, x, settings))
+        x = state.apply(x, _select(p, handle, run, index, normed, x, settings, rows))
         if state.packed:
             _check_packed_training(p)
     if settings is not None or state.packed:
@@ -277,16 +329,19 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
 
 
 def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed: torch.Tensor, x: torch.Tensor,
-            settings: dict[str, Any]) -> Selection:
+            settings: dict[str, Any], rows: Rows | None = None) -> Selection:
     """The layer's selection from its captured key projection (``normed``: the attention's
-    input, for the class token's query; ``x``: the tokens the selection may read)."""
+    input, for the class token's query; ``x``: the tokens the selection may read; ``rows``:
+    the rotary rows the class token's attention reads its keys with). The selection's keys
+    are the projection's, before any rotation."""
     state = run.state
     k = run.captured.pop(index)
     ctx = LayerContext(
         keys=state.padded(mean_heads(k, p.heads)),
         num_protected=handle.num_protected,
         valid=state.valid,
-        cls_attention=_cls_attention(p, normed, k, state, handle.config.size_bias) if handle.num_protected > 0 else None,
+        cls_attention=(_cls_attention(p, normed, k, state, handle.config.size_bias, rows)
+                       if handle.num_protected > 0 else None),
         tokens=(lambda: state.padded(x)) if state.packed else x,
         layer=index,
     )
@@ -297,20 +352,23 @@ def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed:
 
 
 def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, x: torch.Tensor,
-                             settings: dict[str, Any]) -> torch.Tensor:
+                             settings: dict[str, Any], pe: Rows | None = None) -> torch.Tensor:
     """A pruning layer with ``select_at="attention"``: the selection reads the layer's own
     keys, the tokens and their q/k/v projections are merged (size-weighted means of rows)
     or dropped together, and attention, the output projection and the MLP run on the survivors."""
     state = run.state
     normed = p.norm1(x)
     q, k, v = p.q(normed), p.k(normed), p.v(normed)  # the hook captures k
-    sel = _select(p, handle, run, index, normed, x, settings)
+    npt = handle.num_protected
+    sel = _select(p, handle, run, index, normed, x, settings, _token_rows(pe, _positions(state, x), npt))
     unshared = [output_unshared(proj, saint_hooks=int(proj is p.k)) for proj in (p.q, p.k, p.v)]
     x, q, k, v = state.apply_many([x, q, k, v], sel, in_place=[False, *unshared])
     if state.packed:
         _check_packed_training(p)
     b, n = q.shape[:2]
     q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
+    rows = _token_rows(pe, _positions(state, x), npt)  # the survivors' rows
+    q, k = _rotate(p, q, rows), _rotate(p, k, rows)
     attn = attention_of(q, k, v, state, handle.config.size_bias, p.scale, _dropout(p), handle.kernel)
     x = x + p.drop_path(p.ls1(p.out(attn)))
     return x + p.drop_path(p.ls2(p.mlp(p.norm2(x))))

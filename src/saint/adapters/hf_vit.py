@@ -1,5 +1,6 @@
 """Hugging Face ViT-style encoders (transformers 5): ``ViTModel``, ``DeiTModel``,
-``Dinov2Model`` and ``Dinov2WithRegistersModel``, and the classifiers that read only their
+``Dinov2Model``, ``Dinov2WithRegistersModel`` and ``DINOv3ViTModel`` (rotary: each token
+keeps its own rows of the grid's cos/sin table, a merged token its destination's), and the classifiers that read only their
 prefix tokens (``ViTForImageClassification``, ``DeiTForImageClassification``,
 ``DeiTForImageClassificationWithTeacher``).
 
@@ -12,7 +13,7 @@ packed with attention per image through the layer's own q/k/v/o projections
 (``layout="padded"`` masks instead). A family here only says where its layers and their
 parts are (:class:`Family`).
 
-Protected tokens: the class token, DeiT's distillation token, DINOv2's registers. The
+Protected tokens: the class token, DeiT's distillation token, DINOv2's and DINOv3's registers. The
 classifiers read those positions only, so their logits are per image; the encoder's
 ``last_hidden_state`` / ``hidden_states`` are NaN-padded after a ragged step
 (:func:`saint.token_mask`, :func:`saint.per_image`).
@@ -51,7 +52,7 @@ REFUSED = {
         (("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"),
          "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
          "patch its .dinov2 (a Dinov2Model) and pool the real tokens with saint.per_image(out, saint.token_mask(m))"),
-        (("Dinov2Backbone", "Dinov2WithRegistersBackbone"),
+        (("Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"),
          "its feature maps need every patch; prune a Dinov2Model instead"),
         (("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"),
          "masked image modeling reconstructs every patch; prune a ViTModel / DeiTModel instead"),
@@ -93,6 +94,21 @@ def _dinov2_parts(layer: torch.nn.Module) -> LayerParts:
                       ls1=layer.layer_scale1, ls2=layer.layer_scale2, drop_path=layer.drop_path)
 
 
+def _dinov3_parts(layer: torch.nn.Module) -> LayerParts:
+    """DINOv3: DINOv2's layout plus rotary position embedding (its own ``rotate_half``)."""
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import rotate_half
+
+    a = layer.attention
+    return LayerParts(layer.norm1, a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, int(a.num_heads), int(a.head_dim),
+                      float(a.scaling), float(a.dropout), layer.norm2, layer.mlp, ls1=layer.layer_scale1,
+                      ls2=layer.layer_scale2, drop_path=layer.drop_path, rotate_half=rotate_half)
+
+
+def _dinov3_mlp_hidden(cfg: Any) -> float:
+    """The gated MLP's three matmuls count as 1.5x its width's two."""
+    return (1.5 if cfg.use_gated_mlp else 1.0) * int(cfg.intermediate_size)
+
+
 def _dinov2_mlp_hidden(cfg: Any) -> float:
     hidden = int(cfg.hidden_size * cfg.mlp_ratio)
     if cfg.use_swiglu_ffn:  # three matmuls of 2/3 the width (rounded up to 8): 1.5x that width's two
@@ -106,6 +122,7 @@ def _families() -> list[Family]:
     from transformers.models.deit import modeling_deit as deit
     from transformers.models.dinov2 import modeling_dinov2 as d
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
+    from transformers.models.dinov3_vit import modeling_dinov3_vit as d3
     from transformers.models.vit import modeling_vit as vit
 
     return [
@@ -120,6 +137,8 @@ def _families() -> list[Family]:
         Family("dinov2_registers", r.Dinov2WithRegistersModel, {}, r.Dinov2WithRegistersLayer,
                r.Dinov2WithRegistersAttention, "encoder.layer", _dinov2_parts,
                lambda cfg: 1 + int(cfg.num_register_tokens), _dinov2_mlp_hidden),
+        Family("dinov3", d3.DINOv3ViTModel, {}, d3.DINOv3ViTLayer, d3.DINOv3ViTAttention, "model.layer",
+               _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden),
     ]
 
 
