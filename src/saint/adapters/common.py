@@ -151,6 +151,13 @@ class TokenState:
             _bias=dict(self._bias), _index=self._index,
         )
 
+    def positions_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Each token's original index ``[B, N, 1]`` (packed ``[1, T, 1]``) with
+        ``track_positions``; before any step removed a token, ``x``'s own order."""
+        if self.positions is not None:
+            return self.positions
+        return torch.arange(x.shape[1], device=x.device).reshape(1, -1, 1)
+
     def record(self, x: torch.Tensor) -> None:
         """Remember how many real tokens enter the next block, per sample (kept on the
         model's device: no host sync in the forward)."""

@@ -75,14 +75,6 @@ class LayerParts:
 Rows = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) per token, [..., N, 1, D]
 
 
-def _positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
-    """Each token's original index ``[B, N, 1]`` (packed ``[1, T, 1]``); before any step
-    removed a token, ``x``'s own order."""
-    if state.positions is not None:
-        return state.positions
-    return torch.arange(x.shape[1], device=x.device).reshape(1, -1, 1)
-
-
 def _token_rows(pe: Rows | None, positions: torch.Tensor, npt: int) -> Rows | None:
     """The rotary ``(cos, sin)`` rows of every token, ``[..., N, 1, D]``; prefix tokens get
     the identity (cos 1, sin 0), which leaves them exactly as the model leaves them."""
@@ -299,7 +291,7 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     if settings is not None and handle.config.select_at == "attention":
         return handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings,
                                                                       pe))
-    rows = None if pe is None else _token_rows(pe, _positions(state, hidden_states), handle.num_protected)
+    rows = None if pe is None else _token_rows(pe, state.positions_of(hidden_states), handle.num_protected)
     if state.packed:
         _check_packed_training(p)
         normed = p.norm1(hidden_states)
@@ -360,14 +352,14 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     normed = p.norm1(x)
     q, k, v = p.q(normed), p.k(normed), p.v(normed)  # the hook captures k
     npt = handle.num_protected
-    sel = _select(p, handle, run, index, normed, x, settings, _token_rows(pe, _positions(state, x), npt))
+    sel = _select(p, handle, run, index, normed, x, settings, _token_rows(pe, state.positions_of(x), npt))
     unshared = [output_unshared(proj, saint_hooks=int(proj is p.k)) for proj in (p.q, p.k, p.v)]
     x, q, k, v = state.apply_many([x, q, k, v], sel, in_place=[False, *unshared])
     if state.packed:
         _check_packed_training(p)
     b, n = q.shape[:2]
     q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
-    rows = _token_rows(pe, _positions(state, x), npt)  # the survivors' rows
+    rows = _token_rows(pe, state.positions_of(x), npt)  # the survivors' rows
     q, k = _rotate(p, q, rows), _rotate(p, k, rows)
     attn = attention_of(q, k, v, state, handle.config.size_bias, p.scale, _dropout(p), handle.kernel)
     x = x + p.drop_path(p.ls1(p.out(attn)))

@@ -126,7 +126,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
                 sel = None
                 if state.packed:
                     check_packed_training(self)
-        x_attn = _attend(attn, q, k, v, gate, _token_rope(rope, _positions(state, x), npt), state, prop,
+        x_attn = _attend(attn, q, k, v, gate, _token_rope(rope, state.positions_of(x), npt), state, prop,
                          handle.kernel)
     x = x + self.drop_path1(_scaled(self.gamma_1, x_attn))
     if sel is not None:
@@ -225,14 +225,6 @@ def _module_rope(rope: torch.Tensor | None, state: TokenState, npt: int) -> torc
     return _rows(rope, state.positions[:, npt:], npt).transpose(1, 2)
 
 
-def _positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
-    """Each token's original index, ``[B, N, 1]`` (packed ``[1, T, 1]``); before any step
-    removed a token, ``x``'s own order."""
-    if state.positions is not None:
-        return state.positions
-    return torch.arange(x.shape[1], device=x.device).reshape(1, -1, 1)
-
-
 def _token_rope(rope: torch.Tensor | None, positions: torch.Tensor, npt: int) -> torch.Tensor | None:
     """One row per token in the tokens' own layout ``[B, N, 1 or H, D]`` (packed: ``B =
     1``); prefix tokens get the identity rotation (sin 0, cos 1), which leaves them exactly
@@ -254,7 +246,7 @@ def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: 
     prop = handle.config.size_bias
 
     def cls_attn() -> torch.Tensor:
-        kr = _rotate(attn, k, _token_rope(rope, _positions(state, x), handle.num_protected), k)
+        kr = _rotate(attn, k, _token_rope(rope, state.positions_of(x), handle.num_protected), k)
         groups = attn.num_heads // kr.shape[2]
         if groups > 1:
             kr = kr.repeat_interleave(groups, dim=2)
