@@ -71,10 +71,13 @@ def test_rotary_rows_follow_each_kept_token(arch):
         torch.testing.assert_close(out[i : i + 1], ref, **TOL)
 
 
-def test_mixed_rope_packed_equals_alone():
-    """RoPE-Mixed hands each block its own per-head table ``[H, N, D]``: packed, padded and
-    each image alone agree for a merging method at both placements."""
-    model = timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, **TINY).eval()
+@pytest.mark.parametrize("name", ["vit_small_patch16_rope_mixed_224", "vit_small_patch16_dinov3"])
+def test_merging_packed_equals_padded_equals_alone(name):
+    """RoPE-Mixed hands each block its own per-head table ``[H, N, D]``; timm's DINOv3
+    pools by the size-weighted average of its patch tokens (its default ``avg``): packed,
+    padded and each image alone agree for a merging method at both placements."""
+    model = timm.create_model(name, pretrained=False, **TINY).eval()
+    assert name != "vit_small_patch16_dinov3" or model.global_pool == "avg"
     x = images()
     for select_at in ("mlp", "attention"):
         outs = {}
