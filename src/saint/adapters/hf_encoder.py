@@ -291,7 +291,9 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     if settings is not None and handle.config.select_at == "attention":
         return handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings,
                                                                       pe))
-    rows = None if pe is None else _token_rows(pe, state.positions_of(hidden_states), handle.num_protected)
+    rows = None  # per-token rotary rows, where saint's own code reads or rotates keys
+    if pe is not None and (state.packed or settings is not None):
+        rows = _token_rows(pe, state.positions_of(hidden_states), handle.num_protected)
     if state.packed:
         _check_packed_training(p)
         normed = p.norm1(hidden_states)
