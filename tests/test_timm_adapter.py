@@ -7,6 +7,7 @@ import timm
 import torch
 
 import saint
+from saint.adapters import find_adapter
 from saint.adapters.common import get_handle
 
 from .conftest import make_tiny
@@ -194,3 +195,22 @@ def test_merging_rejects_pooling_that_cannot_weigh_sizes():
     with pytest.raises(ValueError, match="global_pool"):
         saint.patch(model, "tome", r=2)
     saint.patch(model, "saint", rate="sample")  # dropping: max pooling runs per image
+
+
+@pytest.mark.parametrize(("arch", "extra", "size", "grid"), [
+    ("vit", dict(dynamic_img_size=True), (32, 48), (4, 6)),
+    ("vit", dict(dynamic_img_size=True, dynamic_img_pad=True), (34, 50), (5, 7)),
+    ("dinov3", {}, (32, 48), (4, 6)),  # timm's DINOv3 takes any size
+    ("vit", {}, (32, 32), (4, 4)),
+])
+def test_grid_follows_an_image_of_another_size(arch, extra, size, grid):
+    """Models that take any image size report that image's patch grid (padded to whole
+    patches with ``dynamic_img_pad``), and a kept-patch trace fills it."""
+    from saint.analysis.viz import trace_kept
+
+    model = make_tiny(arch, **extra)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    g = find_adapter(model).grid(model, x)
+    assert (g.rows, g.cols) == grid
+    kept = trace_kept(model, x, "saint", tau=0.0, k=1, layers=[0])
+    assert kept.groups[0].shape == grid

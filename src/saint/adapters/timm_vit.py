@@ -370,10 +370,14 @@ class TimmViT(FamilyAdapter):
         return int(getattr(model, "num_prefix_tokens", 0))
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        """The configured grid, or that of ``inputs`` when the model takes any size
+        (``dynamic_img_size``; with ``dynamic_img_pad`` the image is padded to whole patches)."""
         pe = model.patch_embed
         ph, pw = (int(v) for v in pe.patch_size)
-        if inputs is None or not getattr(pe, "dynamic_img_size", False):
+        if inputs is None or not getattr(model, "dynamic_img_size", False):
             gh, gw = (int(v) for v in pe.grid_size)
+        elif getattr(pe, "dynamic_img_pad", False):
+            gh, gw = -(-int(inputs.shape[-2]) // ph), -(-int(inputs.shape[-1]) // pw)
         else:
             gh, gw = int(inputs.shape[-2]) // ph, int(inputs.shape[-1]) // pw
         return Grid(gh, gw, (ph, pw))
