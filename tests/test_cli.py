@@ -307,3 +307,22 @@ def test_sweep_calibrates_saint_match_and_measured_targets(images, tmp_path, cap
     assert main(["sweep", *TINY, *COMMON, "--images", images, "--taus", "0.9", "--calibrated",
                  "saint_plus:target=wall", "--speedups", "1.2", "--calib-images", images, "--out", str(prefix)]) == 2
     assert "target must be 'flops' or 'measured'" in capsys.readouterr().err
+
+
+def test_random_weights_are_the_same_in_every_run():
+    """A timm model without --pretrained / --checkpoint gets its random weights from seed 0,
+    whatever ran before, and leaves the caller's random state alone."""
+    from saint.commands.options import build_model
+
+    args = argparse.Namespace(model="vit_tiny_patch16_224", model_args=TINY[-1], img_size=None, pretrained=False,
+                              checkpoint=None)
+    torch.manual_seed(1)
+    first, desc = build_model(args)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    torch.rand(5)
+    second, _ = build_model(args)
+    assert "seed 0" in desc
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after), "the caller's random state is untouched"

@@ -140,9 +140,11 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
         raise ValueError(f"--model {args.model!r} is not a timm model name (nor {DEFAULT_MODEL!r} / {HF_MODEL!r})"
                          + (f"; similar names: {', '.join(close)}" if close else ""))
-    model = assets.load_timm_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **extra)
+    with torch.random.fork_rng(devices=[]):  # random weights are the same in every run (seed 0)
+        torch.manual_seed(0)
+        model = assets.load_timm_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **extra)
     weights = "pretrained" if args.pretrained else (f"checkpoint {args.checkpoint}" if args.checkpoint else
-                                                    "RANDOM weights")
+                                                    "RANDOM weights, seed 0")
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return model, f"timm {args.model} ({weights}){f' at {size[0]}px' if size else ''}"
 
