@@ -218,6 +218,51 @@ def test_clip_with_projection(images):
     assert torch.equal(again.image_embeds, ref.image_embeds)
 
 
+def make_dual(kind: str) -> torch.nn.Module:
+    """A tiny ``CLIPModel`` / ``SiglipModel``: both encoders, projections and logit scale."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "clip":
+        cfg = transformers.CLIPConfig(text_config=text, vision_config=TINY, projection_dim=16)
+        return transformers.CLIPModel(cfg).eval()
+    cfg = transformers.SiglipConfig(text_config=text, vision_config=TINY)
+    return transformers.SiglipModel(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_dual_encoder_prunes_its_vision_side(kind, images):
+    """``CLIPModel`` / ``SiglipModel``: the vision tower is pruned as the stand-alone tower
+    on the same weights (image features = its pooled output through the projection), per
+    image in a packed batch; image-text logits follow; the text side and the unpatched
+    model are untouched; the tower is unpatched through the dual model."""
+    model = make_dual(kind)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2]])
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=images)
+    method, kw = ("saint", dict(tau=0.3, k=2)) if kind == "clip" else ("budget", dict(keep=6, layers=[1]))
+    saint.patch(model, method, **kw)
+    assert saint.is_patched(model) and saint.is_patched(model.vision_model)
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=images).pooler_output
+        out = model(input_ids=ids, pixel_values=images)
+        layout = saint.stats(model).layout
+        tower = model.vision_model(pixel_values=images).pooler_output
+        alone = torch.cat([model.get_image_features(pixel_values=images[i : i + 1]).pooler_output for i in range(4)])
+    assert layout == ("packed" if kind == "clip" else "rectangular")
+    proj = model.visual_projection(tower) if kind == "clip" else tower
+    torch.testing.assert_close(feats, proj, rtol=0, atol=1e-6)
+    torch.testing.assert_close(feats, alone, rtol=0, atol=1e-5)
+    assert torch.equal(out.text_embeds, ref.text_embeds)
+    assert not torch.allclose(out.image_embeds, ref.image_embeds)
+    with pytest.raises(ValueError, match=f"patched through its {type(model).__name__}"):
+        saint.unpatch(model.vision_model)
+    saint.unpatch(model)
+    with torch.no_grad():
+        again = model(input_ids=ids, pixel_values=images)
+    assert torch.equal(again.logits_per_image, ref.logits_per_image)
+
+
 def test_patch_tower_inside_llava(images):
     """The tower LLaVA reads ``hidden_states[vision_feature_layer]`` from gets the pruned sequence."""
     vision = transformers.CLIPVisionConfig(**TINY)

@@ -1,6 +1,6 @@
 """Every tool works on every model family through the adapter protocol: calibrate,
 the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
-a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny Hugging Face DINOv3, a tiny CLIP tower, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
+a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny Hugging Face DINOv3, a tiny CLIP tower and CLIPModel, a tiny SigLIP tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
 LLaVA-NeXT and a tiny LLaVA-OneVision."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from saint.measure.harness import Harness
 from saint.spec import BASELINE, Variant
 
 from .conftest import make_tiny
+from .test_hf_vision import make_dual
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,6 +100,7 @@ FAMILIES = {
     "dinov2_reg": lambda: (transformers.Dinov2WithRegistersModel(
         transformers.Dinov2WithRegistersConfig(**DINO_TINY, num_register_tokens=2)).eval(),
         vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
+    "clip_dual": lambda: (make_dual("clip"), vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
     "dinov3": lambda: (transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
         **HF_TINY, num_register_tokens=2)).eval(),
         vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),

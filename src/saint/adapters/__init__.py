@@ -16,7 +16,7 @@ ADAPTERS: list[Adapter] = [
 SUPPORTED = (
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
     "Encoder, RoPE ViTs); Hugging Face "
-    "CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel, ViTModel, "
+    "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel, SiglipVisionModel, SiglipModel, ViTModel, "
     "ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
     "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama or Qwen2 language model); "

@@ -1,6 +1,8 @@
 """Hugging Face vision towers (transformers 5): ``CLIPVisionModel``,
-``CLIPVisionModelWithProjection`` and ``SiglipVisionModel`` — also the vision tower
-inside ``LlavaForConditionalGeneration`` (``model.model.vision_tower``).
+``CLIPVisionModelWithProjection`` and ``SiglipVisionModel``; the vision tower of the dual
+encoders ``CLIPModel`` and ``SiglipModel`` (their ``vision_model``: image features and
+image-text logits are pruned, the text side is untouched); also the vision tower inside
+``LlavaForConditionalGeneration`` (``model.model.vision_tower``).
 
 Each encoder layer's ``forward`` is wrapped per instance: the layer's own modules
 run in the order transformers runs them (``layer_norm1 -> self_attn -> residual ->
@@ -65,6 +67,8 @@ def _hf_classes() -> dict[str, type] | None:
     return {
         "clip": clip.CLIPVisionModel,
         "clip_proj": clip.CLIPVisionModelWithProjection,
+        "clip_dual": clip.CLIPModel,
+        "siglip_dual": siglip.SiglipModel,
         "clip_layer": clip.CLIPEncoderLayer,
         "clip_attn": clip.CLIPAttention,
         "siglip": siglip.SiglipVisionModel,
@@ -79,14 +83,20 @@ def matches(model: torch.nn.Module) -> bool:
     if sys.modules.get("transformers") is None:  # a transformers model implies it is imported
         return False
     c = _hf_classes()
-    return c is not None and isinstance(model, (c["clip"], c["clip_proj"], c["siglip"]))
+    return c is not None and isinstance(model, (c["clip"], c["clip_proj"], c["siglip"], c["clip_dual"], c["siglip_dual"]))
 
 
 def _tower_of(model: torch.nn.Module) -> torch.nn.Module:
     c = _hf_classes()
-    if c is not None and isinstance(model, c["clip_proj"]):
+    if c is not None and isinstance(model, (c["clip_proj"], c["clip_dual"], c["siglip_dual"])):
         return model.vision_model
     return model
+
+
+def _is_dual(model: torch.nn.Module) -> bool:
+    """CLIP / SigLIP with both encoders: images go through ``get_image_features``."""
+    c = _hf_classes()
+    return c is not None and isinstance(model, (c["clip_dual"], c["siglip_dual"]))
 
 
 def _is_clip(tower: torch.nn.Module) -> bool:
@@ -224,6 +234,8 @@ class HFVision(FamilyAdapter):
 
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        if _is_dual(model):  # the image side of a dual encoder: projected pooled features
+            return model.get_image_features(pixel_values=inputs)
         return model(pixel_values=inputs)
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
