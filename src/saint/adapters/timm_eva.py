@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import head_mean
-from ..methods import LayerContext, MethodSpec, make_config, require_site
+from ..methods import LayerContext, MethodSpec
 from .base import (
     Probe,
     Site,
@@ -37,10 +37,12 @@ from .base import (
     save_output,
     select_at_of,
 )
-from .common import SAINT_ATTR, SITE_ATTR, TokenState, attention_of, check_layout, cls_attention
+from .common import SAINT_ATTR, SITE_ATTR, TokenState, attention_of, cls_attention
 from .timm_vit import (
     TimmPatch,
     TimmViT,
+    begin_patch,
+    check_blocks,
     check_packed_training,
     resolve_settings,
     unwrap_outputs,
@@ -68,17 +70,10 @@ def patch(
 ) -> TimmPatch:
     """Patch a timm ``Eva`` in place (see :func:`saint.patch`)."""
     _, block_cls, attn_classes = _eva_classes()  # type: ignore[misc]
-    check_layout(layout, kernel)
-    spec, config = make_config(method, **kwargs)
-    require_site(spec, "vision", type(model).__name__)
+    spec, config = begin_patch(model, method, layout, kernel, kwargs)
     blocks = list(model.blocks)
-    for i, blk in enumerate(blocks):
-        attn = getattr(blk, "attn", None)
-        if type(blk) is not block_cls or type(attn) not in attn_classes:
-            raise TypeError(
-                f"block {i} is {type(blk).__name__} (attn={type(attn).__name__}); saint supports timm Eva blocks "
-                "(timm.models.eva.EvaBlock with EvaAttention or AttentionRope), not post-norm blocks"
-            )
+    check_blocks(blocks, lambda blk: type(blk) is block_cls and type(getattr(blk, "attn", None)) in attn_classes,
+                 "timm Eva blocks (timm.models.eva.EvaBlock with EvaAttention or AttentionRope), not post-norm blocks")
     settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
     install_sites(handle, blocks, "blocks", _block_forward, None, layout, track_positions=True)

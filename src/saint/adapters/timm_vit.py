@@ -89,18 +89,10 @@ def patch(
 ) -> TimmPatch:
     """Patch a timm VisionTransformer in place (see :func:`saint.patch`)."""
     _, block_cls, attn_cls = _timm_classes()  # type: ignore[misc]
-    check_layout(layout, kernel)
-    spec, config = make_config(method, **kwargs)
-    require_site(spec, "vision", type(model).__name__)
+    spec, config = begin_patch(model, method, layout, kernel, kwargs)
     blocks = list(model.blocks)
-    for i, blk in enumerate(blocks):
-        if type(blk) is not block_cls or not isinstance(blk.attn, attn_cls):
-            attn = getattr(blk, "attn", None)
-            has = f"attn={type(attn).__name__}" if attn is not None else "no .attn"
-            raise TypeError(
-                f"block {i} is {type(blk).__name__} ({has}); "
-                "saint supports timm ViT blocks (timm.models.vision_transformer.Block with Attention)"
-            )
+    check_blocks(blocks, lambda blk: type(blk) is block_cls and isinstance(blk.attn, attn_cls),
+                 "timm ViT blocks (timm.models.vision_transformer.Block with Attention)")
     settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
     install_sites(handle, blocks, "blocks", _block_forward, _key_proj, layout)
@@ -114,6 +106,24 @@ def unpatch(model: torch.nn.Module) -> None:
     handle = model.__dict__.pop(SAINT_ATTR)
     remove_sites(handle, model.blocks, _key_proj)
     unwrap_outputs(model)
+
+
+def begin_patch(model: torch.nn.Module, method: str | MethodSpec, layout: str, kernel: str,
+                kwargs: dict[str, Any]) -> tuple[MethodSpec, Any]:
+    """The method and its config, after the layout, kernel and site checks every timm model shares."""
+    check_layout(layout, kernel)
+    spec, config = make_config(method, **kwargs)
+    require_site(spec, "vision", type(model).__name__)
+    return spec, config
+
+
+def check_blocks(blocks: list[torch.nn.Module], supported: Any, what: str) -> None:
+    """A clear TypeError naming the first block that ``supported(block)`` rejects, and ``what`` saint supports."""
+    for i, blk in enumerate(blocks):
+        if not supported(blk):
+            attn = getattr(blk, "attn", None)
+            has = f"attn={type(attn).__name__}" if attn is not None else "no .attn"
+            raise TypeError(f"block {i} is {type(blk).__name__} ({has}); saint supports {what}")
 
 
 def resolve_settings(model: torch.nn.Module, spec: MethodSpec, config: Any) -> tuple[dict[int, dict[str, Any]], int]:
