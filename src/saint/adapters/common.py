@@ -506,6 +506,19 @@ def output_unshared(module: torch.nn.Module, saint_hooks: int = 0) -> bool:
             and not torch.nn.modules.module._global_forward_hooks)
 
 
+def patch_table_rows(table: torch.Tensor, positions: torch.Tensor, npt: int,
+                     prefix_row: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Rows of a per-patch table (rotary embeddings: ``[P, D]``, or ``[H, P, D]`` per head)
+    at each token's patch index: ``positions [..., N, 1]`` (original sequence indices, the
+    first ``npt`` being prefix tokens) -> ``[..., N, 1, D]`` (``[..., N, H, D]``). Prefix
+    tokens get ``prefix_row`` when given (a rotation's identity)."""
+    idx = (positions[..., 0] - npt).clamp(min=0)
+    rows = table[idx].unsqueeze(-2) if table.dim() == 2 else table[:, idx].movedim(0, -2)
+    if prefix_row is None:
+        return rows
+    return torch.where((positions < npt)[..., None], prefix_row, rows)
+
+
 def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], unit: str = "block") -> None:
     """Reject a fixed-count schedule (``r`` or ``keep`` per layer) that cannot fit ``n``
     prunable tokens entering the first layer (the model's default image size)."""

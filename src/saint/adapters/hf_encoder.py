@@ -40,6 +40,7 @@ from .common import (
     get_handle,
     output_unshared,
     packed_attention_of,
+    patch_table_rows,
 )
 
 
@@ -80,10 +81,7 @@ def _token_rows(pe: Rows | None, positions: torch.Tensor, npt: int) -> Rows | No
     the identity (cos 1, sin 0), which leaves them exactly as the model leaves them."""
     if pe is None:
         return None
-    idx = (positions[..., 0] - npt).clamp(min=0)
-    prefix = positions < npt
-    cos, sin = pe
-    return torch.where(prefix, 1.0, cos[idx]).unsqueeze(-2), torch.where(prefix, 0.0, sin[idx]).unsqueeze(-2)
+    return patch_table_rows(pe[0], positions, npt, 1.0), patch_table_rows(pe[1], positions, npt, 0.0)
 
 
 def _module_rows(pe: Rows | None, state: TokenState, npt: int) -> Rows | None:
@@ -91,8 +89,8 @@ def _module_rows(pe: Rows | None, state: TokenState, npt: int) -> Rows | None:
     table before any step removed a token, else each image's patch rows ``[B, 1, N - npt, D]``."""
     if pe is None or state.positions is None:
         return pe
-    idx = (state.positions[:, npt:, 0] - npt).clamp(min=0)
-    return pe[0][idx].unsqueeze(1), pe[1][idx].unsqueeze(1)
+    patches = state.positions[:, npt:]
+    return patch_table_rows(pe[0], patches, npt).transpose(1, 2), patch_table_rows(pe[1], patches, npt).transpose(1, 2)
 
 
 def _rotate(p: LayerParts, t: torch.Tensor, rows: Rows | None) -> torch.Tensor:

@@ -22,6 +22,7 @@ not where it is); class-token attention is read after it (what the class token r
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from .base import (
     save_output,
     select_at_of,
 )
-from .common import SAINT_ATTR, SITE_ATTR, TokenState, attention_of, cls_attention
+from .common import SAINT_ATTR, SITE_ATTR, TokenState, attention_of, cls_attention, patch_table_rows
 from .timm_vit import (
     TimmPatch,
     TimmViT,
@@ -113,16 +114,21 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
             check_packed_training(self)
         gate = attn.gate(normed) if attn.gate is not None else None
         q, k, v = _project(attn, normed)
-        if settings is not None:
-            ctx = _context(handle, run, attn, index, x, q, k, rope)
-            sel = handle.spec.select(ctx, settings, handle.config)
-            if handle.config.select_at == "attention":
-                x, q, k, v, gate = _apply_to_projections(state, sel, x, q, k, v, gate)
-                sel = None
-                if state.packed:
-                    check_packed_training(self)
-        x_attn = _attend(attn, q, k, v, gate, _token_rope(rope, state.positions_of(x), npt), state, prop,
-                         handle.kernel)
+        rows = _token_rope(rope, state.positions_of(x), npt)
+        before = settings is not None and handle.config.select_at == "attention"
+        if before:  # select on these tokens, then rotate the survivors by their own rows
+            ctx = _context(handle, run, attn, index, x, q, k, lambda: _rotate(attn, k, rows, v))
+            x, q, k, v, gate = _apply_to_projections(state, handle.spec.select(ctx, settings, handle.config),
+                                                     x, q, k, v, gate)
+            if state.packed:
+                check_packed_training(self)
+            rows = _token_rope(rope, state.positions_of(x), npt)
+        keys = k  # before the rotation: what the selection reads
+        q, k = _rotate(attn, q, rows, v), _rotate(attn, k, rows, v)
+        if settings is not None and not before:  # class-token attention reads the rotated keys attention reads
+            sel = handle.spec.select(_context(handle, run, attn, index, x, q, keys, lambda: k), settings,
+                                     handle.config)
+        x_attn = _attend(attn, q, k, v, gate, state, prop, handle.kernel)
     x = x + self.drop_path1(_scaled(self.gamma_1, x_attn))
     if sel is not None:
         x = state.apply(x, sel)
@@ -179,10 +185,9 @@ def _rotate(attn: torch.nn.Module, t: torch.Tensor, rows: torch.Tensor | None, l
 
 
 def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
-            rows: torch.Tensor | None, state: TokenState, prop_attn: bool, kernel: str) -> torch.Tensor:
-    """The rest of the attention from its projections: rotation, each image's attention
+            state: TokenState, prop_attn: bool, kernel: str) -> torch.Tensor:
+    """The rest of the attention from its (rotated) projections: each image's attention
     over its own real tokens (key mask or packed per image), scale norm, gate, proj."""
-    q, k = _rotate(attn, q, rows, v), _rotate(attn, k, rows, v)
     groups = attn.num_heads // k.shape[2]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
@@ -203,21 +208,12 @@ def _check_rope(rope: torch.Tensor | None) -> None:
         )
 
 
-def _rows(rope: torch.Tensor, positions: torch.Tensor, npt: int) -> torch.Tensor:
-    """The table's rows at each token's patch index: ``positions [..., N, 1]`` ->
-    ``[..., N, 1, D]`` (``[..., N, H, D]`` for a per-head table)."""
-    idx = (positions[..., 0] - npt).clamp(min=0)
-    if rope.dim() == 2:
-        return rope[idx].unsqueeze(-2)
-    return rope[:, idx].movedim(0, -2)
-
-
 def _module_rope(rope: torch.Tensor | None, state: TokenState, npt: int) -> torch.Tensor | None:
     """Per-image rows ``[B, 1 or H, N - npt, D]`` of the patch tokens of a rectangular or
     padded batch, as the module's attention takes them (it skips the prefix)."""
     if rope is None:
         return None
-    return _rows(rope, state.positions[:, npt:], npt).transpose(1, 2)
+    return patch_table_rows(rope, state.positions[:, npt:], npt).transpose(1, 2)
 
 
 def _token_rope(rope: torch.Tensor | None, positions: torch.Tensor, npt: int) -> torch.Tensor | None:
@@ -226,22 +222,21 @@ def _token_rope(rope: torch.Tensor | None, positions: torch.Tensor, npt: int) ->
     as the module leaves them."""
     if rope is None:
         return None
-    rows = _rows(rope, positions, npt)
-    half = rows.shape[-1] // 2
-    identity = torch.cat([rows.new_zeros(half), rows.new_ones(half)])
-    return torch.where((positions < npt)[..., None], identity, rows)
+    half = rope.shape[-1] // 2
+    return patch_table_rows(rope, positions, npt, torch.cat([rope.new_zeros(half), rope.new_ones(half)]))
 
 
 # ---------------------------------------------------------------------------- selection
 def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: torch.Tensor, q: torch.Tensor,
-             k: torch.Tensor, rope: torch.Tensor | None) -> LayerContext:
-    """What the selection sees, in the padded view: keys after the k norm and before the
-    rotation, averaged over heads; class-token attention after the rotation (lazy)."""
+             k: torch.Tensor, rotated_k: Callable[[], torch.Tensor]) -> LayerContext:
+    """What the selection sees, in the padded view: keys ``k`` after the k norm and before
+    the rotation, averaged over heads; class-token attention over ``rotated_k()`` (lazy;
+    the class token's query is never rotated)."""
     state = run.state
     prop = handle.config.size_bias
 
     def cls_attn() -> torch.Tensor:
-        kr = _rotate(attn, k, _token_rope(rope, state.positions_of(x), handle.num_protected), k)
+        kr = rotated_k()
         groups = attn.num_heads // kr.shape[2]
         if groups > 1:
             kr = kr.repeat_interleave(groups, dim=2)
