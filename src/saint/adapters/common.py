@@ -129,8 +129,20 @@ class TokenState:
     _bias: dict[tuple[torch.dtype, bool], torch.Tensor | None] = field(default_factory=dict, repr=False)
     _index: torch.Tensor | None = field(default=None, repr=False)
 
-    def reset(self, x: torch.Tensor, trace: bool) -> None:
-        self.valid = None
+    def reset(self, x: torch.Tensor, trace: bool, valid: torch.Tensor | None = None) -> None:
+        """Start a call on ``x [B, N, C]``; ``valid [B, N]`` marks its real tokens when the
+        model's input is already padded (Siglip2's NaFlex patches), None when all are."""
+        if valid is not None:
+            if valid.shape != x.shape[:2]:
+                raise ValueError(f"the padding mask is {tuple(valid.shape)} but the tokens are {tuple(x.shape[:2])}")
+            valid = valid.to(device=x.device, dtype=torch.bool)
+            if not bool(valid.any(dim=1).all()):
+                raise ValueError("an image of the batch has no real patch (its padding mask is all zero)")
+            if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+                raise ValueError("the padding mask must mark each image's real patches first, then padding")
+            if bool(valid.all()):
+                valid = None
+        self.valid = valid
         self.sizes = None
         self.packed = False
         self.lengths = []
@@ -140,6 +152,9 @@ class TokenState:
         self.counts = []
         self.origins = []
         self.positions = None
+        if valid is not None:
+            self.lengths = valid.sum(dim=1).tolist()
+            self.ran = self.layout
         b, n = x.shape[:2]
         self.origin = torch.arange(n, device=x.device).expand(b, n).clone() if trace else None
 
@@ -384,6 +399,7 @@ class Runs:
         self.layout = layout
         self.track_positions = track_positions
         self._unpad: set[int] = set()  # threads whose call returns every block's output unpadded
+        self._input_valid: dict[int, torch.Tensor | None] = {}  # per thread: its call's input padding
         self._lock = threading.Lock()
         self._current: dict[int, Run] = {}  # per thread: its forward call
         self._executing: dict[int, Run] = {}  # per thread: the call whose block runs now
@@ -401,7 +417,7 @@ class Runs:
                 with self._lock:
                     if run is None and index == 0:
                         run = Run(TokenState(layout=self.layout, track_positions=self.track_positions))
-                        run.state.reset(x, trace)
+                        run.state.reset(x, trace, self._input_valid.get(tid))
                         self._current[tid] = run
                         self._saved = [r for r in self._saved if r.alive()]
                         self._forget_finished_threads()
@@ -437,6 +453,22 @@ class Runs:
 
     def unpads_every_block(self) -> bool:
         return threading.get_ident() in self._unpad
+
+    @contextlib.contextmanager
+    def input_padding(self, valid: torch.Tensor | None) -> Iterator[None]:
+        """Within this block, this thread's forward starts from tokens of which only
+        ``valid [B, N]`` are real (None: all are); the layers may then take the model's
+        own padding mask, which the state replaces."""
+        tid = threading.get_ident()
+        self._input_valid[tid] = valid
+        try:
+            yield
+        finally:
+            self._input_valid.pop(tid, None)
+
+    def takes_padding_mask(self) -> bool:
+        """Whether this thread's forward runs inside :meth:`input_padding`."""
+        return threading.get_ident() in self._input_valid
 
     def _forget_finished_threads(self) -> None:
         """Drop the complete calls of threads that have ended (bounded memory when many

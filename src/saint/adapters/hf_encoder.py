@@ -277,9 +277,11 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     HF order, the selection between the attention residual and the MLP (or before the
     attention with ``select_at="attention"``); packed tokens take per-image attention."""
     handle, index = self.__dict__[SITE_ATTR]
-    if attention_mask is not None:
-        raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
     run, hidden_states, settings = handle.enter_site(index, hidden_states)
+    # a tower whose input is padded (Siglip2) passes its padding mask, which the state
+    # carries from the tower's call on (a recomputed layer, from its first state)
+    if attention_mask is not None and not (run.recompute or handle.runs.takes_padding_mask()):
+        raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
     state = run.state
     p = handle.parts(self)
     prop_attn = handle.config.size_bias

@@ -148,16 +148,16 @@ def patch_tower(
     if head is not None and type(head) is not c["siglip_head"]:
         raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports SiglipMultiheadAttentionPoolingHead")
     layer_cls, attn_cls = (c["clip_layer"], c["clip_attn"]) if clip else (c["siglip_layer"], c["siglip_attn"])
-    handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", layer_cls, attn_cls, _parts,
+    handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", layer_cls, attn_cls, layer_parts,
                            1 if clip else 0, int(tower.embeddings.num_patches), method, kwargs, trace, layout, kernel)
     if head is not None:
         head.__dict__[SITE_ATTR] = (handle, None)
-        head.forward = types.MethodType(_head_forward, head)
+        head.forward = types.MethodType(pooling_head_forward, head)
     return handle
 
 
-def _parts(layer: torch.nn.Module) -> LayerParts:
-    """Where a CLIP/SigLIP encoder layer keeps its parts (no layer scale, no drop path)."""
+def layer_parts(layer: torch.nn.Module) -> LayerParts:
+    """Where a CLIP/SigLIP/Siglip2 encoder layer keeps its parts (no layer scale, no drop path)."""
     a = layer.self_attn
     return LayerParts(layer.layer_norm1, a, a.q_proj, a.k_proj, a.v_proj, a.out_proj, int(a.num_heads),
                       int(a.head_dim), float(a.scale), float(a.dropout), layer.layer_norm2, layer.mlp)
@@ -172,14 +172,18 @@ def unpatch_tower(tower: torch.nn.Module) -> None:
         head.__dict__.pop(SITE_ATTR, None)
 
 
-def _head_forward(self: torch.nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
-    """SigLIP's attention-pooling head, run with its own modules in HF order: per image
-    over its real tokens, merged keys weighted by ``log(size)``."""
+def pooling_head_forward(self: torch.nn.Module, hidden_state: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """SigLIP's (and Siglip2's) attention-pooling head, run with its own modules in HF
+    order: per image over its real tokens, merged keys weighted by ``log(size)``. The
+    model's own call (with Siglip2's padding mask) when every token is real and whole."""
     handle = self.__dict__[SITE_ATTR][0]
     state = handle.state
     bias = state.attn_bias(hidden_state.dtype, handle.config.size_bias)
-    if bias is None:
-        return type(self).forward(self, hidden_state)
+    if bias is None:  # every token real and whole: the model's own call
+        mask = args[0] if args else kwargs.get("attention_mask")
+        if mask is not None and mask.shape[-1] != hidden_state.shape[1]:  # Siglip2's mask, from before a step
+            return type(self).forward(self, hidden_state)
+        return type(self).forward(self, hidden_state, *args, **kwargs)
     bias = bias[:, 0, 0, :]
     if bias.shape != hidden_state.shape[:2]:
         raise ValueError(
@@ -209,7 +213,7 @@ class HFVision(FamilyAdapter):
     family = sys.modules[__name__]
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        return encoder_sites(list(_tower_of(model).encoder.layers), "encoder.layers", _parts)
+        return encoder_sites(list(_tower_of(model).encoder.layers), "encoder.layers", layer_parts)
 
     def protected(self, model: torch.nn.Module) -> int:
         return 1 if _is_clip(_tower_of(model)) else 0
