@@ -144,6 +144,7 @@ def test_hidden_states_are_per_image():
         handle = saint.adapters.handle_of(model)
         valid = [handle.hidden_state_valid(i) for i in range(len(out.hidden_states))]
         solo = [model(**hf_siglip2.patchify(img, P), output_hidden_states=True).hidden_states for img in imgs]
+    assert torch.equal(valid[0], naflex(imgs)["pixel_attention_mask"].bool())
     for layer in range(1, len(out.hidden_states)):
         h = out.hidden_states[layer]
         for i in range(len(imgs)):
@@ -241,3 +242,32 @@ def test_protocol_takes_images_and_processor_dicts():
     assert (adapter.grid(model).rows, adapter.grid(model).cols) == (4, 4)
     with pytest.raises(ValueError, match="different patch grids"):
         adapter.grid(model, inputs)
+
+
+def test_copies_and_threads_keep_their_own_padding():
+    """A deep copy is an independent patched model; two threads calling one model with
+    differently padded batches each get their own images' answers."""
+    import copy
+    import threading
+
+    model = saint.patch(make(), "saint_match", tau=0.2, fraction=0.5)
+    imgs = images()
+    batches = [naflex(imgs), naflex(imgs[1:]), naflex(imgs[::-1])]
+    with torch.no_grad():
+        expected = [model(**b).pooler_output for b in batches]
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(**batches[0]).pooler_output, expected[0])
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            results[i] = [model(**batches[i]).pooler_output for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        for r in results[i]:
+            torch.testing.assert_close(r, expected[i], rtol=0, atol=1e-6)

@@ -375,6 +375,7 @@ class Run:
     next: int = 0
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_valid: list[torch.Tensor | None] = field(default_factory=list)
+    input_valid: torch.Tensor | None = None  # the first block's input (padded models), None: all real
     entries: dict[int, tuple[weakref.ref, TokenState]] = field(default_factory=dict)
 
     def alive(self) -> bool:
@@ -418,6 +419,7 @@ class Runs:
                     if run is None and index == 0:
                         run = Run(TokenState(layout=self.layout, track_positions=self.track_positions))
                         run.state.reset(x, trace, self._input_valid.get(tid))
+                        run.input_valid = run.state.valid
                         self._current[tid] = run
                         self._saved = [r for r in self._saved if r.alive()]
                         self._forget_finished_threads()

@@ -136,9 +136,9 @@ class HFEncoderPatch(TokenStateHandle):
         if not -n <= index < n:
             raise IndexError(f"hidden state index {index} out of range: the tower has {n} hidden states")
         index %= n
-        if index == 0:
-            return None
         run = self.runs.current()
+        if index == 0:  # the embeddings: padded only where the input was (Siglip2)
+            return None if run is None else run.input_valid
         ran = 0 if run is None else len(run.layer_valid)
         if ran < index:
             raise RuntimeError(f"layer {index - 1} did not run in the last forward ({ran} layers ran); call the model first")
