@@ -1,4 +1,4 @@
-"""Hugging Face CLIP / SigLIP vision towers: patch, prune, unpatch on tiny random models."""
+"""Hugging Face CLIP / SigLIP / MetaCLIP 2 vision towers: patch, prune, unpatch on tiny random models."""
 
 from __future__ import annotations
 
@@ -15,14 +15,16 @@ TINY = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8
 )
 PATCHES = (32 // 8) ** 2
-PROTECTED = {"clip": 1, "siglip": 0}
+PROTECTED = {"clip": 1, "siglip": 0, "metaclip_2": 1}
+KINDS = ["clip", "siglip", "metaclip_2"]  # MetaCLIP 2: CLIP under its own class names
 
 
 def make(kind: str, impl: str = "sdpa", seed: int = 0, projection: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
-    if kind == "clip":
-        cfg = transformers.CLIPVisionConfig(**TINY, projection_dim=16, attn_implementation=impl)
-        cls = transformers.CLIPVisionModelWithProjection if projection else transformers.CLIPVisionModel
+    if kind in ("clip", "metaclip_2"):
+        prefix = "CLIP" if kind == "clip" else "MetaClip2"
+        cfg = getattr(transformers, f"{prefix}VisionConfig")(**TINY, projection_dim=16, attn_implementation=impl)
+        cls = getattr(transformers, f"{prefix}VisionModelWithProjection" if projection else f"{prefix}VisionModel")
     else:
         cfg = transformers.SiglipVisionConfig(**TINY, attn_implementation=impl)
         cls = transformers.SiglipVisionModel
@@ -54,7 +56,7 @@ def assert_outputs_equal(a, b) -> None:
         assert torch.equal(ha, hb)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_unpatch_is_bit_identical(kind, images):
     model = make(kind)
     ref = run(model, images)
@@ -67,7 +69,7 @@ def test_unpatch_is_bit_identical(kind, images):
     assert_outputs_equal(run(model, images), ref)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "method,kw",
     [
@@ -88,7 +90,7 @@ def test_config_pruning_nothing_is_bit_identical(kind, method, kw, images):
 
 # attn needs a class token: SigLIP has none (see test_attn_on_siglip_is_refused)
 @pytest.mark.parametrize(
-    "kind,method", [(k, m) for k in ("clip", "siglip") for m in sorted(SETTINGS) if (k, m) != ("siglip", "attn")]
+    "kind,method", [(k, m) for k in KINDS for m in sorted(SETTINGS) if (k, m) != ("siglip", "attn")]
 )
 def test_every_method_runs_and_stats_match_sequences(kind, method, images):
     model = make(kind)
@@ -127,7 +129,7 @@ def test_every_method_runs_and_stats_match_sequences(kind, method, images):
     assert real_last == [run(model, images[b : b + 1]).hidden_states[-1].shape[1] for b in range(4)]
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_budget_leaves_exactly_keep_plus_protected(kind, images):
     model = make(kind)
     saint.patch(model, method="budget", keep=7, layers=[2])
@@ -135,7 +137,7 @@ def test_budget_leaves_exactly_keep_plus_protected(kind, images):
     assert out.last_hidden_state.shape == (4, 7 + PROTECTED[kind], 32)
     assert out.hidden_states[2].shape[1] == PATCHES + PROTECTED[kind]
     assert out.hidden_states[3].shape[1] == 7 + PROTECTED[kind]
-    if kind == "clip":  # the class token is kept first
+    if PROTECTED[kind]:  # the class token is kept first
         saint.unpatch(model)
         saint.patch(model, method="budget", keep=7, layers=[0], trace=True)
         run(model, images)
@@ -144,7 +146,7 @@ def test_budget_leaves_exactly_keep_plus_protected(kind, images):
         assert ((origin >= 0).sum(dim=1) == 8).all()
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     "method,kw",
     [("saint", dict(tau=0.3, k=2, rate="sample")), ("tome", dict(r=3)), ("tome", dict(r=3, order="reference"))],
@@ -184,7 +186,7 @@ def test_siglip_pooling_head_ignores_padding(images):
     assert not torch.allclose(out.pooler_output[b], unmasked, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method,kw", [("saint", dict(tau=0.3, k=2, rate="sample")), ("tome", dict(r=3))])
 def test_sdpa_and_eager_agree(kind, method, kw, images):
     sdpa, eager = make(kind, "sdpa"), make(kind, "eager")
@@ -219,18 +221,19 @@ def test_clip_with_projection(images):
 
 
 def make_dual(kind: str) -> torch.nn.Module:
-    """A tiny ``CLIPModel`` / ``SiglipModel``: both encoders, projections and logit scale."""
+    """A tiny ``CLIPModel`` / ``MetaClip2Model`` / ``SiglipModel``: both encoders, projections and logit scale."""
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if kind == "clip":
-        cfg = transformers.CLIPConfig(text_config=text, vision_config=TINY, projection_dim=16)
-        return transformers.CLIPModel(cfg).eval()
+    if kind in ("clip", "metaclip_2"):
+        prefix = "CLIP" if kind == "clip" else "MetaClip2"
+        cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=TINY, projection_dim=16)
+        return getattr(transformers, f"{prefix}Model")(cfg).eval()
     cfg = transformers.SiglipConfig(text_config=text, vision_config=TINY)
     return transformers.SiglipModel(cfg).eval()
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_dual_encoder_prunes_its_vision_side(kind, images):
     """``CLIPModel`` / ``SiglipModel``: the vision tower is pruned as the stand-alone tower
     on the same weights (image features = its pooled output through the projection), per
@@ -240,7 +243,7 @@ def test_dual_encoder_prunes_its_vision_side(kind, images):
     ids = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2]])
     with torch.no_grad():
         ref = model(input_ids=ids, pixel_values=images)
-    method, kw = ("saint", dict(tau=0.3, k=2)) if kind == "clip" else ("budget", dict(keep=6, layers=[1]))
+    method, kw = ("saint", dict(tau=0.3, k=2)) if PROTECTED[kind] else ("budget", dict(keep=6, layers=[1]))
     saint.patch(model, method, **kw)
     assert saint.is_patched(model) and saint.is_patched(model.vision_model)
     with torch.no_grad():
@@ -249,8 +252,8 @@ def test_dual_encoder_prunes_its_vision_side(kind, images):
         layout = saint.stats(model).layout
         tower = model.vision_model(pixel_values=images).pooler_output
         alone = torch.cat([model.get_image_features(pixel_values=images[i : i + 1]).pooler_output for i in range(4)])
-    assert layout == ("packed" if kind == "clip" else "rectangular")
-    proj = model.visual_projection(tower) if kind == "clip" else tower
+    assert layout == ("packed" if PROTECTED[kind] else "rectangular")
+    proj = model.visual_projection(tower) if PROTECTED[kind] else tower
     torch.testing.assert_close(feats, proj, rtol=0, atol=1e-6)
     torch.testing.assert_close(feats, alone, rtol=0, atol=1e-5)
     assert torch.equal(out.text_embeds, ref.text_embeds)
@@ -348,7 +351,7 @@ def test_bad_calls_raise(images):
         get_handle(model).hidden_state_valid(1)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_tome_sizes_reach_attention_as_log_bias(kind, images):
     """Proportional attention: later layers get log(size) on the merged keys, sizes sum to N0."""
     model = make(kind)
@@ -366,3 +369,12 @@ def test_tome_sizes_reach_attention_as_log_bias(kind, images):
     assert sizes.shape == (4, n - 3, 1) and sizes.sum(dim=(1, 2)).tolist() == [float(n)] * 4
     assert int((sizes > 1).sum()) > 0
     torch.testing.assert_close(seen["mask"], sizes.squeeze(-1).log()[:, None, None, :].to(seen["mask"].dtype))
+
+
+@pytest.mark.parametrize("prefix", ["CLIP", "MetaClip2", "Siglip"])
+def test_classifiers_that_average_every_position_are_refused(prefix):
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=TINY, num_labels=3)
+    classifier = getattr(transformers, f"{prefix}ForImageClassification")(cfg)
+    with pytest.raises(TypeError, match=r"averages every position.*patch its \.vision_model"):
+        saint.patch(classifier, "tome", r=2)

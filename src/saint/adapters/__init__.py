@@ -16,7 +16,8 @@ ADAPTERS: list[Adapter] = [
 SUPPORTED = (
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
     "Encoder, RoPE ViTs); Hugging Face "
-    "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel, SiglipVisionModel, SiglipModel, "
+    "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (and MetaCLIP 2's MetaClip2*), "
+    "SiglipVisionModel, SiglipModel, "
     "Siglip2VisionModel, Siglip2Model (NaFlex), ViTModel, "
     "ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
     "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
@@ -25,7 +26,7 @@ SUPPORTED = (
     "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV)"
 )
 
-REFUSED: dict[str, str] = {**hf_vit.REFUSED}  # class name -> why saint does not patch it, and what to do
+REFUSED: dict[str, str] = {**hf_vit.REFUSED, **hf_vision.REFUSED}  # class name -> why saint does not patch it, and what to do
 
 __all__ = ["ADAPTERS", "Adapter", "Grid", "Handle", "Probe", "Site", "find_adapter", "handle_of"]
 

@@ -1,7 +1,9 @@
 """Hugging Face vision towers (transformers 5): ``CLIPVisionModel``,
 ``CLIPVisionModelWithProjection`` and ``SiglipVisionModel``; the vision tower of the dual
 encoders ``CLIPModel`` and ``SiglipModel`` (their ``vision_model``: image features and
-image-text logits are pruned, the text side is untouched); also the vision tower inside
+image-text logits are pruned, the text side is untouched); MetaCLIP 2's
+``MetaClip2VisionModel``, ``MetaClip2VisionModelWithProjection`` and ``MetaClip2Model``
+(CLIP's architecture under its own class names); also the vision tower inside
 ``LlavaForConditionalGeneration`` (``model.model.vision_tower``).
 
 Each encoder layer's ``forward`` is wrapped per instance: the layer's own modules
@@ -58,19 +60,39 @@ from .hf_encoder import (
 )
 
 
-def _hf_classes() -> dict[str, type] | None:
+# classifiers that hold a supported tower but average every position of its last_hidden_state
+REFUSED = {
+    name: "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
+          "patch its .vision_model and pool the real tokens with saint.per_image(out, saint.token_mask(m))"
+    for name in ("CLIPForImageClassification", "MetaClip2ForImageClassification", "SiglipForImageClassification",
+                 "Siglip2ForImageClassification")
+}
+
+
+def _hf_classes() -> dict[str, Any] | None:
+    """The supported classes; CLIP-like entries are tuples (CLIP, and MetaCLIP 2 where
+    transformers has it: the same architecture under its own class names)."""
     try:
         from transformers.models.clip import modeling_clip as clip
         from transformers.models.siglip import modeling_siglip as siglip
     except ImportError:  # transformers not installed
         return None
+    try:
+        from transformers.models.metaclip_2 import modeling_metaclip_2 as meta
+    except ImportError:  # an older transformers
+        meta = None
+    clips = [(clip, "CLIP")] + ([(meta, "MetaClip2")] if meta is not None else [])
+
+    def of(suffix: str) -> tuple[type, ...]:
+        return tuple(getattr(module, prefix + suffix) for module, prefix in clips)
+
     return {
-        "clip": clip.CLIPVisionModel,
-        "clip_proj": clip.CLIPVisionModelWithProjection,
-        "clip_dual": clip.CLIPModel,
+        "clip": of("VisionModel"),
+        "clip_proj": of("VisionModelWithProjection"),
+        "clip_dual": of("Model"),
+        "clip_layer": of("EncoderLayer"),
+        "clip_attn": of("Attention"),
         "siglip_dual": siglip.SiglipModel,
-        "clip_layer": clip.CLIPEncoderLayer,
-        "clip_attn": clip.CLIPAttention,
         "siglip": siglip.SiglipVisionModel,
         "siglip_layer": siglip.SiglipEncoderLayer,
         "siglip_attn": siglip.SiglipAttention,
@@ -83,12 +105,12 @@ def matches(model: torch.nn.Module) -> bool:
     if sys.modules.get("transformers") is None:  # a transformers model implies it is imported
         return False
     c = _hf_classes()
-    return c is not None and isinstance(model, (c["clip"], c["clip_proj"], c["siglip"], c["clip_dual"], c["siglip_dual"]))
+    return c is not None and isinstance(model, (*c["clip"], *c["clip_proj"], c["siglip"], *c["clip_dual"], c["siglip_dual"]))
 
 
 def _tower_of(model: torch.nn.Module) -> torch.nn.Module:
     c = _hf_classes()
-    if c is not None and isinstance(model, (c["clip_proj"], c["clip_dual"], c["siglip_dual"])):
+    if c is not None and isinstance(model, (*c["clip_proj"], *c["clip_dual"], c["siglip_dual"])):
         return model.vision_model
     return model
 
@@ -96,7 +118,7 @@ def _tower_of(model: torch.nn.Module) -> torch.nn.Module:
 def _is_dual(model: torch.nn.Module) -> bool:
     """CLIP / SigLIP with both encoders: images go through ``get_image_features``."""
     c = _hf_classes()
-    return c is not None and isinstance(model, (c["clip_dual"], c["siglip_dual"]))
+    return c is not None and isinstance(model, (*c["clip_dual"], c["siglip_dual"]))
 
 
 def _is_clip(tower: torch.nn.Module) -> bool:
@@ -141,13 +163,18 @@ def patch_tower(
     ``layout`` / ``kernel``: see :func:`saint.patch`.
     """
     c = _hf_classes()
-    if c is None or not isinstance(tower, (c["clip"], c["siglip"])):
-        raise TypeError(f"patch_tower expects a CLIPVisionModel or SiglipVisionModel, got {type(tower).__name__}")
+    if c is None or not isinstance(tower, (*c["clip"], c["siglip"])):
+        raise TypeError(f"patch_tower expects a CLIPVisionModel (or MetaClip2VisionModel) or SiglipVisionModel, "
+                        f"got {type(tower).__name__}")
     clip = _is_clip(tower)
     head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
     if head is not None and type(head) is not c["siglip_head"]:
         raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports SiglipMultiheadAttentionPoolingHead")
-    layer_cls, attn_cls = (c["clip_layer"], c["clip_attn"]) if clip else (c["siglip_layer"], c["siglip_attn"])
+    if clip:  # the layer and attention classes of the tower's own family
+        which = next(i for i, cls in enumerate(c["clip"]) if isinstance(tower, cls))
+        layer_cls, attn_cls = c["clip_layer"][which], c["clip_attn"][which]
+    else:
+        layer_cls, attn_cls = c["siglip_layer"], c["siglip_attn"]
     handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", layer_cls, attn_cls, layer_parts,
                            1 if clip else 0, int(tower.embeddings.num_patches), method, kwargs, trace, layout, kernel)
     if head is not None:
