@@ -59,7 +59,6 @@ from .hf_encoder import (
     unpatch_encoder,
 )
 
-
 # classifiers that hold a supported tower but average every position of its last_hidden_state
 REFUSED = {
     name: "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
