@@ -1,6 +1,6 @@
 """Every tool works on every model family through the adapter protocol: calibrate,
 the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
-a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny Hugging Face DINOv3, a tiny CLIP tower and CLIPModel, a tiny SigLIP tower, a tiny Siglip2 tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
+a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny Hugging Face DINOv3, a tiny CLIP tower and CLIPModel, a tiny SigLIP tower, a tiny Siglip2 tower, a tiny AIMv2 tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
 LLaVA-NeXT and a tiny LLaVA-OneVision."""
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ FAMILIES = {
     "siglip2": lambda: (transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(
         **{k: v for k, v in HF_TINY.items() if k != "image_size"}, num_patches=16)).eval(),
         vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
+    "aimv2": lambda: (transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(
+        **{k: v for k, v in HF_TINY.items() if k != "intermediate_size"}, intermediate_size=48)).eval(),
+        vision_inputs(6), dict(k=1), Variant("saint_match", "saint_match", {"tau": 0.2, "fraction": 0.5})),
     "dinov2": lambda: (transformers.Dinov2Model(transformers.Dinov2Config(**DINO_TINY)).eval(),
                        vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
     "dinov2_reg": lambda: (transformers.Dinov2WithRegistersModel(
