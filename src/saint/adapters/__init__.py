@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from . import hf_aimv2, hf_siglip2, hf_vision, hf_vit, llava, llava_anyres, qwen_vl, timm_eva, timm_vit
+from . import (
+    hf_aimv2,
+    hf_siglip2,
+    hf_vision,
+    hf_vit,
+    llava,
+    llava_anyres,
+    qwen_vl,
+    timm_eva,
+    timm_vit,
+)
 from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
