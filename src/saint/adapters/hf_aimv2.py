@@ -14,38 +14,26 @@ weighted by the number of original tokens each one stands for.
 from __future__ import annotations
 
 import sys
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..methods import MethodSpec
-from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
-from .common import SAINT_ATTR, SITE_ATTR, get_handle
-from .hf_encoder import LayerParts, ProjectionProbe, encoder_sites, patch_encoder, unpatch_encoder
+from .base import Grid, select_at_of, vit_block_flops
+from .common import get_handle
+from .hf_encoder import (
+    ClassFreeTower,
+    LayerParts,
+    TowerClasses,
+    pool_per_image,
+    unpatch_tower_of,
+)
 
-
-def _classes() -> dict[str, type] | None:
-    try:
-        from transformers.models.aimv2 import modeling_aimv2 as m
-    except ImportError:  # transformers not installed, or too old for AIMv2
-        return None
-    return {"tower": m.Aimv2VisionModel, "dual": m.Aimv2Model, "layer": m.Aimv2EncoderLayer,
-            "attn": m.Aimv2Attention, "head": m.Aimv2AttentionPoolingHead}
-
-
-def matches(model: torch.nn.Module) -> bool:
-    """True for ``Aimv2VisionModel`` and ``Aimv2Model`` (never imports transformers itself)."""
-    if sys.modules.get("transformers") is None:
-        return False
-    c = _classes()
-    return c is not None and isinstance(model, (c["tower"], c["dual"]))
-
-
-def _tower_of(model: torch.nn.Module) -> torch.nn.Module:
-    c = _classes()
-    return model.vision_model if c is not None and isinstance(model, c["dual"]) else model
+CLASSES = TowerClasses("transformers.models.aimv2.modeling_aimv2", "Aimv2VisionModel", "Aimv2Model",
+                       "Aimv2EncoderLayer", "Aimv2Attention", "Aimv2AttentionPoolingHead")
+matches = CLASSES.matches
+_tower_of = CLASSES.tower_of
 
 
 def layer_parts(layer: torch.nn.Module) -> LayerParts:
@@ -60,59 +48,22 @@ def patch(
     kernel: str = "auto", **kwargs: Any,
 ) -> Any:
     """Patch an AIMv2 vision model (or an ``Aimv2Model``'s vision tower) in place (see :func:`saint.patch`)."""
-    c = _classes()
-    tower = _tower_of(model)
-    head = tower.head if getattr(tower, "use_head", False) else None
-    if head is not None and type(head) is not c["head"]:  # type: ignore[index]
-        raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports Aimv2AttentionPoolingHead")
-    cfg = tower.config
+    cfg = _tower_of(model).config
     num_patches = (int(cfg.image_size) // int(cfg.patch_size)) ** 2
-    handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", c["layer"], c["attn"],  # type: ignore[index]
-                           layer_parts, 0, num_patches, method, kwargs, trace, layout, kernel)
-    if head is not None:
-        head.__dict__[SITE_ATTR] = (handle, None)
-        head.forward = types.MethodType(_head_forward, head)
-    if tower is not model:
-        model.__dict__[SAINT_ATTR] = handle
-        handle.patched_through(tower, model)
-    return handle
+    return CLASSES.patch(model, layer_parts, 0, num_patches, _head_forward, method, kwargs, trace, layout, kernel)
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
-    handle = get_handle(model)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    handle.check_unpatch(model)
-    tower = handle.tower
-    if tower is not model:
-        model.__dict__.pop(SAINT_ATTR)
-    unpatch_encoder(tower, list(tower.encoder.layers))
-    head = getattr(tower, "head", None)
-    if head is not None:
-        head.__dict__.pop("forward", None)
-        head.__dict__.pop(SITE_ATTR, None)
+    unpatch_tower_of(model)
 
 
 def _head_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """AIMv2's attention-pooling head with its own projections: per image over its real
     tokens, merged keys weighted by ``log(size)``; the model's own call when every token is
     real and whole."""
-    handle = self.__dict__[SITE_ATTR][0]
-    state = handle.state
-    bias = state.attn_bias(hidden_states.dtype, handle.config.size_bias)
-    if bias is None:
-        return type(self).forward(self, hidden_states)
-    bias = bias[:, 0, 0, :]
-    if bias.shape != hidden_states.shape[:2]:
-        raise ValueError(
-            f"the pooling head got {tuple(hidden_states.shape[:2])} tokens but the tower's last forward "
-            f"produced {tuple(bias.shape)}; call the head only through the patched model"
-        )
-    if state.valid is None:
-        return _pool(self, hidden_states, bias)
-    counts = state.valid.sum(dim=1).tolist()  # padding (NaN when packed) never reaches the head's matmuls
-    return torch.cat([_pool(self, hidden_states[i : i + 1, :n], bias[i : i + 1, :n]) for i, n in enumerate(counts)])
+    return pool_per_image(self, hidden_states, lambda h, bias: _pool(self, h, bias),
+                          lambda: type(self).forward(self, hidden_states))
 
 
 def _pool(head: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -126,17 +77,13 @@ def _pool(head: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------- protocol
-class HFAimv2(FamilyAdapter):
+class HFAimv2(ClassFreeTower):
     """AIMv2 vision towers: sites are ``encoder.layers``."""
 
     name = "hf_aimv2"
     family = sys.modules[__name__]
-
-    def sites(self, model: torch.nn.Module) -> list[Site]:
-        return encoder_sites(list(_tower_of(model).encoder.layers), "encoder.layers", layer_parts)
-
-    def protected(self, model: torch.nn.Module) -> int:
-        return 0
+    classes = CLASSES
+    parts = staticmethod(layer_parts)
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
         cfg = _tower_of(model).config
@@ -149,13 +96,8 @@ class HFAimv2(FamilyAdapter):
         return vit_block_flops(n_in, n_out, int(cfg.hidden_size), 1.5 * int(cfg.intermediate_size),
                                select_at_of(model, select_at))
 
-    def probe(self, model: torch.nn.Module) -> Probe:
-        return ProjectionProbe(self.sites(model), num_prefix=0, has_cls=False)
-
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
-        if _tower_of(model) is not model:  # the image side of the dual encoder
-            return model.get_image_features(pixel_values=inputs)
-        return model(pixel_values=inputs)
+        return self.call(model, pixel_values=inputs)
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.forward(model, inputs)

@@ -10,6 +10,8 @@ so a new HF encoder family is a small module that says where its parts are.
 
 from __future__ import annotations
 
+import importlib
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +29,15 @@ from ..methods import (
     require_class_token,
     require_site,
 )
-from .base import Probe, Site, TokenStateHandle, install_sites, remove_sites, save_output
+from .base import (
+    FamilyAdapter,
+    Probe,
+    Site,
+    TokenStateHandle,
+    install_sites,
+    remove_sites,
+    save_output,
+)
 from .common import (
     MASKABLE_ATTENTION,
     SAINT_ATTR,
@@ -188,6 +198,114 @@ def unpatch_encoder(tower: torch.nn.Module, layers: list[torch.nn.Module]) -> HF
     remove_sites(handle, layers, _key_proj(handle.parts))
     tower.__dict__.pop("forward", None)
     return handle
+
+
+@dataclass(frozen=True)
+class TowerClasses:
+    """Where a transformers vision family keeps its classes: the tower, the dual encoder
+    that holds it as ``vision_model``, its encoder layer, attention and pooling head."""
+
+    module: str
+    tower: str
+    dual: str
+    layer: str
+    attn: str
+    head: str
+
+    def _module(self) -> Any:
+        try:
+            return importlib.import_module(self.module)
+        except ImportError:  # transformers not installed, or too old for this family
+            return None
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        """True for the tower and the dual encoder (never imports transformers itself)."""
+        if sys.modules.get("transformers") is None:  # a transformers model implies it is imported
+            return False
+        m = self._module()
+        return m is not None and isinstance(model, (getattr(m, self.tower), getattr(m, self.dual)))
+
+    def tower_of(self, model: torch.nn.Module) -> torch.nn.Module:
+        m = self._module()
+        return model.vision_model if m is not None and isinstance(model, getattr(m, self.dual)) else model
+
+    def patch(self, model: torch.nn.Module, parts: Callable[[torch.nn.Module], LayerParts], num_protected: int,
+              num_patches: int, head_forward: Callable[..., Any], method: str | MethodSpec,
+              method_settings: dict[str, Any], trace: bool, layout: str, kernel: str) -> HFEncoderPatch:
+        """Patch the tower of ``model`` (:func:`patch_encoder`), its pooling head if it uses
+        one (``head_forward``), and mark a dual encoder patched through it."""
+        m = self._module()
+        tower = self.tower_of(model)
+        head = tower.head if getattr(tower, "use_head", False) else None
+        if head is not None and type(head) is not getattr(m, self.head):
+            raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports {self.head}")
+        handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", getattr(m, self.layer),
+                               getattr(m, self.attn), parts, num_protected, num_patches, method, method_settings,
+                               trace, layout, kernel)
+        attach_head(handle, head, head_forward)
+        return patched_through(model, tower, handle)
+
+
+def attach_head(handle: HFEncoderPatch, head: torch.nn.Module | None, forward: Callable[..., Any]) -> None:
+    """Give a tower's pooling head (if any) its per-instance ``forward``, which runs per
+    image over the real tokens of the handle's last call."""
+    if head is not None:
+        head.__dict__[SITE_ATTR] = (handle, None)
+        head.forward = types.MethodType(forward, head)
+
+
+def patched_through(model: torch.nn.Module, tower: torch.nn.Module, handle: HFEncoderPatch) -> HFEncoderPatch:
+    """Mark ``model``, a wrapper holding the patched ``tower`` (a dual encoder, a tower
+    with a projection), as patched with the tower's handle; a tower patched alone as is."""
+    if tower is not model:
+        model.__dict__[SAINT_ATTR] = handle
+        handle.patched_through(tower, model)
+    return handle
+
+
+def unpatch_tower_of(model: torch.nn.Module) -> HFEncoderPatch:
+    """Undo a tower patch made through ``model`` (the tower itself or a wrapper): refuse a
+    wrapper's tower on its own, then remove the layers', the tower's and its head's wrappers."""
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    handle.check_unpatch(model)
+    if handle.tower is not model:
+        model.__dict__.pop(SAINT_ATTR)
+    detach_head(handle.tower)
+    return unpatch_encoder(handle.tower, list(handle.tower.encoder.layers))
+
+
+def pool_per_image(head: torch.nn.Module, hidden: torch.Tensor,
+                   pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   own: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A wrapped pooling head's output: ``own()`` (the model's call) when every token of the
+    tower's last call is real and whole, else ``pool(tokens, key bias)`` per image over its
+    real tokens (padding, NaN when packed, never reaches the head's matmuls), merged keys
+    biased by ``log(size)``."""
+    handle = head.__dict__[SITE_ATTR][0]
+    state = handle.state
+    bias = state.attn_bias(hidden.dtype, handle.config.size_bias)
+    if bias is None:
+        return own()
+    bias = bias[:, 0, 0, :]
+    if bias.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"the pooling head got {tuple(hidden.shape[:2])} tokens but the tower's last forward "
+            f"produced {tuple(bias.shape)}; call the head only through the patched model"
+        )
+    if state.valid is None:
+        return pool(hidden, bias)
+    counts = state.valid.sum(dim=1).tolist()
+    return torch.cat([pool(hidden[i : i + 1, :n], bias[i : i + 1, :n]) for i, n in enumerate(counts)])
+
+
+def detach_head(tower: torch.nn.Module) -> None:
+    """Undo :func:`attach_head` on ``tower.head`` (nothing when it has none)."""
+    head = getattr(tower, "head", None)
+    if head is not None:
+        head.__dict__.pop("forward", None)
+        head.__dict__.pop(SITE_ATTR, None)
 
 
 def encoder_sites(layers: list[torch.nn.Module], prefix: str, parts: Callable[[torch.nn.Module], LayerParts]
@@ -401,3 +519,28 @@ class ProjectionProbe(Probe):
         q, k = store.pop("q"), store.pop("k")
         b, n, c = q.shape
         return q.reshape(b, n, h, c // h), k.reshape(b, n, h, c // h)
+
+
+class ClassFreeTower(FamilyAdapter):
+    """The protocol of a tower family without a class token whose classes a
+    :class:`TowerClasses` names: sites are its ``encoder.layers``, read through ``parts``;
+    the dual encoder's image side is ``get_image_features``."""
+
+    classes: TowerClasses
+    parts: Callable[[torch.nn.Module], LayerParts]
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        return encoder_sites(list(self.classes.tower_of(model).encoder.layers), "encoder.layers", self.parts)
+
+    def protected(self, model: torch.nn.Module) -> int:
+        return 0
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        return ProjectionProbe(self.sites(model), num_prefix=0, has_cls=False)
+
+    def call(self, model: torch.nn.Module, **inputs: Any) -> Any:
+        """The tower's output, or the dual encoder's image features (its projection applied)."""
+        if self.classes.tower_of(model) is not model:
+            return model.get_image_features(**inputs)
+        return model(**inputs)
+

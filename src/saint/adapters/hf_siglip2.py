@@ -31,40 +31,23 @@ from typing import Any
 import torch
 
 from ..methods import MethodSpec
-from .base import FamilyAdapter, Grid, Probe, Site, batch_to, select_at_of, vit_block_flops
-from .common import SAINT_ATTR, SITE_ATTR, get_handle
+from .base import Grid, batch_to, select_at_of, vit_block_flops
+from .common import SAINT_ATTR
 from .hf_encoder import (
-    ProjectionProbe,
-    encoder_sites,
-    patch_encoder,
+    ClassFreeTower,
+    TowerClasses,
     tower_forward,
-    unpatch_encoder,
+    unpatch_tower_of,
 )
 from .hf_vision import layer_parts, pooling_head_forward
 
 INPUT_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 
 
-def _classes() -> dict[str, type] | None:
-    try:
-        from transformers.models.siglip2 import modeling_siglip2 as m
-    except ImportError:  # transformers not installed, or too old for Siglip2
-        return None
-    return {"tower": m.Siglip2VisionModel, "dual": m.Siglip2Model, "layer": m.Siglip2EncoderLayer,
-            "attn": m.Siglip2Attention, "head": m.Siglip2MultiheadAttentionPoolingHead}
-
-
-def matches(model: torch.nn.Module) -> bool:
-    """True for ``Siglip2VisionModel`` and ``Siglip2Model`` (never imports transformers itself)."""
-    if sys.modules.get("transformers") is None:
-        return False
-    c = _classes()
-    return c is not None and isinstance(model, (c["tower"], c["dual"]))
-
-
-def _tower_of(model: torch.nn.Module) -> torch.nn.Module:
-    c = _classes()
-    return model.vision_model if c is not None and isinstance(model, c["dual"]) else model
+CLASSES = TowerClasses("transformers.models.siglip2.modeling_siglip2", "Siglip2VisionModel", "Siglip2Model",
+                       "Siglip2EncoderLayer", "Siglip2Attention", "Siglip2MultiheadAttentionPoolingHead")
+matches = CLASSES.matches
+_tower_of = CLASSES.tower_of
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
@@ -88,37 +71,16 @@ def patch(
     kernel: str = "auto", **kwargs: Any,
 ) -> Any:
     """Patch a Siglip2 vision model (or a ``Siglip2Model``'s vision tower) in place (see :func:`saint.patch`)."""
-    c = _classes()
     tower = _tower_of(model)
-    head = tower.head if getattr(tower, "use_head", False) else None
-    if head is not None and type(head) is not c["head"]:  # type: ignore[index]
-        raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports Siglip2MultiheadAttentionPoolingHead")
-    handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", c["layer"], c["attn"],  # type: ignore[index]
-                           layer_parts, 0, int(tower.config.num_patches), method, kwargs, trace, layout, kernel)
-    tower.forward = types.MethodType(_tower_forward, tower)
-    if head is not None:
-        head.__dict__[SITE_ATTR] = (handle, None)
-        head.forward = types.MethodType(pooling_head_forward, head)
-    if tower is not model:
-        model.__dict__[SAINT_ATTR] = handle
-        handle.patched_through(tower, model)
+    handle = CLASSES.patch(model, layer_parts, 0, int(tower.config.num_patches), pooling_head_forward, method,
+                           kwargs, trace, layout, kernel)
+    tower.forward = types.MethodType(_tower_forward, tower)  # starts the first layer from the real patches
     return handle
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
-    handle = get_handle(model)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    handle.check_unpatch(model)
-    tower = handle.tower
-    if tower is not model:
-        model.__dict__.pop(SAINT_ATTR)
-    unpatch_encoder(tower, list(tower.encoder.layers))
-    head = getattr(tower, "head", None)
-    if head is not None:
-        head.__dict__.pop("forward", None)
-        head.__dict__.pop(SITE_ATTR, None)
+    unpatch_tower_of(model)
 
 
 def _tower_forward(self: torch.nn.Module, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None,
@@ -138,18 +100,14 @@ def _as_inputs(model: torch.nn.Module, inputs: Any) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- protocol
-class HFSiglip2(FamilyAdapter):
+class HFSiglip2(ClassFreeTower):
     """Siglip2 vision towers: sites are ``encoder.layers``; inputs are image batches
     ``[B, 3, H, W]`` or Siglip2 processor dicts."""
 
     name = "hf_siglip2"
     family = sys.modules[__name__]
-
-    def sites(self, model: torch.nn.Module) -> list[Site]:
-        return encoder_sites(list(_tower_of(model).encoder.layers), "encoder.layers", layer_parts)
-
-    def protected(self, model: torch.nn.Module) -> int:
-        return 0
+    classes = CLASSES
+    parts = staticmethod(layer_parts)
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
         cfg = _tower_of(model).config
@@ -169,14 +127,8 @@ class HFSiglip2(FamilyAdapter):
         return vit_block_flops(n_in, n_out, int(layer.embed_dim), int(layer.mlp.fc1.out_features),
                                select_at_of(model, select_at))
 
-    def probe(self, model: torch.nn.Module) -> Probe:
-        return ProjectionProbe(self.sites(model), num_prefix=0, has_cls=False)
-
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
-        d = _as_inputs(model, inputs)
-        if _tower_of(model) is not model:  # the image side of the dual encoder
-            return model.get_image_features(**d)
-        return model(**d)
+        return self.call(model, **_as_inputs(model, inputs))
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.forward(model, inputs).pooler_output, None

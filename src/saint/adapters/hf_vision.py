@@ -42,21 +42,24 @@ safe); flash/flex attention are refused when a mask is needed.
 from __future__ import annotations
 
 import sys
-import types
 from typing import Any
 
 import torch
 
 from ..methods import MethodSpec
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
-from .common import SAINT_ATTR, SITE_ATTR, get_handle
 from .hf_encoder import (
     HFEncoderPatch,
     LayerParts,
     ProjectionProbe,
+    attach_head,
+    detach_head,
     encoder_sites,
     patch_encoder,
+    patched_through,
+    pool_per_image,
     unpatch_encoder,
+    unpatch_tower_of,
 )
 
 # classifiers that hold a supported tower but average every position of its last_hidden_state
@@ -130,22 +133,12 @@ def patch(
 ) -> HFEncoderPatch:
     """Patch a CLIP/SigLIP vision model in place (see :func:`saint.patch`)."""
     tower = _tower_of(model)
-    handle = patch_tower(tower, method, trace=trace, layout=layout, kernel=kernel, **kwargs)
-    if tower is not model:
-        model.__dict__[SAINT_ATTR] = handle
-        handle.patched_through(tower, model)
-    return handle
+    return patched_through(model, tower, patch_tower(tower, method, trace=trace, layout=layout, kernel=kernel, **kwargs))
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
-    handle = get_handle(model)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    handle.check_unpatch(model)
-    if handle.tower is not model:
-        model.__dict__.pop(SAINT_ATTR)
-    unpatch_tower(handle.tower)
+    unpatch_tower_of(model)
 
 
 def patch_tower(
@@ -176,9 +169,7 @@ def patch_tower(
         layer_cls, attn_cls = c["siglip_layer"], c["siglip_attn"]
     handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", layer_cls, attn_cls, layer_parts,
                            1 if clip else 0, int(tower.embeddings.num_patches), method, kwargs, trace, layout, kernel)
-    if head is not None:
-        head.__dict__[SITE_ATTR] = (handle, None)
-        head.forward = types.MethodType(pooling_head_forward, head)
+    attach_head(handle, head, pooling_head_forward)
     return handle
 
 
@@ -192,34 +183,21 @@ def layer_parts(layer: torch.nn.Module) -> LayerParts:
 def unpatch_tower(tower: torch.nn.Module) -> None:
     """Undo :func:`patch_tower`: the tower computes exactly what it did before."""
     unpatch_encoder(tower, list(tower.encoder.layers))
-    head = getattr(tower, "head", None)
-    if head is not None:
-        head.__dict__.pop("forward", None)
-        head.__dict__.pop(SITE_ATTR, None)
+    detach_head(tower)
 
 
 def pooling_head_forward(self: torch.nn.Module, hidden_state: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """SigLIP's (and Siglip2's) attention-pooling head, run with its own modules in HF
     order: per image over its real tokens, merged keys weighted by ``log(size)``. The
     model's own call (with Siglip2's padding mask) when every token is real and whole."""
-    handle = self.__dict__[SITE_ATTR][0]
-    state = handle.state
-    bias = state.attn_bias(hidden_state.dtype, handle.config.size_bias)
-    if bias is None:  # every token real and whole: the model's own call
+
+    def own() -> torch.Tensor:
         mask = args[0] if args else kwargs.get("attention_mask")
         if mask is not None and mask.shape[-1] != hidden_state.shape[1]:  # Siglip2's mask, from before a step
             return type(self).forward(self, hidden_state)
         return type(self).forward(self, hidden_state, *args, **kwargs)
-    bias = bias[:, 0, 0, :]
-    if bias.shape != hidden_state.shape[:2]:
-        raise ValueError(
-            f"the pooling head got {tuple(hidden_state.shape[:2])} tokens but the tower's last forward "
-            f"produced {tuple(bias.shape)}; call the head only through the patched model"
-        )
-    if state.valid is None:
-        return _pool_head(self, hidden_state, bias)
-    counts = state.valid.sum(dim=1).tolist()
-    return torch.cat([_pool_head(self, hidden_state[i : i + 1, :n], bias[i : i + 1, :n]) for i, n in enumerate(counts)])
+
+    return pool_per_image(self, hidden_state, lambda h, bias: _pool_head(self, h, bias), own)
 
 
 def _pool_head(head: torch.nn.Module, hidden_state: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
