@@ -176,3 +176,17 @@ def test_half_precision_vlms_prune_and_generate(family, dtype, images):
     assert out.shape[0] == 3 and bool(torch.isfinite(last).all())
     tokens = saint.stats(model).tokens
     assert sum(tokens[-1]) < sum(tokens[0])
+
+
+def test_siglip2_naflex_batch_runs_packed_in_bf16_autocast():
+    """A padded NaFlex batch starts packed; graph pruning runs under bf16 autocast."""
+    from .test_hf_siglip2 import images as siglip2_images
+    from .test_hf_siglip2 import make as make_siglip2
+    from .test_hf_siglip2 import naflex
+
+    model = saint.patch(make_siglip2(), "saint_match", tau=0.2, fraction=0.5)
+    with torch.no_grad(), _bf16_autocast():
+        out = model(**naflex(siglip2_images()))
+    assert bool(torch.isfinite(out.pooler_output).all()) and saint.stats(model).layout == "packed"
+    tokens = saint.stats(model).tokens
+    assert tokens[0] == [16, 15, 6] and sum(tokens[-1]) < sum(tokens[0])
