@@ -271,3 +271,22 @@ def test_copies_and_threads_keep_their_own_padding():
     for i in range(3):
         for r in results[i]:
             torch.testing.assert_close(r, expected[i], rtol=0, atol=1e-6)
+
+
+def test_calibration_and_harness_take_padded_processor_dicts():
+    """The tools run on NaFlex dicts whose images have different grids: calibration hits
+    its target on the real patches, the harness counts what each variant computes."""
+    from saint.measure.harness import Harness
+    from saint.spec import BASELINE, Variant
+
+    model = make()
+    inputs = naflex(images() * 3)
+    assert find_adapter(model).max_patches(model, inputs) == 16
+    cal = saint.calibrate(model, inputs, flops_speedup=1.5, method="saint_match")
+    assert cal.achieved == pytest.approx(1.5, rel=0.05)
+    saint.unpatch(model)
+    base, pruned = Harness(model).measure([BASELINE, Variant("tome", "tome", {"r": 1})], inputs, warmup=0,
+                                          repeats=1, memory=False)
+    assert base.tokens[0] == 16, "the unpatched model computes every padded position"
+    assert pruned.tokens[0] == pytest.approx(sum(h * w for h, w in SHAPES) / 3), "saint computes the real patches"
+    assert pruned.flops_per_image < base.flops_per_image

@@ -309,7 +309,7 @@ def calibrate(
         q = quantity(_measure(adapter, model, images, num_images, max(handle_of(model).pruning_sites)))
         return q, {"tau": taus, "fraction": fractions} if matched else {"tau": taus}
 
-    max_r = adapter.grid(model, images).num_patches / 2 if matched else 0.0  # all candidates of the first layer
+    max_r = adapter.max_patches(model, images) / 2 if matched else 0.0  # all candidates of the first layer
     ramp = None
     if matched:
         layers = make_config(spec, **settings, tau=0.0, fraction=0.0)[1].resolve(len(adapter.sites(model)))

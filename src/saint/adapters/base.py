@@ -166,6 +166,10 @@ class Adapter(abc.ABC):
     def grid(self, model: nn.Module, inputs: Inputs | None = None) -> Grid:
         """The patch grid of the images ``inputs`` (the model's default size when None)."""
 
+    def max_patches(self, model: nn.Module, inputs: Inputs | None = None) -> int:
+        """The most patches any image of ``inputs`` has (of the model's default grid when None)."""
+        return self.grid(model, inputs).num_patches
+
     @abc.abstractmethod
     def block_flops(self, model: nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
         """FLOPs of one site with ``n_in`` tokens entering and ``n_out`` leaving it, the

@@ -122,6 +122,11 @@ class HFSiglip2(ClassFreeTower):
                              "draw kept patches one image at a time")
         return Grid(int(shapes[0, 0]), int(shapes[0, 1]), (p, p))
 
+    def max_patches(self, model: torch.nn.Module, inputs: Any = None) -> int:
+        if inputs is None or isinstance(inputs, torch.Tensor):
+            return super().max_patches(model, inputs)
+        return int(inputs["pixel_attention_mask"].sum(dim=1).max())  # images at their own grids
+
     def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
         layer = _tower_of(model).encoder.layers[0]
         return vit_block_flops(n_in, n_out, int(layer.embed_dim), int(layer.mlp.fc1.out_features),
