@@ -390,3 +390,30 @@ def test_dinov3_rotary_rows_follow_each_kept_token(layout, images):
         with torch.no_grad():
             want = dinov3_reference_after_drop(twin, images[i : i + 1], 1, kept)
         torch.testing.assert_close(out[i : i + 1], want, **TOL)
+
+
+def test_embed_in_threads_reads_its_own_call(images):
+    """The protocol's embedding hooks the encoder; a call from another thread on the same
+    model fires that hook too and must not be taken for this thread's output."""
+    import threading
+
+    model = saint.patch(make("dinov2"), "saint_match", tau=0.2, fraction=0.5)
+    adapter = find_adapter(model)
+    batches = [images, images[1:]]
+    with torch.no_grad():
+        expected = [adapter.embed(model, b)[0] for b in batches]
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            results[i] = [adapter.embed(model, batches[i])[0] for _ in range(6)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for r in results[i]:
+            assert r.shape == expected[i].shape
+            torch.testing.assert_close(r, expected[i], rtol=0, atol=1e-6)

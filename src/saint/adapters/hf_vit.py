@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -238,7 +239,13 @@ class HFViT(FamilyAdapter):
         """The encoder's final normed class token, and a classifier's logits (one forward)."""
         tower = _found(model)[1]
         seen: dict[str, Any] = {}
-        hook = tower.register_forward_hook(lambda module, args, out: seen.setdefault("out", out))
+        caller = threading.get_ident()  # another thread's call on the same model fires this hook too
+
+        def keep(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if threading.get_ident() == caller:
+                seen.setdefault("out", out)
+
+        hook = tower.register_forward_hook(keep)
         try:
             out = self.forward(model, inputs)
         finally:
