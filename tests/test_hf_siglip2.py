@@ -4,6 +4,8 @@ image run alone, in the packed and the padded layout, for every method and place
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -46,7 +48,7 @@ def images(shapes=SHAPES) -> list[torch.Tensor]:
     return out
 
 
-def naflex(imgs: list[torch.Tensor], n: int = 16) -> dict[str, torch.Tensor]:
+def naflex(imgs: list[torch.Tensor], n: int = 16) -> Any:
     """What Siglip2's processor makes of these images: patches padded to ``n``, a mask, the grids."""
     pv = torch.zeros(len(imgs), n, P * P * 3)
     mask = torch.zeros(len(imgs), n, dtype=torch.int32)
@@ -56,7 +58,9 @@ def naflex(imgs: list[torch.Tensor], n: int = 16) -> dict[str, torch.Tensor]:
         k = d["pixel_values"].shape[1]
         pv[i, :k], mask[i, :k] = d["pixel_values"][0], 1
         shapes.append(d["spatial_shapes"][0])
-    return {"pixel_values": pv, "pixel_attention_mask": mask, "spatial_shapes": torch.stack(shapes)}
+    # the processor's own output type (a Mapping, not a dict)
+    return transformers.BatchFeature({"pixel_values": pv, "pixel_attention_mask": mask,
+                                      "spatial_shapes": torch.stack(shapes)})
 
 
 def alone(model, imgs) -> torch.Tensor:

@@ -130,7 +130,10 @@ VLMS = ("llava", "qwen_vl", "llava_next", "llava_onevision")
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     torch.manual_seed(0)
-    return request.param, *FAMILIES[request.param]()
+    name, (model, inputs, *rest) = request.param, FAMILIES[request.param]()
+    if isinstance(inputs, dict):  # what a processor returns: transformers' BatchFeature, a Mapping but no dict
+        inputs = transformers.BatchFeature(inputs)
+    return name, model, inputs, *rest
 
 
 def test_calibrate_hits_the_target_and_reproduces(family):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -141,7 +141,7 @@ class HFSiglip2(ClassFreeTower):
     def check_inputs(self, inputs: Any) -> None:
         if isinstance(inputs, torch.Tensor):
             return super().check_inputs(inputs)
-        missing = [k for k in INPUT_KEYS if not isinstance(inputs, dict) or k not in inputs]
+        missing = [k for k in INPUT_KEYS if not isinstance(inputs, Mapping) or k not in inputs]
         if missing:
             raise ValueError(f"Siglip2 inputs are image batches [N, 3, H, W] or processor dicts with {INPUT_KEYS}; "
                              f"missing {missing}")

@@ -7,7 +7,7 @@ subclasses :class:`HFVlm`, naming its adapter module (``family``), whose
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -107,7 +107,7 @@ class HFVlm(FamilyAdapter):
         return (out.last_hidden_state if logits is None else logits)[:, -1], None
 
     def check_inputs(self, inputs: Any) -> None:
-        if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
             raise ValueError("LLaVA takes batches of processor outputs (dicts with input_ids, pixel_values)")
 
     def batch_size(self, inputs: Any) -> int:

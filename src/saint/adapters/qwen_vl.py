@@ -60,6 +60,7 @@ must run with sdpa or eager attention when ``vit`` pruning is on.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -245,7 +246,7 @@ class QwenVL(HFVlm):
         return Grid(int(grid[0][1]) // m, int(grid[0][2]) // m, (p * m, p * m))
 
     def check_inputs(self, inputs: Any) -> None:
-        if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
             raise ValueError("Qwen-VL takes batches of processor outputs (dicts with input_ids, pixel_values, "
                              "image_grid_thw)")
 

@@ -14,7 +14,7 @@ batches of processor outputs: dicts with ``input_ids``, ``pixel_values``, ...).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +97,7 @@ def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> 
             yield images[start : start + batch_size]
     else:
         for batch in images:
-            if isinstance(batch, dict):
+            if isinstance(batch, Mapping):  # a processor output (a dict, or transformers' BatchFeature)
                 yield batch
                 continue
             if not isinstance(batch, torch.Tensor) or batch.dim() != 4:

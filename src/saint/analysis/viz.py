@@ -53,9 +53,10 @@ def _grid(model: nn.Module, x: Any = None) -> tuple[tuple[int, int], tuple[int, 
 
 
 def _single(x: Any) -> Any:
-    if isinstance(x, dict):  # one processor output (VLMs)
-        if x["input_ids"].shape[0] != 1:
-            raise ValueError(f"expected one prompt, got a batch of {x['input_ids'].shape[0]}")
+    if isinstance(x, Mapping):  # one processor output (VLMs: a prompt; Siglip2: an image)
+        key = "input_ids" if "input_ids" in x else "pixel_values"
+        if x[key].shape[0] != 1:
+            raise ValueError(f"expected one prompt or image, got a batch of {x[key].shape[0]}")
         return x
     if x.dim() == 3:
         x = x[None]
