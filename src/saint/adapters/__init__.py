@@ -15,17 +15,18 @@ from . import (
     llava_anyres,
     qwen_vl,
     timm_eva,
+    timm_naflex,
     timm_vit,
 )
 from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
-    timm_vit.ADAPTER, timm_eva.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
+    timm_vit.ADAPTER, timm_eva.ADAPTER, timm_naflex.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER,
 ]
 SUPPORTED = (
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
-    "Encoder, RoPE ViTs); Hugging Face "
+    "Encoder, RoPE ViTs); timm NaFlexVit with ViT blocks (NaFlex batches); Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (and MetaCLIP 2's MetaClip2*), "
     "SiglipVisionModel, SiglipModel, "
     "Siglip2VisionModel, Siglip2Model (NaFlex), Aimv2VisionModel, Aimv2Model, ViTModel, "

@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,13 +127,17 @@ def check_blocks(blocks: list[torch.nn.Module], supported: Any, what: str) -> No
             raise TypeError(f"block {i} is {type(blk).__name__} ({has}); saint supports {what}")
 
 
-def resolve_settings(model: torch.nn.Module, spec: MethodSpec, config: Any) -> tuple[dict[int, dict[str, Any]], int]:
-    """The per-block settings and the protected prefix of a timm model (ViT or Eva), after
-    the checks they share: a class token where the method reads one, a pooling that can
-    weigh merged tokens, fixed counts that fit the default image size."""
+def resolve_settings(model: torch.nn.Module, spec: MethodSpec, config: Any,
+                     has_class_token: bool | None = None) -> tuple[dict[int, dict[str, Any]], int]:
+    """The per-block settings and the protected prefix of a timm model (ViT, Eva, NaFlexVit),
+    after the checks they share: a class token where the method reads one (``model.cls_token``
+    unless ``has_class_token`` says), a pooling that can weigh merged tokens, fixed counts
+    that fit the default image size."""
     settings = config.resolve(len(model.blocks))
     num_protected = int(model.num_prefix_tokens)
-    require_class_token(spec, config, getattr(model, "cls_token", None) is not None, type(model).__name__)
+    if has_class_token is None:
+        has_class_token = getattr(model, "cls_token", None) is not None
+    require_class_token(spec, config, has_class_token, type(model).__name__)
     pool = getattr(model, "global_pool", "token")
     if spec.merges and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_SIZES):
         raise ValueError(
@@ -219,9 +224,11 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     the attention residual and the MLP (per-instance ``forward``); packed tokens take
     per-image attention."""
     handle, index = self.__dict__[SITE_ATTR]
-    if attn_mask is not None or is_causal:
-        raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
     run, x, settings = handle.enter_site(index, x)
+    # a model whose input is padded (timm NaFlexVit) passes its padding mask, which the
+    # state carries from the model's call on (a recomputed block, from its first state)
+    if is_causal or (attn_mask is not None and not (run.recompute or handle.runs.takes_padding_mask())):
+        raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
     state = run.state
     prop_attn = handle.config.size_bias
     if settings is not None and handle.config.select_at == "attention":
@@ -282,23 +289,31 @@ def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: t
 def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
     """timm's pooling, per image: padding (NaN after packing) never enters it, and
     merged tokens count with their sizes in an average."""
-    state = self.__dict__[SAINT_ATTR].state
-    pool_type = self.global_pool if pool_type is None else pool_type
+    return pool_per_image(self, x, pool_type, lambda t, pool: type(self).pool(self, t, pool))
+
+
+def pool_per_image(model: torch.nn.Module, x: torch.Tensor, pool_type: str | None,
+                   own: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+    """A timm model's pooling of the patched forward's tokens ``x``: ``own(tokens, pool_type)``
+    (the model's pooling) on all of them when every token is real and whole, else on each
+    image's real tokens, or the size-weighted mean after merging (``avg``)."""
+    state = model.__dict__[SAINT_ATTR].state
+    pool_type = model.global_pool if pool_type is None else pool_type
     if state.valid is None and state.sizes is None:
-        return type(self).pool(self, x, pool_type)
+        return own(x, pool_type)
     if state.valid is not None and tuple(x.shape[:2]) != tuple(state.valid.shape):
         raise ValueError(
             f"pool got {tuple(x.shape[:2])} tokens but the last forward produced {tuple(state.valid.shape)}; "
             "pool the output of the patched model's own forward_features"
         )
-    if self.attn_pool is None and pool_type in ("token", ""):
-        return type(self).pool(self, x, pool_type)
+    if model.attn_pool is None and pool_type in ("token", ""):
+        return own(x, pool_type)
     if state.sizes is not None:
-        if pool_type != "avg" or self.attn_pool is not None:
+        if pool_type != "avg" or model.attn_pool is not None:
             raise ValueError(f"global_pool={pool_type!r} cannot weigh merged tokens; use 'avg' or 'token'")
-        return _weighted_mean(self, x, state)
+        return _weighted_mean(model, x, state)
     counts = state.valid.sum(dim=1).tolist()
-    return torch.cat([type(self).pool(self, x[i : i + 1, :n], pool_type) for i, n in enumerate(counts)])
+    return torch.cat([own(x[i : i + 1, :n], pool_type) for i, n in enumerate(counts)])
 
 
 def _weighted_mean(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:

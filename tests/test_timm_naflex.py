@@ -1,0 +1,192 @@
+"""timm NaFlexVit: a NaFlex batch (images patchified at their own sizes, padded) starts
+from its real patches; each image's result equals the image run alone, in the packed and
+the padded layout, for every method and placement; image batches run as on a ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saint
+from saint.adapters import find_adapter
+
+timm = pytest.importorskip("timm")
+naflexvit = pytest.importorskip("timm.models.naflexvit")
+
+P = 8
+SHAPES = [(4, 4), (3, 5), (2, 3)]  # each image's patch grid; padded to 16 patches
+METHODS = {
+    "saint": dict(tau=0.3, k=1, layers=[0, 1]),
+    "saint_fold": dict(tau=0.3, k=1, layers=[0, 1]),
+    "saint_plus": dict(tau=0.3),
+    "saint_match": dict(tau=0.2, fraction=0.5),
+    "tome": dict(r=1),
+    "random": dict(r=1),
+    "budget": dict(keep=4, layers=[1]),
+    "attn": dict(r=1, layers=[1, 2]),
+}
+MODELS = {  # pooling -> model settings (4 register tokens, or a class token)
+    "avg": dict(),
+    "token": dict(class_token=True, global_pool="token", reg_tokens=0),
+    "map": dict(global_pool="map"),
+}
+MERGING = {"saint_fold", "saint_plus", "saint_match", "tome"}
+
+
+def make(pool: str = "avg", **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("naflexvit_base_patch16_gap", pretrained=False, embed_dim=32, depth=4, num_heads=2,
+                             patch_size=P, img_size=32, **{**MODELS[pool], **extra}).eval()
+
+
+def images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    out = [torch.randn(1, 3, P * h, P * w, generator=g) for h, w in SHAPES]
+    out[0] = out[0] * 0.1 + 0.3  # a redundant image
+    return out
+
+
+def single(img: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One image as a NaFlex batch of one, unpadded (timm's own patchify)."""
+    patches, (nh, nw) = naflexvit.batch_patchify(img, (P, P))
+    coord = torch.stack([torch.arange(nh).repeat_interleave(nw), torch.arange(nw).repeat(nh)], dim=-1)
+    return {"patches": patches, "patch_coord": coord[None], "patch_valid": torch.ones(1, nh * nw, dtype=torch.bool)}
+
+
+def naflex(imgs: list[torch.Tensor], n: int = 16) -> dict[str, torch.Tensor]:
+    """The images padded to ``n`` patches, as timm's NaFlex collator lays them out."""
+    parts = [single(img) for img in imgs]
+    out = {"patches": torch.zeros(len(imgs), n, P * P * 3), "patch_coord": torch.zeros(len(imgs), n, 2, dtype=torch.long),
+           "patch_valid": torch.zeros(len(imgs), n, dtype=torch.bool)}
+    for i, d in enumerate(parts):
+        k = d["patches"].shape[1]
+        for key in out:
+            out[key][i, :k] = d[key][0]
+    return out
+
+
+def cases():
+    for pool in MODELS:
+        for method in sorted(METHODS):
+            if (pool == "map" and method in MERGING) or (method == "attn" and pool != "token"):
+                continue  # refused: merged sizes under attention pooling; attn reads a class token
+            yield pool, method
+
+
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("pool,method", list(cases()))
+def test_padded_batch_packed_equals_padded_equals_alone(pool, method, select_at):
+    model = make(pool)
+    imgs = images()
+    prefix = model.num_prefix_tokens
+    outs = {}
+    for layout in ("packed", "padded"):
+        saint.patch(model, method, layout=layout, select_at=select_at, **METHODS[method])
+        with torch.no_grad():
+            out = model(naflex(imgs))
+            stats = saint.stats(model)
+            solo = torch.cat([model(single(img)) for img in imgs])
+        assert stats.layout == layout
+        assert stats.tokens[0] == [prefix + h * w for h, w in SHAPES], "the first block sees the real patches"
+        assert stats.tokens[-1] != stats.tokens[0], "the settings prune"
+        torch.testing.assert_close(out, solo, rtol=0, atol=1e-5)
+        outs[layout] = out
+        saint.unpatch(model)
+    torch.testing.assert_close(outs["packed"], outs["padded"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", sorted(MODELS))
+def test_nothing_to_prune_equals_the_model(pool):
+    """A padded batch with nothing to prune computes only the real patches and equals the
+    unpatched model, image by image; image batches are the unpatched answer bit for bit."""
+    model = make(pool)
+    imgs = images()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, ref_images = model(naflex(imgs)), model(x)
+        ref_alone = torch.cat([model(single(img)) for img in imgs])
+    saint.patch(model, "saint", k=100)  # no candidate can have 100 links
+    with torch.no_grad():
+        out, out_images = model(naflex(imgs)), model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, ref_alone, rtol=0, atol=1e-5)
+    assert torch.equal(out_images, ref_images)
+    saint.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(naflex(imgs)), ref)
+
+
+def test_forward_features_reports_the_real_tokens():
+    model = saint.patch(make(), "saint_match", tau=0.2, fraction=0.5)
+    with torch.no_grad():
+        feats = model.forward_features(**naflex(images()))
+        mask = saint.token_mask(model)
+        pooled = model.forward_head(**feats, pre_logits=True)
+        whole = model.forward_head(**feats)
+    prefix = model.num_prefix_tokens
+    assert torch.equal(feats["patch_valid"], mask[:, prefix:])
+    assert bool(feats["patches"][~mask].isnan().all()) and bool(torch.isfinite(feats["patches"][mask]).all())
+    assert bool(torch.isfinite(pooled).all())
+    with torch.no_grad():
+        torch.testing.assert_close(model(naflex(images())), whole, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_recomputes_from_the_padding():
+    """timm checkpoints each block with the model's padding mask; the recomputation selects
+    the same tokens, so outputs and gradients equal the run without checkpointing."""
+    inputs = naflex(images())
+
+    def run(checkpointing: bool):
+        model = make().train()
+        model.set_grad_checkpointing(checkpointing)
+        saint.patch(model, "saint", tau=0.3, k=1, layers=[0, 1])
+        x = inputs["patches"].clone().requires_grad_(True)
+        out = model({**inputs, "patches": x})
+        out.square().sum().backward()
+        return out.detach(), x.grad, saint.stats(model).tokens
+
+    ref, ckpt = run(False), run(True)
+    torch.testing.assert_close(ckpt[0], ref[0], rtol=0, atol=0)
+    assert torch.equal(ckpt[1], ref[1]) and ckpt[2] == ref[2]
+    assert bool((ref[1][~inputs["patch_valid"]] == 0).all()), "padding patches get no gradient"
+
+
+def test_refusals():
+    with pytest.raises(TypeError, match="rotary NaFlexVit"):
+        saint.patch(make(rope_type="axial"), "tome", r=1)
+    with pytest.raises(ValueError, match="cannot weigh"):
+        saint.patch(make("map"), "tome", r=1)
+    with pytest.raises(ValueError, match="class token"):
+        saint.patch(make(), "attn", r=1)
+    model = saint.patch(make(), "saint", tau=0.3, k=1)
+    inputs = naflex(images())
+    with pytest.raises(ValueError, match="without attn_mask"):
+        model({**inputs, "attn_mask": torch.zeros(3, 1, 20, 20, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="forward_intermediates of a NaFlex batch"):
+        model.forward_intermediates(inputs)
+    holed = inputs["patch_valid"].clone()
+    holed[1, 2] = False
+    with pytest.raises(ValueError, match="real patches first"):
+        model({**inputs, "patch_valid": holed})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # image batches serve forward_intermediates, unpadded per block
+        _, inter = model.forward_intermediates(x, output_fmt="NLC")
+    assert len(inter) == len(model.blocks)
+
+
+def test_protocol_runs_on_image_batches():
+    model = make()
+    adapter = find_adapter(model)
+    assert adapter.name == "timm_naflex"
+    grid = adapter.grid(model)  # the size timm's data config asks for
+    size = timm.data.resolve_data_config({}, model=model)["input_size"]
+    assert (grid.rows, grid.cols) == (size[1] // P, size[2] // P)
+    assert (adapter.grid(model, torch.randn(1, 3, 24, 40)).cols) == 5
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    x[:2] = x[:2] * 0.1
+    cal = saint.calibrate(model, x, flops_speedup=1.3, method="saint_match")
+    assert cal.achieved == pytest.approx(1.3, rel=0.05)
+    with torch.no_grad():
+        emb, _ = adapter.embed(model, x)
+        solo = torch.cat([adapter.embed(model, x[i : i + 1])[0] for i in range(4)])
+    torch.testing.assert_close(emb, solo, rtol=0, atol=1e-5)
