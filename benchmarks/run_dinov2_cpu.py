@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also ToMe's (r, inflection) schedules for each r, comma-separated (e.g. -0.5,0.5)")
     p.add_argument("--tome-select-at", default="mlp",
                    help="where ToMe merges: mlp (default, as published), attention, or both comma-separated")
+    p.add_argument("--tome-args", action="append", default=None, metavar="K=V,...",
+                   help="run every ToMe setting with these extra settings too (repeatable; '' is plain ToMe, "
+                        "e.g. --tome-args '' --tome-args keep_norm=True; default: plain only)")
     p.add_argument("--clock", default="wall", choices=["wall", "process"],
                    help="time with wall time (default) or this process's CPU time (robust to other load)")
     p.add_argument("--matched", default="random,attn", help="baselines at SAINT's token counts, or 'none'")
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                            calibrated=calibrated, speedups=speedups, calib_x=calib_x,
                            tome_inflections=[float(t) for t in args.tome_inflection.split(",") if t.strip()],
                            tome_select_at=[t.strip() for t in args.tome_select_at.split(",") if t.strip()],
+                           tome_args=[parse_kwargs(t) for t in (args.tome_args or [""])],
                            clock=time.process_time if args.clock == "process" else time.perf_counter)
         report = {"environment": environment(device, argv_used), "model": desc,
                   "wall_seconds": round(time.perf_counter() - start, 1), **report}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from saint.core import attention_keep_mask, merge_weighted, random_keep_mask, tome_plan
 
@@ -31,6 +33,49 @@ def test_merge_weighted_is_size_weighted_average():
     assert new_sizes[0, 1, 0].item() == 5.0
     assert out[0, 1, 0].item() == pytest.approx((1 * 1 + 2 * 3 + 4 * 1) / 5)
     assert out[0, 3, 0].item() == 8.0
+
+
+def test_merge_keeping_norms_known_answer():
+    # a [2, 0] of size 3 and b [0, 1] of size 1 merge into a: direction of the weighted
+    # mean (6, 1) / 4, norm the weighted mean of norms (3 * 2 + 1 * 1) / 4; c receives
+    # nothing (its pair is inactive) and stays as it was
+    from saint.core import MergePlan
+
+    x = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [0.3, -0.7], [5.0, 5.0]]])
+    sizes = torch.tensor([[[3.0], [1.0], [1.0], [2.0]]])
+    plan = MergePlan(src=torch.tensor([[1, 3]]), dst=torch.tensor([[0, 2]]),
+                     keep=torch.tensor([[True, False, True, True]]), active=torch.tensor([[True, False]]))
+    out, new_sizes = merge_weighted(x, sizes, plan, keep_norm=True)
+    direction = torch.tensor([6.0, 1.0]) / torch.tensor([6.0, 1.0]).norm()
+    torch.testing.assert_close(out[0, 0], direction * 1.75)
+    assert torch.equal(out[0, 2:], x[0, 2:])
+    assert new_sizes[0, :, 0].tolist() == [4.0, 1.0, 1.0, 2.0]
+    plain, plain_sizes = merge_weighted(x, sizes, plan)
+    torch.testing.assert_close(plain[0, 0], torch.tensor([6.0, 1.0]) / 4)
+    assert torch.equal(plain_sizes, new_sizes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 10), st.integers(1, 5), st.integers(0, 2**16))
+def test_merge_keeping_norms_is_a_size_weighted_mean_of_norms(n, c, seed):
+    # the merged direction is the plain merge's; its norm lies between the parts' norms
+    # (their weighted mean), so it is never shorter than the plain average
+    from saint.core import MergePlan
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, c, generator=g)
+    sizes = torch.randint(1, 5, (1, n, 1), generator=g).float()
+    plan = MergePlan(src=torch.tensor([[0]]), dst=torch.tensor([[n - 1]]),
+                     keep=torch.tensor([[False] + [True] * (n - 1)]))
+    plain, _ = merge_weighted(x, sizes, plan)
+    kept, _ = merge_weighted(x, sizes, plan, keep_norm=True)
+    s0, s1 = sizes[0, 0, 0], sizes[0, -1, 0]
+    want = (s0 * x[0, 0].norm() + s1 * x[0, -1].norm()) / (s0 + s1)
+    torch.testing.assert_close(kept[0, -1].norm(), want, rtol=1e-5, atol=1e-6)
+    assert kept[0, -1].norm() >= plain[0, -1].norm() - 1e-6
+    torch.testing.assert_close(kept[0, -1] / kept[0, -1].norm(), plain[0, -1] / plain[0, -1].norm(),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(kept[0, 1:-1], plain[0, 1:-1])  # rows that receive nothing: as the plain merge
 
 
 def test_tome_rejects_too_large_r():

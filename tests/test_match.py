@@ -118,6 +118,50 @@ def test_guard_on_a_model_keeps_the_first_counts_and_changes_the_merges(images):
     assert not torch.allclose(outs[0], outs[1])
 
 
+@pytest.mark.parametrize(("method", "kw"), [
+    ("saint_match", dict(tau=0.3, fraction=0.7)),
+    ("saint_plus", dict(tau=0.3)),
+    ("tome", dict(r=3)),
+    ("tome", dict(r=3, order="reference")),
+])
+def test_keep_norm_changes_the_merged_tokens_norms_only(images, method, kw):
+    """The first merge picks the same pairs either way (same first counts); the merged
+    tokens of block 0 then have their parts' mean norm, never less than the plain
+    average's, so the outputs differ; each image still equals the image alone."""
+    model = make_tiny("vit")
+    outs, tokens, after = [], [], []
+    # the tokens right after block 0's merge (the MLP's norm reads them)
+    hook = model.blocks[0].norm2.register_forward_pre_hook(lambda m, args: after.append(args[0]))
+    for keep_norm in (False, True):
+        saint.patch(model, method, keep_norm=keep_norm, layout="padded", **kw)
+        with torch.no_grad():
+            outs.append(model(images))
+            alone = torch.cat([model(images[i : i + 1]) for i in range(len(images))])
+        torch.testing.assert_close(outs[-1], alone, rtol=0, atol=1e-5)
+        tokens.append(saint.stats(model).tokens)
+        saint.unpatch(model)
+    hook.remove()
+    assert tokens[0][:2] == tokens[1][:2]
+    assert not torch.allclose(outs[0], outs[1])
+    plain, kept = after[0], after[1 + len(images)]  # block 0 of the two batch calls
+    valid = ~plain.isnan().any(-1)
+    plain, kept = plain[valid], kept[valid]
+    changed = (kept - plain).abs().amax(-1) > 1e-6  # the tokens that received a merge
+    assert bool(changed.any()) and not bool(changed.all())
+    assert torch.equal(kept[~changed], plain[~changed])
+    assert bool((kept[changed].norm(dim=-1) >= plain[changed].norm(dim=-1) - 1e-5).all())
+    direction = torch.nn.functional.cosine_similarity(kept[changed], plain[changed], dim=-1)
+    torch.testing.assert_close(direction, torch.ones_like(direction))
+
+
+def test_keep_norm_is_a_flag_of_the_merging_methods():
+    model = make_tiny("vit")
+    with pytest.raises(TypeError, match="keep_norm must be True or False"):
+        saint.patch(model, "tome", r=2, keep_norm="yes")
+    with pytest.raises((TypeError, ValueError), match="keep_norm"):
+        saint.patch(model, "saint", tau=0.5, keep_norm=True)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 4), st.floats(-1, 1), st.floats(0, 1), st.integers(0, 2**16))
 def test_each_image_merges_the_same_alone_or_in_a_batch(extra_pad, tau, fraction, seed):

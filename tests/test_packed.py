@@ -23,6 +23,9 @@ RAGGED = {
     "saint_match": ("saint_match", dict(tau=0.3, fraction=0.7)),
     # the guard ranks by class-token attention, read from the packed stream
     "saint_match+guard": ("saint_match", dict(tau=0.3, fraction=0.7, guard=0.5)),
+    # merged tokens keep their parts' mean norm (the residual stream only)
+    "saint_match+keep_norm": ("saint_match", dict(tau=0.3, fraction=0.7, keep_norm=True)),
+    "saint_plus+keep_norm": ("saint_plus", dict(tau=0.3, keep_norm=True)),
 }
 NEEDS_CLASS_TOKEN = {"saint_match+guard"}
 RECTANGULAR = {"tome": dict(r=2), "random": dict(r=3), "attn": dict(r=3), "budget": dict(layers=[1], keep=5)}
@@ -255,8 +258,8 @@ def test_hf_packed_equals_padded_equals_alone(kind, label, select_at, images):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(2, 12), st.integers(0, 5), st.integers(0, 2**16))
-def test_merge_and_keep_equals_merge_then_gather(t, r, seed):
+@given(st.integers(2, 12), st.integers(0, 5), st.integers(0, 2**16), st.booleans())
+def test_merge_and_keep_equals_merge_then_gather(t, r, seed, keep_norm):
     from saint.core import merge_weighted
     from saint.core.packing import merge_and_keep
     from saint.core.tome import MergePlan
@@ -270,8 +273,8 @@ def test_merge_and_keep_equals_merge_then_gather(t, r, seed):
     keep[src] = False
     x = torch.randn(1, t, 3, generator=g)
     sizes = torch.randint(1, 4, (1, t, 1), generator=g).float()
-    ref_x, ref_s = merge_weighted(x, sizes, MergePlan(src[None], dst[None], keep[None]))
-    got_x, got_s = merge_and_keep(x, sizes, src, dst, keep)
+    ref_x, ref_s = merge_weighted(x, sizes, MergePlan(src[None], dst[None], keep[None]), keep_norm)
+    got_x, got_s = merge_and_keep(x, sizes, src, dst, keep, keep_norm)
     torch.testing.assert_close(got_x, ref_x[:, keep], rtol=0, atol=1e-6)
     assert torch.equal(got_s, ref_s[:, keep])
 

@@ -37,11 +37,13 @@ class LayerContext:
 class Selection:
     """Survivors (``keep [B, N]`` bool), for merging methods the merge plan, and
     optionally the survivors' layout: ``order [B, N]`` a sort key, survivors laid out
-    by increasing key (None: their original order)."""
+    by increasing key (None: their original order). ``keep_norm``: merged tokens of the
+    residual stream take their parts' size-weighted mean norm (``core.merge_weighted``)."""
 
     keep: torch.Tensor
     merge: core.MergePlan | None = None
     order: torch.Tensor | None = None
+    keep_norm: bool = False
 
 
 SELECT_AT = ("mlp", "attention")
@@ -215,9 +217,11 @@ class SaintConfig(MethodConfig):
 @dataclass
 class SaintFoldConfig(SaintConfig):
     """SAINT's graph and rate, but each dropped token is folded (size-weighted) into its
-    most similar anchor instead of discarded; sizes then bias attention (``prop_attn``)."""
+    most similar anchor instead of discarded; sizes then bias attention (``prop_attn``).
+    ``keep_norm=True``: a merged token keeps its parts' size-weighted mean norm."""
 
     prop_attn: bool = True
+    keep_norm: bool = False
 
     @property
     def size_bias(self) -> bool:
@@ -258,10 +262,14 @@ class ToMeConfig(MethodConfig):
       at every step. With more than the reference's class and distillation tokens
       protected (registers), the extra prefix tokens are treated alike.
       tests/test_reference.py pins both.
+
+    ``keep_norm=True`` (ours, not the reference's): a merged token keeps its parts'
+    size-weighted mean norm instead of the shorter norm of their average.
     """
 
     r: int | Sequence[int] | Mapping[int, int] | None = None
     prop_attn: bool = True
+    keep_norm: bool = False
     inflection: float = 0.0
     order: str = "keep"
 
@@ -310,11 +318,13 @@ class MatchConfig(MethodConfig):
     (at most 1: an image never merges more than the candidates its graph flags).
     ``guard`` (>= 0, needs a class token) orders the merges by cosine minus ``guard`` times
     how far above an even share the class token attends to the pair's two tokens (see
-    :func:`saint.core.match.attention_excess`): same counts, fewer salient tokens merged."""
+    :func:`saint.core.match.attention_excess`): same counts, fewer salient tokens merged.
+    ``keep_norm=True``: a merged token keeps its parts' size-weighted mean norm."""
 
     tau: float | Sequence[float] | Mapping[int, float] | None = None
     fraction: float | Sequence[float] | Mapping[int, float] | None = None
     prop_attn: bool = True
+    keep_norm: bool = False
     guard: float = 0.0
     PER_LAYER: ClassVar[tuple[str, ...]] = ("tau", "fraction")
     DEFAULT_LAYERS: ClassVar[str] = "all"
@@ -436,12 +446,12 @@ def _select_saint(ctx: LayerContext, s: dict[str, Any], cfg: SaintConfig) -> Sel
 def _select_saint_fold(ctx: LayerContext, s: dict[str, Any], cfg: SaintFoldConfig) -> Selection:
     metric = saint_metric(ctx, cfg)
     keep, graph = core.saint_select(metric, s["tau"], s["k"], s["gamma"], cfg.rate, ctx.num_protected, ctx.valid)
-    return Selection(keep, core.saint_fold_plan(graph, keep, ctx.num_protected))
+    return Selection(keep, core.saint_fold_plan(graph, keep, ctx.num_protected), keep_norm=cfg.keep_norm)
 
 
 def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:
     plan = core.tome_plan(ctx.keys, s["r"], ctx.num_protected, ctx.valid, cfg.order)
-    return Selection(plan.keep, plan, plan.order)
+    return Selection(plan.keep, plan, plan.order, keep_norm=cfg.keep_norm)
 
 
 def _select_match(ctx: LayerContext, s: dict[str, Any], cfg: MatchConfig) -> Selection:
@@ -451,7 +461,7 @@ def _select_match(ctx: LayerContext, s: dict[str, Any], cfg: MatchConfig) -> Sel
             raise ValueError("saint_match with guard > 0 ranks by class-token attention; this model has no class token")
         cls_attention = ctx.cls_attention()
     plan = core.match_plan(ctx.keys, s["tau"], s["fraction"], ctx.num_protected, ctx.valid, cls_attention, cfg.guard)
-    return Selection(plan.keep, plan)
+    return Selection(plan.keep, plan, keep_norm=cfg.keep_norm)
 
 
 def _select_random(ctx: LayerContext, s: dict[str, Any], cfg: RandomConfig) -> Selection:

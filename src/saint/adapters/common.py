@@ -265,7 +265,9 @@ class TokenState:
         tokens and, e.g., their qkv projection): each is merged with the same sizes and
         kept alike; the state advances once. ``in_place[i]`` lets the survivors of a
         contiguous ``tensors[i]`` that nothing else reads be compacted inside it
-        (packed layout; see :func:`saint.core.packing.keep_rows`)."""
+        (packed layout; see :func:`saint.core.packing.keep_rows`). ``tensors[0]`` is the
+        residual stream: with ``sel.keep_norm`` its merged tokens keep their parts' mean
+        norm, the projections are plain size-weighted means."""
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
@@ -288,7 +290,7 @@ class TokenState:
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-            merged = [merge_weighted(t, self.sizes, sel.merge) for t in tensors]
+            merged = [merge_weighted(t, self.sizes, sel.merge, sel.keep_norm and i == 0) for i, t in enumerate(tensors)]
             out, self.sizes = [m[0] for m in merged], merged[0][1]
         idx, valid = keep_mask_to_indices(keep, order=sel.order)
         out = [gather_tokens(t, idx) for t in out]
@@ -319,7 +321,7 @@ class TokenState:
             if plan.active is not None:
                 active = plan.active.reshape(-1)
                 src, dst = src[active], dst[active]
-            streams, self.sizes = merge_and_keep_many(streams, self.sizes, src, dst, flat, flags)
+            streams, self.sizes = merge_and_keep_many(streams, self.sizes, src, dst, flat, flags, [sel.keep_norm])
         else:
             streams = [keep_rows(t, flat, f) for t, f in zip(streams, flags, strict=True)]
             if self.sizes is not None:

@@ -6,6 +6,7 @@ Pareto-optimal points are marked and the results written as JSON, CSV, markdown 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -139,6 +140,7 @@ def run_sweep(
     tome_rs: Sequence[int] = (),
     tome_inflections: Sequence[float] = (),
     tome_select_at: Sequence[str] = ("mlp",),
+    tome_args: Sequence[dict[str, Any]] = ({},),
     matched: Sequence[str] = MATCHED_METHODS,
     batch_size: int = 16,
     warmup: int = 1,
@@ -157,7 +159,8 @@ def run_sweep(
     their rows record the target and the calibration's own estimate. ``tome_inflections``
     adds ToMe's ``(r, inflection)`` schedules (e.g. -0.5: decreasing) for every feasible r;
     ``tome_select_at`` runs each ToMe setting at every listed placement of the merge
-    (``"mlp"``, ``"attention"``: see :class:`saint.methods.MethodConfig`).
+    (``"mlp"``, ``"attention"``: see :class:`saint.methods.MethodConfig`), and with each of
+    ``tome_args``' extra settings (e.g. ``{}`` and ``{"keep_norm": True}``).
     ``clock`` times the round-robin (wall time by default; ``time.process_time`` counts
     this process's CPU time, robust to other load on the machine)."""
     saint_args = dict(saint_args or {})
@@ -198,8 +201,8 @@ def run_sweep(
         schedules = [{"r": r}] + [{"r": r, "inflection": infl} for infl in tome_inflections
                                   if infl != 0.0 and _tome_feasible(n_patches, depth, r, infl)]
         for schedule in schedules:
-            for at in tome_select_at:
-                setting = {**schedule, **({"select_at": at} if at != "mlp" else {})}
+            for at, extra in itertools.product(tome_select_at, tome_args):
+                setting = {**schedule, **({"select_at": at} if at != "mlp" else {}), **extra}
                 v = Variant(variant_label("tome", setting), "tome", setting)
                 second.append(v)
                 points.append(("tome", setting, v))

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .tome import with_mean_norm
+
 KERNELS = ("auto", "loop", "flex", "varlen")
 """``loop``: one SDPA call per image, on views of the stream (CPU default);
 ``flex``: ``flex_attention`` with a document mask (any device, supports the ToMe size
@@ -65,34 +67,42 @@ def keep_rows(x: torch.Tensor, keep: torch.Tensor, in_place: bool = False) -> to
 
 
 def merge_and_keep(
-    x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor
+    x: torch.Tensor, sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor,
+    keep_norm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge of stream rows ``src -> dst`` (``[r]`` positions in ``x [1, T,
     C]``, sources never destinations) and the kept rows ``keep [T]`` in one pass over the
     stream: only the destination rows are recomputed (in fp32). Returns the kept
-    ``(x [1, T', C], sizes [1, T', 1])``."""
-    (out,), new_sizes = merge_and_keep_many([x], sizes, src, dst, keep)
+    ``(x [1, T', C], sizes [1, T', 1])``; ``keep_norm`` as in :func:`saint.core.tome.merge_weighted`."""
+    (out,), new_sizes = merge_and_keep_many([x], sizes, src, dst, keep, keep_norm=[keep_norm])
     return out, new_sizes
 
 
 def merge_and_keep_many(
     xs: Sequence[torch.Tensor], sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor,
-    in_place: Sequence[bool] = (),
+    in_place: Sequence[bool] = (), keep_norm: Sequence[bool] = (),
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """:func:`merge_and_keep` of several streams with the same rows (the tokens and their
     projections), the plan's sizes and positions worked out once; ``in_place[i]`` lets
-    ``xs[i]`` be overwritten (see :func:`keep_rows`)."""
+    ``xs[i]`` be overwritten (see :func:`keep_rows`); ``keep_norm[i]`` gives ``xs[i]``'s
+    merged rows their parts' size-weighted mean norm (see :func:`saint.core.tome.merge_weighted`)."""
     s = sizes.reshape(-1).float()
     new_s = s.index_add(0, dst, s[src])
     rows, slot = torch.unique(dst, return_inverse=True)
     at = (torch.cumsum(keep, 0) - 1)[rows]
     flags = [bool(f) for f in in_place] + [False] * (len(xs) - len(in_place))
+    norm_flags = [bool(f) for f in keep_norm] + [False] * (len(xs) - len(keep_norm))
     outs = []
-    for x, flag in zip(xs, flags, strict=True):
+    for x, flag, norm_flag in zip(xs, flags, norm_flags, strict=True):
         num = x[0, rows].float() * s[rows, None]
         num.index_add_(0, slot, x[0, src].float() * s[src, None])
+        merged = num / new_s[rows, None]
+        if norm_flag:
+            norm = x[0, rows].float().norm(dim=-1, keepdim=True) * s[rows, None]
+            norm.index_add_(0, slot, x[0, src].float().norm(dim=-1, keepdim=True) * s[src, None])
+            merged = with_mean_norm(merged, norm / new_s[rows, None])
         out = keep_rows(x, keep, flag)
-        out[0, at] = (num / new_s[rows, None]).to(x.dtype)
+        out[0, at] = merged.to(x.dtype)
         outs.append(out)
     return outs, new_s[keep].to(sizes.dtype).reshape(1, -1, 1)
 

@@ -99,11 +99,16 @@ def _reference_order(edges: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tens
     return key
 
 
-def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_weighted(
+    x: torch.Tensor, sizes: torch.Tensor, plan: MergePlan, keep_norm: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of each source into its destination (full length kept).
 
     ``x [B, N, C]``, ``sizes [B, N, 1]``; returns updated ``(x, sizes)``; callers then
     gather the survivors with ``plan.keep`` (laid out by ``plan.order`` when given).
+    ``keep_norm``: a merged token's norm is the size-weighted mean of its parts' norms
+    (an average of vectors that point apart is shorter than they are; see
+    :func:`with_mean_norm`); tokens that receive nothing are untouched.
     """
     c = x.shape[-1]
     weighted = (x * sizes).float()
@@ -114,4 +119,22 @@ def merge_weighted(x: torch.Tensor, sizes: torch.Tensor, plan: MergePlan) -> tup
         src_s = src_s * plan.active[..., None]
     weighted = weighted.scatter_add(1, plan.dst[..., None].expand(-1, -1, c), src_w)
     new_sizes = sizes.float().scatter_add(1, plan.dst[..., None], src_s)
-    return (weighted / new_sizes).to(x.dtype), new_sizes.to(sizes.dtype)
+    out = weighted / new_sizes
+    if keep_norm:
+        norms = x.float().norm(dim=-1, keepdim=True) * sizes.float()
+        src_n = torch.gather(norms, 1, plan.src[..., None])
+        got = torch.ones_like(src_s)
+        if plan.active is not None:
+            src_n = src_n * plan.active[..., None]
+            got = got * plan.active[..., None]
+        norms = norms.scatter_add(1, plan.dst[..., None], src_n) / new_sizes
+        received = torch.zeros_like(new_sizes).scatter_add(1, plan.dst[..., None], got) > 0
+        out = torch.where(received, with_mean_norm(out, norms), out)
+    return out.to(x.dtype), new_sizes.to(sizes.dtype)
+
+
+def with_mean_norm(merged: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``merged`` rescaled to the given norm ``[..., 1]`` (a zero row stays zero): the
+    norm-keeping merge of ToFu's MLERP (Kim et al., 2024), with the parts' size-weighted
+    mean norm in place of their largest."""
+    return merged * (norm / merged.norm(dim=-1, keepdim=True).clamp_min(EPS))
