@@ -110,6 +110,41 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` guard 0.1, before attention, 3.3x (FLOPs)",
          "saint_match:inflection=-0.5,guard=0.1,select_at=attention@3.3x"),
     ]),
+    "dinov2_518_keep_norm": ("dinov2_s14_518_cpu_keepnorm.json", "518px, 2 threads, merged tokens' norms", [
+        ("ToMe r=100", "tome:r=100"),
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        ("ToMe r=100, decreasing", "tome:r=100,inflection=-0.5"),
+        ("ToMe r=100, decreasing, keep_norm", "tome:r=100,inflection=-0.5,keep_norm=true"),
+        ("`saint_match` decreasing, guard 0.1, 3x (FLOPs)", "saint_match:inflection=-0.5,guard=0.1,at=3@3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3@3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.2x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3.2@3.2x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.5x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3.5@3.5x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.5x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.5@3.5x"),
+    ]),
+    "dinov2_224_keep_norm": ("dinov2_s14_224_cpu_keepnorm.json", "224px, 2 threads, merged tokens' norms", [
+        ("ToMe r=13", "tome:r=13"),
+        ("ToMe r=13, keep_norm", "tome:r=13,keep_norm=true"),
+        ("ToMe r=16", "tome:r=16"),
+        ("ToMe r=16, keep_norm", "tome:r=16,keep_norm=true"),
+        ("ToMe r=16, decreasing", "tome:r=16,inflection=-0.5"),
+        ("ToMe r=16, decreasing, keep_norm", "tome:r=16,inflection=-0.5,keep_norm=true"),
+        ("ToMe r=19", "tome:r=19"),
+        ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
+        ("ToMe r=19, decreasing", "tome:r=19,inflection=-0.5"),
+        ("ToMe r=19, decreasing, keep_norm", "tome:r=19,inflection=-0.5,keep_norm=true"),
+        ("`saint_match` 1.5x (FLOPs)", "saint_match@1.5x"),
+        ("`saint_match` keep_norm, 1.5x (FLOPs)", "saint_match:keep_norm=True@1.5x"),
+        ("`saint_match` 2x (FLOPs)", "saint_match@2x"),
+        ("`saint_match` keep_norm, 2x (FLOPs)", "saint_match:keep_norm=True@2x"),
+        ("SAINT+ 1.5x (FLOPs)", "saint_plus@1.5x"),
+        ("SAINT+ keep_norm, 1.5x (FLOPs)", "saint_plus:keep_norm=True@1.5x"),
+        ("SAINT+ 2x (FLOPs)", "saint_plus@2x"),
+        ("SAINT+ keep_norm, 2x (FLOPs)", "saint_plus:keep_norm=True@2x"),
+    ]),
     "dinov2_224_select_at": ("dinov2_s14_224_cpu_attn.json", "224px, 2 threads, where the selection acts", [
         ("ToMe r=13", "tome:r=13"),
         ("ToMe r=13, before attention", "tome:r=13,select_at=attention"),
@@ -159,7 +194,7 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
                ("KV cache MB", lambda r: f"{r['kv_cache_mb']:.1f}")]
 
 
-WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at"}  # tables that compare at the same FLOPs, so show them
+WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm"}  # tables that compare at the same FLOPs, so show them
 
 
 def fidelity_table(name: str) -> str:
