@@ -123,12 +123,10 @@ def merge_weighted(
     if keep_norm:
         norms = x.float().norm(dim=-1, keepdim=True) * sizes.float()
         src_n = torch.gather(norms, 1, plan.src[..., None])
-        got = torch.ones_like(src_s)
         if plan.active is not None:
             src_n = src_n * plan.active[..., None]
-            got = got * plan.active[..., None]
         norms = norms.scatter_add(1, plan.dst[..., None], src_n) / new_sizes
-        received = torch.zeros_like(new_sizes).scatter_add(1, plan.dst[..., None], got) > 0
+        received = new_sizes > sizes.float()  # every source adds a size >= 1
         out = torch.where(received, with_mean_norm(out, norms), out)
     return out.to(x.dtype), new_sizes.to(sizes.dtype)
 
