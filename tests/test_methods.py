@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import saint
 from saint.core import fastv_keep_mask, grid_subset, keep_mask_to_indices, pool_grid
@@ -91,6 +93,46 @@ def test_query_attention_per_head_on_keys_sliced_from_a_fused_qkv():
     expect = (torch.einsum("bhd,bnhd->bhn", q, k) * 0.5).softmax(-1)
     torch.testing.assert_close(query_attention(q, k, 0.5, mean_heads=False), expect)
     torch.testing.assert_close(query_attention(q, k, 0.5), expect.mean(1))
+
+
+def test_packed_query_attention_known_answer():
+    """Two images packed back to back: each query reads only its own image's keys, the
+    size bias moves weight, the padded view holds 0 after a short image's last key."""
+    from saint.core import packed_query_attention
+
+    e = math.e
+    q = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [B=2, H=1, D=2]
+    k = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[-1.0, 0.0]], [[0.0, 1.0]], [[0.0, -1.0]]])  # [T=5, 1, 2]
+    out = packed_query_attention(q, k, [3, 2], 1.0)
+    torch.testing.assert_close(out, torch.tensor([[e, 1.0, 1 / e], [e, 1 / e, 0.0]]) / torch.tensor([[e + 1 + 1 / e], [e + 1 / e]]))
+    bias = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0])  # log-size bias on keys 1 and 4
+    out = packed_query_attention(q, k, [3, 2], 1.0, bias)
+    torch.testing.assert_close(out, torch.tensor([[e, e, 1 / e], [e, e, 0.0]]) / torch.tensor([[2 * e + 1 / e], [2 * e]]))
+    with pytest.raises(ValueError, match="do not describe"):
+        packed_query_attention(q, k, [3, 3], 1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.integers(1, 3), st.booleans(), st.integers(0, 2**16))
+def test_packed_query_attention_equals_query_attention_on_the_padded_view(lengths, heads, biased, seed):
+    """Keys never padded, same answer: ``packed_query_attention`` on a packed stream (a
+    strided key slice of a fused qkv) equals ``query_attention`` on the padded view with
+    the padding masked and the same per-key bias."""
+    from saint.core import packed_query_attention, query_attention
+    from saint.core.packing import lengths_to_valid, unpack
+
+    g = torch.Generator().manual_seed(seed)
+    t, d = sum(lengths), 4
+    k = torch.randn(1, t, 3, heads, d, generator=g)[:, :, 1]  # [1, T, H, D], strided
+    q = torch.randn(len(lengths), heads, d, generator=g)
+    bias = torch.rand(t, generator=g).mul(3).log1p() if biased else None
+    valid = lengths_to_valid(torch.tensor(lengths))
+    padded = unpack(k.flatten(2), valid, fill=0.0).unflatten(2, (heads, d))
+    mask = torch.zeros(valid.shape).masked_fill(~valid, float("-inf"))
+    if bias is not None:
+        mask[valid] += bias
+    expect = query_attention(q, padded, 0.7, mask)
+    torch.testing.assert_close(packed_query_attention(q, k[0], lengths, 0.7, bias), expect, rtol=1e-6, atol=1e-7)
 
 
 def test_head_mean_equals_the_mean_over_heads_on_a_strided_key_slice():

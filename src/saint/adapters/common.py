@@ -21,6 +21,7 @@ from ..core import (
     head_mean,
     keep_mask_to_indices,
     merge_weighted,
+    packed_query_attention,
     query_attention,
 )
 from ..core.packing import (
@@ -574,9 +575,15 @@ def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], 
             n = s["keep"]
 
 
-def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """The class token's attention over all tokens, averaged over heads: ``q [B, H, D]``
-    (its query), ``k [B, N, H, D]``, ``bias`` the additive mask the layer attended with."""
+def cls_attention(q: torch.Tensor, k: torch.Tensor, state: TokenState, scale: float, prop_attn: bool) -> torch.Tensor:
+    """The class token's attention over its image's tokens, averaged over heads, in the
+    padded view ``[B, M]`` (0 at padding): ``q [B, H, D]`` (its query), ``k`` the keys in
+    the state's layout (``[B, N, H, D]``, or a packed ``[1, T, H, D]``, which is never
+    padded: only the ``[B, H, M]`` logits are), with the mask or size bias the layer
+    attended with."""
+    bias = state.attn_bias(k.dtype, prop_attn)
+    if state.packed:
+        return packed_query_attention(q, k[0], state.lengths, scale, bias)
     return query_attention(q, k, scale, None if bias is None else bias[:, 0, 0])
 
 

@@ -355,14 +355,11 @@ def _cls_attention(p: LayerParts, normed: torch.Tensor, k_packed: torch.Tensor, 
     (lazy; only the class token's query is projected; keys rotated by ``rows``)."""
 
     def compute() -> torch.Tensor:
-        bias = state.padded_key_mask(k_packed.dtype, prop_attn)
         first = state.first(normed)[:, None]
         c = k_packed.shape[-1]
-        k = _rotate(p, k_packed.unflatten(-1, (p.heads, c // p.heads)), rows).flatten(-2)
-        k = state.padded(k)
-        b, n = k.shape[:2]
-        q = p.q(first).reshape(b, p.heads, c // p.heads)
-        return cls_attention(q, k.reshape(b, n, p.heads, c // p.heads), p.scale, bias)
+        k = _rotate(p, k_packed.unflatten(-1, (p.heads, c // p.heads)), rows)
+        q = p.q(first).reshape(first.shape[0], p.heads, c // p.heads)
+        return cls_attention(q, k, state, p.scale, prop_attn)
 
     return compute
 

@@ -241,9 +241,7 @@ def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: 
         if groups > 1:
             kr = kr.repeat_interleave(groups, dim=2)
         b = state.valid.shape[0] if state.valid is not None else x.shape[0]
-        keys = state.padded(kr.flatten(2)).unflatten(2, kr.shape[2:])
-        return cls_attention(state.first(q.flatten(2)).reshape(b, attn.num_heads, -1), keys, attn.scale,
-                             state.padded_key_mask(q.dtype, prop))
+        return cls_attention(state.first(q.flatten(2)).reshape(b, attn.num_heads, -1), kr, state, attn.scale, prop)
 
     return LayerContext(
         keys=state.padded(head_mean(k)),

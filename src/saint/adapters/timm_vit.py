@@ -175,17 +175,16 @@ def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dic
 
 
 def _cls_attention_of(blk: torch.nn.Module, qkv_packed: torch.Tensor, state: TokenState, prop_attn: bool):
-    """The class token's attention over all tokens (padded view), averaged over heads (lazy)."""
+    """The class token's attention over all tokens (padded view), averaged over heads
+    (lazy; a packed stream's keys are never padded)."""
 
     def compute() -> torch.Tensor:
-        bias = state.padded_key_mask(qkv_packed.dtype, prop_attn)
         attn = blk.attn
         c = qkv_packed.shape[-1] // 3
         h = attn.num_heads
-        k = state.padded(qkv_packed[..., c : 2 * c])  # only the keys are padded
-        b, n = k.shape[:2]
-        q = attn.q_norm(state.first(qkv_packed[..., :c]).reshape(b, h, c // h))  # [B, H, D]
-        return cls_attention(q, attn.k_norm(k.reshape(b, n, h, c // h)), attn.scale, bias)
+        k = attn.k_norm(qkv_packed[..., c : 2 * c].unflatten(-1, (h, c // h)))
+        q = attn.q_norm(state.first(qkv_packed[..., :c]).unflatten(-1, (h, c // h)))  # [B, H, D]
+        return cls_attention(q, k, state, attn.scale, prop_attn)
 
     return compute
 

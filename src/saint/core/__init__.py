@@ -1,6 +1,6 @@
 """Pure tensor functions: which tokens survive. No model imports here."""
 
-from .attention import head_mean, query_attention
+from .attention import head_mean, packed_query_attention, query_attention
 from .baselines import attention_keep_mask, random_keep_mask
 from .bipartite import (
     anchor_similarity,
@@ -58,6 +58,7 @@ __all__ = [
     "max_tome_r",
     "merge_weighted",
     "nearest_anchor",
+    "packed_query_attention",
     "pool_grid",
     "prunable_valid",
     "query_attention",
