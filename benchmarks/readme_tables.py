@@ -145,6 +145,37 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("SAINT+ 2x (FLOPs)", "saint_plus@2x"),
         ("SAINT+ keep_norm, 2x (FLOPs)", "saint_plus:keep_norm=True@2x"),
     ]),
+    "dinov2_518_recheck": ("dinov2_s14_518_cpu_recheck.json", "518px, 2 threads, re-check of the 3x target", [
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        ("ToMe r=100, decreasing, keep_norm", "tome:r=100,inflection=-0.5,keep_norm=true"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3@3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3.3@3.3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.3@3.3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.6x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.6@3.6x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
+    ]),
+    "dinov2_224_guard_keep_norm": ("dinov2_s14_224_cpu_guardnorm.json", "224px, 2 threads, guard with keep_norm", [
+        ("ToMe r=13, keep_norm", "tome:r=13,keep_norm=true"),
+        ("ToMe r=13, decreasing, keep_norm", "tome:r=13,inflection=-0.5,keep_norm=true"),
+        ("ToMe r=16, keep_norm", "tome:r=16,keep_norm=true"),
+        ("ToMe r=16, decreasing, keep_norm", "tome:r=16,inflection=-0.5,keep_norm=true"),
+        ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
+        ("ToMe r=19, decreasing, keep_norm", "tome:r=19,inflection=-0.5,keep_norm=true"),
+        ("`saint_match` keep_norm, 1.5x (FLOPs)", "saint_match:keep_norm=True@1.5x"),
+        ("`saint_match` keep_norm, 1.9x (FLOPs)", "saint_match:keep_norm=True@1.9x"),
+        ("`saint_match` keep_norm, 2x (FLOPs)", "saint_match:keep_norm=True@2x"),
+        ("`saint_match` guard 0.1, keep_norm, 1.5x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.5x"),
+        ("`saint_match` guard 0.1, keep_norm, 1.9x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.9x"),
+        ("`saint_match` guard 0.1, keep_norm, 2x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2x"),
+        ("SAINT+ keep_norm, 1.5x (FLOPs)", "saint_plus:keep_norm=True@1.5x"),
+        ("SAINT+ keep_norm, 1.9x (FLOPs)", "saint_plus:keep_norm=True@1.9x"),
+        ("SAINT+ keep_norm, 2x (FLOPs)", "saint_plus:keep_norm=True@2x"),
+    ]),
     "dinov2_224_select_at": ("dinov2_s14_224_cpu_attn.json", "224px, 2 threads, where the selection acts", [
         ("ToMe r=13", "tome:r=13"),
         ("ToMe r=13, before attention", "tome:r=13,select_at=attention"),
@@ -194,7 +225,9 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
                ("KV cache MB", lambda r: f"{r['kv_cache_mb']:.1f}")]
 
 
-WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm"}  # tables that compare at the same FLOPs, so show them
+# tables that compare at the same FLOPs, so show them
+WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm",
+              "dinov2_518_recheck", "dinov2_224_guard_keep_norm"}
 
 
 def fidelity_table(name: str) -> str:
