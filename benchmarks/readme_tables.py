@@ -159,6 +159,17 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
          "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
     ]),
+    "dinov2_518_placement": ("dinov2_s14_518_cpu_placement.json", "518px, 2 threads, 40 photos, placement at ~3x", [
+        ("ToMe r=100", "tome:r=100"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3.3@3.3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.3@3.3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.45x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.45@3.45x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.6x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.6@3.6x"),
+    ]),
     "dinov2_224_guard_keep_norm": ("dinov2_s14_224_cpu_guardnorm.json", "224px, 2 threads, guard with keep_norm", [
         ("ToMe r=13, keep_norm", "tome:r=13,keep_norm=true"),
         ("ToMe r=13, decreasing, keep_norm", "tome:r=13,inflection=-0.5,keep_norm=true"),
@@ -227,7 +238,7 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
 
 # tables that compare at the same FLOPs, so show them
 WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm",
-              "dinov2_518_recheck", "dinov2_224_guard_keep_norm"}
+              "dinov2_518_recheck", "dinov2_518_placement", "dinov2_224_guard_keep_norm"}
 
 
 def fidelity_table(name: str) -> str:
