@@ -243,13 +243,6 @@ class TokenState:
             self._index = padded_index(self.valid)
         return self._index
 
-    def padded_key_mask(self, dtype: torch.dtype, prop_attn: bool) -> torch.Tensor | None:
-        """The additive key mask ``[B, 1, 1, M]`` of the padded view, in any layout."""
-        if not self.packed:
-            return self.attn_bias(dtype, prop_attn)
-        sizes = unpack(self.sizes, self.valid, fill=1.0) if prop_attn and self.sizes is not None else None
-        return additive_key_mask(self.valid, sizes, dtype)
-
     def apply(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
         """Merge (if planned) then keep the survivors, in their original order or laid
         out by ``sel.order``.

@@ -240,8 +240,8 @@ def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: 
         groups = attn.num_heads // kr.shape[2]
         if groups > 1:
             kr = kr.repeat_interleave(groups, dim=2)
-        b = state.valid.shape[0] if state.valid is not None else x.shape[0]
-        return cls_attention(state.first(q.flatten(2)).reshape(b, attn.num_heads, -1), kr, state, attn.scale, prop)
+        q_cls = state.first(q.flatten(2))  # [B, H*D]
+        return cls_attention(q_cls.reshape(q_cls.shape[0], attn.num_heads, -1), kr, state, attn.scale, prop)
 
     return LayerContext(
         keys=state.padded(head_mean(k)),
