@@ -263,6 +263,31 @@ def test_block_flops_match_the_flop_counter(impl):
         assert find_adapter(model).block_flops(model, n, n) == total / 2
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["dinov2", "vit"])
+def test_flops_model_matches_what_runs_before_attention(kind, images):
+    """torch's FLOP counter on a tower that drops before layer 1's attention equals the
+    adapter's count: the key projection on every token, queries, values and the rest of
+    the layer on the survivors."""
+    from saint.measure.flops import count_flops
+
+    model = make(kind)
+    adapter, layers = find_adapter(model), layers_of(model)
+    entering = []
+    hook = layers[0].register_forward_pre_hook(lambda m, a, kw: entering.append((a or (kw["hidden_states"],))[0].shape),
+                                               with_kwargs=True)
+    unpruned, _ = count_flops(lambda: run(model, images))
+    hook.remove()
+    b, n = entering[0][:2]
+    rest = unpruned / b - len(layers) * adapter.block_flops(model, n, n)
+    saint.patch(model, "random", r=3, layers=[1], select_at="attention")
+    total, _ = count_flops(lambda: run(model, images))
+    after = n - 3
+    expected = (adapter.block_flops(model, n, n) + adapter.block_flops(model, n, after)
+                + (len(layers) - 2) * adapter.block_flops(model, after, after))
+    assert total / b - rest == pytest.approx(expected, rel=1e-9)
+
+
 def test_calibrate_saint_match_on_dinov2(images):
     model = make()
     cal = saint.calibrate(model, images, flops_speedup=1.5, method="saint_match")

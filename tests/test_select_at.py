@@ -69,13 +69,48 @@ def test_placements_merge_the_same_counts_with_different_results(images):
     assert not torch.allclose(outs["mlp"], outs["attention"], atol=1e-4)
 
 
-def test_flops_model_counts_qkv_on_the_input_and_the_rest_on_the_survivors():
-    full_qkv = 2 * 17 * 3 * 32 * 32
-    survivors_qkv = 2 * 9 * 3 * 32 * 32
+def test_flops_model_counts_keys_on_the_input_and_the_rest_on_the_survivors():
+    keys_in, keys_out = 2 * 17 * 32 * 32, 2 * 9 * 32 * 32
     after = vit_block_flops(17, 9, 32, 128, "attention")
-    assert after == vit_block_flops(9, 9, 32, 128) + full_qkv - survivors_qkv
-    assert vit_block_flops(17, 9, 32, 128, "attention") < vit_block_flops(17, 9, 32, 128, "mlp")
-    assert vit_block_flops(17, 17, 32, 128, "attention") == vit_block_flops(17, 17, 32, 128)
+    assert after == vit_block_flops(9, 9, 32, 128) + keys_in - keys_out
+    full_qkv = vit_block_flops(17, 9, 32, 128, "attention", keys_first=False)
+    assert full_qkv == after + 2 * (keys_in - keys_out)  # queries and values on every token too
+    assert after < full_qkv < vit_block_flops(17, 9, 32, 128, "mlp")
+    for keys_first in (True, False):
+        assert vit_block_flops(17, 17, 32, 128, "attention", keys_first) == vit_block_flops(17, 17, 32, 128)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("hooked", [False, True])
+def test_timm_flops_model_matches_what_runs_before_attention(hooked, images):
+    """torch's FLOP counter on a model that drops before block 1's attention equals the
+    adapter's count: the key rows of qkv on every token and the query/value rows on the
+    survivors; with a user's hook on that qkv, the whole projection on every token (and
+    the hook sees it)."""
+    from saint.adapters import find_adapter
+    from saint.measure.flops import count_flops
+
+    model = make_tiny("vit")
+    adapter = find_adapter(model)
+    n = model.num_prefix_tokens + model.patch_embed.num_patches
+    seen = []
+    if hooked:
+        model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
+    b = len(images)
+    unpruned, _ = count_flops(lambda: model.forward_features(images))
+    rest = unpruned / b - len(model.blocks) * adapter.block_flops(model, n, n)
+    saint.patch(model, "random", r=5, layers=[1], select_at="attention")
+    total, _ = count_flops(lambda: model.forward_features(images))
+    after = n - 5
+    counted = adapter.block_flops(model, n, after)
+    if hooked:
+        assert seen[-1] == n  # the projection the hook is on ran on every token
+        blk = model.blocks[1]
+        dim = blk.norm1.normalized_shape[0]
+        counted = vit_block_flops(n, after, dim, blk.mlp.fc1.out_features, "attention", keys_first=False)
+    expected = adapter.block_flops(model, n, n) + counted + (len(model.blocks) - 2) * adapter.block_flops(
+        model, after, after)
+    assert total / b - rest == pytest.approx(expected, rel=1e-9)
 
 
 def test_flops_fraction_follows_the_patched_setting(images):
@@ -109,19 +144,34 @@ def test_bad_select_at_is_refused(images):
     assert not saint.is_patched(model)
 
 
+class _OwnLinear(torch.nn.Linear):
+    """A qkv projection that is not a plain ``nn.Linear`` (as a quantised or adapted one)."""
+
+
 @torch.no_grad()
-def test_projection_compacted_in_place_only_when_nothing_else_reads_it(images):
-    """Without gradients and foreign hooks the survivors' qkv rows are compacted inside the
-    projection's output; a user's hook on that projection keeps what it saw."""
+def test_keys_first_equals_the_whole_projection_and_hooks_see_it_whole(images):
+    """A plain qkv runs its key rows on every token and q/v on the survivors; a user's hook
+    on it, or a qkv of another class, makes the block project every token whole (the hook
+    sees that, never overwritten; without a hook the rows are compacted in place). Both
+    give the same answer."""
     model = make_tiny("vit")
     saint.patch(model, "saint_match", tau=0.3, fraction=0.7, select_at="attention")
-    ref = model(images)
+    keys_first = model(images)
     seen = []
-    hook = model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, out: seen.append((out, out.clone())))
-    torch.testing.assert_close(model(images), ref, rtol=0, atol=0)
-    hook.remove()
-    out, copy = seen[0]
-    assert torch.equal(out, copy)  # not overwritten
+    hooks = [model.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2])),
+             model.blocks[1].attn.qkv.register_forward_hook(lambda m, a, out: seen.append((out, out.clone())))]
+    torch.testing.assert_close(model(images), keys_first, **TOL)
+    for h in hooks:
+        h.remove()
+    entering, (out, copy) = seen
+    assert out.shape[:2] == entering and torch.equal(out, copy)
+    saint.unpatch(model)
+    for blk in model.blocks:
+        own = _OwnLinear(blk.attn.qkv.in_features, blk.attn.qkv.out_features)
+        own.load_state_dict(blk.attn.qkv.state_dict())
+        blk.attn.qkv = own
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7, select_at="attention")
+    torch.testing.assert_close(model(images), keys_first, **TOL)
 
 
 def test_keep_rows_in_place_equals_gather():

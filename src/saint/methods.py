@@ -57,8 +57,9 @@ class MethodConfig:
     ``select_at`` says where in a pruning block the selection acts: ``"mlp"`` (default,
     as published by SAINT and ToMe) between the attention residual and the MLP, or
     ``"attention"`` (vision blocks of timm ViTs and CLIP/SigLIP towers) before the
-    attention, on the block's own keys: the merged or dropped tokens' query/key/value
-    rows go with them, so that block's attention already runs on the survivors."""
+    attention, on the block's own keys: only the key projection runs on every token (the
+    whole q/k/v projection on timm ``Eva`` blocks, or where a user's hook watches a timm
+    qkv), so that block's queries, values and attention already run on the survivors."""
 
     layers: Sequence[int] | None = None
     select_at: str = "mlp"

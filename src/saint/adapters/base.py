@@ -51,14 +51,17 @@ class Grid:
         return self.rows * self.cols
 
 
-def vit_block_flops(n_in: float, n_out: float, dim: int, mlp_hidden: int, select_at: str = "mlp") -> float:
+def vit_block_flops(n_in: float, n_out: float, dim: int, mlp_hidden: int, select_at: str = "mlp",
+                    keys_first: bool = True) -> float:
     """FLOPs of one ViT block (multiply-add = 2 FLOPs) with ``n_in`` tokens entering and
     ``n_out`` leaving: with ``select_at="mlp"`` qkv, attention and proj run on ``n_in``
     and the MLP on ``n_out`` (pruning sits between the two); with ``"attention"`` only
-    the qkv projection runs on ``n_in`` and everything after it on ``n_out``."""
+    the key projection runs on ``n_in`` and everything after it on ``n_out`` (with
+    ``keys_first=False`` the whole qkv projection runs on ``n_in``)."""
     n_attn = n_in if select_at == "mlp" else n_out
-    return (2 * n_in * 3 * dim * dim + 2 * n_attn * dim * dim + 4 * n_attn * n_attn * dim
-            + 2 * n_out * 2 * dim * mlp_hidden)
+    n_qv = n_out if select_at != "mlp" and keys_first else n_in
+    return (2 * n_in * dim * dim + 2 * n_qv * 2 * dim * dim + 2 * n_attn * dim * dim
+            + 4 * n_attn * n_attn * dim + 2 * n_out * 2 * dim * mlp_hidden)
 
 
 def select_at_of(model: nn.Module, select_at: str | None) -> str:

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from ..core import (
     additive_key_mask,
     gather_tokens,
-    head_mean,
     keep_mask_to_indices,
     merge_weighted,
     packed_query_attention,
@@ -578,15 +577,6 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, state: TokenState, scale: fl
     if state.packed:
         return packed_query_attention(q, k[0], state.lengths, scale, bias)
     return query_attention(q, k, scale, None if bias is None else bias[:, 0, 0])
-
-
-def keys_from_qkv(qkv: torch.Tensor, num_heads: int, k_norm: Any = None) -> torch.Tensor:
-    """Head-averaged keys ``[B, N, head_dim]`` from a fused ``[B, N, 3*C]`` qkv output."""
-    b, n, c3 = qkv.shape
-    k = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads))[:, :, 1]
-    if k_norm is not None:
-        k = k_norm(k)
-    return head_mean(k)
 
 
 def transformers_loaded() -> bool:

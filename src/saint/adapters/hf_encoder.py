@@ -463,17 +463,20 @@ def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed:
 def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, x: torch.Tensor,
                              settings: dict[str, Any], pe: Rows | None = None) -> torch.Tensor:
     """A pruning layer with ``select_at="attention"``: the selection reads the layer's own
-    keys, the tokens and their q/k/v projections are merged (size-weighted means of rows)
-    or dropped together, and attention, the output projection and the MLP run on the survivors."""
+    keys (the key projection runs on every token), the tokens, their normed inputs and
+    keys are merged (size-weighted means of rows) or dropped together, and the query and
+    value projections (a merge is a mean with weights summing to 1, so it commutes with
+    them), attention, the output projection and the MLP run on the survivors."""
     state = run.state
     normed = p.norm1(x)
-    q, k, v = p.q(normed), p.k(normed), p.v(normed)  # the hook captures k
+    k = p.k(normed)  # the hook captures it
     npt = handle.num_protected
     sel = _select(p, handle, run, index, normed, x, settings, _token_rows(pe, state.positions_of(x), npt))
-    unshared = [output_unshared(proj, saint_hooks=int(proj is p.k)) for proj in (p.q, p.k, p.v)]
-    x, q, k, v = state.apply_many([x, q, k, v], sel, in_place=[False, *unshared])
+    x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(p.norm1),
+                                                                   output_unshared(p.k, saint_hooks=1)])
     if state.packed:
         _check_packed_training(p)
+    q, v = p.q(normed), p.v(normed)
     b, n = q.shape[:2]
     q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
     rows = _token_rows(pe, state.positions_of(x), npt)  # the survivors' rows

@@ -36,7 +36,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from ..core import head_mean
 from ..methods import LayerContext, MethodSpec, make_config, require_class_token, require_site
 from .base import (
     FamilyAdapter,
@@ -44,6 +46,7 @@ from .base import (
     Probe,
     Site,
     TokenStateHandle,
+    capture_for_selection,
     install_sites,
     remove_sites,
     save_output,
@@ -58,7 +61,6 @@ from .common import (
     check_layout,
     check_static_counts,
     cls_attention,
-    keys_from_qkv,
     output_unshared,
 )
 
@@ -174,17 +176,17 @@ def _check_static_counts(model: torch.nn.Module, spec: MethodSpec, settings: dic
         check_static_counts(int(n), spec, settings, unit="block")
 
 
-def _cls_attention_of(blk: torch.nn.Module, qkv_packed: torch.Tensor, state: TokenState, prop_attn: bool):
+def _cls_attention_of(blk: torch.nn.Module, q_first: Callable[[], torch.Tensor], k: torch.Tensor,
+                      state: TokenState, prop_attn: bool) -> Callable[[], torch.Tensor]:
     """The class token's attention over all tokens (padded view), averaged over heads
-    (lazy; a packed stream's keys are never padded)."""
+    (lazy): ``q_first()`` the class tokens' queries ``[B, C]``, ``k`` every token's keys
+    in the state's layout (a packed stream's keys are never padded)."""
 
     def compute() -> torch.Tensor:
         attn = blk.attn
-        c = qkv_packed.shape[-1] // 3
         h = attn.num_heads
-        k = attn.k_norm(qkv_packed[..., c : 2 * c].unflatten(-1, (h, c // h)))
-        q = attn.q_norm(state.first(qkv_packed[..., :c]).unflatten(-1, (h, c // h)))  # [B, H, D]
-        return cls_attention(q, k, state, attn.scale, prop_attn)
+        q = attn.q_norm(q_first().unflatten(-1, (h, attn.head_dim)))  # [B, H, D]
+        return cls_attention(q, attn.k_norm(k.unflatten(-1, (h, attn.head_dim))), state, attn.scale, prop_attn)
 
     return compute
 
@@ -200,10 +202,18 @@ def _packed_attention(attn: torch.nn.Module, x: torch.Tensor, state: TokenState,
 def _attention_of_qkv(attn: torch.nn.Module, qkv: torch.Tensor, gate: torch.Tensor | None, state: TokenState,
                       prop_attn: bool, kernel: str) -> torch.Tensor:
     """The rest of timm's ``Attention`` from its qkv projection ``[B, N, 3C]`` (or a packed
-    ``[1, T, 3C]``) and gate logits: q/k norms, attention over each image's real tokens
-    (the state's key mask or per-image packed attention), norm, gate, proj, dropouts."""
+    ``[1, T, 3C]``) and gate logits: see :func:`_attention_of_projections`."""
     b, n = qkv.shape[:2]
     q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)
+    return _attention_of_projections(attn, q, k, v, gate, state, prop_attn, kernel)
+
+
+def _attention_of_projections(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              gate: torch.Tensor | None, state: TokenState, prop_attn: bool,
+                              kernel: str) -> torch.Tensor:
+    """The rest of timm's ``Attention`` from q, k, v ``[B, N, H, D]`` and gate logits:
+    q/k norms, attention over each image's real tokens (the state's key mask or
+    per-image packed attention), norm, gate, proj, dropouts."""
     dropout = attn.attn_drop.p if attn.training else 0.0
     x = attn.norm(attention_of(attn.q_norm(q), attn.k_norm(k), v, state, prop_attn, attn.scale, dropout, kernel))
     if gate is not None:
@@ -240,7 +250,8 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     else:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=state.attn_bias(x.dtype, prop_attn))))
     if settings is not None:
-        x = state.apply(x, handle.spec.select(_context(handle, run, self, index, x), settings, handle.config))
+        x = state.apply(x, handle.spec.select(_captured_context(handle, run, self, index, x), settings,
+                                                  handle.config))
         if state.packed:
             check_packed_training(self)
     if settings is not None or state.packed:
@@ -251,13 +262,57 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
 def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: int, x: torch.Tensor,
                              settings: dict[str, Any]) -> torch.Tensor:
     """A pruning block with ``select_at="attention"``: the selection reads the block's own
-    keys, then the tokens and their qkv rows (and gate logits) are merged (size-weighted
-    means of rows) or dropped alike, and attention, proj and MLP run on the survivors."""
+    keys, then the tokens are merged (size-weighted means of rows) or dropped, and
+    attention, proj and MLP run on the survivors. Where the qkv projection is a plain
+    ``nn.Linear`` that only saint watches, only its key rows run on every token and the
+    queries and values are projected from the survivors' merged inputs (a merge is a mean
+    with weights summing to 1, so it commutes with the projection); otherwise the whole
+    projection runs on every token and its rows are merged with the tokens."""
     state, attn = run.state, blk.attn
     normed = blk.norm1(x)
+    if not _keys_first(attn):
+        return _select_after_qkv(blk, handle, run, index, x, normed, settings)
+    c = attn.qkv.out_features // 3
+    w, bias = attn.qkv.weight, attn.qkv.bias
+
+    def project(i: int, t: torch.Tensor) -> torch.Tensor:  # rows i*c:(i+1)*c: q, k or v
+        return F.linear(t, w[i * c : (i + 1) * c], None if bias is None else bias[i * c : (i + 1) * c])
+
+    k = project(1, normed)
+    ctx = _context(handle, run, blk, index, x, k, lambda: project(0, state.first(normed)))
+    sel = handle.spec.select(ctx, settings, handle.config)
+    x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(blk.norm1),
+                                                                   not torch.is_grad_enabled()])
+    if state.packed:
+        check_packed_training(blk)
+    gate = attn.gate(normed) if getattr(attn, "gate", None) is not None else None
+    heads = (attn.num_heads, attn.head_dim)
+    q, k, v = project(0, normed).unflatten(-1, heads), k.unflatten(-1, heads), project(2, normed).unflatten(-1, heads)
+    x = x + blk.drop_path1(blk.ls1(_attention_of_projections(attn, q, k, v, gate, state, handle.config.size_bias,
+                                                             handle.kernel)))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def _keys_first(attn: torch.nn.Module) -> bool:
+    """Whether the block's qkv projection may run in parts: a plain ``nn.Linear`` with no
+    hook of its own but saint's key capture (a user's hook on it sees the whole projection
+    it registered on; global module hooks, e.g. a FLOP counter's, see the modules that run)."""
+    qkv = attn.qkv
+    return (type(qkv) is torch.nn.Linear and not qkv._forward_pre_hooks
+            and all(h is capture_for_selection for h in qkv._forward_hooks.values()))
+
+
+def _select_after_qkv(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: int, x: torch.Tensor,
+                      normed: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+    """``select_at="attention"`` through the module's whole qkv projection: its rows (and
+    gate logits) are merged or dropped with the tokens."""
+    state, attn = run.state, blk.attn
     qkv = attn.qkv(normed)  # the key hook captures it for the selection
+    c = qkv.shape[-1] // 3
     parts = [x, qkv] + ([attn.gate(normed)] if getattr(attn, "gate", None) is not None else [])
-    sel = handle.spec.select(_context(handle, run, blk, index, x), settings, handle.config)
+    captured = run.captured.pop(index)
+    ctx = _context(handle, run, blk, index, x, captured[..., c : 2 * c], lambda: state.first(captured[..., :c]))
+    sel = handle.spec.select(ctx, settings, handle.config)
     # the survivors' qkv rows are compacted inside the projection's own output when
     # nothing else reads it: a new tensor the size of the stream per block cost more than
     # the gather itself on a CPU (docs/packed.md)
@@ -269,20 +324,29 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: torch.Tensor) -> LayerContext:
-    """What the selection sees, in the padded view when the tokens are packed (keys are
-    averaged over heads before padding; the rest is padded only when asked for)."""
-    state = run.state
-    qkv = run.captured.pop(index)
-    prop_attn = handle.config.size_bias
+def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: torch.Tensor, k: torch.Tensor,
+             q_first: Callable[[], torch.Tensor]) -> LayerContext:
+    """What the selection sees, in the padded view when the tokens are packed: the keys
+    ``k`` (``[..., C]``, before the k norm) averaged over heads before padding, the class
+    token's attention from its query ``q_first()`` (lazy); the rest is padded only when asked for."""
+    state, attn = run.state, blk.attn
     return LayerContext(
-        keys=state.padded(keys_from_qkv(qkv, blk.attn.num_heads, blk.attn.k_norm)),
+        keys=state.padded(head_mean(attn.k_norm(k.unflatten(-1, (attn.num_heads, attn.head_dim))))),
         num_protected=handle.num_protected,
         valid=state.valid,
-        cls_attention=_cls_attention_of(blk, qkv, state, prop_attn) if handle.num_protected > 0 else None,
+        cls_attention=(_cls_attention_of(blk, q_first, k, state, handle.config.size_bias)
+                       if handle.num_protected > 0 else None),
         tokens=(lambda: state.padded(x)) if state.packed else x,
         layer=index,
     )
+
+
+def _captured_context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: torch.Tensor
+                      ) -> LayerContext:
+    """:func:`_context` from the qkv output the key hook captured in this block."""
+    qkv = run.captured.pop(index)
+    c = qkv.shape[-1] // 3
+    return _context(handle, run, blk, index, x, qkv[..., c : 2 * c], lambda: run.state.first(qkv[..., :c]))
 
 
 def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
@@ -407,9 +471,12 @@ class TimmViT(FamilyAdapter):
         return Grid(gh, gw, (ph, pw))
 
     def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
+        """Before attention the key rows of a plain ``nn.Linear`` qkv run on every token and
+        its query/value rows on the survivors (a user's hook on qkv, which makes the block
+        project every token in full, is not counted); any other qkv runs whole on every token."""
         blk = model.blocks[0]
         return vit_block_flops(n_in, n_out, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
-                               select_at_of(model, select_at))
+                               select_at_of(model, select_at), keys_first=type(blk.attn.qkv) is torch.nn.Linear)
 
     def probe(self, model: torch.nn.Module) -> Probe:
         return TimmProbe(model, self.sites(model))
