@@ -170,6 +170,41 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.6x (FLOPs)",
          "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.6@3.6x"),
     ]),
+    "dinov2_518_keys_first": ("dinov2_s14_518_cpu_keysfirst.json",
+                              "518px, 2 threads, before attention projecting q/v from the survivors", [
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        ("ToMe r=100, decreasing, keep_norm", "tome:r=100,inflection=-0.5,keep_norm=true"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3.3@3.3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.3@3.3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.5x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.5@3.5x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.7x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.7@3.7x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
+    ]),
+    "dinov2_224_keys_first": ("dinov2_s14_224_cpu_keysfirst.json", "224px, 2 threads, both placements with keep_norm", [
+        ("ToMe r=13, keep_norm", "tome:r=13,keep_norm=true"),
+        ("ToMe r=13, decreasing, keep_norm", "tome:r=13,inflection=-0.5,keep_norm=true"),
+        ("ToMe r=16, keep_norm", "tome:r=16,keep_norm=true"),
+        ("ToMe r=16, decreasing, keep_norm", "tome:r=16,inflection=-0.5,keep_norm=true"),
+        ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
+        ("ToMe r=19, decreasing, keep_norm", "tome:r=19,inflection=-0.5,keep_norm=true"),
+        ("`saint_match` guard 0.1, keep_norm, 1.5x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.5x"),
+        ("`saint_match` guard 0.1, keep_norm, 1.9x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.9x"),
+        ("`saint_match` guard 0.1, keep_norm, 2x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2x"),
+        ("`saint_match` guard 0.1, keep_norm, 2.1x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2.1x"),
+        ("`saint_match` guard 0.1, keep_norm, before attention, 1.5x (FLOPs)",
+         "saint_match:guard=0.1,keep_norm=True,select_at=attention@1.5x"),
+        ("`saint_match` guard 0.1, keep_norm, before attention, 1.9x (FLOPs)",
+         "saint_match:guard=0.1,keep_norm=True,select_at=attention@1.9x"),
+        ("`saint_match` guard 0.1, keep_norm, before attention, 2x (FLOPs)",
+         "saint_match:guard=0.1,keep_norm=True,select_at=attention@2x"),
+        ("`saint_match` guard 0.1, keep_norm, before attention, 2.1x (FLOPs)",
+         "saint_match:guard=0.1,keep_norm=True,select_at=attention@2.1x"),
+    ]),
     "dinov2_224_guard_keep_norm": ("dinov2_s14_224_cpu_guardnorm.json", "224px, 2 threads, guard with keep_norm", [
         ("ToMe r=13, keep_norm", "tome:r=13,keep_norm=true"),
         ("ToMe r=13, decreasing, keep_norm", "tome:r=13,inflection=-0.5,keep_norm=true"),
@@ -238,7 +273,8 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
 
 # tables that compare at the same FLOPs, so show them
 WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm",
-              "dinov2_518_recheck", "dinov2_518_placement", "dinov2_224_guard_keep_norm"}
+              "dinov2_518_recheck", "dinov2_518_placement", "dinov2_224_guard_keep_norm",
+              "dinov2_518_keys_first", "dinov2_224_keys_first"}
 
 
 def fidelity_table(name: str) -> str:
