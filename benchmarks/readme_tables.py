@@ -31,6 +31,12 @@ def tome_rows(*rs: int) -> list[tuple[str, str]]:
 
 
 # name -> (result file, first header, [(README label, result label)])
+# ToMe at 224px with keep_norm, constant r and ToMe's decreasing schedule
+TOME_224_KEEP_NORM = [
+    (f"ToMe r={r}{', decreasing' if dec else ''}, keep_norm", f"tome:r={r}{',inflection=-0.5' if dec else ''},keep_norm=true")
+    for r in (13, 16, 19) for dec in (False, True)
+]
+
 FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
         ("ToMe r=13", "tome:r=13"),
@@ -186,12 +192,7 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
          "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
     ]),
     "dinov2_224_keys_first": ("dinov2_s14_224_cpu_keysfirst.json", "224px, 2 threads, both placements with keep_norm", [
-        ("ToMe r=13, keep_norm", "tome:r=13,keep_norm=true"),
-        ("ToMe r=13, decreasing, keep_norm", "tome:r=13,inflection=-0.5,keep_norm=true"),
-        ("ToMe r=16, keep_norm", "tome:r=16,keep_norm=true"),
-        ("ToMe r=16, decreasing, keep_norm", "tome:r=16,inflection=-0.5,keep_norm=true"),
-        ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
-        ("ToMe r=19, decreasing, keep_norm", "tome:r=19,inflection=-0.5,keep_norm=true"),
+        *TOME_224_KEEP_NORM,
         ("`saint_match` guard 0.1, keep_norm, 1.5x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.5x"),
         ("`saint_match` guard 0.1, keep_norm, 1.9x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.9x"),
         ("`saint_match` guard 0.1, keep_norm, 2x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2x"),
@@ -206,12 +207,7 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
          "saint_match:guard=0.1,keep_norm=True,select_at=attention@2.1x"),
     ]),
     "dinov2_224_guard_keep_norm": ("dinov2_s14_224_cpu_guardnorm.json", "224px, 2 threads, guard with keep_norm", [
-        ("ToMe r=13, keep_norm", "tome:r=13,keep_norm=true"),
-        ("ToMe r=13, decreasing, keep_norm", "tome:r=13,inflection=-0.5,keep_norm=true"),
-        ("ToMe r=16, keep_norm", "tome:r=16,keep_norm=true"),
-        ("ToMe r=16, decreasing, keep_norm", "tome:r=16,inflection=-0.5,keep_norm=true"),
-        ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
-        ("ToMe r=19, decreasing, keep_norm", "tome:r=19,inflection=-0.5,keep_norm=true"),
+        *TOME_224_KEEP_NORM,
         ("`saint_match` keep_norm, 1.5x (FLOPs)", "saint_match:keep_norm=True@1.5x"),
         ("`saint_match` keep_norm, 1.9x (FLOPs)", "saint_match:keep_norm=True@1.9x"),
         ("`saint_match` keep_norm, 2x (FLOPs)", "saint_match:keep_norm=True@2x"),

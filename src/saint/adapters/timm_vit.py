@@ -308,11 +308,8 @@ def _select_after_qkv(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: 
     gate logits) are merged or dropped with the tokens."""
     state, attn = run.state, blk.attn
     qkv = attn.qkv(normed)  # the key hook captures it for the selection
-    c = qkv.shape[-1] // 3
     parts = [x, qkv] + ([attn.gate(normed)] if getattr(attn, "gate", None) is not None else [])
-    captured = run.captured.pop(index)
-    ctx = _context(handle, run, blk, index, x, captured[..., c : 2 * c], lambda: state.first(captured[..., :c]))
-    sel = handle.spec.select(ctx, settings, handle.config)
+    sel = handle.spec.select(_captured_context(handle, run, blk, index, x), settings, handle.config)
     # the survivors' qkv rows are compacted inside the projection's own output when
     # nothing else reads it: a new tensor the size of the stream per block cost more than
     # the gather itself on a CPU (docs/packed.md)
