@@ -293,12 +293,18 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
+def _splittable(qkv: torch.nn.Module) -> bool:
+    """A plain ``nn.Linear``: its q, k and v rows can run as products on slices of its own
+    weight (what the FLOPs model counts before attention)."""
+    return type(qkv) is torch.nn.Linear
+
+
 def _keys_first(attn: torch.nn.Module) -> bool:
-    """Whether the block's qkv projection may run in parts: a plain ``nn.Linear`` with no
-    hook of its own but saint's key capture (a user's hook on it sees the whole projection
-    it registered on; global module hooks, e.g. a FLOP counter's, see the modules that run)."""
+    """Whether the block's qkv projection may run in parts now: splittable, with no hook of
+    its own but saint's key capture (a user's hook on it sees the whole projection it
+    registered on; global module hooks, e.g. a FLOP counter's, see the modules that run)."""
     qkv = attn.qkv
-    return (type(qkv) is torch.nn.Linear and not qkv._forward_pre_hooks
+    return (_splittable(qkv) and not qkv._forward_pre_hooks
             and all(h is capture_for_selection for h in qkv._forward_hooks.values()))
 
 
@@ -473,7 +479,7 @@ class TimmViT(FamilyAdapter):
         project every token in full, is not counted); any other qkv runs whole on every token."""
         blk = model.blocks[0]
         return vit_block_flops(n_in, n_out, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
-                               select_at_of(model, select_at), keys_first=type(blk.attn.qkv) is torch.nn.Linear)
+                               select_at_of(model, select_at), keys_first=_splittable(blk.attn.qkv))
 
     def probe(self, model: torch.nn.Module) -> Probe:
         return TimmProbe(model, self.sites(model))
