@@ -93,13 +93,27 @@ def test_merging_packed_equals_padded_equals_alone(name):
     saint.unpatch(model)
 
 
-@pytest.mark.parametrize("arch", ["eva02", "dinov3", "rope_gqa"])
+# a q norm (no projecting queries of merged inputs) and a gate (projected like the values)
+FLAVOURS = {"rope_qk_norm": ("rope_gqa", {"qk_norm": True}), "eva02_gated": ("eva02", {})}
+
+
+def flavour(arch: str) -> torch.nn.Module:
+    name, extra = FLAVOURS.get(arch, (arch, {}))
+    model = make_tiny(name, **extra)
+    if arch.endswith("_gated"):  # EvaAttention(gated=True): timm's Eva builds no such model by name
+        for blk in model.blocks:
+            blk.attn.gate = torch.nn.Linear(blk.norm1.normalized_shape[0], blk.attn.num_heads * blk.attn.head_dim)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["eva02", "dinov3", "rope_gqa", *FLAVOURS])
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
 def test_block_flops_match_the_flop_counter(arch, select_at):
     """The FLOPs model calibration reads equals torch's counter on one block: unpruned,
-    and with the selection before attention (qkv on every token, the rest on the
-    survivors), for EVA's q/v bias + SwiGLU, DINOv3 and grouped key/value heads."""
-    model = make_tiny(arch)
+    and with the selection before attention (keys on every token, queries, values, gate
+    and the rest on the survivors; with a q norm, all of q/k/v on every token), for EVA's
+    q/v bias + SwiGLU, DINOv3, grouped key/value heads, a q norm and a gate."""
+    model = flavour(arch)
     blk, n = model.blocks[0], model.num_prefix_tokens + model.patch_embed.num_patches
     rope = model._pos_embed(model.patch_embed(torch.randn(1, 3, 32, 32)))[1]
     adapter = find_adapter(model)
@@ -116,6 +130,37 @@ def test_block_flops_match_the_flop_counter(arch, select_at):
     unpruned, _ = count_flops(lambda: model.forward_features(torch.randn(2, 3, 32, 32)))
     rest = unpruned / 2 - len(model.blocks) * adapter.block_flops(model, n, n)
     assert total / 2 - rest == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["eva02", "dinov3", "rope_gqa", "eva02_gated"])
+def test_keys_first_equals_every_tokens_projections_merged(arch, monkeypatch):
+    """Before attention, projecting queries, values and gate logits from the survivors'
+    merged inputs equals merging every token's projections (a merge is a mean, the
+    projections affine); a user's hook on a fused qkv sees the whole projection (every
+    entering token), and the answer is the same."""
+    from saint.adapters import timm_eva
+
+    model = flavour(arch)
+    x = images()
+    saint.patch(model, "saint_match", tau=0.2, fraction=0.8, layers=[0, 1, 2], select_at="attention")
+    with torch.no_grad():
+        keys_first = model(x)
+    assert saint.stats(model).tokens[1][0] < saint.stats(model).tokens[0][0]
+    with monkeypatch.context() as m:
+        m.setattr(timm_eva, "_keys_first", lambda attn: False)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), keys_first, **TOL)
+    attn = model.blocks[1].attn
+    if attn.qkv is None or attn.q_bias is not None:  # EVA's q/v bias: timm itself runs F.linear on qkv's weight
+        return
+    seen = []
+    hooks = [model.blocks[1].register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape[:2])),
+             attn.qkv.register_forward_hook(lambda mod, a, out: seen.append(out.shape[:2]))]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), keys_first, **TOL)
+    for h in hooks:
+        h.remove()
+    assert seen[0] == seen[1]
 
 
 def test_adapter_and_protocol_reads():

@@ -17,6 +17,14 @@ q/k norms, the rotation, per-image attention, scale norm, gate and proj: the att
 call is the only thing written here, and it is tested against the module's. The
 selection reads the keys after the k norm and before the rotation (what a token is,
 not where it is); class-token attention is read after it (what the class token reads).
+
+Selecting before attention projects only the keys of every entering token when it can:
+queries, values and gate logits are then projected from the survivors' merged normed
+inputs, which equals merging every token's projections because a merge is a mean with
+weights summing to 1 and the projections are affine. That needs no q norm (a norm does
+not commute with a mean) and, for a fused qkv, a plain ``nn.Linear`` with no hook (its
+rows run as products on slices of its own weight); otherwise every token's q/k/v rows
+are projected and merged with the tokens.
 """
 
 from __future__ import annotations
@@ -38,13 +46,22 @@ from .base import (
     save_output,
     select_at_of,
 )
-from .common import SAINT_ATTR, SITE_ATTR, TokenState, attention_of, cls_attention, patch_table_rows
+from .common import (
+    SAINT_ATTR,
+    SITE_ATTR,
+    TokenState,
+    attention_of,
+    cls_attention,
+    output_unshared,
+    patch_table_rows,
+)
 from .timm_vit import (
     TimmPatch,
     TimmViT,
     begin_patch,
     check_blocks,
     check_packed_training,
+    qkv_splittable,
     resolve_settings,
     unwrap_outputs,
     wrap_outputs,
@@ -112,22 +129,21 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
     else:
         if state.packed:
             check_packed_training(self)
-        gate = attn.gate(normed) if attn.gate is not None else None
-        q, k, v = _project(attn, normed)
         rows = _token_rope(rope, state.positions_of(x), npt)
         before = settings is not None and handle.config.select_at == "attention"
         if before:  # select on these tokens, then rotate the survivors by their own rows
-            ctx = _context(handle, run, attn, index, x, q, k, lambda: _rotate(attn, k, rows, v))
-            x, q, k, v, gate = _apply_to_projections(state, handle.spec.select(ctx, settings, handle.config),
-                                                     x, q, k, v, gate)
+            x, q, k, v, gate = _select_before_attention(self, handle, run, index, x, normed, rows, settings)
             if state.packed:
                 check_packed_training(self)
             rows = _token_rope(rope, state.positions_of(x), npt)
+        else:
+            gate = attn.gate(normed) if attn.gate is not None else None
+            q, k, v = _project(attn, normed)
         keys = k  # before the rotation: what the selection reads
         q, k = _rotate(attn, q, rows, v), _rotate(attn, k, rows, v)
         if settings is not None and not before:  # class-token attention reads the rotated keys attention reads
-            sel = handle.spec.select(_context(handle, run, attn, index, x, q, keys, lambda: k), settings,
-                                     handle.config)
+            sel = handle.spec.select(_context(handle, run, attn, index, x, _first_query(attn, state, q), keys,
+                                              lambda: k), settings, handle.config)
         x_attn = _attend(attn, q, k, v, gate, state, prop, handle.kernel)
     x = x + self.drop_path1(_scaled(self.gamma_1, x_attn))
     if sel is not None:
@@ -141,6 +157,49 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
 def _scaled(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """EVA's layer scale (a bare parameter, or none)."""
     return x if gamma is None else gamma * x
+
+
+def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: int, x: torch.Tensor,
+                             normed: torch.Tensor, rows: torch.Tensor | None, settings: dict[str, Any]
+                             ) -> tuple[Any, ...]:
+    """The selection on the block's keys (before the rotation by ``rows``), then the
+    survivors' tokens ``x`` and their q, k, v and gate logits: keys first where
+    :func:`_keys_first` allows, else every token's projections merged with the tokens."""
+    state, attn = run.state, blk.attn
+    if not _keys_first(attn):
+        gate = attn.gate(normed) if attn.gate is not None else None
+        q, k, v = _project(attn, normed)
+        ctx = _context(handle, run, attn, index, x, _first_query(attn, state, q), k,
+                       lambda: _rotate(attn, k, rows, v))
+        return _apply_to_projections(state, handle.spec.select(ctx, settings, handle.config), x, q, k, v, gate)
+    k = attn.k_norm(_projection(attn, 1, normed))
+    ctx = _context(handle, run, attn, index, x, lambda: _projection(attn, 0, state.first(normed)), k,
+                   lambda: _rotate(attn, k, rows, k))
+    sel = handle.spec.select(ctx, settings, handle.config)
+    x, normed, k_rows = state.apply_many([x, normed, k.flatten(2)], sel, in_place=[
+        False, output_unshared(blk.norm1), not torch.is_grad_enabled()])
+    gate = attn.gate(normed) if attn.gate is not None else None
+    return x, _projection(attn, 0, normed), k_rows.unflatten(2, k.shape[2:]), _projection(attn, 2, normed), gate
+
+
+def _keys_first(attn: torch.nn.Module) -> bool:
+    """Whether the block may project only its keys before a selection: projections that
+    split (:func:`_splits_projections`) and, for a fused qkv, no hook on it (a user's hook
+    sees the whole projection it registered on)."""
+    qkv = attn.qkv
+    return _splits_projections(attn) and (qkv is None or not (qkv._forward_pre_hooks or qkv._forward_hooks))
+
+
+def _splits_projections(attn: torch.nn.Module) -> bool:
+    """No q norm, and separate q/k/v projections or a fused qkv that is a plain
+    ``nn.Linear``: queries and values of merged tokens may be projected from their merged
+    inputs (what the FLOPs model counts before attention)."""
+    return type(attn.q_norm) is torch.nn.Identity and (attn.qkv is None or qkv_splittable(attn.qkv))
+
+
+def _first_query(attn: torch.nn.Module, state: TokenState, q: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The first token's query ``[B, H, D]`` out of every token's ``q [B, N, H, D]``."""
+    return lambda: state.first(q.flatten(2)).unflatten(-1, (attn.num_heads, -1))
 
 
 def _apply_to_projections(state: TokenState, sel: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -158,9 +217,7 @@ def _project(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     projections and q/k norms, as ``EvaAttention`` / ``AttentionRope`` compute them."""
     b, n = x.shape[:2]
     if attn.qkv is not None:
-        bias = None
-        if getattr(attn, "q_bias", None) is not None:  # EVA: q and v bias, no k bias
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        bias = _eva_bias(attn)
         if bias is None or attn.qkv_bias_separate:
             qkv = attn.qkv(x)
             if bias is not None:
@@ -174,6 +231,27 @@ def _project(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
         k = attn.k_proj(x).reshape(b, n, heads_kv, -1)
         v = attn.v_proj(x).reshape(b, n, heads_kv, -1)
     return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _eva_bias(attn: torch.nn.Module) -> torch.Tensor | None:
+    """EVA's separate q/v bias for its fused qkv (zeros for k), or None."""
+    if getattr(attn, "q_bias", None) is None:
+        return None
+    return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+
+
+def _projection(attn: torch.nn.Module, part: int, x: torch.Tensor) -> torch.Tensor:
+    """Queries (``part`` 0), keys (1) or values (2) ``[..., H or H_kv, D]`` of ``x``
+    before the q/k norms: rows of a fused qkv (its own weight, EVA's bias) or the
+    attention's own separate projection."""
+    if attn.qkv is None:
+        out = (attn.q_proj, attn.k_proj, attn.v_proj)[part](x)
+    else:
+        bias = _eva_bias(attn)
+        bias = attn.qkv.bias if bias is None else bias
+        rows = slice(part * attn.qkv.out_features // 3, (part + 1) * attn.qkv.out_features // 3)
+        out = F.linear(x, attn.qkv.weight[rows], None if bias is None else bias[rows])
+    return out.unflatten(-1, (-1, attn.head_dim))
 
 
 def _rotate(attn: torch.nn.Module, t: torch.Tensor, rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -227,11 +305,13 @@ def _token_rope(rope: torch.Tensor | None, positions: torch.Tensor, npt: int) ->
 
 
 # ---------------------------------------------------------------------------- selection
-def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: torch.Tensor, q: torch.Tensor,
-             k: torch.Tensor, rotated_k: Callable[[], torch.Tensor]) -> LayerContext:
+def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: torch.Tensor,
+             q_first: Callable[[], torch.Tensor], k: torch.Tensor, rotated_k: Callable[[], torch.Tensor]
+             ) -> LayerContext:
     """What the selection sees, in the padded view: keys ``k`` after the k norm and before
-    the rotation, averaged over heads; class-token attention over ``rotated_k()`` (lazy;
-    the class token's query is never rotated)."""
+    the rotation, averaged over heads; class-token attention of the first token's query
+    ``q_first() [B, H, D]`` over ``rotated_k()`` (both lazy; the class token's query is
+    never rotated)."""
     state = run.state
     prop = handle.config.size_bias
 
@@ -240,8 +320,7 @@ def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: 
         groups = attn.num_heads // kr.shape[2]
         if groups > 1:
             kr = kr.repeat_interleave(groups, dim=2)
-        q_cls = state.first(q.flatten(2))  # [B, H*D]
-        return cls_attention(q_cls.reshape(q_cls.shape[0], attn.num_heads, -1), kr, state, attn.scale, prop)
+        return cls_attention(q_first(), kr, state, attn.scale, prop)
 
     return LayerContext(
         keys=state.padded(head_mean(k)),
@@ -288,15 +367,22 @@ class TimmEva(TimmViT):
 
     def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
         """Every linear layer of the block at its own width (fused or separate q/k/v, grouped
-        key/value heads, gate, GELU or SwiGLU MLP) and the attention's two matmuls."""
+        key/value heads, gate, GELU or SwiGLU MLP) and the attention's two matmuls. Before
+        attention the keys run on every entering token, and the queries, values and gate on
+        the survivors where the projections split (else every token's q/k/v and gate)."""
         blk = model.blocks[0]
         attn = blk.attn
-        n_attn = n_in if select_at_of(model, select_at) == "mlp" else n_out
+        before = select_at_of(model, select_at) == "attention"
+        n_attn = n_out if before else n_in
         projections = sum(m.in_features * m.out_features for name, m in attn.named_children()
                           if isinstance(m, torch.nn.Linear) and name != "proj")
+        keys = (attn.qkv.in_features * attn.qkv.out_features // 3 if attn.qkv is not None
+                else attn.k_proj.in_features * attn.k_proj.out_features)
+        on_survivors = projections - keys if before and _splits_projections(attn) else 0
         mlp = sum(m.in_features * m.out_features for m in blk.mlp.modules() if isinstance(m, torch.nn.Linear))
         width = attn.num_heads * attn.head_dim
-        return (2 * n_in * projections + 2 * n_attn * attn.proj.in_features * attn.proj.out_features
+        return (2 * n_in * (projections - on_survivors) + 2 * n_out * on_survivors
+                + 2 * n_attn * attn.proj.in_features * attn.proj.out_features
                 + 4 * n_attn * n_attn * width + 2 * n_out * mlp)
 
     def probe(self, model: torch.nn.Module) -> Probe:

@@ -293,7 +293,7 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-def _splittable(qkv: torch.nn.Module) -> bool:
+def qkv_splittable(qkv: torch.nn.Module) -> bool:
     """A plain ``nn.Linear``: its q, k and v rows can run as products on slices of its own
     weight (what the FLOPs model counts before attention)."""
     return type(qkv) is torch.nn.Linear
@@ -304,7 +304,7 @@ def _keys_first(attn: torch.nn.Module) -> bool:
     its own but saint's key capture (a user's hook on it sees the whole projection it
     registered on; global module hooks, e.g. a FLOP counter's, see the modules that run)."""
     qkv = attn.qkv
-    return (_splittable(qkv) and not qkv._forward_pre_hooks
+    return (qkv_splittable(qkv) and not qkv._forward_pre_hooks
             and all(h is capture_for_selection for h in qkv._forward_hooks.values()))
 
 
@@ -479,7 +479,7 @@ class TimmViT(FamilyAdapter):
         project every token in full, is not counted); any other qkv runs whole on every token."""
         blk = model.blocks[0]
         return vit_block_flops(n_in, n_out, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
-                               select_at_of(model, select_at), keys_first=_splittable(blk.attn.qkv))
+                               select_at_of(model, select_at), keys_first=qkv_splittable(blk.attn.qkv))
 
     def probe(self, model: torch.nn.Module) -> Probe:
         return TimmProbe(model, self.sites(model))
