@@ -43,7 +43,7 @@ from saint.bench.bench import run_bench, tokens_summary
 from saint.bench.sweep import default_tome_rs
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
 from saint.measure.report import environment, fmt, markdown_table, write_json
-from saint.spec import Variant
+from saint.spec import Variant, parse_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = "saint@1.5,saint_plus@2,saint_plus@3"
@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="224,518", help="input resolutions, multiples of 14 (default 224,518)")
     p.add_argument("--targets", default=TARGETS,
                    help=f"method@real-token-FLOPs speed-up to calibrate, comma-separated (default {TARGETS})")
+    p.add_argument("--target-args", action="append", default=None, metavar="K=V,...",
+                   help="calibrate every target with these extra settings too (repeatable; '' is the method's "
+                        "own settings, e.g. --target-args '' --target-args select_at=attention; default: own only)")
     p.add_argument("--overhead-sizes", default="224", help="resolutions that also time saint:k=1000 (default 224)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (default: the offline real weights), {HF_MODEL} (the same weights as a "
@@ -81,14 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def calibrated_variants(model: torch.nn.Module, calib_x: torch.Tensor, targets: str) -> list[dict[str, Any]]:
-    """Each ``method@speedup`` target calibrated per layer on ``calib_x`` (per-sample rate)."""
+def calibrated_variants(model: torch.nn.Module, calib_x: torch.Tensor, targets: str,
+                        target_args: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Each ``method@speedup`` target calibrated per layer on ``calib_x`` (per-sample rate),
+    once per extra settings in ``target_args`` (default: the method's own settings only)."""
     out = []
     for item in (t.strip() for t in targets.split(",") if t.strip()):
         method, _, value = item.partition("@")
-        cal = saint.calibrate(model, calib_x, speedup=float(value), method=method, apply=False)
-        out.append({"method": method, "flops_speedup_target": float(value), "reached": cal.reached,
-                    "calibration_achieved": cal.achieved, "kwargs": cal.patch_kwargs()})
+        for extra in target_args or [{}]:
+            cal = saint.calibrate(model, calib_x, speedup=float(value), method=method, apply=False, **extra)
+            label = method + "".join(f",{k}={v}" for k, v in extra.items()).replace(",", ":", 1)
+            out.append({"method": method, "label": label, "settings": extra, "flops_speedup_target": float(value),
+                        "reached": cal.reached, "calibration_achieved": cal.achieved, "kwargs": cal.patch_kwargs()})
     return out
 
 
@@ -254,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         harness = Harness(model, device, dtype)  # calibrate where it will run
         x = timing_batch(timing_records, transform, args.batch_size)
         calib_x = harness.prepare(timing_batch(calib_records, transform, len(calib_records)))
-        cals = calibrated_variants(harness.model, calib_x, args.targets)
+        cals = calibrated_variants(harness.model, calib_x, args.targets,
+                                   [parse_kwargs(t) for t in args.target_args] if args.target_args else None)
         variants = [Variant("saint:k=1000", "saint", {"k": 1000})] if size in overhead_sizes else []
         for c in cals:
-            name = f"{c['method']}@{c['flops_speedup_target']:g}x"
+            name = f"{c['label']}@{c['flops_speedup_target']:g}x"
             for layout in ("packed", "padded"):
                 variants.append(Variant(f"{name} {layout}", c["method"], {**c["kwargs"], "layout": layout}))
         variants += [Variant(f"tome r={r}", "tome", {"r": r}) for r in tome_rs(args.tome_r, model)]
