@@ -58,8 +58,9 @@ class MethodConfig:
     as published by SAINT and ToMe) between the attention residual and the MLP, or
     ``"attention"`` (vision blocks of timm ViTs and CLIP/SigLIP towers) before the
     attention, on the block's own keys: only the key projection runs on every token (the
-    whole q/k/v projection on timm ``Eva`` blocks, or where a user's hook watches a timm
-    qkv), so that block's queries, values and attention already run on the survivors."""
+    whole q/k/v projection on timm ``Eva`` blocks with a q norm, or where a user's hook
+    watches a fused timm qkv), so that block's queries, values and attention already run
+    on the survivors."""
 
     layers: Sequence[int] | None = None
     select_at: str = "mlp"

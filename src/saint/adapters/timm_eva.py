@@ -61,6 +61,8 @@ from .timm_vit import (
     begin_patch,
     check_blocks,
     check_packed_training,
+    qkv_part,
+    qkv_runs_in_parts,
     qkv_splittable,
     resolve_settings,
     unwrap_outputs,
@@ -172,22 +174,23 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
         ctx = _context(handle, run, attn, index, x, _first_query(attn, state, q), k,
                        lambda: _rotate(attn, k, rows, v))
         return _apply_to_projections(state, handle.spec.select(ctx, settings, handle.config), x, q, k, v, gate)
-    k = attn.k_norm(_projection(attn, 1, normed))
-    ctx = _context(handle, run, attn, index, x, lambda: _projection(attn, 0, state.first(normed)), k,
+    bias = _eva_bias(attn)
+    k = attn.k_norm(_projection(attn, 1, normed, bias))
+    ctx = _context(handle, run, attn, index, x, lambda: _projection(attn, 0, state.first(normed), bias), k,
                    lambda: _rotate(attn, k, rows, k))
     sel = handle.spec.select(ctx, settings, handle.config)
     x, normed, k_rows = state.apply_many([x, normed, k.flatten(2)], sel, in_place=[
         False, output_unshared(blk.norm1), not torch.is_grad_enabled()])
     gate = attn.gate(normed) if attn.gate is not None else None
-    return x, _projection(attn, 0, normed), k_rows.unflatten(2, k.shape[2:]), _projection(attn, 2, normed), gate
+    q, v = _projection(attn, 0, normed, bias), _projection(attn, 2, normed, bias)
+    return x, q, k_rows.unflatten(2, k.shape[2:]), v, gate
 
 
 def _keys_first(attn: torch.nn.Module) -> bool:
     """Whether the block may project only its keys before a selection: projections that
-    split (:func:`_splits_projections`) and, for a fused qkv, no hook on it (a user's hook
-    sees the whole projection it registered on)."""
-    qkv = attn.qkv
-    return _splits_projections(attn) and (qkv is None or not (qkv._forward_pre_hooks or qkv._forward_hooks))
+    split (:func:`_splits_projections`) and, for a fused qkv, no user's hook on it
+    (:func:`qkv_runs_in_parts`)."""
+    return _splits_projections(attn) and (attn.qkv is None or qkv_runs_in_parts(attn.qkv))
 
 
 def _splits_projections(attn: torch.nn.Module) -> bool:
@@ -240,17 +243,16 @@ def _eva_bias(attn: torch.nn.Module) -> torch.Tensor | None:
     return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
 
 
-def _projection(attn: torch.nn.Module, part: int, x: torch.Tensor) -> torch.Tensor:
+def _projection(attn: torch.nn.Module, part: int, x: torch.Tensor, eva_bias: torch.Tensor | None
+                ) -> torch.Tensor:
     """Queries (``part`` 0), keys (1) or values (2) ``[..., H or H_kv, D]`` of ``x``
-    before the q/k norms: rows of a fused qkv (its own weight, EVA's bias) or the
-    attention's own separate projection."""
+    before the q/k norms: rows of a fused qkv (its own weight, with EVA's bias
+    ``eva_bias`` from :func:`_eva_bias` where it has one) or the attention's own separate
+    projection."""
     if attn.qkv is None:
         out = (attn.q_proj, attn.k_proj, attn.v_proj)[part](x)
     else:
-        bias = _eva_bias(attn)
-        bias = attn.qkv.bias if bias is None else bias
-        rows = slice(part * attn.qkv.out_features // 3, (part + 1) * attn.qkv.out_features // 3)
-        out = F.linear(x, attn.qkv.weight[rows], None if bias is None else bias[rows])
+        out = qkv_part(attn.qkv, part, x, eva_bias)
     return out.unflatten(-1, (-1, attn.head_dim))
 
 

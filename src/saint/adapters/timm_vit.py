@@ -272,14 +272,8 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     normed = blk.norm1(x)
     if not _keys_first(attn):
         return _select_after_qkv(blk, handle, run, index, x, normed, settings)
-    c = attn.qkv.out_features // 3
-    w, bias = attn.qkv.weight, attn.qkv.bias
-
-    def project(i: int, t: torch.Tensor) -> torch.Tensor:  # rows i*c:(i+1)*c: q, k or v
-        return F.linear(t, w[i * c : (i + 1) * c], None if bias is None else bias[i * c : (i + 1) * c])
-
-    k = project(1, normed)
-    ctx = _context(handle, run, blk, index, x, k, lambda: project(0, state.first(normed)))
+    k = qkv_part(attn.qkv, 1, normed)
+    ctx = _context(handle, run, blk, index, x, k, lambda: qkv_part(attn.qkv, 0, state.first(normed)))
     sel = handle.spec.select(ctx, settings, handle.config)
     x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(blk.norm1),
                                                                    not torch.is_grad_enabled()])
@@ -287,7 +281,8 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
         check_packed_training(blk)
     gate = attn.gate(normed) if getattr(attn, "gate", None) is not None else None
     heads = (attn.num_heads, attn.head_dim)
-    q, k, v = project(0, normed).unflatten(-1, heads), k.unflatten(-1, heads), project(2, normed).unflatten(-1, heads)
+    q, k, v = (qkv_part(attn.qkv, 0, normed).unflatten(-1, heads), k.unflatten(-1, heads),
+               qkv_part(attn.qkv, 2, normed).unflatten(-1, heads))
     x = x + blk.drop_path1(blk.ls1(_attention_of_projections(attn, q, k, v, gate, state, handle.config.size_bias,
                                                              handle.kernel)))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -299,13 +294,26 @@ def qkv_splittable(qkv: torch.nn.Module) -> bool:
     return type(qkv) is torch.nn.Linear
 
 
-def _keys_first(attn: torch.nn.Module) -> bool:
-    """Whether the block's qkv projection may run in parts now: splittable, with no hook of
+def qkv_runs_in_parts(qkv: torch.nn.Module) -> bool:
+    """Whether a fused qkv projection may run in parts now: splittable, with no hook of
     its own but saint's key capture (a user's hook on it sees the whole projection it
     registered on; global module hooks, e.g. a FLOP counter's, see the modules that run)."""
-    qkv = attn.qkv
     return (qkv_splittable(qkv) and not qkv._forward_pre_hooks
             and all(h is capture_for_selection for h in qkv._forward_hooks.values()))
+
+
+def qkv_part(qkv: torch.nn.Linear, part: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Queries (``part`` 0), keys (1) or values (2) of ``x`` through a fused qkv's own
+    weight rows, with ``bias`` (``[3C]``; default: the module's own) sliced alike."""
+    c = qkv.out_features // 3
+    bias = qkv.bias if bias is None else bias
+    rows = slice(part * c, (part + 1) * c)
+    return F.linear(x, qkv.weight[rows], None if bias is None else bias[rows])
+
+
+def _keys_first(attn: torch.nn.Module) -> bool:
+    """Whether the block's qkv may run in parts now (:func:`qkv_runs_in_parts`)."""
+    return qkv_runs_in_parts(attn.qkv)
 
 
 def _select_after_qkv(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: int, x: torch.Tensor,
