@@ -43,7 +43,7 @@ from saint.bench.bench import run_bench, tokens_summary
 from saint.bench.sweep import default_tome_rs
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
 from saint.measure.report import environment, fmt, markdown_table, write_json
-from saint.spec import Variant, parse_kwargs
+from saint.spec import Variant, parse_kwargs, variant_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = "saint@1.5,saint_plus@2,saint_plus@3"
@@ -93,8 +93,7 @@ def calibrated_variants(model: torch.nn.Module, calib_x: torch.Tensor, targets: 
         method, _, value = item.partition("@")
         for extra in target_args or [{}]:
             cal = saint.calibrate(model, calib_x, speedup=float(value), method=method, apply=False, **extra)
-            label = method + "".join(f",{k}={v}" for k, v in extra.items()).replace(",", ":", 1)
-            out.append({"method": method, "label": label, "settings": extra, "flops_speedup_target": float(value),
+            out.append({"method": method, "label": variant_label(method, extra), "settings": extra, "flops_speedup_target": float(value),
                         "reached": cal.reached, "calibration_achieved": cal.achieved, "kwargs": cal.patch_kwargs()})
     return out
 

@@ -270,7 +270,7 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     projection runs on every token and its rows are merged with the tokens."""
     state, attn = run.state, blk.attn
     normed = blk.norm1(x)
-    if not _keys_first(attn):
+    if not qkv_runs_in_parts(attn.qkv):
         return _select_after_qkv(blk, handle, run, index, x, normed, settings)
     k = qkv_part(attn.qkv, 1, normed)
     ctx = _context(handle, run, blk, index, x, k, lambda: qkv_part(attn.qkv, 0, state.first(normed)))
@@ -309,11 +309,6 @@ def qkv_part(qkv: torch.nn.Linear, part: int, x: torch.Tensor, bias: torch.Tenso
     bias = qkv.bias if bias is None else bias
     rows = slice(part * c, (part + 1) * c)
     return F.linear(x, qkv.weight[rows], None if bias is None else bias[rows])
-
-
-def _keys_first(attn: torch.nn.Module) -> bool:
-    """Whether the block's qkv may run in parts now (:func:`qkv_runs_in_parts`)."""
-    return qkv_runs_in_parts(attn.qkv)
 
 
 def _select_after_qkv(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: int, x: torch.Tensor,
