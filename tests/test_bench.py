@@ -291,3 +291,15 @@ def test_tome_feasibility_follows_the_inflection_schedule() -> None:
     # r=19 fits 256 patches x 12 blocks constant; a decreasing ramp merges more early
     assert _tome_feasible(256, 12, 19) and _tome_feasible(256, 12, 19, -0.5)
     assert not _tome_feasible(256, 12, 20) and not _tome_feasible(20, 3, 8, -1.0)  # 16 > 20 // 2
+
+
+def test_command_line_records_the_allocator_settings_it_ran_with() -> None:
+    from saint.measure.report import allocator_settings, command_line
+
+    env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184", "HOME": "/root", "LD_PRELOAD": ""}
+    assert allocator_settings(env) == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+    assert (command_line(["python", "b.py", "--tag", "a b"], env)
+            == "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 python b.py --tag 'a b'")
+    assert command_line(["python", "b.py"], {}) == "python b.py"
+    assert allocator_settings({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}

@@ -53,12 +53,26 @@ def versions() -> dict[str, str]:
     return out
 
 
-def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as typed (``sys.argv`` when ``argv`` is None), shell-quoted."""
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
+                       "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_CONF")
+"""Environment variables that change the C allocator (glibc malloc, an ``LD_PRELOAD``-ed
+tcmalloc/jemalloc): CPU timings depend on them (docs/results.md, timing noise)."""
+
+
+def allocator_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allocator variables set in ``environ`` (default: this process's environment)."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in ALLOCATOR_VARIABLES if environ.get(k)}
+
+
+def command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The command as typed (``sys.argv`` when ``argv`` is None), shell-quoted, after the
+    allocator variables it ran with (:func:`allocator_settings`), so it reruns alike."""
     args = list(sys.argv if argv is None else argv)
     if args and args[0].endswith(("saint", "saint.exe")):
         args[0] = "saint"
-    return " ".join(shlex.quote(a) for a in args)
+    env = [f"{k}={shlex.quote(v)}" for k, v in allocator_settings(environ).items()]
+    return " ".join([*env, *(shlex.quote(a) for a in args)])
 
 
 def git_state(path: str | Path | None = None) -> dict[str, Any]:
@@ -81,8 +95,8 @@ def git_state(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def environment(device: torch.device | str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Date (UTC), git commit and dirty flag, device, torch threads, versions, platform
-    and command line."""
+    """Date (UTC), git commit and dirty flag, device, torch threads, versions, platform,
+    allocator settings and command line."""
     return {
         "git": git_state(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -92,6 +106,7 @@ def environment(device: torch.device | str, argv: Sequence[str] | None = None) -
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
         "platform": platform.platform(),
+        "allocator": allocator_settings() or "default",
         "command": command_line(argv),
     }
 
