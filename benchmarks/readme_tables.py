@@ -37,6 +37,22 @@ TOME_224_KEEP_NORM = [
     for r in (13, 16, 19) for dec in (False, True)
 ]
 
+# the 518px runs of saint_match before attention (keys of every token, q/v of the survivors)
+KEYS_FIRST_518 = [
+    ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+    ("ToMe r=100, decreasing, keep_norm", "tome:r=100,inflection=-0.5,keep_norm=true"),
+    ("`saint_match` decreasing, guard 0.1, keep_norm, 3.3x (FLOPs)",
+     "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3.3@3.3x"),
+    ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.3x (FLOPs)",
+     "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.3@3.3x"),
+    ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.5x (FLOPs)",
+     "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.5@3.5x"),
+    ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.7x (FLOPs)",
+     "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.7@3.7x"),
+    ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
+     "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
+]
+
 FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
         ("ToMe r=13", "tome:r=13"),
@@ -177,20 +193,11 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
          "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.6@3.6x"),
     ]),
     "dinov2_518_keys_first": ("dinov2_s14_518_cpu_keysfirst.json",
-                              "518px, 2 threads, before attention projecting q/v from the survivors", [
-        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
-        ("ToMe r=100, decreasing, keep_norm", "tome:r=100,inflection=-0.5,keep_norm=true"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.3x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3.3@3.3x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.3x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.3@3.3x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.5x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.5@3.5x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3.7x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at=3.7@3.7x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
-    ]),
+                              "518px, 2 threads, before attention projecting q/v from the survivors",
+                              KEYS_FIRST_518),
+    "dinov2_518_repeat": ("dinov2_s14_518_cpu_quiet.json", "518px, 2 threads, repeated (glibc as it comes)",
+                          [r for r in KEYS_FIRST_518 if "at=3.7" not in r[1]]),
+    "dinov2_518_no_mmap": ("dinov2_s14_518_cpu_nommap.json", "518px, 2 threads, glibc without mmap", KEYS_FIRST_518),
     "dinov2_224_keys_first": ("dinov2_s14_224_cpu_keysfirst.json", "224px, 2 threads, both placements with keep_norm", [
         *TOME_224_KEEP_NORM,
         ("`saint_match` guard 0.1, keep_norm, 1.5x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.5x"),
@@ -270,7 +277,8 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
 # tables that compare at the same FLOPs, so show them
 WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm",
               "dinov2_518_recheck", "dinov2_518_placement", "dinov2_224_guard_keep_norm",
-              "dinov2_518_keys_first", "dinov2_224_keys_first"}
+              "dinov2_518_keys_first", "dinov2_224_keys_first",
+              "dinov2_518_repeat", "dinov2_518_no_mmap"}
 
 
 def fidelity_table(name: str) -> str:
