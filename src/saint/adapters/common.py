@@ -316,7 +316,8 @@ class TokenState:
                 src, dst = src[active], dst[active]
             streams, self.sizes = merge_and_keep_many(streams, self.sizes, src, dst, flat, flags, [sel.keep_norm])
         else:
-            streams = [keep_rows(t, flat, f) for t, f in zip(streams, flags, strict=True)]
+            kept = flat.nonzero().squeeze(1)  # once for every stream
+            streams = [keep_rows(t, kept, f) for t, f in zip(streams, flags, strict=True)]
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(1, -1, 1)[:, flat]
         if sel.order is not None:  # each image's survivors laid out by the key

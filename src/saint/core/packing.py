@@ -52,11 +52,12 @@ COMPACT_ROWS = 4096  # rows moved per step of an in-place compaction (a small te
 
 
 def keep_rows(x: torch.Tensor, keep: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """The rows ``keep [T]`` (bool) of a contiguous stream ``x [1, T, C]`` -> ``[1, T', C]``.
+    """The rows ``keep [T]`` (bool, or the kept rows' indices, ascending) of a contiguous
+    stream ``x [1, T, C]`` -> ``[1, T', C]``.
     ``in_place`` moves them to the front of ``x`` itself (in order, a few thousand rows at
     a time: row ``i`` goes to a position ``<= i``, so no row is overwritten before it is
     read) and returns that view: no new tensor the size of the stream."""
-    idx = keep.nonzero().squeeze(1)
+    idx = keep.nonzero().squeeze(1) if keep.dtype == torch.bool else keep
     flat = x[0]
     if not in_place:  # index_select copies whole rows: faster than advanced indexing on a CPU
         return flat.index_select(0, idx)[None]
@@ -92,6 +93,7 @@ def merge_and_keep_many(
     at = (torch.cumsum(keep, 0) - 1)[rows]
     flags = [bool(f) for f in in_place] + [False] * (len(xs) - len(in_place))
     norm_flags = [bool(f) for f in keep_norm] + [False] * (len(xs) - len(keep_norm))
+    kept = keep.nonzero().squeeze(1)  # once for every stream
     outs = []
     for x, flag, norm_flag in zip(xs, flags, norm_flags, strict=True):
         at_rows, at_src = x[0].index_select(0, rows).float(), x[0].index_select(0, src).float()
@@ -102,7 +104,7 @@ def merge_and_keep_many(
             norm = at_rows.norm(dim=-1, keepdim=True) * s[rows, None]
             norm.index_add_(0, slot, at_src.norm(dim=-1, keepdim=True) * s[src, None])
             merged = with_mean_norm(merged, norm / new_s[rows, None])
-        out = keep_rows(x, keep, flag)
+        out = keep_rows(x, kept, flag)
         out[0].index_copy_(0, at, merged.to(x.dtype))
         outs.append(out)
     return outs, new_s[keep].to(sizes.dtype).reshape(1, -1, 1)
