@@ -213,6 +213,15 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` guard 0.1, keep_norm, before attention, 2.1x (FLOPs)",
          "saint_match:guard=0.1,keep_norm=True,select_at=attention@2.1x"),
     ]),
+    "dinov2_224_guard_repeat": ("dinov2_s14_224_cpu_guard0.json", "224px, 2 threads, with and without the guard", [
+        *TOME_224_KEEP_NORM,
+        ("`saint_match` keep_norm, 1.5x (FLOPs)", "saint_match:keep_norm=True@1.5x"),
+        ("`saint_match` keep_norm, 1.9x (FLOPs)", "saint_match:keep_norm=True@1.9x"),
+        ("`saint_match` keep_norm, 2.1x (FLOPs)", "saint_match:keep_norm=True@2.1x"),
+        ("`saint_match` guard 0.1, keep_norm, 1.5x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.5x"),
+        ("`saint_match` guard 0.1, keep_norm, 1.9x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.9x"),
+        ("`saint_match` guard 0.1, keep_norm, 2.1x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2.1x"),
+    ]),
     "dinov2_224_guard_keep_norm": ("dinov2_s14_224_cpu_guardnorm.json", "224px, 2 threads, guard with keep_norm", [
         *TOME_224_KEEP_NORM,
         ("`saint_match` keep_norm, 1.5x (FLOPs)", "saint_match:keep_norm=True@1.5x"),
@@ -278,7 +287,7 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
 WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm",
               "dinov2_518_recheck", "dinov2_518_placement", "dinov2_224_guard_keep_norm",
               "dinov2_518_keys_first", "dinov2_224_keys_first",
-              "dinov2_518_repeat", "dinov2_518_no_mmap"}
+              "dinov2_518_repeat", "dinov2_518_no_mmap", "dinov2_224_guard_repeat"}
 
 
 def fidelity_table(name: str) -> str:
