@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="20-60,60-250,300-1370", help="ranges of per-image lengths, one case each")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--tag", default="", help="suffix of the output name (e.g. 2threads), beside the main run")
     args = p.parse_args(argv)
+    if args.tag and not args.tag.replace("_", "").replace("-", "").isalnum():
+        raise SystemExit(f"--tag {args.tag!r}: use letters, digits, '-' and '_' only")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -98,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
-        report["cases"].append({"lengths": case, "tokens": t, "ms_min": {n: 1e3 * min(v) for n, v in times.items()}})
+        # the floor's images are equally long, so it does less score work than the ragged ones
+        ragged_work = sum(n * n for n in lengths) / (args.batch * (t // args.batch) ** 2)
+        report["cases"].append({"lengths": case, "tokens": t, "ragged_over_equal_work": ragged_work,
+                                "ms_min": {n: 1e3 * min(v) for n, v in times.items()}})
     lines = [f"# Per-image attention kernels ({args.dtype}, {report['environment']['device']})", "",
              f"- date: {report['environment']['date']}; git: {report['environment']['git']}",
              f"- versions: {report['environment']['versions']}",
@@ -107,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
              f"minimum of {args.rounds} interleaved rounds, ms per call", ""]
     for c in report["cases"]:
         lines += [f"## lengths {c['lengths']} ({c['tokens']} tokens)", "",
+                  f"Score work (sum of squared lengths) of the ragged images: {c['ragged_over_equal_work']:.2f}x "
+                  "the equal-length floor's.", "",
                   markdown_table(["kernel", "ms (min)"], [[n, f"{ms:.1f}"] for n, ms in c["ms_min"].items()]), ""]
-    out = Path(args.out_dir) / f"packed_attention_kernels_{device.type}"
+    out = Path(args.out_dir) / (f"packed_attention_kernels_{device.type}" + (f"_{args.tag}" if args.tag else ""))
     write_json(report, out.with_suffix(".json"))
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
