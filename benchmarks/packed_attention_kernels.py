@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from saint.commands.options import output_tag
 from saint.core.packing import lengths_to_valid, packed_attention
 from saint.measure.report import environment, markdown_table, write_json
 
@@ -73,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="20-60,60-250,300-1370", help="ranges of per-image lengths, one case each")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out-dir", default=str(RESULTS))
-    p.add_argument("--tag", default="", help="suffix of the output name (e.g. 2threads), beside the main run")
+    p.add_argument("--tag", default="", type=output_tag, help="suffix of the output name (e.g. 2threads), beside the main run")
     args = p.parse_args(argv)
-    if args.tag and not args.tag.replace("_", "").replace("-", "").isalnum():
-        raise SystemExit(f"--tag {args.tag!r}: use letters, digits, '-' and '_' only")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 import saint
 from saint import assets
 from saint.adapters import handle_of
+from saint.commands.options import output_tag
 from saint.measure.harness import timing_batch
 from saint.measure.report import environment, markdown_table, write_json
 from saint.spec import parse_method_spec
@@ -51,10 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help="a timm model name (random weights, seed 0; default: the offline DINOv2 ViT-S/14)")
     p.add_argument("--out-dir", default=str(RESULTS))
-    p.add_argument("--tag", default="", help="suffix of the output names, for another --method beside the default")
+    p.add_argument("--tag", default="", type=output_tag, help="suffix of the output names, for another --method beside the default")
     args = p.parse_args(argv)
-    if args.tag and not args.tag.replace("_", "").replace("-", "").isalnum():
-        p.error(f"--tag {args.tag!r}: use letters, digits, '-' and '_' only")
     return args
 
 

@@ -303,3 +303,14 @@ def test_command_line_records_the_allocator_settings_it_ran_with() -> None:
     assert command_line(["python", "b.py"], {}) == "python b.py"
     assert allocator_settings({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}) == {
         "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
+
+
+def test_output_tag_accepts_names_and_refuses_paths() -> None:
+    import argparse
+
+    from saint.commands.options import output_tag
+
+    assert output_tag("") == "" and output_tag("2threads") == "2threads" and output_tag("no-mmap_2") == "no-mmap_2"
+    for bad in ("../x", "a b", "a/b", "."):
+        with pytest.raises(argparse.ArgumentTypeError, match="letters, digits"):
+            output_tag(bad)

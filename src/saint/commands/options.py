@@ -28,6 +28,14 @@ def default_tau(model: str) -> float:
     return DEFAULT_MODEL_TAU if model in OFFLINE_MODELS else PAPER_TAU
 
 
+def output_tag(tag: str) -> str:
+    """An output-name suffix (``--tag`` of the benchmark scripts): letters, digits, ``-``
+    and ``_`` only, so it cannot leave the results folder; for argparse's ``type=``."""
+    if tag and not tag.replace("_", "").replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(f"{tag!r}: use letters, digits, '-' and '_' only")
+    return tag
+
+
 def comma_list(kind: type, what: str = "numbers") -> Callable[[str], list[Any]]:
     """An argparse ``type``: ``"a,b,c"`` -> ``[kind(a), kind(b), kind(c)]``."""
 

@@ -97,6 +97,7 @@ def git_state(path: str | Path | None = None) -> dict[str, Any]:
 def environment(device: torch.device | str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Date (UTC), git commit and dirty flag, device, torch threads, versions, platform,
     allocator settings and command line."""
+    allocator = allocator_settings()
     return {
         "git": git_state(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -106,8 +107,8 @@ def environment(device: torch.device | str, argv: Sequence[str] | None = None) -
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
         "platform": platform.platform(),
-        "allocator": allocator_settings() or "default",
-        "command": command_line(argv),
+        "allocator": allocator or "default",
+        "command": command_line(argv, allocator),
     }
 
 
