@@ -224,6 +224,17 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` guard 0.1, keep_norm, 1.9x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.9x"),
         ("`saint_match` guard 0.1, keep_norm, 2.1x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2.1x"),
     ]),
+    "dinov2_224_targets": ("dinov2_s14_224_cpu_targets.json", "224px, 2 threads, at the targets' 1.5x and 2x", [
+        *[(f"ToMe r={r}{', decreasing' if dec else ''}, keep_norm",
+           f"tome:r={r}{',inflection=-0.5' if dec else ''},keep_norm=true")
+          for r in (13, 14, 15, 17, 18, 19) for dec in (False, True)],
+        ("`saint_match` guard 0.1, keep_norm, 1.7x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.7x"),
+        ("`saint_match` guard 0.1, keep_norm, 2.3x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2.3x"),
+        ("`saint_match` guard 0.1, keep_norm, 1.5x (measured)",
+         "saint_match:guard=0.1,keep_norm=True,target=measured,at=1.5@1.5x"),
+        ("`saint_match` guard 0.1, keep_norm, 2x (measured)",
+         "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
+    ]),
     "dinov2_224_guard_keep_norm": ("dinov2_s14_224_cpu_guardnorm.json", "224px, 2 threads, guard with keep_norm", [
         *TOME_224_KEEP_NORM,
         ("`saint_match` keep_norm, 1.5x (FLOPs)", "saint_match:keep_norm=True@1.5x"),
@@ -289,7 +300,7 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
 WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm",
               "dinov2_518_recheck", "dinov2_518_placement", "dinov2_224_guard_keep_norm",
               "dinov2_518_keys_first", "dinov2_224_keys_first",
-              "dinov2_518_repeat", "dinov2_518_no_mmap", "dinov2_224_guard_repeat"}
+              "dinov2_518_repeat", "dinov2_518_no_mmap", "dinov2_224_guard_repeat", "dinov2_224_targets"}
 
 
 def fidelity_table(name: str) -> str:

@@ -25,7 +25,7 @@ from saint.bench.sweep import (
 from saint.measure import flops as flops_mod
 from saint.measure.harness import Harness
 from saint.measure.images import ImageSet
-from saint.measure.timing import paired_speedup, time_round_robin
+from saint.measure.timing import paired_speedup, time_paired, time_round_robin
 from saint.spec import (
     BASELINE,
     Variant,
@@ -143,6 +143,47 @@ def test_round_robin_order_warmup_and_counts() -> None:
         time_round_robin([setup("a")], batch_size=1, device="cpu", repeats=0)
 
 
+def test_paired_timing_times_each_variant_beside_the_baseline() -> None:
+    calls: list[str] = []
+    now = [0.0]
+    cost = {"base": 6.0, "a": 2.0, "b": 3.0}
+
+    def setup(name: str):
+        def prepare():
+            return lambda: (calls.append(name), now.__setitem__(0, now[0] + cost[name]))
+
+        return prepare
+
+    timings, baselines = time_paired([setup("base"), setup("a"), setup("b")], batch_size=2, device="cpu",
+                                     warmup=1, repeats=2, clock=lambda: now[0])
+    # one rotation per variant with the baseline, warm-up round included, none with both variants
+    assert calls == ["base", "a", "a", "base", "base", "a", "base", "b", "b", "base", "base", "b"]
+    assert [t.times for t in timings] == [[6.0] * 4, [2.0, 2.0], [3.0, 3.0]]  # the baseline pools its pairs
+    assert [b.times for b in baselines[1:]] == [[6.0, 6.0], [6.0, 6.0]]
+    assert baselines[0] is timings[0]
+    with pytest.raises(ValueError, match="at least one variant"):
+        time_paired([setup("base")], batch_size=1, device="cpu")
+
+
+def test_paired_bench_rows_take_the_ratio_of_each_pair() -> None:
+    from saint.bench.bench import rows_from_measurements
+    from saint.measure.harness import Measurement
+    from saint.measure.timing import Timing
+
+    base, fast = BASELINE, Variant("tome:r=2", "tome", {"r": 2})
+    pooled = Timing([4.0, 8.0, 100.0, 100.0], 1)  # a slow spell during the second pair
+    rows = rows_from_measurements([
+        Measurement(base, pooled, 10.0, [17.0], None, baseline_timing=pooled),
+        Measurement(fast, Timing([2.0, 4.0], 1), 5.0, [9.0], None, baseline_timing=Timing([4.0, 8.0], 1)),
+        Measurement(fast, Timing([25.0, 50.0], 1), 5.0, [9.0], None, baseline_timing=Timing([100.0, 100.0], 1)),
+    ])
+    assert rows[0]["speedup"] == 1.0
+    assert rows[1]["speedup"] == 2.0 and rows[1]["speedup_best"] == 2.0 and rows[1]["efficiency"] == 1.0
+    assert rows[2]["speedup"] == 3.0  # ratios 4 and 2 in its own rounds, not the pooled median's
+    with pytest.raises(ValueError, match="pairing"):
+        Harness(tiny_vit()).measure([base], torch.randn(1, 3, IMG, IMG), pairing="pairs")
+
+
 def test_paired_speedup_is_the_median_of_per_round_ratios() -> None:
     # per-round ratios 2, 4, 2: the disturbed round (base 8 s) does not move the median
     # (their mean would read 2.67, the ratio of the sums 16 / 6 = 2.67)
@@ -237,8 +278,10 @@ def test_tiny_sweep_end_to_end(tmp_path) -> None:
     h = Harness(model)
     x = assets.load_images(records[:2], transform)[0]
     report = run_sweep(h, ImageSet(records, "folder", "6 test images"), transform, x, taus=[-1.0],
-                       saint_args={"k": 1}, tome_rs=[1], batch_size=4, warmup=0, repeats=1)
+                       saint_args={"k": 1}, tome_rs=[1], batch_size=4, warmup=0, repeats=1, pairing="paired")
     rows = report["results"]
+    assert report["settings"]["pairing"] == "paired"
+    assert rows[0]["speedup"] == 1.0 and all(r["speedup"] > 0 for r in rows[1:])
     assert [r["method"] for r in rows] == ["unpruned", "saint", "tome", "random", "attn"]
     saint_row = rows[1]
     # tau=-1, k=1: every candidate is linked, so SAINT halves the prunable tokens in blocks 0, 1
@@ -260,7 +303,9 @@ def test_tiny_sweep_end_to_end(tmp_path) -> None:
     assert [p.suffix for p in paths] == [".json", ".csv", ".md", ".png"]
     assert (tmp_path / "out" / "s.csv").read_text().count("\n") == 1 + len(rows)
     assert "| saint | tau=-1 |" in (tmp_path / "out" / "s.md").read_text()
-    assert "- how the timing batch ran: rectangular (saint, tome, random, attn)\n" in (tmp_path / "out" / "s.md").read_text()
+    md = (tmp_path / "out" / "s.md").read_text()
+    assert "- how the timing batch ran: rectangular (saint, tome, random, attn)\n" in md
+    assert "each variant paired with the unpruned model" in md and "in a round robin of its own" in md
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:

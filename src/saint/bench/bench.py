@@ -11,6 +11,7 @@ import torch
 from ..measure.harness import Harness, Measurement
 from ..measure.memory import peak_memory_method
 from ..measure.report import fmt, fmt_gflops, text_table
+from ..measure.timing import paired_speedup
 from ..spec import Variant, with_baseline
 
 
@@ -30,8 +31,12 @@ def rows_from_measurements(measurements: Sequence[Measurement]) -> list[dict[str
         row["layout"] = m.layout
         if m.timing is not None and base.timing is not None:
             row.update(m.timing.as_dict())
-            row["speedup"] = base.timing.median / m.timing.median
-            row["speedup_best"] = base.timing.min / m.timing.min
+            if m.baseline_timing is not None:  # paired: against the baseline's own rounds beside it
+                row["speedup"] = paired_speedup(m.baseline_timing.times, m.timing.times)
+                row["speedup_best"] = m.baseline_timing.min / m.timing.min
+            else:
+                row["speedup"] = base.timing.median / m.timing.median
+                row["speedup_best"] = base.timing.min / m.timing.min
             ideal = row["ideal_speedup"]
             row["efficiency"] = row["speedup"] / ideal if ideal else None
         rows.append(row)
@@ -48,12 +53,14 @@ def run_bench(
     memory: bool = True,
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], float] | None = None,
+    pairing: str = "round_robin",
 ) -> dict[str, Any]:
     """Measure the unpruned model and ``variants`` on batch ``x``; returns
     ``{"settings": ..., "results": [row, ...]}`` (rows as :func:`rows_from_measurements`)."""
     variants = with_baseline(variants)
     timer = {} if clock is None else {"clock": clock}
-    ms = harness.measure(variants, x, warmup=warmup, repeats=repeats, memory=memory, progress=progress, **timer)
+    ms = harness.measure(variants, x, warmup=warmup, repeats=repeats, memory=memory, progress=progress,
+                         pairing=pairing, **timer)
     return {
         "settings": {
             "batch_size": int(x.shape[0]),
@@ -62,8 +69,12 @@ def run_bench(
             "device": str(harness.device),
             "warmup": warmup,
             "repeats": repeats,
-            "timing": "round-robin across variants, device-synchronised, model call only; "
-                      "images/s and speedup from the median, *_best from the minimum",
+            "pairing": pairing,
+            "timing": ("each variant in a round robin of its own with the unpruned model, device-synchronised, "
+                       "model call only; speedup the median of the per-round ratios, images/s from the median, "
+                       "*_best from the minima" if pairing == "paired" else
+                       "round-robin across variants, device-synchronised, model call only; "
+                       "images/s and speedup from the median, *_best from the minimum"),
             "flops": "torch.utils.flop_counter (FLOPs = 2 x multiply-adds: matmul, conv, attention)",
             "peak_memory": peak_memory_method(harness.device) if memory else None,
         },

@@ -150,6 +150,7 @@ def run_sweep(
     speedups: Sequence[float] = (),
     calib_x: torch.Tensor | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    pairing: str = "round_robin",
 ) -> dict[str, Any]:
     """Run the sweep. ``progress(description, total)`` may return an ``update(n)`` callback
     (e.g. a tqdm bar's ``update``) for each phase.
@@ -220,8 +221,9 @@ def run_sweep(
         outputs.update(zip([v.label for v in second], rest, strict=True))
 
     variants = [p[2] for p in points]
+    rounds = (warmup + repeats) * (len(variants) - 1 if pairing == "paired" else 1)
     ms = harness.measure(variants, timing_x, warmup=warmup, repeats=repeats, memory=False, clock=clock,
-                         progress=bar("timing (round-robin)", warmup + repeats) if repeats > 0 else None)
+                         pairing=pairing, progress=bar(f"timing ({pairing})", rounds) if repeats > 0 else None)
     cost_rows = rows_from_measurements(ms)
     ref = outputs[BASELINE.label]
     rows = []
@@ -259,6 +261,7 @@ def run_sweep(
             "warmup": warmup,
             "repeats": repeats,
             "clock": "process CPU time" if clock is time.process_time else "wall time",
+            "pairing": pairing,
             "tome_inflections": list(tome_inflections),
             "dtype": str(harness.dtype).replace("torch.", ""),
             "device": str(harness.device),
@@ -336,7 +339,8 @@ def sweep_markdown(report: dict[str, Any], title: str = "saint sweep") -> str:
     lines += [
         f"- images: {s['images']}",
         f"- dtype {s['dtype']}, device {s['device']}; fidelity batch {s['batch_size']}, "
-        f"timing batch {s['timing_batch_size']}, {s['warmup']} warm-up + {s['repeats']} timed round-robin rounds",
+        f"timing batch {s['timing_batch_size']}, {s['warmup']} warm-up + {s['repeats']} timed round-robin rounds"
+        + (" per variant, each variant paired with the unpruned model" if s.get("pairing") == "paired" else ""),
         "",
     ]
     layouts = _layouts(report["results"])
@@ -349,8 +353,11 @@ def sweep_markdown(report: dict[str, Any], title: str = "saint sweep") -> str:
         "sequences count as computed) with torch.utils.flop_counter (FLOPs = 2 x multiply-adds, attention "
         "included); the ratio is unpruned / variant, the ideal speedup. The JSON also has the timing batch's "
         "own FLOPs and the efficiency (speed ratio / its FLOPs ratio).",
-        "- *speed ratio*: unpruned median time / variant median time per batch (the first photos of the set "
-        "as timing batch), model call only, device-synchronised, variants interleaved round-robin.",
+        ("- *speed ratio*: median over rounds of unpruned time / variant time per batch, each variant timed in "
+         "a round robin of its own with the unpruned model (as a measured-speed calibration times it)"
+         if s.get("pairing") == "paired" else
+         "- *speed ratio*: unpruned median time / variant median time per batch, variants interleaved round-robin")
+        + " (the first photos of the set as timing batch), model call only, device-synchronised.",
         "- *centered cos*: mean cosine between the variant's and the unpruned model's pooled embedding of "
         "the same image, after subtracting the unpruned set's mean embedding from both.",
         "- *retrieval@1*: fraction of images whose nearest unpruned embedding (centered cosine, whole set) "

@@ -44,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.harness import timing_batch
     from ..measure.report import environment, write_json
     from ..spec import parse_method_spec
-    from .options import check_output_file, clock_of, load_for_measurement, progress_factory
+    from .options import (
+        check_output_file,
+        clock_of,
+        load_for_measurement,
+        progress_factory,
+        timing_rounds,
+    )
 
     if not args.method:
         raise SystemExit("saint bench: give at least one --method, e.g. --method saint:tau=0.97 --method tome:r=8")
@@ -54,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
     x = timing_batch(images.records, assets.eval_transform(model), args.batch_size)
     print(f"model: {desc}")
     print(f"timing batch: {images.description}")
-    bar = progress_factory(not args.no_progress and args.repeats > 0)("timing (round-robin)",
-                                                                       args.warmup + args.repeats)
+    bar = progress_factory(not args.no_progress and args.repeats > 0)(f"timing ({args.pairing})",
+                                                                       timing_rounds(args, len(variants)))
     report = run_bench(harness, variants, x, warmup=args.warmup, repeats=args.repeats,
-                       memory=not args.no_memory, progress=bar, clock=clock_of(args))
+                       memory=not args.no_memory, progress=bar, clock=clock_of(args), pairing=args.pairing)
     report = {"environment": environment(device), "model": desc, "images": images.description, **report}
     print(format_bench(report))
     if args.json:

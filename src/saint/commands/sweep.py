@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         harness, images, transform, x, taus=args.taus, saint_args=saint_args, tome_rs=tome_rs,
         tome_inflections=args.tome_inflection, matched=matched, batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats,
         progress=progress_factory(not args.no_progress), calibrated=calibrated, speedups=args.speedups,
-        calib_x=calib_x, clock=clock_of(args),
+        calib_x=calib_x, clock=clock_of(args), pairing=args.pairing,
     )
     report = {"environment": environment(device), "model": desc, **report}
     print(format_sweep(report))

@@ -23,7 +23,7 @@ from ..spec import Variant
 from .flops import count_flops
 from .images import iter_batches
 from .memory import peak_memory_mb
-from .timing import Timing, time_round_robin
+from .timing import PAIRINGS, Timing, time_paired, time_round_robin
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,6 +74,7 @@ class Measurement:
     tokens: list[float]
     peak_memory_mb: float | None
     layout: str | None = None  # how a ragged batch ran: "packed", "padded" or "rectangular"
+    baseline_timing: Timing | None = None  # paired timing: the baseline's rounds beside this variant's
 
 
 class Harness:
@@ -215,10 +216,15 @@ class Harness:
         memory: bool = True,
         progress: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        pairing: str = "round_robin",
     ) -> list[Measurement]:
-        """FLOPs, tokens and peak memory of each variant on batch ``x``, then
-        round-robin timing of all variants (``repeats=0`` skips timing; ``clock``: see
+        """FLOPs, tokens and peak memory of each variant on batch ``x``, then timing:
+        all variants in one round robin, or with ``pairing="paired"`` each after the
+        first (the baseline) in a round robin of its own with it (see
+        :data:`saint.timing.PAIRINGS`; ``repeats=0`` skips timing; ``clock``: see
         :func:`saint.timing.time_round_robin`)."""
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing={pairing!r} is not one of {PAIRINGS}")
         x = self.prepare(x)
         b = self.adapter.batch_size(x)
         results = []
@@ -238,13 +244,13 @@ class Harness:
 
                 return prepare
 
+            timer = time_paired if pairing == "paired" else time_round_robin
             with torch.inference_mode():
-                timings = time_round_robin(
-                    [setup(v) for v in variants], batch_size=b, device=self.device,
-                    warmup=warmup, repeats=repeats, progress=progress, clock=clock,
-                )
-            for r, t in zip(results, timings, strict=True):
-                r.timing = t
+                timed = timer([setup(v) for v in variants], batch_size=b, device=self.device,
+                              warmup=warmup, repeats=repeats, progress=progress, clock=clock)
+            timings, baselines = timed if pairing == "paired" else (timed, [None] * len(timed))
+            for r, t, base in zip(results, timings, baselines, strict=True):
+                r.timing, r.baseline_timing = t, base
         return results
 
 

@@ -1,6 +1,15 @@
 """Timing of model calls (see :mod:`saint.timing`, which lives below calibration so that
 a measured-speed calibration target can use it)."""
 
-from ..timing import Timing, paired_speedup, synchronize, time_round_robin, time_stages_round_robin
+from ..timing import (
+           PAIRINGS,
+           Timing,
+           paired_speedup,
+           synchronize,
+           time_paired,
+           time_round_robin,
+           time_stages_round_robin,
+)
 
-__all__ = ["Timing", "paired_speedup", "synchronize", "time_round_robin", "time_stages_round_robin"]
+__all__ = ["PAIRINGS", "Timing", "paired_speedup", "synchronize", "time_paired", "time_round_robin",
+           "time_stages_round_robin"]
