@@ -111,27 +111,19 @@ rotation of its own with the baseline (the first variant), as a calibration time
 so a variant's speed-up does not depend on which other variants were timed with it."""
 
 
-def time_paired(
-    setups: Sequence[Callable[[], Callable[[], object]]],
-    *,
-    batch_size: int,
-    device: torch.device | str,
-    warmup: int = 2,
-    repeats: int = 10,
-    progress: Callable[[int], None] | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> tuple[list[Timing], list[Timing]]:
-    """:func:`time_round_robin` of the baseline ``setups[0]`` with each other variant in
-    turn. Returns ``(timings, baselines)``: ``timings[i]`` is variant ``i``'s
-    (``timings[0]``, the baseline's, pools its rounds of every pair) and ``baselines[i]``
-    the baseline's in the same rounds as variant ``i`` (for :func:`paired_speedup`)."""
+def time_paired(setups: Sequence[Callable[[], Callable[[], object]]], *, batch_size: int,
+                **timing: Any) -> tuple[list[Timing], list[Timing]]:
+    """:func:`time_round_robin` (``timing``: its other keyword arguments) of the baseline
+    ``setups[0]`` with each other variant in turn. Returns ``(timings, baselines)``:
+    ``timings[i]`` is variant ``i``'s (``timings[0]``, the baseline's, pools its rounds of
+    every pair) and ``baselines[i]`` the baseline's in the same rounds as variant ``i``
+    (for :func:`paired_speedup`)."""
     if len(setups) < 2:
         raise ValueError("paired timing needs the baseline and at least one variant")
     timings: list[Timing] = [Timing([], batch_size)]
     baselines: list[Timing] = [Timing([], batch_size)]
     for setup in setups[1:]:
-        base, variant = time_round_robin([setups[0], setup], batch_size=batch_size, device=device,
-                                         warmup=warmup, repeats=repeats, progress=progress, clock=clock)
+        base, variant = time_round_robin([setups[0], setup], batch_size=batch_size, **timing)
         timings[0].times.extend(base.times)
         timings.append(variant)
         baselines.append(base)
