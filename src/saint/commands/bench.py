@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     variants = [parse_method_spec(s) for s in args.method]
     check_output_file(args.json, "--json")
     device, model, desc, images, harness = load_for_measurement(args)
+    env = environment(device)  # the commit and date the run starts from
     x = timing_batch(images.records, assets.eval_transform(model), args.batch_size)
     print(f"model: {desc}")
     print(f"timing batch: {images.description}")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                                                                        timing_rounds(args, len(variants)))
     report = run_bench(harness, variants, x, warmup=args.warmup, repeats=args.repeats,
                        memory=not args.no_memory, progress=bar, clock=clock_of(args), pairing=args.pairing)
-    report = {"environment": environment(device), "model": desc, "images": images.description, **report}
+    report = {"environment": env, "model": desc, "images": images.description, **report}
     print(format_bench(report))
     if args.json:
         print(f"wrote {write_json(report, args.json)}")

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--timing-batch must be >= 1, got {args.timing_batch}")
     check_output_file(args.out + ".json", "--out")
     device, model, desc, images, harness = load_for_measurement(args)
+    env = environment(device)  # the commit and date the run starts from
     transform = assets.eval_transform(model)
     tome_rs = args.tome_r
     if tome_rs is None:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         progress=progress_factory(not args.no_progress), calibrated=calibrated, speedups=args.speedups,
         calib_x=calib_x, clock=clock_of(args), pairing=args.pairing,
     )
-    report = {"environment": environment(device), "model": desc, **report}
+    report = {"environment": env, "model": desc, **report}
     print(format_sweep(report))
     title = args.title or f"saint sweep: {desc}"
     for path in write_sweep(report, args.out, title):
