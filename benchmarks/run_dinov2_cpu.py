@@ -22,11 +22,16 @@ import torch
 
 from saint import assets
 from saint.bench.sweep import default_tome_rs, format_sweep, run_sweep, write_sweep
-from saint.commands.options import output_tag, progress_factory
+from saint.commands.options import (
+    add_clock_option,
+    add_pairing_option,
+    clock_of,
+    output_tag,
+    progress_factory,
+)
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
 from saint.measure.images import ImageSet
 from saint.measure.report import environment
-from saint.measure.timing import PAIRINGS
 from saint.spec import parse_calibrated_spec, parse_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,11 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tome-args", action="append", default=None, metavar="K=V,...",
                    help="run every ToMe setting with these extra settings too (repeatable; '' is plain ToMe, "
                         "e.g. --tome-args '' --tome-args keep_norm=True; default: plain only)")
-    p.add_argument("--clock", default="wall", choices=["wall", "process"],
-                   help="time with wall time (default) or this process's CPU time (robust to other load)")
-    p.add_argument("--pairing", default="round_robin", choices=list(PAIRINGS),
-                   help="time all variants in one round robin (default), or each paired with the unpruned "
-                        "model in a round robin of its own, as a measured-speed calibration times it")
+    add_clock_option(p)
+    add_pairing_option(p)
     p.add_argument("--matched", default="random,attn", help="baselines at SAINT's token counts, or 'none'")
     p.add_argument("--calibrated", action="append", default=None, metavar="SPEC",
                    help="calibrated variants (repeatable; default: saint:mode=per_layer and saint_plus)")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                            tome_inflections=[float(t) for t in args.tome_inflection.split(",") if t.strip()],
                            tome_select_at=[t.strip() for t in args.tome_select_at.split(",") if t.strip()],
                            tome_args=[parse_kwargs(t) for t in (args.tome_args or [""])],
-                           clock=time.process_time if args.clock == "process" else time.perf_counter,
+                           clock=clock_of(args),
                            pairing=args.pairing)
         report = {"environment": env, "model": desc,
                   "wall_seconds": round(time.perf_counter() - start, 1), **report}

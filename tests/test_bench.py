@@ -25,7 +25,7 @@ from saint.bench.sweep import (
 from saint.measure import flops as flops_mod
 from saint.measure.harness import Harness
 from saint.measure.images import ImageSet
-from saint.measure.timing import paired_speedup, time_paired, time_round_robin
+from saint.measure.timing import paired_speedup, time_paired, time_round_robin, timed_rounds
 from saint.spec import (
     BASELINE,
     Variant,
@@ -161,6 +161,8 @@ def test_paired_timing_times_each_variant_beside_the_baseline() -> None:
     assert [t.times for t in timings] == [[6.0] * 4, [2.0, 2.0], [3.0, 3.0]]  # the baseline pools its pairs
     assert [b.times for b in baselines[1:]] == [[6.0, 6.0], [6.0, 6.0]]
     assert baselines[0] is timings[0]
+    assert len(calls) == 2 * timed_rounds("paired", 3, warmup=1, repeats=2) == 12  # two calls a round
+    assert timed_rounds("round_robin", 3, warmup=1, repeats=2) == 3
     with pytest.raises(ValueError, match="at least one variant"):
         time_paired([setup("base")], batch_size=1, device="cpu")
 

@@ -111,6 +111,12 @@ rotation of its own with the baseline (the first variant), as a calibration time
 so a variant's speed-up does not depend on which other variants were timed with it."""
 
 
+def timed_rounds(pairing: str, variants: int, warmup: int, repeats: int) -> int:
+    """How many rounds timing ``variants`` (the baseline included) runs: one rotation for
+    all of them, or one per variant after the baseline when paired (for progress bars)."""
+    return (warmup + repeats) * (max(variants - 1, 1) if pairing == "paired" else 1)
+
+
 def time_paired(setups: Sequence[Callable[[], Callable[[], object]]], *, batch_size: int,
                 **timing: Any) -> tuple[list[Timing], list[Timing]]:
     """:func:`time_round_robin` (``timing``: its other keyword arguments) of the baseline

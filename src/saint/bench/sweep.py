@@ -18,6 +18,7 @@ from ..eval.evaluate import score_outputs
 from ..measure.harness import Harness
 from ..measure.images import ImageSet
 from ..measure.report import csv_text, fmt, fmt_gflops, markdown_table, text_table, write_outputs
+from ..measure.timing import timed_rounds
 from ..methods import ToMeConfig
 from ..spec import BASELINE, Variant, format_value, variant_label
 from .bench import rows_from_measurements, tokens_summary
@@ -221,7 +222,7 @@ def run_sweep(
         outputs.update(zip([v.label for v in second], rest, strict=True))
 
     variants = [p[2] for p in points]
-    rounds = (warmup + repeats) * (len(variants) - 1 if pairing == "paired" else 1)
+    rounds = timed_rounds(pairing, len(variants), warmup, repeats)
     ms = harness.measure(variants, timing_x, warmup=warmup, repeats=repeats, memory=False, clock=clock,
                          pairing=pairing, progress=bar(f"timing ({pairing})", rounds) if repeats > 0 else None)
     cost_rows = rows_from_measurements(ms)

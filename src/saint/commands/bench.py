@@ -43,13 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.bench import format_bench, run_bench
     from ..measure.harness import timing_batch
     from ..measure.report import environment, write_json
+    from ..measure.timing import timed_rounds
     from ..spec import parse_method_spec
     from .options import (
         check_output_file,
         clock_of,
         load_for_measurement,
         progress_factory,
-        timing_rounds,
     )
 
     if not args.method:
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {desc}")
     print(f"timing batch: {images.description}")
     bar = progress_factory(not args.no_progress and args.repeats > 0)(f"timing ({args.pairing})",
-                                                                       timing_rounds(args, len(variants)))
+                                                                       timed_rounds(args.pairing, len(variants) + 1,
+                                                                                    args.warmup, args.repeats))
     report = run_bench(harness, variants, x, warmup=args.warmup, repeats=args.repeats,
                        memory=not args.no_memory, progress=bar, clock=clock_of(args), pairing=args.pairing)
     report = {"environment": env, "model": desc, "images": images.description, **report}

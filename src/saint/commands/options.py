@@ -80,16 +80,16 @@ def add_timing_options(p: argparse.ArgumentParser, warmup: int = 2, repeats: int
     g.add_argument("--repeats", type=int, default=repeats,
                    help=f"timed rounds; each runs every variant once, round-robin (default {repeats})")
     add_clock_option(g)
+    add_pairing_option(g)
+    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+
+
+def add_pairing_option(g: Any) -> None:
+    """``--pairing round_robin|paired``: how the variants share their timed rounds."""
     g.add_argument("--pairing", default="round_robin", choices=list(PAIRINGS),
                    help="round_robin: every variant in one rotation (default); paired: each variant in a rotation "
                         "of its own with the unpruned model, as a measured-speed calibration times it, so its "
                         "speed-up does not depend on the other variants timed with it")
-    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-
-
-def timing_rounds(args: argparse.Namespace, pairs: int) -> int:
-    """Rounds the timing runs for a progress bar: ``pairs`` rotations when paired."""
-    return (args.warmup + args.repeats) * (max(pairs, 1) if args.pairing == "paired" else 1)
 
 
 def add_clock_option(g: Any) -> None:

@@ -244,11 +244,14 @@ class Harness:
 
                 return prepare
 
-            timer = time_paired if pairing == "paired" else time_round_robin
+            setups = [setup(v) for v in variants]
+            timing = {"batch_size": b, "device": self.device, "warmup": warmup, "repeats": repeats,
+                      "progress": progress, "clock": clock}
             with torch.inference_mode():
-                timed = timer([setup(v) for v in variants], batch_size=b, device=self.device,
-                              warmup=warmup, repeats=repeats, progress=progress, clock=clock)
-            timings, baselines = timed if pairing == "paired" else (timed, [None] * len(timed))
+                if pairing == "paired":
+                    timings, baselines = time_paired(setups, **timing)
+                else:
+                    timings, baselines = time_round_robin(setups, **timing), [None] * len(setups)
             for r, t, base in zip(results, timings, baselines, strict=True):
                 r.timing, r.baseline_timing = t, base
         return results

@@ -9,7 +9,8 @@ from ..timing import (
            time_paired,
            time_round_robin,
            time_stages_round_robin,
+           timed_rounds,
 )
 
 __all__ = ["PAIRINGS", "Timing", "paired_speedup", "synchronize", "time_paired", "time_round_robin",
-           "time_stages_round_robin"]
+           "time_stages_round_robin", "timed_rounds"]
