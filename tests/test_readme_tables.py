@@ -39,9 +39,9 @@ def test_a_new_empty_table_is_filled_and_swallows_nothing():
     mod = load()
     for path in mod.DOCS:
         text = path.read_text()
-        start = text.index("<!-- table:dinov2_518_guard2 -->")
+        start = text.index("<!-- table:dinov2_224_targets -->")
         end = text.index("<!-- /table -->", start)
-        emptied = text[:start] + "<!-- table:dinov2_518_guard2 -->\n" + text[end:]
+        emptied = text[:start] + "<!-- table:dinov2_224_targets -->\n" + text[end:]
         assert emptied != text and mod.render(emptied) == text
 
 
