@@ -3,7 +3,8 @@ so they cannot drift.
 
 Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in README.md or
 docs/results.md (a table may appear in both) and is rebuilt from the result file named below: the speed/fidelity tables from the rows
-named there (README label -> the ``label`` of a row in the result file), the VLM tables
+named there (README label -> the ``label`` of a row in the result file), the
+lower-resolution table from ``benchmarks/resize_baseline.py``'s outputs, the VLM tables
 from every method's rows of a ``saint vlm-bench`` report (one column per metric, each
 cell "50% / 25%" of the visual tokens; TTFT as minimum + spread over the rounds). Run it after re-running a benchmark:
 
@@ -356,7 +357,30 @@ def vlm_table(name: str) -> str:
     return "\n".join(lines)
 
 
-TABLES = {**dict.fromkeys(FIDELITY, fidelity_table), **dict.fromkeys(VLM, vlm_table)}
+# name -> [(result file of benchmarks/resize_baseline.py, the input sizes shown)]
+RESIZE: dict[str, list[tuple[str, tuple[int, ...]]]] = {
+    "dinov2_resize": [("dinov2_s14_518_cpu_resize.json", (448, 406, 350, 308)),
+                      ("dinov2_s14_224_cpu_resize.json", (196, 168, 154))],
+}
+
+
+def resize_table(name: str) -> str:
+    """The lower-resolution baseline: each shown input size against its full size."""
+    lines = ["| input size | FLOPs ratio | speed | centered cos | retrieval@1 |", "|---|---|---|---|---|"]
+    for file, sizes in RESIZE[name]:
+        report = json.loads((RESULTS / file).read_text())
+        by = {r["size"]: r for r in report["results"]}
+        for size in sizes:
+            if size not in by:
+                raise KeyError(f"{file} has no {size}px row")
+            r = by[size]
+            lines.append(f"| {size}px (of {report['settings']['size']}) | {r['flops_ratio']:.2f}x | {r['speedup']:.2f}x "
+                         f"| {r['centered_cosine']:.3f} | {r['retrieval_at_1']:.3f} |")
+    return "\n".join(lines)
+
+
+TABLES = {**dict.fromkeys(FIDELITY, fidelity_table), **dict.fromkeys(VLM, vlm_table),
+          **dict.fromkeys(RESIZE, resize_table)}
 
 
 def table(name: str) -> str:
