@@ -28,7 +28,7 @@ import torch
 from saint import assets
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.flops import model_flops
-from saint.measure.report import environment, markdown_table, write_json
+from saint.measure.report import environment, markdown_table, write_outputs
 from saint.timing import time_round_robin
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -167,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                      "eval_batch": args.eval_batch, "warmup": args.warmup, "repeats": args.repeats},
     }
     report["results"] = measure(args.size, sizes, records, args)
-    out = Path(args.out_dir) / f"dinov2_s14_{args.size}_cpu_resize"
-    write_json(report, out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {out}.md and .json")
+    written = write_outputs(report, Path(args.out_dir) / f"dinov2_s14_{args.size}_cpu_resize", ["json", "md"],
+                            {"md": lambda path: path.write_text(markdown(report))})
+    print("wrote", ", ".join(map(str, written)))
     return 0
 
 

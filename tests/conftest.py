@@ -3,8 +3,10 @@ tests share (left-padded prompt batches, two-thread agreement)."""
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +28,15 @@ ARCHS = {
     "dinov3": ("vit_small_patch16_dinov3", {"global_pool": "token"}),  # 4 registers, layer scale, half rotation
     "rope_gqa": ("vit_small_patch16_rope_224", {"qkv_fused": False, "num_kv_heads": 1}),  # AttentionRope
 }
+
+
+def benchmark_script(name: str) -> Any:
+    """The module ``benchmarks/<name>.py`` (the scripts are not a package), freshly loaded."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -14,6 +14,8 @@ from PIL import Image
 
 from saint import assets
 
+from .conftest import benchmark_script
+
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"  # final normed tokens [B, 1+N, 384]
 EMBED_OUT = "/backbone/embeddings/Add_output_0"  # patch + class tokens + positions
 BLOCK5_OUT = "/backbone/encoder/layer.5/Add_1_output_0"  # output of the 6th block
@@ -206,21 +208,10 @@ def test_download_failure_is_explained(tmp_path, monkeypatch) -> None:
         assets.offline_images(strict=True)
 
 
-def _gpu_prepare():
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_prepare.py"
-    spec = importlib.util.spec_from_file_location("gpu_prepare", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_gpu_carry_gives_the_same_bf16_model(onnx_bytes, tmp_path, monkeypatch) -> None:
     """benchmarks/gpu_prepare.py carries the weights in bf16 (position table fp32); restored
     on the other machine they make exactly the bf16 model the original weights make."""
-    prep = _gpu_prepare()
+    prep = benchmark_script("gpu_prepare")
     source = assets.default_model_state_dict()
     original = assets.default_model(224).to(torch.bfloat16).state_dict()
     prep.pack_weights(tmp_path / "carry")
@@ -236,7 +227,7 @@ def test_gpu_carry_gives_the_same_bf16_model(onnx_bytes, tmp_path, monkeypatch) 
 
 
 def test_gpu_carry_packs_the_first_photos_with_their_labels(tmp_path, monkeypatch) -> None:
-    prep = _gpu_prepare()
+    prep = benchmark_script("gpu_prepare")
     root = tmp_path / "imagenet-sample-200"
     root.mkdir()
     for name in ("a.JPEG", "b.JPEG", "c.JPEG"):

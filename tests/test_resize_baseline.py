@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from saint import assets
 
-
-def _script():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "resize_baseline.py"
-    spec = importlib.util.spec_from_file_location("resize_baseline", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from .conftest import benchmark_script
 
 
 def test_lower_sizes_are_patch_multiples_below_the_full_size() -> None:
-    rb = _script()
+    rb = benchmark_script("resize_baseline")
     assert rb.lower_sizes(518) == [490, 448, 406, 350, 308, 252]  # 37 patches a side x sqrt(fraction), rounded
     assert rb.lower_sizes(224) == [210, 196, 168, 154, 126, 112]
     assert rb.lower_sizes(28) == [14]  # repeats dropped: 2 patches a side round to 2 or 1
@@ -34,7 +26,7 @@ def test_lower_sizes_are_patch_multiples_below_the_full_size() -> None:
 def test_measure_scores_each_size_against_the_full_one() -> None:
     """Real weights and photos: the full size scores itself perfectly, a lower size
     computes fewer tokens and FLOPs and is timed in the same round robin."""
-    rb = _script()
+    rb = benchmark_script("resize_baseline")
     try:
         photos = assets.foolbox_images()[:4]
         assets.default_model(56)
