@@ -42,6 +42,7 @@ from saint import assets
 from saint.bench.bench import run_bench, tokens_summary
 from saint.bench.sweep import default_tome_rs
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
+from saint.measure.images import holdout_split
 from saint.measure.report import environment, fmt, markdown_table, write_json
 from saint.spec import Variant, parse_kwargs, variant_label
 
@@ -239,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    calib_records = records[args.calib_every - 1 :: args.calib_every]
-    timing_records = [r for i, r in enumerate(records) if (i + 1) % args.calib_every]
+    if args.calib_every < 2:
+        raise SystemExit("--calib-every must be >= 2")
+    calib_records, timing_records = holdout_split(records, args.calib_every)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
     overhead_sizes = {int(s) for s in args.overhead_sizes.split(",") if s.strip()}

@@ -18,7 +18,6 @@ device, versions and this exact command. Skips cleanly (exit 0) when the shared
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from saint import assets
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.flops import model_flops
+from saint.measure.images import holdout_split
 from saint.measure.report import environment, markdown_table, write_outputs
 from saint.timing import time_round_robin
 
@@ -35,11 +35,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PATCH = 14
 
 
-def lower_sizes(size: int, count: int = 6) -> list[int]:
+def lower_sizes(size: int) -> list[int]:
     """Input sizes below ``size`` (multiples of the patch, 14) keeping about 90%, 75%, 60%,
-    45%, 35% and 25% of its patches (the fractions ToMe's default grid leaves at the last
-    block), largest first, without repeats."""
-    fractions = (0.9, 0.75, 0.6, 0.45, 0.35, 0.25)[:count]
+    45%, 35% and 25% of its patches (from no reduction to past the sweeps' 3x), largest
+    first, without repeats."""
+    fractions = (0.9, 0.75, 0.6, 0.45, 0.35, 0.25)
     side = size // PATCH
     out: list[int] = []
     for f in fractions:
@@ -105,12 +105,10 @@ def measure(size: int, sizes: list[int], records: list[Any], args: argparse.Name
         with torch.inference_mode():
             timings = time_round_robin(setups, batch_size=args.batch_size, device="cpu",
                                        warmup=args.warmup, repeats=args.repeats)
-        base = timings[0].times
+        base = timings[0]
         for row, t in zip(rows, timings, strict=True):
-            row["ms_median"] = 1e3 * statistics.median(t.times)
-            row["ms_min"] = 1e3 * min(t.times)
-            row["speedup"] = statistics.median(base) / statistics.median(t.times)
-            row["speedup_best"] = min(base) / min(t.times)
+            row.update(ms_median=1e3 * t.median, ms_min=1e3 * t.min, speedup=base.median / t.median,
+                       speedup_best=base.min / t.min)
     for row in rows:
         row["flops_ratio"] = rows[0]["gflops_per_image"] / row["gflops_per_image"]
     return rows
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
         return 0
-    records = [r for i, r in enumerate(records) if (i + 1) % args.calib_every][: args.photos]
+    records = holdout_split(records, args.calib_every)[1][: args.photos]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report: dict[str, Any] = {

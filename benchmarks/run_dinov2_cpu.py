@@ -30,7 +30,7 @@ from saint.commands.options import (
     progress_factory,
 )
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
-from saint.measure.images import ImageSet
+from saint.measure.images import ImageSet, holdout_split
 from saint.measure.report import environment
 from saint.spec import parse_calibrated_spec, parse_kwargs
 
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--photos must be >= 2 (fidelity is measured over the set)")
     if args.calib_every < 2:
         raise SystemExit("--calib-every must be >= 2")
-    calib_records = records[args.calib_every - 1 :: args.calib_every]
-    records = [r for i, r in enumerate(records) if (i + 1) % args.calib_every][: args.photos]
+    calib_records, records = holdout_split(records, args.calib_every)
+    records = records[: args.photos]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)

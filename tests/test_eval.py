@@ -172,3 +172,15 @@ def test_flat_folder_is_unlabelled_and_batches_load(tmp_path) -> None:
     batches = list(eval_data.iter_batches(s.records, transform, 2))
     assert [b[0].shape[0] for b in batches] == [2, 1]
     assert batches[0][1].tolist() == [-1, -1]
+
+
+def test_holdout_split_holds_out_every_nth_in_order() -> None:
+    """Known answer on 17 stand-in records: the 8th and 16th are held out, the rest kept
+    in order; the two parts partition the input."""
+    records = list(range(17))
+    held, rest = eval_data.holdout_split(records, 8)
+    assert held == [7, 15]
+    assert rest == [r for r in records if r not in (7, 15)]
+    assert eval_data.holdout_split(records[:3], 8) == ([], [0, 1, 2])
+    with pytest.raises(ValueError, match="every=1"):
+        eval_data.holdout_split(records, 1)

@@ -37,6 +37,14 @@ class ImageSet:
         return len(self.records)
 
 
+def holdout_split(records: Sequence[ImageRecord], every: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """``(held out, the rest)``: every ``every``-th record (the 8th, 16th, ...) is held out,
+    e.g. to calibrate on photos that the evaluation never sees; the order is kept."""
+    if every < 2:
+        raise ValueError(f"every={every} must be >= 2 (1 would hold out every photo)")
+    return list(records[every - 1 :: every]), [r for i, r in enumerate(records) if (i + 1) % every]
+
+
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
