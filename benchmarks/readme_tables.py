@@ -244,6 +244,29 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224_targets_paired": ("dinov2_s14_224_cpu_targets_paired.json",
                                   "224px, 2 threads, the same, each variant timed beside the unpruned model",
                                   TARGETS_224),
+    "dinov2_518_epyc_3x": ("dinov2_s14_518_cpu_epyc3x.json", "518px, 2 threads, default placement near 3x on an AMD EPYC", [
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        ("ToMe r=100, decreasing, keep_norm", "tome:r=100,inflection=-0.5,keep_norm=true"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.2x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3.2x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (measured)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,target=measured,at=3@3x"),
+    ]),
+    "dinov2_518_epyc_3x_repeat": ("dinov2_s14_518_cpu_epyc3x2.json", "518px, 2 threads, the same with 3.1x, repeated", [
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.1x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3.1x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.2x (FLOPs)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3.2x"),
+    ]),
+    "dinov2_224_targets_epyc": ("dinov2_s14_224_cpu_targets_paired2.json",
+                                "224px, 2 threads, the paired run repeated on an AMD EPYC", TARGETS_224),
+    "dinov2_518_epyc": ("dinov2_s14_518_cpu_epyc.json", "518px, 2 threads, the 3x settings on an AMD EPYC",
+                        KEYS_FIRST_518),
     "dinov2_518_targets": ("dinov2_s14_518_cpu_targets.json", "518px, 2 threads, at the targets' 1.5x and 2x", [
         *tome_keep_norm_rows(60, 80, 100),
         ("`saint_match` decreasing, guard 0.1, keep_norm, 1.6x (FLOPs)",
@@ -317,7 +340,8 @@ WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_n
               "dinov2_518_recheck", "dinov2_518_placement", "dinov2_224_guard_keep_norm",
               "dinov2_518_keys_first", "dinov2_224_keys_first",
               "dinov2_518_repeat", "dinov2_518_no_mmap", "dinov2_224_guard_repeat", "dinov2_224_targets",
-              "dinov2_224_targets_paired", "dinov2_518_targets"}
+              "dinov2_224_targets_paired", "dinov2_518_targets", "dinov2_224_targets_epyc", "dinov2_518_epyc",
+              "dinov2_518_epyc_3x", "dinov2_518_epyc_3x_repeat"}
 
 
 def fidelity_table(name: str) -> str:
