@@ -41,6 +41,7 @@ import saint
 from saint import assets
 from saint.bench.bench import run_bench, tokens_summary
 from saint.bench.sweep import default_tome_rs
+from saint.commands.options import holdout_every
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
 from saint.measure.images import holdout_split
 from saint.measure.report import environment, fmt, markdown_table, write_json
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="timing batch (default 32)")
     p.add_argument("--warmup", type=int, default=0, help="untimed rounds (default 0: the FLOPs pass warms up)")
     p.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds (default 3)")
-    p.add_argument("--calib-every", type=int, default=8, help="every N-th shared photo calibrates (default 8)")
+    p.add_argument("--calib-every", type=holdout_every, default=8, help="every N-th shared photo calibrates (default 8)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", default="", help="output file name without suffix "
                    "(default packed_speed_<device>_b<batch>[_<model>])")
@@ -240,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.calib_every < 2:
-        raise SystemExit("--calib-every must be >= 2")
     calib_records, timing_records = holdout_split(records, args.calib_every)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]

@@ -38,6 +38,13 @@ def tome_keep_norm_rows(*rs: int) -> list[tuple[str, str]]:
              f"tome:r={r}{',inflection=-0.5' if dec else ''},keep_norm=true") for r in rs for dec in (False, True)]
 
 
+def saint_match_518_rows(*ats: str) -> list[tuple[str, str]]:
+    """The recommended 518px `saint_match` (decreasing, guard 0.1, keep_norm) calibrated to
+    each real-token FLOPs target."""
+    return [(f"`saint_match` decreasing, guard 0.1, keep_norm, {at}x (FLOPs)",
+             f"saint_match:inflection=-0.5,guard=0.1,keep_norm=True@{at}x") for at in ats]
+
+
 # ToMe at 224px with keep_norm, constant r and ToMe's decreasing schedule
 TOME_224_KEEP_NORM = tome_keep_norm_rows(13, 16, 19)
 
@@ -247,21 +254,13 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_518_epyc_3x": ("dinov2_s14_518_cpu_epyc3x.json", "518px, 2 threads, default placement near 3x on an AMD EPYC", [
         ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
         ("ToMe r=100, decreasing, keep_norm", "tome:r=100,inflection=-0.5,keep_norm=true"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.2x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3.2x"),
+        *saint_match_518_rows("3", "3.2"),
         ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (measured)",
          "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,target=measured,at=3@3x"),
     ]),
     "dinov2_518_epyc_3x_repeat": ("dinov2_s14_518_cpu_epyc3x2.json", "518px, 2 threads, the same with 3.1x, repeated", [
         ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.1x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3.1x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 3.2x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@3.2x"),
+        *saint_match_518_rows("3", "3.1", "3.2"),
     ]),
     "dinov2_224_targets_epyc": ("dinov2_s14_224_cpu_targets_paired2.json",
                                 "224px, 2 threads, the paired run repeated on an AMD EPYC", TARGETS_224),
@@ -271,10 +270,7 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                         KEYS_FIRST_518),
     "dinov2_518_targets": ("dinov2_s14_518_cpu_targets.json", "518px, 2 threads, at the targets' 1.5x and 2x", [
         *tome_keep_norm_rows(60, 80, 100),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 1.6x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@1.6x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 2.2x (FLOPs)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True@2.2x"),
+        *saint_match_518_rows("1.6", "2.2"),
     ]),
     "dinov2_224_guard_keep_norm": ("dinov2_s14_224_cpu_guardnorm.json", "224px, 2 threads, guard with keep_norm", [
         *TOME_224_KEEP_NORM,

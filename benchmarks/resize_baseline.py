@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from saint import assets
+from saint.commands.options import holdout_every
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.flops import model_flops
 from saint.measure.images import holdout_split
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resize", default="", help="lower resolutions, comma-separated multiples of 14 "
                    "(default: ~90/75/60/45/35/25%% of the patches)")
     p.add_argument("--photos", type=int, default=200, help="use the first N evaluation photos (default all)")
-    p.add_argument("--calib-every", type=int, default=8,
+    p.add_argument("--calib-every", type=holdout_every, default=8,
                    help="every N-th shared photo is left out, as the sweeps hold it out for calibration (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=32, help="timing batch (default 32)")
@@ -148,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     check_sizes(args.size, sizes)
     if args.photos < 2:
         raise SystemExit("--photos must be >= 2 (fidelity is measured over the set)")
-    if args.calib_every < 2:
-        raise SystemExit("--calib-every must be >= 2")
     records = assets.shared_sample_images()
     if not records:
         print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")

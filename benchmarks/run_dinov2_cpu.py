@@ -26,6 +26,7 @@ from saint.commands.options import (
     add_clock_option,
     add_pairing_option,
     clock_of,
+    holdout_every,
     output_tag,
     progress_factory,
 )
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibrated", action="append", default=None, metavar="SPEC",
                    help="calibrated variants (repeatable; default: saint:mode=per_layer and saint_plus)")
     p.add_argument("--speedups", default="1.5,2,3", help="calibration targets, FLOPs-ideal (default 1.5,2,3)")
-    p.add_argument("--calib-every", type=int, default=8,
+    p.add_argument("--calib-every", type=holdout_every, default=8,
                    help="hold out every N-th photo for calibration, evaluate on the rest (default 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -87,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.photos < 2:
         raise SystemExit("--photos must be >= 2 (fidelity is measured over the set)")
-    if args.calib_every < 2:
-        raise SystemExit("--calib-every must be >= 2")
     calib_records, records = holdout_split(records, args.calib_every)
     records = records[: args.photos]
     if args.threads is not None:

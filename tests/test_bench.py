@@ -361,3 +361,23 @@ def test_output_tag_accepts_names_and_refuses_paths() -> None:
     for bad in ("../x", "a b", "a/b", "."):
         with pytest.raises(argparse.ArgumentTypeError, match="letters, digits"):
             output_tag(bad)
+
+
+def test_holdout_every_accepts_two_or_more_and_the_scripts_use_it() -> None:
+    """``--calib-every`` is checked where it is parsed: 1, 0 and non-integers are refused
+    with a message, in each benchmark script that holds photos out."""
+    import argparse
+
+    from saint.commands.options import holdout_every
+
+    from .conftest import benchmark_script
+
+    assert holdout_every("2") == 2 and holdout_every("16") == 16
+    for bad, msg in (("1", ">= 2"), ("0", ">= 2"), ("x", "not an integer")):
+        with pytest.raises(argparse.ArgumentTypeError, match=msg):
+            holdout_every(bad)
+    for name in ("run_dinov2_cpu", "packed_speed", "resize_baseline"):
+        script = benchmark_script(name)
+        assert script.parse_args(["--calib-every", "16"]).calib_every == 16
+        with pytest.raises(SystemExit):
+            script.parse_args(["--calib-every", "1"])

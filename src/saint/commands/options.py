@@ -37,6 +37,19 @@ def output_tag(tag: str) -> str:
     return tag
 
 
+def holdout_every(text: str) -> int:
+    """``--calib-every N`` of the benchmark scripts: every N-th shared photo is held out
+    (:func:`saint.measure.images.holdout_split`), so N must be an integer >= 2; for
+    argparse's ``type=``."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 2 (1 would hold out every photo)")
+    return n
+
+
 def comma_list(kind: type, what: str = "numbers") -> Callable[[str], list[Any]]:
     """An argparse ``type``: ``"a,b,c"`` -> ``[kind(a), kind(b), kind(c)]``."""
 
