@@ -9,6 +9,9 @@ Here: ``python benchmarks/gpu_prepare.py`` writes
   (224px) before that cast, hence kept exact.
 * ``.gpu/imagenet-sample-200/``: the first ``--photos`` shared photos and their
   ``labels.csv`` rows (development photos: never commit them).
+* ``.gpu/wheels/``: the wheel of the timm version installed here (pure Python, no
+  dependencies carried), so the GPU machine runs the timm the tests ran against rather than
+  whatever its image holds; ``gpu_run.sh`` installs it into a private folder.
 
 There, ``benchmarks/gpu_run.sh`` first calls ``python benchmarks/gpu_prepare.py --restore``,
 which writes the carried weights back as the float32 cache file that
@@ -66,6 +69,25 @@ def pack_photos(records: list[assets.ImageRecord], dest: Path) -> Path:
     return photo_dir
 
 
+def pack_timm_wheel(dest: Path) -> Path | None:
+    """Download the wheel of this environment's timm into ``dest/wheels`` (``None`` if pip cannot)."""
+    import subprocess
+
+    import timm
+
+    wheels = dest / "wheels"
+    if wheels.exists():
+        shutil.rmtree(wheels)
+    wheels.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           "-d", str(wheels), f"timm=={timm.__version__}"]
+    if subprocess.run(cmd).returncode != 0:
+        print(f"warning: could not download timm=={timm.__version__}; the GPU machine will use its own timm")
+        shutil.rmtree(wheels)
+        return None
+    return wheels
+
+
 def pack(photos: int, dest: Path) -> int:
     records = assets.shared_sample_images()
     if not records:
@@ -73,6 +95,7 @@ def pack(photos: int, dest: Path) -> int:
         return 1
     pack_weights(dest)
     pack_photos(records[:photos], dest)
+    pack_timm_wheel(dest)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     print(f"packed {min(photos, len(records))} photos and the weights into {dest}: {size / 2**20:.1f} MiB")
     if size > CARRY_LIMIT * 0.9:
@@ -96,7 +119,7 @@ def restore(src: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--photos", type=int, default=120, help="the first N shared photos (default 120)")
+    p.add_argument("--photos", type=int, default=80, help="the first N shared photos (default 80: with the weights and the timm wheel the call stays under 64 MiB)")
     p.add_argument("--dir", default=str(CARRY), help=f"where to pack (default {CARRY})")
     p.add_argument("--restore", action="store_true", help="on the GPU machine: unpack the carried weights")
     args = p.parse_args(argv)

@@ -79,6 +79,17 @@ def test_kernel_errors_name_the_fix():
         packed_attention(q, q, q, [4], dropout_p=0.1, kernel="flex")
 
 
+def test_varlen_needs_a_torch_whose_kernel_takes_scale(monkeypatch):
+    from saint.core import packing
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    assert packing.varlen_available() == ((major, minor) >= (2, 10))
+    monkeypatch.setattr(packing, "varlen_available", lambda: False)
+    q = torch.randn(4, 1, 2)
+    with pytest.raises(ValueError, match="needs torch >= 2.10"):
+        packed_attention(q, q, q, [4], kernel="varlen")
+
+
 def _run(model, x, method, kw, layout, select_at="mlp"):
     saint.patch(model, method, layout=layout, select_at=select_at, **kw)
     with torch.no_grad():

@@ -5,6 +5,7 @@ the stream as it is; attention runs per image through :func:`packed_attention`."
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,19 @@ KERNELS = ("auto", "loop", "flex", "varlen")
 """``loop``: one SDPA call per image, on views of the stream (CPU default);
 ``flex``: ``flex_attention`` with a document mask (any device, supports the ToMe size
 bias); ``varlen``: ``torch.nn.attention.varlen`` flash kernel (CUDA, fp16/bf16, no
-bias); ``auto``: ``loop`` on CPU, ``varlen`` on CUDA when it applies, else ``flex``."""
+bias; torch >= 2.10, whose ``varlen_attn`` takes ``scale``); ``auto``: ``loop`` on CPU,
+``varlen`` on CUDA when it applies, else ``flex``."""
+
+
+@functools.cache
+def varlen_available() -> bool:
+    """Whether this torch has ``torch.nn.attention.varlen.varlen_attn`` with a ``scale``
+    argument (torch 2.9's has none, so it would silently use the default scale)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "scale" in inspect.signature(varlen_attn).parameters
 
 
 def pack(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -151,8 +164,11 @@ def resolve_kernel(kernel: str, q: torch.Tensor, bias: torch.Tensor | None, drop
     if kernel == "auto":
         if q.device.type != "cuda" or dropout_p > 0:
             return "loop"
-        return "varlen" if bias is None and half else "flex"
+        return "varlen" if bias is None and half and varlen_available() else "flex"
     if kernel == "varlen":
+        if not varlen_available():
+            raise ValueError(f"kernel='varlen' needs torch >= 2.10 (varlen_attn with a scale), this is {torch.__version__}; "
+                             "use 'flex' or 'loop'")
         if q.device.type != "cuda" or not half:
             raise ValueError(f"kernel='varlen' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}; use 'loop'")
         if bias is not None:
