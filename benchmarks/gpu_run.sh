@@ -9,7 +9,10 @@
 # Run there:           bash benchmarks/gpu_run.sh              (carry .gpu)
 # Results: $OUT/gpu_results.tar.gz (every JSON/Markdown/PNG, each with its exact command)
 # and $OUT/gpu_run.log. Each step has its own time limit, so one failure or overrun
-# still leaves the others' results; the whole script stays under ~8.5 minutes.
+# still leaves the others' results, and the archive is rewritten after every step, so a
+# call cut off by its own limit still returns what finished; the whole script stays under
+# ~8.5 minutes. SAINT_GPU_STEPS (default "kernels packed sweep") runs only the steps named,
+# in that order, e.g. to rerun what failed in a second, shorter call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/saint-gpu-out}
@@ -20,6 +23,7 @@ export SAINT_CACHE=${SAINT_CACHE:-/tmp/saint-cache} SAINT_SHARED_DATA="$PWD/.gpu
 PY=${PYTHON:-python3}
 DEVICE=${SAINT_GPU_DEVICE:-cuda}   # SAINT_GPU_DEVICE=cpu rehearses the script on a CPU machine
 QUICK=${SAINT_GPU_QUICK:-}         # non-empty: one round, small batches (a rehearsal, not a result)
+STEPS=" ${SAINT_GPU_STEPS:-kernels packed sweep} "
 
 exec > >(tee "$OUT/gpu_run.log") 2>&1
 step() {  # step NAME SECONDS COMMAND...
@@ -29,7 +33,9 @@ step() {  # step NAME SECONDS COMMAND...
   timeout "$limit" "$@"
   local rc=$?
   [ $rc -eq 0 ] || echo "!! $name: exit $rc (124 = over its time limit)"
+  tar czf "$OUT/gpu_results.tar.gz" -C "$RESULTS" .
 }
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 if compgen -G ".gpu/wheels/*.whl" > /dev/null; then  # the timm the tests ran against (gpu_prepare.py)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/saint-site .gpu/wheels/*.whl \
@@ -52,26 +58,30 @@ if [ -n "$QUICK" ]; then
 else
   BATCH=64; ROUNDS="--warmup 2 --repeats 10"; SIZES=224,518; PHOTOS=80; KERNEL_CASES=()
   TARGETS=saint_plus@2,saint_plus@3; SCALE=1
-  SWEEP=(--calibrated saint_plus --calibrated saint_match --calibrated saint_match:inflection=-0.5
-         --calibrated saint_match:inflection=-0.5,guard=0.1
+  SWEEP=(--calibrated saint_plus --calibrated saint_match:inflection=-0.5,guard=0.1
          --calibrated saint_match:inflection=-0.5,guard=0.1,select_at=attention
-         --calibrated saint_match:target=measured,at=2 --tome-select-at mlp,attention --speedups 1.5,2,2.5,3)
+         --calibrated saint_match:target=measured,at=2 --tome-select-at mlp,attention --speedups 1.5,2,3)
   MODELS="vit_base_patch14_dinov2 vit_large_patch14_dinov2"
 fi
 COMMON=(--device "$DEVICE" --dtype bf16 --out-dir "$RESULTS")
 
-step kernels 50 "$PY" benchmarks/packed_attention_kernels.py "${COMMON[@]}" --batch "$BATCH" "${KERNEL_CASES[@]}"
-step packed-dinov2-s14 80 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --batch-size "$BATCH" \
-  --sizes "$SIZES" --overhead-sizes "$SIZES" --targets "saint@1.5,$TARGETS" --tome-r auto $ROUNDS
-for model in $MODELS; do
-  step "packed-$model" 70 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --batch-size "$BATCH" \
-    --sizes "$SIZES" --overhead-sizes "" --targets "$TARGETS" --tome-r auto $ROUNDS \
-    --model "$model"
-done
-step sweep 240 "$PY" benchmarks/run_dinov2_cpu.py "${COMMON[@]}" --batch-size "$BATCH" --eval-batch "$BATCH" \
-  --sizes "$SIZES" --photos "$PHOTOS" --taus "" --matched none --tome-inflection=-0.5 "${SWEEP[@]}" \
-  $ROUNDS --tag gpu --no-progress
+if wanted kernels; then
+  step kernels 50 "$PY" benchmarks/packed_attention_kernels.py "${COMMON[@]}" --batch "$BATCH" "${KERNEL_CASES[@]}"
+fi
+if wanted packed; then
+  step packed-dinov2-s14 90 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --batch-size "$BATCH" \
+    --sizes "$SIZES" --overhead-sizes "$SIZES" --targets "saint@1.5,$TARGETS" --tome-r auto $ROUNDS
+  for model in $MODELS; do
+    step "packed-$model" 90 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --batch-size "$BATCH" \
+      --sizes "$SIZES" --overhead-sizes "" --targets "$TARGETS" --tome-r auto $ROUNDS \
+      --model "$model"
+  done
+fi
+if wanted sweep; then
+  step sweep 160 "$PY" benchmarks/run_dinov2_cpu.py "${COMMON[@]}" --batch-size "$BATCH" --eval-batch "$BATCH" \
+    --sizes "$SIZES" --photos "$PHOTOS" --taus "" --matched none --tome-inflection=-0.5 "${SWEEP[@]}" \
+    $ROUNDS --tag gpu --no-progress
+fi
 
-tar czf "$OUT/gpu_results.tar.gz" -C "$RESULTS" .
 echo "== done ($(date -u +%H:%M:%S)): $OUT/gpu_results.tar.gz"
 ls -la "$RESULTS"

@@ -50,6 +50,15 @@ def test_calibration_hits_target_and_reproduces(mode, target, calib_images):
     assert again.tau == cal.tau, "deterministic"
 
 
+def test_per_layer_calibration_survives_layers_with_nothing_left_to_pair():
+    # flat images: every token is redundant, so the early layers prune down to one
+    # prunable token and the later layers' probes have no anchors left
+    model = make_tiny("vit", depth=18)
+    with pytest.warns(saint.CalibrationWarning, match="cannot reach keep=0.1"):
+        cal = saint.calibrate(model, torch.zeros(4, 3, 32, 32), mode="per_layer", k=1, keep=0.1, apply=False)
+    assert cal.tau[8] == 1.0 and cal.achieved < 0.25
+
+
 def test_calibration_without_apply_leaves_model_unpatched(calib_images):
     model = make_tiny("vit")
     saint.calibrate(model, calib_images, keep=0.9, k=1, apply=False)

@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import saint
-from saint.core.packing import lengths_to_valid, pack, packed_attention, padded_index, split, unpack
+from saint.core.packing import (
+    auto_kernel,
+    lengths_to_valid,
+    pack,
+    packed_attention,
+    padded_index,
+    split,
+    unpack,
+)
 
 from .conftest import ARCHS, make_tiny
 
@@ -41,11 +49,11 @@ def _reference_attention(q, k, v, lengths, bias):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("kernel", ["loop", "flex"])
+@pytest.mark.parametrize("kernel", ["loop", "padded", "flex"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_attention_equals_each_image_alone(kernel, with_bias):
     g = torch.Generator().manual_seed(0)
-    lengths = [5, 9, 5, 1, 12]  # repeated lengths share one SDPA call in "loop"
+    lengths = [5, 9, 0, 5, 1, 12]  # an empty image too: its padded queries see no key
     t = sum(lengths)
     q, k, v = (torch.randn(t, 2, 8, generator=g) for _ in range(3))
     bias = torch.rand(t, generator=g).add(1).log() if with_bias else None
@@ -77,6 +85,30 @@ def test_kernel_errors_name_the_fix():
         packed_attention(q, q, q, [1, 2], kernel="loop")
     with pytest.raises(ValueError, match="no attention dropout"):
         packed_attention(q, q, q, [4], dropout_p=0.1, kernel="flex")
+
+
+def test_auto_kernel_rule(monkeypatch):
+    from saint.core import packing
+
+    monkeypatch.setattr(packing, "varlen_available", lambda: True)
+    assert auto_kernel("cpu", True, False, False, False) == "loop"
+    assert auto_kernel("cuda", True, False, False, False) == "varlen"
+    assert auto_kernel("cuda", True, True, False, False) == "padded"  # varlen cannot add the size bias
+    assert auto_kernel("cuda", False, False, False, False) == "padded"  # varlen is fp16/bf16 only
+    assert auto_kernel("cuda", True, False, True, False) == "loop"  # dropout: training
+    assert auto_kernel("cuda", True, False, False, True) == "loop"  # FLOP counting sees per-image SDPA
+    monkeypatch.setattr(packing, "varlen_available", lambda: False)
+    assert auto_kernel("cuda", True, False, False, False) == "padded"
+
+
+def test_flop_counting_sees_the_loop_kernel():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from saint.core.packing import _under_dispatch_mode
+
+    assert not _under_dispatch_mode()
+    with FlopCounterMode(display=False):
+        assert _under_dispatch_mode()
 
 
 def test_varlen_needs_a_torch_whose_kernel_takes_scale(monkeypatch):
@@ -142,14 +174,15 @@ def test_every_pooling_is_per_image(pool, images):
     torch.testing.assert_close(out, alone, **TOL)
 
 
-def test_flex_kernel_matches_loop(images):
+def test_padded_and_flex_kernels_match_loop(images):
     model = make_tiny("dinov2_reg")
     outs = []
-    for kernel in ("loop", "flex"):
+    for kernel in ("loop", "padded", "flex"):
         saint.patch(model, "saint_plus", tau=0.3, kernel=kernel)
         with torch.no_grad():
             outs.append(model(images))
     torch.testing.assert_close(outs[0], outs[1], **TOL)
+    torch.testing.assert_close(outs[0], outs[2], **TOL)
 
 
 @torch.no_grad()

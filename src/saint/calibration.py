@@ -112,9 +112,11 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
         valid = ctx.valid[:, ctx.num_protected :] if ctx.valid is not None else None
         a, anc, va, vb = split_candidates(metric, prunable_valid(valid, *metric.shape[:2], metric.device))
         k = min(s["k"], anc.shape[1])
-        (kth,) = reduce_similarity(a, anc, vb, lambda sim: (sim.topk(k, dim=-1).values[..., -1],))
-        kth = kth[va]
-        kth = kth[torch.isfinite(kth)]
+        kth = a.new_empty(0)
+        if k > 0 and a.shape[1] > 0:  # else too few tokens are left to pair: nothing to flag
+            (kth,) = reduce_similarity(a, anc, vb, lambda sim: (sim.topk(k, dim=-1).values[..., -1],))
+            kth = kth[va]
+            kth = kth[torch.isfinite(kth)]
         if fraction <= 0 or kth.numel() == 0:
             tau = 1.0
         else:

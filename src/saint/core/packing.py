@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 from .tome import with_mean_norm
 
-KERNELS = ("auto", "loop", "flex", "varlen")
+KERNELS = ("auto", "loop", "padded", "flex", "varlen")
 """``loop``: one SDPA call per image, on views of the stream (CPU default);
+``padded``: one SDPA call on a padded copy of q/k/v with a key mask carrying ToMe's size
+bias (CUDA default when ``varlen`` cannot run: only attention pays for the padding);
 ``flex``: ``flex_attention`` with a document mask (any device, supports the ToMe size
-bias); ``varlen``: ``torch.nn.attention.varlen`` flash kernel (CUDA, fp16/bf16, no
-bias; torch >= 2.10, whose ``varlen_attn`` takes ``scale``); ``auto``: ``loop`` on CPU,
-``varlen`` on CUDA when it applies, else ``flex``."""
+bias; slower than ``padded`` on an H200, see docs/packed.md); ``varlen``:
+``torch.nn.attention.varlen`` flash kernel (CUDA, fp16/bf16, no bias; torch >= 2.10,
+whose ``varlen_attn`` takes ``scale``); ``auto``: see :func:`auto_kernel`."""
 
 
 @functools.cache
@@ -152,6 +154,8 @@ def packed_attention(
     kernel = resolve_kernel(kernel, q, bias, dropout_p)
     if kernel == "loop":
         return _loop_attention(q, k, v, lengths, bias, scale, dropout_p)
+    if kernel == "padded":
+        return _padded_attention(q, k, v, lengths, bias, scale, dropout_p)
     if kernel == "flex":
         return _flex_attention(q, k, v, lengths, bias, scale)
     return _varlen_attention(q, k, v, lengths, scale)
@@ -162,20 +166,35 @@ def resolve_kernel(kernel: str, q: torch.Tensor, bias: torch.Tensor | None, drop
     one cannot run these inputs."""
     half = q.dtype in (torch.float16, torch.bfloat16)
     if kernel == "auto":
-        if q.device.type != "cuda" or dropout_p > 0:
-            return "loop"
-        return "varlen" if bias is None and half and varlen_available() else "flex"
+        return auto_kernel(q.device.type, half, bias is not None, dropout_p > 0, _under_dispatch_mode())
     if kernel == "varlen":
         if not varlen_available():
             raise ValueError(f"kernel='varlen' needs torch >= 2.10 (varlen_attn with a scale), this is {torch.__version__}; "
-                             "use 'flex' or 'loop'")
+                             "use 'padded' or 'loop'")
         if q.device.type != "cuda" or not half:
             raise ValueError(f"kernel='varlen' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}; use 'loop'")
         if bias is not None:
-            raise ValueError("kernel='varlen' cannot add ToMe's size bias (prop_attn); use 'flex' or 'loop'")
+            raise ValueError("kernel='varlen' cannot add ToMe's size bias (prop_attn); use 'padded' or 'loop'")
     if kernel in ("varlen", "flex") and dropout_p > 0:
         raise ValueError(f"kernel={kernel!r} has no attention dropout; use 'loop' in training")
     return kernel
+
+
+def auto_kernel(device_type: str, half: bool, has_bias: bool, dropout: bool, intercepted: bool) -> str:
+    """The kernel ``auto`` picks, by the kernel measurements of docs/packed.md: ``loop``
+    on CPU, in training (dropout) and under a dispatch mode that intercepts ops
+    (``intercepted``: FLOP counting, tracing), where per-image SDPA is what such modes
+    understand and counts exactly the real tokens' attention; on CUDA ``varlen`` when it
+    can run (fp16/bf16, no bias), else ``padded``."""
+    if device_type != "cuda" or dropout or intercepted:
+        return "loop"
+    return "varlen" if half and not has_bias and varlen_available() else "padded"
+
+
+def _under_dispatch_mode() -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
 
 
 def _loop_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
@@ -192,6 +211,27 @@ def _loop_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
             out[s : s + n] = o.transpose(0, 1)
         s += n
     return out
+
+
+def _padded_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
+    """One SDPA call on ``[B, max, H, D]`` copies of the stream; padded keys get ``-inf``,
+    real keys ``bias``. Positions are computed on the device, so nothing waits for it."""
+    t, b, m = q.shape[0], len(lengths), max(lengths, default=0)
+    if t == 0:
+        return torch.empty_like(v)
+    counts = torch.tensor(list(lengths), device=q.device)
+    starts = counts.cumsum(0) - counts
+    doc = torch.repeat_interleave(torch.arange(b, device=q.device), counts, output_size=t)
+    flat = doc * m + torch.arange(t, device=q.device) - starts[doc]  # each token's padded slot
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(b * m, *x.shape[1:]).index_copy_(0, flat, x).view(b, m, *x.shape[1:]).transpose(1, 2)
+
+    key = torch.full((b * m,), float("-inf"), dtype=q.dtype, device=q.device)
+    key.index_copy_(0, flat, bias.to(q.dtype) if bias is not None else q.new_zeros(t))
+    o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=key.view(b, 1, 1, m),
+                                       dropout_p=dropout_p, scale=scale)
+    return o.transpose(1, 2).reshape(b * m, *v.shape[1:]).index_select(0, flat)
 
 
 def _document_ids(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
