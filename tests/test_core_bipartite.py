@@ -128,3 +128,12 @@ def test_chunked_selection_equals_the_whole_matrix(seed, b, n, chunk_images):
         chunked = everything()
     for x, y in zip(whole, chunked, strict=True):
         assert torch.equal(x, y)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.floats(-1.0, 1.0), st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, float("inf")])))
+def test_float32_below_is_torch_nextafter_on_the_host(x):
+    from saint.core.bipartite import float32_below
+
+    expected = torch.nextafter(torch.tensor(x, dtype=torch.float32), torch.tensor(float("-inf"))).item()
+    assert float32_below(x) == expected

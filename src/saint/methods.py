@@ -38,12 +38,16 @@ class Selection:
     """Survivors (``keep [B, N]`` bool), for merging methods the merge plan, and
     optionally the survivors' layout: ``order [B, N]`` a sort key, survivors laid out
     by increasing key (None: their original order). ``keep_norm``: merged tokens of the
-    residual stream take their parts' size-weighted mean norm (``core.merge_weighted``)."""
+    residual stream take their parts' size-weighted mean norm (``core.merge_weighted``).
+    ``count``: every image keeps exactly this many tokens, known on the host (ToMe's
+    constant ``r`` on a rectangular batch), so applying the selection reads nothing back
+    from the device."""
 
     keep: torch.Tensor
     merge: core.MergePlan | None = None
     order: torch.Tensor | None = None
     keep_norm: bool = False
+    count: int | None = None
 
 
 SELECT_AT = ("mlp", "attention")
@@ -453,7 +457,8 @@ def _select_saint_fold(ctx: LayerContext, s: dict[str, Any], cfg: SaintFoldConfi
 
 def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:
     plan = core.tome_plan(ctx.keys, s["r"], ctx.num_protected, ctx.valid, cfg.order)
-    return Selection(plan.keep, plan, plan.order, keep_norm=cfg.keep_norm)
+    count = ctx.keys.shape[1] - s["r"] if ctx.valid is None else None
+    return Selection(plan.keep, plan, plan.order, keep_norm=cfg.keep_norm, count=count)
 
 
 def _select_match(ctx: LayerContext, s: dict[str, Any], cfg: MatchConfig) -> Selection:

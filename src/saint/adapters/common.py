@@ -22,6 +22,7 @@ from ..core import (
     merge_weighted,
     packed_query_attention,
     query_attention,
+    uniform_keep_indices,
 )
 from ..core.packing import (
     KERNELS,
@@ -261,6 +262,8 @@ class TokenState:
         (packed layout; see :func:`saint.core.packing.keep_rows`). ``tensors[0]`` is the
         residual stream: with ``sel.keep_norm`` its merged tokens keep their parts' mean
         norm, the projections are plain size-weighted means."""
+        if sel.count is not None and self.valid is None and self.origin is None:
+            return self._apply_uniform(tensors, sel)
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
@@ -275,6 +278,32 @@ class TokenState:
         if self.layout == "padded":
             return self._apply_padded(tensors, sel, keep)
         return self._apply_packed(tensors, sel, keep, in_place)
+
+    def _apply_uniform(self, tensors: Sequence[torch.Tensor], sel: Selection) -> list[torch.Tensor]:
+        """A rectangular batch where every image keeps ``sel.count`` tokens stays
+        rectangular, in either layout, and nothing is read back from the device (each read
+        makes a GPU wait for the host)."""
+        b, n = sel.keep.shape
+        if sel.count == n:
+            return list(tensors)
+        self._bias = {}
+        if self.track_positions and self.positions is None:
+            self.positions = torch.arange(n, device=sel.keep.device).expand(b, n).reshape(b, n, 1)
+        out = list(tensors)
+        if sel.merge is not None:
+            if self.sizes is None:
+                self.sizes = torch.ones(b, n, 1, dtype=torch.float32, device=sel.keep.device)
+            merged = [merge_weighted(t, self.sizes, sel.merge, sel.keep_norm and i == 0) for i, t in enumerate(out)]
+            out, self.sizes = [m[0] for m in merged], merged[0][1]
+        idx = uniform_keep_indices(sel.keep, sel.count, sel.order)
+        out = [gather_tokens(t, idx) for t in out]
+        if self.sizes is not None:
+            self.sizes = gather_tokens(self.sizes, idx)
+        if self.positions is not None:
+            self.positions = gather_tokens(self.positions, idx)
+        self.lengths = [sel.count] * b
+        self._index = None
+        return out
 
     def _apply_padded(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor
                       ) -> list[torch.Tensor]:

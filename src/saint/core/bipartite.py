@@ -13,6 +13,8 @@ made at once.
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Callable
 
 import torch
@@ -121,6 +123,16 @@ def sum_at_least_(sim: torch.Tensor, tau: float) -> torch.Tensor:
     float32 just below ``tau``, so it keeps exactly the entries ``sim >= tau`` selects."""
     if sim.dtype != torch.float32:
         raise TypeError(f"sum_at_least_ works on float32 similarities, got {sim.dtype}")
-    t = torch.tensor(tau, dtype=torch.float32)
-    below = torch.nextafter(t, torch.tensor(float("-inf"))).item()
-    return F.threshold_(sim, below, 0.0).sum(dim=-1)
+    return F.threshold_(sim, float32_below(tau), 0.0).sum(dim=-1)
+
+
+def float32_below(x: float) -> float:
+    """The largest float32 below ``x`` rounded to float32 (``torch.nextafter`` on the host,
+    without making a tensor)."""
+    (f,) = struct.unpack("<f", struct.pack("<f", x))
+    if math.isnan(f) or f == float("-inf"):
+        return f
+    if f == 0.0:
+        return -struct.unpack("<f", struct.pack("<I", 1))[0]  # the smallest negative subnormal
+    (bits,) = struct.unpack("<I", struct.pack("<f", f))
+    return struct.unpack("<f", struct.pack("<I", bits - 1 if f > 0 else bits + 1))[0]

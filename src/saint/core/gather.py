@@ -51,6 +51,17 @@ def keep_mask_to_indices(
     return order, slots >= (m - counts)[:, None]
 
 
+def uniform_keep_indices(keep: torch.Tensor, count: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """``idx [B, count]`` of the kept positions of a mask that keeps exactly ``count`` in
+    every row (the caller knows it), in their original order or by increasing ``order``:
+    :func:`keep_mask_to_indices` without reading the counts back from the device."""
+    if order is None:
+        return torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :count]
+    perm = torch.argsort(order, dim=1, stable=True)
+    slots = torch.argsort((~torch.gather(keep, 1, perm)).to(torch.int8), dim=1, stable=True)[:, :count]
+    return torch.gather(perm, 1, slots)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather ``x [B, N, ...]`` along dim 1 at ``idx [B, M]``."""
     shape = idx.shape + x.shape[2:]

@@ -67,8 +67,8 @@ def match_plan(
     ``guard > 0`` and ``cls_attention [B, N]`` (the class token's attention, averaged over
     heads), by cosine minus ``guard`` times both tokens' :func:`attention_excess`."""
     b, n, _ = metric.shape
+    best, idx, cand_valid = best_matches(metric, num_protected, valid)  # None: every anchor is real
     valid = prunable_valid(valid, b, n, metric.device)
-    best, idx, cand_valid = best_matches(metric, num_protected, valid)
     counts = match_counts(best, cand_valid, tau, fraction)
     a = best.shape[1]
     score = best

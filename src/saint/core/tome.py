@@ -61,8 +61,9 @@ def tome_plan(
         raise ValueError(f"ToMe order must be one of {ORDERS}, got {order!r}")
     b, n, _ = metric.shape
     p = num_protected
+    rectangular = valid is None  # every token real: the limit and masks are known on the host
     valid = prunable_valid(valid, b, n, metric.device)
-    limit = max_tome_r(int(valid[:, p:].sum(dim=1).min()) if b else 0)
+    limit = max_tome_r((n - p if rectangular else int(valid[:, p:].sum(dim=1).min())) if b else 0)
     if r < 0 or r > limit:
         raise ValueError(f"ToMe r={r} must be in [0, {limit}] at this layer (half the prunable tokens)")
     if r == 0:  # nothing merges, nothing moves (the reference returns its input as is)
@@ -74,7 +75,8 @@ def tome_plan(
     m = F.normalize(metric.float(), dim=-1, eps=EPS)
     va = valid[:, a_pos] & (a_pos >= p)
     vb = valid[:, b_pos] & (b_pos >= p)
-    node_max, node_idx = match_anchors(m[:, a_pos], m[:, b_pos], vb, va)
+    all_anchors = rectangular and start + 1 >= p  # no anchor (b_pos[0] = start + 1 on) is padding or protected
+    node_max, node_idx = match_anchors(m[:, a_pos], m[:, b_pos], None if all_anchors else vb, va)
     edges = torch.argsort(node_max, dim=-1, descending=True, stable=True)
     src = a_pos[edges[:, :r]]
     dst = b_pos[torch.gather(node_idx, 1, edges[:, :r])]

@@ -1,0 +1,52 @@
+"""The op census counts what a GPU's launch overhead scales with, and ToMe on a
+rectangular batch reads nothing back from the device."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import saint
+from saint.core import keep_mask_to_indices, uniform_keep_indices
+from saint.measure.census import op_census
+
+from .conftest import make_tiny
+
+
+def test_census_known_answers():
+    x = torch.arange(6.0).reshape(2, 3)
+    c = op_census(lambda: x.view(3, 2).t() + 1)
+    assert dict(c.ops) == {"view": 1, "t": 1, "add": 1} and c.kernels == 1 and c.host_syncs == 0
+    assert dict(op_census(lambda: x[x > 2]).syncs) == {"index (boolean mask)": 1}
+    assert dict(op_census(lambda: x.sum().item()).syncs) == {"_local_scalar_dense": 1}
+    assert dict(op_census(lambda: bool(x.all())).syncs) == {"_local_scalar_dense": 1}
+    assert dict(op_census(lambda: x.tolist()).syncs) == {"tolist": 1}
+    counts = torch.tensor([1, 2])
+    assert op_census(lambda: torch.repeat_interleave(counts)).host_syncs == 1
+    assert op_census(lambda: torch.repeat_interleave(counts, output_size=3)).host_syncs == 0
+    assert op_census(lambda: torch.tensor([1.0, 2.0])).host_tensors == 1
+    assert torch.Tensor.tolist(counts) == [1, 2]  # the counting wrapper is gone again
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 9), st.data())
+def test_uniform_keep_indices_equal_the_general_ones(b, n, data):
+    count = data.draw(st.integers(0, n))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    keep = torch.zeros(b, n, dtype=torch.bool)
+    for row in range(b):
+        keep[row, torch.randperm(n, generator=g)[:count]] = True
+    order = torch.randint(0, 5, (b, n), generator=g) if data.draw(st.booleans()) else None
+    idx, valid = keep_mask_to_indices(keep, order=order)
+    assert bool(valid.all()) and torch.equal(uniform_keep_indices(keep, count, order), idx)
+
+
+def test_tome_on_a_rectangular_batch_reads_nothing_back():
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for arch, kwargs in [("vit", {"order": "reference"}), ("dinov2_reg", {"keep_norm": True}), ("deit3", {})]:
+        model = make_tiny(arch)
+        saint.patch(model, "tome", r=2, **kwargs)
+        census = op_census(lambda model=model: model(x))
+        assert census.host_syncs == 0, (arch, dict(census.syncs))
+        assert saint.stats(model).layout == "rectangular"
