@@ -4,7 +4,8 @@
 On an H200 at batch 64, bf16, every pruned variant ran slower than the unpruned DINOv2-S/14
 (docs/packed.md#speed): the forward passes are bound by the host, not the GPU, so their
 time follows how many ops they launch and how often they make the host wait. This script
-counts both for the unpruned model, SAINT's graph with nothing dropped, SAINT / SAINT+ /
+counts both, on the paths a GPU takes (the packed attention as one call per block, and
+selections with a host-known count applied without read-backs), for the unpruned model, SAINT's graph with nothing dropped, SAINT / SAINT+ /
 ``saint_match`` calibrated to real-token FLOPs targets (on the held-out shared photos when
 present, else on the batch itself), packed and padded, and ToMe, on the offline
 DINOv2 ViT-S/14 (real weights) at one batch of offline photos.
@@ -27,6 +28,7 @@ import torch
 import saint
 from saint import assets
 from saint.adapters import handle_of
+from saint.adapters.common import sync_free_everywhere
 from saint.commands.options import output_tag
 from saint.measure.census import op_census
 from saint.measure.harness import timing_batch
@@ -67,7 +69,8 @@ def calibrated(model: torch.nn.Module, calib_x: torch.Tensor, target: str) -> tu
 
 
 def count(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    census = op_census(lambda: model(x))
+    with sync_free_everywhere():  # the paths a GPU takes
+        census = op_census(lambda: model(x))
     tokens = [round(float(c.float().mean()), 1) for c in handle_of(model).site_tokens()] if saint.is_patched(model) else []
     layout = saint.stats(model).layout if saint.is_patched(model) else "-"
     return {"ops": census.total, "kernels": census.kernels, "host_syncs": census.host_syncs,

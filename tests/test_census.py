@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import saint
+from saint.adapters.common import sync_free_everywhere
 from saint.core import keep_mask_to_indices, uniform_keep_indices
 from saint.measure.census import op_census
 
@@ -47,6 +48,23 @@ def test_tome_on_a_rectangular_batch_reads_nothing_back():
     for arch, kwargs in [("vit", {"order": "reference"}), ("dinov2_reg", {"keep_norm": True}), ("deit3", {})]:
         model = make_tiny(arch)
         saint.patch(model, "tome", r=2, **kwargs)
-        census = op_census(lambda model=model: model(x))
+        with sync_free_everywhere():  # the path a GPU takes
+            census = op_census(lambda model=model: model(x))
         assert census.host_syncs == 0, (arch, dict(census.syncs))
         assert saint.stats(model).layout == "rectangular"
+        assert op_census(lambda model=model: model(x)).host_syncs > 0  # a CPU keeps its stream merge
+
+
+def test_the_read_back_free_path_gives_the_cpu_path_answer():
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for arch in ("vit", "dinov2_reg"):
+        model = make_tiny(arch)
+        for kwargs in ({}, {"order": "reference"}, {"keep_norm": True, "layout": "padded"},
+                       {"prop_attn": False, "select_at": "attention"}):
+            saint.patch(model, "tome", r=3, **kwargs)
+            with torch.no_grad():
+                ref = model(x)
+                with sync_free_everywhere():
+                    out = model(x)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+            saint.unpatch(model)

@@ -100,6 +100,28 @@ def check_layout(layout: str, kernel: str) -> None:
         raise ValueError(f"kernel={kernel!r} picks the packed attention kernel; it does nothing with layout='padded'")
 
 
+_SYNC_FREE_EVERYWHERE = threading.local()
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether selections whose count is known on the host take the path that reads
+    nothing back (:meth:`TokenState._apply_uniform`): on accelerators, where each read
+    makes the device wait for the host. A CPU keeps the stream merge, which recomputes
+    only the merge destinations (faster there), unless :func:`sync_free_everywhere`."""
+    return device.type != "cpu" or getattr(_SYNC_FREE_EVERYWHERE, "on", False)
+
+
+@contextlib.contextmanager
+def sync_free_everywhere() -> Iterator[None]:
+    """Take the accelerators' read-back-free path on a CPU too (to count or test it there)."""
+    before = getattr(_SYNC_FREE_EVERYWHERE, "on", False)
+    _SYNC_FREE_EVERYWHERE.on = True
+    try:
+        yield
+    finally:
+        _SYNC_FREE_EVERYWHERE.on = before
+
+
 @dataclass
 class TokenState:
     """Per-forward state of a pruned sequence.
@@ -262,7 +284,7 @@ class TokenState:
         (packed layout; see :func:`saint.core.packing.keep_rows`). ``tensors[0]`` is the
         residual stream: with ``sel.keep_norm`` its merged tokens keep their parts' mean
         norm, the projections are plain size-weighted means."""
-        if sel.count is not None and self.valid is None and self.origin is None:
+        if sel.count is not None and self.valid is None and self.origin is None and sync_free(sel.keep.device):
             return self._apply_uniform(tensors, sel)
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         if bool((keep == (True if self.valid is None else self.valid)).all()):
