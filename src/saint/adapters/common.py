@@ -29,9 +29,12 @@ from ..core.packing import (
     keep_rows,
     lengths_to_valid,
     merge_and_keep_many,
+    merge_and_keep_on_device,
     pack,
     packed_attention,
     padded_index,
+    stream_slots,
+    true_positions,
     unpack,
 )
 from ..methods import Selection
@@ -284,8 +287,11 @@ class TokenState:
         (packed layout; see :func:`saint.core.packing.keep_rows`). ``tensors[0]`` is the
         residual stream: with ``sel.keep_norm`` its merged tokens keep their parts' mean
         norm, the projections are plain size-weighted means."""
-        if sel.count is not None and self.valid is None and self.origin is None and sync_free(sel.keep.device):
-            return self._apply_uniform(tensors, sel)
+        if self.origin is None and sync_free(sel.keep.device):
+            if sel.count is not None and self.valid is None:
+                return self._apply_uniform(tensors, sel)
+            if self.layout == "packed" and sel.order is None:
+                return self._apply_packed_one_read(tensors, sel)
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
@@ -326,6 +332,54 @@ class TokenState:
         self.lengths = [sel.count] * b
         self._index = None
         return out
+
+    def _apply_packed_one_read(self, tensors: Sequence[torch.Tensor], sel: Selection) -> list[torch.Tensor]:
+        """:meth:`_apply_packed` reading back only the per-image counts, which the next
+        attention needs on the host anyway; everything else is worked out on the device
+        from them (each read-back makes a GPU wait for the host)."""
+        keep = sel.keep if self.valid is None else sel.keep & self.valid
+        b, n = keep.shape
+        counts = keep.sum(dim=1)
+        lengths = counts.tolist()
+        before = self.lengths if self.valid is not None else [n] * b
+        if lengths == before:  # keep lies within valid: equal counts, nothing removed
+            return list(tensors)
+        self._bias = {}
+        if self.track_positions and self.positions is None:
+            self.positions = torch.arange(n, device=keep.device).expand(b, n).reshape(b, n, 1)
+        streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
+        total = sum(before)
+        flat = keep.reshape(-1)
+        if self.valid is not None:
+            flat = flat.index_select(0, stream_slots(self.valid, total))
+        kept = true_positions(flat, sum(lengths))
+        if self.positions is not None:  # kept like the tokens, never merged: a destination keeps its index
+            self.positions = self.positions.reshape(1, -1, 1).index_select(1, kept)
+        if sel.merge is not None:
+            if self.sizes is None:
+                self.sizes = torch.ones(1, total, 1, dtype=torch.float32, device=keep.device)
+            index = padded_index(self.valid if self.valid is not None else torch.ones_like(keep))
+            plan = sel.merge
+            src, dst = (torch.gather(index, 1, t).reshape(-1) for t in (plan.src, plan.dst))
+            active = None if plan.active is None else plan.active.reshape(-1)
+            streams, self.sizes = merge_and_keep_on_device(streams, self.sizes, src, dst, active, flat, kept,
+                                                           [sel.keep_norm])
+        else:
+            streams = [t[0].index_select(0, kept)[None] for t in streams]
+            if self.sizes is not None:
+                self.sizes = self.sizes.reshape(1, -1, 1).index_select(1, kept)
+        self.lengths = lengths
+        self._index = None
+        if len(set(lengths)) == 1:
+            self.packed, self.valid = False, None
+            if self.sizes is not None:
+                self.sizes = self.sizes.reshape(b, lengths[0], 1)
+            if self.positions is not None:
+                self.positions = self.positions.reshape(b, lengths[0], 1)
+            return [t.reshape(b, lengths[0], t.shape[-1]) for t in streams]
+        self.packed, self.ran = True, "packed"
+        self.valid = torch.arange(max(lengths), device=keep.device)[None, :] < counts[:, None]
+        return streams
 
     def _apply_padded(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor
                       ) -> list[torch.Tensor]:

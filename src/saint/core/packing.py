@@ -125,6 +125,60 @@ def merge_and_keep_many(
     return outs, new_s[keep].to(sizes.dtype).reshape(1, -1, 1)
 
 
+def stream_slots(valid: torch.Tensor, total: int) -> torch.Tensor:
+    """For each row of a packed stream (``total`` rows, known on the host), its position in
+    the flattened padded view ``valid [B, M]`` (real positions first), worked out on the
+    device without reading anything back."""
+    b, m = valid.shape
+    counts = valid.sum(dim=1)
+    starts = counts.cumsum(0) - counts
+    doc = torch.repeat_interleave(torch.arange(b, device=valid.device), counts, output_size=total)
+    return doc * m + torch.arange(total, device=valid.device) - starts[doc]
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``mask.nonzero().squeeze(1)`` of a 1-D bool mask with ``count`` True entries (known
+    on the host), without reading anything back: each True entry scatters its position to
+    its rank, the False ones to a spare slot that is cut off."""
+    rank = torch.cumsum(mask, 0) - 1
+    out = torch.empty(count + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(0, torch.where(mask, rank, count), torch.arange(mask.numel(), device=mask.device))
+    return out[:count]
+
+
+def merge_and_keep_on_device(
+    xs: Sequence[torch.Tensor], sizes: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+    active: torch.Tensor | None, keep: torch.Tensor, kept: torch.Tensor, keep_norm: Sequence[bool] = (),
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`merge_and_keep_many` without reading anything back from the device: plan
+    entries with ``active`` False merge nothing (instead of being cut out), the
+    destinations' sums go through a stream-length float32 accumulator (instead of
+    ``unique``), and the survivors ``kept`` (``keep``'s True positions, ascending) come
+    from the caller. A destination that receives nothing keeps its row as it was."""
+    s = sizes.reshape(-1).float()
+    w = s[src] if active is None else s[src] * active
+    new_s = s.index_add(0, dst, w)
+    received = (new_s[dst] > s[dst])[:, None]
+    at = (torch.cumsum(keep, 0) - 1)[dst]  # a destination's row among the survivors (repeated when shared)
+    norm_flags = [bool(f) for f in keep_norm] + [False] * (len(xs) - len(keep_norm))
+    outs = []
+    for x, norm_flag in zip(xs, norm_flags, strict=True):
+        flat = x[0]
+        at_dst, at_src = flat.index_select(0, dst).float(), flat.index_select(0, src).float()
+        acc = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        acc.index_add_(0, dst, at_src * w[:, None])
+        merged = (at_dst * s[dst, None] + acc.index_select(0, dst)) / new_s[dst, None]
+        if norm_flag:
+            norms = torch.zeros(flat.shape[0], 1, dtype=torch.float32, device=flat.device)
+            norms.index_add_(0, dst, at_src.norm(dim=-1, keepdim=True) * w[:, None])
+            norm = (at_dst.norm(dim=-1, keepdim=True) * s[dst, None] + norms.index_select(0, dst)) / new_s[dst, None]
+            merged = with_mean_norm(merged, norm)
+        out = flat.index_select(0, kept)
+        out.index_copy_(0, at, torch.where(received, merged, at_dst).to(x.dtype))
+        outs.append(out[None])
+    return outs, new_s.index_select(0, kept).to(sizes.dtype).reshape(1, -1, 1)
+
+
 def split(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
     """``[1, T, ...]`` -> one ``[n_i, ...]`` tensor per image."""
     return list(x[0].split(list(lengths), dim=0))
