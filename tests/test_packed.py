@@ -177,6 +177,26 @@ def test_the_one_read_back_path_gives_the_cpu_paths_answer(arch, label, select_a
     assert all(census.syncs[op] <= blocks for op in per_block) and census.syncs["index_put_ (boolean mask)"] <= 3
 
 
+@pytest.mark.parametrize("method, kw", [RAGGED["saint_plus"], RAGGED["saint_match+keep_norm"]])
+def test_training_on_the_gpu_paths_gets_the_cpu_paths_gradients(method, kw, images):
+    """The one-read-back merge is for inference; with autograd recording, the GPU takes the
+    general path, so gradients stay right."""
+    import contextlib
+
+    from saint.adapters.common import sync_free_everywhere
+
+    model = make_tiny("vit")
+    saint.patch(model, method, **kw)
+    grads = []
+    for paths in (contextlib.nullcontext(), sync_free_everywhere()):
+        model.zero_grad()
+        with paths:
+            model(images).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for cpu, gpu in zip(*grads, strict=True):
+        torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize("method", sorted(RECTANGULAR))
 def test_rectangular_methods_never_pack(method, select_at, images):

@@ -290,8 +290,8 @@ class TokenState:
         if self.origin is None and sync_free(sel.keep.device):
             if sel.count is not None and self.valid is None:
                 return self._apply_uniform(tensors, sel)
-            if self.layout == "packed" and sel.order is None:
-                return self._apply_packed_one_read(tensors, sel)
+            if self.layout == "packed" and sel.order is None and not any(t.requires_grad for t in tensors):
+                return self._apply_packed_one_read(tensors, sel)  # inference: its merge writes shared rows twice
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
@@ -336,7 +336,9 @@ class TokenState:
     def _apply_packed_one_read(self, tensors: Sequence[torch.Tensor], sel: Selection) -> list[torch.Tensor]:
         """:meth:`_apply_packed` reading back only the per-image counts, which the next
         attention needs on the host anyway; everything else is worked out on the device
-        from them (each read-back makes a GPU wait for the host)."""
+        from them (each read-back makes a GPU wait for the host). Inference only: a
+        destination shared by several sources is written once per source (the same value),
+        which autograd would count as many times."""
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         b, n = keep.shape
         counts = keep.sum(dim=1)
