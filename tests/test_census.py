@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import saint
 from saint.adapters.common import sync_free_everywhere
-from saint.core import keep_mask_to_indices, uniform_keep_indices
+from saint.core import keep_mask_to_indices
 from saint.measure.census import op_census
 
 from .conftest import make_tiny
@@ -32,7 +32,7 @@ def test_census_known_answers():
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 9), st.data())
-def test_uniform_keep_indices_equal_the_general_ones(b, n, data):
+def test_a_host_known_count_gives_the_same_indices(b, n, data):
     count = data.draw(st.integers(0, n))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
     keep = torch.zeros(b, n, dtype=torch.bool)
@@ -40,7 +40,9 @@ def test_uniform_keep_indices_equal_the_general_ones(b, n, data):
         keep[row, torch.randperm(n, generator=g)[:count]] = True
     order = torch.randint(0, 5, (b, n), generator=g) if data.draw(st.booleans()) else None
     idx, valid = keep_mask_to_indices(keep, order=order)
-    assert bool(valid.all()) and torch.equal(uniform_keep_indices(keep, count, order), idx)
+    known, known_valid = keep_mask_to_indices(keep, order=order, count=count)
+    assert bool(valid.all()) and torch.equal(known, idx) and torch.equal(known_valid, valid)
+    assert op_census(lambda: keep_mask_to_indices(keep, order=order, count=count)).host_syncs == 0
 
 
 def test_tome_on_a_rectangular_batch_reads_nothing_back():

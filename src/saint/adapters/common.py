@@ -22,12 +22,10 @@ from ..core import (
     merge_weighted,
     packed_query_attention,
     query_attention,
-    uniform_keep_indices,
 )
 from ..core.packing import (
     KERNELS,
     keep_rows,
-    lengths_to_valid,
     merge_and_keep_many,
     merge_and_keep_on_device,
     pack,
@@ -297,15 +295,37 @@ class TokenState:
             if self.origin is not None:
                 self.origins.append(self.origin.clone())
             return list(tensors)
-        self._bias = {}
-        if self.track_positions and self.positions is None:
-            b, n = keep.shape
-            self.positions = torch.arange(n, device=keep.device).expand(b, n).reshape(b, n, 1)
+        self._begin_step(keep)
         if self.origin is not None:
             self._trace(sel, *keep_mask_to_indices(keep, order=sel.order))
         if self.layout == "padded":
             return self._apply_padded(tensors, sel, keep)
         return self._apply_packed(tensors, sel, keep, in_place)
+
+    def _begin_step(self, keep: torch.Tensor) -> None:
+        """A step that removes tokens: cached attention biases go stale, and rotary models
+        start tracking each token's original position."""
+        self._bias = {}
+        if self.track_positions and self.positions is None:
+            b, n = keep.shape
+            self.positions = torch.arange(n, device=keep.device).expand(b, n).reshape(b, n, 1)
+
+    def _merge_and_gather(self, tensors: Sequence[torch.Tensor], sel: Selection, idx: torch.Tensor
+                          ) -> list[torch.Tensor]:
+        """Merge (if planned) then gather the rows ``idx [B, M]`` of each tensor, and of
+        the sizes and positions (a merged token keeps its destination's index)."""
+        out = list(tensors)
+        if sel.merge is not None:
+            if self.sizes is None:
+                self.sizes = torch.ones(*sel.keep.shape, 1, dtype=torch.float32, device=sel.keep.device)
+            merged = [merge_weighted(t, self.sizes, sel.merge, sel.keep_norm and i == 0) for i, t in enumerate(out)]
+            out, self.sizes = [m[0] for m in merged], merged[0][1]
+        out = [gather_tokens(t, idx) for t in out]
+        if self.sizes is not None:
+            self.sizes = gather_tokens(self.sizes, idx)
+        if self.positions is not None:
+            self.positions = gather_tokens(self.positions, idx)
+        return out
 
     def _apply_uniform(self, tensors: Sequence[torch.Tensor], sel: Selection) -> list[torch.Tensor]:
         """A rectangular batch where every image keeps ``sel.count`` tokens stays
@@ -314,21 +334,9 @@ class TokenState:
         b, n = sel.keep.shape
         if sel.count == n:
             return list(tensors)
-        self._bias = {}
-        if self.track_positions and self.positions is None:
-            self.positions = torch.arange(n, device=sel.keep.device).expand(b, n).reshape(b, n, 1)
-        out = list(tensors)
-        if sel.merge is not None:
-            if self.sizes is None:
-                self.sizes = torch.ones(b, n, 1, dtype=torch.float32, device=sel.keep.device)
-            merged = [merge_weighted(t, self.sizes, sel.merge, sel.keep_norm and i == 0) for i, t in enumerate(out)]
-            out, self.sizes = [m[0] for m in merged], merged[0][1]
-        idx = uniform_keep_indices(sel.keep, sel.count, sel.order)
-        out = [gather_tokens(t, idx) for t in out]
-        if self.sizes is not None:
-            self.sizes = gather_tokens(self.sizes, idx)
-        if self.positions is not None:
-            self.positions = gather_tokens(self.positions, idx)
+        self._begin_step(sel.keep)
+        idx, _ = keep_mask_to_indices(sel.keep, order=sel.order, count=sel.count)
+        out = self._merge_and_gather(tensors, sel, idx)
         self.lengths = [sel.count] * b
         self._index = None
         return out
@@ -346,9 +354,7 @@ class TokenState:
         before = self.lengths if self.valid is not None else [n] * b
         if lengths == before:  # keep lies within valid: equal counts, nothing removed
             return list(tensors)
-        self._bias = {}
-        if self.track_positions and self.positions is None:
-            self.positions = torch.arange(n, device=keep.device).expand(b, n).reshape(b, n, 1)
+        self._begin_step(keep)
         streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
         total = sum(before)
         flat = keep.reshape(-1)
@@ -370,34 +376,12 @@ class TokenState:
             streams = [t[0].index_select(0, kept)[None] for t in streams]
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(1, -1, 1).index_select(1, kept)
-        self.lengths = lengths
-        self._index = None
-        if len(set(lengths)) == 1:
-            self.packed, self.valid = False, None
-            if self.sizes is not None:
-                self.sizes = self.sizes.reshape(b, lengths[0], 1)
-            if self.positions is not None:
-                self.positions = self.positions.reshape(b, lengths[0], 1)
-            return [t.reshape(b, lengths[0], t.shape[-1]) for t in streams]
-        self.packed, self.ran = True, "packed"
-        self.valid = torch.arange(max(lengths), device=keep.device)[None, :] < counts[:, None]
-        return streams
+        return self._finish_packed(streams, counts, lengths)
 
     def _apply_padded(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor
                       ) -> list[torch.Tensor]:
-        x = tensors[0]
-        out = list(tensors)
-        if sel.merge is not None:
-            if self.sizes is None:
-                self.sizes = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-            merged = [merge_weighted(t, self.sizes, sel.merge, sel.keep_norm and i == 0) for i, t in enumerate(tensors)]
-            out, self.sizes = [m[0] for m in merged], merged[0][1]
         idx, valid = keep_mask_to_indices(keep, order=sel.order)
-        out = [gather_tokens(t, idx) for t in out]
-        if self.sizes is not None:
-            self.sizes = gather_tokens(self.sizes, idx)
-        if self.positions is not None:  # merged tokens keep their destination's index
-            self.positions = gather_tokens(self.positions, idx)
+        out = self._merge_and_gather(tensors, sel, idx)
         self.valid = None if bool(valid.all()) else valid
         if self.valid is not None:
             self.ran = "padded"
@@ -405,7 +389,6 @@ class TokenState:
 
     def _apply_packed(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor,
                       in_place: Sequence[bool] = ()) -> list[torch.Tensor]:
-        b = keep.shape[0]
         streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
         valid = self.valid if self.valid is not None else torch.ones_like(keep)
         flat = keep[valid]
@@ -437,18 +420,26 @@ class TokenState:
             if self.positions is not None:
                 self.positions = self.positions[:, perm]
         counts = keep.sum(dim=1)
-        self.lengths = counts.tolist()
+        return self._finish_packed(streams, counts, counts.tolist())
+
+    def _finish_packed(self, streams: list[torch.Tensor], counts: torch.Tensor, lengths: list[int]
+                       ) -> list[torch.Tensor]:
+        """The survivors' streams, ``counts`` per image (and the same ``lengths`` on the
+        host): back to a rectangular ``[B, n, C]`` when every image kept ``n``, else a
+        packed stream with ``valid`` describing its padded view."""
+        b = len(lengths)
+        self.lengths = lengths
         self._index = None
-        if b == 0 or len(set(self.lengths)) == 1:
+        if b == 0 or len(set(lengths)) == 1:
             self.packed, self.valid = False, None
-            n = self.lengths[0] if b else 0
+            n = lengths[0] if b else 0
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(b, n, 1)
             if self.positions is not None:
                 self.positions = self.positions.reshape(b, n, 1)
             return [t.reshape(b, n, t.shape[-1]) for t in streams]
         self.packed, self.ran = True, "packed"
-        self.valid = lengths_to_valid(counts)
+        self.valid = torch.arange(max(lengths), device=counts.device)[None, :] < counts[:, None]
         return streams
 
     def _trace(self, sel: Selection, idx: torch.Tensor, valid: torch.Tensor) -> None:

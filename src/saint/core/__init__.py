@@ -19,7 +19,6 @@ from .gather import (
     gather_tokens,
     keep_mask_to_indices,
     prunable_valid,
-    uniform_keep_indices,
 )
 from .match import attention_excess, best_matches, match_counts, match_plan
 from .saint_drop import (
@@ -50,7 +49,6 @@ __all__ = [
     "grid_subset",
     "head_mean",
     "keep_mask_to_indices",
-    "uniform_keep_indices",
     "match_anchors",
     "match_counts",
     "match_plan",

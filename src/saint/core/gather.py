@@ -22,7 +22,7 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def keep_mask_to_indices(
-    keep: torch.Tensor, align: str = "left", order: torch.Tensor | None = None
+    keep: torch.Tensor, align: str = "left", order: torch.Tensor | None = None, count: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the kept positions of each row, in their original order (or by increasing
     sort key ``order [B, N]``, e.g. ToMe's reference layout): first (``align="left"``,
@@ -31,6 +31,8 @@ def keep_mask_to_indices(
     Returns ``(idx [B, M], valid [B, M])`` with ``M`` the largest kept count in the
     batch; rows that keep fewer tokens are padded with their dropped positions and
     ``valid`` marks the real ones. A rectangular keep mask gives ``valid`` all True.
+    ``count``: the caller knows every row keeps exactly this many (``M``), so nothing is
+    read back from the device.
     """
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise TypeError(f"keep must be a bool tensor [B, N], got {keep.dtype} {tuple(keep.shape)}")
@@ -38,28 +40,17 @@ def keep_mask_to_indices(
         raise ValueError(f"align must be 'left' or 'right', got {align!r}")
     if order is not None:  # lay the row out by the key, then pack as usual
         perm = torch.argsort(order, dim=1, stable=True)
-        idx, valid = keep_mask_to_indices(torch.gather(keep, 1, perm), align)
+        idx, valid = keep_mask_to_indices(torch.gather(keep, 1, perm), align, count=count)
         return torch.gather(perm, 1, idx), valid
     n = keep.shape[1]
     counts = keep.sum(dim=1)
-    m = int(counts.max()) if keep.numel() else 0
+    m = count if count is not None else int(counts.max()) if keep.numel() else 0
     slots = torch.arange(m, device=keep.device)[None, :]
     if align == "left":
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
         return order, slots < counts[:, None]
     order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, n - m :]
     return order, slots >= (m - counts)[:, None]
-
-
-def uniform_keep_indices(keep: torch.Tensor, count: int, order: torch.Tensor | None = None) -> torch.Tensor:
-    """``idx [B, count]`` of the kept positions of a mask that keeps exactly ``count`` in
-    every row (the caller knows it), in their original order or by increasing ``order``:
-    :func:`keep_mask_to_indices` without reading the counts back from the device."""
-    if order is None:
-        return torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :count]
-    perm = torch.argsort(order, dim=1, stable=True)
-    slots = torch.argsort((~torch.gather(keep, 1, perm)).to(torch.int8), dim=1, stable=True)[:, :count]
-    return torch.gather(perm, 1, slots)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -125,15 +125,18 @@ def merge_and_keep_many(
     return outs, new_s[keep].to(sizes.dtype).reshape(1, -1, 1)
 
 
-def stream_slots(valid: torch.Tensor, total: int) -> torch.Tensor:
-    """For each row of a packed stream (``total`` rows, known on the host), its position in
-    the flattened padded view ``valid [B, M]`` (real positions first), worked out on the
-    device without reading anything back."""
-    b, m = valid.shape
-    counts = valid.sum(dim=1)
+def padded_slots(counts: torch.Tensor, width: int, total: int) -> torch.Tensor:
+    """For each row of a packed stream of images with ``counts [B]`` tokens (``total``
+    rows, known on the host), its position in the flattened ``[B, width]`` padded view
+    (real positions first), worked out on the device without reading anything back."""
     starts = counts.cumsum(0) - counts
-    doc = torch.repeat_interleave(torch.arange(b, device=valid.device), counts, output_size=total)
-    return doc * m + torch.arange(total, device=valid.device) - starts[doc]
+    doc = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=total)
+    return doc * width + torch.arange(total, device=counts.device) - starts[doc]
+
+
+def stream_slots(valid: torch.Tensor, total: int) -> torch.Tensor:
+    """:func:`padded_slots` of the padded view ``valid [B, M]``."""
+    return padded_slots(valid.sum(dim=1), valid.shape[1], total)
 
 
 def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -283,10 +286,7 @@ def _padded_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
     t, b, m = q.shape[0], len(lengths), max(lengths, default=0)
     if t == 0:
         return torch.empty_like(v)
-    counts = host_ints(lengths, q.device)
-    starts = counts.cumsum(0) - counts
-    doc = torch.repeat_interleave(torch.arange(b, device=q.device), counts, output_size=t)
-    flat = doc * m + torch.arange(t, device=q.device) - starts[doc]  # each token's padded slot
+    flat = padded_slots(host_ints(lengths, q.device), m, t)  # each token's padded slot
 
     def padded(x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(b * m, *x.shape[1:]).index_copy_(0, flat, x).view(b, m, *x.shape[1:]).transpose(1, 2)

@@ -29,7 +29,7 @@ VIEW_OPS = frozenset({
 """Ops that make a view (or wrap host data) and launch no kernel."""
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
-                      "unique_consecutive", "_assert_async"})
+                      "unique_consecutive"})
 """Ops whose output size or value the host must read back."""
 
 
