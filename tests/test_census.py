@@ -39,10 +39,11 @@ def test_a_host_known_count_gives_the_same_indices(b, n, data):
     for row in range(b):
         keep[row, torch.randperm(n, generator=g)[:count]] = True
     order = torch.randint(0, 5, (b, n), generator=g) if data.draw(st.booleans()) else None
-    idx, valid = keep_mask_to_indices(keep, order=order)
-    known, known_valid = keep_mask_to_indices(keep, order=order, count=count)
-    assert bool(valid.all()) and torch.equal(known, idx) and torch.equal(known_valid, valid)
-    assert op_census(lambda: keep_mask_to_indices(keep, order=order, count=count)).host_syncs == 0
+    for align in ("left", "right"):
+        idx, valid = keep_mask_to_indices(keep, align, order)
+        known, known_valid = keep_mask_to_indices(keep, align, order, count=count)
+        assert bool(valid.all()) and torch.equal(known, idx) and torch.equal(known_valid, valid)
+        assert op_census(lambda align=align: keep_mask_to_indices(keep, align, order, count=count)).host_syncs == 0
 
 
 def test_tome_on_a_rectangular_batch_reads_nothing_back():
