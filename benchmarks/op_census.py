@@ -28,8 +28,8 @@ import torch
 import saint
 from saint import assets
 from saint.adapters import handle_of
-from saint.adapters.common import sync_free_everywhere
 from saint.commands.options import output_tag
+from saint.core.paths import accelerator_paths_everywhere
 from saint.measure.census import op_census
 from saint.measure.harness import timing_batch
 from saint.measure.report import environment, markdown_table, write_json
@@ -69,7 +69,7 @@ def calibrated(model: torch.nn.Module, calib_x: torch.Tensor, target: str) -> tu
 
 
 def count(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    with sync_free_everywhere():  # the paths a GPU takes
+    with accelerator_paths_everywhere():  # the paths a GPU takes
         census = op_census(lambda: model(x))
     tokens = [round(float(c.float().mean()), 1) for c in handle_of(model).site_tokens()] if saint.is_patched(model) else []
     layout = saint.stats(model).layout if saint.is_patched(model) else "-"

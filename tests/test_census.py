@@ -3,13 +3,14 @@ rectangular batch reads nothing back from the device."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import saint
-from saint.adapters.common import sync_free_everywhere
 from saint.core import keep_mask_to_indices
+from saint.core.paths import accelerator_paths_everywhere
 from saint.measure.census import op_census
 
 from .conftest import make_tiny
@@ -51,7 +52,7 @@ def test_tome_on_a_rectangular_batch_reads_nothing_back():
     for arch, kwargs in [("vit", {"order": "reference"}), ("dinov2_reg", {"keep_norm": True}), ("deit3", {})]:
         model = make_tiny(arch)
         saint.patch(model, "tome", r=2, **kwargs)
-        with sync_free_everywhere():  # the path a GPU takes
+        with accelerator_paths_everywhere():  # the path a GPU takes
             census = op_census(lambda model=model: model(x))
         assert census.host_syncs == 0, (arch, dict(census.syncs))
         assert saint.stats(model).layout == "rectangular"
@@ -67,7 +68,32 @@ def test_the_read_back_free_path_gives_the_cpu_path_answer():
             saint.patch(model, "tome", r=3, **kwargs)
             with torch.no_grad():
                 ref = model(x)
-                with sync_free_everywhere():
+                with accelerator_paths_everywhere():
                     out = model(x)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
             saint.unpatch(model)
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("tome", dict(r=2)), ("saint_plus", dict(tau=0.3)), ("saint_match", dict(tau=0.3, fraction=0.7, guard=0.5)),
+    ("saint_match", dict(tau=0.3, fraction=0.7, keep_norm=True, select_at="attention")),
+])
+def test_the_accelerator_paths_dispatch_as_many_ops_whatever_the_batch(method, kwargs):
+    """On a GPU every op is a launch: the accelerators' forms, with a GPU's packed attention
+    kernel (one call per block), run a fixed number of ops per block (no per-image loop),
+    so 3 images and 6 (the same 3 twice: the same counts, the same branches) dispatch
+    exactly as many; a CPU's per-image attention loop dispatches more."""
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    model = make_tiny("vit")
+    saint.patch(model, method, **kwargs, **({} if method == "tome" else {"kernel": "padded"}))
+
+    def ops(batch: torch.Tensor) -> int:
+        return op_census(lambda: model(batch)).total
+
+    with accelerator_paths_everywhere():
+        small, large = ops(x), ops(torch.cat([x, x]))
+    assert small == large
+    assert saint.stats(model).layout == ("rectangular" if method == "tome" else "packed")
+    if method != "tome":
+        saint.patch(saint.unpatch(model), method, **kwargs)
+        assert ops(torch.cat([x, x])) > ops(x)  # the CPU's per-image attention loop

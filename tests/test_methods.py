@@ -3,6 +3,7 @@ pure functions on hand-built inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -12,9 +13,15 @@ from hypothesis import strategies as st
 
 import saint
 from saint.core import fastv_keep_mask, grid_subset, keep_mask_to_indices, pool_grid
+from saint.core.paths import accelerator_paths_everywhere
 from saint.methods import METHODS, SITES, make_config
 
 from .conftest import make_tiny
+
+
+def _paths(accelerator: bool) -> contextlib.AbstractContextManager:
+    """The accelerators' implementations (on this CPU) or the CPU's own."""
+    return accelerator_paths_everywhere() if accelerator else contextlib.nullcontext()
 
 
 def test_fastv_drops_the_least_attended_eligible_tokens():
@@ -95,29 +102,33 @@ def test_query_attention_per_head_on_keys_sliced_from_a_fused_qkv():
     torch.testing.assert_close(query_attention(q, k, 0.5), expect.mean(1))
 
 
-def test_packed_query_attention_known_answer():
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_packed_query_attention_known_answer(accelerator):
     """Two images packed back to back: each query reads only its own image's keys, the
-    size bias moves weight, the padded view holds 0 after a short image's last key."""
+    size bias moves weight, the padded view holds 0 after a short image's last key; the
+    CPU's per-image loop and the accelerators' batched form alike."""
     from saint.core import packed_query_attention
 
     e = math.e
     q = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [B=2, H=1, D=2]
     k = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[-1.0, 0.0]], [[0.0, 1.0]], [[0.0, -1.0]]])  # [T=5, 1, 2]
-    out = packed_query_attention(q, k, [3, 2], 1.0)
-    torch.testing.assert_close(out, torch.tensor([[e, 1.0, 1 / e], [e, 1 / e, 0.0]]) / torch.tensor([[e + 1 + 1 / e], [e + 1 / e]]))
     bias = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0])  # log-size bias on keys 1 and 4
-    out = packed_query_attention(q, k, [3, 2], 1.0, bias)
-    torch.testing.assert_close(out, torch.tensor([[e, e, 1 / e], [e, e, 0.0]]) / torch.tensor([[2 * e + 1 / e], [2 * e]]))
-    with pytest.raises(ValueError, match="do not describe"):
-        packed_query_attention(q, k, [3, 3], 1.0)
+    with _paths(accelerator):
+        out = packed_query_attention(q, k, [3, 2], 1.0)
+        biased = packed_query_attention(q, k, [3, 2], 1.0, bias)
+        with pytest.raises(ValueError, match="do not describe"):
+            packed_query_attention(q, k, [3, 3], 1.0)
+    torch.testing.assert_close(out, torch.tensor([[e, 1.0, 1 / e], [e, 1 / e, 0.0]]) / torch.tensor([[e + 1 + 1 / e], [e + 1 / e]]))
+    torch.testing.assert_close(biased, torch.tensor([[e, e, 1 / e], [e, e, 0.0]]) / torch.tensor([[2 * e + 1 / e], [2 * e]]))
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.integers(1, 3), st.booleans(), st.integers(0, 2**16))
-def test_packed_query_attention_equals_query_attention_on_the_padded_view(lengths, heads, biased, seed):
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.integers(1, 3), st.booleans(), st.integers(0, 2**16),
+       st.booleans())
+def test_packed_query_attention_equals_query_attention_on_the_padded_view(lengths, heads, biased, seed, accelerator):
     """Keys never padded, same answer: ``packed_query_attention`` on a packed stream (a
     strided key slice of a fused qkv) equals ``query_attention`` on the padded view with
-    the padding masked and the same per-key bias."""
+    the padding masked and the same per-key bias, on either path."""
     from saint.core import packed_query_attention, query_attention
     from saint.core.packing import lengths_to_valid, unpack
 
@@ -132,10 +143,13 @@ def test_packed_query_attention_equals_query_attention_on_the_padded_view(length
     if bias is not None:
         mask[valid] += bias
     expect = query_attention(q, padded, 0.7, mask)
-    torch.testing.assert_close(packed_query_attention(q, k[0], lengths, 0.7, bias), expect, rtol=1e-6, atol=1e-7)
+    with _paths(accelerator):
+        got = packed_query_attention(q, k[0], lengths, 0.7, bias)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-7)
 
 
-def test_head_mean_equals_the_mean_over_heads_on_a_strided_key_slice():
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_head_mean_equals_the_mean_over_heads_on_a_strided_key_slice(accelerator):
     from saint.core import head_mean
 
     g = torch.Generator().manual_seed(1)
@@ -143,5 +157,7 @@ def test_head_mean_equals_the_mean_over_heads_on_a_strided_key_slice():
         qkv = torch.randn(2, 7, 3, heads, 5, generator=g)
         before = qkv.clone()
         k = qkv[:, :, 1]
-        torch.testing.assert_close(head_mean(k), k.mean(dim=2))
+        with _paths(accelerator):
+            got = head_mean(k)
+        torch.testing.assert_close(got, k.mean(dim=2))
         assert torch.equal(qkv, before)  # accumulated into its own output, never into the keys

@@ -35,6 +35,7 @@ from ..core.packing import (
     true_positions,
     unpack,
 )
+from ..core.paths import accelerator_path
 from ..methods import Selection
 
 SAINT_ATTR = "_saint_patch"
@@ -99,28 +100,6 @@ def check_layout(layout: str, kernel: str) -> None:
         raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
     if layout == "padded" and kernel != "auto":
         raise ValueError(f"kernel={kernel!r} picks the packed attention kernel; it does nothing with layout='padded'")
-
-
-_SYNC_FREE_EVERYWHERE = threading.local()
-
-
-def sync_free(device: torch.device) -> bool:
-    """Whether selections whose count is known on the host take the path that reads
-    nothing back (:meth:`TokenState._apply_uniform`): on accelerators, where each read
-    makes the device wait for the host. A CPU keeps the stream merge, which recomputes
-    only the merge destinations (faster there), unless :func:`sync_free_everywhere`."""
-    return device.type != "cpu" or getattr(_SYNC_FREE_EVERYWHERE, "on", False)
-
-
-@contextlib.contextmanager
-def sync_free_everywhere() -> Iterator[None]:
-    """Take the accelerators' read-back-free path on a CPU too (to count or test it there)."""
-    before = getattr(_SYNC_FREE_EVERYWHERE, "on", False)
-    _SYNC_FREE_EVERYWHERE.on = True
-    try:
-        yield
-    finally:
-        _SYNC_FREE_EVERYWHERE.on = before
 
 
 @dataclass
@@ -285,7 +264,7 @@ class TokenState:
         (packed layout; see :func:`saint.core.packing.keep_rows`). ``tensors[0]`` is the
         residual stream: with ``sel.keep_norm`` its merged tokens keep their parts' mean
         norm, the projections are plain size-weighted means."""
-        if self.origin is None and sync_free(sel.keep.device):
+        if self.origin is None and accelerator_path(sel.keep.device):
             if sel.count is not None and self.valid is None:
                 return self._apply_uniform(tensors, sel)
             if self.layout == "packed" and sel.order is None and not any(t.requires_grad for t in tensors):

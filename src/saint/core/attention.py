@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from .gather import without_autocast
+from .packing import host_ints, padded_slots
+from .paths import accelerator_path
 
 
 def query_attention(
@@ -58,6 +60,8 @@ def packed_query_attention(
     if len(lengths) != b or sum(lengths) != k.shape[0]:
         raise ValueError(f"{b} queries and lengths {list(lengths)} do not describe {k.shape[0]} keys")
     m = max(lengths, default=0)
+    if accelerator_path(q.device):
+        return _batched_query_attention(q, k, lengths, m, scale, bias, dtype)
     rows = _query_rows(q, dtype)
     logits = torch.full((b, h, m), float("-inf"), dtype=dtype, device=q.device)
     flat = k.reshape(k.shape[0], h * d)
@@ -69,6 +73,20 @@ def packed_query_attention(
                 logits[i, :, :n] = seg if bias is None else seg + bias[s : s + n].to(dtype)
             s += n
     return logits.softmax(dim=-1).mean(dim=1)
+
+
+def _batched_query_attention(q, k, lengths, m, scale, bias, dtype) -> torch.Tensor:
+    """:func:`packed_query_attention` in a fixed number of ops, whatever the batch (the
+    accelerators' form; a CPU loops over images, see :mod:`saint.core.paths`): each key
+    meets its image's query, and the logits go to their padded slots for the softmax."""
+    b, h, _ = q.shape
+    t = k.shape[0]
+    slots = padded_slots(host_ints(lengths, q.device), m, t)
+    with without_autocast(q.device):
+        logits_t = (q.to(dtype).index_select(0, torch.div(slots, max(m, 1), rounding_mode="floor")) * k.to(dtype)).sum(-1)
+    logits_t = logits_t * scale if bias is None else logits_t * scale + bias.to(dtype)[:, None]
+    logits = torch.full((b * m, h), float("-inf"), dtype=dtype, device=q.device).index_copy_(0, slots, logits_t)
+    return logits.view(b, m, h).softmax(dim=1).mean(dim=2)
 
 
 def _query_rows(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,7 +103,10 @@ def head_mean(k: torch.Tensor) -> torch.Tensor:
     """Keys averaged over heads: ``[..., H, D]`` -> ``[..., D]`` (the metric every
     selection reads). Accumulated head by head into one output: on a CPU that is 2.4x
     faster than ``k.mean(dim=-2)`` on the strided key slice of a fused qkv (224px, batch
-    32), whose reduction kernel does not vectorise a 6-long middle axis."""
+    32), whose reduction kernel does not vectorise a 6-long middle axis; an accelerator
+    takes the one-op ``mean``."""
+    if accelerator_path(k.device):
+        return k.mean(dim=-2)
     h = k.shape[-2]
     out = k[..., 0, :].clone() if h == 1 else k[..., 0, :] + k[..., 1, :]
     for i in range(2, h):

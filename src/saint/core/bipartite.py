@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .gather import EPS, without_autocast
+from .paths import accelerator_path
 
 
 def split_candidates(
@@ -54,12 +55,12 @@ def reduce_similarity(
     reduce: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
 ) -> tuple[torch.Tensor, ...]:
     """``reduce`` applied to :func:`anchor_similarity` ``[B, A, A']``, each of its outputs
-    ``[B, ...]``. On a CPU the matrix is made and reduced a chunk of images at a time
+    ``[B, ...]``. On a CPU (:func:`~saint.core.paths.accelerator_path` False) the matrix is made and reduced a chunk of images at a time
     (at most :data:`CPU_CHUNK_BYTES` each, but at least one image), without the anchor
     mask when every anchor is valid; the outputs are the same as from the whole matrix, since
     every image's rows are its own."""
     b = a.shape[0]
-    if a.device.type != "cpu":
+    if accelerator_path(a.device):
         return reduce(anchor_similarity(a, anc, anchor_valid))
     if anchor_valid is not None and bool(anchor_valid.all()):  # a free check on a CPU, a sync on a GPU
         anchor_valid = None
