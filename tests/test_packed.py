@@ -122,8 +122,8 @@ def test_varlen_needs_a_torch_whose_kernel_takes_scale(monkeypatch):
         packed_attention(q, q, q, [4], kernel="varlen")
 
 
-def _run(model, x, method, kw, layout, select_at="mlp"):
-    saint.patch(model, method, layout=layout, select_at=select_at, **kw)
+def _run(model, x, method, kw, layout, select_at="mlp", **options):
+    saint.patch(model, method, layout=layout, select_at=select_at, **kw, **options)
     with torch.no_grad():
         out = model(x)
         feats = model.forward_features(x)
@@ -156,7 +156,8 @@ def test_timm_packed_equals_padded_equals_alone(arch, label, select_at, images):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_the_one_read_back_path_gives_the_cpu_paths_answer(arch, label, select_at, images):
     """What a GPU runs (``accelerator_path``: the per-image counts are the only read-back per
-    pruning block), taken on the CPU, against the CPU's own packed path."""
+    pruning block; the padded attention kernel sharing the state's slots), taken on the
+    CPU, against the CPU's own packed path."""
     from saint.core.paths import accelerator_paths_everywhere
     from saint.measure.census import op_census
 
@@ -164,7 +165,7 @@ def test_the_one_read_back_path_gives_the_cpu_paths_answer(arch, label, select_a
     method, kw = RAGGED[label]
     out, feats, mask, stats = _run(model, images, method, kw, "packed", select_at)
     with accelerator_paths_everywhere():
-        f_out, f_feats, f_mask, f_stats = _run(model, images, method, kw, "packed", select_at)
+        f_out, f_feats, f_mask, f_stats = _run(model, images, method, kw, "packed", select_at, kernel="padded")
         census = op_census(lambda: model(images))
     assert f_stats.tokens == stats.tokens and torch.equal(f_mask, mask)
     torch.testing.assert_close(f_out, out, **TOL)

@@ -15,7 +15,7 @@ from saint.analysis.viz import trace_kept
 from saint.measure.harness import Harness
 from saint.spec import BASELINE, Variant
 
-from .conftest import make_tiny
+from .conftest import full_layer_scale, make_tiny
 from .test_hf_vision import make_dual
 
 transformers = pytest.importorskip("transformers")
@@ -89,9 +89,9 @@ def one(model, inputs):
 FAMILIES = {
     "timm": lambda: (make_tiny("vit"), vision_inputs(6), dict(k=1),
                      Variant("tome", "tome", {"r": 2})),
-    "timm_naflex": lambda: (timm.create_model(
+    "timm_naflex": lambda: (full_layer_scale(timm.create_model(
         "naflexvit_base_patch16_gap", pretrained=False, embed_dim=32, depth=4, num_heads=2, patch_size=8,
-        pretrained_cfg_overlay=dict(input_size=(3, 32, 32))).eval(),
+        pretrained_cfg_overlay=dict(input_size=(3, 32, 32))).eval()),
         vision_inputs(6), dict(k=1), Variant("saint_match", "saint_match", {"tau": 0.2, "fraction": 0.5})),
     "timm_eva02": lambda: (make_tiny("eva02"), vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
     "timm_dinov3": lambda: (make_tiny("dinov3"), vision_inputs(6), dict(k=1),

@@ -10,6 +10,8 @@ import torch
 import saint
 from saint.adapters import find_adapter
 
+from .conftest import full_layer_scale
+
 timm = pytest.importorskip("timm")
 naflexvit = pytest.importorskip("timm.models.naflexvit")
 
@@ -35,8 +37,8 @@ MERGING = {"saint_fold", "saint_plus", "saint_match", "tome"}
 
 def make(pool: str = "avg", **extra) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("naflexvit_base_patch16_gap", pretrained=False, embed_dim=32, depth=4, num_heads=2,
-                             patch_size=P, img_size=32, **{**MODELS[pool], **extra}).eval()
+    return full_layer_scale(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, embed_dim=32, depth=4,
+                                              num_heads=2, patch_size=P, img_size=32, **{**MODELS[pool], **extra}).eval())
 
 
 def images() -> list[torch.Tensor]:
@@ -93,6 +95,24 @@ def test_padded_batch_packed_equals_padded_equals_alone(pool, method, select_at)
         outs[layout] = out
         saint.unpatch(model)
     torch.testing.assert_close(outs["packed"], outs["padded"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_padded_kernel_on_a_batch_padded_wider_than_its_longest_image(accelerator):
+    """A GPU's ``padded`` attention kernel on a NaFlex batch padded to 20 patches whose
+    longest image has 16: the kernel's own slots (not the wider padded view's) place
+    the tokens, on the CPU's paths and the accelerators'; each image as if alone."""
+    import contextlib
+
+    from saint.core.paths import accelerator_paths_everywhere
+
+    model = saint.patch(make("avg"), "saint_plus", kernel="padded", **METHODS["saint_plus"])
+    imgs = images()
+    with torch.no_grad(), (accelerator_paths_everywhere() if accelerator else contextlib.nullcontext()):
+        out = model(naflex(imgs, n=20))
+        assert saint.stats(model).layout == "packed"
+        solo = torch.cat([model(single(img)) for img in imgs])
+    torch.testing.assert_close(out, solo, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("pool", sorted(MODELS))

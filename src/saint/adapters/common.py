@@ -31,6 +31,7 @@ from ..core.packing import (
     pack,
     packed_attention,
     padded_index,
+    resolve_kernel,
     stream_slots,
     true_positions,
     unpack,
@@ -131,6 +132,7 @@ class TokenState:
     positions: torch.Tensor | None = None
     _bias: dict[tuple[torch.dtype, bool], torch.Tensor | None] = field(default_factory=dict, repr=False)
     _index: torch.Tensor | None = field(default=None, repr=False)
+    _slots: torch.Tensor | None = field(default=None, repr=False)
 
     def reset(self, x: torch.Tensor, trace: bool, valid: torch.Tensor | None = None) -> None:
         """Start a call on ``x [B, N, C]``; ``valid [B, N]`` marks its real tokens when the
@@ -151,7 +153,7 @@ class TokenState:
         self.lengths = []
         self.ran = "rectangular"
         self._bias = {}
-        self._index = None
+        self._index = self._slots = None
         self.counts = []
         self.origins = []
         self.positions = None
@@ -166,7 +168,7 @@ class TokenState:
         return TokenState(
             layout=self.layout, valid=self.valid, sizes=self.sizes, packed=self.packed, lengths=list(self.lengths),
             origin=self.origin, ran=self.ran, track_positions=self.track_positions, positions=self.positions,
-            _bias=dict(self._bias), _index=self._index,
+            _bias=dict(self._bias), _index=self._index, _slots=self._slots,
         )
 
     def positions_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +247,13 @@ class TokenState:
             self._index = padded_index(self.valid)
         return self._index
 
+    def stream_slots(self) -> torch.Tensor:
+        """Each packed token's position in the flattened padded view ``[B * M]`` (worked
+        out on the device once per step: the attention kernel and the selection share it)."""
+        if self._slots is None:
+            self._slots = stream_slots(self.valid, sum(self.lengths))
+        return self._slots
+
     def apply(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
         """Merge (if planned) then keep the survivors, in their original order or laid
         out by ``sel.order``.
@@ -317,7 +326,7 @@ class TokenState:
         idx, _ = keep_mask_to_indices(sel.keep, order=sel.order, count=sel.count)
         out = self._merge_and_gather(tensors, sel, idx)
         self.lengths = [sel.count] * b
-        self._index = None
+        self._index = self._slots = None
         return out
 
     def _apply_packed_one_read(self, tensors: Sequence[torch.Tensor], sel: Selection) -> list[torch.Tensor]:
@@ -338,14 +347,14 @@ class TokenState:
         total = sum(before)
         flat = keep.reshape(-1)
         if self.valid is not None:
-            flat = flat.index_select(0, stream_slots(self.valid, total))
+            flat = flat.index_select(0, self.stream_slots())
         kept = true_positions(flat, sum(lengths))
         if self.positions is not None:  # kept like the tokens, never merged: a destination keeps its index
             self.positions = self.positions.reshape(1, -1, 1).index_select(1, kept)
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(1, total, 1, dtype=torch.float32, device=keep.device)
-            index = padded_index(self.valid if self.valid is not None else torch.ones_like(keep))
+            index = self._padded_index() if self.valid is not None else torch.arange(total, device=keep.device).view(b, n)
             plan = sel.merge
             src, dst = (torch.gather(index, 1, t).reshape(-1) for t in (plan.src, plan.dst))
             active = None if plan.active is None else plan.active.reshape(-1)
@@ -377,7 +386,7 @@ class TokenState:
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(1, streams[0].shape[1], 1, dtype=torch.float32, device=keep.device)
-            index = padded_index(valid)
+            index = self._padded_index() if self.valid is not None else padded_index(valid)
             plan = sel.merge
             src, dst = (torch.gather(index, 1, t).reshape(-1) for t in (plan.src, plan.dst))
             if plan.active is not None:
@@ -408,7 +417,7 @@ class TokenState:
         packed stream with ``valid`` describing its padded view."""
         b = len(lengths)
         self.lengths = lengths
-        self._index = None
+        self._index = self._slots = None
         if b == 0 or len(set(lengths)) == 1:
             self.packed, self.valid = False, None
             n = lengths[0] if b else 0
@@ -586,7 +595,11 @@ def packed_attention_of(
     """Per-image attention over a packed stream, ``q, k, v [T, H, D]`` -> ``[1, T, H*D]``,
     with the state's ToMe size bias when ``prop_attn``."""
     bias = state.attn_bias(q.dtype, prop_attn)
-    out = packed_attention(q, k, v, state.lengths, bias, scale=scale, dropout_p=dropout_p, kernel=kernel)
+    kernel = resolve_kernel(kernel, q, bias, dropout_p)
+    # the state's slots describe its padded view, as wide as the longest image unless the
+    # model's input came padded wider (a NaFlex batch): then the kernel works out its own
+    slots = state.stream_slots() if kernel == "padded" and state.valid.shape[1] == max(state.lengths) else None
+    out = packed_attention(q, k, v, state.lengths, bias, scale=scale, dropout_p=dropout_p, kernel=kernel, slots=slots)
     return out.reshape(1, out.shape[0], -1)
 
 

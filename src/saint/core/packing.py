@@ -196,13 +196,15 @@ def packed_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     kernel: str = "auto",
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each image over its own tokens only.
 
     ``q, k, v [T, H, D]`` packed streams, ``lengths`` the per-image token counts (host
     ints summing to ``T``), ``bias [T]`` an optional additive bias per key (ToMe's
-    ``log(size)``). Returns ``[T, H, D]``; each image's rows equal SDPA run on that
-    image alone.
+    ``log(size)``), ``slots [T]`` the tokens' :func:`padded_slots` when the caller has
+    them (the ``padded`` kernel then reuses them). Returns ``[T, H, D]``; each image's
+    rows equal SDPA run on that image alone.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
@@ -212,7 +214,7 @@ def packed_attention(
     if kernel == "loop":
         return _loop_attention(q, k, v, lengths, bias, scale, dropout_p)
     if kernel == "padded":
-        return _padded_attention(q, k, v, lengths, bias, scale, dropout_p)
+        return _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots)
     if kernel == "flex":
         return _flex_attention(q, k, v, lengths, bias, scale)
     return _varlen_attention(q, k, v, lengths, scale)
@@ -280,13 +282,13 @@ def host_ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = 
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _padded_attention(q, k, v, lengths, bias, scale, dropout_p) -> torch.Tensor:
+def _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots=None) -> torch.Tensor:
     """One SDPA call on ``[B, max, H, D]`` copies of the stream; padded keys get ``-inf``,
     real keys ``bias``. Positions are computed on the device, so nothing waits for it."""
     t, b, m = q.shape[0], len(lengths), max(lengths, default=0)
     if t == 0:
         return torch.empty_like(v)
-    flat = padded_slots(host_ints(lengths, q.device), m, t)  # each token's padded slot
+    flat = padded_slots(host_ints(lengths, q.device), m, t) if slots is None else slots  # each token's padded slot
 
     def padded(x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(b * m, *x.shape[1:]).index_copy_(0, flat, x).view(b, m, *x.shape[1:]).transpose(1, 2)
