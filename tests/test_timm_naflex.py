@@ -98,7 +98,11 @@ def test_padded_batch_packed_equals_padded_equals_alone(pool, method, select_at)
 
 
 @pytest.mark.parametrize("accelerator", [False, True])
-def test_padded_kernel_on_a_batch_padded_wider_than_its_longest_image(accelerator):
+@pytest.mark.parametrize("pool, method, kwargs", [
+    ("avg", "saint_plus", METHODS["saint_plus"]),
+    ("token", "saint_match", dict(METHODS["saint_match"], guard=0.5)),  # the class token's attention too
+])
+def test_padded_kernel_on_a_batch_padded_wider_than_its_longest_image(pool, method, kwargs, accelerator):
     """A GPU's ``padded`` attention kernel on a NaFlex batch padded to 20 patches whose
     longest image has 16: the kernel's own slots (not the wider padded view's) place
     the tokens, on the CPU's paths and the accelerators'; each image as if alone."""
@@ -106,7 +110,7 @@ def test_padded_kernel_on_a_batch_padded_wider_than_its_longest_image(accelerato
 
     from saint.core.paths import accelerator_paths_everywhere
 
-    model = saint.patch(make("avg"), "saint_plus", kernel="padded", **METHODS["saint_plus"])
+    model = saint.patch(make(pool), method, kernel="padded", **kwargs)
     imgs = images()
     with torch.no_grad(), (accelerator_paths_everywhere() if accelerator else contextlib.nullcontext()):
         out = model(naflex(imgs, n=20))

@@ -249,10 +249,16 @@ class TokenState:
 
     def stream_slots(self) -> torch.Tensor:
         """Each packed token's position in the flattened padded view ``[B * M]`` (worked
-        out on the device once per step: the attention kernel and the selection share it)."""
+        out on the device once per step: the attention kernels and the selection share it)."""
         if self._slots is None:
             self._slots = stream_slots(self.valid, sum(self.lengths))
         return self._slots
+
+    def kernel_slots(self) -> torch.Tensor | None:
+        """:meth:`stream_slots` for kernels that pad to the longest image, or None when the
+        padded view is wider (a model input padded wider: a NaFlex batch), where a kernel
+        works out its own."""
+        return self.stream_slots() if self.valid.shape[1] == max(self.lengths) else None
 
     def apply(self, x: torch.Tensor, sel: Selection) -> torch.Tensor:
         """Merge (if planned) then keep the survivors, in their original order or laid
@@ -596,9 +602,7 @@ def packed_attention_of(
     with the state's ToMe size bias when ``prop_attn``."""
     bias = state.attn_bias(q.dtype, prop_attn)
     kernel = resolve_kernel(kernel, q, bias, dropout_p)
-    # the state's slots describe its padded view, as wide as the longest image unless the
-    # model's input came padded wider (a NaFlex batch): then the kernel works out its own
-    slots = state.stream_slots() if kernel == "padded" and state.valid.shape[1] == max(state.lengths) else None
+    slots = state.kernel_slots() if kernel == "padded" else None
     out = packed_attention(q, k, v, state.lengths, bias, scale=scale, dropout_p=dropout_p, kernel=kernel, slots=slots)
     return out.reshape(1, out.shape[0], -1)
 
@@ -666,7 +670,9 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, state: TokenState, scale: fl
     attended with."""
     bias = state.attn_bias(k.dtype, prop_attn)
     if state.packed:
-        return packed_query_attention(q, k[0], state.lengths, scale, bias)
+        att = packed_query_attention(q, k[0], state.lengths, scale, bias,
+                                     slots=state.kernel_slots() if accelerator_path(q.device) else None)
+        return F.pad(att, (0, state.valid.shape[1] - att.shape[1]))  # as wide as a padded NaFlex input
     return query_attention(q, k, scale, None if bias is None else bias[:, 0, 0])
 
 

@@ -51,17 +51,20 @@ def packed_query_attention(
     scale: float,
     bias: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`query_attention` of one query per image over a packed key stream, without
     padding the keys: ``q [B, H, D]``, ``k [T, H, D]`` (image ``i``'s keys are the next
-    ``lengths[i]`` rows), ``bias [T]`` an additive bias per key (ToMe's ``log(size)``).
+    ``lengths[i]`` rows), ``bias [T]`` an additive bias per key (ToMe's ``log(size)``),
+    ``slots [T]`` the keys' :func:`~saint.core.packing.padded_slots` when the caller has
+    them (the accelerators' form reuses them).
     Returns the padded view ``[B, max(lengths)]`` averaged over heads, 0 at padding."""
     b, h, d = q.shape
     if len(lengths) != b or sum(lengths) != k.shape[0]:
         raise ValueError(f"{b} queries and lengths {list(lengths)} do not describe {k.shape[0]} keys")
     m = max(lengths, default=0)
     if accelerator_path(q.device):
-        return _batched_query_attention(q, k, lengths, m, scale, bias, dtype)
+        return _batched_query_attention(q, k, lengths, m, scale, bias, dtype, slots)
     rows = _query_rows(q, dtype)
     logits = torch.full((b, h, m), float("-inf"), dtype=dtype, device=q.device)
     flat = k.reshape(k.shape[0], h * d)
@@ -75,13 +78,14 @@ def packed_query_attention(
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-def _batched_query_attention(q, k, lengths, m, scale, bias, dtype) -> torch.Tensor:
+def _batched_query_attention(q, k, lengths, m, scale, bias, dtype, slots=None) -> torch.Tensor:
     """:func:`packed_query_attention` in a fixed number of ops, whatever the batch (the
     accelerators' form; a CPU loops over images, see :mod:`saint.core.paths`): each key
     meets its image's query, and the logits go to their padded slots for the softmax."""
     b, h, _ = q.shape
     t = k.shape[0]
-    slots = padded_slots(host_ints(lengths, q.device), m, t)
+    if slots is None:
+        slots = padded_slots(host_ints(lengths, q.device), m, t)
     with without_autocast(q.device):
         logits_t = (q.to(dtype).index_select(0, torch.div(slots, max(m, 1), rounding_mode="floor")) * k.to(dtype)).sum(-1)
     logits_t = logits_t * scale if bias is None else logits_t * scale + bias.to(dtype)[:, None]
