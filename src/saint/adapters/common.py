@@ -204,11 +204,12 @@ class TokenState:
         """A block's input in the state's layout: tokens that left the packed stream at a
         block boundary (see :meth:`leave`) are packed again."""
         if self.layout == "packed" and not self.packed and self.valid is not None:
-            x = pack(x, self.valid)
+            slots = self._device_slots(x.device)
+            x = pack(x, self.valid, slots)
             if self.sizes is not None:
-                self.sizes = pack(self.sizes, self.valid)
+                self.sizes = pack(self.sizes, self.valid, slots)
             if self.positions is not None:
-                self.positions = pack(self.positions, self.valid)
+                self.positions = pack(self.positions, self.valid, slots)
             self.packed, self._bias = True, {}
         return x
 
@@ -221,12 +222,13 @@ class TokenState:
         own gradient is 0."""
         if not self.packed:
             return x
+        slots = self._device_slots(x.device)
         if self.sizes is not None:
-            self.sizes = unpack(self.sizes, self.valid, fill=1.0)
+            self.sizes = unpack(self.sizes, self.valid, fill=1.0, slots=slots)
         if self.positions is not None:
-            self.positions = unpack(self.positions, self.valid, fill=0)
+            self.positions = unpack(self.positions, self.valid, fill=0, slots=slots)
         self.packed, self._bias = False, {}
-        return unpack(x, self.valid, fill=0.0 if x.requires_grad else float("nan"))
+        return unpack(x, self.valid, fill=0.0 if x.requires_grad else float("nan"), slots=slots)
 
     def padded(self, t: torch.Tensor) -> torch.Tensor:
         """The padded view ``[B, M, ...]`` of a packed ``[1, T, ...]`` tensor (padding
@@ -253,6 +255,11 @@ class TokenState:
         if self._slots is None:
             self._slots = stream_slots(self.valid, sum(self.lengths))
         return self._slots
+
+    def _device_slots(self, device: torch.device) -> torch.Tensor | None:
+        """:meth:`stream_slots` where packing and unpacking should read nothing back (an
+        accelerator); None on a CPU, whose boolean-mask copies are as fast and need no slots."""
+        return self.stream_slots() if accelerator_path(device) else None
 
     def kernel_slots(self) -> torch.Tensor | None:
         """:meth:`stream_slots` for kernels that pad to the longest image, or None when the

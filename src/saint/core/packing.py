@@ -34,18 +34,26 @@ def varlen_available() -> bool:
     return "scale" in inspect.signature(varlen_attn).parameters
 
 
-def pack(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """``x [B, N, C]`` -> ``[1, T, C]``: the valid rows of each image, in order."""
+def pack(x: torch.Tensor, valid: torch.Tensor | None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [B, N, C]`` -> ``[1, T, C]``: the valid rows of each image, in order (read from
+    their :func:`stream_slots` ``slots`` when given: no boolean mask, nothing read back)."""
     if valid is None:
         return x.reshape(1, -1, x.shape[-1])
+    if slots is not None:
+        return x.reshape(-1, x.shape[-1]).index_select(0, slots)[None]
     return x[valid].unsqueeze(0)
 
 
-def unpack(x: torch.Tensor, valid: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+def unpack(x: torch.Tensor, valid: torch.Tensor, fill: float = float("nan"),
+           slots: torch.Tensor | None = None) -> torch.Tensor:
     """``[1, T, C]`` -> ``[B, M, C]`` laid out by ``valid [B, M]``; padding holds ``fill``
-    (NaN by default, so a padded position can never pass for a token)."""
+    (NaN by default, so a padded position can never pass for a token). With the rows'
+    :func:`stream_slots` ``slots`` they are written there: no boolean mask, nothing read back."""
     out = x.new_full(valid.shape + x.shape[2:], fill)
-    out[valid] = x[0]
+    if slots is not None:
+        out.view(-1, *x.shape[2:]).index_copy_(0, slots, x[0])
+    else:
+        out[valid] = x[0]
     return out
 
 
