@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from saint.core import (
     drop_counts,
+    drop_top_ranked,
     fixed_budget_keep_mask,
     keep_mask_to_indices,
     redundant_counts,
@@ -134,6 +135,25 @@ def test_invariants(shape, tau, k, rate):
         assert torch.all(kept[1:] > kept[:-1]), "order preserved"
     higher = saint_keep_mask(m, min(1.0, tau + 0.1), k, 10.0, rate=rate, num_protected=prot)
     assert ((~higher).sum(1) <= (~keep).sum(1)).all(), "a higher tau drops no more"
+
+
+@settings(max_examples=60, deadline=None)
+@given(metric_strategy, st.floats(-1, 1), st.integers(1, 6), st.floats(0, 20), st.booleans())
+def test_per_sample_steps_need_no_scores(shape, tau, k, gamma, padded):
+    """Per sample with k >= 1 a step drops at most an image's linked candidates, so the
+    graph without scores (fewer ops) drops exactly the same ones as with them; its keys
+    agree on every linked candidate and rank every unlinked one below them."""
+    b, p, _, seed = shape
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(b, p, 3, generator=g)
+    valid = torch.arange(p)[None, :] < torch.randint(1, p + 1, (b, 1), generator=g) if padded else None
+    full, lean = saint_graph(m, tau, gamma, valid), saint_graph(m, tau, gamma, valid, scores=False)
+    assert lean.score is None and torch.equal(lean.degree, full.degree)
+    linked = full.degree > 0
+    assert torch.equal(lean.rank_key[linked], full.rank_key[linked])
+    counts = redundant_counts(full, k)
+    assert torch.equal(drop_top_ranked(lean.rank_key, lean.candidate_valid, counts),
+                       drop_top_ranked(full.rank_key, full.candidate_valid, counts))
 
 
 def test_fold_plan_needs_the_nearest_anchors():

@@ -31,8 +31,8 @@ class SaintGraph:
     """Per-candidate quantities of one SAINT step (all ``[B, num_candidates]``)."""
 
     degree: torch.Tensor  # long: valid anchors with cosine >= tau (0 for invalid candidates)
-    score: torch.Tensor  # the paper's score
-    rank_key: torch.Tensor  # monotone in score, overflow-free (log space)
+    score: torch.Tensor | None  # the paper's score (None when not asked for)
+    rank_key: torch.Tensor  # monotone in score, overflow-free (log space); -2 for every unlinked one without scores
     candidate_valid: torch.Tensor  # bool
     anchor_valid: torch.Tensor  # bool [B, B']
     best_anchor: torch.Tensor | None = None  # long: most similar valid anchor (when asked for)
@@ -44,9 +44,13 @@ def saint_graph(
     gamma: float,
     valid: torch.Tensor | None = None,
     nearest: bool = False,
+    scores: bool = True,
 ) -> SaintGraph:
     """Build the candidate/anchor graph on ``metric [B, P, D]`` (prunable tokens only);
     with ``nearest`` also each candidate's most similar anchor (what SAINT+ folds into).
+    ``scores=False`` leaves out the paper's score and the order among unlinked candidates
+    (their mean cosine to all anchors), which only matter when a step may drop more
+    candidates than an image has linked (the batch vote, ``k < 1``): ops saved per block.
 
     The ``[B, A, A']`` similarity is made once (a chunk of images at a time on a CPU),
     masked in place and read two or three times (nearest anchor, degree, linked sum); the
@@ -63,18 +67,19 @@ def saint_graph(
     degree, linked_sum, *nearest_ones = reduce_similarity(a, anc, None if valid is None else vb, passes)
     best_anchor = nearest_ones[0] if nearest_ones else None
     degree = degree * va
+    has_edge = degree > 0
+    deg_f = degree.to(torch.float32)
+    linked_mean = linked_sum / deg_f.clamp(min=1)
+    linked_key = deg_f.clamp(min=1).log() + gamma * (linked_mean - tau)
+    if not scores:  # linked candidates' keys are >= 0, so every unlinked one ranks below them all
+        return SaintGraph(degree, None, torch.where(has_edge, linked_key, -2.0), va, vb, best_anchor)
     n_anchor = vb.sum(-1, keepdim=True).clamp(min=1)
     anchor_sum = (anc * vb[..., None]).sum(dim=1)
     with without_autocast(a.device):
         all_mean = (a @ anchor_sum[..., None]).squeeze(-1) / n_anchor
-    has_edge = degree > 0
-    deg_f = degree.to(torch.float32)
-    linked_mean = linked_sum / deg_f.clamp(min=1)
     score = torch.where(has_edge, deg_f * torch.exp(gamma * (linked_mean - tau)), all_mean)
     # log(d) + gamma*(mean - tau) >= 0 for linked candidates; unlinked ones sit in [-3, -1].
-    rank_key = torch.where(
-        has_edge, deg_f.clamp(min=1).log() + gamma * (linked_mean - tau), all_mean - 2.0
-    )
+    rank_key = torch.where(has_edge, linked_key, all_mean - 2.0)
     return SaintGraph(degree, score, rank_key, va, vb, best_anchor)
 
 
@@ -127,7 +132,8 @@ def saint_select(
     """
     b, n, _ = metric.shape
     prunable = None if valid is None else valid[:, num_protected:]
-    graph = saint_graph(metric[:, num_protected:], tau, gamma, prunable, nearest)
+    # per sample with k >= 1 a step drops at most the image's linked candidates: no scores needed
+    graph = saint_graph(metric[:, num_protected:], tau, gamma, prunable, nearest, scores=rate != "sample" or k < 1)
     counts = drop_counts(redundant_counts(graph, k), rate)
     dropped_a = drop_top_ranked(graph.rank_key, graph.candidate_valid, counts)
     keep = prunable_valid(valid, b, n, metric.device).clone()
