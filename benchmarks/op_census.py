@@ -4,8 +4,9 @@
 On an H200 at batch 64, bf16, every pruned variant ran slower than the unpruned DINOv2-S/14
 (docs/packed.md#speed): the forward passes are bound by the host, not the GPU, so their
 time follows how many ops they launch and how often they make the host wait. This script
-counts both, on the paths a GPU takes (the packed attention as one call per block, and
-selections with a host-known count applied without read-backs), for the unpruned model, SAINT's graph with nothing dropped, SAINT / SAINT+ /
+counts both, on the forms a GPU runs (:mod:`saint.core.paths`, taken here on the CPU: the
+packed attention as one call per block, no per-image loops, nothing read back but the
+per-image counts), for the unpruned model, SAINT's graph with nothing dropped, SAINT / SAINT+ /
 ``saint_match`` calibrated to real-token FLOPs targets (on the held-out shared photos when
 present, else on the batch itself), packed and padded, and ToMe, on the offline
 DINOv2 ViT-S/14 (real weights) at one batch of offline photos.

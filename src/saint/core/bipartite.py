@@ -92,11 +92,12 @@ def best_anchors(sim: torch.Tensor, candidate_valid: torch.Tensor) -> tuple[torc
 
 
 def match_anchors(
-    a: torch.Tensor, anc: torch.Tensor, anchor_valid: torch.Tensor | None, candidate_valid: torch.Tensor
+    a: torch.Tensor, anc: torch.Tensor, anchor_valid: torch.Tensor | None, candidate_valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`best_anchors` of :func:`anchor_similarity`, made a chunk at a time
-    (:func:`reduce_similarity`)."""
-    return _only_valid(*reduce_similarity(a, anc, anchor_valid, _row_max), candidate_valid)
+    (:func:`reduce_similarity`); ``candidate_valid`` None: every candidate is valid."""
+    best, idx = reduce_similarity(a, anc, anchor_valid, _row_max)
+    return (best, idx) if candidate_valid is None else _only_valid(best, idx, candidate_valid)
 
 
 def _row_max(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

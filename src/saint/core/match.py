@@ -32,7 +32,7 @@ def best_matches(
     b, n, _ = metric.shape
     pv = prunable_valid(valid, b, n, metric.device)[:, num_protected:]
     a, anc, va, vb = split_candidates(metric[:, num_protected:], pv)
-    best, idx = match_anchors(a, anc, None if valid is None else vb, va)
+    best, idx = match_anchors(a, anc, None if valid is None else vb, None if valid is None else va)
     return best, idx, va & torch.isfinite(best)
 
 

@@ -169,21 +169,21 @@ def merge_and_keep_on_device(
     s = sizes.reshape(-1).float()
     w = s[src] if active is None else s[src] * active
     new_s = s.index_add(0, dst, w)
-    received = (new_s[dst] > s[dst])[:, None]
+    s_dst, new_s_dst = s[dst, None], new_s[dst, None]
+    received = new_s_dst > s_dst
     at = (torch.cumsum(keep, 0) - 1)[dst]  # a destination's row among the survivors (repeated when shared)
     norm_flags = [bool(f) for f in keep_norm] + [False] * (len(xs) - len(keep_norm))
     outs = []
     for x, norm_flag in zip(xs, norm_flags, strict=True):
         flat = x[0]
         at_dst, at_src = flat.index_select(0, dst).float(), flat.index_select(0, src).float()
-        acc = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        acc = flat.float() * s[:, None]  # every row's weighted value; the sources add to their destinations'
         acc.index_add_(0, dst, at_src * w[:, None])
-        merged = (at_dst * s[dst, None] + acc.index_select(0, dst)) / new_s[dst, None]
+        merged = acc.index_select(0, dst) / new_s_dst
         if norm_flag:
-            norms = torch.zeros(flat.shape[0], 1, dtype=torch.float32, device=flat.device)
+            norms = flat.float().norm(dim=-1, keepdim=True) * s[:, None]
             norms.index_add_(0, dst, at_src.norm(dim=-1, keepdim=True) * w[:, None])
-            norm = (at_dst.norm(dim=-1, keepdim=True) * s[dst, None] + norms.index_select(0, dst)) / new_s[dst, None]
-            merged = with_mean_norm(merged, norm)
+            merged = with_mean_norm(merged, norms.index_select(0, dst) / new_s_dst)
         out = flat.index_select(0, kept)
         out.index_copy_(0, at, torch.where(received, merged, at_dst).to(x.dtype))
         outs.append(out[None])
@@ -298,13 +298,12 @@ def _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots=None) -> t
         return torch.empty_like(v)
     flat = padded_slots(host_ints(lengths, q.device), m, t) if slots is None else slots  # each token's padded slot
 
-    def padded(x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(b * m, *x.shape[1:]).index_copy_(0, flat, x).view(b, m, *x.shape[1:]).transpose(1, 2)
-
+    qkv = torch.stack([q, k, v], dim=1)  # one padded copy of the three: [B * max, 3, H, D]
+    pq, pk, pv = (qkv.new_zeros(b * m, *qkv.shape[1:]).index_copy_(0, flat, qkv).view(b, m, *qkv.shape[1:])
+                  .transpose(1, 3).unbind(2))  # [B, H, max, D] each
     key = torch.full((b * m,), float("-inf"), dtype=q.dtype, device=q.device)
     key.index_copy_(0, flat, bias.to(q.dtype) if bias is not None else q.new_zeros(t))
-    o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=key.view(b, 1, 1, m),
-                                       dropout_p=dropout_p, scale=scale)
+    o = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=key.view(b, 1, 1, m), dropout_p=dropout_p, scale=scale)
     return o.transpose(1, 2).reshape(b * m, *v.shape[1:]).index_select(0, flat)
 
 

@@ -108,8 +108,8 @@ def saint_fold_plan(graph: SaintGraph, keep: torch.Tensor, num_protected: int = 
     if graph.best_anchor is None:
         raise ValueError("saint_fold_plan needs the graph's nearest anchors: build it with saint_graph(..., nearest=True)")
     b, a = graph.best_anchor.shape
-    src = num_protected + 2 * torch.arange(a, device=graph.best_anchor.device).expand(b, a)
-    dst = num_protected + 2 * graph.best_anchor + 1
+    src = torch.arange(num_protected, num_protected + 2 * a, 2, device=graph.best_anchor.device).expand(b, a)
+    dst = graph.best_anchor * 2 + (num_protected + 1)
     active = graph.candidate_valid & ~keep[:, num_protected::2][:, :a]
     return MergePlan(src, dst, keep, active)
 

@@ -73,10 +73,11 @@ def tome_plan(
     a_pos = torch.arange(start, n, 2, device=metric.device)
     b_pos = torch.arange(start + 1, n, 2, device=metric.device)
     m = F.normalize(metric.float(), dim=-1, eps=EPS)
-    va = valid[:, a_pos] & (a_pos >= p)
-    vb = valid[:, b_pos] & (b_pos >= p)
     all_anchors = rectangular and start + 1 >= p  # no anchor (b_pos[0] = start + 1 on) is padding or protected
-    node_max, node_idx = match_anchors(m[:, a_pos], m[:, b_pos], None if all_anchors else vb, va)
+    all_candidates = rectangular and start >= p  # nor any candidate
+    vb = None if all_anchors else valid[:, b_pos] & (b_pos >= p)
+    va = None if all_candidates else valid[:, a_pos] & (a_pos >= p)
+    node_max, node_idx = match_anchors(m[:, a_pos], m[:, b_pos], vb, va)
     edges = torch.argsort(node_max, dim=-1, descending=True, stable=True)
     src = a_pos[edges[:, :r]]
     dst = b_pos[torch.gather(node_idx, 1, edges[:, :r])]
