@@ -132,8 +132,10 @@ def saint_select(
     """
     b, n, _ = metric.shape
     prunable = None if valid is None else valid[:, num_protected:]
-    # per sample with k >= 1 a step drops at most the image's linked candidates: no scores needed
-    graph = saint_graph(metric[:, num_protected:], tau, gamma, prunable, nearest, scores=rate != "sample" or k < 1)
+    # per sample with k >= 1 a step drops at most the image's linked candidates, whose keys (gamma >= 0)
+    # rank above every unlinked one: no scores needed
+    graph = saint_graph(metric[:, num_protected:], tau, gamma, prunable, nearest,
+                        scores=rate != "sample" or k < 1 or gamma < 0)
     counts = drop_counts(redundant_counts(graph, k), rate)
     dropped_a = drop_top_ranked(graph.rank_key, graph.candidate_valid, counts)
     keep = prunable_valid(valid, b, n, metric.device).clone()
