@@ -388,8 +388,7 @@ def test_tome_reference_order_packed_padded_and_alone_agree(protected):
     outs = {}
     for layout in ("packed", "padded"):
         state = TokenState(layout=layout)
-        state.reset(x, trace=True)
-        state.valid = valid
+        state.reset(x, trace=True, valid=valid)
         out = state.leave(state.apply(state.enter(x), sel))
         outs[layout] = (out, state.valid, state.sizes, state.origin)
     (xp, vp, sp, op), (xd, vd, sd, od) = outs["packed"], outs["padded"]
