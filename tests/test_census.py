@@ -47,6 +47,22 @@ def test_a_host_known_count_gives_the_same_indices(b, n, data):
         assert op_census(lambda align=align: keep_mask_to_indices(keep, align, order, count=count)).host_syncs == 0
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 9), st.data())
+def test_a_host_known_width_gives_the_same_indices(b, n, data):
+    """Ragged rows: with the largest kept count known on the host, the same indices and
+    validity, and nothing read back."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    keep = torch.rand(b, n, generator=g) < data.draw(st.floats(0.0, 1.0))
+    order = torch.randint(0, 5, (b, n), generator=g) if data.draw(st.booleans()) else None
+    width = int(keep.sum(dim=1).max())
+    for align in ("left", "right"):
+        idx, valid = keep_mask_to_indices(keep, align, order)
+        known, known_valid = keep_mask_to_indices(keep, align, order, width=width)
+        assert torch.equal(known, idx) and torch.equal(known_valid, valid)
+        assert op_census(lambda align=align: keep_mask_to_indices(keep, align, order, width=width)).host_syncs == 0
+
+
 def test_tome_on_a_rectangular_batch_reads_nothing_back():
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for arch, kwargs in [("vit", {"order": "reference"}), ("dinov2_reg", {"keep_norm": True}), ("deit3", {})]:

@@ -179,6 +179,28 @@ def test_the_one_read_back_path_gives_the_cpu_paths_answer(arch, label, select_a
     assert set(census.syncs) <= {"tolist"} and census.syncs["tolist"] <= len(model.blocks), census.syncs
 
 
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("label", sorted(RAGGED))
+@pytest.mark.parametrize("arch", ["vit", "dinov2_reg", "eva02"])
+def test_the_padded_layout_reads_back_once_per_block_on_the_gpu_paths(arch, label, select_at, images):
+    """``layout="padded"`` on the accelerators' forms: the CPU path's answer, reading back
+    only the counts, once per pruning block."""
+    from saint.core.paths import accelerator_paths_everywhere
+    from saint.measure.census import op_census
+
+    model = make_tiny(arch)
+    method, kw = RAGGED[label]
+    out, feats, mask, stats = _run(model, images, method, kw, "padded", select_at)
+    with accelerator_paths_everywhere():
+        f_out, f_feats, f_mask, f_stats = _run(model, images, method, kw, "padded", select_at)
+        census = op_census(lambda: model(images))
+    assert f_stats.layout == stats.layout == "padded" and f_stats.tokens == stats.tokens
+    assert torch.equal(f_mask, mask)
+    torch.testing.assert_close(f_out, out, **TOL)
+    torch.testing.assert_close(f_feats[mask], feats[mask], **TOL)
+    assert set(census.syncs) <= {"tolist"} and census.syncs["tolist"] <= len(model.blocks), census.syncs
+
+
 @pytest.mark.parametrize("method, kw", [RAGGED["saint_plus"], RAGGED["saint_match+keep_norm"]])
 def test_training_on_the_gpu_paths_gets_the_cpu_paths_gradients(method, kw, images):
     """The one-read-back merge is for inference; with autograd recording, the GPU takes the

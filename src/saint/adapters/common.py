@@ -291,6 +291,8 @@ class TokenState:
                 return self._apply_uniform(tensors, sel)
             if self.layout == "packed" and sel.order is None and not any(t.requires_grad for t in tensors):
                 return self._apply_packed_one_read(tensors, sel)  # inference: its merge writes shared rows twice
+            if self.layout == "padded":
+                return self._apply_padded_one_read(tensors, sel)
         keep = sel.keep if self.valid is None else sel.keep & self.valid
         if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
@@ -378,6 +380,25 @@ class TokenState:
             if self.sizes is not None:
                 self.sizes = self.sizes.reshape(1, -1, 1).index_select(1, kept)
         return self._finish_packed(streams, counts, lengths)
+
+    def _apply_padded_one_read(self, tensors: Sequence[torch.Tensor], sel: Selection) -> list[torch.Tensor]:
+        """:meth:`_apply_padded` reading back only the per-image counts (kept and, on a
+        padded batch, real ones) in one copy: whether anything goes, the padded width and
+        whether the result is rectangular all follow from them on the host."""
+        keep = sel.keep if self.valid is None else sel.keep & self.valid
+        b, n = keep.shape
+        counts = keep.sum(dim=1)
+        kept, real = (torch.stack([counts, self.valid.sum(dim=1)]).tolist() if self.valid is not None
+                      else (counts.tolist(), [n] * b))
+        if kept == real:  # keep lies within valid: equal counts, nothing removed
+            return list(tensors)
+        self._begin_step(keep)
+        idx, valid = keep_mask_to_indices(keep, order=sel.order, width=max(kept, default=0))
+        out = self._merge_and_gather(tensors, sel, idx)
+        self.valid = None if len(set(kept)) <= 1 else valid
+        if self.valid is not None:
+            self.ran = "padded"
+        return out
 
     def _apply_padded(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor
                       ) -> list[torch.Tensor]:

@@ -7,6 +7,8 @@ import contextlib
 
 import torch
 
+from .paths import accelerator_path
+
 EPS = 1e-6  # keeps cosine normalisation finite for zero-norm keys
 
 
@@ -22,7 +24,8 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def keep_mask_to_indices(
-    keep: torch.Tensor, align: str = "left", order: torch.Tensor | None = None, count: int | None = None
+    keep: torch.Tensor, align: str = "left", order: torch.Tensor | None = None, count: int | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the kept positions of each row, in their original order (or by increasing
     sort key ``order [B, N]``, e.g. ToMe's reference layout): first (``align="left"``,
@@ -32,7 +35,8 @@ def keep_mask_to_indices(
     batch; rows that keep fewer tokens are padded with their dropped positions and
     ``valid`` marks the real ones. A rectangular keep mask gives ``valid`` all True.
     ``count``: the caller knows every row keeps exactly this many (``M``), so nothing is
-    read back from the device.
+    read back from the device; ``width``: the caller knows the largest kept count (``M``),
+    so the counts are not read back to find it.
     """
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise TypeError(f"keep must be a bool tensor [B, N], got {keep.dtype} {tuple(keep.shape)}")
@@ -40,7 +44,7 @@ def keep_mask_to_indices(
         raise ValueError(f"align must be 'left' or 'right', got {align!r}")
     if order is not None:  # lay the row out by the key, then pack as usual
         perm = torch.argsort(order, dim=1, stable=True)
-        idx, valid = keep_mask_to_indices(torch.gather(keep, 1, perm), align, count=count)
+        idx, valid = keep_mask_to_indices(torch.gather(keep, 1, perm), align, count=count, width=width)
         return torch.gather(perm, 1, idx), valid
     n = keep.shape[1]
     if count is not None:  # every slot is real: no counts to compare against
@@ -49,7 +53,7 @@ def keep_mask_to_indices(
         order = order[:, :m] if align == "left" else order[:, n - m :]
         return order, torch.ones_like(order, dtype=torch.bool)
     counts = keep.sum(dim=1)
-    m = int(counts.max()) if keep.numel() else 0
+    m = width if width is not None else int(counts.max()) if keep.numel() else 0
     slots = torch.arange(m, device=keep.device)[None, :]
     if align == "left":
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
@@ -72,14 +76,16 @@ def additive_key_mask(
 
     Padded keys get ``-inf``; with ToMe sizes each key gets ``log(size)``
     (proportional attention). Returns None when every key is valid and unmerged so
-    the model's fused attention runs exactly as unpatched.
+    the model's fused attention runs exactly as unpatched (an accelerator checks only that
+    ``valid`` is None: seeing that a mask is all True would read it back).
     """
     if valid is None and sizes is None:
         return None
     bias = None
     if sizes is not None:
         bias = sizes.squeeze(-1).to(dtype).log()
-    if valid is not None and not bool(valid.all()):
+    # the all-valid check reads back from the device: an accelerator adds a zero mask instead
+    if valid is not None and (accelerator_path(valid.device) or not bool(valid.all())):
         pad = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
         pad = pad.masked_fill(~valid, float("-inf"))
         bias = pad if bias is None else bias + pad
