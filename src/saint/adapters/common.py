@@ -393,18 +393,16 @@ class TokenState:
         if kept == real:  # keep lies within valid: equal counts, nothing removed
             return list(tensors)
         self._begin_step(keep)
-        idx, valid = keep_mask_to_indices(keep, order=sel.order, width=max(kept, default=0))
-        out = self._merge_and_gather(tensors, sel, idx)
-        self.valid = None if len(set(kept)) <= 1 else valid
-        if self.valid is not None:
-            self.ran = "padded"
-        return out
+        return self._apply_padded(tensors, sel, keep, kept)
 
-    def _apply_padded(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor
-                      ) -> list[torch.Tensor]:
-        idx, valid = keep_mask_to_indices(keep, order=sel.order)
+    def _apply_padded(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor,
+                      kept: list[int] | None = None) -> list[torch.Tensor]:
+        """Merge and gather the survivors into a padded batch; ``kept`` the per-image
+        counts when the host has them (its width and whether it is rectangular follow)."""
+        idx, valid = keep_mask_to_indices(keep, order=sel.order, width=None if kept is None else max(kept, default=0))
         out = self._merge_and_gather(tensors, sel, idx)
-        self.valid = None if bool(valid.all()) else valid
+        rectangular = bool(valid.all()) if kept is None else len(set(kept)) <= 1
+        self.valid = None if rectangular else valid
         if self.valid is not None:
             self.ran = "padded"
         return out

@@ -47,19 +47,14 @@ def keep_mask_to_indices(
         idx, valid = keep_mask_to_indices(torch.gather(keep, 1, perm), align, count=count, width=width)
         return torch.gather(perm, 1, idx), valid
     n = keep.shape[1]
-    if count is not None:  # every slot is real: no counts to compare against
-        m = count
-        order = torch.argsort((~keep if align == "left" else keep).to(torch.int8), dim=1, stable=True)
-        order = order[:, :m] if align == "left" else order[:, n - m :]
+    counts = None if count is not None else keep.sum(dim=1)  # a known count: every slot is real
+    m = count if count is not None else width if width is not None else int(counts.max()) if keep.numel() else 0
+    order = torch.argsort((~keep if align == "left" else keep).to(torch.int8), dim=1, stable=True)
+    order = order[:, :m] if align == "left" else order[:, n - m :]
+    if counts is None:
         return order, torch.ones_like(order, dtype=torch.bool)
-    counts = keep.sum(dim=1)
-    m = width if width is not None else int(counts.max()) if keep.numel() else 0
     slots = torch.arange(m, device=keep.device)[None, :]
-    if align == "left":
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
-        return order, slots < counts[:, None]
-    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, n - m :]
-    return order, slots >= (m - counts)[:, None]
+    return order, (slots < counts[:, None]) if align == "left" else (slots >= (m - counts)[:, None])
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
