@@ -272,6 +272,8 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                                        "224px, 2 threads, the same, repeated on the EPYC", TARGETS_224),
     "dinov2_224_targets_epyc_third": ("dinov2_s14_224_cpu_targets_paired4.json",
                                       "224px, 2 threads, the same, a third run on the EPYC (38d5b5c)", TARGETS_224),
+    "dinov2_224_targets_nommap": ("dinov2_s14_224_cpu_targets_nommap.json",
+                                  "224px, 2 threads, the same on the EPYC with glibc's mmap off", TARGETS_224),
     "dinov2_518_epyc": ("dinov2_s14_518_cpu_epyc.json", "518px, 2 threads, the 3x settings on an AMD EPYC",
                         KEYS_FIRST_518),
     "dinov2_518_targets": ("dinov2_s14_518_cpu_targets.json", "518px, 2 threads, at the targets' 1.5x and 2x", [
@@ -346,7 +348,7 @@ WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_n
               "dinov2_518_repeat", "dinov2_518_no_mmap", "dinov2_224_guard_repeat", "dinov2_224_targets",
               "dinov2_224_targets_paired", "dinov2_518_targets", "dinov2_224_targets_epyc", "dinov2_518_epyc",
               "dinov2_518_epyc_3x", "dinov2_518_epyc_3x_repeat", "dinov2_518_epyc_3x_third",
-              "dinov2_224_targets_epyc_repeat", "dinov2_224_targets_epyc_third"}
+              "dinov2_224_targets_epyc_repeat", "dinov2_224_targets_epyc_third", "dinov2_224_targets_nommap"}
 
 
 def fidelity_table(name: str) -> str:

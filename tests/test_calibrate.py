@@ -9,6 +9,7 @@ import torch
 
 import saint
 from saint.calibration import block_flops, flops_fraction
+from saint.timing import ALLOCATOR_VARIABLES
 
 from .conftest import make_tiny
 
@@ -148,10 +149,14 @@ def test_speedup_is_the_old_name_of_flops_speedup(calib_images):
     assert a.target == b.target == "flops_speedup" and a.tau == b.tau
 
 
-def test_measured_speedup_times_the_model_it_calibrates(calib_images):
+def test_measured_speedup_times_the_model_it_calibrates(calib_images, monkeypatch):
     """The mechanism (timing itself belongs in benchmarks): each step calibrates a
     real-token FLOPs target, times it at the batch size asked for, and the model ends
-    patched with the step whose measured speed-up came closest."""
+    patched with the step whose measured speed-up came closest; it records the allocator
+    variables it timed under."""
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
     model = make_tiny("vit", depth=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", saint.CalibrationWarning)  # a tiny model may not get there
@@ -160,6 +165,7 @@ def test_measured_speedup_times_the_model_it_calibrates(calib_images):
     m = cal.measured
     assert m["batch_size"] == 4 and m["device"] == "cpu" and 1 <= len(m["steps"]) <= 5
     assert m["repeats"] == 5 and m["statistic"].startswith("median of per-round")
+    assert m["allocator"] == {"MALLOC_MMAP_MAX_": "0"}
     assert cal.achieved in [step["measured_speedup"] for step in m["steps"]]
     assert m["flops_speedup"] in [step["flops_speedup"] for step in m["steps"]]
     assert saint.is_patched(model) and saint.adapters.handle_of(model).calibration is cal

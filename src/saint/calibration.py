@@ -45,7 +45,7 @@ from .methods import (
     make_config,
     saint_metric,
 )
-from .timing import paired_speedup, time_round_robin
+from .timing import allocator_settings, paired_speedup, time_round_robin
 
 TARGETS = ("flops_speedup", "measured_speedup", "flops", "keep")
 
@@ -404,6 +404,8 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
         measured={"batch_size": batch_size, "device": str(device), "repeats": repeats, "tolerance": MEASURED_TOL,
                   "statistic": "median of per-round unpatched / patched time",
                   "clock": "process CPU time" if clock is time.process_time else "wall time",
+                  # the allocator variables it timed under: on a CPU they move the speed-up (docs/calibration.md)
+                  "allocator": allocator_settings() or "default",
                   "flops_speedup": cal.achieved, "steps": steps},
     )
     if not result.reached:

@@ -5,13 +5,25 @@ and min/median reported."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
+                       "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_CONF")
+"""Environment variables that change the C allocator (glibc malloc, an ``LD_PRELOAD``-ed
+tcmalloc/jemalloc): CPU timings depend on them (docs/results.md, timing noise)."""
+
+
+def allocator_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allocator variables set in ``environ`` (default: this process's environment)."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in ALLOCATOR_VARIABLES if environ.get(k)}
 
 
 def synchronize(device: torch.device | str) -> None:

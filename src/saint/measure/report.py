@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..timing import ALLOCATOR_VARIABLES, allocator_settings  # noqa: F401  (re-exported: reports record them)
+
 
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
@@ -51,18 +53,6 @@ def versions() -> dict[str, str]:
     if torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
     return out
-
-
-ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
-                       "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_CONF")
-"""Environment variables that change the C allocator (glibc malloc, an ``LD_PRELOAD``-ed
-tcmalloc/jemalloc): CPU timings depend on them (docs/results.md, timing noise)."""
-
-
-def allocator_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The allocator variables set in ``environ`` (default: this process's environment)."""
-    environ = os.environ if environ is None else environ
-    return {k: environ[k] for k in ALLOCATOR_VARIABLES if environ.get(k)}
 
 
 def command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> str:
