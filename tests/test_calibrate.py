@@ -169,3 +169,16 @@ def test_measured_speedup_times_the_model_it_calibrates(calib_images, monkeypatc
     assert cal.achieved in [step["measured_speedup"] for step in m["steps"]]
     assert m["flops_speedup"] in [step["flops_speedup"] for step in m["steps"]]
     assert saint.is_patched(model) and saint.adapters.handle_of(model).calibration is cal
+
+
+def test_time_calibration_times_both_and_leaves_the_model_as_it_was(calib_images):
+    """The unpatched model and the calibrated settings, ``repeats`` rounds each; the model
+    comes back unpatched and in the mode it was in."""
+    from saint.calibration import time_calibration
+
+    model = make_tiny("vit", depth=4)
+    cal = saint.calibrate(model, calib_images, keep=0.8, k=1, tol=0.02, apply=False)
+    model.train()
+    plain, pruned = time_calibration(model, calib_images, cal, repeats=3)
+    assert len(plain.times) == len(pruned.times) == 3 and plain.batch_size == calib_images.shape[0]
+    assert not saint.is_patched(model) and model.training

@@ -45,7 +45,7 @@ from .methods import (
     make_config,
     saint_metric,
 )
-from .timing import allocator_settings, paired_speedup, time_round_robin
+from .timing import Timing, allocator_settings, paired_speedup, time_round_robin
 
 TARGETS = ("flops_speedup", "measured_speedup", "flops", "keep")
 
@@ -421,10 +421,11 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
     return result
 
 
-def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration, repeats: int,
-                  clock: Callable[[], float] = time.perf_counter) -> float:
-    """Unpatched time over patched time on ``batch``: the median of the per-round ratios
-    (the two run back to back in each round)."""
+def time_calibration(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration, repeats: int = MEASURED_REPEATS,
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[Timing, Timing]:
+    """Time the unpatched model and ``cal``'s settings on ``batch`` as a measured calibration
+    does (one warm-up round, then ``repeats`` rounds running the two back to back): the
+    ``(unpatched, patched)`` timings. The model is left unpatched."""
     adapter = find_adapter(model)
 
     def variant(patched: bool) -> Any:
@@ -447,6 +448,14 @@ def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration,
         if is_patched(model):
             unpatch(model)
         model.train(was_training)
+    return plain, pruned
+
+
+def _time_speedup(model: torch.nn.Module, batch: torch.Tensor, cal: Calibration, repeats: int,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
+    """Unpatched time over patched time on ``batch``: the median of the per-round ratios
+    (the two run back to back in each round)."""
+    plain, pruned = time_calibration(model, batch, cal, repeats, clock)
     return paired_speedup(plain.times, pruned.times)
 
 
