@@ -30,6 +30,7 @@ from saint import assets
 from saint.calibration import calibrate, flops_fraction
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.harness import Harness
+from saint.measure.images import shared_photos_or_say_why
 from saint.measure.report import environment, write_outputs
 from saint.spec import BASELINE, Variant, parse_calibrated_spec
 
@@ -110,9 +111,8 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    records = assets.shared_sample_images()
+    records = shared_photos_or_say_why()
     if not records:
-        print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
         return 0
     if args.folds < 2:
         raise SystemExit("--folds must be >= 2 (a fold calibrates, the others evaluate)")

@@ -43,7 +43,7 @@ from saint.bench.bench import run_bench, tokens_summary
 from saint.bench.sweep import default_tome_rs
 from saint.commands.options import holdout_every
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
-from saint.measure.images import holdout_split
+from saint.measure.images import holdout_split, shared_photos_or_say_why
 from saint.measure.report import environment, fmt, markdown_table, write_json
 from saint.spec import Variant, parse_kwargs, variant_label
 
@@ -235,9 +235,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    records = assets.shared_sample_images()
+    records = shared_photos_or_say_why()
     if not records:
-        print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)

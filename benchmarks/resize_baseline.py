@@ -28,7 +28,7 @@ from saint import assets
 from saint.commands.options import holdout_every
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.flops import model_flops
-from saint.measure.images import holdout_split
+from saint.measure.images import holdout_split, shared_photos_or_say_why
 from saint.measure.report import environment, markdown_table, write_outputs
 from saint.timing import time_round_robin
 
@@ -149,9 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     check_sizes(args.size, sizes)
     if args.photos < 2:
         raise SystemExit("--photos must be >= 2 (fidelity is measured over the set)")
-    records = assets.shared_sample_images()
+    records = shared_photos_or_say_why()
     if not records:
-        print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
         return 0
     records = holdout_split(records, args.calib_every)[1][: args.photos]
     if args.threads is not None:

@@ -31,7 +31,7 @@ from saint.commands.options import (
     progress_factory,
 )
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
-from saint.measure.images import ImageSet, holdout_split
+from saint.measure.images import ImageSet, holdout_split, shared_photos_or_say_why
 from saint.measure.report import environment
 from saint.spec import parse_calibrated_spec, parse_kwargs
 
@@ -82,9 +82,8 @@ def output_prefix(out_dir: Path, size: int, device: torch.device, dtype: str, ta
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    records = assets.shared_sample_images()
+    records = shared_photos_or_say_why()
     if not records:
-        print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
         return 0
     if args.photos < 2:
         raise SystemExit("--photos must be >= 2 (fidelity is measured over the set)")

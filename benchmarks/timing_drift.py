@@ -30,7 +30,7 @@ import torch
 from saint import assets, patch, unpatch
 from saint.adapters import find_adapter, handle_of
 from saint.calibration import calibrate, flops_fraction, time_calibration
-from saint.measure.images import holdout_split
+from saint.measure.images import holdout_split, shared_photos_or_say_why
 from saint.measure.report import environment, write_outputs
 
 
@@ -69,9 +69,8 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    records = assets.shared_sample_images()
+    records = shared_photos_or_say_why()
     if not records:
-        print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +248,15 @@ def test_store_converted_state_dict_refuses_other_weights(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="no pos_embed"):
         assets.store_converted_state_dict({"head.weight": torch.zeros(2, 2)})
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_benchmarks_say_why_they_skip_without_the_shared_photos(monkeypatch, capsys) -> None:
+    from saint.measure.images import shared_photos_or_say_why
+
+    monkeypatch.setattr(assets, "shared_sample_images", lambda: [])
+    assert shared_photos_or_say_why() == []
+    assert "skipping: the shared imagenet-sample-200 folder was not found" in capsys.readouterr().out
+    record = assets.ImageRecord(Path("a.JPEG"), 3, "imagenet-sample-200")
+    monkeypatch.setattr(assets, "shared_sample_images", lambda: [record])
+    assert shared_photos_or_say_why() == [record]
+    assert capsys.readouterr().out == ""

@@ -37,6 +37,15 @@ class ImageSet:
         return len(self.records)
 
 
+def shared_photos_or_say_why() -> list[ImageRecord]:
+    """The shared ``imagenet-sample-200`` photos for a benchmark; when they are absent,
+    ``[]`` after printing that it skips (the benchmark then exits 0)."""
+    records = assets.shared_sample_images()
+    if not records:
+        print("skipping: the shared imagenet-sample-200 folder was not found (set SAINT_SHARED_DATA)")
+    return records
+
+
 def holdout_split(records: Sequence[ImageRecord], every: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """``(held out, the rest)``: every ``every``-th record (the 8th, 16th, ...) is held out,
     e.g. to calibrate on photos that the evaluation never sees; the order is kept."""
