@@ -266,6 +266,11 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
         *saint_match_518_rows("3", "3.1", "3.2"),
     ]),
+    "dinov2_518_epyc_3x_nommap": ("dinov2_s14_518_cpu_epyc3x_nommap.json",
+                                  "518px, 2 threads, the same with glibc's mmap off", [
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        *saint_match_518_rows("3", "3.1", "3.2"),
+    ]),
     "dinov2_224_targets_epyc": ("dinov2_s14_224_cpu_targets_paired2.json",
                                 "224px, 2 threads, the paired run repeated on an AMD EPYC", TARGETS_224),
     "dinov2_224_targets_epyc_repeat": ("dinov2_s14_224_cpu_targets_paired3.json",
@@ -348,7 +353,8 @@ WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_n
               "dinov2_518_repeat", "dinov2_518_no_mmap", "dinov2_224_guard_repeat", "dinov2_224_targets",
               "dinov2_224_targets_paired", "dinov2_518_targets", "dinov2_224_targets_epyc", "dinov2_518_epyc",
               "dinov2_518_epyc_3x", "dinov2_518_epyc_3x_repeat", "dinov2_518_epyc_3x_third",
-              "dinov2_224_targets_epyc_repeat", "dinov2_224_targets_epyc_third", "dinov2_224_targets_nommap"}
+              "dinov2_224_targets_epyc_repeat", "dinov2_224_targets_epyc_third", "dinov2_224_targets_nommap",
+              "dinov2_518_epyc_3x_nommap"}
 
 
 def fidelity_table(name: str) -> str:
