@@ -53,12 +53,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def embed_all(harness: Harness, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, list[float]]:
     """Embeddings of the active variant on ``x`` and the mean real tokens entering each block."""
-    embs, tokens = [], None
+    embs, tokens = [], []  # tokens: per batch, per block, per image
     for i in range(0, x.shape[0], batch_size):
         emb, _, tk, _ = harness.embed(harness.prepare(x[i : i + batch_size]))
         embs.append(emb)
-        tokens = [list(t) for t in tk] if tokens is None else [a + list(t) for a, t in zip(tokens, tk, strict=True)]
-    return torch.cat(embs), [sum(t) / len(t) for t in tokens]
+        tokens.append(tk)
+    return torch.cat(embs), [sum(map(sum, block)) / x.shape[0] for block in zip(*tokens, strict=True)]
 
 
 def summary(rows: list[dict], folds: int) -> list[dict]:

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from saint import assets, patch, unpatch
-from saint.adapters import find_adapter, handle_of
+from saint import assets
 from saint.calibration import calibrate, flops_fraction, time_calibration
+from saint.measure.harness import Harness
 from saint.measure.images import holdout_split, shared_photos_or_say_why
 from saint.measure.report import environment, write_outputs
+from saint.spec import Variant
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -83,12 +84,11 @@ def main(argv: list[str]) -> int:
     x, _ = assets.load_images(eval_records[: args.batch_size], transform)
     cal = calibrate(model, calib_x, flops_speedup=args.flops_speedup, method="saint_match", apply=False,
                     guard=0.1, keep_norm=True)
-    adapter = find_adapter(model)
-    patch(model, cal.method, **cal.patch_kwargs())
-    with torch.inference_mode():
-        adapter.forward(model, x)
-    timed_ideal = 1.0 / flops_fraction(model, [float(t.float().mean()) for t in handle_of(model).site_tokens()])
-    unpatch(model)
+    harness = Harness(model)  # the real tokens the timed settings keep on the timing batch
+    harness.activate(Variant("timed", cal.method, cal.patch_kwargs()))
+    tokens = harness.embed(harness.prepare(x))[2]
+    timed_ideal = 1.0 / flops_fraction(model, [sum(t) / len(t) for t in tokens])
+    model = harness.release()
 
     blocks = []
     for i in range(args.blocks):

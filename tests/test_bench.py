@@ -341,7 +341,8 @@ def test_tome_feasibility_follows_the_inflection_schedule() -> None:
 
 
 def test_command_line_records_the_allocator_settings_it_ran_with() -> None:
-    from saint.measure.report import allocator_settings, command_line
+    from saint.measure.report import command_line
+    from saint.timing import allocator_settings
 
     env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184", "HOME": "/root", "LD_PRELOAD": ""}
     assert allocator_settings(env) == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..timing import ALLOCATOR_VARIABLES, allocator_settings  # noqa: F401  (re-exported: reports record them)
+from ..timing import allocator_settings
 
 
 def cpu_model() -> str:
