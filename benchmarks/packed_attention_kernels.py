@@ -4,8 +4,9 @@ DINOv2-S/14 geometry (6 heads x 64) and ragged per-image lengths.
 Kernels: ``loop`` (saint's CPU default: one SDPA call per image on views of the
 stream), per-image contiguous copies, ``flex`` (flex_attention with a document mask;
 compiled on CUDA, eager elsewhere), padded + key mask (what ``layout="padded"`` pays),
-and one SDPA call on equally long images with the same total tokens (the FLOPs floor).
-Interleaved rounds, minimum reported. Writes
+and one SDPA call on equally long images with the same total tokens (the FLOPs floor);
+on CUDA in fp16/bf16 also ``varlen`` (torch >= 2.10) and the flash-attn package's
+varlen kernel when it is installed. Interleaved rounds, minimum reported. Writes
 ``benchmarks/results/packed_attention_kernels_<device>.{json,md}``.
 
     python benchmarks/packed_attention_kernels.py --threads 1
@@ -23,7 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from saint.commands.options import output_tag
-from saint.core.packing import lengths_to_valid, packed_attention
+from saint.core.packing import (
+    flash_attn_available,
+    lengths_to_valid,
+    packed_attention,
+    varlen_available,
+)
 from saint.measure.report import environment, markdown_table, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,7 +67,10 @@ def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int
     if device.type == "cuda" or t <= 4096:  # eager flex on CPU materialises T x T scores
         out["flex (document mask)"] = lambda: packed_attention(q, k, v, lengths, kernel="flex")
     if device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-        out["varlen (flash)"] = lambda: packed_attention(q, k, v, lengths, kernel="varlen")
+        if varlen_available():
+            out["varlen (flash)"] = lambda: packed_attention(q, k, v, lengths, kernel="varlen")
+        if flash_attn_available():
+            out["flash-attn varlen"] = lambda: packed_attention(q, k, v, lengths, kernel="flash_attn")
     return out
 
 

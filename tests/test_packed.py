@@ -127,6 +127,72 @@ def test_varlen_needs_a_torch_whose_kernel_takes_scale(monkeypatch):
         packed_attention(q, q, q, [4], kernel="varlen")
 
 
+def _fake_flash_attn(calls: list) -> object:
+    """A stand-in for the flash-attn package with its documented varlen signature, in
+    plain torch: every sequence ``cu[i]:cu[i + 1]`` attends to itself only."""
+    import importlib.machinery
+    import types
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False):
+        calls.append(dict(cu=cu_seqlens_q.tolist(), cu_dtype=cu_seqlens_q.dtype, same_cu=cu_seqlens_k is cu_seqlens_q,
+                          max=(max_seqlen_q, max_seqlen_k), dropout_p=dropout_p, scale=softmax_scale, causal=causal))
+        out = torch.empty_like(v)
+        bounds = cu_seqlens_q.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            out[a:b] = F.scaled_dot_product_attention(qi, ki, vi, scale=softmax_scale).transpose(0, 1)
+        return out
+
+    module = types.ModuleType("flash_attn")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    return module
+
+
+def test_flash_attn_kernel_passes_the_stream_as_flash_attn_reads_it(monkeypatch):
+    import sys
+
+    from saint.core import packing
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn(calls))
+    assert packing.flash_attn_available()
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
+    got = packing._flash_attn_attention(q, k, v, lengths, 0.3, 0.0)
+    want = packed_attention(q, k, v, lengths, scale=0.3, kernel="loop")
+    torch.testing.assert_close(got, want, **TOL)
+    assert calls == [dict(cu=[0, 5, 6, 15, 18], cu_dtype=torch.int32, same_cu=True, max=(9, 9), dropout_p=0.0,
+                          scale=0.3, causal=False)]
+
+
+def test_flash_attn_kernel_errors_and_auto_rule(monkeypatch):
+    import sys
+
+    from saint.core import packing
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    assert not packing.flash_attn_available()
+    q = torch.randn(4, 1, 2)
+    with pytest.raises(ValueError, match="needs the flash-attn package"):
+        packed_attention(q, q, q, [4], kernel="flash_attn")
+    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn([]))
+    with pytest.raises(ValueError, match="kernel='flash_attn' needs CUDA"):
+        packed_attention(q, q, q, [4], kernel="flash_attn")
+    with pytest.raises(ValueError, match="not one of"):
+        saint.patch(make_tiny("vit"), "saint", tau=0.3, kernel="flash-attn")
+    # auto: torch's own varlen first, flash-attn's on a torch without it, never with a bias or in fp32
+    monkeypatch.setattr(packing, "varlen_available", lambda: False)
+    assert auto_kernel("cuda", True, False, False, False) == "flash_attn"
+    assert auto_kernel("cuda", True, True, False, False) == "padded"
+    assert auto_kernel("cuda", False, False, False, False) == "padded"
+    assert auto_kernel("cpu", True, False, False, False) == "loop"
+    monkeypatch.setattr(packing, "varlen_available", lambda: True)
+    assert auto_kernel("cuda", True, False, False, False) == "varlen"
+
+
 def _run(model, x, method, kw, layout, select_at="mlp", **options):
     saint.patch(model, method, layout=layout, select_at=select_at, **kw, **options)
     with torch.no_grad():

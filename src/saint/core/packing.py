@@ -5,6 +5,7 @@ the stream as it is; attention runs per image through :func:`packed_attention`."
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 from collections.abc import Sequence
 
@@ -13,14 +14,17 @@ import torch.nn.functional as F
 
 from .tome import with_mean_norm
 
-KERNELS = ("auto", "loop", "padded", "flex", "varlen")
+KERNELS = ("auto", "loop", "padded", "flex", "varlen", "flash_attn")
 """``loop``: one SDPA call per image, on views of the stream (CPU default);
 ``padded``: one SDPA call on a padded copy of q/k/v with a key mask carrying ToMe's size
 bias (CUDA default when ``varlen`` cannot run: only attention pays for the padding);
 ``flex``: ``flex_attention`` with a document mask (any device, supports the ToMe size
 bias; slower than ``padded`` on an H200, see docs/packed.md); ``varlen``:
 ``torch.nn.attention.varlen`` flash kernel (CUDA, fp16/bf16, no bias; torch >= 2.10,
-whose ``varlen_attn`` takes ``scale``); ``auto``: see :func:`auto_kernel`."""
+whose ``varlen_attn`` takes ``scale``); ``flash_attn``: the ``flash-attn`` package's
+``flash_attn_varlen_func`` (the same kind of kernel, for a torch without ``varlen``; CUDA,
+fp16/bf16, no bias, attention dropout allowed; needs ``pip install flash-attn``);
+``auto``: see :func:`auto_kernel`."""
 
 
 @functools.cache
@@ -32,6 +36,11 @@ def varlen_available() -> bool:
     except ImportError:
         return False
     return "scale" in inspect.signature(varlen_attn).parameters
+
+
+def flash_attn_available() -> bool:
+    """Whether the ``flash-attn`` package (FlashAttention 2) is installed."""
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def pack(x: torch.Tensor, valid: torch.Tensor | None, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,6 +234,8 @@ def packed_attention(
         return _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots)
     if kernel == "flex":
         return _flex_attention(q, k, v, lengths, bias, scale)
+    if kernel == "flash_attn":
+        return _flash_attn_attention(q, k, v, lengths, scale, dropout_p)
     return _varlen_attention(q, k, v, lengths, scale)
 
 
@@ -242,6 +253,14 @@ def resolve_kernel(kernel: str, q: torch.Tensor, bias: torch.Tensor | None, drop
             raise ValueError(f"kernel='varlen' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}; use 'loop'")
         if bias is not None:
             raise ValueError("kernel='varlen' cannot add ToMe's size bias (prop_attn); use 'padded' or 'loop'")
+    if kernel == "flash_attn":
+        if not flash_attn_available():
+            raise ValueError("kernel='flash_attn' needs the flash-attn package (pip install flash-attn); "
+                             "use 'varlen' (torch >= 2.10), 'padded' or 'loop'")
+        if q.device.type != "cuda" or not half:
+            raise ValueError(f"kernel='flash_attn' needs CUDA fp16/bf16 tensors, got {q.device.type} {q.dtype}; use 'loop'")
+        if bias is not None:
+            raise ValueError("kernel='flash_attn' cannot add ToMe's size bias (prop_attn); use 'padded' or 'loop'")
     if kernel in ("varlen", "flex") and dropout_p > 0:
         raise ValueError(f"kernel={kernel!r} has no attention dropout; use 'loop' in training")
     return kernel
@@ -252,10 +271,15 @@ def auto_kernel(device_type: str, half: bool, has_bias: bool, dropout: bool, int
     on CPU, in training (dropout) and under a dispatch mode that intercepts ops
     (``intercepted``: FLOP counting, tracing), where per-image SDPA is what such modes
     understand and counts exactly the real tokens' attention; on CUDA ``varlen`` when it
-    can run (fp16/bf16, no bias), else ``padded``."""
+    can run (fp16/bf16, no bias), else the same kind of kernel from the ``flash-attn``
+    package when it is installed (a torch older than 2.10), else ``padded``."""
     if device_type != "cuda" or dropout or intercepted:
         return "loop"
-    return "varlen" if half and not has_bias and varlen_available() else "padded"
+    if not half or has_bias:
+        return "padded"
+    if varlen_available():
+        return "varlen"
+    return "flash_attn" if flash_attn_available() else "padded"
 
 
 def _under_dispatch_mode() -> bool:
@@ -342,9 +366,24 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
+def _cumulative_lengths(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``[0, l0, l0 + l1, ...]`` as int32 on ``device``: the variable-length kernels' offsets."""
+    return host_ints([0, *lengths], device, torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def _flash_attn_attention(q, k, v, lengths, scale, dropout_p) -> torch.Tensor:
+    """``flash_attn_varlen_func`` (FlashAttention 2) over the stream: each image's rows
+    attend to their own image only, non-causally."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu = _cumulative_lengths(lengths, q.device)
+    m = max(lengths)
+    return flash_attn_varlen_func(q, k, v, cu, cu, m, m, dropout_p=dropout_p, softmax_scale=scale, causal=False)
+
+
 def _varlen_attention(q, k, v, lengths, scale) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    cu = host_ints([0, *lengths], q.device, torch.int32).cumsum(0, dtype=torch.int32)
+    cu = _cumulative_lengths(lengths, q.device)
     m = max(lengths)
     return varlen_attn(q, k, v, cu, cu, m, m, scale=scale)
