@@ -77,6 +77,18 @@ KEYS_FIRST_518 = [
      "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
 ]
 
+
+def before_attention_518_row(at: str) -> tuple[str, str]:
+    """The 518px `saint_match` before attention calibrated to a real-token FLOPs target,
+    named with ``at=`` in its spec (as the runs that compare it with the default placement)."""
+    return (f"`saint_match` decreasing, guard 0.1, keep_norm, before attention, {at}x (FLOPs)",
+            f"saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,at={at}@{at}x")
+
+
+# the default placement's 3x row of the 518px runs that set it beside selecting before attention
+DEFAULT_PLACEMENT_3X_518 = ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (FLOPs)",
+                            "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3@3x")
+
 FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
         ("ToMe r=13", "tome:r=13"),
@@ -271,6 +283,22 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
         *saint_match_518_rows("3", "3.1", "3.2"),
     ]),
+    "dinov2_518_epyc_attn_nommap": ("dinov2_s14_518_cpu_epyc_attn_nommap.json",
+                                    "518px, 2 threads, both placements on the EPYC with glibc's mmap off", [
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        DEFAULT_PLACEMENT_3X_518,
+        before_attention_518_row("3.3"),
+        before_attention_518_row("3.5"),
+    ]),
+    "dinov2_518_epyc_attn_nommap2": ("dinov2_s14_518_cpu_epyc_attn_nommap2.json",
+                                     "518px, 2 threads, the same with 3.4x and the measured 3x, repeated", [
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        DEFAULT_PLACEMENT_3X_518,
+        before_attention_518_row("3.4"),
+        before_attention_518_row("3.5"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
+    ]),
     "dinov2_224_targets_epyc": ("dinov2_s14_224_cpu_targets_paired2.json",
                                 "224px, 2 threads, the paired run repeated on an AMD EPYC", TARGETS_224),
     "dinov2_224_targets_epyc_repeat": ("dinov2_s14_224_cpu_targets_paired3.json",
@@ -354,7 +382,7 @@ WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_n
               "dinov2_224_targets_paired", "dinov2_518_targets", "dinov2_224_targets_epyc", "dinov2_518_epyc",
               "dinov2_518_epyc_3x", "dinov2_518_epyc_3x_repeat", "dinov2_518_epyc_3x_third",
               "dinov2_224_targets_epyc_repeat", "dinov2_224_targets_epyc_third", "dinov2_224_targets_nommap",
-              "dinov2_518_epyc_3x_nommap"}
+              "dinov2_518_epyc_3x_nommap", "dinov2_518_epyc_attn_nommap", "dinov2_518_epyc_attn_nommap2"}
 
 
 def fidelity_table(name: str) -> str:
