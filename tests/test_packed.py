@@ -127,6 +127,22 @@ def test_varlen_needs_a_torch_whose_kernel_takes_scale(monkeypatch):
         packed_attention(q, q, q, [4], kernel="varlen")
 
 
+@pytest.fixture
+def flash_attn_module(monkeypatch):
+    """Installs a module as ``flash_attn`` (None: not installed) for one test, with the
+    cached look-up cleared before and after."""
+    import sys
+
+    from saint.core import packing
+
+    def install(module: object) -> None:
+        monkeypatch.setitem(sys.modules, "flash_attn", module)
+        packing.flash_attn_available.cache_clear()
+
+    yield install
+    packing.flash_attn_available.cache_clear()
+
+
 def _fake_flash_attn(calls: list) -> object:
     """A stand-in for the flash-attn package with its documented varlen signature, in
     plain torch: every sequence ``cu[i]:cu[i + 1]`` attends to itself only."""
@@ -150,13 +166,11 @@ def _fake_flash_attn(calls: list) -> object:
     return module
 
 
-def test_flash_attn_kernel_passes_the_stream_as_flash_attn_reads_it(monkeypatch):
-    import sys
-
+def test_flash_attn_kernel_passes_the_stream_as_flash_attn_reads_it(flash_attn_module):
     from saint.core import packing
 
     calls: list = []
-    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn(calls))
+    flash_attn_module(_fake_flash_attn(calls))
     assert packing.flash_attn_available()
     torch.manual_seed(0)
     lengths = [5, 1, 9, 3]
@@ -168,17 +182,15 @@ def test_flash_attn_kernel_passes_the_stream_as_flash_attn_reads_it(monkeypatch)
                           scale=0.3, causal=False)]
 
 
-def test_flash_attn_kernel_errors_and_auto_rule(monkeypatch):
-    import sys
-
+def test_flash_attn_kernel_errors_and_auto_rule(monkeypatch, flash_attn_module):
     from saint.core import packing
 
-    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    flash_attn_module(None)  # not installed
     assert not packing.flash_attn_available()
     q = torch.randn(4, 1, 2)
     with pytest.raises(ValueError, match="needs the flash-attn package"):
         packed_attention(q, q, q, [4], kernel="flash_attn")
-    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn([]))
+    flash_attn_module(_fake_flash_attn([]))
     with pytest.raises(ValueError, match="kernel='flash_attn' needs CUDA"):
         packed_attention(q, q, q, [4], kernel="flash_attn")
     with pytest.raises(ValueError, match="not one of"):

@@ -38,8 +38,10 @@ def varlen_available() -> bool:
     return "scale" in inspect.signature(varlen_attn).parameters
 
 
+@functools.cache
 def flash_attn_available() -> bool:
-    """Whether the ``flash-attn`` package (FlashAttention 2) is installed."""
+    """Whether the ``flash-attn`` package (FlashAttention 2) is installed (looked up once:
+    ``auto`` asks in every pruning block)."""
     return importlib.util.find_spec("flash_attn") is not None
 
 
