@@ -31,7 +31,7 @@ from saint.calibration import calibrate, flops_fraction
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.harness import Harness
 from saint.measure.images import shared_photos_or_say_why
-from saint.measure.report import environment, write_outputs
+from saint.measure.report import environment, write_json_and_markdown
 from saint.spec import BASELINE, Variant, parse_calibrated_spec
 
 DEFAULT_VARIANTS = ("saint_match:guard=0.1,keep_norm=True", "saint_plus")
@@ -155,8 +155,9 @@ def main(argv: list[str]) -> int:
                            "variants": [v.as_dict() for v in variants], "batch_size": args.batch_size},
               "summary": summary(rows, args.folds), "rows": rows}
     prefix = args.out_dir / f"dinov2_s14_{args.size}_calibration_folds{'_' + args.tag if args.tag else ''}"
-    print(markdown(report))
-    for path in write_outputs(report, prefix, ["json", "md"], {"md": lambda p: p.write_text(markdown(report))}):
+    text = markdown(report)
+    print(text)
+    for path in write_json_and_markdown(report, prefix, text):
         print(f"wrote {path}")
     return 0
 

@@ -29,7 +29,7 @@ from saint.commands.options import holdout_every
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.flops import model_flops
 from saint.measure.images import holdout_split, shared_photos_or_say_why
-from saint.measure.report import environment, markdown_table, write_outputs
+from saint.measure.report import environment, markdown_table, write_json_and_markdown
 from saint.timing import time_round_robin
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                      "eval_batch": args.eval_batch, "warmup": args.warmup, "repeats": args.repeats},
     }
     report["results"] = measure(args.size, sizes, records, args)
-    written = write_outputs(report, Path(args.out_dir) / f"dinov2_s14_{args.size}_cpu_resize", ["json", "md"],
-                            {"md": lambda path: path.write_text(markdown(report))})
+    written = write_json_and_markdown(report, Path(args.out_dir) / f"dinov2_s14_{args.size}_cpu_resize", markdown(report))
     print("wrote", ", ".join(map(str, written)))
     return 0
 

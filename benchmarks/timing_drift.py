@@ -31,8 +31,9 @@ from saint import assets
 from saint.calibration import calibrate, flops_fraction, time_calibration
 from saint.measure.harness import Harness
 from saint.measure.images import holdout_split, shared_photos_or_say_why
-from saint.measure.report import environment, write_outputs
+from saint.measure.report import environment, write_json_and_markdown
 from saint.spec import Variant
+from saint.timing import paired_speedup
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -93,9 +94,8 @@ def main(argv: list[str]) -> int:
     blocks = []
     for i in range(args.blocks):
         plain, pruned = time_calibration(model, x, cal, args.repeats)
-        ratios = [a / b for a, b in zip(plain.times, pruned.times, strict=True)]
         blocks.append({"unpruned_s": statistics.median(plain.times), "pruned_s": statistics.median(pruned.times),
-                       "speedup": statistics.median(ratios), "unpruned_times": plain.times,
+                       "speedup": paired_speedup(plain.times, pruned.times), "unpruned_times": plain.times,
                        "pruned_times": pruned.times})
         print(f"block {i}: unpruned {blocks[-1]['unpruned_s']:.3f} s, pruned {blocks[-1]['pruned_s']:.3f} s, "
               f"{blocks[-1]['speedup']:.3f}x", flush=True)
@@ -105,8 +105,9 @@ def main(argv: list[str]) -> int:
                            "batch_size": args.batch_size, "blocks": args.blocks, "repeats": args.repeats},
               "blocks": blocks}
     prefix = args.out_dir / f"timing_drift_{args.size}{'_' + args.tag if args.tag else ''}"
-    print(markdown(report))
-    for path in write_outputs(report, prefix, ["json", "md"], {"md": lambda p: p.write_text(markdown(report))}):
+    text = markdown(report)
+    print(text)
+    for path in write_json_and_markdown(report, prefix, text):
         print(f"wrote {path}")
     return 0
 

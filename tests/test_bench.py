@@ -382,3 +382,14 @@ def test_holdout_every_accepts_two_or_more_and_the_scripts_use_it() -> None:
         assert script.parse_args(["--calib-every", "16"]).calib_every == 16
         with pytest.raises(SystemExit):
             script.parse_args(["--calib-every", "1"])
+
+
+def test_write_json_and_markdown_writes_both_beside_each_other(tmp_path) -> None:
+    import json
+
+    from saint.measure.report import write_json_and_markdown
+
+    paths = write_json_and_markdown({"rows": [1, 2]}, tmp_path / "sub" / "run_b32_518", "# title\n")
+    assert paths == [tmp_path / "sub" / "run_b32_518.json", tmp_path / "sub" / "run_b32_518.md"]
+    assert json.loads(paths[0].read_text())["rows"] == [1, 2]
+    assert paths[1].read_text() == "# title\n"

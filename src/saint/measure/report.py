@@ -170,6 +170,12 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
     return out
 
 
+def write_json_and_markdown(report: dict[str, Any], prefix: str | Path, markdown: str) -> list[Path]:
+    """A benchmark's usual outputs: ``prefix.json`` (the report) and ``prefix.md`` (its
+    ``markdown`` text). Returns the paths written."""
+    return write_outputs(report, prefix, ["json", "md"], {"md": lambda path: path.write_text(markdown)})
+
+
 def write_outputs(report: dict[str, Any], prefix: str | Path, formats: Sequence[str],
                   writers: Mapping[str, Callable[[Path], None]]) -> list[Path]:
     """Write ``prefix.<ext>`` for each of ``formats``: ``json`` is the report itself, other
