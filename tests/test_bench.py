@@ -5,6 +5,7 @@ marking, and a tiny end-to-end bench / sweep (no timing assertions)."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -197,6 +198,25 @@ def test_paired_speedup_is_the_median_of_per_round_ratios() -> None:
         paired_speedup([], [])
     with pytest.raises(ValueError, match="positive"):
         paired_speedup([1.0], [0.0])
+
+
+def test_median_interval_brackets_the_median_and_narrows_with_agreeing_rounds() -> None:
+    from saint.timing import median_interval
+
+    assert median_interval([1.02] * 7) == (1.02, 1.02)  # every resample's median is the value
+    values = [0.99, 1.00, 1.01, 1.02, 1.03, 1.04, 1.05, 1.20, 0.90]
+    low, high = median_interval(values)
+    assert min(values) <= low <= statistics.median(values) <= high <= max(values)
+    assert median_interval(values) == (low, high)  # seeded
+    narrow = median_interval([1.02 + 0.001 * (i % 3) for i in range(30)])
+    assert narrow[1] - narrow[0] <= 0.002 < high - low
+    assert median_interval(values, level=0.5)[1] - median_interval(values, level=0.5)[0] <= high - low
+    with pytest.raises(ValueError, match="at least one"):
+        median_interval([])
+    with pytest.raises(ValueError, match="level"):
+        median_interval([1.0], level=1.0)
+    with pytest.raises(ValueError, match="draws"):
+        median_interval([1.0], draws=0)
 
 
 # ----------------------------------------------------------------------------- harness

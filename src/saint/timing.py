@@ -5,7 +5,9 @@ and min/median reported."""
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +84,26 @@ def paired_speedup(base: Sequence[float], variant: Sequence[float]) -> float:
     if min(variant) <= 0:
         raise ValueError("paired_speedup: a variant's time must be positive")
     return statistics.median(b / v for b, v in zip(base, variant, strict=True))
+
+
+def median_interval(values: Sequence[float], level: float = 0.95, draws: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the median of ``values`` (e.g. per-round paired
+    ratios): resample them ``draws`` times, take each resample's median, return the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles. Seeded: the same values give
+    the same interval."""
+    if not values:
+        raise ValueError("median_interval needs at least one value")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level} must be in (0, 1)")
+    if draws < 1:
+        raise ValueError(f"draws={draws} must be >= 1")
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    tail = (1.0 - level) / 2.0
+    low = medians[math.floor(tail * (draws - 1))]
+    high = medians[math.ceil((1.0 - tail) * (draws - 1))]
+    return low, high
 
 
 def time_round_robin(
