@@ -171,6 +171,42 @@ def test_measured_speedup_times_the_model_it_calibrates(calib_images, monkeypatc
     assert saint.is_patched(model) and saint.adapters.handle_of(model).calibration is cal
 
 
+def test_band_distance_is_zero_inside_the_band_above_the_target():
+    from saint.calibration import band_distance
+
+    assert band_distance(2.0, 2.0) == band_distance(2.1, 2.0) == band_distance(2.05, 2.0) == 0.0
+    assert band_distance(1.9, 2.0) == pytest.approx(0.1)
+    assert band_distance(2.2, 2.0) == pytest.approx(0.1)  # above 2.0 * 1.05
+    assert band_distance(1.99, 2.0, tol=0.0) == pytest.approx(0.01)
+
+
+def test_measured_search_aims_into_the_band_at_or_above_the_target():
+    from saint.calibration import search_measured
+
+    def scripted(readings):
+        it = iter(readings)
+        return lambda s: (next(it), True)
+
+    # a model that runs at 0.9 of every FLOPs target: aim 2.05, then 2.05 * 2.05 / 1.845
+    best, tried = search_measured(2.0, lambda s: (0.9 * s, True))
+    assert [round(t[0], 4) for t in tried] == [2.05, round(2.05 * 2.05 / 1.845, 4)] and best == 1
+    assert tried[1][1] == pytest.approx(2.05)
+    # 3% short of the target is not the end of the search (it was within 5% either side before)
+    best, tried = search_measured(2.0, scripted([1.94, 2.03]))
+    assert len(tried) == 2 and best == 1
+    # never in the band: the closest to it after five targets, the first on ties
+    best, tried = search_measured(2.0, scripted([1.9, 1.95, 2.2, 1.97, 2.3]))
+    assert len(tried) == 5 and best == 3
+    best, _ = search_measured(2.0, scripted([1.9, 2.2, 1.8, 1.8, 1.8]))
+    assert best == 0
+    # a FLOPs target out of reach that still runs too slow ends it
+    best, tried = search_measured(3.0, lambda s: (2.0, False))
+    assert len(tried) == 1 and best == 0
+    # too fast: the next target asks for fewer FLOPs saved
+    _, tried = search_measured(2.0, scripted([2.5, 2.06]))
+    assert tried[1][0] < tried[0][0] and len(tried) == 2
+
+
 def test_time_calibration_times_both_and_leaves_the_model_as_it_was(calib_images):
     """The unpatched model and the calibrated settings, ``repeats`` rounds each; the model
     comes back unpatched and in the mode it was in."""

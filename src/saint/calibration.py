@@ -363,9 +363,41 @@ def calibrate(
     return result
 
 
-MEASURED_TOL = 0.05  # relative distance to a measured speed-up target that ends the search
+MEASURED_TOL = 0.05  # width of the band above a measured speed-up target the search aims into
 MEASURED_STEPS = 5  # FLOPs targets tried at most
 MEASURED_REPEATS = 5  # timed rounds per FLOPs target (after one warm-up round)
+
+
+def band_distance(measured: float, value: float, tol: float = MEASURED_TOL) -> float:
+    """How far a measured speed-up is from the band ``[value, value * (1 + tol)]`` (0 inside
+    it): the search's yardstick, so that a calibration lands at or just above its target."""
+    if measured < value:
+        return value - measured
+    return max(0.0, measured - value * (1.0 + tol))
+
+
+def search_measured(value: float, attempt: Callable[[float], tuple[float, bool]],
+                    steps: int = MEASURED_STEPS, tol: float = MEASURED_TOL) -> tuple[int, list[tuple[float, float, bool]]]:
+    """Find the FLOPs target whose measured speed-up lands in ``[value, value * (1 + tol)]``.
+
+    ``attempt(s)`` calibrates the real-token FLOPs target ``s`` and times it: ``(measured
+    speed-up, whether s was reached)``. Each next target moves ``s`` by the ratio still
+    missing to the band's middle (``s <- s * value * (1 + tol / 2) / measured``); the search
+    stops in the band, when a target below the goal was out of reach, or after ``steps``
+    targets. Returns the index of the attempt closest to the band (the first on ties) and
+    every attempt as ``(s, measured, reached)``. Aiming into the band rather than within
+    ``tol`` either side keeps the search's own error from adding to a slow landing."""
+    aim = value * (1.0 + tol / 2.0)
+    tried: list[tuple[float, float, bool]] = []
+    s = aim
+    for _ in range(steps):
+        measured, reached = attempt(s)
+        tried.append((s, measured, reached))
+        if band_distance(measured, value, tol) == 0.0 or (not reached and measured < value):
+            break
+        s = max(1.0, s * aim / measured)
+    best = min(range(len(tried)), key=lambda i: (band_distance(tried[i][1], value, tol), i))
+    return best, tried
 
 
 def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops_kwargs: dict[str, Any],
@@ -374,34 +406,33 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
     """Calibrate to a measured speed-up: calibrate real-token FLOPs targets, time each
     result against the unpatched model on a ``batch_size`` batch of ``images`` (repeated
     cyclically when there are fewer; ``repeats`` round-robin rounds, the median of each
-    round's unpatched / patched time, see :func:`saint.timing.paired_speedup`), and
-    move the FLOPs target by the ratio still missing (``s <- s * value / measured``)
-    until the measured speed-up is within 5% of ``value`` (at most 5 FLOPs targets)."""
+    round's unpatched / patched time, see :func:`saint.timing.paired_speedup`), and move
+    the FLOPs target until the measured speed-up lands in ``[value, 1.05 * value]`` (see
+    :func:`search_measured`; at most 5 FLOPs targets). It warns when the closest step is
+    more than 5% from ``value``."""
     if not isinstance(images, torch.Tensor):
         raise TypeError("measured_speedup times a batch of images; give an [N, 3, H, W] tensor "
                         "(for VLMs calibrate flops_speedup and time with saint bench)")
     device = next(model.parameters()).device
     batch = images[torch.arange(batch_size) % images.shape[0]].to(device)
-    steps: list[dict[str, Any]] = []
-    best: tuple[float, Calibration] | None = None
-    s = value
-    for _ in range(MEASURED_STEPS):
+    calibrations: list[Calibration] = []
+
+    def attempt(s: float) -> tuple[float, bool]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
             cal = calibrate(model, images, flops_speedup=s, apply=False, **flops_kwargs)
-        measured = _time_speedup(model, batch, cal, repeats, clock)
-        steps.append({"flops_speedup": cal.achieved, "measured_speedup": measured, "reached": cal.reached})
-        if best is None or abs(measured - value) < abs(best[0] - value):
-            best = (measured, cal)
-        if abs(measured - value) <= MEASURED_TOL * value or (not cal.reached and measured < value):
-            break
-        s = max(1.0, s * value / measured)
-    assert best is not None
-    measured, cal = best
+        calibrations.append(cal)
+        return _time_speedup(model, batch, cal, repeats, clock), cal.reached
+
+    best, tried = search_measured(value, attempt)
+    steps = [{"flops_speedup": c.achieved, "measured_speedup": m, "reached": r}
+             for c, (_, m, r) in zip(calibrations, tried, strict=True)]
+    measured, cal = tried[best][1], calibrations[best]
     result = dataclasses.replace(
         cal, target="measured_speedup", value=float(value), achieved=float(measured),
         reached=abs(measured - value) <= MEASURED_TOL * value,
         measured={"batch_size": batch_size, "device": str(device), "repeats": repeats, "tolerance": MEASURED_TOL,
+                  "band": [float(value), float(value) * (1.0 + MEASURED_TOL)],
                   "statistic": "median of per-round unpatched / patched time",
                   "clock": "process CPU time" if clock is time.process_time else "wall time",
                   # the allocator variables it timed under: on a CPU they move the speed-up (docs/calibration.md)
