@@ -413,3 +413,17 @@ def test_write_json_and_markdown_writes_both_beside_each_other(tmp_path) -> None
     assert paths == [tmp_path / "sub" / "run_b32_518.json", tmp_path / "sub" / "run_b32_518.md"]
     assert json.loads(paths[0].read_text())["rows"] == [1, 2]
     assert paths[1].read_text() == "# title\n"
+
+
+def test_calibrated_variants_with_their_own_target_need_no_speedup_grid() -> None:
+    from saint.bench.sweep import _calibrate_variants
+
+    h = Harness(tiny_vit())
+    calib_x = torch.randn(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    own = Variant("saint_match", "saint_match", {"at": 1.2})
+    out = _calibrate_variants(h, [own], [], calib_x, timing_batch=4)
+    assert [(row[0], row[1], row[4]) for row in out] == [(own, 1.2, "flops")]
+    with pytest.raises(ValueError, match="need a speed-up grid"):
+        _calibrate_variants(h, [own, Variant("saint_match", "saint_match", {})], [], calib_x, timing_batch=4)
+    with pytest.raises(ValueError, match="need calibration images"):
+        _calibrate_variants(h, [own], [1.5], None, timing_batch=4)
