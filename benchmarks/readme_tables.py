@@ -315,6 +315,22 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("`saint_match` guard 0.1, keep_norm, 2x (measured)",
          "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
     ]),
+    "dinov2_224_band": ("dinov2_s14_224_cpu_band.json",
+                        "224px, 2 threads, the same with glibc as it comes", [
+        ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
+        ("`saint_match` guard 0.1, keep_norm, 1.5x (measured)",
+         "saint_match:guard=0.1,keep_norm=True,target=measured,at=1.5@1.5x"),
+        ("`saint_match` guard 0.1, keep_norm, 2x (measured)",
+         "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
+    ]),
+    "dinov2_518_band_nommap": ("dinov2_s14_518_cpu_band_nommap.json",
+                               "518px, 2 threads, measured calibrations aiming at or above the target, mmap off", [
+        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, 2x (measured)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,target=measured,at=2@2x"),
+        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
+         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
+    ]),
     "dinov2_518_epyc": ("dinov2_s14_518_cpu_epyc.json", "518px, 2 threads, the 3x settings on an AMD EPYC",
                         KEYS_FIRST_518),
     "dinov2_518_targets": ("dinov2_s14_518_cpu_targets.json", "518px, 2 threads, at the targets' 1.5x and 2x", [
@@ -391,7 +407,8 @@ WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_n
               "dinov2_518_epyc_3x", "dinov2_518_epyc_3x_repeat", "dinov2_518_epyc_3x_third",
               "dinov2_224_targets_epyc_repeat", "dinov2_224_targets_epyc_third", "dinov2_224_targets_nommap",
               "dinov2_518_epyc_3x_nommap", "dinov2_518_epyc_attn_nommap", "dinov2_518_epyc_attn_nommap2",
-              "dinov2_224_band_nommap"}
+              "dinov2_224_band_nommap", "dinov2_518_band_nommap",
+              "dinov2_224_band"}
 
 
 def fidelity_table(name: str) -> str:
