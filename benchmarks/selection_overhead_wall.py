@@ -31,6 +31,7 @@ import copy
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,10 @@ def copy_of(model: torch.nn.Module, spec: str) -> torch.nn.Module:
     return twin
 
 
-def caller(model: torch.nn.Module, x: torch.Tensor):
-    def setup():
-        def call():
+def caller(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Callable[[], None]]:
+    """A timing setup for :func:`saint.timing.time_paired`: the inference call of ``model`` on ``x``."""
+    def setup() -> Callable[[], None]:
+        def call() -> None:
             with torch.inference_mode():
                 model(x)
         return call
@@ -107,6 +109,8 @@ def caller(model: torch.nn.Module, x: torch.Tensor):
 
 
 def summary(spec: str, base: list[float], times: list[float], max_diff: float) -> dict[str, Any]:
+    """One variant's row: the median of its per-round ``times / base`` less 1, with the
+    bootstrap 95% interval of that median, the median times and the raw rounds."""
     ratios = [t / b for b, t in zip(base, times, strict=True)]
     low, high = median_interval(ratios)
     return {"variant": spec, "overhead": statistics.median(ratios) - 1.0, "interval": [low - 1.0, high - 1.0],

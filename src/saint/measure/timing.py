@@ -4,6 +4,7 @@ a measured-speed calibration target can use it)."""
 from ..timing import (
            PAIRINGS,
            Timing,
+           median_interval,
            paired_speedup,
            synchronize,
            time_paired,
@@ -12,5 +13,5 @@ from ..timing import (
            timed_rounds,
 )
 
-__all__ = ["PAIRINGS", "Timing", "paired_speedup", "synchronize", "time_paired", "time_round_robin",
+__all__ = ["PAIRINGS", "Timing", "median_interval", "paired_speedup", "synchronize", "time_paired", "time_round_robin",
            "time_stages_round_robin", "timed_rounds"]
