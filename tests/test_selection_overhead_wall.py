@@ -15,7 +15,7 @@ def test_the_default_kinds_of_copy_prune_nothing_and_leave_the_output_as_is(spec
     ow = benchmark_script("selection_overhead_wall")
     model = make_tiny("vit").eval()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert ow.prunes_nothing(model, ow.copy_of(model, spec), x) == 0.0
+    assert ow.prunes_nothing(model(x), ow.copy_of(model, spec), x) == 0.0
 
 
 def test_a_copy_that_prunes_is_refused() -> None:
@@ -23,7 +23,7 @@ def test_a_copy_that_prunes_is_refused() -> None:
     model = make_tiny("vit").eval()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match="pruned tokens"):
-        ow.prunes_nothing(model, ow.copy_of(model, "tome:r=2"), x)
+        ow.prunes_nothing(model(x), ow.copy_of(model, "tome:r=2"), x)
 
 
 def test_summary_is_the_median_of_the_paired_ratios() -> None:

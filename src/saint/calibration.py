@@ -384,9 +384,10 @@ def search_measured(value: float, attempt: Callable[[float], tuple[float, bool]]
     speed-up, whether s was reached)``. Each next target moves ``s`` by the ratio still
     missing to the band's middle (``s <- s * value * (1 + tol / 2) / measured``); the search
     stops in the band, when a FLOPs target was out of reach and its speed-up still short of
-    ``value`` (pruning cannot go further), or after ``steps`` targets. Returns the index of the attempt closest to the band (the first on ties) and
-    every attempt as ``(s, measured, reached)``. Aiming into the band rather than within
-    ``tol`` either side keeps the search's own error from adding to a slow landing."""
+    ``value`` (pruning cannot go further), or after ``steps`` targets. Returns the index of
+    the attempt closest to the band (the first on ties) and every attempt as ``(s,
+    measured, reached)``. Aiming into the band rather than within ``tol`` either side
+    keeps the search's own error from adding to a slow landing."""
     aim = value * (1.0 + tol / 2.0)
     tried: list[tuple[float, float, bool]] = []
     s = aim
