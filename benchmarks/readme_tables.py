@@ -89,6 +89,13 @@ def before_attention_518_row(at: str) -> tuple[str, str]:
 DEFAULT_PLACEMENT_3X_518 = ("`saint_match` decreasing, guard 0.1, keep_norm, 3x (FLOPs)",
                             "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,at=3@3x")
 
+# the 224px runs of the measured calibrations that aim at or above their target
+BAND_224 = [
+    ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
+    ("`saint_match` guard 0.1, keep_norm, 1.5x (measured)", "saint_match:guard=0.1,keep_norm=True,target=measured,at=1.5@1.5x"),
+    ("`saint_match` guard 0.1, keep_norm, 2x (measured)", "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
+]
+
 FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
         ("ToMe r=13", "tome:r=13"),
@@ -308,21 +315,10 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224_targets_nommap": ("dinov2_s14_224_cpu_targets_nommap.json",
                                   "224px, 2 threads, the same on the EPYC with glibc's mmap off", TARGETS_224),
     "dinov2_224_band_nommap": ("dinov2_s14_224_cpu_band_nommap.json",
-                               "224px, 2 threads, measured calibrations aiming at or above the target, mmap off", [
-        ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
-        ("`saint_match` guard 0.1, keep_norm, 1.5x (measured)",
-         "saint_match:guard=0.1,keep_norm=True,target=measured,at=1.5@1.5x"),
-        ("`saint_match` guard 0.1, keep_norm, 2x (measured)",
-         "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
-    ]),
+                               "224px, 2 threads, measured calibrations aiming at or above the target, mmap off",
+                               BAND_224),
     "dinov2_224_band": ("dinov2_s14_224_cpu_band.json",
-                        "224px, 2 threads, the same with glibc as it comes", [
-        ("ToMe r=19, keep_norm", "tome:r=19,keep_norm=true"),
-        ("`saint_match` guard 0.1, keep_norm, 1.5x (measured)",
-         "saint_match:guard=0.1,keep_norm=True,target=measured,at=1.5@1.5x"),
-        ("`saint_match` guard 0.1, keep_norm, 2x (measured)",
-         "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
-    ]),
+                        "224px, 2 threads, the same with glibc as it comes", BAND_224),
     "dinov2_518_band_nommap": ("dinov2_s14_518_cpu_band_nommap.json",
                                "518px, 2 threads, measured calibrations aiming at or above the target, mmap off", [
         ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
