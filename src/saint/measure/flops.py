@@ -30,6 +30,18 @@ def _custom_mapping() -> dict[Any, Callable[..., int]]:
     return mapping
 
 
+_REGISTRY = {**flop_counter.flop_registry,
+             **{k: flop_counter.shape_wrapper(v) for k, v in _custom_mapping().items()}}
+
+
+def op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+    """FLOPs of one dispatched aten op (``func`` an ``OpOverload``) as :func:`count_flops`
+    counts them: torch's formula for the op, or this module's for the CPU attention
+    kernel; 0 for an op without one (element-wise work, gathers, views)."""
+    formula = _REGISTRY.get(func.overloadpacket)
+    return 0 if formula is None else int(formula(*args, **kwargs, out_val=out))
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """Run ``fn()`` once under the counter (no grad); return total FLOPs and FLOPs per op."""
     with flop_counter.FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
