@@ -61,6 +61,28 @@ def test_bench_tiny_json(images, tmp_path, capsys) -> None:
     assert report["results"][2]["tokens_per_block"] == [17, 15, 13, 11]
 
 
+def test_bench_by_op_splits_one_forward_by_category(images, tmp_path, capsys) -> None:
+    out = tmp_path / "b.json"
+    assert main(["bench", *TINY, *COMMON, "--images", images, "--method", "tome:r=2", "--batch-size", "2",
+                 "--warmup", "0", "--repeats", "1", "--no-memory", "--by-op", "--json", str(out)]) == 0
+    assert "op time of one forward by category" in capsys.readouterr().out
+    unpruned, tome = (r["op_time"] for r in json.loads(out.read_text())["results"])
+    assert unpruned["selection"]["ops"] == unpruned["packing and merging"]["ops"] == 0
+    assert tome["selection"]["ops"] > 0 and unpruned["products"]["gflops"] > tome["products"]["gflops"] > 0
+    assert sum(c["share"] for c in tome.values()) == pytest.approx(1.0)
+
+
+def test_bench_by_op_refuses_an_accelerator() -> None:
+    from saint.measure.harness import Harness
+
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    harness = Harness(build_model(p.parse_args(TINY))[0])
+    harness.device = torch.device("meta")  # as if on an accelerator: refused before anything runs
+    with pytest.raises(ValueError, match="CPU only"):
+        harness.measure([], torch.zeros(1, 2), by_op=True)
+
+
 def test_bench_clock_process_times_with_the_process_clock(images, tmp_path, monkeypatch) -> None:
     """``--clock process`` reads time.process_time: a fake one advancing 1 s per read
     makes every timed call last exactly 1000 ms."""

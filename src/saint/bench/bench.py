@@ -10,6 +10,7 @@ import torch
 
 from ..measure.harness import Harness, Measurement
 from ..measure.memory import peak_memory_method
+from ..measure.op_time import CATEGORIES, OpTimes
 from ..measure.report import fmt, fmt_gflops, text_table
 from ..measure.timing import paired_speedup
 from ..spec import Variant, with_baseline
@@ -29,6 +30,8 @@ def rows_from_measurements(measurements: Sequence[Measurement]) -> list[dict[str
         row["mean_tokens"] = sum(m.tokens) / len(m.tokens) if m.tokens else None
         row["peak_memory_mb"] = m.peak_memory_mb
         row["layout"] = m.layout
+        if m.op_time is not None:
+            row["op_time"] = op_time_row(m.op_time)
         if m.timing is not None and base.timing is not None:
             row.update(m.timing.as_dict())
             if m.baseline_timing is not None:  # paired: against the baseline's own rounds beside it
@@ -43,6 +46,13 @@ def rows_from_measurements(measurements: Sequence[Measurement]) -> list[dict[str
     return rows
 
 
+def op_time_row(t: OpTimes) -> dict[str, dict[str, float]]:
+    """One forward's op time by category, JSON-ready: ms, share of the op time, ops, GFLOP."""
+    total = t.total_seconds or 1.0
+    return {c: {"ms": 1e3 * t.seconds[c], "share": t.seconds[c] / total, "ops": t.calls[c],
+                "gflops": t.flops[c] / 1e9} for c in CATEGORIES}
+
+
 def run_bench(
     harness: Harness,
     variants: Sequence[Variant],
@@ -54,13 +64,15 @@ def run_bench(
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], float] | None = None,
     pairing: str = "round_robin",
+    by_op: bool = False,
 ) -> dict[str, Any]:
     """Measure the unpruned model and ``variants`` on batch ``x``; returns
-    ``{"settings": ..., "results": [row, ...]}`` (rows as :func:`rows_from_measurements`)."""
+    ``{"settings": ..., "results": [row, ...]}`` (rows as :func:`rows_from_measurements`;
+    ``by_op``: with one forward's op time by category, on a CPU)."""
     variants = with_baseline(variants)
     timer = {} if clock is None else {"clock": clock}
     ms = harness.measure(variants, x, warmup=warmup, repeats=repeats, memory=memory, progress=progress,
-                         pairing=pairing, **timer)
+                         pairing=pairing, by_op=by_op, **timer)
     return {
         "settings": {
             "batch_size": int(x.shape[0]),
@@ -77,6 +89,9 @@ def run_bench(
                        "images/s and speedup from the median, *_best from the minimum"),
             "flops": "torch.utils.flop_counter (FLOPs = 2 x multiply-adds: matmul, conv, attention)",
             "peak_memory": peak_memory_method(harness.device) if memory else None,
+            "op_time": ("one forward per variant after its FLOPs and memory passes, every op timed by the wall "
+                        "clock and put in a category by the code that called it (saint.measure.op_time)"
+                        if by_op else None),
         },
         "results": rows_from_measurements(ms),
     }
@@ -116,4 +131,10 @@ def format_bench(report: dict[str, Any]) -> str:
     s = report["settings"]
     head = (f"batch {s['batch_size']} x {'x'.join(map(str, s['input_shape']))}, {s['dtype']} on {s['device']}, "
             f"{s['warmup']} warm-up + {s['repeats']} timed rounds (round-robin)")
-    return head + "\n" + text_table(headers, rows)
+    text = head + "\n" + text_table(headers, rows)
+    if any("op_time" in r for r in report["results"]):
+        text += "\n\nop time of one forward by category, ms (share):\n" + text_table(
+            ["variant", *CATEGORIES],
+            [[r["label"], *(f"{r['op_time'][c]['ms']:.1f} ({100 * r['op_time'][c]['share']:.0f}%)" for c in CATEGORIES)]
+             for r in report["results"] if "op_time" in r])
+    return text

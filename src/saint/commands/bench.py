@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_timing_options(p, warmup=2, repeats=10)
     add_image_options(p, what="photos for the timing batch (the first --batch-size, cycled)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--by-op", action="store_true",
+                   help="also time one forward of each variant op by op (CPU only): the model's products, the "
+                        "attention, the selection, the packing and merging, and the model's other ops")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=user_errors("bench", run))
 
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                                                                        timed_rounds(args.pairing, len(variants) + 1,
                                                                                     args.warmup, args.repeats))
     report = run_bench(harness, variants, x, warmup=args.warmup, repeats=args.repeats,
-                       memory=not args.no_memory, progress=bar, clock=clock_of(args), pairing=args.pairing)
+                       memory=not args.no_memory, progress=bar, clock=clock_of(args), pairing=args.pairing,
+                       by_op=args.by_op)
     report = {"environment": env, "model": desc, "images": images.description, **report}
     print(format_bench(report))
     if args.json:

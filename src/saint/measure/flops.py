@@ -34,6 +34,11 @@ _REGISTRY = {**flop_counter.flop_registry,
              **{k: flop_counter.shape_wrapper(v) for k, v in _custom_mapping().items()}}
 
 
+def has_flop_formula(func: Any) -> bool:
+    """Whether :func:`op_flops` has a formula for the aten op ``func``."""
+    return func.overloadpacket in _REGISTRY
+
+
 def op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
     """FLOPs of one dispatched aten op (``func`` an ``OpOverload``) as :func:`count_flops`
     counts them: torch's formula for the op, or this module's for the CPU attention

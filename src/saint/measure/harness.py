@@ -23,6 +23,7 @@ from ..spec import Variant
 from .flops import count_flops
 from .images import iter_batches
 from .memory import peak_memory_mb
+from .op_time import OpTimes, op_times
 from .timing import PAIRINGS, Timing, time_paired, time_round_robin
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,6 +76,7 @@ class Measurement:
     peak_memory_mb: float | None
     layout: str | None = None  # how a ragged batch ran: "packed", "padded" or "rectangular"
     baseline_timing: Timing | None = None  # paired timing: the baseline's rounds beside this variant's
+    op_time: OpTimes | None = None  # one forward's op time by category (CPU, on request)
 
 
 class Harness:
@@ -217,14 +219,18 @@ class Harness:
         progress: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         pairing: str = "round_robin",
+        by_op: bool = False,
     ) -> list[Measurement]:
         """FLOPs, tokens and peak memory of each variant on batch ``x``, then timing:
         all variants in one round robin, or with ``pairing="paired"`` each after the
         first (the baseline) in a round robin of its own with it (see
         :data:`saint.timing.PAIRINGS`; ``repeats=0`` skips timing; ``clock``: see
-        :func:`saint.timing.time_round_robin`)."""
+        :func:`saint.timing.time_round_robin`). ``by_op`` (CPU only) also times one
+        forward op by op, by category (:mod:`saint.measure.op_time`)."""
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing={pairing!r} is not one of {PAIRINGS}")
+        if by_op and self.device.type != "cpu":
+            raise ValueError(f"op-by-op timing runs on a CPU only (an accelerator queues its ops); device is {self.device}")
         x = self.prepare(x)
         b = self.adapter.batch_size(x)
         results = []
@@ -234,8 +240,9 @@ class Harness:
                 flops, tokens = self._flops_and_tokens(x)
                 layout = getattr(api.stats(self.model), "layout", None) if api.is_patched(self.model) else None
                 mem = peak_memory_mb(lambda: self.forward(x), self.device) if memory else None
+                ops = op_times(lambda: self.forward(x)) if by_op else None
             mean = [sum(t) / len(t) for t in tokens]
-            results.append(Measurement(v, None, flops / b, mean, mem, layout))
+            results.append(Measurement(v, None, flops / b, mean, mem, layout, op_time=ops))
         if repeats > 0:
             def setup(v: Variant) -> Callable[[], Callable[[], object]]:
                 def prepare() -> Callable[[], object]:

@@ -32,28 +32,41 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .flops import op_flops
+from .flops import has_flop_formula, op_flops
 
 CATEGORIES = ("products", "attention", "selection", "packing and merging", "other model ops")
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])  # .../saint
-_SELECTION_FILES = frozenset({"methods.py", "calibration.py"})
 _SELECTION_FUNCTIONS = frozenset({"_context", "_captured_context"})
 _ATTENTION_FUNCTIONS = frozenset({"attention_of", "packed_attention_of", "packed_attention"})
-_PACKING_FILES = frozenset({"common.py", "base.py", "packing.py", "gather.py"})
+_PACKING_FILES = frozenset({"packing.py", "gather.py"})
+_PACKING_QUALNAMES = ("TokenState.", "Runs.", "TokenStateHandle.enter_site", "TokenStateHandle.leave_site")
+
+
+def _is_packing(file: str, qualname: str) -> bool:
+    """saint's token-state bookkeeping: its stream helpers, the token state and the
+    handle's block entry and exit (Python 3.10 has no qualified names: there every
+    function of the token state's module but a wrapper's ``__call__`` counts)."""
+    if file in _PACKING_FILES or qualname.startswith(_PACKING_QUALNAMES):
+        return True
+    if "." in qualname:
+        return False
+    return qualname in ("enter_site", "leave_site") or (file == "common.py" and qualname != "__call__")
 
 
 def caller_category(frames: list[tuple[str, str]]) -> str | None:
     """The category that saint's calling code gives an op, from the saint frames on the
-    stack ``[(file name, function)]``, outermost first: the first marked frame decides
-    (the method's selection, saint's attention, the token state's packing), None when no
-    frame is marked (the model's own work)."""
-    for file, function in frames:
-        if file in _SELECTION_FILES or function in _SELECTION_FUNCTIONS:
-            return "selection"
-        if function in _ATTENTION_FUNCTIONS:
+    stack ``[(file name, qualified function name)]``, outermost first: the first marked
+    frame decides (the method's selection, saint's attention, the token state's packing),
+    None when no frame is marked (the model's own work, also when saint's measuring or
+    adapter code called the model)."""
+    for file, qualname in frames:
+        name = qualname.rpartition(".")[2]
+        if name in _ATTENTION_FUNCTIONS:
             return "attention"
-        if file in _PACKING_FILES:
+        if file == "methods.py" or name in _SELECTION_FUNCTIONS:
+            return "selection"
+        if _is_packing(file, qualname):
             return "packing and merging"
     return None
 
@@ -72,12 +85,13 @@ def op_category(op: str, flops: int, frames: list[tuple[str, str]]) -> str:
 
 
 def _saint_frames(frame: FrameType | None) -> list[tuple[str, str]]:
-    """The frames of saint's own code on the stack above ``frame``, outermost first."""
+    """The frames of saint's own code on the stack above ``frame``, outermost first, as
+    ``(file name, qualified function name)``."""
     out = []
     while frame is not None:
-        path = frame.f_code.co_filename
-        if path.startswith(_PACKAGE):
-            out.append((Path(path).name, frame.f_code.co_name))
+        code = frame.f_code
+        if code.co_filename.startswith(_PACKAGE):
+            out.append((Path(code.co_filename).name, getattr(code, "co_qualname", code.co_name)))
         frame = frame.f_back
     return out[::-1]
 
@@ -111,6 +125,13 @@ class _Timing(TorchDispatchMode):
         for a in args:
             if isinstance(a, torch.Tensor) and a.device.type != "cpu":
                 raise ValueError(f"op timing runs on a CPU only (an op's wall time is its cost there); got {a.device}")
+        if not has_flop_formula(func) and func is not torch.ops.prim.device.default:
+            # a composite op (e.g. linear in inference mode) is timed as the ops it runs, as
+            # torch's FLOP counter counts it: those have formulas
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         start = time.perf_counter()
         out = func(*args, **kwargs)
         seconds = time.perf_counter() - start
@@ -134,8 +155,7 @@ def timing_ops() -> Iterator[OpTimes]:
 
 
 def op_times(fn: Callable[[], Any]) -> OpTimes:
-    """Run ``fn()`` once (no grad, so that composite ops reach their kernels as
-    :func:`saint.measure.flops.count_flops` sees them) and time its ops by category."""
+    """Run ``fn()`` once (no grad) and time its ops by category."""
     with torch.no_grad(), timing_ops() as times:
         fn()
     return times
