@@ -44,7 +44,12 @@ from saint import assets
 from saint.adapters import handle_of
 from saint.commands.options import output_tag
 from saint.measure.harness import timing_batch
-from saint.measure.report import environment, markdown_table, write_json_and_markdown
+from saint.measure.report import (
+    environment,
+    markdown_table,
+    provenance_lines,
+    write_json_and_markdown,
+)
 from saint.spec import parse_method_spec
 from saint.timing import median_interval, time_paired
 
@@ -132,10 +137,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"{r['max_abs_output_difference']:.1e}"] for r in report["variants"]]
     return "\n".join([
         f"# Selection overhead by the wall clock: {report['model']}, batch {s['batch_size']}", "",
-        f"- date: {env['date']}; device: {env['device']}; allocator: {env['allocator']}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
-        f"- git: {env['git']}",
-        f"- command: `{env['command']}`",
+        *provenance_lines(env),
         f"- each variant timed paired with the unpatched model: {s['warmup']} untimed + {s['repeats']} timed "
         f"rounds; overhead = median over rounds of patched / unpatched - 1, with a bootstrap 95% interval "
         f"of that median; {report['wall_seconds']} s in all", "",

@@ -39,7 +39,12 @@ from saint.commands.options import holdout_every, output_tag
 from saint.measure.harness import timing_batch
 from saint.measure.images import holdout_split, shared_photos_or_say_why
 from saint.measure.op_time import CATEGORIES, op_times
-from saint.measure.report import environment, markdown_table, write_json_and_markdown
+from saint.measure.report import (
+    environment,
+    markdown_table,
+    provenance_lines,
+    write_json_and_markdown,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNPRUNED = "unpruned"
@@ -108,10 +113,7 @@ def markdown(report: dict[str, Any]) -> str:
     base = report["variants"][0]
     lines = [
         f"# Where the time goes, op by op: {report['model']}, batch {s['batch_size']}", "",
-        f"- date: {env['date']}; device: {env['device']}; allocator: {env['allocator']}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
-        f"- git: {env['git']}",
-        f"- command: `{env['command']}`",
+        *provenance_lines(env),
         f"- {s['photos']}; {s['rounds']} rounds, each variant once by the wall clock and once op by op; "
         f"medians; {report['wall_seconds']} s in all", "",
         markdown_table(["variant", "wall s", "speed-up", "FLOPs ratio", "op time s", "op-time speed-up"],

@@ -170,6 +170,17 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
     return out
 
 
+def provenance_lines(env: dict[str, Any]) -> list[str]:
+    """A result file's markdown lines saying where it ran, from :func:`environment`: date,
+    device and allocator, versions, git state, the exact command."""
+    return [
+        f"- date: {env['date']}; device: {env['device']}; allocator: {env['allocator']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
+        f"- git: {env['git']}",
+        f"- command: `{env['command']}`",
+    ]
+
+
 def write_json_and_markdown(report: dict[str, Any], prefix: str | Path, markdown: str) -> list[Path]:
     """A benchmark's usual outputs: ``prefix.json`` (the report) and ``prefix.md`` (its
     ``markdown`` text). Returns the paths written."""
