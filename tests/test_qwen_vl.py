@@ -116,6 +116,25 @@ def test_batch_equals_alone_and_cached_equals_uncached(family, name):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["vit", "random", "pool"])
+def test_no_mask_and_no_cache_is_not_read_as_packed_sequences(family, name):
+    """Without an attention mask or a cache, transformers reads gaps in the text
+    positions as packed sequences and masks across them; the kept visual tokens keep
+    their full-grid positions (gaps), so the shortened prompt must carry its own mask:
+    the forward equals the cached one, and an unpadded batch's uncached greedy decoding
+    (generate drops an all-ones mask) equals the cached one."""
+    model = make(family)
+    saint.patch(model, **CONFIGS[name])
+    x = inputs([ROWS[0], ROWS[0]], seeds=[0, 5], family=family)
+    bare = {k: v for k, v in x.items() if k != "attention_mask"}
+    with torch.no_grad():
+        cached = model(**bare, use_cache=True).logits[:, -1]
+        uncached = model(**bare, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(uncached, cached, rtol=1e-5, atol=1e-6)
+    assert torch.equal(gen(model, x, use_cache=False), gen(model, x))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", ["hybrid", "random"])
 def test_sampling_and_beams_cached_equals_uncached(family, name):
     """Seeded sampling and beam search (the cache reorder carries the per-row maps;

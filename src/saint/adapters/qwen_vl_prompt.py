@@ -109,7 +109,10 @@ def _full_positions(module: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Te
 
 def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward) -> dict[str, Any]:
     """Drop the visual tokens of removed groups from input_ids, token types, the 2-D
-    attention mask and the (full-grid) position ids, right-aligning the rows."""
+    attention mask and the (full-grid) position ids, right-aligning the rows. The
+    shortened prompt always carries a 2-D mask: its positions have gaps where groups
+    went, which transformers reads as packed sequences when a call has neither a mask
+    nor a cache (``use_cache=False``)."""
     input_ids = kwargs["input_ids"]
     src, valid, mask = shrink_rows(kwargs, keep0, fwd)
 
@@ -121,8 +124,7 @@ def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward) ->
     out = dict(kwargs, input_ids=take(input_ids, 0), position_ids=take(kwargs["position_ids"], 0))
     if kwargs.get("mm_token_type_ids") is not None:
         out["mm_token_type_ids"] = take(kwargs["mm_token_type_ids"], 0)
-    if mask is not None:
-        out["attention_mask"] = mask
+    out["attention_mask"] = mask if mask is not None else valid.long()
     return out
 
 
