@@ -99,6 +99,7 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("layers empty", patch(layers=[]), ValueError, "layers is empty"),
     ("layers repeated", patch(layers=[1, 1]), ValueError, "repeated block indices"),
     ("layers out of range", patch(layers=[9]), ValueError, "out of range: the model has 4 blocks"),
+    ("layers negative", patch(layers=[-1, 2]), ValueError, "layer indices [-1] are negative: blocks are counted from 0"),
     ("budget needs layers", patch("budget", keep=4), ValueError, "needs explicit layers"),
     # --- other settings
     ("prop_attn a string", patch("tome", r=2, prop_attn="no"), TypeError, "prop_attn must be True or False"),

@@ -86,6 +86,24 @@ def test_parse_method_spec_and_round_trip() -> None:
         parse_method_spec("none:r=1")
     with pytest.raises(ValueError, match="more than once"):
         with_baseline([parse_method_spec("tome:r=2"), parse_method_spec("tome:r=2")])
+    # one block is written layers=3 (a list 0/1/2)
+    assert parse_method_spec("saint_plus:tau=0.9,layers=3").kwargs == {"tau": 0.9, "layers": [3]}
+
+
+@pytest.mark.parametrize("spec, err, match", [
+    ("tome:r=abc", TypeError, "r must be a number, got str"),
+    ("saint:tau=nan", ValueError, "tau=nan must be a finite number"),
+    ("saint:tau=0.9/0.8,layers=0/1/2", ValueError, "tau has 2 values but there are 3 layers"),
+    ("saint:tau=2#0.9/7#0.8,layers=2/5", ValueError, r"tau is given for blocks \[2, 7\] but layers are \[2, 5\]"),
+    ("tome:r=8,layers=-1/2", ValueError, "are negative"),
+    ("budget:keep=10", ValueError, "needs explicit layers"),
+])
+def test_a_spec_s_values_are_checked_before_a_model_loads(spec: str, err: type, match: str) -> None:
+    """Values are checked when the spec is parsed (on a model deep enough for the blocks it
+    names), not after the command has loaded a model and started timing."""
+    with pytest.raises(err, match=match):
+        parse_method_spec(spec)
+    assert parse_method_spec(spec, validate=False).method == spec.partition(":")[0]
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -96,7 +96,10 @@ class MethodConfig:
             raise ValueError("layers is empty: give at least one block index")
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers has repeated block indices: {layers}")
-        bad = [i for i in layers if not 0 <= i < depth]
+        negative = [i for i in layers if i < 0]
+        if negative:
+            raise ValueError(f"layer indices {negative} are negative: blocks are counted from 0 (the first block)")
+        bad = [i for i in layers if i >= depth]
         if bad:
             raise ValueError(f"layer indices {bad} out of range: the model has {depth} blocks (0..{depth - 1})")
         out: dict[int, dict[str, Any]] = {i: {} for i in sorted(layers)}

@@ -4,8 +4,9 @@ Examples: ``saint:tau=0.9,k=5``, ``tome:r=8``, ``random:r=16,layers=0/1/2``,
 ``saint:tau=0.95/0.95/0.9/0.9/0.85/0.85`` (a per-layer list), ``saint:tau=0#0.9/3#0.8``
 (a ``{block: value}`` dict). Values are parsed as ``int``, then ``float``, then
 ``true``/``false``/``none``, else kept as strings (``rate=batch``). ``/`` separates list
-items and ``#`` separates a block index from its value. ``none``/``unpruned`` alone is the
-unpatched model. The same syntax serves ``--model-args`` (``img_size=32,depth=4``).
+items and ``#`` separates a block index from its value; ``layers=3`` is the one block 3.
+``none``/``unpruned`` alone is the unpatched model. A spec's values are checked when it is
+parsed, before a command loads its model. The same syntax serves ``--model-args`` (``img_size=32,depth=4``).
 """
 
 from __future__ import annotations
@@ -114,10 +115,25 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
             raise ValueError(f"{name!r} (the unpruned model) takes no settings, got {rest!r}")
         return BASELINE
     kwargs = parse_kwargs(rest)
+    layers = kwargs.get("layers")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        kwargs["layers"] = [layers]  # layers=3: one block (a list is written 0/1/2)
     if validate:
         get_method(name)
-        make_config(name, **kwargs)
+        make_config(name, **kwargs)[1].resolve(_spec_depth(kwargs))
     return Variant(text.strip(), name, kwargs)
+
+
+def _spec_depth(kwargs: dict[str, Any]) -> int:
+    """A depth deep enough for every block a spec names (its ``layers`` and per-layer
+    lists), so its values are checked before a model loads; the model's own depth is
+    checked when it is patched."""
+    need = 1
+    for key, v in kwargs.items():
+        blocks = list(v) if isinstance(v, dict) else v if key == "layers" and isinstance(v, list) else []
+        need = max(need, len(v) if isinstance(v, list) else 0,
+                   *(i + 1 for i in blocks if isinstance(i, int) and not isinstance(i, bool)))
+    return need
 
 
 def parse_calibrated_spec(text: str) -> Variant:
