@@ -113,7 +113,6 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("unknown method", patch("magic"), ValueError, "unknown method 'magic'; known methods"),
     ("unknown setting", patch("tome", r=2, tau=0.5), TypeError, "does not take ['tau']"),
     # --- settings against the model
-    ("tome r too large", patch("tome", r=9), ValueError, "r=9 at block 0 is more than tome can remove"),
     ("budget keep too large", patch("budget", keep=99, layers=[0]), ValueError, "keep=99 at block 0 exceeds"),
     ("attn without class token", patch("attn", tiny(class_token=False, global_pool="avg"), r=2), ValueError,
      "needs a class token"),

@@ -78,9 +78,33 @@ def test_merge_keeping_norms_is_a_size_weighted_mean_of_norms(n, c, seed):
     assert torch.equal(kept[0, 1:-1], plain[0, 1:-1])  # rows that receive nothing: as the plain merge
 
 
-def test_tome_rejects_too_large_r():
-    with pytest.raises(ValueError, match="half the prunable"):
-        tome_plan(torch.randn(1, 9, 4), r=5, num_protected=1)
+def test_tome_r_is_at_most_half_the_prunable_tokens_as_in_the_reference():
+    """``min(r, (t - protected) // 2)``: 8 prunable tokens merge at most 4, and a larger r
+    gives the same plan; a negative r is refused."""
+    metric = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(0))
+    most = tome_plan(metric, r=4, num_protected=1)
+    for r in (5, 100):
+        plan = tome_plan(metric, r=r, num_protected=1)
+        assert torch.equal(plan.keep, most.keep) and torch.equal(plan.src, most.src) and plan.active is None
+    assert most.keep.sum(dim=1).tolist() == [5, 5]
+    with pytest.raises(ValueError, match="r=-1 must be >= 0"):
+        tome_plan(metric, r=-1)
+
+
+def test_tome_r_is_clamped_image_by_image_on_a_ragged_batch():
+    """With padding, each image merges ``min(r, its own half)``: what it merges alone."""
+    g = torch.Generator().manual_seed(1)
+    metric = torch.randn(2, 11, 4, generator=g)
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, 6:] = False  # image 1: 5 prunable tokens (class token first), at most 2 merge
+    plan = tome_plan(metric, r=4, num_protected=1, valid=valid)
+    assert plan.keep.sum(dim=1).tolist() == [11 - 4, 6 - 2]
+    assert plan.active is not None and plan.active.sum(dim=1).tolist() == [4, 2]
+    for b, n in ((0, 11), (1, 6)):
+        alone = tome_plan(metric[b:b + 1, :n], r=4, num_protected=1)
+        assert torch.equal(plan.keep[b, :n], alone.keep[0]) and not plan.keep[b, n:].any()
+        active = plan.active[b]
+        assert torch.equal(plan.src[b, active], alone.src[0]) and torch.equal(plan.dst[b, active], alone.dst[0])
 
 
 def test_attention_drop_known_answer():

@@ -302,7 +302,7 @@ def test_attn_on_siglip_is_refused():
     "kw,match",
     [
         (dict(method="saint", layers=[4]), r"out of range.*4 blocks"),
-        (dict(method="tome", r=9, layers=[0]), "at most 8"),
+        (dict(method="random", r=16, layers=[0]), "at most 15"),
         (dict(method="budget", keep=17, layers=[0]), "exceeds the 16"),
         (dict(method="budget", keep=4), "needs explicit layers"),
     ],

@@ -166,6 +166,7 @@ def reference_merge(x, size, metric, r, protected):
     sums); out come the unmerged A tokens (by position when a prefix is protected, else
     best edge first) and then all of B, the distillation token moved to second place."""
     out_x, out_s = [], []
+    r = min(r, (x.shape[1] - protected) // 2)  # the reference's clamp: at most half the tokens
     for xi, si, mi in zip(x, size, metric, strict=True):
         mi = mi / mi.norm(dim=-1, keepdim=True)
         ia, ib = list(range(0, len(xi), 2)), list(range(1, len(xi), 2))
@@ -227,6 +228,13 @@ def test_tome_reference_order_equals_the_reference_forward_on_a_tiny_vit(arch, o
         saint.patch(model, "tome", r=rs, order="reference", trace=True)
         got = model.forward_features(images)
     assert got.shape == (2, 16 + model.num_prefix_tokens - sum(rs), 32)
+    with torch.no_grad():  # r above half the tokens merges half, as the reference's clamp does
+        saint.patch(model, "tome", r=[8, 8, 8, 8], order="reference")
+        big = model.forward_features(images)
+        torch.testing.assert_close(big, reference_tome_features(model, images, [8] * 4), rtol=0, atol=1e-5)
+        assert big.shape[1] == model.num_prefix_tokens + 1  # 16 -> 8 -> 4 -> 2 -> 1 patches
+        saint.patch(model, "tome", r=rs, order="reference", trace=True)
+        got = model.forward_features(images)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # traced origins follow the tokens: each final token stands for as many originals as its size
     state = saint.adapters.handle_of(model).state

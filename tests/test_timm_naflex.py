@@ -97,6 +97,24 @@ def test_padded_batch_packed_equals_padded_equals_alone(pool, method, select_at)
     torch.testing.assert_close(outs["packed"], outs["padded"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_tome_r_above_an_image_s_half_merges_what_the_image_merges_alone(layout, select_at):
+    """ToMe's r is at most half of each image's tokens (the reference's clamp, image by
+    image): the 6-patch image merges 3, then 1, 1, 0 where the others merge 4 each."""
+    model = make("avg")
+    imgs = images()
+    saint.patch(model, "tome", r=4, layout=layout, select_at=select_at)
+    with torch.no_grad():
+        out = model(naflex(imgs, n=20))
+        stats = saint.stats(model)
+        solo = torch.cat([model(single(img)) for img in imgs])
+    prefix = model.num_prefix_tokens
+    assert stats.tokens == [[prefix + n - m for n, m in zip((16, 15, 6), merged, strict=True)]
+                            for merged in ([0, 0, 0], [4, 4, 3], [8, 8, 4], [12, 11, 5])]
+    torch.testing.assert_close(out, solo, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("accelerator", [False, True])
 @pytest.mark.parametrize("pool, method, kwargs", [
     ("avg", "saint_plus", METHODS["saint_plus"]),

@@ -259,7 +259,8 @@ def _check_r(value: Any) -> int:
 class ToMeConfig(MethodConfig):
     """ToMe bipartite merging of ``r`` tokens per layer, size-weighted, with
     proportional attention (``prop_attn``). Matching and merge are the reference's
-    (facebookresearch/ToMe). ``order`` picks the survivors' layout:
+    (facebookresearch/ToMe), its clamp too: a layer merges at most half its prunable
+    tokens (each image's own half on a ragged batch). ``order`` picks the survivors' layout:
 
     - ``"keep"`` (default, ours): survivors keep their original order and the even/odd
       split runs over the prunable tokens only, so from the second step on (and with a
@@ -460,7 +461,8 @@ def _select_saint_fold(ctx: LayerContext, s: dict[str, Any], cfg: SaintFoldConfi
 
 def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:
     plan = core.tome_plan(ctx.keys, s["r"], ctx.num_protected, ctx.valid, cfg.order)
-    count = ctx.keys.shape[1] - s["r"] if ctx.valid is None else None
+    n = ctx.keys.shape[1]
+    count = n - min(s["r"], core.max_tome_r(n - ctx.num_protected)) if ctx.valid is None else None
     return Selection(plan.keep, plan, plan.order, keep_norm=cfg.keep_norm, count=count)
 
 

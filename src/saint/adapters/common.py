@@ -671,11 +671,14 @@ def patch_table_rows(table: torch.Tensor, positions: torch.Tensor, npt: int,
 
 def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], unit: str = "block") -> None:
     """Reject a fixed-count schedule (``r`` or ``keep`` per layer) that cannot fit ``n``
-    prunable tokens entering the first layer (the model's default image size)."""
+    prunable tokens entering the first layer (the model's default image size). A merging
+    method's ``r`` (ToMe's) is at most half the tokens at each layer, as in the reference."""
     for i in sorted(settings):
         s = settings[i]
-        if "r" in s:
-            limit = n // 2 if spec.merges else n - 1
+        if "r" in s and spec.merges:
+            n -= min(s["r"], n // 2)
+        elif "r" in s:
+            limit = n - 1
             if s["r"] > limit:
                 raise ValueError(
                     f"r={s['r']} at {unit} {i} is more than {spec.name} can remove there: "

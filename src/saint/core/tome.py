@@ -51,6 +51,10 @@ def tome_plan(
 ) -> MergePlan:
     """Match the ``r`` most redundant candidates (set A) to their nearest anchors (set B).
 
+    As in the reference, ``r`` is at most half the prunable tokens (``min(r, (t -
+    protected) // 2)``); on a ragged batch (``valid``) each image's own half, so an image
+    merges what it would alone (the plan's ``active`` marks the pairs when counts differ).
+
     ``order="keep"``: A and B alternate over the prunable tokens (A first) and the plan
     has no ``order``. ``order="reference"``: A = even, B = odd positions of the whole
     sequence, protected tokens excluded from both, and ``plan.order`` lays the survivors
@@ -59,13 +63,21 @@ def tome_plan(
     reference does with and without its class token)."""
     if order not in ORDERS:
         raise ValueError(f"ToMe order must be one of {ORDERS}, got {order!r}")
+    if r < 0:
+        raise ValueError(f"ToMe r={r} must be >= 0")
     b, n, _ = metric.shape
     p = num_protected
     rectangular = valid is None  # every token real: the limit and masks are known on the host
     valid = prunable_valid(valid, b, n, metric.device)
-    limit = max_tome_r((n - p if rectangular else int(valid[:, p:].sum(dim=1).min())) if b else 0)
-    if r < 0 or r > limit:
-        raise ValueError(f"ToMe r={r} must be in [0, {limit}] at this layer (half the prunable tokens)")
+    per_image = None
+    if rectangular or not b:
+        r = min(r, max_tome_r(n - p)) if b else 0
+    else:
+        per_image = torch.clamp(max_tome_r(valid[:, p:].sum(dim=1)), max=r)
+        counts = per_image.tolist()  # one read: the plan's width
+        r = max(counts)
+        if min(counts) == r:
+            per_image = None
     if r == 0:  # nothing merges, nothing moves (the reference returns its input as is)
         empty = torch.zeros(b, 0, dtype=torch.long, device=metric.device)
         return MergePlan(empty, empty.clone(), valid.clone())
@@ -82,8 +94,14 @@ def tome_plan(
     src = a_pos[edges[:, :r]]
     dst = b_pos[torch.gather(node_idx, 1, edges[:, :r])]
     keep = valid.clone()
-    keep.scatter_(1, src, False)
-    plan = MergePlan(src, dst, keep)
+    active = None
+    if per_image is not None:  # images whose half is below r merge fewer (real pairs only)
+        ranked = torch.arange(r, device=metric.device).expand(b, r)
+        active = (ranked < per_image[:, None]) & torch.isfinite(torch.gather(node_max, 1, edges[:, :r]))
+        keep.scatter_(1, src, ~active & torch.gather(valid, 1, src))
+    else:
+        keep.scatter_(1, src, False)
+    plan = MergePlan(src, dst, keep, active)
     if order == "reference":
         plan.order = _reference_order(edges, a_pos, b_pos, p, n)
     return plan
