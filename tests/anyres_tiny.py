@@ -20,9 +20,10 @@ FAMILIES = ("llava_next", "llava_onevision")
 
 
 def make(family: str = "llava_onevision", seed: int = 0, aspect: str | None = None, vocab_size: int = 128,
-         image_token_id: int = IMG, video_token_id: int = VID) -> torch.nn.Module:
+         image_token_id: int = IMG, video_token_id: int = VID, mistral: bool = False) -> torch.nn.Module:
     """A tiny random model of ``family`` (``aspect``: OneVision's ``vision_aspect_ratio``;
-    vocabulary size and placeholder ids to match a tokenizer)."""
+    vocabulary size and placeholder ids to match a tokenizer; ``mistral``: LLaVA-NeXT with
+    a Mistral decoder without sliding windows, as llava-v1.6-mistral-7b)."""
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=VDEPTH, num_attention_heads=2,
                  image_size=32, patch_size=8)
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH,
@@ -30,7 +31,8 @@ def make(family: str = "llava_onevision", seed: int = 0, aspect: str | None = No
     torch.manual_seed(seed)
     if family == "llava_next":
         cfg = transformers.LlavaNextConfig(
-            vision_config=transformers.CLIPVisionConfig(**tower), text_config=transformers.LlamaConfig(**text),
+            vision_config=transformers.CLIPVisionConfig(**tower),
+            text_config=transformers.MistralConfig(sliding_window=None, **text) if mistral else transformers.LlamaConfig(**text),
             image_token_id=image_token_id, image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default",
             vision_feature_layer=-1, attn_implementation="sdpa")
         model = transformers.LlavaNextForConditionalGeneration(cfg)

@@ -46,7 +46,9 @@ def make(text: str = "llama", impl: str = "sdpa", seed: int = 0) -> torch.nn.Mod
     )
     kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
-    text_cfg = transformers.LlamaConfig(**kw) if text == "llama" else transformers.Qwen2Config(**kw)
+    configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "mistral": lambda **k: transformers.MistralConfig(sliding_window=None, **k)}
+    text_cfg = configs[text](**kw)
     torch.manual_seed(seed)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMG,
                                    vision_feature_layer=-2, attn_implementation=impl)
@@ -134,7 +136,7 @@ def test_unpatch_restores_identical_outputs(name, images):
 
 
 # ---------------------------------------------------------------------------- consistency
-@pytest.mark.parametrize("name, text", [(n, "llama") for n in sorted(CONFIGS)] + [("hybrid", "qwen2")])
+@pytest.mark.parametrize("name, text", [(n, "llama") for n in sorted(CONFIGS)] + [("hybrid", "qwen2"), ("hybrid", "mistral")])
 def test_batch_equals_alone_and_cached_equals_uncached(name, text, images):
     """Left-padded prompts of different lengths, images and image counts: each row
     of the batch matches the prompt alone (tokens, last logits, per-sample counts),
@@ -414,15 +416,21 @@ def test_bad_settings_raise_clear_errors(kw, err, match):
     assert not saint.is_patched(model) and not saint.is_patched(model.model.vision_tower)
 
 
-def test_unsupported_language_model_is_refused():
+@pytest.mark.parametrize("text, err, match", [
+    ("Phi3Config", TypeError, "cannot prune inside a Phi3Model"),
+    ("MistralConfig", ValueError, r"layer types \['sliding_attention'\] are not supported"),  # its default window
+])
+def test_unsupported_language_model_is_refused(text, err, match):
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=32, patch_size=8)
-    text = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=128)
+    text = getattr(transformers, text)(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
+                                       pad_token_id=0)
     model = transformers.LlavaForConditionalGeneration(
         transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMG)).eval()
-    with pytest.raises(TypeError, match="cannot prune inside a MistralModel"):
+    with pytest.raises(err, match=match):
         saint.patch(model, mode="llm", llm_layers=(0, 0))
+    assert not saint.is_patched(model)
 
 
 def test_bad_calls_raise_clear_errors(images):

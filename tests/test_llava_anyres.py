@@ -77,7 +77,17 @@ def test_pruning_nothing_and_unpatch_are_identical_to_unpatched(family):
 
 @pytest.mark.parametrize("cfg", [LLM, FASTV, VIT, HYBRID], ids=["llm", "fastv", "vit", "hybrid"])
 def test_batch_equals_alone_and_cached_equals_uncached(family, cfg):
-    model = make(family)
+    check_batch_equals_alone_and_cached_equals_uncached(make(family), cfg)
+
+
+def test_llava_next_with_a_mistral_decoder():
+    """LLaVA-NeXT-Mistral (llava-v1.6-mistral-7b: no sliding window), both sides pruning."""
+    model = make("llava_next", mistral=True)
+    assert type(model.model.language_model).__name__ == "MistralModel"
+    check_batch_equals_alone_and_cached_equals_uncached(model, HYBRID)
+
+
+def check_batch_equals_alone_and_cached_equals_uncached(model: torch.nn.Module, cfg: dict) -> None:
     x = inputs(model, ROWS)  # the processor's prompts: built before patching
     alone = [inputs(model, [row], seeds=[b]) for b, row in enumerate(ROWS)]
     saint.patch(model, **cfg)

@@ -1,5 +1,6 @@
 """Dropping tokens between the decoder layers of a Hugging Face LLM (transformers 5:
-``LlamaModel``, ``Qwen2Model``) with per-instance PyTorch hooks only.
+``LlamaModel``, ``MistralModel``, ``Qwen2Model``, the Qwen-VL text models; see
+:data:`DECODERS`) with per-instance PyTorch hooks only.
 
 The decoder loop hands every layer the same ``attention_mask`` (4-D, or None when
 sdpa can use ``is_causal``), rotary ``position_embeddings`` (cos, sin) and
@@ -31,6 +32,7 @@ masks cannot be gathered (refused); sliding-window layers are refused.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -44,36 +46,25 @@ from .common import MASKABLE_ATTENTION
 PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
 
 
+DECODERS = (  # (transformers module, decoder class): the decoders saint prunes in
+    ("llama", "LlamaModel"),  # Llama, Vicuna, Yi: LLaVA-1.5, LLaVA-NeXT
+    ("mistral", "MistralModel"),  # LLaVA-NeXT-Mistral (sliding windows refused below)
+    ("qwen2", "Qwen2Model"),  # LLaVA-OneVision, LLaVA-Interleave
+    ("qwen2_5_vl", "Qwen2_5_VLTextModel"),
+    ("qwen3_vl", "Qwen3VLTextModel"),
+)
+SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
+
+
 def _decoder_classes() -> tuple[type, ...]:
-    classes: list[type] = []
-    try:
-        from transformers.models.llama.modeling_llama import LlamaModel
-
-        classes.append(LlamaModel)
-    except ImportError:  # pragma: no cover - transformers missing
-        pass
-    try:
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
-
-        classes.append(Qwen2Model)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
-
-        classes.append(Qwen2_5_VLTextModel)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
-
-        classes.append(Qwen3VLTextModel)
-    except ImportError:  # pragma: no cover
-        pass
+    """The decoder classes of :data:`DECODERS` this transformers has."""
+    classes = []
+    for module, name in DECODERS:
+        try:
+            classes.append(getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name))
+        except (ImportError, AttributeError):  # pragma: no cover - an older transformers
+            pass
     return tuple(classes)
-
-
-SUPPORTED_DECODERS = "LlamaModel (Llama, Vicuna: LLaVA-1.5), Qwen2Model, Qwen2_5_VLTextModel, Qwen3VLTextModel"
 
 
 def check_decoder(decoder: torch.nn.Module) -> None:
@@ -91,8 +82,11 @@ def check_decoder(decoder: torch.nn.Module) -> None:
         )
     types_ = getattr(decoder.config, "layer_types", None) or []
     bad = sorted({t for t in types_ if t != "full_attention"})
+    if not types_ and getattr(decoder.config, "sliding_window", None) is not None:
+        bad = ["sliding_attention"]  # Mistral: one window for every layer, no layer_types
     if bad:
-        raise ValueError(f"layer types {bad} are not supported (only full attention); disable sliding windows")
+        raise ValueError(f"layer types {bad} are not supported (only full attention); disable sliding windows "
+                         "(config sliding_window=None)")
     for i, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")):
