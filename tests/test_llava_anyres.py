@@ -82,7 +82,7 @@ def test_batch_equals_alone_and_cached_equals_uncached(family, cfg):
 
 def test_llava_next_with_a_mistral_decoder():
     """LLaVA-NeXT-Mistral (llava-v1.6-mistral-7b: no sliding window), both sides pruning."""
-    model = make("llava_next", mistral=True)
+    model = make("llava_next", mistral=True)  # sliding_window=None
     assert type(model.model.language_model).__name__ == "MistralModel"
     check_batch_equals_alone_and_cached_equals_uncached(model, HYBRID)
 

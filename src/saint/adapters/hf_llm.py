@@ -48,7 +48,7 @@ PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
 
 DECODERS = (  # (transformers module, decoder class): the decoders saint prunes in
     ("llama", "LlamaModel"),  # Llama, Vicuna, Yi: LLaVA-1.5, LLaVA-NeXT
-    ("mistral", "MistralModel"),  # LLaVA-NeXT-Mistral (sliding windows refused below)
+    ("mistral", "MistralModel"),  # LLaVA-NeXT-Mistral (a sliding window is refused below)
     ("qwen2", "Qwen2Model"),  # LLaVA-OneVision, LLaVA-Interleave
     ("qwen2_5_vl", "Qwen2_5_VLTextModel"),
     ("qwen3_vl", "Qwen3VLTextModel"),
@@ -86,7 +86,7 @@ def check_decoder(decoder: torch.nn.Module) -> None:
         bad = ["sliding_attention"]  # Mistral: one window for every layer, no layer_types
     if bad:
         raise ValueError(f"layer types {bad} are not supported (only full attention); disable sliding windows "
-                         "(config sliding_window=None)")
+                         "(the text config's sliding_window=None: the same attention while a sequence fits the window)")
     for i, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")):
