@@ -195,6 +195,32 @@ def test_merging_rejects_pooling_that_cannot_weigh_sizes():
     saint.patch(model, "saint", rate="sample")  # dropping: max pooling runs per image
 
 
+@pytest.mark.parametrize("overrides", [dict(global_pool="map"), dict(global_pool="map", class_token=False)],
+                         ids=["class_token", "no_class_token"])
+def test_attention_pooling_weighs_merged_tokens_as_their_parts(overrides):
+    """timm's attention pooling (SigLIP's ``map``) with ``log(size)`` on merged keys equals
+    the model's own pooling over each merged token repeated ``size`` times (proportional
+    attention's identity), image by image; without proportional attention, over the
+    merged tokens once each."""
+    model = make_tiny("vit", **overrides)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    prefix = model.num_prefix_tokens
+    for prop_attn in (True, False):
+        saint.patch(model, "tome", r=3, prop_attn=prop_attn)
+        with torch.no_grad():
+            feats = model.forward_features(images)
+            pooled = model.forward_head(feats, pre_logits=True)
+            sizes = saint.adapters.handle_of(model).state.sizes[:, prefix:, 0]
+            assert sizes.sum(dim=1).tolist() == [16.0] * 3 and sizes.max() > 1  # merged, every patch counted
+            for i in range(3):
+                tokens = feats[i, prefix:]
+                if prop_attn:
+                    tokens = tokens.repeat_interleave(sizes[i].long(), dim=0)
+                want = model.fc_norm(model.attn_pool(tokens[None]))[0]
+                torch.testing.assert_close(pooled[i], want, rtol=1e-5, atol=1e-6)
+        saint.unpatch(model)
+
+
 @pytest.mark.parametrize(("arch", "extra", "size", "grid"), [
     ("vit", dict(dynamic_img_size=True), (32, 48), (4, 6)),
     ("vit", dict(dynamic_img_size=True, dynamic_img_pad=True), (34, 50), (5, 7)),

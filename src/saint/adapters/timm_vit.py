@@ -67,6 +67,16 @@ from .common import (
 POOLS_WITH_SIZES = ("token", "avg", "")
 
 
+def _attention_pool_weighs_sizes(model: torch.nn.Module) -> bool:
+    """Whether the model pools by timm's ``AttentionPoolLatent`` (``global_pool="map"``:
+    SigLIP, Perception Encoder), which takes the additive key mask that weighs merged
+    tokens by ``log(size)``, as the blocks attend (ToMe's proportional attention)."""
+    from timm.layers import AttentionPoolLatent
+
+    pool = getattr(model, "attn_pool", None)
+    return type(pool) is AttentionPoolLatent and pool.pos_embed is None
+
+
 def _timm_classes() -> tuple[type, type, type] | None:
     try:
         from timm.models.vision_transformer import Attention, Block, VisionTransformer
@@ -141,10 +151,12 @@ def resolve_settings(model: torch.nn.Module, spec: MethodSpec, config: Any,
         has_class_token = getattr(model, "cls_token", None) is not None
     require_class_token(spec, config, has_class_token, type(model).__name__)
     pool = getattr(model, "global_pool", "token")
-    if spec.merges and (getattr(model, "attn_pool", None) is not None or pool not in POOLS_WITH_SIZES):
+    attn_pool = getattr(model, "attn_pool", None)
+    weighs = _attention_pool_weighs_sizes(model) if attn_pool is not None else pool in POOLS_WITH_SIZES
+    if spec.merges and not weighs:
         raise ValueError(
             f"{spec.name} merges tokens, whose sizes global_pool={pool!r} cannot weigh; "
-            f"use a model pooled by {POOLS_WITH_SIZES} or a method that drops tokens"
+            f"use a model pooled by {POOLS_WITH_SIZES} or timm's attention pooling, or a method that drops tokens"
         )
     _check_static_counts(model, spec, settings, num_protected)
     return settings, num_protected
@@ -378,11 +390,27 @@ def pool_per_image(model: torch.nn.Module, x: torch.Tensor, pool_type: str | Non
     if model.attn_pool is None and pool_type in ("token", ""):
         return own(x, pool_type)
     if state.sizes is not None:
+        if model.attn_pool is not None and _attention_pool_weighs_sizes(model):
+            return _attention_pool(model, x, state)
         if pool_type != "avg" or model.attn_pool is not None:
             raise ValueError(f"global_pool={pool_type!r} cannot weigh merged tokens; use 'avg' or 'token'")
         return _weighted_mean(model, x, state)
     counts = state.valid.sum(dim=1).tolist()
     return torch.cat([own(x[i : i + 1, :n], pool_type) for i, n in enumerate(counts)])
+
+
+def _attention_pool(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """timm's attention pooling (its own module) per image over its real tokens, merged
+    keys biased by ``log(size)`` when the method attends proportionally (as the blocks
+    did); prefix tokens enter where the model's own pooling lets them (ViT and NaFlexVit:
+    ``pool_include_prefix``; Eva: always)."""
+    start = 0 if getattr(model, "pool_include_prefix", True) else model.num_prefix_tokens
+    bias = state.attn_bias(x.dtype, model.__dict__[SAINT_ATTR].config.size_bias)
+    if state.valid is None:
+        return model.attn_pool(x[:, start:], attn_mask=None if bias is None else bias[..., start:])
+    counts = state.valid.sum(dim=1).tolist()
+    return torch.cat([model.attn_pool(x[i : i + 1, start:n], attn_mask=None if bias is None else bias[i : i + 1, ..., start:n])
+                      for i, n in enumerate(counts)])
 
 
 def _weighted_mean(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
