@@ -124,7 +124,7 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("layout unknown", patch(layout="ragged"), ValueError, "layout='ragged' is not one of"),
     ("kernel unknown", patch(kernel="flash"), ValueError, "kernel='flash' is not one of"),
     ("tome with max pooling", patch("tome", tiny(global_pool="max"), r=2), ValueError, "merges tokens"),
-    ("saint_fold with map pooling", patch("saint_fold", tiny(global_pool="map"), rate="batch"), ValueError,
+    ("saint_fold with avgmax pooling", patch("saint_fold", tiny(global_pool="avgmax"), rate="batch"), ValueError,
      "merges tokens"),
     ("attn on SigLIP", siglip_attn, ValueError, "has no class token"),
     ("LLaVA llm_gamma nan", lambda: llava(llm_gamma=NAN, mode="llm", llm_layers=(0, 1)), ValueError,
