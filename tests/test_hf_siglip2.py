@@ -106,6 +106,22 @@ def test_padded_batch_packed_equals_padded_equals_alone(method, select_at):
     torch.testing.assert_close(outs["packed"].pooler_output, outs["padded"].pooler_output, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_tome_r_above_an_image_s_half_merges_what_the_image_merges_alone(layout):
+    """ToMe's r is at most half of each image's patches (the reference's clamp, image by
+    image): the 6-patch image merges 3, 1 and 1 where the 16-patch one merges 4 each time."""
+    model = make()
+    imgs = images()
+    saint.patch(model, "tome", r=4, layout=layout)
+    with torch.no_grad():
+        out = model(**naflex(imgs))
+        stats = saint.stats(model)
+        solo = alone(model, imgs)
+    assert stats.tokens == [[n - m for n, m in zip((16, 15, 6), merged, strict=True)]
+                            for merged in ([0, 0, 0], [4, 4, 3], [8, 8, 4], [12, 11, 5])]
+    torch.testing.assert_close(out.pooler_output, solo, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_nothing_to_prune_equals_the_model(attn):
     """A padded batch with nothing to prune runs only the real patches: each image's

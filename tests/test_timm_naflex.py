@@ -100,7 +100,7 @@ def test_padded_batch_packed_equals_padded_equals_alone(pool, method, select_at)
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_tome_r_above_an_image_s_half_merges_what_the_image_merges_alone(layout, select_at):
     """ToMe's r is at most half of each image's tokens (the reference's clamp, image by
-    image): the 6-patch image merges 3, then 1, 1, 0 where the others merge 4 each."""
+    image): the 6-patch image merges 3, 1 and 1 where the 16-patch one merges 4 each time."""
     model = make("avg")
     imgs = images()
     saint.patch(model, "tome", r=4, layout=layout, select_at=select_at)
