@@ -222,6 +222,33 @@ def test_demo_pieces_matched_tome_r_and_kept_patches(tmp_path) -> None:
     assert (tmp_path / "k.png").stat().st_size > 0
 
 
+def test_demo_tour_calibrates_saint_plus_and_the_recommended_saint_match(images, capsys) -> None:
+    """The tour's rows: unpruned, SAINT, ToMe at SAINT's mean count, then SAINT+ and
+    ``saint_match`` (guard 0.1, keep_norm) calibrated to the FLOPs-ideal speed-ups asked."""
+    import timm
+
+    from saint import assets
+    from saint.commands.demo import MATCH_SETTINGS, _Tour
+    from saint.measure.harness import Harness
+    from saint.measure.images import from_folder
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=32,
+                              num_heads=2, num_classes=0).eval()
+    args = argparse.Namespace(tau=0.5, k=1, gamma=10.0, tome_r=1, plus_speedup=1.3, match_speedup=1.5)
+    tour = _Tour(args, model, from_folder(images), assets.eval_transform(model), Harness(model, "cpu", torch.float32),
+                 lambda *a: None)
+    variants, outs = tour.collect()
+    assert [v.method for v in variants] == [None, "saint", "tome", "saint_plus", "saint_match"]  # None: unpruned
+    match = variants[-1]
+    assert match.label.startswith("saint_match (calibrated 1.5x, guard=0.1, keep_norm=True)")
+    assert {k: match.kwargs[k] for k in MATCH_SETTINGS} == MATCH_SETTINGS and "tau" in match.kwargs
+    assert all(len(o.embeddings) == 6 for o in outs)
+    assert "calibrating saint_match to 1.5x" in capsys.readouterr().out
+    args.plus_speedup = args.match_speedup = 0  # 0 skips both
+    assert [v.method for v in tour.collect()[0]] == [None, "saint", "tome"]
+
+
 @pytest.fixture
 def bad_images(images):
     """The ImageFolder above plus one file that is not an image."""

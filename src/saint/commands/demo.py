@@ -1,6 +1,7 @@
 """``saint demo``: the one-minute tour, offline. Builds the real-weight DINOv2 ViT-S/14,
 runs it unpruned, with SAINT and with ToMe (at SAINT's mean token count) on the offline
-photos, prints tokens per block, throughput, FLOPs and fidelity side by side, and draws
+photos, then SAINT+ and the recommended ``saint_match`` (guard 0.1, keep_norm) calibrated on
+them, prints tokens per block, throughput, FLOPs and fidelity side by side, and draws
 which patches SAINT kept at a few blocks for one photo."""
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 
 from ..adapters import find_adapter
 from .options import DEFAULT_MODEL_TAU as DEMO_TAU
+
+MATCH_SETTINGS = {"guard": 0.1, "keep_norm": True}  # the README's "which method to use"
 
 TAU_NOTE = (
     "tau={tau:g} is a fixed default for DINOv2 ViT-S/14, not tuned on these photos: this model's "
@@ -37,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plus-speedup", type=float, default=2.0,
                    help="also run SAINT+ (saint_plus) with tau calibrated on the photos to this FLOPs-ideal "
                         "speed-up (default 2; 0 skips it)")
+    p.add_argument("--match-speedup", type=float, default=2.0,
+                   help="also run saint_match with guard=0.1 and keep_norm=True (the README's recommended method) "
+                        "calibrated on the photos to this FLOPs-ideal speed-up (default 2; 0 skips it)")
     p.add_argument("--img-size", type=int, default=224, help="input resolution, a multiple of 14 (default 224)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--batch-size", type=int, default=4, help="timing batch size (default 4)")
@@ -164,8 +170,8 @@ class _Tour:
 
     def collect(self) -> tuple[list[Any], list[Any]]:
         """Unpruned, SAINT, ToMe at SAINT's mean token count (unless ``--tome-r``) and,
-        with ``--plus-speedup``, SAINT+ calibrated on the photos: the variants and their
-        outputs over the photos."""
+        with ``--plus-speedup`` / ``--match-speedup``, SAINT+ and ``saint_match`` calibrated
+        on the photos: the variants and their outputs over the photos."""
         from ..spec import BASELINE, Variant
 
         args = self.args
@@ -180,24 +186,29 @@ class _Tour:
         self.tome_v = Variant(f"tome:r={r}", "tome", {"r": r})
         (tout,) = self._run([self.tome_v], "ToMe")
         variants, outs = [BASELINE, self.saint_v, self.tome_v], [ref, sout, tout]
-        if args.plus_speedup:
-            plus_v = self._calibrated_plus()
-            (pout,) = self._run([plus_v], "SAINT+")
-            variants.append(plus_v)
-            outs.append(pout)
+        calibrated = [("SAINT+", "saint_plus", {}, args.plus_speedup),
+                      ("saint_match", "saint_match", MATCH_SETTINGS, args.match_speedup)]
+        for what, method, settings, speedup in calibrated:
+            if speedup:
+                v = self._calibrated(what, method, settings, speedup)
+                (out,) = self._run([v], what)
+                variants.append(v)
+                outs.append(out)
         return variants, outs
 
-    def _calibrated_plus(self) -> Any:
-        """SAINT+ with tau calibrated on the photos to ``--plus-speedup`` (FLOPs ideal)."""
+    def _calibrated(self, what: str, method: str, settings: dict[str, Any], speedup: float) -> Any:
+        """``method`` with ``settings``, its tau (and fraction) calibrated on the photos to
+        ``speedup`` (FLOPs ideal)."""
         from ..calibration import calibrate
         from ..measure.harness import timing_batch
         from ..spec import Variant
 
-        speedup = self.args.plus_speedup
         calib_x = timing_batch(self.images.records, self.transform, len(self.images.records))
-        print(f"calibrating SAINT+ to {speedup:g}x FLOPs-ideal on the photos ...")
-        cal = calibrate(self.harness.release(), calib_x, speedup=speedup, method="saint_plus", apply=False)
-        return Variant(f"saint_plus (calibrated {speedup:g}x)", "saint_plus", cal.patch_kwargs())
+        print(f"calibrating {what} to {speedup:g}x FLOPs-ideal on the photos ...")
+        cal = calibrate(self.harness.release(), calib_x, flops_speedup=speedup, method=method, apply=False,
+                        **settings)
+        shown = "".join(f", {k}={v}" for k, v in settings.items())
+        return Variant(f"{method} (calibrated {speedup:g}x{shown})", method, {**settings, **cal.patch_kwargs()})
 
     def print_table(self, variants: list[Any], outs: list[Any]) -> None:
         """Time every variant round-robin and print tokens, throughput, FLOPs and fidelity."""
