@@ -461,8 +461,7 @@ def _select_saint_fold(ctx: LayerContext, s: dict[str, Any], cfg: SaintFoldConfi
 
 def _select_tome(ctx: LayerContext, s: dict[str, Any], cfg: ToMeConfig) -> Selection:
     plan = core.tome_plan(ctx.keys, s["r"], ctx.num_protected, ctx.valid, cfg.order)
-    n = ctx.keys.shape[1]
-    count = n - min(s["r"], core.max_tome_r(n - ctx.num_protected)) if ctx.valid is None else None
+    count = ctx.keys.shape[1] - plan.src.shape[1] if ctx.valid is None else None  # r after its clamp
     return Selection(plan.keep, plan, plan.order, keep_norm=cfg.keep_norm, count=count)
 
 

@@ -19,6 +19,7 @@ from ..core import (
     additive_key_mask,
     gather_tokens,
     keep_mask_to_indices,
+    max_tome_r,
     merge_weighted,
     packed_query_attention,
     query_attention,
@@ -676,7 +677,7 @@ def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], 
     for i in sorted(settings):
         s = settings[i]
         if "r" in s and spec.merges:
-            n -= min(s["r"], n // 2)
+            n -= min(s["r"], max_tome_r(n))
         elif "r" in s:
             limit = n - 1
             if s["r"] > limit:

@@ -109,10 +109,8 @@ def _full_positions(module: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Te
 
 def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward) -> dict[str, Any]:
     """Drop the visual tokens of removed groups from input_ids, token types, the 2-D
-    attention mask and the (full-grid) position ids, right-aligning the rows. The
-    shortened prompt always carries a 2-D mask: its positions have gaps where groups
-    went, which transformers reads as packed sequences when a call has neither a mask
-    nor a cache (``use_cache=False``)."""
+    attention mask (always given, see :func:`shrink_rows`) and the (full-grid) position
+    ids, right-aligning the rows."""
     input_ids = kwargs["input_ids"]
     src, valid, mask = shrink_rows(kwargs, keep0, fwd)
 
@@ -121,10 +119,10 @@ def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward) ->
         return torch.gather(t.expand(*lead, *input_ids.shape), -1, src.expand(*lead, *src.shape)).masked_fill(
             ~valid, fill)
 
-    out = dict(kwargs, input_ids=take(input_ids, 0), position_ids=take(kwargs["position_ids"], 0))
+    out = dict(kwargs, input_ids=take(input_ids, 0), position_ids=take(kwargs["position_ids"], 0),
+               attention_mask=mask)
     if kwargs.get("mm_token_type_ids") is not None:
         out["mm_token_type_ids"] = take(kwargs["mm_token_type_ids"], 0)
-    out["attention_mask"] = mask if mask is not None else valid.long()
     return out
 
 

@@ -369,7 +369,7 @@ def _captured_context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: 
 
 def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
     """timm's pooling, per image: padding (NaN after packing) never enters it, and
-    merged tokens count with their sizes in an average."""
+    merged tokens count with their sizes (an average, or the attention pooling)."""
     return pool_per_image(self, x, pool_type, lambda t, pool: type(self).pool(self, t, pool))
 
 
@@ -377,7 +377,8 @@ def pool_per_image(model: torch.nn.Module, x: torch.Tensor, pool_type: str | Non
                    own: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
     """A timm model's pooling of the patched forward's tokens ``x``: ``own(tokens, pool_type)``
     (the model's pooling) on all of them when every token is real and whole, else on each
-    image's real tokens, or the size-weighted mean after merging (``avg``)."""
+    image's real tokens; after merging the size-weighted mean (``avg``) or the attention
+    pooling with ``log(size)`` on merged keys."""
     state = model.__dict__[SAINT_ATTR].state
     pool_type = model.global_pool if pool_type is None else pool_type
     if state.valid is None and state.sizes is None:
@@ -390,9 +391,9 @@ def pool_per_image(model: torch.nn.Module, x: torch.Tensor, pool_type: str | Non
     if model.attn_pool is None and pool_type in ("token", ""):
         return own(x, pool_type)
     if state.sizes is not None:
-        if model.attn_pool is not None and _attention_pool_weighs_sizes(model):
+        if model.attn_pool is not None:  # one that weighs sizes: resolve_settings refused the others
             return _attention_pool(model, x, state)
-        if pool_type != "avg" or model.attn_pool is not None:
+        if pool_type != "avg":
             raise ValueError(f"global_pool={pool_type!r} cannot weigh merged tokens; use 'avg' or 'token'")
         return _weighted_mean(model, x, state)
     counts = state.valid.sum(dim=1).tolist()

@@ -27,11 +27,13 @@ def refuse_static_cache(kwargs: dict[str, Any]) -> None:
 
 
 def shrink_rows(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where every slot of the shortened rows comes from (``src [B, L']``, input
     positions, right-aligned), which slots are real (``valid``) and the shortened 2-D
-    attention mask (None when the call had none and every row is full); records the
-    maps on ``fwd``. The caller gathers its own inputs (ids, positions) through ``src``."""
+    attention mask, always given: Qwen-VL's kept tokens keep full-grid positions, whose
+    gaps transformers reads as packed sequences when a call has neither a mask nor a
+    cache (``use_cache=False``). Records the maps on ``fwd``; the caller gathers its own
+    inputs (ids, positions) through ``src``."""
     mask = kwargs.get("attention_mask")
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
         raise ValueError(
@@ -39,12 +41,7 @@ def shrink_rows(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward
             "(and a dynamic cache)"
         )
     src, valid = keep_mask_to_indices(keep0, align="right")
-    if mask is not None:
-        new_mask = torch.gather(mask, 1, src).masked_fill(~valid, 0)
-    elif not bool(valid.all()):
-        new_mask = valid.long()
-    else:
-        new_mask = None
+    new_mask = valid.long() if mask is None else torch.gather(mask, 1, src).masked_fill(~valid, 0)
     fwd.src0, fwd.valid0, fwd.removed = src, valid, (~keep0).sum(dim=1)
     return src, valid, new_mask
 

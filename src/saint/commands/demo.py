@@ -162,6 +162,7 @@ class _Tour:
         self.saint_v = Variant(variant_label("saint", self.saint_kw), "saint", self.saint_kw)
         self.tome_v: Any = None
         self.saint_mean = 0.0
+        self._calib_x: torch.Tensor | None = None  # every photo, for the calibrated rows
 
     def _run(self, variants: list[Any], what: str) -> list[Any]:
         outs, _ = self.harness.collect(variants, self.images.records, self.transform, 8,
@@ -203,9 +204,10 @@ class _Tour:
         from ..measure.harness import timing_batch
         from ..spec import Variant
 
-        calib_x = timing_batch(self.images.records, self.transform, len(self.images.records))
+        if self._calib_x is None:
+            self._calib_x = timing_batch(self.images.records, self.transform, len(self.images.records))
         print(f"calibrating {what} to {speedup:g}x FLOPs-ideal on the photos ...")
-        cal = calibrate(self.harness.release(), calib_x, flops_speedup=speedup, method=method, apply=False,
+        cal = calibrate(self.harness.release(), self._calib_x, flops_speedup=speedup, method=method, apply=False,
                         **settings)
         shown = "".join(f", {k}={v}" for k, v in settings.items())
         return Variant(f"{method} (calibrated {speedup:g}x{shown})", method, {**settings, **cal.patch_kwargs()})

@@ -30,8 +30,8 @@ def _custom_mapping() -> dict[Any, Callable[..., int]]:
     return mapping
 
 
-_REGISTRY = {**flop_counter.flop_registry,
-             **{k: flop_counter.shape_wrapper(v) for k, v in _custom_mapping().items()}}
+_CUSTOM = _custom_mapping()  # the formulas torch lacks, for the counter and for op_flops
+_REGISTRY = {**flop_counter.flop_registry, **{k: flop_counter.shape_wrapper(v) for k, v in _CUSTOM.items()}}
 
 
 def has_flop_formula(func: Any) -> bool:
@@ -49,7 +49,7 @@ def op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """Run ``fn()`` once under the counter (no grad); return total FLOPs and FLOPs per op."""
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
         with torch.no_grad():
             fn()
     per_op = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
