@@ -130,9 +130,10 @@ def _spec_depth(kwargs: dict[str, Any]) -> int:
     checked when it is patched."""
     need = 1
     for key, v in kwargs.items():
-        blocks = list(v) if isinstance(v, dict) else v if key == "layers" and isinstance(v, list) else []
-        need = max(need, len(v) if isinstance(v, list) else 0,
-                   *(i + 1 for i in blocks if isinstance(i, int) and not isinstance(i, bool)))
+        if isinstance(v, list):
+            need = max(need, len(v))
+        named = v if isinstance(v, dict) or (key == "layers" and isinstance(v, list)) else ()
+        need = max([need, *(i + 1 for i in named if type(i) is int)])  # block indices (not bools)
     return need
 
 
