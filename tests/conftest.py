@@ -123,3 +123,23 @@ def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, n - len(r):] = r
         mask[i, n - len(r):] = 1
     return ids, mask
+
+
+def forcing(tokens: Sequence[int], steps: Sequence[int] = (1, 2)) -> dict[str, Any]:
+    """``generate`` keywords that force decoding steps ``steps`` (0 = the first new token)
+    to emit ``tokens`` in turn: decoded ids that are a model's image/video placeholders."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Force(LogitsProcessor):
+        def __init__(self) -> None:
+            self.start: int | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.start = input_ids.shape[1] if self.start is None else self.start
+            step = input_ids.shape[1] - self.start
+            if step in steps:
+                scores = scores.clone()
+                scores[:, tokens[list(steps).index(step) % len(tokens)]] = scores.max() + 100.0
+            return scores
+
+    return dict(logits_processor=LogitsProcessorList([Force()]), suppress_tokens=None)

@@ -13,7 +13,7 @@ from saint.adapters import hf_vision  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 from saint.core import saint_keep_mask  # noqa: E402
 
-from .conftest import assert_two_threads_agree, left_pad  # noqa: E402
+from .conftest import assert_two_threads_agree, forcing, left_pad  # noqa: E402
 
 IMG = 127  # image_token_id
 GRID = 8  # 32 px images, 4 px patches: 64 patches = 64 image tokens per image
@@ -90,7 +90,7 @@ def alone(model, images, fn):
 
 def gen(model, ids, px, mask=None, **kw):
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **GREEDY, **kw)[:, -NEW:]
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **{**GREEDY, **kw})[:, -NEW:]
 
 
 def logits(model, ids, px, mask=None):
@@ -431,6 +431,25 @@ def test_unsupported_language_model_is_refused(text, err, match):
     with pytest.raises(err, match=match):
         saint.patch(model, mode="llm", llm_layers=(0, 0))
     assert not saint.is_patched(model)
+
+
+@pytest.mark.parametrize("name", ["hybrid", "fastv", "pool"])
+def test_decoded_image_token_ids_are_text(name, images):
+    """A decoding step that emits the image token id (no pixels: the model embeds it as
+    text) runs as unpatched: pruning nothing gives the unpatched ids, pruning gives
+    each prompt what it gets alone (it was refused as a new image on a cache)."""
+    ids, mask = left_pad(ROWS)
+    model = make()
+    forced = forcing([IMG])
+    ref = gen(model, ids, images, mask, **forced)
+    assert (ref == IMG).sum(dim=1).tolist() == [2, 2, 2]
+    saint.patch(model, **NOTHING["vit"])
+    assert torch.equal(gen(model, ids, images, mask, **forcing([IMG])), ref)
+    saint.unpatch(model)
+    saint.patch(model, **CONFIGS[name])
+    out = gen(model, ids, images, mask, **forcing([IMG]))
+    solo = alone(model, images, lambda r, px: gen(model, r, px, **forcing([IMG])))
+    assert torch.equal(out, torch.cat(solo))
 
 
 def test_bad_calls_raise_clear_errors(images):

@@ -14,7 +14,7 @@ from saint.adapters import handle_of  # noqa: E402
 from saint.adapters.llava_anyres import NEWLINE_ATTR  # noqa: E402
 
 from .anyres_tiny import DEPTH, FAMILIES, IMG, SIDE, VID, features, gen, inputs, logits, make  # noqa: E402
-from .conftest import left_pad  # noqa: E402
+from .conftest import forcing, left_pad  # noqa: E402
 
 # three prompts: a 30x60 image (2 crops + base); a 64x64 and a 32x32 image (OneVision: no
 # crops with several images per prompt); a 12x60 image (2 crops + base, the unpadding cuts
@@ -103,6 +103,23 @@ def check_batch_equals_alone_and_cached_equals_uncached(model: torch.nn.Module, 
         torch.manual_seed(3)
         assert torch.equal(sampled, gen(model, x, do_sample=True, top_k=0, temperature=2.0, use_cache=False))
         assert torch.equal(gen(model, x, num_beams=3), gen(model, x, num_beams=3, use_cache=False))
+
+
+def test_decoded_placeholder_ids_are_text(family):
+    """Decoding steps that emit the image and video token ids (no pixels: the model
+    embeds them as text) run as unpatched: pruning nothing gives the unpatched ids,
+    pruning gives each prompt what it gets alone (they were refused as new media)."""
+    model = make(family)
+    x = inputs(model, ROWS)
+    alone = [inputs(model, [row], seeds=[b]) for b, row in enumerate(ROWS)]
+    ref = gen(model, x, **forcing([IMG, VID]))
+    assert ((ref == IMG) | (ref == VID)).sum(dim=1).tolist() == [2, 2, 2]
+    saint.patch(model, **NOTHING["hybrid"])
+    assert torch.equal(gen(model, x, **forcing([IMG, VID])), ref)
+    saint.unpatch(model)
+    saint.patch(model, **HYBRID)
+    out = gen(model, x, **forcing([IMG, VID]))
+    assert torch.equal(out, torch.cat([gen(model, xi, **forcing([IMG, VID])) for xi in alone]))
 
 
 @pytest.mark.parametrize("cfg", [dict(mode="llm", llm_layers=(1, 2), llm_tau=0.0, llm_k=1),

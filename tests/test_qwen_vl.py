@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 import saint  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
+from .conftest import forcing  # noqa: E402
 from .qwen_tiny import DEPTH, IMG, VDEPTH, VID, inputs, make, tokens  # noqa: E402
 
 NEW = 4
@@ -301,6 +302,24 @@ def test_bad_settings_raise_clear_errors(kw, err, match):
     with pytest.raises(err, match=match):
         saint.patch(model, **kw)
     assert not saint.is_patched(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["hybrid", "random"])
+def test_decoded_placeholder_ids_are_text(family, name):
+    """Decoding steps that emit the image and video token ids (no pixels: the model
+    embeds them as text) run as unpatched: pruning nothing gives the unpatched ids,
+    pruning gives each prompt what it gets alone (they were refused as new media)."""
+    model = make(family)
+    x = batch(family)
+    ref = gen(model, x, **forcing([IMG, VID]))
+    assert ((ref == IMG) | (ref == VID)).sum(dim=1).tolist() == [2, 2, 2]
+    saint.patch(model, **NOTHING["vit"])
+    assert torch.equal(gen(model, x, **forcing([IMG, VID])), ref)
+    saint.unpatch(model)
+    saint.patch(model, **CONFIGS[name])
+    out = gen(model, x, **forcing([IMG, VID]))
+    assert torch.equal(out, torch.cat([gen(model, xi, **forcing([IMG, VID])) for xi in alone(family)]))
 
 
 def test_bad_calls_raise_clear_errors():

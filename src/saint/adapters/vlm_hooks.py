@@ -82,8 +82,9 @@ def make_mm_pre(handle: VlmPatch, media: Media, prefill: Prefill, continuation: 
         if prompt is not None and prompt.owner != id(handle.pruner):
             prompt = None
         if past > 0:
-            if has_media or (input_ids is not None
-                             and bool(torch.isin(input_ids, media.ids(module, input_ids.device)).any())):
+            # placeholder ids without media are text to the model (as unpatched: a decoded
+            # image token id embeds like any other token), so only media are refused here
+            if has_media:
                 raise ValueError(
                     f"saint cannot add {media.tokens} tokens to a non-empty cache (multi-turn with a new image, "
                     "chunked prefill); run the prompt with its images on an empty cache"
