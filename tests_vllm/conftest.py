@@ -47,6 +47,13 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    from saint.integrations.vllm.tiny import write_qwen3_vl_checkpoint
+
+    return write_qwen3_vl_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-vl"))
+
+
+@pytest.fixture(scope="session")
 def image_path(tmp_path_factory) -> Path:
     """A portrait image (224 x 168: a 8 x 6 grid of 48 merged tokens), so positions after
     the image depend on the grid's height, not its width."""
@@ -59,13 +66,15 @@ def image_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def run_engine(vllm_cache):
     """``run_engine(model_dir, image, overrides, plugins=None, engine=None)``: start one engine
-    in a fresh process, generate greedily; return the runner's JSON. ``plugins``: vLLM's
+    in a fresh process, generate greedily; return the runner's JSON. ``image``: one image
+    path, or a list of requests (each the list of its prompt's images; see
+    ``run_engine.py``). ``plugins``: vLLM's
     ``VLLM_PLUGINS`` (``saint_compat`` = plain vLLM, no SAINT override); ``engine``: extra
     ``LLM(...)`` arguments."""
 
     def run(
         model_dir: Path,
-        image: Path,
+        image: Path | list[list[Path]],
         overrides: dict,
         plugins: str | None = None,
         engine: dict | None = None,
@@ -82,7 +91,9 @@ def run_engine(vllm_cache):
         if plugins is not None:
             env["VLLM_PLUGINS"] = plugins
         cmd = [
-            sys.executable, str(RUNNER), str(model_dir), str(image), json.dumps(overrides),
+            sys.executable, str(RUNNER), str(model_dir),
+            json.dumps([[str(p) for p in paths] for paths in image]) if isinstance(image, list) else str(image),
+            json.dumps(overrides),
             json.dumps(engine or {}),
         ]
         output = _run_group(cmd, env)

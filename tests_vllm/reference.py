@@ -33,39 +33,59 @@ def _step_logprobs(logits: torch.Tensor, prompt_len: int, steps: int) -> torch.T
     return torch.log_softmax(logits[0, prompt_len - 1 : prompt_len - 1 + steps].float(), dim=-1)
 
 
-def _qwen_inputs(model, image_token: int, feats, keep, grid, prompt_ids, output_ids):
-    """Embeddings and M-RoPE positions ``[3, 1, L]`` of vLLM's prompt (the image's run already
-    shortened to the kept count) followed by its output: kept tokens keep their full-grid
-    positions (transformers' ``get_rope_index`` on the unpruned prompt), the text after the
-    image keeps its unpruned positions."""
+def _runs(ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of every run of ``token`` in ``ids``, in order."""
+    where = (ids == token).nonzero().flatten().tolist()
+    runs: list[list[int]] = []
+    for i in where:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return [(a, n) for a, n in runs]
+
+
+def _qwen_inputs(model, image_token: int, feats, keeps, grid, prompt_ids, output_ids):
+    """Embeddings and M-RoPE positions ``[3, 1, L]`` of vLLM's prompt (each image's run
+    already shortened to its kept count) followed by its output: kept tokens keep their
+    full-grid positions (transformers' ``get_rope_index`` on the unpruned prompt), the text
+    after an image keeps its unpruned positions."""
     ids = torch.tensor(prompt_ids)
-    where = (ids == image_token).nonzero().flatten()
-    start, k, n = int(where[0]), len(where), len(feats)
-    assert k == int(keep.sum()), (k, int(keep.sum()))
-    full = torch.cat([ids[:start], torch.full((n,), image_token), ids[start + k :]])[None]
+    runs = _runs(ids, image_token)
+    assert [k for _, k in runs] == [int(keep.sum()) for keep in keeps], (runs, [int(k.sum()) for k in keeps])
+    parts, columns, end = [], [], 0
+    for (start, k), f, keep in zip(runs, feats, keeps, strict=True):
+        parts += [ids[end:start], torch.full((len(f),), image_token)]
+        columns += [torch.ones(start - end, dtype=torch.bool), keep]
+        end = start + k
+    parts.append(ids[end:])
+    columns.append(torch.ones(len(ids) - end, dtype=torch.bool))
+    full = torch.cat(parts)[None]
     positions, _ = model.model.get_rope_index(
         full, mm_token_type_ids=(full == image_token).int(), image_grid_thw=grid
     )
-    columns = torch.ones(full.shape[1], dtype=torch.bool)
-    columns[start : start + n] = keep
-    positions = positions[:, :, columns]
+    positions = positions[:, :, torch.cat(columns)]
     after = positions.max() + 1 + torch.arange(len(output_ids))  # decoding continues from there
     positions = torch.cat([positions, after.view(1, 1, -1).expand(3, 1, -1)], dim=2)
 
     embeds = model.model.get_input_embeddings()(torch.tensor(prompt_ids + output_ids)[None])
-    embeds[0, start : start + k] = feats[keep]
     mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
-    mask[0, start : start + k] = True
+    for (start, k), f, keep in zip(runs, feats, keeps, strict=True):
+        embeds[0, start : start + k] = f[keep]
+        mask[0, start : start + k] = True
     return embeds, positions, mask
 
 
 @torch.no_grad()
 def transformers_scores(
-    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float
+    model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
+    keep_ratio: float,
 ) -> dict:
-    """Qwen2.5-VL or Qwen3-VL (by the checkpoint): the fixed-budget drop on the merged image
-    features (Qwen3-VL: the tower's main output; its deepstack features, added to the first
-    decoder layers at the image's positions, are taken for the same kept tokens)."""
+    """Qwen2.5-VL or Qwen3-VL (by the checkpoint), one image or several in prompt order:
+    the fixed-budget drop on each image's merged features (Qwen3-VL: the tower's main
+    output; its deepstack features, added to the first decoder layers at the image's
+    positions, are taken for the same kept tokens). ``kept``: the kept indices per image;
+    ``tokens``: each image's merged tokens before the drop."""
     from PIL import Image
     from transformers import (
         AutoConfig,
@@ -76,27 +96,29 @@ def transformers_scores(
         Qwen2VLImageProcessorPil,
     )
 
+    paths = image_paths if isinstance(image_paths, list) else [image_paths]
     qwen3 = AutoConfig.from_pretrained(model_dir).model_type == "qwen3_vl"
     cls = Qwen3VLForConditionalGeneration if qwen3 else Qwen2_5_VLForConditionalGeneration
     model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-    inputs = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
     grid = inputs["image_grid_thw"]
     vision = model.model.get_image_features(inputs["pixel_values"], grid)
-    feats = vision.pooler_output[0]
-    keep = _keep(feats, keep_ratio)
+    feats = list(vision.pooler_output)
+    keeps = [_keep(f, keep_ratio) for f in feats]
     embeds, positions, mask = _qwen_inputs(
-        model, model.config.image_token_id, feats, keep, grid, prompt_ids, output_ids
+        model, model.config.image_token_id, feats, keeps, grid, prompt_ids, output_ids
     )
     deepstack = {}
     if qwen3:
-        levels = [level[0][keep] for level in vision.deepstack_features]
+        levels = [torch.cat([level[i][keep] for i, keep in enumerate(keeps)]) for level in vision.deepstack_features]
         deepstack = {"visual_pos_masks": mask, "deepstack_visual_embeds": levels}
     hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions, **deepstack)
     logits = model.lm_head(hidden.last_hidden_state)
     return {
         "logprobs": _step_logprobs(logits, len(prompt_ids), len(output_ids)),
-        "kept": keep.nonzero().flatten().tolist(),
+        "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
+        "tokens": [len(f) for f in feats],
     }
 
 

@@ -5,6 +5,11 @@ indices.
 A fresh process per engine: vLLM loads its plugins (and ``VLLM_PLUGINS``) once per process.
 ``python tests_vllm/run_engine.py MODEL_DIR IMAGE.png '{"saint_keep_ratio": 0.25}' ['{...}']``
 (the optional last argument: more ``LLM(...)`` arguments).
+
+With a JSON list of requests instead of the image (``'[["a.png", "b.png"], ["c.png"]]'``: the
+images of each prompt), the requests run together in one ``generate`` call and then each
+again on its own (which finds its prompt in the prefix cache), and the runner prints
+``{"batched": [...], "again": [...]}`` with one result per request.
 """
 
 from __future__ import annotations
@@ -14,16 +19,33 @@ import os
 import sys
 from pathlib import Path
 
-QWEN_PROMPT = (
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the "
-    "picture.<|im_end|>\n<|im_start|>assistant\n"
-)
-PROMPTS = {  # by the checkpoint's model_type
-    "qwen2_5_vl": QWEN_PROMPT,
-    "qwen3_vl": QWEN_PROMPT,
-    "llava": "USER: <image>\nDescribe the picture. ASSISTANT:",
+QWEN_PROMPT = "<|im_start|>user\n{images}Describe the picture.<|im_end|>\n<|im_start|>assistant\n"
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeholder
+    "qwen2_5_vl": (QWEN_PROMPT, QWEN_IMAGE),
+    "qwen3_vl": (QWEN_PROMPT, QWEN_IMAGE),
+    "llava": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
 }
 MAX_TOKENS = 6
+
+
+def prompt(model_type: str, images: int) -> str:
+    text, image = PROMPTS[model_type]
+    return text.format(images=image * images)
+
+
+def result(out) -> dict:
+    """One request's prompt ids, greedy ids, their log-probabilities and cached tokens."""
+    completion = out.outputs[0]
+    return {
+        "prompt_token_ids": list(out.prompt_token_ids),
+        "token_ids": list(completion.token_ids),
+        "logprobs": [
+            step[token].logprob
+            for step, token in zip(completion.logprobs, completion.token_ids, strict=True)
+        ],
+        "num_cached_tokens": out.num_cached_tokens,
+    }
 
 
 def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> None:
@@ -43,22 +65,20 @@ def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> Non
         limit_mm_per_prompt={"image": 1, "video": 0},
     )
     llm = LLM(**{**args, **json.loads(engine)})
-    image = Image.open(image_path).convert("RGB")
-    request = {"prompt": PROMPTS[model_type], "multi_modal_data": {"image": image}}
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)
-    out = llm.generate(request, params)[0]
-    completion = out.outputs[0]
-    kept = llm.apply_model(last_kept_indices)[0]
-    result = {
-        "prompt_token_ids": list(out.prompt_token_ids),
-        "token_ids": list(completion.token_ids),
-        "logprobs": [
-            step[token].logprob
-            for step, token in zip(completion.logprobs, completion.token_ids, strict=True)
-        ],
-        "kept": kept,
-    }
-    print("RESULT " + json.dumps(result), flush=True)
+    if not image_path.startswith("["):
+        image = Image.open(image_path).convert("RGB")
+        out = llm.generate({"prompt": prompt(model_type, 1), "multi_modal_data": {"image": image}}, params)[0]
+        print("RESULT " + json.dumps({**result(out), "kept": llm.apply_model(last_kept_indices)[0]}), flush=True)
+        return
+    requests = [
+        {"prompt": prompt(model_type, len(paths)),
+         "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in paths]}}
+        for paths in json.loads(image_path)
+    ]
+    batched = [result(out) for out in llm.generate(requests, params)]
+    again = [result(llm.generate(request, params)[0]) for request in requests]
+    print("RESULT " + json.dumps({"batched": batched, "again": again}), flush=True)
 
 
 if __name__ == "__main__":

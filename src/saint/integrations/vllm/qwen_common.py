@@ -1,13 +1,16 @@
 """What the Qwen2.5-VL and Qwen3-VL overrides share: each image's placeholder run cut to
-SAINT's budget in the prompt, and the M-RoPE positions a kept token carries into vLLM's
-``recompute_mrope_positions``."""
+SAINT's budget in the prompt, the prompt's M-RoPE positions with those shorter runs, and
+the positions a kept token carries into vLLM's ``recompute_mrope_positions``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
@@ -21,6 +24,49 @@ def media_positions(grid_thw: Sequence[int], merge_size: int, **time: float) -> 
     pos = compute_mrope_for_media(list(grid_thw), merge_size, **time)
     pos[:, 3] = pos[:, :3].max() + 1
     return pos
+
+
+Positions = Callable[[list[int], list[MultiModalFeatureSpec]], tuple[torch.Tensor, int]]
+
+
+def positions_with_pruned_images(
+    full_positions: Positions, input_tokens: Sequence[int], mm_features: Sequence[MultiModalFeatureSpec],
+    merge_size: int,
+) -> tuple[torch.Tensor, int]:
+    """The prompt's ``[3, L]`` M-RoPE positions and decoding offset when each image's run
+    of placeholders is cut to its kept count: vLLM's ``full_positions`` (which reads every
+    image run as its full grid) on the prompt with each run grown back to the full grid,
+    the added placeholders' columns then dropped. So the text after an image keeps its
+    unpruned positions (the convention of :func:`media_positions`) and the image's own
+    tokens hold grid positions until ``recompute_mrope_positions`` writes the kept ones.
+
+    vLLM computes these positions once per request, from the prompt alone; the runner
+    then rewrites them only in the steps that compute an image's embeddings. A request
+    whose image comes from the prefix cache keeps them as they are, and a second image
+    in a prompt would start before the first one ends (a negative text length)."""
+    tokens: list[int] = []
+    kept: list[bool] = []
+    features = []
+    start = 0
+    for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+        place = feature.mm_position
+        tokens += input_tokens[start : place.offset + place.length]
+        kept += [True] * (place.offset + place.length - start)
+        start = place.offset + place.length
+        length = place.length
+        if feature.modality == "image":
+            full = int(feature.data["image_grid_thw"].data.prod()) // merge_size**2
+            tokens += [input_tokens[place.offset]] * (full - place.length)
+            kept += [False] * (full - place.length)
+            length = full
+        offset = len(tokens) - length
+        features.append(dataclasses.replace(
+            feature, mm_position=dataclasses.replace(place, offset=offset, length=length)))
+    tokens += input_tokens[start:]
+    kept += [True] * (len(input_tokens) - start)
+    positions, _ = full_positions(tokens, features)
+    positions = positions[:, torch.from_numpy(np.array(kept, dtype=bool))]
+    return positions, int(positions.max()) + 1 - len(input_tokens)
 
 
 def budget_image_updates(
@@ -84,6 +130,16 @@ class SaintImagePruningMixin:
 
     def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
         return emb
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        """vLLM's prompt positions, with each image's placeholder run as SAINT cut it."""
+        full = super().get_mrope_input_positions  # type: ignore[misc]
+        if self.saint is None:
+            return full(input_tokens, mm_features)
+        merge = self.config.vision_config.spatial_merge_size  # type: ignore[attr-defined]
+        return positions_with_pruned_images(full, input_tokens, mm_features, merge)
 
     def saint_positions(self, grid_thw: Sequence[int], merge_size: int) -> torch.Tensor:
         return media_positions(grid_thw, merge_size)

@@ -1,0 +1,53 @@
+"""Several images per prompt, batched requests and the prefix cache, with SAINT pruning on
+(``saint_keep_ratio=0.25``), on Qwen2.5-VL and Qwen3-VL: one engine per model, block size
+32 with prefix caching. The requests run together, then each again on its own, which finds
+its images in the prefix cache; both times every request decodes as transformers does with
+the same kept tokens at their full-grid positions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_same_greedy_decoding
+from PIL import Image
+from reference import transformers_scores
+
+from saint.integrations.vllm.settings import SaintVllmSettings
+
+RATIO = 0.25
+ENGINE = {"block_size": 32, "enable_prefix_caching": True, "max_num_seqs": 3,
+          "limit_mm_per_prompt": {"image": 2, "video": 0}}
+
+
+@pytest.fixture(scope="module")
+def landscape_path(tmp_path_factory) -> Path:
+    """A landscape image (112 x 196), so a prompt's two images have different grids."""
+    pixels = np.random.default_rng(1).integers(0, 256, (112, 196, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("img") / "landscape.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_two_images_batches_and_prefix_cache_decode_as_transformers(
+    family, request, run_engine, image_path, landscape_path
+):
+    model_dir = request.getfixturevalue("model_dir" if family == "qwen2_5_vl" else "qwen3_dir")
+    prompts = [[image_path, landscape_path], [landscape_path], [image_path]]
+    got = run_engine(model_dir, prompts, {"saint_keep_ratio": RATIO}, engine=ENGINE)
+    image_token = json.loads((model_dir / "config.json").read_text())["image_token_id"]
+    settings = SaintVllmSettings(RATIO)
+    cached_images = 0
+    for paths, batched, again in zip(prompts, got["batched"], got["again"], strict=True):
+        ref = transformers_scores(model_dir, paths, batched["prompt_token_ids"], batched["token_ids"], RATIO)
+        assert [len(k) for k in ref["kept"]] == [
+            settings.kept_tokens(n) for n in ref["tokens"]], "each image's run is its budget"
+        assert_same_greedy_decoding(batched, ref["logprobs"])
+        assert again["prompt_token_ids"] == batched["prompt_token_ids"]
+        assert_same_greedy_decoding(again, ref["logprobs"])
+        last_image_token = max(i for i, t in enumerate(batched["prompt_token_ids"]) if t == image_token)
+        cached_images += again["num_cached_tokens"] > last_image_token
+    assert cached_images >= 2  # the single-image prompts found their image in the prefix cache
