@@ -452,6 +452,24 @@ def test_decoded_image_token_ids_are_text(name, images):
     assert torch.equal(out, torch.cat(solo))
 
 
+def test_prompt_lookup_decoding_equals_greedy(images, monkeypatch):
+    """Assisted (prompt-lookup) decoding through a cache whose layers hold pruned prompts of
+    different lengths: rejected candidates are cropped from the end of every layer, so the
+    output equals plain greedy decoding."""
+    crops = []
+    crop = transformers.DynamicCache.crop
+    monkeypatch.setattr(transformers.DynamicCache, "crop", lambda self, n: (crops.append(n), crop(self, n))[1])
+    model = saint.patch(make(), **HYBRID)
+    ids = ROWS[0][None]
+    kw = dict(max_new_tokens=20, do_sample=False, suppress_tokens=[IMG])
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, pixel_values=images[:1], **kw)
+        assert not crops
+        lookup = model.generate(input_ids=ids, pixel_values=images[:1], prompt_lookup_num_tokens=3, **kw)
+    assert any(n < 0 for n in crops)  # candidates were rejected and cropped
+    assert torch.equal(lookup, greedy)
+
+
 def test_bad_calls_raise_clear_errors(images):
     model = make()
     saint.patch(model, **CONFIGS["vit"])
