@@ -95,6 +95,13 @@ BAND_224 = [
     ("`saint_match` guard 0.1, keep_norm, 1.5x (measured)", "saint_match:guard=0.1,keep_norm=True,target=measured,at=1.5@1.5x"),
     ("`saint_match` guard 0.1, keep_norm, 2x (measured)", "saint_match:guard=0.1,keep_norm=True,target=measured,at=2@2x"),
 ]
+BAND_518 = [
+    ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
+    ("`saint_match` decreasing, guard 0.1, keep_norm, 2x (measured)",
+     "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,target=measured,at=2@2x"),
+    ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
+     "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
+]
 
 FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224": ("dinov2_s14_224_cpu.json", "224px", [
@@ -320,13 +327,12 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "dinov2_224_band": ("dinov2_s14_224_cpu_band.json",
                         "224px, 2 threads, the same with glibc as it comes", BAND_224),
     "dinov2_518_band_nommap": ("dinov2_s14_518_cpu_band_nommap.json",
-                               "518px, 2 threads, measured calibrations aiming at or above the target, mmap off", [
-        ("ToMe r=100, keep_norm", "tome:r=100,keep_norm=true"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, 2x (measured)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,target=measured,at=2@2x"),
-        ("`saint_match` decreasing, guard 0.1, keep_norm, before attention, 3x (measured)",
-         "saint_match:inflection=-0.5,guard=0.1,keep_norm=True,select_at=attention,target=measured,at=3@3x"),
-    ]),
+                               "518px, 2 threads, measured calibrations aiming at or above the target, mmap off",
+                               BAND_518),
+    "dinov2_224_band_nommap2": ("dinov2_s14_224_cpu_band_nommap2.json",
+                                "224px, the same command repeated (mmap off)", BAND_224),
+    "dinov2_518_band_nommap2": ("dinov2_s14_518_cpu_band_nommap2.json",
+                                "518px, the same command repeated (mmap off)", BAND_518),
     "dinov2_518_epyc": ("dinov2_s14_518_cpu_epyc.json", "518px, 2 threads, the 3x settings on an AMD EPYC",
                         KEYS_FIRST_518),
     "dinov2_518_targets": ("dinov2_s14_518_cpu_targets.json", "518px, 2 threads, at the targets' 1.5x and 2x", [
@@ -404,7 +410,7 @@ WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_n
               "dinov2_224_targets_epyc_repeat", "dinov2_224_targets_epyc_third", "dinov2_224_targets_nommap",
               "dinov2_518_epyc_3x_nommap", "dinov2_518_epyc_attn_nommap", "dinov2_518_epyc_attn_nommap2",
               "dinov2_224_band_nommap", "dinov2_518_band_nommap",
-              "dinov2_224_band"}
+              "dinov2_224_band", "dinov2_224_band_nommap2", "dinov2_518_band_nommap2"}
 
 
 def fidelity_table(name: str) -> str:
