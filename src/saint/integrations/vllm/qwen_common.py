@@ -8,7 +8,6 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
@@ -65,7 +64,7 @@ def positions_with_pruned_images(
     tokens += input_tokens[start:]
     kept += [True] * (len(input_tokens) - start)
     positions, _ = full_positions(tokens, features)
-    positions = positions[:, torch.from_numpy(np.array(kept, dtype=bool))]
+    positions = positions[:, torch.tensor(kept, dtype=torch.bool)]
     return positions, int(positions.max()) + 1 - len(input_tokens)
 
 
