@@ -54,6 +54,14 @@ def qwen3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory) -> Path:
+    """A tiny LLaVA-1.5 (112 px, CLIP tower: 64 image tokens)."""
+    from saint.integrations.vllm.tiny import write_llava_checkpoint
+
+    return write_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava"), image_size=112)
+
+
+@pytest.fixture(scope="session")
 def image_path(tmp_path_factory) -> Path:
     """A portrait image (224 x 168: a 8 x 6 grid of 48 merged tokens), so positions after
     the image depend on the grid's height, not its width."""

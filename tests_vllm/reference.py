@@ -124,29 +124,33 @@ def transformers_scores(
 
 @torch.no_grad()
 def transformers_llava_scores(
-    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float
+    model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
+    keep_ratio: float,
 ) -> dict:
-    """LLaVA: the fixed-budget drop on the projector's output, and the shortened prompt
-    numbered 0..L-1 (LLaVA's 1-D positions)."""
+    """LLaVA, one image or several in prompt order: the fixed-budget drop on each image's
+    projector output, and the shortened prompt numbered 0..L-1 (LLaVA's 1-D positions).
+    ``kept``: the kept indices per image; ``tokens``: each image's tokens before the drop."""
     from PIL import Image
     from transformers import LlavaForConditionalGeneration
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+    paths = image_paths if isinstance(image_paths, list) else [image_paths]
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = CLIPImageProcessorPil.from_pretrained(model_dir)
-    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
-    feats = model.model.get_image_features(pixel_values=pixels["pixel_values"])
-    feats = getattr(feats, "pooler_output", feats)
-    feats = (feats[0] if isinstance(feats, (list, tuple)) else feats).reshape(-1, feats[0].shape[-1])
-    keep = _keep(feats, keep_ratio)
+    pixels = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+    out = model.model.get_image_features(pixel_values=pixels["pixel_values"])
+    out = getattr(out, "pooler_output", out)
+    feats = [f.reshape(-1, f.shape[-1]) for f in (out if isinstance(out, (list, tuple)) else out.unbind(0))]
+    keeps = [_keep(f, keep_ratio) for f in feats]
 
-    ids = torch.tensor(prompt_ids)
-    where = (ids == model.config.image_token_index).nonzero().flatten()
-    assert len(where) == int(keep.sum()), (len(where), int(keep.sum()))
+    runs = _runs(torch.tensor(prompt_ids), model.config.image_token_index)
+    assert [k for _, k in runs] == [int(keep.sum()) for keep in keeps], (runs, [int(k.sum()) for k in keeps])
     embeds = model.model.get_input_embeddings()(torch.tensor(prompt_ids + output_ids)[None])
-    embeds[0, where] = feats[keep]
+    for (start, k), f, keep in zip(runs, feats, keeps, strict=True):
+        embeds[0, start : start + k] = f[keep]
     hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
     return {
         "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
-        "kept": keep.nonzero().flatten().tolist(),
+        "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
+        "tokens": [len(f) for f in feats],
     }

@@ -1,8 +1,8 @@
 """Several images per prompt, batched requests and the prefix cache, with SAINT pruning on
-(``saint_keep_ratio=0.25``), on Qwen2.5-VL and Qwen3-VL: one engine per model, block size
-32 with prefix caching. The requests run together, then each again on its own, which finds
-its images in the prefix cache; both times every request decodes as transformers does with
-the same kept tokens at their full-grid positions."""
+(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen3-VL and LLaVA-1.5: one engine per model,
+block size 32 with prefix caching. The requests run together, then each again on its own,
+which finds its images in the prefix cache; both times every request decodes as
+transformers does with the same kept tokens (Qwen-VL: at their full-grid positions)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import assert_same_greedy_decoding
 from PIL import Image
-from reference import transformers_scores
+from reference import transformers_llava_scores, transformers_scores
 
 from saint.integrations.vllm.settings import SaintVllmSettings
 
@@ -31,18 +31,26 @@ def landscape_path(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+FAMILIES = {  # checkpoint fixture, reference, the config's image token key
+    "qwen2_5_vl": ("model_dir", transformers_scores, "image_token_id"),
+    "qwen3_vl": ("qwen3_dir", transformers_scores, "image_token_id"),
+    "llava": ("llava_dir", transformers_llava_scores, "image_token_index"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_two_images_batches_and_prefix_cache_decode_as_transformers(
     family, request, run_engine, image_path, landscape_path
 ):
-    model_dir = request.getfixturevalue("model_dir" if family == "qwen2_5_vl" else "qwen3_dir")
+    fixture, reference, token_key = FAMILIES[family]
+    model_dir = request.getfixturevalue(fixture)
     prompts = [[image_path, landscape_path], [landscape_path], [image_path]]
     got = run_engine(model_dir, prompts, {"saint_keep_ratio": RATIO}, engine=ENGINE)
-    image_token = json.loads((model_dir / "config.json").read_text())["image_token_id"]
+    image_token = json.loads((model_dir / "config.json").read_text())[token_key]
     settings = SaintVllmSettings(RATIO)
     cached_images = 0
     for paths, batched, again in zip(prompts, got["batched"], got["again"], strict=True):
-        ref = transformers_scores(model_dir, paths, batched["prompt_token_ids"], batched["token_ids"], RATIO)
+        ref = reference(model_dir, paths, batched["prompt_token_ids"], batched["token_ids"], RATIO)
         assert [len(k) for k in ref["kept"]] == [
             settings.kept_tokens(n) for n in ref["tokens"]], "each image's run is its budget"
         assert_same_greedy_decoding(batched, ref["logprobs"])
