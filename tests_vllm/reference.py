@@ -45,14 +45,27 @@ def _runs(ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
     return [(a, n) for a, n in runs]
 
 
+def _kept_embeddings(model, image_token: int, feats, keeps, prompt_ids, output_ids):
+    """The embeddings ``[1, L, D]`` of vLLM's prompt and output with each image's kept
+    features in its (already shortened) run of placeholders, the mask of those slots, and
+    the runs ``(start, length)``, checked against the kept counts."""
+    runs = _runs(torch.tensor(prompt_ids), image_token)
+    assert [k for _, k in runs] == [int(keep.sum()) for keep in keeps], (runs, [int(k.sum()) for k in keeps])
+    embeds = model.model.get_input_embeddings()(torch.tensor(prompt_ids + output_ids)[None])
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
+    for (start, k), f, keep in zip(runs, feats, keeps, strict=True):
+        embeds[0, start : start + k] = f[keep]
+        mask[0, start : start + k] = True
+    return embeds, mask, runs
+
+
 def _qwen_inputs(model, image_token: int, feats, keeps, grid, prompt_ids, output_ids):
     """Embeddings and M-RoPE positions ``[3, 1, L]`` of vLLM's prompt (each image's run
     already shortened to its kept count) followed by its output: kept tokens keep their
     full-grid positions (transformers' ``get_rope_index`` on the unpruned prompt), the text
     after an image keeps its unpruned positions."""
+    embeds, mask, runs = _kept_embeddings(model, image_token, feats, keeps, prompt_ids, output_ids)
     ids = torch.tensor(prompt_ids)
-    runs = _runs(ids, image_token)
-    assert [k for _, k in runs] == [int(keep.sum()) for keep in keeps], (runs, [int(k.sum()) for k in keeps])
     parts, columns, end = [], [], 0
     for (start, k), f, keep in zip(runs, feats, keeps, strict=True):
         parts += [ids[end:start], torch.full((len(f),), image_token)]
@@ -67,12 +80,6 @@ def _qwen_inputs(model, image_token: int, feats, keeps, grid, prompt_ids, output
     positions = positions[:, :, torch.cat(columns)]
     after = positions.max() + 1 + torch.arange(len(output_ids))  # decoding continues from there
     positions = torch.cat([positions, after.view(1, 1, -1).expand(3, 1, -1)], dim=2)
-
-    embeds = model.model.get_input_embeddings()(torch.tensor(prompt_ids + output_ids)[None])
-    mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
-    for (start, k), f, keep in zip(runs, feats, keeps, strict=True):
-        embeds[0, start : start + k] = f[keep]
-        mask[0, start : start + k] = True
     return embeds, positions, mask
 
 
@@ -143,11 +150,7 @@ def transformers_llava_scores(
     feats = [f.reshape(-1, f.shape[-1]) for f in (out if isinstance(out, (list, tuple)) else out.unbind(0))]
     keeps = [_keep(f, keep_ratio) for f in feats]
 
-    runs = _runs(torch.tensor(prompt_ids), model.config.image_token_index)
-    assert [k for _, k in runs] == [int(keep.sum()) for keep in keeps], (runs, [int(k.sum()) for k in keeps])
-    embeds = model.model.get_input_embeddings()(torch.tensor(prompt_ids + output_ids)[None])
-    for (start, k), f, keep in zip(runs, feats, keeps, strict=True):
-        embeds[0, start : start + k] = f[keep]
+    embeds, _, _ = _kept_embeddings(model, model.config.image_token_index, feats, keeps, prompt_ids, output_ids)
     hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
     return {
         "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
