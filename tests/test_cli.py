@@ -164,6 +164,26 @@ def test_calibrate_command(images, tmp_path, capsys) -> None:
     assert "saint.patch(model, 'saint_match'" in capsys.readouterr().out
 
 
+def test_one_block_is_written_layers_equals_index_in_every_command(images, tmp_path, capsys) -> None:
+    """``layers=2`` is the one block 2 in ``--method`` specs, ``calibrate --args`` and
+    ``sweep --saint-args`` alike (it used to be refused as "not a list" in the latter two)."""
+    from saint.spec import parse_method_kwargs, parse_method_spec
+
+    assert parse_method_kwargs("layers=2,k=1") == {"layers": [2], "k": 1}
+    assert parse_method_spec("saint:layers=2").kwargs == {"layers": [2]}
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", *TINY, *COMMON, "--images", images, "--keep", "0.9", "--args", "layers=2,k=1",
+                 "--json", str(out)]) == 0
+    cal = json.loads(out.read_text())
+    assert list(cal["tau"]) == ["2"] and cal["settings"]["layers"] == [2]
+    assert main(["sweep", *TINY, *COMMON, "--images", images, "--saint-args", "layers=2", "--taus", "0.5",
+                 "--tome-r", "1", "--matched", "none", "--speedups", "", "--repeats", "1", "--warmup", "0",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    rows = json.loads((tmp_path / "sweep.json").read_text())["results"]
+    saint_rows = [r for r in rows if r["method"] == "saint"]
+    assert saint_rows and all(r["settings"]["layers"] == [2] for r in saint_rows)
+
+
 def test_calibrate_command_fails_on_an_unreachable_target(images, tmp_path, capsys) -> None:
     out = tmp_path / "cal.json"
     rc = main(["calibrate", *TINY, *COMMON, "--images", images, "--speedup", "100", "--json", str(out)])
@@ -302,6 +322,13 @@ def test_analyze_and_viz_name_a_corrupt_image(bad_images, tmp_path, capsys) -> N
     (["bench", *TINY, "--device", "tpu", "--method", "tome:r=2"], "unknown device 'tpu'"),
     (["bench", *TINY, *COMMON, "--method", "tome:r=2", "--repeats", "-1"], "--repeats must be >= 1"),
     (["sweep", *TINY, *COMMON, "--warmup", "-2"], "--warmup must be >= 0"),
+    (["bench", "--model", "vit_tiny_patch16_224", "--model-args", "depth=a", *COMMON, "--method", "tome:r=2"],
+     "timm.create_model('vit_tiny_patch16_224', depth='a') failed"),
+    (["calibrate", "--model", "vit_tiny_patch16_224", "--model-args", "depth=1,embed_dim=32,num_heads=2",
+      "--img-size", "7", *COMMON, "--keep", "0.8"], "input size (7, 7) is smaller than the model's (16, 16) patches"),
+    (["demo", "--tau", "5", "--out", "{file}"], "tau=5.0 is outside [-1, 1]"),
+    (["demo", "--plus-speedup", "0.5", "--out", "{file}"], "--plus-speedup 0.5 must be >= 1"),
+    (["demo", "--tome-r", "-2", "--out", "{file}"], "r=-2 must be >= 0"),
 ])
 def test_ordinary_mistakes_are_clear_errors_before_the_run(argv, phrase, images, tmp_path, capsys) -> None:
     file = tmp_path / "a-file"

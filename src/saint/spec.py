@@ -100,6 +100,16 @@ def parse_kwargs(text: str) -> dict[str, Any]:
     return out
 
 
+def parse_method_kwargs(text: str) -> dict[str, Any]:
+    """A method's settings (:func:`parse_kwargs`), with ``layers=3`` read as the one block
+    ``[3]`` (a list is written ``0/1/2``), as in every command's method options."""
+    kwargs = parse_kwargs(text)
+    layers = kwargs.get("layers")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        kwargs["layers"] = [layers]
+    return kwargs
+
+
 def parse_method_spec(text: str, validate: bool = True) -> Variant:
     """Parse ``NAME[:key=value,...]`` into a :class:`Variant` (label = the text itself).
 
@@ -114,10 +124,7 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
         if rest.strip():
             raise ValueError(f"{name!r} (the unpruned model) takes no settings, got {rest!r}")
         return BASELINE
-    kwargs = parse_kwargs(rest)
-    layers = kwargs.get("layers")
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        kwargs["layers"] = [layers]  # layers=3: one block (a list is written 0/1/2)
+    kwargs = parse_method_kwargs(rest)
     if validate:
         get_method(name)
         make_config(name, **kwargs)[1].resolve(_spec_depth(kwargs))

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration import CalibrationWarning, calibrate
     from ..measure.harness import timing_batch
     from ..measure.images import resolve_images
-    from ..spec import format_value, parse_kwargs
+    from ..spec import format_value, parse_method_kwargs
     from .options import build_model, check_output_file, setup_runtime
 
     check_output_file(args.json, "--json")
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", CalibrationWarning)  # reported below, with the exit code
         cal = calibrate(model, x, flops_speedup=args.flops_speedup, measured_speedup=args.measured_speedup,
                         flops=args.flops, keep=args.keep, mode=args.mode, method=args.method,
-                        batch_size=args.batch_size, **parse_kwargs(args.args))
+                        batch_size=args.batch_size, **parse_method_kwargs(args.args))
     print(f"target {cal.target} {cal.value:g}: {'reached' if cal.reached else 'NOT reached, closest'} "
           f"{cal.achieved:.3f} on these images ({cal.iterations} bisection steps)")
     if cal.measured is not None:

