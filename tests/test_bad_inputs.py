@@ -160,6 +160,10 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
                                                           keep=0.5), TypeError, "images must be float pixels"),
     ("calibrate on NaN images", lambda: saint.calibrate(tiny(), torch.full((2, 3, 32, 32), float("nan")), keep=0.5),
      ValueError, "images contain NaN or inf"),
+    ("calibrate with an unknown setting", calibrate(keep=0.5, bogus=1), TypeError,
+     "method 'saint' does not take ['bogus']"),
+    ("calibrate on a processor's mapping", lambda: saint.calibrate(tiny(), {"pixel_values": torch.randn(2, 3, 32, 32)},
+                                                                  keep=0.5), ValueError, "pass inputs['pixel_values']"),
 ]
 
 

@@ -218,3 +218,23 @@ def test_time_calibration_times_both_and_leaves_the_model_as_it_was(calib_images
     plain, pruned = time_calibration(model, calib_images, cal, repeats=3)
     assert len(plain.times) == len(pruned.times) == 3 and plain.batch_size == calib_images.shape[0]
     assert not saint.is_patched(model) and model.training
+
+
+def test_a_calibration_reads_back_from_its_json(calib_images):
+    """``Calibration.from_json`` undoes ``to_json`` (block keys are strings in JSON): the same
+    object, the same patch settings and so the same pruned model; other JSON is refused."""
+    model = make_tiny("vit", depth=6)
+    cal = saint.calibrate(model, calib_images, keep=0.8, method="saint_match", inflection=-0.5, guard=0.1,
+                          layers=[0, 2, 3], apply=False)
+    again = saint.Calibration.from_json(cal.to_json())
+    assert again == cal
+    assert all(type(b) is int for b in again.tau) and all(type(b) is int for b in again.per_layer["fraction"])
+    with torch.no_grad():
+        saint.patch(model, "saint_match", **cal.patch_kwargs())
+        expected = model(calib_images)
+        saint.patch(model, "saint_match", **again.patch_kwargs())
+        assert torch.equal(model(calib_images), expected)
+    with pytest.raises(ValueError, match="not a saint calibration"):
+        saint.Calibration.from_json('{"tau": {"0": 0.5}, "rows": []}')
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        saint.Calibration.from_json("[1, 2]")

@@ -153,10 +153,11 @@ def test_calibrate_hits_the_target_and_reproduces(family):
     with torch.no_grad():
         adapter.forward(model, inputs)
     counts = [t.tolist() for t in saint.adapters.handle_of(model).site_tokens()]
-    saint.patch(model, "saint", **cal.patch_kwargs())
-    with torch.no_grad():
-        adapter.forward(model, inputs)
-    assert [t.tolist() for t in saint.adapters.handle_of(model).site_tokens()] == counts
+    for again in (cal, saint.Calibration.from_json(cal.to_json())):  # also from its JSON (block keys as strings)
+        saint.patch(model, "saint", **again.patch_kwargs())
+        with torch.no_grad():
+            adapter.forward(model, inputs)
+        assert [t.tolist() for t in saint.adapters.handle_of(model).site_tokens()] == counts
     assert min(counts[-1]) < max(counts[0]), "the calibrated model prunes"
     saint.unpatch(model)
     with torch.no_grad():

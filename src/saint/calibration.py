@@ -81,6 +81,29 @@ class Calibration:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        """Read back :meth:`to_json`'s text (e.g. ``saint calibrate --json``'s file), block
+        indices as integers again, so ``patch_kwargs()`` reproduces the pruned model."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"not a saint calibration: expected a JSON object, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if unknown or missing:
+            raise ValueError(f"not a saint calibration: unknown fields {unknown}, missing fields {missing}")
+        data["tau"] = _by_block(data["tau"])
+        data["per_layer"] = {name: _by_block(d) for name, d in data.get("per_layer", {}).items()}
+        data["history"] = [tuple(h) for h in data.get("history", [])]
+        return cls(**data)
+
+
+def _by_block(values: dict[str, float]) -> dict[int, float]:
+    """``{"3": 0.9}`` (a JSON object's string keys) -> ``{3: 0.9}``."""
+    return {int(k): float(v) for k, v in values.items()}
+
 
 class _StopForward(Exception):
     """Raised after the last pruning layer: later blocks cannot change token counts."""

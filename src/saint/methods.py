@@ -689,5 +689,6 @@ def make_config(method: str | MethodSpec, **kwargs: Any) -> tuple[MethodSpec, Me
     names = {f.name for f in dataclasses.fields(spec.config_cls)}
     unknown = sorted(set(kwargs) - names)
     if unknown:
-        raise TypeError(f"method {method!r} does not take {unknown}; it takes {sorted(names)}")
+        name = spec.name.removesuffix("-calibration")  # a calibration probe: the method being calibrated
+        raise TypeError(f"method {name!r} does not take {unknown}; it takes {sorted(names)}")
     return spec, spec.config_cls(**kwargs)

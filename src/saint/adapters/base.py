@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import copy
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +203,9 @@ class Adapter(abc.ABC):
 
     def check_inputs(self, inputs: Inputs) -> None:
         """Raise a clear error unless ``inputs`` is a batch this family takes."""
+        if isinstance(inputs, Mapping) and "pixel_values" in inputs:
+            raise ValueError("this model takes the image batch itself: pass inputs['pixel_values'] "
+                             "(a processor's output holds it), not the whole mapping")
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or inputs.shape[0] < 1:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
             raise ValueError(f"images must be a [N, 3, H, W] batch, got {shape}")
