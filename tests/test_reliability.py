@@ -127,6 +127,30 @@ def test_deepcopy_of_a_patched_hf_tower_is_independent(images):
         assert torch.equal(clone(pixel_values=images).pooler_output, ref)
 
 
+def test_distributed_data_parallel_around_a_patched_model(images, tmp_path):
+    """Patched first, then wrapped: DistributedDataParallel (one CPU process, gloo) gives the
+    patched answer and trains; patching the wrapper, or a DataParallel, is refused with what to do."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = patched("saint_match")
+        with torch.no_grad():
+            ref = model(images)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        with torch.no_grad():
+            assert torch.equal(wrapped(images), ref)
+        with pytest.raises(TypeError, match="patch the model first, then wrap it"):
+            saint.patch(torch.nn.parallel.DistributedDataParallel(make_tiny("vit")), "tome", r=2)
+        model.train()
+        wrapped(images).square().sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(TypeError, match="cannot run under DataParallel"):
+        saint.patch(torch.nn.DataParallel(make_tiny("vit")), "tome", r=2)
+
+
 def test_pickling_a_patched_model_says_unpatch_first():
     model = patched("tome")
     with pytest.raises(TypeError, match="unpatch first"):

@@ -55,6 +55,17 @@ def find_adapter(model: torch.nn.Module) -> Adapter:
             f"{type(model._orig_mod).__name__}); patch the original first, then compile: "
             "saint.patch(model, ...); model = torch.compile(model)"
         )
+    if isinstance(model, torch.nn.DataParallel):
+        raise TypeError(
+            "saint cannot run under DataParallel: it copies the modules on every call, and a patched "
+            "block's forward belongs to its own instance; use one patched model per device, or patch "
+            "the model and then wrap it in DistributedDataParallel"
+        )
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            f"saint cannot patch a DistributedDataParallel wrapper (of {type(model.module).__name__}); patch "
+            "the model first, then wrap it: saint.patch(model, ...); model = DistributedDataParallel(model)"
+        )
     reason = REFUSED.get(type(model).__name__)
     if reason is not None:
         raise TypeError(f"saint does not patch {type(model).__name__}: {reason}")
