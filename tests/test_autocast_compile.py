@@ -155,6 +155,37 @@ def test_compiled_patched_vit_equals_the_patched_one(method, kw, arch, images):
     assert saint.stats(model).layout == layout == ("rectangular" if method == "tome" else "packed")
 
 
+@pytest.mark.parametrize("tower", ["timm", "hf"])
+def test_export_and_tracing_are_refused_with_what_to_do(tower, images):
+    """torch.jit.trace (and so ONNX's TorchScript export) and torch.export cannot record
+    per-image token counts; each says so up front instead of failing deep inside torch
+    (a trace also used to stop on an internal assert). The unpatched model exports."""
+    if tower == "timm":
+        model = make_tiny("vit")
+    else:
+        transformers = pytest.importorskip("transformers")
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8)).eval()
+    saint.patch(model, "tome", r=2)
+    hint = "cannot record as a graph; export the unpatched model"
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=hint):
+            torch.jit.trace(model, images, strict=False)
+        with pytest.raises(RuntimeError, match=hint):
+            torch.export.export(model, (images,))
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=hint):  # dynamo reports the model's own error as Unsupported
+            torch.export.export(model, (images,), strict=True)
+        torch._dynamo.reset()
+        saint.unpatch(model)
+        exported = torch.export.export(model, (images,))
+        torch._dynamo.reset()
+        out = exported.module()(images)
+        assert torch.equal(out if tower == "timm" else out.last_hidden_state,
+                           model(images) if tower == "timm" else model(images).last_hidden_state)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_half_precision_vlms_prune_and_generate(family, dtype, images):

@@ -289,6 +289,8 @@ class TokenStateHandle(Handle):
         """Block ``index`` of a call begins: this call's run, the tokens in its current
         layout (recorded for tracing unless recomputed), and the block's settings (None:
         no selection here, or an empty batch, which gives ``(0, ...)`` as unpatched)."""
+        if index == 0:
+            refuse_export()
         run = self.runs.enter(index, x, self.trace)
         state = run.state
         x = state.enter(x)
@@ -336,6 +338,20 @@ class TokenStateHandle(Handle):
         if not self.trace:
             raise ValueError("token origins are recorded only with saint.patch(..., trace=True)")
         return list(self.state.origins)
+
+
+EXPORT_HINT = (
+    "a saint-patched model picks its token counts from the data at run time, which torch.jit.trace, "
+    "ONNX export and torch.export cannot record as a graph; export the unpatched model "
+    "(saint.unpatch(model)), or run the patched one eagerly or under torch.compile"
+)
+
+
+def refuse_export() -> None:
+    """Refuse tracing for export up front: it would otherwise fail deep inside torch (or,
+    for a trace, replay one batch's token counts on every later input)."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        raise RuntimeError(EXPORT_HINT)
 
 
 def capture_for_selection(module: nn.Module, args: Any, output: torch.Tensor) -> None:
