@@ -188,6 +188,28 @@ def test_attn_needs_class_token():
         saint.patch(model, "attn", r=2)
 
 
+@pytest.mark.parametrize("arch", ["mae_avgpool", "vit", "eva02"])
+@pytest.mark.parametrize("method,kw", [("saint_plus", dict(tau=0.1)), ("tome", dict(r=2)),
+                                       ("saint_match", dict(tau=0.1, fraction=0.6))])
+def test_forward_head_pools_features_with_their_own_call(arch, method, kw, images):
+    """forward_features' tokens remember their call: pooling them after other calls uses
+    their own padding and merged sizes (it used the last call's: NaN or a silently wrong
+    average). Tokens changed since (a copy) must fit the last call, else are refused."""
+    model = saint.patch(make_tiny(arch), method, **kw)
+    other = images.flip(0) * 0.5
+    with torch.no_grad():
+        want = model(images)
+        feats = model.forward_features(images)
+        model.forward_features(other)
+        model(other[:2])
+        torch.testing.assert_close(model.forward_head(feats), want, rtol=0, atol=1e-6)
+        fresh = model.forward_features(other).clone()  # untagged, but the last call's tokens
+        torch.testing.assert_close(model.forward_head(fresh), model(other), rtol=0, atol=1e-6)
+        if saint.stats(model).layout == "packed" and arch != "vit":  # a class token pools no padding
+            with pytest.raises(ValueError, match="not the patched model's last output"):
+                model.forward_head(feats.clone())
+
+
 def test_merging_rejects_pooling_that_cannot_weigh_sizes():
     model = make_tiny("vit", global_pool="max", class_token=False)
     with pytest.raises(ValueError, match="global_pool"):

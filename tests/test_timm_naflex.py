@@ -172,6 +172,18 @@ def test_forward_features_reports_the_real_tokens():
         torch.testing.assert_close(model(naflex(images())), whole, rtol=0, atol=0)
 
 
+def test_forward_head_pools_features_with_their_own_call():
+    """A NaFlex forward_features output pooled after another call uses its own call's
+    real tokens and sizes."""
+    model = saint.patch(make(), "saint_match", tau=0.2, fraction=0.5)
+    batch, other = naflex(images()), naflex(images()[::-1])
+    with torch.no_grad():
+        want = model(batch)
+        feats = model.forward_features(**batch)
+        model(other)
+        torch.testing.assert_close(model.forward_head(**feats), want, rtol=0, atol=1e-6)
+
+
 def test_gradient_checkpointing_recomputes_from_the_padding():
     """timm checkpoints each block with the model's padding mask; the recomputation selects
     the same tokens, so outputs and gradients equal the run without checkpointing."""

@@ -41,6 +41,8 @@ from .timm_vit import (
     check_blocks,
     pool_per_image,
     resolve_settings,
+    state_of_tokens,
+    tag_tokens,
 )
 
 
@@ -105,14 +107,14 @@ def _forward_features(self: torch.nn.Module, patches: torch.Tensor, patch_coord:
     if isinstance(out, dict):  # a NaFlex batch: the real tokens of the padded view that follows
         state = handle.state
         out["patch_valid"] = None if state.valid is None else state.valid[:, self.num_prefix_tokens :]
-    return out
+    return tag_tokens(self, out)
 
 
 def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None,
           patch_valid: torch.Tensor | None = None) -> torch.Tensor:
     """NaFlexVit's pooling, per image over its real tokens (the state's, whatever
     ``patch_valid`` says), merged tokens weighted by their sizes in an average."""
-    state = self.__dict__[SAINT_ATTR].state
+    state = state_of_tokens(self, x)
     if state.valid is None and state.sizes is None:
         return type(self)._pool(self, x, pool_type, patch_valid)
     return pool_per_image(self, x, pool_type, lambda t, pool: type(self)._pool(self, t, pool, None))

@@ -96,6 +96,9 @@ class TimmPatch(TokenStateHandle):
     unpatch)."""
 
 
+TOKENS_ATTR = "_saint_tokens"  # on the tokens forward_features returned: their call's TokenState
+
+
 def patch(
     model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
     layout: str = "packed", kernel: str = "auto", **kwargs: Any,
@@ -167,14 +170,15 @@ def wrap_outputs(model: torch.nn.Module, pool: bool) -> None:
     ``self.pool``) and unpadded ``forward_intermediates``, per instance."""
     if pool:
         model.pool = types.MethodType(_pool, model)
+        model.forward_features = types.MethodType(_forward_features, model)
     if hasattr(model, "forward_intermediates"):
         model.forward_intermediates = types.MethodType(_forward_intermediates, model)
 
 
 def unwrap_outputs(model: torch.nn.Module) -> None:
     """Undo :func:`wrap_outputs`."""
-    model.__dict__.pop("pool", None)
-    model.__dict__.pop("forward_intermediates", None)
+    for name in ("pool", "forward_features", "forward_intermediates"):
+        model.__dict__.pop(name, None)
 
 
 def _key_proj(blk: torch.nn.Module) -> torch.nn.Module:
@@ -367,6 +371,43 @@ def _captured_context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: 
     return _context(handle, run, blk, index, x, qkv[..., c : 2 * c], lambda: run.state.first(qkv[..., :c]))
 
 
+def _forward_features(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """timm's ``forward_features``, its tokens tagged with their call's state (see
+    :func:`tag_tokens`)."""
+    return tag_tokens(self, type(self).forward_features(self, *args, **kwargs))
+
+
+def tag_tokens(model: torch.nn.Module, out: Any) -> Any:
+    """Tag the tokens of a ``forward_features`` output (a tensor, or NaFlex's dict) with
+    the state of the call that made them, so that pooling them later (``forward_head``)
+    uses that call's padding and merged sizes, whatever ran since."""
+    tokens = out.get("patches") if isinstance(out, dict) else out
+    if isinstance(tokens, torch.Tensor):
+        setattr(tokens, TOKENS_ATTR, model.__dict__[SAINT_ATTR].state)
+    return out
+
+
+def state_of_tokens(model: torch.nn.Module, x: torch.Tensor) -> TokenState:
+    """The state of the call whose ``forward_features`` returned ``x`` (its tag), else
+    (tokens changed since, e.g. copied) the last call's, if ``x`` fits it: its shape,
+    and, without autograd, its NaN padding."""
+    state = getattr(x, TOKENS_ATTR, None)
+    if state is not None:
+        return state
+    state = model.__dict__[SAINT_ATTR].state
+    if state.valid is not None:
+        fits = tuple(x.shape[:2]) == tuple(state.valid.shape)
+        if fits and not x.requires_grad:
+            fits = bool(torch.equal(torch.isnan(x[..., 0]), ~state.valid))
+        if not fits:
+            raise ValueError(
+                f"pool got tokens {tuple(x.shape[:2])} that are not the patched model's last output "
+                f"({tuple(state.valid.shape)}, NaN at its padding); pool the tensor forward_features "
+                "returned (it remembers its own call), or split tokens with saint.per_image"
+            )
+    return state
+
+
 def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
     """timm's pooling, per image: padding (NaN after packing) never enters it, and
     merged tokens count with their sizes (an average, or the attention pooling)."""
@@ -379,15 +420,10 @@ def pool_per_image(model: torch.nn.Module, x: torch.Tensor, pool_type: str | Non
     (the model's pooling) on all of them when every token is real and whole, else on each
     image's real tokens; after merging the size-weighted mean (``avg``) or the attention
     pooling with ``log(size)`` on merged keys."""
-    state = model.__dict__[SAINT_ATTR].state
+    state = state_of_tokens(model, x)
     pool_type = model.global_pool if pool_type is None else pool_type
     if state.valid is None and state.sizes is None:
         return own(x, pool_type)
-    if state.valid is not None and tuple(x.shape[:2]) != tuple(state.valid.shape):
-        raise ValueError(
-            f"pool got {tuple(x.shape[:2])} tokens but the last forward produced {tuple(state.valid.shape)}; "
-            "pool the output of the patched model's own forward_features"
-        )
     if model.attn_pool is None and pool_type in ("token", ""):
         return own(x, pool_type)
     if state.sizes is not None:
