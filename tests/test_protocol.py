@@ -203,3 +203,27 @@ def test_trace_kept_maps_the_patch_grid(family):
     assert kept.kept[0] < grid.num_patches, "tau=0 drops candidates at the first pruning site"
     assert all(a >= b for a, b in zip(kept.kept, kept.kept[1:], strict=False))
     assert not saint.is_patched(model)
+
+
+VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "llava_next": dict(mode="vit", vit_keep=5, vit_layer=0),
+               "llava_onevision": dict(mode="vit", vit_keep=5, vit_layer=0)}
+
+
+@pytest.mark.parametrize("name", VLMS)
+def test_chunked_prefill_of_an_image_prompt_runs_whole_or_is_refused(name):
+    """generate(prefill_chunk_size=n): a prompt with images that fits one chunk runs as one
+    prefill (generate used to slice the kept features by the unpruned placeholders:
+    IndexError, or "features computed outside the patched model"); a longer one is
+    refused with what to do, as saint prunes image tokens within one forward."""
+    model, inputs, _, variant = FAMILIES[name]()
+    length = inputs["input_ids"].shape[1]
+    for settings in ({"method": variant.method, **variant.kwargs}, VISION_SIDE[name]):
+        saint.patch(model, **settings)
+        with torch.no_grad():
+            want = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            got = model.generate(**inputs, max_new_tokens=2, do_sample=False, prefill_chunk_size=length)
+            assert torch.equal(got, want)
+            with pytest.raises(ValueError, match=f"prefill_chunk_size={length - 1} splits this {length}-token prompt"):
+                model.generate(**inputs, max_new_tokens=2, do_sample=False, prefill_chunk_size=length - 1)
+        saint.unpatch(model)

@@ -51,7 +51,8 @@ instance: calls from several threads wait for each other; a deep copy or pickle 
 patched LLaVA is refused with "unpatch first"); the maps a cached generation needs are stored on its cache object, so
 cached generations may interleave. Not supported (clear errors): flash/flex
 attention, sliding-window layers, ``inputs_embeds``-only prompts with images, adding
-images to a non-empty cache, 4-D attention masks (incl. static caches) together
+images to a non-empty cache (so ``generate(prefill_chunk_size=n)`` over several chunks; a prompt that
+fits one chunk runs as one prefill), 4-D attention masks (incl. static caches) together
 with a vision-side reduction. A cache filled by a pruned prompt must be continued by
 the same patched model (not after ``unpatch``). For ``num_beams`` /
 ``num_return_sequences`` > 1 with a vision-side reduction, generate's private helper

@@ -15,6 +15,7 @@ LLaVA-OneVision, Qwen-VL), installed per instance around one patched forward:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +122,37 @@ def install_forward_hooks(handle: VlmPatch, model: torch.nn.Module, mm: torch.nn
         hooks.append(model.register_forward_pre_hook(RefusePickle(make_top_pre(handle)), with_kwargs=True))
         hooks.append(model.register_forward_hook(RefusePickle(make_top_post(handle)), with_kwargs=True))
     hooks.append(model.register_forward_hook(RefusePickle(make_guard(handle, enter=False)), always_call=True))
+    if hasattr(model, PREFILL) and PREFILL not in model.__dict__:
+        handle.wrap(model, PREFILL, make_unchunked_prefill(getattr(model, PREFILL)))
+
+
+PREFILL = "_prefill"  # generate's (private) prefill step, which splits the prompt by prefill_chunk_size
+MEDIA_KWARGS = ("pixel_values", "pixel_values_videos")
+
+
+def make_unchunked_prefill(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``generate(prefill_chunk_size=n)`` on a prompt with images: saint shortens the image
+    runs inside one forward, so a prompt that fits one chunk runs as one prefill (what
+    the chunk is), and a longer one is refused (generate would slice the kept features
+    by the unpruned placeholders, and each later chunk would add images to a filled cache)."""
+    def prefill(input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any],
+                *args: Any, **kwargs: Any) -> Any:
+        chunk = getattr(generation_config, "prefill_chunk_size", None)
+        mm_out = model_kwargs.get("mm_encoder_outputs") or {}
+        media = any(v is not None for v in mm_out.values()) or any(model_kwargs.get(k) is not None
+                                                                   for k in MEDIA_KWARGS)
+        if chunk is not None and media:
+            if input_ids.shape[-1] > chunk:
+                raise ValueError(
+                    f"saint prunes a prompt's image tokens within one forward, and prefill_chunk_size={chunk} "
+                    f"splits this {input_ids.shape[-1]}-token prompt into several; generate without "
+                    "prefill_chunk_size (or with one at least as long as the prompt)"
+                )
+            generation_config = copy.copy(generation_config)
+            generation_config.prefill_chunk_size = None
+        return original(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    return prefill
 
 
 def make_guard(handle: VlmPatch, enter: bool):
