@@ -350,8 +350,11 @@ EXPORT_HINT = (
 def refuse_export() -> None:
     """Refuse tracing for export up front: it would otherwise fail deep inside torch (or,
     for a trace, replay one batch's token counts on every later input)."""
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+    if torch.jit.is_tracing() or _is_exporting():
         raise RuntimeError(EXPORT_HINT)
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 
 def capture_for_selection(module: nn.Module, args: Any, output: torch.Tensor) -> None:
