@@ -46,6 +46,19 @@ def middle_block_alone():
         model.blocks[2](torch.zeros(1, 17, 32))
 
 
+def per_image_with_another_forwards_mask(float_mask: bool = False):
+    """Tokens of one forward split by the mask of the next (same shapes, other images)."""
+    model = patched("saint_plus", tau=0.1)
+    first = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    first[1] = 0.3  # a redundant image keeps fewer tokens: (3, 2), and the flipped batch (2, 3)
+    with torch.no_grad():
+        feats = model.forward_features(first)
+        model.forward_features(first.flip(0))
+    mask = saint.token_mask(model)
+    assert mask.shape == feats.shape[:2]
+    saint.per_image(feats, mask.float() if float_mask else mask)
+
+
 def block_with_mask():
     model = patched()
     model.blocks[0](torch.zeros(1, 17, 32), attn_mask=torch.zeros(1, 1, 17, 17))
@@ -160,6 +173,10 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
                                                           keep=0.5), TypeError, "images must be float pixels"),
     ("calibrate on NaN images", lambda: saint.calibrate(tiny(), torch.full((2, 3, 32, 32), float("nan")), keep=0.5),
      ValueError, "images contain NaN or inf"),
+    ("per_image with another forward's mask", per_image_with_another_forwards_mask, ValueError,
+     "the mask marks padding (NaN) as real tokens: it belongs to another forward"),
+    ("per_image with a float mask", lambda: per_image_with_another_forwards_mask(float_mask=True), TypeError,
+     "mask must be a bool tensor"),
     ("calibrate with an unknown setting", calibrate(keep=0.5, bogus=1), TypeError,
      "method 'saint' does not take ['bogus']"),
     ("calibrate on a processor's mapping", lambda: saint.calibrate(tiny(), {"pixel_values": torch.randn(2, 3, 32, 32)},

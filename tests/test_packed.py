@@ -225,7 +225,8 @@ def test_timm_packed_equals_padded_equals_alone(arch, label, select_at, images):
     assert p_stats.layout == "padded" and p_stats.tokens == stats.tokens
     torch.testing.assert_close(out, p_out, **TOL)
     assert torch.equal(mask, p_mask)
-    assert bool(feats[~mask].isnan().all()) and not bool(feats[mask].isnan().any())
+    for f in (feats, p_feats):  # padding is NaN in both layouts (padded: not what its masked rows computed)
+        assert bool(f[~mask].isnan().all()) and not bool(f[mask].isnan().any())
     for i, tokens in enumerate(saint.per_image(feats, mask)):
         torch.testing.assert_close(tokens, p_feats[i][p_mask[i]], **TOL)
         with torch.no_grad():
@@ -434,6 +435,10 @@ def test_hf_packed_equals_padded_equals_alone(kind, label, select_at, images):
     a, b = outs["packed"], outs["padded"]
     torch.testing.assert_close(_hf_features(a), _hf_features(b), **TOL)
     assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(masks["packed"], masks["padded"], strict=True))
+    for out in (a, b):  # padding is NaN in both layouts, at every hidden state
+        for h, mask in zip(out.hidden_states, masks["packed"], strict=True):
+            if mask is not None:
+                assert bool(h[~mask].isnan().all()) and not bool(h[mask].isnan().any())
     for i in range(len(images)):
         with torch.no_grad():
             alone = model(pixel_values=images[i : i + 1], output_hidden_states=True)

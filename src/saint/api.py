@@ -71,6 +71,13 @@ def per_image(tokens: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Ten
     tensor of real tokens per image."""
     if mask is None:
         return list(tokens.unbind(0))
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (saint.token_mask), got {mask.dtype}")
     if tuple(mask.shape) != tuple(tokens.shape[:2]):
         raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(tokens.shape[:2])}")
+    if tokens.is_floating_point() and bool((tokens[..., 0].isnan() & mask.to(tokens.device)).any()):
+        raise ValueError(
+            "the mask marks padding (NaN) as real tokens: it belongs to another forward; take "
+            "saint.token_mask(model) after the forward that returned these tokens"
+        )
     return [t[m] for t, m in zip(tokens, mask, strict=True)]

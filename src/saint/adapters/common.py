@@ -134,6 +134,7 @@ class TokenState:
     _bias: dict[tuple[torch.dtype, bool], torch.Tensor | None] = field(default_factory=dict, repr=False)
     _index: torch.Tensor | None = field(default=None, repr=False)
     _slots: torch.Tensor | None = field(default=None, repr=False)
+    _filled: bool = field(default=False, repr=False)  # the padded layout's padding rows were filled on leaving
 
     def reset(self, x: torch.Tensor, trace: bool, valid: torch.Tensor | None = None) -> None:
         """Start a call on ``x [B, N, C]``; ``valid [B, N]`` marks its real tokens when the
@@ -155,6 +156,7 @@ class TokenState:
         self.ran = "rectangular"
         self._bias = {}
         self._index = self._slots = None
+        self._filled = False
         self.counts = []
         self.origins = []
         self.positions = None
@@ -204,6 +206,8 @@ class TokenState:
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """A block's input in the state's layout: tokens that left the packed stream at a
         block boundary (see :meth:`leave`) are packed again."""
+        if self._filled:  # the padded layout computes its padding rows: finite values again
+            x, self._filled = x.masked_fill(~self.valid[..., None], 0.0), False
         if self.layout == "packed" and not self.packed and self.valid is not None:
             slots = self._device_slots(x.device)
             x = pack(x, self.valid, slots)
@@ -220,16 +224,21 @@ class TokenState:
         there), so no padding value can pass for a token. When autograd records ``x``
         the padding is 0 instead: a norm after the blocks multiplies every row by its
         weight, and a NaN row would make that weight's gradient NaN although the row's
-        own gradient is 0."""
+        own gradient is 0. The padded layout's padding rows are filled the same way
+        (they hold what the masked computation left there)."""
+        fill = 0.0 if x.requires_grad else float("nan")
         if not self.packed:
-            return x
+            if self.valid is None:
+                return x
+            self._filled = True
+            return x.masked_fill(~self.valid[..., None], fill)
         slots = self._device_slots(x.device)
         if self.sizes is not None:
             self.sizes = unpack(self.sizes, self.valid, fill=1.0, slots=slots)
         if self.positions is not None:
             self.positions = unpack(self.positions, self.valid, fill=0, slots=slots)
         self.packed, self._bias = False, {}
-        return unpack(x, self.valid, fill=0.0 if x.requires_grad else float("nan"), slots=slots)
+        return unpack(x, self.valid, fill=fill, slots=slots)
 
     def padded(self, t: torch.Tensor) -> torch.Tensor:
         """The padded view ``[B, M, ...]`` of a packed ``[1, T, ...]`` tensor (padding
