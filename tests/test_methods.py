@@ -161,3 +161,44 @@ def test_head_mean_equals_the_mean_over_heads_on_a_strided_key_slice(accelerator
             got = head_mean(k)
         torch.testing.assert_close(got, k.mean(dim=2))
         assert torch.equal(qkv, before)  # accumulated into its own output, never into the keys
+
+
+def test_numpy_and_tensor_settings_mean_what_python_numbers_mean(images):
+    """Settings from NumPy (scalars of any width, 1-d arrays) or torch (0-d / 1-d tensors)
+    prune as the same Python numbers do; a NumPy bool is no number."""
+    np = pytest.importorskip("numpy")
+
+    def tokens(method: str, **kw) -> list[list[int]]:
+        model = saint.patch(make_tiny("vit"), method, **kw)
+        with torch.no_grad():
+            model(images)
+        return saint.stats(model).tokens
+
+    tau = float(np.float32(0.4))
+    want = tokens("saint", tau=[tau, 0.6], k=1, gamma=10.0, layers=[0, 1])
+    assert want != tokens("saint", tau=[tau, tau], k=1, gamma=10.0, layers=[0, 1])  # the values matter
+    for kw in (dict(tau=np.array([np.float32(0.4), 0.6]), k=np.int64(1), gamma=np.float16(10), layers=np.arange(2)),
+               dict(tau=[np.float32(0.4), np.float64(0.6)], k=torch.tensor(1), gamma=10, layers=torch.arange(2)),
+               dict(tau={np.int64(0): np.float32(0.4), 1: 0.6}, k=1, gamma=10.0)):
+        assert tokens("saint", **kw) == want
+    assert tokens("tome", r=np.int32(2)) == tokens("tome", r=2)
+    with pytest.raises(TypeError, match="r must be a number"):
+        saint.patch(make_tiny("vit"), "tome", r=np.bool_(True))
+
+
+def test_numpy_settings_on_a_vlm_mean_what_python_numbers_mean():
+    """The VLM settings take NumPy numbers too (FastV's ratio, the layers, counts)."""
+    np = pytest.importorskip("numpy")
+    from saint.adapters import llava
+
+    from .test_llava import make
+
+    model = make("llama", "sdpa")
+    for method, kw in (("fastv", dict(fastv_layer=np.int64(1), fastv_ratio=np.float32(0.5))),
+                       ("saint", dict(mode="hybrid", vit_keep=np.int64(5), vit_layer=np.int32(0),
+                                      llm_layers=(np.int64(0), 1), llm_tau=np.float32(0.25), llm_k=np.int64(1)))):
+        saint.patch(model, method=method, **kw)
+        python = {k: tuple(int(x) for x in v) if isinstance(v, tuple) else getattr(v, "item", lambda v=v: v)()
+                  for k, v in kw.items()}
+        assert saint.api.get_handle(model).config == llava.make_config(method, **python)
+        saint.unpatch(model)

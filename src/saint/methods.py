@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from . import core
@@ -151,7 +153,8 @@ class MethodConfig:
 
 
 def _is_list(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() == 1)
+    """A per-layer list: a list, tuple, or 1-d tensor / NumPy array."""
+    return isinstance(v, (list, tuple)) or (isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 1)
 
 
 def _block_indices(name: str, value: Any) -> list[int]:
@@ -170,8 +173,8 @@ def _block_indices(name: str, value: Any) -> list[int]:
 
 
 def _number(name: str, value: Any, kind: type = float) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-        isinstance(value, torch.Tensor) and value.dim() == 0
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) and not (
+        isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0
     ):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
     if not math.isfinite(float(value)):
@@ -504,7 +507,7 @@ class FastVConfig(MethodConfig):
     DEFAULT_LAYERS: ClassVar[str] = "required"
 
     def check_value(self, name: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
             raise ValueError(f"fastv_ratio={value!r} must be a fraction in [0, 1) of the image tokens to drop")
         return float(value)
 
