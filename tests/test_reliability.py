@@ -151,6 +151,55 @@ def test_distributed_data_parallel_around_a_patched_model(images, tmp_path):
         saint.patch(torch.nn.DataParallel(make_tiny("vit")), "tome", r=2)
 
 
+@pytest.mark.parametrize("kind", ["timm", "hf"])
+def test_blocks_wrapped_by_accelerate_are_refused_and_left_alone(kind, images):
+    """A block whose forward accelerate replaced (its hooks of a device map across devices)
+    is refused: saint used to overwrite a timm block's, dropping the hook while patched and
+    for good after unpatch (an HF tower's own hooked forward too). accelerate's cpu_offload
+    of a timm model (hooks on the leaves and the model, whose forward saint keeps) runs patched."""
+    accelerate = pytest.importorskip("accelerate")
+    transformers = pytest.importorskip("transformers")
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    def make() -> torch.nn.Module:
+        if kind == "timm":
+            return make_tiny("vit")
+        torch.manual_seed(0)
+        return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+            patch_size=8)).eval()
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(images) if kind == "timm" else model(pixel_values=images).pooler_output
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model = make()
+    blocks = model.blocks if kind == "timm" else model.encoder.layers
+    for blk in blocks:
+        add_hook_to_module(blk, Count())
+    want = run(model)
+    with pytest.raises(ValueError, match="already has a per-instance forward, set by another library"):
+        saint.patch(model, "saint_plus", tau=0.2)
+    Count.calls = 0
+    assert not saint.is_patched(model) and torch.equal(run(model), want) and Count.calls == len(blocks)
+
+    patched_alone, offloaded = saint.patch(make(), "saint_plus", tau=0.2), make()
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))  # hooks the leaves and the model
+    if kind == "hf":  # saint replaces the tower's own forward, which accelerate's hook holds
+        with pytest.raises(ValueError, match="CLIPVisionModel already has a per-instance forward"):
+            saint.patch(offloaded, "saint_plus", tau=0.2)
+        return
+    saint.patch(offloaded, "saint_plus", tau=0.2)
+    assert torch.equal(run(offloaded), run(patched_alone))
+
+
 def test_pickling_a_patched_model_says_unpatch_first():
     model = patched("tome")
     with pytest.raises(TypeError, match="unpatch first"):

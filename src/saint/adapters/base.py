@@ -364,6 +364,19 @@ def capture_for_selection(module: nn.Module, args: Any, output: torch.Tensor) ->
     handle.runs.executing().captured[i] = output
 
 
+def refuse_foreign_forwards(modules: dict[str, nn.Module | None]) -> None:
+    """Refuse modules whose ``forward`` another library already replaced per instance
+    (e.g. accelerate's hooks when a device map spreads a model): saint would drop that
+    wrapper while patched and could not give it back on unpatch."""
+    for name, module in modules.items():
+        if module is not None and "forward" in module.__dict__:
+            raise ValueError(
+                f"{name} already has a per-instance forward, set by another library (e.g. accelerate's hooks "
+                "for a device map across devices); saint replaces that forward and would lose it: patch a "
+                "model without such hooks (on one device)"
+            )
+
+
 def install_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], prefix: str, forward: Callable[..., Any],
                   key_proj: Callable[[nn.Module], nn.Module] | None, layout: str, track_positions: bool = False) -> None:
     """Give every block its per-instance ``forward`` (finding ``handle`` and its index
@@ -372,6 +385,7 @@ def install_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], prefix:
     ``prefix.<i>`` and start the per-call runs (tracking each token's original index for
     rotary models)."""
     handle.block_names = [f"{prefix}.{i}" for i in range(len(blocks))]
+    refuse_foreign_forwards(dict(zip(handle.block_names, blocks, strict=True)))
     handle.runs = Runs(len(blocks), layout, track_positions)
     for i, blk in enumerate(blocks):
         blk.__dict__[SITE_ATTR] = (handle, i)

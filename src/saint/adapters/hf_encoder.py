@@ -35,6 +35,7 @@ from .base import (
     Site,
     TokenStateHandle,
     install_sites,
+    refuse_foreign_forwards,
     remove_sites,
     save_output,
 )
@@ -173,8 +174,7 @@ def patch_encoder(
         if type(attn) is not attn_cls:
             raise TypeError(f"encoder layer {i} is {type(layer).__name__} with {type(attn).__name__}; "
                             f"saint supports {layer_cls.__name__} with {attn_cls.__name__}")
-        if "forward" in layer.__dict__:
-            raise ValueError(f"encoder layer {i} already has a per-instance forward (patched by something else)")
+    refuse_foreign_forwards({type(tower).__name__: tower})
     spec, config = make_config(method, **method_settings)
     require_site(spec, "vision", type(tower).__name__)
     settings = config.resolve(len(layers))
@@ -239,6 +239,7 @@ class TowerClasses:
         head = tower.head if getattr(tower, "use_head", False) else None
         if head is not None and type(head) is not getattr(m, self.head):
             raise TypeError(f"unsupported pooling head {type(head).__name__}; saint supports {self.head}")
+        refuse_foreign_forwards({f"{type(tower).__name__}'s pooling head": head})
         handle = patch_encoder(tower, list(tower.encoder.layers), "encoder.layers", getattr(m, self.layer),
                                getattr(m, self.attn), parts, num_protected, num_patches, method, method_settings,
                                trace, layout, kernel)
