@@ -192,7 +192,7 @@ def test_attn_needs_class_token():
 @pytest.mark.parametrize("method,kw", [("saint_plus", dict(tau=0.1)), ("tome", dict(r=2)),
                                        ("saint_match", dict(tau=0.1, fraction=0.6))])
 def test_forward_head_pools_features_with_their_own_call(arch, method, kw, images):
-    """forward_features' tokens remember their call: pooling them after other calls uses
+    """forward_features' tokens (and forward_intermediates' final ones) remember their call: pooling them after other calls uses
     their own padding and merged sizes (it used the last call's: NaN or a silently wrong
     average). Tokens changed since (a copy) must fit the last call, else are refused."""
     model = saint.patch(make_tiny(arch), method, **kw)
@@ -203,6 +203,9 @@ def test_forward_head_pools_features_with_their_own_call(arch, method, kw, image
         model.forward_features(other)
         model(other[:2])
         torch.testing.assert_close(model.forward_head(feats), want, rtol=0, atol=1e-6)
+        final, _ = model.forward_intermediates(images, output_fmt="NLC")  # its final tokens too
+        model(other[:2])
+        torch.testing.assert_close(model.forward_head(final), want, rtol=0, atol=1e-6)
         fresh = model.forward_features(other).clone()  # untagged, but the last call's tokens
         torch.testing.assert_close(model.forward_head(fresh), model(other), rtol=0, atol=1e-6)
         if saint.stats(model).layout == "packed" and arch != "vit":  # a class token pools no padding

@@ -482,7 +482,10 @@ def _forward_intermediates(self: torch.nn.Module, *args: Any, **kwargs: Any) -> 
                 "saint.token_mask(model, block) for the real tokens"
             )
     with handle.runs.unpadding():
-        return type(self).forward_intermediates(self, *args, **kwargs)
+        out = type(self).forward_intermediates(self, *args, **kwargs)
+    if isinstance(out, tuple):  # (final tokens, intermediates): the final ones may go to forward_head
+        tag_tokens(self, out[0])
+    return out
 
 
 # ---------------------------------------------------------------------------- protocol
