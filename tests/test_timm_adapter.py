@@ -193,8 +193,9 @@ def test_attn_needs_class_token():
                                        ("saint_match", dict(tau=0.1, fraction=0.6))])
 def test_forward_head_pools_features_with_their_own_call(arch, method, kw, images):
     """forward_features' tokens (and forward_intermediates' final ones) remember their
-    call: pooling them after other calls uses their own padding and merged sizes (it used the last call's: NaN or a silently wrong
-    average). Tokens changed since (a copy) must fit the last call, else are refused."""
+    call: pooling them after other calls uses their own padding and merged sizes (it used
+    the last call's: NaN or a silently wrong average). Tokens changed since (a copy) must
+    fit the last call, else are refused."""
     model = saint.patch(make_tiny(arch), method, **kw)
     other = images.flip(0) * 0.5
     with torch.no_grad():
