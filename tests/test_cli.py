@@ -184,6 +184,35 @@ def test_one_block_is_written_layers_equals_index_in_every_command(images, tmp_p
     assert saint_rows and all(r["settings"]["layers"] == [2] for r in saint_rows)
 
 
+def test_a_calibration_file_is_a_method_spec(images, tmp_path, capsys) -> None:
+    """``saint calibrate --json cal.json`` then ``--method @cal.json`` runs the calibrated
+    variant: the same settings, and the same tokens as the calibration's printed spec."""
+    from saint.calibration import Calibration
+    from saint.spec import parse_method_spec
+
+    cal_file = tmp_path / "cal.json"
+    assert main(["calibrate", *TINY, *COMMON, "--images", images, "--keep", "0.8", "--method", "saint_match",
+                 "--args", "guard=0.1", "--json", str(cal_file)]) == 0
+    cal = Calibration.from_json(cal_file.read_text())
+    variant = parse_method_spec(f"@{cal_file}")
+    assert variant.method == "saint_match" and variant.kwargs == cal.patch_kwargs()
+    printed = capsys.readouterr().out.split("--method ")[-1].splitlines()[0]
+    assert parse_method_spec(printed).kwargs == variant.kwargs  # the printed spec is exact, as the file
+    tokens = []
+    for spec in (f"@{cal_file}", printed):
+        out = tmp_path / "b.json"
+        assert main(["bench", *TINY, *COMMON, "--images", images, "--method", spec, "--warmup", "0",
+                     "--repeats", "1", "--json", str(out)]) == 0
+        tokens.append(json.loads(out.read_text())["results"][1]["tokens_per_block"])
+    assert tokens[0] == tokens[1] and tokens[0][-1] < 17
+    with pytest.raises(FileNotFoundError, match="calibration file not found"):
+        parse_method_spec(f"@{tmp_path / 'missing.json'}")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    assert main(["eval", *TINY, *COMMON, "--images", images, "--method", f"@{bad}"]) == 2
+    assert "not a saint calibration" in capsys.readouterr().err
+
+
 def test_calibrate_command_fails_on_an_unreachable_target(images, tmp_path, capsys) -> None:
     out = tmp_path / "cal.json"
     rc = main(["calibrate", *TINY, *COMMON, "--images", images, "--speedup", "100", "--json", str(out)])

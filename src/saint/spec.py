@@ -5,7 +5,8 @@ Examples: ``saint:tau=0.9,k=5``, ``tome:r=8``, ``random:r=16,layers=0/1/2``,
 (a ``{block: value}`` dict). Values are parsed as ``int``, then ``float``, then
 ``true``/``false``/``none``, else kept as strings (``rate=batch``). ``/`` separates list
 items and ``#`` separates a block index from its value; ``layers=3`` is the one block 3.
-``none``/``unpruned`` alone is the unpatched model. A spec's values are checked when it is
+``none``/``unpruned`` alone is the unpatched model; ``@PATH`` is the variant a
+``saint calibrate --json PATH`` file describes. A spec's values are checked when it is
 parsed, before a command loads its model. The same syntax serves ``--model-args`` (``img_size=32,depth=4``).
 """
 
@@ -116,6 +117,8 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
     With ``validate`` the method name and argument names are checked against the registry
     (per-layer values are checked later, against the model's depth).
     """
+    if text.strip().startswith("@"):
+        return calibrated_variant(text.strip()[1:])
     name, _, rest = text.strip().partition(":")
     name = name.strip().lower()
     if not name:
@@ -129,6 +132,24 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
         get_method(name)
         make_config(name, **kwargs)[1].resolve(_spec_depth(kwargs))
     return Variant(text.strip(), name, kwargs)
+
+
+def calibrated_variant(path: str) -> Variant:
+    """The variant a calibration file describes (``saint calibrate --json PATH``; on the
+    command line ``--method @PATH``), labelled by the spec string it stands for."""
+    from pathlib import Path
+
+    from .calibration import Calibration
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"calibration file not found: {path} (write one with saint calibrate --json)")
+    cal = Calibration.from_json(file.read_text())
+    if cal.tau_setting != "tau":
+        raise ValueError(f"{path} calibrates a VLM's {cal.tau_setting}; the vision commands take vision calibrations")
+    kwargs = cal.patch_kwargs()
+    make_config(cal.method, **kwargs)[1].resolve(_spec_depth(kwargs))
+    return Variant(variant_label(cal.method, kwargs), cal.method, kwargs)
 
 
 def _spec_depth(kwargs: dict[str, Any]) -> int:
@@ -183,18 +204,19 @@ def variant_label(method: str, kwargs: dict[str, Any]) -> str:
     return method + (":" + ",".join(parts) if parts else "")
 
 
-def format_value(v: Any) -> str:
-    """Inverse of :func:`parse_value` for the values it produces."""
+def format_value(v: Any, exact: bool = False) -> str:
+    """Inverse of :func:`parse_value` for the values it produces: floats to 6 significant
+    digits (labels), or with ``exact`` as many as read back the same float."""
     if isinstance(v, dict):
-        return "/".join(f"{k}#{format_value(x)}" for k, x in v.items())
+        return "/".join(f"{k}#{format_value(x, exact)}" for k, x in v.items())
     if isinstance(v, (list, tuple)):
-        return "/".join(format_value(x) for x in v)
+        return "/".join(format_value(x, exact) for x in v)
     if v is None:
         return "none"
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, float):
-        return f"{v:g}"
+        return repr(v) if exact else f"{v:g}"
     return str(v)
 
 

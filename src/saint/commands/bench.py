@@ -9,7 +9,7 @@ from ..spec import __doc__ as SPEC_DOC
 METHOD_HELP = (
     "method spec NAME[:key=value,...], repeatable, e.g. saint:tau=0.9,k=5  tome:r=8  random:r=16  "
     "attn:r=16,layers=0/1/2. Lists use '/' (tau=0.95/0.9/0.9 per pruning layer), {block: value} "
-    "dicts use 'block#value' (tau=0#0.95/3#0.9)."
+    "dicts use 'block#value' (tau=0#0.95/3#0.9); @PATH is the variant a saint calibrate --json PATH file describes."
 )
 
 

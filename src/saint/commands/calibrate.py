@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  block {block:>2}: tau {tau:.4f}")
     kwargs = ", ".join(f"{k}={v!r}" for k, v in cal.patch_kwargs().items())
     print(f"reproduce with: saint.patch(model, {args.method!r}, {kwargs})")
-    spec = ",".join(f"{k}={format_value(v)}" for k, v in cal.patch_kwargs().items())
+    spec = ",".join(f"{k}={format_value(v, exact=True)}" for k, v in cal.patch_kwargs().items())
     print(f"or on the command line: --method {args.method}:{spec}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
