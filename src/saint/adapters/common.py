@@ -171,7 +171,7 @@ class TokenState:
         return TokenState(
             layout=self.layout, valid=self.valid, sizes=self.sizes, packed=self.packed, lengths=list(self.lengths),
             origin=self.origin, ran=self.ran, track_positions=self.track_positions, positions=self.positions,
-            _bias=dict(self._bias), _index=self._index, _slots=self._slots,
+            _bias=dict(self._bias), _index=self._index, _slots=self._slots, _filled=self._filled,
         )
 
     def positions_of(self, x: torch.Tensor) -> torch.Tensor:
