@@ -194,8 +194,8 @@ def test_attn_needs_class_token():
 def test_forward_head_pools_features_with_their_own_call(arch, method, kw, images):
     """forward_features' tokens (and forward_intermediates' final ones) remember their
     call: pooling them after other calls uses their own padding and merged sizes (it used
-    the last call's: NaN or a silently wrong average). Tokens changed since (a copy) must
-    fit the last call, else are refused."""
+    the last call's: NaN or a silently wrong average). Tokens changed since (a copy, or
+    detached from autograd's 0-padded output) must fit the last call, else are refused."""
     model = saint.patch(make_tiny(arch), method, **kw)
     other = images.flip(0) * 0.5
     with torch.no_grad():
@@ -212,6 +212,9 @@ def test_forward_head_pools_features_with_their_own_call(arch, method, kw, image
         if saint.stats(model).layout == "packed" and arch != "vit":  # a class token pools no padding
             with pytest.raises(ValueError, match="not the patched model's last output"):
                 model.forward_head(feats.clone())
+    detached = model.forward_features(images).detach()  # recorded by autograd: 0 at padding, untagged
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(detached), want, rtol=0, atol=1e-6)
 
 
 def test_merging_rejects_pooling_that_cannot_weigh_sizes():

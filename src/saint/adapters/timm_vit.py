@@ -389,16 +389,18 @@ def tag_tokens(model: torch.nn.Module, out: Any) -> Any:
 
 def state_of_tokens(model: torch.nn.Module, x: torch.Tensor) -> TokenState:
     """The state of the call whose ``forward_features`` returned ``x`` (its tag), else
-    (tokens changed since, e.g. copied) the last call's, if ``x`` fits it: its shape,
-    and, without autograd, its NaN padding."""
+    (tokens changed since, e.g. copied or detached) the last call's, if ``x`` fits it: its
+    shape, no NaN at its real tokens, and NaN or 0 (autograd's padding) at its padding."""
     state = getattr(x, TOKENS_ATTR, None)
     if state is not None:
         return state
     state = model.__dict__[SAINT_ATTR].state
     if state.valid is not None:
         fits = tuple(x.shape[:2]) == tuple(state.valid.shape)
-        if fits and not x.requires_grad:
-            fits = bool(torch.equal(torch.isnan(x[..., 0]), ~state.valid))
+        if fits:
+            first = x[..., 0].detach()
+            nan = torch.isnan(first)
+            fits = not bool((nan & state.valid).any()) and bool((nan | (first == 0) | state.valid).all())
         if not fits:
             raise ValueError(
                 f"pool got tokens {tuple(x.shape[:2])} that are not the patched model's last output "
