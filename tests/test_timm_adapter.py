@@ -217,6 +217,19 @@ def test_forward_head_pools_features_with_their_own_call(arch, method, kw, image
         torch.testing.assert_close(model.forward_head(detached), want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method,kw", [("tome", dict(r=2)), ("saint_plus", dict(tau=0.1))])
+def test_forward_head_refuses_tokens_the_patched_model_did_not_make(method, kw, images):
+    """Tokens from before the patch (untagged, every token) pooled by the patched model after
+    a merging call: a clear error (with ToMe it was a raw size mismatch in the weighted mean)."""
+    model = make_tiny("mae_avgpool")
+    with torch.no_grad():
+        unpatched = model.forward_features(images)
+        saint.patch(model, method, **kw)
+        model(images)
+        with pytest.raises(ValueError, match="not the patched model's last output"):
+            model.forward_head(unpatched)
+
+
 def test_merging_rejects_pooling_that_cannot_weigh_sizes():
     model = make_tiny("vit", global_pool="max", class_token=False)
     with pytest.raises(ValueError, match="global_pool"):
