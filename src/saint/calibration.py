@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,6 +42,8 @@ from .methods import (
     SaintConfig,
     Selection,
     get_method,
+    is_integer,
+    is_real,
     make_config,
     saint_metric,
 )
@@ -156,7 +157,7 @@ def merge_ramp(layers: Sequence[int], inflection: float) -> dict[int, float]:
     """ToMe's ``(r, inflection)`` schedule as weights on a mean ``r``: a straight line over
     ``layers`` from ``1 - inflection`` to ``1 + inflection`` (mean 1; negative inflection
     merges more in early layers; one layer gets weight 1)."""
-    if isinstance(inflection, bool) or not isinstance(inflection, numbers.Real) or not -1.0 <= inflection <= 1.0:
+    if not is_real(inflection) or not -1.0 <= inflection <= 1.0:
         raise ValueError(f"inflection={inflection!r} must be a number in [-1, 1] (ToMe's schedule slope)")
     layers = sorted(layers)
     n = len(layers)
@@ -239,7 +240,7 @@ def _check_search(mode: str, tol: float, max_iter: int, batch_size: int) -> None
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for name, v in (("max_iter", max_iter), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        if not is_integer(v) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
     if not tol > 0:
         raise ValueError(f"tol={tol!r} must be > 0 (relative distance to the target)")

@@ -172,8 +172,18 @@ def _block_indices(name: str, value: Any) -> list[int]:
     return out
 
 
+def is_real(value: Any) -> bool:
+    """A real number and not a bool (NumPy's scalars count: they register as ``numbers``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    """An integer and not a bool (NumPy's integer scalars count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _number(name: str, value: Any, kind: type = float) -> Any:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) and not (
+    if not is_real(value) and not (
         isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0
     ):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
@@ -507,7 +517,7 @@ class FastVConfig(MethodConfig):
     DEFAULT_LAYERS: ClassVar[str] = "required"
 
     def check_value(self, name: str, value: Any) -> Any:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        if not is_real(value) or not 0 <= value < 1:
             raise ValueError(f"fastv_ratio={value!r} must be a fraction in [0, 1) of the image tokens to drop")
         return float(value)
 

@@ -12,12 +12,11 @@ each takes (``FIELDS``), and checks its own additions (``_check_vision``,
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
+from ..methods import is_integer, is_real
 
 METHODS = ("saint", "fastv", "random", "pool")
 MODES = ("vit", "llm", "hybrid")
@@ -28,7 +27,7 @@ C = TypeVar("C", bound="VlmPruneConfig")
 
 def check_int(name: str, v: Any, low: int | None = None) -> int:
     """``v`` if it is an integer (not a bool) ``>= low``, else a clear error naming ``name``."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+    if not is_integer(v):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}: {v!r}")
     if low is not None and v < low:
         raise ValueError(f"{name}={v} must be >= {low}")
@@ -38,7 +37,7 @@ def check_int(name: str, v: Any, low: int | None = None) -> int:
 def check_fraction(name: str, v: Any, low_open: bool = True, of: str = "") -> float:
     """``v`` as a float if it lies in (0, 1] (``low_open``) or [0, 1), else a clear error
     (``of`` says what it is a fraction of)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not (0 < v <= 1 if low_open else 0 <= v < 1):
+    if not is_real(v) or not (0 < v <= 1 if low_open else 0 <= v < 1):
         rng = "(0, 1]" if low_open else "[0, 1)"
         raise ValueError(f"{name}={v!r} must be a fraction in {rng}{of}")
     return float(v)
