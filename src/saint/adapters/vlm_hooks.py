@@ -105,6 +105,9 @@ def make_mm_pre(handle: VlmPatch, media: Media, prefill: Prefill, continuation: 
     return hook
 
 
+ANY_MEDIA = Media(pixels=("pixel_values", "pixel_values_videos"), features=("image", "video"))  # every family's
+
+
 def install_forward_hooks(handle: VlmPatch, model: torch.nn.Module, mm: torch.nn.Module, mm_pre: Any,
                           lm_post: tuple[Any, ...] = ()) -> None:
     """The hooks of one patched forward: the handle's lock around the whole call, the
@@ -127,7 +130,6 @@ def install_forward_hooks(handle: VlmPatch, model: torch.nn.Module, mm: torch.nn
 
 
 PREFILL = "_prefill"  # generate's (private) prefill step, which splits the prompt by prefill_chunk_size
-MEDIA_KWARGS = ("pixel_values", "pixel_values_videos")
 
 
 def make_unchunked_prefill(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -138,10 +140,7 @@ def make_unchunked_prefill(original: Callable[..., Any]) -> Callable[..., Any]:
     def prefill(input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any],
                 *args: Any, **kwargs: Any) -> Any:
         chunk = getattr(generation_config, "prefill_chunk_size", None)
-        mm_out = model_kwargs.get("mm_encoder_outputs") or {}
-        media = any(v is not None for v in mm_out.values()) or any(model_kwargs.get(k) is not None
-                                                                   for k in MEDIA_KWARGS)
-        if chunk is not None and media:
+        if chunk is not None and ANY_MEDIA.given(model_kwargs):
             if input_ids.shape[-1] > chunk:
                 raise ValueError(
                     f"saint prunes a prompt's image tokens within one forward, and prefill_chunk_size={chunk} "
