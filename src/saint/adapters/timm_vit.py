@@ -395,19 +395,23 @@ def state_of_tokens(model: torch.nn.Module, x: torch.Tensor) -> TokenState:
     if state is not None:
         return state
     state = model.__dict__[SAINT_ATTR].state
-    shape = state.valid.shape if state.valid is not None else None if state.sizes is None else state.sizes.shape[:2]
-    if shape is not None:
-        fits = tuple(x.shape[:2]) == tuple(shape)
-        if fits and state.valid is not None:
-            first = x[..., 0].detach()
-            nan = torch.isnan(first)
-            fits = not bool((nan & state.valid).any()) and bool((nan | (first == 0) | state.valid).all())
-        if not fits:
-            raise ValueError(
-                f"pool got tokens {tuple(x.shape[:2])} that are not the patched model's last output "
-                f"({tuple(shape)}{', NaN at its padding' if state.valid is not None else ''}); pool the tensor "
-                "forward_features returned (it remembers its own call), or split tokens with saint.per_image"
-            )
+    if state.valid is not None:
+        shape = tuple(state.valid.shape)
+    elif state.sizes is not None:
+        shape = tuple(state.sizes.shape[:2])
+    else:
+        return state  # every token real and whole: nothing to fit
+    fits = tuple(x.shape[:2]) == shape
+    if fits and state.valid is not None:
+        first = x[..., 0].detach()
+        nan = torch.isnan(first)
+        fits = not bool((nan & state.valid).any()) and bool((nan | (first == 0) | state.valid).all())
+    if not fits:
+        raise ValueError(
+            f"pool got tokens {tuple(x.shape[:2])} that are not the patched model's last output "
+            f"({shape}{', NaN at its padding' if state.valid is not None else ''}); pool the tensor "
+            "forward_features returned (it remembers its own call), or split tokens with saint.per_image"
+        )
     return state
 
 
