@@ -11,6 +11,7 @@ import pickle
 import threading
 
 import pytest
+import timm
 import torch
 
 import saint
@@ -149,6 +150,26 @@ def test_distributed_data_parallel_around_a_patched_model(images, tmp_path):
         dist.destroy_process_group()
     with pytest.raises(TypeError, match="cannot run under DataParallel"):
         saint.patch(torch.nn.DataParallel(make_tiny("vit")), "tome", r=2)
+
+
+def test_timm_features_only_is_refused_with_what_works(images):
+    """timm's features_only wrapper (spatial maps of every patch) is refused with the calls
+    that work; its inner model, patched, gives maps up to the first pruning block and refuses later ones."""
+    features = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
+        features_only=True, out_indices=(0, 3),
+    ).eval()
+    with pytest.raises(TypeError, match=r"features_only wrapper .*saint.patch\(features.model"):
+        saint.patch(features, "tome", r=2)
+    saint.patch(features.model, "tome", r=2, layers=[1])
+    with torch.no_grad(), pytest.raises(ValueError, match="spatial .NCHW. intermediates need every patch"):
+        features(images)
+    features.out_indices = (0,)
+    with torch.no_grad():
+        maps = features(images)
+    saint.unpatch(features.model)
+    with torch.no_grad():
+        assert torch.equal(maps[0], features(images)[0])
 
 
 @pytest.mark.parametrize("kind", ["timm", "hf"])

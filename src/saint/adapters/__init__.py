@@ -66,6 +66,15 @@ def find_adapter(model: torch.nn.Module) -> Adapter:
             f"saint cannot patch a DistributedDataParallel wrapper (of {type(model.module).__name__}); patch "
             "the model first, then wrap it: saint.patch(model, ...); model = DistributedDataParallel(model)"
         )
+    inner = getattr(model, "model", None)
+    if type(model).__name__ == "FeatureGetterNet" and isinstance(inner, torch.nn.Module):  # timm features_only
+        raise TypeError(
+            f"saint does not patch timm's features_only wrapper (FeatureGetterNet of {type(inner).__name__}): "
+            "it returns spatial (NCHW) maps, which need every patch, and a pruning block leaves fewer; "
+            "patch its model (saint.patch(features.model, ...)), where maps from blocks before the first "
+            "pruning block still work, or create the model without features_only and call "
+            "forward_intermediates(x, output_fmt='NLC') with saint.token_mask(model, block)"
+        )
     reason = REFUSED.get(type(model).__name__)
     if reason is not None:
         raise TypeError(f"saint does not patch {type(model).__name__}: {reason}")
