@@ -66,6 +66,12 @@ def find_adapter(model: torch.nn.Module) -> Adapter:
             f"saint cannot patch a DistributedDataParallel wrapper (of {type(model.module).__name__}); patch "
             "the model first, then wrap it: saint.patch(model, ...); model = DistributedDataParallel(model)"
         )
+    if type(model).__module__.startswith("peft.") and callable(getattr(model, "get_base_model", None)):
+        raise TypeError(
+            f"saint does not patch PEFT's {type(model).__name__}; patch the model inside it, after the "
+            "adapters are added: saint.patch(peft_model.get_base_model(), ...) (calls through the "
+            "PEFT model then run patched)"
+        )
     inner = getattr(model, "model", None)
     if type(model).__name__ == "FeatureGetterNet" and isinstance(inner, torch.nn.Module):  # timm features_only
         raise TypeError(

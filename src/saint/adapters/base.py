@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import PICKLE_HINT, SITE_ATTR, Runs, TokenState, TokenStats, get_handle
+from .common import PICKLE_HINT, SITE_ATTR, Hooked, Runs, TokenState, TokenStats, get_handle
 
 Inputs = Any  # a [B, 3, H, W] image batch, or a dict of processor outputs (VLMs)
 
@@ -271,6 +271,7 @@ class TokenStateHandle(Handle):
     block_names: list[str] = field(default_factory=list)
     runs: Runs = field(default_factory=lambda: Runs(0))
     kernel: str = "auto"
+    hooked: dict[int, Hooked] = field(default_factory=dict)  # pruning block -> its hooked key projection
 
     @property
     def state(self) -> TokenState:
@@ -291,6 +292,9 @@ class TokenStateHandle(Handle):
         no selection here, or an empty batch, which gives ``(0, ...)`` as unpatched)."""
         if index == 0:
             refuse_export()
+        hooked = self.hooked.get(index)
+        if hooked is not None:
+            hooked.check()
         run = self.runs.enter(index, x, self.trace)
         state = run.state
         x = state.enter(x)
@@ -394,10 +398,10 @@ def install_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], prefix:
             proj = key_proj(blk)
             proj.__dict__[SITE_ATTR] = (handle, i)
             handle.hooks.append(proj.register_forward_hook(capture_for_selection))
+            handle.hooked[i] = Hooked(blk, key_proj, proj, f"the key projection of {handle.block_names[i]}")
 
 
-def remove_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module],
-                 key_proj: Callable[[nn.Module], nn.Module] | None) -> None:
+def remove_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`install_sites`: the blocks' own ``forward`` again, no hooks."""
     for h in handle.hooks:
         h.remove()
@@ -405,5 +409,6 @@ def remove_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module],
     for blk in blocks:
         blk.__dict__.pop("forward", None)
         blk.__dict__.pop(SITE_ATTR, None)
-        if key_proj is not None:
-            key_proj(blk).__dict__.pop(SITE_ATTR, None)
+    for hooked in handle.hooked.values():  # the modules hooked, even where something replaced them since
+        hooked.module.__dict__.pop(SITE_ATTR, None)
+    handle.hooked.clear()

@@ -8,7 +8,7 @@ import contextlib
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -699,6 +699,32 @@ def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], 
             if s["keep"] > n:
                 raise ValueError(f"keep={s['keep']} at {unit} {i} exceeds the {n} prunable tokens entering it")
             n = s["keep"]
+
+
+@dataclass(frozen=True)
+class Hooked:
+    """A submodule saint hooked at patch time and where it sits (``find(owner)``), so a
+    forward can refuse a model in which something replaced it since (PEFT/LoRA, quantisation):
+    the hook stays on the old module and would read what the model no longer computes."""
+
+    owner: torch.nn.Module
+    find: Callable[[torch.nn.Module], torch.nn.Module]
+    module: torch.nn.Module
+    label: str
+
+    def check(self) -> None:
+        current = self.find(self.owner)
+        if current is not self.module:
+            raise RuntimeError(
+                f"{self.label} was replaced after saint.patch ({_class_path(self.module)} -> "
+                f"{_class_path(current)}, e.g. by PEFT/LoRA or quantization); saint's hook stays on the "
+                "module it replaced and would read what the model no longer computes. Patch after such "
+                "changes: saint.unpatch(model), then saint.patch(model, ...) again"
+            )
+
+
+def _class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, state: TokenState, scale: float, prop_attn: bool) -> torch.Tensor:

@@ -195,7 +195,7 @@ def unpatch_encoder(tower: torch.nn.Module, layers: list[torch.nn.Module]) -> HF
     handle = tower.__dict__.pop(SAINT_ATTR, None)
     if handle is None:
         raise ValueError(f"{type(tower).__name__} is not patched by saint")
-    remove_sites(handle, layers, _key_proj(handle.parts))
+    remove_sites(handle, layers)
     tower.__dict__.pop("forward", None)
     return handle
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..core import gather_tokens, keep_mask_to_indices, query_attention
-from .common import MASKABLE_ATTENTION
+from .common import MASKABLE_ATTENTION, Hooked
 
 PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
 
@@ -195,6 +195,12 @@ def _gather_columns(mask: torch.Tensor, cols: torch.Tensor, ok: torch.Tensor) ->
     return _masked(out, ok[:, None, None, :])
 
 
+_PROJECTIONS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    "k": lambda layer: layer.self_attn.k_proj,
+    "q": lambda layer: layer.self_attn.q_proj,
+}
+
+
 class DecoderPruner:
     """Hooks on one decoder that drop tokens after the layers in ``schedule``.
 
@@ -213,6 +219,7 @@ class DecoderPruner:
         self.query_layers = set(query_layers)
         self.impl = decoder.config._attn_implementation
         self.hooks: list[Any] = []
+        self.hooked: list[Hooked] = []  # the projections whose outputs the selections read
         self._reset()
 
     # ------------------------------------------------------------------ lifecycle
@@ -221,15 +228,18 @@ class DecoderPruner:
             self.hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
             if i in self.schedule:
                 attn = layer.self_attn
-                self.hooks.append(attn.k_proj.register_forward_hook(self._make_capture(i, "k")))
-                if i in self.query_layers:
-                    self.hooks.append(attn.q_proj.register_forward_hook(self._make_capture(i, "q")))
+                for kind in ("k", "q") if i in self.query_layers else ("k",):
+                    proj = getattr(attn, f"{kind}_proj")
+                    self.hooks.append(proj.register_forward_hook(self._make_capture(i, kind)))
+                    self.hooked.append(Hooked(layer, _PROJECTIONS[kind], proj,
+                                              f"language model layer {i}'s self_attn.{kind}_proj"))
                 self.hooks.append(layer.register_forward_hook(self._make_post_hook(i)))
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+        self.hooked.clear()
         self._reset()
 
     def _reset(self) -> None:
@@ -246,6 +256,8 @@ class DecoderPruner:
 
     def begin_prefill(self, image: torch.Tensor) -> None:
         """A prompt enters layer 0 with ``image [B, L]`` flags (tokens that may be dropped)."""
+        for hooked in self.hooked:
+            hooked.check()
         self._reset()
         b, n = image.shape
         idx = torch.arange(n, device=image.device).expand(b, n)

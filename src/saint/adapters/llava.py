@@ -70,7 +70,7 @@ import torch
 
 from ..methods import MethodSpec
 from . import hf_vision
-from .common import TokenStats, transformers_loaded
+from .common import Hooked, TokenStats, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .llava_vision import check_grid, check_vit, make_expand, make_projector_hook, prefill
 from .vlm_config import LLM_FIELDS, METHODS, MODES, VlmPruneConfig, check_int
@@ -209,7 +209,9 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
             )
         install_forward_hooks(handle, model, mm, make_mm_pre(handle, MEDIA, prefill, continue_prompt))
         if cfg.method in ("random", "pool"):
-            handle.hooks.append(mm.multi_modal_projector.register_forward_hook(make_projector_hook(handle)))
+            projector = mm.multi_modal_projector
+            handle.hooks.append(projector.register_forward_hook(make_projector_hook(handle, projector)))
+            handle.hooked.append(Hooked(mm, lambda m: m.multi_modal_projector, projector, "the multimodal projector"))
         if model is not mm and hasattr(model, EXPAND) and EXPAND not in model.__dict__:
             handle.wrap(model, EXPAND, make_expand(handle, getattr(model, EXPAND)))
     return handle

@@ -176,9 +176,10 @@ def make_expand(handle: VlmPatch, original: Any, plan: Any = None):
     return expand
 
 
-def make_projector_hook(handle: VlmPatch):
+def make_projector_hook(handle: VlmPatch, projector: torch.nn.Module):
     """Random subset / adaptive pooling of the projected patch grid (CLS, when the
-    feature strategy keeps it, stays in front)."""
+    feature strategy keeps it, stays in front), on ``projector`` only: a copy of it that
+    carries the hook (PEFT's ``modules_to_save`` copies the module) is left alone."""
     cfg = handle.config
     g = grid_side(handle.mm)
     if cfg.method == "random":
@@ -189,7 +190,9 @@ def make_projector_hook(handle: VlmPatch):
     reduce = spec.reduce
     assert reduce is not None
 
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if module is not projector:
+            return None
         n, p, c = output.shape
         if p == g * g:
             head, grid = output[:, :0], output

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..core import fixed_budget_keep_mask, head_mean
 from . import hf_llm
-from .common import TokenStats
+from .common import Hooked, TokenStats
 from .vlm_hooks import bind
 
 
@@ -33,6 +33,7 @@ class TowerPruner:
         self.unit = int(tower.spatial_merge_size) ** 2
         self.full_blocks = set(getattr(tower, "fullatt_block_indexes", None) or range(len(tower.blocks)))
         self.hooks: list[Any] = []
+        self.hooked: list[Hooked] = []  # the modules whose outputs the hooks read or rewrite
         self.keep_raster: torch.Tensor | None = None  # [groups] of the last call, raster order
         self.counts: tuple[list[int], list[int]] | None = None  # tokens per sample before / after the drop
         # (every tower call of one forward: images, then videos; the handle resets it per forward)
@@ -54,17 +55,26 @@ class TowerPruner:
                 self.hooks.append(blk.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
         blk = tower.blocks[self.layer]
         self.hooks.append(blk.attn.qkv.register_forward_hook(self._capture))
+        self.hooked.append(Hooked(blk, lambda b: b.attn.qkv, blk.attn.qkv, f"vision block {self.layer}'s attn.qkv"))
         self.hooks.append(blk.register_forward_hook(self._prune, with_kwargs=True))
-        for m in [tower.merger, *getattr(tower, "deepstack_merger_list", [])]:
-            self.hooks.append(m.register_forward_hook(self._scatter))
+        mergers = [(tower, lambda t: t.merger, "the vision merger")]
+        deepstack = getattr(tower, "deepstack_merger_list", None)
+        for j in range(len(deepstack or ())):
+            mergers.append((deepstack, lambda ms, j=j: ms[j], f"deepstack merger {j}"))
+        for owner, find, label in mergers:
+            self.hooks.append(find(owner).register_forward_hook(self._scatter))
+            self.hooked.append(Hooked(owner, find, find(owner), label))
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+        self.hooked.clear()
         self._reset()
 
     def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        for hooked in self.hooked:
+            hooked.check()
         self._reset()
         self.keep_raster = None
         kwargs = bind(type(module).forward, args, kwargs)

@@ -105,7 +105,7 @@ def patch(
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle, model.blocks, None)
+    remove_sites(handle, model.blocks)
     unwrap_outputs(model)
 
 

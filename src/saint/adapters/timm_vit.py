@@ -120,7 +120,7 @@ def patch(
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle, model.blocks, _key_proj)
+    remove_sites(handle, model.blocks)
     unwrap_outputs(model)
 
 

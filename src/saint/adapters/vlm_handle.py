@@ -15,7 +15,7 @@ import torch
 
 from . import hf_llm
 from .base import Handle
-from .common import PICKLE_HINT, SAINT_ATTR, TokenStats
+from .common import PICKLE_HINT, SAINT_ATTR, Hooked, TokenStats
 
 
 @dataclass
@@ -51,6 +51,7 @@ class VlmPatch(Handle):
     kept_input: torch.Tensor | None = None  # [B, L] input positions with an output (last forward)
     trace: bool = False
     lock: Any = field(default_factory=threading.RLock)  # one forward at a time (the state above is per forward)
+    hooked: list[Hooked] = field(default_factory=list)  # hooked modules outside the decoder pruner's
     num_protected = 0  # image tokens have no protected prefix (text is never pruned)
 
     def __deepcopy__(self, memo: dict) -> Any:
@@ -76,10 +77,13 @@ class VlmPatch(Handle):
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+        self.hooked.clear()
         self.pruner.remove()
 
     def begin_forward(self) -> Forward:
         """A new forward's state, holding the labels the top-level pre-hook kept."""
+        for hooked in self.hooked:
+            hooked.check()
         self.fwd = Forward(labels=self.pending_labels)
         self.pending_labels = None
         self.pruner.finish()

@@ -1,0 +1,155 @@
+"""A module saint hooked at patch time, replaced afterwards (PEFT/LoRA wraps a projection,
+``modules_to_save`` swaps in a copy, quantisation swaps the class): the hook stays on the
+old module and would read what the model no longer computes, so the forward is refused,
+every time, with the order that works (saint.unpatch, then saint.patch again), and that
+order gives what patching the changed model gives. PEFT's own wrapper is refused with
+the model to patch inside it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import saint
+from saint.adapters.common import SITE_ATTR
+
+from .conftest import make_tiny
+from .test_protocol import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
+
+transformers = pytest.importorskip("transformers")
+
+
+class Delta(torch.nn.Module):
+    """A LoRA-like wrapper: the wrapped projection plus a fixed low-rank update."""
+
+    def __init__(self, base: torch.nn.Module, seed: int = 0) -> None:
+        super().__init__()
+        self.base_layer = base
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.nn.Parameter(0.3 * torch.randn(2, base.in_features, generator=g))
+        self.b = torch.nn.Parameter(0.3 * torch.randn(base.out_features, 2, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + x @ self.a.t() @ self.b.t()
+
+
+class Copied(torch.nn.Module):
+    """A ``modules_to_save``-like wrapper: it runs a deep copy of the module it replaced."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.copy = copy.deepcopy(module)
+
+    def forward(self, *args, **kwargs):
+        return self.copy(*args, **kwargs)
+
+
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    x[0] = x[0].mean(dim=(1, 2), keepdim=True)
+    x[1, :, :16] = 0.5
+    return x
+
+
+def tiny_clip() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=2, image_size=32, patch_size=8)
+    return transformers.CLIPVisionModel(cfg).eval()
+
+
+def wrap_attr(owner: torch.nn.Module, name: str, wrapper=Delta) -> None:
+    setattr(owner, name, wrapper(getattr(owner, name)))
+
+
+# family -> (model, the change, call)
+VISION = {
+    "timm": (lambda: make_tiny("vit"), lambda m: wrap_attr(m.blocks[1].attn, "qkv"), lambda m, x: m(x)),
+    "clip": (tiny_clip, lambda m: wrap_attr(m.encoder.layers[1].self_attn, "k_proj"),
+             lambda m, x: m(pixel_values=x).pooler_output),
+}
+
+
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("family", sorted(VISION))
+def test_vision_key_projection_replaced_after_patching(family, select_at):
+    make, change, call = VISION[family]
+    settings = dict(method="saint_match", tau=0.3, fraction=0.8, guard=0.1, select_at=select_at)
+    x = images()
+    model = make()
+    saint.patch(model, **settings)
+    change(model)
+    for _ in range(2):  # refused on every call, not only the first
+        with torch.no_grad(), pytest.raises(RuntimeError, match="replaced after saint.patch .*saint.unpatch"):
+            call(model, x)
+    saint.unpatch(model)
+    assert not any(SITE_ATTR in m.__dict__ or m._forward_hooks for m in model.modules())
+    saint.patch(model, **settings)
+    reference = make()  # the same change before patching
+    change(reference)
+    saint.patch(reference, **settings)
+    with torch.no_grad():
+        assert torch.equal(call(model, x), call(reference, x))
+
+
+VLM = {
+    "llava_llm": (tiny_llava, dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2), llava_inputs,
+                  lambda m: wrap_attr(m.model.language_model.layers[1].self_attn, "k_proj")),
+    "llava_fastv": (tiny_llava, dict(method="fastv", fastv_layer=2, fastv_ratio=0.5), llava_inputs,
+                    lambda m: wrap_attr(m.model.language_model.layers[1].self_attn, "q_proj")),
+    "llava_pool": (tiny_llava, dict(method="pool", visual_keep=4), llava_inputs,
+                   lambda m: wrap_attr(m.model, "multi_modal_projector", Copied)),
+    "qwen_vit": (tiny_qwen, dict(mode="vit", vit_layer=1, vit_ratio=0.5), qwen_inputs,
+                 lambda m: wrap_attr(m.model.visual.blocks[1].attn, "qkv")),
+    "qwen_merger": (tiny_qwen, dict(mode="vit", vit_layer=1, vit_ratio=0.5), qwen_inputs,
+                    lambda m: wrap_attr(m.model.visual, "merger", Copied)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VLM))
+def test_vlm_hooked_module_replaced_after_patching(name):
+    """Before: the LLM-side selections read keys/queries without the update (the last
+    logits moved by ~0.1 on a tiny LLaVA with PEFT's LoRA). A copied projector keeps the
+    first patch's hook; after unpatch and patch it is left alone."""
+    make, settings, make_inputs, change = VLM[name]
+    x = make_inputs(2)
+    model = make()
+    saint.patch(model, **settings)
+    change(model)
+    for _ in range(2):  # the forward lock is released after the refusal
+        with torch.no_grad(), pytest.raises(RuntimeError, match="replaced after saint.patch"):
+            model(**x)
+    saint.unpatch(model)
+    saint.patch(model, **settings)
+    reference = make()  # the same change before patching
+    change(reference)
+    saint.patch(reference, **settings)
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits[:, -1], reference(**x).logits[:, -1])
+
+
+def test_peft_lora_end_to_end():
+    """With PEFT itself: LoRA added after patching is refused; added before, patching the
+    model inside PEFT's wrapper runs through the wrapper and equals the LoRA merged into the
+    weights; the wrapper itself is refused with that call."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["qkv", "fc1"], init_lora_weights=False)
+    settings = dict(method="saint_match", tau=0.3, fraction=0.8)
+    x = images()
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(make_tiny("vit"), copy.deepcopy(config))
+    with pytest.raises(TypeError, match=r"patch the model inside it.*get_base_model\(\)"):
+        saint.patch(lora, **settings)
+    merged = copy.deepcopy(lora).merge_and_unload()
+    saint.patch(merged, **settings)
+    saint.patch(lora.get_base_model(), **settings)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), merged(x), atol=1e-5, rtol=0)
+    late = make_tiny("vit")
+    saint.patch(late, **settings)
+    late = peft.get_peft_model(late, copy.deepcopy(config))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="replaced after saint.patch"):
+        late(x)
