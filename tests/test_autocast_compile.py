@@ -186,6 +186,31 @@ def test_export_and_tracing_are_refused_with_what_to_do(tower, images):
                            model(images) if tower == "timm" else model(images).last_hidden_state)
 
 
+def test_meta_tensors_are_refused_and_the_flop_counter_runs(images):
+    """A forward on meta tensors (shape inference) cannot pick data-dependent token counts:
+    refused with what works (before: "Cannot copy out of meta tensor" deep inside saint).
+    torch's FlopCounterMode counts a patched model on a real batch: fewer FLOPs than unpatched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta = make_tiny("vit")
+    saint.patch(meta, "tome", r=2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="meta tensors do not carry; run it on real tensors"):
+        meta(torch.empty(2, 3, 32, 32, device="meta"))
+    saint.unpatch(meta)
+    assert meta(torch.empty(2, 3, 32, 32, device="meta")).shape[0] == 2  # the unpatched model infers shapes
+
+    def flops(model: torch.nn.Module) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(images)
+        return counter.get_total_flops()
+
+    model = make_tiny("vit")
+    unpatched = flops(model)
+    saint.patch(model, "tome", r=2)
+    assert 0 < flops(model) < unpatched
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_half_precision_vlms_prune_and_generate(family, dtype, images):

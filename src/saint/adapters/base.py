@@ -291,7 +291,7 @@ class TokenStateHandle(Handle):
         layout (recorded for tracing unless recomputed), and the block's settings (None:
         no selection here, or an empty batch, which gives ``(0, ...)`` as unpatched)."""
         if index == 0:
-            refuse_export()
+            refuse_export(x)
         hooked = self.hooked.get(index)
         if hooked is not None:
             hooked.check()
@@ -351,11 +351,20 @@ EXPORT_HINT = (
 )
 
 
-def refuse_export() -> None:
-    """Refuse tracing for export up front: it would otherwise fail deep inside torch (or,
-    for a trace, replay one batch's token counts on every later input)."""
+META_HINT = (
+    "a saint-patched model picks its token counts from the data, which meta tensors do not carry; "
+    "run it on real tensors (torch.utils.flop_counter.FlopCounterMode counts a patched model's FLOPs "
+    "on a real batch), or the unpatched model on meta tensors"
+)
+
+
+def refuse_export(x: torch.Tensor) -> None:
+    """Refuse tracing for export, and meta tensors, up front: they would otherwise fail deep
+    inside torch or saint (or, for a trace, replay one batch's token counts on every later input)."""
     if torch.jit.is_tracing() or _is_exporting():
         raise RuntimeError(EXPORT_HINT)
+    if x.device.type == "meta":
+        raise RuntimeError(META_HINT)
 
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
