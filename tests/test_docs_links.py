@@ -1,6 +1,6 @@
 """Every relative link in the README and docs/ points at a file that exists (and, for a
 ``#anchor`` into a markdown file, at one of its headings), so moving results cannot
-leave dead links behind."""
+leave dead links behind; the README's first Python examples run as printed."""
 
 from __future__ import annotations
 
@@ -41,3 +41,16 @@ def test_the_check_finds_a_dead_link(tmp_path: Path):
     doc.write_text("# Title\n[a](x.md#title) [b](missing.md) [c](#nowhere) [d](https://example.com)\n")
     assert links(doc) == ["x.md#title", "missing.md", "#nowhere"]
     assert anchors(doc) == {"title"}
+
+
+def test_the_readme_python_api_examples_run(capsys):
+    """The README's first two examples (patch, forward, stats, unpatch; the per-layer
+    schedules) run as printed, on a random-weight DeiT-S at 224px."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert "saint.patch(model" in blocks[0] and "saint.patch(model" in blocks[1]
+    namespace: dict = {}
+    exec(blocks[0], namespace)
+    assert "blocks.11:" in capsys.readouterr().out  # the stats of every block were printed
+    assert not namespace["saint"].is_patched(namespace["model"])
+    exec(blocks[1], namespace)
+    assert namespace["saint"].is_patched(namespace["model"])
