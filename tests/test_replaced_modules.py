@@ -3,7 +3,7 @@
 old module and would read what the model no longer computes, so the forward is refused,
 every time, with the order that works (saint.unpatch, then saint.patch again), and that
 order gives what patching the changed model gives. PEFT's own wrapper is refused with
-the model to patch inside it."""
+the model to patch inside it. A LLaVA and its vision tower patched apart are refused too."""
 
 from __future__ import annotations
 
@@ -153,3 +153,46 @@ def test_peft_lora_end_to_end():
     late = peft.get_peft_model(late, copy.deepcopy(config))
     with torch.no_grad(), pytest.raises(RuntimeError, match="replaced after saint.patch"):
         late(x)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_a_vlm_and_its_vision_tower_patched_apart_are_refused(family):
+    """A tower patched on its own, before or after its LLaVA, used to fail inside
+    transformers ("Image features and image tokens do not match") or to replace the LLaVA's
+    own tower patch (then removed by the LLaVA's unpatch); each order now says what to do,
+    and the LLaVA's own tower patch can be undone only through the LLaVA."""
+    if family == "llava":
+        make, x = tiny_llava, llava_inputs(2)
+    else:
+        from .test_protocol import anyres_inputs, tiny_anyres
+
+        make = lambda: tiny_anyres("llava_next")  # noqa: E731
+        x = anyres_inputs(make(), 2)
+    llm = dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2)
+    vit = dict(mode="vit", vit_keep=8, vit_layer=1)
+    model = make()
+    tower = model.model.vision_tower
+    saint.patch(tower, "tome", r=2)
+    for settings in (llm, vit):
+        with pytest.raises(ValueError, match="is patched by saint on its own; unpatch it first"):
+            saint.patch(model, **settings)
+        assert not saint.is_patched(model)
+    saint.unpatch(tower)
+    saint.patch(model, **llm)
+    saint.patch(tower, "tome", r=2)
+    for _ in range(2):
+        with torch.no_grad(), pytest.raises(ValueError, match="was patched by saint on its own after this"):
+            model(**x)
+    saint.unpatch(tower)
+    saint.patch(model, **vit)
+    for call in (saint.unpatch, lambda t: saint.patch(t, "tome", r=2)):
+        with pytest.raises(ValueError, match="was patched through its Llava"):
+            call(tower)
+    with torch.no_grad():
+        out = model(**x).logits[:, -1]
+    saint.unpatch(model)
+    assert not saint.is_patched(tower)
+    fresh = make()
+    saint.patch(fresh, **vit)
+    with torch.no_grad():
+        assert torch.equal(out, fresh(**x).logits[:, -1])

@@ -70,11 +70,19 @@ import torch
 
 from ..methods import MethodSpec
 from . import hf_vision
-from .common import Hooked, TokenStats, transformers_loaded
+from .common import Hooked, TokenStats, get_handle, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
-from .llava_vision import check_grid, check_vit, make_expand, make_projector_hook, prefill
+from .llava_vision import (
+    check_grid,
+    check_vit,
+    make_expand,
+    make_projector_hook,
+    own_tower,
+    prefill,
+    refuse_patched_tower,
+)
 from .vlm_config import LLM_FIELDS, METHODS, MODES, VlmPruneConfig, check_int
-from .vlm_handle import VlmPatch, installing, unpatch
+from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
@@ -180,6 +188,17 @@ class LlavaPatch(VlmPatch):
             hf_vision.unpatch_tower(self.vision.tower)
             self.vision = None
 
+    def begin_forward(self) -> Forward:
+        """Refuse a tower patched on its own after this patch: its pruning would not match
+        the prompts this patch plans (and LLaVA fails on a feature count)."""
+        if get_handle(self.mm.vision_tower) is not self.vision:
+            raise ValueError(
+                f"the vision tower ({type(self.mm.vision_tower).__name__}) was patched by saint on its own after "
+                f"this {type(self.model).__name__}; unpatch the tower (saint.unpatch(<the vision tower>)) and prune "
+                f"inside it through the {type(self.model).__name__}: saint.patch(model, mode='vit' or 'hybrid', ...)"
+            )
+        return super().begin_forward()
+
     def vision_stats(self) -> TokenStats | None:
         """Tokens entering each vision-tower layer, per image (``vit``/``hybrid`` only)."""
         return None if self.vision is None else self.vision.stats()
@@ -201,12 +220,14 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     if cfg.method in ("random", "pool"):
         check_grid(mm, cfg)
 
+    refuse_patched_tower(model, mm)
     handle = LlavaPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
     with installing(handle):
         if cfg.prunes_vit:
             handle.vision = hf_vision.patch_tower(
                 mm.vision_tower, "budget", layers=[cfg.vit_layer], keep=cfg.vit_keep, step_div=cfg.vit_step_div
             )
+            own_tower(handle, model)
         install_forward_hooks(handle, model, mm, make_mm_pre(handle, MEDIA, prefill, continue_prompt))
         if cfg.method in ("random", "pool"):
             projector = mm.multi_modal_projector

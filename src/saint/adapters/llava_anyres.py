@@ -64,7 +64,14 @@ from .common import transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .llava import EXPAND, MEDIA, LlavaPatch, LlavaPruneConfig
 from .llava import make_config as llava_config
-from .llava_vision import check_vit, grid_side, make_expand, shrink_inputs
+from .llava_vision import (
+    check_vit,
+    grid_side,
+    make_expand,
+    own_tower,
+    refuse_patched_tower,
+    shrink_inputs,
+)
 from .vlm_handle import Forward, installing, unpatch
 from .vlm_hooks import bind, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt, keep_first, refuse_static_cache
@@ -135,11 +142,13 @@ def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "sa
     pruner = decoder_pruner(cfg, mm.language_model, llm_spec)
     if cfg.prunes_vit:
         check_vit(mm, cfg)
+    refuse_patched_tower(model, mm)
     handle = LlavaPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
     with installing(handle):
         if cfg.prunes_vit:
             handle.vision = hf_vision.patch_tower(mm.vision_tower, "budget", trace=True, layers=[cfg.vit_layer],
                                                   keep=cfg.vit_keep, step_div=cfg.vit_step_div)
+            own_tower(handle, model)
             if family.videos:
                 handle.wrap(mm, "get_video_features", _make_unpruned(handle, mm.get_video_features))
             if model is not mm and hasattr(model, EXPAND) and EXPAND not in model.__dict__:

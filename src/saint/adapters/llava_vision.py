@@ -18,6 +18,7 @@ import torch
 
 from ..methods import make_config as registry_config
 from . import hf_vision
+from .common import get_handle
 from .vlm_handle import Forward, VlmPatch
 from .vlm_prompt import begin_prefill, keep_first, refuse_static_cache, shrink_rows
 
@@ -32,6 +33,24 @@ def grid_side(mm: torch.nn.Module) -> int:
 def _feature_layers(mm: torch.nn.Module) -> list[int]:
     v = mm.config.vision_feature_layer
     return [v] if isinstance(v, int) else list(v)
+
+
+def refuse_patched_tower(model: torch.nn.Module, mm: torch.nn.Module) -> None:
+    """Refuse a LLaVA whose vision tower saint patched on its own: the LLaVA patch could
+    neither plan its prompts around that tower's pruning nor undo it."""
+    if get_handle(mm.vision_tower) is not None:
+        name = type(model).__name__
+        raise ValueError(
+            f"the vision tower of this {name} ({type(mm.vision_tower).__name__}) is patched by saint on its own; "
+            f"unpatch it first (saint.unpatch(<the vision tower>)), then patch the {name} "
+            "(mode='vit' or 'hybrid' prune inside the tower)"
+        )
+
+
+def own_tower(handle: VlmPatch, model: torch.nn.Module) -> None:
+    """Mark the tower patch of ``vit``/``hybrid`` as the VLM's: unpatching or re-patching the
+    tower alone is refused with the call that works (as for any wrapper patched whole)."""
+    handle.vision.owner = type(model).__name__
 
 
 def check_vit(mm: torch.nn.Module, cfg: Any) -> None:
