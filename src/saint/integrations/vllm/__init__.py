@@ -32,12 +32,18 @@ ARCHITECTURES = {
 
 
 def register() -> None:
-    """Entry point ``saint``: the torchvision shim, the runner flag fix and the overrides."""
+    """Entry point ``saint``: the torchvision shim, the model-config check, the runner flag fix
+    and the overrides."""
     from vllm import ModelRegistry
 
-    from .compat import install_torchvision_shim, patch_runner_pruning_flag
+    from .compat import (
+        install_torchvision_shim,
+        patch_model_config_check,
+        patch_runner_pruning_flag,
+    )
 
     install_torchvision_shim()
+    patch_model_config_check(ARCHITECTURES)
     patch_runner_pruning_flag()
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)

@@ -1,4 +1,4 @@
-"""Two fixes the plugin applies in every vLLM process (front end, engine core, workers,
+"""Three fixes the plugin applies in every vLLM process (front end, engine core, workers,
 the model-inspection subprocess), through the ``vllm.general_plugins`` entry points.
 
 - :func:`install_torchvision_shim` (entry point ``saint_compat``, also run by ``saint``):
@@ -7,6 +7,9 @@ the model-inspection subprocess), through the ``vllm.general_plugins`` entry poi
   torchvision, and transformers cannot build the Qwen processor without a video processor.
   The shim re-exports the PIL image processor under the torchvision module's name and
   supplies a placeholder video processor (that refuses videos). No-op with torchvision.
+- :func:`patch_model_config_check`: ``saint_*`` settings on a model the plugin does not
+  override would otherwise be ignored without a word (the model served unpruned); they stop
+  the engine at start instead.
 - :func:`patch_runner_pruning_flag`: vLLM's model runners set ``is_multimodal_pruning_enabled``
   (which makes them call ``recompute_mrope_positions``) only from ``--video-pruning-rate``,
   and ``CPUModelRunner.load_model`` never sets it at all. Without it a pruned prompt crashes
@@ -20,6 +23,7 @@ import functools
 import importlib.util
 import sys
 import types
+from collections.abc import Iterable
 
 # torchvision-only transformers modules that vLLM imports from -> their PIL twins.
 _PIL_TWINS = {
@@ -77,6 +81,27 @@ def install_torchvision_shim() -> None:
 def register() -> None:
     """Entry point ``saint_compat``: the torchvision shim alone (for plain vLLM here)."""
     install_torchvision_shim()
+
+
+def patch_model_config_check(supported: Iterable[str]) -> None:
+    """Wrap ``ModelConfig.__post_init__`` to refuse ``saint_*`` settings on an architecture the
+    plugin does not override (no override's code ever reads them there)."""
+    from vllm.config import ModelConfig
+
+    from .settings import refuse_unsupported_model
+
+    post_init = ModelConfig.__dict__["__post_init__"]
+    if getattr(post_init, "_saint_wrapped", False):
+        return
+    supported = tuple(supported)
+
+    @functools.wraps(post_init)
+    def __post_init__(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        refuse_unsupported_model(self.hf_config, self.architectures, supported)
+
+    __post_init__._saint_wrapped = True
+    ModelConfig.__post_init__ = __post_init__
 
 
 def patch_runner_pruning_flag() -> None:

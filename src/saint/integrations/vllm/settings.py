@@ -9,6 +9,7 @@ tokens must follow from the image's grid alone: ``max(1, round(keep_ratio * N))`
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,19 @@ class SaintVllmSettings:
         """``[N]`` bool: SAINT's fixed-budget choice among one image's ``[N, D]`` embeddings."""
         keep = self.kept_tokens(embeds.shape[0])
         return fixed_budget_keep_mask(embeds[None], keep, step_div=self.step_div)[0]
+
+
+def refuse_unsupported_model(config: Any, architectures: Sequence[str], supported: Iterable[str]) -> None:
+    """Refuse ``saint_*`` settings on a model the plugin does not override: vLLM would serve
+    it unpruned, with the settings silently ignored."""
+    attrs = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    given = sorted(k for k in attrs if k.startswith(PREFIX))
+    supported = sorted(supported)
+    if given and not set(architectures) & set(supported):
+        raise SaintSettingsError(
+            f"{given} set in --hf-overrides, but SAINT prunes only {supported} in vLLM and this model is "
+            f"{list(architectures)}: it would run unpruned; remove the saint_* settings or serve a supported model"
+        )
 
 
 def settings_from_config(config: Any) -> SaintVllmSettings | None:
