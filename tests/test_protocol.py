@@ -211,6 +211,29 @@ VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": di
 
 
 @pytest.mark.parametrize("name", VLMS)
+def test_assisted_generation_of_an_image_prompt(name):
+    """Assisted generation puts its candidate tokens into the prompt's forward and crops
+    every layer's cache to one length on a rejection. Where saint prunes inside the
+    language model (FastV, mode="llm") it is refused with what to do (before: FastV ranked
+    by a candidate's attention and generated other tokens than plain greedy decoding, and
+    mode="llm" crashed or kept rejected candidates in its pruned caches); where it prunes
+    in the tower only, it generates what plain greedy decoding generates."""
+    model, inputs, _, variant = FAMILIES[name]()
+    sample = one(model, inputs)
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    for settings in ({"method": variant.method, **variant.kwargs}, dict(mode="llm", llm_layers=(0, 2), llm_k=1)):
+        saint.patch(model, **settings)
+        with torch.no_grad(), pytest.raises(ValueError, match="assisted generation .* generate without it"):
+            model.generate(**sample, prompt_lookup_num_tokens=3, **greedy)
+        saint.unpatch(model)
+    saint.patch(model, **VISION_SIDE[name])
+    with torch.no_grad():
+        want = model.generate(**sample, **greedy)
+        assert torch.equal(model.generate(**sample, prompt_lookup_num_tokens=3, **greedy), want)
+    saint.unpatch(model)
+
+
+@pytest.mark.parametrize("name", VLMS)
 def test_chunked_prefill_of_an_image_prompt_runs_whole_or_is_refused(name):
     """generate(prefill_chunk_size=n): a prompt with images that fits one chunk runs as one
     prefill (generate used to slice the kept features by the unpruned placeholders:

@@ -127,9 +127,36 @@ def install_forward_hooks(handle: VlmPatch, model: torch.nn.Module, mm: torch.nn
     hooks.append(model.register_forward_hook(RefusePickle(make_guard(handle, enter=False)), always_call=True))
     if hasattr(model, PREFILL) and PREFILL not in model.__dict__:
         handle.wrap(model, PREFILL, make_unchunked_prefill(getattr(model, PREFILL)))
+    if handle.config.prunes_llm and hasattr(model, "generate") and "generate" not in model.__dict__:
+        handle.wrap(model, "generate", make_unassisted_generate(model, model.generate))
 
 
 PREFILL = "_prefill"  # generate's (private) prefill step, which splits the prompt by prefill_chunk_size
+
+
+def make_unassisted_generate(model: torch.nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
+    """``generate`` that refuses assisted generation (``assistant_model``,
+    ``prompt_lookup_num_tokens``, ...) of a prompt with images when saint prunes inside the
+    language model: the candidates join the prompt's forward (FastV would rank by a
+    candidate's attention) and a rejection crops every layer's cache to one length, which
+    a pruned layer's shorter cache does not follow (wrong tokens, or a crash)."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if ANY_MEDIA.given(kwargs):
+            config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+            config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+            if config.get_generation_mode(kwargs.get("assistant_model")) == GenerationMode.ASSISTED_GENERATION:
+                raise ValueError(
+                    "saint prunes this prompt's image tokens inside the language model (mode='llm'/'hybrid', "
+                    "FastV), and assisted generation (assistant_model, prompt_lookup_num_tokens, "
+                    "assistant_early_exit) adds candidate tokens to the prompt's forward and crops every layer's "
+                    "cache to one length, which a pruned layer's cache does not follow; generate without it, "
+                    "or prune in the vision tower only (mode='vit')"
+                )
+        return original(*args, **kwargs)
+
+    return generate
 
 
 def make_unchunked_prefill(original: Callable[..., Any]) -> Callable[..., Any]:
