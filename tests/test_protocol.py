@@ -234,6 +234,36 @@ def test_assisted_generation_of_an_image_prompt(name):
 
 
 @pytest.mark.parametrize("name", VLMS)
+def test_a_new_generate_call_on_a_cache_of_a_shortened_prompt_is_refused(name):
+    """A conversation continued on the cache of a prompt whose image tokens saint removed
+    before the language model: generate feeds the ids past the cache's length, which is
+    shorter than the ids it came from (before: 51 stale ids fed again instead of 6 on a
+    tiny LLaVA, with negative positions). Refused; with mode="llm" the cache continues and
+    the answer equals the whole conversation run from scratch."""
+    model, inputs, _, _ = FAMILIES[name]()
+    sample = one(model, inputs)
+    saint.patch(model, **VISION_SIDE[name])
+    with torch.no_grad():
+        out = model.generate(**sample, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        with pytest.raises(ValueError, match="past_key_values holds a prompt whose image tokens saint removed"):
+            model.generate(input_ids=out.sequences, past_key_values=out.past_key_values, max_new_tokens=2)
+    saint.unpatch(model)
+    if name != "llava":
+        return
+    saint.patch(model, mode="llm", llm_layers=(0, 2), llm_tau=0.3, llm_k=1)
+    follow = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model.generate(**sample, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        conversation = torch.cat([out.sequences, follow], dim=1)
+        cached = model.generate(input_ids=conversation, past_key_values=out.past_key_values, max_new_tokens=4,
+                                do_sample=False)
+        scratch = model.generate(input_ids=conversation, pixel_values=sample["pixel_values"], max_new_tokens=4,
+                                 do_sample=False)
+    assert torch.equal(cached, scratch)
+    saint.unpatch(model)
+
+
+@pytest.mark.parametrize("name", VLMS)
 def test_chunked_prefill_of_an_image_prompt_runs_whole_or_is_refused(name):
     """generate(prefill_chunk_size=n): a prompt with images that fits one chunk runs as one
     prefill (generate used to slice the kept features by the unpruned placeholders:

@@ -127,23 +127,36 @@ def install_forward_hooks(handle: VlmPatch, model: torch.nn.Module, mm: torch.nn
     hooks.append(model.register_forward_hook(RefusePickle(make_guard(handle, enter=False)), always_call=True))
     if hasattr(model, PREFILL) and PREFILL not in model.__dict__:
         handle.wrap(model, PREFILL, make_unchunked_prefill(getattr(model, PREFILL)))
-    if handle.config.prunes_llm and hasattr(model, "generate") and "generate" not in model.__dict__:
-        handle.wrap(model, "generate", make_unassisted_generate(model, model.generate))
+    if hasattr(model, "generate") and "generate" not in model.__dict__:
+        handle.wrap(model, "generate", make_checked_generate(handle, model, model.generate))
 
 
 PREFILL = "_prefill"  # generate's (private) prefill step, which splits the prompt by prefill_chunk_size
 
 
-def make_unassisted_generate(model: torch.nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
-    """``generate`` that refuses assisted generation (``assistant_model``,
-    ``prompt_lookup_num_tokens``, ...) of a prompt with images when saint prunes inside the
-    language model: the candidates join the prompt's forward (FastV would rank by a
-    candidate's attention) and a rejection crops every layer's cache to one length, which
-    a pruned layer's shorter cache does not follow (wrong tokens, or a crash)."""
+def make_checked_generate(handle: VlmPatch, model: torch.nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
+    """``generate`` that refuses two calls saint cannot serve (both used to give other
+    tokens than the unpatched model's way would, or crash):
+
+    - assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``, ...) of a
+      prompt with images when saint prunes inside the language model: the candidates join
+      the prompt's forward (FastV would rank by a candidate's attention) and a rejection
+      crops every layer's cache to one length, which a pruned layer's shorter cache does not follow;
+    - a new call on a cache whose prompt saint shortened before the language model (``vit``,
+      ``hybrid``, ``random``, ``pool``): generate feeds the ids after the cache's length, and
+      that cache holds fewer positions than the ids it came from."""
     from transformers.generation.configuration_utils import GenerationMode
 
     def generate(*args: Any, **kwargs: Any) -> Any:
-        if ANY_MEDIA.given(kwargs):
+        prompt = hf_llm.pruned_prompt_of(kwargs.get("past_key_values"))
+        if prompt is not None and prompt.owner == id(handle.pruner) and prompt.extra.get("src0") is not None:
+            raise ValueError(
+                "past_key_values holds a prompt whose image tokens saint removed before the language model "
+                "(mode='vit'/'hybrid', random, pool), so generate cannot line the new input_ids up with it (it "
+                "skips as many ids as the cache holds); run the whole conversation with its images on an empty "
+                "cache, or prune with mode='llm', whose cache continues"
+            )
+        if handle.config.prunes_llm and ANY_MEDIA.given(kwargs):
             config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
             config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
             if config.get_generation_mode(kwargs.get("assistant_model")) == GenerationMode.ASSISTED_GENERATION:
