@@ -211,25 +211,45 @@ VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": di
 
 
 @pytest.mark.parametrize("name", VLMS)
-def test_assisted_generation_of_an_image_prompt(name):
-    """Assisted generation puts its candidate tokens into the prompt's forward and crops
-    every layer's cache to one length on a rejection. Where saint prunes inside the
-    language model (FastV, mode="llm") it is refused with what to do (before: FastV ranked
-    by a candidate's attention and generated other tokens than plain greedy decoding, and
-    mode="llm" crashed or kept rejected candidates in its pruned caches); where it prunes
-    in the tower only, it generates what plain greedy decoding generates."""
+def test_assisted_generation_of_an_image_prompt(name, monkeypatch):
+    """Assisted generation runs its first candidate tokens in the prompt's forward, then
+    crops the rejected ones from the end of every layer's cache, into the prompt. SAINT
+    (mode="llm", vision side) generates what plain greedy decoding does: the pruned
+    prompt's maps follow the crop (before: 5 of 12 random LLaVA prompts stopped on
+    "attention width 30 is smaller than the 31 prompt slots"). FastV, which ranks by the
+    prompt's last token (there a candidate), is refused with what to do (before: other tokens)."""
+    from saint.adapters.hf_llm import pruned_prompt_of
+
+    into_prompt = []
+    crop = transformers.DynamicCache.crop
+
+    def recording_crop(cache, n):
+        out = crop(cache, n)
+        prompt = pruned_prompt_of(cache)
+        into_prompt.append(prompt is not None and cache.get_seq_length() < prompt.length)
+        return out
+
+    monkeypatch.setattr(transformers.DynamicCache, "crop", recording_crop)
     model, inputs, _, variant = FAMILIES[name]()
     sample = one(model, inputs)
-    greedy = dict(max_new_tokens=6, do_sample=False)
-    for settings in ({"method": variant.method, **variant.kwargs}, dict(mode="llm", llm_layers=(0, 2), llm_k=1)):
+    ids = sample["input_ids"]
+    sample["input_ids"] = torch.cat([ids, ids[:, -4:], ids[:, -4:]], dim=1)  # text the lookup finds again
+    if "attention_mask" in sample:
+        sample["attention_mask"] = torch.ones_like(sample["input_ids"])
+    if "mm_token_type_ids" in sample:
+        sample["mm_token_type_ids"] = torch.cat([sample["mm_token_type_ids"], torch.zeros_like(ids[:, :8])], dim=1)
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    saint.patch(model, method=variant.method, **variant.kwargs)
+    with torch.no_grad(), pytest.raises(ValueError, match="FastV ranks the image tokens .* generate without it"):
+        model.generate(**sample, prompt_lookup_num_tokens=3, **greedy)
+    for settings in (dict(mode="llm", llm_layers=(0, 2), llm_tau=0.3, llm_k=1), VISION_SIDE[name]):
         saint.patch(model, **settings)
-        with torch.no_grad(), pytest.raises(ValueError, match="assisted generation .* generate without it"):
-            model.generate(**sample, prompt_lookup_num_tokens=3, **greedy)
-        saint.unpatch(model)
-    saint.patch(model, **VISION_SIDE[name])
-    with torch.no_grad():
-        want = model.generate(**sample, **greedy)
-        assert torch.equal(model.generate(**sample, prompt_lookup_num_tokens=3, **greedy), want)
+        with torch.no_grad():
+            want = model.generate(**sample, **greedy)
+            into_prompt.clear()
+            assert torch.equal(model.generate(**sample, prompt_lookup_num_tokens=4, **greedy), want)
+        if settings["mode"] == "llm":
+            assert any(into_prompt), "no crop reached into the pruned prompt: the test lost its point"
     saint.unpatch(model)
 
 

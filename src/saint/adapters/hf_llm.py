@@ -124,6 +124,10 @@ class Stage:
         r = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
         return replace(self, idx=r(self.idx), valid=r(self.valid), image=r(self.image))
 
+    def drop_last(self, n: int) -> Stage:
+        """Without its last ``n`` slots (the prompt's last ``n`` tokens, text: never dropped)."""
+        return replace(self, idx=self.idx[:, :-n], valid=self.valid[:, :-n], image=self.image[:, :-n])
+
 
 @dataclass
 class PrunedPrompt:
@@ -140,6 +144,14 @@ class PrunedPrompt:
         stages = [fn(s) for s in self.stages]
         extra = {k: (fn(v) if v is not None else None) for k, v in self.extra.items()}
         return replace(self, stages=stages, extra=extra)
+
+    def drop_last(self, n: int) -> PrunedPrompt:
+        """The prompt without its last ``n`` tokens, which a cache crop removed: assisted
+        generation runs its first candidates in the prompt's forward and crops the rejected
+        ones from the end of every layer (text, so the last slots of every stage)."""
+        extra = {k: (v if v is None or k == "removed" else v[:, :-n]) for k, v in self.extra.items()}
+        return replace(self, length=self.length - n, stages=[st.drop_last(n) for st in self.stages],
+                       input_length=self.input_length - n if self.input_length else 0, extra=extra)
 
 
 @dataclass
@@ -506,6 +518,17 @@ def attach_prompt(cache: Any, prompt: PrunedPrompt | None) -> None:
     wrap("reorder_cache", select)
     wrap("batch_select_indices", select)
     wrap("batch_repeat_interleave", repeat)
+    original_crop = cache.crop
+
+    def crop(tokens_to_remove: int) -> Any:
+        out = original_crop(tokens_to_remove)
+        p = cache.__dict__.get(PRUNED_PROMPT_ATTR)
+        cut = 0 if p is None else p.length - int(cache.get_seq_length())
+        if cut > 0:  # the crop reached into the prompt
+            cache.__dict__[PRUNED_PROMPT_ATTR] = p.drop_last(cut)
+        return out
+
+    d["crop"] = crop
 
 
 def pruned_prompt_of(cache: Any) -> PrunedPrompt | None:

@@ -121,8 +121,10 @@ def _shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward) ->
 
     out = dict(kwargs, input_ids=take(input_ids, 0), position_ids=take(kwargs["position_ids"], 0),
                attention_mask=mask)
-    if kwargs.get("mm_token_type_ids") is not None:
-        out["mm_token_type_ids"] = take(kwargs["mm_token_type_ids"], 0)
+    types = kwargs.get("mm_token_type_ids")
+    if types is not None:
+        # generate's assisted decoding runs its candidates (text) without extending the types
+        out["mm_token_type_ids"] = take(F.pad(types, (0, input_ids.shape[-1] - types.shape[-1])), 0)
     return out
 
 

@@ -138,10 +138,10 @@ def make_checked_generate(handle: VlmPatch, model: torch.nn.Module, original: Ca
     """``generate`` that refuses two calls saint cannot serve (both used to give other
     tokens than the unpatched model's way would, or crash):
 
-    - assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``, ...) of a
-      prompt with images when saint prunes inside the language model: the candidates join
-      the prompt's forward (FastV would rank by a candidate's attention) and a rejection
-      crops every layer's cache to one length, which a pruned layer's shorter cache does not follow;
+    - FastV with assisted generation (``assistant_model``, ``prompt_lookup_num_tokens``, ...)
+      of a prompt with images: the first candidates run in the prompt's forward, so FastV
+      would rank by a candidate's attention (SAINT's choice reads image tokens alone, and
+      :func:`~saint.adapters.hf_llm.attach_prompt` follows the crop of rejected candidates);
     - a new call on a cache whose prompt saint shortened before the language model (``vit``,
       ``hybrid``, ``random``, ``pool``): generate feeds the ids after the cache's length, and
       that cache holds fewer positions than the ids it came from."""
@@ -156,16 +156,15 @@ def make_checked_generate(handle: VlmPatch, model: torch.nn.Module, original: Ca
                 "skips as many ids as the cache holds); run the whole conversation with its images on an empty "
                 "cache, or prune with mode='llm', whose cache continues"
             )
-        if handle.config.prunes_llm and ANY_MEDIA.given(kwargs):
+        if handle.config.method == "fastv" and ANY_MEDIA.given(kwargs):
             config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
             config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
             if config.get_generation_mode(kwargs.get("assistant_model")) == GenerationMode.ASSISTED_GENERATION:
                 raise ValueError(
-                    "saint prunes this prompt's image tokens inside the language model (mode='llm'/'hybrid', "
-                    "FastV), and assisted generation (assistant_model, prompt_lookup_num_tokens, "
-                    "assistant_early_exit) adds candidate tokens to the prompt's forward and crops every layer's "
-                    "cache to one length, which a pruned layer's cache does not follow; generate without it, "
-                    "or prune in the vision tower only (mode='vit')"
+                    "FastV ranks the image tokens by the attention of the prompt's last token, and assisted "
+                    "generation (assistant_model, prompt_lookup_num_tokens, assistant_early_exit) runs its first "
+                    "candidate tokens in the prompt's forward, so FastV would rank by a candidate's; generate "
+                    "without it, or use SAINT (mode='llm'/'hybrid'/'vit'), whose choice reads the image tokens alone"
                 )
         return original(*args, **kwargs)
 
