@@ -16,6 +16,7 @@ LLaVA-OneVision, Qwen-VL), installed per instance around one patched forward:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ def make_checked_generate(handle: VlmPatch, model: torch.nn.Module, original: Ca
       that cache holds fewer positions than the ids it came from."""
     from transformers.generation.configuration_utils import GenerationMode
 
+    @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
         prompt = hf_llm.pruned_prompt_of(kwargs.get("past_key_values"))
         if prompt is not None and prompt.owner == id(handle.pruner) and prompt.extra.get("src0") is not None:
