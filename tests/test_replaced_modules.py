@@ -3,7 +3,9 @@
 old module and would read what the model no longer computes, so the forward is refused,
 every time, with the order that works (saint.unpatch, then saint.patch again), and that
 order gives what patching the changed model gives. PEFT's own wrapper is refused with
-the model to patch inside it. A LLaVA and its vision tower patched apart are refused too."""
+the model to patch inside it. A LLaVA and its vision tower patched apart are refused too,
+and so is an attention implementation switched after patching to one that cannot take
+saint's masks."""
 
 from __future__ import annotations
 
@@ -196,3 +198,22 @@ def test_a_vlm_and_its_vision_tower_patched_apart_are_refused(family):
     saint.patch(fresh, **vit)
     with torch.no_grad():
         assert torch.equal(out, fresh(**x).logits[:, -1])
+
+
+def test_attention_implementation_switched_after_patching():
+    """``set_attn_implementation`` after patching: to one that takes saint's 4-D masks
+    (eager) the answer stays the patched one; to one that does not (flex), the next forward
+    says so and how to switch back (before: a BlockMask TypeError, or an IndexError for FastV)."""
+    x = llava_inputs(2)
+    for settings in (dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2),
+                     dict(method="fastv", fastv_layer=2, fastv_ratio=0.5)):
+        model = saint.patch(tiny_llava(), **settings)
+        with torch.no_grad():
+            want = model(**x).logits[:, -1]
+            model.set_attn_implementation("eager")
+            torch.testing.assert_close(model(**x).logits[:, -1], want, atol=1e-5, rtol=0)
+            model.set_attn_implementation("flex_attention")
+            with pytest.raises(ValueError, match=r"'flex_attention' \(set since saint.patch\).*set_attn_implementation"):
+                model(**x)
+            model.set_attn_implementation("sdpa")
+            assert torch.equal(model(**x).logits[:, -1], want)

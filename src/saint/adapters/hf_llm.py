@@ -74,12 +74,7 @@ def check_decoder(decoder: torch.nn.Module) -> None:
         raise TypeError(
             f"saint cannot prune inside a {type(decoder).__name__} language model; supported: {SUPPORTED_DECODERS}"
         )
-    impl = decoder.config._attn_implementation
-    if impl not in MASKABLE_ATTENTION:
-        raise ValueError(
-            f"attn_implementation={impl!r}: saint gathers the 4-D attention mask between layers, which only "
-            f"{MASKABLE_ATTENTION} take; load the model with attn_implementation='sdpa' (or 'eager')"
-        )
+    check_maskable_attention(decoder)
     types_ = getattr(decoder.config, "layer_types", None) or []
     bad = sorted({t for t in types_ if t != "full_attention"})
     if not types_ and getattr(decoder.config, "sliding_window", None) is not None:
@@ -92,6 +87,19 @@ def check_decoder(decoder: torch.nn.Module) -> None:
         if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")):
             raise TypeError(f"decoder layer {i} has no standard self_attn (q_proj, k_proj, head_dim, scaling)")
     _rope_fn(decoder.layers[0].self_attn)
+
+
+def check_maskable_attention(decoder: torch.nn.Module, when: str = "") -> str:
+    """The decoder's attention implementation, if it takes the 4-D masks saint gathers
+    between layers; else a clear error (also when it was switched after patching)."""
+    impl = decoder.config._attn_implementation
+    if impl not in MASKABLE_ATTENTION:
+        raise ValueError(
+            f"attn_implementation={impl!r}{when}: saint gathers the 4-D attention mask between layers, which only "
+            f"{MASKABLE_ATTENTION} take; use attn_implementation='sdpa' (or 'eager'): from_pretrained(..., "
+            "attn_implementation='sdpa') or model.set_attn_implementation('sdpa')"
+        )
+    return impl
 
 
 def _rope_fn(attn: torch.nn.Module) -> Callable:
@@ -270,6 +278,7 @@ class DecoderPruner:
         """A prompt enters layer 0 with ``image [B, L]`` flags (tokens that may be dropped)."""
         for hooked in self.hooked:
             hooked.check()
+        self.impl = check_maskable_attention(self.decoder, " (set since saint.patch)")
         self._reset()
         b, n = image.shape
         idx = torch.arange(n, device=image.device).expand(b, n)
@@ -279,6 +288,7 @@ class DecoderPruner:
 
     def begin_continuation(self, prompt: PrunedPrompt) -> None:
         """New tokens follow a prompt that was pruned by this pruner."""
+        self.impl = check_maskable_attention(self.decoder, " (set since saint.patch)")
         self._reset()
         self.prompt = prompt
         self.length = prompt.length
