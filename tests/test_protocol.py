@@ -168,6 +168,17 @@ def test_calibrate_hits_the_target_and_reproduces(family):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", VLMS)
+def test_measured_speedup_calibration_of_a_vlm_says_what_to_do(name):
+    """A measured-speed target on a VLM (with patch_settings, as VLM calibration needs) is
+    refused with what to do and leaves the model unpatched (before: "dict() got multiple
+    values for keyword argument 'mode'")."""
+    model, inputs, settings, _ = FAMILIES[name]()
+    with pytest.raises(TypeError, match="for VLMs calibrate flops_speedup and time with saint bench"):
+        saint.calibrate(model, inputs, measured_speedup=1.5, batch_size=2, **settings)
+    assert not saint.is_patched(model)
+
+
 def test_harness_counts_flops_and_times_one_round(family):
     name, model, inputs, _, variant = family
     harness = Harness(model)

@@ -286,6 +286,7 @@ def calibrate(
     :class:`CalibrationWarning` and ``reached=False`` with the closest value found; on an
     error the model is left exactly as it was (unpatched, same train/eval mode).
     """
+    given = settings
     settings = {**(patch_settings or {}), **settings}
     target, value = _target(flops_speedup=flops_speedup, measured_speedup=measured_speedup, flops=flops, keep=keep,
                             speedup=speedup)
@@ -311,7 +312,8 @@ def calibrate(
     if target == "measured_speedup":
         return _calibrate_measured(
             model, images, value, dict(mode=mode, method=method, tol=tol, max_iter=max_iter, batch_size=batch_size,
-                                       inflection=inflection, **settings), batch_size, apply, clock=clock,
+                                       inflection=inflection, patch_settings=patch_settings, **given),
+            batch_size, apply, clock=clock,
         )
     goal = 1.0 / value if target == "flops_speedup" else value
 
