@@ -169,14 +169,20 @@ def test_calibrate_hits_the_target_and_reproduces(family):
 
 
 @pytest.mark.parametrize("name", VLMS)
-def test_measured_speedup_calibration_of_a_vlm_says_what_to_do(name):
-    """A measured-speed target on a VLM (with patch_settings, as VLM calibration needs) is
-    refused with what to do and leaves the model unpatched (before: "dict() got multiple
-    values for keyword argument 'mode'")."""
+def test_vlm_calibration_refuses_what_it_cannot_do(name):
+    """On a VLM, a measured-speed target (with patch_settings, as VLM calibration needs)
+    and a merging method (the language model's pruning drops tokens) are refused with what
+    to do, and the model is left unpatched (before: "dict() got multiple values for keyword
+    argument 'mode'"; "'SaintConfig' object has no attribute 'keep_norm'" from inside the
+    decoder)."""
     model, inputs, settings, _ = FAMILIES[name]()
     with pytest.raises(TypeError, match="for VLMs calibrate flops_speedup and time with saint bench"):
         saint.calibrate(model, inputs, measured_speedup=1.5, batch_size=2, **settings)
     assert not saint.is_patched(model)
+    for method in ("saint_plus", "saint_fold"):
+        with pytest.raises(TypeError, match=f"'{method}' merges tokens.*calibrate with method='saint'"):
+            saint.calibrate(model, inputs, flops_speedup=1.4, method=method, **settings)
+        assert not saint.is_patched(model)
 
 
 def test_harness_counts_flops_and_times_one_round(family):

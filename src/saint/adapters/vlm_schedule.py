@@ -22,6 +22,12 @@ def split_method(method: str | MethodSpec, family: str) -> tuple[str, MethodSpec
     if isinstance(method, MethodSpec):
         if not issubclass(method.config_cls, SaintConfig):
             raise TypeError(f"{family}'s language-model pruning takes a SAINT-family method, not {method.name!r}")
+        if method.merges:
+            base = method.name.removesuffix("-calibration")
+            raise TypeError(
+                f"{family}'s language-model pruning drops image tokens (SAINT's method='saint'); {base!r} merges "
+                "tokens, which a decoder layer's cache cannot hold: calibrate with method='saint'"
+            )
         return "saint", method
     return method, None
 
