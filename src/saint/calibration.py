@@ -36,6 +36,7 @@ from .adapters.base import vit_block_flops
 from .api import is_patched, patch, unpatch
 from .core import best_matches, prunable_valid, reduce_similarity, split_candidates
 from .methods import (
+    PROBE_SUFFIX,
     LayerContext,
     MatchConfig,
     MethodSpec,
@@ -150,7 +151,7 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
         taus[ctx.layer] = tau
         return base.select(ctx, {**s, "tau": tau}, cfg)
 
-    return dataclasses.replace(base, name=f"{base.name}-calibration", select=select)
+    return dataclasses.replace(base, name=base.name + PROBE_SUFFIX, select=select)
 
 
 def merge_ramp(layers: Sequence[int], inflection: float) -> dict[int, float]:
@@ -186,7 +187,7 @@ def _median_probe(base: MethodSpec, r: float, taus: dict[int, float], fractions:
         taus[ctx.layer], fractions[ctx.layer] = tau, fraction
         return base.select(ctx, {**s, "tau": tau, "fraction": fraction}, cfg)
 
-    return dataclasses.replace(base, name=f"{base.name}-calibration", select=select)
+    return dataclasses.replace(base, name=base.name + PROBE_SUFFIX, select=select)
 
 
 def _measure(adapter: Adapter, model: torch.nn.Module, inputs: Any, batch_size: int, last_layer: int

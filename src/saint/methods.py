@@ -604,7 +604,14 @@ class MethodSpec:
     needs_keys: bool = True
     reduce: Callable[[torch.Tensor, int, Any], torch.Tensor] | None = None
 
+    @property
+    def public_name(self) -> str:
+        """The registered method's name (a calibration probe's is the method it calibrates),
+        for messages."""
+        return self.name.removesuffix(PROBE_SUFFIX)
 
+
+PROBE_SUFFIX = "-calibration"  # a calibration probe's name: the calibrated method's, then this
 METHODS: dict[str, MethodSpec] = {}
 
 
@@ -667,7 +674,7 @@ def require_class_token(spec: MethodSpec, config: MethodConfig, has_class_token:
         return
     why, fix = ((", guard > 0", "use guard=0") if config.reads_cls_attention
                 else ("", "use saint, tome, random or budget"))
-    raise ValueError(f"method {spec.name!r} needs a class token (it ranks by class-token attention{why}); "
+    raise ValueError(f"method {spec.public_name!r} needs a class token (it ranks by class-token attention{why}); "
                      f"{model} has no class token ({fix})")
 
 
@@ -675,7 +682,7 @@ def require_site(spec: MethodSpec, site: str, model: str) -> None:
     """Refuse a method that acts elsewhere than ``site`` (e.g. FastV on a vision tower)."""
     if spec.site != site:
         raise ValueError(
-            f"method {spec.name!r} acts on a VLM's {spec.site} and cannot prune a {model}; "
+            f"method {spec.public_name!r} acts on a VLM's {spec.site} and cannot prune a {model}; "
             f"methods for it: {[n for n, s in METHODS.items() if s.site == site]}"
         )
 
@@ -702,6 +709,5 @@ def make_config(method: str | MethodSpec, **kwargs: Any) -> tuple[MethodSpec, Me
     names = {f.name for f in dataclasses.fields(spec.config_cls)}
     unknown = sorted(set(kwargs) - names)
     if unknown:
-        name = spec.name.removesuffix("-calibration")  # a calibration probe: the method being calibrated
-        raise TypeError(f"method {name!r} does not take {unknown}; it takes {sorted(names)}")
+        raise TypeError(f"method {spec.public_name!r} does not take {unknown}; it takes {sorted(names)}")
     return spec, spec.config_cls(**kwargs)

@@ -691,7 +691,7 @@ def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], 
             limit = n - 1
             if s["r"] > limit:
                 raise ValueError(
-                    f"r={s['r']} at {unit} {i} is more than {spec.name} can remove there: "
+                    f"r={s['r']} at {unit} {i} is more than {spec.public_name} can remove there: "
                     f"{n} prunable tokens enter it, at most {limit} can go"
                 )
             n -= s["r"]

@@ -333,7 +333,7 @@ def check_maskable(tower: torch.nn.Module, spec: MethodSpec, config: MethodConfi
         impl = tower.config._attn_implementation
         if impl not in MASKABLE_ATTENTION:
             raise ValueError(
-                f"{spec.name} with these settings passes a key mask to attention, which "
+                f"{spec.public_name} with these settings passes a key mask to attention, which "
                 f"attn_implementation={impl!r} cannot take; load the model with attn_implementation='sdpa' or 'eager'"
             )
 

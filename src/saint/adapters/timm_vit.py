@@ -158,7 +158,7 @@ def resolve_settings(model: torch.nn.Module, spec: MethodSpec, config: Any,
     weighs = _attention_pool_weighs_sizes(model) if attn_pool is not None else pool in POOLS_WITH_SIZES
     if spec.merges and not weighs:
         raise ValueError(
-            f"{spec.name} merges tokens, whose sizes global_pool={pool!r} cannot weigh; "
+            f"{spec.public_name} merges tokens, whose sizes global_pool={pool!r} cannot weigh; "
             f"use a model pooled by {POOLS_WITH_SIZES} or timm's attention pooling, or a method that drops tokens"
         )
     _check_static_counts(model, spec, settings, num_protected)

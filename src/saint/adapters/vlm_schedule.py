@@ -21,11 +21,11 @@ def split_method(method: str | MethodSpec, family: str) -> tuple[str, MethodSpec
     modes; any other spec is refused with the family's name."""
     if isinstance(method, MethodSpec):
         if not issubclass(method.config_cls, SaintConfig):
-            raise TypeError(f"{family}'s language-model pruning takes a SAINT-family method, not {method.name!r}")
+            raise TypeError(f"{family}'s language-model pruning takes a SAINT-family method, not {method.public_name!r}")
         if method.merges:
-            base = method.name.removesuffix("-calibration")
             raise TypeError(
-                f"{family}'s language-model pruning drops image tokens (SAINT's method='saint'); {base!r} merges "
+                f"{family}'s language-model pruning drops image tokens (SAINT's method='saint'); "
+                f"{method.public_name!r} merges "
                 "tokens, which a decoder layer's cache cannot hold: calibrate with method='saint'"
             )
         return "saint", method
