@@ -67,19 +67,34 @@ def wrap_attr(owner: torch.nn.Module, name: str, wrapper=Delta) -> None:
     setattr(owner, name, wrapper(getattr(owner, name)))
 
 
-# family -> (model, the change, call)
+def tiny_siglip() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                          num_attention_heads=2, image_size=32, patch_size=8)
+    return transformers.SiglipVisionModel(cfg).eval()
+
+
+def new_head(model: torch.nn.Module) -> None:
+    """Replace SigLIP's attention-pooling head by a fresh one (seeded: the same every time)."""
+    torch.manual_seed(1)
+    model.head = type(model.head)(model.config).eval()
+
+
+# family -> (model, the change, call, guard); SigLIP has no class token for the guard
 VISION = {
-    "timm": (lambda: make_tiny("vit"), lambda m: wrap_attr(m.blocks[1].attn, "qkv"), lambda m, x: m(x)),
+    "timm": (lambda: make_tiny("vit"), lambda m: wrap_attr(m.blocks[1].attn, "qkv"), lambda m, x: m(x), 0.1),
     "clip": (tiny_clip, lambda m: wrap_attr(m.encoder.layers[1].self_attn, "k_proj"),
-             lambda m, x: m(pixel_values=x).pooler_output),
+             lambda m, x: m(pixel_values=x).pooler_output, 0.1),
+    # before: the new head pooled over the NaN padding of a ragged batch (NaN pooler_output)
+    "siglip_head": (tiny_siglip, new_head, lambda m, x: m(pixel_values=x).pooler_output, 0.0),
 }
 
 
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize("family", sorted(VISION))
-def test_vision_key_projection_replaced_after_patching(family, select_at):
-    make, change, call = VISION[family]
-    settings = dict(method="saint_match", tau=0.3, fraction=0.8, guard=0.1, select_at=select_at)
+def test_vision_hooked_module_replaced_after_patching(family, select_at):
+    make, change, call, guard = VISION[family]
+    settings = dict(method="saint_match", tau=0.3, fraction=0.8, guard=guard, select_at=select_at)
     x = images()
     model = make()
     saint.patch(model, **settings)
@@ -88,7 +103,7 @@ def test_vision_key_projection_replaced_after_patching(family, select_at):
         with torch.no_grad(), pytest.raises(RuntimeError, match="replaced after saint.patch .*saint.unpatch"):
             call(model, x)
     saint.unpatch(model)
-    assert not any(SITE_ATTR in m.__dict__ or m._forward_hooks for m in model.modules())
+    assert not any(SITE_ATTR in m.__dict__ or "forward" in m.__dict__ or m._forward_hooks for m in model.modules())
     saint.patch(model, **settings)
     reference = make()  # the same change before patching
     change(reference)

@@ -43,6 +43,7 @@ from .common import (
     MASKABLE_ATTENTION,
     SAINT_ATTR,
     SITE_ATTR,
+    Hooked,
     TokenState,
     attention_of,
     check_layout,
@@ -120,6 +121,7 @@ class HFEncoderPatch(TokenStateHandle):
     tower: torch.nn.Module | None = None
     parts: Callable[[torch.nn.Module], LayerParts] | None = None
     owner: str | None = None  # the class of the model patched, when the tower was patched through it
+    head: Hooked | None = None  # the pooling head given a per-image forward, where it sits
 
     def patched_through(self, model: torch.nn.Module, wrapper: torch.nn.Module) -> None:
         """Remember that ``model`` (a wrapper of the tower) was the model patched."""
@@ -253,6 +255,11 @@ def attach_head(handle: HFEncoderPatch, head: torch.nn.Module | None, forward: C
     if head is not None:
         head.__dict__[SITE_ATTR] = (handle, None)
         head.forward = types.MethodType(forward, head)
+        handle.head = Hooked(handle.tower, _pooling_head, head, f"{type(handle.tower).__name__}'s pooling head")
+
+
+def _pooling_head(tower: torch.nn.Module) -> torch.nn.Module | None:
+    return getattr(tower, "head", None)
 
 
 def patched_through(model: torch.nn.Module, tower: torch.nn.Module, handle: HFEncoderPatch) -> HFEncoderPatch:
@@ -273,7 +280,7 @@ def unpatch_tower_of(model: torch.nn.Module) -> HFEncoderPatch:
     handle.check_unpatch(model)
     if handle.tower is not model:
         model.__dict__.pop(SAINT_ATTR)
-    detach_head(handle.tower)
+    detach_head(handle)
     return unpatch_encoder(handle.tower, list(handle.tower.encoder.layers))
 
 
@@ -301,12 +308,13 @@ def pool_per_image(head: torch.nn.Module, hidden: torch.Tensor,
     return torch.cat([pool(hidden[i : i + 1, :n], bias[i : i + 1, :n]) for i, n in enumerate(counts)])
 
 
-def detach_head(tower: torch.nn.Module) -> None:
-    """Undo :func:`attach_head` on ``tower.head`` (nothing when it has none)."""
-    head = getattr(tower, "head", None)
-    if head is not None:
-        head.__dict__.pop("forward", None)
-        head.__dict__.pop(SITE_ATTR, None)
+def detach_head(handle: HFEncoderPatch) -> None:
+    """Undo :func:`attach_head` on the head it wrapped (nothing when the tower has none),
+    even where something replaced that head since."""
+    if handle.head is not None:
+        handle.head.module.__dict__.pop("forward", None)
+        handle.head.module.__dict__.pop(SITE_ATTR, None)
+        handle.head = None
 
 
 def encoder_sites(layers: list[torch.nn.Module], prefix: str, parts: Callable[[torch.nn.Module], LayerParts]
@@ -491,6 +499,8 @@ def tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The tower's own forward; while it returns hidden states, every layer's output is
     unpadded (NaN at padding, :meth:`HFEncoderPatch.hidden_state_valid` marks tokens)."""
     handle = self.__dict__[SAINT_ATTR]
+    if handle.head is not None:
+        handle.head.check()
     packs = handle.runs.layout == "packed" and handle.config.pads
     if packs and kwargs.get("output_attentions", self.config.output_attentions):
         raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
