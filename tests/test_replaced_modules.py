@@ -232,3 +232,41 @@ def test_attention_implementation_switched_after_patching():
                 model(**x)
             model.set_attn_implementation("sdpa")
             assert torch.equal(model(**x).logits[:, -1], want)
+
+
+BLOCKS = {
+    "timm": (lambda: make_tiny("vit"), "blocks", lambda m, x: m(x)),
+    "clip": (tiny_clip, "encoder.layers", lambda m, x: m(pixel_values=x).pooler_output),
+}
+
+
+@pytest.mark.parametrize("family", sorted(BLOCKS))
+def test_blocks_changed_after_patching(family):
+    """Blocks truncated or replaced after patching are refused (before: a timm ViT cut to
+    its first 3 blocks returned one row for a batch of 4, its last block having run unpatched
+    on the packed stream); a wrapper that runs the patched block (activation checkpointing)
+    gives the patched answer; unpatch restores every patched block, kept or not."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    make, path, call = BLOCKS[family]
+    x = images()
+    model = make()
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.8)
+    with torch.no_grad():
+        want = call(model, x)
+    blocks = model.get_submodule(path)
+    patched = list(blocks)
+    parent, name = model.get_submodule(path.rpartition(".")[0]) if "." in path else model, path.rpartition(".")[2]
+    setattr(parent, name, blocks[:3])
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"3 are there now.*saint.unpatch\(model\), change the blocks"):
+        call(model, x)
+    setattr(parent, name, blocks)
+    blocks[2] = make().get_submodule(path)[2]  # the same weights, never patched
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"{path}.2 is not the block saint patched"):
+        call(model, x)
+    blocks[2] = checkpoint_wrapper(patched[2])
+    with torch.no_grad():
+        assert torch.equal(call(model, x), want)
+    setattr(parent, name, blocks[:3])
+    saint.unpatch(model)
+    assert not any("forward" in b.__dict__ or SITE_ATTR in b.__dict__ for b in patched)

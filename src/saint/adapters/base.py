@@ -12,14 +12,23 @@ from __future__ import annotations
 import abc
 import copy
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .common import PICKLE_HINT, SITE_ATTR, Hooked, Runs, TokenState, TokenStats, get_handle
+from .common import (
+    PICKLE_HINT,
+    SITE_ATTR,
+    Hooked,
+    PatchedBlocks,
+    Runs,
+    TokenState,
+    TokenStats,
+    get_handle,
+)
 
 Inputs = Any  # a [B, 3, H, W] image batch, or a dict of processor outputs (VLMs)
 
@@ -272,6 +281,7 @@ class TokenStateHandle(Handle):
     runs: Runs = field(default_factory=lambda: Runs(0))
     kernel: str = "auto"
     hooked: dict[int, Hooked] = field(default_factory=dict)  # pruning block -> its hooked key projection
+    patched_blocks: PatchedBlocks | None = None  # the blocks patched, where the model keeps them
 
     @property
     def state(self) -> TokenState:
@@ -292,6 +302,8 @@ class TokenStateHandle(Handle):
         no selection here, or an empty batch, which gives ``(0, ...)`` as unpatched)."""
         if index == 0:
             refuse_export(x)
+            if self.patched_blocks is not None:
+                self.patched_blocks.check()
         hooked = self.hooked.get(index)
         if hooked is not None:
             hooked.check()
@@ -390,13 +402,15 @@ def refuse_foreign_forwards(modules: dict[str, nn.Module | None]) -> None:
             )
 
 
-def install_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], prefix: str, forward: Callable[..., Any],
+def install_sites(handle: TokenStateHandle, owner: nn.Module, prefix: str, forward: Callable[..., Any],
                   key_proj: Callable[[nn.Module], nn.Module] | None, layout: str, track_positions: bool = False) -> None:
-    """Give every block its per-instance ``forward`` (finding ``handle`` and its index
-    through the block) and every pruning block's key projection a capture hook (none when
-    ``key_proj`` is None: the block forward reads its keys itself); name the blocks
-    ``prefix.<i>`` and start the per-call runs (tracking each token's original index for
-    rotary models)."""
+    """Give every block of ``owner.<prefix>`` its per-instance ``forward`` (finding ``handle``
+    and its index through the block) and every pruning block's key projection a capture hook
+    (none when ``key_proj`` is None: the block forward reads its keys itself); name the blocks
+    ``prefix.<i>``, remember where they sit, and start the per-call runs (tracking each
+    token's original index for rotary models)."""
+    blocks = list(owner.get_submodule(prefix))
+    handle.patched_blocks = PatchedBlocks(owner, prefix, tuple(blocks))
     handle.block_names = [f"{prefix}.{i}" for i in range(len(blocks))]
     refuse_foreign_forwards(dict(zip(handle.block_names, blocks, strict=True)))
     handle.runs = Runs(len(blocks), layout, track_positions)
@@ -410,14 +424,16 @@ def install_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module], prefix:
             handle.hooked[i] = Hooked(blk, key_proj, proj, f"the key projection of {handle.block_names[i]}")
 
 
-def remove_sites(handle: TokenStateHandle, blocks: Sequence[nn.Module]) -> None:
-    """Undo :func:`install_sites`: the blocks' own ``forward`` again, no hooks."""
+def remove_sites(handle: TokenStateHandle) -> None:
+    """Undo :func:`install_sites` on the blocks it patched (wherever they are now): their
+    own ``forward`` again, no hooks."""
     for h in handle.hooks:
         h.remove()
     handle.hooks.clear()
-    for blk in blocks:
+    for blk in handle.patched_blocks.blocks if handle.patched_blocks is not None else ():
         blk.__dict__.pop("forward", None)
         blk.__dict__.pop(SITE_ATTR, None)
     for hooked in handle.hooked.values():  # the modules hooked, even where something replaced them since
         hooked.module.__dict__.pop(SITE_ATTR, None)
     handle.hooked.clear()
+    handle.patched_blocks = None

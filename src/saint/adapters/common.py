@@ -723,6 +723,34 @@ class Hooked:
             )
 
 
+@dataclass(frozen=True)
+class PatchedBlocks:
+    """The blocks saint patched and where the model keeps them (``owner.get_submodule(path)``),
+    so a forward can refuse blocks replaced, added or removed since (a truncated
+    ``model.blocks``, a fresh block): an unpatched block would run on saint's packed or
+    shortened tokens. A module that wraps a patched block (activation checkpointing,
+    ``torch.compile`` of one block) runs that block, and passes."""
+
+    owner: torch.nn.Module
+    path: str
+    blocks: tuple[torch.nn.Module, ...]
+
+    def check(self) -> None:
+        current = self.owner.get_submodule(self.path)
+        if len(current) != len(self.blocks):
+            change = f"{len(self.blocks)} blocks were patched, {len(current)} are there now"
+        else:
+            stray = [i for i, (now, block) in enumerate(zip(current, self.blocks, strict=True))
+                     if now is not block and not any(child is block for child in now.children())]
+            if not stray:
+                return
+            change = f"{self.path}.{stray[0]} is not the block saint patched"
+        raise RuntimeError(
+            f"{self.path} changed after saint.patch ({change}): an unpatched block would run on saint's pruned "
+            "tokens. Patch after such changes: saint.unpatch(model), change the blocks, then saint.patch(model, ...)"
+        )
+
+
 def _class_path(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 

@@ -186,18 +186,18 @@ def patch_encoder(
     handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
                             parts=parts)
     rotary = bool(layers) and parts(layers[0]).rotate_half is not None
-    install_sites(handle, layers, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
+    install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
     tower.forward = types.MethodType(tower_forward, tower)
     tower.__dict__[SAINT_ATTR] = handle
     return handle
 
 
-def unpatch_encoder(tower: torch.nn.Module, layers: list[torch.nn.Module]) -> HFEncoderPatch:
+def unpatch_encoder(tower: torch.nn.Module) -> HFEncoderPatch:
     """Undo :func:`patch_encoder`: the layers' and the tower's own forward, no hooks."""
     handle = tower.__dict__.pop(SAINT_ATTR, None)
     if handle is None:
         raise ValueError(f"{type(tower).__name__} is not patched by saint")
-    remove_sites(handle, layers)
+    remove_sites(handle)
     tower.__dict__.pop("forward", None)
     return handle
 
@@ -281,7 +281,7 @@ def unpatch_tower_of(model: torch.nn.Module) -> HFEncoderPatch:
     if handle.tower is not model:
         model.__dict__.pop(SAINT_ATTR)
     detach_head(handle)
-    return unpatch_encoder(handle.tower, list(handle.tower.encoder.layers))
+    return unpatch_encoder(handle.tower)
 
 
 def pool_per_image(head: torch.nn.Module, hidden: torch.Tensor,

@@ -182,7 +182,7 @@ def layer_parts(layer: torch.nn.Module) -> LayerParts:
 
 def unpatch_tower(tower: torch.nn.Module) -> None:
     """Undo :func:`patch_tower`: the tower computes exactly what it did before."""
-    detach_head(unpatch_encoder(tower, list(tower.encoder.layers)))
+    detach_head(unpatch_encoder(tower))
 
 
 def pooling_head_forward(self: torch.nn.Module, hidden_state: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -194,7 +194,7 @@ def unpatch(model: torch.nn.Module) -> None:
     handle.check_unpatch(model)
     if model is not tower:
         model.__dict__.pop(SAINT_ATTR)
-    unpatch_encoder(tower, _layers(family, tower))
+    unpatch_encoder(tower)
 
 
 def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:

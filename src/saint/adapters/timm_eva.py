@@ -96,7 +96,7 @@ def patch(
                  "timm Eva blocks (timm.models.eva.EvaBlock with EvaAttention or AttentionRope), not post-norm blocks")
     settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    install_sites(handle, blocks, "blocks", _block_forward, None, layout, track_positions=True)
+    install_sites(handle, model, "blocks", _block_forward, None, layout, track_positions=True)
     wrap_outputs(model, pool=True)  # Eva's forward_head pools through self.pool
     model.__dict__[SAINT_ATTR] = handle
     return handle
@@ -105,7 +105,7 @@ def patch(
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle, model.blocks)
+    remove_sites(handle)
     unwrap_outputs(model)
 
 

@@ -73,7 +73,7 @@ def patch(
                  "use Eva blocks with per-image rotary tables, which saint does not patch")
     settings, num_protected = resolve_settings(model, spec, config, model.embeds.cls_token is not None)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    install_sites(handle, blocks, "blocks", _block_forward, _key_proj, layout)
+    install_sites(handle, model, "blocks", _block_forward, _key_proj, layout)
     model.forward_features = types.MethodType(_forward_features, model)
     model._pool = types.MethodType(_pool, model)
     model.forward_intermediates = types.MethodType(_forward_intermediates_of_images, model)
@@ -84,7 +84,7 @@ def patch(
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle, model.blocks)
+    remove_sites(handle)
     for name in ("forward_features", "_pool", "forward_intermediates"):
         model.__dict__.pop(name, None)
 

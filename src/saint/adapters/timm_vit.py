@@ -111,7 +111,7 @@ def patch(
                  "timm ViT blocks (timm.models.vision_transformer.Block with Attention)")
     settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    install_sites(handle, blocks, "blocks", _block_forward, _key_proj, layout)
+    install_sites(handle, model, "blocks", _block_forward, _key_proj, layout)
     wrap_outputs(model, pool=hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head)  # type: ignore[index]
     model.__dict__[SAINT_ATTR] = handle
     return handle
@@ -120,7 +120,7 @@ def patch(
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle, model.blocks)
+    remove_sites(handle)
     unwrap_outputs(model)
 
 
