@@ -213,6 +213,9 @@ def test_a_vlm_and_its_vision_tower_patched_apart_are_refused(family):
     saint.patch(fresh, **vit)
     with torch.no_grad():
         assert torch.equal(out, fresh(**x).logits[:, -1])
+    fresh.model.vision_tower = make().model.vision_tower  # an unpatched tower in place of the patched one
+    with torch.no_grad(), pytest.raises(RuntimeError, match="vision tower of this .* was replaced after saint.patch"):
+        fresh(**x)
 
 
 def test_attention_implementation_switched_after_patching():

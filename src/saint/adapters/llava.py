@@ -191,7 +191,13 @@ class LlavaPatch(VlmPatch):
     def begin_forward(self) -> Forward:
         """Refuse a tower patched on its own after this patch: its pruning would not match
         the prompts this patch plans (and LLaVA fails on a feature count)."""
-        if get_handle(self.mm.vision_tower) is not self.vision:
+        tower = get_handle(self.mm.vision_tower)
+        if self.vision is not None and tower is None:
+            raise RuntimeError(
+                f"the vision tower of this {type(self.model).__name__} was replaced after saint.patch, and the "
+                "replacement does not prune as mode='vit'/'hybrid' planned; saint.unpatch(model), then patch again"
+            )
+        if tower is not self.vision:
             raise ValueError(
                 f"the vision tower ({type(self.mm.vision_tower).__name__}) was patched by saint on its own after "
                 f"this {type(self.model).__name__}; unpatch the tower (saint.unpatch(<the vision tower>)) and prune "
