@@ -123,6 +123,9 @@ VLM = {
                  lambda m: wrap_attr(m.model.visual.blocks[1].attn, "qkv")),
     "qwen_merger": (tiny_qwen, dict(mode="vit", vit_layer=1, vit_ratio=0.5), qwen_inputs,
                     lambda m: wrap_attr(m.model.visual, "merger", Copied)),
+    # before: the new tower ran unpruned while the prompt was planned for vit mode, without a word
+    "qwen_tower": (tiny_qwen, dict(mode="vit", vit_layer=1, vit_ratio=0.5), qwen_inputs,
+                   lambda m: setattr(m.model, "visual", tiny_qwen().model.visual)),
 }
 
 

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 from ..methods import MethodSpec
 from .base import Grid
-from .common import TokenStats, transformers_loaded
+from .common import Hooked, TokenStats, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .qwen_vl_features import FEATURE_FNS, KEEP_ATTR, make_deepstack, make_features
 from .qwen_vl_prompt import MEDIA, continuation, make_image_stats, prefill
@@ -216,6 +216,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
         if cfg.prunes_vit:
             handle.tower = TowerPruner(mm.visual, cfg.vit_layer, cfg.vit_ratio, cfg.vit_step_div)
             handle.tower.install()
+            handle.hooked.append(Hooked(mm, lambda m: m.visual, mm.visual, "the vision tower"))
         if cfg.reduces_vision:
             for modality, name in FEATURE_FNS.items():
                 handle.wrap(mm, name, make_features(handle, modality, getattr(mm, name)))
