@@ -280,7 +280,7 @@ class TokenStateHandle(Handle):
     block_names: list[str] = field(default_factory=list)
     runs: Runs = field(default_factory=lambda: Runs(0))
     kernel: str = "auto"
-    hooked: dict[int, Hooked] = field(default_factory=dict)  # pruning block -> its hooked key projection
+    hooked: list[Hooked] = field(default_factory=list)  # modules given a hook or a forward, where they sit
     patched_blocks: PatchedBlocks | None = None  # the blocks patched, where the model keeps them
 
     @property
@@ -300,13 +300,12 @@ class TokenStateHandle(Handle):
         """Block ``index`` of a call begins: this call's run, the tokens in its current
         layout (recorded for tracing unless recomputed), and the block's settings (None:
         no selection here, or an empty batch, which gives ``(0, ...)`` as unpatched)."""
-        if index == 0:
-            refuse_export(x)
+        if index == 0:  # once per call: what saint installed is still in place
+            refuse_calls_without_data(x)
             if self.patched_blocks is not None:
                 self.patched_blocks.check()
-        hooked = self.hooked.get(index)
-        if hooked is not None:
-            hooked.check()
+            for hooked in self.hooked:
+                hooked.check()
         run = self.runs.enter(index, x, self.trace)
         state = run.state
         x = state.enter(x)
@@ -370,9 +369,10 @@ META_HINT = (
 )
 
 
-def refuse_export(x: torch.Tensor) -> None:
-    """Refuse tracing for export, and meta tensors, up front: they would otherwise fail deep
-    inside torch or saint (or, for a trace, replay one batch's token counts on every later input)."""
+def refuse_calls_without_data(x: torch.Tensor) -> None:
+    """Refuse calls that carry no data to pick token counts from, up front: tracing for
+    export and meta tensors would otherwise fail deep inside torch or saint (or, for a
+    trace, replay one batch's token counts on every later input)."""
     if torch.jit.is_tracing() or _is_exporting():
         raise RuntimeError(EXPORT_HINT)
     if x.device.type == "meta":
@@ -421,7 +421,7 @@ def install_sites(handle: TokenStateHandle, owner: nn.Module, prefix: str, forwa
             proj = key_proj(blk)
             proj.__dict__[SITE_ATTR] = (handle, i)
             handle.hooks.append(proj.register_forward_hook(capture_for_selection))
-            handle.hooked[i] = Hooked(blk, key_proj, proj, f"the key projection of {handle.block_names[i]}")
+            handle.hooked.append(Hooked(blk, key_proj, proj, f"the key projection of {handle.block_names[i]}"))
 
 
 def remove_sites(handle: TokenStateHandle) -> None:
@@ -433,7 +433,8 @@ def remove_sites(handle: TokenStateHandle) -> None:
     for blk in handle.patched_blocks.blocks if handle.patched_blocks is not None else ():
         blk.__dict__.pop("forward", None)
         blk.__dict__.pop(SITE_ATTR, None)
-    for hooked in handle.hooked.values():  # the modules hooked, even where something replaced them since
+    for hooked in handle.hooked:  # the modules recorded, even where something replaced them since
+        hooked.module.__dict__.pop("forward", None)
         hooked.module.__dict__.pop(SITE_ATTR, None)
     handle.hooked.clear()
     handle.patched_blocks = None

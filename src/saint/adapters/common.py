@@ -703,9 +703,10 @@ def check_static_counts(n: int, spec: Any, settings: dict[int, dict[str, Any]], 
 
 @dataclass(frozen=True)
 class Hooked:
-    """A submodule saint hooked at patch time and where it sits (``find(owner)``), so a
-    forward can refuse a model in which something replaced it since (PEFT/LoRA, quantisation):
-    the hook stays on the old module and would read what the model no longer computes."""
+    """A submodule saint hooked (or gave a per-instance forward) at patch time and where it
+    sits (``find(owner)``), so a forward can refuse a model in which something replaced it
+    since (PEFT/LoRA, quantisation): saint's hook or forward stays on the old module, and the
+    model would compute without it."""
 
     owner: torch.nn.Module
     find: Callable[[torch.nn.Module], torch.nn.Module]

@@ -121,7 +121,6 @@ class HFEncoderPatch(TokenStateHandle):
     tower: torch.nn.Module | None = None
     parts: Callable[[torch.nn.Module], LayerParts] | None = None
     owner: str | None = None  # the class of the model patched, when the tower was patched through it
-    head: Hooked | None = None  # the pooling head given a per-image forward, where it sits
 
     def patched_through(self, model: torch.nn.Module, wrapper: torch.nn.Module) -> None:
         """Remember that ``model`` (a wrapper of the tower) was the model patched."""
@@ -193,7 +192,8 @@ def patch_encoder(
 
 
 def unpatch_encoder(tower: torch.nn.Module) -> HFEncoderPatch:
-    """Undo :func:`patch_encoder`: the layers' and the tower's own forward, no hooks."""
+    """Undo :func:`patch_encoder`: the layers', the tower's and its pooling head's own
+    forward, no hooks."""
     handle = tower.__dict__.pop(SAINT_ATTR, None)
     if handle is None:
         raise ValueError(f"{type(tower).__name__} is not patched by saint")
@@ -251,11 +251,12 @@ class TowerClasses:
 
 def attach_head(handle: HFEncoderPatch, head: torch.nn.Module | None, forward: Callable[..., Any]) -> None:
     """Give a tower's pooling head (if any) its per-instance ``forward``, which runs per
-    image over the real tokens of the handle's last call."""
+    image over the real tokens of the handle's last call; recorded with the handle's other
+    installed modules (checked every call, undone by :func:`unpatch_encoder`)."""
     if head is not None:
         head.__dict__[SITE_ATTR] = (handle, None)
         head.forward = types.MethodType(forward, head)
-        handle.head = Hooked(handle.tower, _pooling_head, head, f"{type(handle.tower).__name__}'s pooling head")
+        handle.hooked.append(Hooked(handle.tower, _pooling_head, head, f"{type(handle.tower).__name__}'s pooling head"))
 
 
 def _pooling_head(tower: torch.nn.Module) -> torch.nn.Module | None:
@@ -280,7 +281,6 @@ def unpatch_tower_of(model: torch.nn.Module) -> HFEncoderPatch:
     handle.check_unpatch(model)
     if handle.tower is not model:
         model.__dict__.pop(SAINT_ATTR)
-    detach_head(handle)
     return unpatch_encoder(handle.tower)
 
 
@@ -306,15 +306,6 @@ def pool_per_image(head: torch.nn.Module, hidden: torch.Tensor,
         return pool(hidden, bias)
     counts = state.valid.sum(dim=1).tolist()
     return torch.cat([pool(hidden[i : i + 1, :n], bias[i : i + 1, :n]) for i, n in enumerate(counts)])
-
-
-def detach_head(handle: HFEncoderPatch) -> None:
-    """Undo :func:`attach_head` on the head it wrapped (nothing when the tower has none),
-    even where something replaced that head since."""
-    if handle.head is not None:
-        handle.head.module.__dict__.pop("forward", None)
-        handle.head.module.__dict__.pop(SITE_ATTR, None)
-        handle.head = None
 
 
 def encoder_sites(layers: list[torch.nn.Module], prefix: str, parts: Callable[[torch.nn.Module], LayerParts]
@@ -499,8 +490,6 @@ def tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The tower's own forward; while it returns hidden states, every layer's output is
     unpadded (NaN at padding, :meth:`HFEncoderPatch.hidden_state_valid` marks tokens)."""
     handle = self.__dict__[SAINT_ATTR]
-    if handle.head is not None:
-        handle.head.check()
     packs = handle.runs.layout == "packed" and handle.config.pads
     if packs and kwargs.get("output_attentions", self.config.output_attentions):
         raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "

@@ -53,7 +53,6 @@ from .hf_encoder import (
     LayerParts,
     ProjectionProbe,
     attach_head,
-    detach_head,
     encoder_sites,
     patch_encoder,
     patched_through,
@@ -182,7 +181,7 @@ def layer_parts(layer: torch.nn.Module) -> LayerParts:
 
 def unpatch_tower(tower: torch.nn.Module) -> None:
     """Undo :func:`patch_tower`: the tower computes exactly what it did before."""
-    detach_head(unpatch_encoder(tower))
+    unpatch_encoder(tower)
 
 
 def pooling_head_forward(self: torch.nn.Module, hidden_state: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
