@@ -82,7 +82,7 @@ from .llava_vision import (
     refuse_patched_tower,
 )
 from .vlm_config import LLM_FIELDS, METHODS, MODES, VlmPruneConfig, check_int
-from .vlm_handle import Forward, VlmPatch, installing, unpatch
+from .vlm_handle import VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
@@ -188,22 +188,16 @@ class LlavaPatch(VlmPatch):
             hf_vision.unpatch_tower(self.vision.tower)
             self.vision = None
 
-    def begin_forward(self) -> Forward:
-        """Refuse a tower patched on its own after this patch: its pruning would not match
-        the prompts this patch plans (and LLaVA fails on a feature count)."""
-        tower = get_handle(self.mm.vision_tower)
-        if self.vision is not None and tower is None:
-            raise RuntimeError(
-                f"the vision tower of this {type(self.model).__name__} was replaced after saint.patch, and the "
-                "replacement does not prune as mode='vit'/'hybrid' planned; saint.unpatch(model), then patch again"
-            )
-        if tower is not self.vision:
+    def check_installed(self) -> None:
+        """Also refuse a tower patched on its own after this patch: its pruning would not
+        match the prompts this patch plans (and LLaVA fails on a feature count)."""
+        super().check_installed()
+        if get_handle(self.mm.vision_tower) is not self.vision:
             raise ValueError(
                 f"the vision tower ({type(self.mm.vision_tower).__name__}) was patched by saint on its own after "
                 f"this {type(self.model).__name__}; unpatch the tower (saint.unpatch(<the vision tower>)) and prune "
                 f"inside it through the {type(self.model).__name__}: saint.patch(model, mode='vit' or 'hybrid', ...)"
             )
-        return super().begin_forward()
 
     def vision_stats(self) -> TokenStats | None:
         """Tokens entering each vision-tower layer, per image (``vit``/``hybrid`` only)."""
@@ -233,7 +227,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
             handle.vision = hf_vision.patch_tower(
                 mm.vision_tower, "budget", layers=[cfg.vit_layer], keep=cfg.vit_keep, step_div=cfg.vit_step_div
             )
-            own_tower(handle, model)
+            own_tower(handle, model, mm)
         install_forward_hooks(handle, model, mm, make_mm_pre(handle, MEDIA, prefill, continue_prompt))
         if cfg.method in ("random", "pool"):
             projector = mm.multi_modal_projector

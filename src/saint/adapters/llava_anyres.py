@@ -148,7 +148,7 @@ def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "sa
         if cfg.prunes_vit:
             handle.vision = hf_vision.patch_tower(mm.vision_tower, "budget", trace=True, layers=[cfg.vit_layer],
                                                   keep=cfg.vit_keep, step_div=cfg.vit_step_div)
-            own_tower(handle, model)
+            own_tower(handle, model, mm)
             if family.videos:
                 handle.wrap(mm, "get_video_features", _make_unpruned(handle, mm.get_video_features))
             if model is not mm and hasattr(model, EXPAND) and EXPAND not in model.__dict__:

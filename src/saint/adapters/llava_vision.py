@@ -18,7 +18,7 @@ import torch
 
 from ..methods import make_config as registry_config
 from . import hf_vision
-from .common import get_handle
+from .common import Hooked, get_handle
 from .vlm_handle import Forward, VlmPatch
 from .vlm_prompt import begin_prefill, keep_first, refuse_static_cache, shrink_rows
 
@@ -47,10 +47,13 @@ def refuse_patched_tower(model: torch.nn.Module, mm: torch.nn.Module) -> None:
         )
 
 
-def own_tower(handle: VlmPatch, model: torch.nn.Module) -> None:
+def own_tower(handle: VlmPatch, model: torch.nn.Module, mm: torch.nn.Module) -> None:
     """Mark the tower patch of ``vit``/``hybrid`` as the VLM's: unpatching or re-patching the
-    tower alone is refused with the call that works (as for any wrapper patched whole)."""
-    handle.vision.owner = type(model).__name__
+    tower alone is refused with the call that works (as for any wrapper patched whole), and a
+    tower put in its place after patching is refused at the next forward."""
+    name = type(model).__name__
+    handle.vision.owner = name
+    handle.hooked.append(Hooked(mm, lambda m: m.vision_tower, mm.vision_tower, f"the vision tower of this {name}"))
 
 
 def check_vit(mm: torch.nn.Module, cfg: Any) -> None:

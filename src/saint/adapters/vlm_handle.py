@@ -80,10 +80,15 @@ class VlmPatch(Handle):
         self.hooked.clear()
         self.pruner.remove()
 
-    def begin_forward(self) -> Forward:
-        """A new forward's state, holding the labels the top-level pre-hook kept."""
+    def check_installed(self) -> None:
+        """Refuse a forward through modules that changed since patching (see
+        :class:`~saint.adapters.common.Hooked`)."""
         for hooked in self.hooked:
             hooked.check()
+
+    def begin_forward(self) -> Forward:
+        """A new forward's state, holding the labels the top-level pre-hook kept."""
+        self.check_installed()
         self.fwd = Forward(labels=self.pending_labels)
         self.pending_labels = None
         self.pruner.finish()
