@@ -237,10 +237,15 @@ class DecoderPruner:
         self.schedule = dict(schedule)
         self.rope_keys = rope_keys
         self.query_layers = set(query_layers)
-        self.impl = decoder.config._attn_implementation
         self.hooks: list[Any] = []
         self.hooked: list[Hooked] = []  # the projections whose outputs the selections read
         self._reset()
+
+    @property
+    def impl(self) -> str:
+        """The decoder's attention implementation now (``set_attn_implementation`` may
+        switch it after patching; a prefill refuses one without 4-D masks)."""
+        return self.decoder.config._attn_implementation
 
     # ------------------------------------------------------------------ lifecycle
     def install(self) -> None:
@@ -278,7 +283,7 @@ class DecoderPruner:
         """A prompt enters layer 0 with ``image [B, L]`` flags (tokens that may be dropped)."""
         for hooked in self.hooked:
             hooked.check()
-        self.impl = check_maskable_attention(self.decoder, " (set since saint.patch)")
+        check_maskable_attention(self.decoder, " (set since saint.patch)")
         self._reset()
         b, n = image.shape
         idx = torch.arange(n, device=image.device).expand(b, n)
@@ -288,7 +293,6 @@ class DecoderPruner:
 
     def begin_continuation(self, prompt: PrunedPrompt) -> None:
         """New tokens follow a prompt that was pruned by this pruner."""
-        self.impl = check_maskable_attention(self.decoder, " (set since saint.patch)")
         self._reset()
         self.prompt = prompt
         self.length = prompt.length
