@@ -18,7 +18,7 @@ import saint
 from saint.adapters.common import SITE_ATTR
 
 from .conftest import make_tiny
-from .test_protocol import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
+from .test_protocol import HF_TINY, llava_inputs, qwen_inputs, tiny_llava, tiny_qwen
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,19 +48,9 @@ class Copied(torch.nn.Module):
         return self.copy(*args, **kwargs)
 
 
-def images() -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 3, 32, 32, generator=g)
-    x[0] = x[0].mean(dim=(1, 2), keepdim=True)
-    x[1, :, :16] = 0.5
-    return x
-
-
 def tiny_clip() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                        num_attention_heads=2, image_size=32, patch_size=8)
-    return transformers.CLIPVisionModel(cfg).eval()
+    return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**HF_TINY)).eval()
 
 
 def wrap_attr(owner: torch.nn.Module, name: str, wrapper=Delta) -> None:
@@ -69,9 +59,7 @@ def wrap_attr(owner: torch.nn.Module, name: str, wrapper=Delta) -> None:
 
 def tiny_siglip() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                          num_attention_heads=2, image_size=32, patch_size=8)
-    return transformers.SiglipVisionModel(cfg).eval()
+    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**HF_TINY)).eval()
 
 
 def new_head(model: torch.nn.Module) -> None:
@@ -92,10 +80,10 @@ VISION = {
 
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize("family", sorted(VISION))
-def test_vision_hooked_module_replaced_after_patching(family, select_at):
+def test_vision_hooked_module_replaced_after_patching(family, select_at, images):
     make, change, call, guard = VISION[family]
     settings = dict(method="saint_match", tau=0.3, fraction=0.8, guard=guard, select_at=select_at)
-    x = images()
+    x = images
     model = make()
     saint.patch(model, **settings)
     change(model)
@@ -151,14 +139,14 @@ def test_vlm_hooked_module_replaced_after_patching(name):
         assert torch.equal(model(**x).logits[:, -1], reference(**x).logits[:, -1])
 
 
-def test_peft_lora_end_to_end():
+def test_peft_lora_end_to_end(images):
     """With PEFT itself: LoRA added after patching is refused; added before, patching the
     model inside PEFT's wrapper runs through the wrapper and equals the LoRA merged into the
     weights; the wrapper itself is refused with that call."""
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=4, target_modules=["qkv", "fc1"], init_lora_weights=False)
     settings = dict(method="saint_match", tau=0.3, fraction=0.8)
-    x = images()
+    x = images
     torch.manual_seed(1)
     lora = peft.get_peft_model(make_tiny("vit"), copy.deepcopy(config))
     with pytest.raises(TypeError, match=r"patch the model inside it.*get_base_model\(\)"):
@@ -247,7 +235,7 @@ BLOCKS = {
 
 
 @pytest.mark.parametrize("family", sorted(BLOCKS))
-def test_blocks_changed_after_patching(family):
+def test_blocks_changed_after_patching(family, images):
     """Blocks truncated or replaced after patching are refused (before: a timm ViT cut to
     its first 3 blocks returned one row for a batch of 4, its last block having run unpatched
     on the packed stream); a wrapper that runs the patched block (activation checkpointing)
@@ -255,7 +243,7 @@ def test_blocks_changed_after_patching(family):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     make, path, call = BLOCKS[family]
-    x = images()
+    x = images
     model = make()
     saint.patch(model, "saint_match", tau=0.3, fraction=0.8)
     with torch.no_grad():
