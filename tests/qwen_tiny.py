@@ -1,4 +1,4 @@
-"""Tiny random Qwen2.5-VL / Qwen3-VL models and processor-shaped prompts for the tests."""
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and processor-shaped prompts for the tests."""
 
 from __future__ import annotations
 
@@ -22,7 +22,14 @@ def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch
                 eos_token_id=2, pad_token_id=0)
     ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
     torch.manual_seed(seed)
-    if family == "qwen2_5_vl":
+    if family == "qwen2_vl":  # no window attention; LayerNorm and a GELU MLP; width embed_dim
+        vision = dict(vision, embed_dim=vision.pop("hidden_size"), hidden_size=vision.pop("out_hidden_size"),
+                      mlp_ratio=2)
+        del vision["intermediate_size"]
+        text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+        cfg = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, attn_implementation=impl, **ids)
+        model = transformers.Qwen2VLForConditionalGeneration(cfg)
+    elif family == "qwen2_5_vl":
         vision.update(window_size=16, fullatt_block_indexes=[1, 3])
         text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
         cfg = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, attn_implementation=impl, **ids)
@@ -52,7 +59,7 @@ def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
     for p in parts:
         if isinstance(p, int):
             out.append(torch.randint(3, 100, (p,), generator=g))
-        elif p[0] == "image" or family == "qwen2_5_vl":
+        elif p[0] == "image" or family != "qwen3_vl":
             tok = IMG if p[0] == "image" else VID
             out += [torch.tensor([VS]), torch.full((tokens(p[1]),), tok), torch.tensor([VE])]
         else:

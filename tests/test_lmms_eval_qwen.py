@@ -44,11 +44,12 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
     image_processor = transformers.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
                                                          size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32},
                                                          **pixels)
-    video_cls, processor_cls = (
-        (transformers.Qwen2VLVideoProcessor, transformers.Qwen2_5_VLProcessor) if family == "qwen2_5_vl"
-        else (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor))
+    video_cls, processor_cls = {
+        "qwen2_vl": (transformers.Qwen2VLVideoProcessor, transformers.Qwen2VLProcessor),
+        "qwen2_5_vl": (transformers.Qwen2VLVideoProcessor, transformers.Qwen2_5_VLProcessor),
+        "qwen3_vl": (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor)}[family]
     # Qwen3-VL's video processor bounds the pixels of all frames together: room for 4 frames of 32 x 32
-    frames = 1 if family == "qwen2_5_vl" else 4
+    frames = 4 if family == "qwen3_vl" else 1
     video_processor = video_cls(patch_size=4, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=False,
                                 size={"shortest_edge": 32 * 32, "longest_edge": frames * 32 * 32})
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
@@ -63,7 +64,13 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
                 eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
     torch.manual_seed(0)
-    if family == "qwen2_5_vl":
+    if family == "qwen2_vl":  # vision width embed_dim, the LLM's width hidden_size
+        vision = dict(vision, embed_dim=vision.pop("hidden_size"), hidden_size=vision.pop("out_hidden_size"),
+                      mlp_ratio=2)
+        del vision["intermediate_size"]
+        config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    elif family == "qwen2_5_vl":
         vision.update(window_size=16, fullatt_block_indexes=[1, 3])
         config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         transformers.Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
@@ -81,7 +88,7 @@ def qwen_checkpoint(tmp_path_factory, one_thread):
     return built_once(tmp_path_factory, _build_qwen)
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def qwen_dir(request, qwen_checkpoint) -> Path:
     return qwen_checkpoint(request.param)
 
@@ -131,7 +138,7 @@ def test_bad_settings_and_checkpoints_refused(tmp_path):
     with pytest.raises(TypeError, match="vit_keep"):
         SaintQwenVL(pretrained=str(tmp_path / "none"), mode="vit", vit_keep=10)
     build_llava(tmp_path)
-    with pytest.raises(ValueError, match="model_type 'qwen2_5_vl' or 'qwen3_vl'"):
+    with pytest.raises(ValueError, match="model_type 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'"):
         SaintQwenVL(pretrained=str(tmp_path))
 
 

@@ -49,16 +49,16 @@ def llava_inputs(n: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.stack(rows), "pixel_values": px}
 
 
-def tiny_qwen() -> torch.nn.Module:
+def tiny_qwen(family: str = "qwen2_5_vl") -> torch.nn.Module:
     from .qwen_tiny import make
 
-    return make("qwen2_5_vl")
+    return make(family)
 
 
-def qwen_inputs(n: int) -> dict[str, torch.Tensor]:
+def qwen_inputs(n: int, family: str = "qwen2_5_vl") -> dict[str, torch.Tensor]:
     from .qwen_tiny import inputs
 
-    return inputs([[3, ("image", (1, 8, 8)), 4]] * n, seeds=list(range(n)))
+    return inputs([[3, ("image", (1, 8, 8)), 4]] * n, seeds=list(range(n)), family=family)
 
 
 def tiny_anyres(family: str) -> torch.nn.Module:
@@ -123,13 +123,16 @@ FAMILIES = {
                       Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
     "qwen_vl": lambda: (tiny_qwen(), qwen_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
                         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
+    "qwen2_vl": lambda: (tiny_qwen("qwen2_vl"), qwen_inputs(4, "qwen2_vl"),
+                         dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
+                         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
     **{name: (lambda name=name: (
         (m := tiny_anyres(name)), anyres_inputs(m, 4),
         dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})))
        for name in ("llava_next", "llava_onevision")},
 }
-VLMS = ("llava", "qwen_vl", "llava_next", "llava_onevision")
+VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision")
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -213,7 +216,7 @@ def test_trace_kept_maps_the_patch_grid(family):
     name, model, inputs, _, _ = family
     if name in ("llava_next", "llava_onevision"):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
-    grid = find_adapter(model).grid(model, one(model, inputs) if name == "qwen_vl" else None)
+    grid = find_adapter(model).grid(model, one(model, inputs) if name in ("qwen_vl", "qwen2_vl") else None)
     settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if name in VLMS else dict(tau=0.0, k=1)
     kept = trace_kept(model, one(model, inputs), "saint", **settings)
     assert [g.shape for g in kept.groups] == [(grid.rows, grid.cols)] * len(kept.layers)
@@ -223,6 +226,7 @@ def test_trace_kept_maps_the_patch_grid(family):
 
 
 VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "qwen2_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "llava_next": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_onevision": dict(mode="vit", vit_keep=5, vit_layer=0)}
 

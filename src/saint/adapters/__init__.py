@@ -33,7 +33,7 @@ SUPPORTED = (
     "ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
     "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama or Qwen2 language model); "
-    "Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
+    "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
     "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV)"
 )
 

@@ -1,5 +1,6 @@
-"""Qwen2.5-VL and Qwen3-VL (transformers 5 ``Qwen2_5_VLForConditionalGeneration`` /
-``Qwen3VLForConditionalGeneration`` and their ``*Model``): SAINT's vit / llm / hybrid
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` and their
+``*Model``): SAINT's vit / llm / hybrid
 modes and the FastV and random baselines, images and video, with per-instance hooks only.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`QwenPruneConfig`):
@@ -98,6 +99,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
 
 def _families() -> dict[type, str]:
     out: dict[type, str] = {}
+    try:
+        from transformers.models.qwen2_vl import modeling_qwen2_vl as q2
+
+        out[q2.Qwen2VLForConditionalGeneration] = out[q2.Qwen2VLModel] = "qwen2_vl"
+    except ImportError:  # pragma: no cover - transformers missing
+        pass
     try:
         from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25
 
@@ -198,7 +205,7 @@ class QwenPatch(VlmPatch):
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
           **kwargs: Any) -> QwenPatch:
-    """Patch a Qwen2.5-VL / Qwen3-VL model in place (see the module docstring and :func:`saint.patch`).
+    """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place (see the module docstring and :func:`saint.patch`).
 
     ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec` (e.g. a
     calibration probe): it then selects the visual tokens of ``mode="llm"/"hybrid"``."""
@@ -229,7 +236,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
 
 # ---------------------------------------------------------------------------- protocol
 class QwenVL(HFVlm):
-    """Qwen2.5-VL / Qwen3-VL: sites are the language model's decoder layers (as for
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: sites are the language model's decoder layers (as for
     LLaVA); inputs are processor-output dicts (``input_ids``, ``pixel_values``,
     ``image_grid_thw``, ``mm_token_type_ids``, ``attention_mask``)."""
 

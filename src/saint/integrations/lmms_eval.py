@@ -616,7 +616,7 @@ class SaintQwenVL(SaintLlava):
     """
 
     NAME = "saint_qwen_vl"
-    MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+    MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     ADAPTER = qwen_adapter
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
 
@@ -661,13 +661,15 @@ class SaintQwenVL(SaintLlava):
 
     @staticmethod
     def _family_hint() -> str:
-        return "Qwen2.5-VL / Qwen3-VL checkpoints (model_type 'qwen2_5_vl' or 'qwen3_vl')"
+        return "Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints (model_type 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl')"
 
     @staticmethod
     def _model_class(model_type: str) -> Any:
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+        import transformers
 
-        return Qwen2_5_VLForConditionalGeneration if model_type == "qwen2_5_vl" else Qwen3VLForConditionalGeneration
+        return getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                                      "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                      "qwen3_vl": "Qwen3VLForConditionalGeneration"}[model_type])
 
     def _image_placeholder(self) -> str:
         start = getattr(self.processor, "vision_start_token", "<|vision_start|>")
