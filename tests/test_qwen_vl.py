@@ -435,3 +435,40 @@ def test_copying_or_pickling_a_patched_qwen_vl_says_unpatch_first():
         torch.save(model, io.BytesIO())
     saint.unpatch(model)
     assert not saint.is_patched(copy.deepcopy(model))
+
+
+def test_qwen2_vl_tower_equals_its_later_blocks_run_on_the_kept_groups():
+    """A reference built from the unpatched tower's own modules: its hidden states after
+    block vit_layer, cut to the kept groups (with their rotary rows), through the later
+    blocks with each image's kept span as its attention segment, then the merger. The
+    patched tower's merged tokens equal it at the kept groups and are zero at the others
+    (Qwen2-VL has no window order, so the segments are whole images)."""
+    model = make("qwen2_vl")
+    tower = model.model.visual
+    x = inputs([[2, ("image", (1, 8, 12)), 2, ("image", (1, 4, 8)), 1]], family="qwen2_vl")
+    px, grid = x["pixel_values"], x["image_grid_thw"]
+    grab = {}
+    hooks = [tower.blocks[1].register_forward_hook(lambda m, a, o: grab.update(hidden=o)),
+             tower.blocks[0].register_forward_pre_hook(lambda m, a, kw: grab.update(pos=kw["position_embeddings"]),
+                                                       with_kwargs=True)]
+    with torch.no_grad():
+        tower(px, grid_thw=grid)
+    for h in hooks:
+        h.remove()
+    saint.patch(model, mode="vit", vit_layer=1, vit_ratio=0.4)
+    with torch.no_grad():
+        got = torch.cat(model.model.get_image_features(px, image_grid_thw=grid).pooler_output)
+    keep = get_handle(model).tower.keep_raster
+    assert 0 < int(keep.sum()) < len(keep)
+    keep_tok = keep.repeat_interleave(4)
+    per_image = [int(keep[a:b].sum()) * 4 for a, b in zip([0, 24], [24, 32], strict=True)]
+    cu = torch.tensor([0, per_image[0], sum(per_image)], dtype=torch.int32)
+    h = grab["hidden"][keep_tok]
+    pos = tuple(p[keep_tok] for p in grab["pos"])
+    saint.unpatch(model)
+    with torch.no_grad():
+        for blk in tower.blocks[2:]:
+            h = blk(h, cu_seqlens=cu, max_seqlen=max(per_image), position_embeddings=pos)
+        want = tower.merger(h)
+    torch.testing.assert_close(got[keep], want, rtol=0, atol=1e-5)
+    assert not got[~keep].any()
