@@ -47,7 +47,9 @@ def make(text: str = "llama", impl: str = "sdpa", seed: int = 0) -> torch.nn.Mod
     kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
     configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "mistral": lambda **k: transformers.MistralConfig(sliding_window=None, **k)}
+               "mistral": lambda **k: transformers.MistralConfig(sliding_window=None, **k),
+               "qwen3": lambda **k: transformers.Qwen3Config(head_dim=16, **k),
+               "gemma": lambda **k: transformers.GemmaConfig(head_dim=16, **k)}
     text_cfg = configs[text](**kw)
     torch.manual_seed(seed)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMG,
@@ -136,7 +138,8 @@ def test_unpatch_restores_identical_outputs(name, images):
 
 
 # ---------------------------------------------------------------------------- consistency
-@pytest.mark.parametrize("name, text", [(n, "llama") for n in sorted(CONFIGS)] + [("hybrid", "qwen2"), ("hybrid", "mistral")])
+@pytest.mark.parametrize("name, text", [(n, "llama") for n in sorted(CONFIGS)] + [
+    ("hybrid", "qwen2"), ("hybrid", "mistral"), ("hybrid", "qwen3"), ("fastv", "qwen3"), ("hybrid", "gemma")])
 def test_batch_equals_alone_and_cached_equals_uncached(name, text, images):
     """Left-padded prompts of different lengths, images and image counts: each row
     of the batch matches the prompt alone (tokens, last logits, per-sample counts),
@@ -285,10 +288,13 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(images):
 
 def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """The keys ``[1, KV heads, L, D]`` decoder layer ``layer`` of the unpatched model
-    computes for prompt ``row`` (before RoPE), and that layer's rotary ``(cos, sin)``."""
+    computes for prompt ``row`` (before RoPE; after Qwen3's key norm), and that layer's
+    rotary ``(cos, sin)``."""
     lm = model.model.language_model
     grab = {}
-    h1 = lm.layers[layer].self_attn.k_proj.register_forward_hook(lambda m, a, o: grab.update(k=o))
+    attn = lm.layers[layer].self_attn
+    where = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
+    h1 = where.register_forward_hook(lambda m, a, o: grab.update(k=o))
     h2 = lm.layers[layer].register_forward_pre_hook(
         lambda m, a, kw: grab.update(pe=kw["position_embeddings"]), with_kwargs=True)
     with torch.no_grad():
@@ -298,11 +304,12 @@ def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tu
     return grab["k"].view(1, len(row), -1, lm.layers[layer].self_attn.head_dim).transpose(1, 2), grab["pe"]
 
 
-def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(images):
+@pytest.mark.parametrize("text", ["llama", "qwen3"])
+def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(text, images):
     """The first SAINT step drops exactly what saint_keep_mask picks on the unpatched
-    layer's post-RoPE keys of the image span (averaged over KV heads)."""
+    layer's post-RoPE keys of the image span (averaged over KV heads; Qwen3: normed keys)."""
     layer, tau, k = 2, 0.25, 3
-    model = make()
+    model = make(text)
     row = ROWS[0]
     key, pe = layer_keys(model, layer, row, images)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -319,9 +326,11 @@ def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(images):
     assert torch.equal(kept[span], expect[0])
 
 
-def test_fastv_drops_the_least_attended_image_tokens(images):
-    """FastV's ranking equals the last token's attention read from an eager run."""
-    model = make(impl="eager")
+@pytest.mark.parametrize("text", ["llama", "qwen3"])
+def test_fastv_drops_the_least_attended_image_tokens(text, images):
+    """FastV's ranking equals the last token's attention read from an eager run (Qwen3:
+    with its query and key norms)."""
+    model = make(text, impl="eager")
     row = ROWS[2]
     with torch.no_grad():
         att = model(input_ids=row[None], pixel_values=images[:1], output_attentions=True).attentions[1]

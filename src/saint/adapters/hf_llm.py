@@ -50,6 +50,8 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("llama", "LlamaModel"),  # Llama, Vicuna, Yi: LLaVA-1.5, LLaVA-NeXT
     ("mistral", "MistralModel"),  # LLaVA-NeXT-Mistral (a sliding window is refused below)
     ("qwen2", "Qwen2Model"),  # LLaVA-OneVision, LLaVA-Interleave
+    ("qwen3", "Qwen3Model"),  # q/k norms: the selections read the normed keys and queries
+    ("gemma", "GemmaModel"),  # LLaVA-Gemma
     ("qwen2_vl", "Qwen2VLTextModel"),
     ("qwen2_5_vl", "Qwen2_5_VLTextModel"),
     ("qwen3_vl", "Qwen3VLTextModel"),
