@@ -49,7 +49,9 @@ def make(text: str = "llama", impl: str = "sdpa", seed: int = 0) -> torch.nn.Mod
     configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                "mistral": lambda **k: transformers.MistralConfig(sliding_window=None, **k),
                "qwen3": lambda **k: transformers.Qwen3Config(head_dim=16, **k),
-               "gemma": lambda **k: transformers.GemmaConfig(head_dim=16, **k)}
+               "gemma": lambda **k: transformers.GemmaConfig(head_dim=16, **k),
+               "phi3": lambda **k: transformers.Phi3Config(**k, rope_parameters=dict(  # fused qkv_proj, half rotary
+                   rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))}
     text_cfg = configs[text](**kw)
     torch.manual_seed(seed)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMG,
@@ -139,7 +141,8 @@ def test_unpatch_restores_identical_outputs(name, images):
 
 # ---------------------------------------------------------------------------- consistency
 @pytest.mark.parametrize("name, text", [(n, "llama") for n in sorted(CONFIGS)] + [
-    ("hybrid", "qwen2"), ("hybrid", "mistral"), ("hybrid", "qwen3"), ("fastv", "qwen3"), ("hybrid", "gemma")])
+    ("hybrid", "qwen2"), ("hybrid", "mistral"), ("hybrid", "qwen3"), ("fastv", "qwen3"), ("hybrid", "gemma"),
+    ("hybrid", "phi3"), ("fastv", "phi3")])
 def test_batch_equals_alone_and_cached_equals_uncached(name, text, images):
     """Left-padded prompts of different lengths, images and image counts: each row
     of the batch matches the prompt alone (tokens, last logits, per-sample counts),
@@ -288,13 +291,17 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(images):
 
 def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """The keys ``[1, KV heads, L, D]`` decoder layer ``layer`` of the unpatched model
-    computes for prompt ``row`` (before RoPE; after Qwen3's key norm), and that layer's
-    rotary ``(cos, sin)``."""
+    computes for prompt ``row`` (before RoPE; after Qwen3's key norm; Phi-3: the key
+    columns of its fused projection), and that layer's rotary ``(cos, sin)``."""
     lm = model.model.language_model
     grab = {}
     attn = lm.layers[layer].self_attn
-    where = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
-    h1 = where.register_forward_hook(lambda m, a, o: grab.update(k=o))
+    if hasattr(attn, "qkv_proj"):
+        q, kv = attn.config.num_attention_heads * attn.head_dim, attn.num_key_value_heads * attn.head_dim
+        h1 = attn.qkv_proj.register_forward_hook(lambda m, a, o: grab.update(k=o[..., q:q + kv]))
+    else:
+        where = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
+        h1 = where.register_forward_hook(lambda m, a, o: grab.update(k=o))
     h2 = lm.layers[layer].register_forward_pre_hook(
         lambda m, a, kw: grab.update(pe=kw["position_embeddings"]), with_kwargs=True)
     with torch.no_grad():
@@ -304,32 +311,39 @@ def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tu
     return grab["k"].view(1, len(row), -1, lm.layers[layer].self_attn.head_dim).transpose(1, 2), grab["pe"]
 
 
-@pytest.mark.parametrize("text", ["llama", "qwen3"])
+@pytest.mark.parametrize("text", ["llama", "qwen3", "phi3"])
 def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(text, images):
     """The first SAINT step drops exactly what saint_keep_mask picks on the unpatched
-    layer's post-RoPE keys of the image span (averaged over KV heads; Qwen3: normed keys)."""
-    layer, tau, k = 2, 0.25, 3
+    layer's post-RoPE keys of the image span (averaged over KV heads; Qwen3: normed keys;
+    Phi-3: half the dimensions rotated, by its modeling module's own RoPE)."""
+    import sys
+
+    layer, k = 2, 3
     model = make(text)
-    row = ROWS[0]
-    key, pe = layer_keys(model, layer, row, images)
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    row, image = ROWS[0], images[2:3]  # random: another tensor (values, or keys before RoPE) drops others
+    key, pe = layer_keys(model, layer, row, image)
+    attn = model.model.language_model.layers[layer].self_attn
+    apply_rotary_pos_emb = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
     key = apply_rotary_pos_emb(key, key, *pe)[1].mean(dim=1)
     span = (row == IMG).nonzero().squeeze(1)
     span = span[span != len(row) - 1]
-    expect = saint_keep_mask(key[:, span], tau, k, 10.0)
+    for tau in torch.arange(0.9, -0.5, -0.05).tolist():  # the first that drops a quarter to half the span
+        expect = saint_keep_mask(key[:, span], tau, k, 10.0)
+        if len(span) // 4 <= int((~expect).sum()) <= len(span) // 2:
+            break
     saint.patch(model, mode="llm", llm_layers=(layer, layer), llm_tau=tau, llm_k=k)
     with torch.no_grad():
-        model(input_ids=row[None], pixel_values=images[:1])
+        model(input_ids=row[None], pixel_values=image)
     kept = get_handle(model).kept_input[0]
     assert 0 < int((~expect).sum()) < len(span)
     assert torch.equal(kept[span], expect[0])
 
 
-@pytest.mark.parametrize("text", ["llama", "qwen3"])
+@pytest.mark.parametrize("text", ["llama", "qwen3", "phi3"])
 def test_fastv_drops_the_least_attended_image_tokens(text, images):
     """FastV's ranking equals the last token's attention read from an eager run (Qwen3:
-    with its query and key norms)."""
+    with its query and key norms; Phi-3: from its fused projection)."""
     model = make(text, impl="eager")
     row = ROWS[2]
     with torch.no_grad():
@@ -426,7 +440,7 @@ def test_bad_settings_raise_clear_errors(kw, err, match):
 
 
 @pytest.mark.parametrize("text, err, match", [
-    ("Phi3Config", TypeError, "cannot prune inside a Phi3Model"),
+    ("GraniteConfig", TypeError, "cannot prune inside a GraniteModel"),
     ("MistralConfig", ValueError, r"layer types \['sliding_attention'\] are not supported"),  # its default window
 ])
 def test_unsupported_language_model_is_refused(text, err, match):

@@ -32,7 +32,7 @@ SUPPORTED = (
     "Siglip2VisionModel, Siglip2Model (NaFlex), Aimv2VisionModel, Aimv2Model, ViTModel, "
     "ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
     "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
-    "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3 or Gemma language model); "
+    "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma or Phi-3 language model); "
     "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
     "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV)"
 )

@@ -52,6 +52,7 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("qwen2", "Qwen2Model"),  # LLaVA-OneVision, LLaVA-Interleave
     ("qwen3", "Qwen3Model"),  # q/k norms: the selections read the normed keys and queries
     ("gemma", "GemmaModel"),  # LLaVA-Gemma
+    ("phi3", "Phi3Model"),  # LLaVA-Phi-3: one fused qkv_proj (the selections read its query and key columns)
     ("qwen2_vl", "Qwen2VLTextModel"),
     ("qwen2_5_vl", "Qwen2_5_VLTextModel"),
     ("qwen3_vl", "Qwen3VLTextModel"),
@@ -87,8 +88,10 @@ def check_decoder(decoder: torch.nn.Module) -> None:
                          "(the text config's sliding_window=None: the same attention while a sequence fits the window)")
     for i, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "head_dim", "scaling")):
-            raise TypeError(f"decoder layer {i} has no standard self_attn (q_proj, k_proj, head_dim, scaling)")
+        projections = ("q_proj", "k_proj") if hasattr(attn, "k_proj") else ("qkv_proj",)
+        if attn is None or not all(hasattr(attn, n) for n in (*projections, "head_dim", "scaling")):
+            raise TypeError(f"decoder layer {i} has no standard self_attn (q_proj and k_proj or qkv_proj, head_dim, "
+                            "scaling)")
     _rope_fn(decoder.layers[0].self_attn)
 
 
@@ -218,10 +221,14 @@ def _gather_columns(mask: torch.Tensor, cols: torch.Tensor, ok: torch.Tensor) ->
     return _masked(out, ok[:, None, None, :])
 
 
-_PROJECTIONS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
-    "k": lambda layer: layer.self_attn.k_proj,
-    "q": lambda layer: layer.self_attn.q_proj,
-}
+def projection(attn: torch.nn.Module, kind: str) -> tuple[str, slice | None]:
+    """Where an attention module makes its queries (``kind`` "q") or keys ("k"): the
+    projection's name, and the columns of its output that hold them (a fused
+    ``qkv_proj``: queries, then keys, then values, as Phi-3 splits it; else None)."""
+    if hasattr(attn, f"{kind}_proj"):
+        return f"{kind}_proj", None
+    q = attn.config.num_attention_heads * attn.head_dim
+    return "qkv_proj", slice(0, q) if kind == "q" else slice(q, q + attn.num_key_value_heads * attn.head_dim)
 
 
 class DecoderPruner:
@@ -257,10 +264,11 @@ class DecoderPruner:
             if i in self.schedule:
                 attn = layer.self_attn
                 for kind in ("k", "q") if i in self.query_layers else ("k",):
-                    proj = getattr(attn, f"{kind}_proj")
-                    self.hooks.append(proj.register_forward_hook(self._make_capture(i, kind)))
-                    self.hooked.append(Hooked(layer, _PROJECTIONS[kind], proj,
-                                              f"language model layer {i}'s self_attn.{kind}_proj"))
+                    name, columns = projection(attn, kind)
+                    proj = getattr(attn, name)
+                    self.hooks.append(proj.register_forward_hook(self._make_capture(i, kind, columns)))
+                    self.hooked.append(Hooked(layer, lambda m, name=name: getattr(m.self_attn, name), proj,
+                                              f"language model layer {i}'s self_attn.{name}"))
                 self.hooks.append(layer.register_forward_hook(self._make_post_hook(i)))
 
     def remove(self) -> None:
@@ -322,10 +330,10 @@ class DecoderPruner:
         return self.stage
 
     # ------------------------------------------------------------------ hooks
-    def _make_capture(self, i: int, kind: str):
+    def _make_capture(self, i: int, kind: str, columns: slice | None):
         def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
             if self.phase == "prefill":
-                self.captured[(i, kind)] = output
+                self.captured[(i, kind)] = output if columns is None else output[..., columns]
 
         return hook
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .base import FamilyAdapter, Grid, Probe, Site, batch_to, save_output
+from .base import FamilyAdapter, Grid, Probe, Site, batch_to
+from .hf_llm import projection
 
 
 def multimodal(model: torch.nn.Module) -> torch.nn.Module:
@@ -22,8 +23,10 @@ def multimodal(model: torch.nn.Module) -> torch.nn.Module:
 
 class ImageTokenProbe(Probe):
     """The decoder layers of a VLM's language model, restricted to the image tokens
-    (found per sample from ``image_token_id``). Keys are read pre-RoPE at ``k_proj`` and
-    averaged over KV heads; there is no class token."""
+    (found per sample from ``image_token_id``). Keys are read pre-RoPE where the layer
+    makes them (``k_proj``, the key columns of a fused ``qkv_proj``, then a key norm if the
+    layer has one, as the LLM-side selections read them) and averaged over KV heads;
+    there is no class token."""
 
     num_prefix = 0
     has_cls = False
@@ -37,7 +40,13 @@ class ImageTokenProbe(Probe):
         self.image_mask = inputs["input_ids"] == self.image_token_id
 
     def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
-        return [self.sites[i].attn.k_proj.register_forward_hook(save_output(store, "k"))]
+        attn = self.sites[i].attn
+        name, columns = projection(attn, "k")
+
+        def keys(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            store["k"] = output if columns is None else output[..., columns]
+
+        return [getattr(attn, name).register_forward_hook(keys)]
 
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """The image tokens of ``t [B, N, ...]`` as ``[B, M, ...]`` (M equal per sample)."""
@@ -52,6 +61,9 @@ class ImageTokenProbe(Probe):
         b, n, c = k.shape
         h = self.sites[i].heads
         k = self.select(k).reshape(b, -1, h, c // h)
+        norm = getattr(self.sites[i].attn, "k_norm", None)
+        if norm is not None:
+            k = norm(k)
         return k, k  # queries are not used: no class token here
 
     def hidden(self, output: Any) -> torch.Tensor:
