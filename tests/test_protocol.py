@@ -73,6 +73,14 @@ def anyres_inputs(model: torch.nn.Module, n: int) -> dict[str, torch.Tensor]:
     return inputs(model, [[(3, 4), (30, 60)]] * n, seeds=list(range(n)))
 
 
+def llm_side(family: str) -> tuple:
+    from .llm_side_tiny import inputs, make
+
+    return (make(family), inputs(family, [[3, (64, 64), 4]] * 4),
+            dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
+            Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5}))
+
+
 def vision_inputs(n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 3, 32, 32, generator=g)
@@ -131,8 +139,11 @@ FAMILIES = {
         dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})))
        for name in ("llava_next", "llava_onevision")},
+    "internvl": lambda: llm_side("internvl"),
+    "mistral3": lambda: llm_side("mistral3"),
 }
-VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision")
+VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision")  # with vision-side modes
+ALL_VLMS = (*VLMS, "internvl", "mistral3")
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -165,13 +176,13 @@ def test_calibrate_hits_the_target_and_reproduces(family):
     saint.unpatch(model)
     with torch.no_grad():
         after = adapter.forward(model, inputs)
-    key = "logits" if name in VLMS or name == "vit_classifier" else (
+    key = "logits" if name in ALL_VLMS or name == "vit_classifier" else (
         "last_hidden_state" if not name.startswith("timm") else None)
     a, b = (before, after) if key is None else (getattr(before, key), getattr(after, key))
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", VLMS)
+@pytest.mark.parametrize("name", ALL_VLMS)
 def test_vlm_calibration_refuses_what_it_cannot_do(name):
     """On a VLM, a measured-speed target (with patch_settings, as VLM calibration needs)
     and a merging method (the language model's pruning drops tokens) are refused with what
@@ -204,7 +215,7 @@ def test_harness_counts_flops_and_times_one_round(family):
 def test_token_analysis_reads_every_site(family):
     name, model, inputs, _, _ = family
     adapter = find_adapter(model)
-    batches = [inputs] if name in VLMS else inputs
+    batches = [inputs] if name in ALL_VLMS else inputs
     evo = token_evolution(model, batches, batch_size=3)
     assert evo.blocks == [s.name for s in adapter.sites(model)]
     assert evo.num_images == adapter.batch_size(inputs)
@@ -216,8 +227,11 @@ def test_trace_kept_maps_the_patch_grid(family):
     name, model, inputs, _, _ = family
     if name in ("llava_next", "llava_onevision"):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
+    if name == "mistral3":
+        pytest.skip("Mistral 3 images keep their own sizes, with row breaks: there is no one grid")
     grid = find_adapter(model).grid(model, one(model, inputs) if name in ("qwen_vl", "qwen2_vl") else None)
-    settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if name in VLMS else dict(tau=0.0, k=1)
+    vlm = name in ALL_VLMS
+    settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if vlm else dict(tau=0.0, k=1)
     kept = trace_kept(model, one(model, inputs), "saint", **settings)
     assert [g.shape for g in kept.groups] == [(grid.rows, grid.cols)] * len(kept.layers)
     assert kept.kept[0] < grid.num_patches, "tau=0 drops candidates at the first pruning site"

@@ -1,0 +1,75 @@
+"""Tiny random InternVL and Mistral 3 models and processor-shaped prompts for the tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from .conftest import left_pad
+
+IMG, START, END, BREAK = 120, 121, 122, 123  # image, InternVL <img> </img>, Pixtral row break (and image end)
+DEPTH = 6  # decoder layers
+SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
+
+
+def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    if family == "internvl":
+        vision = transformers.InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=64, image_size=[SIZE, SIZE],
+                                                   patch_size=[PATCH, PATCH])
+        cfg = transformers.InternVLConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text),
+                                          image_token_id=IMG, attn_implementation=impl)
+        model = transformers.InternVLForConditionalGeneration(cfg)
+    else:
+        vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                  intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)
+        cfg = transformers.Mistral3Config(vision_config=vision, spatial_merge_size=2, image_token_id=IMG,
+                                          text_config=transformers.MistralConfig(**text, sliding_window=None),
+                                          attn_implementation=impl)
+        model = transformers.Mistral3ForConditionalGeneration(cfg)
+    model = model.eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # always new tokens: rows alone and batched stay aligned
+    return model
+
+
+def image_tokens(family: str, size: tuple[int, int]) -> list[int]:
+    """The tokens the processor puts in place of one image of ``size`` (h, w) pixels."""
+    if family == "internvl":  # one tile per image here: <img>, 16 context tokens, </img>
+        return [START, *[IMG] * 16, END]
+    rows, cols = (s // PATCH // 2 for s in size)
+    out: list[int] = []
+    for _ in range(rows):
+        out += [IMG] * cols + [BREAK]
+    return out[:-1] + [END]
+
+
+def row(family: str, parts: list, seed: int) -> torch.Tensor:
+    """A prompt: ints are text lengths, tuples ``(h, w)`` images."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    for p in parts:
+        out += torch.randint(3, 100, (p,), generator=g).tolist() if isinstance(p, int) else image_tokens(family, p)
+    return torch.tensor(out)
+
+
+def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """A left-padded batch of prompts with their images (a redundant, half-flat image for even seeds)."""
+    seeds = seeds or list(range(len(rows)))
+    ids, mask = left_pad([row(family, r, s) for r, s in zip(rows, seeds, strict=True)])
+    sizes = [(p, 10 * s + j) for r, s in zip(rows, seeds, strict=True) for j, p in enumerate(r) if not isinstance(p, int)]
+    h = max(p[0] for p, _ in sizes) if family == "mistral3" else SIZE
+    w = max(p[1] for p, _ in sizes) if family == "mistral3" else SIZE
+    pixels = torch.zeros(len(sizes), 3, h, w)
+    for i, ((ph, pw), s) in enumerate(sizes):
+        g = torch.Generator().manual_seed(100 + s)
+        pixels[i, :, :ph, :pw] = torch.randn(3, ph, pw, generator=g)
+        if s % 2 == 0:
+            pixels[i, :, : ph // 2] = 0.5
+    out = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    if family == "mistral3":
+        out["image_sizes"] = torch.tensor([p for p, _ in sizes])
+    return out
