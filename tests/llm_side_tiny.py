@@ -12,8 +12,9 @@ DEPTH = 6  # decoder layers
 SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
 
 
-def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
+def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size: int = 128,
+         image_token_id: int = IMG) -> torch.nn.Module:
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
                 num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
     torch.manual_seed(seed)
     if family == "internvl":
@@ -21,12 +22,12 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0) -> torch.n
                                                    intermediate_size=64, image_size=[SIZE, SIZE],
                                                    patch_size=[PATCH, PATCH])
         cfg = transformers.InternVLConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text),
-                                          image_token_id=IMG, attn_implementation=impl)
+                                          image_token_id=image_token_id, attn_implementation=impl)
         model = transformers.InternVLForConditionalGeneration(cfg)
     else:
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)
-        cfg = transformers.Mistral3Config(vision_config=vision, spatial_merge_size=2, image_token_id=IMG,
+        cfg = transformers.Mistral3Config(vision_config=vision, spatial_merge_size=2, image_token_id=image_token_id,
                                           text_config=transformers.MistralConfig(**text, sliding_window=None),
                                           attn_implementation=impl)
         model = transformers.Mistral3ForConditionalGeneration(cfg)

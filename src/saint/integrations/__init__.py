@@ -4,7 +4,8 @@ harness), plus the harness-agnostic parsing they share.
 - :mod:`saint.integrations.lmms_eval`: the ``saint_llava`` and ``saint_qwen_vl``
   models of lmms-eval (``pip install 'saint[lmms]'``), and
   :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next`` and
-  ``saint_llava_onevision``; all registered through the ``lmms_eval.models``
+  ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
+  ``saint_internvl`` and ``saint_mistral3``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
 Settings arrive from a harness as ``key=value`` strings; :func:`parse_prune_settings`
@@ -84,7 +85,8 @@ def parse_prune_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 def lmms_eval_models() -> list[Any]:
     """Entry point of the ``lmms_eval.models`` group: lmms-eval (>= 0.7) calls it while
     building its model registry and imports a class only when its name (``--model
-    saint_llava``, ``saint_qwen_vl``, ``saint_llava_next``, ``saint_llava_onevision``)
+    saint_llava``, ``saint_qwen_vl``, ``saint_llava_next``, ``saint_llava_onevision``,
+    ``saint_internvl``, ``saint_mistral3``)
     is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
@@ -93,4 +95,8 @@ def lmms_eval_models() -> list[Any]:
             ModelManifest(model_id="saint_llava_next",
                           simple_class_path="saint.integrations.lmms_anyres.SaintLlavaNext"),
             ModelManifest(model_id="saint_llava_onevision",
-                          simple_class_path="saint.integrations.lmms_anyres.SaintLlavaOneVision")]
+                          simple_class_path="saint.integrations.lmms_anyres.SaintLlavaOneVision"),
+            ModelManifest(model_id="saint_internvl",
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintInternVL"),
+            ModelManifest(model_id="saint_mistral3",
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintMistral3")]

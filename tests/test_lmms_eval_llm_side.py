@@ -1,0 +1,183 @@
+"""lmms-eval's ``saint_internvl`` and ``saint_mistral3`` models on tiny random InternVL
+(Qwen2 decoder) and Mistral 3 (Pixtral tower, Mistral decoder) checkpoints saved to disk
+with offline processors (BPE tokenizer trained here, the families' own image processors):
+nothing pruned equals the unpatched model, both request kinds pruned per prompt, batches
+of images of different sizes (InternVL: different tile counts) equal each request alone,
+a score is the patched model's loss, bad settings and checkpoints, and lmms-eval's own
+command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from .lmms_helpers import (
+    assert_alone_equals_batched,
+    build_llava,
+    built_once,
+    continuation_loss,
+    easy_vqa_docs,
+    make_lm,
+    need,
+    requests,
+    run_cli,
+    train_tokenizer,
+)
+
+FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3"}
+LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
+FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
+NOTHING_ARGS = ("llm_layers=0-4,llm_tau=0.3,llm_k=1000", "method=fastv,fastv_layer=1,fastv_ratio=0")
+SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL 1 to 3 tiles
+
+
+def _build(path: Path, family: str) -> None:
+    """A tiny random checkpoint of ``family`` (:func:`tests.llm_side_tiny.make`'s
+    geometry) with the family's processor around a tokenizer trained on easy-VQA."""
+    transformers = pytest.importorskip("transformers")
+    if family == "internvl":
+        special = ["<pad>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>",
+                   "<|im_end|>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<s>",
+            eos_token="<|im_end|>", extra_special_tokens={
+                "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                "video_token": "<video>"})
+        images = transformers.GotOcr2ImageProcessor(size={"height": 64, "width": 64}, crop_to_patches=True,
+                                                    min_patches=1, max_patches=2)
+        processor = transformers.InternVLProcessor(
+            image_processor=images, tokenizer=tokenizer, image_seq_length=16,
+            video_processor=transformers.InternVLVideoProcessor(size={"height": 64, "width": 64}))
+        image_token = "<IMG_CONTEXT>"
+    else:
+        special = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<s>",
+            eos_token="</s>")
+        images = transformers.PixtralImageProcessor(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+        processor = transformers.PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                                  spatial_merge_size=2, image_token="[IMG]",
+                                                  image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+        image_token = "[IMG]"
+    processor.save_pretrained(path)
+    from .llm_side_tiny import make
+
+    model = make(family, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(image_token))
+    model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, one_thread):
+    """``checkpoint(family)``: the folder of a tiny checkpoint of that family, built once."""
+    return built_once(tmp_path_factory, _build)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict]:
+    """easy-VQA questions with their 64 px images resized to SIZES."""
+    return [dict(d, size=s) for d, s in zip(easy_vqa_docs(len(SIZES)), SIZES, strict=True)]
+
+
+def visuals(doc: dict) -> list:
+    from PIL import Image
+
+    return [Image.open(doc["image"]).convert("RGB").resize(tuple(doc.get("size", (64, 64))))]
+
+
+def gen_reqs(docs: list[dict]) -> list:
+    kw = {"max_new_tokens": 4, "temperature": 0}
+    return requests("generate_until", [(d["question"], dict(kw), visuals, j, "t", "test") for j, d in enumerate(docs)])
+
+
+def ll_reqs(docs: list[dict]) -> list:
+    items = [(d["question"], f" {c}", visuals, j, "t", "test") for j, d in enumerate(docs) for c in ("yes", "red")]
+    return requests("loglikelihood", items)
+
+
+def lm_for(checkpoint, family: str, args: str, docs: list[dict]):
+    return make_lm(FAMILIES[family], checkpoint(family), args, docs)
+
+
+def test_entry_points_resolve():
+    need("lmms_eval")
+    import lmms_eval.models
+
+    from saint.integrations.lmms_llm_side import SaintInternVL, SaintMistral3
+
+    assert lmms_eval.models.get_model("saint_internvl") is SaintInternVL
+    assert lmms_eval.models.get_model("saint_mistral3") is SaintMistral3
+
+
+def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
+    need("lmms_eval")
+    from saint.integrations.lmms_llm_side import SaintInternVL, SaintMistral3
+
+    missing = str(tmp_path / "no-such-checkpoint")
+    for cls in (SaintInternVL, SaintMistral3):
+        with pytest.raises(ValueError, match="inside the language model only"):
+            cls(pretrained=missing, mode="vit")
+        with pytest.raises(TypeError, match="does not use"):
+            cls(pretrained=missing, method="fastv", llm_tau=0.5)
+    with pytest.raises(ValueError, match="Mistral 3 checkpoints"):
+        SaintMistral3(pretrained=str(checkpoint("internvl")))
+    build_llava(tmp_path)
+    with pytest.raises(ValueError, match="InternVL checkpoints"):
+        SaintInternVL(pretrained=str(tmp_path))
+
+
+def test_nothing_pruned_equals_the_unpatched_model(checkpoint, family, docs):
+    """``method=none`` generates what the unpatched model generates from the processor's
+    prompt (its image token in front, the chat template); settings that prune nothing
+    give the same texts and scores."""
+    base = lm_for(checkpoint, family, "method=none", docs)
+    gen, ll = gen_reqs(docs), ll_reqs(docs)
+    texts, scores = base.generate_until(gen), base.loglikelihood(ll)
+    prompt = base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": base.image_token + "\n" + docs[0]["question"]}],
+        chat_template=base.chat_template, tokenize=False, add_generation_prompt=True)
+    enc = base.processor(text=[prompt], images=visuals(docs[0]), return_tensors="pt")
+    with torch.no_grad():
+        out = base.model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=base.tokenizer.pad_token_id,
+                                  eos_token_id=base.eot_token_id)
+    assert texts[0] == base.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    for args in NOTHING_ARGS:
+        lm = lm_for(checkpoint, family, args, docs)
+        assert lm.generate_until(gen) == texts, args
+        assert [tuple(s) for s in lm.loglikelihood(ll)] == [tuple(s) for s in scores], args
+        assert lm.pruning_log and all("llm_input" in e for e in lm.pruning_log)
+
+
+@pytest.mark.parametrize("args", [LLM_ARGS, FASTV_ARGS], ids=["llm", "fastv"])
+def test_batches_are_pruned_and_equal_single_requests(checkpoint, family, docs, args):
+    """Images of different sizes in one batch: every prompt's image tokens reach the
+    language model and fewer leave it; each request alone gets the same text and score,
+    and a score is the patched model's loss."""
+    lm = lm_for(checkpoint, family, args, docs)
+    gen, ll = gen_reqs(docs), ll_reqs(docs)
+    batched = (lm.generate_until(gen), lm.loglikelihood(ll))
+    assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
+    assert len({n for e in lm.pruning_log for n in e["image_tokens"]}) > 1  # images of different token counts
+    for e in lm.pruning_log:
+        assert e["llm_input"] == e["image_tokens"]
+        assert all(o < i for o, i in zip(e["llm_output"], e["llm_input"], strict=True))
+    assert_alone_equals_batched(lm, gen, ll, batched)
+    req = ll[2]
+    (result,) = lm.loglikelihood([req])
+    ids, n, media = lm._loglikelihood_row(req)
+    assert result[0] == pytest.approx(continuation_loss(lm, ids, n, media), abs=1e-5)
+
+
+def test_lmms_eval_cli_end_to_end(checkpoint, tmp_path):
+    """``python -m lmms_eval --model saint_internvl ...`` completes and prunes both kinds
+    of request (run once, on InternVL: Mistral 3 shares the class's code)."""
+    results, (stats,) = run_cli("saint_internvl", checkpoint("internvl"), LLM_ARGS, tmp_path, 3, timeout=300)
+    assert {"saint_easyvqa_gen", "saint_easyvqa_mc"} <= set(results)
+    lines = stats.read_text().splitlines()
+    assert any('"llm_output"' in line for line in lines)
