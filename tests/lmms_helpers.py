@@ -88,13 +88,13 @@ def requests(kind: str, items: list[tuple], task: str = "t"):
                                                    "repeats": 1}) for args in items]
 
 
-def gen_requests(docs: list[dict], gen_kwargs: dict | None = None):
+def gen_requests(docs: list[dict], gen_kwargs: dict | None = None, visuals: Callable = visual):
     kw = gen_kwargs or {"max_new_tokens": 5, "temperature": 0, "until": ["\n\n"]}
-    return requests("generate_until", [(d["question"], dict(kw), visual, j, "t", "test") for j, d in enumerate(docs)])
+    return requests("generate_until", [(d["question"], dict(kw), visuals, j, "t", "test") for j, d in enumerate(docs)])
 
 
-def ll_requests(docs: list[dict]):
-    items = [(d["question"], f" {c}", visual, j, "t", "test") for j, d in enumerate(docs) for c in ("yes", "red")]
+def ll_requests(docs: list[dict], visuals: Callable = visual):
+    items = [(d["question"], f" {c}", visuals, j, "t", "test") for j, d in enumerate(docs) for c in ("yes", "red")]
     return requests("loglikelihood", items)
 
 

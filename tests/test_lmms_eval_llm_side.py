@@ -19,9 +19,10 @@ from .lmms_helpers import (
     built_once,
     continuation_loss,
     easy_vqa_docs,
+    gen_requests,
+    ll_requests,
     make_lm,
     need,
-    requests,
     run_cli,
     train_tokenizer,
 )
@@ -92,13 +93,7 @@ def visuals(doc: dict) -> list:
 
 
 def gen_reqs(docs: list[dict]) -> list:
-    kw = {"max_new_tokens": 4, "temperature": 0}
-    return requests("generate_until", [(d["question"], dict(kw), visuals, j, "t", "test") for j, d in enumerate(docs)])
-
-
-def ll_reqs(docs: list[dict]) -> list:
-    items = [(d["question"], f" {c}", visuals, j, "t", "test") for j, d in enumerate(docs) for c in ("yes", "red")]
-    return requests("loglikelihood", items)
+    return gen_requests(docs, {"max_new_tokens": 4, "temperature": 0}, visuals)
 
 
 def lm_for(checkpoint, family: str, args: str, docs: list[dict]):
@@ -137,7 +132,7 @@ def test_nothing_pruned_equals_the_unpatched_model(checkpoint, family, docs):
     prompt (its image token in front, the chat template); settings that prune nothing
     give the same texts and scores."""
     base = lm_for(checkpoint, family, "method=none", docs)
-    gen, ll = gen_reqs(docs), ll_reqs(docs)
+    gen, ll = gen_reqs(docs), ll_requests(docs, visuals)
     texts, scores = base.generate_until(gen), base.loglikelihood(ll)
     prompt = base.tokenizer.apply_chat_template(
         [{"role": "user", "content": base.image_token + "\n" + docs[0]["question"]}],
@@ -160,7 +155,7 @@ def test_batches_are_pruned_and_equal_single_requests(checkpoint, family, docs, 
     language model and fewer leave it; each request alone gets the same text and score,
     and a score is the patched model's loss."""
     lm = lm_for(checkpoint, family, args, docs)
-    gen, ll = gen_reqs(docs), ll_reqs(docs)
+    gen, ll = gen_reqs(docs), ll_requests(docs, visuals)
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
     assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
     assert len({n for e in lm.pruning_log for n in e["image_tokens"]}) > 1  # images of different token counts
