@@ -9,6 +9,7 @@ from .conftest import left_pad
 
 IMG, START, END, BREAK = 120, 121, 122, 123  # image, InternVL <img> </img>, Pixtral row break (and image end)
 DEPTH = 6  # decoder layers
+VDEPTH = 4  # InternVL vision layers
 SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
 
 
@@ -18,7 +19,7 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                 num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
     torch.manual_seed(seed)
     if family == "internvl":
-        vision = transformers.InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vision = transformers.InternVLVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
                                                    intermediate_size=64, image_size=[SIZE, SIZE],
                                                    patch_size=[PATCH, PATCH])
         cfg = transformers.InternVLConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text),

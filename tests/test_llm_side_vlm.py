@@ -1,6 +1,6 @@
-"""InternVL and Mistral 3, pruned inside their language model only (SAINT's llm mode,
-FastV): exactness on tiny random models (tests/llm_side_tiny.py), batches of prompts
-with several images of different sizes, and the refusals."""
+"""InternVL (SAINT's llm, vit and hybrid modes, FastV) and Mistral 3 (inside its language
+model only: llm mode, FastV): exactness on tiny random models (tests/llm_side_tiny.py),
+batches of prompts with several images of different sizes, and the refusals."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import saint  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
-from .llm_side_tiny import BREAK, DEPTH, END, IMG, START, inputs, make  # noqa: E402
+from .llm_side_tiny import BREAK, DEPTH, END, IMG, START, VDEPTH, inputs, make  # noqa: E402
 
 FAMILIES = ["internvl", "mistral3"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
@@ -22,11 +22,17 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
     "fastv": dict(method="fastv", fastv_layer=2, fastv_ratio=0.5),
+    "vit": dict(mode="vit", vit_layer=1, vit_ratio=0.4),  # InternVL only
+    "hybrid": dict(mode="hybrid", vit_layer=1, vit_ratio=0.5, llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
 }
 NOTHING = {
     "llm": dict(mode="llm", llm_layers=(0, DEPTH - 2), llm_tau=0.3, llm_k=1000),
     "fastv": dict(method="fastv", fastv_layer=1, fastv_ratio=0.0),
+    "vit": dict(mode="vit", vit_layer=1, vit_ratio=1.0),
 }
+VISION_SIDE = {"vit", "hybrid"}
+CASES = [(f, n) for f in FAMILIES for n in sorted(CONFIGS) if f == "internvl" or n not in VISION_SIDE]
+NOTHING_CASES = [(f, n) for f in FAMILIES for n in sorted(NOTHING) if f == "internvl" or n not in VISION_SIDE]
 GREEDY = dict(max_new_tokens=4, do_sample=False)
 
 
@@ -39,8 +45,7 @@ def alone(family: str) -> list[dict[str, torch.Tensor]]:
     return [inputs(family, [r], [i]) for i, r in enumerate(ROWS[family])]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(NOTHING))
+@pytest.mark.parametrize("family, name", NOTHING_CASES)
 def test_pruning_nothing_is_identical_to_unpatched(family, name):
     model = make(family)
     x = inputs(family, ROWS[family])
@@ -54,8 +59,7 @@ def test_pruning_nothing_is_identical_to_unpatched(family, name):
     saint.unpatch(model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("family, name", CASES)
 def test_batch_equals_alone_and_only_image_tokens_are_dropped(family, name):
     """Left-padded prompts with one or two images: each row's generation and last logits
     equal the prompt alone; cached equals uncached (SAINT; FastV's ranking query changes
@@ -70,6 +74,9 @@ def test_batch_equals_alone_and_only_image_tokens_are_dropped(family, name):
         logits = model(**x).logits
     dropped = logits.isnan().any(-1)
     assert dropped.any() and bool((x["input_ids"][dropped] == IMG).all())
+    if name in VISION_SIDE:  # vit_ratio of each tile's 16 tokens reach the language model
+        tiles = (x["input_ids"] == IMG).sum(dim=1) // 16
+        assert saint.stats(model).tokens[0] == (tiles * round(16 * CONFIGS[name]["vit_ratio"])).tolist()
     assert not dropped[torch.isin(x["input_ids"], torch.tensor([START, END, BREAK]))].any()
     batch_ids = gen(model, x)
     solo = alone(family)
@@ -77,8 +84,9 @@ def test_batch_equals_alone_and_only_image_tokens_are_dropped(family, name):
     with torch.no_grad():
         solo_last = torch.cat([model(**s).logits[:, -1] for s in solo])
     torch.testing.assert_close(logits[:, -1], solo_last, rtol=1e-4, atol=1e-5)
-    if name == "llm":
+    if name != "fastv":
         assert torch.equal(gen(model, x, use_cache=False), batch_ids)
+        assert torch.equal(gen(model, x, num_beams=2), torch.cat([gen(model, s, num_beams=2) for s in solo]))
     saint.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, want)
@@ -128,15 +136,19 @@ def test_assisted_generation_equals_greedy(family):
         model.generate(**x, prompt_lookup_num_tokens=3, **GREEDY)
 
 
-@pytest.mark.parametrize("kw, err, match", [
-    (dict(mode="vit"), ValueError, "inside the language model only"),
-    (dict(mode="hybrid"), ValueError, "inside the language model only"),
-    (dict(method="random", keep_ratio=0.5), ValueError, "unknown InternVL / Mistral 3 method 'random'"),
-    (dict(mode="llm", llm_layers=(0, DEPTH - 1)), ValueError, "end must be <= 4"),
-    (dict(mode="llm", vit_keep=4), TypeError, "does not take"),
+@pytest.mark.parametrize("family, kw, err, match", [
+    ("mistral3", dict(mode="vit"), ValueError, "inside the language model only"),
+    ("mistral3", dict(mode="hybrid"), ValueError, "inside the language model only"),
+    ("mistral3", dict(method="random", keep_ratio=0.5), ValueError, "unknown Mistral 3 method 'random'"),
+    ("internvl", dict(method="random", keep_ratio=0.5), ValueError, "unknown InternVL method 'random'"),
+    ("internvl", dict(mode="llm", llm_layers=(0, DEPTH - 1)), ValueError, "end must be <= 4"),
+    ("internvl", dict(mode="llm", vit_keep=4), TypeError, "does not take"),
+    ("internvl", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
+    ("internvl", dict(mode="vit", vit_ratio=0.0), ValueError, "vit_ratio=0.0 must be a fraction"),
+    ("internvl", dict(mode="llm", vit_ratio=0.5), TypeError, "does not use"),
 ])
-def test_bad_settings_raise_clear_errors(kw, err, match):
-    model = make("internvl")
+def test_bad_settings_raise_clear_errors(family, kw, err, match):
+    model = make(family)
     with pytest.raises(err, match=match):
         saint.patch(model, **kw)
     assert not saint.is_patched(model)
@@ -172,3 +184,71 @@ def test_a_conversation_continues_on_its_cache_and_chunked_prefill_runs_whole(fa
         assert torch.equal(model.generate(**x, **GREEDY, prefill_chunk_size=length), out.sequences)
         with pytest.raises(ValueError, match=f"prefill_chunk_size={length - 1} splits this {length}-token prompt"):
             model.generate(**x, **GREEDY, prefill_chunk_size=length - 1)
+
+
+def test_internvl_vit_features_are_the_later_layers_run_on_the_kept_groups():
+    """A reference from the unpatched model's own modules: the tower's hidden states after
+    vit_layer cut to the class token and each tile's kept 2x2 groups (raster order), the
+    later layers and the final norm, scattered back to the grid (zeros elsewhere), then the
+    model's pixel shuffle and projector; the patched features are its kept groups' tokens."""
+    model = make("internvl")
+    mm = model.model
+    tower = mm.vision_tower
+    x = inputs("internvl", ROWS["internvl"][1:2])
+    px = x["pixel_values"]
+    grab = {}
+    hook = tower.encoder.layer[1].register_forward_hook(lambda m, a, o: grab.update(hidden=o))
+    with torch.no_grad():
+        tower(pixel_values=px)
+    hook.remove()
+    saint.patch(model, **CONFIGS["vit"])
+    with torch.no_grad():
+        got = mm.get_image_features(pixel_values=px, return_dict=True).pooler_output
+    keep = get_handle(model).tower.keep  # [tiles, 16 groups of the 8x8 patch grid]
+    saint.unpatch(model)
+    tiles, groups = keep.shape
+    assert got.shape[:2] == (tiles, round(0.4 * groups)) and not keep.all()
+    patch_keep = keep.view(tiles, 4, 1, 4, 1).expand(tiles, 4, 2, 4, 2).reshape(tiles, 64)  # each group's 2x2 patches
+    with torch.no_grad():
+        h = grab["hidden"]
+        h = torch.stack([torch.cat([h[t, :1], h[t, 1:][patch_keep[t]]]) for t in range(tiles)])
+        for layer in tower.encoder.layer[2:]:
+            h = layer(h)
+        h = tower.layernorm(h)
+        full = torch.zeros(tiles, 64, h.shape[-1])
+        full[patch_keep] = h[:, 1:].reshape(-1, h.shape[-1])
+        shuffled = mm.pixel_shuffle(full.view(tiles, 8, 8, -1), scale_factor=0.5).reshape(tiles, groups, -1)
+        want = mm.multi_modal_projector(shuffled)[keep].view(tiles, -1, got.shape[-1])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_internvl_vit_mode_equals_a_prompt_built_for_the_kept_count():
+    """Shrinking each tile's run of tokens gives exactly what the unpatched InternVL
+    computes for a prompt with the kept count per tile and the pruned tower's features."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from .conftest import left_pad
+
+    model = make("internvl")
+    x = inputs("internvl", ROWS["internvl"])
+    saint.patch(model, **CONFIGS["vit"])
+    with torch.no_grad():
+        out = model(**x).logits
+        feats = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
+    saint.unpatch(model)
+    kept = feats.shape[1]
+    rows = []
+    for ids, m in zip(x["input_ids"], x["attention_mask"], strict=True):
+        ids = ids[m.bool()]
+        img = (ids == IMG).nonzero().squeeze(1)
+        drop = torch.zeros_like(ids, dtype=torch.bool)
+        drop[img.view(-1, 16)[:, kept:].reshape(-1)] = True  # every tile's run shrinks to its kept count
+        rows.append(ids[~drop])
+    short, mask = left_pad(rows)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(input_ids=short, attention_mask=mask, position_ids=pos,
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)}).logits
+    for b in range(len(rows)):
+        real = ~out[b].isnan().any(-1) & x["attention_mask"][b].bool()
+        torch.testing.assert_close(out[b][real], ref[b][mask[b].bool()], rtol=1e-4, atol=1e-5)

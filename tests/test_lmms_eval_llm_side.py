@@ -1,8 +1,9 @@
 """lmms-eval's ``saint_internvl`` and ``saint_mistral3`` models on tiny random InternVL
 (Qwen2 decoder) and Mistral 3 (Pixtral tower, Mistral decoder) checkpoints saved to disk
 with offline processors (BPE tokenizer trained here, the families' own image processors):
-nothing pruned equals the unpatched model, both request kinds pruned per prompt, batches
-of images of different sizes (InternVL: different tile counts) equal each request alone,
+nothing pruned equals the unpatched model, both request kinds pruned per prompt (InternVL
+also inside its tower), batches of images of different sizes (InternVL: different tile
+counts) equal each request alone,
 a score is the patched model's loss, bad settings and checkpoints, and lmms-eval's own
 command line."""
 
@@ -30,7 +31,10 @@ from .lmms_helpers import (
 FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
+VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # InternVL: half of every tile's 16 tokens
 NOTHING_ARGS = ("llm_layers=0-4,llm_tau=0.3,llm_k=1000", "method=fastv,fastv_layer=1,fastv_ratio=0")
+PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_ARGS), ("mistral3", LLM_ARGS),
+           ("mistral3", FASTV_ARGS)]
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL 1 to 3 tiles
 
 
@@ -115,9 +119,11 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     from saint.integrations.lmms_llm_side import SaintInternVL, SaintMistral3
 
     missing = str(tmp_path / "no-such-checkpoint")
+    with pytest.raises(ValueError, match="inside the language model only"):
+        SaintMistral3(pretrained=missing, mode="vit")
+    with pytest.raises(ValueError, match=r"vit_ratio=2 must be a fraction in \(0, 1\]"):
+        SaintInternVL(pretrained=missing, mode="vit", vit_ratio=2)
     for cls in (SaintInternVL, SaintMistral3):
-        with pytest.raises(ValueError, match="inside the language model only"):
-            cls(pretrained=missing, mode="vit")
         with pytest.raises(TypeError, match="does not use"):
             cls(pretrained=missing, method="fastv", llm_tau=0.5)
     with pytest.raises(ValueError, match="Mistral 3 checkpoints"):
@@ -149,19 +155,23 @@ def test_nothing_pruned_equals_the_unpatched_model(checkpoint, family, docs):
         assert lm.pruning_log and all("llm_input" in e for e in lm.pruning_log)
 
 
-@pytest.mark.parametrize("args", [LLM_ARGS, FASTV_ARGS], ids=["llm", "fastv"])
+@pytest.mark.parametrize("family, args", PRUNING, ids=[f"{f}-{a.split(',')[0]}" for f, a in PRUNING])
 def test_batches_are_pruned_and_equal_single_requests(checkpoint, family, docs, args):
     """Images of different sizes in one batch: every prompt's image tokens reach the
-    language model and fewer leave it; each request alone gets the same text and score,
-    and a score is the patched model's loss."""
+    language model (InternVL's vit mode: half of each tile's) and fewer leave it (vit mode:
+    as many); each request alone gets the same text and score, and a score is the patched
+    model's loss."""
     lm = lm_for(checkpoint, family, args, docs)
     gen, ll = gen_reqs(docs), ll_requests(docs, visuals)
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
     assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
     assert len({n for e in lm.pruning_log for n in e["image_tokens"]}) > 1  # images of different token counts
     for e in lm.pruning_log:
-        assert e["llm_input"] == e["image_tokens"]
-        assert all(o < i for o, i in zip(e["llm_output"], e["llm_input"], strict=True))
+        if args == VIT_ARGS:
+            assert e["llm_input"] == [n // 2 for n in e["image_tokens"]] == e["llm_output"]
+        else:
+            assert e["llm_input"] == e["image_tokens"]
+            assert all(o < i for o, i in zip(e["llm_output"], e["llm_input"], strict=True))
     assert_alone_equals_batched(lm, gen, ll, batched)
     req = ll[2]
     (result,) = lm.loglikelihood([req])

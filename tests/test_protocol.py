@@ -142,8 +142,8 @@ FAMILIES = {
     "internvl": lambda: llm_side("internvl"),
     "mistral3": lambda: llm_side("mistral3"),
 }
-VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision")  # with vision-side modes
-ALL_VLMS = (*VLMS, "internvl", "mistral3")
+VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision", "internvl")  # with vision-side modes
+ALL_VLMS = (*VLMS, "mistral3")
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -241,6 +241,7 @@ def test_trace_kept_maps_the_patch_grid(family):
 
 VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "qwen2_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "internvl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "llava_next": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_onevision": dict(mode="vit", vit_keep=5, vit_layer=0)}
 

@@ -100,6 +100,18 @@ def test_vision_hooked_module_replaced_after_patching(family, select_at, images)
         assert torch.equal(call(model, x), call(reference, x))
 
 
+def tiny_internvl() -> torch.nn.Module:
+    from .llm_side_tiny import make
+
+    return make("internvl")
+
+
+def internvl_inputs(n: int) -> dict[str, torch.Tensor]:
+    from .llm_side_tiny import inputs
+
+    return inputs("internvl", [[3, (64, 64), 4]] * n)
+
+
 VLM = {
     "llava_llm": (tiny_llava, dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2), llava_inputs,
                   lambda m: wrap_attr(m.model.language_model.layers[1].self_attn, "k_proj")),
@@ -114,7 +126,14 @@ VLM = {
     # before: the new tower ran unpruned while the prompt was planned for vit mode, without a word
     "qwen_tower": (tiny_qwen, dict(mode="vit", vit_layer=1, vit_ratio=0.5), qwen_inputs,
                    lambda m: setattr(m.model, "visual", tiny_qwen().model.visual)),
+    "internvl_vit": (tiny_internvl, dict(mode="vit", vit_layer=1, vit_ratio=0.5), internvl_inputs,
+                     lambda m: wrap_attr(m.model.vision_tower.encoder.layer[1].attention, "k_proj")),
+    "internvl_norm": (tiny_internvl, dict(mode="vit", vit_layer=1, vit_ratio=0.5), internvl_inputs,
+                      lambda m: wrap_attr(m.model.vision_tower, "layernorm", Copied)),
+    "internvl_llm": (tiny_internvl, dict(method="fastv", fastv_layer=2, fastv_ratio=0.5), internvl_inputs,
+                     lambda m: wrap_attr(m.model.language_model.layers[1].self_attn, "q_proj")),
 }
+
 
 
 @pytest.mark.parametrize("name", sorted(VLM))

@@ -100,7 +100,7 @@ def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], f
         kwargs = _image_features(module, kwargs)
         feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
         per = _unpruned_count(module, kwargs.get("vision_feature_select_strategy"))
-        keep0 = _shrink_plan(input_ids, _feature_counts(feats), image_id, per)
+        keep0 = shrink_plan(input_ids, _feature_counts(feats), image_id, per)
     if keep0 is not None:
         refuse_static_cache(kwargs)
         kwargs = shrink_inputs(kwargs, keep0, fwd, image_id)
@@ -139,7 +139,7 @@ def _unpruned_count(mm: torch.nn.Module, strategy: str | None) -> int:
     return n - 1 if strategy == "default" else n
 
 
-def _shrink_plan(input_ids: torch.Tensor, counts: list[int], image_token_id: int,
+def shrink_plan(input_ids: torch.Tensor, counts: list[int], image_token_id: int,
                  per: int | None = None) -> torch.Tensor | None:
     """Keep mask ``[B, L]`` that shrinks every image's run of ``per`` tokens (the
     processor's count) to its feature count; None when the counts already match."""
@@ -184,7 +184,7 @@ def make_expand(handle: VlmPatch, original: Any, plan: Any = None):
     if plan is None:
         def plan(input_ids: torch.Tensor, feats: Any) -> torch.Tensor | None:
             per = _unpruned_count(handle.mm, None)
-            return _shrink_plan(input_ids, _feature_counts(feats), handle.image_token_id, per)
+            return shrink_plan(input_ids, _feature_counts(feats), handle.image_token_id, per)
 
     def expand(input_ids: Any, mm_encoder_output: Any, expand_size: int = 1, inputs_embeds: Any = None) -> Any:
         img = mm_encoder_output.get("image") if mm_encoder_output else None

@@ -1,6 +1,7 @@
-"""Hugging Face VLMs that saint prunes inside their language model only: InternVL
-(``InternVLForConditionalGeneration`` / ``InternVLModel``) and Mistral 3
-(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower).
+"""Hugging Face VLMs that saint prunes inside their language model only: Mistral 3
+(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower). A family
+listed in :data:`FAMILIES` needs nothing but a decoder :mod:`saint.adapters.hf_llm` prunes
+in and ``config.image_token_id``.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePruneConfig`):
 
@@ -11,11 +12,10 @@ Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePrun
 Both run on the LLaVA machinery of :mod:`saint.adapters.hf_llm` (per-sample counts,
 kept tokens at their original positions, cached and batched generation, outputs in
 the input's coordinates with NaN logits at dropped positions). The vision side is not
-pruned: these projectors need every patch of an image (InternVL's pixel shuffle folds
-each 2x2 block into one token, Mistral 3's patch merger likewise), so ``mode="vit"`` /
-``"hybrid"`` are refused with what works. Image tokens are the runs of
-``config.image_token_id``; everything else (InternVL's ``<img>``/``</img>``, Pixtral's
-row breaks and image end) is text and never dropped.
+pruned (Mistral 3's patch merger folds every 2x2 block of patches into one token, over
+images of their own sizes), so ``mode="vit"`` / ``"hybrid"`` are refused with what works.
+Image tokens are the runs of ``config.image_token_id``; everything else (Pixtral's row
+breaks and image end) is text and never dropped.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 MEDIA = Media()  # images only: pixel_values / mm_encoder_outputs["image"], image_token_id
 FAMILIES = (  # (transformers module, model classes, the name errors use)
-    ("internvl", ("InternVLForConditionalGeneration", "InternVLModel"), "InternVL"),
     ("mistral3", ("Mistral3ForConditionalGeneration", "Mistral3Model"), "Mistral 3"),
 )
 
@@ -71,7 +70,7 @@ class LlmSidePruneConfig(VlmPruneConfig):
     model only (defaults: SAINT after decoder layers 7..16, tau 0.83, K 5, gamma 10, as
     for LLaVA-1.5-7B; see :class:`~saint.adapters.vlm_config.VlmPruneConfig`)."""
 
-    FAMILY: ClassVar[str] = "InternVL / Mistral 3"
+    FAMILY: ClassVar[str] = "Mistral 3"
     METHODS: ClassVar[tuple[str, ...]] = ("saint", "fastv")
     FIELDS: ClassVar[dict[str, tuple[str, ...]]] = FIELDS
 
@@ -79,9 +78,9 @@ class LlmSidePruneConfig(VlmPruneConfig):
 
     def _check_vision(self) -> None:
         raise ValueError(
-            f"mode={self.mode!r}: saint prunes InternVL and Mistral 3 inside the language model only (their "
-            "projectors fold every 2x2 block of patches into one token, so the tower must keep every patch); "
-            "use mode='llm' or method='fastv'"
+            f"mode={self.mode!r}: saint prunes Mistral 3 inside the language model only (its patch merger folds "
+            "every 2x2 block of patches into one token, so the tower must keep every patch); use mode='llm' or "
+            "method='fastv'"
         )
 
 
@@ -101,7 +100,7 @@ def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], f
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
           **kwargs: Any) -> VlmPatch:
-    """Patch an InternVL or Mistral 3 model in place (see the module docstring and
+    """Patch a Mistral 3 model in place (see the module docstring and
     :func:`saint.patch`). ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec`
     (e.g. a calibration probe): it then selects the image tokens of ``mode="llm"``."""
     family = _families()[type(model)]
@@ -116,26 +115,18 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
 
 
 class LlmSideVlm(HFVlm):
-    """InternVL / Mistral 3: sites are the language model's decoder layers; inputs are
-    processor-output dicts (``input_ids``, ``pixel_values``, ``attention_mask``; Mistral 3
-    also ``image_sizes``)."""
+    """Mistral 3: sites are the language model's decoder layers; inputs are
+    processor-output dicts (``input_ids``, ``pixel_values``, ``attention_mask``,
+    ``image_sizes``)."""
 
     name = "llm_side_vlm"
     family = sys.modules[__name__]
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        """InternVL: the token grid of one tile (patches per side times the pixel
-        shuffle's ``downsample_ratio``). Mistral 3 images keep their own sizes, with a
-        row-break token after every row of image tokens: there is no one grid."""
-        mm = multimodal(model)
-        if not hasattr(mm.config, "downsample_ratio"):
-            raise ValueError(f"{type(model).__name__} keeps every image at its own size (row-break tokens between "
-                             "its rows of image tokens): there is no one patch grid to map kept tokens to")
-        vc = mm.config.vision_config
-        size, patch = (int(v[0]) if isinstance(v, (list, tuple)) else int(v) for v in (vc.image_size, vc.patch_size))
-        side = round(size // patch * float(mm.config.downsample_ratio))
-        step = size // side
-        return Grid(side, side, (step, step))
+        """Mistral 3 images keep their own sizes, with a row-break token after every row
+        of image tokens: there is no one grid."""
+        raise ValueError(f"{type(model).__name__} keeps every image at its own size (row-break tokens between "
+                         "its rows of image tokens): there is no one patch grid to map kept tokens to")
 
 
 ADAPTER = LlmSideVlm()

@@ -1,8 +1,8 @@
 """lmms-eval models ``saint_internvl`` and ``saint_mistral3``: Hugging Face InternVL
 (``InternVLForConditionalGeneration``) and Mistral 3 (``Mistral3ForConditionalGeneration``)
-checkpoints pruned inside their language model by :func:`saint.patch`
-(:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV), for any lmms-eval
-image task::
+checkpoints pruned by :func:`saint.patch` (:mod:`saint.adapters.internvl`: SAINT's
+``llm``, ``vit`` and ``hybrid`` modes or FastV; :mod:`saint.adapters.llm_side_vlm`: SAINT's
+``llm`` mode or FastV inside Mistral 3's language model), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import llm_side_vlm
+from ..adapters import internvl, llm_side_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
 __all__ = ["SaintInternVL", "SaintMistral3"]
@@ -38,7 +38,8 @@ MISTRAL_TEMPLATE = (
 
 class SaintLlmSide(SaintLlava):
     """What both share: the adapter (its ``make_config`` validates the settings before
-    any weights load) and the model class named by ``MODEL_CLASS``."""
+    any weights load), the model class named by ``MODEL_CLASS`` and the image token
+    placed in front of the task's text."""
 
     ADAPTER: Any = llm_side_vlm
     MODEL_CLASS = ""
@@ -60,6 +61,7 @@ class SaintInternVL(SaintLlmSide):
     once by :func:`saint.patch`, evaluated by lmms-eval (``--model saint_internvl``)."""
 
     NAME = "saint_internvl"
+    ADAPTER = internvl
     MODEL_TYPES = ("internvl",)
     MODEL_CLASS = "InternVLForConditionalGeneration"
     TITLE = "InternVL"
