@@ -21,7 +21,6 @@ minimum and spread. Writes ``benchmarks/results/internvl_tower_cpu.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ import torch
 from saint.adapters import internvl
 from saint.measure.flops import count_flops
 from saint.measure.report import environment, markdown_table, write_json
+from saint.timing import timed_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VISION_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -84,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             flops, _ = count_flops(run_tower)
             kept = per_tile * args.tiles if pruner is None else int(pruner.keep.sum())
-            run_tower()  # warm-up
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                run_tower()
-                times.append(time.perf_counter() - t0)
+            times = timed_calls(run_tower, args.repeats)
         finally:
             if pruner is not None:
                 pruner.remove()

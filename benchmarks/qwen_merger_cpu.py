@@ -24,7 +24,6 @@ one warm-up, minimum and spread. Writes ``benchmarks/results/qwen_merger_cpu.{md
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from saint.adapters import qwen_vl
 from saint.measure.flops import count_flops
 from saint.measure.report import environment, markdown_table, write_json
+from saint.timing import timed_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
@@ -92,12 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             flops, _ = count_flops(run_tower)
             kept = merged if pruner is None else int(pruner.keep_raster.sum())
-            run_tower()  # warm-up
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                run_tower()
-                times.append(time.perf_counter() - t0)
+            times = timed_calls(run_tower, args.repeats)
         finally:
             if pruner is not None:
                 pruner.remove()

@@ -106,6 +106,20 @@ def median_interval(values: Sequence[float], level: float = 0.95, draws: int = 2
     return low, high
 
 
+def timed_calls(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (one variant
+    alone; :func:`time_round_robin` interleaves several)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return times
+
+
 def time_round_robin(
     setups: Sequence[Callable[[], Callable[[], object]]],
     *,

@@ -35,11 +35,11 @@ from .base import Grid
 from .common import Hooked, TokenStats, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .internvl_tower import TilePruner, check_tower
-from .llava_vision import make_expand, shrink_inputs, shrink_plan
+from .llava_vision import make_expand, shrink_plan, start_prefill
 from .vlm_config import LLM_FIELDS, VlmPruneConfig, check_fraction, check_int
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
-from .vlm_prompt import begin_prefill, continue_prompt, refuse_static_cache
+from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
 __all__ = ["ADAPTER", "FIELDS", "InternVL", "InternVLPatch", "InternVLPruneConfig", "make_config", "matches", "patch",
@@ -154,7 +154,6 @@ def prefill(handle: InternVLPatch, module: torch.nn.Module, kwargs: dict[str, An
     the image tokens."""
     input_ids = kwargs["input_ids"]
     fwd.input_length = input_ids.shape[1]
-    image_id = handle.image_token_id
     if handle.config.prunes_vit:
         if kwargs.get("vision_feature_layer") not in (None, -1):
             raise ValueError(f"vision_feature_layer={kwargs['vision_feature_layer']}: saint's vit mode reads the "
@@ -165,13 +164,8 @@ def prefill(handle: InternVLPatch, module: torch.nn.Module, kwargs: dict[str, An
                 pixel_values=kwargs["pixel_values"], vision_feature_layer=kwargs.get("vision_feature_layer"),
                 vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"), return_dict=True)
         kwargs = dict(kwargs, pixel_values=None, mm_encoder_outputs=mm_out)
-        keep0 = _plan(handle)(input_ids, mm_out["image"].pooler_output)
-        if keep0 is not None:
-            refuse_static_cache(kwargs)
-            kwargs = shrink_inputs(kwargs, keep0, fwd, image_id)
-            input_ids = kwargs["input_ids"]
-    begin_prefill(handle, fwd, input_ids == image_id)
-    return kwargs
+        return start_prefill(handle, kwargs, _plan(handle)(input_ids, mm_out["image"].pooler_output), fwd)
+    return start_prefill(handle, kwargs, None, fwd)
 
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,

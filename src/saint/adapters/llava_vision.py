@@ -101,11 +101,17 @@ def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], f
         feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
         per = _unpruned_count(module, kwargs.get("vision_feature_select_strategy"))
         keep0 = shrink_plan(input_ids, _feature_counts(feats), image_id, per)
+    return start_prefill(handle, kwargs, keep0, fwd)
+
+
+def start_prefill(handle: VlmPatch, kwargs: dict[str, Any], keep0: torch.Tensor | None, fwd: Forward
+                  ) -> dict[str, Any]:
+    """Shrink every image's run of tokens by ``keep0`` (None: they stay as they are),
+    then start the decoder pruner on the image tokens that reach layer 0."""
     if keep0 is not None:
         refuse_static_cache(kwargs)
-        kwargs = shrink_inputs(kwargs, keep0, fwd, image_id)
-        input_ids = kwargs["input_ids"]
-    begin_prefill(handle, fwd, input_ids == image_id)
+        kwargs = shrink_inputs(kwargs, keep0, fwd, handle.image_token_id)
+    begin_prefill(handle, fwd, kwargs["input_ids"] == handle.image_token_id)
     return kwargs
 
 

@@ -30,10 +30,11 @@ from ..methods import MethodSpec
 from .base import Grid
 from .common import transformers_loaded
 from .hf_vlm import HFVlm, multimodal
+from .llava_vision import start_prefill
 from .vlm_config import LLM_FIELDS, VlmPruneConfig
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
-from .vlm_prompt import begin_prefill, continue_prompt
+from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
 __all__ = ["ADAPTER", "FIELDS", "LlmSidePruneConfig", "LlmSideVlm", "make_config", "matches", "patch", "unpatch"]
@@ -92,10 +93,8 @@ def make_config(method: str = "saint", **kwargs: Any) -> LlmSidePruneConfig:
 
 def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward) -> dict[str, Any]:
     """A prompt with images on an empty cache: the decoder pruner starts on its image tokens."""
-    input_ids = kwargs["input_ids"]
-    fwd.input_length = input_ids.shape[1]
-    begin_prefill(handle, fwd, input_ids == handle.image_token_id)
-    return kwargs
+    fwd.input_length = kwargs["input_ids"].shape[1]
+    return start_prefill(handle, kwargs, None, fwd)
 
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
