@@ -445,3 +445,13 @@ def test_calibrated_variants_with_their_own_target_need_no_speedup_grid() -> Non
         _calibrate_variants(h, [own, Variant("saint_match", "saint_match", {})], [], calib_x, timing_batch=4)
     with pytest.raises(ValueError, match="need calibration images"):
         _calibrate_variants(h, [own], [1.5], None, timing_batch=4)
+
+
+def test_timed_calls_times_each_call_after_the_warmup():
+    from saint.timing import timed_calls
+
+    ticks = iter(range(100))
+    calls = []
+    times = timed_calls(lambda: calls.append(next(ticks)), repeats=3, warmup=2, clock=lambda: next(ticks) * 0.5)
+    assert len(calls) == 5  # two untimed, three timed
+    assert times == [1.0, 1.0, 1.0]  # each timed call sits between two clock reads (one tick apart, 0.5 s each)
