@@ -47,6 +47,13 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    from saint.integrations.vllm.tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-vl"), family="qwen2_vl")
+
+
+@pytest.fixture(scope="session")
 def qwen3_dir(tmp_path_factory) -> Path:
     from saint.integrations.vllm.tiny import write_qwen3_vl_checkpoint
 

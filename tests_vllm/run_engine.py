@@ -22,6 +22,7 @@ from pathlib import Path
 QWEN_PROMPT = "<|im_start|>user\n{images}Describe the picture.<|im_end|>\n<|im_start|>assistant\n"
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeholder
+    "qwen2_vl": (QWEN_PROMPT, QWEN_IMAGE),
     "qwen2_5_vl": (QWEN_PROMPT, QWEN_IMAGE),
     "qwen3_vl": (QWEN_PROMPT, QWEN_IMAGE),
     "llava": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),

@@ -7,7 +7,8 @@ on per model through vLLM's ``--hf-overrides`` (the model's HF config), e.g.::
 
 Settings: ``saint_keep_ratio`` (share of each image's merged tokens kept, in (0, 1]) and
 ``saint_step_div`` (the fixed-budget drop's step, default 16). Without them the model is
-vLLM's own. Qwen2.5-VL, Qwen3-VL (images only while pruning) and LLaVA-1.5 are overridden
+vLLM's own. Qwen2.5-VL, Qwen2-VL and Qwen3-VL (both images only while pruning) and LLaVA-1.5
+are overridden
 (see docs/vllm.md, also for why pruning inside the language model does not fit vLLM's
 paged KV cache).
 
@@ -19,6 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": (
+        "saint.integrations.vllm.qwen2_vl:SaintQwen2VLForConditionalGeneration"
+    ),
     "Qwen2_5_VLForConditionalGeneration": (
         "saint.integrations.vllm.qwen2_5_vl:SaintQwen2_5_VLForConditionalGeneration"
     ),

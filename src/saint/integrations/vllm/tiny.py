@@ -1,4 +1,4 @@
-"""Random Qwen2.5-VL, Qwen3-VL and LLaVA-1.5 checkpoints written to a folder that vLLM and
+"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL and LLaVA-1.5 checkpoints written to a folder that vLLM and
 transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
 spot (with the model's special tokens), the PIL image processor and random weights.
 
@@ -71,10 +71,13 @@ def write_checkpoint(
     max_pixels: int = 448 * 448,
     seed: int = 0,
     dtype: str = "float32",
+    family: str = "qwen2_5_vl",
 ) -> Path:
-    """Write a random Qwen2.5-VL (``geometry``: :data:`TINY` by default) to ``path``."""
+    """Write a random Qwen2.5-VL (``geometry``: :data:`TINY` by default) to ``path``;
+    ``family="qwen2_vl"``: a Qwen2-VL of the same sizes (no windows; its tower's MLP
+    ratio is the geometry's MLP over its width)."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -98,26 +101,34 @@ def write_checkpoint(
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
     vision = dict(
-        depth=g["vision_depth"], hidden_size=g["vision_hidden_size"], num_heads=g["vision_heads"],
-        intermediate_size=g["vision_intermediate_size"], out_hidden_size=g["hidden_size"],
-        fullatt_block_indexes=g["fullatt_block_indexes"], patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, window_size=112, tokens_per_second=2,
+        depth=g["vision_depth"], num_heads=g["vision_heads"], patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2,
     )
-    config = Qwen2_5_VLConfig(
+    if family == "qwen2_vl":
+        vision.update(embed_dim=g["vision_hidden_size"], hidden_size=g["hidden_size"],
+                      mlp_ratio=g["vision_intermediate_size"] // g["vision_hidden_size"])
+    else:
+        vision.update(hidden_size=g["vision_hidden_size"], intermediate_size=g["vision_intermediate_size"],
+                      out_hidden_size=g["hidden_size"], fullatt_block_indexes=g["fullatt_block_indexes"],
+                      window_size=112, tokens_per_second=2)
+    names = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+             "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")}
+    config_name, model_name, processor_name = names[family]
+    config = getattr(transformers, config_name)(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
+    model = getattr(transformers, model_name)(config).to(getattr(torch, dtype)).eval()
     _sharpen(model)
     model.save_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     image_processor.save_pretrained(path)
     # save_pretrained of the processor needs a video processor (torchvision); write it by hand.
     (path / "processor_config.json").write_text(
-        json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2)
+        json.dumps({"processor_class": processor_name}, indent=2)
     )
     gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
