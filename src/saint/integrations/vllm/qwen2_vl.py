@@ -37,8 +37,7 @@ from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin  # noqa: E402
-from .settings import SaintSettingsError, settings_from_config  # noqa: E402
+from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin, images_only_settings  # noqa: E402
 
 
 class SaintQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
@@ -47,12 +46,7 @@ class SaintQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.saint = settings_from_config(self.get_hf_config())
-        if self.saint is not None and ctx.get_mm_config().get_limit_per_prompt("video") > 0:
-            raise SaintSettingsError(
-                "saint_keep_ratio: SAINT pruning of Qwen2-VL serves images only; set "
-                "--limit-mm-per-prompt '{\"video\": 0}' (LLM(limit_mm_per_prompt={\"video\": 0}))"
-            )
+        self.saint = images_only_settings(self, ctx, "Qwen2-VL")
 
 
 class SaintQwen2VLMultiModalProcessor(SaintBudgetPromptMixin, Qwen2VLMultiModalProcessor):

@@ -46,8 +46,12 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions  # noqa: E402
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed  # noqa: E402
 
-from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin, media_positions  # noqa: E402
-from .settings import SaintSettingsError, settings_from_config  # noqa: E402
+from .qwen_common import (  # noqa: E402
+    SaintBudgetPromptMixin,
+    SaintImagePruningMixin,
+    images_only_settings,
+    media_positions,
+)
 
 POSITION_CHANNELS = 5  # what vLLM's Qwen3-VL appends to (and strips from) each media row
 
@@ -58,12 +62,7 @@ class SaintQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.saint = settings_from_config(self.get_hf_config())
-        if self.saint is not None and ctx.get_mm_config().get_limit_per_prompt("video") > 0:
-            raise SaintSettingsError(
-                "saint_keep_ratio: SAINT pruning of Qwen3-VL serves images only; set "
-                "--limit-mm-per-prompt '{\"video\": 0}' (LLM(limit_mm_per_prompt={\"video\": 0}))"
-            )
+        self.saint = images_only_settings(self, ctx, "Qwen3-VL")
 
 
 class SaintQwen3VLMultiModalProcessor(SaintBudgetPromptMixin, Qwen3VLMultiModalProcessor):
