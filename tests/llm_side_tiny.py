@@ -21,7 +21,7 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
     if family == "internvl":
         vision = transformers.InternVLVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
                                                    intermediate_size=64, image_size=[SIZE, SIZE],
-                                                   patch_size=[PATCH, PATCH])
+                                                   patch_size=[PATCH, PATCH], use_qk_norm=True)  # as InternViT-6B
         cfg = transformers.InternVLConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text),
                                           image_token_id=image_token_id, attn_implementation=impl)
         model = transformers.InternVLForConditionalGeneration(cfg)

@@ -252,3 +252,27 @@ def test_internvl_vit_mode_equals_a_prompt_built_for_the_kept_count():
     for b in range(len(rows)):
         real = ~out[b].isnan().any(-1) & x["attention_mask"][b].bool()
         torch.testing.assert_close(out[b][real], ref[b][mask[b].bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_internvl_vit_selection_is_the_budget_drop_on_group_keys():
+    """The kept groups are exactly what fixed_budget_keep_mask picks on each 2x2 group's
+    mean key (heads averaged) at vit_layer, read from the unpatched tower."""
+    from saint.core import fixed_budget_keep_mask
+
+    model = make("internvl")
+    tower = model.model.vision_tower
+    x = inputs("internvl", ROWS["internvl"][1:2])
+    grab = {}
+    attn = tower.encoder.layer[1].attention
+    hook = attn.k_proj.register_forward_hook(lambda m, a, o: grab.update(k=o))
+    with torch.no_grad():
+        tower(pixel_values=x["pixel_values"])
+    hook.remove()
+    tiles = grab["k"].shape[0]
+    keys = attn.k_norm(grab["k"])[:, 1:].view(tiles, 64, attn.num_heads, -1).mean(dim=2)  # [tiles, 8x8, D]
+    groups = keys.view(tiles, 4, 2, 4, 2, -1).mean(dim=(2, 4)).reshape(tiles, 16, -1)
+    expect = fixed_budget_keep_mask(groups, round(0.4 * 16), 16)
+    saint.patch(model, **CONFIGS["vit"])
+    with torch.no_grad():
+        model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True)
+    assert torch.equal(get_handle(model).tower.keep, expect)
