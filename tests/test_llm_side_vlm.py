@@ -24,13 +24,15 @@ CONFIGS = {
     "fastv": dict(method="fastv", fastv_layer=2, fastv_ratio=0.5),
     "vit": dict(mode="vit", vit_layer=1, vit_ratio=0.4),  # InternVL only
     "hybrid": dict(mode="hybrid", vit_layer=1, vit_ratio=0.5, llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
+    "random": dict(method="random", keep_ratio=0.25),  # InternVL only
 }
 NOTHING = {
     "llm": dict(mode="llm", llm_layers=(0, DEPTH - 2), llm_tau=0.3, llm_k=1000),
     "fastv": dict(method="fastv", fastv_layer=1, fastv_ratio=0.0),
     "vit": dict(mode="vit", vit_layer=1, vit_ratio=1.0),
+    "random": dict(method="random", keep_ratio=1.0),
 }
-VISION_SIDE = {"vit", "hybrid"}
+VISION_SIDE = {"vit", "hybrid", "random"}
 CASES = [(f, n) for f in FAMILIES for n in sorted(CONFIGS) if f == "internvl" or n not in VISION_SIDE]
 NOTHING_CASES = [(f, n) for f in FAMILIES for n in sorted(NOTHING) if f == "internvl" or n not in VISION_SIDE]
 GREEDY = dict(max_new_tokens=4, do_sample=False)
@@ -74,9 +76,10 @@ def test_batch_equals_alone_and_only_image_tokens_are_dropped(family, name):
         logits = model(**x).logits
     dropped = logits.isnan().any(-1)
     assert dropped.any() and bool((x["input_ids"][dropped] == IMG).all())
-    if name in VISION_SIDE:  # vit_ratio of each tile's 16 tokens reach the language model
+    if name in VISION_SIDE:  # vit_ratio (random: keep_ratio) of each tile's 16 tokens reach the language model
         tiles = (x["input_ids"] == IMG).sum(dim=1) // 16
-        assert saint.stats(model).tokens[0] == (tiles * round(16 * CONFIGS[name]["vit_ratio"])).tolist()
+        ratio = CONFIGS[name].get("vit_ratio", CONFIGS[name].get("keep_ratio"))
+        assert saint.stats(model).tokens[0] == (tiles * round(16 * ratio)).tolist()
     assert not dropped[torch.isin(x["input_ids"], torch.tensor([START, END, BREAK]))].any()
     batch_ids = gen(model, x)
     solo = alone(family)
@@ -140,12 +143,14 @@ def test_assisted_generation_equals_greedy(family):
     ("mistral3", dict(mode="vit"), ValueError, "inside the language model only"),
     ("mistral3", dict(mode="hybrid"), ValueError, "inside the language model only"),
     ("mistral3", dict(method="random", keep_ratio=0.5), ValueError, "unknown Mistral 3 method 'random'"),
-    ("internvl", dict(method="random", keep_ratio=0.5), ValueError, "unknown InternVL method 'random'"),
+    ("internvl", dict(method="pool", pool_size=2), ValueError, "unknown InternVL method 'pool'"),
     ("internvl", dict(mode="llm", llm_layers=(0, DEPTH - 1)), ValueError, "end must be <= 4"),
     ("internvl", dict(mode="llm", vit_keep=4), TypeError, "does not take"),
     ("internvl", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("internvl", dict(mode="vit", vit_ratio=0.0), ValueError, "vit_ratio=0.0 must be a fraction"),
     ("internvl", dict(mode="llm", vit_ratio=0.5), TypeError, "does not use"),
+    ("internvl", dict(method="random"), ValueError, "needs keep_ratio"),
+    ("internvl", dict(method="random", keep_ratio=0.5, vit_ratio=0.5), TypeError, "does not use"),
 ])
 def test_bad_settings_raise_clear_errors(family, kw, err, match):
     model = make(family)
@@ -276,3 +281,23 @@ def test_internvl_vit_selection_is_the_budget_drop_on_group_keys():
     with torch.no_grad():
         model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True)
     assert torch.equal(get_handle(model).tower.keep, expect)
+
+
+def test_internvl_random_keeps_the_same_seeded_positions_of_every_tile():
+    """``random`` takes the unpatched projector's tokens at one seeded subset of positions,
+    the same in every tile (so an image's result never depends on its batch)."""
+    model = make("internvl")
+    x = inputs("internvl", ROWS["internvl"][1:2])
+    with torch.no_grad():
+        full = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
+    saint.patch(model, method="random", keep_ratio=0.25, seed=3)
+    with torch.no_grad():
+        got = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
+    tiles, n, c = full.shape
+    assert got.shape == (tiles, 4, c)
+    picked = [[int((full[t] == row).all(-1).nonzero()) for row in got[t]] for t in range(tiles)]
+    assert all(p == picked[0] for p in picked) and picked[0] == sorted(picked[0])
+    saint.patch(model, method="random", keep_ratio=0.25, seed=4)
+    with torch.no_grad():
+        other = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
+    assert not torch.equal(other, got)

@@ -13,6 +13,9 @@ Methods (``saint.patch(model, method=..., **settings)``; see :class:`InternVLPru
     the language model fewer tokens;
   - ``"hybrid"``: both.
 - ``"fastv"``: FastV (``fastv_layer`` K, ``fastv_ratio`` R).
+- ``"random"``: a seeded random ``keep_ratio`` of every tile's tokens, after the projector
+  (the same positions in every tile; no tower compute saved: the reference point for
+  ``vit`` at the same token count).
 
 With a vision-side reduction each image's run of placeholder tokens shrinks to its
 tiles' kept tokens before the language model runs, exactly as if the processor had
@@ -36,6 +39,7 @@ from .common import Hooked, TokenStats, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .internvl_tower import TilePruner, check_tower
 from .llava_vision import make_expand, shrink_plan, start_prefill
+from .qwen_vl_features import random_keep
 from .vlm_config import LLM_FIELDS, VlmPruneConfig, check_fraction, check_int
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
@@ -52,6 +56,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
     "saint/hybrid": ("mode", *VIT_FIELDS, *LLM_FIELDS),
     "fastv": ("fastv_layer", "fastv_ratio"),
+    "random": ("keep_ratio", "seed"),
 }
 MEDIA = Media()  # images only: pixel_values / mm_encoder_outputs["image"], image_token_id
 
@@ -79,18 +84,26 @@ class InternVLPruneConfig(VlmPruneConfig):
     (SAINT after decoder layers 7..16, tau 0.83, K 5, gamma 10, as for LLaVA-1.5-7B)."""
 
     FAMILY: ClassVar[str] = "InternVL"
-    METHODS: ClassVar[tuple[str, ...]] = ("saint", "fastv")
+    METHODS: ClassVar[tuple[str, ...]] = ("saint", "fastv", "random")
     FIELDS: ClassVar[dict[str, tuple[str, ...]]] = FIELDS
 
     mode: str = "llm"
     vit_ratio: float = 0.5
     vit_layer: int = 12
     vit_step_div: int = 16
+    keep_ratio: float | None = None
 
     def _check_vision(self) -> None:
         check_fraction("vit_ratio", self.vit_ratio)
         check_int("vit_layer", self.vit_layer, 0)
         check_int("vit_step_div", self.vit_step_div, 1)
+
+    def _check_baselines(self) -> None:
+        if self.method == "random":
+            if self.keep_ratio is None:
+                raise ValueError("method 'random' needs keep_ratio (fraction of each tile's tokens kept)")
+            check_fraction("keep_ratio", self.keep_ratio)
+            check_int("seed", self.seed)
 
 
 def make_config(method: str = "saint", **kwargs: Any) -> InternVLPruneConfig:
@@ -125,13 +138,18 @@ def tile_tokens(mm: torch.nn.Module) -> int:
 
 
 def make_features(handle: InternVLPatch, original: Any) -> Any:
-    """``get_image_features`` that returns each tile's kept tokens only (the tower's
-    keep mask picks them from the projector's output, in the pixel shuffle's raster order)."""
+    """``get_image_features`` that returns each tile's kept tokens only, from the
+    projector's output in the pixel shuffle's raster order: the tower's keep mask
+    (``vit``/``hybrid``), or ``random``'s seeded subset (the same in every tile)."""
+    cfg = handle.config
 
     @functools.wraps(original)  # generate reads the signature to pre-encode the pixels
     def features(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         keep = None if handle.tower is None else handle.tower.keep
+        if cfg.method == "random":
+            tiles, n = out.pooler_output.shape[:2]
+            keep = random_keep(n, cfg.keep_ratio, cfg.seed, out.pooler_output.device).expand(tiles, n)
         if keep is not None:
             feats = out.pooler_output
             out.pooler_output = feats[keep].view(keep.shape[0], -1, feats.shape[-1])
@@ -154,8 +172,8 @@ def prefill(handle: InternVLPatch, module: torch.nn.Module, kwargs: dict[str, An
     the image tokens."""
     input_ids = kwargs["input_ids"]
     fwd.input_length = input_ids.shape[1]
-    if handle.config.prunes_vit:
-        if kwargs.get("vision_feature_layer") not in (None, -1):
+    if handle.config.reduces_vision:
+        if handle.config.prunes_vit and kwargs.get("vision_feature_layer") not in (None, -1):
             raise ValueError(f"vision_feature_layer={kwargs['vision_feature_layer']}: saint's vit mode reads the "
                              "tower's last layer (-1)")
         mm_out = dict(kwargs.get("mm_encoder_outputs") or {})
@@ -185,6 +203,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
             handle.tower = TilePruner(mm.vision_tower, cfg.vit_layer, cfg.vit_ratio, cfg.vit_step_div)
             handle.tower.install()
             handle.hooked.append(Hooked(mm, lambda m: m.vision_tower, mm.vision_tower, "the vision tower"))
+        if cfg.reduces_vision:
             handle.wrap(mm, "get_image_features", make_features(handle, mm.get_image_features))
             if model is not mm and hasattr(model, EXPAND) and EXPAND not in model.__dict__:
                 handle.wrap(model, EXPAND, make_expand(handle, getattr(model, EXPAND), _plan(handle)))

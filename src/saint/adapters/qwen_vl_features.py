@@ -17,7 +17,7 @@ KEEP_ATTR = "_saint_keep"  # set on every per-image feature tensor: bool [groups
 FEATURE_FNS = {"image": "get_image_features", "video": "get_video_features"}
 
 
-def _random_keep(n: int, ratio: float, seed: int, device: torch.device) -> torch.Tensor:
+def random_keep(n: int, ratio: float, seed: int, device: torch.device) -> torch.Tensor:
     """A seeded random ``ratio`` of ``n`` groups (the same subset for every sample of size ``n``)."""
     gen = torch.Generator().manual_seed(seed)
     keep = torch.zeros(n, dtype=torch.bool)
@@ -46,7 +46,7 @@ def make_features(handle: Any, modality: str, original: Any):
             groups_per_frame = (grid[:, 1] * grid[:, 2] // int(handle.mm.visual.spatial_merge_size) ** 2).tolist()
             parts = []
             for (t, *_), n in zip(grid.tolist(), groups_per_frame, strict=True):
-                frame = _random_keep(n, cfg.keep_ratio, cfg.seed, feats[0].device) if cfg.method == "random" \
+                frame = random_keep(n, cfg.keep_ratio, cfg.seed, feats[0].device) if cfg.method == "random" \
                     else torch.ones(n, dtype=torch.bool, device=feats[0].device)
                 parts.append(frame.repeat(t))
             keep = torch.cat(parts)
