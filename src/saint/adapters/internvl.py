@@ -40,7 +40,7 @@ from .hf_vlm import HFVlm, multimodal
 from .internvl_tower import TilePruner, check_tower
 from .llava_vision import make_expand, shrink_plan, start_prefill
 from .qwen_vl_features import random_keep
-from .vlm_config import LLM_FIELDS, VlmPruneConfig, check_fraction, check_int
+from .vlm_config import LLM_FIELDS, VlmPruneConfig, check_fraction, check_int, check_random
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
@@ -100,10 +100,7 @@ class InternVLPruneConfig(VlmPruneConfig):
 
     def _check_baselines(self) -> None:
         if self.method == "random":
-            if self.keep_ratio is None:
-                raise ValueError("method 'random' needs keep_ratio (fraction of each tile's tokens kept)")
-            check_fraction("keep_ratio", self.keep_ratio)
-            check_int("seed", self.seed)
+            check_random(self.keep_ratio, self.seed, "each tile's tokens")
 
 
 def make_config(method: str = "saint", **kwargs: Any) -> InternVLPruneConfig:

@@ -75,7 +75,15 @@ from .hf_vlm import HFVlm, multimodal
 from .qwen_vl_features import FEATURE_FNS, KEEP_ATTR, make_deepstack, make_features
 from .qwen_vl_prompt import MEDIA, continuation, make_image_stats, prefill
 from .qwen_vl_tower import TowerPruner, check_tower
-from .vlm_config import LLM_FIELDS, METHODS, MODES, VlmPruneConfig, check_fraction, check_int
+from .vlm_config import (
+    LLM_FIELDS,
+    METHODS,
+    MODES,
+    VlmPruneConfig,
+    check_fraction,
+    check_int,
+    check_random,
+)
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import install_forward_hooks, make_mm_pre
 from .vlm_schedule import decoder_pruner, split_method
@@ -154,10 +162,7 @@ class QwenPruneConfig(VlmPruneConfig):
                 raise ValueError("method 'pool' needs pool_size (merged tokens per side averaged into one)")
             check_int("pool_size", self.pool_size, 1)
         if self.method == "random":
-            if self.keep_ratio is None:
-                raise ValueError("method 'random' needs keep_ratio (fraction of each image's merged tokens kept)")
-            check_fraction("keep_ratio", self.keep_ratio)
-            check_int("seed", self.seed)
+            check_random(self.keep_ratio, self.seed, "each image's merged tokens")
 
 
 def make_config(method: str = "saint", **kwargs: Any) -> QwenPruneConfig:

@@ -43,6 +43,14 @@ def check_fraction(name: str, v: Any, low_open: bool = True, of: str = "") -> fl
     return float(v)
 
 
+def check_random(keep_ratio: Any, seed: Any, of: str) -> None:
+    """The ``random`` baseline's settings: ``keep_ratio``, a fraction of ``of``, and ``seed``."""
+    if keep_ratio is None:
+        raise ValueError(f"method 'random' needs keep_ratio (fraction of {of} kept)")
+    check_fraction("keep_ratio", keep_ratio)
+    check_int("seed", seed)
+
+
 @dataclass
 class VlmPruneConfig:
     """The settings every VLM family shares: the method, SAINT's mode and its
