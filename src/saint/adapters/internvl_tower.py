@@ -74,24 +74,22 @@ class TilePruner:
         side = math.isqrt(n1 - 1)
         if side * side != n1 - 1 or side % 2:
             raise ValueError(f"an InternVL tile of {n1 - 1} patches is not an even square grid: saint keeps 2x2 groups")
-        attn = module.attention
-        assert self._keys is not None
-        keys = attn.k_norm(self._keys)[:, 1:].float()  # the layer's keys, as its attention reads them
-        self._keys = None
-        keys = head_mean(keys.view(t, side * side, attn.num_heads, attn.head_dim))  # [T, N, D]
         half = side // 2
-        groups = keys.view(t, half, 2, half, 2, -1).mean(dim=(2, 4)).reshape(t, half * half, -1)
         budget = max(1, round(self.ratio * half * half))
         self.counts = ([n1] * t, [1 + budget * 4] * t)
+        keys, self._keys = self._keys, None
         if budget == half * half:  # nothing to drop: the layers after run as unpatched
             self.keep = torch.ones(t, budget, dtype=torch.bool, device=output.device)
             return output
+        attn = module.attention
+        assert keys is not None
+        keys = attn.k_norm(keys)[:, 1:].float()  # the layer's keys, as its attention reads them
+        keys = head_mean(keys.view(t, side * side, attn.num_heads, attn.head_dim))  # [T, N, D]
+        groups = keys.view(t, half, 2, half, 2, -1).mean(dim=(2, 4)).reshape(t, half * half, -1)
         keep = fixed_budget_keep_mask(groups, budget, self.step_div)
         self.keep = keep
-        corner = torch.arange(half * half, device=output.device)
-        corner = (corner // half) * 2 * side + (corner % half) * 2  # top-left patch of every group
-        members = corner[:, None] + torch.tensor([0, 1, side, side + 1], device=output.device)  # [G, 4]
-        self._patches = members[keep.nonzero()[:, 1]].view(t, budget * 4).sort(dim=1).values  # raster order
+        patch_keep = keep.view(t, half, 1, half, 1).expand(t, half, 2, half, 2).reshape(t, side * side)
+        self._patches = patch_keep.nonzero()[:, 1].view(t, budget * 4)  # each group's 4 patches, raster order
         kept = torch.gather(output[:, 1:], 1, self._patches[..., None].expand(-1, -1, c))
         return torch.cat([output[:, :1], kept], dim=1)
 
