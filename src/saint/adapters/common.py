@@ -776,6 +776,18 @@ def transformers_loaded() -> bool:
     return sys.modules.get("transformers") is not None
 
 
+def transformers_classes(module: str, *names: str) -> tuple[type, ...]:
+    """The classes ``names`` of ``transformers.models.<module>.modeling_<module>`` that this
+    transformers has (none of a module it lacks)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    except ImportError:  # pragma: no cover - transformers missing or older
+        return ()
+    return tuple(getattr(mod, n) for n in names if hasattr(mod, n))
+
+
 def get_handle(model: torch.nn.Module) -> Any:
     """The patch handle stored on a patched model, or None."""
     return model.__dict__.get(SAINT_ATTR)

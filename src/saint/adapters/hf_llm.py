@@ -32,7 +32,6 @@ masks cannot be gathered (refused); sliding-window layers are refused.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 
 from ..core import gather_tokens, keep_mask_to_indices, query_attention
-from .common import MASKABLE_ATTENTION, Hooked
+from .common import MASKABLE_ATTENTION, Hooked, transformers_classes
 
 PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
 
@@ -62,13 +61,7 @@ SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
 
 def _decoder_classes() -> tuple[type, ...]:
     """The decoder classes of :data:`DECODERS` this transformers has."""
-    classes = []
-    for module, name in DECODERS:
-        try:
-            classes.append(getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name))
-        except (ImportError, AttributeError):  # pragma: no cover - an older transformers
-            pass
-    return tuple(classes)
+    return tuple(cls for module, name in DECODERS for cls in transformers_classes(module, name))
 
 
 def check_decoder(decoder: torch.nn.Module) -> None:

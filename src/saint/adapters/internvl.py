@@ -35,10 +35,10 @@ import torch
 
 from ..methods import MethodSpec
 from .base import Grid
-from .common import Hooked, TokenStats, transformers_loaded
+from .common import Hooked, TokenStats, transformers_classes, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .internvl_tower import TilePruner, check_tower
-from .llava_vision import make_expand, shrink_plan, start_prefill
+from .llava_vision import image_features, make_expand, shrink_plan, start_prefill
 from .qwen_vl_features import random_keep
 from .vlm_config import LLM_FIELDS, VlmPruneConfig, check_fraction, check_int, check_random
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
@@ -61,19 +61,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
 MEDIA = Media()  # images only: pixel_values / mm_encoder_outputs["image"], image_token_id
 
 
-def _classes() -> tuple[type, ...]:
-    try:
-        from transformers.models.internvl.modeling_internvl import (
-            InternVLForConditionalGeneration,
-            InternVLModel,
-        )
-    except ImportError:  # pragma: no cover - transformers missing
-        return ()
-    return InternVLForConditionalGeneration, InternVLModel
-
-
 def matches(model: torch.nn.Module) -> bool:
-    return transformers_loaded() and type(model) in _classes()
+    return transformers_loaded() and type(model) in transformers_classes(
+        "internvl", "InternVLForConditionalGeneration", "InternVLModel")
 
 
 @dataclass
@@ -173,13 +163,9 @@ def prefill(handle: InternVLPatch, module: torch.nn.Module, kwargs: dict[str, An
         if handle.config.prunes_vit and kwargs.get("vision_feature_layer") not in (None, -1):
             raise ValueError(f"vision_feature_layer={kwargs['vision_feature_layer']}: saint's vit mode reads the "
                              "tower's last layer (-1)")
-        mm_out = dict(kwargs.get("mm_encoder_outputs") or {})
-        if mm_out.get("image") is None:
-            mm_out["image"] = module.get_image_features(
-                pixel_values=kwargs["pixel_values"], vision_feature_layer=kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"), return_dict=True)
-        kwargs = dict(kwargs, pixel_values=None, mm_encoder_outputs=mm_out)
-        return start_prefill(handle, kwargs, _plan(handle)(input_ids, mm_out["image"].pooler_output), fwd)
+        kwargs = image_features(module, kwargs)
+        feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
+        return start_prefill(handle, kwargs, _plan(handle)(input_ids, feats), fwd)
     return start_prefill(handle, kwargs, None, fwd)
 
 

@@ -97,7 +97,7 @@ def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], f
     image_id = handle.image_token_id
     keep0 = None
     if handle.config.reduces_vision:
-        kwargs = _image_features(module, kwargs)
+        kwargs = image_features(module, kwargs)
         feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
         per = _unpruned_count(module, kwargs.get("vision_feature_select_strategy"))
         keep0 = shrink_plan(input_ids, _feature_counts(feats), image_id, per)
@@ -115,16 +115,18 @@ def start_prefill(handle: VlmPatch, kwargs: dict[str, Any], keep0: torch.Tensor 
     return kwargs
 
 
-def _image_features(module: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+def image_features(module: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run the (patched) tower + projector now, so the per-image feature counts are
-    known before the image tokens are matched to them."""
+    known before the image tokens are matched to them (LLaVA, InternVL: ``image_sizes``
+    only when the call has them)."""
     mm_out = dict(kwargs.get("mm_encoder_outputs") or {})
     if mm_out.get("image") is None:
+        sizes = {} if kwargs.get("image_sizes") is None else {"image_sizes": kwargs["image_sizes"]}
         mm_out["image"] = module.get_image_features(
             pixel_values=kwargs["pixel_values"],
             vision_feature_layer=kwargs.get("vision_feature_layer"),
             vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-            image_sizes=kwargs.get("image_sizes"),
+            **sizes,
             return_dict=True,
         )
     kwargs = dict(kwargs, pixel_values=None, mm_encoder_outputs=mm_out)

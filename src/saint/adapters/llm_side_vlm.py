@@ -1,7 +1,7 @@
 """Hugging Face VLMs that saint prunes inside their language model only: Mistral 3
-(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower). A family
-listed in :data:`FAMILIES` needs nothing but a decoder :mod:`saint.adapters.hf_llm` prunes
-in and ``config.image_token_id``.
+(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower). It needs
+nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
+``config.image_token_id``.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePruneConfig`):
 
@@ -28,7 +28,7 @@ import torch
 
 from ..methods import MethodSpec
 from .base import Grid
-from .common import transformers_loaded
+from .common import transformers_classes, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .llava_vision import start_prefill
 from .vlm_config import LLM_FIELDS, VlmPruneConfig
@@ -44,25 +44,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "fastv": ("fastv_layer", "fastv_ratio"),
 }
 MEDIA = Media()  # images only: pixel_values / mm_encoder_outputs["image"], image_token_id
-FAMILIES = (  # (transformers module, model classes, the name errors use)
-    ("mistral3", ("Mistral3ForConditionalGeneration", "Mistral3Model"), "Mistral 3"),
-)
-
-
-def _families() -> dict[type, str]:
-    out: dict[type, str] = {}
-    for module, names, family in FAMILIES:
-        try:
-            mod = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=list(names))
-        except ImportError:  # pragma: no cover - an older transformers
-            continue
-        for name in names:
-            out[getattr(mod, name)] = family
-    return out
+FAMILY = "Mistral 3"  # as errors name it
 
 
 def matches(model: torch.nn.Module) -> bool:
-    return transformers_loaded() and type(model) in _families()
+    return transformers_loaded() and type(model) in transformers_classes(
+        "mistral3", "Mistral3ForConditionalGeneration", "Mistral3Model")
 
 
 @dataclass
@@ -71,7 +58,7 @@ class LlmSidePruneConfig(VlmPruneConfig):
     model only (defaults: SAINT after decoder layers 7..16, tau 0.83, K 5, gamma 10, as
     for LLaVA-1.5-7B; see :class:`~saint.adapters.vlm_config.VlmPruneConfig`)."""
 
-    FAMILY: ClassVar[str] = "Mistral 3"
+    FAMILY: ClassVar[str] = FAMILY
     METHODS: ClassVar[tuple[str, ...]] = ("saint", "fastv")
     FIELDS: ClassVar[dict[str, tuple[str, ...]]] = FIELDS
 
@@ -102,8 +89,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     """Patch a Mistral 3 model in place (see the module docstring and
     :func:`saint.patch`). ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec`
     (e.g. a calibration probe): it then selects the image tokens of ``mode="llm"``."""
-    family = _families()[type(model)]
-    method, llm_spec = split_method(method, family)
+    method, llm_spec = split_method(method, FAMILY)
     cfg = make_config(method, **kwargs)
     mm = multimodal(model)
     pruner = decoder_pruner(cfg, mm.language_model, llm_spec)

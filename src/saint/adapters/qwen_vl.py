@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from ..methods import MethodSpec
 from .base import Grid
-from .common import Hooked, TokenStats, transformers_loaded
+from .common import Hooked, TokenStats, transformers_classes, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .qwen_vl_features import FEATURE_FNS, KEEP_ATTR, make_deepstack, make_features
 from .qwen_vl_prompt import MEDIA, continuation, make_image_stats, prefill
@@ -105,27 +105,16 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+FAMILY_CLASSES = {  # family -> (transformers module, its model classes)
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
+}
+
+
 def _families() -> dict[type, str]:
-    out: dict[type, str] = {}
-    try:
-        from transformers.models.qwen2_vl import modeling_qwen2_vl as q2
-
-        out[q2.Qwen2VLForConditionalGeneration] = out[q2.Qwen2VLModel] = "qwen2_vl"
-    except ImportError:  # pragma: no cover - transformers missing
-        pass
-    try:
-        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25
-
-        out[q25.Qwen2_5_VLForConditionalGeneration] = out[q25.Qwen2_5_VLModel] = "qwen2_5_vl"
-    except ImportError:  # pragma: no cover - transformers missing
-        pass
-    try:
-        from transformers.models.qwen3_vl import modeling_qwen3_vl as q3
-
-        out[q3.Qwen3VLForConditionalGeneration] = out[q3.Qwen3VLModel] = "qwen3_vl"
-    except ImportError:  # pragma: no cover
-        pass
-    return out
+    return {cls: family for family, (module, *names) in FAMILY_CLASSES.items()
+            for cls in transformers_classes(module, *names)}
 
 
 def matches(model: torch.nn.Module) -> bool:
