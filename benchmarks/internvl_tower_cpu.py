@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from saint.adapters import internvl
-from saint.measure.flops import count_flops
 from saint.measure.report import environment, markdown_table, write_json
-from saint.timing import timed_calls
+from saint.measure.tower import tower_cells, tower_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VISION_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -82,15 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             pruner = internvl.TilePruner(tower, args.vit_layer, ratio, 16)
             pruner.install()
         try:
-            flops, _ = count_flops(run_tower)
+            measured = tower_row(run_tower, args.repeats)
             kept = per_tile * args.tiles if pruner is None else int(pruner.keep.sum())
-            times = timed_calls(run_tower, args.repeats)
         finally:
             if pruner is not None:
                 pruner.remove()
-        rows.append(dict(variant=name, ratio=ratio, visual_tokens=kept, tower_gflops=flops / 1e9,
-                         llm_prefill_gflops=llm_prefill(kept) / 1e9, tower_ms_min=1e3 * min(times),
-                         tower_ms_spread=1e3 * (max(times) - min(times)), times_ms=[1e3 * t for t in times]))
+        rows.append(dict(variant=name, ratio=ratio, visual_tokens=kept, llm_prefill_gflops=llm_prefill(kept) / 1e9,
+                         **measured))
         print(rows[-1])
     base = rows[0]
     report = dict(environment("cpu"), settings=vars(args), vision=vision, text=TEXT_8B, rows=rows)
@@ -99,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(report, prefix.with_suffix(".json"))
     table = [[
         "unpruned" if r["variant"] == "none" else f"vit (layer {args.vit_layer}, keep {r['ratio']:g})",
-        str(r["visual_tokens"]), f"{r['tower_gflops']:.0f}", f"{base['tower_gflops'] / r['tower_gflops']:.2f}x",
-        f"{r['tower_ms_min']:.0f} (+{r['tower_ms_spread']:.0f})", f"{base['tower_ms_min'] / r['tower_ms_min']:.2f}x",
-        f"{r['llm_prefill_gflops']:.0f}",
+        str(r["visual_tokens"]), *tower_cells(r, base), f"{r['llm_prefill_gflops']:.0f}",
     ] for r in rows]
     md = [
         "# InternVL: what SAINT's vit mode saves in the vision tower",

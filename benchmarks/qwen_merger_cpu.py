@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 from saint.adapters import qwen_vl
-from saint.measure.flops import count_flops
 from saint.measure.report import environment, markdown_table, write_json
-from saint.timing import timed_calls
+from saint.measure.tower import tower_cells, tower_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
@@ -90,15 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             pruner = qwen_vl.TowerPruner(tower, args.vit_layer, ratio, 16)
             pruner.install()
         try:
-            flops, _ = count_flops(run_tower)
+            measured = tower_row(run_tower, args.repeats)
             kept = merged if pruner is None else int(pruner.keep_raster.sum())
-            times = timed_calls(run_tower, args.repeats)
         finally:
             if pruner is not None:
                 pruner.remove()
-        rows.append(dict(variant=name, ratio=ratio, visual_tokens=kept, tower_gflops=flops / 1e9,
-                         llm_prefill_gflops=llm_prefill(kept) / 1e9, tower_ms_min=1e3 * min(times),
-                         tower_ms_spread=1e3 * (max(times) - min(times)), times_ms=[1e3 * t for t in times]))
+        rows.append(dict(variant=name, ratio=ratio, visual_tokens=kept, llm_prefill_gflops=llm_prefill(kept) / 1e9,
+                         **measured))
         print(rows[-1])
     base = rows[0]
     import transformers
@@ -112,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         after = r["variant"] == "none"
         table.append([
             "none / after the merger" if after else f"before the merger (block {args.vit_layer}, keep {r['ratio']:g})",
-            str(r["visual_tokens"]), f"{r['tower_gflops']:.0f}", f"{base['tower_gflops'] / r['tower_gflops']:.2f}x",
-            f"{r['tower_ms_min']:.0f} (+{r['tower_ms_spread']:.0f})", f"{base['tower_ms_min'] / r['tower_ms_min']:.2f}x",
-            f"{r['llm_prefill_gflops']:.0f}",
+            str(r["visual_tokens"]), *tower_cells(r, base), f"{r['llm_prefill_gflops']:.0f}",
         ])
     md = [
         "# Qwen2.5-VL: pruning before vs after the 2x2 merger (vision tower cost)",

@@ -455,3 +455,16 @@ def test_timed_calls_times_each_call_after_the_warmup():
     times = timed_calls(lambda: calls.append(next(ticks)), repeats=3, warmup=2, clock=lambda: next(ticks) * 0.5)
     assert len(calls) == 5  # two untimed, three timed
     assert times == [1.0, 1.0, 1.0]  # each timed call sits between two clock reads (one tick apart, 0.5 s each)
+
+
+def test_tower_row_counts_one_call_and_times_the_repeats():
+    from saint.measure.tower import tower_cells, tower_row
+
+    a = torch.ones(4, 8)
+    row = tower_row(lambda: a @ a.T, repeats=3)
+    assert row["tower_gflops"] == 2 * 4 * 8 * 4 / 1e9  # one [4, 8] x [8, 4] matmul
+    assert len(row["times_ms"]) == 3 and row["tower_ms_min"] == min(row["times_ms"])
+    assert row["tower_ms_spread"] == max(row["times_ms"]) - min(row["times_ms"])
+    base = dict(tower_gflops=300.0, tower_ms_min=2000.0)
+    half = dict(tower_gflops=200.0, tower_ms_min=1600.0, tower_ms_spread=25.0)
+    assert tower_cells(half, base) == ["200", "1.50x", "1600 (+25)", "1.25x"]

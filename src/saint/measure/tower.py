@@ -1,0 +1,27 @@
+"""A callable (a vision tower, pruned or not) counted and timed into one result row, and
+that row's table cells against a baseline row: what the tower benchmarks share
+(``benchmarks/qwen_merger_cpu.py``, ``benchmarks/internvl_tower_cpu.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..timing import timed_calls
+from .flops import count_flops
+
+
+def tower_row(run: Callable[[], object], repeats: int) -> dict[str, Any]:
+    """FLOPs of one call of ``run`` and ``repeats`` timed calls after one warm-up:
+    ``tower_gflops``, ``tower_ms_min``, ``tower_ms_spread`` and every ``times_ms``."""
+    flops, _ = count_flops(run)
+    times = [1e3 * t for t in timed_calls(run, repeats)]
+    return dict(tower_gflops=flops / 1e9, tower_ms_min=min(times), tower_ms_spread=max(times) - min(times),
+                times_ms=times)
+
+
+def tower_cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """GFLOPs, FLOPs saved, ms (+ spread) and speed-up of ``row`` against ``base``."""
+    return [f"{row['tower_gflops']:.0f}", f"{base['tower_gflops'] / row['tower_gflops']:.2f}x",
+            f"{row['tower_ms_min']:.0f} (+{row['tower_ms_spread']:.0f})",
+            f"{base['tower_ms_min'] / row['tower_ms_min']:.2f}x"]
