@@ -75,6 +75,18 @@ def easy_vqa_docs(n: int) -> list[dict]:
             for t, a, i in zip(texts[:n], answers[:n], image_ids[:n], strict=True)]
 
 
+def sized_docs(sizes: list[tuple[int, int]]) -> list[dict]:
+    """easy-VQA questions whose images are to be shown at ``sizes`` (PIL width, height)."""
+    return [dict(d, size=s) for d, s in zip(easy_vqa_docs(len(sizes)), sizes, strict=True)]
+
+
+def sized_image(doc: dict):
+    """The document's image (RGB) at its ``size``, 64 x 64 without one."""
+    from PIL import Image
+
+    return Image.open(doc["image"]).convert("RGB").resize(tuple(doc.get("size", (64, 64))))
+
+
 def visual(doc: dict) -> list:
     from PIL import Image
 

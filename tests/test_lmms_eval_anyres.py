@@ -20,10 +20,14 @@ from .lmms_helpers import (
     built_once,
     continuation_loss,
     easy_vqa_docs,
+    gen_requests,
+    ll_requests,
     make_lm,
     need,
     requests,
     run_cli,
+    sized_docs,
+    sized_image,
     train_tokenizer,
 )
 
@@ -82,25 +86,23 @@ def family(request) -> str:
 @pytest.fixture(scope="module")
 def docs() -> list[dict]:
     """easy-VQA questions with their 64 px images resized to SIZES."""
-    return [dict(d, size=s) for d, s in zip(easy_vqa_docs(len(SIZES)), SIZES, strict=True)]
+    return sized_docs(SIZES)
 
 
 def visuals(doc: dict) -> list:
     """The document's image at its size, and a second image when it names one."""
     from PIL import Image
 
-    out = [Image.open(doc["image"]).resize(tuple(doc.get("size", (64, 64))))]
+    out = [sized_image(doc)]
     return out + ([Image.open(doc["image2"])] if "image2" in doc else [])
 
 
 def gen_reqs(docs: list[dict], max_new_tokens: int = 4) -> list:
-    kw = {"max_new_tokens": max_new_tokens, "temperature": 0}
-    return requests("generate_until", [(d["question"], dict(kw), visuals, j, "t", "test") for j, d in enumerate(docs)])
+    return gen_requests(docs, {"max_new_tokens": max_new_tokens, "temperature": 0}, visuals)
 
 
 def ll_reqs(docs: list[dict]) -> list:
-    items = [(d["question"], f" {c}", visuals, j, "t", "test") for j, d in enumerate(docs) for c in ("yes", "red")]
-    return requests("loglikelihood", items)
+    return ll_requests(docs, visuals)
 
 
 def lm_for(checkpoint, family: str, args: str, docs: list[dict]):

@@ -19,12 +19,13 @@ from .lmms_helpers import (
     build_llava,
     built_once,
     continuation_loss,
-    easy_vqa_docs,
     gen_requests,
     ll_requests,
     make_lm,
     need,
     run_cli,
+    sized_docs,
+    sized_image,
     train_tokenizer,
 )
 
@@ -87,13 +88,11 @@ def family(request) -> str:
 @pytest.fixture(scope="module")
 def docs() -> list[dict]:
     """easy-VQA questions with their 64 px images resized to SIZES."""
-    return [dict(d, size=s) for d, s in zip(easy_vqa_docs(len(SIZES)), SIZES, strict=True)]
+    return sized_docs(SIZES)
 
 
 def visuals(doc: dict) -> list:
-    from PIL import Image
-
-    return [Image.open(doc["image"]).convert("RGB").resize(tuple(doc.get("size", (64, 64))))]
+    return [sized_image(doc)]
 
 
 def gen_reqs(docs: list[dict]) -> list:
