@@ -40,7 +40,12 @@ from .hf_vlm import HFVlm, multimodal
 from .internvl_tower import TilePruner, check_tower
 from .llava_vision import image_features, make_expand, shrink_plan, start_prefill
 from .qwen_vl_features import random_keep
-from .vlm_config import LLM_FIELDS, VlmPruneConfig, check_fraction, check_int, check_random
+from .vlm_config import (
+    LLM_FIELDS,
+    VlmPruneConfig,
+    check_random,
+    check_vit_ratio,
+)
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
@@ -84,9 +89,7 @@ class InternVLPruneConfig(VlmPruneConfig):
     keep_ratio: float | None = None
 
     def _check_vision(self) -> None:
-        check_fraction("vit_ratio", self.vit_ratio)
-        check_int("vit_layer", self.vit_layer, 0)
-        check_int("vit_step_div", self.vit_step_div, 1)
+        check_vit_ratio(self)
 
     def _check_baselines(self) -> None:
         if self.method == "random":

@@ -80,9 +80,9 @@ from .vlm_config import (
     METHODS,
     MODES,
     VlmPruneConfig,
-    check_fraction,
     check_int,
     check_random,
+    check_vit_ratio,
 )
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import install_forward_hooks, make_mm_pre
@@ -141,9 +141,7 @@ class QwenPruneConfig(VlmPruneConfig):
     pool_size: int | None = None
 
     def _check_vision(self) -> None:
-        check_fraction("vit_ratio", self.vit_ratio)
-        check_int("vit_layer", self.vit_layer, 0)
-        check_int("vit_step_div", self.vit_step_div, 1)
+        check_vit_ratio(self)
 
     def _check_baselines(self) -> None:
         if self.method == "pool":

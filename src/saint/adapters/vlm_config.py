@@ -43,6 +43,14 @@ def check_fraction(name: str, v: Any, low_open: bool = True, of: str = "") -> fl
     return float(v)
 
 
+def check_vit_ratio(cfg: Any) -> None:
+    """The settings of a tower step that keeps a share of every sample's merge groups
+    (Qwen-VL, InternVL): ``vit_ratio`` kept after layer ``vit_layer``, ``vit_step_div``."""
+    check_fraction("vit_ratio", cfg.vit_ratio)
+    check_int("vit_layer", cfg.vit_layer, 0)
+    check_int("vit_step_div", cfg.vit_step_div, 1)
+
+
 def check_random(keep_ratio: Any, seed: Any, of: str) -> None:
     """The ``random`` baseline's settings: ``keep_ratio``, a fraction of ``of``, and ``seed``."""
     if keep_ratio is None:
