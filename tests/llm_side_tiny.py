@@ -1,4 +1,4 @@
-"""Tiny random InternVL and Mistral 3 models and processor-shaped prompts for the tests."""
+"""Tiny random InternVL, Mistral 3 and Gemma 3 models and processor-shaped prompts for the tests."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import transformers
 
 from .conftest import left_pad
 
-IMG, START, END, BREAK = 120, 121, 122, 123  # image, InternVL <img> </img>, Pixtral row break (and image end)
+IMG, START, END, BREAK = 120, 121, 122, 123  # image, InternVL <img> </img> (Gemma 3's start / end of image),
+# Pixtral row break (and image end)
 DEPTH = 6  # decoder layers
 VDEPTH = 4  # InternVL vision layers
 SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
+WINDOW = 10  # Gemma 3's sliding window, shorter than every prompt; its layers 2 and 5 attend globally
 
 
 def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size: int = 128,
@@ -25,6 +27,15 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
         cfg = transformers.InternVLConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text),
                                           image_token_id=image_token_id, attn_implementation=impl)
         model = transformers.InternVLForConditionalGeneration(cfg)
+    elif family == "gemma3":  # 64 px images, 8x8 patches pooled to 4x4 image tokens
+        vision = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=SIZE, patch_size=PATCH)
+        gemma = transformers.Gemma3TextConfig(**text, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                                              layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
+        cfg = transformers.Gemma3Config(vision_config=vision, text_config=gemma, mm_tokens_per_image=16,
+                                        image_token_index=image_token_id, boi_token_index=START, eoi_token_index=END,
+                                        attn_implementation=impl)
+        model = transformers.Gemma3ForConditionalGeneration(cfg)
     else:
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)
@@ -40,7 +51,7 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
 
 def image_tokens(family: str, size: tuple[int, int]) -> list[int]:
     """The tokens the processor puts in place of one image of ``size`` (h, w) pixels."""
-    if family == "internvl":  # one tile per image here: <img>, 16 context tokens, </img>
+    if family in ("internvl", "gemma3"):  # one tile per image here: <img>, 16 context tokens, </img>
         return [START, *[IMG] * 16, END]
     rows, cols = (s // PATCH // 2 for s in size)
     out: list[int] = []
@@ -74,4 +85,6 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
     out = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     if family == "mistral3":
         out["image_sizes"] = torch.tensor([p for p, _ in sizes])
+    if family == "gemma3":  # as its processor: 1 marks the image tokens (they attend to each other both ways)
+        out["token_type_ids"] = (ids == IMG).long()
     return out

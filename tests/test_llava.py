@@ -20,6 +20,7 @@ GRID = 8  # 32 px images, 4 px patches: 64 patches = 64 image tokens per image
 N_TOK = GRID * GRID
 DEPTH = 6  # decoder layers
 NEW = 5  # generated tokens
+WINDOW = 12  # a Mistral sliding window far shorter than the prompts
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMG])
 
 HYBRID = dict(mode="hybrid", vit_keep=30, vit_layer=1, llm_layers=(0, 3), llm_tau=0.3, llm_k=2)
@@ -48,6 +49,7 @@ def make(text: str = "llama", impl: str = "sdpa", seed: int = 0) -> torch.nn.Mod
               num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
     configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                "mistral": lambda **k: transformers.MistralConfig(sliding_window=None, **k),
+               "mistral_window": lambda **k: transformers.MistralConfig(sliding_window=WINDOW, **k),
                "qwen3": lambda **k: transformers.Qwen3Config(head_dim=16, **k),
                "gemma": lambda **k: transformers.GemmaConfig(head_dim=16, **k),
                "phi3": lambda **k: transformers.Phi3Config(**k, rope_parameters=dict(  # fused qkv_proj, half rotary
@@ -142,7 +144,8 @@ def test_unpatch_restores_identical_outputs(name, images):
 # ---------------------------------------------------------------------------- consistency
 @pytest.mark.parametrize("name, text", [(n, "llama") for n in sorted(CONFIGS)] + [
     ("hybrid", "qwen2"), ("hybrid", "mistral"), ("hybrid", "qwen3"), ("fastv", "qwen3"), ("hybrid", "gemma"),
-    ("hybrid", "phi3"), ("fastv", "phi3")])
+    ("hybrid", "phi3"), ("fastv", "phi3"), ("llm", "mistral_window"), ("hybrid", "mistral_window"),
+    ("fastv", "mistral_window")])
 def test_batch_equals_alone_and_cached_equals_uncached(name, text, images):
     """Left-padded prompts of different lengths, images and image counts: each row
     of the batch matches the prompt alone (tokens, last logits, per-sample counts),
@@ -235,6 +238,49 @@ def test_positions_cache_lengths_and_decode_position(images):
         entered = n_text + stats.tokens[1 + i][0]
         assert layer.keys.shape[2] == entered + 2, f"layer {i}"
     assert stats.tokens[4][0] < stats.tokens[3][0] < stats.tokens[2][0]  # pruned after layers 1 and 2
+
+
+def test_a_sliding_window_spans_positions_in_pruned_layers(images):
+    """Mistral's sliding window in a layer after pruning: every query sees exactly the
+    kept keys within WINDOW positions of it (not WINDOW cache slots), in the prefill and
+    in every decoding step beyond the window; the sliding cache layers keep every slot."""
+    model = make("mistral_window")
+    saint.patch(model, mode="llm", llm_layers=(1, 2), llm_tau=0.25, llm_k=3)
+    row = ROWS[1]
+    masks: list[torch.Tensor] = []
+    hook = model.model.language_model.layers[4].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: masks.append(kw["attention_mask"].clone()), with_kwargs=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=row[None], pixel_values=images[1:3], max_new_tokens=3, do_sample=False,
+                             suppress_tokens=[IMG], return_dict_in_generate=True)
+    hook.remove()
+    kept = get_handle(model).kept_input[0]
+    pos = kept.nonzero().squeeze(1)  # original positions of the prompt slots layer 4 holds
+    assert len(pos) < len(row) - WINDOW
+    for step, mask in enumerate(masks):
+        q = pos if step == 0 else torch.tensor([len(row) + step - 1])
+        k = torch.cat([pos, torch.arange(len(row), len(row) + step)])
+        want = (k[None, :] <= q[:, None]) & (q[:, None] - k[None, :] < WINDOW)
+        assert mask.dtype == torch.bool and torch.equal(mask[0, 0], want), f"step {step}"
+    assert [layer.keys.shape[2] for layer in out.cache.layers][-1] == len(pos) + 2  # every slot kept
+
+
+def test_sliding_window_cache_pruning_nothing_decodes_as_unpatched(images):
+    """Keeping every slot of the sliding layers changes nothing: pruning nothing, the
+    greedy tokens and their scores past the window equal the unpatched model's (which
+    keeps WINDOW - 1 slots); a static cache's sliding layers are refused."""
+    model = make("mistral_window")
+    ids, mask = left_pad(ROWS)
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=WINDOW + 2, do_sample=False,
+              suppress_tokens=[IMG], return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        want = model.generate(**kw)
+        saint.patch(model, **NOTHING["llm"])
+        out = model.generate(**kw)
+    assert torch.equal(out.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(want.scores), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), pytest.raises(ValueError, match="StaticSlidingWindowLayer: saint keeps every slot"):
+        model.generate(**{**kw, "cache_implementation": "static"})
 
 
 def test_stats_counts_follow_the_config(images):
@@ -441,14 +487,14 @@ def test_bad_settings_raise_clear_errors(kw, err, match):
 
 @pytest.mark.parametrize("text, err, match", [
     ("GraniteConfig", TypeError, "cannot prune inside a GraniteModel"),
-    ("MistralConfig", ValueError, r"layer types \['sliding_attention'\] are not supported"),  # its default window
+    ("Qwen2Config", ValueError, r"layer types \['chunked_attention'\] are not supported"),
 ])
 def test_unsupported_language_model_is_refused(text, err, match):
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=32, patch_size=8)
     text = getattr(transformers, text)(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
-                                       pad_token_id=0)
+                                       pad_token_id=0, layer_types=["full_attention", "chunked_attention"])
     model = transformers.LlavaForConditionalGeneration(
         transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMG)).eval()
     with pytest.raises(err, match=match):

@@ -1,6 +1,7 @@
-"""InternVL (SAINT's llm, vit and hybrid modes, FastV) and Mistral 3 (inside its language
-model only: llm mode, FastV): exactness on tiny random models (tests/llm_side_tiny.py),
-batches of prompts with several images of different sizes, and the refusals."""
+"""InternVL (SAINT's llm, vit and hybrid modes, FastV), Mistral 3 and Gemma 3 (inside
+their language model only: llm mode, FastV): exactness on tiny random models
+(tests/llm_side_tiny.py), batches of prompts with several images of different sizes, and
+the refusals."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ transformers = pytest.importorskip("transformers")
 import saint  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
-from .llm_side_tiny import BREAK, DEPTH, END, IMG, START, VDEPTH, inputs, make  # noqa: E402
+from .llm_side_tiny import BREAK, DEPTH, END, IMG, START, VDEPTH, WINDOW, inputs, make  # noqa: E402
 
-FAMILIES = ["internvl", "mistral3"]
+FAMILIES = ["internvl", "mistral3", "gemma3"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
+    "gemma3": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -143,6 +145,8 @@ def test_assisted_generation_equals_greedy(family):
     ("mistral3", dict(mode="vit"), ValueError, "inside the language model only"),
     ("mistral3", dict(mode="hybrid"), ValueError, "inside the language model only"),
     ("mistral3", dict(method="random", keep_ratio=0.5), ValueError, "unknown Mistral 3 method 'random'"),
+    ("gemma3", dict(mode="hybrid"), ValueError, "saint prunes Gemma 3 inside the language model only .its projector"),
+    ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "Gemma 3 pruning does not take"),
     ("internvl", dict(method="pool", pool_size=2), ValueError, "unknown InternVL method 'pool'"),
     ("internvl", dict(mode="llm", llm_layers=(0, DEPTH - 1)), ValueError, "end must be <= 4"),
     ("internvl", dict(mode="llm", vit_keep=4), TypeError, "does not take"),
@@ -159,15 +163,16 @@ def test_bad_settings_raise_clear_errors(family, kw, err, match):
     assert not saint.is_patched(model)
 
 
-def test_mistral3_has_no_one_patch_grid():
+def test_mistral3_has_no_one_patch_grid_and_the_others_a_4x4_one():
     from saint.adapters import find_adapter
 
     model = make("mistral3")
     with pytest.raises(ValueError, match="no one patch grid"):
         find_adapter(model).grid(model)
-    internvl = make("internvl")
-    grid = find_adapter(internvl).grid(internvl)
-    assert (grid.rows, grid.cols, grid.patch) == (4, 4, (16, 16))
+    for family in ("internvl", "gemma3"):  # 4x4 image tokens over 64 px
+        other = make(family)
+        grid = find_adapter(other).grid(other)
+        assert (grid.rows, grid.cols, grid.patch) == (4, 4, (16, 16))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -301,3 +306,43 @@ def test_internvl_random_keeps_the_same_seeded_positions_of_every_tile():
     with torch.no_grad():
         other = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
     assert not torch.equal(other, got)
+
+
+def test_gemma3_kept_tokens_see_each_other_as_unpruned_and_the_window_spans_positions():
+    """Gemma 3 after pruning: in the prefill, each kept token sees exactly the kept tokens
+    it saw unpruned (its image's tokens both ways, a sliding window of WINDOW positions in
+    the local layers); in every decoding step past the window, the local layers see the
+    kept keys within WINDOW positions and the global layer sees all of them."""
+    model = make("gemma3")
+    x = inputs("gemma3", ROWS["gemma3"][1:2])
+    layers = model.model.language_model.layers
+    masks: dict[int, list[torch.Tensor]] = {4: [], 5: []}  # a local and the global layer after the last pruning
+
+    def record(i):
+        return layers[i].self_attn.register_forward_pre_hook(
+            lambda m, a, kw: masks[i].append(kw["attention_mask"]), with_kwargs=True)  # None: sees every key
+
+    hooks = [record(i) for i in masks]
+    with torch.no_grad():
+        model(**x)
+    unpruned = {i: m.pop()[0, 0] for i, m in masks.items()}
+    saint.patch(model, **CONFIGS["llm"])
+    with torch.no_grad():
+        model.generate(**x, max_new_tokens=WINDOW + 2, do_sample=False)
+    for h in hooks:
+        h.remove()
+    length = x["input_ids"].shape[1]
+    pos = get_handle(model).kept_input[0].nonzero().squeeze(1)
+    assert len(pos) < length
+    for i, seen in masks.items():
+        prefill = seen[0][0, 0]
+        assert torch.equal(prefill, unpruned[i][pos][:, pos]), f"layer {i}"
+        ahead = prefill & (pos[None, :] > pos[:, None])
+        assert ahead.any()  # image tokens see later tokens of their image
+        for step, mask in enumerate(seen[1:], start=1):
+            q = length + step - 1
+            k = torch.cat([pos, torch.arange(length, length + step)])
+            want = (k <= q) & ((q - k < WINDOW) if i == 4 else True)
+            got = torch.ones_like(want) if mask is None else mask[0, 0, 0]
+            assert torch.equal(got, want), f"layer {i}, step {step}"
+    assert not masks[4][-1][0, 0, 0, : len(pos)].any()  # the window has left the prompt behind

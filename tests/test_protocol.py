@@ -141,9 +141,10 @@ FAMILIES = {
        for name in ("llava_next", "llava_onevision")},
     "internvl": lambda: llm_side("internvl"),
     "mistral3": lambda: llm_side("mistral3"),
+    "gemma3": lambda: llm_side("gemma3"),
 }
 VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision", "internvl")  # with vision-side modes
-ALL_VLMS = (*VLMS, "mistral3")
+ALL_VLMS = (*VLMS, "mistral3", "gemma3")
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -24,7 +24,7 @@ from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
     timm_vit.ADAPTER, timm_eva.ADAPTER, timm_naflex.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
-    internvl.ADAPTER, llm_side_vlm.ADAPTER,
+    internvl.ADAPTER, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER,
 ]
 SUPPORTED = (
@@ -38,7 +38,7 @@ SUPPORTED = (
     "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma or Phi-3 language model); "
     "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
     "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL "
-    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3 "
+    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3 and Gemma 3 "
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 

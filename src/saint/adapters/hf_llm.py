@@ -25,9 +25,16 @@ The per-layer maps of a pruned prompt (:class:`PrunedPrompt`) are stored on the
 cache object itself, so several cached generations may interleave; the per-forward
 state lives on the :class:`DecoderPruner` (one forward at a time per model).
 
+Sliding-window layers (Mistral, Gemma 3) keep their window of *positions*: a prefill
+that may prune gets a cache whose sliding layers keep every slot
+(:func:`keep_every_slot`), so the model builds its sliding mask over the whole sequence
+and each layer gathers it like any other. (A window of cache slots would cover other
+positions in a pruned layer than in layer 0.) The price is a full-length cache on those
+layers.
+
 Fragile points (tested): the hook kwarg names of transformers 5.24 (``cache``,
 ``attention_mask``, ``position_embeddings``, ``position_ids``); flex/flash attention
-masks cannot be gathered (refused); sliding-window layers are refused.
+masks cannot be gathered (refused).
 """
 
 from __future__ import annotations
@@ -47,16 +54,18 @@ PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
 
 DECODERS = (  # (transformers module, decoder class): the decoders saint prunes in
     ("llama", "LlamaModel"),  # Llama, Vicuna, Yi: LLaVA-1.5, LLaVA-NeXT
-    ("mistral", "MistralModel"),  # LLaVA-NeXT-Mistral (a sliding window is refused below)
+    ("mistral", "MistralModel"),  # LLaVA-NeXT-Mistral, Mistral 3 (a sliding window: see keep_every_slot)
     ("qwen2", "Qwen2Model"),  # LLaVA-OneVision, LLaVA-Interleave
     ("qwen3", "Qwen3Model"),  # q/k norms: the selections read the normed keys and queries
     ("gemma", "GemmaModel"),  # LLaVA-Gemma
+    ("gemma3", "Gemma3TextModel"),  # Gemma 3: q/k norms, five sliding-window layers to one global
     ("phi3", "Phi3Model"),  # LLaVA-Phi-3: one fused qkv_proj (the selections read its query and key columns)
     ("qwen2_vl", "Qwen2VLTextModel"),
     ("qwen2_5_vl", "Qwen2_5_VLTextModel"),
     ("qwen3_vl", "Qwen3VLTextModel"),
 )
 SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
+LAYER_TYPES = ("full_attention", "sliding_attention")  # attention a gathered 4-D mask expresses
 
 
 def _decoder_classes() -> tuple[type, ...]:
@@ -72,13 +81,9 @@ def check_decoder(decoder: torch.nn.Module) -> None:
             f"saint cannot prune inside a {type(decoder).__name__} language model; supported: {SUPPORTED_DECODERS}"
         )
     check_maskable_attention(decoder)
-    types_ = getattr(decoder.config, "layer_types", None) or []
-    bad = sorted({t for t in types_ if t != "full_attention"})
-    if not types_ and getattr(decoder.config, "sliding_window", None) is not None:
-        bad = ["sliding_attention"]  # Mistral: one window for every layer, no layer_types
+    bad = sorted({t for t in getattr(decoder.config, "layer_types", None) or []} - set(LAYER_TYPES))
     if bad:
-        raise ValueError(f"layer types {bad} are not supported (only full attention); disable sliding windows "
-                         "(the text config's sliding_window=None: the same attention while a sequence fits the window)")
+        raise ValueError(f"layer types {bad} are not supported (only {', '.join(LAYER_TYPES)})")
     for i, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
         projections = ("q_proj", "k_proj") if hasattr(attn, "k_proj") else ("qkv_proj",)
@@ -86,6 +91,45 @@ def check_decoder(decoder: torch.nn.Module) -> None:
             raise TypeError(f"decoder layer {i} has no standard self_attn (q_proj and k_proj or qkv_proj, head_dim, "
                             "scaling)")
     _rope_fn(decoder.layers[0].self_attn)
+
+
+def keep_every_slot(kwargs: dict[str, Any], decoder: torch.nn.Module) -> dict[str, Any]:
+    """A prefill's arguments with a cache whose sliding-window layers keep every slot
+    (a new one where the call would make its own): the model's sliding mask then spans
+    the whole sequence, and a pruned layer gathers the window of positions from it.
+
+    The cache must be empty (a prefill); sliding layers of a static cache are refused."""
+    config = decoder.config
+    if getattr(config, "sliding_window", None) is None:
+        return kwargs
+    name = "past_key_values" if kwargs.get("past_key_values") is not None else "cache"
+    cache = kwargs.get(name)
+    if cache is None:
+        use = kwargs.get("use_cache")
+        if not (config.use_cache if use is None else use):
+            return kwargs
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+        kwargs = dict(kwargs, **{name: cache})
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"saint cannot prune with a {type(cache).__name__} on a decoder with sliding-window layers; "
+                        "use a DynamicCache")
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    for j, layer in enumerate(layers):
+        if not getattr(layer, "is_sliding", False):
+            continue
+        if type(layer) is not DynamicSlidingWindowLayer:
+            raise ValueError(
+                f"cache layer {j} is a {type(layer).__name__}: saint keeps every slot of a sliding-window layer "
+                "(a pruned layer holds fewer slots than layer 0), which only a DynamicCache's layers can; "
+                "generate without cache_implementation='static' (the default dynamic cache)")
+        if layer.get_seq_length():
+            raise ValueError(f"cache layer {j} already holds tokens; saint prunes a prompt on an empty cache")
+        layers[j] = DynamicLayer()
+    return kwargs
 
 
 def check_maskable_attention(decoder: torch.nn.Module, when: str = "") -> str:
@@ -175,6 +219,13 @@ class PruneContext:
 Selector = Callable[[PruneContext], torch.Tensor]  # -> keep [B, M] bool
 
 
+def _kw_key(stage: Stage, kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """What a layer's gathered arguments depend on: its stage, and the mask and rotary
+    tables the decoder hands it (Gemma 3: one of each per layer type)."""
+    pos = kwargs.get("position_embeddings")
+    return id(stage), id(kwargs.get("attention_mask")), id(pos[0]) if pos is not None else 0
+
+
 def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.expand(b, *t.shape[1:]) if t.shape[0] != b else t
 
@@ -235,6 +286,9 @@ class DecoderPruner:
     def __init__(self, decoder: torch.nn.Module, schedule: dict[int, Selector], rope_keys: bool = True,
                  query_layers: tuple[int, ...] = ()) -> None:
         check_decoder(decoder)
+        if query_layers and getattr(decoder.config, "attn_logit_softcapping", None) is not None:
+            raise ValueError("FastV ranks image tokens by the last query's attention, and this decoder caps its "
+                             "attention logits (attn_logit_softcapping), which saint's ranking does not apply")
         self.decoder = decoder
         self.layers = list(decoder.layers)
         self.schedule = dict(schedule)
@@ -280,7 +334,7 @@ class DecoderPruner:
         self.prompt: PrunedPrompt | None = None
         self.cache: Any = None
         self.length = 0
-        self._kw_cache: dict[int, tuple[Any, ...]] = {}
+        self._kw_cache: dict[tuple[int, ...], Any] = {}
         self._layer_kwargs: dict[int, dict[str, Any]] = {}
 
     def begin_prefill(self, image: torch.Tensor) -> None:
@@ -365,14 +419,20 @@ class DecoderPruner:
         if stage.identity:
             self._layer_kwargs[i] = kwargs
             return None
-        key = id(stage)
-        if key not in self._kw_cache:
-            self._kw_cache.clear()
-            self._kw_cache[key] = self._gather_prefill(i, stage, kwargs, hidden.shape[0])
-        mask, pos_emb, pos_ids = self._kw_cache[key]
+        mask, pos_emb, pos_ids = self._gathered(stage, kwargs, lambda: self._gather_prefill(i, stage, kwargs,
+                                                                                            hidden.shape[0]))
         kwargs = dict(kwargs, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids)
         self._layer_kwargs[i] = kwargs
         return args, kwargs
+
+    def _gathered(self, stage: Stage, kwargs: dict[str, Any], gather: Callable[[], Any]) -> Any:
+        """``gather()`` once per stage and per mask / rotary table the decoder hands its
+        layers (Gemma 3: one per layer type); a new stage forgets the last one's."""
+        key = _kw_key(stage, kwargs)
+        if key not in self._kw_cache:
+            self._kw_cache = {k: v for k, v in self._kw_cache.items() if k[0] == key[0]}
+            self._kw_cache[key] = gather()
+        return self._kw_cache[key]
 
     def _width(self, i: int, q: int, fallback: int) -> int:
         cache = self.cache
@@ -474,12 +534,9 @@ class DecoderPruner:
         stage = prompt.stages[i]
         if stage.identity:
             return None
-        key = id(stage)
-        if key not in self._kw_cache:
-            self._kw_cache.clear()
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._kw_cache[key] = (self._gather_continuation(i, stage, kwargs.get("attention_mask"), hidden),)
-        (mask,) = self._kw_cache[key]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = self._gathered(stage, kwargs, lambda: self._gather_continuation(i, stage, kwargs.get("attention_mask"),
+                                                                                hidden))
         return args, dict(kwargs, attention_mask=mask)
 
     def _gather_continuation(self, i: int, stage: Stage, mask: Any, hidden: torch.Tensor):

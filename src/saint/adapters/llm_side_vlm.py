@@ -1,7 +1,8 @@
 """Hugging Face VLMs that saint prunes inside their language model only: Mistral 3
-(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower). It needs
+(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower) and Gemma 3
+(``Gemma3ForConditionalGeneration`` / ``Gemma3Model``, a SigLIP tower). A family needs
 nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
-``config.image_token_id``.
+``config.image_token_id``; each is one :class:`Family` below.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePruneConfig`):
 
@@ -12,15 +13,17 @@ Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePrun
 Both run on the LLaVA machinery of :mod:`saint.adapters.hf_llm` (per-sample counts,
 kept tokens at their original positions, cached and batched generation, outputs in
 the input's coordinates with NaN logits at dropped positions). The vision side is not
-pruned (Mistral 3's patch merger folds every 2x2 block of patches into one token, over
-images of their own sizes), so ``mode="vit"`` / ``"hybrid"`` are refused with what works.
-Image tokens are the runs of ``config.image_token_id``; everything else (Pixtral's row
-breaks and image end) is text and never dropped.
+pruned (each family's :attr:`Family.llm_only` says why), so ``mode="vit"`` /
+``"hybrid"`` are refused with what works. Image tokens are the runs of
+``config.image_token_id``; everything else (Pixtral's row breaks and image end, Gemma 3's
+``<start_of_image>`` / ``<end_of_image>``) is text and never dropped. Gemma 3's image
+tokens attend to each other both ways in the prefill, and its sliding-window layers
+keep a window of positions (:func:`saint.adapters.hf_llm.keep_every_slot`); both come
+with the masks the model builds, which the decoder pruner gathers for the kept tokens.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,19 +40,14 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTER", "FIELDS", "LlmSidePruneConfig", "LlmSideVlm", "make_config", "matches", "patch", "unpatch"]
+__all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "MISTRAL3", "Family", "Gemma3PruneConfig", "LlmSidePruneConfig", "LlmSideVlm",
+           "Mistral3PruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
     "fastv": ("fastv_layer", "fastv_ratio"),
 }
 MEDIA = Media()  # images only: pixel_values / mm_encoder_outputs["image"], image_token_id
-FAMILY = "Mistral 3"  # as errors name it
-
-
-def matches(model: torch.nn.Module) -> bool:
-    return transformers_loaded() and type(model) in transformers_classes(
-        "mistral3", "Mistral3ForConditionalGeneration", "Mistral3Model")
 
 
 @dataclass
@@ -58,24 +56,79 @@ class LlmSidePruneConfig(VlmPruneConfig):
     model only (defaults: SAINT after decoder layers 7..16, tau 0.83, K 5, gamma 10, as
     for LLaVA-1.5-7B; see :class:`~saint.adapters.vlm_config.VlmPruneConfig`)."""
 
-    FAMILY: ClassVar[str] = FAMILY
     METHODS: ClassVar[tuple[str, ...]] = ("saint", "fastv")
     FIELDS: ClassVar[dict[str, tuple[str, ...]]] = FIELDS
+    LLM_ONLY: ClassVar[str] = ""  # why the tower keeps every patch
 
     mode: str = "llm"
 
     def _check_vision(self) -> None:
-        raise ValueError(
-            f"mode={self.mode!r}: saint prunes Mistral 3 inside the language model only (its patch merger folds "
-            "every 2x2 block of patches into one token, so the tower must keep every patch); use mode='llm' or "
-            "method='fastv'"
-        )
+        raise ValueError(f"mode={self.mode!r}: saint prunes {self.FAMILY} inside the language model only "
+                         f"({self.LLM_ONLY}); use mode='llm' or method='fastv'")
 
 
-def make_config(method: str = "saint", **kwargs: Any) -> LlmSidePruneConfig:
-    """Build and validate a :class:`LlmSidePruneConfig`, rejecting settings the chosen
-    method does not use (so a typo never silently does nothing)."""
-    return LlmSidePruneConfig.build(method, **kwargs)
+@dataclass
+class Mistral3PruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Mistral 3"
+    LLM_ONLY: ClassVar[str] = ("its patch merger folds every 2x2 block of patches into one token, so the tower must "
+                               "keep every patch")
+
+
+@dataclass
+class Gemma3PruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Gemma 3"
+    LLM_ONLY: ClassVar[str] = ("its projector average-pools the tower's whole patch grid into the image tokens, so "
+                               "the tower must keep every patch")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One VLM pruned inside its language model: the adapter's name, the model classes
+    (``module`` and ``classes`` inside ``transformers.models``), its settings class
+    (which names the family in errors and says why the tower keeps every patch), and why
+    kept tokens map to no one patch grid (empty: the tower's ``image_size``, pooled to
+    the image tokens' square). Its ``make_config``/``matches``/``patch``/``unpatch`` are
+    the family functions of its adapter."""
+
+    key: str
+    module: str
+    classes: tuple[str, ...]
+    config: type[LlmSidePruneConfig]
+    no_grid: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.config.FAMILY
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return transformers_loaded() and type(model) in transformers_classes(self.module, *self.classes)
+
+    def make_config(self, method: str = "saint", **kwargs: Any) -> LlmSidePruneConfig:
+        """Build and validate the settings, rejecting those the chosen method does not
+        use (so a typo never silently does nothing)."""
+        return self.config.build(method, **kwargs)
+
+    def patch(self, model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+              **kwargs: Any) -> VlmPatch:
+        """Patch a model of this family in place (see the module docstring and
+        :func:`saint.patch`). ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec`
+        (e.g. a calibration probe): it then selects the image tokens of ``mode="llm"``."""
+        method, llm_spec = split_method(method, self.name)
+        cfg = self.make_config(method, **kwargs)
+        mm = multimodal(model)
+        pruner = decoder_pruner(cfg, mm.language_model, llm_spec)
+        handle = VlmPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
+        with installing(handle):
+            install_forward_hooks(handle, model, mm, make_mm_pre(handle, MEDIA, prefill, continue_prompt))
+        return handle
+
+    def unpatch(self, model: torch.nn.Module) -> None:
+        unpatch(model)
+
+
+MISTRAL3 = Family("mistral3", "mistral3", ("Mistral3ForConditionalGeneration", "Mistral3Model"), Mistral3PruneConfig,
+                  no_grid="keeps every image at its own size (row-break tokens between its rows of image tokens)")
+GEMMA3 = Family("gemma3", "gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Model"), Gemma3PruneConfig)
 
 
 def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward) -> dict[str, Any]:
@@ -84,34 +137,25 @@ def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], f
     return start_prefill(handle, kwargs, None, fwd)
 
 
-def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
-          **kwargs: Any) -> VlmPatch:
-    """Patch a Mistral 3 model in place (see the module docstring and
-    :func:`saint.patch`). ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec`
-    (e.g. a calibration probe): it then selects the image tokens of ``mode="llm"``."""
-    method, llm_spec = split_method(method, FAMILY)
-    cfg = make_config(method, **kwargs)
-    mm = multimodal(model)
-    pruner = decoder_pruner(cfg, mm.language_model, llm_spec)
-    handle = VlmPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
-    with installing(handle):
-        install_forward_hooks(handle, model, mm, make_mm_pre(handle, MEDIA, prefill, continue_prompt))
-    return handle
-
-
 class LlmSideVlm(HFVlm):
-    """Mistral 3: sites are the language model's decoder layers; inputs are
-    processor-output dicts (``input_ids``, ``pixel_values``, ``attention_mask``,
-    ``image_sizes``)."""
+    """A VLM pruned inside its language model only: sites are the language model's
+    decoder layers; inputs are processor-output dicts (``input_ids``, ``pixel_values``,
+    ``attention_mask``, Mistral 3's ``image_sizes``, Gemma 3's ``token_type_ids``)."""
 
-    name = "llm_side_vlm"
-    family = sys.modules[__name__]
+    def __init__(self, family: Family) -> None:
+        self.family = family  # type: ignore[assignment]  # matches/patch/unpatch, as a family module's
+        self.name = family.key
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        """Mistral 3 images keep their own sizes, with a row-break token after every row
-        of image tokens: there is no one grid."""
-        raise ValueError(f"{type(model).__name__} keeps every image at its own size (row-break tokens between "
-                         "its rows of image tokens): there is no one patch grid to map kept tokens to")
+        """The image tokens' square grid over the tower's input (Gemma 3: the pooled
+        patch grid); a clear error where there is no one grid (Mistral 3)."""
+        if self.family.no_grid:
+            raise ValueError(f"{type(model).__name__} {self.family.no_grid}: there is no one patch grid to map "
+                             "kept tokens to")
+        mm = multimodal(model)
+        side = round(int(mm.config.mm_tokens_per_image) ** 0.5)
+        size = int(mm.config.vision_config.image_size)
+        return Grid(side, side, (size // side, size // side))
 
 
-ADAPTER = LlmSideVlm()
+ADAPTERS = (LlmSideVlm(MISTRAL3), LlmSideVlm(GEMMA3))

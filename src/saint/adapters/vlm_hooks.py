@@ -101,6 +101,7 @@ def make_mm_pre(handle: VlmPatch, media: Media, prefill: Prefill, continuation: 
                 "output_hidden_states / output_attentions would be misaligned with the pruned sequence; "
                 "unpatch the model (saint.unpatch) to read them"
             )
+        kwargs = hf_llm.keep_every_slot(kwargs, handle.pruner.decoder)
         return (), prefill(handle, module, kwargs, fwd)
 
     return hook

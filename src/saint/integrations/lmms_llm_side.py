@@ -41,7 +41,7 @@ class SaintLlmSide(SaintLlava):
     any weights load), the model class named by ``MODEL_CLASS`` and the image token
     placed in front of the task's text."""
 
-    ADAPTER: Any = llm_side_vlm
+    ADAPTER: Any = llm_side_vlm.MISTRAL3
     MODEL_CLASS = ""
     TITLE = ""
 
