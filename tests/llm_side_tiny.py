@@ -10,7 +10,7 @@ from .conftest import left_pad
 IMG, START, END, BREAK = 120, 121, 122, 123  # image, InternVL <img> </img> (Gemma 3's start / end of image),
 # Pixtral row break (and image end)
 DEPTH = 6  # decoder layers
-VDEPTH = 4  # InternVL vision layers
+VDEPTH = 4  # InternVL and Gemma 3 vision layers
 SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
 WINDOW = 10  # Gemma 3's sliding window, shorter than every prompt; its layers 2 and 5 attend globally
 
@@ -28,14 +28,17 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                           image_token_id=image_token_id, attn_implementation=impl)
         model = transformers.InternVLForConditionalGeneration(cfg)
     elif family == "gemma3":  # 64 px images, 8x8 patches pooled to 4x4 image tokens
-        vision = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                 intermediate_size=64, image_size=SIZE, patch_size=PATCH)
+        vision = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=SIZE, patch_size=PATCH,
+                                                 vision_use_head=False)  # as Gemma 3's
         gemma = transformers.Gemma3TextConfig(**text, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
                                               layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
         cfg = transformers.Gemma3Config(vision_config=vision, text_config=gemma, mm_tokens_per_image=16,
                                         image_token_index=image_token_id, boi_token_index=START, eoi_token_index=END,
                                         attn_implementation=impl)
         model = transformers.Gemma3ForConditionalGeneration(cfg)
+        with torch.no_grad():  # transformers leaves the projection at zeros: every image would embed alike
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
     else:
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)

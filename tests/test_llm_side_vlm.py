@@ -24,9 +24,9 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
     "fastv": dict(method="fastv", fastv_layer=2, fastv_ratio=0.5),
-    "vit": dict(mode="vit", vit_layer=1, vit_ratio=0.4),  # InternVL only
+    "vit": dict(mode="vit", vit_layer=1, vit_ratio=0.4),  # InternVL and Gemma 3
     "hybrid": dict(mode="hybrid", vit_layer=1, vit_ratio=0.5, llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
-    "random": dict(method="random", keep_ratio=0.25),  # InternVL only
+    "random": dict(method="random", keep_ratio=0.25),  # InternVL and Gemma 3
 }
 NOTHING = {
     "llm": dict(mode="llm", llm_layers=(0, DEPTH - 2), llm_tau=0.3, llm_k=1000),
@@ -35,9 +35,10 @@ NOTHING = {
     "random": dict(method="random", keep_ratio=1.0),
 }
 VISION_SIDE = {"vit", "hybrid", "random"}
-CASES = [(f, n) for f in FAMILIES for n in sorted(CONFIGS) if f == "internvl" or n not in VISION_SIDE]
-NOTHING_CASES = [(f, n) for f in FAMILIES for n in sorted(NOTHING) if f == "internvl" or n not in VISION_SIDE]
-GREEDY = dict(max_new_tokens=4, do_sample=False)
+POOLED = ("internvl", "gemma3")  # the families with vision-side modes
+CASES = [(f, n) for f in FAMILIES for n in sorted(CONFIGS) if f in POOLED or n not in VISION_SIDE]
+NOTHING_CASES = [(f, n) for f in FAMILIES for n in sorted(NOTHING) if f in POOLED or n not in VISION_SIDE]
+GREEDY = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG])  # a generated image token is text
 
 
 def gen(model, x, **kw):
@@ -145,8 +146,10 @@ def test_assisted_generation_equals_greedy(family):
     ("mistral3", dict(mode="vit"), ValueError, "inside the language model only"),
     ("mistral3", dict(mode="hybrid"), ValueError, "inside the language model only"),
     ("mistral3", dict(method="random", keep_ratio=0.5), ValueError, "unknown Mistral 3 method 'random'"),
-    ("gemma3", dict(mode="hybrid"), ValueError, "saint prunes Gemma 3 inside the language model only .its projector"),
-    ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "Gemma 3 pruning does not take"),
+    ("gemma3", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
+    ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "does not use"),
+    ("gemma3", dict(method="random", keep_ratio=1.5), ValueError, "keep_ratio"),
+    ("gemma3", dict(method="pool", pool_size=2), ValueError, "unknown Gemma 3 method 'pool'"),
     ("internvl", dict(method="pool", pool_size=2), ValueError, "unknown InternVL method 'pool'"),
     ("internvl", dict(mode="llm", llm_layers=(0, DEPTH - 1)), ValueError, "end must be <= 4"),
     ("internvl", dict(mode="llm", vit_keep=4), TypeError, "does not take"),
@@ -196,51 +199,65 @@ def test_a_conversation_continues_on_its_cache_and_chunked_prefill_runs_whole(fa
             model.generate(**x, **GREEDY, prefill_chunk_size=length - 1)
 
 
-def test_internvl_vit_features_are_the_later_layers_run_on_the_kept_groups():
+def tower_parts(family: str, tower) -> tuple:
+    """The tower's encoder layers, its final norm, its prefix tokens and the attention
+    attribute of a layer."""
+    if family == "internvl":
+        return tower.encoder.layer, tower.layernorm, 1, "attention"
+    return tower.encoder.layers, tower.post_layernorm, 0, "self_attn"
+
+
+@pytest.mark.parametrize("family", POOLED)
+def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
     """A reference from the unpatched model's own modules: the tower's hidden states after
-    vit_layer cut to the class token and each tile's kept 2x2 groups (raster order), the
-    later layers and the final norm, scattered back to the grid (zeros elsewhere), then the
-    model's pixel shuffle and projector; the patched features are its kept groups' tokens."""
-    model = make("internvl")
+    vit_layer cut to the prefix (InternVL's class token) and each unit's kept 2x2 groups
+    (raster order), the later layers and the final norm, scattered back to the grid (zeros
+    elsewhere), then the model's pixel shuffle (InternVL) and projector (Gemma 3's pools);
+    the patched features are its kept groups' tokens."""
+    model = make(family)
     mm = model.model
     tower = mm.vision_tower
-    x = inputs("internvl", ROWS["internvl"][1:2])
+    layers, norm, prefix, _ = tower_parts(family, tower)
+    x = inputs(family, ROWS[family][1:2])
     px = x["pixel_values"]
     grab = {}
-    hook = tower.encoder.layer[1].register_forward_hook(lambda m, a, o: grab.update(hidden=o))
+    hook = layers[1].register_forward_hook(lambda m, a, o: grab.update(hidden=o))
     with torch.no_grad():
         tower(pixel_values=px)
     hook.remove()
     saint.patch(model, **CONFIGS["vit"])
     with torch.no_grad():
         got = mm.get_image_features(pixel_values=px, return_dict=True).pooler_output
-    keep = get_handle(model).tower.keep  # [tiles, 16 groups of the 8x8 patch grid]
+    keep = get_handle(model).tower.keep  # [units, 16 groups of the 8x8 patch grid]
     saint.unpatch(model)
-    tiles, groups = keep.shape
-    assert got.shape[:2] == (tiles, round(0.4 * groups)) and not keep.all()
-    patch_keep = keep.view(tiles, 4, 1, 4, 1).expand(tiles, 4, 2, 4, 2).reshape(tiles, 64)  # each group's 2x2 patches
+    units, groups = keep.shape
+    assert got.shape[:2] == (units, round(0.4 * groups)) and not keep.all()
+    patch_keep = keep.view(units, 4, 1, 4, 1).expand(units, 4, 2, 4, 2).reshape(units, 64)  # each group's 2x2 patches
     with torch.no_grad():
         h = grab["hidden"]
-        h = torch.stack([torch.cat([h[t, :1], h[t, 1:][patch_keep[t]]]) for t in range(tiles)])
-        for layer in tower.encoder.layer[2:]:
-            h = layer(h)
-        h = tower.layernorm(h)
-        full = torch.zeros(tiles, 64, h.shape[-1])
-        full[patch_keep] = h[:, 1:].reshape(-1, h.shape[-1])
-        shuffled = mm.pixel_shuffle(full.view(tiles, 8, 8, -1), scale_factor=0.5).reshape(tiles, groups, -1)
-        want = mm.multi_modal_projector(shuffled)[keep].view(tiles, -1, got.shape[-1])
+        h = torch.stack([torch.cat([h[t, :prefix], h[t, prefix:][patch_keep[t]]]) for t in range(units)])
+        for layer in layers[2:]:
+            h = layer(h) if family == "internvl" else layer(h, attention_mask=None)
+        h = norm(h)
+        full = torch.zeros(units, 64, h.shape[-1])
+        full[patch_keep] = h[:, prefix:].reshape(-1, h.shape[-1])
+        if family == "internvl":
+            full = mm.pixel_shuffle(full.view(units, 8, 8, -1), scale_factor=0.5).reshape(units, groups, -1)
+        want = mm.multi_modal_projector(full)[keep].view(units, -1, got.shape[-1])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_internvl_vit_mode_equals_a_prompt_built_for_the_kept_count():
-    """Shrinking each tile's run of tokens gives exactly what the unpatched InternVL
-    computes for a prompt with the kept count per tile and the pruned tower's features."""
+@pytest.mark.parametrize("family", POOLED)
+def test_vit_mode_equals_a_prompt_built_for_the_kept_count(family):
+    """Shrinking each unit's run of tokens gives exactly what the unpatched model
+    computes for a prompt with the kept count per unit and the pruned tower's features
+    (Gemma 3: with the shrunk prompt's image flags, so kept image tokens see each other)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     from .conftest import left_pad
 
-    model = make("internvl")
-    x = inputs("internvl", ROWS["internvl"])
+    model = make(family)
+    x = inputs(family, ROWS[family])
     saint.patch(model, **CONFIGS["vit"])
     with torch.no_grad():
         out = model(**x).logits
@@ -256,31 +273,36 @@ def test_internvl_vit_mode_equals_a_prompt_built_for_the_kept_count():
         rows.append(ids[~drop])
     short, mask = left_pad(rows)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
+    types = {"token_type_ids": (short == IMG).long()} if family == "gemma3" else {}
     with torch.no_grad():
-        ref = model(input_ids=short, attention_mask=mask, position_ids=pos,
+        ref = model(input_ids=short, attention_mask=mask, position_ids=pos, **types,
                     mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)}).logits
     for b in range(len(rows)):
         real = ~out[b].isnan().any(-1) & x["attention_mask"][b].bool()
         torch.testing.assert_close(out[b][real], ref[b][mask[b].bool()], rtol=1e-4, atol=1e-5)
 
 
-def test_internvl_vit_selection_is_the_budget_drop_on_group_keys():
+@pytest.mark.parametrize("family", POOLED)
+def test_vit_selection_is_the_budget_drop_on_group_keys(family):
     """The kept groups are exactly what fixed_budget_keep_mask picks on each 2x2 group's
-    mean key (heads averaged) at vit_layer, read from the unpatched tower."""
+    mean key (heads averaged; InternVL's after its k-norm) at vit_layer, read from the
+    unpatched tower."""
     from saint.core import fixed_budget_keep_mask
 
-    model = make("internvl")
+    model = make(family)
     tower = model.model.vision_tower
-    x = inputs("internvl", ROWS["internvl"][1:2])
+    layers, _, prefix, attn_name = tower_parts(family, tower)
+    x = inputs(family, ROWS[family][1:2])
     grab = {}
-    attn = tower.encoder.layer[1].attention
+    attn = getattr(layers[1], attn_name)
     hook = attn.k_proj.register_forward_hook(lambda m, a, o: grab.update(k=o))
     with torch.no_grad():
         tower(pixel_values=x["pixel_values"])
     hook.remove()
-    tiles = grab["k"].shape[0]
-    keys = attn.k_norm(grab["k"])[:, 1:].view(tiles, 64, attn.num_heads, -1).mean(dim=2)  # [tiles, 8x8, D]
-    groups = keys.view(tiles, 4, 2, 4, 2, -1).mean(dim=(2, 4)).reshape(tiles, 16, -1)
+    units = grab["k"].shape[0]
+    k = attn.k_norm(grab["k"]) if family == "internvl" else grab["k"]
+    keys = k[:, prefix:].view(units, 64, attn.num_heads, -1).mean(dim=2)  # [units, 8x8, D]
+    groups = keys.view(units, 4, 2, 4, 2, -1).mean(dim=(2, 4)).reshape(units, 16, -1)
     expect = fixed_budget_keep_mask(groups, round(0.4 * 16), 16)
     saint.patch(model, **CONFIGS["vit"])
     with torch.no_grad():
@@ -288,11 +310,12 @@ def test_internvl_vit_selection_is_the_budget_drop_on_group_keys():
     assert torch.equal(get_handle(model).tower.keep, expect)
 
 
-def test_internvl_random_keeps_the_same_seeded_positions_of_every_tile():
+@pytest.mark.parametrize("family", POOLED)
+def test_random_keeps_the_same_seeded_positions_of_every_unit(family):
     """``random`` takes the unpatched projector's tokens at one seeded subset of positions,
-    the same in every tile (so an image's result never depends on its batch)."""
-    model = make("internvl")
-    x = inputs("internvl", ROWS["internvl"][1:2])
+    the same in every tile or image (so an image's result never depends on its batch)."""
+    model = make(family)
+    x = inputs(family, ROWS[family][1:2], [1])  # no flat half: every token differs
     with torch.no_grad():
         full = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
     saint.patch(model, method="random", keep_ratio=0.25, seed=3)
@@ -326,7 +349,7 @@ def test_gemma3_kept_tokens_see_each_other_as_unpruned_and_the_window_spans_posi
     with torch.no_grad():
         model(**x)
     unpruned = {i: m.pop()[0, 0] for i, m in masks.items()}
-    saint.patch(model, **CONFIGS["llm"])
+    saint.patch(model, mode="llm", llm_layers=(0, 1), llm_tau=0.3, llm_k=1)  # 8 of 32 image tokens stay
     with torch.no_grad():
         model.generate(**x, max_new_tokens=WINDOW + 2, do_sample=False)
     for h in hooks:

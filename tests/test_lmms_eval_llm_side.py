@@ -1,5 +1,6 @@
-"""lmms-eval's ``saint_internvl`` and ``saint_mistral3`` models on tiny random InternVL
-(Qwen2 decoder) and Mistral 3 (Pixtral tower, Mistral decoder) checkpoints saved to disk
+"""lmms-eval's ``saint_internvl``, ``saint_mistral3`` and ``saint_gemma3`` models on tiny
+random InternVL (Qwen2 decoder), Mistral 3 (Pixtral tower, Mistral decoder) and Gemma 3
+(SigLIP tower, sliding-window decoder) checkpoints saved to disk
 with offline processors (BPE tokenizer trained here, the families' own image processors):
 nothing pruned equals the unpatched model, both request kinds pruned per prompt (InternVL
 also inside its tower), batches of images of different sizes (InternVL: different tile
@@ -9,6 +10,8 @@ command line."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,13 +32,13 @@ from .lmms_helpers import (
     train_tokenizer,
 )
 
-FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3"}
+FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": "SaintGemma3"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
-VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # InternVL: half of every tile's 16 tokens
+VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # InternVL and Gemma 3: half of every tile's (image's) 16 tokens
 NOTHING_ARGS = ("llm_layers=0-4,llm_tau=0.3,llm_k=1000", "method=fastv,fastv_layer=1,fastv_ratio=0")
 PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_ARGS), ("mistral3", LLM_ARGS),
-           ("mistral3", FASTV_ARGS)]
+           ("mistral3", FASTV_ARGS), ("gemma3", LLM_ARGS), ("gemma3", FASTV_ARGS), ("gemma3", VIT_ARGS)]
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL 1 to 3 tiles
 
 
@@ -57,6 +60,16 @@ def _build(path: Path, family: str) -> None:
             image_processor=images, tokenizer=tokenizer, image_seq_length=16,
             video_processor=transformers.InternVLVideoProcessor(size={"height": 64, "width": 64}))
         image_token = "<IMG_CONTEXT>"
+    elif family == "gemma3":
+        special = ["<pad>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+                   "<start_of_turn>", "<end_of_turn>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user model"]), pad_token="<pad>", bos_token="<bos>",
+            eos_token="<end_of_turn>", extra_special_tokens={
+                "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+        images = transformers.Gemma3ImageProcessor(size={"height": 64, "width": 64})
+        processor = transformers.Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16)
+        image_token = "<image_soft_token>"
     else:
         special = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
         tokenizer = transformers.PreTrainedTokenizerFast(
@@ -107,19 +120,22 @@ def test_entry_points_resolve():
     need("lmms_eval")
     import lmms_eval.models
 
-    from saint.integrations.lmms_llm_side import SaintInternVL, SaintMistral3
+    from saint.integrations.lmms_llm_side import SaintGemma3, SaintInternVL, SaintMistral3
 
     assert lmms_eval.models.get_model("saint_internvl") is SaintInternVL
     assert lmms_eval.models.get_model("saint_mistral3") is SaintMistral3
+    assert lmms_eval.models.get_model("saint_gemma3") is SaintGemma3
 
 
 def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     need("lmms_eval")
-    from saint.integrations.lmms_llm_side import SaintInternVL, SaintMistral3
+    from saint.integrations.lmms_llm_side import SaintGemma3, SaintInternVL, SaintMistral3
 
     missing = str(tmp_path / "no-such-checkpoint")
     with pytest.raises(ValueError, match="inside the language model only"):
         SaintMistral3(pretrained=missing, mode="vit")
+    with pytest.raises(ValueError, match=r"vit_ratio=0 must be a fraction in \(0, 1\]"):
+        SaintGemma3(pretrained=missing, mode="hybrid", vit_ratio=0)
     with pytest.raises(ValueError, match=r"vit_ratio=2 must be a fraction in \(0, 1\]"):
         SaintInternVL(pretrained=missing, mode="vit", vit_ratio=2)
     for cls in (SaintInternVL, SaintMistral3):
@@ -127,6 +143,13 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
             cls(pretrained=missing, method="fastv", llm_tau=0.5)
     with pytest.raises(ValueError, match="Mistral 3 checkpoints"):
         SaintMistral3(pretrained=str(checkpoint("internvl")))
+    pan = tmp_path / "pan-and-scan"
+    shutil.copytree(checkpoint("gemma3"), pan)
+    config = json.loads((pan / "processor_config.json").read_text())
+    config["image_processor"]["do_pan_and_scan"] = True
+    (pan / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do_pan_and_scan=True"):
+        SaintGemma3(pretrained=str(pan))
     build_llava(tmp_path)
     with pytest.raises(ValueError, match="InternVL checkpoints"):
         SaintInternVL(pretrained=str(tmp_path))
@@ -164,7 +187,8 @@ def test_batches_are_pruned_and_equal_single_requests(checkpoint, family, docs, 
     gen, ll = gen_reqs(docs), ll_requests(docs, visuals)
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
     assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
-    assert len({n for e in lm.pruning_log for n in e["image_tokens"]}) > 1  # images of different token counts
+    counts = {n for e in lm.pruning_log for n in e["image_tokens"]}
+    assert len(counts) > 1 or family == "gemma3"  # images of different token counts (Gemma 3 resizes them all)
     for e in lm.pruning_log:
         if args == VIT_ARGS:
             assert e["llm_input"] == [n // 2 for n in e["image_tokens"]] == e["llm_output"]

@@ -143,8 +143,8 @@ FAMILIES = {
     "mistral3": lambda: llm_side("mistral3"),
     "gemma3": lambda: llm_side("gemma3"),
 }
-VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision", "internvl")  # with vision-side modes
-ALL_VLMS = (*VLMS, "mistral3", "gemma3")
+VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision", "internvl", "gemma3")  # with vision-side modes
+ALL_VLMS = (*VLMS, "mistral3")
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -243,6 +243,7 @@ def test_trace_kept_maps_the_patch_grid(family):
 VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "qwen2_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "internvl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "gemma3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "llava_next": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_onevision": dict(mode="vit", vit_keep=5, vit_layer=0)}
 
@@ -273,8 +274,9 @@ def test_assisted_generation_of_an_image_prompt(name, monkeypatch):
     sample["input_ids"] = torch.cat([ids, ids[:, -4:], ids[:, -4:]], dim=1)  # text the lookup finds again
     if "attention_mask" in sample:
         sample["attention_mask"] = torch.ones_like(sample["input_ids"])
-    if "mm_token_type_ids" in sample:
-        sample["mm_token_type_ids"] = torch.cat([sample["mm_token_type_ids"], torch.zeros_like(ids[:, :8])], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in sample:
+            sample[key] = torch.cat([sample[key], torch.zeros_like(ids[:, :8])], dim=1)
     greedy = dict(max_new_tokens=8, do_sample=False)
     saint.patch(model, method=variant.method, **variant.kwargs)
     with torch.no_grad(), pytest.raises(ValueError, match="FastV ranks the image tokens .* generate without it"):

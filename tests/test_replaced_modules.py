@@ -112,6 +112,18 @@ def internvl_inputs(n: int) -> dict[str, torch.Tensor]:
     return inputs("internvl", [[3, (64, 64), 4]] * n)
 
 
+def tiny_gemma3() -> torch.nn.Module:
+    from .llm_side_tiny import make
+
+    return make("gemma3")
+
+
+def gemma3_inputs(n: int) -> dict[str, torch.Tensor]:
+    from .llm_side_tiny import inputs
+
+    return inputs("gemma3", [[3, (64, 64), 4]] * n)
+
+
 VLM = {
     "llava_llm": (tiny_llava, dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2), llava_inputs,
                   lambda m: wrap_attr(m.model.language_model.layers[1].self_attn, "k_proj")),
@@ -132,6 +144,10 @@ VLM = {
                       lambda m: wrap_attr(m.model.vision_tower, "layernorm", Copied)),
     "internvl_llm": (tiny_internvl, dict(method="fastv", fastv_layer=2, fastv_ratio=0.5), internvl_inputs,
                      lambda m: wrap_attr(m.model.language_model.layers[1].self_attn, "q_proj")),
+    "gemma3_vit": (tiny_gemma3, dict(mode="vit", vit_layer=1, vit_ratio=0.5), gemma3_inputs,
+                   lambda m: wrap_attr(m.model.vision_tower.encoder.layers[1].self_attn, "k_proj")),
+    "gemma3_norm": (tiny_gemma3, dict(mode="vit", vit_layer=1, vit_ratio=0.5), gemma3_inputs,
+                    lambda m: wrap_attr(m.model.vision_tower, "post_layernorm", Copied)),
 }
 
 

@@ -11,10 +11,10 @@ from . import (
     hf_siglip2,
     hf_vision,
     hf_vit,
-    internvl,
     llava,
     llava_anyres,
     llm_side_vlm,
+    pooled_vlm,
     qwen_vl,
     timm_eva,
     timm_naflex,
@@ -24,7 +24,7 @@ from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
     timm_vit.ADAPTER, timm_eva.ADAPTER, timm_naflex.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
-    internvl.ADAPTER, *llm_side_vlm.ADAPTERS,
+    *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER,
 ]
 SUPPORTED = (
@@ -37,8 +37,8 @@ SUPPORTED = (
     "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma or Phi-3 language model); "
     "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
-    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL "
-    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3 and Gemma 3 "
+    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL and Gemma 3 "
+    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3 "
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 

@@ -117,18 +117,13 @@ def start_prefill(handle: VlmPatch, kwargs: dict[str, Any], keep0: torch.Tensor 
 
 def image_features(module: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run the (patched) tower + projector now, so the per-image feature counts are
-    known before the image tokens are matched to them (LLaVA, InternVL: ``image_sizes``
-    only when the call has them)."""
+    known before the image tokens are matched to them (LLaVA, InternVL, Gemma 3: the
+    feature options and ``image_sizes`` only when the call has them)."""
     mm_out = dict(kwargs.get("mm_encoder_outputs") or {})
     if mm_out.get("image") is None:
-        sizes = {} if kwargs.get("image_sizes") is None else {"image_sizes": kwargs["image_sizes"]}
-        mm_out["image"] = module.get_image_features(
-            pixel_values=kwargs["pixel_values"],
-            vision_feature_layer=kwargs.get("vision_feature_layer"),
-            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-            **sizes,
-            return_dict=True,
-        )
+        options = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+                   if kwargs.get(k) is not None}
+        mm_out["image"] = module.get_image_features(pixel_values=kwargs["pixel_values"], **options, return_dict=True)
     kwargs = dict(kwargs, pixel_values=None, mm_encoder_outputs=mm_out)
     return kwargs
 
@@ -168,7 +163,8 @@ def shrink_plan(input_ids: torch.Tensor, counts: list[int], image_token_id: int,
 
 def shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, image_id: int) -> dict[str, Any]:
     """Drop the surplus image tokens of every image (input_ids, attention mask,
-    contiguous positions), right-aligning rows that lost different amounts."""
+    contiguous positions, ``token_type_ids``), right-aligning rows that lost different
+    amounts."""
     input_ids = kwargs["input_ids"]
     b, length = input_ids.shape
     src, valid, new_mask = shrink_rows(kwargs, keep0, fwd)
@@ -179,7 +175,9 @@ def shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, ima
     pos = kwargs.get("position_ids")
     pos = torch.arange(length, device=input_ids.device).expand(b, length) if pos is None else pos.expand(b, length)
     new_pos = (torch.gather(pos, 1, src) - torch.gather(removed_before, 1, src)).masked_fill(~valid, 0)
-    return dict(kwargs, input_ids=new_ids, attention_mask=new_mask, position_ids=new_pos)
+    rows = {k: torch.gather(kwargs[k], 1, src).masked_fill(~valid, 0)  # Gemma 3's image flags: per token too
+            for k in ("token_type_ids",) if kwargs.get(k) is not None}
+    return dict(kwargs, input_ids=new_ids, attention_mask=new_mask, position_ids=new_pos, **rows)
 
 
 # ---------------------------------------------------------------------------- wrappers and hooks

@@ -1,7 +1,6 @@
 """Hugging Face VLMs that saint prunes inside their language model only: Mistral 3
-(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower) and Gemma 3
-(``Gemma3ForConditionalGeneration`` / ``Gemma3Model``, a SigLIP tower). A family needs
-nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
+(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower). A family
+needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
 ``config.image_token_id``; each is one :class:`Family` below.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePruneConfig`):
@@ -15,11 +14,8 @@ kept tokens at their original positions, cached and batched generation, outputs 
 the input's coordinates with NaN logits at dropped positions). The vision side is not
 pruned (each family's :attr:`Family.llm_only` says why), so ``mode="vit"`` /
 ``"hybrid"`` are refused with what works. Image tokens are the runs of
-``config.image_token_id``; everything else (Pixtral's row breaks and image end, Gemma 3's
-``<start_of_image>`` / ``<end_of_image>``) is text and never dropped. Gemma 3's image
-tokens attend to each other both ways in the prefill, and its sliding-window layers
-keep a window of positions (:func:`saint.adapters.hf_llm.keep_every_slot`); both come
-with the masks the model builds, which the decoder pruner gathers for the kept tokens.
+``config.image_token_id``; everything else (Pixtral's row breaks and image end) is text
+and never dropped.
 """
 
 from __future__ import annotations
@@ -40,8 +36,7 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "MISTRAL3", "Family", "Gemma3PruneConfig", "LlmSidePruneConfig", "LlmSideVlm",
-           "Mistral3PruneConfig"]
+__all__ = ["ADAPTERS", "FIELDS", "MISTRAL3", "Family", "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -72,13 +67,6 @@ class Mistral3PruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "Mistral 3"
     LLM_ONLY: ClassVar[str] = ("its patch merger folds every 2x2 block of patches into one token, so the tower must "
                                "keep every patch")
-
-
-@dataclass
-class Gemma3PruneConfig(LlmSidePruneConfig):
-    FAMILY: ClassVar[str] = "Gemma 3"
-    LLM_ONLY: ClassVar[str] = ("its projector average-pools the tower's whole patch grid into the image tokens, so "
-                               "the tower must keep every patch")
 
 
 @dataclass(frozen=True)
@@ -128,7 +116,6 @@ class Family:
 
 MISTRAL3 = Family("mistral3", "mistral3", ("Mistral3ForConditionalGeneration", "Mistral3Model"), Mistral3PruneConfig,
                   no_grid="keeps every image at its own size (row-break tokens between its rows of image tokens)")
-GEMMA3 = Family("gemma3", "gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Model"), Gemma3PruneConfig)
 
 
 def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward) -> dict[str, Any]:
@@ -140,15 +127,15 @@ def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], f
 class LlmSideVlm(HFVlm):
     """A VLM pruned inside its language model only: sites are the language model's
     decoder layers; inputs are processor-output dicts (``input_ids``, ``pixel_values``,
-    ``attention_mask``, Mistral 3's ``image_sizes``, Gemma 3's ``token_type_ids``)."""
+    ``attention_mask``, Mistral 3's ``image_sizes``)."""
 
     def __init__(self, family: Family) -> None:
         self.family = family  # type: ignore[assignment]  # matches/patch/unpatch, as a family module's
         self.name = family.key
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        """The image tokens' square grid over the tower's input (Gemma 3: the pooled
-        patch grid); a clear error where there is no one grid (Mistral 3)."""
+        """The image tokens' square grid over the tower's input; a clear error where there
+        is no one grid (Mistral 3)."""
         if self.family.no_grid:
             raise ValueError(f"{type(model).__name__} {self.family.no_grid}: there is no one patch grid to map "
                              "kept tokens to")
@@ -158,4 +145,4 @@ class LlmSideVlm(HFVlm):
         return Grid(side, side, (size // side, size // side))
 
 
-ADAPTERS = (LlmSideVlm(MISTRAL3), LlmSideVlm(GEMMA3))
+ADAPTERS = (LlmSideVlm(MISTRAL3),)

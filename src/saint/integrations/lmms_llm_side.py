@@ -1,8 +1,10 @@
-"""lmms-eval models ``saint_internvl`` and ``saint_mistral3``: Hugging Face InternVL
-(``InternVLForConditionalGeneration``) and Mistral 3 (``Mistral3ForConditionalGeneration``)
-checkpoints pruned by :func:`saint.patch` (:mod:`saint.adapters.internvl`: SAINT's
-``llm``, ``vit`` and ``hybrid`` modes or FastV; :mod:`saint.adapters.llm_side_vlm`: SAINT's
-``llm`` mode or FastV inside Mistral 3's language model), for any lmms-eval image task::
+"""lmms-eval models ``saint_internvl``, ``saint_mistral3`` and ``saint_gemma3``: Hugging
+Face InternVL (``InternVLForConditionalGeneration``), Mistral 3
+(``Mistral3ForConditionalGeneration``) and Gemma 3 (``Gemma3ForConditionalGeneration``)
+checkpoints pruned by :func:`saint.patch` (:mod:`saint.adapters.pooled_vlm`, InternVL
+and Gemma 3: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
+:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's
+language model), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -12,10 +14,12 @@ Everything but what differs per family is :class:`~saint.integrations.lmms_eval.
 (model arguments, batching, ``until``, log-likelihood, multi-round, ``stats_path``).
 Each image enters the prompt as the processor's image token in front of the task's text
 (unless the task placed them), then the chat template (``chat_template=``, else the
-tokenizer's, else ChatML for InternVL and Mistral's ``[INST]`` format for Mistral 3).
-InternVL's processor expands an image to its tiles (``image_seq_length`` tokens each,
-between ``<img>`` and ``</img>``); Pixtral's to rows of image tokens closed by row
-breaks and an image end, with ``image_sizes``.
+tokenizer's, else ChatML for InternVL, Mistral's ``[INST]`` format for Mistral 3 and
+Gemma's turns for Gemma 3). InternVL's processor expands an image to its tiles
+(``image_seq_length`` tokens each, between ``<img>`` and ``</img>``); Pixtral's to rows of
+image tokens closed by row breaks and an image end, with ``image_sizes``; Gemma 3's to
+``<start_of_image>``, ``image_seq_length`` image tokens and ``<end_of_image>``, with
+``token_type_ids`` marking the image tokens (they attend to each other both ways).
 """
 
 from __future__ import annotations
@@ -25,14 +29,19 @@ from typing import Any
 
 import torch
 
-from ..adapters import internvl, llm_side_vlm
+from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintInternVL", "SaintMistral3"]
+__all__ = ["SaintGemma3", "SaintInternVL", "SaintMistral3"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
     "[/INST]{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' "
+    "else message['role'] }}\n{{ message['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
 
@@ -61,7 +70,7 @@ class SaintInternVL(SaintLlmSide):
     once by :func:`saint.patch`, evaluated by lmms-eval (``--model saint_internvl``)."""
 
     NAME = "saint_internvl"
-    ADAPTER = internvl
+    ADAPTER = pooled_vlm.INTERNVL
     MODEL_TYPES = ("internvl",)
     MODEL_CLASS = "InternVLForConditionalGeneration"
     TITLE = "InternVL"
@@ -90,3 +99,47 @@ class SaintMistral3(SaintLlmSide):
         """Pixels and sizes of the first ``len(visuals)`` images of a processor output."""
         n = len(visuals)
         return {"pixel_values": enc["pixel_values"][:n], "image_sizes": enc["image_sizes"][:n]} if n else {}
+
+
+class SaintGemma3(SaintLlmSide):
+    """A Gemma 3 checkpoint (``model_type: gemma3``, a SigLIP tower) patched once by
+    :func:`saint.patch`, evaluated by lmms-eval (``--model saint_gemma3``)."""
+
+    NAME = "saint_gemma3"
+    ADAPTER = pooled_vlm.GEMMA3
+    MODEL_TYPES = ("gemma3",)
+    MODEL_CLASS = "Gemma3ForConditionalGeneration"
+    TITLE = "Gemma 3"
+    DEFAULT_CHAT_TEMPLATE = GEMMA_TEMPLATE
+
+    def _load_processor(self, pretrained: str, chat_template: str | None, revision: str | None,
+                        trust_remote_code: bool) -> None:
+        """The checkpoint's processor; pan-and-scan is refused (its crops add images the
+        requests' batches cannot line up with their prompts)."""
+        super()._load_processor(pretrained, chat_template, revision, trust_remote_code)
+        if getattr(self.processor.image_processor, "do_pan_and_scan", False):
+            raise ValueError(f"{self.NAME} runs each image whole; this checkpoint's image processor has "
+                             "do_pan_and_scan=True: save the processor with do_pan_and_scan=False")
+
+    def _processor_media(self, visuals: Sequence[Any]) -> dict[str, Any]:
+        """Gemma 3's processor takes each prompt's images as a list of their own."""
+        return {"images": [[v] for v in visuals] or None}
+
+    def _processor_inputs(self, texts: Sequence[str], visuals: Sequence[Any]) -> Any:
+        """The processor's output, with the flat ``visuals`` split by prompt (each takes
+        as many as its text has image placeholders)."""
+        if not visuals:
+            return super()._processor_inputs(texts, visuals)
+        images, k = [], 0
+        for text in texts:
+            n = text.count(self.image_token)
+            images.append(list(visuals[k:k + n]))
+            k += n
+        if k != len(visuals) or not all(images):
+            raise ValueError(f"{self.NAME}: {len(visuals)} images for prompts with "
+                             f"{[t.count(self.image_token) for t in texts]} image placeholders")
+        return self.processor(text=list(texts), images=images, return_tensors="pt", padding=True)
+
+    def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``token_type_ids``, as the processor marks the image tokens."""
+        return {"token_type_ids": (input_ids == self.model.config.image_token_id).long()}

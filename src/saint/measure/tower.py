@@ -1,6 +1,6 @@
 """A callable (a vision tower, pruned or not) counted and timed into one result row, and
 that row's table cells against a baseline row: what the tower benchmarks share
-(``benchmarks/qwen_merger_cpu.py``, ``benchmarks/internvl_tower_cpu.py``)."""
+(``benchmarks/qwen_merger_cpu.py``, ``benchmarks/pooled_tower_cpu.py``)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,174 @@
+"""InternVL and Gemma 3: what SAINT's ``vit`` mode saves in the vision tower (random
+weights, the real geometry with its width divided by ``--width-div``, default 4, so that
+a shared 2-core CPU runs it in a minute or two).
+
+- ``--family internvl``: InternViT-300M (InternVL3-1B/2B/8B: 24 layers, 14 px patches,
+  448 px tiles of 1024 patches + a class token), ``--units`` tiles per call (default 7:
+  a 2x3 crop grid and its thumbnail, one image); the pixel shuffle folds 2x2 groups, 256
+  tokens per tile. Language model: InternVL3-8B's (Qwen2.5-7B: 28 layers, width 3584,
+  GQA 28/4 heads, MLP 18944).
+- ``--family gemma3``: Gemma 3's SigLIP-So400m (27 layers, 14 px patches, 896 px images
+  of 4096 patches), ``--units`` images (default 1); the projector average-pools 4x4
+  groups, 256 tokens per image. Language model: Gemma 3 4B's (34 layers, width 2560,
+  8/4 heads of 256, MLP 10240).
+
+Variants: ``none``, the unpruned tower; ``vit``, saint's ``vit`` mode
+(:class:`saint.adapters.group_tower.GroupPruner`), each unit keeping ``ratio`` of its
+groups after layer ``--vit-layer`` (the later layers run on the kept patches; each unit
+hands the language model ``ratio x 256`` tokens).
+
+FLOPs come from ``torch.utils.flop_counter`` (saint.measure.flops) on the real forward;
+the language model's prefill FLOPs come from the adapter's ``block_flops`` for ``--text``
+text tokens plus the visual tokens. Times: ``--repeats`` rounds after one warm-up,
+minimum and spread. Writes ``benchmarks/results/<family>_tower_cpu.{md,json}``.
+
+    python benchmarks/pooled_tower_cpu.py --family internvl      # the committed results (~2 min, 2 threads)
+    python benchmarks/pooled_tower_cpu.py --family gemma3        # (~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from saint.adapters import pooled_vlm
+from saint.adapters.group_tower import INTERNVL_TOWER, SIGLIP_TOWER, GroupPruner
+from saint.measure.report import environment, markdown_table, write_json
+from saint.measure.tower import tower_cells, tower_row
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FAMILIES = {
+    "internvl": dict(
+        title="InternVL", tower="InternViT-300M", units="tiles", size=448, vit_layer=12, default_units=7,
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=[448, 448], patch_size=[14, 14], layer_scale_init_value=0.1, norm_type="layer_norm",
+                    use_mean_pooling=False),
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=151674),
+        text_model="InternVL3-8B", shape="1024 patches + class token each, 2x2 groups"),
+    "gemma3": dict(
+        title="Gemma 3", tower="SigLIP-So400m (Gemma 3's)", units="images", size=896, vit_layer=13, default_units=1,
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=896, patch_size=14, vision_use_head=False),
+        text=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256, vocab_size=262208, query_pre_attn_scalar=256,
+                  sliding_window=1024),
+        text_model="Gemma 3 4B", shape="4096 patches each, 4x4 groups"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="internvl")
+    p.add_argument("--units", type=int, default=None, help="tiles (InternVL, default 7) or images (Gemma 3, default 1)")
+    p.add_argument("--vit-layer", type=int, default=None, help="default: 12 (InternVL), 13 (Gemma 3)")
+    p.add_argument("--ratios", default="0.5,0.25", help="kept fractions of each unit's groups (default 0.5,0.25)")
+    p.add_argument("--text", type=int, default=64, help="text tokens of the prompt (default 64)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--width-div", type=int, default=4, help="divide the tower's width, heads and MLP by this")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+    spec = FAMILIES[args.family]
+    args.units = spec["default_units"] if args.units is None else args.units
+    args.vit_layer = spec["vit_layer"] if args.vit_layer is None else args.vit_layer
+    return args
+
+
+def build(family: str, width_div: int) -> tuple[torch.nn.Module, torch.nn.Module, dict, pooled_vlm.Family]:
+    """The full model on the meta device (shapes, for the language model's FLOPs), the
+    narrowed tower with random weights, its settings and the adapter family."""
+    import transformers
+
+    spec = FAMILIES[family]
+    full_vision, d = spec["vision"], width_div
+    vision = dict(full_vision, hidden_size=full_vision["hidden_size"] // d,
+                  intermediate_size=full_vision["intermediate_size"] // d,
+                  num_attention_heads=full_vision["num_attention_heads"] // d)
+    if family == "internvl":
+        cfg = transformers.InternVLConfig(vision_config=full_vision, text_config=transformers.Qwen2Config(**spec["text"]))
+        with torch.device("meta"):
+            full = transformers.InternVLForConditionalGeneration(cfg)
+        torch.manual_seed(0)
+        tower = transformers.InternVLVisionModel(transformers.InternVLVisionConfig(**vision, attn_implementation="sdpa"))
+        return full, tower.eval(), vision, pooled_vlm.INTERNVL
+    cfg = transformers.Gemma3Config(vision_config=full_vision, text_config=transformers.Gemma3TextConfig(**spec["text"]),
+                                    mm_tokens_per_image=256)
+    with torch.device("meta"):
+        full = transformers.Gemma3ForConditionalGeneration(cfg)
+    torch.manual_seed(0)
+    tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision, attn_implementation="sdpa"))
+    return full, tower.eval(), vision, pooled_vlm.GEMMA3
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    spec = FAMILIES[args.family]
+    full, tower, vision, family = build(args.family, args.width_div)
+    adapter = pooled_vlm.PooledVlm(family)
+    layout = INTERNVL_TOWER if args.family == "internvl" else SIGLIP_TOWER
+    size = spec["size"]
+    pixels = torch.randn(args.units, 3, size, size, generator=torch.Generator().manual_seed(0))
+    per_unit = family.unit_tokens(full.model)
+    group = family.unit(full.model)[1]
+
+    def llm_prefill(visual: int) -> float:
+        n = args.text + visual
+        return sum(adapter.block_flops(full, n, n) for _ in range(spec["text"]["num_hidden_layers"]))
+
+    def run_tower() -> torch.Tensor:
+        with torch.no_grad():
+            return tower(pixel_values=pixels).last_hidden_state
+
+    rows = []
+    for name, ratio in [("none", 1.0), *[("vit", float(r)) for r in args.ratios.split(",")]]:
+        pruner = None
+        if name == "vit":
+            pruner = GroupPruner(tower, layout, group, args.vit_layer, ratio, 16)
+            pruner.install()
+        try:
+            measured = tower_row(run_tower, args.repeats)
+            kept = per_unit * args.units if pruner is None else int(pruner.keep.sum())
+        finally:
+            if pruner is not None:
+                pruner.remove()
+        rows.append(dict(variant=name, ratio=ratio, visual_tokens=kept, llm_prefill_gflops=llm_prefill(kept) / 1e9,
+                         **measured))
+        print(rows[-1])
+    base = rows[0]
+    report = dict(environment("cpu"), settings=vars(args), vision=vision, text=spec["text"], rows=rows)
+    report["versions"]["transformers"] = transformers.__version__
+    prefix = Path(args.out_dir) / f"{args.family}_tower_cpu"
+    write_json(report, prefix.with_suffix(".json"))
+    table = [[
+        "unpruned" if r["variant"] == "none" else f"vit (layer {args.vit_layer}, keep {r['ratio']:g})",
+        str(r["visual_tokens"]), *tower_cells(r, base), f"{r['llm_prefill_gflops']:.0f}",
+    ] for r in rows]
+    md = [
+        f"# {spec['title']}: what SAINT's vit mode saves in the vision tower",
+        "",
+        f"{report['date']}, {report['cpu']}, {report['torch_threads']} threads, torch {report['versions'].get('torch')}, "
+        f"transformers {report['versions'].get('transformers')}, git {report['git'].get('commit', '')[:10]}",
+        f"Command: `{report['command']}`",
+        "",
+        f"{spec['tower']} geometry at 1/{args.width_div} width (random weights), {args.units} {spec['units']} of "
+        f"{size}x{size} ({spec['shape']}, {per_unit} tokens per unit after the projector's {group}x{group} fold). "
+        f"LLM prefill: {spec['text_model']}'s language model shapes, {args.text} text tokens + the visual tokens "
+        f"(analytic, per prompt). Time: min over {args.repeats} rounds (+ spread).",
+        "",
+        markdown_table(["tower", "visual tokens", "tower GFLOPs", "tower FLOPs saved", "tower ms", "tower speed-up",
+                        "LLM prefill GFLOPs"], table),
+        "",
+    ]
+    prefix.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""SAINT's ``vit`` step inside the vision tower of a VLM whose projector folds square
+groups of patches into one token (InternVL's pixel shuffle: 2x2; Gemma 3's average
+pool: 4x4 at 896 px): after encoder layer ``vit_layer`` every image unit (InternVL's
+tile, Gemma 3's image) keeps ``round(vit_ratio * groups)`` of its groups, chosen by
+SAINT's fixed-budget drop on each group's mean key. Every unit keeps the same count, so
+later layers run on a rectangular batch (prefix tokens plus the kept patches) with the
+model's own attention. The tower's output is scattered back to the full grid (zeros at
+dropped groups), so the model's own shuffle or pool and projector run unchanged; the
+adapter then keeps the kept groups' tokens (raster order, the projector's token order)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core import fixed_budget_keep_mask, head_mean
+from .common import Hooked, TokenStats
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """Where a tower keeps what the pruner hooks: its encoder layers (and the dotted
+    name they have in statistics), each layer's attention attribute (``k_proj``, and a
+    ``k_norm`` where the tower has one), the final norm whose output is scattered back,
+    and the prefix tokens before the patch grid (a class token)."""
+
+    layers: Callable[[torch.nn.Module], torch.nn.ModuleList]
+    layer_name: str
+    attention: str
+    final_norm: Callable[[torch.nn.Module], torch.nn.Module]
+    prefix: int
+
+
+def _siglip(tower: torch.nn.Module) -> torch.nn.Module:
+    """A SigLIP tower's transformer (transformers releases before 5.x nested it in ``vision_model``)."""
+    return getattr(tower, "vision_model", tower)
+
+
+INTERNVL_TOWER = TowerLayout(lambda t: t.encoder.layer, "vision_tower.encoder.layer", "attention",
+                             lambda t: t.layernorm, prefix=1)
+SIGLIP_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
+                           lambda t: _siglip(t).post_layernorm, prefix=0)
+
+
+class GroupPruner:
+    """Drops whole ``group x group`` patch groups of every image unit after one tower
+    layer; the keep mask of the last tower call is ``keep [units, groups]`` (raster order)."""
+
+    def __init__(self, tower: torch.nn.Module, layout: TowerLayout, group: int, layer: int, ratio: float,
+                 step_div: int) -> None:
+        self.tower = tower
+        self.layout = layout
+        self.group = group
+        self.layer = layer
+        self.ratio = ratio
+        self.step_div = step_div
+        self.hooks: list[Any] = []
+        self.hooked: list[Hooked] = []
+        self.keep: torch.Tensor | None = None  # [units, groups] of the last tower call
+        self.counts: tuple[list[int], list[int]] | None = None  # tokens per unit before / after the drop
+        self._keys: torch.Tensor | None = None
+        self._patches: torch.Tensor | None = None  # [units, kept patches] indices into the patch grid
+
+    def install(self) -> None:
+        tower, i, lay = self.tower, self.layer, self.layout
+        layer = lay.layers(tower)[i]
+        attn = getattr(layer, lay.attention)
+        norm = lay.final_norm(tower)
+        self.hooks += [
+            tower.register_forward_pre_hook(self._begin),
+            attn.k_proj.register_forward_hook(self._capture),
+            layer.register_forward_hook(self._prune),
+            norm.register_forward_hook(self._scatter),
+        ]
+        self.hooked += [
+            Hooked(tower, lambda t: lay.layers(t)[i], layer, f"vision layer {i}"),
+            Hooked(layer, lambda m: getattr(m, lay.attention).k_proj, attn.k_proj,
+                   f"vision layer {i}'s {lay.attention}.k_proj"),
+            Hooked(tower, lay.final_norm, norm, "the vision tower's final norm"),
+        ]
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self.hooked.clear()
+        self.keep = self._keys = self._patches = None
+
+    def _begin(self, module: torch.nn.Module, args: tuple) -> None:
+        for hooked in self.hooked:
+            hooked.check()
+        self.keep = self._keys = self._patches = None
+
+    def _capture(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._keys = output
+
+    def _prune(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        t, n, c = output.shape
+        p, g = self.layout.prefix, self.group
+        side = round((n - p) ** 0.5)
+        if side * side != n - p or side % g:
+            raise ValueError(f"a unit of {n - p} patches is not a square grid of whole {g}x{g} groups: saint keeps "
+                             "the groups the projector folds into one token")
+        per = side // g
+        budget = max(1, round(self.ratio * per * per))
+        self.counts = ([n] * t, [p + budget * g * g] * t)
+        keys, self._keys = self._keys, None
+        if budget == per * per:  # nothing to drop: the layers after run as unpatched
+            self.keep = torch.ones(t, budget, dtype=torch.bool, device=output.device)
+            return output
+        attn = getattr(module, self.layout.attention)
+        assert keys is not None
+        norm = getattr(attn, "k_norm", None)
+        keys = (keys if norm is None else norm(keys))[:, p:].float()  # the layer's keys, as its attention reads them
+        keys = head_mean(keys.view(t, side * side, attn.num_heads, attn.head_dim))  # [T, N, D]
+        groups = keys.view(t, per, g, per, g, -1).mean(dim=(2, 4)).reshape(t, per * per, -1)
+        keep = fixed_budget_keep_mask(groups, budget, self.step_div)
+        self.keep = keep
+        patch_keep = keep.view(t, per, 1, per, 1).expand(t, per, g, per, g).reshape(t, side * side)
+        self._patches = patch_keep.nonzero()[:, 1].view(t, budget * g * g)  # each group's patches, raster order
+        kept = torch.gather(output[:, p:], 1, self._patches[..., None].expand(-1, -1, c))
+        return torch.cat([output[:, :p], kept], dim=1)
+
+    def _scatter(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self._patches is None:
+            return None
+        t, _, c = output.shape
+        p = self.layout.prefix
+        full = output.new_zeros(t, p + self.keep.shape[1] * self.group ** 2, c)
+        full[:, :p] = output[:, :p]
+        full[:, p:].scatter_(1, self._patches[..., None].expand(-1, -1, c), output[:, p:])
+        return full
+
+    def stats(self) -> TokenStats:
+        """Tokens entering each tower layer in the last forward with images, per unit."""
+        if self.counts is None:
+            raise RuntimeError("no forward with images has run since patching; call the model first")
+        before, after = self.counts
+        depth = len(self.layout.layers(self.tower))
+        return TokenStats([f"{self.layout.layer_name}.{i}" for i in range(depth)],
+                          [before if i <= self.layer else after for i in range(depth)])
+
+
+def check_vit_layer(tower: torch.nn.Module, layout: TowerLayout, vit_layer: int) -> None:
+    """A tower layer exists after ``vit_layer`` (else pruning saves nothing)."""
+    depth = len(layout.layers(tower))
+    if vit_layer >= depth - 1:
+        raise ValueError(
+            f"vit_layer={vit_layer}: the vision tower has {depth} layers (0..{depth - 1}) and pruning after "
+            f"the last one saves nothing; vit_layer must be <= {depth - 2}"
+        )

@@ -1,0 +1,295 @@
+"""VLMs whose projector folds square groups of patches into one token: InternVL
+(transformers 5 ``InternVLForConditionalGeneration`` / ``InternVLModel``, the ``-hf``
+checkpoints; a pixel shuffle of 2x2 groups per tile) and Gemma 3
+(``Gemma3ForConditionalGeneration`` / ``Gemma3Model``; an average pool of the SigLIP
+tower's grid, 4x4 groups at 896 px). SAINT's vit / llm / hybrid modes, FastV and a random
+baseline, with per-instance hooks only; each family is one :class:`Family` below.
+
+Methods (``saint.patch(model, method=..., **settings)``; see :class:`PooledPruneConfig`):
+
+- ``"saint"`` with ``mode=``
+  - ``"llm"`` (the default here): SAINT's graph drop of the image tokens after every
+    decoder layer ``llm_layers = (start, end)`` (:mod:`saint.adapters.hf_llm`);
+  - ``"vit"``: after vision layer ``vit_layer`` every unit (InternVL's tile, Gemma 3's
+    image) keeps ``vit_ratio`` of its patch groups (:mod:`saint.adapters.group_tower`),
+    the blocks the projector folds into one token, so later vision layers run on fewer
+    patches and each unit hands the language model fewer tokens;
+  - ``"hybrid"``: both.
+- ``"fastv"``: FastV (``fastv_layer`` K, ``fastv_ratio`` R).
+- ``"random"``: a seeded random ``keep_ratio`` of every unit's tokens, after the projector
+  (the same positions in every unit; no tower compute saved: the reference point for
+  ``vit`` at the same token count).
+
+With a vision-side reduction each image's run of placeholder tokens shrinks to its
+units' kept tokens before the language model runs, exactly as if the processor had
+emitted that many (rows right-aligned, contiguous positions, Gemma 3's
+``token_type_ids`` alike), as LLaVA's ``vit`` mode does; ``get_image_features`` is
+wrapped per instance to return the kept tokens only. Outputs, labels, caches and the
+refusals are those of :mod:`saint.adapters.llava`. Gemma 3's image tokens attend to each
+other both ways in the prefill, and its sliding-window layers keep a window of positions
+(:func:`saint.adapters.hf_llm.keep_every_slot`); both come with the masks the model
+builds, which the decoder pruner gathers for the kept tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..methods import MethodSpec
+from .base import Grid
+from .common import Hooked, TokenStats, transformers_classes, transformers_loaded
+from .group_tower import INTERNVL_TOWER, SIGLIP_TOWER, GroupPruner, TowerLayout, check_vit_layer
+from .hf_vlm import HFVlm, multimodal
+from .llava_vision import image_features, make_expand, shrink_plan, start_prefill
+from .qwen_vl_features import random_keep
+from .vlm_config import (
+    LLM_FIELDS,
+    VlmPruneConfig,
+    check_random,
+    check_vit_ratio,
+)
+from .vlm_handle import Forward, VlmPatch, installing, unpatch
+from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
+from .vlm_prompt import continue_prompt
+from .vlm_schedule import decoder_pruner, split_method
+
+__all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "INTERNVL", "Family", "Gemma3PruneConfig", "InternVLPruneConfig",
+           "PooledPatch", "PooledPruneConfig", "PooledVlm"]
+
+EXPAND = "_expand_multimodal_outputs"  # generate's (private) helper for num_beams / num_return_sequences > 1
+VIT_FIELDS = ("vit_ratio", "vit_layer", "vit_step_div")
+FIELDS: dict[str, tuple[str, ...]] = {
+    "saint/vit": ("mode", *VIT_FIELDS),
+    "saint/llm": ("mode", *LLM_FIELDS),
+    "saint/hybrid": ("mode", *VIT_FIELDS, *LLM_FIELDS),
+    "fastv": ("fastv_layer", "fastv_ratio"),
+    "random": ("keep_ratio", "seed"),
+}
+MEDIA = Media()  # images only: pixel_values / mm_encoder_outputs["image"], image_token_id
+
+
+@dataclass
+class PooledPruneConfig(VlmPruneConfig):
+    """Settings of one pruning method. ``vit_ratio``: fraction of each unit's patch
+    groups kept after vision layer ``vit_layer`` (at least one group); the
+    language-model settings are those of :class:`~saint.adapters.vlm_config.VlmPruneConfig`
+    (SAINT after decoder layers 7..16, tau 0.83, K 5, gamma 10, as for LLaVA-1.5-7B)."""
+
+    METHODS: ClassVar[tuple[str, ...]] = ("saint", "fastv", "random")
+    FIELDS: ClassVar[dict[str, tuple[str, ...]]] = FIELDS
+    UNIT: ClassVar[str] = "unit"  # what keeps a share of its groups, as errors name it
+
+    mode: str = "llm"
+    vit_ratio: float = 0.5
+    vit_layer: int = 12
+    vit_step_div: int = 16
+    keep_ratio: float | None = None
+
+    def _check_vision(self) -> None:
+        check_vit_ratio(self)
+
+    def _check_baselines(self) -> None:
+        if self.method == "random":
+            check_random(self.keep_ratio, self.seed, f"each {self.UNIT}'s tokens")
+
+
+@dataclass
+class InternVLPruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "InternVL"
+    UNIT: ClassVar[str] = "tile"
+
+
+@dataclass
+class Gemma3PruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "Gemma 3"
+    UNIT: ClassVar[str] = "image"
+
+
+@dataclass
+class PooledPatch(VlmPatch):
+    """A patched model of a family here: the VLM handle and the group pruner of
+    ``vit``/``hybrid``."""
+
+    tower: GroupPruner | None = None
+
+    def remove(self) -> None:
+        super().remove()
+        if self.tower is not None:
+            self.tower.remove()
+            self.tower = None
+
+    def vision_stats(self) -> TokenStats | None:
+        """Tokens entering each vision layer in the last forward with images, per unit
+        (``vit``/``hybrid`` only)."""
+        return None if self.tower is None else self.tower.stats()
+
+
+def _internvl_unit(mm: torch.nn.Module) -> tuple[int, int]:
+    """InternVL's tile: patches per side, and the pixel shuffle's group side (0.5: 2x2)."""
+    vc = mm.config.vision_config
+    size, patch = (int(v[0]) if isinstance(v, (list, tuple)) else int(v) for v in (vc.image_size, vc.patch_size))
+    ratio = float(mm.config.downsample_ratio)
+    return size // patch, round(1 / ratio) if ratio > 0 else 0
+
+
+def _gemma3_unit(mm: torch.nn.Module) -> tuple[int, int]:
+    """Gemma 3's image: patches per side, and the average pool's kernel."""
+    vc = mm.config.vision_config
+    side = int(vc.image_size) // int(vc.patch_size)
+    return side, side // round(int(mm.config.mm_tokens_per_image) ** 0.5)
+
+
+def _check_internvl(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
+    if mm.config.vision_feature_layer not in (-1, None):
+        raise ValueError(f"vision_feature_layer={mm.config.vision_feature_layer}: saint's vit mode reads the "
+                         "tower's last layer (-1), whose output it scatters back to the full grid")
+    if float(mm.config.downsample_ratio) != 0.5:
+        raise ValueError(f"downsample_ratio={mm.config.downsample_ratio}: saint's vit mode keeps the 2x2 groups "
+                         "a 0.5 pixel shuffle folds into one token")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One VLM whose projector pools patch groups: the adapter's name, the model classes
+    (``module`` and ``classes`` inside ``transformers.models``), its settings class, the
+    tower's layout, ``unit(mm)`` (patches per side of one unit, and the group side), and
+    the family's own checks of the vit mode. Its ``make_config``/``matches``/``patch``/
+    ``unpatch`` are the family functions of its adapter."""
+
+    key: str
+    module: str
+    classes: tuple[str, ...]
+    config: type[PooledPruneConfig]
+    layout: TowerLayout
+    unit: Callable[[torch.nn.Module], tuple[int, int]]
+    check: Callable[[torch.nn.Module, PooledPruneConfig], None] = lambda mm, cfg: None
+
+    @property
+    def name(self) -> str:
+        return self.config.FAMILY
+
+    def unit_tokens(self, mm: torch.nn.Module) -> int:
+        """Image tokens the processor emits per unit (InternVL: ``image_seq_length``)."""
+        side, group = self.unit(mm)
+        return (side // group) ** 2
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return transformers_loaded() and type(model) in transformers_classes(self.module, *self.classes)
+
+    def make_config(self, method: str = "saint", **kwargs: Any) -> PooledPruneConfig:
+        """Build and validate the settings, rejecting those the chosen method/mode does
+        not use (so a typo never silently does nothing)."""
+        return self.config.build(method, **kwargs)
+
+    def patch(self, model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+              **kwargs: Any) -> PooledPatch:
+        return patch(self, model, method, trace=trace, **kwargs)
+
+    def unpatch(self, model: torch.nn.Module) -> None:
+        unpatch(model)
+
+
+INTERNVL = Family("internvl", "internvl", ("InternVLForConditionalGeneration", "InternVLModel"), InternVLPruneConfig,
+                  INTERNVL_TOWER, _internvl_unit, _check_internvl)
+GEMMA3 = Family("gemma3", "gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Model"), Gemma3PruneConfig,
+                SIGLIP_TOWER, _gemma3_unit)
+
+
+def make_features(handle: PooledPatch, original: Any) -> Any:
+    """``get_image_features`` that returns each unit's kept tokens only, from the
+    projector's output in raster order: the tower's keep mask (``vit``/``hybrid``), or
+    ``random``'s seeded subset (the same in every unit)."""
+    cfg = handle.config
+
+    @functools.wraps(original)  # generate reads the signature to pre-encode the pixels
+    def features(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        keep = None if handle.tower is None else handle.tower.keep
+        if cfg.method == "random":
+            units, n = out.pooler_output.shape[:2]
+            keep = random_keep(n, cfg.keep_ratio, cfg.seed, out.pooler_output.device).expand(units, n)
+        if keep is not None:
+            feats = out.pooler_output
+            out.pooler_output = feats[keep].view(keep.shape[0], -1, feats.shape[-1])
+        return out
+
+    return features
+
+
+def _plan(family: Family, handle: PooledPatch):
+    def plan(input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor | None:
+        counts = [int(feats.shape[1])] * int(feats.shape[0])
+        return shrink_plan(input_ids, counts, handle.image_token_id, family.unit_tokens(handle.mm))
+
+    return plan
+
+
+def _prefill(family: Family, handle: PooledPatch, module: torch.nn.Module, kwargs: dict[str, Any],
+             fwd: Forward) -> dict[str, Any]:
+    """A prompt with images on an empty cache: with a vision-side reduction the tower runs
+    now and every unit's tokens shrink to its kept groups; the decoder pruner then starts
+    on the image tokens."""
+    input_ids = kwargs["input_ids"]
+    fwd.input_length = input_ids.shape[1]
+    if handle.config.reduces_vision:
+        if handle.config.prunes_vit and kwargs.get("vision_feature_layer") not in (None, -1):
+            raise ValueError(f"vision_feature_layer={kwargs['vision_feature_layer']}: saint's vit mode reads the "
+                             "tower's last layer (-1)")
+        kwargs = image_features(module, kwargs)
+        feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
+        return start_prefill(handle, kwargs, _plan(family, handle)(input_ids, feats), fwd)
+    return start_prefill(handle, kwargs, None, fwd)
+
+
+def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+          **kwargs: Any) -> PooledPatch:
+    """Patch a model of ``family`` in place (see the module docstring and
+    :func:`saint.patch`). ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec`
+    (e.g. a calibration probe): it then selects the image tokens of ``mode="llm"/"hybrid"``."""
+    method, llm_spec = split_method(method, family.name)
+    cfg = family.make_config(method, **kwargs)
+    mm = multimodal(model)
+    pruner = decoder_pruner(cfg, mm.language_model, llm_spec)
+    if cfg.prunes_vit:
+        check_vit_layer(mm.vision_tower, family.layout, cfg.vit_layer)
+        family.check(mm, cfg)
+    handle = PooledPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
+    with installing(handle):
+        if cfg.prunes_vit:
+            handle.tower = GroupPruner(mm.vision_tower, family.layout, family.unit(mm)[1], cfg.vit_layer,
+                                       cfg.vit_ratio, cfg.vit_step_div)
+            handle.tower.install()
+            handle.hooked.append(Hooked(mm, lambda m: m.vision_tower, mm.vision_tower, "the vision tower"))
+        if cfg.reduces_vision:
+            handle.wrap(mm, "get_image_features", make_features(handle, mm.get_image_features))
+            if model is not mm and hasattr(model, EXPAND) and EXPAND not in model.__dict__:
+                handle.wrap(model, EXPAND, make_expand(handle, getattr(model, EXPAND), _plan(family, handle)))
+        prefill = functools.partial(_prefill, family)
+        install_forward_hooks(handle, model, mm, make_mm_pre(handle, MEDIA, prefill, continue_prompt))
+    return handle
+
+
+class PooledVlm(HFVlm):
+    """A VLM whose projector pools patch groups: sites are the language model's decoder
+    layers; inputs are processor-output dicts (``input_ids``, ``pixel_values`` of every
+    unit, ``attention_mask``, Gemma 3's ``token_type_ids``)."""
+
+    def __init__(self, family: Family) -> None:
+        self.family = family  # type: ignore[assignment]  # matches/patch/unpatch, as a family module's
+        self.name = family.key
+
+    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        """The token grid of one unit: its groups per side."""
+        mm = multimodal(model)
+        vc = mm.config.vision_config
+        size = int(vc.image_size[0]) if isinstance(vc.image_size, (list, tuple)) else int(vc.image_size)
+        side = round(self.family.unit_tokens(mm) ** 0.5)
+        return Grid(side, side, (size // side, size // side))
+
+
+ADAPTERS = (PooledVlm(INTERNVL), PooledVlm(GEMMA3))
