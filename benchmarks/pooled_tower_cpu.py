@@ -35,8 +35,8 @@ import torch
 
 from saint.adapters import pooled_vlm
 from saint.adapters.group_tower import INTERNVL_TOWER, SIGLIP_TOWER, GroupPruner
-from saint.measure.report import environment, markdown_table, write_json
-from saint.measure.tower import tower_cells, tower_row
+from saint.measure.report import environment, write_json
+from saint.measure.tower import tower_cells, tower_markdown, tower_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = {
@@ -149,24 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         "unpruned" if r["variant"] == "none" else f"vit (layer {args.vit_layer}, keep {r['ratio']:g})",
         str(r["visual_tokens"]), *tower_cells(r, base), f"{r['llm_prefill_gflops']:.0f}",
     ] for r in rows]
-    md = [
-        f"# {spec['title']}: what SAINT's vit mode saves in the vision tower",
-        "",
-        f"{report['date']}, {report['cpu']}, {report['torch_threads']} threads, torch {report['versions'].get('torch')}, "
-        f"transformers {report['versions'].get('transformers')}, git {report['git'].get('commit', '')[:10]}",
-        f"Command: `{report['command']}`",
-        "",
+    md = tower_markdown(
+        f"{spec['title']}: what SAINT's vit mode saves in the vision tower", report,
         f"{spec['tower']} geometry at 1/{args.width_div} width (random weights), {args.units} {spec['units']} of "
         f"{size}x{size} ({spec['shape']}, {per_unit} tokens per unit after the projector's {group}x{group} fold). "
         f"LLM prefill: {spec['text_model']}'s language model shapes, {args.text} text tokens + the visual tokens "
-        f"(analytic, per prompt). Time: min over {args.repeats} rounds (+ spread).",
-        "",
-        markdown_table(["tower", "visual tokens", "tower GFLOPs", "tower FLOPs saved", "tower ms", "tower speed-up",
-                        "LLM prefill GFLOPs"], table),
-        "",
-    ]
-    prefix.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(md))
+        f"(analytic, per prompt). Time: min over {args.repeats} rounds (+ spread).", table)
+    prefix.with_suffix(".md").write_text(md)
+    print(md)
     return 0
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from saint.adapters import qwen_vl
-from saint.measure.report import environment, markdown_table, write_json
-from saint.measure.tower import tower_cells, tower_row
+from saint.measure.report import environment, write_json
+from saint.measure.tower import tower_cells, tower_markdown, tower_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
@@ -111,25 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             "none / after the merger" if after else f"before the merger (block {args.vit_layer}, keep {r['ratio']:g})",
             str(r["visual_tokens"]), *tower_cells(r, base), f"{r['llm_prefill_gflops']:.0f}",
         ])
-    md = [
-        "# Qwen2.5-VL: pruning before vs after the 2x2 merger (vision tower cost)",
-        "",
-        f"{report['date']}, {report['cpu']}, {report['torch_threads']} threads, torch {report['versions'].get('torch')}, "
-        f"transformers {report['versions'].get('transformers')}, git {report['git'].get('commit', '')[:10]}",
-        f"Command: `{report['command']}`",
-        "",
+    md = tower_markdown(
+        "Qwen2.5-VL: pruning before vs after the 2x2 merger (vision tower cost)", report,
         f"Qwen2.5-VL-7B vision geometry at 1/{d} width (random weights), one {args.image}x{args.image} image "
         f"({side * side} patches, {merged} merged tokens). Pruning after the merger costs the unpruned tower "
         "and sends the language model the same number of tokens as pruning before it at the same ratio; "
         f"LLM prefill: Qwen2.5-VL-7B shapes, {args.text} text tokens + the visual tokens (analytic, per prompt). "
-        f"Time: min over {args.repeats} rounds (+ spread).",
-        "",
-        markdown_table(["tower", "visual tokens", "tower GFLOPs", "tower FLOPs saved", "tower ms", "tower speed-up",
-                        "LLM prefill GFLOPs"], table),
-        "",
-    ]
-    prefix.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(md))
+        f"Time: min over {args.repeats} rounds (+ spread).", table)
+    prefix.with_suffix(".md").write_text(md)
+    print(md)
     return 0
 
 

@@ -468,3 +468,16 @@ def test_tower_row_counts_one_call_and_times_the_repeats():
     base = dict(tower_gflops=300.0, tower_ms_min=2000.0)
     half = dict(tower_gflops=200.0, tower_ms_min=1600.0, tower_ms_spread=25.0)
     assert tower_cells(half, base) == ["200", "1.50x", "1600 (+25)", "1.25x"]
+
+
+def test_tower_markdown_lays_out_the_run_the_setup_and_the_table():
+    from saint.measure.tower import TOWER_HEADER, tower_markdown
+
+    report = dict(date="2026-12-05", cpu="AMD EPYC", torch_threads=2, versions={"torch": "2.14", "transformers": "5.24"},
+                  git={"commit": "0123456789abcdef"}, command="benchmarks/x.py --family gemma3")
+    lines = tower_markdown("Title", report, "What ran.", [["unpruned", "256", "1", "1.00x", "2 (+0)", "1.00x", "3"]])
+    lines = lines.split("\n")
+    assert lines[:7] == ["# Title", "", "2026-12-05, AMD EPYC, 2 threads, torch 2.14, transformers 5.24, git 0123456789",
+                         "Command: `benchmarks/x.py --family gemma3`", "", "What ran.", ""]
+    assert lines[7] == "| " + " | ".join(TOWER_HEADER) + " |"
+    assert lines[-2] == "| unpruned | 256 | 1 | 1.00x | 2 (+0) | 1.00x | 3 |" and lines[-1] == ""

@@ -48,7 +48,7 @@ from .hf_vlm import HFVlm, multimodal
 from .llava_vision import image_features, make_expand, shrink_plan, start_prefill
 from .qwen_vl_features import random_keep
 from .vlm_config import (
-    LLM_FIELDS,
+    RATIO_FIELDS,
     VlmPruneConfig,
     check_random,
     check_vit_ratio,
@@ -62,14 +62,7 @@ __all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "INTERNVL", "Family", "Gemma3PruneCon
            "PooledPatch", "PooledPruneConfig", "PooledVlm"]
 
 EXPAND = "_expand_multimodal_outputs"  # generate's (private) helper for num_beams / num_return_sequences > 1
-VIT_FIELDS = ("vit_ratio", "vit_layer", "vit_step_div")
-FIELDS: dict[str, tuple[str, ...]] = {
-    "saint/vit": ("mode", *VIT_FIELDS),
-    "saint/llm": ("mode", *LLM_FIELDS),
-    "saint/hybrid": ("mode", *VIT_FIELDS, *LLM_FIELDS),
-    "fastv": ("fastv_layer", "fastv_ratio"),
-    "random": ("keep_ratio", "seed"),
-}
+FIELDS = RATIO_FIELDS
 MEDIA = Media()  # images only: pixel_values / mm_encoder_outputs["image"], image_token_id
 
 

@@ -79,6 +79,8 @@ from .vlm_config import (
     LLM_FIELDS,
     METHODS,
     MODES,
+    RATIO_FIELDS,
+    RATIO_VIT_FIELDS,
     VlmPruneConfig,
     check_int,
     check_random,
@@ -94,15 +96,8 @@ __all__ = [
     "unpatch",
 ]
 
-VIT_FIELDS = ("vit_ratio", "vit_layer", "vit_step_div")
-FIELDS: dict[str, tuple[str, ...]] = {
-    "saint/vit": ("mode", *VIT_FIELDS),
-    "saint/llm": ("mode", *LLM_FIELDS),
-    "saint/hybrid": ("mode", *VIT_FIELDS, *LLM_FIELDS),
-    "fastv": ("fastv_layer", "fastv_ratio"),
-    "random": ("keep_ratio", "seed"),
-    "pool": ("pool_size",),
-}
+VIT_FIELDS = RATIO_VIT_FIELDS
+FIELDS: dict[str, tuple[str, ...]] = {**RATIO_FIELDS, "pool": ("pool_size",)}
 
 
 FAMILY_CLASSES = {  # family -> (transformers module, its model classes)

@@ -21,6 +21,14 @@ from ..methods import is_integer, is_real
 METHODS = ("saint", "fastv", "random", "pool")
 MODES = ("vit", "llm", "hybrid")
 LLM_FIELDS = ("llm_layers", "llm_tau", "llm_k", "llm_gamma", "llm_rate", "llm_rope_keys")
+RATIO_VIT_FIELDS = ("vit_ratio", "vit_layer", "vit_step_div")  # a tower step keeping a share (Qwen-VL, InternVL, Gemma 3)
+RATIO_FIELDS: dict[str, tuple[str, ...]] = {  # method key -> settings, for the families with that tower step
+    "saint/vit": ("mode", *RATIO_VIT_FIELDS),
+    "saint/llm": ("mode", *LLM_FIELDS),
+    "saint/hybrid": ("mode", *RATIO_VIT_FIELDS, *LLM_FIELDS),
+    "fastv": ("fastv_layer", "fastv_ratio"),
+    "random": ("keep_ratio", "seed"),
+}
 
 C = TypeVar("C", bound="VlmPruneConfig")
 

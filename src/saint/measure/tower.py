@@ -9,6 +9,10 @@ from typing import Any
 
 from ..timing import timed_calls
 from .flops import count_flops
+from .report import markdown_table
+
+TOWER_HEADER = ["tower", "visual tokens", "tower GFLOPs", "tower FLOPs saved", "tower ms", "tower speed-up",
+                "LLM prefill GFLOPs"]
 
 
 def tower_row(run: Callable[[], object], repeats: int) -> dict[str, Any]:
@@ -25,3 +29,21 @@ def tower_cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
     return [f"{row['tower_gflops']:.0f}", f"{base['tower_gflops'] / row['tower_gflops']:.2f}x",
             f"{row['tower_ms_min']:.0f} (+{row['tower_ms_spread']:.0f})",
             f"{base['tower_ms_min'] / row['tower_ms_min']:.2f}x"]
+
+
+def tower_markdown(title: str, report: dict[str, Any], setup: str, table: list[list[str]]) -> str:
+    """A tower benchmark's markdown: the title, the run (date, CPU, threads, versions,
+    commit, command), what was measured (``setup``) and the table under :data:`TOWER_HEADER`."""
+    versions = report["versions"]
+    return "\n".join([
+        f"# {title}",
+        "",
+        f"{report['date']}, {report['cpu']}, {report['torch_threads']} threads, torch {versions.get('torch')}, "
+        f"transformers {versions.get('transformers')}, git {report['git'].get('commit', '')[:10]}",
+        f"Command: `{report['command']}`",
+        "",
+        setup,
+        "",
+        markdown_table(TOWER_HEADER, table),
+        "",
+    ])
