@@ -39,6 +39,15 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
         model = transformers.Gemma3ForConditionalGeneration(cfg)
         with torch.no_grad():  # transformers leaves the projection at zeros: every image would embed alike
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
+    elif family in ("idefics3", "smolvlm"):  # 64 px tiles, 8x8 patches pixel-shuffled to 4x4 tokens
+        name = "Idefics3" if family == "idefics3" else "SmolVLM"
+        vision = getattr(transformers, f"{name}VisionConfig")(hidden_size=32, num_hidden_layers=VDEPTH,
+                                                              num_attention_heads=2, intermediate_size=64,
+                                                              image_size=SIZE, patch_size=PATCH)
+        cfg = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=transformers.LlamaConfig(**text),
+                                                     scale_factor=2, image_token_id=image_token_id,
+                                                     attn_implementation=impl)
+        model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
     else:
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)
@@ -54,7 +63,7 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
 
 def image_tokens(family: str, size: tuple[int, int]) -> list[int]:
     """The tokens the processor puts in place of one image of ``size`` (h, w) pixels."""
-    if family in ("internvl", "gemma3"):  # one tile per image here: <img>, 16 context tokens, </img>
+    if family != "mistral3":  # one tile per image here: <img>, 16 context tokens, </img> (or their likes)
         return [START, *[IMG] * 16, END]
     rows, cols = (s // PATCH // 2 for s in size)
     out: list[int] = []
@@ -85,6 +94,12 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
         pixels[i, :, :ph, :pw] = torch.randn(3, ph, pw, generator=g)
         if s % 2 == 0:
             pixels[i, :, : ph // 2] = 0.5
+    if family in ("idefics3", "smolvlm"):  # [prompts, images, 3, h, w], all-zero images padding the rows
+        per_row = [sum(1 for p in r if not isinstance(p, int)) for r in rows]
+        stacked = torch.zeros(len(rows), max(per_row), 3, SIZE, SIZE)
+        for r, chunk in enumerate(pixels.split(per_row)):
+            stacked[r, : len(chunk)] = chunk
+        pixels = stacked
     out = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     if family == "mistral3":
         out["image_sizes"] = torch.tensor([p for p, _ in sizes])

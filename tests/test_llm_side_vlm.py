@@ -15,11 +15,13 @@ from saint.adapters.common import get_handle  # noqa: E402
 
 from .llm_side_tiny import BREAK, DEPTH, END, IMG, START, VDEPTH, WINDOW, inputs, make  # noqa: E402
 
-FAMILIES = ["internvl", "mistral3", "gemma3"]
+FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
     "gemma3": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "idefics3": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "smolvlm": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -35,7 +37,7 @@ NOTHING = {
     "random": dict(method="random", keep_ratio=1.0),
 }
 VISION_SIDE = {"vit", "hybrid", "random"}
-POOLED = ("internvl", "gemma3")  # the families with vision-side modes
+POOLED = ("internvl", "gemma3", "idefics3", "smolvlm")  # the families with vision-side modes
 CASES = [(f, n) for f in FAMILIES for n in sorted(CONFIGS) if f in POOLED or n not in VISION_SIDE]
 NOTHING_CASES = [(f, n) for f in FAMILIES for n in sorted(NOTHING) if f in POOLED or n not in VISION_SIDE]
 GREEDY = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG])  # a generated image token is text
@@ -207,6 +209,26 @@ def tower_parts(family: str, tower) -> tuple:
     return tower.encoder.layers, tower.post_layernorm, 0, "self_attn"
 
 
+def tower_of(family: str, mm):
+    return mm.vision_model if family in ("idefics3", "smolvlm") else mm.vision_tower
+
+
+def unit_pixels(x: dict) -> torch.Tensor:
+    """Every unit's pixels ``[units, 3, h, w]`` (Idefics3 / SmolVLM: the rows' images without
+    the all-zero padding images)."""
+    px = x["pixel_values"]
+    if px.dim() == 4:
+        return px
+    px = px.flatten(0, 1)
+    return px[px.flatten(1).any(dim=1)]
+
+
+def units(feats, per: int = 0) -> torch.Tensor:
+    """Image features as ``[units, tokens, C]`` (Idefics3 / SmolVLM return each prompt's
+    flattened: ``per`` tokens per unit)."""
+    return torch.cat(list(feats)).unflatten(0, (-1, per)) if isinstance(feats, (list, tuple)) else feats
+
+
 @pytest.mark.parametrize("family", POOLED)
 def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
     """A reference from the unpatched model's own modules: the tower's hidden states after
@@ -216,34 +238,35 @@ def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
     the patched features are its kept groups' tokens."""
     model = make(family)
     mm = model.model
-    tower = mm.vision_tower
+    tower = tower_of(family, mm)
     layers, norm, prefix, _ = tower_parts(family, tower)
     x = inputs(family, ROWS[family][1:2])
-    px = x["pixel_values"]
     grab = {}
     hook = layers[1].register_forward_hook(lambda m, a, o: grab.update(hidden=o))
     with torch.no_grad():
-        tower(pixel_values=px)
+        tower(pixel_values=unit_pixels(x))
     hook.remove()
     saint.patch(model, **CONFIGS["vit"])
     with torch.no_grad():
-        got = mm.get_image_features(pixel_values=px, return_dict=True).pooler_output
+        got = units(mm.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output,
+                    round(0.4 * 16))
     keep = get_handle(model).tower.keep  # [units, 16 groups of the 8x8 patch grid]
     saint.unpatch(model)
-    units, groups = keep.shape
-    assert got.shape[:2] == (units, round(0.4 * groups)) and not keep.all()
-    patch_keep = keep.view(units, 4, 1, 4, 1).expand(units, 4, 2, 4, 2).reshape(units, 64)  # each group's 2x2 patches
+    n_units, groups = keep.shape
+    assert got.shape[:2] == (n_units, round(0.4 * groups)) and not keep.all()
+    patch_keep = keep.view(n_units, 4, 1, 4, 1).expand(n_units, 4, 2, 4, 2).reshape(n_units, 64)  # each group's 2x2
     with torch.no_grad():
         h = grab["hidden"]
-        h = torch.stack([torch.cat([h[t, :prefix], h[t, prefix:][patch_keep[t]]]) for t in range(units)])
+        h = torch.stack([torch.cat([h[t, :prefix], h[t, prefix:][patch_keep[t]]]) for t in range(n_units)])
         for layer in layers[2:]:
             h = layer(h) if family == "internvl" else layer(h, attention_mask=None)
         h = norm(h)
-        full = torch.zeros(units, 64, h.shape[-1])
+        full = torch.zeros(n_units, 64, h.shape[-1])
         full[patch_keep] = h[:, prefix:].reshape(-1, h.shape[-1])
         if family == "internvl":
-            full = mm.pixel_shuffle(full.view(units, 8, 8, -1), scale_factor=0.5).reshape(units, groups, -1)
-        want = mm.multi_modal_projector(full)[keep].view(units, -1, got.shape[-1])
+            full = mm.pixel_shuffle(full.view(n_units, 8, 8, -1), scale_factor=0.5).reshape(n_units, groups, -1)
+        project = mm.connector if family in ("idefics3", "smolvlm") else mm.multi_modal_projector
+        want = project(full)[keep].view(n_units, -1, got.shape[-1])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -263,7 +286,7 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(family):
         out = model(**x).logits
         feats = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
     saint.unpatch(model)
-    kept = feats.shape[1]
+    kept = units(feats, round(0.4 * 16)).shape[1]
     rows = []
     for ids, m in zip(x["input_ids"], x["attention_mask"], strict=True):
         ids = ids[m.bool()]
@@ -290,14 +313,14 @@ def test_vit_selection_is_the_budget_drop_on_group_keys(family):
     from saint.core import fixed_budget_keep_mask
 
     model = make(family)
-    tower = model.model.vision_tower
+    tower = tower_of(family, model.model)
     layers, _, prefix, attn_name = tower_parts(family, tower)
     x = inputs(family, ROWS[family][1:2])
     grab = {}
     attn = getattr(layers[1], attn_name)
     hook = attn.k_proj.register_forward_hook(lambda m, a, o: grab.update(k=o))
     with torch.no_grad():
-        tower(pixel_values=x["pixel_values"])
+        tower(pixel_values=unit_pixels(x))
     hook.remove()
     units = grab["k"].shape[0]
     k = attn.k_norm(grab["k"]) if family == "internvl" else grab["k"]
@@ -317,17 +340,17 @@ def test_random_keeps_the_same_seeded_positions_of_every_unit(family):
     model = make(family)
     x = inputs(family, ROWS[family][1:2], [1])  # no flat half: every token differs
     with torch.no_grad():
-        full = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
+        full = units(model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output, 16)
     saint.patch(model, method="random", keep_ratio=0.25, seed=3)
     with torch.no_grad():
-        got = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
+        got = units(model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output, 4)
     tiles, n, c = full.shape
     assert got.shape == (tiles, 4, c)
     picked = [[int((full[t] == row).all(-1).nonzero()) for row in got[t]] for t in range(tiles)]
     assert all(p == picked[0] for p in picked) and picked[0] == sorted(picked[0])
     saint.patch(model, method="random", keep_ratio=0.25, seed=4)
     with torch.no_grad():
-        other = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
+        other = units(model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output, 4)
     assert not torch.equal(other, got)
 
 
@@ -369,3 +392,20 @@ def test_gemma3_kept_tokens_see_each_other_as_unpruned_and_the_window_spans_posi
             got = torch.ones_like(want) if mask is None else mask[0, 0, 0]
             assert torch.equal(got, want), f"layer {i}, step {step}"
     assert not masks[4][-1][0, 0, 0, : len(pos)].any()  # the window has left the prompt behind
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_padded_tiles_are_refused_by_the_vision_side_and_run_in_llm_mode(family):
+    """A tile with masked (padded) patches: the tower would hand its later layers a mask
+    over every patch, so the vit mode refuses it with what to do; llm mode runs it."""
+    model = make(family)
+    x = inputs(family, ROWS[family][:1])
+    mask = torch.ones(*x["pixel_values"].shape[:2], 64, 64, dtype=torch.bool)
+    mask[0, 0, :, 40:] = False  # the right part of the image is padding
+    x["pixel_attention_mask"] = mask
+    saint.patch(model, **CONFIGS["vit"])
+    with torch.no_grad(), pytest.raises(ValueError, match="masks patches inside the vision tower"):
+        model(**x)
+    saint.patch(model, **CONFIGS["llm"])
+    with torch.no_grad():
+        assert model(**x).logits.isnan().any()

@@ -142,8 +142,9 @@ FAMILIES = {
     "internvl": lambda: llm_side("internvl"),
     "mistral3": lambda: llm_side("mistral3"),
     "gemma3": lambda: llm_side("gemma3"),
+    "idefics3": lambda: llm_side("idefics3"),
 }
-VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision", "internvl", "gemma3")  # with vision-side modes
+VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision", "internvl", "gemma3", "idefics3")  # + vision side
 ALL_VLMS = (*VLMS, "mistral3")
 
 
@@ -244,6 +245,7 @@ VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": di
                "qwen2_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "internvl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "gemma3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "idefics3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "llava_next": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_onevision": dict(mode="vit", vit_keep=5, vit_layer=0)}
 

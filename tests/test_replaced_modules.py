@@ -124,6 +124,18 @@ def gemma3_inputs(n: int) -> dict[str, torch.Tensor]:
     return inputs("gemma3", [[3, (64, 64), 4]] * n)
 
 
+def tiny_idefics3() -> torch.nn.Module:
+    from .llm_side_tiny import make
+
+    return make("idefics3")
+
+
+def idefics3_inputs(n: int) -> dict[str, torch.Tensor]:
+    from .llm_side_tiny import inputs
+
+    return inputs("idefics3", [[3, (64, 64), 4]] * n)
+
+
 VLM = {
     "llava_llm": (tiny_llava, dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2), llava_inputs,
                   lambda m: wrap_attr(m.model.language_model.layers[1].self_attn, "k_proj")),
@@ -148,6 +160,10 @@ VLM = {
                    lambda m: wrap_attr(m.model.vision_tower.encoder.layers[1].self_attn, "k_proj")),
     "gemma3_norm": (tiny_gemma3, dict(mode="vit", vit_layer=1, vit_ratio=0.5), gemma3_inputs,
                     lambda m: wrap_attr(m.model.vision_tower, "post_layernorm", Copied)),
+    "idefics3_vit": (tiny_idefics3, dict(mode="vit", vit_layer=1, vit_ratio=0.5), idefics3_inputs,
+                     lambda m: wrap_attr(m.model.vision_model.encoder.layers[1].self_attn, "k_proj")),
+    "idefics3_tower": (tiny_idefics3, dict(mode="vit", vit_layer=1, vit_ratio=0.5), idefics3_inputs,
+                       lambda m: setattr(m.model, "vision_model", tiny_idefics3().model.vision_model)),
 }
 
 

@@ -37,8 +37,8 @@ SUPPORTED = (
     "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma or Phi-3 language model); "
     "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
-    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL and Gemma 3 "
-    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3 "
+    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, Gemma 3, "
+    "Idefics3 and SmolVLM (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3 "
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 

@@ -776,6 +776,13 @@ def transformers_loaded() -> bool:
     return sys.modules.get("transformers") is not None
 
 
+def language_model(mm: torch.nn.Module) -> torch.nn.Module:
+    """The decoder of a Hugging Face multimodal model (``language_model``; Idefics3 and
+    SmolVLM call it ``text_model``)."""
+    lm = mm._modules.get("language_model")
+    return lm if lm is not None else mm.text_model
+
+
 def transformers_classes(module: str, *names: str) -> tuple[type, ...]:
     """The classes ``names`` of ``transformers.models.<module>.modeling_<module>`` that this
     transformers has (none of a module it lacks)."""

@@ -1,7 +1,7 @@
 """SAINT's ``vit`` step inside the vision tower of a VLM whose projector folds square
 groups of patches into one token (InternVL's pixel shuffle: 2x2; Gemma 3's average
-pool: 4x4 at 896 px): after encoder layer ``vit_layer`` every image unit (InternVL's
-tile, Gemma 3's image) keeps ``round(vit_ratio * groups)`` of its groups, chosen by
+pool: 4x4 at 896 px; Idefics3 / SmolVLM's pixel shuffle: 3x3 or 4x4): after encoder
+layer ``vit_layer`` every image unit (a tile, or Gemma 3's image) keeps ``round(vit_ratio * groups)`` of its groups, chosen by
 SAINT's fixed-budget drop on each group's mean key. Every unit keeps the same count, so
 later layers run on a rectangular batch (prefix tokens plus the kept patches) with the
 model's own attention. The tower's output is scattered back to the full grid (zeros at
@@ -41,6 +41,8 @@ def _siglip(tower: torch.nn.Module) -> torch.nn.Module:
 
 INTERNVL_TOWER = TowerLayout(lambda t: t.encoder.layer, "vision_tower.encoder.layer", "attention",
                              lambda t: t.layernorm, prefix=1)
+IDEFICS3_TOWER = TowerLayout(lambda t: t.encoder.layers, "vision_model.encoder.layers", "self_attn",
+                             lambda t: t.post_layernorm, prefix=0)
 SIGLIP_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
                            lambda t: _siglip(t).post_layernorm, prefix=0)
 
@@ -71,6 +73,7 @@ class GroupPruner:
         norm = lay.final_norm(tower)
         self.hooks += [
             tower.register_forward_pre_hook(self._begin),
+            layer.register_forward_pre_hook(self._refuse_masks, with_kwargs=True),
             attn.k_proj.register_forward_hook(self._capture),
             layer.register_forward_hook(self._prune),
             norm.register_forward_hook(self._scatter),
@@ -93,6 +96,15 @@ class GroupPruner:
         for hooked in self.hooked:
             hooked.check()
         self.keep = self._keys = self._patches = None
+
+    @staticmethod
+    def _refuse_masks(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """The layers after the drop would get a mask over every patch: only whole units
+        (no attention mask inside the tower) can lose groups."""
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is not None:
+            raise ValueError("saint's vit mode drops patch groups of whole image units, and this call masks patches "
+                             "inside the vision tower (padded images); send unpadded images, or use mode='llm'")
 
     def _capture(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._keys = output

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .base import FamilyAdapter, Grid, Probe, Site, batch_to
+from .common import language_model
 from .hf_llm import projection
 
 
@@ -78,7 +79,7 @@ class HFVlm(FamilyAdapter):
     tau_setting = "llm_tau"
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        lm = multimodal(model).language_model
+        lm = language_model(multimodal(model))
         out = []
         for i, layer in enumerate(lm.layers):
             attn = layer.self_attn
@@ -100,7 +101,7 @@ class HFVlm(FamilyAdapter):
         can only be ``"mlp"`` (or None) here."""
         if select_at not in (None, "mlp"):
             raise ValueError(f"select_at={select_at!r}: a VLM's decoder layers are pruned after the layer only")
-        cfg = multimodal(model).language_model.config
+        cfg = language_model(multimodal(model)).config
         d, inter = int(cfg.hidden_size), int(cfg.intermediate_size)
         kv = int(cfg.num_key_value_heads) * int(getattr(cfg, "head_dim", None) or d // int(cfg.num_attention_heads))
         return 2 * n_in * (2 * d * d + 2 * d * kv) + 4 * n_in * n_in * d + 2 * n_in * 3 * d * inter

@@ -117,12 +117,13 @@ def start_prefill(handle: VlmPatch, kwargs: dict[str, Any], keep0: torch.Tensor 
 
 def image_features(module: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run the (patched) tower + projector now, so the per-image feature counts are
-    known before the image tokens are matched to them (LLaVA, InternVL, Gemma 3: the
-    feature options and ``image_sizes`` only when the call has them)."""
+    known before the image tokens are matched to them (LLaVA, InternVL, Gemma 3,
+    Idefics3: the feature options, ``image_sizes`` and ``pixel_attention_mask`` only when
+    the call has them)."""
     mm_out = dict(kwargs.get("mm_encoder_outputs") or {})
     if mm_out.get("image") is None:
-        options = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
-                   if kwargs.get(k) is not None}
+        options = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
+                                          "pixel_attention_mask") if kwargs.get(k) is not None}
         mm_out["image"] = module.get_image_features(pixel_values=kwargs["pixel_values"], **options, return_dict=True)
     kwargs = dict(kwargs, pixel_values=None, mm_encoder_outputs=mm_out)
     return kwargs

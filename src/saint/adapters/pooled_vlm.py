@@ -1,8 +1,11 @@
 """VLMs whose projector folds square groups of patches into one token: InternVL
 (transformers 5 ``InternVLForConditionalGeneration`` / ``InternVLModel``, the ``-hf``
-checkpoints; a pixel shuffle of 2x2 groups per tile) and Gemma 3
+checkpoints; a pixel shuffle of 2x2 groups per tile), Gemma 3
 (``Gemma3ForConditionalGeneration`` / ``Gemma3Model``; an average pool of the SigLIP
-tower's grid, 4x4 groups at 896 px). SAINT's vit / llm / hybrid modes, FastV and a random
+tower's grid, 4x4 groups at 896 px), Idefics3 and SmolVLM
+(``Idefics3ForConditionalGeneration``, ``SmolVLMForConditionalGeneration`` and their
+``*Model``; a pixel shuffle of ``scale_factor`` groups per 512 px tile, 64 tokens each;
+a tile with padded patches is refused by the vit mode). SAINT's vit / llm / hybrid modes, FastV and a random
 baseline, with per-instance hooks only; each family is one :class:`Family` below.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`PooledPruneConfig`):
@@ -42,8 +45,15 @@ import torch
 
 from ..methods import MethodSpec
 from .base import Grid
-from .common import Hooked, TokenStats, transformers_classes, transformers_loaded
-from .group_tower import INTERNVL_TOWER, SIGLIP_TOWER, GroupPruner, TowerLayout, check_vit_layer
+from .common import Hooked, TokenStats, language_model, transformers_classes, transformers_loaded
+from .group_tower import (
+    IDEFICS3_TOWER,
+    INTERNVL_TOWER,
+    SIGLIP_TOWER,
+    GroupPruner,
+    TowerLayout,
+    check_vit_layer,
+)
 from .hf_vlm import HFVlm, multimodal
 from .llava_vision import image_features, make_expand, shrink_plan, start_prefill
 from .qwen_vl_features import random_keep
@@ -58,8 +68,9 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "INTERNVL", "Family", "Gemma3PruneConfig", "InternVLPruneConfig",
-           "PooledPatch", "PooledPruneConfig", "PooledVlm"]
+__all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "SMOLVLM", "Family", "Gemma3PruneConfig",
+           "Idefics3PruneConfig", "InternVLPruneConfig", "PooledPatch", "PooledPruneConfig", "PooledVlm",
+           "SmolVLMPruneConfig"]
 
 EXPAND = "_expand_multimodal_outputs"  # generate's (private) helper for num_beams / num_return_sequences > 1
 FIELDS = RATIO_FIELDS
@@ -104,11 +115,25 @@ class Gemma3PruneConfig(PooledPruneConfig):
 
 
 @dataclass
+class Idefics3PruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "Idefics3"
+    UNIT: ClassVar[str] = "tile"
+
+
+@dataclass
+class SmolVLMPruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "SmolVLM"
+    UNIT: ClassVar[str] = "tile"
+
+
+@dataclass
 class PooledPatch(VlmPatch):
     """A patched model of a family here: the VLM handle and the group pruner of
     ``vit``/``hybrid``."""
 
     tower: GroupPruner | None = None
+    unit_tokens: int = 0  # image tokens the processor emits per unit
+    kept_per_unit: int = 0  # of the last vision-side reduction
 
     def remove(self) -> None:
         super().remove()
@@ -137,6 +162,12 @@ def _gemma3_unit(mm: torch.nn.Module) -> tuple[int, int]:
     return side, side // round(int(mm.config.mm_tokens_per_image) ** 0.5)
 
 
+def _idefics3_unit(mm: torch.nn.Module) -> tuple[int, int]:
+    """Idefics3 / SmolVLM's tile: patches per side, and the pixel shuffle's ``scale_factor``."""
+    vc = mm.config.vision_config
+    return int(vc.image_size) // int(vc.patch_size), int(mm.config.scale_factor)
+
+
 def _check_internvl(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
     if mm.config.vision_feature_layer not in (-1, None):
         raise ValueError(f"vision_feature_layer={mm.config.vision_feature_layer}: saint's vit mode reads the "
@@ -150,8 +181,8 @@ def _check_internvl(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
 class Family:
     """One VLM whose projector pools patch groups: the adapter's name, the model classes
     (``module`` and ``classes`` inside ``transformers.models``), its settings class, the
-    tower's layout, ``unit(mm)`` (patches per side of one unit, and the group side), and
-    the family's own checks of the vit mode. Its ``make_config``/``matches``/``patch``/
+    tower's layout, ``unit(mm)`` (patches per side of one unit, and the group side), the
+    family's own checks of the vit mode and where the multimodal model keeps its tower. Its ``make_config``/``matches``/``patch``/
     ``unpatch`` are the family functions of its adapter."""
 
     key: str
@@ -161,6 +192,10 @@ class Family:
     layout: TowerLayout
     unit: Callable[[torch.nn.Module], tuple[int, int]]
     check: Callable[[torch.nn.Module, PooledPruneConfig], None] = lambda mm, cfg: None
+    tower_name: str = "vision_tower"  # the multimodal model's attribute holding the tower
+
+    def tower(self, mm: torch.nn.Module) -> torch.nn.Module:
+        return getattr(mm, self.tower_name)
 
     @property
     def name(self) -> str:
@@ -191,6 +226,10 @@ INTERNVL = Family("internvl", "internvl", ("InternVLForConditionalGeneration", "
                   INTERNVL_TOWER, _internvl_unit, _check_internvl)
 GEMMA3 = Family("gemma3", "gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Model"), Gemma3PruneConfig,
                 SIGLIP_TOWER, _gemma3_unit)
+IDEFICS3 = Family("idefics3", "idefics3", ("Idefics3ForConditionalGeneration", "Idefics3Model"), Idefics3PruneConfig,
+                  IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
+SMOLVLM = Family("smolvlm", "smolvlm", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), SmolVLMPruneConfig,
+                 IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
 
 
 def make_features(handle: PooledPatch, original: Any) -> Any:
@@ -202,22 +241,34 @@ def make_features(handle: PooledPatch, original: Any) -> Any:
     @functools.wraps(original)  # generate reads the signature to pre-encode the pixels
     def features(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
+        feats = out.pooler_output
+        per_prompt = isinstance(feats, (list, tuple))  # Idefics3: each prompt's units, flattened
+        units = torch.cat(list(feats)).unflatten(0, (-1, handle.unit_tokens)) if per_prompt else feats
         keep = None if handle.tower is None else handle.tower.keep
         if cfg.method == "random":
-            units, n = out.pooler_output.shape[:2]
-            keep = random_keep(n, cfg.keep_ratio, cfg.seed, out.pooler_output.device).expand(units, n)
+            n = units.shape[1]
+            keep = random_keep(n, cfg.keep_ratio, cfg.seed, units.device).expand(units.shape[0], n)
         if keep is not None:
-            feats = out.pooler_output
-            out.pooler_output = feats[keep].view(keep.shape[0], -1, feats.shape[-1])
+            kept = units[keep].view(keep.shape[0], -1, units.shape[-1])
+            handle.kept_per_unit = kept.shape[1]
+            if per_prompt:
+                sizes = [f.shape[0] // handle.unit_tokens for f in feats]
+                out.pooler_output = [k.flatten(0, 1) for k in kept.split(sizes)]
+            else:
+                out.pooler_output = kept
         return out
 
     return features
 
 
 def _plan(family: Family, handle: PooledPatch):
-    def plan(input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor | None:
-        counts = [int(feats.shape[1])] * int(feats.shape[0])
-        return shrink_plan(input_ids, counts, handle.image_token_id, family.unit_tokens(handle.mm))
+    def plan(input_ids: torch.Tensor, feats: Any) -> torch.Tensor | None:
+        if isinstance(feats, (list, tuple)):  # each prompt's kept tokens, flattened
+            k = handle.kept_per_unit
+            counts = [k] * (sum(int(f.shape[0]) for f in feats) // k)
+        else:
+            counts = [int(feats.shape[1])] * int(feats.shape[0])
+        return shrink_plan(input_ids, counts, handle.image_token_id, handle.unit_tokens)
 
     return plan
 
@@ -247,17 +298,19 @@ def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "sa
     method, llm_spec = split_method(method, family.name)
     cfg = family.make_config(method, **kwargs)
     mm = multimodal(model)
-    pruner = decoder_pruner(cfg, mm.language_model, llm_spec)
+    pruner = decoder_pruner(cfg, language_model(mm), llm_spec)
+    tower = family.tower(mm)
     if cfg.prunes_vit:
-        check_vit_layer(mm.vision_tower, family.layout, cfg.vit_layer)
+        check_vit_layer(tower, family.layout, cfg.vit_layer)
         family.check(mm, cfg)
-    handle = PooledPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
+    handle = PooledPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace,
+                         unit_tokens=family.unit_tokens(mm))
     with installing(handle):
         if cfg.prunes_vit:
-            handle.tower = GroupPruner(mm.vision_tower, family.layout, family.unit(mm)[1], cfg.vit_layer,
-                                       cfg.vit_ratio, cfg.vit_step_div)
+            handle.tower = GroupPruner(tower, family.layout, family.unit(mm)[1], cfg.vit_layer, cfg.vit_ratio,
+                                       cfg.vit_step_div)
             handle.tower.install()
-            handle.hooked.append(Hooked(mm, lambda m: m.vision_tower, mm.vision_tower, "the vision tower"))
+            handle.hooked.append(Hooked(mm, family.tower, tower, "the vision tower"))
         if cfg.reduces_vision:
             handle.wrap(mm, "get_image_features", make_features(handle, mm.get_image_features))
             if model is not mm and hasattr(model, EXPAND) and EXPAND not in model.__dict__:
@@ -285,4 +338,4 @@ class PooledVlm(HFVlm):
         return Grid(side, side, (size // side, size // side))
 
 
-ADAPTERS = (PooledVlm(INTERNVL), PooledVlm(GEMMA3))
+ADAPTERS = (PooledVlm(INTERNVL), PooledVlm(GEMMA3), PooledVlm(IDEFICS3), PooledVlm(SMOLVLM))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import hf_llm
-from .common import RefusePickle, TokenStats
+from .common import RefusePickle, TokenStats, language_model
 from .vlm_handle import Forward, VlmPatch
 
 
@@ -116,7 +116,7 @@ def install_forward_hooks(handle: VlmPatch, model: torch.nn.Module, mm: torch.nn
     decoder pruner, ``mm_pre`` on the multimodal model, the language model's
     post-hook (outputs back in input coordinates, statistics) then ``lm_post``, and the
     labels/logits hooks of a ``*ForConditionalGeneration``."""
-    lm = mm.language_model
+    lm = language_model(mm)
     hooks = handle.hooks
     hooks.append(model.register_forward_pre_hook(RefusePickle(make_guard(handle, enter=True)), prepend=True))
     handle.pruner.install()
