@@ -32,13 +32,15 @@ from .lmms_helpers import (
     train_tokenizer,
 )
 
-FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": "SaintGemma3"}
+FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": "SaintGemma3",
+            "idefics3": "SaintIdefics3"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # InternVL and Gemma 3: half of every tile's (image's) 16 tokens
 NOTHING_ARGS = ("llm_layers=0-4,llm_tau=0.3,llm_k=1000", "method=fastv,fastv_layer=1,fastv_ratio=0")
 PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_ARGS), ("mistral3", LLM_ARGS),
-           ("mistral3", FASTV_ARGS), ("gemma3", LLM_ARGS), ("gemma3", FASTV_ARGS), ("gemma3", VIT_ARGS)]
+           ("mistral3", FASTV_ARGS), ("gemma3", LLM_ARGS), ("gemma3", FASTV_ARGS), ("gemma3", VIT_ARGS),
+           ("idefics3", LLM_ARGS), ("idefics3", VIT_ARGS)]
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL 1 to 3 tiles
 
 
@@ -70,6 +72,16 @@ def _build(path: Path, family: str) -> None:
         images = transformers.Gemma3ImageProcessor(size={"height": 64, "width": 64})
         processor = transformers.Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16)
         image_token = "<image_soft_token>"
+    elif family == "idefics3":
+        tiles = [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
+        special = ["<pad>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<global-img>",
+                   "<end_of_utterance>", "<|im_start|>", *tiles]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["User: Assistant:"]), pad_token="<pad>", bos_token="<s>",
+            eos_token="<end_of_utterance>")
+        images = transformers.Idefics3ImageProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
+        processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=16)
+        image_token = "<image>"
     else:
         special = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
         tokenizer = transformers.PreTrainedTokenizerFast(
@@ -120,11 +132,17 @@ def test_entry_points_resolve():
     need("lmms_eval")
     import lmms_eval.models
 
-    from saint.integrations.lmms_llm_side import SaintGemma3, SaintInternVL, SaintMistral3
+    from saint.integrations.lmms_llm_side import (
+        SaintGemma3,
+        SaintIdefics3,
+        SaintInternVL,
+        SaintMistral3,
+    )
 
     assert lmms_eval.models.get_model("saint_internvl") is SaintInternVL
     assert lmms_eval.models.get_model("saint_mistral3") is SaintMistral3
     assert lmms_eval.models.get_model("saint_gemma3") is SaintGemma3
+    assert lmms_eval.models.get_model("saint_idefics3") is SaintIdefics3
 
 
 def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):

@@ -1,8 +1,9 @@
-"""lmms-eval models ``saint_internvl``, ``saint_mistral3`` and ``saint_gemma3``: Hugging
-Face InternVL (``InternVLForConditionalGeneration``), Mistral 3
-(``Mistral3ForConditionalGeneration``) and Gemma 3 (``Gemma3ForConditionalGeneration``)
-checkpoints pruned by :func:`saint.patch` (:mod:`saint.adapters.pooled_vlm`, InternVL
-and Gemma 3: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
+"""lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3`` and
+``saint_idefics3``: Hugging Face InternVL (``InternVLForConditionalGeneration``), Mistral 3
+(``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``) and
+Idefics3 / SmolVLM checkpoints pruned by :func:`saint.patch`
+(:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3 and Idefics3 / SmolVLM: SAINT's
+``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
 :mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's
 language model), for any lmms-eval image task::
 
@@ -32,11 +33,15 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintGemma3", "SaintInternVL", "SaintMistral3"]
+__all__ = ["SaintGemma3", "SaintIdefics3", "SaintInternVL", "SaintMistral3"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
     "[/INST]{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' "
@@ -53,6 +58,22 @@ class SaintLlmSide(SaintLlava):
     ADAPTER: Any = llm_side_vlm.MISTRAL3
     MODEL_CLASS = ""
     TITLE = ""
+    NESTED_IMAGES = False  # the processor takes each prompt's images as a list of their own (Gemma 3, Idefics3)
+
+    def _processor_inputs(self, texts: Sequence[str], visuals: Sequence[Any]) -> Any:
+        """The processor's output; with ``NESTED_IMAGES`` the flat ``visuals`` are split by
+        prompt (each takes as many as its text has image placeholders)."""
+        if not visuals or not self.NESTED_IMAGES:
+            return super()._processor_inputs(texts, visuals)
+        images, k = [], 0
+        for text in texts:
+            n = text.count(self.image_token)
+            images.append(list(visuals[k:k + n]))
+            k += n
+        if k != len(visuals) or not all(images):
+            raise ValueError(f"{self.NAME}: {len(visuals)} images for prompts with "
+                             f"{[t.count(self.image_token) for t in texts]} image placeholders")
+        return self.processor(text=list(texts), images=images, return_tensors="pt", padding=True)
 
     @classmethod
     def _family_hint(cls) -> str:  # type: ignore[override]
@@ -106,6 +127,7 @@ class SaintGemma3(SaintLlmSide):
     :func:`saint.patch`, evaluated by lmms-eval (``--model saint_gemma3``)."""
 
     NAME = "saint_gemma3"
+    NESTED_IMAGES = True
     ADAPTER = pooled_vlm.GEMMA3
     MODEL_TYPES = ("gemma3",)
     MODEL_CLASS = "Gemma3ForConditionalGeneration"
@@ -121,25 +143,34 @@ class SaintGemma3(SaintLlmSide):
             raise ValueError(f"{self.NAME} runs each image whole; this checkpoint's image processor has "
                              "do_pan_and_scan=True: save the processor with do_pan_and_scan=False")
 
-    def _processor_media(self, visuals: Sequence[Any]) -> dict[str, Any]:
-        """Gemma 3's processor takes each prompt's images as a list of their own."""
-        return {"images": [[v] for v in visuals] or None}
-
-    def _processor_inputs(self, texts: Sequence[str], visuals: Sequence[Any]) -> Any:
-        """The processor's output, with the flat ``visuals`` split by prompt (each takes
-        as many as its text has image placeholders)."""
-        if not visuals:
-            return super()._processor_inputs(texts, visuals)
-        images, k = [], 0
-        for text in texts:
-            n = text.count(self.image_token)
-            images.append(list(visuals[k:k + n]))
-            k += n
-        if k != len(visuals) or not all(images):
-            raise ValueError(f"{self.NAME}: {len(visuals)} images for prompts with "
-                             f"{[t.count(self.image_token) for t in texts]} image placeholders")
-        return self.processor(text=list(texts), images=images, return_tensors="pt", padding=True)
-
     def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """``token_type_ids``, as the processor marks the image tokens."""
         return {"token_type_ids": (input_ids == self.model.config.image_token_id).long()}
+
+
+class SaintIdefics3(SaintLlmSide):
+    """An Idefics3 or SmolVLM checkpoint (``model_type: idefics3`` / ``smolvlm``) patched once
+    by :func:`saint.patch`, evaluated by lmms-eval (``--model saint_idefics3``). The
+    processor splits an image into tiles plus a global view; every tile's run of image
+    tokens is one unit of the ``vit`` mode."""
+
+    NAME = "saint_idefics3"
+    NESTED_IMAGES = True
+    ADAPTER = pooled_vlm.IDEFICS3
+    MODEL_TYPES = ("idefics3", "smolvlm")
+    MODEL_CLASS = "Idefics3ForConditionalGeneration"
+    TITLE = "Idefics3 / SmolVLM"
+    DEFAULT_CHAT_TEMPLATE = IDEFICS3_TEMPLATE
+
+    @classmethod
+    def _model_class(cls, model_type: str) -> Any:  # type: ignore[override]
+        import transformers
+
+        return transformers.SmolVLMForConditionalGeneration if model_type == "smolvlm" else \
+            transformers.Idefics3ForConditionalGeneration
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The first prompt's tiles (``[1, tiles, 3, h, w]``) and their pixel mask."""
+        if not visuals:
+            return {}
+        return {k: enc[k][:1] for k in ("pixel_values", "pixel_attention_mask") if k in enc}
