@@ -147,13 +147,15 @@ def test_entry_points_resolve():
 
 def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     need("lmms_eval")
-    from saint.integrations.lmms_llm_side import SaintGemma3, SaintInternVL, SaintMistral3
+    from saint.integrations.lmms_llm_side import SaintGemma3, SaintIdefics3, SaintInternVL, SaintMistral3
 
     missing = str(tmp_path / "no-such-checkpoint")
     with pytest.raises(ValueError, match="inside the language model only"):
         SaintMistral3(pretrained=missing, mode="vit")
     with pytest.raises(ValueError, match=r"vit_ratio=0 must be a fraction in \(0, 1\]"):
         SaintGemma3(pretrained=missing, mode="hybrid", vit_ratio=0)
+    with pytest.raises(TypeError, match="does not use"):
+        SaintIdefics3(pretrained=missing, method="random", keep_ratio=0.5, vit_layer=2)
     with pytest.raises(ValueError, match=r"vit_ratio=2 must be a fraction in \(0, 1\]"):
         SaintInternVL(pretrained=missing, mode="vit", vit_ratio=2)
     for cls in (SaintInternVL, SaintMistral3):
