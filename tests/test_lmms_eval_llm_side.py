@@ -147,7 +147,12 @@ def test_entry_points_resolve():
 
 def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     need("lmms_eval")
-    from saint.integrations.lmms_llm_side import SaintGemma3, SaintIdefics3, SaintInternVL, SaintMistral3
+    from saint.integrations.lmms_llm_side import (
+        SaintGemma3,
+        SaintIdefics3,
+        SaintInternVL,
+        SaintMistral3,
+    )
 
     missing = str(tmp_path / "no-such-checkpoint")
     with pytest.raises(ValueError, match="inside the language model only"):
