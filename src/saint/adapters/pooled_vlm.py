@@ -4,8 +4,9 @@ checkpoints; a pixel shuffle of 2x2 groups per tile), Gemma 3
 (``Gemma3ForConditionalGeneration`` / ``Gemma3Model``; an average pool of the SigLIP
 tower's grid, 4x4 groups at 896 px), Idefics3 and SmolVLM
 (``Idefics3ForConditionalGeneration``, ``SmolVLMForConditionalGeneration`` and their
-``*Model``; a pixel shuffle of ``scale_factor`` groups per 512 px tile, 64 tokens each;
-a tile with padded patches is refused by the vit mode). SAINT's vit / llm / hybrid modes, FastV and a random
+``*Model``; a pixel shuffle of ``scale_factor`` x ``scale_factor`` groups per tile, e.g.
+SmolVLM's 4x4 groups, 64 tokens per 512 px tile; a tile with padded patches is refused
+by the vit mode). SAINT's vit / llm / hybrid modes, FastV and a random
 baseline, with per-instance hooks only; each family is one :class:`Family` below.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`PooledPruneConfig`):
@@ -151,8 +152,7 @@ def _internvl_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """InternVL's tile: patches per side, and the pixel shuffle's group side (0.5: 2x2)."""
     vc = mm.config.vision_config
     size, patch = (int(v[0]) if isinstance(v, (list, tuple)) else int(v) for v in (vc.image_size, vc.patch_size))
-    ratio = float(mm.config.downsample_ratio)
-    return size // patch, round(1 / ratio) if ratio > 0 else 0
+    return size // patch, round(1 / float(mm.config.downsample_ratio))
 
 
 def _gemma3_unit(mm: torch.nn.Module) -> tuple[int, int]:
@@ -182,8 +182,9 @@ class Family:
     """One VLM whose projector pools patch groups: the adapter's name, the model classes
     (``module`` and ``classes`` inside ``transformers.models``), its settings class, the
     tower's layout, ``unit(mm)`` (patches per side of one unit, and the group side), the
-    family's own checks of the vit mode and where the multimodal model keeps its tower. Its ``make_config``/``matches``/``patch``/
-    ``unpatch`` are the family functions of its adapter."""
+    family's own checks of the vit mode and where the multimodal model keeps its tower.
+    Its ``make_config``/``matches``/``patch``/``unpatch`` are the family functions of its
+    adapter."""
 
     key: str
     module: str
