@@ -409,3 +409,15 @@ def test_padded_tiles_are_refused_by_the_vision_side_and_run_in_llm_mode(family)
     saint.patch(model, **CONFIGS["llm"])
     with torch.no_grad():
         assert model(**x).logits.isnan().any()
+
+
+def test_fastv_is_refused_on_a_decoder_that_caps_its_attention_logits():
+    """FastV ranks by the last query's attention, which saint computes without a softcap:
+    a decoder with ``attn_logit_softcapping`` is refused for FastV (SAINT reads keys only)."""
+    model = make("gemma3")
+    model.model.language_model.config.attn_logit_softcapping = 50.0
+    with pytest.raises(ValueError, match="caps its attention logits"):
+        saint.patch(model, **CONFIGS["fastv"])
+    assert not saint.is_patched(model)
+    saint.patch(model, **CONFIGS["llm"])
+    assert saint.is_patched(model)
