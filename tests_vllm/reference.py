@@ -160,3 +160,31 @@ def transformers_llava_scores(
         "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
         "tokens": [len(f) for f in feats],
     }
+
+
+def transformers_idefics3_scores(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
+) -> dict:
+    """Idefics3, one image: the fixed-budget drop on each tile's (and the global view's)
+    connector output, each tile's run of placeholders filled with its kept features, the
+    shortened prompt numbered 0..L-1. ``kept``: the image's kept indices over its tiles'
+    tokens in order; ``tiles``: how many tiles (with the global view) it was split into."""
+    from PIL import Image
+    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = Idefics3Processor.from_pretrained(model_dir)
+    pixels = processor.image_processor(images=[[Image.open(image_path).convert("RGB")]], return_tensors="pt")
+    out = model.model.get_image_features(pixel_values=pixels["pixel_values"],
+                                         pixel_attention_mask=pixels["pixel_attention_mask"])
+    feats = getattr(out, "pooler_output", out)  # [tiles, tokens, D], or one flat tensor per prompt
+    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    tiles = list(feats.reshape(-1, int(processor.image_seq_len), feats.shape[-1]))
+    keeps = [_keep(t, keep_ratio) for t in tiles]
+    embeds, _, _ = _kept_embeddings(model, model.config.image_token_id, tiles, keeps, prompt_ids, output_ids)
+    hidden = model.model.text_model(inputs_embeds=embeds).last_hidden_state
+    return {
+        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
+        "kept": [torch.cat(keeps).nonzero().flatten().tolist()],
+        "tiles": len(tiles),
+    }

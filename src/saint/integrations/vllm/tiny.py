@@ -1,4 +1,4 @@
-"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL and LLaVA-1.5 checkpoints written to a folder that vLLM and
+"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-1.5 and Idefics3 checkpoints written to a folder that vLLM and
 transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
 spot (with the model's special tokens), the PIL image processor and random weights.
 
@@ -252,5 +252,45 @@ def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 
     }
     (path / "processor_config.json").write_text(json.dumps(processor, indent=2))
     gen = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
+IDEFICS3_SPECIAL_TOKENS = ["<pad>", "<s>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                           "<global-img>", *[f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]]
+
+
+def write_idefics3_checkpoint(path: str | Path, tile: int = 64, seed: int = 0) -> Path:
+    """Write a tiny random Idefics3 (SigLIP-like tower, 8 px patches, pixel shuffle 2, Llama
+    LM) to ``path``: images are split into ``tile`` px tiles plus a global view (up to
+    ``2 x tile`` on the longest side), each ``(tile // 16) ** 2`` image tokens."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512, IDEFICS3_SPECIAL_TOKENS)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in IDEFICS3_SPECIAL_TOKENS[:4]}
+    text = dict(
+        model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
+        bos_token_id=ids["<s>"], eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<pad>"],
+    )
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=tile, patch_size=8)
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2, image_token_id=ids["<image>"],
+                            pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _sharpen(model)
+    model.save_pretrained(path)
+    images = Idefics3ImageProcessor(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile})
+    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(tile // 16) ** 2).save_pretrained(path)
+    gen = {"eos_token_id": ids["<end_of_utterance>"], "pad_token_id": ids["<pad>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
