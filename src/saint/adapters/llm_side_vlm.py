@@ -74,15 +74,14 @@ class Family:
     """One VLM pruned inside its language model: the adapter's name, the model classes
     (``module`` and ``classes`` inside ``transformers.models``), its settings class
     (which names the family in errors and says why the tower keeps every patch), and why
-    kept tokens map to no one patch grid (empty: the tower's ``image_size``, pooled to
-    the image tokens' square). Its ``make_config``/``matches``/``patch``/``unpatch`` are
-    the family functions of its adapter."""
+    its kept tokens map to no one patch grid. Its ``make_config``/``matches``/``patch``/
+    ``unpatch`` are the family functions of its adapter."""
 
     key: str
     module: str
     classes: tuple[str, ...]
     config: type[LlmSidePruneConfig]
-    no_grid: str = ""
+    no_grid: str
 
     @property
     def name(self) -> str:
@@ -134,15 +133,9 @@ class LlmSideVlm(HFVlm):
         self.name = family.key
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        """The image tokens' square grid over the tower's input; a clear error where there
-        is no one grid (Mistral 3)."""
-        if self.family.no_grid:
-            raise ValueError(f"{type(model).__name__} {self.family.no_grid}: there is no one patch grid to map "
-                             "kept tokens to")
-        mm = multimodal(model)
-        side = round(int(mm.config.mm_tokens_per_image) ** 0.5)
-        size = int(mm.config.vision_config.image_size)
-        return Grid(side, side, (size // side, size // side))
+        """A clear error: images that keep their own sizes (Mistral 3) have no one grid."""
+        raise ValueError(f"{type(model).__name__} {self.family.no_grid}: there is no one patch grid to map "
+                         "kept tokens to")
 
 
 ADAPTERS = (LlmSideVlm(MISTRAL3),)
