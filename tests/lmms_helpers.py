@@ -223,3 +223,24 @@ def built_once(tmp_path_factory: Any, build: Callable[[Path, str], None]) -> Cal
 
     return get
 
+
+
+def family_fixtures(build: Callable[[Path, str], None], families: Any, sizes: list) -> tuple[Any, Any, Any]:
+    """The module-scoped fixtures of an lmms-eval test module over several families:
+    ``checkpoint`` (``checkpoint(family)``: a tiny checkpoint made by ``build``, once per
+    family), ``family`` (each of ``families`` in turn) and ``docs`` (easy-VQA questions
+    with their images resized to ``sizes``). Assign them to module names of the same names."""
+
+    @pytest.fixture(scope="module")
+    def checkpoint(tmp_path_factory, one_thread):
+        return built_once(tmp_path_factory, build)
+
+    @pytest.fixture(scope="module", params=list(families))
+    def family(request) -> str:
+        return request.param
+
+    @pytest.fixture(scope="module")
+    def docs() -> list[dict]:
+        return sized_docs(sizes)
+
+    return checkpoint, family, docs

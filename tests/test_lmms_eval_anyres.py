@@ -17,16 +17,15 @@ import torch
 from .lmms_helpers import (
     assert_alone_equals_batched,
     build_llava,
-    built_once,
     continuation_loss,
     easy_vqa_docs,
+    family_fixtures,
     gen_requests,
     ll_requests,
     make_lm,
     need,
     requests,
     run_cli,
-    sized_docs,
     sized_image,
     train_tokenizer,
 )
@@ -72,21 +71,7 @@ def _build(path: Path, family: str) -> None:
     make(family, vocab_size=len(tokenizer), **ids).save_pretrained(path)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, one_thread):
-    """``checkpoint(family)``: the folder of a tiny checkpoint of that family, built once."""
-    return built_once(tmp_path_factory, _build)
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def docs() -> list[dict]:
-    """easy-VQA questions with their 64 px images resized to SIZES."""
-    return sized_docs(SIZES)
+checkpoint, family, docs = family_fixtures(_build, FAMILIES, SIZES)  # module-scoped fixtures
 
 
 def visuals(doc: dict) -> list:
