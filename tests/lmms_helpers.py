@@ -244,3 +244,25 @@ def family_fixtures(build: Callable[[Path, str], None], families: Any, sizes: li
         return sized_docs(sizes)
 
     return checkpoint, family, docs
+
+
+def direct_generation(lm, question: str, images: list) -> str:
+    """What ``lm``'s model generates (4 greedy tokens) for ``question`` behind its image
+    token, in its chat template, from the processor's own output: the reference a
+    ``generate_until`` request must reproduce."""
+    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": lm.image_token + "\n" + question}],
+                                              chat_template=lm.chat_template, tokenize=False,
+                                              add_generation_prompt=True)
+    enc = lm.processor(text=[prompt], images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = lm.model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+                                eos_token_id=lm.eot_token_id)
+    return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def assert_same_results(lms: dict, gen: list, ll: list, texts: list, scores: list) -> None:
+    """Every model of ``{args: lm}`` generates ``texts``, scores ``scores`` and logged its pruning."""
+    for args, lm in lms.items():
+        assert lm.generate_until(gen) == texts, args
+        assert [tuple(s) for s in lm.loglikelihood(ll)] == [tuple(s) for s in scores], args
+        assert lm.pruning_log and all("llm_input" in e for e in lm.pruning_log)

@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from .lmms_helpers import (
     assert_alone_equals_batched,
+    assert_same_results,
     build_llava,
     continuation_loss,
+    direct_generation,
     easy_vqa_docs,
     family_fixtures,
     gen_requests,
@@ -140,19 +141,9 @@ def test_nothing_pruned_equals_the_unpatched_model(checkpoint, family, docs):
     gen, ll = gen_reqs(docs), ll_reqs(docs)
     texts, scores = base.generate_until(gen), base.loglikelihood(ll)
     assert all("llm_input" not in e for e in base.pruning_log)  # unpatched: nothing reported pruned
-    prompt = base.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\n" + docs[0]["question"]}],
-                                                chat_template=base.chat_template, tokenize=False,
-                                                add_generation_prompt=True)
-    enc = base.processor(text=[prompt], images=visuals(docs[0]), return_tensors="pt")
-    with torch.no_grad():
-        out = base.model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=base.tokenizer.pad_token_id,
-                                  eos_token_id=base.eot_token_id)
-    assert texts[0] == base.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    for args in NOTHING_ARGS:
-        lm = lm_for(checkpoint, family, args, docs)
-        assert lm.generate_until(gen) == texts, args
-        assert [tuple(s) for s in lm.loglikelihood(ll)] == [tuple(s) for s in scores], args
-        assert lm.pruning_log and all("llm_input" in e for e in lm.pruning_log)
+    assert base.image_token == "<image>"
+    assert texts[0] == direct_generation(base, docs[0]["question"], visuals(docs[0]))
+    assert_same_results({args: lm_for(checkpoint, family, args, docs) for args in NOTHING_ARGS}, gen, ll, texts, scores)
 
 
 # ---------------------------------------------------------------------------- pruning
