@@ -1,5 +1,5 @@
 """The transformers references for the vLLM plugin: the same checkpoint run by transformers
-(Qwen2.5-VL, Qwen3-VL, LLaVA-1.5), with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
+(Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, Idefics3, InternVL), with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
 the plugin's budget rule) and, for the Qwen models, the kept tokens given their full-grid
 M-RoPE positions from transformers' own ``get_rope_index``.
 
@@ -187,4 +187,77 @@ def transformers_idefics3_scores(
         "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
         "kept": [torch.cat(keeps).nonzero().flatten().tolist()],
         "tiles": len(tiles),
+    }
+
+
+def transformers_internvl_scores(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
+) -> dict:
+    """InternVL, one image: the fixed-budget drop on each tile's (and the thumbnail's)
+    projector output, the image's one run of context tokens filled with the tiles' kept
+    features in order, the shortened prompt numbered 0..L-1. ``kept``: the image's kept
+    indices over its tiles' tokens in order; ``tiles``: how many tiles (with the thumbnail)."""
+    from PIL import Image
+    from transformers import InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = GotOcr2ImageProcessorPil.from_pretrained(model_dir)
+    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    out = model.model.get_image_features(pixel_values=pixels["pixel_values"])
+    tiles = getattr(out, "pooler_output", out)  # [tiles, tokens, D]
+    keep = torch.cat([_keep(t, keep_ratio) for t in tiles])
+    embeds, _, _ = _kept_embeddings(model, model.config.image_token_id, [tiles.flatten(0, 1)], [keep],
+                                    prompt_ids, output_ids)
+    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    return {
+        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
+        "kept": [keep.nonzero().flatten().tolist()],
+        "tiles": len(tiles),
+    }
+
+
+def transformers_anyres_scores(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
+    family: str = "llava_next",
+) -> dict:
+    """LLaVA-NeXT / OneVision, one image: the fixed-budget drop on the packed features'
+    base view and, separately, on its grid tokens, every newline kept; the newline rows are
+    found by running the model's own ``pack_image_features`` on marker features. The
+    shortened prompt numbered 0..L-1. ``kept``: the kept indices; ``base``, ``newlines``:
+    the base view's token count and the newline count."""
+    import importlib
+
+    import transformers
+    from PIL import Image
+
+    name = {"llava_next": "LlavaNext", "llava_onevision": "LlavaOnevision"}[family]
+    model = getattr(transformers, f"{name}ForConditionalGeneration").from_pretrained(
+        model_dir, dtype=torch.float32).eval()
+    images = importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}")
+    processor = getattr(images, f"{name}ImageProcessorPil").from_pretrained(model_dir)
+    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    out = model.model.get_image_features(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+    (feats,) = getattr(out, "pooler_output", out)
+    vision = model.config.vision_config
+    base = (vision.image_size // vision.patch_size) ** 2
+    crops = pixels["pixel_values"].shape[1]
+    marker_kwargs = {"vision_feature_select_strategy": "default"} if family == "llava_next" else {}
+    marks, _ = model.model.pack_image_features(
+        image_features=[torch.zeros(crops, base, 1)], image_sizes=pixels["image_sizes"],
+        image_newline=torch.ones(1), **marker_kwargs)
+    newline = marks[0][:, 0] == 1
+    assert len(newline) == len(feats) and not newline[:base].any()
+    grid = ~newline
+    grid[:base] = False
+    keep = newline.clone()
+    keep[:base] = _keep(feats[:base], keep_ratio)
+    keep[grid] = _keep(feats[grid], keep_ratio)
+    embeds, _, _ = _kept_embeddings(model, model.config.image_token_id, [feats], [keep], prompt_ids, output_ids)
+    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    return {
+        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
+        "kept": [keep.nonzero().flatten().tolist()],
+        "base": base,
+        "newlines": int(newline.sum()),
     }

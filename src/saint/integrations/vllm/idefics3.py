@@ -12,14 +12,12 @@ embeddings are refused while pruning is on.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from .compat import install_torchvision_shim
 
 install_torchvision_shim()
 
-import torch  # noqa: E402
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.idefics3 import (  # noqa: E402
     Idefics3DummyInputsBuilder,
@@ -33,7 +31,8 @@ from vllm.model_executor.models.smolvlm import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from .settings import SaintSettingsError, settings_from_config  # noqa: E402
+from .settings import settings_from_config  # noqa: E402
+from .tiles import SaintTilePruningMixin, processor_with_kept_tiles  # noqa: E402
 
 
 class _KeptTileTokens:
@@ -43,21 +42,15 @@ class _KeptTileTokens:
         super().__init__(ctx)  # type: ignore[call-arg]
         self.saint = settings_from_config(self.get_hf_config())  # type: ignore[attr-defined]
 
-    def _kept(self, processor: Any) -> Any:
-        """The processor as the prompt side sees it: ``image_seq_len`` cut to the kept count."""
-        if self.saint is None:
-            return processor
-        kept = copy.copy(processor)
-        kept.image_seq_len = self.saint.kept_tokens(int(processor.image_seq_len))
-        return kept
-
     def get_image_repl(self, *, image_width: int, image_height: int, processor: Any, mm_kwargs: Any) -> str:
         return super().get_image_repl(  # type: ignore[misc]
-            image_width=image_width, image_height=image_height, processor=self._kept(processor), mm_kwargs=mm_kwargs)
+            image_width=image_width, image_height=image_height,
+            processor=processor_with_kept_tiles(processor, self.saint, "image_seq_len"), mm_kwargs=mm_kwargs)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, processor: Any, mm_kwargs: Any) -> int:
         return super().get_num_image_tokens(  # type: ignore[misc]
-            image_width=image_width, image_height=image_height, processor=self._kept(processor), mm_kwargs=mm_kwargs)
+            image_width=image_width, image_height=image_height,
+            processor=processor_with_kept_tiles(processor, self.saint, "image_seq_len"), mm_kwargs=mm_kwargs)
 
 
 class SaintIdefics3ProcessingInfo(_KeptTileTokens, Idefics3ProcessingInfo):
@@ -68,26 +61,13 @@ class SaintSmolVLMProcessingInfo(_KeptTileTokens, SmolVLMProcessingInfo):
     """SmolVLM's processing info with each tile's token count cut to SAINT's budget."""
 
 
-class _PrunedTiles:
+class _PrunedTiles(SaintTilePruningMixin):
     """The model side: each tile's connector output cut to SAINT's kept count."""
 
-    def _saint_init(self) -> None:
-        self.saint = settings_from_config(self.config)  # type: ignore[attr-defined]
-        self.saint_last_keep: list[torch.Tensor] = []
-
     def _process_image_input(self, image_input: Any) -> Any:
-        if self.saint is not None and image_input["type"] == "image_embeds":
-            raise SaintSettingsError(
-                "saint_keep_ratio: precomputed image embeddings cannot be pruned (their placeholder count is "
-                "their own length); send pixels or switch SAINT off"
-            )
+        self.saint_refuse_embeddings(image_input)
         embeds = super()._process_image_input(image_input)  # type: ignore[misc]
-        if self.saint is None:
-            return embeds
-        per_tile = int(self.model.image_seq_len)  # type: ignore[attr-defined]
-        masks = [torch.cat([self.saint.keep_mask(t) for t in e.view(-1, per_tile, e.shape[-1])]) for e in embeds]
-        self.saint_last_keep = masks
-        return [e[m] for e, m in zip(embeds, masks, strict=True)]
+        return self.saint_prune_tiles(embeds, int(self.model.image_seq_len))  # type: ignore[attr-defined]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -98,7 +78,7 @@ class SaintIdefics3ForConditionalGeneration(_PrunedTiles, Idefics3ForConditional
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._saint_init()
+        self.saint_setup()
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -109,4 +89,4 @@ class SaintSmolVLMForConditionalGeneration(_PrunedTiles, SmolVLMForConditionalGe
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._saint_init()
+        self.saint_setup()

@@ -37,7 +37,8 @@ from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin, images_only_settings  # noqa: E402
+from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin  # noqa: E402
+from .settings import images_only_settings  # noqa: E402
 
 
 class SaintQwen2VLProcessingInfo(Qwen2VLProcessingInfo):

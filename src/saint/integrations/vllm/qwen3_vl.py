@@ -49,9 +49,9 @@ from vllm.utils.gpu_sync_debug import gpu_sync_allowed  # noqa: E402
 from .qwen_common import (  # noqa: E402
     SaintBudgetPromptMixin,
     SaintImagePruningMixin,
-    images_only_settings,
     media_positions,
 )
+from .settings import images_only_settings  # noqa: E402
 
 POSITION_CHANNELS = 5  # what vLLM's Qwen3-VL appends to (and strips from) each media row
 

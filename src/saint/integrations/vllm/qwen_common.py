@@ -13,7 +13,7 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
-from .settings import SaintSettingsError, SaintVllmSettings, settings_from_config
+from .settings import SaintVllmSettings, settings_from_config
 
 
 def media_positions(grid_thw: Sequence[int], merge_size: int, **time: float) -> torch.Tensor:
@@ -66,20 +66,6 @@ def positions_with_pruned_images(
     positions, _ = full_positions(tokens, features)
     positions = positions[:, torch.tensor(kept, dtype=torch.bool)]
     return positions, int(positions.max()) + 1 - len(input_tokens)
-
-
-def images_only_settings(info: Any, ctx: Any, family: str) -> SaintVllmSettings | None:
-    """The SAINT settings of a processing info's model, read (and so validated) in the
-    front end; with pruning on, a configuration that allows videos is refused (the
-    overrides that prune only images: their videos would reach the runner without the
-    position channels it then expects)."""
-    saint = settings_from_config(info.get_hf_config())
-    if saint is not None and ctx.get_mm_config().get_limit_per_prompt("video") > 0:
-        raise SaintSettingsError(
-            f"saint_keep_ratio: SAINT pruning of {family} serves images only; set "
-            "--limit-mm-per-prompt '{\"video\": 0}' (LLM(limit_mm_per_prompt={\"video\": 0}))"
-        )
-    return saint
 
 
 def budget_image_updates(

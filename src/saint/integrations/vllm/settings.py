@@ -85,3 +85,18 @@ def settings_from_config(config: Any) -> SaintVllmSettings | None:
         return None
     step_div = given.get("saint_step_div")
     return SaintVllmSettings(given["saint_keep_ratio"], 16 if step_div is None else step_div)
+
+
+def images_only_settings(info: Any, ctx: Any, family: str) -> SaintVllmSettings | None:
+    """The SAINT settings of a processing info's model, read (and so validated) in the
+    front end; with pruning on, a configuration that allows videos is refused (the
+    overrides that prune only images: for Qwen, their videos would reach the runner
+    without the position channels it then expects; for InternVL, its frames' pruning is
+    untested)."""
+    saint = settings_from_config(info.get_hf_config())
+    if saint is not None and ctx.get_mm_config().get_limit_per_prompt("video") > 0:
+        raise SaintSettingsError(
+            f"saint_keep_ratio: SAINT pruning of {family} serves images only; set "
+            "--limit-mm-per-prompt '{\"video\": 0}' (LLM(limit_mm_per_prompt={\"video\": 0}))"
+        )
+    return saint

@@ -1,4 +1,4 @@
-"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-1.5 and Idefics3 checkpoints written to a folder that vLLM and
+"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-1.5, Idefics3 and InternVL checkpoints written to a folder that vLLM and
 transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
 spot (with the model's special tokens), the PIL image processor and random weights.
 
@@ -9,6 +9,7 @@ geometry on a GPU). vLLM's CPU attention needs a head size >= 32, and the vision
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ QWEN2_5_VL_7B: dict[str, Any] = dict(
 )
 
 
-def _tokenizer(vocab_size: int, special: list[str] = SPECIAL_TOKENS):
+def _tokenizer(vocab_size: int, special: list[str] = SPECIAL_TOKENS, extra: dict[str, str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,6 +62,7 @@ def _tokenizer(vocab_size: int, special: list[str] = SPECIAL_TOKENS):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=special[2], pad_token=special[0],
         additional_special_tokens=special[1:], chat_template=CHAT_TEMPLATE,
+        **({} if extra is None else {"extra_special_tokens": extra}),
     )
 
 
@@ -205,14 +207,23 @@ def _sharpen(model) -> None:
 LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 
 
-def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 0) -> Path:
-    """Write a tiny random LLaVA-1.5 (CLIP tower, patch 14, Llama LM) to ``path``: an
-    ``image_size`` image gives ``(image_size // 14) ** 2`` image tokens."""
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+# LLaVA-NeXT / OneVision crop grids of the tiny 112 px tower: up to 2 x 2 crops.
+TINY_GRID_PINPOINTS = [[112, 224], [224, 112], [224, 224]]
 
+
+def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 0, family: str = "llava") -> Path:
+    """Write a tiny random LLaVA-1.5 (CLIP tower, patch 14, Llama LM) to ``path``: an
+    ``image_size`` image gives ``(image_size // 14) ** 2`` image tokens. ``family``
+    ``"llava_next"`` / ``"llava_onevision"``: the same tower and LM with anyres tiling
+    (``TINY_GRID_PINPOINTS``: a base view plus up to 2 x 2 crops, rows ended by a newline)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    classes = {"llava": ("Llava", "CLIPImageProcessorPil", "clip"),
+               "llava_next": ("LlavaNext", "LlavaNextImageProcessorPil", "llava_next"),
+               "llava_onevision": ("LlavaOnevision", "LlavaOnevisionImageProcessorPil", "llava_onevision")}
+    name, image_processor, module = classes[family]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(512, LLAVA_SPECIAL_TOKENS)
@@ -227,14 +238,18 @@ def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 
         model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=64,
     )
-    config = LlavaConfig(
+    tiling = {} if family == "llava" else {"image_grid_pinpoints": TINY_GRID_PINPOINTS}
+    config = getattr(transformers, f"{name}Config")(
         text_config=text, vision_config=vision, image_token_index=ids["<image>"],
         vision_feature_layer=-2, vision_feature_select_strategy="default",
-        pad_token_id=ids["<pad>"], tie_word_embeddings=False,
+        pad_token_id=ids["<pad>"], tie_word_embeddings=False, **tiling,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     _sharpen(model)
+    if family != "llava":  # transformers draws the newline from the hidden size's scale: make it stand out
+        with torch.no_grad():
+            model.model.image_newline.normal_(0.0, 1.0)
     model.save_pretrained(path)
     # transformers 5 writes the tower as ``vision_tower.*``; vLLM (and the hub's llava-hf
     # checkpoints) name it ``vision_tower.vision_model.*``.
@@ -243,13 +258,16 @@ def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 
         k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()
     }
     save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
-    CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    images = importlib.import_module(f"transformers.models.{module}.image_processing_pil_{module}")
+    getattr(images, image_processor)(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **tiling,
     ).save_pretrained(path)
     processor = {
-        "processor_class": "LlavaProcessor", "patch_size": 14, "image_token": "<image>",
+        "processor_class": f"{name}Processor", "patch_size": 14, "image_token": "<image>",
         "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1,
     }
+    if family == "llava_onevision":
+        processor["num_image_tokens"] = (image_size // 14) ** 2
     (path / "processor_config.json").write_text(json.dumps(processor, indent=2))
     gen = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -292,5 +310,49 @@ def write_idefics3_checkpoint(path: str | Path, tile: int = 64, seed: int = 0) -
     images = Idefics3ImageProcessor(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile})
     Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=(tile // 16) ** 2).save_pretrained(path)
     gen = {"eos_token_id": ids["<end_of_utterance>"], "pad_token_id": ids["<pad>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
+INTERNVL_SPECIAL_TOKENS = ["<pad>", "<s>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>"]
+
+
+def write_internvl_checkpoint(path: str | Path, tile: int = 64, seed: int = 0) -> Path:
+    """Write a tiny random InternVL in the transformers format (InternViT-like tower, 8 px
+    patches, pixel shuffle 0.5, Qwen2 LM) to ``path``: images are cropped into up to 4
+    ``tile`` px tiles plus a thumbnail, each ``(tile // 16) ** 2`` context tokens."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .compat import install_torchvision_shim
+
+    install_torchvision_shim()  # without torchvision: a placeholder video processor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512, INTERNVL_SPECIAL_TOKENS, extra={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
+    text = dict(
+        model_type="qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
+        bos_token_id=ids["<s>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<pad>"],
+    )
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=[tile, tile], patch_size=[8, 8])
+    config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=ids["<IMG_CONTEXT>"],
+                            pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _sharpen(model)
+    model.save_pretrained(path)
+    images = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1,
+                                      max_patches=4)
+    InternVLProcessor(image_processor=images, tokenizer=tokenizer, image_seq_length=(tile // 16) ** 2,
+                      video_processor=InternVLVideoProcessor()).save_pretrained(path)
+    gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<pad>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path

@@ -1,0 +1,51 @@
+"""What the overrides of tiled models share (Idefics3 / SmolVLM, InternVL): every tile of an
+image is a run of a fixed number of tokens, so SAINT's budget is a per-tile count. The prompt
+side gets a copy of the HF processor with that count cut; the model side cuts each tile's
+projector output to it by the fixed-budget drop, tile by tile, in order."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .settings import SaintSettingsError, SaintVllmSettings, settings_from_config
+
+EMBEDDING_INPUTS = ("image_embeds", "video_embeds")
+
+
+def processor_with_kept_tiles(processor: Any, saint: SaintVllmSettings | None, field: str) -> Any:
+    """``processor`` as the prompt side sees it: a shallow copy with its per-tile token count
+    ``field`` (e.g. ``image_seq_len``) cut to SAINT's kept count; itself when pruning is off."""
+    if saint is None:
+        return processor
+    kept = copy.copy(processor)
+    setattr(kept, field, saint.kept_tokens(int(getattr(processor, field))))
+    return kept
+
+
+class SaintTilePruningMixin:
+    """For vLLM's tiled model classes: read the SAINT settings and cut every tile's tokens."""
+
+    def saint_setup(self) -> None:
+        """Call at the end of ``__init__``."""
+        self.saint = settings_from_config(self.config)  # type: ignore[attr-defined]
+        self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
+
+    def saint_refuse_embeddings(self, image_input: Any) -> None:
+        """Precomputed embeddings carry their own length as their placeholder count."""
+        if self.saint is not None and image_input["type"] in EMBEDDING_INPUTS:
+            raise SaintSettingsError(
+                "saint_keep_ratio: precomputed image embeddings cannot be pruned (their placeholder count is "
+                "their own length); send pixels or switch SAINT off"
+            )
+
+    def saint_prune_tiles(self, embeds: Sequence[torch.Tensor], per_tile: int) -> Sequence[torch.Tensor]:
+        """Each image's ``[tiles * per_tile, D]`` embeddings, every tile cut to the kept count."""
+        if self.saint is None:
+            return embeds
+        masks = [torch.cat([self.saint.keep_mask(t) for t in e.view(-1, per_tile, e.shape[-1])]) for e in embeds]
+        self.saint_last_keep = masks
+        return [e[m] for e, m in zip(embeds, masks, strict=True)]
