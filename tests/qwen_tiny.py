@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and processor-shaped prompts for the tests."""
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) models and processor-shaped prompts for the tests."""
 
 from __future__ import annotations
 
@@ -38,8 +38,13 @@ def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
         text.update(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                       mrope_section=[2, 3, 3], mrope_interleaved=True))
-        cfg = transformers.Qwen3VLConfig(vision_config=vision, text_config=text, attn_implementation=impl, **ids)
-        model = transformers.Qwen3VLForConditionalGeneration(cfg)
+        name = "Qwen3VL"
+        if family == "qwen3_vl_moe":  # 4 experts, 2 per token; layer 1 a dense MLP
+            name = "Qwen3VLMoe"
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1])
+        cfg = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=text, attn_implementation=impl,
+                                                     **ids)
+        model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
     model = model.eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # always NEW tokens: rows alone and batched stay aligned
@@ -59,7 +64,7 @@ def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
     for p in parts:
         if isinstance(p, int):
             out.append(torch.randint(3, 100, (p,), generator=g))
-        elif p[0] == "image" or family != "qwen3_vl":
+        elif p[0] == "image" or not family.startswith("qwen3_vl"):
             tok = IMG if p[0] == "image" else VID
             out += [torch.tensor([VS]), torch.full((tokens(p[1]),), tok), torch.tensor([VE])]
         else:

@@ -47,9 +47,10 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
     video_cls, processor_cls = {
         "qwen2_vl": (transformers.Qwen2VLVideoProcessor, transformers.Qwen2VLProcessor),
         "qwen2_5_vl": (transformers.Qwen2VLVideoProcessor, transformers.Qwen2_5_VLProcessor),
-        "qwen3_vl": (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor)}[family]
+        "qwen3_vl": (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor),
+        "qwen3_vl_moe": (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor)}[family]
     # Qwen3-VL's video processor bounds the pixels of all frames together: room for 4 frames of 32 x 32
-    frames = 4 if family == "qwen3_vl" else 1
+    frames = 4 if family.startswith("qwen3_vl") else 1
     video_processor = video_cls(patch_size=4, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=False,
                                 size={"shortest_edge": 32 * 32, "longest_edge": frames * 32 * 32})
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
@@ -78,8 +79,12 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
         text.update(head_dim=16)
         text["rope_parameters"]["mrope_interleaved"] = True
-        config = transformers.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
-        transformers.Qwen3VLForConditionalGeneration(config).save_pretrained(path)
+        name = "Qwen3VL"
+        if family == "qwen3_vl_moe":
+            name = "Qwen3VLMoe"
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        config = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=text, **ids)
+        getattr(transformers, f"{name}ForConditionalGeneration")(config).save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,7 @@ def qwen_checkpoint(tmp_path_factory, one_thread):
     return built_once(tmp_path_factory, _build_qwen)
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def qwen_dir(request, qwen_checkpoint) -> Path:
     return qwen_checkpoint(request.param)
 
@@ -138,7 +143,7 @@ def test_bad_settings_and_checkpoints_refused(tmp_path):
     with pytest.raises(TypeError, match="vit_keep"):
         SaintQwenVL(pretrained=str(tmp_path / "none"), mode="vit", vit_keep=10)
     build_llava(tmp_path)
-    with pytest.raises(ValueError, match="model_type 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'"):
+    with pytest.raises(ValueError, match="model_type 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl' or 'qwen3_vl_moe'"):
         SaintQwenVL(pretrained=str(tmp_path))
 
 

@@ -88,7 +88,7 @@ def transformers_scores(
     model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
     keep_ratio: float,
 ) -> dict:
-    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL (by the checkpoint), one image or several in prompt order:
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL, dense or MoE (by the checkpoint), one image or several in prompt order:
     the fixed-budget drop on each image's merged features (Qwen3-VL: the tower's main
     output; its deepstack features, added to the first decoder layers at the image's
     positions, are taken for the same kept tokens). ``kept``: the kept indices per image;
@@ -99,6 +99,7 @@ def transformers_scores(
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeForConditionalGeneration,
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
@@ -106,9 +107,9 @@ def transformers_scores(
 
     paths = image_paths if isinstance(image_paths, list) else [image_paths]
     model_type = AutoConfig.from_pretrained(model_dir).model_type
-    qwen3 = model_type == "qwen3_vl"
+    qwen3 = model_type.startswith("qwen3_vl")
     cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-           "qwen3_vl": Qwen3VLForConditionalGeneration}[model_type]
+           "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}[model_type]
     model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
     inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")

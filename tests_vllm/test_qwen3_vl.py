@@ -1,7 +1,7 @@
-"""Qwen3-VL (tiny, random, two deepstack levels): pruning off equals transformers; SAINT
-keeping a quarter of the image's 35 tokens feeds 9 to the LLM, chosen and decoded as
-transformers does with the same kept set (main features and deepstack features alike);
-pruning with videos allowed is refused at start."""
+"""Qwen3-VL, dense and MoE (tiny, random, two deepstack levels): pruning off equals
+transformers; SAINT keeping a quarter of the image's 35 tokens feeds 9 to the LLM, chosen
+and decoded as transformers does with the same kept set (main features and deepstack
+features alike); pruning with videos allowed is refused at start."""
 
 from __future__ import annotations
 
@@ -16,8 +16,18 @@ from reference import transformers_scores
 NUM_IMAGE_TOKENS = 35
 
 
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory):
+    """The same tiny Qwen3-VL with a mixture-of-experts LM (4 experts, 2 per token)."""
+    from saint.integrations.vllm.tiny import write_qwen3_vl_checkpoint
+
+    return write_qwen3_vl_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-vl-moe"), moe=True)
+
+
+@pytest.mark.parametrize("model", ["qwen3_dir", "qwen3_moe_dir"])
 @pytest.mark.parametrize("ratio, kept", [(None, NUM_IMAGE_TOKENS), (0.25, 9)])
-def test_qwen3_vl_image_tokens_and_outputs(run_engine, qwen3_dir, image_path, ratio, kept):
+def test_qwen3_vl_image_tokens_and_outputs(request, run_engine, image_path, model, ratio, kept):
+    qwen3_dir = request.getfixturevalue(model)
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
     got = run_engine(qwen3_dir, image_path, overrides)
     image_token = json.loads((qwen3_dir / "config.json").read_text())["image_token_id"]

@@ -63,6 +63,7 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("qwen2_vl", "Qwen2VLTextModel"),
     ("qwen2_5_vl", "Qwen2_5_VLTextModel"),
     ("qwen3_vl", "Qwen3VLTextModel"),
+    ("qwen3_vl_moe", "Qwen3VLMoeTextModel"),  # Qwen3-VL-30B-A3B / 235B-A22B: experts are token-wise
 )
 SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
 LAYER_TYPES = ("full_attention", "sliding_attention")  # attention a gathered 4-D mask expresses

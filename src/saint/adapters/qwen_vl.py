@@ -1,5 +1,6 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5 ``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` and their
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL, dense and MoE (transformers 5
+``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration`` and their
 ``*Model``): SAINT's vit / llm / hybrid
 modes and the FastV and random baselines, images and video, with per-instance hooks only.
 
@@ -104,6 +105,7 @@ FAMILY_CLASSES = {  # family -> (transformers module, its model classes)
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
 }
 
 
@@ -214,7 +216,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
         if cfg.reduces_vision:
             for modality, name in FEATURE_FNS.items():
                 handle.wrap(mm, name, make_features(handle, modality, getattr(mm, name)))
-        if family == "qwen3_vl" and pruner.schedule:
+        if hasattr(lm, "_deepstack_process") and pruner.schedule:  # Qwen3-VL (dense and MoE)
             handle.wrap(lm, "_deepstack_process", make_deepstack(handle, lm._deepstack_process))
         mm_pre = make_mm_pre(handle, MEDIA, prefill, continuation)
         install_forward_hooks(handle, model, mm, mm_pre, lm_post=(make_image_stats(handle),))

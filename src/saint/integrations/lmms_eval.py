@@ -616,7 +616,7 @@ class SaintQwenVL(SaintLlava):
     """
 
     NAME = "saint_qwen_vl"
-    MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     ADAPTER = qwen_adapter
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
 
@@ -661,7 +661,8 @@ class SaintQwenVL(SaintLlava):
 
     @staticmethod
     def _family_hint() -> str:
-        return "Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints (model_type 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl')"
+        return ("Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) checkpoints (model_type 'qwen2_vl', "
+                "'qwen2_5_vl', 'qwen3_vl' or 'qwen3_vl_moe')")
 
     @staticmethod
     def _model_class(model_type: str) -> Any:
@@ -669,7 +670,8 @@ class SaintQwenVL(SaintLlava):
 
         return getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                                       "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                                      "qwen3_vl": "Qwen3VLForConditionalGeneration"}[model_type])
+                                      "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                                      "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[model_type])
 
     def _image_placeholder(self) -> str:
         start = getattr(self.processor, "vision_start_token", "<|vision_start|>")

@@ -7,7 +7,7 @@ on per model through vLLM's ``--hf-overrides`` (the model's HF config), e.g.::
 
 Settings: ``saint_keep_ratio`` (share of each image's merged tokens kept, in (0, 1]) and
 ``saint_step_div`` (the fixed-budget drop's step, default 16). Without them the model is
-vLLM's own. Qwen2.5-VL, Qwen2-VL, Qwen3-VL, InternVL and LLaVA-OneVision (images only
+vLLM's own. Qwen2.5-VL, Qwen2-VL, Qwen3-VL (dense and MoE), InternVL and LLaVA-OneVision (images only
 while pruning), LLaVA-1.5, LLaVA-NeXT, Idefics3 and SmolVLM are overridden
 (see docs/vllm.md, also for why pruning inside the language model does not fit vLLM's
 paged KV cache).
@@ -28,6 +28,9 @@ ARCHITECTURES = {
     ),
     "Qwen3VLForConditionalGeneration": (
         "saint.integrations.vllm.qwen3_vl:SaintQwen3VLForConditionalGeneration"
+    ),
+    "Qwen3VLMoeForConditionalGeneration": (
+        "saint.integrations.vllm.qwen3_vl:SaintQwen3VLMoeForConditionalGeneration"
     ),
     "LlavaForConditionalGeneration": (
         "saint.integrations.vllm.llava:SaintLlavaForConditionalGeneration"

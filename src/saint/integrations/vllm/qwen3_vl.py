@@ -1,6 +1,7 @@
-"""Qwen3-VL for vLLM with SAINT image-token pruning after the vision tower.
+"""Qwen3-VL and Qwen3-VL-MoE for vLLM with SAINT image-token pruning after the vision tower.
 
-Registered over ``Qwen3VLForConditionalGeneration`` by the ``saint`` plugin; without
+Registered over ``Qwen3VLForConditionalGeneration`` and ``Qwen3VLMoeForConditionalGeneration``
+by the ``saint`` plugin; without
 ``saint_keep_ratio`` in the HF config it is vLLM's class unchanged. With it, as for
 Qwen2.5-VL (``qwen2_5_vl.py``):
 
@@ -41,6 +42,10 @@ from vllm.model_executor.models.qwen3_vl import (  # noqa: E402
     Qwen3VLForConditionalGeneration,
     Qwen3VLMultiModalProcessor,
     Qwen3VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl_moe import (  # noqa: E402
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLMoeProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions  # noqa: E402
@@ -103,16 +108,16 @@ def recompute_positions(
     return embeds, new_positions, delta
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    SaintQwen3VLMultiModalProcessor,
-    info=SaintQwen3VLProcessingInfo,
-    dummy_inputs=Qwen3VLDummyInputsBuilder,
-)
-class SaintQwen3VLForConditionalGeneration(SaintImagePruningMixin, Qwen3VLForConditionalGeneration):
-    """vLLM's Qwen3-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
+class SaintQwen3VLMoeProcessingInfo(SaintQwen3VLProcessingInfo, Qwen3VLMoeProcessingInfo):
+    """Qwen3-VL-MoE's processing info (its own HF config class) with the same checks."""
+
+
+class _SaintQwen3VL(SaintImagePruningMixin):
+    """The model side shared by Qwen3-VL and Qwen3-VL-MoE (the same tower and prompt; the
+    MoE's experts sit in the language model, which sees the kept tokens like any others)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.saint_setup(vllm_config)
 
     def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
@@ -138,3 +143,21 @@ class SaintQwen3VLForConditionalGeneration(SaintImagePruningMixin, Qwen3VLForCon
             image_token_id=self.config.image_token_id,
             video_token_id=self.config.video_token_id,
         )
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SaintQwen3VLMultiModalProcessor,
+    info=SaintQwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class SaintQwen3VLForConditionalGeneration(_SaintQwen3VL, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SaintQwen3VLMultiModalProcessor,
+    info=SaintQwen3VLMoeProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class SaintQwen3VLMoeForConditionalGeneration(_SaintQwen3VL, Qwen3VLMoeForConditionalGeneration):
+    """vLLM's Qwen3-VL-MoE; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""

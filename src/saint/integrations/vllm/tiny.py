@@ -138,14 +138,15 @@ def write_checkpoint(
 
 
 def write_qwen3_vl_checkpoint(
-    path: str | Path, min_pixels: int = 64 * 64, max_pixels: int = 512 * 512, seed: int = 0
+    path: str | Path, min_pixels: int = 64 * 64, max_pixels: int = 512 * 512, seed: int = 0, moe: bool = False
 ) -> Path:
     """Write a tiny random Qwen3-VL to ``path``: patch 16, merge 2 (an image of H x W pixels
     gives (H / 32) x (W / 32) merged tokens after the processor's rounding), a 3-block tower
     whose blocks 0 and 1 feed two deepstack levels into the first two decoder layers, and a
-    2-layer Qwen3 LM (head size 32, interleaved M-RoPE)."""
+    2-layer Qwen3 LM (head size 32, interleaved M-RoPE). ``moe``: Qwen3-VL-MoE, each decoder
+    layer's MLP 4 experts of which 2 run per token."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -171,15 +172,27 @@ def write_qwen3_vl_checkpoint(
         patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
         num_position_embeddings=256, deepstack_visual_indexes=[0, 1],
     )
-    config = Qwen3VLConfig(
+    name = "Qwen3VL"
+    if moe:  # norm_topk_prob as on the hub (vLLM reads it). Expert matrices not square (2 x 96 and 96 vs
+        # 128): transformers transposes the hub's layout on load only where the shape says so.
+        name = "Qwen3VLMoe"
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, norm_topk_prob=True)
+    config = getattr(transformers, f"{name}Config")(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     _sharpen(model)
     model.save_pretrained(path)
+    if moe:  # the hub's layout, which vLLM reads (and transformers converts on load): experts [E, in, out]
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(path / "model.safetensors")
+        fused = (".experts.gate_up_proj", ".experts.down_proj")
+        save_file({k: v.transpose(1, 2).contiguous() if k.endswith(fused) else v for k, v in weights.items()},
+                  path / "model.safetensors", metadata={"format": "pt"})
     Qwen2VLImageProcessorPil(
         patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels,
         max_pixels=max_pixels, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
