@@ -262,3 +262,34 @@ def transformers_anyres_scores(
         "base": base,
         "newlines": int(newline.sum()),
     }
+
+
+def transformers_mistral3_scores(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
+) -> dict:
+    """Mistral 3, one image: the fixed-budget drop on each row of the projector's output (the
+    rows of the image's prompt, each ended by a break token), each row's run of
+    placeholders filled with its kept features, the shortened prompt numbered 0..L-1.
+    ``kept``: the kept indices over the image's tokens; ``rows``, ``columns``: its grid."""
+    from PIL import Image
+    from transformers import Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    model = Mistral3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = PixtralImageProcessorPil.from_pretrained(model_dir)
+    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    out = model.model.get_image_features(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+    (feats,) = getattr(out, "pooler_output", out)
+    merged = model.config.vision_config.patch_size * model.config.spatial_merge_size
+    height, width = (int(s) for s in pixels["image_sizes"][0])
+    rows, columns = -(-height // merged), -(-width // merged)
+    grid = list(feats.reshape(rows, columns, -1))
+    keeps = [_keep(row, keep_ratio) for row in grid]
+    embeds, _, _ = _kept_embeddings(model, model.config.image_token_index, grid, keeps, prompt_ids, output_ids)
+    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    return {
+        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
+        "kept": [torch.cat(keeps).nonzero().flatten().tolist()],
+        "rows": rows,
+        "columns": columns,
+    }

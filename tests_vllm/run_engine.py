@@ -30,6 +30,7 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "llava_next": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
     "llava_onevision": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
     "internvl": (QWEN_PROMPT, "<IMG_CONTEXT>\n"),
+    "mistral3": ("<s>[INST]{images}Describe the picture.[/INST]", "[IMG]"),
     "idefics3": ("<|im_start|>User:{images}Describe the picture.<end_of_utterance>\nAssistant:", "<image>"),
 }
 MAX_TOKENS = 6

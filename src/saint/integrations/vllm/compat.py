@@ -47,6 +47,12 @@ _VIDEO_PLACEHOLDERS = {
     "InternVLConfig": "InternVLVideoProcessor",
     "LlavaOnevisionConfig": "LlavaOnevisionVideoProcessor",
 }
+# Classes that import once the twins exist, but that transformers' lazy modules still hand
+# out as torchvision-requiring dummies: (module, class, the lazy packages that export it).
+_REAL_CLASSES = [
+    ("transformers.models.pixtral.processing_pixtral", "PixtralProcessor",
+     ("transformers", "transformers.models.pixtral")),
+]
 # The torchvision-only video processor module vLLM's InternVL (``interns1``) imports from.
 _INTERNVL_VIDEO = "transformers.models.internvl.video_processing_internvl"
 
@@ -78,6 +84,10 @@ def install_torchvision_shim() -> None:
 
     for name, pil_name in _PIL_TWINS.items():
         sys.modules[name] = _twin(name, pil_name)
+    for module_name, class_name, packages in _REAL_CLASSES:
+        real = getattr(importlib.import_module(module_name), class_name)
+        for package in packages:
+            setattr(importlib.import_module(package), class_name, real)
 
     class VideoPlaceholder(VideoProcessorMixin):
         """Placeholder: videos need torchvision, which this environment lacks."""

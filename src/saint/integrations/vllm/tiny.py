@@ -369,3 +369,47 @@ def write_internvl_checkpoint(path: str | Path, tile: int = 64, seed: int = 0) -
     gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<pad>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
+
+
+MISTRAL3_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+
+def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: int = 0) -> Path:
+    """Write a tiny random Mistral 3 (Pixtral tower, 16 px patches merged 2 x 2, Mistral LM)
+    to ``path``: an image is resized to at most ``longest_edge`` px and gives one row of
+    ``[IMG]`` tokens per 32 px of height, one per 32 px of width, each row ended by
+    ``[IMG_BREAK]`` (the last by ``[IMG_END]``)."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from .compat import install_torchvision_shim
+
+    install_torchvision_shim()  # without torchvision: the processor module imports through the PIL twin
+    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512, MISTRAL3_SPECIAL_TOKENS)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MISTRAL3_SPECIAL_TOKENS}
+    text = dict(
+        model_type="mistral", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=2048, sliding_window=None,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+    )
+    vision = dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, head_dim=32, image_size=longest_edge, patch_size=16)
+    config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
+                            image_token_index=ids["[IMG]"], vision_feature_layer=-1, pad_token_id=ids["<pad>"],
+                            tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    _sharpen(model)
+    model.save_pretrained(path)
+    images = PixtralImageProcessorPil(size={"longest_edge": longest_edge}, patch_size={"height": 16, "width": 16})
+    PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16, spatial_merge_size=2,
+                     image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                     image_end_token="[IMG_END]").save_pretrained(path)
+    gen = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path

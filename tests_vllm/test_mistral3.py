@@ -1,0 +1,46 @@
+"""Mistral 3 (tiny, random: a Pixtral tower, 16 px patches merged 2 x 2, at most 128 px; the
+portrait image gives 4 rows of 3 tokens): pruning off equals transformers; SAINT keeping
+half feeds 2 tokens of every row to the LLM, every row still ended by its break token,
+chosen and decoded as transformers does on the same kept set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import assert_same_greedy_decoding
+from reference import transformers_mistral3_scores
+
+
+@pytest.fixture(scope="session")
+def mistral3_dir(tmp_path_factory):
+    from saint.integrations.vllm.tiny import write_mistral3_checkpoint
+
+    return write_mistral3_checkpoint(tmp_path_factory.mktemp("tiny-mistral3"))
+
+
+@pytest.mark.parametrize("ratio, per_row", [(None, 3), (0.5, 2)])
+def test_mistral3_rows_and_outputs(run_engine, mistral3_dir, image_path, ratio, per_row):
+    overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
+    got = run_engine(mistral3_dir, image_path, overrides)
+    config = json.loads((mistral3_dir / "config.json").read_text())
+    image_token = config["image_token_index"]
+    ref = transformers_mistral3_scores(mistral3_dir, image_path, got["prompt_token_ids"], got["token_ids"],
+                                       ratio or 1.0)
+    assert (ref["rows"], ref["columns"]) == (4, 3)
+    ids = got["prompt_token_ids"]
+    first = ids.index(image_token)
+    image = ids[first : first + ref["rows"] * (per_row + 1)]
+    ends = image[per_row :: per_row + 1]  # every row: per_row image tokens, then its break (the last: the end)
+    assert image.count(image_token) == ref["rows"] * per_row and len(set(ends)) == 2 and image_token not in ends
+    assert got["kept"] == ([] if ratio is None else ref["kept"])
+    assert_same_greedy_decoding(got, ref["logprobs"])
+
+
+def test_kept_rows_cuts_every_row_and_keeps_its_end():
+    from saint.integrations.vllm.mistral3 import kept_rows
+    from saint.integrations.vllm.settings import SaintVllmSettings
+
+    row = [5] * 5
+    assert kept_rows([*row, 9, *row, 9, *row, 7], 5, SaintVllmSettings(0.5)) == [5, 5, 5, 9] * 2 + [5, 5, 5, 7]
+    assert kept_rows([5, 9, 5, 7], 5, SaintVllmSettings(0.1)) == [5, 9, 5, 7]  # at least one per row
