@@ -68,6 +68,8 @@ def test_anyres_keep_mask_keeps_newlines_and_refuses_other_layouts():
     keep = anyres_keep_mask(embeds, newline, 4, SaintVllmSettings(0.25))
     assert keep[:4].sum() == 1 and keep[4:][torch.arange(18) % 6 != 5].sum() == 4  # round(0.25 * 15)
     assert keep[4:][torch.arange(18) % 6 == 5].all()
+    alone = anyres_keep_mask(torch.cat([embeds[:4], newline[None]]), newline, 4, SaintVllmSettings(0.25))
+    assert alone.tolist() == keep[:4].tolist() + [True]  # the base view alone, then its newline
     uneven = torch.cat([embeds[:9], embeds[10:]])  # the first row loses a token
     for bad in (uneven, torch.randn(22, 8)):
         with pytest.raises(SaintSettingsError, match="LLaVA-NeXT's layout"):

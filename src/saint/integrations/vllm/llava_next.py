@@ -69,7 +69,8 @@ def anyres_keep_mask(
     keep[:base_tokens] = saint.keep_mask(embeds[:base_tokens])
     grid = torch.zeros(n, dtype=torch.bool, device=embeds.device)
     grid[base_tokens:] = ~rows
-    keep[grid] = saint.keep_mask(embeds[grid])
+    if grid.any():  # an image of its base view alone has one newline and no grid
+        keep[grid] = saint.keep_mask(embeds[grid])
     keep[base_tokens:] |= rows
     return keep
 
