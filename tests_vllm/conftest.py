@@ -69,6 +69,54 @@ def llava_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen3-VL with a mixture-of-experts LM (4 experts, 2 per token)."""
+    from saint.integrations.vllm.tiny import write_qwen3_vl_checkpoint
+
+    return write_qwen3_vl_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-vl-moe"), moe=True)
+
+
+@pytest.fixture(scope="session")
+def llava_next_dir(tmp_path_factory) -> Path:
+    """A tiny LLaVA-NeXT (a 112 px base view of 64 tokens plus up to 2 x 2 crops)."""
+    from saint.integrations.vllm.tiny import write_llava_checkpoint
+
+    return write_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava-next"), family="llava_next")
+
+
+@pytest.fixture(scope="session")
+def llava_onevision_dir(tmp_path_factory) -> Path:
+    """The same as a LLaVA-OneVision."""
+    from saint.integrations.vllm.tiny import write_llava_checkpoint
+
+    return write_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava-onevision"), family="llava_onevision")
+
+
+@pytest.fixture(scope="session")
+def internvl_dir(tmp_path_factory) -> Path:
+    """A tiny InternVL: 64 px tiles of 16 context tokens, up to 4 tiles plus a thumbnail."""
+    from saint.integrations.vllm.tiny import write_internvl_checkpoint
+
+    return write_internvl_checkpoint(tmp_path_factory.mktemp("tiny-internvl"))
+
+
+@pytest.fixture(scope="session")
+def idefics3_dir(tmp_path_factory) -> Path:
+    """A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles."""
+    from saint.integrations.vllm.tiny import write_idefics3_checkpoint
+
+    return write_idefics3_checkpoint(tmp_path_factory.mktemp("tiny-idefics3"))
+
+
+@pytest.fixture(scope="session")
+def mistral3_dir(tmp_path_factory) -> Path:
+    """A tiny Mistral 3 (Pixtral tower, 16 px patches merged 2 x 2, at most 128 px)."""
+    from saint.integrations.vllm.tiny import write_mistral3_checkpoint
+
+    return write_mistral3_checkpoint(tmp_path_factory.mktemp("tiny-mistral3"))
+
+
+@pytest.fixture(scope="session")
 def image_path(tmp_path_factory) -> Path:
     """A portrait image (224 x 168: a 8 x 6 grid of 48 merged tokens), so positions after
     the image depend on the grid's height, not its width."""

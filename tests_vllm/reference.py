@@ -59,6 +59,14 @@ def _kept_embeddings(model, image_token: int, feats, keeps, prompt_ids, output_i
     return embeds, mask, runs
 
 
+def _one_d_logprobs(model, decoder, image_token: int, feats, keeps, prompt_ids, output_ids) -> torch.Tensor:
+    """``[steps, vocab]`` for a model with 1-D positions: vLLM's prompt and output, each image
+    run filled with its kept features, numbered 0..L-1, through ``decoder`` and ``lm_head``."""
+    embeds, _, _ = _kept_embeddings(model, image_token, feats, keeps, prompt_ids, output_ids)
+    hidden = decoder(inputs_embeds=embeds).last_hidden_state
+    return _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids))
+
+
 def _qwen_inputs(model, image_token: int, feats, keeps, grid, prompt_ids, output_ids):
     """Embeddings and M-RoPE positions ``[3, 1, L]`` of vLLM's prompt (each image's run
     already shortened to its kept count) followed by its output: kept tokens keep their
@@ -154,10 +162,9 @@ def transformers_llava_scores(
     feats = [f.reshape(-1, f.shape[-1]) for f in (out if isinstance(out, (list, tuple)) else out.unbind(0))]
     keeps = [_keep(f, keep_ratio) for f in feats]
 
-    embeds, _, _ = _kept_embeddings(model, model.config.image_token_index, feats, keeps, prompt_ids, output_ids)
-    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
     return {
-        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
+        "logprobs": _one_d_logprobs(model, model.model.language_model, model.config.image_token_index, feats,
+                                    keeps, prompt_ids, output_ids),
         "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
         "tokens": [len(f) for f in feats],
     }
@@ -182,51 +189,55 @@ def transformers_idefics3_scores(
     feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
     tiles = list(feats.reshape(-1, int(processor.image_seq_len), feats.shape[-1]))
     keeps = [_keep(t, keep_ratio) for t in tiles]
-    embeds, _, _ = _kept_embeddings(model, model.config.image_token_id, tiles, keeps, prompt_ids, output_ids)
-    hidden = model.model.text_model(inputs_embeds=embeds).last_hidden_state
     return {
-        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
+        "logprobs": _one_d_logprobs(model, model.model.text_model, model.config.image_token_id, tiles, keeps,
+                                    prompt_ids, output_ids),
         "kept": [torch.cat(keeps).nonzero().flatten().tolist()],
         "tiles": len(tiles),
     }
 
 
 def transformers_internvl_scores(
-    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
+    model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
+    keep_ratio: float,
 ) -> dict:
-    """InternVL, one image: the fixed-budget drop on each tile's (and the thumbnail's)
-    projector output, the image's one run of context tokens filled with the tiles' kept
-    features in order, the shortened prompt numbered 0..L-1. ``kept``: the image's kept
-    indices over its tiles' tokens in order; ``tiles``: how many tiles (with the thumbnail)."""
+    """InternVL, one image or several in prompt order: the fixed-budget drop on each tile's
+    (and the thumbnail's) projector output, each image's one run of context tokens filled
+    with its tiles' kept features in order, the shortened prompt numbered 0..L-1. ``kept``:
+    per image, the kept indices over its tiles' tokens; ``tiles``: per image, how many tiles
+    (with the thumbnail)."""
     from PIL import Image
     from transformers import InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = GotOcr2ImageProcessorPil.from_pretrained(model_dir)
-    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
-    out = model.model.get_image_features(pixel_values=pixels["pixel_values"])
-    tiles = getattr(out, "pooler_output", out)  # [tiles, tokens, D]
-    keep = torch.cat([_keep(t, keep_ratio) for t in tiles])
-    embeds, _, _ = _kept_embeddings(model, model.config.image_token_id, [tiles.flatten(0, 1)], [keep],
-                                    prompt_ids, output_ids)
-    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    feats, keeps, tiles = [], [], []
+    for path in image_paths if isinstance(image_paths, list) else [image_paths]:
+        pixels = processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")
+        out = model.model.get_image_features(pixel_values=pixels["pixel_values"])
+        image = getattr(out, "pooler_output", out)  # [tiles, tokens, D]
+        feats.append(image.flatten(0, 1))
+        keeps.append(torch.cat([_keep(t, keep_ratio) for t in image]))
+        tiles.append(len(image))
     return {
-        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
-        "kept": [keep.nonzero().flatten().tolist()],
-        "tiles": len(tiles),
+        "logprobs": _one_d_logprobs(model, model.model.language_model, model.config.image_token_id, feats,
+                                    keeps, prompt_ids, output_ids),
+        "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
+        "tiles": tiles,
     }
 
 
 def transformers_anyres_scores(
-    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
-    family: str = "llava_next",
+    model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
+    keep_ratio: float, family: str = "llava_next",
 ) -> dict:
-    """LLaVA-NeXT / OneVision, one image: the fixed-budget drop on the packed features'
-    base view and, separately, on its grid tokens, every newline kept; the newline rows are
-    found by running the model's own ``pack_image_features`` on marker features. The
-    shortened prompt numbered 0..L-1. ``kept``: the kept indices; ``base``, ``newlines``:
-    the base view's token count and the newline count."""
+    """LLaVA-NeXT / OneVision, one image or several in prompt order (each processed on its
+    own): the fixed-budget drop on the packed features' base view and, separately, on its
+    grid tokens, every newline kept; the newline rows are found by running the model's own
+    ``pack_image_features`` on marker features. The shortened prompt numbered 0..L-1.
+    ``kept``: per image, the kept indices; ``base``: the base view's token count;
+    ``newlines``: per image, the newline count."""
     import importlib
 
     import transformers
@@ -237,30 +248,34 @@ def transformers_anyres_scores(
         model_dir, dtype=torch.float32).eval()
     images = importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}")
     processor = getattr(images, f"{name}ImageProcessorPil").from_pretrained(model_dir)
-    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
-    out = model.model.get_image_features(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
-    (feats,) = getattr(out, "pooler_output", out)
     vision = model.config.vision_config
     base = (vision.image_size // vision.patch_size) ** 2
-    crops = pixels["pixel_values"].shape[1]
     marker_kwargs = {"vision_feature_select_strategy": "default"} if family == "llava_next" else {}
-    marks, _ = model.model.pack_image_features(
-        image_features=[torch.zeros(crops, base, 1)], image_sizes=pixels["image_sizes"],
-        image_newline=torch.ones(1), **marker_kwargs)
-    newline = marks[0][:, 0] == 1
-    assert len(newline) == len(feats) and not newline[:base].any()
-    grid = ~newline
-    grid[:base] = False
-    keep = newline.clone()
-    keep[:base] = _keep(feats[:base], keep_ratio)
-    keep[grid] = _keep(feats[grid], keep_ratio)
-    embeds, _, _ = _kept_embeddings(model, model.config.image_token_id, [feats], [keep], prompt_ids, output_ids)
-    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    feats, keeps, newlines = [], [], []
+    for path in image_paths if isinstance(image_paths, list) else [image_paths]:
+        pixels = processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")
+        out = model.model.get_image_features(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+        (image,) = getattr(out, "pooler_output", out)
+        crops = pixels["pixel_values"].shape[1]
+        marks, _ = model.model.pack_image_features(
+            image_features=[torch.zeros(crops, base, 1)], image_sizes=pixels["image_sizes"],
+            image_newline=torch.ones(1), **marker_kwargs)
+        newline = marks[0][:, 0] == 1
+        assert len(newline) == len(image) and not newline[:base].any()
+        grid = ~newline
+        grid[:base] = False
+        keep = newline.clone()
+        keep[:base] = _keep(image[:base], keep_ratio)
+        keep[grid] = _keep(image[grid], keep_ratio)
+        feats.append(image)
+        keeps.append(keep)
+        newlines.append(int(newline.sum()))
     return {
-        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
-        "kept": [keep.nonzero().flatten().tolist()],
+        "logprobs": _one_d_logprobs(model, model.model.language_model, model.config.image_token_id, feats,
+                                    keeps, prompt_ids, output_ids),
+        "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
         "base": base,
-        "newlines": int(newline.sum()),
+        "newlines": newlines,
     }
 
 
@@ -285,10 +300,9 @@ def transformers_mistral3_scores(
     rows, columns = -(-height // merged), -(-width // merged)
     grid = list(feats.reshape(rows, columns, -1))
     keeps = [_keep(row, keep_ratio) for row in grid]
-    embeds, _, _ = _kept_embeddings(model, model.config.image_token_index, grid, keeps, prompt_ids, output_ids)
-    hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
     return {
-        "logprobs": _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids)),
+        "logprobs": _one_d_logprobs(model, model.model.language_model, model.config.image_token_index, grid,
+                                    keeps, prompt_ids, output_ids),
         "kept": [torch.cat(keeps).nonzero().flatten().tolist()],
         "rows": rows,
         "columns": columns,

@@ -11,14 +11,6 @@ from conftest import assert_same_greedy_decoding
 from reference import transformers_idefics3_scores
 
 
-@pytest.fixture(scope="session")
-def idefics3_dir(tmp_path_factory):
-    """A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles."""
-    from saint.integrations.vllm.tiny import write_idefics3_checkpoint
-
-    return write_idefics3_checkpoint(tmp_path_factory.mktemp("tiny-idefics3"))
-
-
 @pytest.mark.parametrize("ratio, per_tile", [(None, 16), (0.25, 4)])
 def test_idefics3_image_tokens_and_outputs(run_engine, idefics3_dir, image_path, ratio, per_tile):
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}

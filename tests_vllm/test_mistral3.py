@@ -12,13 +12,6 @@ from conftest import assert_same_greedy_decoding
 from reference import transformers_mistral3_scores
 
 
-@pytest.fixture(scope="session")
-def mistral3_dir(tmp_path_factory):
-    from saint.integrations.vllm.tiny import write_mistral3_checkpoint
-
-    return write_mistral3_checkpoint(tmp_path_factory.mktemp("tiny-mistral3"))
-
-
 @pytest.mark.parametrize("ratio, per_row", [(None, 3), (0.5, 2)])
 def test_mistral3_rows_and_outputs(run_engine, mistral3_dir, image_path, ratio, per_row):
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}

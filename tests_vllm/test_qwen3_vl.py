@@ -16,14 +16,6 @@ from reference import transformers_scores
 NUM_IMAGE_TOKENS = 35
 
 
-@pytest.fixture(scope="session")
-def qwen3_moe_dir(tmp_path_factory):
-    """The same tiny Qwen3-VL with a mixture-of-experts LM (4 experts, 2 per token)."""
-    from saint.integrations.vllm.tiny import write_qwen3_vl_checkpoint
-
-    return write_qwen3_vl_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-vl-moe"), moe=True)
-
-
 @pytest.mark.parametrize("model", ["qwen3_dir", "qwen3_moe_dir"])
 @pytest.mark.parametrize("ratio, kept", [(None, NUM_IMAGE_TOKENS), (0.25, 9)])
 def test_qwen3_vl_image_tokens_and_outputs(request, run_engine, image_path, model, ratio, kept):
