@@ -1,4 +1,4 @@
-"""Tiny random InternVL, Mistral 3 and Gemma 3 models and processor-shaped prompts for the tests."""
+"""Tiny random InternVL, Mistral 3, Gemma 3, Idefics3 / SmolVLM and PaliGemma models and processor-shaped prompts for the tests."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
         model = transformers.Gemma3ForConditionalGeneration(cfg)
         with torch.no_grad():  # transformers leaves the projection at zeros: every image would embed alike
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
+    elif family == "paligemma":  # 64 px images, 16 px patches: 4x4 image tokens, one per patch
+        vision = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=SIZE, patch_size=16,
+                                                 vision_use_head=False)
+        cfg = transformers.PaliGemmaConfig(vision_config=vision, text_config=transformers.GemmaConfig(**text, head_dim=16),
+                                           image_token_index=image_token_id, projection_dim=64,
+                                           attn_implementation=impl)
+        model = transformers.PaliGemmaForConditionalGeneration(cfg)
     elif family in ("idefics3", "smolvlm"):  # 64 px tiles, 8x8 patches pixel-shuffled to 4x4 tokens
         name = "Idefics3" if family == "idefics3" else "SmolVLM"
         vision = getattr(transformers, f"{name}VisionConfig")(hidden_size=32, num_hidden_layers=VDEPTH,
@@ -105,4 +113,6 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
         out["image_sizes"] = torch.tensor([p for p, _ in sizes])
     if family == "gemma3":  # as its processor: 1 marks the image tokens (they attend to each other both ways)
         out["token_type_ids"] = (ids == IMG).long()
+    if family == "paligemma":  # as its processor: 0 marks the prompt, the prefix that attends both ways
+        out["token_type_ids"] = torch.zeros_like(ids)
     return out

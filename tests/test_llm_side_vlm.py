@@ -15,13 +15,14 @@ from saint.adapters.common import get_handle  # noqa: E402
 
 from .llm_side_tiny import BREAK, DEPTH, END, IMG, START, VDEPTH, WINDOW, inputs, make  # noqa: E402
 
-FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm"]
+FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
     "gemma3": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "idefics3": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "smolvlm": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "paligemma": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -37,7 +38,7 @@ NOTHING = {
     "random": dict(method="random", keep_ratio=1.0),
 }
 VISION_SIDE = {"vit", "hybrid", "random"}
-POOLED = ("internvl", "gemma3", "idefics3", "smolvlm")  # the families with vision-side modes
+POOLED = ("internvl", "gemma3", "idefics3", "smolvlm", "paligemma")  # the families with vision-side modes
 CASES = [(f, n) for f in FAMILIES for n in sorted(CONFIGS) if f in POOLED or n not in VISION_SIDE]
 NOTHING_CASES = [(f, n) for f in FAMILIES for n in sorted(NOTHING) if f in POOLED or n not in VISION_SIDE]
 GREEDY = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG])  # a generated image token is text
@@ -174,7 +175,7 @@ def test_mistral3_has_no_one_patch_grid_and_the_others_a_4x4_one():
     model = make("mistral3")
     with pytest.raises(ValueError, match="no one patch grid"):
         find_adapter(model).grid(model)
-    for family in ("internvl", "gemma3"):  # 4x4 image tokens over 64 px
+    for family in ("internvl", "gemma3", "paligemma"):  # 4x4 image tokens over 64 px
         other = make(family)
         grid = find_adapter(other).grid(other)
         assert (grid.rows, grid.cols, grid.patch) == (4, 4, (16, 16))
@@ -233,8 +234,9 @@ def units(feats, per: int = 0) -> torch.Tensor:
 def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
     """A reference from the unpatched model's own modules: the tower's hidden states after
     vit_layer cut to the prefix (InternVL's class token) and each unit's kept 2x2 groups
-    (raster order), the later layers and the final norm, scattered back to the grid (zeros
-    elsewhere), then the model's pixel shuffle (InternVL) and projector (Gemma 3's pools);
+    (raster order; PaliGemma's groups are single patches), the later layers and the final
+    norm, scattered back to the grid (zeros elsewhere), then the model's pixel shuffle
+    (InternVL) and projector (Gemma 3's pools);
     the patched features are its kept groups' tokens."""
     model = make(family)
     mm = model.model
@@ -250,18 +252,20 @@ def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
     with torch.no_grad():
         got = units(mm.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output,
                     round(0.4 * 16))
-    keep = get_handle(model).tower.keep  # [units, 16 groups of the 8x8 patch grid]
+    keep = get_handle(model).tower.keep  # [units, 16 groups of the patch grid (8x8; PaliGemma: 4x4, one each)]
     saint.unpatch(model)
     n_units, groups = keep.shape
     assert got.shape[:2] == (n_units, round(0.4 * groups)) and not keep.all()
-    patch_keep = keep.view(n_units, 4, 1, 4, 1).expand(n_units, 4, 2, 4, 2).reshape(n_units, 64)  # each group's 2x2
+    g = 1 if family == "paligemma" else 2  # a group's side in patches
+    patches = groups * g * g
+    patch_keep = keep.view(n_units, 4, 1, 4, 1).expand(n_units, 4, g, 4, g).reshape(n_units, patches)
     with torch.no_grad():
         h = grab["hidden"]
         h = torch.stack([torch.cat([h[t, :prefix], h[t, prefix:][patch_keep[t]]]) for t in range(n_units)])
         for layer in layers[2:]:
             h = layer(h) if family == "internvl" else layer(h, attention_mask=None)
         h = norm(h)
-        full = torch.zeros(n_units, 64, h.shape[-1])
+        full = torch.zeros(n_units, patches, h.shape[-1])
         full[patch_keep] = h[:, prefix:].reshape(-1, h.shape[-1])
         if family == "internvl":
             full = mm.pixel_shuffle(full.view(n_units, 8, 8, -1), scale_factor=0.5).reshape(n_units, groups, -1)
@@ -296,7 +300,9 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(family):
         rows.append(ids[~drop])
     short, mask = left_pad(rows)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    types = {"token_type_ids": (short == IMG).long()} if family == "gemma3" else {}
+    types = {"gemma3": {"token_type_ids": (short == IMG).long()},
+             "paligemma": {"token_type_ids": torch.zeros_like(short)}}.get(family, {})
+    pos = pos + (family == "paligemma")  # PaliGemma numbers a prompt from 1
     with torch.no_grad():
         ref = model(input_ids=short, attention_mask=mask, position_ids=pos, **types,
                     mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)}).logits
@@ -324,8 +330,9 @@ def test_vit_selection_is_the_budget_drop_on_group_keys(family):
     hook.remove()
     units = grab["k"].shape[0]
     k = attn.k_norm(grab["k"]) if family == "internvl" else grab["k"]
-    keys = k[:, prefix:].view(units, 64, attn.num_heads, -1).mean(dim=2)  # [units, 8x8, D]
-    groups = keys.view(units, 4, 2, 4, 2, -1).mean(dim=(2, 4)).reshape(units, 16, -1)
+    g = 1 if family == "paligemma" else 2  # a group's side in patches (PaliGemma: single patches)
+    keys = k[:, prefix:].view(units, 16 * g * g, attn.num_heads, -1).mean(dim=2)  # [units, patches, D]
+    groups = keys.view(units, 4, g, 4, g, -1).mean(dim=(2, 4)).reshape(units, 16, -1)
     expect = fixed_budget_keep_mask(groups, round(0.4 * 16), 16)
     saint.patch(model, **CONFIGS["vit"])
     with torch.no_grad():

@@ -110,7 +110,7 @@ def start_prefill(handle: VlmPatch, kwargs: dict[str, Any], keep0: torch.Tensor 
     then start the decoder pruner on the image tokens that reach layer 0."""
     if keep0 is not None:
         refuse_static_cache(kwargs)
-        kwargs = shrink_inputs(kwargs, keep0, fwd, handle.image_token_id)
+        kwargs = shrink_inputs(kwargs, keep0, fwd, handle.image_token_id, handle.position_offset)
     begin_prefill(handle, fwd, kwargs["input_ids"] == handle.image_token_id)
     return kwargs
 
@@ -162,10 +162,12 @@ def shrink_plan(input_ids: torch.Tensor, counts: list[int], image_token_id: int,
     return keep_first(input_ids, image_token_id, [per] * n, counts)
 
 
-def shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, image_id: int) -> dict[str, Any]:
+def shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, image_id: int,
+                  offset: int = 0) -> dict[str, Any]:
     """Drop the surplus image tokens of every image (input_ids, attention mask,
     contiguous positions, ``token_type_ids``), right-aligning rows that lost different
-    amounts."""
+    amounts. Without ``position_ids`` the prompt is numbered from ``offset``, as the model
+    numbers it itself."""
     input_ids = kwargs["input_ids"]
     b, length = input_ids.shape
     src, valid, new_mask = shrink_rows(kwargs, keep0, fwd)
@@ -174,7 +176,9 @@ def shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, ima
     removed_at = (~keep0).long()
     removed_before = removed_at.cumsum(1) - removed_at
     pos = kwargs.get("position_ids")
-    pos = torch.arange(length, device=input_ids.device).expand(b, length) if pos is None else pos.expand(b, length)
+    if pos is None:
+        pos = torch.arange(offset, offset + length, device=input_ids.device)
+    pos = pos.expand(b, length)
     new_pos = (torch.gather(pos, 1, src) - torch.gather(removed_before, 1, src)).masked_fill(~valid, 0)
     rows = {k: torch.gather(kwargs[k], 1, src).masked_fill(~valid, 0)  # Gemma 3's image flags: per token too
             for k in ("token_type_ids",) if kwargs.get(k) is not None}

@@ -6,8 +6,11 @@ tower's grid, 4x4 groups at 896 px), Idefics3 and SmolVLM
 (``Idefics3ForConditionalGeneration``, ``SmolVLMForConditionalGeneration`` and their
 ``*Model``; a pixel shuffle of ``scale_factor`` x ``scale_factor`` groups per tile, e.g.
 SmolVLM's 4x4 groups, 64 tokens per 512 px tile; a tile with padded patches is refused
-by the vit mode). SAINT's vit / llm / hybrid modes, FastV and a random
-baseline, with per-instance hooks only; each family is one :class:`Family` below.
+by the vit mode), and PaliGemma (``PaliGemmaForConditionalGeneration`` /
+``PaliGemmaModel`` on a Gemma decoder; its projector maps every SigLIP patch to one token:
+groups of one patch; it numbers a prompt from 1, and its whole prompt attends both ways).
+SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
+only; each family is one :class:`Family` below.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`PooledPruneConfig`):
 
@@ -69,7 +72,8 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "SMOLVLM", "Family", "Gemma3PruneConfig",
+__all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "PALIGEMMA", "SMOLVLM", "Family",
+           "Gemma3PruneConfig", "PaliGemmaPruneConfig",
            "Idefics3PruneConfig", "InternVLPruneConfig", "PooledPatch", "PooledPruneConfig", "PooledVlm",
            "SmolVLMPruneConfig"]
 
@@ -128,6 +132,12 @@ class SmolVLMPruneConfig(PooledPruneConfig):
 
 
 @dataclass
+class PaliGemmaPruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "PaliGemma"
+    UNIT: ClassVar[str] = "image"
+
+
+@dataclass
 class PooledPatch(VlmPatch):
     """A patched model of a family here: the VLM handle and the group pruner of
     ``vit``/``hybrid``."""
@@ -162,6 +172,12 @@ def _gemma3_unit(mm: torch.nn.Module) -> tuple[int, int]:
     return side, side // round(int(mm.config.mm_tokens_per_image) ** 0.5)
 
 
+def _paligemma_unit(mm: torch.nn.Module) -> tuple[int, int]:
+    """PaliGemma's image: patches per side; its projector maps every patch to one token."""
+    vc = mm.config.vision_config
+    return int(vc.image_size) // int(vc.patch_size), 1
+
+
 def _idefics3_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """Idefics3 / SmolVLM's tile: patches per side, and the pixel shuffle's ``scale_factor``."""
     vc = mm.config.vision_config
@@ -194,6 +210,7 @@ class Family:
     unit: Callable[[torch.nn.Module], tuple[int, int]]
     check: Callable[[torch.nn.Module, PooledPruneConfig], None] = lambda mm, cfg: None
     tower_name: str = "vision_tower"  # the multimodal model's attribute holding the tower
+    position_offset: int = 0  # the first position the model gives a prompt it numbers itself
 
     def tower(self, mm: torch.nn.Module) -> torch.nn.Module:
         return getattr(mm, self.tower_name)
@@ -229,6 +246,8 @@ GEMMA3 = Family("gemma3", "gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Mo
                 SIGLIP_TOWER, _gemma3_unit)
 IDEFICS3 = Family("idefics3", "idefics3", ("Idefics3ForConditionalGeneration", "Idefics3Model"), Idefics3PruneConfig,
                   IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
+PALIGEMMA = Family("paligemma", "paligemma", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"),
+                   PaliGemmaPruneConfig, SIGLIP_TOWER, _paligemma_unit, position_offset=1)
 SMOLVLM = Family("smolvlm", "smolvlm", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), SmolVLMPruneConfig,
                  IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
 
@@ -306,6 +325,7 @@ def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "sa
         family.check(mm, cfg)
     handle = PooledPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace,
                          unit_tokens=family.unit_tokens(mm))
+    handle.position_offset = family.position_offset
     with installing(handle):
         if cfg.prunes_vit:
             handle.tower = GroupPruner(tower, family.layout, family.unit(mm)[1], cfg.vit_layer, cfg.vit_ratio,
@@ -339,4 +359,4 @@ class PooledVlm(HFVlm):
         return Grid(side, side, (size // side, size // side))
 
 
-ADAPTERS = (PooledVlm(INTERNVL), PooledVlm(GEMMA3), PooledVlm(IDEFICS3), PooledVlm(SMOLVLM))
+ADAPTERS = (PooledVlm(INTERNVL), PooledVlm(GEMMA3), PooledVlm(IDEFICS3), PooledVlm(SMOLVLM), PooledVlm(PALIGEMMA))

@@ -53,6 +53,7 @@ class VlmPatch(Handle):
     lock: Any = field(default_factory=threading.RLock)  # one forward at a time (the state above is per forward)
     hooked: list[Hooked] = field(default_factory=list)  # hooked modules outside the decoder pruner's
     num_protected = 0  # image tokens have no protected prefix (text is never pruned)
+    position_offset = 0  # the model's first position when it numbers a prompt itself (PaliGemma: 1)
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(

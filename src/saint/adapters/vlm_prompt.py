@@ -121,6 +121,7 @@ def continue_prompt(handle: VlmPatch, module: torch.nn.Module, prompt: hf_llm.Pr
     mask = continued_mask(prompt, kwargs, past)
     pos = kwargs.get("position_ids")
     if pos is None:
-        pos = torch.arange(length0 + t, length0 + t + q, device=device).expand(b, q)
+        start = length0 + t + handle.position_offset  # as the model numbers a step itself
+        pos = torch.arange(start, start + q, device=device).expand(b, q)
     pos = pos.expand(b, q) - prompt.extra["removed"][:, None].to(pos.device)
     return dict(kwargs, attention_mask=mask, position_ids=pos)
