@@ -39,13 +39,17 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
         model = transformers.Gemma3ForConditionalGeneration(cfg)
         with torch.no_grad():  # transformers leaves the projection at zeros: every image would embed alike
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
-    elif family == "paligemma":  # 64 px images, 16 px patches: 4x4 image tokens, one per patch
+    elif family in ("paligemma", "paligemma2"):  # 64 px images, 16 px patches: 4x4 image tokens, one per patch
         vision = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
                                                  intermediate_size=64, image_size=SIZE, patch_size=16,
                                                  vision_use_head=False)
-        cfg = transformers.PaliGemmaConfig(vision_config=vision, text_config=transformers.GemmaConfig(**text, head_dim=16),
-                                           image_token_index=image_token_id, projection_dim=64,
-                                           attn_implementation=impl)
+        if family == "paligemma":
+            decoder = transformers.GemmaConfig(**text, head_dim=16)
+        else:  # PaliGemma 2: Gemma 2, softcapped logits, every other layer a sliding window; eager attention only
+            decoder = transformers.Gemma2Config(**text, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW)
+            impl = "eager"
+        cfg = transformers.PaliGemmaConfig(vision_config=vision, text_config=decoder, image_token_index=image_token_id,
+                                           projection_dim=64, attn_implementation=impl)
         model = transformers.PaliGemmaForConditionalGeneration(cfg)
     elif family in ("idefics3", "smolvlm"):  # 64 px tiles, 8x8 patches pixel-shuffled to 4x4 tokens
         name = "Idefics3" if family == "idefics3" else "SmolVLM"
@@ -113,6 +117,6 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
         out["image_sizes"] = torch.tensor([p for p, _ in sizes])
     if family == "gemma3":  # as its processor: 1 marks the image tokens (they attend to each other both ways)
         out["token_type_ids"] = (ids == IMG).long()
-    if family == "paligemma":  # as its processor: 0 marks the prompt, the prefix that attends both ways
+    if family.startswith("paligemma"):  # as its processor: 0 marks the prompt, the prefix that attends both ways
         out["token_type_ids"] = torch.zeros_like(ids)
     return out

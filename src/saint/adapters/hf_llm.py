@@ -25,7 +25,7 @@ The per-layer maps of a pruned prompt (:class:`PrunedPrompt`) are stored on the
 cache object itself, so several cached generations may interleave; the per-forward
 state lives on the :class:`DecoderPruner` (one forward at a time per model).
 
-Sliding-window layers (Mistral, Gemma 3) keep their window of *positions*: a prefill
+Sliding-window layers (Mistral, Gemma 2, Gemma 3) keep their window of *positions*: a prefill
 that may prune gets a cache whose sliding layers keep every slot
 (:func:`keep_every_slot`), so the model builds its sliding mask over the whole sequence
 and each layer gathers it like any other. (A window of cache slots would cover other
@@ -58,6 +58,7 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("qwen2", "Qwen2Model"),  # LLaVA-OneVision, LLaVA-Interleave
     ("qwen3", "Qwen3Model"),  # q/k norms: the selections read the normed keys and queries
     ("gemma", "GemmaModel"),  # LLaVA-Gemma
+    ("gemma2", "Gemma2Model"),  # PaliGemma 2: sliding-window layers, softcapped logits (FastV refused)
     ("gemma3", "Gemma3TextModel"),  # Gemma 3: q/k norms, five sliding-window layers to one global
     ("phi3", "Phi3Model"),  # LLaVA-Phi-3: one fused qkv_proj (the selections read its query and key columns)
     ("qwen2_vl", "Qwen2VLTextModel"),

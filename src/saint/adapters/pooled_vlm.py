@@ -6,9 +6,10 @@ tower's grid, 4x4 groups at 896 px), Idefics3 and SmolVLM
 (``Idefics3ForConditionalGeneration``, ``SmolVLMForConditionalGeneration`` and their
 ``*Model``; a pixel shuffle of ``scale_factor`` x ``scale_factor`` groups per tile, e.g.
 SmolVLM's 4x4 groups, 64 tokens per 512 px tile; a tile with padded patches is refused
-by the vit mode), and PaliGemma (``PaliGemmaForConditionalGeneration`` /
-``PaliGemmaModel`` on a Gemma decoder; its projector maps every SigLIP patch to one token:
-groups of one patch; it numbers a prompt from 1, and its whole prompt attends both ways).
+by the vit mode), and PaliGemma / PaliGemma 2 (``PaliGemmaForConditionalGeneration`` /
+``PaliGemmaModel`` on a Gemma or Gemma 2 decoder; its projector maps every SigLIP patch to
+one token: groups of one patch; it numbers a prompt from 1, and its whole prompt attends
+both ways; Gemma 2's softcapped attention logits rule out FastV).
 SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
 only; each family is one :class:`Family` below.
 
