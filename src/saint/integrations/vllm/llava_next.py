@@ -125,9 +125,7 @@ class _PrunedAnyres(SaintTilePruningMixin):
         vision = self.config.vision_config  # type: ignore[attr-defined]
         base = (vision.image_size // vision.patch_size) ** 2
         newline = self.image_newline.to(embeds[0].dtype)  # type: ignore[attr-defined]
-        masks = [anyres_keep_mask(e, newline, base, self.saint) for e in embeds]
-        self.saint_last_keep = masks
-        return [e[m] for e, m in zip(embeds, masks, strict=True)]
+        return self.saint_keep(embeds, [anyres_keep_mask(e, newline, base, self.saint) for e in embeds])
 
 
 @MULTIMODAL_REGISTRY.register_processor(

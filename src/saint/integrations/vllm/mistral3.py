@@ -20,7 +20,6 @@ from .compat import install_torchvision_shim
 
 install_torchvision_shim()
 
-import torch  # noqa: E402
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.mistral3 import (  # noqa: E402
     Mistral3DummyInputsBuilder,
@@ -32,7 +31,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails  # noqa: E402
 
 from .settings import SaintVllmSettings, settings_from_config  # noqa: E402
-from .tiles import SaintTilePruningMixin  # noqa: E402
+from .tiles import SaintTilePruningMixin, tile_keep_mask  # noqa: E402
 
 
 def kept_rows(tokens: Sequence[int], image_token: int, settings: SaintVllmSettings) -> list[int]:
@@ -49,14 +48,6 @@ def kept_rows(tokens: Sequence[int], image_token: int, settings: SaintVllmSettin
         if token is not None:
             out.append(token)
     return out
-
-
-def row_keep_mask(embeds: torch.Tensor, columns: int, settings: SaintVllmSettings) -> torch.Tensor:
-    """``[rows * columns]`` bool over one image's row-major embeddings: each row's kept
-    tokens, by the fixed-budget drop within the row."""
-    if embeds.shape[0] % columns:
-        raise ValueError(f"an image's {embeds.shape[0]} embeddings are not rows of {columns}")
-    return torch.cat([settings.keep_mask(row) for row in embeds.view(-1, columns, embeds.shape[-1])])
 
 
 class SaintMistral3ProcessingInfo(Mistral3ProcessingInfo):
@@ -113,6 +104,4 @@ class SaintMistral3ForConditionalGeneration(SaintTilePruningMixin, Mistral3ForCo
         merge = self.config.spatial_merge_size
         patch = self.config.vision_config.patch_size
         columns = [(img.shape[-1] - 1) // (patch * merge) + 1 for img in image_input["pixel_values"]]  # as vLLM counts
-        masks = [row_keep_mask(e, c, self.saint) for e, c in zip(embeds, columns, strict=True)]
-        self.saint_last_keep = masks
-        return tuple(e[m] for e, m in zip(embeds, masks, strict=True))
+        return self.saint_keep(embeds, [tile_keep_mask(e, c, self.saint) for e, c in zip(embeds, columns, strict=True)])

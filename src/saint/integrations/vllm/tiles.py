@@ -26,6 +26,14 @@ def processor_with_kept_tiles(processor: Any, saint: SaintVllmSettings | None, f
     return kept
 
 
+def tile_keep_mask(embeds: torch.Tensor, per_tile: int, settings: SaintVllmSettings) -> torch.Tensor:
+    """``[tiles * per_tile]`` bool over one image's embeddings in runs of ``per_tile`` (tiles,
+    or Mistral 3's rows): each run's kept tokens, by the fixed-budget drop within the run."""
+    if embeds.shape[0] % per_tile:
+        raise ValueError(f"an image's {embeds.shape[0]} embeddings are not runs of {per_tile}")
+    return torch.cat([settings.keep_mask(run) for run in embeds.view(-1, per_tile, embeds.shape[-1])])
+
+
 class SaintTilePruningMixin:
     """For vLLM's tiled model classes: read the SAINT settings and cut every tile's tokens."""
 
@@ -42,10 +50,14 @@ class SaintTilePruningMixin:
                 "their own length); send pixels or switch SAINT off"
             )
 
+    def saint_keep(self, embeds: Sequence[torch.Tensor], masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each image's kept embeddings by its ``[N]`` mask (the masks stay for
+        ``last_kept_indices``)."""
+        self.saint_last_keep = masks
+        return [e[m] for e, m in zip(embeds, masks, strict=True)]
+
     def saint_prune_tiles(self, embeds: Sequence[torch.Tensor], per_tile: int) -> Sequence[torch.Tensor]:
         """Each image's ``[tiles * per_tile, D]`` embeddings, every tile cut to the kept count."""
         if self.saint is None:
             return embeds
-        masks = [torch.cat([self.saint.keep_mask(t) for t in e.view(-1, per_tile, e.shape[-1])]) for e in embeds]
-        self.saint_last_keep = masks
-        return [e[m] for e, m in zip(embeds, masks, strict=True)]
+        return self.saint_keep(embeds, [tile_keep_mask(e, per_tile, self.saint) for e in embeds])
