@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from saint.integrations.vllm.settings import (
     SaintSettingsError,
     SaintVllmSettings,
+    images_only_settings,
     settings_from_config,
 )
 
@@ -63,6 +64,22 @@ def test_keep_mask_drops_the_redundant_copies():
     embeds = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     keep = SaintVllmSettings(0.5).keep_mask(embeds)
     assert keep.tolist()[3] and int(keep.sum()) == 2
+
+
+def _info_and_ctx(ratio: float | None, modalities: tuple[str, ...], video_limit: int):
+    config = SimpleNamespace() if ratio is None else SimpleNamespace(saint_keep_ratio=ratio)
+    info = SimpleNamespace(get_hf_config=lambda: config,
+                           get_supported_mm_limits=lambda: dict.fromkeys(modalities))
+    mm_config = SimpleNamespace(get_limit_per_prompt=lambda modality: {"image": 1, "video": video_limit}[modality])
+    return info, SimpleNamespace(get_mm_config=lambda: mm_config)
+
+
+def test_images_only_pruning_refuses_a_video_limit_only_where_videos_are_taken():
+    assert images_only_settings(*_info_and_ctx(0.25, ("image", "video"), 0), "X").keep_ratio == 0.25
+    assert images_only_settings(*_info_and_ctx(0.25, ("image",), 4), "X").keep_ratio == 0.25
+    assert images_only_settings(*_info_and_ctx(None, ("image", "video"), 4), "X") is None
+    with pytest.raises(SaintSettingsError, match="SAINT pruning of X serves images only"):
+        images_only_settings(*_info_and_ctx(0.25, ("image", "video"), 4), "X")
 
 
 def test_nothing_in_saint_imports_the_plugin():

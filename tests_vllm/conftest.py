@@ -101,6 +101,14 @@ def internvl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def internvl_chat_dir(tmp_path_factory, internvl_dir) -> Path:
+    """The same InternVL in the remote-code format (``InternVLChatModel``)."""
+    from saint.integrations.vllm.tiny import write_internvl_chat_checkpoint
+
+    return write_internvl_chat_checkpoint(tmp_path_factory.mktemp("tiny-internvl-chat"), internvl_dir)
+
+
+@pytest.fixture(scope="session")
 def idefics3_dir(tmp_path_factory) -> Path:
     """A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles."""
     from saint.integrations.vllm.tiny import write_idefics3_checkpoint
@@ -149,6 +157,7 @@ def run_engine(vllm_cache):
             "VLLM_CACHE_ROOT": str(vllm_cache),
             "VLLM_NO_USAGE_STATS": "1",  # no network at run time
             "HF_HUB_OFFLINE": "1",
+            "HF_MODULES_CACHE": str(vllm_cache / "hf-modules"),  # remote-code configs (InternVL chat)
         }
         env.pop("VLLM_PLUGINS", None)
         if plugins is not None:

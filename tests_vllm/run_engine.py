@@ -30,6 +30,7 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "llava_next": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
     "llava_onevision": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
     "internvl": (QWEN_PROMPT, "<IMG_CONTEXT>\n"),
+    "internvl_chat": (QWEN_PROMPT, "<image>\n"),
     "mistral3": ("<s>[INST]{images}Describe the picture.[/INST]", "[IMG]"),
     "idefics3": ("<|im_start|>User:{images}Describe the picture.<end_of_utterance>\nAssistant:", "<image>"),
 }
@@ -62,7 +63,8 @@ def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> Non
 
     from saint.integrations.vllm import last_kept_indices
 
-    model_type = json.loads((Path(model) / "config.json").read_text())["model_type"]
+    config = json.loads((Path(model) / "config.json").read_text())
+    model_type = config["model_type"]
     args = dict(
         model=model, hf_overrides=json.loads(overrides), max_model_len=1024, max_num_seqs=2,
         enforce_eager=True, kv_cache_memory_bytes=1 << 27, seed=0,
@@ -70,6 +72,7 @@ def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> Non
         # near-tied greedy tokens differently from the float32 reference.
         dtype="float32",
         limit_mm_per_prompt={"image": 1, "video": 0},
+        trust_remote_code="auto_map" in config,  # the InternVL chat format's config class
     )
     llm = LLM(**{**args, **json.loads(engine)})
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)

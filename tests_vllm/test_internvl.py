@@ -1,7 +1,8 @@
-"""InternVL (tiny, random, the transformers format that vLLM serves with its InternS1
-classes): pruning off equals transformers; SAINT keeping a quarter of every tile's 16
-context tokens feeds 4 per tile to the LLM, chosen and decoded as transformers does on the
-same kept set; pruning with videos allowed is refused at start."""
+"""InternVL (tiny, random), in the transformers format that vLLM serves with its InternS1
+classes and in the remote-code format (``InternVLChatModel``, the same weights): pruning
+off equals transformers; SAINT keeping a quarter of every tile's 16 context tokens feeds 4
+per tile to the LLM, chosen and decoded as transformers does on the same kept set; pruning
+with videos allowed is refused at start."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from reference import transformers_internvl_scores
 
 
 @pytest.mark.parametrize("ratio, per_tile", [(None, 16), (0.25, 4)])
-def test_internvl_image_tokens_and_outputs(run_engine, internvl_dir, image_path, ratio, per_tile):
+@pytest.mark.parametrize("checkpoint", ["internvl_dir", "internvl_chat_dir"])
+def test_internvl_image_tokens_and_outputs(run_engine, request, internvl_dir, image_path, checkpoint, ratio, per_tile):
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
-    got = run_engine(internvl_dir, image_path, overrides)
+    got = run_engine(request.getfixturevalue(checkpoint), image_path, overrides)
     image_token = json.loads((internvl_dir / "config.json").read_text())["image_token_id"]
     ref = transformers_internvl_scores(internvl_dir, image_path, got["prompt_token_ids"], got["token_ids"],
                                        ratio or 1.0)
@@ -26,7 +28,8 @@ def test_internvl_image_tokens_and_outputs(run_engine, internvl_dir, image_path,
     assert_same_greedy_decoding(got, ref["logprobs"])
 
 
-def test_internvl_pruning_with_videos_fails_at_engine_start(run_engine, internvl_dir, image_path):
+@pytest.mark.parametrize("checkpoint", ["internvl_dir", "internvl_chat_dir"])
+def test_internvl_pruning_with_videos_fails_at_engine_start(run_engine, request, image_path, checkpoint):
     with pytest.raises(EngineFailed) as err:
-        run_engine(internvl_dir, image_path, {"saint_keep_ratio": 0.25}, engine={"limit_mm_per_prompt": {"image": 1}})
+        run_engine(request.getfixturevalue(checkpoint), image_path, {"saint_keep_ratio": 0.25}, engine={"limit_mm_per_prompt": {"image": 1}})
     assert "SAINT pruning of InternVL serves images only" in err.value.output

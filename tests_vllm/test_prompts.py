@@ -1,5 +1,6 @@
 """Several images per prompt, batched requests and the prefix cache, with SAINT pruning on
-(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT and InternVL: one
+(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT and InternVL (both
+formats; the chat format's reference is transformers on the same weights): one
 engine per model,
 block size 32 with prefix caching. The requests run together, then each again on its own,
 which finds its images in the prefix cache; both times every request decodes as
@@ -37,12 +38,13 @@ def landscape_path(tmp_path_factory) -> Path:
     return path
 
 
-FAMILIES = {  # checkpoint fixture, reference, the config's image token key
-    "qwen2_5_vl": ("model_dir", transformers_scores, "image_token_id"),
-    "qwen3_vl": ("qwen3_dir", transformers_scores, "image_token_id"),
-    "llava": ("llava_dir", transformers_llava_scores, "image_token_index"),
-    "llava_next": ("llava_next_dir", transformers_anyres_scores, "image_token_index"),
-    "internvl": ("internvl_dir", transformers_internvl_scores, "image_token_id"),
+FAMILIES = {  # checkpoint fixture, reference, its checkpoint fixture, that config's image token key
+    "qwen2_5_vl": ("model_dir", transformers_scores, "model_dir", "image_token_id"),
+    "qwen3_vl": ("qwen3_dir", transformers_scores, "qwen3_dir", "image_token_id"),
+    "llava": ("llava_dir", transformers_llava_scores, "llava_dir", "image_token_index"),
+    "llava_next": ("llava_next_dir", transformers_anyres_scores, "llava_next_dir", "image_token_index"),
+    "internvl": ("internvl_dir", transformers_internvl_scores, "internvl_dir", "image_token_id"),
+    "internvl_chat": ("internvl_chat_dir", transformers_internvl_scores, "internvl_dir", "image_token_id"),
 }
 
 
@@ -50,10 +52,10 @@ FAMILIES = {  # checkpoint fixture, reference, the config's image token key
 def test_two_images_batches_and_prefix_cache_decode_as_transformers(
     family, request, run_engine, image_path, landscape_path
 ):
-    fixture, reference, token_key = FAMILIES[family]
-    model_dir = request.getfixturevalue(fixture)
+    fixture, reference, reference_fixture, token_key = FAMILIES[family]
+    model_dir = request.getfixturevalue(reference_fixture)
     prompts = [[image_path, landscape_path], [landscape_path], [image_path]]
-    got = run_engine(model_dir, prompts, {"saint_keep_ratio": RATIO}, engine=ENGINE)
+    got = run_engine(request.getfixturevalue(fixture), prompts, {"saint_keep_ratio": RATIO}, engine=ENGINE)
     image_token = json.loads((model_dir / "config.json").read_text())[token_key]
     settings = SaintVllmSettings(RATIO)
     cached_images = 0

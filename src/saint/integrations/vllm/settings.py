@@ -92,9 +92,11 @@ def images_only_settings(info: Any, ctx: Any, family: str) -> SaintVllmSettings 
     front end; with pruning on, a configuration that allows videos is refused (the
     overrides that prune only images: for Qwen, their videos would reach the runner
     without the position channels it then expects; for InternVL, its frames' pruning is
-    untested)."""
+    untested). A model that takes no videos (an InternVL chat checkpoint whose tokenizer
+    has no video token) needs no video limit."""
     saint = settings_from_config(info.get_hf_config())
-    if saint is not None and ctx.get_mm_config().get_limit_per_prompt("video") > 0:
+    takes_videos = "video" in info.get_supported_mm_limits()
+    if saint is not None and takes_videos and ctx.get_mm_config().get_limit_per_prompt("video") > 0:
         raise SaintSettingsError(
             f"saint_keep_ratio: SAINT pruning of {family} serves images only; set "
             "--limit-mm-per-prompt '{\"video\": 0}' (LLM(limit_mm_per_prompt={\"video\": 0}))"

@@ -1,4 +1,4 @@
-"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-1.5, Idefics3 and InternVL checkpoints written to a folder that vLLM and
+"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-1.5, Idefics3, InternVL (both formats) and Mistral 3 checkpoints written to a folder that vLLM and
 transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
 spot (with the model's special tokens), the PIL image processor and random weights.
 
@@ -327,7 +327,10 @@ def write_idefics3_checkpoint(path: str | Path, tile: int = 64, seed: int = 0) -
     return path
 
 
-INTERNVL_SPECIAL_TOKENS = ["<pad>", "<s>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>"]
+# ``<|video_pad|>``: vLLM's InternVL chat format (on a Qwen2 LM) takes videos only with it.
+INTERNVL_SPECIAL_TOKENS = [
+    "<pad>", "<s>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|video_pad|>",
+]
 
 
 def write_internvl_checkpoint(path: str | Path, tile: int = 64, seed: int = 0) -> Path:
@@ -336,6 +339,7 @@ def write_internvl_checkpoint(path: str | Path, tile: int = 64, seed: int = 0) -
     ``tile`` px tiles plus a thumbnail, each ``(tile // 16) ** 2`` context tokens."""
     import torch
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     from .compat import install_torchvision_shim
@@ -362,12 +366,105 @@ def write_internvl_checkpoint(path: str | Path, tile: int = 64, seed: int = 0) -
     model = InternVLForConditionalGeneration(config).eval()
     _sharpen(model)
     model.save_pretrained(path)
+    # InternVL normalizes with ImageNet's statistics (its -hf processors say so; GOT-OCR2's defaults are CLIP's).
     images = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1,
-                                      max_patches=4)
+                                      max_patches=4, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
     InternVLProcessor(image_processor=images, tokenizer=tokenizer, image_seq_length=(tile // 16) ** 2,
                       video_processor=InternVLVideoProcessor()).save_pretrained(path)
     gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<pad>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
+# The remote-code config of the InternVL chat format, as far as vLLM's InternVLChatModel reads it.
+INTERNVL_CHAT_CONFIG_CODE = '''"""A tiny InternVL chat (remote-code format) config, written by saint's tests."""
+from transformers import PretrainedConfig, Qwen2Config
+
+
+class InternVisionConfig(PretrainedConfig):
+    model_type = "intern_vit_6b"
+
+
+class InternVLChatConfig(PretrainedConfig):
+    model_type = "internvl_chat"
+
+    def __init__(self, vision_config=None, llm_config=None, **kwargs):
+        super().__init__(**kwargs)
+        self.vision_config = InternVisionConfig(**(vision_config or {}))
+        self.llm_config = Qwen2Config(**(llm_config or {}))
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["vision_config"] = self.vision_config.to_dict()
+        out["llm_config"] = self.llm_config.to_dict()
+        return out
+'''
+# The transformers format's InternVL weights -> the remote-code format's (InternViT, ``mlp1``).
+_INTERNVL_CHAT_NAMES = [
+    ("vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+    ("vision_tower.embeddings.patch_embeddings.projection.", "vision_model.embeddings.patch_embedding."),
+    ("vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+    ("vision_tower.encoder.layer.", "vision_model.encoder.layers."),
+    (".attention.projection_layer.", ".attn.proj."),
+    (".lambda_1", ".ls1"), (".lambda_2", ".ls2"),
+    (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2."),
+    ("multi_modal_projector.layer_norm.", "mlp1.0."),
+    ("multi_modal_projector.linear_1.", "mlp1.1."),
+    ("multi_modal_projector.linear_2.", "mlp1.3."),
+]
+
+
+def write_internvl_chat_checkpoint(path: str | Path, hf_dir: str | Path) -> Path:
+    """Write the InternVL of ``hf_dir`` (by :func:`write_internvl_checkpoint`) in the
+    remote-code format (``InternVLChatModel``; load with ``trust_remote_code``) to ``path``:
+    the same weights (q/k/v fused into InternViT's ``qkv``), tokenizer and tiling (up to 4
+    tiles plus a thumbnail), so transformers' ``InternVLForConditionalGeneration`` on
+    ``hf_dir`` is its reference."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path, hf_dir = Path(path), Path(hf_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    hf = json.loads((hf_dir / "config.json").read_text())
+    hf_weights, weights = load_file(hf_dir / "model.safetensors"), {}
+    for name, tensor in hf_weights.items():
+        if ".attention.k_proj." in name or ".attention.v_proj." in name:
+            continue
+        if ".attention.q_proj." in name:
+            qkv = [hf_weights[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            tensor, name = torch.cat(qkv), name.replace(".attention.q_proj.", ".attn.qkv.")
+        for old, new in _INTERNVL_CHAT_NAMES:
+            name = name.replace(old, new)
+        weights[name] = tensor.contiguous()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    vision, text = hf["vision_config"], hf["text_config"]
+    if vision["use_qk_norm"] or vision["attention_bias"]:
+        raise ValueError("the chat format writer takes InternVL towers without q/k norms and q/k/v bias")
+    tile = vision["image_size"][0]
+    config = {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
+        "vision_config": {
+            "hidden_size": vision["hidden_size"], "intermediate_size": vision["intermediate_size"],
+            "num_hidden_layers": vision["num_hidden_layers"], "num_attention_heads": vision["num_attention_heads"],
+            "image_size": tile, "patch_size": vision["patch_size"][0], "num_channels": 3, "qkv_bias": False,
+            "qk_normalization": False, "norm_type": vision["norm_type"], "layer_norm_eps": vision["layer_norm_eps"],
+            "hidden_act": vision["hidden_act"], "initializer_factor": 0.1, "drop_path_rate": 0.0,
+            "dropout": 0.0, "attention_dropout": 0.0, "use_flash_attn": False,
+        },
+        "llm_config": {**text, "architectures": ["Qwen2ForCausalLM"]},
+        "select_layer": hf["vision_feature_layer"], "downsample_ratio": hf["downsample_ratio"], "ps_version": "v2",
+        "force_image_size": tile, "dynamic_image_size": True, "use_thumbnail": True,
+        "min_dynamic_patch": 1, "max_dynamic_patch": 4, "template": "internvl2_5",
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False), "torch_dtype": "float32",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "configuration_internvl_chat.py").write_text(INTERNVL_CHAT_CONFIG_CODE)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (hf_dir / name).exists():
+            shutil.copy(hf_dir / name, path / name)
     return path
 
 
