@@ -90,3 +90,35 @@ def test_nothing_in_saint_imports_the_plugin():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@given(st.integers(1, 90), st.integers(1, 90), st.integers(8, 64), st.integers(0, 2**32 - 1))
+def test_pil_transforms_stand_in_equals_torchvision(width, height, size, seed):
+    """The stand-in the vLLM plugin imports vLLM's InternVL processor against (where
+    torchvision is absent) computes InternVL's transform bit for bit as torchvision does."""
+    import numpy as np
+    import torchvision.transforms as tv
+    from PIL import Image
+
+    from saint.integrations.vllm.compat import _pil_transforms
+
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    outs = []
+    for T in (tv, _pil_transforms()):
+        transform = T.Compose([T.Lambda(lambda im: im.convert("RGB")),
+                               T.Resize((size, size + 3), interpolation=T.InterpolationMode.BICUBIC),
+                               T.ToTensor(), T.Normalize(mean=mean, std=std)])
+        outs.append(transform(image))
+    assert outs[0].shape == (3, size, size + 3)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_pil_transforms_stand_in_refuses_what_it_does_not_compute():
+    from saint.integrations.vllm.compat import _pil_transforms
+
+    T = _pil_transforms()
+    with pytest.raises(NotImplementedError, match="height, width"):
+        T.Resize(32)
+    with pytest.raises(NotImplementedError, match="PIL images only"):
+        T.Resize((8, 8))(torch.zeros(3, 8, 8))

@@ -33,3 +33,25 @@ def test_internvl_pruning_with_videos_fails_at_engine_start(run_engine, request,
     with pytest.raises(EngineFailed) as err:
         run_engine(request.getfixturevalue(checkpoint), image_path, {"saint_keep_ratio": 0.25}, engine={"limit_mm_per_prompt": {"image": 1}})
     assert "SAINT pruning of InternVL serves images only" in err.value.output
+
+
+def test_chat_format_processor_pixels_equal_transformers(internvl_dir, image_path):
+    """vLLM's own InternVL processor (imported by the plugin against its PIL stand-in of
+    torchvision's transforms, which nothing else sees) tiles and normalizes the test image
+    exactly as transformers' GOT-OCR2 processor of the transformers-format checkpoint."""
+    import sys
+
+    import torch
+    from PIL import Image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    import saint.integrations.vllm.internvl  # noqa: F401  (imports vLLM's InternVL processor first)
+
+    assert "torchvision" not in sys.modules
+    InternVLImageProcessor = sys.modules["vllm.transformers_utils.processors.internvl"].InternVLImageProcessor
+    image = Image.open(image_path).convert("RGB")
+    ours = InternVLImageProcessor(image_size=64, min_dynamic_patch=1, max_dynamic_patch=4, dynamic_image_size=True,
+                                  use_thumbnail=True)(images=[image], return_tensors="pt")
+    ref = GotOcr2ImageProcessorPil.from_pretrained(internvl_dir)(images=[image], return_tensors="pt")
+    assert ours["image_num_patches"].tolist() == ref["num_patches"].tolist() == [5]
+    assert torch.equal(ours["pixel_values_flat"], ref["pixel_values"])
