@@ -109,6 +109,14 @@ def internvl_chat_dir(tmp_path_factory, internvl_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> Path:
+    """A tiny Gemma 3: 64 px images of 16 image tokens, a 16-token sliding window."""
+    from saint.integrations.vllm.tiny import write_gemma3_checkpoint
+
+    return write_gemma3_checkpoint(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
 def idefics3_dir(tmp_path_factory) -> Path:
     """A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles."""
     from saint.integrations.vllm.tiny import write_idefics3_checkpoint

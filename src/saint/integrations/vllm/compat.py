@@ -43,6 +43,9 @@ _PIL_TWINS = {
     "transformers.models.got_ocr2.image_processing_got_ocr2": (
         "transformers.models.got_ocr2.image_processing_pil_got_ocr2"
     ),
+    "transformers.models.gemma3.image_processing_gemma3": (
+        "transformers.models.gemma3.image_processing_pil_gemma3"
+    ),
 }
 # The configs whose processors need a video processor -> the placeholder's class name.
 _VIDEO_PLACEHOLDERS = {

@@ -220,6 +220,17 @@ def _sharpen(model) -> None:
 LLAVA_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 
 
+def _save_with_hub_tower_names(model, path: Path) -> None:
+    """Save ``model``; transformers 5 writes a CLIP / SigLIP tower as ``vision_tower.*``, vLLM
+    (and the hub's llava-hf and Gemma 3 checkpoints) name it ``vision_tower.vision_model.*``."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(path)
+    weights = load_file(path / "model.safetensors")
+    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()}
+    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+
+
 # LLaVA-NeXT / OneVision crop grids of the tiny 112 px tower: up to 2 x 2 crops.
 TINY_GRID_PINPOINTS = [[112, 224], [224, 112], [224, 224]]
 
@@ -231,7 +242,6 @@ def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 
     (``TINY_GRID_PINPOINTS``: a base view plus up to 2 x 2 crops, rows ended by a newline)."""
     import torch
     import transformers
-    from safetensors.torch import load_file, save_file
 
     classes = {"llava": ("Llava", "CLIPImageProcessorPil", "clip"),
                "llava_next": ("LlavaNext", "LlavaNextImageProcessorPil", "llava_next"),
@@ -263,14 +273,7 @@ def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 
     if family != "llava":  # transformers draws the newline from the hidden size's scale: make it stand out
         with torch.no_grad():
             model.model.image_newline.normal_(0.0, 1.0)
-    model.save_pretrained(path)
-    # transformers 5 writes the tower as ``vision_tower.*``; vLLM (and the hub's llava-hf
-    # checkpoints) name it ``vision_tower.vision_model.*``.
-    weights = load_file(path / "model.safetensors")
-    renamed = {
-        k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()
-    }
-    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+    _save_with_hub_tower_names(model, path)
     images = importlib.import_module(f"transformers.models.{module}.image_processing_pil_{module}")
     getattr(images, image_processor)(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **tiling,
@@ -465,6 +468,47 @@ def write_internvl_chat_checkpoint(path: str | Path, hf_dir: str | Path) -> Path
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (hf_dir / name).exists():
             shutil.copy(hf_dir / name, path / name)
+    return path
+
+
+GEMMA3_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+                         "<start_of_turn>", "<end_of_turn>"]
+
+
+def write_gemma3_checkpoint(path: str | Path, image_size: int = 64, seed: int = 0) -> Path:
+    """Write a tiny random Gemma 3 (SigLIP-like tower, 8 px patches, 2x2 average pool: 16
+    image tokens per image; a Gemma 3 LM with a 16-token sliding window on its first layer)
+    to ``path``. The tokenizer has Gemma's newline runs as tokens, which vLLM's processor
+    looks up."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512, GEMMA3_SPECIAL_TOKENS, extra={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    tokenizer.add_tokens(["\n", "\n\n", "\n\n\n", "\n\n\n\n"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL_TOKENS}
+    text = dict(
+        model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=len(tokenizer),
+        max_position_embeddings=2048, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=ids["<bos>"], eos_token_id=ids["<end_of_turn>"], pad_token_id=ids["<pad>"],
+    )
+    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=image_size, patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                          image_token_index=ids["<image_soft_token>"], boi_token_index=ids["<start_of_image>"],
+                          eoi_token_index=ids["<end_of_image>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    _sharpen(model)
+    _save_with_hub_tower_names(model, path)
+    images = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16).save_pretrained(path)
+    gen = {"eos_token_id": ids["<end_of_turn>"], "pad_token_id": ids["<pad>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
 
 
