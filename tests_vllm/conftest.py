@@ -117,6 +117,22 @@ def gemma3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def paligemma_dir(tmp_path_factory) -> Path:
+    """A tiny PaliGemma: 64 px images, every 8 px patch one of 64 image tokens."""
+    from saint.integrations.vllm.tiny import write_paligemma_checkpoint
+
+    return write_paligemma_checkpoint(tmp_path_factory.mktemp("tiny-paligemma"))
+
+
+@pytest.fixture(scope="session")
+def paligemma2_dir(tmp_path_factory) -> Path:
+    """The same geometry as a PaliGemma 2 (a Gemma 2 LM: softcapped logits, a 16-token window)."""
+    from saint.integrations.vllm.tiny import write_paligemma_checkpoint
+
+    return write_paligemma_checkpoint(tmp_path_factory.mktemp("tiny-paligemma2"), gemma2=True)
+
+
+@pytest.fixture(scope="session")
 def idefics3_dir(tmp_path_factory) -> Path:
     """A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles."""
     from saint.integrations.vllm.tiny import write_idefics3_checkpoint

@@ -1,5 +1,5 @@
 """The transformers references for the vLLM plugin: the same checkpoint run by transformers
-(Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, Idefics3, InternVL, Gemma 3), with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
+(Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, Idefics3, InternVL, Gemma 3, PaliGemma), with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
 the plugin's budget rule) and, for the Qwen models, the kept tokens given their full-grid
 M-RoPE positions from transformers' own ``get_rope_index``.
 
@@ -228,22 +228,24 @@ def transformers_internvl_scores(
     }
 
 
-def transformers_gemma3_scores(
+def transformers_unit_scores(
     model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
     keep_ratio: float, **image_kwargs: object,
 ) -> dict:
-    """Gemma 3, one image or several in prompt order (``image_kwargs``: the image processor's,
-    e.g. pan-and-scan): the fixed-budget drop on each image's (and crop's) projector output,
-    each run of image tokens filled with its kept features, the shortened prompt numbered
-    0..L-1, causal attention throughout (the tests switch vLLM's bidirectional image
-    attention off: its CPU backend has none). ``kept``: per image, the kept indices over its
-    units' tokens; ``tiles``: per image, its units (the image and its crops)."""
+    """Gemma 3 and PaliGemma, one image or several in prompt order (``image_kwargs``: the
+    image processor's, e.g. Gemma 3's pan-and-scan): the fixed-budget drop on each image's
+    (and crop's) projector output, each run of image tokens filled with its kept features,
+    the shortened prompt numbered 0..L-1, causal attention throughout (the tests switch
+    vLLM's bidirectional image attention off: its CPU backend has none). ``kept``: per
+    image, the kept indices over its units' tokens; ``tiles``: per image, its units (the
+    image and its crops)."""
     from PIL import Image
-    from transformers import Gemma3ForConditionalGeneration
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText
 
-    model = Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = Gemma3ImageProcessorPil.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.text_config.use_bidirectional_attention = False  # PaliGemma's default: the whole prompt both ways
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
     units, unit_keeps, kept, tiles = [], [], [], []
     for path in image_paths if isinstance(image_paths, list) else [image_paths]:
         pixels = processor(images=[Image.open(path).convert("RGB")], return_tensors="pt", **image_kwargs)

@@ -31,6 +31,7 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "llava_onevision": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
     "internvl": (QWEN_PROMPT, "<IMG_CONTEXT>\n"),
     "internvl_chat": (QWEN_PROMPT, "<image>\n"),
+    "paligemma": ("{images}Describe the picture.", ""),  # vLLM puts the image tokens in front itself
     "gemma3": ("<bos><start_of_turn>user\n{images}Describe the picture.<end_of_turn>\n<start_of_turn>model\n",
                "<start_of_image>"),
     "mistral3": ("<s>[INST]{images}Describe the picture.[/INST]", "[IMG]"),

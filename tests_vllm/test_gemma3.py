@@ -11,7 +11,7 @@ import json
 
 import pytest
 from conftest import assert_same_greedy_decoding
-from reference import transformers_gemma3_scores
+from reference import transformers_unit_scores
 
 CAUSAL = {"is_mm_prefix_lm": False}  # vLLM's CPU attention cannot run Gemma 3's image attention
 PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 32, "pan_and_scan_max_num_crops": 2,
@@ -26,7 +26,7 @@ def test_gemma3_image_tokens_and_outputs(run_engine, gemma3_dir, image_path, rat
     engine = {"mm_processor_kwargs": image_kwargs} if image_kwargs else None
     got = run_engine(gemma3_dir, image_path, overrides, engine=engine)
     image_token = json.loads((gemma3_dir / "config.json").read_text())["image_token_index"]
-    ref = transformers_gemma3_scores(gemma3_dir, image_path, got["prompt_token_ids"], got["token_ids"],
+    ref = transformers_unit_scores(gemma3_dir, image_path, got["prompt_token_ids"], got["token_ids"],
                                      ratio or 1.0, **image_kwargs)
     (units,) = ref["tiles"]
     assert units == (3 if image_kwargs else 1)  # pan-and-scan: the image and two crops, each its own share

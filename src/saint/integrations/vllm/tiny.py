@@ -1,4 +1,5 @@
-"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-1.5, Idefics3, InternVL (both formats) and Mistral 3 checkpoints written to a folder that vLLM and
+"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-1.5 / NeXT / OneVision, Idefics3, InternVL (both formats), Gemma 3,
+PaliGemma and Mistral 3 checkpoints written to a folder that vLLM and
 transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
 spot (with the model's special tokens), the PIL image processor and random weights.
 
@@ -508,6 +509,51 @@ def write_gemma3_checkpoint(path: str | Path, image_size: int = 64, seed: int = 
     images = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
     Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16).save_pretrained(path)
     gen = {"eos_token_id": ids["<end_of_turn>"], "pad_token_id": ids["<pad>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
+PALIGEMMA_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<image>"]
+
+
+def write_paligemma_checkpoint(path: str | Path, image_size: int = 64, seed: int = 0, gemma2: bool = False) -> Path:
+    """Write a tiny random PaliGemma (SigLIP-like tower, 8 px patches, every patch one image
+    token: 64 per image; a Gemma LM, or with ``gemma2`` PaliGemma 2's Gemma 2 with softcapped
+    logits and a 16-token sliding window) to ``path``. As PaliGemma 2's tokenizer, it adds no
+    ``<bos>`` itself (vLLM then puts the image tokens and ``<bos>`` in front of the prompt)."""
+    import torch
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512, PALIGEMMA_SPECIAL_TOKENS, extra={"image_token": "<image>"})
+    tokenizer.add_tokens(["\n"])
+    tokenizer.bos_token = "<bos>"
+    tokenizer.add_bos_token = False
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in PALIGEMMA_SPECIAL_TOKENS}
+    text = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, vocab_size=len(tokenizer), max_position_embeddings=2048,
+        bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"],
+    )
+    if gemma2:
+        text.update(model_type="gemma2", query_pre_attn_scalar=32, sliding_window=16)
+    else:
+        text.update(model_type="gemma")
+    vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=image_size, patch_size=8, projection_dim=128)
+    config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                             projection_dim=128, pad_token_id=ids["<pad>"],
+                             tie_word_embeddings=True)  # as Gemma's, which vLLM's Gemma / Gemma 2 always tie
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    _sharpen(model)
+    _save_with_hub_tower_names(model, path)
+    images = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    images.image_seq_length = (image_size // 8) ** 2  # PaliGemma's processor reads it here, as the hub's configs give it
+    PaliGemmaProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    gen = {"eos_token_id": ids["<eos>"], "pad_token_id": ids["<pad>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
 
