@@ -207,7 +207,7 @@ def continuation_loss(lm, ids: list[int], n: int, media: dict) -> float:
     labels[0, -n:] = torch.tensor(ids[-n:])
     input_ids = torch.tensor([ids])
     with torch.no_grad():
-        return float(lm.model(input_ids=input_ids, labels=labels, **media, **lm._row_inputs(input_ids)).loss)
+        return float(lm.model(input_ids=input_ids, labels=labels, **media, **lm._row_inputs(input_ids, [n])).loss)
 
 
 def built_once(tmp_path_factory: Any, build: Callable[[Path, str], None]) -> Callable[[str], Path]:
@@ -248,12 +248,17 @@ def family_fixtures(build: Callable[[Path, str], None], families: Any, sizes: li
 
 def direct_generation(lm, question: str, images: list) -> str:
     """What ``lm``'s model generates (4 greedy tokens) for ``question`` behind its image
-    token, in its chat template, from the processor's own output: the reference a
+    token, in its chat template (PaliGemma: as its processor lays the prompt out), from the
+    processor's own output: the reference a
     ``generate_until`` request must reproduce."""
-    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": lm.image_token + "\n" + question}],
-                                              chat_template=lm.chat_template, tokenize=False,
-                                              add_generation_prompt=True)
+    if lm.NAME == "saint_paligemma":  # no chat template: the processor lays out image, <bos>, text itself
+        prompt = question
+    else:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": lm.image_token + "\n" + question}],
+                                                  chat_template=lm.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
     enc = lm.processor(text=[prompt], images=images, return_tensors="pt")
+    enc.pop("labels", None)  # PaliGemma's processor adds its training labels
     with torch.no_grad():
         out = lm.model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
                                 eos_token_id=lm.eot_token_id)

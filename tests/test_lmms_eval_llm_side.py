@@ -1,6 +1,7 @@
-"""lmms-eval's ``saint_internvl``, ``saint_mistral3`` and ``saint_gemma3`` models on tiny
-random InternVL (Qwen2 decoder), Mistral 3 (Pixtral tower, Mistral decoder) and Gemma 3
-(SigLIP tower, sliding-window decoder) checkpoints saved to disk
+"""lmms-eval's ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3`` and
+``saint_paligemma`` models on tiny random InternVL (Qwen2 decoder), Mistral 3 (Pixtral tower,
+Mistral decoder), Gemma 3 (SigLIP tower, sliding-window decoder), Idefics3 and PaliGemma
+(SigLIP tower, Gemma decoder; no chat template) checkpoints saved to disk
 with offline processors (BPE tokenizer trained here, the families' own image processors):
 nothing pruned equals the unpatched model, both request kinds pruned per prompt (InternVL
 also inside its tower), batches of images of different sizes (InternVL: different tile
@@ -33,14 +34,15 @@ from .lmms_helpers import (
 )
 
 FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": "SaintGemma3",
-            "idefics3": "SaintIdefics3"}
+            "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # InternVL and Gemma 3: half of every tile's (image's) 16 tokens
 NOTHING_ARGS = ("llm_layers=0-4,llm_tau=0.3,llm_k=1000", "method=fastv,fastv_layer=1,fastv_ratio=0")
 PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_ARGS), ("mistral3", LLM_ARGS),
            ("mistral3", FASTV_ARGS), ("gemma3", LLM_ARGS), ("gemma3", FASTV_ARGS), ("gemma3", VIT_ARGS),
-           ("idefics3", LLM_ARGS), ("idefics3", VIT_ARGS)]
+           ("idefics3", LLM_ARGS), ("idefics3", VIT_ARGS), ("paligemma", LLM_ARGS), ("paligemma", FASTV_ARGS),
+           ("paligemma", VIT_ARGS)]
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL 1 to 3 tiles
 
 
@@ -72,6 +74,15 @@ def _build(path: Path, family: str) -> None:
         images = transformers.Gemma3ImageProcessor(size={"height": 64, "width": 64})
         processor = transformers.Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16)
         image_token = "<image_soft_token>"
+    elif family == "paligemma":
+        special = ["<pad>", "<bos>", "<eos>", "<image>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["answer en"]), pad_token="<pad>", bos_token="<bos>",
+            eos_token="<eos>", extra_special_tokens={"image_token": "<image>"})
+        images = transformers.SiglipImageProcessor(size={"height": 64, "width": 64})
+        images.image_seq_length = 16  # 64 px, 16 px patches: one token per patch
+        processor = transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tokenizer)
+        image_token = "<image>"
     elif family == "idefics3":
         tiles = [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
         special = ["<pad>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<global-img>",
@@ -123,8 +134,10 @@ def test_entry_points_resolve():
         SaintIdefics3,
         SaintInternVL,
         SaintMistral3,
+        SaintPaliGemma,
     )
 
+    assert lmms_eval.models.get_model("saint_paligemma") is SaintPaliGemma
     assert lmms_eval.models.get_model("saint_internvl") is SaintInternVL
     assert lmms_eval.models.get_model("saint_mistral3") is SaintMistral3
     assert lmms_eval.models.get_model("saint_gemma3") is SaintGemma3
@@ -138,6 +151,7 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintIdefics3,
         SaintInternVL,
         SaintMistral3,
+        SaintPaliGemma,
     )
 
     missing = str(tmp_path / "no-such-checkpoint")
@@ -161,6 +175,8 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     (pan / "processor_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do_pan_and_scan=True"):
         SaintGemma3(pretrained=str(pan))
+    with pytest.raises(ValueError, match="without a chat template"):
+        SaintPaliGemma(pretrained=str(checkpoint("paligemma")), chat_template="{{ messages }}")
     build_llava(tmp_path)
     with pytest.raises(ValueError, match="InternVL checkpoints"):
         SaintInternVL(pretrained=str(tmp_path))
@@ -188,7 +204,8 @@ def test_batches_are_pruned_and_equal_single_requests(checkpoint, family, docs, 
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
     assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
     counts = {n for e in lm.pruning_log for n in e["image_tokens"]}
-    assert len(counts) > 1 or family == "gemma3"  # images of different token counts (Gemma 3 resizes them all)
+    # images of different token counts (Gemma 3 and PaliGemma resize them all)
+    assert len(counts) > 1 or family in ("gemma3", "paligemma")
     for e in lm.pruning_log:
         if args == VIT_ARGS:
             assert e["llm_input"] == [n // 2 for n in e["image_tokens"]] == e["llm_output"]

@@ -5,7 +5,7 @@ harness), plus the harness-agnostic parsing they share.
   models of lmms-eval (``pip install 'saint[lmms]'``), and
   :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next`` and
   ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
-  ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3`` and ``saint_idefics3``; all registered through the ``lmms_eval.models``
+  ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3`` and ``saint_paligemma``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
 Settings arrive from a harness as ``key=value`` strings; :func:`parse_prune_settings`
@@ -86,8 +86,8 @@ def lmms_eval_models() -> list[Any]:
     """Entry point of the ``lmms_eval.models`` group: lmms-eval (>= 0.7) calls it while
     building its model registry and imports a class only when its name (``--model
     saint_llava``, ``saint_qwen_vl``, ``saint_llava_next``, ``saint_llava_onevision``,
-    ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``)
-    is asked for."""
+    ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
+    ``saint_paligemma``) is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava"),
@@ -103,4 +103,6 @@ def lmms_eval_models() -> list[Any]:
             ModelManifest(model_id="saint_gemma3",
                           simple_class_path="saint.integrations.lmms_llm_side.SaintGemma3"),
             ModelManifest(model_id="saint_idefics3",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintIdefics3")]
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintIdefics3"),
+            ModelManifest(model_id="saint_paligemma",
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintPaliGemma")]

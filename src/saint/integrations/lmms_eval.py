@@ -287,8 +287,9 @@ class SaintLlava(lmms):
         """Placeholder token ids the processor expands, by the stats key that counts them."""
         return {"image_tokens": self.model.config.image_token_id}
 
-    def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inputs aligned with the prompt rows besides ids and mask (none for LLaVA)."""
+    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Inputs aligned with the prompt rows besides ids and mask (none for LLaVA);
+        ``scored``: for log-likelihood rows, how many trailing ids of each row are scored."""
         return {}
 
     # ------------------------------------------------------------------ properties
@@ -567,7 +568,8 @@ class SaintLlava(lmms):
                 ids[r, length - len(seq):] = torch.tensor(seq)
                 mask[r, length - len(seq):] = 1
             inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-            inputs.update({k: v.to(self.device) for k, v in self._row_inputs(ids).items()})
+            row_inputs = self._row_inputs(ids, [n for _, n, _ in rows])
+            inputs.update({k: v.to(self.device) for k, v in row_inputs.items()})
             for key in {k for _, _, media in rows for k in media}:
                 value = _cat_padded([media[key] for _, _, media in rows if key in media]).to(self.device)
                 inputs[key] = value.to(self.model.dtype) if value.is_floating_point() else value
@@ -694,7 +696,7 @@ class SaintQwenVL(SaintLlava):
         cfg = self.model.config
         return {"image_tokens": cfg.image_token_id, "video_tokens": cfg.video_token_id}
 
-    def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         cfg = self.model.config
         types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
         return {"mm_token_type_ids": types}

@@ -1,8 +1,9 @@
-"""lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3`` and
-``saint_idefics3``: Hugging Face InternVL (``InternVLForConditionalGeneration``), Mistral 3
-(``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``) and
-Idefics3 / SmolVLM checkpoints pruned by :func:`saint.patch`
-(:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3 and Idefics3 / SmolVLM: SAINT's
+"""lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
+``saint_idefics3`` and ``saint_paligemma``: Hugging Face InternVL
+(``InternVLForConditionalGeneration``), Mistral 3 (``Mistral3ForConditionalGeneration``),
+Gemma 3 (``Gemma3ForConditionalGeneration``), Idefics3 / SmolVLM and PaliGemma / PaliGemma 2
+checkpoints pruned by :func:`saint.patch`
+(:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM and PaliGemma: SAINT's
 ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
 :mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's
 language model), for any lmms-eval image task::
@@ -21,6 +22,9 @@ Gemma's turns for Gemma 3). InternVL's processor expands an image to its tiles
 image tokens closed by row breaks and an image end, with ``image_sizes``; Gemma 3's to
 ``<start_of_image>``, ``image_seq_length`` image tokens and ``<end_of_image>``, with
 ``token_type_ids`` marking the image tokens (they attend to each other both ways).
+PaliGemma takes no chat template: its processor puts the image tokens and ``<bos>`` in front
+of the task's text and ends it with a newline, and the whole prompt attends both ways; a
+scored continuation follows as its suffix (``token_type_ids`` 1: causal).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintGemma3", "SaintIdefics3", "SaintInternVL", "SaintMistral3"]
+__all__ = ["SaintGemma3", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -143,7 +147,7 @@ class SaintGemma3(SaintLlmSide):
             raise ValueError(f"{self.NAME} runs each image whole; this checkpoint's image processor has "
                              "do_pan_and_scan=True: save the processor with do_pan_and_scan=False")
 
-    def _row_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """``token_type_ids``, as the processor marks the image tokens."""
         return {"token_type_ids": (input_ids == self.model.config.image_token_id).long()}
 
@@ -174,3 +178,56 @@ class SaintIdefics3(SaintLlmSide):
         if not visuals:
             return {}
         return {k: enc[k][:1] for k in ("pixel_values", "pixel_attention_mask") if k in enc}
+
+
+class SaintPaliGemma(SaintLlmSide):
+    """A PaliGemma or PaliGemma 2 checkpoint (``model_type: paligemma``, a SigLIP tower)
+    patched once by :func:`saint.patch`, evaluated by lmms-eval (``--model saint_paligemma``).
+    Prompts are PaliGemma's own: the task's text as the prefix (e.g. ``answer en ...``), no
+    chat template."""
+
+    NAME = "saint_paligemma"
+    NESTED_IMAGES = True
+    ADAPTER = pooled_vlm.PALIGEMMA
+    MODEL_TYPES = ("paligemma",)
+    MODEL_CLASS = "PaliGemmaForConditionalGeneration"
+    TITLE = "PaliGemma"
+
+    def _load_processor(self, pretrained: str, chat_template: str | None, revision: str | None,
+                        trust_remote_code: bool) -> None:
+        if chat_template is not None:
+            raise ValueError(f"{self.NAME}: PaliGemma takes the task's text as its prefix, without a chat "
+                             "template; drop chat_template=")
+        super()._load_processor(pretrained, None, revision, trust_remote_code)
+
+    def _prompt(self, context: str, visuals: Sequence[Any]) -> str:
+        """The task's text behind its images' tokens (the processor adds ``<bos>`` and the newline)."""
+        if not visuals:
+            raise ValueError(f"{self.NAME}: PaliGemma needs an image in every prompt")
+        return context if self.image_token in context else self.image_token * len(visuals) + context
+
+    def _processor_inputs(self, texts: Sequence[str], visuals: Sequence[Any]) -> Any:
+        """The processor's output without its training ``labels``."""
+        enc = super()._processor_inputs(texts, visuals)
+        enc.pop("labels", None)
+        return enc
+
+    def _loglikelihood_row(self, req: Any) -> tuple[list[int], int, dict[str, torch.Tensor]]:
+        """The prompt as the prefix, the continuation's tokens as its suffix."""
+        context, continuation = self._continuation(req)
+        _, _, doc_to_visual, doc_id, task, split = req.args
+        where = f"{task}/{doc_id}"
+        images = self._visuals(doc_to_visual, self._doc(task, split, doc_id), where)
+        enc = self._processor_inputs([self._prompt(context, images)], images)
+        prefix = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
+        suffix = self._tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not suffix:
+            raise ValueError(f"{where}: the continuation {continuation!r} adds no token to the prompt")
+        return prefix + suffix, len(suffix), self._media(enc, images)
+
+    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``token_type_ids``: 0 for the prefix (it attends both ways), 1 for a scored suffix."""
+        types = torch.zeros_like(input_ids)
+        for row, n in enumerate(scored or ()):
+            types[row, input_ids.shape[1] - n:] = 1
+        return {"token_type_ids": types}
