@@ -20,7 +20,6 @@ from .compat import install_torchvision_shim
 
 install_torchvision_shim()
 
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.gemma3_mm import (  # noqa: E402
     Gemma3DummyInputsBuilder,
     Gemma3ForConditionalGeneration,
@@ -59,10 +58,6 @@ class SaintGemma3ProcessingInfo(Gemma3ProcessingInfo):
 )
 class SaintGemma3ForConditionalGeneration(SaintTilePruningMixin, Gemma3ForConditionalGeneration):
     """vLLM's Gemma 3; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()
 
     def _process_image_input(self, image_input: Any) -> list[Any]:
         embeds = super()._process_image_input(image_input)

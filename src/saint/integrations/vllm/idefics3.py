@@ -18,7 +18,6 @@ from .compat import install_torchvision_shim
 
 install_torchvision_shim()
 
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.idefics3 import (  # noqa: E402
     Idefics3DummyInputsBuilder,
     Idefics3ForConditionalGeneration,
@@ -76,17 +75,9 @@ class _PrunedTiles(SaintTilePruningMixin):
 class SaintIdefics3ForConditionalGeneration(_PrunedTiles, Idefics3ForConditionalGeneration):
     """vLLM's Idefics3; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     Idefics3MultiModalProcessor, info=SaintSmolVLMProcessingInfo, dummy_inputs=Idefics3DummyInputsBuilder
 )
 class SaintSmolVLMForConditionalGeneration(_PrunedTiles, SmolVLMForConditionalGeneration):
     """vLLM's SmolVLM; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()

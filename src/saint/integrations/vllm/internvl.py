@@ -27,7 +27,6 @@ import_with_pil_transforms(
     "transformers.processing_utils", "vllm.multimodal.image", "vllm.multimodal.processing", "vllm.tokenizers.hf",
 )
 
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.interns1 import (  # noqa: E402
     InternS1DummyInputsBuilder,
     InternS1ForConditionalGeneration,
@@ -84,10 +83,6 @@ class SaintInternVLForConditionalGeneration(_PrunedTiles, InternS1ForConditional
     """vLLM's InternVL (transformers format); with ``saint_keep_ratio`` set, image tokens are
     pruned by SAINT."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     InternVLMultiModalProcessor, info=SaintInternVLChatProcessingInfo, dummy_inputs=InternVLDummyInputsBuilder
@@ -95,7 +90,3 @@ class SaintInternVLForConditionalGeneration(_PrunedTiles, InternS1ForConditional
 class SaintInternVLChatModel(_PrunedTiles, InternVLChatModel):
     """vLLM's InternVL (remote-code format); with ``saint_keep_ratio`` set, image tokens are
     pruned by SAINT."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()

@@ -23,7 +23,6 @@ from .compat import install_torchvision_shim
 install_torchvision_shim()
 
 import torch  # noqa: E402
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder  # noqa: E402
 from vllm.model_executor.models.llava_next import (  # noqa: E402
     LlavaNextForConditionalGeneration,
@@ -134,10 +133,6 @@ class _PrunedAnyres(SaintTilePruningMixin):
 class SaintLlavaNextForConditionalGeneration(_PrunedAnyres, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     LlavaOnevisionMultiModalProcessor, info=SaintLlavaOnevisionProcessingInfo,
@@ -145,7 +140,3 @@ class SaintLlavaNextForConditionalGeneration(_PrunedAnyres, LlavaNextForConditio
 )
 class SaintLlavaOnevisionForConditionalGeneration(_PrunedAnyres, LlavaOnevisionForConditionalGeneration):
     """vLLM's LLaVA-OneVision; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()

@@ -20,7 +20,6 @@ from .compat import install_torchvision_shim
 
 install_torchvision_shim()
 
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.mistral3 import (  # noqa: E402
     Mistral3DummyInputsBuilder,
     Mistral3ForConditionalGeneration,
@@ -91,10 +90,6 @@ class SaintMistral3MultiModalProcessor(Mistral3MultiModalProcessor):
 )
 class SaintMistral3ForConditionalGeneration(SaintTilePruningMixin, Mistral3ForConditionalGeneration):
     """vLLM's Mistral 3; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()
 
     def _process_image_input(self, image_input: Any) -> Any:
         self.saint_refuse_embeddings(image_input)

@@ -18,7 +18,6 @@ from .compat import install_torchvision_shim
 
 install_torchvision_shim()
 
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.paligemma import (  # noqa: E402
     PaliGemmaDummyInputsBuilder,
     PaliGemmaForConditionalGeneration,
@@ -51,10 +50,6 @@ class SaintPaliGemmaProcessingInfo(PaliGemmaProcessingInfo):
 )
 class SaintPaliGemmaForConditionalGeneration(SaintTilePruningMixin, PaliGemmaForConditionalGeneration):
     """vLLM's PaliGemma; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.saint_setup()
 
     def _process_image_input(self, image_input: Any) -> Any:
         self.saint_refuse_embeddings(image_input)

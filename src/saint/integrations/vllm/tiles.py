@@ -35,10 +35,12 @@ def tile_keep_mask(embeds: torch.Tensor, per_tile: int, settings: SaintVllmSetti
 
 
 class SaintTilePruningMixin:
-    """For vLLM's tiled model classes: read the SAINT settings and cut every tile's tokens."""
+    """For vLLM's model classes whose images are runs of a fixed token count (tiles, crops,
+    rows): put first among the bases, it reads the SAINT settings after the vLLM class has
+    been built and cuts every run's tokens."""
 
-    def saint_setup(self) -> None:
-        """Call at the end of ``__init__``."""
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.saint = settings_from_config(self.config)  # type: ignore[attr-defined]
         self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
 
