@@ -149,6 +149,14 @@ def mistral3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llava_pixtral_dir(tmp_path_factory) -> Path:
+    """A tiny Pixtral-based LLaVA (the same tower, no merge: one token per 16 px patch)."""
+    from saint.integrations.vllm.tiny import write_mistral3_checkpoint
+
+    return write_mistral3_checkpoint(tmp_path_factory.mktemp("tiny-llava-pixtral"), family="llava")
+
+
+@pytest.fixture(scope="session")
 def image_path(tmp_path_factory) -> Path:
     """A portrait image (224 x 168: a 8 x 6 grid of 48 merged tokens), so positions after
     the image depend on the grid's height, not its width."""

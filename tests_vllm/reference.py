@@ -318,20 +318,21 @@ def transformers_anyres_scores(
 def transformers_mistral3_scores(
     model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
 ) -> dict:
-    """Mistral 3, one image: the fixed-budget drop on each row of the projector's output (the
-    rows of the image's prompt, each ended by a break token), each row's run of
-    placeholders filled with its kept features, the shortened prompt numbered 0..L-1.
-    ``kept``: the kept indices over the image's tokens; ``rows``, ``columns``: its grid."""
+    """Mistral 3 or a Pixtral-based LLaVA, one image: the fixed-budget drop on each row of the
+    projector's output (the rows of the image's prompt, each ended by a break token), each
+    row's run of placeholders filled with its kept features, the shortened prompt numbered
+    0..L-1. ``kept``: the kept indices over the image's tokens; ``rows``, ``columns``: its grid."""
     from PIL import Image
-    from transformers import Mistral3ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    model = Mistral3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = PixtralImageProcessorPil.from_pretrained(model_dir)
     pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
     out = model.model.get_image_features(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
-    (feats,) = getattr(out, "pooler_output", out)
-    merged = model.config.vision_config.patch_size * model.config.spatial_merge_size
+    feats = getattr(out, "pooler_output", out)
+    feats = feats[0] if isinstance(feats, (list, tuple)) else feats.flatten(0, -2)  # the one image's tokens
+    merged = model.config.vision_config.patch_size * getattr(model.config, "spatial_merge_size", 1)
     height, width = (int(s) for s in pixels["image_sizes"][0])
     rows, columns = -(-height // merged), -(-width // merged)
     grid = list(feats.reshape(rows, columns, -1))

@@ -68,6 +68,8 @@ def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> Non
 
     config = json.loads((Path(model) / "config.json").read_text())
     model_type = config["model_type"]
+    if config.get("vision_config", {}).get("model_type") == "pixtral":  # Pixtral-based LLaVA: Mistral's prompt
+        model_type = "mistral3"
     args = dict(
         model=model, hf_overrides=json.loads(overrides), max_model_len=1024, max_num_seqs=2,
         enforce_eager=True, kv_cache_memory_bytes=1 << 27, seed=0,

@@ -1,7 +1,8 @@
 """Mistral 3 (tiny, random: a Pixtral tower, 16 px patches merged 2 x 2, at most 128 px; the
-portrait image gives 4 rows of 3 tokens): pruning off equals transformers; SAINT keeping
-half feeds 2 tokens of every row to the LLM, every row still ended by its break token,
-chosen and decoded as transformers does on the same kept set."""
+portrait image gives 4 rows of 3 tokens) and a Pixtral-based LLaVA (the same tower unmerged:
+8 rows of 6): pruning off equals transformers; SAINT keeping half feeds half of every row to
+the LLM, every row still ended by its break token, chosen and decoded as transformers does
+on the same kept set."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from conftest import assert_same_greedy_decoding
 from reference import transformers_mistral3_scores
 
 
-@pytest.mark.parametrize("ratio, per_row", [(None, 3), (0.5, 2)])
-def test_mistral3_rows_and_outputs(run_engine, mistral3_dir, image_path, ratio, per_row):
+@pytest.mark.parametrize("checkpoint, ratio, rows, per_row", [
+    ("mistral3_dir", None, 4, 3), ("mistral3_dir", 0.5, 4, 2), ("llava_pixtral_dir", None, 8, 6),
+    ("llava_pixtral_dir", 0.5, 8, 3),
+])
+def test_mistral3_rows_and_outputs(run_engine, request, image_path, checkpoint, ratio, rows, per_row):
+    model_dir = request.getfixturevalue(checkpoint)
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
-    got = run_engine(mistral3_dir, image_path, overrides)
-    config = json.loads((mistral3_dir / "config.json").read_text())
+    got = run_engine(model_dir, image_path, overrides)
+    config = json.loads((model_dir / "config.json").read_text())
     image_token = config["image_token_index"]
-    ref = transformers_mistral3_scores(mistral3_dir, image_path, got["prompt_token_ids"], got["token_ids"],
+    ref = transformers_mistral3_scores(model_dir, image_path, got["prompt_token_ids"], got["token_ids"],
                                        ratio or 1.0)
-    assert (ref["rows"], ref["columns"]) == (4, 3)
+    assert ref["rows"] == rows and ref["columns"] == (per_row if ratio is None else 2 * per_row)
     ids = got["prompt_token_ids"]
     first = ids.index(image_token)
     image = ids[first : first + ref["rows"] * (per_row + 1)]
@@ -31,7 +36,7 @@ def test_mistral3_rows_and_outputs(run_engine, mistral3_dir, image_path, ratio, 
 
 
 def test_kept_rows_cuts_every_row_and_keeps_its_end():
-    from saint.integrations.vllm.mistral3 import kept_rows
+    from saint.integrations.vllm.rows import kept_rows
     from saint.integrations.vllm.settings import SaintVllmSettings
 
     row = [5] * 5

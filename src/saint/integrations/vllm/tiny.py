@@ -561,13 +561,15 @@ def write_paligemma_checkpoint(path: str | Path, image_size: int = 64, seed: int
 MISTRAL3_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 
 
-def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: int = 0) -> Path:
+def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: int = 0,
+                              family: str = "mistral3") -> Path:
     """Write a tiny random Mistral 3 (Pixtral tower, 16 px patches merged 2 x 2, Mistral LM)
     to ``path``: an image is resized to at most ``longest_edge`` px and gives one row of
     ``[IMG]`` tokens per 32 px of height, one per 32 px of width, each row ended by
-    ``[IMG_BREAK]`` (the last by ``[IMG_END]``)."""
+    ``[IMG_BREAK]`` (the last by ``[IMG_END]``). ``family="llava"``: the same tower and LM as
+    a Pixtral-based LLaVA (Pixtral-12B's layout): no merge, one token per 16 px patch."""
     import torch
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    import transformers
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     from .compat import install_torchvision_shim
@@ -575,6 +577,8 @@ def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: i
     install_torchvision_shim()  # without torchvision: the processor module imports through the PIL twin
     from transformers.models.pixtral.processing_pixtral import PixtralProcessor
 
+    if family not in ("mistral3", "llava"):
+        raise ValueError(f"family={family!r}: 'mistral3' or 'llava'")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(512, MISTRAL3_SPECIAL_TOKENS)
@@ -586,15 +590,21 @@ def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: i
     )
     vision = dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=2, head_dim=32, image_size=longest_edge, patch_size=16)
-    config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
-                            image_token_index=ids["[IMG]"], vision_feature_layer=-1, pad_token_id=ids["<pad>"],
-                            tie_word_embeddings=False)
+    merge = 2 if family == "mistral3" else 1
+    common = dict(text_config=text, vision_config=vision, image_token_index=ids["[IMG]"], vision_feature_layer=-1,
+                  pad_token_id=ids["<pad>"], tie_word_embeddings=False)
+    if family == "mistral3":
+        config = transformers.Mistral3Config(**common, spatial_merge_size=merge)
+        model_class = transformers.Mistral3ForConditionalGeneration
+    else:
+        config = transformers.LlavaConfig(**common, vision_feature_select_strategy="full")
+        model_class = transformers.LlavaForConditionalGeneration
     torch.manual_seed(seed)
-    model = Mistral3ForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     _sharpen(model)
     model.save_pretrained(path)
     images = PixtralImageProcessorPil(size={"longest_edge": longest_edge}, patch_size={"height": 16, "width": 16})
-    PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16, spatial_merge_size=2,
+    PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16, spatial_merge_size=merge,
                      image_token="[IMG]", image_break_token="[IMG_BREAK]",
                      image_end_token="[IMG_END]").save_pretrained(path)
     gen = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"], "do_sample": False}
