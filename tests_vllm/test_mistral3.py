@@ -13,11 +13,11 @@ from conftest import assert_same_greedy_decoding
 from reference import transformers_mistral3_scores
 
 
-@pytest.mark.parametrize("checkpoint, ratio, rows, per_row", [
-    ("mistral3_dir", None, 4, 3), ("mistral3_dir", 0.5, 4, 2), ("llava_pixtral_dir", None, 8, 6),
-    ("llava_pixtral_dir", 0.5, 8, 3),
+@pytest.mark.parametrize("checkpoint, ratio, rows, columns, per_row", [
+    ("mistral3_dir", None, 4, 3, 3), ("mistral3_dir", 0.5, 4, 3, 2), ("llava_pixtral_dir", None, 8, 6, 6),
+    ("llava_pixtral_dir", 0.5, 8, 6, 3),
 ])
-def test_mistral3_rows_and_outputs(run_engine, request, image_path, checkpoint, ratio, rows, per_row):
+def test_mistral3_rows_and_outputs(run_engine, request, image_path, checkpoint, ratio, rows, columns, per_row):
     model_dir = request.getfixturevalue(checkpoint)
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
     got = run_engine(model_dir, image_path, overrides)
@@ -25,7 +25,7 @@ def test_mistral3_rows_and_outputs(run_engine, request, image_path, checkpoint, 
     image_token = config["image_token_index"]
     ref = transformers_mistral3_scores(model_dir, image_path, got["prompt_token_ids"], got["token_ids"],
                                        ratio or 1.0)
-    assert ref["rows"] == rows and ref["columns"] == (per_row if ratio is None else 2 * per_row)
+    assert (ref["rows"], ref["columns"]) == (rows, columns)
     ids = got["prompt_token_ids"]
     first = ids.index(image_token)
     image = ids[first : first + ref["rows"] * (per_row + 1)]
