@@ -226,3 +226,25 @@ def test_lmms_eval_cli_end_to_end(checkpoint, tmp_path):
     assert {"saint_easyvqa_gen", "saint_easyvqa_mc"} <= set(results)
     lines = stats.read_text().splitlines()
     assert any('"llm_output"' in line for line in lines)
+
+
+def test_paligemma_scores_a_continuation_as_its_processor_suffix(checkpoint, docs):
+    """``saint_paligemma``'s score is the model's mean NLL of the continuation laid out as
+    PaliGemma's own processor lays out a suffix (after the prefix's newline, causal:
+    ``token_type_ids`` 1), its end-of-sequence token not scored."""
+    import torch
+
+    lm = lm_for(checkpoint, "paligemma", "method=none", docs)
+    for req in ll_requests(docs, visuals)[:4]:
+        (result,) = lm.loglikelihood([req])
+        question, continuation, _, j = req.args[:4]
+        enc = lm.processor(text=[question], images=visuals(docs[j]), suffix=[continuation], return_tensors="pt")
+        enc.pop("labels")
+        suffix = int(enc["token_type_ids"].sum()) - 1  # the suffix's tokens, without its end of sequence
+        assert suffix >= 1
+        with torch.no_grad():
+            logits = lm.model(**enc).logits[0]
+        ids = enc["input_ids"][0]
+        end = len(ids) - 1  # the end-of-sequence token
+        logp = logits[end - suffix - 1:end - 1].log_softmax(-1).gather(1, ids[end - suffix:end, None])
+        assert result[0] == pytest.approx(float(-logp.mean()), abs=1e-5)

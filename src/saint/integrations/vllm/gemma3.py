@@ -28,7 +28,7 @@ from vllm.model_executor.models.gemma3_mm import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from .settings import settings_from_config  # noqa: E402
+from .settings import SaintSettingsError, settings_from_config  # noqa: E402
 from .tiles import SaintTilePruningMixin, processor_with_kept_tiles  # noqa: E402
 
 
@@ -47,8 +47,8 @@ class SaintGemma3ProcessingInfo(Gemma3ProcessingInfo):
             token = processor.tokenizer.image_token
             full = token * int(processor.image_seq_length)
             if processor.full_image_sequence.count(full) != 1:
-                raise ValueError("saint: Gemma 3's processor does not expand an image to one run of "
-                                 f"{processor.image_seq_length} image tokens; cannot cut it")
+                raise SaintSettingsError("saint_keep_ratio: Gemma 3's processor does not expand an image to one "
+                                         f"run of {processor.image_seq_length} image tokens; cannot cut it")
             kept.full_image_sequence = processor.full_image_sequence.replace(full, token * kept.image_seq_length)
         return kept
 
