@@ -63,6 +63,7 @@ def _info(ctx: Any) -> Any:
 
 
 def _processor(info: Any, dummy_inputs: Any) -> Any:
+    """vLLM's LLaVA processor, or for a Pixtral tower the one that cuts every row."""
     if isinstance(info, PixtralHFProcessingInfo):
         return SaintPixtralHFMultiModalProcessor(info, dummy_inputs)
     return LlavaMultiModalProcessor(info, dummy_inputs)
