@@ -100,12 +100,12 @@ def test_pil_transforms_stand_in_equals_torchvision(width, height, size, seed):
     import torchvision.transforms as tv
     from PIL import Image
 
-    from saint.integrations.vllm.compat import _pil_transforms
+    from saint.integrations.vllm.pil_transforms import pil_transforms
 
     image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     outs = []
-    for T in (tv, _pil_transforms()):
+    for T in (tv, pil_transforms()):
         transform = T.Compose([T.Lambda(lambda im: im.convert("RGB")),
                                T.Resize((size, size + 3), interpolation=T.InterpolationMode.BICUBIC),
                                T.ToTensor(), T.Normalize(mean=mean, std=std)])
@@ -115,9 +115,9 @@ def test_pil_transforms_stand_in_equals_torchvision(width, height, size, seed):
 
 
 def test_pil_transforms_stand_in_refuses_what_it_does_not_compute():
-    from saint.integrations.vllm.compat import _pil_transforms
+    from saint.integrations.vllm.pil_transforms import pil_transforms
 
-    T = _pil_transforms()
+    T = pil_transforms()
     with pytest.raises(NotImplementedError, match="height, width"):
         T.Resize(32)
     with pytest.raises(NotImplementedError, match="PIL images only"):

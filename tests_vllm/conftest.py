@@ -39,65 +39,47 @@ def vllm_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("vllm-cache")
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    from saint.integrations.vllm.tiny import write_checkpoint
+def _tiny_checkpoint(name: str, writer: str, folder: str, doc: str, **kwargs: object):
+    """Session fixture ``name``: the folder of a tiny checkpoint that
+    ``saint.integrations.vllm.tiny``'s ``writer`` writes (with ``kwargs``) once per session."""
 
-    return write_checkpoint(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+    def checkpoint(tmp_path_factory) -> Path:
+        from saint.integrations.vllm import tiny
 
+        return getattr(tiny, writer)(tmp_path_factory.mktemp(folder), **kwargs)
 
-@pytest.fixture(scope="session")
-def qwen2_dir(tmp_path_factory) -> Path:
-    from saint.integrations.vllm.tiny import write_checkpoint
-
-    return write_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-vl"), family="qwen2_vl")
-
-
-@pytest.fixture(scope="session")
-def qwen3_dir(tmp_path_factory) -> Path:
-    from saint.integrations.vllm.tiny import write_qwen3_vl_checkpoint
-
-    return write_qwen3_vl_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-vl"))
+    checkpoint.__doc__ = doc
+    return pytest.fixture(scope="session", name=name)(checkpoint)
 
 
-@pytest.fixture(scope="session")
-def llava_dir(tmp_path_factory) -> Path:
-    """A tiny LLaVA-1.5 (112 px, CLIP tower: 64 image tokens)."""
-    from saint.integrations.vllm.tiny import write_llava_checkpoint
-
-    return write_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava"), image_size=112)
-
-
-@pytest.fixture(scope="session")
-def qwen3_moe_dir(tmp_path_factory) -> Path:
-    """The tiny Qwen3-VL with a mixture-of-experts LM (4 experts, 2 per token)."""
-    from saint.integrations.vllm.tiny import write_qwen3_vl_checkpoint
-
-    return write_qwen3_vl_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-vl-moe"), moe=True)
-
-
-@pytest.fixture(scope="session")
-def llava_next_dir(tmp_path_factory) -> Path:
-    """A tiny LLaVA-NeXT (a 112 px base view of 64 tokens plus up to 2 x 2 crops)."""
-    from saint.integrations.vllm.tiny import write_llava_checkpoint
-
-    return write_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava-next"), family="llava_next")
-
-
-@pytest.fixture(scope="session")
-def llava_onevision_dir(tmp_path_factory) -> Path:
-    """The same as a LLaVA-OneVision."""
-    from saint.integrations.vllm.tiny import write_llava_checkpoint
-
-    return write_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava-onevision"), family="llava_onevision")
-
-
-@pytest.fixture(scope="session")
-def internvl_dir(tmp_path_factory) -> Path:
-    """A tiny InternVL: 64 px tiles of 16 context tokens, up to 4 tiles plus a thumbnail."""
-    from saint.integrations.vllm.tiny import write_internvl_checkpoint
-
-    return write_internvl_checkpoint(tmp_path_factory.mktemp("tiny-internvl"))
+model_dir = _tiny_checkpoint("model_dir", "write_checkpoint", "tiny-qwen2.5-vl", "A tiny Qwen2.5-VL.")
+qwen2_dir = _tiny_checkpoint("qwen2_dir", "write_checkpoint", "tiny-qwen2-vl", "A tiny Qwen2-VL.", family="qwen2_vl")
+qwen3_dir = _tiny_checkpoint("qwen3_dir", "write_qwen3_vl_checkpoint", "tiny-qwen3-vl", "A tiny Qwen3-VL.")
+qwen3_moe_dir = _tiny_checkpoint("qwen3_moe_dir", "write_qwen3_vl_checkpoint", "tiny-qwen3-vl-moe",
+                                 "The tiny Qwen3-VL with a mixture-of-experts LM (4 experts, 2 per token).", moe=True)
+llava_dir = _tiny_checkpoint("llava_dir", "write_llava_checkpoint", "tiny-llava",
+                             "A tiny LLaVA-1.5 (112 px, CLIP tower: 64 image tokens).", image_size=112)
+llava_next_dir = _tiny_checkpoint("llava_next_dir", "write_llava_checkpoint", "tiny-llava-next",
+                                  "A tiny LLaVA-NeXT (a 112 px base view of 64 tokens plus up to 2 x 2 crops).",
+                                  family="llava_next")
+llava_onevision_dir = _tiny_checkpoint("llava_onevision_dir", "write_llava_checkpoint", "tiny-llava-onevision",
+                                       "The same as a LLaVA-OneVision.", family="llava_onevision")
+internvl_dir = _tiny_checkpoint("internvl_dir", "write_internvl_checkpoint", "tiny-internvl",
+                                "A tiny InternVL: 64 px tiles of 16 context tokens, up to 4 tiles plus a thumbnail.")
+gemma3_dir = _tiny_checkpoint("gemma3_dir", "write_gemma3_checkpoint", "tiny-gemma3",
+                              "A tiny Gemma 3: 64 px images of 16 image tokens, a 16-token sliding window.")
+paligemma_dir = _tiny_checkpoint("paligemma_dir", "write_paligemma_checkpoint", "tiny-paligemma",
+                                 "A tiny PaliGemma: 64 px images, every 8 px patch one of 64 image tokens.")
+paligemma2_dir = _tiny_checkpoint(
+    "paligemma2_dir", "write_paligemma_checkpoint", "tiny-paligemma2",
+    "The same geometry as a PaliGemma 2 (a Gemma 2 LM: softcapped logits, a 16-token window).", gemma2=True)
+idefics3_dir = _tiny_checkpoint("idefics3_dir", "write_idefics3_checkpoint", "tiny-idefics3",
+                                "A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles.")
+mistral3_dir = _tiny_checkpoint("mistral3_dir", "write_mistral3_checkpoint", "tiny-mistral3",
+                                "A tiny Mistral 3 (Pixtral tower, 16 px patches merged 2 x 2, at most 128 px).")
+llava_pixtral_dir = _tiny_checkpoint(
+    "llava_pixtral_dir", "write_mistral3_checkpoint", "tiny-llava-pixtral",
+    "A tiny Pixtral-based LLaVA (the same tower, no merge: one token per 16 px patch).", family="llava")
 
 
 @pytest.fixture(scope="session")
@@ -106,54 +88,6 @@ def internvl_chat_dir(tmp_path_factory, internvl_dir) -> Path:
     from saint.integrations.vllm.tiny import write_internvl_chat_checkpoint
 
     return write_internvl_chat_checkpoint(tmp_path_factory.mktemp("tiny-internvl-chat"), internvl_dir)
-
-
-@pytest.fixture(scope="session")
-def gemma3_dir(tmp_path_factory) -> Path:
-    """A tiny Gemma 3: 64 px images of 16 image tokens, a 16-token sliding window."""
-    from saint.integrations.vllm.tiny import write_gemma3_checkpoint
-
-    return write_gemma3_checkpoint(tmp_path_factory.mktemp("tiny-gemma3"))
-
-
-@pytest.fixture(scope="session")
-def paligemma_dir(tmp_path_factory) -> Path:
-    """A tiny PaliGemma: 64 px images, every 8 px patch one of 64 image tokens."""
-    from saint.integrations.vllm.tiny import write_paligemma_checkpoint
-
-    return write_paligemma_checkpoint(tmp_path_factory.mktemp("tiny-paligemma"))
-
-
-@pytest.fixture(scope="session")
-def paligemma2_dir(tmp_path_factory) -> Path:
-    """The same geometry as a PaliGemma 2 (a Gemma 2 LM: softcapped logits, a 16-token window)."""
-    from saint.integrations.vllm.tiny import write_paligemma_checkpoint
-
-    return write_paligemma_checkpoint(tmp_path_factory.mktemp("tiny-paligemma2"), gemma2=True)
-
-
-@pytest.fixture(scope="session")
-def idefics3_dir(tmp_path_factory) -> Path:
-    """A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles."""
-    from saint.integrations.vllm.tiny import write_idefics3_checkpoint
-
-    return write_idefics3_checkpoint(tmp_path_factory.mktemp("tiny-idefics3"))
-
-
-@pytest.fixture(scope="session")
-def mistral3_dir(tmp_path_factory) -> Path:
-    """A tiny Mistral 3 (Pixtral tower, 16 px patches merged 2 x 2, at most 128 px)."""
-    from saint.integrations.vllm.tiny import write_mistral3_checkpoint
-
-    return write_mistral3_checkpoint(tmp_path_factory.mktemp("tiny-mistral3"))
-
-
-@pytest.fixture(scope="session")
-def llava_pixtral_dir(tmp_path_factory) -> Path:
-    """A tiny Pixtral-based LLaVA (the same tower, no merge: one token per 16 px patch)."""
-    from saint.integrations.vllm.tiny import write_mistral3_checkpoint
-
-    return write_mistral3_checkpoint(tmp_path_factory.mktemp("tiny-llava-pixtral"), family="llava")
 
 
 @pytest.fixture(scope="session")

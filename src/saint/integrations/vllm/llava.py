@@ -31,20 +31,11 @@ from vllm.model_executor.models.llava import (  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
 from .rows import KeptRowPrompts, KeptRowTokens, row_keep_masks  # noqa: E402
-from .settings import settings_from_config  # noqa: E402
-from .tiles import SaintTilePruningMixin  # noqa: E402
+from .tiles import KeptImageTokens, SaintTilePruningMixin  # noqa: E402
 
 
-class SaintLlavaProcessingInfo(LlavaProcessingInfo):
+class SaintLlavaProcessingInfo(KeptImageTokens, LlavaProcessingInfo):
     """LLaVA's processing info with each image's token count cut to SAINT's budget."""
-
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        self.saint = settings_from_config(self.get_hf_config())
-
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return n if self.saint is None else self.saint.kept_tokens(n)
 
 
 class SaintPixtralHFProcessingInfo(KeptRowTokens, PixtralHFProcessingInfo):
@@ -76,10 +67,7 @@ class SaintLlavaForConditionalGeneration(SaintTilePruningMixin, LlavaForConditio
     def _process_image_input(self, image_input: Any) -> Any:
         self.saint_refuse_embeddings(image_input)
         embeds = super()._process_image_input(image_input)
-        if self.saint is None:
-            return embeds
-        if image_input["type"] == "pixel_values_pixtral":  # rows of [IMG] tokens, each ended by a break
-            patch = self.config.vision_config.patch_size
-            return tuple(self.saint_keep(embeds, row_keep_masks(embeds, image_input["pixel_values"], patch,
-                                                                self.saint)))
-        return tuple(self.saint_keep(embeds, [self.saint.keep_mask(e) for e in embeds]))
+        if self.saint is None or image_input["type"] != "pixel_values_pixtral":
+            return self.saint_prune_images(embeds)
+        patch = self.config.vision_config.patch_size  # rows of [IMG] tokens, each ended by a break
+        return self.saint_keep(embeds, row_keep_masks(embeds, image_input["pixel_values"], patch, self.saint))

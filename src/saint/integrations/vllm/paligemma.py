@@ -26,23 +26,15 @@ from vllm.model_executor.models.paligemma import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from .settings import settings_from_config  # noqa: E402
-from .tiles import SaintTilePruningMixin, processor_with_kept_tiles  # noqa: E402
+from .tiles import KeptImageTokens, SaintTilePruningMixin, processor_with_kept_tiles  # noqa: E402
 
 
-class SaintPaliGemmaProcessingInfo(PaliGemmaProcessingInfo):
-    """PaliGemma's processing info with SAINT's kept count of image tokens."""
-
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        self.saint = settings_from_config(self.get_hf_config())
+class SaintPaliGemmaProcessingInfo(KeptImageTokens, PaliGemmaProcessingInfo):
+    """PaliGemma's processing info with SAINT's kept count of image tokens (vLLM calls the
+    HF processor too, so its ``image_seq_length`` is cut as well)."""
 
     def get_hf_processor(self, **kwargs: object) -> Any:
         return processor_with_kept_tiles(super().get_hf_processor(**kwargs), self.saint, "image_seq_length")
-
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return n if self.saint is None else self.saint.kept_tokens(n)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -53,7 +45,4 @@ class SaintPaliGemmaForConditionalGeneration(SaintTilePruningMixin, PaliGemmaFor
 
     def _process_image_input(self, image_input: Any) -> Any:
         self.saint_refuse_embeddings(image_input)
-        embeds = super()._process_image_input(image_input)  # [images, N, D]
-        if self.saint is None:
-            return embeds
-        return list(self.saint_prune_tiles(list(embeds), embeds.shape[1]))
+        return self.saint_prune_images(super()._process_image_input(image_input))  # [images, N, D]

@@ -1,7 +1,9 @@
-"""What the overrides of tiled models share (Idefics3 / SmolVLM, InternVL): every tile of an
-image is a run of a fixed number of tokens, so SAINT's budget is a per-tile count. The prompt
-side gets a copy of the HF processor with that count cut; the model side cuts each tile's
-projector output to it by the fixed-budget drop, tile by tile, in order."""
+"""What the overrides of models with fixed-size image runs share (Idefics3 / SmolVLM,
+InternVL, Gemma 3, PaliGemma, LLaVA, and the row layouts of ``rows.py``): every tile (or
+whole image) is a run of a fixed number of tokens, so SAINT's budget is a per-run count. The
+prompt side gets that count (a copy of the HF processor with it cut, or the processing
+info's token count); the model side cuts each run's projector output to it by the
+fixed-budget drop, run by run, in order."""
 
 from __future__ import annotations
 
@@ -34,6 +36,18 @@ def tile_keep_mask(embeds: torch.Tensor, per_tile: int, settings: SaintVllmSetti
     return torch.cat([settings.keep_mask(run) for run in embeds.view(-1, per_tile, embeds.shape[-1])])
 
 
+class KeptImageTokens:
+    """Processing info whose every image is one run: it keeps SAINT's count of its tokens."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)  # type: ignore[call-arg]
+        self.saint = settings_from_config(self.get_hf_config())  # type: ignore[attr-defined]
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)  # type: ignore[misc]
+        return n if self.saint is None else self.saint.kept_tokens(n)
+
+
 class SaintTilePruningMixin:
     """For vLLM's model classes whose images are runs of a fixed token count (tiles, crops,
     rows): put first among the bases, it reads the SAINT settings after the vLLM class has
@@ -57,6 +71,12 @@ class SaintTilePruningMixin:
         ``last_kept_indices``)."""
         self.saint_last_keep = masks
         return [e[m] for e, m in zip(embeds, masks, strict=True)]
+
+    def saint_prune_images(self, embeds: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Each image's ``[N, D]`` embeddings, one run, cut to the kept count."""
+        if self.saint is None:
+            return embeds
+        return self.saint_keep(embeds, [self.saint.keep_mask(e) for e in embeds])
 
     def saint_prune_tiles(self, embeds: Sequence[torch.Tensor], per_tile: int) -> Sequence[torch.Tensor]:
         """Each image's ``[tiles * per_tile, D]`` embeddings, every tile cut to the kept count."""
