@@ -11,8 +11,8 @@ from typing import Any
 
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate, PromptUpdateDetails
 
-from .settings import SaintVllmSettings, settings_from_config
-from .tiles import tile_keep_mask
+from .settings import SaintVllmSettings
+from .tiles import KeptImageTokens, tile_keep_mask
 
 
 def kept_rows(tokens: Sequence[int], image_token: int, settings: SaintVllmSettings) -> list[int]:
@@ -31,17 +31,11 @@ def kept_rows(tokens: Sequence[int], image_token: int, settings: SaintVllmSettin
     return out
 
 
-class KeptRowTokens:
+class KeptRowTokens(KeptImageTokens):
     """Processing info (Pixtral-tower models) whose images' token count is cut row by row."""
 
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)  # type: ignore[call-arg]
-        self.saint = settings_from_config(self.get_hf_config())  # type: ignore[attr-defined]
-
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)  # type: ignore[misc]
-        if self.saint is None:
-            return n
+    def saint_kept_count(self, n: int, image_width: int, image_height: int) -> int:
+        assert self.saint is not None
         columns, rows = self.get_vision_encoder_info().get_patch_grid_size(  # type: ignore[attr-defined]
             image_width=image_width, image_height=image_height)
         return rows * self.saint.kept_tokens(columns)

@@ -45,7 +45,12 @@ class KeptImageTokens:
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)  # type: ignore[misc]
-        return n if self.saint is None else self.saint.kept_tokens(n)
+        return n if self.saint is None else self.saint_kept_count(n, image_width, image_height)
+
+    def saint_kept_count(self, n: int, image_width: int, image_height: int) -> int:
+        """The kept count of an image of ``n`` tokens (one run: SAINT's budget of ``n``)."""
+        assert self.saint is not None
+        return self.saint.kept_tokens(n)
 
 
 class SaintTilePruningMixin:
