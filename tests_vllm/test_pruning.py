@@ -1,4 +1,5 @@
-"""SAINT pruning on (``saint_keep_ratio=0.25``): one engine for the module."""
+"""SAINT pruning on (``saint_keep_ratio=0.25``): one engine for the module, its engine core in
+its own process as ``vllm serve`` runs it (the plugin loaded there from its entry point)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ NUM_IMAGE_TOKENS = 48  # the portrait image: 16 x 12 patches, merged 2 x 2
 
 @pytest.fixture(scope="module")
 def pruned(run_engine, model_dir, image_path) -> dict:
-    return run_engine(model_dir, image_path, {"saint_keep_ratio": RATIO})
+    return run_engine(model_dir, image_path, {"saint_keep_ratio": RATIO}, processes=True)  # as vllm serve runs
 
 
 def test_image_tokens_entering_the_llm_equal_the_budget(pruned, model_dir):

@@ -36,6 +36,7 @@ def test_pruning_with_videos_allowed_fails_at_engine_start(run_engine, qwen3_dir
         run_engine(
             qwen3_dir, image_path, {"saint_keep_ratio": 0.25},
             engine={"limit_mm_per_prompt": {"image": 1}},  # videos: vLLM's default limit
+            processes=True,
         )
     assert "SAINT pruning of Qwen3-VL serves images only" in err.value.output
     assert "EngineCore" not in err.value.output  # raised before the engine core started

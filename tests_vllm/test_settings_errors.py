@@ -15,7 +15,7 @@ from conftest import EngineFailed
 )
 def test_bad_settings_fail_at_engine_start(run_engine, model_dir, image_path, overrides, message):
     with pytest.raises(EngineFailed) as err:
-        run_engine(model_dir, image_path, overrides)
+        run_engine(model_dir, image_path, overrides, processes=True)
     assert message in err.value.output
     assert "EngineCore" not in err.value.output  # raised before the engine core started
 
