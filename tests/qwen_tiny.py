@@ -8,6 +8,7 @@ import transformers
 from .conftest import left_pad
 
 IMG, VID, VS, VE = 120, 121, 122, 123
+GLM_VIDEO, GLM_VS, GLM_VE = 124, 125, 126  # GLM-4.1V: its video token id never appears (frames hold IMG)
 PATCH = 4
 IN = 3 * 2 * PATCH * PATCH  # one flattened patch: channels x temporal patch x patch x patch
 DEPTH = 6  # decoder layers
@@ -15,6 +16,8 @@ VDEPTH = 4  # vision blocks
 
 
 def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``family`` (``"glm4v/video"``: GLM-4.1V, whose test batch holds videos)."""
+    family = family.split("/")[0]
     vision = dict(depth=VDEPTH, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, in_channels=3)
     text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH,
@@ -34,6 +37,24 @@ def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch
         text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
         cfg = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, attn_implementation=impl, **ids)
         model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+    elif family.startswith("glm4"):  # GLM-4.1V / 4.5V / 4.6V: RMS norms, a conv downsample, half-rotary M-RoPE
+        vision.update(image_size=32)
+        text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2],
+                                         partial_rotary_factor=0.5))
+        name = "Glm4v"
+        if family == "glm46v":  # GLM-4.6V: its own classes around GLM-4.1V's tower and text model
+            name = "Glm46V"
+            vision.update(model_type="glm4v_vision")
+            text.update(model_type="glm4v_text")
+        if family == "glm4v_moe":  # 4 routed experts, 2 per token, one shared; layer 0 dense
+            name = "Glm4vMoe"
+            text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=1)
+        glm_ids = dict(image_token_id=IMG, video_token_id=GLM_VIDEO, image_start_token_id=VS,
+                       image_end_token_id=VE, video_start_token_id=GLM_VS, video_end_token_id=GLM_VE)
+        cfg = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=text,
+                                                     attn_implementation=impl, **glm_ids)
+        model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
     else:
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
         text.update(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
@@ -58,15 +79,23 @@ def tokens(grid: tuple[int, int, int]) -> int:
 
 def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
     """A prompt: ints are text lengths, ('image'|'video', grid) an image or video span
-    (Qwen3-VL's processor wraps every video frame in its own timestamp + start/end tokens)."""
+    (Qwen3-VL's processor wraps every video frame in its own timestamp + start/end tokens,
+    GLM-4.1V's in start/end tokens + a timestamp inside the video's start/end; its frames
+    are written with VID here, which :func:`inputs` turns into GLM's image tokens)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for p in parts:
         if isinstance(p, int):
             out.append(torch.randint(3, 100, (p,), generator=g))
-        elif p[0] == "image" or not family.startswith("qwen3_vl"):
+        elif p[0] == "image" or not family.startswith(("qwen3_vl", "glm4")):
             tok = IMG if p[0] == "image" else VID
             out += [torch.tensor([VS]), torch.full((tokens(p[1]),), tok), torch.tensor([VE])]
+        elif family.startswith("glm4"):  # every frame an image span followed by its timestamp
+            t, h, w = p[1]
+            out.append(torch.tensor([GLM_VS]))
+            for i in range(t):
+                out += [torch.tensor([VS]), torch.full((tokens((1, h, w)),), VID), torch.tensor([VE, 100 + i])]
+            out.append(torch.tensor([GLM_VE]))
         else:
             t, h, w = p[1]
             for i in range(t):
@@ -93,6 +122,8 @@ def inputs(rows: list[list], seeds: list[int] | None = None, family: str = "qwen
     types[input_ids == IMG] = 1
     types[input_ids == VID] = 2
     out["mm_token_type_ids"] = types
+    if family.startswith("glm4"):  # GLM-4.1V's video frames hold image tokens (types 2)
+        out["input_ids"] = input_ids.masked_fill(input_ids == VID, IMG)
     for kind, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                 ("video", "pixel_values_videos", "video_grid_thw")):
         items = [(p[1], 10 * s + j) for r, s in zip(rows, seeds, strict=True)

@@ -131,9 +131,10 @@ FAMILIES = {
                       Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
     "qwen_vl": lambda: (tiny_qwen(), qwen_inputs(4), dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
                         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
-    "qwen2_vl": lambda: (tiny_qwen("qwen2_vl"), qwen_inputs(4, "qwen2_vl"),
-                         dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
-                         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})),
+    **{name: (lambda name=name: (tiny_qwen(name), qwen_inputs(4, name),
+                                 dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
+                                 Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})))
+       for name in ("qwen2_vl", "glm4v")},
     **{name: (lambda name=name: (
         (m := tiny_anyres(name)), anyres_inputs(m, 4),
         dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
@@ -144,7 +145,8 @@ FAMILIES = {
     "gemma3": lambda: llm_side("gemma3"),
     "idefics3": lambda: llm_side("idefics3"),
 }
-VLMS = ("llava", "qwen_vl", "qwen2_vl", "llava_next", "llava_onevision", "internvl", "gemma3", "idefics3")  # + vision side
+QWEN_ADAPTER = ("qwen_vl", "qwen2_vl", "glm4v")  # the models of the qwen_vl adapter
+VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_onevision", "internvl", "gemma3", "idefics3")  # + vision side
 ALL_VLMS = (*VLMS, "mistral3")
 
 
@@ -231,7 +233,7 @@ def test_trace_kept_maps_the_patch_grid(family):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
     if name == "mistral3":
         pytest.skip("Mistral 3 images keep their own sizes, with row breaks: there is no one grid")
-    grid = find_adapter(model).grid(model, one(model, inputs) if name in ("qwen_vl", "qwen2_vl") else None)
+    grid = find_adapter(model).grid(model, one(model, inputs) if name in QWEN_ADAPTER else None)
     vlm = name in ALL_VLMS
     settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if vlm else dict(tau=0.0, k=1)
     kept = trace_kept(model, one(model, inputs), "saint", **settings)
@@ -243,6 +245,7 @@ def test_trace_kept_maps_the_patch_grid(family):
 
 VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "qwen2_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "glm4v": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "internvl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "gemma3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "idefics3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),

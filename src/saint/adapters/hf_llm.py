@@ -65,6 +65,8 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("qwen2_5_vl", "Qwen2_5_VLTextModel"),
     ("qwen3_vl", "Qwen3VLTextModel"),
     ("qwen3_vl_moe", "Qwen3VLMoeTextModel"),  # Qwen3-VL-30B-A3B / 235B-A22B: experts are token-wise
+    ("glm4v", "Glm4vTextModel"),  # GLM-4.1V: half-rotary M-RoPE (its module's apply_rotary_pos_emb)
+    ("glm4v_moe", "Glm4vMoeTextModel"),  # GLM-4.5V: routed + shared experts, token-wise
 )
 SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
 LAYER_TYPES = ("full_attention", "sliding_attention")  # attention a gathered 4-D mask expresses
@@ -447,7 +449,9 @@ class DecoderPruner:
         cos, sin = kwargs["position_embeddings"]
         pos_emb = (gather_tokens(_rows(cos, b), idx), gather_tokens(_rows(sin, b), idx))
         pos_ids = kwargs.get("position_ids")
-        if pos_ids is not None:
+        if pos_ids is not None and pos_ids.dim() == 3:  # M-RoPE ids [3, B, L] (GLM-4.5V's layers get these)
+            pos_ids = torch.stack([torch.gather(_rows(p, b), 1, idx) for p in pos_ids])
+        elif pos_ids is not None:
             pos_ids = torch.gather(_rows(pos_ids, b), 1, idx)
         mask = kwargs.get("attention_mask")
         width = self._width(i, m, m)

@@ -1,7 +1,9 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL, dense and MoE (transformers 5
 ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
 ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration`` and their
-``*Model``): SAINT's vit / llm / hybrid
+``*Model``), and GLM-4.1V / 4.5V / 4.6V (``Glm4vForConditionalGeneration``,
+``Glm4vMoeForConditionalGeneration``, ``Glm46VForConditionalGeneration``: the same interfaces, a conv merge of each 2x2 group and
+video frames held in image tokens, told apart by ``mm_token_type_ids``): SAINT's vit / llm / hybrid
 modes and the FastV and random baselines, images and video, with per-instance hooks only.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`QwenPruneConfig`):
@@ -106,6 +108,9 @@ FAMILY_CLASSES = {  # family -> (transformers module, its model classes)
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
     "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
+    "glm4v": ("glm4v", "Glm4vForConditionalGeneration", "Glm4vModel"),
+    "glm4v_moe": ("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vMoeModel"),
+    "glm46v": ("glm46v", "Glm46VForConditionalGeneration", "Glm46VModel"),
 }
 
 
@@ -194,7 +199,7 @@ class QwenPatch(VlmPatch):
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
           **kwargs: Any) -> QwenPatch:
-    """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place (see the module docstring and :func:`saint.patch`).
+    """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / 4.5V / 4.6V model in place (see the module docstring and :func:`saint.patch`).
 
     ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec` (e.g. a
     calibration probe): it then selects the visual tokens of ``mode="llm"/"hybrid"``."""
@@ -225,7 +230,7 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
 
 # ---------------------------------------------------------------------------- protocol
 class QwenVL(HFVlm):
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: sites are the language model's decoder layers (as for
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / 4.5V / 4.6V: sites are the language model's decoder layers (as for
     LLaVA); inputs are processor-output dicts (``input_ids``, ``pixel_values``,
     ``image_grid_thw``, ``mm_token_type_ids``, ``attention_mask``)."""
 

@@ -71,7 +71,7 @@ def _reduce_vision(module: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[dic
         if out is None:
             continue
         keeps = [keep_of(f, modality) for f in out.pooler_output]
-        pos = (input_ids == token_id).flatten().nonzero().squeeze(1)
+        pos = _positions(module, kwargs, modality, token_id).flatten().nonzero().squeeze(1)
         total = sum(len(k) for k in keeps)
         if len(pos) != total:
             raise ValueError(
@@ -89,6 +89,18 @@ def _reduce_vision(module: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[dic
     if kwargs.get("position_ids") is None:
         kwargs = dict(kwargs, position_ids=_full_positions(module, kwargs))
     return dict(kwargs, pixel_values=None, pixel_values_videos=None, mm_encoder_outputs=mm_out), keep0
+
+
+def _positions(module: torch.nn.Module, kwargs: dict[str, Any], modality: str, token_id: int) -> torch.Tensor:
+    """Where the ``modality``'s placeholder tokens are: visual tokens of the processor's token
+    type (1 image, 2 video) where the types are given, since GLM-4.1V's video frames hold image
+    tokens; else by token id."""
+    types = kwargs.get("mm_token_type_ids")
+    input_ids = kwargs["input_ids"]
+    if types is None or types.shape != input_ids.shape:
+        return input_ids == token_id
+    visual = torch.isin(input_ids, MEDIA.ids(module, input_ids.device))
+    return visual & (types.to(input_ids.device) == (1 if modality == "image" else 2))
 
 
 def _full_positions(module: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
