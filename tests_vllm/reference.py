@@ -1,5 +1,5 @@
 """The transformers references for the vLLM plugin: the same checkpoint run by transformers
-(Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, Idefics3, InternVL, Gemma 3, PaliGemma), with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
+(Qwen2.5-VL, Qwen3-VL, GLM-4.1V, LLaVA-1.5, Idefics3, InternVL, Gemma 3, PaliGemma), with SAINT's fixed-budget drop applied to the image features (``saint.core.fixed_budget_keep_mask``,
 the plugin's budget rule) and, for the Qwen models, the kept tokens given their full-grid
 M-RoPE positions from transformers' own ``get_rope_index``.
 
@@ -96,7 +96,7 @@ def transformers_scores(
     model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
     keep_ratio: float,
 ) -> dict:
-    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL, dense or MoE (by the checkpoint), one image or several in prompt order:
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL, dense or MoE, or GLM-4.1V (by the checkpoint), one image or several in prompt order:
     the fixed-budget drop on each image's merged features (Qwen3-VL: the tower's main
     output; its deepstack features, added to the first decoder layers at the image's
     positions, are taken for the same kept tokens). ``kept``: the kept indices per image;
@@ -104,11 +104,13 @@ def transformers_scores(
     from PIL import Image
     from transformers import (
         AutoConfig,
+        Glm4vForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
         Qwen3VLMoeForConditionalGeneration,
     )
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -117,9 +119,11 @@ def transformers_scores(
     model_type = AutoConfig.from_pretrained(model_dir).model_type
     qwen3 = model_type.startswith("qwen3_vl")
     cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-           "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}[model_type]
+           "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
+           "glm4v": Glm4vForConditionalGeneration}[model_type]
     model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    processor_cls = Glm4vImageProcessorPil if model_type == "glm4v" else Qwen2VLImageProcessorPil
+    processor = processor_cls.from_pretrained(model_dir)
     inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
     grid = inputs["image_grid_thw"]
     vision = model.model.get_image_features(inputs["pixel_values"], grid)

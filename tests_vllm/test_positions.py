@@ -1,14 +1,15 @@
-"""M-RoPE positions of pruned images, through vLLM's own ``recompute_mrope_positions``: the
-kept tokens keep their full-grid positions and the text after the image keeps its unpruned
-positions, for any kept subset and any grid shape; for Qwen2.5-VL's 4 position channels and
-Qwen3-VL's 5. No engine needed."""
+"""M-RoPE positions of pruned images, through the overrides' ``recompute_mrope_positions``
+(``qwen_common.recompute_media_positions``): the kept tokens keep their full-grid positions
+and the text after the image keeps its unpruned positions, for any kept subset and any grid
+shape, two images behind a short or a long text, in chunks or after a cached image; for
+Qwen2.5-VL's 4 position channels and Qwen3-VL's 5. No engine needed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from saint.integrations.vllm.qwen_common import media_positions
+from saint.integrations.vllm.qwen_common import media_positions, recompute_media_positions
 
 TEXT, START, END, IMAGE, VIDEO = 9, 3, 4, 5, 6
 
@@ -54,34 +55,44 @@ SHARES = [1.0, 0.5, 0.25]
 @pytest.mark.parametrize("h, w", GRIDS)
 @pytest.mark.parametrize("share", SHARES)
 def test_kept_tokens_and_following_text_keep_unpruned_positions(h, w, share):
-    from vllm.multimodal.video_prune.evs import recompute_mrope_positions
-
     before, after, keep = 4, 3, random_keep(h, w, share)
     ids, stale = pruned_prompt(before, int(keep.sum()), after)
     mm = media_positions([1, 2 * h, 2 * w], 2)[keep].T
-    got, delta = recompute_mrope_positions(ids, [mm], stale, 0, START, IMAGE, VIDEO)
+    got, delta = recompute_media_positions(ids, [mm], stale, 0, (IMAGE, VIDEO))
     want, want_delta = expected(before, h, w, after, keep)
     assert torch.equal(got, want)
     assert delta == want_delta
+
+
+def rows_of(keep: torch.Tensor, h: int, w: int, channels) -> torch.Tensor:
+    """An image's kept rows as the model returns them: features, then its position channels."""
+    return torch.cat([torch.randn(int(keep.sum()), 16), channels([1, 2 * h, 2 * w], 2)[keep].float()], dim=1)
+
+
+def saint_model(channels: int):
+    """What the overrides' ``recompute_mrope_positions`` reads of its model."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(image_token_id=IMAGE, video_token_id=VIDEO)
+    return SimpleNamespace(saint=object(), saint_channels=channels, config=config)
 
 
 @pytest.mark.parametrize("h, w", GRIDS)
 @pytest.mark.parametrize("share", SHARES)
 def test_qwen3_vl_rows_give_unpruned_positions_and_lose_their_channels(h, w, share):
-    from saint.integrations.vllm.qwen3_vl import image_position_channels, recompute_positions
+    from saint.integrations.vllm.qwen3_vl import POSITION_CHANNELS, image_position_channels
+    from saint.integrations.vllm.qwen_common import SaintImagePruningMixin
 
     before, after, keep = 4, 3, random_keep(h, w, share)
     ids, stale = pruned_prompt(before, int(keep.sum()), after)
-    features = torch.randn(int(keep.sum()), 16)
-    rows = torch.cat([features, image_position_channels([1, 2 * h, 2 * w], 2)[keep].float()], dim=1)
-    embeds, got, delta = recompute_positions(
-        ids, [rows], stale, 0, vision_start_token_id=START, image_token_id=IMAGE,
-        video_token_id=VIDEO,
-    )
+    rows = rows_of(keep, h, w, image_position_channels)
+    embeds, got, delta = SaintImagePruningMixin.recompute_mrope_positions(
+        saint_model(POSITION_CHANNELS), input_ids=ids.tolist(), multimodal_embeddings=[rows], mrope_positions=stale,
+        num_computed_tokens=0)
     want, want_delta = expected(before, h, w, after, keep)
     assert torch.equal(got, want)
     assert delta == want_delta
-    assert len(embeds) == 1 and torch.equal(embeds[0], features)
+    assert len(embeds) == 1 and torch.equal(embeds[0], rows[:, :16])
 
 
 def test_vllm_qwen3_vl_rule_shifts_the_text_after_an_image_without_its_last_row():
@@ -145,9 +156,31 @@ def vllm_prompt_positions(family: str):
     return partial(Model.get_mrope_input_positions, fake)
 
 
+def two_image_prompt(before: int, share: float):
+    """``before`` text tokens (the last one <|vision_start|>), an 8 x 6 image, 3 text tokens, a
+    5 x 7 image and 3 text tokens, each image cut to ``share``: the ids, the image features,
+    their keep masks and grids, and the known answer (the unpruned positions of the kept
+    columns, and the decoding offset)."""
+    (h1, w1), (h2, w2) = (8, 6), (5, 7)
+    keep1, keep2 = random_keep(h1, w1, share), random_keep(h2, w2, share)
+    k1, k2 = int(keep1.sum()), int(keep2.sum())
+    ids = torch.tensor([TEXT] * (before - 1) + [START] + [IMAGE] * k1 + [END, TEXT, START] + [IMAGE] * k2
+                       + [END, TEXT, TEXT])
+    features = [image_feature(before, k1, h1, w1), image_feature(before + k1 + 3, k2, h2, w2)]
+    # text, image 1 from `before`, text from before + 8, image 2 from before + 11, text from before + 18
+    second = before + max(h1, w1) + 3
+    full = torch.cat([torch.arange(before).expand(3, -1), unpruned(before, h1, w1, 0)[:, before:],
+                      torch.arange(before + 8, second).expand(3, -1), unpruned(second, h2, w2, 0)[:, second:],
+                      torch.arange(second + 7, second + 10).expand(3, -1)], dim=1)
+    columns = torch.cat([torch.ones(before, dtype=torch.bool), keep1, torch.ones(3, dtype=torch.bool), keep2,
+                         torch.ones(3, dtype=torch.bool)])
+    return ids, features, ((keep1, h1, w1), (keep2, h2, w2)), (full[:, columns], second + 10 - len(ids))
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("share", SHARES)
-def test_prompt_positions_with_two_pruned_images(family, share):
+@pytest.mark.parametrize("before", [4, 20])  # 20: more text before the first image than it keeps tokens
+def test_prompt_positions_with_two_pruned_images(family, share, before):
     """The prompt positions the runner starts from (``positions_with_pruned_images`` around
     vLLM's own, which reads every image run as its full grid): the text keeps its unpruned
     positions and decoding continues where the unpruned prompt would, before any image's
@@ -155,28 +188,16 @@ def test_prompt_positions_with_two_pruned_images(family, share):
     after ``recompute_mrope_positions`` with both images' kept tokens, every position is the
     unpruned one. vLLM's own rule fails on two pruned images (the second run would start
     before the first one ends)."""
-    from vllm.multimodal.video_prune.evs import recompute_mrope_positions
+    from saint.integrations.vllm.qwen3_vl import POSITION_CHANNELS, image_position_channels
+    from saint.integrations.vllm.qwen_common import SaintImagePruningMixin
+    from saint.integrations.vllm.qwen_common import (
+        positions_with_pruned_images as with_pruned_images,
+    )
 
-    from saint.integrations.vllm.qwen3_vl import image_position_channels, recompute_positions
-    from saint.integrations.vllm.qwen_common import positions_with_pruned_images
-
-    (h1, w1), (h2, w2) = (8, 6), (5, 7)
-    keep1, keep2 = random_keep(h1, w1, share), random_keep(h2, w2, share)
-    k1, k2 = int(keep1.sum()), int(keep2.sum())
-    ids = torch.tensor([TEXT] * 3 + [START] + [IMAGE] * k1 + [END, TEXT, START] + [IMAGE] * k2 + [END, TEXT, TEXT])
-    features = [image_feature(4, k1, h1, w1), image_feature(4 + k1 + 3, k2, h2, w2)]
-    # the known answer: text, image 1 from 4, text from 4 + 8, image 2 from 15, text from 15 + 7
-    grid1 = unpruned(4, h1, w1, 0)[:, 4:]
-    grid2 = unpruned(15, h2, w2, 0)[:, 15:]
-    full = torch.cat([torch.arange(4).expand(3, -1), grid1, torch.arange(12, 15).expand(3, -1), grid2,
-                      torch.arange(22, 25).expand(3, -1)], dim=1)
+    ids, features, images, (want, want_delta) = two_image_prompt(before, share)
     text = ids != IMAGE
-    columns = torch.cat([torch.ones(4, dtype=torch.bool), keep1, torch.ones(3, dtype=torch.bool), keep2,
-                         torch.ones(3, dtype=torch.bool)])
-    want, want_delta = full[:, columns], 25 - len(ids)
-
     vllm_positions = vllm_prompt_positions(family)
-    start, delta = positions_with_pruned_images(vllm_positions, ids.tolist(), features, 2)
+    start, delta = with_pruned_images(vllm_positions, ids.tolist(), features, 2)
     assert start.shape == want.shape and torch.equal(start[:, text], want[:, text])
     assert delta == want_delta
     if share == 1.0:
@@ -185,13 +206,52 @@ def test_prompt_positions_with_two_pruned_images(family, share):
         with pytest.raises(ValueError, match="non-negative"):
             vllm_positions(ids.tolist(), features)
 
-    tokens = dict(vision_start_token_id=START, image_token_id=IMAGE, video_token_id=VIDEO)
-    if family == "qwen2_5_vl":
-        mm = [media_positions([1, 2 * h1, 2 * w1], 2)[keep1].T, media_positions([1, 2 * h2, 2 * w2], 2)[keep2].T]
-        got, delta = recompute_mrope_positions(ids, mm, start, 0, **tokens)
-    else:
-        rows = [torch.cat([torch.randn(int(keep.sum()), 16), image_position_channels([1, 2 * h, 2 * w], 2)[keep].float()],
-                          dim=1) for keep, h, w in ((keep1, h1, w1), (keep2, h2, w2))]
-        _, got, delta = recompute_positions(ids, rows, start, 0, **tokens)
+    channels, c = (media_positions, 4) if family == "qwen2_5_vl" else (image_position_channels, POSITION_CHANNELS)
+    rows = [rows_of(keep, h, w, channels) for keep, h, w in images]
+    _, got, delta = SaintImagePruningMixin.recompute_mrope_positions(
+        saint_model(c), input_ids=ids.tolist(), multimodal_embeddings=rows, mrope_positions=start,
+        num_computed_tokens=0)
     assert torch.equal(got, want)
     assert delta == want_delta
+
+
+@pytest.mark.parametrize("before", [4, 20])
+def test_positions_in_chunks_and_after_a_cached_image(before):
+    """The runner hands ``recompute_mrope_positions`` the media of each step's tokens only: a
+    chunk that ends inside an image (its first rows, then the rest with the second image), or
+    a request whose first image came from the prefix cache (the second image alone, computed
+    tokens past the first). Each way ends at the unpruned positions."""
+    ids, features, images, (want, want_delta) = two_image_prompt(before, 0.5)
+    start, _ = positions_with_pruned_images_qwen(ids, features)
+    (keep1, h1, w1), (keep2, h2, w2) = images
+    mm1 = media_positions([1, 2 * h1, 2 * w1], 2)[keep1].T
+    mm2 = media_positions([1, 2 * h2, 2 * w2], 2)[keep2].T
+    split = before + 5  # the first chunk ends after 5 of image 1's tokens
+    first, _ = recompute_media_positions(ids, [mm1[:, :5]], start, 0, (IMAGE, VIDEO))
+    got, delta = recompute_media_positions(ids, [mm1[:, 5:], mm2], first, split, (IMAGE, VIDEO))
+    assert torch.equal(got, want) and delta == want_delta
+    cached = before + len(keep1.nonzero()) + 2  # image 1 and the text after it came from the cache
+    got, delta = recompute_media_positions(ids, [mm2], want.clone(), cached, (IMAGE, VIDEO))
+    assert torch.equal(got, want) and delta == want_delta
+
+
+def test_vllm_evs_helper_misplaces_a_second_image_behind_a_long_text():
+    """Why the overrides carry their own position rewrite: vLLM's EVS helper steps from one
+    image to the next by the image's length only, so with more text before the first image
+    than it keeps tokens (20 > 12: a system prompt) it writes the second image over the
+    first one's slots."""
+    from vllm.multimodal.video_prune.evs import recompute_mrope_positions
+
+    ids, features, images, (want, _) = two_image_prompt(20, 0.25)
+    start, _ = positions_with_pruned_images_qwen(ids, features)
+    mm = [media_positions([1, 2 * h, 2 * w], 2)[keep].T for keep, h, w in images]
+    got, _ = recompute_mrope_positions(ids, mm, start, 0, START, IMAGE, VIDEO)
+    first = slice(20, 20 + len(images[0][0].nonzero()))
+    assert not torch.equal(got[:, first], want[:, first])
+    assert torch.equal(recompute_media_positions(ids, mm, start, 0, (IMAGE, VIDEO))[0], want)
+
+
+def positions_with_pruned_images_qwen(ids: torch.Tensor, features: list):
+    from saint.integrations.vllm.qwen_common import positions_with_pruned_images
+
+    return positions_with_pruned_images(vllm_prompt_positions("qwen2_5_vl"), ids.tolist(), features, 2)

@@ -1,10 +1,10 @@
 """Several images per prompt, batched requests and the prefix cache, with SAINT pruning on
-(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT and InternVL (both
+(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen3-VL, GLM-4.1V, LLaVA-1.5, LLaVA-NeXT and InternVL (both
 formats; the chat format's reference is transformers on the same weights): one
 engine per model,
 block size 32 with prefix caching. The requests run together, then each again on its own,
 which finds its images in the prefix cache; both times every request decodes as
-transformers does with the same kept tokens (Qwen-VL: at their full-grid positions)."""
+transformers does with the same kept tokens (Qwen-VL, GLM: at their full-grid positions)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def landscape_path(tmp_path_factory) -> Path:
 FAMILIES = {  # checkpoint fixture, reference, its checkpoint fixture, that config's image token key
     "qwen2_5_vl": ("model_dir", transformers_scores, "model_dir", "image_token_id"),
     "qwen3_vl": ("qwen3_dir", transformers_scores, "qwen3_dir", "image_token_id"),
+    "glm4v": ("glm4v_dir", transformers_scores, "glm4v_dir", "image_token_id"),
     "llava": ("llava_dir", transformers_llava_scores, "llava_dir", "image_token_index"),
     "llava_next": ("llava_next_dir", transformers_anyres_scores, "llava_next_dir", "image_token_index"),
     "internvl": ("internvl_dir", transformers_internvl_scores, "internvl_dir", "image_token_id"),

@@ -6,7 +6,7 @@ the model-inspection subprocess), through the ``vllm.general_plugins`` entry poi
   but vLLM's ``qwen2_vl.py`` imports ``smart_resize`` from a transformers module that needs
   torchvision, and transformers cannot build the Qwen processor without a video processor
   (vLLM's InternVL, ``interns1.py``, likewise imports the GOT-OCR2 image processor and the
-  InternVL video processor). The shim re-exports the PIL image processors under the
+  InternVL video processor, and its GLM-4.1V the GLM-4.1V image and video processors). The shim re-exports the PIL image processors under the
   torchvision modules' names and supplies placeholder video processors (that refuse
   videos). No-op with torchvision. vLLM's own InternVL processor (the remote-code format)
   imports ``torchvision.transforms`` itself: :func:`import_with_pil_transforms` imports it
@@ -45,6 +45,9 @@ _PIL_TWINS = {
     "transformers.models.gemma3.image_processing_gemma3": (
         "transformers.models.gemma3.image_processing_pil_gemma3"
     ),
+    "transformers.models.glm4v.image_processing_glm4v": (
+        "transformers.models.glm4v.image_processing_pil_glm4v"
+    ),
 }
 # The configs whose processors need a video processor -> the placeholder's class name.
 _VIDEO_PLACEHOLDERS = {
@@ -53,6 +56,8 @@ _VIDEO_PLACEHOLDERS = {
     "Qwen3VLConfig": "Qwen2VLVideoProcessor",
     "InternVLConfig": "InternVLVideoProcessor",
     "LlavaOnevisionConfig": "LlavaOnevisionVideoProcessor",
+    "Glm4vConfig": "Glm4vVideoProcessor",
+    "Glm4vMoeConfig": "Glm4vVideoProcessor",
 }
 # Classes that import once the twins exist, but that transformers' lazy modules still hand
 # out as torchvision-requiring dummies: (module, class, the lazy packages that export it).
@@ -60,8 +65,12 @@ _REAL_CLASSES = [
     ("transformers.models.pixtral.processing_pixtral", "PixtralProcessor",
      ("transformers", "transformers.models.pixtral")),
 ]
-# The torchvision-only video processor module vLLM's InternVL (``interns1``) imports from.
-_INTERNVL_VIDEO = "transformers.models.internvl.video_processing_internvl"
+# The torchvision-only video processor modules vLLM's InternVL (``interns1``) and GLM-4.1V import
+# from -> the class each is imported for.
+_VIDEO_MODULES = {
+    "transformers.models.internvl.video_processing_internvl": "InternVLVideoProcessor",
+    "transformers.models.glm4v.video_processing_glm4v": "Glm4vVideoProcessor",
+}
 
 
 def _twin(name: str, pil_name: str) -> types.ModuleType:
@@ -106,9 +115,10 @@ def install_torchvision_shim() -> None:
         return type(class_name, (VideoPlaceholder,), {"__module__": __name__})
 
     videos = {name: placeholder(name) for name in set(_VIDEO_PLACEHOLDERS.values())}
-    module = types.ModuleType(_INTERNVL_VIDEO)
-    module.InternVLVideoProcessor = videos["InternVLVideoProcessor"]
-    sys.modules[_INTERNVL_VIDEO] = module
+    for module_name, class_name in _VIDEO_MODULES.items():
+        module = types.ModuleType(module_name)
+        setattr(module, class_name, videos[class_name])
+        sys.modules[module_name] = module
 
     # ProcessorMixin checks its video argument against transformers' (dummy) base class, and
     # vLLM reads the allowed video kwargs from ``transformers.AutoVideoProcessor`` (a dummy too).

@@ -10,8 +10,8 @@ kept tokens' unpruned positions.
 
 vLLM's own Qwen2-VL has no multimodal-pruning path (it never prunes), so this class adds
 it: it declares :class:`~vllm.model_executor.models.interfaces.SupportsMultiModalPruning`,
-takes Qwen2.5-VL's ``recompute_mrope_positions`` (the same 4-channel layout and config
-fields), and prunes in ``_process_image_input``. Videos would reach the runner without
+rewrites the kept tokens' positions with the shared ``recompute_mrope_positions`` (Qwen2.5-VL's
+4-channel layout), and prunes in ``_process_image_input``. Videos would reach the runner without
 position channels, so they are refused while pruning is on (``--limit-mm-per-prompt
 '{"video": 0}'``), as for Qwen3-VL.
 """
@@ -28,7 +28,6 @@ install_torchvision_shim()  # vLLM's qwen2_vl module imports a torchvision-only 
 
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.interfaces import SupportsMultiModalPruning  # noqa: E402
-from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
@@ -63,8 +62,6 @@ class SaintQwen2VLForConditionalGeneration(
     SaintImagePruningMixin, Qwen2VLForConditionalGeneration, SupportsMultiModalPruning
 ):
     """vLLM's Qwen2-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
-
-    recompute_mrope_positions = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

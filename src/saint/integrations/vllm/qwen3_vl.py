@@ -13,9 +13,9 @@ Qwen2.5-VL (``qwen2_5_vl.py``):
   level of the same tokens;
 - positions: each kept row carries 5 extra channels, the layout vLLM's Qwen3-VL strips in
   ``recompute_mrope_positions``: (t, h, w) in the full grid, the step to the text after the
-  image (largest offset + 1) and 0 (not a video token). The override below hands the first
-  four to vLLM's ``recompute_mrope_positions`` as a 4-channel (Qwen2.5-style) image, so the
-  text after the image keeps its unpruned positions. (vLLM's 5-channel rule takes the step
+  image (largest offset + 1) and 0 (not a video token). The shared
+  ``recompute_mrope_positions`` (``qwen_common``) reads the first four as a 4-channel
+  (Qwen2.5-style) image, so the text after the image keeps its unpruned positions. (vLLM's 5-channel rule takes the step
   from the largest kept offset instead: a kept set without the image's last row or column
   would shift all later text.)
 
@@ -48,8 +48,6 @@ from vllm.model_executor.models.qwen3_vl_moe import (  # noqa: E402
     Qwen3VLMoeProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.video_prune.evs import recompute_mrope_positions  # noqa: E402
-from vllm.utils.gpu_sync_debug import gpu_sync_allowed  # noqa: E402
 
 from .qwen_common import (  # noqa: E402
     SaintBudgetPromptMixin,
@@ -81,33 +79,6 @@ def image_position_channels(grid_thw: Sequence[int], merge_size: int) -> torch.T
     return torch.cat([pos, torch.zeros_like(pos[:, :1])], dim=1)
 
 
-def recompute_positions(
-    input_ids: list[int] | torch.Tensor,
-    multimodal_embeddings: Sequence[torch.Tensor],
-    mrope_positions: torch.Tensor,
-    num_computed_tokens: int,
-    *,
-    vision_start_token_id: int,
-    image_token_id: int,
-    video_token_id: int,
-) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """vLLM's Qwen3-VL ``recompute_mrope_positions`` for SAINT's pruned images (videos are
-    refused while pruning is on): each image's channels go in as the 4-channel layout
-    (t, h, w, step to the text after), so the text after it keeps its unpruned positions."""
-    device = multimodal_embeddings[0].device if multimodal_embeddings else mrope_positions.device
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    embeds, positions = [], []
-    with gpu_sync_allowed():
-        for mm in multimodal_embeddings:
-            embeds.append(mm[:, :-POSITION_CHANNELS])
-            positions.append(mm[:, -POSITION_CHANNELS:-1].T.long())
-        new_positions, delta = recompute_mrope_positions(
-            ids, positions, mrope_positions, num_computed_tokens,
-            vision_start_token_id, image_token_id, video_token_id,
-        )
-    return embeds, new_positions, delta
-
-
 class SaintQwen3VLMoeProcessingInfo(SaintQwen3VLProcessingInfo, Qwen3VLMoeProcessingInfo):
     """Qwen3-VL-MoE's processing info (its own HF config class) with the same checks."""
 
@@ -123,26 +94,10 @@ class _SaintQwen3VL(SaintImagePruningMixin):
     def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
         return emb[:, : self.visual_dim]  # main features, not the deepstack levels
 
+    saint_channels = POSITION_CHANNELS
+
     def saint_positions(self, grid_thw: Sequence[int], merge_size: int) -> torch.Tensor:
         return image_position_channels(grid_thw, merge_size)
-
-    def recompute_mrope_positions(
-        self,
-        input_ids: list[int] | torch.Tensor,
-        multimodal_embeddings: Sequence[torch.Tensor],
-        mrope_positions: torch.LongTensor,
-        num_computed_tokens: int,
-    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
-        if self.saint is None:
-            return super().recompute_mrope_positions(
-                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
-            )
-        return recompute_positions(
-            input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens,
-            vision_start_token_id=self.config.vision_start_token_id,
-            image_token_id=self.config.image_token_id,
-            video_token_id=self.config.video_token_id,
-        )
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -12,6 +12,7 @@ import torch
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from .settings import SaintVllmSettings, settings_from_config
 
@@ -66,6 +67,50 @@ def positions_with_pruned_images(
     positions, _ = full_positions(tokens, features)
     positions = positions[:, torch.tensor(kept, dtype=torch.bool)]
     return positions, int(positions.max()) + 1 - len(input_tokens)
+
+
+def recompute_media_positions(
+    input_ids: Sequence[int] | torch.Tensor,
+    media_rows: Sequence[torch.Tensor],
+    mrope_positions: torch.Tensor,
+    num_computed_tokens: int,
+    media_token_ids: Sequence[int],
+) -> tuple[torch.Tensor, int]:
+    """The prompt's ``[3, N]`` M-RoPE positions with the media rows of this step written in:
+    ``media_rows`` are ``[4, n]`` (t, h, w offsets, step to the text after) for the media the
+    runner gathered, in prompt order, the first possibly continuing a run that an earlier
+    chunk began. Each lands in its run of placeholder tokens (the one holding position
+    ``num_computed_tokens``, then the following runs) at the token before the run's position
+    + 1 + its offsets, and the tokens after it become text counting on from its step (as
+    vLLM's EVS helper does). Returns the positions and the decoding offset.
+
+    vLLM's own helper (``video_prune.evs.recompute_mrope_positions``) steps from one media to
+    the next by the media's length only, not the text between them: with more prompt text
+    before the first image than that image has tokens (a system prompt), or a prompt
+    resumed from the prefix cache, it wrote a prompt's second image over the first one's
+    slots, and the decoding changed (``tests_vllm/test_prompts.py``)."""
+    positions = mrope_positions.clone()
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device="cpu")
+    media = torch.isin(ids, torch.tensor(list(media_token_ids), dtype=torch.long))
+    n = len(ids)
+    edges = torch.diff(media.long(), prepend=torch.zeros(1, dtype=torch.long), append=torch.zeros(1, dtype=torch.long))
+    run_starts, run_ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+    cursor = num_computed_tokens
+    for rows in media_rows:
+        r = int(torch.searchsorted(run_ends, cursor, right=True))  # the first run ending after the cursor
+        run_start = int(run_starts[r])
+        start = max(run_start, cursor)
+        end = start + rows.shape[1]
+        if end > int(run_ends[r]):
+            raise ValueError(f"{rows.shape[1]} media rows from position {start} overrun their placeholder run "
+                             f"[{run_start}, {int(run_ends[r])})")
+        rows = rows.to(positions.device, torch.long)
+        base = int(positions[0, run_start - 1]) + 1 if run_start > 0 else 0
+        positions[:, start:end] = rows[:3] + base
+        text = torch.cumsum((~media[end:]).long(), dim=0).to(positions.device)
+        positions[:, end:n] = text + base + rows[3, 0] - 1
+        cursor = end
+    return positions, int(positions.max()) + 1 - n
 
 
 def budget_image_updates(
@@ -142,6 +187,30 @@ class SaintImagePruningMixin:
 
     def saint_positions(self, grid_thw: Sequence[int], merge_size: int) -> torch.Tensor:
         return media_positions(grid_thw, merge_size)
+
+    saint_channels = 4  # position channels each media row carries (Qwen3-VL: 5, the last a video flag)
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.Tensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        """The runner's rewrite of a request's positions once media embeddings are gathered:
+        with SAINT on, :func:`recompute_media_positions` (vLLM's helper misplaces every media
+        after the first behind a long text); without it, the base model's own (EVS)."""
+        if self.saint is None:
+            return super().recompute_mrope_positions(  # type: ignore[misc]
+                input_ids=input_ids, multimodal_embeddings=multimodal_embeddings,
+                mrope_positions=mrope_positions, num_computed_tokens=num_computed_tokens)
+        c = self.saint_channels
+        config = self.config  # type: ignore[attr-defined]
+        with gpu_sync_allowed():  # the rows' positions come to the host, as in vLLM's helper
+            positions, delta = recompute_media_positions(
+                input_ids, [mm[:, -c:][:, :4].T for mm in multimodal_embeddings], mrope_positions,
+                num_computed_tokens, (config.image_token_id, config.video_token_id))
+        return [mm[:, :-c] for mm in multimodal_embeddings], positions, delta
 
     def _postprocess_image_embeds_evs(
         self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any

@@ -207,6 +207,59 @@ def write_qwen3_vl_checkpoint(
     return path
 
 
+GLM4V_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|assistant|>", "<|user|>", "<|begin_of_image|>", "<|image|>", "<|end_of_image|>",
+    "<|begin_of_video|>", "<|video|>", "<|end_of_video|>",
+]
+
+
+def write_glm4v_checkpoint(
+    path: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448, seed: int = 0
+) -> Path:
+    """Write a tiny random GLM-4.1V to ``path``: patch 14, merge 2 (the portrait test image of
+    224 x 168 pixels gives 8 x 6 merged tokens, as for Qwen2.5-VL), a 2-block tower and a
+    2-layer GLM-4 LM (head size 32, half of it rotary: M-RoPE sections 2, 3, 3). Its eos is
+    ``<|user|>`` (the next turn), as on the hub."""
+    import torch
+    import transformers
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512, GLM4V_SPECIAL_TOKENS)
+    tokenizer.save_pretrained(path)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GLM4V_SPECIAL_TOKENS}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "partial_rotary_factor": 0.5}
+    text = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, rope_parameters=rope,
+        rms_norm_eps=1e-5, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|user|>"],
+    )
+    vision = dict(
+        depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, image_size=112,
+    )
+    config = transformers.Glm4vConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Glm4vForConditionalGeneration(config).eval()
+    _sharpen(model)
+    model.save_pretrained(path)
+    Glm4vImageProcessorPil(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=14, merge_size=2,
+        temporal_patch_size=2,
+    ).save_pretrained(path)
+    # save_pretrained of the processor needs a video processor (torchvision); write it by hand.
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Glm4vProcessor"}, indent=2))
+    gen = {"eos_token_id": ids["<|user|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
 def _sharpen(model) -> None:
     """Random init of 0.02 std gives near-uniform logits (greedy ids decided by rounding):
     redraw every matrix with std 2 / sqrt(fan-in)."""
