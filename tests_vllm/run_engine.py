@@ -24,6 +24,9 @@ from pathlib import Path
 QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                "<|im_start|>user\n{images}Describe the picture.<|im_end|>\n<|im_start|>assistant\n")
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# GLM's template; long enough that an image prompt fills a 32-token block (the prefix-cache test)
+GLM = ("[gMASK]<sop><|user|>\n{images}What is in the image? Describe the picture in one sentence.<|assistant|>\n",
+       "<|begin_of_image|><|image|><|end_of_image|>")
 PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeholder
     "qwen2_vl": (QWEN_PROMPT, QWEN_IMAGE),
     "qwen2_5_vl": (QWEN_PROMPT, QWEN_IMAGE),
@@ -38,9 +41,8 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "gemma3": ("<bos><start_of_turn>user\n{images}Describe the picture.<end_of_turn>\n<start_of_turn>model\n",
                "<start_of_image>"),
     "mistral3": ("<s>[INST]{images}Describe the picture.[/INST]", "[IMG]"),
-    # GLM's template; long enough that an image prompt fills a 32-token block (the prefix-cache test)
-    "glm4v": ("[gMASK]<sop><|user|>\n{images}What is in the image? Describe the picture in one sentence.<|assistant|>\n",
-              "<|begin_of_image|><|image|><|end_of_image|>"),
+    "glm4v": GLM,
+    "glm4v_moe": GLM,
     "idefics3": ("<|im_start|>User:{images}Describe the picture.<end_of_utterance>\nAssistant:", "<image>"),
 }
 MAX_TOKENS = 6

@@ -1,4 +1,4 @@
-"""GLM-4.1V (tiny, random): vLLM's own GLM-4.1V never prunes, so the override adds the
+"""GLM-4.1V and GLM-4.5V (tiny, random; the MoE for the first test): vLLM's own GLM-4.1V never prunes, so the override adds the
 pruning path. Pruning off equals transformers; SAINT keeping a quarter of the image's 48
 tokens feeds 12 ``<|image|>`` placeholders to the LLM, chosen and decoded as transformers
 does with the same kept set at their full-grid M-RoPE positions (the text after the image at
@@ -18,7 +18,9 @@ NUM_IMAGE_TOKENS = 48
 
 
 @pytest.mark.parametrize("ratio, kept", [(None, NUM_IMAGE_TOKENS), (0.25, 12)])
-def test_glm4v_image_tokens_and_outputs(run_engine, glm4v_dir, image_path, ratio, kept):
+@pytest.mark.parametrize("checkpoint", ["glm4v_dir", "glm4v_moe_dir"])
+def test_glm4v_image_tokens_and_outputs(run_engine, request, image_path, checkpoint, ratio, kept):
+    glm4v_dir = request.getfixturevalue(checkpoint)
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
     got = run_engine(glm4v_dir, image_path, overrides)
     image_token = json.loads((glm4v_dir / "config.json").read_text())["image_token_id"]

@@ -214,12 +214,13 @@ GLM4V_SPECIAL_TOKENS = [
 
 
 def write_glm4v_checkpoint(
-    path: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448, seed: int = 0
+    path: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448, seed: int = 0, moe: bool = False
 ) -> Path:
     """Write a tiny random GLM-4.1V to ``path``: patch 14, merge 2 (the portrait test image of
     224 x 168 pixels gives 8 x 6 merged tokens, as for Qwen2.5-VL), a 2-block tower and a
     2-layer GLM-4 LM (head size 32, half of it rotary: M-RoPE sections 2, 3, 3). Its eos is
-    ``<|user|>`` (the next turn), as on the hub."""
+    ``<|user|>`` (the next turn), as on the hub. ``moe``: GLM-4.5V's layout, layer 0 dense and
+    layer 1 4 routed experts (2 per token) plus a shared one."""
     import torch
     import transformers
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
@@ -239,14 +240,20 @@ def write_glm4v_checkpoint(
         depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128, patch_size=14,
         spatial_merge_size=2, temporal_patch_size=2, image_size=112,
     )
-    config = transformers.Glm4vConfig(
+    name = "Glm4v"
+    if moe:
+        name = "Glm4vMoe"
+        text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                    head_dim=32, use_qk_norm=False)  # as the hub config.json gives them (vLLM reads both)
+    config = getattr(transformers, f"{name}Config")(
         text_config=text, vision_config=vision, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
         image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
         video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = transformers.Glm4vForConditionalGeneration(config).eval()
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     _sharpen(model)
     model.save_pretrained(path)
     Glm4vImageProcessorPil(
