@@ -178,9 +178,9 @@ def make_lm(cls_name: str, model_dir: Path, prune_args: str, docs: list[dict]):
     or :mod:`saint.integrations.lmms_anyres`) built from a model-argument string, as
     lmms-eval builds it (batch size 3, CPU), serving ``docs`` as task ``t``."""
     need("lmms_eval")
-    from saint.integrations import lmms_anyres, lmms_eval, lmms_llm_side
+    from saint.integrations import lmms_anyres, lmms_eval, lmms_glm, lmms_llm_side
 
-    cls = next(getattr(m, cls_name) for m in (lmms_eval, lmms_anyres, lmms_llm_side) if hasattr(m, cls_name))
+    cls = next(getattr(m, cls_name) for m in (lmms_eval, lmms_anyres, lmms_llm_side, lmms_glm) if hasattr(m, cls_name))
     model = cls.create_from_arg_string(
         f"pretrained={model_dir},{prune_args}", {"batch_size": 3, "device": "cpu", "max_batch_size": None})
     model.task_dict = {"t": {"test": docs}}

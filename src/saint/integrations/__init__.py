@@ -5,7 +5,8 @@ harness), plus the harness-agnostic parsing they share.
   models of lmms-eval (``pip install 'saint[lmms]'``), and
   :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next`` and
   ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
-  ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3`` and ``saint_paligemma``; all registered through the ``lmms_eval.models``
+  ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3`` and ``saint_paligemma``, and
+  :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
 Settings arrive from a harness as ``key=value`` strings; :func:`parse_prune_settings`
@@ -85,13 +86,14 @@ def parse_prune_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 def lmms_eval_models() -> list[Any]:
     """Entry point of the ``lmms_eval.models`` group: lmms-eval (>= 0.7) calls it while
     building its model registry and imports a class only when its name (``--model
-    saint_llava``, ``saint_qwen_vl``, ``saint_llava_next``, ``saint_llava_onevision``,
+    saint_llava``, ``saint_qwen_vl``, ``saint_glm4v``, ``saint_llava_next``, ``saint_llava_onevision``,
     ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
     ``saint_paligemma``) is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava"),
             ModelManifest(model_id="saint_qwen_vl", simple_class_path="saint.integrations.lmms_eval.SaintQwenVL"),
+            ModelManifest(model_id="saint_glm4v", simple_class_path="saint.integrations.lmms_glm.SaintGlm4v"),
             ModelManifest(model_id="saint_llava_next",
                           simple_class_path="saint.integrations.lmms_anyres.SaintLlavaNext"),
             ModelManifest(model_id="saint_llava_onevision",

@@ -287,6 +287,10 @@ class SaintLlava(lmms):
         """Placeholder token ids the processor expands, by the stats key that counts them."""
         return {"image_tokens": self.model.config.image_token_id}
 
+    def _visual_counts(self, input_ids: torch.Tensor) -> dict[str, list[int]]:
+        """Visual tokens of each prompt row, by the stats key that counts them."""
+        return {key: (input_ids == tid).sum(dim=1).tolist() for key, tid in self._visual_token_ids().items()}
+
     def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Inputs aligned with the prompt rows besides ids and mask (none for LLaVA);
         ``scored``: for log-likelihood rows, how many trailing ids of each row are scored."""
@@ -376,7 +380,7 @@ class SaintLlava(lmms):
 
     def _record(self, kind: str, input_ids: torch.Tensor, before: TokenStats | None) -> None:
         """Log the pruning of the forward that just ran (nothing when it had no image or video)."""
-        counts = {key: (input_ids == tid).sum(dim=1).tolist() for key, tid in self._visual_token_ids().items()}
+        counts = self._visual_counts(input_ids)
         if not any(any(c) for c in counts.values()):
             return
         entry: dict[str, Any] = {"request": kind, **counts}

@@ -17,15 +17,10 @@ while pruning is on (``--limit-mm-per-prompt '{"video": 0}'``).
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
 from .compat import install_torchvision_shim
 
 install_torchvision_shim()  # vLLM's glm4_1v and qwen2_vl modules import torchvision-only ones
 
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.glm4_1v import (  # noqa: E402
     Glm4vDummyInputsBuilder,
     Glm4vForConditionalGeneration,
@@ -36,42 +31,25 @@ from vllm.model_executor.models.glm4_1v import (  # noqa: E402
 from vllm.model_executor.models.interfaces import SupportsMultiModalPruning  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin  # noqa: E402
-from .settings import images_only_settings  # noqa: E402
+from .qwen_common import SaintAddedPruningMixin, SaintBudgetPromptMixin  # noqa: E402
+from .settings import ImagesOnlyInfo  # noqa: E402
 
 
-class SaintGlm4vProcessingInfo(Glm4vProcessingInfo):
-    """Reads (and so validates) the SAINT settings in the front end, before the engine
-    starts; with pruning on, refuses a configuration that allows videos."""
+class SaintGlm4vProcessingInfo(ImagesOnlyInfo, Glm4vProcessingInfo):
+    """GLM-4.1V's processing info with the SAINT settings read in the front end (images only)."""
 
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        self.saint = images_only_settings(self, ctx, "GLM-4.1V")
+    saint_family = "GLM-4.1V"
 
 
 class SaintGlm4vMultiModalProcessor(SaintBudgetPromptMixin, Glm4vMultiModalProcessor):
     """Gives each image as many ``<|image|>`` placeholders as SAINT will keep."""
 
 
-class SaintGlm4vPruningMixin(SaintImagePruningMixin):
-    """The pruning path vLLM's GLM-4.1V lacks: the cut (the positions' rewrite is the shared
-    mixin's; the classes below declare the interface, last among their bases, as a protocol
-    must be)."""
+class SaintGlm4vPruningMixin(SaintAddedPruningMixin):
+    """GLM-4.1V's name in the refusals (the classes below declare the pruning interface, last
+    among their bases, as a protocol must be)."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        mm_config = vllm_config.model_config.multimodal_config
-        if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
-            # this class declares the pruning interface for SAINT's images; vLLM's GLM-4.1V
-            # has no EVS for videos, which would then reach the runner without positions
-            raise ValueError("--video-pruning-rate: vLLM's GLM-4.1V has no video pruning (EVS); serve it without")
-        self.saint_setup(vllm_config)
-
-    def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
-        embeds = super()._process_image_input(image_input)  # type: ignore[misc]
-        if self.saint is None:
-            return embeds
-        return self._postprocess_image_embeds_evs(embeds, image_input)
+    saint_family = "GLM-4.1V"
 
 
 @MULTIMODAL_REGISTRY.register_processor(

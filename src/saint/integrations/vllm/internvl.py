@@ -41,17 +41,15 @@ from vllm.model_executor.models.internvl import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from .settings import images_only_settings  # noqa: E402
+from .settings import ImagesOnlyInfo  # noqa: E402
 from .tiles import SaintTilePruningMixin, processor_with_kept_tiles  # noqa: E402
 
 
-class _KeptContextTokens:
+class _KeptContextTokens(ImagesOnlyInfo):
     """InternVL's processing info whose processor gives every tile SAINT's kept count of
     context tokens; with pruning on, a configuration that allows videos is refused."""
 
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)  # type: ignore[call-arg]
-        self.saint = images_only_settings(self, ctx, "InternVL")
+    saint_family = "InternVL"
 
     def get_hf_processor(self, **kwargs: object) -> Any:
         processor = super().get_hf_processor(**kwargs)  # type: ignore[misc]

@@ -18,15 +18,10 @@ position channels, so they are refused while pruning is on (``--limit-mm-per-pro
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
 from .compat import install_torchvision_shim
 
 install_torchvision_shim()  # vLLM's qwen2_vl module imports a torchvision-only one
 
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.interfaces import SupportsMultiModalPruning  # noqa: E402
 from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
     Qwen2VLDummyInputsBuilder,
@@ -36,17 +31,14 @@ from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from .qwen_common import SaintBudgetPromptMixin, SaintImagePruningMixin  # noqa: E402
-from .settings import images_only_settings  # noqa: E402
+from .qwen_common import SaintAddedPruningMixin, SaintBudgetPromptMixin  # noqa: E402
+from .settings import ImagesOnlyInfo  # noqa: E402
 
 
-class SaintQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
-    """Reads (and so validates) the SAINT settings in the front end, before the engine
-    starts; with pruning on, refuses a configuration that allows videos."""
+class SaintQwen2VLProcessingInfo(ImagesOnlyInfo, Qwen2VLProcessingInfo):
+    """Qwen2-VL's processing info with the SAINT settings read in the front end (images only)."""
 
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        self.saint = images_only_settings(self, ctx, "Qwen2-VL")
+    saint_family = "Qwen2-VL"
 
 
 class SaintQwen2VLMultiModalProcessor(SaintBudgetPromptMixin, Qwen2VLMultiModalProcessor):
@@ -59,21 +51,8 @@ class SaintQwen2VLMultiModalProcessor(SaintBudgetPromptMixin, Qwen2VLMultiModalP
     dummy_inputs=Qwen2VLDummyInputsBuilder,
 )
 class SaintQwen2VLForConditionalGeneration(
-    SaintImagePruningMixin, Qwen2VLForConditionalGeneration, SupportsMultiModalPruning
+    SaintAddedPruningMixin, Qwen2VLForConditionalGeneration, SupportsMultiModalPruning
 ):
     """vLLM's Qwen2-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        mm_config = vllm_config.model_config.multimodal_config
-        if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
-            # this class declares the pruning interface for SAINT's images; vLLM's Qwen2-VL
-            # has no EVS for videos, which would then reach the runner without positions
-            raise ValueError("--video-pruning-rate: vLLM's Qwen2-VL has no video pruning (EVS); serve it without")
-        self.saint_setup(vllm_config)
-
-    def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
-        embeds = super()._process_image_input(image_input)
-        if self.saint is None:
-            return embeds
-        return self._postprocess_image_embeds_evs(embeds, image_input)
+    saint_family = "Qwen2-VL"

@@ -28,7 +28,6 @@ frame markers embedded by the model); SAINT with EVS videos is untested.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -54,18 +53,15 @@ from .qwen_common import (  # noqa: E402
     SaintImagePruningMixin,
     media_positions,
 )
-from .settings import images_only_settings  # noqa: E402
+from .settings import ImagesOnlyInfo  # noqa: E402
 
 POSITION_CHANNELS = 5  # what vLLM's Qwen3-VL appends to (and strips from) each media row
 
 
-class SaintQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
-    """Reads (and so validates) the SAINT settings in the front end, before the engine
-    starts; with pruning on, refuses a configuration that allows videos."""
+class SaintQwen3VLProcessingInfo(ImagesOnlyInfo, Qwen3VLProcessingInfo):
+    """Qwen3-VL's processing info with the SAINT settings read in the front end (images only)."""
 
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        self.saint = images_only_settings(self, ctx, "Qwen3-VL")
+    saint_family = "Qwen3-VL"
 
 
 class SaintQwen3VLMultiModalProcessor(SaintBudgetPromptMixin, Qwen3VLMultiModalProcessor):

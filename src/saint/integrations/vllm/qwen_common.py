@@ -226,3 +226,27 @@ class SaintImagePruningMixin:
             masks.append(keep)
         self.saint_last_keep = masks
         return tuple(out)
+
+
+class SaintAddedPruningMixin(SaintImagePruningMixin):
+    """For a vLLM model with no multimodal-pruning path of its own (Qwen2-VL, GLM-4.1V), which
+    its SAINT class adds by declaring ``SupportsMultiModalPruning``: SAINT's cut in
+    ``_process_image_input``, and ``--video-pruning-rate`` refused (the model has no EVS for
+    videos, which would then reach the runner without positions). ``saint_family`` names the
+    model in the refusal."""
+
+    saint_family = ""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        mm_config = vllm_config.model_config.multimodal_config
+        if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
+            raise ValueError(f"--video-pruning-rate: vLLM's {self.saint_family} has no video pruning (EVS); "
+                             "serve it without")
+        self.saint_setup(vllm_config)
+
+    def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
+        embeds = super()._process_image_input(image_input)  # type: ignore[misc]
+        if self.saint is None:
+            return embeds
+        return self._postprocess_image_embeds_evs(embeds, image_input)

@@ -102,3 +102,15 @@ def images_only_settings(info: Any, ctx: Any, family: str) -> SaintVllmSettings 
             "--limit-mm-per-prompt '{\"video\": 0}' (LLM(limit_mm_per_prompt={\"video\": 0}))"
         )
     return saint
+
+
+class ImagesOnlyInfo:
+    """For a processing info: reads (and so validates) the SAINT settings in the front end,
+    before the engine starts (``self.saint``); with pruning on, a configuration that allows
+    videos is refused (:func:`images_only_settings`; ``saint_family`` names the model)."""
+
+    saint_family = ""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)  # type: ignore[call-arg]
+        self.saint = images_only_settings(self, ctx, self.saint_family)
