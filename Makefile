@@ -59,7 +59,8 @@ $(VLLM_STAMP): pyproject.toml Makefile
 # Two engines at a time, one test file per worker (its checkpoints built once there): every
 # engine runs on one thread and spends much of its start in Python, so two share CI's two
 # cores. Most engines run their engine core in-process (tests_vllm/conftest.py's
-# run_engine): 81 tests in 6 min here, against 12.6 min with every engine core in its own.
+# run_engine): 81 tests in 6 min here, against 12.6 min with every engine core in its own
+# (95 tests, with GLM: 7.4 min in CI's clean clone).
 test-vllm: setup-vllm
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest tests_vllm -p no:cacheprovider -n 2 --dist loadfile
 

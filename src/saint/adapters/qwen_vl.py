@@ -2,9 +2,10 @@
 ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
 ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration`` and their
 ``*Model``), and GLM-4.1V / 4.5V / 4.6V (``Glm4vForConditionalGeneration``,
-``Glm4vMoeForConditionalGeneration``, ``Glm46VForConditionalGeneration``: the same interfaces, a conv merge of each 2x2 group and
-video frames held in image tokens, told apart by ``mm_token_type_ids``): SAINT's vit / llm / hybrid
-modes and the FastV and random baselines, images and video, with per-instance hooks only.
+``Glm4vMoeForConditionalGeneration``, ``Glm46VForConditionalGeneration``: the same
+interfaces, a conv merge of each 2x2 group, and video frames held in image tokens, told
+apart by ``mm_token_type_ids``): SAINT's vit / llm / hybrid modes and the FastV and random
+baselines, images and video, with per-instance hooks only.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`QwenPruneConfig`):
 
@@ -199,7 +200,8 @@ class QwenPatch(VlmPatch):
 
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
           **kwargs: Any) -> QwenPatch:
-    """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / 4.5V / 4.6V model in place (see the module docstring and :func:`saint.patch`).
+    """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / 4.5V / 4.6V model in place (see
+    the module docstring and :func:`saint.patch`).
 
     ``method`` may be a SAINT-family :class:`~saint.methods.MethodSpec` (e.g. a
     calibration probe): it then selects the visual tokens of ``mode="llm"/"hybrid"``."""
@@ -230,8 +232,8 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
 
 # ---------------------------------------------------------------------------- protocol
 class QwenVL(HFVlm):
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / 4.5V / 4.6V: sites are the language model's decoder layers (as for
-    LLaVA); inputs are processor-output dicts (``input_ids``, ``pixel_values``,
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / 4.5V / 4.6V: sites are the language
+    model's decoder layers (as for LLaVA); inputs are processor-output dicts (``input_ids``, ``pixel_values``,
     ``image_grid_thw``, ``mm_token_type_ids``, ``attention_mask``)."""
 
     name = "qwen_vl"
