@@ -1,8 +1,8 @@
 """lmms-eval's ``saint_glm4v`` model on a tiny random GLM-4.1V saved to disk with an offline
 processor (a tokenizer trained here with GLM's special tokens, GLM-4.1V's image and video
 processors): request batching, pruning of both request kinds, videos (frames held in image
-tokens, told apart by the video's start and end tokens) batched beside images, and the
-refusals."""
+tokens, told apart by the video's start and end tokens) batched beside images, lmms-eval's
+own command line, and the refusals."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .lmms_helpers import (
     ll_requests,
     make_lm,
     need,
+    run_cli,
     train_tokenizer,
 )
 from .test_lmms_eval_qwen import (
@@ -95,6 +96,21 @@ def test_both_request_kinds_are_pruned_and_batches_equal_single_requests(lm):
         assert e["llm_input"] == [N_IMAGE_TOKENS // 2] * len(e["image_tokens"])  # vit_ratio 0.5 in the tower
         assert all(o < N_IMAGE_TOKENS // 2 for o in e["llm_output"])  # and SAINT inside the language model
     assert_alone_equals_batched(lm, gen, ll, batched)
+
+
+def test_lmms_eval_cli_end_to_end(glm_dir, tmp_path):
+    """``python -m lmms_eval --model saint_glm4v ...`` completes and prunes both kinds of request."""
+    import json
+
+    need("lmms_eval")
+    results, (stats,) = run_cli("saint_glm4v", glm_dir, PRUNE_ARGS, tmp_path, 3, timeout=300)
+    assert 0.0 <= results["saint_easyvqa_gen"]["exact_match,none"] <= 1.0
+    assert 0.0 <= results["saint_easyvqa_mc"]["acc,none"] <= 1.0
+    summary = json.loads(stats.read_text().splitlines()[-1])["summary"]
+    for kind in ("generate_until", "loglikelihood"):
+        s = summary[kind]
+        assert s["image_tokens"] == N_IMAGE_TOKENS and s["video_tokens"] == 0
+        assert s["llm_input"] == N_IMAGE_TOKENS // 2 and s["llm_output"] < N_IMAGE_TOKENS // 2
 
 
 def test_loglikelihood_is_the_patched_models_loss(lm):
