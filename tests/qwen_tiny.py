@@ -55,6 +55,20 @@ def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch
         cfg = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=text,
                                                      attn_implementation=impl, **glm_ids)
         model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
+    elif family.startswith("qwen3_5"):  # Qwen3.5: Qwen3-VL's tower, no deepstack; a hybrid LM (Gated DeltaNet)
+        vision.update(num_position_embeddings=64)
+        text.update(head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"] * (DEPTH // 2),
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 0],
+                                         mrope_interleaved=True, partial_rotary_factor=0.25))
+        name = "Qwen3_5"
+        if family == "qwen3_5_moe":  # 4 experts, 2 per token, and a shared one
+            name = "Qwen3_5Moe"
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=32)
+        cfg = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=text, attn_implementation=impl,
+                                                     **ids)
+        model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
     else:
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
         text.update(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
@@ -87,7 +101,7 @@ def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
     for p in parts:
         if isinstance(p, int):
             out.append(torch.randint(3, 100, (p,), generator=g))
-        elif p[0] == "image" or not family.startswith(("qwen3_vl", "glm4")):
+        elif p[0] == "image" or not family.startswith(("qwen3_vl", "qwen3_5", "glm4")):
             tok = IMG if p[0] == "image" else VID
             out += [torch.tensor([VS]), torch.full((tokens(p[1]),), tok), torch.tensor([VE])]
         elif family.startswith("glm4"):  # every frame an image span followed by its timestamp

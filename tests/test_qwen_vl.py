@@ -1,6 +1,7 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4.1V / 4.5V / 4.6V: SAINT's vit / llm /
-hybrid modes and the FastV, random and pool baselines on tiny random models, images of
-different sizes, several images per prompt and video (see tests/qwen_tiny.py)."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (the vision-side methods) and GLM-4.1V / 4.5V /
+4.6V: SAINT's vit / llm / hybrid modes and the FastV, random and pool baselines on tiny
+random models, images of different sizes, several images per prompt and video (see
+tests/qwen_tiny.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ NEW = 4
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMG, VID])
 # GLM-4.1V's video frames hold image tokens, so its forward takes images or videos, not both:
 # "glm4v" runs the image prompts, "glm4v/video" (the same model) the video prompts.
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "glm46v", "glm4v/video"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe",
+            "glm46v", "glm4v/video"]
+# Qwen3.5's language model interleaves linear-attention layers (a recurrent state, no cache of
+# tokens): the vision-side methods only
+VISION_ONLY = ("qwen3_5", "qwen3_5_moe")
+LLM_SIDE = ("llm", "hybrid", "fastv")
 # three prompts: one image; two images of different sizes; a two-frame video
 ROWS = [[3, ("image", (1, 8, 8)), 4], [2, ("image", (1, 8, 12)), 3, ("image", (1, 4, 8)), 2],
         [1, ("video", (2, 8, 8)), 5]]
@@ -48,6 +54,11 @@ def rows_of(family: str) -> list:
     return ROWS[:2] if family.startswith("glm4") else ROWS
 
 
+def cases(names) -> list[tuple[str, str]]:
+    """``(family, method name)`` for every family and every name it takes."""
+    return [(f, n) for f in FAMILIES for n in names if not (f in VISION_ONLY and n in LLM_SIDE)]
+
+
 def batch(family: str, rows: list | None = None) -> dict[str, torch.Tensor]:
     return inputs(rows or rows_of(family), family=family)
 
@@ -67,8 +78,7 @@ def logits(model, x):
 
 
 # ---------------------------------------------------------------------------- identity
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(NOTHING))
+@pytest.mark.parametrize("family, name", cases(sorted(NOTHING)))
 def test_pruning_nothing_is_identical_to_unpatched(family, name):
     model = make(family)
     x = batch(family)
@@ -80,8 +90,7 @@ def test_pruning_nothing_is_identical_to_unpatched(family, name):
     assert all(t == tokens_[0] for t in tokens_)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["hybrid", "fastv", "random"])
+@pytest.mark.parametrize("family, name", cases(["hybrid", "fastv", "random"]))
 def test_unpatch_restores_identical_outputs(family, name):
     model = make(family)
     x = batch(family)
@@ -98,8 +107,7 @@ def test_unpatch_restores_identical_outputs(family, name):
 
 
 # ---------------------------------------------------------------------------- consistency
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("family, name", cases(sorted(CONFIGS)))
 def test_batch_equals_alone_and_cached_equals_uncached(family, name):
     """Left-padded prompts with images of different sizes, two images in one prompt
     and a video: each row equals the prompt alone (generated ids, last logits, per-row
@@ -146,8 +154,7 @@ def test_no_mask_and_no_cache_is_not_read_as_packed_sequences(family, name):
     assert torch.equal(gen(model, x, use_cache=False), gen(model, x))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["hybrid", "random"])
+@pytest.mark.parametrize("family, name", cases(["hybrid", "random"]))
 def test_sampling_and_beams_cached_equals_uncached(family, name):
     """Seeded sampling and beam search (the cache reorder carries the per-row maps;
     generate pre-encodes the pixels through the wrapped feature functions)."""
@@ -250,7 +257,7 @@ def test_vit_budget_per_image_and_video_frame(family):
     frames = [(1, h, w) for kind, (t, h, w) in parts if kind == "video" for _ in range(t)]
     expect_in, expect_kept = [], []  # per run of placeholders, in prompt order
     for kind, (t, h, w) in parts:
-        if kind == "image" or family.startswith(("qwen3_vl", "glm4")):  # Qwen3-VL and GLM wrap every frame
+        if kind == "image" or family.startswith(("qwen3_vl", "qwen3_5", "glm4")):  # these wrap every frame
             expect_in += [tokens((1, h, w))] * t
             expect_kept += [round(0.3 * tokens((1, h, w)))] * t
         else:  # the video is one run of its frame groups
@@ -323,8 +330,7 @@ def test_bad_settings_raise_clear_errors(kw, err, match):
     assert not saint.is_patched(model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["hybrid", "random"])
+@pytest.mark.parametrize("family, name", cases(["hybrid", "random"]))
 def test_decoded_placeholder_ids_are_text(family, name):
     """Decoding steps that emit the image and video token ids (no pixels: the model
     embeds them as text) run as unpatched: pruning nothing gives the unpatched ids,
@@ -418,7 +424,7 @@ def test_labels_loss_counts_only_targets_with_a_prediction(family):
     model = make(family)
     x = batch(family)
     labels = x["input_ids"].masked_fill(x["attention_mask"] == 0, -100)
-    saint.patch(model, **CONFIGS["hybrid"])
+    saint.patch(model, **CONFIGS["vit" if family in VISION_ONLY else "hybrid"])
     with torch.no_grad():
         out = model(**x, labels=labels)
     assert out.logits.shape[:2] == x["input_ids"].shape
@@ -431,6 +437,18 @@ def test_labels_loss_counts_only_targets_with_a_prediction(family):
     torch.testing.assert_close(out.loss, expect)
     assert torch.equal(labels, x["input_ids"].masked_fill(x["attention_mask"] == 0, -100))
     torch.testing.assert_close(out.logits[:, -1], logits(model, x)[:, -1])
+
+
+@pytest.mark.parametrize("family", VISION_ONLY)
+@pytest.mark.parametrize("name", LLM_SIDE)
+def test_qwen3_5_language_model_pruning_is_refused(family, name):
+    """Qwen3.5's linear-attention layers carry a recurrent state, not a cache of tokens, so
+    no token can leave between them: SAINT's llm/hybrid modes and FastV are refused with the
+    methods that work, and the model is left unpatched."""
+    model = make(family)
+    with pytest.raises(TypeError, match=r"linear-attention layers keep a recurrent state.*mode='vit'"):
+        saint.patch(model, **CONFIGS[name])
+    assert not saint.is_patched(model)
 
 
 # ---------------------------------------------------------------------------- threads, copies

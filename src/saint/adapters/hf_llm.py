@@ -69,6 +69,13 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("glm4v_moe", "Glm4vMoeTextModel"),  # GLM-4.5V: routed + shared experts, token-wise
 )
 SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
+# Hybrid decoders whose linear-attention (Gated DeltaNet) layers keep a recurrent state, not a
+# cache of tokens: saint cannot drop tokens between their layers, but a prompt shortened before
+# the language model (the vision-side methods) runs through them as any prompt does.
+VISION_ONLY_DECODERS = (
+    ("qwen3_5", "Qwen3_5TextModel"),  # Qwen3.5
+    ("qwen3_5_moe", "Qwen3_5MoeTextModel"),  # Qwen3.5 MoE
+)
 LAYER_TYPES = ("full_attention", "sliding_attention")  # attention a gathered 4-D mask expresses
 
 
@@ -77,8 +84,19 @@ def _decoder_classes() -> tuple[type, ...]:
     return tuple(cls for module, name in DECODERS for cls in transformers_classes(module, name))
 
 
-def check_decoder(decoder: torch.nn.Module) -> None:
-    """Raise a clear error unless ``decoder`` is a decoder saint can prune in."""
+def check_decoder(decoder: torch.nn.Module, prunes: bool = True) -> None:
+    """Raise a clear error unless ``decoder`` is a decoder saint can prune in (``prunes``), or,
+    for a schedule that drops nothing inside it, one that a shortened prompt can run through."""
+    vision_only = tuple(cls for module, name in VISION_ONLY_DECODERS for cls in transformers_classes(module, name))
+    if type(decoder) in vision_only:
+        if prunes:
+            raise TypeError(
+                f"saint cannot prune inside a {type(decoder).__name__} language model: its linear-attention "
+                "layers keep a recurrent state, not a cache of tokens; the vision-side methods work "
+                "(mode='vit', method='random' or 'pool')"
+            )
+        check_maskable_attention(decoder)
+        return
     classes = _decoder_classes()
     if type(decoder) not in classes:
         raise TypeError(
@@ -289,7 +307,7 @@ class DecoderPruner:
 
     def __init__(self, decoder: torch.nn.Module, schedule: dict[int, Selector], rope_keys: bool = True,
                  query_layers: tuple[int, ...] = ()) -> None:
-        check_decoder(decoder)
+        check_decoder(decoder, prunes=bool(schedule))
         if query_layers and getattr(decoder.config, "attn_logit_softcapping", None) is not None:
             raise ValueError("FastV ranks image tokens by the last query's attention, and this decoder caps its "
                              "attention logits (attn_logit_softcapping), which saint's ranking does not apply")

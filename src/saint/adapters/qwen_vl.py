@@ -109,6 +109,8 @@ FAMILY_CLASSES = {  # family -> (transformers module, its model classes)
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
     "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
     "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel"),
+    "qwen3_5": ("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Model"),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"),
     "glm4v": ("glm4v", "Glm4vForConditionalGeneration", "Glm4vModel"),
     "glm4v_moe": ("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vMoeModel"),
     "glm46v": ("glm46v", "Glm46VForConditionalGeneration", "Glm46VModel"),
