@@ -1,4 +1,4 @@
-"""lmms-eval's ``saint_qwen_vl`` model on tiny random Qwen2.5-VL and Qwen3-VL checkpoints
+"""lmms-eval's ``saint_qwen_vl`` model on tiny random Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 checkpoints
 saved to disk with an offline processor (ChatML tokenizer trained here, Qwen2-VL image processor): request
 batching, pruning of both request kinds, videos (a synthetic clip written with PyAV, and frame
 arrays), and lmms-eval's own command line."""
@@ -48,9 +48,10 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
         "qwen2_vl": (transformers.Qwen2VLVideoProcessor, transformers.Qwen2VLProcessor),
         "qwen2_5_vl": (transformers.Qwen2VLVideoProcessor, transformers.Qwen2_5_VLProcessor),
         "qwen3_vl": (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor),
-        "qwen3_vl_moe": (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor)}[family]
+        "qwen3_vl_moe": (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor),
+        "qwen3_5": (transformers.Qwen3VLVideoProcessor, transformers.Qwen3VLProcessor)}[family]
     # Qwen3-VL's video processor bounds the pixels of all frames together: room for 4 frames of 32 x 32
-    frames = 4 if family.startswith("qwen3_vl") else 1
+    frames = 4 if family.startswith(("qwen3_vl", "qwen3_5")) else 1
     video_processor = video_cls(patch_size=4, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=False,
                                 size={"shortest_edge": 32 * 32, "longest_edge": frames * 32 * 32})
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
@@ -75,6 +76,13 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
         vision.update(window_size=16, fullatt_block_indexes=[1, 3])
         config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         transformers.Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    elif family == "qwen3_5":  # Qwen3-VL's tower without deepstack; a hybrid (Gated DeltaNet) LM
+        vision.update(num_position_embeddings=64)
+        text.update(head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"] * 3)
+        text["rope_parameters"].update(mrope_section=[1, 1, 0], mrope_interleaved=True, partial_rotary_factor=0.25)
+        config = transformers.Qwen3_5Config(vision_config=vision, text_config=text, **ids)
+        transformers.Qwen3_5ForConditionalGeneration(config).save_pretrained(path)
     else:
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
         text.update(head_dim=16)
@@ -143,7 +151,7 @@ def test_bad_settings_and_checkpoints_refused(tmp_path):
     with pytest.raises(TypeError, match="vit_keep"):
         SaintQwenVL(pretrained=str(tmp_path / "none"), mode="vit", vit_keep=10)
     build_llava(tmp_path)
-    with pytest.raises(ValueError, match="model_type 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl' or 'qwen3_vl_moe'"):
+    with pytest.raises(ValueError, match="model_type 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe', 'qwen3_5' or"):
         SaintQwenVL(pretrained=str(tmp_path))
 
 
@@ -330,3 +338,31 @@ def test_lmms_eval_cli_serves_a_video_task(qwen_checkpoint, tmp_path):
     s = json.loads(stats.read_text().splitlines()[-1])["summary"]["generate_until"]
     assert (s["samples"], s["video_tokens"], s["image_tokens"]) == (2, N_VIDEO_TOKENS, 0)
     assert s["llm_input"] == N_VIDEO_TOKENS // 2 and s["llm_output"] < N_VIDEO_TOKENS // 2
+
+
+VIT_ARGS = "mode=vit,vit_ratio=0.5,vit_layer=1"
+
+
+def test_qwen3_5_is_pruned_on_the_vision_side_and_batches_equal_single_requests(qwen_checkpoint):
+    """Qwen3.5 (a hybrid linear-attention LM: the vision-side methods only) through
+    ``saint_qwen_vl``: both request kinds keep half of every image's tokens, a batch equals
+    each request alone, a score equals the patched model's loss, and language-model pruning
+    is refused with the methods that work."""
+    need("lmms_eval")
+    from saint.integrations.lmms_eval import SaintQwenVL
+
+    path = qwen_checkpoint("qwen3_5")
+    lm = make_lm("SaintQwenVL", path, VIT_ARGS, easy_vqa_docs(5))
+    docs = lm.task_dict["t"]["test"]
+    gen, ll = gen_requests(docs), ll_requests(docs)
+    batched = (lm.generate_until(gen), lm.loglikelihood(ll))
+    assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
+    for e in lm.pruning_log:
+        assert e["image_tokens"] == [N_IMAGE_TOKENS] * len(e["image_tokens"])
+        assert e["llm_input"] == e["llm_output"] == [N_IMAGE_TOKENS // 2] * len(e["image_tokens"])
+    assert_alone_equals_batched(lm, gen, ll, batched)
+    (result,) = lm.loglikelihood(ll[:1])
+    ids, n, media = lm._loglikelihood_row(ll[0])
+    assert result[0] == pytest.approx(continuation_loss(lm, ids, n, media), abs=1e-5)
+    with pytest.raises(TypeError, match="linear-attention layers keep a recurrent state"):
+        SaintQwenVL(pretrained=str(path), **dict(kv.split("=") for kv in PRUNE_ARGS.split(",")))

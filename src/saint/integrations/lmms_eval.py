@@ -599,8 +599,9 @@ class SaintLlava(lmms):
 
 
 class SaintQwenVL(SaintLlava):
-    """A Qwen2.5-VL or Qwen3-VL checkpoint patched once by :func:`saint.patch`, evaluated
-    by lmms-eval (``--model saint_qwen_vl``), images and videos. ``method``: ``saint``
+    """A Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 checkpoint patched once by :func:`saint.patch`,
+    evaluated by lmms-eval (``--model saint_qwen_vl``), images and videos (Qwen3.5: the
+    vision-side methods only). ``method``: ``saint``
     (default), ``fastv``, ``random``, ``pool`` or ``none``; the remaining keyword arguments
     are that method's settings (see :class:`saint.adapters.qwen_vl.QwenPruneConfig`).
 
@@ -622,7 +623,7 @@ class SaintQwenVL(SaintLlava):
     """
 
     NAME = "saint_qwen_vl"
-    MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+    MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
     ADAPTER = qwen_adapter
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
 
@@ -667,8 +668,8 @@ class SaintQwenVL(SaintLlava):
 
     @staticmethod
     def _family_hint() -> str:
-        return ("Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) checkpoints (model_type 'qwen2_vl', "
-                "'qwen2_5_vl', 'qwen3_vl' or 'qwen3_vl_moe')")
+        return ("Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense or MoE) checkpoints (model_type 'qwen2_vl', "
+                "'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe', 'qwen3_5' or 'qwen3_5_moe')")
 
     @staticmethod
     def _model_class(model_type: str) -> Any:
@@ -677,7 +678,9 @@ class SaintQwenVL(SaintLlava):
         return getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                                       "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                                       "qwen3_vl": "Qwen3VLForConditionalGeneration",
-                                      "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[model_type])
+                                      "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+                                      "qwen3_5": "Qwen3_5ForConditionalGeneration",
+                                      "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}[model_type])
 
     def _image_placeholder(self) -> str:
         start = getattr(self.processor, "vision_start_token", "<|vision_start|>")
