@@ -38,6 +38,39 @@ def train_tokenizer(special: list[str], extra: list[str]):
     return tok
 
 
+GLM_SPECIAL = ["<pad>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|image|>", "<|end_of_image|>",
+               "<|begin_of_video|>", "<|video|>", "<|end_of_video|>", "[gMASK]", "<sop>"]
+
+
+def build_glm4v(path: Path) -> None:
+    """A tiny GLM-4.1V with GLM's own image and video processors: 32 px images (8 x 8 patches of
+    4 px, merged 2 x 2), videos of up to 4 frames of 32 px, a 6-layer LM with half-rotary M-RoPE."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(GLM_SPECIAL, ["user assistant system"]), pad_token="<pad>", eos_token="<|user|>")
+    # GLM's resize counts both frames of a temporal patch: 2 x 32 x 32 pixels keeps an image at 32 px
+    image_processor = transformers.Glm4vImageProcessor(
+        patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 2 * 32 * 32})
+    video_processor = transformers.Glm4vVideoProcessor(
+        patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 4 * 32 * 32})
+    transformers.Glm4vProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                video_processor=video_processor).save_pretrained(path)
+    ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token", "<|image|>"), ("video_token", "<|video|>"), ("image_start_token", "<|begin_of_image|>"),
+        ("image_end_token", "<|end_of_image|>"), ("video_start_token", "<|begin_of_video|>"),
+        ("video_end_token", "<|end_of_video|>"))}
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, in_channels=3, image_size=32)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2],
+                                     partial_rotary_factor=0.5))
+    torch.manual_seed(0)
+    config = transformers.Glm4vConfig(vision_config=vision, text_config=text, **ids)
+    transformers.Glm4vForConditionalGeneration(config).save_pretrained(path)
+
+
 def build_llava(path: Path) -> None:
     """A tiny random LLaVA (CLIP tower + Llama decoder) and an offline processor: a
     byte-level BPE tokenizer trained on easy-VQA questions, a CLIP image processor,

@@ -13,6 +13,7 @@ import torch
 
 from .lmms_helpers import (
     assert_alone_equals_batched,
+    build_glm4v,
     build_llava,
     built_once,
     continuation_loss,
@@ -34,6 +35,9 @@ SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_
 
 
 def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
+    if family == "glm4v":  # served by saint_glm4v, the same requests
+        build_glm4v(path)
+        return
     transformers = pytest.importorskip("transformers")
     tok = train_tokenizer(SPECIAL, ["user assistant system"])
     tokenizer = transformers.PreTrainedTokenizerFast(
@@ -101,23 +105,30 @@ def qwen_checkpoint(tmp_path_factory, one_thread):
     return built_once(tmp_path_factory, _build_qwen)
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])
 def qwen_dir(request, qwen_checkpoint) -> Path:
     return qwen_checkpoint(request.param)
 
 
+def model_class(model_dir: Path) -> str:
+    """saint's lmms-eval class of the checkpoint: ``saint_glm4v`` for GLM-4.1V, else ``saint_qwen_vl``."""
+    return "SaintGlm4v" if json.loads((model_dir / "config.json").read_text())["model_type"] == "glm4v" else "SaintQwenVL"
+
+
 @pytest.fixture(scope="module")
 def lm(qwen_dir):
-    return make_lm("SaintQwenVL", qwen_dir, PRUNE_ARGS, easy_vqa_docs(5))
+    return make_lm(model_class(qwen_dir), qwen_dir, PRUNE_ARGS, easy_vqa_docs(5))
 
 
-def test_entry_point_resolves_saint_qwen_vl():
+def test_entry_points_resolve_saint_qwen_vl_and_saint_glm4v():
     need("lmms_eval")
     import lmms_eval.models
 
     from saint.integrations.lmms_eval import SaintQwenVL
+    from saint.integrations.lmms_glm import SaintGlm4v
 
     assert lmms_eval.models.get_model("saint_qwen_vl") is SaintQwenVL
+    assert lmms_eval.models.get_model("saint_glm4v") is SaintGlm4v
 
 
 def test_both_request_kinds_are_pruned_and_batches_equal_single_requests(lm):
@@ -212,7 +223,7 @@ def video_docs(tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def video_lm(qwen_dir, video_docs):
-    return make_lm("SaintQwenVL", qwen_dir, VIDEO_ARGS, video_docs)
+    return make_lm(model_class(qwen_dir), qwen_dir, VIDEO_ARGS, video_docs)
 
 
 def video_requests(docs: list[dict]) -> tuple[list, list]:
