@@ -1,4 +1,4 @@
-"""GLM-4.1V and GLM-4.5V / 4.6V (MoE) for vLLM with SAINT image-token pruning after the vision tower.
+"""GLM-4.1V and GLM-4.5V (MoE) for vLLM with SAINT image-token pruning after the vision tower.
 
 Registered over ``Glm4vForConditionalGeneration`` and ``Glm4vMoeForConditionalGeneration`` by
 the ``saint`` plugin; without ``saint_keep_ratio`` in the HF config they are vLLM's classes
@@ -67,4 +67,4 @@ class SaintGlm4vForConditionalGeneration(
 class SaintGlm4vMoeForConditionalGeneration(
     SaintGlm4vPruningMixin, Glm4vMoeForConditionalGeneration, SupportsMultiModalPruning
 ):
-    """vLLM's GLM-4.5V / GLM-4.6V (MoE); with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
+    """vLLM's GLM-4.5V (MoE); with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
