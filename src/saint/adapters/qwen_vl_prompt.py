@@ -46,7 +46,7 @@ def prefill(handle: Any, module: torch.nn.Module, kwargs: dict[str, Any], fwd: F
     visual = torch.isin(input_ids, ids)
     keep0 = None
     if handle.config.reduces_vision:
-        kwargs, keep0 = _reduce_vision(module, kwargs)
+        kwargs, keep0 = _reduce_vision(module, kwargs, visual)
     handle.runs = (_runs(visual), keep0)
     if keep0 is not None and not bool(keep0.all()):
         refuse_static_cache(kwargs)
@@ -56,7 +56,8 @@ def prefill(handle: Any, module: torch.nn.Module, kwargs: dict[str, Any], fwd: F
     return kwargs
 
 
-def _reduce_vision(module: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+def _reduce_vision(module: torch.nn.Module, kwargs: dict[str, Any],
+                   visual: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
     """Run the (patched) tower now, keep every image's kept groups, and say which
     input positions stay (``keep0 [B, L]``); positions are the full grid's."""
     input_ids = kwargs["input_ids"]
@@ -71,7 +72,7 @@ def _reduce_vision(module: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[dic
         if out is None:
             continue
         keeps = [keep_of(f, modality) for f in out.pooler_output]
-        pos = _positions(module, kwargs, modality, token_id).flatten().nonzero().squeeze(1)
+        pos = _positions(kwargs, visual, modality, token_id).flatten().nonzero().squeeze(1)
         total = sum(len(k) for k in keeps)
         if len(pos) != total:
             raise ValueError(
@@ -91,7 +92,7 @@ def _reduce_vision(module: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[dic
     return dict(kwargs, pixel_values=None, pixel_values_videos=None, mm_encoder_outputs=mm_out), keep0
 
 
-def _positions(module: torch.nn.Module, kwargs: dict[str, Any], modality: str, token_id: int) -> torch.Tensor:
+def _positions(kwargs: dict[str, Any], visual: torch.Tensor, modality: str, token_id: int) -> torch.Tensor:
     """Where the ``modality``'s placeholder tokens are: visual tokens of the processor's token
     type (1 image, 2 video) where the types are given, since GLM-4.1V's video frames hold image
     tokens; else by token id."""
@@ -99,7 +100,6 @@ def _positions(module: torch.nn.Module, kwargs: dict[str, Any], modality: str, t
     input_ids = kwargs["input_ids"]
     if types is None or types.shape != input_ids.shape:
         return input_ids == token_id
-    visual = torch.isin(input_ids, MEDIA.ids(module, input_ids.device))
     return visual & (types.to(input_ids.device) == (1 if modality == "image" else 2))
 
 
