@@ -24,6 +24,10 @@ ENGINE_TIMEOUT_S = 600
 # vLLM and transformers, both in float32, gave log-probabilities within 1e-5 of each other
 # here; bfloat16 rounding alone moves them by about 1e-2.
 LOGPROB_TOL = 1e-3
+# vLLM runs Qwen3.5 on CPU in bfloat16 only (its Gated DeltaNet kernel): against the float32
+# reference its log-probabilities moved by up to 0.065 here, while giving the kept tokens
+# sequential positions instead of their grid positions moved them by 0.12 to 0.43.
+BF16_LOGPROB_TOL = 0.1
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,6 +59,12 @@ def _tiny_checkpoint(name: str, writer: str, folder: str, doc: str, **kwargs: ob
 model_dir = _tiny_checkpoint("model_dir", "write_checkpoint", "tiny-qwen2.5-vl", "A tiny Qwen2.5-VL.")
 qwen2_dir = _tiny_checkpoint("qwen2_dir", "write_checkpoint", "tiny-qwen2-vl", "A tiny Qwen2-VL.", family="qwen2_vl")
 qwen3_dir = _tiny_checkpoint("qwen3_dir", "write_qwen3_vl_checkpoint", "tiny-qwen3-vl", "A tiny Qwen3-VL.")
+qwen3_5_dir = _tiny_checkpoint("qwen3_5_dir", "write_qwen3_vl_checkpoint", "tiny-qwen3.5",
+                               "A tiny Qwen3.5 (Qwen3-VL's tower; a Gated DeltaNet layer, then full attention).",
+                               family="qwen3_5")
+qwen3_5_moe_dir = _tiny_checkpoint("qwen3_5_moe_dir", "write_qwen3_vl_checkpoint", "tiny-qwen3.5-moe",
+                                   "The tiny Qwen3.5 with a mixture-of-experts LM (4 experts, 2 per token, a shared one).",
+                                   family="qwen3_5", moe=True)
 qwen3_moe_dir = _tiny_checkpoint("qwen3_moe_dir", "write_qwen3_vl_checkpoint", "tiny-qwen3-vl-moe",
                                  "The tiny Qwen3-VL with a mixture-of-experts LM (4 experts, 2 per token).", moe=True)
 llava_dir = _tiny_checkpoint("llava_dir", "write_llava_checkpoint", "tiny-llava",
@@ -187,16 +197,16 @@ class EngineFailed(RuntimeError):
         self.output = output
 
 
-def assert_same_greedy_decoding(got: dict, ref_logprobs: torch.Tensor) -> None:
+def assert_same_greedy_decoding(got: dict, ref_logprobs: torch.Tensor, tol: float = LOGPROB_TOL) -> None:
     """vLLM's greedy tokens against a reference's log-probabilities ``[steps, vocab]`` for
     the same tokens: at each step vLLM's token is the reference's argmax (up to a tie within
-    :data:`LOGPROB_TOL`) and the two log-probabilities of that token agree within it."""
+    ``tol``) and the two log-probabilities of that token agree within it."""
     assert len(got["token_ids"]) == len(ref_logprobs) > 0
     for step, (token, logprob) in enumerate(zip(got["token_ids"], got["logprobs"], strict=True)):
         ref = ref_logprobs[step]
         best = int(ref.argmax())
-        assert float(ref[token]) >= float(ref[best]) - LOGPROB_TOL, (
+        assert float(ref[token]) >= float(ref[best]) - tol, (
             f"step {step}: vLLM chose {token} ({float(ref[token]):.5f} in the reference), "
             f"the reference {best} ({float(ref[best]):.5f})"
         )
-        assert abs(logprob - float(ref[token])) <= LOGPROB_TOL, (step, logprob, float(ref[token]))
+        assert abs(logprob - float(ref[token])) <= tol, (step, logprob, float(ref[token]))

@@ -94,9 +94,9 @@ def _qwen_inputs(model, image_token: int, feats, keeps, grid, prompt_ids, output
 @torch.no_grad()
 def transformers_scores(
     model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
-    keep_ratio: float,
+    keep_ratio: float, dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL, dense or MoE, or GLM-4.1V / GLM-4.5V (by the checkpoint), one image or several in prompt order:
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5, dense or MoE, or GLM-4.1V / GLM-4.5V (by the checkpoint), one image or several in prompt order:
     the fixed-budget drop on each image's merged features (Qwen3-VL: the tower's main
     output; its deepstack features, added to the first decoder layers at the image's
     positions, are taken for the same kept tokens). ``kept``: the kept indices per image;
@@ -108,6 +108,8 @@ def transformers_scores(
         Glm4vMoeForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
         Qwen3VLMoeForConditionalGeneration,
     )
@@ -121,13 +123,14 @@ def transformers_scores(
     qwen3 = model_type.startswith("qwen3_vl")
     cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
            "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
-           "glm4v": Glm4vForConditionalGeneration, "glm4v_moe": Glm4vMoeForConditionalGeneration}[model_type]
-    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+           "glm4v": Glm4vForConditionalGeneration, "glm4v_moe": Glm4vMoeForConditionalGeneration,
+           "qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration}[model_type]
+    model = cls.from_pretrained(model_dir, dtype=dtype).eval()
     processor_cls = Glm4vImageProcessorPil if model_type.startswith("glm4v") else Qwen2VLImageProcessorPil
     processor = processor_cls.from_pretrained(model_dir)
     inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
     grid = inputs["image_grid_thw"]
-    vision = model.model.get_image_features(inputs["pixel_values"], grid)
+    vision = model.model.get_image_features(inputs["pixel_values"].to(dtype), grid)
     feats = list(vision.pooler_output)
     keeps = [_keep(f, keep_ratio) for f in feats]
     embeds, positions, mask = _qwen_inputs(

@@ -32,6 +32,8 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "qwen2_5_vl": (QWEN_PROMPT, QWEN_IMAGE),
     "qwen3_vl": (QWEN_PROMPT, QWEN_IMAGE),
     "qwen3_vl_moe": (QWEN_PROMPT, QWEN_IMAGE),
+    "qwen3_5": (QWEN_PROMPT, QWEN_IMAGE),
+    "qwen3_5_moe": (QWEN_PROMPT, QWEN_IMAGE),
     "llava": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
     "llava_next": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),
     "llava_onevision": ("USER: {images}Describe the picture. ASSISTANT:", "<image>\n"),

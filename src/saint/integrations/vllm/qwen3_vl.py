@@ -79,8 +79,8 @@ class SaintQwen3VLMoeProcessingInfo(SaintQwen3VLProcessingInfo, Qwen3VLMoeProces
     """Qwen3-VL-MoE's processing info (its own HF config class) with the same checks."""
 
 
-class _SaintQwen3VL(SaintImagePruningMixin):
-    """The model side shared by Qwen3-VL and Qwen3-VL-MoE (the same tower and prompt; the
+class SaintQwen3VLModel(SaintImagePruningMixin):
+    """The model side shared by Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 (the same tower and prompt; the
     MoE's experts sit in the language model, which sees the kept tokens like any others)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
@@ -101,7 +101,7 @@ class _SaintQwen3VL(SaintImagePruningMixin):
     info=SaintQwen3VLProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class SaintQwen3VLForConditionalGeneration(_SaintQwen3VL, Qwen3VLForConditionalGeneration):
+class SaintQwen3VLForConditionalGeneration(SaintQwen3VLModel, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
 
 
@@ -110,5 +110,5 @@ class SaintQwen3VLForConditionalGeneration(_SaintQwen3VL, Qwen3VLForConditionalG
     info=SaintQwen3VLMoeProcessingInfo,
     dummy_inputs=Qwen3VLDummyInputsBuilder,
 )
-class SaintQwen3VLMoeForConditionalGeneration(_SaintQwen3VL, Qwen3VLMoeForConditionalGeneration):
+class SaintQwen3VLMoeForConditionalGeneration(SaintQwen3VLModel, Qwen3VLMoeForConditionalGeneration):
     """vLLM's Qwen3-VL-MoE; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""

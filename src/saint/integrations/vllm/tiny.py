@@ -1,4 +1,4 @@
-"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-1.5 / NeXT / OneVision, Idefics3, InternVL (both formats), Gemma 3,
+"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3.5, LLaVA-1.5 / NeXT / OneVision, Idefics3, InternVL (both formats), Gemma 3,
 PaliGemma and Mistral 3 checkpoints written to a folder that vLLM and
 transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
 spot (with the model's special tokens), the PIL image processor and random weights.
@@ -139,13 +139,18 @@ def write_checkpoint(
 
 
 def write_qwen3_vl_checkpoint(
-    path: str | Path, min_pixels: int = 64 * 64, max_pixels: int = 512 * 512, seed: int = 0, moe: bool = False
+    path: str | Path, min_pixels: int = 64 * 64, max_pixels: int = 512 * 512, seed: int = 0, moe: bool = False,
+    family: str = "qwen3_vl",
 ) -> Path:
     """Write a tiny random Qwen3-VL to ``path``: patch 16, merge 2 (an image of H x W pixels
     gives (H / 32) x (W / 32) merged tokens after the processor's rounding), a 3-block tower
     whose blocks 0 and 1 feed two deepstack levels into the first two decoder layers, and a
     2-layer Qwen3 LM (head size 32, interleaved M-RoPE). ``moe``: Qwen3-VL-MoE, each decoder
-    layer's MLP 4 experts of which 2 run per token."""
+    layer's MLP 4 experts of which 2 run per token. ``family="qwen3_5"``: a Qwen3.5 of the
+    same tower without deepstack, its LM a Gated DeltaNet layer (head size 128, which vLLM's
+    CPU kernel needs) then a gated full-attention layer (all of each head rotary, where the hub
+    turns a quarter: the positions then move the tiny model's outputs well beyond bfloat16's
+    rounding); with ``moe`` a shared expert too."""
     import torch
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -174,7 +179,17 @@ def write_qwen3_vl_checkpoint(
         num_position_embeddings=256, deepstack_visual_indexes=[0, 1],
     )
     name = "Qwen3VL"
-    if moe:  # norm_topk_prob as on the hub (vLLM reads it). Expert matrices not square (2 x 96 and 96 vs
+    if family == "qwen3_5":
+        name = "Qwen3_5Moe" if moe else "Qwen3_5"
+        del vision["deepstack_visual_indexes"]
+        rope["partial_rotary_factor"] = 1.0
+        text.update(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                    linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=1,
+                    linear_num_value_heads=2, partial_rotary_factor=1.0)
+        if moe:
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+                        shared_expert_intermediate_size=96)
+    elif moe:  # norm_topk_prob as on the hub (vLLM reads it). Expert matrices not square (2 x 96 and 96 vs
         # 128): transformers transposes the hub's layout on load only where the shape says so.
         name = "Qwen3VLMoe"
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, norm_topk_prob=True)
@@ -187,7 +202,7 @@ def write_qwen3_vl_checkpoint(
     model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     _sharpen(model)
     model.save_pretrained(path)
-    if moe:  # the hub's layout, which vLLM reads (and transformers converts on load): experts [E, in, out]
+    if moe and family == "qwen3_vl":  # the hub's layout, which vLLM reads (and transformers converts on load): experts [E, in, out]
         from safetensors.torch import load_file, save_file
 
         weights = load_file(path / "model.safetensors")
