@@ -1,4 +1,5 @@
-"""Tiny random InternVL, Mistral 3, Gemma 3, Idefics3 / SmolVLM and PaliGemma models and processor-shaped prompts for the tests."""
+"""Tiny random InternVL, Mistral 3, Gemma 3, Idefics3 / SmolVLM, PaliGemma, FastVLM and PerceptionLM models and
+processor-shaped prompts for the tests."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import transformers
 
 from .conftest import left_pad
 
-IMG, START, END, BREAK = 120, 121, 122, 123  # image, InternVL <img> </img> (Gemma 3's start / end of image),
-# Pixtral row break (and image end)
+IMG, START, END, BREAK, VID = 120, 121, 122, 123, 124  # image, InternVL <img> </img> (Gemma 3's start / end of
+# image), Pixtral row break (and image end), PerceptionLM's video token
 DEPTH = 6  # decoder layers
 VDEPTH = 4  # InternVL and Gemma 3 vision layers
 SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
@@ -60,6 +61,20 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                                      scale_factor=2, image_token_id=image_token_id,
                                                      attn_implementation=impl)
         model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
+    elif family == "fast_vlm":  # FastViT-T8 (stride 32) on 128 px images: 4x4 image tokens; a Qwen2 LM
+        vision = transformers.TimmWrapperConfig(architecture="fastvit_t8", hidden_size=768, do_pooling=False)
+        cfg = transformers.FastVlmConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text),
+                                         image_token_id=image_token_id, attn_implementation=impl)
+        model = transformers.FastVlmForConditionalGeneration(cfg)
+    elif family == "perception_lm":  # a 2-block Perception Encoder, 64 px tiles of 8x8 patches pooled 2x2: 16 tokens
+        vision = transformers.TimmWrapperConfig(  # no pooling head, as the hub's configs
+            architecture="vit_pe_core_tiny_patch16_384", hidden_size=32, do_pooling=False,
+            model_args=dict(img_size=SIZE, patch_size=PATCH, depth=2, embed_dim=32, num_heads=2, global_pool=""))
+        cfg = transformers.PerceptionLMConfig(vision_config=vision, text_config=transformers.LlamaConfig(**text),
+                                              image_token_id=image_token_id, video_token_id=VID,
+                                              projector_pooling_ratio=2, vision_use_cls_token=True,
+                                              attn_implementation=impl)
+        model = transformers.PerceptionLMForConditionalGeneration(cfg)
     else:
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)
@@ -98,8 +113,9 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
     seeds = seeds or list(range(len(rows)))
     ids, mask = left_pad([row(family, r, s) for r, s in zip(rows, seeds, strict=True)])
     sizes = [(p, 10 * s + j) for r, s in zip(rows, seeds, strict=True) for j, p in enumerate(r) if not isinstance(p, int)]
-    h = max(p[0] for p, _ in sizes) if family == "mistral3" else SIZE
-    w = max(p[1] for p, _ in sizes) if family == "mistral3" else SIZE
+    side = 2 * SIZE if family == "fast_vlm" else SIZE
+    h = max(p[0] for p, _ in sizes) if family == "mistral3" else side
+    w = max(p[1] for p, _ in sizes) if family == "mistral3" else side
     pixels = torch.zeros(len(sizes), 3, h, w)
     for i, ((ph, pw), s) in enumerate(sizes):
         g = torch.Generator().manual_seed(100 + s)
@@ -112,6 +128,8 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
         for r, chunk in enumerate(pixels.split(per_row)):
             stacked[r, : len(chunk)] = chunk
         pixels = stacked
+    if family == "perception_lm":  # [images, tiles, 3, h, w]: one tile each
+        pixels = pixels[:, None]
     out = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     if family == "mistral3":
         out["image_sizes"] = torch.tensor([p for p, _ in sizes])
@@ -120,3 +138,32 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
     if family.startswith("paligemma"):  # as its processor: 0 marks the prompt, the prefix that attends both ways
         out["token_type_ids"] = torch.zeros_like(ids)
     return out
+
+
+def perception_inputs(rows: list[list], seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """A left-padded PerceptionLM batch: ints are text lengths, ``(h, w)`` 64 px images and
+    ``("video", frames)`` videos (16 tokens a frame; the videos of one batch have as many frames,
+    as its processor gives them); even seeds give half-flat pixels."""
+    seeds = seeds or list(range(len(rows)))
+    ids, images, videos = [], [], []
+    for r, s in zip(rows, seeds, strict=True):
+        g = torch.Generator().manual_seed(s)
+        out: list[int] = []
+        for j, p in enumerate(r):
+            if isinstance(p, int):
+                out += torch.randint(3, 100, (p,), generator=g).tolist()
+                continue
+            frames = p[1] if p[0] == "video" else 1
+            x = torch.randn(frames, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(100 + 10 * s + j))
+            if s % 2 == 0:
+                x[:, :, : SIZE // 2] = 0.5
+            (videos if p[0] == "video" else images).append(x)
+            out += [START, *[VID if p[0] == "video" else IMG] * (16 * frames), END]
+        ids.append(torch.tensor(out))
+    input_ids, mask = left_pad(ids)
+    x = dict(input_ids=input_ids, attention_mask=mask)
+    if images:
+        x["pixel_values"] = torch.stack(images)  # [images, tiles, 3, h, w]
+    if videos:
+        x["pixel_values_videos"] = torch.stack(videos)  # [videos, frames, 3, h, w]
+    return x

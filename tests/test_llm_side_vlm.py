@@ -13,9 +13,22 @@ transformers = pytest.importorskip("transformers")
 import saint  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
-from .llm_side_tiny import BREAK, DEPTH, END, IMG, START, VDEPTH, WINDOW, inputs, make  # noqa: E402
+from .llm_side_tiny import (  # noqa: E402
+    BREAK,
+    DEPTH,
+    END,
+    IMG,
+    START,
+    VDEPTH,
+    VID,
+    WINDOW,
+    inputs,
+    make,
+    perception_inputs,
+)
 
-FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2"]
+FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "fast_vlm",
+            "perception_lm"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
@@ -24,6 +37,8 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
     "smolvlm": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "paligemma": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "paligemma2": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "fast_vlm": [[3, (128, 128), 4], [2, (128, 128), 3, (128, 128), 2], [5, (128, 128), 1]],
+    "perception_lm": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -107,6 +122,31 @@ def test_batch_equals_alone_and_only_image_tokens_are_dropped(family, name):
     saint.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, want)
+
+
+def test_perception_lm_prunes_a_videos_frame_tokens_as_it_prunes_an_images():
+    """PerceptionLM's video tokens are visual tokens: pruning nothing equals the unpatched
+    model; SAINT drops image and video tokens only, counts both, and a batch of video,
+    image-and-video and image prompts generates as each prompt alone."""
+    rows = [[3, ("video", 2), 4], [2, (64, 64), 3, ("video", 2), 2], [5, (64, 64), 1]]
+    model = make("perception_lm")
+    x = perception_inputs(rows)
+    visual = torch.isin(x["input_ids"], torch.tensor([IMG, VID]))
+    with torch.no_grad():
+        want = model(**x).logits
+    want_ids = gen(model, x)
+    saint.patch(model, **NOTHING["llm"])
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, want)
+    assert torch.equal(gen(model, x), want_ids)
+    saint.patch(model, **CONFIGS["llm"])
+    with torch.no_grad():
+        dropped = model(**x).logits.isnan().any(-1)
+    assert dropped[x["input_ids"] == VID].any() and bool(visual[dropped].all())
+    assert saint.stats(model).tokens[0] == visual.sum(dim=1).tolist()
+    solo = [perception_inputs([r], [i]) for i, r in enumerate(rows)]
+    assert torch.equal(gen(model, x), torch.cat([gen(model, s) for s in solo]))
+    saint.unpatch(model)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SOFTCAPPED])

@@ -76,7 +76,8 @@ def anyres_inputs(model: torch.nn.Module, n: int) -> dict[str, torch.Tensor]:
 def llm_side(family: str) -> tuple:
     from .llm_side_tiny import inputs, make
 
-    return (make(family), inputs(family, [[3, (64, 64), 4]] * 4),
+    size = (128, 128) if family == "fast_vlm" else (64, 64)  # FastVLM's tiny tower: stride 32, 4x4 tokens
+    return (make(family), inputs(family, [[3, size, 4]] * 4),
             dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
             Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5}))
 
@@ -142,12 +143,15 @@ FAMILIES = {
        for name in ("llava_next", "llava_onevision")},
     "internvl": lambda: llm_side("internvl"),
     "mistral3": lambda: llm_side("mistral3"),
+    "fast_vlm": lambda: llm_side("fast_vlm"),
+    "perception_lm": lambda: llm_side("perception_lm"),
     "gemma3": lambda: llm_side("gemma3"),
     "idefics3": lambda: llm_side("idefics3"),
 }
 QWEN_ADAPTER = ("qwen_vl", "qwen2_vl", "glm4v")  # the models of the qwen_vl adapter
 VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_onevision", "internvl", "gemma3", "idefics3")  # + vision side
-ALL_VLMS = (*VLMS, "mistral3")
+NO_GRID = ("mistral3", "fast_vlm", "perception_lm")  # pruned inside the language model only; no one patch grid
+ALL_VLMS = (*VLMS, *NO_GRID)
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -231,8 +235,9 @@ def test_trace_kept_maps_the_patch_grid(family):
     name, model, inputs, _, _ = family
     if name in ("llava_next", "llava_onevision"):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
-    if name == "mistral3":
-        pytest.skip("Mistral 3 images keep their own sizes, with row breaks: there is no one grid")
+    if name in NO_GRID:
+        pytest.skip(f"{name}'s image tokens map to no one patch grid (Mistral 3: images at their own sizes; "
+                    "FastVLM: a convolutional tower's cells; PerceptionLM: tiles and frames)")
     grid = find_adapter(model).grid(model, one(model, inputs) if name in QWEN_ADAPTER else None)
     vlm = name in ALL_VLMS
     settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if vlm else dict(tau=0.0, k=1)

@@ -1,7 +1,10 @@
 """Hugging Face VLMs that saint prunes inside their language model only: Mistral 3
-(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower). A family
-needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
-``config.image_token_id``; each is one :class:`Family` below.
+(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower), FastVLM
+(``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower) and
+PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and
+videos). A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm`
+prunes in and its placeholder token ids (``config.image_token_id``, PerceptionLM's
+``video_token_id`` too); each is one :class:`Family` below.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePruneConfig`):
 
@@ -14,12 +17,14 @@ kept tokens at their original positions, cached and batched generation, outputs 
 the input's coordinates with NaN logits at dropped positions). The vision side is not
 pruned (each family's :attr:`Family.llm_only` says why), so ``mode="vit"`` /
 ``"hybrid"`` are refused with what works. Image tokens are the runs of
-``config.image_token_id``; everything else (Pixtral's row breaks and image end) is text
-and never dropped.
+the family's placeholder ids (images; PerceptionLM's videos too: a video's frame tokens are
+visual tokens like an image's); everything else (Pixtral's row breaks and image end) is
+text and never dropped.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,20 +34,22 @@ from ..methods import MethodSpec
 from .base import Grid
 from .common import transformers_classes, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
-from .llava_vision import start_prefill
 from .vlm_config import LLM_FIELDS, VlmPruneConfig
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
-from .vlm_prompt import continue_prompt
+from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "FIELDS", "MISTRAL3", "Family", "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig"]
+__all__ = ["ADAPTERS", "FASTVLM", "FIELDS", "MISTRAL3", "PERCEPTION_LM", "FastVlmPruneConfig", "Family",
+           "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
     "fastv": ("fastv_layer", "fastv_ratio"),
 }
 MEDIA = Media()  # images only: pixel_values / mm_encoder_outputs["image"], image_token_id
+IMAGES_AND_VIDEOS = Media(pixels=("pixel_values", "pixel_values_videos"), features=("image", "video"),
+                          token_ids=("image_token_id", "video_token_id"), tokens="image or video")
 
 
 @dataclass
@@ -69,6 +76,20 @@ class Mistral3PruneConfig(LlmSidePruneConfig):
                                "keep every patch")
 
 
+@dataclass
+class FastVlmPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "FastVLM"
+    LLM_ONLY: ClassVar[str] = ("its FastViTHD tower is convolutional up to its last stage, whose cells are the image "
+                               "tokens")
+
+
+@dataclass
+class PerceptionLMPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "PerceptionLM"
+    LLM_ONLY: ClassVar[str] = ("its projector pools each 2x2 block of the tower's patches into one token; pruning "
+                               "its timm Perception Encoder tower ahead of that pooling is not built")
+
+
 @dataclass(frozen=True)
 class Family:
     """One VLM pruned inside its language model: the adapter's name, the model classes
@@ -82,6 +103,7 @@ class Family:
     classes: tuple[str, ...]
     config: type[LlmSidePruneConfig]
     no_grid: str
+    media: Media = MEDIA  # the visual inputs and placeholder tokens it prunes
 
     @property
     def name(self) -> str:
@@ -106,7 +128,9 @@ class Family:
         pruner = decoder_pruner(cfg, mm.language_model, llm_spec)
         handle = VlmPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
         with installing(handle):
-            install_forward_hooks(handle, model, mm, make_mm_pre(handle, MEDIA, prefill, continue_prompt))
+            install_forward_hooks(handle, model, mm,
+                                  make_mm_pre(handle, self.media, functools.partial(prefill, self.media),
+                                              continue_prompt))
         return handle
 
     def unpatch(self, model: torch.nn.Module) -> None:
@@ -115,27 +139,38 @@ class Family:
 
 MISTRAL3 = Family("mistral3", "mistral3", ("Mistral3ForConditionalGeneration", "Mistral3Model"), Mistral3PruneConfig,
                   no_grid="keeps every image at its own size (row-break tokens between its rows of image tokens)")
+FASTVLM = Family("fast_vlm", "fast_vlm", ("FastVlmForConditionalGeneration", "FastVlmModel"), FastVlmPruneConfig,
+                 no_grid="reads a convolutional tower: its image tokens are cells of the tower's last stage, "
+                         "sized by its strides, not by its config")
+PERCEPTION_LM = Family("perception_lm", "perception_lm", ("PerceptionLMForConditionalGeneration", "PerceptionLMModel"),
+                       PerceptionLMPruneConfig, media=IMAGES_AND_VIDEOS,
+                       no_grid="splits an image into tiles and a thumbnail, and a video into frames, each pooled "
+                               "to its own grid")
 
 
-def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward) -> dict[str, Any]:
-    """A prompt with images on an empty cache: the decoder pruner starts on its image tokens."""
-    fwd.input_length = kwargs["input_ids"].shape[1]
-    return start_prefill(handle, kwargs, None, fwd)
+def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward
+            ) -> dict[str, Any]:
+    """A prompt with images (or videos) on an empty cache: the decoder pruner starts on its
+    visual tokens, the runs of ``media``'s placeholder ids."""
+    ids = kwargs["input_ids"]
+    fwd.input_length = ids.shape[1]
+    begin_prefill(handle, fwd, torch.isin(ids, media.ids(module, ids.device)))
+    return kwargs
 
 
 class LlmSideVlm(HFVlm):
     """A VLM pruned inside its language model only: sites are the language model's
     decoder layers; inputs are processor-output dicts (``input_ids``, ``pixel_values``,
-    ``attention_mask``, Mistral 3's ``image_sizes``)."""
+    ``attention_mask``, Mistral 3's ``image_sizes``, PerceptionLM's ``pixel_values_videos``)."""
 
     def __init__(self, family: Family) -> None:
         self.family = family  # type: ignore[assignment]  # matches/patch/unpatch, as a family module's
         self.name = family.key
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        """A clear error: images that keep their own sizes (Mistral 3) have no one grid."""
+        """A clear error: these families' image tokens map to no one patch grid (``Family.no_grid``)."""
         raise ValueError(f"{type(model).__name__} {self.family.no_grid}: there is no one patch grid to map "
                          "kept tokens to")
 
 
-ADAPTERS = (LlmSideVlm(MISTRAL3),)
+ADAPTERS = (LlmSideVlm(MISTRAL3), LlmSideVlm(FASTVLM), LlmSideVlm(PERCEPTION_LM))
