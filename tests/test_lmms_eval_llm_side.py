@@ -1,7 +1,8 @@
-"""lmms-eval's ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3`` and
-``saint_paligemma`` models on tiny random InternVL (Qwen2 decoder), Mistral 3 (Pixtral tower,
-Mistral decoder), Gemma 3 (SigLIP tower, sliding-window decoder), Idefics3 and PaliGemma
-(SigLIP tower, Gemma decoder; no chat template) checkpoints saved to disk
+"""lmms-eval's ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
+``saint_paligemma`` and ``saint_fast_vlm`` models on tiny random InternVL (Qwen2 decoder), Mistral 3
+(Pixtral tower, Mistral decoder), Gemma 3 (SigLIP tower, sliding-window decoder), Idefics3,
+PaliGemma (SigLIP tower, Gemma decoder; no chat template) and FastVLM (FastViT tower, Qwen2
+decoder) checkpoints saved to disk
 with offline processors (BPE tokenizer trained here, the families' own image processors):
 nothing pruned equals the unpatched model, both request kinds pruned per prompt (InternVL
 also inside its tower), batches of images of different sizes (InternVL: different tile
@@ -34,7 +35,7 @@ from .lmms_helpers import (
 )
 
 FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": "SaintGemma3",
-            "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma"}
+            "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma", "fast_vlm": "SaintFastVlm"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # InternVL and Gemma 3: half of every tile's (image's) 16 tokens
@@ -42,7 +43,7 @@ NOTHING_ARGS = ("llm_layers=0-4,llm_tau=0.3,llm_k=1000", "method=fastv,fastv_lay
 PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_ARGS), ("mistral3", LLM_ARGS),
            ("mistral3", FASTV_ARGS), ("gemma3", LLM_ARGS), ("gemma3", FASTV_ARGS), ("gemma3", VIT_ARGS),
            ("idefics3", LLM_ARGS), ("idefics3", VIT_ARGS), ("paligemma", LLM_ARGS), ("paligemma", FASTV_ARGS),
-           ("paligemma", VIT_ARGS)]
+           ("paligemma", VIT_ARGS), ("fast_vlm", LLM_ARGS), ("fast_vlm", FASTV_ARGS)]
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL 1 to 3 tiles
 
 
@@ -93,6 +94,16 @@ def _build(path: Path, family: str) -> None:
         images = transformers.Idefics3ImageProcessor(size={"longest_edge": 128}, max_image_size={"longest_edge": 64})
         processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=16)
         image_token = "<image>"
+    elif family == "fast_vlm":  # LLaVA's processor: 128 px, one token per 32 px cell of the tower's last stage
+        special = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<s>",
+            eos_token="<|im_end|>", extra_special_tokens={"image_token": "<image>"})
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": 128}, crop_size={"height": 128, "width": 128})
+        processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=32,
+                                                vision_feature_select_strategy="full", num_additional_image_tokens=0,
+                                                image_token="<image>")
+        image_token = "<image>"
     else:
         special = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
         tokenizer = transformers.PreTrainedTokenizerFast(
@@ -130,6 +141,7 @@ def test_entry_points_resolve():
     import lmms_eval.models
 
     from saint.integrations.lmms_llm_side import (
+        SaintFastVlm,
         SaintGemma3,
         SaintIdefics3,
         SaintInternVL,
@@ -137,6 +149,7 @@ def test_entry_points_resolve():
         SaintPaliGemma,
     )
 
+    assert lmms_eval.models.get_model("saint_fast_vlm") is SaintFastVlm
     assert lmms_eval.models.get_model("saint_paligemma") is SaintPaliGemma
     assert lmms_eval.models.get_model("saint_internvl") is SaintInternVL
     assert lmms_eval.models.get_model("saint_mistral3") is SaintMistral3
@@ -147,6 +160,7 @@ def test_entry_points_resolve():
 def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     need("lmms_eval")
     from saint.integrations.lmms_llm_side import (
+        SaintFastVlm,
         SaintGemma3,
         SaintIdefics3,
         SaintInternVL,
@@ -157,6 +171,10 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     missing = str(tmp_path / "no-such-checkpoint")
     with pytest.raises(ValueError, match="inside the language model only"):
         SaintMistral3(pretrained=missing, mode="vit")
+    with pytest.raises(ValueError, match="FastVLM inside the language model only"):
+        SaintFastVlm(pretrained=missing, mode="hybrid")
+    with pytest.raises(ValueError, match="FastVLM checkpoints"):
+        SaintFastVlm(pretrained=str(checkpoint("mistral3")))
     with pytest.raises(ValueError, match=r"vit_ratio=0 must be a fraction in \(0, 1\]"):
         SaintGemma3(pretrained=missing, mode="hybrid", vit_ratio=0)
     with pytest.raises(TypeError, match="does not use"):
@@ -204,8 +222,8 @@ def test_batches_are_pruned_and_equal_single_requests(checkpoint, family, docs, 
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
     assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
     counts = {n for e in lm.pruning_log for n in e["image_tokens"]}
-    # images of different token counts (Gemma 3 and PaliGemma resize them all)
-    assert len(counts) > 1 or family in ("gemma3", "paligemma")
+    # images of different token counts (Gemma 3, PaliGemma and FastVLM resize them all)
+    assert len(counts) > 1 or family in ("gemma3", "paligemma", "fast_vlm")
     for e in lm.pruning_log:
         if args == VIT_ARGS:
             assert e["llm_input"] == [n // 2 for n in e["image_tokens"]] == e["llm_output"]

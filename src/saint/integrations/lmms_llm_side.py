@@ -1,12 +1,12 @@
 """lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
-``saint_idefics3`` and ``saint_paligemma``: Hugging Face InternVL
+``saint_idefics3``, ``saint_paligemma`` and ``saint_fast_vlm``: Hugging Face InternVL
 (``InternVLForConditionalGeneration``), Mistral 3 (``Mistral3ForConditionalGeneration``),
-Gemma 3 (``Gemma3ForConditionalGeneration``), Idefics3 / SmolVLM and PaliGemma / PaliGemma 2
-checkpoints pruned by :func:`saint.patch`
+Gemma 3 (``Gemma3ForConditionalGeneration``), Idefics3 / SmolVLM, PaliGemma / PaliGemma 2 and
+FastVLM (``FastVlmForConditionalGeneration``) checkpoints pruned by :func:`saint.patch`
 (:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM and PaliGemma: SAINT's
 ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
-:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's
-language model), for any lmms-eval image task::
+:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's and
+FastVLM's language models), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -16,12 +16,13 @@ Everything but what differs per family is :class:`~saint.integrations.lmms_eval.
 (model arguments, batching, ``until``, log-likelihood, multi-round, ``stats_path``).
 Each image enters the prompt as the processor's image token in front of the task's text
 (unless the task placed them), then the chat template (``chat_template=``, else the
-tokenizer's, else ChatML for InternVL, Mistral's ``[INST]`` format for Mistral 3 and
+tokenizer's, else ChatML for InternVL and FastVLM, Mistral's ``[INST]`` format for Mistral 3 and
 Gemma's turns for Gemma 3). InternVL's processor expands an image to its tiles
 (``image_seq_length`` tokens each, between ``<img>`` and ``</img>``); Pixtral's to rows of
 image tokens closed by row breaks and an image end, with ``image_sizes``; Gemma 3's to
 ``<start_of_image>``, ``image_seq_length`` image tokens and ``<end_of_image>``, with
-``token_type_ids`` marking the image tokens (they attend to each other both ways).
+``token_type_ids`` marking the image tokens (they attend to each other both ways); FastVLM's
+(LLaVA's processor) to one image token per cell of its tower's last stage.
 PaliGemma takes no chat template: its processor puts the image tokens and ``<bos>`` in front
 of the task's text and ends it with a newline, and the whole prompt attends both ways; a
 scored continuation follows as its suffix (``token_type_ids`` 1: causal).
@@ -37,7 +38,7 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintGemma3", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
+__all__ = ["SaintFastVlm", "SaintGemma3", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -124,6 +125,19 @@ class SaintMistral3(SaintLlmSide):
         """Pixels and sizes of the first ``len(visuals)`` images of a processor output."""
         n = len(visuals)
         return {"pixel_values": enc["pixel_values"][:n], "image_sizes": enc["image_sizes"][:n]} if n else {}
+
+
+class SaintFastVlm(SaintLlmSide):
+    """A FastVLM checkpoint (``model_type: fast_vlm``, Apple's FastViTHD tower, a Qwen2
+    language model) patched once by :func:`saint.patch`, evaluated by lmms-eval
+    (``--model saint_fast_vlm``)."""
+
+    NAME = "saint_fast_vlm"
+    ADAPTER = llm_side_vlm.FASTVLM
+    MODEL_TYPES = ("fast_vlm",)
+    MODEL_CLASS = "FastVlmForConditionalGeneration"
+    TITLE = "FastVLM"
+    DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
 
 
 class SaintGemma3(SaintLlmSide):
