@@ -75,6 +75,16 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                               projector_pooling_ratio=2, vision_use_cls_token=True,
                                               attn_implementation=impl)
         model = transformers.PerceptionLMForConditionalGeneration(cfg)
+    elif family in ("aya_vision", "cohere2_vision"):  # SigLIP, 64 px tiles of 8x8 patches pixel-shuffled to 4x4
+        vision = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=SIZE, patch_size=PATCH,
+                                                 vision_use_head=False)
+        cohere = transformers.Cohere2Config(  # layers 1, 3, 5 global without position embedding
+            **text, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"] * (DEPTH // 2))
+        name = "AyaVision" if family == "aya_vision" else "Cohere2Vision"
+        cfg = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=cohere, downsample_factor=2,
+                                                     image_token_id=image_token_id, attn_implementation=impl)
+        model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
     else:
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)

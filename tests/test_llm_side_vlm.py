@@ -28,7 +28,7 @@ from .llm_side_tiny import (  # noqa: E402
 )
 
 FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "fast_vlm",
-            "perception_lm"]
+            "perception_lm", "aya_vision", "cohere2_vision"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
@@ -39,6 +39,8 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
     "paligemma2": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "fast_vlm": [[3, (128, 128), 4], [2, (128, 128), 3, (128, 128), 2], [5, (128, 128), 1]],
     "perception_lm": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "aya_vision": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "cohere2_vision": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),

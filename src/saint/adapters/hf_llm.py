@@ -1,6 +1,6 @@
 """Dropping tokens between the decoder layers of a Hugging Face LLM (transformers 5:
-``LlamaModel``, ``MistralModel``, ``Qwen2Model``, the Qwen-VL text models; see
-:data:`DECODERS`) with per-instance PyTorch hooks only.
+``LlamaModel``, ``MistralModel``, ``Qwen2Model``, the Qwen-VL text models, Gemma, Cohere 2;
+see :data:`DECODERS`) with per-instance PyTorch hooks only.
 
 The decoder loop hands every layer the same ``attention_mask`` (4-D, or None when
 sdpa can use ``is_causal``), rotary ``position_embeddings`` (cos, sin) and
@@ -25,7 +25,8 @@ The per-layer maps of a pruned prompt (:class:`PrunedPrompt`) are stored on the
 cache object itself, so several cached generations may interleave; the per-forward
 state lives on the :class:`DecoderPruner` (one forward at a time per model).
 
-Sliding-window layers (Mistral, Gemma 2, Gemma 3) keep their window of *positions*: a prefill
+Layers that rotate nothing (Cohere 2's global layers, NoPE) are read unrotated
+(:func:`rotates`). Sliding-window layers (Mistral, Gemma 2, Gemma 3, Cohere 2) keep their window of *positions*: a prefill
 that may prune gets a cache whose sliding layers keep every slot
 (:func:`keep_every_slot`), so the model builds its sliding mask over the whole sequence
 and each layer gathers it like any other. (A window of cache slots would cover other
@@ -67,6 +68,7 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("qwen3_vl_moe", "Qwen3VLMoeTextModel"),  # Qwen3-VL-30B-A3B / 235B-A22B: experts are token-wise
     ("glm4v", "Glm4vTextModel"),  # GLM-4.1V: half-rotary M-RoPE (its module's apply_rotary_pos_emb)
     ("glm4v_moe", "Glm4vMoeTextModel"),  # GLM-4.5V: routed + shared experts, token-wise
+    ("cohere2", "Cohere2Model"),  # Aya Vision, Command A Vision: sliding-window layers rotary, global layers NoPE
 )
 SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
 # Hybrid decoders whose linear-attention (Gated DeltaNet) layers keep a recurrent state, not a
@@ -165,6 +167,14 @@ def check_maskable_attention(decoder: torch.nn.Module, when: str = "") -> str:
             "attn_implementation='sdpa') or model.set_attn_implementation('sdpa')"
         )
     return impl
+
+
+def rotates(attn: torch.nn.Module) -> bool:
+    """Whether this attention layer rotates its queries and keys: not Cohere 2's global
+    (full-attention) layers, which use no position embedding (NoPE)."""
+    if type(attn).__name__ == "Cohere2Attention":
+        return attn.sliding_window is not None
+    return True
 
 
 def _rope_fn(attn: torch.nn.Module) -> Callable:
@@ -488,7 +498,8 @@ class DecoderPruner:
         return mask, pos_emb, pos_ids
 
     def _keys(self, i: int, module: torch.nn.Module) -> torch.Tensor:
-        """This layer's keys ``[B, KVH, M, head_dim]`` (k-norm, then RoPE unless disabled)."""
+        """This layer's keys ``[B, KVH, M, head_dim]`` (k-norm, then RoPE unless disabled or the
+        layer rotates nothing)."""
         attn = module.self_attn
         k = self.captured[(i, "k")]
         b, m, _ = k.shape
@@ -496,7 +507,7 @@ class DecoderPruner:
         if getattr(attn, "k_norm", None) is not None:
             k = attn.k_norm(k)
         k = k.transpose(1, 2)
-        if self.rope_keys:
+        if self.rope_keys and rotates(attn):
             cos, sin = self._layer_kwargs[i]["position_embeddings"]
             k = _rope_fn(attn)(k, k, cos, sin)[1]
         return k
@@ -511,8 +522,9 @@ class DecoderPruner:
             q = attn.q_norm(q)
         q = q.transpose(1, 2)  # [B, H, 1, D]
         k = self._keys(i, module)
-        cos, sin = self._layer_kwargs[i]["position_embeddings"]
-        q = _rope_fn(attn)(q, q, cos[:, -1:], sin[:, -1:])[0]
+        if rotates(attn):
+            cos, sin = self._layer_kwargs[i]["position_embeddings"]
+            q = _rope_fn(attn)(q, q, cos[:, -1:], sin[:, -1:])[0]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         mask = self._layer_kwargs[i].get("attention_mask")
         row = None if mask is None else _rows(mask, b)[:, 0, -1, :m]  # [B, M]

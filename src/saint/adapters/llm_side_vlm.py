@@ -1,8 +1,10 @@
 """Hugging Face VLMs that saint prunes inside their language model only: Mistral 3
 (``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower), FastVLM
-(``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower) and
+(``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower),
 PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and
-videos). A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm`
+videos), Aya Vision (``AyaVisionForConditionalGeneration`` / ``AyaVisionModel``) and Command A
+Vision (``Cohere2VisionForConditionalGeneration`` / ``Cohere2VisionModel``), the last two on
+a Cohere 2 decoder (sliding-window layers, and global layers without position embedding). A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm`
 prunes in and its placeholder token ids (``config.image_token_id``, PerceptionLM's
 ``video_token_id`` too); each is one :class:`Family` below.
 
@@ -40,8 +42,9 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "FASTVLM", "FIELDS", "MISTRAL3", "PERCEPTION_LM", "FastVlmPruneConfig", "Family",
-           "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
+__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FASTVLM", "FIELDS", "MISTRAL3", "PERCEPTION_LM",
+           "AyaVisionPruneConfig", "Cohere2VisionPruneConfig", "FastVlmPruneConfig", "Family", "LlmSidePruneConfig",
+           "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -88,6 +91,19 @@ class PerceptionLMPruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "PerceptionLM"
     LLM_ONLY: ClassVar[str] = ("its projector pools each 2x2 block of the tower's patches into one token; pruning "
                                "its timm Perception Encoder tower ahead of that pooling is not built")
+
+
+@dataclass
+class AyaVisionPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Aya Vision"
+    LLM_ONLY: ClassVar[str] = ("its projector pixel-shuffles each 2x2 block of a tile's patches into one token; "
+                               "pruning its tower by those blocks is not built")
+
+
+@dataclass
+class Cohere2VisionPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Command A Vision"
+    LLM_ONLY: ClassVar[str] = AyaVisionPruneConfig.LLM_ONLY
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,14 @@ PERCEPTION_LM = Family("perception_lm", "perception_lm", ("PerceptionLMForCondit
                                "to its own grid")
 
 
+TILES = "splits an image into tiles and a thumbnail, each its own grid of tokens"
+AYA_VISION = Family("aya_vision", "aya_vision", ("AyaVisionForConditionalGeneration", "AyaVisionModel"),
+                    AyaVisionPruneConfig, no_grid=TILES)
+COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForConditionalGeneration",
+                                                             "Cohere2VisionModel"),
+                        Cohere2VisionPruneConfig, no_grid=TILES)
+
+
 def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward
             ) -> dict[str, Any]:
     """A prompt with images (or videos) on an empty cache: the decoder pruner starts on its
@@ -173,4 +197,4 @@ class LlmSideVlm(HFVlm):
                          "kept tokens to")
 
 
-ADAPTERS = (LlmSideVlm(MISTRAL3), LlmSideVlm(FASTVLM), LlmSideVlm(PERCEPTION_LM))
+ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, AYA_VISION, COHERE2_VISION))
