@@ -5,8 +5,8 @@ harness), plus the harness-agnostic parsing they share.
   models of lmms-eval (``pip install 'saint[lmms]'``), and
   :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next`` and
   ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
-  ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``, ``saint_paligemma`` and
-  ``saint_fast_vlm``, and
+  ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``, ``saint_paligemma``,
+  ``saint_fast_vlm`` and ``saint_aya_vision``, and
   :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
@@ -89,7 +89,7 @@ def lmms_eval_models() -> list[Any]:
     building its model registry and imports a class only when its name (``--model
     saint_llava``, ``saint_qwen_vl``, ``saint_glm4v``, ``saint_llava_next``, ``saint_llava_onevision``,
     ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
-    ``saint_paligemma``, ``saint_fast_vlm``) is asked for."""
+    ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``) is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava"),
@@ -110,4 +110,6 @@ def lmms_eval_models() -> list[Any]:
             ModelManifest(model_id="saint_paligemma",
                           simple_class_path="saint.integrations.lmms_llm_side.SaintPaliGemma"),
             ModelManifest(model_id="saint_fast_vlm",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintFastVlm")]
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintFastVlm"),
+            ModelManifest(model_id="saint_aya_vision",
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintAyaVision")]
