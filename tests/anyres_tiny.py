@@ -1,5 +1,6 @@
 """Tiny random anyres LLaVAs (LLaVA-NeXT: CLIP tower with a class token, Llama decoder;
-LLaVA-OneVision: SigLIP tower, Qwen2 decoder) and processor-shaped prompts for the tests.
+LLaVA-NeXT-Video: the same, and videos; LLaVA-OneVision: SigLIP tower, Qwen2 decoder) and
+processor-shaped prompts for the tests.
 
 Crops are 32x32 pixels, 4x4 patches of 8 pixels; the pinpoints allow 1x1, 1x2, 2x1 and
 2x2 crop grids."""
@@ -16,7 +17,7 @@ DEPTH = 6  # decoder layers
 VDEPTH = 2  # vision tower layers
 SIDE = 4  # patches per crop side
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
-FAMILIES = ("llava_next", "llava_onevision")
+FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")
 
 
 def make(family: str = "llava_onevision", seed: int = 0, aspect: str | None = None, vocab_size: int = 128,
@@ -29,13 +30,15 @@ def make(family: str = "llava_onevision", seed: int = 0, aspect: str | None = No
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH,
                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, max_position_embeddings=1024)
     torch.manual_seed(seed)
-    if family == "llava_next":
-        cfg = transformers.LlavaNextConfig(
+    if family in ("llava_next", "llava_next_video"):
+        name = "LlavaNext" if family == "llava_next" else "LlavaNextVideo"
+        video = {} if family == "llava_next" else dict(video_token_id=video_token_id, spatial_pool_stride=2)
+        cfg = getattr(transformers, f"{name}Config")(
             vision_config=transformers.CLIPVisionConfig(**tower),
             text_config=transformers.MistralConfig(sliding_window=None, **text) if mistral else transformers.LlamaConfig(**text),
             image_token_id=image_token_id, image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default",
-            vision_feature_layer=-1, attn_implementation="sdpa")
-        model = transformers.LlavaNextForConditionalGeneration(cfg)
+            vision_feature_layer=-1, attn_implementation="sdpa", **video)
+        model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
     else:
         extra = {} if aspect is None else dict(vision_aspect_ratio=aspect)
         cfg = transformers.LlavaOnevisionConfig(

@@ -166,7 +166,7 @@ def test_vit_keeps_the_budget_of_every_crop_and_the_lm_sees_the_kept_tokens(fami
     saint.patch(model, mode="vit", vit_keep=keep, vit_layer=0)
     out = logits(model, x)
     vision = handle_of(model).vision_stats()
-    assert vision.tokens[-1] == [keep + (1 if family == "llava_next" else 0)] * 3  # CLIP keeps its class token too
+    assert vision.tokens[-1] == [keep + (1 if family.startswith("llava_next") else 0)] * 3  # CLIP keeps its class token too
     kept = kept_patches(model).reshape(3, SIDE, SIDE)
     assert kept.sum(dim=(1, 2)).tolist() == [keep] * 3
     expected = keep + int(kept[1:, 1:3].sum())  # base + crops' kept patches in the rows left by unpadding
@@ -229,16 +229,17 @@ def test_onevision_interpolated_grid_keeps_positions_with_half_their_weight():
     assert saint.stats(model).tokens[0] == [len(expected) - 4]
 
 
-def test_onevision_video_frames_keep_every_patch():
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_video_frames_keep_every_patch(family):
     """In vit/hybrid the tower's drop pauses for video frames; video tokens are never
     dropped, and a prompt with an image and a video runs in every mode."""
-    model = make("llava_onevision")
+    model = make(family)
     g = torch.Generator().manual_seed(5)
     video = torch.randn(1, 2, 3, 32, 32, generator=g)
     x = inputs(model, [[(2, 0), (30, 60)]])
     with torch.no_grad():
         ref_video = model.model.get_video_features(video).pooler_output
-    n_video = ref_video.shape[1]  # 2 frames x 2x2 pooled patches + one newline
+    n_video = ref_video.shape[1]  # 2 frames x 2x2 pooled patches (OneVision: + one newline)
     tail = torch.randint(1, 100, (3,), generator=g)
     ids, mask = left_pad([torch.cat([x["input_ids"][0], torch.full((n_video,), VID), tail])])
     xv = dict(x, input_ids=ids, attention_mask=mask, pixel_values_videos=video)

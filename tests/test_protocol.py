@@ -140,7 +140,7 @@ FAMILIES = {
         (m := tiny_anyres(name)), anyres_inputs(m, 4),
         dict(patch_settings={"mode": "llm"}, llm_layers=(0, 2), llm_k=1),
         Variant("fastv", "fastv", {"fastv_layer": 2, "fastv_ratio": 0.5})))
-       for name in ("llava_next", "llava_onevision")},
+       for name in ("llava_next", "llava_next_video", "llava_onevision")},
     "internvl": lambda: llm_side("internvl"),
     "mistral3": lambda: llm_side("mistral3"),
     "fast_vlm": lambda: llm_side("fast_vlm"),
@@ -150,7 +150,7 @@ FAMILIES = {
     "idefics3": lambda: llm_side("idefics3"),
 }
 QWEN_ADAPTER = ("qwen_vl", "qwen2_vl", "glm4v")  # the models of the qwen_vl adapter
-VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_onevision", "internvl", "gemma3", "idefics3")  # + vision side
+VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_next_video", "llava_onevision", "internvl", "gemma3", "idefics3")  # + vision side
 NO_GRID = ("mistral3", "fast_vlm", "perception_lm", "aya_vision")  # pruned inside the language model only; no one patch grid
 ALL_VLMS = (*VLMS, *NO_GRID)
 
@@ -234,7 +234,7 @@ def test_token_analysis_reads_every_site(family):
 
 def test_trace_kept_maps_the_patch_grid(family):
     name, model, inputs, _, _ = family
-    if name in ("llava_next", "llava_onevision"):
+    if name in ("llava_next", "llava_next_video", "llava_onevision"):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
     if name in NO_GRID:
         pytest.skip(f"{name}'s image tokens map to no one patch grid (Mistral 3: images at their own sizes; "
@@ -256,6 +256,7 @@ VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": di
                "gemma3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "idefics3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "llava_next": dict(mode="vit", vit_keep=5, vit_layer=0),
+               "llava_next_video": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_onevision": dict(mode="vit", vit_keep=5, vit_layer=0)}
 
 

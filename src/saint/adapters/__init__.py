@@ -23,7 +23,8 @@ from . import (
 from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
-    timm_vit.ADAPTER, timm_eva.ADAPTER, timm_naflex.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
+    timm_vit.ADAPTER, timm_eva.ADAPTER, timm_naflex.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER,
+    llava_anyres.NEXT_VIDEO_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER,
 ]

@@ -1,9 +1,10 @@
 """LLaVA's anyres families — LLaVA-NeXT (transformers 5 ``LlavaNextForConditionalGeneration``
-/ ``LlavaNextModel``) and LLaVA-OneVision (``LlavaOnevision*``): SAINT's ``llm``, ``vit``
-and ``hybrid`` modes and FastV, with per-instance hooks and wrappers only. The family
+/ ``LlavaNextModel``), LLaVA-NeXT-Video (``LlavaNextVideo*``: LLaVA-NeXT's images, and
+videos) and LLaVA-OneVision (``LlavaOnevision*``): SAINT's ``llm``, ``vit``
+and ``hybrid`` modes and FastV, with per-instance hooks and wrappers only. The
 families differ only in what a :class:`Family` names (classes, the arguments their
-``get_image_features`` takes, videos); :data:`NEXT_ADAPTER` and :data:`ONEVISION_ADAPTER`
-are their adapters.
+``get_image_features`` takes, videos); :data:`NEXT_ADAPTER`, :data:`NEXT_VIDEO_ADAPTER` and
+:data:`ONEVISION_ADAPTER` are their adapters.
 
 An anyres image reaches the language model as the base image's patch grid followed by
 the grid of its crops, which the model's own ``pack_image_features`` lays out as one
@@ -77,7 +78,7 @@ from .vlm_hooks import bind, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt, keep_first, refuse_static_cache
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["FULL_ATTR", "NEWLINE_ATTR", "NEXT", "NEXT_ADAPTER", "ONEVISION", "ONEVISION_ADAPTER", "AnyresVlm", "Family",
+__all__ = ["FULL_ATTR", "NEWLINE_ATTR", "NEXT", "NEXT_ADAPTER", "NEXT_VIDEO", "NEXT_VIDEO_ADAPTER", "ONEVISION", "ONEVISION_ADAPTER", "AnyresVlm", "Family",
            "make_config", "patch"]
 
 NEWLINE_ATTR = "_saint_newline"  # on every per-image feature tensor: bool [tokens], newline rows
@@ -124,6 +125,8 @@ class Family:
 
 NEXT = Family("llava_next", "LLaVA-NeXT", "llava_next.modeling_llava_next",
               ("LlavaNextForConditionalGeneration", "LlavaNextModel"))
+NEXT_VIDEO = Family("llava_next_video", "LLaVA-NeXT-Video", "llava_next_video.modeling_llava_next_video",
+                    ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel"), videos=True)
 ONEVISION = Family(
     "llava_onevision", "LLaVA-OneVision", "llava_onevision.modeling_llava_onevision",
     ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel"), videos=True,
@@ -338,4 +341,5 @@ class AnyresVlm(HFVlm):
 
 
 NEXT_ADAPTER = AnyresVlm(NEXT)
+NEXT_VIDEO_ADAPTER = AnyresVlm(NEXT_VIDEO)
 ONEVISION_ADAPTER = AnyresVlm(ONEVISION)
