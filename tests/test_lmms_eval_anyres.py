@@ -1,9 +1,11 @@
-"""lmms-eval's ``saint_llava_next`` and ``saint_llava_onevision`` models on tiny random
-LLaVA-NeXT (CLIP + Llama) and LLaVA-OneVision (SigLIP + Qwen2) checkpoints saved to disk
+"""lmms-eval's ``saint_llava_next``, ``saint_llava_next_video`` and ``saint_llava_onevision`` models on
+tiny random LLaVA-NeXT (CLIP + Llama), LLaVA-NeXT-Video (the same) and LLaVA-OneVision (SigLIP + Qwen2)
+checkpoints saved to disk
 with an offline processor (BPE tokenizer trained here, the families' own image
 processors): nothing pruned equals the unpatched model, llm / vit / hybrid pruning of
 both request kinds with per-image stats, batches of different image sizes equal each
-request alone, OneVision's multi-image prompts and videos, bad settings, and lmms-eval's
+request alone, OneVision's multi-image prompts, NeXT-Video's and OneVision's videos, bad settings,
+and lmms-eval's
 own command line."""
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .lmms_helpers import (
     train_tokenizer,
 )
 
-FAMILIES = {"llava_next": "SaintLlavaNext", "llava_onevision": "SaintLlavaOneVision"}
+FAMILIES = {"llava_next": "SaintLlavaNext", "llava_next_video": "SaintLlavaNextVideo",
+            "llava_onevision": "SaintLlavaOneVision"}
 # 32 px crops of 4 x 4 patches: a 64 x 64 image is a 2 x 2 crop grid + the base image,
 # 16 base tokens + an 8 x 8 grid closed by 8 newline tokens
 TOKENS_64, NEWLINES_64, CROPS_64 = 88, 8, 5
@@ -53,12 +56,17 @@ def _build(path: Path, family: str) -> None:
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
-    if family == "llava_next":
+    if family in ("llava_next", "llava_next_video"):
         images = transformers.LlavaNextImageProcessor(size={"shortest_edge": 32}, image_grid_pinpoints=PINPOINTS,
                                                       crop_size={"height": 32, "width": 32})
-        processor = transformers.LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                                                    vision_feature_select_strategy="default",
-                                                    num_additional_image_tokens=1)
+        common = dict(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                      vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        if family == "llava_next":
+            processor = transformers.LlavaNextProcessor(**common)
+        else:  # frames of 4 x 4 patches pooled 2 x 2: 4 tokens a frame
+            videos = transformers.LlavaNextVideoVideoProcessor(size={"shortest_edge": 32},
+                                                               crop_size={"height": 32, "width": 32})
+            processor = transformers.LlavaNextVideoProcessor(video_processor=videos, **common)
     else:
         images = transformers.LlavaOnevisionImageProcessor(size={"height": 32, "width": 32},
                                                            image_grid_pinpoints=PINPOINTS)
@@ -100,9 +108,14 @@ def test_entry_points_resolve():
     need("lmms_eval")
     import lmms_eval.models
 
-    from saint.integrations.lmms_anyres import SaintLlavaNext, SaintLlavaOneVision
+    from saint.integrations.lmms_anyres import (
+        SaintLlavaNext,
+        SaintLlavaNextVideo,
+        SaintLlavaOneVision,
+    )
 
     assert lmms_eval.models.get_model("saint_llava_next") is SaintLlavaNext
+    assert lmms_eval.models.get_model("saint_llava_next_video") is SaintLlavaNextVideo
     assert lmms_eval.models.get_model("saint_llava_onevision") is SaintLlavaOneVision
 
 
@@ -110,18 +123,25 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     """Settings are refused before any weights load; a checkpoint of another family and
     a per-crop budget over the crop's patches are refused with the reason."""
     need("lmms_eval")
-    from saint.integrations.lmms_anyres import SaintLlavaNext, SaintLlavaOneVision
+    from saint.integrations.lmms_anyres import (
+        SaintLlavaNext,
+        SaintLlavaNextVideo,
+        SaintLlavaOneVision,
+    )
 
     missing = str(tmp_path / "no-such-checkpoint")
-    for cls in (SaintLlavaNext, SaintLlavaOneVision):
+    for cls in (SaintLlavaNext, SaintLlavaNextVideo, SaintLlavaOneVision):
         with pytest.raises(ValueError, match="random/pool baselines take one square grid"):
             cls(pretrained=missing, method="random", visual_keep=4)
         with pytest.raises(TypeError, match="does not use"):
             cls(pretrained=missing, mode="vit", llm_tau=0.5)
         with pytest.raises(TypeError, match="unpruned"):
             cls(pretrained=missing, method="none", vit_keep=4)
-    with pytest.raises(ValueError, match="max_frames_num"):
-        SaintLlavaOneVision(pretrained=missing, max_frames_num=0)
+    for cls in (SaintLlavaNextVideo, SaintLlavaOneVision):
+        with pytest.raises(ValueError, match="max_frames_num"):
+            cls(pretrained=missing, max_frames_num=0)
+    with pytest.raises(ValueError, match="model_type 'llava_next_video'"):
+        SaintLlavaNextVideo(pretrained=str(checkpoint("llava_next")))
     with pytest.raises(ValueError, match="exceeds the 16 patches"):
         SaintLlavaNext(pretrained=str(checkpoint("llava_next")), mode="vit", vit_keep=17, vit_layer=0)
     with pytest.raises(ValueError, match="model_type 'llava_onevision'"):
@@ -204,15 +224,16 @@ def media(doc: dict) -> list:
     return [doc["video"]] if "video" in doc else visuals(doc)
 
 
-def test_onevision_videos_are_served_unpruned(checkpoint):
+@pytest.mark.parametrize("family, video_tokens", [("llava_next_video", 16), ("llava_onevision", 17)])
+def test_videos_are_served_unpruned(checkpoint, family, video_tokens):
     """Frame arrays as videos (``max_frames_num=4``: a 6-frame clip thinned, a 2-frame
     clip repeated to 4, as ``llava_hf`` samples), mixed with an image in one batch:
-    ``<video>`` expands to 4 frames of 2 x 2 pooled patches + a newline, video tokens are
-    never pruned, and each request alone gets what it got in the batch."""
+    ``<video>`` expands to 4 frames of 2 x 2 pooled patches (OneVision: and a newline),
+    video tokens are never pruned, and each request alone gets what it got in the batch."""
     image = easy_vqa_docs(1)[0]
     docs = [{"question": "What moves?", "answer": "square", "video": clip(6, 0)},
             {"question": "Which color?", "answer": "red", "video": clip(2, 1)}, image]
-    lm = lm_for(checkpoint, "llava_onevision", LLM_ARGS + ",max_frames_num=4", docs)
+    lm = lm_for(checkpoint, family, LLM_ARGS + ",max_frames_num=4", docs)
     assert len(lm._visual(clip(2, 1), "t").frames) == 4
     gen = requests("generate_until", [(d["question"], {"max_new_tokens": 3, "temperature": 0}, media, j, "t", "test")
                                       for j, d in enumerate(docs)])
@@ -221,7 +242,7 @@ def test_onevision_videos_are_served_unpruned(checkpoint):
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
     rows = [(i, v, o) for e in lm.pruning_log
             for i, v, o in zip(e["image_tokens"], e["video_tokens"], e.get("llm_output", [None] * 3), strict=True)]
-    assert sorted((i, v) for i, v, _ in rows) == [(0, 17)] * 4 + [(TOKENS_64, 0)] * 2
+    assert sorted((i, v) for i, v, _ in rows) == [(0, video_tokens)] * 4 + [(TOKENS_64, 0)] * 2
     assert all(o < TOKENS_64 - NEWLINES_64 for i, _, o in rows if i)
     assert_alone_equals_batched(lm, gen, ll, batched)
 

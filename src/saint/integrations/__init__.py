@@ -3,8 +3,8 @@ harness), plus the harness-agnostic parsing they share.
 
 - :mod:`saint.integrations.lmms_eval`: the ``saint_llava`` and ``saint_qwen_vl``
   models of lmms-eval (``pip install 'saint[lmms]'``), and
-  :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next`` and
-  ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
+  :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next``,
+  ``saint_llava_next_video`` and ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
   ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``, ``saint_paligemma``,
   ``saint_fast_vlm`` and ``saint_aya_vision``, and
   :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; all registered through the ``lmms_eval.models``
@@ -87,7 +87,8 @@ def parse_prune_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 def lmms_eval_models() -> list[Any]:
     """Entry point of the ``lmms_eval.models`` group: lmms-eval (>= 0.7) calls it while
     building its model registry and imports a class only when its name (``--model
-    saint_llava``, ``saint_qwen_vl``, ``saint_glm4v``, ``saint_llava_next``, ``saint_llava_onevision``,
+    saint_llava``, ``saint_qwen_vl``, ``saint_glm4v``, ``saint_llava_next``, ``saint_llava_next_video``,
+    ``saint_llava_onevision``,
     ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
     ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``) is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
@@ -97,6 +98,8 @@ def lmms_eval_models() -> list[Any]:
             ModelManifest(model_id="saint_glm4v", simple_class_path="saint.integrations.lmms_glm.SaintGlm4v"),
             ModelManifest(model_id="saint_llava_next",
                           simple_class_path="saint.integrations.lmms_anyres.SaintLlavaNext"),
+            ModelManifest(model_id="saint_llava_next_video",
+                          simple_class_path="saint.integrations.lmms_anyres.SaintLlavaNextVideo"),
             ModelManifest(model_id="saint_llava_onevision",
                           simple_class_path="saint.integrations.lmms_anyres.SaintLlavaOneVision"),
             ModelManifest(model_id="saint_internvl",

@@ -1,5 +1,6 @@
-"""lmms-eval models ``saint_llava_next`` and ``saint_llava_onevision``: Hugging Face
-LLaVA-NeXT (``LlavaNextForConditionalGeneration``) and LLaVA-OneVision
+"""lmms-eval models ``saint_llava_next``, ``saint_llava_next_video`` and ``saint_llava_onevision``:
+Hugging Face LLaVA-NeXT (``LlavaNextForConditionalGeneration``), LLaVA-NeXT-Video
+(``LlavaNextVideoForConditionalGeneration``) and LLaVA-OneVision
 (``LlavaOnevisionForConditionalGeneration``) checkpoints pruned by :func:`saint.patch`
 (:mod:`saint.adapters.llava_anyres`), for any lmms-eval image task::
 
@@ -12,7 +13,7 @@ Everything but what differs per family is :class:`~saint.integrations.lmms_eval.
 Prompts follow lmms-eval's ``llava_hf`` model, which serves these families too: one
 ``<image>`` per image in front of the task's text unless it placed them, then the
 chat template (``chat_template=``, else the tokenizer's, else the family's: Vicuna for
-NeXT as ``llava_hf``, ChatML for OneVision's Qwen2 as lmms-eval's ``llava_onevision``).
+NeXT and NeXT-Video as ``llava_hf``, ChatML for OneVision's Qwen2 as lmms-eval's ``llava_onevision``).
 The processor expands each ``<image>`` to the image's anyres token count and returns
 ``image_sizes``, which the model (and saint's packing) needs to cut the crop grid.
 
@@ -24,7 +25,7 @@ never pruned, so ``llm_input`` in the stats counts the image tokens without them
 
 OneVision: a prompt with several images gets no crops for them (the processor is given
 the images grouped per prompt, as the original LLaVA-OneVision evaluates multi-image
-tasks with ``image_aspect_ratio=pad``); videos follow lmms-eval's ``llava_hf``: a video
+tasks with ``image_aspect_ratio=pad``). Videos (OneVision, NeXT-Video) follow lmms-eval's ``llava_hf``: a video
 file's path in ``doc_to_visual`` (or a ``T x H x W x 3`` uint8 frame array), entered as
 ``<video>``, exactly ``max_frames_num`` frames (default 32) spread evenly over it (repeated
 when it is shorter, as ``llava_hf`` samples), decoded with
@@ -44,7 +45,7 @@ from ..adapters import llava_anyres
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 from .lmms_video import VIDEO_EXTENSIONS, Video, to_video
 
-__all__ = ["SaintLlavaAnyres", "SaintLlavaNext", "SaintLlavaOneVision"]
+__all__ = ["SaintLlavaAnyres", "SaintLlavaAnyresVideo", "SaintLlavaNext", "SaintLlavaNextVideo", "SaintLlavaOneVision"]
 
 
 class SaintLlavaAnyres(SaintLlava):
@@ -78,15 +79,10 @@ class SaintLlavaNext(SaintLlavaAnyres):
     MODEL_TYPES = (llava_anyres.NEXT.key,)
 
 
-class SaintLlavaOneVision(SaintLlavaAnyres):
-    """A LLaVA-OneVision checkpoint patched once by :func:`saint.patch`, evaluated by
-    lmms-eval (``--model saint_llava_onevision``), images and videos.
-    ``max_frames_num``: frames taken from a video (lmms-eval's argument, default 32)."""
-
-    NAME = "saint_llava_onevision"
-    FAMILY = ADAPTER = llava_anyres.ONEVISION
-    MODEL_TYPES = (llava_anyres.ONEVISION.key,)
-    DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+class SaintLlavaAnyresVideo(SaintLlavaAnyres):
+    """What the families with videos share (lmms-eval's ``llava_hf`` way): ``max_frames_num``
+    frames per video (lmms-eval's argument, default 32), ``<video>`` placeholders, and the
+    video tokens counted in the statistics."""
 
     def __init__(self, pretrained: str, max_frames_num: int | str = 32, **kwargs: Any) -> None:
         frames = int(max_frames_num)
@@ -120,27 +116,16 @@ class SaintLlavaOneVision(SaintLlavaAnyres):
             return context
         return " ".join(video_token if isinstance(v, Video) else self.image_token for v in visuals) + "\n" + context
 
-    def _processor_inputs(self, texts: Sequence[str], visuals: Sequence[Any]) -> Any:
-        """The processor's output, its images grouped per prompt (by the prompts'
-        ``<image>`` counts) so that a prompt with several images gets no crops."""
+    def _processor_media(self, visuals: Sequence[Any]) -> dict[str, Any]:
+        """The images and the videos' frames, each in prompt order."""
         images = [v for v in visuals if not isinstance(v, Video)]
         videos = [v.frames for v in visuals if isinstance(v, Video)]
-        counts = [t.count(self.image_token) for t in texts]
-        if sum(counts) != len(images):
-            raise ValueError(f"prompts hold {sum(counts)} {self.image_token} tokens for {len(images)} images")
-        groups, start = [], 0
-        for n in counts:
-            groups.append(images[start:start + n])
-            start += n
-        media: dict[str, Any] = {"images": groups if images else None, "videos": videos or None}
-        return self.processor(text=list(texts), **media, return_tensors="pt", padding=True)
+        return {"images": images or None, "videos": videos or None}
 
     def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """The first prompt's images (pixels, sizes, their count) and videos."""
+        """The first prompt's images (pixels, sizes) and videos."""
         n_videos = sum(isinstance(v, Video) for v in visuals)
         out = super()._media(enc, [v for v in visuals if not isinstance(v, Video)])
-        if out:
-            out["batch_num_images"] = enc["batch_num_images"][:1]
         if n_videos:
             out["pixel_values_videos"] = enc["pixel_values_videos"][:n_videos]
         return out
@@ -148,3 +133,45 @@ class SaintLlavaOneVision(SaintLlavaAnyres):
     def _visual_token_ids(self) -> dict[str, int]:
         cfg = self.model.config
         return {"image_tokens": cfg.image_token_id, "video_tokens": cfg.video_token_id}
+
+
+class SaintLlavaNextVideo(SaintLlavaAnyresVideo):
+    """A LLaVA-NeXT-Video checkpoint patched once by :func:`saint.patch`, evaluated by
+    lmms-eval (``--model saint_llava_next_video``), images (as LLaVA-NeXT's) and videos."""
+
+    NAME = "saint_llava_next_video"
+    FAMILY = ADAPTER = llava_anyres.NEXT_VIDEO
+    MODEL_TYPES = (llava_anyres.NEXT_VIDEO.key,)
+
+
+class SaintLlavaOneVision(SaintLlavaAnyresVideo):
+    """A LLaVA-OneVision checkpoint patched once by :func:`saint.patch`, evaluated by
+    lmms-eval (``--model saint_llava_onevision``), images and videos.
+    ``max_frames_num``: frames taken from a video (lmms-eval's argument, default 32)."""
+
+    NAME = "saint_llava_onevision"
+    FAMILY = ADAPTER = llava_anyres.ONEVISION
+    MODEL_TYPES = (llava_anyres.ONEVISION.key,)
+    DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+
+    def _processor_inputs(self, texts: Sequence[str], visuals: Sequence[Any]) -> Any:
+        """The processor's output, its images grouped per prompt (by the prompts'
+        ``<image>`` counts) so that a prompt with several images gets no crops."""
+        media = self._processor_media(visuals)
+        images = media["images"] or []
+        counts = [t.count(self.image_token) for t in texts]
+        if sum(counts) != len(images):
+            raise ValueError(f"prompts hold {sum(counts)} {self.image_token} tokens for {len(images)} images")
+        groups, start = [], 0
+        for n in counts:
+            groups.append(images[start:start + n])
+            start += n
+        media["images"] = groups if images else None
+        return self.processor(text=list(texts), **media, return_tensors="pt", padding=True)
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The first prompt's images (pixels, sizes, their count) and videos."""
+        out = super()._media(enc, visuals)
+        if any(not isinstance(v, Video) for v in visuals):
+            out["batch_num_images"] = enc["batch_num_images"][:1]
+        return out
