@@ -193,3 +193,19 @@ def test_the_matrix_is_large_enough():
 def test_bad_input_raises_a_clear_error(call, exc, phrase):
     with pytest.raises(exc, match=re.escape(phrase)):
         call()
+
+
+def test_the_unsupported_model_error_names_every_vlm_family():
+    """The TypeError for an unknown model lists what saint patches: every VLM family of the
+    registry by the name its errors use, and every Qwen-VL adapter family."""
+    from saint.adapters import ADAPTERS, SUPPORTED
+    from saint.adapters.qwen_vl import FAMILY_CLASSES
+
+    names = {a.family.name for a in ADAPTERS if hasattr(getattr(a, "family", None), "name")}
+    assert {"LLaVA-NeXT-Video", "Aya Vision", "PaliGemma"} <= names  # the families are found
+    qwen = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE",
+            "qwen3_5": "Qwen3.5", "qwen3_5_moe": "Qwen3.5-MoE", "glm4v": "GLM-4.1V", "glm4v_moe": "GLM-4.5V",
+            "glm46v": "GLM-4.6V"}
+    assert set(qwen) == set(FAMILY_CLASSES)
+    missing = sorted(n for n in names | set(qwen.values()) if n not in SUPPORTED)
+    assert not missing, f"saint.adapters.SUPPORTED does not name {missing}"

@@ -28,7 +28,7 @@ ADAPTERS: list[Adapter] = [
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER,
 ]
-SUPPORTED = (
+SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_inputs.py keeps it complete)
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
     "Encoder, RoPE ViTs); timm NaFlexVit with ViT blocks (NaFlex batches); Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (and MetaCLIP 2's MetaClip2*), "
@@ -36,10 +36,12 @@ SUPPORTED = (
     "Siglip2VisionModel, Siglip2Model (NaFlex), Aimv2VisionModel, Aimv2Model, ViTModel, "
     "ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
     "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
-    "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma or Phi-3 language model); "
-    "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (*ForConditionalGeneration / *Model); LLaVA-NeXT and LLaVA-OneVision "
-    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, Gemma 3, "
-    "Idefics3 and SmolVLM (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3 "
+    "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 or Phi-3 "
+    "language model); Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (vision side), Qwen3.5-MoE (vision "
+    "side), GLM-4.1V, GLM-4.5V and GLM-4.6V (*ForConditionalGeneration / *Model); LLaVA-NeXT, LLaVA-NeXT-Video "
+    "and LLaVA-OneVision (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, "
+    "Gemma 3, Idefics3, SmolVLM and PaliGemma (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, "
+    "FastV, random); Mistral 3, FastVLM, PerceptionLM, Aya Vision and Command A Vision "
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 
