@@ -1,5 +1,5 @@
-"""Tiny random InternVL, Mistral 3, Gemma 3, Idefics3 / SmolVLM, PaliGemma, FastVLM and PerceptionLM models and
-processor-shaped prompts for the tests."""
+"""Tiny random InternVL, Mistral 3, Gemma 3, Idefics3 / SmolVLM, PaliGemma, FastVLM, PerceptionLM, Aya Vision /
+Command A Vision and Ovis2 models and processor-shaped prompts for the tests."""
 
 from __future__ import annotations
 
@@ -85,6 +85,14 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
         cfg = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=cohere, downsample_factor=2,
                                                      image_token_id=image_token_id, attn_implementation=impl)
         model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
+    elif family == "ovis2":  # 64 px tiles, 8x8 patches folded 2x2 into 16 tokens; indicators: <img>, </img>, break
+        vision = transformers.Ovis2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=VDEPTH,
+                                                num_attention_heads=2, image_size=SIZE, patch_size=PATCH, vocab_size=64,
+                                                hidden_stride=2)
+        cfg = transformers.Ovis2Config(vision_config=vision, text_config=transformers.Qwen2Config(**text),
+                                       image_token_id=image_token_id, visual_indicator_token_ids=[START, END, BREAK, 125, 126],
+                                       vocab_size=vocab_size, hidden_size=text["hidden_size"], attn_implementation=impl)
+        model = transformers.Ovis2ForConditionalGeneration(cfg)
     else:
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)

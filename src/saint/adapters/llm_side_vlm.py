@@ -4,7 +4,9 @@
 PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and
 videos), Aya Vision (``AyaVisionForConditionalGeneration`` / ``AyaVisionModel``) and Command A
 Vision (``Cohere2VisionForConditionalGeneration`` / ``Cohere2VisionModel``), the last two on
-a Cohere 2 decoder (sliding-window layers, and global layers without position embedding). A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm`
+a Cohere 2 decoder (sliding-window layers, and global layers without position embedding), and
+Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``: its visual indicator tokens, which
+mark tiles and images, are text to saint and stay). A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm`
 prunes in and its placeholder token ids (``config.image_token_id``, PerceptionLM's
 ``video_token_id`` too); each is one :class:`Family` below.
 
@@ -42,9 +44,9 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FASTVLM", "FIELDS", "MISTRAL3", "PERCEPTION_LM",
+__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FASTVLM", "FIELDS", "MISTRAL3", "OVIS2", "PERCEPTION_LM",
            "AyaVisionPruneConfig", "Cohere2VisionPruneConfig", "FastVlmPruneConfig", "Family", "LlmSidePruneConfig",
-           "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
+           "LlmSideVlm", "Mistral3PruneConfig", "Ovis2PruneConfig", "PerceptionLMPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -104,6 +106,14 @@ class AyaVisionPruneConfig(LlmSidePruneConfig):
 class Cohere2VisionPruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "Command A Vision"
     LLM_ONLY: ClassVar[str] = AyaVisionPruneConfig.LLM_ONLY
+
+
+@dataclass
+class Ovis2PruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Ovis2"
+    LLM_ONLY: ClassVar[str] = ("its visual tokenizer maps each 2x2 block of a tile's patches to one token (a "
+                               "distribution over its visual vocabulary); pruning its tower by those blocks is not "
+                               "built")
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,8 @@ COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForCo
                                                              "Cohere2VisionModel"),
                         Cohere2VisionPruneConfig, no_grid=TILES)
 
+OVIS2 = Family("ovis2", "ovis2", ("Ovis2ForConditionalGeneration", "Ovis2Model"), Ovis2PruneConfig, no_grid=TILES)
+
 
 def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward
             ) -> dict[str, Any]:
@@ -197,4 +209,4 @@ class LlmSideVlm(HFVlm):
                          "kept tokens to")
 
 
-ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, AYA_VISION, COHERE2_VISION))
+ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, AYA_VISION, COHERE2_VISION, OVIS2))
