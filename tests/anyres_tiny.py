@@ -21,10 +21,12 @@ FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")
 
 
 def make(family: str = "llava_onevision", seed: int = 0, aspect: str | None = None, vocab_size: int = 128,
-         image_token_id: int = IMG, video_token_id: int = VID, mistral: bool = False) -> torch.nn.Module:
+         image_token_id: int = IMG, video_token_id: int = VID, mistral: bool = False,
+         granite: bool = False) -> torch.nn.Module:
     """A tiny random model of ``family`` (``aspect``: OneVision's ``vision_aspect_ratio``;
     vocabulary size and placeholder ids to match a tokenizer; ``mistral``: LLaVA-NeXT with
-    a Mistral decoder without sliding windows, as llava-v1.6-mistral-7b)."""
+    a Mistral decoder without sliding windows, as llava-v1.6-mistral-7b; ``granite``: as Granite
+    Vision 3.x, a Granite decoder and the features of several tower layers concatenated)."""
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=VDEPTH, num_attention_heads=2,
                  image_size=32, patch_size=8)
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH,
@@ -33,11 +35,17 @@ def make(family: str = "llava_onevision", seed: int = 0, aspect: str | None = No
     if family in ("llava_next", "llava_next_video"):
         name = "LlavaNext" if family == "llava_next" else "LlavaNextVideo"
         video = {} if family == "llava_next" else dict(video_token_id=video_token_id, spatial_pool_stride=2)
+        if mistral:
+            decoder = transformers.MistralConfig(sliding_window=None, **text)
+        elif granite:
+            decoder = transformers.GraniteConfig(**text, attention_multiplier=0.3, embedding_multiplier=4.0,
+                                                 residual_multiplier=0.5, logits_scaling=2.0)
+        else:
+            decoder = transformers.LlamaConfig(**text)
         cfg = getattr(transformers, f"{name}Config")(
-            vision_config=transformers.CLIPVisionConfig(**tower),
-            text_config=transformers.MistralConfig(sliding_window=None, **text) if mistral else transformers.LlamaConfig(**text),
+            vision_config=transformers.CLIPVisionConfig(**tower), text_config=decoder,
             image_token_id=image_token_id, image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default",
-            vision_feature_layer=-1, attn_implementation="sdpa", **video)
+            vision_feature_layer=[-2, -1] if granite else -1, attn_implementation="sdpa", **video)
         model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
     else:
         extra = {} if aspect is None else dict(vision_aspect_ratio=aspect)

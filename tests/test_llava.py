@@ -1,5 +1,6 @@
 """LLaVA: SAINT's vit / llm / hybrid modes and the FastV, random and pooling
-baselines on tiny random LLaVA models (CLIP tower + Llama or Qwen2 decoder)."""
+baselines on tiny random LLaVA models (CLIP tower + Llama, Qwen2, Qwen3, Mistral, Gemma, Phi-3 or
+Granite decoder)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ def make(text: str = "llama", impl: str = "sdpa", seed: int = 0) -> torch.nn.Mod
                "qwen3": lambda **k: transformers.Qwen3Config(head_dim=16, **k),
                "gemma": lambda **k: transformers.GemmaConfig(head_dim=16, **k),
                "phi3": lambda **k: transformers.Phi3Config(**k, rope_parameters=dict(  # fused qkv_proj, half rotary
-                   rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))}
+                   rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
+               # Granite Vision's language model: its attention scales by attention_multiplier, not 1/sqrt(d)
+               "granite": lambda **k: transformers.GraniteConfig(**k, attention_multiplier=0.3, embedding_multiplier=4.0,
+                                                                 residual_multiplier=0.5, logits_scaling=2.0)}
     text_cfg = configs[text](**kw)
     torch.manual_seed(seed)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMG,
@@ -186,7 +190,7 @@ def test_per_sample_budgets_differ_within_a_batch(images):
     assert len(set(final)) == 3, final
 
 
-@pytest.mark.parametrize("text", ["llama", "qwen2"])
+@pytest.mark.parametrize("text", ["llama", "qwen2", "granite"])
 def test_eager_static_cache_sampling_and_beams(text, images):
     """Eager (Llama) and sdpa (Qwen2): cached == uncached under greedy, sampling (same seed),
     beam search (the cache reorder carries the per-row maps) and a static cache."""
@@ -357,7 +361,7 @@ def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tu
     return grab["k"].view(1, len(row), -1, lm.layers[layer].self_attn.head_dim).transpose(1, 2), grab["pe"]
 
 
-@pytest.mark.parametrize("text", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("text", ["llama", "qwen3", "phi3", "granite"])
 def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(text, images):
     """The first SAINT step drops exactly what saint_keep_mask picks on the unpatched
     layer's post-RoPE keys of the image span (averaged over KV heads; Qwen3: normed keys;
@@ -386,10 +390,11 @@ def test_llm_metric_is_post_rope_keys_averaged_over_kv_heads(text, images):
     assert torch.equal(kept[span], expect[0])
 
 
-@pytest.mark.parametrize("text", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("text", ["llama", "qwen3", "phi3", "granite"])
 def test_fastv_drops_the_least_attended_image_tokens(text, images):
     """FastV's ranking equals the last token's attention read from an eager run (Qwen3:
-    with its query and key norms; Phi-3: from its fused projection)."""
+    with its query and key norms; Phi-3: from its fused projection; Granite: scaled by its
+    attention multiplier)."""
     model = make(text, impl="eager")
     row = ROWS[2]
     with torch.no_grad():
@@ -486,7 +491,7 @@ def test_bad_settings_raise_clear_errors(kw, err, match):
 
 
 @pytest.mark.parametrize("text, err, match", [
-    ("GraniteConfig", TypeError, "cannot prune inside a GraniteModel"),
+    ("OlmoConfig", TypeError, "cannot prune inside a OlmoModel"),
     ("Qwen2Config", ValueError, r"layer types \['chunked_attention'\] are not supported"),
 ])
 def test_unsupported_language_model_is_refused(text, err, match):

@@ -87,6 +87,15 @@ def test_llava_next_with_a_mistral_decoder():
     check_batch_equals_alone_and_cached_equals_uncached(model, HYBRID)
 
 
+@pytest.mark.parametrize("cfg", [LLM, FASTV], ids=["llm", "fastv"])
+def test_granite_vision_layout(cfg):
+    """Granite Vision 3.x: LLaVA-NeXT with a Granite decoder (attention, embeddings and residuals
+    scaled by its multipliers) reading two tower layers; pruned inside the language model."""
+    model = make("llava_next", granite=True)
+    assert type(model.model.language_model).__name__ == "GraniteModel"
+    check_batch_equals_alone_and_cached_equals_uncached(model, cfg)
+
+
 def check_batch_equals_alone_and_cached_equals_uncached(model: torch.nn.Module, cfg: dict) -> None:
     x = inputs(model, ROWS)  # the processor's prompts: built before patching
     alone = [inputs(model, [row], seeds=[b]) for b, row in enumerate(ROWS)]
