@@ -1,14 +1,17 @@
-"""Hugging Face VLMs that saint prunes inside their language model only: Mistral 3
-(``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower), FastVLM
-(``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower),
-PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and
-videos), Aya Vision (``AyaVisionForConditionalGeneration`` / ``AyaVisionModel``) and Command A
-Vision (``Cohere2VisionForConditionalGeneration`` / ``Cohere2VisionModel``), the last two on
-a Cohere 2 decoder (sliding-window layers, and global layers without position embedding), and
-Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``: its visual indicator tokens, which
-mark tiles and images, are text to saint and stay). A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm`
-prunes in and its placeholder token ids (``config.image_token_id``, PerceptionLM's
-``video_token_id`` too); each is one :class:`Family` below.
+"""Hugging Face VLMs that saint prunes inside their language model only (each is one
+:class:`Family` below):
+
+- Mistral 3 (``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower);
+- FastVLM (``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower);
+- PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos);
+- Aya Vision (``AyaVisionForConditionalGeneration`` / ``AyaVisionModel``) and Command A Vision
+  (``Cohere2VisionForConditionalGeneration`` / ``Cohere2VisionModel``), on a Cohere 2 decoder
+  (sliding-window layers, and global layers without position embedding);
+- Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``; its visual indicator tokens, which
+  mark tiles and images, are text to saint and stay).
+
+A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
+its placeholder token ids (``config.image_token_id``, PerceptionLM's ``video_token_id`` too).
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePruneConfig`):
 
@@ -19,7 +22,7 @@ Methods (``saint.patch(model, method=..., **settings)``; see :class:`LlmSidePrun
 Both run on the LLaVA machinery of :mod:`saint.adapters.hf_llm` (per-sample counts,
 kept tokens at their original positions, cached and batched generation, outputs in
 the input's coordinates with NaN logits at dropped positions). The vision side is not
-pruned (each family's :attr:`Family.llm_only` says why), so ``mode="vit"`` /
+pruned (each family's settings class says why, ``LLM_ONLY``), so ``mode="vit"`` /
 ``"hybrid"`` are refused with what works. Image tokens are the runs of
 the family's placeholder ids (images; PerceptionLM's videos too: a video's frame tokens are
 visual tokens like an image's); everything else (Pixtral's row breaks and image end) is
@@ -172,15 +175,12 @@ PERCEPTION_LM = Family("perception_lm", "perception_lm", ("PerceptionLMForCondit
                        PerceptionLMPruneConfig, media=IMAGES_AND_VIDEOS,
                        no_grid="splits an image into tiles and a thumbnail, and a video into frames, each pooled "
                                "to its own grid")
-
-
 TILES = "splits an image into tiles and a thumbnail, each its own grid of tokens"
 AYA_VISION = Family("aya_vision", "aya_vision", ("AyaVisionForConditionalGeneration", "AyaVisionModel"),
                     AyaVisionPruneConfig, no_grid=TILES)
 COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForConditionalGeneration",
                                                              "Cohere2VisionModel"),
                         Cohere2VisionPruneConfig, no_grid=TILES)
-
 OVIS2 = Family("ovis2", "ovis2", ("Ovis2ForConditionalGeneration", "Ovis2Model"), Ovis2PruneConfig, no_grid=TILES)
 
 
