@@ -1,8 +1,9 @@
 """lmms-eval's ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
-``saint_paligemma``, ``saint_fast_vlm`` and ``saint_aya_vision`` models on tiny random InternVL (Qwen2
-decoder), Mistral 3 (Pixtral tower, Mistral decoder), Gemma 3 (SigLIP tower, sliding-window decoder),
-Idefics3, PaliGemma (SigLIP tower, Gemma decoder; no chat template), FastVLM (FastViT tower, Qwen2
-decoder) and Aya Vision (SigLIP tiles, Cohere 2 decoder) checkpoints saved to disk
+``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision`` and ``saint_cohere2_vision`` models on
+tiny random InternVL (Qwen2 decoder), Mistral 3 (Pixtral tower, Mistral decoder), Gemma 3 (SigLIP
+tower, sliding-window decoder), Idefics3, PaliGemma (SigLIP tower, Gemma decoder; no chat template),
+FastVLM (FastViT tower, Qwen2 decoder), Aya Vision and Command A Vision (SigLIP tiles, Cohere 2
+decoder) checkpoints saved to disk
 with offline processors (BPE tokenizer trained here, the families' own image processors):
 nothing pruned equals the unpatched model, both request kinds pruned per prompt (InternVL
 also inside its tower), batches of images of different sizes (InternVL: different tile
@@ -36,7 +37,7 @@ from .lmms_helpers import (
 
 FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": "SaintGemma3",
             "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma", "fast_vlm": "SaintFastVlm",
-            "aya_vision": "SaintAyaVision"}
+            "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # InternVL and Gemma 3: half of every tile's (image's) 16 tokens
@@ -45,7 +46,7 @@ PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_AR
            ("mistral3", FASTV_ARGS), ("gemma3", LLM_ARGS), ("gemma3", FASTV_ARGS), ("gemma3", VIT_ARGS),
            ("idefics3", LLM_ARGS), ("idefics3", VIT_ARGS), ("paligemma", LLM_ARGS), ("paligemma", FASTV_ARGS),
            ("paligemma", VIT_ARGS), ("fast_vlm", LLM_ARGS), ("fast_vlm", FASTV_ARGS),
-           ("aya_vision", LLM_ARGS), ("aya_vision", FASTV_ARGS)]
+           ("aya_vision", LLM_ARGS), ("aya_vision", FASTV_ARGS), ("cohere2_vision", LLM_ARGS)]
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
 
@@ -108,6 +109,19 @@ def _build(path: Path, family: str) -> None:
         processor = transformers.AyaVisionProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
                                                     img_size=64, downsample_factor=2)
         image_token = "<|IMG_PATCH|>"
+    elif family == "cohere2_vision":  # tiles as Aya Vision's; each tile 4 x 4 image tokens and a line break
+        special = ["<pad>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>",
+                   "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>",
+                   "<|CHATBOT_TOKEN|>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user chatbot"]), pad_token="<pad>", bos_token="<BOS_TOKEN>",
+            eos_token="<|END_OF_TURN_TOKEN|>", extra_special_tokens={
+                "boi_token": "<|START_OF_IMG|>", "eoi_token": "<|END_OF_IMG|>", "image_token": "<|IMG_PATCH|>",
+                "img_line_break_token": "<|IMG_LINE_BREAK|>"})
+        images = transformers.Cohere2VisionImageProcessor(size={"height": 64, "width": 64}, patch_size=4,
+                                                          min_patches=1, max_patches=2)
+        processor = transformers.Cohere2VisionProcessor(image_processor=images, tokenizer=tokenizer)
+        image_token = "<|IMG_PATCH|>"
     elif family == "fast_vlm":  # LLaVA's processor: 128 px, one token per 32 px cell of the tower's last stage
         special = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
         tokenizer = transformers.PreTrainedTokenizerFast(
@@ -156,6 +170,7 @@ def test_entry_points_resolve():
 
     from saint.integrations.lmms_llm_side import (
         SaintAyaVision,
+        SaintCohere2Vision,
         SaintFastVlm,
         SaintGemma3,
         SaintIdefics3,
@@ -165,6 +180,7 @@ def test_entry_points_resolve():
     )
 
     assert lmms_eval.models.get_model("saint_aya_vision") is SaintAyaVision
+    assert lmms_eval.models.get_model("saint_cohere2_vision") is SaintCohere2Vision
     assert lmms_eval.models.get_model("saint_fast_vlm") is SaintFastVlm
     assert lmms_eval.models.get_model("saint_paligemma") is SaintPaliGemma
     assert lmms_eval.models.get_model("saint_internvl") is SaintInternVL

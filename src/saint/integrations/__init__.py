@@ -6,7 +6,7 @@ harness), plus the harness-agnostic parsing they share.
   :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next``,
   ``saint_llava_next_video`` and ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
   ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``, ``saint_paligemma``,
-  ``saint_fast_vlm`` and ``saint_aya_vision``, and
+  ``saint_fast_vlm``, ``saint_aya_vision`` and ``saint_cohere2_vision``, and
   :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
@@ -90,7 +90,7 @@ def lmms_eval_models() -> list[Any]:
     saint_llava``, ``saint_qwen_vl``, ``saint_glm4v``, ``saint_llava_next``, ``saint_llava_next_video``,
     ``saint_llava_onevision``,
     ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
-    ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``) is asked for."""
+    ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision``) is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava"),
@@ -115,4 +115,6 @@ def lmms_eval_models() -> list[Any]:
             ModelManifest(model_id="saint_fast_vlm",
                           simple_class_path="saint.integrations.lmms_llm_side.SaintFastVlm"),
             ModelManifest(model_id="saint_aya_vision",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintAyaVision")]
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintAyaVision"),
+            ModelManifest(model_id="saint_cohere2_vision",
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintCohere2Vision")]

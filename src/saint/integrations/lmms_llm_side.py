@@ -1,13 +1,14 @@
 """lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
-``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm`` and ``saint_aya_vision``: Hugging Face
-InternVL (``InternVLForConditionalGeneration``), Mistral 3 (``Mistral3ForConditionalGeneration``),
-Gemma 3 (``Gemma3ForConditionalGeneration``), Idefics3 / SmolVLM, PaliGemma / PaliGemma 2,
-FastVLM (``FastVlmForConditionalGeneration``) and Aya Vision (``AyaVisionForConditionalGeneration``)
+``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision`` and
+``saint_cohere2_vision``: Hugging Face InternVL (``InternVLForConditionalGeneration``), Mistral 3
+(``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``), Idefics3 /
+SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
+(``AyaVisionForConditionalGeneration``) and Command A Vision (``Cohere2VisionForConditionalGeneration``)
 checkpoints pruned by :func:`saint.patch`
 (:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM and PaliGemma: SAINT's
 ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
 :mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's,
-FastVLM's and Aya Vision's language models), for any lmms-eval image task::
+FastVLM's, Aya Vision's and Command A Vision's language models), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -18,13 +19,14 @@ Everything but what differs per family is :class:`~saint.integrations.lmms_eval.
 Each image enters the prompt as the processor's image token in front of the task's text
 (unless the task placed them), then the chat template (``chat_template=``, else the
 tokenizer's, else ChatML for InternVL and FastVLM, Mistral's ``[INST]`` format for Mistral 3,
-Gemma's turns for Gemma 3 and Cohere's turns for Aya Vision). InternVL's processor expands an image to its tiles
+Gemma's turns for Gemma 3 and Cohere's turns for Aya Vision and Command A Vision). InternVL's processor expands an image to its tiles
 (``image_seq_length`` tokens each, between ``<img>`` and ``</img>``); Pixtral's to rows of
 image tokens closed by row breaks and an image end, with ``image_sizes``; Gemma 3's to
 ``<start_of_image>``, ``image_seq_length`` image tokens and ``<end_of_image>``, with
 ``token_type_ids`` marking the image tokens (they attend to each other both ways); FastVLM's
 (LLaVA's processor) to one image token per cell of its tower's last stage; Aya Vision's to its
-tiles and a thumbnail (``<|IMG_PATCH|>`` tokens, each tile led by its tile marker).
+tiles and a thumbnail (``<|IMG_PATCH|>`` tokens, each tile led by its tile marker); Command A
+Vision's to its tiles and a thumbnail, each a run of image tokens closed by a line break.
 PaliGemma takes no chat template: its processor puts the image tokens and ``<bos>`` in front
 of the task's text and ends it with a newline, and the whole prompt attends both ways; a
 scored continuation follows as its suffix (``token_type_ids`` 1: causal).
@@ -40,7 +42,7 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintAyaVision", "SaintFastVlm", "SaintGemma3", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
+__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintFastVlm", "SaintGemma3", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -167,6 +169,27 @@ class SaintAyaVision(SaintLlmSide):
         tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
         per_tile = (self.processor.img_size // self.processor.patch_size) ** 2
         return {"pixel_values": enc["pixel_values"][: tokens // per_tile]}
+
+
+class SaintCohere2Vision(SaintLlmSide):
+    """A Command A Vision checkpoint (``model_type: cohere2_vision``, a SigLIP tower, a Cohere 2
+    language model) patched once by :func:`saint.patch`, evaluated by lmms-eval
+    (``--model saint_cohere2_vision``)."""
+
+    NAME = "saint_cohere2_vision"
+    ADAPTER = llm_side_vlm.COHERE2_VISION
+    MODEL_TYPES = ("cohere2_vision",)
+    MODEL_CLASS = "Cohere2VisionForConditionalGeneration"
+    TITLE = "Command A Vision"
+    DEFAULT_CHAT_TEMPLATE = COHERE_TEMPLATE
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The tiles of the first prompt's images: its image tokens over the tokens of a tile
+        (the processor's ``patch_size`` per side)."""
+        if not visuals:
+            return {}
+        tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
+        return {"pixel_values": enc["pixel_values"][: tokens // int(self.processor.patch_size) ** 2]}
 
 
 class SaintGemma3(SaintLlmSide):
