@@ -57,7 +57,8 @@ NOTHING = {
     "random": dict(method="random", keep_ratio=1.0),
 }
 VISION_SIDE = {"vit", "hybrid", "random"}
-POOLED = ("internvl", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2")  # with vision-side modes
+POOLED = ("internvl", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "aya_vision",
+          "cohere2_vision")  # with vision-side modes
 SOFTCAPPED = ("paligemma2",)  # attention logits capped: FastV refused
 
 
@@ -263,6 +264,8 @@ def tower_parts(family: str, tower) -> tuple:
     attribute of a layer."""
     if family == "internvl":
         return tower.encoder.layer, tower.layernorm, 1, "attention"
+    if family == "aya_vision":  # reads the last layer's output (hidden_states[-1]), not the final norm's
+        return tower.encoder.layers, torch.nn.Identity(), 0, "self_attn"
     return tower.encoder.layers, tower.post_layernorm, 0, "self_attn"
 
 
@@ -291,8 +294,8 @@ def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
     """A reference from the unpatched model's own modules: the tower's hidden states after
     vit_layer cut to the prefix (InternVL's class token) and each unit's kept 2x2 groups
     (raster order; PaliGemma's groups are single patches), the later layers and the final
-    norm, scattered back to the grid (zeros elsewhere), then the model's pixel shuffle
-    (InternVL) and projector (Gemma 3's pools);
+    norm (Aya Vision: none), scattered back to the grid (zeros elsewhere), then the model's
+    pixel shuffle (InternVL) and projector (Gemma 3's pools, Aya Vision's shuffles);
     the patched features are its kept groups' tokens."""
     model = make(family)
     mm = model.model
@@ -326,7 +329,7 @@ def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
         if family == "internvl":
             full = mm.pixel_shuffle(full.view(n_units, 8, 8, -1), scale_factor=0.5).reshape(n_units, groups, -1)
         project = mm.connector if family in ("idefics3", "smolvlm") else mm.multi_modal_projector
-        want = project(full)[keep].view(n_units, -1, got.shape[-1])
+        want = project(full).reshape(n_units, groups, -1)[keep].view(n_units, -1, got.shape[-1])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -456,6 +459,19 @@ def test_gemma3_kept_tokens_see_each_other_as_unpruned_and_the_window_spans_posi
             got = torch.ones_like(want) if mask is None else mask[0, 0, 0]
             assert torch.equal(got, want), f"layer {i}, step {step}"
     assert not masks[4][-1][0, 0, 0, : len(pos)].any()  # the window has left the prompt behind
+
+
+def test_aya_vision_vit_mode_needs_the_last_tower_layer():
+    """Aya Vision's vit mode scatters the tower's last layer back to the grid: a checkpoint
+    reading an earlier layer is refused there and runs in llm mode."""
+    model = make("aya_vision")
+    model.config.vision_feature_layer = model.model.config.vision_feature_layer = -2
+    with pytest.raises(ValueError, match=r"vision_feature_layer=-2: saint's vit mode reads the tower's last layer"):
+        saint.patch(model, **CONFIGS["vit"])
+    assert not saint.is_patched(model)
+    saint.patch(model, **CONFIGS["llm"])
+    with torch.no_grad():
+        assert model(**inputs("aya_vision", ROWS["aya_vision"])).logits.isnan().any()  # image tokens dropped
 
 
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])

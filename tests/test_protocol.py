@@ -150,8 +150,9 @@ FAMILIES = {
     "idefics3": lambda: llm_side("idefics3"),
 }
 QWEN_ADAPTER = ("qwen_vl", "qwen2_vl", "glm4v")  # the models of the qwen_vl adapter
-VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_next_video", "llava_onevision", "internvl", "gemma3", "idefics3")  # + vision side
-NO_GRID = ("mistral3", "fast_vlm", "perception_lm", "aya_vision")  # pruned inside the language model only; no one patch grid
+VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_next_video", "llava_onevision", "internvl", "gemma3", "idefics3",
+        "aya_vision")  # + vision side
+NO_GRID = ("mistral3", "fast_vlm", "perception_lm")  # pruned inside the language model only; no one patch grid
 ALL_VLMS = (*VLMS, *NO_GRID)
 
 
@@ -238,7 +239,7 @@ def test_trace_kept_maps_the_patch_grid(family):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
     if name in NO_GRID:
         pytest.skip(f"{name}'s image tokens map to no one patch grid (Mistral 3: images at their own sizes; "
-                    "FastVLM: a convolutional tower's cells; PerceptionLM, Aya Vision: tiles)")
+                    "FastVLM: a convolutional tower's cells; PerceptionLM: tiles and frames)")
     grid = find_adapter(model).grid(model, one(model, inputs) if name in QWEN_ADAPTER else None)
     vlm = name in ALL_VLMS
     settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if vlm else dict(tau=0.0, k=1)
@@ -255,6 +256,7 @@ VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": di
                "internvl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "gemma3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "idefics3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "aya_vision": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "llava_next": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_next_video": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_onevision": dict(mode="vit", vit_keep=5, vit_layer=0)}

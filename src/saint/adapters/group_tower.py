@@ -1,12 +1,16 @@
 """SAINT's ``vit`` step inside the vision tower of a VLM whose projector folds square
 groups of patches into one token (InternVL's pixel shuffle: 2x2; Gemma 3's average
-pool: 4x4 at 896 px; Idefics3 / SmolVLM's pixel shuffle: 3x3 or 4x4): after encoder
+pool: 4x4 at 896 px; Idefics3 / SmolVLM's pixel shuffle: 3x3 or 4x4; Aya Vision's and
+Command A Vision's pixel shuffle: 2x2): after encoder
 layer ``vit_layer`` every image unit (a tile, or Gemma 3's image) keeps ``round(vit_ratio * groups)`` of its groups, chosen by
 SAINT's fixed-budget drop on each group's mean key. Every unit keeps the same count, so
 later layers run on a rectangular batch (prefix tokens plus the kept patches) with the
 model's own attention. The tower's output is scattered back to the full grid (zeros at
 dropped groups), so the model's own shuffle or pool and projector run unchanged; the
-adapter then keeps the kept groups' tokens (raster order, the projector's token order)."""
+adapter then keeps the kept groups' tokens (raster order, the projector's token order).
+Where the model reads the tower's last layer instead of its final norm (Aya Vision's
+``hidden_states[-1]``), that layer's output is scattered back, by a hook that runs before
+any other on it (transformers records ``hidden_states`` with forward hooks of its own)."""
 
 from __future__ import annotations
 
@@ -24,14 +28,16 @@ from .common import Hooked, TokenStats
 class TowerLayout:
     """Where a tower keeps what the pruner hooks: its encoder layers (and the dotted
     name they have in statistics), each layer's attention attribute (``k_proj``, and a
-    ``k_norm`` where the tower has one), the final norm whose output is scattered back,
-    and the prefix tokens before the patch grid (a class token)."""
+    ``k_norm`` where the tower has one), the module whose output the model reads and which
+    is scattered back (the final norm, or the last layer), and the prefix tokens before the
+    patch grid (a class token)."""
 
     layers: Callable[[torch.nn.Module], torch.nn.ModuleList]
     layer_name: str
     attention: str
-    final_norm: Callable[[torch.nn.Module], torch.nn.Module]
+    output: Callable[[torch.nn.Module], torch.nn.Module]
     prefix: int
+    output_name: str = "the vision tower's final norm"
 
 
 def _siglip(tower: torch.nn.Module) -> torch.nn.Module:
@@ -45,6 +51,9 @@ IDEFICS3_TOWER = TowerLayout(lambda t: t.encoder.layers, "vision_model.encoder.l
                              lambda t: t.post_layernorm, prefix=0)
 SIGLIP_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
                            lambda t: _siglip(t).post_layernorm, prefix=0)
+SIGLIP_LAST_LAYER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
+                                lambda t: _siglip(t).encoder.layers[-1], prefix=0,
+                                output_name="the vision tower's last layer")  # read as hidden_states[-1]
 
 
 class GroupPruner:
@@ -70,19 +79,19 @@ class GroupPruner:
         tower, i, lay = self.tower, self.layer, self.layout
         layer = lay.layers(tower)[i]
         attn = getattr(layer, lay.attention)
-        norm = lay.final_norm(tower)
+        out = lay.output(tower)
         self.hooks += [
             tower.register_forward_pre_hook(self._begin),
             layer.register_forward_pre_hook(self._refuse_masks, with_kwargs=True),
             attn.k_proj.register_forward_hook(self._capture),
             layer.register_forward_hook(self._prune),
-            norm.register_forward_hook(self._scatter),
+            out.register_forward_hook(self._scatter, prepend=True),  # before transformers' hidden_states record
         ]
         self.hooked += [
             Hooked(tower, lambda t: lay.layers(t)[i], layer, f"vision layer {i}"),
             Hooked(layer, lambda m: getattr(m, lay.attention).k_proj, attn.k_proj,
                    f"vision layer {i}'s {lay.attention}.k_proj"),
-            Hooked(tower, lay.final_norm, norm, "the vision tower's final norm"),
+            Hooked(tower, lay.output, out, lay.output_name),
         ]
 
     def remove(self) -> None:

@@ -4,9 +4,6 @@
 - Mistral 3 (``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower);
 - FastVLM (``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower);
 - PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos);
-- Aya Vision (``AyaVisionForConditionalGeneration`` / ``AyaVisionModel``) and Command A Vision
-  (``Cohere2VisionForConditionalGeneration`` / ``Cohere2VisionModel``), on a Cohere 2 decoder
-  (sliding-window layers, and global layers without position embedding);
 - Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``; its visual indicator tokens, which
   mark tiles and images, are text to saint and stay).
 
@@ -47,9 +44,8 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FASTVLM", "FIELDS", "MISTRAL3", "OVIS2", "PERCEPTION_LM",
-           "AyaVisionPruneConfig", "Cohere2VisionPruneConfig", "FastVlmPruneConfig", "Family", "LlmSidePruneConfig",
-           "LlmSideVlm", "Mistral3PruneConfig", "Ovis2PruneConfig", "PerceptionLMPruneConfig"]
+__all__ = ["ADAPTERS", "FASTVLM", "FIELDS", "MISTRAL3", "OVIS2", "PERCEPTION_LM", "FastVlmPruneConfig", "Family",
+           "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig", "Ovis2PruneConfig", "PerceptionLMPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -96,19 +92,6 @@ class PerceptionLMPruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "PerceptionLM"
     LLM_ONLY: ClassVar[str] = ("its projector pools each 2x2 block of the tower's patches into one token; pruning "
                                "its timm Perception Encoder tower ahead of that pooling is not built")
-
-
-@dataclass
-class AyaVisionPruneConfig(LlmSidePruneConfig):
-    FAMILY: ClassVar[str] = "Aya Vision"
-    LLM_ONLY: ClassVar[str] = ("its projector pixel-shuffles each 2x2 block of a tile's patches into one token; "
-                               "pruning its tower by those blocks is not built")
-
-
-@dataclass
-class Cohere2VisionPruneConfig(LlmSidePruneConfig):
-    FAMILY: ClassVar[str] = "Command A Vision"
-    LLM_ONLY: ClassVar[str] = AyaVisionPruneConfig.LLM_ONLY
 
 
 @dataclass
@@ -176,11 +159,6 @@ PERCEPTION_LM = Family("perception_lm", "perception_lm", ("PerceptionLMForCondit
                        no_grid="splits an image into tiles and a thumbnail, and a video into frames, each pooled "
                                "to its own grid")
 TILES = "splits an image into tiles and a thumbnail, each its own grid of tokens"
-AYA_VISION = Family("aya_vision", "aya_vision", ("AyaVisionForConditionalGeneration", "AyaVisionModel"),
-                    AyaVisionPruneConfig, no_grid=TILES)
-COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForConditionalGeneration",
-                                                             "Cohere2VisionModel"),
-                        Cohere2VisionPruneConfig, no_grid=TILES)
 OVIS2 = Family("ovis2", "ovis2", ("Ovis2ForConditionalGeneration", "Ovis2Model"), Ovis2PruneConfig, no_grid=TILES)
 
 
@@ -209,4 +187,4 @@ class LlmSideVlm(HFVlm):
                          "kept tokens to")
 
 
-ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, AYA_VISION, COHERE2_VISION, OVIS2))
+ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, OVIS2))

@@ -9,7 +9,10 @@ SmolVLM's 4x4 groups, 64 tokens per 512 px tile; a tile with padded patches is r
 by the vit mode), and PaliGemma / PaliGemma 2 (``PaliGemmaForConditionalGeneration`` /
 ``PaliGemmaModel`` on a Gemma or Gemma 2 decoder; its projector maps every SigLIP patch to
 one token: groups of one patch; it numbers a prompt from 1, and its whole prompt attends
-both ways; Gemma 2's softcapped attention logits rule out FastV).
+both ways; Gemma 2's softcapped attention logits rule out FastV), and Aya Vision and Command A
+Vision (``AyaVisionForConditionalGeneration``, ``Cohere2VisionForConditionalGeneration`` and
+their ``*Model``; SigLIP tiles, a pixel shuffle of 2x2 groups, a Cohere 2 decoder whose global
+layers use no position embedding; Aya Vision reads the tower's last layer, not its final norm).
 SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
 only; each family is one :class:`Family` below.
 
@@ -54,6 +57,7 @@ from .common import Hooked, TokenStats, language_model, transformers_classes, tr
 from .group_tower import (
     IDEFICS3_TOWER,
     INTERNVL_TOWER,
+    SIGLIP_LAST_LAYER,
     SIGLIP_TOWER,
     GroupPruner,
     TowerLayout,
@@ -73,8 +77,9 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "PALIGEMMA", "SMOLVLM", "Family",
-           "Gemma3PruneConfig", "PaliGemmaPruneConfig",
+__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "PALIGEMMA",
+           "SMOLVLM", "AyaVisionPruneConfig", "Cohere2VisionPruneConfig", "Family", "Gemma3PruneConfig",
+           "PaliGemmaPruneConfig",
            "Idefics3PruneConfig", "InternVLPruneConfig", "PooledPatch", "PooledPruneConfig", "PooledVlm",
            "SmolVLMPruneConfig"]
 
@@ -139,6 +144,18 @@ class PaliGemmaPruneConfig(PooledPruneConfig):
 
 
 @dataclass
+class AyaVisionPruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "Aya Vision"
+    UNIT: ClassVar[str] = "tile"
+
+
+@dataclass
+class Cohere2VisionPruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "Command A Vision"
+    UNIT: ClassVar[str] = "tile"
+
+
+@dataclass
 class PooledPatch(VlmPatch):
     """A patched model of a family here: the VLM handle and the group pruner of
     ``vit``/``hybrid``."""
@@ -183,6 +200,18 @@ def _idefics3_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """Idefics3 / SmolVLM's tile: patches per side, and the pixel shuffle's ``scale_factor``."""
     vc = mm.config.vision_config
     return int(vc.image_size) // int(vc.patch_size), int(mm.config.scale_factor)
+
+
+def _shuffled_unit(mm: torch.nn.Module) -> tuple[int, int]:
+    """Aya Vision's / Command A Vision's tile: patches per side, and the pixel shuffle's ``downsample_factor``."""
+    vc = mm.config.vision_config
+    return int(vc.image_size) // int(vc.patch_size), int(mm.config.downsample_factor)
+
+
+def _check_aya_vision(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
+    if mm.config.vision_feature_layer != -1:
+        raise ValueError(f"vision_feature_layer={mm.config.vision_feature_layer}: saint's vit mode reads the tower's "
+                         "last layer (-1), whose output it scatters back to the full grid")
 
 
 def _check_internvl(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
@@ -249,6 +278,11 @@ IDEFICS3 = Family("idefics3", "idefics3", ("Idefics3ForConditionalGeneration", "
                   IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
 PALIGEMMA = Family("paligemma", "paligemma", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"),
                    PaliGemmaPruneConfig, SIGLIP_TOWER, _paligemma_unit, position_offset=1)
+AYA_VISION = Family("aya_vision", "aya_vision", ("AyaVisionForConditionalGeneration", "AyaVisionModel"),
+                    AyaVisionPruneConfig, SIGLIP_LAST_LAYER, _shuffled_unit, _check_aya_vision)
+COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForConditionalGeneration",
+                                                             "Cohere2VisionModel"),
+                        Cohere2VisionPruneConfig, SIGLIP_TOWER, _shuffled_unit)
 SMOLVLM = Family("smolvlm", "smolvlm", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), SmolVLMPruneConfig,
                  IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
 
@@ -360,4 +394,4 @@ class PooledVlm(HFVlm):
         return Grid(side, side, (size // side, size // side))
 
 
-ADAPTERS = (PooledVlm(INTERNVL), PooledVlm(GEMMA3), PooledVlm(IDEFICS3), PooledVlm(SMOLVLM), PooledVlm(PALIGEMMA))
+ADAPTERS = tuple(PooledVlm(f) for f in (INTERNVL, GEMMA3, IDEFICS3, SMOLVLM, PALIGEMMA, AYA_VISION, COHERE2_VISION))

@@ -5,10 +5,10 @@
 SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
 (``AyaVisionForConditionalGeneration``) and Command A Vision (``Cohere2VisionForConditionalGeneration``)
 checkpoints pruned by :func:`saint.patch`
-(:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM and PaliGemma: SAINT's
-``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
-:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's,
-FastVLM's, Aya Vision's and Command A Vision's language models), for any lmms-eval image task::
+(:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM, PaliGemma, Aya Vision and
+Command A Vision: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
+:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's and
+FastVLM's language models), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -156,7 +156,7 @@ class SaintAyaVision(SaintLlmSide):
     model) patched once by :func:`saint.patch`, evaluated by lmms-eval (``--model saint_aya_vision``)."""
 
     NAME = "saint_aya_vision"
-    ADAPTER = llm_side_vlm.AYA_VISION
+    ADAPTER = pooled_vlm.AYA_VISION
     MODEL_TYPES = ("aya_vision",)
     MODEL_CLASS = "AyaVisionForConditionalGeneration"
     TITLE = "Aya Vision"
@@ -177,7 +177,7 @@ class SaintCohere2Vision(SaintLlmSide):
     (``--model saint_cohere2_vision``)."""
 
     NAME = "saint_cohere2_vision"
-    ADAPTER = llm_side_vlm.COHERE2_VISION
+    ADAPTER = pooled_vlm.COHERE2_VISION
     MODEL_TYPES = ("cohere2_vision",)
     MODEL_CLASS = "Cohere2VisionForConditionalGeneration"
     TITLE = "Command A Vision"
