@@ -58,7 +58,7 @@ NOTHING = {
 }
 VISION_SIDE = {"vit", "hybrid", "random"}
 POOLED = ("internvl", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "aya_vision",
-          "cohere2_vision")  # with vision-side modes
+          "cohere2_vision", "ovis2")  # with vision-side modes
 SOFTCAPPED = ("paligemma2",)  # attention logits capped: FastV refused
 
 
@@ -266,6 +266,8 @@ def tower_parts(family: str, tower) -> tuple:
         return tower.encoder.layer, tower.layernorm, 1, "attention"
     if family == "aya_vision":  # reads the last layer's output (hidden_states[-1]), not the final norm's
         return tower.encoder.layers, torch.nn.Identity(), 0, "self_attn"
+    if family == "ovis2":
+        return tower.transformer.encoder.layers, tower.transformer.rms_norm, 0, "attention"
     return tower.encoder.layers, tower.post_layernorm, 0, "self_attn"
 
 
@@ -287,6 +289,18 @@ def units(feats, per: int = 0) -> torch.Tensor:
     """Image features as ``[units, tokens, C]`` (Idefics3 / SmolVLM return each prompt's
     flattened: ``per`` tokens per unit)."""
     return torch.cat(list(feats)).unflatten(0, (-1, per)) if isinstance(feats, (list, tuple)) else feats
+
+
+def ovis2_project(mm, full: torch.Tensor) -> torch.Tensor:
+    """Ovis2's visual tokenizer on a tower output ``[units, 64, C]`` (8x8 patches): each 2x2 group's
+    patches side by side, its head and softmax over the visual vocabulary, embedded by its table
+    (the indicator columns zero)."""
+    v = mm.vision_tower
+    n, _, c = full.shape
+    groups = full.view(n, 4, 2, 4, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, 16, 4 * c)
+    prob = torch.softmax(v.head_norm(v.head_linear(groups)), dim=-1)
+    prob = torch.cat([prob, prob.new_zeros(n, 16, v.num_visual_indicator_tokens)], dim=-1)
+    return mm.visual_embeddings_table(prob)
 
 
 @pytest.mark.parametrize("family", POOLED)
@@ -328,7 +342,10 @@ def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
         full[patch_keep] = h[:, prefix:].reshape(-1, h.shape[-1])
         if family == "internvl":
             full = mm.pixel_shuffle(full.view(n_units, 8, 8, -1), scale_factor=0.5).reshape(n_units, groups, -1)
-        project = mm.connector if family in ("idefics3", "smolvlm") else mm.multi_modal_projector
+        if family == "ovis2":
+            project = lambda f: ovis2_project(mm, f)  # noqa: E731
+        else:
+            project = mm.connector if family in ("idefics3", "smolvlm") else mm.multi_modal_projector
         want = project(full).reshape(n_units, groups, -1)[keep].view(n_units, -1, got.shape[-1])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -338,8 +355,6 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(family):
     """Shrinking each unit's run of tokens gives exactly what the unpatched model
     computes for a prompt with the kept count per unit and the pruned tower's features
     (Gemma 3: with the shrunk prompt's image flags, so kept image tokens see each other)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     from .conftest import left_pad
 
     model = make(family)
@@ -347,8 +362,9 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(family):
     saint.patch(model, **CONFIGS["vit"])
     with torch.no_grad():
         out = model(**x).logits
-        feats = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output
+        encoded = model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True)
     saint.unpatch(model)
+    feats = encoded.pooler_output
     kept = units(feats, round(0.4 * 16)).shape[1]
     rows = []
     for ids, m in zip(x["input_ids"], x["attention_mask"], strict=True):
@@ -365,7 +381,7 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(family):
     pos = pos + family.startswith("paligemma")  # PaliGemma numbers a prompt from 1
     with torch.no_grad():
         ref = model(input_ids=short, attention_mask=mask, position_ids=pos, **types,
-                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)}).logits
+                    mm_encoder_outputs={"image": encoded}).logits  # Ovis2: its indicator features too
     for b in range(len(rows)):
         real = ~out[b].isnan().any(-1) & x["attention_mask"][b].bool()
         torch.testing.assert_close(out[b][real], ref[b][mask[b].bool()], rtol=1e-4, atol=1e-5)

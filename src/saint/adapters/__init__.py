@@ -40,8 +40,8 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "Granite language model); Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (vision side), Qwen3.5-MoE (vision "
     "side), GLM-4.1V, GLM-4.5V and GLM-4.6V (*ForConditionalGeneration / *Model); LLaVA-NeXT, LLaVA-NeXT-Video "
     "and LLaVA-OneVision (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, "
-    "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision and Command A Vision (*ForConditionalGeneration / *Model; "
-    "saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM, PerceptionLM and Ovis2 "
+    "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision, Command A Vision and Ovis2 (*ForConditionalGeneration / "
+    "*Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM and PerceptionLM "
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 

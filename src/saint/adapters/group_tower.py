@@ -1,7 +1,8 @@
 """SAINT's ``vit`` step inside the vision tower of a VLM whose projector folds square
 groups of patches into one token (InternVL's pixel shuffle: 2x2; Gemma 3's average
 pool: 4x4 at 896 px; Idefics3 / SmolVLM's pixel shuffle: 3x3 or 4x4; Aya Vision's and
-Command A Vision's pixel shuffle: 2x2): after encoder
+Command A Vision's pixel shuffle: 2x2; Ovis2's visual tokenizer: ``hidden_stride`` x
+``hidden_stride``): after encoder
 layer ``vit_layer`` every image unit (a tile, or Gemma 3's image) keeps ``round(vit_ratio * groups)`` of its groups, chosen by
 SAINT's fixed-budget drop on each group's mean key. Every unit keeps the same count, so
 later layers run on a rectangular batch (prefix tokens plus the kept patches) with the
@@ -51,6 +52,8 @@ IDEFICS3_TOWER = TowerLayout(lambda t: t.encoder.layers, "vision_model.encoder.l
                              lambda t: t.post_layernorm, prefix=0)
 SIGLIP_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
                            lambda t: _siglip(t).post_layernorm, prefix=0)
+OVIS2_TOWER = TowerLayout(lambda t: t.transformer.encoder.layers, "vision_tower.transformer.encoder.layers",
+                          "attention", lambda t: t.transformer.rms_norm, prefix=0)
 SIGLIP_LAST_LAYER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
                                 lambda t: _siglip(t).encoder.layers[-1], prefix=0,
                                 output_name="the vision tower's last layer")  # read as hidden_states[-1]

@@ -3,9 +3,7 @@
 
 - Mistral 3 (``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower);
 - FastVLM (``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower);
-- PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos);
-- Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``; its visual indicator tokens, which
-  mark tiles and images, are text to saint and stay).
+- PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos).
 
 A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
 its placeholder token ids (``config.image_token_id``, PerceptionLM's ``video_token_id`` too).
@@ -44,8 +42,8 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "FASTVLM", "FIELDS", "MISTRAL3", "OVIS2", "PERCEPTION_LM", "FastVlmPruneConfig", "Family",
-           "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig", "Ovis2PruneConfig", "PerceptionLMPruneConfig"]
+__all__ = ["ADAPTERS", "FASTVLM", "FIELDS", "MISTRAL3", "PERCEPTION_LM", "FastVlmPruneConfig", "Family",
+           "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -92,14 +90,6 @@ class PerceptionLMPruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "PerceptionLM"
     LLM_ONLY: ClassVar[str] = ("its projector pools each 2x2 block of the tower's patches into one token; pruning "
                                "its timm Perception Encoder tower ahead of that pooling is not built")
-
-
-@dataclass
-class Ovis2PruneConfig(LlmSidePruneConfig):
-    FAMILY: ClassVar[str] = "Ovis2"
-    LLM_ONLY: ClassVar[str] = ("its visual tokenizer maps each 2x2 block of a tile's patches to one token (a "
-                               "distribution over its visual vocabulary); pruning its tower by those blocks is not "
-                               "built")
 
 
 @dataclass(frozen=True)
@@ -158,8 +148,6 @@ PERCEPTION_LM = Family("perception_lm", "perception_lm", ("PerceptionLMForCondit
                        PerceptionLMPruneConfig, media=IMAGES_AND_VIDEOS,
                        no_grid="splits an image into tiles and a thumbnail, and a video into frames, each pooled "
                                "to its own grid")
-TILES = "splits an image into tiles and a thumbnail, each its own grid of tokens"
-OVIS2 = Family("ovis2", "ovis2", ("Ovis2ForConditionalGeneration", "Ovis2Model"), Ovis2PruneConfig, no_grid=TILES)
 
 
 def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward
@@ -187,4 +175,4 @@ class LlmSideVlm(HFVlm):
                          "kept tokens to")
 
 
-ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, OVIS2))
+ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM))

@@ -12,7 +12,10 @@ one token: groups of one patch; it numbers a prompt from 1, and its whole prompt
 both ways; Gemma 2's softcapped attention logits rule out FastV), and Aya Vision and Command A
 Vision (``AyaVisionForConditionalGeneration``, ``Cohere2VisionForConditionalGeneration`` and
 their ``*Model``; SigLIP tiles, a pixel shuffle of 2x2 groups, a Cohere 2 decoder whose global
-layers use no position embedding; Aya Vision reads the tower's last layer, not its final norm).
+layers use no position embedding; Aya Vision reads the tower's last layer, not its final norm),
+and Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``: its visual tokenizer maps every
+``hidden_stride`` x ``hidden_stride`` group of a tile's patches to one token, a distribution over
+its visual vocabulary embedded by its table; its visual indicator tokens are text and stay).
 SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
 only; each family is one :class:`Family` below.
 
@@ -57,6 +60,7 @@ from .common import Hooked, TokenStats, language_model, transformers_classes, tr
 from .group_tower import (
     IDEFICS3_TOWER,
     INTERNVL_TOWER,
+    OVIS2_TOWER,
     SIGLIP_LAST_LAYER,
     SIGLIP_TOWER,
     GroupPruner,
@@ -77,8 +81,9 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "PALIGEMMA",
-           "SMOLVLM", "AyaVisionPruneConfig", "Cohere2VisionPruneConfig", "Family", "Gemma3PruneConfig",
+__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "OVIS2",
+           "PALIGEMMA", "SMOLVLM", "AyaVisionPruneConfig", "Cohere2VisionPruneConfig", "Family", "Gemma3PruneConfig",
+           "Ovis2PruneConfig",
            "PaliGemmaPruneConfig",
            "Idefics3PruneConfig", "InternVLPruneConfig", "PooledPatch", "PooledPruneConfig", "PooledVlm",
            "SmolVLMPruneConfig"]
@@ -156,6 +161,12 @@ class Cohere2VisionPruneConfig(PooledPruneConfig):
 
 
 @dataclass
+class Ovis2PruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "Ovis2"
+    UNIT: ClassVar[str] = "tile"
+
+
+@dataclass
 class PooledPatch(VlmPatch):
     """A patched model of a family here: the VLM handle and the group pruner of
     ``vit``/``hybrid``."""
@@ -206,6 +217,12 @@ def _shuffled_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """Aya Vision's / Command A Vision's tile: patches per side, and the pixel shuffle's ``downsample_factor``."""
     vc = mm.config.vision_config
     return int(vc.image_size) // int(vc.patch_size), int(mm.config.downsample_factor)
+
+
+def _ovis2_unit(mm: torch.nn.Module) -> tuple[int, int]:
+    """Ovis2's tile: patches per side, and the visual tokenizer's ``hidden_stride``."""
+    vc = mm.config.vision_config
+    return int(vc.image_size) // int(vc.patch_size), int(vc.hidden_stride)
 
 
 def _check_aya_vision(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
@@ -283,6 +300,8 @@ AYA_VISION = Family("aya_vision", "aya_vision", ("AyaVisionForConditionalGenerat
 COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForConditionalGeneration",
                                                              "Cohere2VisionModel"),
                         Cohere2VisionPruneConfig, SIGLIP_TOWER, _shuffled_unit)
+OVIS2 = Family("ovis2", "ovis2", ("Ovis2ForConditionalGeneration", "Ovis2Model"), Ovis2PruneConfig, OVIS2_TOWER,
+               _ovis2_unit)
 SMOLVLM = Family("smolvlm", "smolvlm", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), SmolVLMPruneConfig,
                  IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
 
@@ -394,4 +413,5 @@ class PooledVlm(HFVlm):
         return Grid(side, side, (size // side, size // side))
 
 
-ADAPTERS = tuple(PooledVlm(f) for f in (INTERNVL, GEMMA3, IDEFICS3, SMOLVLM, PALIGEMMA, AYA_VISION, COHERE2_VISION))
+ADAPTERS = tuple(PooledVlm(f) for f in (INTERNVL, GEMMA3, IDEFICS3, SMOLVLM, PALIGEMMA, AYA_VISION, COHERE2_VISION,
+                                         OVIS2))
