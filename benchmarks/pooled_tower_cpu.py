@@ -1,4 +1,4 @@
-"""InternVL and Gemma 3: what SAINT's ``vit`` mode saves in the vision tower (random
+"""InternVL, Gemma 3 and Aya Vision: what SAINT's ``vit`` mode saves in the vision tower (random
 weights, the real geometry with its width divided by ``--width-div``, default 4, so that
 a shared 2-core CPU runs it in a minute or two).
 
@@ -11,6 +11,10 @@ a shared 2-core CPU runs it in a minute or two).
   of 4096 patches), ``--units`` images (default 1); the projector average-pools 4x4
   groups, 256 tokens per image. Language model: Gemma 3 4B's (34 layers, width 2560,
   8/4 heads of 256, MLP 10240).
+- ``--family aya_vision``: Aya Vision 8B's SigLIP-So400m (27 layers, 14 px patches, 364 px
+  tiles of 676 patches), ``--units`` tiles (default 7: six tiles and the thumbnail); the pixel
+  shuffle folds 2x2 groups, 169 tokens per tile. Language model: Aya Vision 8B's (Command R7B,
+  Cohere 2: 32 layers, width 4096, GQA 32/8 heads, MLP 14336).
 
 Variants: ``none``, the unpruned tower; ``vit``, saint's ``vit`` mode
 (:class:`saint.adapters.group_tower.GroupPruner`), each unit keeping ``ratio`` of its
@@ -24,6 +28,7 @@ minimum and spread. Writes ``benchmarks/results/<family>_tower_cpu.{md,json}``.
 
     python benchmarks/pooled_tower_cpu.py --family internvl      # the committed results (~2 min, 2 threads)
     python benchmarks/pooled_tower_cpu.py --family gemma3        # (~2 min)
+    python benchmarks/pooled_tower_cpu.py --family aya_vision    # (~2 min)
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 import torch
 
 from saint.adapters import pooled_vlm
-from saint.adapters.group_tower import INTERNVL_TOWER, SIGLIP_TOWER, GroupPruner
+from saint.adapters.group_tower import GroupPruner
 from saint.measure.report import environment, write_json
 from saint.measure.tower import tower_cells, tower_markdown, tower_row
 
@@ -56,14 +61,23 @@ FAMILIES = {
                   num_key_value_heads=4, head_dim=256, vocab_size=262208, query_pre_attn_scalar=256,
                   sliding_window=1024),
         text_model="Gemma 3 4B", shape="4096 patches each, 4x4 groups"),
+    "aya_vision": dict(
+        title="Aya Vision", tower="SigLIP-So400m (Aya Vision 8B's)", units="tiles", size=364, vit_layer=13,
+        default_units=7,
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=364, patch_size=14, vision_use_head=False),
+        text=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=256000, sliding_window=4096),
+        text_model="Aya Vision 8B", shape="676 patches each, 2x2 groups"),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=sorted(FAMILIES), default="internvl")
-    p.add_argument("--units", type=int, default=None, help="tiles (InternVL, default 7) or images (Gemma 3, default 1)")
-    p.add_argument("--vit-layer", type=int, default=None, help="default: 12 (InternVL), 13 (Gemma 3)")
+    p.add_argument("--units", type=int, default=None,
+                   help="tiles (InternVL, Aya Vision: default 7) or images (Gemma 3, default 1)")
+    p.add_argument("--vit-layer", type=int, default=None, help="default: 12 (InternVL), 13 (Gemma 3, Aya Vision)")
     p.add_argument("--ratios", default="0.5,0.25", help="kept fractions of each unit's groups (default 0.5,0.25)")
     p.add_argument("--text", type=int, default=64, help="text tokens of the prompt (default 64)")
     p.add_argument("--repeats", type=int, default=3)
@@ -94,13 +108,21 @@ def build(family: str, width_div: int) -> tuple[torch.nn.Module, torch.nn.Module
         torch.manual_seed(0)
         tower = transformers.InternVLVisionModel(transformers.InternVLVisionConfig(**vision, attn_implementation="sdpa"))
         return full, tower.eval(), vision, pooled_vlm.INTERNVL
-    cfg = transformers.Gemma3Config(vision_config=full_vision, text_config=transformers.Gemma3TextConfig(**spec["text"]),
-                                    mm_tokens_per_image=256)
-    with torch.device("meta"):
-        full = transformers.Gemma3ForConditionalGeneration(cfg)
+    if family == "gemma3":
+        cfg = transformers.Gemma3Config(vision_config=full_vision,
+                                        text_config=transformers.Gemma3TextConfig(**spec["text"]), mm_tokens_per_image=256)
+        with torch.device("meta"):
+            full = transformers.Gemma3ForConditionalGeneration(cfg)
+        adapter_family = pooled_vlm.GEMMA3
+    else:
+        cfg = transformers.AyaVisionConfig(vision_config=transformers.SiglipVisionConfig(**full_vision),
+                                           text_config=transformers.Cohere2Config(**spec["text"]), downsample_factor=2)
+        with torch.device("meta"):
+            full = transformers.AyaVisionForConditionalGeneration(cfg)
+        adapter_family = pooled_vlm.AYA_VISION
     torch.manual_seed(0)
     tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision, attn_implementation="sdpa"))
-    return full, tower.eval(), vision, pooled_vlm.GEMMA3
+    return full, tower.eval(), vision, adapter_family
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = FAMILIES[args.family]
     full, tower, vision, family = build(args.family, args.width_div)
     adapter = pooled_vlm.PooledVlm(family)
-    layout = INTERNVL_TOWER if args.family == "internvl" else SIGLIP_TOWER
+    layout = family.layout
     size = spec["size"]
     pixels = torch.randn(args.units, 3, size, size, generator=torch.Generator().manual_seed(0))
     per_unit = family.unit_tokens(full.model)
