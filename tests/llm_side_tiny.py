@@ -17,7 +17,9 @@ WINDOW = 10  # Gemma 3's sliding window, shorter than every prompt; its layers 2
 
 
 def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size: int = 128,
-         image_token_id: int = IMG) -> torch.nn.Module:
+         image_token_id: int = IMG, indicator_ids: list[int] | None = None) -> torch.nn.Module:
+    """A tiny random model of ``family``; ``vocab_size``, ``image_token_id`` and Ovis2's
+    ``indicator_ids`` (its 5 visual indicator tokens) to match a tokenizer."""
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
                 num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
     torch.manual_seed(seed)
@@ -90,7 +92,8 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                                 num_attention_heads=2, image_size=SIZE, patch_size=PATCH, vocab_size=64,
                                                 hidden_stride=2)
         cfg = transformers.Ovis2Config(vision_config=vision, text_config=transformers.Qwen2Config(**text),
-                                       image_token_id=image_token_id, visual_indicator_token_ids=[START, END, BREAK, 125, 126],
+                                       image_token_id=image_token_id,
+                                       visual_indicator_token_ids=indicator_ids or [START, END, BREAK, 125, 126],
                                        vocab_size=vocab_size, hidden_size=text["hidden_size"], attn_implementation=impl)
         model = transformers.Ovis2ForConditionalGeneration(cfg)
     else:

@@ -1,9 +1,9 @@
 """lmms-eval's ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
-``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision`` and ``saint_cohere2_vision`` models on
-tiny random InternVL (Qwen2 decoder), Mistral 3 (Pixtral tower, Mistral decoder), Gemma 3 (SigLIP
+``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision`` and ``saint_ovis2``
+models on tiny random InternVL (Qwen2 decoder), Mistral 3 (Pixtral tower, Mistral decoder), Gemma 3 (SigLIP
 tower, sliding-window decoder), Idefics3, PaliGemma (SigLIP tower, Gemma decoder; no chat template),
 FastVLM (FastViT tower, Qwen2 decoder), Aya Vision and Command A Vision (SigLIP tiles, Cohere 2
-decoder) checkpoints saved to disk
+decoder) and Ovis2 (tiles, Qwen2 decoder) checkpoints saved to disk
 with offline processors (BPE tokenizer trained here, the families' own image processors):
 nothing pruned equals the unpatched model, both request kinds pruned per prompt (InternVL
 also inside its tower), batches of images of different sizes (InternVL: different tile
@@ -37,7 +37,8 @@ from .lmms_helpers import (
 
 FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": "SaintGemma3",
             "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma", "fast_vlm": "SaintFastVlm",
-            "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision"}
+            "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision",
+            "ovis2": "SaintOvis2"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # the pooled families: half of every tile's (image's) 16 tokens
@@ -47,7 +48,7 @@ PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_AR
            ("idefics3", LLM_ARGS), ("idefics3", VIT_ARGS), ("paligemma", LLM_ARGS), ("paligemma", FASTV_ARGS),
            ("paligemma", VIT_ARGS), ("fast_vlm", LLM_ARGS), ("fast_vlm", FASTV_ARGS),
            ("aya_vision", LLM_ARGS), ("aya_vision", FASTV_ARGS), ("aya_vision", VIT_ARGS), ("cohere2_vision", LLM_ARGS),
-           ("cohere2_vision", VIT_ARGS)]
+           ("cohere2_vision", VIT_ARGS), ("ovis2", LLM_ARGS), ("ovis2", VIT_ARGS)]
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
 
@@ -55,6 +56,7 @@ def _build(path: Path, family: str) -> None:
     """A tiny random checkpoint of ``family`` (:func:`tests.llm_side_tiny.make`'s
     geometry) with the family's processor around a tokenizer trained on easy-VQA."""
     transformers = pytest.importorskip("transformers")
+    extra: dict = {}
     if family == "internvl":
         special = ["<pad>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>",
                    "<|im_end|>"]
@@ -123,6 +125,16 @@ def _build(path: Path, family: str) -> None:
                                                           min_patches=1, max_patches=2)
         processor = transformers.Cohere2VisionProcessor(image_processor=images, tokenizer=tokenizer)
         image_token = "<|IMG_PATCH|>"
+    elif family == "ovis2":  # tiles as InternVL's; 16 <IMG_ATOM> tokens a tile between indicator tokens
+        indicators = ["<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"]
+        special = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<IMG_ATOM>", *indicators]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", eos_token="<|im_end|>")
+        images = transformers.Ovis2ImageProcessor(size={"height": 64, "width": 64}, crop_to_patches=True,
+                                                  min_patches=1, max_patches=2)
+        processor = transformers.Ovis2Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16)
+        image_token = "<IMG_ATOM>"
+        extra = {"indicator_ids": tokenizer.convert_tokens_to_ids(indicators)}
     elif family == "fast_vlm":  # LLaVA's processor: 128 px, one token per 32 px cell of the tower's last stage
         special = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
         tokenizer = transformers.PreTrainedTokenizerFast(
@@ -146,7 +158,8 @@ def _build(path: Path, family: str) -> None:
     processor.save_pretrained(path)
     from .llm_side_tiny import make
 
-    model = make(family, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(image_token))
+    model = make(family, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+                 **extra)
     model.save_pretrained(path)
 
 
@@ -177,11 +190,13 @@ def test_entry_points_resolve():
         SaintIdefics3,
         SaintInternVL,
         SaintMistral3,
+        SaintOvis2,
         SaintPaliGemma,
     )
 
     assert lmms_eval.models.get_model("saint_aya_vision") is SaintAyaVision
     assert lmms_eval.models.get_model("saint_cohere2_vision") is SaintCohere2Vision
+    assert lmms_eval.models.get_model("saint_ovis2") is SaintOvis2
     assert lmms_eval.models.get_model("saint_fast_vlm") is SaintFastVlm
     assert lmms_eval.models.get_model("saint_paligemma") is SaintPaliGemma
     assert lmms_eval.models.get_model("saint_internvl") is SaintInternVL

@@ -6,7 +6,7 @@ harness), plus the harness-agnostic parsing they share.
   :mod:`saint.integrations.lmms_anyres`: ``saint_llava_next``,
   ``saint_llava_next_video`` and ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
   ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``, ``saint_paligemma``,
-  ``saint_fast_vlm``, ``saint_aya_vision`` and ``saint_cohere2_vision``, and
+  ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision`` and ``saint_ovis2``, and
   :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
@@ -90,7 +90,8 @@ def lmms_eval_models() -> list[Any]:
     saint_llava``, ``saint_qwen_vl``, ``saint_glm4v``, ``saint_llava_next``, ``saint_llava_next_video``,
     ``saint_llava_onevision``,
     ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
-    ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision``) is asked for."""
+    ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision``, ``saint_ovis2``) is
+    asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava"),
@@ -117,4 +118,5 @@ def lmms_eval_models() -> list[Any]:
             ModelManifest(model_id="saint_aya_vision",
                           simple_class_path="saint.integrations.lmms_llm_side.SaintAyaVision"),
             ModelManifest(model_id="saint_cohere2_vision",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintCohere2Vision")]
+                          simple_class_path="saint.integrations.lmms_llm_side.SaintCohere2Vision"),
+            ModelManifest(model_id="saint_ovis2", simple_class_path="saint.integrations.lmms_llm_side.SaintOvis2")]

@@ -1,12 +1,12 @@
 """lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
-``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision`` and
-``saint_cohere2_vision``: Hugging Face InternVL (``InternVLForConditionalGeneration``), Mistral 3
-(``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``), Idefics3 /
-SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
-(``AyaVisionForConditionalGeneration``) and Command A Vision (``Cohere2VisionForConditionalGeneration``)
-checkpoints pruned by :func:`saint.patch`
-(:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM, PaliGemma, Aya Vision and
-Command A Vision: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
+``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``,
+``saint_cohere2_vision`` and ``saint_ovis2``: Hugging Face InternVL (``InternVLForConditionalGeneration``),
+Mistral 3 (``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``),
+Idefics3 / SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
+(``AyaVisionForConditionalGeneration``), Command A Vision (``Cohere2VisionForConditionalGeneration``)
+and Ovis2 (``Ovis2ForConditionalGeneration``) checkpoints pruned by :func:`saint.patch`
+(:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM, PaliGemma, Aya Vision,
+Command A Vision and Ovis2: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
 :mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's and
 FastVLM's language models), for any lmms-eval image task::
 
@@ -18,7 +18,7 @@ Everything but what differs per family is :class:`~saint.integrations.lmms_eval.
 (model arguments, batching, ``until``, log-likelihood, multi-round, ``stats_path``).
 Each image enters the prompt as the processor's image token in front of the task's text
 (unless the task placed them), then the chat template (``chat_template=``, else the
-tokenizer's, else ChatML for InternVL and FastVLM, Mistral's ``[INST]`` format for Mistral 3,
+tokenizer's, else ChatML for InternVL, FastVLM and Ovis2, Mistral's ``[INST]`` format for Mistral 3,
 Gemma's turns for Gemma 3 and Cohere's turns for Aya Vision and Command A Vision). InternVL's processor expands an image to its tiles
 (``image_seq_length`` tokens each, between ``<img>`` and ``</img>``); Pixtral's to rows of
 image tokens closed by row breaks and an image end, with ``image_sizes``; Gemma 3's to
@@ -26,7 +26,8 @@ image tokens closed by row breaks and an image end, with ``image_sizes``; Gemma 
 ``token_type_ids`` marking the image tokens (they attend to each other both ways); FastVLM's
 (LLaVA's processor) to one image token per cell of its tower's last stage; Aya Vision's to its
 tiles and a thumbnail (``<|IMG_PATCH|>`` tokens, each tile led by its tile marker); Command A
-Vision's to its tiles and a thumbnail, each a run of image tokens closed by a line break.
+Vision's to its tiles and a thumbnail, each a run of image tokens closed by a line break; Ovis2's
+to its thumbnail and tiles, each a run of ``<IMG_ATOM>`` tokens between indicator tokens.
 PaliGemma takes no chat template: its processor puts the image tokens and ``<bos>`` in front
 of the task's text and ends it with a newline, and the whole prompt attends both ways; a
 scored continuation follows as its suffix (``token_type_ids`` 1: causal).
@@ -42,7 +43,7 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintFastVlm", "SaintGemma3", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
+__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintFastVlm", "SaintGemma3", "SaintOvis2", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -190,6 +191,25 @@ class SaintCohere2Vision(SaintLlmSide):
             return {}
         tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
         return {"pixel_values": enc["pixel_values"][: tokens // int(self.processor.patch_size) ** 2]}
+
+
+class SaintOvis2(SaintLlmSide):
+    """An Ovis2 checkpoint (``model_type: ovis2``, a Qwen2 language model) patched once by
+    :func:`saint.patch`, evaluated by lmms-eval (``--model saint_ovis2``)."""
+
+    NAME = "saint_ovis2"
+    ADAPTER = pooled_vlm.OVIS2
+    MODEL_TYPES = ("ovis2",)
+    MODEL_CLASS = "Ovis2ForConditionalGeneration"
+    TITLE = "Ovis2"
+    DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The tiles of the first prompt's images: its image tokens over ``image_seq_length`` per tile."""
+        if not visuals:
+            return {}
+        tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
+        return {"pixel_values": enc["pixel_values"][: tokens // int(self.processor.image_seq_length)]}
 
 
 class SaintGemma3(SaintLlmSide):
