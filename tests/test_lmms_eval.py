@@ -89,6 +89,18 @@ def test_entry_point_resolves_saint_llava():
     assert lmms_eval.models.get_model("saint_llava") is SaintLlava
 
 
+def test_every_registered_model_resolves_to_its_class():
+    """Each name of the entry point's table resolves, through lmms-eval's registry, to the
+    class that carries that name."""
+    need("lmms_eval")
+    import lmms_eval.models
+
+    from saint.integrations import LMMS_MODELS
+
+    for name in LMMS_MODELS:
+        assert lmms_eval.models.get_model(name).NAME == name
+
+
 def test_settings_parsed_and_patched_once(lm):
     import saint
     from saint.adapters.common import get_handle

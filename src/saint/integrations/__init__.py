@@ -84,39 +84,30 @@ def parse_prune_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+LMMS_MODELS = {  # lmms-eval's --model name -> the class, imported only when that name is asked for
+    "saint_llava": "lmms_eval.SaintLlava",
+    "saint_qwen_vl": "lmms_eval.SaintQwenVL",
+    "saint_glm4v": "lmms_glm.SaintGlm4v",
+    "saint_llava_next": "lmms_anyres.SaintLlavaNext",
+    "saint_llava_next_video": "lmms_anyres.SaintLlavaNextVideo",
+    "saint_llava_onevision": "lmms_anyres.SaintLlavaOneVision",
+    "saint_internvl": "lmms_llm_side.SaintInternVL",
+    "saint_mistral3": "lmms_llm_side.SaintMistral3",
+    "saint_gemma3": "lmms_llm_side.SaintGemma3",
+    "saint_idefics3": "lmms_llm_side.SaintIdefics3",
+    "saint_paligemma": "lmms_llm_side.SaintPaliGemma",
+    "saint_fast_vlm": "lmms_llm_side.SaintFastVlm",
+    "saint_aya_vision": "lmms_llm_side.SaintAyaVision",
+    "saint_cohere2_vision": "lmms_llm_side.SaintCohere2Vision",
+    "saint_ovis2": "lmms_llm_side.SaintOvis2",
+}
+
+
 def lmms_eval_models() -> list[Any]:
     """Entry point of the ``lmms_eval.models`` group: lmms-eval (>= 0.7) calls it while
-    building its model registry and imports a class only when its name (``--model
-    saint_llava``, ``saint_qwen_vl``, ``saint_glm4v``, ``saint_llava_next``, ``saint_llava_next_video``,
-    ``saint_llava_onevision``,
-    ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``,
-    ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision``, ``saint_ovis2``) is
-    asked for."""
+    building its model registry and imports a class only when its name (a key of
+    :data:`LMMS_MODELS`, e.g. ``--model saint_llava``) is asked for."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id="saint_llava", simple_class_path="saint.integrations.lmms_eval.SaintLlava"),
-            ModelManifest(model_id="saint_qwen_vl", simple_class_path="saint.integrations.lmms_eval.SaintQwenVL"),
-            ModelManifest(model_id="saint_glm4v", simple_class_path="saint.integrations.lmms_glm.SaintGlm4v"),
-            ModelManifest(model_id="saint_llava_next",
-                          simple_class_path="saint.integrations.lmms_anyres.SaintLlavaNext"),
-            ModelManifest(model_id="saint_llava_next_video",
-                          simple_class_path="saint.integrations.lmms_anyres.SaintLlavaNextVideo"),
-            ModelManifest(model_id="saint_llava_onevision",
-                          simple_class_path="saint.integrations.lmms_anyres.SaintLlavaOneVision"),
-            ModelManifest(model_id="saint_internvl",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintInternVL"),
-            ModelManifest(model_id="saint_mistral3",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintMistral3"),
-            ModelManifest(model_id="saint_gemma3",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintGemma3"),
-            ModelManifest(model_id="saint_idefics3",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintIdefics3"),
-            ModelManifest(model_id="saint_paligemma",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintPaliGemma"),
-            ModelManifest(model_id="saint_fast_vlm",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintFastVlm"),
-            ModelManifest(model_id="saint_aya_vision",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintAyaVision"),
-            ModelManifest(model_id="saint_cohere2_vision",
-                          simple_class_path="saint.integrations.lmms_llm_side.SaintCohere2Vision"),
-            ModelManifest(model_id="saint_ovis2", simple_class_path="saint.integrations.lmms_llm_side.SaintOvis2")]
+    return [ModelManifest(model_id=name, simple_class_path=f"saint.integrations.{path}")
+            for name, path in LMMS_MODELS.items()]

@@ -43,7 +43,7 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintFastVlm", "SaintGemma3", "SaintOvis2", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
+__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintFastVlm", "SaintGemma3", "SaintOvis2", "SaintTiled", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -103,7 +103,24 @@ class SaintLlmSide(SaintLlava):
         return getattr(transformers, cls.MODEL_CLASS)
 
 
-class SaintInternVL(SaintLlmSide):
+class SaintTiled(SaintLlmSide):
+    """Families whose processor lays every tile of a batch's images out in order (InternVL,
+    Aya Vision, Command A Vision, Ovis2): the first prompt's tiles are its image tokens over
+    the tokens of one tile (:meth:`_tile_tokens`)."""
+
+    def _tile_tokens(self) -> int:
+        """Image tokens of one tile, from the processor's settings."""
+        return int(self.processor.image_seq_length)
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The tiles of the first prompt's images (the first ``len(visuals)`` images)."""
+        if not visuals:
+            return {}
+        tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
+        return {"pixel_values": enc["pixel_values"][: tokens // self._tile_tokens()]}
+
+
+class SaintInternVL(SaintTiled):
     """An InternVL checkpoint (``model_type: internvl``, the ``-hf`` conversions) patched
     once by :func:`saint.patch`, evaluated by lmms-eval (``--model saint_internvl``)."""
 
@@ -113,14 +130,6 @@ class SaintInternVL(SaintLlmSide):
     MODEL_CLASS = "InternVLForConditionalGeneration"
     TITLE = "InternVL"
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
-
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """The tiles of the first prompt's images (the first ``len(visuals)`` images):
-        its image tokens over ``image_seq_length`` per tile."""
-        if not visuals:
-            return {}
-        tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
-        return {"pixel_values": enc["pixel_values"][: tokens // int(self.processor.image_seq_length)]}
 
 
 class SaintMistral3(SaintLlmSide):
@@ -152,7 +161,7 @@ class SaintFastVlm(SaintLlmSide):
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
 
 
-class SaintAyaVision(SaintLlmSide):
+class SaintAyaVision(SaintTiled):
     """An Aya Vision checkpoint (``model_type: aya_vision``, a SigLIP tower, a Cohere 2 language
     model) patched once by :func:`saint.patch`, evaluated by lmms-eval (``--model saint_aya_vision``)."""
 
@@ -163,16 +172,11 @@ class SaintAyaVision(SaintLlmSide):
     TITLE = "Aya Vision"
     DEFAULT_CHAT_TEMPLATE = COHERE_TEMPLATE
 
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """The tiles of the first prompt's images: its image tokens over the tokens of a tile."""
-        if not visuals:
-            return {}
-        tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
-        per_tile = (self.processor.img_size // self.processor.patch_size) ** 2
-        return {"pixel_values": enc["pixel_values"][: tokens // per_tile]}
+    def _tile_tokens(self) -> int:
+        return (int(self.processor.img_size) // int(self.processor.patch_size)) ** 2
 
 
-class SaintCohere2Vision(SaintLlmSide):
+class SaintCohere2Vision(SaintTiled):
     """A Command A Vision checkpoint (``model_type: cohere2_vision``, a SigLIP tower, a Cohere 2
     language model) patched once by :func:`saint.patch`, evaluated by lmms-eval
     (``--model saint_cohere2_vision``)."""
@@ -184,16 +188,11 @@ class SaintCohere2Vision(SaintLlmSide):
     TITLE = "Command A Vision"
     DEFAULT_CHAT_TEMPLATE = COHERE_TEMPLATE
 
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """The tiles of the first prompt's images: its image tokens over the tokens of a tile
-        (the processor's ``patch_size`` per side)."""
-        if not visuals:
-            return {}
-        tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
-        return {"pixel_values": enc["pixel_values"][: tokens // int(self.processor.patch_size) ** 2]}
+    def _tile_tokens(self) -> int:
+        return int(self.processor.patch_size) ** 2  # its processor's patch_size: tokens per tile side
 
 
-class SaintOvis2(SaintLlmSide):
+class SaintOvis2(SaintTiled):
     """An Ovis2 checkpoint (``model_type: ovis2``, a Qwen2 language model) patched once by
     :func:`saint.patch`, evaluated by lmms-eval (``--model saint_ovis2``)."""
 
@@ -203,13 +202,6 @@ class SaintOvis2(SaintLlmSide):
     MODEL_CLASS = "Ovis2ForConditionalGeneration"
     TITLE = "Ovis2"
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
-
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """The tiles of the first prompt's images: its image tokens over ``image_seq_length`` per tile."""
-        if not visuals:
-            return {}
-        tokens = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
-        return {"pixel_values": enc["pixel_values"][: tokens // int(self.processor.image_seq_length)]}
 
 
 class SaintGemma3(SaintLlmSide):
