@@ -72,6 +72,9 @@ llava_dir = _tiny_checkpoint("llava_dir", "write_llava_checkpoint", "tiny-llava"
 llava_next_dir = _tiny_checkpoint("llava_next_dir", "write_llava_checkpoint", "tiny-llava-next",
                                   "A tiny LLaVA-NeXT (a 112 px base view of 64 tokens plus up to 2 x 2 crops).",
                                   family="llava_next")
+granite_vision_dir = _tiny_checkpoint("granite_vision_dir", "write_llava_checkpoint", "tiny-granite-vision",
+                                     "The same as a Granite Vision 3.x: a Granite LM reading two tower layers.",
+                                     family="llava_next", granite=True)
 llava_onevision_dir = _tiny_checkpoint("llava_onevision_dir", "write_llava_checkpoint", "tiny-llava-onevision",
                                        "The same as a LLaVA-OneVision.", family="llava_onevision")
 internvl_dir = _tiny_checkpoint("internvl_dir", "write_internvl_checkpoint", "tiny-internvl",

@@ -1,4 +1,5 @@
-"""LLaVA-NeXT and LLaVA-OneVision (tiny, random, anyres: a 112 px base view plus up to 2 x 2
+"""LLaVA-NeXT (also as Granite Vision 3.x: a Granite LM reading two tower layers) and
+LLaVA-OneVision (tiny, random, anyres: a 112 px base view plus up to 2 x 2
 crops, the crop grid's rows ended by a newline): pruning off equals transformers; SAINT
 keeping a quarter feeds the LLM a quarter of the base view and a quarter of the grid plus
 every newline, chosen and decoded as transformers does on the same kept set; OneVision
@@ -13,10 +14,12 @@ from conftest import EngineFailed, assert_same_greedy_decoding
 from reference import transformers_anyres_scores
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("family, fixture", [("llava_next", "llava_next_dir"),
+                                             ("llava_onevision", "llava_onevision_dir"),
+                                             ("llava_next", "granite_vision_dir")])  # Granite Vision 3.x
 @pytest.mark.parametrize("ratio", [None, 0.25])
-def test_anyres_image_tokens_and_outputs(request, run_engine, image_path, family, ratio):
-    model_dir = request.getfixturevalue(f"{family}_dir")
+def test_anyres_image_tokens_and_outputs(request, run_engine, image_path, family, fixture, ratio):
+    model_dir = request.getfixturevalue(fixture)
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
     got = run_engine(model_dir, image_path, overrides)
     image_token = json.loads((model_dir / "config.json").read_text())["image_token_index"]

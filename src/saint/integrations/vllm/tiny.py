@@ -311,11 +311,14 @@ def _save_with_hub_tower_names(model, path: Path) -> None:
 TINY_GRID_PINPOINTS = [[112, 224], [224, 112], [224, 224]]
 
 
-def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 0, family: str = "llava") -> Path:
+def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 0, family: str = "llava",
+                           granite: bool = False) -> Path:
     """Write a tiny random LLaVA-1.5 (CLIP tower, patch 14, Llama LM) to ``path``: an
     ``image_size`` image gives ``(image_size // 14) ** 2`` image tokens. ``family``
     ``"llava_next"`` / ``"llava_onevision"``: the same tower and LM with anyres tiling
-    (``TINY_GRID_PINPOINTS``: a base view plus up to 2 x 2 crops, rows ended by a newline)."""
+    (``TINY_GRID_PINPOINTS``: a base view plus up to 2 x 2 crops, rows ended by a newline).
+    ``granite``: as Granite Vision 3.x, a Granite LM (its multipliers not 1) reading the
+    tower's last two layers side by side."""
     import torch
     import transformers
 
@@ -333,6 +336,9 @@ def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 
         num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
         bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
     )
+    if granite:
+        # logits_scaling stays 1: vLLM's Granite divides the logits by it, transformers' LLaVA-NeXT head does not
+        text.update(model_type="granite", attention_multiplier=0.3, embedding_multiplier=4.0, residual_multiplier=0.5)
     vision = dict(
         model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=64,
@@ -340,7 +346,7 @@ def write_llava_checkpoint(path: str | Path, image_size: int = 112, seed: int = 
     tiling = {} if family == "llava" else {"image_grid_pinpoints": TINY_GRID_PINPOINTS}
     config = getattr(transformers, f"{name}Config")(
         text_config=text, vision_config=vision, image_token_index=ids["<image>"],
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_feature_layer=[-2, -1] if granite else -2, vision_feature_select_strategy="default",
         pad_token_id=ids["<pad>"], tie_word_embeddings=False, **tiling,
     )
     torch.manual_seed(seed)
