@@ -1,4 +1,4 @@
-"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3.5, LLaVA-1.5 / NeXT / OneVision, Idefics3, InternVL (both formats), Gemma 3,
+"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3.5, GLM-4.1V, LLaVA-1.5 / NeXT (Granite Vision too) / OneVision, Idefics3, InternVL (both formats), Gemma 3,
 PaliGemma and Mistral 3 checkpoints written to a folder that vLLM and
 transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
 spot (with the model's special tokens), the PIL image processor and random weights.
