@@ -4,7 +4,8 @@ indices.
 
 A fresh process per engine: vLLM loads its plugins (and ``VLLM_PLUGINS``) once per process.
 ``python tests_vllm/run_engine.py MODEL_DIR IMAGE.png '{"saint_keep_ratio": 0.25}' ['{...}']``
-(the optional last argument: more ``LLM(...)`` arguments).
+(the optional last argument: more ``LLM(...)`` arguments, and ``filler_words``: that much text
+after the images).
 
 With a JSON list of requests instead of the image (``'[["a.png", "b.png"], ["c.png"]]'``: the
 images of each prompt), the requests run together in one ``generate`` call and then each
@@ -50,9 +51,10 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
 MAX_TOKENS = 6
 
 
-def prompt(model_type: str, images: int) -> str:
+def prompt(model_type: str, images: int, filler: int = 0) -> str:
+    """The model's prompt with ``images`` placeholders, then ``filler`` words of text."""
     text, image = PROMPTS[model_type]
-    return text.format(images=image * images)
+    return text.format(images=image * images + "A cat on a mat. " * (filler // 5))
 
 
 def result(out) -> dict:
@@ -76,6 +78,8 @@ def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> Non
 
     from saint.integrations.vllm import last_kept_indices
 
+    engine_args = json.loads(engine)
+    filler = engine_args.pop("filler_words", 0)  # text after the images (a prompt longer than a cache block)
     config = json.loads((Path(model) / "config.json").read_text())
     model_type = config["model_type"]
     if config.get("vision_config", {}).get("model_type") == "pixtral":  # Pixtral-based LLaVA: Mistral's prompt
@@ -89,15 +93,15 @@ def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> Non
         limit_mm_per_prompt={"image": 1, "video": 0},
         trust_remote_code="auto_map" in config,  # the InternVL chat format's config class
     )
-    llm = LLM(**{**args, **json.loads(engine)})
+    llm = LLM(**{**args, **engine_args})
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)
     if not image_path.startswith("["):
         image = Image.open(image_path).convert("RGB")
-        out = llm.generate({"prompt": prompt(model_type, 1), "multi_modal_data": {"image": image}}, params)[0]
+        out = llm.generate({"prompt": prompt(model_type, 1, filler), "multi_modal_data": {"image": image}}, params)[0]
         print("RESULT " + json.dumps({**result(out), "kept": llm.apply_model(last_kept_indices)[0]}), flush=True)
         return
     requests = [
-        {"prompt": prompt(model_type, len(paths)),
+        {"prompt": prompt(model_type, len(paths), filler),
          "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in paths]}}
         for paths in json.loads(image_path)
     ]

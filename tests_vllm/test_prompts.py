@@ -7,9 +7,10 @@ which finds its images in the prefix cache; both times every request decodes as
 transformers does with the same kept tokens (Qwen-VL, GLM: at their full-grid positions).
 
 Qwen3.5 runs in bfloat16 (vLLM's CPU Gated DeltaNet kernel) and is compared within
-bfloat16's rounding. Its prefix cache is not exercised: vLLM sizes a hybrid model's
+bfloat16's rounding. Its prefix cache is not reached here: vLLM sizes a hybrid model's
 attention blocks to its recurrent state's page, 544 tokens for the tiny model, longer
-than these prompts; its second run only repeats the first."""
+than these prompts, so its second run only repeats the first (``test_qwen3_5.py`` runs a
+prompt long enough)."""
 
 from __future__ import annotations
 

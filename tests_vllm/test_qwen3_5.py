@@ -2,8 +2,8 @@
 served in bfloat16 (vLLM's CPU kernel for those layers takes nothing else): pruning off
 decodes as transformers does; SAINT keeping a quarter of the image's 35 tokens feeds 9 to
 the LLM, the same 9 transformers' fixed-budget drop picks, and decodes as transformers does
-with them at their full-grid positions (within bfloat16's rounding); pruning with videos
-allowed is refused."""
+with them at their full-grid positions (within bfloat16's rounding); a long prompt resumes
+from the prefix cache past its pruned image; pruning with videos allowed is refused."""
 
 from __future__ import annotations
 
@@ -36,3 +36,21 @@ def test_qwen3_5_pruning_with_videos_allowed_is_refused(run_engine, qwen3_5_dir,
         run_engine(qwen3_5_dir, image_path, {"saint_keep_ratio": 0.25},
                    engine={**ENGINE, "limit_mm_per_prompt": {"image": 1}})  # videos: vLLM's default limit
     assert "SAINT pruning of Qwen3.5 serves images only" in err.value.output
+
+
+def test_qwen3_5_prefix_cache_resumes_after_the_pruned_image(run_engine, qwen3_5_dir, image_path):
+    """A prompt longer than a cache block (vLLM sizes a hybrid model's blocks to its recurrent
+    state: 640 tokens here), its pruned image in the first block: run again, it resumes from
+    the cached block (attention cache and recurrent state) and decodes as transformers does."""
+    engine = {**ENGINE, "enable_prefix_caching": True, "max_model_len": 2048, "filler_words": 700}
+    got = run_engine(qwen3_5_dir, [[image_path], [image_path]], {"saint_keep_ratio": 0.25}, engine=engine)
+    first = got["batched"][0]
+    image_token = json.loads((qwen3_5_dir / "config.json").read_text())["image_token_id"]
+    ids = first["prompt_token_ids"]
+    assert ids.count(image_token) == 9 and len(ids) > 640
+    last_image = max(i for i, t in enumerate(ids) if t == image_token)
+    ref = transformers_scores(qwen3_5_dir, image_path, ids, first["token_ids"], 0.25)
+    for out in [*got["batched"], *got["again"]]:
+        assert out["prompt_token_ids"] == ids and out["token_ids"] == first["token_ids"]
+        assert_same_greedy_decoding(out, ref["logprobs"], tol=BF16_LOGPROB_TOL)
+    assert all(out["num_cached_tokens"] > last_image for out in got["again"])  # the image's block came from the cache
