@@ -78,8 +78,8 @@ from .vlm_hooks import bind, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt, keep_first, refuse_static_cache
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["FULL_ATTR", "NEWLINE_ATTR", "NEXT", "NEXT_ADAPTER", "NEXT_VIDEO", "NEXT_VIDEO_ADAPTER", "ONEVISION", "ONEVISION_ADAPTER", "AnyresVlm", "Family",
-           "make_config", "patch"]
+__all__ = ["FULL_ATTR", "NEWLINE_ATTR", "NEXT", "NEXT_ADAPTER", "NEXT_VIDEO", "NEXT_VIDEO_ADAPTER", "ONEVISION",
+           "ONEVISION_ADAPTER", "AnyresVlm", "Family", "make_config", "patch"]
 
 NEWLINE_ATTR = "_saint_newline"  # on every per-image feature tensor: bool [tokens], newline rows
 FULL_ATTR = "_saint_full"  # on every per-image feature tensor: its token count before the vision-side drop

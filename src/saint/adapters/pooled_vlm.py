@@ -83,10 +83,8 @@ from .vlm_schedule import decoder_pruner, split_method
 
 __all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "OVIS2",
            "PALIGEMMA", "SMOLVLM", "AyaVisionPruneConfig", "Cohere2VisionPruneConfig", "Family", "Gemma3PruneConfig",
-           "Ovis2PruneConfig",
-           "PaliGemmaPruneConfig",
-           "Idefics3PruneConfig", "InternVLPruneConfig", "PooledPatch", "PooledPruneConfig", "PooledVlm",
-           "SmolVLMPruneConfig"]
+           "Idefics3PruneConfig", "InternVLPruneConfig", "Ovis2PruneConfig", "PaliGemmaPruneConfig", "PooledPatch",
+           "PooledPruneConfig", "PooledVlm", "SmolVLMPruneConfig"]
 
 EXPAND = "_expand_multimodal_outputs"  # generate's (private) helper for num_beams / num_return_sequences > 1
 FIELDS = RATIO_FIELDS
@@ -194,47 +192,46 @@ def _internvl_unit(mm: torch.nn.Module) -> tuple[int, int]:
     return size // patch, round(1 / float(mm.config.downsample_ratio))
 
 
+def _side(mm: torch.nn.Module) -> int:
+    """Patches per side of one unit of the tower (an image or a tile)."""
+    vc = mm.config.vision_config
+    return int(vc.image_size) // int(vc.patch_size)
+
+
 def _gemma3_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """Gemma 3's image: patches per side, and the average pool's kernel."""
-    vc = mm.config.vision_config
-    side = int(vc.image_size) // int(vc.patch_size)
-    return side, side // round(int(mm.config.mm_tokens_per_image) ** 0.5)
+    return _side(mm), _side(mm) // round(int(mm.config.mm_tokens_per_image) ** 0.5)
 
 
 def _paligemma_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """PaliGemma's image: patches per side; its projector maps every patch to one token."""
-    vc = mm.config.vision_config
-    return int(vc.image_size) // int(vc.patch_size), 1
+    return _side(mm), 1
 
 
 def _idefics3_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """Idefics3 / SmolVLM's tile: patches per side, and the pixel shuffle's ``scale_factor``."""
-    vc = mm.config.vision_config
-    return int(vc.image_size) // int(vc.patch_size), int(mm.config.scale_factor)
+    return _side(mm), int(mm.config.scale_factor)
 
 
 def _shuffled_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """Aya Vision's / Command A Vision's tile: patches per side, and the pixel shuffle's ``downsample_factor``."""
-    vc = mm.config.vision_config
-    return int(vc.image_size) // int(vc.patch_size), int(mm.config.downsample_factor)
+    return _side(mm), int(mm.config.downsample_factor)
 
 
 def _ovis2_unit(mm: torch.nn.Module) -> tuple[int, int]:
     """Ovis2's tile: patches per side, and the visual tokenizer's ``hidden_stride``."""
-    vc = mm.config.vision_config
-    return int(vc.image_size) // int(vc.patch_size), int(vc.hidden_stride)
+    return _side(mm), int(mm.config.vision_config.hidden_stride)
 
 
-def _check_aya_vision(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
-    if mm.config.vision_feature_layer != -1:
-        raise ValueError(f"vision_feature_layer={mm.config.vision_feature_layer}: saint's vit mode reads the tower's "
-                         "last layer (-1), whose output it scatters back to the full grid")
-
-
-def _check_internvl(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
+def _check_last_layer(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
+    """The vit mode scatters the tower's last output back to the grid: the model must read it."""
     if mm.config.vision_feature_layer not in (-1, None):
         raise ValueError(f"vision_feature_layer={mm.config.vision_feature_layer}: saint's vit mode reads the "
                          "tower's last layer (-1), whose output it scatters back to the full grid")
+
+
+def _check_internvl(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
+    _check_last_layer(mm, cfg)
     if float(mm.config.downsample_ratio) != 0.5:
         raise ValueError(f"downsample_ratio={mm.config.downsample_ratio}: saint's vit mode keeps the 2x2 groups "
                          "a 0.5 pixel shuffle folds into one token")
@@ -296,7 +293,7 @@ IDEFICS3 = Family("idefics3", "idefics3", ("Idefics3ForConditionalGeneration", "
 PALIGEMMA = Family("paligemma", "paligemma", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"),
                    PaliGemmaPruneConfig, SIGLIP_TOWER, _paligemma_unit, position_offset=1)
 AYA_VISION = Family("aya_vision", "aya_vision", ("AyaVisionForConditionalGeneration", "AyaVisionModel"),
-                    AyaVisionPruneConfig, SIGLIP_LAST_LAYER, _shuffled_unit, _check_aya_vision)
+                    AyaVisionPruneConfig, SIGLIP_LAST_LAYER, _shuffled_unit, _check_last_layer)
 COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForConditionalGeneration",
                                                              "Cohere2VisionModel"),
                         Cohere2VisionPruneConfig, SIGLIP_TOWER, _shuffled_unit)

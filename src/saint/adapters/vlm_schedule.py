@@ -35,7 +35,7 @@ def split_method(method: str | MethodSpec, family: str) -> tuple[str, MethodSpec
 def decoder_pruner(cfg: Any, lm: torch.nn.Module, llm_spec: MethodSpec | None = None) -> hf_llm.DecoderPruner:
     """The (not yet installed) pruner of language model ``lm`` for ``cfg``'s schedule."""
     schedule, query_layers = llm_schedule(cfg, len(lm.layers), llm_spec)
-    hf_llm.check_decoder(lm, prunes=bool(schedule))
+    # DecoderPruner checks the decoder (one it can prune in, or a hybrid one the schedule leaves whole)
     return hf_llm.DecoderPruner(lm, schedule, rope_keys=cfg.llm_rope_keys, query_layers=query_layers)
 
 

@@ -43,7 +43,8 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintFastVlm", "SaintGemma3", "SaintOvis2", "SaintTiled", "SaintIdefics3", "SaintInternVL", "SaintMistral3", "SaintPaliGemma"]
+__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintFastVlm", "SaintGemma3", "SaintIdefics3", "SaintInternVL",
+           "SaintMistral3", "SaintOvis2", "SaintPaliGemma", "SaintTiled"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
