@@ -42,19 +42,22 @@ GLM_SPECIAL = ["<pad>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|im
                "<|begin_of_video|>", "<|video|>", "<|end_of_video|>", "[gMASK]", "<sop>"]
 
 
-def build_glm4v(path: Path) -> None:
-    """A tiny GLM-4.1V with GLM's own image and video processors: 32 px images (8 x 8 patches of
-    4 px, merged 2 x 2), videos of up to 4 frames of 32 px, a 6-layer LM with half-rotary M-RoPE."""
+def build_glm4v(path: Path, family: str = "glm4v") -> None:
+    """A tiny GLM-4.1V (``family="glm_ocr"``: a GLM-OCR, with GLM-4.6V's processors as its
+    checkpoints name them) with GLM's own image and video processors: 32 px images (8 x 8
+    patches of 4 px, merged 2 x 2), videos of up to 4 frames of 32 px, a 6-layer LM with
+    half-rotary M-RoPE."""
     transformers = pytest.importorskip("transformers")
+    proc, name = ("Glm46V", "GlmOcr") if family == "glm_ocr" else ("Glm4v", "Glm4v")
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=train_tokenizer(GLM_SPECIAL, ["user assistant system"]), pad_token="<pad>", eos_token="<|user|>")
     # GLM's resize counts both frames of a temporal patch: 2 x 32 x 32 pixels keeps an image at 32 px
-    image_processor = transformers.Glm4vImageProcessor(
+    image_processor = getattr(transformers, f"{proc}ImageProcessor")(
         patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 2 * 32 * 32})
-    video_processor = transformers.Glm4vVideoProcessor(
+    video_processor = getattr(transformers, f"{proc}VideoProcessor")(
         patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 4 * 32 * 32})
-    transformers.Glm4vProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                video_processor=video_processor).save_pretrained(path)
+    getattr(transformers, f"{proc}Processor")(image_processor=image_processor, tokenizer=tokenizer,
+                                              video_processor=video_processor).save_pretrained(path)
     ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token", "<|image|>"), ("video_token", "<|video|>"), ("image_start_token", "<|begin_of_image|>"),
         ("image_end_token", "<|end_of_image|>"), ("video_start_token", "<|begin_of_video|>"),
@@ -67,8 +70,8 @@ def build_glm4v(path: Path) -> None:
                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2],
                                      partial_rotary_factor=0.5))
     torch.manual_seed(0)
-    config = transformers.Glm4vConfig(vision_config=vision, text_config=text, **ids)
-    transformers.Glm4vForConditionalGeneration(config).save_pretrained(path)
+    config = getattr(transformers, f"{name}Config")(vision_config=vision, text_config=text, **ids)
+    getattr(transformers, f"{name}ForConditionalGeneration")(config).save_pretrained(path)
 
 
 def build_llava(path: Path) -> None:

@@ -37,7 +37,7 @@ def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch
         text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
         cfg = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, attn_implementation=impl, **ids)
         model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
-    elif family.startswith("glm4"):  # GLM-4.1V / 4.5V / 4.6V: RMS norms, a conv downsample, half-rotary M-RoPE
+    elif family.startswith("glm"):  # GLM-4.1V / 4.5V / 4.6V, GLM-OCR: RMS norms, a conv downsample, half-rotary M-RoPE
         vision.update(image_size=32)
         text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2],
                                          partial_rotary_factor=0.5))
@@ -46,6 +46,8 @@ def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch
             name = "Glm46V"
             vision.update(model_type="glm4v_vision")
             text.update(model_type="glm4v_text")
+        if family == "glm_ocr":  # GLM-OCR: q/k norms in the tower, no learned position table, a GLM-4 text model
+            name = "GlmOcr"
         if family == "glm4v_moe":  # 4 routed experts, 2 per token, one shared; layer 0 dense
             name = "Glm4vMoe"
             text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
@@ -101,10 +103,10 @@ def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
     for p in parts:
         if isinstance(p, int):
             out.append(torch.randint(3, 100, (p,), generator=g))
-        elif p[0] == "image" or not family.startswith(("qwen3_vl", "qwen3_5", "glm4")):
+        elif p[0] == "image" or not family.startswith(("qwen3_vl", "qwen3_5", "glm")):
             tok = IMG if p[0] == "image" else VID
             out += [torch.tensor([VS]), torch.full((tokens(p[1]),), tok), torch.tensor([VE])]
-        elif family.startswith("glm4"):  # every frame an image span followed by its timestamp
+        elif family.startswith("glm"):  # every frame an image span followed by its timestamp
             t, h, w = p[1]
             out.append(torch.tensor([GLM_VS]))
             for i in range(t):
@@ -136,7 +138,7 @@ def inputs(rows: list[list], seeds: list[int] | None = None, family: str = "qwen
     types[input_ids == IMG] = 1
     types[input_ids == VID] = 2
     out["mm_token_type_ids"] = types
-    if family.startswith("glm4"):  # GLM-4.1V's video frames hold image tokens (types 2)
+    if family.startswith("glm"):  # GLM-4.1V's video frames hold image tokens (types 2)
         out["input_ids"] = input_ids.masked_fill(input_ids == VID, IMG)
     for kind, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                 ("video", "pixel_values_videos", "video_grid_thw")):

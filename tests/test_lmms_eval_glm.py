@@ -80,7 +80,7 @@ def test_bad_checkpoints_and_prompts_refused(lm, tmp_path, request):
     from .lmms_helpers import build_llava
 
     build_llava(tmp_path)
-    with pytest.raises(ValueError, match="model_type 'glm4v', 'glm4v_moe' or 'glm46v'"):
+    with pytest.raises(ValueError, match="model_type 'glm4v', 'glm4v_moe', 'glm46v' or 'glm_ocr'"):
         SaintGlm4v(pretrained=str(tmp_path))
     from PIL import Image
 

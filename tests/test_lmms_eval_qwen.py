@@ -35,8 +35,8 @@ SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_
 
 
 def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
-    if family == "glm4v":  # served by saint_glm4v, the same requests
-        build_glm4v(path)
+    if family in ("glm4v", "glm_ocr"):  # served by saint_glm4v, the same requests
+        build_glm4v(path, family)
         return
     transformers = pytest.importorskip("transformers")
     tok = train_tokenizer(SPECIAL, ["user assistant system"])
@@ -105,14 +105,16 @@ def qwen_checkpoint(tmp_path_factory, one_thread):
     return built_once(tmp_path_factory, _build_qwen)
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v",
+                                                   "glm_ocr"])
 def qwen_dir(request, qwen_checkpoint) -> Path:
     return qwen_checkpoint(request.param)
 
 
 def model_class(model_dir: Path) -> str:
-    """saint's lmms-eval class of the checkpoint: ``saint_glm4v`` for GLM-4.1V, else ``saint_qwen_vl``."""
-    return "SaintGlm4v" if json.loads((model_dir / "config.json").read_text())["model_type"] == "glm4v" else "SaintQwenVL"
+    """saint's lmms-eval class of the checkpoint: ``saint_glm4v`` for GLM-4.1V and GLM-OCR, else ``saint_qwen_vl``."""
+    model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    return "SaintGlm4v" if model_type in ("glm4v", "glm_ocr") else "SaintQwenVL"
 
 
 @pytest.fixture(scope="module")

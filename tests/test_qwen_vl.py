@@ -21,7 +21,7 @@ GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMG, VID])
 # GLM-4.1V's video frames hold image tokens, so its forward takes images or videos, not both:
 # "glm4v" runs the image prompts, "glm4v/video" (the same model) the video prompts.
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe",
-            "glm46v", "glm4v/video"]
+            "glm46v", "glm_ocr", "glm4v/video"]
 # Qwen3.5's language model interleaves linear-attention layers (a recurrent state, no cache of
 # tokens): the vision-side methods only
 VISION_ONLY = ("qwen3_5", "qwen3_5_moe")
@@ -51,7 +51,7 @@ def rows_of(family: str) -> list:
     """The test prompts of ``family`` (see :data:`FAMILIES`)."""
     if family.endswith("/video"):
         return VIDEO_ROWS
-    return ROWS[:2] if family.startswith("glm4") else ROWS
+    return ROWS[:2] if family.startswith("glm") else ROWS
 
 
 def cases(names) -> list[tuple[str, str]]:
@@ -166,7 +166,7 @@ def test_sampling_and_beams_cached_equals_uncached(family, name):
         torch.manual_seed(7)
         outs.append(gen(model, x, do_sample=True, top_k=0, temperature=2.0, use_cache=use_cache))
     assert torch.equal(*outs)
-    if family.startswith("glm4"):
+    if family.startswith("glm"):
         # transformers' GLM-4.1V repeats a prompt's images for its beams as [A, A, B, B] (its
         # generic code: [A, B, A, B]) and finds no video tokens (its frames hold image tokens), so
         # unpatched beams get other prompts' images, or fail on videos: one image per prompt
@@ -257,7 +257,7 @@ def test_vit_budget_per_image_and_video_frame(family):
     frames = [(1, h, w) for kind, (t, h, w) in parts if kind == "video" for _ in range(t)]
     expect_in, expect_kept = [], []  # per run of placeholders, in prompt order
     for kind, (t, h, w) in parts:
-        if kind == "image" or family.startswith(("qwen3_vl", "qwen3_5", "glm4")):  # these wrap every frame
+        if kind == "image" or family.startswith(("qwen3_vl", "qwen3_5", "glm")):  # these wrap every frame
             expect_in += [tokens((1, h, w))] * t
             expect_kept += [round(0.3 * tokens((1, h, w)))] * t
         else:  # the video is one run of its frame groups
@@ -294,6 +294,39 @@ def test_vit_selection_is_the_budget_drop_on_group_keys():
     order, _ = get_vision_window_index(x["image_grid_thw"], 2, tower.window_size, tower.patch_size)
     expect = torch.empty_like(expect_win)
     expect[order] = expect_win
+    saint.patch(model, mode="vit", vit_layer=1, vit_ratio=0.5)
+    with torch.no_grad():
+        model(**x)
+    kept = get_handle(model).kept_input[0][x["input_ids"][0] == IMG]
+    assert torch.equal(kept, expect)
+
+
+def test_glm_ocr_selection_reads_the_towers_normed_keys():
+    """GLM-OCR's tower normalizes its keys per head (``k_norm``) before attention: the kept
+    groups are the budget drop on the mean of those normed keys, which picks other groups
+    than the raw projection would on this image (a k_norm that rescales channels)."""
+    from saint.core import fixed_budget_keep_mask
+
+    model = make("glm_ocr")
+    x = inputs([[2, ("image", (1, 8, 12)), 2]], family="glm_ocr")
+    attn = model.model.visual.blocks[1].attn
+    with torch.no_grad():  # a per-channel scale: normed keys rank the groups otherwise than raw ones
+        attn.k_norm.weight.copy_(torch.linspace(-3.0, 3.0, attn.k_norm.weight.numel()) ** 3)
+    grab = {}
+    h = attn.qkv.register_forward_hook(lambda m, a, o: grab.update(qkv=o))
+    with torch.no_grad():
+        model(**x)
+    h.remove()
+    n = grab["qkv"].shape[0]
+    raw = grab["qkv"].view(n, 3, 2, -1)[:, 1]
+    budget = round(0.5 * (n // 4))
+
+    def drop(keys):
+        return fixed_budget_keep_mask(keys.float().mean(dim=1).view(n // 4, 4, -1).mean(dim=1)[None], budget, 16)[0]
+
+    with torch.no_grad():
+        expect = drop(attn.k_norm(raw))
+    assert not torch.equal(expect, drop(raw))  # the test can tell the two apart
     saint.patch(model, mode="vit", vit_layer=1, vit_ratio=0.5)
     with torch.no_grad():
         model(**x)

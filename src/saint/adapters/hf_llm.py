@@ -68,6 +68,7 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("qwen3_vl_moe", "Qwen3VLMoeTextModel"),  # Qwen3-VL-30B-A3B / 235B-A22B: experts are token-wise
     ("glm4v", "Glm4vTextModel"),  # GLM-4.1V: half-rotary M-RoPE (its module's apply_rotary_pos_emb)
     ("glm4v_moe", "Glm4vMoeTextModel"),  # GLM-4.5V: routed + shared experts, token-wise
+    ("glm_ocr", "GlmOcrTextModel"),  # GLM-OCR: GLM-4.1V's text model
     ("granite", "GraniteModel"),  # Granite Vision 3.x (LLaVA-NeXT): attention scaled by its attention_multiplier
     ("cohere2", "Cohere2Model"),  # Aya Vision, Command A Vision: sliding-window layers rotary, global layers NoPE
 )

@@ -114,6 +114,7 @@ FAMILY_CLASSES = {  # family -> (transformers module, its model classes)
     "glm4v": ("glm4v", "Glm4vForConditionalGeneration", "Glm4vModel"),
     "glm4v_moe": ("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vMoeModel"),
     "glm46v": ("glm46v", "Glm46VForConditionalGeneration", "Glm46VModel"),
+    "glm_ocr": ("glm_ocr", "GlmOcrForConditionalGeneration", "GlmOcrModel"),
 }
 
 

@@ -1,9 +1,10 @@
-"""SAINT's ``vit`` step inside a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower: after block
-``vit_layer``, whole merge groups (the 4 consecutive tokens the merger concatenates)
+"""SAINT's ``vit`` step inside a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM vision tower: after
+block ``vit_layer``, whole merge groups (the 4 consecutive tokens the merger concatenates)
 are dropped per sample (full-attention segment) by a fixed budget over each group's
-mean key; later blocks get shortened ``cu_seqlens`` (full and windowed) and the kept
-rows of the rotary embeddings, and every merger writes back to all groups (zeros at
-dropped ones), so the model's own bookkeeping is unchanged."""
+mean key (normed where the tower norms its keys, as GLM-OCR's does); later blocks get
+shortened ``cu_seqlens`` (full and windowed) and the kept rows of the rotary embeddings,
+and every merger writes back to all groups (zeros at dropped ones), so the model's own
+bookkeeping is unchanged."""
 
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ class TowerPruner:
         assert seg is not None and self.k is not None
         n, c = output.shape
         heads = module.attn.num_heads
-        keys = head_mean(self.k.view(n, 3, heads, -1)[:, 1].float())  # [N, head_dim], before the vision RoPE
+        keys = self.k.view(n, 3, heads, -1)[:, 1]
+        norm = getattr(module.attn, "k_norm", None)  # GLM-OCR normalizes its keys per head
+        keys = head_mean((keys if norm is None else norm(keys)).float())  # [N, head_dim], before the vision RoPE
         self.k = None
         groups = keys.view(n // self.unit, self.unit, -1).mean(dim=1)
         keep = torch.zeros(n // self.unit, dtype=torch.bool, device=output.device)

@@ -1,4 +1,4 @@
-"""lmms-eval's ``saint_glm4v``: GLM-4.1V, GLM-4.5V and GLM-4.6V checkpoints patched once by
+"""lmms-eval's ``saint_glm4v``: GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR checkpoints patched once by
 :func:`saint.patch` (the Qwen-VL adapter), images and videos, as ``saint_qwen_vl`` serves Qwen.
 
 What GLM changes: an image enters the prompt as ``<|begin_of_image|><|image|><|end_of_image|>``
@@ -26,17 +26,18 @@ GLM_CHAT_TEMPLATE = (
 
 
 class SaintGlm4v(SaintQwenVL):
-    """A GLM-4.1V / 4.5V / 4.6V checkpoint patched once by :func:`saint.patch`, evaluated by
+    """A GLM-4.1V / 4.5V / 4.6V or GLM-OCR checkpoint patched once by :func:`saint.patch`, evaluated by
     lmms-eval (``--model saint_glm4v``); the settings, video sampling and statistics are
     ``saint_qwen_vl``'s (:class:`~saint.integrations.lmms_eval.SaintQwenVL`)."""
 
     NAME = "saint_glm4v"
-    MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v")
+    MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v", "glm_ocr")
     DEFAULT_CHAT_TEMPLATE = GLM_CHAT_TEMPLATE
 
     @staticmethod
     def _family_hint() -> str:
-        return "GLM-4.1V / GLM-4.5V / GLM-4.6V checkpoints (model_type 'glm4v', 'glm4v_moe' or 'glm46v')"
+        return ("GLM-4.1V / GLM-4.5V / GLM-4.6V / GLM-OCR checkpoints (model_type 'glm4v', 'glm4v_moe', 'glm46v' "
+                "or 'glm_ocr')")
 
     @staticmethod
     def _model_class(model_type: str) -> Any:
@@ -44,7 +45,8 @@ class SaintGlm4v(SaintQwenVL):
 
         return getattr(transformers, {"glm4v": "Glm4vForConditionalGeneration",
                                       "glm4v_moe": "Glm4vMoeForConditionalGeneration",
-                                      "glm46v": "Glm46VForConditionalGeneration"}[model_type])
+                                      "glm46v": "Glm46VForConditionalGeneration",
+                                      "glm_ocr": "GlmOcrForConditionalGeneration"}[model_type])
 
     def _image_placeholder(self) -> str:
         return f"<|begin_of_image|>{self.image_token}<|end_of_image|>"
