@@ -91,6 +91,8 @@ glm4v_dir = _tiny_checkpoint("glm4v_dir", "write_glm4v_checkpoint", "tiny-glm4v"
 glm4v_moe_dir = _tiny_checkpoint("glm4v_moe_dir", "write_glm4v_checkpoint", "tiny-glm4v-moe",
                                  "The same as a GLM-4.5V (layer 1: 4 routed experts, 2 per token, and a shared one).",
                                  moe=True)
+glm_ocr_dir = _tiny_checkpoint("glm_ocr_dir", "write_glm4v_checkpoint", "tiny-glm-ocr",
+                               "A tiny GLM-OCR (GLM-4.1V's geometry; q/k norms in the tower).", ocr=True)
 idefics3_dir = _tiny_checkpoint("idefics3_dir", "write_idefics3_checkpoint", "tiny-idefics3",
                                 "A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles.")
 mistral3_dir = _tiny_checkpoint("mistral3_dir", "write_mistral3_checkpoint", "tiny-mistral3",

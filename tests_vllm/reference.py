@@ -106,6 +106,7 @@ def transformers_scores(
         AutoConfig,
         Glm4vForConditionalGeneration,
         Glm4vMoeForConditionalGeneration,
+        GlmOcrForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen3_5ForConditionalGeneration,
@@ -114,6 +115,7 @@ def transformers_scores(
         Qwen3VLMoeForConditionalGeneration,
     )
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -124,9 +126,11 @@ def transformers_scores(
     cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
            "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
            "glm4v": Glm4vForConditionalGeneration, "glm4v_moe": Glm4vMoeForConditionalGeneration,
+           "glm_ocr": GlmOcrForConditionalGeneration,
            "qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration}[model_type]
     model = cls.from_pretrained(model_dir, dtype=dtype).eval()
-    processor_cls = Glm4vImageProcessorPil if model_type.startswith("glm4v") else Qwen2VLImageProcessorPil
+    processor_cls = {"glm4v": Glm4vImageProcessorPil, "glm4v_moe": Glm4vImageProcessorPil,
+                     "glm_ocr": Glm46VImageProcessorPil}.get(model_type, Qwen2VLImageProcessorPil)
     processor = processor_cls.from_pretrained(model_dir)
     inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
     grid = inputs["image_grid_thw"]

@@ -46,6 +46,7 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "mistral3": ("<s>[INST]{images}Describe the picture.[/INST]", "[IMG]"),
     "glm4v": GLM,
     "glm4v_moe": GLM,
+    "glm_ocr": GLM,
     "idefics3": ("<|im_start|>User:{images}Describe the picture.<end_of_utterance>\nAssistant:", "<image>"),
 }
 MAX_TOKENS = 6

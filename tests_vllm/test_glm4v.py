@@ -1,4 +1,5 @@
-"""GLM-4.1V and GLM-4.5V (tiny, random; the MoE for the first test): vLLM's own GLM-4.1V never prunes, so the override adds the
+"""GLM-4.1V, GLM-4.5V and GLM-OCR (tiny, random; the MoE and GLM-OCR for the first test): vLLM's own GLM-4.1V
+never prunes, so the override adds the
 pruning path. Pruning off equals transformers; SAINT keeping a quarter of the image's 48
 tokens feeds 12 ``<|image|>`` placeholders to the LLM, chosen and decoded as transformers
 does with the same kept set at their full-grid M-RoPE positions (the text after the image at
@@ -18,7 +19,7 @@ NUM_IMAGE_TOKENS = 48
 
 
 @pytest.mark.parametrize("ratio, kept", [(None, NUM_IMAGE_TOKENS), (0.25, 12)])
-@pytest.mark.parametrize("checkpoint", ["glm4v_dir", "glm4v_moe_dir"])
+@pytest.mark.parametrize("checkpoint", ["glm4v_dir", "glm4v_moe_dir", "glm_ocr_dir"])
 def test_glm4v_image_tokens_and_outputs(run_engine, request, image_path, checkpoint, ratio, kept):
     glm4v_dir = request.getfixturevalue(checkpoint)
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}
@@ -30,12 +31,15 @@ def test_glm4v_image_tokens_and_outputs(run_engine, request, image_path, checkpo
     assert_same_greedy_decoding(got, ref["logprobs"])
 
 
-@pytest.mark.parametrize("overrides, engine, message", [
-    ({"saint_keep_ratio": 0.25}, {"limit_mm_per_prompt": {"image": 1}},
+@pytest.mark.parametrize("checkpoint, overrides, engine, message", [
+    ("glm4v_dir", {"saint_keep_ratio": 0.25}, {"limit_mm_per_prompt": {"image": 1}},
      "SAINT pruning of GLM-4.1V serves images only"),
-    ({}, {"video_pruning_rate": 0.5}, "vLLM's GLM-4.1V has no video pruning"),
+    ("glm4v_dir", {}, {"video_pruning_rate": 0.5}, "vLLM's GLM-4.1V has no video pruning"),
+    ("glm_ocr_dir", {"saint_keep_ratio": 0.25}, {"limit_mm_per_prompt": {"image": 1}},
+     "SAINT pruning of GLM-OCR serves images only"),
 ])
-def test_videos_with_pruning_fail_at_engine_start(run_engine, glm4v_dir, image_path, overrides, engine, message):
+def test_videos_with_pruning_fail_at_engine_start(run_engine, request, image_path, checkpoint, overrides, engine,
+                                                  message):
     with pytest.raises(EngineFailed) as err:
-        run_engine(glm4v_dir, image_path, overrides, engine=engine)
+        run_engine(request.getfixturevalue(checkpoint), image_path, overrides, engine=engine)
     assert message in err.value.output

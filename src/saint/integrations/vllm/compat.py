@@ -58,6 +58,7 @@ _VIDEO_PLACEHOLDERS = {
     "LlavaOnevisionConfig": "LlavaOnevisionVideoProcessor",
     "Glm4vConfig": "Glm4vVideoProcessor",
     "Glm4vMoeConfig": "Glm4vVideoProcessor",
+    "GlmOcrConfig": "Glm46VVideoProcessor",  # GLM-OCR's checkpoints name GLM-4.6V's processor
 }
 # Classes that import once the twins exist, but that transformers' lazy modules still hand
 # out as torchvision-requiring dummies: (module, class, the lazy packages that export it).

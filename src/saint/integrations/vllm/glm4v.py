@@ -1,7 +1,8 @@
-"""GLM-4.1V and GLM-4.5V (MoE) for vLLM with SAINT image-token pruning after the vision tower.
+"""GLM-4.1V, GLM-4.5V (MoE) and GLM-OCR for vLLM with SAINT image-token pruning after the vision
+tower.
 
-Registered over ``Glm4vForConditionalGeneration`` and ``Glm4vMoeForConditionalGeneration`` by
-the ``saint`` plugin; without ``saint_keep_ratio`` in the HF config they are vLLM's classes
+Registered over ``Glm4vForConditionalGeneration``, ``Glm4vMoeForConditionalGeneration`` and
+``GlmOcrForConditionalGeneration`` (vLLM's GLM-4.1V with GLM-OCR's tower) by the ``saint`` plugin; without ``saint_keep_ratio`` in the HF config they are vLLM's classes
 unchanged. With it, the steps of the Qwen2-VL override (:mod:`saint.integrations.vllm.qwen2_vl`):
 every image gets ``kept_tokens(N)`` ``<|image|>`` placeholders, the fixed-budget drop keeps that
 many merged embeddings, and each kept row carries its M-RoPE (t, h, w) of the full grid plus
@@ -28,6 +29,7 @@ from vllm.model_executor.models.glm4_1v import (  # noqa: E402
     Glm4vMultiModalProcessor,
     Glm4vProcessingInfo,
 )
+from vllm.model_executor.models.glm_ocr import GlmOcrForConditionalGeneration  # noqa: E402
 from vllm.model_executor.models.interfaces import SupportsMultiModalPruning  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
@@ -68,3 +70,20 @@ class SaintGlm4vMoeForConditionalGeneration(
     SaintGlm4vPruningMixin, Glm4vMoeForConditionalGeneration, SupportsMultiModalPruning
 ):
     """vLLM's GLM-4.5V (MoE); with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
+
+
+class SaintGlmOcrProcessingInfo(SaintGlm4vProcessingInfo):
+    """GLM-OCR's: GLM-4.1V's processing, its own name in the refusals."""
+
+    saint_family = "GLM-OCR"
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SaintGlm4vMultiModalProcessor, info=SaintGlmOcrProcessingInfo, dummy_inputs=Glm4vDummyInputsBuilder
+)
+class SaintGlmOcrForConditionalGeneration(
+    SaintGlm4vPruningMixin, GlmOcrForConditionalGeneration, SupportsMultiModalPruning
+):
+    """vLLM's GLM-OCR; with ``saint_keep_ratio`` set, image tokens are pruned by SAINT."""
+
+    saint_family = "GLM-OCR"

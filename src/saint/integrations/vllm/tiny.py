@@ -229,16 +229,20 @@ GLM4V_SPECIAL_TOKENS = [
 
 
 def write_glm4v_checkpoint(
-    path: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448, seed: int = 0, moe: bool = False
+    path: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448, seed: int = 0, moe: bool = False,
+    ocr: bool = False,
 ) -> Path:
     """Write a tiny random GLM-4.1V to ``path``: patch 14, merge 2 (the portrait test image of
     224 x 168 pixels gives 8 x 6 merged tokens, as for Qwen2.5-VL), a 2-block tower and a
     2-layer GLM-4 LM (head size 32, half of it rotary: M-RoPE sections 2, 3, 3). Its eos is
     ``<|user|>`` (the next turn), as on the hub. ``moe``: GLM-4.5V's layout, layer 0 dense and
-    layer 1 4 routed experts (2 per token) plus a shared one."""
+    layer 1 4 routed experts (2 per token) plus a shared one. ``ocr``: a GLM-OCR (q/k norms in
+    the tower, no learned position table) with GLM-4.6V's processors, as its checkpoints name
+    them; its LM's MLP is as wide as the merger's input, as vLLM's GLM-OCR reads it."""
     import torch
     import transformers
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -255,7 +259,10 @@ def write_glm4v_checkpoint(
         depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128, patch_size=14,
         spatial_merge_size=2, temporal_patch_size=2, image_size=112,
     )
-    name = "Glm4v"
+    name, processor = "Glm4v", "Glm4vProcessor"
+    if ocr:
+        name, processor = "GlmOcr", "Glm46VProcessor"
+        text.update(intermediate_size=3 * vision["out_hidden_size"])
     if moe:
         name = "Glm4vMoe"
         text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
@@ -271,12 +278,12 @@ def write_glm4v_checkpoint(
     model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     _sharpen(model)
     model.save_pretrained(path)
-    Glm4vImageProcessorPil(
+    (Glm46VImageProcessorPil if ocr else Glm4vImageProcessorPil)(
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=14, merge_size=2,
         temporal_patch_size=2,
     ).save_pretrained(path)
     # save_pretrained of the processor needs a video processor (torchvision); write it by hand.
-    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Glm4vProcessor"}, indent=2))
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": processor}, indent=2))
     gen = {"eos_token_id": ids["<|user|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
