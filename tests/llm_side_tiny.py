@@ -1,5 +1,6 @@
 """Tiny random InternVL, Mistral 3, Gemma 3, Idefics3 / SmolVLM, PaliGemma, FastVLM, PerceptionLM, Aya Vision /
-Command A Vision and Ovis2 models and processor-shaped prompts for the tests."""
+Command A Vision, Ovis2, LightOnOCR, DeepSeek-VL (and its hybrid) and Janus models and processor-shaped prompts
+for the tests."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ DEPTH = 6  # decoder layers
 VDEPTH = 4  # InternVL and Gemma 3 vision layers
 SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
 WINDOW = 10  # Gemma 3's sliding window, shorter than every prompt; its layers 2 and 5 attend globally
+HIGH_RES = 128  # DeepSeek-VL-Hybrid's SAM input
+PIXTRAL = ("mistral3", "lighton_ocr")  # images at their own sizes, rows of image tokens ended by break tokens
 
 
 def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size: int = 128,
@@ -96,13 +99,44 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                        visual_indicator_token_ids=indicator_ids or [START, END, BREAK, 125, 126],
                                        vocab_size=vocab_size, hidden_size=text["hidden_size"], attn_implementation=impl)
         model = transformers.Ovis2ForConditionalGeneration(cfg)
-    else:
+    elif family in ("deepseek_vl", "deepseek_vl_hybrid"):  # SigLIP, 64 px images of 16 px patches: 16 tokens
+        siglip = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=SIZE, patch_size=16).to_dict()
+        llama = transformers.LlamaConfig(**text).to_dict()
+        if family == "deepseek_vl":
+            cfg = transformers.DeepseekVLConfig(vision_config=siglip, text_config=llama, image_token_id=image_token_id,
+                                                attn_implementation=impl)
+            model = transformers.DeepseekVLForConditionalGeneration(cfg)
+        else:  # and a SAM tower on 128 px (8 px patches, necked down to the same 4x4 cells)
+            sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=HIGH_RES, patch_size=PATCH, global_attn_indexes=[1], window_size=4, mlp_dim=64)
+            cfg = transformers.DeepseekVLHybridConfig(vision_config=siglip, high_res_vision_config=sam,
+                                                      text_config=llama, image_token_id=image_token_id,
+                                                      attn_implementation=impl)
+            model = transformers.DeepseekVLHybridForConditionalGeneration(cfg)
+    elif family == "janus":  # its SigLIP-like tower, 64 px images of 16 px patches: 16 tokens; a tiny VQ-VAE
+        vision = dict(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2, image_size=SIZE,
+                      patch_size=16, mlp_ratio=2.0, projection_dim=64, depth=2)
+        vq = dict(embed_dim=8, num_embeddings=32, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1,
+                  projection_dim=64, image_token_embed_dim=64, latent_channels=8, num_patches=4)
+        cfg = transformers.JanusConfig(vision_config=vision, vq_config=vq,
+                                       text_config=transformers.LlamaConfig(**text).to_dict(),
+                                       image_token_id=image_token_id, attn_implementation=impl)
+        model = transformers.JanusForConditionalGeneration(cfg)
+    else:  # Mistral 3, LightOnOCR: Pixtral, 2x2 patches merged into one token; LightOnOCR a Qwen3 LM
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)
-        cfg = transformers.Mistral3Config(vision_config=vision, spatial_merge_size=2, image_token_id=image_token_id,
-                                          text_config=transformers.MistralConfig(**text, sliding_window=None),
-                                          attn_implementation=impl)
-        model = transformers.Mistral3ForConditionalGeneration(cfg)
+        if family == "lighton_ocr":
+            cfg = transformers.LightOnOcrConfig(vision_config=vision, spatial_merge_size=2,
+                                                image_token_id=image_token_id,
+                                                text_config=transformers.Qwen3Config(**text, head_dim=16),
+                                                attn_implementation=impl)
+            model = transformers.LightOnOcrForConditionalGeneration(cfg)
+        else:
+            cfg = transformers.Mistral3Config(vision_config=vision, spatial_merge_size=2, image_token_id=image_token_id,
+                                              text_config=transformers.MistralConfig(**text, sliding_window=None),
+                                              attn_implementation=impl)
+            model = transformers.Mistral3ForConditionalGeneration(cfg)
     model = model.eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # always new tokens: rows alone and batched stay aligned
@@ -111,7 +145,7 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
 
 def image_tokens(family: str, size: tuple[int, int]) -> list[int]:
     """The tokens the processor puts in place of one image of ``size`` (h, w) pixels."""
-    if family != "mistral3":  # one tile per image here: <img>, 16 context tokens, </img> (or their likes)
+    if family not in PIXTRAL:  # one tile per image here: <img>, 16 context tokens, </img> (or their likes)
         return [START, *[IMG] * 16, END]
     rows, cols = (s // PATCH // 2 for s in size)
     out: list[int] = []
@@ -135,8 +169,8 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
     ids, mask = left_pad([row(family, r, s) for r, s in zip(rows, seeds, strict=True)])
     sizes = [(p, 10 * s + j) for r, s in zip(rows, seeds, strict=True) for j, p in enumerate(r) if not isinstance(p, int)]
     side = 2 * SIZE if family == "fast_vlm" else SIZE
-    h = max(p[0] for p, _ in sizes) if family == "mistral3" else side
-    w = max(p[1] for p, _ in sizes) if family == "mistral3" else side
+    h = max(p[0] for p, _ in sizes) if family in PIXTRAL else side
+    w = max(p[1] for p, _ in sizes) if family in PIXTRAL else side
     pixels = torch.zeros(len(sizes), 3, h, w)
     for i, ((ph, pw), s) in enumerate(sizes):
         g = torch.Generator().manual_seed(100 + s)
@@ -152,8 +186,10 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
     if family == "perception_lm":  # [images, tiles, 3, h, w]: one tile each
         pixels = pixels[:, None]
     out = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-    if family == "mistral3":
+    if family in PIXTRAL:
         out["image_sizes"] = torch.tensor([p for p, _ in sizes])
+    if family == "deepseek_vl_hybrid":  # the same images at 128 px for its SAM tower
+        out["high_res_pixel_values"] = torch.nn.functional.interpolate(pixels, size=(HIGH_RES, HIGH_RES))
     if family == "gemma3":  # as its processor: 1 marks the image tokens (they attend to each other both ways)
         out["token_type_ids"] = (ids == IMG).long()
     if family.startswith("paligemma"):  # as its processor: 0 marks the prompt, the prefix that attends both ways

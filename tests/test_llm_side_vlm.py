@@ -28,7 +28,8 @@ from .llm_side_tiny import (  # noqa: E402
 )
 
 FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "fast_vlm",
-            "perception_lm", "aya_vision", "cohere2_vision", "ovis2"]
+            "perception_lm", "aya_vision", "cohere2_vision", "ovis2", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid",
+            "janus"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
@@ -42,6 +43,10 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
     "aya_vision": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "cohere2_vision": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "ovis2": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "lighton_ocr": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
+    "deepseek_vl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "deepseek_vl_hybrid": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "janus": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -206,6 +211,10 @@ def test_assisted_generation_equals_greedy(family):
     ("mistral3", dict(mode="vit"), ValueError, "inside the language model only"),
     ("mistral3", dict(mode="hybrid"), ValueError, "inside the language model only"),
     ("mistral3", dict(method="random", keep_ratio=0.5), ValueError, "unknown Mistral 3 method 'random'"),
+    ("lighton_ocr", dict(mode="vit"), ValueError, "LightOnOCR inside the language model only"),
+    ("deepseek_vl", dict(mode="hybrid"), ValueError, "DeepSeek-VL inside the language model only"),
+    ("deepseek_vl_hybrid", dict(mode="vit"), ValueError, "SAM tower"),
+    ("janus", dict(method="random", keep_ratio=0.5), ValueError, "unknown Janus method 'random'"),
     ("gemma3", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "does not use"),
     ("gemma3", dict(method="random", keep_ratio=1.5), ValueError, "keep_ratio"),
@@ -229,10 +238,11 @@ def test_bad_settings_raise_clear_errors(family, kw, err, match):
 def test_mistral3_has_no_one_patch_grid_and_the_others_a_4x4_one():
     from saint.adapters import find_adapter
 
-    model = make("mistral3")
-    with pytest.raises(ValueError, match="no one patch grid"):
-        find_adapter(model).grid(model)
-    for family in ("internvl", "gemma3", "paligemma"):  # 4x4 image tokens over 64 px
+    for family in ("mistral3", "lighton_ocr"):
+        model = make(family)
+        with pytest.raises(ValueError, match="no one patch grid"):
+            find_adapter(model).grid(model)
+    for family in ("internvl", "gemma3", "paligemma", "deepseek_vl", "deepseek_vl_hybrid", "janus"):  # 4x4 over 64 px
         other = make(family)
         grid = find_adapter(other).grid(other)
         assert (grid.rows, grid.cols, grid.patch) == (4, 4, (16, 16))

@@ -145,6 +145,10 @@ FAMILIES = {
     "mistral3": lambda: llm_side("mistral3"),
     "fast_vlm": lambda: llm_side("fast_vlm"),
     "perception_lm": lambda: llm_side("perception_lm"),
+    "lighton_ocr": lambda: llm_side("lighton_ocr"),
+    "deepseek_vl": lambda: llm_side("deepseek_vl"),
+    "deepseek_vl_hybrid": lambda: llm_side("deepseek_vl_hybrid"),
+    "janus": lambda: llm_side("janus"),
     "aya_vision": lambda: llm_side("aya_vision"),
     "gemma3": lambda: llm_side("gemma3"),
     "idefics3": lambda: llm_side("idefics3"),
@@ -152,8 +156,9 @@ FAMILIES = {
 QWEN_ADAPTER = ("qwen_vl", "qwen2_vl", "glm4v")  # the models of the qwen_vl adapter
 VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_next_video", "llava_onevision", "internvl", "gemma3", "idefics3",
         "aya_vision")  # + vision side
-NO_GRID = ("mistral3", "fast_vlm", "perception_lm")  # pruned inside the language model only; no one patch grid
-ALL_VLMS = (*VLMS, *NO_GRID)
+NO_GRID = ("mistral3", "fast_vlm", "perception_lm", "lighton_ocr")  # pruned in the language model only; no one grid
+LLM_ONLY = ("deepseek_vl", "deepseek_vl_hybrid", "janus")  # pruned in the language model only; one token per patch
+ALL_VLMS = (*VLMS, *NO_GRID, *LLM_ONLY)
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -238,8 +243,8 @@ def test_trace_kept_maps_the_patch_grid(family):
     if name in ("llava_next", "llava_next_video", "llava_onevision"):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
     if name in NO_GRID:
-        pytest.skip(f"{name}'s image tokens map to no one patch grid (Mistral 3: images at their own sizes; "
-                    "FastVLM: a convolutional tower's cells; PerceptionLM: tiles and frames)")
+        pytest.skip(f"{name}'s image tokens map to no one patch grid (Mistral 3, LightOnOCR: images at their own "
+                    "sizes; FastVLM: a convolutional tower's cells; PerceptionLM: tiles and frames)")
     grid = find_adapter(model).grid(model, one(model, inputs) if name in QWEN_ADAPTER else None)
     vlm = name in ALL_VLMS
     settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if vlm else dict(tau=0.0, k=1)

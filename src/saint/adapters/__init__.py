@@ -41,8 +41,8 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "side), GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR (*ForConditionalGeneration / *Model); LLaVA-NeXT, "
     "LLaVA-NeXT-Video and LLaVA-OneVision (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, "
     "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision, Command A Vision and Ovis2 (*ForConditionalGeneration / "
-    "*Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM and PerceptionLM "
-    "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
+    "*Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM, PerceptionLM, LightOnOCR, "
+    "DeepSeek-VL, DeepSeek-VL-Hybrid and Janus (*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 
 REFUSED: dict[str, str] = {**hf_vit.REFUSED, **hf_vision.REFUSED}  # class name -> why saint does not patch it, and what to do

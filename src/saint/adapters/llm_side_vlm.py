@@ -3,7 +3,13 @@
 
 - Mistral 3 (``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower);
 - FastVLM (``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower);
-- PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos).
+- PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos);
+- LightOnOCR (``LightOnOcrForConditionalGeneration`` / ``LightOnOcrModel``, Mistral 3's Pixtral tower
+  and patch merger before a Qwen3 language model);
+- DeepSeek-VL and DeepSeek-VL-Hybrid (``DeepseekVLForConditionalGeneration`` /
+  ``DeepseekVLHybridForConditionalGeneration`` and their ``*Model``; a Llama language model);
+- Janus (``JanusForConditionalGeneration`` / ``JanusModel``: its image understanding; a Llama
+  language model).
 
 A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
 its placeholder token ids (``config.image_token_id``, PerceptionLM's ``video_token_id`` too).
@@ -42,8 +48,10 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "FASTVLM", "FIELDS", "MISTRAL3", "PERCEPTION_LM", "FastVlmPruneConfig", "Family",
-           "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
+__all__ = ["ADAPTERS", "DEEPSEEK_VL", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "JANUS", "LIGHTON_OCR", "MISTRAL3",
+           "PERCEPTION_LM", "DeepseekVLHybridPruneConfig", "DeepseekVLPruneConfig", "FastVlmPruneConfig", "Family",
+           "JanusPruneConfig", "LightOnOcrPruneConfig", "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig",
+           "PerceptionLMPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -92,19 +100,45 @@ class PerceptionLMPruneConfig(LlmSidePruneConfig):
                                "its timm Perception Encoder tower ahead of that pooling is not built")
 
 
+@dataclass
+class LightOnOcrPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "LightOnOCR"
+    LLM_ONLY: ClassVar[str] = Mistral3PruneConfig.LLM_ONLY
+
+
+@dataclass
+class DeepseekVLPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "DeepSeek-VL"
+    LLM_ONLY: ClassVar[str] = "pruning its vision tower ahead of the aligner is not built"
+
+
+@dataclass
+class DeepseekVLHybridPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "DeepSeek-VL-Hybrid"
+    LLM_ONLY: ClassVar[str] = ("each image token joins a SigLIP patch and a cell of its high-resolution SAM tower; "
+                               "pruning both towers alike is not built")
+
+
+@dataclass
+class JanusPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Janus"
+    LLM_ONLY: ClassVar[str] = "pruning its vision tower ahead of the aligner is not built"
+
+
 @dataclass(frozen=True)
 class Family:
     """One VLM pruned inside its language model: the adapter's name, the model classes
     (``module`` and ``classes`` inside ``transformers.models``), its settings class
     (which names the family in errors and says why the tower keeps every patch), and why
-    its kept tokens map to no one patch grid. Its ``make_config``/``matches``/``patch``/
+    its kept tokens map to no one patch grid (none: an image's tokens are its tower's patches,
+    the grid of ``vision_config``). Its ``make_config``/``matches``/``patch``/
     ``unpatch`` are the family functions of its adapter."""
 
     key: str
     module: str
     classes: tuple[str, ...]
     config: type[LlmSidePruneConfig]
-    no_grid: str
+    no_grid: str = ""  # why its image tokens map to no one patch grid ("": they are its tower's patches)
     media: Media = MEDIA  # the visual inputs and placeholder tokens it prunes
 
     @property
@@ -149,6 +183,15 @@ PERCEPTION_LM = Family("perception_lm", "perception_lm", ("PerceptionLMForCondit
                        no_grid="splits an image into tiles and a thumbnail, and a video into frames, each pooled "
                                "to its own grid")
 
+LIGHTON_OCR = Family("lighton_ocr", "lighton_ocr", ("LightOnOcrForConditionalGeneration", "LightOnOcrModel"),
+                     LightOnOcrPruneConfig, no_grid=MISTRAL3.no_grid)
+DEEPSEEK_VL = Family("deepseek_vl", "deepseek_vl", ("DeepseekVLForConditionalGeneration", "DeepseekVLModel"),
+                     DeepseekVLPruneConfig)
+DEEPSEEK_VL_HYBRID = Family(  # its tokens: the low-resolution SigLIP's patches (the SAM cells are pooled to them)
+    "deepseek_vl_hybrid", "deepseek_vl_hybrid", ("DeepseekVLHybridForConditionalGeneration", "DeepseekVLHybridModel"),
+    DeepseekVLHybridPruneConfig)
+JANUS = Family("janus", "janus", ("JanusForConditionalGeneration", "JanusModel"), JanusPruneConfig)
+
 
 def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward
             ) -> dict[str, Any]:
@@ -170,9 +213,15 @@ class LlmSideVlm(HFVlm):
         self.name = family.key
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        """A clear error: these families' image tokens map to no one patch grid (``Family.no_grid``)."""
-        raise ValueError(f"{type(model).__name__} {self.family.no_grid}: there is no one patch grid to map "
-                         "kept tokens to")
+        """The tower's patch grid, one image token per patch; or a clear error where the
+        family's image tokens map to no one patch grid (``Family.no_grid``)."""
+        if self.family.no_grid:
+            raise ValueError(f"{type(model).__name__} {self.family.no_grid}: there is no one patch grid to map "
+                             "kept tokens to")
+        vc = multimodal(model).config.vision_config
+        (h, w), (ph, pw) = (v if isinstance(v, (list, tuple)) else (v, v) for v in (vc.image_size, vc.patch_size))
+        return Grid(int(h) // int(ph), int(w) // int(pw), (int(ph), int(pw)))
 
 
-ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM))
+ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL,
+                                          DEEPSEEK_VL_HYBRID, JANUS))
