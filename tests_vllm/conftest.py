@@ -97,6 +97,10 @@ idefics3_dir = _tiny_checkpoint("idefics3_dir", "write_idefics3_checkpoint", "ti
                                 "A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles.")
 mistral3_dir = _tiny_checkpoint("mistral3_dir", "write_mistral3_checkpoint", "tiny-mistral3",
                                 "A tiny Mistral 3 (Pixtral tower, 16 px patches merged 2 x 2, at most 128 px).")
+lighton_ocr_dir = _tiny_checkpoint(
+    "lighton_ocr_dir", "write_mistral3_checkpoint", "tiny-lighton-ocr",
+    "A tiny LightOnOCR in the hub's format (Mistral 3's tower and merge, a Qwen3 LM; no row breaks).",
+    family="lighton_ocr")
 llava_pixtral_dir = _tiny_checkpoint(
     "llava_pixtral_dir", "write_mistral3_checkpoint", "tiny-llava-pixtral",
     "A tiny Pixtral-based LLaVA (the same tower, no merge: one token per 16 px patch).", family="llava")

@@ -14,6 +14,7 @@ merged embeddings, so this reference is built here from transformers' public pie
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -355,4 +356,32 @@ def transformers_mistral3_scores(
         "kept": [torch.cat(keeps).nonzero().flatten().tolist()],
         "rows": rows,
         "columns": columns,
+    }
+
+
+@torch.no_grad()
+def transformers_lighton_ocr_scores(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
+) -> dict:
+    """LightOnOCR saved as the hub's checkpoint (Mistral 3's model type, LightOnOCR's weights),
+    one image: transformers' LightOnOCR with that config, the fixed-budget drop over the
+    image's whole run of merged tokens, the shortened prompt numbered 0..L-1. ``kept``: the
+    kept indices; ``tokens``: the image's merged tokens before the drop."""
+    from PIL import Image
+    from transformers import LightOnOcrConfig, LightOnOcrForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    saved = json.loads((Path(model_dir) / "config.json").read_text())
+    config = LightOnOcrConfig(**{k: v for k, v in saved.items() if k not in ("model_type", "architectures")})
+    model = LightOnOcrForConditionalGeneration.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+    processor = PixtralImageProcessorPil.from_pretrained(model_dir)
+    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    out = model.model.get_image_features(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+    feats = list(out.pooler_output)
+    keeps = [_keep(f, keep_ratio) for f in feats]
+    return {
+        "logprobs": _one_d_logprobs(model, model.model.language_model, config.image_token_id, feats, keeps,
+                                    prompt_ids, output_ids),
+        "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
+        "tokens": [len(f) for f in feats],
     }

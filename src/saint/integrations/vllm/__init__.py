@@ -9,7 +9,7 @@ Settings: ``saint_keep_ratio`` (share of each image's merged tokens kept, in (0,
 ``saint_step_div`` (the fixed-budget drop's step, default 16). Without them the model is
 vLLM's own. Qwen2.5-VL, Qwen2-VL, Qwen3-VL and Qwen3.5 (dense and MoE), GLM-4.1V / 4.5V, GLM-OCR, InternVL (both formats) and
 LLaVA-OneVision (images only
-while pruning), LLaVA-1.5, LLaVA-NeXT, Mistral 3, Gemma 3, PaliGemma, Idefics3 and SmolVLM are overridden
+while pruning), LLaVA-1.5, LLaVA-NeXT, Mistral 3, LightOnOCR, Gemma 3, PaliGemma, Idefics3 and SmolVLM are overridden
 (see docs/vllm.md, also for why pruning inside the language model does not fit vLLM's
 paged KV cache).
 
@@ -56,6 +56,9 @@ ARCHITECTURES = {
     ),
     "Mistral3ForConditionalGeneration": (
         "saint.integrations.vllm.mistral3:SaintMistral3ForConditionalGeneration"
+    ),
+    "LightOnOCRForConditionalGeneration": (
+        "saint.integrations.vllm.lightonocr:SaintLightOnOCRForConditionalGeneration"
     ),
     "InternVLForConditionalGeneration": (
         "saint.integrations.vllm.internvl:SaintInternVLForConditionalGeneration"

@@ -655,7 +655,11 @@ def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: i
     to ``path``: an image is resized to at most ``longest_edge`` px and gives one row of
     ``[IMG]`` tokens per 32 px of height, one per 32 px of width, each row ended by
     ``[IMG_BREAK]`` (the last by ``[IMG_END]``). ``family="llava"``: the same tower and LM as
-    a Pixtral-based LLaVA (Pixtral-12B's layout): no merge, one token per 16 px patch."""
+    a Pixtral-based LLaVA (Pixtral-12B's layout): no merge, one token per 16 px patch.
+    ``family="lighton_ocr"``: Mistral 3's tower and merge before a Qwen3 LM, saved as the
+    hub's LightOnOCR-1B is (``model_type`` ``mistral3``, architecture
+    ``LightOnOCRForConditionalGeneration``, transformers' LightOnOCR weight names), the
+    format vLLM serves: an image is one run of ``[IMG]`` tokens, no row breaks or end."""
     import torch
     import transformers
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
@@ -665,10 +669,11 @@ def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: i
     install_torchvision_shim()  # without torchvision: the processor module imports through the PIL twin
     from transformers.models.pixtral.processing_pixtral import PixtralProcessor
 
-    if family not in ("mistral3", "llava"):
-        raise ValueError(f"family={family!r}: 'mistral3' or 'llava'")
+    if family not in ("mistral3", "llava", "lighton_ocr"):
+        raise ValueError(f"family={family!r}: 'mistral3', 'llava' or 'lighton_ocr'")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    markers = dict(image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
     tokenizer = _tokenizer(512, MISTRAL3_SPECIAL_TOKENS)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MISTRAL3_SPECIAL_TOKENS}
     text = dict(
@@ -676,12 +681,19 @@ def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: i
         num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=2048, sliding_window=None,
         bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
     )
+    if family == "lighton_ocr":  # Qwen3: q/k norms, no sliding window
+        text.update(model_type="qwen3")
+        del text["sliding_window"]
     vision = dict(model_type="pixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=2, head_dim=32, image_size=longest_edge, patch_size=16)
-    merge = 2 if family == "mistral3" else 1
+    merge = 1 if family == "llava" else 2
     common = dict(text_config=text, vision_config=vision, image_token_index=ids["[IMG]"], vision_feature_layer=-1,
                   pad_token_id=ids["<pad>"], tie_word_embeddings=False)
-    if family == "mistral3":
+    if family == "lighton_ocr":
+        config = transformers.LightOnOcrConfig(text_config=text, vision_config=vision, image_token_id=ids["[IMG]"],
+                                               spatial_merge_size=merge, tie_word_embeddings=False)
+        model_class = transformers.LightOnOcrForConditionalGeneration
+    elif family == "mistral3":
         config = transformers.Mistral3Config(**common, spatial_merge_size=merge)
         model_class = transformers.Mistral3ForConditionalGeneration
     else:
@@ -693,8 +705,11 @@ def write_mistral3_checkpoint(path: str | Path, longest_edge: int = 128, seed: i
     model.save_pretrained(path)
     images = PixtralImageProcessorPil(size={"longest_edge": longest_edge}, patch_size={"height": 16, "width": 16})
     PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16, spatial_merge_size=merge,
-                     image_token="[IMG]", image_break_token="[IMG_BREAK]",
-                     image_end_token="[IMG_END]").save_pretrained(path)
+                     **markers).save_pretrained(path)
+    if family == "lighton_ocr":  # the hub's config: Mistral 3's model type, LightOnOCR's architecture
+        saved = json.loads((path / "config.json").read_text())
+        saved.update(model_type="mistral3", architectures=["LightOnOCRForConditionalGeneration"])
+        (path / "config.json").write_text(json.dumps(saved, indent=2))
     gen = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
