@@ -16,7 +16,7 @@ VDEPTH = 4  # InternVL and Gemma 3 vision layers
 SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
 WINDOW = 10  # Gemma 3's sliding window, shorter than every prompt; its layers 2 and 5 attend globally
 HIGH_RES = 128  # DeepSeek-VL-Hybrid's SAM input
-PIXTRAL = ("mistral3", "lighton_ocr")  # images at their own sizes, rows of image tokens ended by break tokens
+PIXTRAL = ("mistral3", "lighton_ocr")  # images at their own sizes (Mistral 3: rows ended by break tokens)
 
 
 def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size: int = 128,
@@ -148,6 +148,8 @@ def image_tokens(family: str, size: tuple[int, int]) -> list[int]:
     if family not in PIXTRAL:  # one tile per image here: <img>, 16 context tokens, </img> (or their likes)
         return [START, *[IMG] * 16, END]
     rows, cols = (s // PATCH // 2 for s in size)
+    if family == "lighton_ocr":  # one run, no row breaks or end (its processor's layout)
+        return [IMG] * (rows * cols)
     out: list[int] = []
     for _ in range(rows):
         out += [IMG] * cols + [BREAK]
