@@ -38,7 +38,8 @@ from .lmms_helpers import (
 FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": "SaintGemma3",
             "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma", "fast_vlm": "SaintFastVlm",
             "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision",
-            "ovis2": "SaintOvis2"}
+            "ovis2": "SaintOvis2", "lighton_ocr": "SaintLightOnOcr", "deepseek_vl": "SaintDeepseekVL",
+            "deepseek_vl_hybrid": "SaintDeepseekVL", "janus": "SaintJanus"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # the pooled families: half of every tile's (image's) 16 tokens
@@ -48,7 +49,10 @@ PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_AR
            ("idefics3", LLM_ARGS), ("idefics3", VIT_ARGS), ("paligemma", LLM_ARGS), ("paligemma", FASTV_ARGS),
            ("paligemma", VIT_ARGS), ("fast_vlm", LLM_ARGS), ("fast_vlm", FASTV_ARGS),
            ("aya_vision", LLM_ARGS), ("aya_vision", FASTV_ARGS), ("aya_vision", VIT_ARGS), ("cohere2_vision", LLM_ARGS),
-           ("cohere2_vision", VIT_ARGS), ("ovis2", LLM_ARGS), ("ovis2", VIT_ARGS)]
+           ("cohere2_vision", VIT_ARGS), ("ovis2", LLM_ARGS), ("ovis2", VIT_ARGS), ("lighton_ocr", LLM_ARGS),
+           ("deepseek_vl", LLM_ARGS), ("deepseek_vl", FASTV_ARGS), ("deepseek_vl_hybrid", LLM_ARGS),
+           ("janus", LLM_ARGS)]
+FIXED_SIZE = ("gemma3", "paligemma", "fast_vlm", "deepseek_vl", "deepseek_vl_hybrid", "janus")  # one size per image
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
 
@@ -145,15 +149,48 @@ def _build(path: Path, family: str) -> None:
                                                 vision_feature_select_strategy="full", num_additional_image_tokens=0,
                                                 image_token="<image>")
         image_token = "<image>"
-    else:
-        special = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
+    elif family in ("deepseek_vl", "deepseek_vl_hybrid"):  # 64 px images of 16 px patches: 16 tokens
+        special = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>", "<|User|>",
+                   "<|Assistant|>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>",
+            bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>",
+            extra_special_tokens={"image_token": "<image_placeholder>"})
+        if family == "deepseek_vl":
+            images = transformers.DeepseekVLImageProcessor(size={"height": 64, "width": 64})
+            processor = transformers.DeepseekVLProcessor(image_processor=images, tokenizer=tokenizer,
+                                                         num_image_tokens=16)
+        else:  # and the same images at 128 px for its SAM tower
+            images = transformers.DeepseekVLHybridImageProcessor(size={"height": 64, "width": 64},
+                                                                 high_res_size={"height": 128, "width": 128})
+            processor = transformers.DeepseekVLHybridProcessor(image_processor=images, tokenizer=tokenizer,
+                                                               num_image_tokens=16)
+        image_token = "<image_placeholder>"
+    elif family == "janus":  # 64 px images of 16 px patches: 16 tokens between <begin_of_image> and <end_of_image>
+        special = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",
+                   "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>",
+            bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>", extra_special_tokens={
+                "image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"})
+        images = transformers.JanusImageProcessor(size={"height": 64, "width": 64})
+        processor = transformers.JanusProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=16)
+        image_token = "<image_placeholder>"
+    else:  # Mistral 3, LightOnOCR (its image one run of [IMG] tokens, no row breaks)
+        special = ["<pad>", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]", "<|im_start|>",
+                   "<|im_end|>"]
+        markers = dict(image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+        lighton = family == "lighton_ocr"
         tokenizer = transformers.PreTrainedTokenizerFast(
             tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<s>",
-            eos_token="</s>")
+            eos_token="<|im_end|>" if lighton else "</s>", extra_special_tokens=markers if lighton else None)
         images = transformers.PixtralImageProcessor(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
-        processor = transformers.PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                                                  spatial_merge_size=2, image_token="[IMG]",
-                                                  image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+        if lighton:
+            processor = transformers.LightOnOcrProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                                         spatial_merge_size=2)
+        else:
+            processor = transformers.PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                                      spatial_merge_size=2, **markers)
         image_token = "[IMG]"
     processor.save_pretrained(path)
     from .llm_side_tiny import make
@@ -208,15 +245,28 @@ def test_entry_points_resolve():
 def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     need("lmms_eval")
     from saint.integrations.lmms_llm_side import (
+        SaintDeepseekVL,
         SaintFastVlm,
         SaintGemma3,
         SaintIdefics3,
         SaintInternVL,
+        SaintJanus,
+        SaintLightOnOcr,
         SaintMistral3,
         SaintPaliGemma,
     )
 
     missing = str(tmp_path / "no-such-checkpoint")
+    with pytest.raises(ValueError, match="DeepSeek-VL inside the language model only"):
+        SaintDeepseekVL(pretrained=missing, mode="vit")
+    with pytest.raises(ValueError, match="unknown Janus method 'random'"):
+        SaintJanus(pretrained=missing, method="random", keep_ratio=0.5)
+    with pytest.raises(ValueError, match="Janus checkpoints"):
+        SaintJanus(pretrained=str(checkpoint("deepseek_vl")))
+    with pytest.raises(ValueError, match=r"DeepSeek-VL checkpoints \(model_type 'deepseek_vl' or"):
+        SaintDeepseekVL(pretrained=str(checkpoint("janus")))
+    with pytest.raises(ValueError, match="LightOnOCR checkpoints"):
+        SaintLightOnOcr(pretrained=str(checkpoint("mistral3")))
     with pytest.raises(ValueError, match="inside the language model only"):
         SaintMistral3(pretrained=missing, mode="vit")
     with pytest.raises(ValueError, match="FastVLM inside the language model only"):
@@ -270,8 +320,8 @@ def test_batches_are_pruned_and_equal_single_requests(checkpoint, family, docs, 
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
     assert {e["request"] for e in lm.pruning_log} == {"generate_until", "loglikelihood"}
     counts = {n for e in lm.pruning_log for n in e["image_tokens"]}
-    # images of different token counts (Gemma 3, PaliGemma and FastVLM resize them all)
-    assert len(counts) > 1 or family in ("gemma3", "paligemma", "fast_vlm")
+    # images of different token counts (FIXED_SIZE families resize them all)
+    assert len(counts) > 1 or family in FIXED_SIZE
     for e in lm.pruning_log:
         if args == VIT_ARGS:
             assert e["llm_input"] == [n // 2 for n in e["image_tokens"]] == e["llm_output"]

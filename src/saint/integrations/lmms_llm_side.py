@@ -1,14 +1,16 @@
 """lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
 ``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``,
-``saint_cohere2_vision`` and ``saint_ovis2``: Hugging Face InternVL (``InternVLForConditionalGeneration``),
+``saint_cohere2_vision``, ``saint_ovis2``, ``saint_lighton_ocr``, ``saint_deepseek_vl`` and
+``saint_janus``: Hugging Face InternVL (``InternVLForConditionalGeneration``),
 Mistral 3 (``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``),
 Idefics3 / SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
-(``AyaVisionForConditionalGeneration``), Command A Vision (``Cohere2VisionForConditionalGeneration``)
-and Ovis2 (``Ovis2ForConditionalGeneration``) checkpoints pruned by :func:`saint.patch`
+(``AyaVisionForConditionalGeneration``), Command A Vision (``Cohere2VisionForConditionalGeneration``),
+Ovis2 (``Ovis2ForConditionalGeneration``), LightOnOCR (``LightOnOcrForConditionalGeneration``),
+DeepSeek-VL (and its hybrid) and Janus checkpoints pruned by :func:`saint.patch`
 (:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM, PaliGemma, Aya Vision,
 Command A Vision and Ovis2: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
-:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside Mistral 3's and
-FastVLM's language models), for any lmms-eval image task::
+:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside the language models of
+Mistral 3, FastVLM, LightOnOCR, DeepSeek-VL and Janus), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -18,7 +20,7 @@ Everything but what differs per family is :class:`~saint.integrations.lmms_eval.
 (model arguments, batching, ``until``, log-likelihood, multi-round, ``stats_path``).
 Each image enters the prompt as the processor's image token in front of the task's text
 (unless the task placed them), then the chat template (``chat_template=``, else the
-tokenizer's, else ChatML for InternVL, FastVLM and Ovis2, Mistral's ``[INST]`` format for Mistral 3,
+tokenizer's, else ChatML for InternVL, FastVLM, Ovis2 and LightOnOCR, DeepSeek's turns for DeepSeek-VL and Janus, Mistral's ``[INST]`` format for Mistral 3,
 Gemma's turns for Gemma 3 and Cohere's turns for Aya Vision and Command A Vision). InternVL's processor expands an image to its tiles
 (``image_seq_length`` tokens each, between ``<img>`` and ``</img>``); Pixtral's to rows of
 image tokens closed by row breaks and an image end, with ``image_sizes``; Gemma 3's to
@@ -43,8 +45,9 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintFastVlm", "SaintGemma3", "SaintIdefics3", "SaintInternVL",
-           "SaintMistral3", "SaintOvis2", "SaintPaliGemma", "SaintTiled"]
+__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintFastVlm", "SaintGemma3", "SaintIdefics3",
+           "SaintInternVL", "SaintJanus", "SaintLightOnOcr", "SaintMistral3", "SaintOvis2", "SaintPaliGemma",
+           "SaintTiled"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -60,6 +63,11 @@ GEMMA_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+DEEPSEEK_TEMPLATE = (  # DeepSeek-VL's and Janus's turns
+    "{% for message in messages %}{% if message['role'] == 'user' %}<|User|>: {{ message['content'] }}\n\n"
+    "{% else %}<|Assistant|>: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
 COHERE_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|START_OF_TURN_TOKEN|>"
     "{{ '<|CHATBOT_TOKEN|>' if message['role'] == 'assistant' else '<|USER_TOKEN|>' }}{{ message['content'] }}"
@@ -203,6 +211,60 @@ class SaintOvis2(SaintTiled):
     MODEL_CLASS = "Ovis2ForConditionalGeneration"
     TITLE = "Ovis2"
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+
+
+class SaintLightOnOcr(SaintMistral3):
+    """A LightOnOCR checkpoint (``model_type: lighton_ocr``: Mistral 3's Pixtral tower and patch
+    merger, a Qwen3 language model) patched once by :func:`saint.patch`, evaluated by lmms-eval
+    (``--model saint_lighton_ocr``)."""
+
+    NAME = "saint_lighton_ocr"
+    ADAPTER = llm_side_vlm.LIGHTON_OCR
+    MODEL_TYPES = ("lighton_ocr",)
+    MODEL_CLASS = "LightOnOcrForConditionalGeneration"
+    TITLE = "LightOnOCR"
+    DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+
+
+class SaintDeepseekVL(SaintLlmSide):
+    """A DeepSeek-VL checkpoint (``model_type: deepseek_vl``, or ``deepseek_vl_hybrid`` with its
+    SAM tower's ``high_res_pixel_values``) patched once by :func:`saint.patch`, evaluated by
+    lmms-eval (``--model saint_deepseek_vl``)."""
+
+    NAME = "saint_deepseek_vl"
+    ADAPTER = llm_side_vlm.DEEPSEEK_VL  # checks the settings (the hybrid's are the same); saint.patch picks the family
+    MODEL_TYPES = ("deepseek_vl", "deepseek_vl_hybrid")
+    TITLE = "DeepSeek-VL"
+    DEFAULT_CHAT_TEMPLATE = DEEPSEEK_TEMPLATE
+
+    @classmethod
+    def _family_hint(cls) -> str:  # type: ignore[override]
+        return "DeepSeek-VL checkpoints (model_type 'deepseek_vl' or 'deepseek_vl_hybrid')"
+
+    @classmethod
+    def _model_class(cls, model_type: str) -> Any:  # type: ignore[override]
+        import transformers
+
+        return getattr(transformers, {"deepseek_vl": "DeepseekVLForConditionalGeneration",
+                                      "deepseek_vl_hybrid": "DeepseekVLHybridForConditionalGeneration"}[model_type])
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Pixels of the first ``len(visuals)`` images (the hybrid's SAM pixels too)."""
+        n = len(visuals)
+        keys = [k for k in ("pixel_values", "high_res_pixel_values") if k in enc]
+        return {k: enc[k][:n] for k in keys} if n else {}
+
+
+class SaintJanus(SaintLlmSide):
+    """A Janus checkpoint (``model_type: janus``; its image understanding) patched once by
+    :func:`saint.patch`, evaluated by lmms-eval (``--model saint_janus``)."""
+
+    NAME = "saint_janus"
+    ADAPTER = llm_side_vlm.JANUS
+    MODEL_TYPES = ("janus",)
+    MODEL_CLASS = "JanusForConditionalGeneration"
+    TITLE = "Janus"
+    DEFAULT_CHAT_TEMPLATE = DEEPSEEK_TEMPLATE
 
 
 class SaintGemma3(SaintLlmSide):
