@@ -63,7 +63,8 @@ NOTHING = {
 }
 VISION_SIDE = {"vit", "hybrid", "random"}
 POOLED = ("internvl", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "aya_vision",
-          "cohere2_vision", "ovis2")  # with vision-side modes
+          "cohere2_vision", "ovis2", "deepseek_vl", "janus")  # with vision-side modes
+ONE_PATCH = ("paligemma", "paligemma2", "deepseek_vl", "janus")  # every patch one token: groups of one patch
 SOFTCAPPED = ("paligemma2",)  # attention logits capped: FastV refused
 
 
@@ -212,9 +213,10 @@ def test_assisted_generation_equals_greedy(family):
     ("mistral3", dict(mode="hybrid"), ValueError, "inside the language model only"),
     ("mistral3", dict(method="random", keep_ratio=0.5), ValueError, "unknown Mistral 3 method 'random'"),
     ("lighton_ocr", dict(mode="vit"), ValueError, "LightOnOCR inside the language model only"),
-    ("deepseek_vl", dict(mode="hybrid"), ValueError, "DeepSeek-VL inside the language model only"),
-    ("deepseek_vl_hybrid", dict(mode="vit"), ValueError, "SAM tower"),
-    ("janus", dict(method="random", keep_ratio=0.5), ValueError, "unknown Janus method 'random'"),
+    ("deepseek_vl_hybrid", dict(mode="vit"), ValueError, "DeepSeek-VL-Hybrid inside the language model only"),
+    ("deepseek_vl_hybrid", dict(mode="hybrid"), ValueError, "SAM tower"),
+    ("deepseek_vl", dict(method="pool", pool_size=2), ValueError, "unknown DeepSeek-VL method 'pool'"),
+    ("janus", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma3", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "does not use"),
     ("gemma3", dict(method="random", keep_ratio=1.5), ValueError, "keep_ratio"),
@@ -282,7 +284,7 @@ def tower_parts(family: str, tower) -> tuple:
 
 
 def tower_of(family: str, mm):
-    return mm.vision_model if family in ("idefics3", "smolvlm") else mm.vision_tower
+    return mm.vision_model if family in ("idefics3", "smolvlm", "deepseek_vl", "janus") else mm.vision_tower
 
 
 def unit_pixels(x: dict) -> torch.Tensor:
@@ -339,7 +341,7 @@ def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
     saint.unpatch(model)
     n_units, groups = keep.shape
     assert got.shape[:2] == (n_units, round(0.4 * groups)) and not keep.all()
-    g = 1 if family.startswith("paligemma") else 2  # a group's side in patches
+    g = 1 if family in ONE_PATCH else 2  # a group's side in patches
     patches = groups * g * g
     patch_keep = keep.view(n_units, 4, 1, 4, 1).expand(n_units, 4, g, 4, g).reshape(n_units, patches)
     with torch.no_grad():
@@ -354,6 +356,8 @@ def test_vit_features_are_the_later_layers_run_on_the_kept_groups(family):
             full = mm.pixel_shuffle(full.view(n_units, 8, 8, -1), scale_factor=0.5).reshape(n_units, groups, -1)
         if family == "ovis2":
             project = lambda f: ovis2_project(mm, f)  # noqa: E731
+        elif family in ("deepseek_vl", "janus"):
+            project = mm.aligner
         else:
             project = mm.connector if family in ("idefics3", "smolvlm") else mm.multi_modal_projector
         want = project(full).reshape(n_units, groups, -1)[keep].view(n_units, -1, got.shape[-1])
@@ -416,7 +420,7 @@ def test_vit_selection_is_the_budget_drop_on_group_keys(family):
     hook.remove()
     units = grab["k"].shape[0]
     k = attn.k_norm(grab["k"]) if family == "internvl" else grab["k"]
-    g = 1 if family.startswith("paligemma") else 2  # a group's side in patches (PaliGemma: single patches)
+    g = 1 if family in ONE_PATCH else 2  # a group's side in patches (PaliGemma: single patches)
     keys = k[:, prefix:].view(units, 16 * g * g, attn.num_heads, -1).mean(dim=2)  # [units, patches, D]
     groups = keys.view(units, 4, g, 4, g, -1).mean(dim=(2, 4)).reshape(units, 16, -1)
     expect = fixed_budget_keep_mask(groups, round(0.4 * 16), 16)

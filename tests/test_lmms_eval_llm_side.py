@@ -39,7 +39,7 @@ FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": 
             "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma", "fast_vlm": "SaintFastVlm",
             "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision",
             "ovis2": "SaintOvis2", "lighton_ocr": "SaintLightOnOcr", "deepseek_vl": "SaintDeepseekVL",
-            "deepseek_vl_hybrid": "SaintDeepseekVL", "janus": "SaintJanus"}
+            "deepseek_vl_hybrid": "SaintDeepseekVLHybrid", "janus": "SaintJanus"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # the pooled families: half of every tile's (image's) 16 tokens
@@ -50,8 +50,8 @@ PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_AR
            ("paligemma", VIT_ARGS), ("fast_vlm", LLM_ARGS), ("fast_vlm", FASTV_ARGS),
            ("aya_vision", LLM_ARGS), ("aya_vision", FASTV_ARGS), ("aya_vision", VIT_ARGS), ("cohere2_vision", LLM_ARGS),
            ("cohere2_vision", VIT_ARGS), ("ovis2", LLM_ARGS), ("ovis2", VIT_ARGS), ("lighton_ocr", LLM_ARGS),
-           ("deepseek_vl", LLM_ARGS), ("deepseek_vl", FASTV_ARGS), ("deepseek_vl_hybrid", LLM_ARGS),
-           ("janus", LLM_ARGS)]
+           ("deepseek_vl", LLM_ARGS), ("deepseek_vl", FASTV_ARGS), ("deepseek_vl", VIT_ARGS),
+           ("deepseek_vl_hybrid", LLM_ARGS), ("janus", LLM_ARGS), ("janus", VIT_ARGS)]
 FIXED_SIZE = ("gemma3", "paligemma", "fast_vlm", "deepseek_vl", "deepseek_vl_hybrid", "janus")  # one size per image
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
@@ -246,6 +246,7 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     need("lmms_eval")
     from saint.integrations.lmms_llm_side import (
         SaintDeepseekVL,
+        SaintDeepseekVLHybrid,
         SaintFastVlm,
         SaintGemma3,
         SaintIdefics3,
@@ -257,14 +258,14 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
     )
 
     missing = str(tmp_path / "no-such-checkpoint")
-    with pytest.raises(ValueError, match="DeepSeek-VL inside the language model only"):
-        SaintDeepseekVL(pretrained=missing, mode="vit")
-    with pytest.raises(ValueError, match="unknown Janus method 'random'"):
-        SaintJanus(pretrained=missing, method="random", keep_ratio=0.5)
+    with pytest.raises(ValueError, match="DeepSeek-VL-Hybrid inside the language model only"):
+        SaintDeepseekVLHybrid(pretrained=missing, mode="vit")
+    with pytest.raises(ValueError, match="unknown Janus method 'pool'"):
+        SaintJanus(pretrained=missing, method="pool", pool_size=2)
     with pytest.raises(ValueError, match="Janus checkpoints"):
         SaintJanus(pretrained=str(checkpoint("deepseek_vl")))
-    with pytest.raises(ValueError, match=r"DeepSeek-VL checkpoints \(model_type 'deepseek_vl' or"):
-        SaintDeepseekVL(pretrained=str(checkpoint("janus")))
+    with pytest.raises(ValueError, match=r"DeepSeek-VL checkpoints \(model_type 'deepseek_vl'\)"):
+        SaintDeepseekVL(pretrained=str(checkpoint("deepseek_vl_hybrid")))
     with pytest.raises(ValueError, match="LightOnOCR checkpoints"):
         SaintLightOnOcr(pretrained=str(checkpoint("mistral3")))
     with pytest.raises(ValueError, match="inside the language model only"):

@@ -155,9 +155,9 @@ FAMILIES = {
 }
 QWEN_ADAPTER = ("qwen_vl", "qwen2_vl", "glm4v")  # the models of the qwen_vl adapter
 VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_next_video", "llava_onevision", "internvl", "gemma3", "idefics3",
-        "aya_vision")  # + vision side
+        "aya_vision", "deepseek_vl", "janus")  # + vision side
 NO_GRID = ("mistral3", "fast_vlm", "perception_lm", "lighton_ocr")  # pruned in the language model only; no one grid
-LLM_ONLY = ("deepseek_vl", "deepseek_vl_hybrid", "janus")  # pruned in the language model only; one token per patch
+LLM_ONLY = ("deepseek_vl_hybrid",)  # pruned in the language model only; one token per low-resolution patch
 ALL_VLMS = (*VLMS, *NO_GRID, *LLM_ONLY)
 
 
@@ -262,6 +262,8 @@ VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": di
                "gemma3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "idefics3": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "aya_vision": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "deepseek_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
+               "janus": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "llava_next": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_next_video": dict(mode="vit", vit_keep=5, vit_layer=0),
                "llava_onevision": dict(mode="vit", vit_keep=5, vit_layer=0)}

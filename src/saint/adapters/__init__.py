@@ -40,9 +40,9 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "Granite language model); Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (vision side), Qwen3.5-MoE (vision "
     "side), GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR (*ForConditionalGeneration / *Model); LLaVA-NeXT, "
     "LLaVA-NeXT-Video and LLaVA-OneVision (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, "
-    "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision, Command A Vision and Ovis2 (*ForConditionalGeneration / "
-    "*Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM, PerceptionLM, LightOnOCR, "
-    "DeepSeek-VL, DeepSeek-VL-Hybrid and Janus (*ForConditionalGeneration / *Model; saint llm mode, FastV)"
+    "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision, Command A Vision, Ovis2, DeepSeek-VL and Janus "
+    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM, "
+    "PerceptionLM, LightOnOCR and DeepSeek-VL-Hybrid (*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 
 REFUSED: dict[str, str] = {**hf_vit.REFUSED, **hf_vision.REFUSED}  # class name -> why saint does not patch it, and what to do

@@ -2,7 +2,8 @@
 groups of patches into one token (InternVL's pixel shuffle: 2x2; Gemma 3's average
 pool: 4x4 at 896 px; Idefics3 / SmolVLM's pixel shuffle: 3x3 or 4x4; Aya Vision's and
 Command A Vision's pixel shuffle: 2x2; Ovis2's visual tokenizer: ``hidden_stride`` x
-``hidden_stride``): after encoder
+``hidden_stride``; PaliGemma's projector and DeepSeek-VL's and Janus's aligner: single
+patches): after encoder
 layer ``vit_layer`` every image unit (a tile, or Gemma 3's image) keeps ``round(vit_ratio * groups)`` of its groups, chosen by
 SAINT's fixed-budget drop on each group's mean key. Every unit keeps the same count, so
 later layers run on a rectangular batch (prefix tokens plus the kept patches) with the
@@ -52,6 +53,8 @@ IDEFICS3_TOWER = TowerLayout(lambda t: t.encoder.layers, "vision_model.encoder.l
                              lambda t: t.post_layernorm, prefix=0)
 SIGLIP_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
                            lambda t: _siglip(t).post_layernorm, prefix=0)
+SIGLIP_MODEL_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_model.encoder.layers", "self_attn",
+                                 lambda t: _siglip(t).post_layernorm, prefix=0)  # DeepSeek-VL's, Janus's
 OVIS2_TOWER = TowerLayout(lambda t: t.transformer.encoder.layers, "vision_tower.transformer.encoder.layers",
                           "attention", lambda t: t.transformer.rms_norm, prefix=0)
 SIGLIP_LAST_LAYER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
@@ -149,13 +152,16 @@ class GroupPruner:
         return torch.cat([output[:, :p], kept], dim=1)
 
     def _scatter(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if self._patches is None:
+        """The first output of the module after the drop goes back to the full grid; later
+        calls in the same tower call (Janus's norm runs again on its pooled token) are its own."""
+        patches, self._patches = self._patches, None
+        if patches is None:
             return None
         t, _, c = output.shape
         p = self.layout.prefix
         full = output.new_zeros(t, p + self.keep.shape[1] * self.group ** 2, c)
         full[:, :p] = output[:, :p]
-        full[:, p:].scatter_(1, self._patches[..., None].expand(-1, -1, c), output[:, p:])
+        full[:, p:].scatter_(1, patches[..., None].expand(-1, -1, c), output[:, p:])
         return full
 
     def stats(self) -> TokenStats:

@@ -6,10 +6,9 @@
 - PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos);
 - LightOnOCR (``LightOnOcrForConditionalGeneration`` / ``LightOnOcrModel``, Mistral 3's Pixtral tower
   and patch merger before a Qwen3 language model);
-- DeepSeek-VL and DeepSeek-VL-Hybrid (``DeepseekVLForConditionalGeneration`` /
-  ``DeepseekVLHybridForConditionalGeneration`` and their ``*Model``; a Llama language model);
-- Janus (``JanusForConditionalGeneration`` / ``JanusModel``: its image understanding; a Llama
-  language model).
+- DeepSeek-VL-Hybrid (``DeepseekVLHybridForConditionalGeneration`` / ``DeepseekVLHybridModel``;
+  a SigLIP and a SAM tower, a Llama language model; DeepSeek-VL itself and Janus are pooled
+  families, :mod:`saint.adapters.pooled_vlm`).
 
 A family needs nothing of the model but a decoder :mod:`saint.adapters.hf_llm` prunes in and
 its placeholder token ids (``config.image_token_id``, PerceptionLM's ``video_token_id`` too).
@@ -48,10 +47,9 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "DEEPSEEK_VL", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "JANUS", "LIGHTON_OCR", "MISTRAL3",
-           "PERCEPTION_LM", "DeepseekVLHybridPruneConfig", "DeepseekVLPruneConfig", "FastVlmPruneConfig", "Family",
-           "JanusPruneConfig", "LightOnOcrPruneConfig", "LlmSidePruneConfig", "LlmSideVlm", "Mistral3PruneConfig",
-           "PerceptionLMPruneConfig"]
+__all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "LIGHTON_OCR", "MISTRAL3", "PERCEPTION_LM",
+           "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family", "LightOnOcrPruneConfig", "LlmSidePruneConfig",
+           "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -107,22 +105,10 @@ class LightOnOcrPruneConfig(LlmSidePruneConfig):
 
 
 @dataclass
-class DeepseekVLPruneConfig(LlmSidePruneConfig):
-    FAMILY: ClassVar[str] = "DeepSeek-VL"
-    LLM_ONLY: ClassVar[str] = "pruning its vision tower ahead of the aligner is not built"
-
-
-@dataclass
 class DeepseekVLHybridPruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "DeepSeek-VL-Hybrid"
     LLM_ONLY: ClassVar[str] = ("each image token joins a SigLIP patch and a cell of its high-resolution SAM tower; "
                                "pruning both towers alike is not built")
-
-
-@dataclass
-class JanusPruneConfig(LlmSidePruneConfig):
-    FAMILY: ClassVar[str] = "Janus"
-    LLM_ONLY: ClassVar[str] = "pruning its vision tower ahead of the aligner is not built"
 
 
 @dataclass(frozen=True)
@@ -185,12 +171,9 @@ PERCEPTION_LM = Family("perception_lm", "perception_lm", ("PerceptionLMForCondit
 
 LIGHTON_OCR = Family("lighton_ocr", "lighton_ocr", ("LightOnOcrForConditionalGeneration", "LightOnOcrModel"),
                      LightOnOcrPruneConfig, no_grid=MISTRAL3.no_grid)
-DEEPSEEK_VL = Family("deepseek_vl", "deepseek_vl", ("DeepseekVLForConditionalGeneration", "DeepseekVLModel"),
-                     DeepseekVLPruneConfig)
-DEEPSEEK_VL_HYBRID = Family(  # its tokens: the low-resolution SigLIP's patches (the SAM cells are pooled to them)
+DEEPSEEK_VL_HYBRID = Family(  # its tokens: the low-resolution SigLIP's patches (the SAM cells are necked to them)
     "deepseek_vl_hybrid", "deepseek_vl_hybrid", ("DeepseekVLHybridForConditionalGeneration", "DeepseekVLHybridModel"),
     DeepseekVLHybridPruneConfig)
-JANUS = Family("janus", "janus", ("JanusForConditionalGeneration", "JanusModel"), JanusPruneConfig)
 
 
 def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward
@@ -223,5 +206,4 @@ class LlmSideVlm(HFVlm):
         return Grid(int(h) // int(ph), int(w) // int(pw), (int(ph), int(pw)))
 
 
-ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL,
-                                          DEEPSEEK_VL_HYBRID, JANUS))
+ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL_HYBRID))

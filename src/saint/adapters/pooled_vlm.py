@@ -15,8 +15,10 @@ their ``*Model``; SigLIP tiles, a pixel shuffle of 2x2 groups, a Cohere 2 decode
 layers use no position embedding; Aya Vision reads the tower's last layer, not its final norm),
 and Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``: its visual tokenizer maps every
 ``hidden_stride`` x ``hidden_stride`` group of a tile's patches to one token, a distribution over
-its visual vocabulary embedded by its table; its visual indicator tokens are text and stay).
-SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
+its visual vocabulary embedded by its table; its visual indicator tokens are text and stay),
+and DeepSeek-VL and Janus (``DeepseekVLForConditionalGeneration``, ``JanusForConditionalGeneration``
+and their ``*Model``; the aligner maps every patch of a SigLIP(-like) tower to one token, as
+PaliGemma's projector does; a Llama language model). SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
 only; each family is one :class:`Family` below.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`PooledPruneConfig`):
@@ -62,6 +64,7 @@ from .group_tower import (
     INTERNVL_TOWER,
     OVIS2_TOWER,
     SIGLIP_LAST_LAYER,
+    SIGLIP_MODEL_TOWER,
     SIGLIP_TOWER,
     GroupPruner,
     TowerLayout,
@@ -81,10 +84,11 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL", "OVIS2",
-           "PALIGEMMA", "SMOLVLM", "AyaVisionPruneConfig", "Cohere2VisionPruneConfig", "Family", "Gemma3PruneConfig",
-           "Idefics3PruneConfig", "InternVLPruneConfig", "Ovis2PruneConfig", "PaliGemmaPruneConfig", "PooledPatch",
-           "PooledPruneConfig", "PooledVlm", "SmolVLMPruneConfig"]
+__all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "DEEPSEEK_VL", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL",
+           "JANUS", "OVIS2", "PALIGEMMA", "SMOLVLM", "AyaVisionPruneConfig", "Cohere2VisionPruneConfig",
+           "DeepseekVLPruneConfig", "Family", "Gemma3PruneConfig", "Idefics3PruneConfig", "InternVLPruneConfig",
+           "JanusPruneConfig", "Ovis2PruneConfig", "PaliGemmaPruneConfig", "PooledPatch", "PooledPruneConfig",
+           "PooledVlm", "SmolVLMPruneConfig"]
 
 EXPAND = "_expand_multimodal_outputs"  # generate's (private) helper for num_beams / num_return_sequences > 1
 FIELDS = RATIO_FIELDS
@@ -165,6 +169,18 @@ class Ovis2PruneConfig(PooledPruneConfig):
 
 
 @dataclass
+class DeepseekVLPruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "DeepSeek-VL"
+    UNIT: ClassVar[str] = "image"
+
+
+@dataclass
+class JanusPruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "Janus"
+    UNIT: ClassVar[str] = "image"
+
+
+@dataclass
 class PooledPatch(VlmPatch):
     """A patched model of a family here: the VLM handle and the group pruner of
     ``vit``/``hybrid``."""
@@ -203,8 +219,9 @@ def _gemma3_unit(mm: torch.nn.Module) -> tuple[int, int]:
     return _side(mm), _side(mm) // round(int(mm.config.mm_tokens_per_image) ** 0.5)
 
 
-def _paligemma_unit(mm: torch.nn.Module) -> tuple[int, int]:
-    """PaliGemma's image: patches per side; its projector maps every patch to one token."""
+def _patch_unit(mm: torch.nn.Module) -> tuple[int, int]:
+    """An image whose every patch is one token (PaliGemma's projector, DeepSeek-VL's and
+    Janus's aligner): patches per side, groups of one patch."""
     return _side(mm), 1
 
 
@@ -291,7 +308,7 @@ GEMMA3 = Family("gemma3", "gemma3", ("Gemma3ForConditionalGeneration", "Gemma3Mo
 IDEFICS3 = Family("idefics3", "idefics3", ("Idefics3ForConditionalGeneration", "Idefics3Model"), Idefics3PruneConfig,
                   IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
 PALIGEMMA = Family("paligemma", "paligemma", ("PaliGemmaForConditionalGeneration", "PaliGemmaModel"),
-                   PaliGemmaPruneConfig, SIGLIP_TOWER, _paligemma_unit, position_offset=1)
+                   PaliGemmaPruneConfig, SIGLIP_TOWER, _patch_unit, position_offset=1)
 AYA_VISION = Family("aya_vision", "aya_vision", ("AyaVisionForConditionalGeneration", "AyaVisionModel"),
                     AyaVisionPruneConfig, SIGLIP_LAST_LAYER, _shuffled_unit, _check_last_layer)
 COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForConditionalGeneration",
@@ -299,6 +316,10 @@ COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForCo
                         Cohere2VisionPruneConfig, SIGLIP_TOWER, _shuffled_unit)
 OVIS2 = Family("ovis2", "ovis2", ("Ovis2ForConditionalGeneration", "Ovis2Model"), Ovis2PruneConfig, OVIS2_TOWER,
                _ovis2_unit)
+DEEPSEEK_VL = Family("deepseek_vl", "deepseek_vl", ("DeepseekVLForConditionalGeneration", "DeepseekVLModel"),
+                     DeepseekVLPruneConfig, SIGLIP_MODEL_TOWER, _patch_unit, tower_name="vision_model")
+JANUS = Family("janus", "janus", ("JanusForConditionalGeneration", "JanusModel"), JanusPruneConfig,
+               SIGLIP_MODEL_TOWER, _patch_unit, tower_name="vision_model")
 SMOLVLM = Family("smolvlm", "smolvlm", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), SmolVLMPruneConfig,
                  IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
 
@@ -411,4 +432,4 @@ class PooledVlm(HFVlm):
 
 
 ADAPTERS = tuple(PooledVlm(f) for f in (INTERNVL, GEMMA3, IDEFICS3, SMOLVLM, PALIGEMMA, AYA_VISION, COHERE2_VISION,
-                                         OVIS2))
+                                         OVIS2, DEEPSEEK_VL, JANUS))

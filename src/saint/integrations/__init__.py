@@ -7,7 +7,7 @@ harness), plus the harness-agnostic parsing they share.
   ``saint_llava_next_video`` and ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
   ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``, ``saint_paligemma``,
   ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision``, ``saint_ovis2``,
-  ``saint_lighton_ocr``, ``saint_deepseek_vl`` and ``saint_janus``, and
+  ``saint_lighton_ocr``, ``saint_deepseek_vl``, ``saint_deepseek_vl_hybrid`` and ``saint_janus``, and
   :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
@@ -103,6 +103,7 @@ LMMS_MODELS = {  # lmms-eval's --model name -> the class, imported only when tha
     "saint_ovis2": "lmms_llm_side.SaintOvis2",
     "saint_lighton_ocr": "lmms_llm_side.SaintLightOnOcr",
     "saint_deepseek_vl": "lmms_llm_side.SaintDeepseekVL",
+    "saint_deepseek_vl_hybrid": "lmms_llm_side.SaintDeepseekVLHybrid",
     "saint_janus": "lmms_llm_side.SaintJanus",
 }
 

@@ -1,16 +1,16 @@
 """lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
 ``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``,
-``saint_cohere2_vision``, ``saint_ovis2``, ``saint_lighton_ocr``, ``saint_deepseek_vl`` and
-``saint_janus``: Hugging Face InternVL (``InternVLForConditionalGeneration``),
+``saint_cohere2_vision``, ``saint_ovis2``, ``saint_lighton_ocr``, ``saint_deepseek_vl``,
+``saint_deepseek_vl_hybrid`` and ``saint_janus``: Hugging Face InternVL (``InternVLForConditionalGeneration``),
 Mistral 3 (``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``),
 Idefics3 / SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
 (``AyaVisionForConditionalGeneration``), Command A Vision (``Cohere2VisionForConditionalGeneration``),
 Ovis2 (``Ovis2ForConditionalGeneration``), LightOnOCR (``LightOnOcrForConditionalGeneration``),
 DeepSeek-VL (and its hybrid) and Janus checkpoints pruned by :func:`saint.patch`
 (:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM, PaliGemma, Aya Vision,
-Command A Vision and Ovis2: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV or ``random``;
-:mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside the language models of
-Mistral 3, FastVLM, LightOnOCR, DeepSeek-VL and Janus), for any lmms-eval image task::
+Command A Vision, Ovis2, DeepSeek-VL and Janus: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV
+or ``random``; :mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside the language
+models of Mistral 3, FastVLM, LightOnOCR and DeepSeek-VL-Hybrid), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -45,7 +45,7 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintFastVlm", "SaintGemma3", "SaintIdefics3",
+__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintDeepseekVLHybrid", "SaintFastVlm", "SaintGemma3", "SaintIdefics3",
            "SaintInternVL", "SaintJanus", "SaintLightOnOcr", "SaintMistral3", "SaintOvis2", "SaintPaliGemma",
            "SaintTiled"]
 
@@ -227,32 +227,32 @@ class SaintLightOnOcr(SaintMistral3):
 
 
 class SaintDeepseekVL(SaintLlmSide):
-    """A DeepSeek-VL checkpoint (``model_type: deepseek_vl``, or ``deepseek_vl_hybrid`` with its
-    SAM tower's ``high_res_pixel_values``) patched once by :func:`saint.patch`, evaluated by
-    lmms-eval (``--model saint_deepseek_vl``)."""
+    """A DeepSeek-VL checkpoint (``model_type: deepseek_vl``, a SigLIP tower) patched once by
+    :func:`saint.patch`, evaluated by lmms-eval (``--model saint_deepseek_vl``)."""
 
     NAME = "saint_deepseek_vl"
-    ADAPTER = llm_side_vlm.DEEPSEEK_VL  # checks the settings (the hybrid's are the same); saint.patch picks the family
-    MODEL_TYPES = ("deepseek_vl", "deepseek_vl_hybrid")
+    ADAPTER = pooled_vlm.DEEPSEEK_VL
+    MODEL_TYPES = ("deepseek_vl",)
+    MODEL_CLASS = "DeepseekVLForConditionalGeneration"
     TITLE = "DeepSeek-VL"
     DEFAULT_CHAT_TEMPLATE = DEEPSEEK_TEMPLATE
 
-    @classmethod
-    def _family_hint(cls) -> str:  # type: ignore[override]
-        return "DeepSeek-VL checkpoints (model_type 'deepseek_vl' or 'deepseek_vl_hybrid')"
 
-    @classmethod
-    def _model_class(cls, model_type: str) -> Any:  # type: ignore[override]
-        import transformers
+class SaintDeepseekVLHybrid(SaintDeepseekVL):
+    """A DeepSeek-VL-Hybrid checkpoint (``model_type: deepseek_vl_hybrid``, SigLIP and SAM
+    towers) patched once by :func:`saint.patch`, evaluated by lmms-eval
+    (``--model saint_deepseek_vl_hybrid``)."""
 
-        return getattr(transformers, {"deepseek_vl": "DeepseekVLForConditionalGeneration",
-                                      "deepseek_vl_hybrid": "DeepseekVLHybridForConditionalGeneration"}[model_type])
+    NAME = "saint_deepseek_vl_hybrid"
+    ADAPTER = llm_side_vlm.DEEPSEEK_VL_HYBRID
+    MODEL_TYPES = ("deepseek_vl_hybrid",)
+    MODEL_CLASS = "DeepseekVLHybridForConditionalGeneration"
+    TITLE = "DeepSeek-VL-Hybrid"
 
     def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Pixels of the first ``len(visuals)`` images (the hybrid's SAM pixels too)."""
+        """Pixels of the first ``len(visuals)`` images, for both towers."""
         n = len(visuals)
-        keys = [k for k in ("pixel_values", "high_res_pixel_values") if k in enc]
-        return {k: enc[k][:n] for k in keys} if n else {}
+        return {k: enc[k][:n] for k in ("pixel_values", "high_res_pixel_values")} if n else {}
 
 
 class SaintJanus(SaintLlmSide):
@@ -260,7 +260,7 @@ class SaintJanus(SaintLlmSide):
     :func:`saint.patch`, evaluated by lmms-eval (``--model saint_janus``)."""
 
     NAME = "saint_janus"
-    ADAPTER = llm_side_vlm.JANUS
+    ADAPTER = pooled_vlm.JANUS
     MODEL_TYPES = ("janus",)
     MODEL_CLASS = "JanusForConditionalGeneration"
     TITLE = "Janus"
