@@ -86,6 +86,8 @@ paligemma_dir = _tiny_checkpoint("paligemma_dir", "write_paligemma_checkpoint", 
 paligemma2_dir = _tiny_checkpoint(
     "paligemma2_dir", "write_paligemma_checkpoint", "tiny-paligemma2",
     "The same geometry as a PaliGemma 2 (a Gemma 2 LM: softcapped logits, a 16-token window).", gemma2=True)
+gemma4_dir = _tiny_checkpoint("gemma4_dir", "write_gemma4_checkpoint", "tiny-gemma4",
+                              "A tiny Gemma 4: 16 px patches pooled 3 x 3, at most 70 soft tokens; per-layer inputs.")
 glm4v_dir = _tiny_checkpoint("glm4v_dir", "write_glm4v_checkpoint", "tiny-glm4v",
                              "A tiny GLM-4.1V (patch 14 merged 2 x 2, half-rotary M-RoPE).")
 glm4v_moe_dir = _tiny_checkpoint("glm4v_moe_dir", "write_glm4v_checkpoint", "tiny-glm4v-moe",

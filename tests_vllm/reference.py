@@ -385,3 +385,32 @@ def transformers_lighton_ocr_scores(
         "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
         "tokens": [len(f) for f in feats],
     }
+
+
+@torch.no_grad()
+def transformers_gemma4_scores(
+    model_dir: Path, image_path: Path, prompt_ids: list[int], output_ids: list[int], keep_ratio: float,
+) -> dict:
+    """Gemma 4, one image: the fixed-budget drop on the image's soft tokens, then transformers'
+    own Gemma 4 on vLLM's (already shortened) prompt and output with the kept features (its
+    per-layer inputs, masks and embedding scale as it builds them). ``kept``: the kept indices;
+    ``tokens``: the image's soft tokens before the drop."""
+    from PIL import Image
+    from transformers import Gemma4ForConditionalGeneration
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = Gemma4ImageProcessorPil.from_pretrained(model_dir)
+    pixels = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+    out = model.model.get_image_features(pixels["pixel_values"], pixels["image_position_ids"])
+    feats = list(out.pooler_output)
+    keeps = [_keep(f, keep_ratio) for f in feats]
+    kept = BaseModelOutputWithPooling(pooler_output=[f[k] for f, k in zip(feats, keeps, strict=True)])
+    ids = torch.tensor(prompt_ids + output_ids)[None]
+    logits = model(input_ids=ids, mm_encoder_outputs={"image": kept}).logits
+    return {
+        "logprobs": _step_logprobs(logits, len(prompt_ids), len(output_ids)),
+        "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
+        "tokens": [len(f) for f in feats],
+    }

@@ -44,6 +44,7 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "gemma3": ("<bos><start_of_turn>user\n{images}Describe the picture.<end_of_turn>\n<start_of_turn>model\n",
                "<start_of_image>"),
     "mistral3": ("<s>[INST]{images}Describe the picture.[/INST]", "[IMG]"),
+    "gemma4": ("<bos>{images}Describe the picture.", "<|image|>"),
     "glm4v": GLM,
     "glm4v_moe": GLM,
     "glm_ocr": GLM,

@@ -9,7 +9,7 @@ Settings: ``saint_keep_ratio`` (share of each image's merged tokens kept, in (0,
 ``saint_step_div`` (the fixed-budget drop's step, default 16). Without them the model is
 vLLM's own. Qwen2.5-VL, Qwen2-VL, Qwen3-VL and Qwen3.5 (dense and MoE), GLM-4.1V / 4.5V, GLM-OCR, InternVL (both formats) and
 LLaVA-OneVision (images only
-while pruning), LLaVA-1.5, LLaVA-NeXT, Mistral 3, LightOnOCR, Gemma 3, PaliGemma, Idefics3 and SmolVLM are overridden
+while pruning), LLaVA-1.5, LLaVA-NeXT, Mistral 3, LightOnOCR, Gemma 3, Gemma 4, PaliGemma, Idefics3 and SmolVLM are overridden
 (see docs/vllm.md, also for why pruning inside the language model does not fit vLLM's
 paged KV cache).
 
@@ -66,6 +66,9 @@ ARCHITECTURES = {
     "InternVLChatModel": "saint.integrations.vllm.internvl:SaintInternVLChatModel",
     "Gemma3ForConditionalGeneration": (
         "saint.integrations.vllm.gemma3:SaintGemma3ForConditionalGeneration"
+    ),
+    "Gemma4ForConditionalGeneration": (
+        "saint.integrations.vllm.gemma4:SaintGemma4ForConditionalGeneration"
     ),
     "Glm4vForConditionalGeneration": (
         "saint.integrations.vllm.glm4v:SaintGlm4vForConditionalGeneration"

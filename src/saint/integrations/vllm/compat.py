@@ -48,6 +48,9 @@ _PIL_TWINS = {
     "transformers.models.glm4v.image_processing_glm4v": (
         "transformers.models.glm4v.image_processing_pil_glm4v"
     ),
+    "transformers.models.gemma4.image_processing_gemma4": (
+        "transformers.models.gemma4.image_processing_pil_gemma4"
+    ),
 }
 # The configs whose processors need a video processor -> the placeholder's class name.
 _VIDEO_PLACEHOLDERS = {
@@ -59,6 +62,7 @@ _VIDEO_PLACEHOLDERS = {
     "Glm4vConfig": "Glm4vVideoProcessor",
     "Glm4vMoeConfig": "Glm4vVideoProcessor",
     "GlmOcrConfig": "Glm46VVideoProcessor",  # GLM-OCR's checkpoints name GLM-4.6V's processor
+    "Gemma4Config": "Gemma4VideoProcessor",
 }
 # Classes that import once the twins exist, but that transformers' lazy modules still hand
 # out as torchvision-requiring dummies: (module, class, the lazy packages that export it).
@@ -71,6 +75,7 @@ _REAL_CLASSES = [
 _VIDEO_MODULES = {
     "transformers.models.internvl.video_processing_internvl": "InternVLVideoProcessor",
     "transformers.models.glm4v.video_processing_glm4v": "Glm4vVideoProcessor",
+    "transformers.models.gemma4.video_processing_gemma4": "Gemma4VideoProcessor",
 }
 
 
@@ -173,7 +178,9 @@ def patch_model_config_check(supported: Iterable[str]) -> None:
 
 
 def patch_runner_pruning_flag() -> None:
-    """Wrap the V1 runners' ``load_model`` to switch on pruning for models that prune images."""
+    """Wrap the V1 runners' ``load_model`` to switch on pruning for models that prune images,
+    and to refuse encoder CUDA graphs while they do (the graphs run the vision tower outside
+    ``_process_image_input``, where every override cuts the image tokens)."""
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -185,7 +192,15 @@ def patch_runner_pruning_flag() -> None:
         @functools.wraps(load)
         def load_model(self, *args, _load=load, **kwargs):
             out = _load(self, *args, **kwargs)
-            if getattr(self.get_model(), "saint_prunes_images", False):
+            model = self.get_model()
+            if getattr(model, "saint", None) is not None and getattr(
+                    self.compilation_config, "cudagraph_mm_encoder", False):
+                from .settings import SaintSettingsError
+
+                raise SaintSettingsError(
+                    "saint_keep_ratio: vLLM's encoder CUDA graphs (cudagraph_mm_encoder) run the vision tower "
+                    "outside the step where SAINT cuts each image's tokens; serve without them while pruning")
+            if getattr(model, "saint_prunes_images", False):
                 self.is_multimodal_pruning_enabled = True
             return out
 

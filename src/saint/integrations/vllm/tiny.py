@@ -601,6 +601,55 @@ def write_gemma3_checkpoint(path: str | Path, image_size: int = 64, seed: int = 
     return path
 
 
+GEMMA4_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<|image|>", "<|image>", "<image|>", "<|video|>", "<|audio|>",
+                         "<|audio>", "<audio|>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def write_gemma4_checkpoint(path: str | Path, max_soft_tokens: int = 70, seed: int = 0) -> Path:
+    """Write a tiny random Gemma 4 to ``path``: a 2-layer vision tower of 16 px patches pooled
+    3 x 3 into soft tokens (an image resized to at most ``max_soft_tokens`` of them: the
+    portrait test image gives 63), a 2-layer LM (a sliding-window layer and a global one) with
+    per-layer input embeddings, as Gemma 4 E2B / E4B have; no audio tower. Written as the hub's
+    configs are (the vision config's ``default_output_length``, which vLLM reads); the
+    processor config is written by hand (its video processor needs torchvision)."""
+    import torch
+    import transformers
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    markers = dict(image_token="<|image|>", boi_token="<|image>", eoi_token="<image|>", audio_token="<|audio|>",
+                   boa_token="<|audio>", eoa_token="<audio|>")
+    tokenizer = _tokenizer(512, GEMMA4_SPECIAL_TOKENS, markers)
+    tokenizer.save_pretrained(path)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA4_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, global_head_dim=32, hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=512, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=2048, pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"],
+        bos_token_id=ids["<bos>"],
+    )
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=32, patch_size=16, pooling_kernel_size=3,
+                  position_embedding_size=256, default_output_length=max_soft_tokens)
+    config = transformers.Gemma4Config(
+        text_config=text, vision_config=vision, audio_config=None, image_token_id=ids["<|image|>"],
+        boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"], video_token_id=ids["<|video|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    _sharpen(model)
+    model.save_pretrained(path)
+    Gemma4ImageProcessorPil(max_soft_tokens=max_soft_tokens, patch_size=16, pooling_kernel_size=3).save_pretrained(path)
+    processor = {"processor_class": "Gemma4Processor", "image_seq_length": max_soft_tokens}
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    gen = {"eos_token_id": ids["<eos>"], "pad_token_id": ids["<pad>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
 PALIGEMMA_SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<image>"]
 
 
