@@ -123,6 +123,19 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                        text_config=transformers.LlamaConfig(**text).to_dict(),
                                        image_token_id=image_token_id, attn_implementation=impl)
         model = transformers.JanusForConditionalGeneration(cfg)
+    elif family.startswith("gemma4"):  # 64 px images of 8 px patches, pooled 2x2 into 16 soft tokens; per-layer inputs
+        vision = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=VDEPTH,
+                                                 num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                                 patch_size=PATCH, pooling_kernel_size=2, position_embedding_size=64)
+        gemma = transformers.Gemma4TextConfig(
+            **text, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+            num_kv_shared_layers=2 if family == "gemma4_shared" else 0,  # shared: layers 4, 5 reuse 3's and 2's
+            use_bidirectional_attention="vision" if family == "gemma4_bidi" else None)  # as Gemma 4 31B
+        cfg = transformers.Gemma4Config(vision_config=vision, text_config=gemma, audio_config=None,
+                                        image_token_id=image_token_id, boi_token_id=START, eoi_token_id=END,
+                                        video_token_id=VID, attn_implementation=impl)
+        model = transformers.Gemma4ForConditionalGeneration(cfg)
     else:  # Mistral 3, LightOnOCR: Pixtral, 2x2 patches merged into one token; LightOnOCR a Qwen3 LM
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)
@@ -190,6 +203,13 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
     out = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     if family in PIXTRAL:
         out["image_sizes"] = torch.tensor([p for p, _ in sizes])
+    if family.startswith("gemma4"):  # as its processor: each image's 8 px patches flattened, with their (x, y) cells
+        n = SIZE // PATCH
+        out["pixel_values"] = pixels.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH).permute(0, 2, 3, 4, 5, 1).reshape(
+            len(sizes), n * n, PATCH * PATCH * 3)
+        cells = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(n), indexing="xy"), dim=-1).reshape(n * n, 2)
+        out["image_position_ids"] = cells.expand(len(sizes), n * n, 2).clone()
+        out["mm_token_type_ids"] = (ids == IMG).long()
     if family == "deepseek_vl_hybrid":  # the same images at 128 px for its SAM tower
         out["high_res_pixel_values"] = torch.nn.functional.interpolate(pixels, size=(HIGH_RES, HIGH_RES))
     if family == "gemma3":  # as its processor: 1 marks the image tokens (they attend to each other both ways)

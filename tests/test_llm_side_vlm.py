@@ -29,7 +29,7 @@ from .llm_side_tiny import (  # noqa: E402
 
 FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "fast_vlm",
             "perception_lm", "aya_vision", "cohere2_vision", "ovis2", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid",
-            "janus"]
+            "janus", "gemma4"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
@@ -47,6 +47,7 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
     "deepseek_vl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "deepseek_vl_hybrid": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "janus": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "gemma4": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -217,6 +218,7 @@ def test_assisted_generation_equals_greedy(family):
     ("deepseek_vl_hybrid", dict(mode="hybrid"), ValueError, "SAM tower"),
     ("deepseek_vl", dict(method="pool", pool_size=2), ValueError, "unknown DeepSeek-VL method 'pool'"),
     ("janus", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
+    ("gemma4", dict(mode="hybrid"), ValueError, "Gemma 4 inside the language model only"),
     ("gemma3", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "does not use"),
     ("gemma3", dict(method="random", keep_ratio=1.5), ValueError, "keep_ratio"),
@@ -240,7 +242,7 @@ def test_bad_settings_raise_clear_errors(family, kw, err, match):
 def test_mistral3_has_no_one_patch_grid_and_the_others_a_4x4_one():
     from saint.adapters import find_adapter
 
-    for family in ("mistral3", "lighton_ocr"):
+    for family in ("mistral3", "lighton_ocr", "gemma4"):
         model = make(family)
         with pytest.raises(ValueError, match="no one patch grid"):
             find_adapter(model).grid(model)
@@ -531,3 +533,80 @@ def test_fastv_is_refused_on_a_decoder_that_caps_its_attention_logits():
         assert not saint.is_patched(model)
         saint.patch(model, **CONFIGS["llm"])
         assert saint.is_patched(model)
+
+
+def test_gemma4_kv_shared_layers_see_the_tokens_they_reuse():
+    """Gemma 4 E2B / E4B's last layers reuse the keys and values layers 2 and 3 store (here:
+    layers 4 and 5 of 6). Dropping tokens after a storing layer is refused; before them: the
+    batch equals each prompt alone, cached equals uncached, and in generate's prefill, where
+    the shared layers run on the last token only, its logits equal the full forward's."""
+    model = make("gemma4_shared")
+    with pytest.raises(ValueError, match=r"after decoder layer 2, but layers 4..5 reuse the keys and values of "
+                                         r"layers \[2, 3\].*llm_layers=\(start, 1\)"):
+        saint.patch(model, mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1)
+    with pytest.raises(ValueError, match="after decoder layer 2"):
+        saint.patch(model, method="fastv", fastv_layer=3, fastv_ratio=0.5)
+    assert not saint.is_patched(model)
+    x = inputs("gemma4_shared", ROWS["gemma4"])
+    with torch.no_grad():
+        want = model(**x).logits
+    saint.patch(model, mode="llm", llm_layers=(0, 1), llm_tau=0.3, llm_k=1000)  # keeps every token
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, want)
+    for settings in (dict(mode="llm", llm_layers=(0, 1), llm_tau=0.3, llm_k=1),
+                     dict(method="fastv", fastv_layer=1, fastv_ratio=0.5)):
+        saint.patch(model, **settings)
+        with torch.no_grad():
+            full = model(**x).logits[:, -1]
+            out = model.generate(**x, **GREEDY, output_logits=True, return_dict_in_generate=True)
+            uncached = gen(model, x, use_cache=False)
+        tokens = saint.stats(model).tokens  # the tower, layers 0..5, the norm: no drop after layer 1
+        assert tokens[3] == tokens[6] == tokens[7] != tokens[1]
+        torch.testing.assert_close(out.logits[0], full, rtol=1e-4, atol=1e-5)
+        new = out.sequences[:, -GREEDY["max_new_tokens"]:]
+        assert torch.equal(new, uncached)
+        for i, row in enumerate(ROWS["gemma4"]):
+            assert torch.equal(gen(model, inputs("gemma4_shared", [row], [i]))[0], new[i])
+
+
+def test_gemma4_image_tokens_attending_both_ways_are_pruned_as_any():
+    """Gemma 4 31B's image tokens attend to each other both ways (``mm_token_type_ids``): the
+    masks it builds are gathered for the kept tokens like any. Nothing pruned equals the
+    unpatched model, which differs from a causal run (so the test sees the two-way masks);
+    pruned, the batch equals each prompt alone and cached equals uncached."""
+    model = make("gemma4_bidi")
+    x = inputs("gemma4_bidi", ROWS["gemma4"])
+    causal = {k: v for k, v in x.items() if k != "mm_token_type_ids"}
+    with torch.no_grad():
+        want = model(**x).logits
+        assert not torch.allclose(want, model(**causal).logits)
+    saint.patch(model, **NOTHING["llm"])
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, want)
+    saint.patch(model, **CONFIGS["llm"])
+    new = gen(model, x)
+    assert torch.equal(new, gen(model, x, use_cache=False))
+    for i, row in enumerate(ROWS["gemma4"]):
+        assert torch.equal(gen(model, inputs("gemma4_bidi", [row], [i]))[0], new[i])
+    assert saint.stats(model).tokens[-1] != saint.stats(model).tokens[1]
+
+
+def test_gemma4_prunes_a_videos_frame_tokens_as_an_images():
+    """Gemma 4's video frames go through its tower as images (``pixel_values_videos``), each a run
+    of video tokens: nothing pruned equals the unpatched model; pruned, only video tokens go."""
+    model = make("gemma4")
+    frames = inputs("gemma4", [[1, (64, 64), 1, (64, 64), 1]], [5])
+    ids = torch.tensor([[7, 8, START, *[VID] * 16, END, 9, START, *[VID] * 16, END, 10, 11]])
+    x = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=frames["pixel_values"],
+             video_position_ids=frames["image_position_ids"], num_frames_per_video=torch.tensor([2]),
+             mm_token_type_ids=(ids == VID).long() * 2)
+    with torch.no_grad():
+        want = model(**x).logits
+    saint.patch(model, **NOTHING["llm"])
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, want)
+    saint.patch(model, **CONFIGS["llm"])
+    with torch.no_grad():
+        gone = model(**x).logits[0].isnan().any(-1)
+    assert gone.any() and bool((ids[0][gone] == VID).all())
+    assert saint.stats(model).tokens[1] == [32]

@@ -33,6 +33,13 @@ and each layer gathers it like any other. (A window of cache slots would cover o
 positions in a pruned layer than in layer 0.) The price is a full-length cache on those
 layers.
 
+Gemma 4: each layer's per-layer input embeddings (its second argument) are gathered like the
+rotary tables. On E2B / E4B the last layers reuse the keys and values (and the cache slots)
+that an earlier layer of their type stores (:func:`kv_sources`), so tokens may be dropped
+only after layers before the first storing one (:func:`check_kv_sharing`); when ``generate``
+runs those layers on the last token only (``logits_to_keep``), their mask rows are that
+token's, gathered to the stored slots.
+
 Fragile points (tested): the hook kwarg names of transformers 5.24 (``cache``,
 ``attention_mask``, ``position_embeddings``, ``position_ids``); flex/flash attention
 masks cannot be gathered (refused).
@@ -40,6 +47,7 @@ masks cannot be gathered (refused).
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -71,6 +79,7 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("glm_ocr", "GlmOcrTextModel"),  # GLM-OCR: GLM-4.1V's text model
     ("granite", "GraniteModel"),  # Granite Vision 3.x (LLaVA-NeXT): attention scaled by its attention_multiplier
     ("cohere2", "Cohere2Model"),  # Aya Vision, Command A Vision: sliding-window layers rotary, global layers NoPE
+    ("gemma4", "Gemma4TextModel"),  # Gemma 4: per-layer input embeddings, q/k norms, sliding-window layers
 )
 SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
 # Hybrid decoders whose linear-attention (Gated DeltaNet) layers keep a recurrent state, not a
@@ -112,11 +121,38 @@ def check_decoder(decoder: torch.nn.Module, prunes: bool = True) -> None:
         raise ValueError(f"layer types {bad} are not supported (only {', '.join(LAYER_TYPES)})")
     for i, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
+        if getattr(attn, "is_kv_shared_layer", False):  # Gemma 4: reuses an earlier layer's keys and values
+            continue
         projections = ("q_proj", "k_proj") if hasattr(attn, "k_proj") else ("qkv_proj",)
         if attn is None or not all(hasattr(attn, n) for n in (*projections, "head_dim", "scaling")):
             raise TypeError(f"decoder layer {i} has no standard self_attn (q_proj and k_proj or qkv_proj, head_dim, "
                             "scaling)")
     _rope_fn(decoder.layers[0].self_attn)
+
+
+def check_kv_sharing(decoder: torch.nn.Module, schedule: dict[int, Any]) -> None:
+    """Gemma 4's last layers (E2B, E4B) reuse the keys and values that earlier layers store:
+    those must see the tokens the reusing layers see, so tokens may only be dropped after
+    layers before the first layer they read."""
+    sources = kv_sources(decoder)
+    stores = sorted(set(sources.values()))
+    late = sorted(p for p in schedule if stores and p >= stores[0])
+    if late:
+        shared = sorted(sources)
+        raise ValueError(
+            f"saint would drop tokens after decoder layer {late[0]}, but layers {shared[0]}..{shared[-1]} reuse the "
+            f"keys and values of layers {stores}, which must see the same tokens: prune after layers "
+            f"0..{stores[0] - 1} only (e.g. llm_layers=(start, {stores[0] - 1}), fastv_layer <= {stores[0] - 1})")
+
+
+def kv_sources(decoder: torch.nn.Module) -> dict[int, int]:
+    """Each KV-shared layer (Gemma 4) -> the storing layer of its type whose keys, values and
+    cache slots it reads; empty for decoders that share none."""
+    types = getattr(decoder.config, "layer_types", None) or []
+    stores = {types[i]: i for i, layer in enumerate(decoder.layers)
+              if getattr(getattr(layer, "self_attn", None), "store_full_length_kv", False)}
+    return {i: stores[types[i]] for i, layer in enumerate(decoder.layers)
+            if getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)}
 
 
 def keep_every_slot(kwargs: dict[str, Any], decoder: torch.nn.Module) -> dict[str, Any]:
@@ -180,10 +216,13 @@ def rotates(attn: torch.nn.Module) -> bool:
 
 
 def _rope_fn(attn: torch.nn.Module) -> Callable:
-    """The modeling module's own ``apply_rotary_pos_emb`` (used to read post-RoPE keys)."""
+    """The modeling module's own ``apply_rotary_pos_emb`` (used to read post-RoPE keys), as
+    ``(q, k, cos, sin) -> (q, k)``; Gemma 4's rotates one tensor at a time (``x, cos, sin``)."""
     fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
     if fn is None:
         raise TypeError(f"{type(attn).__module__} has no apply_rotary_pos_emb; unsupported language model")
+    if next(iter(inspect.signature(fn).parameters)) == "x":
+        return lambda q, k, cos, sin: (fn(q, cos, sin), fn(k, cos, sin))
     return fn
 
 
@@ -264,6 +303,16 @@ def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.expand(b, *t.shape[1:]) if t.shape[0] != b else t
 
 
+def _gather_per_layer_input(args: tuple, kwargs: dict[str, Any], stage: Stage, b: int) -> tuple:
+    """Gemma 4's per-layer input embeddings (the layer's second argument, ``[B, L, D]`` over the
+    sequence that entered layer 0), gathered for the layer's slots (the kwarg in place)."""
+    if kwargs.get("per_layer_input") is not None:
+        kwargs["per_layer_input"] = gather_tokens(_rows(kwargs["per_layer_input"], b), stage.idx)
+    if len(args) > 1 and isinstance(args[1], torch.Tensor):
+        args = (args[0], gather_tokens(_rows(args[1], b), stage.idx), *args[2:])
+    return args
+
+
 def _masked(mask: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Mask out the entries where ``ok`` is False, in the mask's own convention."""
     if mask.dtype == torch.bool:
@@ -320,6 +369,7 @@ class DecoderPruner:
     def __init__(self, decoder: torch.nn.Module, schedule: dict[int, Selector], rope_keys: bool = True,
                  query_layers: tuple[int, ...] = ()) -> None:
         check_decoder(decoder, prunes=bool(schedule))
+        check_kv_sharing(decoder, schedule)
         if query_layers and getattr(decoder.config, "attn_logit_softcapping", None) is not None:
             raise ValueError("FastV ranks image tokens by the last query's attention, and this decoder caps its "
                              "attention logits (attn_logit_softcapping), which saint's ranking does not apply")
@@ -328,6 +378,9 @@ class DecoderPruner:
         self.schedule = dict(schedule)
         self.rope_keys = rope_keys
         self.query_layers = set(query_layers)
+        self.kv_source = kv_sources(decoder)  # KV-shared layer -> the layer whose keys and values (and cache) it reads
+        self._sources = set(self.kv_source.values())
+        self._source_width: dict[int, int] = {}
         self.hooks: list[Any] = []
         self.hooked: list[Hooked] = []  # the projections whose outputs the selections read
         self._reset()
@@ -421,10 +474,15 @@ class DecoderPruner:
     def _make_pre_hook(self, i: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
             if self.phase == "prefill":
-                return self._prefill_pre(i, args, kwargs)
-            if self.phase == "continue":
-                return self._continue_pre(i, args, kwargs)
-            return None
+                out = self._prefill_pre(i, args, kwargs)
+            elif self.phase == "continue":
+                out = self._continue_pre(i, args, kwargs)
+            else:
+                return None
+            if i in self._sources and self.cache is not None:  # the width its KV-shared layers will read
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._source_width[i] = int(self.cache.get_mask_sizes(hidden.shape[1], i)[0])
+            return out
 
         return hook
 
@@ -441,6 +499,8 @@ class DecoderPruner:
         stage = self.stage
         assert stage is not None
         hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] < stage.length and getattr(self.layers[i].self_attn, "is_kv_shared_layer", False):
+            return self._shared_tail_pre(i, stage, args, kwargs, hidden)
         if hidden.shape[1] != stage.length:
             raise RuntimeError(
                 f"decoder layer {i} got {hidden.shape[1]} tokens, saint expected {stage.length}; "
@@ -456,6 +516,26 @@ class DecoderPruner:
         mask, pos_emb, pos_ids = self._gathered(stage, kwargs, lambda: self._gather_prefill(i, stage, kwargs,
                                                                                             hidden.shape[0]))
         kwargs = dict(kwargs, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos_ids)
+        args = _gather_per_layer_input(args, kwargs, stage, hidden.shape[0])
+        self._layer_kwargs[i] = kwargs
+        return args, kwargs
+
+    def _shared_tail_pre(self, i: int, stage: Stage, args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor):
+        """A KV-shared layer that Gemma 4 runs on the last ``t`` tokens only (``logits_to_keep``):
+        its hidden states, rotary tables and per-layer inputs are those of the last ``t``
+        positions, kept ones as long as no row dropped any of them; its mask rows are those
+        positions' over layer 0's columns, gathered to the stored keys' slots."""
+        b, t = hidden.shape[:2]
+        tail = torch.arange(self.length - t, self.length, device=stage.idx.device)
+        if not (bool(stage.valid[:, -t:].all()) and torch.equal(stage.idx[:, -t:], tail.expand(b, t))):
+            raise ValueError(f"logits_to_keep={t}: saint dropped some of the last {t} tokens of a row; "
+                             "ask for the logits of the last token only (logits_to_keep=1)")
+        self.stages.append(stage)
+        self.counts.append(stage.image.sum(dim=1).cpu())
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            cols, ok = _column_map(stage, self._width(i, t, stage.length), self.length)
+            kwargs = dict(kwargs, attention_mask=_gather_columns(_rows(mask, b), cols, ok))
         self._layer_kwargs[i] = kwargs
         return args, kwargs
 
@@ -469,9 +549,13 @@ class DecoderPruner:
         return self._kw_cache[key]
 
     def _width(self, i: int, q: int, fallback: int) -> int:
+        """The key width of layer ``i``'s mask: its cache's, before this call's tokens enter it
+        (a KV-shared layer: its source layer's, recorded before the source ran)."""
         cache = self.cache
         if cache is None:
             return fallback
+        if i in self.kv_source:
+            return self._source_width[self.kv_source[i]]
         return int(cache.get_mask_sizes(q, i)[0])
 
     def _gather_prefill(self, i: int, stage: Stage, kwargs: dict[str, Any], b: int):

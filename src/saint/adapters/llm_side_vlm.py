@@ -6,6 +6,8 @@
 - PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos);
 - LightOnOCR (``LightOnOcrForConditionalGeneration`` / ``LightOnOcrModel``, Mistral 3's Pixtral tower
   and patch merger before a Qwen3 language model);
+- Gemma 4 (``Gemma4ForConditionalGeneration`` / ``Gemma4Model``: images and videos, whose frames
+  are images to its tower);
 - DeepSeek-VL-Hybrid (``DeepseekVLHybridForConditionalGeneration`` / ``DeepseekVLHybridModel``;
   a SigLIP and a SAM tower, a Llama language model; DeepSeek-VL itself and Janus are pooled
   families, :mod:`saint.adapters.pooled_vlm`).
@@ -47,8 +49,8 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "LIGHTON_OCR", "MISTRAL3", "PERCEPTION_LM",
-           "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family", "LightOnOcrPruneConfig", "LlmSidePruneConfig",
+__all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "GEMMA4", "LIGHTON_OCR", "MISTRAL3", "PERCEPTION_LM",
+           "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family", "Gemma4PruneConfig", "LightOnOcrPruneConfig", "LlmSidePruneConfig",
            "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -102,6 +104,13 @@ class PerceptionLMPruneConfig(LlmSidePruneConfig):
 class LightOnOcrPruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "LightOnOCR"
     LLM_ONLY: ClassVar[str] = Mistral3PruneConfig.LLM_ONLY
+
+
+@dataclass
+class Gemma4PruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Gemma 4"
+    LLM_ONLY: ClassVar[str] = ("its tower pools every k x k block of an image's patches by their positions, for "
+                               "images of their own sizes; pruning the tower ahead of that pooling is not built")
 
 
 @dataclass
@@ -206,4 +215,8 @@ class LlmSideVlm(HFVlm):
         return Grid(int(h) // int(ph), int(w) // int(pw), (int(ph), int(pw)))
 
 
-ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL_HYBRID))
+GEMMA4 = Family("gemma4", "gemma4", ("Gemma4ForConditionalGeneration", "Gemma4Model"), Gemma4PruneConfig,
+                no_grid="keeps every image at its own size (its soft tokens pool the patches of each image's own grid)",
+                media=IMAGES_AND_VIDEOS)
+
+ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL_HYBRID, GEMMA4))

@@ -279,14 +279,16 @@ def make_lm_post(handle: VlmPatch):
 
 def _to_input_positions(hidden: torch.Tensor, fwd: Forward, final: hf_llm.Stage) -> tuple[torch.Tensor, torch.Tensor]:
     """The final hidden states ``[B, L0, C]`` at the positions of the input as passed
-    (zeros where a token was dropped by either step), and which positions have one."""
+    (zeros where a token was dropped by either step), and which positions have one. Hidden
+    states of the last ``t`` slots only (Gemma 4's KV-shared layers on ``logits_to_keep``
+    tokens) go to those slots' positions."""
     length0 = fwd.input_length
     in_pos, real = final.idx, final.valid
     if fwd.src0 is not None:
         in_pos = torch.gather(fwd.src0, 1, final.idx)
         real = real & torch.gather(fwd.valid0, 1, final.idx)
     target = torch.where(real, in_pos, length0)
-    b, _, c = hidden.shape
-    out = hidden.new_zeros(b, length0 + 1, c).scatter_(1, target[..., None].expand(-1, -1, c), hidden)
+    b, t, c = hidden.shape
+    out = hidden.new_zeros(b, length0 + 1, c).scatter_(1, target[:, -t:, None].expand(-1, -1, c), hidden)
     kept = torch.zeros(b, length0 + 1, dtype=torch.bool, device=hidden.device).scatter_(1, target, True)
     return out[:, :length0], kept[:, :length0]
