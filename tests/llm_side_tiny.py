@@ -20,9 +20,11 @@ PIXTRAL = ("mistral3", "lighton_ocr")  # images at their own sizes (Mistral 3: r
 
 
 def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size: int = 128,
-         image_token_id: int = IMG, indicator_ids: list[int] | None = None) -> torch.nn.Module:
-    """A tiny random model of ``family``; ``vocab_size``, ``image_token_id`` and Ovis2's
-    ``indicator_ids`` (its 5 visual indicator tokens) to match a tokenizer."""
+         image_token_id: int = IMG, indicator_ids: list[int] | None = None,
+         video_token_id: int = VID) -> torch.nn.Module:
+    """A tiny random model of ``family``; ``vocab_size``, ``image_token_id``, Ovis2's
+    ``indicator_ids`` (its 5 visual indicator tokens) and Gemma 4's ``video_token_id`` to match
+    a tokenizer."""
     text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=4,
                 num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256)
     torch.manual_seed(seed)
@@ -134,7 +136,7 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
             use_bidirectional_attention="vision" if family == "gemma4_bidi" else None)  # as Gemma 4 31B
         cfg = transformers.Gemma4Config(vision_config=vision, text_config=gemma, audio_config=None,
                                         image_token_id=image_token_id, boi_token_id=START, eoi_token_id=END,
-                                        video_token_id=VID, attn_implementation=impl)
+                                        video_token_id=video_token_id, attn_implementation=impl)
         model = transformers.Gemma4ForConditionalGeneration(cfg)
     else:  # Mistral 3, LightOnOCR: Pixtral, 2x2 patches merged into one token; LightOnOCR a Qwen3 LM
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

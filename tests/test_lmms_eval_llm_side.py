@@ -39,7 +39,7 @@ FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": 
             "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma", "fast_vlm": "SaintFastVlm",
             "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision",
             "ovis2": "SaintOvis2", "lighton_ocr": "SaintLightOnOcr", "deepseek_vl": "SaintDeepseekVL",
-            "deepseek_vl_hybrid": "SaintDeepseekVLHybrid", "janus": "SaintJanus"}
+            "deepseek_vl_hybrid": "SaintDeepseekVLHybrid", "janus": "SaintJanus", "gemma4": "SaintGemma4"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # the pooled families: half of every tile's (image's) 16 tokens
@@ -51,7 +51,8 @@ PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_AR
            ("aya_vision", LLM_ARGS), ("aya_vision", FASTV_ARGS), ("aya_vision", VIT_ARGS), ("cohere2_vision", LLM_ARGS),
            ("cohere2_vision", VIT_ARGS), ("ovis2", LLM_ARGS), ("ovis2", VIT_ARGS), ("lighton_ocr", LLM_ARGS),
            ("deepseek_vl", LLM_ARGS), ("deepseek_vl", FASTV_ARGS), ("deepseek_vl", VIT_ARGS),
-           ("deepseek_vl_hybrid", LLM_ARGS), ("janus", LLM_ARGS), ("janus", VIT_ARGS)]
+           ("deepseek_vl_hybrid", LLM_ARGS), ("janus", LLM_ARGS), ("janus", VIT_ARGS), ("gemma4", LLM_ARGS),
+           ("gemma4", FASTV_ARGS)]
 FIXED_SIZE = ("gemma3", "paligemma", "fast_vlm", "deepseek_vl", "deepseek_vl_hybrid", "janus")  # one size per image
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
@@ -166,6 +167,20 @@ def _build(path: Path, family: str) -> None:
             processor = transformers.DeepseekVLHybridProcessor(image_processor=images, tokenizer=tokenizer,
                                                                num_image_tokens=16)
         image_token = "<image_placeholder>"
+    elif family == "gemma4":  # 8 px patches pooled 2x2, at most 70 soft tokens an image (its own size)
+        special = ["<pad>", "<bos>", "<eos>", "<|image|>", "<|image>", "<image|>", "<|video|>", "<|audio|>",
+                   "<|audio>", "<audio|>", "<start_of_turn>", "<end_of_turn>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user model"]), pad_token="<pad>", bos_token="<bos>",
+            eos_token="<end_of_turn>", extra_special_tokens={
+                "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"})
+        processor = transformers.Gemma4Processor(
+            feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
+            image_processor=transformers.Gemma4ImageProcessor(max_soft_tokens=70, patch_size=8, pooling_kernel_size=2),
+            tokenizer=tokenizer, video_processor=transformers.Gemma4VideoProcessor(), image_seq_length=70)
+        image_token = "<|image|>"
+        extra = {"video_token_id": tokenizer.convert_tokens_to_ids("<|video|>")}
     elif family == "janus":  # 64 px images of 16 px patches: 16 tokens between <begin_of_image> and <end_of_image>
         special = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",
                    "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"]
@@ -249,6 +264,7 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintDeepseekVLHybrid,
         SaintFastVlm,
         SaintGemma3,
+        SaintGemma4,
         SaintIdefics3,
         SaintInternVL,
         SaintJanus,
@@ -266,6 +282,10 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintJanus(pretrained=str(checkpoint("deepseek_vl")))
     with pytest.raises(ValueError, match=r"DeepSeek-VL checkpoints \(model_type 'deepseek_vl'\)"):
         SaintDeepseekVL(pretrained=str(checkpoint("deepseek_vl_hybrid")))
+    with pytest.raises(ValueError, match="Gemma 4 inside the language model only"):
+        SaintGemma4(pretrained=missing, mode="vit")
+    with pytest.raises(ValueError, match="Gemma 4 checkpoints"):
+        SaintGemma4(pretrained=str(checkpoint("gemma3")))
     with pytest.raises(ValueError, match="LightOnOCR checkpoints"):
         SaintLightOnOcr(pretrained=str(checkpoint("mistral3")))
     with pytest.raises(ValueError, match="inside the language model only"):

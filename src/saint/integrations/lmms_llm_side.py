@@ -1,16 +1,16 @@
 """lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
 ``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``,
 ``saint_cohere2_vision``, ``saint_ovis2``, ``saint_lighton_ocr``, ``saint_deepseek_vl``,
-``saint_deepseek_vl_hybrid`` and ``saint_janus``: Hugging Face InternVL (``InternVLForConditionalGeneration``),
-Mistral 3 (``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``),
+``saint_deepseek_vl_hybrid``, ``saint_janus`` and ``saint_gemma4``: Hugging Face InternVL
+(``InternVLForConditionalGeneration``), Mistral 3 (``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``),
 Idefics3 / SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
 (``AyaVisionForConditionalGeneration``), Command A Vision (``Cohere2VisionForConditionalGeneration``),
 Ovis2 (``Ovis2ForConditionalGeneration``), LightOnOCR (``LightOnOcrForConditionalGeneration``),
-DeepSeek-VL (and its hybrid) and Janus checkpoints pruned by :func:`saint.patch`
+DeepSeek-VL (and its hybrid), Janus and Gemma 4 checkpoints pruned by :func:`saint.patch`
 (:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM, PaliGemma, Aya Vision,
 Command A Vision, Ovis2, DeepSeek-VL and Janus: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV
 or ``random``; :mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside the language
-models of Mistral 3, FastVLM, LightOnOCR and DeepSeek-VL-Hybrid), for any lmms-eval image task::
+models of Mistral 3, FastVLM, LightOnOCR, DeepSeek-VL-Hybrid and Gemma 4), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -45,7 +45,7 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintDeepseekVLHybrid", "SaintFastVlm", "SaintGemma3", "SaintIdefics3",
+__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintDeepseekVLHybrid", "SaintFastVlm", "SaintGemma3", "SaintGemma4", "SaintIdefics3",
            "SaintInternVL", "SaintJanus", "SaintLightOnOcr", "SaintMistral3", "SaintOvis2", "SaintPaliGemma",
            "SaintTiled"]
 
@@ -291,6 +291,28 @@ class SaintGemma3(SaintLlmSide):
     def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """``token_type_ids``, as the processor marks the image tokens."""
         return {"token_type_ids": (input_ids == self.model.config.image_token_id).long()}
+
+
+class SaintGemma4(SaintLlmSide):
+    """A Gemma 4 checkpoint (``model_type: gemma4``) patched once by :func:`saint.patch` (inside
+    its language model), evaluated by lmms-eval (``--model saint_gemma4``)."""
+
+    NAME = "saint_gemma4"
+    NESTED_IMAGES = True
+    ADAPTER = llm_side_vlm.GEMMA4
+    MODEL_TYPES = ("gemma4",)
+    MODEL_CLASS = "Gemma4ForConditionalGeneration"
+    TITLE = "Gemma 4"
+    DEFAULT_CHAT_TEMPLATE = GEMMA_TEMPLATE
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The patches and their cells of the first ``len(visuals)`` images."""
+        n = len(visuals)
+        return {"pixel_values": enc["pixel_values"][:n], "image_position_ids": enc["image_position_ids"][:n]} if n else {}
+
+    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``mm_token_type_ids``, as the processor marks the image tokens (the 31B's attend both ways)."""
+        return {"mm_token_type_ids": (input_ids == self.model.config.image_token_id).long()}
 
 
 class SaintIdefics3(SaintLlmSide):
