@@ -138,6 +138,16 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                         image_token_id=image_token_id, boi_token_id=START, eoi_token_id=END,
                                         video_token_id=video_token_id, attn_implementation=impl)
         model = transformers.Gemma4ForConditionalGeneration(cfg)
+    elif family == "paddleocr_vl":  # 64 px images of 8 px patches (8 x 8), merged 2 x 2 into 16 tokens; M-RoPE
+        cfg = transformers.PaddleOCRVLConfig(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=VDEPTH, num_attention_heads=2,
+                               patch_size=PATCH, spatial_merge_size=2, image_size=SIZE),
+            text_config=dict(**text, head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                        mrope_section=[2, 3, 3])),
+            image_token_id=image_token_id, video_token_id=VID, vision_start_token_id=START)
+        cfg._attn_implementation = impl
+        cfg.text_config._attn_implementation = cfg.vision_config._attn_implementation = impl
+        model = transformers.PaddleOCRVLForConditionalGeneration(cfg)
     else:  # Mistral 3, LightOnOCR: Pixtral, 2x2 patches merged into one token; LightOnOCR a Qwen3 LM
         vision = transformers.PixtralVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   intermediate_size=64, image_size=64, patch_size=PATCH, head_dim=16)
@@ -205,6 +215,12 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
     out = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     if family in PIXTRAL:
         out["image_sizes"] = torch.tensor([p for p, _ in sizes])
+    if family == "paddleocr_vl":  # as its processor: every image's 8 px patches in raster order, and its grid
+        n = SIZE // PATCH
+        out["pixel_values"] = pixels.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH).permute(0, 2, 3, 1, 4, 5).reshape(
+            len(sizes) * n * n, 3, PATCH, PATCH)
+        out["image_grid_thw"] = torch.tensor([[1, n, n]] * len(sizes))
+        out["mm_token_type_ids"] = (ids == IMG).int()
     if family.startswith("gemma4"):  # as its processor: each image's 8 px patches flattened, with their (x, y) cells
         n = SIZE // PATCH
         out["pixel_values"] = pixels.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH).permute(0, 2, 3, 4, 5, 1).reshape(

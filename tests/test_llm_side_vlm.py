@@ -29,7 +29,7 @@ from .llm_side_tiny import (  # noqa: E402
 
 FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "fast_vlm",
             "perception_lm", "aya_vision", "cohere2_vision", "ovis2", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid",
-            "janus", "gemma4"]
+            "janus", "gemma4", "paddleocr_vl"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
@@ -48,6 +48,7 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
     "deepseek_vl_hybrid": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "janus": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "gemma4": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "paddleocr_vl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -197,9 +198,9 @@ def test_assisted_generation_equals_greedy(family):
     ids = x["input_ids"]
     x["input_ids"] = torch.cat([ids, ids[:, -4:], ids[:, -4:]], dim=1)  # text the lookup finds again
     x["attention_mask"] = torch.ones_like(x["input_ids"])
-    if "token_type_ids" in x:  # Gemma 3, PaliGemma: one per token
-        types = x["token_type_ids"]
-        x["token_type_ids"] = torch.cat([types, types[:, -4:], types[:, -4:]], dim=1)
+    for key in ("token_type_ids", "mm_token_type_ids"):  # Gemma 3, PaliGemma; Gemma 4, PaddleOCR-VL: one per token
+        if key in x:
+            x[key] = torch.cat([x[key], x[key][:, -4:], x[key][:, -4:]], dim=1)
     saint.patch(model, **CONFIGS["llm"])
     assert torch.equal(gen(model, x, prompt_lookup_num_tokens=3), gen(model, x))
     if family in SOFTCAPPED:  # no FastV here (its refusal: the last test)
@@ -219,6 +220,7 @@ def test_assisted_generation_equals_greedy(family):
     ("deepseek_vl", dict(method="pool", pool_size=2), ValueError, "unknown DeepSeek-VL method 'pool'"),
     ("janus", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma4", dict(mode="hybrid"), ValueError, "Gemma 4 inside the language model only"),
+    ("paddleocr_vl", dict(mode="vit"), ValueError, "PaddleOCR-VL inside the language model only"),
     ("gemma3", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "does not use"),
     ("gemma3", dict(method="random", keep_ratio=1.5), ValueError, "keep_ratio"),
@@ -242,7 +244,7 @@ def test_bad_settings_raise_clear_errors(family, kw, err, match):
 def test_mistral3_has_no_one_patch_grid_and_the_others_a_4x4_one():
     from saint.adapters import find_adapter
 
-    for family in ("mistral3", "lighton_ocr", "gemma4"):
+    for family in ("mistral3", "lighton_ocr", "gemma4", "paddleocr_vl"):
         model = make(family)
         with pytest.raises(ValueError, match="no one patch grid"):
             find_adapter(model).grid(model)
@@ -265,6 +267,10 @@ def test_a_conversation_continues_on_its_cache_and_chunked_prefill_runs_whole(fa
         out = model.generate(**x, **GREEDY, return_dict_in_generate=True)
         conversation = torch.cat([out.sequences, follow], dim=1)
         cached = model.generate(input_ids=conversation, past_key_values=out.past_key_values, **GREEDY)
+        if "mm_token_type_ids" in media:  # PaddleOCR-VL: one per token of the whole conversation (0: text)
+            types = media["mm_token_type_ids"]
+            media["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, conversation.shape[1] - types.shape[1])],
+                                                   dim=1)
         scratch = model.generate(input_ids=conversation, **media, **GREEDY)
         assert torch.equal(cached, scratch)
         length = x["input_ids"].shape[1]

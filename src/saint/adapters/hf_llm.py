@@ -80,6 +80,7 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("granite", "GraniteModel"),  # Granite Vision 3.x (LLaVA-NeXT): attention scaled by its attention_multiplier
     ("cohere2", "Cohere2Model"),  # Aya Vision, Command A Vision: sliding-window layers rotary, global layers NoPE
     ("gemma4", "Gemma4TextModel"),  # Gemma 4: per-layer input embeddings, q/k norms, sliding-window layers
+    ("paddleocr_vl", "PaddleOCRTextModel"),  # PaddleOCR-VL: ERNIE 4.5 with M-RoPE ids [3, B, L]
 )
 SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
 # Hybrid decoders whose linear-attention (Gated DeltaNet) layers keep a recurrent state, not a

@@ -8,6 +8,8 @@
   and patch merger before a Qwen3 language model);
 - Gemma 4 (``Gemma4ForConditionalGeneration`` / ``Gemma4Model``: images and videos, whose frames
   are images to its tower);
+- PaddleOCR-VL (``PaddleOCRVLForConditionalGeneration`` / ``PaddleOCRVLModel``: a NaViT tower, an
+  ERNIE 4.5 language model with M-RoPE positions, which kept tokens keep);
 - DeepSeek-VL-Hybrid (``DeepseekVLHybridForConditionalGeneration`` / ``DeepseekVLHybridModel``;
   a SigLIP and a SAM tower, a Llama language model; DeepSeek-VL itself and Janus are pooled
   families, :mod:`saint.adapters.pooled_vlm`).
@@ -49,7 +51,8 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "GEMMA4", "LIGHTON_OCR", "MISTRAL3", "PERCEPTION_LM",
+__all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "GEMMA4", "LIGHTON_OCR", "MISTRAL3", "PADDLEOCR_VL",
+           "PERCEPTION_LM", "PaddleOCRVLPruneConfig",
            "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family", "Gemma4PruneConfig", "LightOnOcrPruneConfig", "LlmSidePruneConfig",
            "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
 
@@ -111,6 +114,13 @@ class Gemma4PruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "Gemma 4"
     LLM_ONLY: ClassVar[str] = ("its tower pools every k x k block of an image's patches by their positions, for "
                                "images of their own sizes; pruning the tower ahead of that pooling is not built")
+
+
+@dataclass
+class PaddleOCRVLPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "PaddleOCR-VL"
+    LLM_ONLY: ClassVar[str] = ("its projector folds each 2x2 block of its tower's patches into one token; pruning the "
+                               "tower ahead of it is not built")
 
 
 @dataclass
@@ -219,4 +229,9 @@ GEMMA4 = Family("gemma4", "gemma4", ("Gemma4ForConditionalGeneration", "Gemma4Mo
                 no_grid="keeps every image at its own size (its soft tokens pool the patches of each image's own grid)",
                 media=IMAGES_AND_VIDEOS)
 
-ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL_HYBRID, GEMMA4))
+PADDLEOCR_VL = Family("paddleocr_vl", "paddleocr_vl", ("PaddleOCRVLForConditionalGeneration", "PaddleOCRVLModel"),
+                      PaddleOCRVLPruneConfig,
+                      no_grid="keeps every image at its own size (a grid of merged patches per image)")
+
+ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL_HYBRID, GEMMA4,
+                                          PADDLEOCR_VL))
