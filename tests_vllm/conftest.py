@@ -95,6 +95,8 @@ glm4v_moe_dir = _tiny_checkpoint("glm4v_moe_dir", "write_glm4v_checkpoint", "tin
                                  moe=True)
 glm_ocr_dir = _tiny_checkpoint("glm_ocr_dir", "write_glm4v_checkpoint", "tiny-glm-ocr",
                                "A tiny GLM-OCR (GLM-4.1V's geometry; q/k norms in the tower).", ocr=True)
+paddleocr_vl_dir = _tiny_checkpoint("paddleocr_vl_dir", "write_paddleocr_vl_checkpoint", "tiny-paddleocr-vl",
+                                    "A tiny PaddleOCR-VL (patch 14 merged 2 x 2, an ERNIE 4.5 LM with M-RoPE).")
 idefics3_dir = _tiny_checkpoint("idefics3_dir", "write_idefics3_checkpoint", "tiny-idefics3",
                                 "A tiny Idefics3: 64 px tiles of 16 image tokens, images split up to 2 x 2 tiles.")
 mistral3_dir = _tiny_checkpoint("mistral3_dir", "write_mistral3_checkpoint", "tiny-mistral3",

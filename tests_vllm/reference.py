@@ -108,6 +108,7 @@ def transformers_scores(
         Glm4vForConditionalGeneration,
         Glm4vMoeForConditionalGeneration,
         GlmOcrForConditionalGeneration,
+        PaddleOCRVLForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen3_5ForConditionalGeneration,
@@ -117,6 +118,9 @@ def transformers_scores(
     )
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
     from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
+        PaddleOCRVLImageProcessorPil,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -127,11 +131,15 @@ def transformers_scores(
     cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
            "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
            "glm4v": Glm4vForConditionalGeneration, "glm4v_moe": Glm4vMoeForConditionalGeneration,
-           "glm_ocr": GlmOcrForConditionalGeneration,
+           "glm_ocr": GlmOcrForConditionalGeneration, "paddleocr_vl": PaddleOCRVLForConditionalGeneration,
            "qwen3_5": Qwen3_5ForConditionalGeneration, "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration}[model_type]
     model = cls.from_pretrained(model_dir, dtype=dtype).eval()
+    if model_type == "paddleocr_vl":  # vLLM 0.32 resamples the tower's position table with align_corners=False,
+        # transformers 5.19 with True (0.06 apart on the tiny tower): the reference follows vLLM's
+        model.model.visual.vision_model.embeddings.interpolation_align_corners = False
     processor_cls = {"glm4v": Glm4vImageProcessorPil, "glm4v_moe": Glm4vImageProcessorPil,
-                     "glm_ocr": Glm46VImageProcessorPil}.get(model_type, Qwen2VLImageProcessorPil)
+                     "glm_ocr": Glm46VImageProcessorPil,
+                     "paddleocr_vl": PaddleOCRVLImageProcessorPil}.get(model_type, Qwen2VLImageProcessorPil)
     processor = processor_cls.from_pretrained(model_dir)
     inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
     grid = inputs["image_grid_thw"]

@@ -45,6 +45,8 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
                "<start_of_image>"),
     "mistral3": ("<s>[INST]{images}Describe the picture.[/INST]", "[IMG]"),
     "gemma4": ("<bos>{images}Describe the picture.", "<|image|>"),
+    "paddleocr_vl": ("<s>User: {images}Describe the picture.\nAssistant: ",
+                     "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"),
     "glm4v": GLM,
     "glm4v_moe": GLM,
     "glm_ocr": GLM,

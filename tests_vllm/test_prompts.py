@@ -49,6 +49,7 @@ FAMILIES = {  # checkpoint fixture, reference, its checkpoint fixture, that conf
     "qwen3_vl": ("qwen3_dir", transformers_scores, "qwen3_dir", "image_token_id"),
     "qwen3_5": ("qwen3_5_dir", transformers_scores, "qwen3_5_dir", "image_token_id"),
     "glm4v": ("glm4v_dir", transformers_scores, "glm4v_dir", "image_token_id"),
+    "paddleocr_vl": ("paddleocr_vl_dir", transformers_scores, "paddleocr_vl_dir", "image_token_id"),
     "llava": ("llava_dir", transformers_llava_scores, "llava_dir", "image_token_index"),
     "llava_next": ("llava_next_dir", transformers_anyres_scores, "llava_next_dir", "image_token_index"),
     "internvl": ("internvl_dir", transformers_internvl_scores, "internvl_dir", "image_token_id"),

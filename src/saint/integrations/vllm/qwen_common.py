@@ -217,7 +217,7 @@ class SaintImagePruningMixin:
     ) -> tuple[torch.Tensor, ...]:
         if self.saint is None:
             return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)  # type: ignore[misc]
-        merge = self.visual.spatial_merge_size  # type: ignore[attr-defined]
+        merge = self.config.vision_config.spatial_merge_size  # type: ignore[attr-defined]
         out, masks = [], []
         for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True):
             keep = self.saint.keep_mask(self.saint_features(emb))

@@ -289,6 +289,60 @@ def write_glm4v_checkpoint(
     return path
 
 
+PADDLEOCR_VL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>",
+                               "<|video_pad|>"]
+# transformers' module names -> the hub's (PaddleOCR's original layout, the one vLLM loads)
+_PADDLEOCR_HUB_NAMES = (("model.visual.", "visual."), ("model.projector.", "mlp_AR."), ("model.language_model.", "model."))
+
+
+def write_paddleocr_vl_checkpoint(path: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448,
+                                  seed: int = 0) -> Path:
+    """Write a tiny random PaddleOCR-VL to ``path``: patch 14, merge 2 (the portrait test image
+    of 224 x 168 pixels gives 8 x 6 merged tokens, as for Qwen2.5-VL), a 2-layer tower and a
+    2-layer ERNIE 4.5 LM with M-RoPE (sections 4, 6, 6 of a 32-wide head), its weights under the hub's names
+    (``visual.``, ``mlp_AR.``, ``model.``), which vLLM loads and transformers converts."""
+    import safetensors.torch
+    import torch
+    import transformers
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
+        PaddleOCRVLImageProcessorPil,
+    )
+    from transformers.models.paddleocr_vl.processing_paddleocr_vl import PaddleOCRVLProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(512, PADDLEOCR_VL_SPECIAL_TOKENS, {"image_token": "<|IMAGE_PLACEHOLDER|>"})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in PADDLEOCR_VL_SPECIAL_TOKENS}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    text = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rope_parameters=rope,
+                pad_token_id=ids["<unk>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"])
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+                  spatial_merge_size=2)
+    config = transformers.PaddleOCRVLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|IMAGE_PLACEHOLDER|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|IMAGE_START|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.PaddleOCRVLForConditionalGeneration(config).eval()
+    _sharpen(model)
+    config.architectures = ["PaddleOCRVLForConditionalGeneration"]
+    config.save_pretrained(path)
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        for ours, hub in _PADDLEOCR_HUB_NAMES:
+            if name.startswith(ours):
+                name = hub + name[len(ours):]
+                break
+        weights[name] = tensor.clone().contiguous()  # tied embeddings saved as two tensors
+    safetensors.torch.save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    images = PaddleOCRVLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2,
+                                          temporal_patch_size=1)
+    PaddleOCRVLProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    gen = {"eos_token_id": ids["</s>"], "pad_token_id": ids["<unk>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
 def _sharpen(model) -> None:
     """Random init of 0.02 std gives near-uniform logits (greedy ids decided by rounding):
     redraw every matrix with std 2 / sqrt(fan-in)."""
@@ -529,7 +583,7 @@ def write_internvl_chat_checkpoint(path: str | Path, hf_dir: str | Path) -> Path
             tensor, name = torch.cat(qkv), name.replace(".attention.q_proj.", ".attn.qkv.")
         for old, new in _INTERNVL_CHAT_NAMES:
             name = name.replace(old, new)
-        weights[name] = tensor.contiguous()
+        weights[name] = tensor.clone().contiguous()  # tied embeddings saved as two tensors
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     vision, text = hf["vision_config"], hf["text_config"]
     if vision["use_qk_norm"] or vision["attention_bias"]:
