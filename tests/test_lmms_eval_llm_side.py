@@ -39,7 +39,8 @@ FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": 
             "idefics3": "SaintIdefics3", "paligemma": "SaintPaliGemma", "fast_vlm": "SaintFastVlm",
             "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision",
             "ovis2": "SaintOvis2", "lighton_ocr": "SaintLightOnOcr", "deepseek_vl": "SaintDeepseekVL",
-            "deepseek_vl_hybrid": "SaintDeepseekVLHybrid", "janus": "SaintJanus", "gemma4": "SaintGemma4"}
+            "deepseek_vl_hybrid": "SaintDeepseekVLHybrid", "janus": "SaintJanus", "gemma4": "SaintGemma4",
+            "paddleocr_vl": "SaintPaddleOCRVL"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # the pooled families: half of every tile's (image's) 16 tokens
@@ -52,7 +53,7 @@ PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_AR
            ("cohere2_vision", VIT_ARGS), ("ovis2", LLM_ARGS), ("ovis2", VIT_ARGS), ("lighton_ocr", LLM_ARGS),
            ("deepseek_vl", LLM_ARGS), ("deepseek_vl", FASTV_ARGS), ("deepseek_vl", VIT_ARGS),
            ("deepseek_vl_hybrid", LLM_ARGS), ("janus", LLM_ARGS), ("janus", VIT_ARGS), ("gemma4", LLM_ARGS),
-           ("gemma4", FASTV_ARGS)]
+           ("gemma4", FASTV_ARGS), ("paddleocr_vl", LLM_ARGS), ("paddleocr_vl", FASTV_ARGS)]
 FIXED_SIZE = ("gemma3", "paligemma", "fast_vlm", "deepseek_vl", "deepseek_vl_hybrid", "janus")  # one size per image
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
@@ -181,6 +182,15 @@ def _build(path: Path, family: str) -> None:
             tokenizer=tokenizer, video_processor=transformers.Gemma4VideoProcessor(), image_seq_length=70)
         image_token = "<|image|>"
         extra = {"video_token_id": tokenizer.convert_tokens_to_ids("<|video|>")}
+    elif family == "paddleocr_vl":  # 8 px patches merged 2 x 2, each image at its own size (up to 64 x 64 px)
+        special = ["<unk>", "<s>", "</s>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<unk>", bos_token="<s>",
+            eos_token="</s>", extra_special_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"})
+        images = transformers.PaddleOCRVLImageProcessor(size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+                                                        patch_size=8, merge_size=2, temporal_patch_size=1)
+        processor = transformers.PaddleOCRVLProcessor(image_processor=images, tokenizer=tokenizer)
+        image_token = "<|IMAGE_PLACEHOLDER|>"
     elif family == "janus":  # 64 px images of 16 px patches: 16 tokens between <begin_of_image> and <end_of_image>
         special = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",
                    "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"]
@@ -270,6 +280,7 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintJanus,
         SaintLightOnOcr,
         SaintMistral3,
+        SaintPaddleOCRVL,
         SaintPaliGemma,
     )
 
@@ -286,6 +297,8 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintGemma4(pretrained=missing, mode="vit")
     with pytest.raises(ValueError, match="Gemma 4 checkpoints"):
         SaintGemma4(pretrained=str(checkpoint("gemma3")))
+    with pytest.raises(ValueError, match="PaddleOCR-VL inside the language model only"):
+        SaintPaddleOCRVL(pretrained=missing, mode="hybrid")
     with pytest.raises(ValueError, match="LightOnOCR checkpoints"):
         SaintLightOnOcr(pretrained=str(checkpoint("mistral3")))
     with pytest.raises(ValueError, match="inside the language model only"):

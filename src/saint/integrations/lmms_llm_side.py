@@ -1,16 +1,16 @@
 """lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
 ``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``,
 ``saint_cohere2_vision``, ``saint_ovis2``, ``saint_lighton_ocr``, ``saint_deepseek_vl``,
-``saint_deepseek_vl_hybrid``, ``saint_janus`` and ``saint_gemma4``: Hugging Face InternVL
+``saint_deepseek_vl_hybrid``, ``saint_janus``, ``saint_gemma4`` and ``saint_paddleocr_vl``: Hugging Face InternVL
 (``InternVLForConditionalGeneration``), Mistral 3 (``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``),
 Idefics3 / SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
 (``AyaVisionForConditionalGeneration``), Command A Vision (``Cohere2VisionForConditionalGeneration``),
 Ovis2 (``Ovis2ForConditionalGeneration``), LightOnOCR (``LightOnOcrForConditionalGeneration``),
-DeepSeek-VL (and its hybrid), Janus and Gemma 4 checkpoints pruned by :func:`saint.patch`
+DeepSeek-VL (and its hybrid), Janus, Gemma 4 and PaddleOCR-VL checkpoints pruned by :func:`saint.patch`
 (:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM, PaliGemma, Aya Vision,
 Command A Vision, Ovis2, DeepSeek-VL and Janus: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV
 or ``random``; :mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside the language
-models of Mistral 3, FastVLM, LightOnOCR, DeepSeek-VL-Hybrid and Gemma 4), for any lmms-eval image task::
+models of Mistral 3, FastVLM, LightOnOCR, DeepSeek-VL-Hybrid, Gemma 4 and PaddleOCR-VL), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -45,9 +45,9 @@ import torch
 from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
-__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintDeepseekVLHybrid", "SaintFastVlm", "SaintGemma3", "SaintGemma4", "SaintIdefics3",
-           "SaintInternVL", "SaintJanus", "SaintLightOnOcr", "SaintMistral3", "SaintOvis2", "SaintPaliGemma",
-           "SaintTiled"]
+__all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintDeepseekVLHybrid", "SaintFastVlm",
+           "SaintGemma3", "SaintGemma4", "SaintIdefics3", "SaintInternVL", "SaintJanus", "SaintLightOnOcr",
+           "SaintMistral3", "SaintOvis2", "SaintPaddleOCRVL", "SaintPaliGemma", "SaintTiled"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -67,6 +67,10 @@ DEEPSEEK_TEMPLATE = (  # DeepSeek-VL's and Janus's turns
     "{% for message in messages %}{% if message['role'] == 'user' %}<|User|>: {{ message['content'] }}\n\n"
     "{% else %}<|Assistant|>: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+PADDLEOCR_TEMPLATE = (  # PaddleOCR-VL's turns; an image's tokens between <|IMAGE_START|> and <|IMAGE_END|>
+    "{{ bos_token }}{% for message in messages %}{{ 'User: ' if message['role'] == 'user' else 'Assistant: ' }}"
+    "{{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
 )
 COHERE_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|START_OF_TURN_TOKEN|>"
@@ -313,6 +317,33 @@ class SaintGemma4(SaintLlmSide):
     def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """``mm_token_type_ids``, as the processor marks the image tokens (the 31B's attend both ways)."""
         return {"mm_token_type_ids": (input_ids == self.model.config.image_token_id).long()}
+
+
+class SaintPaddleOCRVL(SaintLlmSide):
+    """A PaddleOCR-VL checkpoint (``model_type: paddleocr_vl``) patched once by :func:`saint.patch`
+    (inside its language model), evaluated by lmms-eval (``--model saint_paddleocr_vl``)."""
+
+    NAME = "saint_paddleocr_vl"
+    ADAPTER = llm_side_vlm.PADDLEOCR_VL
+    MODEL_TYPES = ("paddleocr_vl",)
+    MODEL_CLASS = "PaddleOCRVLForConditionalGeneration"
+    TITLE = "PaddleOCR-VL"
+    DEFAULT_CHAT_TEMPLATE = PADDLEOCR_TEMPLATE
+
+    def _image_placeholder(self) -> str:
+        """An image between its start and end tokens, as PaddleOCR-VL's chat template writes it."""
+        return f"<|IMAGE_START|>{self.image_token}<|IMAGE_END|>"
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The patches and grids of the first ``len(visuals)`` images."""
+        if not visuals:
+            return {}
+        grid = enc["image_grid_thw"][: len(visuals)]
+        return {"pixel_values": enc["pixel_values"][: int(grid.prod(dim=-1).sum())], "image_grid_thw": grid}
+
+    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``mm_token_type_ids`` (1 at image tokens), which its M-RoPE positions are built from."""
+        return {"mm_token_type_ids": (input_ids == self.model.config.image_token_id).int()}
 
 
 class SaintIdefics3(SaintLlmSide):
