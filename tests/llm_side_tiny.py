@@ -16,7 +16,7 @@ VDEPTH = 4  # InternVL and Gemma 3 vision layers
 SIZE, PATCH = 64, 8  # InternVL tiles: 8x8 patches, pixel-shuffled to 4x4 tokens; Mistral 3 merges 2x2 too
 WINDOW = 10  # Gemma 3's sliding window, shorter than every prompt; its layers 2 and 5 attend globally
 HIGH_RES = 128  # DeepSeek-VL-Hybrid's SAM input
-PIXTRAL = ("mistral3", "lighton_ocr")  # images at their own sizes (Mistral 3: rows ended by break tokens)
+PIXTRAL = ("mistral3", "ministral3", "lighton_ocr")  # images at their own sizes (Mistral 3: rows ended by break tokens)
 
 
 def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size: int = 128,
@@ -158,9 +158,15 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                                 attn_implementation=impl)
             model = transformers.LightOnOcrForConditionalGeneration(cfg)
         else:
+            if family == "ministral3":  # Ministral 3: queries scaled by absolute position (past every test prompt
+                # here; a left-padded forward without position ids scales other positions than the prompt alone)
+                rope = dict(rope_type="default", rope_theta=10000.0, llama_4_scaling_beta=0.5,
+                            original_max_position_embeddings=256)
+                decoder = transformers.Ministral3Config(**text, rope_parameters=rope)
+            else:
+                decoder = transformers.MistralConfig(**text, sliding_window=None)
             cfg = transformers.Mistral3Config(vision_config=vision, spatial_merge_size=2, image_token_id=image_token_id,
-                                              text_config=transformers.MistralConfig(**text, sliding_window=None),
-                                              attn_implementation=impl)
+                                              text_config=decoder, attn_implementation=impl)
             model = transformers.Mistral3ForConditionalGeneration(cfg)
     model = model.eval()
     model.generation_config.pad_token_id = 0

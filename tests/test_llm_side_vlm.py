@@ -29,7 +29,7 @@ from .llm_side_tiny import (  # noqa: E402
 
 FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "fast_vlm",
             "perception_lm", "aya_vision", "cohere2_vision", "ovis2", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid",
-            "janus", "gemma4", "paddleocr_vl"]
+            "janus", "gemma4", "paddleocr_vl", "ministral3"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
@@ -49,6 +49,7 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
     "janus": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "gemma4": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "paddleocr_vl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "ministral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -616,3 +617,30 @@ def test_gemma4_prunes_a_videos_frame_tokens_as_an_images():
         gone = model(**x).logits[0].isnan().any(-1)
     assert gone.any() and bool((ids[0][gone] == VID).all())
     assert saint.stats(model).tokens[1] == [32]
+
+
+def test_fastv_scales_ministral3s_last_query_by_its_position():
+    """Ministral 3 multiplies each query by a factor of its absolute position (Llama 4's
+    attention scale): FastV's ranking of the last query's attention applies it. With a scale
+    large enough to reorder the tiny model's flat attention (34 at the prompt's last position:
+    beta 10, from position 1 on) the ranking equals the eager attention's, which differs from
+    the unscaled one's."""
+    model = make("ministral3", impl="eager")
+    x = inputs("ministral3", ROWS["ministral3"][:1])
+    span = (x["input_ids"][0] == IMG).nonzero().squeeze(1)
+
+    def dropped_by_eager_attention():
+        with torch.no_grad():
+            att = model(**x, output_attentions=True).attentions[1]
+        scores = att[0, :, -1].mean(dim=0)
+        order = span[torch.argsort(scores[span], stable=True)]
+        return order[: len(span) - len(span) // 2].sort().values
+
+    unscaled = dropped_by_eager_attention()
+    model.config.text_config.rope_parameters.update(llama_4_scaling_beta=10.0, original_max_position_embeddings=1)
+    want = dropped_by_eager_attention()
+    assert not torch.equal(want, unscaled)  # the scale changes the ranking: the test sees it
+    saint.patch(model, method="fastv", fastv_layer=2, fastv_ratio=0.5)
+    with torch.no_grad():
+        gone = model(**x).logits[0].isnan().any(-1).nonzero().squeeze(1)
+    assert torch.equal(gone, want)

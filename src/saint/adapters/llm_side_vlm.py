@@ -1,7 +1,8 @@
 """Hugging Face VLMs that saint prunes inside their language model only (each is one
 :class:`Family` below):
 
-- Mistral 3 (``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower);
+- Mistral 3 (``Mistral3ForConditionalGeneration`` / ``Mistral3Model``, a Pixtral tower; a Mistral or
+  Ministral 3 language model);
 - FastVLM (``FastVlmForConditionalGeneration`` / ``FastVlmModel``, a convolutional FastViTHD tower);
 - PerceptionLM (``PerceptionLMForConditionalGeneration`` / ``PerceptionLMModel``, images and videos);
 - LightOnOCR (``LightOnOcrForConditionalGeneration`` / ``LightOnOcrModel``, Mistral 3's Pixtral tower
