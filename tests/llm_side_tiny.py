@@ -133,7 +133,7 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
             **text, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8, sliding_window=WINDOW,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
             num_kv_shared_layers=2 if family == "gemma4_shared" else 0,  # shared: layers 4, 5 reuse 3's and 2's
-            use_bidirectional_attention="vision" if family == "gemma4_bidi" else None)  # as Gemma 4 31B
+            use_bidirectional_attention="vision" if family == "gemma4_bidi" else None)  # image tokens both ways
         cfg = transformers.Gemma4Config(vision_config=vision, text_config=gemma, audio_config=None,
                                         image_token_id=image_token_id, boi_token_id=START, eoi_token_id=END,
                                         video_token_id=video_token_id, attn_implementation=impl)

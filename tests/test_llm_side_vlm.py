@@ -577,8 +577,9 @@ def test_gemma4_kv_shared_layers_see_the_tokens_they_reuse():
 
 
 def test_gemma4_image_tokens_attending_both_ways_are_pruned_as_any():
-    """Gemma 4 31B's image tokens attend to each other both ways (``mm_token_type_ids``): the
-    masks it builds are gathered for the kept tokens like any. Nothing pruned equals the
+    """Gemma 4's image tokens attend to each other both ways with ``use_bidirectional_attention=
+    "vision"`` (``mm_token_type_ids`` marks them): the masks it builds are gathered for the
+    kept tokens like any. Nothing pruned equals the
     unpatched model, which differs from a causal run (so the test sees the two-way masks);
     pruned, the batch equals each prompt alone and cached equals uncached."""
     model = make("gemma4_bidi")

@@ -315,7 +315,8 @@ class SaintGemma4(SaintLlmSide):
         return {"pixel_values": enc["pixel_values"][:n], "image_position_ids": enc["image_position_ids"][:n]} if n else {}
 
     def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """``mm_token_type_ids``, as the processor marks the image tokens (the 31B's attend both ways)."""
+        """``mm_token_type_ids``, as the processor marks the image tokens (which attend both ways where
+        the checkpoint says so)."""
         return {"mm_token_type_ids": (input_ids == self.model.config.image_token_id).long()}
 
 
