@@ -305,13 +305,13 @@ def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.expand(b, *t.shape[1:]) if t.shape[0] != b else t
 
 
-def _query_scale(attn: torch.nn.Module, position_ids: torch.Tensor | None, b: int) -> torch.Tensor | float:
+def _query_scale(attn: torch.nn.Module, position_ids: torch.Tensor | None, b: int) -> torch.Tensor | None:
     """The factor a layer multiplies its last query by: Ministral 3's (and Mistral 4's)
-    position-dependent Llama 4 attention scale, ``[B, 1, 1, 1]``; 1 for other layers."""
+    position-dependent Llama 4 attention scale, ``[B, 1, 1, 1]``; None for other layers."""
     scale = getattr(sys.modules[type(attn).__module__], "get_llama_4_attn_scale", None)
     rope = getattr(attn.config, "rope_parameters", None) or {}
     if scale is None or position_ids is None or rope.get("llama_4_scaling_beta") is None:
-        return 1.0
+        return None
     last = _rows(position_ids, b)[:, -1:].float()
     return scale(last, rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
 
@@ -624,7 +624,9 @@ class DecoderPruner:
         if rotates(attn):
             cos, sin = self._layer_kwargs[i]["position_embeddings"]
             q = _rope_fn(attn)(q, q, cos[:, -1:], sin[:, -1:])[0]
-        q = q * _query_scale(attn, self._layer_kwargs[i].get("position_ids"), b).to(q.dtype)
+        scale = _query_scale(attn, self._layer_kwargs[i].get("position_ids"), b)
+        if scale is not None:
+            q = q * scale.to(q.dtype)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         mask = self._layer_kwargs[i].get("attention_mask")
         row = None if mask is None else _rows(mask, b)[:, 0, -1, :m]  # [B, M]
