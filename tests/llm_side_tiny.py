@@ -68,6 +68,25 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                                      scale_factor=2, image_token_id=image_token_id,
                                                      attn_implementation=impl)
         model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg)
+    elif family == "idefics2":  # 64 px images, a perceiver resampler of 16 latents: 16 image tokens; Mistral LM
+        vision = dict(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2, intermediate_size=64,
+                      image_size=SIZE, patch_size=PATCH)
+        perceiver = dict(hidden_size=64, resampler_n_latents=16, resampler_depth=1, resampler_n_heads=2,
+                         resampler_head_dim=16, num_key_value_heads=2)
+        cfg = transformers.Idefics2Config(vision_config=vision, perceiver_config=perceiver,
+                                          text_config=transformers.MistralConfig(**text, sliding_window=None).to_dict(),
+                                          image_token_id=image_token_id)
+        cfg._attn_implementation = impl
+        for sub in (cfg.text_config, cfg.vision_config, cfg.perceiver_config):
+            sub._attn_implementation = impl
+        model = transformers.Idefics2ForConditionalGeneration(cfg)
+    elif family == "vipllava":  # LLaVA's layout: a CLIP tower of 16 px patches (16 tokens), two layers read
+        vision = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
+                                               intermediate_size=64, image_size=SIZE, patch_size=16)
+        cfg = transformers.VipLlavaConfig(vision_config=vision.to_dict(), text_config=transformers.LlamaConfig(**text),
+                                          image_token_index=image_token_id, vision_feature_layers=[-2, -3],
+                                          attn_implementation=impl)
+        model = transformers.VipLlavaForConditionalGeneration(cfg)
     elif family == "fast_vlm":  # FastViT-T8 (stride 32) on 128 px images: 4x4 image tokens; a Qwen2 LM
         vision = transformers.TimmWrapperConfig(architecture="fastvit_t8", hidden_size=768, do_pooling=False)
         cfg = transformers.FastVlmConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text),
@@ -210,7 +229,7 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
         pixels[i, :, :ph, :pw] = torch.randn(3, ph, pw, generator=g)
         if s % 2 == 0:
             pixels[i, :, : ph // 2] = 0.5
-    if family in ("idefics3", "smolvlm"):  # [prompts, images, 3, h, w], all-zero images padding the rows
+    if family in ("idefics3", "smolvlm", "idefics2"):  # [prompts, images, 3, h, w], all-zero images padding the rows
         per_row = [sum(1 for p in r if not isinstance(p, int)) for r in rows]
         stacked = torch.zeros(len(rows), max(per_row), 3, SIZE, SIZE)
         for r, chunk in enumerate(pixels.split(per_row)):

@@ -481,3 +481,27 @@ def test_tower_markdown_lays_out_the_run_the_setup_and_the_table():
                          "Command: `benchmarks/x.py --family gemma3`", "", "What ran.", ""]
     assert lines[7] == "| " + " | ".join(TOWER_HEADER) + " |"
     assert lines[-2] == "| unpruned | 256 | 1 | 1.00x | 2 (+0) | 1.00x | 3 |" and lines[-1] == ""
+
+
+def test_flops_of_a_model_handing_a_parameter_to_a_submodule() -> None:
+    """A model that passes its own parameter into a submodule (Idefics2's resampler latents):
+    torch's counter fails on it in inference mode (the harness's) unless the parameters stop
+    requiring gradients, which ``count_flops(fn, model)`` does while counting, and undoes."""
+    from saint.measure.flops import count_flops
+
+    class Latents(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.latents = torch.nn.Parameter(torch.randn(4, 8))
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self) -> torch.Tensor:
+            return self.proj(self.latents)
+
+    model = Latents()
+    with torch.inference_mode():
+        with pytest.raises(AttributeError):
+            count_flops(model)
+        flops, _ = count_flops(model, model)
+    assert flops == 2 * 4 * 8 * 8
+    assert all(p.requires_grad for p in model.parameters())

@@ -29,7 +29,7 @@ from .llm_side_tiny import (  # noqa: E402
 
 FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "fast_vlm",
             "perception_lm", "aya_vision", "cohere2_vision", "ovis2", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid",
-            "janus", "gemma4", "paddleocr_vl", "ministral3"]
+            "janus", "gemma4", "paddleocr_vl", "ministral3", "idefics2", "vipllava"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
@@ -50,6 +50,8 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
     "gemma4": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "paddleocr_vl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "ministral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
+    "idefics2": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "vipllava": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -222,6 +224,8 @@ def test_assisted_generation_equals_greedy(family):
     ("janus", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma4", dict(mode="hybrid"), ValueError, "Gemma 4 inside the language model only"),
     ("paddleocr_vl", dict(mode="vit"), ValueError, "PaddleOCR-VL inside the language model only"),
+    ("idefics2", dict(mode="hybrid"), ValueError, "Idefics2 inside the language model only"),
+    ("vipllava", dict(mode="vit"), ValueError, "VipLLaVA inside the language model only"),
     ("gemma3", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "does not use"),
     ("gemma3", dict(method="random", keep_ratio=1.5), ValueError, "keep_ratio"),
@@ -245,11 +249,12 @@ def test_bad_settings_raise_clear_errors(family, kw, err, match):
 def test_mistral3_has_no_one_patch_grid_and_the_others_a_4x4_one():
     from saint.adapters import find_adapter
 
-    for family in ("mistral3", "lighton_ocr", "gemma4", "paddleocr_vl"):
+    for family in ("mistral3", "lighton_ocr", "gemma4", "paddleocr_vl", "idefics2"):
         model = make(family)
         with pytest.raises(ValueError, match="no one patch grid"):
             find_adapter(model).grid(model)
-    for family in ("internvl", "gemma3", "paligemma", "deepseek_vl", "deepseek_vl_hybrid", "janus"):  # 4x4 over 64 px
+    for family in ("internvl", "gemma3", "paligemma", "deepseek_vl", "deepseek_vl_hybrid", "janus",
+                   "vipllava"):  # 4x4 over 64 px
         other = make(family)
         grid = find_adapter(other).grid(other)
         assert (grid.rows, grid.cols, grid.patch) == (4, 4, (16, 16))

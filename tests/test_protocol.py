@@ -148,6 +148,8 @@ FAMILIES = {
     "lighton_ocr": lambda: llm_side("lighton_ocr"),
     "gemma4": lambda: llm_side("gemma4"),
     "paddleocr_vl": lambda: llm_side("paddleocr_vl"),
+    "idefics2": lambda: llm_side("idefics2"),
+    "vipllava": lambda: llm_side("vipllava"),
     "deepseek_vl": lambda: llm_side("deepseek_vl"),
     "deepseek_vl_hybrid": lambda: llm_side("deepseek_vl_hybrid"),
     "janus": lambda: llm_side("janus"),
@@ -158,8 +160,9 @@ FAMILIES = {
 QWEN_ADAPTER = ("qwen_vl", "qwen2_vl", "glm4v")  # the models of the qwen_vl adapter
 VLMS = ("llava", *QWEN_ADAPTER, "llava_next", "llava_next_video", "llava_onevision", "internvl", "gemma3", "idefics3",
         "aya_vision", "deepseek_vl", "janus")  # + vision side
-NO_GRID = ("mistral3", "fast_vlm", "perception_lm", "lighton_ocr", "gemma4", "paddleocr_vl")  # LM only; no one grid
-LLM_ONLY = ("deepseek_vl_hybrid",)  # pruned in the language model only; one token per low-resolution patch
+NO_GRID = ("mistral3", "fast_vlm", "perception_lm", "lighton_ocr", "gemma4", "paddleocr_vl",
+           "idefics2")  # pruned in the LM only; no one patch grid
+LLM_ONLY = ("deepseek_vl_hybrid", "vipllava")  # pruned in the language model only; one token per patch
 ALL_VLMS = (*VLMS, *NO_GRID, *LLM_ONLY)
 
 
@@ -246,7 +249,8 @@ def test_trace_kept_maps_the_patch_grid(family):
         pytest.skip("an anyres image is a base grid plus a crop grid: kept-patch pictures draw one grid")
     if name in NO_GRID:
         pytest.skip(f"{name}'s image tokens map to no one patch grid (Mistral 3, LightOnOCR, Gemma 4, PaddleOCR-VL: "
-                    "images at their own sizes; FastVLM: a convolutional tower's cells; PerceptionLM: tiles and frames)")
+                    "images at their own sizes; FastVLM: a convolutional tower's cells; PerceptionLM: tiles and frames; "
+                    "Idefics2: a resampler's latents)")
     grid = find_adapter(model).grid(model, one(model, inputs) if name in QWEN_ADAPTER else None)
     vlm = name in ALL_VLMS
     settings = dict(mode="llm", llm_layers=(0, 1), llm_tau=0.0, llm_k=1) if vlm else dict(tau=0.0, k=1)

@@ -42,8 +42,8 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "LLaVA-NeXT-Video and LLaVA-OneVision (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, "
     "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision, Command A Vision, Ovis2, DeepSeek-VL and Janus "
     "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM, "
-    "PerceptionLM, LightOnOCR, DeepSeek-VL-Hybrid, Gemma 4 and PaddleOCR-VL (*ForConditionalGeneration / *Model; "
-    "saint llm mode, FastV)"
+    "PerceptionLM, LightOnOCR, DeepSeek-VL-Hybrid, Gemma 4, PaddleOCR-VL, Idefics2 and VipLLaVA "
+    "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 
 REFUSED: dict[str, str] = {**hf_vit.REFUSED, **hf_vision.REFUSED}  # class name -> why saint does not patch it, and what to do

@@ -11,6 +11,10 @@
   are images to its tower);
 - PaddleOCR-VL (``PaddleOCRVLForConditionalGeneration`` / ``PaddleOCRVLModel``: a NaViT tower, an
   ERNIE 4.5 language model with M-RoPE positions, which kept tokens keep);
+- Idefics2 (``Idefics2ForConditionalGeneration`` / ``Idefics2Model``: a perceiver resampler's
+  latents are its image tokens, a Mistral language model);
+- VipLLaVA (``VipLlavaForConditionalGeneration`` / ``VipLlavaModel``: LLaVA's layout, its
+  projector reading several tower layers);
 - DeepSeek-VL-Hybrid (``DeepseekVLHybridForConditionalGeneration`` / ``DeepseekVLHybridModel``;
   a SigLIP and a SAM tower, a Llama language model; DeepSeek-VL itself and Janus are pooled
   families, :mod:`saint.adapters.pooled_vlm`).
@@ -44,7 +48,7 @@ import torch
 
 from ..methods import MethodSpec
 from .base import Grid
-from .common import transformers_classes, transformers_loaded
+from .common import language_model, transformers_classes, transformers_loaded
 from .hf_vlm import HFVlm, multimodal
 from .vlm_config import LLM_FIELDS, VlmPruneConfig
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
@@ -52,8 +56,9 @@ from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
 from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
-__all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "GEMMA4", "LIGHTON_OCR", "MISTRAL3", "PADDLEOCR_VL",
-           "PERCEPTION_LM", "PaddleOCRVLPruneConfig",
+__all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "GEMMA4", "IDEFICS2", "LIGHTON_OCR", "MISTRAL3",
+           "PADDLEOCR_VL", "PERCEPTION_LM", "VIPLLAVA", "Idefics2PruneConfig", "PaddleOCRVLPruneConfig",
+           "VipLlavaPruneConfig",
            "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family", "Gemma4PruneConfig", "LightOnOcrPruneConfig", "LlmSidePruneConfig",
            "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
 
@@ -125,6 +130,20 @@ class PaddleOCRVLPruneConfig(LlmSidePruneConfig):
 
 
 @dataclass
+class Idefics2PruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Idefics2"
+    LLM_ONLY: ClassVar[str] = ("its perceiver resampler reads every patch into a fixed set of latents, the image "
+                               "tokens")
+
+
+@dataclass
+class VipLlavaPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "VipLLaVA"
+    LLM_ONLY: ClassVar[str] = ("its projector reads several tower layers (vision_feature_layers), which saint's vit "
+                               "mode would have to cut alike")
+
+
+@dataclass
 class DeepseekVLHybridPruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "DeepSeek-VL-Hybrid"
     LLM_ONLY: ClassVar[str] = ("each image token joins a SigLIP patch and a cell of its high-resolution SAM tower; "
@@ -167,7 +186,7 @@ class Family:
         method, llm_spec = split_method(method, self.name)
         cfg = self.make_config(method, **kwargs)
         mm = multimodal(model)
-        pruner = decoder_pruner(cfg, mm.language_model, llm_spec)
+        pruner = decoder_pruner(cfg, language_model(mm), llm_spec)
         handle = VlmPatch(cfg, model, mm, int(mm.config.image_token_id), pruner, trace=trace)
         with installing(handle):
             install_forward_hooks(handle, model, mm,
@@ -234,5 +253,9 @@ PADDLEOCR_VL = Family("paddleocr_vl", "paddleocr_vl", ("PaddleOCRVLForConditiona
                       PaddleOCRVLPruneConfig,
                       no_grid="keeps every image at its own size (a grid of merged patches per image)")
 
+IDEFICS2 = Family("idefics2", "idefics2", ("Idefics2ForConditionalGeneration", "Idefics2Model"), Idefics2PruneConfig,
+                  no_grid="reads its image tokens from a perceiver resampler's latents, which map to no patch")
+VIPLLAVA = Family("vipllava", "vipllava", ("VipLlavaForConditionalGeneration", "VipLlavaModel"), VipLlavaPruneConfig)
+
 ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL_HYBRID, GEMMA4,
-                                          PADDLEOCR_VL))
+                                          PADDLEOCR_VL, IDEFICS2, VIPLLAVA))

@@ -47,11 +47,21 @@ def op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
     return 0 if formula is None else int(formula(*args, **kwargs, out_val=out))
 
 
-def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
-    """Run ``fn()`` once under the counter (no grad); return total FLOPs and FLOPs per op."""
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
-        with torch.no_grad():
-            fn()
+def count_flops(fn: Callable[[], Any], model: torch.nn.Module | None = None) -> tuple[int, dict[str, int]]:
+    """Run ``fn()`` once under the counter (no grad); return total FLOPs and FLOPs per op.
+    ``model``: its parameters stop requiring gradients while counting (the counter's module
+    tracker hooks the gradients of every input that requires them, and fails in inference mode
+    when a model hands a parameter to a submodule, as Idefics2's resampler does its latents)."""
+    frozen = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+            with torch.no_grad():
+                fn()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     per_op = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
     return int(counter.get_total_flops()), per_op
 

@@ -156,7 +156,7 @@ class Harness:
         with torch.inference_mode():
             if count:
                 seen: list[tuple[Any, list[list[int]]]] = []
-                flops, _ = count_flops(lambda: seen.append(self.run(fwd)))
+                flops, _ = count_flops(lambda: seen.append(self.run(fwd)), self.model)
                 (emb, logits), tokens = seen[0]
             else:
                 (emb, logits), tokens = self.run(fwd)
@@ -205,7 +205,7 @@ class Harness:
     def _flops_and_tokens(self, x: torch.Tensor) -> tuple[int, list[list[int]]]:
         """FLOPs of the active variant on ``x`` and its tokens per block, in one forward."""
         seen: list[list[list[int]]] = []
-        flops, _ = count_flops(lambda: seen.append(self.run(lambda: self.forward(x))[1]))
+        flops, _ = count_flops(lambda: seen.append(self.run(lambda: self.forward(x))[1]), self.model)
         return flops, seen[0]
 
     def measure(
