@@ -40,7 +40,7 @@ FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": 
             "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision",
             "ovis2": "SaintOvis2", "lighton_ocr": "SaintLightOnOcr", "deepseek_vl": "SaintDeepseekVL",
             "deepseek_vl_hybrid": "SaintDeepseekVLHybrid", "janus": "SaintJanus", "gemma4": "SaintGemma4",
-            "paddleocr_vl": "SaintPaddleOCRVL"}
+            "paddleocr_vl": "SaintPaddleOCRVL", "idefics2": "SaintIdefics2", "vipllava": "SaintVipLlava"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # the pooled families: half of every tile's (image's) 16 tokens
@@ -53,8 +53,10 @@ PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_AR
            ("cohere2_vision", VIT_ARGS), ("ovis2", LLM_ARGS), ("ovis2", VIT_ARGS), ("lighton_ocr", LLM_ARGS),
            ("deepseek_vl", LLM_ARGS), ("deepseek_vl", FASTV_ARGS), ("deepseek_vl", VIT_ARGS),
            ("deepseek_vl_hybrid", LLM_ARGS), ("janus", LLM_ARGS), ("janus", VIT_ARGS), ("gemma4", LLM_ARGS),
-           ("gemma4", FASTV_ARGS), ("paddleocr_vl", LLM_ARGS), ("paddleocr_vl", FASTV_ARGS)]
-FIXED_SIZE = ("gemma3", "paligemma", "fast_vlm", "deepseek_vl", "deepseek_vl_hybrid", "janus")  # one size per image
+           ("gemma4", FASTV_ARGS), ("paddleocr_vl", LLM_ARGS), ("paddleocr_vl", FASTV_ARGS), ("idefics2", LLM_ARGS),
+           ("vipllava", LLM_ARGS), ("vipllava", FASTV_ARGS)]
+FIXED_SIZE = ("gemma3", "paligemma", "fast_vlm", "deepseek_vl", "deepseek_vl_hybrid", "janus", "idefics2",
+              "vipllava")  # one token count per image
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
 
@@ -191,6 +193,25 @@ def _build(path: Path, family: str) -> None:
                                                         patch_size=8, merge_size=2, temporal_patch_size=1)
         processor = transformers.PaddleOCRVLProcessor(image_processor=images, tokenizer=tokenizer)
         image_token = "<|IMAGE_PLACEHOLDER|>"
+    elif family == "idefics2":  # 64 px images (no splitting), 16 resampler latents each between boundary tokens
+        special = ["<pad>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<end_of_utterance>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<s>",
+            eos_token="<end_of_utterance>")
+        images = transformers.Idefics2ImageProcessor(size={"shortest_edge": 64, "longest_edge": 64},
+                                                     do_image_splitting=False)
+        processor = transformers.Idefics2Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=16)
+        image_token = "<image>"
+    elif family == "vipllava":  # LLaVA's processor: 64 px, one token per 16 px patch, no class token
+        special = ["<pad>", "<s>", "</s>", "<image>"]
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<s>",
+            eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+        processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16,
+                                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                                image_token="<image>")
+        image_token = "<image>"
     elif family == "janus":  # 64 px images of 16 px patches: 16 tokens between <begin_of_image> and <end_of_image>
         special = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",
                    "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"]
@@ -275,6 +296,7 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintFastVlm,
         SaintGemma3,
         SaintGemma4,
+        SaintIdefics2,
         SaintIdefics3,
         SaintInternVL,
         SaintJanus,
@@ -282,6 +304,7 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintMistral3,
         SaintPaddleOCRVL,
         SaintPaliGemma,
+        SaintVipLlava,
     )
 
     missing = str(tmp_path / "no-such-checkpoint")
@@ -297,6 +320,10 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintGemma4(pretrained=missing, mode="vit")
     with pytest.raises(ValueError, match="Gemma 4 checkpoints"):
         SaintGemma4(pretrained=str(checkpoint("gemma3")))
+    with pytest.raises(ValueError, match="Idefics2 inside the language model only"):
+        SaintIdefics2(pretrained=missing, mode="vit")
+    with pytest.raises(ValueError, match="VipLLaVA checkpoints"):
+        SaintVipLlava(pretrained=str(checkpoint("idefics2")))
     with pytest.raises(ValueError, match="PaddleOCR-VL inside the language model only"):
         SaintPaddleOCRVL(pretrained=missing, mode="hybrid")
     with pytest.raises(ValueError, match="LightOnOCR checkpoints"):

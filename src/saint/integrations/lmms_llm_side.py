@@ -1,16 +1,17 @@
 """lmms-eval models ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``,
 ``saint_idefics3``, ``saint_paligemma``, ``saint_fast_vlm``, ``saint_aya_vision``,
 ``saint_cohere2_vision``, ``saint_ovis2``, ``saint_lighton_ocr``, ``saint_deepseek_vl``,
-``saint_deepseek_vl_hybrid``, ``saint_janus``, ``saint_gemma4`` and ``saint_paddleocr_vl``: Hugging Face InternVL
+``saint_deepseek_vl_hybrid``, ``saint_janus``, ``saint_gemma4``, ``saint_paddleocr_vl``,
+``saint_idefics2`` and ``saint_vipllava``: Hugging Face InternVL
 (``InternVLForConditionalGeneration``), Mistral 3 (``Mistral3ForConditionalGeneration``), Gemma 3 (``Gemma3ForConditionalGeneration``),
 Idefics3 / SmolVLM, PaliGemma / PaliGemma 2, FastVLM (``FastVlmForConditionalGeneration``), Aya Vision
 (``AyaVisionForConditionalGeneration``), Command A Vision (``Cohere2VisionForConditionalGeneration``),
 Ovis2 (``Ovis2ForConditionalGeneration``), LightOnOCR (``LightOnOcrForConditionalGeneration``),
-DeepSeek-VL (and its hybrid), Janus, Gemma 4 and PaddleOCR-VL checkpoints pruned by :func:`saint.patch`
+DeepSeek-VL (and its hybrid), Janus, Gemma 4, PaddleOCR-VL, Idefics2 and VipLLaVA checkpoints pruned by :func:`saint.patch`
 (:mod:`saint.adapters.pooled_vlm`, InternVL, Gemma 3, Idefics3 / SmolVLM, PaliGemma, Aya Vision,
 Command A Vision, Ovis2, DeepSeek-VL and Janus: SAINT's ``llm``, ``vit`` and ``hybrid`` modes, FastV
 or ``random``; :mod:`saint.adapters.llm_side_vlm`: SAINT's ``llm`` mode or FastV inside the language
-models of Mistral 3, FastVLM, LightOnOCR, DeepSeek-VL-Hybrid, Gemma 4 and PaddleOCR-VL), for any lmms-eval image task::
+models of Mistral 3, FastVLM, LightOnOCR, DeepSeek-VL-Hybrid, Gemma 4, PaddleOCR-VL, Idefics2 and VipLLaVA), for any lmms-eval image task::
 
     python -m lmms_eval --model saint_internvl \\
         --model_args pretrained=OpenGVLab/InternVL3-8B-hf,llm_layers=7-16,llm_tau=0.83 \\
@@ -46,8 +47,8 @@ from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
 __all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintDeepseekVLHybrid", "SaintFastVlm",
-           "SaintGemma3", "SaintGemma4", "SaintIdefics3", "SaintInternVL", "SaintJanus", "SaintLightOnOcr",
-           "SaintMistral3", "SaintOvis2", "SaintPaddleOCRVL", "SaintPaliGemma", "SaintTiled"]
+           "SaintGemma3", "SaintGemma4", "SaintIdefics2", "SaintIdefics3", "SaintInternVL", "SaintJanus", "SaintLightOnOcr",
+           "SaintMistral3", "SaintOvis2", "SaintPaddleOCRVL", "SaintPaliGemma", "SaintTiled", "SaintVipLlava"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -373,6 +374,36 @@ class SaintIdefics3(SaintLlmSide):
         if not visuals:
             return {}
         return {k: enc[k][:1] for k in ("pixel_values", "pixel_attention_mask") if k in enc}
+
+
+class SaintIdefics2(SaintLlmSide):
+    """An Idefics2 checkpoint (``model_type: idefics2``) patched once by :func:`saint.patch`
+    (inside its language model), evaluated by lmms-eval (``--model saint_idefics2``)."""
+
+    NAME = "saint_idefics2"
+    NESTED_IMAGES = True
+    ADAPTER = llm_side_vlm.IDEFICS2
+    MODEL_TYPES = ("idefics2",)
+    MODEL_CLASS = "Idefics2ForConditionalGeneration"
+    TITLE = "Idefics2"
+    DEFAULT_CHAT_TEMPLATE = IDEFICS3_TEMPLATE
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The first prompt's images (``[1, images, 3, h, w]``) and their pixel mask."""
+        if not visuals:
+            return {}
+        return {k: enc[k][:1] for k in ("pixel_values", "pixel_attention_mask") if k in enc}
+
+
+class SaintVipLlava(SaintLlmSide):
+    """A VipLLaVA checkpoint (``model_type: vipllava``) patched once by :func:`saint.patch`
+    (inside its language model), evaluated by lmms-eval (``--model saint_vipllava``)."""
+
+    NAME = "saint_vipllava"
+    ADAPTER = llm_side_vlm.VIPLLAVA
+    MODEL_TYPES = ("vipllava",)
+    MODEL_CLASS = "VipLlavaForConditionalGeneration"
+    TITLE = "VipLLaVA"
 
 
 class SaintPaliGemma(SaintLlmSide):
