@@ -1,6 +1,6 @@
-"""GLM-4.1V, GLM-4.5V and GLM-OCR (tiny, random; the MoE and GLM-OCR for the first test): vLLM's own GLM-4.1V
-never prunes, so the override adds the
-pruning path. Pruning off equals transformers; SAINT keeping a quarter of the image's 48
+"""GLM-4.1V, GLM-4.5V, GLM-OCR and PaddleOCR-VL (tiny, random; the MoE, GLM-OCR and PaddleOCR-VL,
+saved under the hub's weight names, for the first test): vLLM's own GLM-4.1V and PaddleOCR-VL
+never prune, so their overrides add the pruning path. Pruning off equals transformers; SAINT keeping a quarter of the image's 48
 tokens feeds 12 ``<|image|>`` placeholders to the LLM, chosen and decoded as transformers
 does with the same kept set at their full-grid M-RoPE positions (the text after the image at
 its unpruned positions); pruning with videos allowed, and vLLM's video pruning on this
@@ -19,7 +19,7 @@ NUM_IMAGE_TOKENS = 48
 
 
 @pytest.mark.parametrize("ratio, kept", [(None, NUM_IMAGE_TOKENS), (0.25, 12)])
-@pytest.mark.parametrize("checkpoint", ["glm4v_dir", "glm4v_moe_dir", "glm_ocr_dir"])
+@pytest.mark.parametrize("checkpoint", ["glm4v_dir", "glm4v_moe_dir", "glm_ocr_dir", "paddleocr_vl_dir"])
 def test_glm4v_image_tokens_and_outputs(run_engine, request, image_path, checkpoint, ratio, kept):
     glm4v_dir = request.getfixturevalue(checkpoint)
     overrides = {} if ratio is None else {"saint_keep_ratio": ratio}

@@ -49,12 +49,10 @@ def _siglip(tower: torch.nn.Module) -> torch.nn.Module:
 
 INTERNVL_TOWER = TowerLayout(lambda t: t.encoder.layer, "vision_tower.encoder.layer", "attention",
                              lambda t: t.layernorm, prefix=1)
-IDEFICS3_TOWER = TowerLayout(lambda t: t.encoder.layers, "vision_model.encoder.layers", "self_attn",
-                             lambda t: t.post_layernorm, prefix=0)
+IDEFICS3_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_model.encoder.layers", "self_attn",
+                             lambda t: _siglip(t).post_layernorm, prefix=0)  # DeepSeek-VL's and Janus's too
 SIGLIP_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",
                            lambda t: _siglip(t).post_layernorm, prefix=0)
-SIGLIP_MODEL_TOWER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_model.encoder.layers", "self_attn",
-                                 lambda t: _siglip(t).post_layernorm, prefix=0)  # DeepSeek-VL's, Janus's
 OVIS2_TOWER = TowerLayout(lambda t: t.transformer.encoder.layers, "vision_tower.transformer.encoder.layers",
                           "attention", lambda t: t.transformer.rms_norm, prefix=0)
 SIGLIP_LAST_LAYER = TowerLayout(lambda t: _siglip(t).encoder.layers, "vision_tower.encoder.layers", "self_attn",

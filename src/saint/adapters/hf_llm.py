@@ -47,6 +47,7 @@ masks cannot be gathered (refused).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -132,11 +133,10 @@ def check_decoder(decoder: torch.nn.Module, prunes: bool = True) -> None:
     _rope_fn(decoder.layers[0].self_attn)
 
 
-def check_kv_sharing(decoder: torch.nn.Module, schedule: dict[int, Any]) -> None:
-    """Gemma 4's last layers (E2B, E4B) reuse the keys and values that earlier layers store:
-    those must see the tokens the reusing layers see, so tokens may only be dropped after
-    layers before the first layer they read."""
-    sources = kv_sources(decoder)
+def check_kv_sharing(sources: dict[int, int], schedule: dict[int, Any]) -> None:
+    """Gemma 4's last layers (E2B, E4B) reuse the keys and values that earlier layers store
+    (``sources``: :func:`kv_sources`): those must see the tokens the reusing layers see, so
+    tokens may only be dropped after layers before the first layer they read."""
     stores = sorted(set(sources.values()))
     late = sorted(p for p in schedule if stores and p >= stores[0])
     if late:
@@ -220,9 +220,15 @@ def rotates(attn: torch.nn.Module) -> bool:
 def _rope_fn(attn: torch.nn.Module) -> Callable:
     """The modeling module's own ``apply_rotary_pos_emb`` (used to read post-RoPE keys), as
     ``(q, k, cos, sin) -> (q, k)``; Gemma 4's rotates one tensor at a time (``x, cos, sin``)."""
-    fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    return _module_rope(type(attn).__module__)
+
+
+@functools.cache
+def _module_rope(module: str) -> Callable:
+    """:func:`_rope_fn` of one modeling module, its signature read once."""
+    fn = getattr(sys.modules[module], "apply_rotary_pos_emb", None)
     if fn is None:
-        raise TypeError(f"{type(attn).__module__} has no apply_rotary_pos_emb; unsupported language model")
+        raise TypeError(f"{module} has no apply_rotary_pos_emb; unsupported language model")
     if next(iter(inspect.signature(fn).parameters)) == "x":
         return lambda q, k, cos, sin: (fn(q, cos, sin), fn(k, cos, sin))
     return fn
@@ -382,7 +388,8 @@ class DecoderPruner:
     def __init__(self, decoder: torch.nn.Module, schedule: dict[int, Selector], rope_keys: bool = True,
                  query_layers: tuple[int, ...] = ()) -> None:
         check_decoder(decoder, prunes=bool(schedule))
-        check_kv_sharing(decoder, schedule)
+        self.kv_source = kv_sources(decoder)  # KV-shared layer -> the layer whose keys and values (and cache) it reads
+        check_kv_sharing(self.kv_source, schedule)
         if query_layers and getattr(decoder.config, "attn_logit_softcapping", None) is not None:
             raise ValueError("FastV ranks image tokens by the last query's attention, and this decoder caps its "
                              "attention logits (attn_logit_softcapping), which saint's ranking does not apply")
@@ -391,7 +398,6 @@ class DecoderPruner:
         self.schedule = dict(schedule)
         self.rope_keys = rope_keys
         self.query_layers = set(query_layers)
-        self.kv_source = kv_sources(decoder)  # KV-shared layer -> the layer whose keys and values (and cache) it reads
         self._sources = set(self.kv_source.values())
         self._source_width: dict[int, int] = {}
         self.hooks: list[Any] = []
@@ -512,9 +518,8 @@ class DecoderPruner:
         stage = self.stage
         assert stage is not None
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] < stage.length and getattr(self.layers[i].self_attn, "is_kv_shared_layer", False):
-            return self._shared_tail_pre(i, stage, args, kwargs, hidden)
-        if hidden.shape[1] != stage.length:
+        tail = hidden.shape[1] < stage.length and i in self.kv_source
+        if hidden.shape[1] != stage.length and not tail:
             raise RuntimeError(
                 f"decoder layer {i} got {hidden.shape[1]} tokens, saint expected {stage.length}; "
                 "was the decoder called outside the patched model?"
@@ -523,6 +528,8 @@ class DecoderPruner:
             self.cache = kwargs.get("cache")
         self.stages.append(stage)
         self.counts.append(stage.image.sum(dim=1).cpu())
+        if tail:
+            return self._shared_tail_pre(i, stage, args, kwargs, hidden)
         if stage.identity:
             self._layer_kwargs[i] = kwargs
             return None
@@ -543,8 +550,6 @@ class DecoderPruner:
         if not (bool(stage.valid[:, -t:].all()) and torch.equal(stage.idx[:, -t:], tail.expand(b, t))):
             raise ValueError(f"logits_to_keep={t}: saint dropped some of the last {t} tokens of a row; "
                              "ask for the logits of the last token only (logits_to_keep=1)")
-        self.stages.append(stage)
-        self.counts.append(stage.image.sum(dim=1).cpu())
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             cols, ok = _column_map(stage, self._width(i, t, stage.length), self.length)

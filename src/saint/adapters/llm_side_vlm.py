@@ -57,10 +57,9 @@ from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
 __all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "GEMMA4", "IDEFICS2", "LIGHTON_OCR", "MISTRAL3",
-           "PADDLEOCR_VL", "PERCEPTION_LM", "VIPLLAVA", "Idefics2PruneConfig", "PaddleOCRVLPruneConfig",
-           "VipLlavaPruneConfig",
-           "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family", "Gemma4PruneConfig", "LightOnOcrPruneConfig", "LlmSidePruneConfig",
-           "LlmSideVlm", "Mistral3PruneConfig", "PerceptionLMPruneConfig"]
+           "PADDLEOCR_VL", "PERCEPTION_LM", "VIPLLAVA", "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family",
+           "Gemma4PruneConfig", "Idefics2PruneConfig", "LightOnOcrPruneConfig", "LlmSidePruneConfig", "LlmSideVlm",
+           "Mistral3PruneConfig", "PaddleOCRVLPruneConfig", "PerceptionLMPruneConfig", "VipLlavaPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -213,6 +212,15 @@ LIGHTON_OCR = Family("lighton_ocr", "lighton_ocr", ("LightOnOcrForConditionalGen
 DEEPSEEK_VL_HYBRID = Family(  # its tokens: the low-resolution SigLIP's patches (the SAM cells are necked to them)
     "deepseek_vl_hybrid", "deepseek_vl_hybrid", ("DeepseekVLHybridForConditionalGeneration", "DeepseekVLHybridModel"),
     DeepseekVLHybridPruneConfig)
+GEMMA4 = Family("gemma4", "gemma4", ("Gemma4ForConditionalGeneration", "Gemma4Model"), Gemma4PruneConfig,
+                no_grid="keeps every image at its own size (its soft tokens pool the patches of each image's own grid)",
+                media=IMAGES_AND_VIDEOS)
+PADDLEOCR_VL = Family("paddleocr_vl", "paddleocr_vl", ("PaddleOCRVLForConditionalGeneration", "PaddleOCRVLModel"),
+                      PaddleOCRVLPruneConfig,
+                      no_grid="keeps every image at its own size (a grid of merged patches per image)")
+IDEFICS2 = Family("idefics2", "idefics2", ("Idefics2ForConditionalGeneration", "Idefics2Model"), Idefics2PruneConfig,
+                  no_grid="reads its image tokens from a perceiver resampler's latents, which map to no patch")
+VIPLLAVA = Family("vipllava", "vipllava", ("VipLlavaForConditionalGeneration", "VipLlavaModel"), VipLlavaPruneConfig)
 
 
 def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward
@@ -244,18 +252,6 @@ class LlmSideVlm(HFVlm):
         (h, w), (ph, pw) = (v if isinstance(v, (list, tuple)) else (v, v) for v in (vc.image_size, vc.patch_size))
         return Grid(int(h) // int(ph), int(w) // int(pw), (int(ph), int(pw)))
 
-
-GEMMA4 = Family("gemma4", "gemma4", ("Gemma4ForConditionalGeneration", "Gemma4Model"), Gemma4PruneConfig,
-                no_grid="keeps every image at its own size (its soft tokens pool the patches of each image's own grid)",
-                media=IMAGES_AND_VIDEOS)
-
-PADDLEOCR_VL = Family("paddleocr_vl", "paddleocr_vl", ("PaddleOCRVLForConditionalGeneration", "PaddleOCRVLModel"),
-                      PaddleOCRVLPruneConfig,
-                      no_grid="keeps every image at its own size (a grid of merged patches per image)")
-
-IDEFICS2 = Family("idefics2", "idefics2", ("Idefics2ForConditionalGeneration", "Idefics2Model"), Idefics2PruneConfig,
-                  no_grid="reads its image tokens from a perceiver resampler's latents, which map to no patch")
-VIPLLAVA = Family("vipllava", "vipllava", ("VipLlavaForConditionalGeneration", "VipLlavaModel"), VipLlavaPruneConfig)
 
 ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL_HYBRID, GEMMA4,
                                           PADDLEOCR_VL, IDEFICS2, VIPLLAVA))

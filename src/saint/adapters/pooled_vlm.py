@@ -18,7 +18,8 @@ and Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``: its visual tokeni
 its visual vocabulary embedded by its table; its visual indicator tokens are text and stay),
 and DeepSeek-VL and Janus (``DeepseekVLForConditionalGeneration``, ``JanusForConditionalGeneration``
 and their ``*Model``; the aligner maps every patch of a SigLIP(-like) tower to one token, as
-PaliGemma's projector does; a Llama language model). SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
+PaliGemma's projector does; a Llama language model).
+SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
 only; each family is one :class:`Family` below.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`PooledPruneConfig`):
@@ -64,7 +65,6 @@ from .group_tower import (
     INTERNVL_TOWER,
     OVIS2_TOWER,
     SIGLIP_LAST_LAYER,
-    SIGLIP_MODEL_TOWER,
     SIGLIP_TOWER,
     GroupPruner,
     TowerLayout,
@@ -317,9 +317,9 @@ COHERE2_VISION = Family("cohere2_vision", "cohere2_vision", ("Cohere2VisionForCo
 OVIS2 = Family("ovis2", "ovis2", ("Ovis2ForConditionalGeneration", "Ovis2Model"), Ovis2PruneConfig, OVIS2_TOWER,
                _ovis2_unit)
 DEEPSEEK_VL = Family("deepseek_vl", "deepseek_vl", ("DeepseekVLForConditionalGeneration", "DeepseekVLModel"),
-                     DeepseekVLPruneConfig, SIGLIP_MODEL_TOWER, _patch_unit, tower_name="vision_model")
+                     DeepseekVLPruneConfig, IDEFICS3_TOWER, _patch_unit, tower_name="vision_model")
 JANUS = Family("janus", "janus", ("JanusForConditionalGeneration", "JanusModel"), JanusPruneConfig,
-               SIGLIP_MODEL_TOWER, _patch_unit, tower_name="vision_model")
+               IDEFICS3_TOWER, _patch_unit, tower_name="vision_model")
 SMOLVLM = Family("smolvlm", "smolvlm", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), SmolVLMPruneConfig,
                  IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
 

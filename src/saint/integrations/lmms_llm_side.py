@@ -90,6 +90,22 @@ class SaintLlmSide(SaintLlava):
     MODEL_CLASS = ""
     TITLE = ""
     NESTED_IMAGES = False  # the processor takes each prompt's images as a list of their own (Gemma 3, Idefics3)
+    MEDIA_KEYS: tuple[str, ...] = ("pixel_values",)  # processor outputs with one row per image
+    MEDIA_PER_PROMPT = False  # MEDIA_KEYS have one row per prompt instead (Idefics2 / Idefics3)
+    IMAGE_TYPES: str | None = None  # a per-token input marking the image tokens (1) and the rest (0)
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The ``MEDIA_KEYS`` rows of the first ``len(visuals)`` images (the first prompt's row)."""
+        if not visuals:
+            return {}
+        n = 1 if self.MEDIA_PER_PROMPT else len(visuals)
+        return {k: enc[k][:n] for k in self.MEDIA_KEYS if k in enc}
+
+    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``IMAGE_TYPES``, as the processor marks the image tokens, where the family takes one."""
+        if self.IMAGE_TYPES is None:
+            return {}
+        return {self.IMAGE_TYPES: (input_ids == self.model.config.image_token_id).long()}
 
     def _processor_inputs(self, texts: Sequence[str], visuals: Sequence[Any]) -> Any:
         """The processor's output; with ``NESTED_IMAGES`` the flat ``visuals`` are split by
@@ -155,11 +171,7 @@ class SaintMistral3(SaintLlmSide):
     MODEL_CLASS = "Mistral3ForConditionalGeneration"
     TITLE = "Mistral 3"
     DEFAULT_CHAT_TEMPLATE = MISTRAL_TEMPLATE
-
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Pixels and sizes of the first ``len(visuals)`` images of a processor output."""
-        n = len(visuals)
-        return {"pixel_values": enc["pixel_values"][:n], "image_sizes": enc["image_sizes"][:n]} if n else {}
+    MEDIA_KEYS = ("pixel_values", "image_sizes")
 
 
 class SaintFastVlm(SaintLlmSide):
@@ -253,11 +265,7 @@ class SaintDeepseekVLHybrid(SaintDeepseekVL):
     MODEL_TYPES = ("deepseek_vl_hybrid",)
     MODEL_CLASS = "DeepseekVLHybridForConditionalGeneration"
     TITLE = "DeepSeek-VL-Hybrid"
-
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Pixels of the first ``len(visuals)`` images, for both towers."""
-        n = len(visuals)
-        return {k: enc[k][:n] for k in ("pixel_values", "high_res_pixel_values")} if n else {}
+    MEDIA_KEYS = ("pixel_values", "high_res_pixel_values")  # both towers' pixels
 
 
 class SaintJanus(SaintLlmSide):
@@ -283,6 +291,7 @@ class SaintGemma3(SaintLlmSide):
     MODEL_CLASS = "Gemma3ForConditionalGeneration"
     TITLE = "Gemma 3"
     DEFAULT_CHAT_TEMPLATE = GEMMA_TEMPLATE
+    IMAGE_TYPES = "token_type_ids"  # its image tokens attend to each other both ways
 
     def _load_processor(self, pretrained: str, chat_template: str | None, revision: str | None,
                         trust_remote_code: bool) -> None:
@@ -292,10 +301,6 @@ class SaintGemma3(SaintLlmSide):
         if getattr(self.processor.image_processor, "do_pan_and_scan", False):
             raise ValueError(f"{self.NAME} runs each image whole; this checkpoint's image processor has "
                              "do_pan_and_scan=True: save the processor with do_pan_and_scan=False")
-
-    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """``token_type_ids``, as the processor marks the image tokens."""
-        return {"token_type_ids": (input_ids == self.model.config.image_token_id).long()}
 
 
 class SaintGemma4(SaintLlmSide):
@@ -309,16 +314,8 @@ class SaintGemma4(SaintLlmSide):
     MODEL_CLASS = "Gemma4ForConditionalGeneration"
     TITLE = "Gemma 4"
     DEFAULT_CHAT_TEMPLATE = GEMMA_TEMPLATE
-
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """The patches and their cells of the first ``len(visuals)`` images."""
-        n = len(visuals)
-        return {"pixel_values": enc["pixel_values"][:n], "image_position_ids": enc["image_position_ids"][:n]} if n else {}
-
-    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """``mm_token_type_ids``, as the processor marks the image tokens (which attend both ways where
-        the checkpoint says so)."""
-        return {"mm_token_type_ids": (input_ids == self.model.config.image_token_id).long()}
+    MEDIA_KEYS = ("pixel_values", "image_position_ids")  # each image's patches and their cells
+    IMAGE_TYPES = "mm_token_type_ids"  # its image tokens attend both ways where the checkpoint says so
 
 
 class SaintPaddleOCRVL(SaintLlmSide):
@@ -331,6 +328,7 @@ class SaintPaddleOCRVL(SaintLlmSide):
     MODEL_CLASS = "PaddleOCRVLForConditionalGeneration"
     TITLE = "PaddleOCR-VL"
     DEFAULT_CHAT_TEMPLATE = PADDLEOCR_TEMPLATE
+    IMAGE_TYPES = "mm_token_type_ids"  # its M-RoPE positions are built from them
 
     def _image_placeholder(self) -> str:
         """An image between its start and end tokens, as PaddleOCR-VL's chat template writes it."""
@@ -342,10 +340,6 @@ class SaintPaddleOCRVL(SaintLlmSide):
             return {}
         grid = enc["image_grid_thw"][: len(visuals)]
         return {"pixel_values": enc["pixel_values"][: int(grid.prod(dim=-1).sum())], "image_grid_thw": grid}
-
-    def _row_inputs(self, input_ids: torch.Tensor, scored: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """``mm_token_type_ids`` (1 at image tokens), which its M-RoPE positions are built from."""
-        return {"mm_token_type_ids": (input_ids == self.model.config.image_token_id).int()}
 
 
 class SaintIdefics3(SaintLlmSide):
@@ -361,6 +355,8 @@ class SaintIdefics3(SaintLlmSide):
     MODEL_CLASS = "Idefics3ForConditionalGeneration"
     TITLE = "Idefics3 / SmolVLM"
     DEFAULT_CHAT_TEMPLATE = IDEFICS3_TEMPLATE
+    MEDIA_KEYS = ("pixel_values", "pixel_attention_mask")  # [prompts, tiles, 3, h, w]: the first prompt's
+    MEDIA_PER_PROMPT = True
 
     @classmethod
     def _model_class(cls, model_type: str) -> Any:  # type: ignore[override]
@@ -368,12 +364,6 @@ class SaintIdefics3(SaintLlmSide):
 
         return transformers.SmolVLMForConditionalGeneration if model_type == "smolvlm" else \
             transformers.Idefics3ForConditionalGeneration
-
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """The first prompt's tiles (``[1, tiles, 3, h, w]``) and their pixel mask."""
-        if not visuals:
-            return {}
-        return {k: enc[k][:1] for k in ("pixel_values", "pixel_attention_mask") if k in enc}
 
 
 class SaintIdefics2(SaintLlmSide):
@@ -387,12 +377,8 @@ class SaintIdefics2(SaintLlmSide):
     MODEL_CLASS = "Idefics2ForConditionalGeneration"
     TITLE = "Idefics2"
     DEFAULT_CHAT_TEMPLATE = IDEFICS3_TEMPLATE
-
-    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """The first prompt's images (``[1, images, 3, h, w]``) and their pixel mask."""
-        if not visuals:
-            return {}
-        return {k: enc[k][:1] for k in ("pixel_values", "pixel_attention_mask") if k in enc}
+    MEDIA_KEYS = SaintIdefics3.MEDIA_KEYS  # [prompts, images, 3, h, w]: the first prompt's
+    MEDIA_PER_PROMPT = True
 
 
 class SaintVipLlava(SaintLlmSide):
