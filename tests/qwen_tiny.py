@@ -9,6 +9,7 @@ from .conftest import left_pad
 
 IMG, VID, VS, VE = 120, 121, 122, 123
 GLM_VIDEO, GLM_VS, GLM_VE = 124, 125, 126  # GLM-4.1V: its video token id never appears (frames hold IMG)
+AUD, AS, AE = 117, 118, 119  # Qwen2.5-Omni: audio tokens, audio start / end
 PATCH = 4
 IN = 3 * 2 * PATCH * PATCH  # one flattened patch: channels x temporal patch x patch x patch
 DEPTH = 6  # decoder layers
@@ -37,6 +38,16 @@ def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch
         text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
         cfg = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, attn_implementation=impl, **ids)
         model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+    elif family == "qwen2_5_omni":  # Qwen2.5-Omni's thinker: Qwen2.5-VL's tower with separate q/k/v, an audio tower
+        vision.update(window_size=16, fullatt_block_indexes=[1, 3])
+        text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+        audio = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                     output_dim=64, n_window=4, max_source_positions=64)
+        cfg = transformers.Qwen2_5OmniThinkerConfig(
+            vision_config=vision, text_config=text, audio_config=audio, attn_implementation=impl,
+            image_token_index=IMG, video_token_index=VID, audio_token_index=AUD, vision_start_token_id=VS,
+            audio_start_token_id=AS, audio_end_token_id=AE, position_id_per_seconds=2, seconds_per_chunk=1)
+        model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg)
     elif family.startswith("glm"):  # GLM-4.1V / 4.5V / 4.6V, GLM-OCR: RMS norms, a conv downsample, half-rotary M-RoPE
         vision.update(image_size=32)
         text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2],
@@ -103,6 +114,10 @@ def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
     for p in parts:
         if isinstance(p, int):
             out.append(torch.randint(3, 100, (p,), generator=g))
+        elif p[0] == "audio":  # Qwen2.5-Omni: ("audio", mel frames)
+            out += [torch.tensor([AS]), torch.full((audio_tokens(p[1]),), AUD), torch.tensor([AE])]
+        elif p[0] == "video+audio":  # Qwen2.5-Omni's use_audio_in_video: ("video+audio", grid, mel frames)
+            out.append(_video_with_audio(p[1], audio_tokens(p[2])))
         elif p[0] == "image" or not family.startswith(("qwen3_vl", "qwen3_5", "glm")):
             tok = IMG if p[0] == "image" else VID
             out += [torch.tensor([VS]), torch.full((tokens(p[1]),), tok), torch.tensor([VE])]
@@ -117,6 +132,24 @@ def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
             for i in range(t):
                 out += [torch.tensor([100 + i, VS]), torch.full((tokens((1, h, w)),), VID), torch.tensor([VE])]
     return torch.cat(out)
+
+
+def _video_with_audio(grid: tuple[int, int, int], audio: int) -> torch.Tensor:
+    """A video whose audio the processor interleaves with its frames, one chunk per second
+    (:func:`make`'s 1 s per grid, 2 positions per second, 1 s per chunk: a frame's tokens,
+    then two audio tokens), wrapped in vision and audio start / end tokens."""
+    t, h, w = grid
+    parts = [torch.tensor([VS, AS])]
+    for j in range(max(t, (audio + 1) // 2)):
+        if j < t:
+            parts.append(torch.full((tokens((1, h, w)),), VID))
+        parts.append(torch.full((max(0, min(2, audio - 2 * j)),), AUD))
+    return torch.cat([*parts, torch.tensor([AE, VE])])
+
+
+def audio_tokens(frames: int) -> int:
+    """Qwen2.5-Omni's audio tokens for ``frames`` mel frames (its get_rope_index's count)."""
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
 def pixels(grid: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -134,17 +167,53 @@ def inputs(rows: list[list], seeds: list[int] | None = None, family: str = "qwen
     ids = [row(r, s, family) for r, s in zip(rows, seeds, strict=True)]
     input_ids, mask = left_pad(ids)
     out: dict[str, torch.Tensor] = dict(input_ids=input_ids, attention_mask=mask)
-    types = torch.zeros_like(input_ids, dtype=torch.int32)
-    types[input_ids == IMG] = 1
-    types[input_ids == VID] = 2
-    out["mm_token_type_ids"] = types
+    if family == "qwen2_5_omni":  # its processor returns no token types; each video's seconds per grid
+        out.update(_audio_inputs(rows, seeds))
+        n_videos = sum(1 for r in rows for p in r if not isinstance(p, int) and p[0].startswith("video"))
+        if n_videos:
+            out["video_second_per_grid"] = torch.full((n_videos,), 1.0)
+        if any(not isinstance(p, int) and p[0] == "video+audio" for r in rows for p in r):
+            out["use_audio_in_video"] = True
+    else:
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        types[input_ids == IMG] = 1
+        types[input_ids == VID] = 2
+        out["mm_token_type_ids"] = types
     if family.startswith("glm"):  # GLM-4.1V's video frames hold image tokens (types 2)
         out["input_ids"] = input_ids.masked_fill(input_ids == VID, IMG)
     for kind, key, grid_key in (("image", "pixel_values", "image_grid_thw"),
                                 ("video", "pixel_values_videos", "video_grid_thw")):
         items = [(p[1], 10 * s + j) for r, s in zip(rows, seeds, strict=True)
-                 for j, p in enumerate(r) if not isinstance(p, int) and p[0] == kind]
+                 for j, p in enumerate(r) if not isinstance(p, int) and p[0].split("+")[0] == kind]
         if items:
             out[key] = torch.cat([pixels(g, s) for g, s in items])
             out[grid_key] = torch.tensor([list(g) for g, _ in items])
     return out
+
+
+def _audio_inputs(rows: list[list], seeds: list[int]) -> dict[str, torch.Tensor]:
+    """Qwen2.5-Omni's mel features of every audio part, padded, and their mask."""
+    frames = [(p[-1], 10 * s + j) for r, s in zip(rows, seeds, strict=True)
+              for j, p in enumerate(r) if not isinstance(p, int) and p[0] in ("audio", "video+audio")]
+    if not frames:
+        return {}
+    n = max(f for f, _ in frames)
+    features = torch.zeros(len(frames), 8, n)
+    mask = torch.zeros(len(frames), n, dtype=torch.long)
+    for i, (f, s) in enumerate(frames):
+        features[i, :, :f] = torch.randn(8, f, generator=torch.Generator().manual_seed(200 + s))
+        mask[i, :f] = 1
+    return dict(input_features=features, feature_attention_mask=mask)
+
+
+def rope_index(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpatched model's 3-D positions of the whole prompt and their deltas (Qwen2.5-Omni's
+    get_rope_index takes the audio lengths and the seconds per video grid, the others the token types)."""
+    if "mm_token_type_ids" in x:
+        return model.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], x.get("image_grid_thw"),
+                                          x.get("video_grid_thw"), attention_mask=x["attention_mask"])
+    mask = x.get("feature_attention_mask")
+    return model.model.get_rope_index(
+        x["input_ids"], x.get("image_grid_thw"), x.get("video_grid_thw"), x["attention_mask"],
+        use_audio_in_video=bool(x.get("use_audio_in_video")), audio_seqlens=None if mask is None else mask.sum(1),
+        second_per_grids=x.get("video_second_per_grid"))

@@ -14,14 +14,14 @@ import saint  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
 from .conftest import forcing  # noqa: E402
-from .qwen_tiny import DEPTH, IMG, VDEPTH, VID, inputs, make, tokens  # noqa: E402
+from .qwen_tiny import DEPTH, IMG, VDEPTH, VID, inputs, make, rope_index, tokens  # noqa: E402
 
 NEW = 4
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMG, VID])
 # GLM-4.1V's video frames hold image tokens, so its forward takes images or videos, not both:
 # "glm4v" runs the image prompts, "glm4v/video" (the same model) the video prompts.
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe",
-            "glm46v", "glm_ocr", "glm4v/video"]
+            "glm46v", "glm_ocr", "glm4v/video", "qwen2_5_omni"]
 # Qwen3.5's language model interleaves linear-attention layers (a recurrent state, no cache of
 # tokens): the vision-side methods only
 VISION_ONLY = ("qwen3_5", "qwen3_5_moe")
@@ -195,8 +195,7 @@ def test_kept_tokens_keep_their_full_grid_positions(family, name):
     step gets the unpruned model's position."""
     model = make(family)
     x = batch(family)
-    full, deltas = model.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], x.get("image_grid_thw"),
-                                             x.get("video_grid_thw"), attention_mask=x["attention_mask"])
+    full, deltas = rope_index(model, x)
     ref = _positions(model, x)
     saint.patch(model, **CONFIGS[name])
     got = _positions(model, x)
@@ -415,11 +414,17 @@ def test_adapter_splits_a_batch_into_its_prompts_with_their_images(family):
     adapter = saint.adapters.find_adapter(make(family))
     assert adapter.name == "qwen_vl"
     x = batch(family)
+    if "mm_token_type_ids" not in x:  # Qwen2.5-Omni's processor returns none; the error says what to add
+        with pytest.raises(ValueError, match=r"needs mm_token_type_ids.*\(ids == image_token_id\)"):
+            list(adapter.split(x, 1))
+        assert len(list(adapter.split(x, 3))) == 1  # the whole batch needs no types
+        x["mm_token_type_ids"] = (x["input_ids"] == IMG).int() + 2 * (x["input_ids"] == VID).int()
     parts = list(adapter.split(x, 1))
     for part, solo in zip(parts, alone(family), strict=True):
         n = int(part["attention_mask"].sum())
         assert torch.equal(part["input_ids"][:, -n:], solo["input_ids"])
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                    "video_second_per_grid"):
             assert (key in solo) == (part.get(key) is not None and len(part[key]) > 0), key
             if key in solo:
                 assert torch.equal(part[key], solo[key]), key

@@ -38,7 +38,8 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3 or "
     "Granite language model); Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (vision side), Qwen3.5-MoE (vision "
-    "side), GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR (*ForConditionalGeneration / *Model); LLaVA-NeXT, "
+    "side), GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR (*ForConditionalGeneration / *Model), Qwen2.5-Omni's thinker "
+    "(Qwen2_5OmniThinkerForConditionalGeneration / Qwen2_5OmniThinkerModel); LLaVA-NeXT, "
     "LLaVA-NeXT-Video and LLaVA-OneVision (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, "
     "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision, Command A Vision, Ovis2, DeepSeek-VL and Janus "
     "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM, "
@@ -46,7 +47,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 
-REFUSED: dict[str, str] = {**hf_vit.REFUSED, **hf_vision.REFUSED}  # class name -> why saint does not patch it, and what to do
+REFUSED: dict[str, str] = {**hf_vit.REFUSED, **hf_vision.REFUSED, **qwen_vl.REFUSED}  # class name -> why saint does not patch it, and what to do
 
 __all__ = ["ADAPTERS", "Adapter", "Grid", "Handle", "Probe", "Site", "find_adapter", "handle_of"]
 

@@ -4,8 +4,11 @@
 ``*Model``), and GLM-4.1V / 4.5V / 4.6V (``Glm4vForConditionalGeneration``,
 ``Glm4vMoeForConditionalGeneration``, ``Glm46VForConditionalGeneration``: the same
 interfaces, a conv merge of each 2x2 group, and video frames held in image tokens, told
-apart by ``mm_token_type_ids``): SAINT's vit / llm / hybrid modes and the FastV and random
-baselines, images and video, with per-instance hooks only.
+apart by ``mm_token_type_ids``), and Qwen2.5-Omni's thinker
+(``Qwen2_5OmniThinkerForConditionalGeneration``: Qwen2.5-VL's tower with separate q/k/v
+projections; its audio tokens, a video's interleaved audio included, are never dropped):
+SAINT's vit / llm / hybrid modes and the FastV and random baselines, images and video, with
+per-instance hooks only.
 
 Methods (``saint.patch(model, method=..., **settings)``; see :class:`QwenPruneConfig`):
 
@@ -95,7 +98,7 @@ from .vlm_hooks import install_forward_hooks, make_mm_pre
 from .vlm_schedule import decoder_pruner, split_method
 
 __all__ = [
-    "ADAPTER", "FIELDS", "LLM_FIELDS", "METHODS", "MODES", "VIT_FIELDS",
+    "ADAPTER", "FIELDS", "LLM_FIELDS", "METHODS", "MODES", "REFUSED", "VIT_FIELDS",
     "KEEP_ATTR", "QwenPatch", "QwenPruneConfig", "QwenVL", "TowerPruner", "make_config", "matches", "patch",
     "unpatch",
 ]
@@ -115,6 +118,16 @@ FAMILY_CLASSES = {  # family -> (transformers module, its model classes)
     "glm4v_moe": ("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vMoeModel"),
     "glm46v": ("glm46v", "Glm46VForConditionalGeneration", "Glm46VModel"),
     "glm_ocr": ("glm_ocr", "GlmOcrForConditionalGeneration", "GlmOcrModel"),
+    # Qwen2.5-Omni's thinker: Qwen2.5-VL's tower (separate q/k/v) and M-RoPE, plus audio
+    "qwen2_5_omni": ("qwen2_5_omni", "Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniThinkerModel"),
+}
+
+REFUSED = {  # class name -> why saint does not patch it, and what to do
+    "Qwen2_5OmniForConditionalGeneration": (
+        "its talker speaks from the thinker's hidden states at every prompt position, and pruning removes "
+        "positions; patch its thinker, saint.patch(model.thinker, ...), and generate text with "
+        "model.thinker.generate(...)"
+    ),
 }
 
 
@@ -259,8 +272,12 @@ class QwenVL(HFVlm):
 
     def split(self, inputs: Any, size: int) -> Any:
         """Row batches of at most ``size`` prompts, each with its own images' patches
-        and grids (found from ``mm_token_type_ids``: 1 image, 2 video tokens)."""
+        and grids (found from ``mm_token_type_ids``: 1 image, 2 video tokens) and its
+        videos' seconds per grid."""
         b = self.batch_size(inputs)
+        if size < b and inputs.get("input_features") is not None:
+            raise ValueError("splitting a Qwen2.5-Omni batch with audio (input_features) into smaller batches is "
+                             f"not supported; pass a batch size of at least its {b} prompts")
         for start in range(0, b, size):
             rows = slice(start, min(start + size, b))
             out = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[:1] == (b,) else v)
@@ -278,7 +295,11 @@ def _media_of_rows(inputs: dict[str, Any], rows: slice, code: int, pixels: str, 
     """The patches and grids of the images (``code`` 1) or videos (2) of prompts ``rows``."""
     types = inputs.get("mm_token_type_ids")
     if types is None:
-        raise ValueError("splitting a Qwen-VL batch needs mm_token_type_ids (the processor returns them)")
+        raise ValueError(
+            "splitting a Qwen-VL batch needs mm_token_type_ids (1 at image tokens, 2 at video tokens; the Qwen-VL "
+            "and GLM processors return them, Qwen2.5-Omni's does not: add them, e.g. (ids == image_token_id) + "
+            "2 * (ids == video_token_id), which its forward ignores), or pass a batch size of at least its "
+            f"{len(inputs['input_ids'])} prompts")
     per_row = (types == code).sum(dim=1)
     patches = inputs[grid].prod(dim=-1)
     if int(per_row.sum()) == 0:
@@ -288,7 +309,13 @@ def _media_of_rows(inputs: dict[str, Any], rows: slice, code: int, pixels: str, 
     item_end = F.pad(tokens.cumsum(0), (1, 0))
     first, last = (int(torch.searchsorted(item_end, row_end[i])) for i in (rows.start, rows.stop))
     patch_end = F.pad(patches.cumsum(0), (1, 0))
-    return {pixels: inputs[pixels][int(patch_end[first]):int(patch_end[last])], grid: inputs[grid][first:last]}
+    out = {pixels: inputs[pixels][int(patch_end[first]):int(patch_end[last])], grid: inputs[grid][first:last]}
+    if code == 2:  # one entry per video: Qwen2.5-VL's second_per_grid_ts, Qwen2.5-Omni's video_second_per_grid
+        out.update({k: inputs[k][first:last] for k in PER_VIDEO if inputs.get(k) is not None})
+    return out
+
+
+PER_VIDEO = ("second_per_grid_ts", "video_second_per_grid")
 
 
 ADAPTER = QwenVL()

@@ -6,6 +6,8 @@ statistics of the last forward."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -26,12 +28,25 @@ def _visual_ids(mm: torch.nn.Module) -> list[int]:
     return [int(mm.config.image_token_id), int(mm.config.video_token_id)]
 
 
-def _runs(visual: torch.Tensor) -> torch.Tensor:
+def _runs(visual: torch.Tensor, joined: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the image/video each visual token belongs to (maximal runs, row-major;
-    the processor wraps every image and video in vision start/end tokens), -1 elsewhere."""
-    start = visual & ~F.pad(visual[:, :-1], (1, 0), value=False)
-    run = start.flatten().long().cumsum(0).view_as(visual) - 1
+    the processor wraps every image and video in vision start/end tokens), -1 elsewhere.
+    ``joined``: tokens that may sit inside a video's run (Qwen2.5-Omni interleaves a video's
+    audio with its frames, ``use_audio_in_video``); runs of those alone are no image."""
+    span = visual if joined is None else visual | joined
+    start = span & ~F.pad(span[:, :-1], (1, 0), value=False)
+    run = start.flatten().long().cumsum(0).view_as(span) - 1
+    if joined is not None and bool(visual.any()):
+        has_visual = torch.zeros(int(run.max()) + 1, dtype=torch.long, device=run.device)
+        has_visual[run[visual]] = 1
+        run = (has_visual.cumsum(0) - 1)[run.clamp(min=0)]
     return run.masked_fill(~visual, -1)
+
+
+def _audio(module: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The audio tokens of a model that takes audio (Qwen2.5-Omni), else None."""
+    audio_id = getattr(module.config, "audio_token_id", None)
+    return None if audio_id is None else input_ids == int(audio_id)
 
 
 def prefill(handle: Any, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward) -> dict[str, Any]:
@@ -47,7 +62,7 @@ def prefill(handle: Any, module: torch.nn.Module, kwargs: dict[str, Any], fwd: F
     keep0 = None
     if handle.config.reduces_vision:
         kwargs, keep0 = _reduce_vision(module, kwargs, visual)
-    handle.runs = (_runs(visual), keep0)
+    handle.runs = (_runs(visual, _audio(module, input_ids)), keep0)
     if keep0 is not None and not bool(keep0.all()):
         refuse_static_cache(kwargs)
         kwargs = _shrink_inputs(kwargs, keep0, fwd)
@@ -103,15 +118,33 @@ def _positions(kwargs: dict[str, Any], visual: torch.Tensor, modality: str, toke
     return visual & (types.to(input_ids.device) == (1 if modality == "image" else 2))
 
 
+# the per-family inputs of compute_3d_position_ids beyond the grids and the mask: Qwen-VL and
+# GLM read the token types (and Qwen2.5-VL the seconds per video grid), Qwen2.5-Omni the
+# audio lengths, the seconds per video grid and whether a video's audio is interleaved
+_POSITION_EXTRAS = frozenset({"mm_token_type_ids", "second_per_grid_ts", "use_audio_in_video",
+                              "audio_feature_lengths", "video_second_per_grid"})
+
+
+@functools.cache
+def _parameter_names(fn: Any) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _parameters(method: Any) -> frozenset[str]:
+    """The parameter names of a bound method (its function's signature, read once)."""
+    return _parameter_names(getattr(method, "__func__", method))
+
+
 def _full_positions(module: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
     """The 3-D (M-RoPE) positions the unpatched model would use for this prompt (and
     its ``rope_deltas``, stored on the model as the unpatched forward does)."""
     input_ids = kwargs["input_ids"]
-    extra = {"second_per_grid_ts": kwargs.get("second_per_grid_ts")} if "second_per_grid_ts" in kwargs else {}
+    extra = {k: kwargs.get(k) for k in _POSITION_EXTRAS & _parameters(module.compute_3d_position_ids) if k in kwargs}
+    if "audio_feature_lengths" in extra and kwargs.get("feature_attention_mask") is not None:
+        extra["audio_feature_lengths"] = kwargs["feature_attention_mask"].sum(dim=1)  # as Qwen2.5-Omni's forward
     pos = module.compute_3d_position_ids(
         input_ids=input_ids, image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
-        inputs_embeds=None, attention_mask=kwargs.get("attention_mask"), cache=kwargs.get("cache"),
-        mm_token_type_ids=kwargs.get("mm_token_type_ids"), **extra,
+        inputs_embeds=None, attention_mask=kwargs.get("attention_mask"), cache=kwargs.get("cache"), **extra,
     )
     if pos is None:  # no grid / token types: the text model's own fallback, plain positions
         b, n = input_ids.shape

@@ -1,4 +1,4 @@
-"""SAINT's ``vit`` step inside a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM vision tower: after
+"""SAINT's ``vit`` step inside a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM / Qwen2.5-Omni vision tower: after
 block ``vit_layer``, whole merge groups (the 4 consecutive tokens the merger concatenates)
 are dropped per sample (full-attention segment) by a fixed budget over each group's
 mean key (normed where the tower norms its keys, as GLM-OCR's does); later blocks get
@@ -55,8 +55,10 @@ class TowerPruner:
             if i > self.layer:
                 self.hooks.append(blk.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
         blk = tower.blocks[self.layer]
-        self.hooks.append(blk.attn.qkv.register_forward_hook(self._capture))
-        self.hooked.append(Hooked(blk, lambda b: b.attn.qkv, blk.attn.qkv, f"vision block {self.layer}'s attn.qkv"))
+        name = key_projection(blk.attn)
+        proj = getattr(blk.attn, name)
+        self.hooks.append(proj.register_forward_hook(self._capture))
+        self.hooked.append(Hooked(blk, lambda b: getattr(b.attn, name), proj, f"vision block {self.layer}'s attn.{name}"))
         self.hooks.append(blk.register_forward_hook(self._prune, with_kwargs=True))
         mergers = [(tower, lambda t: t.merger, "the vision merger")]
         deepstack = getattr(tower, "deepstack_merger_list", None)
@@ -96,7 +98,7 @@ class TowerPruner:
         assert seg is not None and self.k is not None
         n, c = output.shape
         heads = module.attn.num_heads
-        keys = self.k.view(n, 3, heads, -1)[:, 1]
+        keys = self.k.view(n, heads, -1) if key_projection(module.attn) == "k" else self.k.view(n, 3, heads, -1)[:, 1]
         norm = getattr(module.attn, "k_norm", None)  # GLM-OCR normalizes its keys per head
         keys = head_mean((keys if norm is None else norm(keys)).float())  # [N, head_dim], before the vision RoPE
         self.k = None
@@ -154,6 +156,12 @@ class TowerPruner:
         out[keep] = output
         return out
 
+
+
+def key_projection(attn: torch.nn.Module) -> str:
+    """The tower attention's module whose output holds the keys: a fused ``qkv`` (Qwen-VL,
+    GLM), or ``k`` where the queries, keys and values are separate (Qwen2.5-Omni)."""
+    return "qkv" if hasattr(attn, "qkv") else "k"
 
 
 def check_tower(tower: torch.nn.Module, cfg: Any) -> None:
