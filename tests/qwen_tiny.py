@@ -9,7 +9,8 @@ from .conftest import left_pad
 
 IMG, VID, VS, VE = 120, 121, 122, 123
 GLM_VIDEO, GLM_VS, GLM_VE = 124, 125, 126  # GLM-4.1V: its video token id never appears (frames hold IMG)
-AUD, AS, AE = 117, 118, 119  # Qwen2.5-Omni: audio tokens, audio start / end
+AUD, AS, AE = 117, 118, 119  # Qwen2.5-Omni / Qwen3-Omni: audio tokens, audio start / end
+OMNI = ("qwen2_5_omni", "qwen3_omni_moe")  # the thinkers of the Omni models
 PATCH = 4
 IN = 3 * 2 * PATCH * PATCH  # one flattened patch: channels x temporal patch x patch x patch
 DEPTH = 6  # decoder layers
@@ -48,6 +49,18 @@ def make(family: str = "qwen2_5_vl", impl: str = "sdpa", seed: int = 0) -> torch
             image_token_index=IMG, video_token_index=VID, audio_token_index=AUD, vision_start_token_id=VS,
             audio_start_token_id=AS, audio_end_token_id=AE, position_id_per_seconds=2, seconds_per_chunk=1)
         model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg)
+    elif family == "qwen3_omni_moe":  # Qwen3-Omni's thinker: Qwen3-VL's tower (deepstack), an MoE text model
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        text.update(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
+                                         mrope_interleaved=True))
+        audio = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                     output_dim=64, max_source_positions=64, downsample_hidden_size=8)
+        cfg = transformers.Qwen3OmniMoeThinkerConfig(
+            vision_config=vision, text_config=text, audio_config=audio, attn_implementation=impl,
+            image_token_id=IMG, video_token_id=VID, audio_token_id=AUD, vision_start_token_id=VS,
+            audio_start_token_id=AS, position_id_per_seconds=2)
+        model = transformers.Qwen3OmniMoeThinkerForConditionalGeneration(cfg)
     elif family.startswith("glm"):  # GLM-4.1V / 4.5V / 4.6V, GLM-OCR: RMS norms, a conv downsample, half-rotary M-RoPE
         vision.update(image_size=32)
         text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2],
@@ -115,9 +128,9 @@ def row(parts: list, seed: int = 0, family: str = "qwen2_5_vl") -> torch.Tensor:
         if isinstance(p, int):
             out.append(torch.randint(3, 100, (p,), generator=g))
         elif p[0] == "audio":  # Qwen2.5-Omni: ("audio", mel frames)
-            out += [torch.tensor([AS]), torch.full((audio_tokens(p[1]),), AUD), torch.tensor([AE])]
+            out += [torch.tensor([AS]), torch.full((audio_tokens(p[1], family),), AUD), torch.tensor([AE])]
         elif p[0] == "video+audio":  # Qwen2.5-Omni's use_audio_in_video: ("video+audio", grid, mel frames)
-            out.append(_video_with_audio(p[1], audio_tokens(p[2])))
+            out.append(_video_with_audio(p[1], audio_tokens(p[2], family)))
         elif p[0] == "image" or not family.startswith(("qwen3_vl", "qwen3_5", "glm")):
             tok = IMG if p[0] == "image" else VID
             out += [torch.tensor([VS]), torch.full((tokens(p[1]),), tok), torch.tensor([VE])]
@@ -147,8 +160,12 @@ def _video_with_audio(grid: tuple[int, int, int], audio: int) -> torch.Tensor:
     return torch.cat([*parts, torch.tensor([AE, VE])])
 
 
-def audio_tokens(frames: int) -> int:
-    """Qwen2.5-Omni's audio tokens for ``frames`` mel frames (its get_rope_index's count)."""
+def audio_tokens(frames: int, family: str = "qwen2_5_omni") -> int:
+    """The audio tokens for ``frames`` mel frames: Qwen2.5-Omni's count (its get_rope_index's),
+    or Qwen3-Omni's (its encoder's: 13 per window of 100 frames, then the rest's)."""
+    if family == "qwen3_omni_moe":
+        feat = (frames % 100 - 1) // 2 + 1
+        return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (frames // 100) * 13
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
@@ -167,7 +184,7 @@ def inputs(rows: list[list], seeds: list[int] | None = None, family: str = "qwen
     ids = [row(r, s, family) for r, s in zip(rows, seeds, strict=True)]
     input_ids, mask = left_pad(ids)
     out: dict[str, torch.Tensor] = dict(input_ids=input_ids, attention_mask=mask)
-    if family == "qwen2_5_omni":  # its processor returns no token types; each video's seconds per grid
+    if family in OMNI:  # their processors return no token types; each video's seconds per grid
         out.update(_audio_inputs(rows, seeds))
         n_videos = sum(1 for r in rows for p in r if not isinstance(p, int) and p[0].startswith("video"))
         if n_videos:

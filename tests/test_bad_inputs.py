@@ -205,7 +205,8 @@ def test_the_unsupported_model_error_names_every_vlm_family():
     assert {"LLaVA-NeXT-Video", "Aya Vision", "PaliGemma"} <= names  # the families are found
     qwen = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE",
             "qwen3_5": "Qwen3.5", "qwen3_5_moe": "Qwen3.5-MoE", "glm4v": "GLM-4.1V", "glm4v_moe": "GLM-4.5V",
-            "glm46v": "GLM-4.6V", "glm_ocr": "GLM-OCR", "qwen2_5_omni": "Qwen2.5-Omni"}
+            "glm46v": "GLM-4.6V", "glm_ocr": "GLM-OCR", "qwen2_5_omni": "Qwen2.5-Omni",
+            "qwen3_omni_moe": "Qwen3-Omni"}
     assert set(qwen) == set(FAMILY_CLASSES)
     missing = sorted(n for n in names | set(qwen.values()) if n not in SUPPORTED)
     assert not missing, f"saint.adapters.SUPPORTED does not name {missing}"

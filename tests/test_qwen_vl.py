@@ -21,7 +21,7 @@ GREEDY = dict(max_new_tokens=NEW, do_sample=False, suppress_tokens=[IMG, VID])
 # GLM-4.1V's video frames hold image tokens, so its forward takes images or videos, not both:
 # "glm4v" runs the image prompts, "glm4v/video" (the same model) the video prompts.
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe",
-            "glm46v", "glm_ocr", "glm4v/video", "qwen2_5_omni"]
+            "glm46v", "glm_ocr", "glm4v/video", "qwen2_5_omni", "qwen3_omni_moe"]
 # Qwen3.5's language model interleaves linear-attention layers (a recurrent state, no cache of
 # tokens): the vision-side methods only
 VISION_ONLY = ("qwen3_5", "qwen3_5_moe")

@@ -80,6 +80,7 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("glm4v_moe", "Glm4vMoeTextModel"),  # GLM-4.5V: routed + shared experts, token-wise
     ("glm_ocr", "GlmOcrTextModel"),  # GLM-OCR: GLM-4.1V's text model
     ("qwen2_5_omni", "Qwen2_5OmniThinkerTextModel"),  # Qwen2.5-Omni's thinker (M-RoPE; audio tokens stay)
+    ("qwen3_omni_moe", "Qwen3OmniMoeThinkerTextModel"),  # Qwen3-Omni's thinker: experts token-wise, deepstack
     ("granite", "GraniteModel"),  # Granite Vision 3.x (LLaVA-NeXT): attention scaled by its attention_multiplier
     ("cohere2", "Cohere2Model"),  # Aya Vision, Command A Vision: sliding-window layers rotary, global layers NoPE
     ("gemma4", "Gemma4TextModel"),  # Gemma 4: per-layer input embeddings, q/k norms, sliding-window layers

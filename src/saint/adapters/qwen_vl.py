@@ -4,9 +4,10 @@
 ``*Model``), and GLM-4.1V / 4.5V / 4.6V (``Glm4vForConditionalGeneration``,
 ``Glm4vMoeForConditionalGeneration``, ``Glm46VForConditionalGeneration``: the same
 interfaces, a conv merge of each 2x2 group, and video frames held in image tokens, told
-apart by ``mm_token_type_ids``), and Qwen2.5-Omni's thinker
+apart by ``mm_token_type_ids``), and the Qwen2.5-Omni and Qwen3-Omni thinkers
 (``Qwen2_5OmniThinkerForConditionalGeneration``: Qwen2.5-VL's tower with separate q/k/v
-projections; its audio tokens, a video's interleaved audio included, are never dropped):
+projections; ``Qwen3OmniMoeThinkerForConditionalGeneration``: Qwen3-VL's tower and an MoE
+language model; their audio tokens, a video's interleaved audio included, are never dropped):
 SAINT's vit / llm / hybrid modes and the FastV and random baselines, images and video, with
 per-instance hooks only.
 
@@ -120,14 +121,15 @@ FAMILY_CLASSES = {  # family -> (transformers module, its model classes)
     "glm_ocr": ("glm_ocr", "GlmOcrForConditionalGeneration", "GlmOcrModel"),
     # Qwen2.5-Omni's thinker: Qwen2.5-VL's tower (separate q/k/v) and M-RoPE, plus audio
     "qwen2_5_omni": ("qwen2_5_omni", "Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniThinkerModel"),
+    # Qwen3-Omni's thinker: Qwen3-VL's tower (deepstack) and an MoE M-RoPE language model, plus audio
+    "qwen3_omni_moe": ("qwen3_omni_moe", "Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeThinkerModel"),
 }
 
 REFUSED = {  # class name -> why saint does not patch it, and what to do
-    "Qwen2_5OmniForConditionalGeneration": (
-        "its talker speaks from the thinker's hidden states at every prompt position, and pruning removes "
-        "positions; patch its thinker, saint.patch(model.thinker, ...), and generate text with "
-        "model.thinker.generate(...)"
-    ),
+    name: ("its talker speaks from the thinker's hidden states at every prompt position, and pruning removes "
+           "positions; patch its thinker, saint.patch(model.thinker, ...), and generate text with "
+           "model.thinker.generate(...)")
+    for name in ("Qwen2_5OmniForConditionalGeneration", "Qwen3OmniMoeForConditionalGeneration")
 }
 
 
