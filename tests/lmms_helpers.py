@@ -214,9 +214,10 @@ def make_lm(cls_name: str, model_dir: Path, prune_args: str, docs: list[dict]):
     or :mod:`saint.integrations.lmms_anyres`) built from a model-argument string, as
     lmms-eval builds it (batch size 3, CPU), serving ``docs`` as task ``t``."""
     need("lmms_eval")
-    from saint.integrations import lmms_anyres, lmms_eval, lmms_glm, lmms_llm_side
+    from saint.integrations import lmms_anyres, lmms_eval, lmms_glm, lmms_llm_side, lmms_omni
 
-    cls = next(getattr(m, cls_name) for m in (lmms_eval, lmms_anyres, lmms_llm_side, lmms_glm) if hasattr(m, cls_name))
+    modules = (lmms_eval, lmms_anyres, lmms_llm_side, lmms_glm, lmms_omni)
+    cls = next(getattr(m, cls_name) for m in modules if hasattr(m, cls_name))
     model = cls.create_from_arg_string(
         f"pretrained={model_dir},{prune_args}", {"batch_size": 3, "device": "cpu", "max_batch_size": None})
     model.task_dict = {"t": {"test": docs}}
@@ -237,13 +238,16 @@ def assert_alone_equals_batched(lm, gen: list, ll: list, batched: tuple) -> None
         assert nll_b == pytest.approx(nll_a, abs=1e-4) and greedy_b == greedy_a
 
 
-def continuation_loss(lm, ids: list[int], n: int, media: dict) -> float:
-    """The patched model's own loss over the last ``n`` tokens of prompt ``ids``."""
+def continuation_loss(lm, ids: list[int], n: int, media: dict, mask: bool = False) -> float:
+    """The patched model's own loss over the last ``n`` tokens of prompt ``ids`` (``mask``: with an
+    all-ones attention mask, which the Omni thinkers need for their M-RoPE positions)."""
     labels = torch.full((1, len(ids)), -100)
     labels[0, -n:] = torch.tensor(ids[-n:])
     input_ids = torch.tensor([ids])
+    extra = {"attention_mask": torch.ones_like(input_ids)} if mask else {}
     with torch.no_grad():
-        return float(lm.model(input_ids=input_ids, labels=labels, **media, **lm._row_inputs(input_ids, [n])).loss)
+        return float(lm.model(input_ids=input_ids, labels=labels, **media, **extra,
+                              **lm._row_inputs(input_ids, [n])).loss)
 
 
 def built_once(tmp_path_factory: Any, build: Callable[[Path, str], None]) -> Callable[[str], Path]:

@@ -9,7 +9,7 @@ harness), plus the harness-agnostic parsing they share.
   ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision``, ``saint_ovis2``,
   ``saint_lighton_ocr``, ``saint_deepseek_vl``, ``saint_deepseek_vl_hybrid``, ``saint_janus``, ``saint_gemma4``,
   ``saint_paddleocr_vl``, ``saint_idefics2`` and ``saint_vipllava``, and
-  :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; all registered through the ``lmms_eval.models``
+  :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; :mod:`saint.integrations.lmms_omni`: ``saint_qwen_omni``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
 Settings arrive from a harness as ``key=value`` strings; :func:`parse_prune_settings`
@@ -90,6 +90,7 @@ LMMS_MODELS = {  # lmms-eval's --model name -> the class, imported only when tha
     "saint_llava": "lmms_eval.SaintLlava",
     "saint_qwen_vl": "lmms_eval.SaintQwenVL",
     "saint_glm4v": "lmms_glm.SaintGlm4v",
+    "saint_qwen_omni": "lmms_omni.SaintQwenOmni",
     "saint_llava_next": "lmms_anyres.SaintLlavaNext",
     "saint_llava_next_video": "lmms_anyres.SaintLlavaNextVideo",
     "saint_llava_onevision": "lmms_anyres.SaintLlavaOneVision",

@@ -581,6 +581,7 @@ class SaintLlava(lmms):
             before = self._last_stats()
             with torch.inference_mode():
                 logits = self.model(**inputs, logits_to_keep=keep, use_cache=False).logits
+            logits = logits[:, -keep:]  # a forward without logits_to_keep (the Omni thinkers') returns every position
             self._record("loglikelihood", ids, before)
             for r, (i, (_, n, _)) in enumerate(zip(batch, rows, strict=True)):
                 pred = logits[r, keep - n - 1:keep - 1].float()
