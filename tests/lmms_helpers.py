@@ -42,6 +42,58 @@ GLM_SPECIAL = ["<pad>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|im
                "<|begin_of_video|>", "<|video|>", "<|end_of_video|>", "[gMASK]", "<sop>"]
 
 
+OMNI_SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>",
+           "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+
+
+def build_omni(path: Path, family: str = "qwen2_5_omni") -> None:
+    """A tiny random Qwen2.5-Omni or Qwen3-Omni thinker checkpoint with the Omni processor."""
+    transformers = pytest.importorskip("transformers")
+    tok = train_tokenizer(OMNI_SPECIAL, ["user assistant system"])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+        extra_special_tokens={"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+                              "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+                              "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
+    )
+    pixels = dict(min_pixels=32 * 32, max_pixels=32 * 32)
+    size = {"shortest_edge": 32 * 32, "longest_edge": 32 * 32}
+    image_processor = transformers.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, size=size,
+                                                         **pixels)
+    video_processor = transformers.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                         cap_pixels_per_frame=False, size=size)
+    name = "Qwen2_5Omni" if family == "qwen2_5_omni" else "Qwen3OmniMoe"
+    processor = getattr(transformers, f"{name}Processor")(
+        image_processor=image_processor, video_processor=video_processor,
+        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8), tokenizer=tokenizer)
+    processor.save_pretrained(path)
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|IMAGE|>"), ("video_token_id", "<|VIDEO|>"), ("audio_token_id", "<|AUDIO|>"),
+        ("vision_start_token_id", "<|vision_bos|>"), ("audio_start_token_id", "<|audio_bos|>"))}
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, in_channels=3)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+    audio = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                 output_dim=64, max_source_positions=64)
+    torch.manual_seed(0)
+    if family == "qwen2_5_omni":
+        vision.update(window_size=16, fullatt_block_indexes=[1, 3])
+        ids = {k.replace("_token_id", "_token_index") if k in ("image_token_id", "video_token_id", "audio_token_id")
+               else k: v for k, v in ids.items()}
+        config = transformers.Qwen2_5OmniThinkerConfig(vision_config=vision, text_config=text, audio_config=audio,
+                                                       **ids)
+    else:
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        text.update(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        config = transformers.Qwen3OmniMoeThinkerConfig(vision_config=vision, text_config=text,
+                                                        audio_config=dict(audio, downsample_hidden_size=8), **ids)
+    getattr(transformers, f"{name}ThinkerForConditionalGeneration")(config).save_pretrained(path)
+
+
 def build_glm4v(path: Path, family: str = "glm4v") -> None:
     """A tiny GLM-4.1V (``family="glm_ocr"``: a GLM-OCR, with GLM-4.6V's processors as its
     checkpoints name them) with GLM's own image and video processors: 32 px images (8 x 8

@@ -15,6 +15,7 @@ from .lmms_helpers import (
     assert_alone_equals_batched,
     build_glm4v,
     build_llava,
+    build_omni,
     built_once,
     continuation_loss,
     easy_vqa_docs,
@@ -37,6 +38,9 @@ SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_
 def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
     if family in ("glm4v", "glm_ocr"):  # served by saint_glm4v, the same requests
         build_glm4v(path, family)
+        return
+    if family in ("qwen2_5_omni", "qwen3_omni_moe"):  # served by saint_qwen_omni, the same requests
+        build_omni(path, family)
         return
     transformers = pytest.importorskip("transformers")
     tok = train_tokenizer(SPECIAL, ["user assistant system"])
@@ -106,14 +110,17 @@ def qwen_checkpoint(tmp_path_factory, one_thread):
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v",
-                                                   "glm_ocr"])
+                                                   "glm_ocr", "qwen2_5_omni", "qwen3_omni_moe"])
 def qwen_dir(request, qwen_checkpoint) -> Path:
     return qwen_checkpoint(request.param)
 
 
 def model_class(model_dir: Path) -> str:
-    """saint's lmms-eval class of the checkpoint: ``saint_glm4v`` for GLM-4.1V and GLM-OCR, else ``saint_qwen_vl``."""
+    """saint's lmms-eval class of the checkpoint: ``saint_glm4v`` for GLM-4.1V and GLM-OCR,
+    ``saint_qwen_omni`` for the Omni thinkers, else ``saint_qwen_vl``."""
     model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    if model_type.endswith("_thinker"):
+        return "SaintQwenOmni"
     return "SaintGlm4v" if model_type in ("glm4v", "glm_ocr") else "SaintQwenVL"
 
 
@@ -137,7 +144,8 @@ def test_both_request_kinds_are_pruned_and_batches_equal_single_requests(lm):
     import saint
 
     docs = lm.task_dict["t"]["test"]
-    assert saint.is_patched(lm.model) and lm.model.config.model_type == lm.model.__dict__["_saint_patch"].family
+    family = lm.model.__dict__["_saint_patch"].family
+    assert saint.is_patched(lm.model) and lm.model.config.model_type in (family, f"{family}_thinker")
     lm.pruning_log.clear()
     gen, ll = gen_requests(docs), ll_requests(docs)
     batched = (lm.generate_until(gen), lm.loglikelihood(ll))
@@ -154,7 +162,9 @@ def test_loglikelihood_is_the_patched_models_loss(lm):
     req = ll_requests(docs[:1])[0]
     (result,) = lm.loglikelihood([req])
     ids, n, media = lm._loglikelihood_row(req)
-    assert result[0] == pytest.approx(continuation_loss(lm, ids, n, media), abs=1e-5)
+    # the Omni thinkers' forward takes no logits_to_keep: the scoring cuts their logits to the tail;
+    # without a mask they fall back to 1-D positions (transformers' own behaviour), so give one
+    assert result[0] == pytest.approx(continuation_loss(lm, ids, n, media, mask=True), abs=1e-5)
 
 
 def test_bad_settings_and_checkpoints_refused(tmp_path):
@@ -225,7 +235,10 @@ def video_docs(tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def video_lm(qwen_dir, video_docs):
-    return make_lm(model_class(qwen_dir), qwen_dir, VIDEO_ARGS, video_docs)
+    lm = make_lm(model_class(qwen_dir), qwen_dir, VIDEO_ARGS, video_docs)
+    if hasattr(lm.processor, "vision_bos_token"):  # the Omni processors size videos for 28 px patches by default
+        lm.processor.videos_kwargs = {"size": {"shortest_edge": 32 * 32, "longest_edge": 32 * 32}}
+    return lm
 
 
 def video_requests(docs: list[dict]) -> tuple[list, list]:
@@ -288,7 +301,9 @@ def test_video_loglikelihood_is_the_patched_models_loss(video_lm, video_docs):
     assert tuple(media["video_grid_thw"][0].tolist()) == (2, 8, 8) and "pixel_values" not in media
     if video_lm.model.config.model_type == "qwen2_5_vl":
         assert media["second_per_grid_ts"].tolist() == [1.0]
-    assert result[0] == pytest.approx(continuation_loss(video_lm, ids, n, media), abs=1e-5)
+    if video_lm.model.config.model_type.endswith("_thinker"):  # the Omni thinkers' M-RoPE reads it too
+        assert media["video_second_per_grid"].tolist() == [1.0]
+    assert result[0] == pytest.approx(continuation_loss(video_lm, ids, n, media, mask=True), abs=1e-5)
 
 
 def test_video_frame_arrays_are_served_like_files(video_lm, video_docs):

@@ -8,7 +8,8 @@ at every prompt position, which pruning removes, so this class loads the thinker
 transformers documents, or on a thinker checkpoint). An image enters the prompt as
 ``<|vision_bos|><|IMAGE|><|vision_eos|>`` (the processor's own start and end tokens), a
 video likewise, and every video carries its seconds per temporal patch
-(``video_second_per_grid``), which the thinker's M-RoPE reads."""
+(``video_second_per_grid``, from the rate its frames were sampled at), which the thinker's
+M-RoPE reads."""
 
 from __future__ import annotations
 
@@ -55,8 +56,13 @@ class SaintQwenOmni(SaintQwenVL):
         return f"{self.processor.vision_bos_token}{self.processor.video_token}{self.processor.vision_eos_token}"
 
     def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The request's pixels and grids, and each video's seconds per temporal patch from the
+        rate its frames were sampled at (the Omni processors assume 2 fps whatever the sampling;
+        Qwen2.5-VL's reads the sampled rate, as here)."""
         out = super()._media(enc, visuals)
-        n_videos = sum(isinstance(v, Video) for v in visuals)
-        if n_videos:
-            out["video_second_per_grid"] = torch.as_tensor(enc["video_second_per_grid"])[:n_videos]
+        videos = [v for v in visuals if isinstance(v, Video)]
+        if videos:
+            step = self.processor.video_processor.temporal_patch_size
+            rates = [len(v.frames_indices) * v.fps / v.total_num_frames for v in videos]
+            out["video_second_per_grid"] = torch.tensor([step / r for r in rates])
         return out
