@@ -42,6 +42,18 @@ GLM_SPECIAL = ["<pad>", "<|user|>", "<|assistant|>", "<|begin_of_image|>", "<|im
                "<|begin_of_video|>", "<|video|>", "<|end_of_video|>", "[gMASK]", "<sop>"]
 
 
+def qwen_tiny_configs(tokenizer: Any) -> tuple[dict, dict]:
+    """The vision and text settings of the tiny Qwen-VL-like checkpoints (4 px patches merged 2x2,
+    a 6-layer M-RoPE language model over ``tokenizer``'s vocabulary), to adjust per family."""
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, in_channels=3)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+    return vision, text
+
+
 OMNI_SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>",
            "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 
@@ -70,12 +82,7 @@ def build_omni(path: Path, family: str = "qwen2_5_omni") -> None:
     ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|IMAGE|>"), ("video_token_id", "<|VIDEO|>"), ("audio_token_id", "<|AUDIO|>"),
         ("vision_start_token_id", "<|vision_bos|>"), ("audio_start_token_id", "<|audio_bos|>"))}
-    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=64, in_channels=3)
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+    vision, text = qwen_tiny_configs(tokenizer)
     audio = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
                  output_dim=64, max_source_positions=64)
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ from .lmms_helpers import (
     ll_requests,
     make_lm,
     need,
+    qwen_tiny_configs,
     requests,
     run_cli,
     run_tasks,
@@ -67,12 +68,7 @@ def _build_qwen(path: Path, family: str = "qwen2_5_vl") -> None:
     ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=64, in_channels=3)
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+    vision, text = qwen_tiny_configs(tokenizer)
     torch.manual_seed(0)
     if family == "qwen2_vl":  # vision width embed_dim, the LLM's width hidden_size
         vision = dict(vision, embed_dim=vision.pop("hidden_size"), hidden_size=vision.pop("out_hidden_size"),
