@@ -548,3 +548,13 @@ def test_qwen2_vl_tower_equals_its_later_blocks_run_on_the_kept_groups():
         want = tower.merger(h)
     torch.testing.assert_close(got[keep], want, rtol=0, atol=1e-5)
     assert not got[~keep].any()
+
+
+def test_split_gives_each_prompt_its_videos_seconds_per_grid():
+    """Qwen2.5-VL's second_per_grid_ts has one entry per video: a split prompt takes its own
+    videos' entries (it took the whole batch's, so a later prompt's video read the first's)."""
+    adapter = saint.adapters.find_adapter(make("qwen2_5_vl"))
+    rows = [[1, ("video", (2, 8, 8)), 2], [2, ("image", (1, 8, 8)), 1], [1, ("video", (1, 4, 8)), 3]]
+    x = dict(inputs(rows), second_per_grid_ts=torch.tensor([0.5, 2.0]))
+    parts = list(adapter.split(x, 1))
+    assert [p["second_per_grid_ts"].tolist() for p in parts] == [[0.5], [], [2.0]]
