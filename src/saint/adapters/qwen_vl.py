@@ -278,7 +278,7 @@ class QwenVL(HFVlm):
         videos' seconds per grid."""
         b = self.batch_size(inputs)
         if size < b and inputs.get("input_features") is not None:
-            raise ValueError("splitting a Qwen2.5-Omni batch with audio (input_features) into smaller batches is "
+            raise ValueError("splitting an Omni batch with audio (input_features) into smaller batches is "
                              f"not supported; pass a batch size of at least its {b} prompts")
         for start in range(0, b, size):
             rows = slice(start, min(start + size, b))
@@ -299,7 +299,7 @@ def _media_of_rows(inputs: dict[str, Any], rows: slice, code: int, pixels: str, 
     if types is None:
         raise ValueError(
             "splitting a Qwen-VL batch needs mm_token_type_ids (1 at image tokens, 2 at video tokens; the Qwen-VL "
-            "and GLM processors return them, Qwen2.5-Omni's does not: add them, e.g. (ids == image_token_id) + "
+            "and GLM processors return them, the Omni processors do not: add them, e.g. (ids == image_token_id) + "
             "2 * (ids == video_token_id), which its forward ignores), or pass a batch size of at least its "
             f"{len(inputs['input_ids'])} prompts")
     per_row = (types == code).sum(dim=1)
@@ -312,7 +312,7 @@ def _media_of_rows(inputs: dict[str, Any], rows: slice, code: int, pixels: str, 
     first, last = (int(torch.searchsorted(item_end, row_end[i])) for i in (rows.start, rows.stop))
     patch_end = F.pad(patches.cumsum(0), (1, 0))
     out = {pixels: inputs[pixels][int(patch_end[first]):int(patch_end[last])], grid: inputs[grid][first:last]}
-    if code == 2:  # one entry per video: Qwen2.5-VL's second_per_grid_ts, Qwen2.5-Omni's video_second_per_grid
+    if code == 2:  # one entry per video: Qwen2.5-VL's second_per_grid_ts, the Omni thinkers' video_second_per_grid
         out.update({k: inputs[k][first:last] for k in PER_VIDEO if inputs.get(k) is not None})
     return out
 

@@ -31,8 +31,8 @@ def _visual_ids(mm: torch.nn.Module) -> list[int]:
 def _runs(visual: torch.Tensor, joined: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the image/video each visual token belongs to (maximal runs, row-major;
     the processor wraps every image and video in vision start/end tokens), -1 elsewhere.
-    ``joined``: tokens that may sit inside a video's run (Qwen2.5-Omni interleaves a video's
-    audio with its frames, ``use_audio_in_video``); runs of those alone are no image."""
+    ``joined``: tokens that may sit inside a video's run (the Omni processors interleave a
+    video's audio with its frames, ``use_audio_in_video``); runs of those alone are no image."""
     span = visual if joined is None else visual | joined
     start = span & ~F.pad(span[:, :-1], (1, 0), value=False)
     run = start.flatten().long().cumsum(0).view_as(span) - 1
@@ -44,7 +44,7 @@ def _runs(visual: torch.Tensor, joined: torch.Tensor | None = None) -> torch.Ten
 
 
 def _audio(module: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
-    """The audio tokens of a model that takes audio (Qwen2.5-Omni), else None."""
+    """The audio tokens of a model that takes audio (the Omni thinkers), else None."""
     audio_id = getattr(module.config, "audio_token_id", None)
     return None if audio_id is None else input_ids == int(audio_id)
 
@@ -119,7 +119,7 @@ def _positions(kwargs: dict[str, Any], visual: torch.Tensor, modality: str, toke
 
 
 # the per-family inputs of compute_3d_position_ids beyond the grids and the mask: Qwen-VL and
-# GLM read the token types (and Qwen2.5-VL the seconds per video grid), Qwen2.5-Omni the
+# GLM read the token types (and Qwen2.5-VL the seconds per video grid), the Omni thinkers the
 # audio lengths, the seconds per video grid and whether a video's audio is interleaved
 _POSITION_EXTRAS = frozenset({"mm_token_type_ids", "second_per_grid_ts", "use_audio_in_video",
                               "audio_feature_lengths", "video_second_per_grid"})
@@ -141,7 +141,7 @@ def _full_positions(module: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Te
     input_ids = kwargs["input_ids"]
     extra = {k: kwargs.get(k) for k in _POSITION_EXTRAS & _parameters(module.compute_3d_position_ids) if k in kwargs}
     if "audio_feature_lengths" in extra and kwargs.get("feature_attention_mask") is not None:
-        extra["audio_feature_lengths"] = kwargs["feature_attention_mask"].sum(dim=1)  # as Qwen2.5-Omni's forward
+        extra["audio_feature_lengths"] = kwargs["feature_attention_mask"].sum(dim=1)  # as the Omni forwards do
     pos = module.compute_3d_position_ids(
         input_ids=input_ids, image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
         inputs_embeds=None, attention_mask=kwargs.get("attention_mask"), cache=kwargs.get("cache"), **extra,

@@ -1,4 +1,4 @@
-"""SAINT's ``vit`` step inside a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM / Qwen2.5-Omni vision tower: after
+"""SAINT's ``vit`` step inside a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM / Omni vision tower: after
 block ``vit_layer``, whole merge groups (the 4 consecutive tokens the merger concatenates)
 are dropped per sample (full-attention segment) by a fixed budget over each group's
 mean key (normed where the tower norms its keys, as GLM-OCR's does); later blocks get
