@@ -60,6 +60,20 @@ FIXED_SIZE = ("gemma3", "paligemma", "fast_vlm", "deepseek_vl", "deepseek_vl_hyb
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
 
+def _llava_processor(special: list[str], eos: str, side: int, patch: int, strategy: str, extra_tokens: int):
+    """A trained tokenizer and LLaVA's processor for ``side`` px images of ``patch`` px cells
+    (``special`` besides ``<pad> <s> </s> <image>``; ``extra_tokens``: the tower's class token)."""
+    import transformers
+
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(["<pad>", "<s>", "</s>", "<image>", *special], ["user assistant"]),
+        pad_token="<pad>", bos_token="<s>", eos_token=eos, extra_special_tokens={"image_token": "<image>"})
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return tokenizer, transformers.LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra_tokens, image_token="<image>")
+
+
 def _build(path: Path, family: str) -> None:
     """A tiny random checkpoint of ``family`` (:func:`tests.llm_side_tiny.make`'s
     geometry) with the family's processor around a tokenizer trained on easy-VQA."""
@@ -144,14 +158,7 @@ def _build(path: Path, family: str) -> None:
         image_token = "<IMG_ATOM>"
         extra = {"indicator_ids": tokenizer.convert_tokens_to_ids(indicators)}
     elif family == "fast_vlm":  # LLaVA's processor: 128 px, one token per 32 px cell of the tower's last stage
-        special = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
-        tokenizer = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<s>",
-            eos_token="<|im_end|>", extra_special_tokens={"image_token": "<image>"})
-        images = transformers.CLIPImageProcessor(size={"shortest_edge": 128}, crop_size={"height": 128, "width": 128})
-        processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=32,
-                                                vision_feature_select_strategy="full", num_additional_image_tokens=0,
-                                                image_token="<image>")
+        tokenizer, processor = _llava_processor(["<|im_start|>", "<|im_end|>"], "<|im_end|>", 128, 32, "full", 0)
         image_token = "<image>"
     elif family in ("deepseek_vl", "deepseek_vl_hybrid"):  # 64 px images of 16 px patches: 16 tokens
         special = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>", "<|User|>",
@@ -203,14 +210,7 @@ def _build(path: Path, family: str) -> None:
         processor = transformers.Idefics2Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=16)
         image_token = "<image>"
     elif family == "vipllava":  # LLaVA's processor: 64 px, one token per 16 px patch, no class token
-        special = ["<pad>", "<s>", "</s>", "<image>"]
-        tokenizer = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<s>",
-            eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-        images = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-        processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=16,
-                                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                                image_token="<image>")
+        tokenizer, processor = _llava_processor([], "</s>", 64, 16, "default", 1)
         image_token = "<image>"
     elif family == "janus":  # 64 px images of 16 px patches: 16 tokens between <begin_of_image> and <end_of_image>
         special = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",

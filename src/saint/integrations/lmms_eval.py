@@ -624,7 +624,12 @@ class SaintQwenVL(SaintLlava):
     """
 
     NAME = "saint_qwen_vl"
-    MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+    MODEL_CLASSES = {  # model_type -> the transformers class that loads it
+        "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+        "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+    MODEL_TYPES = tuple(MODEL_CLASSES)
+    TITLE = "Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense or MoE)"
     ADAPTER = qwen_adapter
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
 
@@ -667,21 +672,16 @@ class SaintQwenVL(SaintLlava):
                        do_sample_frames=False)
         return out
 
-    @staticmethod
-    def _family_hint() -> str:
-        return ("Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense or MoE) checkpoints (model_type 'qwen2_vl', "
-                "'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe', 'qwen3_5' or 'qwen3_5_moe')")
+    @classmethod
+    def _family_hint(cls) -> str:  # type: ignore[override]
+        *most, last = (repr(t) for t in cls.MODEL_CLASSES)
+        return f"{cls.TITLE} checkpoints (model_type {', '.join(most)} or {last})"
 
-    @staticmethod
-    def _model_class(model_type: str) -> Any:
+    @classmethod
+    def _model_class(cls, model_type: str) -> Any:  # type: ignore[override]
         import transformers
 
-        return getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-                                      "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                                      "qwen3_vl": "Qwen3VLForConditionalGeneration",
-                                      "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-                                      "qwen3_5": "Qwen3_5ForConditionalGeneration",
-                                      "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}[model_type])
+        return getattr(transformers, cls.MODEL_CLASSES[model_type])
 
     def _image_placeholder(self) -> str:
         start = getattr(self.processor, "vision_start_token", "<|vision_start|>")

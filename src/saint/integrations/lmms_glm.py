@@ -31,22 +31,11 @@ class SaintGlm4v(SaintQwenVL):
     ``saint_qwen_vl``'s (:class:`~saint.integrations.lmms_eval.SaintQwenVL`)."""
 
     NAME = "saint_glm4v"
-    MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v", "glm_ocr")
+    MODEL_CLASSES = {"glm4v": "Glm4vForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
+                     "glm46v": "Glm46VForConditionalGeneration", "glm_ocr": "GlmOcrForConditionalGeneration"}
+    MODEL_TYPES = tuple(MODEL_CLASSES)
+    TITLE = "GLM-4.1V / GLM-4.5V / GLM-4.6V / GLM-OCR"
     DEFAULT_CHAT_TEMPLATE = GLM_CHAT_TEMPLATE
-
-    @staticmethod
-    def _family_hint() -> str:
-        return ("GLM-4.1V / GLM-4.5V / GLM-4.6V / GLM-OCR checkpoints (model_type 'glm4v', 'glm4v_moe', 'glm46v' "
-                "or 'glm_ocr')")
-
-    @staticmethod
-    def _model_class(model_type: str) -> Any:
-        import transformers
-
-        return getattr(transformers, {"glm4v": "Glm4vForConditionalGeneration",
-                                      "glm4v_moe": "Glm4vMoeForConditionalGeneration",
-                                      "glm46v": "Glm46VForConditionalGeneration",
-                                      "glm_ocr": "GlmOcrForConditionalGeneration"}[model_type])
 
     def _image_placeholder(self) -> str:
         return f"<|begin_of_image|>{self.image_token}<|end_of_image|>"

@@ -21,13 +21,6 @@ import torch
 from .lmms_eval import SaintQwenVL
 from .lmms_video import Video
 
-THINKERS = {  # model_type -> the thinker class transformers loads from it
-    "qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
-    "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
-    "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration",
-    "qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration",
-}
-
 
 class SaintQwenOmni(SaintQwenVL):
     """A Qwen2.5-Omni or Qwen3-Omni checkpoint's thinker patched once by :func:`saint.patch`,
@@ -36,18 +29,13 @@ class SaintQwenOmni(SaintQwenVL):
     Audio visuals are refused, as there."""
 
     NAME = "saint_qwen_omni"
-    MODEL_TYPES = tuple(THINKERS)
-
-    @staticmethod
-    def _family_hint() -> str:
-        return ("Qwen2.5-Omni / Qwen3-Omni checkpoints, whole or their thinker (model_type 'qwen2_5_omni', "
-                "'qwen2_5_omni_thinker', 'qwen3_omni_moe' or 'qwen3_omni_moe_thinker')")
-
-    @staticmethod
-    def _model_class(model_type: str) -> Any:
-        import transformers
-
-        return getattr(transformers, THINKERS[model_type])
+    MODEL_CLASSES = {  # model_type -> the thinker class transformers loads from it (whole or thinker checkpoint)
+        "qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
+        "qwen2_5_omni_thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
+        "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration",
+        "qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration"}
+    MODEL_TYPES = tuple(MODEL_CLASSES)
+    TITLE = "Qwen2.5-Omni / Qwen3-Omni (whole, or their thinker)"
 
     def _image_placeholder(self) -> str:
         return f"{self.processor.vision_bos_token}{self.image_token}{self.processor.vision_eos_token}"
