@@ -82,6 +82,17 @@ def test_images_only_pruning_refuses_a_video_limit_only_where_videos_are_taken()
         images_only_settings(*_info_and_ctx(0.25, ("image", "video"), 4), "X")
 
 
+def test_images_only_settings_read_the_infos_own_settings_config():
+    """An Omni info's settings live in the top-level config (``saint_hf_config``), not in the
+    thinker's that ``get_hf_config`` returns: read from there, and checked there."""
+    info, ctx = _info_and_ctx(None, ("image", "video"), 0)
+    info.saint_hf_config = lambda: SimpleNamespace(saint_keep_ratio=0.5)
+    assert images_only_settings(info, ctx, "X").keep_ratio == 0.5
+    info.saint_hf_config = lambda: SimpleNamespace(saint_keep_ratio=2.0)
+    with pytest.raises(SaintSettingsError, match="saint_keep_ratio=2.0"):
+        images_only_settings(info, ctx, "X")
+
+
 def test_nothing_in_saint_imports_the_plugin():
     """The plugin stays optional: importing saint and its command line never loads it."""
     code = (

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from saint.core import fixed_budget_keep_mask
+from saint.integrations.vllm.compat import install_torchvision_shim
 from saint.integrations.vllm.settings import SaintVllmSettings
 
 
@@ -68,11 +69,11 @@ def _one_d_logprobs(model, decoder, image_token: int, feats, keeps, prompt_ids, 
     return _step_logprobs(model.lm_head(hidden), len(prompt_ids), len(output_ids))
 
 
-def _qwen_inputs(model, image_token: int, feats, keeps, grid, prompt_ids, output_ids):
+def _qwen_inputs(model, image_token: int, feats, keeps, prompt_ids, output_ids, rope_index):
     """Embeddings and M-RoPE positions ``[3, 1, L]`` of vLLM's prompt (each image's run
     already shortened to its kept count) followed by its output: kept tokens keep their
-    full-grid positions (transformers' ``get_rope_index`` on the unpruned prompt), the text
-    after an image keeps its unpruned positions."""
+    full-grid positions (``rope_index(ids)``, transformers' ``get_rope_index`` on the
+    unpruned prompt ``ids [1, L_full]``), the text after an image keeps its unpruned positions."""
     embeds, mask, runs = _kept_embeddings(model, image_token, feats, keeps, prompt_ids, output_ids)
     ids = torch.tensor(prompt_ids)
     parts, columns, end = [], [], 0
@@ -82,11 +83,7 @@ def _qwen_inputs(model, image_token: int, feats, keeps, grid, prompt_ids, output
         end = start + k
     parts.append(ids[end:])
     columns.append(torch.ones(len(ids) - end, dtype=torch.bool))
-    full = torch.cat(parts)[None]
-    positions, _ = model.model.get_rope_index(
-        full, mm_token_type_ids=(full == image_token).int(), image_grid_thw=grid
-    )
-    positions = positions[:, :, torch.cat(columns)]
+    positions = rope_index(torch.cat(parts)[None])[:, :, torch.cat(columns)]
     after = positions.max() + 1 + torch.arange(len(output_ids))  # decoding continues from there
     positions = torch.cat([positions, after.view(1, 1, -1).expand(3, 1, -1)], dim=2)
     return embeds, positions, mask
@@ -146,8 +143,11 @@ def transformers_scores(
     vision = model.model.get_image_features(inputs["pixel_values"].to(dtype), grid)
     feats = list(vision.pooler_output)
     keeps = [_keep(f, keep_ratio) for f in feats]
+    image_token = model.config.image_token_id
     embeds, positions, mask = _qwen_inputs(
-        model, model.config.image_token_id, feats, keeps, grid, prompt_ids, output_ids
+        model, image_token, feats, keeps, prompt_ids, output_ids,
+        lambda ids: model.model.get_rope_index(ids, mm_token_type_ids=(ids == image_token).int(),
+                                               image_grid_thw=grid)[0],
     )
     deepstack = {}
     if qwen3:
@@ -155,6 +155,58 @@ def transformers_scores(
         deepstack = {"visual_pos_masks": mask, "deepstack_visual_embeds": levels}
     hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions, **deepstack)
     logits = model.lm_head(hidden.last_hidden_state)
+    return {
+        "logprobs": _step_logprobs(logits, len(prompt_ids), len(output_ids)),
+        "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
+        "tokens": [len(f) for f in feats],
+    }
+
+
+@torch.no_grad()
+def transformers_omni_scores(
+    model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
+    keep_ratio: float, audio=None,
+) -> dict:
+    """Qwen2.5-Omni's thinker (of the whole-model checkpoint vLLM serves), one image or several in
+    prompt order, as :func:`transformers_scores`; ``audio`` (a 16 kHz waveform, the prompt's one
+    audio clip): its features, from the checkpoint's own processor, fill the audio run, and the
+    positions count its tokens as transformers' ``get_rope_index`` does."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import (
+        AutoProcessor,
+        Qwen2_5OmniConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
+
+    paths = image_paths if isinstance(image_paths, list) else [image_paths]
+    # the whole model's from_pretrained wants the talker's speaker file: build the thinker alone
+    thinker = Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniConfig.from_pretrained(model_dir).thinker_config)
+    weights = load_file(str(Path(model_dir) / "model.safetensors"))
+    thinker.load_state_dict({k.removeprefix("thinker."): v for k, v in weights.items()}, strict=True)
+    thinker = thinker.float().eval()
+    install_torchvision_shim()  # the Omni processor needs a video processor (torchvision's)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    inputs = processor.image_processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    feats = list(thinker.get_image_features(inputs["pixel_values"], grid).pooler_output)
+    keeps = [_keep(f, keep_ratio) for f in feats]
+    config, seqlens = thinker.config, None
+    if audio is not None:
+        sound = processor(text=processor.audio_token, audio=[audio], return_tensors="pt")
+        seqlens = sound["feature_attention_mask"].sum(-1)
+        sound = thinker.get_audio_features(sound["input_features"], sound["feature_attention_mask"])
+    embeds, positions, _ = _qwen_inputs(
+        thinker, config.image_token_index, feats, keeps, prompt_ids, output_ids,
+        lambda ids: thinker.get_rope_index(ids, image_grid_thw=grid, attention_mask=torch.ones_like(ids),
+                                           audio_seqlens=seqlens)[0],
+    )
+    audio_runs = _runs(torch.tensor(prompt_ids), config.audio_token_index)
+    assert len(audio_runs) == (audio is not None), audio_runs
+    for start, n in audio_runs:
+        assert n == len(sound.last_hidden_state), (n, sound.last_hidden_state.shape)
+        embeds[0, start : start + n] = sound.last_hidden_state
+    logits = thinker.lm_head(thinker.model(inputs_embeds=embeds, position_ids=positions).last_hidden_state)
     return {
         "logprobs": _step_logprobs(logits, len(prompt_ids), len(output_ids)),
         "kept": [keep.nonzero().flatten().tolist() for keep in keeps],

@@ -5,7 +5,7 @@ indices.
 A fresh process per engine: vLLM loads its plugins (and ``VLLM_PLUGINS``) once per process.
 ``python tests_vllm/run_engine.py MODEL_DIR IMAGE.png '{"saint_keep_ratio": 0.25}' ['{...}']``
 (the optional last argument: more ``LLM(...)`` arguments, and ``filler_words``: that much text
-after the images).
+after the images; ``audio_seconds``: an Omni prompt opens with that long an :func:`audio_clip`).
 
 With a JSON list of requests instead of the image (``'[["a.png", "b.png"], ["c.png"]]'``: the
 images of each prompt), the requests run together in one ``generate`` call and then each
@@ -47,18 +47,29 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "gemma4": ("<bos>{images}Describe the picture.", "<|image|>"),
     "paddleocr_vl": ("<s>User: {images}Describe the picture.\nAssistant: ",
                      "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"),
+    "qwen2_5_omni": (QWEN_PROMPT, "<|vision_bos|><|IMAGE|><|vision_eos|>"),
     "glm4v": GLM,
     "glm4v_moe": GLM,
     "glm_ocr": GLM,
     "idefics3": ("<|im_start|>User:{images}Describe the picture.<end_of_utterance>\nAssistant:", "<image>"),
 }
 MAX_TOKENS = 6
+AUDIO = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # an Omni prompt's audio clip
+SAMPLING_RATE = 16000
 
 
-def prompt(model_type: str, images: int, filler: int = 0) -> str:
-    """The model's prompt with ``images`` placeholders, then ``filler`` words of text."""
+def audio_clip(seconds: float):
+    """A reproducible ``seconds`` of quiet noise at 16 kHz (the Omni feature extractor's rate)."""
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal(int(SAMPLING_RATE * seconds)).astype(np.float32) * 0.1
+
+
+def prompt(model_type: str, images: int, filler: int = 0, audio: bool = False) -> str:
+    """The model's prompt with ``audio`` (one clip) and ``images`` placeholders, then
+    ``filler`` words of text."""
     text, image = PROMPTS[model_type]
-    return text.format(images=image * images + "A cat on a mat. " * (filler // 5))
+    return text.format(images=AUDIO * audio + image * images + "A cat on a mat. " * (filler // 5))
 
 
 def result(out) -> dict:
@@ -84,6 +95,8 @@ def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> Non
 
     engine_args = json.loads(engine)
     filler = engine_args.pop("filler_words", 0)  # text after the images (a prompt longer than a cache block)
+    seconds = engine_args.pop("audio_seconds", 0)
+    audio = {"audio": (audio_clip(seconds), SAMPLING_RATE)} if seconds else {}
     config = json.loads((Path(model) / "config.json").read_text())
     model_type = config["model_type"]
     if config.get("vision_config", {}).get("model_type") == "pixtral":  # Pixtral-based LLaVA: Mistral's prompt
@@ -101,7 +114,8 @@ def main(model: str, image_path: str, overrides: str, engine: str = "{}") -> Non
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0)
     if not image_path.startswith("["):
         image = Image.open(image_path).convert("RGB")
-        out = llm.generate({"prompt": prompt(model_type, 1, filler), "multi_modal_data": {"image": image}}, params)[0]
+        out = llm.generate({"prompt": prompt(model_type, 1, filler, bool(audio)),
+                            "multi_modal_data": {"image": image, **audio}}, params)[0]
         print("RESULT " + json.dumps({**result(out), "kept": llm.apply_model(last_kept_indices)[0]}), flush=True)
         return
     requests = [

@@ -1,5 +1,5 @@
 """Several images per prompt, batched requests and the prefix cache, with SAINT pruning on
-(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.1V, LLaVA-1.5, LLaVA-NeXT and InternVL
+(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen2.5-Omni, Qwen3-VL, Qwen3.5, GLM-4.1V, LLaVA-1.5, LLaVA-NeXT and InternVL
 (both formats; the chat format's reference is transformers on the same weights): one
 engine per model,
 block size 32 with prefix caching. The requests run together, then each again on its own,
@@ -25,6 +25,7 @@ from reference import (
     transformers_anyres_scores,
     transformers_internvl_scores,
     transformers_llava_scores,
+    transformers_omni_scores,
     transformers_scores,
 )
 
@@ -44,10 +45,11 @@ def landscape_path(tmp_path_factory) -> Path:
     return path
 
 
-FAMILIES = {  # checkpoint fixture, reference, its checkpoint fixture, that config's image token key
+FAMILIES = {  # checkpoint fixture, reference, its checkpoint fixture, that config's image token key (dotted: nested)
     "qwen2_5_vl": ("model_dir", transformers_scores, "model_dir", "image_token_id"),
     "qwen3_vl": ("qwen3_dir", transformers_scores, "qwen3_dir", "image_token_id"),
     "qwen3_5": ("qwen3_5_dir", transformers_scores, "qwen3_5_dir", "image_token_id"),
+    "qwen2_5_omni": ("omni_dir", transformers_omni_scores, "omni_dir", "thinker_config.image_token_index"),
     "glm4v": ("glm4v_dir", transformers_scores, "glm4v_dir", "image_token_id"),
     "paddleocr_vl": ("paddleocr_vl_dir", transformers_scores, "paddleocr_vl_dir", "image_token_id"),
     "llava": ("llava_dir", transformers_llava_scores, "llava_dir", "image_token_index"),
@@ -69,7 +71,9 @@ def test_two_images_batches_and_prefix_cache_decode_as_transformers(
     engine = {**ENGINE, "dtype": "bfloat16"} if bf16 else ENGINE
     tol = BF16_LOGPROB_TOL if bf16 else LOGPROB_TOL
     got = run_engine(request.getfixturevalue(fixture), prompts, {"saint_keep_ratio": RATIO}, engine=engine)
-    image_token = json.loads((model_dir / "config.json").read_text())[token_key]
+    image_token = json.loads((model_dir / "config.json").read_text())
+    for key in token_key.split("."):
+        image_token = image_token[key]
     settings = SaintVllmSettings(RATIO)
     cached_images = 0
     for paths, batched, again in zip(prompts, got["batched"], got["again"], strict=True):

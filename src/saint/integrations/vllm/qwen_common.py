@@ -161,7 +161,7 @@ class SaintImagePruningMixin:
 
     def saint_setup(self, vllm_config: Any) -> None:
         """Call at the end of ``__init__``."""
-        self.saint = settings_from_config(self.config)  # type: ignore[attr-defined]
+        self.saint = settings_from_config(self.saint_hf_config(vllm_config))
         self.saint_prunes_images = self.saint is not None
         self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
         if self.saint is None:
@@ -171,6 +171,17 @@ class SaintImagePruningMixin:
         # Rows carry position channels; this also keeps the tower out of encoder CUDA graphs,
         # which would skip the pruning step.
         self.is_multimodal_pruning_enabled = True
+
+    def saint_hf_config(self, vllm_config: Any) -> Any:
+        """The HF config holding the ``saint_*`` settings (the model's own; the Omni thinkers
+        read the top-level one, where ``--hf-overrides`` writes)."""
+        return self.config  # type: ignore[attr-defined]
+
+    def saint_media_token_ids(self) -> tuple[int, ...]:
+        """The placeholder tokens whose embeddings reach ``recompute_mrope_positions`` (each
+        carrying its position channels)."""
+        config = self.config  # type: ignore[attr-defined]
+        return (config.image_token_id, config.video_token_id)
 
     def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
         return emb
@@ -205,11 +216,10 @@ class SaintImagePruningMixin:
                 input_ids=input_ids, multimodal_embeddings=multimodal_embeddings,
                 mrope_positions=mrope_positions, num_computed_tokens=num_computed_tokens)
         c = self.saint_channels
-        config = self.config  # type: ignore[attr-defined]
         with gpu_sync_allowed():  # the rows' positions come to the host, as in vLLM's helper
             positions, delta = recompute_media_positions(
                 input_ids, [mm[:, -c:][:, :4].T for mm in multimodal_embeddings], mrope_positions,
-                num_computed_tokens, (config.image_token_id, config.video_token_id))
+                num_computed_tokens, self.saint_media_token_ids())
         return [mm[:, :-c] for mm in multimodal_embeddings], positions, delta
 
     def _postprocess_image_embeds_evs(

@@ -1,4 +1,4 @@
-"""Random Qwen2.5-VL, Qwen2-VL, Qwen3-VL, Qwen3.5, GLM-4.1V, LLaVA-1.5 / NeXT (Granite Vision too) / OneVision, Idefics3, InternVL (both formats), Gemma 3,
+"""Random Qwen2.5-VL, Qwen2-VL, Qwen2.5-Omni, Qwen3-VL, Qwen3.5, GLM-4.1V, LLaVA-1.5 / NeXT (Granite Vision too) / OneVision, Idefics3, InternVL (both formats), Gemma 3,
 PaliGemma and Mistral 3 checkpoints written to a folder that vLLM and
 transformers both load, without a hub download: a byte-level BPE tokenizer trained on the
 spot (with the model's special tokens), the PIL image processor and random weights.
@@ -133,6 +133,72 @@ def write_checkpoint(
     (path / "processor_config.json").write_text(
         json.dumps({"processor_class": processor_name}, indent=2)
     )
+    gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path
+
+
+OMNI_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>",
+                       "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+
+
+def write_qwen2_5_omni_checkpoint(path: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448,
+                                  seed: int = 0) -> Path:
+    """Write a tiny random Qwen2.5-Omni to ``path`` in the hub's whole-model layout (a
+    ``Qwen2_5OmniForConditionalGeneration`` config, the thinker's weights under ``thinker.``;
+    no talker: vLLM serves the thinker alone): :data:`TINY`'s LM and tower (q/k/v projected
+    separately), a one-layer audio tower (128 mel bins, 25 tokens per second of audio), and
+    the Omni processor (Qwen2-VL's image processor, Whisper's feature extractor)."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    g = TINY
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names = ("image", "video", "audio", "vision_bos", "vision_eos", "audio_bos", "audio_eos")
+    tokens = ("<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|vision_bos|>", "<|vision_eos|>", "<|audio_bos|>",
+              "<|audio_eos|>")
+    tokenizer = _tokenizer(g["vocab_size"], OMNI_SPECIAL_TOKENS,
+                           extra={f"{n}_token": t for n, t in zip(names, tokens, strict=True)})
+    tokenizer.save_pretrained(path)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in OMNI_SPECIAL_TOKENS}
+    text = dict(
+        hidden_size=g["hidden_size"], intermediate_size=g["intermediate_size"],
+        num_hidden_layers=g["num_hidden_layers"], num_attention_heads=g["num_attention_heads"],
+        num_key_value_heads=g["num_key_value_heads"], vocab_size=g["vocab_size"], max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,  # vLLM's thinker reads it here, transformers' from the thinker's config
+    )
+    vision = dict(
+        depth=g["vision_depth"], hidden_size=g["vision_hidden_size"], intermediate_size=g["vision_intermediate_size"],
+        num_heads=g["vision_heads"], out_hidden_size=g["hidden_size"], fullatt_block_indexes=g["fullatt_block_indexes"],
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+    )
+    audio = dict(num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=64,
+                 output_dim=g["hidden_size"], n_window=50, max_source_positions=1500)
+    thinker = transformers.Qwen2_5OmniThinkerConfig(
+        vision_config=vision, text_config=text, audio_config=audio, image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"], audio_token_index=ids["<|AUDIO|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        position_id_per_seconds=25, seconds_per_chunk=2, tie_word_embeddings=False,
+    )
+    config = transformers.Qwen2_5OmniConfig(thinker_config=thinker.to_dict(), enable_audio_output=False)
+    config.architectures = ["Qwen2_5OmniForConditionalGeneration"]
+    config.save_pretrained(path)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(thinker).eval()
+    _sharpen(model)
+    save_file({f"thinker.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    images = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    images.save_pretrained(path)
+    # save_pretrained of the processor needs a video processor (torchvision); write it by hand.
+    processor = {"processor_class": "Qwen2_5OmniProcessor", "image_processor": images.to_dict(),
+                 "feature_extractor": transformers.WhisperFeatureExtractor(feature_size=128).to_dict()}
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2, default=str))
     gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
