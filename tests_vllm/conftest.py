@@ -58,8 +58,11 @@ def _tiny_checkpoint(name: str, writer: str, folder: str, doc: str, **kwargs: ob
 
 model_dir = _tiny_checkpoint("model_dir", "write_checkpoint", "tiny-qwen2.5-vl", "A tiny Qwen2.5-VL.")
 qwen2_dir = _tiny_checkpoint("qwen2_dir", "write_checkpoint", "tiny-qwen2-vl", "A tiny Qwen2-VL.", family="qwen2_vl")
-omni_dir = _tiny_checkpoint("omni_dir", "write_qwen2_5_omni_checkpoint", "tiny-qwen2.5-omni",
+omni_dir = _tiny_checkpoint("omni_dir", "write_qwen_omni_checkpoint", "tiny-qwen2.5-omni",
                             "A tiny Qwen2.5-Omni (the thinker served; Qwen2.5-VL's geometry, an audio tower).")
+omni3_dir = _tiny_checkpoint("omni3_dir", "write_qwen_omni_checkpoint", "tiny-qwen3-omni",
+                             "A tiny Qwen3-Omni (the thinker served; the Qwen3-VL test's tower, an MoE LM, an audio "
+                             "tower).", family="qwen3_omni_moe")
 qwen3_dir = _tiny_checkpoint("qwen3_dir", "write_qwen3_vl_checkpoint", "tiny-qwen3-vl", "A tiny Qwen3-VL.")
 qwen3_5_dir = _tiny_checkpoint("qwen3_5_dir", "write_qwen3_vl_checkpoint", "tiny-qwen3.5",
                                "A tiny Qwen3.5 (Qwen3-VL's tower; a Gated DeltaNet layer, then full attention).",

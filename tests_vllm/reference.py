@@ -167,48 +167,54 @@ def transformers_omni_scores(
     model_dir: Path, image_paths: Path | list[Path], prompt_ids: list[int], output_ids: list[int],
     keep_ratio: float, audio=None,
 ) -> dict:
-    """Qwen2.5-Omni's thinker (of the whole-model checkpoint vLLM serves), one image or several in
-    prompt order, as :func:`transformers_scores`; ``audio`` (a 16 kHz waveform, the prompt's one
-    audio clip): its features, from the checkpoint's own processor, fill the audio run, and the
-    positions count its tokens as transformers' ``get_rope_index`` does."""
+    """Qwen2.5-Omni's or Qwen3-Omni's thinker (of the whole-model checkpoint vLLM serves), one
+    image or several in prompt order, as :func:`transformers_scores` (Qwen3-Omni: with the kept
+    tokens' deepstack features); ``audio`` (a 16 kHz waveform, the prompt's one audio clip): its
+    features, from the checkpoint's own processor, fill the audio run, and the positions count
+    its tokens as transformers' ``get_rope_index`` does."""
+    import transformers
     from PIL import Image
     from safetensors.torch import load_file
-    from transformers import (
-        AutoProcessor,
-        Qwen2_5OmniConfig,
-        Qwen2_5OmniThinkerForConditionalGeneration,
-    )
 
     paths = image_paths if isinstance(image_paths, list) else [image_paths]
-    # the whole model's from_pretrained wants the talker's speaker file: build the thinker alone
-    thinker = Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniConfig.from_pretrained(model_dir).thinker_config)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    name = {"qwen2_5_omni": "Qwen2_5Omni", "qwen3_omni_moe": "Qwen3OmniMoe"}[config.model_type]
+    # the whole model's from_pretrained wants the talker's files: build the thinker alone
+    thinker = getattr(transformers, f"{name}ThinkerForConditionalGeneration")(config.thinker_config)
     weights = load_file(str(Path(model_dir) / "model.safetensors"))
     thinker.load_state_dict({k.removeprefix("thinker."): v for k, v in weights.items()}, strict=True)
     thinker = thinker.float().eval()
     install_torchvision_shim()  # the Omni processor needs a video processor (torchvision's)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
     inputs = processor.image_processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
     grid = inputs["image_grid_thw"]
-    feats = list(thinker.get_image_features(inputs["pixel_values"], grid).pooler_output)
+    vision = thinker.get_image_features(inputs["pixel_values"], grid)
+    feats = list(vision.pooler_output)
     keeps = [_keep(f, keep_ratio) for f in feats]
     config, seqlens = thinker.config, None
+    image_token, audio_token = ((config.image_token_index, config.audio_token_index) if name == "Qwen2_5Omni"
+                                else (config.image_token_id, config.audio_token_id))
     if audio is not None:
         sound = processor(text=processor.audio_token, audio=[audio], return_tensors="pt")
         seqlens = sound["feature_attention_mask"].sum(-1)
         sound = thinker.get_audio_features(sound["input_features"], sound["feature_attention_mask"])
-    embeds, positions, _ = _qwen_inputs(
-        thinker, config.image_token_index, feats, keeps, prompt_ids, output_ids,
+    embeds, positions, mask = _qwen_inputs(
+        thinker, image_token, feats, keeps, prompt_ids, output_ids,
         lambda ids: thinker.get_rope_index(ids, image_grid_thw=grid, attention_mask=torch.ones_like(ids),
                                            audio_seqlens=seqlens)[0],
     )
-    audio_runs = _runs(torch.tensor(prompt_ids), config.audio_token_index)
+    audio_runs = _runs(torch.tensor(prompt_ids), audio_token)
     assert len(audio_runs) == (audio is not None), audio_runs
     for start, n in audio_runs:
         assert n == len(sound.last_hidden_state), (n, sound.last_hidden_state.shape)
         embeds[0, start : start + n] = sound.last_hidden_state
-    logits = thinker.lm_head(thinker.model(inputs_embeds=embeds, position_ids=positions).last_hidden_state)
+    deepstack = {}
+    if name == "Qwen3OmniMoe":
+        levels = [torch.cat([level[i][keep] for i, keep in enumerate(keeps)]) for level in vision.deepstack_features]
+        deepstack = {"visual_pos_masks": mask, "deepstack_visual_embeds": levels}
+    hidden = thinker.model(inputs_embeds=embeds, position_ids=positions, **deepstack).last_hidden_state
     return {
-        "logprobs": _step_logprobs(logits, len(prompt_ids), len(output_ids)),
+        "logprobs": _step_logprobs(thinker.lm_head(hidden), len(prompt_ids), len(output_ids)),
         "kept": [keep.nonzero().flatten().tolist() for keep in keeps],
         "tokens": [len(f) for f in feats],
     }

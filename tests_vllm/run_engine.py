@@ -25,6 +25,7 @@ from pathlib import Path
 QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                "<|im_start|>user\n{images}Describe the picture.<|im_end|>\n<|im_start|>assistant\n")
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN3_OMNI_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # GLM's template; long enough that an image prompt fills a 32-token block (the prefix-cache test)
 GLM = ("[gMASK]<sop><|user|>\n{images}What is in the image? Describe the picture in one sentence.<|assistant|>\n",
        "<|begin_of_image|><|image|><|end_of_image|>")
@@ -48,13 +49,15 @@ PROMPTS = {  # by the checkpoint's model_type: the prompt and one image's placeh
     "paddleocr_vl": ("<s>User: {images}Describe the picture.\nAssistant: ",
                      "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"),
     "qwen2_5_omni": (QWEN_PROMPT, "<|vision_bos|><|IMAGE|><|vision_eos|>"),
+    "qwen3_omni_moe": (QWEN_PROMPT, QWEN3_OMNI_IMAGE),
     "glm4v": GLM,
     "glm4v_moe": GLM,
     "glm_ocr": GLM,
     "idefics3": ("<|im_start|>User:{images}Describe the picture.<end_of_utterance>\nAssistant:", "<image>"),
 }
 MAX_TOKENS = 6
-AUDIO = "<|audio_bos|><|AUDIO|><|audio_eos|>"  # an Omni prompt's audio clip
+AUDIO = {"qwen2_5_omni": "<|audio_bos|><|AUDIO|><|audio_eos|>",  # an Omni prompt's audio clip
+         "qwen3_omni_moe": "<|audio_start|><|audio_pad|><|audio_end|>"}
 SAMPLING_RATE = 16000
 
 
@@ -69,7 +72,7 @@ def prompt(model_type: str, images: int, filler: int = 0, audio: bool = False) -
     """The model's prompt with ``audio`` (one clip) and ``images`` placeholders, then
     ``filler`` words of text."""
     text, image = PROMPTS[model_type]
-    return text.format(images=AUDIO * audio + image * images + "A cat on a mat. " * (filler // 5))
+    return text.format(images=(AUDIO[model_type] if audio else "") + image * images + "A cat on a mat. " * (filler // 5))
 
 
 def result(out) -> dict:

@@ -2,7 +2,8 @@
 (``qwen_common.recompute_media_positions``): the kept tokens keep their full-grid positions
 and the text after the image keeps its unpruned positions, for any kept subset and any grid
 shape, two images behind a short or a long text, in chunks or after a cached image; for
-Qwen2.5-VL's 4 position channels and Qwen3-VL's 5. No engine needed."""
+Qwen2.5-VL's 4 position channels and Qwen3-VL's 5; an Omni prompt's audio clip before a
+pruned image. No engine needed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from saint.integrations.vllm.qwen_common import media_positions, recompute_media_positions
 
 TEXT, START, END, IMAGE, VIDEO = 9, 3, 4, 5, 6
+AUDIO_START, AUDIO = 7, 8
 
 
 def unpruned(before: int, h: int, w: int, after: int) -> torch.Tensor:
@@ -73,8 +75,12 @@ def saint_model(channels: int):
     """What the overrides' ``recompute_mrope_positions`` reads of its model."""
     from types import SimpleNamespace
 
-    config = SimpleNamespace(image_token_id=IMAGE, video_token_id=VIDEO)
-    return SimpleNamespace(saint=object(), saint_channels=channels, config=config)
+    from saint.integrations.vllm.qwen_common import SaintImagePruningMixin
+
+    model = SimpleNamespace(saint=object(), saint_channels=channels,
+                            config=SimpleNamespace(image_token_id=IMAGE, video_token_id=VIDEO))
+    model.saint_media_token_ids = lambda: SaintImagePruningMixin.saint_media_token_ids(model)
+    return model
 
 
 @pytest.mark.parametrize("h, w", GRIDS)
@@ -255,3 +261,30 @@ def positions_with_pruned_images_qwen(ids: torch.Tensor, features: list):
     from saint.integrations.vllm.qwen_common import positions_with_pruned_images
 
     return positions_with_pruned_images(vllm_prompt_positions("qwen2_5_vl"), ids.tolist(), features, 2)
+
+
+@pytest.mark.parametrize("share", SHARES)
+def test_audio_before_a_pruned_image_keeps_every_unpruned_position(share):
+    """An Omni prompt: text, an audio clip of 7 tokens (one position each, in all three
+    channels), text, a pruned 6 x 8 image, text. The audio rows' channels
+    (``qwen_omni.audio_positions``) and the image's give every token its unpruned position."""
+    from saint.integrations.vllm.qwen_omni import audio_positions
+
+    audio, before, h, w, after = 7, 4, 6, 8, 3
+    keep = random_keep(h, w, share)
+    ids = torch.tensor([TEXT, TEXT, AUDIO_START] + [AUDIO] * audio + [TEXT] * (before - 1) + [START]
+                       + [IMAGE] * int(keep.sum()) + [END] + [TEXT] * (after - 1))
+    stale = torch.arange(len(ids)).expand(3, -1).clone()
+    head = 3 + audio  # the text and audio before the image's own text, at one position per token
+    rows = [torch.cat([torch.randn(audio, 16), audio_positions(audio).float()], dim=1),
+            rows_of(keep, h, w, media_positions)]
+    model = saint_model(4)
+    model.saint_media_token_ids = lambda: (IMAGE, VIDEO, AUDIO)
+    from saint.integrations.vllm.qwen_common import SaintImagePruningMixin
+
+    _, got, delta = SaintImagePruningMixin.recompute_mrope_positions(
+        model, input_ids=ids.tolist(), multimodal_embeddings=rows, mrope_positions=stale, num_computed_tokens=0)
+    want, want_delta = expected(before, h, w, after, keep)
+    assert torch.equal(got[:, :head], torch.arange(head).expand(3, -1))
+    assert torch.equal(got[:, head:], want + head)
+    assert delta == want_delta

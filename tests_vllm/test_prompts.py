@@ -1,5 +1,5 @@
 """Several images per prompt, batched requests and the prefix cache, with SAINT pruning on
-(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen2.5-Omni, Qwen3-VL, Qwen3.5, GLM-4.1V, LLaVA-1.5, LLaVA-NeXT and InternVL
+(``saint_keep_ratio=0.25``), on Qwen2.5-VL, Qwen2.5-Omni, Qwen3-Omni, Qwen3-VL, Qwen3.5, GLM-4.1V, LLaVA-1.5, LLaVA-NeXT and InternVL
 (both formats; the chat format's reference is transformers on the same weights): one
 engine per model,
 block size 32 with prefix caching. The requests run together, then each again on its own,
@@ -50,6 +50,7 @@ FAMILIES = {  # checkpoint fixture, reference, its checkpoint fixture, that conf
     "qwen3_vl": ("qwen3_dir", transformers_scores, "qwen3_dir", "image_token_id"),
     "qwen3_5": ("qwen3_5_dir", transformers_scores, "qwen3_5_dir", "image_token_id"),
     "qwen2_5_omni": ("omni_dir", transformers_omni_scores, "omni_dir", "thinker_config.image_token_index"),
+    "qwen3_omni_moe": ("omni3_dir", transformers_omni_scores, "omni3_dir", "thinker_config.image_token_id"),
     "glm4v": ("glm4v_dir", transformers_scores, "glm4v_dir", "image_token_id"),
     "paddleocr_vl": ("paddleocr_vl_dir", transformers_scores, "paddleocr_vl_dir", "image_token_id"),
     "llava": ("llava_dir", transformers_llava_scores, "llava_dir", "image_token_index"),

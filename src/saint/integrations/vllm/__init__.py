@@ -7,7 +7,7 @@ on per model through vLLM's ``--hf-overrides`` (the model's HF config), e.g.::
 
 Settings: ``saint_keep_ratio`` (share of each image's merged tokens kept, in (0, 1]) and
 ``saint_step_div`` (the fixed-budget drop's step, default 16). Without them the model is
-vLLM's own. Qwen2.5-VL, Qwen2-VL, Qwen3-VL and Qwen3.5 (dense and MoE), Qwen2.5-Omni (its thinker; audio passes), GLM-4.1V / 4.5V, GLM-OCR, PaddleOCR-VL, InternVL (both formats) and
+vLLM's own. Qwen2.5-VL, Qwen2-VL, Qwen3-VL and Qwen3.5 (dense and MoE), Qwen2.5-Omni and Qwen3-Omni (their thinkers; audio passes), GLM-4.1V / 4.5V, GLM-OCR, PaddleOCR-VL, InternVL (both formats) and
 LLaVA-OneVision (images only
 while pruning), LLaVA-1.5, LLaVA-NeXT, Mistral 3, LightOnOCR, Gemma 3, Gemma 4, PaliGemma, Idefics3 and SmolVLM are overridden
 (see docs/vllm.md, also for why pruning inside the language model does not fit vLLM's
@@ -83,10 +83,13 @@ ARCHITECTURES = {
         "saint.integrations.vllm.paddleocr_vl:SaintPaddleOCRVLForConditionalGeneration"
     ),
     "Qwen2_5OmniForConditionalGeneration": (
-        "saint.integrations.vllm.qwen2_5_omni:SaintQwen2_5OmniThinkerForConditionalGeneration"
+        "saint.integrations.vllm.qwen_omni:SaintQwen2_5OmniThinkerForConditionalGeneration"
     ),
     "Qwen2_5OmniModel": (
-        "saint.integrations.vllm.qwen2_5_omni:SaintQwen2_5OmniThinkerForConditionalGeneration"
+        "saint.integrations.vllm.qwen_omni:SaintQwen2_5OmniThinkerForConditionalGeneration"
+    ),
+    "Qwen3OmniMoeForConditionalGeneration": (
+        "saint.integrations.vllm.qwen_omni:SaintQwen3OmniMoeThinkerForConditionalGeneration"
     ),
     "PaliGemmaForConditionalGeneration": (
         "saint.integrations.vllm.paligemma:SaintPaliGemmaForConditionalGeneration"

@@ -58,6 +58,7 @@ _VIDEO_PLACEHOLDERS = {
     "Qwen2_5_VLConfig": "Qwen2VLVideoProcessor",
     "Qwen3VLConfig": "Qwen2VLVideoProcessor",
     "Qwen2_5OmniConfig": "Qwen2VLVideoProcessor",
+    "Qwen3OmniMoeConfig": "Qwen2VLVideoProcessor",
     "InternVLConfig": "InternVLVideoProcessor",
     "LlavaOnevisionConfig": "LlavaOnevisionVideoProcessor",
     "Glm4vConfig": "Glm4vVideoProcessor",

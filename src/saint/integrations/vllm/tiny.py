@@ -138,17 +138,25 @@ def write_checkpoint(
     return path
 
 
-OMNI_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>",
-                       "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+OMNI_TOKENS = {  # the placeholder and bracket tokens of each Omni family (the hub's names)
+    "qwen2_5_omni": {"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>", "vision_bos": "<|vision_bos|>",
+                     "vision_eos": "<|vision_eos|>", "audio_bos": "<|audio_bos|>", "audio_eos": "<|audio_eos|>"},
+    "qwen3_omni_moe": {"image": "<|image_pad|>", "video": "<|video_pad|>", "audio": "<|audio_pad|>",
+                       "vision_bos": "<|vision_start|>", "vision_eos": "<|vision_end|>",
+                       "audio_bos": "<|audio_start|>", "audio_eos": "<|audio_end|>"},
+}
 
 
-def write_qwen2_5_omni_checkpoint(path: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448,
-                                  seed: int = 0) -> Path:
-    """Write a tiny random Qwen2.5-Omni to ``path`` in the hub's whole-model layout (a
-    ``Qwen2_5OmniForConditionalGeneration`` config, the thinker's weights under ``thinker.``;
-    no talker: vLLM serves the thinker alone): :data:`TINY`'s LM and tower (q/k/v projected
-    separately), a one-layer audio tower (128 mel bins, 25 tokens per second of audio), and
-    the Omni processor (Qwen2-VL's image processor, Whisper's feature extractor)."""
+def write_qwen_omni_checkpoint(path: str | Path, family: str = "qwen2_5_omni", min_pixels: int = 56 * 56,
+                               max_pixels: int = 448 * 448, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2.5-Omni (``family="qwen3_omni_moe"``: Qwen3-Omni) to ``path`` in
+    the hub's whole-model layout (the Omni config, the thinker's weights under ``thinker.``; no
+    talker: vLLM serves the thinker alone) with the Omni processor (Qwen2-VL's image
+    processor, Whisper's feature extractor) and a one-layer audio tower (128 mel bins, 25 tokens
+    per second of audio). Qwen2.5-Omni: :data:`TINY`'s LM and tower (q/k/v projected
+    separately), patch 14. Qwen3-Omni: Qwen3-VL's tower (patch 16, blocks 0 and 1 feeding two
+    deepstack levels) and a 2-layer MoE LM (4 experts, 2 per token), as in
+    :func:`write_qwen3_vl_checkpoint`."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -157,20 +165,19 @@ def write_qwen2_5_omni_checkpoint(path: str | Path, min_pixels: int = 56 * 56, m
     g = TINY
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    names = ("image", "video", "audio", "vision_bos", "vision_eos", "audio_bos", "audio_eos")
-    tokens = ("<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|vision_bos|>", "<|vision_eos|>", "<|audio_bos|>",
-              "<|audio_eos|>")
-    tokenizer = _tokenizer(g["vocab_size"], OMNI_SPECIAL_TOKENS,
-                           extra={f"{n}_token": t for n, t in zip(names, tokens, strict=True)})
+    names = OMNI_TOKENS[family]
+    special = SPECIAL_TOKENS[:3] + list(names.values())
+    tokenizer = _tokenizer(g["vocab_size"], special, extra={f"{n}_token": t for n, t in names.items()})
     tokenizer.save_pretrained(path)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in OMNI_SPECIAL_TOKENS}
+    ids = {n: tokenizer.convert_tokens_to_ids(t) for n, t in names.items()}
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     text = dict(
         hidden_size=g["hidden_size"], intermediate_size=g["intermediate_size"],
         num_hidden_layers=g["num_hidden_layers"], num_attention_heads=g["num_attention_heads"],
         num_key_value_heads=g["num_key_value_heads"], vocab_size=g["vocab_size"], max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1000000.0},
-        rms_norm_eps=1e-6, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,  # vLLM's thinker reads it here, transformers' from the thinker's config
+        rms_norm_eps=1e-6, eos_token_id=eos, pad_token_id=pad,
+        tie_word_embeddings=False,  # vLLM's thinker reads it here, transformers from the thinker's config
     )
     vision = dict(
         depth=g["vision_depth"], hidden_size=g["vision_hidden_size"], intermediate_size=g["vision_intermediate_size"],
@@ -179,27 +186,41 @@ def write_qwen2_5_omni_checkpoint(path: str | Path, min_pixels: int = 56 * 56, m
     )
     audio = dict(num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=64,
                  output_dim=g["hidden_size"], n_window=50, max_source_positions=1500)
-    thinker = transformers.Qwen2_5OmniThinkerConfig(
-        vision_config=vision, text_config=text, audio_config=audio, image_token_index=ids["<|IMAGE|>"],
-        video_token_index=ids["<|VIDEO|>"], audio_token_index=ids["<|AUDIO|>"],
-        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
-        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
-        position_id_per_seconds=25, seconds_per_chunk=2, tie_word_embeddings=False,
-    )
-    config = transformers.Qwen2_5OmniConfig(thinker_config=thinker.to_dict(), enable_audio_output=False)
-    config.architectures = ["Qwen2_5OmniForConditionalGeneration"]
+    token_ids = dict(vision_start_token_id=ids["vision_bos"], audio_start_token_id=ids["audio_bos"],
+                     position_id_per_seconds=25, tie_word_embeddings=False)
+    patch = 14
+    if family == "qwen2_5_omni":
+        name = "Qwen2_5Omni"
+        token_ids.update(image_token_index=ids["image"], video_token_index=ids["video"],
+                         audio_token_index=ids["audio"], vision_end_token_id=ids["vision_eos"],
+                         audio_end_token_id=ids["audio_eos"], seconds_per_chunk=2)
+    else:
+        name, patch = "Qwen3OmniMoe", 16
+        del vision["fullatt_block_indexes"], vision["window_size"]
+        vision.update(depth=3, patch_size=patch, num_position_embeddings=256, deepstack_visual_indexes=[0, 1],
+                      image_size=256, apply_vit_abs_pos_embed=True)  # as the hub config gives them (vLLM reads both)
+        text.update(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, norm_topk_prob=True,
+                    rope_parameters={"rope_type": "default", "mrope_section": [6, 5, 5], "rope_theta": 1000000.0,
+                                     "mrope_interleaved": True})
+        audio.update(downsample_hidden_size=32)
+        token_ids.update(image_token_id=ids["image"], video_token_id=ids["video"], audio_token_id=ids["audio"])
+    thinker = getattr(transformers, f"{name}ThinkerConfig")(
+        vision_config=vision, text_config=text, audio_config=audio, **token_ids)
+    config = getattr(transformers, f"{name}Config")(thinker_config=thinker.to_dict(), enable_audio_output=False)
+    config.architectures = [f"{name}ForConditionalGeneration"]
     config.save_pretrained(path)
     torch.manual_seed(seed)
-    model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(thinker).eval()
+    model = getattr(transformers, f"{name}ThinkerForConditionalGeneration")(thinker).eval()
     _sharpen(model)
     save_file({f"thinker.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    images = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    images = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels,
+                                      max_pixels=max_pixels)
     images.save_pretrained(path)
     # save_pretrained of the processor needs a video processor (torchvision); write it by hand.
-    processor = {"processor_class": "Qwen2_5OmniProcessor", "image_processor": images.to_dict(),
+    processor = {"processor_class": f"{name}Processor", "image_processor": images.to_dict(),
                  "feature_extractor": transformers.WhisperFeatureExtractor(feature_size=128).to_dict()}
     (path / "processor_config.json").write_text(json.dumps(processor, indent=2, default=str))
-    gen = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False}
+    gen = {"eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
 
