@@ -150,6 +150,7 @@ class SaintLlava(lmms):
     NAME = "saint_llava"
     MODEL_TYPES: tuple[str, ...] = ("llava",)
     ADAPTER: Any = llava_adapter
+    FLOAT_INPUTS: tuple[str, ...] = ("pixel_values", "pixel_values_videos")  # cast to the model's dtype
 
     def __init__(
         self,
@@ -368,7 +369,7 @@ class SaintLlava(lmms):
     def _encode(self, texts: Sequence[str], visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
         enc = self._processor_inputs(texts, visuals)
         out = {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
-        for key in ("pixel_values", "pixel_values_videos"):
+        for key in self.FLOAT_INPUTS:
             if key in out:
                 out[key] = out[key].to(self.model.dtype)
         return out
