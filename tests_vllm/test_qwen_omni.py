@@ -4,7 +4,8 @@ equals plain vLLM and transformers; SAINT keeping a quarter of the image's token
 many to the LLM, chosen and decoded as transformers' thinker does with the same kept set
 (Qwen3-Omni: with their deepstack features), alone and after an audio clip (whose tokens pass
 unpruned at their own positions, the text after both at its unpruned positions); videos with
-pruning, and vLLM's video pruning, are refused at start."""
+pruning, vLLM's video pruning, and settings given inside the thinker's config (where they would
+go unread) are refused at start."""
 
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def test_image_tokens_and_outputs(run_engine, omni, image_path, ratio, audio):
 @pytest.mark.parametrize("overrides, engine, message", [
     ({"saint_keep_ratio": 0.25}, {"limit_mm_per_prompt": {"image": 1}}, "SAINT pruning of {} serves images only"),
     ({}, {"video_pruning_rate": 0.5}, "vLLM's {} has no video pruning"),
+    ({"thinker_config": {"saint_keep_ratio": 0.25}}, {}, "set in the thinker's config"),  # would go unread
 ])
-def test_videos_with_pruning_fail_at_engine_start(run_engine, omni, image_path, overrides, engine, message):
+def test_videos_with_pruning_and_nested_settings_fail_at_engine_start(run_engine, omni, image_path, overrides, engine, message):
     model_dir, (family, *_) = omni
     with pytest.raises(EngineFailed) as err:
         run_engine(model_dir, image_path, overrides, engine=engine)
