@@ -16,6 +16,8 @@ from saint.integrations.vllm.settings import (
     SaintSettingsError,
     SaintVllmSettings,
     images_only_settings,
+    nested_settings,
+    refuse_unsupported_model,
     settings_from_config,
 )
 
@@ -91,6 +93,18 @@ def test_images_only_settings_read_the_infos_own_settings_config():
     info.saint_hf_config = lambda: SimpleNamespace(saint_keep_ratio=2.0)
     with pytest.raises(SaintSettingsError, match="saint_keep_ratio=2.0"):
         images_only_settings(info, ctx, "X")
+
+
+def test_settings_inside_a_sub_config_are_refused_on_any_model():
+    """A nested ``--hf-overrides`` puts them where no override reads them (served unpruned)."""
+    top = SimpleNamespace(saint_keep_ratio=0.25, text_config={"hidden_size": 8})
+    refuse_unsupported_model(top, ["Qwen2_5_VLForConditionalGeneration"], ["Qwen2_5_VLForConditionalGeneration"])
+    assert nested_settings({"a": {"b": {"saint_step_div": 4}, "saint_keep_ratio": 1}, "id2label": {0: "x"}}) == [
+        "a.b.saint_step_div", "a.saint_keep_ratio"]
+    for arch in ("Qwen2_5OmniForConditionalGeneration", "SomethingElse"):
+        nested = SimpleNamespace(thinker_config={"saint_keep_ratio": 0.25, "vision_config": {}})
+        with pytest.raises(SaintSettingsError, match=r"\['thinker_config.saint_keep_ratio'\] set inside a sub-config"):
+            refuse_unsupported_model(nested, [arch], ["Qwen2_5OmniForConditionalGeneration"])
 
 
 def test_nothing_in_saint_imports_the_plugin():

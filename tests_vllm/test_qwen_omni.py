@@ -57,7 +57,7 @@ def test_image_tokens_and_outputs(run_engine, omni, image_path, ratio, audio):
 @pytest.mark.parametrize("overrides, engine, message", [
     ({"saint_keep_ratio": 0.25}, {"limit_mm_per_prompt": {"image": 1}}, "SAINT pruning of {} serves images only"),
     ({}, {"video_pruning_rate": 0.5}, "vLLM's {} has no video pruning"),
-    ({"thinker_config": {"saint_keep_ratio": 0.25}}, {}, "set in the thinker's config"),  # would go unread
+    ({"thinker_config": {"saint_keep_ratio": 0.25}}, {}, "['thinker_config.saint_keep_ratio'] set inside a sub-config"),
 ])
 def test_videos_with_pruning_and_nested_settings_fail_at_engine_start(run_engine, omni, image_path, overrides, engine, message):
     model_dir, (family, *_) = omni

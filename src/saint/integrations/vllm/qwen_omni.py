@@ -19,7 +19,8 @@ audio is never pruned. Videos (and so audio read from a video) are refused while
 on (``--limit-mm-per-prompt '{"video": 0}'``), as for Qwen2-VL.
 
 ``saint_keep_ratio`` goes in the top-level config (``--hf-overrides '{"saint_keep_ratio":
-0.25}'``); given in the thinker's (a nested override) it is refused, as it would not be read.
+0.25}'``); given in the thinker's (a nested override) it is refused at start, as settings in
+any sub-config are (:func:`~saint.integrations.vllm.settings.refuse_unsupported_model`).
 """
 
 from __future__ import annotations
@@ -49,19 +50,7 @@ from vllm.model_executor.models.qwen3_omni_moe_thinker import (  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
 from .qwen_common import SaintAddedPruningMixin, SaintBudgetPromptMixin  # noqa: E402
-from .settings import PREFIX, ImagesOnlyInfo, SaintSettingsError  # noqa: E402
-
-
-def settings_config(top: Any, thinker: Any) -> Any:
-    """The config that holds an Omni model's SAINT settings: the top-level one. Settings
-    given inside the thinker's config (a nested ``--hf-overrides``) would never be read, and
-    the model would be served unpruned: they are refused."""
-    stray = sorted(k for k in thinker.to_dict() if k.startswith(PREFIX))
-    if stray:
-        raise SaintSettingsError(
-            f"{stray} set in the thinker's config: SAINT reads an Omni model's settings from its top-level config; "
-            'give them there, e.g. --hf-overrides \'{"saint_keep_ratio": 0.25}\'')
-    return top
+from .settings import ImagesOnlyInfo  # noqa: E402
 
 
 def audio_positions(num_tokens: int) -> torch.Tensor:
@@ -79,8 +68,7 @@ class SaintOmniProcessingInfo(ImagesOnlyInfo):
     saint_config_class: type = Qwen2_5OmniConfig
 
     def saint_hf_config(self) -> Any:
-        return settings_config(self.ctx.get_hf_config(self.saint_config_class),  # type: ignore[attr-defined]
-                               self.get_hf_config())  # type: ignore[attr-defined]
+        return self.ctx.get_hf_config(self.saint_config_class)  # type: ignore[attr-defined]
 
 
 class SaintOmniPruningMixin(SaintAddedPruningMixin):
@@ -91,7 +79,7 @@ class SaintOmniPruningMixin(SaintAddedPruningMixin):
     saint_token_keys = ("image_token_index", "video_token_index", "audio_token_index")
 
     def saint_hf_config(self, vllm_config: Any) -> Any:
-        return settings_config(vllm_config.model_config.hf_config, self.config)  # type: ignore[attr-defined]
+        return vllm_config.model_config.hf_config
 
     def saint_media_token_ids(self) -> tuple[int, ...]:
         return tuple(getattr(self.config, key) for key in self.saint_token_keys)  # type: ignore[attr-defined]

@@ -58,10 +58,27 @@ class SaintVllmSettings:
         return fixed_budget_keep_mask(embeds[None], keep, step_div=self.step_div)[0]
 
 
+def nested_settings(attrs: dict, path: str = "") -> list[str]:
+    """The ``saint_*`` keys inside the sub-configs of a config's ``to_dict()`` (e.g.
+    ``thinker_config.saint_keep_ratio``), which no override reads."""
+    out = []
+    for key, value in attrs.items():
+        if isinstance(value, dict):
+            where = f"{path}{key}."
+            out += [f"{where}{k}" for k in value if str(k).startswith(PREFIX)] + nested_settings(value, where)
+    return sorted(out)
+
+
 def refuse_unsupported_model(config: Any, architectures: Sequence[str], supported: Iterable[str]) -> None:
-    """Refuse ``saint_*`` settings on a model the plugin does not override: vLLM would serve
-    it unpruned, with the settings silently ignored."""
+    """Refuse ``saint_*`` settings on a model the plugin does not override, or inside a
+    sub-config (a nested ``--hf-overrides``, which vLLM applies): vLLM would serve the model
+    unpruned, with the settings silently ignored."""
     attrs = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    nested = nested_settings(attrs)
+    if nested:
+        raise SaintSettingsError(
+            f"{nested} set inside a sub-config: SAINT reads its settings from the model's top-level config only; "
+            'give them there, e.g. --hf-overrides \'{"saint_keep_ratio": 0.25}\'')
     given = sorted(k for k in attrs if k.startswith(PREFIX))
     supported = sorted(supported)
     if given and not set(architectures) & set(supported):
