@@ -73,7 +73,7 @@ def _info_and_ctx(ratio: float | None, modalities: tuple[str, ...], video_limit:
     info = SimpleNamespace(get_hf_config=lambda: config,
                            get_supported_mm_limits=lambda: dict.fromkeys(modalities))
     mm_config = SimpleNamespace(get_limit_per_prompt=lambda modality: {"image": 1, "video": video_limit}[modality])
-    return info, SimpleNamespace(get_mm_config=lambda: mm_config)
+    return info, SimpleNamespace(get_mm_config=lambda: mm_config, get_hf_config=lambda: config)
 
 
 def test_images_only_pruning_refuses_a_video_limit_only_where_videos_are_taken():
@@ -84,13 +84,13 @@ def test_images_only_pruning_refuses_a_video_limit_only_where_videos_are_taken()
         images_only_settings(*_info_and_ctx(0.25, ("image", "video"), 4), "X")
 
 
-def test_images_only_settings_read_the_infos_own_settings_config():
-    """An Omni info's settings live in the top-level config (``saint_hf_config``), not in the
-    thinker's that ``get_hf_config`` returns: read from there, and checked there."""
+def test_images_only_settings_read_the_top_level_config():
+    """An Omni info's settings live in the top-level config (``ctx.get_hf_config()``), not in
+    the thinker's that ``info.get_hf_config`` returns: read from there, and checked there."""
     info, ctx = _info_and_ctx(None, ("image", "video"), 0)
-    info.saint_hf_config = lambda: SimpleNamespace(saint_keep_ratio=0.5)
+    ctx.get_hf_config = lambda: SimpleNamespace(saint_keep_ratio=0.5)
     assert images_only_settings(info, ctx, "X").keep_ratio == 0.5
-    info.saint_hf_config = lambda: SimpleNamespace(saint_keep_ratio=2.0)
+    ctx.get_hf_config = lambda: SimpleNamespace(saint_keep_ratio=2.0)
     with pytest.raises(SaintSettingsError, match="saint_keep_ratio=2.0"):
         images_only_settings(info, ctx, "X")
 

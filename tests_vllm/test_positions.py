@@ -279,7 +279,7 @@ def test_audio_before_a_pruned_image_keeps_every_unpruned_position(share):
     rows = [torch.cat([torch.randn(audio, 16), audio_positions(audio).float()], dim=1),
             rows_of(keep, h, w, media_positions)]
     model = saint_model(4)
-    model.saint_media_token_ids = lambda: (IMAGE, VIDEO, AUDIO)
+    model.config.audio_token_id = AUDIO  # an Omni thinker's config: the audio token is a media token
     from saint.integrations.vllm.qwen_common import SaintImagePruningMixin
 
     _, got, delta = SaintImagePruningMixin.recompute_mrope_positions(

@@ -330,13 +330,15 @@ class SaintLlava(lmms):
         return self._images(visuals, where)
 
     def _images(self, visuals: Any, where: str) -> list[Any]:
-        """A task's visuals, nested lists flattened, each converted by :meth:`_visual`."""
+        """A task's visuals, nested lists flattened, each converted by :meth:`_visual` (which
+        may give a list: one visual that enters the prompt as several, e.g. a long audio clip)."""
         out: list[Any] = []
         for v in visuals or []:
             if isinstance(v, (list, tuple)):
                 out.extend(self._images(v, where))
             elif v is not None:
-                out.append(self._visual(v, where))
+                item = self._visual(v, where)
+                out += item if isinstance(item, list) else [item]
         return out
 
     def _visual(self, v: Any, where: str) -> Any:

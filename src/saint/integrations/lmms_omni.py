@@ -88,13 +88,6 @@ class SaintQwenOmni(SaintQwenVL):
         piece = extractor.n_samples if self.model.config.model_type.startswith("qwen2_5_omni") else len(wave)
         return [Audio(wave[i : i + piece]) for i in range(0, len(wave), piece)]
 
-    def _images(self, visuals: Any, where: str) -> list[Any]:
-        """The task's visuals in order, an audio clip as its :class:`Audio` pieces."""
-        out: list[Any] = []
-        for v in super()._images(visuals, where):
-            out.extend(v if isinstance(v, list) else [v])
-        return out
-
     @staticmethod
     def _other_visuals() -> str:
         return (f"videos are file paths ending in {', '.join(VIDEO_EXTENSIONS)} or 4-D uint8 frame arrays; "

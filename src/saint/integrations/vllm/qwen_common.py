@@ -161,7 +161,8 @@ class SaintImagePruningMixin:
 
     def saint_setup(self, vllm_config: Any) -> None:
         """Call at the end of ``__init__``."""
-        self.saint = settings_from_config(self.saint_hf_config(vllm_config))
+        # the top-level config, where --hf-overrides writes (an Omni thinker's own config is a part of it)
+        self.saint = settings_from_config(vllm_config.model_config.hf_config)
         self.saint_prunes_images = self.saint is not None
         self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
         if self.saint is None:
@@ -172,16 +173,12 @@ class SaintImagePruningMixin:
         # which would skip the pruning step.
         self.is_multimodal_pruning_enabled = True
 
-    def saint_hf_config(self, vllm_config: Any) -> Any:
-        """The HF config holding the ``saint_*`` settings (the model's own; the Omni thinkers
-        read the top-level one, where ``--hf-overrides`` writes)."""
-        return self.config  # type: ignore[attr-defined]
-
     def saint_media_token_ids(self) -> tuple[int, ...]:
         """The placeholder tokens whose embeddings reach ``recompute_mrope_positions`` (each
-        carrying its position channels)."""
+        carrying its position channels): images, videos, and audio where the model takes it."""
         config = self.config  # type: ignore[attr-defined]
-        return (config.image_token_id, config.video_token_id)
+        ids = (config.image_token_id, config.video_token_id, getattr(config, "audio_token_id", None))
+        return tuple(i for i in ids if i is not None)
 
     def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
         return emb

@@ -33,7 +33,6 @@ from .compat import install_torchvision_shim
 
 install_torchvision_shim()  # vLLM's qwen2_vl module imports a torchvision-only one
 
-from transformers import Qwen2_5OmniConfig, Qwen3OmniMoeConfig  # noqa: E402
 from vllm.model_executor.models.interfaces import SupportsMultiModalPruning  # noqa: E402
 from vllm.model_executor.models.qwen2_5_omni_thinker import (  # noqa: E402
     Qwen2_5OmniThinkerDummyInputsBuilder,
@@ -61,28 +60,9 @@ def audio_positions(num_tokens: int) -> torch.Tensor:
     return torch.stack([offsets, offsets, offsets, torch.full_like(offsets, num_tokens)], dim=1)
 
 
-class SaintOmniProcessingInfo(ImagesOnlyInfo):
-    """For an Omni thinker's processing info: the SAINT settings read in the front end from the
-    top-level config (``saint_config_class``), images and audio, no videos while pruning."""
-
-    saint_config_class: type = Qwen2_5OmniConfig
-
-    def saint_hf_config(self) -> Any:
-        return self.ctx.get_hf_config(self.saint_config_class)  # type: ignore[attr-defined]
-
-
 class SaintOmniPruningMixin(SaintAddedPruningMixin):
-    """For an Omni thinker: the settings from the top-level config, the image, video and audio
-    placeholders' embeddings carrying positions (``saint_token_keys`` name their ids in the
-    thinker's config), audio rows given theirs."""
-
-    saint_token_keys = ("image_token_index", "video_token_index", "audio_token_index")
-
-    def saint_hf_config(self, vllm_config: Any) -> Any:
-        return vllm_config.model_config.hf_config
-
-    def saint_media_token_ids(self) -> tuple[int, ...]:
-        return tuple(getattr(self.config, key) for key in self.saint_token_keys)  # type: ignore[attr-defined]
+    """For an Omni thinker: audio rows given their positions (the settings come from the
+    top-level config and the audio token joins the media tokens in the shared mixin)."""
 
     def _process_audio_input(self, audio_input: Any) -> tuple[torch.Tensor, ...]:
         embeds = super()._process_audio_input(audio_input)  # type: ignore[misc]
@@ -91,7 +71,7 @@ class SaintOmniPruningMixin(SaintAddedPruningMixin):
         return tuple(torch.cat([e, audio_positions(len(e)).to(e.device, e.dtype)], dim=1) for e in embeds)
 
 
-class SaintQwen2_5OmniProcessingInfo(SaintOmniProcessingInfo, Qwen2_5OmniThinkerProcessingInfo):
+class SaintQwen2_5OmniProcessingInfo(ImagesOnlyInfo, Qwen2_5OmniThinkerProcessingInfo):
     """Qwen2.5-Omni's thinker's processing info with the SAINT settings checked."""
 
     saint_family = "Qwen2.5-Omni"
@@ -114,11 +94,10 @@ class SaintQwen2_5OmniThinkerForConditionalGeneration(
     saint_family = "Qwen2.5-Omni"
 
 
-class SaintQwen3OmniProcessingInfo(SaintOmniProcessingInfo, Qwen3OmniMoeThinkerProcessingInfo):
+class SaintQwen3OmniProcessingInfo(ImagesOnlyInfo, Qwen3OmniMoeThinkerProcessingInfo):
     """Qwen3-Omni's thinker's processing info with the SAINT settings checked."""
 
     saint_family = "Qwen3-Omni"
-    saint_config_class = Qwen3OmniMoeConfig
 
 
 class SaintQwen3OmniMultiModalProcessor(SaintBudgetPromptMixin, Qwen3OmniMoeThinkerMultiModalProcessor):
@@ -137,7 +116,6 @@ class SaintQwen3OmniMoeThinkerForConditionalGeneration(
     which scores each row's main features (its deepstack levels follow the kept rows)."""
 
     saint_family = "Qwen3-Omni"
-    saint_token_keys = ("image_token_id", "video_token_id", "audio_token_id")
 
     def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
         return emb[:, : self.visual_dim]

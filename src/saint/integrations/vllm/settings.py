@@ -110,10 +110,10 @@ def images_only_settings(info: Any, ctx: Any, family: str) -> SaintVllmSettings 
     overrides that prune only images: for Qwen, their videos would reach the runner
     without the position channels it then expects; for InternVL, its frames' pruning is
     untested). A model that takes no videos (an InternVL chat checkpoint whose tokenizer
-    has no video token) needs no video limit. The settings are read from the info's
-    ``saint_hf_config()`` where it has one (the Omni models: the top-level config, where
-    ``--hf-overrides`` writes, not the thinker's that ``get_hf_config`` returns)."""
-    saint = settings_from_config(getattr(info, "saint_hf_config", info.get_hf_config)())
+    has no video token) needs no video limit. The settings are read from the model's
+    top-level config (``ctx.get_hf_config()``), where ``--hf-overrides`` writes: for the Omni
+    models not the thinker's that ``info.get_hf_config`` returns."""
+    saint = settings_from_config(ctx.get_hf_config())
     takes_videos = "video" in info.get_supported_mm_limits()
     if saint is not None and takes_videos and ctx.get_mm_config().get_limit_per_prompt("video") > 0:
         raise SaintSettingsError(
