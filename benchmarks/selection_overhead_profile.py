@@ -14,6 +14,11 @@ runs other ops than the unpatched one (timm ``Eva``'s pruning blocks call saint'
 attention, so some ops differ in shape), the added ops overstate the overhead; the net
 figure subtracts the calls only the unpatched pass makes (each side timed in its own pass).
 
+One pass's op total moves with the machine's load as much as the overhead it divides (on a
+shared 2-core VM an unpatched 518px pass read 19.7 s of op time and the next one 14.4 s), so
+``--rounds R`` profiles the two models alternately ``R`` times and reports medians: of the
+unpatched total, of the added (and net) milliseconds, and the op table of the median round.
+
 Writes ``benchmarks/results/selection_overhead_profile_cpu[_<size>]_b<batch>.{json,md}``
 (the size only when it is not 224; ``--tag`` adds a suffix) with the date, device, versions, git commit and this
 exact command.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,9 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="saint:k=1000", help="the patched variant (default saint:k=1000)")
     p.add_argument("--model", default=None,
                    help="a timm model name (random weights, seed 0; default: the offline DINOv2 ViT-S/14)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate unpatched and patched profiles this many times and report medians (default 1)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--tag", default="", type=output_tag, help="suffix of the output names, for another --method beside the default")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
 
 
@@ -79,6 +89,17 @@ def added_work(base: dict[tuple[str, str], tuple[int, float]], patched: dict[tup
     return sorted(out, key=lambda r: -r["ms"])
 
 
+def profile_round(model: torch.nn.Module, patched: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """One unpatched and one patched profile: both op totals, the calls only the patched
+    pass makes (added) and those only the unpatched one makes (removed)."""
+    base_ops, patched_ops = op_times(model, x), op_times(patched, x)
+    added, removed = added_work(base_ops, patched_ops), added_work(patched_ops, base_ops)
+    return {"unpatched_op_ms": sum(ms for _, ms in base_ops.values()),
+            "patched_op_ms": sum(ms for _, ms in patched_ops.values()),
+            "added_op_ms": sum(r["ms"] for r in added), "added_ops": added,
+            "removed_op_ms": sum(r["ms"] for r in removed), "removed_ops": removed}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
@@ -88,22 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     patched = copy.deepcopy(model)
     variant = parse_method_spec(args.method)
     saint.patch(patched, variant.method, **variant.kwargs)
-    base_ops, patched_ops = op_times(model, x), op_times(patched, x)
-    total = sum(ms for _, ms in base_ops.values())
-    extra = added_work(base_ops, patched_ops)
-    extra_ms = sum(r["ms"] for r in extra)
+    rounds = [profile_round(model, patched, x) for _ in range(args.rounds)]
+    median = sorted(rounds, key=lambda r: r["added_op_ms"])[(len(rounds) - 1) // 2]
+    total = statistics.median(r["unpatched_op_ms"] for r in rounds)
+    extra_ms = statistics.median(r["added_op_ms"] for r in rounds)
+    removed_ms = statistics.median(r["removed_op_ms"] for r in rounds)
+    net_ms = statistics.median(r["added_op_ms"] - r["removed_op_ms"] for r in rounds)
+    extra = median["added_ops"]
     kept = [round(float(c.float().mean()), 1) for c in handle_of(patched).site_tokens()]
     report = {
         "environment": environment("cpu", ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]),
         "model": described,
-        "batch_size": args.batch_size, "method": args.method, "tokens_per_block": kept,
-        "unpatched_op_ms": total, "patched_op_ms": sum(ms for _, ms in patched_ops.values()),
+        "batch_size": args.batch_size, "method": args.method, "tokens_per_block": kept, "rounds": args.rounds,
+        "unpatched_op_ms": total, "patched_op_ms": statistics.median(r["patched_op_ms"] for r in rounds),
         "added_op_ms": extra_ms, "overhead": extra_ms / total, "added_ops": extra,
+        "removed_op_ms": removed_ms, "net_overhead": net_ms / total, "removed_ops": median["removed_ops"],
+        "per_round": [{k: r[k] for k in ("unpatched_op_ms", "patched_op_ms", "added_op_ms", "removed_op_ms")}
+                      for r in rounds],
     }
-    removed = added_work(patched_ops, base_ops)  # calls only the unpatched pass makes
-    report["removed_op_ms"] = sum(r["ms"] for r in removed)
-    report["net_overhead"] = (extra_ms - report["removed_op_ms"]) / total
-    report["removed_ops"] = removed
     size = "" if args.size == 224 else f"_{args.size}"  # the 224px file keeps its name
     tag = f"_{args.tag}" if args.tag else ""
     if args.model is not None:
@@ -119,11 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         f"- git: {env['git']}",
         f"- command: `{env['command']}`",
         "",
-        f"Unpatched forward: {total:.0f} ms of op CPU time; the ops only the patched model runs: "
+        (f"Median of {args.rounds} rounds (unpatched and patched profiled alternately). " if args.rounds > 1 else "")
+        + f"Unpatched forward: {total:.0f} ms of op CPU time; the ops only the patched model runs: "
         f"{extra_ms:.1f} ms = **{100 * report['overhead']:.2f}%** (the patched pass's own total, "
         f"{report['patched_op_ms']:.0f} ms, moves with the machine's load and is not the measure). "
         f"Calls only the unpatched pass makes: {report['removed_op_ms']:.1f} ms; net of them "
-        f"**{100 * report['net_overhead']:+.2f}%**.",
+        f"**{100 * report['net_overhead']:+.2f}%**."
+        + ("" if args.rounds == 1 else " Per round (unpatched / patched op ms, added, removed): " + "; ".join(
+            f"{r['unpatched_op_ms']:.0f} / {r['patched_op_ms']:.0f}, {r['added_op_ms']:.0f}, {r['removed_op_ms']:.0f}"
+            for r in rounds) + ". The table is the round with the median added time."),
         "",
         markdown_table(["op", "input shapes", "extra calls", "ms"], rows),
         "",
