@@ -27,8 +27,8 @@ VIT_TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, inte
 PATCHES = (32 // 8) ** 2
 REGISTERS = 2
 PROTECTED = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS, "dinov3": 1 + REGISTERS, "vit": 1, "vit_classifier": 1,
-             "deit": 2, "deit_teacher": 2}
-CLASSIFIERS = {"vit_classifier", "deit_teacher"}
+             "vit_msn": 1, "vit_msn_classifier": 1, "deit": 2, "deit_teacher": 2}
+CLASSIFIERS = {"vit_classifier", "vit_msn_classifier", "deit_teacher"}
 TOL = dict(rtol=0, atol=1e-5)
 # every method, pruning a data-dependent (ragged) or a fixed amount (as the packed tests)
 METHODS = {**RAGGED_METHODS, **{name: (name, kw) for name, kw in RECTANGULAR.items()}}
@@ -50,6 +50,8 @@ def make(kind: str = "dinov2", impl: str = "sdpa", seed: int = 0, **overrides) -
                                                     attn_implementation=impl, **overrides))
     else:
         family, cls = {"vit": ("ViT", t.ViTModel), "vit_classifier": ("ViT", t.ViTForImageClassification),
+                       "vit_msn": ("ViTMSN", t.ViTMSNModel),
+                       "vit_msn_classifier": ("ViTMSN", t.ViTMSNForImageClassification),
                        "deit": ("DeiT", t.DeiTModel), "deit_teacher": ("DeiT", t.DeiTForImageClassificationWithTeacher)}[kind]
         config = getattr(t, f"{family}Config")(**VIT_TINY, num_labels=5, attn_implementation=impl, **overrides)
         model = cls(config)
@@ -227,7 +229,7 @@ def test_vit_interpolating_positions_follows_the_input_grid():
     assert (find_adapter(model).grid(model, x).rows, find_adapter(model).grid(model).rows) == (6, 4)
 
 
-@pytest.mark.parametrize("kind", ["vit", "vit_classifier", "deit_teacher", "dinov2"])
+@pytest.mark.parametrize("kind", ["vit", "vit_classifier", "vit_msn_classifier", "deit_teacher", "dinov2"])
 def test_embed_reads_the_class_token_and_the_logits_in_one_forward(kind, images):
     model = make(kind)
     saint.patch(model, "saint_plus", tau=0.3)

@@ -398,7 +398,7 @@ def test_drop_path_training_needs_padded_layout(images):
     assert model(images).shape[0] == len(images)
 
 
-HF_KINDS = ("clip", "siglip", "metaclip_2", "vit", "vit_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg", "dinov3")
+HF_KINDS = ("clip", "siglip", "metaclip_2", "vit", "vit_classifier", "vit_msn", "vit_msn_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg", "dinov3")
 
 
 def _hf_model(kind: str) -> torch.nn.Module:
@@ -411,9 +411,13 @@ def _hf_model(kind: str) -> torch.nn.Module:
 
 
 def _hf_features(out) -> torch.Tensor:
-    """What a caller reads per image: a classifier's logits, else the pooled output."""
+    """What a caller reads per image: a classifier's logits, else the pooled output, else
+    (ViT-MSN has no pooler) the class token."""
     logits = getattr(out, "logits", None)
-    return out.pooler_output if logits is None else logits
+    if logits is not None:
+        return logits
+    pooled = getattr(out, "pooler_output", None)
+    return out.last_hidden_state[:, 0] if pooled is None else pooled
 
 
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])

@@ -1,4 +1,5 @@
-"""Hugging Face ViT-style encoders (transformers 5): ``ViTModel``, ``DeiTModel``,
+"""Hugging Face ViT-style encoders (transformers 5): ``ViTModel``, ``ViTMSNModel`` (MSN's
+self-supervised ViT, ViT's architecture under its own class names), ``DeiTModel``,
 ``Dinov2Model``, ``Dinov2WithRegistersModel`` and ``DINOv3ViTModel`` (rotary: each token
 keeps its own rows of the grid's cos/sin table, a merged token its destination's), and the classifiers that read only their
 prefix tokens (``ViTForImageClassification``, ``DeiTForImageClassification``,
@@ -125,10 +126,13 @@ def _families() -> list[Family]:
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
     from transformers.models.dinov3_vit import modeling_dinov3_vit as d3
     from transformers.models.vit import modeling_vit as vit
+    from transformers.models.vit_msn import modeling_vit_msn as msn
 
     return [
         Family("vit", vit.ViTModel, {vit.ViTForImageClassification: "vit"}, vit.ViTLayer, vit.ViTAttention,
                "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
+        Family("vit_msn", msn.ViTMSNModel, {msn.ViTMSNForImageClassification: "vit"}, msn.ViTMSNLayer,
+               msn.ViTMSNAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("deit", deit.DeiTModel, {deit.DeiTForImageClassification: "deit",
                                          deit.DeiTForImageClassificationWithTeacher: "deit"},
                deit.DeiTLayer, deit.DeiTAttention, "layers", _vit_parts, lambda cfg: 2,
@@ -157,7 +161,7 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face ViT, DeiT or DINOv2 model, got {type(model).__name__}")
+        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT or DINOv2 model, got {type(model).__name__}")
     return found
 
 
@@ -208,7 +212,7 @@ def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
 
 
 class HFViT(FamilyAdapter):
-    """Hugging Face ViT, DeiT and DINOv2 encoders (and the classifiers that hold ViT/DeiT)."""
+    """Hugging Face ViT, ViT-MSN, DeiT and DINOv2 encoders (and the classifiers that hold ViT/ViT-MSN/DeiT)."""
 
     name = "hf_vit"
     family = sys.modules[__name__]
