@@ -15,14 +15,15 @@ TINY = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8
 )
 PATCHES = (32 // 8) ** 2
-PROTECTED = {"clip": 1, "siglip": 0, "metaclip_2": 1}
-KINDS = ["clip", "siglip", "metaclip_2"]  # MetaCLIP 2: CLIP under its own class names
+PROTECTED = {"clip": 1, "siglip": 0, "metaclip_2": 1, "chinese_clip": 1, "altclip": 1}
+KINDS = ["clip", "siglip", "metaclip_2", "chinese_clip", "altclip"]  # the last three: CLIP's tower, own class names
+CLIP_PREFIX = {"clip": "CLIP", "metaclip_2": "MetaClip2", "chinese_clip": "ChineseCLIP", "altclip": "AltCLIP"}
 
 
 def make(kind: str, impl: str = "sdpa", seed: int = 0, projection: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
-    if kind in ("clip", "metaclip_2"):
-        prefix = "CLIP" if kind == "clip" else "MetaClip2"
+    if kind in CLIP_PREFIX:
+        prefix = CLIP_PREFIX[kind]
         cfg = getattr(transformers, f"{prefix}VisionConfig")(**TINY, projection_dim=16, attn_implementation=impl)
         cls = getattr(transformers, f"{prefix}VisionModelWithProjection" if projection else f"{prefix}VisionModel")
     else:
@@ -221,12 +222,13 @@ def test_clip_with_projection(images):
 
 
 def make_dual(kind: str) -> torch.nn.Module:
-    """A tiny ``CLIPModel`` / ``MetaClip2Model`` / ``SiglipModel``: both encoders, projections and logit scale."""
+    """A tiny ``CLIPModel`` (or MetaCLIP 2's, Chinese-CLIP's, AltCLIP's) / ``SiglipModel``: both
+    encoders, projections and logit scale."""
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if kind in ("clip", "metaclip_2"):
-        prefix = "CLIP" if kind == "clip" else "MetaClip2"
+    if kind in CLIP_PREFIX:
+        prefix = CLIP_PREFIX[kind]
         cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=TINY, projection_dim=16)
         return getattr(transformers, f"{prefix}Model")(cfg).eval()
     cfg = transformers.SiglipConfig(text_config=text, vision_config=TINY)

@@ -398,12 +398,12 @@ def test_drop_path_training_needs_padded_layout(images):
     assert model(images).shape[0] == len(images)
 
 
-HF_KINDS = ("clip", "siglip", "metaclip_2", "vit", "vit_classifier", "vit_msn", "vit_msn_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg", "dinov3")
+HF_KINDS = ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip", "vit", "vit_classifier", "vit_msn", "vit_msn_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg", "dinov3")
 
 
 def _hf_model(kind: str) -> torch.nn.Module:
     """A tiny random HF vision model of ``kind`` (CLIP/SigLIP towers, ViT/DeiT/DINOv2)."""
-    if kind in ("clip", "siglip", "metaclip_2"):
+    if kind in ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip"):
         from .test_hf_vision import make
     else:
         from .test_hf_vit import make

@@ -32,6 +32,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
     "Encoder, RoPE ViTs); timm NaFlexVit with ViT blocks (NaFlex batches); Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (and MetaCLIP 2's MetaClip2*), "
+    "ChineseCLIPVisionModel, ChineseCLIPModel, AltCLIPVisionModel, AltCLIPModel, "
     "SiglipVisionModel, SiglipModel, "
     "Siglip2VisionModel, Siglip2Model (NaFlex), Aimv2VisionModel, Aimv2Model, ViTModel, "
     "ViTForImageClassification, ViTMSNModel, ViTMSNForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "

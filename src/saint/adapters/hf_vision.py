@@ -2,8 +2,9 @@
 ``CLIPVisionModelWithProjection`` and ``SiglipVisionModel``; the vision tower of the dual
 encoders ``CLIPModel`` and ``SiglipModel`` (their ``vision_model``: image features and
 image-text logits are pruned, the text side is untouched); MetaCLIP 2's
-``MetaClip2VisionModel``, ``MetaClip2VisionModelWithProjection`` and ``MetaClip2Model``
-(CLIP's architecture under its own class names); also the vision tower inside
+``MetaClip2VisionModel``, ``MetaClip2VisionModelWithProjection`` and ``MetaClip2Model``,
+Chinese-CLIP's ``ChineseCLIPVisionModel`` / ``ChineseCLIPModel`` and AltCLIP's
+``AltCLIPVisionModel`` / ``AltCLIPModel`` (CLIP's vision tower under their own class names); also the vision tower inside
 ``LlavaForConditionalGeneration`` (``model.model.vision_tower``).
 
 Each encoder layer's ``forward`` is wrapped per instance: the layer's own modules
@@ -41,6 +42,8 @@ safe); flash/flex attention are refused when a mask is needed.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import sys
 from typing import Any
 
@@ -70,29 +73,41 @@ REFUSED = {
 }
 
 
+# CLIP's architecture under other class names: (module, tower, tower with projection, dual
+# encoder, encoder layer, attention); MetaCLIP 2, Chinese-CLIP and AltCLIP (whose text side is
+# an XLM-R) where this transformers has them
+CLIP_LIKE = (
+    ("clip", "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "CLIPEncoderLayer", "CLIPAttention"),
+    ("metaclip_2", "MetaClip2VisionModel", "MetaClip2VisionModelWithProjection", "MetaClip2Model",
+     "MetaClip2EncoderLayer", "MetaClip2Attention"),
+    ("chinese_clip", "ChineseCLIPVisionModel", None, "ChineseCLIPModel", "ChineseCLIPVisionLayer",
+     "ChineseCLIPVisionAttention"),
+    ("altclip", "AltCLIPVisionModel", None, "AltCLIPModel", "AltCLIPEncoderLayer", "AltCLIPAttention"),
+)
+
+
+@functools.cache
 def _hf_classes() -> dict[str, Any] | None:
-    """The supported classes; CLIP-like entries are tuples (CLIP, and MetaCLIP 2 where
-    transformers has it: the same architecture under its own class names)."""
+    """The supported classes; CLIP-like entries are tuples, one class per family of
+    :data:`CLIP_LIKE` that this transformers has (``clip_proj`` only where a family has one)."""
     try:
-        from transformers.models.clip import modeling_clip as clip
         from transformers.models.siglip import modeling_siglip as siglip
     except ImportError:  # transformers not installed
         return None
-    try:
-        from transformers.models.metaclip_2 import modeling_metaclip_2 as meta
-    except ImportError:  # an older transformers
-        meta = None
-    clips = [(clip, "CLIP")] + ([(meta, "MetaClip2")] if meta is not None else [])
-
-    def of(suffix: str) -> tuple[type, ...]:
-        return tuple(getattr(module, prefix + suffix) for module, prefix in clips)
-
+    families = []
+    for module, *names in CLIP_LIKE:
+        try:
+            mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        except ImportError:  # an older transformers
+            continue
+        families.append([None if n is None else getattr(mod, n) for n in names])
+    tower, proj, dual, layer, attn = zip(*families, strict=True)
     return {
-        "clip": of("VisionModel"),
-        "clip_proj": of("VisionModelWithProjection"),
-        "clip_dual": of("Model"),
-        "clip_layer": of("EncoderLayer"),
-        "clip_attn": of("Attention"),
+        "clip": tower,
+        "clip_proj": tuple(c for c in proj if c is not None),
+        "clip_dual": dual,
+        "clip_layer": layer,
+        "clip_attn": attn,
         "siglip_dual": siglip.SiglipModel,
         "siglip": siglip.SiglipVisionModel,
         "siglip_layer": siglip.SiglipEncoderLayer,
@@ -155,8 +170,8 @@ def patch_tower(
     """
     c = _hf_classes()
     if c is None or not isinstance(tower, (*c["clip"], c["siglip"])):
-        raise TypeError(f"patch_tower expects a CLIPVisionModel (or MetaClip2VisionModel) or SiglipVisionModel, "
-                        f"got {type(tower).__name__}")
+        raise TypeError("patch_tower expects a CLIPVisionModel (or MetaClip2, ChineseCLIP or AltCLIP VisionModel) or "
+                        f"SiglipVisionModel, got {type(tower).__name__}")
     clip = _is_clip(tower)
     head = getattr(tower, "head", None) if getattr(tower, "use_head", False) else None
     if head is not None and type(head) is not c["siglip_head"]:
