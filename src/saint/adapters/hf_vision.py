@@ -4,8 +4,9 @@ encoders ``CLIPModel`` and ``SiglipModel`` (their ``vision_model``: image featur
 image-text logits are pruned, the text side is untouched); MetaCLIP 2's
 ``MetaClip2VisionModel``, ``MetaClip2VisionModelWithProjection`` and ``MetaClip2Model``,
 Chinese-CLIP's ``ChineseCLIPVisionModel`` / ``ChineseCLIPModel`` and AltCLIP's
-``AltCLIPVisionModel`` / ``AltCLIPModel`` (CLIP's vision tower under their own class names); also the vision tower inside
-``LlavaForConditionalGeneration`` (``model.model.vision_tower``).
+``AltCLIPVisionModel`` / ``AltCLIPModel`` (CLIP's vision tower under their own class
+names); also the vision tower inside ``LlavaForConditionalGeneration``
+(``model.model.vision_tower``).
 
 Each encoder layer's ``forward`` is wrapped per instance: the layer's own modules
 run in the order transformers runs them (``layer_norm1 -> self_attn -> residual ->
