@@ -27,7 +27,7 @@ VIT_TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, inte
 PATCHES = (32 // 8) ** 2
 REGISTERS = 2
 PROTECTED = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS, "dinov3": 1 + REGISTERS, "vit": 1, "vit_classifier": 1,
-             "vit_msn": 1, "vit_msn_classifier": 1, "deit": 2, "deit_teacher": 2}
+             "vit_msn": 1, "vit_msn_classifier": 1, "deit": 2, "deit_teacher": 2, "ijepa": 0}
 CLASSIFIERS = {"vit_classifier", "vit_msn_classifier", "deit_teacher"}
 TOL = dict(rtol=0, atol=1e-5)
 # every method, pruning a data-dependent (ragged) or a fixed amount (as the packed tests)
@@ -45,6 +45,8 @@ def make(kind: str = "dinov2", impl: str = "sdpa", seed: int = 0, **overrides) -
     elif kind == "dinov2_reg":
         model = t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(
             **TINY, num_register_tokens=REGISTERS, attn_implementation=impl, **overrides))
+    elif kind == "ijepa":  # ViT's layers, no class token
+        model = t.IJepaModel(t.IJepaConfig(**VIT_TINY, attn_implementation=impl, **overrides))
     elif kind == "dinov3":  # rotary position embedding, registers, layer scale
         model = t.DINOv3ViTModel(t.DINOv3ViTConfig(**VIT_TINY, num_register_tokens=REGISTERS,
                                                     attn_implementation=impl, **overrides))
@@ -444,3 +446,37 @@ def test_embed_in_threads_reads_its_own_call(images):
         for r in results[i]:
             assert r.shape == expected[i].shape
             torch.testing.assert_close(r, expected[i], rtol=0, atol=1e-6)
+
+
+def test_ijepa_embeds_the_mean_of_what_every_patch_became(images):
+    """I-JEPA has no class token: its embedding is the mean over the original patches of the
+    token each one ended in (a merged token counts as often as the patches it holds), per
+    image in a packed batch; unpatched, the plain mean of the last hidden state."""
+    model = make("ijepa")
+    adapter = find_adapter(model)
+    emb, logits = adapter.embed(model, images)
+    assert logits is None
+    torch.testing.assert_close(emb, run(model, images).last_hidden_state.mean(dim=1), **TOL)
+    for method, kw in [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)),
+                       ("saint", dict(tau=0.3, k=1))]:
+        saint.patch(model, method, trace=True, **kw)
+        emb, _ = adapter.embed(model, images)
+        hidden = run(model, images).last_hidden_state
+        origin = get_handle(model).origins()[-1]
+        assert saint.stats(model).layout == ("rectangular" if method == "tome" else "packed")
+        for i in range(len(images)):
+            became = origin[i][origin[i] >= 0]  # dropped patches (saint) count for nothing
+            torch.testing.assert_close(emb[i], hidden[i, became].mean(dim=0), **TOL)
+            torch.testing.assert_close(emb[i], adapter.embed(model, images[i : i + 1])[0][0], **TOL)
+        saint.unpatch(model)
+
+
+def test_ijepa_refusals_say_what_to_do(images):
+    t = transformers
+    with pytest.raises(TypeError, match=r"averages every position.*patch its \.ijepa"):
+        saint.patch(t.IJepaForImageClassification(t.IJepaConfig(**VIT_TINY, num_labels=3)), "tome", r=2)
+    pooled = t.IJepaModel(t.IJepaConfig(**VIT_TINY), add_pooling_layer=True)
+    with pytest.raises(TypeError, match="pooler reads position 0.*add_pooling_layer=False"):
+        saint.patch(pooled, "tome", r=2)
+    with pytest.raises(ValueError, match="class token"):
+        saint.patch(make("ijepa"), "attn", r=2)

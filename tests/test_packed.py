@@ -398,7 +398,7 @@ def test_drop_path_training_needs_padded_layout(images):
     assert model(images).shape[0] == len(images)
 
 
-HF_KINDS = ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip", "vit", "vit_classifier", "vit_msn", "vit_msn_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg", "dinov3")
+HF_KINDS = ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip", "vit", "vit_classifier", "vit_msn", "vit_msn_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg", "dinov3", "ijepa")
 
 
 def _hf_model(kind: str) -> torch.nn.Module:
@@ -423,7 +423,7 @@ def _hf_features(out) -> torch.Tensor:
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize(("kind", "label"), [
     (kind, label) for kind in HF_KINDS for label in sorted(RAGGED)
-    if kind != "siglip" or label not in NEEDS_CLASS_TOKEN  # SigLIP has no class token
+    if kind not in ("siglip", "ijepa") or label not in NEEDS_CLASS_TOKEN  # SigLIP and I-JEPA have no class token
 ])
 def test_hf_packed_equals_padded_equals_alone(kind, label, select_at, images):
     model = _hf_model(kind)
@@ -511,3 +511,31 @@ def test_tome_reference_order_packed_padded_and_alone_agree(protected):
         torch.testing.assert_close(xd[i][vd[i]], gather_tokens(merged, idx)[0], **TOL)
     reordered, _ = keep_mask_to_indices(plan.keep, order=plan.order)
     assert not torch.equal(reordered, keep_mask_to_indices(plan.keep)[0])  # the layout did change
+
+
+@torch.no_grad()
+def test_token_sizes_weigh_the_output_as_the_models_own_average_pooling(images):
+    """``saint.token_sizes``: how many original tokens each output position stands for. After
+    a ragged merging run every image's weights add up to its original tokens, padding weighs 0,
+    and the weighted mean of ``forward_features`` is the model's own (size-aware) average
+    pooling; dropping without merging weighs the real tokens 1; None when every position is
+    one real token; refused on an unpatched model."""
+    model = make_tiny("mae_avgpool")
+    n, p = model.patch_embed.num_patches + model.num_prefix_tokens, model.num_prefix_tokens
+    with pytest.raises(ValueError, match="not patched"):
+        saint.token_sizes(model)
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    feats = model.forward_features(images)
+    weights, mask = saint.token_sizes(model), saint.token_mask(model)
+    assert saint.stats(model).layout == "packed" and weights.shape == mask.shape
+    assert weights.sum(dim=1).tolist() == [float(n)] * len(images)
+    assert bool((weights[~mask] == 0).all()) and bool((weights[mask] >= 1).all()) and bool((weights > 1).any())
+    w = weights[:, p:, None]
+    mean = (feats[:, p:].nan_to_num() * w).sum(dim=1) / w.sum(dim=1)
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), model.fc_norm(mean), **TOL)
+    saint.patch(model, "saint", tau=0.3, k=1)
+    model(images)
+    assert torch.equal(saint.token_sizes(model), saint.token_mask(model).float())
+    saint.patch(model, "saint", k=1000)  # nothing to drop: one real token per position
+    model(images)
+    assert saint.token_sizes(model) is None

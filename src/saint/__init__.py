@@ -1,7 +1,7 @@
 """saint: training-free similarity-aware token pruning for ViTs and VLMs."""
 
 from .adapters.common import TokenStats
-from .api import is_patched, patch, per_image, stats, token_mask, unpatch
+from .api import is_patched, patch, per_image, stats, token_mask, token_sizes, unpatch
 from .calibration import Calibration, CalibrationWarning, calibrate
 from .methods import METHODS, get_method
 
@@ -17,6 +17,7 @@ __all__ = [
     "per_image",
     "stats",
     "token_mask",
+    "token_sizes",
     "unpatch",
 ]
 __version__ = "0.1.0"

@@ -66,6 +66,19 @@ def token_mask(model: torch.nn.Module, block: int = -1) -> torch.Tensor | None:
     return valid[block]
 
 
+def token_sizes(model: torch.nn.Module) -> torch.Tensor | None:
+    """How many original tokens each position of the last forward's output stands for:
+    ``[B, M]`` float (1 for a token nothing merged into, 0 at padding), or None when every
+    position is one real token. A mean over tokens weighted by it is what the unpruned
+    model's mean is when a merged token stands for its parts."""
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    if getattr(handle, "runs", None) is None:
+        raise TypeError(f"{type(model).__name__}'s patch has no per-token sizes; its outputs are not merged or padded")
+    return handle.output_weights()
+
+
 def per_image(tokens: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
     """Split a padded ``[B, M, C]`` output by its :func:`token_mask` into one ``[n_i, C]``
     tensor of real tokens per image."""

@@ -36,7 +36,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "SiglipVisionModel, SiglipModel, "
     "Siglip2VisionModel, Siglip2Model (NaFlex), Aimv2VisionModel, Aimv2Model, ViTModel, "
     "ViTForImageClassification, ViTMSNModel, ViTMSNForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), Dinov2Model, "
-    "Dinov2WithRegistersModel, DINOv3ViTModel; LLaVA "
+    "Dinov2WithRegistersModel, DINOv3ViTModel, IJepaModel; LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3 or "
     "Granite language model); Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (vision side), Qwen3.5-MoE (vision "
     "side), GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR (*ForConditionalGeneration / *Model), the Qwen2.5-Omni and "

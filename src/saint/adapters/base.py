@@ -289,6 +289,23 @@ class TokenStateHandle(Handle):
         run = self.runs.current()
         return TokenState() if run is None else run.state
 
+    def output_weights(self) -> torch.Tensor | None:
+        """How many original tokens each position of the last forward's output stands for:
+        ``[B, M]`` float (1 for a token nothing merged into, 0 at padding), or None when
+        every position is one real token."""
+        run = self.runs.current()
+        if run is None:
+            raise RuntimeError("no forward has run through the patched model since patching; call the model first")
+        state = run.state
+        if state.packed:
+            raise RuntimeError("the forward is still running (its tokens are packed); take the weights after it")
+        if state.sizes is None and state.valid is None:
+            return None
+        shape = state.valid.shape if state.sizes is None else state.sizes.shape[:2]
+        device = state.valid.device if state.sizes is None else state.sizes.device
+        weights = torch.ones(shape, device=device) if state.sizes is None else state.sizes.reshape(shape).float()
+        return weights if state.valid is None else weights.masked_fill(~state.valid, 0.0)
+
     def stats(self) -> TokenStats:
         run = self.runs.last
         if run is None:

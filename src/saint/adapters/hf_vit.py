@@ -1,7 +1,9 @@
 """Hugging Face ViT-style encoders (transformers 5): ``ViTModel``, ``ViTMSNModel`` (MSN's
 self-supervised ViT, ViT's architecture under its own class names), ``DeiTModel``,
 ``Dinov2Model``, ``Dinov2WithRegistersModel`` and ``DINOv3ViTModel`` (rotary: each token
-keeps its own rows of the grid's cos/sin table, a merged token its destination's), and the classifiers that read only their
+keeps its own rows of the grid's cos/sin table, a merged token its destination's),
+``IJepaModel`` (I-JEPA: ViT's layers, no class token, so every token is prunable and its
+embedding is the mean of its tokens, merged ones weighted by size), and the classifiers that read only their
 prefix tokens (``ViTForImageClassification``, ``DeiTForImageClassification``,
 ``DeiTForImageClassificationWithTeacher``).
 
@@ -19,8 +21,9 @@ classifiers read those positions only, so their logits are per image; the encode
 ``last_hidden_state`` / ``hidden_states`` are NaN-padded after a ragged step
 (:func:`saint.token_mask`, :func:`saint.per_image`).
 
-Refused (``REFUSED``, with what to do instead): DINOv2's classifier (it averages every
-position of ``last_hidden_state``), the backbones and masked-image-modeling heads (they need
+Refused (``REFUSED``, with what to do instead): DINOv2's and I-JEPA's classifiers (they
+average every position of ``last_hidden_state``), an ``IJepaModel`` with its pooler (it reads
+position 0, a patch that pruning merges, drops or pads), the backbones and masked-image-modeling heads (they need
 every patch). A ``Dinov2Model`` patched inside ``Dinov2ForImageClassification`` is not
 detected: its classifier would average the padding.
 """
@@ -54,6 +57,9 @@ REFUSED = {
         (("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"),
          "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
          "patch its .dinov2 (a Dinov2Model) and pool the real tokens with saint.per_image(out, saint.token_mask(m))"),
+        (("IJepaForImageClassification",),
+         "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
+         "patch its .ijepa (an IJepaModel) and pool the real tokens with saint.per_image(out, saint.token_mask(m))"),
         (("Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"),
          "its feature maps need every patch; prune a Dinov2Model instead"),
         (("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"),
@@ -125,6 +131,7 @@ def _families() -> list[Family]:
     from transformers.models.dinov2 import modeling_dinov2 as d
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
     from transformers.models.dinov3_vit import modeling_dinov3_vit as d3
+    from transformers.models.ijepa import modeling_ijepa as ijepa
     from transformers.models.vit import modeling_vit as vit
     from transformers.models.vit_msn import modeling_vit_msn as msn
 
@@ -144,6 +151,8 @@ def _families() -> list[Family]:
                lambda cfg: 1 + int(cfg.num_register_tokens), _dinov2_mlp_hidden),
         Family("dinov3", d3.DINOv3ViTModel, {}, d3.DINOv3ViTLayer, d3.DINOv3ViTAttention, "model.layer",
                _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden),
+        Family("ijepa", ijepa.IJepaModel, {}, ijepa.IJepaLayer, ijepa.IJepaAttention, "layers", _vit_parts,
+               lambda cfg: 0, lambda cfg: cfg.intermediate_size),
     ]
 
 
@@ -161,7 +170,7 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT or DINOv2 model, got {type(model).__name__}")
+        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2 or I-JEPA model, got {type(model).__name__}")
     return found
 
 
@@ -181,6 +190,10 @@ def patch(
     """Patch a supported model in place (see :func:`saint.patch`); a classifier's encoder
     is patched and the handle stored on both."""
     family, tower = _found(model)
+    if family.protected(tower.config) == 0 and getattr(tower, "pooler", None) is not None:
+        raise TypeError(f"{type(tower).__name__}'s pooler reads position 0, a patch that pruning merges, drops or "
+                        "pads; load it without the pooler (add_pooling_layer=False, the default) and pool the real "
+                        "tokens with saint.per_image(out, saint.token_mask(m))")
     handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
                            family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
                            kernel)
@@ -212,7 +225,7 @@ def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
 
 
 class HFViT(FamilyAdapter):
-    """Hugging Face ViT, ViT-MSN, DeiT and DINOv2 encoders (and the classifiers that hold ViT/ViT-MSN/DeiT)."""
+    """Hugging Face ViT, ViT-MSN, DeiT, DINOv2 and I-JEPA encoders (and the classifiers that hold ViT/ViT-MSN/DeiT)."""
 
     name = "hf_vit"
     family = sys.modules[__name__]
@@ -234,14 +247,16 @@ class HFViT(FamilyAdapter):
         return vit_block_flops(n_in, n_out, int(cfg.hidden_size), family.mlp_hidden(cfg), select_at_of(model, select_at))
 
     def probe(self, model: torch.nn.Module) -> Probe:
-        return ProjectionProbe(self.sites(model), num_prefix=self.protected(model), has_cls=True)
+        protected = self.protected(model)
+        return ProjectionProbe(self.sites(model), num_prefix=protected, has_cls=protected > 0)
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         return model(pixel_values=inputs)
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The encoder's final normed class token, and a classifier's logits (one forward)."""
-        tower = _found(model)[1]
+        """The encoder's final normed class token (without one, I-JEPA: the mean of its real
+        tokens, each weighted by how many it stands for), and a classifier's logits (one forward)."""
+        family, tower = _found(model)
         seen: dict[str, Any] = {}
         caller = threading.get_ident()  # another thread's call on the same model fires this hook too
 
@@ -254,7 +269,21 @@ class HFViT(FamilyAdapter):
             out = self.forward(model, inputs)
         finally:
             hook.remove()
-        return seen["out"].last_hidden_state[:, 0], getattr(out, "logits", None) if tower is not model else None
+        hidden = seen["out"].last_hidden_state
+        emb = hidden[:, 0] if family.protected(tower.config) else _token_mean(model, hidden)
+        return emb, getattr(out, "logits", None) if tower is not model else None
+
+
+def _token_mean(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Each image's mean over the real tokens of ``hidden [B, M, C]`` (the last forward's
+    output), a merged token weighted by how many it stands for (``output_weights``)."""
+    handle = get_handle(model)
+    weights = None if handle is None else handle.output_weights()
+    if weights is None:
+        return hidden.mean(dim=1)
+    weights = weights.to(hidden.device, hidden.dtype)
+    hidden = hidden.masked_fill(weights[..., None] == 0, 0.0)  # NaN at padding
+    return (hidden * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
 
 
 ADAPTER = HFViT()
