@@ -68,7 +68,8 @@ from .hf_encoder import (
 # classifiers that hold a supported tower but average every position of its last_hidden_state
 REFUSED = {
     name: "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
-          "patch its .vision_model and pool the real tokens with saint.per_image(out, saint.token_mask(m))"
+          "patch its .vision_model and pool the real tokens with saint.per_image(out, saint.token_mask(m)), "
+          "weighted by saint.token_sizes(m) after merging"
     for name in ("CLIPForImageClassification", "MetaClip2ForImageClassification", "SiglipForImageClassification",
                  "Siglip2ForImageClassification")
 }

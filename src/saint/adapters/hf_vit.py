@@ -56,10 +56,12 @@ REFUSED = {
     name: reason for names, reason in [
         (("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"),
          "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
-         "patch its .dinov2 (a Dinov2Model) and pool the real tokens with saint.per_image(out, saint.token_mask(m))"),
+         "patch its .dinov2 (a Dinov2Model) and pool the real tokens with saint.per_image(out, saint.token_mask(m)), "
+         "weighted by saint.token_sizes(m) after merging"),
         (("IJepaForImageClassification",),
          "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
-         "patch its .ijepa (an IJepaModel) and pool the real tokens with saint.per_image(out, saint.token_mask(m))"),
+         "patch its .ijepa (an IJepaModel) and pool the real tokens with saint.per_image(out, saint.token_mask(m)), "
+         "weighted by saint.token_sizes(m) after merging"),
         (("Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"),
          "its feature maps need every patch; prune a Dinov2Model instead"),
         (("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"),
@@ -193,7 +195,8 @@ def patch(
     if family.protected(tower.config) == 0 and getattr(tower, "pooler", None) is not None:
         raise TypeError(f"{type(tower).__name__}'s pooler reads position 0, a patch that pruning merges, drops or "
                         "pads; load it without the pooler (add_pooling_layer=False, the default) and pool the real "
-                        "tokens with saint.per_image(out, saint.token_mask(m))")
+                        "tokens with saint.per_image(out, saint.token_mask(m)), weighted by saint.token_sizes(m) "
+                        "after merging")
     handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
                            family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
                            kernel)
