@@ -28,10 +28,26 @@ def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> torch
     return model
 
 
+def _handle(model: torch.nn.Module) -> Any:
+    """The patch handle of ``model``; a clear error when it is not patched."""
+    handle = get_handle(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    return handle
+
+
+def _runs_handle(model: torch.nn.Module, lacks: str) -> Any:
+    """The handle of a patch that keeps per-call token state (the vision adapters);
+    ``lacks`` says what another patch does not have."""
+    handle = _handle(model)
+    if getattr(handle, "runs", None) is None:
+        raise TypeError(f"{type(model).__name__}'s patch has {lacks}")
+    return handle
+
+
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`patch`: the model computes exactly what it did before."""
-    if get_handle(model) is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    _handle(model)
     find_adapter(model).unpatch(model)
     return model
 
@@ -42,10 +58,7 @@ def is_patched(model: torch.nn.Module) -> bool:
 
 def stats(model: torch.nn.Module) -> TokenStats:
     """Tokens entering each block in the model's last forward, per sample."""
-    handle = get_handle(model)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    return handle.stats()
+    return _handle(model).stats()
 
 
 def token_mask(model: torch.nn.Module, block: int = -1) -> torch.Tensor | None:
@@ -53,13 +66,7 @@ def token_mask(model: torch.nn.Module, block: int = -1) -> torch.Tensor | None:
     ``[B, M]`` bool, or None when every position does (negative ``block`` counts from
     the end). Outputs that leave a packed model (``forward_features``,
     ``forward_intermediates``, HF ``hidden_states``) are padded with NaN there."""
-    handle = get_handle(model)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    runs = getattr(handle, "runs", None)
-    if runs is None:
-        raise TypeError(f"{type(model).__name__}'s patch has no per-block token mask; its outputs are not padded")
-    run = runs.current()
+    run = _runs_handle(model, "no per-block token mask; its outputs are not padded").runs.current()
     valid = [] if run is None else run.layer_valid
     if not -len(valid) <= block < len(valid):
         raise IndexError(f"block {block} did not run in the last forward ({len(valid)} blocks ran)")
@@ -71,12 +78,7 @@ def token_sizes(model: torch.nn.Module) -> torch.Tensor | None:
     ``[B, M]`` float (1 for a token nothing merged into, 0 at padding), or None when every
     position is one real token. A mean over tokens weighted by it is what the unpruned
     model's mean is when a merged token stands for its parts."""
-    handle = get_handle(model)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    if getattr(handle, "runs", None) is None:
-        raise TypeError(f"{type(model).__name__}'s patch has no per-token sizes; its outputs are not merged or padded")
-    return handle.output_weights()
+    return _runs_handle(model, "no per-token sizes; its outputs are not merged or padded").output_weights()
 
 
 def per_image(tokens: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:

@@ -299,11 +299,9 @@ class TokenStateHandle(Handle):
         state = run.state
         if state.packed:
             raise RuntimeError("the forward is still running (its tokens are packed); take the weights after it")
-        if state.sizes is None and state.valid is None:
-            return None
-        shape = state.valid.shape if state.sizes is None else state.sizes.shape[:2]
-        device = state.valid.device if state.sizes is None else state.sizes.device
-        weights = torch.ones(shape, device=device) if state.sizes is None else state.sizes.reshape(shape).float()
+        if state.sizes is None:  # nothing merged: each real position is one token
+            return None if state.valid is None else state.valid.float()
+        weights = state.sizes.reshape(state.sizes.shape[:2]).float()
         return weights if state.valid is None else weights.masked_fill(~state.valid, 0.0)
 
     def stats(self) -> TokenStats:
