@@ -373,10 +373,22 @@ def test_tome_sizes_reach_attention_as_log_bias(kind, images):
     torch.testing.assert_close(seen["mask"], sizes.squeeze(-1).log()[:, None, None, :].to(seen["mask"].dtype))
 
 
-@pytest.mark.parametrize("prefix", ["CLIP", "MetaClip2", "Siglip"])
-def test_classifiers_that_average_every_position_are_refused(prefix):
+def make_classifier(kind: str) -> torch.nn.Module:
+    """A tiny ``CLIPForImageClassification`` (or MetaCLIP 2's / SigLIP's): the tower and a
+    linear head over the mean of its tokens (the class token excluded)."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    prefix = CLIP_PREFIX.get(kind.removesuffix("_classifier"), "Siglip")
+    cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=TINY, num_labels=5)
+    return getattr(transformers, f"{prefix}ForImageClassification")(cfg).eval()
+
+
+def test_siglip2_classifier_is_refused_with_what_to_do():
+    """Its forward masks the mean with the input's padding mask, which no longer lines up
+    with the tokens once any are removed."""
+    vision = {k: v for k, v in TINY.items() if k != "image_size"}
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
-    cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=TINY, num_labels=3)
-    classifier = getattr(transformers, f"{prefix}ForImageClassification")(cfg)
-    with pytest.raises(TypeError, match=r"averages every position.*patch its \.vision_model"):
-        saint.patch(classifier, "tome", r=2)
+    cfg = transformers.Siglip2Config(text_config=text, vision_config=dict(vision, num_patches=16), num_labels=3)
+    with pytest.raises(TypeError, match=r"pixel_attention_mask.*patch its \.vision_model"):
+        saint.patch(transformers.Siglip2ForImageClassification(cfg), "tome", r=2)

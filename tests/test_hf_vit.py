@@ -27,8 +27,11 @@ VIT_TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, inte
 PATCHES = (32 // 8) ** 2
 REGISTERS = 2
 PROTECTED = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS, "dinov3": 1 + REGISTERS, "vit": 1, "vit_classifier": 1,
-             "vit_msn": 1, "vit_msn_classifier": 1, "deit": 2, "deit_teacher": 2, "ijepa": 0}
-CLASSIFIERS = {"vit_classifier", "vit_msn_classifier", "deit_teacher"}
+             "vit_msn": 1, "vit_msn_classifier": 1, "deit": 2, "deit_teacher": 2, "ijepa": 0,
+             "dinov2_classifier": 1, "dinov2_reg_classifier": 1 + REGISTERS, "ijepa_classifier": 0}
+# the last three average their tokens (saint.adapters.hf_mean_head)
+CLASSIFIERS = {"vit_classifier", "vit_msn_classifier", "deit_teacher", "dinov2_classifier", "dinov2_reg_classifier",
+               "ijepa_classifier"}
 TOL = dict(rtol=0, atol=1e-5)
 # every method, pruning a data-dependent (ragged) or a fixed amount (as the packed tests)
 METHODS = {**RAGGED_METHODS, **{name: (name, kw) for name, kw in RECTANGULAR.items()}}
@@ -42,11 +45,16 @@ def make(kind: str = "dinov2", impl: str = "sdpa", seed: int = 0, **overrides) -
     t = transformers
     if kind == "dinov2":
         model = t.Dinov2Model(t.Dinov2Config(**TINY, attn_implementation=impl, **overrides))
-    elif kind == "dinov2_reg":
-        model = t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(
-            **TINY, num_register_tokens=REGISTERS, attn_implementation=impl, **overrides))
-    elif kind == "ijepa":  # ViT's layers, no class token
-        model = t.IJepaModel(t.IJepaConfig(**VIT_TINY, attn_implementation=impl, **overrides))
+    elif kind == "dinov2_classifier":  # the class token and the mean of the patches
+        model = t.Dinov2ForImageClassification(t.Dinov2Config(**TINY, num_labels=5, attn_implementation=impl,
+                                                               **overrides))
+    elif kind in ("dinov2_reg", "dinov2_reg_classifier"):
+        cls = t.Dinov2WithRegistersModel if kind == "dinov2_reg" else t.Dinov2WithRegistersForImageClassification
+        model = cls(t.Dinov2WithRegistersConfig(**TINY, num_register_tokens=REGISTERS, num_labels=5,
+                                                attn_implementation=impl, **overrides))
+    elif kind in ("ijepa", "ijepa_classifier"):  # ViT's layers, no class token
+        cls = t.IJepaModel if kind == "ijepa" else t.IJepaForImageClassification
+        model = cls(t.IJepaConfig(**VIT_TINY, num_labels=5, attn_implementation=impl, **overrides))
     elif kind == "dinov3":  # rotary position embedding, registers, layer scale
         model = t.DINOv3ViTModel(t.DINOv3ViTConfig(**VIT_TINY, num_register_tokens=REGISTERS,
                                                     attn_implementation=impl, **overrides))
@@ -316,9 +324,6 @@ def test_gradient_checkpointing_and_deepcopy(images):
 
 
 def test_refusals_say_what_to_do(images):
-    classifier = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**TINY, num_labels=3))
-    with pytest.raises(TypeError, match=r"averages every position.*patch its \.dinov2"):
-        saint.patch(classifier, "tome", r=2)
     with pytest.raises(TypeError, match="reconstructs every patch"):
         saint.patch(transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**VIT_TINY)), "tome", r=2)
     with pytest.raises(TypeError, match="feature maps need every patch"):
@@ -369,7 +374,7 @@ def test_a_wrapped_encoder_is_unpatched_through_its_wrapper(images):
     with the call to make; through the classifier both come back bit for bit."""
     from .test_hf_vision import make as make_tower
 
-    for model, inner in [(clf := make("vit_classifier"), clf.vit),
+    for model, inner in [(clf := make("vit_classifier"), clf.vit), (mean := make("dinov2_classifier"), mean.dinov2),
                          (proj := make_tower("clip", projection=True), proj.vision_model)]:
         with torch.no_grad():
             want = model(pixel_values=images)[0]
@@ -473,8 +478,6 @@ def test_ijepa_embeds_the_mean_of_what_every_patch_became(images):
 
 def test_ijepa_refusals_say_what_to_do(images):
     t = transformers
-    with pytest.raises(TypeError, match=r"averages every position.*patch its \.ijepa"):
-        saint.patch(t.IJepaForImageClassification(t.IJepaConfig(**VIT_TINY, num_labels=3)), "tome", r=2)
     pooled = t.IJepaModel(t.IJepaConfig(**VIT_TINY), add_pooling_layer=True)
     with pytest.raises(TypeError, match="pooler reads position 0.*add_pooling_layer=False"):
         saint.patch(pooled, "tome", r=2)

@@ -398,12 +398,18 @@ def test_drop_path_training_needs_padded_layout(images):
     assert model(images).shape[0] == len(images)
 
 
-HF_KINDS = ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip", "vit", "vit_classifier", "vit_msn", "vit_msn_classifier", "deit", "deit_teacher", "dinov2", "dinov2_reg", "dinov3", "ijepa")
+HF_KINDS = ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip", "clip_classifier", "siglip_classifier", "vit",
+            "vit_classifier", "vit_msn", "vit_msn_classifier", "deit", "deit_teacher", "dinov2", "dinov2_classifier",
+            "dinov2_reg", "dinov2_reg_classifier", "dinov3", "ijepa", "ijepa_classifier")
+NO_CLASS_TOKEN = ("siglip", "siglip_classifier", "ijepa", "ijepa_classifier")
 
 
 def _hf_model(kind: str) -> torch.nn.Module:
-    """A tiny random HF vision model of ``kind`` (CLIP/SigLIP towers, ViT/DeiT/DINOv2)."""
-    if kind in ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip"):
+    """A tiny random HF vision model of ``kind`` (CLIP/SigLIP towers and classifiers, ViT/DeiT/DINOv2/I-JEPA
+    encoders and classifiers)."""
+    if kind in ("clip_classifier", "siglip_classifier"):
+        from .test_hf_vision import make_classifier as make
+    elif kind in ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip"):
         from .test_hf_vision import make
     else:
         from .test_hf_vit import make
@@ -423,7 +429,7 @@ def _hf_features(out) -> torch.Tensor:
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize(("kind", "label"), [
     (kind, label) for kind in HF_KINDS for label in sorted(RAGGED)
-    if kind not in ("siglip", "ijepa") or label not in NEEDS_CLASS_TOKEN  # SigLIP and I-JEPA have no class token
+    if kind not in NO_CLASS_TOKEN or label not in NEEDS_CLASS_TOKEN
 ])
 def test_hf_packed_equals_padded_equals_alone(kind, label, select_at, images):
     model = _hf_model(kind)

@@ -16,7 +16,7 @@ from saint.measure.harness import Harness
 from saint.spec import BASELINE, Variant
 
 from .conftest import full_layer_scale, make_tiny
-from .test_hf_vision import make_dual
+from .test_hf_vision import make_classifier, make_dual
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -121,6 +121,11 @@ FAMILIES = {
         transformers.Dinov2WithRegistersConfig(**DINO_TINY, num_register_tokens=2)).eval(),
         vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
     "clip_dual": lambda: (make_dual("clip"), vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
+    "clip_classifier": lambda: (make_classifier("clip_classifier"), vision_inputs(6), dict(k=1),
+                                Variant("tome", "tome", {"r": 2})),
+    "dinov2_classifier": lambda: (transformers.Dinov2ForImageClassification(
+        transformers.Dinov2Config(**DINO_TINY, num_labels=5)).eval(), vision_inputs(6), dict(k=1),
+        Variant("saint_match", "saint_match", {"tau": 0.2, "fraction": 0.5})),
     "dinov3": lambda: (transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
         **HF_TINY, num_register_tokens=2)).eval(),
         vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
@@ -196,7 +201,7 @@ def test_calibrate_hits_the_target_and_reproduces(family):
     saint.unpatch(model)
     with torch.no_grad():
         after = adapter.forward(model, inputs)
-    key = "logits" if name in ALL_VLMS or name == "vit_classifier" else (
+    key = "logits" if name in ALL_VLMS or name.endswith("_classifier") else (
         "last_hidden_state" if not name.startswith("timm") else None)
     a, b = (before, after) if key is None else (getattr(before, key), getattr(after, key))
     assert torch.equal(a, b)

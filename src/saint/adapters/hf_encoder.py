@@ -29,6 +29,7 @@ from ..methods import (
     require_class_token,
     require_site,
 )
+from . import hf_mean_head
 from .base import (
     FamilyAdapter,
     Probe,
@@ -281,6 +282,7 @@ def unpatch_tower_of(model: torch.nn.Module) -> HFEncoderPatch:
     handle.check_unpatch(model)
     if handle.tower is not model:
         model.__dict__.pop(SAINT_ATTR)
+        hf_mean_head.uninstall(model)
     return unpatch_encoder(handle.tower)
 
 

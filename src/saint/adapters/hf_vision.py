@@ -5,8 +5,11 @@ image-text logits are pruned, the text side is untouched); MetaCLIP 2's
 ``MetaClip2VisionModel``, ``MetaClip2VisionModelWithProjection`` and ``MetaClip2Model``,
 Chinese-CLIP's ``ChineseCLIPVisionModel`` / ``ChineseCLIPModel`` and AltCLIP's
 ``AltCLIPVisionModel`` / ``AltCLIPModel`` (CLIP's vision tower under their own class
-names); also the vision tower inside ``LlavaForConditionalGeneration``
-(``model.model.vision_tower``).
+names); the image classifiers ``CLIPForImageClassification``,
+``MetaClip2ForImageClassification`` and ``SiglipForImageClassification``, whose head
+averages the tower's tokens (it reads each image's real ones, size-weighted:
+:mod:`saint.adapters.hf_mean_head`; Siglip2's is refused, ``REFUSED``); also the vision
+tower inside ``LlavaForConditionalGeneration`` (``model.model.vision_tower``).
 
 Each encoder layer's ``forward`` is wrapped per instance: the layer's own modules
 run in the order transformers runs them (``layer_norm1 -> self_attn -> residual ->
@@ -51,6 +54,7 @@ from typing import Any
 import torch
 
 from ..methods import MethodSpec
+from . import hf_mean_head
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
 from .hf_encoder import (
     HFEncoderPatch,
@@ -65,33 +69,34 @@ from .hf_encoder import (
     unpatch_tower_of,
 )
 
-# classifiers that hold a supported tower but average every position of its last_hidden_state
+# a classifier that holds a supported tower but whose own forward cannot run on a pruned one
 REFUSED = {
-    name: "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
-          "patch its .vision_model and pool the real tokens with saint.per_image(out, saint.token_mask(m)), "
-          "weighted by saint.token_sizes(m) after merging"
-    for name in ("CLIPForImageClassification", "MetaClip2ForImageClassification", "SiglipForImageClassification",
-                 "Siglip2ForImageClassification")
+    "Siglip2ForImageClassification":
+        "its classifier averages last_hidden_state under the input's pixel_attention_mask, which no longer "
+        "lines up once tokens are removed; patch its .vision_model and pool the real tokens with "
+        "saint.per_image(out, saint.token_mask(m)), weighted by saint.token_sizes(m) after merging",
 }
 
 
 # CLIP's architecture under other class names: (module, tower, tower with projection, dual
-# encoder, encoder layer, attention); MetaCLIP 2, Chinese-CLIP and AltCLIP (whose text side is
-# an XLM-R) where this transformers has them
+# encoder, classifier, encoder layer, attention); MetaCLIP 2, Chinese-CLIP and AltCLIP (whose
+# text side is an XLM-R) where this transformers has them
 CLIP_LIKE = (
-    ("clip", "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "CLIPEncoderLayer", "CLIPAttention"),
+    ("clip", "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "CLIPForImageClassification",
+     "CLIPEncoderLayer", "CLIPAttention"),
     ("metaclip_2", "MetaClip2VisionModel", "MetaClip2VisionModelWithProjection", "MetaClip2Model",
-     "MetaClip2EncoderLayer", "MetaClip2Attention"),
-    ("chinese_clip", "ChineseCLIPVisionModel", None, "ChineseCLIPModel", "ChineseCLIPVisionLayer",
+     "MetaClip2ForImageClassification", "MetaClip2EncoderLayer", "MetaClip2Attention"),
+    ("chinese_clip", "ChineseCLIPVisionModel", None, "ChineseCLIPModel", None, "ChineseCLIPVisionLayer",
      "ChineseCLIPVisionAttention"),
-    ("altclip", "AltCLIPVisionModel", None, "AltCLIPModel", "AltCLIPEncoderLayer", "AltCLIPAttention"),
+    ("altclip", "AltCLIPVisionModel", None, "AltCLIPModel", None, "AltCLIPEncoderLayer", "AltCLIPAttention"),
 )
 
 
 @functools.cache
 def _hf_classes() -> dict[str, Any] | None:
     """The supported classes; CLIP-like entries are tuples, one class per family of
-    :data:`CLIP_LIKE` that this transformers has (``clip_proj`` only where a family has one)."""
+    :data:`CLIP_LIKE` that this transformers has (``clip_proj`` and ``clip_classifier`` only
+    where a family has one)."""
     try:
         from transformers.models.siglip import modeling_siglip as siglip
     except ImportError:  # transformers not installed
@@ -103,11 +108,12 @@ def _hf_classes() -> dict[str, Any] | None:
         except ImportError:  # an older transformers
             continue
         families.append([None if n is None else getattr(mod, n) for n in names])
-    tower, proj, dual, layer, attn = zip(*families, strict=True)
+    tower, proj, dual, classifier, layer, attn = zip(*families, strict=True)
     return {
         "clip": tower,
         "clip_proj": tuple(c for c in proj if c is not None),
         "clip_dual": dual,
+        "clip_classifier": tuple(c for c in classifier if c is not None),
         "clip_layer": layer,
         "clip_attn": attn,
         "siglip_dual": siglip.SiglipModel,
@@ -115,6 +121,7 @@ def _hf_classes() -> dict[str, Any] | None:
         "siglip_layer": siglip.SiglipEncoderLayer,
         "siglip_attn": siglip.SiglipAttention,
         "siglip_head": siglip.SiglipMultiheadAttentionPoolingHead,
+        "siglip_classifier": siglip.SiglipForImageClassification,
     }
 
 
@@ -123,12 +130,17 @@ def matches(model: torch.nn.Module) -> bool:
     if sys.modules.get("transformers") is None:  # a transformers model implies it is imported
         return False
     c = _hf_classes()
-    return c is not None and isinstance(model, (*c["clip"], *c["clip_proj"], c["siglip"], *c["clip_dual"], c["siglip_dual"]))
+    return c is not None and isinstance(model, (*c["clip"], c["siglip"], *_wrappers(c)))
+
+
+def _wrappers(c: dict[str, Any]) -> tuple[type, ...]:
+    """The classes that hold a tower as ``vision_model``."""
+    return (*c["clip_proj"], *c["clip_dual"], c["siglip_dual"], *c["clip_classifier"], c["siglip_classifier"])
 
 
 def _tower_of(model: torch.nn.Module) -> torch.nn.Module:
     c = _hf_classes()
-    if c is not None and isinstance(model, (*c["clip_proj"], *c["clip_dual"], c["siglip_dual"])):
+    if c is not None and isinstance(model, _wrappers(c)):
         return model.vision_model
     return model
 
@@ -147,9 +159,14 @@ def patch(
     model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False, layout: str = "packed",
     kernel: str = "auto", **kwargs: Any,
 ) -> HFEncoderPatch:
-    """Patch a CLIP/SigLIP vision model in place (see :func:`saint.patch`)."""
+    """Patch a CLIP/SigLIP vision model in place (see :func:`saint.patch`); a classifier's
+    head reads each image's real tokens (:mod:`saint.adapters.hf_mean_head`)."""
     tower = _tower_of(model)
-    return patched_through(model, tower, patch_tower(tower, method, trace=trace, layout=layout, kernel=kernel, **kwargs))
+    hf_mean_head.check(model)
+    handle = patched_through(model, tower, patch_tower(tower, method, trace=trace, layout=layout, kernel=kernel,
+                                                       **kwargs))
+    hf_mean_head.install(model, tower, handle)
+    return handle
 
 
 def unpatch(model: torch.nn.Module) -> None:
@@ -262,6 +279,8 @@ class HFVision(FamilyAdapter):
         return model(pixel_values=inputs)
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if hf_mean_head.averages_tokens(model):  # a classifier: the features it reads, and its logits
+            return hf_mean_head.embed(model, lambda: self.forward(model, inputs))
         out = self.forward(model, inputs)
         emb = getattr(out, "image_embeds", None)
         return (out.pooler_output if emb is None else emb), None

@@ -3,9 +3,12 @@ self-supervised ViT, ViT's architecture under its own class names), ``DeiTModel`
 ``Dinov2Model``, ``Dinov2WithRegistersModel`` and ``DINOv3ViTModel`` (rotary: each token
 keeps its own rows of the grid's cos/sin table, a merged token its destination's),
 ``IJepaModel`` (I-JEPA: ViT's layers, no class token, so every token is prunable and its
-embedding is the mean of its tokens, merged ones weighted by size), and the classifiers that read only their
+embedding is the mean of its tokens, merged ones weighted by size), the classifiers that read only their
 prefix tokens (``ViTForImageClassification``, ``DeiTForImageClassification``,
-``DeiTForImageClassificationWithTeacher``).
+``DeiTForImageClassificationWithTeacher``), and those that average their tokens
+(``Dinov2ForImageClassification``, ``Dinov2WithRegistersForImageClassification``,
+``IJepaForImageClassification``: their classifier reads each image's size-weighted mean
+over its real tokens, :mod:`saint.adapters.hf_mean_head`).
 
 Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
 in the order transformers runs them (pre-norm attention, residual, [selection], pre-norm
@@ -16,16 +19,15 @@ packed with attention per image through the layer's own q/k/v/o projections
 (``layout="padded"`` masks instead). A family here only says where its layers and their
 parts are (:class:`Family`).
 
-Protected tokens: the class token, DeiT's distillation token, DINOv2's and DINOv3's registers. The
-classifiers read those positions only, so their logits are per image; the encoder's
+Protected tokens: the class token, DeiT's distillation token, DINOv2's and DINOv3's registers.
+Every classifier's logits are per image; the encoder's
 ``last_hidden_state`` / ``hidden_states`` are NaN-padded after a ragged step
 (:func:`saint.token_mask`, :func:`saint.per_image`).
 
-Refused (``REFUSED``, with what to do instead): DINOv2's and I-JEPA's classifiers (they
-average every position of ``last_hidden_state``), an ``IJepaModel`` with its pooler (it reads
+Refused (``REFUSED``, with what to do instead): an ``IJepaModel`` with its pooler (it reads
 position 0, a patch that pruning merges, drops or pads), the backbones and masked-image-modeling heads (they need
-every patch). A ``Dinov2Model`` patched inside ``Dinov2ForImageClassification`` is not
-detected: its classifier would average the padding.
+every patch). A ``Dinov2Model`` patched on its own inside ``Dinov2ForImageClassification`` is not
+detected: the classifier's own mean would average the padding (patch the classifier).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 
 from ..methods import MethodSpec
+from . import hf_mean_head
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
 from .common import SAINT_ATTR, get_handle
 from .hf_encoder import (
@@ -54,14 +57,6 @@ from .hf_encoder import (
 # models that wrap a supported one but read its tokens in a way a pruned output cannot serve
 REFUSED = {
     name: reason for names, reason in [
-        (("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"),
-         "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
-         "patch its .dinov2 (a Dinov2Model) and pool the real tokens with saint.per_image(out, saint.token_mask(m)), "
-         "weighted by saint.token_sizes(m) after merging"),
-        (("IJepaForImageClassification",),
-         "its classifier averages every position of last_hidden_state (padding and merged tokens alike); "
-         "patch its .ijepa (an IJepaModel) and pool the real tokens with saint.per_image(out, saint.token_mask(m)), "
-         "weighted by saint.token_sizes(m) after merging"),
         (("Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"),
          "its feature maps need every patch; prune a Dinov2Model instead"),
         (("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"),
@@ -146,14 +141,15 @@ def _families() -> list[Family]:
                                          deit.DeiTForImageClassificationWithTeacher: "deit"},
                deit.DeiTLayer, deit.DeiTAttention, "layers", _vit_parts, lambda cfg: 2,
                lambda cfg: cfg.intermediate_size),
-        Family("dinov2", d.Dinov2Model, {}, d.Dinov2Layer, d.Dinov2Attention, "encoder.layer", _dinov2_parts,
+        Family("dinov2", d.Dinov2Model, {d.Dinov2ForImageClassification: "dinov2"}, d.Dinov2Layer, d.Dinov2Attention, "encoder.layer", _dinov2_parts,
                lambda cfg: 1, _dinov2_mlp_hidden),
-        Family("dinov2_registers", r.Dinov2WithRegistersModel, {}, r.Dinov2WithRegistersLayer,
+        Family("dinov2_registers", r.Dinov2WithRegistersModel,
+               {r.Dinov2WithRegistersForImageClassification: "dinov2_with_registers"}, r.Dinov2WithRegistersLayer,
                r.Dinov2WithRegistersAttention, "encoder.layer", _dinov2_parts,
                lambda cfg: 1 + int(cfg.num_register_tokens), _dinov2_mlp_hidden),
         Family("dinov3", d3.DINOv3ViTModel, {}, d3.DINOv3ViTLayer, d3.DINOv3ViTAttention, "model.layer",
                _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden),
-        Family("ijepa", ijepa.IJepaModel, {}, ijepa.IJepaLayer, ijepa.IJepaAttention, "layers", _vit_parts,
+        Family("ijepa", ijepa.IJepaModel, {ijepa.IJepaForImageClassification: "ijepa"}, ijepa.IJepaLayer, ijepa.IJepaAttention, "layers", _vit_parts,
                lambda cfg: 0, lambda cfg: cfg.intermediate_size),
     ]
 
@@ -190,18 +186,21 @@ def patch(
     kernel: str = "auto", **kwargs: Any,
 ) -> HFEncoderPatch:
     """Patch a supported model in place (see :func:`saint.patch`); a classifier's encoder
-    is patched and the handle stored on both."""
+    is patched and the handle stored on both (a classifier that averages its tokens reads
+    each image's real ones, :mod:`saint.adapters.hf_mean_head`)."""
     family, tower = _found(model)
     if family.protected(tower.config) == 0 and getattr(tower, "pooler", None) is not None:
         raise TypeError(f"{type(tower).__name__}'s pooler reads position 0, a patch that pruning merges, drops or "
                         "pads; load it without the pooler (add_pooling_layer=False, the default) and pool the real "
                         "tokens with saint.per_image(out, saint.token_mask(m)), weighted by saint.token_sizes(m) "
                         "after merging")
+    hf_mean_head.check(model)
     handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
                            family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
                            kernel)
     model.__dict__[SAINT_ATTR] = handle
     handle.patched_through(tower, model)
+    hf_mean_head.install(model, tower, handle)
     return handle
 
 
@@ -214,6 +213,7 @@ def unpatch(model: torch.nn.Module) -> None:
     handle.check_unpatch(model)
     if model is not tower:
         model.__dict__.pop(SAINT_ATTR)
+        hf_mean_head.uninstall(model)
     unpatch_encoder(tower)
 
 
@@ -228,7 +228,7 @@ def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
 
 
 class HFViT(FamilyAdapter):
-    """Hugging Face ViT, ViT-MSN, DeiT, DINOv2 and I-JEPA encoders (and the classifiers that hold ViT/ViT-MSN/DeiT)."""
+    """Hugging Face ViT, ViT-MSN, DeiT, DINOv2 and I-JEPA encoders and the classifiers that hold them."""
 
     name = "hf_vit"
     family = sys.modules[__name__]
@@ -258,8 +258,11 @@ class HFViT(FamilyAdapter):
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The encoder's final normed class token (without one, I-JEPA: the mean of its real
-        tokens, each weighted by how many it stands for), and a classifier's logits (one forward)."""
+        tokens, each weighted by how many it stands for), and a classifier's logits (one
+        forward); a classifier that averages its tokens: the features its classifier reads."""
         family, tower = _found(model)
+        if hf_mean_head.averages_tokens(model):  # the features its classifier reads
+            return hf_mean_head.embed(model, lambda: self.forward(model, inputs))
         seen: dict[str, Any] = {}
         caller = threading.get_ident()  # another thread's call on the same model fires this hook too
 

@@ -1,0 +1,151 @@
+"""Hugging Face classifiers that average their tower's tokens (CLIP, MetaCLIP 2, SigLIP,
+DINOv2 with and without registers, I-JEPA): the model's own forward runs and its
+classifier reads each image's mean over the original patches of the token each became."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import saint  # noqa: E402
+from saint.adapters import find_adapter  # noqa: E402
+from saint.adapters.common import get_handle  # noqa: E402
+
+from .test_hf_vision import make_classifier  # noqa: E402
+from .test_hf_vit import PROTECTED, make  # noqa: E402
+
+TOL = dict(rtol=0, atol=1e-5)
+VIT_KINDS = ("dinov2_classifier", "dinov2_reg_classifier", "ijepa_classifier")
+VISION_KINDS = ("clip_classifier", "metaclip_2_classifier", "siglip_classifier")
+PREFIX = {**{k: PROTECTED[k] for k in VIT_KINDS}, "clip_classifier": 1, "metaclip_2_classifier": 1,
+          "siglip_classifier": 0}
+WITH_CLS = ("dinov2_classifier", "dinov2_reg_classifier")  # the class token goes before the mean
+# a rectangular merge, a ragged merge and a ragged drop
+METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)), ("saint", dict(tau=0.3, k=1))]
+
+
+def classifier(kind: str) -> torch.nn.Module:
+    return make(kind) if kind in VIT_KINDS else make_classifier(kind)
+
+
+def what_every_patch_became(kind: str, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The expected features, from the traced origins: each image's mean over its original
+    patches (after the prefix) of the token each one ended in (a dropped patch counts for
+    nothing), with the class token before it where the model puts it there."""
+    with torch.no_grad():  # the tower the classifier holds, as it ran in the model's call
+        hidden = get_handle(model).tower(pixel_values=images).last_hidden_state
+    origin = get_handle(model).origins()[-1]
+    skip = PREFIX[kind]
+    rows = []
+    for i in range(len(images)):
+        became = origin[i, skip:][origin[i, skip:] >= 0]
+        mean = hidden[i, became].mean(dim=0)
+        rows.append(torch.cat([hidden[i, 0], mean]) if kind in WITH_CLS else mean)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("method,kw", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("kind", VIT_KINDS + VISION_KINDS)
+def test_the_classifier_reads_the_mean_of_what_every_patch_became(kind, method, kw, images):
+    model = classifier(kind)
+    adapter = find_adapter(model)
+    saint.patch(model, method, trace=True, **kw)
+    features, logits = adapter.embed(model, images)
+    assert saint.stats(model).layout == ("rectangular" if method == "tome" else "packed")
+    torch.testing.assert_close(features, what_every_patch_became(kind, model, images), **TOL)
+    torch.testing.assert_close(logits, model.classifier(features), **TOL)
+    labels = torch.arange(len(images)) % 5
+    with torch.no_grad():
+        out = model(pixel_values=images, labels=labels)
+    torch.testing.assert_close(out.logits, logits, **TOL)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, labels), **TOL)
+    for i in range(len(images)):
+        torch.testing.assert_close(features[i], adapter.embed(model, images[i : i + 1])[0][0], **TOL)
+
+
+@pytest.mark.parametrize("kind", VIT_KINDS + VISION_KINDS)
+def test_nothing_to_prune_gives_the_classifier_the_models_own_input(kind, images):
+    model = classifier(kind)
+    with torch.no_grad():
+        ref = model(pixel_values=images).logits
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(model(pixel_values=images).logits, ref)
+        saint.unpatch(model)
+        saint.patch(model, "tome", r=3)
+        assert not torch.allclose(model(pixel_values=images).logits, ref, atol=1e-6)
+        saint.unpatch(model)
+        assert "forward" not in model.__dict__
+        assert not model.classifier._forward_pre_hooks
+        assert torch.equal(model(pixel_values=images).logits, ref)
+
+
+def test_outside_the_models_call_nothing_is_replaced(images):
+    """The tower called on its own, then the classifier on the caller's own features: the
+    classifier computes on what it is given."""
+    model = classifier("dinov2_classifier")
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad():
+        model(pixel_values=images)
+        model.dinov2(pixel_values=images)
+        x = torch.randn(len(images), model.classifier.in_features)
+        torch.testing.assert_close(model.classifier(x), torch.nn.functional.linear(
+            x, model.classifier.weight, model.classifier.bias), rtol=0, atol=0)
+
+
+def test_each_thread_reads_its_own_call(images):
+    model = classifier("clip_classifier")
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    batches = [images, images[:2].flip(0)]
+    with torch.no_grad():
+        expected = [model(pixel_values=b).logits for b in batches]
+    results: list[list[torch.Tensor]] = [[], []]
+
+    def work(i: int) -> None:
+        for _ in range(10):
+            with torch.no_grad():
+                results[i].append(model(pixel_values=batches[i]).logits)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(results[i]) == 10
+        for r in results[i]:
+            torch.testing.assert_close(r, expected[i], rtol=0, atol=1e-6)
+
+
+def test_a_replaced_classifier_is_refused(images):
+    model = classifier("ijepa_classifier")
+    saint.patch(model, "tome", r=2)
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 5)
+    with pytest.raises(RuntimeError, match="classifier was replaced after saint.patch"):
+        model(pixel_values=images)
+
+
+def test_a_classifier_with_a_foreign_forward_is_refused_untouched(images):
+    model = classifier("siglip_classifier")
+    model.forward = model.forward  # what accelerate's hooks do: a per-instance forward
+    with pytest.raises(ValueError, match="already has a per-instance forward"):
+        saint.patch(model, "tome", r=2)
+    assert not saint.is_patched(model) and not saint.is_patched(model.vision_model)
+
+
+def test_a_deep_copy_pools_with_its_own_handle(images):
+    model = classifier("dinov2_reg_classifier")
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    twin = copy.deepcopy(model)
+    assert get_handle(twin) is not get_handle(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(pixel_values=images).logits, model(pixel_values=images).logits, **TOL)
+    assert saint.stats(twin).layout == "packed"
+    saint.unpatch(model)  # the copy stays patched, and pools as before
+    with torch.no_grad():
+        alone = [twin(pixel_values=images[i : i + 1]).logits for i in range(len(images))]
+        torch.testing.assert_close(twin(pixel_values=images).logits, torch.cat(alone), **TOL)
