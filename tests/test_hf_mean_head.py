@@ -149,3 +149,46 @@ def test_a_deep_copy_pools_with_its_own_handle(images):
     with torch.no_grad():
         alone = [twin(pixel_values=images[i : i + 1]).logits for i in range(len(images))]
         torch.testing.assert_close(twin(pixel_values=images).logits, torch.cat(alone), **TOL)
+
+
+@pytest.mark.parametrize("kind", ["dinov2_classifier", "clip_classifier"])
+def test_the_loss_trains_every_image_as_alone(kind, images):
+    """A ragged batch's loss (the model's own, mean over the batch) has the gradient of the
+    images' losses taken one at a time: the pooling saint hands the classifier is
+    differentiable, and padding (0 while autograd records) reaches no weight."""
+    model = classifier(kind)
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    labels = torch.arange(len(images)) % 5
+
+    def grads(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        model.zero_grad()
+        for x, y in batches:
+            (model(pixel_values=x, labels=y).loss * len(x) / len(images)).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    batch = grads([(images, labels)])
+    assert saint.stats(model).layout == "packed"
+    alone = grads([(images[i : i + 1], labels[i : i + 1]) for i in range(len(images))])
+    assert len(batch) == len(alone) and all(bool(torch.isfinite(g).all()) for g in batch)
+    for a, b in zip(batch, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_the_image_classification_pipeline_batches_as_it_runs_alone():
+    """transformers' ``pipeline("image-classification")`` on a patched classifier: a batch
+    of photos of different sizes scores each as the photo alone."""
+    np = pytest.importorskip("numpy")
+    image = pytest.importorskip("PIL.Image")
+    model = classifier("dinov2_classifier")
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    pipe = transformers.pipeline("image-classification", model=model, image_processor=processor, device="cpu")
+    rng = np.random.default_rng(0)
+    photos = [image.fromarray(rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(5)]
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    batched = pipe(photos, batch_size=5, top_k=5)
+    assert saint.stats(model).layout == "packed"
+    for photo, got in zip(photos, batched, strict=True):
+        want = pipe(photo, top_k=5)
+        assert [d["label"] for d in got] == [d["label"] for d in want]
+        torch.testing.assert_close(torch.tensor([d["score"] for d in got]), torch.tensor([d["score"] for d in want]),
+                                   rtol=0, atol=1e-5)
