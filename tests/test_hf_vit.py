@@ -341,11 +341,6 @@ def test_refusals_say_what_to_do(images):
     saint.unpatch(model)
     with pytest.raises(ValueError, match="keep=99 at layer 1 exceeds the 16 prunable"):
         saint.patch(model, "budget", keep=99, layers=[1])
-    training = make(drop_path_rate=0.1)
-    saint.patch(training, "saint", tau=0.3, k=1)
-    training.train()
-    with pytest.raises(ValueError, match="layout='padded'"):
-        training(pixel_values=images)
 
 
 def test_cli_evaluates_the_hf_model_as_the_timm_one(capsys):

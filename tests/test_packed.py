@@ -389,13 +389,33 @@ def test_bad_layout_options_raise():
         saint.patch(model, "saint", kernel="nested")
 
 
-def test_drop_path_training_needs_padded_layout(images):
-    model = make_tiny("vit", drop_path_rate=0.1).train()
-    saint.patch(model, "saint", tau=0.3, k=1)
-    with pytest.raises(ValueError, match="layout='padded'"):
-        model(images)
-    saint.patch(model, "saint", tau=0.3, k=1, layout="padded")
-    assert model(images).shape[0] == len(images)
+def _drop_path_model(kind: str) -> torch.nn.Module:
+    if kind == "hf_dinov2":
+        from .test_hf_vit import make
+
+        return make("dinov2", drop_path_rate=0.5)
+    return make_tiny(kind, drop_path_rate=0.5)
+
+
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("kind", ["vit", "eva02", "hf_dinov2"])
+def test_drop_path_in_training_decides_per_image_as_padded(kind, select_at, images):
+    """Training with drop path on a ragged batch: packed, each image's tokens take the
+    decision the block's drop path draws for that image, the same draws as on the padded
+    batch, so with the same seed both layouts give the same per-image outputs (and the
+    draws matter: another seed gives others)."""
+    model = _drop_path_model(kind).train()
+    outs = {}
+    for layout, seed in [("packed", 0), ("padded", 0), ("packed", 1)]:
+        saint.patch(model, "saint_match", tau=0.3, fraction=0.7, layout=layout, select_at=select_at)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model(pixel_values=images) if kind == "hf_dinov2" else model(images)
+        assert saint.stats(model).layout == layout
+        outs[layout, seed] = out.pooler_output if kind == "hf_dinov2" else out
+        saint.unpatch(model)
+    torch.testing.assert_close(outs["packed", 0], outs["padded", 0], rtol=0, atol=1e-5)
+    assert not torch.allclose(outs["packed", 0], outs["packed", 1], atol=1e-3)
 
 
 HF_KINDS = ("clip", "siglip", "metaclip_2", "chinese_clip", "altclip", "clip_classifier", "siglip_classifier", "vit",

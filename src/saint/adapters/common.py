@@ -658,6 +658,22 @@ def attention_of(
     return out.transpose(1, 2).reshape(b, n, h * d)
 
 
+def drop_path_of(drop_path: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, state: TokenState
+                 ) -> torch.Tensor:
+    """A residual branch through its block's drop path, ``drop_path(x)``. On a packed stream
+    in training the module's per-sample decision becomes per image: the module draws it on
+    one value per image (the draws it makes on a padded batch of as many images) and each
+    image's tokens take their image's factor."""
+    if not (state.packed and getattr(drop_path, "training", False) and getattr(drop_path, "drop_prob", 0.0) > 0):
+        return drop_path(x)
+    lengths = state.lengths
+    if x.dim() != 3 or x.shape[0] != 1 or sum(lengths) != x.shape[1]:
+        raise ValueError(f"a packed stream of {lengths} tokens cannot be {tuple(x.shape)}")
+    factor = drop_path(x.new_ones(len(lengths), 1, 1)).reshape(-1)
+    per_token = factor.repeat_interleave(torch.tensor(lengths, device=x.device), output_size=x.shape[1])
+    return x * per_token[None, :, None]
+
+
 def output_unshared(module: torch.nn.Module, saint_hooks: int = 0) -> bool:
     """Whether the output ``module`` has just returned is read by saint alone, so its rows
     may be compacted in place: gradients off (autograd would keep it), and no forward hook

@@ -50,6 +50,7 @@ from .common import (
     check_layout,
     check_static_counts,
     cls_attention,
+    drop_path_of,
     get_handle,
     output_unshared,
     packed_attention_of,
@@ -382,12 +383,6 @@ def _packed_attention(p: LayerParts, x: torch.Tensor, state: TokenState, prop_at
     return p.out(packed_attention_of(q, k, v, state, prop_attn, p.scale, _dropout(p), kernel))
 
 
-def _check_packed_training(p: LayerParts) -> None:
-    """Drop path draws one decision per sample, which a packed stream cannot express."""
-    if p.attn.training and getattr(p.drop_path, "drop_prob", 0.0) > 0:
-        raise ValueError("drop_path in training needs one row per image; patch with layout='padded' to train")
-
-
 def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   **kwargs: Any) -> torch.Tensor:
     """An encoder layer of a patched tower (per-instance ``forward``): its own modules in
@@ -412,9 +407,9 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     if pe is not None and (state.packed or settings is not None):
         rows = _token_rows(pe, state.positions_of(hidden_states), handle.num_protected)
     if state.packed:
-        _check_packed_training(p)
         normed = p.norm1(hidden_states)
-        x = hidden_states + p.drop_path(p.ls1(_packed_attention(p, normed, state, prop_attn, handle.kernel, rows)))
+        x = hidden_states + drop_path_of(p.drop_path, p.ls1(_packed_attention(p, normed, state, prop_attn,
+                                                                              handle.kernel, rows)), state)
     else:
         bias = state.attn_bias(hidden_states.dtype, prop_attn)
         if bias is not None:
@@ -432,10 +427,8 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
             x = hidden_states + p.drop_path(p.ls1(attn_out))
     if settings is not None:
         x = state.apply(x, _select(p, handle, run, index, normed, x, settings, rows))
-        if state.packed:
-            _check_packed_training(p)
     if settings is not None or state.packed:
-        x = x + p.drop_path(p.ls2(p.mlp(p.norm2(x))))
+        x = x + drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state)
     return handle.leave_site(index, run, x)
 
 
@@ -476,16 +469,14 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     sel = _select(p, handle, run, index, normed, x, settings, _token_rows(pe, state.positions_of(x), npt))
     x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(p.norm1),
                                                                    output_unshared(p.k, saint_hooks=1)])
-    if state.packed:
-        _check_packed_training(p)
     q, v = p.q(normed), p.v(normed)
     b, n = q.shape[:2]
     q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
     rows = _token_rows(pe, state.positions_of(x), npt)  # the survivors' rows
     q, k = _rotate(p, q, rows), _rotate(p, k, rows)
     attn = attention_of(q, k, v, state, handle.config.size_bias, p.scale, _dropout(p), handle.kernel)
-    x = x + p.drop_path(p.ls1(p.out(attn)))
-    return x + p.drop_path(p.ls2(p.mlp(p.norm2(x))))
+    x = x + drop_path_of(p.drop_path, p.ls1(p.out(attn)), state)
+    return x + drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state)
 
 
 def tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

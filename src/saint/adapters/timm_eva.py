@@ -52,6 +52,7 @@ from .common import (
     TokenState,
     attention_of,
     cls_attention,
+    drop_path_of,
     output_unshared,
     patch_table_rows,
 )
@@ -60,7 +61,6 @@ from .timm_vit import (
     TimmViT,
     begin_patch,
     check_blocks,
-    check_packed_training,
     qkv_part,
     qkv_runs_in_parts,
     qkv_splittable,
@@ -129,14 +129,10 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
     if settings is None and not state.packed:  # the module's own attention, each image's rows
         x_attn = attn(normed, rope=_module_rope(rope, state, npt), attn_mask=state.attn_bias(x.dtype, prop))
     else:
-        if state.packed:
-            check_packed_training(self)
         rows = _token_rope(rope, state.positions_of(x), npt)
         before = settings is not None and handle.config.select_at == "attention"
         if before:  # select on these tokens, then rotate the survivors by their own rows
             x, q, k, v, gate = _select_before_attention(self, handle, run, index, x, normed, rows, settings)
-            if state.packed:
-                check_packed_training(self)
             rows = _token_rope(rope, state.positions_of(x), npt)
         else:
             gate = attn.gate(normed) if attn.gate is not None else None
@@ -147,12 +143,10 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
             sel = handle.spec.select(_context(handle, run, attn, index, x, _first_query(attn, state, q), keys,
                                               lambda: k), settings, handle.config)
         x_attn = _attend(attn, q, k, v, gate, state, prop, handle.kernel)
-    x = x + self.drop_path1(_scaled(self.gamma_1, x_attn))
+    x = x + drop_path_of(self.drop_path1, _scaled(self.gamma_1, x_attn), state)
     if sel is not None:
         x = state.apply(x, sel)
-        if state.packed:
-            check_packed_training(self)
-    x = x + self.drop_path2(_scaled(self.gamma_2, self.mlp(self.norm2(x))))
+    x = x + drop_path_of(self.drop_path2, _scaled(self.gamma_2, self.mlp(self.norm2(x))), state)
     return handle.leave_site(index, run, x)
 
 

@@ -61,6 +61,7 @@ from .common import (
     check_layout,
     check_static_counts,
     cls_attention,
+    drop_path_of,
     output_unshared,
 )
 
@@ -237,12 +238,6 @@ def _attention_of_projections(attn: torch.nn.Module, q: torch.Tensor, k: torch.T
     return attn.proj_drop(attn.proj(x))
 
 
-def check_packed_training(blk: torch.nn.Module) -> None:
-    """DropPath draws one decision per sample, which a packed stream cannot express."""
-    if blk.training and any(getattr(d, "drop_prob", 0.0) > 0 for d in (blk.drop_path1, blk.drop_path2)):
-        raise ValueError("drop_path in training needs one row per image; patch with layout='padded' to train")
-
-
 def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                    is_causal: bool = False) -> torch.Tensor:
     """A block of a patched ViT: its own modules in timm's order, the selection between
@@ -259,8 +254,8 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     if settings is not None and handle.config.select_at == "attention":
         return handle.leave_site(index, run, _select_before_attention(self, handle, run, index, x, settings))
     if state.packed:
-        check_packed_training(self)
-        x = x + self.drop_path1(self.ls1(_packed_attention(self.attn, self.norm1(x), state, prop_attn, handle.kernel)))
+        x = x + drop_path_of(self.drop_path1, self.ls1(_packed_attention(self.attn, self.norm1(x), state, prop_attn,
+                                                                         handle.kernel)), state)
     elif settings is None:
         x = type(self).forward(self, x, attn_mask=state.attn_bias(x.dtype, prop_attn))
     else:
@@ -268,10 +263,8 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     if settings is not None:
         x = state.apply(x, handle.spec.select(_captured_context(handle, run, self, index, x), settings,
                                                   handle.config))
-        if state.packed:
-            check_packed_training(self)
     if settings is not None or state.packed:
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + drop_path_of(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), state)
     return handle.leave_site(index, run, x)
 
 
@@ -293,15 +286,14 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     sel = handle.spec.select(ctx, settings, handle.config)
     x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(blk.norm1),
                                                                    not torch.is_grad_enabled()])
-    if state.packed:
-        check_packed_training(blk)
     gate = attn.gate(normed) if getattr(attn, "gate", None) is not None else None
     heads = (attn.num_heads, attn.head_dim)
     q, k, v = (qkv_part(attn.qkv, 0, normed).unflatten(-1, heads), k.unflatten(-1, heads),
                qkv_part(attn.qkv, 2, normed).unflatten(-1, heads))
-    x = x + blk.drop_path1(blk.ls1(_attention_of_projections(attn, q, k, v, gate, state, handle.config.size_bias,
-                                                             handle.kernel)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    x = x + drop_path_of(blk.drop_path1, blk.ls1(_attention_of_projections(attn, q, k, v, gate, state,
+                                                                           handle.config.size_bias, handle.kernel)),
+                         state)
+    return x + drop_path_of(blk.drop_path2, blk.ls2(blk.mlp(blk.norm2(x))), state)
 
 
 def qkv_splittable(qkv: torch.nn.Module) -> bool:
@@ -339,11 +331,9 @@ def _select_after_qkv(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: 
     # nothing else reads it: a new tensor the size of the stream per block cost more than
     # the gather itself on a CPU (docs/packed.md)
     x, qkv, *gate = state.apply_many(parts, sel, in_place=[False, output_unshared(attn.qkv, saint_hooks=1)])
-    if state.packed:
-        check_packed_training(blk)
-    x = x + blk.drop_path1(blk.ls1(_attention_of_qkv(attn, qkv, gate[0] if gate else None, state,
-                                                     handle.config.size_bias, handle.kernel)))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    x = x + drop_path_of(blk.drop_path1, blk.ls1(_attention_of_qkv(attn, qkv, gate[0] if gate else None, state,
+                                                                   handle.config.size_bias, handle.kernel)), state)
+    return x + drop_path_of(blk.drop_path2, blk.ls2(blk.mlp(blk.norm2(x))), state)
 
 
 def _context(handle: TimmPatch, run: Any, blk: torch.nn.Module, index: int, x: torch.Tensor, k: torch.Tensor,
