@@ -333,12 +333,16 @@ class TokenStateHandle(Handle):
 
     def leave_site(self, index: int, run: Any, x: torch.Tensor) -> torch.Tensor:
         """Block ``index`` of a call ends: the padded view after the last block (or after
-        every block when the layout asks), its output's validity recorded, the run left."""
+        every block when the layout asks; one row per original token when the call
+        unmerges), its output's validity recorded, the run left."""
         state = run.state
-        if index == self.runs.depth - 1 or self.runs.unpads_every_block():
+        unmerge = self.runs.unmerges_every_block()
+        if index == self.runs.depth - 1 or unmerge or self.runs.unpads_every_block():
             x = state.leave(x)
         if not run.recompute:
-            run.layer_valid.append(state.valid)
+            run.layer_valid.append(None if unmerge else state.valid)
+        if unmerge:
+            x = state.unmerge(x)
         self.runs.leave(index, run)
         return x
 

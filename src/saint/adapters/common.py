@@ -135,6 +135,7 @@ class TokenState:
     _index: torch.Tensor | None = field(default=None, repr=False)
     _slots: torch.Tensor | None = field(default=None, repr=False)
     _filled: bool = field(default=False, repr=False)  # the padded layout's padding rows were filled on leaving
+    _unmerged: bool = field(default=False, repr=False)  # the last block's output left as every original token's row
 
     def reset(self, x: torch.Tensor, trace: bool, valid: torch.Tensor | None = None) -> None:
         """Start a call on ``x [B, N, C]``; ``valid [B, N]`` marks its real tokens when the
@@ -172,6 +173,7 @@ class TokenState:
             layout=self.layout, valid=self.valid, sizes=self.sizes, packed=self.packed, lengths=list(self.lengths),
             origin=self.origin, ran=self.ran, track_positions=self.track_positions, positions=self.positions,
             _bias=dict(self._bias), _index=self._index, _slots=self._slots, _filled=self._filled,
+            _unmerged=self._unmerged,
         )
 
     def positions_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +207,15 @@ class TokenState:
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """A block's input in the state's layout: tokens that left the packed stream at a
-        block boundary (see :meth:`leave`) are packed again."""
+        block boundary (see :meth:`leave`) are packed again, and tokens that left as every
+        original token's row (see :meth:`unmerge`) are each read from their own row."""
+        if self._unmerged:
+            self._unmerged = False
+            if x.dim() != 3 or x.shape[:2] != self.origin.shape:
+                raise ValueError(f"a block's input must be the previous block's {tuple(self.origin.shape)} rows, "
+                                 f"got {tuple(x.shape)}")
+            if self.positions is not None:  # a token's own row is its original index's (a destination keeps it)
+                x = x.gather(1, self.positions.expand(-1, -1, x.shape[-1]))
         if self._filled:  # the padded layout computes its padding rows: finite values again
             x, self._filled = x.masked_fill(~self.valid[..., None], 0.0), False
         if self.layout == "packed" and not self.packed and self.valid is not None:
@@ -239,6 +249,19 @@ class TokenState:
             self.positions = unpack(self.positions, self.valid, fill=0, slots=slots)
         self.packed, self._bias = False, {}
         return unpack(x, self.valid, fill=fill, slots=slots)
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens ``x [B, M, C]`` that left the blocks (:meth:`leave`) as one row per
+        original token ``[B, N0, C]``: the row of the token each one became (ToMe's unmerge),
+        for outputs laid out on the input's grid (a backbone's feature maps). Needs the
+        origins (trace) and the positions (``track_positions``), and a method that merges:
+        a dropped token has no row."""
+        if self.origin is None or not self.track_positions:
+            raise RuntimeError("unmerging needs the tokens' origins and positions; patch with trace and positions")
+        if self.positions is None:  # nothing removed yet: every token is its own
+            return x
+        self._unmerged = True
+        return x.gather(1, self.origin.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
 
     def padded(self, t: torch.Tensor) -> torch.Tensor:
         """The padded view ``[B, M, ...]`` of a packed ``[1, T, ...]`` tensor (padding
@@ -524,6 +547,7 @@ class Runs:
         self.layout = layout
         self.track_positions = track_positions
         self._unpad: set[int] = set()  # threads whose call returns every block's output unpadded
+        self._unmerge: set[int] = set()  # threads whose call returns every block's output unmerged
         self._input_valid: dict[int, torch.Tensor | None] = {}  # per thread: its call's input padding
         self._lock = threading.Lock()
         self._current: dict[int, Run] = {}  # per thread: its forward call
@@ -565,6 +589,20 @@ class Runs:
         """Block ``index`` of ``run`` finished; after the last block the call is complete."""
         if index == self.depth - 1 and not run.recompute:
             self.last = run
+
+    @contextlib.contextmanager
+    def unmerging(self) -> Iterator[None]:
+        """Within this block, this thread's forward leaves every block's output as one row
+        per original token (:meth:`TokenState.unmerge`)."""
+        tid = threading.get_ident()
+        self._unmerge.add(tid)
+        try:
+            yield
+        finally:
+            self._unmerge.discard(tid)
+
+    def unmerges_every_block(self) -> bool:
+        return threading.get_ident() in self._unmerge
 
     @contextlib.contextmanager
     def unpadding(self) -> Iterator[None]:

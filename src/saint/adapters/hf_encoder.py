@@ -163,12 +163,15 @@ def patch_encoder(
     tower: torch.nn.Module, layers: list[torch.nn.Module], prefix: str, layer_cls: type, attn_cls: type,
     parts: Callable[[torch.nn.Module], LayerParts], num_protected: int, num_patches: int,
     method: str | MethodSpec, method_settings: dict[str, Any], trace: bool, layout: str, kernel: str,
+    dense: bool = False,
 ) -> HFEncoderPatch:
     """Patch an HF encoder in place: check that every layer is ``layer_cls`` with an
     ``attn_cls`` attention and wrapped by no one else, resolve ``method`` with its
     ``method_settings`` against the tower (class token, maskable attention, fixed counts
     that fit ``num_patches``), wrap each layer's forward and the tower's, and store the
-    handle on the tower."""
+    handle on the tower. ``dense``: the tower is a backbone whose outputs lie on the input's
+    grid (feature maps): only merging methods, and every layer's output leaves unmerged
+    (:func:`backbone_forward`)."""
     check_layout(layout, kernel)
     if get_handle(tower) is not None:
         raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
@@ -182,13 +185,18 @@ def patch_encoder(
     require_site(spec, "vision", type(tower).__name__)
     settings = config.resolve(len(layers))
     require_class_token(spec, config, num_protected > 0, type(tower).__name__)
+    if dense and not spec.merges:
+        raise ValueError(f"{type(tower).__name__}'s feature maps need a row for every patch, which a dropped token "
+                         f"no longer has; method {spec.public_name!r} drops tokens: use a merging method "
+                         "(tome, saint_match, saint_plus or saint_fold), whose merged tokens fill the rows of every "
+                         "patch they hold")
     check_maskable(tower, spec, config, layout)
     check_static_counts(num_patches, spec, settings, unit="layer")
-    handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
+    handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace or dense, kernel=kernel, tower=tower,
                             parts=parts)
     rotary = bool(layers) and parts(layers[0]).rotate_half is not None
-    install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
-    tower.forward = types.MethodType(tower_forward, tower)
+    install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary or dense)
+    tower.forward = types.MethodType(backbone_forward if dense else tower_forward, tower)
     tower.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -479,14 +487,28 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     return x + drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state)
 
 
+def _refuse_packed_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, kwargs: dict[str, Any]) -> None:
+    packs = handle.runs.layout == "packed" and handle.config.pads
+    if packs and kwargs.get("output_attentions", tower.config.output_attentions):
+        raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
+                         "patch with layout='padded' to read attention weights")
+
+
+def backbone_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A backbone's own forward with every layer's output left as one row per original token,
+    the row of the token it became (:meth:`~saint.adapters.common.TokenState.unmerge`): its
+    feature maps lie on the input's grid, and each layer's input is read back from them."""
+    handle = self.__dict__[SAINT_ATTR]
+    _refuse_packed_attentions(self, handle, kwargs)
+    with handle.runs.unmerging():
+        return type(self).forward(self, *args, **kwargs)
+
+
 def tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The tower's own forward; while it returns hidden states, every layer's output is
     unpadded (NaN at padding, :meth:`HFEncoderPatch.hidden_state_valid` marks tokens)."""
     handle = self.__dict__[SAINT_ATTR]
-    packs = handle.runs.layout == "packed" and handle.config.pads
-    if packs and kwargs.get("output_attentions", self.config.output_attentions):
-        raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
-                         "patch with layout='padded' to read attention weights")
+    _refuse_packed_attentions(self, handle, kwargs)
     if not kwargs.get("output_hidden_states", self.config.output_hidden_states):
         return type(self).forward(self, *args, **kwargs)
     with handle.runs.unpadding():

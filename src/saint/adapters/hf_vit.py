@@ -8,7 +8,12 @@ prefix tokens (``ViTForImageClassification``, ``DeiTForImageClassification``,
 ``DeiTForImageClassificationWithTeacher``), and those that average their tokens
 (``Dinov2ForImageClassification``, ``Dinov2WithRegistersForImageClassification``,
 ``IJepaForImageClassification``: their classifier reads each image's size-weighted mean
-over its real tokens, :mod:`saint.adapters.hf_mean_head`).
+over its real tokens, :mod:`saint.adapters.hf_mean_head`). The backbones ``Dinov2Backbone``,
+``Dinov2WithRegistersBackbone`` and ``DINOv3ViTBackbone``, and the dense heads that hold one
+as ``.backbone`` (``DepthAnythingForDepthEstimation``, ``DPTForDepthEstimation``), take the
+merging methods only: every layer's output leaves as one row per patch, the row of the token
+it became (ToMe's unmerge), so the feature maps lie on the input's grid and the heads run
+unchanged (:func:`saint.adapters.hf_encoder.backbone_forward`).
 
 Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
 in the order transformers runs them (pre-norm attention, residual, [selection], pre-norm
@@ -25,8 +30,8 @@ Every classifier's logits are per image; the encoder's
 (:func:`saint.token_mask`, :func:`saint.per_image`).
 
 Refused (``REFUSED``, with what to do instead): an ``IJepaModel`` with its pooler (it reads
-position 0, a patch that pruning merges, drops or pads), the backbones and masked-image-modeling heads (they need
-every patch). A ``Dinov2Model`` patched on its own inside ``Dinov2ForImageClassification`` is not
+position 0, a patch that pruning merges, drops or pads), the masked-image-modeling heads (they
+reconstruct every patch), a backbone with a method that drops tokens. A ``Dinov2Model`` patched on its own inside ``Dinov2ForImageClassification`` is not
 detected: the classifier's own mean would average the padding (patch the classifier).
 """
 
@@ -57,8 +62,6 @@ from .hf_encoder import (
 # models that wrap a supported one but read its tokens in a way a pruned output cannot serve
 REFUSED = {
     name: reason for names, reason in [
-        (("Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"),
-         "its feature maps need every patch; prune a Dinov2Model instead"),
         (("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"),
          "masked image modeling reconstructs every patch; prune a ViTModel / DeiTModel instead"),
     ] for name in names
@@ -80,6 +83,7 @@ class Family:
     parts: Callable[[torch.nn.Module], LayerParts]
     protected: Callable[[Any], int]
     mlp_hidden: Callable[[Any], float]
+    dense: bool = False  # a backbone: its feature maps lie on the input's grid (merging methods, unmerged outputs)
 
 
 def _vit_parts(layer: torch.nn.Module) -> LayerParts:
@@ -125,13 +129,17 @@ def _dinov2_mlp_hidden(cfg: Any) -> float:
 def _families() -> list[Family]:
     """The supported families (transformers imported here, on first use)."""
     from transformers.models.deit import modeling_deit as deit
+    from transformers.models.depth_anything import modeling_depth_anything as depth_anything
     from transformers.models.dinov2 import modeling_dinov2 as d
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
     from transformers.models.dinov3_vit import modeling_dinov3_vit as d3
+    from transformers.models.dpt import modeling_dpt as dpt
     from transformers.models.ijepa import modeling_ijepa as ijepa
     from transformers.models.vit import modeling_vit as vit
     from transformers.models.vit_msn import modeling_vit_msn as msn
 
+    # dense heads on a backbone (held as .backbone): Depth Anything (v1 and v2), DPT with a DINOv2 backbone
+    dense_heads = {depth_anything.DepthAnythingForDepthEstimation: "backbone", dpt.DPTForDepthEstimation: "backbone"}
     return [
         Family("vit", vit.ViTModel, {vit.ViTForImageClassification: "vit"}, vit.ViTLayer, vit.ViTAttention,
                "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
@@ -151,6 +159,14 @@ def _families() -> list[Family]:
                _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden),
         Family("ijepa", ijepa.IJepaModel, {ijepa.IJepaForImageClassification: "ijepa"}, ijepa.IJepaLayer, ijepa.IJepaAttention, "layers", _vit_parts,
                lambda cfg: 0, lambda cfg: cfg.intermediate_size),
+        Family("dinov2_backbone", d.Dinov2Backbone, dense_heads, d.Dinov2Layer, d.Dinov2Attention, "encoder.layer",
+               _dinov2_parts, lambda cfg: 1, _dinov2_mlp_hidden, dense=True),
+        Family("dinov2_registers_backbone", r.Dinov2WithRegistersBackbone, dense_heads, r.Dinov2WithRegistersLayer,
+               r.Dinov2WithRegistersAttention, "encoder.layer", _dinov2_parts,
+               lambda cfg: 1 + int(cfg.num_register_tokens), _dinov2_mlp_hidden, dense=True),
+        Family("dinov3_backbone", d3.DINOv3ViTBackbone, dense_heads, d3.DINOv3ViTLayer, d3.DINOv3ViTAttention,
+               "model.layer", _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden,
+               dense=True),
     ]
 
 
@@ -160,7 +176,7 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
         if isinstance(model, family.model):
             return family, model
         for wrapper, attr in family.wrappers.items():
-            if isinstance(model, wrapper):
+            if isinstance(model, wrapper) and isinstance(getattr(model, attr, None), family.model):
                 return family, getattr(model, attr)
     return None
 
@@ -197,7 +213,7 @@ def patch(
     hf_mean_head.check(model)
     handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
                            family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
-                           kernel)
+                           kernel, dense=family.dense)
     model.__dict__[SAINT_ATTR] = handle
     handle.patched_through(tower, model)
     hf_mean_head.install(model, tower, handle)
@@ -263,6 +279,10 @@ class HFViT(FamilyAdapter):
         family, tower = _found(model)
         if hf_mean_head.averages_tokens(model):  # the features its classifier reads
             return hf_mean_head.embed(model, lambda: self.forward(model, inputs))
+        if family.dense:  # a dense output: the head's prediction, else the backbone's last feature map
+            out = self.forward(model, inputs)
+            dense = out.feature_maps[-1] if tower is model else out.predicted_depth
+            return dense.flatten(1), None
         seen: dict[str, Any] = {}
         caller = threading.get_ident()  # another thread's call on the same model fires this hook too
 

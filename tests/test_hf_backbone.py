@@ -1,0 +1,156 @@
+"""Hugging Face DINOv2 / DINOv3 backbones and the dense heads on them (Depth Anything, DPT):
+with a merging method every layer's output leaves as one row per patch, the row of the
+token the patch became, so the feature maps lie on the input's grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import saint  # noqa: E402
+from saint.adapters import find_adapter  # noqa: E402
+from saint.adapters.common import get_handle  # noqa: E402
+
+from .test_hf_vit import REGISTERS, TINY, VIT_TINY  # noqa: E402
+
+TOL = dict(rtol=0, atol=1e-5)
+KINDS = ("dinov2", "dinov2_reg", "dinov3")
+PREFIX = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS, "dinov3": 1 + REGISTERS}
+# a rectangular merge and a ragged one (SAINT's graph sets each image's count)
+METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7))]
+
+
+def configs(kind: str, **extra):
+    t = transformers
+    if kind == "dinov2":
+        return t.Dinov2Config(**TINY, **extra)
+    if kind == "dinov2_reg":
+        return t.Dinov2WithRegistersConfig(**TINY, num_register_tokens=REGISTERS, **extra)
+    return t.DINOv3ViTConfig(**VIT_TINY, num_register_tokens=REGISTERS, **extra)
+
+
+def encoder_and_backbone(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The encoder model and a backbone with the same weights (every layer an output)."""
+    t = transformers
+    encoder_cls, backbone_cls = {"dinov2": (t.Dinov2Model, t.Dinov2Backbone),
+                                 "dinov2_reg": (t.Dinov2WithRegistersModel, t.Dinov2WithRegistersBackbone),
+                                 "dinov3": (t.DINOv3ViTModel, t.DINOv3ViTBackbone)}[kind]
+    torch.manual_seed(0)
+    encoder = encoder_cls(configs(kind)).eval()
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if name.endswith(("cls_token", "register_tokens", "position_embeddings", "lambda1")):
+                p.normal_() if not name.endswith("lambda1") else p.uniform_(0.5, 1.5)
+    backbone = backbone_cls(configs(kind, out_indices=[1, 2, 3, 4])).eval()
+    missing, unexpected = backbone.load_state_dict(encoder.state_dict(), strict=False)
+    assert not unexpected and all("norm" in k or "mask_token" in k for k in missing), (missing, unexpected)
+    if kind == "dinov3":  # DINOv3's backbone norms with "norm", its encoder with "norm" too
+        backbone.norm.load_state_dict(encoder.norm.state_dict())
+    else:
+        backbone.layernorm.load_state_dict(encoder.layernorm.state_dict())
+    return encoder, backbone
+
+
+def feature_maps_from(encoder: torch.nn.Module, kind: str, images: torch.Tensor) -> list[torch.Tensor]:
+    """What the backbone's maps must be: each patch's row of the token it became, read from
+    the patched encoder's own (padded) hidden states through the traced origins, after the
+    final norm, on the grid."""
+    with torch.no_grad():
+        out = encoder(pixel_values=images, output_hidden_states=True)
+    handle = get_handle(encoder)
+    origins = handle.origins()
+    norm = encoder.norm if kind == "dinov3" else encoder.layernorm
+    n0 = PREFIX[kind] + 16
+    maps = []
+    for layer, hidden in enumerate(out.hidden_states[1:]):
+        # the origin after the last step at or before this layer (steps happen in every layer here)
+        origin = origins[layer] if layer < len(origins) else origins[-1]
+        rows = hidden.gather(1, origin[..., None].expand(-1, -1, hidden.shape[-1]))
+        assert rows.shape[1] == n0 and not bool(rows.isnan().any())
+        patches = norm(rows)[:, PREFIX[kind]:]
+        maps.append(patches.reshape(len(images), 4, 4, -1).permute(0, 3, 1, 2))
+    return maps
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("kind", KINDS)
+def test_feature_maps_hold_the_token_every_patch_became(kind, method, kw, layout, images):
+    encoder, backbone = encoder_and_backbone(kind)
+    saint.patch(encoder, method, trace=True, layout=layout, **kw)
+    saint.patch(backbone, method, layout=layout, **kw)
+    want = feature_maps_from(encoder, kind, images)
+    with torch.no_grad():
+        got = backbone(pixel_values=images, output_hidden_states=True)
+    assert saint.stats(backbone).layout == ("rectangular" if method == "tome" else layout)
+    assert saint.stats(backbone).tokens == saint.stats(encoder).tokens
+    assert len(got.feature_maps) == 4
+    for a, b in zip(got.feature_maps, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    assert all(h.shape[1] == PREFIX[kind] + 16 and not bool(h.isnan().any()) for h in got.hidden_states)
+    for i in range(len(images)):  # each image's maps as the image alone
+        with torch.no_grad():
+            alone = backbone(pixel_values=images[i : i + 1]).feature_maps
+        for a, b in zip(got.feature_maps, alone, strict=True):
+            torch.testing.assert_close(a[i], b[0], **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nothing_to_prune_and_unpatch_give_the_backbones_own_maps(kind, images):
+    _, backbone = encoder_and_backbone(kind)
+    with torch.no_grad():
+        ref = backbone(pixel_values=images).feature_maps
+        saint.patch(backbone, "tome", r=0)
+        assert all(torch.equal(a, b) for a, b in zip(backbone(pixel_values=images).feature_maps, ref, strict=True))
+        saint.unpatch(backbone)
+        saint.patch(backbone, "saint_match", tau=0.3, fraction=0.7)
+        pruned = backbone(pixel_values=images).feature_maps
+        assert not torch.allclose(pruned[-1], ref[-1], atol=1e-4)
+        saint.unpatch(backbone)
+        assert not any("forward" in m.__dict__ for m in backbone.modules())
+        assert all(torch.equal(a, b) for a, b in zip(backbone(pixel_values=images).feature_maps, ref, strict=True))
+
+
+@pytest.mark.parametrize("method", ["saint", "random", "budget"])
+def test_dropping_methods_are_refused_with_what_to_use(method):
+    _, backbone = encoder_and_backbone("dinov2")
+    kw = {"saint": dict(tau=0.3), "random": dict(r=2), "budget": dict(keep=8, layers=[1])}[method]
+    with pytest.raises(ValueError, match=r"row for every patch.*use a merging method \(tome, saint_match"):
+        saint.patch(backbone, method, **kw)
+    assert not saint.is_patched(backbone)
+
+
+def depth_anything() -> torch.nn.Module:
+    torch.manual_seed(0)
+    backbone = dict(TINY, out_indices=[1, 2, 3, 4], model_type="dinov2", reshape_hidden_states=False)
+    cfg = transformers.DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=8,
+                                           neck_hidden_sizes=[8, 16, 16, 32], fusion_hidden_size=16,
+                                           head_hidden_size=8)
+    return transformers.DepthAnythingForDepthEstimation(cfg).eval()
+
+
+def test_depth_anything_predicts_each_image_as_alone(images):
+    """Depth Anything on a patched DINOv2 backbone: its neck and head run on the unmerged
+    maps; a ragged batch predicts each image's depth as the image alone."""
+    model = depth_anything()
+    with torch.no_grad():
+        ref = model(pixel_values=images).predicted_depth
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    assert saint.is_patched(model.backbone)
+    adapter = find_adapter(model)
+    emb, logits = adapter.embed(model, images)
+    assert logits is None and emb.shape == (len(images), ref[0].numel())
+    assert saint.stats(model).layout == "packed"
+    with torch.no_grad():
+        depth = model(pixel_values=images).predicted_depth
+        assert depth.shape == ref.shape and bool(torch.isfinite(depth).all())
+        torch.testing.assert_close(emb, depth.flatten(1), **TOL)
+        for i in range(len(images)):
+            torch.testing.assert_close(depth[i], model(pixel_values=images[i : i + 1]).predicted_depth[0], **TOL)
+    with pytest.raises(ValueError, match="patched through its DepthAnythingForDepthEstimation"):
+        saint.unpatch(model.backbone)
+    saint.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=images).predicted_depth, ref)
