@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--photos", type=int, default=64, help="evaluation photos (default 64)")
     p.add_argument("--calib-every", type=holdout_every, default=8,
                    help="every N-th shared photo calibrates, the others evaluate (default 8)")
-    p.add_argument("--tome-r", default="40,100", help="ToMe's constant r per block, comma-separated")
+    p.add_argument("--tome-r", default="50,100", help="ToMe's constant r per block, comma-separated")
     p.add_argument("--targets", default="1.5,2", help="saint_match's real-token FLOPs speed-ups, comma-separated")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=8, help="timing batch (default 8)")
@@ -62,7 +62,8 @@ def backbone(size: int) -> torch.nn.Module:
     import transformers
 
     encoder = assets.default_hf_model(size)
-    cfg = transformers.Dinov2Config(**{**encoder.config.to_dict(), "out_indices": list(LAYERS)})
+    own = {k: v for k, v in encoder.config.to_dict().items() if k not in ("out_features", "out_indices", "stage_names")}
+    cfg = transformers.Dinov2Config(**{**own, "out_indices": list(LAYERS)})
     model = transformers.Dinov2Backbone(cfg)
     missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
     if missing or unexpected:
@@ -78,10 +79,15 @@ def feature_maps(model: torch.nn.Module, x: torch.Tensor, batch: int) -> list[to
     return [torch.cat(maps) for maps in zip(*parts, strict=True)]
 
 
-def patch_cosine(maps: list[torch.Tensor], reference: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per feature layer, each photo's mean cosine over its patches against the reference."""
-    return [torch.nn.functional.cosine_similarity(m, r, dim=1).flatten(1).mean(dim=1)
-            for m, r in zip(maps, reference, strict=True)]
+def patch_cosine(maps: list[torch.Tensor], reference: list[torch.Tensor], centered: bool) -> list[torch.Tensor]:
+    """Per feature layer, each photo's mean cosine over its patches against the reference;
+    ``centered``: the reference's mean patch over all photos subtracted from both first
+    (DINOv2's patches share a large common part, which a raw cosine counts as agreement)."""
+    out = []
+    for m, r in zip(maps, reference, strict=True):
+        mu = r.mean(dim=(0, 2, 3), keepdim=True) if centered else 0.0
+        out.append(torch.nn.functional.cosine_similarity(m - mu, r - mu, dim=1).flatten(1).mean(dim=1))
+    return out
 
 
 def measure(records: list[Any], calib: list[Any], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -109,9 +115,10 @@ def measure(records: list[Any], calib: list[Any], args: argparse.Namespace) -> l
         maps = feature_maps(model, x, args.eval_batch)
         with torch.inference_mode():
             flops = model_flops(model, x[: args.eval_batch]) / min(args.eval_batch, len(x))
-        cos = patch_cosine(maps, reference)
+        cos, raw = patch_cosine(maps, reference, centered=True), patch_cosine(maps, reference, centered=False)
         rows.append({"variant": label, "flops_ratio": base_flops / flops,
-                     "patch_cosine": [float(c.mean()) for c in cos], "worst_photo": [float(c.min()) for c in cos]})
+                     "patch_cosine": [float(c.mean()) for c in cos], "worst_photo": [float(c.min()) for c in cos],
+                     "raw_patch_cosine": [float(c.mean()) for c in raw]})
         print(f"{label}: FLOPs {rows[-1]['flops_ratio']:.2f}x, cos {[round(c, 4) for c in rows[-1]['patch_cosine']]}",
               flush=True)
         timed = copy.deepcopy(model) if settings is not None else model  # as it is now, for the round robin
@@ -132,10 +139,10 @@ def markdown(report: dict[str, Any]) -> str:
     env, s = report["environment"], report["settings"]
     vers = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     head = ["variant", "FLOPs ratio", "speed-up", "ms / batch",
-            *[f"patch cos, block {n}" for n in LAYERS], "worst photo, block 12"]
+            *[f"centered patch cos, block {n}" for n in LAYERS], "worst photo, block 12", "raw patch cos, block 12"]
     body = [[r["variant"], f"{r['flops_ratio']:.2f}x", f"{r['speedup']:.2f}x" if "speedup" in r else "-",
              f"{r['ms_median']:.0f}" if "ms_median" in r else "-", *[f"{c:.4f}" for c in r["patch_cosine"]],
-             f"{r['worst_photo'][-1]:.3f}"] for r in report["results"]]
+             f"{r['worst_photo'][-1]:.3f}", f"{r['raw_patch_cosine'][-1]:.4f}"] for r in report["results"]]
     return "\n".join([
         f"# Dense features from a merged backbone: {report['model']} at {s['size']}px, fp32 on cpu", "",
         f"- date: {env['date']}", f"- device: {env['device']}", f"- versions: {vers}",
@@ -148,9 +155,11 @@ def markdown(report: dict[str, Any]) -> str:
         "on the first fidelity batch.",
         "- *speed-up*: the unpruned median time per batch over the variant's, model call only, all variants in "
         "one round robin.",
-        f"- *patch cos, block n*: the feature map after block n (of {LAYERS}, final norm applied), cosine per patch "
-        "against the unpruned backbone's, averaged over patches and photos; *worst photo*: the lowest photo mean, "
-        "last feature layer. A merged token's row is the value of every patch it holds.", "",
+        f"- *centered patch cos, block n*: the feature map after block n (of {LAYERS}, final norm applied), cosine "
+        "per patch against the unpruned backbone's, both with the unpruned maps' mean patch over all photos "
+        "subtracted, averaged over patches and photos; *worst photo*: the lowest photo mean, last feature layer; "
+        "*raw patch cos*: the same without centering. A merged token's row is the value of every patch it holds.",
+        "",
     ])
 
 
