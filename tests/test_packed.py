@@ -372,11 +372,40 @@ def test_intermediates_are_unpadded_per_block(arch, images):
         assert mask is not None and tokens.shape[1] + p == mask.shape[1]
         for i, real in enumerate(saint.per_image(tokens, mask[:, p:])):
             torch.testing.assert_close(real, alone[i][j][0], **TOL)
-    with pytest.raises(ValueError, match="output_fmt='NLC'"):
+    with pytest.raises(ValueError, match="output_fmt='NLC'"):  # SAINT drops tokens
         model.forward_intermediates(images)
     if hasattr(model, "get_intermediate_layers"):  # timm's ViT has it, Eva does not
         with pytest.raises(ValueError, match="reshape=False"):
             model.get_intermediate_layers(images, n=2, reshape=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("arch", ["vit", "dinov2_reg", "dinov3"])
+def test_spatial_intermediates_of_a_merging_method_hold_the_token_every_patch_became(arch, layout, images):
+    """NCHW intermediates after merging: each patch's row is the token it became (read from
+    the same call's unpadded NLC intermediates through the traced origins), and each image's
+    maps are the image's alone; the final tokens pool as they are."""
+    model = make_tiny(arch)
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7, layers=[0, 2], layout=layout, trace=True)
+    p, blocks = model.num_prefix_tokens, [1, 2, 3]
+    nlc = model.forward_intermediates(images, indices=blocks, output_fmt="NLC", intermediates_only=True)
+    origins = saint.api.get_handle(model).origins()
+    assert saint.stats(model).layout == layout
+    final, maps = model.forward_intermediates(images, indices=blocks, output_fmt="NCHW")
+    for block, tokens, grid in zip(blocks, nlc, maps, strict=True):
+        origin = origins[0 if block < 2 else 1][:, p:] - p  # steps in blocks 0 and 2
+        want = tokens.gather(1, origin[..., None].expand(-1, -1, tokens.shape[-1]))
+        assert not bool(want.isnan().any())
+        torch.testing.assert_close(grid.flatten(2).transpose(1, 2), want, **TOL)
+    for i in range(len(images)):
+        _, alone = model.forward_intermediates(images[i : i + 1], indices=blocks, output_fmt="NCHW")
+        for grid, one in zip(maps, alone, strict=True):
+            torch.testing.assert_close(grid[i], one[0], **TOL)
+    torch.testing.assert_close(model.forward_head(final), model(images), **TOL)
+    saint.patch(model, "saint", tau=0.3, k=1, layers=[0, 2], layout=layout)
+    with pytest.raises(ValueError, match="drops tokens before block 3 returns; use a merging method"):
+        model.forward_intermediates(images, indices=blocks, output_fmt="NCHW")
 
 
 def test_bad_layout_options_raise():

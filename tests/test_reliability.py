@@ -154,14 +154,15 @@ def test_distributed_data_parallel_around_a_patched_model(images, tmp_path):
 
 def test_timm_features_only_is_refused_with_what_works(images):
     """timm's features_only wrapper (spatial maps of every patch) is refused with the calls
-    that work; its inner model, patched, gives maps up to the first pruning block and refuses later ones."""
+    that work; its inner model, patched with a dropping method, gives maps up to the first
+    pruning block and refuses later ones; with a merging method every map, each image's as alone."""
     features = timm.create_model(
         "vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
         features_only=True, out_indices=(0, 3),
     ).eval()
     with pytest.raises(TypeError, match=r"features_only wrapper .*saint.patch\(features.model"):
         saint.patch(features, "tome", r=2)
-    saint.patch(features.model, "tome", r=2, layers=[1])
+    saint.patch(features.model, "saint", tau=0.3, k=1, layers=[1])  # drops tokens
     with torch.no_grad(), pytest.raises(ValueError, match="spatial .NCHW. intermediates need every patch"):
         features(images)
     features.out_indices = (0,)
@@ -170,6 +171,15 @@ def test_timm_features_only_is_refused_with_what_works(images):
     saint.unpatch(features.model)
     with torch.no_grad():
         assert torch.equal(maps[0], features(images)[0])
+    features.out_indices = (0, 3)
+    saint.patch(features.model, "saint_match", tau=0.3, fraction=0.7, layers=[1])  # merges tokens
+    with torch.no_grad():
+        maps = features(images)
+        assert saint.stats(features.model).layout == "packed"
+        assert [m.shape for m in maps] == [(len(images), 384, 4, 4)] * 2
+        for i in range(len(images)):
+            for grid, one in zip(maps, features(images[i : i + 1]), strict=True):
+                torch.testing.assert_close(grid[i], one[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["timm", "hf"])

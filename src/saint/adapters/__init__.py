@@ -91,10 +91,11 @@ def find_adapter(model: torch.nn.Module) -> Adapter:
     if type(model).__name__ == "FeatureGetterNet" and isinstance(inner, torch.nn.Module):  # timm features_only
         raise TypeError(
             f"saint does not patch timm's features_only wrapper (FeatureGetterNet of {type(inner).__name__}): "
-            "it returns spatial (NCHW) maps, which need every patch, and a pruning block leaves fewer; "
-            "patch its model (saint.patch(features.model, ...)), where maps from blocks before the first "
-            "pruning block still work, or create the model without features_only and call "
-            "forward_intermediates(x, output_fmt='NLC') with saint.token_mask(model, block)"
+            "it returns spatial (NCHW) maps, which need every patch; patch its model (saint.patch(features.model, "
+            "...)): with a merging method (tome, saint_match, saint_plus, saint_fold) each patch's row then holds "
+            "the token it became, with a dropping one maps from blocks before the first pruning block still work; "
+            "or create the model without features_only and call forward_intermediates(x, output_fmt='NLC') with "
+            "saint.token_mask(model, block)"
         )
     reason = REFUSED.get(type(model).__name__)
     if reason is not None:

@@ -254,10 +254,10 @@ class TokenState:
         """The tokens ``x [B, M, C]`` that left the blocks (:meth:`leave`) as one row per
         original token ``[B, N0, C]``: the row of the token each one became (ToMe's unmerge),
         for outputs laid out on the input's grid (a backbone's feature maps). Needs the
-        origins (trace) and the positions (``track_positions``), and a method that merges:
-        a dropped token has no row."""
+        origins and the positions (a call inside :meth:`Runs.unmerging` tracks both) and a
+        method that merges: a dropped token has no row."""
         if self.origin is None or not self.track_positions:
-            raise RuntimeError("unmerging needs the tokens' origins and positions; patch with trace and positions")
+            raise RuntimeError("unmerging needs the tokens' origins and positions, tracked from the call's start")
         if self.positions is None:  # nothing removed yet: every token is its own
             return x
         self._unmerged = True
@@ -564,9 +564,10 @@ class Runs:
             if run is None or not run.recompute or run.next != index:
                 run = self._recomputation_of(index, x)
                 with self._lock:
-                    if run is None and index == 0:
-                        run = Run(TokenState(layout=self.layout, track_positions=self.track_positions))
-                        run.state.reset(x, trace, self._input_valid.get(tid))
+                    if run is None and index == 0:  # a call that unmerges tracks origins and positions
+                        unmerge = tid in self._unmerge
+                        run = Run(TokenState(layout=self.layout, track_positions=self.track_positions or unmerge))
+                        run.state.reset(x, trace or unmerge, self._input_valid.get(tid))
                         run.input_valid = run.state.valid
                         self._current[tid] = run
                         self._saved = [r for r in self._saved if r.alive()]

@@ -192,10 +192,10 @@ def patch_encoder(
                          "patch they hold")
     check_maskable(tower, spec, config, layout)
     check_static_counts(num_patches, spec, settings, unit="layer")
-    handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace or dense, kernel=kernel, tower=tower,
+    handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
                             parts=parts)
     rotary = bool(layers) and parts(layers[0]).rotate_half is not None
-    install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary or dense)
+    install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
     tower.forward = types.MethodType(backbone_forward if dense else tower_forward, tower)
     tower.__dict__[SAINT_ATTR] = handle
     return handle

@@ -462,26 +462,35 @@ def _weighted_mean(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -
 
 def _forward_intermediates(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """timm's ``forward_intermediates`` with every block's output unpadded (NaN at
-    padding; :func:`saint.token_mask` gives the real positions); spatial maps are
-    refused once a pruning block runs before the deepest one returned."""
+    padding; :func:`saint.token_mask` gives the real positions). Spatial (NCHW) maps need
+    a row for every patch: with a merging method every block's output then leaves
+    unmerged (each patch the row of the token it became, as a backbone's,
+    :meth:`~saint.adapters.common.TokenState.unmerge`); a dropping method is refused once
+    it prunes before the deepest block returned."""
     handle = self.__dict__[SAINT_ATTR]
     bound = inspect.signature(type(self).forward_intermediates).bind(self, *args, **kwargs)
     bound.apply_defaults()
+    unmerge = False
     if bound.arguments.get("output_fmt") == "NCHW":
         from timm.models._features import feature_take_indices
 
         _, deepest = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
         pruned = [i for i in handle.settings if i <= deepest]
-        if pruned:
+        unmerge = bool(pruned) and handle.spec.merges
+        if pruned and not unmerge:
             raise ValueError(
-                f"spatial (NCHW) intermediates need every patch, but block {pruned[0]} prunes before block "
-                f"{deepest} returns; use output_fmt='NLC' (get_intermediate_layers: reshape=False) and "
-                "saint.token_mask(model, block) for the real tokens"
+                f"spatial (NCHW) intermediates need every patch, but block {pruned[0]} drops tokens before block "
+                f"{deepest} returns; use a merging method (tome, saint_match, saint_plus or saint_fold: each patch "
+                "then holds the token it became), or output_fmt='NLC' (get_intermediate_layers: reshape=False) "
+                "and saint.token_mask(model, block) for the real tokens"
             )
-    with handle.runs.unpadding():
+    with handle.runs.unmerging() if unmerge else handle.runs.unpadding():
         out = type(self).forward_intermediates(self, *args, **kwargs)
     if isinstance(out, tuple):  # (final tokens, intermediates): the final ones may go to forward_head
-        tag_tokens(self, out[0])
+        if unmerge:  # one row per patch, every row real: pooled as they are (a plain mean is the size-weighted one)
+            setattr(out[0], TOKENS_ATTR, TokenState())
+        else:
+            tag_tokens(self, out[0])
     return out
 
 
