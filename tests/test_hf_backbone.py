@@ -154,3 +154,23 @@ def test_depth_anything_predicts_each_image_as_alone(images):
     saint.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=images).predicted_depth, ref)
+
+
+def test_the_depth_estimation_pipeline_batches_as_it_runs_alone():
+    """transformers' ``pipeline("depth-estimation")`` on a patched Depth Anything: a batch of
+    photos of different sizes predicts each one's depth as the photo alone."""
+    np = pytest.importorskip("numpy")
+    image = pytest.importorskip("PIL.Image")
+    model = depth_anything()
+    processor = transformers.DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False,
+                                               ensure_multiple_of=8, do_pad=False)
+    pipe = transformers.pipeline("depth-estimation", model=model, image_processor=processor, device="cpu")
+    rng = np.random.default_rng(0)
+    photos = [image.fromarray(rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(4)]
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    batched = pipe(photos, batch_size=4)
+    assert saint.stats(model).layout == "packed"
+    for photo, got in zip(photos, batched, strict=True):
+        want = pipe(photo)["predicted_depth"]
+        assert got["predicted_depth"].shape == want.shape == (photo.height, photo.width)
+        torch.testing.assert_close(got["predicted_depth"], want, rtol=0, atol=1e-5)
