@@ -174,3 +174,26 @@ def test_the_depth_estimation_pipeline_batches_as_it_runs_alone():
         want = pipe(photo)["predicted_depth"]
         assert got["predicted_depth"].shape == want.shape == (photo.height, photo.width)
         torch.testing.assert_close(got["predicted_depth"], want, rtol=0, atol=1e-5)
+
+
+def test_a_segmentation_head_on_the_backbone_labels_each_image_as_alone(images):
+    """Any transformers model holding a supported backbone as ``.backbone`` (here UperNet's
+    semantic segmentation) runs its head on the unmerged maps, per image as alone."""
+    torch.manual_seed(0)
+    backbone = transformers.Dinov2Config(**TINY, out_indices=[1, 2, 3, 4])
+    cfg = transformers.UperNetConfig(backbone_config=backbone, hidden_size=16, num_labels=3, use_auxiliary_head=False)
+    model = transformers.UperNetForSemanticSegmentation(cfg).eval()
+    with torch.no_grad():
+        ref = model(pixel_values=images).logits
+    saint.patch(model, "tome", r=3)
+    emb, _ = find_adapter(model).embed(model, images)
+    with torch.no_grad():
+        logits = model(pixel_values=images).logits
+        assert logits.shape == ref.shape and not torch.allclose(logits, ref, atol=1e-4)
+        torch.testing.assert_close(emb, logits.flatten(1), **TOL)
+        for i in range(len(images)):
+            torch.testing.assert_close(logits[i], model(pixel_values=images[i : i + 1]).logits[0], **TOL)
+    saint.unpatch(model)
+    assert not saint.is_patched(model.backbone)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=images).logits, ref)

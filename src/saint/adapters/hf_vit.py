@@ -10,7 +10,8 @@ prefix tokens (``ViTForImageClassification``, ``DeiTForImageClassification``,
 ``IJepaForImageClassification``: their classifier reads each image's size-weighted mean
 over its real tokens, :mod:`saint.adapters.hf_mean_head`). The backbones ``Dinov2Backbone``,
 ``Dinov2WithRegistersBackbone`` and ``DINOv3ViTBackbone``, and the dense heads that hold one
-as ``.backbone`` (``DepthAnythingForDepthEstimation``, ``DPTForDepthEstimation``), take the
+as ``.backbone`` (``DepthAnythingForDepthEstimation``, ``DPTForDepthEstimation``,
+``UperNetForSemanticSegmentation``, ``ZoeDepthForDepthEstimation`` ...), take the
 merging methods only: every layer's output leaves as one row per patch, the row of the token
 it became (ToMe's unmerge), so the feature maps lie on the input's grid and the heads run
 unchanged (:func:`saint.adapters.hf_encoder.backbone_forward`).
@@ -129,17 +130,13 @@ def _dinov2_mlp_hidden(cfg: Any) -> float:
 def _families() -> list[Family]:
     """The supported families (transformers imported here, on first use)."""
     from transformers.models.deit import modeling_deit as deit
-    from transformers.models.depth_anything import modeling_depth_anything as depth_anything
     from transformers.models.dinov2 import modeling_dinov2 as d
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
     from transformers.models.dinov3_vit import modeling_dinov3_vit as d3
-    from transformers.models.dpt import modeling_dpt as dpt
     from transformers.models.ijepa import modeling_ijepa as ijepa
     from transformers.models.vit import modeling_vit as vit
     from transformers.models.vit_msn import modeling_vit_msn as msn
 
-    # dense heads on a backbone (held as .backbone): Depth Anything (v1 and v2), DPT with a DINOv2 backbone
-    dense_heads = {depth_anything.DepthAnythingForDepthEstimation: "backbone", dpt.DPTForDepthEstimation: "backbone"}
     return [
         Family("vit", vit.ViTModel, {vit.ViTForImageClassification: "vit"}, vit.ViTLayer, vit.ViTAttention,
                "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
@@ -159,22 +156,25 @@ def _families() -> list[Family]:
                _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden),
         Family("ijepa", ijepa.IJepaModel, {ijepa.IJepaForImageClassification: "ijepa"}, ijepa.IJepaLayer, ijepa.IJepaAttention, "layers", _vit_parts,
                lambda cfg: 0, lambda cfg: cfg.intermediate_size),
-        Family("dinov2_backbone", d.Dinov2Backbone, dense_heads, d.Dinov2Layer, d.Dinov2Attention, "encoder.layer",
+        Family("dinov2_backbone", d.Dinov2Backbone, {}, d.Dinov2Layer, d.Dinov2Attention, "encoder.layer",
                _dinov2_parts, lambda cfg: 1, _dinov2_mlp_hidden, dense=True),
-        Family("dinov2_registers_backbone", r.Dinov2WithRegistersBackbone, dense_heads, r.Dinov2WithRegistersLayer,
+        Family("dinov2_registers_backbone", r.Dinov2WithRegistersBackbone, {}, r.Dinov2WithRegistersLayer,
                r.Dinov2WithRegistersAttention, "encoder.layer", _dinov2_parts,
                lambda cfg: 1 + int(cfg.num_register_tokens), _dinov2_mlp_hidden, dense=True),
-        Family("dinov3_backbone", d3.DINOv3ViTBackbone, dense_heads, d3.DINOv3ViTLayer, d3.DINOv3ViTAttention,
+        Family("dinov3_backbone", d3.DINOv3ViTBackbone, {}, d3.DINOv3ViTLayer, d3.DINOv3ViTAttention,
                "model.layer", _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden,
                dense=True),
     ]
 
 
 def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
-    """The family of ``model`` and its encoder (itself, or the one a classifier holds)."""
+    """The family of ``model`` and its encoder (itself, the one a classifier holds, or the
+    backbone a dense head holds as ``.backbone``: Depth Anything, DPT, UperNet, ZoeDepth ...)."""
     for family in _families():
         if isinstance(model, family.model):
             return family, model
+        if family.dense and isinstance(getattr(model, "backbone", None), family.model):
+            return family, model.backbone
         for wrapper, attr in family.wrappers.items():
             if isinstance(model, wrapper) and isinstance(getattr(model, attr, None), family.model):
                 return family, getattr(model, attr)
@@ -279,10 +279,10 @@ class HFViT(FamilyAdapter):
         family, tower = _found(model)
         if hf_mean_head.averages_tokens(model):  # the features its classifier reads
             return hf_mean_head.embed(model, lambda: self.forward(model, inputs))
-        if family.dense:  # a dense output: the head's prediction, else the backbone's last feature map
+        if family.dense:  # a dense output: the head's prediction (depth, or logits per pixel), else the last map
             out = self.forward(model, inputs)
-            dense = out.feature_maps[-1] if tower is model else out.predicted_depth
-            return dense.flatten(1), None
+            dense = out.feature_maps[-1] if tower is model else getattr(out, "predicted_depth", None)
+            return (out.logits if dense is None else dense).flatten(1), None
         seen: dict[str, Any] = {}
         caller = threading.get_ident()  # another thread's call on the same model fires this hook too
 
