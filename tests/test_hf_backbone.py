@@ -18,8 +18,9 @@ from .test_hf_vit import REGISTERS, TINY, VIT_TINY  # noqa: E402
 TOL = dict(rtol=0, atol=1e-5)
 KINDS = ("dinov2", "dinov2_reg", "dinov3")
 PREFIX = {"dinov2": 1, "dinov2_reg": 1 + REGISTERS, "dinov3": 1 + REGISTERS}
-# a rectangular merge and a ragged one (SAINT's graph sets each image's count)
-METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7))]
+# a rectangular merge and a ragged one (SAINT's graph sets each image's count), at both placements
+METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)),
+           ("saint_match", dict(tau=0.3, fraction=0.7, guard=0.1, select_at="attention"))]
 
 
 def configs(kind: str, **extra):
@@ -75,7 +76,7 @@ def feature_maps_from(encoder: torch.nn.Module, kind: str, images: torch.Tensor)
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-@pytest.mark.parametrize("method,kw", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method,kw", METHODS, ids=["tome", "saint_match", "saint_match_before_attention"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_feature_maps_hold_the_token_every_patch_became(kind, method, kw, layout, images):
     encoder, backbone = encoder_and_backbone(kind)
