@@ -28,10 +28,15 @@ import torch
 
 import saint
 from saint import assets
-from saint.commands.options import holdout_every
+from saint.commands.options import add_round_robin_options, holdout_every
 from saint.measure.flops import model_flops
 from saint.measure.images import holdout_split, shared_photos_or_say_why
-from saint.measure.report import environment, markdown_table, write_json_and_markdown
+from saint.measure.report import (
+    environment,
+    markdown_table,
+    provenance_lines,
+    write_json_and_markdown,
+)
 from saint.timing import time_round_robin
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,11 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="every N-th shared photo calibrates, the others evaluate (default 8)")
     p.add_argument("--tome-r", default="50,100", help="ToMe's constant r per block, comma-separated")
     p.add_argument("--targets", default="1.5,2", help="saint_match's real-token FLOPs speed-ups, comma-separated")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--batch-size", type=int, default=8, help="timing batch (default 8)")
-    p.add_argument("--eval-batch", type=int, default=8, help="batch for the fidelity passes (default 8)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
+    add_round_robin_options(p, batch_size=8, eval_batch=8)
     p.add_argument("--out-dir", default=str(RESULTS), help=f"where results go (default {RESULTS})")
     return p.parse_args(argv)
 
@@ -136,8 +137,7 @@ def measure(records: list[Any], calib: list[Any], args: argparse.Namespace) -> l
 
 def markdown(report: dict[str, Any]) -> str:
     """The output page: environment, setting, table, definitions."""
-    env, s = report["environment"], report["settings"]
-    vers = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    s = report["settings"]
     head = ["variant", "FLOPs ratio", "speed-up", "ms / batch",
             *[f"centered patch cos, block {n}" for n in LAYERS], "worst photo, block 12", "raw patch cos, block 12"]
     body = [[r["variant"], f"{r['flops_ratio']:.2f}x", f"{r['speedup']:.2f}x" if "speedup" in r else "-",
@@ -145,8 +145,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"{r['worst_photo'][-1]:.3f}", f"{r['raw_patch_cosine'][-1]:.4f}"] for r in report["results"]]
     return "\n".join([
         f"# Dense features from a merged backbone: {report['model']} at {s['size']}px, fp32 on cpu", "",
-        f"- date: {env['date']}", f"- device: {env['device']}", f"- versions: {vers}",
-        f"- command: `{env['command']}`",
+        *provenance_lines(report["environment"]),
         f"- images: {s['images']}; calibration: {s['calibration']}",
         f"- fidelity batch {s['eval_batch']}, timing batch {s['batch_size']}, {s['warmup']} warm-up + "
         f"{s['repeats']} timed round-robin rounds", "",

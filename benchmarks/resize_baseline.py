@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from saint import assets
-from saint.commands.options import holdout_every
+from saint.commands.options import add_round_robin_options, holdout_every
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.flops import model_flops
 from saint.measure.images import holdout_split, shared_photos_or_say_why
@@ -58,11 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--photos", type=int, default=200, help="use the first N evaluation photos (default all)")
     p.add_argument("--calib-every", type=holdout_every, default=8,
                    help="every N-th shared photo is left out, as the sweeps hold it out for calibration (default 8)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--batch-size", type=int, default=32, help="timing batch (default 32)")
-    p.add_argument("--eval-batch", type=int, default=8, help="batch for the fidelity passes (default 8)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
+    add_round_robin_options(p, batch_size=32, eval_batch=8)
     p.add_argument("--out-dir", default=str(RESULTS), help=f"where results go (default {RESULTS})")
     return p.parse_args(argv)
 

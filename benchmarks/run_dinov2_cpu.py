@@ -25,6 +25,7 @@ from saint.bench.sweep import default_tome_rs, format_sweep, run_sweep, write_sw
 from saint.commands.options import (
     add_clock_option,
     add_pairing_option,
+    add_round_robin_options,
     clock_of,
     holdout_every,
     output_tag,
@@ -64,11 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hold out every N-th photo for calibration, evaluate on the rest (default 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--batch-size", type=int, default=8, help="timing batch (default 8)")
-    p.add_argument("--eval-batch", type=int, default=16, help="batch for the fidelity passes (default 16)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
+    add_round_robin_options(p, batch_size=8, eval_batch=16)
     p.add_argument("--out-dir", default=str(RESULTS), help=f"where results go (default {RESULTS})")
     p.add_argument("--tag", default="", type=output_tag, help="suffix of the output names, for a focused run beside the main sweep")
     p.add_argument("--no-progress", action="store_true")

@@ -5,7 +5,6 @@ classifier reads each image's mean over the original patches of the token each b
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import saint  # noqa: E402
 from saint.adapters import find_adapter  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
+from .conftest import assert_two_threads_agree  # noqa: E402
 from .test_hf_vision import make_classifier  # noqa: E402
 from .test_hf_vit import PROTECTED, make  # noqa: E402
 
@@ -100,25 +100,12 @@ def test_outside_the_models_call_nothing_is_replaced(images):
 def test_each_thread_reads_its_own_call(images):
     model = classifier("clip_classifier")
     saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
-    batches = [images, images[:2].flip(0)]
-    with torch.no_grad():
-        expected = [model(pixel_values=b).logits for b in batches]
-    results: list[list[torch.Tensor]] = [[], []]
 
-    def work(i: int) -> None:
-        for _ in range(10):
-            with torch.no_grad():
-                results[i].append(model(pixel_values=batches[i]).logits)
+    @torch.no_grad()
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=x).logits
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in range(2):
-        assert len(results[i]) == 10
-        for r in results[i]:
-            torch.testing.assert_close(r, expected[i], rtol=0, atol=1e-6)
+    assert_two_threads_agree(logits, [(images,), (images[:2].flip(0),)] * 5)
 
 
 def test_a_replaced_classifier_is_refused(images):

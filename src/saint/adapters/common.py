@@ -529,6 +529,17 @@ class Run:
         return any(ref() is not None for ref, _ in self.entries.values())
 
 
+@contextlib.contextmanager
+def _this_thread_in(threads: set[int]) -> Iterator[None]:
+    """This thread's id in ``threads`` for the block's duration."""
+    tid = threading.get_ident()
+    threads.add(tid)
+    try:
+        yield
+    finally:
+        threads.discard(tid)
+
+
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (
         a.device == b.device and a.shape == b.shape and a.stride() == b.stride()
@@ -591,30 +602,18 @@ class Runs:
         if index == self.depth - 1 and not run.recompute:
             self.last = run
 
-    @contextlib.contextmanager
-    def unmerging(self) -> Iterator[None]:
+    def unmerging(self) -> contextlib.AbstractContextManager[None]:
         """Within this block, this thread's forward leaves every block's output as one row
         per original token (:meth:`TokenState.unmerge`)."""
-        tid = threading.get_ident()
-        self._unmerge.add(tid)
-        try:
-            yield
-        finally:
-            self._unmerge.discard(tid)
+        return _this_thread_in(self._unmerge)
 
     def unmerges_every_block(self) -> bool:
         return threading.get_ident() in self._unmerge
 
-    @contextlib.contextmanager
-    def unpadding(self) -> Iterator[None]:
+    def unpadding(self) -> contextlib.AbstractContextManager[None]:
         """Within this block, this thread's forward unpads every block's output (for
         calls that return intermediate outputs: hidden states, intermediates)."""
-        tid = threading.get_ident()
-        self._unpad.add(tid)
-        try:
-            yield
-        finally:
-            self._unpad.discard(tid)
+        return _this_thread_in(self._unpad)
 
     def unpads_every_block(self) -> bool:
         return threading.get_ident() in self._unpad

@@ -97,6 +97,17 @@ def add_timing_options(p: argparse.ArgumentParser, warmup: int = 2, repeats: int
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
 
 
+def add_round_robin_options(p: argparse.ArgumentParser, batch_size: int, eval_batch: int) -> None:
+    """The benchmark scripts' ``--threads``, ``--batch-size`` (timing), ``--eval-batch``
+    (fidelity passes), ``--warmup`` and ``--repeats`` (round-robin rounds)."""
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"timing batch (default {batch_size})")
+    p.add_argument("--eval-batch", type=int, default=eval_batch,
+                   help=f"batch for the fidelity passes (default {eval_batch})")
+    p.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed round-robin rounds (default 5)")
+
+
 def add_pairing_option(g: Any) -> None:
     """``--pairing round_robin|paired``: how the variants share their timed rounds."""
     g.add_argument("--pairing", default="round_robin", choices=list(PAIRINGS),
