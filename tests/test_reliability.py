@@ -152,34 +152,35 @@ def test_distributed_data_parallel_around_a_patched_model(images, tmp_path):
         saint.patch(torch.nn.DataParallel(make_tiny("vit")), "tome", r=2)
 
 
-def test_timm_features_only_is_refused_with_what_works(images):
-    """timm's features_only wrapper (spatial maps of every patch) is refused with the calls
-    that work; its inner model, patched with a dropping method, gives maps up to the first
-    pruning block and refuses later ones; with a merging method every map, each image's as alone."""
-    features = timm.create_model(
-        "vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=4,
-        features_only=True, out_indices=(0, 3),
-    ).eval()
-    with pytest.raises(TypeError, match=r"features_only wrapper .*saint.patch\(features.model"):
-        saint.patch(features, "tome", r=2)
-    saint.patch(features.model, "saint", tau=0.3, k=1, layers=[1])  # drops tokens
-    with torch.no_grad(), pytest.raises(ValueError, match="spatial .NCHW. intermediates need every patch"):
-        features(images)
-    features.out_indices = (0,)
+@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "vit_small_patch16_dinov3"])
+def test_timm_features_only_takes_a_merging_method(arch, images):
+    """timm's features_only wrapper (spatial maps of every patch, from its model's
+    forward_intermediates): a merging method leaves every map on the grid, each image's as
+    alone; a dropping method is refused, the model left unpatched; its model cannot be
+    unpatched on its own while the wrapper is patched; unpatched, the maps are the model's own."""
+    features = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, depth=4,
+                                 features_only=True, out_indices=(0, 3)).eval()
+    with torch.no_grad():
+        ref = features(images)
+    with pytest.raises(ValueError, match=r"row for every patch.*use a merging method"):
+        saint.patch(features, "saint", tau=0.3, k=1, layers=[1])
+    assert not saint.is_patched(features) and not saint.is_patched(features.model)
+    saint.patch(features, "saint_match", tau=0.3, fraction=0.7, layers=[1])
     with torch.no_grad():
         maps = features(images)
-    saint.unpatch(features.model)
-    with torch.no_grad():
-        assert torch.equal(maps[0], features(images)[0])
-    features.out_indices = (0, 3)
-    saint.patch(features.model, "saint_match", tau=0.3, fraction=0.7, layers=[1])  # merges tokens
-    with torch.no_grad():
-        maps = features(images)
-        assert saint.stats(features.model).layout == "packed"
-        assert [m.shape for m in maps] == [(len(images), 384, 4, 4)] * 2
+        assert saint.stats(features).layout == "packed"
+        assert [m.shape for m in maps] == [r.shape for r in ref]
+        assert torch.equal(maps[0], ref[0]) and not torch.allclose(maps[1], ref[1], atol=1e-4)
         for i in range(len(images)):
             for grid, one in zip(maps, features(images[i : i + 1]), strict=True):
                 torch.testing.assert_close(grid[i], one[0], rtol=0, atol=1e-5)
+    for call in (lambda: saint.unpatch(features.model), lambda: saint.patch(features.model, "tome", r=2)):
+        with pytest.raises(ValueError, match="patched through its FeatureGetterNet"):
+            call()
+    saint.unpatch(features)
+    assert not saint.is_patched(features) and not saint.is_patched(features.model)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(features(images), ref, strict=True))
 
 
 @pytest.mark.parametrize("kind", ["timm", "hf"])

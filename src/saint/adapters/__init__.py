@@ -17,20 +17,22 @@ from . import (
     pooled_vlm,
     qwen_vl,
     timm_eva,
+    timm_features,
     timm_naflex,
     timm_vit,
 )
 from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
-    timm_vit.ADAPTER, timm_eva.ADAPTER, timm_naflex.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER,
+    timm_vit.ADAPTER, timm_eva.ADAPTER, timm_naflex.ADAPTER, timm_features.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER,
     llava_anyres.NEXT_VIDEO_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER,
 ]
 SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_inputs.py keeps it complete)
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
-    "Encoder, RoPE ViTs); timm NaFlexVit with ViT blocks (NaFlex batches); Hugging Face "
+    "Encoder, RoPE ViTs); timm NaFlexVit with ViT blocks (NaFlex batches); timm's features_only wrapper of a ViT "
+    "or Eva (merging methods); Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (and MetaCLIP 2's MetaClip2*), "
     "ChineseCLIPVisionModel, ChineseCLIPModel, AltCLIPVisionModel, AltCLIPModel, "
     "SiglipVisionModel, SiglipModel, "
@@ -90,12 +92,7 @@ def find_adapter(model: torch.nn.Module) -> Adapter:
     inner = getattr(model, "model", None)
     if type(model).__name__ == "FeatureGetterNet" and isinstance(inner, torch.nn.Module):  # timm features_only
         raise TypeError(
-            f"saint does not patch timm's features_only wrapper (FeatureGetterNet of {type(inner).__name__}): "
-            "it returns spatial (NCHW) maps, which need every patch; patch its model (saint.patch(features.model, "
-            "...)): with a merging method (tome, saint_match, saint_plus, saint_fold) each patch's row then holds "
-            "the token it became, with a dropping one maps from blocks before the first pruning block still work; "
-            "or create the model without features_only and call forward_intermediates(x, output_fmt='NLC') with "
-            "saint.token_mask(model, block)"
+            f"saint patches timm's features_only wrapper of a ViT or Eva, not of {type(inner).__name__}"
         )
     reason = REFUSED.get(type(model).__name__)
     if reason is not None:

@@ -282,6 +282,22 @@ class TokenStateHandle(Handle):
     kernel: str = "auto"
     hooked: list[Hooked] = field(default_factory=list)  # modules given a hook or a forward, where they sit
     patched_blocks: PatchedBlocks | None = None  # the blocks patched, where the model keeps them
+    owner: str | None = None  # the class of the model patched, when the inner one was patched through it
+
+    def patched_through(self, model: nn.Module, wrapper: nn.Module) -> None:
+        """Remember that ``wrapper`` (a model holding ``model``, the one patched) was the
+        model the user patched."""
+        if wrapper is not model:
+            self.owner = type(wrapper).__name__
+
+    def check_unpatch(self, model: nn.Module) -> None:
+        """Refuse to unpatch the inner model of a patched wrapper on its own: the wrapper
+        would stay marked patched with an inner model that no longer prunes."""
+        if self.owner is not None and type(model).__name__ != self.owner:
+            raise ValueError(
+                f"this {type(model).__name__} was patched through its {self.owner}; unpatch (or patch again) "
+                f"the {self.owner} itself: saint.unpatch(<the {self.owner}>)"
+            )
 
     @property
     def state(self) -> TokenState:

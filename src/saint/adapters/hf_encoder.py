@@ -122,21 +122,6 @@ class HFEncoderPatch(TokenStateHandle):
 
     tower: torch.nn.Module | None = None
     parts: Callable[[torch.nn.Module], LayerParts] | None = None
-    owner: str | None = None  # the class of the model patched, when the tower was patched through it
-
-    def patched_through(self, model: torch.nn.Module, wrapper: torch.nn.Module) -> None:
-        """Remember that ``model`` (a wrapper of the tower) was the model patched."""
-        if wrapper is not model:
-            self.owner = type(wrapper).__name__
-
-    def check_unpatch(self, model: torch.nn.Module) -> None:
-        """Refuse to unpatch the tower of a patched wrapper on its own: the wrapper would
-        stay marked patched with a tower that no longer prunes."""
-        if model is self.tower and self.owner is not None:
-            raise ValueError(
-                f"this {type(model).__name__} was patched through its {self.owner}; unpatch (or patch again) "
-                f"the {self.owner} itself: saint.unpatch(<the {self.owner}>)"
-            )
 
     @property
     def depth(self) -> int:

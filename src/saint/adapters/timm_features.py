@@ -1,0 +1,109 @@
+"""timm's ``features_only`` wrapper (``FeatureGetterNet``) of a timm ViT or Eva: spatial maps
+of every patch from the inner model's ``forward_intermediates``.
+
+Patching the wrapper patches its inner model (through that model's own adapter) with a
+merging method (``tome``, ``saint_match``, ``saint_plus``, ``saint_fold``): after merging,
+every block's output leaves unmerged (each patch holds the token it became,
+:meth:`saint.adapters.common.TokenState.unmerge`), so every map lies on the grid. A method
+that drops tokens is refused (a dropped patch has no row). The handle is stored on both; the
+inner model cannot be unpatched on its own while the wrapper is patched. Every protocol call
+but the forward and the embedding is the inner model's.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from ..methods import MethodSpec
+from . import timm_eva, timm_vit
+from .base import FamilyAdapter, Grid, Probe, Site, TokenStateHandle
+from .common import SAINT_ATTR, get_handle
+
+INNER = (timm_vit.ADAPTER, timm_eva.ADAPTER)  # the adapters of the models a wrapper may hold
+
+
+def _inner(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
+    """The wrapper's model and its adapter, or None when ``model`` is not such a wrapper."""
+    inner = getattr(model, "model", None)
+    if type(model).__name__ != "FeatureGetterNet" or not isinstance(inner, torch.nn.Module):
+        return None
+    adapter = next((a for a in INNER if a.matches(inner)), None)
+    return None if adapter is None else (inner, adapter)
+
+
+def _found(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    found = _inner(model)
+    if found is None:
+        raise TypeError(f"expected timm's features_only wrapper of a ViT or Eva, got {type(model).__name__}")
+    return found
+
+
+def matches(model: torch.nn.Module) -> bool:
+    """A ``FeatureGetterNet`` holding a timm ViT or Eva."""
+    return _inner(model) is not None
+
+
+def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+          **kwargs: Any) -> TokenStateHandle:
+    """Patch the wrapper's model with a merging method; the handle goes on both."""
+    inner, adapter = _found(model)
+    if get_handle(inner) is not None:
+        raise ValueError(f"the {type(inner).__name__} inside this features_only wrapper is already patched by saint; "
+                         "unpatch it first")
+    handle = adapter.patch(inner, method, trace=trace, **kwargs)
+    if not handle.spec.merges:
+        adapter.unpatch(inner)
+        raise ValueError(f"features_only maps need a row for every patch, which a dropped token no longer has; "
+                         f"method {handle.spec.public_name!r} drops tokens: use a merging method (tome, "
+                         "saint_match, saint_plus or saint_fold), whose merged tokens fill the rows of every patch "
+                         "they hold")
+    model.__dict__[SAINT_ATTR] = handle
+    handle.patched_through(inner, model)
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Unpatch the wrapper and its model: both are the original objects again."""
+    inner, adapter = _found(model)
+    handle = model.__dict__.pop(SAINT_ATTR, None)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    handle.owner = None
+    adapter.unpatch(inner)
+
+
+class TimmFeatures(FamilyAdapter):
+    """timm ``FeatureGetterNet`` (``features_only=True``) of a timm ViT or Eva."""
+
+    name = "timm_features"
+    family = sys.modules[__name__]
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        inner, adapter = _found(model)
+        return adapter.sites(inner)
+
+    def protected(self, model: torch.nn.Module) -> int:
+        inner, adapter = _found(model)
+        return adapter.protected(inner)
+
+    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        inner, adapter = _found(model)
+        return adapter.grid(inner, inputs)
+
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
+        inner, adapter = _found(model)
+        return adapter.block_flops(inner, n_in, n_out, select_at)
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        inner, adapter = _found(model)
+        return adapter.probe(inner)
+
+    def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The deepest map, flattened (a dense output has no pooled embedding)."""
+        return self.forward(model, inputs)[-1].flatten(1), None
+
+
+ADAPTER = TimmFeatures()
