@@ -179,3 +179,21 @@ def test_the_image_classification_pipeline_batches_as_it_runs_alone():
         assert [d["label"] for d in got] == [d["label"] for d in want]
         torch.testing.assert_close(torch.tensor([d["score"] for d in got]), torch.tensor([d["score"] for d in want]),
                                    rtol=0, atol=1e-5)
+
+
+def test_a_subclass_pools_as_its_base(images):
+    """A user's subclass of a supported classifier gets the same per-image pooling (it is
+    matched as a wrapper of the tower, so it must never run with the plain mean)."""
+
+    class MyClassifier(transformers.Dinov2ForImageClassification):
+        pass
+
+    base = classifier("dinov2_classifier")
+    mine = MyClassifier(base.config).eval()
+    mine.load_state_dict(base.state_dict())
+    for model in (base, mine):
+        saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad():
+        want, got = base(pixel_values=images).logits, mine(pixel_values=images).logits
+    assert saint.stats(mine).layout == "packed" and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -44,9 +44,14 @@ MEAN_HEADS: dict[str, bool] = {
 _CALLS = "_saint_mean_head_calls"  # where the model, its tower and its classifier keep the :class:`_Calls`
 
 
+def _head_class(model: torch.nn.Module) -> str | None:
+    """The name of the classifier class of :data:`MEAN_HEADS` that ``model`` is (or subclasses)."""
+    return next((c.__name__ for c in type(model).__mro__ if c.__name__ in MEAN_HEADS), None)
+
+
 def averages_tokens(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is one of the classifiers that average their tower's tokens."""
-    return type(model).__name__ in MEAN_HEADS
+    """Whether ``model`` is (or subclasses) one of the classifiers that average their tower's tokens."""
+    return _head_class(model) is not None
 
 
 def check(model: torch.nn.Module) -> None:
@@ -63,7 +68,7 @@ def install(model: torch.nn.Module, tower: torch.nn.Module, handle: TokenStateHa
     ``__dict__``, not in closures, so a deep copy of the model carries its own."""
     if not averages_tokens(model):
         return
-    calls = _Calls(handle, MEAN_HEADS[type(model).__name__])
+    calls = _Calls(handle, MEAN_HEADS[_head_class(model)])
     for module in (model, tower, model.classifier):
         module.__dict__[_CALLS] = calls
     handle.hooks.append(tower.register_forward_hook(_keep))

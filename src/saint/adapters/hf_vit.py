@@ -32,8 +32,9 @@ Every classifier's logits are per image; the encoder's
 
 Refused (``REFUSED``, with what to do instead): an ``IJepaModel`` with its pooler (it reads
 position 0, a patch that pruning merges, drops or pads), the masked-image-modeling heads (they
-reconstruct every patch), a backbone with a method that drops tokens. A ``Dinov2Model`` patched on its own inside ``Dinov2ForImageClassification`` is not
-detected: the classifier's own mean would average the padding (patch the classifier).
+reconstruct every patch), a backbone with a method that drops tokens. A ``Dinov2Model``
+patched on its own inside ``Dinov2ForImageClassification`` is not detected: the
+classifier's own mean would average the padding (patch the classifier).
 """
 
 from __future__ import annotations
@@ -146,16 +147,16 @@ def _families() -> list[Family]:
                                          deit.DeiTForImageClassificationWithTeacher: "deit"},
                deit.DeiTLayer, deit.DeiTAttention, "layers", _vit_parts, lambda cfg: 2,
                lambda cfg: cfg.intermediate_size),
-        Family("dinov2", d.Dinov2Model, {d.Dinov2ForImageClassification: "dinov2"}, d.Dinov2Layer, d.Dinov2Attention, "encoder.layer", _dinov2_parts,
-               lambda cfg: 1, _dinov2_mlp_hidden),
+        Family("dinov2", d.Dinov2Model, {d.Dinov2ForImageClassification: "dinov2"}, d.Dinov2Layer,
+               d.Dinov2Attention, "encoder.layer", _dinov2_parts, lambda cfg: 1, _dinov2_mlp_hidden),
         Family("dinov2_registers", r.Dinov2WithRegistersModel,
                {r.Dinov2WithRegistersForImageClassification: "dinov2_with_registers"}, r.Dinov2WithRegistersLayer,
                r.Dinov2WithRegistersAttention, "encoder.layer", _dinov2_parts,
                lambda cfg: 1 + int(cfg.num_register_tokens), _dinov2_mlp_hidden),
         Family("dinov3", d3.DINOv3ViTModel, {}, d3.DINOv3ViTLayer, d3.DINOv3ViTAttention, "model.layer",
                _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden),
-        Family("ijepa", ijepa.IJepaModel, {ijepa.IJepaForImageClassification: "ijepa"}, ijepa.IJepaLayer, ijepa.IJepaAttention, "layers", _vit_parts,
-               lambda cfg: 0, lambda cfg: cfg.intermediate_size),
+        Family("ijepa", ijepa.IJepaModel, {ijepa.IJepaForImageClassification: "ijepa"}, ijepa.IJepaLayer,
+               ijepa.IJepaAttention, "layers", _vit_parts, lambda cfg: 0, lambda cfg: cfg.intermediate_size),
         Family("dinov2_backbone", d.Dinov2Backbone, {}, d.Dinov2Layer, d.Dinov2Attention, "encoder.layer",
                _dinov2_parts, lambda cfg: 1, _dinov2_mlp_hidden, dense=True),
         Family("dinov2_registers_backbone", r.Dinov2WithRegistersBackbone, {}, r.Dinov2WithRegistersLayer,
