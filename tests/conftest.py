@@ -87,6 +87,17 @@ def images() -> torch.Tensor:
     return x
 
 
+def offline_photos_and_model(photos: int, size: int) -> tuple[list[Any], torch.nn.Module]:
+    """The first ``photos`` offline foolbox photos and the offline DINOv2-S/14 at ``size``;
+    the test is skipped when either cannot be had offline."""
+    from saint import assets
+
+    try:
+        return assets.foolbox_images()[:photos], assets.default_model(size)
+    except assets.AssetUnavailableError as exc:
+        pytest.skip(f"offline weights or photos unavailable: {exc}")
+
+
 def assert_two_threads_agree(fn: Callable[..., torch.Tensor], calls: Sequence[tuple[Any, ...]]) -> None:
     """``fn(*call)`` for every call, alternately from two threads started together, gives
     exactly what it gives called one after another."""

