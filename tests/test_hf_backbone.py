@@ -91,6 +91,7 @@ def test_feature_maps_hold_the_token_every_patch_became(kind, method, kw, layout
     for a, b in zip(got.feature_maps, want, strict=True):
         torch.testing.assert_close(a, b, **TOL)
     assert all(h.shape[1] == PREFIX[kind] + 16 and not bool(h.isnan().any()) for h in got.hidden_states)
+    assert saint.token_mask(backbone) is None and saint.token_sizes(backbone) is None  # every row one patch
     for i in range(len(images)):  # each image's maps as the image alone
         with torch.no_grad():
             alone = backbone(pixel_values=images[i : i + 1]).feature_maps

@@ -46,8 +46,12 @@ def _runs_handle(model: torch.nn.Module, lacks: str) -> Any:
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`patch`: the model computes exactly what it did before."""
-    _handle(model)
+    """Undo :func:`patch`: the model computes exactly what it did before. The inner model
+    of a patched wrapper (an HF tower patched through its classifier or dual encoder, timm's
+    model inside a patched ``features_only`` wrapper) is refused on its own."""
+    handle = _handle(model)
+    if hasattr(handle, "check_unpatch"):
+        handle.check_unpatch(model)
     find_adapter(model).unpatch(model)
     return model
 

@@ -678,6 +678,15 @@ def require_class_token(spec: MethodSpec, config: MethodConfig, has_class_token:
                      f"{model} has no class token ({fix})")
 
 
+def require_merging(spec: MethodSpec, outputs: str) -> None:
+    """Refuse a method that drops tokens where ``outputs`` need a row for every patch (a
+    backbone's feature maps): a merged token fills the rows of the patches it holds."""
+    if not spec.merges:
+        raise ValueError(f"{outputs} need a row for every patch, which a dropped token no longer has; method "
+                         f"{spec.public_name!r} drops tokens: use a merging method (tome, saint_match, saint_plus or "
+                         "saint_fold), whose merged tokens fill the rows of every patch they hold")
+
+
 def require_site(spec: MethodSpec, site: str, model: str) -> None:
     """Refuse a method that acts elsewhere than ``site`` (e.g. FastV on a vision tower)."""
     if spec.site != site:

@@ -315,6 +315,8 @@ class TokenStateHandle(Handle):
         state = run.state
         if state.packed:
             raise RuntimeError("the forward is still running (its tokens are packed); take the weights after it")
+        if state.unmerged:  # a backbone's output: one row per original token
+            return None
         if state.sizes is None:  # nothing merged: each real position is one token
             return None if state.valid is None else state.valid.float()
         weights = state.sizes.reshape(state.sizes.shape[:2]).float()

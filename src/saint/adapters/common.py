@@ -135,7 +135,7 @@ class TokenState:
     _index: torch.Tensor | None = field(default=None, repr=False)
     _slots: torch.Tensor | None = field(default=None, repr=False)
     _filled: bool = field(default=False, repr=False)  # the padded layout's padding rows were filled on leaving
-    _unmerged: bool = field(default=False, repr=False)  # the last block's output left as every original token's row
+    unmerged: bool = field(default=False, repr=False)  # the last block's output left as one row per original token
 
     def reset(self, x: torch.Tensor, trace: bool, valid: torch.Tensor | None = None) -> None:
         """Start a call on ``x [B, N, C]``; ``valid [B, N]`` marks its real tokens when the
@@ -173,7 +173,7 @@ class TokenState:
             layout=self.layout, valid=self.valid, sizes=self.sizes, packed=self.packed, lengths=list(self.lengths),
             origin=self.origin, ran=self.ran, track_positions=self.track_positions, positions=self.positions,
             _bias=dict(self._bias), _index=self._index, _slots=self._slots, _filled=self._filled,
-            _unmerged=self._unmerged,
+            unmerged=self.unmerged,
         )
 
     def positions_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +209,8 @@ class TokenState:
         """A block's input in the state's layout: tokens that left the packed stream at a
         block boundary (see :meth:`leave`) are packed again, and tokens that left as every
         original token's row (see :meth:`unmerge`) are each read from their own row."""
-        if self._unmerged:
-            self._unmerged = False
+        if self.unmerged:
+            self.unmerged = False
             if x.dim() != 3 or x.shape[:2] != self.origin.shape:
                 raise ValueError(f"a block's input must be the previous block's {tuple(self.origin.shape)} rows, "
                                  f"got {tuple(x.shape)}")
@@ -260,7 +260,7 @@ class TokenState:
             raise RuntimeError("unmerging needs the tokens' origins and positions, tracked from the call's start")
         if self.positions is None:  # nothing removed yet: every token is its own
             return x
-        self._unmerged = True
+        self.unmerged = True
         return x.gather(1, self.origin.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
 
     def padded(self, t: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..methods import (
     Selection,
     make_config,
     require_class_token,
+    require_merging,
     require_site,
 )
 from . import hf_mean_head
@@ -170,11 +171,8 @@ def patch_encoder(
     require_site(spec, "vision", type(tower).__name__)
     settings = config.resolve(len(layers))
     require_class_token(spec, config, num_protected > 0, type(tower).__name__)
-    if dense and not spec.merges:
-        raise ValueError(f"{type(tower).__name__}'s feature maps need a row for every patch, which a dropped token "
-                         f"no longer has; method {spec.public_name!r} drops tokens: use a merging method "
-                         "(tome, saint_match, saint_plus or saint_fold), whose merged tokens fill the rows of every "
-                         "patch they hold")
+    if dense:
+        require_merging(spec, f"{type(tower).__name__}'s feature maps")
     check_maskable(tower, spec, config, layout)
     check_static_counts(num_patches, spec, settings, unit="layer")
     handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
@@ -268,12 +266,12 @@ def patched_through(model: torch.nn.Module, tower: torch.nn.Module, handle: HFEn
 
 
 def unpatch_tower_of(model: torch.nn.Module) -> HFEncoderPatch:
-    """Undo a tower patch made through ``model`` (the tower itself or a wrapper): refuse a
-    wrapper's tower on its own, then remove the layers', the tower's and its head's wrappers."""
+    """Undo a tower patch made through ``model`` (the tower itself or a wrapper): the
+    wrapper's mark and its classifier's pooling, then the layers', the tower's and its
+    head's wrappers (:func:`saint.unpatch` refuses a wrapper's tower on its own first)."""
     handle = get_handle(model)
     if handle is None:
         raise ValueError(f"{type(model).__name__} is not patched by saint")
-    handle.check_unpatch(model)
     if handle.tower is not model:
         model.__dict__.pop(SAINT_ATTR)
         hf_mean_head.uninstall(model)

@@ -58,7 +58,7 @@ from .hf_encoder import (
     ProjectionProbe,
     encoder_sites,
     patch_encoder,
-    unpatch_encoder,
+    unpatch_tower_of,
 )
 
 # models that wrap a supported one but read its tokens in a way a pruned output cannot serve
@@ -223,15 +223,8 @@ def patch(
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
-    family, tower = _found(model)
-    handle = get_handle(model)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    handle.check_unpatch(model)
-    if model is not tower:
-        model.__dict__.pop(SAINT_ATTR)
-        hf_mean_head.uninstall(model)
-    unpatch_encoder(tower)
+    _found(model)
+    unpatch_tower_of(model)
 
 
 def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:

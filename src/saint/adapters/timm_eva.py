@@ -104,7 +104,6 @@ def patch(
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper: the model is the original object again."""
-    model.__dict__[SAINT_ATTR].check_unpatch(model)  # not the model of a patched features_only wrapper
     handle = model.__dict__.pop(SAINT_ATTR)
     remove_sites(handle)
     unwrap_outputs(model)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..methods import MethodSpec
+from ..methods import MethodSpec, get_method, require_merging
 from . import timm_eva, timm_vit
 from .base import FamilyAdapter, Grid, Probe, Site, TokenStateHandle
 from .common import SAINT_ATTR, get_handle
@@ -53,13 +53,8 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     if get_handle(inner) is not None:
         raise ValueError(f"the {type(inner).__name__} inside this features_only wrapper is already patched by saint; "
                          "unpatch it first")
+    require_merging(method if isinstance(method, MethodSpec) else get_method(method), "features_only maps")
     handle = adapter.patch(inner, method, trace=trace, **kwargs)
-    if not handle.spec.merges:
-        adapter.unpatch(inner)
-        raise ValueError(f"features_only maps need a row for every patch, which a dropped token no longer has; "
-                         f"method {handle.spec.public_name!r} drops tokens: use a merging method (tome, "
-                         "saint_match, saint_plus or saint_fold), whose merged tokens fill the rows of every patch "
-                         "they hold")
     model.__dict__[SAINT_ATTR] = handle
     handle.patched_through(inner, model)
     return handle
@@ -71,7 +66,6 @@ def unpatch(model: torch.nn.Module) -> None:
     handle = model.__dict__.pop(SAINT_ATTR, None)
     if handle is None:
         raise ValueError(f"{type(model).__name__} is not patched by saint")
-    handle.owner = None
     adapter.unpatch(inner)
 
 
