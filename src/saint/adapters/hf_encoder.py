@@ -258,10 +258,13 @@ def _pooling_head(tower: torch.nn.Module) -> torch.nn.Module | None:
 
 def patched_through(model: torch.nn.Module, tower: torch.nn.Module, handle: HFEncoderPatch) -> HFEncoderPatch:
     """Mark ``model``, a wrapper holding the patched ``tower`` (a dual encoder, a tower
-    with a projection), as patched with the tower's handle; a tower patched alone as is."""
+    with a projection, a classifier), as patched with the tower's handle, a classifier that
+    averages the tower's tokens reading each image's real ones (:mod:`hf_mean_head`); a
+    tower patched alone as is."""
     if tower is not model:
         model.__dict__[SAINT_ATTR] = handle
         handle.patched_through(tower, model)
+        hf_mean_head.install(model, tower, handle)
     return handle
 
 

@@ -163,10 +163,8 @@ def patch(
     head reads each image's real tokens (:mod:`saint.adapters.hf_mean_head`)."""
     tower = _tower_of(model)
     hf_mean_head.check(model)
-    handle = patched_through(model, tower, patch_tower(tower, method, trace=trace, layout=layout, kernel=kernel,
-                                                       **kwargs))
-    hf_mean_head.install(model, tower, handle)
-    return handle
+    return patched_through(model, tower, patch_tower(tower, method, trace=trace, layout=layout, kernel=kernel,
+                                                     **kwargs))
 
 
 def unpatch(model: torch.nn.Module) -> None:

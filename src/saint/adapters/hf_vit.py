@@ -51,13 +51,14 @@ import torch
 from ..methods import MethodSpec
 from . import hf_mean_head
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
-from .common import SAINT_ATTR, get_handle
+from .common import get_handle
 from .hf_encoder import (
     HFEncoderPatch,
     LayerParts,
     ProjectionProbe,
     encoder_sites,
     patch_encoder,
+    patched_through,
     unpatch_tower_of,
 )
 
@@ -215,10 +216,7 @@ def patch(
     handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
                            family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
                            kernel, dense=family.dense)
-    model.__dict__[SAINT_ATTR] = handle
-    handle.patched_through(tower, model)
-    hf_mean_head.install(model, tower, handle)
-    return handle
+    return patched_through(model, tower, handle)
 
 
 def unpatch(model: torch.nn.Module) -> None:
