@@ -54,7 +54,6 @@ from .common import (
     drop_path_of,
     get_handle,
     output_unshared,
-    packed_attention_of,
     patch_table_rows,
 )
 
@@ -68,24 +67,27 @@ class LayerParts:
     """Where a pre-norm encoder layer keeps its parts: ``x + drop_path(ls1(attn(norm1(x))))``
     then ``x + drop_path(ls2(mlp(norm2(x))))``. ``attn`` is called as HF calls it
     (``attn(hidden_states=..., attention_mask=...)`` returning ``(out, weights)``); ``q``,
-    ``k``, ``v``, ``out`` are its projections. CLIP/SigLIP have no layer scale or drop path."""
+    ``k``, ``v``, ``out`` are its projections. CLIP/SigLIP have no layer scale or drop path.
+    ``own_attention``: the attention module cannot take saint's key mask (DPT's passes
+    none), so wherever a layer needs one, or selects, saint runs q/k/v/out itself."""
 
     norm1: torch.nn.Module
     attn: torch.nn.Module
     q: torch.nn.Module
     k: torch.nn.Module
     v: torch.nn.Module
-    out: torch.nn.Module
+    out: Callable[[torch.Tensor], torch.Tensor]
     heads: int
     head_dim: int
     scale: float
     dropout: float
     norm2: torch.nn.Module
-    mlp: torch.nn.Module
+    mlp: Callable[[torch.Tensor], torch.Tensor]
     ls1: Callable[[torch.Tensor], torch.Tensor] = _identity
     ls2: Callable[[torch.Tensor], torch.Tensor] = _identity
     drop_path: Callable[[torch.Tensor], torch.Tensor] = _identity
     rotate_half: Callable[[torch.Tensor], torch.Tensor] | None = None  # rotary families (DINOv3): the model's own
+    own_attention: bool = False
 
 
 Rows = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) per token, [..., N, 1, D]
@@ -123,6 +125,7 @@ class HFEncoderPatch(TokenStateHandle):
 
     tower: torch.nn.Module | None = None
     parts: Callable[[torch.nn.Module], LayerParts] | None = None
+    own_attention: bool = False  # the layers' LayerParts.own_attention
 
     @property
     def depth(self) -> int:
@@ -173,10 +176,12 @@ def patch_encoder(
     require_class_token(spec, config, num_protected > 0, type(tower).__name__)
     if dense:
         require_merging(spec, f"{type(tower).__name__}'s feature maps")
-    check_maskable(tower, spec, config, layout)
+    own_attention = bool(layers) and parts(layers[0]).own_attention
+    if not own_attention:  # saint's own attention takes any mask
+        check_maskable(tower, spec, config, layout)
     check_static_counts(num_patches, spec, settings, unit="layer")
     handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
-                            parts=parts)
+                            parts=parts, own_attention=own_attention)
     rotary = bool(layers) and parts(layers[0]).rotate_half is not None
     install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
     tower.forward = types.MethodType(backbone_forward if dense else tower_forward, tower)
@@ -365,16 +370,15 @@ def _dropout(p: LayerParts) -> float:
     return p.dropout if p.attn.training else 0.0
 
 
-def _packed_attention(p: LayerParts, x: torch.Tensor, state: TokenState, prop_attn: bool, kernel: str,
-                      rows: Rows | None = None) -> torch.Tensor:
-    """The layer's attention on a packed stream ``[1, T, C]``: its own q/k/v/out
-    projections (q and k rotated by ``rows``) around per-image attention."""
-    t = x.shape[1]
-    q, k, v = (proj(x).reshape(t, p.heads, p.head_dim) for proj in (p.q, p.k, p.v))
-    if rows is not None:
-        rows = (rows[0][0], rows[1][0])
-        q, k = _rotate(p, q, rows), _rotate(p, k, rows)
-    return p.out(packed_attention_of(q, k, v, state, prop_attn, p.scale, _dropout(p), kernel))
+def _parts_attention(p: LayerParts, x: torch.Tensor, state: TokenState, prop_attn: bool, kernel: str,
+                     rows: Rows | None = None) -> torch.Tensor:
+    """The layer's attention on ``x`` (a packed stream ``[1, T, C]``, or a batch): its own
+    q/k/v/out projections (q and k rotated by ``rows``) around attention over each image's
+    real tokens (:func:`~saint.adapters.common.attention_of`)."""
+    b, n = x.shape[:2]
+    q, k, v = (proj(x).reshape(b, n, p.heads, p.head_dim) for proj in (p.q, p.k, p.v))
+    q, k = _rotate(p, q, rows), _rotate(p, k, rows)
+    return p.out(attention_of(q, k, v, state, prop_attn, p.scale, _dropout(p), kernel))
 
 
 def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -400,30 +404,34 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     rows = None  # per-token rotary rows, where saint's own code reads or rotates keys
     if pe is not None and (state.packed or settings is not None):
         rows = _token_rows(pe, state.positions_of(hidden_states), handle.num_protected)
-    if state.packed:
-        normed = p.norm1(hidden_states)
-        x = hidden_states + drop_path_of(p.drop_path, p.ls1(_packed_attention(p, normed, state, prop_attn,
-                                                                              handle.kernel, rows)), state)
+    bias = None if state.packed else state.attn_bias(hidden_states.dtype, prop_attn)
+    if bias is not None and not p.own_attention:
+        _check_maskable_now(p)
+    whole = not state.packed and settings is None and (bias is None or not p.own_attention)  # the layer's own forward
+    if whole:
+        x = type(self).forward(self, hidden_states, *(() if p.own_attention else (bias,)), **kwargs)
     else:
-        bias = state.attn_bias(hidden_states.dtype, prop_attn)
-        if bias is not None:
-            impl = p.attn.config._attn_implementation
-            if impl not in MASKABLE_ATTENTION:
-                raise ValueError(
-                    f"attn_implementation={impl!r} cannot take saint's key mask (padding / ToMe sizes); "
-                    "use attn_implementation='sdpa' or 'eager'"
-                )
-        if settings is None:
-            x = type(self).forward(self, hidden_states, bias, **kwargs)
+        normed = p.norm1(hidden_states)
+        if state.packed or p.own_attention:
+            attn_out = _parts_attention(p, normed, state, prop_attn, handle.kernel, rows)
         else:
-            normed = p.norm1(hidden_states)
             attn_out, _ = p.attn(hidden_states=normed, attention_mask=bias, **kwargs)
-            x = hidden_states + p.drop_path(p.ls1(attn_out))
+        x = hidden_states + drop_path_of(p.drop_path, p.ls1(attn_out), state)
     if settings is not None:
         x = state.apply(x, _select(p, handle, run, index, normed, x, settings, rows))
-    if settings is not None or state.packed:
+    if not whole:
         x = x + drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state)
     return handle.leave_site(index, run, x)
+
+
+def _check_maskable_now(p: LayerParts) -> None:
+    """Refuse an attention implementation chosen after patching that cannot take saint's key mask."""
+    impl = p.attn.config._attn_implementation
+    if impl not in MASKABLE_ATTENTION:
+        raise ValueError(
+            f"attn_implementation={impl!r} cannot take saint's key mask (padding / ToMe sizes); "
+            "use attn_implementation='sdpa' or 'eager'"
+        )
 
 
 def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed: torch.Tensor, x: torch.Tensor,
@@ -473,9 +481,15 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     return x + drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state)
 
 
-def _refuse_packed_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, kwargs: dict[str, Any]) -> None:
-    packs = handle.runs.layout == "packed" and handle.config.pads
-    if packs and kwargs.get("output_attentions", tower.config.output_attentions):
+def _refuse_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, kwargs: dict[str, Any]) -> None:
+    """Refuse ``output_attentions`` where it cannot be what it says: per-image attention of a
+    packed batch, or a tower whose attention saint runs itself (no weights are made)."""
+    if not kwargs.get("output_attentions", tower.config.output_attentions):
+        return
+    if handle.own_attention:
+        raise ValueError(f"a patched {type(tower).__name__} runs its attention through saint's kernel, which "
+                         "makes no attention weights; unpatch it to read output_attentions")
+    if handle.runs.layout == "packed" and handle.config.pads:
         raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
                          "patch with layout='padded' to read attention weights")
 
@@ -485,7 +499,7 @@ def backbone_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     the row of the token it became (:meth:`~saint.adapters.common.TokenState.unmerge`): its
     feature maps lie on the input's grid, and each layer's input is read back from them."""
     handle = self.__dict__[SAINT_ATTR]
-    _refuse_packed_attentions(self, handle, kwargs)
+    _refuse_attentions(self, handle, kwargs)
     with handle.runs.unmerging():
         return type(self).forward(self, *args, **kwargs)
 
@@ -494,7 +508,7 @@ def tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The tower's own forward; while it returns hidden states, every layer's output is
     unpadded (NaN at padding, :meth:`HFEncoderPatch.hidden_state_valid` marks tokens)."""
     handle = self.__dict__[SAINT_ATTR]
-    _refuse_packed_attentions(self, handle, kwargs)
+    _refuse_attentions(self, handle, kwargs)
     if not kwargs.get("output_hidden_states", self.config.output_hidden_states):
         return type(self).forward(self, *args, **kwargs)
     with handle.runs.unpadding():
@@ -502,18 +516,19 @@ def tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 class ProjectionProbe(Probe):
-    """Queries/keys at each layer's attention ``q_proj``/``k_proj`` (both families name
-    them so), hidden states at each encoder layer's output."""
+    """Queries/keys at each layer's query and key projections (its ``parts``), hidden
+    states at each encoder layer's output."""
 
-    def __init__(self, sites: list[Site], num_prefix: int, has_cls: bool) -> None:
+    def __init__(self, sites: list[Site], parts: Callable[[torch.nn.Module], LayerParts], num_prefix: int,
+                 has_cls: bool) -> None:
         self.sites = sites
+        self.parts = parts
         self.num_prefix = num_prefix
         self.has_cls = has_cls
 
     def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
-        attn = self.sites[i].attn
-        return [attn.q_proj.register_forward_hook(save_output(store, "q")),
-                attn.k_proj.register_forward_hook(save_output(store, "k"))]
+        p = self.parts(self.sites[i].block)
+        return [p.q.register_forward_hook(save_output(store, "q")), p.k.register_forward_hook(save_output(store, "k"))]
 
     def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.sites[i].heads
@@ -537,7 +552,7 @@ class ClassFreeTower(FamilyAdapter):
         return 0
 
     def probe(self, model: torch.nn.Module) -> Probe:
-        return ProjectionProbe(self.sites(model), num_prefix=0, has_cls=False)
+        return ProjectionProbe(self.sites(model), self.parts, num_prefix=0, has_cls=False)
 
     def call(self, model: torch.nn.Module, **inputs: Any) -> Any:
         """The tower's output, or the dual encoder's image features (its projection applied)."""

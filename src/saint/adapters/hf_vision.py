@@ -267,7 +267,7 @@ class HFVision(FamilyAdapter):
 
     def probe(self, model: torch.nn.Module) -> Probe:
         has_cls = _is_clip(_tower_of(model))
-        return ProjectionProbe(self.sites(model), num_prefix=int(has_cls), has_cls=has_cls)
+        return ProjectionProbe(self.sites(model), layer_parts, num_prefix=int(has_cls), has_cls=has_cls)
 
 
 

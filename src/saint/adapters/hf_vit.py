@@ -14,7 +14,12 @@ as ``.backbone`` (``DepthAnythingForDepthEstimation``, ``DPTForDepthEstimation``
 ``UperNetForSemanticSegmentation``, ``ZoeDepthForDepthEstimation`` ...), take the
 merging methods only: every layer's output leaves as one row per patch, the row of the token
 it became (ToMe's unmerge), so the feature maps lie on the input's grid and the heads run
-unchanged (:func:`saint.adapters.hf_encoder.backbone_forward`).
+unchanged (:func:`saint.adapters.hf_encoder.backbone_forward`). So does DPT's own ViT
+(``DPTModel``, ViT or hybrid, alone or in ``DPTForDepthEstimation`` /
+``DPTForSemanticSegmentation``: dpt-large, dpt-hybrid-midas): its layers keep transformers'
+older layout (``query``/``key``/``value``, an output module that adds the residual) and its
+attention passes no mask, so saint runs their q/k/v/out itself wherever a layer needs a
+mask or selects (``LayerParts.own_attention``; ``output_attentions`` is refused).
 
 Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
 in the order transformers runs them (pre-norm attention, residual, [selection], pre-norm
@@ -116,6 +121,19 @@ def _dinov3_parts(layer: torch.nn.Module) -> LayerParts:
                       ls2=layer.layer_scale2, drop_path=layer.drop_path, rotate_half=rotate_half)
 
 
+def _dpt_parts(layer: torch.nn.Module) -> LayerParts:
+    """DPT's ViT (transformers' older layout): the attention's ``query``/``key``/``value``,
+    its output's dense layer and dropout; the MLP is the intermediate layer, then the
+    output's dense layer and dropout (the residual that module adds, saint adds). Its
+    attention passes no mask, so saint runs the attention where a layer needs one."""
+    a, out = layer.attention, layer.output
+    s = a.attention
+    return LayerParts(layer.layernorm_before, a, s.query, s.key, s.value,
+                      lambda x: a.output.dropout(a.output.dense(x)), int(s.num_attention_heads),
+                      int(s.attention_head_size), float(s.scaling), float(s.dropout_prob), layer.layernorm_after,
+                      lambda x: out.dropout(out.dense(layer.intermediate(x))), own_attention=True)
+
+
 def _dinov3_mlp_hidden(cfg: Any) -> float:
     """The gated MLP's three matmuls count as 1.5x its width's two."""
     return (1.5 if cfg.use_gated_mlp else 1.0) * int(cfg.intermediate_size)
@@ -135,6 +153,7 @@ def _families() -> list[Family]:
     from transformers.models.dinov2 import modeling_dinov2 as d
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
     from transformers.models.dinov3_vit import modeling_dinov3_vit as d3
+    from transformers.models.dpt import modeling_dpt as dpt
     from transformers.models.ijepa import modeling_ijepa as ijepa
     from transformers.models.vit import modeling_vit as vit
     from transformers.models.vit_msn import modeling_vit_msn as msn
@@ -166,6 +185,9 @@ def _families() -> list[Family]:
         Family("dinov3_backbone", d3.DINOv3ViTBackbone, {}, d3.DINOv3ViTLayer, d3.DINOv3ViTAttention,
                "model.layer", _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden,
                dense=True),
+        Family("dpt", dpt.DPTModel, {dpt.DPTForDepthEstimation: "dpt", dpt.DPTForSemanticSegmentation: "dpt"},
+               dpt.DPTViTLayer, dpt.DPTViTAttention, "encoder.layer", _dpt_parts, lambda cfg: 1,
+               lambda cfg: cfg.intermediate_size, dense=True),
     ]
 
 
@@ -186,7 +208,8 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2 or I-JEPA model, got {type(model).__name__}")
+        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA or DPT model, "
+                        f"got {type(model).__name__}")
     return found
 
 
@@ -259,7 +282,7 @@ class HFViT(FamilyAdapter):
 
     def probe(self, model: torch.nn.Module) -> Probe:
         protected = self.protected(model)
-        return ProjectionProbe(self.sites(model), num_prefix=protected, has_cls=protected > 0)
+        return ProjectionProbe(self.sites(model), _found(model)[0].parts, num_prefix=protected, has_cls=protected > 0)
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         return model(pixel_values=inputs)
@@ -273,7 +296,9 @@ class HFViT(FamilyAdapter):
             return hf_mean_head.embed(model, lambda: self.forward(model, inputs))
         if family.dense:  # a dense output: the head's prediction (depth, or logits per pixel), else the last map
             out = self.forward(model, inputs)
-            dense = out.feature_maps[-1] if tower is model else getattr(out, "predicted_depth", None)
+            maps = getattr(out, "feature_maps", None)  # a backbone; DPTModel: its last hidden state
+            dense = ((out.last_hidden_state if maps is None else maps[-1]) if tower is model
+                     else getattr(out, "predicted_depth", None))
             return (out.logits if dense is None else dense).flatten(1), None
         seen: dict[str, Any] = {}
         caller = threading.get_ident()  # another thread's call on the same model fires this hook too
