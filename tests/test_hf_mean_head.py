@@ -1,5 +1,5 @@
 """Hugging Face classifiers that average their tower's tokens (CLIP, MetaCLIP 2, SigLIP,
-DINOv2 with and without registers, I-JEPA): the model's own forward runs and its
+Siglip2, DINOv2 with and without registers, I-JEPA): the model's own forward runs and its
 classifier reads each image's mean over the original patches of the token each became."""
 
 from __future__ import annotations
@@ -197,3 +197,73 @@ def test_a_subclass_pools_as_its_base(images):
         want, got = base(pixel_values=images).logits, mine(pixel_values=images).logits
     assert saint.stats(mine).layout == "packed" and bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def siglip2_classifier() -> torch.nn.Module:
+    """A tiny ``Siglip2ForImageClassification`` on test_hf_siglip2's tower (NaFlex inputs)."""
+    from .test_hf_siglip2 import make as make_siglip2
+
+    tower = make_siglip2()
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    cfg = transformers.Siglip2Config(text_config=text, vision_config=tower.config.to_dict(), num_labels=5)
+    model = transformers.Siglip2ForImageClassification(cfg).eval()
+    model.vision_model.load_state_dict(tower.state_dict())
+    return model
+
+
+SIGLIP2_METHODS = [("tome", dict(r=1)), ("saint_match", dict(tau=0.2, fraction=0.5)),
+                   ("saint", dict(tau=0.3, k=1, layers=[0, 1]))]
+
+
+@pytest.mark.parametrize("method,kw", SIGLIP2_METHODS, ids=[m for m, _ in SIGLIP2_METHODS])
+def test_siglip2s_classifier_reads_the_mean_of_what_every_patch_became(method, kw):
+    """Siglip2's forward averages under the input's padding mask; inside its call saint pools
+    each image's real tokens instead (the model's own mean, of zeros, is never read). A
+    padded NaFlex batch, with tokens merged or dropped, scores each image as alone, and the
+    features are the mean over each image's original patches of the token each became."""
+    from saint.adapters import hf_siglip2
+
+    from .test_hf_siglip2 import images as siglip2_images
+    from .test_hf_siglip2 import naflex
+
+    model, imgs = siglip2_classifier(), siglip2_images()
+    inputs = naflex(imgs)
+    adapter = find_adapter(model)
+    saint.patch(model, method, trace=True, **kw)
+    features, logits = adapter.embed(model, inputs)
+    assert saint.stats(model).layout == "packed" and bool(torch.isfinite(logits).all())
+    with torch.no_grad():
+        hidden = get_handle(model).tower(**inputs).last_hidden_state
+        labels = torch.tensor([0, 3, 4])
+        out = model(**inputs, labels=labels)
+    origin = get_handle(model).origins()[-1]
+    want = torch.stack([hidden[i, origin[i][origin[i] >= 0]].mean(dim=0) for i in range(len(imgs))])
+    torch.testing.assert_close(features, want, **TOL)
+    torch.testing.assert_close(out.logits, logits, **TOL)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, labels), **TOL)
+    for i, img in enumerate(imgs):  # alone: every patch real, the batch of one rectangular
+        with torch.no_grad():
+            alone = model(**hf_siglip2.patchify(img, 4)).logits
+        torch.testing.assert_close(logits[i], alone[0], **TOL)
+
+
+def test_siglip2s_classifier_with_nothing_to_prune():
+    """Unpadded images: the model's own masked mean, bit for bit. A padded batch: saint pools
+    the real patches (the packed batch never computes padding), as the model's mask does."""
+    from saint.adapters import hf_siglip2
+
+    from .test_hf_siglip2 import images as siglip2_images
+    from .test_hf_siglip2 import naflex
+
+    model, imgs = siglip2_classifier(), siglip2_images()
+    square = hf_siglip2.patchify(torch.cat([imgs[0], imgs[0].flip(-1)]), 4)
+    with torch.no_grad():
+        ref_square, ref_padded = model(**square).logits, model(**naflex(imgs)).logits
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(model(**square).logits, ref_square)
+        torch.testing.assert_close(model(**naflex(imgs)).logits, ref_padded, **TOL)
+        saint.unpatch(model)
+        assert "forward" not in model.__dict__ and not model.vision_model._forward_hooks
+        assert torch.equal(model(**naflex(imgs)).logits, ref_padded)

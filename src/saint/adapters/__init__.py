@@ -54,7 +54,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 
-REFUSED: dict[str, str] = {**hf_vit.REFUSED, **hf_vision.REFUSED, **qwen_vl.REFUSED}  # class name -> why saint does not patch it, and what to do
+REFUSED: dict[str, str] = {**hf_vit.REFUSED, **qwen_vl.REFUSED}  # class name -> why saint does not patch it, and what to do
 
 __all__ = ["ADAPTERS", "Adapter", "Grid", "Handle", "Probe", "Site", "find_adapter", "handle_of"]
 

@@ -203,7 +203,8 @@ def unpatch_encoder(tower: torch.nn.Module) -> HFEncoderPatch:
 @dataclass(frozen=True)
 class TowerClasses:
     """Where a transformers vision family keeps its classes: the tower, the dual encoder
-    that holds it as ``vision_model``, its encoder layer, attention and pooling head."""
+    that holds it as ``vision_model``, its encoder layer, attention and pooling head, and
+    the image classifier that holds it as ``vision_model`` (if the family has one)."""
 
     module: str
     tower: str
@@ -211,6 +212,10 @@ class TowerClasses:
     layer: str
     attn: str
     head: str
+    classifier: str | None = None
+
+    def _wrappers(self, m: Any) -> tuple[type, ...]:
+        return (getattr(m, self.dual), *(() if self.classifier is None else (getattr(m, self.classifier),)))
 
     def _module(self) -> Any:
         try:
@@ -223,11 +228,11 @@ class TowerClasses:
         if sys.modules.get("transformers") is None:  # a transformers model implies it is imported
             return False
         m = self._module()
-        return m is not None and isinstance(model, (getattr(m, self.tower), getattr(m, self.dual)))
+        return m is not None and isinstance(model, (getattr(m, self.tower), *self._wrappers(m)))
 
     def tower_of(self, model: torch.nn.Module) -> torch.nn.Module:
         m = self._module()
-        return model.vision_model if m is not None and isinstance(model, getattr(m, self.dual)) else model
+        return model.vision_model if m is not None and isinstance(model, self._wrappers(m)) else model
 
     def patch(self, model: torch.nn.Module, parts: Callable[[torch.nn.Module], LayerParts], num_protected: int,
               num_patches: int, head_forward: Callable[..., Any], method: str | MethodSpec,
@@ -555,8 +560,9 @@ class ClassFreeTower(FamilyAdapter):
         return ProjectionProbe(self.sites(model), self.parts, num_prefix=0, has_cls=False)
 
     def call(self, model: torch.nn.Module, **inputs: Any) -> Any:
-        """The tower's output, or the dual encoder's image features (its projection applied)."""
-        if self.classes.tower_of(model) is not model:
+        """The tower's or the classifier's output, or the dual encoder's image features (its
+        projection applied)."""
+        if self.classes.tower_of(model) is not model and not hf_mean_head.averages_tokens(model):
             return model.get_image_features(**inputs)
         return model(**inputs)
 

@@ -1,8 +1,7 @@
 """Hugging Face image classifiers whose head averages the tower's tokens
 (``CLIPForImageClassification``, ``MetaClip2ForImageClassification``,
-``SiglipForImageClassification``, ``IJepaForImageClassification``, and DINOv2's, which puts
-the class token before the mean). Siglip2's is refused: its forward masks the mean with the
-input's padding mask, which no longer lines up with the tokens once any are removed.
+``SiglipForImageClassification``, ``Siglip2ForImageClassification``,
+``IJepaForImageClassification``, and DINOv2's, which puts the class token before the mean).
 
 The model's own ``forward`` runs (its tower, classifier, loss and output); after a step
 that pads or merges, its plain mean over the padded positions would average padding (NaN
@@ -16,7 +15,11 @@ Pieces, all per instance and removed on unpatch: the classifier model's ``forwar
 a slot for its call (its class's own ``forward`` inside), a forward hook on the tower puts
 the call's ``last_hidden_state`` there, and a forward pre-hook on ``classifier`` replaces
 its input with the weighted mean. Outside such a call (the tower or the classifier called
-on their own) nothing is replaced.
+on their own) nothing is replaced. Siglip2's forward averages under the input's
+``pixel_attention_mask`` before its classifier, which no longer lines up with the tokens
+once any are removed (and would read NaN padding): inside its call, when saint pools, the
+tower hands it zeros of the mask's length in place of ``last_hidden_state`` (the classifier
+output does not return it), and the pre-hook replaces the mean of them.
 """
 
 from __future__ import annotations
@@ -36,10 +39,14 @@ MEAN_HEADS: dict[str, bool] = {
     "CLIPForImageClassification": False,
     "MetaClip2ForImageClassification": False,
     "SiglipForImageClassification": False,
+    "Siglip2ForImageClassification": False,
     "IJepaForImageClassification": False,
     "Dinov2ForImageClassification": True,
     "Dinov2WithRegistersForImageClassification": True,
 }
+
+# heads whose forward averages under the input's pixel_attention_mask (see the module's docstring)
+MASKED_MEANS = ("Siglip2ForImageClassification",)
 
 _CALLS = "_saint_mean_head_calls"  # where the model, its tower and its classifier keep the :class:`_Calls`
 
@@ -68,10 +75,14 @@ def install(model: torch.nn.Module, tower: torch.nn.Module, handle: TokenStateHa
     ``__dict__``, not in closures, so a deep copy of the model carries its own."""
     if not averages_tokens(model):
         return
-    calls = _Calls(handle, MEAN_HEADS[_head_class(model)])
+    head = _head_class(model)
+    calls = _Calls(handle, MEAN_HEADS[head])
     for module in (model, tower, model.classifier):
         module.__dict__[_CALLS] = calls
-    handle.hooks.append(tower.register_forward_hook(_keep))
+    if head in MASKED_MEANS:
+        handle.hooks.append(tower.register_forward_hook(_keep_for_masked_mean, with_kwargs=True))
+    else:
+        handle.hooks.append(tower.register_forward_hook(_keep))
     handle.hooks.append(model.classifier.register_forward_pre_hook(_replace))
     handle.hooked.append(Hooked(model, _classifier, model.classifier, f"{type(model).__name__}'s classifier"))
     model.forward = types.MethodType(_classifier_forward, model)
@@ -89,8 +100,9 @@ def uninstall(model: torch.nn.Module) -> None:
 
 
 class _Calls(dict):
-    """Thread id -> the tower's output in that thread's call of the classifier model (None
-    until the tower returns), with the handle and whether the class token goes first."""
+    """Thread id -> the tower's output and its positions' token weights in that thread's call
+    of the classifier model (None until the tower returns), with the handle and whether the
+    class token goes first."""
 
     def __init__(self, handle: TokenStateHandle, with_cls: bool) -> None:
         super().__init__()
@@ -114,23 +126,46 @@ def _classifier_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any
 
 
 def _keep(tower: torch.nn.Module, args: Any, out: Any) -> None:
-    """Forward hook on the tower: its output, for this thread's call of the classifier model."""
+    """Forward hook on the tower: its output and how many tokens each of its positions
+    stands for, for this thread's call of the classifier model."""
     calls = tower.__dict__[_CALLS]
     slot = threading.get_ident()
     if slot in calls:
-        calls[slot] = out.last_hidden_state
+        calls[slot] = (out.last_hidden_state, calls.handle.output_weights())
+
+
+def _keep_for_masked_mean(tower: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    """:func:`_keep` for a head that averages under ``pixel_attention_mask``. Its own masked
+    mean can only run where the output still lines up with the mask and holds no padding;
+    elsewhere saint pools (each position one token where none merged), and the model's mean
+    gets zeros of the mask's length (finite, and shaped as the mask) in place of the pruned
+    ``last_hidden_state``."""
+    calls = tower.__dict__[_CALLS]
+    slot = threading.get_ident()
+    if slot not in calls:
+        return None
+    hidden, weights = out.last_hidden_state, calls.handle.output_weights()
+    mask = kwargs.get("pixel_attention_mask", args[1] if len(args) > 1 else None)
+    length = hidden.shape[1] if mask is None else mask.shape[1]
+    if weights is None and length == hidden.shape[1]:
+        calls[slot] = (hidden, None)
+        return None
+    if weights is None:  # tokens dropped from a batch left rectangular: each position one token
+        weights = hidden.new_ones(hidden.shape[:2])
+    calls[slot] = (hidden, weights)
+    return type(out)(**{**out, "last_hidden_state": hidden.new_zeros(hidden.shape[0], length, hidden.shape[2])})
 
 
 def _replace(classifier: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """Forward pre-hook on the classifier: the real tokens' weighted mean in place of the
     model's plain one, inside the model's call once its tower has run and pruned."""
     calls = classifier.__dict__[_CALLS]
-    hidden = calls.get(threading.get_ident())
-    if hidden is None:  # not inside the model's call, or its tower has not run
+    kept = calls.get(threading.get_ident())
+    if kept is None:  # not inside the model's call, or its tower has not run
         return None
     calls[threading.get_ident()] = None
-    handle = calls.handle
-    pooled = mean_of_real_tokens(hidden, handle.output_weights(), handle.num_protected, calls.with_cls)
+    hidden, weights = kept
+    pooled = mean_of_real_tokens(hidden, weights, calls.handle.num_protected, calls.with_cls)
     if pooled is None:
         return None
     if args[0].shape != pooled.shape:

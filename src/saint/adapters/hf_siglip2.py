@@ -1,6 +1,7 @@
-"""Hugging Face Siglip2 (transformers 5): ``Siglip2VisionModel`` and the vision tower of
+"""Hugging Face Siglip2 (transformers 5): ``Siglip2VisionModel``, the vision tower of
 the dual encoder ``Siglip2Model`` (image features and image-text logits pruned, the text
-side untouched).
+side untouched) and ``Siglip2ForImageClassification`` (its classifier reads each image's
+mean over its real tokens, size-weighted: :mod:`saint.adapters.hf_mean_head`).
 
 Siglip2 takes NaFlex inputs: each image patchified at its own aspect ratio
 (``spatial_shapes [B, 2]``), padded to ``max_num_patches`` and marked by
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from ..methods import MethodSpec
+from . import hf_mean_head
 from .base import Grid, batch_to, select_at_of, vit_block_flops
 from .common import SAINT_ATTR
 from .hf_encoder import (
@@ -45,7 +47,8 @@ INPUT_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 
 
 CLASSES = TowerClasses("transformers.models.siglip2.modeling_siglip2", "Siglip2VisionModel", "Siglip2Model",
-                       "Siglip2EncoderLayer", "Siglip2Attention", "Siglip2MultiheadAttentionPoolingHead")
+                       "Siglip2EncoderLayer", "Siglip2Attention", "Siglip2MultiheadAttentionPoolingHead",
+                       "Siglip2ForImageClassification")
 matches = CLASSES.matches
 _tower_of = CLASSES.tower_of
 
@@ -136,6 +139,8 @@ class HFSiglip2(ClassFreeTower):
         return self.call(model, **_as_inputs(model, inputs))
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if hf_mean_head.averages_tokens(model):  # the classifier: the features it reads, and its logits
+            return hf_mean_head.embed(model, lambda: self.forward(model, inputs))
         return self.forward(model, inputs).pooler_output, None
 
     def check_inputs(self, inputs: Any) -> None:

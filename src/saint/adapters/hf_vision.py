@@ -8,7 +8,7 @@ Chinese-CLIP's ``ChineseCLIPVisionModel`` / ``ChineseCLIPModel`` and AltCLIP's
 names); the image classifiers ``CLIPForImageClassification``,
 ``MetaClip2ForImageClassification`` and ``SiglipForImageClassification``, whose head
 averages the tower's tokens (it reads each image's real ones, size-weighted:
-:mod:`saint.adapters.hf_mean_head`; Siglip2's is refused, ``REFUSED``); also the vision
+:mod:`saint.adapters.hf_mean_head`; Siglip2's: :mod:`saint.adapters.hf_siglip2`); also the vision
 tower inside ``LlavaForConditionalGeneration`` (``model.model.vision_tower``).
 
 Each encoder layer's ``forward`` is wrapped per instance: the layer's own modules
@@ -68,15 +68,6 @@ from .hf_encoder import (
     unpatch_encoder,
     unpatch_tower_of,
 )
-
-# a classifier that holds a supported tower but whose own forward cannot run on a pruned one
-REFUSED = {
-    "Siglip2ForImageClassification":
-        "its classifier averages last_hidden_state under the input's pixel_attention_mask, which no longer "
-        "lines up once tokens are removed; patch its .vision_model and pool the real tokens with "
-        "saint.per_image(out, saint.token_mask(m)), weighted by saint.token_sizes(m) after merging",
-}
-
 
 # CLIP's architecture under other class names: (module, tower, tower with projection, dual
 # encoder, classifier, encoder layer, attention); MetaCLIP 2, Chinese-CLIP and AltCLIP (whose
