@@ -88,6 +88,7 @@ class LayerParts:
     drop_path: Callable[[torch.Tensor], torch.Tensor] = _identity
     rotate_half: Callable[[torch.Tensor], torch.Tensor] | None = None  # rotary families (DINOv3): the model's own
     own_attention: bool = False
+    branch_first: bool = False  # the layer adds its residual as ``branch + x`` (transformers' older ViT layout)
 
 
 Rows = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) per token, [..., N, 1, D]
@@ -421,12 +422,19 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
             attn_out = _parts_attention(p, normed, state, prop_attn, handle.kernel, rows)
         else:
             attn_out, _ = p.attn(hidden_states=normed, attention_mask=bias, **kwargs)
-        x = hidden_states + drop_path_of(p.drop_path, p.ls1(attn_out), state)
+        x = _residual(p, hidden_states, drop_path_of(p.drop_path, p.ls1(attn_out), state))
     if settings is not None:
         x = state.apply(x, _select(p, handle, run, index, normed, x, settings, rows))
     if not whole:
-        x = x + drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state)
+        x = _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
     return handle.leave_site(index, run, x)
+
+
+def _residual(p: LayerParts, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch`` in the layer's own order: the sum is the same, but its memory layout
+    follows the first operand, and a mean over tokens of a non-contiguous output (VideoMAE's
+    embeddings are a transposed view) sums in another order."""
+    return branch + x if p.branch_first else x + branch
 
 
 def _check_maskable_now(p: LayerParts) -> None:
@@ -482,8 +490,8 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     rows = _token_rows(pe, state.positions_of(x), npt)  # the survivors' rows
     q, k = _rotate(p, q, rows), _rotate(p, k, rows)
     attn = attention_of(q, k, v, state, handle.config.size_bias, p.scale, _dropout(p), handle.kernel)
-    x = x + drop_path_of(p.drop_path, p.ls1(p.out(attn)), state)
-    return x + drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state)
+    x = _residual(p, x, drop_path_of(p.drop_path, p.ls1(p.out(attn)), state))
+    return _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
 
 
 def _refuse_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, kwargs: dict[str, Any]) -> None:

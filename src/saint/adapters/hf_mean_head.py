@@ -1,7 +1,8 @@
 """Hugging Face image classifiers whose head averages the tower's tokens
 (``CLIPForImageClassification``, ``MetaClip2ForImageClassification``,
 ``SiglipForImageClassification``, ``Siglip2ForImageClassification``,
-``IJepaForImageClassification``, and DINOv2's, which puts the class token before the mean).
+``IJepaForImageClassification``, DINOv2's, which puts the class token before the mean, and
+the video classifier ``VideoMAEForVideoClassification``, whose ``fc_norm`` reads the mean).
 
 The model's own ``forward`` runs (its tower, classifier, loss and output); after a step
 that pads or merges, its plain mean over the padded positions would average padding (NaN
@@ -13,8 +14,8 @@ whole the classifier gets the model's own input, untouched.
 
 Pieces, all per instance and removed on unpatch: the classifier model's ``forward`` opens
 a slot for its call (its class's own ``forward`` inside), a forward hook on the tower puts
-the call's ``last_hidden_state`` there, and a forward pre-hook on ``classifier`` replaces
-its input with the weighted mean. Outside such a call (the tower or the classifier called
+the call's ``last_hidden_state`` there, and a forward pre-hook on the module that reads the
+mean (``classifier``; VideoMAE's ``fc_norm``) replaces its input with the weighted mean. Outside such a call (the tower or the classifier called
 on their own) nothing is replaced. Siglip2's forward averages under the input's
 ``pixel_attention_mask`` before its classifier, which no longer lines up with the tokens
 once any are removed (and would read NaN padding): inside its call, when saint pools, the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import threading
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,38 +36,56 @@ import torch
 from .base import TokenStateHandle, refuse_foreign_forwards
 from .common import Hooked
 
-# classifier class -> whether the class token goes before the mean (DINOv2's head)
-MEAN_HEADS: dict[str, bool] = {
-    "CLIPForImageClassification": False,
-    "MetaClip2ForImageClassification": False,
-    "SiglipForImageClassification": False,
-    "Siglip2ForImageClassification": False,
-    "IJepaForImageClassification": False,
-    "Dinov2ForImageClassification": True,
-    "Dinov2WithRegistersForImageClassification": True,
+
+@dataclass(frozen=True)
+class MeanHead:
+    """How a classifier averages its tower's tokens: ``with_cls``, the class token goes
+    before the mean (DINOv2's); ``reader``, the attribute of the module that reads the mean
+    (VideoMAE's ``fc_norm``, then its classifier); ``masked``, the forward averages under the
+    input's ``pixel_attention_mask`` (Siglip2's)."""
+
+    with_cls: bool = False
+    reader: str = "classifier"
+    masked: bool = False
+
+
+MEAN_HEADS: dict[str, MeanHead] = {
+    "CLIPForImageClassification": MeanHead(),
+    "MetaClip2ForImageClassification": MeanHead(),
+    "SiglipForImageClassification": MeanHead(),
+    "Siglip2ForImageClassification": MeanHead(masked=True),
+    "IJepaForImageClassification": MeanHead(),
+    "Dinov2ForImageClassification": MeanHead(with_cls=True),
+    "Dinov2WithRegistersForImageClassification": MeanHead(with_cls=True),
+    "VideoMAEForVideoClassification": MeanHead(reader="fc_norm"),
 }
 
-# heads whose forward averages under the input's pixel_attention_mask (see the module's docstring)
-MASKED_MEANS = ("Siglip2ForImageClassification",)
-
-_CALLS = "_saint_mean_head_calls"  # where the model, its tower and its classifier keep the :class:`_Calls`
+_CALLS = "_saint_mean_head_calls"  # where the model, its tower and its reader keep the :class:`_Calls`
 
 
-def _head_class(model: torch.nn.Module) -> str | None:
-    """The name of the classifier class of :data:`MEAN_HEADS` that ``model`` is (or subclasses)."""
-    return next((c.__name__ for c in type(model).__mro__ if c.__name__ in MEAN_HEADS), None)
+def _head(model: torch.nn.Module) -> MeanHead | None:
+    """How ``model`` averages, if it is (or subclasses) a classifier of :data:`MEAN_HEADS`."""
+    return next((MEAN_HEADS[c.__name__] for c in type(model).__mro__ if c.__name__ in MEAN_HEADS), None)
 
 
 def averages_tokens(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is (or subclasses) one of the classifiers that average their tower's tokens."""
-    return _head_class(model) is not None
+    """Whether ``model`` is (or subclasses) one of the classifiers that average their tower's
+    tokens (and is configured to: VideoMAE's may read position 0 instead)."""
+    head = _head(model)
+    return head is not None and getattr(model, head.reader, None) is not None
 
 
 def check(model: torch.nn.Module) -> None:
     """Refuse, before anything is patched, a classifier whose ``forward`` another library
-    replaced per instance (saint's would drop it)."""
-    if averages_tokens(model):
-        refuse_foreign_forwards({type(model).__name__: model})
+    replaced per instance (saint's would drop it), or one that reads position 0 of a tower
+    without a class token (a patch that pruning merges, drops or pads)."""
+    head = _head(model)
+    if head is None:
+        return
+    if getattr(model, head.reader, None) is None:
+        raise TypeError(f"this {type(model).__name__} classifies position 0 (no mean pooling), a patch that pruning "
+                        "merges, drops or pads; saint supports it with mean pooling (use_mean_pooling=True)")
+    refuse_foreign_forwards({type(model).__name__: model})
 
 
 def install(model: torch.nn.Module, tower: torch.nn.Module, handle: TokenStateHandle) -> None:
@@ -75,16 +95,17 @@ def install(model: torch.nn.Module, tower: torch.nn.Module, handle: TokenStateHa
     ``__dict__``, not in closures, so a deep copy of the model carries its own."""
     if not averages_tokens(model):
         return
-    head = _head_class(model)
-    calls = _Calls(handle, MEAN_HEADS[head])
-    for module in (model, tower, model.classifier):
+    head = _head(model)
+    reader = _reader(model)
+    calls = _Calls(handle, head.with_cls)
+    for module in (model, tower, reader):
         module.__dict__[_CALLS] = calls
-    if head in MASKED_MEANS:
+    if head.masked:
         handle.hooks.append(tower.register_forward_hook(_keep_for_masked_mean, with_kwargs=True))
     else:
         handle.hooks.append(tower.register_forward_hook(_keep))
-    handle.hooks.append(model.classifier.register_forward_pre_hook(_replace))
-    handle.hooked.append(Hooked(model, _classifier, model.classifier, f"{type(model).__name__}'s classifier"))
+    handle.hooks.append(reader.register_forward_pre_hook(_replace))
+    handle.hooked.append(Hooked(model, _reader, reader, f"{type(model).__name__}'s {head.reader}"))
     model.forward = types.MethodType(_classifier_forward, model)
 
 
@@ -94,7 +115,7 @@ def uninstall(model: torch.nn.Module) -> None:
     if calls is None:
         return
     model.__dict__.pop("forward", None)
-    for module in (model.classifier, getattr(calls.handle, "tower", None)):
+    for module in (_reader(model), getattr(calls.handle, "tower", None)):
         if module is not None and module.__dict__.get(_CALLS) is calls:
             del module.__dict__[_CALLS]
 
@@ -110,8 +131,9 @@ class _Calls(dict):
         self.with_cls = with_cls
 
 
-def _classifier(model: torch.nn.Module) -> torch.nn.Module:
-    return model.classifier
+def _reader(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that reads ``model``'s mean (its classifier, or VideoMAE's ``fc_norm``)."""
+    return getattr(model, _head(model).reader)  # type: ignore[union-attr]
 
 
 def _classifier_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -156,10 +178,10 @@ def _keep_for_masked_mean(tower: torch.nn.Module, args: tuple[Any, ...], kwargs:
     return type(out)(**{**out, "last_hidden_state": hidden.new_zeros(hidden.shape[0], length, hidden.shape[2])})
 
 
-def _replace(classifier: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Forward pre-hook on the classifier: the real tokens' weighted mean in place of the
-    model's plain one, inside the model's call once its tower has run and pruned."""
-    calls = classifier.__dict__[_CALLS]
+def _replace(reader: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook on the module that reads the mean: the real tokens' weighted mean in
+    place of the model's plain one, inside the model's call once its tower has run and pruned."""
+    calls = reader.__dict__[_CALLS]
     kept = calls.get(threading.get_ident())
     if kept is None:  # not inside the model's call, or its tower has not run
         return None
@@ -169,7 +191,7 @@ def _replace(classifier: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
     if pooled is None:
         return None
     if args[0].shape != pooled.shape:
-        raise RuntimeError(f"the classifier got {tuple(args[0].shape)} features where saint pooled "
+        raise RuntimeError(f"the {type(reader).__name__} got {tuple(args[0].shape)} features where saint pooled "
                            f"{tuple(pooled.shape)}; the model's head is not the one saint supports")
     return (pooled, *args[1:])
 
@@ -200,7 +222,7 @@ def embed(model: torch.nn.Module, forward: Callable[[], Any]) -> tuple[torch.Ten
         if threading.get_ident() == caller:
             seen.setdefault("features", args[0])
 
-    hook = model.classifier.register_forward_pre_hook(keep)  # after saint's: it sees what the classifier reads
+    hook = _reader(model).register_forward_pre_hook(keep)  # after saint's: it sees what the reader reads
     try:
         out = forward()
     finally:

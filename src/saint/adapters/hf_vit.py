@@ -19,7 +19,9 @@ unchanged (:func:`saint.adapters.hf_encoder.backbone_forward`). So does DPT's ow
 ``DPTForSemanticSegmentation``: dpt-large, dpt-hybrid-midas): its layers keep transformers'
 older layout (``query``/``key``/``value``, an output module that adds the residual) and its
 attention passes no mask, so saint runs their q/k/v/out itself wherever a layer needs a
-mask or selects (``LayerParts.own_attention``; ``output_attentions`` is refused).
+mask or selects (``LayerParts.own_attention``; ``output_attentions`` is refused). VideoMAE
+(``VideoMAEModel``, ``VideoMAEForVideoClassification``, whose ``fc_norm`` reads the mean) has
+the same layers over a clip's tubelets, no class token; video batches ``[N, T, 3, H, W]``.
 
 Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
 in the order transformers runs them (pre-norm attention, residual, [selection], pre-norm
@@ -72,6 +74,8 @@ REFUSED = {
     name: reason for names, reason in [
         (("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"),
          "masked image modeling reconstructs every patch; prune a ViTModel / DeiTModel instead"),
+        (("VideoMAEForPreTraining",),
+         "its decoder reconstructs every masked tubelet; prune a VideoMAEModel or VideoMAEForVideoClassification"),
     ] for name in names
 }
 
@@ -121,17 +125,18 @@ def _dinov3_parts(layer: torch.nn.Module) -> LayerParts:
                       ls2=layer.layer_scale2, drop_path=layer.drop_path, rotate_half=rotate_half)
 
 
-def _dpt_parts(layer: torch.nn.Module) -> LayerParts:
-    """DPT's ViT (transformers' older layout): the attention's ``query``/``key``/``value``,
-    its output's dense layer and dropout; the MLP is the intermediate layer, then the
-    output's dense layer and dropout (the residual that module adds, saint adds). Its
-    attention passes no mask, so saint runs the attention where a layer needs one."""
+def _legacy_vit_parts(layer: torch.nn.Module) -> LayerParts:
+    """ViT layers in transformers' older layout (DPT, VideoMAE): the attention's
+    ``query``/``key``/``value``, its output's dense layer and dropout; the MLP is the
+    intermediate layer, then the output's dense layer and dropout (the residual that module
+    adds, saint adds). Its attention passes no mask, so saint runs the attention where a
+    layer needs one."""
     a, out = layer.attention, layer.output
     s = a.attention
     return LayerParts(layer.layernorm_before, a, s.query, s.key, s.value,
                       lambda x: a.output.dropout(a.output.dense(x)), int(s.num_attention_heads),
                       int(s.attention_head_size), float(s.scaling), float(s.dropout_prob), layer.layernorm_after,
-                      lambda x: out.dropout(out.dense(layer.intermediate(x))), own_attention=True)
+                      lambda x: out.dropout(out.dense(layer.intermediate(x))), own_attention=True, branch_first=True)
 
 
 def _dinov3_mlp_hidden(cfg: Any) -> float:
@@ -155,6 +160,7 @@ def _families() -> list[Family]:
     from transformers.models.dinov3_vit import modeling_dinov3_vit as d3
     from transformers.models.dpt import modeling_dpt as dpt
     from transformers.models.ijepa import modeling_ijepa as ijepa
+    from transformers.models.videomae import modeling_videomae as vm
     from transformers.models.vit import modeling_vit as vit
     from transformers.models.vit_msn import modeling_vit_msn as msn
 
@@ -186,8 +192,11 @@ def _families() -> list[Family]:
                "model.layer", _dinov3_parts, lambda cfg: 1 + int(cfg.num_register_tokens), _dinov3_mlp_hidden,
                dense=True),
         Family("dpt", dpt.DPTModel, {dpt.DPTForDepthEstimation: "dpt", dpt.DPTForSemanticSegmentation: "dpt"},
-               dpt.DPTViTLayer, dpt.DPTViTAttention, "encoder.layer", _dpt_parts, lambda cfg: 1,
+               dpt.DPTViTLayer, dpt.DPTViTAttention, "encoder.layer", _legacy_vit_parts, lambda cfg: 1,
                lambda cfg: cfg.intermediate_size, dense=True),
+        Family("videomae", vm.VideoMAEModel, {vm.VideoMAEForVideoClassification: "videomae"}, vm.VideoMAELayer,
+               vm.VideoMAEAttention, "encoder.layer", _legacy_vit_parts, lambda cfg: 0,
+               lambda cfg: cfg.intermediate_size),
     ]
 
 
@@ -208,7 +217,7 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA or DPT model, "
+        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, DPT or VideoMAE model, "
                         f"got {type(model).__name__}")
     return found
 
@@ -250,12 +259,17 @@ def unpatch(model: torch.nn.Module) -> None:
 
 def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
     """The patch grid of ``inputs`` (DINOv2 interpolates its positions, ViT/DeiT with
-    ``interpolate_pos_encoding=True``), else of the configured image size."""
-    p = int(tower.config.patch_size)
+    ``interpolate_pos_encoding=True``), else of the configured image size. A video's
+    (VideoMAE: ``[N, T, 3, H, W]``, tubelets of ``tubelet_size`` frames) stacks its tubelet
+    frames' grids row-wise, as its tokens lie."""
+    cfg = tower.config
+    p = int(cfg.patch_size)
+    tubelet = getattr(cfg, "tubelet_size", None)
     if inputs is None:
-        g = int(tower.config.image_size) // p
-        return Grid(g, g, (p, p))
-    return Grid(int(inputs.shape[-2]) // p, int(inputs.shape[-1]) // p, (p, p))
+        g = int(cfg.image_size) // p
+        return Grid(g * (1 if tubelet is None else int(cfg.num_frames) // int(tubelet)), g, (p, p))
+    frames = 1 if tubelet is None else int(inputs.shape[1]) // int(tubelet)
+    return Grid(frames * (int(inputs.shape[-2]) // p), int(inputs.shape[-1]) // p, (p, p))
 
 
 class HFViT(FamilyAdapter):
@@ -286,6 +300,12 @@ class HFViT(FamilyAdapter):
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         return model(pixel_values=inputs)
+
+    def check_inputs(self, inputs: Any) -> None:
+        """Image batches ``[N, 3, H, W]``, or video batches ``[N, T, 3, H, W]`` (VideoMAE)."""
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 5 and inputs.shape[0] >= 1:
+            return super().check_inputs(inputs.flatten(0, 1))
+        return super().check_inputs(inputs)
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The encoder's final normed class token (without one, I-JEPA: the mean of its real

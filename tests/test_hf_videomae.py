@@ -1,0 +1,128 @@
+"""Hugging Face VideoMAE (``VideoMAEModel``, ``VideoMAEForVideoClassification``): a ViT over
+a video's tubelets (no class token, every token prunable) in transformers' older layer
+layout, whose classifier averages the tokens before its ``fc_norm``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import saint  # noqa: E402
+from saint.adapters import find_adapter  # noqa: E402
+from saint.adapters.common import get_handle  # noqa: E402
+
+TOL = dict(rtol=0, atol=1e-5)
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=8, num_frames=4, tubelet_size=2)  # 2 tubelet frames of 4 x 4 patches: 32 tokens
+# a rectangular merge, a ragged merge (at both placements) and a ragged drop
+METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.7, fraction=0.7)),
+           ("saint_match", dict(tau=0.7, fraction=0.7, select_at="attention")), ("saint", dict(tau=0.7, k=1))]
+IDS = ["tome", "saint_match", "saint_match_before_attention", "saint"]
+
+
+def videos() -> torch.Tensor:
+    """Three clips ``[3, 4, 3, 32, 32]`` that differ in redundancy (a still, near-uniform one)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 3, 32, 32, generator=g)
+    x[0] = x[0, :1].mean(dim=(2, 3), keepdim=True) + 0.02 * torch.randn(4, 3, 32, 32, generator=g)
+    x[1, :, :, :16] = 0.5
+    return x
+
+
+def classifier(**extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(**TINY, num_labels=5, **extra))
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", METHODS, ids=IDS)
+def test_each_clip_as_alone_and_the_classifier_reads_what_every_tubelet_became(method, kw, layout):
+    model, x = classifier(), videos()
+    adapter = find_adapter(model)
+    saint.patch(model, method, trace=True, layout=layout, **kw)
+    features, logits = adapter.embed(model, x)
+    assert saint.stats(model).layout == ("rectangular" if method == "tome" else layout)
+    counts = saint.stats(model).tokens[-1]
+    assert method == "tome" or len(set(counts)) > 1, counts  # ragged
+    with torch.no_grad():
+        hidden = model.videomae(pixel_values=x, output_hidden_states=True)
+    origin = get_handle(model).origins()[-1]
+    want = torch.stack([hidden.last_hidden_state[i, origin[i][origin[i] >= 0]].mean(dim=0) for i in range(len(x))])
+    torch.testing.assert_close(features, want, **TOL)
+    torch.testing.assert_close(logits, model.classifier(model.fc_norm(features)), **TOL)
+    labels = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        out = model(pixel_values=x, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, labels), **TOL)
+    masks = [get_handle(model).hidden_state_valid(i) for i in range(len(hidden.hidden_states))]
+    for i in range(len(x)):
+        with torch.no_grad():
+            alone = model.videomae(pixel_values=x[i : i + 1], output_hidden_states=True)
+            torch.testing.assert_close(logits[i], model(pixel_values=x[i : i + 1]).logits[0], **TOL)
+        for h, h_alone, mask in zip(hidden.hidden_states, alone.hidden_states, masks, strict=True):
+            real = h[i] if mask is None else h[i][mask[i]]
+            torch.testing.assert_close(real, h_alone[0], **TOL)
+
+
+def test_nothing_to_prune_and_unpatch_give_the_models_own_answer():
+    """Bit for bit, although VideoMAE's embeddings are a transposed (non-contiguous) view:
+    the layers add their residuals in the model's order, so the output's layout, and the
+    classifier's mean over it, are the model's."""
+    model, x = classifier(), videos()
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(model(pixel_values=x).logits, ref)
+        saint.unpatch(model)
+        saint.patch(model, "saint_match", tau=0.7, fraction=0.7)
+        assert not torch.allclose(model(pixel_values=x).logits, ref, atol=1e-4)
+        saint.unpatch(model)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert torch.equal(model(pixel_values=x).logits, ref)
+
+
+def test_masked_pretraining_inputs_run_per_clip_as_alone():
+    """``bool_masked_pos`` (the same tubelets hidden in every clip) leaves the encoder fewer
+    tokens; pruning starts from those."""
+    torch.manual_seed(0)
+    model = transformers.VideoMAEModel(transformers.VideoMAEConfig(**TINY)).eval()
+    x = videos()
+    hidden = torch.zeros(32, dtype=torch.bool)
+    hidden[torch.randperm(32, generator=torch.Generator().manual_seed(0))[:8]] = True
+    pos = hidden.expand(len(x), -1)
+    saint.patch(model, "saint_match", tau=0.7, fraction=0.7)
+    with torch.no_grad():
+        out = model(pixel_values=x, bool_masked_pos=pos).last_hidden_state
+    assert saint.stats(model).tokens[0] == [24, 24, 24]
+    mask = saint.token_mask(model)
+    for i in range(len(x)):
+        with torch.no_grad():
+            alone = model(pixel_values=x[i : i + 1], bool_masked_pos=pos[:1]).last_hidden_state
+        torch.testing.assert_close(out[i] if mask is None else out[i][mask[i]], alone[0], **TOL)
+
+
+def test_calibration_takes_video_batches():
+    model, x = classifier(), videos()
+    adapter = find_adapter(model)
+    assert adapter.grid(model, x).num_patches == 32 and adapter.grid(model).num_patches == 32
+    cal = saint.calibrate(model, x, speedup=1.5, method="saint_match")
+    assert cal.reached and abs(cal.achieved / 1.5 - 1) < 0.1
+    saint.patch(model, "saint_match", **cal.patch_kwargs())
+    with torch.no_grad():
+        assert model(pixel_values=x).logits.shape == (3, 5)
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        adapter.check_inputs(torch.randn(3, 32, 32))
+
+
+def test_position_zero_classifier_and_pretraining_are_refused_with_what_to_do():
+    model = classifier(use_mean_pooling=False)
+    with pytest.raises(TypeError, match=r"position 0.*use_mean_pooling=True"):
+        saint.patch(model, "tome", r=2)
+    assert not saint.is_patched(model)
+    torch.manual_seed(0)
+    pretraining = transformers.VideoMAEForPreTraining(transformers.VideoMAEConfig(**TINY))
+    with pytest.raises(TypeError, match="reconstructs every masked tubelet"):
+        saint.patch(pretraining, "tome", r=2)
