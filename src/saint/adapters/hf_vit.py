@@ -21,7 +21,9 @@ older layout (``query``/``key``/``value``, an output module that adds the residu
 attention passes no mask, so saint runs their q/k/v/out itself wherever a layer needs a
 mask or selects (``LayerParts.own_attention``; ``output_attentions`` is refused). VideoMAE
 (``VideoMAEModel``, ``VideoMAEForVideoClassification``, whose ``fc_norm`` reads the mean) has
-the same layers over a clip's tubelets, no class token; video batches ``[N, T, 3, H, W]``.
+the same layers over a clip's tubelets, no class token; ViViT (``VivitModel``,
+``VivitForVideoClassification``, which reads the class token) ViT's layers over tubelets.
+Video batches are ``[N, T, 3, H, W]``.
 
 Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
 in the order transformers runs them (pre-norm attention, residual, [selection], pre-norm
@@ -163,6 +165,7 @@ def _families() -> list[Family]:
     from transformers.models.videomae import modeling_videomae as vm
     from transformers.models.vit import modeling_vit as vit
     from transformers.models.vit_msn import modeling_vit_msn as msn
+    from transformers.models.vivit import modeling_vivit as vivit
 
     return [
         Family("vit", vit.ViTModel, {vit.ViTForImageClassification: "vit"}, vit.ViTLayer, vit.ViTAttention,
@@ -194,6 +197,8 @@ def _families() -> list[Family]:
         Family("dpt", dpt.DPTModel, {dpt.DPTForDepthEstimation: "dpt", dpt.DPTForSemanticSegmentation: "dpt"},
                dpt.DPTViTLayer, dpt.DPTViTAttention, "encoder.layer", _legacy_vit_parts, lambda cfg: 1,
                lambda cfg: cfg.intermediate_size, dense=True),
+        Family("vivit", vivit.VivitModel, {vivit.VivitForVideoClassification: "vivit"}, vivit.VivitLayer,
+               vivit.VivitAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("videomae", vm.VideoMAEModel, {vm.VideoMAEForVideoClassification: "videomae"}, vm.VideoMAELayer,
                vm.VideoMAEAttention, "encoder.layer", _legacy_vit_parts, lambda cfg: 0,
                lambda cfg: cfg.intermediate_size),
@@ -217,7 +222,7 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, DPT or VideoMAE model, "
+        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, DPT, VideoMAE or ViViT model, "
                         f"got {type(model).__name__}")
     return found
 
@@ -260,16 +265,20 @@ def unpatch(model: torch.nn.Module) -> None:
 def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
     """The patch grid of ``inputs`` (DINOv2 interpolates its positions, ViT/DeiT with
     ``interpolate_pos_encoding=True``), else of the configured image size. A video's
-    (VideoMAE: ``[N, T, 3, H, W]``, tubelets of ``tubelet_size`` frames) stacks its tubelet
-    frames' grids row-wise, as its tokens lie."""
+    (``[N, T, 3, H, W]``: VideoMAE's tubelets of ``tubelet_size`` frames, ViViT's of
+    ``tubelet_size = (frames, height, width)``) stacks its tubelet frames' grids row-wise,
+    as its tokens lie."""
     cfg = tower.config
-    p = int(cfg.patch_size)
     tubelet = getattr(cfg, "tubelet_size", None)
+    if isinstance(tubelet, (list, tuple)):  # ViViT: (frames, height, width)
+        tubelet, ph, pw = (int(t) for t in tubelet)
+    else:
+        ph = pw = int(cfg.patch_size)
     if inputs is None:
-        g = int(cfg.image_size) // p
-        return Grid(g * (1 if tubelet is None else int(cfg.num_frames) // int(tubelet)), g, (p, p))
+        frames = 1 if tubelet is None else int(cfg.num_frames) // int(tubelet)
+        return Grid(frames * (int(cfg.image_size) // ph), int(cfg.image_size) // pw, (ph, pw))
     frames = 1 if tubelet is None else int(inputs.shape[1]) // int(tubelet)
-    return Grid(frames * (int(inputs.shape[-2]) // p), int(inputs.shape[-1]) // p, (p, p))
+    return Grid(frames * (int(inputs.shape[-2]) // ph), int(inputs.shape[-1]) // pw, (ph, pw))
 
 
 class HFViT(FamilyAdapter):

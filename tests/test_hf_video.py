@@ -1,6 +1,8 @@
-"""Hugging Face VideoMAE (``VideoMAEModel``, ``VideoMAEForVideoClassification``): a ViT over
-a video's tubelets (no class token, every token prunable) in transformers' older layer
-layout, whose classifier averages the tokens before its ``fc_norm``."""
+"""Hugging Face video transformers: VideoMAE (``VideoMAEModel``,
+``VideoMAEForVideoClassification``: a ViT over a clip's tubelets, no class token, every token
+prunable, in transformers' older layer layout, whose classifier averages the tokens before
+its ``fc_norm``) and ViViT (``VivitModel``, ``VivitForVideoClassification``: ViT's layers over
+tubelets, a class token)."""
 
 from __future__ import annotations
 
@@ -126,3 +128,50 @@ def test_position_zero_classifier_and_pretraining_are_refused_with_what_to_do():
     pretraining = transformers.VideoMAEForPreTraining(transformers.VideoMAEConfig(**TINY))
     with pytest.raises(TypeError, match="reconstructs every masked tubelet"):
         saint.patch(pretraining, "tome", r=2)
+
+
+def vivit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.VivitConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                   image_size=32, num_frames=4, tubelet_size=[2, 8, 8], num_labels=5)
+    model = transformers.VivitForVideoClassification(cfg).eval()
+    with torch.no_grad():  # ViViT starts its class token and positions at zero
+        for name, p in model.named_parameters():
+            if name.endswith(("cls_token", "position_embeddings")):
+                p.normal_()
+    return model
+
+
+VIVIT_METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.6, fraction=0.7)),
+                 ("saint_match", dict(tau=0.6, fraction=0.7, select_at="attention", guard=0.1)),
+                 ("saint", dict(tau=0.6, k=1))]
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", VIVIT_METHODS, ids=IDS)
+def test_vivit_classifies_each_clip_as_alone(method, kw, layout):
+    model, x = vivit(), videos()
+    adapter = find_adapter(model)
+    assert adapter.grid(model, x) == adapter.grid(model) and adapter.grid(model).num_patches == 32
+    ref_emb, _ = adapter.embed(model, x)
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits
+    saint.patch(model, method, layout=layout, **kw)
+    emb, logits = adapter.embed(model, x)
+    assert not torch.allclose(emb, ref_emb, atol=1e-4)
+    counts = saint.stats(model).tokens[-1]
+    assert method == "tome" or len(set(counts)) > 1, counts  # ragged
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+    torch.testing.assert_close(logits, out.logits, **TOL)
+    masks = [get_handle(model).hidden_state_valid(i) for i in range(len(out.hidden_states))]
+    for i in range(len(x)):
+        with torch.no_grad():
+            alone = model(pixel_values=x[i : i + 1], output_hidden_states=True)
+        torch.testing.assert_close(out.logits[i], alone.logits[0], **TOL)
+        for h, h_alone, mask in zip(out.hidden_states, alone.hidden_states, masks, strict=True):
+            torch.testing.assert_close(h[i] if mask is None else h[i][mask[i]], h_alone[0], **TOL)
+    saint.unpatch(model)
+    saint.patch(model, "tome", r=0)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, ref)
