@@ -33,6 +33,23 @@ def videos() -> torch.Tensor:
     return x
 
 
+def make_video(kind: str) -> torch.nn.Module:
+    """A tiny random video model of ``kind`` (``videomae``, ``vivit``, ``*_classifier``), norms
+    away from 1 / 0 and ViViT's class token and positions away from 0."""
+    if kind.startswith("vivit"):
+        model = vivit()
+        model = model if kind.endswith("_classifier") else model.vivit
+    else:
+        model = classifier() if kind.endswith("_classifier") else transformers.VideoMAEModel(
+            transformers.VideoMAEConfig(**TINY))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(std=0.1)
+    return model.eval()
+
+
 def classifier(**extra) -> torch.nn.Module:
     torch.manual_seed(0)
     model = transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(**TINY, num_labels=5, **extra))
