@@ -210,3 +210,14 @@ def test_the_unsupported_model_error_names_every_vlm_family():
     assert set(qwen) == set(FAMILY_CLASSES)
     missing = sorted(n for n in names | set(qwen.values()) if n not in SUPPORTED)
     assert not missing, f"saint.adapters.SUPPORTED does not name {missing}"
+
+
+def test_the_unsupported_model_error_names_every_hf_vit_family_class():
+    """... and every Hugging Face ViT-style model and wrapper class saint patches."""
+    pytest.importorskip("transformers")
+    from saint.adapters import SUPPORTED
+    from saint.adapters.hf_vit import _families
+
+    classes = {cls.__name__ for f in _families() for cls in (f.model, *f.wrappers)}
+    missing = sorted(n for n in classes if n not in SUPPORTED)
+    assert not missing, f"saint.adapters.SUPPORTED does not name {missing}"
