@@ -192,3 +192,87 @@ def test_vivit_classifies_each_clip_as_alone(method, kw, layout):
     saint.patch(model, "tome", r=0)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).logits, ref)
+
+
+def vjepa2(classifier: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.VJEPA2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2.0,
+                                    crop_size=32, patch_size=8, frames_per_clip=4, tubelet_size=2,
+                                    pred_hidden_size=16, pred_num_hidden_layers=1, pred_num_attention_heads=2,
+                                    num_pooler_layers=1, num_labels=5)
+    model = transformers.VJEPA2ForVideoClassification(cfg) if classifier else transformers.VJEPA2Model(cfg)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(std=0.1)
+    return model.eval()
+
+
+VJEPA2_METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.5, fraction=0.7)),
+                  ("saint_match", dict(tau=0.5, fraction=0.7, select_at="attention")), ("saint", dict(tau=0.5, k=1))]
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", VJEPA2_METHODS, ids=IDS)
+def test_vjepa2_classifies_each_clip_as_alone(method, kw, layout):
+    """V-JEPA 2's rotary attention rotates each token to its original index, and the attentive
+    pooler reads each clip's real tokens (merged keys weighted by size): a ragged batch gives
+    each clip's features, logits and hidden states as the clip alone."""
+    model, x = vjepa2(), videos()
+    adapter = find_adapter(model)
+    assert adapter.name == "hf_vjepa2" and adapter.grid(model, x).num_patches == adapter.grid(model).num_patches == 32
+    ref_features, _ = adapter.embed(model, x)
+    saint.patch(model, method, layout=layout, **kw)
+    features, logits = adapter.embed(model, x)
+    counts = saint.stats(model).tokens[-1]
+    assert method == "tome" or len(set(counts)) > 1, counts  # ragged
+    assert not torch.allclose(features, ref_features, atol=1e-4)
+    with torch.no_grad():
+        hidden = model.vjepa2(pixel_values_videos=x, skip_predictor=True, output_hidden_states=True)
+    masks = [get_handle(model).hidden_state_valid(i) for i in range(len(hidden.hidden_states))]
+    for i in range(len(x)):
+        alone_features, alone_logits = adapter.embed(model, x[i : i + 1])
+        torch.testing.assert_close(features[i], alone_features[0], **TOL)
+        torch.testing.assert_close(logits[i], alone_logits[0], **TOL)
+        with torch.no_grad():
+            alone = model.vjepa2(pixel_values_videos=x[i : i + 1], skip_predictor=True, output_hidden_states=True)
+        for h, h_alone, mask in zip(hidden.hidden_states, alone.hidden_states, masks, strict=True):
+            torch.testing.assert_close(h[i] if mask is None else h[i][mask[i]], h_alone[0], **TOL)
+
+
+def test_vjepa2_rotates_each_kept_token_at_its_original_position():
+    """Tubelets dropped before layer 1's attention: the encoder equals the model's own layers
+    run on the kept tokens with their original indices as ``position_mask``."""
+    model, x = vjepa2(classifier=False), videos()
+    saint.patch(model, "budget", layers=[1], keep=20, select_at="attention", trace=True)
+    with torch.no_grad():
+        got = model(pixel_values_videos=x, skip_predictor=True).last_hidden_state
+    origin = get_handle(model).origins()[-1]
+    saint.unpatch(model)
+    encoder = model.encoder
+    with torch.no_grad():
+        h = encoder.layer[0](encoder.embeddings(x), None)[0]
+        kept = torch.stack([torch.nonzero(o >= 0)[:, 0] for o in origin])  # original indices, in order
+        assert kept.shape == (len(x), 20) and not torch.equal(kept[0], kept[1])
+        h = h.gather(1, kept[..., None].expand(-1, -1, h.shape[-1]))
+        for layer in encoder.layer[1:]:
+            h = layer(h, kept)[0]
+        torch.testing.assert_close(got, encoder.layernorm(h), **TOL)
+
+
+def test_vjepa2_nothing_to_prune_unpatch_and_the_predictor():
+    model, x = vjepa2(), videos()
+    with torch.no_grad():
+        ref = model(pixel_values_videos=x).logits
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(model(pixel_values_videos=x).logits, ref)
+        with pytest.raises(ValueError, match="skip_predictor=True"):
+            model.vjepa2(pixel_values_videos=x)
+        saint.unpatch(model)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert torch.equal(model(pixel_values_videos=x).logits, ref)
+    cal = saint.calibrate(model, x, flops_speedup=1.5, method="saint_match")
+    assert cal.reached and abs(cal.achieved / 1.5 - 1) < 0.1
+    with pytest.raises(ValueError, match=r"clips \[N, T, 3, H, W\]"):
+        find_adapter(model).check_inputs(torch.randn(3, 3, 32, 32))

@@ -11,6 +11,7 @@ from . import (
     hf_siglip2,
     hf_vision,
     hf_vit,
+    hf_vjepa2,
     llava,
     llava_anyres,
     llm_side_vlm,
@@ -27,7 +28,7 @@ ADAPTERS: list[Adapter] = [
     timm_vit.ADAPTER, timm_eva.ADAPTER, timm_naflex.ADAPTER, timm_features.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER,
     llava_anyres.NEXT_VIDEO_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
-    hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER,
+    hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER, hf_vjepa2.ADAPTER,
 ]
 SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_inputs.py keeps it complete)
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
@@ -42,7 +43,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "(CLIPForImageClassification, MetaClip2ForImageClassification, SiglipForImageClassification, "
     "Siglip2ForImageClassification, Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification, "
     "IJepaForImageClassification); the video transformers VideoMAEModel, VideoMAEForVideoClassification, "
-    "VivitModel, VivitForVideoClassification; "
+    "VivitModel, VivitForVideoClassification, VJEPA2Model, VJEPA2ForVideoClassification; "
     "Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone, alone or as the .backbone of a dense head "
     "(Depth Anything, DPT, UperNet, ZoeDepth ...; merging methods), DPTModel, DPTForDepthEstimation, "
     "DPTForSemanticSegmentation (merging methods); LLaVA "

@@ -87,8 +87,12 @@ class LayerParts:
     ls2: Callable[[torch.Tensor], torch.Tensor] = _identity
     drop_path: Callable[[torch.Tensor], torch.Tensor] = _identity
     rotate_half: Callable[[torch.Tensor], torch.Tensor] | None = None  # rotary families (DINOv3): the model's own
+    # rotary by each token's original index (V-JEPA 2): ``rotary(t [B, N, H, D], positions [B, N])``,
+    # through the attention's own functions; the layer's own forward takes the positions second
+    rotary: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     own_attention: bool = False
     branch_first: bool = False  # the layer adds its residual as ``branch + x`` (transformers' older ViT layout)
+    returns_tuple: bool = False  # the layer returns ``(hidden_states, attention weights)`` (V-JEPA 2)
 
 
 Rows = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) per token, [..., N, 1, D]
@@ -111,10 +115,21 @@ def _module_rows(pe: Rows | None, state: TokenState, npt: int) -> Rows | None:
     return patch_table_rows(pe[0], patches, npt).transpose(1, 2), patch_table_rows(pe[1], patches, npt).transpose(1, 2)
 
 
-def _rotate(p: LayerParts, t: torch.Tensor, rows: Rows | None) -> torch.Tensor:
-    """``t [..., N, H, D]`` rotated by per-token rows, as the model rotates its patches."""
+def _rows_of(p: LayerParts, pe: Rows | None, state: TokenState, x: torch.Tensor, npt: int) -> Any:
+    """What :func:`_rotate` rotates ``x``'s tokens by: the rotary table's rows of each token
+    (DINOv3), each token's original index (V-JEPA 2's rotation reads it), else None."""
+    if p.rotary is not None:
+        return state.positions_of(x)[..., 0].expand(x.shape[0], -1)  # [B, N]
+    return _token_rows(pe, state.positions_of(x), npt)
+
+
+def _rotate(p: LayerParts, t: torch.Tensor, rows: Any) -> torch.Tensor:
+    """``t [..., N, H, D]`` rotated by per-token rows (:func:`_rows_of`), as the model rotates
+    its patches."""
     if rows is None:
         return t
+    if p.rotary is not None:
+        return p.rotary(t, rows)
     return t * rows[0] + p.rotate_half(t) * rows[1]  # type: ignore[misc]
 
 
@@ -183,7 +198,7 @@ def patch_encoder(
     check_static_counts(num_patches, spec, settings, unit="layer")
     handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
                             parts=parts, own_attention=own_attention)
-    rotary = bool(layers) and parts(layers[0]).rotate_half is not None
+    rotary = bool(layers) and (parts(layers[0]).rotate_half is not None or parts(layers[0]).rotary is not None)
     install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
     tower.forward = types.MethodType(backbone_forward if dense else tower_forward, tower)
     tower.__dict__[SAINT_ATTR] = handle
@@ -405,17 +420,20 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     if pe is not None:
         kwargs["position_embeddings"] = _module_rows(pe, state, handle.num_protected)
     if settings is not None and handle.config.select_at == "attention":
-        return handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings,
-                                                                      pe))
-    rows = None  # per-token rotary rows, where saint's own code reads or rotates keys
-    if pe is not None and (state.packed or settings is not None):
-        rows = _token_rows(pe, state.positions_of(hidden_states), handle.num_protected)
+        x = handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings, pe))
+        return (x, None) if p.returns_tuple else x
     bias = None if state.packed else state.attn_bias(hidden_states.dtype, prop_attn)
     if bias is not None and not p.own_attention:
         _check_maskable_now(p)
     whole = not state.packed and settings is None and (bias is None or not p.own_attention)  # the layer's own forward
+    rows = None  # per-token rotary rows, where saint's own code reads or rotates keys
+    if (pe is not None or p.rotary is not None) and not whole:
+        rows = _rows_of(p, pe, state, hidden_states, handle.num_protected)
     if whole:
-        x = type(self).forward(self, hidden_states, *(() if p.own_attention else (bias,)), **kwargs)
+        extra = ((bias,) if not p.own_attention else
+                 (_rows_of(p, pe, state, hidden_states, handle.num_protected),) if p.rotary else ())
+        x = type(self).forward(self, hidden_states, *extra, **kwargs)
+        x = x[0] if p.returns_tuple else x
     else:
         normed = p.norm1(hidden_states)
         if state.packed or p.own_attention:
@@ -427,7 +445,8 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
         x = state.apply(x, _select(p, handle, run, index, normed, x, settings, rows))
     if not whole:
         x = _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
-    return handle.leave_site(index, run, x)
+    x = handle.leave_site(index, run, x)
+    return (x, None) if p.returns_tuple else x
 
 
 def _residual(p: LayerParts, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -481,13 +500,13 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     normed = p.norm1(x)
     k = p.k(normed)  # the hook captures it
     npt = handle.num_protected
-    sel = _select(p, handle, run, index, normed, x, settings, _token_rows(pe, state.positions_of(x), npt))
+    sel = _select(p, handle, run, index, normed, x, settings, _rows_of(p, pe, state, x, npt))
     x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(p.norm1),
                                                                    output_unshared(p.k, saint_hooks=1)])
     q, v = p.q(normed), p.v(normed)
     b, n = q.shape[:2]
     q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
-    rows = _token_rows(pe, state.positions_of(x), npt)  # the survivors' rows
+    rows = _rows_of(p, pe, state, x, npt)  # the survivors' rows
     q, k = _rotate(p, q, rows), _rotate(p, k, rows)
     attn = attention_of(q, k, v, state, handle.config.size_bias, p.scale, _dropout(p), handle.kernel)
     x = _residual(p, x, drop_path_of(p.drop_path, p.ls1(p.out(attn)), state))
