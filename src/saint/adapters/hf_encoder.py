@@ -56,6 +56,7 @@ from .common import (
     output_unshared,
     patch_table_rows,
 )
+from .pair_bias import first_token_attention, pair_attention
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,9 @@ class LayerParts:
     # rotary by each token's original index (V-JEPA 2): ``rotary(t [B, N, H, D], positions [B, N])``,
     # through the attention's own functions; the layer's own forward takes the positions second
     rotary: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # a bias per pair of tokens (BEiT's relative position bias): ``pair_bias(attention_mask, kwargs)``,
+    # from what the layer's forward got, over the full grid ``[1, H, N0, N0]`` (:mod:`pair_bias`)
+    pair_bias: Callable[[torch.Tensor | None, dict[str, Any]], torch.Tensor] | None = None
     own_attention: bool = False
     branch_first: bool = False  # the layer adds its residual as ``branch + x`` (transformers' older ViT layout)
     returns_tuple: bool = False  # the layer returns ``(hidden_states, attention weights)`` (V-JEPA 2)
@@ -198,7 +202,9 @@ def patch_encoder(
     check_static_counts(num_patches, spec, settings, unit="layer")
     handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
                             parts=parts, own_attention=own_attention)
-    rotary = bool(layers) and (parts(layers[0]).rotate_half is not None or parts(layers[0]).rotary is not None)
+    first = parts(layers[0]) if layers else None  # tokens keep their original index for rotations and pair biases
+    rotary = first is not None and (first.rotate_half is not None or first.rotary is not None
+                                    or first.pair_bias is not None)
     install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
     tower.forward = types.MethodType(backbone_forward if dense else tower_forward, tower)
     tower.__dict__[SAINT_ATTR] = handle
@@ -373,7 +379,7 @@ def mean_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _cls_attention(p: LayerParts, normed: torch.Tensor, k_packed: torch.Tensor, state: TokenState, prop_attn: bool,
-                   rows: Rows | None = None):
+                   rows: Any = None, pair: torch.Tensor | None = None):
     """The class token's attention over all tokens (padded view), averaged over heads
     (lazy; only the class token's query is projected; keys rotated by ``rows``)."""
 
@@ -382,6 +388,8 @@ def _cls_attention(p: LayerParts, normed: torch.Tensor, k_packed: torch.Tensor, 
         c = k_packed.shape[-1]
         k = _rotate(p, k_packed.unflatten(-1, (p.heads, c // p.heads)), rows)
         q = p.q(first).reshape(first.shape[0], p.heads, c // p.heads)
+        if pair is not None:
+            return first_token_attention(q, k, state, prop_attn, p.scale, pair)
         return cls_attention(q, k, state, p.scale, prop_attn)
 
     return compute
@@ -392,14 +400,23 @@ def _dropout(p: LayerParts) -> float:
 
 
 def _parts_attention(p: LayerParts, x: torch.Tensor, state: TokenState, prop_attn: bool, kernel: str,
-                     rows: Rows | None = None) -> torch.Tensor:
+                     rows: Any = None, pair: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's attention on ``x`` (a packed stream ``[1, T, C]``, or a batch): its own
     q/k/v/out projections (q and k rotated by ``rows``) around attention over each image's
     real tokens (:func:`~saint.adapters.common.attention_of`)."""
     b, n = x.shape[:2]
     q, k, v = (proj(x).reshape(b, n, p.heads, p.head_dim) for proj in (p.q, p.k, p.v))
     q, k = _rotate(p, q, rows), _rotate(p, k, rows)
-    return p.out(attention_of(q, k, v, state, prop_attn, p.scale, _dropout(p), kernel))
+    return p.out(_attend(p, q, k, v, state, prop_attn, kernel, pair))
+
+
+def _attend(p: LayerParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: TokenState, prop_attn: bool,
+            kernel: str, pair: torch.Tensor | None) -> torch.Tensor:
+    """Attention over each image's real tokens, ``[B, N, H, D]`` -> ``[B, N, H*D]``, biased
+    by the layer's pair bias (BEiT) where it has one."""
+    if pair is None:
+        return attention_of(q, k, v, state, prop_attn, p.scale, _dropout(p), kernel)
+    return pair_attention(q, k, v, state, prop_attn, p.scale, _dropout(p), pair)
 
 
 def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -409,40 +426,44 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     attention with ``select_at="attention"``); packed tokens take per-image attention."""
     handle, index = self.__dict__[SITE_ATTR]
     run, hidden_states, settings = handle.enter_site(index, hidden_states)
-    # a tower whose input is padded (Siglip2) passes its padding mask, which the state
-    # carries from the tower's call on (a recomputed layer, from its first state)
-    if attention_mask is not None and not (run.recompute or handle.runs.takes_padding_mask()):
+    p = handle.parts(self)
+    # BEiT's is its relative position bias; a tower whose input is padded (Siglip2) passes its
+    # padding mask, which the state carries from the tower's call on (a recomputed layer, from its first state)
+    if (attention_mask is not None and p.pair_bias is None
+            and not (run.recompute or handle.runs.takes_padding_mask())):
         raise ValueError("a pruned vision tower cannot take an attention_mask; call the model without one")
     state = run.state
-    p = handle.parts(self)
     prop_attn = handle.config.size_bias
     pe = kwargs.pop("position_embeddings", None)  # rotary families: the grid's (cos, sin)
     if pe is not None:
         kwargs["position_embeddings"] = _module_rows(pe, state, handle.num_protected)
+    pair = None if p.pair_bias is None else p.pair_bias(attention_mask, kwargs)
     if settings is not None and handle.config.select_at == "attention":
-        x = handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings, pe))
+        x = handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings, pe,
+                                                                   pair))
         return (x, None) if p.returns_tuple else x
     bias = None if state.packed else state.attn_bias(hidden_states.dtype, prop_attn)
     if bias is not None and not p.own_attention:
         _check_maskable_now(p)
-    whole = not state.packed and settings is None and (bias is None or not p.own_attention)  # the layer's own forward
+    whole = (not state.packed and settings is None and (bias is None or not p.own_attention)
+             and (pair is None or state.positions is None))  # the layer's own forward (BEiT's: every token there)
     rows = None  # per-token rotary rows, where saint's own code reads or rotates keys
     if (pe is not None or p.rotary is not None) and not whole:
         rows = _rows_of(p, pe, state, hidden_states, handle.num_protected)
     if whole:
-        extra = ((bias,) if not p.own_attention else
+        extra = ((attention_mask,) if pair is not None else (bias,) if not p.own_attention else
                  (_rows_of(p, pe, state, hidden_states, handle.num_protected),) if p.rotary else ())
         x = type(self).forward(self, hidden_states, *extra, **kwargs)
         x = x[0] if p.returns_tuple else x
     else:
         normed = p.norm1(hidden_states)
         if state.packed or p.own_attention:
-            attn_out = _parts_attention(p, normed, state, prop_attn, handle.kernel, rows)
+            attn_out = _parts_attention(p, normed, state, prop_attn, handle.kernel, rows, pair)
         else:
             attn_out, _ = p.attn(hidden_states=normed, attention_mask=bias, **kwargs)
         x = _residual(p, hidden_states, drop_path_of(p.drop_path, p.ls1(attn_out), state))
     if settings is not None:
-        x = state.apply(x, _select(p, handle, run, index, normed, x, settings, rows))
+        x = state.apply(x, _select(p, handle, run, index, normed, x, settings, rows, pair))
     if not whole:
         x = _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
     x = handle.leave_site(index, run, x)
@@ -467,7 +488,7 @@ def _check_maskable_now(p: LayerParts) -> None:
 
 
 def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed: torch.Tensor, x: torch.Tensor,
-            settings: dict[str, Any], rows: Rows | None = None) -> Selection:
+            settings: dict[str, Any], rows: Any = None, pair: torch.Tensor | None = None) -> Selection:
     """The layer's selection from its captured key projection (``normed``: the attention's
     input, for the class token's query; ``x``: the tokens the selection may read; ``rows``:
     the rotary rows the class token's attention reads its keys with). The selection's keys
@@ -478,7 +499,7 @@ def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed:
         keys=state.padded(mean_heads(k, p.heads)),
         num_protected=handle.num_protected,
         valid=state.valid,
-        cls_attention=(_cls_attention(p, normed, k, state, handle.config.size_bias, rows)
+        cls_attention=(_cls_attention(p, normed, k, state, handle.config.size_bias, rows, pair)
                        if handle.num_protected > 0 else None),
         tokens=(lambda: state.padded(x)) if state.packed else x,
         layer=index,
@@ -490,7 +511,8 @@ def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed:
 
 
 def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, x: torch.Tensor,
-                             settings: dict[str, Any], pe: Rows | None = None) -> torch.Tensor:
+                             settings: dict[str, Any], pe: Rows | None = None,
+                             pair: torch.Tensor | None = None) -> torch.Tensor:
     """A pruning layer with ``select_at="attention"``: the selection reads the layer's own
     keys (the key projection runs on every token), the tokens, their normed inputs and
     keys are merged (size-weighted means of rows) or dropped together, and the query and
@@ -500,7 +522,7 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     normed = p.norm1(x)
     k = p.k(normed)  # the hook captures it
     npt = handle.num_protected
-    sel = _select(p, handle, run, index, normed, x, settings, _rows_of(p, pe, state, x, npt))
+    sel = _select(p, handle, run, index, normed, x, settings, _rows_of(p, pe, state, x, npt), pair)
     x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(p.norm1),
                                                                    output_unshared(p.k, saint_hooks=1)])
     q, v = p.q(normed), p.v(normed)
@@ -508,7 +530,7 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
     rows = _rows_of(p, pe, state, x, npt)  # the survivors' rows
     q, k = _rotate(p, q, rows), _rotate(p, k, rows)
-    attn = attention_of(q, k, v, state, handle.config.size_bias, p.scale, _dropout(p), handle.kernel)
+    attn = _attend(p, q, k, v, state, handle.config.size_bias, handle.kernel, pair)
     x = _residual(p, x, drop_path_of(p.drop_path, p.ls1(p.out(attn)), state))
     return _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +61,7 @@ import torch
 from ..methods import MethodSpec
 from . import hf_mean_head
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
-from .common import get_handle
+from .common import SITE_ATTR, Hooked, get_handle
 from .hf_encoder import (
     HFEncoderPatch,
     LayerParts,
@@ -76,6 +77,8 @@ REFUSED = {
     name: reason for names, reason in [
         (("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"),
          "masked image modeling reconstructs every patch; prune a ViTModel / DeiTModel instead"),
+        (("BeitForMaskedImageModeling",),
+         "masked image modeling reconstructs every patch; prune a BeitModel / BeitForImageClassification instead"),
         (("VideoMAEForPreTraining",),
          "its decoder reconstructs every masked tubelet; prune a VideoMAEModel or VideoMAEForVideoClassification"),
     ] for name in names
@@ -98,6 +101,7 @@ class Family:
     protected: Callable[[Any], int]
     mlp_hidden: Callable[[Any], float]
     dense: bool = False  # a backbone: its feature maps lie on the input's grid (merging methods, unmerged outputs)
+    pool: Callable[..., torch.Tensor] | None = None  # a per-instance forward for the encoder's pooler (BEiT's mean)
 
 
 def _vit_parts(layer: torch.nn.Module) -> LayerParts:
@@ -141,6 +145,41 @@ def _legacy_vit_parts(layer: torch.nn.Module) -> LayerParts:
                       lambda x: out.dropout(out.dense(layer.intermediate(x))), own_attention=True, branch_first=True)
 
 
+def _beit_parts(layer: torch.nn.Module) -> LayerParts:
+    """BEiT (and DiT): ViT's layout with layer scales (``lambda_1`` / ``lambda_2`` after the
+    hidden dropout), drop path, and a relative position bias per pair of tokens
+    (:func:`_beit_pair_bias`); its attention takes the bias as its mask, so saint runs the
+    attention wherever tokens were removed."""
+    a = layer.attention
+    return LayerParts(layer.layernorm_before, a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, int(a.num_attention_heads),
+                      int(a.head_dim), float(a.scaling), float(a.attention_dropout), layer.layernorm_after, layer.mlp,
+                      ls1=lambda x: layer.lambda_1 * layer.dropout(x), ls2=lambda x: layer.lambda_2 * layer.dropout(x),
+                      drop_path=layer.drop_path, pair_bias=functools.partial(_beit_pair_bias, layer),
+                      own_attention=True, branch_first=True)
+
+
+def _beit_pair_bias(layer: torch.nn.Module, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+                    ) -> torch.Tensor | None:
+    """The bias BEiT's layer adds to its attention over the full grid: the model's shared
+    relative position bias (its ``attention_mask``), plus the layer's own table if it has one."""
+    own = layer.relative_position_bias
+    if own is None:
+        return attention_mask
+    height, width = kwargs["resolution"]
+    window = (height // layer.patch_size, width // layer.patch_size)
+    bias = own(window, kwargs.get("interpolate_pos_encoding", False), dim_size=window[0] * window[1] + 1)
+    return bias if attention_mask is None else bias + attention_mask
+
+
+def _beit_pool(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """BEiT's pooler: with mean pooling, each image's mean over its real patch tokens, a merged
+    one weighted by how many it stands for (the model's own where every token is real and whole)."""
+    weights = self.__dict__[SITE_ATTR][0].output_weights()
+    if self.layernorm is None or weights is None:
+        return type(self).forward(self, hidden_states)
+    return self.layernorm(hf_mean_head.mean_of_real_tokens(hidden_states, weights, 1))
+
+
 def _dinov3_mlp_hidden(cfg: Any) -> float:
     """The gated MLP's three matmuls count as 1.5x its width's two."""
     return (1.5 if cfg.use_gated_mlp else 1.0) * int(cfg.intermediate_size)
@@ -156,6 +195,7 @@ def _dinov2_mlp_hidden(cfg: Any) -> float:
 @functools.cache
 def _families() -> list[Family]:
     """The supported families (transformers imported here, on first use)."""
+    from transformers.models.beit import modeling_beit as beit
     from transformers.models.deit import modeling_deit as deit
     from transformers.models.dinov2 import modeling_dinov2 as d
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
@@ -197,6 +237,8 @@ def _families() -> list[Family]:
         Family("dpt", dpt.DPTModel, {dpt.DPTForDepthEstimation: "dpt", dpt.DPTForSemanticSegmentation: "dpt"},
                dpt.DPTViTLayer, dpt.DPTViTAttention, "encoder.layer", _legacy_vit_parts, lambda cfg: 1,
                lambda cfg: cfg.intermediate_size, dense=True),
+        Family("beit", beit.BeitModel, {beit.BeitForImageClassification: "beit"}, beit.BeitLayer, beit.BeitAttention,
+               "layers", _beit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size, pool=_beit_pool),
         Family("vivit", vivit.VivitModel, {vivit.VivitForVideoClassification: "vivit"}, vivit.VivitLayer,
                vivit.VivitAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("videomae", vm.VideoMAEModel, {vm.VideoMAEForVideoClassification: "videomae"}, vm.VideoMAELayer,
@@ -222,7 +264,7 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, DPT, VideoMAE or ViViT model, "
+        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, BEiT, DPT, VideoMAE or ViViT model, "
                         f"got {type(model).__name__}")
     return found
 
@@ -253,7 +295,16 @@ def patch(
     handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
                            family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
                            kernel, dense=family.dense)
+    pooler = getattr(tower, "pooler", None)
+    if family.pool is not None and pooler is not None:
+        pooler.__dict__[SITE_ATTR] = (handle, None)
+        pooler.forward = types.MethodType(family.pool, pooler)
+        handle.hooked.append(Hooked(tower, _pooler, pooler, f"{type(tower).__name__}'s pooler"))
     return patched_through(model, tower, handle)
+
+
+def _pooler(tower: torch.nn.Module) -> torch.nn.Module:
+    return tower.pooler
 
 
 def unpatch(model: torch.nn.Module) -> None:
@@ -342,6 +393,9 @@ class HFViT(FamilyAdapter):
         finally:
             hook.remove()
         hidden = seen["out"].last_hidden_state
+        pooled = getattr(seen["out"], "pooler_output", None) if family.pool is not None else None
+        if pooled is not None:  # BEiT's mean over its patches (the classifier reads it)
+            return pooled, getattr(out, "logits", None) if tower is not model else None
         emb = hidden[:, 0] if family.protected(tower.config) else _token_mean(model, hidden)
         return emb, getattr(out, "logits", None) if tower is not model else None
 

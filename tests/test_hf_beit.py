@@ -1,0 +1,140 @@
+"""Hugging Face BEiT (``BeitModel``, ``BeitForImageClassification``; DiT is BEiT): a relative
+position bias per pair of tokens, per layer or shared, that each remaining token reads at its
+original index; layer scales; a pooler that averages the patch tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import saint  # noqa: E402
+from saint.adapters import find_adapter  # noqa: E402
+from saint.adapters.common import get_handle  # noqa: E402
+
+TOL = dict(rtol=0, atol=1e-5)
+SHARED = {"per_layer": dict(use_relative_position_bias=True), "shared": dict(use_shared_relative_position_bias=True)}
+# a rectangular merge, a ragged merge (with the class-attention guard, before attention), a ragged drop
+METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)),
+           ("saint_match", dict(tau=0.3, fraction=0.7, select_at="attention", guard=0.3)), ("saint", dict(tau=0.3, k=1))]
+IDS = ["tome", "saint_match", "saint_match_guard_before_attention", "saint"]
+
+
+def beit(bias: str = "per_layer", classifier: bool = True, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BeitConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                  image_size=32, patch_size=8, layer_scale_init_value=0.5, num_labels=5,
+                                  **SHARED[bias], **extra)
+    model = transformers.BeitForImageClassification(cfg) if classifier else transformers.BeitModel(cfg)
+    with torch.no_grad():  # BEiT starts its bias tables and class token at zero
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name or name.endswith("cls_token"):
+                p.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", METHODS, ids=IDS)
+@pytest.mark.parametrize("bias", sorted(SHARED))
+def test_each_image_as_alone_and_the_pooler_reads_what_every_patch_became(bias, method, kw, layout, images):
+    model = beit(bias)
+    adapter = find_adapter(model)
+    with torch.no_grad():
+        ref = model(pixel_values=images).logits
+    saint.patch(model, method, layout=layout, trace=True, **kw)
+    with torch.no_grad():
+        out = model.beit(pixel_values=images, output_hidden_states=True)
+        logits = model(pixel_values=images).logits
+    assert saint.stats(model).layout == ("rectangular" if method == "tome" else layout)
+    assert not torch.allclose(logits, ref, atol=1e-3)
+    origin = get_handle(model).origins()[-1]
+    hidden = out.last_hidden_state
+    want = torch.stack([hidden[i, origin[i, 1:][origin[i, 1:] >= 0]].mean(dim=0) for i in range(len(images))])
+    torch.testing.assert_close(out.pooler_output, model.beit.pooler.layernorm(want), **TOL)
+    emb, got_logits = adapter.embed(model, images)
+    torch.testing.assert_close(emb, out.pooler_output, **TOL)
+    torch.testing.assert_close(got_logits, logits, **TOL)
+    masks = [get_handle(model).hidden_state_valid(i) for i in range(len(out.hidden_states))]
+    for i in range(len(images)):
+        with torch.no_grad():
+            alone = model.beit(pixel_values=images[i : i + 1], output_hidden_states=True)
+            torch.testing.assert_close(logits[i], model(pixel_values=images[i : i + 1]).logits[0], **TOL)
+        for h, h_alone, mask in zip(out.hidden_states, alone.hidden_states, masks, strict=True):
+            torch.testing.assert_close(h[i] if mask is None else h[i][mask[i]], h_alone[0], **TOL)
+
+
+@pytest.mark.parametrize("bias", sorted(SHARED))
+def test_kept_tokens_read_their_pairs_of_the_full_grids_bias(bias, images):
+    """Patches dropped before layer 1's attention: every later layer equals the model's own
+    modules run on the kept tokens with the full grid's bias at their original indices as
+    the attention's mask."""
+    model = beit(bias, classifier=False)
+    saint.patch(model, "budget", layers=[1], keep=8, select_at="attention", trace=True)  # 8 patches and the class token
+    with torch.no_grad():
+        got = model(pixel_values=images).last_hidden_state
+    kept = torch.stack([torch.nonzero(o >= 0)[:, 0] for o in get_handle(model).origins()[-1]])
+    assert kept.shape == (len(images), 9) and bool((kept[:, 0] == 0).all())  # the class token stays first
+    saint.unpatch(model)
+    window, n0 = (4, 4), 17
+    with torch.no_grad():
+        h = model.layers[0](model.embeddings(images), attention_mask=_shared(model, window, n0), resolution=(32, 32))
+        h = h.gather(1, kept[..., None].expand(-1, -1, h.shape[-1]))
+        for layer in model.layers[1:]:
+            full = _shared(model, window, n0)
+            if layer.relative_position_bias is not None:
+                full = layer.relative_position_bias(window, False, dim_size=n0)
+            mask = torch.stack([full[0][:, k][:, :, k] for k in kept])
+            attn, _ = layer.attention(layer.layernorm_before(h), attention_mask=mask)
+            h = layer.lambda_1 * attn + h
+            h = layer.lambda_2 * layer.mlp(layer.layernorm_after(h)) + h
+        torch.testing.assert_close(got, model.layernorm(h), **TOL)
+
+
+def _shared(model: torch.nn.Module, window: tuple[int, int], n0: int) -> torch.Tensor | None:
+    bias = model.shared_position_bias
+    return None if bias is None else bias(window, False, dim_size=n0)
+
+
+def test_nothing_to_prune_unpatch_and_what_is_refused(images):
+    model = beit("shared")
+    with torch.no_grad():
+        ref = model(pixel_values=images).logits
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(model(pixel_values=images).logits, ref)
+        with pytest.raises(ValueError, match="makes no attention weights"):
+            model(pixel_values=images, output_attentions=True)
+        saint.unpatch(model)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert torch.equal(model(pixel_values=images).logits, ref)
+    cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
+    assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
+    torch.manual_seed(0)
+    mim = transformers.BeitForMaskedImageModeling(model.config)
+    with pytest.raises(TypeError, match="reconstructs every patch"):
+        saint.patch(mim, "tome", r=2)
+
+
+@pytest.mark.parametrize("bias", sorted(SHARED))
+def test_pair_bias_attention_and_class_attention_equal_the_models_own(bias, images):
+    """On every token (nothing removed), saint's attention with the gathered pair bias and
+    the class token's attention it ranks by are the model's own (eager, with its weights)."""
+    from saint.adapters.common import TokenState
+    from saint.adapters.pair_bias import first_token_attention, pair_attention
+
+    model = beit(bias, classifier=False, attn_implementation="eager")
+    layer = model.layers[2]
+    x = torch.randn(len(images), 17, 32, generator=torch.Generator().manual_seed(3))
+    full = _shared(model, (4, 4), 17)
+    if layer.relative_position_bias is not None:
+        full = layer.relative_position_bias((4, 4), False, dim_size=17)
+    normed = layer.layernorm_before(x)
+    with torch.no_grad():
+        want, weights = layer.attention(normed, attention_mask=full)
+        a = layer.attention
+        q, k, v = (proj(normed).unflatten(-1, (2, 16)) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        state = TokenState()
+        state.reset(x, trace=False, valid=None)
+        torch.testing.assert_close(a.o_proj(pair_attention(q, k, v, state, False, a.scaling, 0.0, full)), want, **TOL)
+        got = first_token_attention(q[:, 0], k, state, False, a.scaling, full)
+    torch.testing.assert_close(got, weights[:, :, 0].mean(dim=1), **TOL)
