@@ -138,3 +138,79 @@ def test_pair_bias_attention_and_class_attention_equal_the_models_own(bias, imag
         torch.testing.assert_close(a.o_proj(pair_attention(q, k, v, state, False, a.scaling, 0.0, full)), want, **TOL)
         got = first_token_attention(q[:, 0], k, state, False, a.scaling, full)
     torch.testing.assert_close(got, weights[:, :, 0].mean(dim=1), **TOL)
+
+
+LAYERS = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+              patch_size=8, layer_scale_init_value=0.5, use_relative_position_bias=True)
+
+
+def _spread(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name or name.endswith("cls_token"):
+                p.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", METHODS[:3], ids=IDS[:3])
+def test_backbone_maps_hold_the_token_every_patch_became(method, kw, layout, images):
+    """``BeitBackbone`` with a merging method: every layer's output leaves as one row per patch,
+    the patched encoder's own hidden states gathered through the traced origins."""
+    torch.manual_seed(0)
+    backbone = _spread(transformers.BeitBackbone(transformers.BeitConfig(**LAYERS, out_indices=[1, 2, 3, 4])))
+    encoder = _spread(transformers.BeitModel(transformers.BeitConfig(**LAYERS), add_pooling_layer=False))
+    encoder.load_state_dict(backbone.beit.state_dict())
+    saint.patch(encoder, method, trace=True, layout=layout, **kw)
+    saint.patch(backbone, method, layout=layout, **kw)
+    with torch.no_grad():
+        want = encoder(pixel_values=images, output_hidden_states=True).hidden_states[1:]
+        maps = backbone(pixel_values=images).feature_maps
+    origins = get_handle(encoder).origins()
+    for layer, (hidden, got) in enumerate(zip(want, maps, strict=True)):
+        rows = hidden.gather(1, origins[min(layer, len(origins) - 1)][..., None].expand(-1, -1, hidden.shape[-1]))
+        torch.testing.assert_close(got, rows[:, 1:].transpose(1, 2).reshape(len(images), 32, 4, 4), **TOL)
+    assert saint.token_mask(backbone) is None and saint.token_sizes(backbone) is None
+    with pytest.raises(ValueError, match="row for every patch"):
+        saint.patch(_spread(transformers.BeitBackbone(transformers.BeitConfig(**LAYERS))), "saint", tau=0.3)
+
+
+def _dense(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    t = transformers
+    if kind == "segmentation":
+        return _spread(t.BeitForSemanticSegmentation(t.BeitConfig(**LAYERS, out_indices=[1, 2, 3, 4], num_labels=3,
+                                                                  use_auxiliary_head=False)))
+    backbone = dict(LAYERS, model_type="beit", out_indices=[1, 2, 3, 4])
+    if kind == "upernet":
+        return _spread(t.UperNetForSemanticSegmentation(t.UperNetConfig(backbone_config=backbone, hidden_size=16,
+                                                                         num_labels=3, use_auxiliary_head=False)))
+    cfg = t.DPTConfig(backbone_config=dict(backbone, reshape_hidden_states=False), hidden_size=32, patch_size=8,
+                      image_size=32, neck_hidden_sizes=[8, 16, 16, 32], fusion_hidden_size=16, head_hidden_size=8,
+                      reassemble_factors=[4, 2, 1, 0.5])
+    return _spread(t.DPTForDepthEstimation(cfg))
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "upernet", "dpt"])
+def test_dense_heads_on_beit_predict_each_image_as_alone(kind, images):
+    """BEiT's own segmentation head, UperNet and DPT on a BEiT backbone (DPT-BEiT) run on the
+    unmerged maps: a ragged batch predicts each image as alone; nothing to prune bit for bit."""
+    model = _dense(kind)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        out = model(pixel_values=x)
+        return out.predicted_depth if kind == "dpt" else out.logits
+
+    with torch.no_grad():
+        ref = predict(images)
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(predict(images), ref)
+        saint.unpatch(model)
+        saint.patch(model, "saint_match", tau=0.3, fraction=0.7, guard=0.2)
+        got = predict(images)
+        scale = float(ref.abs().max())  # DPT's random head predicts tiny depths
+        assert saint.stats(model).layout == "packed" and not torch.allclose(got, ref, rtol=0, atol=1e-3 * scale)
+        for i in range(len(images)):
+            torch.testing.assert_close(got[i], predict(images[i : i + 1])[0], rtol=0, atol=1e-5 * scale)
+        saint.unpatch(model)
+        assert torch.equal(predict(images), ref)

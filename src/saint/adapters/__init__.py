@@ -47,7 +47,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "VivitModel, VivitForVideoClassification, VJEPA2Model, VJEPA2ForVideoClassification; "
     "Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone, alone or as the .backbone of a dense head "
     "(Depth Anything, DPT, UperNet, ZoeDepth ...; merging methods), DPTModel, DPTForDepthEstimation, "
-    "DPTForSemanticSegmentation (merging methods); LLaVA "
+    "DPTForSemanticSegmentation, BeitBackbone, BeitForSemanticSegmentation (merging methods); LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3 or "
     "Granite language model); Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (vision side), Qwen3.5-MoE (vision "
     "side), GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR (*ForConditionalGeneration / *Model), the Qwen2.5-Omni and "
