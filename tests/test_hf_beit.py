@@ -214,3 +214,24 @@ def test_dense_heads_on_beit_predict_each_image_as_alone(kind, images):
             torch.testing.assert_close(got[i], predict(images[i : i + 1])[0], rtol=0, atol=1e-5 * scale)
         saint.unpatch(model)
         assert torch.equal(predict(images), ref)
+
+
+def test_copies_and_threads_pool_their_own_calls(images):
+    """The pooler's per-instance forward finds its handle through the module, so a deep copy
+    pools with its own, and each thread reads its own call's tokens."""
+    import copy
+
+    from .conftest import assert_two_threads_agree
+
+    model = beit()
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(pixel_values=images).logits, model(pixel_values=images).logits, **TOL)
+    assert twin.beit.pooler.forward.__self__ is twin.beit.pooler
+
+    @torch.no_grad()
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=x).logits
+
+    assert_two_threads_agree(logits, [(images,), (images[:2].flip(0),)] * 5)

@@ -276,3 +276,22 @@ def test_vjepa2_nothing_to_prune_unpatch_and_the_predictor():
     assert cal.reached and abs(cal.achieved / 1.5 - 1) < 0.1
     with pytest.raises(ValueError, match=r"clips \[N, T, 3, H, W\]"):
         find_adapter(model).check_inputs(torch.randn(3, 3, 32, 32))
+
+
+def test_vjepa2_copies_and_threads_pool_their_own_calls():
+    import copy
+
+    from .conftest import assert_two_threads_agree
+
+    model, x = vjepa2(), videos()
+    saint.patch(model, "saint_match", tau=0.5, fraction=0.7)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(pixel_values_videos=x).logits, model(pixel_values_videos=x).logits, **TOL)
+    assert twin.pooler.forward.__self__ is twin.pooler
+
+    @torch.no_grad()
+    def logits(clips: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values_videos=clips).logits
+
+    assert_two_threads_agree(logits, [(x,), (x[:2].flip(0),)] * 5)
