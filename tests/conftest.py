@@ -154,3 +154,10 @@ def forcing(tokens: Sequence[int], steps: Sequence[int] = (1, 2)) -> dict[str, A
             return scores
 
     return dict(logits_processor=LogitsProcessorList([Force()]), suppress_tokens=None)
+
+
+def assert_real_tokens_as_alone(hidden_states, alone_states, masks, i: int) -> None:
+    """Image ``i``'s real tokens in every hidden state of a batch (``masks``: each state's
+    validity, None where every position is real) equal the image run alone, to 1e-5."""
+    for h, h_alone, mask in zip(hidden_states, alone_states, masks, strict=True):
+        torch.testing.assert_close(h[i] if mask is None else h[i][mask[i]], h_alone[0], rtol=0, atol=1e-5)

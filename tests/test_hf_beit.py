@@ -13,6 +13,8 @@ import saint  # noqa: E402
 from saint.adapters import find_adapter  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
+from .conftest import assert_real_tokens_as_alone  # noqa: E402
+
 TOL = dict(rtol=0, atol=1e-5)
 SHARED = {"per_layer": dict(use_relative_position_bias=True), "shared": dict(use_shared_relative_position_bias=True)}
 # a rectangular merge, a ragged merge (with the class-attention guard, before attention), a ragged drop
@@ -60,8 +62,7 @@ def test_each_image_as_alone_and_the_pooler_reads_what_every_patch_became(bias, 
         with torch.no_grad():
             alone = model.beit(pixel_values=images[i : i + 1], output_hidden_states=True)
             torch.testing.assert_close(logits[i], model(pixel_values=images[i : i + 1]).logits[0], **TOL)
-        for h, h_alone, mask in zip(out.hidden_states, alone.hidden_states, masks, strict=True):
-            torch.testing.assert_close(h[i] if mask is None else h[i][mask[i]], h_alone[0], **TOL)
+        assert_real_tokens_as_alone(out.hidden_states, alone.hidden_states, masks, i)
 
 
 @pytest.mark.parametrize("bias", sorted(SHARED))

@@ -15,6 +15,8 @@ import saint  # noqa: E402
 from saint.adapters import find_adapter  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
+from .conftest import assert_real_tokens_as_alone  # noqa: E402
+
 TOL = dict(rtol=0, atol=1e-5)
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
             patch_size=8, num_frames=4, tubelet_size=2)  # 2 tubelet frames of 4 x 4 patches: 32 tokens
@@ -22,6 +24,16 @@ TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermed
 METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.7, fraction=0.7)),
            ("saint_match", dict(tau=0.7, fraction=0.7, select_at="attention")), ("saint", dict(tau=0.7, k=1))]
 IDS = ["tome", "saint_match", "saint_match_before_attention", "saint"]
+
+
+def _spread_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Norms away from 1 / 0 (HF initialises every one so): a swapped norm would show."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(std=0.1)
+    return model
 
 
 def videos() -> torch.Tensor:
@@ -42,12 +54,7 @@ def make_video(kind: str) -> torch.nn.Module:
     else:
         model = classifier() if kind.endswith("_classifier") else transformers.VideoMAEModel(
             transformers.VideoMAEConfig(**TINY))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(std=0.1)
-    return model.eval()
+    return _spread_norms(model).eval()
 
 
 def classifier(**extra) -> torch.nn.Module:
@@ -81,9 +88,7 @@ def test_each_clip_as_alone_and_the_classifier_reads_what_every_tubelet_became(m
         with torch.no_grad():
             alone = model.videomae(pixel_values=x[i : i + 1], output_hidden_states=True)
             torch.testing.assert_close(logits[i], model(pixel_values=x[i : i + 1]).logits[0], **TOL)
-        for h, h_alone, mask in zip(hidden.hidden_states, alone.hidden_states, masks, strict=True):
-            real = h[i] if mask is None else h[i][mask[i]]
-            torch.testing.assert_close(real, h_alone[0], **TOL)
+        assert_real_tokens_as_alone(hidden.hidden_states, alone.hidden_states, masks, i)
 
 
 def test_nothing_to_prune_and_unpatch_give_the_models_own_answer():
@@ -186,8 +191,7 @@ def test_vivit_classifies_each_clip_as_alone(method, kw, layout):
         with torch.no_grad():
             alone = model(pixel_values=x[i : i + 1], output_hidden_states=True)
         torch.testing.assert_close(out.logits[i], alone.logits[0], **TOL)
-        for h, h_alone, mask in zip(out.hidden_states, alone.hidden_states, masks, strict=True):
-            torch.testing.assert_close(h[i] if mask is None else h[i][mask[i]], h_alone[0], **TOL)
+        assert_real_tokens_as_alone(out.hidden_states, alone.hidden_states, masks, i)
     saint.unpatch(model)
     saint.patch(model, "tome", r=0)
     with torch.no_grad():
@@ -201,12 +205,7 @@ def vjepa2(classifier: bool = True) -> torch.nn.Module:
                                     pred_hidden_size=16, pred_num_hidden_layers=1, pred_num_attention_heads=2,
                                     num_pooler_layers=1, num_labels=5)
     model = transformers.VJEPA2ForVideoClassification(cfg) if classifier else transformers.VJEPA2Model(cfg)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(std=0.1)
-    return model.eval()
+    return _spread_norms(model).eval()
 
 
 VJEPA2_METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.5, fraction=0.7)),
@@ -237,8 +236,7 @@ def test_vjepa2_classifies_each_clip_as_alone(method, kw, layout):
         torch.testing.assert_close(logits[i], alone_logits[0], **TOL)
         with torch.no_grad():
             alone = model.vjepa2(pixel_values_videos=x[i : i + 1], skip_predictor=True, output_hidden_states=True)
-        for h, h_alone, mask in zip(hidden.hidden_states, alone.hidden_states, masks, strict=True):
-            torch.testing.assert_close(h[i] if mask is None else h[i][mask[i]], h_alone[0], **TOL)
+        assert_real_tokens_as_alone(hidden.hidden_states, alone.hidden_states, masks, i)
 
 
 def test_vjepa2_rotates_each_kept_token_at_its_original_position():
