@@ -437,23 +437,24 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     pe = kwargs.pop("position_embeddings", None)  # rotary families: the grid's (cos, sin)
     if pe is not None:
         kwargs["position_embeddings"] = _module_rows(pe, state, handle.num_protected)
-    pair = None if p.pair_bias is None else p.pair_bias(attention_mask, kwargs)
     if settings is not None and handle.config.select_at == "attention":
+        pair = None if p.pair_bias is None else p.pair_bias(attention_mask, kwargs)
         x = handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings, pe,
                                                                    pair))
         return (x, None) if p.returns_tuple else x
     bias = None if state.packed else state.attn_bias(hidden_states.dtype, prop_attn)
     if bias is not None and not p.own_attention:
         _check_maskable_now(p)
+    # the layer's own forward, where it computes what saint would (BEiT's bias covers every token)
     whole = (not state.packed and settings is None and (bias is None or not p.own_attention)
-             and (pair is None or state.positions is None))  # the layer's own forward (BEiT's: every token there)
+             and (p.pair_bias is None or state.positions is None))
+    pair = None if p.pair_bias is None or whole else p.pair_bias(attention_mask, kwargs)
     rows = None  # per-token rotary rows, where saint's own code reads or rotates keys
     if (pe is not None or p.rotary is not None) and not whole:
         rows = _rows_of(p, pe, state, hidden_states, handle.num_protected)
     if whole:
-        extra = ((attention_mask,) if pair is not None else (bias,) if not p.own_attention else
-                 (_rows_of(p, pe, state, hidden_states, handle.num_protected),) if p.rotary else ())
-        x = type(self).forward(self, hidden_states, *extra, **kwargs)
+        x = type(self).forward(self, hidden_states, *_own_forward_args(p, attention_mask, bias, state, hidden_states),
+                               **kwargs)
         x = x[0] if p.returns_tuple else x
     else:
         normed = p.norm1(hidden_states)
@@ -468,6 +469,18 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
         x = _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
     x = handle.leave_site(index, run, x)
     return (x, None) if p.returns_tuple else x
+
+
+def _own_forward_args(p: LayerParts, attention_mask: torch.Tensor | None, bias: torch.Tensor | None,
+                      state: TokenState, x: torch.Tensor) -> tuple[Any, ...]:
+    """What the layer's own forward takes after its hidden states: the relative position bias
+    it got (BEiT), the tokens' original indices (V-JEPA 2's ``position_mask``), nothing (an
+    attention that takes no mask), or saint's key mask."""
+    if p.pair_bias is not None:
+        return (attention_mask,)
+    if p.rotary is not None:
+        return (_rows_of(p, None, state, x, 0),)
+    return () if p.own_attention else (bias,)
 
 
 def _residual(p: LayerParts, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
