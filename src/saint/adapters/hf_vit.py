@@ -23,7 +23,11 @@ mask or selects (``LayerParts.own_attention``; ``output_attentions`` is refused)
 (``VideoMAEModel``, ``VideoMAEForVideoClassification``, whose ``fc_norm`` reads the mean) has
 the same layers over a clip's tubelets, no class token; ViViT (``VivitModel``,
 ``VivitForVideoClassification``, which reads the class token) ViT's layers over tubelets.
-Video batches are ``[N, T, 3, H, W]``.
+Video batches are ``[N, T, 3, H, W]``. BEiT (``BeitModel``, ``BeitForImageClassification``;
+DiT's checkpoints are BEiT) adds a relative position bias per pair of tokens, which every
+remaining token reads at its original index (``LayerParts.pair_bias``,
+:mod:`saint.adapters.pair_bias`), and a pooler that averages the patch tokens inside itself
+(``Family.pool``); ``BeitBackbone`` and ``BeitForSemanticSegmentation`` are dense.
 
 Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
 in the order transformers runs them (pre-norm attention, residual, [selection], pre-norm
@@ -366,7 +370,7 @@ class HFViT(FamilyAdapter):
         return model(pixel_values=inputs)
 
     def check_inputs(self, inputs: Any) -> None:
-        """Image batches ``[N, 3, H, W]``, or video batches ``[N, T, 3, H, W]`` (VideoMAE)."""
+        """Image batches ``[N, 3, H, W]``, or video batches ``[N, T, 3, H, W]`` (VideoMAE, ViViT)."""
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 5 and inputs.shape[0] >= 1:
             return super().check_inputs(inputs.flatten(0, 1))
         return super().check_inputs(inputs)
