@@ -8,6 +8,7 @@ import torch
 
 from . import (
     hf_aimv2,
+    hf_blip2,
     hf_siglip2,
     hf_vision,
     hf_vit,
@@ -29,6 +30,7 @@ ADAPTERS: list[Adapter] = [
     llava_anyres.NEXT_VIDEO_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER, hf_vjepa2.ADAPTER,
+    hf_blip2.ADAPTER,
 ]
 SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_inputs.py keeps it complete)
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
@@ -44,7 +46,10 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "(CLIPForImageClassification, MetaClip2ForImageClassification, SiglipForImageClassification, "
     "Siglip2ForImageClassification, Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification, "
     "IJepaForImageClassification); the video transformers VideoMAEModel, VideoMAEForVideoClassification, "
-    "VivitModel, VivitForVideoClassification, VJEPA2Model, VJEPA2ForVideoClassification; "
+    "VivitModel, VivitForVideoClassification, VJEPA2Model, VJEPA2ForVideoClassification; the BLIP-2 and "
+    "InstructBLIP vision towers (Blip2VisionModel, InstructBlipVisionModel), alone or in Blip2ForConditionalGeneration, "
+    "Blip2Model, Blip2VisionModelWithProjection, Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration, "
+    "InstructBlipModel (the Q-Former reads each image's real tokens); "
     "Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone, alone or as the .backbone of a dense head "
     "(Depth Anything, DPT, UperNet, ZoeDepth ...; merging methods), DPTModel, DPTForDepthEstimation, "
     "DPTForSemanticSegmentation, BeitBackbone, BeitForSemanticSegmentation (merging methods); LLaVA "

@@ -94,6 +94,9 @@ class LayerParts:
     # a bias per pair of tokens (BEiT's relative position bias): ``pair_bias(attention_mask, kwargs)``,
     # from what the layer's forward got, over the full grid ``[1, H, N0, N0]`` (:mod:`pair_bias`)
     pair_bias: Callable[[torch.Tensor | None, dict[str, Any]], torch.Tensor] | None = None
+    # a fused projection whose output is ``[q | k | v]`` (BLIP-2): saint's attention calls it once, its
+    # keys are captured from it, and ``q`` / ``k`` / ``v`` are its thirds (:func:`fused_part`, no hook)
+    qkv: torch.nn.Module | None = None
     own_attention: bool = False
     branch_first: bool = False  # the layer adds its residual as ``branch + x`` (transformers' older ViT layout)
     returns_tuple: bool = False  # the layer returns ``(hidden_states, attention weights)`` (V-JEPA 2)
@@ -344,8 +347,29 @@ def encoder_sites(layers: list[torch.nn.Module], prefix: str, parts: Callable[[t
 
 
 def _key_proj(parts: Callable[[torch.nn.Module], LayerParts]) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """The layer's key projection, where the selection's keys are captured."""
-    return lambda layer: parts(layer).k
+    """The layer's key projection (or its fused q/k/v projection), where the selection's keys are captured."""
+    return lambda layer: _key_module(parts(layer))
+
+
+def _key_module(p: LayerParts) -> torch.nn.Module:
+    return p.k if p.qkv is None else p.qkv
+
+
+def _keys(p: LayerParts, captured: torch.Tensor) -> torch.Tensor:
+    """The keys ``[B, N, C]`` in what the key capture hook kept (a fused projection's middle third)."""
+    return captured if p.qkv is None else captured.chunk(3, dim=-1)[1]
+
+
+def fused_part(qkv: torch.nn.Linear, part: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Queries (0), keys (1) or values (2) of a fused ``[q | k | v]`` linear projection, through
+    its own weight and bias rows (without calling the module: its hooks see its own calls)."""
+    c = qkv.out_features // 3
+    rows = slice(part * c, (part + 1) * c)
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+
+    return project
 
 
 def needs_mask(spec: MethodSpec, config: MethodConfig, layout: str) -> bool:
@@ -405,7 +429,8 @@ def _parts_attention(p: LayerParts, x: torch.Tensor, state: TokenState, prop_att
     q/k/v/out projections (q and k rotated by ``rows``) around attention over each image's
     real tokens (:func:`~saint.adapters.common.attention_of`)."""
     b, n = x.shape[:2]
-    q, k, v = (proj(x).reshape(b, n, p.heads, p.head_dim) for proj in (p.q, p.k, p.v))
+    qkv = (p.q(x), p.k(x), p.v(x)) if p.qkv is None else p.qkv(x).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in qkv)
     q, k = _rotate(p, q, rows), _rotate(p, k, rows)
     return p.out(_attend(p, q, k, v, state, prop_attn, kernel, pair))
 
@@ -507,7 +532,7 @@ def _select(p: LayerParts, handle: HFEncoderPatch, run: Any, index: int, normed:
     the rotary rows the class token's attention reads its keys with). The selection's keys
     are the projection's, before any rotation."""
     state = run.state
-    k = run.captured.pop(index)
+    k = _keys(p, run.captured.pop(index))
     ctx = LayerContext(
         keys=state.padded(mean_heads(k, p.heads)),
         num_protected=handle.num_protected,
@@ -533,11 +558,11 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     them), attention, the output projection and the MLP run on the survivors."""
     state = run.state
     normed = p.norm1(x)
-    k = p.k(normed)  # the hook captures it
+    k = _keys(p, _key_module(p)(normed))  # the hook captures it
     npt = handle.num_protected
     sel = _select(p, handle, run, index, normed, x, settings, _rows_of(p, pe, state, x, npt), pair)
-    x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(p.norm1),
-                                                                   output_unshared(p.k, saint_hooks=1)])
+    keys_own = p.qkv is None and output_unshared(p.k, saint_hooks=1)  # a fused output's third is a view
+    x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(p.norm1), keys_own])
     q, v = p.q(normed), p.v(normed)
     b, n = q.shape[:2]
     q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
@@ -595,11 +620,13 @@ class ProjectionProbe(Probe):
 
     def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
         p = self.parts(self.sites[i].block)
+        if p.qkv is not None:
+            return [p.qkv.register_forward_hook(save_output(store, "qkv"))]
         return [p.q.register_forward_hook(save_output(store, "q")), p.k.register_forward_hook(save_output(store, "k"))]
 
     def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.sites[i].heads
-        q, k = store.pop("q"), store.pop("k")
+        q, k = store.pop("qkv").chunk(3, dim=-1)[:2] if "qkv" in store else (store.pop("q"), store.pop("k"))
         b, n, c = q.shape
         return q.reshape(b, n, h, c // h), k.reshape(b, n, h, c // h)
 
