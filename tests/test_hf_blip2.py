@@ -37,11 +37,13 @@ def blip2(kind: str = "blip2") -> torch.nn.Module:
     cfg = config_cls(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT, num_query_tokens=4,
                      image_token_index=IMAGE_TOKEN)
     model = model_cls(cfg).eval()
-    with torch.no_grad():  # norms away from 1 / 0, so a swapped one would show
+    with torch.no_grad():  # weights that make tokens differ (BLIP-2 initialises them tiny), norms away from 1 / 0
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.normal_(std=0.1)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.normal_(std=0.2)
     return model
 
 
@@ -60,13 +62,15 @@ def test_each_images_query_outputs_as_alone(kind, method, kw, layout, images):
     model = blip2(kind)
     with torch.no_grad():
         ref = _features(model, images)
+        ref_pooled = model.vision_model(pixel_values=images).pooler_output
     saint.patch(model, method, layout=layout, **kw)
     assert find_adapter(model).name == "hf_blip2"
     with torch.no_grad():
         got = _features(model, images)
         tower = model.vision_model(pixel_values=images, output_hidden_states=True)
     assert saint.stats(model).layout == ("rectangular" if method == "tome" else layout)
-    assert got.shape == ref.shape and bool(torch.isfinite(got).all()) and not torch.allclose(got, ref, atol=1e-4)
+    assert got.shape == ref.shape and bool(torch.isfinite(got).all())
+    assert not torch.allclose(tower.pooler_output, ref_pooled, atol=1e-3)
     masks = [get_handle(model).hidden_state_valid(i) for i in range(len(tower.hidden_states))]
     for i in range(len(images)):
         with torch.no_grad():
@@ -85,6 +89,7 @@ def test_a_merged_token_counts_in_the_qformer_as_its_parts(images):
         hidden = model.vision_model(pixel_values=images).last_hidden_state
     sizes = saint.token_sizes(model).long()
     assert int(sizes.max()) > 1
+    saint.unpatch(model)  # the reference: the model's own Q-Former on every part of each merged token
     query = model.query_tokens.expand(1, -1, -1)
     with torch.no_grad():
         for i in range(len(images)):

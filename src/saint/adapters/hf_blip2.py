@@ -124,7 +124,7 @@ def _qformer_mask(qformer: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
     if states is None:
         return None
     handle = qformer.__dict__[SITE_ATTR][0]
-    dtype = qformer.layernorm.weight.dtype  # the Q-Former runs in its own (fp32) dtype
+    dtype = qformer.dtype  # the Q-Former runs in its own (fp32) dtype
     bias = handle.state.attn_bias(dtype, handle.config.size_bias)
     if bias is None:
         return None
