@@ -29,11 +29,14 @@ IDS = ["tome", "saint_match", "saint_match_guard_before_attention", "saint"]
 
 
 def blip2(kind: str = "blip2") -> torch.nn.Module:
-    """A tiny BLIP-2 (or InstructBLIP) with an OPT language model and 4 query tokens."""
+    """A tiny BLIP-2 (or InstructBLIP, InstructBLIP-Video) with an OPT language model and 4 query tokens."""
     torch.manual_seed(0)
     t = transformers
-    config_cls, model_cls = ((t.Blip2Config, t.Blip2ForConditionalGeneration) if kind == "blip2"
-                             else (t.InstructBlipConfig, t.InstructBlipForConditionalGeneration))
+    config_cls, model_cls = {
+        "blip2": (t.Blip2Config, t.Blip2ForConditionalGeneration),
+        "instructblip": (t.InstructBlipConfig, t.InstructBlipForConditionalGeneration),
+        "instructblipvideo": (t.InstructBlipVideoConfig, t.InstructBlipVideoForConditionalGeneration),
+    }[kind]
     cfg = config_cls(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT, num_query_tokens=4,
                      image_token_index=IMAGE_TOKEN)
     model = model_cls(cfg).eval()
@@ -130,3 +133,18 @@ def test_nothing_to_prune_unpatch_calibration_and_refusals(images):
     model.vision_model(pixel_values=images)
     with pytest.raises(ValueError, match="call it only through the patched model"):
         model.qformer(query_embeds=model.query_tokens, encoder_hidden_states=torch.zeros(1, 17, 32))
+
+
+def test_instructblip_video_gives_each_clip_its_frames_alone(images):
+    """InstructBLIP-Video's frames reach the tower as a batch of images, each with its own
+    budget: a batch of clips gives each clip's query outputs as the clip alone."""
+    model = blip2("instructblipvideo")
+    clips = torch.stack([images, images.flip(0)], dim=0)  # [2 clips, 4 frames, 3, 32, 32]
+    prompt = torch.tensor([[5, 6, 7]] * 2)
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad():
+        got = model.get_video_features(pixel_values=clips, qformer_input_ids=prompt).pooler_output
+        assert saint.stats(model).layout == "packed" and bool(torch.isfinite(got).all())
+        for i in range(2):
+            alone = model.get_video_features(pixel_values=clips[i : i + 1], qformer_input_ids=prompt[:1]).pooler_output
+            torch.testing.assert_close(got[i], alone[0], **TOL)

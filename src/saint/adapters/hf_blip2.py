@@ -1,7 +1,9 @@
 """Hugging Face BLIP-2 and InstructBLIP: the vision tower (``Blip2VisionModel``,
 ``InstructBlipVisionModel``) alone or inside the models that hold it as ``vision_model``
 (``Blip2ForConditionalGeneration``, ``Blip2Model``, ``Blip2VisionModelWithProjection``,
-``Blip2ForImageTextRetrieval``, ``InstructBlipForConditionalGeneration``, ``InstructBlipModel``).
+``Blip2ForImageTextRetrieval``, ``InstructBlipForConditionalGeneration``, ``InstructBlipModel``), and
+InstructBLIP-Video's (``InstructBlipVideoForConditionalGeneration``, ``InstructBlipVideoModel``,
+whose frames reach the tower as a batch of images: each frame gets its own budget).
 
 The tower is a ViT with a class token, a fused q/k/v projection (``LayerParts.qkv``) and an
 attention that takes no mask, so its layers run through :mod:`saint.adapters.hf_encoder` with
@@ -44,6 +46,8 @@ FAMILIES = (
      ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2VisionModelWithProjection", "Blip2ForImageTextRetrieval")),
     ("instructblip", "InstructBlipVisionModel", "InstructBlipEncoderLayer", "InstructBlipAttention",
      ("InstructBlipForConditionalGeneration", "InstructBlipModel")),
+    ("instructblipvideo", "InstructBlipVideoVisionModel", "InstructBlipVideoEncoderLayer", "InstructBlipVideoAttention",
+     ("InstructBlipVideoForConditionalGeneration", "InstructBlipVideoModel")),
 )
 
 
@@ -75,7 +79,8 @@ def matches(model: torch.nn.Module) -> bool:
 def _found(model: torch.nn.Module) -> tuple[tuple[type, type, type, tuple[type, ...]], torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face BLIP-2 or InstructBLIP model, got {type(model).__name__}")
+        raise TypeError(f"expected a Hugging Face BLIP-2, InstructBLIP or InstructBLIP-Video model, "
+                        f"got {type(model).__name__}")
     return found
 
 
