@@ -293,3 +293,19 @@ def test_vjepa2_copies_and_threads_pool_their_own_calls():
         return model(pixel_values_videos=clips).logits
 
     assert_two_threads_agree(logits, [(x,), (x[:2].flip(0),)] * 5)
+
+
+@pytest.mark.parametrize("kind", ["videomae", "vivit", "vjepa2"])
+def test_token_analysis_reads_clips(kind):
+    """``saint.analysis`` takes a video model's clips through its adapter; each clip's
+    statistics do not depend on how the clips are batched."""
+    from saint.analysis.collect import token_evolution
+
+    model = vjepa2() if kind == "vjepa2" else make_video(f"{kind}_classifier")
+    x = videos()
+    batched = token_evolution(model, x, tau=0.5, k=2, batch_size=2)
+    first = token_evolution(model, x[:1], tau=0.5, k=2)
+    assert batched.values["key_cosine"].shape == (3, 4)
+    torch.testing.assert_close(batched.values["key_cosine"][:1], first.values["key_cosine"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[N, (T, )?3, H, W\]"):
+        token_evolution(model, torch.zeros(3, 32, 32))

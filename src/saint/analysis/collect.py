@@ -14,7 +14,7 @@ batches of processor outputs: dicts with ``input_ids``, ``pixel_values``, ...).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,20 +89,14 @@ class TokenEvolution:
 # ----------------------------------------------------------------------------- collection
 
 
-def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+def _batches(adapter: Any, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[Any]:
+    """``images`` in batches: a tensor checked and split by the model's adapter (images, or a
+    video model's clips), or the batches as given (each checked before it runs)."""
     if isinstance(images, torch.Tensor):
-        if images.dim() != 4:
-            raise ValueError(f"images must be [N, 3, H, W], got shape {tuple(images.shape)}")
-        for start in range(0, images.shape[0], batch_size):
-            yield images[start : start + batch_size]
+        adapter.check_inputs(images)
+        yield from adapter.split(images, batch_size)
     else:
-        for batch in images:
-            if isinstance(batch, Mapping):  # a processor output (a dict, or transformers' BatchFeature)
-                yield batch
-                continue
-            if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-                raise ValueError("each batch must be a [B, 3, H, W] tensor")
-            yield batch
+        yield from images
 
 
 def block_statistics(
@@ -169,9 +163,9 @@ def token_evolution(
 ) -> TokenEvolution:
     """Per-block token statistics of ``model`` over ``images``.
 
-    ``images``: a ``[N, 3, H, W]`` tensor (split into ``batch_size`` chunks) or an
-    iterable of ``[B, 3, H, W]`` batches (used as given), already preprocessed for the
-    model. Per-image values do not depend on how images are batched. ``tau``/``k`` set
+    ``images``: a ``[N, 3, H, W]`` tensor (a video model's clips ``[N, T, 3, H, W]``; split
+    into ``batch_size`` chunks) or an iterable of such batches (used as given), already
+    preprocessed for the model. Per-image values do not depend on how images are batched. ``tau``/``k`` set
     SAINT's redundancy rule for ``redundant_fraction``. The model runs unpatched,
     in eval mode, with its own attention kernel.
     """
@@ -203,7 +197,7 @@ def token_evolution(
         return hook
 
     with _hooked(model, probe, store, block_hook):
-        batches = _batches(images, batch_size)
+        batches = _batches(adapter, images, batch_size)
         if progress:
             from tqdm import tqdm
 
