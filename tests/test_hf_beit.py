@@ -4,6 +4,8 @@ original index; layer scales; a pooler that averages the patch tokens."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -236,3 +238,57 @@ def test_copies_and_threads_pool_their_own_calls(images):
         return model(pixel_values=x).logits
 
     assert_two_threads_agree(logits, [(images,), (images[:2].flip(0),)] * 5)
+
+
+NAMES_D2V = (  # BEiT's parameter names -> Data2Vec-vision's, applied in order
+    ("beit.layers.", "data2vec_vision.encoder.layer."), ("beit.shared_position_bias.",
+                                                        "data2vec_vision.encoder.relative_position_bias."),
+    ("beit.", "data2vec_vision."), (".attention.q_proj", ".attention.attention.query"),
+    (".attention.k_proj", ".attention.attention.key"), (".attention.v_proj", ".attention.attention.value"),
+    (".attention.o_proj", ".attention.output.dense"), (".mlp.fc1", ".intermediate.dense"),
+    (".mlp.fc2", ".output.dense"),
+)
+
+
+def data2vec_like(model: torch.nn.Module) -> torch.nn.Module:
+    """A ``Data2VecVisionForImageClassification`` with the BEiT classifier's weights: the same
+    model in transformers' older layer layout (a layer's bias inside its self-attention)."""
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+            "patch_size", "layer_scale_init_value", "num_labels", "use_relative_position_bias",
+            "use_shared_relative_position_bias")
+    cfg = transformers.Data2VecVisionConfig(**{k: getattr(model.config, k) for k in keys})
+    twin = transformers.Data2VecVisionForImageClassification(cfg).eval()
+    state = {}
+    for key, value in model.state_dict().items():
+        for old, new in NAMES_D2V:
+            key = key.replace(old, new)
+        key = re.sub(r"layer\.(\d+)\.relative_position_bias", r"layer.\1.attention.attention.relative_position_bias", key)
+        state[key] = value
+    twin.load_state_dict(state)
+    return twin
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", METHODS, ids=IDS)
+@pytest.mark.parametrize("bias", sorted(SHARED))
+def test_data2vec_vision_prunes_as_the_same_beit(bias, method, kw, layout, images):
+    """Data2Vec-vision (BEiT's layers in the older layout, optional layer scales) with a BEiT
+    classifier's weights: patched alike, it keeps the same tokens and gives the same logits,
+    each image as alone; nothing to prune bit for bit."""
+    model = beit(bias)
+    twin = data2vec_like(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(pixel_values=images).logits, model(pixel_values=images).logits, **TOL)
+        ref = twin(pixel_values=images).logits
+        saint.patch(twin, "tome", r=0)
+        assert torch.equal(twin(pixel_values=images).logits, ref)
+        saint.unpatch(twin)
+    saint.patch(model, method, layout=layout, **kw)
+    saint.patch(twin, method, layout=layout, **kw)
+    with torch.no_grad():
+        got, want = twin(pixel_values=images).logits, model(pixel_values=images).logits
+    assert saint.stats(twin).tokens == saint.stats(model).tokens
+    torch.testing.assert_close(got, want, **TOL)
+    for i in range(len(images)):
+        with torch.no_grad():
+            torch.testing.assert_close(got[i], twin(pixel_values=images[i : i + 1]).logits[0], **TOL)

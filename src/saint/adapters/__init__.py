@@ -42,6 +42,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "Siglip2VisionModel, Siglip2Model (NaFlex), Aimv2VisionModel, Aimv2Model, ViTModel, "
     "ViTForImageClassification, ViTMSNModel, ViTMSNForImageClassification, DeiTModel, DeiTForImageClassification, DeiTForImageClassificationWithTeacher, Dinov2Model, "
     "Dinov2WithRegistersModel, DINOv3ViTModel, IJepaModel, BeitModel, BeitForImageClassification (BEiT, DiT), "
+    "Data2VecVisionModel, Data2VecVisionForImageClassification, "
     "and the classifiers that average their tokens "
     "(CLIPForImageClassification, MetaClip2ForImageClassification, SiglipForImageClassification, "
     "Siglip2ForImageClassification, Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification, "

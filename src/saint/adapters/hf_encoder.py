@@ -501,8 +501,8 @@ def _own_forward_args(p: LayerParts, attention_mask: torch.Tensor | None, bias: 
     """What the layer's own forward takes after its hidden states: the relative position bias
     it got (BEiT), the tokens' original indices (V-JEPA 2's ``position_mask``), nothing (an
     attention that takes no mask), or saint's key mask."""
-    if p.pair_bias is not None:
-        return (attention_mask,)
+    if p.pair_bias is not None:  # BEiT's shared bias (Data2Vec-vision's comes in the keyword arguments)
+        return () if attention_mask is None else (attention_mask,)
     if p.rotary is not None:
         return (_rows_of(p, None, state, x, 0),)
     return () if p.own_attention else (bias,)

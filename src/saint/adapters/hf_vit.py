@@ -28,6 +28,8 @@ DiT's checkpoints are BEiT) adds a relative position bias per pair of tokens, wh
 remaining token reads at its original index (``LayerParts.pair_bias``,
 :mod:`saint.adapters.pair_bias`), and a pooler that averages the patch tokens inside itself
 (``Family.pool``); ``BeitBackbone`` and ``BeitForSemanticSegmentation`` are dense.
+Data2Vec-vision (``Data2VecVisionModel``, ``Data2VecVisionForImageClassification``) is BEiT's
+layer in the older layout, its bias inside the self-attention.
 
 Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
 in the order transformers runs them (pre-norm attention, residual, [selection], pre-norm
@@ -175,6 +177,42 @@ def _beit_pair_bias(layer: torch.nn.Module, attention_mask: torch.Tensor | None,
     return bias if attention_mask is None else bias + attention_mask
 
 
+def _data2vec_parts(layer: torch.nn.Module) -> LayerParts:
+    """Data2Vec-vision: BEiT's layer in transformers' older layout (``query``/``key``/``value``,
+    output modules, optional layer scales ``lambda_1`` / ``lambda_2``), its relative position
+    bias inside the self-attention (:func:`_data2vec_pair_bias`)."""
+    a, out = layer.attention, layer.output
+    s = a.attention
+    return LayerParts(layer.layernorm_before, a, s.query, s.key, s.value,
+                      lambda x: a.output.dropout(a.output.dense(x)), int(s.num_attention_heads),
+                      int(s.attention_head_size), float(s.attention_head_size) ** -0.5, float(s.dropout.p),
+                      layer.layernorm_after, lambda x: out(layer.intermediate(x)),
+                      ls1=functools.partial(_scaled, layer, "lambda_1"), ls2=functools.partial(_scaled, layer, "lambda_2"),
+                      drop_path=layer.drop_path, pair_bias=functools.partial(_data2vec_pair_bias, layer),
+                      own_attention=True, branch_first=True, returns_tuple=True)
+
+
+def _scaled(layer: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` times the layer's scale ``name`` where it has one (Data2Vec-vision's are optional)."""
+    gamma = getattr(layer, name)
+    return x if gamma is None else gamma * x
+
+
+def _data2vec_pair_bias(layer: torch.nn.Module, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+                        ) -> torch.Tensor | None:
+    """The bias Data2Vec-vision's layer adds over the full grid: its self-attention's own table
+    (if it has one) plus the model's shared one (``relative_position_bias``)."""
+    attn = layer.attention.attention
+    shared = kwargs.get("relative_position_bias")
+    if not attn.has_relative_position_bias:
+        return shared
+    height, width = kwargs["resolution"]
+    window = (height // attn.config.patch_size, width // attn.config.patch_size)
+    bias = attn.relative_position_bias(window, kwargs.get("interpolate_pos_encoding", False),
+                                       dim_size=window[0] * window[1] + 1)
+    return bias if shared is None else bias + shared
+
+
 def _beit_pool(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """BEiT's pooler: with mean pooling, each image's mean over its real patch tokens, a merged
     one weighted by how many it stands for (the model's own where every token is real and whole)."""
@@ -200,6 +238,7 @@ def _dinov2_mlp_hidden(cfg: Any) -> float:
 def _families() -> list[Family]:
     """The supported families (transformers imported here, on first use)."""
     from transformers.models.beit import modeling_beit as beit
+    from transformers.models.data2vec import modeling_data2vec_vision as d2v
     from transformers.models.deit import modeling_deit as deit
     from transformers.models.dinov2 import modeling_dinov2 as d
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as r
@@ -247,6 +286,10 @@ def _families() -> list[Family]:
                beit.BeitAttention, "layers", _beit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size, dense=True),
         Family("beit_backbone", beit.BeitBackbone, {}, beit.BeitLayer, beit.BeitAttention, "beit.layers", _beit_parts,
                lambda cfg: 1, lambda cfg: cfg.intermediate_size, dense=True),
+        Family("data2vec_vision", d2v.Data2VecVisionModel,
+               {d2v.Data2VecVisionForImageClassification: "data2vec_vision"}, d2v.Data2VecVisionLayer,
+               d2v.Data2VecVisionAttention, "encoder.layer", _data2vec_parts, lambda cfg: 1,
+               lambda cfg: cfg.intermediate_size, pool=_beit_pool),
         Family("vivit", vivit.VivitModel, {vivit.VivitForVideoClassification: "vivit"}, vivit.VivitLayer,
                vivit.VivitAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("videomae", vm.VideoMAEModel, {vm.VideoMAEForVideoClassification: "videomae"}, vm.VideoMAELayer,
@@ -272,7 +315,7 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, BEiT, DPT, VideoMAE or ViViT model, "
+        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, BEiT, Data2Vec-vision, DPT, VideoMAE or ViViT model, "
                         f"got {type(model).__name__}")
     return found
 
