@@ -38,6 +38,7 @@ from .hf_encoder import (
     patched_through,
     unpatch_tower_of,
 )
+from .hf_vit import patch_grid
 
 LAYERS = "encoder.layers"
 # (transformers module, tower, encoder layer, attention, the models holding the tower as ``vision_model``)
@@ -155,12 +156,7 @@ class HFBlip2(FamilyAdapter):
         return 1
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        cfg = _found(model)[1].config
-        p = int(cfg.patch_size)
-        if inputs is None:
-            g = int(cfg.image_size) // p
-            return Grid(g, g, (p, p))
-        return Grid(int(inputs.shape[-2]) // p, int(inputs.shape[-1]) // p, (p, p))
+        return patch_grid(_found(model)[1], inputs)
 
     def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
         cfg = _found(model)[1].config

@@ -199,13 +199,14 @@ def patch_encoder(
     require_class_token(spec, config, num_protected > 0, type(tower).__name__)
     if dense:
         require_merging(spec, f"{type(tower).__name__}'s feature maps")
-    own_attention = bool(layers) and parts(layers[0]).own_attention
+    first = parts(layers[0]) if layers else None
+    own_attention = first is not None and first.own_attention
     if not own_attention:  # saint's own attention takes any mask
         check_maskable(tower, spec, config, layout)
     check_static_counts(num_patches, spec, settings, unit="layer")
     handle = HFEncoderPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel, tower=tower,
                             parts=parts, own_attention=own_attention)
-    first = parts(layers[0]) if layers else None  # tokens keep their original index for rotations and pair biases
+    # tokens keep their original index for rotations and pair biases
     rotary = first is not None and (first.rotate_half is not None or first.rotary is not None
                                     or first.pair_bias is not None)
     install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .base import TokenStateHandle, refuse_foreign_forwards
-from .common import Hooked
+from .common import Hooked, get_handle
 
 
 @dataclass(frozen=True)
@@ -215,17 +215,33 @@ def mean_of_real_tokens(hidden: torch.Tensor, weights: torch.Tensor | None, skip
 def embed(model: torch.nn.Module, forward: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """A classifier's embedding and logits from one ``forward()``: the features its
     classifier read (the weighted mean when saint pooled) and its logits."""
+    features, out = read_input(_reader(model), forward)  # after saint's hook: what the reader reads
+    return features, out.logits
+
+
+def read_input(module: torch.nn.Module, forward: Callable[[], Any]) -> tuple[torch.Tensor, Any]:
+    """What ``module`` is first called with (its first argument) while ``forward()`` runs in
+    this thread, and ``forward()``'s output; read by a forward pre-hook registered after the
+    module's others, so it sees what the module reads."""
     seen: dict[str, torch.Tensor] = {}
     caller = threading.get_ident()
 
-    def keep(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    def keep(m: torch.nn.Module, args: tuple[Any, ...]) -> None:
         if threading.get_ident() == caller:
-            seen.setdefault("features", args[0])
+            seen.setdefault("input", args[0])
 
-    hook = _reader(model).register_forward_pre_hook(keep)  # after saint's: it sees what the reader reads
+    hook = module.register_forward_pre_hook(keep)
     try:
         out = forward()
     finally:
         hook.remove()
-    return seen["features"], out.logits
+    return seen["input"], out
 
+
+def token_mean(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Each image's mean over the real tokens of ``hidden [B, M, C]`` (the last forward's
+    output of ``model``), a merged token weighted by how many it stands for; the plain mean
+    where every position is one real token (or ``model`` is not patched)."""
+    handle = get_handle(model)
+    mean = mean_of_real_tokens(hidden, None if handle is None else handle.output_weights(), 0)
+    return hidden.mean(dim=1) if mean is None else mean

@@ -59,7 +59,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ import torch
 from ..methods import MethodSpec
 from . import hf_mean_head
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
-from .common import SITE_ATTR, Hooked, get_handle
+from .common import SITE_ATTR, Hooked
 from .hf_encoder import (
     HFEncoderPatch,
     LayerParts,
@@ -138,17 +138,19 @@ def _dinov3_parts(layer: torch.nn.Module) -> LayerParts:
 
 
 def _legacy_vit_parts(layer: torch.nn.Module) -> LayerParts:
-    """ViT layers in transformers' older layout (DPT, VideoMAE): the attention's
-    ``query``/``key``/``value``, its output's dense layer and dropout; the MLP is the
+    """ViT layers in transformers' older layout (DPT, VideoMAE, Data2Vec-vision): the
+    attention's ``query``/``key``/``value``, its output's dense layer and dropout; the MLP is the
     intermediate layer, then the output's dense layer and dropout (the residual that module
     adds, saint adds). Its attention passes no mask, so saint runs the attention where a
     layer needs one."""
     a, out = layer.attention, layer.output
     s = a.attention
+    dropout = s.dropout_prob if hasattr(s, "dropout_prob") else s.dropout.p  # Data2Vec-vision keeps a module
     return LayerParts(layer.layernorm_before, a, s.query, s.key, s.value,
                       lambda x: a.output.dropout(a.output.dense(x)), int(s.num_attention_heads),
-                      int(s.attention_head_size), float(s.scaling), float(s.dropout_prob), layer.layernorm_after,
-                      lambda x: out.dropout(out.dense(layer.intermediate(x))), own_attention=True, branch_first=True)
+                      int(s.attention_head_size), float(s.attention_head_size) ** -0.5, float(dropout),
+                      layer.layernorm_after, lambda x: out.dropout(out.dense(layer.intermediate(x))),
+                      own_attention=True, branch_first=True)
 
 
 def _beit_parts(layer: torch.nn.Module) -> LayerParts:
@@ -168,28 +170,29 @@ def _beit_pair_bias(layer: torch.nn.Module, attention_mask: torch.Tensor | None,
                     ) -> torch.Tensor | None:
     """The bias BEiT's layer adds to its attention over the full grid: the model's shared
     relative position bias (its ``attention_mask``), plus the layer's own table if it has one."""
-    own = layer.relative_position_bias
-    if own is None:
-        return attention_mask
+    return _grid_bias(layer.relative_position_bias, layer.patch_size, attention_mask, kwargs)
+
+
+def _grid_bias(table: torch.nn.Module | None, patch_size: int, shared: torch.Tensor | None,
+               kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A BEiT-style relative position ``table`` over the full grid of the layer's input
+    (``resolution`` and ``interpolate_pos_encoding`` from its keyword arguments), plus the
+    model's ``shared`` bias."""
+    if table is None:
+        return shared
     height, width = kwargs["resolution"]
-    window = (height // layer.patch_size, width // layer.patch_size)
-    bias = own(window, kwargs.get("interpolate_pos_encoding", False), dim_size=window[0] * window[1] + 1)
-    return bias if attention_mask is None else bias + attention_mask
+    window = (height // patch_size, width // patch_size)
+    bias = table(window, kwargs.get("interpolate_pos_encoding", False), dim_size=window[0] * window[1] + 1)
+    return bias if shared is None else bias + shared
 
 
 def _data2vec_parts(layer: torch.nn.Module) -> LayerParts:
-    """Data2Vec-vision: BEiT's layer in transformers' older layout (``query``/``key``/``value``,
-    output modules, optional layer scales ``lambda_1`` / ``lambda_2``), its relative position
-    bias inside the self-attention (:func:`_data2vec_pair_bias`)."""
-    a, out = layer.attention, layer.output
-    s = a.attention
-    return LayerParts(layer.layernorm_before, a, s.query, s.key, s.value,
-                      lambda x: a.output.dropout(a.output.dense(x)), int(s.num_attention_heads),
-                      int(s.attention_head_size), float(s.attention_head_size) ** -0.5, float(s.dropout.p),
-                      layer.layernorm_after, lambda x: out(layer.intermediate(x)),
-                      ls1=functools.partial(_scaled, layer, "lambda_1"), ls2=functools.partial(_scaled, layer, "lambda_2"),
-                      drop_path=layer.drop_path, pair_bias=functools.partial(_data2vec_pair_bias, layer),
-                      own_attention=True, branch_first=True, returns_tuple=True)
+    """Data2Vec-vision: BEiT's layer in transformers' older layout (:func:`_legacy_vit_parts`)
+    with optional layer scales ``lambda_1`` / ``lambda_2``, drop path, its relative position bias
+    inside the self-attention (:func:`_data2vec_pair_bias`), and layers that return tuples."""
+    return replace(_legacy_vit_parts(layer), ls1=functools.partial(_scaled, layer, "lambda_1"),
+                   ls2=functools.partial(_scaled, layer, "lambda_2"), drop_path=layer.drop_path,
+                   pair_bias=functools.partial(_data2vec_pair_bias, layer), returns_tuple=True)
 
 
 def _scaled(layer: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -203,14 +206,8 @@ def _data2vec_pair_bias(layer: torch.nn.Module, attention_mask: torch.Tensor | N
     """The bias Data2Vec-vision's layer adds over the full grid: its self-attention's own table
     (if it has one) plus the model's shared one (``relative_position_bias``)."""
     attn = layer.attention.attention
-    shared = kwargs.get("relative_position_bias")
-    if not attn.has_relative_position_bias:
-        return shared
-    height, width = kwargs["resolution"]
-    window = (height // attn.config.patch_size, width // attn.config.patch_size)
-    bias = attn.relative_position_bias(window, kwargs.get("interpolate_pos_encoding", False),
-                                       dim_size=window[0] * window[1] + 1)
-    return bias if shared is None else bias + shared
+    table = attn.relative_position_bias if attn.has_relative_position_bias else None
+    return _grid_bias(table, attn.config.patch_size, kwargs.get("relative_position_bias"), kwargs)
 
 
 def _beit_pool(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -344,7 +341,7 @@ def patch(
                         "after merging")
     hf_mean_head.check(model)
     handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
-                           family.protected(tower.config), _grid(tower).num_patches, method, kwargs, trace, layout,
+                           family.protected(tower.config), patch_grid(tower).num_patches, method, kwargs, trace, layout,
                            kernel, dense=family.dense)
     pooler = getattr(tower, "pooler", None)
     if family.pool is not None and pooler is not None:
@@ -364,7 +361,7 @@ def unpatch(model: torch.nn.Module) -> None:
     unpatch_tower_of(model)
 
 
-def _grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
+def patch_grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
     """The patch grid of ``inputs`` (DINOv2 interpolates its positions, ViT/DeiT with
     ``interpolate_pos_encoding=True``), else of the configured image size. A video's
     (``[N, T, 3, H, W]``: VideoMAE's tubelets of ``tubelet_size`` frames, ViViT's of
@@ -398,7 +395,7 @@ class HFViT(FamilyAdapter):
         return family.protected(tower.config)
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        return _grid(_found(model)[1], inputs)
+        return patch_grid(_found(model)[1], inputs)
 
     def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
         family, tower = _found(model)
@@ -447,20 +444,8 @@ class HFViT(FamilyAdapter):
         pooled = getattr(seen["out"], "pooler_output", None) if family.pool is not None else None
         if pooled is not None:  # BEiT's mean over its patches (the classifier reads it)
             return pooled, getattr(out, "logits", None) if tower is not model else None
-        emb = hidden[:, 0] if family.protected(tower.config) else _token_mean(model, hidden)
+        emb = hidden[:, 0] if family.protected(tower.config) else hf_mean_head.token_mean(model, hidden)
         return emb, getattr(out, "logits", None) if tower is not model else None
-
-
-def _token_mean(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Each image's mean over the real tokens of ``hidden [B, M, C]`` (the last forward's
-    output), a merged token weighted by how many it stands for (``output_weights``)."""
-    handle = get_handle(model)
-    weights = None if handle is None else handle.output_weights()
-    if weights is None:
-        return hidden.mean(dim=1)
-    weights = weights.to(hidden.device, hidden.dtype)
-    hidden = hidden.masked_fill(weights[..., None] == 0, 0.0)  # NaN at padding
-    return (hidden * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
 
 
 ADAPTER = HFViT()

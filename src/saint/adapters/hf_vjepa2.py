@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import threading
 import types
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 
 from ..methods import MethodSpec
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
-from .common import SITE_ATTR, Hooked, get_handle, transformers_classes
+from .common import SITE_ATTR, Hooked, transformers_classes
 from .hf_encoder import (
     LayerParts,
     ProjectionProbe,
@@ -40,7 +39,7 @@ from .hf_encoder import (
     tower_forward,
     unpatch_tower_of,
 )
-from .hf_mean_head import mean_of_real_tokens
+from .hf_mean_head import read_input, token_mean
 
 LAYERS = "encoder.layer"
 
@@ -181,24 +180,9 @@ class HFVJEPA2(FamilyAdapter):
         """The classifier's pooled features and logits; the encoder's mean over each clip's
         real tokens, weighted by how many each stands for."""
         if _tower_of(model) is not model:
-            seen: dict[str, torch.Tensor] = {}
-            caller = threading.get_ident()
-
-            def keep(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-                if threading.get_ident() == caller:
-                    seen.setdefault("features", args[0])
-
-            hook = model.classifier.register_forward_pre_hook(keep)
-            try:
-                logits = self.forward(model, inputs).logits
-            finally:
-                hook.remove()
-            return seen["features"], logits
-        hidden = self.forward(model, inputs).last_hidden_state
-        handle = get_handle(model)
-        weights = None if handle is None else handle.output_weights()
-        mean = mean_of_real_tokens(hidden, weights, 0)
-        return (hidden.mean(dim=1) if mean is None else mean), None
+            features, out = read_input(model.classifier, lambda: self.forward(model, inputs))
+            return features, out.logits
+        return token_mean(model, self.forward(model, inputs).last_hidden_state), None
 
     def check_inputs(self, inputs: Any) -> None:
         """Clips ``[N, T, 3, H, W]``."""
