@@ -27,6 +27,10 @@ ARCHS = {
     "eva02": ("eva02_small_patch14_224", {"ref_feat_shape": (4, 4)}),  # q/v bias, SwiGLU, abs + rope
     "dinov3": ("vit_small_patch16_dinov3", {"global_pool": "token"}),  # 4 registers, layer scale, half rotation
     "rope_gqa": ("vit_small_patch16_rope_224", {"qkv_fused": False, "num_kv_heads": 1}),  # AttentionRope
+    # timm Beit: a relative position bias per pair of tokens (saint.adapters.timm_beit)
+    "beit": ("beit_base_patch16_224", {}),  # per block; q/v bias, layer scale, average pooling + fc_norm
+    "beit_shared": ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True,
+                                              "global_pool": "token"}),  # one bias for every block
 }
 
 
@@ -43,7 +47,18 @@ def make_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     name, extra = ARCHS[arch]
     torch.manual_seed(seed)
     kwargs = {**TINY, **extra, **overrides}
-    return full_layer_scale(timm.create_model(name, pretrained=False, **kwargs).eval())
+    return spread_zero_biases(full_layer_scale(timm.create_model(name, pretrained=False, **kwargs).eval()))
+
+
+def spread_zero_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """BEiT's relative position bias tables and q/v biases drawn at random: timm starts them
+    at zero, where a bias gathered at the wrong tokens would pass."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("relative_position_bias_table", "q_bias", "v_bias")):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
 
 
 def full_layer_scale(model: torch.nn.Module) -> torch.nn.Module:

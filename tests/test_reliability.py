@@ -17,7 +17,7 @@ import torch
 import saint
 import saint.adapters.common
 
-from .conftest import assert_two_threads_agree, make_tiny
+from .conftest import assert_two_threads_agree, make_tiny, spread_zero_biases
 
 # every method that prunes the tiny ViT, ragged (rate="sample"), merging or rectangular
 CASES = {
@@ -152,7 +152,7 @@ def test_distributed_data_parallel_around_a_patched_model(images, tmp_path):
         saint.patch(torch.nn.DataParallel(make_tiny("vit")), "tome", r=2)
 
 
-@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "vit_small_patch16_dinov3"])
+@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "vit_small_patch16_dinov3", "beit_base_patch16_224"])
 def test_timm_features_only_takes_a_merging_method(arch, images):
     """timm's features_only wrapper (spatial maps of every patch, from its model's
     forward_intermediates): a merging method leaves every map on the grid, each image's as
@@ -160,6 +160,7 @@ def test_timm_features_only_takes_a_merging_method(arch, images):
     unpatched on its own while the wrapper is patched; unpatched, the maps are the model's own."""
     features = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, depth=4,
                                  features_only=True, out_indices=(0, 3)).eval()
+    spread_zero_biases(features)
     with torch.no_grad():
         ref = features(images)
     with pytest.raises(ValueError, match=r"row for every patch.*use a merging method"):

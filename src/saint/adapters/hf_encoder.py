@@ -442,7 +442,7 @@ def _attend(p: LayerParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     by the layer's pair bias (BEiT) where it has one."""
     if pair is None:
         return attention_of(q, k, v, state, prop_attn, p.scale, _dropout(p), kernel)
-    return pair_attention(q, k, v, state, prop_attn, p.scale, _dropout(p), pair)
+    return pair_attention(q, k, v, state, prop_attn, p.scale, _dropout(p), pair, kernel)
 
 
 def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.packing import host_ints, packed_attention, padded_slots, resolve_kernel
+from ..core.paths import accelerator_path
 from .common import TokenState
 
 
@@ -19,27 +21,44 @@ def _positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_pairs(full: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``full [1 or B, H, N0, N0]`` at the original indices ``rows [B, R]`` x ``cols [B, C]``
-    -> ``[B, H, R, C]``."""
+    """``full [1 or B, H, N0, N0]`` (or ``[H, N0, N0]``) at the original indices ``rows [B, R]``
+    x ``cols [B, C]`` -> ``[B, H, R, C]``."""
+    full = _four_dims(full)
     b, h = rows.shape[0], full.shape[1]
     full = full.expand(b, -1, -1, -1)
     picked = full.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], full.shape[-1]))
     return picked.gather(3, cols[:, None, None, :].expand(b, h, rows.shape[1], cols.shape[1]))
 
 
+def _four_dims(full: torch.Tensor) -> torch.Tensor:
+    """A bias for every image ``[H, N0, N0]`` as ``[1, H, N0, N0]``; a 4-D one as it is."""
+    return full if full.dim() == 4 else full[None]
+
+
 def pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: TokenState, prop_attn: bool,
-                   scale: float, dropout_p: float, full: torch.Tensor) -> torch.Tensor:
+                   scale: float, dropout_p: float, full: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
     """Attention of each image over its own tokens, ``q, k, v [B, N, H, D]`` (packed:
     ``B = 1``) -> ``[B, N, H*D]``, biased by ``full``'s pairs of the tokens' original indices
-    plus the state's key mask."""
-    positions = _positions(state, q)
+    plus the state's key mask. A packed stream runs one SDPA call per image (``kernel``
+    ``"auto"`` or ``"loop"``): no variable-length kernel takes a bias per pair."""
     key_bias = state.attn_bias(q.dtype, prop_attn)
     if not state.packed:
-        mask = gather_pairs(full, positions, positions).to(q.dtype)
+        if state.positions is None:  # no token removed yet: the tokens are the grid, in order (the model's
+            mask = full.to(q.dtype)  # own mask, in its own shape: SDPA rounds a 3-D and a 4-D mask differently)
+        else:
+            positions = _positions(state, q)
+            mask = gather_pairs(full, positions, positions).to(q.dtype)
         mask = mask if key_bias is None else mask + key_bias
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, dropout_p=dropout_p, scale=scale)
         return out.transpose(1, 2).flatten(2)
+    positions, full = _positions(state, q), _four_dims(full)
+    if _pair_kernel(kernel, q, full, dropout_p) == "padded":
+        lengths, t = state.lengths, q.shape[1]
+        slots, padded = _padded_positions(state, positions)
+        out = packed_attention(q[0], k[0], v[0], lengths, key_bias, scale=scale, dropout_p=dropout_p, kernel="padded",
+                               slots=slots, pairs=gather_pairs(full, padded, padded))
+        return out.reshape(1, t, -1)
     out = torch.empty_like(q)
     s = 0
     for i, n in enumerate(state.lengths):
@@ -55,21 +74,47 @@ def pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Tok
     return out.flatten(2)
 
 
+def _pair_kernel(kernel: str, q: torch.Tensor, full: torch.Tensor, dropout_p: float) -> str:
+    """The kernel that runs a packed stream's pair-biased attention: ``loop`` (one SDPA
+    call per image; ``auto`` on a CPU) or ``padded`` (one call on the images padded to the
+    longest, each with its gathered bias; ``auto`` on an accelerator); no variable-length
+    kernel takes a bias per pair."""
+    if kernel not in ("auto", "loop", "padded"):
+        raise ValueError(f"kernel={kernel!r} cannot add a relative position bias per pair of tokens (BEiT); "
+                         "use 'auto', 'loop' or 'padded'")
+    return resolve_kernel(kernel, q, full, dropout_p)
+
+
+def _padded_positions(state: TokenState, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each packed token's slot in the images padded to the longest ``[T]`` and the original
+    indices in that layout ``[B, max]`` (0 at padding), worked out on the device."""
+    lengths = state.lengths
+    b, m = len(lengths), max(lengths)
+    slots = state.kernel_slots()
+    if slots is None:  # the padded view is wider than the longest image
+        slots = padded_slots(host_ints(lengths, positions.device), m, positions.shape[1])
+    return slots, positions.new_zeros(b * m).index_copy_(0, slots, positions[0]).view(b, m)
+
+
 def first_token_attention(q: torch.Tensor, k: torch.Tensor, state: TokenState, prop_attn: bool, scale: float,
                           full: torch.Tensor) -> torch.Tensor:
     """The class token's (original index 0) attention over its image's tokens, averaged over
     heads, in the padded view ``[B, M]`` (0 at padding): ``q [B, H, D]``, ``k`` in the state's
     layout (``[B, N, H, D]`` or a packed ``[1, T, H, D]``), with ``full``'s row of the class
     token at the keys' original indices and the state's key mask."""
-    positions = _positions(state, k)
+    positions, full = _positions(state, k), _four_dims(full)
     key_bias = state.attn_bias(k.dtype, prop_attn)
     cls = torch.zeros(1, 1, dtype=torch.long, device=k.device)
+    if state.packed and accelerator_path(k.device):  # one call on the keys padded to the longest image
+        slots, positions = _padded_positions(state, positions)
+        b, m = positions.shape
+        key_bias = k.new_full((b * m,), float("-inf")).index_copy_(
+            0, slots, k.new_zeros(k.shape[1]) if key_bias is None else key_bias.to(k.dtype)).view(b, 1, 1, m)
+        k = k.new_zeros(b * m, *k.shape[2:]).index_copy_(0, slots, k[0]).view(b, m, *k.shape[2:])
+        return F.pad(_first_token_attention(q, k, positions, key_bias, scale, full, cls),
+                     (0, state.valid.shape[1] - m))
     if not state.packed:
-        logits = torch.einsum("bhd,bnhd->bhn", q, k) * scale
-        logits = logits + gather_pairs(full, cls.expand(k.shape[0], 1), positions)[:, :, 0].to(logits.dtype)
-        if key_bias is not None:
-            logits = logits + key_bias[:, 0]
-        return logits.softmax(dim=-1).mean(dim=1)
+        return _first_token_attention(q, k, positions, key_bias, scale, full, cls)
     out = q.new_zeros(len(state.lengths), state.valid.shape[1])
     s = 0
     for i, n in enumerate(state.lengths):
@@ -82,3 +127,14 @@ def first_token_attention(q: torch.Tensor, k: torch.Tensor, state: TokenState, p
             out[i, :n] = logits.softmax(dim=-1).mean(dim=0)
         s += n
     return out
+
+
+def _first_token_attention(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, key_bias: torch.Tensor | None,
+                          scale: float, full: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """:func:`first_token_attention` of a batch ``k [B, N, H, D]`` at ``positions [B, N]``
+    with the key mask ``key_bias [B, 1, 1, N]``."""
+    logits = torch.einsum("bhd,bnhd->bhn", q, k) * scale
+    logits = logits + gather_pairs(full, cls.expand(k.shape[0], 1), positions)[:, :, 0].to(logits.dtype)
+    if key_bias is not None:
+        logits = logits + key_bias[:, 0]
+    return logits.softmax(dim=-1).mean(dim=1)

@@ -191,7 +191,8 @@ def _splits_projections(attn: torch.nn.Module) -> bool:
     """No q norm, and separate q/k/v projections or a fused qkv that is a plain
     ``nn.Linear``: queries and values of merged tokens may be projected from their merged
     inputs (what the FLOPs model counts before attention)."""
-    return type(attn.q_norm) is torch.nn.Identity and (attn.qkv is None or qkv_splittable(attn.qkv))
+    q_norm = getattr(attn, "q_norm", None)  # BEiT's attention has none
+    return (q_norm is None or type(q_norm) is torch.nn.Identity) and (attn.qkv is None or qkv_splittable(attn.qkv))
 
 
 def _first_query(attn: torch.nn.Module, state: TokenState, q: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -214,20 +215,28 @@ def _project(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     projections and q/k norms, as ``EvaAttention`` / ``AttentionRope`` compute them."""
     b, n = x.shape[:2]
     if attn.qkv is not None:
-        bias = _eva_bias(attn)
-        if bias is None or attn.qkv_bias_separate:
-            qkv = attn.qkv(x)
-            if bias is not None:
-                qkv += bias
-        else:
-            qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
-        q, k, v = qkv.reshape(b, n, 3, attn.num_heads, -1).unbind(2)
+        q, k, v = fused_projections(attn, x)
     else:
         heads_kv = getattr(attn, "num_kv_heads", attn.num_heads)
         q = attn.q_proj(x).reshape(b, n, attn.num_heads, -1)
         k = attn.k_proj(x).reshape(b, n, heads_kv, -1)
         v = attn.v_proj(x).reshape(b, n, heads_kv, -1)
     return attn.q_norm(q), attn.k_norm(k), v
+
+
+def fused_projections(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, N, H, D]`` of a fused qkv with EVA's (or BEiT's) separate q/v bias, as
+    timm's attention computes them (the bias added to the module's output, or passed to
+    ``F.linear`` on its weight)."""
+    b, n = x.shape[:2]
+    bias = _eva_bias(attn)
+    if bias is None or attn.qkv_bias_separate:
+        qkv = attn.qkv(x)
+        if bias is not None:
+            qkv += bias
+    else:
+        qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
+    return qkv.reshape(b, n, 3, attn.num_heads, -1).unbind(2)
 
 
 def _eva_bias(attn: torch.nn.Module) -> torch.Tensor | None:
@@ -376,7 +385,7 @@ class TimmEva(TimmViT):
                 else attn.k_proj.in_features * attn.k_proj.out_features)
         on_survivors = projections - keys if before and _splits_projections(attn) else 0
         mlp = sum(m.in_features * m.out_features for m in blk.mlp.modules() if isinstance(m, torch.nn.Linear))
-        width = attn.num_heads * attn.head_dim
+        width = attn.proj.in_features  # every head's width
         return (2 * n_in * (projections - on_survivors) + 2 * n_out * on_survivors
                 + 2 * n_attn * attn.proj.in_features * attn.proj.out_features
                 + 4 * n_attn * n_attn * width + 2 * n_out * mlp)

@@ -216,24 +216,29 @@ def packed_attention(
     dropout_p: float = 0.0,
     kernel: str = "auto",
     slots: torch.Tensor | None = None,
+    pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each image over its own tokens only.
 
     ``q, k, v [T, H, D]`` packed streams, ``lengths`` the per-image token counts (host
     ints summing to ``T``), ``bias [T]`` an optional additive bias per key (ToMe's
     ``log(size)``), ``slots [T]`` the tokens' :func:`padded_slots` when the caller has
-    them (the ``padded`` kernel then reuses them). Returns ``[T, H, D]``; each image's
-    rows equal SDPA run on that image alone.
+    them (the ``padded`` kernel then reuses them). ``pairs [B, H or 1, max, max]`` adds a
+    bias per pair of each image's tokens, laid out as the images padded to the longest
+    (BEiT's relative position bias); only the ``padded`` kernel takes it. Returns
+    ``[T, H, D]``; each image's rows equal SDPA run on that image alone.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
     if sum(lengths) != q.shape[0]:
         raise ValueError(f"lengths sum to {sum(lengths)} but the stream holds {q.shape[0]} tokens")
     kernel = resolve_kernel(kernel, q, bias, dropout_p)
+    if pairs is not None and kernel != "padded":
+        raise ValueError(f"a bias per pair of tokens runs on the 'padded' kernel, not {kernel!r}")
     if kernel == "loop":
         return _loop_attention(q, k, v, lengths, bias, scale, dropout_p)
     if kernel == "padded":
-        return _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots)
+        return _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots, pairs)
     if kernel == "flex":
         return _flex_attention(q, k, v, lengths, bias, scale)
     if kernel == "flash_attn":
@@ -316,9 +321,10 @@ def host_ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = 
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots=None) -> torch.Tensor:
+def _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots=None, pairs=None) -> torch.Tensor:
     """One SDPA call on ``[B, max, H, D]`` copies of the stream; padded keys get ``-inf``,
-    real keys ``bias``. Positions are computed on the device, so nothing waits for it."""
+    real keys ``bias`` (plus ``pairs``, a bias per pair in the padded layout). Positions
+    are computed on the device, so nothing waits for it."""
     t, b, m = q.shape[0], len(lengths), max(lengths, default=0)
     if t == 0:
         return torch.empty_like(v)
@@ -329,7 +335,8 @@ def _padded_attention(q, k, v, lengths, bias, scale, dropout_p, slots=None) -> t
                   .transpose(1, 3).unbind(2))  # [B, H, max, D] each
     key = torch.full((b * m,), float("-inf"), dtype=q.dtype, device=q.device)
     key.index_copy_(0, flat, bias.to(q.dtype) if bias is not None else q.new_zeros(t))
-    o = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=key.view(b, 1, 1, m), dropout_p=dropout_p, scale=scale)
+    mask = key.view(b, 1, 1, m) if pairs is None else pairs.to(q.dtype) + key.view(b, 1, 1, m)
+    o = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return o.transpose(1, 2).reshape(b * m, *v.shape[1:]).index_select(0, flat)
 
 

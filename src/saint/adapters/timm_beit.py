@@ -1,0 +1,242 @@
+"""timm ``Beit`` (BEiT, BEiT v2): a relative position bias per pair of tokens, per block
+(``use_rel_pos_bias``) or shared by every block (``use_shared_rel_pos_bias``), and an
+average over the patch tokens for its head (``global_pool="avg"``, the default).
+
+As for timm's other ViTs (:mod:`saint.adapters.timm_vit`, :mod:`saint.adapters.timm_eva`),
+each block's ``forward`` is wrapped per instance and runs the block's own modules in timm's
+order. Until a step removes a token a block runs exactly as timm runs it. After that the
+state tracks each token's original index (a merged token keeps its destination's), and the
+attention adds the rows and columns of the full grid's bias at those indices to saint's key
+mask (:mod:`saint.adapters.pair_bias`, per image on a packed stream): each image attends as
+the unpruned model would bias its remaining tokens. q/k/v come from the attention's own fused
+``qkv`` with BEiT's separate q/v bias, the projection is its own ``proj``; the class-attention
+guard reads the class token's row of the bias. The head's average is size-weighted over each
+image's real patch tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..core import head_mean
+from ..methods import LayerContext, MethodSpec
+from .base import Probe, Site, install_sites, remove_sites, save_output
+from .common import (
+    SAINT_ATTR,
+    SITE_ATTR,
+    TokenState,
+    attention_of,
+    cls_attention,
+    drop_path_of,
+    output_unshared,
+)
+from .pair_bias import first_token_attention, pair_attention
+from .timm_eva import TimmEva, _apply_to_projections, _eva_bias, _scaled, fused_projections
+from .timm_vit import (
+    TimmPatch,
+    _forward_features,
+    _forward_intermediates,
+    _weighted_mean,
+    begin_patch,
+    check_blocks,
+    qkv_part,
+    qkv_runs_in_parts,
+    resolve_settings,
+    state_of_tokens,
+)
+
+
+def _beit_classes() -> tuple[type, type, type] | None:
+    try:
+        from timm.models.beit import Attention, Beit, Block
+    except ImportError:  # timm not installed, or too old to have it
+        return None
+    return Beit, Block, Attention
+
+
+def matches(model: torch.nn.Module) -> bool:
+    classes = _beit_classes()
+    return classes is not None and isinstance(model, classes[0])
+
+
+def patch(
+    model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+    layout: str = "packed", kernel: str = "auto", **kwargs: Any,
+) -> TimmPatch:
+    """Patch a timm ``Beit`` in place (see :func:`saint.patch`)."""
+    _, block_cls, attn_cls = _beit_classes()  # type: ignore[misc]
+    spec, config = begin_patch(model, method, layout, kernel, kwargs)
+    check_blocks(list(model.blocks), lambda blk: type(blk) is block_cls and type(getattr(blk, "attn", None)) is attn_cls,
+                 "timm Beit blocks (timm.models.beit.Block with its Attention)")
+    settings, num_protected = resolve_settings(model, spec, config)
+    handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
+    install_sites(handle, model, "blocks", _block_forward, None, layout, track_positions=True)
+    model.forward_features = types.MethodType(_forward_features, model)
+    model.forward_head = types.MethodType(_forward_head, model)
+    model.forward_intermediates = types.MethodType(_forward_intermediates, model)
+    model.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Remove every wrapper: the model is the original object again."""
+    handle = model.__dict__.pop(SAINT_ATTR)
+    remove_sites(handle)
+    for name in ("forward_features", "forward_head", "forward_intermediates"):
+        model.__dict__.pop(name, None)
+
+
+def _forward_head(self: torch.nn.Module, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """timm's ``forward_head``; its average (``global_pool="avg"``) taken per image over
+    the real patch tokens, each weighted by its size, once tokens were removed or merged."""
+    if self.global_pool == "avg":
+        state = state_of_tokens(self, x)
+        if state.valid is not None or state.sizes is not None:
+            x = self.head_drop(self.fc_norm(_weighted_mean(self, x, state)))
+            return x if pre_logits else self.head(x)
+    return type(self).forward_head(self, x, pre_logits=pre_logits)
+
+
+# ---------------------------------------------------------------------------- the block
+def _block_forward(self: torch.nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """A BEiT block of a patched model: timm's own forward until a step removes a token;
+    after that, each token's rows of the pair bias, and the selection between the
+    attention residual and the MLP (or before attention, ``select_at="attention"``)."""
+    handle, index = self.__dict__[SITE_ATTR]
+    run, x, settings = handle.enter_site(index, x)
+    state = run.state
+    if settings is None and state.positions is None:  # nothing removed so far: the block as timm runs it
+        return handle.leave_site(index, run, type(self).forward(self, x, shared_rel_pos_bias=shared_rel_pos_bias))
+    attn = self.attn
+    full = full_bias(attn, shared_rel_pos_bias)
+    normed = self.norm1(x)
+    sel = None
+    if settings is not None and handle.config.select_at == "attention":
+        x, q, k, v = _select_before_attention(self, handle, run, index, x, normed, settings, full)
+    else:
+        q, k, v = fused_projections(attn, normed)
+        if settings is not None:
+            sel = handle.spec.select(_context(handle, run, attn, index, x, _first_query(state, q), k, full),
+                                     settings, handle.config)
+    x = x + drop_path_of(self.drop_path1, _scaled(self.gamma_1, _attend(attn, q, k, v, state, handle, full)), state)
+    if sel is not None:
+        x = state.apply(x, sel)
+    x = x + drop_path_of(self.drop_path2, _scaled(self.gamma_2, self.mlp(self.norm2(x))), state)
+    return handle.leave_site(index, run, x)
+
+
+def full_bias(attn: torch.nn.Module, shared: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias the unpruned block adds to every pair of tokens: its own relative position
+    bias ``[1, H, N0, N0]``, plus the model's shared one (timm's ``[H, N0, N0]``), as timm
+    adds them; None when it has neither."""
+    own = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
+    if own is None:
+        return shared
+    return own if shared is None else own + shared
+
+
+def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: TokenState,
+            handle: TimmPatch, full: torch.Tensor | None) -> torch.Tensor:
+    """The rest of BEiT's attention from q, k, v ``[B, N, H, D]``: each image over its own
+    real tokens, biased by ``full``'s pairs at the tokens' original indices; proj, dropouts."""
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    prop = handle.config.size_bias
+    if full is None:
+        out = attention_of(q, k, v, state, prop, attn.scale, dropout, handle.kernel)
+    else:
+        out = pair_attention(q, k, v, state, prop, attn.scale, dropout, full, handle.kernel)
+    return attn.proj_drop(attn.proj(out))
+
+
+def _first_query(state: TokenState, q: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The class token's query ``[B, H, D]`` out of every token's ``q [B, N, H, D]``."""
+    return lambda: state.first(q.flatten(2)).unflatten(-1, q.shape[2:])
+
+
+def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, index: int, x: torch.Tensor,
+                             normed: torch.Tensor, settings: dict[str, Any], full: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, ...]:
+    """The selection on the block's keys, then the survivors' tokens and q, k, v: only the
+    keys of every token where the qkv runs in parts (the queries and values projected from
+    the survivors' merged inputs, which equals merging every token's: a merge is a mean,
+    the projection affine), else every token's q/k/v merged with the tokens."""
+    state, attn = run.state, blk.attn
+    if not qkv_runs_in_parts(attn.qkv):
+        q, k, v = fused_projections(attn, normed)
+        sel = handle.spec.select(_context(handle, run, attn, index, x, _first_query(state, q), k, full), settings,
+                                 handle.config)
+        return _apply_to_projections(state, sel, x, q, k, v, None)[:4]
+    bias = _eva_bias(attn)
+    heads = (attn.num_heads, -1)
+    k = qkv_part(attn.qkv, 1, normed, bias).unflatten(-1, heads)
+    ctx = _context(handle, run, attn, index, x,
+                   lambda: qkv_part(attn.qkv, 0, state.first(normed), bias).unflatten(-1, heads), k, full)
+    sel = handle.spec.select(ctx, settings, handle.config)
+    x, normed, k_rows = state.apply_many([x, normed, k.flatten(2)], sel, in_place=[
+        False, output_unshared(blk.norm1), not torch.is_grad_enabled()])
+    q, v = (qkv_part(attn.qkv, part, normed, bias).unflatten(-1, heads) for part in (0, 2))
+    return x, q, k_rows.unflatten(2, k.shape[2:]), v
+
+
+def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: torch.Tensor,
+             q_first: Callable[[], torch.Tensor], k: torch.Tensor, full: torch.Tensor | None) -> LayerContext:
+    """What the selection sees, in the padded view: the keys averaged over heads, the class
+    token's attention (lazy) with its row of the pair bias, as the block's attention reads."""
+    state = run.state
+    prop = handle.config.size_bias
+
+    def cls_attn() -> torch.Tensor:
+        if full is None:
+            return cls_attention(q_first(), k, state, attn.scale, prop)
+        return first_token_attention(q_first(), k, state, prop, attn.scale, full)
+
+    return LayerContext(
+        keys=state.padded(head_mean(k)),
+        num_protected=handle.num_protected,
+        valid=state.valid,
+        cls_attention=cls_attn if handle.num_protected > 0 else None,
+        tokens=(lambda: state.padded(x)) if state.packed else x,
+        layer=index,
+    )
+
+
+# ---------------------------------------------------------------------------- protocol
+class BeitProbe(Probe):
+    """Queries/keys of each block from its normed input through the attention's own fused
+    qkv (with its q/v bias); hidden states at each block's output."""
+
+    def __init__(self, model: torch.nn.Module, sites: list[Site]) -> None:
+        self.sites = sites
+        self.num_prefix = int(model.num_prefix_tokens)
+        self.has_cls = True
+
+    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
+        return [self.sites[i].block.norm1.register_forward_hook(save_output(store, "normed"))]
+
+    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, _ = fused_projections(self.sites[i].attn, store.pop("normed"))
+        return q, k
+
+
+class TimmBeit(TimmEva):
+    """timm ``Beit``: sites are ``model.blocks``; grid, protected class token, embedding and
+    the FLOPs model (a fused qkv, GELU or SwiGLU MLP) as for timm's Eva."""
+
+    name = "timm_beit"
+    family = sys.modules[__name__]
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        return [Site(i, f"blocks.{i}", blk, blk.attn, int(blk.attn.num_heads), float(blk.attn.scale))
+                for i, blk in enumerate(model.blocks)]
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        return BeitProbe(model, self.sites(model))
+
+
+ADAPTER = TimmBeit()
