@@ -292,3 +292,20 @@ def test_data2vec_vision_prunes_as_the_same_beit(bias, method, kw, layout, image
     for i in range(len(images)):
         with torch.no_grad():
             torch.testing.assert_close(got[i], twin(pixel_values=images[i : i + 1]).logits[0], **TOL)
+
+
+def test_pair_bias_kernels_agree_and_the_others_are_refused(images):
+    """A packed stream's pair-biased attention: per image (``loop``, the CPU's ``auto``) and
+    padded to the longest image (``padded``, an accelerator's ``auto``) agree; a kernel that
+    cannot add a bias per pair is a clear error, not a silent loop."""
+    model = beit("per_layer")
+    outs = {}
+    for kernel in ("loop", "padded"):
+        saint.patch(model, "saint_match", tau=0.3, fraction=0.7, guard=0.3, kernel=kernel)
+        with torch.no_grad():
+            outs[kernel] = model(pixel_values=images).logits
+        assert saint.stats(model).layout == "packed"
+    torch.testing.assert_close(outs["padded"], outs["loop"], **TOL)
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7, kernel="flex")
+    with pytest.raises(ValueError, match="relative position bias per pair"), torch.no_grad():
+        model(pixel_values=images)
