@@ -180,3 +180,35 @@ def test_adapter_probe_and_calibration(images):
     assert q.shape == k.shape == (len(images), 17, 2, 16)
     cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
     assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
+
+
+@pytest.mark.parametrize("arch", BEITS)
+def test_a_batch_gathers_its_pair_masks_in_groups_of_images(arch, images, monkeypatch):
+    """A rectangular or padded batch gathers its pair masks a few images at a time (to stay in
+    the CPU's cache): one image per call gives the whole batch's answer, merged or dropped."""
+    from saint.adapters import pair_bias
+
+    model = make_tiny(arch)
+    for method, kw in (("tome", dict(r=3)), ("saint", dict(tau=0.2, k=1))):
+        saint.patch(model, method, layout="padded", **kw)
+        with torch.no_grad():
+            whole = model(images)
+            with monkeypatch.context() as m:
+                m.setattr(pair_bias, "PAIR_MASK_BYTES", 1)
+                torch.testing.assert_close(model(images), whole, **TOL)
+        assert saint.stats(model).layout == ("rectangular" if method == "tome" else "padded")
+
+
+def test_gather_pairs_reads_each_images_rows_and_columns():
+    """Known answer: ``gather_pairs`` is ``full[b, :, rows[b]][:, :, cols[b]]`` for one table
+    for every image (``[1, H, N0, N0]`` or timm's shared ``[H, N0, N0]``) and for one per image."""
+    from saint.adapters.pair_bias import gather_pairs
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.tensor([[0, 3, 5], [0, 1, 2]])
+    cols = torch.tensor([[0, 5, 4, 1], [2, 2, 0, 6]])
+    for full in (torch.randn(1, 2, 7, 7, generator=g), torch.randn(2, 7, 7, generator=g),
+                 torch.randn(2, 2, 7, 7, generator=g)):
+        table = full if full.dim() == 4 else full[None]
+        want = torch.stack([table[b if table.shape[0] > 1 else 0][:, rows[b]][:, :, cols[b]] for b in range(2)])
+        assert torch.equal(gather_pairs(full, rows, cols), want)

@@ -14,6 +14,11 @@ from ..core.packing import host_ints, packed_attention, padded_slots, resolve_ke
 from ..core.paths import accelerator_path
 from .common import TokenState
 
+# the most bytes of gathered pair masks one SDPA call on a batch takes: a [B, H, M, M] mask
+# larger than the CPU's cache cost 1.2-2x more per image than groups of images within it
+# (a throwaway CPU benchmark, BEiT-B at 224px, 32 images: docs/packed.md)
+PAIR_MASK_BYTES = 8 << 20
+
 
 def _positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
     """Each token's original index ``[B, N]`` (packed ``[1, T]``)."""
@@ -24,10 +29,12 @@ def gather_pairs(full: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
     """``full [1 or B, H, N0, N0]`` (or ``[H, N0, N0]``) at the original indices ``rows [B, R]``
     x ``cols [B, C]`` -> ``[B, H, R, C]``."""
     full = _four_dims(full)
-    b, h = rows.shape[0], full.shape[1]
-    full = full.expand(b, -1, -1, -1)
-    picked = full.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], full.shape[-1]))
-    return picked.gather(3, cols[:, None, None, :].expand(b, h, rows.shape[1], cols.shape[1]))
+    b, h, n0 = rows.shape[0], full.shape[1], full.shape[-1]
+    pairs = rows[:, :, None] * n0 + cols[:, None, :]  # [B, R, C] into each head's flattened table
+    flat = full.reshape(full.shape[0], h, n0 * n0)
+    if full.shape[0] == 1:  # one table for every image: one gather (two cost 1.3-1.8x more, docs/packed.md)
+        return flat[0].index_select(1, pairs.reshape(-1)).view(h, *pairs.shape).transpose(0, 1)
+    return flat.gather(2, pairs.reshape(b, 1, -1).expand(b, h, -1)).view(b, h, *pairs.shape[1:])
 
 
 def _four_dims(full: torch.Tensor) -> torch.Tensor:
@@ -42,16 +49,21 @@ def pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Tok
     plus the state's key mask. A packed stream runs one SDPA call per image (``kernel``
     ``"auto"`` or ``"loop"``): no variable-length kernel takes a bias per pair."""
     key_bias = state.attn_bias(q.dtype, prop_attn)
-    if not state.packed:
-        if state.positions is None:  # no token removed yet: the tokens are the grid, in order (the model's
-            mask = full.to(q.dtype)  # own mask, in its own shape: SDPA rounds a 3-D and a 4-D mask differently)
-        else:
-            positions = _positions(state, q)
-            mask = gather_pairs(full, positions, positions).to(q.dtype)
-        mask = mask if key_bias is None else mask + key_bias
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        return out.transpose(1, 2).flatten(2)
+    if not state.packed and state.positions is None:  # no token removed yet: the tokens are the grid, in order
+        mask = full.to(q.dtype)  # the model's own mask, in its own shape: SDPA rounds a 3-D and a 4-D mask apart
+        return _sdpa(q, k, v, mask if key_bias is None else mask + key_bias, dropout_p, scale)
+    if not state.packed:  # a batch in groups of images whose gathered masks stay small enough to sit in cache
+        positions, full = _positions(state, q), _four_dims(full)
+        b, m, h = q.shape[:3]
+        step = b if accelerator_path(q.device) else max(1, PAIR_MASK_BYTES // (h * m * m * q.element_size()))
+        out = q.new_empty(b, m, h * q.shape[-1])
+        for s in range(0, b, step):
+            pos = positions[s : s + step]
+            mask = gather_pairs(full if full.shape[0] == 1 else full[s : s + step], pos, pos).to(q.dtype)
+            if key_bias is not None:
+                mask = mask + key_bias[s : s + step]
+            out[s : s + step] = _sdpa(q[s : s + step], k[s : s + step], v[s : s + step], mask, dropout_p, scale)
+        return out
     positions, full = _positions(state, q), _four_dims(full)
     if _pair_kernel(kernel, q, full, dropout_p) == "padded":
         lengths, t = state.lengths, q.shape[1]
@@ -59,7 +71,7 @@ def pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Tok
         out = packed_attention(q[0], k[0], v[0], lengths, key_bias, scale=scale, dropout_p=dropout_p, kernel="padded",
                                slots=slots, pairs=gather_pairs(full, padded, padded))
         return out.reshape(1, t, -1)
-    out = torch.empty_like(q)
+    out = q.new_empty(1, q.shape[1], q.shape[2] * q.shape[3])
     s = 0
     for i, n in enumerate(state.lengths):
         if n:
@@ -67,11 +79,17 @@ def pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Tok
             mask = gather_pairs(full[: 1] if full.shape[0] == 1 else full[i : i + 1], pos, pos).to(q.dtype)
             if key_bias is not None:
                 mask = mask + key_bias[s : s + n]
-            out[:, s : s + n] = F.scaled_dot_product_attention(
-                *(t[:, s : s + n].transpose(1, 2) for t in (q, k, v)), attn_mask=mask, dropout_p=dropout_p,
-                scale=scale).transpose(1, 2)
+            out[:, s : s + n] = _sdpa(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], mask, dropout_p, scale)
         s += n
-    return out.flatten(2)
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float, scale: float
+          ) -> torch.Tensor:
+    """SDPA on ``[B, N, H, D]`` -> ``[B, N, H*D]``."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).flatten(2)
 
 
 def _pair_kernel(kernel: str, q: torch.Tensor, full: torch.Tensor, dropout_p: float) -> str:
