@@ -27,10 +27,13 @@ ARCHS = {
     "eva02": ("eva02_small_patch14_224", {"ref_feat_shape": (4, 4)}),  # q/v bias, SwiGLU, abs + rope
     "dinov3": ("vit_small_patch16_dinov3", {"global_pool": "token"}),  # 4 registers, layer scale, half rotation
     "rope_gqa": ("vit_small_patch16_rope_224", {"qkv_fused": False, "num_kv_heads": 1}),  # AttentionRope
-    # timm Beit: a relative position bias per pair of tokens (saint.adapters.timm_beit)
+    # timm Beit: a relative position bias table per pair of tokens (saint.adapters.timm_relpos)
     "beit": ("beit_base_patch16_224", {}),  # per block; q/v bias, layer scale, average pooling + fc_norm
     "beit_shared": ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True,
                                               "global_pool": "token"}),  # one bias for every block
+    # timm VisionTransformerRelPos: a small MLP's bias over log-spaced offsets, a class token (timm_relpos)
+    "relpos_cls": ("vit_relpos_medium_patch16_cls_224", {}),
+    "srelpos": ("vit_srelpos_small_patch16_224", {}),  # a bias table shared by every block, no class token, avg
 }
 
 
@@ -48,6 +51,23 @@ def make_tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     kwargs = {**TINY, **extra, **overrides}
     return spread_zero_biases(full_layer_scale(timm.create_model(name, pretrained=False, **kwargs).eval()))
+
+
+def refuses_class_attention(model: torch.nn.Module, method: str, kw: dict[str, Any]) -> bool:
+    """True when ``model`` has no class token and ``method`` (with ``kw``) ranks by the class
+    token's attention, after checking that patching refuses it with a clear error; the
+    model is left unpatched either way."""
+    import saint
+
+    if getattr(model, "cls_token", None) is not None:
+        return False
+    try:
+        saint.patch(model, method, **kw)
+    except ValueError as e:
+        assert "needs a class token" in str(e) and not saint.is_patched(model)
+        return True
+    saint.unpatch(model)
+    return False
 
 
 def spread_zero_biases(model: torch.nn.Module) -> torch.nn.Module:

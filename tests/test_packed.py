@@ -21,7 +21,7 @@ from saint.core.packing import (
     unpack,
 )
 
-from .conftest import ARCHS, make_tiny
+from .conftest import ARCHS, make_tiny, refuses_class_attention
 
 TOL = dict(rtol=0, atol=1e-5)
 # per-image methods whose counts differ between images (ragged), incl. merging ones
@@ -219,6 +219,8 @@ def _run(model, x, method, kw, layout, select_at="mlp", **options):
 def test_timm_packed_equals_padded_equals_alone(arch, label, select_at, images):
     model = make_tiny(arch)
     method, kw = RAGGED[label]
+    if refuses_class_attention(model, method, kw):
+        return
     out, feats, mask, stats = _run(model, images, method, kw, "packed", select_at)
     assert stats.layout == "packed" and stats.per_sample_differs()
     p_out, p_feats, p_mask, p_stats = _run(model, images, method, kw, "padded", select_at)
@@ -247,6 +249,8 @@ def test_the_one_read_back_path_gives_the_cpu_paths_answer(arch, label, select_a
 
     model = make_tiny(arch)
     method, kw = RAGGED[label]
+    if refuses_class_attention(model, method, kw):
+        return
     out, feats, mask, stats = _run(model, images, method, kw, "packed", select_at)
     with accelerator_paths_everywhere():
         f_out, f_feats, f_mask, f_stats = _run(model, images, method, kw, "packed", select_at, kernel="padded")

@@ -152,7 +152,8 @@ def test_distributed_data_parallel_around_a_patched_model(images, tmp_path):
         saint.patch(torch.nn.DataParallel(make_tiny("vit")), "tome", r=2)
 
 
-@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "vit_small_patch16_dinov3", "beit_base_patch16_224"])
+@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "vit_small_patch16_dinov3", "beit_base_patch16_224",
+                                  "vit_relpos_medium_patch16_cls_224"])
 def test_timm_features_only_takes_a_merging_method(arch, images):
     """timm's features_only wrapper (spatial maps of every patch, from its model's
     forward_intermediates): a merging method leaves every map on the grid, each image's as

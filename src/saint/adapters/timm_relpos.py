@@ -1,6 +1,8 @@
-"""timm ``Beit`` (BEiT, BEiT v2): a relative position bias per pair of tokens, per block
-(``use_rel_pos_bias``) or shared by every block (``use_shared_rel_pos_bias``), and an
-average over the patch tokens for its head (``global_pool="avg"``, the default).
+"""timm's ViTs with a relative position bias per pair of tokens: ``Beit`` (BEiT, BEiT v2; the
+bias per block, ``use_rel_pos_bias``, or shared by every block, ``use_shared_rel_pos_bias``)
+and ``VisionTransformerRelPos`` (``vit_relpos_*``, ``vit_srelpos_*``: a bias table or a small
+MLP over log-spaced offsets, per block or shared; a class token or none), both averaging their
+patch tokens for the head by default (``global_pool="avg"``).
 
 As for timm's other ViTs (:mod:`saint.adapters.timm_vit`, :mod:`saint.adapters.timm_eva`),
 each block's ``forward`` is wrapped per instance and runs the block's own modules in timm's
@@ -9,9 +11,10 @@ state tracks each token's original index (a merged token keeps its destination's
 attention adds the rows and columns of the full grid's bias at those indices to saint's key
 mask (:mod:`saint.adapters.pair_bias`, per image on a packed stream): each image attends as
 the unpruned model would bias its remaining tokens. q/k/v come from the attention's own fused
-``qkv`` with BEiT's separate q/v bias, the projection is its own ``proj``; the class-attention
-guard reads the class token's row of the bias. The head's average is size-weighted over each
-image's real patch tokens.
+``qkv`` (with BEiT's separate q/v bias) and q/k norms, the projection is its own ``proj``;
+the class-attention guard reads the class token's row of the bias. The head's average is
+size-weighted over each image's real patch tokens. The post-norm blocks of the ``*_rpn``
+models (``ResPostRelPosBlock``) are refused.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +40,14 @@ from .common import (
     output_unshared,
 )
 from .pair_bias import first_token_attention, pair_attention
-from .timm_eva import TimmEva, _apply_to_projections, _eva_bias, _scaled, fused_projections
+from .timm_eva import (
+    TimmEva,
+    _apply_to_projections,
+    _eva_bias,
+    _keys_first,
+    _scaled,
+    fused_projections,
+)
 from .timm_vit import (
     TimmPatch,
     _forward_features,
@@ -45,37 +56,55 @@ from .timm_vit import (
     begin_patch,
     check_blocks,
     qkv_part,
-    qkv_runs_in_parts,
     resolve_settings,
     state_of_tokens,
 )
 
 
-def _beit_classes() -> tuple[type, type, type] | None:
+@dataclass(frozen=True)
+class Family:
+    """A timm model class with a pair bias: its block and attention classes, and the keyword
+    its blocks take the model's shared bias by."""
+
+    model: type
+    block: type
+    attention: type
+    shared_keyword: str
+
+
+def _families() -> list[Family]:
     try:
-        from timm.models.beit import Attention, Beit, Block
-    except ImportError:  # timm not installed, or too old to have it
-        return None
-    return Beit, Block, Attention
+        from timm.models import beit
+        from timm.models import vision_transformer_relpos as relpos
+    except ImportError:  # timm not installed, or too old to have them
+        return []
+    return [Family(beit.Beit, beit.Block, beit.Attention, "shared_rel_pos_bias"),
+            Family(relpos.VisionTransformerRelPos, relpos.RelPosBlock, relpos.RelPosAttention, "shared_rel_pos")]
+
+
+def _family_of(model: torch.nn.Module) -> Family | None:
+    return next((f for f in _families() if isinstance(model, f.model)), None)
 
 
 def matches(model: torch.nn.Module) -> bool:
-    classes = _beit_classes()
-    return classes is not None and isinstance(model, classes[0])
+    return _family_of(model) is not None
 
 
 def patch(
     model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
     layout: str = "packed", kernel: str = "auto", **kwargs: Any,
 ) -> TimmPatch:
-    """Patch a timm ``Beit`` in place (see :func:`saint.patch`)."""
-    _, block_cls, attn_cls = _beit_classes()  # type: ignore[misc]
+    """Patch a timm ``Beit`` or ``VisionTransformerRelPos`` in place (see :func:`saint.patch`)."""
+    family = _family_of(model)
     spec, config = begin_patch(model, method, layout, kernel, kwargs)
-    check_blocks(list(model.blocks), lambda blk: type(blk) is block_cls and type(getattr(blk, "attn", None)) is attn_cls,
-                 "timm Beit blocks (timm.models.beit.Block with its Attention)")
+    check_blocks(list(model.blocks),
+                 lambda blk: type(blk) is family.block and type(getattr(blk, "attn", None)) is family.attention,
+                 "timm Beit's Block and VisionTransformerRelPos's pre-norm RelPosBlock (not the post-norm "
+                 "ResPostRelPosBlock of the *_rpn models)")
     settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    install_sites(handle, model, "blocks", _block_forward, None, layout, track_positions=True)
+    forward = _beit_block_forward if family.shared_keyword == "shared_rel_pos_bias" else _relpos_block_forward
+    install_sites(handle, model, "blocks", forward, None, layout, track_positions=True)
     model.forward_features = types.MethodType(_forward_features, model)
     model.forward_head = types.MethodType(_forward_head, model)
     model.forward_intermediates = types.MethodType(_forward_intermediates, model)
@@ -103,38 +132,72 @@ def _forward_head(self: torch.nn.Module, x: torch.Tensor, pre_logits: bool = Fal
 
 
 # ---------------------------------------------------------------------------- the block
-def _block_forward(self: torch.nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None
+def _beit_block_forward(self: torch.nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """A BEiT block of a patched model (:func:`_block_forward`)."""
+    return _block_forward(self, x, shared_rel_pos_bias, {"shared_rel_pos_bias": shared_rel_pos_bias})
+
+
+def _relpos_block_forward(self: torch.nn.Module, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """A ``RelPosBlock`` of a patched model (:func:`_block_forward`)."""
+    return _block_forward(self, x, shared_rel_pos, {"shared_rel_pos": shared_rel_pos})
+
+
+def _block_forward(self: torch.nn.Module, x: torch.Tensor, shared: torch.Tensor | None, own_kwargs: dict[str, Any]
                    ) -> torch.Tensor:
-    """A BEiT block of a patched model: timm's own forward until a step removes a token;
-    after that, each token's rows of the pair bias, and the selection between the
-    attention residual and the MLP (or before attention, ``select_at="attention"``)."""
+    """timm's own forward of the block until a step removes a token; after that, each token's
+    rows of the pair bias, and the selection between the attention residual and the MLP (or
+    before attention, ``select_at="attention"``)."""
     handle, index = self.__dict__[SITE_ATTR]
     run, x, settings = handle.enter_site(index, x)
     state = run.state
     if settings is None and state.positions is None:  # nothing removed so far: the block as timm runs it
-        return handle.leave_site(index, run, type(self).forward(self, x, shared_rel_pos_bias=shared_rel_pos_bias))
+        return handle.leave_site(index, run, type(self).forward(self, x, **own_kwargs))
     attn = self.attn
-    full = full_bias(attn, shared_rel_pos_bias)
+    full = full_bias(attn, shared)
     normed = self.norm1(x)
     sel = None
     if settings is not None and handle.config.select_at == "attention":
         x, q, k, v = _select_before_attention(self, handle, run, index, x, normed, settings, full)
     else:
-        q, k, v = fused_projections(attn, normed)
+        q, k, v = _projections(attn, normed)
         if settings is not None:
             sel = handle.spec.select(_context(handle, run, attn, index, x, _first_query(state, q), k, full),
                                      settings, handle.config)
-    x = x + drop_path_of(self.drop_path1, _scaled(self.gamma_1, _attend(attn, q, k, v, state, handle, full)), state)
+    x = x + drop_path_of(self.drop_path1, _branch(self, 1, _attend(attn, q, k, v, state, handle, full)), state)
     if sel is not None:
         x = state.apply(x, sel)
-    x = x + drop_path_of(self.drop_path2, _scaled(self.gamma_2, self.mlp(self.norm2(x))), state)
+    x = x + drop_path_of(self.drop_path2, _branch(self, 2, self.mlp(self.norm2(x))), state)
     return handle.leave_site(index, run, x)
 
 
+def _branch(blk: torch.nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+    """A residual branch scaled as the block scales it: ``RelPosBlock``'s layer-scale module
+    ``ls{i}``, BEiT's bare ``gamma_{i}`` (or none)."""
+    ls = getattr(blk, f"ls{i}", None)
+    return ls(x) if ls is not None else _scaled(getattr(blk, f"gamma_{i}"), x)
+
+
+def _projections(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, N, H, D]`` through the attention's fused qkv (BEiT's q/v bias) and its
+    q/k norms (``RelPosAttention``'s; BEiT has none)."""
+    q, k, v = fused_projections(attn, x)
+    return _norm(attn, "q_norm", q), _norm(attn, "k_norm", k), v
+
+
+def _norm(attn: torch.nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    norm = getattr(attn, name, None)
+    return t if norm is None else norm(t)
+
+
 def full_bias(attn: torch.nn.Module, shared: torch.Tensor | None) -> torch.Tensor | None:
-    """The bias the unpruned block adds to every pair of tokens: its own relative position
-    bias ``[1, H, N0, N0]``, plus the model's shared one (timm's ``[H, N0, N0]``), as timm
-    adds them; None when it has neither."""
+    """The bias the unpruned block adds to every pair of tokens, as timm adds it: BEiT's own
+    relative position bias ``[1, H, N0, N0]`` plus the model's shared one (timm's ``[H, N0,
+    N0]``); ``RelPosAttention``'s own (``rel_pos.get_bias()``) or else the shared one; None
+    when there is none."""
+    if hasattr(attn, "rel_pos"):
+        return attn.rel_pos.get_bias() if attn.rel_pos is not None else shared
     own = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
     if own is None:
         return shared
@@ -167,14 +230,14 @@ def _select_before_attention(blk: torch.nn.Module, handle: TimmPatch, run: Any, 
     the survivors' merged inputs, which equals merging every token's: a merge is a mean,
     the projection affine), else every token's q/k/v merged with the tokens."""
     state, attn = run.state, blk.attn
-    if not qkv_runs_in_parts(attn.qkv):
-        q, k, v = fused_projections(attn, normed)
+    if not _keys_first(attn):
+        q, k, v = _projections(attn, normed)
         sel = handle.spec.select(_context(handle, run, attn, index, x, _first_query(state, q), k, full), settings,
                                  handle.config)
         return _apply_to_projections(state, sel, x, q, k, v, None)[:4]
     bias = _eva_bias(attn)
     heads = (attn.num_heads, -1)
-    k = qkv_part(attn.qkv, 1, normed, bias).unflatten(-1, heads)
+    k = _norm(attn, "k_norm", qkv_part(attn.qkv, 1, normed, bias).unflatten(-1, heads))
     ctx = _context(handle, run, attn, index, x,
                    lambda: qkv_part(attn.qkv, 0, state.first(normed), bias).unflatten(-1, heads), k, full)
     sel = handle.spec.select(ctx, settings, handle.config)
@@ -207,28 +270,30 @@ def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: 
 
 
 # ---------------------------------------------------------------------------- protocol
-class BeitProbe(Probe):
+class RelPosProbe(Probe):
     """Queries/keys of each block from its normed input through the attention's own fused
-    qkv (with its q/v bias); hidden states at each block's output."""
+    qkv (with BEiT's q/v bias) and q/k norms; hidden states at each block's output."""
 
     def __init__(self, model: torch.nn.Module, sites: list[Site]) -> None:
         self.sites = sites
         self.num_prefix = int(model.num_prefix_tokens)
-        self.has_cls = True
+        self.has_cls = getattr(model, "cls_token", None) is not None
 
     def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
         return [self.sites[i].block.norm1.register_forward_hook(save_output(store, "normed"))]
 
     def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, _ = fused_projections(self.sites[i].attn, store.pop("normed"))
+        q, k, _ = _projections(self.sites[i].attn, store.pop("normed"))
         return q, k
 
 
-class TimmBeit(TimmEva):
-    """timm ``Beit``: sites are ``model.blocks``; grid, protected class token, embedding and
-    the FLOPs model (a fused qkv, GELU or SwiGLU MLP) as for timm's Eva."""
+class TimmRelPos(TimmEva):
+    """timm ``Beit`` and ``VisionTransformerRelPos``: sites are ``model.blocks``; grid,
+    protected prefix, embedding and the FLOPs model (a fused qkv, GELU or SwiGLU MLP) as for
+    timm's Eva. A ``RelPosMlp`` bias costs one small MLP per block and call, whatever the
+    tokens: it is not counted."""
 
-    name = "timm_beit"
+    name = "timm_relpos"
     family = sys.modules[__name__]
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
@@ -236,7 +301,7 @@ class TimmBeit(TimmEva):
                 for i, blk in enumerate(model.blocks)]
 
     def probe(self, model: torch.nn.Module) -> Probe:
-        return BeitProbe(model, self.sites(model))
+        return RelPosProbe(model, self.sites(model))
 
 
-ADAPTER = TimmBeit()
+ADAPTER = TimmRelPos()
