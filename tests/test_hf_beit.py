@@ -184,6 +184,9 @@ def _dense(kind: str) -> torch.nn.Module:
     if kind == "segmentation":
         return _spread(t.BeitForSemanticSegmentation(t.BeitConfig(**LAYERS, out_indices=[1, 2, 3, 4], num_labels=3,
                                                                   use_auxiliary_head=False)))
+    if kind == "data2vec_segmentation":
+        return _spread(t.Data2VecVisionForSemanticSegmentation(t.Data2VecVisionConfig(
+            **LAYERS, out_indices=[1, 2, 3, 4], num_labels=3, use_auxiliary_head=False)))
     backbone = dict(LAYERS, model_type="beit", out_indices=[1, 2, 3, 4])
     if kind == "upernet":
         return _spread(t.UperNetForSemanticSegmentation(t.UperNetConfig(backbone_config=backbone, hidden_size=16,
@@ -194,10 +197,11 @@ def _dense(kind: str) -> torch.nn.Module:
     return _spread(t.DPTForDepthEstimation(cfg))
 
 
-@pytest.mark.parametrize("kind", ["segmentation", "upernet", "dpt"])
+@pytest.mark.parametrize("kind", ["segmentation", "data2vec_segmentation", "upernet", "dpt"])
 def test_dense_heads_on_beit_predict_each_image_as_alone(kind, images):
-    """BEiT's own segmentation head, UperNet and DPT on a BEiT backbone (DPT-BEiT) run on the
-    unmerged maps: a ragged batch predicts each image as alone; nothing to prune bit for bit."""
+    """BEiT's and Data2Vec-vision's own segmentation heads, UperNet and DPT on a BEiT backbone
+    (DPT-BEiT) run on the unmerged maps: a ragged batch predicts each image as alone; nothing
+    to prune bit for bit."""
     model = _dense(kind)
 
     def predict(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ DiT's checkpoints are BEiT) adds a relative position bias per pair of tokens, wh
 remaining token reads at its original index (``LayerParts.pair_bias``,
 :mod:`saint.adapters.pair_bias`), and a pooler that averages the patch tokens inside itself
 (``Family.pool``); ``BeitBackbone`` and ``BeitForSemanticSegmentation`` are dense.
-Data2Vec-vision (``Data2VecVisionModel``, ``Data2VecVisionForImageClassification``) is BEiT's
+Data2Vec-vision (``Data2VecVisionModel``, ``Data2VecVisionForImageClassification``, and
+``Data2VecVisionForSemanticSegmentation``, dense) is BEiT's
 layer in the older layout, its bias inside the self-attention.
 
 Each encoder layer's ``forward`` is wrapped per instance and runs the layer's own modules
@@ -287,6 +288,10 @@ def _families() -> list[Family]:
                {d2v.Data2VecVisionForImageClassification: "data2vec_vision"}, d2v.Data2VecVisionLayer,
                d2v.Data2VecVisionAttention, "encoder.layer", _data2vec_parts, lambda cfg: 1,
                lambda cfg: cfg.intermediate_size, pool=_beit_pool),
+        Family("data2vec_vision_segmentation", d2v.Data2VecVisionModel,
+               {d2v.Data2VecVisionForSemanticSegmentation: "data2vec_vision"}, d2v.Data2VecVisionLayer,
+               d2v.Data2VecVisionAttention, "encoder.layer", _data2vec_parts, lambda cfg: 1,
+               lambda cfg: cfg.intermediate_size, dense=True),
         Family("vivit", vivit.VivitModel, {vivit.VivitForVideoClassification: "vivit"}, vivit.VivitLayer,
                vivit.VivitAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("videomae", vm.VideoMAEModel, {vm.VideoMAEForVideoClassification: "videomae"}, vm.VideoMAELayer,
