@@ -327,6 +327,15 @@ def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: 
             kr = kr.repeat_interleave(groups, dim=2)
         return cls_attention(q_first(), kr, state, attn.scale, prop)
 
+    return layer_context(handle, run, index, x, k, cls_attn)
+
+
+def layer_context(handle: TimmPatch, run: Any, index: int, x: torch.Tensor, k: torch.Tensor,
+                  cls_attn: Callable[[], torch.Tensor]) -> LayerContext:
+    """The selection's view of block ``index`` (padded when the tokens are packed): the keys
+    ``k [..., H, D]`` averaged over heads, the class token's attention ``cls_attn()`` (lazy,
+    where the model protects a prefix), the tokens ``x`` (padded when asked for)."""
+    state = run.state
     return LayerContext(
         keys=state.padded(head_mean(k)),
         num_protected=handle.num_protected,

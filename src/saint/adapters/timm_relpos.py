@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from ..core import head_mean
 from ..methods import LayerContext, MethodSpec
-from .base import Probe, Site, install_sites, remove_sites, save_output
+from .base import Probe, Site, install_sites, remove_sites
 from .common import (
     SAINT_ATTR,
     SITE_ATTR,
@@ -41,12 +40,14 @@ from .common import (
 )
 from .pair_bias import first_token_attention, pair_attention
 from .timm_eva import (
+    EvaProbe,
     TimmEva,
     _apply_to_projections,
     _eva_bias,
     _keys_first,
     _scaled,
     fused_projections,
+    layer_context,
 )
 from .timm_vit import (
     TimmPatch,
@@ -259,28 +260,13 @@ def _context(handle: TimmPatch, run: Any, attn: torch.nn.Module, index: int, x: 
             return cls_attention(q_first(), k, state, attn.scale, prop)
         return first_token_attention(q_first(), k, state, prop, attn.scale, full)
 
-    return LayerContext(
-        keys=state.padded(head_mean(k)),
-        num_protected=handle.num_protected,
-        valid=state.valid,
-        cls_attention=cls_attn if handle.num_protected > 0 else None,
-        tokens=(lambda: state.padded(x)) if state.packed else x,
-        layer=index,
-    )
+    return layer_context(handle, run, index, x, k, cls_attn)
 
 
 # ---------------------------------------------------------------------------- protocol
-class RelPosProbe(Probe):
+class RelPosProbe(EvaProbe):
     """Queries/keys of each block from its normed input through the attention's own fused
     qkv (with BEiT's q/v bias) and q/k norms; hidden states at each block's output."""
-
-    def __init__(self, model: torch.nn.Module, sites: list[Site]) -> None:
-        self.sites = sites
-        self.num_prefix = int(model.num_prefix_tokens)
-        self.has_cls = getattr(model, "cls_token", None) is not None
-
-    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
-        return [self.sites[i].block.norm1.register_forward_hook(save_output(store, "normed"))]
 
     def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, _ = _projections(self.sites[i].attn, store.pop("normed"))
