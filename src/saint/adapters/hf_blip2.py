@@ -1,9 +1,11 @@
-"""Hugging Face BLIP-2 and InstructBLIP: the vision tower (``Blip2VisionModel``,
+"""Hugging Face BLIP, BLIP-2 and InstructBLIP: the vision tower (``BlipVisionModel``, ``Blip2VisionModel``,
 ``InstructBlipVisionModel``) alone or inside the models that hold it as ``vision_model``
 (``Blip2ForConditionalGeneration``, ``Blip2Model``, ``Blip2VisionModelWithProjection``,
 ``Blip2ForImageTextRetrieval``, ``InstructBlipForConditionalGeneration``, ``InstructBlipModel``), and
 InstructBLIP-Video's (``InstructBlipVideoForConditionalGeneration``, ``InstructBlipVideoModel``,
-whose frames reach the tower as a batch of images: each frame gets its own budget).
+whose frames reach the tower as a batch of images: each frame gets its own budget); BLIP's
+(``BlipForConditionalGeneration``, ``BlipForQuestionAnswering``, ``BlipForImageTextRetrieval``,
+``BlipModel``), whose text decoder or encoder cross-attends the image tokens themselves.
 
 The tower is a ViT with a class token, a fused q/k/v projection (``LayerParts.qkv``) and an
 attention that takes no mask, so its layers run through :mod:`saint.adapters.hf_encoder` with
@@ -13,7 +15,9 @@ ones: a forward pre-hook on the Q-Former hands it saint's key mask of the tower'
 instead (padding masked, a merged token's key biased by ``log(size)``, as in the tower;
 transformers passes a prepared 4-D mask through as it is) and zeros in the padding rows. The
 query tokens, and so the language model's input, keep their length: pruning saves the
-tower's compute, and each image's query outputs are the image's alone.
+tower's compute, and each image's query outputs are the image's alone. BLIP's text model
+cross-attends every image token at every step, so there the same hook (on the module that
+cross-attends: :data:`READERS`) also shortens what each generated token reads.
 
 The protocol (calibration, benchmarks, analysis) reads the vision tower: its pooled class token.
 """
@@ -43,6 +47,8 @@ from .hf_vit import patch_grid
 LAYERS = "encoder.layers"
 # (transformers module, tower, encoder layer, attention, the models holding the tower as ``vision_model``)
 FAMILIES = (
+    ("blip", "BlipVisionModel", "BlipEncoderLayer", "BlipAttention",
+     ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval", "BlipModel")),
     ("blip_2", "Blip2VisionModel", "Blip2EncoderLayer", "Blip2Attention",
      ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2VisionModelWithProjection", "Blip2ForImageTextRetrieval")),
     ("instructblip", "InstructBlipVisionModel", "InstructBlipEncoderLayer", "InstructBlipAttention",
@@ -50,6 +56,11 @@ FAMILIES = (
     ("instructblipvideo", "InstructBlipVideoVisionModel", "InstructBlipVideoEncoderLayer", "InstructBlipVideoAttention",
      ("InstructBlipVideoForConditionalGeneration", "InstructBlipVideoModel")),
 )
+
+
+# the module of each model that cross-attends the image tokens (BLIP-2's and InstructBLIP's: the Q-Former)
+READERS = {"BlipForConditionalGeneration": "text_decoder", "BlipForQuestionAnswering": "text_encoder",
+           "BlipForImageTextRetrieval": "text_encoder", "BlipModel": "text_model"}
 
 
 @functools.cache
@@ -80,7 +91,7 @@ def matches(model: torch.nn.Module) -> bool:
 def _found(model: torch.nn.Module) -> tuple[tuple[type, type, type, tuple[type, ...]], torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face BLIP-2, InstructBLIP or InstructBLIP-Video model, "
+        raise TypeError(f"expected a Hugging Face BLIP, BLIP-2, InstructBLIP or InstructBLIP-Video model, "
                         f"got {type(model).__name__}")
     return found
 
@@ -89,9 +100,11 @@ def layer_parts(layer: torch.nn.Module) -> LayerParts:
     """Where a BLIP-2 / InstructBLIP vision layer keeps its parts: ``layer_norm1``, the fused
     ``qkv`` and ``projection`` of ``self_attn``, ``layer_norm2``, ``mlp``."""
     a = layer.self_attn
+    dropout = a.attention_dropout if hasattr(a, "attention_dropout") else a.dropout.p  # BLIP's: a Dropout module
     return LayerParts(layer.layer_norm1, a, fused_part(a.qkv, 0), fused_part(a.qkv, 1), fused_part(a.qkv, 2),
-                      a.projection, int(a.num_heads), int(a.head_dim), float(a.scale), float(a.attention_dropout),
-                      layer.layer_norm2, layer.mlp, qkv=a.qkv, own_attention=True, branch_first=True)
+                      a.projection, int(a.num_heads), int(a.head_dim), float(a.scale), float(dropout),
+                      layer.layer_norm2, layer.mlp, qkv=a.qkv, own_attention=True, branch_first=True,
+                      own_attend=lambda x: a(hidden_states=x)[0])
 
 
 def patch(
@@ -104,11 +117,18 @@ def patch(
     cfg = tower.config
     handle = patch_encoder(tower, list(tower.get_submodule(LAYERS)), LAYERS, layer_cls, attn_cls, layer_parts, 1,
                            (int(cfg.image_size) // int(cfg.patch_size)) ** 2, method, kwargs, trace, layout, kernel)
-    qformer = getattr(model, "qformer", None) if tower is not model else None
-    if qformer is not None:
-        qformer.__dict__[SITE_ATTR] = (handle, None)
-        handle.hooks.append(qformer.register_forward_pre_hook(_qformer_mask, with_kwargs=True))
-        handle.hooked.append(Hooked(model, _qformer, qformer, f"{type(model).__name__}'s qformer"))
+    name = READERS.get(type(model).__name__, "qformer")
+    reader = getattr(model, name, None) if tower is not model else None
+    if reader is not None:
+        reader.__dict__[SITE_ATTR] = (handle, None)
+        handle.hooks.append(reader.register_forward_pre_hook(_image_key_mask, with_kwargs=True))
+        handle.hooked.append(Hooked(model, _reader, reader, f"{type(model).__name__}'s {name}"))
+        for path, attn in reader.named_modules():
+            if path.endswith("crossattention.self"):  # BLIP's text model: see _cross_attention_mask
+                attn.__dict__[SITE_ATTR] = (handle, None)
+                handle.hooks.append(attn.register_forward_pre_hook(_cross_attention_mask, with_kwargs=True))
+                handle.hooked.append(Hooked(reader, functools.partial(_submodule, path=path), attn,
+                                            f"{type(model).__name__}'s {name}.{path}"))
     return patched_through(model, tower, handle)
 
 
@@ -118,33 +138,65 @@ def unpatch(model: torch.nn.Module) -> None:
     unpatch_tower_of(model)
 
 
-def _qformer(model: torch.nn.Module) -> torch.nn.Module:
-    return model.qformer
+def _reader(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, READERS.get(type(model).__name__, "qformer"))
 
 
-def _qformer_mask(qformer: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Forward pre-hook on the Q-Former: where the tower's last call in this thread left padding
-    or merged tokens, its cross-attention gets saint's key mask (4-D, additive) in place of the
-    wrapper's mask of ones, and the padding rows of the image tokens are zeros (not NaN)."""
+def _submodule(owner: torch.nn.Module, path: str) -> torch.nn.Module:
+    return owner.get_submodule(path)
+
+
+def _image_key_mask(reader: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook on the module that cross-attends the image tokens (the Q-Former; BLIP's
+    text decoder or encoder): where the tower's last call in this thread left padding or merged
+    tokens, its cross-attention gets saint's key mask (4-D, additive) in place of the wrapper's
+    mask of ones, and the padding rows of the image tokens are zeros (not NaN). Generation's
+    copies of each image's tokens (beams, several sequences per image: ``repeat_interleave``
+    along the batch) get their image's mask."""
     states = kwargs.get("encoder_hidden_states")
     if states is None:
         return None
-    handle = qformer.__dict__[SITE_ATTR][0]
-    dtype = qformer.dtype  # the Q-Former runs in its own (fp32) dtype
-    bias = handle.state.attn_bias(dtype, handle.config.size_bias)
+    bias = _key_mask_for(reader, states)
     if bias is None:
         return None
-    if bias.shape[0] != states.shape[0] or bias.shape[-1] != states.shape[1]:
-        raise ValueError(f"the Q-Former got {tuple(states.shape[:2])} image tokens but the tower's last forward "
-                         f"produced {(bias.shape[0], bias.shape[-1])}; call it only through the patched model")
     kwargs = dict(kwargs)
     kwargs["encoder_hidden_states"] = states.masked_fill(bias[:, 0, 0, :, None] == float("-inf"), 0.0)
     kwargs["encoder_attention_mask"] = bias
     return args, kwargs
 
 
+def _cross_attention_mask(attn: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook on each cross-attention of BLIP's text model, which in transformers 5
+    reads no mask of its own (its layer hands the encoder's mask on as ``attention_mask``, which
+    a cross-attention replaces by its ``encoder_attention_mask``, never passed): saint's key mask
+    as that ``encoder_attention_mask``."""
+    states = kwargs.get("encoder_hidden_states")
+    bias = None if states is None else _key_mask_for(attn, states)
+    if bias is None:
+        return None
+    return args, {**kwargs, "encoder_attention_mask": bias}
+
+
+def _key_mask_for(module: torch.nn.Module, states: torch.Tensor) -> torch.Tensor | None:
+    """Saint's 4-D key mask of the tower's last call in this thread for the image tokens
+    ``states [B', N, C]`` that ``module`` cross-attends (each image's rows repeated for
+    generation's copies: ``B' = k B``, ``repeat_interleave`` along the batch), in the module's
+    dtype; None when every token is real and whole."""
+    handle = module.__dict__[SITE_ATTR][0]
+    dtype = next(module.parameters()).dtype  # the reader runs in its own (fp32) dtype
+    bias = handle.state.attn_bias(dtype, handle.config.size_bias)
+    if bias is None:
+        return None
+    if states.shape[0] % bias.shape[0] or bias.shape[-1] != states.shape[1]:
+        raise ValueError(f"{type(module).__name__} got {tuple(states.shape[:2])} image tokens but the tower's last "
+                         f"forward produced {(bias.shape[0], bias.shape[-1])}; call it only through the patched model")
+    if states.shape[0] != bias.shape[0]:
+        bias = bias.repeat_interleave(states.shape[0] // bias.shape[0], dim=0)
+    return bias
+
+
 class HFBlip2(FamilyAdapter):
-    """BLIP-2 / InstructBLIP: sites are the vision tower's ``encoder.layers``; inputs are image batches."""
+    """BLIP / BLIP-2 / InstructBLIP: sites are the vision tower's ``encoder.layers``; inputs are image batches."""
 
     name = "hf_blip2"
     family = sys.modules[__name__]

@@ -98,6 +98,10 @@ class LayerParts:
     # keys are captured from it, and ``q`` / ``k`` / ``v`` are its thirds (:func:`fused_part`, no hook)
     qkv: torch.nn.Module | None = None
     own_attention: bool = False
+    # with ``own_attention``: the attention module's own output on every token of a batch that needs no
+    # mask (nothing removed yet), where its kernel is not SDPA (BLIP's eager products), so that a layer
+    # that selects and removes nothing gives the unpatched answer bit for bit
+    own_attend: Callable[[torch.Tensor], torch.Tensor] | None = None
     branch_first: bool = False  # the layer adds its residual as ``branch + x`` (transformers' older ViT layout)
     returns_tuple: bool = False  # the layer returns ``(hidden_states, attention weights)`` (V-JEPA 2)
 
@@ -484,7 +488,9 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
         x = x[0] if p.returns_tuple else x
     else:
         normed = p.norm1(hidden_states)
-        if state.packed or p.own_attention:
+        if p.own_attend is not None and not state.packed and bias is None and rows is None and pair is None:
+            attn_out = p.own_attend(normed)
+        elif state.packed or p.own_attention:
             attn_out = _parts_attention(p, normed, state, prop_attn, handle.kernel, rows, pair)
         else:
             attn_out, _ = p.attn(hidden_states=normed, attention_mask=bias, **kwargs)

@@ -1,0 +1,141 @@
+"""Hugging Face BLIP: the vision tower pruned as BLIP-2's, and the text model that cross-attends
+every image token (the captioning decoder, the question-answering and retrieval encoders, the
+multimodal features) reading each image's real tokens, merged ones weighted by ``log(size)``,
+at every generated token and in every beam."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import saint  # noqa: E402
+from saint.adapters import find_adapter  # noqa: E402
+
+TOL = dict(rtol=0, atol=1e-5)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+              patch_size=8)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+            encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=3, sep_token_id=4, pad_token_id=0,
+            eos_token_id=4)
+METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)),
+           ("saint_match", dict(tau=0.3, fraction=0.7, select_at="attention", guard=0.2)), ("saint", dict(tau=0.3, k=1))]
+IDS = ["tome", "saint_match", "saint_match_guard_before_attention", "saint"]
+PROMPT = torch.tensor([[3, 10, 11, 12, 13]])
+
+
+def blip(kind: str = "captioning") -> torch.nn.Module:
+    """A tiny BLIP with weights that make its tokens differ (BLIP initialises them tiny)."""
+    torch.manual_seed(0)
+    t = transformers
+    model_cls = {"captioning": t.BlipForConditionalGeneration, "vqa": t.BlipForQuestionAnswering,
+                 "retrieval": t.BlipForImageTextRetrieval, "model": t.BlipModel}[kind]
+    model = model_cls(t.BlipConfig(vision_config=VISION, text_config=TEXT)).eval()
+    if kind == "captioning":
+        model.decoder_input_ids = 3
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(std=0.1)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.normal_(std=0.2)
+    return model
+
+
+def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=images, input_ids=PROMPT.expand(len(images), -1)).logits
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", METHODS, ids=IDS)
+def test_the_captioning_decoder_reads_each_images_tokens_as_alone(method, kw, layout, images):
+    model = blip()
+    with torch.no_grad():
+        ref = _logits(model, images)
+    saint.patch(model, method, layout=layout, **kw)
+    assert find_adapter(model).name == "hf_blip2"
+    with torch.no_grad():
+        got = _logits(model, images)
+    assert saint.stats(model).layout == ("rectangular" if method == "tome" else layout)
+    assert bool(torch.isfinite(got).all()) and not torch.allclose(got, ref, atol=1e-3)
+    for i in range(len(images)):
+        with torch.no_grad():
+            torch.testing.assert_close(got[i], _logits(model, images[i : i + 1])[0], **TOL)
+
+
+def test_a_merged_token_counts_in_the_decoders_cross_attention_as_its_parts(images):
+    """The decoder's cross-attention over a merged token biased by ``log(size)`` equals its
+    attention over the token repeated ``size`` times (ToMe's proportional attention)."""
+    model = blip()
+    saint.patch(model, "tome", r=3)
+    with torch.no_grad():
+        got = _logits(model, images)
+        hidden = model.vision_model(pixel_values=images).last_hidden_state
+    sizes = saint.token_sizes(model).long()
+    assert int(sizes.max()) > 1
+    saint.unpatch(model)  # the reference: the model's own decoder on every part of each merged token
+    with torch.no_grad():
+        for i in range(len(images)):
+            repeated = hidden[i].repeat_interleave(sizes[i], dim=0)[None]
+            out = model.text_decoder(input_ids=PROMPT, encoder_hidden_states=repeated,
+                                     encoder_attention_mask=torch.ones(repeated.shape[:2], dtype=torch.long))
+            torch.testing.assert_close(got[i], out.logits[0], **TOL)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_captions_of_a_batch_are_each_images_alone(beams, images):
+    """Greedy and beam-search captions of a ragged batch are each image's alone: every beam
+    of an image reads that image's mask."""
+    model = blip()
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad():
+        batch = model.generate(pixel_values=images, max_new_tokens=5, num_beams=beams, do_sample=False)
+        assert saint.stats(model).layout == "packed"
+        for i in range(len(images)):
+            alone = model.generate(pixel_values=images[i : i + 1], max_new_tokens=5, num_beams=beams, do_sample=False)
+            assert torch.equal(batch[i], alone[0])
+
+
+def test_question_answering_retrieval_and_multimodal_features_per_image_as_alone(images):
+    """The question encoder (VQA), the image-text matching encoder (retrieval) and BlipModel's
+    multimodal features cross-attend each image's real tokens; its contrastive features read
+    the tower's class token."""
+    question = PROMPT.expand(len(images), -1)
+    vqa, retrieval, both = blip("vqa"), blip("retrieval"), blip("model")
+    for model in (vqa, retrieval, both):
+        saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad():
+        answers = vqa.generate(pixel_values=images, input_ids=question, max_new_tokens=4)
+        matching = retrieval(pixel_values=images, input_ids=question).itm_score
+        multimodal = both.get_multimodal_features(pixel_values=images, input_ids=question)
+        contrastive = both.get_image_features(pixel_values=images).pooler_output
+        assert saint.stats(both).layout == "packed"
+        for i in range(len(images)):
+            one, q = images[i : i + 1], question[:1]
+            assert torch.equal(answers[i], vqa.generate(pixel_values=one, input_ids=q, max_new_tokens=4)[0])
+            torch.testing.assert_close(matching[i], retrieval(pixel_values=one, input_ids=q).itm_score[0], **TOL)
+            torch.testing.assert_close(multimodal[i], both.get_multimodal_features(pixel_values=one, input_ids=q)[0],
+                                       **TOL)
+            torch.testing.assert_close(contrastive[i], both.get_image_features(pixel_values=one).pooler_output[0],
+                                       **TOL)
+
+
+def test_nothing_to_prune_unpatch_calibration_and_refusals(images):
+    model = blip()
+    with torch.no_grad():
+        ref = _logits(model, images)
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(_logits(model, images), ref)
+        saint.unpatch(model)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert not any(m._forward_pre_hooks for m in model.modules())
+        assert torch.equal(_logits(model, images), ref)
+    cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
+    assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=images).last_hidden_state
+        with pytest.raises(ValueError, match="call it only through the patched model"):
+            model.text_decoder(input_ids=PROMPT, encoder_hidden_states=hidden[:, :-1])
