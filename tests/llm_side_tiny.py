@@ -87,6 +87,13 @@ def make(family: str = "internvl", impl: str = "sdpa", seed: int = 0, vocab_size
                                           image_token_index=image_token_id, vision_feature_layers=[-2, -3],
                                           attn_implementation=impl)
         model = transformers.VipLlavaForConditionalGeneration(cfg)
+    elif family == "video_llava":  # LLaVA's layout for images and videos: CLIP towers of 16 px patches
+        vision = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=VDEPTH, num_attention_heads=2,
+                                               intermediate_size=64, image_size=SIZE, patch_size=16)
+        cfg = transformers.VideoLlavaConfig(vision_config=vision.to_dict(), text_config=transformers.LlamaConfig(**text),
+                                            image_token_index=image_token_id, video_token_index=video_token_id,
+                                            attn_implementation=impl)
+        model = transformers.VideoLlavaForConditionalGeneration(cfg)
     elif family == "fast_vlm":  # FastViT-T8 (stride 32) on 128 px images: 4x4 image tokens; a Qwen2 LM
         vision = transformers.TimmWrapperConfig(architecture="fastvit_t8", hidden_size=768, do_pooling=False)
         cfg = transformers.FastVlmConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text),
@@ -262,10 +269,13 @@ def inputs(family: str, rows: list[list], seeds: list[int] | None = None) -> dic
     return out
 
 
-def perception_inputs(rows: list[list], seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """A left-padded PerceptionLM batch: ints are text lengths, ``(h, w)`` 64 px images and
-    ``("video", frames)`` videos (16 tokens a frame; the videos of one batch have as many frames,
-    as its processor gives them); even seeds give half-flat pixels."""
+def perception_inputs(rows: list[list], seeds: list[int] | None = None,
+                      family: str = "perception_lm") -> dict[str, torch.Tensor]:
+    """A left-padded PerceptionLM (or Video-LLaVA) batch: ints are text lengths, ``(h, w)`` 64 px
+    images and ``("video", frames)`` videos (16 tokens a frame, Video-LLaVA's 17 with each frame's
+    class token; the videos of one batch have as many frames, as their processors give them);
+    even seeds give half-flat pixels."""
+    per_frame = 17 if family == "video_llava" else 16
     seeds = seeds or list(range(len(rows)))
     ids, images, videos = [], [], []
     for r, s in zip(rows, seeds, strict=True):
@@ -280,12 +290,12 @@ def perception_inputs(rows: list[list], seeds: list[int] | None = None) -> dict[
             if s % 2 == 0:
                 x[:, :, : SIZE // 2] = 0.5
             (videos if p[0] == "video" else images).append(x)
-            out += [START, *[VID if p[0] == "video" else IMG] * (16 * frames), END]
+            out += [START, *([VID] * (per_frame * frames) if p[0] == "video" else [IMG] * 16), END]
         ids.append(torch.tensor(out))
     input_ids, mask = left_pad(ids)
     x = dict(input_ids=input_ids, attention_mask=mask)
-    if images:
-        x["pixel_values"] = torch.stack(images)  # [images, tiles, 3, h, w]
+    if images:  # PerceptionLM: [images, tiles, 3, h, w]; Video-LLaVA: [images, 3, h, w]
+        x["pixel_values"] = torch.cat(images) if family == "video_llava" else torch.stack(images)
     if videos:
         x["pixel_values_videos"] = torch.stack(videos)  # [videos, frames, 3, h, w]
     return x

@@ -29,7 +29,7 @@ from .llm_side_tiny import (  # noqa: E402
 
 FAMILIES = ["internvl", "mistral3", "gemma3", "idefics3", "smolvlm", "paligemma", "paligemma2", "fast_vlm",
             "perception_lm", "aya_vision", "cohere2_vision", "ovis2", "lighton_ocr", "deepseek_vl", "deepseek_vl_hybrid",
-            "janus", "gemma4", "paddleocr_vl", "ministral3", "idefics2", "vipllava"]
+            "janus", "gemma4", "paddleocr_vl", "ministral3", "idefics2", "vipllava", "video_llava"]
 ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); text first
     "internvl": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "mistral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
@@ -52,6 +52,7 @@ ROWS = {  # three prompts: one image; two images (Mistral 3: of other sizes); te
     "ministral3": [[3, (64, 64), 4], [2, (32, 64), 3, (64, 32), 2], [5, (64, 64), 1]],
     "idefics2": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
     "vipllava": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
+    "video_llava": [[3, (64, 64), 4], [2, (64, 64), 3, (64, 64), 2], [5, (64, 64), 1]],
 }
 CONFIGS = {
     "llm": dict(mode="llm", llm_layers=(0, 3), llm_tau=0.3, llm_k=1),
@@ -139,13 +140,14 @@ def test_batch_equals_alone_and_only_image_tokens_are_dropped(family, name):
         assert torch.equal(model(**x).logits, want)
 
 
-def test_perception_lm_prunes_a_videos_frame_tokens_as_it_prunes_an_images():
-    """PerceptionLM's video tokens are visual tokens: pruning nothing equals the unpatched
-    model; SAINT drops image and video tokens only, counts both, and a batch of video,
-    image-and-video and image prompts generates as each prompt alone."""
+@pytest.mark.parametrize("family", ["perception_lm", "video_llava"])
+def test_a_videos_frame_tokens_are_pruned_as_an_images(family):
+    """PerceptionLM's and Video-LLaVA's video tokens are visual tokens: pruning nothing equals
+    the unpatched model; SAINT drops image and video tokens only, counts both, and a batch of
+    video, image-and-video and image prompts generates as each prompt alone."""
     rows = [[3, ("video", 2), 4], [2, (64, 64), 3, ("video", 2), 2], [5, (64, 64), 1]]
-    model = make("perception_lm")
-    x = perception_inputs(rows)
+    model = make(family)
+    x = perception_inputs(rows, family=family)
     visual = torch.isin(x["input_ids"], torch.tensor([IMG, VID]))
     with torch.no_grad():
         want = model(**x).logits
@@ -159,7 +161,7 @@ def test_perception_lm_prunes_a_videos_frame_tokens_as_it_prunes_an_images():
         dropped = model(**x).logits.isnan().any(-1)
     assert dropped[x["input_ids"] == VID].any() and bool(visual[dropped].all())
     assert saint.stats(model).tokens[0] == visual.sum(dim=1).tolist()
-    solo = [perception_inputs([r], [i]) for i, r in enumerate(rows)]
+    solo = [perception_inputs([r], [i], family=family) for i, r in enumerate(rows)]
     assert torch.equal(gen(model, x), torch.cat([gen(model, s) for s in solo]))
     saint.unpatch(model)
 
@@ -226,6 +228,7 @@ def test_assisted_generation_equals_greedy(family):
     ("paddleocr_vl", dict(mode="vit"), ValueError, "PaddleOCR-VL inside the language model only"),
     ("idefics2", dict(mode="hybrid"), ValueError, "Idefics2 inside the language model only"),
     ("vipllava", dict(mode="vit"), ValueError, "VipLLaVA inside the language model only"),
+    ("video_llava", dict(mode="hybrid"), ValueError, "Video-LLaVA inside the language model only"),
     ("gemma3", dict(mode="vit", vit_layer=VDEPTH - 1), ValueError, "vit_layer must be <= 2"),
     ("gemma3", dict(method="fastv", vit_ratio=0.5), TypeError, "does not use"),
     ("gemma3", dict(method="random", keep_ratio=1.5), ValueError, "keep_ratio"),
@@ -249,7 +252,7 @@ def test_bad_settings_raise_clear_errors(family, kw, err, match):
 def test_mistral3_has_no_one_patch_grid_and_the_others_a_4x4_one():
     from saint.adapters import find_adapter
 
-    for family in ("mistral3", "lighton_ocr", "gemma4", "paddleocr_vl", "idefics2"):
+    for family in ("mistral3", "lighton_ocr", "gemma4", "paddleocr_vl", "idefics2", "video_llava"):
         model = make(family)
         with pytest.raises(ValueError, match="no one patch grid"):
             find_adapter(model).grid(model)

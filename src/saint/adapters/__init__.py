@@ -66,7 +66,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "LLaVA-NeXT-Video and LLaVA-OneVision (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, "
     "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision, Command A Vision, Ovis2, DeepSeek-VL and Janus "
     "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM, "
-    "PerceptionLM, LightOnOCR, DeepSeek-VL-Hybrid, Gemma 4, PaddleOCR-VL, Idefics2 and VipLLaVA "
+    "PerceptionLM, LightOnOCR, DeepSeek-VL-Hybrid, Gemma 4, PaddleOCR-VL, Idefics2, VipLLaVA and Video-LLaVA "
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )
 

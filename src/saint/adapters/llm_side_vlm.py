@@ -15,6 +15,8 @@
   latents are its image tokens, a Mistral language model);
 - VipLLaVA (``VipLlavaForConditionalGeneration`` / ``VipLlavaModel``: LLaVA's layout, its
   projector reading several tower layers);
+- Video-LLaVA (``VideoLlavaForConditionalGeneration`` / ``VideoLlavaModel``: images and videos,
+  each through its own CLIP tower, a Llama language model);
 - DeepSeek-VL-Hybrid (``DeepseekVLHybridForConditionalGeneration`` / ``DeepseekVLHybridModel``;
   a SigLIP and a SAM tower, a Llama language model; DeepSeek-VL itself and Janus are pooled
   families, :mod:`saint.adapters.pooled_vlm`).
@@ -57,9 +59,10 @@ from .vlm_prompt import begin_prefill, continue_prompt
 from .vlm_schedule import decoder_pruner, split_method
 
 __all__ = ["ADAPTERS", "DEEPSEEK_VL_HYBRID", "FASTVLM", "FIELDS", "GEMMA4", "IDEFICS2", "LIGHTON_OCR", "MISTRAL3",
-           "PADDLEOCR_VL", "PERCEPTION_LM", "VIPLLAVA", "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family",
+           "PADDLEOCR_VL", "PERCEPTION_LM", "VIDEO_LLAVA", "VIPLLAVA", "DeepseekVLHybridPruneConfig", "FastVlmPruneConfig", "Family",
            "Gemma4PruneConfig", "Idefics2PruneConfig", "LightOnOcrPruneConfig", "LlmSidePruneConfig", "LlmSideVlm",
-           "Mistral3PruneConfig", "PaddleOCRVLPruneConfig", "PerceptionLMPruneConfig", "VipLlavaPruneConfig"]
+           "Mistral3PruneConfig", "PaddleOCRVLPruneConfig", "PerceptionLMPruneConfig", "VideoLlavaPruneConfig",
+           "VipLlavaPruneConfig"]
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "saint/llm": ("mode", *LLM_FIELDS),
@@ -143,6 +146,13 @@ class VipLlavaPruneConfig(LlmSidePruneConfig):
 
 
 @dataclass
+class VideoLlavaPruneConfig(LlmSidePruneConfig):
+    FAMILY: ClassVar[str] = "Video-LLaVA"
+    LLM_ONLY: ClassVar[str] = ("its images and videos go through two CLIP towers (a video's frames as images, each "
+                               "keeping its class token); pruning them is not built")
+
+
+@dataclass
 class DeepseekVLHybridPruneConfig(LlmSidePruneConfig):
     FAMILY: ClassVar[str] = "DeepSeek-VL-Hybrid"
     LLM_ONLY: ClassVar[str] = ("each image token joins a SigLIP patch and a cell of its high-resolution SAM tower; "
@@ -221,6 +231,9 @@ PADDLEOCR_VL = Family("paddleocr_vl", "paddleocr_vl", ("PaddleOCRVLForConditiona
 IDEFICS2 = Family("idefics2", "idefics2", ("Idefics2ForConditionalGeneration", "Idefics2Model"), Idefics2PruneConfig,
                   no_grid="reads its image tokens from a perceiver resampler's latents, which map to no patch")
 VIPLLAVA = Family("vipllava", "vipllava", ("VipLlavaForConditionalGeneration", "VipLlavaModel"), VipLlavaPruneConfig)
+VIDEO_LLAVA = Family("video_llava", "video_llava", ("VideoLlavaForConditionalGeneration", "VideoLlavaModel"),
+                     VideoLlavaPruneConfig, media=IMAGES_AND_VIDEOS,
+                     no_grid="splits a video into frames, each with its own grid of patches and a class token")
 
 
 def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], fwd: Forward
@@ -254,4 +267,4 @@ class LlmSideVlm(HFVlm):
 
 
 ADAPTERS = tuple(LlmSideVlm(f) for f in (MISTRAL3, FASTVLM, PERCEPTION_LM, LIGHTON_OCR, DEEPSEEK_VL_HYBRID, GEMMA4,
-                                          PADDLEOCR_VL, IDEFICS2, VIPLLAVA))
+                                          PADDLEOCR_VL, IDEFICS2, VIPLLAVA, VIDEO_LLAVA))
