@@ -9,6 +9,7 @@ import torch
 from . import (
     hf_aimv2,
     hf_blip2,
+    hf_kosmos2,
     hf_siglip2,
     hf_vision,
     hf_vit,
@@ -31,7 +32,7 @@ ADAPTERS: list[Adapter] = [
     llava_anyres.NEXT_VIDEO_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER, hf_vjepa2.ADAPTER,
-    hf_blip2.ADAPTER,
+    hf_blip2.ADAPTER, hf_kosmos2.ADAPTER,
 ]
 SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_inputs.py keeps it complete)
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
@@ -54,7 +55,8 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "cross-attends each image's real tokens), Blip2ForConditionalGeneration, "
     "Blip2Model, Blip2VisionModelWithProjection, Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration, "
     "InstructBlipModel, InstructBlipVideoForConditionalGeneration, InstructBlipVideoModel (the Q-Former reads each "
-    "image's real tokens); "
+    "image's real tokens); Kosmos2VisionModel, alone or in Kosmos2ForConditionalGeneration and Kosmos2Model "
+    "(the image-to-text projection's latent queries read each image's real tokens); "
     "Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone, alone or as the .backbone of a dense head "
     "(Depth Anything, DPT, UperNet, ZoeDepth ...; merging methods), DPTModel, DPTForDepthEstimation, "
     "DPTForSemanticSegmentation, BeitBackbone, BeitForSemanticSegmentation, Data2VecVisionForSemanticSegmentation "

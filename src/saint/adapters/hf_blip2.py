@@ -38,6 +38,7 @@ from .hf_encoder import (
     ProjectionProbe,
     encoder_sites,
     fused_part,
+    image_key_mask,
     patch_encoder,
     patched_through,
     unpatch_tower_of,
@@ -156,7 +157,7 @@ def _image_key_mask(reader: torch.nn.Module, args: tuple[Any, ...], kwargs: dict
     states = kwargs.get("encoder_hidden_states")
     if states is None:
         return None
-    bias = _key_mask_for(reader, states)
+    bias = image_key_mask(reader, states)
     if bias is None:
         return None
     kwargs = dict(kwargs)
@@ -171,28 +172,10 @@ def _cross_attention_mask(attn: torch.nn.Module, args: tuple[Any, ...], kwargs: 
     a cross-attention replaces by its ``encoder_attention_mask``, never passed): saint's key mask
     as that ``encoder_attention_mask``."""
     states = kwargs.get("encoder_hidden_states")
-    bias = None if states is None else _key_mask_for(attn, states)
+    bias = None if states is None else image_key_mask(attn, states)
     if bias is None:
         return None
     return args, {**kwargs, "encoder_attention_mask": bias}
-
-
-def _key_mask_for(module: torch.nn.Module, states: torch.Tensor) -> torch.Tensor | None:
-    """Saint's 4-D key mask of the tower's last call in this thread for the image tokens
-    ``states [B', N, C]`` that ``module`` cross-attends (each image's rows repeated for
-    generation's copies: ``B' = k B``, ``repeat_interleave`` along the batch), in the module's
-    dtype; None when every token is real and whole."""
-    handle = module.__dict__[SITE_ATTR][0]
-    dtype = next(module.parameters()).dtype  # the reader runs in its own (fp32) dtype
-    bias = handle.state.attn_bias(dtype, handle.config.size_bias)
-    if bias is None:
-        return None
-    if states.shape[0] % bias.shape[0] or bias.shape[-1] != states.shape[1]:
-        raise ValueError(f"{type(module).__name__} got {tuple(states.shape[:2])} image tokens but the tower's last "
-                         f"forward produced {(bias.shape[0], bias.shape[-1])}; call it only through the patched model")
-    if states.shape[0] != bias.shape[0]:
-        bias = bias.repeat_interleave(states.shape[0] // bias.shape[0], dim=0)
-    return bias
 
 
 class HFBlip2(FamilyAdapter):

@@ -662,3 +662,20 @@ class ClassFreeTower(FamilyAdapter):
             return model.get_image_features(**inputs)
         return model(**inputs)
 
+
+def image_key_mask(module: torch.nn.Module, states: torch.Tensor) -> torch.Tensor | None:
+    """Saint's 4-D key mask of the tower's last call in this thread for the image tokens
+    ``states [B', N, C]`` that ``module`` cross-attends (each image's rows repeated for
+    generation's copies: ``B' = k B``, ``repeat_interleave`` along the batch), in the module's
+    dtype; None when every token is real and whole."""
+    handle = module.__dict__[SITE_ATTR][0]
+    dtype = next(module.parameters()).dtype  # the reader runs in its own (fp32) dtype
+    bias = handle.state.attn_bias(dtype, handle.config.size_bias)
+    if bias is None:
+        return None
+    if states.shape[0] % bias.shape[0] or bias.shape[-1] != states.shape[1]:
+        raise ValueError(f"{type(module).__name__} got {tuple(states.shape[:2])} image tokens but the tower's last "
+                         f"forward produced {(bias.shape[0], bias.shape[-1])}; call it only through the patched model")
+    if states.shape[0] != bias.shape[0]:
+        bias = bias.repeat_interleave(states.shape[0] // bias.shape[0], dim=0)
+    return bias
