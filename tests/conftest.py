@@ -196,3 +196,38 @@ def assert_real_tokens_as_alone(hidden_states, alone_states, masks, i: int) -> N
     validity, None where every position is real) equal the image run alone, to 1e-5."""
     for h, h_alone, mask in zip(hidden_states, alone_states, masks, strict=True):
         torch.testing.assert_close(h[i] if mask is None else h[i][mask[i]], h_alone[0], rtol=0, atol=1e-5)
+
+
+def spread_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights that make a tiny random model's tokens differ (BLIP-style models initialise
+    their linear layers tiny) and its norms away from 1 / 0."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(std=0.1)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.normal_(std=0.2)
+    return model
+
+
+def assert_merged_tokens_read_as_their_parts(model: torch.nn.Module, images: torch.Tensor,
+                                             read: Callable[[torch.Tensor], torch.Tensor],
+                                             reference: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """A model whose ``vision_model``'s tokens another module cross-attends, merged by ToMe:
+    ``read(images)`` (each image's output, patched) equals ``reference(tokens [1, n, C])``
+    of the unpatched model on each image's tower tokens, each repeated its ``size`` times
+    (ToMe's proportional attention: a merged key biased by ``log(size)`` counts as its parts)."""
+    import saint
+
+    saint.patch(model, "tome", r=3)
+    with torch.no_grad():
+        got = read(images)
+        hidden = model.vision_model(pixel_values=images).last_hidden_state
+    sizes = saint.token_sizes(model).long()
+    assert int(sizes.max()) > 1
+    saint.unpatch(model)
+    with torch.no_grad():
+        for i in range(len(images)):
+            repeated = hidden[i].repeat_interleave(sizes[i], dim=0)[None]
+            torch.testing.assert_close(got[i], reference(repeated)[0], rtol=0, atol=1e-5)

@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 import saint  # noqa: E402
 from saint.adapters import find_adapter  # noqa: E402
 
+from .conftest import assert_merged_tokens_read_as_their_parts, spread_weights  # noqa: E402
+
 TOL = dict(rtol=0, atol=1e-5)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
               patch_size=8)
@@ -34,14 +36,7 @@ def blip(kind: str = "captioning") -> torch.nn.Module:
     model = model_cls(t.BlipConfig(vision_config=VISION, text_config=TEXT)).eval()
     if kind == "captioning":
         model.decoder_input_ids = 3
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(std=0.1)
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                module.weight.normal_(std=0.2)
-    return model
+    return spread_weights(model)
 
 
 def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -69,19 +64,12 @@ def test_a_merged_token_counts_in_the_decoders_cross_attention_as_its_parts(imag
     """The decoder's cross-attention over a merged token biased by ``log(size)`` equals its
     attention over the token repeated ``size`` times (ToMe's proportional attention)."""
     model = blip()
-    saint.patch(model, "tome", r=3)
-    with torch.no_grad():
-        got = _logits(model, images)
-        hidden = model.vision_model(pixel_values=images).last_hidden_state
-    sizes = saint.token_sizes(model).long()
-    assert int(sizes.max()) > 1
-    saint.unpatch(model)  # the reference: the model's own decoder on every part of each merged token
-    with torch.no_grad():
-        for i in range(len(images)):
-            repeated = hidden[i].repeat_interleave(sizes[i], dim=0)[None]
-            out = model.text_decoder(input_ids=PROMPT, encoder_hidden_states=repeated,
-                                     encoder_attention_mask=torch.ones(repeated.shape[:2], dtype=torch.long))
-            torch.testing.assert_close(got[i], out.logits[0], **TOL)
+
+    def reference(tokens: torch.Tensor) -> torch.Tensor:
+        return model.text_decoder(input_ids=PROMPT, encoder_hidden_states=tokens,
+                                  encoder_attention_mask=torch.ones(tokens.shape[:2], dtype=torch.long)).logits
+
+    assert_merged_tokens_read_as_their_parts(model, images, lambda x: _logits(model, x), reference)
 
 
 @pytest.mark.parametrize("beams", [1, 3])

@@ -13,7 +13,11 @@ import saint  # noqa: E402
 from saint.adapters import find_adapter  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
-from .conftest import assert_real_tokens_as_alone  # noqa: E402
+from .conftest import (  # noqa: E402
+    assert_merged_tokens_read_as_their_parts,
+    assert_real_tokens_as_alone,
+    spread_weights,
+)
 
 TOL = dict(rtol=0, atol=1e-5)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
@@ -40,14 +44,7 @@ def blip2(kind: str = "blip2") -> torch.nn.Module:
     cfg = config_cls(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT, num_query_tokens=4,
                      image_token_index=IMAGE_TOKEN)
     model = model_cls(cfg).eval()
-    with torch.no_grad():  # weights that make tokens differ (BLIP-2 initialises them tiny), norms away from 1 / 0
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(std=0.1)
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                module.weight.normal_(std=0.2)
-    return model
+    return spread_weights(model)
 
 
 def _features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -86,20 +83,14 @@ def test_a_merged_token_counts_in_the_qformer_as_its_parts(images):
     """The Q-Former's cross-attention over a merged token biased by ``log(size)`` equals its
     attention over the token repeated ``size`` times (ToMe's proportional attention)."""
     model = blip2()
-    saint.patch(model, "tome", r=3)
-    with torch.no_grad():
-        got = _features(model, images)
-        hidden = model.vision_model(pixel_values=images).last_hidden_state
-    sizes = saint.token_sizes(model).long()
-    assert int(sizes.max()) > 1
-    saint.unpatch(model)  # the reference: the model's own Q-Former on every part of each merged token
     query = model.query_tokens.expand(1, -1, -1)
-    with torch.no_grad():
-        for i in range(len(images)):
-            repeated = hidden[i].repeat_interleave(sizes[i], dim=0)[None]
-            out = model.qformer(query_embeds=query, encoder_hidden_states=repeated,
-                                encoder_attention_mask=torch.ones(repeated.shape[:2], dtype=torch.long))
-            torch.testing.assert_close(got[i], model.language_projection(out.last_hidden_state)[0], **TOL)
+
+    def reference(tokens: torch.Tensor) -> torch.Tensor:
+        out = model.qformer(query_embeds=query, encoder_hidden_states=tokens,
+                            encoder_attention_mask=torch.ones(tokens.shape[:2], dtype=torch.long))
+        return model.language_projection(out.last_hidden_state)
+
+    assert_merged_tokens_read_as_their_parts(model, images, lambda x: _features(model, x), reference)
 
 
 def test_generation_batches_as_each_image_alone(images):

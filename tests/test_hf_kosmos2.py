@@ -12,7 +12,11 @@ import saint  # noqa: E402
 from saint.adapters import find_adapter  # noqa: E402
 from saint.adapters.common import get_handle  # noqa: E402
 
-from .conftest import assert_real_tokens_as_alone  # noqa: E402
+from .conftest import (  # noqa: E402
+    assert_merged_tokens_read_as_their_parts,
+    assert_real_tokens_as_alone,
+    spread_weights,
+)
 
 TOL = dict(rtol=0, atol=1e-5)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
@@ -30,14 +34,7 @@ def kosmos2(kind: str = "generation") -> torch.nn.Module:
     cfg = transformers.Kosmos2Config(vision_config=VISION, text_config=TEXT, latent_query_num=LATENTS)
     cls = transformers.Kosmos2ForConditionalGeneration if kind == "generation" else transformers.Kosmos2Model
     model = cls(cfg).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(std=0.1)
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                module.weight.normal_(std=0.2)
-    return model
+    return spread_weights(model)
 
 
 def _features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -71,18 +68,12 @@ def test_a_merged_token_counts_in_the_projection_as_its_parts(images):
     """The latent queries' attention over a merged token biased by ``log(size)`` equals their
     attention over the token repeated ``size`` times (ToMe's proportional attention)."""
     model = kosmos2()
-    saint.patch(model, "tome", r=3)
-    with torch.no_grad():
-        got = _features(model, images)
-        hidden = model.vision_model(pixel_values=images).last_hidden_state
-    sizes = saint.token_sizes(model).long()
-    assert int(sizes.max()) > 1
-    saint.unpatch(model)  # the reference: the model's own projection on every part of each merged token
-    with torch.no_grad():
-        for i in range(len(images)):
-            repeated = hidden[i].repeat_interleave(sizes[i], dim=0)[None]
-            embeds = torch.nn.functional.normalize(model.vision_model.model.post_layernorm(repeated), dim=-1)
-            torch.testing.assert_close(got[i], model.image_to_text_projection(embeds)[0][0], **TOL)
+
+    def reference(tokens: torch.Tensor) -> torch.Tensor:
+        embeds = torch.nn.functional.normalize(model.vision_model.model.post_layernorm(tokens), dim=-1)
+        return model.image_to_text_projection(embeds)[0]
+
+    assert_merged_tokens_read_as_their_parts(model, images, lambda x: _features(model, x), reference)
 
 
 def test_generation_batches_as_each_image_alone(images):
