@@ -40,7 +40,8 @@ FAMILIES = {"internvl": "SaintInternVL", "mistral3": "SaintMistral3", "gemma3": 
             "aya_vision": "SaintAyaVision", "cohere2_vision": "SaintCohere2Vision",
             "ovis2": "SaintOvis2", "lighton_ocr": "SaintLightOnOcr", "deepseek_vl": "SaintDeepseekVL",
             "deepseek_vl_hybrid": "SaintDeepseekVLHybrid", "janus": "SaintJanus", "gemma4": "SaintGemma4",
-            "paddleocr_vl": "SaintPaddleOCRVL", "idefics2": "SaintIdefics2", "vipllava": "SaintVipLlava"}
+            "paddleocr_vl": "SaintPaddleOCRVL", "idefics2": "SaintIdefics2", "vipllava": "SaintVipLlava",
+            "video_llava": "SaintVideoLlava"}
 LLM_ARGS = "llm_layers=1-3,llm_tau=0.3,llm_k=1"
 FASTV_ARGS = "method=fastv,fastv_layer=2,fastv_ratio=0.5"
 VIT_ARGS = "mode=vit,vit_layer=1,vit_ratio=0.5"  # the pooled families: half of every tile's (image's) 16 tokens
@@ -54,9 +55,9 @@ PRUNING = [("internvl", LLM_ARGS), ("internvl", FASTV_ARGS), ("internvl", VIT_AR
            ("deepseek_vl", LLM_ARGS), ("deepseek_vl", FASTV_ARGS), ("deepseek_vl", VIT_ARGS),
            ("deepseek_vl_hybrid", LLM_ARGS), ("janus", LLM_ARGS), ("janus", VIT_ARGS), ("gemma4", LLM_ARGS),
            ("gemma4", FASTV_ARGS), ("paddleocr_vl", LLM_ARGS), ("paddleocr_vl", FASTV_ARGS), ("idefics2", LLM_ARGS),
-           ("vipllava", LLM_ARGS), ("vipllava", FASTV_ARGS)]
+           ("vipllava", LLM_ARGS), ("vipllava", FASTV_ARGS), ("video_llava", LLM_ARGS), ("video_llava", FASTV_ARGS)]
 FIXED_SIZE = ("gemma3", "paligemma", "fast_vlm", "deepseek_vl", "deepseek_vl_hybrid", "janus", "idefics2",
-              "vipllava")  # one token count per image
+              "vipllava", "video_llava")  # one token count per image
 SIZES = [(64, 64), (128, 64), (48, 48), (64, 128), (100, 60)]  # PIL (width, height): InternVL, Aya Vision 1 to 3 tiles
 
 
@@ -212,6 +213,20 @@ def _build(path: Path, family: str) -> None:
     elif family == "vipllava":  # LLaVA's processor: 64 px, one token per 16 px patch, no class token
         tokenizer, processor = _llava_processor([], "</s>", 64, 16, "default", 1)
         image_token = "<image>"
+    elif family == "video_llava":  # as LLaVA's: 64 px images, one token per 16 px patch, no class token
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(["<pad>", "<s>", "</s>", "<image>", "<video>"], ["user assistant"]),
+            pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+            extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+        images = transformers.VideoLlavaImageProcessor(size={"shortest_edge": 64},
+                                                       crop_size={"height": 64, "width": 64})
+        videos = transformers.VideoLlavaVideoProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+        processor = transformers.VideoLlavaProcessor(image_processor=images, video_processor=videos,
+                                                     tokenizer=tokenizer, patch_size=16,
+                                                     vision_feature_select_strategy="default",
+                                                     num_additional_image_tokens=1)
+        image_token = "<image>"
+        extra = dict(video_token_id=tokenizer.convert_tokens_to_ids("<video>"))
     elif family == "janus":  # 64 px images of 16 px patches: 16 tokens between <begin_of_image> and <end_of_image>
         special = ["<pad>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",
                    "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>"]
@@ -286,6 +301,7 @@ def test_entry_points_resolve():
     assert lmms_eval.models.get_model("saint_mistral3") is SaintMistral3
     assert lmms_eval.models.get_model("saint_gemma3") is SaintGemma3
     assert lmms_eval.models.get_model("saint_idefics3") is SaintIdefics3
+    assert lmms_eval.models.get_model("saint_video_llava").__name__ == "SaintVideoLlava"
 
 
 def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
@@ -304,6 +320,7 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintMistral3,
         SaintPaddleOCRVL,
         SaintPaliGemma,
+        SaintVideoLlava,
         SaintVipLlava,
     )
 
@@ -324,6 +341,10 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintIdefics2(pretrained=missing, mode="vit")
     with pytest.raises(ValueError, match="VipLLaVA checkpoints"):
         SaintVipLlava(pretrained=str(checkpoint("idefics2")))
+    with pytest.raises(ValueError, match="Video-LLaVA checkpoints"):
+        SaintVideoLlava(pretrained=str(checkpoint("vipllava")))
+    with pytest.raises(ValueError, match="Video-LLaVA inside the language model only"):
+        SaintVideoLlava(pretrained=missing, mode="vit")
     with pytest.raises(ValueError, match="PaddleOCR-VL inside the language model only"):
         SaintPaddleOCRVL(pretrained=missing, mode="hybrid")
     with pytest.raises(ValueError, match="LightOnOCR checkpoints"):

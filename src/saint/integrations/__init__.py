@@ -8,7 +8,7 @@ harness), plus the harness-agnostic parsing they share.
   ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``, ``saint_paligemma``,
   ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision``, ``saint_ovis2``,
   ``saint_lighton_ocr``, ``saint_deepseek_vl``, ``saint_deepseek_vl_hybrid``, ``saint_janus``, ``saint_gemma4``,
-  ``saint_paddleocr_vl``, ``saint_idefics2`` and ``saint_vipllava``, and
+  ``saint_paddleocr_vl``, ``saint_idefics2``, ``saint_vipllava`` and ``saint_video_llava``, and
   :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; :mod:`saint.integrations.lmms_omni`: ``saint_qwen_omni``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
 
@@ -101,6 +101,7 @@ LMMS_MODELS = {  # lmms-eval's --model name -> the class, imported only when tha
     "saint_paddleocr_vl": "lmms_llm_side.SaintPaddleOCRVL",
     "saint_idefics2": "lmms_llm_side.SaintIdefics2",
     "saint_vipllava": "lmms_llm_side.SaintVipLlava",
+    "saint_video_llava": "lmms_llm_side.SaintVideoLlava",
     "saint_idefics3": "lmms_llm_side.SaintIdefics3",
     "saint_paligemma": "lmms_llm_side.SaintPaliGemma",
     "saint_fast_vlm": "lmms_llm_side.SaintFastVlm",

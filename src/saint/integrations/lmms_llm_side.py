@@ -48,7 +48,7 @@ from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
 __all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintDeepseekVLHybrid", "SaintFastVlm",
            "SaintGemma3", "SaintGemma4", "SaintIdefics2", "SaintIdefics3", "SaintInternVL", "SaintJanus", "SaintLightOnOcr",
-           "SaintMistral3", "SaintOvis2", "SaintPaddleOCRVL", "SaintPaliGemma", "SaintTiled", "SaintVipLlava"]
+           "SaintMistral3", "SaintOvis2", "SaintPaddleOCRVL", "SaintPaliGemma", "SaintTiled", "SaintVideoLlava", "SaintVipLlava"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -390,6 +390,19 @@ class SaintVipLlava(SaintLlmSide):
     MODEL_TYPES = ("vipllava",)
     MODEL_CLASS = "VipLlavaForConditionalGeneration"
     TITLE = "VipLLaVA"
+
+
+class SaintVideoLlava(SaintLlmSide):
+    """A Video-LLaVA checkpoint (``model_type: video_llava``) patched once by :func:`saint.patch`
+    (inside its language model), evaluated by lmms-eval on image tasks (``--model
+    saint_video_llava``; its processor's images arrive as ``pixel_values_images``)."""
+
+    NAME = "saint_video_llava"
+    ADAPTER = llm_side_vlm.VIDEO_LLAVA
+    MODEL_TYPES = ("video_llava",)
+    MODEL_CLASS = "VideoLlavaForConditionalGeneration"
+    TITLE = "Video-LLaVA"
+    MEDIA_KEYS = ("pixel_values_images", "pixel_values")
 
 
 class SaintPaliGemma(SaintLlmSide):
