@@ -93,7 +93,7 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("arch", ["vit", "dinov3"])
+@pytest.mark.parametrize("arch", ["vit", "dinov3", "beit"])
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_vision_method_runs_in_bf16_autocast(method, select_at, arch, images):
@@ -137,7 +137,7 @@ def test_llava_graph_pruning_generates_in_bf16_autocast(name, images):
     assert sum(tokens[-1]) < sum(tokens[0])  # the language model pruned image tokens
 
 
-@pytest.mark.parametrize("arch", ["vit", "dinov3"])
+@pytest.mark.parametrize("arch", ["vit", "dinov3", "beit"])
 @pytest.mark.parametrize("method,kw", [("tome", dict(r=2)), ("saint_match", dict(tau=0.5, fraction=0.5, layers=[0, 1]))])
 def test_compiled_patched_vit_equals_the_patched_one(method, kw, arch, images):
     """Dynamo traces the patched blocks (breaking the graph where a selection reads its

@@ -264,3 +264,26 @@ def test_post_norm_blocks_are_refused():
     with pytest.raises(TypeError, match="not the post-norm ResPostRelPosBlock"):
         saint.patch(model, "tome", r=2)
     assert not saint.is_patched(model)
+
+
+def test_copies_and_threads_pool_their_own_calls(images):
+    """A deep copy is an independent patched model; one instance called from two threads
+    gives every call (ragged batches of other sizes) its own answer, pooled with its own sizes."""
+    import copy
+
+    from .conftest import assert_two_threads_agree
+
+    model = make_tiny("beit")
+    saint.patch(model, "saint_match", tau=0.2, fraction=0.7, guard=0.3)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(images)
+        saint.patch(clone, "tome", r=2)
+        assert not torch.equal(clone(images), want)  # its own method
+        torch.testing.assert_close(model(images), want, rtol=0, atol=0)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    assert_two_threads_agree(call, [(images[: 1 + i % 4] * (1 + i / 10),) for i in range(8)])
