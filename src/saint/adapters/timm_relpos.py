@@ -207,7 +207,7 @@ def full_bias(attn: torch.nn.Module, shared: torch.Tensor | None) -> torch.Tenso
 
 def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: TokenState,
             handle: TimmPatch, full: torch.Tensor | None) -> torch.Tensor:
-    """The rest of BEiT's attention from q, k, v ``[B, N, H, D]``: each image over its own
+    """The rest of the attention from q, k, v ``[B, N, H, D]``: each image over its own
     real tokens, biased by ``full``'s pairs at the tokens' original indices; proj, dropouts."""
     dropout = attn.attn_drop.p if attn.training else 0.0
     prop = handle.config.size_bias
