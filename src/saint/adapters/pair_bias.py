@@ -15,7 +15,7 @@ from ..core.paths import accelerator_path
 from .common import TokenState
 
 # the most bytes of gathered pair masks one SDPA call on a batch takes: a [B, H, M, M] mask
-# larger than the CPU's cache cost 1.2-2x more per image than groups of images within it
+# larger than the CPU's cache cost up to 1.9x more per image than groups of images within it
 # (a throwaway CPU benchmark, BEiT-B at 224px, 32 images: docs/packed.md)
 PAIR_MASK_BYTES = 8 << 20
 
@@ -32,7 +32,7 @@ def gather_pairs(full: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
     b, h, n0 = rows.shape[0], full.shape[1], full.shape[-1]
     pairs = rows[:, :, None] * n0 + cols[:, None, :]  # [B, R, C] into each head's flattened table
     flat = full.reshape(full.shape[0], h, n0 * n0)
-    if full.shape[0] == 1:  # one table for every image: one gather (two cost 1.3-1.8x more, docs/packed.md)
+    if full.shape[0] == 1:  # one table for every image: one gather (two cost 1.1-1.8x more, docs/packed.md)
         return flat[0].index_select(1, pairs.reshape(-1)).view(h, *pairs.shape).transpose(0, 1)
     return flat.gather(2, pairs.reshape(b, 1, -1).expand(b, h, -1)).view(b, h, *pairs.shape[1:])
 
