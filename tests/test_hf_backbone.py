@@ -199,3 +199,62 @@ def test_a_segmentation_head_on_the_backbone_labels_each_image_as_alone(images):
     assert not saint.is_patched(model.backbone)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=images).logits, ref)
+
+
+def vitpose(experts: int = 1) -> torch.nn.Module:
+    """A tiny ViTPose (64 x 48 px images of 16 px patches: a 4 x 3 grid, no class token)."""
+    torch.manual_seed(0)
+    backbone = dict(model_type="vitpose_backbone", hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                    image_size=[64, 48], patch_size=[16, 16], out_indices=[4], mlp_ratio=2, num_experts=experts,
+                    part_features=8)
+    return transformers.VitPoseForPoseEstimation(transformers.VitPoseConfig(backbone_config=backbone)).eval()
+
+
+def _pose_images() -> torch.Tensor:
+    x = torch.randn(4, 3, 64, 48, generator=torch.Generator().manual_seed(2))
+    x[:2] = x[:2] * 0.05 + torch.linspace(-1, 1, 48)  # smooth images: more redundant patches
+    return x
+
+
+NO_CLASS_TOKEN = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)),
+                  ("saint_match", dict(tau=0.3, fraction=0.7, select_at="attention"))]  # no guard: no class token
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("method,kw", NO_CLASS_TOKEN, ids=["tome", "saint_match", "saint_match_before_attention"])
+def test_vitpose_heatmaps_of_each_image_as_alone(method, kw, layout):
+    """ViTPose's heatmaps read every patch of its backbone's last map: with a merging method
+    each patch holds the token it became (patches merged into one token hold the same row),
+    and a ragged batch predicts each image as alone; nothing to prune and unpatch give the
+    model's own heatmaps."""
+    model, x = vitpose(), _pose_images()
+    with torch.no_grad():
+        ref = model(pixel_values=x).heatmaps
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(model(pixel_values=x).heatmaps, ref)
+    saint.patch(model, method, layout=layout, trace=True, **kw)
+    assert find_adapter(model).name == "hf_vit"
+    with torch.no_grad():
+        got = model(pixel_values=x).heatmaps
+        maps = model.backbone(pixel_values=x).feature_maps[-1]
+    assert saint.stats(model).layout == ("rectangular" if method == "tome" else layout)
+    assert not torch.allclose(got, ref, atol=1e-4) and maps.shape[1] == 12
+    origin = get_handle(model).origins()[-1]  # each patch's token after the last step
+    for i in range(len(x)):
+        for token in origin[i].unique():
+            rows = maps[i, origin[i] == token]
+            torch.testing.assert_close(rows, rows[:1].expand_as(rows), rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(got[i], model(pixel_values=x[i : i + 1]).heatmaps[0], **TOL)
+    saint.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).heatmaps, ref)
+
+
+def test_vitpose_refuses_dropping_methods_and_per_image_experts():
+    with pytest.raises(ValueError, match=r"row for every patch.*use a merging method"):
+        saint.patch(vitpose(), "saint", tau=0.3)
+    moe = vitpose(experts=2)
+    with pytest.raises(TypeError, match="experts per image"):
+        saint.patch(moe, "tome", r=2)
+    assert not saint.is_patched(moe)

@@ -154,6 +154,22 @@ def _legacy_vit_parts(layer: torch.nn.Module) -> LayerParts:
                       own_attention=True, branch_first=True)
 
 
+def _vitpose_parts(layer: torch.nn.Module) -> LayerParts:
+    """ViTPose's backbone: the older layout's attention (``query``/``key``/``value``, its
+    output's dense layer and dropout) with a plain MLP (``fc1``, activation, ``fc2``). Its
+    ViTPose++ form picks an MLP expert per image (``dataset_index``), which a packed stream of
+    several images cannot: refused."""
+    if getattr(layer, "num_experts", 1) > 1:
+        raise TypeError(f"this ViTPose backbone's MLP picks one of {layer.num_experts} experts per image "
+                        "(ViTPose++, dataset_index); saint supports the single-expert ViTPose backbones")
+    a = layer.attention
+    s = a.attention
+    return LayerParts(layer.layernorm_before, a, s.query, s.key, s.value,
+                      lambda x: a.output.dropout(a.output.dense(x)), int(s.num_attention_heads),
+                      int(s.attention_head_size), float(s.scaling), float(s.dropout_prob), layer.layernorm_after,
+                      layer.mlp, own_attention=True, branch_first=True)
+
+
 def _beit_parts(layer: torch.nn.Module) -> LayerParts:
     """BEiT (and DiT): ViT's layout with layer scales (``lambda_1`` / ``lambda_2`` after the
     hidden dropout), drop path, and a relative position bias per pair of tokens
@@ -246,6 +262,7 @@ def _families() -> list[Family]:
     from transformers.models.videomae import modeling_videomae as vm
     from transformers.models.vit import modeling_vit as vit
     from transformers.models.vit_msn import modeling_vit_msn as msn
+    from transformers.models.vitpose_backbone import modeling_vitpose_backbone as vitpose
     from transformers.models.vivit import modeling_vivit as vivit
 
     return [
@@ -292,6 +309,9 @@ def _families() -> list[Family]:
                {d2v.Data2VecVisionForSemanticSegmentation: "data2vec_vision"}, d2v.Data2VecVisionLayer,
                d2v.Data2VecVisionAttention, "encoder.layer", _data2vec_parts, lambda cfg: 1,
                lambda cfg: cfg.intermediate_size, dense=True),
+        Family("vitpose_backbone", vitpose.VitPoseBackbone, {}, vitpose.VitPoseBackboneLayer,
+               vitpose.VitPoseBackboneAttention, "encoder.layer", _vitpose_parts, lambda cfg: 0,
+               lambda cfg: int(cfg.hidden_size * cfg.mlp_ratio), dense=True),
         Family("vivit", vivit.VivitModel, {vivit.VivitForVideoClassification: "vivit"}, vivit.VivitLayer,
                vivit.VivitAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("videomae", vm.VideoMAEModel, {vm.VideoMAEForVideoClassification: "videomae"}, vm.VideoMAELayer,
@@ -377,12 +397,18 @@ def patch_grid(tower: torch.nn.Module, inputs: Any = None) -> Grid:
     if isinstance(tubelet, (list, tuple)):  # ViViT: (frames, height, width)
         tubelet, ph, pw = (int(t) for t in tubelet)
     else:
-        ph = pw = int(cfg.patch_size)
+        ph, pw = _pair(cfg.patch_size)
     if inputs is None:
         frames = 1 if tubelet is None else int(cfg.num_frames) // int(tubelet)
-        return Grid(frames * (int(cfg.image_size) // ph), int(cfg.image_size) // pw, (ph, pw))
+        h, w = _pair(cfg.image_size)
+        return Grid(frames * (h // ph), w // pw, (ph, pw))
     frames = 1 if tubelet is None else int(inputs.shape[1]) // int(tubelet)
     return Grid(frames * (int(inputs.shape[-2]) // ph), int(inputs.shape[-1]) // pw, (ph, pw))
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    """A size given as one int or as (height, width) (ViTPose's 256 x 192 images)."""
+    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
 
 
 class HFViT(FamilyAdapter):
