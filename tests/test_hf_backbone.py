@@ -246,6 +246,8 @@ def test_vitpose_heatmaps_of_each_image_as_alone(method, kw, layout):
             torch.testing.assert_close(rows, rows[:1].expand_as(rows), rtol=0, atol=0)
         with torch.no_grad():
             torch.testing.assert_close(got[i], model(pixel_values=x[i : i + 1]).heatmaps[0], **TOL)
+    with torch.no_grad():  # one expert: the dataset index changes nothing, as in the unpatched model
+        assert torch.equal(model(pixel_values=x, dataset_index=torch.zeros(len(x), dtype=torch.long)).heatmaps, got)
     saint.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).heatmaps, ref)

@@ -103,6 +103,8 @@ class LayerParts:
     # that selects and removes nothing gives the unpatched answer bit for bit
     own_attend: Callable[[torch.Tensor], torch.Tensor] | None = None
     branch_first: bool = False  # the layer adds its residual as ``branch + x`` (transformers' older ViT layout)
+    # the layer's second positional argument is no mask and unused (a single-expert ViTPose's dataset_index)
+    second_argument_unused: bool = False
     returns_tuple: bool = False  # the layer returns ``(hidden_states, attention weights)`` (V-JEPA 2)
 
 
@@ -457,6 +459,8 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     handle, index = self.__dict__[SITE_ATTR]
     run, hidden_states, settings = handle.enter_site(index, hidden_states)
     p = handle.parts(self)
+    if p.second_argument_unused:
+        attention_mask = None
     # BEiT's is its relative position bias; a tower whose input is padded (Siglip2) passes its
     # padding mask, which the state carries from the tower's call on (a recomputed layer, from its first state)
     if (attention_mask is not None and p.pair_bias is None

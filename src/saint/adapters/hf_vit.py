@@ -167,7 +167,7 @@ def _vitpose_parts(layer: torch.nn.Module) -> LayerParts:
     return LayerParts(layer.layernorm_before, a, s.query, s.key, s.value,
                       lambda x: a.output.dropout(a.output.dense(x)), int(s.num_attention_heads),
                       int(s.attention_head_size), float(s.scaling), float(s.dropout_prob), layer.layernorm_after,
-                      layer.mlp, own_attention=True, branch_first=True)
+                      layer.mlp, own_attention=True, branch_first=True, second_argument_unused=True)
 
 
 def _beit_parts(layer: torch.nn.Module) -> LayerParts:
