@@ -22,7 +22,7 @@ pruning; image batches are served).
 from __future__ import annotations
 
 import sys
-import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,11 +38,13 @@ from .timm_vit import (
     _forward_intermediates,
     _key_proj,
     begin_patch,
+    bind_methods,
     check_blocks,
     pool_per_image,
     resolve_settings,
     state_of_tokens,
     tag_tokens,
+    unbind_methods,
 )
 
 
@@ -74,9 +76,7 @@ def patch(
     settings, num_protected = resolve_settings(model, spec, config, model.embeds.cls_token is not None)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
     install_sites(handle, model, "blocks", _block_forward, _key_proj, layout)
-    model.forward_features = types.MethodType(_forward_features, model)
-    model._pool = types.MethodType(_pool, model)
-    model.forward_intermediates = types.MethodType(_forward_intermediates_of_images, model)
+    bind_methods(model, _methods())
     model.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -85,8 +85,13 @@ def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
     remove_sites(handle)
-    for name in ("forward_features", "_pool", "forward_intermediates"):
-        model.__dict__.pop(name, None)
+    unbind_methods(model, _methods())
+
+
+def _methods() -> dict[str, Callable[..., Any]]:
+    """The per-instance methods a patched NaFlexVit gets."""
+    return {"forward_features": _forward_features, "_pool": _pool,
+            "forward_intermediates": _forward_intermediates_of_images}
 
 
 def _forward_features(self: torch.nn.Module, patches: torch.Tensor, patch_coord: torch.Tensor | None = None,

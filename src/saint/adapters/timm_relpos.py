@@ -20,7 +20,6 @@ models (``ResPostRelPosBlock``) are refused.
 from __future__ import annotations
 
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +54,12 @@ from .timm_vit import (
     _forward_intermediates,
     _weighted_mean,
     begin_patch,
+    bind_methods,
     check_blocks,
     qkv_part,
     resolve_settings,
     state_of_tokens,
+    unbind_methods,
 )
 
 
@@ -106,9 +107,7 @@ def patch(
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
     forward = _beit_block_forward if family.shared_keyword == "shared_rel_pos_bias" else _relpos_block_forward
     install_sites(handle, model, "blocks", forward, None, layout, track_positions=True)
-    model.forward_features = types.MethodType(_forward_features, model)
-    model.forward_head = types.MethodType(_forward_head, model)
-    model.forward_intermediates = types.MethodType(_forward_intermediates, model)
+    bind_methods(model, _methods())
     model.__dict__[SAINT_ATTR] = handle
     return handle
 
@@ -117,8 +116,14 @@ def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper: the model is the original object again."""
     handle = model.__dict__.pop(SAINT_ATTR)
     remove_sites(handle)
-    for name in ("forward_features", "forward_head", "forward_intermediates"):
-        model.__dict__.pop(name, None)
+    unbind_methods(model, _methods())
+
+
+def _methods() -> dict[str, Callable[..., Any]]:
+    """The per-instance methods a patched model gets: tagged features, the per-image head,
+    unpadded intermediates."""
+    return {"forward_features": _forward_features, "forward_head": _forward_head,
+            "forward_intermediates": _forward_intermediates}
 
 
 def _forward_head(self: torch.nn.Module, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -166,20 +166,30 @@ def resolve_settings(model: torch.nn.Module, spec: MethodSpec, config: Any,
     return settings, num_protected
 
 
+def bind_methods(model: torch.nn.Module, methods: dict[str, Callable[..., Any]]) -> None:
+    """Give ``model`` the per-instance methods ``methods`` (name -> function of ``self``)."""
+    for name, fn in methods.items():
+        setattr(model, name, types.MethodType(fn, model))
+
+
+def unbind_methods(model: torch.nn.Module, names: Any) -> None:
+    """Remove the per-instance methods ``names`` (:func:`bind_methods`): the class's again."""
+    for name in names:
+        model.__dict__.pop(name, None)
+
+
 def wrap_outputs(model: torch.nn.Module, pool: bool) -> None:
     """Per-image pooling (when ``pool``: the model's ``forward_head`` pools through
     ``self.pool``) and unpadded ``forward_intermediates``, per instance."""
-    if pool:
-        model.pool = types.MethodType(_pool, model)
-        model.forward_features = types.MethodType(_forward_features, model)
+    methods: dict[str, Callable[..., Any]] = {"pool": _pool, "forward_features": _forward_features} if pool else {}
     if hasattr(model, "forward_intermediates"):
-        model.forward_intermediates = types.MethodType(_forward_intermediates, model)
+        methods["forward_intermediates"] = _forward_intermediates
+    bind_methods(model, methods)
 
 
 def unwrap_outputs(model: torch.nn.Module) -> None:
     """Undo :func:`wrap_outputs`."""
-    for name in ("pool", "forward_features", "forward_intermediates"):
-        model.__dict__.pop(name, None)
+    unbind_methods(model, ("pool", "forward_features", "forward_intermediates"))
 
 
 def _key_proj(blk: torch.nn.Module) -> torch.nn.Module:
