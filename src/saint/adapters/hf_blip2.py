@@ -118,7 +118,7 @@ def patch(
     cfg = tower.config
     handle = patch_encoder(tower, list(tower.get_submodule(LAYERS)), LAYERS, layer_cls, attn_cls, layer_parts, 1,
                            (int(cfg.image_size) // int(cfg.patch_size)) ** 2, method, kwargs, trace, layout, kernel)
-    name = READERS.get(type(model).__name__, "qformer")
+    name = _reader_name(model)
     reader = getattr(model, name, None) if tower is not model else None
     if reader is not None:
         reader.__dict__[SITE_ATTR] = (handle, None)
@@ -139,8 +139,13 @@ def unpatch(model: torch.nn.Module) -> None:
     unpatch_tower_of(model)
 
 
+def _reader_name(model: torch.nn.Module) -> str:
+    """The attribute of ``model`` that cross-attends the image tokens (:data:`READERS`)."""
+    return READERS.get(type(model).__name__, "qformer")
+
+
 def _reader(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, READERS.get(type(model).__name__, "qformer"))
+    return getattr(model, _reader_name(model))
 
 
 def _submodule(owner: torch.nn.Module, path: str) -> torch.nn.Module:
