@@ -231,3 +231,19 @@ def assert_merged_tokens_read_as_their_parts(model: torch.nn.Module, images: tor
         for i in range(len(images)):
             repeated = hidden[i].repeat_interleave(sizes[i], dim=0)[None]
             torch.testing.assert_close(got[i], reference(repeated)[0], rtol=0, atol=1e-5)
+
+
+def assert_nothing_to_prune_then_unpatch_exactly(model: torch.nn.Module, images: torch.Tensor,
+                                                 read: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``read(images)`` with nothing to prune (ToMe r=0) is the unpatched model's bit for bit;
+    unpatched again, no per-instance forward or pre-hook is left and the answer is the same."""
+    import saint
+
+    with torch.no_grad():
+        ref = read(images)
+        saint.patch(model, "tome", r=0)
+        assert torch.equal(read(images), ref)
+        saint.unpatch(model)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert not any(m._forward_pre_hooks for m in model.modules())
+        assert torch.equal(read(images), ref)

@@ -13,17 +13,16 @@ transformers = pytest.importorskip("transformers")
 import saint  # noqa: E402
 from saint.adapters import find_adapter  # noqa: E402
 
-from .conftest import assert_merged_tokens_read_as_their_parts, spread_weights  # noqa: E402
+from .conftest import (  # noqa: E402
+    assert_merged_tokens_read_as_their_parts,
+    assert_nothing_to_prune_then_unpatch_exactly,
+    spread_weights,
+)
+from .test_hf_blip2 import IDS, METHODS, TOL, VISION  # noqa: E402
 
-TOL = dict(rtol=0, atol=1e-5)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
-              patch_size=8)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
             encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=3, sep_token_id=4, pad_token_id=0,
             eos_token_id=4)
-METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)),
-           ("saint_match", dict(tau=0.3, fraction=0.7, select_at="attention", guard=0.2)), ("saint", dict(tau=0.3, k=1))]
-IDS = ["tome", "saint_match", "saint_match_guard_before_attention", "saint"]
 PROMPT = torch.tensor([[3, 10, 11, 12, 13]])
 
 
@@ -112,14 +111,7 @@ def test_question_answering_retrieval_and_multimodal_features_per_image_as_alone
 
 def test_nothing_to_prune_unpatch_calibration_and_refusals(images):
     model = blip()
-    with torch.no_grad():
-        ref = _logits(model, images)
-        saint.patch(model, "tome", r=0)
-        assert torch.equal(_logits(model, images), ref)
-        saint.unpatch(model)
-        assert not any("forward" in m.__dict__ for m in model.modules())
-        assert not any(m._forward_pre_hooks for m in model.modules())
-        assert torch.equal(_logits(model, images), ref)
+    assert_nothing_to_prune_then_unpatch_exactly(model, images, lambda x: _logits(model, x))
     cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
     assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
     saint.patch(model, "saint_match", tau=0.3, fraction=0.7)

@@ -14,18 +14,14 @@ from saint.adapters.common import get_handle  # noqa: E402
 
 from .conftest import (  # noqa: E402
     assert_merged_tokens_read_as_their_parts,
+    assert_nothing_to_prune_then_unpatch_exactly,
     assert_real_tokens_as_alone,
     spread_weights,
 )
+from .test_hf_blip2 import IDS, METHODS, TOL, VISION  # noqa: E402
 
-TOL = dict(rtol=0, atol=1e-5)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
-              patch_size=8)
 TEXT = dict(embed_dim=32, layers=2, attention_heads=2, ffn_dim=64, vocab_size=100, max_position_embeddings=64)
 LATENTS = 4
-METHODS = [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)),
-           ("saint_match", dict(tau=0.3, fraction=0.7, select_at="attention", guard=0.2)), ("saint", dict(tau=0.3, k=1))]
-IDS = ["tome", "saint_match", "saint_match_guard_before_attention", "saint"]
 
 
 def kosmos2(kind: str = "generation") -> torch.nn.Module:
@@ -95,14 +91,7 @@ def test_generation_batches_as_each_image_alone(images):
 
 def test_nothing_to_prune_unpatch_calibration_and_the_vision_model_alone(images):
     model = kosmos2()
-    with torch.no_grad():
-        ref = _features(model, images)
-        saint.patch(model, "tome", r=0)
-        assert torch.equal(_features(model, images), ref)
-        saint.unpatch(model)
-        assert not any("forward" in m.__dict__ for m in model.modules())
-        assert not any(m._forward_pre_hooks for m in model.modules())
-        assert torch.equal(_features(model, images), ref)
+    assert_nothing_to_prune_then_unpatch_exactly(model, images, lambda x: _features(model, x))
     cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
     assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1 and saint.is_patched(model)  # with the result
     saint.unpatch(model)
