@@ -34,6 +34,9 @@ ARCHS = {
     # timm VisionTransformerRelPos: a small MLP's bias over log-spaced offsets, a class token (timm_relpos)
     "relpos_cls": ("vit_relpos_medium_patch16_cls_224", {}),
     "srelpos": ("vit_srelpos_small_patch16_224", {}),  # a bias table shared by every block, no class token, avg
+    # timm Cait: talking-heads blocks over the patches alone, then class attention (saint.adapters.timm_cait)
+    "cait": ("cait_xxs24_224", {}),
+    "cait_avg": ("cait_xxs24_224", {"global_pool": "avg"}),
 }
 
 
@@ -58,8 +61,10 @@ def refuses_class_attention(model: torch.nn.Module, method: str, kw: dict[str, A
     token's attention, after checking that patching refuses it with a clear error; the
     model is left unpatched either way."""
     import saint
+    from saint.adapters import find_adapter
 
-    if getattr(model, "cls_token", None) is not None:
+    # CaiT's class token joins after the pruning blocks: their tokens have none
+    if getattr(model, "cls_token", None) is not None and find_adapter(model).protected(model) > 0:
         return False
     try:
         saint.patch(model, method, **kw)
@@ -70,14 +75,24 @@ def refuses_class_attention(model: torch.nn.Module, method: str, kw: dict[str, A
     return False
 
 
+def patch_tokens(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The pruned blocks' tokens of ``forward_features`` (what :func:`saint.token_mask`
+    describes): all of them, but CaiT's, which prepends the class token its class-attention
+    blocks made after the pruning blocks."""
+    return features[:, 1:] if type(model).__name__ == "Cait" else features
+
+
 def spread_zero_biases(model: torch.nn.Module) -> torch.nn.Module:
-    """BEiT's relative position bias tables and q/v biases drawn at random: timm starts them
-    at zero, where a bias gathered at the wrong tokens would pass."""
+    """BEiT's relative position bias tables and q/v biases, and CaiT's talking-heads mixings
+    (their biases; their weights around the identity), drawn at random: timm starts them at
+    zero (near zero), where a bias gathered at the wrong tokens (or miscounted) would pass."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("relative_position_bias_table", "q_bias", "v_bias")):
+            if name.endswith(("relative_position_bias_table", "q_bias", "v_bias", "proj_l.bias", "proj_w.bias")):
                 p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith(("proj_l.weight", "proj_w.weight")):  # CaiT's head mixings: near 0, attention near uniform
+                p.copy_(torch.eye(p.shape[0]) + 0.5 * torch.randn(p.shape, generator=g))
     return model
 
 

@@ -21,7 +21,7 @@ from saint.core.packing import (
     unpack,
 )
 
-from .conftest import ARCHS, make_tiny, refuses_class_attention
+from .conftest import ARCHS, make_tiny, patch_tokens, refuses_class_attention
 
 TOL = dict(rtol=0, atol=1e-5)
 # per-image methods whose counts differ between images (ragged), incl. merging ones
@@ -209,7 +209,7 @@ def _run(model, x, method, kw, layout, select_at="mlp", **options):
     saint.patch(model, method, layout=layout, select_at=select_at, **kw, **options)
     with torch.no_grad():
         out = model(x)
-        feats = model.forward_features(x)
+        feats = patch_tokens(model, model.forward_features(x))
     return out, feats, saint.token_mask(model), saint.stats(model)
 
 
@@ -232,7 +232,7 @@ def test_timm_packed_equals_padded_equals_alone(arch, label, select_at, images):
     for i, tokens in enumerate(saint.per_image(feats, mask)):
         torch.testing.assert_close(tokens, p_feats[i][p_mask[i]], **TOL)
         with torch.no_grad():
-            alone = model.forward_features(images[i : i + 1])[0]
+            alone = patch_tokens(model, model.forward_features(images[i : i + 1]))[0]
             torch.testing.assert_close(model(images[i : i + 1])[0], out[i], **TOL)
         torch.testing.assert_close(tokens, alone, **TOL)
 

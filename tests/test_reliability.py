@@ -153,7 +153,7 @@ def test_distributed_data_parallel_around_a_patched_model(images, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["vit_small_patch16_224", "vit_small_patch16_dinov3", "beit_base_patch16_224",
-                                  "vit_relpos_medium_patch16_cls_224"])
+                                  "vit_relpos_medium_patch16_cls_224", "cait_xxs24_224"])
 def test_timm_features_only_takes_a_merging_method(arch, images):
     """timm's features_only wrapper (spatial maps of every patch, from its model's
     forward_intermediates): a merging method leaves every map on the grid, each image's as

@@ -65,7 +65,7 @@ def test_every_method_runs_and_stats_match_lengths(arch, method, images):
     for counts, n, valid in zip(st.tokens, seq, lengths, strict=True):
         real = [n] * len(counts) if valid is None else valid.sum(1).tolist()
         assert counts == real
-    n0 = model.patch_embed.num_patches + model.num_prefix_tokens
+    n0 = model.patch_embed.num_patches + find_adapter(model).protected(model)  # CaiT: no class token yet
     assert st.tokens[0] == [n0] * images.shape[0]
     assert min(st.tokens[-1]) < n0
 

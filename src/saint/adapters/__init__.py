@@ -19,6 +19,7 @@ from . import (
     llm_side_vlm,
     pooled_vlm,
     qwen_vl,
+    timm_cait,
     timm_eva,
     timm_features,
     timm_naflex,
@@ -28,7 +29,7 @@ from . import (
 from .base import Adapter, Grid, Handle, Probe, Site
 
 ADAPTERS: list[Adapter] = [
-    timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER, timm_naflex.ADAPTER, timm_features.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER,
+    timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER, timm_cait.ADAPTER, timm_naflex.ADAPTER, timm_features.ADAPTER, llava.ADAPTER, llava_anyres.NEXT_ADAPTER,
     llava_anyres.NEXT_VIDEO_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER, hf_vjepa2.ADAPTER,
@@ -36,8 +37,8 @@ ADAPTERS: list[Adapter] = [
 ]
 SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_inputs.py keeps it complete)
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
-    "Encoder, RoPE ViTs); timm Beit (BEiT, BEiT v2); timm VisionTransformerRelPos (vit_relpos, vit_srelpos; pre-norm blocks); timm NaFlexVit with ViT blocks (NaFlex batches); timm's features_only wrapper of a ViT, "
-    "Eva, Beit or VisionTransformerRelPos (merging methods); Hugging Face "
+    "Encoder, RoPE ViTs); timm Beit (BEiT, BEiT v2); timm VisionTransformerRelPos (vit_relpos, vit_srelpos; pre-norm blocks); timm Cait (CaiT); timm NaFlexVit with ViT blocks (NaFlex batches); timm's features_only wrapper of a ViT, "
+    "Eva, Beit, VisionTransformerRelPos or Cait (merging methods); Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (and MetaCLIP 2's MetaClip2*), "
     "ChineseCLIPVisionModel, ChineseCLIPModel, AltCLIPVisionModel, AltCLIPModel, "
     "SiglipVisionModel, SiglipModel, "
@@ -110,7 +111,7 @@ def find_adapter(model: torch.nn.Module) -> Adapter:
     inner = getattr(model, "model", None)
     if type(model).__name__ == "FeatureGetterNet" and isinstance(inner, torch.nn.Module):  # timm features_only
         raise TypeError(
-            f"saint patches timm's features_only wrapper of a ViT, Eva, Beit or VisionTransformerRelPos, not of {type(inner).__name__}"
+            f"saint patches timm's features_only wrapper of a ViT, Eva, Beit, VisionTransformerRelPos or Cait, not of {type(inner).__name__}"
         )
     reason = REFUSED.get(type(model).__name__)
     if reason is not None:

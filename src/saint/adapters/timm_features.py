@@ -1,4 +1,4 @@
-"""timm's ``features_only`` wrapper (``FeatureGetterNet``) of a timm ViT, Eva, Beit or VisionTransformerRelPos: spatial maps
+"""timm's ``features_only`` wrapper (``FeatureGetterNet``) of a timm ViT, Eva, Beit, VisionTransformerRelPos or Cait: spatial maps
 of every patch from the inner model's ``forward_intermediates``.
 
 Patching the wrapper patches its inner model (through that model's own adapter) with a
@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from ..methods import MethodSpec, get_method, require_merging
-from . import timm_eva, timm_relpos, timm_vit
+from . import timm_cait, timm_eva, timm_relpos, timm_vit
 from .base import FamilyAdapter, Grid, Probe, Site, TokenStateHandle
 from .common import SAINT_ATTR, get_handle
 
-INNER = (timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER)  # the adapters of the models a wrapper may hold
+INNER = (timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER, timm_cait.ADAPTER)  # the adapters of the models a wrapper may hold
 
 
 def _inner(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
@@ -37,12 +37,12 @@ def _inner(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
 def _found(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
     found = _inner(model)
     if found is None:
-        raise TypeError(f"expected timm's features_only wrapper of a ViT, Eva, Beit or VisionTransformerRelPos, got {type(model).__name__}")
+        raise TypeError(f"expected timm's features_only wrapper of a ViT, Eva, Beit, VisionTransformerRelPos or Cait, got {type(model).__name__}")
     return found
 
 
 def matches(model: torch.nn.Module) -> bool:
-    """A ``FeatureGetterNet`` holding a timm ViT, Eva, Beit or VisionTransformerRelPos."""
+    """A ``FeatureGetterNet`` holding a timm ViT, Eva, Beit, VisionTransformerRelPos or Cait."""
     return _inner(model) is not None
 
 
@@ -70,7 +70,7 @@ def unpatch(model: torch.nn.Module) -> None:
 
 
 class TimmFeatures(FamilyAdapter):
-    """timm ``FeatureGetterNet`` (``features_only=True``) of a timm ViT, Eva, Beit or VisionTransformerRelPos."""
+    """timm ``FeatureGetterNet`` (``features_only=True``) of a timm ViT, Eva, Beit, VisionTransformerRelPos or Cait."""
 
     name = "timm_features"
     family = sys.modules[__name__]

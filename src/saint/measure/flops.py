@@ -67,5 +67,6 @@ def count_flops(fn: Callable[[], Any], model: torch.nn.Module | None = None) -> 
 
 
 def model_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of ``model(x)`` for the whole batch."""
-    return count_flops(lambda: model(x))[0]
+    """FLOPs of ``model(x)`` for the whole batch (its parameters frozen while counting: see
+    :func:`count_flops`)."""
+    return count_flops(lambda: model(x), model)[0]
