@@ -42,7 +42,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (and MetaCLIP 2's MetaClip2*), "
     "ChineseCLIPVisionModel, ChineseCLIPModel, AltCLIPVisionModel, AltCLIPModel, "
     "SiglipVisionModel, SiglipModel, "
-    "Siglip2VisionModel, Siglip2Model (NaFlex), Aimv2VisionModel, Aimv2Model, ViTModel, "
+    "Siglip2VisionModel, Siglip2Model (NaFlex), Aimv2VisionModel, Aimv2Model, ViTModel, ViTMAEModel, "
     "ViTForImageClassification, ViTMSNModel, ViTMSNForImageClassification, DeiTModel, DeiTForImageClassification, DeiTForImageClassificationWithTeacher, Dinov2Model, "
     "Dinov2WithRegistersModel, DINOv3ViTModel, IJepaModel, BeitModel, BeitForImageClassification (BEiT, DiT), "
     "Data2VecVisionModel, Data2VecVisionForImageClassification, "

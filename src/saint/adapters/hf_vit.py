@@ -3,7 +3,10 @@ self-supervised ViT, ViT's architecture under its own class names), ``DeiTModel`
 ``Dinov2Model``, ``Dinov2WithRegistersModel`` and ``DINOv3ViTModel`` (rotary: each token
 keeps its own rows of the grid's cos/sin table, a merged token its destination's),
 ``IJepaModel`` (I-JEPA: ViT's layers, no class token, so every token is prunable and its
-embedding is the mean of its tokens, merged ones weighted by size), the classifiers that read only their
+embedding is the mean of its tokens, merged ones weighted by size), ``ViTMAEModel`` (MAE's
+encoder: ViT's layers over the class token and the patches its random masking leaves
+visible, in the shuffled order it returns; pruning selects among those, and its ``mask`` /
+``ids_restore`` still describe the masking), the classifiers that read only their
 prefix tokens (``ViTForImageClassification``, ``DeiTForImageClassification``,
 ``DeiTForImageClassificationWithTeacher``), and those that average their tokens
 (``Dinov2ForImageClassification``, ``Dinov2WithRegistersForImageClassification``,
@@ -88,6 +91,9 @@ REFUSED = {
          "masked image modeling reconstructs every patch; prune a BeitModel / BeitForImageClassification instead"),
         (("VideoMAEForPreTraining",),
          "its decoder reconstructs every masked tubelet; prune a VideoMAEModel or VideoMAEForVideoClassification"),
+        (("ViTMAEForPreTraining",),
+         "its decoder puts every visible patch's token back at its place (ids_restore) to reconstruct the masked "
+         "ones; prune a ViTMAEModel (config.mask_ratio=0.0 keeps every patch, for features)"),
     ] for name in names
 }
 
@@ -261,6 +267,7 @@ def _families() -> list[Family]:
     from transformers.models.ijepa import modeling_ijepa as ijepa
     from transformers.models.videomae import modeling_videomae as vm
     from transformers.models.vit import modeling_vit as vit
+    from transformers.models.vit_mae import modeling_vit_mae as mae
     from transformers.models.vit_msn import modeling_vit_msn as msn
     from transformers.models.vitpose_backbone import modeling_vitpose_backbone as vitpose
     from transformers.models.vivit import modeling_vivit as vivit
@@ -268,6 +275,8 @@ def _families() -> list[Family]:
     return [
         Family("vit", vit.ViTModel, {vit.ViTForImageClassification: "vit"}, vit.ViTLayer, vit.ViTAttention,
                "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
+        Family("vit_mae", mae.ViTMAEModel, {}, mae.ViTMAELayer, mae.ViTMAEAttention, "layers", _vit_parts,
+               lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("vit_msn", msn.ViTMSNModel, {msn.ViTMSNForImageClassification: "vit"}, msn.ViTMSNLayer,
                msn.ViTMSNAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("deit", deit.DeiTModel, {deit.DeiTForImageClassification: "deit",
