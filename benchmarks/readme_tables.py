@@ -343,6 +343,8 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                               "518px, the band command repeated on the Xeon (389be99)", BAND_518),
     "dinov2_518_band_xeon4": ("dinov2_s14_518_cpu_band_xeon4.json",
                               "518px, the band command a third time on the Xeon (2026-12-07)", BAND_518),
+    "dinov2_518_band_xeon5": ("dinov2_s14_518_cpu_band_xeon5.json",
+                              "518px, the band command a fourth time on the Xeon (2026-12-07, later)", BAND_518),
     "dinov2_518_epyc": ("dinov2_s14_518_cpu_epyc.json", "518px, 2 threads, the 3x settings on an AMD EPYC",
                         KEYS_FIRST_518),
     "dinov2_518_targets": ("dinov2_s14_518_cpu_targets.json", "518px, 2 threads, at the targets' 1.5x and 2x", [
@@ -422,7 +424,7 @@ WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_n
               "dinov2_224_band_nommap", "dinov2_518_band_nommap",
               "dinov2_224_band", "dinov2_224_band_nommap2", "dinov2_518_band_nommap2",
               "dinov2_224_targets_xeon", "dinov2_224_targets_xeon2", "dinov2_518_band_xeon",
-              "dinov2_518_band_xeon3", "dinov2_518_band_xeon4"}
+              "dinov2_518_band_xeon3", "dinov2_518_band_xeon4", "dinov2_518_band_xeon5"}
 
 
 def fidelity_table(name: str) -> str:

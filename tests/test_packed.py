@@ -431,7 +431,7 @@ def _drop_path_model(kind: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("select_at", ["mlp", "attention"])
-@pytest.mark.parametrize("kind", ["vit", "eva02", "hf_dinov2"])
+@pytest.mark.parametrize("kind", ["vit", "eva02", "cait", "hf_dinov2"])
 def test_drop_path_in_training_decides_per_image_as_padded(kind, select_at, images):
     """Training with drop path on a ragged batch: packed, each image's tokens take the
     decision the block's drop path draws for that image, the same draws as on the padded
