@@ -226,6 +226,26 @@ def spread_weights(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def assert_adapter_probe_reads_keys(model: torch.nn.Module, images: torch.Tensor, name: str, protected: int,
+                                    tokens: int) -> Any:
+    """``model``'s adapter is ``name`` and protects ``protected`` prefix tokens, and its probe
+    reads block 0's queries and keys, ``[B, tokens, heads, head width]`` alike; returns the adapter."""
+    from saint.adapters import find_adapter
+
+    adapter = find_adapter(model)
+    assert adapter.name == name and adapter.protected(model) == protected
+    probe = adapter.probe(model)
+    store: dict[str, torch.Tensor] = {}
+    hooks = probe.hooks(0, store)
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    q, k = probe.qk(0, store)
+    assert q.shape == k.shape and q.shape[:2] == (len(images), tokens)
+    return adapter
+
+
 def assert_merged_tokens_read_as_their_parts(model: torch.nn.Module, images: torch.Tensor,
                                              read: Callable[[torch.Tensor], torch.Tensor],
                                              reference: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -15,7 +15,7 @@ from saint.adapters import find_adapter, handle_of
 from saint.adapters.timm_cait import talking_heads
 from saint.measure.flops import count_flops
 
-from .conftest import make_tiny
+from .conftest import assert_adapter_probe_reads_keys, make_tiny
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -173,17 +173,7 @@ def test_adapter_probe_calibration_and_refusals(images):
     FLOPs target; methods that rank by the class token's attention are refused, as are
     blocks saint does not know."""
     model = make_tiny("cait")
-    adapter = find_adapter(model)
-    assert adapter.name == "timm_cait" and adapter.protected(model) == 0
-    probe = adapter.probe(model)
-    store: dict[str, torch.Tensor] = {}
-    hooks = probe.hooks(0, store)
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
-    q, k = probe.qk(0, store)
-    assert q.shape == k.shape == (len(images), 16, 2, 16)
+    assert_adapter_probe_reads_keys(model, images, "timm_cait", 0, 16)
     cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
     assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
     saint.unpatch(model)

@@ -17,7 +17,7 @@ import saint
 from saint.adapters import find_adapter, handle_of
 from saint.measure.flops import count_flops
 
-from .conftest import TINY, make_tiny
+from .conftest import TINY, assert_adapter_probe_reads_keys, make_tiny
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -166,18 +166,7 @@ def test_keys_first_equals_every_tokens_projections_merged(arch, monkeypatch):
 def test_adapter_and_protocol_reads():
     """The Eva adapter is found, protects class and register tokens, and its probe reads
     the keys the selection reads (after the k norm, before the rotation)."""
-    model = make_tiny("dinov3")
-    adapter = find_adapter(model)
-    assert adapter.name == "timm_eva" and adapter.protected(model) == 5
-    probe = adapter.probe(model)
-    store: dict[str, torch.Tensor] = {}
-    hooks = probe.hooks(0, store)
-    with torch.no_grad():
-        model(images(2))
-    for h in hooks:
-        h.remove()
-    q, k = probe.qk(0, store)
-    assert q.shape == k.shape == (2, 5 + 16, 2, 16)
+    assert_adapter_probe_reads_keys(make_tiny("dinov3"), images(2), "timm_eva", 5, 5 + 16)
 
 
 def test_refusals():

@@ -17,7 +17,7 @@ import saint
 from saint.adapters import find_adapter, handle_of
 from saint.measure.flops import count_flops
 
-from .conftest import TINY, make_tiny
+from .conftest import TINY, assert_adapter_probe_reads_keys, make_tiny
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 ARCHS = ["beit", "beit_shared", "relpos_cls", "srelpos"]
@@ -195,17 +195,7 @@ def test_adapter_probe_and_calibration(images):
     """The Beit adapter is found, protects the class token, its probe reads the keys the
     selection reads, and calibration reaches a FLOPs target."""
     model = make_tiny("beit")
-    adapter = find_adapter(model)
-    assert adapter.name == "timm_relpos" and adapter.protected(model) == 1
-    probe = adapter.probe(model)
-    store: dict[str, torch.Tensor] = {}
-    hooks = probe.hooks(0, store)
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
-    q, k = probe.qk(0, store)
-    assert q.shape == k.shape == (len(images), 17, 2, 16)
+    assert_adapter_probe_reads_keys(model, images, "timm_relpos", 1, 17)
     cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
     assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
 

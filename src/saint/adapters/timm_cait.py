@@ -40,8 +40,6 @@ from .base import (
     Probe,
     Site,
     TokenStateHandle,
-    install_sites,
-    remove_sites,
     save_output,
     select_at_of,
     vit_block_flops,
@@ -54,11 +52,11 @@ from .timm_vit import (
     _forward_features,
     _forward_intermediates,
     begin_patch,
-    bind_methods,
     check_blocks,
+    install,
     resolve_settings,
     state_of_tokens,
-    unbind_methods,
+    uninstall,
 )
 
 KERNELS = ("auto", "loop", "padded")
@@ -96,17 +94,12 @@ def patch(
     # the class token joins only after the pruning blocks: none of their tokens is a prefix
     settings, _ = resolve_settings(model, spec, config, has_class_token=False)
     handle = TimmPatch(spec, config, settings, 0, trace=trace, kernel=kernel)
-    install_sites(handle, model, "blocks", _block_forward, None, layout)
-    bind_methods(model, _methods())
-    model.__dict__[SAINT_ATTR] = handle
-    return handle
+    return install(model, handle, _block_forward, None, layout, _methods())
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper: the model is the original object again."""
-    handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle)
-    unbind_methods(model, _methods())
+    uninstall(model, _methods())
 
 
 def _methods() -> dict[str, Callable[..., Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..methods import MethodSpec
-from .base import Grid, Probe, install_sites, remove_sites
+from .base import Grid, Probe
 from .common import SAINT_ATTR
 from .timm_vit import (
     TimmPatch,
@@ -38,13 +38,13 @@ from .timm_vit import (
     _forward_intermediates,
     _key_proj,
     begin_patch,
-    bind_methods,
     check_blocks,
+    install,
     pool_per_image,
     resolve_settings,
     state_of_tokens,
     tag_tokens,
-    unbind_methods,
+    uninstall,
 )
 
 
@@ -75,17 +75,12 @@ def patch(
                  "use Eva blocks with per-image rotary tables, which saint does not patch")
     settings, num_protected = resolve_settings(model, spec, config, model.embeds.cls_token is not None)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    install_sites(handle, model, "blocks", _block_forward, _key_proj, layout)
-    bind_methods(model, _methods())
-    model.__dict__[SAINT_ATTR] = handle
-    return handle
+    return install(model, handle, _block_forward, _key_proj, layout, _methods())
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
-    handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle)
-    unbind_methods(model, _methods())
+    uninstall(model, _methods())
 
 
 def _methods() -> dict[str, Callable[..., Any]]:

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from ..methods import LayerContext, MethodSpec
-from .base import Probe, Site, install_sites, remove_sites
+from .base import Probe, Site
 from .common import (
-    SAINT_ATTR,
     SITE_ATTR,
     TokenState,
     attention_of,
@@ -54,12 +53,12 @@ from .timm_vit import (
     _forward_intermediates,
     _weighted_mean,
     begin_patch,
-    bind_methods,
     check_blocks,
+    install,
     qkv_part,
     resolve_settings,
     state_of_tokens,
-    unbind_methods,
+    uninstall,
 )
 
 
@@ -106,17 +105,12 @@ def patch(
     settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
     forward = _beit_block_forward if family.shared_keyword == "shared_rel_pos_bias" else _relpos_block_forward
-    install_sites(handle, model, "blocks", forward, None, layout, track_positions=True)
-    bind_methods(model, _methods())
-    model.__dict__[SAINT_ATTR] = handle
-    return handle
+    return install(model, handle, forward, None, layout, _methods(), track_positions=True)
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper: the model is the original object again."""
-    handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle)
-    unbind_methods(model, _methods())
+    uninstall(model, _methods())
 
 
 def _methods() -> dict[str, Callable[..., Any]]:

@@ -166,6 +166,25 @@ def resolve_settings(model: torch.nn.Module, spec: MethodSpec, config: Any,
     return settings, num_protected
 
 
+def install(model: torch.nn.Module, handle: TimmPatch, forward: Callable[..., Any],
+            key_proj: Callable[[torch.nn.Module], torch.nn.Module] | None, layout: str,
+            methods: dict[str, Callable[..., Any]], track_positions: bool = False) -> TimmPatch:
+    """Finish patching a timm model: each of ``model.blocks`` gets the per-instance ``forward``
+    (and its key projection a capture hook, where ``key_proj`` names one), the model its
+    per-instance ``methods`` and the handle."""
+    install_sites(handle, model, "blocks", forward, key_proj, layout, track_positions=track_positions)
+    bind_methods(model, methods)
+    model.__dict__[SAINT_ATTR] = handle
+    return handle
+
+
+def uninstall(model: torch.nn.Module, names: Any) -> None:
+    """Undo :func:`install` (``names``: its methods): the blocks' and the model's own again."""
+    handle = model.__dict__.pop(SAINT_ATTR)
+    remove_sites(handle)
+    unbind_methods(model, names)
+
+
 def bind_methods(model: torch.nn.Module, methods: dict[str, Callable[..., Any]]) -> None:
     """Give ``model`` the per-instance methods ``methods`` (name -> function of ``self``)."""
     for name, fn in methods.items():
