@@ -91,6 +91,30 @@ def test_guard_spares_the_token_the_class_token_reads():
         match_plan(keys, tau, 0.5, 1, cls_attention=attn[:, :3], guard=0.1)
 
 
+
+def test_the_guard_reads_the_class_attention_only_where_something_merges():
+    """Given as a function, the class token's attention is computed for a step that merges
+    something (the same plan as given as a tensor) and, on a CPU, not for one that merges
+    nothing; an accelerator, which would have to wait to know, always computes it."""
+    from saint.core.paths import accelerator_paths_everywhere
+
+    keys = torch.cat([_unit(90), _unit(10, 12, 50, 53)])[None]
+    tau = float(torch.cos(torch.tensor(5.0 * torch.pi / 180, dtype=torch.float64)))
+    attn = torch.tensor([[0.2, 0.5, 0.1, 0.1, 0.1]])
+    calls = []
+
+    def read() -> torch.Tensor:
+        calls.append(1)
+        return attn
+
+    lazy = match_plan(keys, tau, 0.5, 1, cls_attention=read, guard=0.1)
+    assert len(calls) == 1 and torch.equal(lazy.keep, match_plan(keys, tau, 0.5, 1, cls_attention=attn, guard=0.1).keep)
+    nothing = match_plan(keys, 1.5, 0.5, 1, cls_attention=read, guard=0.1)  # no cosine reaches 1.5
+    assert len(calls) == 1 and not bool(nothing.active.any())
+    with accelerator_paths_everywhere():
+        match_plan(keys, 1.5, 0.5, 1, cls_attention=read, guard=0.1)
+    assert len(calls) == 2
+
 @settings(max_examples=30, deadline=None)
 @given(st.floats(-1, 1), st.floats(0, 1), st.floats(0, 5), st.integers(0, 2**16))
 def test_guard_changes_which_tokens_merge_never_how_many(tau, fraction, guard, seed):

@@ -483,7 +483,7 @@ def _select_match(ctx: LayerContext, s: dict[str, Any], cfg: MatchConfig) -> Sel
     if cfg.guard:
         if ctx.cls_attention is None:
             raise ValueError("saint_match with guard > 0 ranks by class-token attention; this model has no class token")
-        cls_attention = ctx.cls_attention()
+        cls_attention = ctx.cls_attention  # computed only where a merge order is read
     plan = core.match_plan(ctx.keys, s["tau"], s["fraction"], ctx.num_protected, ctx.valid, cls_attention, cfg.guard)
     return Selection(plan.keep, plan, keep_norm=cfg.keep_norm)
 

@@ -16,10 +16,13 @@ The counts stay the graph's, so the guard changes which tokens merge, never how 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .bipartite import match_anchors, split_candidates
 from .gather import prunable_valid
+from .paths import accelerator_path
 from .tome import MergePlan
 
 
@@ -59,22 +62,27 @@ def match_plan(
     fraction: float,
     num_protected: int = 0,
     valid: torch.Tensor | None = None,
-    cls_attention: torch.Tensor | None = None,
+    cls_attention: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     guard: float = 0.0,
 ) -> MergePlan:
     """The ragged merge plan of one step: image ``b`` merges its :func:`match_counts`
     candidates into their best anchors (``active`` marks them), most similar first; with
     ``guard > 0`` and ``cls_attention [B, N]`` (the class token's attention, averaged over
-    heads), by cosine minus ``guard`` times both tokens' :func:`attention_excess`."""
+    heads; or a function that computes it), by cosine minus ``guard`` times both tokens'
+    :func:`attention_excess`. On a CPU a step where no image merges anything does not compute
+    the attention: the order of what does not merge is never read (an accelerator would
+    have to wait to know, so it computes it)."""
     b, n, _ = metric.shape
+    if guard and cls_attention is None:
+        raise ValueError("a merge guard ranks by the class token's attention; pass cls_attention")
     best, idx, cand_valid = best_matches(metric, num_protected, valid)  # None: every anchor is real
     valid = prunable_valid(valid, b, n, metric.device)
     counts = match_counts(best, cand_valid, tau, fraction)
     a = best.shape[1]
     score = best
-    if guard:
-        if cls_attention is None:
-            raise ValueError("a merge guard ranks by the class token's attention; pass cls_attention")
+    if guard and (accelerator_path(metric.device) or bool(counts.any())):
+        if callable(cls_attention):
+            cls_attention = cls_attention()
         if cls_attention.shape != (b, n):
             raise ValueError(f"cls_attention must be [B, N] = {(b, n)}, got {tuple(cls_attention.shape)}")
         excess = attention_excess(cls_attention, valid, num_protected)
