@@ -102,6 +102,22 @@ def test_merged_patches_read_as_their_parts(arch, images):
             torch.testing.assert_close(got[i : i + 1], want, **TOL)
 
 
+def test_features_split_per_image_after_the_class_token(images):
+    """``forward_features`` returns the class token, then the last block's patch tokens (NaN
+    at padding): ``saint.token_mask`` describes the patches, and splitting the whole output
+    by it is refused with the split that works."""
+    model = make_tiny("cait")
+    saint.patch(model, "saint", tau=0.2, k=1)
+    with torch.no_grad():
+        features = model.forward_features(images)
+    mask = saint.token_mask(model)
+    assert mask.shape == (len(images), features.shape[1] - 1) and not bool(mask.all())
+    for i, tokens in enumerate(saint.per_image(features[:, 1:], mask)):
+        assert tokens.shape[0] == int(mask[i].sum()) and bool(torch.isfinite(tokens).all())
+    with pytest.raises(ValueError, match=r"split features\[:, 1:\]"):
+        saint.per_image(features, mask)
+
+
 def test_the_average_head_reads_what_every_patch_became(images):
     """The average head after merging is the mean, over every original patch, of the token it
     became (per image); the adapter's embedding is that average."""
