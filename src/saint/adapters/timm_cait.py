@@ -231,12 +231,6 @@ def _patch_state(model: torch.nn.Module, x: torch.Tensor) -> TokenState:
     return tagged if tagged is not None else state_of_tokens(model, x[:, model.num_prefix_tokens :])
 
 
-def _patch_weights(state: TokenState, prop_attn: bool = True) -> torch.Tensor | None:
-    """Each patch token's weight after the blocks, ``[B, M]`` (:func:`_key_weights` of the
-    padded view the last block left), or None when every position is one real patch."""
-    return _key_weights(state, prop_attn)
-
-
 def _forward_cls(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's ``forward_cls`` over each image's real patch tokens ``x [B, M, C]`` (NaN at
     padding): the class-attention blocks' own modules, their attention over ``[class;
@@ -247,7 +241,7 @@ def _forward_cls(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if handle.runs.unmerges_every_block():
         return type(self).forward_cls(self, x)
     state = state_of_tokens(self, x)
-    w = _patch_weights(state, handle.config.size_bias)
+    w = _key_weights(state, handle.config.size_bias)  # the padded view the last block left
     if w is None:
         return type(self).forward_cls(self, x)
     real = x if state.valid is None else x.masked_fill(~state.valid[..., None], 0.0)
@@ -277,7 +271,7 @@ def _forward_head(self: torch.nn.Module, x: torch.Tensor, pre_logits: bool = Fal
     """timm's ``forward_head``; its average (``global_pool="avg"``) taken per image over
     the real patch tokens, each weighted by its size, once tokens were removed or merged."""
     if self.global_pool == "avg":
-        w = _patch_weights(_patch_state(self, x))
+        w = _key_weights(_patch_state(self, x), prop_attn=True)  # the average weighs sizes
         if w is not None:
             patches = x[:, self.num_prefix_tokens :]
             w = w.to(x.dtype)[..., None]
