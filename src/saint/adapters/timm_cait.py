@@ -52,6 +52,7 @@ from .timm_vit import (
     _forward_features,
     _forward_intermediates,
     begin_patch,
+    block_sites,
     check_blocks,
     install,
     resolve_settings,
@@ -310,8 +311,7 @@ class TimmCait(TimmViT):
     family = sys.modules[__name__]
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        return [Site(i, f"blocks.{i}", blk, blk.attn, int(blk.attn.num_heads), float(blk.attn.scale))
-                for i, blk in enumerate(model.blocks)]
+        return block_sites(model)
 
     def protected(self, model: torch.nn.Module) -> int:
         return 0

@@ -53,6 +53,7 @@ from .timm_vit import (
     _forward_intermediates,
     _weighted_mean,
     begin_patch,
+    block_sites,
     check_blocks,
     install,
     qkv_part,
@@ -282,8 +283,7 @@ class TimmRelPos(TimmEva):
     family = sys.modules[__name__]
 
     def sites(self, model: torch.nn.Module) -> list[Site]:
-        return [Site(i, f"blocks.{i}", blk, blk.attn, int(blk.attn.num_heads), float(blk.attn.scale))
-                for i, blk in enumerate(model.blocks)]
+        return block_sites(model)
 
     def probe(self, model: torch.nn.Module) -> Probe:
         return RelPosProbe(model, self.sites(model))

@@ -185,6 +185,12 @@ def uninstall(model: torch.nn.Module, names: Any) -> None:
     unbind_methods(model, names)
 
 
+def block_sites(model: torch.nn.Module) -> list[Site]:
+    """A site per block of ``model.blocks``, with its attention's heads and scale."""
+    return [Site(i, f"blocks.{i}", blk, blk.attn, int(blk.attn.num_heads), float(blk.attn.scale))
+            for i, blk in enumerate(model.blocks)]
+
+
 def bind_methods(model: torch.nn.Module, methods: dict[str, Callable[..., Any]]) -> None:
     """Give ``model`` the per-instance methods ``methods`` (name -> function of ``self``)."""
     for name, fn in methods.items():
