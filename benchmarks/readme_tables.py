@@ -337,6 +337,8 @@ FIDELITY: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
                                 "224px, 2 threads, the paired targets command on an Intel Xeon (6f533ec)", TARGETS_224),
     "dinov2_224_targets_xeon2": ("dinov2_s14_224_cpu_targets_xeon2.json",
                                  "224px, the same command repeated on the Xeon", TARGETS_224),
+    "dinov2_224_targets_xeon3": ("dinov2_s14_224_cpu_targets_xeon3.json",
+                                 "224px, the same command a third time on the Xeon (2026-12-07)", TARGETS_224),
     "dinov2_518_band_xeon": ("dinov2_s14_518_cpu_band_xeon.json",
                              "518px, 2 threads, the band command on an Intel Xeon, glibc as it comes", BAND_518),
     "dinov2_518_band_xeon3": ("dinov2_s14_518_cpu_band_xeon3.json",
@@ -423,7 +425,7 @@ WITH_FLOPS = {"dinov2_518_select_at", "dinov2_224_select_at", "dinov2_518_keep_n
               "dinov2_518_epyc_3x_nommap", "dinov2_518_epyc_attn_nommap", "dinov2_518_epyc_attn_nommap2",
               "dinov2_224_band_nommap", "dinov2_518_band_nommap",
               "dinov2_224_band", "dinov2_224_band_nommap2", "dinov2_518_band_nommap2",
-              "dinov2_224_targets_xeon", "dinov2_224_targets_xeon2", "dinov2_518_band_xeon",
+              "dinov2_224_targets_xeon", "dinov2_224_targets_xeon2", "dinov2_224_targets_xeon3", "dinov2_518_band_xeon",
               "dinov2_518_band_xeon3", "dinov2_518_band_xeon4", "dinov2_518_band_xeon5"}
 
 
