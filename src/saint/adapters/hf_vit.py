@@ -346,7 +346,7 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
-        raise TypeError(f"expected a Hugging Face ViT, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, BEiT, Data2Vec-vision, DPT, ViTPose, "
+        raise TypeError(f"expected a Hugging Face ViT, ViT-MAE, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, BEiT, Data2Vec-vision, DPT, ViTPose, "
                         "VideoMAE or ViViT model, "
                         f"got {type(model).__name__}")
     return found

@@ -40,7 +40,6 @@ from .base import (
     Probe,
     Site,
     TokenStateHandle,
-    save_output,
     select_at_of,
     vit_block_flops,
 )
@@ -48,6 +47,7 @@ from .common import SAINT_ATTR, SITE_ATTR, TokenState, drop_path_of, output_unsh
 from .timm_vit import (
     TOKENS_ATTR,
     TimmPatch,
+    TimmProbe,
     TimmViT,
     _forward_features,
     _forward_intermediates,
@@ -283,24 +283,14 @@ def _forward_head(self: torch.nn.Module, x: torch.Tensor, pre_logits: bool = Fal
 
 
 # ---------------------------------------------------------------------------- protocol
-class CaitProbe(Probe):
-    """Queries/keys of each self-attention block from its ``qkv`` output (no q/k norms),
-    hidden states at each block's output."""
+class CaitProbe(TimmProbe):
+    """timm's ViT probe (queries/keys from each block's ``qkv`` output; hidden states at its
+    output) without a prefix: the class token joins after the pruning blocks."""
 
     def __init__(self, model: torch.nn.Module, sites: list[Site]) -> None:
-        self.sites = sites
+        super().__init__(model, sites)
         self.num_prefix = 0
         self.has_cls = False
-
-    def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
-        return [self.sites[i].attn.qkv.register_forward_hook(save_output(store, "qkv"))]
-
-    def qk(self, i: int, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        qkv = store.pop("qkv")
-        b, n, c3 = qkv.shape
-        h = self.sites[i].heads
-        q, k, _ = qkv.reshape(b, n, 3, h, c3 // (3 * h)).unbind(2)
-        return q, k
 
 
 class TimmCait(TimmViT):

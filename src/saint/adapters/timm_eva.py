@@ -41,13 +41,10 @@ from ..methods import LayerContext, MethodSpec
 from .base import (
     Probe,
     Site,
-    install_sites,
-    remove_sites,
     save_output,
     select_at_of,
 )
 from .common import (
-    SAINT_ATTR,
     SITE_ATTR,
     TokenState,
     attention_of,
@@ -57,16 +54,18 @@ from .common import (
     patch_table_rows,
 )
 from .timm_vit import (
+    OUTPUT_METHODS,
     TimmPatch,
     TimmViT,
     begin_patch,
     check_blocks,
+    install,
+    output_methods,
     qkv_part,
     qkv_runs_in_parts,
     qkv_splittable,
     resolve_settings,
-    unwrap_outputs,
-    wrap_outputs,
+    uninstall,
 )
 
 
@@ -96,17 +95,13 @@ def patch(
                  "timm Eva blocks (timm.models.eva.EvaBlock with EvaAttention or AttentionRope), not post-norm blocks")
     settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    install_sites(handle, model, "blocks", _block_forward, None, layout, track_positions=True)
-    wrap_outputs(model, pool=True)  # Eva's forward_head pools through self.pool
-    model.__dict__[SAINT_ATTR] = handle
-    return handle
+    # Eva's forward_head pools through self.pool
+    return install(model, handle, _block_forward, None, layout, output_methods(model, pool=True), track_positions=True)
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper: the model is the original object again."""
-    handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle)
-    unwrap_outputs(model)
+    uninstall(model, OUTPUT_METHODS)
 
 
 # ---------------------------------------------------------------------------- the block

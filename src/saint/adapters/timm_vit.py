@@ -112,17 +112,13 @@ def patch(
                  "timm ViT blocks (timm.models.vision_transformer.Block with Attention)")
     settings, num_protected = resolve_settings(model, spec, config)
     handle = TimmPatch(spec, config, settings, num_protected, trace=trace, kernel=kernel)
-    install_sites(handle, model, "blocks", _block_forward, _key_proj, layout)
-    wrap_outputs(model, pool=hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head)  # type: ignore[index]
-    model.__dict__[SAINT_ATTR] = handle
-    return handle
+    pools = hasattr(model, "pool") and type(model).forward_head is _timm_classes()[0].forward_head  # type: ignore[index]
+    return install(model, handle, _block_forward, _key_proj, layout, output_methods(model, pool=pools))
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Remove every wrapper and hook: the model is the original object again."""
-    handle = model.__dict__.pop(SAINT_ATTR)
-    remove_sites(handle)
-    unwrap_outputs(model)
+    uninstall(model, OUTPUT_METHODS)
 
 
 def begin_patch(model: torch.nn.Module, method: str | MethodSpec, layout: str, kernel: str,
@@ -203,18 +199,16 @@ def unbind_methods(model: torch.nn.Module, names: Any) -> None:
         model.__dict__.pop(name, None)
 
 
-def wrap_outputs(model: torch.nn.Module, pool: bool) -> None:
-    """Per-image pooling (when ``pool``: the model's ``forward_head`` pools through
-    ``self.pool``) and unpadded ``forward_intermediates``, per instance."""
+OUTPUT_METHODS = ("pool", "forward_features", "forward_intermediates")  # what output_methods may give
+
+
+def output_methods(model: torch.nn.Module, pool: bool) -> dict[str, Callable[..., Any]]:
+    """The per-instance methods for per-image pooling (when ``pool``: the model's
+    ``forward_head`` pools through ``self.pool``) and unpadded ``forward_intermediates``."""
     methods: dict[str, Callable[..., Any]] = {"pool": _pool, "forward_features": _forward_features} if pool else {}
     if hasattr(model, "forward_intermediates"):
         methods["forward_intermediates"] = _forward_intermediates
-    bind_methods(model, methods)
-
-
-def unwrap_outputs(model: torch.nn.Module) -> None:
-    """Undo :func:`wrap_outputs`."""
-    unbind_methods(model, ("pool", "forward_features", "forward_intermediates"))
+    return methods
 
 
 def _key_proj(blk: torch.nn.Module) -> torch.nn.Module:
@@ -548,7 +542,8 @@ class TimmProbe(Probe):
         b, n, c3 = qkv.shape
         h = self.sites[i].heads
         q, k, _ = qkv.reshape(b, n, 3, h, c3 // (3 * h)).unbind(2)
-        return attn.q_norm(q), attn.k_norm(k)
+        q_norm, k_norm = (getattr(attn, name, None) for name in ("q_norm", "k_norm"))  # CaiT's attention has none
+        return q if q_norm is None else q_norm(q), k if k_norm is None else k_norm(k)
 
 
 class TimmViT(FamilyAdapter):
