@@ -126,6 +126,22 @@ def test_tiny_vit_flops_match_hand_count(fused: bool) -> None:
     assert flops_mod.model_flops(model, torch.randn(2, 3, IMG, IMG)) == expected
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_multihead_attention_fast_path_counts_as_its_slow_path(cross: bool) -> None:
+    """``nn.MultiheadAttention`` in inference runs one fused op torch's counter has no formula
+    for; saint's counts it as the products its slow path runs (the counter sees those):
+    the same total, and the hand count, for self- and cross-attention."""
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    q = torch.randn(2, 5, 16)
+    kv = torch.randn(2, 7, 16) if cross else q
+    fast, per_op = flops_mod.count_flops(lambda: mha(q, kv, kv, need_weights=False), mha)
+    assert any("_native_multi_head_attention" in op for op in per_op) or cross
+    slow, slow_ops = flops_mod.count_flops(lambda: mha(q, kv, kv, need_weights=False, attn_mask=torch.zeros(5, kv.shape[1])), mha)
+    assert not any("_native_multi_head_attention" in op for op in slow_ops)
+    s = kv.shape[1]
+    assert fast == slow == 2 * 2 * 16 * 16 * (2 * 5 + 2 * s) + 4 * 2 * 5 * s * 16
+
+
 def test_pruned_flops_match_hand_count_from_stats() -> None:
     model = tiny_vit()
     saint.patch(model, "random", r=3)  # blocks 0, 1 drop 3 each; no extra matmuls

@@ -1,6 +1,7 @@
 """Every tool works on every model family through the adapter protocol: calibrate,
 the bench harness (FLOPs + one timed round), token analysis and kept-patch tracing on
-a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny timm NaFlexVit, a tiny Hugging Face DINOv3, a tiny CLIP tower and CLIPModel, a tiny SigLIP tower, a tiny Siglip2 tower, a tiny AIMv2 tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
+a tiny timm ViT, tiny timm EVA-02 and DINOv3 (rotary), a tiny timm NaFlexVit, a tiny Hugging Face DINOv3, a tiny CLIP tower and CLIPModel,
+two tiny open_clip CLIPs (its own tower, a timm one), a tiny SigLIP tower, a tiny Siglip2 tower, a tiny AIMv2 tower, a tiny LLaVA, a tiny Qwen2.5-VL, a tiny
 LLaVA-NeXT and a tiny LLaVA-OneVision."""
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def llava_inputs(n: int) -> dict[str, torch.Tensor]:
     px = torch.randn(n, 3, 32, 32, generator=g)
     px[0] = px[0].mean(dim=(1, 2), keepdim=True)  # one redundant image
     return {"input_ids": torch.stack(rows), "pixel_values": px}
+
+
+def open_clip_model(maker: str) -> torch.nn.Module:
+    """A tiny open_clip CLIP (its own tower, or a timm one) from tests/test_open_clip.py."""
+    pytest.importorskip("open_clip")
+    from . import test_open_clip
+
+    return getattr(test_open_clip, maker)()
 
 
 def tiny_qwen(family: str = "qwen2_5_vl") -> torch.nn.Module:
@@ -121,6 +130,10 @@ FAMILIES = {
         transformers.Dinov2WithRegistersConfig(**DINO_TINY, num_register_tokens=2)).eval(),
         vision_inputs(6), dict(k=1), Variant("budget", "budget", {"keep": 6, "layers": [1]})),
     "clip_dual": lambda: (make_dual("clip"), vision_inputs(6), dict(k=1), Variant("tome", "tome", {"r": 2})),
+    "open_clip": lambda: (open_clip_model("make_clip"), vision_inputs(6), dict(k=1),
+                          Variant("saint_match", "saint_match", {"tau": 0.3, "fraction": 0.5, "guard": 0.1})),
+    "open_clip_timm": lambda: (open_clip_model("make_timm_clip"), vision_inputs(6), dict(k=1),
+                               Variant("tome", "tome", {"r": 2})),
     "clip_classifier": lambda: (make_classifier("clip_classifier"), vision_inputs(6), dict(k=1),
                                 Variant("tome", "tome", {"r": 2})),
     "dinov2_classifier": lambda: (transformers.Dinov2ForImageClassification(
@@ -202,7 +215,7 @@ def test_calibrate_hits_the_target_and_reproduces(family):
     with torch.no_grad():
         after = adapter.forward(model, inputs)
     key = "logits" if name in ALL_VLMS or name.endswith("_classifier") else (
-        "last_hidden_state" if not name.startswith("timm") else None)
+        "last_hidden_state" if not name.startswith(("timm", "open_clip")) else None)
     a, b = (before, after) if key is None else (getattr(before, key), getattr(after, key))
     assert torch.equal(a, b)
 

@@ -93,8 +93,11 @@ def per_image(tokens: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Ten
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (saint.token_mask), got {mask.dtype}")
     if tuple(mask.shape) != tuple(tokens.shape[:2]):
-        hint = ("; a CaiT's forward_features puts its class token first: split features[:, 1:]"
-                if tuple(mask.shape) == (tokens.shape[0], tokens.shape[1] - 1) else "")
+        hint = ""
+        if tuple(mask.shape) == (tokens.shape[0], tokens.shape[1] - 1):
+            hint = "; a CaiT's forward_features puts its class token first: split features[:, 1:]"
+        elif tuple(mask.shape) == (tokens.shape[0], tokens.shape[1] + 1):
+            hint = "; open_clip's output tokens leave out the class token: split them by mask[:, 1:]"
         raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(tokens.shape[:2])}{hint}")
     if tokens.is_floating_point() and bool((tokens[..., 0].isnan() & mask.to(tokens.device)).any()):
         raise ValueError(

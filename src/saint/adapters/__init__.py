@@ -17,6 +17,8 @@ from . import (
     llava,
     llava_anyres,
     llm_side_vlm,
+    open_clip_timm,
+    open_clip_vit,
     pooled_vlm,
     qwen_vl,
     timm_cait,
@@ -33,12 +35,15 @@ ADAPTERS: list[Adapter] = [
     llava_anyres.NEXT_VIDEO_ADAPTER, llava_anyres.ONEVISION_ADAPTER, qwen_vl.ADAPTER,
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER, hf_vjepa2.ADAPTER,
-    hf_blip2.ADAPTER, hf_kosmos2.ADAPTER,
+    hf_blip2.ADAPTER, hf_kosmos2.ADAPTER, open_clip_vit.ADAPTER,
+    open_clip_timm.ADAPTER,
 ]
 SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_inputs.py keeps it complete)
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
     "Encoder, RoPE ViTs); timm Beit (BEiT, BEiT v2); timm VisionTransformerRelPos (vit_relpos, vit_srelpos; pre-norm blocks); timm Cait (CaiT); timm NaFlexVit with ViT blocks (NaFlex batches); timm's features_only wrapper of a ViT, "
-    "Eva, Beit, VisionTransformerRelPos or Cait (merging methods); Hugging Face "
+    "Eva, Beit, VisionTransformerRelPos or Cait (merging methods); open_clip's VisionTransformer, alone or in "
+    "its CLIP, CustomTextCLIP or CoCa; open_clip's TimmModel towers (SigLIP, EVA ...) whose timm trunk is one of "
+    "those timm models, alone or in a CLIP; Hugging Face "
     "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (and MetaCLIP 2's MetaClip2*), "
     "ChineseCLIPVisionModel, ChineseCLIPModel, AltCLIPVisionModel, AltCLIPModel, "
     "SiglipVisionModel, SiglipModel, "

@@ -181,7 +181,7 @@ def patch_encoder(
     tower: torch.nn.Module, layers: list[torch.nn.Module], prefix: str, layer_cls: type, attn_cls: type,
     parts: Callable[[torch.nn.Module], LayerParts], num_protected: int, num_patches: int,
     method: str | MethodSpec, method_settings: dict[str, Any], trace: bool, layout: str, kernel: str,
-    dense: bool = False,
+    dense: bool = False, block_forward: Callable[..., Any] | None = None, hf_tower: bool = True,
 ) -> HFEncoderPatch:
     """Patch an HF encoder in place: check that every layer is ``layer_cls`` with an
     ``attn_cls`` attention and wrapped by no one else, resolve ``method`` with its
@@ -189,7 +189,9 @@ def patch_encoder(
     that fit ``num_patches``), wrap each layer's forward and the tower's, and store the
     handle on the tower. ``dense``: the tower is a backbone whose outputs lie on the input's
     grid (feature maps): only merging methods, and every layer's output leaves unmerged
-    (:func:`backbone_forward`)."""
+    (:func:`backbone_forward`). Another library's encoder of the same shape (open_clip's)
+    gives its layers' own ``block_forward`` (which calls :func:`layer_forward`) and
+    ``hf_tower=False``: its tower keeps its own forward."""
     check_layout(layout, kernel)
     if get_handle(tower) is not None:
         raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
@@ -215,8 +217,10 @@ def patch_encoder(
     # tokens keep their original index for rotations and pair biases
     rotary = first is not None and (first.rotate_half is not None or first.rotary is not None
                                     or first.pair_bias is not None)
-    install_sites(handle, tower, prefix, layer_forward, _key_proj(parts), layout, track_positions=rotary)
-    tower.forward = types.MethodType(backbone_forward if dense else tower_forward, tower)
+    install_sites(handle, tower, prefix, block_forward or layer_forward, _key_proj(parts), layout,
+                  track_positions=rotary)
+    if hf_tower:
+        tower.forward = types.MethodType(backbone_forward if dense else tower_forward, tower)
     tower.__dict__[SAINT_ATTR] = handle
     return handle
 

@@ -5,7 +5,9 @@ The counter covers matmuls, convolutions and the fused attention kernels; elemen
 work (norms, activations, softmax, gathers) is not counted. PyTorch registers the CUDA
 SDPA kernels but not the CPU flash kernel (``_scaled_dot_product_flash_attention_for_cpu``),
 so this module adds the same formula for it; otherwise attention would vanish from CPU
-counts while an eager model (``bmm``) kept it.
+counts while an eager model (``bmm``) kept it. Nor does it count
+``nn.MultiheadAttention``'s inference fast path (``_native_multi_head_attention``: its
+projections and attention in one op), which this module counts as the products it runs.
 """
 
 from __future__ import annotations
@@ -22,11 +24,23 @@ def _sdpa_cpu_flop(query_shape: Any, key_shape: Any, value_shape: Any, *args: An
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _native_mha_flop(query_shape: Any, key_shape: Any, value_shape: Any, embed_dim: int, num_heads: int,
+                     *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``nn.MultiheadAttention``'s fast path on batch-first ``[B, L, E]`` queries and ``[B, S, E]``
+    keys/values: the q, k, v and output projections and the attention products."""
+    b, length, e = query_shape
+    s = key_shape[1]
+    heads = (b, num_heads, length, e // num_heads), (b, num_heads, s, e // num_heads)
+    return 2 * b * e * e * (2 * length + 2 * s) + flop_counter.sdpa_flop_count(heads[0], heads[1], heads[1])
+
+
 def _custom_mapping() -> dict[Any, Callable[..., int]]:
     mapping: dict[Any, Callable[..., int]] = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None and op not in flop_counter.flop_registry:
-        mapping[op] = _sdpa_cpu_flop
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flop),
+                          ("_native_multi_head_attention", _native_mha_flop)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry:
+            mapping[op] = formula
     return mapping
 
 

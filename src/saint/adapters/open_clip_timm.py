@@ -1,0 +1,113 @@
+"""open_clip's timm towers (``open_clip.timm_model.TimmModel``: open_clip's SigLIP, SigLIP 2,
+EVA, Perception Encoder and other timm-based image towers), alone or as the ``visual`` of
+its ``CLIP`` / ``CustomTextCLIP``.
+
+Patching patches the tower's timm ``trunk`` through that model's own adapter (timm ViT, Eva,
+Beit, VisionTransformerRelPos, Cait), which pools each image over its real tokens; the
+tower's ``head`` (projection) then runs on the pooled features. A trunk that hands back its
+tokens instead of pooling them (``global_pool=''``, open_clip's ``abs_attn`` / ``rot_attn``
+pools) is refused. The handle goes on the model patched too, which cannot be bypassed: the
+trunk cannot be unpatched on its own. Every protocol call but the forward and the embedding
+is the trunk's.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from ..methods import MethodSpec
+from . import timm_cait, timm_eva, timm_relpos, timm_vit
+from .base import FamilyAdapter, Grid, Probe, Site, TokenStateHandle
+from .common import SAINT_ATTR, get_handle
+from .open_clip_vit import _classes, _encode, _pooled, _visual
+
+TRUNKS = (timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER, timm_cait.ADAPTER)  # the adapters of the trunks
+
+
+def _trunk(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
+    """The timm trunk of ``model``'s tower and its adapter, or None when ``model`` is not an
+    open_clip model with a timm tower that saint patches."""
+    c = _classes()
+    tower = _visual(model)
+    if c is None or not isinstance(tower, c["timm"]):
+        return None
+    trunk = getattr(tower, "trunk", None)
+    adapter = next((a for a in TRUNKS if isinstance(trunk, torch.nn.Module) and a.matches(trunk)), None)
+    return None if adapter is None else (trunk, adapter)
+
+
+def _found(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    found = _trunk(model)
+    if found is None:
+        raise TypeError(f"expected open_clip's TimmModel with a timm ViT, Eva, Beit, VisionTransformerRelPos or Cait "
+                        f"trunk, or a CLIP holding one, got {type(model).__name__}")
+    return found
+
+
+def matches(model: torch.nn.Module) -> bool:
+    """open_clip's ``TimmModel`` (or a CLIP holding one) whose trunk a timm adapter patches."""
+    return _trunk(model) is not None
+
+
+def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+          **kwargs: Any) -> TokenStateHandle:
+    """Patch the tower's trunk (see :func:`saint.patch`); the handle goes on ``model`` too."""
+    trunk, adapter = _found(model)
+    if get_handle(trunk) is not None:
+        raise ValueError(f"the {type(trunk).__name__} inside this {type(model).__name__} is already patched by saint; "
+                         "unpatch it first")
+    if not getattr(trunk, "global_pool", "avg"):
+        raise ValueError(f"this {type(model).__name__}'s timm trunk returns its tokens unpooled (global_pool=''), "
+                         "which its attention pool then reads as a grid; saint patches towers whose trunk pools")
+    handle = adapter.patch(trunk, method, trace=trace, **kwargs)
+    model.__dict__[SAINT_ATTR] = handle
+    handle.patched_through(trunk, model)
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Unpatch ``model`` and its trunk: both are the original objects again."""
+    trunk, adapter = _found(model)
+    if model.__dict__.pop(SAINT_ATTR, None) is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    adapter.unpatch(trunk)
+
+
+class OpenClipTimm(FamilyAdapter):
+    """open_clip's ``TimmModel`` towers (alone or in a CLIP): the trunk's protocol, the
+    model's image side."""
+
+    name = "open_clip_timm"
+    family = sys.modules[__name__]
+
+    def sites(self, model: torch.nn.Module) -> list[Site]:
+        trunk, adapter = _found(model)
+        return adapter.sites(trunk)
+
+    def protected(self, model: torch.nn.Module) -> int:
+        trunk, adapter = _found(model)
+        return adapter.protected(trunk)
+
+    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
+        trunk, adapter = _found(model)
+        return adapter.grid(trunk, inputs)
+
+    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
+        trunk, adapter = _found(model)
+        return adapter.block_flops(trunk, n_in, n_out, select_at)
+
+    def probe(self, model: torch.nn.Module) -> Probe:
+        trunk, adapter = _found(model)
+        return adapter.probe(trunk)
+
+    def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        return _encode(model, inputs)
+
+    def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _pooled(self.forward(model, inputs)), None
+
+
+ADAPTER = OpenClipTimm()
