@@ -390,3 +390,58 @@ def test_output_tokens_split_by_the_mask_after_the_class_token(images):
     assert [t.shape[0] for t in saint.per_image(tokens, mask[:, 1:])] == (mask.sum(dim=1) - 1).tolist()
     with pytest.raises(ValueError, match=r"split them by mask\[:, 1:\]"):
         saint.per_image(tokens, mask)
+
+
+def make_coca(seed: int = 0) -> torch.nn.Module:
+    """A tiny random open_clip ``CoCa``: its tower's attentional pooler hands the decoder a few
+    image embeddings, its contrastive side the pooled latent."""
+    from open_clip.coca_model import CoCa, MultimodalCfg
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(layers=3, width=64, head_width=32, mlp_ratio=2.0, patch_size=4, image_size=32,
+                           attentional_pool=True, attn_pooler_queries=5, attn_pooler_heads=2, output_tokens=True)
+    text = CLIPTextCfg(context_length=8, vocab_size=50, width=32, heads=2, layers=1, embed_cls=True,
+                       output_tokens=True)
+    multimodal = MultimodalCfg(context_length=8, vocab_size=50, width=32, heads=2, layers=1)
+    model = CoCa(embed_dim=32, multimodal_cfg=multimodal, text_cfg=text, vision_cfg=vision)
+    with torch.no_grad():  # open_clip leaves the decoder's output projection uninitialised (torch.empty)
+        model.text_decoder.text_projection.normal_(0.0, 32**-0.5)
+    return spread(model, seed)
+
+
+def test_coca_captions_each_image_as_alone(images):
+    """CoCa: its image latent and the decoder's logits, which cross-attend the pooler's image
+    embeddings, are each image's alone for a ragged batch; the text side is untouched."""
+    model = make_coca()
+    text = torch.randint(1, 50, (len(images), 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(images, text)
+    saint.patch(model, "saint_plus", tau=0.3)
+    assert find_adapter(model).name == "open_clip"
+    with torch.no_grad():
+        out = model(images, text)
+        assert saint.stats(model).layout == "packed"
+        for i in range(len(images)):
+            alone = model(images[i : i + 1], text[i : i + 1])
+            for key in ("image_features", "logits"):
+                torch.testing.assert_close(out[key][i : i + 1], alone[key], **TOL)
+    assert torch.equal(out["text_features"], plain["text_features"])
+    assert not torch.allclose(out["logits"], plain["logits"], atol=1e-3)
+
+
+def test_bf16_and_autocast_run_per_image(images):
+    """A bf16 tower and fp32 under CPU autocast run a ragged batch packed, each image as
+    alone (to bf16 rounding)."""
+    tower = make_tower("avg")
+    saint.patch(tower, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tower(images)
+        assert saint.stats(tower).layout == "packed"
+        alone = torch.cat([tower(images[i : i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(out, alone, atol=3e-2, rtol=3e-2)
+    tower = tower.to(torch.bfloat16)
+    with torch.no_grad():
+        out = tower(images.bfloat16())
+        assert out.dtype == torch.bfloat16 and saint.stats(tower).layout == "packed"
+        alone = torch.cat([tower(images[i : i + 1].bfloat16()) for i in range(len(images))])
+    torch.testing.assert_close(out.float(), alone.float(), atol=3e-2, rtol=3e-2)
