@@ -431,3 +431,28 @@ def test_random_weights_are_the_same_in_every_run():
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))
     torch.manual_seed(1)
     assert torch.equal(torch.rand(1), after), "the caller's random state is untouched"
+
+
+def test_an_open_clip_model_by_name(images, capsys) -> None:
+    """``--model open_clip:<name>`` builds that open_clip model (random weights, seed 0) and
+    its own eval transform (open_clip's size and normalisation); the CLI benches its image
+    side. An unknown name and ``--pretrained`` (open_clip's weights are named by tag) are
+    clear errors."""
+    pytest.importorskip("open_clip")
+    from saint import assets
+
+    argv = ["--model", "open_clip:ViT-B-32"]
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    model, desc = build_model(p.parse_args(argv))
+    assert desc == "open_clip ViT-B-32 (RANDOM weights, seed 0) at 224px"
+    x, _ = assets.load_images([assets.ImageRecord(f"{images}/a/0.png", None, "t")], assets.eval_transform(model))
+    assert x.shape == (1, 3, 224, 224)
+    assert main(["bench", *argv, *COMMON, "--images", images, "--method", "tome:r=8", "--batch-size", "3",
+                 "--warmup", "0", "--repeats", "1", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "open_clip ViT-B-32" in out and "tome:r=8" in out
+    assert main(["bench", "--model", "open_clip:ViT-Nope", *COMMON, "--method", "tome:r=1"]) == 2
+    assert "is not an open_clip model name" in capsys.readouterr().err
+    assert main(["bench", *argv, "--pretrained", *COMMON, "--method", "tome:r=1"]) == 2
+    assert "--model-args pretrained=<tag>" in capsys.readouterr().err

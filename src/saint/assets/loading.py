@@ -36,12 +36,18 @@ def open_rgb(path: Path | str) -> Any:
 
 
 def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
-    """timm's eval transform for ``model`` (resize, center crop, normalise).
+    """timm's eval transform for ``model`` (resize, center crop, normalise); an open_clip
+    model's own (its ``preprocess_cfg``: size, mean, std, interpolation, resize mode).
 
     Uses ``timm.data.resolve_data_config`` + ``create_transform``; for models with a fixed
     ``patch_embed.img_size`` the input size is taken from the model (timm's pretrained config
     would otherwise report the checkpoint's size, e.g. 518 for DINOv2).
     """
+    if type(model).__module__.startswith("open_clip."):
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
     from timm.data import create_transform, resolve_data_config
 
     args: dict[str, Any] = {}

