@@ -148,6 +148,37 @@ def offline_photos_and_model(photos: int, size: int) -> tuple[list[Any], torch.n
         pytest.skip(f"offline weights or photos unavailable: {exc}")
 
 
+def assert_checkpointing_and_threads_agree(make: Callable[[], torch.nn.Module], images: torch.Tensor, method: str,
+                                           make_threaded: Callable[[], torch.nn.Module] | None = None,
+                                           **settings: Any) -> None:
+    """A model from ``make()`` patched with ``method``: its checkpointed blocks recompute the
+    same selection during backward (outputs and input gradients equal the plain run's
+    exactly, the batch packed); one instance (``make_threaded()``, default ``make()``) called
+    from two threads gives every call (ragged batches of other sizes) its own answer."""
+    import saint
+
+    def run(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model = make()
+        model.set_grad_checkpointing(checkpointing)
+        saint.patch(model, method, **settings)
+        x = images.clone().requires_grad_(True)
+        out = model(x)
+        out.square().sum().backward()
+        assert saint.stats(model).layout == "packed"
+        return out.detach(), x.grad
+
+    plain, checkpointed = run(False), run(True)
+    assert torch.equal(plain[0], checkpointed[0]) and torch.equal(plain[1], checkpointed[1])
+    model = (make_threaded or make)()
+    saint.patch(model, method, **settings)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    assert_two_threads_agree(call, [(images[: 1 + i % 4] * (1 + i / 10),) for i in range(8)])
+
+
 def assert_two_threads_agree(fn: Callable[..., torch.Tensor], calls: Sequence[tuple[Any, ...]]) -> None:
     """``fn(*call)`` for every call, alternately from two threads started together, gives
     exactly what it gives called one after another."""

@@ -14,7 +14,7 @@ import saint
 from saint.adapters import find_adapter, handle_of
 from saint.measure.flops import count_flops
 
-from .conftest import assert_adapter_probe_reads_keys, assert_two_threads_agree
+from .conftest import assert_adapter_probe_reads_keys, assert_checkpointing_and_threads_agree
 from .test_packed import NEEDS_CLASS_TOKEN, RAGGED
 
 open_clip = pytest.importorskip("open_clip")
@@ -292,27 +292,8 @@ def test_gradient_checkpointing_and_threads(images):
     """open_clip's checkpointed blocks recompute the same selection during backward (outputs
     and input gradients equal the plain run's exactly); one tower called from two threads
     gives every call (ragged batches of other sizes) its own answer."""
-
-    def run(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        tower = make_tower("avg")
-        tower.set_grad_checkpointing(checkpointing)
-        saint.patch(tower, "saint_match", tau=0.3, fraction=0.7)
-        x = images.clone().requires_grad_(True)
-        out = tower(x)
-        out.square().sum().backward()
-        assert saint.stats(tower).layout == "packed"
-        return out.detach(), x.grad
-
-    plain, checkpointed = run(False), run(True)
-    assert torch.equal(plain[0], checkpointed[0]) and torch.equal(plain[1], checkpointed[1])
-    tower = make_tower("tok")
-    saint.patch(tower, "saint_match", tau=0.3, fraction=0.7)
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return tower(x)
-
-    assert_two_threads_agree(call, [(images[: 1 + i % 4] * (1 + i / 10),) for i in range(8)])
+    assert_checkpointing_and_threads_agree(lambda: make_tower("avg"), images, "saint_match",
+                                           make_threaded=lambda: make_tower("tok"), tau=0.3, fraction=0.7)
 
 
 def test_methods_needing_a_class_token_run():

@@ -206,25 +206,7 @@ def test_gradient_checkpointing_and_threads(images):
     """timm's checkpointed blocks recompute the same selection during backward (outputs and
     input gradients equal the plain run's exactly); one instance called from two threads
     gives every call (ragged batches of other sizes) its own answer."""
-    from .conftest import assert_two_threads_agree
+    from .conftest import assert_checkpointing_and_threads_agree
 
-    def run(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        model = make_tiny("cait_avg")
-        model.set_grad_checkpointing(checkpointing)
-        saint.patch(model, "saint_match", tau=0.2, fraction=0.7)
-        x = images.clone().requires_grad_(True)
-        out = model(x)
-        out.square().sum().backward()
-        assert saint.stats(model).layout == "packed"
-        return out.detach(), x.grad
-
-    plain, checkpointed = run(False), run(True)
-    assert torch.equal(plain[0], checkpointed[0]) and torch.equal(plain[1], checkpointed[1])
-    model = make_tiny("cait")
-    saint.patch(model, "saint_match", tau=0.2, fraction=0.7)
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(x)
-
-    assert_two_threads_agree(call, [(images[: 1 + i % 4] * (1 + i / 10),) for i in range(8)])
+    assert_checkpointing_and_threads_agree(lambda: make_tiny("cait_avg"), images, "saint_match",
+                                           make_threaded=lambda: make_tiny("cait"), tau=0.2, fraction=0.7)

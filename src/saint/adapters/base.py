@@ -21,6 +21,7 @@ from torch import nn
 
 from .common import (
     PICKLE_HINT,
+    SAINT_ATTR,
     SITE_ATTR,
     Hooked,
     PatchedBlocks,
@@ -252,6 +253,52 @@ class FamilyAdapter(Adapter):
 
     def unpatch(self, model: nn.Module) -> None:
         self.family.unpatch(model)
+
+
+class DelegatingAdapter(FamilyAdapter):
+    """The adapter of a wrapper whose pruning happens in an inner model another adapter
+    patches (timm's ``features_only`` wrapper, open_clip's timm towers): its family module's
+    ``inner_of(model)`` gives ``(inner model, its adapter)``, and every protocol call but the
+    forward and the embedding is the inner model's."""
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        inner, adapter = self.family.inner_of(model)
+        return adapter.sites(inner)
+
+    def protected(self, model: nn.Module) -> int:
+        inner, adapter = self.family.inner_of(model)
+        return adapter.protected(inner)
+
+    def grid(self, model: nn.Module, inputs: Inputs | None = None) -> Grid:
+        inner, adapter = self.family.inner_of(model)
+        return adapter.grid(inner, inputs)
+
+    def block_flops(self, model: nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
+        inner, adapter = self.family.inner_of(model)
+        return adapter.block_flops(inner, n_in, n_out, select_at)
+
+    def probe(self, model: nn.Module) -> Probe:
+        inner, adapter = self.family.inner_of(model)
+        return adapter.probe(inner)
+
+
+def patch_inner(model: nn.Module, inner: nn.Module, adapter: Adapter, method: Any, trace: bool,
+                settings: dict[str, Any], what: str) -> Handle:
+    """Patch ``inner`` (held by ``model``, ``what`` it is) through its ``adapter``; the handle
+    goes on ``model`` too, which then owns it (the inner model cannot be unpatched alone)."""
+    if get_handle(inner) is not None:
+        raise ValueError(f"the {type(inner).__name__} inside this {what} is already patched by saint; unpatch it first")
+    handle = adapter.patch(inner, method, trace=trace, **settings)
+    model.__dict__[SAINT_ATTR] = handle
+    handle.patched_through(inner, model)
+    return handle
+
+
+def unpatch_inner(model: nn.Module, inner: nn.Module, adapter: Adapter) -> None:
+    """Undo :func:`patch_inner`: both are the original objects again."""
+    if model.__dict__.pop(SAINT_ATTR, None) is None:
+        raise ValueError(f"{type(model).__name__} is not patched by saint")
+    adapter.unpatch(inner)
 
 
 def batch_to(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -20,8 +20,7 @@ import torch
 
 from ..methods import MethodSpec
 from . import timm_cait, timm_eva, timm_relpos, timm_vit
-from .base import FamilyAdapter, Grid, Probe, Site, TokenStateHandle
-from .common import SAINT_ATTR, get_handle
+from .base import DelegatingAdapter, TokenStateHandle, patch_inner, unpatch_inner
 from .open_clip_vit import _classes, _encode, _pooled, _visual
 
 TRUNKS = (timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER, timm_cait.ADAPTER)  # the adapters of the trunks
@@ -39,7 +38,8 @@ def _trunk(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
     return None if adapter is None else (trunk, adapter)
 
 
-def _found(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+def inner_of(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """The tower's timm trunk and its adapter (a TypeError for anything else)."""
     found = _trunk(model)
     if found is None:
         raise TypeError(f"expected open_clip's TimmModel with a timm ViT, Eva, Beit, VisionTransformerRelPos or Cait "
@@ -55,53 +55,24 @@ def matches(model: torch.nn.Module) -> bool:
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
           **kwargs: Any) -> TokenStateHandle:
     """Patch the tower's trunk (see :func:`saint.patch`); the handle goes on ``model`` too."""
-    trunk, adapter = _found(model)
-    if get_handle(trunk) is not None:
-        raise ValueError(f"the {type(trunk).__name__} inside this {type(model).__name__} is already patched by saint; "
-                         "unpatch it first")
+    trunk, adapter = inner_of(model)
     if not getattr(trunk, "global_pool", "avg"):
         raise ValueError(f"this {type(model).__name__}'s timm trunk returns its tokens unpooled (global_pool=''), "
                          "which its attention pool then reads as a grid; saint patches towers whose trunk pools")
-    handle = adapter.patch(trunk, method, trace=trace, **kwargs)
-    model.__dict__[SAINT_ATTR] = handle
-    handle.patched_through(trunk, model)
-    return handle
+    return patch_inner(model, trunk, adapter, method, trace, kwargs, type(model).__name__)
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Unpatch ``model`` and its trunk: both are the original objects again."""
-    trunk, adapter = _found(model)
-    if model.__dict__.pop(SAINT_ATTR, None) is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    adapter.unpatch(trunk)
+    unpatch_inner(model, *inner_of(model))
 
 
-class OpenClipTimm(FamilyAdapter):
+class OpenClipTimm(DelegatingAdapter):
     """open_clip's ``TimmModel`` towers (alone or in a CLIP): the trunk's protocol, the
     model's image side."""
 
     name = "open_clip_timm"
     family = sys.modules[__name__]
-
-    def sites(self, model: torch.nn.Module) -> list[Site]:
-        trunk, adapter = _found(model)
-        return adapter.sites(trunk)
-
-    def protected(self, model: torch.nn.Module) -> int:
-        trunk, adapter = _found(model)
-        return adapter.protected(trunk)
-
-    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        trunk, adapter = _found(model)
-        return adapter.grid(trunk, inputs)
-
-    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
-        trunk, adapter = _found(model)
-        return adapter.block_flops(trunk, n_in, n_out, select_at)
-
-    def probe(self, model: torch.nn.Module) -> Probe:
-        trunk, adapter = _found(model)
-        return adapter.probe(trunk)
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         return _encode(model, inputs)

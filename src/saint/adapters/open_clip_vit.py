@@ -47,6 +47,7 @@ from .hf_encoder import (
     unpatch_encoder,
 )
 from .hf_mean_head import mean_of_real_tokens
+from .timm_vit import maps_unmerge
 
 KEYS_ATTR = "_saint_key_projection"  # where a block keeps its attention's key rows as a module
 
@@ -265,15 +266,7 @@ def _forward_intermediates(self: torch.nn.Module, *args: Any, **kwargs: Any) -> 
     unmerge = False
     if bound.arguments["output_fmt"] == "NCHW":
         _, deepest = feature_take_indices(len(self.transformer.resblocks), bound.arguments["indices"])
-        pruned = [i for i in handle.settings if i <= deepest]
-        unmerge = bool(pruned) and handle.spec.merges
-        if pruned and not unmerge:
-            raise ValueError(
-                f"spatial (NCHW) intermediates need every patch, but block {pruned[0]} drops tokens before block "
-                f"{deepest} returns; use a merging method (tome, saint_match, saint_plus or saint_fold: each patch "
-                "then holds the token it became), or output_fmt='NLC' and saint.token_mask(model, block) for the "
-                "real tokens"
-            )
+        unmerge = maps_unmerge(handle, deepest, "output_fmt='NLC'")
     with handle.runs.unmerging() if unmerge else handle.runs.unpadding():
         return type(self).forward_intermediates(self, *args, **kwargs)
 

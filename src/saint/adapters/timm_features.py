@@ -19,8 +19,7 @@ import torch
 
 from ..methods import MethodSpec, get_method, require_merging
 from . import timm_cait, timm_eva, timm_relpos, timm_vit
-from .base import FamilyAdapter, Grid, Probe, Site, TokenStateHandle
-from .common import SAINT_ATTR, get_handle
+from .base import DelegatingAdapter, TokenStateHandle, patch_inner, unpatch_inner
 
 INNER = (timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER, timm_cait.ADAPTER)  # the adapters of the models a wrapper may hold
 
@@ -34,7 +33,8 @@ def _inner(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
     return None if adapter is None else (inner, adapter)
 
 
-def _found(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+def inner_of(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """The wrapper's model and its adapter (a TypeError for anything else)."""
     found = _inner(model)
     if found is None:
         raise TypeError(f"expected timm's features_only wrapper of a ViT, Eva, Beit, VisionTransformerRelPos or Cait, got {type(model).__name__}")
@@ -49,51 +49,21 @@ def matches(model: torch.nn.Module) -> bool:
 def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
           **kwargs: Any) -> TokenStateHandle:
     """Patch the wrapper's model with a merging method; the handle goes on both."""
-    inner, adapter = _found(model)
-    if get_handle(inner) is not None:
-        raise ValueError(f"the {type(inner).__name__} inside this features_only wrapper is already patched by saint; "
-                         "unpatch it first")
+    inner, adapter = inner_of(model)
     require_merging(method if isinstance(method, MethodSpec) else get_method(method), "features_only maps")
-    handle = adapter.patch(inner, method, trace=trace, **kwargs)
-    model.__dict__[SAINT_ATTR] = handle
-    handle.patched_through(inner, model)
-    return handle
+    return patch_inner(model, inner, adapter, method, trace, kwargs, "features_only wrapper")
 
 
 def unpatch(model: torch.nn.Module) -> None:
     """Unpatch the wrapper and its model: both are the original objects again."""
-    inner, adapter = _found(model)
-    handle = model.__dict__.pop(SAINT_ATTR, None)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by saint")
-    adapter.unpatch(inner)
+    unpatch_inner(model, *inner_of(model))
 
 
-class TimmFeatures(FamilyAdapter):
+class TimmFeatures(DelegatingAdapter):
     """timm ``FeatureGetterNet`` (``features_only=True``) of a timm ViT, Eva, Beit, VisionTransformerRelPos or Cait."""
 
     name = "timm_features"
     family = sys.modules[__name__]
-
-    def sites(self, model: torch.nn.Module) -> list[Site]:
-        inner, adapter = _found(model)
-        return adapter.sites(inner)
-
-    def protected(self, model: torch.nn.Module) -> int:
-        inner, adapter = _found(model)
-        return adapter.protected(inner)
-
-    def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        inner, adapter = _found(model)
-        return adapter.grid(inner, inputs)
-
-    def block_flops(self, model: torch.nn.Module, n_in: float, n_out: float, select_at: str | None = None) -> float:
-        inner, adapter = _found(model)
-        return adapter.block_flops(inner, n_in, n_out, select_at)
-
-    def probe(self, model: torch.nn.Module) -> Probe:
-        inner, adapter = _found(model)
-        return adapter.probe(inner)
 
     def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The deepest map, flattened (a dense output has no pooled embedding)."""

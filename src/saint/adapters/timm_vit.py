@@ -489,6 +489,20 @@ def _weighted_mean(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -
     return (x[:, start:] * w).sum(1) / w.sum(1)
 
 
+def maps_unmerge(handle: TokenStateHandle, deepest: int, flat_call: str) -> bool:
+    """Whether spatial maps of the blocks up to ``deepest`` need every block's output unmerged
+    (a merging method prunes before it returns); a dropping method that does is refused
+    (a dropped patch has no row), naming ``flat_call``, the call that returns tokens instead."""
+    pruned = [i for i in handle.settings if i <= deepest]
+    if pruned and not handle.spec.merges:
+        raise ValueError(
+            f"spatial (NCHW) intermediates need every patch, but block {pruned[0]} drops tokens before block "
+            f"{deepest} returns; use a merging method (tome, saint_match, saint_plus or saint_fold: each patch "
+            f"then holds the token it became), or {flat_call} and saint.token_mask(model, block) for the real tokens"
+        )
+    return bool(pruned)
+
+
 def _forward_intermediates(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """timm's ``forward_intermediates`` with every block's output unpadded (NaN at
     padding; :func:`saint.token_mask` gives the real positions). Spatial (NCHW) maps need
@@ -504,15 +518,7 @@ def _forward_intermediates(self: torch.nn.Module, *args: Any, **kwargs: Any) -> 
         from timm.models._features import feature_take_indices
 
         _, deepest = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
-        pruned = [i for i in handle.settings if i <= deepest]
-        unmerge = bool(pruned) and handle.spec.merges
-        if pruned and not unmerge:
-            raise ValueError(
-                f"spatial (NCHW) intermediates need every patch, but block {pruned[0]} drops tokens before block "
-                f"{deepest} returns; use a merging method (tome, saint_match, saint_plus or saint_fold: each patch "
-                "then holds the token it became), or output_fmt='NLC' (get_intermediate_layers: reshape=False) "
-                "and saint.token_mask(model, block) for the real tokens"
-            )
+        unmerge = maps_unmerge(handle, deepest, "output_fmt='NLC' (get_intermediate_layers: reshape=False)")
     with handle.runs.unmerging() if unmerge else handle.runs.unpadding():
         out = type(self).forward_intermediates(self, *args, **kwargs)
     if isinstance(out, tuple):  # (final tokens, intermediates): the final ones may go to forward_head
