@@ -17,7 +17,10 @@ as ``.backbone`` (``DepthAnythingForDepthEstimation``, ``DPTForDepthEstimation``
 ``UperNetForSemanticSegmentation``, ``ZoeDepthForDepthEstimation`` ...), take the
 merging methods only: every layer's output leaves as one row per patch, the row of the token
 it became (ToMe's unmerge), so the feature maps lie on the input's grid and the heads run
-unchanged (:func:`saint.adapters.hf_encoder.backbone_forward`). So does DPT's own ViT
+unchanged (:func:`saint.adapters.hf_encoder.backbone_forward`). So do the OWL-ViT and OWLv2
+detectors (``OwlViTForObjectDetection``, ``Owlv2ForObjectDetection``: CLIP's layers, whose
+class and box heads read every patch; the protocol runs their image side alone,
+``Family.image_side``), and DPT's own ViT
 (``DPTModel``, ViT or hybrid, alone or in ``DPTForDepthEstimation`` /
 ``DPTForSemanticSegmentation``: dpt-large, dpt-hybrid-midas): its layers keep transformers'
 older layout (``query``/``key``/``value``, an output module that adds the residual) and its
@@ -81,6 +84,7 @@ from .hf_encoder import (
     patched_through,
     unpatch_tower_of,
 )
+from .hf_vision import layer_parts as clip_layer_parts
 
 # models that wrap a supported one but read its tokens in a way a pruned output cannot serve
 REFUSED = {
@@ -115,6 +119,9 @@ class Family:
     mlp_hidden: Callable[[Any], float]
     dense: bool = False  # a backbone: its feature maps lie on the input's grid (merging methods, unmerged outputs)
     pool: Callable[..., torch.Tensor] | None = None  # a per-instance forward for the encoder's pooler (BEiT's mean)
+    # the image side of a model whose forward needs more than images (OWL-ViT's detector: its text
+    # queries): ``image_side(model, pixel_values)``, what the protocol runs and embeds
+    image_side: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 def _vit_parts(layer: torch.nn.Module) -> LayerParts:
@@ -242,6 +249,12 @@ def _beit_pool(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tens
     return self.layernorm(hf_mean_head.mean_of_real_tokens(hidden_states, weights, 1))
 
 
+def _owl_image_embeds(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """An OWL-ViT / OWLv2 detector's image side: its image embeddings on the patch grid
+    ``[B, H, W, C]`` (``image_embedder``, what the class and box heads read)."""
+    return model.image_embedder(pixel_values=pixel_values)[0]
+
+
 def _dinov3_mlp_hidden(cfg: Any) -> float:
     """The gated MLP's three matmuls count as 1.5x its width's two."""
     return (1.5 if cfg.use_gated_mlp else 1.0) * int(cfg.intermediate_size)
@@ -265,6 +278,8 @@ def _families() -> list[Family]:
     from transformers.models.dinov3_vit import modeling_dinov3_vit as d3
     from transformers.models.dpt import modeling_dpt as dpt
     from transformers.models.ijepa import modeling_ijepa as ijepa
+    from transformers.models.owlv2 import modeling_owlv2 as owlv2
+    from transformers.models.owlvit import modeling_owlvit as owlvit
     from transformers.models.videomae import modeling_videomae as vm
     from transformers.models.vit import modeling_vit as vit
     from transformers.models.vit_mae import modeling_vit_mae as mae
@@ -321,6 +336,12 @@ def _families() -> list[Family]:
         Family("vitpose_backbone", vitpose.VitPoseBackbone, {}, vitpose.VitPoseBackboneLayer,
                vitpose.VitPoseBackboneAttention, "encoder.layer", _vitpose_parts, lambda cfg: 0,
                lambda cfg: int(cfg.hidden_size * cfg.mlp_ratio), dense=True),
+        Family("owlvit_detection", owlvit.OwlViTVisionTransformer, {owlvit.OwlViTForObjectDetection: "owlvit.vision_model"},
+               owlvit.OwlViTEncoderLayer, owlvit.OwlViTAttention, "encoder.layers", clip_layer_parts, lambda cfg: 1,
+               lambda cfg: cfg.intermediate_size, dense=True, image_side=_owl_image_embeds),
+        Family("owlv2_detection", owlv2.Owlv2VisionTransformer, {owlv2.Owlv2ForObjectDetection: "owlv2.vision_model"},
+               owlv2.Owlv2EncoderLayer, owlv2.Owlv2Attention, "encoder.layers", clip_layer_parts, lambda cfg: 1,
+               lambda cfg: cfg.intermediate_size, dense=True, image_side=_owl_image_embeds),
         Family("vivit", vivit.VivitModel, {vivit.VivitForVideoClassification: "vivit"}, vivit.VivitLayer,
                vivit.VivitAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("videomae", vm.VideoMAEModel, {vm.VideoMAEForVideoClassification: "videomae"}, vm.VideoMAELayer,
@@ -338,16 +359,24 @@ def _find(model: torch.nn.Module) -> tuple[Family, torch.nn.Module] | None:
         if family.dense and isinstance(getattr(model, "backbone", None), family.model):
             return family, model.backbone
         for wrapper, attr in family.wrappers.items():
-            if isinstance(model, wrapper) and isinstance(getattr(model, attr, None), family.model):
-                return family, getattr(model, attr)
+            held = _held(model, attr) if isinstance(model, wrapper) else None
+            if isinstance(held, family.model):
+                return family, held
     return None
+
+
+def _held(model: torch.nn.Module, path: str) -> Any:
+    """The attribute at dotted ``path`` of ``model`` (None where there is none)."""
+    for name in path.split("."):
+        model = getattr(model, name, None)
+    return model
 
 
 def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
         raise TypeError(f"expected a Hugging Face ViT, ViT-MAE, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, BEiT, Data2Vec-vision, DPT, ViTPose, "
-                        "VideoMAE or ViViT model, "
+                        "OWL-ViT / OWLv2 detector, VideoMAE or ViViT model, "
                         f"got {type(model).__name__}")
     return found
 
@@ -448,6 +477,9 @@ class HFViT(FamilyAdapter):
         return ProjectionProbe(self.sites(model), _found(model)[0].parts, num_prefix=protected, has_cls=protected > 0)
 
     def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        family, tower = _found(model)
+        if family.image_side is not None and tower is not model:
+            return family.image_side(model, inputs)
         return model(pixel_values=inputs)
 
     def check_inputs(self, inputs: Any) -> None:
@@ -463,6 +495,8 @@ class HFViT(FamilyAdapter):
         family, tower = _found(model)
         if hf_mean_head.averages_tokens(model):  # the features its classifier reads
             return hf_mean_head.embed(model, lambda: self.forward(model, inputs))
+        if family.image_side is not None and tower is not model:  # the image side's maps, flattened
+            return self.forward(model, inputs).flatten(1), None
         if family.dense:  # a dense output: the head's prediction (depth, or logits per pixel), else the last map
             out = self.forward(model, inputs)
             maps = getattr(out, "feature_maps", None)  # a backbone; DPTModel: its last hidden state
