@@ -4,7 +4,8 @@ dinov2_s14_hf``: the same weights as a Hugging Face ``Dinov2Model``) or, with ``
 another timm ViT geometry (random weights, e.g. ``vit_base_patch14_dinov2`` or
 ``vit_small_patch16_dinov3``: speed only, since its token counts come from random features)
 or ``dinov3_s16_hf`` (a Hugging Face ``DINOv3ViTModel`` of that geometry, random weights), or
-``open_clip:<name>`` (that open_clip model's own image tower, random weights).
+``open_clip:<name>`` (that open_clip model's own image tower, random weights), or
+``owlv2_b16_hf`` (a Hugging Face OWLv2 detector of OWLv2-B/16's geometry, its image side).
 
 Per-sample SAINT and SAINT+ are calibrated (real-token FLOPs targets) on the held-out
 shared photos (every 8th), then timed on a batch of the other photos, once with
@@ -54,6 +55,7 @@ DEFAULT_MODEL = "dinov2_s14"
 HF_MODEL = "dinov2_s14_hf"  # the same real weights as a Hugging Face Dinov2Model
 HF_DINOV3 = "dinov3_s16_hf"  # a Hugging Face DINOv3ViTModel of DINOv3-S/16's geometry (4 registers), random weights
 OPEN_CLIP = "open_clip:"  # open_clip:<model name>: that open_clip model's image tower, random weights
+OWLV2 = "owlv2_b16_hf"  # a Hugging Face Owlv2ForObjectDetection of OWLv2-B/16's geometry, random weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (default: the offline real weights), {HF_MODEL} (the same weights as a "
                         f"Hugging Face Dinov2Model), {HF_DINOV3} (a Hugging Face DINOv3ViTModel of DINOv3-S/16's "
-                        f"geometry), {OPEN_CLIP}<name> (an open_clip model's image tower, e.g. {OPEN_CLIP}ViT-B-16) "
+                        f"geometry), {OPEN_CLIP}<name> (an open_clip model's image tower, e.g. {OPEN_CLIP}ViT-B-16), "
+                        f"{OWLV2} (a Hugging Face OWLv2 detector of OWLv2-B/16's geometry, its image side) "
                         "or a timm ViT name, built with random weights (seed 0) for its geometry")
     p.add_argument("--tome-r", default="",
                    help="also time ToMe at these r, comma-separated, or 'auto' (r leaving ~90/75/60/45/30%% "
@@ -113,6 +116,9 @@ def describe(name: str) -> str:
         return "Hugging Face DINOv3ViTModel, DINOv3-S/16 geometry (4 registers), random weights (seed 0): geometry only"
     if name.startswith(OPEN_CLIP):
         return f"open_clip {name[len(OPEN_CLIP):]}'s image tower, random weights (seed 0): geometry only"
+    if name == OWLV2:
+        return ("Hugging Face Owlv2ForObjectDetection, OWLv2-B/16 geometry, its image side (image_embedder), "
+                "random weights (seed 0): geometry only")
     return f"{name}, random weights (seed 0): geometry only"
 
 
@@ -134,6 +140,15 @@ def build_model(name: str, size: int) -> tuple[torch.nn.Module, Any]:
         model = transformers.DINOv3ViTModel(config).eval()
         like = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=size)
         return model, assets.eval_transform(like)  # its photos prepared as timm prepares DINOv3's
+    if name == OWLV2:
+        import transformers
+        from torchvision import transforms
+
+        config = transformers.Owlv2Config(vision_config=dict(image_size=size, patch_size=16))
+        model = transformers.Owlv2ForObjectDetection(config).eval()
+        processor = transformers.Owlv2ImageProcessor()  # its mean and std; resized square, as it pads then resizes
+        return model, transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                          transforms.Normalize(processor.image_mean, processor.image_std)])
     if name.startswith(OPEN_CLIP):
         import open_clip
 
