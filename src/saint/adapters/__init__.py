@@ -68,7 +68,7 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "DPTForSemanticSegmentation, BeitBackbone, BeitForSemanticSegmentation, Data2VecVisionForSemanticSegmentation, "
     "VitPoseBackbone alone or in VitPoseForPoseEstimation, the OWL-ViT and OWLv2 detectors "
     "(OwlViTForObjectDetection, Owlv2ForObjectDetection, and their OwlViTVisionTransformer / "
-    "Owlv2VisionTransformer) (merging methods); LLaVA "
+    "Owlv2VisionTransformer), CLIPSegForImageSegmentation (and its CLIPSegVisionModel) (merging methods); LLaVA "
     "(LlavaForConditionalGeneration / LlavaModel with a Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3 or "
     "Granite language model); Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (vision side), Qwen3.5-MoE (vision "
     "side), GLM-4.1V, GLM-4.5V, GLM-4.6V and GLM-OCR (*ForConditionalGeneration / *Model), the Qwen2.5-Omni and "

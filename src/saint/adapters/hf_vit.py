@@ -20,7 +20,8 @@ it became (ToMe's unmerge), so the feature maps lie on the input's grid and the 
 unchanged (:func:`saint.adapters.hf_encoder.backbone_forward`). So do the OWL-ViT and OWLv2
 detectors (``OwlViTForObjectDetection``, ``Owlv2ForObjectDetection``: CLIP's layers, whose
 class and box heads read every patch; the protocol runs their image side alone,
-``Family.image_side``), and DPT's own ViT
+``Family.image_side``), CLIPSeg (``CLIPSegForImageSegmentation``, whose decoder reads
+three of its tower's hidden states whole), and DPT's own ViT
 (``DPTModel``, ViT or hybrid, alone or in ``DPTForDepthEstimation`` /
 ``DPTForSemanticSegmentation``: dpt-large, dpt-hybrid-midas): its layers keep transformers'
 older layout (``query``/``key``/``value``, an output module that adds the residual) and its
@@ -255,6 +256,13 @@ def _owl_image_embeds(model: torch.nn.Module, pixel_values: torch.Tensor) -> tor
     return model.image_embedder(pixel_values=pixel_values)[0]
 
 
+def _clipseg_activations(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """A CLIPSeg segmenter's image side: the tower's hidden states its decoder reads
+    (``extract_layers``), ``[B, layers, N, C]``."""
+    out = model.clip.get_image_features(pixel_values=pixel_values, output_hidden_states=True)
+    return torch.stack([out.hidden_states[i + 1] for i in model.extract_layers], dim=1)
+
+
 def _dinov3_mlp_hidden(cfg: Any) -> float:
     """The gated MLP's three matmuls count as 1.5x its width's two."""
     return (1.5 if cfg.use_gated_mlp else 1.0) * int(cfg.intermediate_size)
@@ -271,6 +279,7 @@ def _dinov2_mlp_hidden(cfg: Any) -> float:
 def _families() -> list[Family]:
     """The supported families (transformers imported here, on first use)."""
     from transformers.models.beit import modeling_beit as beit
+    from transformers.models.clipseg import modeling_clipseg as clipseg
     from transformers.models.data2vec import modeling_data2vec_vision as d2v
     from transformers.models.deit import modeling_deit as deit
     from transformers.models.dinov2 import modeling_dinov2 as d
@@ -342,6 +351,10 @@ def _families() -> list[Family]:
         Family("owlv2_detection", owlv2.Owlv2VisionTransformer, {owlv2.Owlv2ForObjectDetection: "owlv2.vision_model"},
                owlv2.Owlv2EncoderLayer, owlv2.Owlv2Attention, "encoder.layers", clip_layer_parts, lambda cfg: 1,
                lambda cfg: cfg.intermediate_size, dense=True, image_side=_owl_image_embeds),
+        Family("clipseg_segmentation", clipseg.CLIPSegVisionModel,
+               {clipseg.CLIPSegForImageSegmentation: "clip.vision_model"}, clipseg.CLIPSegEncoderLayer,
+               clipseg.CLIPSegAttention, "encoder.layers", clip_layer_parts, lambda cfg: 1,
+               lambda cfg: cfg.intermediate_size, dense=True, image_side=_clipseg_activations),
         Family("vivit", vivit.VivitModel, {vivit.VivitForVideoClassification: "vivit"}, vivit.VivitLayer,
                vivit.VivitAttention, "layers", _vit_parts, lambda cfg: 1, lambda cfg: cfg.intermediate_size),
         Family("videomae", vm.VideoMAEModel, {vm.VideoMAEForVideoClassification: "videomae"}, vm.VideoMAELayer,
@@ -376,7 +389,7 @@ def _found(model: torch.nn.Module) -> tuple[Family, torch.nn.Module]:
     found = _find(model)
     if found is None:
         raise TypeError(f"expected a Hugging Face ViT, ViT-MAE, ViT-MSN, DeiT, DINOv2, DINOv3, I-JEPA, BEiT, Data2Vec-vision, DPT, ViTPose, "
-                        "OWL-ViT / OWLv2 detector, VideoMAE or ViViT model, "
+                        "OWL-ViT / OWLv2 detector, CLIPSeg, VideoMAE or ViViT model, "
                         f"got {type(model).__name__}")
     return found
 
