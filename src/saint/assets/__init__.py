@@ -52,9 +52,11 @@ from .models import (
     benchmark_model,
     default_hf_model,
     default_model,
+    default_open_clip_model,
     load_timm_model,
     resample_pos_embed,
     timm_vit_to_hf_dinov2,
+    timm_vit_to_open_clip,
 )
 from .photos import (
     ImageRecord,
@@ -77,6 +79,7 @@ __all__ = [
     "cache_dir",
     "convert_imgfocus_onnx",
     "default_hf_model",
+    "default_open_clip_model",
     "default_model",
     "default_model_state_dict",
     "eval_transform",
@@ -92,4 +95,5 @@ __all__ = [
     "shared_sample_images",
     "skimage_images",
     "timm_vit_to_hf_dinov2",
+    "timm_vit_to_open_clip",
 ]

@@ -137,6 +137,63 @@ def timm_vit_to_hf_dinov2(vit: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def default_open_clip_model(img_size: int = 224, device: str | torch.device = "cpu") -> nn.Module:
+    """The default backbone as open_clip's own ``VisionTransformer``, built from
+    :func:`default_model` at ``img_size`` by :func:`timm_vit_to_open_clip`; its output is the
+    timm model's feature."""
+    return timm_vit_to_open_clip(default_model(img_size)).to(device)
+
+
+def timm_vit_to_open_clip(vit: nn.Module) -> nn.Module:
+    """The same network as open_clip's ``VisionTransformer`` (``pool_type='tok'``, the timm
+    model's final norm as ``ln_post``, an identity projection): a timm ViT with one class
+    token, no registers, no pre-norm or q/k norms, square patches and an exact-GELU MLP. The
+    fused qkv becomes ``nn.MultiheadAttention``'s ``in_proj``; open_clip's patch embedding has
+    no bias, so the timm one's is added to the patch rows of the position table (the same
+    sum); layer scales are kept (1 where the ViT has none)."""
+    from functools import partial
+
+    from open_clip.transformer import LayerNorm, VisionTransformer
+
+    blk = vit.blocks[0]
+    if int(getattr(vit, "num_prefix_tokens", 0)) != 1 or getattr(vit, "cls_token", None) is None:
+        raise ValueError("timm_vit_to_open_clip needs a ViT with exactly one class token and no registers")
+    if type(blk.mlp.act) is not nn.GELU or getattr(blk.mlp.act, "approximate", "none") != "none":
+        raise ValueError(f"timm_vit_to_open_clip needs an exact GELU MLP, got {blk.mlp.act!r}")
+    if not isinstance(vit.norm_pre, nn.Identity) or not isinstance(blk.attn.q_norm, nn.Identity):
+        raise ValueError("timm_vit_to_open_clip needs a ViT without a pre-norm or q/k norms")
+    dim, heads = int(vit.embed_dim), int(blk.attn.num_heads)
+    tower = VisionTransformer(
+        image_size=int(vit.patch_embed.img_size[0]), patch_size=int(vit.patch_embed.patch_size[0]), width=dim,
+        layers=len(vit.blocks), heads=heads, mlp_ratio=blk.mlp.fc1.out_features / dim, ls_init_value=1.0,
+        output_dim=dim, no_ln_pre=True, pool_type="tok", norm_layer=partial(LayerNorm, eps=float(vit.norm.eps)),
+    )  # fmt: skip
+    pos = vit.pos_embed[0]
+    if getattr(vit, "no_embed_class", False):  # a table of the patches alone: the class token gets none
+        pos = torch.cat([torch.zeros_like(pos[:1]), pos])
+    bias = vit.patch_embed.proj.bias
+    if bias is not None:
+        pos = torch.cat([pos[:1], pos[1:] + bias])
+    sd = {"conv1.weight": vit.patch_embed.proj.weight, "class_embedding": vit.cls_token.flatten(),
+          "positional_embedding": pos, "ln_post.weight": vit.norm.weight, "ln_post.bias": vit.norm.bias,
+          "proj": torch.eye(dim)}
+    for i, b in enumerate(vit.blocks):
+        h = f"transformer.resblocks.{i}."
+        qkv_bias = b.attn.qkv.bias if b.attn.qkv.bias is not None else torch.zeros(3 * dim)
+        sd |= {h + "attn.in_proj_weight": b.attn.qkv.weight, h + "attn.in_proj_bias": qkv_bias,
+               h + "attn.out_proj.weight": b.attn.proj.weight, h + "attn.out_proj.bias": b.attn.proj.bias,
+               h + "mlp.c_fc.weight": b.mlp.fc1.weight, h + "mlp.c_fc.bias": b.mlp.fc1.bias,
+               h + "mlp.c_proj.weight": b.mlp.fc2.weight, h + "mlp.c_proj.bias": b.mlp.fc2.bias}
+        for timm_norm, oc_norm in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            sd |= {h + f"{oc_norm}.weight": b.get_submodule(timm_norm).weight,
+                   h + f"{oc_norm}.bias": b.get_submodule(timm_norm).bias}
+        for ls, oc_ls in (("ls1", "ls_1"), ("ls2", "ls_2")):
+            gamma = getattr(getattr(b, ls), "gamma", None)
+            sd[h + f"{oc_ls}.gamma"] = torch.ones(dim) if gamma is None else gamma
+    tower.load_state_dict({k: v.detach().clone() for k, v in sd.items()})
+    return tower.eval()
+
+
 def _unwrap_state_dict(obj: Any) -> Mapping[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
