@@ -279,17 +279,20 @@ def assert_adapter_probe_reads_keys(model: torch.nn.Module, images: torch.Tensor
 
 def assert_merged_tokens_read_as_their_parts(model: torch.nn.Module, images: torch.Tensor,
                                              read: Callable[[torch.Tensor], torch.Tensor],
-                                             reference: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """A model whose ``vision_model``'s tokens another module cross-attends, merged by ToMe:
-    ``read(images)`` (each image's output, patched) equals ``reference(tokens [1, n, C])``
-    of the unpatched model on each image's tower tokens, each repeated its ``size`` times
-    (ToMe's proportional attention: a merged key biased by ``log(size)`` counts as its parts)."""
+                                             reference: Callable[[torch.Tensor], torch.Tensor],
+                                             tower: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+                                             ) -> None:
+    """A model whose tower's tokens (``tower(model)``, default its ``vision_model``) another
+    module cross-attends, merged by ToMe: ``read(images)`` (each image's output, patched)
+    equals ``reference(tokens [1, n, C])`` of the unpatched model on each image's tower tokens,
+    each repeated its ``size`` times (ToMe's proportional attention: a merged key biased by
+    ``log(size)`` counts as its parts)."""
     import saint
 
     saint.patch(model, "tome", r=3)
     with torch.no_grad():
         got = read(images)
-        hidden = model.vision_model(pixel_values=images).last_hidden_state
+        hidden = (model.vision_model if tower is None else tower(model))(pixel_values=images).last_hidden_state
     sizes = saint.token_sizes(model).long()
     assert int(sizes.max()) > 1
     saint.unpatch(model)

@@ -9,6 +9,7 @@ import torch
 from . import (
     hf_aimv2,
     hf_blip2,
+    hf_encoder_decoder,
     hf_kosmos2,
     hf_siglip2,
     hf_vision,
@@ -36,7 +37,7 @@ ADAPTERS: list[Adapter] = [
     *pooled_vlm.ADAPTERS, *llm_side_vlm.ADAPTERS,
     hf_vision.ADAPTER, hf_vit.ADAPTER, hf_siglip2.ADAPTER, hf_aimv2.ADAPTER, hf_vjepa2.ADAPTER,
     hf_blip2.ADAPTER, hf_kosmos2.ADAPTER, open_clip_vit.ADAPTER,
-    open_clip_timm.ADAPTER,
+    open_clip_timm.ADAPTER, hf_encoder_decoder.ADAPTER,
 ]
 SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_inputs.py keeps it complete)
     "timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, DINOv2); timm Eva (EVA-02, DINOv3, Perception "
@@ -63,6 +64,8 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "InstructBlipModel, InstructBlipVideoForConditionalGeneration, InstructBlipVideoModel (the Q-Former reads each "
     "image's real tokens); Kosmos2VisionModel, alone or in Kosmos2ForConditionalGeneration and Kosmos2Model "
     "(the image-to-text projection's latent queries read each image's real tokens); "
+    "VisionEncoderDecoderModel with one of those ViT-style or CLIP-style encoders (ViT-GPT2 captioning, TrOCR: "
+    "the decoder reads each image's real tokens); "
     "Dinov2Backbone, Dinov2WithRegistersBackbone, DINOv3ViTBackbone, alone or as the .backbone of a dense head "
     "(Depth Anything, DPT, UperNet, ZoeDepth ...; merging methods), DPTModel, DPTForDepthEstimation, "
     "DPTForSemanticSegmentation, BeitBackbone, BeitForSemanticSegmentation, Data2VecVisionForSemanticSegmentation, "

@@ -39,6 +39,7 @@ from .hf_encoder import (
     encoder_sites,
     fused_part,
     image_key_mask,
+    image_key_mask_hook,
     patch_encoder,
     patched_through,
     unpatch_tower_of,
@@ -122,7 +123,7 @@ def patch(
     reader = getattr(model, name, None) if tower is not model else None
     if reader is not None:
         reader.__dict__[SITE_ATTR] = (handle, None)
-        handle.hooks.append(reader.register_forward_pre_hook(_image_key_mask, with_kwargs=True))
+        handle.hooks.append(reader.register_forward_pre_hook(image_key_mask_hook, with_kwargs=True))
         handle.hooked.append(Hooked(model, _reader, reader, f"{type(model).__name__}'s {name}"))
         for path, attn in reader.named_modules():
             if path.endswith("crossattention.self"):  # BLIP's text model: see _cross_attention_mask
@@ -150,25 +151,6 @@ def _reader(model: torch.nn.Module) -> torch.nn.Module:
 
 def _submodule(owner: torch.nn.Module, path: str) -> torch.nn.Module:
     return owner.get_submodule(path)
-
-
-def _image_key_mask(reader: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Forward pre-hook on the module that cross-attends the image tokens (the Q-Former; BLIP's
-    text decoder or encoder): where the tower's last call in this thread left padding or merged
-    tokens, its cross-attention gets saint's key mask (4-D, additive) in place of the wrapper's
-    mask of ones, and the padding rows of the image tokens are zeros (not NaN). Generation's
-    copies of each image's tokens (beams, several sequences per image: ``repeat_interleave``
-    along the batch) get their image's mask."""
-    states = kwargs.get("encoder_hidden_states")
-    if states is None:
-        return None
-    bias = image_key_mask(reader, states)
-    if bias is None:
-        return None
-    kwargs = dict(kwargs)
-    kwargs["encoder_hidden_states"] = states.masked_fill(bias[:, 0, 0, :, None] == float("-inf"), 0.0)
-    kwargs["encoder_attention_mask"] = bias
-    return args, kwargs
 
 
 def _cross_attention_mask(attn: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -687,3 +687,23 @@ def image_key_mask(module: torch.nn.Module, states: torch.Tensor) -> torch.Tenso
     if states.shape[0] != bias.shape[0]:
         bias = bias.repeat_interleave(states.shape[0] // bias.shape[0], dim=0)
     return bias
+
+
+def image_key_mask_hook(reader: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook on the module that cross-attends the image tokens as
+    ``encoder_hidden_states`` (BLIP-2's Q-Former; BLIP's text decoder or encoder; a vision
+    encoder-decoder's decoder): where the tower's last call in this thread left padding or merged
+    tokens, its cross-attention gets saint's key mask (4-D, additive) in place of the wrapper's
+    mask of ones, and the padding rows of the image tokens are zeros (not NaN). Generation's
+    copies of each image's tokens (beams, several sequences per image: ``repeat_interleave``
+    along the batch) get their image's mask."""
+    states = kwargs.get("encoder_hidden_states")
+    if states is None:
+        return None
+    bias = image_key_mask(reader, states)
+    if bias is None:
+        return None
+    kwargs = dict(kwargs)
+    kwargs["encoder_hidden_states"] = states.masked_fill(bias[:, 0, 0, :, None] == float("-inf"), 0.0)
+    kwargs["encoder_attention_mask"] = bias
+    return args, kwargs

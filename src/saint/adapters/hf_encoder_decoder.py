@@ -1,0 +1,106 @@
+"""Hugging Face ``VisionEncoderDecoderModel`` (image captioning such as ViT-GPT2, TrOCR's OCR)
+whose encoder saint patches on its own (a ViT, DeiT, BEiT, DINOv2 ... of
+:mod:`saint.adapters.hf_vit`, or a CLIP / SigLIP tower of :mod:`saint.adapters.hf_vision`).
+
+The encoder is patched through its own adapter and the model marked as its owner; the
+decoder, which cross-attends every encoder token at every generated token, gets a forward
+pre-hook that hands it saint's key mask of the encoder's last call (padding masked and its
+rows zeroed, a merged token's key biased by ``log(size)``: it counts as its parts), repeated
+for generation's copies of each image (beams). So a batch's logits and generated text are
+each image's alone. Every protocol call is the encoder's: calibration and the benchmarks run
+and embed the encoder alone (the decoder needs text).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from ..methods import MethodSpec
+from . import hf_vision, hf_vit
+from .base import DelegatingAdapter, TokenStateHandle, patch_inner, unpatch_inner
+from .common import SITE_ATTR, Hooked
+from .hf_encoder import image_key_mask_hook
+
+ENCODERS = (hf_vit.ADAPTER, hf_vision.ADAPTER)  # the adapters of the encoders saint patches
+
+
+def _encoder(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
+    """The model's encoder and its adapter, or None when ``model`` is not a vision
+    encoder-decoder whose encoder saint patches."""
+    if type(model).__name__ != "VisionEncoderDecoderModel" or sys.modules.get("transformers") is None:
+        return None
+    encoder = getattr(model, "encoder", None)
+    adapter = next((a for a in ENCODERS if isinstance(encoder, torch.nn.Module) and a.matches(encoder)), None)
+    return None if adapter is None else (encoder, adapter)
+
+
+def inner_of(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """The encoder and its adapter (a TypeError for anything else)."""
+    found = _encoder(model)
+    if found is None:
+        raise TypeError(f"expected a VisionEncoderDecoderModel whose encoder is a ViT-style or CLIP-style model saint "
+                        f"patches, got {type(model).__name__}")
+    return found
+
+
+def matches(model: torch.nn.Module) -> bool:
+    """A ``VisionEncoderDecoderModel`` whose encoder a Hugging Face vision adapter patches."""
+    return _encoder(model) is not None
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    return model.decoder
+
+
+def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: bool = False,
+          **kwargs: Any) -> TokenStateHandle:
+    """Patch the encoder (see :func:`saint.patch`) and give the decoder saint's key mask."""
+    encoder, adapter = inner_of(model)
+    handle = patch_inner(model, encoder, adapter, method, trace, kwargs, type(model).__name__)
+    decoder = model.decoder
+    decoder.__dict__[SITE_ATTR] = (handle, None)
+    handle.hooks.append(decoder.register_forward_pre_hook(_decoder_key_mask, with_kwargs=True))
+    handle.hooked.append(Hooked(model, _decoder, decoder, f"{type(model).__name__}'s decoder"))
+    return handle
+
+
+def _decoder_key_mask(decoder: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """:func:`~saint.adapters.hf_encoder.image_key_mask_hook`, the mask laid out for each of the
+    decoder's query tokens (``[B, 1, T, N]``, a view): TrOCR's eager attention takes no other
+    shape."""
+    out = image_key_mask_hook(decoder, args, kwargs)
+    if out is None:
+        return None
+    args, kwargs = out
+    queries = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if queries is not None:
+        bias = kwargs["encoder_attention_mask"]
+        kwargs["encoder_attention_mask"] = bias.expand(-1, -1, queries.shape[1], -1)
+    return args, kwargs
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Unpatch the encoder and the decoder's hook: the model is the original object again."""
+    unpatch_inner(model, *inner_of(model))
+
+
+class HFVisionEncoderDecoder(DelegatingAdapter):
+    """``VisionEncoderDecoderModel``: the encoder's protocol; its forward and embedding are
+    the encoder's alone."""
+
+    name = "hf_vision_encoder_decoder"
+    family = sys.modules[__name__]
+
+    def forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        encoder, adapter = inner_of(model)
+        return adapter.forward(encoder, inputs)
+
+    def embed(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        encoder, adapter = inner_of(model)
+        return adapter.embed(encoder, inputs)
+
+
+ADAPTER = HFVisionEncoderDecoder()
