@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import copy
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,6 +280,24 @@ class DelegatingAdapter(FamilyAdapter):
     def probe(self, model: nn.Module) -> Probe:
         inner, adapter = self.family.inner_of(model)
         return adapter.probe(inner)
+
+
+def with_adapter(inner: Any, adapters: Sequence[Adapter]) -> tuple[nn.Module, Adapter] | None:
+    """``(inner, the first of adapters that handles it)``, or None when none does (or
+    ``inner`` is no module): how a delegating adapter finds the model it patches."""
+    if not isinstance(inner, nn.Module):
+        return None
+    adapter = next((a for a in adapters if a.matches(inner)), None)
+    return None if adapter is None else (inner, adapter)
+
+
+def found_or_refused(found: tuple[nn.Module, Adapter] | None, model: nn.Module, expected: str
+                     ) -> tuple[nn.Module, Adapter]:
+    """``found`` (:func:`with_adapter`'s answer for ``model``), or a TypeError saying what was
+    ``expected``."""
+    if found is None:
+        raise TypeError(f"expected {expected}, got {type(model).__name__}")
+    return found
 
 
 def patch_inner(model: nn.Module, inner: nn.Module, adapter: Adapter, method: Any, trace: bool,

@@ -20,7 +20,14 @@ import torch
 
 from ..methods import MethodSpec
 from . import hf_vision, hf_vit
-from .base import DelegatingAdapter, TokenStateHandle, patch_inner, unpatch_inner
+from .base import (
+    DelegatingAdapter,
+    TokenStateHandle,
+    found_or_refused,
+    patch_inner,
+    unpatch_inner,
+    with_adapter,
+)
 from .common import SITE_ATTR, Hooked
 from .hf_encoder import image_key_mask_hook
 
@@ -32,18 +39,13 @@ def _encoder(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
     encoder-decoder whose encoder saint patches."""
     if type(model).__name__ != "VisionEncoderDecoderModel" or sys.modules.get("transformers") is None:
         return None
-    encoder = getattr(model, "encoder", None)
-    adapter = next((a for a in ENCODERS if isinstance(encoder, torch.nn.Module) and a.matches(encoder)), None)
-    return None if adapter is None else (encoder, adapter)
+    return with_adapter(getattr(model, "encoder", None), ENCODERS)
 
 
 def inner_of(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
     """The encoder and its adapter (a TypeError for anything else)."""
-    found = _encoder(model)
-    if found is None:
-        raise TypeError(f"expected a VisionEncoderDecoderModel whose encoder is a ViT-style or CLIP-style model saint "
-                        f"patches, got {type(model).__name__}")
-    return found
+    return found_or_refused(_encoder(model), model,
+                            "a VisionEncoderDecoderModel whose encoder is a ViT-style or CLIP-style model saint patches")
 
 
 def matches(model: torch.nn.Module) -> bool:

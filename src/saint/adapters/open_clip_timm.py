@@ -20,7 +20,14 @@ import torch
 
 from ..methods import MethodSpec
 from . import timm_cait, timm_eva, timm_relpos, timm_vit
-from .base import DelegatingAdapter, TokenStateHandle, patch_inner, unpatch_inner
+from .base import (
+    DelegatingAdapter,
+    TokenStateHandle,
+    found_or_refused,
+    patch_inner,
+    unpatch_inner,
+    with_adapter,
+)
 from .open_clip_vit import _classes, _encode, _pooled, _visual
 
 TRUNKS = (timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER, timm_cait.ADAPTER)  # the adapters of the trunks
@@ -31,20 +38,13 @@ def _trunk(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
     open_clip model with a timm tower that saint patches."""
     c = _classes()
     tower = _visual(model)
-    if c is None or not isinstance(tower, c["timm"]):
-        return None
-    trunk = getattr(tower, "trunk", None)
-    adapter = next((a for a in TRUNKS if isinstance(trunk, torch.nn.Module) and a.matches(trunk)), None)
-    return None if adapter is None else (trunk, adapter)
+    return with_adapter(getattr(tower, "trunk", None), TRUNKS) if c is not None and isinstance(tower, c["timm"]) else None
 
 
 def inner_of(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
     """The tower's timm trunk and its adapter (a TypeError for anything else)."""
-    found = _trunk(model)
-    if found is None:
-        raise TypeError(f"expected open_clip's TimmModel with a timm ViT, Eva, Beit, VisionTransformerRelPos or Cait "
-                        f"trunk, or a CLIP holding one, got {type(model).__name__}")
-    return found
+    return found_or_refused(_trunk(model), model, "open_clip's TimmModel with a timm ViT, Eva, Beit, "
+                            "VisionTransformerRelPos or Cait trunk, or a CLIP holding one")
 
 
 def matches(model: torch.nn.Module) -> bool:

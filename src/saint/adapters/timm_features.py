@@ -19,26 +19,27 @@ import torch
 
 from ..methods import MethodSpec, get_method, require_merging
 from . import timm_cait, timm_eva, timm_relpos, timm_vit
-from .base import DelegatingAdapter, TokenStateHandle, patch_inner, unpatch_inner
+from .base import (
+    DelegatingAdapter,
+    TokenStateHandle,
+    found_or_refused,
+    patch_inner,
+    unpatch_inner,
+    with_adapter,
+)
 
 INNER = (timm_vit.ADAPTER, timm_eva.ADAPTER, timm_relpos.ADAPTER, timm_cait.ADAPTER)  # the adapters of the models a wrapper may hold
 
 
 def _inner(model: torch.nn.Module) -> tuple[torch.nn.Module, Any] | None:
     """The wrapper's model and its adapter, or None when ``model`` is not such a wrapper."""
-    inner = getattr(model, "model", None)
-    if type(model).__name__ != "FeatureGetterNet" or not isinstance(inner, torch.nn.Module):
-        return None
-    adapter = next((a for a in INNER if a.matches(inner)), None)
-    return None if adapter is None else (inner, adapter)
+    return with_adapter(getattr(model, "model", None), INNER) if type(model).__name__ == "FeatureGetterNet" else None
 
 
 def inner_of(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
     """The wrapper's model and its adapter (a TypeError for anything else)."""
-    found = _inner(model)
-    if found is None:
-        raise TypeError(f"expected timm's features_only wrapper of a ViT, Eva, Beit, VisionTransformerRelPos or Cait, got {type(model).__name__}")
-    return found
+    return found_or_refused(_inner(model), model,
+                            "timm's features_only wrapper of a ViT, Eva, Beit, VisionTransformerRelPos or Cait")
 
 
 def matches(model: torch.nn.Module) -> bool:
