@@ -21,6 +21,9 @@ open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 from open_clip.transformer import VisionTransformer  # noqa: E402
 
+from saint.adapters.common import SAINT_ATTR  # noqa: E402
+from saint.adapters.open_clip_vit import KEYS_ATTR  # noqa: E402
+
 TOL = dict(rtol=0, atol=1e-5)
 POOLS = {  # the tower's pooling: the class token, the patches' mean, CoCa's attentional pooler(s)
     "tok": dict(pool_type="tok"),
@@ -272,8 +275,12 @@ def test_adapter_probe_calibration_and_refusals(images):
     assert adapter.grid(tower).num_patches == 64
     with pytest.raises(ValueError, match="takes 32x32 images"):
         adapter.grid(tower, torch.randn(1, 3, 48, 48))
-    cal = saint.calibrate(tower, images, flops_speedup=1.4, method="saint_match")
+    cal = saint.calibrate(tower, images, flops_speedup=1.4, method="saint_match", apply=False)
     assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
+    assert not any(KEYS_ATTR in m.__dict__ or SAINT_ATTR in m.__dict__ for m in tower.modules())  # read, not changed
+    with pytest.raises(ValueError, match="tau"):
+        saint.patch(tower, "saint", tau=2.0)
+    assert not any(KEYS_ATTR in m.__dict__ for m in tower.modules())  # a refused patch leaves nothing either
     model = make_clip()
     cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_plus")
     assert cal.reached and saint.is_patched(model)

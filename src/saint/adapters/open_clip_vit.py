@@ -114,11 +114,13 @@ class KeyProjection(torch.nn.Module):
 
 
 def _key_projection(block: torch.nn.Module) -> KeyProjection:
-    """The block's :class:`KeyProjection` (made once, kept in the block's ``__dict__``; a
-    copy of the block gets its own with its copy of the attention)."""
+    """The patched block's :class:`KeyProjection` (made when patching, kept in its
+    ``__dict__``, where a copy of the block gets its own with its copy of the attention); for
+    an unpatched block, or one whose attention was replaced since, a fresh one (nothing is
+    left on a model that is only read)."""
     keys = block.__dict__.get(KEYS_ATTR)
     if keys is None or keys.__dict__["attention"] is not block.attn:
-        keys = block.__dict__[KEYS_ATTR] = KeyProjection(block.attn)
+        return KeyProjection(block.attn)
     return keys
 
 
@@ -166,9 +168,20 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     tower = _tower(model)
     _check_tower(tower)
     blocks = list(tower.transformer.resblocks)
-    handle = patch_encoder(tower, blocks, "transformer.resblocks", _classes()["block"], torch.nn.MultiheadAttention,
-                           layer_parts, 1, int(tower.grid_size[0] * tower.grid_size[1]), method, kwargs, trace,
-                           layout, kernel, block_forward=_block_forward, hf_tower=False)
+    before = [block.__dict__.get(KEYS_ATTR) for block in blocks]
+    for block in blocks:  # the key capture hooks one module per block for the whole patch
+        block.__dict__[KEYS_ATTR] = KeyProjection(block.attn)
+    try:
+        handle = patch_encoder(tower, blocks, "transformer.resblocks", _classes()["block"],
+                               torch.nn.MultiheadAttention, layer_parts, 1, int(tower.grid_size[0] * tower.grid_size[1]),
+                               method, kwargs, trace, layout, kernel, block_forward=_block_forward, hf_tower=False)
+    except BaseException:  # a refused patch leaves the blocks as they were (an existing patch's included)
+        for block, keys in zip(blocks, before, strict=True):
+            if keys is None:
+                block.__dict__.pop(KEYS_ATTR, None)
+            else:
+                block.__dict__[KEYS_ATTR] = keys
+        raise
     for name, forward in _pooling_methods(tower).items():
         tower.__dict__[name] = types.MethodType(forward, tower)
     for getter in _poolers_reading_tokens(tower):
