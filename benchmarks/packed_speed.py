@@ -158,7 +158,7 @@ def build_model(name: str, size: int) -> tuple[torch.nn.Module, Any]:
         import open_clip
 
         tower = open_clip.create_model(name[len(OPEN_CLIP):], pretrained=None, force_image_size=size).visual.eval()
-        return tower, open_clip.image_transform(tower.image_size, is_train=False)
+        return tower, assets.eval_transform(tower)  # open_clip's own preprocessing
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size).eval()
     return model, assets.eval_transform(model)
 

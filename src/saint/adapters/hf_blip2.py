@@ -36,10 +36,10 @@ from .common import SITE_ATTR, Hooked, transformers_classes
 from .hf_encoder import (
     LayerParts,
     ProjectionProbe,
+    attach_reader,
     encoder_sites,
     fused_part,
     image_key_mask,
-    image_key_mask_hook,
     patch_encoder,
     patched_through,
     unpatch_tower_of,
@@ -120,11 +120,8 @@ def patch(
     handle = patch_encoder(tower, list(tower.get_submodule(LAYERS)), LAYERS, layer_cls, attn_cls, layer_parts, 1,
                            (int(cfg.image_size) // int(cfg.patch_size)) ** 2, method, kwargs, trace, layout, kernel)
     name = _reader_name(model)
-    reader = getattr(model, name, None) if tower is not model else None
-    if reader is not None:
-        reader.__dict__[SITE_ATTR] = (handle, None)
-        handle.hooks.append(reader.register_forward_pre_hook(image_key_mask_hook, with_kwargs=True))
-        handle.hooked.append(Hooked(model, _reader, reader, f"{type(model).__name__}'s {name}"))
+    if tower is not model and getattr(model, name, None) is not None:
+        reader = attach_reader(handle, model, _reader, name)
         for path, attn in reader.named_modules():
             if path.endswith("crossattention.self"):  # BLIP's text model: see _cross_attention_mask
                 attn.__dict__[SITE_ATTR] = (handle, None)

@@ -288,14 +288,17 @@ class TowerClasses:
         return patched_through(model, tower, handle)
 
 
-def attach_head(handle: HFEncoderPatch, head: torch.nn.Module | None, forward: Callable[..., Any]) -> None:
-    """Give a tower's pooling head (if any) its per-instance ``forward``, which runs per
-    image over the real tokens of the handle's last call; recorded with the handle's other
-    installed modules (checked every call, undone by :func:`unpatch_encoder`)."""
+def attach_head(handle: HFEncoderPatch, head: torch.nn.Module | None, forward: Callable[..., Any],
+                find: Callable[[torch.nn.Module], torch.nn.Module | None] | None = None, what: str = "pooling head"
+                ) -> None:
+    """Give a tower's pooling head (if any; ``find(tower)`` is where the tower keeps it,
+    default its ``head``) its per-instance ``forward``, which runs per image over the real
+    tokens of the handle's last call; recorded with the handle's other installed modules
+    (checked every call, undone by :func:`unpatch_encoder`)."""
     if head is not None:
         head.__dict__[SITE_ATTR] = (handle, None)
         head.forward = types.MethodType(forward, head)
-        handle.hooked.append(Hooked(handle.tower, _pooling_head, head, f"{type(handle.tower).__name__}'s pooling head"))
+        handle.hooked.append(Hooked(handle.tower, find or _pooling_head, head, f"{type(handle.tower).__name__}'s {what}"))
 
 
 def _pooling_head(tower: torch.nn.Module) -> torch.nn.Module | None:
@@ -687,6 +690,18 @@ def image_key_mask(module: torch.nn.Module, states: torch.Tensor) -> torch.Tenso
     if states.shape[0] != bias.shape[0]:
         bias = bias.repeat_interleave(states.shape[0] // bias.shape[0], dim=0)
     return bias
+
+
+def attach_reader(handle: Any, owner: torch.nn.Module, find: Callable[[torch.nn.Module], torch.nn.Module],
+                  what: str, hook: Callable[..., Any] | None = None) -> torch.nn.Module:
+    """Give the module that cross-attends the tower's tokens (``find(owner)``) a forward
+    pre-hook with kwargs (default :func:`image_key_mask_hook`), recorded with the handle's
+    hooks and installed modules (checked every call, removed on unpatching); returns it."""
+    reader = find(owner)
+    reader.__dict__[SITE_ATTR] = (handle, None)
+    handle.hooks.append(reader.register_forward_pre_hook(hook or image_key_mask_hook, with_kwargs=True))
+    handle.hooked.append(Hooked(owner, find, reader, f"{type(owner).__name__}'s {what}"))
+    return reader
 
 
 def image_key_mask_hook(reader: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -3,8 +3,9 @@ whose encoder saint patches on its own (a ViT, DeiT, BEiT, DINOv2 ... of
 :mod:`saint.adapters.hf_vit`, or a CLIP / SigLIP tower of :mod:`saint.adapters.hf_vision`).
 
 The encoder is patched through its own adapter and the model marked as its owner; the
-decoder, which cross-attends every encoder token at every generated token, gets a forward
-pre-hook that hands it saint's key mask of the encoder's last call (padding masked and its
+decoder, which cross-attends every encoder token at every generated token, gets the forward
+pre-hook BLIP's readers have (:func:`saint.adapters.hf_encoder.image_key_mask_hook`, laid out
+per query token), which hands it saint's key mask of the encoder's last call (padding masked and its
 rows zeroed, a merged token's key biased by ``log(size)``: it counts as its parts), repeated
 for generation's copies of each image (beams). So a batch's logits and generated text are
 each image's alone. Every protocol call is the encoder's: calibration and the benchmarks run
@@ -28,8 +29,7 @@ from .base import (
     unpatch_inner,
     with_adapter,
 )
-from .common import SITE_ATTR, Hooked
-from .hf_encoder import image_key_mask_hook
+from .hf_encoder import attach_reader, image_key_mask_hook
 
 ENCODERS = (hf_vit.ADAPTER, hf_vision.ADAPTER)  # the adapters of the encoders saint patches
 
@@ -62,25 +62,21 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     """Patch the encoder (see :func:`saint.patch`) and give the decoder saint's key mask."""
     encoder, adapter = inner_of(model)
     handle = patch_inner(model, encoder, adapter, method, trace, kwargs, type(model).__name__)
-    decoder = model.decoder
-    decoder.__dict__[SITE_ATTR] = (handle, None)
-    handle.hooks.append(decoder.register_forward_pre_hook(_decoder_key_mask, with_kwargs=True))
-    handle.hooked.append(Hooked(model, _decoder, decoder, f"{type(model).__name__}'s decoder"))
+    attach_reader(handle, model, _decoder, "decoder", _decoder_key_mask)
     return handle
 
 
 def _decoder_key_mask(decoder: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """:func:`~saint.adapters.hf_encoder.image_key_mask_hook`, the mask laid out for each of the
     decoder's query tokens (``[B, 1, T, N]``, a view): TrOCR's eager attention takes no other
-    shape."""
+    shape. (A Q-Former's queries are more than its ``input_ids``: this is the decoders'.)"""
     out = image_key_mask_hook(decoder, args, kwargs)
     if out is None:
         return None
     args, kwargs = out
     queries = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     if queries is not None:
-        bias = kwargs["encoder_attention_mask"]
-        kwargs["encoder_attention_mask"] = bias.expand(-1, -1, queries.shape[1], -1)
+        kwargs["encoder_attention_mask"] = kwargs["encoder_attention_mask"].expand(-1, -1, queries.shape[1], -1)
     return args, kwargs
 
 

@@ -65,7 +65,6 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -75,11 +74,12 @@ import torch
 from ..methods import MethodSpec
 from . import hf_mean_head
 from .base import FamilyAdapter, Grid, Probe, Site, select_at_of, vit_block_flops
-from .common import SITE_ATTR, Hooked
+from .common import SITE_ATTR
 from .hf_encoder import (
     HFEncoderPatch,
     LayerParts,
     ProjectionProbe,
+    attach_head,
     encoder_sites,
     patch_encoder,
     patched_through,
@@ -420,11 +420,8 @@ def patch(
     handle = patch_encoder(tower, _layers(family, tower), family.layers, family.layer, family.attention, family.parts,
                            family.protected(tower.config), patch_grid(tower).num_patches, method, kwargs, trace, layout,
                            kernel, dense=family.dense)
-    pooler = getattr(tower, "pooler", None)
-    if family.pool is not None and pooler is not None:
-        pooler.__dict__[SITE_ATTR] = (handle, None)
-        pooler.forward = types.MethodType(family.pool, pooler)
-        handle.hooked.append(Hooked(tower, _pooler, pooler, f"{type(tower).__name__}'s pooler"))
+    if family.pool is not None:
+        attach_head(handle, getattr(tower, "pooler", None), family.pool, _pooler, "pooler")
     return patched_through(model, tower, handle)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-import types
 from typing import Any
 
 import torch
@@ -36,18 +35,20 @@ import torch.nn.functional as F
 
 from ..methods import MethodSpec
 from .base import FamilyAdapter, Grid, Probe, Site, save_output, select_at_of, vit_block_flops
-from .common import SAINT_ATTR, SITE_ATTR, Hooked, get_handle
+from .common import SAINT_ATTR, SITE_ATTR, get_handle
 from .hf_encoder import (
     HFEncoderPatch,
     LayerParts,
+    attach_head,
     encoder_sites,
     layer_forward,
     patch_encoder,
+    patched_through,
     pool_per_image,
-    unpatch_encoder,
+    unpatch_tower_of,
 )
 from .hf_mean_head import mean_of_real_tokens
-from .timm_vit import maps_unmerge
+from .timm_vit import bind_methods, maps_unmerge, unbind_methods
 
 KEYS_ATTR = "_saint_key_projection"  # where a block keeps its attention's key rows as a module
 
@@ -167,32 +168,22 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     :func:`saint.patch`)."""
     tower = _tower(model)
     _check_tower(tower)
+    if get_handle(tower) is not None:
+        raise ValueError(f"{type(tower).__name__} is already patched by saint; unpatch it first")
     blocks = list(tower.transformer.resblocks)
-    before = [block.__dict__.get(KEYS_ATTR) for block in blocks]
     for block in blocks:  # the key capture hooks one module per block for the whole patch
         block.__dict__[KEYS_ATTR] = KeyProjection(block.attn)
     try:
         handle = patch_encoder(tower, blocks, "transformer.resblocks", _classes()["block"],
                                torch.nn.MultiheadAttention, layer_parts, 1, int(tower.grid_size[0] * tower.grid_size[1]),
                                method, kwargs, trace, layout, kernel, block_forward=_block_forward, hf_tower=False)
-    except BaseException:  # a refused patch leaves the blocks as they were (an existing patch's included)
-        for block, keys in zip(blocks, before, strict=True):
-            if keys is None:
-                block.__dict__.pop(KEYS_ATTR, None)
-            else:
-                block.__dict__[KEYS_ATTR] = keys
+    except BaseException:  # a refused patch leaves the blocks as they were
+        _forget_keys(tower)
         raise
-    for name, forward in _pooling_methods(tower).items():
-        tower.__dict__[name] = types.MethodType(forward, tower)
-    for getter in _poolers_reading_tokens(tower):
-        pooler = getter(tower)
-        pooler.__dict__[SITE_ATTR] = (handle, None)
-        pooler.forward = types.MethodType(_attentional_pool, pooler)
-        handle.hooked.append(Hooked(tower, getter, pooler, f"{type(tower).__name__}'s attentional pooler"))
-    if tower is not model:
-        model.__dict__[SAINT_ATTR] = handle
-        handle.patched_through(tower, model)
-    return handle
+    bind_methods(tower, _pooling_methods(tower))
+    for find in _poolers_reading_tokens(tower):
+        attach_head(handle, find(tower), _attentional_pool, find, "attentional pooler")
+    return patched_through(model, tower, handle)
 
 
 def unpatch(model: torch.nn.Module) -> None:
@@ -200,14 +191,14 @@ def unpatch(model: torch.nn.Module) -> None:
     handle = get_handle(model)
     if handle is None:
         raise ValueError(f"{type(model).__name__} is not patched by saint")
-    tower = handle.tower
-    if tower is not model:
-        model.__dict__.pop(SAINT_ATTR)
-    for name in _pooling_methods(tower):
-        tower.__dict__.pop(name, None)
+    unbind_methods(handle.tower, _pooling_methods(handle.tower))
+    _forget_keys(handle.tower)
+    unpatch_tower_of(model)
+
+
+def _forget_keys(tower: torch.nn.Module) -> None:
     for block in tower.transformer.resblocks:
         block.__dict__.pop(KEYS_ATTR, None)
-    unpatch_encoder(tower)
 
 
 def _pooling_methods(tower: torch.nn.Module) -> dict[str, Any]:
