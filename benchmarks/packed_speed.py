@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=32, help="timing batch (default 32)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="single-image latency: every timed call runs the model on each photo of the timing batch "
+                        "alone, one after another (so only the packed layout: a batch of one is never ragged)")
     p.add_argument("--warmup", type=int, default=0, help="untimed rounds (default 0: the FLOPs pass warms up)")
     p.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds (default 3)")
     p.add_argument("--calib-every", type=holdout_every, default=8, help="every N-th shared photo calibrates (default 8)")
@@ -187,11 +190,14 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not r["label"].endswith(" packed"):
             continue
         name = r["label"][: -len(" packed")]
-        padded = by_label[f"{name} padded"]
+        padded = by_label.get(f"{name} padded")  # absent one image at a time
         ideal = speedups(base, r)[0]
         row = {"variant": name, "ideal_speedup_real_tokens": ideal, "mean_tokens": r["mean_tokens"],
-               "tokens_per_block": r["tokens_per_block"], "layout_ran": [r["layout"], padded["layout"]]}
+               "tokens_per_block": r["tokens_per_block"], "layout_ran": [r["layout"], padded and padded["layout"]]}
         for tag, m in (("packed", r), ("padded", padded)):
+            if m is None:
+                row[f"{tag}_speedup_best"] = row[f"{tag}_speedup_median"] = row[f"{tag}_efficiency_best"] = None
+                continue
             _, row[f"{tag}_speedup_best"], row[f"{tag}_speedup_median"] = speedups(base, m)
             row[f"{tag}_efficiency_best"] = row[f"{tag}_speedup_best"] / ideal
         rows.append(row)
@@ -225,6 +231,7 @@ def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
         f"# Packed vs padded execution of ragged batches ({report['model']}, "
+        f"{'one image at a time, ' if report.get('one_at_a_time') else ''}"
         f"batch {report['batch_size']}, {report['dtype']}, {env.get('device', '')})",
         "",
         f"- date: {env.get('date')}; device: {env.get('device')}; versions: {env.get('versions')}",
@@ -276,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     overhead_sizes = {int(s) for s in args.overhead_sizes.split(",") if s.strip()}
     report: dict[str, Any] = {
         "environment": environment(device, argv_used), "model": describe(args.model),
-        "batch_size": args.batch_size, "dtype": args.dtype,
+        "batch_size": args.batch_size, "dtype": args.dtype, "one_at_a_time": args.one_at_a_time,
         "threads": torch.get_num_threads(), "note": args.note, "clock": args.clock,
         "method_note": (f"calibrated per layer on {len(calib_records)} held-out shared photos (real-token FLOPs "
-                        f"targets), timed on the first {args.batch_size} other photos; round-robin, "
+                        f"targets), timed on the first {args.batch_size} other photos"
+                        f"{' one at a time (a model call per photo)' if args.one_at_a_time else ''}; round-robin, "
                         f"{args.warmup} warm-up + {args.repeats} timed rounds, torch threads {torch.get_num_threads()}, "
                         f"clock: {'process CPU time' if args.clock == 'process' else 'wall time'}"),
         "sizes": [],
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in (int(s) for s in args.sizes.split(",") if s.strip()):
         start = time.perf_counter()
         model, transform = build_model(args.model, size)
-        harness = Harness(model, device, dtype)  # calibrate where it will run
+        harness = Harness(model, device, dtype, one_at_a_time=args.one_at_a_time)  # calibrate where it will run
         x = timing_batch(timing_records, transform, args.batch_size)
         calib_x = harness.prepare(timing_batch(calib_records, transform, len(calib_records)))
         cals = calibrated_variants(harness.model, calib_x, args.targets,
@@ -295,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = [Variant("saint:k=1000", "saint", {"k": 1000})] if size in overhead_sizes else []
         for c in cals:
             name = f"{c['label']}@{c['flops_speedup_target']:g}x"
-            for layout in ("packed", "padded"):
+            for layout in ("packed",) if args.one_at_a_time else ("packed", "padded"):
                 variants.append(Variant(f"{name} {layout}", c["method"], {**c["kwargs"], "layout": layout}))
         variants += [Variant(f"tome r={r}", "tome", {"r": r}) for r in tome_rs(args.tome_r, model)]
         clock = time.process_time if args.clock == "process" else time.perf_counter
@@ -308,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                  "overhead": overhead(results), "wall_seconds": round(time.perf_counter() - start, 1)}
         report["sizes"].append(entry)
         print(markdown({**report, "sizes": [entry]}))
-    name = args.name or f"packed_speed_{device.type}_b{args.batch_size}"
+    name = args.name or f"packed_speed_{device.type}_{'1x' if args.one_at_a_time else 'b'}{args.batch_size}"
     if not args.name and args.model != DEFAULT_MODEL:
         name += "_" + args.model
     prefix = Path(args.out_dir) / name

@@ -297,6 +297,30 @@ def test_bench_report_keys_and_ratios() -> None:
     assert all(r["ideal_speedup"] > 1 for r in rows[1:])
 
 
+
+def test_one_image_at_a_time_costs_what_each_image_costs_in_a_packed_batch() -> None:
+    """Per-image pruning gives every image the tokens it has alone, so its single-image
+    calls keep the packed batch's tokens and count its FLOPs (but for the selection's
+    similarities, which the batch works out on its padded view), and return its rows."""
+    x = torch.randn(3, 3, IMG, IMG)
+    variants = [parse_method_spec("saint:tau=0.2,k=1"), parse_method_spec("tome:r=2")]
+    together = run_bench(Harness(tiny_vit()), variants, x, warmup=0, repeats=0)["results"]
+    alone = Harness(tiny_vit(), one_at_a_time=True)
+    apart = run_bench(alone, variants, x, warmup=0, repeats=0)["results"]
+    assert together[1]["layout"] == "packed"  # ragged: the images keep different counts
+    for a, b in zip(together, apart, strict=True):
+        assert a["label"] == b["label"] and a["tokens_per_block"] == b["tokens_per_block"]
+        assert b["gflops_per_image"] <= a["gflops_per_image"]
+        assert b["gflops_per_image"] == pytest.approx(a["gflops_per_image"], rel=1e-3)
+    assert together[0]["gflops_per_image"] == apart[0]["gflops_per_image"]
+    alone.activate(variants[0])
+    with torch.no_grad():
+        rows = alone.forward(x)
+        assert [r.shape[0] for r in rows] == [1, 1, 1]
+        torch.testing.assert_close(torch.cat(rows), alone.model(x), rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="tensor batch"):
+        alone.forward([x])
+
 # ----------------------------------------------------------------------------- sweep
 
 

@@ -83,7 +83,9 @@ class Harness:
     """A model on a device in a dtype, switchable between :class:`Variant` s."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, one_at_a_time: bool = False) -> None:
+        """``one_at_a_time``: every forward runs the model on each image of the batch alone,
+        one call after another (single-image latency; a tensor batch only)."""
         if api.is_patched(model):
             raise ValueError("give the harness an unpatched model; it patches it per variant")
         self.device = torch.device(device)
@@ -91,6 +93,8 @@ class Harness:
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.active: Variant | None = None
         self.adapter = find_adapter(model)
+        self.one_at_a_time = one_at_a_time
+        self._per_call_tokens: list[list[list[int]]] | None = None  # while run() records each call's tokens
 
     @property
     def num_classes(self) -> int:
@@ -118,8 +122,18 @@ class Harness:
         return self.adapter.to(x, self.device, self.dtype)
 
     def forward(self, x: Any) -> Any:
-        """One forward of the active variant on a prepared batch."""
-        return self.adapter.forward(self.model, x)
+        """One forward of the active variant on a prepared batch (with ``one_at_a_time``,
+        one call per image; their outputs as a list)."""
+        if not self.one_at_a_time:
+            return self.adapter.forward(self.model, x)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"one_at_a_time splits a tensor batch; got {type(x).__name__}")
+        outs = []
+        for xi in x.split(1):
+            outs.append(self.adapter.forward(self.model, xi))
+            if self._per_call_tokens is not None and api.is_patched(self.model):
+                self._per_call_tokens.append([t.tolist() for t in handle_of(self.model).site_tokens()])
+        return outs
 
     # --- one forward -------------------------------------------------------------------
     def _block_tokens_hooked(self, fn: Callable[[], Any]) -> tuple[Any, list[list[int]]]:
@@ -140,10 +154,27 @@ class Harness:
     def run(self, fn: Callable[[], Any]) -> tuple[Any, list[list[int]]]:
         """Run ``fn`` (a forward of the active variant); also return the real tokens
         entering each block, per sample."""
+        if self.one_at_a_time:
+            return self._run_one_at_a_time(fn)
         if api.is_patched(self.model):
             out = fn()
             return out, [t.tolist() for t in handle_of(self.model).site_tokens()]
         return self._block_tokens_hooked(fn)
+
+    def _run_one_at_a_time(self, fn: Callable[[], Any]) -> tuple[Any, list[list[int]]]:
+        """:meth:`run` of a forward made of one call per image: each call's tokens per
+        block, joined image after image."""
+        if not api.is_patched(self.model):
+            out, counts = self._block_tokens_hooked(fn)  # call after call, block after block
+            depth = len(self.adapter.sites(self.model))
+            return out, [sum(counts[j::depth], []) for j in range(depth)]
+        self._per_call_tokens = []
+        try:
+            out = fn()
+            calls = self._per_call_tokens
+        finally:
+            self._per_call_tokens = None
+        return out, [sum(per_block, []) for per_block in zip(*calls, strict=True)]
 
     def embed(self, x: torch.Tensor, count: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor | None, list[list[int]], int | None]:
