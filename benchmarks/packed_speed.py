@@ -243,13 +243,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- note: {report['note']}")
     for size in report["sizes"]:
         lines += ["", f"## {size['size']}px ({size['wall_seconds']} s)", ""]
-        headers = ["variant", "mean tok", "FLOPs-ideal", "packed (min)", "padded (min)", "packed effic.",
-                   "padded effic.", "packed (median)", "padded (median)"]
-        rows = [[r["variant"], fmt(r["mean_tokens"], 1), fmt(r["ideal_speedup_real_tokens"], 2) + "x",
-                 fmt(r["packed_speedup_best"], 2) + "x", fmt(r["padded_speedup_best"], 2) + "x",
-                 fmt(r["packed_efficiency_best"], 2), fmt(r["padded_efficiency_best"], 2),
-                 fmt(r["packed_speedup_median"], 2) + "x", fmt(r["padded_speedup_median"], 2) + "x"]
-                for r in size["summary"]]
+        if report.get("one_at_a_time"):  # a batch of one is never ragged: one layout
+            headers = ["variant", "mean tok", "FLOPs-ideal", "speed (min)", "efficiency (min)", "speed (median)"]
+            rows = [[r["variant"], fmt(r["mean_tokens"], 1), fmt(r["ideal_speedup_real_tokens"], 2) + "x",
+                     fmt(r["packed_speedup_best"], 2) + "x", fmt(r["packed_efficiency_best"], 2),
+                     fmt(r["packed_speedup_median"], 2) + "x"] for r in size["summary"]]
+        else:
+            headers = ["variant", "mean tok", "FLOPs-ideal", "packed (min)", "padded (min)", "packed effic.",
+                       "padded effic.", "packed (median)", "padded (median)"]
+            rows = [[r["variant"], fmt(r["mean_tokens"], 1), fmt(r["ideal_speedup_real_tokens"], 2) + "x",
+                     fmt(r["packed_speedup_best"], 2) + "x", fmt(r["padded_speedup_best"], 2) + "x",
+                     fmt(r["packed_efficiency_best"], 2), fmt(r["padded_efficiency_best"], 2),
+                     fmt(r["packed_speedup_median"], 2) + "x", fmt(r["padded_speedup_median"], 2) + "x"]
+                    for r in size["summary"]]
         lines.append(markdown_table(headers, rows))
         if size.get("tome"):
             headers = ["ToMe", "mean tok", "FLOPs-ideal", "speed (min)", "efficiency (min)", "speed (median)"]
