@@ -615,3 +615,36 @@ def test_token_sizes_weigh_the_output_as_the_models_own_average_pooling(images):
     saint.patch(model, "saint", k=1000)  # nothing to drop: one real token per position
     model(images)
     assert saint.token_sizes(model) is None
+
+
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("keep_norm", [False, True])
+def test_a_batch_of_one_takes_its_own_step_and_matches_the_batched_one_bit_for_bit(merge, keep_norm):
+    """A batch of one is never ragged: its step merges and keeps the image's rows in place
+    of the packed step's slots and read-backs. Its tokens, their projections (compacted in
+    place), sizes and positions equal that image's rows in a batch of two bit for bit."""
+    from saint.adapters.common import TokenState
+    from saint.core import MergePlan, match_plan, saint_keep_mask
+    from saint.methods import Selection
+
+    g = torch.Generator().manual_seed(7)
+    keys = torch.randn(2, 15, 4, generator=g)
+    keys[1] = keys[0]  # the batch's second image is the first: both keep as many tokens
+    plan = match_plan(keys, 0.2, 0.8, num_protected=1) if merge else None
+    keep = plan.keep if merge else saint_keep_mask(keys, 0.2, 1, 10.0, "sample", 1)
+    x, proj = torch.randn(2, 15, 6, generator=g), torch.randn(2, 15, 9, generator=g)
+    x[1], proj[1] = x[0], proj[0]
+    results = []
+    for b in (1, 2):
+        sub = None if plan is None else MergePlan(plan.src[:b], plan.dst[:b], plan.keep[:b], plan.active[:b])
+        state = TokenState(track_positions=True)
+        state.reset(x[:b], trace=False)
+        out = state.apply_many([state.enter(x[:b]), proj[:b].clone()], Selection(keep[:b], sub, keep_norm=keep_norm),
+                               in_place=[False, True])
+        results.append((out, state.sizes, state.positions, state.lengths, state.packed))
+    (out1, s1, p1, n1, packed1), (out2, s2, p2, n2, packed2) = results
+    assert n1 == n2[:1] and 1 < n1[0] < 15 and not packed1 and not packed2
+    for a, b in zip(out1, out2, strict=True):
+        assert a.shape[0] == 1 and torch.equal(a[0], b[0])
+    assert (s1 is None) == (not merge) and (s1 is None or torch.equal(s1[0], s2[0]))
+    assert torch.equal(p1[0], p2[0])

@@ -327,6 +327,8 @@ class TokenState:
             if self.layout == "padded":
                 return self._apply_padded_one_read(tensors, sel)
         keep = sel.keep if self.valid is None else sel.keep & self.valid
+        if keep.shape[0] == 1 and self.valid is None and sel.order is None and self.origin is None:
+            return self._apply_single(tensors, sel, keep[0], in_place)
         if bool((keep == (True if self.valid is None else self.valid)).all()):
             if self.origin is not None:
                 self.origins.append(self.origin.clone())
@@ -337,6 +339,37 @@ class TokenState:
         if self.layout == "padded":
             return self._apply_padded(tensors, sel, keep)
         return self._apply_packed(tensors, sel, keep, in_place)
+
+    def _apply_single(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor,
+                      in_place: Sequence[bool] = ()) -> list[torch.Tensor]:
+        """:meth:`apply_many` on a batch of one image (on a CPU), which is never ragged: its
+        ``[1, N, C]`` tokens are already a stream of one image, merged and kept in place of
+        the packed step's slots, gathers and read-backs (a batch of one pays for every op in
+        its latency)."""
+        n = keep.shape[0]
+        count = int(keep.sum())
+        if count == n:
+            return list(tensors)
+        self._begin_step(keep[None])
+        flags = [bool(f) for f in in_place] + [False] * (len(tensors) - len(in_place))
+        if self.positions is not None:  # kept like the tokens, never merged: a destination keeps its index
+            self.positions = self.positions[:, keep]
+        if sel.merge is not None:
+            if self.sizes is None:
+                self.sizes = torch.ones(1, n, 1, dtype=torch.float32, device=keep.device)
+            plan = sel.merge
+            src, dst = plan.src[0], plan.dst[0]
+            if plan.active is not None:
+                src, dst = src[plan.active[0]], dst[plan.active[0]]
+            out, self.sizes = merge_and_keep_many(tensors, self.sizes, src, dst, keep, flags, [sel.keep_norm])
+        else:
+            kept = keep.nonzero().squeeze(1)
+            out = [keep_rows(t, kept, f) for t, f in zip(tensors, flags, strict=True)]
+            if self.sizes is not None:
+                self.sizes = self.sizes[:, keep]
+        self.lengths = [count]
+        self._index = self._slots = None
+        return out
 
     def _begin_step(self, keep: torch.Tensor) -> None:
         """A step that removes tokens: cached attention biases go stale, and rotary models

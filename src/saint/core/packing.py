@@ -128,16 +128,17 @@ def merge_and_keep_many(
     flags = [bool(f) for f in in_place] + [False] * (len(xs) - len(in_place))
     norm_flags = [bool(f) for f in keep_norm] + [False] * (len(xs) - len(keep_norm))
     kept = keep.nonzero().squeeze(1)  # once for every stream
+    s_rows, s_src, new_rows = s[rows, None], s[src, None], new_s[rows, None]  # and the sizes read once
     outs = []
     for x, flag, norm_flag in zip(xs, flags, norm_flags, strict=True):
         at_rows, at_src = x[0].index_select(0, rows).float(), x[0].index_select(0, src).float()
-        num = at_rows * s[rows, None]
-        num.index_add_(0, slot, at_src * s[src, None])
-        merged = num / new_s[rows, None]
+        num = at_rows * s_rows
+        num.index_add_(0, slot, at_src * s_src)
+        merged = num / new_rows
         if norm_flag:
-            norm = at_rows.norm(dim=-1, keepdim=True) * s[rows, None]
-            norm.index_add_(0, slot, at_src.norm(dim=-1, keepdim=True) * s[src, None])
-            merged = with_mean_norm(merged, norm / new_s[rows, None])
+            norm = at_rows.norm(dim=-1, keepdim=True) * s_rows
+            norm.index_add_(0, slot, at_src.norm(dim=-1, keepdim=True) * s_src)
+            merged = with_mean_norm(merged, norm / new_rows)
         out = keep_rows(x, kept, flag)
         out[0].index_copy_(0, at, merged.to(x.dtype))
         outs.append(out)
