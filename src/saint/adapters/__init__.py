@@ -78,7 +78,8 @@ SUPPORTED = (  # what the TypeError for an unknown model lists (tests/test_bad_i
     "Qwen3-Omni thinkers (*ThinkerForConditionalGeneration / *ThinkerModel); LLaVA-NeXT, "
     "LLaVA-NeXT-Video and LLaVA-OneVision (*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV); InternVL, "
     "Gemma 3, Idefics3, SmolVLM, PaliGemma, Aya Vision, Command A Vision, Ovis2, DeepSeek-VL and Janus "
-    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); Mistral 3, FastVLM, "
+    "(*ForConditionalGeneration / *Model; saint llm/vit/hybrid modes, FastV, random); LFM2-VL "
+    "(*ForConditionalGeneration / *Model; saint vit mode, random); Mistral 3, FastVLM, "
     "PerceptionLM, LightOnOCR, DeepSeek-VL-Hybrid, Gemma 4, PaddleOCR-VL, Idefics2, VipLLaVA and Video-LLaVA "
     "(*ForConditionalGeneration / *Model; saint llm mode, FastV)"
 )

@@ -85,7 +85,7 @@ class GroupPruner:
         attn = getattr(layer, lay.attention)
         out = lay.output(tower)
         self.hooks += [
-            tower.register_forward_pre_hook(self._begin),
+            tower.register_forward_pre_hook(self._begin, with_kwargs=True),
             layer.register_forward_pre_hook(self._refuse_masks, with_kwargs=True),
             attn.k_proj.register_forward_hook(self._capture),
             layer.register_forward_hook(self._prune),
@@ -105,7 +105,7 @@ class GroupPruner:
         self.hooked.clear()
         self.keep = self._keys = self._patches = None
 
-    def _begin(self, module: torch.nn.Module, args: tuple) -> None:
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         for hooked in self.hooked:
             hooked.check()
         self.keep = self._keys = self._patches = None
@@ -170,6 +170,104 @@ class GroupPruner:
         depth = len(self.layout.layers(self.tower))
         return TokenStats([f"{self.layout.layer_name}.{i}" for i in range(depth)],
                           [before if i <= self.layer else after for i in range(depth)])
+
+
+class NaflexGroupPruner(GroupPruner):
+    """:class:`GroupPruner` of a NaFlex tower (Siglip2's, in LFM2-VL): every unit is
+    patchified at its own aspect ratio (``spatial_shapes [U, 2]``, patches in raster order),
+    padded to the longest and masked. Each unit keeps ``round(ratio * its groups)`` (at
+    least one), so the later layers run on each unit's kept patches padded to the longest
+    kept, with the mask the tower itself makes for that padding; ``keep`` is then a list of
+    one ``[groups]`` mask per unit (raster order)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shapes: list[list[int]] | None = None  # [U] (rows, cols) of patches, from the tower call
+        self._valid: torch.Tensor | None = None  # [U, kept] after the drop: the later layers' padding
+        self._kept_patches: list[torch.Tensor] | None = None  # each unit's kept patches, raster order
+        self._input_patches = 0  # the tower's padded patch count, which the scattered output has again
+
+    def install(self) -> None:
+        super().install()
+        for later in self.layout.layers(self.tower)[self.layer + 1 :]:
+            self.hooks.append(later.register_forward_pre_hook(self._mask_kept, with_kwargs=True))
+
+    def remove(self) -> None:
+        super().remove()
+        self._shapes = self._valid = self._kept_patches = None
+
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        super()._begin(module, args, kwargs)
+        self._valid = self._kept_patches = None
+        shapes = kwargs.get("spatial_shapes", args[2] if len(args) > 2 else None)
+        if shapes is None:
+            raise ValueError("saint's vit mode on a NaFlex tower needs the call's spatial_shapes (each unit's patch grid)")
+        self._shapes = [[int(v) for v in hw] for hw in shapes.tolist()]
+
+    @staticmethod
+    def _refuse_masks(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """A NaFlex tower masks its padding patches: the units' grids say which are real."""
+
+    def _mask_kept(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+                   ) -> tuple[tuple, dict[str, Any]] | None:
+        """The layers after the drop attend over each unit's kept patches: the tower's own
+        mask for the kept layout's padding (made as the tower makes it)."""
+        if self._valid is None:
+            return None
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.tower.config, inputs_embeds=args[0], attention_mask=self._valid)
+        if len(args) > 1:
+            return (args[0], mask, *args[2:]), kwargs
+        return args, {**kwargs, "attention_mask": mask}
+
+    def _prune(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        u, n, c = output.shape
+        g, shapes = self.group, self._shapes
+        if shapes is None or len(shapes) != u:
+            raise ValueError(f"{u} units but spatial_shapes describes {0 if shapes is None else len(shapes)}")
+        bad = [hw for hw in shapes if hw[0] % g or hw[1] % g or hw[0] * hw[1] > n]
+        if bad:
+            raise ValueError(f"patch grids {bad} are not made of whole {g}x{g} groups within the tower's {n} patches: "
+                             "saint keeps the groups the projector folds into one token")
+        keys, self._keys = self._keys, None
+        attn = getattr(module, self.layout.attention)
+        assert keys is not None
+        keys = head_mean(keys.float().view(u, n, attn.num_heads, attn.head_dim))  # [U, N, D]
+        keep, patches = [], []
+        for i, (h, w) in enumerate(shapes):
+            rows, cols = h // g, w // g
+            budget = max(1, round(self.ratio * rows * cols))
+            if budget == rows * cols:
+                kept = torch.ones(rows * cols, dtype=torch.bool, device=output.device)
+            else:
+                groups = keys[i, : h * w].view(rows, g, cols, g, -1).mean(dim=(1, 3)).reshape(1, rows * cols, -1)
+                kept = fixed_budget_keep_mask(groups, budget, self.step_div)[0]
+            keep.append(kept)
+            patches.append(kept.view(rows, 1, cols, 1).expand(rows, g, cols, g).reshape(h * w).nonzero().squeeze(1))
+        self.keep = keep
+        self.counts = ([h * w for h, w in shapes], [len(p) for p in patches])
+        if all(len(p) == h * w for p, (h, w) in zip(patches, shapes, strict=True)):
+            return output  # nothing to drop: the layers after run as unpatched
+        width = max(len(p) for p in patches)
+        kept_rows = output.new_zeros(u, width, c)
+        valid = torch.zeros(u, width, dtype=torch.long, device=output.device)
+        for i, p in enumerate(patches):
+            kept_rows[i, : len(p)] = output[i, p]
+            valid[i, : len(p)] = 1
+        self._valid, self._kept_patches, self._input_patches = valid, patches, n
+        return kept_rows
+
+    def _scatter(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """The final norm's output goes back to each unit's patch grid (zeros at dropped
+        groups and at the padding), as long as the tower's input."""
+        patches, self._kept_patches, self._valid = self._kept_patches, None, None
+        if patches is None:
+            return None
+        full = output.new_zeros(output.shape[0], self._input_patches, output.shape[2])
+        for i, p in enumerate(patches):
+            full[i, p] = output[i, : len(p)]
+        return full
 
 
 def check_vit_layer(tower: torch.nn.Module, layout: TowerLayout, vit_layer: int) -> None:

@@ -87,12 +87,13 @@ DECODERS = (  # (transformers module, decoder class): the decoders saint prunes 
     ("paddleocr_vl", "PaddleOCRTextModel"),  # PaddleOCR-VL: ERNIE 4.5 with M-RoPE ids [3, B, L]
 )
 SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
-# Hybrid decoders whose linear-attention (Gated DeltaNet) layers keep a recurrent state, not a
+# Hybrid decoders whose linear-attention (Gated DeltaNet) or short-convolution layers keep a recurrent state, not a
 # cache of tokens: saint cannot drop tokens between their layers, but a prompt shortened before
 # the language model (the vision-side methods) runs through them as any prompt does.
 VISION_ONLY_DECODERS = (
     ("qwen3_5", "Qwen3_5TextModel"),  # Qwen3.5
     ("qwen3_5_moe", "Qwen3_5MoeTextModel"),  # Qwen3.5 MoE
+    ("lfm2", "Lfm2Model"),  # LFM2 (LFM2-VL): short-convolution layers keep a state of the last tokens
 )
 LAYER_TYPES = ("full_attention", "sliding_attention")  # attention a gathered 4-D mask expresses
 
@@ -110,7 +111,7 @@ def check_decoder(decoder: torch.nn.Module, prunes: bool = True) -> None:
         if prunes:
             raise TypeError(
                 f"saint cannot prune inside a {type(decoder).__name__} language model: its linear-attention "
-                "layers keep a recurrent state, not a cache of tokens; the vision-side methods work "
+                "or convolution layers keep a recurrent state, not a cache of tokens; the vision-side methods work "
                 "(mode='vit', method='random' or 'pool')"
             )
         check_maskable_attention(decoder)

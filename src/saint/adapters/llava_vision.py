@@ -123,7 +123,7 @@ def image_features(module: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str,
     mm_out = dict(kwargs.get("mm_encoder_outputs") or {})
     if mm_out.get("image") is None:
         options = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
-                                          "pixel_attention_mask") if kwargs.get(k) is not None}
+                                          "pixel_attention_mask", "spatial_shapes") if kwargs.get(k) is not None}
         mm_out["image"] = module.get_image_features(pixel_values=kwargs["pixel_values"], **options, return_dict=True)
     kwargs = dict(kwargs, pixel_values=None, mm_encoder_outputs=mm_out)
     return kwargs
@@ -144,13 +144,22 @@ def _unpruned_count(mm: torch.nn.Module, strategy: str | None) -> int:
 
 
 def shrink_plan(input_ids: torch.Tensor, counts: list[int], image_token_id: int,
-                 per: int | None = None) -> torch.Tensor | None:
+                 per: int | list[int] | None = None) -> torch.Tensor | None:
     """Keep mask ``[B, L]`` that shrinks every image's run of ``per`` tokens (the
-    processor's count) to its feature count; None when the counts already match."""
+    processor's count; a list: each image's own) to its feature count; None when the
+    counts already match."""
     is_img = input_ids == image_token_id
     total, n = int(is_img.sum()), len(counts)
     if total == sum(counts):
         return None
+    if isinstance(per, list):
+        if len(per) != n or total != sum(per) or any(c > p for c, p in zip(counts, per, strict=True)):
+            raise ValueError(
+                f"input_ids hold {total} image tokens (image_token_id={image_token_id}), but the images' runs of "
+                f"{per} tokens (the processor's counts) do not match the pruned vision tower's {counts} features; "
+                "give every image its processor's count of tokens (saint shrinks them) or exactly its feature count"
+            )
+        return keep_first(input_ids, image_token_id, per, counts)
     if per is None and n and total % n == 0:
         per = total // n
     if n == 0 or per is None or total != per * n or max(counts) > per:

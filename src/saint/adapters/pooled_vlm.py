@@ -67,6 +67,7 @@ from .group_tower import (
     SIGLIP_LAST_LAYER,
     SIGLIP_TOWER,
     GroupPruner,
+    NaflexGroupPruner,
     TowerLayout,
     check_vit_layer,
 )
@@ -181,13 +182,20 @@ class JanusPruneConfig(PooledPruneConfig):
 
 
 @dataclass
+class Lfm2VlPruneConfig(PooledPruneConfig):
+    FAMILY: ClassVar[str] = "LFM2-VL"
+    UNIT: ClassVar[str] = "tile"
+
+
+@dataclass
 class PooledPatch(VlmPatch):
     """A patched model of a family here: the VLM handle and the group pruner of
     ``vit``/``hybrid``."""
 
     tower: GroupPruner | None = None
-    unit_tokens: int = 0  # image tokens the processor emits per unit
+    unit_tokens: int = 0  # image tokens the processor emits per unit (0: each unit its own, LFM2-VL)
     kept_per_unit: int = 0  # of the last vision-side reduction
+    unit_counts: list[int] | None = None  # units of their own sizes: each one's tokens, before the reduction
 
     def remove(self) -> None:
         super().remove()
@@ -240,6 +248,12 @@ def _ovis2_unit(mm: torch.nn.Module) -> tuple[int, int]:
     return _side(mm), int(mm.config.vision_config.hidden_stride)
 
 
+def _naflex_unit(mm: torch.nn.Module) -> tuple[int, int]:
+    """LFM2-VL's tiles have their own patch grids (NaFlex): no fixed side; the pixel
+    unshuffle's ``downsample_factor``."""
+    return 0, int(mm.config.downsample_factor)
+
+
 def _check_last_layer(mm: torch.nn.Module, cfg: PooledPruneConfig) -> None:
     """The vit mode scatters the tower's last output back to the grid: the model must read it."""
     if mm.config.vision_feature_layer not in (-1, None):
@@ -272,6 +286,7 @@ class Family:
     check: Callable[[torch.nn.Module, PooledPruneConfig], None] = lambda mm, cfg: None
     tower_name: str = "vision_tower"  # the multimodal model's attribute holding the tower
     position_offset: int = 0  # the first position the model gives a prompt it numbers itself
+    naflex: bool = False  # units patchified at their own sizes (a NaFlex tower): each its own token count
 
     def tower(self, mm: torch.nn.Module) -> torch.nn.Module:
         return getattr(mm, self.tower_name)
@@ -322,6 +337,8 @@ JANUS = Family("janus", "janus", ("JanusForConditionalGeneration", "JanusModel")
                IDEFICS3_TOWER, _patch_unit, tower_name="vision_model")
 SMOLVLM = Family("smolvlm", "smolvlm", ("SmolVLMForConditionalGeneration", "SmolVLMModel"), SmolVLMPruneConfig,
                  IDEFICS3_TOWER, _idefics3_unit, tower_name="vision_model")
+LFM2_VL = Family("lfm2_vl", "lfm2_vl", ("Lfm2VlForConditionalGeneration", "Lfm2VlModel"), Lfm2VlPruneConfig,
+                 SIGLIP_TOWER, _naflex_unit, naflex=True)
 
 
 def make_features(handle: PooledPatch, original: Any) -> Any:
@@ -334,6 +351,8 @@ def make_features(handle: PooledPatch, original: Any) -> Any:
     def features(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         feats = out.pooler_output
+        if handle.unit_tokens == 0:  # LFM2-VL: one tensor per unit, each of its own length
+            return _keep_own_units(handle, out)
         per_prompt = isinstance(feats, (list, tuple))  # Idefics3: each prompt's units, flattened
         units = torch.cat(list(feats)).unflatten(0, (-1, handle.unit_tokens)) if per_prompt else feats
         keep = None if handle.tower is None else handle.tower.keep
@@ -353,8 +372,30 @@ def make_features(handle: PooledPatch, original: Any) -> Any:
     return features
 
 
+def _keep_own_units(handle: PooledPatch, out: Any) -> Any:
+    """:func:`make_features` of units with their own token counts (``pooler_output`` one
+    ``[tokens, C]`` tensor per unit, raster order): each unit's kept groups, by the tower's
+    per-unit keep masks or ``random``'s seeded subset of each unit's tokens."""
+    feats = list(out.pooler_output)
+    cfg = handle.config
+    handle.unit_counts = [int(f.shape[0]) for f in feats]
+    if cfg.method == "random":
+        keep = [random_keep(int(f.shape[0]), cfg.keep_ratio, cfg.seed, f.device) for f in feats]
+    else:
+        keep = None if handle.tower is None else handle.tower.keep
+    if keep is not None:
+        if len(keep) != len(feats) or any(k.shape[0] != f.shape[0] for k, f in zip(keep, feats, strict=False)):
+            raise RuntimeError(f"the tower kept groups of {[k.shape[0] for k in keep]} but the projector gave "
+                               f"{handle.unit_counts} tokens per unit")
+        out.pooler_output = [f[k] for f, k in zip(feats, keep, strict=True)]
+    return out
+
+
 def _plan(family: Family, handle: PooledPatch):
     def plan(input_ids: torch.Tensor, feats: Any) -> torch.Tensor | None:
+        if handle.unit_tokens == 0:  # units of their own sizes: each shrinks from its own count
+            return shrink_plan(input_ids, [int(f.shape[0]) for f in feats], handle.image_token_id,
+                               handle.unit_counts)
         if isinstance(feats, (list, tuple)):  # each prompt's kept tokens, flattened
             k = handle.kept_per_unit
             counts = [k] * (sum(int(f.shape[0]) for f in feats) // k)
@@ -400,8 +441,9 @@ def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "sa
     handle.position_offset = family.position_offset
     with installing(handle):
         if cfg.prunes_vit:
-            handle.tower = GroupPruner(tower, family.layout, family.unit(mm)[1], cfg.vit_layer, cfg.vit_ratio,
-                                       cfg.vit_step_div)
+            pruner = NaflexGroupPruner if family.naflex else GroupPruner
+            handle.tower = pruner(tower, family.layout, family.unit(mm)[1], cfg.vit_layer, cfg.vit_ratio,
+                                  cfg.vit_step_div)
             handle.tower.install()
             handle.hooked.append(Hooked(mm, family.tower, tower, "the vision tower"))
         if cfg.reduces_vision:
@@ -423,8 +465,12 @@ class PooledVlm(HFVlm):
         self.name = family.key
 
     def grid(self, model: torch.nn.Module, inputs: Any = None) -> Grid:
-        """The token grid of one unit: its groups per side."""
+        """The token grid of one unit: its groups per side (a clear error where each unit
+        has its own grid: LFM2-VL)."""
         mm = multimodal(model)
+        if self.family.naflex:
+            raise ValueError(f"{type(model).__name__} patchifies every tile at its own size: there is no one patch grid "
+                             "to map kept tokens to")
         vc = mm.config.vision_config
         size = int(vc.image_size[0]) if isinstance(vc.image_size, (list, tuple)) else int(vc.image_size)
         side = round(self.family.unit_tokens(mm) ** 0.5)
@@ -432,4 +478,4 @@ class PooledVlm(HFVlm):
 
 
 ADAPTERS = tuple(PooledVlm(f) for f in (INTERNVL, GEMMA3, IDEFICS3, SMOLVLM, PALIGEMMA, AYA_VISION, COHERE2_VISION,
-                                         OVIS2, DEEPSEEK_VL, JANUS))
+                                         OVIS2, DEEPSEEK_VL, JANUS, LFM2_VL))
