@@ -18,7 +18,10 @@ and Ovis2 (``Ovis2ForConditionalGeneration`` / ``Ovis2Model``: its visual tokeni
 its visual vocabulary embedded by its table; its visual indicator tokens are text and stay),
 and DeepSeek-VL and Janus (``DeepseekVLForConditionalGeneration``, ``JanusForConditionalGeneration``
 and their ``*Model``; the aligner maps every patch of a SigLIP(-like) tower to one token, as
-PaliGemma's projector does; a Llama language model).
+PaliGemma's projector does; a Llama language model), and LFM2-VL (``Lfm2VlForConditionalGeneration`` /
+``Lfm2VlModel``: a NaFlex SigLIP 2 tower whose tiles each have their own patch grid, a pixel
+unshuffle of 2x2 groups, an LFM2 language model whose short-convolution layers keep a state, so
+only the vit mode and ``random``).
 SAINT's vit / llm / hybrid modes, FastV and a random baseline, with per-instance hooks
 only; each family is one :class:`Family` below.
 
