@@ -22,22 +22,24 @@ from .conftest import left_pad  # noqa: E402
 IMG, START, END = 120, 121, 122
 PATCH, MAX_PATCHES = 8, 64  # 8 px patches; a tile has at most 8x8 of them
 VIT = dict(mode="vit", vit_layer=1, vit_ratio=0.5)
-GREEDY = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG])
+GREEDY = dict(max_new_tokens=4, do_sample=False)
 ROWS = [[3, (4, 6), 4], [2, (8, 8), 3, (6, 4), 2], [5, (2, 8), 1]]  # text lengths and tiles' (rows, cols) of patches
 
 
-def make(seed: int = 0) -> torch.nn.Module:
+def make(seed: int = 0, vocab_size: int = 128, image_token_id: int = IMG) -> torch.nn.Module:
     """A tiny random LFM2-VL: a 4-layer SigLIP 2 NaFlex tower, a 2x2 pixel unshuffle and a
-    4-layer LFM2 with short-convolution layers 0 and 2."""
+    4-layer LFM2 with short-convolution layers 0 and 2 (``vocab_size`` and ``image_token_id``
+    to match a tokenizer)."""
     torch.manual_seed(seed)
     vision = transformers.Siglip2VisionConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                                               intermediate_size=64, patch_size=PATCH, num_patches=MAX_PATCHES,
                                               vision_use_head=False)
-    text = transformers.Lfm2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    text = transformers.Lfm2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                    max_position_embeddings=256,
                                    layer_types=["conv", "full_attention", "conv", "full_attention"])
-    cfg = transformers.Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=IMG, downsample_factor=2,
+    cfg = transformers.Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                                    downsample_factor=2,
                                     projector_hidden_size=48)
     model = transformers.Lfm2VlForConditionalGeneration(cfg).eval()
     model.generation_config.pad_token_id = 0
@@ -86,8 +88,10 @@ def features(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> list[torch.T
 
 
 def gen(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Greedy new tokens (never the image token, which would be read as an image's)."""
     with torch.no_grad():
-        return model.generate(**x, **GREEDY)[:, -GREEDY["max_new_tokens"]:]
+        out = model.generate(**x, **{**GREEDY, "suppress_tokens": [model.config.image_token_id]})
+    return out[:, -GREEDY["max_new_tokens"]:]
 
 
 def test_nothing_dropped_is_the_unpatched_model_bit_for_bit_and_unpatch_restores_it():
@@ -248,3 +252,45 @@ def _grid(model: torch.nn.Module):
     from saint.adapters import find_adapter
 
     return find_adapter(model).grid(model)
+
+
+def test_the_processors_tiles_and_thumbnail_shrink_image_by_image():
+    """LFM2-VL's own processor (a tokenizer trained here, 64 px tiles of 8 px patches): a large
+    image becomes tiles and a thumbnail, each a run of tokens between its row/column or
+    thumbnail token, a small one a single tile at its own size. Each tile keeps half its
+    groups, every prompt of a left-padded batch generates what it generates alone, and the
+    tokens the language model receives are the kept ones."""
+    import numpy as np
+    from PIL import Image
+
+    from .lmms_helpers import train_tokenizer
+
+    cells = [f"<|img_row_{r}_col_{c}|>" for r in range(1, 5) for c in range(1, 5)]
+    special = ["<pad>", "<|startoftext|>", "<|im_end|>", "<image>", "<|image_start|>", "<|image_end|>",
+               "<|img_thumbnail|>", *cells]
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(special, ["user assistant"]), pad_token="<pad>", bos_token="<|startoftext|>",
+        eos_token="<|im_end|>", extra_special_tokens={"image_token": "<image>"}, padding_side="left")
+    images = transformers.Lfm2VlImageProcessor(tile_size=64, encoder_patch_size=PATCH, max_num_patches=MAX_PATCHES,
+                                               min_image_tokens=4, max_image_tokens=16, min_tiles=2, max_tiles=4,
+                                               use_thumbnail=True, size={"height": 64, "width": 64})
+    processor = transformers.Lfm2VlProcessor(image_processor=images, tokenizer=tokenizer)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    model = make(vocab_size=len(tokenizer), image_token_id=image_id)
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 56), (150, 100), (64, 64)]]
+    texts, per_prompt = ["<image>what is this", "compare <image> and <image> please"], [[pics[0]], pics[1:]]
+    x = processor(text=texts, images=per_prompt, return_tensors="pt", padding=True)
+    shapes = x["spatial_shapes"].tolist()
+    assert len(shapes) == 5 and len({tuple(s) for s in shapes}) > 1  # tiles and a thumbnail of their own sizes
+    saint.patch(model, **VIT)
+    batched = gen(model, dict(x))
+    stats = get_handle(model).vision_stats()
+    assert stats.tokens[-1] == [4 * max(1, round(0.5 * h * w // 4)) for h, w in shapes]
+    kept = [max(1, round(0.5 * h * w // 4)) for h, w in shapes]  # each tile's groups, one token each
+    assert saint.stats(model).tokens[0] == [kept[0], sum(kept[1:])]  # the image tokens each prompt hands the LM
+    assert (x["input_ids"] == image_id).sum(dim=1).tolist() == [shapes[0][0] * shapes[0][1] // 4,
+                                                                 sum(h * w // 4 for h, w in shapes[1:])]
+    for i, (text, pic) in enumerate(zip(texts, per_prompt, strict=True)):
+        alone = processor(text=[text], images=[pic], return_tensors="pt")
+        assert torch.equal(gen(model, dict(alone))[0], batched[i])
