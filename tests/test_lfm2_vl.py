@@ -235,7 +235,7 @@ def test_random_keeps_a_seeded_share_of_each_tiles_own_tokens():
 
 def test_language_model_pruning_and_no_grid_are_refused_with_the_reason():
     model = make()
-    with pytest.raises(TypeError, match="convolution layers keep a recurrent state.*mode='vit'"):
+    with pytest.raises(TypeError, match="short-convolution layers keep a recurrent state.*mode=.vit. or method=.random."):
         saint.patch(model, mode="llm", llm_layers=(0, 2))
     with pytest.raises(TypeError, match="convolution layers keep a recurrent state"):
         saint.patch(model, method="fastv", fastv_layer=1, fastv_ratio=0.5)

@@ -90,10 +90,10 @@ SUPPORTED_DECODERS = ", ".join(name for _, name in DECODERS)
 # Hybrid decoders whose linear-attention (Gated DeltaNet) or short-convolution layers keep a recurrent state, not a
 # cache of tokens: saint cannot drop tokens between their layers, but a prompt shortened before
 # the language model (the vision-side methods) runs through them as any prompt does.
-VISION_ONLY_DECODERS = (
-    ("qwen3_5", "Qwen3_5TextModel"),  # Qwen3.5
-    ("qwen3_5_moe", "Qwen3_5MoeTextModel"),  # Qwen3.5 MoE
-    ("lfm2", "Lfm2Model"),  # LFM2 (LFM2-VL): short-convolution layers keep a state of the last tokens
+VISION_ONLY_DECODERS = (  # (module, class, the layers that keep a state, the vision-side methods of its VLMs)
+    ("qwen3_5", "Qwen3_5TextModel", "linear-attention", "mode='vit', method='random' or 'pool'"),  # Qwen3.5
+    ("qwen3_5_moe", "Qwen3_5MoeTextModel", "linear-attention", "mode='vit', method='random' or 'pool'"),
+    ("lfm2", "Lfm2Model", "short-convolution", "mode='vit' or method='random'"),  # LFM2 (LFM2-VL)
 )
 LAYER_TYPES = ("full_attention", "sliding_attention")  # attention a gathered 4-D mask expresses
 
@@ -106,13 +106,14 @@ def _decoder_classes() -> tuple[type, ...]:
 def check_decoder(decoder: torch.nn.Module, prunes: bool = True) -> None:
     """Raise a clear error unless ``decoder`` is a decoder saint can prune in (``prunes``), or,
     for a schedule that drops nothing inside it, one that a shortened prompt can run through."""
-    vision_only = tuple(cls for module, name in VISION_ONLY_DECODERS for cls in transformers_classes(module, name))
+    vision_only = {cls: (layers, methods) for module, name, layers, methods in VISION_ONLY_DECODERS
+                   for cls in transformers_classes(module, name)}
     if type(decoder) in vision_only:
         if prunes:
+            layers, methods = vision_only[type(decoder)]
             raise TypeError(
-                f"saint cannot prune inside a {type(decoder).__name__} language model: its linear-attention "
-                "or convolution layers keep a recurrent state, not a cache of tokens; the vision-side methods work "
-                "(mode='vit', method='random' or 'pool')"
+                f"saint cannot prune inside a {type(decoder).__name__} language model: its {layers} layers keep a "
+                f"recurrent state, not a cache of tokens; the vision-side methods work ({methods})"
             )
         check_maskable_attention(decoder)
         return
