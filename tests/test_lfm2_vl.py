@@ -235,10 +235,17 @@ def test_random_keeps_a_seeded_share_of_each_tiles_own_tokens():
 
 def test_language_model_pruning_and_no_grid_are_refused_with_the_reason():
     model = make()
-    with pytest.raises(TypeError, match="short-convolution layers keep a recurrent state.*mode=.vit. or method=.random."):
-        saint.patch(model, mode="llm", llm_layers=(0, 2))
-    with pytest.raises(TypeError, match="convolution layers keep a recurrent state"):
+    for mode in ("llm", "hybrid"):
+        with pytest.raises(ValueError, match=f"mode='{mode}': .* vision side only .*short-convolution"):
+            saint.patch(model, mode=mode, llm_layers=(0, 2))
+    with pytest.raises(ValueError, match="unknown LFM2-VL method 'fastv'"):
         saint.patch(model, method="fastv", fastv_layer=1, fastv_ratio=0.5)
+    from saint.adapters.hf_llm import check_decoder  # and the language model itself, whatever asks
+
+    with pytest.raises(TypeError, match="short-convolution layers keep a recurrent state.*mode='vit' or method='random'"):
+        check_decoder(model.model.language_model)
+    saint.patch(model, vit_layer=1)  # SAINT's vit mode by default here
+    assert get_handle(model).config.mode == "vit" and get_handle(model).tower is not None
     with pytest.raises(ValueError, match="own size: there is no one patch grid"):
         _grid(model)
     saint.patch(model, **VIT)

@@ -186,8 +186,21 @@ class JanusPruneConfig(PooledPruneConfig):
 
 @dataclass
 class Lfm2VlPruneConfig(PooledPruneConfig):
+    """LFM2-VL: vision side only (its language model's short-convolution layers keep a
+    state of the last tokens), so SAINT's mode defaults to ``vit``."""
+
     FAMILY: ClassVar[str] = "LFM2-VL"
     UNIT: ClassVar[str] = "tile"
+    METHODS: ClassVar[tuple[str, ...]] = ("saint", "random")
+
+    mode: str = "vit"
+
+    def validate(self) -> None:
+        if self.method == "saint" and self.mode in ("llm", "hybrid"):
+            raise ValueError(f"mode={self.mode!r}: saint prunes {self.FAMILY} on the vision side only (its language "
+                             "model's short-convolution layers keep a state of the last tokens); use mode='vit' or "
+                             "method='random'")
+        super().validate()
 
 
 @dataclass
