@@ -7,7 +7,7 @@ harness), plus the harness-agnostic parsing they share.
   ``saint_llava_next_video`` and ``saint_llava_onevision``, and :mod:`saint.integrations.lmms_llm_side`:
   ``saint_internvl``, ``saint_mistral3``, ``saint_gemma3``, ``saint_idefics3``, ``saint_paligemma``,
   ``saint_fast_vlm``, ``saint_aya_vision``, ``saint_cohere2_vision``, ``saint_ovis2``,
-  ``saint_lighton_ocr``, ``saint_deepseek_vl``, ``saint_deepseek_vl_hybrid``, ``saint_janus``, ``saint_gemma4``,
+  ``saint_lighton_ocr``, ``saint_deepseek_vl``, ``saint_deepseek_vl_hybrid``, ``saint_janus``, ``saint_lfm2_vl``, ``saint_gemma4``,
   ``saint_paddleocr_vl``, ``saint_idefics2``, ``saint_vipllava`` and ``saint_video_llava``, and
   :mod:`saint.integrations.lmms_glm`: ``saint_glm4v``; :mod:`saint.integrations.lmms_omni`: ``saint_qwen_omni``; all registered through the ``lmms_eval.models``
   entry-point group by :func:`lmms_eval_models`.
@@ -112,6 +112,7 @@ LMMS_MODELS = {  # lmms-eval's --model name -> the class, imported only when tha
     "saint_deepseek_vl": "lmms_llm_side.SaintDeepseekVL",
     "saint_deepseek_vl_hybrid": "lmms_llm_side.SaintDeepseekVLHybrid",
     "saint_janus": "lmms_llm_side.SaintJanus",
+    "saint_lfm2_vl": "lmms_llm_side.SaintLfm2Vl",
 }
 
 

@@ -47,8 +47,8 @@ from ..adapters import llm_side_vlm, pooled_vlm
 from .lmms_eval import CHATML_TEMPLATE, SaintLlava
 
 __all__ = ["SaintAyaVision", "SaintCohere2Vision", "SaintDeepseekVL", "SaintDeepseekVLHybrid", "SaintFastVlm",
-           "SaintGemma3", "SaintGemma4", "SaintIdefics2", "SaintIdefics3", "SaintInternVL", "SaintJanus", "SaintLightOnOcr",
-           "SaintMistral3", "SaintOvis2", "SaintPaddleOCRVL", "SaintPaliGemma", "SaintTiled", "SaintVideoLlava", "SaintVipLlava"]
+           "SaintGemma3", "SaintGemma4", "SaintIdefics2", "SaintIdefics3", "SaintInternVL", "SaintJanus", "SaintLfm2Vl",
+           "SaintLightOnOcr", "SaintMistral3", "SaintOvis2", "SaintPaddleOCRVL", "SaintPaliGemma", "SaintTiled", "SaintVideoLlava", "SaintVipLlava"]
 
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]{{ message['content'] }}"
@@ -228,6 +228,40 @@ class SaintOvis2(SaintTiled):
     MODEL_CLASS = "Ovis2ForConditionalGeneration"
     TITLE = "Ovis2"
     DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+
+
+class SaintLfm2Vl(SaintLlmSide):
+    """An LFM2-VL checkpoint (``model_type: lfm2_vl``: a NaFlex SigLIP 2 tower whose tiles have
+    their own patch grids, an LFM2 language model) patched once by :func:`saint.patch` on the
+    vision side (SAINT's ``vit`` mode by default, or ``method=random``), evaluated by lmms-eval
+    (``--model saint_lfm2_vl``)."""
+
+    NAME = "saint_lfm2_vl"
+    ADAPTER = pooled_vlm.LFM2_VL
+    MODEL_TYPES = ("lfm2_vl",)
+    MODEL_CLASS = "Lfm2VlForConditionalGeneration"
+    TITLE = "LFM2-VL"
+    DEFAULT_CHAT_TEMPLATE = CHATML_TEMPLATE
+    NESTED_IMAGES = True
+    MEDIA_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+    def _media(self, enc: Any, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The tiles of the first prompt's images: the first tiles whose tokens (each tile's
+        grid over the pixel unshuffle's factor, as the processor counts them) add up to that
+        prompt's image tokens."""
+        if not visuals:
+            return {}
+        want = int((enc["input_ids"][0] == self.model.config.image_token_id).sum())
+        factor = int(self.model.config.downsample_factor)
+        tiles, tokens = 0, 0
+        for h, w in enc["spatial_shapes"].tolist():
+            if tokens >= want:
+                break
+            tokens += -(-h // factor) * -(-w // factor)
+            tiles += 1
+        if tokens != want:
+            raise ValueError(f"{self.NAME}: the first prompt holds {want} image tokens, its tiles {tokens}")
+        return {k: enc[k][:tiles] for k in self.MEDIA_KEYS}
 
 
 class SaintLightOnOcr(SaintMistral3):
