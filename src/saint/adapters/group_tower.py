@@ -3,7 +3,8 @@ groups of patches into one token (InternVL's pixel shuffle: 2x2; Gemma 3's avera
 pool: 4x4 at 896 px; Idefics3 / SmolVLM's pixel shuffle: 3x3 or 4x4; Aya Vision's and
 Command A Vision's pixel shuffle: 2x2; Ovis2's visual tokenizer: ``hidden_stride`` x
 ``hidden_stride``; PaliGemma's projector and DeepSeek-VL's and Janus's aligner: single
-patches): after encoder
+patches; LFM2-VL's pixel unshuffle: 2x2, its tiles each at their own size, see
+:class:`NaflexGroupPruner`): after encoder
 layer ``vit_layer`` every image unit (a tile, or Gemma 3's image) keeps ``round(vit_ratio * groups)`` of its groups, chosen by
 SAINT's fixed-budget drop on each group's mean key. Every unit keeps the same count, so
 later layers run on a rectangular batch (prefix tokens plus the kept patches) with the
@@ -233,7 +234,9 @@ class NaflexGroupPruner(GroupPruner):
         keys, self._keys = self._keys, None
         attn = getattr(module, self.layout.attention)
         assert keys is not None
-        keys = head_mean(keys.float().view(u, n, attn.num_heads, attn.head_dim))  # [U, N, D]
+        norm = getattr(attn, "k_norm", None)
+        keys = (keys if norm is None else norm(keys)).float()  # the layer's keys, as its attention reads them
+        keys = head_mean(keys.view(u, n, attn.num_heads, attn.head_dim))  # [U, N, D]
         keep, patches = [], []
         for i, (h, w) in enumerate(shapes):
             rows, cols = h // g, w // g
