@@ -12,7 +12,8 @@
 # still leaves the others' results, and the archive is rewritten after every step, so a
 # call cut off by its own limit still returns what finished; the whole script stays under
 # ~8.5 minutes. SAINT_GPU_STEPS (default "kernels packed sweep") runs only the steps named,
-# in that order, e.g. to rerun what failed in a second, shorter call.
+# in that order, e.g. to rerun what failed in a second, shorter call; "latency" (not in the
+# default) times one photo per call (packed_speed.py --one-at-a-time) on DINOv2-S/14.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/saint-gpu-out}
@@ -50,13 +51,13 @@ print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else 
 EOF
 
 if [ -n "$QUICK" ]; then
-  BATCH=4; ROUNDS="--warmup 0 --repeats 1"; SIZES=224; PHOTOS=12; MODELS=vit_base_patch14_dinov2
+  BATCH=4; ROUNDS="--warmup 0 --repeats 1"; SIZES=224; PHOTOS=12; MODELS=vit_base_patch14_dinov2; LATENCY_PHOTOS=2
   KERNEL_CASES=(--lengths 20-60,60-250 --rounds 1); TARGETS=saint_plus@2; SCALE=5
   SWEEP=(--tome-r 13 --tome-select-at mlp,attention --calibrated saint_match
          --calibrated saint_match:guard=0.1,select_at=attention --calibrated saint_match:target=measured,at=1.5
          --speedups 2)
 else
-  BATCH=64; ROUNDS="--warmup 2 --repeats 10"; SIZES=224,518; PHOTOS=80; KERNEL_CASES=()
+  BATCH=64; ROUNDS="--warmup 2 --repeats 10"; SIZES=224,518; PHOTOS=80; KERNEL_CASES=(); LATENCY_PHOTOS=16
   TARGETS=saint_plus@2,saint_plus@3; SCALE=1
   SWEEP=(--calibrated saint_plus --calibrated saint_match:inflection=-0.5,guard=0.1
          --calibrated saint_match:inflection=-0.5,guard=0.1,select_at=attention
@@ -76,6 +77,11 @@ if wanted packed; then
       --sizes "$SIZES" --overhead-sizes "" --targets "$TARGETS" --tome-r auto $ROUNDS \
       --model "$model"
   done
+fi
+if wanted latency; then
+  step latency-dinov2-s14 120 "$PY" benchmarks/packed_speed.py "${COMMON[@]}" --one-at-a-time \
+    --batch-size "$LATENCY_PHOTOS" --sizes "$SIZES" --overhead-sizes "$SIZES" --targets "$TARGETS" --tome-r auto \
+    $ROUNDS --name "packed_speed_${DEVICE}_1x${LATENCY_PHOTOS}"
 fi
 if wanted sweep; then
   step sweep 160 "$PY" benchmarks/run_dinov2_cpu.py "${COMMON[@]}" --batch-size "$BATCH" --eval-batch "$BATCH" \
