@@ -16,6 +16,7 @@ The counts stay the graph's, so the guard changes which tokens merge, never how 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -75,9 +76,10 @@ def match_plan(
     b, n, _ = metric.shape
     if guard and cls_attention is None:
         raise ValueError("a merge guard ranks by the class token's attention; pass cls_attention")
+    rectangular = valid is None  # every token real: the masks below are all True and left out
     best, idx, cand_valid = best_matches(metric, num_protected, valid)  # None: every anchor is real
     valid = prunable_valid(valid, b, n, metric.device)
-    counts = match_counts(best, cand_valid, tau, fraction)
+    counts = _plan_counts(best, cand_valid, tau, fraction)
     a = best.shape[1]
     score = best
     if guard and (accelerator_path(metric.device) or bool(counts.any())):
@@ -85,14 +87,32 @@ def match_plan(
             cls_attention = cls_attention()
         if cls_attention.shape != (b, n):
             raise ValueError(f"cls_attention must be [B, N] = {(b, n)}, got {tuple(cls_attention.shape)}")
-        excess = attention_excess(cls_attention, valid, num_protected)
+        excess = (_excess_of_real_tokens(cls_attention, num_protected) if rectangular
+                  else attention_excess(cls_attention, valid, num_protected))
         anchor_excess = torch.gather(excess[:, 1::2], 1, idx) if excess.shape[1] > 1 else torch.zeros_like(best)
         score = best - guard * (excess[:, 0::2] + anchor_excess)
     order = torch.argsort(score, dim=-1, descending=True, stable=True)
     rank = torch.arange(a, device=metric.device).expand(b, a)
     active = rank < counts[:, None]
-    src = num_protected + 2 * order
-    dst = num_protected + 2 * torch.gather(idx, 1, order) + 1
+    src = order * 2 + num_protected if num_protected else order * 2
+    dst = torch.gather(idx, 1, order) * 2 + (num_protected + 1)
     keep = valid.clone()
-    keep.scatter_(1, src, ~active & torch.gather(valid, 1, src))
+    keep.scatter_(1, src, ~active if rectangular else ~active & torch.gather(valid, 1, src))
     return MergePlan(src, dst, keep, active)
+
+
+def _plan_counts(best: torch.Tensor, candidate_valid: torch.Tensor, tau: float, fraction: float) -> torch.Tensor:
+    """:func:`match_counts` of :func:`best_matches`' output in fewer ops (each costs a batch
+    of one image or a launch-bound GPU more than its arithmetic): a best match at or above a
+    finite ``tau`` is a valid candidate's (the others' are ``-inf``), and ``round(fraction *
+    n) <= n`` for ``fraction <= 1``."""
+    if not math.isfinite(tau) or fraction > 1:
+        return match_counts(best, candidate_valid, tau, fraction)
+    return torch.floor(fraction * (best >= tau).sum(dim=1).double() + 0.5).long()
+
+
+def _excess_of_real_tokens(cls_attention: torch.Tensor, num_protected: int) -> torch.Tensor:
+    """:func:`attention_excess` of a batch whose tokens are all real: every image's share is
+    ``1 / (N - num_protected)`` and nothing is masked."""
+    share = cls_attention[:, num_protected:].float() * (cls_attention.shape[1] - num_protected)
+    return torch.log(share.clamp(min=1e-30)).clamp(min=0.0)
