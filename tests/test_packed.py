@@ -619,10 +619,11 @@ def test_token_sizes_weigh_the_output_as_the_models_own_average_pooling(images):
 
 @pytest.mark.parametrize("merge", [True, False])
 @pytest.mark.parametrize("keep_norm", [False, True])
-def test_a_batch_of_one_takes_its_own_step_and_matches_the_batched_one_bit_for_bit(merge, keep_norm):
-    """A batch of one is never ragged: its step merges and keeps the image's rows in place
-    of the packed step's slots and read-backs. Its tokens, their projections (compacted in
-    place), sizes and positions equal that image's rows in a batch of two bit for bit."""
+def test_a_batch_of_one_steps_as_its_row_in_a_batch_bit_for_bit(merge, keep_norm):
+    """A rectangular batch is its own stream (a token's position there is its row's offset
+    plus its index), so a batch of one merges and keeps its rows without a padded index or
+    a boolean mask. Its tokens, their projections (compacted in place), sizes and positions
+    equal that image's rows in a batch of two bit for bit."""
     from saint.adapters.common import TokenState
     from saint.core import MergePlan, match_plan, saint_keep_mask
     from saint.methods import Selection

@@ -327,9 +327,7 @@ class TokenState:
             if self.layout == "padded":
                 return self._apply_padded_one_read(tensors, sel)
         keep = sel.keep if self.valid is None else sel.keep & self.valid
-        if keep.shape[0] == 1 and self.valid is None and sel.order is None and self.origin is None:
-            return self._apply_single(tensors, sel, keep[0], in_place)
-        if bool((keep == (True if self.valid is None else self.valid)).all()):
+        if bool(keep.all() if self.valid is None else (keep == self.valid).all()):
             if self.origin is not None:
                 self.origins.append(self.origin.clone())
             return list(tensors)
@@ -339,37 +337,6 @@ class TokenState:
         if self.layout == "padded":
             return self._apply_padded(tensors, sel, keep)
         return self._apply_packed(tensors, sel, keep, in_place)
-
-    def _apply_single(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor,
-                      in_place: Sequence[bool] = ()) -> list[torch.Tensor]:
-        """:meth:`apply_many` on a batch of one image (on a CPU), which is never ragged: its
-        ``[1, N, C]`` tokens are already a stream of one image, merged and kept in place of
-        the packed step's slots, gathers and read-backs (a batch of one pays for every op in
-        its latency)."""
-        n = keep.shape[0]
-        count = int(keep.sum())
-        if count == n:
-            return list(tensors)
-        self._begin_step(keep[None])
-        flags = [bool(f) for f in in_place] + [False] * (len(tensors) - len(in_place))
-        if self.positions is not None:  # kept like the tokens, never merged: a destination keeps its index
-            self.positions = self.positions[:, keep]
-        if sel.merge is not None:
-            if self.sizes is None:
-                self.sizes = torch.ones(1, n, 1, dtype=torch.float32, device=keep.device)
-            plan = sel.merge
-            src, dst = plan.src[0], plan.dst[0]
-            if plan.active is not None:
-                src, dst = src[plan.active[0]], dst[plan.active[0]]
-            out, self.sizes = merge_and_keep_many(tensors, self.sizes, src, dst, keep, flags, [sel.keep_norm])
-        else:
-            kept = keep.nonzero().squeeze(1)
-            out = [keep_rows(t, kept, f) for t, f in zip(tensors, flags, strict=True)]
-            if self.sizes is not None:
-                self.sizes = self.sizes[:, keep]
-        self.lengths = [count]
-        self._index = self._slots = None
-        return out
 
     def _begin_step(self, keep: torch.Tensor) -> None:
         """A step that removes tokens: cached attention biases go stale, and rotary models
@@ -476,17 +443,22 @@ class TokenState:
     def _apply_packed(self, tensors: Sequence[torch.Tensor], sel: Selection, keep: torch.Tensor,
                       in_place: Sequence[bool] = ()) -> list[torch.Tensor]:
         streams = [t if self.packed else t.reshape(1, -1, t.shape[-1]) for t in tensors]
-        valid = self.valid if self.valid is not None else torch.ones_like(keep)
-        flat = keep[valid]
+        # a rectangular batch is its own stream, row after row (a batch of one: as it is), so a
+        # token's position there is its row's offset plus its index: no boolean mask, no padded index
+        flat = keep.reshape(-1) if self.valid is None else keep[self.valid]
         if self.positions is not None:  # kept like the tokens, never merged: a destination keeps its index
             self.positions = self.positions.reshape(1, -1, 1)[:, flat]
         flags = [bool(f) for f in in_place] + [False] * (len(streams) - len(in_place))
         if sel.merge is not None:
             if self.sizes is None:
                 self.sizes = torch.ones(1, streams[0].shape[1], 1, dtype=torch.float32, device=keep.device)
-            index = self._padded_index() if self.valid is not None else padded_index(valid)
             plan = sel.merge
-            src, dst = (torch.gather(index, 1, t).reshape(-1) for t in (plan.src, plan.dst))
+            if self.valid is not None:
+                index = self._padded_index()
+                src, dst = (torch.gather(index, 1, t).reshape(-1) for t in (plan.src, plan.dst))
+            else:
+                offsets = torch.arange(0, keep.numel(), keep.shape[1], device=keep.device)[:, None]
+                src, dst = (plan.src + offsets).reshape(-1), (plan.dst + offsets).reshape(-1)
             if plan.active is not None:
                 active = plan.active.reshape(-1)
                 src, dst = src[active], dst[active]
