@@ -152,23 +152,17 @@ def shrink_plan(input_ids: torch.Tensor, counts: list[int], image_token_id: int,
     total, n = int(is_img.sum()), len(counts)
     if total == sum(counts):
         return None
-    if isinstance(per, list):
-        if len(per) != n or total != sum(per) or any(c > p for c, p in zip(counts, per, strict=True)):
-            raise ValueError(
-                f"input_ids hold {total} image tokens (image_token_id={image_token_id}), but the images' runs of "
-                f"{per} tokens (the processor's counts) do not match the pruned vision tower's {counts} features; "
-                "give every image its processor's count of tokens (saint shrinks them) or exactly its feature count"
-            )
-        return keep_first(input_ids, image_token_id, per, counts)
     if per is None and n and total % n == 0:
         per = total // n
-    if n == 0 or per is None or total != per * n or max(counts) > per:
+    runs = per if isinstance(per, list) else None if per is None else [per] * n  # each image's processor count
+    if n == 0 or runs is None or len(runs) != n or total != sum(runs) or any(
+            c > r for c, r in zip(counts, runs, strict=True)):
         raise ValueError(
             f"input_ids hold {total} image tokens (image_token_id={image_token_id}) for {n} image(s), but the "
             f"pruned vision tower yields {counts} features per image and the processor emits {per} tokens per "
             f"image; give every image either {per} tokens (saint shrinks them) or exactly its feature count"
         )
-    return keep_first(input_ids, image_token_id, [per] * n, counts)
+    return keep_first(input_ids, image_token_id, runs, counts)
 
 
 def shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, image_id: int,

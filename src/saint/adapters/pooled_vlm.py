@@ -209,7 +209,7 @@ class PooledPatch(VlmPatch):
     ``vit``/``hybrid``."""
 
     tower: GroupPruner | None = None
-    unit_tokens: int = 0  # image tokens the processor emits per unit (0: each unit its own, LFM2-VL)
+    unit_tokens: int = 0  # image tokens the processor emits per unit (0 for a NaFlex tower's: each its own)
     kept_per_unit: int = 0  # of the last vision-side reduction
     unit_counts: list[int] | None = None  # units of their own sizes: each one's tokens, before the reduction
 
@@ -357,7 +357,7 @@ LFM2_VL = Family("lfm2_vl", "lfm2_vl", ("Lfm2VlForConditionalGeneration", "Lfm2V
                  SIGLIP_TOWER, _naflex_unit, naflex=True)
 
 
-def make_features(handle: PooledPatch, original: Any) -> Any:
+def make_features(handle: PooledPatch, original: Any, own_units: bool = False) -> Any:
     """``get_image_features`` that returns each unit's kept tokens only, from the
     projector's output in raster order: the tower's keep mask (``vit``/``hybrid``), or
     ``random``'s seeded subset (the same in every unit)."""
@@ -367,7 +367,7 @@ def make_features(handle: PooledPatch, original: Any) -> Any:
     def features(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         feats = out.pooler_output
-        if handle.unit_tokens == 0:  # LFM2-VL: one tensor per unit, each of its own length
+        if own_units:  # a NaFlex tower's units (LFM2-VL): one tensor per unit, each of its own length
             return _keep_own_units(handle, out)
         per_prompt = isinstance(feats, (list, tuple))  # Idefics3: each prompt's units, flattened
         units = torch.cat(list(feats)).unflatten(0, (-1, handle.unit_tokens)) if per_prompt else feats
@@ -409,7 +409,7 @@ def _keep_own_units(handle: PooledPatch, out: Any) -> Any:
 
 def _plan(family: Family, handle: PooledPatch):
     def plan(input_ids: torch.Tensor, feats: Any) -> torch.Tensor | None:
-        if handle.unit_tokens == 0:  # units of their own sizes: each shrinks from its own count
+        if family.naflex:  # units of their own sizes: each shrinks from its own count
             return shrink_plan(input_ids, [int(f.shape[0]) for f in feats], handle.image_token_id,
                                handle.unit_counts)
         if isinstance(feats, (list, tuple)):  # each prompt's kept tokens, flattened
@@ -463,7 +463,7 @@ def patch(family: Family, model: torch.nn.Module, method: str | MethodSpec = "sa
             handle.tower.install()
             handle.hooked.append(Hooked(mm, family.tower, tower, "the vision tower"))
         if cfg.reduces_vision:
-            handle.wrap(mm, "get_image_features", make_features(handle, mm.get_image_features))
+            handle.wrap(mm, "get_image_features", make_features(handle, mm.get_image_features, family.naflex))
             if model is not mm and hasattr(model, EXPAND) and EXPAND not in model.__dict__:
                 handle.wrap(model, EXPAND, make_expand(handle, getattr(model, EXPAND), _plan(family, handle)))
         prefill = functools.partial(_prefill, family)
