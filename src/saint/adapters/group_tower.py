@@ -137,11 +137,7 @@ class GroupPruner:
         if budget == per * per:  # nothing to drop: the layers after run as unpatched
             self.keep = torch.ones(t, budget, dtype=torch.bool, device=output.device)
             return output
-        attn = getattr(module, self.layout.attention)
-        assert keys is not None
-        norm = getattr(attn, "k_norm", None)
-        keys = (keys if norm is None else norm(keys))[:, p:].float()  # the layer's keys, as its attention reads them
-        keys = head_mean(keys.view(t, side * side, attn.num_heads, attn.head_dim))  # [T, N, D]
+        keys = self._patch_keys(module, keys)  # [T, N, D]
         groups = keys.view(t, per, g, per, g, -1).mean(dim=(2, 4)).reshape(t, per * per, -1)
         keep = fixed_budget_keep_mask(groups, budget, self.step_div)
         self.keep = keep
@@ -149,6 +145,15 @@ class GroupPruner:
         self._patches = patch_keep.nonzero()[:, 1].view(t, budget * g * g)  # each group's patches, raster order
         kept = torch.gather(output[:, p:], 1, self._patches[..., None].expand(-1, -1, c))
         return torch.cat([output[:, :p], kept], dim=1)
+
+    def _patch_keys(self, layer: torch.nn.Module, keys: torch.Tensor | None) -> torch.Tensor:
+        """The layer's captured keys of the patches, as its attention reads them (through its
+        k-norm where it has one), averaged over heads: ``[units, patches, D]`` float32."""
+        assert keys is not None
+        attn = getattr(layer, self.layout.attention)
+        norm = getattr(attn, "k_norm", None)
+        keys = (keys if norm is None else norm(keys))[:, self.layout.prefix:].float()
+        return head_mean(keys.unflatten(-1, (attn.num_heads, attn.head_dim)))
 
     def _scatter(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """The first output of the module after the drop goes back to the full grid; later
@@ -232,11 +237,7 @@ class NaflexGroupPruner(GroupPruner):
             raise ValueError(f"patch grids {bad} are not made of whole {g}x{g} groups within the tower's {n} patches: "
                              "saint keeps the groups the projector folds into one token")
         keys, self._keys = self._keys, None
-        attn = getattr(module, self.layout.attention)
-        assert keys is not None
-        norm = getattr(attn, "k_norm", None)
-        keys = (keys if norm is None else norm(keys)).float()  # the layer's keys, as its attention reads them
-        keys = head_mean(keys.view(u, n, attn.num_heads, attn.head_dim))  # [U, N, D]
+        keys = self._patch_keys(module, keys)  # [U, N, D]
         keep, patches = [], []
         for i, (h, w) in enumerate(shapes):
             rows, cols = h // g, w // g

@@ -48,10 +48,15 @@ def match_counts(best: torch.Tensor, candidate_valid: torch.Tensor, tau: float, 
     return torch.minimum(r, candidate_valid.sum(dim=1))
 
 
-def attention_excess(cls_attention: torch.Tensor, valid: torch.Tensor, num_protected: int = 0) -> torch.Tensor:
+def attention_excess(cls_attention: torch.Tensor, valid: torch.Tensor | None, num_protected: int = 0
+                     ) -> torch.Tensor:
     """How much more than an even share the class token reads each prunable token:
     ``max(0, log(n_b * attention))`` ``[B, P]``, ``n_b`` being image ``b``'s real prunable
-    tokens (0 for a token at or below ``1 / n_b``, and for padding)."""
+    tokens (0 for a token at or below ``1 / n_b``, and for padding; ``valid`` None: every
+    token is real, so nothing is masked)."""
+    if valid is None:
+        share = cls_attention[:, num_protected:].float() * (cls_attention.shape[1] - num_protected)
+        return torch.log(share.clamp(min=1e-30)).clamp(min=0.0)
     pv = valid[:, num_protected:]
     share = cls_attention[:, num_protected:].float() * pv.sum(dim=1, keepdim=True)
     return torch.log(share.clamp(min=1e-30)).clamp(min=0.0).masked_fill(~pv, 0.0)
@@ -87,8 +92,7 @@ def match_plan(
             cls_attention = cls_attention()
         if cls_attention.shape != (b, n):
             raise ValueError(f"cls_attention must be [B, N] = {(b, n)}, got {tuple(cls_attention.shape)}")
-        excess = (_excess_of_real_tokens(cls_attention, num_protected) if rectangular
-                  else attention_excess(cls_attention, valid, num_protected))
+        excess = attention_excess(cls_attention, None if rectangular else valid, num_protected)
         anchor_excess = torch.gather(excess[:, 1::2], 1, idx) if excess.shape[1] > 1 else torch.zeros_like(best)
         score = best - guard * (excess[:, 0::2] + anchor_excess)
     order = torch.argsort(score, dim=-1, descending=True, stable=True)
@@ -110,9 +114,3 @@ def _plan_counts(best: torch.Tensor, candidate_valid: torch.Tensor, tau: float, 
         return match_counts(best, candidate_valid, tau, fraction)
     return torch.floor(fraction * (best >= tau).sum(dim=1).double() + 0.5).long()
 
-
-def _excess_of_real_tokens(cls_attention: torch.Tensor, num_protected: int) -> torch.Tensor:
-    """:func:`attention_excess` of a batch whose tokens are all real: every image's share is
-    ``1 / (N - num_protected)`` and nothing is masked."""
-    share = cls_attention[:, num_protected:].float() * (cls_attention.shape[1] - num_protected)
-    return torch.log(share.clamp(min=1e-30)).clamp(min=0.0)
