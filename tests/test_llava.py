@@ -339,6 +339,28 @@ def test_vit_mode_equals_a_prompt_built_for_the_kept_count(images):
         torch.testing.assert_close(out[b][real], ref[b][smask[b].bool()], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["vit", "hybrid", "random", "pool"])
+def test_a_prompt_that_ends_with_its_image_keeps_its_last_token(images, name):
+    """A bare "<image>" captioning prompt ends with the image's run: the run shrinks at its
+    front, so the last position (whose logits generation reads) stays a real token, and
+    with SAINT's vit mode the logits equal the unpatched model's on a prompt built for the
+    kept count."""
+    row = prompt(3, 0)[None]
+    model = make()
+    saint.patch(model, **CONFIGS[name])
+    with torch.no_grad():
+        out = model(input_ids=row, pixel_values=images[:1]).logits
+    assert bool(out[0, -1].isfinite().all()) and bool(out[0, :3].isfinite().all())
+    assert bool(out.isnan().any())  # image tokens were dropped
+    if name != "vit":
+        return
+    saint.unpatch(model)
+    hf_vision.patch_tower(model.model.vision_tower, "budget", layers=[1], keep=20)
+    with torch.no_grad():
+        ref = model(input_ids=prompt(3, 0, n_tok=20)[None], pixel_values=images[:1]).logits
+    torch.testing.assert_close(out[0, -1], ref[0, -1], rtol=1e-4, atol=1e-5)
+
+
 def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """The keys ``[1, KV heads, L, D]`` decoder layer ``layer`` of the unpatched model
     computes for prompt ``row`` (before RoPE; after Qwen3's key norm; Phi-3: the key

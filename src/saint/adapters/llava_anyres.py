@@ -75,7 +75,7 @@ from .llava_vision import (
 )
 from .vlm_handle import Forward, installing, unpatch
 from .vlm_hooks import bind, install_forward_hooks, make_mm_pre
-from .vlm_prompt import begin_prefill, continue_prompt, keep_first, refuse_static_cache
+from .vlm_prompt import begin_prefill, continue_prompt, keep_last, refuse_static_cache
 from .vlm_schedule import decoder_pruner, split_method
 
 __all__ = ["FULL_ATTR", "NEWLINE_ATTR", "NEXT", "NEXT_ADAPTER", "NEXT_VIDEO", "NEXT_VIDEO_ADAPTER", "ONEVISION",
@@ -313,7 +313,7 @@ def _prompt_plan(input_ids: torch.Tensor, feats: Sequence[torch.Tensor], image_i
             f"input_ids hold {total} image tokens (image_token_id={image_id}) for images of {full} tokens "
             f"({kept} after the vision-side drop); build the prompt with the processor for these images"
         )
-    return keep_first(input_ids, image_id, full, kept)
+    return keep_last(input_ids, image_id, full, kept)
 
 
 def _newline_positions(image: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..methods import make_config as registry_config
 from . import hf_vision
 from .common import Hooked, get_handle
 from .vlm_handle import Forward, VlmPatch
-from .vlm_prompt import begin_prefill, keep_first, refuse_static_cache, shrink_rows
+from .vlm_prompt import begin_prefill, keep_last, refuse_static_cache, shrink_rows
 
 
 # ---------------------------------------------------------------------------- checks
@@ -162,7 +162,7 @@ def shrink_plan(input_ids: torch.Tensor, counts: list[int], image_token_id: int,
             f"pruned vision tower yields {counts} features per image and the processor emits {per} tokens per "
             f"image; give every image either {per} tokens (saint shrinks them) or exactly its feature count"
         )
-    return keep_first(input_ids, image_token_id, runs, counts)
+    return keep_last(input_ids, image_token_id, runs, counts)
 
 
 def shrink_inputs(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward, image_id: int,

@@ -46,11 +46,13 @@ def shrink_rows(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward
     return src, valid, new_mask
 
 
-def keep_first(input_ids: torch.Tensor, token_id: int, before: Sequence[int], after: Sequence[int]) -> torch.Tensor:
+def keep_last(input_ids: torch.Tensor, token_id: int, before: Sequence[int], after: Sequence[int]) -> torch.Tensor:
     """Keep mask ``[B, L]`` that shrinks every image's run of ``before[i]`` placeholder
-    tokens to its first ``after[i]`` (images in prompt order, row after row, as the
-    model assigns features to placeholders); other tokens are kept. The caller checks
-    that the placeholders number ``sum(before)``."""
+    tokens to its last ``after[i]`` (images in prompt order, row after row, as the
+    model assigns features to placeholders: the kept features fill the kept slots in
+    order); other tokens are kept. The last ones, so that a prompt ending with its image
+    keeps its last token, whose logits generation reads. The caller checks that the
+    placeholders number ``sum(before)``."""
     flat = (input_ids == token_id).reshape(-1)
     pos = flat.nonzero().squeeze(1)
     if len(pos) != sum(before) or any(a > b for a, b in zip(after, before, strict=True)):
@@ -65,9 +67,9 @@ def keep_first(input_ids: torch.Tensor, token_id: int, before: Sequence[int], af
     if not torch.equal(rows[starts[nonempty]], rows[ends[nonempty] - 1]):
         raise ValueError("the image tokens of one image span two prompts of the batch; check input_ids")
     image_of = torch.repeat_interleave(torch.arange(len(before), device=device), before_t)
-    offset = torch.arange(len(pos), device=device) - starts[image_of]
+    from_end = ends[image_of] - 1 - torch.arange(len(pos), device=device)
     keep = torch.ones_like(flat)
-    keep[pos] = offset < torch.tensor(list(after), dtype=torch.long, device=device)[image_of]
+    keep[pos] = from_end < torch.tensor(list(after), dtype=torch.long, device=device)[image_of]
     return keep.reshape(input_ids.shape)
 
 
