@@ -136,6 +136,7 @@ class TokenState:
     _slots: torch.Tensor | None = field(default=None, repr=False)
     _filled: bool = field(default=False, repr=False)  # the padded layout's padding rows were filled on leaving
     unmerged: bool = field(default=False, repr=False)  # the last block's output left as one row per original token
+    stamp: torch.Tensor | None = field(default=None, repr=False)  # channel 0 of the tokens forward_features returned
 
     def reset(self, x: torch.Tensor, trace: bool, valid: torch.Tensor | None = None) -> None:
         """Start a call on ``x [B, N, C]``; ``valid [B, N]`` marks its real tokens when the

@@ -402,18 +402,28 @@ def tag_tokens(model: torch.nn.Module, out: Any) -> Any:
     uses that call's padding and merged sizes, whatever ran since."""
     tokens = out.get("patches") if isinstance(out, dict) else out
     if isinstance(tokens, torch.Tensor):
-        setattr(tokens, TOKENS_ATTR, model.__dict__[SAINT_ATTR].state)
+        state = model.__dict__[SAINT_ATTR].state
+        setattr(tokens, TOKENS_ATTR, state)
+        state.stamp = tokens[..., 0].detach().clone()  # [B, N]: tells a copy of these tokens from other tokens
     return out
 
 
 def state_of_tokens(model: torch.nn.Module, x: torch.Tensor) -> TokenState:
     """The state of the call whose ``forward_features`` returned ``x`` (its tag), else
-    (tokens changed since, e.g. copied or detached) the last call's, if ``x`` fits it: its
-    shape, no NaN at its real tokens, and NaN or 0 (autograd's padding) at its padding."""
+    (a copy: detached, cloned, cast) the last call's, if ``x`` is a copy of that call's
+    output (its first channel, value for value) and fits it: its shape, no NaN at its real
+    tokens, and NaN or 0 (autograd's padding) at its padding. During a forward (nothing
+    returned yet) the fit alone decides."""
     state = getattr(x, TOKENS_ATTR, None)
     if state is not None:
         return state
     state = model.__dict__[SAINT_ATTR].state
+    if state.stamp is not None and not _copies(x, state.stamp):
+        raise ValueError(
+            "pool got tokens that are not the patched model's last output nor a copy of it (another batch "
+            "ran since, or they were changed); pool the tensor forward_features returned (it remembers its own "
+            "call), or split tokens with saint.per_image"
+        )
     if state.valid is not None:
         shape = tuple(state.valid.shape)
     elif state.sizes is not None:
@@ -432,6 +442,17 @@ def state_of_tokens(model: torch.nn.Module, x: torch.Tensor) -> TokenState:
             "forward_features returned (it remembers its own call), or split tokens with saint.per_image"
         )
     return state
+
+
+def _copies(x: torch.Tensor, stamp: torch.Tensor) -> bool:
+    """Whether ``x [B, N, C]`` holds, in channel 0 of its tokens, the values ``stamp`` holds
+    in its last ``N`` tokens (NaN where it has NaN): a copy of the tokens it was taken from
+    (or of their patch tokens, after a prefix)."""
+    n = x.shape[1] if x.dim() == 3 else -1
+    if n < 0 or x.shape[0] != stamp.shape[0] or n > stamp.shape[1]:
+        return False
+    a, b = x[..., 0].detach().double(), stamp[:, stamp.shape[1] - n :].to(x.device, torch.float64)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
