@@ -361,3 +361,20 @@ def test_packed_output_keeps_nan_padding_without_autograd(images):
     mask = saint.token_mask(model)
     assert mask is not None and not bool(mask.all())
     assert bool(feats[~mask].isnan().all()) and bool(torch.isfinite(feats[mask]).all())
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"saint_batch"}))  # a batch vote mixes the images by design
+def test_an_image_of_nan_leaves_the_others_as_they_are_alone(case, layout, images):
+    """A corrupt image (NaN pixels) first in the batch: the others keep their own tokens and
+    answers. A padded view repeats the batch's first token at its padding, and the masked
+    anchors were set to ``-inf`` by adding it, which leaves NaN: another image's candidates
+    then had a NaN best match and merged nothing."""
+    model = saint.patch(make_tiny("vit"), case, layout=layout, **CASES[case])
+    x = images.clone()
+    x[0, :, :8, :8] = float("nan")
+    with torch.no_grad():
+        out = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(1, len(x))])
+    assert bool(out[0].isnan().any())
+    torch.testing.assert_close(out[1:], alone, rtol=1e-4, atol=1e-5)

@@ -35,13 +35,14 @@ def split_candidates(
 
 def anchor_similarity(a: torch.Tensor, anc: torch.Tensor, anchor_valid: torch.Tensor | None) -> torch.Tensor:
     """``a @ anc^T`` ``[B, A, A']`` with ``-inf`` in the columns of invalid anchors
-    (masked in place; rows of invalid candidates are left to the caller, who masks the
-    ``[B, A]`` results instead of the matrix)."""
+    (masked in place, written over whatever a padded view holds there, NaN included: an
+    added ``-inf`` leaves NaN, and a NaN column would be a real candidate's best match;
+    rows of invalid candidates are left to the caller, who masks the ``[B, A]`` results
+    instead of the matrix)."""
     with without_autocast(a.device):
         sim = a @ anc.transpose(1, 2)
     if anchor_valid is not None:
-        bias = torch.zeros(anchor_valid.shape, dtype=sim.dtype, device=sim.device)
-        sim.add_(bias.masked_fill_(~anchor_valid, float("-inf"))[:, None, :])
+        sim.masked_fill_(~anchor_valid[:, None, :], float("-inf"))
     return sim
 
 
