@@ -104,6 +104,21 @@ def test_fixed_budget_known_answer_and_exact_count():
     assert keep[0, :3].sum() == 1
 
 
+def test_fixed_budget_last_two_tokens_tie_exactly_and_the_later_one_stays():
+    """Two tokens left for one place score the same (each its similarity to the other): the
+    tie drops the lower index, so the later one stays, in a batch as alone (with each token's similarity to itself in the scores,
+    rounding picked the survivor, differently in a batch). Tokens of unequal norms, so their
+    self-similarities round apart."""
+    torch.manual_seed(0)
+    m = torch.randn(8, 2, 24) * torch.tensor([1.0, 3.7])[None, :, None]
+    batch = fixed_budget_keep_mask(m, keep=1)
+    assert batch.tolist() == [[False, True]] * 8
+    many = torch.randn(8, 12, 24) * torch.rand(8, 12, 1) * 5
+    together = fixed_budget_keep_mask(many, keep=1, step_div=4)
+    alone = torch.cat([fixed_budget_keep_mask(many[i : i + 1], keep=1, step_div=4) for i in range(8)])
+    assert torch.equal(together, alone)
+
+
 def test_fixed_budget_uses_step_div():
     torch.manual_seed(0)
     m = torch.randn(2, 65, 8)

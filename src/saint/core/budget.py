@@ -19,8 +19,12 @@ def fixed_budget_keep_mask(
     """Bool keep mask ``[B, N]`` leaving exactly ``keep`` prunable tokens per sample.
 
     The full similarity graph is computed once; each round scores the remaining
-    tokens by their summed similarity to the remaining ones and drops the
-    ``min(remaining - keep, max(1, remaining // step_div))`` highest.
+    tokens by their summed similarity to the other remaining ones and drops the
+    ``min(remaining - keep, max(1, remaining // step_div))`` highest. A token's
+    similarity to itself (1, the same for all) is left out and the graph made exactly
+    symmetric, so that two tokens left for one place tie exactly and the lower index
+    goes (:func:`drop_top_ranked`), in a batch as alone (their scores differed by the
+    rounding of the products).
     """
     if step_div < 1:
         raise ValueError(f"step_div must be >= 1, got {step_div}")
@@ -35,6 +39,8 @@ def fixed_budget_keep_mask(
     m = F.normalize(metric[:, num_protected:].float(), dim=-1, eps=EPS)
     with without_autocast(m.device):
         sim = m @ m.transpose(1, 2)
+    sim = (sim + sim.transpose(1, 2)) * 0.5
+    sim.diagonal(dim1=1, dim2=2).zero_()
     remaining = pv.clone()
     while True:
         rem = remaining.sum(dim=1)
