@@ -361,6 +361,26 @@ def test_a_prompt_that_ends_with_its_image_keeps_its_last_token(images, name):
     torch.testing.assert_close(out[0, -1], ref[0, -1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llm", "fastv", "hybrid"])
+def test_a_right_padded_batch_gives_each_row_what_it_gives_alone(images, name):
+    """Right padding (a scoring or training batch): the language-model pruners rank by and
+    protect each row's last real token, not the batch's last column (padding for the shorter
+    rows: FastV ranked the image tokens by a padding query's attention)."""
+    rows = [prompt(3, 4, seed=0), prompt(1, 12, seed=2)]
+    n = max(len(r) for r in rows)
+    ids, mask = torch.zeros(2, n, dtype=torch.long), torch.zeros(2, n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    model = make()
+    saint.patch(model, **CONFIGS[name])
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, pixel_values=images[:2]).logits
+        for i, r in enumerate(rows):
+            alone = model(input_ids=r[None], pixel_values=images[i : i + 1]).logits[0]
+            real = ~alone.isnan().any(-1)
+            torch.testing.assert_close(batch[i, : len(r)][real], alone[real], rtol=1e-4, atol=1e-5)
+
+
 def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """The keys ``[1, KV heads, L, D]`` decoder layer ``layer`` of the unpatched model
     computes for prompt ``row`` (before RoPE; after Qwen3's key norm; Phi-3: the key

@@ -315,15 +315,17 @@ def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.expand(b, *t.shape[1:]) if t.shape[0] != b else t
 
 
-def _query_scale(attn: torch.nn.Module, position_ids: torch.Tensor | None, b: int) -> torch.Tensor | None:
-    """The factor a layer multiplies its last query by: Ministral 3's (and Mistral 4's)
-    position-dependent Llama 4 attention scale, ``[B, 1, 1, 1]``; None for other layers."""
+def _query_scale(attn: torch.nn.Module, position_ids: torch.Tensor | None, b: int, last: torch.Tensor
+                 ) -> torch.Tensor | None:
+    """The factor a layer multiplies the query at slot ``last [B]`` of each row by: Ministral
+    3's (and Mistral 4's) position-dependent Llama 4 attention scale, ``[B, 1, 1, 1]``; None
+    for other layers."""
     scale = getattr(sys.modules[type(attn).__module__], "get_llama_4_attn_scale", None)
     rope = getattr(attn.config, "rope_parameters", None) or {}
     if scale is None or position_ids is None or rope.get("llama_4_scaling_beta") is None:
         return None
-    last = _rows(position_ids, b)[:, -1:].float()
-    return scale(last, rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
+    at = _rows(position_ids, b)[torch.arange(b, device=last.device), last][:, None].float()
+    return scale(at, rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
 
 
 def _gather_per_layer_input(args: tuple, kwargs: dict[str, Any], stage: Stage, b: int) -> tuple:
@@ -444,16 +446,21 @@ class DecoderPruner:
         self.prompt: PrunedPrompt | None = None
         self.cache: Any = None
         self.length = 0
+        self.last_real = torch.zeros(0, dtype=torch.long)  # each row's last real token at layer 0 (begin_prefill)
         self._kw_cache: dict[tuple[int, ...], Any] = {}
         self._layer_kwargs: dict[int, dict[str, Any]] = {}
 
-    def begin_prefill(self, image: torch.Tensor) -> None:
-        """A prompt enters layer 0 with ``image [B, L]`` flags (tokens that may be dropped)."""
+    def begin_prefill(self, image: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """A prompt enters layer 0 with ``image [B, L]`` flags (tokens that may be dropped)
+        and ``real [B, L]``, its real tokens (None: every one), of which each row's last is
+        never dropped and is the query that ranks for FastV (right padding may follow it)."""
         for hooked in self.hooked:
             hooked.check()
         check_maskable_attention(self.decoder, " (set since saint.patch)")
         self._reset()
         b, n = image.shape
+        last = None if real is None else n - 1 - real.flip(1).long().argmax(dim=1)
+        self.last_real = torch.full((b,), n - 1, device=image.device) if last is None else last
         idx = torch.arange(n, device=image.device).expand(b, n)
         self.stage = Stage(idx, torch.ones_like(image, dtype=torch.bool), image.clone(), identity=True)
         self.length = n
@@ -620,40 +627,43 @@ class DecoderPruner:
             k = _rope_fn(attn)(k, k, cos, sin)[1]
         return k
 
-    def _last_query_attention(self, i: int, module: torch.nn.Module) -> torch.Tensor:
-        """Attention of each row's last token over the layer's tokens ``[B, M]`` (heads averaged)."""
+    def _last_query_attention(self, i: int, module: torch.nn.Module, last: torch.Tensor) -> torch.Tensor:
+        """Attention of each row's last real token (slot ``last [B]``: the last column of a
+        left-padded batch, earlier in a right-padded one) over the layer's tokens ``[B, M]``
+        (heads averaged)."""
         attn = module.self_attn
         q = self.captured[(i, "q")]
         b, m, _ = q.shape
-        q = q[:, -1:].view(b, 1, -1, attn.head_dim)
+        rows = torch.arange(b, device=q.device)
+        q = q[rows, last][:, None].view(b, 1, -1, attn.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q = attn.q_norm(q)
         q = q.transpose(1, 2)  # [B, H, 1, D]
         k = self._keys(i, module)
         if rotates(attn):
             cos, sin = self._layer_kwargs[i]["position_embeddings"]
-            q = _rope_fn(attn)(q, q, cos[:, -1:], sin[:, -1:])[0]
-        scale = _query_scale(attn, self._layer_kwargs[i].get("position_ids"), b)
+            q = _rope_fn(attn)(q, q, _rows(cos, b)[rows, last][:, None], _rows(sin, b)[rows, last][:, None])[0]
+        scale = _query_scale(attn, self._layer_kwargs[i].get("position_ids"), b, last)
         if scale is not None:
             q = q * scale.to(q.dtype)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         mask = self._layer_kwargs[i].get("attention_mask")
-        row = None if mask is None else _rows(mask, b)[:, 0, -1, :m]  # [B, M]
+        row = None if mask is None else _rows(mask, b)[rows, 0, last, :m]  # [B, M]
         return query_attention(q[:, :, 0], k.transpose(1, 2), attn.scaling, row)
 
     def _prune(self, i: int, module: torch.nn.Module, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         stage = self.stage
         assert stage is not None
-        m = stage.length
+        last = ((stage.idx == self.last_real[:, None]) & stage.valid).long().argmax(dim=1)  # each row's last real slot
         prunable = stage.image.clone()
-        prunable[:, m - 1] = False
+        prunable[torch.arange(len(last), device=last.device), last] = False
         ctx = PruneContext(
             layer=i,
             prunable=prunable,
             valid=stage.valid,
             keys=lambda: self._keys(i, module).mean(dim=1),
-            last_query_attention=lambda: self._last_query_attention(i, module),
+            last_query_attention=lambda: self._last_query_attention(i, module, last),
         )
         keep = self.schedule[i](ctx)
         self.captured.pop((i, "k"), None)

@@ -290,7 +290,7 @@ def _prefill(family: Family, handle: LlavaPatch, module: torch.nn.Module, kwargs
         refuse_static_cache(kwargs)
         kwargs = shrink_inputs(kwargs, keep0, fwd, handle.image_token_id)
     image = kwargs["input_ids"] == handle.image_token_id
-    begin_prefill(handle, fwd, image & ~_newline_positions(image, feats))
+    begin_prefill(handle, fwd, image & ~_newline_positions(image, feats), kwargs.get("attention_mask"))
     return kwargs
 
 

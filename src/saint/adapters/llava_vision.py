@@ -111,7 +111,7 @@ def start_prefill(handle: VlmPatch, kwargs: dict[str, Any], keep0: torch.Tensor 
     if keep0 is not None:
         refuse_static_cache(kwargs)
         kwargs = shrink_inputs(kwargs, keep0, fwd, handle.image_token_id, handle.position_offset)
-    begin_prefill(handle, fwd, kwargs["input_ids"] == handle.image_token_id)
+    begin_prefill(handle, fwd, kwargs["input_ids"] == handle.image_token_id, kwargs.get("attention_mask"))
     return kwargs
 
 

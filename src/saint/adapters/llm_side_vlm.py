@@ -242,7 +242,7 @@ def prefill(media: Media, handle: VlmPatch, module: torch.nn.Module, kwargs: dic
     visual tokens, the runs of ``media``'s placeholder ids."""
     ids = kwargs["input_ids"]
     fwd.input_length = ids.shape[1]
-    begin_prefill(handle, fwd, torch.isin(ids, media.ids(module, ids.device)))
+    begin_prefill(handle, fwd, torch.isin(ids, media.ids(module, ids.device)), kwargs.get("attention_mask"))
     return kwargs
 
 

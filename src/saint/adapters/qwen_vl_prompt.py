@@ -67,7 +67,7 @@ def prefill(handle: Any, module: torch.nn.Module, kwargs: dict[str, Any], fwd: F
         refuse_static_cache(kwargs)
         kwargs = _shrink_inputs(kwargs, keep0, fwd)
         input_ids = kwargs["input_ids"]
-    begin_prefill(handle, fwd, torch.isin(input_ids, ids))
+    begin_prefill(handle, fwd, torch.isin(input_ids, ids), kwargs.get("attention_mask"))
     return kwargs
 
 

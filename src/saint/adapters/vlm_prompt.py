@@ -73,13 +73,18 @@ def keep_last(input_ids: torch.Tensor, token_id: int, before: Sequence[int], aft
     return keep.reshape(input_ids.shape)
 
 
-def begin_prefill(handle: VlmPatch, fwd: Forward, prunable: torch.Tensor) -> None:
+def begin_prefill(handle: VlmPatch, fwd: Forward, prunable: torch.Tensor, mask: Any = None) -> None:
     """Start the decoder pruner on the layer-0 sequence: ``prunable [B, L]`` flags the
-    tokens it may drop (real slots only); their count per row is the tower's output."""
+    tokens it may drop (real slots only); their count per row is the tower's output.
+    ``mask``: the call's 2-D attention mask over that sequence (its real tokens: a
+    right-padded row's last one is not in the last column)."""
     if fwd.valid0 is not None:
         prunable = prunable & fwd.valid0
     fwd.tower_counts = prunable.sum(dim=1).cpu()
-    handle.pruner.begin_prefill(prunable)
+    real = mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == prunable.shape else None
+    if fwd.valid0 is not None:
+        real = fwd.valid0 if real is None else real & fwd.valid0
+    handle.pruner.begin_prefill(prunable, real)
 
 
 def step_shape(kwargs: dict[str, Any]) -> tuple[int, int, torch.device]:
