@@ -214,6 +214,39 @@ def test_peft_lora_end_to_end(images):
         late(x)
 
 
+def fresh_layer(model: torch.nn.Module, i: int) -> None:
+    """Decoder layer ``i`` rebuilt with the same weights (as a conversion tool would)."""
+    lm = model.model.language_model
+    old = lm.layers[i]
+    new = type(old)(lm.config, i).eval()
+    new.load_state_dict(old.state_dict())
+    lm.layers[i] = new
+
+
+@pytest.mark.parametrize("settings", [dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2),
+                                      dict(method="fastv", fastv_layer=2, fastv_ratio=0.5),
+                                      dict(mode="vit", vit_keep=8, vit_layer=1)], ids=["llm", "fastv", "vit"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_a_decoder_layer_replaced_after_patching_is_refused(settings, layer):
+    """A layer without saint's hooks ran on the pruned sequence: a shape error, or with the
+    first layer replaced a silently different answer; now every forward says what to do,
+    and after patching again the model equals one patched after the same change."""
+    x = llava_inputs(2)
+    model = tiny_llava()
+    saint.patch(model, **settings)
+    fresh_layer(model, layer)
+    for _ in range(2):  # the forward lock is released after the refusal
+        with torch.no_grad(), pytest.raises(RuntimeError, match="layers changed after saint.patch"):
+            model(**x)
+    saint.unpatch(model)
+    saint.patch(model, **settings)
+    reference = tiny_llava()
+    fresh_layer(reference, layer)
+    saint.patch(reference, **settings)
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits[:, -1], reference(**x).logits[:, -1])
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_a_vlm_and_its_vision_tower_patched_apart_are_refused(family):
     """A tower patched on its own, before or after its LLaVA, used to fail inside

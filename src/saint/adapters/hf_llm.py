@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from ..core import gather_tokens, keep_mask_to_indices, query_attention
-from .common import MASKABLE_ATTENTION, Hooked, transformers_classes
+from .common import MASKABLE_ATTENTION, Hooked, PatchedBlocks, transformers_classes
 
 PRUNED_PROMPT_ATTR = "_saint_pruned_prompt"
 
@@ -401,6 +401,7 @@ class DecoderPruner:
                              "attention logits (attn_logit_softcapping), which saint's ranking does not apply")
         self.decoder = decoder
         self.layers = list(decoder.layers)
+        self.patched_layers = PatchedBlocks(decoder, "layers", tuple(self.layers))  # hooked: refused if swapped
         self.schedule = dict(schedule)
         self.rope_keys = rope_keys
         self.query_layers = set(query_layers)
@@ -450,12 +451,19 @@ class DecoderPruner:
         self._kw_cache: dict[tuple[int, ...], Any] = {}
         self._layer_kwargs: dict[int, dict[str, Any]] = {}
 
+    def check_installed(self) -> None:
+        """Refuse a forward through decoder layers (or the projections the selections read)
+        replaced since patching: a layer without saint's hooks would run on the pruned
+        sequence's positions unmapped, or drop nothing where it should."""
+        self.patched_layers.check()
+        for hooked in self.hooked:
+            hooked.check()
+
     def begin_prefill(self, image: torch.Tensor, real: torch.Tensor | None = None) -> None:
         """A prompt enters layer 0 with ``image [B, L]`` flags (tokens that may be dropped)
         and ``real [B, L]``, its real tokens (None: every one), of which each row's last is
         never dropped and is the query that ranks for FastV (right padding may follow it)."""
-        for hooked in self.hooked:
-            hooked.check()
+        self.check_installed()
         check_maskable_attention(self.decoder, " (set since saint.patch)")
         self._reset()
         b, n = image.shape
@@ -468,6 +476,7 @@ class DecoderPruner:
 
     def begin_continuation(self, prompt: PrunedPrompt) -> None:
         """New tokens follow a prompt that was pruned by this pruner."""
+        self.check_installed()
         self._reset()
         self.prompt = prompt
         self.length = prompt.length
