@@ -214,6 +214,32 @@ def test_peft_lora_end_to_end(images):
         late(x)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_a_vlm_and_its_inner_model_patched_apart_are_refused(family):
+    """``LlavaForConditionalGeneration`` and its ``LlavaModel`` (Qwen-VL alike) each patched:
+    both pruned the same prompt and the forward failed on an index. The inner one first:
+    patching the outer is refused; the outer first: its forward is refused; either way with
+    the call that works, and one patch alone runs as before."""
+    make, x = (tiny_llava, llava_inputs(2)) if family == "llava" else (tiny_qwen, qwen_inputs(2))
+    llm = dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2)
+    model = make()
+    saint.patch(model.model, **llm)
+    with pytest.raises(ValueError, match=r"inside this .* is already patched by saint; unpatch it first"):
+        saint.patch(model, **llm)
+    assert not saint.is_patched(model)
+    saint.unpatch(model.model)
+    saint.patch(model, **llm)
+    with torch.no_grad():
+        want = model(**x).logits[:, -1]
+    saint.patch(model.model, **llm)
+    for _ in range(2):  # the forward lock is released after the refusal
+        with torch.no_grad(), pytest.raises(ValueError, match="was patched by saint on its own after it"):
+            model(**x)
+    saint.unpatch(model.model)
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits[:, -1], want)
+
+
 def fresh_layer(model: torch.nn.Module, i: int) -> None:
     """Decoder layer ``i`` rebuilt with the same weights (as a conversion tool would)."""
     lm = model.model.language_model

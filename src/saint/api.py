@@ -8,6 +8,7 @@ import torch
 
 from .adapters import find_adapter
 from .adapters.common import TokenStats, get_handle
+from .adapters.vlm_handle import VlmPatch
 
 
 def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> torch.nn.Module:
@@ -24,8 +25,20 @@ def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> torch
     adapter = find_adapter(model)
     if get_handle(model) is not None:
         unpatch(model)
+    _refuse_patched_vlm_inside(model)
     adapter.patch(model, method, **kwargs)
     return model
+
+
+def _refuse_patched_vlm_inside(model: torch.nn.Module) -> None:
+    """A VLM held by ``model`` (``LlavaForConditionalGeneration.model``) already patched on its
+    own: both patches would prune the same prompt (the forward failed on an index)."""
+    for name, sub in model.named_modules():
+        if sub is not model and isinstance(get_handle(sub), VlmPatch):
+            raise ValueError(
+                f"the {type(sub).__name__} inside this {type(model).__name__} ({name}) is already patched by saint; "
+                f"unpatch it first (saint.unpatch(model.{name})), then patch one of the two"
+            )
 
 
 def _handle(model: torch.nn.Module) -> Any:

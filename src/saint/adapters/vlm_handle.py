@@ -15,7 +15,7 @@ import torch
 
 from . import hf_llm
 from .base import Handle
-from .common import PICKLE_HINT, SAINT_ATTR, Hooked, TokenStats
+from .common import PICKLE_HINT, SAINT_ATTR, Hooked, TokenStats, get_handle
 
 
 @dataclass
@@ -83,9 +83,15 @@ class VlmPatch(Handle):
 
     def check_installed(self) -> None:
         """Refuse a forward through modules that changed since patching (see
-        :class:`~saint.adapters.common.Hooked`)."""
+        :class:`~saint.adapters.common.Hooked`), and through an inner model patched on its
+        own since (both patches would prune the same prompt)."""
         for hooked in self.hooked:
             hooked.check()
+        if self.mm is not self.model and get_handle(self.mm) is not None:
+            raise ValueError(
+                f"the {type(self.mm).__name__} inside this {type(self.model).__name__} was patched by saint on its "
+                f"own after it; unpatch one of the two (saint.unpatch(model.model) or saint.unpatch(model))"
+            )
 
     def begin_forward(self) -> Forward:
         """A new forward's state, holding the labels the top-level pre-hook kept."""
