@@ -381,6 +381,31 @@ def test_a_right_padded_batch_gives_each_row_what_it_gives_alone(images, name):
             torch.testing.assert_close(batch[i, : len(r)][real], alone[real], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["random", "pool"])
+def test_grid_baselines_refuse_a_tower_whose_first_patch_the_strategy_drops(method):
+    """A SigLIP tower (no class token) under the ``default`` strategy hands LLaVA 63 of its 64
+    patches: not a grid. Refused when patching (every forward failed on the feature count);
+    with the ``full`` strategy the baselines run."""
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=4)
+    text = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    for strategy in ("default", "full"):
+        torch.manual_seed(0)
+        model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+            vision_config=vision, text_config=text, image_token_id=IMG, vision_feature_layer=-1,
+            vision_feature_select_strategy=strategy)).eval()
+        if strategy == "default":
+            with pytest.raises(ValueError, match="drops the first patch"):
+                saint.patch(model, **CONFIGS[method])
+            assert not saint.is_patched(model)
+            continue
+        saint.patch(model, **CONFIGS[method])
+        with torch.no_grad():
+            out = model(input_ids=prompt(3, 4)[None], pixel_values=torch.randn(1, 3, 32, 32)).logits
+        assert bool(out[0, -1].isfinite().all())
+
+
 def layer_keys(model, layer: int, row: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """The keys ``[1, KV heads, L, D]`` decoder layer ``layer`` of the unpatched model
     computes for prompt ``row`` (before RoPE; after Qwen3's key norm; Phi-3: the key

@@ -77,7 +77,15 @@ def check_vit(mm: torch.nn.Module, cfg: Any) -> None:
 
 
 def check_grid(mm: torch.nn.Module, cfg: Any) -> None:
-    """The baselines' ``visual_keep`` fits the tower's patch grid."""
+    """The baselines' ``visual_keep`` fits the tower's patch grid, and LLaVA hands them the
+    whole grid (the ``default`` strategy drops the first token: a class token, or with a
+    tower without one, a patch)."""
+    if mm.config.vision_feature_select_strategy == "default" and not _has_class_token(mm):
+        raise ValueError(
+            f"method={cfg.method!r} reduces the patch grid, and this LLaVA's vision_feature_select_strategy='default' "
+            f"drops the first patch of its {type(mm.vision_tower).__name__} (which has no class token), so its "
+            "features are not a grid; use mode='vit' or 'llm', or a model with vision_feature_select_strategy='full'"
+        )
     g = grid_side(mm)
     keep = cfg.grid_keep()
     if isinstance(keep, tuple):
@@ -135,10 +143,14 @@ def _feature_counts(feats: Any) -> list[int]:
     return [int(feats.shape[1])] * int(feats.shape[0])
 
 
+def _has_class_token(mm: torch.nn.Module) -> bool:
+    """Whether the LLaVA's vision tower puts a class token before its patches (CLIP's)."""
+    return getattr(mm.vision_tower.config, "model_type", "") == "clip_vision_model"
+
+
 def _unpruned_count(mm: torch.nn.Module, strategy: str | None) -> int:
     """Image tokens per image the processor emits for this LLaVA (unpruned features)."""
-    tower = mm.vision_tower
-    n = grid_side(mm) ** 2 + (1 if getattr(tower.config, "model_type", "") == "clip_vision_model" else 0)
+    n = grid_side(mm) ** 2 + (1 if _has_class_token(mm) else 0)
     strategy = strategy or mm.config.vision_feature_select_strategy
     return n - 1 if strategy == "default" else n
 
