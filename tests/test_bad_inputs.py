@@ -160,7 +160,7 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     # --- calibration
     ("calibrate without target", calibrate(), ValueError, "give exactly one target"),
     ("calibrate two targets", calibrate(keep=0.5, speedup=2.0), ValueError, "give exactly one target"),
-    ("calibrate speedup below 1", calibrate(speedup=0.5), ValueError, "speedup=0.5 must be >= 1"),
+    ("calibrate speedup below 1", calibrate(speedup=0.5), ValueError, "speedup=0.5 must be > 1"),
     ("calibrate keep above 1", calibrate(keep=1.5), ValueError, "keep=1.5 must be in (0, 1]"),
     ("calibrate a method without tau", calibrate(keep=0.5, method="tome"), ValueError, "has none"),
     ("calibrate with tau", calibrate(keep=0.5, tau=0.9), ValueError, "do not pass tau"),

@@ -22,6 +22,8 @@ def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> torch
     counts, their tokens run as one stream without padding) or ``"padded"`` (pad and
     mask, for comparison), and ``kernel`` (see :data:`saint.core.packing.KERNELS`).
     """
+    if not isinstance(kwargs.get("trace", False), bool):
+        raise TypeError(f"trace must be True or False, got {kwargs['trace']!r}")
     adapter = find_adapter(model)
     if get_handle(model) is not None:
         unpatch(model)

@@ -229,8 +229,8 @@ def _target(**given: float | None) -> tuple[str, float]:
         raise ValueError(f"give exactly one target of {TARGETS}, got {[k for k, _ in chosen] or 'none'}")
     target, value = chosen[0]
     target = "flops_speedup" if target == "speedup" else target
-    if target in ("flops_speedup", "measured_speedup") and not value >= 1.0:
-        raise ValueError(f"{target}={value} must be >= 1")
+    if target in ("flops_speedup", "measured_speedup") and not value > 1.0:
+        raise ValueError(f"{target}={value} must be > 1 (a speed-up of 1 prunes nothing: leave the model unpatched)")
     if target in ("flops", "keep") and not 0.0 < value <= 1.0:
         raise ValueError(f"{target}={value} must be in (0, 1]")
     return target, value

@@ -187,9 +187,11 @@ def _number(name: str, value: Any, kind: type = float) -> Any:
         isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0
     ):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    if kind is int and is_integer(value):  # exactly, at any size (a float64 holds 53 bits)
+        return int(value)
     if not math.isfinite(float(value)):
         raise ValueError(f"{name}={value} must be a finite number")
-    if kind is int and float(value) != int(value):
+    if kind is int and not float(value).is_integer():
         raise TypeError(f"{name} must be an integer, got {value!r}")
     return kind(value)
 
