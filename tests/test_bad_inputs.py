@@ -94,6 +94,7 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("k zero", patch(k=0), ValueError, "k=0 must be >= 1"),
     ("k fractional", patch(k=2.5), TypeError, "k must be an integer, got 2.5"),
     ("k a bool", patch(k=True), TypeError, "k must be a number, got bool"),
+    ("trace a string", patch(trace="yes"), TypeError, "trace must be True or False, got 'yes'"),
     ("r infinite", patch("tome", r=INF), ValueError, "r=inf must be a finite number"),
     ("r negative", patch("random", r=-1), ValueError, "r=-1 must be >= 0"),
     ("tome without r", patch("tome"), ValueError, "ToMe needs r"),
@@ -221,3 +222,12 @@ def test_the_unsupported_model_error_names_every_hf_vit_family_class():
     classes = {cls.__name__ for f in _families() for cls in (f.model, *f.wrappers)}
     missing = sorted(n for n in classes if n not in SUPPORTED)
     assert not missing, f"saint.adapters.SUPPORTED does not name {missing}"
+
+
+def test_an_integer_setting_is_taken_exactly_at_any_size():
+    """A seed past float64's 53 bits of integers was refused as "not an integer"."""
+    for seed in (2**53 + 1, 2**63 - 1, 2**70):
+        model = patched("random", r=2, seed=seed)
+        with torch.no_grad():
+            assert bool(model(torch.randn(2, 3, 32, 32)).isfinite().all())
+
