@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import saint
+from saint.adapters import find_adapter, hf_vision
 from saint.adapters.common import SITE_ATTR
 
 from .conftest import make_tiny
@@ -214,30 +215,50 @@ def test_peft_lora_end_to_end(images):
         late(x)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_a_vlm_and_its_inner_model_patched_apart_are_refused(family):
-    """``LlavaForConditionalGeneration`` and its ``LlavaModel`` (Qwen-VL alike) each patched:
-    both pruned the same prompt and the forward failed on an index. The inner one first:
-    patching the outer is refused; the outer first: its forward is refused; either way with
-    the call that works, and one patch alone runs as before."""
-    make, x = (tiny_llava, llava_inputs(2)) if family == "llava" else (tiny_qwen, qwen_inputs(2))
-    llm = dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2)
+LLM = dict(mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2)
+NESTED = {  # a VLM, its inputs, a module inside it that saint patches on its own, and how
+    "llava_model": (tiny_llava, llava_inputs, lambda m: m.model, LLM),
+    "llava_tower": (tiny_llava, llava_inputs, lambda m: m.model.vision_tower, dict(method="tome", r=2)),
+    "qwen_model": (tiny_qwen, qwen_inputs, lambda m: m.model, LLM),
+    "gemma3_tower": (tiny_gemma3, gemma3_inputs, lambda m: m.model.vision_tower, dict(method="tome", r=2)),
+    "internvl_model": (tiny_internvl, internvl_inputs, lambda m: m.model, dict(method="fastv", fastv_layer=2,
+                                                                                fastv_ratio=0.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NESTED))
+def test_a_vlm_and_a_module_inside_it_patched_apart_are_refused(name):
+    """A VLM and its inner ``*Model`` or its vision tower each patched: both pruned the same
+    prompt, and the forward failed on an index or a shape (LLaVA's tower alone was caught,
+    at the next forward). Refused when patching, in either order, with the call that works;
+    one patch alone then runs as a fresh one."""
+    make, make_inputs, inner_of, inner_settings = NESTED[name]
+    x = make_inputs(2)
     model = make()
-    saint.patch(model.model, **llm)
-    with pytest.raises(ValueError, match=r"inside this .* is already patched by saint; unpatch it first"):
-        saint.patch(model, **llm)
-    assert not saint.is_patched(model)
-    saint.unpatch(model.model)
-    saint.patch(model, **llm)
-    with torch.no_grad():
-        want = model(**x).logits[:, -1]
-    saint.patch(model.model, **llm)
-    for _ in range(2):  # the forward lock is released after the refusal
+    inner = inner_of(model)
+    saint.patch(inner, **inner_settings)
+    for settings in (LLM, dict(mode="vit", vit_layer=1, vit_ratio=0.5) if "qwen" in name else LLM):
+        with pytest.raises(ValueError, match=r"inside this .* is already patched by saint on its own; unpatch it"):
+            saint.patch(model, **settings)
+        assert not saint.is_patched(model)
+    saint.unpatch(inner)
+    saint.patch(model, **LLM)
+    with pytest.raises(ValueError, match=r"is inside a .* that saint patched; patch one of the two"):
+        saint.patch(inner, **inner_settings)
+    assert not saint.is_patched(inner)
+    if name.endswith("_model"):  # past saint.patch (the adapter's own call): refused at the forward
+        adapter = find_adapter(inner)
+        adapter.patch(inner, **inner_settings)
         with torch.no_grad(), pytest.raises(ValueError, match="was patched by saint on its own after it"):
             model(**x)
-    saint.unpatch(model.model)
+        adapter.unpatch(inner)
+    fresh = make()
+    saint.patch(fresh, **LLM)
     with torch.no_grad():
-        assert torch.equal(model(**x).logits[:, -1], want)
+        assert torch.equal(model(**x).logits[:, -1], fresh(**x).logits[:, -1])
+    saint.unpatch(model)
+    saint.patch(inner, **inner_settings)  # alone now: as any model
+    assert saint.is_patched(inner)
 
 
 def fresh_layer(model: torch.nn.Module, i: int) -> None:
@@ -292,16 +313,18 @@ def test_a_vlm_and_its_vision_tower_patched_apart_are_refused(family):
     tower = model.model.vision_tower
     saint.patch(tower, "tome", r=2)
     for settings in (llm, vit):
-        with pytest.raises(ValueError, match="is patched by saint on its own; unpatch it first"):
+        with pytest.raises(ValueError, match="patched by saint on its own; unpatch it first"):
             saint.patch(model, **settings)
         assert not saint.is_patched(model)
     saint.unpatch(tower)
     saint.patch(model, **llm)
-    saint.patch(tower, "tome", r=2)
+    with pytest.raises(ValueError, match="is inside a .* that saint patched"):
+        saint.patch(tower, "tome", r=2)
+    hf_vision.patch_tower(tower, "tome", r=2)  # past saint.patch (the internal call): refused at the forward
     for _ in range(2):
         with torch.no_grad(), pytest.raises(ValueError, match="was patched by saint on its own after this"):
             model(**x)
-    saint.unpatch(tower)
+    hf_vision.unpatch_tower(tower)
     saint.patch(model, **vit)
     for call in (saint.unpatch, lambda t: saint.patch(t, "tome", r=2)):
         with pytest.raises(ValueError, match="was patched through its Llava"):

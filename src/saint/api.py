@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 from .adapters import find_adapter
 from .adapters.common import TokenStats, get_handle
-from .adapters.vlm_handle import VlmPatch
 
 
 def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> torch.nn.Module:
@@ -21,25 +21,40 @@ def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> torch
     Vision models also take ``layout="packed"`` (default: once images keep different
     counts, their tokens run as one stream without padding) or ``"padded"`` (pad and
     mask, for comparison), and ``kernel`` (see :data:`saint.core.packing.KERNELS`).
+    A model inside a patched one, or holding one, is refused: patch one of the two.
     """
     if not isinstance(kwargs.get("trace", False), bool):
         raise TypeError(f"trace must be True or False, got {kwargs['trace']!r}")
     adapter = find_adapter(model)
     if get_handle(model) is not None:
         unpatch(model)
-    _refuse_patched_vlm_inside(model)
+    _refuse_nested(model)
     adapter.patch(model, method, **kwargs)
+    _PATCHED.add(model)
     return model
 
 
-def _refuse_patched_vlm_inside(model: torch.nn.Module) -> None:
-    """A VLM held by ``model`` (``LlavaForConditionalGeneration.model``) already patched on its
-    own: both patches would prune the same prompt (the forward failed on an index)."""
+_PATCHED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # the models saint.patch patched
+
+
+def _refuse_nested(model: torch.nn.Module) -> None:
+    """Refuse ``model`` when a module inside it is patched on its own (a VLM's vision tower or
+    inner ``*Model``), or when it is inside a patched model: both patches would prune the
+    same tokens (the forward failed on a shape or an index, or ran unpruned tokens through
+    a pruned prompt)."""
     for name, sub in model.named_modules():
-        if sub is not model and isinstance(get_handle(sub), VlmPatch):
+        if sub is not model and get_handle(sub) is not None:
             raise ValueError(
-                f"the {type(sub).__name__} inside this {type(model).__name__} ({name}) is already patched by saint; "
-                f"unpatch it first (saint.unpatch(model.{name})), then patch one of the two"
+                f"the {type(sub).__name__} inside this {type(model).__name__} ({name}) is already patched by saint "
+                f"on its own; unpatch it first (saint.unpatch(<the {type(sub).__name__}>)), then patch the "
+                f"{type(model).__name__} (a VLM's mode='vit' or 'hybrid' prunes inside its vision tower)"
+            )
+    for root in list(_PATCHED):
+        if root is not model and get_handle(root) is not None and any(m is model for m in root.modules()):
+            raise ValueError(
+                f"this {type(model).__name__} is inside a {type(root).__name__} that saint patched; patch one of "
+                f"the two: saint.unpatch(<the {type(root).__name__}>) first (a VLM's mode='vit' or 'hybrid' prunes "
+                "inside its vision tower)"
             )
 
 
@@ -68,6 +83,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     if hasattr(handle, "check_unpatch"):
         handle.check_unpatch(model)
     find_adapter(model).unpatch(model)
+    _PATCHED.discard(model)
     return model
 
 
