@@ -87,10 +87,10 @@ def features(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> list[torch.T
         return list(model.model.get_image_features(**tiles(x), return_dict=True).pooler_output)
 
 
-def gen(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+def gen(model: torch.nn.Module, x: dict[str, torch.Tensor], **options) -> torch.Tensor:
     """Greedy new tokens (never the image token, which would be read as an image's)."""
     with torch.no_grad():
-        out = model.generate(**x, **{**GREEDY, "suppress_tokens": [model.config.image_token_id]})
+        out = model.generate(**x, **{**GREEDY, "suppress_tokens": [model.config.image_token_id], **options})
     return out[:, -GREEDY["max_new_tokens"]:]
 
 
@@ -219,6 +219,20 @@ def test_each_prompt_generates_in_a_batch_what_it_generates_alone(settings):
     batched = gen(model, inputs(ROWS))
     for i, row in enumerate(ROWS):
         assert torch.equal(gen(model, inputs([row], [i]))[0], batched[i])
+
+
+@pytest.mark.parametrize("settings", [VIT, dict(method="random", keep_ratio=0.25, seed=3)])
+def test_beams_and_returned_sequences_repeat_each_prompts_tiles(settings):
+    """generate repeats a prompt's features per beam (and per returned sequence) after they
+    were made; each repeated tile shrinks from its own run of tokens (the planned counts were
+    the unrepeated tiles': a ValueError). In a batch as alone."""
+    model = make()
+    saint.patch(model, **settings)
+    for options in (dict(num_beams=2), dict(num_beams=2, num_return_sequences=2)):
+        batched = gen(model, inputs(ROWS), **options)
+        per = batched.shape[0] // len(ROWS)
+        for i, row in enumerate(ROWS):
+            assert torch.equal(gen(model, inputs([row], [i]), **options), batched[i * per : (i + 1) * per])
 
 
 def test_random_keeps_a_seeded_share_of_each_tiles_own_tokens():

@@ -407,11 +407,23 @@ def _keep_own_units(handle: PooledPatch, out: Any) -> Any:
     return out
 
 
+def _run_lengths(input_ids: torch.Tensor, token_id: int) -> list[int]:
+    """The lengths of the maximal runs of ``token_id`` in ``input_ids [B, L]``, row after row."""
+    hit = input_ids == token_id
+    start = hit & ~torch.nn.functional.pad(hit[:, :-1], (1, 0), value=False)
+    run = start.flatten().long().cumsum(0) - 1
+    return torch.bincount(run[hit.flatten()]).tolist() if bool(hit.any()) else []
+
+
 def _plan(family: Family, handle: PooledPatch):
     def plan(input_ids: torch.Tensor, feats: Any) -> torch.Tensor | None:
         if family.naflex:  # units of their own sizes: each shrinks from its own count
-            return shrink_plan(input_ids, [int(f.shape[0]) for f in feats], handle.image_token_id,
-                               handle.unit_counts)
+            counts = [int(f.shape[0]) for f in feats]
+            # each unit's count, from its run in the prompt: generate's beams and returned sequences repeat
+            # a prompt's features after they were made (and counted); the processor separates the units' runs
+            runs = _run_lengths(input_ids, handle.image_token_id)
+            return shrink_plan(input_ids, counts, handle.image_token_id,
+                               runs if len(runs) == len(counts) else handle.unit_counts)
         if isinstance(feats, (list, tuple)):  # each prompt's kept tokens, flattened
             k = handle.kept_per_unit
             counts = [k] * (sum(int(f.shape[0]) for f in feats) // k)
