@@ -239,3 +239,19 @@ def test_a_calibration_reads_back_from_its_json(calib_images):
         saint.Calibration.from_json('{"tau": {"0": 0.5}, "rows": []}')
     with pytest.raises(ValueError, match="expected a JSON object"):
         saint.Calibration.from_json("[1, 2]")
+
+
+def test_calibration_leaves_no_forward_behind(calib_images):
+    """Calibration's counting forwards stop after the last pruning block: ``token_mask``
+    described such a stopped call (its last pruning block as block -1); like ``stats`` it now
+    knows only the caller's complete forwards."""
+    model = make_tiny("vit")
+    saint.calibrate(model, calib_images, keep=0.7, k=1, layers=[0, 1])
+    with pytest.raises(RuntimeError, match="no forward has run"):
+        saint.stats(model)
+    with pytest.raises(IndexError, match="0 blocks ran"):
+        saint.token_mask(model)
+    with torch.no_grad():
+        model(calib_images)
+    assert len(saint.stats(model).tokens) == len(model.blocks)
+    saint.token_mask(model, len(model.blocks) - 1)

@@ -213,6 +213,9 @@ def _measure(adapter: Adapter, model: torch.nn.Module, inputs: Any, batch_size: 
                 except _StopForward:
                     pass
                 counts = handle_of(model).site_tokens()[: last_layer + 1] + after
+                runs = getattr(handle_of(model), "runs", None)
+                if runs is not None:  # the stopped call is no forward of the user's (token_mask, stats)
+                    runs.abandon()
                 per_block = [float(c.sum()) for c in counts]
                 per_block += [per_block[-1]] * (depth - len(per_block))
                 totals += torch.tensor(per_block, dtype=torch.float64)

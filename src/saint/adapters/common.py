@@ -650,6 +650,16 @@ class Runs:
                 if run is not None and run.next >= self.depth:
                     per_thread.pop(tid, None)
 
+    def abandon(self) -> None:
+        """Forget this thread's call if it stopped before its last block (on purpose, as
+        calibration's counting forwards do): the per-call reads (``token_mask``) then
+        describe the last complete call, as ``stats`` does."""
+        tid = threading.get_ident()
+        run = self._current.get(tid)
+        if run is not None and run.next < self.depth:
+            self._current.pop(tid, None)
+            self._executing.pop(tid, None)
+
     def current(self) -> Run | None:
         """This thread's call in progress (or its last one), else the last complete call."""
         return self._current.get(threading.get_ident()) or self.last
