@@ -328,6 +328,7 @@ def test_analyze_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     assert (out / "t.png").stat().st_size > 0
     md = (out / "t.md").read_text()
     assert "| aligner |" in md and "saint analyze" in md
+    assert "--min-blocks 1 --splits 2 --batch-size 3" in md  # the command as typed (options were left out)
     with open(out / "t.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["block"]) for r in rows] == [0, 1, 2, 3]

@@ -356,7 +356,8 @@ def test_analyze_and_viz_name_a_corrupt_image(bad_images, tmp_path, capsys) -> N
     (["calibrate", "--model", "vit_tiny_patch16_224", "--model-args", "depth=1,embed_dim=32,num_heads=2",
       "--img-size", "7", *COMMON, "--keep", "0.8"], "input size (7, 7) is smaller than the model's (16, 16) patches"),
     (["demo", "--tau", "5", "--out", "{file}"], "tau=5.0 is outside [-1, 1]"),
-    (["demo", "--plus-speedup", "0.5", "--out", "{file}"], "--plus-speedup 0.5 must be >= 1"),
+    (["demo", "--plus-speedup", "0.5", "--out", "{file}"], "--plus-speedup 0.5 must be > 1"),
+    (["demo", "--match-speedup", "1", "--out", "{file}"], "--match-speedup 1.0 must be > 1"),
     (["demo", "--tome-r", "-2", "--out", "{file}"], "r=-2 must be >= 0"),
 ])
 def test_ordinary_mistakes_are_clear_errors_before_the_run(argv, phrase, images, tmp_path, capsys) -> None:

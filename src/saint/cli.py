@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = ["saint", *(sys.argv[1:] if argv is None else argv)]  # as typed, for the records a command writes
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -18,8 +18,9 @@ class BadImageError(ValueError):
 
     def __init__(self, path: Path | str, reason: Exception) -> None:
         super().__init__(
-            f"cannot read image {path} ({type(reason).__name__}: {reason}); remove or replace it, "
-            "or pass --skip-bad-images to leave unreadable images out"
+            f"cannot read image {path} ({type(reason).__name__}: {reason}); remove or replace it (the commands "
+            "that read a folder of photos, saint bench/eval/sweep/calibrate/analyze, take --skip-bad-images to "
+            "leave unreadable ones out)"
         )
         self.path = Path(path)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shlex
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..measure.report import command_line
 from .options import DEFAULT_MODEL, add_model_options, check_output_dir, user_errors
 from .options import build_model as load_model
 
@@ -79,20 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _command(args: argparse.Namespace) -> str:
-    parts = ["saint", "analyze", *args.images]
-    if args.model != DEFAULT_MODEL:
-        parts += ["--model", args.model]
-    if args.checkpoint:
-        parts += ["--checkpoint", args.checkpoint]
-    if args.pretrained:
-        parts.append("--pretrained")
-    parts += ["--img-size", str(args.img_size)]
-    if args.limit is not None:
-        parts += ["--limit", str(args.limit)]
-    parts += ["--tau", str(args.tau), "--k", str(args.k), "--out-dir", str(args.out_dir)]
-    if args.name:
-        parts += ["--name", args.name]
-    return shlex.join(parts)
+    """The command as typed (every option, so that it reruns alike)."""
+    return command_line(getattr(args, "argv", None))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -158,8 +158,8 @@ def _check_settings(args: argparse.Namespace) -> None:
     if args.tome_r is not None:
         make_config("tome", r=args.tome_r)[1].resolve(1)
     for option, value in (("--plus-speedup", args.plus_speedup), ("--match-speedup", args.match_speedup)):
-        if value != 0 and not value >= 1:
-            raise ValueError(f"{option} {value} must be >= 1 (a FLOPs-ideal speed-up), or 0 to skip it")
+        if value != 0 and not value > 1:
+            raise ValueError(f"{option} {value} must be > 1 (a FLOPs-ideal speed-up), or 0 to skip it")
 
 
 class _Tour:
