@@ -255,3 +255,21 @@ def test_calibration_leaves_no_forward_behind(calib_images):
         model(calib_images)
     assert len(saint.stats(model).tokens) == len(model.blocks)
     saint.token_mask(model, len(model.blocks) - 1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 33])
+@pytest.mark.parametrize("q", [0.5, 0.3, 0.9, 1.0])
+def test_calibrated_thresholds_never_sit_on_a_calibration_value(n, q):
+    """A quantile that lands on a value (the median of an odd count) put one calibration
+    photo's cosine exactly on tau, where rounding decided between its batch and its lone run
+    (a random open_clip ViT-B/32: 0.013 apart). The threshold moves just below it: the same
+    values are flagged, none sits on it."""
+    from saint.calibration import quantile_between
+
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    tau = quantile_between(values, q)
+    ref = float(torch.quantile(values.double(), q))
+    assert int((values.double() >= tau).sum()) == int((values.double() >= ref).sum())
+    if n > 1:
+        assert not bool((values.double() == tau).any())
+    assert quantile_between(values[:0], q) == 1.0

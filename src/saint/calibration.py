@@ -146,8 +146,7 @@ def _quantile_probe(base: MethodSpec, fraction: float, taus: dict[int, float]) -
         if fraction <= 0 or kth.numel() == 0:
             tau = 1.0
         else:
-            tau = float(torch.quantile(kth.double(), max(0.0, 1.0 - fraction)))
-            tau = max(-1.0, min(1.0, tau))
+            tau = max(-1.0, min(1.0, quantile_between(kth, max(0.0, 1.0 - fraction))))
         taus[ctx.layer] = tau
         return base.select(ctx, {**s, "tau": tau}, cfg)
 
@@ -179,8 +178,7 @@ def _median_probe(base: MethodSpec, r: float, taus: dict[int, float], fractions:
 
     def select(ctx: LayerContext, s: dict[str, Any], cfg: MatchConfig) -> Selection:
         best, _, valid = best_matches(ctx.keys, ctx.num_protected, ctx.valid)
-        values = best[valid]
-        tau = float(torch.quantile(values.double(), 0.5)) if values.numel() else 1.0
+        tau = quantile_between(best[valid], 0.5)
         redundant = ((best >= tau) & valid).sum(dim=1).double().mean() if best.shape[0] else 0.0
         r_layer = r * (ramp or {}).get(ctx.layer, 1.0)
         fraction = min(1.0, float(r_layer / redundant)) if r_layer > 0 and redundant > 0 else 0.0
@@ -188,6 +186,23 @@ def _median_probe(base: MethodSpec, r: float, taus: dict[int, float], fractions:
         return base.select(ctx, {**s, "tau": tau, "fraction": fraction}, cfg)
 
     return dataclasses.replace(base, name=base.name + PROBE_SUFFIX, select=select)
+
+
+def quantile_between(values: torch.Tensor, q: float) -> float:
+    """``torch.quantile(values, q)`` (linear interpolation), except where that lands on one
+    of the values: then the mean of it and the value below it, which flags the same values
+    (the rules keep those at or above a threshold) while none sits on the threshold, where
+    the rounding of a batch or of a lone image would decide (a calibration photo's token
+    counts then differed between the two). 1.0 for no values."""
+    n = values.numel()
+    if n == 0:
+        return 1.0
+    v = values.double().flatten().sort().values
+    pos = q * (n - 1)
+    lo = int(pos)
+    if pos > lo:
+        return float(v[lo] + (pos - lo) * (v[lo + 1] - v[lo]))
+    return float(v[lo]) if lo == 0 else float((v[lo - 1] + v[lo]) / 2)
 
 
 def _measure(adapter: Adapter, model: torch.nn.Module, inputs: Any, batch_size: int, last_layer: int
