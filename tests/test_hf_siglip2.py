@@ -241,6 +241,21 @@ def test_refusals():
     saint.unpatch(model)
 
 
+@pytest.mark.parametrize("method,kw", [("tome", dict(r=1)), ("saint", dict(tau=0.3, k=1))])
+def test_attention_weights_of_a_padded_input_are_refused_when_packed(method, kw):
+    """A NaFlex batch is ragged from its input: ToMe (equal counts on rectangular input)
+    packs it too, and returned no attention weights without a word; refused as the ragged
+    methods are, and with the padded layout each layer's weights are given."""
+    inputs = naflex(images())
+    assert not bool(inputs["pixel_attention_mask"].bool().all())
+    model = saint.patch(make("eager"), method, **kw)
+    with torch.no_grad(), pytest.raises(ValueError, match="per-image attention of a packed batch"):
+        model(**inputs, output_attentions=True)
+    saint.patch(model, method, layout="padded", **kw)
+    with torch.no_grad():
+        assert len(model(**inputs, output_attentions=True).attentions) == model.config.num_hidden_layers
+
+
 def test_protocol_takes_images_and_processor_dicts():
     model = make()
     adapter = find_adapter(model)

@@ -11,6 +11,7 @@ so a new HF encoder family is a small module that says where its parts are.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -591,17 +592,31 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     return _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
 
 
-def _refuse_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, kwargs: dict[str, Any]) -> None:
+def _refuse_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, args: tuple, kwargs: dict[str, Any]
+                       ) -> None:
     """Refuse ``output_attentions`` where it cannot be what it says: per-image attention of a
-    packed batch, or a tower whose attention saint runs itself (no weights are made)."""
+    packed batch (a method whose counts differ per image, or any method on an input whose
+    images are padded, NaFlex's: ToMe then merges each image's own share), or a tower whose
+    attention saint runs itself (no weights are made)."""
     if not kwargs.get("output_attentions", tower.config.output_attentions):
         return
     if handle.own_attention:
         raise ValueError(f"a patched {type(tower).__name__} runs its attention through saint's kernel, which "
                          "makes no attention weights; unpatch it to read output_attentions")
-    if handle.runs.layout == "packed" and handle.config.pads:
+    if handle.runs.layout == "packed" and (handle.config.pads or _padded_input(tower, args, kwargs)):
         raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
                          "patch with layout='padded' to read attention weights")
+
+
+def _padded_input(tower: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether the call's own padding mask (a NaFlex tower's ``pixel_attention_mask`` or
+    ``attention_mask``) marks padding in some image."""
+    try:
+        bound = inspect.signature(type(tower).forward).bind_partial(tower, *args, **kwargs).arguments
+    except TypeError:  # arguments the forward does not take: its own call says so
+        return False
+    masks = [bound.get(name) for name in ("pixel_attention_mask", "attention_mask")]
+    return any(isinstance(m, torch.Tensor) and not bool(m.bool().all()) for m in masks)
 
 
 def backbone_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -609,7 +624,7 @@ def backbone_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     the row of the token it became (:meth:`~saint.adapters.common.TokenState.unmerge`): its
     feature maps lie on the input's grid, and each layer's input is read back from them."""
     handle = self.__dict__[SAINT_ATTR]
-    _refuse_attentions(self, handle, kwargs)
+    _refuse_attentions(self, handle, args, kwargs)
     with handle.runs.unmerging():
         return type(self).forward(self, *args, **kwargs)
 
@@ -618,7 +633,7 @@ def tower_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The tower's own forward; while it returns hidden states, every layer's output is
     unpadded (NaN at padding, :meth:`HFEncoderPatch.hidden_state_valid` marks tokens)."""
     handle = self.__dict__[SAINT_ATTR]
-    _refuse_attentions(self, handle, kwargs)
+    _refuse_attentions(self, handle, args, kwargs)
     if not kwargs.get("output_hidden_states", self.config.output_hidden_states):
         return type(self).forward(self, *args, **kwargs)
     with handle.runs.unpadding():
