@@ -19,8 +19,8 @@ KERNELS = ("auto", "loop", "padded", "flex", "varlen", "flash_attn")
 ``padded``: one SDPA call on a padded copy of q/k/v with a key mask carrying ToMe's size
 bias (CUDA default when ``varlen`` cannot run: only attention pays for the padding);
 ``flex``: ``flex_attention`` with a document mask (any device, supports the ToMe size
-bias; slower than ``padded`` on an H200, see docs/packed.md; a NaN in one image's values
-reaches the images it shares a block with, as 0 x NaN); ``varlen``:
+bias; slower than ``padded`` on an H200, see docs/packed.md; on a CPU a NaN in one image's
+values reaches every image of the stream, as 0 x NaN); ``varlen``:
 ``torch.nn.attention.varlen`` flash kernel (CUDA, fp16/bf16, no bias; torch >= 2.10,
 whose ``varlen_attn`` takes ``scale``); ``flash_attn``: the ``flash-attn`` package's
 ``flash_attn_varlen_func`` (the same kind of kernel, for a torch without ``varlen``; CUDA,
