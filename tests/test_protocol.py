@@ -384,3 +384,15 @@ def test_chunked_prefill_of_an_image_prompt_runs_whole_or_is_refused(name):
             with pytest.raises(ValueError, match=f"prefill_chunk_size={length - 1} splits this {length}-token prompt"):
                 model.generate(**inputs, max_new_tokens=2, do_sample=False, prefill_chunk_size=length - 1)
         saint.unpatch(model)
+
+
+@pytest.mark.parametrize("make", [tiny_llava, tiny_qwen], ids=["llava", "qwen"])
+def test_per_block_reads_of_a_vlm_patch_are_clear_errors(make):
+    """``token_mask`` / ``token_sizes`` describe a vision model's padded outputs; a VLM patch
+    has none (a Qwen-VL patch's media runs were taken for them: an AttributeError)."""
+    model = make()
+    saint.patch(model, mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2)
+    with pytest.raises(TypeError, match="no per-block token mask"):
+        saint.token_mask(model)
+    with pytest.raises(TypeError, match="no per-token sizes"):
+        saint.token_sizes(model)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .adapters import find_adapter
-from .adapters.common import TokenStats, get_handle
+from .adapters.common import Runs, TokenStats, get_handle
 
 
 def patch(model: torch.nn.Module, method: str = "saint", **kwargs: Any) -> torch.nn.Module:
@@ -70,7 +70,7 @@ def _runs_handle(model: torch.nn.Module, lacks: str) -> Any:
     """The handle of a patch that keeps per-call token state (the vision adapters);
     ``lacks`` says what another patch does not have."""
     handle = _handle(model)
-    if getattr(handle, "runs", None) is None:
+    if not isinstance(getattr(handle, "runs", None), Runs):  # (a Qwen-VL patch's "runs" are its media runs)
         raise TypeError(f"{type(model).__name__}'s patch has {lacks}")
     return handle
 

@@ -33,6 +33,7 @@ import torch
 
 from .adapters import Adapter, find_adapter, handle_of
 from .adapters.base import vit_block_flops
+from .adapters.common import Runs
 from .api import is_patched, patch, unpatch
 from .core import best_matches, prunable_valid, reduce_similarity, split_candidates
 from .methods import (
@@ -229,7 +230,7 @@ def _measure(adapter: Adapter, model: torch.nn.Module, inputs: Any, batch_size: 
                     pass
                 counts = handle_of(model).site_tokens()[: last_layer + 1] + after
                 runs = getattr(handle_of(model), "runs", None)
-                if runs is not None:  # the stopped call is no forward of the user's (token_mask, stats)
+                if isinstance(runs, Runs):  # the stopped call is no forward of the user's (token_mask, stats)
                     runs.abandon()
                 per_block = [float(c.sum()) for c in counts]
                 per_block += [per_block[-1]] * (depth - len(per_block))
