@@ -85,7 +85,7 @@ from .vlm_config import (
 )
 from .vlm_handle import Forward, VlmPatch, installing, unpatch
 from .vlm_hooks import Media, install_forward_hooks, make_mm_pre
-from .vlm_prompt import continue_prompt
+from .vlm_prompt import continue_prompt, run_index
 from .vlm_schedule import decoder_pruner, split_method
 
 __all__ = ["ADAPTERS", "AYA_VISION", "COHERE2_VISION", "DEEPSEEK_VL", "FIELDS", "GEMMA3", "IDEFICS3", "INTERNVL",
@@ -211,7 +211,6 @@ class PooledPatch(VlmPatch):
     tower: GroupPruner | None = None
     unit_tokens: int = 0  # image tokens the processor emits per unit (0 for a NaFlex tower's: each its own)
     kept_per_unit: int = 0  # of the last vision-side reduction
-    unit_counts: list[int] | None = None  # units of their own sizes: each one's tokens, before the reduction
 
     def remove(self) -> None:
         super().remove()
@@ -394,7 +393,6 @@ def _keep_own_units(handle: PooledPatch, out: Any) -> Any:
     per-unit keep masks or ``random``'s seeded subset of each unit's tokens."""
     feats = list(out.pooler_output)
     cfg = handle.config
-    handle.unit_counts = [int(f.shape[0]) for f in feats]
     if cfg.method == "random":
         keep = [random_keep(int(f.shape[0]), cfg.keep_ratio, cfg.seed, f.device) for f in feats]
     else:
@@ -402,28 +400,19 @@ def _keep_own_units(handle: PooledPatch, out: Any) -> Any:
     if keep is not None:
         if len(keep) != len(feats) or any(k.shape[0] != f.shape[0] for k, f in zip(keep, feats, strict=False)):
             raise RuntimeError(f"the tower kept groups of {[k.shape[0] for k in keep]} but the projector gave "
-                               f"{handle.unit_counts} tokens per unit")
+                               f"{[int(f.shape[0]) for f in feats]} tokens per unit")
         out.pooler_output = [f[k] for f, k in zip(feats, keep, strict=True)]
     return out
-
-
-def _run_lengths(input_ids: torch.Tensor, token_id: int) -> list[int]:
-    """The lengths of the maximal runs of ``token_id`` in ``input_ids [B, L]``, row after row."""
-    hit = input_ids == token_id
-    start = hit & ~torch.nn.functional.pad(hit[:, :-1], (1, 0), value=False)
-    run = start.flatten().long().cumsum(0) - 1
-    return torch.bincount(run[hit.flatten()]).tolist() if bool(hit.any()) else []
 
 
 def _plan(family: Family, handle: PooledPatch):
     def plan(input_ids: torch.Tensor, feats: Any) -> torch.Tensor | None:
         if family.naflex:  # units of their own sizes: each shrinks from its own count
-            counts = [int(f.shape[0]) for f in feats]
-            # each unit's count, from its run in the prompt: generate's beams and returned sequences repeat
-            # a prompt's features after they were made (and counted); the processor separates the units' runs
-            runs = _run_lengths(input_ids, handle.image_token_id)
-            return shrink_plan(input_ids, counts, handle.image_token_id,
-                               runs if len(runs) == len(counts) else handle.unit_counts)
+            # each unit's count is its run of tokens in the prompt (the processor separates them), which
+            # also holds for the features generate repeats per beam or returned sequence after making them
+            image = input_ids == handle.image_token_id
+            runs = torch.bincount(run_index(image)[image]).tolist() if bool(image.any()) else []
+            return shrink_plan(input_ids, [int(f.shape[0]) for f in feats], handle.image_token_id, runs)
         if isinstance(feats, (list, tuple)):  # each prompt's kept tokens, flattened
             k = handle.kept_per_unit
             counts = [k] * (sum(int(f.shape[0]) for f in feats) // k)

@@ -18,7 +18,14 @@ from .common import TokenStats
 from .qwen_vl_features import FEATURE_FNS, keep_of
 from .vlm_handle import Forward
 from .vlm_hooks import Media
-from .vlm_prompt import begin_prefill, continued_mask, refuse_static_cache, shrink_rows, step_shape
+from .vlm_prompt import (
+    begin_prefill,
+    continued_mask,
+    refuse_static_cache,
+    run_index,
+    shrink_rows,
+    step_shape,
+)
 
 MEDIA = Media(pixels=("pixel_values", "pixel_values_videos"), features=tuple(FEATURE_FNS),
               token_ids=("image_token_id", "video_token_id"), tokens="image or video")
@@ -26,21 +33,6 @@ MEDIA = Media(pixels=("pixel_values", "pixel_values_videos"), features=tuple(FEA
 
 def _visual_ids(mm: torch.nn.Module) -> list[int]:
     return [int(mm.config.image_token_id), int(mm.config.video_token_id)]
-
-
-def _runs(visual: torch.Tensor, joined: torch.Tensor | None = None) -> torch.Tensor:
-    """Index of the image/video each visual token belongs to (maximal runs, row-major;
-    the processor wraps every image and video in vision start/end tokens), -1 elsewhere.
-    ``joined``: tokens that may sit inside a video's run (the Omni processors interleave a
-    video's audio with its frames, ``use_audio_in_video``); runs of those alone are no image."""
-    span = visual if joined is None else visual | joined
-    start = span & ~F.pad(span[:, :-1], (1, 0), value=False)
-    run = start.flatten().long().cumsum(0).view_as(span) - 1
-    if joined is not None and bool(visual.any()):
-        has_visual = torch.zeros(int(run.max()) + 1, dtype=torch.long, device=run.device)
-        has_visual[run[visual]] = 1
-        run = (has_visual.cumsum(0) - 1)[run.clamp(min=0)]
-    return run.masked_fill(~visual, -1)
 
 
 def _audio(module: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -62,7 +54,7 @@ def prefill(handle: Any, module: torch.nn.Module, kwargs: dict[str, Any], fwd: F
     keep0 = None
     if handle.config.reduces_vision:
         kwargs, keep0 = _reduce_vision(module, kwargs, visual)
-    handle.runs = (_runs(visual, _audio(module, input_ids)), keep0)
+    handle.runs = (run_index(visual, _audio(module, input_ids)), keep0)
     if keep0 is not None and not bool(keep0.all()):
         refuse_static_cache(kwargs)
         kwargs = _shrink_inputs(kwargs, keep0, fwd)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..core import keep_mask_to_indices
 from . import hf_llm
@@ -44,6 +45,22 @@ def shrink_rows(kwargs: dict[str, Any], keep0: torch.Tensor, fwd: Forward
     new_mask = valid.long() if mask is None else torch.gather(mask, 1, src).masked_fill(~valid, 0)
     fwd.src0, fwd.valid0, fwd.removed = src, valid, (~keep0).sum(dim=1)
     return src, valid, new_mask
+
+
+def run_index(visual: torch.Tensor, joined: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the image (video, tile) each visual token of ``visual [B, L]`` belongs to
+    (maximal runs, row-major; the processors separate them: Qwen-VL's vision start/end
+    tokens, LFM2-VL's tile markers), -1 elsewhere. ``joined``: tokens that may sit inside a
+    video's run (the Omni processors interleave a video's audio with its frames,
+    ``use_audio_in_video``); runs of those alone are no image."""
+    span = visual if joined is None else visual | joined
+    start = span & ~F.pad(span[:, :-1], (1, 0), value=False)
+    run = start.flatten().long().cumsum(0).view_as(span) - 1
+    if joined is not None and bool(visual.any()):
+        has_visual = torch.zeros(int(run.max()) + 1, dtype=torch.long, device=run.device)
+        has_visual[run[visual]] = 1
+        run = (has_visual.cumsum(0) - 1)[run.clamp(min=0)]
+    return run.masked_fill(~visual, -1)
 
 
 def keep_last(input_ids: torch.Tensor, token_id: int, before: Sequence[int], after: Sequence[int]) -> torch.Tensor:
