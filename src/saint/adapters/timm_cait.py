@@ -177,7 +177,7 @@ def _attend(attn: torch.nn.Module, qkv: torch.Tensor, state: TokenState, handle:
     weighted by :func:`_key_weights`; its ``proj`` and dropouts."""
     w = _key_weights(state, handle.config.size_bias)
     if not state.packed and w is None:  # every image's tokens whole and real: timm's own ops, bit for bit
-        out = talking_heads(attn, qkv, None, exact=True)
+        out = timm_talking_heads(attn, qkv)
     elif not state.packed:
         out = talking_heads(attn, qkv, w)
     elif handle.kernel == "padded" or (handle.kernel == "auto" and accelerator_path(qkv.device)):
@@ -195,30 +195,33 @@ def _attend(attn: torch.nn.Module, qkv: torch.Tensor, state: TokenState, handle:
     return attn.proj_drop(attn.proj(out))
 
 
-def talking_heads(attn: torch.nn.Module, qkv: torch.Tensor, weights: torch.Tensor | None,
-                  exact: bool = False) -> torch.Tensor:
+def talking_heads(attn: torch.nn.Module, qkv: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """timm ``TalkingHeadAttn``'s products on its ``qkv`` output ``[B, N, 3C]`` -> ``[B, N,
     C]`` (before ``proj``), key ``j`` of image ``b`` standing for ``weights[b, j]`` tokens
     (None: one each): ``log(w)`` joins the logits after ``proj_l`` and ``proj_w``'s bias
     counts ``w`` times, so a key of weight ``s`` acts as ``s`` copies of itself and one of
-    weight 0 (padding) as none. ``exact`` (no weights): the head mixings as timm writes them,
-    so that a block with nothing pruned gives timm's answer bit for bit (:func:`mix_heads`
-    differs at rounding level on some CPUs)."""
+    weight 0 (padding) as none."""
     b, n, c3 = qkv.shape
     h = attn.num_heads
     q, k, v = qkv.reshape(b, n, 3, h, c3 // (3 * h)).permute(2, 0, 3, 1, 4)
-    if exact:
-        if weights is not None:
-            raise ValueError("timm's own head mixings take no key weights")
-        a = attn.proj_l((q * attn.scale @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        a = attn.proj_w(a.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return (attn.attn_drop(a) @ v).transpose(1, 2).reshape(b, n, c3 // 3)
     a = mix_heads(attn.proj_l, (q * attn.scale) @ k.transpose(-2, -1))
     if weights is not None:
         a = a + weights.to(a.dtype).log()[:, None, None, :]
     a = mix_heads(attn.proj_w, a.softmax(dim=-1))
     if weights is not None and attn.proj_w.bias is not None:
         a = a + attn.proj_w.bias.to(a.dtype)[None, :, None, None] * (weights.to(a.dtype) - 1)[:, None, None, :]
+    return (attn.attn_drop(a) @ v).transpose(1, 2).reshape(b, n, c3 // 3)
+
+
+def timm_talking_heads(attn: torch.nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """:func:`talking_heads` of whole, real tokens with the head mixings as timm writes them,
+    so that a block with nothing pruned gives timm's answer bit for bit (:func:`mix_heads`
+    differs at rounding level on some CPUs)."""
+    b, n, c3 = qkv.shape
+    h = attn.num_heads
+    q, k, v = qkv.reshape(b, n, 3, h, c3 // (3 * h)).permute(2, 0, 3, 1, 4)
+    a = attn.proj_l((q * attn.scale @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    a = attn.proj_w(a.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     return (attn.attn_drop(a) @ v).transpose(1, 2).reshape(b, n, c3 // 3)
 
 
