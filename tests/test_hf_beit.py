@@ -301,7 +301,7 @@ def test_data2vec_vision_prunes_as_the_same_beit(bias, method, kw, layout, image
 def test_pair_bias_kernels_agree_and_the_others_are_refused(images):
     """A packed stream's pair-biased attention: per image (``loop``, the CPU's ``auto``) and
     padded to the longest image (``padded``, an accelerator's ``auto``) agree; a kernel that
-    cannot add a bias per pair is a clear error, not a silent loop."""
+    cannot add a bias per pair is a clear error when patching, not a silent loop."""
     model = beit("per_layer")
     outs = {}
     for kernel in ("loop", "padded"):
@@ -310,6 +310,8 @@ def test_pair_bias_kernels_agree_and_the_others_are_refused(images):
             outs[kernel] = model(pixel_values=images).logits
         assert saint.stats(model).layout == "packed"
     torch.testing.assert_close(outs["padded"], outs["loop"], **TOL)
-    saint.patch(model, "saint_match", tau=0.3, fraction=0.7, kernel="flex")
-    with pytest.raises(ValueError, match="relative position bias per pair"), torch.no_grad():
-        model(pixel_values=images)
+    saint.unpatch(model)
+    for kernel in ("flex", "varlen", "flash_attn"):  # refused when patching, the model left as it was
+        with pytest.raises(ValueError, match="relative position bias per pair"):
+            saint.patch(model, "saint_match", tau=0.3, fraction=0.7, kernel=kernel)
+        assert not saint.is_patched(model)

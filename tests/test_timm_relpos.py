@@ -142,7 +142,7 @@ def test_the_average_head_reads_what_every_patch_became(arch, method, kw, images
 def test_pair_bias_kernels_agree_and_the_others_are_refused(arch, images):
     """A packed stream's pair-biased attention runs per image (``loop``, the CPU's ``auto``)
     or on the images padded to the longest (``padded``, an accelerator's ``auto``): the same
-    answer; a kernel that cannot add a bias per pair is a clear error."""
+    answer; a kernel that cannot add a bias per pair is a clear error when patching."""
     model = make_tiny(arch)
     guard = dict(guard=0.3) if model.cls_token is not None else {}
     outs = {}
@@ -153,9 +153,11 @@ def test_pair_bias_kernels_agree_and_the_others_are_refused(arch, images):
         assert saint.stats(model).layout == "packed"
     torch.testing.assert_close(outs["loop"], outs["auto"], rtol=0, atol=0)
     torch.testing.assert_close(outs["padded"], outs["loop"], **TOL)
-    saint.patch(model, "saint_match", tau=0.2, fraction=0.7, kernel="flex")
-    with pytest.raises(ValueError, match="relative position bias per pair"), torch.no_grad():
-        model(images)
+    saint.unpatch(model)
+    for kernel in ("flex", "varlen", "flash_attn"):  # refused when patching, the model left as it was
+        with pytest.raises(ValueError, match="relative position bias per pair"):
+            saint.patch(model, "saint_match", tau=0.2, fraction=0.7, kernel=kernel)
+        assert not saint.is_patched(model)
 
 
 def relpos_table(**extra) -> torch.nn.Module:

@@ -57,7 +57,7 @@ from .common import (
     output_unshared,
     patch_table_rows,
 )
-from .pair_bias import first_token_attention, pair_attention
+from .pair_bias import check_pair_kernel, first_token_attention, pair_attention
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -209,6 +209,8 @@ def patch_encoder(
     if dense:
         require_merging(spec, f"{type(tower).__name__}'s feature maps")
     first = parts(layers[0]) if layers else None
+    if first is not None and first.pair_bias is not None:
+        check_pair_kernel(kernel)
     own_attention = first is not None and first.own_attention
     if not own_attention:  # saint's own attention takes any mask
         check_maskable(tower, spec, config, layout)

@@ -18,6 +18,8 @@ from .common import TokenState
 # larger than the CPU's cache cost up to 1.9x more per image than groups of images within it
 # (a throwaway CPU benchmark, BEiT-B at 224px, 32 images: docs/packed.md)
 PAIR_MASK_BYTES = 8 << 20
+# the packed kernels that take a bias per pair of tokens (no variable-length one does)
+PAIR_KERNELS = ("auto", "loop", "padded")
 
 
 def _positions(state: TokenState, x: torch.Tensor) -> torch.Tensor:
@@ -97,10 +99,15 @@ def _pair_kernel(kernel: str, q: torch.Tensor, full: torch.Tensor, dropout_p: fl
     call per image; ``auto`` on a CPU) or ``padded`` (one call on the images padded to the
     longest, each with its gathered bias; ``auto`` on an accelerator); no variable-length
     kernel takes a bias per pair."""
-    if kernel not in ("auto", "loop", "padded"):
-        raise ValueError(f"kernel={kernel!r} cannot add a relative position bias per pair of tokens (BEiT); "
-                         "use 'auto', 'loop' or 'padded'")
+    check_pair_kernel(kernel)
     return resolve_kernel(kernel, q, full, dropout_p)
+
+
+def check_pair_kernel(kernel: str) -> None:
+    """Refuse (at patch time too) a packed kernel that cannot add a bias per pair of tokens."""
+    if kernel not in PAIR_KERNELS:
+        raise ValueError(f"kernel={kernel!r} cannot add a relative position bias per pair of tokens (BEiT); "
+                         f"use one of {PAIR_KERNELS}")
 
 
 def _padded_positions(state: TokenState, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

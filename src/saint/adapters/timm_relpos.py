@@ -36,7 +36,7 @@ from .common import (
     drop_path_of,
     output_unshared,
 )
-from .pair_bias import first_token_attention, pair_attention
+from .pair_bias import check_pair_kernel, first_token_attention, pair_attention
 from .timm_eva import (
     EvaProbe,
     TimmEva,
@@ -99,6 +99,7 @@ def patch(
     """Patch a timm ``Beit`` or ``VisionTransformerRelPos`` in place (see :func:`saint.patch`)."""
     family = _family_of(model)
     spec, config = begin_patch(model, method, layout, kernel, kwargs)
+    check_pair_kernel(kernel)
     check_blocks(list(model.blocks),
                  lambda blk: type(blk) is family.block and type(getattr(blk, "attn", None)) is family.attention,
                  "timm Beit's Block and VisionTransformerRelPos's pre-norm RelPosBlock (not the post-norm "
