@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import timm
 import torch
 
 import saint
@@ -239,6 +240,34 @@ def test_a_calibration_reads_back_from_its_json(calib_images):
         saint.Calibration.from_json('{"tau": {"0": 0.5}, "rows": []}')
     with pytest.raises(ValueError, match="expected a JSON object"):
         saint.Calibration.from_json("[1, 2]")
+
+
+def test_a_calibration_with_a_per_block_setting_reads_back(calib_images):
+    """A per-block setting given as a dict (``k={0: 1, 1: 2}``) comes back from JSON with its
+    block keys as integers, so the read-back calibration patches the same model."""
+    model = make_tiny("vit", depth=4)
+    cal = saint.calibrate(model, calib_images, keep=0.8, k={0: 1, 1: 2}, layers=[0, 1], apply=False, tol=0.05)
+    again = saint.Calibration.from_json(cal.to_json())
+    assert again == cal and again.settings["k"] == {0: 1, 1: 2}
+    with torch.no_grad():
+        saint.patch(model, "saint", **cal.patch_kwargs())
+        expected = model(calib_images)
+        saint.patch(model, "saint", **again.patch_kwargs())
+        assert torch.equal(model(calib_images), expected)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_reached_is_judged_on_what_runs_at_the_batch_size(batch_size, calib_images):
+    """A batch vote's counts depend on the batch: ``reached`` says whether ``achieved`` (the
+    fixed taus at ``batch_size``) is within ``tol`` of the target, whatever the search saw."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, depth=6,
+                              embed_dim=64, num_heads=2, num_classes=10).eval()
+    images = torch.randn(8, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", saint.CalibrationWarning)
+        cal = saint.calibrate(model, images, keep=0.6, rate="batch", batch_size=batch_size, apply=False, tol=0.01)
+    assert cal.reached == (abs(cal.achieved - 0.6) <= 0.01 * 0.6)
 
 
 def test_calibration_leaves_no_forward_behind(calib_images):

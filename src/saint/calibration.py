@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -100,6 +101,9 @@ class Calibration:
             raise ValueError(f"not a saint calibration: unknown fields {unknown}, missing fields {missing}")
         data["tau"] = _by_block(data["tau"])
         data["per_layer"] = {name: _by_block(d) for name, d in data.get("per_layer", {}).items()}
+        # a per-block setting given as a dict (``k={0: 2, 1: 4}``) came back with string keys
+        data["settings"] = {name: {int(k): v for k, v in value.items()} if isinstance(value, dict) else value
+                            for name, value in data.get("settings", {}).items()}
         data["history"] = [tuple(h) for h in data.get("history", [])]
         return cls(**data)
 
@@ -247,11 +251,13 @@ def _target(**given: float | None) -> tuple[str, float]:
     if len(chosen) != 1:
         raise ValueError(f"give exactly one target of {TARGETS}, got {[k for k, _ in chosen] or 'none'}")
     target, value = chosen[0]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{target}={value!r} must be a number")
     target = "flops_speedup" if target == "speedup" else target
     if target in ("flops_speedup", "measured_speedup") and not value > 1.0:
         raise ValueError(f"{target}={value} must be > 1 (a speed-up of 1 prunes nothing: leave the model unpatched)")
-    if target in ("flops", "keep") and not 0.0 < value <= 1.0:
-        raise ValueError(f"{target}={value} must be in (0, 1]")
+    if target in ("flops", "keep") and not 0.0 < value < 1.0:
+        raise ValueError(f"{target}={value} must be in (0, 1) (1 prunes nothing: leave the model unpatched)")
     return target, value
 
 
@@ -392,7 +398,7 @@ def calibrate(
         history=history,
         tau_setting=tau_name,
         per_layer=per_layer,
-        reached=abs(best[1] - goal) <= tol * goal,
+        reached=abs(achieved_q - goal) <= tol * goal,  # what runs at batch_size (a batch vote depends on it)
         inflection=float(inflection),
     )
     if not result.reached:
