@@ -354,6 +354,24 @@ def test_packed_siglip_training_gives_finite_gradients(images):
     _assert_finite_and_equal(grads["packed"], grads["padded"])
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_training_only_the_final_norm_of_frozen_blocks_gives_finite_gradients(layout, images):
+    """LN-tuning / norm-and-head probing: the blocks are frozen, so the tokens leaving them
+    need no gradient, but autograd records the norm after them: its padding rows must be 0
+    (a NaN row made the norm's weight gradient NaN, and one step every later output)."""
+    grads = {}
+    for patched in (False, True):
+        model = make_tiny("vit").train()
+        if patched:
+            saint.patch(model, "saint", layout=layout, **CASES["saint"])
+        model.requires_grad_(False)
+        model.norm.requires_grad_(True)
+        grads[patched] = _parameter_grads(model, model(images).square().sum())
+    assert saint.stats(model).layout == layout and saint.token_mask(model) is not None
+    assert grads[True].keys() == grads[False].keys() == {"norm.weight", "norm.bias"}
+    assert all(bool(torch.isfinite(g).all()) for g in grads[True].values())
+
+
 def test_packed_output_keeps_nan_padding_without_autograd(images):
     model = saint.patch(make_tiny("vit"), "saint", **CASES["saint"])
     with torch.no_grad():

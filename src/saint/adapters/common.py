@@ -232,12 +232,13 @@ class TokenState:
     def leave(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens that leave the patched blocks: a packed stream becomes the padded view
         ``[B, M, C]`` with NaN at padding (``valid`` marks real tokens, ``sizes`` is 1
-        there), so no padding value can pass for a token. When autograd records ``x``
-        the padding is 0 instead: a norm after the blocks multiplies every row by its
-        weight, and a NaN row would make that weight's gradient NaN although the row's
-        own gradient is 0. The padded layout's padding rows are filled the same way
-        (they hold what the masked computation left there)."""
-        fill = 0.0 if x.requires_grad else float("nan")
+        there), so no padding value can pass for a token. In grad mode the padding is 0
+        instead: a trainable norm or projection after the blocks multiplies every row by
+        its weight, and a NaN row would make that weight's gradient NaN although the row's
+        own gradient is 0 (also when the blocks are frozen and ``x`` needs no gradient).
+        The padded layout's padding rows are filled the same way (they hold what the
+        masked computation left there)."""
+        fill = 0.0 if torch.is_grad_enabled() else float("nan")
         if not self.packed:
             if self.valid is None:
                 return x

@@ -18,7 +18,7 @@ scale run on it as they are, and attention runs per image over its own tokens
 ``k_norm``, ``norm`` and ``proj``). ``layout="padded"`` pads and masks instead.
 
 No padding leaks out. The last block hands back the padded view ``[B, M, C]`` with
-NaN at padding (0 when autograd records it: see :meth:`TokenState.leave`), so
+NaN at padding (0 in grad mode: see :meth:`TokenState.leave`), so
 ``forward_features`` returns that and :func:`saint.token_mask` says which positions
 are real; the model's pooling (``token``, ``avg``, ``max``,
 ``avgmax``, attention pooling) and ``forward`` give per-image results.
