@@ -6,6 +6,7 @@ gives every parameter the padded layout's finite gradient."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import pickle
 import threading
@@ -230,8 +231,37 @@ def test_blocks_wrapped_by_accelerate_are_refused_and_left_alone(kind, images):
         with pytest.raises(ValueError, match="CLIPVisionModel already has a per-instance forward"):
             saint.patch(offloaded, "saint_plus", tau=0.2)
         return
+    unpatched = run(offloaded)
     saint.patch(offloaded, "saint_plus", tau=0.2)
     assert torch.equal(run(offloaded), run(patched_alone))
+    # selecting before attention runs the key projection (offloaded: its own forward) too
+    saint.patch(offloaded, "saint_plus", tau=0.2, select_at="attention")
+    saint.patch(patched_alone, "saint_plus", tau=0.2, select_at="attention")
+    torch.testing.assert_close(run(offloaded), run(patched_alone), rtol=1e-5, atol=1e-6)  # whole vs split qkv
+    saint.unpatch(offloaded)  # accelerate's forwards on the leaves stay
+    assert torch.equal(run(offloaded), unpatched)
+
+
+def test_a_key_projection_with_its_own_forward_runs_it(images):
+    """A per-instance ``forward`` on a block's qkv (a user's wrapper): selecting before
+    attention runs it as a hook on the projection would run (not the weight's rows on their
+    own), and unpatching leaves it in place."""
+    def doubled(model: torch.nn.Module, how: str) -> torch.nn.Module:
+        for blk in model.blocks:
+            if how == "forward":
+                blk.attn.qkv.forward = functools.partial(lambda x, f: f(x) * 2, f=blk.attn.qkv.forward)
+            else:
+                blk.attn.qkv.register_forward_hook(lambda mod, args, out: out * 2)
+        return model
+
+    own, hooked = doubled(make_tiny("vit"), "forward"), doubled(make_tiny("vit"), "hook")
+    with torch.no_grad():
+        want = own(images)
+        for model in (own, hooked):
+            saint.patch(model, "saint", select_at="attention", **CASES["saint"])
+        assert torch.equal(own(images), hooked(images))
+        saint.unpatch(own)
+        assert "forward" in own.blocks[0].attn.qkv.__dict__ and torch.equal(own(images), want)
 
 
 def test_pickling_a_patched_model_says_unpatch_first():

@@ -526,6 +526,14 @@ def install_sites(handle: TokenStateHandle, owner: nn.Module, prefix: str, forwa
             handle.hooked.append(Hooked(blk, key_proj, proj, f"the key projection of {handle.block_names[i]}"))
 
 
+def drop_own_forward(module: nn.Module) -> None:
+    """Remove the per-instance ``forward`` saint gave ``module``; one another library set
+    (accelerate's offload hook on a key projection saint only hooked) stays."""
+    forward = module.__dict__.get("forward")
+    if getattr(getattr(forward, "__func__", forward), "__module__", "").partition(".")[0] == "saint":
+        del module.__dict__["forward"]
+
+
 def remove_sites(handle: TokenStateHandle) -> None:
     """Undo :func:`install_sites` on the blocks it patched (wherever they are now): their
     own ``forward`` again, no hooks."""
@@ -536,7 +544,7 @@ def remove_sites(handle: TokenStateHandle) -> None:
         blk.__dict__.pop("forward", None)
         blk.__dict__.pop(SITE_ATTR, None)
     for hooked in handle.hooked:  # the modules recorded, even where something replaced them since
-        hooked.module.__dict__.pop("forward", None)
+        drop_own_forward(hooked.module)
         hooked.module.__dict__.pop(SITE_ATTR, None)
     handle.hooked.clear()
     handle.patched_blocks = None

@@ -334,8 +334,9 @@ def qkv_splittable(qkv: torch.nn.Module) -> bool:
 def qkv_runs_in_parts(qkv: torch.nn.Module) -> bool:
     """Whether a fused qkv projection may run in parts now: splittable, with no hook of
     its own but saint's key capture (a user's hook on it sees the whole projection it
-    registered on; global module hooks, e.g. a FLOP counter's, see the modules that run)."""
-    return (qkv_splittable(qkv) and not qkv._forward_pre_hooks
+    registered on; global module hooks, e.g. a FLOP counter's, see the modules that run)
+    and no per-instance ``forward`` (accelerate's offload hook, a user's wrapper)."""
+    return (qkv_splittable(qkv) and not qkv._forward_pre_hooks and "forward" not in qkv.__dict__
             and all(h is capture_for_selection for h in qkv._forward_hooks.values()))
 
 
