@@ -426,3 +426,41 @@ def test_an_image_of_nan_leaves_the_others_as_they_are_alone(case, layout, image
         alone = torch.cat([model(x[i : i + 1]) for i in range(1, len(x))])
     assert bool(out[0].isnan().any())
     torch.testing.assert_close(out[1:], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["timm", "clip"])
+def test_a_hook_on_an_attention_module_saint_computes_itself_is_refused(kind, images):
+    """saint computes a packed batch's attention (and a selection before attention's) from
+    the attention module's parts: a user's hook on that module would silently not run, so
+    the forward refuses it and names the module; where the module runs (the padded layout)
+    its hook runs and changes the answer as it does unpatched."""
+    from .test_hf_vision import make
+
+    def build() -> tuple[torch.nn.Module, torch.nn.Module, str]:
+        if kind == "timm":
+            model = make_tiny("vit")
+            return model, model.blocks[1].attn, "blocks.1.attn"
+        model = make("clip")
+        return model, model.encoder.layers[1].self_attn, "encoder.layers.1.self_attn"
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(images) if kind == "timm" else model(pixel_values=images).pooler_output
+
+    calls = []
+    for how in (dict(layout="packed"), dict(layout="padded", select_at="attention")):
+        model, attn = build()[:2]
+        attn.register_forward_hook(lambda mod, args, out: calls.append(1))
+        saint.patch(model, "saint", **how, **CASES["saint"])
+        with pytest.raises(RuntimeError, match=rf"{build()[2]} has a forward hook, which would not run"):
+            run(model)
+    assert not calls
+    ablated, attn, _ = build()
+    attn.register_forward_hook(lambda mod, args, out: (out[0] * 0, *out[1:]) if isinstance(out, tuple) else out * 0)
+    saint.patch(ablated, "saint", layout="padded", **CASES["saint"])
+    reference, attn, _ = build()
+    proj = attn.proj if kind == "timm" else attn.out_proj
+    torch.nn.init.zeros_(proj.weight), torch.nn.init.zeros_(proj.bias)
+    saint.patch(reference, "saint", layout="padded", **CASES["saint"])
+    torch.testing.assert_close(run(ablated), run(reference))
+    assert saint.token_mask(ablated) is not None  # the batch was ragged

@@ -412,6 +412,9 @@ class TokenStateHandle(Handle):
         settings = self.settings.get(index)
         if x.shape[0] == 0:  # an empty batch has nothing to select
             settings = None
+        if self.patched_blocks is not None and (state.packed or (
+                settings is not None and getattr(self.config, "select_at", "mlp") == "attention")):
+            refuse_attention_hooks(self.patched_blocks.blocks[index], self.block_names[index])
         return run, x, settings
 
     def leave_site(self, index: int, run: Any, x: torch.Tensor) -> torch.Tensor:
@@ -482,6 +485,38 @@ def refuse_calls_without_data(x: torch.Tensor) -> None:
 
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+
+ATTENTION_NAMES = ("attn", "self_attn", "attention")  # a block's attention module (timm, HF)
+
+
+def _user_hook(hook: Callable[..., Any]) -> bool:
+    """A hook someone registered: not saint's key capture, nor transformers' own output
+    capturing (installed on every attention module at a call with ``output_hidden_states``;
+    it records attentions only when asked, which a packed batch refuses)."""
+    module = getattr(getattr(hook, "__func__", hook), "__module__", None) or ""
+    return hook is not capture_for_selection and not module.startswith("transformers.")
+
+
+def refuse_attention_hooks(block: nn.Module, name: str) -> None:
+    """Refuse a user's hook on a block's attention module (or on a module inside it that has
+    modules of its own, e.g. HF ViT's self-attention) where saint computes that attention
+    itself from its parts (a packed batch, a selection before attention): the hook would
+    silently not run. Its projections, norms and the block itself run as modules."""
+    attr = next((a for a in ATTENTION_NAMES if isinstance(block._modules.get(a), nn.Module)), None)
+    if attr is None:
+        return
+    attn = block._modules[attr]
+    for sub_name, module in (("", attn), *attn._modules.items()):
+        if module is None or (module is not attn and not module._modules):
+            continue
+        if any(map(_user_hook, (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))):
+            where = ".".join(filter(None, (name, attr, sub_name)))
+            raise RuntimeError(
+                f"{where} has a forward hook, which would not run: saint computes this block's attention "
+                "itself from its parts here (a packed ragged batch, or a selection before attention). Register "
+                f"the hook on the block ({name}) or on the attention's projections instead, or patch with "
+                "layout='padded' (and select_at='mlp')"
+            )
 
 
 def capture_for_selection(module: nn.Module, args: Any, output: torch.Tensor) -> None:
