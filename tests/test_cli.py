@@ -355,6 +355,19 @@ def test_analyze_and_viz_name_a_corrupt_image(bad_images, tmp_path, capsys) -> N
      "timm.create_model('vit_tiny_patch16_224', depth='a') failed"),
     (["calibrate", "--model", "vit_tiny_patch16_224", "--model-args", "depth=1,embed_dim=32,num_heads=2",
       "--img-size", "7", *COMMON, "--keep", "0.8"], "input size (7, 7) is smaller than the model's (16, 16) patches"),
+    (["calibrate", *TINY, "--img-size", "-14", *COMMON, "--keep", "0.8"],
+     "--img-size must be a positive number of pixels, got -14"),
+    (["calibrate", "--img-size", "0", *COMMON, "--keep", "0.8"], "--img-size must be a positive number of pixels"),
+    (["calibrate", *TINY, *COMMON, "--keep", "0.8", "--args", "mode=global,batch_size=2"],
+     "--args cannot set mode (give --mode), batch_size (give --batch-size)"),
+    (["sweep", *TINY, *COMMON, "--calibrated", "saint:at=1"], "at=1 must be one speed-up > 1"),
+    (["sweep", *TINY, *COMMON, "--calibrated", "saint:at=inf"], "at=inf must be one speed-up > 1"),
+    (["sweep", *TINY, *COMMON, "--calibrated", "tome:r=1"], "calibration picks tau; method 'tome' has none"),
+    (["sweep", *TINY, *COMMON, "--calibrated", "saint_match:mode=global"],
+     "saint_match calibrates tau and fraction per layer (mode='per_layer'), not mode='global'"),
+    (["sweep", *TINY, *COMMON, "--calibrated", "saint", "--speedups", "0.5"], "speed-up targets must be > 1"),
+    (["sweep", *TINY, *COMMON, "--tome-inflection", "0"], "--tome-inflection 0 is ToMe's constant schedule"),
+    (["bench", *TINY, *COMMON, "--method", "saint:tau=0#0.9/0#0.8"], "block 0 is given twice"),
     (["demo", "--tau", "5", "--out", "{file}"], "tau=5.0 is outside [-1, 1]"),
     (["demo", "--plus-speedup", "0.5", "--out", "{file}"], "--plus-speedup 0.5 must be > 1"),
     (["demo", "--match-speedup", "1", "--out", "{file}"], "--match-speedup 1.0 must be > 1"),
@@ -457,3 +470,40 @@ def test_an_open_clip_model_by_name(images, capsys) -> None:
     assert "is not an open_clip model name" in capsys.readouterr().err
     assert main(["bench", *argv, "--pretrained", *COMMON, "--method", "tome:r=1"]) == 2
     assert "--model-args pretrained=<tag>" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--calibrated", "saint:at=1"], ["--calibrated", "tome:r=1"],
+                                 ["--calibrated", "saint_match:mode=global"],
+                                 ["--calibrated", "saint", "--speedups", "1.5,0.5"], ["--tome-inflection", "0"]])
+def test_sweep_checks_its_targets_before_it_loads_the_model(bad, images, monkeypatch, capsys) -> None:
+    """A sweep's calibration targets and schedules are refused before any model loads (they
+    were checked after the baseline and the whole tau grid had run)."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("saint.commands.options.build_model", loaded)
+    assert main(["sweep", *TINY, *COMMON, "--images", images, *bad]) == 2
+    assert "saint sweep: error" in capsys.readouterr().err
+
+
+def test_sweep_says_which_tome_schedules_it_leaves_out(images, tmp_path) -> None:
+    """A decreasing ToMe schedule that cannot merge that much in every block is left out
+    with a warning and listed in the report (it was dropped without a word)."""
+    out = tmp_path / "sw"
+    with pytest.warns(UserWarning, match=r"ToMe schedules left out .*tome:r=3,inflection=1"):
+        assert main(["sweep", *TINY, *COMMON, "--images", images, "--limit", "2", "--taus", "0.9",
+                     "--tome-r", "3", "--tome-inflection", "1", "--matched", "none", "--batch-size", "2",
+                     "--timing-batch", "2", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "sw.json").read_text())
+    assert report["settings"]["tome_schedules_left_out"] == [{"r": 3, "inflection": 1.0}]
+    assert not any(r["setting"].get("inflection") for r in report["results"] if r["method"] == "tome")
+
+
+def test_analyze_runs_a_model_at_its_own_size(images, tmp_path) -> None:
+    """Without --img-size, analyze (and viz) build the model at its own input size (they
+    built every timm model at 224px, resizing its position table without a word)."""
+    out = tmp_path / "an"
+    assert main(["analyze", images, "--model", "vit_tiny_patch16_384", "--model-args", "depth=3,embed_dim=32,num_heads=2",
+                 "--limit", "2", "--splits", "1", "--min-blocks", "1", "--out-dir", str(out)]) == 0
+    assert (out / "vit_tiny_patch16_384_384.csv").exists()
+    assert "- image size: 384 px" in (out / "vit_tiny_patch16_384_384.md").read_text()

@@ -79,6 +79,7 @@ class Calibration:
     reached: bool = True  # False: the target is out of reach; ``achieved`` is the closest value found
     measured: dict[str, Any] | None = None  # measured_speedup: timing batch, device and each step's times
     inflection: float = 0.0  # saint_match: the merge schedule's slope the per-layer fractions were fitted to
+    provenance: dict[str, Any] | None = None  # saint calibrate: the model, photos, command, date and versions
 
     def patch_kwargs(self) -> dict[str, Any]:
         return {**self.settings, self.tau_setting: dict(self.tau), **{k: dict(v) for k, v in self.per_layer.items()}}
@@ -261,10 +262,23 @@ def _target(**given: float | None) -> tuple[str, float]:
     return target, value
 
 
-def _check_search(mode: str, tol: float, max_iter: int, batch_size: int) -> None:
-    """Reject search settings that cannot work, naming the value."""
+def check_calibratable(method: str | MethodSpec, mode: str) -> tuple[MethodSpec, bool]:
+    """The method's spec and whether it is ``saint_match``'s kind (tau and fraction per
+    layer), or a clear error where calibration cannot choose its settings."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    spec = get_method(method)
+    matched = issubclass(spec.config_cls, MatchConfig)
+    if not (matched or issubclass(spec.config_cls, SaintConfig)):
+        raise ValueError(f"calibration picks tau; method {spec.name!r} has none "
+                         "(use 'saint', 'saint_fold', 'saint_plus' or 'saint_match')")
+    if matched and mode != "per_layer":
+        raise ValueError(f"{spec.name} calibrates tau and fraction per layer (mode='per_layer'), not mode={mode!r}")
+    return spec, matched
+
+
+def _check_search(mode: str, tol: float, max_iter: int, batch_size: int) -> None:
+    """Reject search settings that cannot work, naming the value."""
     for name, v in (("max_iter", max_iter), ("batch_size", batch_size)):
         if not is_integer(v) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
@@ -317,11 +331,7 @@ def calibrate(
     target, value = _target(flops_speedup=flops_speedup, measured_speedup=measured_speedup, flops=flops, keep=keep,
                             speedup=speedup)
     _check_search(mode, tol, max_iter, batch_size)
-    spec = get_method(method)
-    matched = issubclass(spec.config_cls, MatchConfig)
-    if not (matched or issubclass(spec.config_cls, SaintConfig)):
-        raise ValueError(f"calibration picks tau; method {method!r} has none "
-                         "(use 'saint', 'saint_fold', 'saint_plus' or 'saint_match')")
+    spec, matched = check_calibratable(method, mode)
     adapter = find_adapter(model)
     if is_patched(model):
         raise ValueError("the model is already patched by saint; unpatch it before calibrating")

@@ -12,6 +12,7 @@ parsed, before a command loads its model. The same syntax serves ``--model-args`
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,9 +74,12 @@ def parse_value(text: str) -> Any:
             if not sep:
                 raise ValueError(f"{text!r} mixes block#value pairs with plain values")
             try:
-                out[int(block)] = parse_scalar(value)
+                index = int(block)
             except ValueError:
                 raise ValueError(f"block index {block!r} in {text!r} is not an integer") from None
+            if index in out:
+                raise ValueError(f"block {index} is given twice in {text!r}")
+            out[index] = parse_scalar(value)
         return out
     if len(items) == 1:
         return parse_scalar(items[0])
@@ -172,19 +176,21 @@ def parse_calibrated_spec(text: str) -> Variant:
     to the speed-up measured at the timing batch) and ``at=S`` (calibrate to S only,
     instead of every speed-up of the grid); ``saint_match`` also takes ``inflection=F``
     (the merge schedule's slope, see :func:`saint.calibration.merge_ramp`)."""
-    from .calibration import MODES, merge_ramp
+    from .calibration import check_calibratable, merge_ramp
 
     v = parse_method_spec(text, validate=False)
     kwargs = dict(v.kwargs)
     mode = kwargs.pop("mode", "per_layer")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r} in {text!r}")
+    try:
+        check_calibratable(v.method, mode)
+    except ValueError as e:
+        raise ValueError(f"{e} in {text!r}") from None
     target = kwargs.pop("target", "flops")
     if target not in ("flops", "measured"):
         raise ValueError(f"target must be 'flops' or 'measured', got {target!r} in {text!r}")
     at = kwargs.pop("at", None)
-    if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not at >= 1):
-        raise ValueError(f"at={at!r} must be one speed-up >= 1 (this variant's only target) in {text!r}")
+    if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not 1 < at < math.inf):
+        raise ValueError(f"at={at!r} must be one speed-up > 1 (this variant's only target) in {text!r}")
     if "tau" in kwargs:
         raise ValueError(f"calibrated variants choose tau themselves; remove it from {text!r}")
     inflection = kwargs.pop("inflection", None)

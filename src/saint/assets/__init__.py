@@ -47,7 +47,14 @@ from .imgfocus import (
     imgfocus_onnx_bytes,
     store_converted_state_dict,
 )
-from .loading import BadImageError, eval_transform, load_images, load_images_for_model, open_rgb
+from .loading import (
+    BadImageError,
+    eval_transform,
+    input_size,
+    load_images,
+    load_images_for_model,
+    open_rgb,
+)
 from .models import (
     benchmark_model,
     default_hf_model,
@@ -83,6 +90,7 @@ __all__ = [
     "default_model",
     "default_model_state_dict",
     "eval_transform",
+    "input_size",
     "foolbox_images",
     "imgfocus_onnx_bytes",
     "store_converted_state_dict",

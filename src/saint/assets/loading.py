@@ -49,15 +49,33 @@ def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
+
+    return create_transform(**_timm_data_config(model), is_training=False)
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """The ``(height, width)`` of the images :func:`eval_transform` makes for ``model``."""
+    if type(model).__module__.startswith("open_clip."):
+        import open_clip
+
+        size = open_clip.get_model_preprocess_cfg(model)["size"]
+    else:
+        size = _timm_data_config(model)["input_size"][1:]
+    h, w = (size, size) if isinstance(size, int) else size
+    return int(h), int(w)
+
+
+def _timm_data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's data config for ``model``, its input size the model's own where it has one."""
+    from timm.data import resolve_data_config
 
     args: dict[str, Any] = {}
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
         args["input_size"] = (3, int(h), int(w))
-    cfg = resolve_data_config(args, model=model)
-    return create_transform(**cfg, is_training=False)
+    return resolve_data_config(args, model=model)
 
 
 def load_images(

@@ -130,7 +130,8 @@ def format_bench(report: dict[str, Any]) -> str:
         ])
     s = report["settings"]
     head = (f"batch {s['batch_size']} x {'x'.join(map(str, s['input_shape']))}, {s['dtype']} on {s['device']}, "
-            f"{s['warmup']} warm-up + {s['repeats']} timed rounds (round-robin)")
+            f"{s['warmup']} warm-up + {s['repeats']} timed rounds "
+            f"({'paired with the unpruned model' if s.get('pairing') == 'paired' else 'round-robin'})")
     text = head + "\n" + text_table(headers, rows)
     if any("op_time" in r for r in report["results"]):
         text += "\n\nop time of one forward by category, ms (share):\n" + text_table(

@@ -7,7 +7,9 @@ Pareto-optimal points are marked and the results written as JSON, CSV, markdown 
 from __future__ import annotations
 
 import itertools
+import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,16 @@ def default_tome_rs(num_patches: int, depth: int, keep_fractions: Sequence[float
         if r not in rs:
             rs.append(r)
     return rs
+
+
+def check_speedups(speedups: Sequence[float], calibrated: Sequence[Variant] = ()) -> None:
+    """Refuse a calibration speed-up target that cannot be one (<= 1, not finite), and a
+    calibrated variant without a target of its own (``at=``) when there is no grid."""
+    bad = [s for s in speedups if not (math.isfinite(s) and s > 1.0)]
+    if bad:
+        raise ValueError(f"speed-up targets must be > 1 (1 prunes nothing), got {bad}")
+    if not speedups and any("at" not in cv.kwargs for cv in calibrated):
+        raise ValueError("calibrated variants without at=... need a speed-up grid")
 
 
 def max_tome_r_everywhere(num_patches: int, depth: int) -> int:
@@ -113,8 +125,7 @@ def _calibrate_variants(
         return []
     if calib_x is None:
         raise ValueError("calibrated variants need calibration images")
-    if not speedups and any("at" not in cv.kwargs for cv in calibrated):
-        raise ValueError("calibrated variants without at=... need a speed-up grid")
+    check_speedups(speedups, calibrated)
     out = []
     model = harness.release()
     x = calib_x.to(harness.device, harness.dtype)
@@ -181,6 +192,15 @@ def run_sweep(
     if bad_r:
         raise ValueError(f"ToMe r={bad_r} cannot merge that many in every one of the {depth} blocks "
                          f"({n_patches} patches); the feasible grid is at most r={max_tome_r_everywhere(n_patches, depth)}")
+    if 0.0 in tome_inflections:
+        raise ValueError("ToMe inflection 0 is its constant schedule, which the sweep runs for every r already")
+    check_speedups(speedups, calibrated)
+    # a decreasing schedule can ask more of the first blocks than they hold: such a point is left out, said
+    skipped = [{"r": r, "inflection": infl} for r in tome_rs for infl in tome_inflections
+               if not _tome_feasible(n_patches, depth, r, infl)]
+    if skipped:
+        warnings.warn(f"ToMe schedules left out (they cannot merge that many in every one of the {depth} blocks of "
+                      f"{n_patches} patches): {', '.join(variant_label('tome', s) for s in skipped)}", stacklevel=2)
 
     def bar(desc: str, total: int) -> Callable[[int], None] | None:
         return progress(desc, total) if progress is not None else None
@@ -203,7 +223,7 @@ def run_sweep(
         points.append((cv.label, {"target_speedup": sp, "calibrated_speedup": achieved, "target": target}, v))
     for r in tome_rs:
         schedules = [{"r": r}] + [{"r": r, "inflection": infl} for infl in tome_inflections
-                                  if infl != 0.0 and _tome_feasible(n_patches, depth, r, infl)]
+                                  if {"r": r, "inflection": infl} not in skipped]
         for schedule in schedules:
             for at, extra in itertools.product(tome_select_at, tome_args):
                 setting = {**schedule, **({"select_at": at} if at != "mlp" else {}), **extra}
@@ -266,6 +286,7 @@ def run_sweep(
             "clock": "process CPU time" if clock is time.process_time else "wall time",
             "pairing": pairing,
             "tome_inflections": list(tome_inflections),
+            "tome_schedules_left_out": skipped,
             "dtype": str(harness.dtype).replace("torch.", ""),
             "device": str(harness.device),
             "pareto": f"not dominated in ({x_key}, centered_cosine) over all points",

@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("images", nargs="*", help="image files or folders (default: the shared 200-photo sample)")
-    add_model_options(p, default_img_size=224)
+    add_model_options(p)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--tau", type=float, default=0.75, help="SAINT similarity threshold for redundancy")
     p.add_argument("--k", type=int, default=5, help="SAINT degree vote for redundancy")
@@ -113,14 +113,16 @@ def run(args: argparse.Namespace) -> int:
     stability = stage_stability(evo, splits, args.min_blocks) if splits > 1 else []
 
     model_id = assets.DEFAULT_MODEL_NAME if args.model == DEFAULT_MODEL else args.model
-    stem = args.name or f"{model_id.replace('/', '_')}_{args.img_size}"
+    h, w = assets.input_size(model)
+    size = str(h) if h == w else f"{h}x{w}"
+    stem = args.name or f"{model_id.replace('/', '_')}_{size}"
     out = Path(args.out_dir)
     csv_path = write_csv(evo, out / f"{stem}.csv", fit)
     png_path = plot_curves(evo, out / f"{stem}.png", fit, title=f"{model_name}, {evo.num_images} images")
     sources = sorted({r.source for r in records})
     extra = {
         "image source": ", ".join(sources),
-        "image size": f"{args.img_size} px",
+        "image size": f"{size} px",
         "versions": f"torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}",
         "device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "collection time": f"{seconds:.1f} s",

