@@ -7,10 +7,17 @@ pruned image. No engine needed."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from saint.integrations.vllm.qwen_common import media_positions, recompute_media_positions
+from saint.integrations.vllm.qwen_common import (
+    media_positions,
+    media_token_ids,
+    recompute_media_positions,
+    refuse_touching_media,
+)
 
 TEXT, START, END, IMAGE, VIDEO = 9, 3, 4, 5, 6
 AUDIO_START, AUDIO = 7, 8
@@ -288,3 +295,17 @@ def test_audio_before_a_pruned_image_keeps_every_unpruned_position(share):
     assert torch.equal(got[:, :head], torch.arange(head).expand(3, -1))
     assert torch.equal(got[:, head:], want + head)
     assert delta == want_delta
+
+
+def test_media_items_whose_placeholders_touch_are_refused_before_processing():
+    """Two images inside one vision_start/vision_end pair: their runs touch, the position
+    rewrite would take them for one item (a different answer at ratio 1.0). The processor
+    refuses such a prompt in the front end; separated items, or one already expanded run
+    per item, pass."""
+    ids = media_token_ids(SimpleNamespace(image_token_id=IMAGE, video_token_id=VIDEO, audio_token_index=AUDIO))
+    assert ids == {IMAGE, VIDEO, AUDIO}
+    refuse_touching_media([TEXT, START, IMAGE, END, START, IMAGE, END, TEXT], ids, items=2)
+    refuse_touching_media([TEXT, START, IMAGE, IMAGE, IMAGE, END, TEXT], ids, items=1)  # one expanded run
+    for touching in ([START, IMAGE, IMAGE, END], [START, IMAGE, VIDEO, END], [AUDIO, IMAGE, TEXT]):
+        with pytest.raises(ValueError, match="2 media items but 1 runs of media placeholders"):
+            refuse_touching_media([TEXT, *touching, TEXT], ids, items=2)

@@ -39,3 +39,21 @@ def test_settings_on_a_model_saint_does_not_override_are_refused(tmp_path, model
     assert ModelConfig(model=str(tmp_path), skip_tokenizer_init=True).architectures == ["LlamaForCausalLM"]
     supported = ModelConfig(model=str(model_dir), hf_overrides={"saint_keep_ratio": 0.25}, skip_tokenizer_init=True)
     assert supported.hf_config.saint_keep_ratio == 0.25
+
+
+def test_settings_with_the_transformers_implementation_are_refused(model_dir):
+    """``model_impl="transformers"`` serves a supported architecture through vLLM's
+    Transformers backend, which the plugin does not override: it served unpruned, the
+    settings ignored. Refused at ``ModelConfig``; vLLM's own implementation takes them."""
+    from vllm.config import ModelConfig
+    from vllm.plugins import load_general_plugins
+
+    from saint.integrations.vllm.settings import SaintSettingsError
+
+    load_general_plugins()
+    with pytest.raises(SaintSettingsError, match=r"runs on vLLM's 'transformers' implementation .* would run unpruned"):
+        ModelConfig(model=str(model_dir), hf_overrides={"saint_keep_ratio": 0.25}, model_impl="transformers")
+    for impl in ("auto", "vllm"):
+        config = ModelConfig(model=str(model_dir), hf_overrides={"saint_keep_ratio": 0.25}, skip_tokenizer_init=True,
+                             model_impl=impl)
+        assert config.hf_config.saint_keep_ratio == 0.25

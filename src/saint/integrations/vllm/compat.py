@@ -173,7 +173,7 @@ def patch_model_config_check(supported: Iterable[str]) -> None:
     @functools.wraps(post_init)
     def __post_init__(self, *args, **kwargs):
         post_init(self, *args, **kwargs)
-        refuse_unsupported_model(self.hf_config, self.architectures, supported)
+        refuse_unsupported_model(self.hf_config, self.architectures, supported, self.model_impl)
 
     __post_init__._saint_wrapped = True
     ModelConfig.__post_init__ = __post_init__

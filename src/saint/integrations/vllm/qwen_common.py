@@ -152,6 +152,34 @@ class SaintBudgetPromptMixin:
         merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size  # type: ignore[attr-defined]
         return budget_image_updates(updates, self.info.saint, merge, out_mm_kwargs)  # type: ignore[attr-defined]
 
+    def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's processing of a request whose media runs do not touch (pruning on), refused
+        before it touches vLLM's media cache: here, in the front end, an error fails that
+        request only."""
+        if self.info.saint is not None:  # type: ignore[attr-defined]
+            refuse_touching_media(inputs.prompt, media_token_ids(self.info.get_hf_config()),  # type: ignore[attr-defined]
+                                  sum(items.get_count() for items in inputs.mm_data_items.values()))
+        return super().apply(inputs, *args, **kwargs)  # type: ignore[misc]
+
+
+def media_token_ids(config: Any) -> set[int]:
+    """A Qwen-family config's image, video and audio placeholder tokens."""
+    names = ("image_token_id", "video_token_id", "audio_token_id", "audio_token_index")
+    return {i for i in (getattr(config, name, None) for name in names) if isinstance(i, int)}
+
+
+def refuse_touching_media(prompt: Sequence[int], media_ids: set[int], items: int) -> None:
+    """Refuse a prompt in which two media items' placeholders touch (two ``<|image_pad|>``
+    inside one ``<|vision_start|>...<|vision_end|>``): fewer runs of media tokens than
+    items. The runner's position rewrite (:func:`recompute_media_positions`) finds the items
+    by their runs, and would give both one start: wrong positions, a different answer."""
+    runs = sum(1 for i, t in enumerate(prompt) if t in media_ids and (i == 0 or prompt[i - 1] not in media_ids))
+    if runs < items:
+        raise ValueError(
+            f"saint_keep_ratio: {items} media items but {runs} runs of media placeholders in the prompt: two items "
+            "touch. SAINT needs text between them (Qwen's chat template puts <|vision_start|> and <|vision_end|> "
+            "around each); write one media placeholder per vision_start/vision_end pair")
+
 
 class SaintImagePruningMixin:
     """For vLLM's Qwen-VL model classes: read the SAINT settings, refuse the V2 runner, and

@@ -69,10 +69,12 @@ def nested_settings(attrs: dict, path: str = "") -> list[str]:
     return sorted(out)
 
 
-def refuse_unsupported_model(config: Any, architectures: Sequence[str], supported: Iterable[str]) -> None:
-    """Refuse ``saint_*`` settings on a model the plugin does not override, or inside a
-    sub-config (a nested ``--hf-overrides``, which vLLM applies): vLLM would serve the model
-    unpruned, with the settings silently ignored."""
+def refuse_unsupported_model(config: Any, architectures: Sequence[str], supported: Iterable[str],
+                             model_impl: str = "auto") -> None:
+    """Refuse ``saint_*`` settings on a model the plugin does not override, inside a
+    sub-config (a nested ``--hf-overrides``, which vLLM applies), or with a model
+    implementation other than vLLM's own (``--model-impl transformers``: the plugin overrides
+    vLLM's classes): vLLM would serve the model unpruned, with the settings silently ignored."""
     attrs = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
     nested = nested_settings(attrs)
     if nested:
@@ -81,6 +83,11 @@ def refuse_unsupported_model(config: Any, architectures: Sequence[str], supporte
             'give them there, e.g. --hf-overrides \'{"saint_keep_ratio": 0.25}\'')
     given = sorted(k for k in attrs if k.startswith(PREFIX))
     supported = sorted(supported)
+    impl = str(getattr(model_impl, "value", model_impl))
+    if given and impl not in ("auto", "vllm"):
+        raise SaintSettingsError(
+            f"{given} set in --hf-overrides, but the model runs on vLLM's {impl!r} implementation (model_impl), "
+            "which SAINT does not override: it would run unpruned; serve it with model_impl='auto' or 'vllm'")
     if given and not set(architectures) & set(supported):
         raise SaintSettingsError(
             f"{given} set in --hf-overrides, but SAINT prunes only {supported} in vLLM and this model is "
