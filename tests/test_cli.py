@@ -475,14 +475,14 @@ def test_an_open_clip_model_by_name(images, capsys) -> None:
 @pytest.mark.parametrize("bad", [["--calibrated", "saint:at=1"], ["--calibrated", "tome:r=1"],
                                  ["--calibrated", "saint_match:mode=global"],
                                  ["--calibrated", "saint", "--speedups", "1.5,0.5"], ["--tome-inflection", "0"]])
-def test_sweep_checks_its_targets_before_it_loads_the_model(bad, images, monkeypatch, capsys) -> None:
+def test_sweep_checks_its_targets_before_it_loads_the_model(bad, images, monkeypatch, capsys, tmp_path) -> None:
     """A sweep's calibration targets and schedules are refused before any model loads (they
     were checked after the baseline and the whole tau grid had run)."""
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
     monkeypatch.setattr("saint.commands.options.build_model", loaded)
-    assert main(["sweep", *TINY, *COMMON, "--images", images, *bad]) == 2
+    assert main(["sweep", *TINY, *COMMON, "--images", images, "--out", str(tmp_path / "sw"), *bad]) == 2
     assert "saint sweep: error" in capsys.readouterr().err
 
 
