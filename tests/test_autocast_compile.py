@@ -188,6 +188,21 @@ def test_export_and_tracing_are_refused_with_what_to_do(tower, images):
                            model(images) if tower == "timm" else model(images).last_hidden_state)
 
 
+def test_vmap_is_refused_with_what_to_do(images):
+    """torch.func.vmap runs one image as one program: a patched model's per-image token
+    counts cannot be batched that way (a shape error deep inside saint before); the
+    unpatched model vmaps, and torch.func.grad still runs through the patched one."""
+    model = make_tiny("vit")
+    want = torch.func.vmap(lambda x: model(x[None])[0])(images)
+    saint.patch(model, "saint", tau=0.3, k=2)
+    with pytest.raises(RuntimeError, match="torch.func.vmap runs the model on one image at a time"):
+        torch.func.vmap(lambda x: model(x[None])[0])(images)
+    grad = torch.func.grad(lambda x: model(x).square().sum())(images)
+    assert grad.shape == images.shape and bool(torch.isfinite(grad).all())
+    saint.unpatch(model)
+    torch.testing.assert_close(torch.func.vmap(lambda x: model(x[None])[0])(images), want)
+
+
 def test_meta_tensors_are_refused_and_the_flop_counter_runs(images):
     """A forward on meta tensors (shape inference) cannot pick data-dependent token counts:
     refused with what works (before: "Cannot copy out of meta tensor" deep inside saint).

@@ -474,6 +474,13 @@ META_HINT = (
 )
 
 
+VMAP_HINT = (
+    "torch.func.vmap runs the model on one image at a time as one program, but a saint-patched model "
+    "gives each image its own token count; call the patched model on the batch itself, or vmap the "
+    "unpatched model"
+)
+
+
 def refuse_calls_without_data(x: torch.Tensor) -> None:
     """Refuse calls that carry no data to pick token counts from, up front: tracing for
     export and meta tensors would otherwise fail deep inside torch or saint (or, for a
@@ -482,6 +489,8 @@ def refuse_calls_without_data(x: torch.Tensor) -> None:
         raise RuntimeError(EXPORT_HINT)
     if x.device.type == "meta":
         raise RuntimeError(META_HINT)
+    if torch._C._functorch.is_batchedtensor(x):
+        raise RuntimeError(VMAP_HINT)
 
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
