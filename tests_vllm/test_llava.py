@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_same_greedy_decoding
+from conftest import EngineFailed, assert_same_greedy_decoding
 from reference import transformers_llava_scores
 
 
@@ -23,3 +23,12 @@ def test_llava_image_tokens_and_outputs(run_engine, llava_dir, image_path, ratio
     if ratio is not None:
         assert got["kept"] == ref["kept"]
     assert_same_greedy_decoding(got, ref["logprobs"])
+
+
+def test_precomputed_embeddings_are_refused_at_start(run_engine, llava_dir, image_path):
+    """With pruning on, ``enable_mm_embeds`` stops the engine at start with the reason: a
+    request carrying image embeddings was refused in the worker, which stopped the whole
+    engine (every later request failed, or hung in one process)."""
+    with pytest.raises(EngineFailed) as err:
+        run_engine(llava_dir, image_path, {"saint_keep_ratio": 0.25}, engine={"enable_mm_embeds": True})
+    assert "saint_keep_ratio with enable_mm_embeds: precomputed image embeddings cannot be pruned" in err.value.output

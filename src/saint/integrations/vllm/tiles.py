@@ -62,6 +62,12 @@ class SaintTilePruningMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self.saint = settings_from_config(self.config)  # type: ignore[attr-defined]
         self.saint_last_keep: list[torch.Tensor] = []  # keep masks of the last image batch
+        mm_config = vllm_config.model_config.multimodal_config
+        if self.saint is not None and getattr(mm_config, "enable_mm_embeds", False):
+            # refused at start: one request's embeddings refused in the worker stopped the whole engine
+            raise SaintSettingsError(
+                "saint_keep_ratio with enable_mm_embeds: precomputed image embeddings cannot be pruned (their "
+                "placeholder count is their own length); serve without --enable-mm-embeds or switch SAINT off")
 
     def saint_refuse_embeddings(self, image_input: Any) -> None:
         """Precomputed embeddings carry their own length as their placeholder count."""
