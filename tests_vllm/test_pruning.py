@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_same_greedy_decoding
+from conftest import EngineFailed, assert_same_greedy_decoding
 from reference import transformers_scores
 
 from saint.integrations.vllm.settings import SaintVllmSettings
@@ -36,3 +36,12 @@ def test_outputs_equal_transformers_on_the_same_kept_set(pruned, model_dir, imag
     )
     assert pruned["kept"] == ref["kept"]
     assert_same_greedy_decoding(pruned, ref["logprobs"])
+
+
+def test_evs_video_pruning_with_saint_fails_at_engine_start(run_engine, model_dir, image_path):
+    """Qwen2.5-VL with ``--video-pruning-rate`` and SAINT: an EVS video's shortened run
+    crashed the prompt's positions in the runner on every video request (ratio 1.0 too);
+    the pair is refused at start, with the reason."""
+    with pytest.raises(EngineFailed) as err:
+        run_engine(model_dir, image_path, {"saint_keep_ratio": 0.25}, engine={"video_pruning_rate": 0.5})
+    assert "--video-pruning-rate (EVS) together with saint_keep_ratio is not supported on Qwen2.5-VL" in err.value.output

@@ -13,8 +13,9 @@ Registered over ``Qwen2_5_VLForConditionalGeneration`` by the ``saint`` plugin; 
   the largest offset + 1, so text after an image keeps its unpruned positions too (vLLM's
   EVS puts the grid width there, which shifts the text after a portrait image).
 
-Videos are not pruned by SAINT (``--video-pruning-rate`` still applies EVS to them); an
-unpruned video carries its positions the same way, as vLLM's pruning path requires.
+Videos are not pruned by SAINT, and ``--video-pruning-rate`` (EVS) is refused with it (an EVS
+video crashed the runner's positions); an unpruned video carries its positions the same way,
+as vLLM's pruning path requires.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class SaintQwen2_5_VLForConditionalGeneration(SaintImagePruningMixin, Qwen2_5_VL
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.saint_setup(vllm_config)
+        if self.saint is not None and self.video_pruning_rate:
+            # an EVS video's run is shorter than its grid, which the prompt's positions read as
+            # whole: every video request crashed in the runner (IndexError), ratio 1.0 included
+            raise ValueError("--video-pruning-rate (EVS) together with saint_keep_ratio is not supported on "
+                             "Qwen2.5-VL; use one of them")
 
     def _postprocess_video_embeds_evs(
         self, video_embeds_split: tuple[torch.Tensor, ...], video_input: Any
