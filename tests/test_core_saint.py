@@ -119,6 +119,17 @@ def test_fixed_budget_last_two_tokens_tie_exactly_and_the_later_one_stays():
     assert torch.equal(together, alone)
 
 
+def test_drop_top_ranked_known_answer():
+    """Each row drops its ``counts[b]`` highest eligible keys (ties to the lower index); a
+    count above a row's eligible entries drops them all, ``-inf`` keys included; ineligible
+    entries never go."""
+    key = torch.tensor([[0.5, 0.9, 0.1, 0.9], [float("-inf"), 2.0, 3.0, float("-inf")]])
+    eligible = torch.tensor([[True, True, True, False], [True, False, True, True]])
+    got = drop_top_ranked(key, eligible, torch.tensor([2, 5]))
+    assert got.tolist() == [[True, True, False, False], [True, False, True, True]]
+    assert drop_top_ranked(key, eligible, torch.tensor([0, 1])).tolist() == [[False] * 4, [False, False, True, False]]
+
+
 def test_fixed_budget_uses_step_div():
     torch.manual_seed(0)
     m = torch.randn(2, 65, 8)

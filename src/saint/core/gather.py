@@ -106,5 +106,4 @@ def drop_top_ranked(key: torch.Tensor, eligible: torch.Tensor, counts: torch.Ten
     order = torch.argsort(key, dim=1, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order).contiguous())
-    counts = torch.minimum(counts, eligible.sum(dim=1))
-    return (ranks < counts[:, None]) & eligible
+    return (ranks < counts[:, None]) & eligible  # a count above a row's eligible entries drops them all
