@@ -366,7 +366,7 @@ def test_analyze_and_viz_name_a_corrupt_image(bad_images, tmp_path, capsys) -> N
     (["sweep", *TINY, *COMMON, "--calibrated", "saint_match:mode=global"],
      "saint_match calibrates tau and fraction per layer (mode='per_layer'), not mode='global'"),
     (["sweep", *TINY, *COMMON, "--calibrated", "saint", "--speedups", "0.5"], "speed-up targets must be > 1"),
-    (["sweep", *TINY, *COMMON, "--tome-inflection", "0"], "--tome-inflection 0 is ToMe's constant schedule"),
+    (["sweep", *TINY, *COMMON, "--tome-inflection", "0"], "ToMe inflection 0 is its constant schedule"),
     (["bench", *TINY, *COMMON, "--method", "saint:tau=0#0.9/0#0.8"], "block 0 is given twice"),
     (["demo", "--tau", "5", "--out", "{file}"], "tau=5.0 is outside [-1, 1]"),
     (["demo", "--plus-speedup", "0.5", "--out", "{file}"], "--plus-speedup 0.5 must be > 1"),

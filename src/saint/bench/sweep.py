@@ -62,9 +62,13 @@ def default_tome_rs(num_patches: int, depth: int, keep_fractions: Sequence[float
     return rs
 
 
-def check_speedups(speedups: Sequence[float], calibrated: Sequence[Variant] = ()) -> None:
-    """Refuse a calibration speed-up target that cannot be one (<= 1, not finite), and a
-    calibrated variant without a target of its own (``at=``) when there is no grid."""
+def check_grids(speedups: Sequence[float], calibrated: Sequence[Variant] = (),
+                tome_inflections: Sequence[float] = ()) -> None:
+    """Refuse a calibration speed-up target that cannot be one (<= 1, not finite), a
+    calibrated variant without a target of its own (``at=``) when there is no grid, and
+    ToMe's inflection 0 (its constant schedule, run for every r anyway)."""
+    if 0.0 in tome_inflections:
+        raise ValueError("ToMe inflection 0 is its constant schedule, which the sweep runs for every r already")
     bad = [s for s in speedups if not (math.isfinite(s) and s > 1.0)]
     if bad:
         raise ValueError(f"speed-up targets must be > 1 (1 prunes nothing), got {bad}")
@@ -125,7 +129,7 @@ def _calibrate_variants(
         return []
     if calib_x is None:
         raise ValueError("calibrated variants need calibration images")
-    check_speedups(speedups, calibrated)
+    check_grids(speedups, calibrated)
     out = []
     model = harness.release()
     x = calib_x.to(harness.device, harness.dtype)
@@ -192,9 +196,7 @@ def run_sweep(
     if bad_r:
         raise ValueError(f"ToMe r={bad_r} cannot merge that many in every one of the {depth} blocks "
                          f"({n_patches} patches); the feasible grid is at most r={max_tome_r_everywhere(n_patches, depth)}")
-    if 0.0 in tome_inflections:
-        raise ValueError("ToMe inflection 0 is its constant schedule, which the sweep runs for every r already")
-    check_speedups(speedups, calibrated)
+    check_grids(speedups, calibrated, tome_inflections)
     # a decreasing schedule can ask more of the first blocks than they hold: such a point is left out, said
     skipped = [{"r": r, "inflection": infl} for r in tome_rs for infl in tome_inflections
                if not _tome_feasible(n_patches, depth, r, infl)]

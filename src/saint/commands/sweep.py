@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import assets
-    from ..bench.sweep import check_speedups, default_tome_rs, format_sweep, run_sweep, write_sweep
+    from ..bench.sweep import check_grids, default_tome_rs, format_sweep, run_sweep, write_sweep
     from ..measure.harness import timing_batch
     from ..measure.images import resolve_images
     from ..measure.report import environment
@@ -81,9 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--timing-batch must be >= 1, got {args.timing_batch}")
     check_output_file(args.out + ".json", "--out")
     calibrated = [parse_calibrated_spec(t) for t in args.calibrated]  # every value checked before the model loads
-    check_speedups(args.speedups, calibrated)
-    if 0.0 in args.tome_inflection:
-        raise ValueError("--tome-inflection 0 is ToMe's constant schedule, which the sweep runs for every r already")
+    check_grids(args.speedups, calibrated, args.tome_inflection)
     device, model, desc, images, harness = load_for_measurement(args)
     env = environment(device)  # the commit and date the run starts from
     transform = assets.eval_transform(model)
