@@ -31,7 +31,7 @@ from saint.calibration import calibrate, flops_fraction
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.harness import Harness
 from saint.measure.images import shared_photos_or_say_why
-from saint.measure.report import environment, write_json_and_markdown
+from saint.measure.report import environment, short_commit, write_json_and_markdown
 from saint.spec import BASELINE, Variant, parse_calibrated_spec
 
 DEFAULT_VARIANTS = ("saint_match:guard=0.1,keep_norm=True", "saint_plus")
@@ -83,7 +83,7 @@ def markdown(report: dict) -> str:
     pct = lambda e: f"{100 * e:+.1f}%"  # noqa: E731
     lines = [
         f"# Calibration across folds: {report['model']}", "",
-        f"- date: {env['date']}; device: {env['device']}; commit: {env['git']['commit'][:10]}"
+        f"- date: {env['date']}; device: {env['device']}; commit: {short_commit(env['git'])}"
         + (" (with uncommitted changes)" if env["git"].get("dirty") else ""),
         f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
         f"- command: `{env['command']}`",

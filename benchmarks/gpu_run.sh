@@ -57,7 +57,7 @@ if [ -n "$QUICK" ]; then
          --calibrated saint_match:guard=0.1,select_at=attention --calibrated saint_match:target=measured,at=1.5
          --speedups 2)
 else
-  BATCH=64; ROUNDS="--warmup 2 --repeats 10"; SIZES=224,518; PHOTOS=80; KERNEL_CASES=(); LATENCY_PHOTOS=16
+  BATCH=64; ROUNDS="--warmup 2 --repeats 10"; SIZES=224,518; PHOTOS=48; KERNEL_CASES=(); LATENCY_PHOTOS=16
   TARGETS=saint_plus@2,saint_plus@3; SCALE=1
   SWEEP=(--calibrated saint_plus --calibrated saint_match:inflection=-0.5,guard=0.1
          --calibrated saint_match:inflection=-0.5,guard=0.1,select_at=attention

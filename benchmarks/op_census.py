@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows}
     stem = Path(args.out_dir) / (f"op_census_{args.size}_b{args.batch_size}" + ("_cpu" if args.cpu_path else "")
                                  + (f"_{args.tag}" if args.tag else ""))
-    write_json(report, stem.with_suffix(".json"))
+    write_json(report, stem.with_name(stem.name + ".json"))
     env = report["environment"]
     table = [[r["variant"], r["layout"], str(r["ops"]), str(r["kernels"]), f"{r['extra_kernels_per_block']:+.1f}",
               str(r["host_syncs"]), f"{r['extra_syncs_per_block']:+.1f}", str(r["host_tensors"]),
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
           "data (a host-to-device copy on a GPU).", "",
           markdown_table(["variant", "layout", "ops", "kernels", "extra kernels / block", "host syncs",
                           "extra syncs / block", "host tensors", "syncs by op"], table), ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
+    stem.with_name(stem.name + ".md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -124,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"Score work (sum of squared lengths) of the ragged images: {c['ragged_over_equal_work']:.2f}x "
                   "the equal-length floor's.", "",
                   markdown_table(["kernel", "ms (min)"], [[n, f"{ms:.1f}"] for n, ms in c["ms_min"].items()]), ""]
-    out = Path(args.out_dir) / (f"packed_attention_kernels_{device.type}" + (f"_{args.tag}" if args.tag else ""))
-    write_json(report, out.with_suffix(".json"))
-    out.with_suffix(".md").write_text("\n".join(lines))
+    usual = "bf16" if device.type == "cuda" else "fp32"  # the dtype the committed files of this device ran in
+    name = (f"packed_attention_kernels_{device.type}" + ("" if args.dtype == usual else f"_{args.dtype}")
+            + (f"_{args.tag}" if args.tag else ""))
+    out = Path(args.out_dir)
+    write_json(report, out / f"{name}.json")
+    (out / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

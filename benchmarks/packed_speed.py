@@ -42,6 +42,7 @@ import torch
 
 import saint
 from saint import assets
+from saint.adapters import find_adapter
 from saint.bench.bench import run_bench, tokens_summary
 from saint.bench.sweep import default_tome_rs
 from saint.commands.options import holdout_every
@@ -169,7 +170,8 @@ def build_model(name: str, size: int) -> tuple[torch.nn.Module, Any]:
 def tome_rs(spec: str, model: torch.nn.Module) -> list[int]:
     """``--tome-r``: explicit values, or ``auto`` for the sweep's default grid."""
     if spec.strip() == "auto":
-        return default_tome_rs(int(model.patch_embed.num_patches), len(model.blocks))
+        adapter = find_adapter(model)
+        return default_tome_rs(adapter.grid(model).num_patches, len(adapter.sites(model)))
     return [int(r) for r in spec.split(",") if r.strip()]
 
 
@@ -326,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name and args.model != DEFAULT_MODEL:
         name += "_" + args.model
     prefix = Path(args.out_dir) / name
-    write_json(report, prefix.with_suffix(".json"))
-    prefix.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {prefix}.json and {prefix}.md")
+    json_path, md_path = prefix.with_name(f"{name}.json"), prefix.with_name(f"{name}.md")  # a name may hold dots
+    write_json(report, json_path)
+    md_path.write_text(markdown(report))
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

@@ -42,6 +42,7 @@ minimum and spread. Writes ``benchmarks/results/<family>_tower_cpu.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -204,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                          llm_prefill_gflops=None if prefill is None else prefill / 1e9, **measured))
         print(rows[-1])
     base = rows[0]
-    report = dict(environment("cpu"), settings=vars(args), vision=vision, text=spec["text"], rows=rows)
+    report = dict(environment("cpu", ["python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]), settings=vars(args), vision=vision, text=spec["text"], rows=rows)
     report["versions"]["transformers"] = transformers.__version__
     prefix = Path(args.out_dir) / f"{args.family}_tower_cpu"
-    write_json(report, prefix.with_suffix(".json"))
+    write_json(report, prefix.with_name(prefix.name + ".json"))
     table = [[
         "unpruned" if r["variant"] == "none" else f"vit (layer {args.vit_layer}, keep {r['ratio']:g})",
         str(r["visual_tokens"]), *tower_cells(r, base),
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
            f"LLM prefill: {spec['text_model']}'s language model shapes, {args.text} text tokens + the visual tokens "
            "(analytic, per prompt). ")
         + f"Time: min over {args.repeats} rounds (+ spread).", table)
-    prefix.with_suffix(".md").write_text(md)
+    prefix.with_name(prefix.name + ".md").write_text(md)
     print(md)
     return 0
 

@@ -24,6 +24,7 @@ one warm-up, minimum and spread. Writes ``benchmarks/results/qwen_merger_cpu.{md
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]
     import transformers
 
-    report = dict(environment("cpu"), settings=vars(args), vision=vision, text=TEXT_7B, rows=rows)
+    report = dict(environment("cpu", ["python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]), settings=vars(args), vision=vision, text=TEXT_7B, rows=rows)
     report["versions"]["transformers"] = transformers.__version__
     prefix = Path(args.out_dir) / "qwen_merger_cpu"
-    write_json(report, prefix.with_suffix(".json"))
+    write_json(report, prefix.with_name(prefix.name + ".json"))
     table = []
     for r in rows:
         after = r["variant"] == "none"
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "and sends the language model the same number of tokens as pruning before it at the same ratio; "
         f"LLM prefill: Qwen2.5-VL-7B shapes, {args.text} text tokens + the visual tokens (analytic, per prompt). "
         f"Time: min over {args.repeats} rounds (+ spread).", table)
-    prefix.with_suffix(".md").write_text(md)
+    prefix.with_name(prefix.name + ".md").write_text(md)
     print(md)
     return 0
 

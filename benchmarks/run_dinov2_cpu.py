@@ -6,9 +6,12 @@ Writes ``benchmarks/results/dinov2_s14_<size>_<device>[_<dtype>].{md,json,png}``
 and this exact command. Skips cleanly (exit 0) when the shared ``imagenet-sample-200``
 folder is absent (set ``SAINT_SHARED_DATA`` to point at it).
 
-    python benchmarks/run_dinov2_cpu.py                      # the committed CPU results
-    python benchmarks/run_dinov2_cpu.py --photos 40 --repeats 3 --sizes 224   # quick look
-    python benchmarks/run_dinov2_cpu.py --device cuda --dtype bf16 --batch-size 64
+    python benchmarks/run_dinov2_cpu.py --photos 40 --repeats 3 --sizes 224 --out-dir /tmp/quick   # quick look
+    python benchmarks/run_dinov2_cpu.py --device cuda --dtype bf16 --batch-size 64 --out-dir /tmp/gpu
+
+Each committed result records the exact command that made it (its ``.md`` and ``.json``);
+rerunning that command writes over it. Without ``--out-dir`` the results go to
+``benchmarks/results/``, beside (or over) the committed ones.
 """
 
 from __future__ import annotations

@@ -40,8 +40,31 @@ PROMPT = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the picture."
     "<|im_end|>\n<|im_start|>assistant\n"
 )
-SETTINGS = {"off": {}, "1.0": {"saint_keep_ratio": 1.0}, "0.5": {"saint_keep_ratio": 0.5},
-            "0.25": {"saint_keep_ratio": 0.25}}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def overrides(setting: str) -> dict:
+    """``--settings`` entry -> the engine's ``hf_overrides``: ``off`` (the plugin off) or a
+    keep ratio in (0, 1]."""
+    if setting == "off":
+        return {}
+    try:
+        ratio = float(setting)
+    except ValueError:
+        ratio = float("nan")
+    if not 0.0 < ratio <= 1.0:
+        raise argparse.ArgumentTypeError(f"--settings entries are 'off' or a keep ratio in (0, 1], got {setting!r}")
+    return {"saint_keep_ratio": ratio}
+
+
+def settings_list(text: str) -> list[str]:
+    """``--settings``: comma-separated, ``off`` among them (the speed-ups' baseline)."""
+    settings = [t.strip() for t in text.split(",") if t.strip()]
+    for setting in settings:
+        overrides(setting)
+    if "off" not in settings:
+        raise argparse.ArgumentTypeError("--settings needs 'off' (the plugin off, the baseline of the speed-ups)")
+    return settings
 
 
 def images(n: int, seed: int):
@@ -58,7 +81,7 @@ def worker(model: str, setting: str, args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(
-        model=model, hf_overrides=SETTINGS[setting], max_model_len=2048, max_num_seqs=args.requests,
+        model=model, hf_overrides=overrides(setting), max_model_len=2048, max_num_seqs=args.requests,
         enforce_eager=True, enable_prefix_caching=False, kv_cache_memory_bytes=1 << 29, seed=0,
         limit_mm_per_prompt={"image": 1, "video": 0},
     )
@@ -78,7 +101,7 @@ def worker(model: str, setting: str, args: argparse.Namespace) -> dict:
     image_token = json.loads((Path(model) / "config.json").read_text())["image_token_id"]
     return {
         "setting": setting,
-        "keep_ratio": SETTINGS[setting].get("saint_keep_ratio"),
+        "keep_ratio": overrides(setting).get("saint_keep_ratio"),
         "visual_tokens": outs[0].prompt_token_ids.count(image_token),
         "prompt_tokens": len(outs[0].prompt_token_ids),
         "engine_start_s": start_s,
@@ -104,7 +127,7 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def markdown(report: dict) -> str:
-    from saint.measure.report import markdown_table
+    from saint.measure.report import markdown_table, short_commit
 
     base = next(r for r in report["results"] if r["setting"] == "off")
     rows = [[
@@ -115,8 +138,8 @@ def markdown(report: dict) -> str:
     ] for r in report["results"]]
     env = report["environment"]
     head = [
-        "# Qwen2.5-VL in vLLM (CPU) with the saint plugin: throughput and TTFT", "",
-        f"- date {env['date']}, commit {env['git']['commit'][:7]}"
+        f"# Qwen2.5-VL in vLLM ({env['device_type']}) with the saint plugin: throughput and TTFT", "",
+        f"- date {env['date']}, commit {short_commit(env['git'], 7)}"
         f"{' (dirty)' if env['git']['dirty'] else ''}, {env['device']}",
         f"- vLLM {report['vllm']}, torch {env['versions']['torch']}, "
         f"transformers {report['transformers']}",
@@ -125,7 +148,7 @@ def markdown(report: dict) -> str:
         f"- {report['requests']} requests of one {SIDE}x{SIDE} image each, "
         f"{report['max_tokens']} new tokens; TTFT = median of {report['ttft_runs']} single requests;"
         f" each setting run {report['rounds']} times in turn, medians shown (runs in the JSON)",
-        "- shared 2-core VM; 1-minute load average before the runs: "
+        "- 1-minute load average before the runs: "
         + ", ".join(f"{r['load_avg_1min_before']:.1f}" for r in report["runs"]),
         "",
     ]
@@ -141,9 +164,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ttft-runs", type=int, default=5)
-    p.add_argument("--settings", default="off,0.25,0.5,1.0")
+    p.add_argument("--settings", type=settings_list, default=settings_list("off,0.25,0.5,1.0"),
+                   help="'off' and keep ratios in (0, 1], comma-separated (default off,0.25,0.5,1.0)")
     p.add_argument("--geometry", choices=["cpu", "7b"], default="cpu")
-    p.add_argument("--out", default="benchmarks/results/vllm_qwen2_5_vl_cpu")
+    p.add_argument("--out", default=str(RESULTS / "vllm_qwen2_5_vl_cpu"),
+                   help="output path without extension (default benchmarks/results/vllm_qwen2_5_vl_cpu)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -165,7 +190,7 @@ def main() -> None:
         write_checkpoint(model, geometry, max_pixels=SIDE * SIDE, dtype=dtype)
     runs = []
     for _ in range(args.rounds):
-        for setting in args.settings.split(","):
+        for setting in args.settings:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", str(model), setting]
             load = os.getloadavg()[0]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
@@ -174,9 +199,10 @@ def main() -> None:
                 sys.exit(f"setting {setting} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
             runs.append({**json.loads(line[0][len("RESULT "):]), "load_avg_1min_before": load})
             print(setting, {k: runs[-1][k] for k in ("requests_per_s", "ttft_s_median")}, flush=True)
-    results = [median_run([r for r in runs if r["setting"] == s]) for s in args.settings.split(",")]
+    results = [median_run([r for r in runs if r["setting"] == s]) for s in args.settings]
     report = {
-        "environment": environment("cpu" if args.geometry == "cpu" else "cuda"),
+        "environment": environment("cpu" if args.geometry == "cpu" else "cuda",
+                                   [".venv-vllm/bin/python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
         "vllm": vllm.__version__, "transformers": transformers.__version__,
         "model": f"Qwen2.5-VL, random weights, geometry {args.geometry}: {geometry}",
         "requests": args.requests, "max_tokens": args.max_tokens, "ttft_runs": args.ttft_runs,
@@ -184,8 +210,8 @@ def main() -> None:
         "results": results, "runs": runs,
     }
     out = Path(args.out)
-    write_json(report, out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_json(report, out.with_name(out.name + ".json"))
+    out.with_name(out.name + ".md").write_text(markdown(report))
     print(markdown(report))
 
 

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         tag = f"_{args.model}{tag}"
     stem = Path(args.out_dir) / f"selection_overhead_profile_cpu{size}_b{args.batch_size}{tag}"
-    write_json(report, stem.with_suffix(".json"))
+    write_json(report, stem.with_name(stem.name + ".json"))
     rows = [[r["op"], r["shapes"][:70], str(r["extra_calls"]), f"{r['ms']:.2f}"] for r in extra[:15]]
     env = report["environment"]
     md = [
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(["op", "input shapes", "extra calls", "ms"], rows),
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(md))
+    stem.with_name(stem.name + ".md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 

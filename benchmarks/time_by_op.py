@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import sys
 import time
@@ -68,10 +69,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def variant_of_row(path: str | Path, label: str) -> tuple[str, dict[str, Any]]:
+def variant_of_row(path: str | Path, label: str, size: int) -> tuple[str, dict[str, Any]]:
     """``(method, patch kwargs)`` of the row labelled ``label`` in a sweep result: the
-    settings it ran with (per-block settings keyed by block)."""
-    rows = json.loads(Path(path).read_text())["results"]
+    settings it ran with (per-block settings keyed by block); refused when the sweep ran
+    at another size than ``size`` (its calibrated settings are that size's)."""
+    report = json.loads(Path(path).read_text())
+    ran_at = re.search(r" at (\d+)px", report.get("model", ""))
+    if ran_at and int(ran_at.group(1)) != size:
+        raise SystemExit(f"{path} ran at {ran_at.group(1)}px, not --size {size}: give --size {ran_at.group(1)}")
+    rows = report["results"]
     found = [r for r in rows if r["label"] == label]
     if not found:
         raise SystemExit(f"no row labelled {label!r} in {path}; its labels: {[r['label'] for r in rows]}")
@@ -142,7 +148,7 @@ def main(argv: list[str]) -> int:
     records = shared_photos_or_say_why()
     if not records:
         return 0
-    variants = [(label, *variant_of_row(path, label)) for path, label in args.row]
+    variants = [(label, *variant_of_row(path, label, args.size)) for path, label in args.row]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     env = environment("cpu", ["python", f"benchmarks/{Path(__file__).name}", *argv])

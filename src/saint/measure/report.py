@@ -65,6 +65,12 @@ def command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return " ".join([*env, *(shlex.quote(a) for a in args)])
 
 
+def short_commit(git: dict[str, Any], length: int = 10) -> str:
+    """``git_state()``'s commit, shortened, or a word saying there is none (not a checkout)."""
+    commit = git.get("commit")
+    return commit[:length] if commit else "none (not a git checkout)"
+
+
 def git_state(path: str | Path | None = None) -> dict[str, Any]:
     """The git commit of the saint checkout (``path``: any file inside it) and whether
     its tracked files differ from that commit; None values outside a git checkout."""

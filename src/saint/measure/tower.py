@@ -9,7 +9,7 @@ from typing import Any
 
 from ..timing import timed_calls
 from .flops import count_flops
-from .report import markdown_table
+from .report import markdown_table, short_commit
 
 TOWER_HEADER = ["tower", "visual tokens", "tower GFLOPs", "tower FLOPs saved", "tower ms", "tower speed-up",
                 "LLM prefill GFLOPs"]
@@ -39,7 +39,7 @@ def tower_markdown(title: str, report: dict[str, Any], setup: str, table: list[l
         f"# {title}",
         "",
         f"{report['date']}, {report['cpu']}, {report['torch_threads']} threads, torch {versions.get('torch')}, "
-        f"transformers {versions.get('transformers')}, git {report['git'].get('commit', '')[:10]}",
+        f"transformers {versions.get('transformers')}, git {short_commit(report['git'])}",
         f"Command: `{report['command']}`",
         "",
         setup,
