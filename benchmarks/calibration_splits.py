@@ -28,6 +28,7 @@ import torch
 
 from saint import assets
 from saint.calibration import calibrate, flops_fraction
+from saint.commands.options import output_tag
 from saint.eval.fidelity import centered_cosine, retrieval_at_1
 from saint.measure.harness import Harness
 from saint.measure.images import shared_photos_or_say_why
@@ -47,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="batch of the evaluation passes (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--tag", default="", help="suffix of the output names")
+    p.add_argument("--tag", default="", type=output_tag, help="suffix of the output names")
     return p.parse_args(argv)
 
 

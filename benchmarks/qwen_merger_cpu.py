@@ -51,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--width-div", type=int, default=4, help="divide the tower's width, heads and MLP by this")
     p.add_argument("--out-dir", default=str(RESULTS))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.image < 28 or args.image % 28:
+        p.error(f"--image {args.image}: give a multiple of 28 (Qwen2.5-VL's 14px patches merged 2x2)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

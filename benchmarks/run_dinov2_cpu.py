@@ -46,7 +46,7 @@ DEFAULT_TAUS = "0.9,0.95,0.97,0.98,0.99"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="224,518", help="input resolutions, multiples of 14 (default 224,518)")
-    p.add_argument("--photos", type=int, default=200, help="use the first N shared photos (default all 200)")
+    p.add_argument("--photos", type=int, default=200, help="use the first N evaluation photos, those left after the calibration holdout (default 200: all of them)")
     p.add_argument("--taus", default=DEFAULT_TAUS, help=f"SAINT tau grid (default {DEFAULT_TAUS})")
     p.add_argument("--saint-args", default="k=5,gamma=10", help="other SAINT settings (default k=5,gamma=10)")
     p.add_argument("--tome-r", default=None,

@@ -29,6 +29,7 @@ import torch
 
 from saint import assets
 from saint.calibration import calibrate, flops_fraction, time_calibration
+from saint.commands.options import output_tag
 from saint.measure.harness import Harness
 from saint.measure.images import holdout_split, shared_photos_or_say_why
 from saint.measure.report import environment, write_json_and_markdown
@@ -46,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per block (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--tag", default="", help="suffix of the output names")
+    p.add_argument("--tag", default="", type=output_tag, help="suffix of the output names")
     return p.parse_args(argv)
 
 

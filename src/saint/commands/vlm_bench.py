@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser, device: str = "auto") -> None:
                         "test-sized models. All random weights")
     g.add_argument("--full", action="store_true", help="same as --geometry full (use a GPU, bf16/fp16)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device}: cuda if available)")
+    r.add_argument("--device", default=device, help=f"cpu, cuda, cuda:1, ... (default {device}" + (": cuda if available)" if device == "auto" else ")"))
     r.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weights and activations (default: fp32 on CPU, bf16 on GPU)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
