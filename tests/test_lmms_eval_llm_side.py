@@ -30,6 +30,7 @@ from .lmms_helpers import (
     ll_requests,
     make_lm,
     need,
+    requests,
     run_cli,
     sized_image,
     train_tokenizer,
@@ -415,6 +416,20 @@ def test_batches_are_pruned_and_equal_single_requests(checkpoint, family, docs, 
     (result,) = lm.loglikelihood([req])
     ids, n, media = lm._loglikelihood_row(req)
     assert result[0] == pytest.approx(continuation_loss(lm, ids, n, media), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "idefics3", "gemma4", "idefics2"])
+def test_a_text_only_request_batches_beside_image_requests(checkpoint, family, docs):
+    """The families whose processor takes images per prompt: a generation batch holding a
+    text-only request and image requests runs, each as alone (the batch was refused as if
+    the images were miscounted)."""
+    lm = lm_for(checkpoint, family, LLM_ARGS, docs)
+    gen = gen_reqs(docs)
+    text_only = requests("generate_until", [("Say hello.", {"max_new_tokens": 4, "temperature": 0},
+                                               lambda doc: [], 0, "t", "test")])
+    mixed = [*text_only, *gen]
+    batched = lm.generate_until(mixed)
+    assert_alone_equals_batched(lm, mixed, [], (batched, []))
 
 
 def test_lmms_eval_cli_end_to_end(checkpoint, tmp_path):

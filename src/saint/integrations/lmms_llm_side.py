@@ -117,7 +117,7 @@ class SaintLlmSide(SaintLlava):
             n = text.count(self.image_token)
             images.append(list(visuals[k:k + n]))
             k += n
-        if k != len(visuals) or not all(images):
+        if k != len(visuals):  # a prompt may have none (a text-only request beside image ones)
             raise ValueError(f"{self.NAME}: {len(visuals)} images for prompts with "
                              f"{[t.count(self.image_token) for t in texts]} image placeholders")
         return self.processor(text=list(texts), images=images, return_tensors="pt", padding=True)
