@@ -45,6 +45,9 @@ def test_parse_prune_settings_strings():
     assert parse_prune_settings({"visual_keep": "12x12"}) == {"visual_keep": (12, 12)}
     assert parse_prune_settings({"visual_keep": "6/8"}) == {"visual_keep": (6, 8)}
     assert parse_prune_settings({"visual_keep": 144}) == {"visual_keep": 144}
+    # lmms-eval's parser hands a negative integer over as a float: a whole seed is an integer again
+    assert parse_prune_settings({"seed": -1.0}) == {"seed": -1} and type(parse_prune_settings({"seed": -1.0})["seed"]) is int
+    assert parse_prune_settings({"seed": 0.5}) == {"seed": 0.5}  # refused later, as not an integer
 
 
 @pytest.mark.parametrize("bad", [{"llm_layers": "7"}, {"llm_layers": "7-"}, {"llm_layers": 7},
@@ -150,6 +153,17 @@ def test_both_request_kinds_are_pruned(lm, docs):
     assert summary["generate_until"]["samples"] == len(docs)
     assert summary["loglikelihood"]["samples"] == 2 * len(docs)
     assert summary["loglikelihood"]["llm_input"] == 30.0
+
+
+def test_beam_search_logs_one_value_per_request(lm, docs):
+    """With ``num_beams`` generate repeats each request's row per beam: the log still has
+    one ``llm_input`` / ``llm_output`` per request, lined up with ``image_tokens`` (it had
+    one per beam row, so value i was not request i)."""
+    lm.pruning_log.clear()
+    lm.generate_until(gen_requests(docs, {"max_new_tokens": 2, "num_beams": 2}))
+    assert sum(len(e["image_tokens"]) for e in lm.pruning_log) == len(docs)
+    for e in lm.pruning_log:
+        assert len(e["llm_input"]) == len(e["llm_output"]) == len(e["image_tokens"])
 
 
 def test_batched_equals_one_by_one(lm, docs):

@@ -376,6 +376,8 @@ def test_bad_settings_and_checkpoints_refused(checkpoint, tmp_path):
         SaintGemma3(pretrained=str(pan))
     with pytest.raises(ValueError, match="without a chat template"):
         SaintPaliGemma(pretrained=str(checkpoint("paligemma")), chat_template="{{ messages }}")
+    with pytest.raises(ValueError, match="is neither a file nor a Jinja template"):  # was used as the prompt
+        SaintGemma3(pretrained=str(checkpoint("gemma3")), chat_template=str(tmp_path / "missing.jinja"))
     build_llava(tmp_path)
     with pytest.raises(ValueError, match="InternVL checkpoints"):
         SaintInternVL(pretrained=str(tmp_path))

@@ -153,6 +153,14 @@ def test_both_request_kinds_are_pruned_and_batches_equal_single_requests(lm):
     assert_alone_equals_batched(lm, gen, ll, batched)
 
 
+def test_a_tasks_llava_image_marker_is_dropped(lm):
+    """Many lmms-eval tasks write LLaVA's ``<image>`` in their text; it is dropped (as
+    lmms-eval's own qwen2_5_vl does), not shown to Qwen beside its own image tokens."""
+    prompt = lm._placeholders("<image>\nWhat color is it?", ["an image"])
+    assert "<image>" not in prompt and prompt.endswith("\nWhat color is it?")
+    assert lm._placeholders("<image>\nNo image here.", []) == "\nNo image here."
+
+
 def test_loglikelihood_is_the_patched_models_loss(lm):
     docs = lm.task_dict["t"]["test"]
     req = ll_requests(docs[:1])[0]
@@ -331,6 +339,9 @@ def test_bad_video_settings_and_visuals_refused(video_lm):
         SaintQwenVL(pretrained="none", max_num_frames=1)
     with pytest.raises(ValueError, match="fps"):
         SaintQwenVL(pretrained="none", fps=0)
+    for bad in (dict(fps=float("inf")), dict(fps="abc"), dict(max_num_frames="abc")):  # named, before any video
+        with pytest.raises(ValueError, match="must be"):
+            SaintQwenVL(pretrained="none", **bad)
     if not video_lm.model.config.model_type.endswith("_thinker"):  # the Omni thinkers serve audio
         with pytest.raises(ValueError, match="audio is not supported"):
             video_lm._images([{"array": [0.0], "sampling_rate": 16000}], "t/0")

@@ -81,6 +81,8 @@ def parse_prune_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
                 out[key] = parse_value(value)
             except ValueError as e:
                 raise ValueError(f"bad value for {key}={value!r}: {e}") from None
+        elif key == "seed" and isinstance(value, float) and value.is_integer():
+            out[key] = int(value)  # lmms-eval's argument parser reads a negative integer ("-1") as a float
         else:
             out[key] = value
     return out

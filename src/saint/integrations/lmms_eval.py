@@ -42,6 +42,7 @@ starts a single process whatever ``--num_processes`` says.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -254,6 +255,8 @@ class SaintLlava(lmms):
         template = chat_template
         if template is not None and os.path.isfile(template):
             template = Path(template).read_text()
+        elif template is not None and "{{" not in template and "{%" not in template:
+            raise ValueError(f"chat_template={template!r} is neither a file nor a Jinja template")
         self.chat_template = template or self._tokenizer.chat_template or self.DEFAULT_CHAT_TEMPLATE
 
     DEFAULT_CHAT_TEMPLATE = VICUNA_CHAT_TEMPLATE
@@ -388,14 +391,19 @@ class SaintLlava(lmms):
             return
         entry: dict[str, Any] = {"request": kind, **counts}
         stats = self._last_stats()
+        tokens = None
         if stats is not None and stats is not before:
-            entry["llm_input"] = stats.tokens[0]
-            entry["llm_output"] = stats.tokens[-1]
+            # generate repeats each request's row per beam (num_beams > 1): one value per request
+            rows = input_ids.shape[0]
+            step = len(stats.tokens[0]) // rows if rows and len(stats.tokens[0]) % rows == 0 else 1
+            tokens = [t[::step] for t in stats.tokens]
+            entry["llm_input"] = tokens[0]
+            entry["llm_output"] = tokens[-1]
         self.pruning_log.append(entry)
         if self.stats_path is not None:
             line = dict(entry, rank=self.rank)
-            if "llm_input" in entry:
-                line.update(blocks=stats.blocks, tokens=stats.tokens)
+            if tokens is not None:
+                line.update(blocks=stats.blocks, tokens=tokens)
             path = self.rank_stats_path()
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
@@ -638,12 +646,19 @@ class SaintQwenVL(SaintLlava):
 
     def __init__(self, pretrained: str, max_num_frames: int | str = 32, fps: float | str | None = None,
                  **kwargs: Any) -> None:
-        frames = int(max_num_frames)
-        if frames < 2 or frames != float(max_num_frames):
+        try:
+            frames = float(max_num_frames)
+        except (TypeError, ValueError):
+            frames = float("nan")
+        if not (frames >= 2 and frames == int(frames)):
             raise ValueError(f"max_num_frames={max_num_frames!r} must be an integer >= 2 (one frame group)")
-        rate = None if fps in (None, "", "None", "none") else float(fps)  # type: ignore[arg-type]
-        if rate is not None and not rate > 0:
-            raise ValueError(f"fps={fps!r} must be > 0")
+        frames = int(frames)
+        try:
+            rate = None if fps in (None, "", "None", "none") else float(fps)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if rate is not None and not 0 < rate < math.inf:
+            raise ValueError(f"fps={fps!r} must be a number > 0 (frames per second)")
         self.max_num_frames, self.fps = frames, rate
         super().__init__(pretrained, **kwargs)
 
@@ -661,10 +676,18 @@ class SaintQwenVL(SaintLlava):
         return f"{start}{self.processor.video_token}{end}"
 
     def _placeholders(self, context: str, visuals: Sequence[Any]) -> str:
-        if not visuals or self.image_token in context or self.processor.video_token in context:
+        """Each visual's tokens in order in front of ``context`` (unless the task placed them);
+        a task's LLaVA-style ``<image>`` marker is dropped, as lmms-eval's qwen2_5_vl does."""
+        context = context.replace("<image>", "")
+        if not visuals or any(t in context for t in self._media_tokens()):
             return context
-        marks = [self._video_placeholder() if isinstance(v, Video) else self._image_placeholder() for v in visuals]
-        return " ".join(marks) + "\n" + context
+        return " ".join(self._placeholder(v) for v in visuals) + "\n" + context
+
+    def _media_tokens(self) -> tuple[str, ...]:
+        return self.image_token, self.processor.video_token
+
+    def _placeholder(self, visual: Any) -> str:
+        return self._video_placeholder() if isinstance(visual, Video) else self._image_placeholder()
 
     def _processor_media(self, visuals: Sequence[Any]) -> dict[str, Any]:
         images = [v for v in visuals if not isinstance(v, Video)]

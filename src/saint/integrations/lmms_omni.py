@@ -96,14 +96,11 @@ class SaintQwenOmni(SaintQwenVL):
     def _audio_placeholder(self) -> str:
         return f"{self.processor.audio_bos_token}{self.processor.audio_token}{self.processor.audio_eos_token}"
 
-    def _placeholders(self, context: str, visuals: Sequence[Any]) -> str:
-        """Each visual's tokens in order in front of ``context`` (unless the task placed them)."""
-        if not visuals or any(t in context for t in (self.image_token, self.processor.video_token,
-                                                     self.processor.audio_token)):
-            return context
-        marks = [self._audio_placeholder() if isinstance(v, Audio) else
-                 self._video_placeholder() if isinstance(v, Video) else self._image_placeholder() for v in visuals]
-        return " ".join(marks) + "\n" + context
+    def _media_tokens(self) -> tuple[str, ...]:
+        return *super()._media_tokens(), self.processor.audio_token
+
+    def _placeholder(self, visual: Any) -> str:
+        return self._audio_placeholder() if isinstance(visual, Audio) else super()._placeholder(visual)
 
     def _processor_media(self, visuals: Sequence[Any]) -> dict[str, Any]:
         out = super()._processor_media([v for v in visuals if not isinstance(v, Audio)])
