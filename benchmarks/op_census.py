@@ -38,7 +38,7 @@ from saint.commands.options import output_tag
 from saint.core.paths import accelerator_paths_everywhere
 from saint.measure.census import op_census
 from saint.measure.harness import timing_batch
-from saint.measure.report import environment, markdown_table, write_json
+from saint.measure.report import environment, markdown_table, write_json_and_markdown
 from saint.spec import parse_kwargs, parse_method_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows}
     stem = Path(args.out_dir) / (f"op_census_{args.size}_b{args.batch_size}" + ("_cpu" if args.cpu_path else "")
                                  + (f"_{args.tag}" if args.tag else ""))
-    write_json(report, stem.with_name(stem.name + ".json"))
     env = report["environment"]
     table = [[r["variant"], r["layout"], str(r["ops"]), str(r["kernels"]), f"{r['extra_kernels_per_block']:+.1f}",
               str(r["host_syncs"]), f"{r['extra_syncs_per_block']:+.1f}", str(r["host_tensors"]),
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
           "data (a host-to-device copy on a GPU).", "",
           markdown_table(["variant", "layout", "ops", "kernels", "extra kernels / block", "host syncs",
                           "extra syncs / block", "host tensors", "syncs by op"], table), ""]
-    stem.with_name(stem.name + ".md").write_text("\n".join(md))
+    write_json_and_markdown(report, stem, "\n".join(md))
     print("\n".join(md))
     return 0
 

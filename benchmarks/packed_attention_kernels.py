@@ -30,7 +30,7 @@ from saint.core.packing import (
     packed_attention,
     varlen_available,
 )
-from saint.measure.report import environment, markdown_table, write_json
+from saint.measure.report import environment, markdown_table, write_json_and_markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, DIM = 6, 64
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     usual = "bf16" if device.type == "cuda" else "fp32"  # the dtype the committed files of this device ran in
     name = (f"packed_attention_kernels_{device.type}" + ("" if args.dtype == usual else f"_{args.dtype}")
             + (f"_{args.tag}" if args.tag else ""))
-    out = Path(args.out_dir)
-    write_json(report, out / f"{name}.json")
-    (out / f"{name}.md").write_text("\n".join(lines))
+    write_json_and_markdown(report, Path(args.out_dir) / name, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

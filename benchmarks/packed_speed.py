@@ -48,7 +48,7 @@ from saint.bench.sweep import default_tome_rs
 from saint.commands.options import holdout_every
 from saint.measure.harness import Harness, resolve_device, resolve_dtype, timing_batch
 from saint.measure.images import holdout_split, shared_photos_or_say_why
-from saint.measure.report import environment, fmt, markdown_table, write_json
+from saint.measure.report import environment, fmt, markdown_table, write_json_and_markdown
 from saint.spec import Variant, parse_kwargs, variant_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -328,9 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name and args.model != DEFAULT_MODEL:
         name += "_" + args.model
     prefix = Path(args.out_dir) / name
-    json_path, md_path = prefix.with_name(f"{name}.json"), prefix.with_name(f"{name}.md")  # a name may hold dots
-    write_json(report, json_path)
-    md_path.write_text(markdown(report))
+    json_path, md_path = write_json_and_markdown(report, prefix, markdown(report))
     print(f"wrote {json_path} and {md_path}")
     return 0
 

@@ -49,7 +49,7 @@ import torch
 
 from saint.adapters import pooled_vlm
 from saint.adapters.group_tower import GroupPruner, NaflexGroupPruner
-from saint.measure.report import environment, write_json
+from saint.measure.report import environment, write_json_and_markdown
 from saint.measure.tower import tower_cells, tower_markdown, tower_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -208,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(environment("cpu", ["python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]), settings=vars(args), vision=vision, text=spec["text"], rows=rows)
     report["versions"]["transformers"] = transformers.__version__
     prefix = Path(args.out_dir) / f"{args.family}_tower_cpu"
-    write_json(report, prefix.with_name(prefix.name + ".json"))
     table = [[
         "unpruned" if r["variant"] == "none" else f"vit (layer {args.vit_layer}, keep {r['ratio']:g})",
         str(r["visual_tokens"]), *tower_cells(r, base),
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
            f"LLM prefill: {spec['text_model']}'s language model shapes, {args.text} text tokens + the visual tokens "
            "(analytic, per prompt). ")
         + f"Time: min over {args.repeats} rounds (+ spread).", table)
-    prefix.with_name(prefix.name + ".md").write_text(md)
+    write_json_and_markdown(report, prefix, md)
     print(md)
     return 0
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from saint.adapters import qwen_vl
-from saint.measure.report import environment, write_json
+from saint.measure.report import environment, write_json_and_markdown
 from saint.measure.tower import tower_cells, tower_markdown, tower_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(environment("cpu", ["python", f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]), settings=vars(args), vision=vision, text=TEXT_7B, rows=rows)
     report["versions"]["transformers"] = transformers.__version__
     prefix = Path(args.out_dir) / "qwen_merger_cpu"
-    write_json(report, prefix.with_name(prefix.name + ".json"))
     table = []
     for r in rows:
         after = r["variant"] == "none"
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "and sends the language model the same number of tokens as pruning before it at the same ratio; "
         f"LLM prefill: Qwen2.5-VL-7B shapes, {args.text} text tokens + the visual tokens (analytic, per prompt). "
         f"Time: min over {args.repeats} rounds (+ spread).", table)
-    prefix.with_name(prefix.name + ".md").write_text(md)
+    write_json_and_markdown(report, prefix, md)
     print(md)
     return 0
 

@@ -180,7 +180,7 @@ def main() -> None:
     import vllm
 
     from saint.integrations.vllm.tiny import QWEN2_5_VL_7B, write_checkpoint
-    from saint.measure.report import environment, write_json
+    from saint.measure.report import environment, write_json_and_markdown
 
     geometry = CPU_GEOMETRY if args.geometry == "cpu" else QWEN2_5_VL_7B
     tag = hashlib.sha1(json.dumps(geometry, sort_keys=True).encode()).hexdigest()[:8]
@@ -209,9 +209,7 @@ def main() -> None:
         "rounds": args.rounds, "torch_threads_engine": torch.get_num_threads(),
         "results": results, "runs": runs,
     }
-    out = Path(args.out)
-    write_json(report, out.with_name(out.name + ".json"))
-    out.with_name(out.name + ".md").write_text(markdown(report))
+    write_json_and_markdown(report, args.out, markdown(report))
     print(markdown(report))
 
 

@@ -43,7 +43,7 @@ from saint import assets
 from saint.adapters import handle_of
 from saint.commands.options import output_tag
 from saint.measure.harness import timing_batch
-from saint.measure.report import environment, markdown_table, write_json
+from saint.measure.report import environment, markdown_table, write_json_and_markdown
 from saint.spec import parse_method_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         tag = f"_{args.model}{tag}"
     stem = Path(args.out_dir) / f"selection_overhead_profile_cpu{size}_b{args.batch_size}{tag}"
-    write_json(report, stem.with_name(stem.name + ".json"))
     rows = [[r["op"], r["shapes"][:70], str(r["extra_calls"]), f"{r['ms']:.2f}"] for r in extra[:15]]
     env = report["environment"]
     md = [
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(["op", "input shapes", "extra calls", "ms"], rows),
         "",
     ]
-    stem.with_name(stem.name + ".md").write_text("\n".join(md))
+    write_json_and_markdown(report, stem, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -502,8 +502,12 @@ def _user_hook(hook: Callable[..., Any]) -> bool:
     """A hook someone registered: not saint's key capture, nor transformers' own output
     capturing (installed on every attention module at a call with ``output_hidden_states``;
     it records attentions only when asked, which a packed batch refuses)."""
-    module = getattr(getattr(hook, "__func__", hook), "__module__", None) or ""
-    return hook is not capture_for_selection and not module.startswith("transformers.")
+    return hook is not capture_for_selection and _package_of(hook) != "transformers"
+
+
+def _package_of(fn: Any) -> str:
+    """The top-level package a function (or bound method) was defined in, '' if unknown."""
+    return (getattr(getattr(fn, "__func__", fn), "__module__", None) or "").partition(".")[0]
 
 
 def refuse_attention_hooks(block: nn.Module, name: str) -> None:
@@ -573,8 +577,7 @@ def install_sites(handle: TokenStateHandle, owner: nn.Module, prefix: str, forwa
 def drop_own_forward(module: nn.Module) -> None:
     """Remove the per-instance ``forward`` saint gave ``module``; one another library set
     (accelerate's offload hook on a key projection saint only hooked) stays."""
-    forward = module.__dict__.get("forward")
-    if getattr(getattr(forward, "__func__", forward), "__module__", "").partition(".")[0] == "saint":
+    if _package_of(module.__dict__.get("forward")) == "saint":
         del module.__dict__["forward"]
 
 
