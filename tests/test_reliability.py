@@ -464,3 +464,24 @@ def test_a_hook_on_an_attention_module_saint_computes_itself_is_refused(kind, im
     saint.patch(reference, "saint", layout="padded", **CASES["saint"])
     torch.testing.assert_close(run(ablated), run(reference))
     assert saint.token_mask(ablated) is not None  # the batch was ragged
+
+
+@pytest.mark.parametrize("kind", ["eva02", "beit", "cait", "hf_beit"])
+def test_a_hook_on_an_attention_module_saint_computes_itself_is_refused_in_the_padded_layout(kind, images):
+    """Eva, relative-position and talking-heads blocks, and HF towers whose attention takes no
+    key mask, compute a pruning block's attention (and every later block's, once the batch is
+    ragged) from the module's parts in the padded layout too: a user's hook there is refused."""
+    from .test_hf_beit import beit
+
+    if kind == "hf_beit":
+        model, name = beit(classifier=False), "layers.1.attention"
+        attn = model.layers[1].attention
+    else:
+        model = make_tiny(kind)
+        attn, name = model.blocks[1].attn, "blocks.1.attn"
+    calls = []
+    attn.register_forward_hook(lambda mod, args, out: calls.append(1))
+    saint.patch(model, "saint", layout="padded", **CASES["saint"])
+    with torch.no_grad(), pytest.raises(RuntimeError, match=rf"{name} has a forward hook, which would not run"):
+        model(images) if kind != "hf_beit" else model(pixel_values=images)
+    assert not calls

@@ -412,10 +412,14 @@ class TokenStateHandle(Handle):
         settings = self.settings.get(index)
         if x.shape[0] == 0:  # an empty batch has nothing to select
             settings = None
-        if self.patched_blocks is not None and (state.packed or (
-                settings is not None and getattr(self.config, "select_at", "mlp") == "attention")):
-            refuse_attention_hooks(self.patched_blocks.blocks[index], self.block_names[index])
         return run, x, settings
+
+    def attention_from_parts(self, index: int) -> None:
+        """Block ``index`` computes its attention from the attention module's parts (its
+        projections) rather than through the module: refuse a user's hook on that module,
+        which would silently not run."""
+        if self.patched_blocks is not None:
+            refuse_attention_hooks(self.patched_blocks.blocks[index], self.block_names[index])
 
     def leave_site(self, index: int, run: Any, x: torch.Tensor) -> torch.Tensor:
         """Block ``index`` of a call ends: the padded view after the last block (or after

@@ -482,6 +482,7 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
     if pe is not None:
         kwargs["position_embeddings"] = _module_rows(pe, state, handle.num_protected)
     if settings is not None and handle.config.select_at == "attention":
+        handle.attention_from_parts(index)
         pair = None if p.pair_bias is None else p.pair_bias(attention_mask, kwargs)
         x = handle.leave_site(index, run, _select_before_attention(p, handle, run, index, hidden_states, settings, pe,
                                                                    pair))
@@ -505,6 +506,7 @@ def layer_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_
         if p.own_attend is not None and not state.packed and bias is None and rows is None and pair is None:
             attn_out = p.own_attend(normed)
         elif state.packed or p.own_attention:
+            handle.attention_from_parts(index)
             attn_out = _parts_attention(p, normed, state, prop_attn, handle.kernel, rows, pair)
         else:
             attn_out, _ = p.attn(hidden_states=normed, attention_mask=bias, **kwargs)

@@ -121,6 +121,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     state = run.state
     if settings is None and not state.packed and _key_weights(state, handle.config.size_bias) is None:
         return _leave(handle, index, run, type(self).forward(self, x))
+    handle.attention_from_parts(index)
     attn = self.attn
     qkv = attn.qkv(self.norm1(x))
     sel = None

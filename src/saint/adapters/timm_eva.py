@@ -124,6 +124,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, rope: torch.Tensor | 
     if settings is None and not state.packed:  # the module's own attention, each image's rows
         x_attn = attn(normed, rope=_module_rope(rope, state, npt), attn_mask=state.attn_bias(x.dtype, prop))
     else:
+        handle.attention_from_parts(index)
         rows = _token_rope(rope, state.positions_of(x), npt)
         before = settings is not None and handle.config.select_at == "attention"
         if before:  # select on these tokens, then rotate the survivors by their own rows

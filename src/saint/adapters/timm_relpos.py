@@ -156,6 +156,7 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, shared: torch.Tensor 
     state = run.state
     if settings is None and state.positions is None:  # nothing removed so far: the block as timm runs it
         return handle.leave_site(index, run, type(self).forward(self, x, **own_kwargs))
+    handle.attention_from_parts(index)
     attn = self.attn
     full = full_bias(attn, shared)
     normed = self.norm1(x)

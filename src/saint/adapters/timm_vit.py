@@ -280,6 +280,8 @@ def _block_forward(self: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tens
         raise ValueError("a pruned ViT cannot take attn_mask/is_causal; call the model without them")
     state = run.state
     prop_attn = handle.config.size_bias
+    if state.packed or (settings is not None and handle.config.select_at == "attention"):
+        handle.attention_from_parts(index)
     if settings is not None and handle.config.select_at == "attention":
         return handle.leave_site(index, run, _select_before_attention(self, handle, run, index, x, settings))
     if state.packed:
