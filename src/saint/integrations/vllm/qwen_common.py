@@ -204,9 +204,7 @@ class SaintImagePruningMixin:
     def saint_media_token_ids(self) -> tuple[int, ...]:
         """The placeholder tokens whose embeddings reach ``recompute_mrope_positions`` (each
         carrying its position channels): images, videos, and audio where the model takes it."""
-        config = self.config  # type: ignore[attr-defined]
-        ids = (config.image_token_id, config.video_token_id, getattr(config, "audio_token_id", None))
-        return tuple(i for i in ids if i is not None)
+        return tuple(sorted(media_token_ids(self.config)))  # type: ignore[attr-defined]
 
     def saint_features(self, emb: torch.Tensor) -> torch.Tensor:
         return emb
