@@ -8,6 +8,7 @@ import io
 import re
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -94,6 +95,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("k zero", patch(k=0), ValueError, "k=0 must be >= 1"),
     ("k fractional", patch(k=2.5), TypeError, "k must be an integer, got 2.5"),
     ("k a bool", patch(k=True), TypeError, "k must be a number, got bool"),
+    ("k a bool tensor", patch(k=torch.tensor(True)), TypeError, "k must be a number, got Tensor"),
+    ("tau a bool array", patch(tau=np.array(True)), TypeError, "tau must be a number, got ndarray"),
     ("trace a string", patch(trace="yes"), TypeError, "trace must be True or False, got 'yes'"),
     ("r infinite", patch("tome", r=INF), ValueError, "r=inf must be a finite number"),
     ("r negative", patch("random", r=-1), ValueError, "r=-1 must be >= 0"),
@@ -105,9 +108,13 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("tau list too short", patch(tau=[0.5, 0.6], layers=[0, 1, 2]), ValueError, "tau has 2 values but there are 3"),
     ("tau dict off layers", patch(tau={0: 0.5}, layers=[1]), ValueError, "tau is given for blocks [0]"),
     ("tau dict float block", patch(tau={0.5: 0.3}), TypeError, "integer block indices, got 0.5"),
+    ("tau dict, k list elsewhere", patch(tau={0: 0.5, 2: 0.3}, k=[1, 3]), ValueError,
+     "k's list means blocks 0..1 without layers=, but another setting is given for blocks [0, 2]"),
     # --- layers
     ("layers fractional", patch(layers=[0.7, 1.9]), TypeError, "layers must hold integer block indices, got 0.7"),
     ("layers bool", patch(layers=[True]), TypeError, "layers must hold integer block indices, got True"),
+    ("layers a bool mask", patch(layers=torch.tensor([True, False])), TypeError,
+     "layers must hold integer block indices, got tensor(True)"),
     ("layers a string", patch(layers="01"), TypeError, "layers must be a list of block indices, got str"),
     ("layers an int", patch(layers=3), TypeError, "layers must be a list of block indices, got int"),
     ("layers empty", patch(layers=[]), ValueError, "layers is empty"),

@@ -115,6 +115,10 @@ class MethodConfig:
             elif _is_list(v):
                 if len(v) != len(layers):
                     raise ValueError(f"{name} has {len(v)} values but there are {len(layers)} layers {layers}")
+                if self.layers is None and sorted(layers) != list(range(len(v))):
+                    raise ValueError(f"{name}'s list means blocks 0..{len(v) - 1} without layers=, but another "
+                                     f"setting is given for blocks {sorted(layers)}: give layers={sorted(layers)} "
+                                     f"or {name} as a {{block: value}} dict")
                 per = dict(zip(layers, v, strict=True))
             else:
                 per = dict.fromkeys(layers, v)
@@ -163,7 +167,7 @@ def _block_indices(name: str, value: Any) -> list[int]:
         raise TypeError(f"{name} must be a list of block indices, got {type(value).__name__}: {value!r}")
     out = []
     for i in value:
-        if isinstance(i, bool) or isinstance(i, float):
+        if is_bool(i) or isinstance(i, float):
             raise TypeError(f"{name} must hold integer block indices, got {i!r} in {value!r}")
         try:
             out.append(operator.index(i))
@@ -182,8 +186,15 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_bool(value: Any) -> bool:
+    """True/False in any of Python's, NumPy's or torch's forms (a bool tensor or array too),
+    which index and convert as 1/0 but are no block index or number."""
+    return isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, (torch.Tensor, np.ndarray)) and value.dtype in (torch.bool, np.bool_))
+
+
 def _number(name: str, value: Any, kind: type = float) -> Any:
-    if not is_real(value) and not (
+    if is_bool(value) or not is_real(value) and not (
         isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0
     ):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
