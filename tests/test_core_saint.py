@@ -119,6 +119,19 @@ def test_fixed_budget_last_two_tokens_tie_exactly_and_the_later_one_stays():
     assert torch.equal(together, alone)
 
 
+def test_fixed_budget_ignores_what_padding_holds():
+    """An image's padding rows (``valid`` False) may hold anything, NaN included (a padded
+    view's): its real tokens keep what they keep alone (NaN times a zero weight had made
+    every score NaN)."""
+    torch.manual_seed(0)
+    real = torch.randn(1, 6, 4)
+    valid = torch.tensor([[True] * 6 + [False] * 3])
+    alone = fixed_budget_keep_mask(real, keep=2)
+    for fill in (float("nan"), float("inf"), 0.0):
+        padded = fixed_budget_keep_mask(torch.cat([real, torch.full((1, 3, 4), fill)], 1), keep=2, valid=valid)
+        assert torch.equal(padded[:, :6], alone) and not padded[:, 6:].any()
+
+
 def test_drop_top_ranked_known_answer():
     """Each row drops its ``counts[b]`` highest eligible keys (ties to the lower index); a
     count above a row's eligible entries drops them all, ``-inf`` keys included; ineligible

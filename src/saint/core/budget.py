@@ -41,6 +41,7 @@ def fixed_budget_keep_mask(
         sim = m @ m.transpose(1, 2)
     sim = (sim + sim.transpose(1, 2)) * 0.5
     sim.diagonal(dim1=1, dim2=2).zero_()
+    sim.masked_fill_(~(pv[:, None, :] & pv[:, :, None]), 0.0)  # padding (NaN in a padded view) scores nothing
     remaining = pv.clone()
     while True:
         rem = remaining.sum(dim=1)
