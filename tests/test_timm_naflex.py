@@ -157,6 +157,23 @@ def test_nothing_to_prune_equals_the_model(pool):
         assert torch.equal(model(naflex(imgs)), ref)
 
 
+@pytest.mark.parametrize("pool,method", [("avg", "saint"), ("avg", "tome"), ("avg", "saint_plus"), ("token", "saint")])
+def test_an_image_without_patches_pools_as_the_model_pools_it(pool, method):
+    """An image whose every patch is padding: the model's average of no patch is 0; saint
+    gave NaN (a mean over none), pruning or not. (timm's attention pooling of such an image
+    reads its padding tokens, whose values saint never computes: not compared.)"""
+    model = make(pool)
+    inp = naflex(images())
+    inp["patch_valid"][2] = False
+    with torch.no_grad():
+        ref = model(inp)
+    saint.patch(model, method, **{**METHODS[method], **(dict(r=0) if method == "tome" else {})})
+    with torch.no_grad():
+        out = model(inp)
+    assert bool(torch.isfinite(ref).all())
+    torch.testing.assert_close(out[2], ref[2], rtol=0, atol=1e-5)
+
+
 def test_forward_features_reports_the_real_tokens():
     model = saint.patch(make(), "saint_match", tau=0.2, fraction=0.5)
     with torch.no_grad():

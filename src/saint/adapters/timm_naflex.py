@@ -117,7 +117,17 @@ def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None,
     state = state_of_tokens(self, x)
     if state.valid is None and state.sizes is None:
         return type(self)._pool(self, x, pool_type, patch_valid)
-    return pool_per_image(self, x, pool_type, lambda t, pool: type(self)._pool(self, t, pool, None))
+    return pool_per_image(self, x, pool_type, lambda t, pool: _pool_image(self, t, pool))
+
+
+def _pool_image(model: torch.nn.Module, x: torch.Tensor, pool_type: str) -> torch.Tensor:
+    """The model's pooling of one image's real tokens ``[1, n, C]``; an image with no patch
+    (a NaFlex image whose every patch is padding) pooled as timm pools it in its batch, from
+    one padding patch (an average of none is 0, not NaN)."""
+    if x.shape[1] > model.num_prefix_tokens:
+        return type(model)._pool(model, x, pool_type, None)
+    padding = x.new_zeros(1, 1, x.shape[2])
+    return type(model)._pool(model, torch.cat([x, padding], 1), pool_type, x.new_zeros(1, 1, dtype=torch.bool))
 
 
 def _forward_intermediates_of_images(self: torch.nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:

@@ -501,7 +501,8 @@ def _attention_pool(model: torch.nn.Module, x: torch.Tensor, state: TokenState) 
 
 
 def _weighted_mean(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -> torch.Tensor:
-    """Average of the real tokens, each weighted by its size (ToMe)."""
+    """Average of the real tokens, each weighted by its size (ToMe); zeros for an image
+    without one (a NaFlex image with no valid patch), as timm's NaFlex pooling gives."""
     start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
     w = torch.ones(x.shape[:2] + (1,), dtype=x.dtype, device=x.device)
     if state.sizes is not None:
@@ -510,7 +511,7 @@ def _weighted_mean(model: torch.nn.Module, x: torch.Tensor, state: TokenState) -
         w = w * state.valid[..., None].to(x.dtype)
         x = x.masked_fill(~state.valid[..., None], 0.0)
     w = w[:, start:]
-    return (x[:, start:] * w).sum(1) / w.sum(1)
+    return (x[:, start:] * w).sum(1) / w.sum(1).clamp(min=1)
 
 
 def maps_unmerge(handle: TokenStateHandle, deepest: int, flat_call: str) -> bool:
