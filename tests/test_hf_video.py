@@ -267,6 +267,10 @@ def test_vjepa2_nothing_to_prune_unpatch_and_the_predictor():
         assert torch.equal(model(pixel_values_videos=x).logits, ref)
         with pytest.raises(ValueError, match="skip_predictor=True"):
             model.vjepa2(pixel_values_videos=x)
+        # the masks' tubelet indices are the whole clip's (they picked whichever survivors sat there)
+        mask = [torch.arange(4, 12).expand(len(x), -1)]
+        with pytest.raises(ValueError, match="context_mask index tubelets of the whole clip"):
+            model.vjepa2(pixel_values_videos=x, skip_predictor=True, context_mask=mask)
         saint.unpatch(model)
         assert not any("forward" in m.__dict__ for m in model.modules())
         assert torch.equal(model(pixel_values_videos=x).logits, ref)

@@ -196,3 +196,24 @@ def test_gradients_flow_through_the_merged_projections(images):
         model(images).square().sum().backward()
         grads[layout] = model.blocks[0].attn.qkv.weight.grad
     torch.testing.assert_close(grads["packed"], grads["padded"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_attention_weights_are_refused_where_saint_runs_a_layer_s_attention(kind, images):
+    """``select_at="attention"`` runs each pruning layer's attention in saint, which makes no
+    weights: ``output_attentions`` came back with those layers missing (and the rest misnamed
+    by their index), even on a rectangular batch. Refused; between attention and MLP every
+    layer's weights come back."""
+    pytest.importorskip("transformers")
+    from .test_hf_vision import make
+
+    model = make(kind, impl="eager")
+    saint.patch(model, "random", r=3, layers=[1], select_at="attention")
+    with torch.no_grad(), pytest.raises(ValueError, match="select_at='attention' .* no attention weights"):
+        model(pixel_values=images, output_attentions=True)
+    saint.patch(model, "random", r=3, layers=[1], layout="padded")
+    with torch.no_grad():
+        attentions = model(pixel_values=images, output_attentions=True).attentions
+    assert len(attentions) == model.config.num_hidden_layers
+    n = attentions[0].shape[-1]  # 16 patches (and CLIP's class token)
+    assert [a.shape[-1] for a in attentions[:3]] == [n, n, n - 3]  # 3 dropped after layer 1

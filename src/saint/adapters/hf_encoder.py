@@ -601,12 +601,17 @@ def _refuse_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, args: tup
     """Refuse ``output_attentions`` where it cannot be what it says: per-image attention of a
     packed batch (a method whose counts differ per image, or any method on an input whose
     images are padded, NaFlex's: ToMe then merges each image's own share), or a tower whose
-    attention saint runs itself (no weights are made)."""
+    attention saint runs itself (no weights are made), every layer's or a pruning layer's
+    (``select_at="attention"``: the tuple would lack those layers and misname the rest)."""
     if not kwargs.get("output_attentions", tower.config.output_attentions):
         return
     if handle.own_attention:
         raise ValueError(f"a patched {type(tower).__name__} runs its attention through saint's kernel, which "
                          "makes no attention weights; unpatch it to read output_attentions")
+    if handle.config.select_at == "attention":
+        raise ValueError("with select_at='attention' saint runs each pruning layer's attention itself, which makes "
+                         "no attention weights (the tuple would skip those layers); patch with select_at='mlp' "
+                         "(and layout='padded') to read output_attentions")
     if handle.runs.layout == "packed" and (handle.config.pads or _padded_input(tower, args, kwargs)):
         raise ValueError("output_attentions cannot describe per-image attention of a packed batch; "
                          "patch with layout='padded' to read attention weights")

@@ -123,10 +123,18 @@ def _pooler(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _tower_forward(self: torch.nn.Module, *args: Any, skip_predictor: bool = False, **kwargs: Any) -> Any:
-    """The encoder's own forward (hidden states unpadded); the predictor is refused."""
+    """The encoder's own forward (hidden states unpadded); the predictor, and context or
+    target masks (tubelet indices of the whole clip, which its output no longer lines up
+    with), are refused."""
     if not skip_predictor:
         raise ValueError(f"a patched {type(self).__name__} prunes the clip's tokens, and its predictor predicts "
                          "positions of the whole clip: call it with skip_predictor=True (or get_vision_features)")
+    given = [name for name in ("context_mask", "target_mask") if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} index tubelets of the whole clip, but a patched "
+                         f"{type(self).__name__} prunes them: its output holds the survivors; call it without "
+                         f"{'them' if len(given) > 1 else 'it'} (saint.token_mask marks each clip's real tokens), or "
+                         "unpatch it")
     return tower_forward(self, *args, skip_predictor=True, **kwargs)
 
 
