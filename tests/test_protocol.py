@@ -6,6 +6,8 @@ LLaVA-NeXT and a tiny LLaVA-OneVision."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -351,7 +353,12 @@ def test_a_new_generate_call_on_a_cache_of_a_shortened_prompt_is_refused(name):
         out = model.generate(**sample, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="past_key_values holds a prompt whose image tokens saint removed"):
             model.generate(input_ids=out.sequences, past_key_values=out.past_key_values, max_new_tokens=2)
+        saint.patch(model, **VISION_SIDE[name])  # a new patch: not this cache's (it was accepted, misplaced)
+        with pytest.raises(ValueError, match="pruned under a patch since removed"):
+            model.generate(input_ids=out.sequences, past_key_values=out.past_key_values, max_new_tokens=2)
     saint.unpatch(model)
+    with torch.no_grad(), pytest.raises(ValueError, match="pruned under a patch since removed"):
+        model.generate(input_ids=out.sequences, past_key_values=out.past_key_values, max_new_tokens=2)
     if name != "llava":
         return
     saint.patch(model, mode="llm", llm_layers=(0, 2), llm_tau=0.3, llm_k=1)
@@ -359,12 +366,21 @@ def test_a_new_generate_call_on_a_cache_of_a_shortened_prompt_is_refused(name):
     with torch.no_grad():
         out = model.generate(**sample, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         conversation = torch.cat([out.sequences, follow], dim=1)
+        kept = copy.deepcopy(out.past_key_values)
         cached = model.generate(input_ids=conversation, past_key_values=out.past_key_values, max_new_tokens=4,
                                 do_sample=False)
         scratch = model.generate(input_ids=conversation, pixel_values=sample["pixel_values"], max_new_tokens=4,
                                  do_sample=False)
     assert torch.equal(cached, scratch)
-    saint.unpatch(model)
+    # the cache's layers follow this patch's pruning: after a new patch or unpatch it is refused (its
+    # layers hold different lengths; continuing crashed inside the attention, or misplaced every token)
+    for again in (True, False):
+        if again:
+            saint.patch(model, mode="llm", llm_layers=(0, 2), llm_tau=0.3, llm_k=1)
+        else:
+            saint.unpatch(model)
+        with torch.no_grad(), pytest.raises(ValueError, match="pruned under a patch since removed"):
+            model.generate(input_ids=conversation, past_key_values=copy.deepcopy(kept), max_new_tokens=2)
 
 
 @pytest.mark.parametrize("name", VLMS)
@@ -396,3 +412,24 @@ def test_per_block_reads_of_a_vlm_patch_are_clear_errors(make):
         saint.token_mask(model)
     with pytest.raises(TypeError, match="no per-token sizes"):
         saint.token_sizes(model)
+
+
+@pytest.mark.parametrize("name", ("llava", "internvl", "qwen_vl"))
+def test_stats_after_a_text_only_prompt_say_no_visual_token(name):
+    """A prompt batch without media after one with images: ``saint.stats`` describes it (no
+    visual token in any row, as a text-only row of a mixed batch), not the earlier prompt
+    (it kept the image prompt's counts for one row); decoding steps leave the prompt's."""
+    model, inputs, _, _ = FAMILIES[name]()
+    sample = one(model, inputs)
+    saint.patch(model, **VISION_SIDE[name])
+    text = torch.randint(3, 60, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(**sample)
+        assert any(c for row in saint.stats(model).tokens for c in row)
+        model(input_ids=text)
+        stats = saint.stats(model)
+        assert stats.tokens == [[0, 0, 0]] * len(stats.tokens) and len(stats.tokens) > 2
+        model.generate(**sample, max_new_tokens=3, do_sample=False)
+    after = saint.stats(model).tokens  # the generated prompt's, not its last decoding step's
+    assert len(after[0]) == 1 and after[0][0] > 0
+    saint.unpatch(model)

@@ -275,6 +275,7 @@ class PrunedPrompt:
     stages: list[Stage]
     input_length: int = 0  # length of the caller's own prompt (before any reduction of its own)
     extra: dict[str, torch.Tensor | None] = field(default_factory=dict)  # the caller's per-row maps
+    live: Callable[[], bool] | None = field(default=None, repr=False)  # whether the pruner is still installed
 
     def map_rows(self, fn: Callable[[Any], Any]) -> PrunedPrompt:
         stages = [fn(s) for s in self.stages]
@@ -491,7 +492,7 @@ class DecoderPruner:
 
     def pruned_prompt(self) -> PrunedPrompt:
         """The per-layer maps of the prefill that just ran."""
-        return PrunedPrompt(owner=id(self), length=self.length, stages=list(self.stages))
+        return PrunedPrompt(owner=id(self), length=self.length, stages=list(self.stages), live=lambda: bool(self.hooks))
 
     @property
     def dropped_any(self) -> bool:
@@ -770,6 +771,22 @@ def attach_prompt(cache: Any, prompt: PrunedPrompt | None) -> None:
         return out
 
     d["crop"] = crop
+    original_update = cache.update
+
+    def update(*args: Any, **kwargs: Any) -> Any:
+        p = cache.__dict__.get(PRUNED_PROMPT_ATTR)
+        if p is not None and p.live is not None and not p.live():
+            raise ValueError(STALE_CACHE)
+        return original_update(*args, **kwargs)
+
+    d["update"] = update
+
+
+STALE_CACHE = (
+    "past_key_values holds a prompt that saint pruned under a patch since removed (saint.unpatch, or "
+    "saint.patch again): its layers' positions follow that patch, and continuing it would misplace every "
+    "token; run the whole conversation with its images on an empty cache"
+)
 
 
 def pruned_prompt_of(cache: Any) -> PrunedPrompt | None:

@@ -143,11 +143,12 @@ class VlmPatch(Handle):
         return out
 
     def stats(self) -> TokenStats:
-        """Visual tokens per sample in the last forward with images: handed to the
-        language model (``vision_tower``), entering each decoder layer, and after the
-        last one (``language_model.norm``)."""
+        """Visual tokens per sample in the last prompt forward (decoding steps leave it as
+        their prompt's): handed to the language model (``vision_tower``), entering each
+        decoder layer, and after the last one (``language_model.norm``); all 0 for a
+        prompt without media."""
         if self.last_stats is None:
-            raise RuntimeError("no forward with images has run since patching; call the model first")
+            raise RuntimeError("no prompt has run through the patched model since patching; call the model first")
         return self.last_stats
 
     def vision_stats(self) -> TokenStats | None:

@@ -82,7 +82,7 @@ def make_mm_pre(handle: VlmPatch, media: Media, prefill: Prefill, continuation: 
         has_media = media.given(kwargs)
         prompt = hf_llm.pruned_prompt_of(cache)
         if prompt is not None and prompt.owner != id(handle.pruner):
-            prompt = None
+            raise ValueError(hf_llm.STALE_CACHE)
         if past > 0:
             # placeholder ids without media are text to the model (as unpatched: a decoded
             # image token id embeds like any other token), so only media are refused here
@@ -92,7 +92,10 @@ def make_mm_pre(handle: VlmPatch, media: Media, prefill: Prefill, continuation: 
                     "chunked prefill); run the prompt with its images on an empty cache"
                 )
             return (), (kwargs if prompt is None else continuation(handle, module, prompt, kwargs, past))
-        if not has_media:
+        if not has_media:  # a text-only prompt: no visual token in any row
+            ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            if ref is not None:
+                handle.last_stats = text_only_stats(int(ref.shape[0]), len(handle.pruner.layers))
             return (), kwargs
         if input_ids is None:
             raise ValueError(f"saint locates images by {'/'.join(media.token_ids)}: pass input_ids, not inputs_embeds")
@@ -240,6 +243,13 @@ def make_top_post(handle: VlmPatch):
         return output
 
     return hook
+
+
+def text_only_stats(batch: int, layers: int) -> TokenStats:
+    """A prompt batch without media: no visual token handed to the language model, nor
+    entering any of its ``layers`` (what a text-only row of a mixed batch reports)."""
+    names = ["vision_tower", *(f"language_model.layers.{i}" for i in range(layers)), "language_model.norm"]
+    return TokenStats(names, [[0] * batch for _ in names])
 
 
 def make_lm_post(handle: VlmPatch):
