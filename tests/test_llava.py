@@ -557,6 +557,19 @@ def test_bad_settings_raise_clear_errors(kw, err, match):
     assert not saint.is_patched(model) and not saint.is_patched(model.model.vision_tower)
 
 
+def test_a_call_s_feature_layer_before_the_drop_is_refused(images):
+    """``vision_feature_layer`` given to the call rather than the config: one taken before
+    the vit step handed every unpruned patch to the LM (the drop ignored, unlike the
+    config's, refused at patch time)."""
+    model = make()
+    saint.patch(model, mode="vit", vit_keep=10, vit_layer=1)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="vision_feature_layer=-4 .* taken before vit_layer=1"):
+            model(input_ids=prompt(3, 2)[None], pixel_values=images[:1], vision_feature_layer=-4)
+        model(input_ids=prompt(3, 2)[None], pixel_values=images[:1], vision_feature_layer=-1)
+    assert saint.stats(model).tokens[0] == [10]
+
+
 @pytest.mark.parametrize("text, err, match", [
     ("OlmoConfig", TypeError, "cannot prune inside a OlmoModel"),
     ("Qwen2Config", ValueError, r"layer types \['chunked_attention'\] are not supported"),

@@ -291,6 +291,12 @@ def test_feature_layer_before_the_drop_is_refused():
     with pytest.raises(ValueError, match="vision_feature_layer=-2"):
         saint.patch(model, mode="vit", vit_keep=4, vit_layer=1)
     assert not saint.is_patched(model)
+    # the same layer passed at call time: all the unpruned patches reached the LM, the drop ignored
+    model.config.vision_feature_layer = model.model.config.vision_feature_layer = -1
+    saint.patch(model.eval(), mode="vit", vit_keep=4, vit_layer=1)
+    x = inputs(model, ROWS[:1])
+    with torch.no_grad(), pytest.raises(ValueError, match="vision_feature_layer=-2 .* taken before vit_layer=1"):
+        model(**x, vision_feature_layer=-2)
 
 
 def test_a_prompt_with_the_wrong_image_token_count_is_refused(family):

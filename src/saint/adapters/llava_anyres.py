@@ -66,6 +66,7 @@ from .hf_vlm import HFVlm, multimodal
 from .llava import EXPAND, MEDIA, LlavaPatch, LlavaPruneConfig
 from .llava import make_config as llava_config
 from .llava_vision import (
+    check_feature_layer,
     check_vit,
     grid_side,
     make_expand,
@@ -271,6 +272,8 @@ def _prefill(family: Family, handle: LlavaPatch, module: torch.nn.Module, kwargs
     """A prompt with images on an empty cache: the tower runs now (its features carry
     their newline marks and unpruned lengths), each image's placeholders shrink to its
     kept count, and the decoder pruner starts on every image token but the newlines."""
+    if handle.config.prunes_vit and kwargs.get("vision_feature_layer") is not None:
+        check_feature_layer(module, kwargs["vision_feature_layer"], handle.config)
     mm_out = dict(kwargs.get("mm_encoder_outputs") or {})
     if mm_out.get("image") is None:
         args = {k: kwargs.get(k) for k in family.feature_args}

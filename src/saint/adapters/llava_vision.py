@@ -12,6 +12,7 @@ count the tokens that will remain.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,9 +31,9 @@ def grid_side(mm: torch.nn.Module) -> int:
     return int(vc.image_size) // int(vc.patch_size)
 
 
-def _feature_layers(mm: torch.nn.Module) -> list[int]:
-    v = mm.config.vision_feature_layer
-    return [v] if isinstance(v, int) else list(v)
+def _feature_layers(value: int | Sequence[int]) -> list[int]:
+    """``vision_feature_layer`` (one hidden state's index, or several) as a list."""
+    return [value] if isinstance(value, int) else list(value)
 
 
 def refuse_patched_tower(model: torch.nn.Module, mm: torch.nn.Module) -> None:
@@ -67,7 +68,14 @@ def check_vit(mm: torch.nn.Module, cfg: Any) -> None:
     n = int(tower.embeddings.num_patches)
     if cfg.vit_keep > n:
         raise ValueError(f"vit_keep={cfg.vit_keep} exceeds the {n} patches of the vision tower")
-    for f in _feature_layers(mm):
+    check_feature_layer(mm, mm.config.vision_feature_layer, cfg)
+
+
+def check_feature_layer(mm: torch.nn.Module, value: int | Sequence[int], cfg: Any) -> None:
+    """The hidden states LLaVA takes (``vision_feature_layer``, the config's or a call's)
+    come after SAINT's ``vit`` step: an earlier one would hand over the unpruned patches."""
+    depth = len(mm.vision_tower.encoder.layers)
+    for f in _feature_layers(value):
         idx = f % (depth + 1)
         if idx <= cfg.vit_layer:
             raise ValueError(
@@ -104,6 +112,8 @@ def prefill(handle: VlmPatch, module: torch.nn.Module, kwargs: dict[str, Any], f
     fwd.input_length = input_ids.shape[1]
     image_id = handle.image_token_id
     keep0 = None
+    if handle.config.prunes_vit and kwargs.get("vision_feature_layer") is not None:
+        check_feature_layer(module, kwargs["vision_feature_layer"], handle.config)
     if handle.config.reduces_vision:
         kwargs = image_features(module, kwargs)
         feats = kwargs["mm_encoder_outputs"]["image"].pooler_output
