@@ -366,6 +366,7 @@ def test_analyze_and_viz_name_a_corrupt_image(bad_images, tmp_path, capsys) -> N
     (["sweep", *TINY, *COMMON, "--calibrated", "saint_match:mode=global"],
      "saint_match calibrates tau and fraction per layer (mode='per_layer'), not mode='global'"),
     (["sweep", *TINY, *COMMON, "--calibrated", "saint", "--speedups", "0.5"], "speed-up targets must be > 1"),
+    (["sweep", *TINY, *COMMON, "--calibrated", "saint:gamma=-5"], "gamma=-5.0 must be >= 0 in 'saint:gamma=-5'"),
     (["sweep", *TINY, *COMMON, "--tome-inflection", "0"], "ToMe inflection 0 is its constant schedule"),
     (["bench", *TINY, *COMMON, "--method", "saint:tau=0#0.9/0#0.8"], "block 0 is given twice"),
     (["demo", "--tau", "5", "--out", "{file}"], "tau=5.0 is outside [-1, 1]"),
@@ -473,7 +474,8 @@ def test_an_open_clip_model_by_name(images, capsys) -> None:
 
 
 @pytest.mark.parametrize("bad", [["--calibrated", "saint:at=1"], ["--calibrated", "tome:r=1"],
-                                 ["--calibrated", "saint_match:mode=global"],
+                                 ["--calibrated", "saint_match:mode=global"], ["--calibrated", "saint_plus:k=0"],
+                                 ["--calibrated", "saint:center=maybe"],
                                  ["--calibrated", "saint", "--speedups", "1.5,0.5"], ["--tome-inflection", "0"]])
 def test_sweep_checks_its_targets_before_it_loads_the_model(bad, images, monkeypatch, capsys, tmp_path) -> None:
     """A sweep's calibration targets and schedules are refused before any model loads (they
