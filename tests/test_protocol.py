@@ -404,13 +404,16 @@ def test_chunked_prefill_of_an_image_prompt_runs_whole_or_is_refused(name):
 
 @pytest.mark.parametrize("make", [tiny_llava, tiny_qwen], ids=["llava", "qwen"])
 def test_per_block_reads_of_a_vlm_patch_are_clear_errors(make):
-    """``token_mask`` / ``token_sizes`` describe a vision model's padded outputs; a VLM patch
-    has none (a Qwen-VL patch's media runs were taken for them: an AttributeError)."""
+    """``token_mask`` of a VLM patch describes its output (below), not a block's, and it keeps
+    no sizes (a Qwen-VL patch's media runs were once taken for a vision patch's: an
+    AttributeError); before a prompt ran there is nothing to describe."""
     model = make()
     saint.patch(model, mode="llm", llm_layers=(1, 3), llm_tau=0.3, llm_k=2)
-    with pytest.raises(TypeError, match="no per-block token mask"):
+    with pytest.raises(RuntimeError, match="no prompt has run through the patched model"):
         saint.token_mask(model)
-    with pytest.raises(TypeError, match="no per-token sizes"):
+    with pytest.raises(ValueError, match="describes its output .* without a block"):
+        saint.token_mask(model, 1)
+    with pytest.raises(TypeError, match="keeps no per-token sizes"):
         saint.token_sizes(model)
 
 
@@ -433,3 +436,33 @@ def test_stats_after_a_text_only_prompt_say_no_visual_token(name):
     after = saint.stats(model).tokens  # the generated prompt's, not its last decoding step's
     assert len(after[0]) == 1 and after[0][0] > 0
     saint.unpatch(model)
+
+
+@pytest.mark.parametrize("name", ("llava", "qwen_vl"))
+def test_an_inner_model_marks_dropped_positions_nan_and_token_mask_names_the_rest(name):
+    """A patched inner ``*Model`` (no LM head) returns hidden states in the input's
+    coordinates: NaN where a token was dropped, as the ``*ForConditionalGeneration``'s
+    logits are (they were exact zeros, which a mean over tokens took for tokens), 0 while
+    autograd records; ``saint.token_mask`` marks the positions that kept a token."""
+    settings = dict(mode="llm", llm_layers=(0, 2), llm_tau=0.3, llm_k=1)
+    model, inputs, _, _ = FAMILIES[name]()
+    sample = one(model, inputs)
+    saint.patch(model, **settings)
+    with torch.no_grad():
+        dropped = model(**sample).logits.isnan().any(-1)
+    saint.unpatch(model)
+    assert dropped.any(), "nothing dropped: the test lost its point"
+    inner = model.model
+    saint.patch(inner, **settings)
+    with torch.no_grad():
+        hidden = inner(**sample).last_hidden_state
+    mask = saint.token_mask(inner)
+    assert torch.equal(mask, ~dropped)
+    assert bool(hidden[~mask].isnan().all()) and not bool(hidden[mask].isnan().any())
+    hidden = inner(**sample).last_hidden_state  # autograd on: no NaN to reach a gradient
+    assert bool((hidden[~mask] == 0).all()) and not bool(hidden.isnan().any())
+    with pytest.raises(ValueError, match="without a block"):
+        saint.token_mask(inner, 0)
+    with pytest.raises(TypeError, match="keeps no per-token sizes"):
+        saint.token_sizes(inner)
+    saint.unpatch(inner)

@@ -517,7 +517,7 @@ def test_qwen2_vl_tower_equals_its_later_blocks_run_on_the_kept_groups():
     """A reference built from the unpatched tower's own modules: its hidden states after
     block vit_layer, cut to the kept groups (with their rotary rows), through the later
     blocks with each image's kept span as its attention segment, then the merger. The
-    patched tower's merged tokens equal it at the kept groups and are zero at the others
+    patched tower's merged tokens equal it at the kept groups and are NaN at the others
     (Qwen2-VL has no window order, so the segments are whole images)."""
     model = make("qwen2_vl")
     tower = model.model.visual
@@ -547,7 +547,7 @@ def test_qwen2_vl_tower_equals_its_later_blocks_run_on_the_kept_groups():
             h = blk(h, cu_seqlens=cu, max_seqlen=max(per_image), position_embeddings=pos)
         want = tower.merger(h)
     torch.testing.assert_close(got[keep], want, rtol=0, atol=1e-5)
-    assert not got[~keep].any()
+    assert bool(got[~keep].isnan().all())
 
 
 def test_split_gives_each_prompt_its_videos_seconds_per_grid():
@@ -558,3 +558,23 @@ def test_split_gives_each_prompt_its_videos_seconds_per_grid():
     x = dict(inputs(rows), second_per_grid_ts=torch.tensor([0.5, 2.0]))
     parts = list(adapter.split(x, 1))
     assert [p["second_per_grid_ts"].tolist() for p in parts] == [[0.5], [], [2.0]]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_image_features_called_directly_show_dropped_groups_as_nan(family):
+    """``get_image_features`` of a ``vit``-patched model, called directly: one row per
+    merge group, NaN at the groups the tower dropped (they were exact zeros, which read as
+    features), 0 while autograd records; the kept rows are the ones the prompt gets."""
+    from saint.adapters.qwen_vl import KEEP_ATTR
+
+    x = inputs([[3, ("image", (1, 8, 8)), 4]], family=family)
+    model = make(family)
+    saint.patch(model, mode="vit", vit_layer=1, vit_ratio=0.5)
+    call = dict(pixel_values=x["pixel_values"], image_grid_thw=x["image_grid_thw"])
+    with torch.no_grad():
+        (feats,) = model.get_image_features(**call).pooler_output
+    keep = getattr(feats, KEEP_ATTR)
+    assert 0 < int(keep.sum()) < len(keep)
+    assert bool(feats[~keep].isnan().all()) and bool(torch.isfinite(feats[keep]).all())
+    (graded,) = model.get_image_features(**call).pooler_output
+    assert bool((graded[~keep] == 0).all()) and torch.allclose(graded[keep], feats[keep])

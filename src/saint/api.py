@@ -101,6 +101,12 @@ def token_mask(model: torch.nn.Module, block: int = -1) -> torch.Tensor | None:
     ``[B, M]`` bool, or None when every position does (negative ``block`` counts from
     the end). Outputs that leave a packed model (``forward_features``,
     ``forward_intermediates``, HF ``hidden_states``) are padded with NaN there."""
+    handle = _handle(model)
+    if hasattr(handle, "output_mask"):  # a VLM: its output's positions (the input's) that have a token
+        if block != -1:
+            raise ValueError("a VLM's token mask describes its output (the input's positions that kept a token): "
+                             "call saint.token_mask(model) without a block")
+        return handle.output_mask()
     run = _runs_handle(model, "no per-block token mask; its outputs are not padded").runs.current()
     valid = [] if run is None else run.layer_valid
     if not -len(valid) <= block < len(valid):
@@ -113,6 +119,9 @@ def token_sizes(model: torch.nn.Module) -> torch.Tensor | None:
     ``[B, M]`` float (1 for a token nothing merged into, 0 at padding), or None when every
     position is one real token. A mean over tokens weighted by it is what the unpruned
     model's mean is when a merged token stands for its parts."""
+    if hasattr(_handle(model), "output_mask"):
+        raise TypeError(f"{type(model).__name__}'s patch keeps no per-token sizes (a VLM's pruning removes "
+                        "tokens); saint.token_mask(model) marks the positions of its output that kept one")
     return _runs_handle(model, "no per-token sizes; its outputs are not merged or padded").output_weights()
 
 

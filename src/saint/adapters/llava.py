@@ -39,8 +39,8 @@ With ``labels`` the loss is the model's own loss over the targets that still hav
 prediction: a target whose predicting position was dropped is ignored (set to -100),
 which never touches a text-only continuation that does not directly follow an image.
 ``output_hidden_states`` / ``output_attentions`` are refused while pruning. A patched
-``LlavaModel`` (no LM head) returns zero hidden states at dropped positions; the
-handle's ``kept_input [B, L]`` marks the positions that have an output.
+``LlavaModel`` (no LM head) returns NaN hidden states at dropped positions (0 under
+autograd); ``saint.token_mask(model)`` (``[B, L]``) marks the positions that have an output.
 
 SAINT with ``llm_rate="sample"`` (default) gives every sample its own count: ragged
 rows are padded and masked, so a prompt's output is the same alone or in a batch.

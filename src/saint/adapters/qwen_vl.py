@@ -37,8 +37,8 @@ tokens the merger concatenates) are dropped, so the merger still sees aligned gr
 Later blocks get shortened ``cu_seqlens`` (full and windowed; empty windows removed)
 and the kept rows of the rotary ``position_embeddings``. The metric is each group's
 mean of the block's head-averaged keys before the vision RoPE. Every merger (and
-Qwen3-VL's deepstack mergers) writes its output back to the full group count (zeros
-at dropped groups), so the model's own bookkeeping (``reverse_indices``, the split by
+Qwen3-VL's deepstack mergers) writes its output back to the full group count (NaN
+at dropped groups, 0 under autograd), so the model's own bookkeeping (``reverse_indices``, the split by
 ``grid_thw``) is unchanged; ``get_image_features``/``get_video_features`` are wrapped
 per instance to mark every feature tensor with its kept groups, and before the
 language model runs each image's run of placeholder tokens is shrunk to its kept

@@ -3,7 +3,7 @@ block ``vit_layer``, whole merge groups (the 4 consecutive tokens the merger con
 are dropped per sample (full-attention segment) by a fixed budget over each group's
 mean key (normed where the tower norms its keys, as GLM-OCR's does); later blocks get
 shortened ``cu_seqlens`` (full and windowed) and the kept rows of the rotary embeddings,
-and every merger writes back to all groups (zeros at dropped ones), so the model's own
+and every merger writes back to all groups (NaN at dropped ones; 0 under autograd), so the model's own
 bookkeeping is unchanged."""
 
 from __future__ import annotations
@@ -152,7 +152,9 @@ class TowerPruner:
         if self.keep_tok is None:
             return None
         keep = self.keep_tok[:: self.unit]
-        out = output.new_zeros(len(keep), *output.shape[1:])
+        # NaN at dropped groups (0 while autograd records): get_image_features called directly shows them
+        fill = 0.0 if torch.is_grad_enabled() else float("nan")
+        out = output.new_full((len(keep), *output.shape[1:]), fill)
         out[keep] = output
         return out
 

@@ -142,6 +142,14 @@ class VlmPatch(Handle):
             out.append(torch.gather(where, 1, positions))
         return out
 
+    def output_mask(self) -> torch.Tensor | None:
+        """Which positions of the last prompt forward's input have an output (``[B, L]``
+        bool; None when none was dropped): its hidden states and logits are NaN at the
+        others (hidden states 0 under autograd)."""
+        if self.last_stats is None:
+            raise RuntimeError("no prompt has run through the patched model since patching; call the model first")
+        return self.kept_input
+
     def stats(self) -> TokenStats:
         """Visual tokens per sample in the last prompt forward (decoding steps leave it as
         their prompt's): handed to the language model (``vision_tower``), entering each

@@ -254,8 +254,8 @@ def text_only_stats(batch: int, layers: int) -> TokenStats:
 
 def make_lm_post(handle: VlmPatch):
     """After the language model's prefill: the statistics, the pruned prompt stored on
-    the cache, the hidden states scattered back to the input's positions (zeros where
-    a token was dropped) and the labels of dropped predictions ignored."""
+    the cache, the hidden states scattered back to the input's positions (NaN where
+    a token was dropped; 0 under autograd) and the labels of dropped predictions ignored."""
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
         pruner = handle.pruner
         if pruner.phase != "prefill":
@@ -289,7 +289,8 @@ def make_lm_post(handle: VlmPatch):
 
 def _to_input_positions(hidden: torch.Tensor, fwd: Forward, final: hf_llm.Stage) -> tuple[torch.Tensor, torch.Tensor]:
     """The final hidden states ``[B, L0, C]`` at the positions of the input as passed
-    (zeros where a token was dropped by either step), and which positions have one. Hidden
+    (NaN where a token was dropped by either step, as a vision tower's padding; 0 while
+    autograd records, where NaN would reach the gradients), and which positions have one. Hidden
     states of the last ``t`` slots only (Gemma 4's KV-shared layers on ``logits_to_keep``
     tokens) go to those slots' positions."""
     length0 = fwd.input_length
@@ -299,6 +300,7 @@ def _to_input_positions(hidden: torch.Tensor, fwd: Forward, final: hf_llm.Stage)
         real = real & torch.gather(fwd.valid0, 1, final.idx)
     target = torch.where(real, in_pos, length0)
     b, t, c = hidden.shape
-    out = hidden.new_zeros(b, length0 + 1, c).scatter_(1, target[:, -t:, None].expand(-1, -1, c), hidden)
+    fill = 0.0 if torch.is_grad_enabled() else float("nan")
+    out = hidden.new_full((b, length0 + 1, c), fill).scatter_(1, target[:, -t:, None].expand(-1, -1, c), hidden)
     kept = torch.zeros(b, length0 + 1, dtype=torch.bool, device=hidden.device).scatter_(1, target, True)
     return out[:, :length0], kept[:, :length0]
