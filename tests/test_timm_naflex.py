@@ -258,3 +258,20 @@ def test_protocol_runs_on_image_batches():
         emb, _ = adapter.embed(model, x)
         solo = torch.cat([adapter.embed(model, x[i : i + 1])[0] for i in range(4)])
     torch.testing.assert_close(emb, solo, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(tau=1.0, k=5, layers=[0]), dict(tau=0.3, k=1, layers=[0])])
+def test_traced_origins_never_name_the_input_s_padding(kw):
+    """With ``trace=True`` the input's padding is no token: a step that removed nothing
+    recorded the padded slots as live tokens at their own positions."""
+    from saint.adapters import handle_of
+
+    model, inp = make("avg"), naflex(images())
+    saint.patch(model, "saint", trace=True, **kw)
+    with torch.no_grad():
+        model(inp)
+    origins = handle_of(model).origins()[0]
+    live = (origins >= 0).sum(dim=1).tolist()
+    assert live == saint.stats(model).tokens[1]
+    real = model.num_prefix_tokens + inp["patch_valid"].sum(dim=1)
+    assert all(bool((origins[i, n:] == -1).all()) for i, n in enumerate(real.tolist()))

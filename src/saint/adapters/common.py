@@ -167,6 +167,8 @@ class TokenState:
             self.ran = self.layout
         b, n = x.shape[:2]
         self.origin = torch.arange(n, device=x.device).expand(b, n).clone() if trace else None
+        if self.origin is not None and valid is not None:  # the input's padding is no token (NaFlex)
+            self.origin.masked_fill_(~valid.to(self.origin.device), -1)
 
     def snapshot(self) -> TokenState:
         """A fresh state that continues from this one (recorded counts and steps left out)."""
