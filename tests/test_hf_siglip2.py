@@ -325,3 +325,12 @@ def test_calibration_and_harness_take_padded_processor_dicts():
     assert base.tokens[0] == 16, "the unpatched model computes every padded position"
     assert pruned.tokens[0] == pytest.approx(sum(h * w for h, w in SHAPES) / 3), "saint computes the real patches"
     assert pruned.flops_per_image < base.flops_per_image
+
+
+def test_analysis_refuses_a_batch_padded_by_its_processor():
+    """``token_evolution`` reads every token of a batch: a NaFlex batch's padding counted as
+    patches (an image's statistics differed from its own alone). Refused, named."""
+    from saint.analysis import token_evolution
+
+    with pytest.raises(ValueError, match="this batch is padded"):
+        token_evolution(make(), [naflex(images())])

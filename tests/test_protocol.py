@@ -281,6 +281,18 @@ def test_trace_kept_maps_the_patch_grid(family):
     assert not saint.is_patched(model)
 
 
+@pytest.mark.parametrize("method,settings", [("saint", dict(mode="vit", vit_keep=5, vit_layer=0)),
+                                             ("random", dict(visual_keep=8))])
+def test_tracing_a_vision_side_reduction_is_refused(method, settings):
+    """The trace follows the language model's drop; a vision-side reduction hands it a subset
+    of the patches that the trace does not record (``trace_kept`` drew an empty map, or
+    failed to fill the grid with ``mode="hybrid"``)."""
+    model, inputs, _, _ = FAMILIES["llava"]()
+    with pytest.raises(ValueError, match="trace with mode='llm'"):
+        trace_kept(model, one(model, inputs), method, **settings)
+    assert not saint.is_patched(model)
+
+
 VISION_SIDE = {"llava": dict(mode="vit", vit_keep=5, vit_layer=0), "qwen_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "qwen2_vl": dict(mode="vit", vit_ratio=0.5, vit_layer=0),
                "glm4v": dict(mode="vit", vit_ratio=0.5, vit_layer=0),

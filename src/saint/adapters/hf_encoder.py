@@ -14,7 +14,7 @@ import importlib
 import inspect
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -659,6 +659,15 @@ class ProjectionProbe(Probe):
         self.parts = parts
         self.num_prefix = num_prefix
         self.has_cls = has_cls
+
+    def begin(self, inputs: Any) -> None:
+        """Refuse a batch padded by its processor (Siglip2's NaFlex ``pixel_attention_mask``):
+        the statistics read every token, and would take its padding for patches."""
+        mask = inputs.get("pixel_attention_mask") if isinstance(inputs, Mapping) else None
+        if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
+            raise ValueError("saint.analysis reads every token of a batch, and this batch is padded (its "
+                             "pixel_attention_mask marks padding, which would count as patches): analyse images "
+                             "whose patches fill max_num_patches")
 
     def hooks(self, i: int, store: dict[str, torch.Tensor]) -> list[Any]:
         p = self.parts(self.sites[i].block)

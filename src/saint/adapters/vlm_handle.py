@@ -124,6 +124,10 @@ class VlmPatch(Handle):
         prefill (``[B, image tokens]``, -1 = dropped), in prompt order."""
         if not self.trace:
             raise ValueError("token origins are recorded only with saint.patch(..., trace=True)")
+        if self.config.reduces_vision:
+            raise ValueError("token origins follow the language model's drop of image tokens (mode='llm'); a "
+                             "vision-side reduction (mode='vit'/'hybrid', random, pool) hands the language model a "
+                             "subset of the patches, which the trace does not record: trace with mode='llm'")
         stages = self.pruner.stages
         if not stages:
             raise RuntimeError("no prefill has run since patching; call the model first")
