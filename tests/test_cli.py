@@ -367,6 +367,7 @@ def test_analyze_and_viz_name_a_corrupt_image(bad_images, tmp_path, capsys) -> N
      "saint_match calibrates tau and fraction per layer (mode='per_layer'), not mode='global'"),
     (["sweep", *TINY, *COMMON, "--calibrated", "saint", "--speedups", "0.5"], "speed-up targets must be > 1"),
     (["sweep", *TINY, *COMMON, "--calibrated", "saint:gamma=-5"], "gamma=-5.0 must be >= 0 in 'saint:gamma=-5'"),
+    (["analyze", "{images}", *TINY, "--splits", "-3", "--out-dir", "{tmp}/a"], "--splits must be >= 1"),
     (["sweep", *TINY, *COMMON, "--tome-inflection", "0"], "ToMe inflection 0 is its constant schedule"),
     (["bench", *TINY, *COMMON, "--method", "saint:tau=0#0.9/0#0.8"], "block 0 is given twice"),
     (["demo", "--tau", "5", "--out", "{file}"], "tau=5.0 is outside [-1, 1]"),
@@ -509,3 +510,19 @@ def test_analyze_runs_a_model_at_its_own_size(images, tmp_path) -> None:
                  "--limit", "2", "--splits", "1", "--min-blocks", "1", "--out-dir", str(out)]) == 0
     assert (out / "vit_tiny_patch16_384_384.csv").exists()
     assert "- image size: 384 px" in (out / "vit_tiny_patch16_384_384.md").read_text()
+
+
+def test_viz_asks_the_patch_whether_a_model_has_a_class_token() -> None:
+    """``saint viz`` drew no class-attention row for HF DINOv2 and open_clip towers (their
+    class token is not a ``cls_token`` attribute): the method's own patch decides."""
+    pytest.importorskip("transformers")
+    import saint
+    from saint.commands.viz import _has_class_attention
+
+    from .test_hf_vision import make as make_hf_vision
+    from .test_hf_vit import make as make_hf_vit
+
+    hf_dinov2, siglip = make_hf_vit("dinov2"), make_hf_vision("siglip")
+    assert _has_class_attention(hf_dinov2) and not hasattr(hf_dinov2, "cls_token")
+    assert not _has_class_attention(siglip)
+    assert not saint.is_patched(hf_dinov2) and not saint.is_patched(siglip)

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     check_output_dir(args.out_dir, "--out-dir")
+    if args.splits < 1:
+        raise ValueError(f"--splits must be >= 1 (1: no stability check), got {args.splits}")
     model, model_name = load_model(args)
     records = image_records(args.images, args.limit, args.skip_bad_images)
     transform = assets.eval_transform(model)

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
     model, model_name = load_model(args)
     methods = list(args.methods or DEFAULT_METHODS)
-    if "attn" in methods and getattr(model, "cls_token", None) is None:
+    if "attn" in methods and not _has_class_attention(model):
         if args.methods:
             raise ValueError(f"{model_name} has no class token, so the attn row cannot be drawn")
         methods.remove("attn")
@@ -98,3 +98,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"{m.method:>7}: " + ", ".join(f"b{layer}={n}" for layer, n in zip(m.layers, m.kept, strict=True)))
     print(f"wrote {out}")
     return 0
+
+
+def _has_class_attention(model: Any) -> bool:
+    """Whether the model has a class token the ``attn`` method can rank by: its patch says
+    (wherever the model keeps the token: timm's ``cls_token``, HF's embeddings, open_clip's
+    ``class_embedding``)."""
+    import saint
+
+    try:
+        saint.patch(model, "attn", r=1)
+    except ValueError as e:
+        if "needs a class token" in str(e):
+            return False
+        raise
+    saint.unpatch(model)
+    return True
