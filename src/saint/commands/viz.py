@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     image = display_image(x, cfg["mean"], cfg["std"])
     out = Path(args.out) if args.out else Path(f"{path.stem}_kept.png")
     h, w = assets.input_size(model)
-    title = f"{path.name}  |  {model_name}, {h if h == w else f'{h}x{w}'}px  |  SAINT tau={args.tau}, k={args.k}"
+    size = f"{h if h == w else f'{h}x{w}'}px"
+    named = model_name if model_name.endswith(size) else f"{model_name}, {size}"  # the default model's name has it
+    title = f"{path.name}  |  {named}  |  SAINT tau={args.tau}, k={args.k}"
     render_grid(image, maps, find_adapter(model).grid(model).patch, out, title)
     for m in maps:
         print(f"{m.method:>7}: " + ", ".join(f"b{layer}={n}" for layer, n in zip(m.layers, m.kept, strict=True)))
