@@ -384,6 +384,13 @@ def test_a_new_generate_call_on_a_cache_of_a_shortened_prompt_is_refused(name):
         scratch = model.generate(input_ids=conversation, pixel_values=sample["pixel_values"], max_new_tokens=4,
                                  do_sample=False)
     assert torch.equal(cached, scratch)
+    # a deep copy continues on its own layers (saint's cache methods are bound to each copy: they were
+    # the original's, so continuing a copy grew the original)
+    lengths = [layer.keys.shape[2] for layer in kept.layers]
+    with torch.no_grad():
+        again = model.generate(input_ids=conversation, past_key_values=copy.deepcopy(kept), max_new_tokens=4,
+                               do_sample=False)
+    assert torch.equal(again, scratch) and [layer.keys.shape[2] for layer in kept.layers] == lengths
     # the cache's layers follow this patch's pruning: after a new patch or unpatch it is refused (its
     # layers hold different lengths; continuing crashed inside the attention, or misplaced every token)
     for again in (True, False):

@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -727,7 +728,9 @@ class DecoderPruner:
 
 def attach_prompt(cache: Any, prompt: PrunedPrompt | None) -> None:
     """Store ``prompt`` on ``cache`` (or clear it) and make beam-search reordering,
-    batch selection and repetition of the cache carry the per-row maps along."""
+    batch selection and repetition of the cache carry the per-row maps along, a crop
+    into the prompt shorten them, and an update refuse a prompt whose patch is gone. The
+    methods are bound to the cache, so a deep copy's are the copy's own."""
     if cache is None:
         return
     d = cache.__dict__
@@ -738,48 +741,54 @@ def attach_prompt(cache: Any, prompt: PrunedPrompt | None) -> None:
     if "_saint_wrapped" in d:
         return
     d["_saint_wrapped"] = True
+    for name, method in CACHE_METHODS.items():
+        d[name] = types.MethodType(method, cache)
 
-    def wrap(name: str, fn_rows: Callable[[Any], Callable[[Any], Any]]):
-        original = getattr(cache, name)
 
-        def method(arg: Any) -> Any:
-            out = original(arg)
-            p = cache.__dict__.get(PRUNED_PROMPT_ATTR)
-            if p is not None:
-                cache.__dict__[PRUNED_PROMPT_ATTR] = p.map_rows(fn_rows(arg))
-            return out
+def _carrying_rows(name: str, fn_rows: Callable[[Any], Callable[[Any], Any]]) -> Callable[..., Any]:
+    """The cache class's method ``name`` that also maps the stored prompt's per-row maps."""
 
-        d[name] = method
-
-    def select(rows: torch.Tensor):
-        return lambda s: s.select_rows(rows) if isinstance(s, Stage) else s[rows.to(s.device)]
-
-    def repeat(n: int):
-        return lambda s: s.repeat_rows(n) if isinstance(s, Stage) else s.repeat_interleave(n, dim=0)
-
-    wrap("reorder_cache", select)
-    wrap("batch_select_indices", select)
-    wrap("batch_repeat_interleave", repeat)
-    original_crop = cache.crop
-
-    def crop(tokens_to_remove: int) -> Any:
-        out = original_crop(tokens_to_remove)
-        p = cache.__dict__.get(PRUNED_PROMPT_ATTR)
-        cut = 0 if p is None else p.length - int(cache.get_seq_length())
-        if cut > 0:  # the crop reached into the prompt
-            cache.__dict__[PRUNED_PROMPT_ATTR] = p.drop_last(cut)
+    def method(self: Any, arg: Any) -> Any:
+        out = getattr(type(self), name)(self, arg)
+        p = self.__dict__.get(PRUNED_PROMPT_ATTR)
+        if p is not None:
+            self.__dict__[PRUNED_PROMPT_ATTR] = p.map_rows(fn_rows(arg))
         return out
 
-    d["crop"] = crop
-    original_update = cache.update
+    return method
 
-    def update(*args: Any, **kwargs: Any) -> Any:
-        p = cache.__dict__.get(PRUNED_PROMPT_ATTR)
-        if p is not None and p.live is not None and not p.live():
-            raise ValueError(STALE_CACHE)
-        return original_update(*args, **kwargs)
 
-    d["update"] = update
+def _select(rows: torch.Tensor) -> Callable[[Any], Any]:
+    return lambda s: s.select_rows(rows) if isinstance(s, Stage) else s[rows.to(s.device)]
+
+
+def _repeat(n: int) -> Callable[[Any], Any]:
+    return lambda s: s.repeat_rows(n) if isinstance(s, Stage) else s.repeat_interleave(n, dim=0)
+
+
+def _crop(self: Any, tokens_to_remove: int) -> Any:
+    out = type(self).crop(self, tokens_to_remove)
+    p = self.__dict__.get(PRUNED_PROMPT_ATTR)
+    cut = 0 if p is None else p.length - int(self.get_seq_length())
+    if cut > 0:  # the crop reached into the prompt
+        self.__dict__[PRUNED_PROMPT_ATTR] = p.drop_last(cut)
+    return out
+
+
+def _update(self: Any, *args: Any, **kwargs: Any) -> Any:
+    p = self.__dict__.get(PRUNED_PROMPT_ATTR)
+    if p is not None and p.live is not None and not p.live():
+        raise ValueError(STALE_CACHE)
+    return type(self).update(self, *args, **kwargs)
+
+
+CACHE_METHODS = {
+    "reorder_cache": _carrying_rows("reorder_cache", _select),
+    "batch_select_indices": _carrying_rows("batch_select_indices", _select),
+    "batch_repeat_interleave": _carrying_rows("batch_repeat_interleave", _repeat),
+    "crop": _crop,
+    "update": _update,
+}
 
 
 STALE_CACHE = (
