@@ -155,6 +155,17 @@ class MethodConfig:
     def check_global(self) -> None:
         """Validate settings that are not per layer."""
 
+    def check_given(self) -> None:
+        """Check the settings given without a model's depth (a calibrated spec, before the
+        model loads): the flags, each per-layer value given and the global settings."""
+        self.check_flags()
+        for name in self.PER_LAYER:
+            v = getattr(self, name)
+            if v is not None:
+                for x in v.values() if isinstance(v, Mapping) else v if _is_list(v) else [v]:
+                    self.check_value(name, x)
+        self.check_global()
+
 
 def _is_list(v: Any) -> bool:
     """A per-layer list: a list, tuple, or 1-d tensor / NumPy array."""

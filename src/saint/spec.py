@@ -198,28 +198,14 @@ def parse_calibrated_spec(text: str) -> Variant:
         if v.method != "saint_match":
             raise ValueError(f"inflection shapes saint_match's calibrated merge schedule; not {v.method!r} in {text!r}")
         merge_ramp([0], inflection)
-    check_settings(make_config(v.method, **kwargs)[1], text)
+    config = make_config(v.method, **kwargs)[1]
+    try:
+        config.check_given()
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{e} in {text!r}") from None
     extra = {**({"target": target} if target != "flops" else {}), **({"at": float(at)} if at is not None else {}),
              **({"inflection": float(inflection)} if inflection is not None else {})}
     return Variant(v.label, v.method, {**kwargs, "mode": mode, **extra})
-
-
-def check_settings(cfg: Any, text: str) -> None:
-    """Check a calibrated variant's settings as patching will, before any model loads:
-    its flags, every per-layer value given (calibration picks the rest) and the global
-    ones."""
-    try:
-        cfg.check_flags()
-        for name in cfg.PER_LAYER:
-            value = getattr(cfg, name)
-            if value is None:
-                continue
-            values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
-            for x in values:
-                cfg.check_value(name, x)
-        cfg.check_global()
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{e} in {text!r}") from None
 
 
 def variant_label(method: str, kwargs: dict[str, Any]) -> str:
