@@ -248,8 +248,14 @@ def make_top_post(handle: VlmPatch):
 def text_only_stats(batch: int, layers: int) -> TokenStats:
     """A prompt batch without media: no visual token handed to the language model, nor
     entering any of its ``layers`` (what a text-only row of a mixed batch reports)."""
-    names = ["vision_tower", *(f"language_model.layers.{i}" for i in range(layers)), "language_model.norm"]
+    names = stats_names(layers)
     return TokenStats(names, [[0] * batch for _ in names])
+
+
+def stats_names(layers: int) -> list[str]:
+    """The sites a VLM's statistics name: the tokens handed over by the tower, entering
+    each of the language model's ``layers``, and after its final norm."""
+    return ["vision_tower", *(f"language_model.layers.{i}" for i in range(layers)), "language_model.norm"]
 
 
 def make_lm_post(handle: VlmPatch):
@@ -265,9 +271,8 @@ def make_lm_post(handle: VlmPatch):
         final = pruner.final_stage
         assert final is not None
         counts = [*pruner.counts, final.image.sum(dim=1).cpu()]
-        names = [f"language_model.layers.{i}" for i in range(len(pruner.counts))] + ["language_model.norm"]
         tower = fwd.tower_counts if fwd.tower_counts is not None else counts[0]
-        handle.last_stats = TokenStats(["vision_tower", *names], [tower.tolist(), *[c.tolist() for c in counts]])
+        handle.last_stats = TokenStats(stats_names(len(pruner.counts)), [tower.tolist(), *[c.tolist() for c in counts]])
         reduced = fwd.src0 is not None
         prompt = pruner.pruned_prompt()
         prompt.input_length = fwd.input_length
