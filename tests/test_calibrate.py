@@ -302,3 +302,77 @@ def test_calibrated_thresholds_never_sit_on_a_calibration_value(n, q):
     if n > 1:
         assert not bool((values.double() == tau).any())
     assert quantile_between(values[:0], q) == 1.0
+
+
+def test_a_drop_in_the_last_block_counts_towards_the_target(calib_images):
+    # the last block's MLP runs on the tokens it keeps: with only block 3 of 4 pruning, the
+    # FLOPs model counted nothing saved (achieved 1.000, reached False)
+    model = make_tiny("vit", depth=4)
+    cal = saint.calibrate(model, calib_images, flops_speedup=1.03, method="saint_plus", layers=[3], tol=0.02,
+                          apply=False)
+    assert cal.reached and cal.achieved == pytest.approx(1.03, rel=0.02)
+    with torch.no_grad():
+        saint.patch(model, "saint_plus", **cal.patch_kwargs())
+        model(calib_images)
+        entering = saint.stats(model).mean()
+        mask = saint.token_mask(model)
+        leaving = entering[-1] if mask is None else float(mask.sum(1).double().mean())
+    assert leaving < entering[-1]
+    assert cal.achieved == pytest.approx(1 / flops_fraction(model, entering, leaving=leaving), rel=1e-9)
+
+
+def test_flops_fraction_counts_the_tokens_leaving_the_last_block():
+    model = make_tiny("vit")  # dim 32, mlp 128
+    expected = 3 * block_flops(17, 17, 32, 128) + block_flops(17, 9, 32, 128)
+    assert flops_fraction(model, [17] * 4, leaving=9) == pytest.approx(expected / (4 * block_flops(17, 17, 32, 128)))
+
+
+@pytest.mark.parametrize("name", ["aimv2_large_patch14_224", "vit_giant_patch14_dinov2"])
+def test_swiglu_mlps_are_counted_at_their_own_width(name, calib_images):
+    # aimv2's SwiGLU has no fc1 (calibration crashed); SwiGLUPacked's fc1 is twice the
+    # hidden width (its MLP was counted at 4 d h instead of 3 d h)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=48,
+                              num_heads=2, num_classes=0).eval()
+    blk = model.blocks[0]
+    mlp = sum(m.weight.numel() for m in blk.mlp.modules() if isinstance(m, torch.nn.Linear))
+    adapter = saint.adapters.find_adapter(model)
+    n = 17 + getattr(model, "num_reg_tokens", 0)
+    attn_only = block_flops(n, n, 48, 0)
+    assert adapter.block_flops(model, n, n) == pytest.approx(attn_only + 2 * n * mlp)
+    cal = saint.calibrate(model, calib_images, flops_speedup=1.2, method="saint_plus", tol=0.05, apply=False)
+    assert cal.achieved > 1
+
+
+@pytest.mark.parametrize("target", ["flops_speedup", "measured_speedup"])
+def test_an_infinite_target_is_refused(target, calib_images):
+    # measured_speedup=inf was "reached" at any speed (|m - inf| <= 0.05 inf)
+    with pytest.raises(ValueError, match="finite"):
+        saint.calibrate(make_tiny("vit"), calib_images, **{target: float("inf")})
+
+
+@pytest.mark.parametrize("tol", [1.0, 2.0, float("inf"), float("nan"), 0.0])
+def test_a_tolerance_outside_zero_to_one_is_refused(tol, calib_images):
+    # tol=2 counted the first bisection point as reached
+    with pytest.raises(ValueError, match=r"tol=.* must be a number in \(0, 1\)"):
+        saint.calibrate(make_tiny("vit"), calib_images, keep=0.5, tol=tol)
+
+
+@pytest.mark.parametrize("options", [dict(layout="padded"), dict(kernel="loop"), dict(trace=True)])
+def test_saint_match_calibrates_with_patch_options(options, calib_images):
+    # saint_match's schedule was read from a config built with saint.patch's options too
+    model = make_tiny("vit", depth=4)
+    cal = saint.calibrate(model, calib_images, flops_speedup=1.2, method="saint_match", tol=0.05, **options)
+    assert cal.settings == options
+    if "layout" in options:
+        assert saint.stats(model).layout in ("padded", "rectangular")
+
+
+def test_numpy_targets_and_settings_calibrate_to_plain_json(calib_images):
+    np = pytest.importorskip("numpy")
+    model = make_tiny("vit", depth=4)
+    cal = saint.calibrate(model, calib_images, flops_speedup=np.float64(1.2), layers=np.arange(3), k=np.int64(1),
+                          tol=0.05, apply=False)
+    assert type(cal.reached) is bool
+    assert cal.settings == {"layers": [0, 1, 2], "k": 1}
+    back = saint.Calibration.from_json(cal.to_json())
+    assert back.patch_kwargs() == cal.patch_kwargs()

@@ -184,15 +184,30 @@ def test_one_block_is_written_layers_equals_index_in_every_command(images, tmp_p
     assert saint_rows and all(r["settings"]["layers"] == [2] for r in saint_rows)
 
 
-def test_a_calibration_file_is_a_method_spec(images, tmp_path, capsys) -> None:
+@pytest.mark.parametrize(("spec", "error"), [("saint:layout=diagonal", "layout='diagonal' is not one of"),
+                                             ("saint:kernel=fast", "kernel='fast' is not one of"),
+                                             ("saint:layout=padded,kernel=loop", "does nothing with layout='padded'"),
+                                             ("saint:trace=1", "trace must be true or false")])
+def test_a_method_spec_checks_the_patch_options_it_carries(spec, error) -> None:
+    from saint.spec import parse_method_spec
+
+    assert parse_method_spec("saint:tau=0.9,layout=padded,trace=true").kwargs == {
+        "tau": 0.9, "layout": "padded", "trace": True}
+    with pytest.raises((ValueError, TypeError), match=error):
+        parse_method_spec(spec)
+
+
+@pytest.mark.parametrize("args", ["guard=0.1", "guard=0.1,layout=padded"])
+def test_a_calibration_file_is_a_method_spec(args, images, tmp_path, capsys) -> None:
     """``saint calibrate --json cal.json`` then ``--method @cal.json`` runs the calibrated
-    variant: the same settings, and the same tokens as the calibration's printed spec."""
+    variant: the same settings, and the same tokens as the calibration's printed spec (with
+    saint.patch's options too: a file with ``layout`` could not be read back)."""
     from saint.calibration import Calibration
     from saint.spec import parse_method_spec
 
     cal_file = tmp_path / "cal.json"
     assert main(["calibrate", *TINY, *COMMON, "--images", images, "--keep", "0.8", "--method", "saint_match",
-                 "--args", "guard=0.1", "--json", str(cal_file)]) == 0
+                 "--args", args, "--json", str(cal_file)]) == 0
     cal = Calibration.from_json(cal_file.read_text())
     variant = parse_method_spec(f"@{cal_file}")
     assert variant.method == "saint_match" and variant.kwargs == cal.patch_kwargs()
@@ -203,7 +218,9 @@ def test_a_calibration_file_is_a_method_spec(images, tmp_path, capsys) -> None:
         out = tmp_path / "b.json"
         assert main(["bench", *TINY, *COMMON, "--images", images, "--method", spec, "--warmup", "0",
                      "--repeats", "1", "--json", str(out)]) == 0
-        tokens.append(json.loads(out.read_text())["results"][1]["tokens_per_block"])
+        row = json.loads(out.read_text())["results"][1]
+        tokens.append(row["tokens_per_block"])
+        assert row["layout"] == ("padded" if "padded" in args else "packed")
     assert tokens[0] == tokens[1] and tokens[0][-1] < 17
     with pytest.raises(FileNotFoundError, match="calibration file not found"):
         parse_method_spec(f"@{tmp_path / 'missing.json'}")

@@ -184,3 +184,13 @@ def test_holdout_split_holds_out_every_nth_in_order() -> None:
     assert eval_data.holdout_split(records[:3], 8) == ([], [0, 1, 2])
     with pytest.raises(ValueError, match="every=1"):
         eval_data.holdout_split(records, 1)
+
+
+@pytest.mark.parametrize("metric", [retrieval_at_1, centered_cosine, top1_agreement])
+def test_non_finite_outputs_are_refused(metric):
+    # an all-NaN pruned embedding ranked as its own image's nearest (rank 0, a hit)
+    ref = torch.eye(4)
+    bad = ref.clone()
+    bad[1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metric(bad, ref)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import time
 import warnings
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .adapters import Adapter, find_adapter, handle_of
@@ -48,6 +50,7 @@ from .methods import (
     is_integer,
     is_real,
     make_config,
+    method_settings,
     saint_metric,
 )
 from .timing import Timing, allocator_settings, paired_speedup, time_round_robin
@@ -109,6 +112,18 @@ class Calibration:
         return cls(**data)
 
 
+def plain(value: Any) -> Any:
+    """``value`` in Python's own types (NumPy's and torch's scalars and arrays as numbers and
+    lists, recursively), as JSON writes it and a calibration stores its settings."""
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor)):
+        return value.tolist() if value.ndim else value.item()
+    return value
+
+
 def _by_block(values: dict[str, float]) -> dict[int, float]:
     """``{"3": 0.9}`` (a JSON object's string keys) -> ``{3: 0.9}``."""
     return {int(k): float(v) for k, v in values.items()}
@@ -121,17 +136,17 @@ class _StopForward(Exception):
 block_flops = vit_block_flops  # FLOPs of one ViT block (kept under its old name)
 
 
-def flops_fraction(model: torch.nn.Module, tokens: Sequence[float], select_at: str | None = None) -> float:
-    """Analytic FLOPs of the sites with ``tokens[i]`` entering site i, relative to
-    no pruning (``tokens[0]`` everywhere), from the model's adapter, the selection acting
-    at ``select_at`` (None: the patched model's setting, ``"mlp"`` unpatched). Patch
+def flops_fraction(model: torch.nn.Module, tokens: Sequence[float], select_at: str | None = None,
+                   leaving: float | None = None) -> float:
+    """Analytic FLOPs of the sites with ``tokens[i]`` entering site i and ``leaving``
+    tokens leaving the last one (None: as many as enter it), relative to no pruning
+    (``tokens[0]`` everywhere), from the model's adapter, the selection acting at
+    ``select_at`` (None: the patched model's setting, ``"mlp"`` unpatched). Patch
     embedding and head are ignored."""
     adapter = find_adapter(model)
     n0 = tokens[0]
-    pruned = sum(
-        adapter.block_flops(model, tokens[i], tokens[i + 1] if i + 1 < len(tokens) else tokens[i], select_at)
-        for i in range(len(tokens))
-    )
+    out = [*tokens[1:], tokens[-1] if leaving is None else leaving]
+    pruned = sum(adapter.block_flops(model, n_in, n_out, select_at) for n_in, n_out in zip(tokens, out, strict=True))
     return pruned / (len(tokens) * adapter.block_flops(model, n0, n0, select_at))
 
 
@@ -213,18 +228,20 @@ def quantile_between(values: torch.Tensor, q: float) -> float:
 
 def _measure(adapter: Adapter, model: torch.nn.Module, inputs: Any, batch_size: int, last_layer: int
              ) -> list[float]:
-    """Mean tokens entering each site over ``inputs``; sites after the last pruning
+    """Mean tokens entering each site over ``inputs``, and last the mean leaving the last
+    site (a pruning step in the last block shrinks its MLP); sites after the last pruning
     one are not run (their counts equal the count leaving ``last_layer``)."""
     sites = adapter.sites(model)
     depth = len(sites)
     after: list[torch.Tensor] = []
 
-    def stop(module: torch.nn.Module, args: Any, output: Any) -> None:
+    def leaving(module: torch.nn.Module, args: Any, output: Any) -> None:
         after.append(handle_of(model).tokens_after(output))
-        raise _StopForward
+        if last_layer + 1 < depth:
+            raise _StopForward
 
-    hook = sites[last_layer].block.register_forward_hook(stop) if last_layer + 1 < depth else None
-    totals = torch.zeros(depth, dtype=torch.float64)
+    hook = sites[last_layer].block.register_forward_hook(leaving)
+    totals = torch.zeros(depth + 1, dtype=torch.float64)
     try:
         with torch.no_grad():
             for batch in adapter.split(inputs, batch_size):
@@ -238,11 +255,10 @@ def _measure(adapter: Adapter, model: torch.nn.Module, inputs: Any, batch_size: 
                 if isinstance(runs, Runs):  # the stopped call is no forward of the user's (token_mask, stats)
                     runs.abandon()
                 per_block = [float(c.sum()) for c in counts]
-                per_block += [per_block[-1]] * (depth - len(per_block))
+                per_block += [per_block[-1]] * (depth + 1 - len(per_block))
                 totals += torch.tensor(per_block, dtype=torch.float64)
     finally:
-        if hook is not None:
-            hook.remove()
+        hook.remove()
     return (totals / adapter.batch_size(inputs)).tolist()
 
 
@@ -255,6 +271,8 @@ def _target(**given: float | None) -> tuple[str, float]:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{target}={value!r} must be a number")
     target = "flops_speedup" if target == "speedup" else target
+    if not math.isfinite(value):
+        raise ValueError(f"{target}={value} must be a finite number")
     if target in ("flops_speedup", "measured_speedup") and not value > 1.0:
         raise ValueError(f"{target}={value} must be > 1 (a speed-up of 1 prunes nothing: leave the model unpatched)")
     if target in ("flops", "keep") and not 0.0 < value < 1.0:
@@ -282,8 +300,8 @@ def _check_search(mode: str, tol: float, max_iter: int, batch_size: int) -> None
     for name, v in (("max_iter", max_iter), ("batch_size", batch_size)):
         if not is_integer(v) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
-    if not tol > 0:
-        raise ValueError(f"tol={tol!r} must be > 0 (relative distance to the target)")
+    if not is_real(tol) or not 0 < tol < 1:
+        raise ValueError(f"tol={tol!r} must be a number in (0, 1) (relative distance to the target)")
 
 
 def calibrate(
@@ -353,8 +371,12 @@ def calibrate(
         )
     goal = 1.0 / value if target == "flops_speedup" else value
 
-    def quantity(tokens: list[float]) -> float:
-        return sum(tokens) / (len(tokens) * tokens[0]) if target == "keep" else flops_fraction(model, tokens)
+    def quantity(measured: list[float]) -> float:
+        """The target's quantity from :func:`_measure`'s counts (entering each site, then leaving the last)."""
+        tokens, leaving = measured[:-1], measured[-1]
+        if target == "keep":
+            return sum(tokens) / (len(tokens) * tokens[0])
+        return flops_fraction(model, tokens, leaving=leaving)
 
     def run(x: float) -> tuple[float, dict[str, dict[int, float]]]:
         """Patch for bisection point ``x``; return the quantity and the per-layer settings
@@ -377,7 +399,7 @@ def calibrate(
     max_r = adapter.max_patches(model, images) / 2 if matched else 0.0  # all candidates of the first layer
     ramp = None
     if matched:
-        layers = make_config(spec, **settings, tau=0.0, fraction=0.0)[1].resolve(len(adapter.sites(model)))
+        layers = make_config(spec, **method_settings(settings), tau=0.0, fraction=0.0)[1].resolve(len(adapter.sites(model)))
         ramp = merge_ramp(list(layers), inflection)
     was_training = model.training
     model.eval()
@@ -402,13 +424,13 @@ def calibrate(
         value=float(value),
         achieved=float(1.0 / achieved_q if target == "flops_speedup" else achieved_q),
         tau=taus,
-        settings=dict(settings),
+        settings=plain(settings),
         num_images=num_images,
         iterations=len(history),
         history=history,
         tau_setting=tau_name,
         per_layer=per_layer,
-        reached=abs(achieved_q - goal) <= tol * goal,  # what runs at batch_size (a batch vote depends on it)
+        reached=bool(abs(achieved_q - goal) <= tol * goal),  # what runs at batch_size (a batch vote depends on it)
         inflection=float(inflection),
     )
     if not result.reached:
@@ -494,7 +516,7 @@ def _calibrate_measured(model: torch.nn.Module, images: Any, value: float, flops
     measured, cal = tried[best][1], calibrations[best]
     result = dataclasses.replace(
         cal, target="measured_speedup", value=float(value), achieved=float(measured),
-        reached=abs(measured - value) <= MEASURED_TOL * value,
+        reached=bool(abs(measured - value) <= MEASURED_TOL * value),
         measured={"batch_size": batch_size, "device": str(device), "repeats": repeats, "tolerance": MEASURED_TOL,
                   "band": [float(value), float(value) * (1.0 + MEASURED_TOL)],
                   "statistic": "median of per-round unpatched / patched time",

@@ -733,6 +733,14 @@ def get_method(name: str) -> MethodSpec:
         raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
 
 
+PATCH_OPTIONS = ("layout", "kernel", "trace")  # saint.patch's options beside a method's settings
+
+
+def method_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without :data:`PATCH_OPTIONS`: the settings a method's config takes."""
+    return {k: v for k, v in kwargs.items() if k not in PATCH_OPTIONS}
+
+
 def make_config(method: str | MethodSpec, **kwargs: Any) -> tuple[MethodSpec, MethodConfig]:
     """Build a method's config from keyword arguments, rejecting unknown ones.
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods import get_method, make_config
+from .methods import PATCH_OPTIONS, get_method, make_config, method_settings
 
 BASELINE_NAMES = ("none", "unpruned", "baseline")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -134,8 +134,28 @@ def parse_method_spec(text: str, validate: bool = True) -> Variant:
     kwargs = parse_method_kwargs(rest)
     if validate:
         get_method(name)
-        make_config(name, **kwargs)[1].resolve(_spec_depth(kwargs))
+        check_spec_settings(name, kwargs)
     return Variant(text.strip(), name, kwargs)
+
+
+def check_spec_settings(method: str, kwargs: dict[str, Any]) -> None:
+    """Check a spec's settings before a model loads: the method's own (per-block values
+    against the blocks the spec names) and ``saint.patch``'s options (``layout``,
+    ``kernel``, ``trace``), which a spec may carry too."""
+    check_patch_options(kwargs)
+    settings = method_settings(kwargs)
+    make_config(method, **settings)[1].resolve(_spec_depth(settings))
+
+
+def check_patch_options(kwargs: dict[str, Any]) -> None:
+    """Check the values of ``saint.patch``'s options (:data:`saint.methods.PATCH_OPTIONS`) among ``kwargs``."""
+    from .adapters.common import check_layout
+
+    options = {k: kwargs[k] for k in PATCH_OPTIONS if k in kwargs}
+    if not isinstance(options.get("trace", False), bool):
+        raise TypeError(f"trace must be true or false, got {options['trace']!r}")
+    if "layout" in options or "kernel" in options:
+        check_layout(options.get("layout", "packed"), options.get("kernel", "auto"))
 
 
 def calibrated_variant(path: str) -> Variant:
@@ -152,7 +172,7 @@ def calibrated_variant(path: str) -> Variant:
     if cal.tau_setting != "tau":
         raise ValueError(f"{path} calibrates a VLM's {cal.tau_setting}; the vision commands take vision calibrations")
     kwargs = cal.patch_kwargs()
-    make_config(cal.method, **kwargs)[1].resolve(_spec_depth(kwargs))
+    check_spec_settings(cal.method, kwargs)
     return Variant(variant_label(cal.method, kwargs), cal.method, kwargs)
 
 
@@ -198,9 +218,9 @@ def parse_calibrated_spec(text: str) -> Variant:
         if v.method != "saint_match":
             raise ValueError(f"inflection shapes saint_match's calibrated merge schedule; not {v.method!r} in {text!r}")
         merge_ramp([0], inflection)
-    config = make_config(v.method, **kwargs)[1]
     try:
-        config.check_given()
+        check_patch_options(kwargs)
+        make_config(v.method, **method_settings(kwargs))[1].check_given()
     except (TypeError, ValueError) as e:
         raise type(e)(f"{e} in {text!r}") from None
     extra = {**({"target": target} if target != "flops" else {}), **({"at": float(at)} if at is not None else {}),

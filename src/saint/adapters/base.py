@@ -61,7 +61,7 @@ class Grid:
         return self.rows * self.cols
 
 
-def vit_block_flops(n_in: float, n_out: float, dim: int, mlp_hidden: int, select_at: str = "mlp",
+def vit_block_flops(n_in: float, n_out: float, dim: int, mlp_hidden: float, select_at: str = "mlp",
                     keys_first: bool = True) -> float:
     """FLOPs of one ViT block (multiply-add = 2 FLOPs) with ``n_in`` tokens entering and
     ``n_out`` leaving: with ``select_at="mlp"`` qkv, attention and proj run on ``n_in``
@@ -72,6 +72,13 @@ def vit_block_flops(n_in: float, n_out: float, dim: int, mlp_hidden: int, select
     n_qv = n_out if select_at != "mlp" and keys_first else n_in
     return (2 * n_in * dim * dim + 2 * n_qv * 2 * dim * dim + 2 * n_attn * dim * dim
             + 4 * n_attn * n_attn * dim + 2 * n_out * 2 * dim * mlp_hidden)
+
+
+def mlp_width(mlp: nn.Module, dim: int) -> float:
+    """The hidden width of a two-layer ``dim``-wide MLP that costs what ``mlp`` does (its
+    linear layers' weights over ``2 * dim``): a GELU MLP's ``fc1`` width, 1.5x the hidden
+    width of a SwiGLU (three matrices; timm's ``SwiGLU`` and ``SwiGLUPacked``)."""
+    return sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear)) / (2 * dim)
 
 
 def select_at_of(model: nn.Module, select_at: str | None) -> str:

@@ -40,6 +40,7 @@ from .base import (
     Probe,
     Site,
     TokenStateHandle,
+    mlp_width,
     select_at_of,
     vit_block_flops,
 )
@@ -331,8 +332,8 @@ class TimmCait(TimmViT):
         where = select_at_of(model, select_at)
         n_attn = n_in if where == "mlp" else n_out
         h = int(blk.attn.num_heads)
-        return (vit_block_flops(n_in, n_out, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features, where,
-                                keys_first=False)
+        dim = blk.norm1.normalized_shape[0]
+        return (vit_block_flops(n_in, n_out, dim, mlp_width(blk.mlp, dim), where, keys_first=False)
                 + 2 * 2 * h * h * n_attn * n_attn)
 
     def probe(self, model: torch.nn.Module) -> Probe:

@@ -48,6 +48,7 @@ from .base import (
     TokenStateHandle,
     capture_for_selection,
     install_sites,
+    mlp_width,
     remove_sites,
     save_output,
     select_at_of,
@@ -616,7 +617,8 @@ class TimmViT(FamilyAdapter):
         its query/value rows on the survivors (a user's hook on qkv, which makes the block
         project every token in full, is not counted); any other qkv runs whole on every token."""
         blk = model.blocks[0]
-        return vit_block_flops(n_in, n_out, blk.norm1.normalized_shape[0], blk.mlp.fc1.out_features,
+        dim = blk.norm1.normalized_shape[0]
+        return vit_block_flops(n_in, n_out, dim, mlp_width(blk.mlp, dim),
                                select_at_of(model, select_at), keys_first=qkv_splittable(blk.attn.qkv))
 
     def probe(self, model: torch.nn.Module) -> Probe:

@@ -110,9 +110,9 @@ def pareto_mask(xs: Sequence[float], ys: Sequence[float]) -> list[bool]:
 
 def _pruning_layers(harness: Harness, variant: Variant) -> list[int]:
     """The blocks ``variant`` prunes at (resolved against the model's depth)."""
-    from ..methods import make_config
+    from ..methods import make_config, method_settings
 
-    _, cfg = make_config(variant.method, **variant.kwargs)
+    _, cfg = make_config(variant.method, **method_settings(variant.kwargs))
     return sorted(cfg.resolve(len(harness.adapter.sites(harness.model))))
 
 

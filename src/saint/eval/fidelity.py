@@ -22,6 +22,10 @@ def _check_pair(pruned: torch.Tensor, reference: torch.Tensor, what: str) -> Non
         )
     if pruned.shape[0] == 0:
         raise ValueError(f"{what}: no rows (empty image set)")
+    for name, t in (("pruned", pruned), ("reference", reference)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: the {name} outputs hold NaN or inf (a NaN would rank or compare as a hit); "
+                             "padding read as a token, or an overflow in a low precision?")
 
 
 def center(pruned: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +52,7 @@ def retrieval_ranks(pruned: torch.Tensor, reference: torch.Tensor) -> torch.Tens
     """For each pruned embedding, the 0-based rank of its own reference among all
     references by centered cosine (0 = its own image is the nearest). Ties count against
     it (a tie with another image is not a hit)."""
-    p, r = center(pruned, reference)
+    p, r = center(pruned, reference)  # (checks both are finite)
     sim = F.normalize(p, dim=1, eps=EPS) @ F.normalize(r, dim=1, eps=EPS).T
     own = sim.diagonal()
     others = sim.clone()
