@@ -178,7 +178,7 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("calibrate a patched model", calibrate(patched("tome", r=2), keep=0.5), ValueError,
      "unpatch it before calibrating"),
     ("calibrate max_iter zero", calibrate(keep=0.5, max_iter=0), ValueError, "max_iter=0 must be an integer >= 1"),
-    ("calibrate tol zero", calibrate(keep=0.5, tol=0.0), ValueError, "tol=0.0 must be > 0"),
+    ("calibrate tol zero", calibrate(keep=0.5, tol=0.0), ValueError, "tol=0.0 must be a number in (0, 1)"),
     ("calibrate mode unknown", calibrate(keep=0.5, mode="best"), ValueError, "mode must be one of"),
     ("calibrate on uint8 pixels", lambda: saint.calibrate(tiny(), torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
                                                           keep=0.5), TypeError, "images must be float pixels"),

@@ -110,8 +110,8 @@ def test_nothing_to_prune_unpatch_and_what_is_refused(images):
         saint.unpatch(model)
         assert not any("forward" in m.__dict__ for m in model.modules())
         assert torch.equal(model(pixel_values=images).logits, ref)
-    cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
-    assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
+    cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match", tol=0.03)  # (4 tiny images: steps of ~3%)
+    assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.03
     torch.manual_seed(0)
     mim = transformers.BeitForMaskedImageModeling(model.config)
     with pytest.raises(TypeError, match="reconstructs every patch"):

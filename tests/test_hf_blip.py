@@ -112,10 +112,38 @@ def test_question_answering_retrieval_and_multimodal_features_per_image_as_alone
 def test_nothing_to_prune_unpatch_calibration_and_refusals(images):
     model = blip()
     assert_nothing_to_prune_then_unpatch_exactly(model, images, lambda x: _logits(model, x))
-    cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match")
-    assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.1
+    # (4 tiny images: the counts move in steps of about 3%)
+    cal = saint.calibrate(model, images, flops_speedup=1.4, method="saint_match", tol=0.03)
+    assert cal.reached and abs(cal.achieved / 1.4 - 1) < 0.03
     saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
     with torch.no_grad():
         hidden = model.vision_model(pixel_values=images).last_hidden_state
         with pytest.raises(ValueError, match="call it only through the patched model"):
             model.text_decoder(input_ids=PROMPT, encoder_hidden_states=hidden[:, :-1])
+
+
+@pytest.mark.parametrize("kind", ["captioning", "model"])
+def test_nothing_to_prune_before_attention_is_bit_for_bit(kind, images):
+    # BLIP's attention is eager products: a selecting layer that needs no mask runs the
+    # module's own attention at either placement (select_at="attention" ran saint's SDPA: 3e-6 off)
+    model = blip(kind)
+    call = (lambda x: _logits(model, x)) if kind == "captioning" else (
+        lambda x: model.get_image_features(pixel_values=x).pooler_output)
+    with torch.no_grad():
+        ref = call(images)
+        saint.patch(model, "saint_match", tau=1.0, fraction=1.0, select_at="attention")
+        assert torch.equal(call(images), ref)
+
+
+def test_a_captioning_cache_continues_only_under_its_patch(images):
+    # after saint.unpatch, continuing it read the pruned batch's padding keys unmasked
+    model = blip()
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7)
+    with torch.no_grad():
+        first = model.generate(pixel_values=images, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
+        ids = torch.cat([first.sequences, torch.full((len(images), 1), 4)], 1)  # BLIP's generate drops the last
+        kw = dict(input_ids=ids, past_key_values=first.past_key_values, max_new_tokens=1)
+        model.generate(pixel_values=images, **kw)
+        saint.unpatch(model)
+        with pytest.raises(ValueError, match="pruned under a patch since removed"):
+            model.generate(pixel_values=images, **kw)

@@ -122,3 +122,38 @@ def test_the_protocol_runs_the_encoder_alone(images):
         decoder=model.decoder)
     with pytest.raises(TypeError, match="cannot handle VisionEncoderDecoderModel"):
         saint.patch(swin, "tome", r=2)
+
+
+def test_encoder_outputs_of_another_call_are_refused(images):
+    # the decoder's key mask is the encoder's last call's: encoder_outputs of an earlier
+    # batch of the same size were read with another batch's padding (NaN read as tokens)
+    model = make()
+    saint.patch(model, "saint_match", tau=0.6, fraction=0.7)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(pixel_values=images, **kw)
+        enc = model.encoder(pixel_values=images)
+        assert torch.equal(model.generate(encoder_outputs=enc, **kw), want)  # its own, beams' copies too
+        model.generate(encoder_outputs=enc, num_beams=2, **kw)
+        model.encoder(pixel_values=images.flip(0))
+        with pytest.raises(ValueError, match="encoder_outputs are not the patched encoder's last output"):
+            model.generate(encoder_outputs=enc, **kw)
+
+
+@pytest.mark.parametrize("after", ["unpatch", "repatch"])
+def test_a_cache_continues_only_under_its_patch(after, images):
+    # its cross-attention keys hold the padded, merged tokens only that patch masks: after
+    # saint.unpatch, image 0 of a batch continued 0.009 off image 0 alone
+    model = make()
+    saint.patch(model, "saint_match", tau=0.6, fraction=0.7)
+    kw = dict(max_new_tokens=1, return_dict_in_generate=True, do_sample=False)
+    with torch.no_grad():
+        first = model.generate(pixel_values=images, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
+        model.generate(pixel_values=images, decoder_input_ids=first.sequences, past_key_values=first.past_key_values,
+                       **kw)  # under its patch: continues
+        saint.unpatch(model)
+        if after == "repatch":
+            saint.patch(model, "saint_match", tau=0.6, fraction=0.7)
+        with pytest.raises(ValueError, match="pruned under a patch since removed"):
+            model.generate(pixel_values=images, decoder_input_ids=first.sequences,
+                           past_key_values=first.past_key_values, **kw)

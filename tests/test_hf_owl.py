@@ -131,3 +131,13 @@ def test_nothing_to_prune_and_unpatch_are_the_unpatched_detector(kind, images):
     detect(model, images)
     saint.unpatch(model)
     assert all(torch.equal(v, plain[k]) for k, v in detect(model, images).items())
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_attention_weights_are_refused_on_the_unmerged_hidden_states(layout, images):
+    # the padded layout returned weights over the merged, padded tokens beside hidden states
+    # on the input's grid, with no mask for their padding rows (which looked real)
+    model = make("owlvit")
+    saint.patch(model, "saint_match", tau=0.3, fraction=0.7, layout=layout)
+    with torch.no_grad(), pytest.raises(ValueError, match="unpatch it to read output_attentions"):
+        model.owlvit.vision_model(pixel_values=images, output_attentions=True)

@@ -132,8 +132,8 @@ def test_calibration_takes_video_batches():
     model, x = classifier(), videos()
     adapter = find_adapter(model)
     assert adapter.grid(model, x).num_patches == 32 and adapter.grid(model).num_patches == 32
-    cal = saint.calibrate(model, x, speedup=1.5, method="saint_match")
-    assert cal.reached and abs(cal.achieved / 1.5 - 1) < 0.1
+    cal = saint.calibrate(model, x, speedup=1.5, method="saint_match", tol=0.03)  # (tiny clips: steps of ~2%)
+    assert cal.reached and abs(cal.achieved / 1.5 - 1) < 0.03
     saint.patch(model, "saint_match", **cal.patch_kwargs())
     with torch.no_grad():
         assert model(pixel_values=x).logits.shape == (3, 5)
@@ -274,8 +274,8 @@ def test_vjepa2_nothing_to_prune_unpatch_and_the_predictor():
         saint.unpatch(model)
         assert not any("forward" in m.__dict__ for m in model.modules())
         assert torch.equal(model(pixel_values_videos=x).logits, ref)
-    cal = saint.calibrate(model, x, flops_speedup=1.5, method="saint_match")
-    assert cal.reached and abs(cal.achieved / 1.5 - 1) < 0.1
+    cal = saint.calibrate(model, x, flops_speedup=1.5, method="saint_match", tol=0.03)  # (tiny clips: steps of ~2%)
+    assert cal.reached and abs(cal.achieved / 1.5 - 1) < 0.03
     with pytest.raises(ValueError, match=r"clips \[N, T, 3, H, W\]"):
         find_adapter(model).check_inputs(torch.randn(3, 3, 32, 32))
 

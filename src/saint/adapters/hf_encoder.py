@@ -31,7 +31,7 @@ from ..methods import (
     require_merging,
     require_site,
 )
-from . import hf_mean_head
+from . import hf_llm, hf_mean_head
 from .base import (
     FamilyAdapter,
     Probe,
@@ -586,13 +586,19 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     sel = _select(p, handle, run, index, normed, x, settings, _rows_of(p, pe, state, x, npt), pair)
     keys_own = p.qkv is None and output_unshared(p.k, saint_hooks=1)  # a fused output's third is a view
     x, normed, k = state.apply_many([x, normed, k], sel, in_place=[False, output_unshared(p.norm1), keys_own])
-    q, v = p.q(normed), p.v(normed)
-    b, n = q.shape[:2]
-    q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
-    rows = _rows_of(p, pe, state, x, npt)  # the survivors' rows
-    q, k = _rotate(p, q, rows), _rotate(p, k, rows)
-    attn = _attend(p, q, k, v, state, handle.config.size_bias, handle.kernel, pair)
-    x = _residual(p, x, drop_path_of(p.drop_path, p.ls1(p.out(attn)), state))
+    if (p.own_attend is not None and not state.packed and pair is None and pe is None and p.rotary is None
+            and state.attn_bias(x.dtype, handle.config.size_bias) is None):
+        # no mask needed (nothing padded or merged): the module's own (eager) attention, as
+        # the layers that select after attention run it, so nothing removed is bit for bit
+        attn_out = p.own_attend(normed)  # (its output projection included)
+    else:
+        q, v = p.q(normed), p.v(normed)
+        b, n = q.shape[:2]
+        q, k, v = (t.reshape(b, n, p.heads, p.head_dim) for t in (q, k, v))
+        rows = _rows_of(p, pe, state, x, npt)  # the survivors' rows
+        q, k = _rotate(p, q, rows), _rotate(p, k, rows)
+        attn_out = p.out(_attend(p, q, k, v, state, handle.config.size_bias, handle.kernel, pair))
+    x = _residual(p, x, drop_path_of(p.drop_path, p.ls1(attn_out), state))
     return _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
 
 
@@ -633,6 +639,10 @@ def backbone_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     the row of the token it became (:meth:`~saint.adapters.common.TokenState.unmerge`): its
     feature maps lie on the input's grid, and each layer's input is read back from them."""
     handle = self.__dict__[SAINT_ATTR]
+    if kwargs.get("output_attentions", self.config.output_attentions) and not handle.own_attention:
+        raise ValueError(f"a patched {type(self).__name__} returns its hidden states unmerged onto the input's grid, "
+                         "but its attention weights are over the merged (and padded) tokens, whose rows no mask "
+                         "describes; unpatch it to read output_attentions")
     _refuse_attentions(self, handle, args, kwargs)
     with handle.runs.unmerging():
         return type(self).forward(self, *args, **kwargs)
@@ -748,6 +758,10 @@ def image_key_mask_hook(reader: torch.nn.Module, args: tuple[Any, ...], kwargs: 
     states = kwargs.get("encoder_hidden_states")
     if states is None:
         return None
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (transformers 5's name, and the old one)
+    if cache is not None:  # its cross-attention keys will be this patch's tokens
+        handle = reader.__dict__[SITE_ATTR][0]
+        hf_llm.tie_to_patch(cache, id(handle), lambda: bool(handle.hooks))
     bias = image_key_mask(reader, states)
     if bias is None:
         return None

@@ -22,6 +22,7 @@ import torch
 from ..methods import MethodSpec
 from . import hf_vision, hf_vit
 from .base import (
+    SAINT_ATTR,
     DelegatingAdapter,
     TokenStateHandle,
     found_or_refused,
@@ -63,7 +64,39 @@ def patch(model: torch.nn.Module, method: str | MethodSpec = "saint", trace: boo
     encoder, adapter = inner_of(model)
     handle = patch_inner(model, encoder, adapter, method, trace, kwargs, type(model).__name__)
     attach_reader(handle, model, _decoder, "decoder", _decoder_key_mask)
+    handle.hooks.append(encoder.register_forward_hook(_stamp_output))
+    handle.hooks.append(model.register_forward_pre_hook(_check_encoder_outputs, with_kwargs=True))
     return handle
+
+
+def _stamp_output(encoder: torch.nn.Module, args: Any, output: Any) -> None:
+    """Record channel 0 of the encoder's output tokens with its call's state: it tells that
+    call's tokens (and copies of them) from another call's (see :func:`_check_encoder_outputs`)."""
+    encoder.__dict__[SAINT_ATTR].state.stamp = output[0][..., 0].detach().clone()
+
+
+def _check_encoder_outputs(model: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse ``encoder_outputs`` (``generate(encoder_outputs=...)``, a decoder-only step)
+    that are not the patched encoder's last output in this thread (generation's copies of
+    each image included): the decoder's key mask is that call's padding and merged sizes."""
+    given = kwargs.get("encoder_outputs")
+    if given is None:
+        return
+    states = given if isinstance(given, torch.Tensor) else given[0]
+    stamp = model.__dict__[SAINT_ATTR].state.stamp
+    if stamp is None:
+        fits = not bool(states[..., 0].isnan().any())  # an unpatched encoder's: nothing to mask
+    else:
+        copies = states.shape[0] // max(stamp.shape[0], 1)
+        fits = (states.dim() == 3 and copies * stamp.shape[0] == states.shape[0] and states.shape[1] == stamp.shape[1])
+        if fits:
+            a = states[..., 0].detach().double()
+            b = stamp.repeat_interleave(copies, dim=0).to(a.device, torch.float64)
+            fits = bool(((a == b) | (a.isnan() & b.isnan())).all())
+    if not fits:
+        raise ValueError("encoder_outputs are not the patched encoder's last output in this thread (another batch "
+                         "ran since, or they were changed): the decoder's key mask is that call's padding and "
+                         "merged sizes; pass pixel_values, or run model.encoder on these images right before")
 
 
 def _decoder_key_mask(decoder: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -779,7 +779,38 @@ def _update(self: Any, *args: Any, **kwargs: Any) -> Any:
     p = self.__dict__.get(PRUNED_PROMPT_ATTR)
     if p is not None and p.live is not None and not p.live():
         raise ValueError(STALE_CACHE)
+    tie = self.__dict__.get(TIE_ATTR)
+    if tie is not None and not tie.live():
+        raise ValueError(STALE_IMAGE_CACHE)
     return type(self).update(self, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A cache's tie to the patch whose pruned image tokens it holds: ``owner`` names the
+    patch, ``live()`` says whether it is still installed."""
+
+    owner: int
+    live: Callable[[], bool]
+
+
+TIE_ATTR = "_saint_tie"
+
+
+def tie_to_patch(cache: Any, owner: int, live: Callable[[], bool]) -> None:
+    """Tie ``cache`` (an encoder-decoder cache with its two parts) to the patch ``owner``
+    whose pruned image tokens its cross-attention reads: its updates are refused once the
+    patch is gone, and so is continuing it under another patch (refused here)."""
+    parts = [cache, getattr(cache, "self_attention_cache", None), getattr(cache, "cross_attention_cache", None)]
+    for part in parts:
+        if part is None or not callable(getattr(type(part), "update", None)):
+            continue
+        d = part.__dict__
+        tie = d.get(TIE_ATTR)
+        if tie is not None and tie.owner != owner:
+            raise ValueError(STALE_IMAGE_CACHE)
+        d[TIE_ATTR] = Tie(owner, live)
+        d["update"] = types.MethodType(_update, part)
 
 
 CACHE_METHODS = {
@@ -789,6 +820,13 @@ CACHE_METHODS = {
     "crop": _crop,
     "update": _update,
 }
+
+
+STALE_IMAGE_CACHE = (
+    "past_key_values holds image tokens that saint pruned under a patch since removed (saint.unpatch, or "
+    "saint.patch again): their cross-attention keys include padding and merged tokens that only that patch "
+    "masks; generate again on an empty cache"
+)
 
 
 STALE_CACHE = (
