@@ -649,3 +649,21 @@ def test_a_batch_of_one_steps_as_its_row_in_a_batch_bit_for_bit(merge, keep_norm
         assert a.shape[0] == 1 and torch.equal(a[0], b[0])
     assert (s1 is None) == (not merge) and (s1 is None or torch.equal(s1[0], s2[0]))
     assert torch.equal(p1[0], p2[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize(("method", "kw"), [("tome", dict(r=3)), ("saint_match", dict(tau=0.3, fraction=0.7)),
+                                            ("saint_plus", dict(tau=0.3))])
+def test_a_float64_model_merges_in_float64(method, kw, layout, images):
+    # the merges summed in float32 (meant for half precision): a float64 model's merged rows,
+    # and in the padded layout every row, came out as float32 values
+    model = make_tiny("vit").double()
+    seen = []
+    hook = model.blocks[0].norm2.register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # right after the merge
+    saint.patch(model, method, layout=layout, **kw)
+    model(images.double())
+    hook.remove()
+    x = seen[0].flatten(0, 1)
+    rows = x[torch.isfinite(x).all(-1)]
+    assert len(rows) and not bool((rows == rows.float().double()).all(-1).any())

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .tome import with_mean_norm
+from .tome import accumulator_dtype, with_mean_norm
 
 KERNELS = ("auto", "loop", "padded", "flex", "varlen", "flash_attn")
 """``loop``: one SDPA call per image, on views of the stream (CPU default);
@@ -132,7 +132,8 @@ def merge_and_keep_many(
     s_rows, s_src, new_rows = s[rows, None], s[src, None], new_s[rows, None]  # and the sizes read once
     outs = []
     for x, flag, norm_flag in zip(xs, flags, norm_flags, strict=True):
-        at_rows, at_src = x[0].index_select(0, rows).float(), x[0].index_select(0, src).float()
+        acc = accumulator_dtype(x)
+        at_rows, at_src = x[0].index_select(0, rows).to(acc), x[0].index_select(0, src).to(acc)
         num = at_rows * s_rows
         num.index_add_(0, slot, at_src * s_src)
         merged = num / new_rows
@@ -189,12 +190,13 @@ def merge_and_keep_on_device(
     outs = []
     for x, norm_flag in zip(xs, norm_flags, strict=True):
         flat = x[0]
-        at_dst, at_src = flat.index_select(0, dst).float(), flat.index_select(0, src).float()
-        acc = flat.float() * s[:, None]  # every row's weighted value; the sources add to their destinations'
+        wide = accumulator_dtype(x)
+        at_dst, at_src = flat.index_select(0, dst).to(wide), flat.index_select(0, src).to(wide)
+        acc = flat.to(wide) * s[:, None]  # every row's weighted value; the sources add to their destinations'
         acc.index_add_(0, dst, at_src * w[:, None])
         merged = acc.index_select(0, dst) / new_s_dst
         if norm_flag:
-            norms = flat.float().norm(dim=-1, keepdim=True) * s[:, None]
+            norms = flat.to(wide).norm(dim=-1, keepdim=True) * s[:, None]
             norms.index_add_(0, dst, at_src.norm(dim=-1, keepdim=True) * w[:, None])
             merged = with_mean_norm(merged, norms.index_select(0, dst) / new_s_dst)
         out = flat.index_select(0, kept)

@@ -132,7 +132,8 @@ def merge_weighted(
     :func:`with_mean_norm`); tokens that receive nothing are untouched.
     """
     c = x.shape[-1]
-    weighted = (x * sizes).float()
+    acc = accumulator_dtype(x)
+    weighted = (x * sizes).to(acc)
     src_w = torch.gather(weighted, 1, plan.src[..., None].expand(-1, -1, c))
     src_s = torch.gather(sizes.float(), 1, plan.src[..., None])
     if plan.active is not None:
@@ -142,7 +143,7 @@ def merge_weighted(
     new_sizes = sizes.float().scatter_add(1, plan.dst[..., None], src_s)
     out = weighted / new_sizes
     if keep_norm:
-        norms = x.float().norm(dim=-1, keepdim=True) * sizes.float()
+        norms = x.to(acc).norm(dim=-1, keepdim=True) * sizes.float()
         src_n = torch.gather(norms, 1, plan.src[..., None])
         if plan.active is not None:
             src_n = src_n * plan.active[..., None]
@@ -150,6 +151,12 @@ def merge_weighted(
         received = new_sizes > sizes.float()  # every source adds a size >= 1
         out = torch.where(received, with_mean_norm(out, norms), out)
     return out.to(x.dtype), new_sizes.to(sizes.dtype)
+
+
+def accumulator_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a merge sums ``x``'s rows in: float32 for half precision (its sums would
+    round), ``x``'s own when wider (a float64 model stays float64)."""
+    return x.dtype if x.dtype.is_floating_point and x.dtype.itemsize > 4 else torch.float32
 
 
 def with_mean_norm(merged: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
