@@ -871,3 +871,14 @@ def transformers_classes(module: str, *names: str) -> tuple[type, ...]:
 def get_handle(model: torch.nn.Module) -> Any:
     """The patch handle stored on a patched model, or None."""
     return model.__dict__.get(SAINT_ATTR)
+
+
+def copies_stamp(x: torch.Tensor, stamp: torch.Tensor) -> bool:
+    """Whether ``x [B, N, C]`` holds, in channel 0 of its tokens, the values ``stamp``
+    ``[B, M]`` holds in its last ``N`` tokens (NaN where it has NaN): a copy of the tokens
+    it was taken from (or of their patch tokens, after a prefix)."""
+    n = x.shape[1] if x.dim() == 3 else -1
+    if n < 0 or x.shape[0] != stamp.shape[0] or n > stamp.shape[1]:
+        return False
+    a, b = x[..., 0].detach().double(), stamp[:, stamp.shape[1] - n :].to(x.device, torch.float64)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())

@@ -602,18 +602,24 @@ def _select_before_attention(p: LayerParts, handle: HFEncoderPatch, run: Any, in
     return _residual(p, x, drop_path_of(p.drop_path, p.ls2(p.mlp(p.norm2(x))), state))
 
 
-def _refuse_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, args: tuple, kwargs: dict[str, Any]
-                       ) -> None:
+def _refuse_attentions(tower: torch.nn.Module, handle: HFEncoderPatch, args: tuple, kwargs: dict[str, Any],
+                       unmerged: bool = False) -> None:
     """Refuse ``output_attentions`` where it cannot be what it says: per-image attention of a
     packed batch (a method whose counts differ per image, or any method on an input whose
     images are padded, NaFlex's: ToMe then merges each image's own share), or a tower whose
     attention saint runs itself (no weights are made), every layer's or a pruning layer's
-    (``select_at="attention"``: the tuple would lack those layers and misname the rest)."""
+    (``select_at="attention"``: the tuple would lack those layers and misname the rest), or
+    ``unmerged`` hidden states (a dense backbone's, on the input's grid) beside weights over
+    the merged tokens."""
     if not kwargs.get("output_attentions", tower.config.output_attentions):
         return
     if handle.own_attention:
         raise ValueError(f"a patched {type(tower).__name__} runs its attention through saint's kernel, which "
                          "makes no attention weights; unpatch it to read output_attentions")
+    if unmerged:
+        raise ValueError(f"a patched {type(tower).__name__} returns its hidden states unmerged onto the input's grid, "
+                         "but its attention weights are over the merged (and padded) tokens, whose rows no mask "
+                         "describes; unpatch it to read output_attentions")
     if handle.config.select_at == "attention":
         raise ValueError("with select_at='attention' saint runs each pruning layer's attention itself, which makes "
                          "no attention weights (the tuple would skip those layers); patch with select_at='mlp' "
@@ -639,11 +645,7 @@ def backbone_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     the row of the token it became (:meth:`~saint.adapters.common.TokenState.unmerge`): its
     feature maps lie on the input's grid, and each layer's input is read back from them."""
     handle = self.__dict__[SAINT_ATTR]
-    if kwargs.get("output_attentions", self.config.output_attentions) and not handle.own_attention:
-        raise ValueError(f"a patched {type(self).__name__} returns its hidden states unmerged onto the input's grid, "
-                         "but its attention weights are over the merged (and padded) tokens, whose rows no mask "
-                         "describes; unpatch it to read output_attentions")
-    _refuse_attentions(self, handle, args, kwargs)
+    _refuse_attentions(self, handle, args, kwargs, unmerged=True)
     with handle.runs.unmerging():
         return type(self).forward(self, *args, **kwargs)
 

@@ -30,6 +30,7 @@ from .base import (
     unpatch_inner,
     with_adapter,
 )
+from .common import copies_stamp
 from .hf_encoder import attach_reader, image_key_mask_hook
 
 ENCODERS = (hf_vit.ADAPTER, hf_vision.ADAPTER)  # the adapters of the encoders saint patches
@@ -86,13 +87,10 @@ def _check_encoder_outputs(model: torch.nn.Module, args: Any, kwargs: dict[str, 
     stamp = model.__dict__[SAINT_ATTR].state.stamp
     if stamp is None:
         fits = not bool(states[..., 0].isnan().any())  # an unpatched encoder's: nothing to mask
-    else:
+    else:  # every token (no prefix left out), each image's copies repeated as generation repeats them
         copies = states.shape[0] // max(stamp.shape[0], 1)
-        fits = (states.dim() == 3 and copies * stamp.shape[0] == states.shape[0] and states.shape[1] == stamp.shape[1])
-        if fits:
-            a = states[..., 0].detach().double()
-            b = stamp.repeat_interleave(copies, dim=0).to(a.device, torch.float64)
-            fits = bool(((a == b) | (a.isnan() & b.isnan())).all())
+        fits = (states.dim() == 3 and states.shape[1] == stamp.shape[1]
+                and copies_stamp(states, stamp.repeat_interleave(copies, dim=0)))
     if not fits:
         raise ValueError("encoder_outputs are not the patched encoder's last output in this thread (another batch "
                          "ran since, or they were changed): the decoder's key mask is that call's padding and "

@@ -807,8 +807,10 @@ def tie_to_patch(cache: Any, owner: int, live: Callable[[], bool]) -> None:
             continue
         d = part.__dict__
         tie = d.get(TIE_ATTR)
-        if tie is not None and tie.owner != owner:
-            raise ValueError(STALE_IMAGE_CACHE)
+        if tie is not None:
+            if tie.owner != owner:
+                raise ValueError(STALE_IMAGE_CACHE)
+            continue  # tied at an earlier step of this generation
         d[TIE_ATTR] = Tie(owner, live)
         d["update"] = types.MethodType(_update, part)
 

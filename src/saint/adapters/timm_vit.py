@@ -62,6 +62,7 @@ from .common import (
     check_layout,
     check_static_counts,
     cls_attention,
+    copies_stamp,
     drop_path_of,
     output_unshared,
 )
@@ -422,7 +423,7 @@ def state_of_tokens(model: torch.nn.Module, x: torch.Tensor) -> TokenState:
     if state is not None:
         return state
     state = model.__dict__[SAINT_ATTR].state
-    if state.stamp is not None and not _copies(x, state.stamp):
+    if state.stamp is not None and not copies_stamp(x, state.stamp):
         raise ValueError(
             "pool got tokens that are not the patched model's last output nor a copy of it (another batch "
             "ran since, or they were changed); pool the tensor forward_features returned (it remembers its own "
@@ -446,17 +447,6 @@ def state_of_tokens(model: torch.nn.Module, x: torch.Tensor) -> TokenState:
             "forward_features returned (it remembers its own call), or split tokens with saint.per_image"
         )
     return state
-
-
-def _copies(x: torch.Tensor, stamp: torch.Tensor) -> bool:
-    """Whether ``x [B, N, C]`` holds, in channel 0 of its tokens, the values ``stamp`` holds
-    in its last ``N`` tokens (NaN where it has NaN): a copy of the tokens it was taken from
-    (or of their patch tokens, after a prefix)."""
-    n = x.shape[1] if x.dim() == 3 else -1
-    if n < 0 or x.shape[0] != stamp.shape[0] or n > stamp.shape[1]:
-        return False
-    a, b = x[..., 0].detach().double(), stamp[:, stamp.shape[1] - n :].to(x.device, torch.float64)
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _pool(self: torch.nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
